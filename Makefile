@@ -1,0 +1,33 @@
+# Two entry points, each doing the whole set-up on a fresh machine with Python 3.11:
+#   make demo   -> .venv, install, train the embedded ANT demo into ./ant-demo
+#   make test   -> .venv, install, run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Never touch the Hub from tests or the demo: without these a hub call retries for minutes.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: install demo test test-fast bench clean
+
+$(VENV)/.installed: setup.py Makefile
+	$(PYTHON) -m venv $(VENV)
+	# torch 2.13.0 is the CPU wheel on disk; an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test,datasets]"
+	# animal-mnist declares tensorflow, which it never imports: --no-deps keeps it out.
+	$(PY) -m pip install --quiet --no-deps animal-mnist
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(OFFLINE) $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no train_scripts/train_ant.py
+
+test: install
+	$(OFFLINE) $(PY) -m pytest -q tests
+
+test-fast: install
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) *.egg-info

