@@ -1,0 +1,253 @@
+"""Command-line arguments of `train_scripts/train_ant.py`.
+
+Flag names follow diffusers' example scripts (train_unconditional.py, train_text_to_image.py,
+train_controlnet.py) wherever a flag means the same thing, so a diffusers user can carry their
+command lines over; ANT's own flags (--num_clusters, --clustering, --mtl_method, ...) are added.
+
+Run with no arguments at all, the script trains the embedded demo (`DEMO_ARGS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# The embedded default: a small attention UNet on MNIST-5k at 16x16 with ANT (SNR clustering,
+# k = 5, uncertainty weighting). ENVIRONMENT.md measured 0.2-0.29 s/step for this model at batch
+# 64 on 2 CPU cores, and legible digits after about 4.5 minutes of training.
+DEMO_ARGS = [
+    "--model_type", "unet",
+    "--model_config_name_or_path", "small",
+    "--dataset_name", "mnist5k",
+    "--resolution", "16",
+    "--train_batch_size", "64",
+    "--max_train_steps", "1500",
+    "--learning_rate", "2e-3",
+    "--lr_scheduler", "cosine",
+    "--lr_warmup_steps", "100",
+    "--use_ema",
+    "--ema_max_decay", "0.999",
+    "--num_clusters", "5",
+    "--clustering", "snr",
+    "--mtl_method", "uw",
+    "--checkpointing_steps", "500",
+    "--checkpoints_total_limit", "2",
+    "--validation_steps", "500",
+    "--num_validation_images", "64",
+    "--output_dir", "ant-demo",
+    "--seed", "0",
+    "--report_to", "tensorboard",
+]
+
+MODEL_TYPES = ("unet", "dit", "sd", "controlnet")
+CLUSTERING_OBJECTIVES = ("timestep", "snr", "gradient")
+TIMESTEP_SAMPLINGS = ("uniform", "stratified")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+class UsageError(ValueError):
+    """A bad invocation: reported as one short line, without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the whole usage block before an error; a diffusers-sized flag list makes
+    # that dozens of lines. One line naming the problem is what the user needs.
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="train_ant.py",
+        description="Train a diffusers model with ANT / multi-task weighting over timestep clusters. "
+        "With no arguments, trains the MNIST-5k demo into ./ant-demo.",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model_type", default="unet", help=f"One of {', '.join(MODEL_TYPES)}.")
+    g.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="A local folder saved with save_pretrained (a pipeline folder), or a Hub id when online.")
+    g.add_argument("--model_config_name_or_path", default=None,
+                   help="Train from scratch: a preset name (`tiny`, `small`) or a path to a model config JSON.")
+    g.add_argument("--controlnet_model_name_or_path", default=None,
+                   help="ControlNet weights to start from; by default the ControlNet is initialised from the UNet.")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None)
+    g.add_argument("--cache_dir", default=None)
+    g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction", "sample"],
+                   help="Override the scheduler's prediction type (flow-matching schedulers always predict the flow).")
+    g.add_argument("--num_classes", type=int, default=None,
+                   help="Class-conditional training with this many classes (unet, dit). Default: the dataset's "
+                   "class count for dit, unconditional for unet.")
+    g.add_argument("--rank", type=int, default=None, help="Train LoRA adapters of this rank instead of the full model.")
+    g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None,
+                   help="A built-in offline set (mnist5k, animal_mnist, digits, mnist5k_captions) or a datasets name.")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None, help="A folder of images (datasets' imagefolder layout).")
+    g.add_argument("--image_column", default=None)
+    g.add_argument("--caption_column", default=None)
+    g.add_argument("--conditioning_image_column", default=None)
+    g.add_argument("--class_column", default=None)
+    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--resolution", type=int, default=None, help="Default: the model preset's size.")
+    g.add_argument("--center_crop", action="store_true")
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    g = p.add_argument_group("ANT: timestep clusters and multi-task weighting")
+    g.add_argument("--num_clusters", type=int, default=5, help="k, the number of timestep intervals (1..T).")
+    g.add_argument("--clustering", default="snr", help=f"Interval clustering objective: {', '.join(CLUSTERING_OBJECTIVES)}.")
+    g.add_argument("--affinity_file", default=None,
+                   help="Task-affinity JSON for --clustering gradient (written by `analyze.py affinity`).")
+    g.add_argument("--raw_snr", action="store_true", help="SNR clustering on raw SNR instead of log-SNR.")
+    g.add_argument("--cluster_min_size", type=int, default=None, help="Default T/(2k) (ANT appendix G).")
+    g.add_argument("--cluster_max_size", type=int, default=None, help="Default 2T/k (ANT appendix G).")
+    g.add_argument("--mtl_method", default="none",
+                   help="`none` (vanilla training) or a weighting: ls, rlw, uw, dwa, pcgrad, nash_mtl, imtl, mgda, cagrad.")
+    g.add_argument("--mtl_options", default=None,
+                   help='JSON object of the weighting\'s options, e.g. \'{"update_every": 25}\'.')
+    g.add_argument("--task_gradients", default="split", choices=["split", "retain_graph"],
+                   help="How gradient-based methods form per-cluster gradients: one forward/backward per "
+                   "cluster sub-batch (exact for per-sample normalisation), or the reference retain_graph way.")
+    g.add_argument("--task_gradient_subset", default=None,
+                   help="Form per-cluster gradients on a parameter subset only: `lora` or comma-separated "
+                   "module-name prefixes; the weights are then applied as loss weights (memory: k subset gradients).")
+    g.add_argument("--timestep_sampling", default=None,
+                   help="uniform or stratified (each cluster an equal share of the batch). "
+                   "Default: stratified when --mtl_method is set, else uniform.")
+    g.add_argument("--timestep_range", type=int, nargs=2, default=None, metavar=("START", "END"),
+                   help="Train on the inclusive timestep interval [START, END] only (negative-transfer-gap models).")
+    g.add_argument("--loss_weighting", default="none", help="Timestep loss weight: none, min_snr, p2, debiased.")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="Min-SNR gamma (Hang et al. 2023); giving it alone selects --loss_weighting min_snr. 5.0 is recommended.")
+    g.add_argument("--p2_k", type=float, default=1.0)
+    g.add_argument("--p2_gamma", type=float, default=1.0)
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=16, help="Per device.")
+    g.add_argument("--num_train_epochs", type=int, default=100)
+    g.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--scale_lr", action="store_true")
+    g.add_argument("--lr_scheduler", default="constant", help=f"One of {', '.join(LR_SCHEDULERS)}.")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--use_ema", action="store_true")
+    g.add_argument("--ema_max_decay", type=float, default=0.9999)
+    g.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    g.add_argument("--ema_power", type=float, default=3 / 4)
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--seed", type=int, default=None)
+
+    g = p.add_argument_group("checkpoints, validation, outputs")
+    g.add_argument("--output_dir", default="ant-output")
+    g.add_argument("--logging_dir", default="logs")
+    g.add_argument("--report_to", default="tensorboard")
+    g.add_argument("--tracker_project_name", default="diffusers-ant")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder or "latest".')
+    g.add_argument("--validation_steps", type=int, default=None, help="Sample a grid every N steps (and at the end).")
+    g.add_argument("--num_validation_images", type=int, default=16)
+    g.add_argument("--validation_prompt", default=None)
+    g.add_argument("--validation_image", default=None, help="Conditioning image for ControlNet validation.")
+    g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for validation samples.")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--hub_token", default=None)
+    g.add_argument("--hub_private_repo", action="store_true")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and validate. No arguments at all selects the demo (`DEMO_ARGS`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    demo = len(argv) == 0
+    args = build_parser().parse_args(DEMO_ARGS if demo else argv)
+    args.demo = demo
+    validate_args(args)
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Checks that need no model or data; each failure names the fix. Raises UsageError."""
+    from ..weighting import WEIGHTINGS
+    from ..losses import LOSS_WEIGHTINGS
+
+    if args.model_type not in MODEL_TYPES:
+        raise UsageError(f"unknown --model_type {args.model_type!r}; choose one of: {', '.join(MODEL_TYPES)}")
+    if args.pretrained_model_name_or_path is None and args.model_config_name_or_path is None:
+        args.model_config_name_or_path = "tiny"
+    if args.pretrained_model_name_or_path and args.model_config_name_or_path and args.model_type != "controlnet":
+        raise UsageError("give either --pretrained_model_name_or_path or --model_config_name_or_path, not both")
+    if args.pretrained_model_name_or_path and not os.path.isdir(args.pretrained_model_name_or_path):
+        # A Hub id is fine while online (the model loader reports what it cannot find); offline it
+        # cannot be found, so say so now rather than after minutes of hub retries.
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
+            raise UsageError(f"pretrained model {args.pretrained_model_name_or_path!r} not found: give a local folder "
+                             "saved with save_pretrained, or a Hub id while online")
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise UsageError("give --dataset_name (e.g. mnist5k) or --train_data_dir (a folder of images)")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        raise UsageError(f"--train_data_dir {args.train_data_dir!r} does not exist")
+    if args.num_clusters < 1:
+        raise UsageError(f"--num_clusters must be at least 1, got {args.num_clusters}")
+    if args.clustering not in CLUSTERING_OBJECTIVES:
+        raise UsageError(f"unknown --clustering {args.clustering!r}; choose one of: {', '.join(CLUSTERING_OBJECTIVES)}")
+    if args.clustering == "gradient":
+        if args.affinity_file is None:
+            raise UsageError("--clustering gradient needs --affinity_file (write one with `analyze.py affinity`)")
+        if not os.path.isfile(args.affinity_file):
+            raise UsageError(f"--affinity_file {args.affinity_file!r} does not exist")
+    if args.mtl_method != "none" and args.mtl_method not in WEIGHTINGS:
+        raise UsageError(f"unknown --mtl_method {args.mtl_method!r}; choose none or one of: {', '.join(sorted(WEIGHTINGS))}")
+    if args.snr_gamma is not None and args.loss_weighting == "none":
+        args.loss_weighting = "min_snr"  # diffusers' scripts switch Min-SNR on by giving --snr_gamma alone
+    if args.loss_weighting not in LOSS_WEIGHTINGS:
+        raise UsageError(f"unknown --loss_weighting {args.loss_weighting!r}; choose one of: {', '.join(LOSS_WEIGHTINGS)}")
+    if args.loss_weighting == "min_snr" and args.snr_gamma is None:
+        args.snr_gamma = 5.0
+    if args.timestep_sampling is None:
+        args.timestep_sampling = "stratified" if args.mtl_method != "none" else "uniform"
+    if args.timestep_sampling not in TIMESTEP_SAMPLINGS:
+        raise UsageError(f"unknown --timestep_sampling {args.timestep_sampling!r}; choose one of: {', '.join(TIMESTEP_SAMPLINGS)}")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise UsageError(f"unknown --lr_scheduler {args.lr_scheduler!r}; choose one of: {', '.join(LR_SCHEDULERS)}")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "num_train_epochs"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise UsageError("--max_train_steps must be at least 1")
+    if args.rank is not None and args.rank < 1:
+        raise UsageError("--rank must be at least 1")
+    if args.mtl_options is not None:
+        import json
+        try:
+            args.mtl_options_dict = json.loads(args.mtl_options)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--mtl_options is not valid JSON ({e.msg}); example: '{{\"update_every\": 25}}'") from None
+        if not isinstance(args.mtl_options_dict, dict):
+            raise UsageError("--mtl_options must be a JSON object")
+    else:
+        args.mtl_options_dict = {}
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        # a bare name is looked up in --output_dir, as in diffusers' scripts
+        if not os.path.isdir(os.path.join(args.output_dir, args.resume_from_checkpoint)):
+            raise UsageError(f"checkpoint {args.resume_from_checkpoint!r} not found (neither a folder nor in --output_dir); "
+                             'use "latest" or a checkpoint-N folder')
+    if args.push_to_hub:
+        if args.report_to == "wandb" and args.hub_token is not None:
+            raise UsageError("--hub_token with --report_to wandb would expose the token: run `hf auth login` instead")
+    if args.model_type in ("sd", "controlnet") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
+        raise UsageError(f"--model_type {args.model_type} needs captions: use --dataset_name mnist5k_captions or a captioned dataset")

@@ -1,0 +1,139 @@
+"""Crash-safe checkpoints on top of `accelerator.save_state`.
+
+Accelerate saves the model (safetensors), optimizer, LR scheduler and its RNG states, and reads
+them back with `torch.load(weights_only=True)`. What it would pickle without restriction -- the
+objects given to `register_for_checkpointing` are loaded with `weights_only=False` -- we save
+ourselves: the trainer's own state (step, the noise / timestep generator), EMA and the
+weighting's state go to `trainer_state_<rank>.safetensors` (tensors) plus a JSON skeleton (the
+rest), so resuming from a folder a user points at never unpickles arbitrary objects.
+
+A checkpoint is written under a temporary name and renamed when complete: a run killed in the
+middle of a save leaves the previous checkpoint as the latest usable one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any, Dict, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_PREFIX = "checkpoint-"
+_TMP_SUFFIX = ".tmp"
+# Test hook: crash (as a SIGKILL would) after the state is written but before the rename.
+CRASH_ENV = "DIFFUSERS_ANT_CRASH_DURING_CHECKPOINT"
+
+
+def flatten_state(obj: Any, tensors: Dict[str, torch.Tensor], prefix: str = "") -> Any:
+    """Split a nested state (dicts, lists, tensors, numbers, strings) into tensors and a JSON skeleton."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "tensor"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            return {"__intkeys__": {str(k): flatten_state(v, tensors, f"{prefix}.{k}") for k, v in obj.items()}}
+        return {k: flatten_state(v, tensors, f"{prefix}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [flatten_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a value of type {type(obj).__name__} at {prefix!r}")
+
+
+def unflatten_state(skeleton: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {"__tensor__"}:
+            return tensors[skeleton["__tensor__"]]
+        if set(skeleton) == {"__intkeys__"}:
+            return {int(k): unflatten_state(v, tensors) for k, v in skeleton["__intkeys__"].items()}
+        return {k: unflatten_state(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def save_trainer_state(folder: str, states: Dict[str, Any], rank: int) -> None:
+    tensors: Dict[str, torch.Tensor] = {}
+    skeleton = flatten_state(states, tensors)
+    save_file(tensors, os.path.join(folder, f"trainer_state_{rank}.safetensors"))
+    with open(os.path.join(folder, f"trainer_state_{rank}.json"), "w") as f:
+        json.dump(skeleton, f)
+
+
+def load_trainer_state(folder: str, rank: int) -> Dict[str, Any]:
+    path = os.path.join(folder, f"trainer_state_{rank}.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} is not a complete diffusers_ant checkpoint ({os.path.basename(path)} is missing)")
+    with open(path) as f:
+        skeleton = json.load(f)
+    return unflatten_state(skeleton, load_file(os.path.join(folder, f"trainer_state_{rank}.safetensors")))
+
+
+def list_checkpoints(output_dir: str):
+    """Complete checkpoints in `output_dir`, oldest first (temporary folders are never listed)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", name)
+        if m and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(m.group(1)), os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint(output_dir: str, spec: Optional[str]) -> Optional[str]:
+    """`latest` -> the newest complete checkpoint (None if there is none); a name -> that folder."""
+    if spec is None:
+        return None
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    for candidate in (spec, os.path.join(output_dir, spec)):
+        if os.path.isdir(candidate):
+            return candidate
+    raise ValueError(f"checkpoint {spec!r} not found; use \"latest\" or a checkpoint-N folder in {output_dir}")
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: Dict[str, Any],
+                    total_limit: Optional[int] = None) -> str:
+    """Write checkpoint-<step> atomically (temporary folder, then rename) and prune old ones."""
+    final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
+    tmp = final + _TMP_SUFFIX
+    if accelerator.is_main_process and os.path.isdir(tmp):
+        shutil.rmtree(tmp)  # left over by an earlier crash
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp, safe_serialization=True)
+    save_trainer_state(tmp, trainer_state, accelerator.process_index)  # every process: its own generator state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.environ.get(CRASH_ENV) == str(step):
+            os._exit(17)  # simulate a kill at the worst moment: everything written, nothing renamed
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            # Prune only after the new checkpoint is complete, unlike diffusers' scripts which delete
+            # first: a crash during the save must leave a usable checkpoint behind.
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, folder: str) -> Dict[str, Any]:
+    accelerator.load_state(folder)
+    return load_trainer_state(folder, accelerator.process_index)
+
+
+def remove_stale_temporaries(output_dir: str) -> None:
+    """Delete half-written checkpoint folders left by a crash (they are never resumed from)."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(CHECKPOINT_PREFIX) and name.endswith(_TMP_SUFFIX):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)

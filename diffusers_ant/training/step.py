@@ -1,0 +1,125 @@
+"""One ANT training step, as data (DESIGN.md, "One training step"):
+
+    batch -> timesteps -> x_t and target -> model -> per-sample loss (B,) -> task losses (K,)
+          -> weighting -> backward
+
+The objective (noising, target, per-sample loss, timestep loss weight) is the same for every
+method; the weighting decides how the K cluster losses become a parameter update:
+
+* `none`: vanilla training, the mean per-sample loss;
+* a loss-based weighting (ANT's UW, ...): `combine` of the K cluster losses, one backward;
+* a gradient-based weighting (PCGrad, Nash-MTL, ...): the per-task gradient engine forms the K
+  cluster gradients and writes the aggregated update into `.grad`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+
+from ..losses import per_sample_loss, reduce_task_losses, timestep_loss_weights
+from ..schedule import add_noise, model_timesteps, snr_at, training_target
+
+
+def _index(conditioning: Dict[str, torch.Tensor], idx: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Select samples of every batched conditioning tensor (None = all)."""
+    if idx is None:
+        return conditioning
+    return {k: (v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in conditioning.items()}
+
+
+class DiffusionObjective:
+    """Turns a batch into noisy inputs and a per-sample loss closure.
+
+    Args:
+        adapter: the model-type adapter (`diffusers_ant.models`): encodes batches, runs the denoiser.
+        noise_scheduler: a diffusers training scheduler (DDPM family or flow matching).
+        sampler: a timestep sampler (`diffusers_ant.timesteps`).
+        intervals: the timestep clusters (`TimestepIntervals`), used to group samples into tasks.
+        prediction_type: what the model predicts (None: the scheduler's own).
+        loss_weighting, snr_gamma, p2_k, p2_gamma: the timestep loss weight (`losses.timestep_loss_weights`).
+        noise_offset: the offset-noise trick of diffusers' scripts (0 = off).
+    """
+
+    def __init__(self, adapter, noise_scheduler, sampler, intervals, prediction_type=None,
+                 loss_weighting="none", snr_gamma=None, p2_k=1.0, p2_gamma=1.0, noise_offset=0.0):
+        self.adapter = adapter
+        self.scheduler = noise_scheduler
+        self.sampler = sampler
+        self.intervals = intervals
+        self.prediction_type = prediction_type
+        self.loss_weighting = loss_weighting
+        self.snr_gamma = 5.0 if snr_gamma is None else snr_gamma
+        self.p2_k, self.p2_gamma = p2_k, p2_gamma
+        self.noise_offset = noise_offset
+
+    def prepare(self, batch, generator: torch.Generator):
+        """Draw timesteps and noise for a batch; returns everything the loss closure needs."""
+        x0, conditioning = self.adapter.encode_batch(batch)
+        bsz, device = x0.shape[0], x0.device
+        # All randomness of the step comes from `generator`, which the checkpoint saves: a resumed
+        # run draws exactly the timesteps and noise an uninterrupted run would have drawn.
+        if hasattr(self.sampler, "sample_with_ids"):
+            t, task_ids = self.sampler.sample_with_ids(bsz, generator=generator, device=generator.device)
+        else:
+            t = self.sampler.sample(bsz, generator=generator, device=generator.device)
+            task_ids = self.intervals.assign(t)
+        t, task_ids = t.to(device), task_ids.to(device)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float32).to(device, x0.dtype)
+        if self.noise_offset:
+            # https://www.crosslabs.org/blog/diffusion-with-offset-noise, as in diffusers' scripts
+            offset = torch.randn((bsz, x0.shape[1], 1, 1), generator=generator, device=generator.device).to(device, x0.dtype)
+            noise = noise + self.noise_offset * offset
+        x_t = add_noise(self.scheduler, x0, noise, t)
+        target = training_target(self.scheduler, x0, noise, t, self.prediction_type)
+        prediction_type = self.prediction_type or getattr(self.scheduler.config, "prediction_type", "epsilon")
+        weights = timestep_loss_weights(self.loss_weighting, snr_at(self.scheduler, t), prediction_type=prediction_type,
+                                        snr_gamma=self.snr_gamma, p2_k=self.p2_k, p2_gamma=self.p2_gamma).to(device)
+        return dict(x_t=x_t, t=t, model_t=model_timesteps(self.scheduler, t), target=target, weights=weights,
+                    conditioning=conditioning, task_ids=task_ids)
+
+    def loss_fn(self, model, prepared) -> Callable[[Optional[torch.Tensor]], torch.Tensor]:
+        """`fn(indices) -> per-sample losses (len(indices),)`: the model forward on those samples (None = all)."""
+
+        def fn(idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+            sel = (lambda x: x) if idx is None else (lambda x: x[idx])
+            pred = self.adapter.predict(model, sel(prepared["x_t"]), sel(prepared["model_t"]),
+                                        _index(prepared["conditioning"], idx))
+            return per_sample_loss(pred.float(), sel(prepared["target"]).float()) * sel(prepared["weights"])
+
+        return fn
+
+
+def weighted_backward(accelerator, objective: DiffusionObjective, model, batch, generator, num_tasks: int,
+                      weighting=None, engine=None) -> Dict[str, torch.Tensor]:
+    """Run one micro-batch: forward, the method's weighting, backward. Returns detached logs.
+
+    `model` is the module as prepared by Accelerate (DDP-wrapped on several processes). For a
+    gradient-based weighting the engine runs the *unwrapped* module and all-reduces the K task
+    gradients itself, so the model's own DDP reducer never averages them a second time.
+    """
+    prepared = objective.prepare(batch, generator)
+    task_ids = prepared["task_ids"]
+    if weighting is not None and weighting.needs_task_gradients:
+        fn = objective.loss_fn(accelerator.unwrap_model(model), prepared)
+        stats = engine.backward(weighting, fn, task_ids, num_tasks)
+        task_losses, counts, weights = stats["task_losses"], stats["counts"], stats["weights"]
+        loss = (weights.to(task_losses) * task_losses).sum()
+    else:
+        per_sample = objective.loss_fn(model, prepared)(None)
+        if weighting is None:
+            loss = per_sample.mean()
+            task_losses, counts = reduce_task_losses(per_sample.detach(), task_ids, num_tasks)
+            weights = None
+        else:
+            from ..weighting.distributed import synced_task_losses
+
+            # Every process sees the global cluster means (so UW's log-variances get the same
+            # gradient everywhere); the gradient still flows through this process's own losses.
+            task_losses, counts = synced_task_losses(per_sample, task_ids, num_tasks)
+            loss = weighting.combine(task_losses, present=counts > 0)
+            weights = weighting.last_weights
+        accelerator.backward(loss)
+    return {"loss": loss.detach(), "task_losses": task_losses.detach(), "counts": counts.detach(),
+            "weights": None if weights is None else weights.detach()}
