@@ -187,8 +187,6 @@ def validate_args(args: argparse.Namespace) -> None:
 
     if args.model_type not in MODEL_TYPES:
         raise UsageError(f"unknown --model_type {args.model_type!r}; choose one of: {', '.join(MODEL_TYPES)}")
-    if args.pretrained_model_name_or_path is None and args.model_config_name_or_path is None:
-        args.model_config_name_or_path = "tiny"
     if args.pretrained_model_name_or_path and args.model_config_name_or_path and args.model_type != "controlnet":
         raise UsageError("give either --pretrained_model_name_or_path or --model_config_name_or_path, not both")
     if args.pretrained_model_name_or_path and not os.path.isdir(args.pretrained_model_name_or_path):
@@ -231,6 +229,10 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError("--max_train_steps must be at least 1")
     if args.rank is not None and args.rank < 1:
         raise UsageError("--rank must be at least 1")
+    if args.rank is not None and args.pretrained_model_name_or_path is None:
+        raise UsageError("--rank trains LoRA adapters on a pretrained model: give --pretrained_model_name_or_path")
+    if args.pretrained_model_name_or_path is None and args.model_config_name_or_path is None:
+        args.model_config_name_or_path = "tiny"
     if args.mtl_options is not None:
         import json
         try:

@@ -1,0 +1,177 @@
+"""End-to-end tests of train_scripts/train_ant.py (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from trainer_utils import (
+    TINY_RUN,
+    assert_same_tensors,
+    load_safetensors_dir,
+    offline_env,
+    run_script,
+    train_in_process,
+)
+
+DATASETS = {"unet": "mnist5k", "dit": "mnist5k", "sd": "mnist5k_captions", "controlnet": "mnist5k_captions"}
+
+
+def _tiny_args(model_type, out, *extra):
+    return ["--model_type", model_type, "--dataset_name", DATASETS[model_type], "--output_dir", str(out),
+            *TINY_RUN, *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["unet", "dit", "sd", "controlnet"])
+def test_each_model_type_full_and_lora_trains_saves_and_samples(model_type, tmp_path):
+    """Full training from the tiny preset, then LoRA on top of it; both outputs load in diffusers and sample."""
+    from diffusers import DiffusionPipeline
+
+    from diffusers_ant.models import get_model_adapter
+
+    full = tmp_path / "full"
+    train_in_process(_tiny_args(model_type, full, "--max_train_steps", "2", "--mtl_method", "uw"))
+    assert (full / "model_index.json").is_file()
+    assert (full / "README.md").is_file() and (full / "samples").is_dir()
+    assert not list(full.rglob("*.bin")) and not list(full.rglob("*.pt")), "weights must be safetensors"
+    config = json.loads((full / "training_config.json").read_text())
+    assert config["mtl_method"] == "uw" and config["model_type"] == model_type
+    pipe = DiffusionPipeline.from_pretrained(str(full))
+    before = get_model_adapter(model_type).sample_for_test(pipe, seed=0)
+
+    lora = tmp_path / "lora"
+    lora_args = _tiny_args(model_type, lora, "--max_train_steps", "2", "--rank", "4", "--learning_rate", "5e-2",
+                           "--mtl_method", "pcgrad")
+    lora_args[lora_args.index("--model_config_name_or_path"):lora_args.index("--model_config_name_or_path") + 2] = []
+    lora_args += ["--pretrained_model_name_or_path", str(full)]
+    train_in_process(lora_args)
+    assert (lora / "pytorch_lora_weights.safetensors").is_file()
+    base_files = {p.name for p in lora.rglob("*.safetensors")}
+    assert base_files == {"pytorch_lora_weights.safetensors"}, f"a LoRA run saves adapters only, got {base_files}"
+    pipe = DiffusionPipeline.from_pretrained(str(full))
+    get_model_adapter(model_type).load_lora_into_pipeline(pipe, str(lora))
+    after = get_model_adapter(model_type).sample_for_test(pipe, seed=0)
+    assert before.shape == after.shape and torch.isfinite(after).all()
+    assert (before - after).abs().max() > 0, "the LoRA weights must change the pipeline's output"
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_during_checkpointing_equals_an_uninterrupted_run(tmp_path):
+    """UW (stateful) + EMA: a run killed while writing checkpoint-4 resumes from checkpoint-2 and ends
+    with exactly the weights of a run that was never interrupted."""
+    common = ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_steps", "6",
+              "--checkpointing_steps", "2", "--mtl_method", "uw", "--use_ema", "--lr_scheduler", "cosine",
+              "--lr_warmup_steps", "2", "--max_train_samples", "24"]  # 3 batches per epoch: resume crosses an epoch
+    straight = tmp_path / "straight"
+    result = run_script([*common, "--output_dir", str(straight)])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    crashed = tmp_path / "crashed"
+    result = run_script([*common, "--output_dir", str(crashed)],
+                        env=offline_env(DIFFUSERS_ANT_CRASH_DURING_CHECKPOINT="4"))
+    assert result.returncode == 17, result.stderr[-3000:]
+    assert (crashed / "checkpoint-2").is_dir() and not (crashed / "checkpoint-4").exists()
+    assert (crashed / "checkpoint-4.tmp").is_dir(), "the crash happened mid-save"
+
+    result = run_script([*common, "--output_dir", str(crashed), "--resume_from_checkpoint", "latest"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout and "checkpoint-2" in result.stdout
+    assert not (crashed / "checkpoint-4.tmp").exists()
+    assert_same_tensors(load_safetensors_dir(straight / "unet"), load_safetensors_dir(crashed / "unet"))
+    # the UW log-variances too: they are part of the resumed state
+    a = load_safetensors_dir(straight / "checkpoint-4")
+    b = load_safetensors_dir(crashed / "checkpoint-4")
+    assert any("weighting" in k for k in a)
+    assert_same_tensors(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["uw", "pcgrad"])
+def test_two_process_training_completes(method, tmp_path):
+    out = tmp_path / method
+    result = run_script(
+        ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_steps", "3",
+         "--mtl_method", method, "--output_dir", str(out), "--checkpointing_steps", "2"],
+        launcher=["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no"],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model_index.json").is_file()
+    # each process saved its own generator state
+    assert (out / "checkpoint-2" / "trainer_state_0.json").is_file()
+    assert (out / "checkpoint-2" / "trainer_state_1.json").is_file()
+
+
+BAD_INVOCATIONS = [
+    (["--num_clusters", "0"], "--num_clusters"),
+    (["--num_clusters", "5000"], "exceeds"),
+    (["--mtl_method", "magic"], "pcgrad"),
+    (["--clustering", "kmeans"], "snr"),
+    (["--loss_weighting", "focal"], "min_snr"),
+    (["--model_type", "vae"], "unet"),
+    (["--clustering", "gradient"], "--affinity_file"),
+    (["--train_data_dir", "/no/such/folder"], "does not exist"),
+    (["--resume_from_checkpoint", "checkpoint-99"], "not found"),
+    (["--pretrained_model_name_or_path", "someone/missing-model"], "not found"),
+    (["--image_column", "pixels"], "pixels"),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD_INVOCATIONS)
+def test_bad_invocations_exit_with_one_line(extra, needle, tmp_path, capsys):
+    from train_scripts_loader import load_train_main
+
+    args = ["--dataset_name", "mnist5k", "--output_dir", str(tmp_path / "out"), *TINY_RUN, "--max_train_steps", "1"]
+    main = load_train_main()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *extra])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert needle in err, err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_empty_image_folder_and_missing_column_errors(tmp_path, capsys):
+    from train_scripts_loader import load_train_main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    main = load_train_main()
+    with pytest.raises(SystemExit):
+        main(["--train_data_dir", str(empty), "--output_dir", str(tmp_path / "o"), *TINY_RUN, "--max_train_steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "image" in err, err
+
+
+def test_bad_invocation_as_a_real_process(tmp_path):
+    result = run_script(["--mtl_method", "magic", "--dataset_name", "mnist5k", "--output_dir", str(tmp_path)])
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "magic" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_lora_needs_a_pretrained_model(tmp_path, capsys):
+    from train_scripts_loader import load_train_main
+
+    with pytest.raises(SystemExit):
+        load_train_main()(["--dataset_name", "mnist5k", "--rank", "4", "--output_dir", str(tmp_path)])
+    assert "--pretrained_model_name_or_path" in capsys.readouterr().err
+
+
+def test_configuration_saved_without_token(tmp_path):
+    out = tmp_path / "run"
+    train_in_process(["--model_type", "unet", "--dataset_name", "digits", "--output_dir", str(out), *TINY_RUN,
+                      "--max_train_steps", "2", "--mtl_method", "nash_mtl", "--hub_token", "hf_secret_abc123",
+                      "--resolution", "8"])
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"hf_secret_abc123" not in path.read_bytes(), f"token leaked into {path}"
+    assert json.loads((out / "weighting_config.json").read_text())["name"] == "nash_mtl"
+    intervals = json.loads((out / "timestep_intervals.json").read_text())
+    assert len(intervals["bounds"]) == 4

@@ -1,0 +1,72 @@
+"""Helpers for the trainer tests: run train_ant.py in-process or as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_SCRIPT = os.path.join(REPO, "train_scripts", "train_ant.py")
+
+# A run small enough for a CPU test: the tiny preset of each model type, a few steps.
+TINY_RUN = ["--model_config_name_or_path", "tiny", "--train_batch_size", "8", "--learning_rate", "1e-3",
+            "--num_clusters", "4", "--report_to", "none", "--seed", "0", "--num_validation_images", "2",
+            "--num_inference_steps", "2", "--max_train_samples", "64"]
+
+
+def offline_env(**extra):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_script(args, env=None, timeout=600, launcher=None):
+    """Run train_ant.py as a subprocess (`launcher`: e.g. accelerate launch flags)."""
+    cmd = [sys.executable, TRAIN_SCRIPT, *args]
+    if launcher is not None:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, TRAIN_SCRIPT, *args]
+    return subprocess.run(cmd, env=env or offline_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def train_in_process(args):
+    """Run the trainer in this process (much faster than a subprocess for many small runs)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from diffusers_ant.training import parse_args, train
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    try:
+        return train(parse_args(args))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def load_safetensors_dir(folder):
+    """All tensors of every *.safetensors file under `folder` (sorted by file and key)."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            if name.endswith(".safetensors"):
+                for key, value in load_file(os.path.join(root, name)).items():
+                    tensors[f"{os.path.relpath(os.path.join(root, name), folder)}:{key}"] = value
+    return tensors
+
+
+def assert_same_tensors(a, b, atol=0.0):
+    assert sorted(a) == sorted(b), "different tensor names"
+    for key in a:
+        diff = (a[key].float() - b[key].float()).abs().max().item() if a[key].numel() else 0.0
+        assert diff <= atol, f"{key} differs by {diff}"
+
+
+def torch_threads():
+    return torch.get_num_threads()
