@@ -1,0 +1,202 @@
+"""Per-sample losses, timestep loss weights (vs diffusers' example scripts) and task reduction."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import compute_snr
+
+from diffusers_ant.losses import LOSS_WEIGHTINGS, per_sample_loss, reduce_task_losses, timestep_loss_weights
+from diffusers_ant.schedule import add_noise, schedule_snr, snr_at, training_target
+
+
+def script_min_snr_weights(noise_scheduler, timesteps, snr_gamma, prediction_type):
+    """Verbatim from diffusers/examples/text_to_image/train_text_to_image.py (Min-SNR branch)."""
+    snr = compute_snr(noise_scheduler, timesteps)
+    mse_loss_weights = torch.stack([snr, snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+    if prediction_type == "epsilon":
+        mse_loss_weights = mse_loss_weights / snr
+    elif prediction_type == "v_prediction":
+        mse_loss_weights = mse_loss_weights / (snr + 1)
+    return mse_loss_weights
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("snr_gamma", [1.0, 5.0])
+def test_min_snr_equals_diffusers_example_script(beta_schedule, prediction_type, snr_gamma):
+    scheduler = DDPMScheduler(beta_schedule=beta_schedule, prediction_type=prediction_type)
+    timesteps = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(1))
+    expected = script_min_snr_weights(scheduler, timesteps, snr_gamma, prediction_type)
+    # fed diffusers' own SNR, the weights are bit-identical
+    same_snr = timestep_loss_weights("min_snr", compute_snr(scheduler, timesteps), prediction_type, snr_gamma)
+    assert torch.equal(same_snr, expected)
+    # through this package's SNR (float64 schedule, cast to float32): equal to float32 precision
+    ours = timestep_loss_weights("min_snr", snr_at(scheduler, timesteps), prediction_type, snr_gamma)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=0)
+    # and the clipping really happened on both sides of gamma
+    snr = compute_snr(scheduler, timesteps)
+    assert (snr > snr_gamma).any() and (snr < snr_gamma).any()
+
+
+def test_min_snr_weighted_loss_equals_script_loss():
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear")
+    g = torch.Generator().manual_seed(2)
+    model_pred, target = torch.randn(8, 4, 5, 5, generator=g), torch.randn(8, 4, 5, 5, generator=g)
+    timesteps = torch.randint(0, 1000, (8,), generator=g)
+    # the script: per-sample mean over non-batch dims, times the weights, mean over the batch
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    loss = loss.mean(dim=list(range(1, len(loss.shape)))) * script_min_snr_weights(scheduler, timesteps, 5.0, "epsilon")
+    expected = loss.mean()
+    ours = (per_sample_loss(model_pred, target) * timestep_loss_weights("min_snr", snr_at(scheduler, timesteps))).mean()
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "flow"])
+def test_min_snr_is_min_snr_gamma_on_the_x0_error(prediction_type):
+    """Hang et al.: the weight makes the loss equal min(SNR, gamma) * ||x0_hat - x0||^2, whatever the prediction."""
+    gamma = 5.0
+    if prediction_type == "flow":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    else:
+        scheduler = DDPMScheduler(beta_schedule="linear", prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 998, (16,), generator=g)  # stay off the flow endpoint where SNR = 0
+    x_t = add_noise(scheduler, x0, noise, t)
+    target = training_target(scheduler, x0, noise, t)
+    pred = target + 0.1 * torch.randn(target.shape, generator=g, dtype=torch.float64)
+    snr = schedule_snr(scheduler)[t]
+    # recover x0_hat from the prediction by inverting x_t's formula
+    if prediction_type == "flow":
+        s = (1 / (1 + snr.sqrt())).view(-1, 1, 1, 1)  # sigma from the SNR
+        x0_hat = x_t - s * pred
+    else:
+        a = (snr / (1 + snr)).view(-1, 1, 1, 1)  # alpha_bar from the SNR
+        x0_hat = {
+            "epsilon": (x_t - (1 - a).sqrt() * pred) / a.sqrt(),
+            "v_prediction": a.sqrt() * x_t - (1 - a).sqrt() * pred,
+            "sample": pred,
+        }[prediction_type]
+    x0_loss = ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3)) * torch.clamp(snr, max=gamma)
+    weighted = ((pred - target) ** 2).mean(dim=(1, 2, 3)) * timestep_loss_weights("min_snr", snr, prediction_type, gamma)
+    torch.testing.assert_close(weighted, x0_loss, rtol=1e-6, atol=1e-10)
+
+
+def test_weights_hand_computed():
+    snr = torch.tensor([0.25, 1.0, 4.0, 9.0])
+    torch.testing.assert_close(timestep_loss_weights("none", snr), torch.ones(4))
+    torch.testing.assert_close(timestep_loss_weights("min_snr", snr, "sample", snr_gamma=2.0), torch.tensor([0.25, 1.0, 2.0, 2.0]))
+    torch.testing.assert_close(
+        timestep_loss_weights("min_snr", snr, "flow", snr_gamma=2.0), torch.tensor([0.25 / 2.25, 1 / 4, 2 / 9, 2 / 16])
+    )
+    torch.testing.assert_close(timestep_loss_weights("p2", snr), torch.tensor([1 / 1.25, 1 / 2, 1 / 5, 1 / 10]))
+    torch.testing.assert_close(
+        timestep_loss_weights("p2", snr, p2_k=2.0, p2_gamma=0.5), torch.tensor([2.25, 3.0, 6.0, 11.0]).rsqrt()
+    )
+    torch.testing.assert_close(timestep_loss_weights("debiased", snr), torch.tensor([2.0, 1.0, 0.5, 1 / 3]))
+    torch.testing.assert_close(timestep_loss_weights("debiased", snr, debiased_max=1.5), torch.tensor([1.5, 1.0, 0.5, 1 / 3]))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "flow"])
+def test_zero_snr_gives_finite_weights(prediction_type):
+    # the flow-matching endpoint and zero-terminal-SNR DDPM schedules have SNR = 0
+    snr = torch.tensor([0.0, 1e-3, 10.0])
+    expected_at_zero = {
+        "none": 1.0,
+        "min_snr": 1.0 if prediction_type == "epsilon" else 0.0,  # epsilon: the limit of min(snr, g) / snr
+        "p2": 1.0,
+        "debiased": 1000.0,
+    }
+    for name in LOSS_WEIGHTINGS:
+        w = timestep_loss_weights(name, snr, prediction_type)
+        assert torch.isfinite(w).all(), name
+        assert w[0].item() == pytest.approx(expected_at_zero[name]), name
+    flow = FlowMatchEulerDiscreteScheduler()
+    w = timestep_loss_weights("debiased", snr_at(flow, torch.arange(1000)))
+    assert w[-1] == 1000.0 and w[-2].item() == pytest.approx(999.0, rel=1e-3)
+
+
+def test_bad_weighting_arguments_raise():
+    snr = torch.ones(3)
+    with pytest.raises(ValueError, match="none, min_snr, p2, debiased"):
+        timestep_loss_weights("minsnr", snr)
+    with pytest.raises(ValueError, match="epsilon, v_prediction, sample, flow"):
+        timestep_loss_weights("min_snr", snr, prediction_type="eps")
+    with pytest.raises(ValueError, match="snr_gamma"):
+        timestep_loss_weights("min_snr", snr, snr_gamma=0)
+    with pytest.raises(ValueError, match="p2_k"):
+        timestep_loss_weights("p2", snr, p2_k=0)
+    with pytest.raises(ValueError, match="debiased_max"):
+        timestep_loss_weights("debiased", snr, debiased_max=-1)
+    with pytest.raises(ValueError, match="snr_at"):
+        timestep_loss_weights("p2", torch.tensor([1, 2]))
+
+
+# ---------------------------------------------------------------- per-sample loss
+
+
+def test_per_sample_loss_shapes_types_and_values():
+    g = torch.Generator().manual_seed(4)
+    pred, target = torch.randn(5, 2, 3, 3, generator=g), torch.randn(5, 2, 3, 3, generator=g)
+    diff = pred - target
+    l2 = per_sample_loss(pred, target)
+    assert l2.shape == (5,) and l2.dtype == torch.float32
+    torch.testing.assert_close(l2, (diff**2).flatten(1).mean(1))
+    torch.testing.assert_close(per_sample_loss(pred, target, "l1"), diff.abs().flatten(1).mean(1))
+    huber = torch.where(diff.abs() < 0.5, 0.5 * diff**2, 0.5 * (diff.abs() - 0.25))
+    torch.testing.assert_close(per_sample_loss(pred, target, "huber", huber_delta=0.5), huber.flatten(1).mean(1))
+    # half-precision inputs are reduced in float32
+    half = per_sample_loss(pred.bfloat16(), target.bfloat16())
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, l2, rtol=2e-2, atol=0)
+    # a gradient reaches the prediction
+    pred.requires_grad_(True)
+    per_sample_loss(pred, target).sum().backward()
+    torch.testing.assert_close(pred.grad, 2 * diff / 18)
+
+
+def test_per_sample_loss_bad_input():
+    with pytest.raises(ValueError, match="l2, l1, huber"):
+        per_sample_loss(torch.zeros(2, 3), torch.zeros(2, 3), "mse2")
+    with pytest.raises(ValueError, match="same shape"):
+        per_sample_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+# ---------------------------------------------------------------- task reduction
+
+
+def test_reduce_task_losses_with_empty_tasks_and_gradients():
+    per_sample = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0], requires_grad=True)
+    task_ids = torch.tensor([0, 2, 0, 2, 4])
+    losses, counts = reduce_task_losses(per_sample, task_ids, num_tasks=5)
+    torch.testing.assert_close(losses, torch.tensor([2.0, 0.0, 3.0, 0.0, 10.0]))
+    assert counts.dtype == torch.long and counts.tolist() == [2, 0, 2, 0, 1]
+    present = counts > 0
+    assert present.tolist() == [True, False, True, False, True]
+    # gradient of task i's loss reaches exactly its samples with weight 1 / count
+    (losses * torch.tensor([1.0, 7.0, 10.0, 7.0, 100.0])).sum().backward()
+    torch.testing.assert_close(per_sample.grad, torch.tensor([0.5, 5.0, 0.5, 5.0, 100.0]))
+
+
+def test_reduce_task_losses_matches_a_loop():
+    g = torch.Generator().manual_seed(5)
+    per_sample = torch.rand(37, generator=g)
+    task_ids = torch.randint(0, 6, (37,), generator=g)
+    losses, counts = reduce_task_losses(per_sample, task_ids, 6)
+    for k in range(6):
+        mask = task_ids == k
+        assert counts[k] == mask.sum()
+        expected = per_sample[mask].mean() if mask.any() else torch.tensor(0.0)
+        torch.testing.assert_close(losses[k], expected)
+
+
+def test_reduce_task_losses_bad_input():
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\]"):
+        reduce_task_losses(torch.ones(3), torch.tensor([0, 1, 3]), 3)
+    with pytest.raises(ValueError, match="per_sample_loss"):
+        reduce_task_losses(torch.ones(3, 2), torch.tensor([0, 1, 2]), 3)
+    with pytest.raises(ValueError, match="num_tasks"):
+        reduce_task_losses(torch.ones(3), torch.tensor([0, 0, 0]), 0)
+    with pytest.raises(ValueError, match="integer"):
+        reduce_task_losses(torch.ones(3), torch.tensor([0.0, 1.0, 1.0]), 3)
