@@ -1,0 +1,266 @@
+"""From a `datasets.Dataset` to training batches, reproducibly and resumably.
+
+Batches are dicts:
+- `pixel_values`: FloatTensor (B, C, H, W) in [-1, 1];
+- `class_labels`: LongTensor (B,), when a class column is used;
+- `input_ids`: LongTensor (B, tokenizer.model_max_length), when a caption column and a tokenizer
+  are used (padded to the maximum length and truncated, as in diffusers' text-to-image script);
+  without a tokenizer the raw strings come as `captions` (a list);
+- `conditioning_pixel_values`: FloatTensor (B, C', H, W) in [0, 1], when a conditioning-image
+  column is used (ControlNet; [0, 1] like diffusers' ControlNet script).
+
+Determinism. Two things are random: the order of the samples and the augmentations (random crop,
+flip, which caption of several). Both are pure functions of (seed, epoch, sample index):
+`EpochRandomSampler` draws epoch e's permutation from a generator seeded with (seed, e), and
+`TrainingDataset` seeds each sample's augmentation generator with (seed, e, index). Nothing uses
+the global RNG, so the batches do not depend on the number of workers, on what else consumed
+random numbers, or on whether the run was resumed.
+
+What the Accelerate training loop must do (diffusers' scripts do the same):
+1. `train_dataloader = accelerator.prepare(make_train_dataloader(...))`. With several processes,
+   Accelerate wraps the batch sampler in a `BatchSamplerShard`: every process computes the same
+   permutation (same seed and epoch) and takes its own batches, i.e. each process reads its own
+   shard; nothing else is needed here.
+2. At the start of every epoch call `train_dataloader.set_epoch(epoch)` (Accelerate forwards it to
+   the sampler, which forwards it to the dataset).
+3. To resume at step `global_step` (counted in optimizer updates): `first_epoch = global_step //
+   num_update_steps_per_epoch`, `resume_batches = (global_step % num_update_steps_per_epoch) *
+   gradient_accumulation_steps`; in epoch `first_epoch` call `set_epoch(first_epoch)` and then iterate
+   `accelerator.skip_first_batches(train_dataloader, resume_batches)`; later epochs iterate
+   `train_dataloader` as usual (after their own `set_epoch`). `skip_first_batches` skips indices in
+   the batch sampler without loading the skipped samples, and the data position is fully described
+   by (seed, epoch, batches seen), so nothing about the data needs to go into the checkpoint
+   beyond the step count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .loading import class_names as _class_names
+from .transforms import build_transforms
+
+
+def _mix(*values: int) -> np.random.SeedSequence:
+    """Distinct, well-mixed seeds for every tuple (unlike seed + epoch, where (0, 1) == (1, 0))."""
+    return np.random.SeedSequence([int(v) for v in values])
+
+
+class TrainingDataset(Dataset):
+    """A map-style torch dataset over a `datasets.Dataset`: decodes and transforms one row at a time.
+
+    Like diffusers' `dataset.with_transform(preprocess_train)`, rows are decoded and transformed
+    lazily when read. It is a thin wrapper rather than `with_transform` because the augmentation
+    generator needs the row's index and the epoch, which a `with_transform` function never sees.
+
+    Args:
+        dataset: a `datasets.Dataset` (e.g. from `load_training_dataset`).
+        columns: the dict `resolve_columns` returns (`image_column`, `caption_column`,
+            `conditioning_image_column`, `class_column`; None for an unused one).
+        resolution, num_channels, center_crop, random_flip, interpolation: see `build_transforms`;
+            `num_channels` is the model's input channels (1 or 3; 3 for a VAE).
+        tokenizer: a transformers tokenizer for the captions.
+        conditioning_channels: channels of the conditioning image (ControlNet's
+            `conditioning_channels`, 3 by default).
+        seed: seeds the augmentations (and, through `max_samples`, the subset).
+        max_samples: keep this many rows, chosen as diffusers' `--max_train_samples` does
+            (`dataset.shuffle(seed).select(range(max_samples))`).
+    """
+
+    def __init__(
+        self,
+        dataset,
+        columns: dict,
+        resolution: int,
+        num_channels: int | None = None,
+        tokenizer=None,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        conditioning_channels: int = 3,
+        interpolation: str = "bilinear",
+        seed: int = 0,
+        max_samples: int | None = None,
+    ):
+        self.image_column = columns.get("image_column")
+        self.caption_column = columns.get("caption_column")
+        self.conditioning_column = columns.get("conditioning_image_column")
+        self.class_column = columns.get("class_column")
+        if self.image_column is None:
+            raise ValueError("columns has no image_column: build it with resolve_columns(dataset, ...)")
+        used = [c for c in (self.image_column, self.caption_column, self.conditioning_column, self.class_column) if c]
+        missing = [c for c in used if c not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"column(s) {', '.join(missing)} not in the dataset; available columns: {', '.join(dataset.column_names)}"
+            )
+
+        # Class ids: ClassLabel / int columns are used as they are; string columns map to the index
+        # of their sorted distinct values (see loading.class_names).
+        self.class_to_id = None
+        self._class_names = None
+        self.num_classes = None
+        if self.class_column is not None:
+            names = _class_names(dataset, self.class_column)
+            feature = dataset.features.get(self.class_column)
+            if getattr(feature, "dtype", None) in ("string", "large_string"):
+                self.class_to_id = {name: i for i, name in enumerate(names)}
+            self._class_names = names
+            self.num_classes = len(names)
+
+        if max_samples is not None:
+            if max_samples < 1:
+                raise ValueError(f"--max_train_samples must be positive, got {max_samples}")
+            if max_samples < len(dataset):
+                dataset = dataset.shuffle(seed=seed).select(range(max_samples))
+        # Decode only the columns in use (a dataset may carry other large image columns).
+        self.dataset = dataset.select_columns(list(dict.fromkeys(used)))
+        self.tokenizer = tokenizer
+        self.seed = int(seed)
+        self.epoch = 0
+        self.image_transform = build_transforms(resolution, center_crop, random_flip, num_channels, interpolation)
+        self.conditioning_transform = build_transforms(
+            resolution, center_crop, random_flip, conditioning_channels, interpolation, normalize=False
+        )
+
+    def set_epoch(self, epoch: int):
+        """New augmentations each epoch (called through the sampler and by Accelerate)."""
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def _rng(self, index: int, stream: int = 0) -> np.random.Generator:
+        return np.random.default_rng(_mix(self.seed, self.epoch, index, stream))
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.dataset[int(index)]
+        # The image and its conditioning image get equal generators, hence the same crop and flip.
+        example = {"pixel_values": self.image_transform(row[self.image_column], self._rng(index))}
+        if self.conditioning_column is not None:
+            example["conditioning_pixel_values"] = self.conditioning_transform(
+                row[self.conditioning_column], self._rng(index)
+            )
+        if self.class_column is not None:
+            label = row[self.class_column]
+            if self.class_to_id is not None:
+                label = self.class_to_id[label]
+            example["class_labels"] = torch.tensor(int(label), dtype=torch.long)
+        if self.caption_column is not None:
+            caption = self._caption(row[self.caption_column], index)
+            if self.tokenizer is None:
+                example["captions"] = caption
+            else:
+                example["input_ids"] = self.tokenizer(
+                    caption,
+                    max_length=self.tokenizer.model_max_length,
+                    padding="max_length",
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids[0]
+        return example
+
+    def _caption(self, value, index: int) -> str:
+        # As diffusers' tokenize_captions: a string, or one of several captions chosen at random.
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
+            return value[int(self._rng(index, stream=1).integers(len(value)))]
+        raise ValueError(
+            f"--caption_column '{self.caption_column}' should contain strings or lists of strings, got {type(value).__name__}"
+        )
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Names of the class ids (`num_classes` of them), or None without a class column."""
+        return self._class_names
+
+
+class EpochRandomSampler(Sampler[int]):
+    """Indices in an order that depends only on (seed, epoch): a shuffled permutation, or 0..n-1.
+
+    Like accelerate's `SeedableRandomSampler` and torch's `DistributedSampler`, the epoch is set by
+    `set_epoch` (Accelerate's prepared loader calls it) rather than advanced by iterating, so a
+    resumed run that sets the epoch sees the same order as the run it continues. `set_epoch` also
+    reaches the dataset, whose augmentations depend on the epoch.
+    """
+
+    def __init__(self, data_source, seed: int = 0, shuffle: bool = True):
+        self.data_source = data_source
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+        if hasattr(self.data_source, "set_epoch"):
+            self.data_source.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.data_source)
+
+    def __iter__(self):
+        n = len(self.data_source)
+        if not self.shuffle:
+            return iter(range(n))
+        generator = torch.Generator()
+        generator.manual_seed(int(_mix(self.seed, self.epoch).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
+        return iter(torch.randperm(n, generator=generator).tolist())
+
+
+def make_train_dataloader(
+    dataset,
+    columns: dict,
+    resolution: int,
+    batch_size: int,
+    num_channels: int | None = None,
+    tokenizer=None,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = True,
+    max_samples: int | None = None,
+    center_crop: bool = False,
+    random_flip: bool = False,
+    conditioning_channels: int = 3,
+    interpolation: str = "bilinear",
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A `torch.utils.data.DataLoader` of training batches (see the module docstring for the keys,
+    the determinism guarantees and what the training loop must do to resume).
+
+    `dataset` is a `datasets.Dataset` (wrapped in `TrainingDataset` with the keyword arguments
+    above) or an existing `TrainingDataset`. The loader's `sampler` is an `EpochRandomSampler`;
+    without Accelerate, call `loader.sampler.set_epoch(epoch)` each epoch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"--train_batch_size must be positive, got {batch_size}")
+    if not isinstance(dataset, TrainingDataset):
+        dataset = TrainingDataset(
+            dataset,
+            columns,
+            resolution,
+            num_channels=num_channels,
+            tokenizer=tokenizer,
+            center_crop=center_crop,
+            random_flip=random_flip,
+            conditioning_channels=conditioning_channels,
+            interpolation=interpolation,
+            seed=seed,
+            max_samples=max_samples,
+        )
+    if drop_last and len(dataset) < batch_size:
+        raise ValueError(
+            f"the dataset has {len(dataset)} rows, fewer than one batch of {batch_size}: lower --train_batch_size"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochRandomSampler(dataset, seed=seed, shuffle=shuffle),
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        # Workers are re-created each epoch so they receive the dataset's new epoch.
+        persistent_workers=False,
+    )

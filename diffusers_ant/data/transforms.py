@@ -1,0 +1,152 @@
+"""Image preprocessing for training: resize, crop, flip, channel conversion, tensor in [-1, 1].
+
+diffusers' example scripts build this from torchvision (`Resize`, `CenterCrop`/`RandomCrop`,
+`RandomHorizontalFlip`, `ToTensor`, `Normalize([0.5], [0.5])`). torchvision cannot be installed
+beside the CPU torch this project pins (its compiled operators fail to load), so the same steps are
+written here with PIL and torch; with PIL input torchvision's `Resize` is itself a PIL resize, so the
+results match.
+
+Randomness (crop offset, flip) comes from a `numpy.random.Generator` the caller passes in, not from
+the global RNG: `TrainingDataset` seeds one per (seed, epoch, sample index), which keeps
+augmentations identical across worker counts, processes and a resumed run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+
+# channel count -> PIL mode
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+class ImageTransform:
+    """PIL image -> float tensor (C, H, W); see `build_transforms`."""
+
+    def __init__(
+        self,
+        resolution: int,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        num_channels: int | None = None,
+        interpolation: str = "bilinear",
+        normalize: bool = True,
+    ):
+        if not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"--resolution must be a positive integer, got {resolution!r}")
+        if num_channels is not None and num_channels not in _MODES:
+            raise ValueError(f"num_channels must be 1 (greyscale), 3 (RGB) or 4 (RGBA), got {num_channels}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation '{interpolation}': choose one of {', '.join(INTERPOLATIONS)}")
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.num_channels = num_channels
+        self.interpolation = interpolation
+        self.normalize = normalize
+
+    def __repr__(self):
+        return (
+            f"ImageTransform(resolution={self.resolution}, center_crop={self.center_crop}, "
+            f"random_flip={self.random_flip}, num_channels={self.num_channels}, "
+            f"interpolation={self.interpolation!r}, normalize={self.normalize})"
+        )
+
+    def _convert(self, image):
+        """Greyscale or RGB to match the model; other modes (P, 1, LA, CMYK, 16-bit) are converted."""
+        from PIL import Image
+
+        if image.mode.startswith("I") or image.mode == "F":
+            # PIL's convert clips 16-bit / float data instead of scaling it: scale to 0..255 first.
+            array = np.asarray(image, dtype=np.float64)
+            peak = array.max() if array.size else 1.0
+            scale = 1.0 if peak <= 1.0 and image.mode == "F" else (65535.0 if peak > 255 else 255.0)
+            image = Image.fromarray(np.clip(array * (255.0 / scale), 0, 255).astype(np.uint8))  # 2-D uint8 -> mode "L"
+        if self.num_channels is not None:
+            mode = _MODES[self.num_channels]
+        elif image.mode in ("L", "RGB"):
+            mode = image.mode
+        elif image.mode in ("1", "LA"):
+            mode = "L"
+        else:
+            mode = "RGB"
+        return image if image.mode == mode else image.convert(mode)
+
+    def __call__(self, image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """Transform one PIL image. `rng` drives the random crop and flip (default: a fresh,
+        unseeded generator, i.e. not reproducible)."""
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            raise ValueError(
+                f"expected a PIL image, got {type(image).__name__}: is --image_column an image column?"
+            )
+        if rng is None and (self.random_flip or not self.center_crop):
+            rng = np.random.default_rng()
+        image = self._convert(image)
+
+        # 1. Resize the shorter side to `resolution`, keeping the aspect ratio (torchvision's Resize(int)).
+        width, height = image.size
+        short, long = (width, height) if width <= height else (height, width)
+        if short != self.resolution:
+            new_long = int(self.resolution * long / short)
+            size = (self.resolution, new_long) if width <= height else (new_long, self.resolution)
+            resample = getattr(Image.Resampling, self.interpolation.upper())
+            image = image.resize(size, resample=resample)
+
+        # 2. Crop to a square: centred, or at a random offset (torchvision's CenterCrop / RandomCrop).
+        width, height = image.size
+        if width != self.resolution or height != self.resolution:
+            if self.center_crop:
+                # torchvision rounds the centred offset the same way
+                left = int(round((width - self.resolution) / 2.0))
+                top = int(round((height - self.resolution) / 2.0))
+            else:
+                # Offsets are drawn as fractions of the slack so that two images of different
+                # sizes given equal generators (image and its conditioning) crop the same region.
+                u, v = rng.random(2)
+                left = int(u * (width - self.resolution + 1))
+                top = int(v * (height - self.resolution + 1))
+            image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        elif not self.center_crop:
+            rng.random(2)  # keep the draw sequence the same whatever the image size
+
+        # 3. Horizontal flip with probability 1/2.
+        if self.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+        # 4. To a float tensor (C, H, W) in [0, 1], then [-1, 1] (ToTensor + Normalize([0.5], [0.5])).
+        array = np.asarray(image, dtype=np.uint8)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+        if self.normalize:
+            tensor = tensor.mul_(2.0).sub_(1.0)
+        return tensor
+
+
+def build_transforms(
+    resolution: int,
+    center_crop: bool = False,
+    random_flip: bool = False,
+    num_channels: int | None = None,
+    interpolation: str = "bilinear",
+    normalize: bool = True,
+) -> ImageTransform:
+    """The training image transform of diffusers' example scripts, without torchvision.
+
+    Args:
+        resolution: output height and width; the shorter side is resized to it, then a square is cropped.
+        center_crop: crop the centre (`--center_crop`) instead of a random square.
+        random_flip: flip horizontally with probability 1/2 (`--random_flip`).
+        num_channels: 1 converts to greyscale, 3 to RGB (the model's `in_channels` for pixel-space
+            models; 3 for a VAE); None keeps greyscale/RGB images as they are.
+        interpolation: PIL resampling filter: "bilinear" (diffusers' default), "bicubic", ...
+        normalize: map to [-1, 1] (images); False keeps [0, 1] (ControlNet conditioning images, as in
+            diffusers' ControlNet script).
+
+    Returns a callable `transform(pil_image, rng=None) -> FloatTensor (C, resolution, resolution)`.
+    """
+    return ImageTransform(resolution, center_crop, random_flip, num_channels, interpolation, normalize)
