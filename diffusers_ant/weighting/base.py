@@ -14,17 +14,31 @@ choosing how to combine them (the classes here):
 
 Empty tasks: both entry points take an optional boolean `present[K]`. Absent tasks (a timestep
 cluster with no sample in this batch) get weight 0 and do not enter the method's computation;
-their state (UW's log-variance, DWA's history) is left untouched.
+their state (UW's log-variance, DWA's history, Nash-MTL's alpha) is left untouched.
+
+`last_weights[K]` holds, after each call, the coefficient of each task's loss (or gradient) in the
+update, absent tasks at 0: the figure to log per task.
+
+State: learnable parameters and tensor state live in parameters / buffers; Python-side state
+(the random generator, step counters, solver records) goes through nn.Module's
+`get_extra_state` / `set_extra_state`, so `state_dict()` / `load_state_dict()` carry everything.
+The extra state holds tensors only, so `flat_state_dict()` can be written with safetensors.
+
+Every process of a data-parallel run must see identical inputs (the task losses or per-task
+gradients averaged across processes first); the methods use no process-dependent randomness, so
+they then return identical weights everywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
+
+EXTRA_STATE_KEY = "_extra_state"
 
 
 @dataclass
@@ -38,10 +52,33 @@ class WeightingConfig:
     )
 
     def validate(self) -> None:
-        """Raise a short ValueError naming the fix. Subclasses extend it."""
+        """Raise a short ValueError naming the fix. Subclasses extend it (and call super)."""
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def options_help(cls) -> Dict[str, str]:
+        """Option name -> help text (with its default), for command-line help and error messages."""
+        return {
+            f.name: f"{f.metadata.get('help', '')} (default: {f.default!r})"
+            for f in dataclasses.fields(cls)
+        }
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    ok = ok and (value >= 0 if allow_zero else value > 0) and value != float("inf")
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 class Weighting(nn.Module):
@@ -53,32 +90,75 @@ class Weighting(nn.Module):
 
     def __init__(self, num_tasks: int, config: Optional[WeightingConfig] = None):
         super().__init__()
-        if int(num_tasks) < 1:
-            raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
+        if isinstance(num_tasks, bool) or int(num_tasks) != num_tasks or int(num_tasks) < 1:
+            raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
         self.num_tasks = int(num_tasks)
-        self.config = config if config is not None else self.config_class()
+        if config is None:
+            config = self.config_class()
+        if not isinstance(config, self.config_class):
+            raise ValueError(f"{type(self).__name__} takes a {self.config_class.__name__}, "
+                             f"got {type(config).__name__}")
+        self.config = config
         self.config.validate()
+        # A CPU generator: its draws are the same on every process and every device.
         self.generator = torch.Generator().manual_seed(self.config.seed)
         # Last weights used, for logging (K,), absent tasks at 0.
         self.register_buffer("last_weights", torch.full((self.num_tasks,), 1.0 / self.num_tasks), persistent=False)
 
+    def extra_repr(self) -> str:
+        return f"num_tasks={self.num_tasks}, config={self.config}"
+
+    def spec(self) -> dict:
+        """JSON-ready description from which `get_weighting(**spec)` rebuilds this weighting."""
+        return {"name": self.name, "num_tasks": self.num_tasks, **self.config.to_dict()}
+
     def _present(self, present: Optional[torch.Tensor], device=None) -> torch.Tensor:
         if present is None:
             return torch.ones(self.num_tasks, dtype=torch.bool, device=device)
-        present = torch.as_tensor(present, dtype=torch.bool, device=device)
+        present = torch.as_tensor(present, device=device)
+        if present.dtype != torch.bool:
+            raise ValueError(f"present must be a boolean mask, got dtype {present.dtype}")
         if present.shape != (self.num_tasks,):
             raise ValueError(f"present must have shape ({self.num_tasks},), got {tuple(present.shape)}")
         return present
 
+    def _record_weights(self, present: torch.Tensor, weights_present: torch.Tensor) -> None:
+        full = torch.zeros(self.num_tasks, dtype=self.last_weights.dtype, device=self.last_weights.device)
+        full[present.to(full.device)] = weights_present.detach().to(full)
+        self.last_weights = full
+
     # Stateful methods store their state in parameters / buffers (saved by nn.Module.state_dict)
     # plus `extra_state` for Python-side state (step counters, RNG). nn.Module's
     # get_extra_state / set_extra_state hooks carry it through state_dict / load_state_dict.
-    def get_extra_state(self):
+    # Subclasses extend both (calling super) and keep every value a tensor.
+    def get_extra_state(self) -> Dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}
 
-    def set_extra_state(self, state):
+    def set_extra_state(self, state) -> None:
         if state and "generator" in state:
-            self.generator.set_state(state["generator"])
+            self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8).cpu())
+
+    def flat_state_dict(self) -> Dict[str, torch.Tensor]:
+        """`state_dict()` with the extra-state dict flattened into tensors, for `safetensors.torch.save_file`."""
+        flat = {}
+        for key, value in self.state_dict().items():
+            if key.endswith(EXTRA_STATE_KEY) and isinstance(value, dict):
+                for sub, tensor in value.items():
+                    flat[f"{key}.{sub}"] = torch.as_tensor(tensor).detach().cpu().contiguous().clone()
+            else:
+                flat[key] = value.detach().cpu().contiguous().clone()
+        return flat
+
+    def load_flat_state_dict(self, flat: Dict[str, torch.Tensor], strict: bool = True):
+        """Inverse of `flat_state_dict`."""
+        state: dict = {}
+        for key, value in flat.items():
+            head, sep, sub = key.partition(EXTRA_STATE_KEY + ".")
+            if sep:
+                state.setdefault(head + EXTRA_STATE_KEY, {})[sub] = value
+            else:
+                state[key] = value
+        return self.load_state_dict(state, strict=strict)
 
 
 class LossWeighting(Weighting):
@@ -87,7 +167,14 @@ class LossWeighting(Weighting):
     needs_task_gradients = False
 
     def combine(self, task_losses: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The scalar to backpropagate from task_losses[K]; absent tasks' entries are ignored (may be NaN)."""
         raise NotImplementedError
+
+    def _check_losses(self, task_losses: torch.Tensor, present: Optional[torch.Tensor]):
+        task_losses = torch.as_tensor(task_losses)
+        if task_losses.shape != (self.num_tasks,):
+            raise ValueError(f"task_losses must have shape ({self.num_tasks},), got {tuple(task_losses.shape)}")
+        return task_losses, self._present(present, task_losses.device)
 
 
 class GradientWeighting(Weighting):
@@ -102,19 +189,41 @@ class GradientWeighting(Weighting):
         `present` is the full boolean mask (K,), for methods that keep per-task state."""
         raise NotImplementedError
 
+    def needs_gradients_this_step(self) -> bool:
+        """False when the next call can reuse stored weights (Nash-MTL between updates): the
+        trainer may then skip per-task gradients and call `reuse_weights` instead."""
+        return True
+
+    def reuse_weights(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Full-length weights w[K] for a step with no per-task gradients (only when
+        `needs_gradients_this_step()` is False); apply them as loss weights."""
+        raise RuntimeError(f"{self.name} needs per-task gradients every step")
+
+    def weights_from_gram(self, gram: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Full-length weights w[K] (0 for absent tasks) from the full K x K Gram matrix
+        (entries of absent tasks are ignored). For engines that accumulate G G^T themselves."""
+        if gram.shape != (self.num_tasks, self.num_tasks):
+            raise ValueError(f"gram must have shape ({self.num_tasks}, {self.num_tasks}), got {tuple(gram.shape)}")
+        present = self._present(present, gram.device)
+        weights = torch.zeros(self.num_tasks, dtype=torch.float64, device=gram.device)
+        if present.any():
+            sub = gram.double()[present][:, present]
+            weights[present] = self.task_weights(sub, present).to(weights)
+        self.last_weights = weights.detach().to(self.last_weights)
+        return weights
+
     def weights_from_grads(self, grads: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full-length weights w[K] (0 for absent tasks) from per-task gradients grads[K, P]."""
         if grads.dim() != 2 or grads.shape[0] != self.num_tasks:
             raise ValueError(f"grads must have shape ({self.num_tasks}, P), got {tuple(grads.shape)}")
         present = self._present(present, grads.device)
-        weights = torch.zeros(self.num_tasks, dtype=grads.dtype, device=grads.device)
-        if present.any():
-            g = grads[present].double()  # the small K x K algebra in float64 for stability
-            w = self.task_weights(g @ g.T, present)
-            weights[present] = w.to(grads.dtype)
-        self.last_weights = weights.detach().clone()
-        return weights
+        g = grads.detach().double()  # the small K x K algebra in float64 for stability
+        # Absent rows are zeroed so that NaNs in them cannot leak into the Gram matrix.
+        g = torch.where(present[:, None], g, torch.zeros((), dtype=g.dtype, device=g.device))
+        return self.weights_from_gram(g @ g.T, present).to(grads.dtype)
 
     def aggregate(self, grads: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The update direction (P,) from per-task gradients grads[K, P]."""
-        return self.weights_from_grads(grads, present) @ grads
+        weights = self.weights_from_grads(grads, present)
+        present = self._present(present, grads.device)
+        return weights[present] @ grads[present]

@@ -1,0 +1,251 @@
+"""Nash-MTL: multi-task learning as a bargaining game.
+
+Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya, "Multi-Task Learning as a
+Bargaining Game", ICML 2022, Eq. 2 / Theorem 5.1: the Nash bargaining update is
+d = sum_i alpha_i g_i with alpha > 0 solving
+
+    G G^T alpha = 1 / alpha   (elementwise),
+
+G the K x P matrix of task gradients. As in the authors' code, the Gram matrix is first divided
+by its Frobenius norm, alpha solves the normalised equation, and is then applied to the
+unnormalised gradients (equivalently as loss weights). As in ANT (Go et al., NeurIPS 2023) alpha
+is re-solved every `update_every` = 25 steps and reused in between; `needs_gradients_this_step`
+tells the trainer when it can skip per-task gradients and call `reuse_weights` instead.
+
+Solver. alpha is the unique minimiser of the strictly convex, self-concordant function
+f(alpha) = 0.5 alpha^T M alpha - sum_i log alpha_i (its gradient is M alpha - 1/alpha), so a
+damped Newton method in float64 on the K-dimensional problem converges globally and
+quadratically; it needs no optional dependency. (The authors iterate a sequence of convex
+problems with cvxpy / ECOS, which newer cvxpy no longer bundles; their code silently keeps the old
+alpha when the solver fails.) Convergence is checked on the equation itself,
+max_i |alpha_i (M alpha)_i - 1| <= tol. When it is not reached (e.g. linearly dependent or
+zero gradients, where no finite solution exists) the failure is recorded in `solver_failures` /
+`last_residual`, and by default a RuntimeWarning is raised and the previous alpha reused (the
+authors' behaviour, made loud); `on_failure="raise"` stops training instead. A task whose
+gradient is exactly zero has no bargaining position and gets weight 0.
+
+`solver="cvxpy"` solves the same convex problem with cvxpy (`pip install cvxpy`); `"auto"` uses
+Newton and, if that fails and cvxpy is installed, tries cvxpy before giving up.
+
+The authors also clip the update to `max_norm` = 1.0; here that is the trainer's gradient
+clipping (`--max_grad_norm`), so this class does not clip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .base import GradientWeighting, WeightingConfig, _check_choice, _check_positive
+from .registry import register_weighting
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NashMTLConfig(WeightingConfig):
+    update_every: int = dataclasses.field(
+        default=25, metadata={"help": "Re-solve alpha every this many steps, reusing it in between (ANT: 25)."}
+    )
+    solver: str = dataclasses.field(
+        default="auto",
+        metadata={"help": "'newton' (built in), 'cvxpy' (needs `pip install cvxpy`), or 'auto' "
+                  "(Newton, then cvxpy if installed when Newton fails)."},
+    )
+    max_iter: int = dataclasses.field(default=100, metadata={"help": "Most Newton iterations per solve."})
+    tol: float = dataclasses.field(
+        default=1e-9, metadata={"help": "Convergence: max_i |alpha_i (M alpha)_i - 1| <= tol."}
+    )
+    on_failure: str = dataclasses.field(
+        default="warn",
+        metadata={"help": "When the solver does not converge: 'warn' (RuntimeWarning, keep the previous "
+                  "alpha, count it in solver_failures) or 'raise'."},
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("update_every", "max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        _check_choice("solver", self.solver, ("auto", "newton", "cvxpy"))
+        _check_positive("tol", self.tol)
+        _check_choice("on_failure", self.on_failure, ("warn", "raise"))
+        if self.solver == "cvxpy":
+            _import_cvxpy()
+
+
+def _import_cvxpy():
+    try:
+        import cvxpy
+    except ImportError as error:
+        raise ImportError("nash_mtl with solver='cvxpy' needs cvxpy: pip install cvxpy "
+                          "(or use solver='newton', which needs nothing)") from error
+    return cvxpy
+
+
+def _residual(matrix: torch.Tensor, alpha: torch.Tensor) -> float:
+    return float((alpha * (matrix @ alpha) - 1.0).abs().max())
+
+
+def solve_nash_newton(matrix: torch.Tensor, init: torch.Tensor, max_iter: int = 100,
+                      tol: float = 1e-9) -> Tuple[torch.Tensor, float, int]:
+    """Damped Newton for alpha > 0 with `matrix @ alpha = 1 / alpha` (matrix PSD, float64).
+
+    Minimises f(a) = 0.5 a^T M a - sum log a. Returns (alpha, residual, iterations); the caller
+    checks residual <= tol."""
+    m = matrix.double()
+    a = init.double().clone()
+    if not torch.isfinite(a).all() or (a <= 0).any():
+        a = torch.ones_like(a)
+    # Best rescaling of the start: f(s a) is minimised at s = sqrt(K / a^T M a).
+    quad = a @ m @ a
+    if quad > 0:
+        a = a * torch.sqrt(a.numel() / quad)
+
+    def f(x):
+        return 0.5 * (x @ m @ x) - torch.log(x).sum()
+
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        if _residual(m, a) <= tol:
+            return a, _residual(m, a), iterations - 1
+        grad = m @ a - 1.0 / a
+        hess = m + torch.diag(1.0 / a**2)
+        try:
+            step = -torch.linalg.solve(hess, grad)
+        except RuntimeError:  # singular Hessian: cannot happen for a > 0 in exact arithmetic
+            break
+        slope = grad @ step  # = -(Newton decrement)^2 < 0
+        t = 1.0
+        # Stay in the domain a > 0, then backtrack (Armijo) on f.
+        negative = step < 0
+        if negative.any():
+            t = min(1.0, 0.99 * float((-a[negative] / step[negative]).min()))
+        f_a = f(a)
+        while t > 1e-12 and f(a + t * step) > f_a + 0.25 * t * slope:
+            t *= 0.5
+        a = a + t * step
+        if not torch.isfinite(a).all():
+            break
+    return a, _residual(m, a) if torch.isfinite(a).all() else float("inf"), iterations
+
+
+def solve_nash_cvxpy(matrix: torch.Tensor) -> torch.Tensor:
+    """The same convex problem with cvxpy: min 0.5 a^T M a - sum log a."""
+    cp = _import_cvxpy()
+    m = matrix.double().cpu().numpy()
+    a = cp.Variable(m.shape[0])
+    problem = cp.Problem(cp.Minimize(0.5 * cp.quad_form(a, cp.psd_wrap(m)) - cp.sum(cp.log(a))))
+    problem.solve()
+    if a.value is None:
+        return torch.full((m.shape[0],), float("nan"), dtype=torch.float64)
+    return torch.as_tensor(a.value, dtype=torch.float64)
+
+
+@register_weighting("nash_mtl")
+class NashMTL(GradientWeighting):
+    """Nash bargaining weights, re-solved every `update_every` steps."""
+
+    config_class = NashMTLConfig
+
+    def __init__(self, num_tasks: int, config: Optional[NashMTLConfig] = None):
+        super().__init__(num_tasks, config)
+        # Alpha of every task (normalised-Gram solution), ones before the first solve as in the
+        # authors' code; float64 like the solver.
+        self.register_buffer("alpha", torch.ones(self.num_tasks, dtype=torch.float64))
+        self.step = 0
+        self.solver_failures = 0
+        self.last_residual = float("nan")
+        self.last_iterations = 0
+
+    def needs_gradients_this_step(self) -> bool:
+        return self.step % self.config.update_every == 0
+
+    def reuse_weights(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.needs_gradients_this_step():
+            raise RuntimeError("nash_mtl re-solves alpha at this step: it needs the per-task gradients")
+        present = self._present(present, self.alpha.device)
+        weights = torch.where(present, self.alpha, torch.zeros_like(self.alpha))
+        self.step += 1
+        self.last_weights = weights.detach().to(self.last_weights)
+        return weights
+
+    def task_weights(self, gram: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        present = present.to(self.alpha.device)
+        if self.needs_gradients_this_step():
+            self._update_alpha(gram.detach().double().cpu(), present)
+        self.step += 1
+        return self.alpha[present].to(gram.device)
+
+    def _update_alpha(self, gram: torch.Tensor, present: torch.Tensor) -> None:
+        # Tasks with an exactly-zero gradient have no finite solution (alpha_i -> inf); they get 0.
+        nonzero = torch.diagonal(gram) > 0
+        index = present.nonzero().flatten().cpu()
+        if not nonzero.any():
+            return  # every present gradient is zero: any alpha gives the zero update
+        matrix = gram[nonzero][:, nonzero]
+        matrix = matrix / torch.linalg.matrix_norm(matrix)  # the authors' normalisation
+        init = self.alpha.detach().cpu()[index[nonzero]]
+        alpha, residual, iterations, converged = self._solve(matrix, init)
+        self.last_residual, self.last_iterations = residual, iterations
+        if not converged:
+            self.solver_failures += 1
+            message = (f"nash_mtl: the solver did not converge (residual {residual:.2e} > tol "
+                       f"{self.config.tol:.0e} after {iterations} iterations; failure "
+                       f"{self.solver_failures}); the task gradients are probably linearly dependent. "
+                       f"Keeping the previous alpha.")
+            if self.config.on_failure == "raise":
+                raise RuntimeError(message.replace("Keeping the previous alpha.",
+                                                   "Set on_failure='warn' to keep the previous alpha."))
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            logger.warning(message)
+            return
+        new = self.alpha.detach().clone()
+        new[index[nonzero].to(new.device)] = alpha.to(new)
+        new[index[~nonzero].to(new.device)] = 0.0
+        self.alpha.copy_(new)
+
+    def _solve(self, matrix: torch.Tensor, init: torch.Tensor) -> Tuple[torch.Tensor, float, int, bool]:
+        """(alpha, residual, Newton iterations, converged)."""
+        if self.config.solver == "cvxpy":
+            return self._solve_cvxpy(matrix, 0)
+        alpha, residual, iterations = solve_nash_newton(matrix, init, self.config.max_iter, self.config.tol)
+        converged = residual <= self.config.tol
+        if not converged and self.config.solver == "auto":
+            try:
+                _import_cvxpy()
+            except ImportError:
+                return alpha, residual, iterations, False
+            logger.warning("nash_mtl: Newton did not converge (residual %.2e); trying cvxpy", residual)
+            return self._solve_cvxpy(matrix, iterations)
+        return alpha, residual, iterations, converged
+
+    def _solve_cvxpy(self, matrix: torch.Tensor, iterations: int) -> Tuple[torch.Tensor, float, int, bool]:
+        alpha = solve_nash_cvxpy(matrix)
+        residual = _residual(matrix, alpha)
+        # Interior-point solvers stop at about 1e-8 relative accuracy: judge them at 1e-6.
+        return alpha, residual, iterations, residual <= max(1e-6, self.config.tol)
+
+    def get_extra_state(self):
+        state = super().get_extra_state()
+        state.update(
+            step=torch.tensor(self.step, dtype=torch.long),
+            solver_failures=torch.tensor(self.solver_failures, dtype=torch.long),
+            last_residual=torch.tensor(self.last_residual, dtype=torch.float64),
+            last_iterations=torch.tensor(self.last_iterations, dtype=torch.long),
+        )
+        return state
+
+    def set_extra_state(self, state) -> None:
+        super().set_extra_state(state)
+        if state:
+            self.step = int(state.get("step", 0))
+            self.solver_failures = int(state.get("solver_failures", 0))
+            self.last_residual = float(state.get("last_residual", float("nan")))
+            self.last_iterations = int(state.get("last_iterations", 0))

@@ -1,0 +1,503 @@
+"""The nine weighting methods against their closed forms or defining properties, plus the
+registry, config validation, presence masks and state round trips."""
+
+import copy
+import dataclasses
+import importlib.util
+import math
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import diffusers_ant
+from diffusers_ant.weighting import (
+    WEIGHTINGS,
+    GradientWeighting,
+    LossWeighting,
+    get_weighting,
+    weighting_names,
+)
+
+NAMES = ["ls", "rlw", "uw", "dwa", "pcgrad", "nash_mtl", "imtl", "mgda", "cagrad"]
+LOSS_BASED = ["ls", "rlw", "uw", "dwa"]
+GRADIENT_BASED = ["pcgrad", "nash_mtl", "imtl", "mgda", "cagrad"]
+
+
+def random_grads(k, p=16, seed=0, dtype=torch.float64):
+    return torch.randn(k, p, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def step(weighting, inputs, present=None):
+    """One call of the method's entry point; returns the output (scalar or direction)."""
+    if isinstance(weighting, LossWeighting):
+        return weighting.combine(inputs, present).detach()
+    return weighting.aggregate(inputs, present)
+
+
+def inputs_for(name, k, seed):
+    if name in LOSS_BASED:
+        return torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.1
+    return random_grads(k, seed=seed)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_has_every_method_with_the_right_base():
+    assert set(NAMES) <= set(WEIGHTINGS)
+    assert weighting_names() == sorted(WEIGHTINGS)
+    assert diffusers_ant.WEIGHTINGS is WEIGHTINGS
+    assert diffusers_ant.get_weighting is get_weighting
+    for name in NAMES:
+        cls = WEIGHTINGS[name]
+        assert cls.name == name
+        base = LossWeighting if name in LOSS_BASED else GradientWeighting
+        assert issubclass(cls, base)
+        assert cls.needs_task_gradients == (name in GRADIENT_BASED)
+        for field in dataclasses.fields(cls.config_class):
+            assert field.metadata.get("help"), f"{name}.{field.name} has no help text"
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError) as error:
+        get_weighting("gradnorm_typo", 3)
+    for name in NAMES:
+        assert name in str(error.value)
+
+
+def test_unknown_option_lists_valid_options():
+    with pytest.raises(ValueError) as error:
+        get_weighting("cagrad", 3, alpha=0.4)
+    message = str(error.value)
+    assert "alpha" in message and "c" in message and "rescale" in message and "seed" in message
+
+
+def test_get_weighting_builds_config_coerces_strings_and_accepts_aliases():
+    weighting = get_weighting("Nash-MTL", 4, update_every="7", tol="1e-10")
+    assert weighting.name == "nash_mtl" and weighting.num_tasks == 4
+    assert weighting.config.update_every == 7 and weighting.config.tol == 1e-10
+    spec = weighting.spec()
+    rebuilt = get_weighting(**spec)
+    assert rebuilt.config == weighting.config and rebuilt.num_tasks == 4
+
+
+BAD_OPTIONS = [
+    ("uw", {"lr": -0.1}),
+    ("uw", {"lr": 0.0}),
+    ("uw", {"weight_decay": -1.0}),
+    ("uw", {"init_log_var": float("nan")}),
+    ("dwa", {"temperature": 0.0}),
+    ("cagrad", {"c": -0.5}),
+    ("cagrad", {"rescale": 3}),
+    ("nash_mtl", {"update_every": 0}),
+    ("nash_mtl", {"max_iter": 0}),
+    ("nash_mtl", {"solver": "ecos"}),
+    ("nash_mtl", {"tol": 0.0}),
+    ("nash_mtl", {"on_failure": "ignore"}),
+    ("ls", {"reduction": "max"}),
+    ("pcgrad", {"reduction": "median"}),
+    ("mgda", {"normalize": "loss"}),
+] + [(name, {"seed": -1}) for name in NAMES]
+
+
+@pytest.mark.parametrize("name,options", BAD_OPTIONS)
+def test_configs_reject_bad_values(name, options):
+    with pytest.raises(ValueError):
+        get_weighting(name, 3, **options)
+
+
+def test_bad_num_tasks_and_shapes():
+    with pytest.raises(ValueError):
+        get_weighting("ls", 0)
+    with pytest.raises(ValueError):
+        get_weighting("ls", 3).combine(torch.ones(4))
+    with pytest.raises(ValueError):
+        get_weighting("mgda", 3).aggregate(torch.ones(4, 5))
+    with pytest.raises(ValueError):
+        get_weighting("ls", 3).combine(torch.ones(3), present=torch.tensor([1, 0, 1]))
+
+
+def test_nash_cvxpy_solver_says_what_to_install():
+    if importlib.util.find_spec("cvxpy") is None:
+        with pytest.raises(ImportError, match="pip install cvxpy"):
+            get_weighting("nash_mtl", 3, solver="cvxpy")
+    else:  # with cvxpy installed, its path must agree with the built-in Newton solver
+        grads = random_grads(3)
+        w_cvx = get_weighting("nash_mtl", 3, solver="cvxpy").weights_from_grads(grads)
+        w_newton = get_weighting("nash_mtl", 3, solver="newton").weights_from_grads(grads)
+        torch.testing.assert_close(w_cvx, w_newton, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- loss-based
+
+
+def test_ls_is_the_mean_or_the_sum_of_present_losses():
+    losses = torch.tensor([1.0, 2.0, 4.0, 8.0], requires_grad=True)
+    ls = get_weighting("ls", 4)
+    assert ls.combine(losses).item() == pytest.approx(3.75)
+    torch.testing.assert_close(ls.last_weights, torch.full((4,), 0.25))
+    present = torch.tensor([True, False, True, True])
+    assert ls.combine(losses, present).item() == pytest.approx(13.0 / 3)
+    assert get_weighting("ls", 4, reduction="sum").combine(losses).item() == pytest.approx(15.0)
+
+
+def test_rlw_weights_are_a_seeded_softmax_of_normal_draws():
+    losses = torch.tensor([1.0, 2.0, 3.0])
+    a, b, c = get_weighting("rlw", 3, seed=5), get_weighting("rlw", 3, seed=5), get_weighting("rlw", 3, seed=6)
+    reference = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        out_a, out_b = a.combine(losses), b.combine(losses)
+        assert torch.equal(out_a, out_b) and torch.equal(a.last_weights, b.last_weights)
+        assert a.last_weights.sum().item() == pytest.approx(1.0) and (a.last_weights > 0).all()
+        expected = torch.softmax(torch.randn(3, generator=reference, dtype=torch.float64), 0)
+        torch.testing.assert_close(a.last_weights, expected.float())
+        assert out_a.item() == pytest.approx(float(expected.float() @ losses), rel=1e-6)
+        c.combine(losses)
+        assert not torch.equal(a.last_weights, c.last_weights)
+
+
+def test_uw_gradient_of_log_variances_matches_closed_form():
+    uw = get_weighting("uw", 3, init_log_var=0.3)
+    losses = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float32)
+    with torch.no_grad():
+        uw.log_vars.copy_(torch.tensor([0.3, -0.5, 1.2]))
+    total = uw.combine(losses)
+    total.backward()
+    s = uw.log_vars.detach()
+    expected_total = (0.5 * (torch.exp(-s) * losses + s)).sum()
+    assert total.item() == pytest.approx(expected_total.item(), rel=1e-6)
+    torch.testing.assert_close(uw.log_vars.grad, 0.5 * (1 - torch.exp(-s) * losses))
+    torch.testing.assert_close(uw.last_weights, 0.5 * torch.exp(-s))
+    (group,) = uw.param_groups()
+    assert group["params"] == [uw.log_vars] and group["lr"] == 0.025 and group["weight_decay"] == 0.0
+
+
+def test_uw_weights_move_towards_low_loss_tasks():
+    uw = get_weighting("uw", 3)
+    optimizer = torch.optim.SGD(uw.param_groups())
+    losses = torch.tensor([0.1, 1.0, 10.0])
+    start = uw.weights().clone()
+    for _ in range(100):
+        optimizer.zero_grad()
+        uw.combine(losses).backward()
+        optimizer.step()
+    weights = uw.weights()
+    assert weights[0] > weights[1] > weights[2]
+    assert weights[0] > start[0] and weights[2] < start[2]
+    # The optimum is exp(-s_i) = 1 / L_i: the low-loss task is moving towards weight 0.5 / 0.1 = 5.
+    assert (0.5 / losses[0]) > weights[0]
+
+
+def test_dwa_follows_the_ratio_of_the_last_two_losses():
+    temperature = 2.0
+    dwa = get_weighting("dwa", 3, temperature=temperature)
+    history = [torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.5, 1.0, 2.0]), torch.tensor([0.4, 0.9, 1.0])]
+    # The first two steps: equal weights, the mean loss.
+    for losses in history[:2]:
+        assert dwa.combine(losses).item() == pytest.approx(losses.mean().item())
+        torch.testing.assert_close(dwa.last_weights, torch.full((3,), 1 / 3))
+    # Step 3: r_i = L_i(t-1) / L_i(t-2) from the first two steps.
+    ratios = history[1] / history[0]
+    w = 3 * torch.softmax(ratios / temperature, 0)
+    assert dwa.combine(history[2]).item() == pytest.approx((w * history[2]).sum().item() / 3, rel=1e-6)
+    torch.testing.assert_close(dwa.last_weights, w / 3)
+    assert dwa.last_weights[2] > dwa.last_weights[1] > dwa.last_weights[0]  # slowest descent, most weight
+    # Step 4 uses steps 2 and 3.
+    w = 3 * torch.softmax((history[2] / history[1]) / temperature, 0)
+    dwa.combine(torch.ones(3))
+    torch.testing.assert_close(dwa.last_weights, w / 3)
+
+
+# ----------------------------------------------------------------------------- PCGrad
+
+
+def test_pcgrad_projects_two_conflicting_gradients():
+    g1 = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)
+    g2 = torch.tensor([-1.0, 1.0, 0.0], dtype=torch.float64)
+    assert g1 @ g2 < 0
+    p1 = g1 - (g1 @ g2) / (g2 @ g2) * g2
+    p2 = g2 - (g2 @ g1) / (g1 @ g1) * g1
+    grads = torch.stack([g1, g2])
+    torch.testing.assert_close(get_weighting("pcgrad", 2, reduction="sum").aggregate(grads), p1 + p2)
+    update = get_weighting("pcgrad", 2).aggregate(grads)
+    torch.testing.assert_close(update, (p1 + p2) / 2)
+    # Each projected gradient is orthogonal to the other task's gradient.
+    assert abs(float(p1 @ g2)) < 1e-12 and abs(float(p2 @ g1)) < 1e-12
+
+
+def test_pcgrad_leaves_agreeing_gradients_alone():
+    grads = torch.tensor([[1.0, 0.2, 0.0], [0.5, 1.0, -0.1]], dtype=torch.float64)
+    assert grads[0] @ grads[1] > 0
+    torch.testing.assert_close(get_weighting("pcgrad", 2, reduction="sum").aggregate(grads), grads.sum(0))
+    torch.testing.assert_close(get_weighting("pcgrad", 2).aggregate(grads), grads.mean(0))
+
+
+@pytest.mark.parametrize("k", [3, 4, 6])
+def test_pcgrad_gram_form_equals_direct_vector_projection(k):
+    # Opposed pairs make many conflicts; the random order then matters.
+    grads = random_grads(k, p=8, seed=k)
+    grads[1] = -0.7 * grads[0] + 0.3 * grads[1]
+    method = get_weighting("pcgrad", k, seed=3, reduction="sum")
+    twin = copy.deepcopy(method)  # same generator state: draws the same orders
+    update = method.aggregate(grads)
+
+    projected = []
+    for i, order in enumerate(twin.draw_orders(k)):
+        g = grads[i].clone()
+        for j in order:
+            dot = g @ grads[j]
+            if dot < 0:
+                g = g - dot / (grads[j] @ grads[j]) * grads[j]
+        projected.append(g)
+    torch.testing.assert_close(update, torch.stack(projected).sum(0), rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- MGDA
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mgda_is_the_min_norm_point_of_two_gradients(seed):
+    g1, g2 = random_grads(2, p=5, seed=seed)
+    # The minimum of ||a g1 + (1 - a) g2||^2 over a in [0, 1], by hand.
+    a = float(torch.clamp((g2 - g1) @ g2 / ((g1 - g2) @ (g1 - g2)), 0, 1))
+    expected = a * g1 + (1 - a) * g2
+    update = get_weighting("mgda", 2).aggregate(torch.stack([g1, g2]))
+    torch.testing.assert_close(update, expected, rtol=0, atol=1e-6)
+
+
+def test_mgda_clips_to_a_vertex():
+    # g1 is the shortest point of the segment: the min-norm point is g1 itself.
+    grads = torch.tensor([[1.0, 0.0], [2.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(get_weighting("mgda", 2).weights_from_grads(grads),
+                               torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("k", [3, 5, 8])
+def test_mgda_satisfies_min_norm_optimality_for_many_tasks(k):
+    grads = random_grads(k, p=6, seed=10 + k) + 0.3
+    weights = get_weighting("mgda", k).weights_from_grads(grads)
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-9) and (weights >= 0).all()
+    d = weights @ grads
+    # KKT of min ||G^T a||^2 on the simplex: g_i . d >= ||d||^2, with equality where a_i > 0.
+    margins = grads @ d - d @ d
+    assert margins.min() > -1e-8
+    assert margins[weights > 1e-9].abs().max() < 1e-8
+    # ...and no random point of the simplex does better.
+    others = torch.distributions.Dirichlet(torch.ones(k, dtype=torch.float64)).sample((2000,))
+    assert ((others @ grads).norm(dim=1) >= d.norm() - 1e-9).all()
+
+
+# ----------------------------------------------------------------------------- IMTL-G
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_imtl_has_equal_projections_on_unit_gradients(k):
+    grads = random_grads(k, p=12, seed=20 + k) * torch.linspace(0.1, 5.0, k, dtype=torch.float64)[:, None]
+    weights = get_weighting("imtl", k).weights_from_grads(grads)
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-10)
+    d = weights @ grads
+    projections = (grads / grads.norm(dim=1, keepdim=True)) @ d
+    torch.testing.assert_close(projections, projections.mean().expand(k), rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- Nash-MTL
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_nash_alpha_solves_the_bargaining_equation(k):
+    grads = random_grads(k, p=20, seed=30 + k)
+    nash = get_weighting("nash_mtl", k)
+    update = nash.aggregate(grads)
+    alpha = nash.alpha
+    gram = grads @ grads.T
+    normalised = gram / torch.linalg.matrix_norm(gram)
+    assert (alpha > 0).all()
+    torch.testing.assert_close(normalised @ alpha, 1 / alpha, rtol=1e-9, atol=0)
+    torch.testing.assert_close(update, alpha @ grads)
+    assert nash.solver_failures == 0 and nash.last_residual <= 1e-9
+
+
+def test_nash_reuses_alpha_between_updates():
+    nash = get_weighting("nash_mtl", 3, update_every=3)
+    weights = []
+    for step in range(7):
+        assert nash.needs_gradients_this_step() == (step % 3 == 0)
+        weights.append(nash.weights_from_grads(random_grads(3, seed=step)).clone())
+    assert torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])
+    assert not torch.equal(weights[2], weights[3])
+    assert torch.equal(weights[3], weights[4]) and torch.equal(weights[3], weights[5])
+    assert not torch.equal(weights[5], weights[6])
+    # Between updates the trainer may skip the gradients: reuse_weights gives the same weights.
+    assert not nash.needs_gradients_this_step()
+    torch.testing.assert_close(nash.reuse_weights(), weights[6])
+    present = torch.tensor([True, False, True])
+    reused = nash.reuse_weights(present)
+    assert reused[1] == 0 and reused[0] == weights[6][0]
+    with pytest.raises(RuntimeError):
+        nash.reuse_weights()  # step 9: an update step
+
+
+def test_nash_does_not_fail_silently():
+    g = random_grads(1, p=6)[0]
+    dependent = torch.stack([g, -2.0 * g, g + 0.1])  # a positive combination of g1, g2 is zero: no solution
+    nash = get_weighting("nash_mtl", 3, max_iter=30)
+    before = nash.alpha.clone()
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        nash.weights_from_grads(dependent)
+    assert nash.solver_failures == 1 and not nash.last_residual <= nash.config.tol
+    assert torch.equal(nash.alpha, before)  # the previous alpha is kept, loudly
+    with pytest.raises(RuntimeError, match="did not converge"):
+        get_weighting("nash_mtl", 3, max_iter=30, on_failure="raise").weights_from_grads(dependent)
+
+
+def test_nash_gives_zero_weight_to_a_zero_gradient():
+    grads = random_grads(3)
+    grads[1] = 0
+    nash = get_weighting("nash_mtl", 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weights = nash.weights_from_grads(grads)
+    assert weights[1] == 0 and (weights[[0, 2]] > 0).all()
+
+
+# ----------------------------------------------------------------------------- CAGrad
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("c", [0.2, 0.5, 0.9])
+def test_cagrad_is_a_conflict_averse_descent_direction(seed, c):
+    grads = random_grads(4, p=10, seed=40 + seed)
+    grads[1] = -0.8 * grads[0] + 0.2 * grads[1]  # a strong conflict
+    g0 = grads.mean(0)
+    d = get_weighting("cagrad", 4, c=c, rescale=0).aggregate(grads)
+    assert d @ g0 > 0
+    # d solves max_d min_i g_i . d within the ball ||d - g0|| <= c ||g0||, which holds g0 itself:
+    assert (d - g0).norm() <= c * g0.norm() * (1 + 1e-6)
+    assert (grads @ d).min() >= (grads @ g0).min() - 1e-6
+    # rescale=1 divides by 1 + c^2
+    d1 = get_weighting("cagrad", 4, c=c).aggregate(grads)
+    torch.testing.assert_close(d1, d / (1 + c**2))
+
+
+def test_cagrad_with_c_zero_is_the_mean_gradient():
+    grads = random_grads(5)
+    for rescale in (0, 1, 2):
+        update = get_weighting("cagrad", 5, c=0.0, rescale=rescale).aggregate(grads)
+        assert torch.equal(update, torch.full((5,), 0.2, dtype=torch.float64) @ grads)
+
+
+# ----------------------------------------------------------------------------- presence masks
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_absent_tasks_get_zero_weight_and_cannot_leak_nan(name):
+    k = 4
+    present = torch.tensor([True, False, True, True])
+    weighting = get_weighting(name, k)
+    for seed in range(3):  # several steps, so history-based methods use their history
+        inputs = inputs_for(name, k, seed).clone()
+        inputs[1] = float("nan")  # an empty cluster's loss (0 / 0) or gradient
+        out = step(weighting, inputs, present)
+        assert torch.isfinite(out).all()
+        assert weighting.last_weights[1] == 0
+        assert (weighting.last_weights[present] != 0).any()
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "rlw"])  # rlw draws all K normals
+def test_absent_task_output_equals_the_method_on_present_tasks_only(name):
+    """On a first step the masked call equals the method run on the K - 1 present tasks."""
+    k = 4
+    present = torch.tensor([True, True, False, True])
+    inputs = inputs_for(name, k, 7)
+    full = step(get_weighting(name, k), inputs, present)
+    reduced = step(get_weighting(name, k - 1), inputs[present])
+    torch.testing.assert_close(full, reduced)
+
+
+def test_absent_tasks_keep_their_state():
+    present = torch.tensor([True, False, True])
+    # UW: the absent log-variance gets an exactly zero gradient.
+    uw = get_weighting("uw", 3)
+    uw.combine(torch.tensor([0.5, float("nan"), 2.0]), present).backward()
+    assert uw.log_vars.grad[1] == 0 and (uw.log_vars.grad[[0, 2]] != 0).all()
+    # DWA: the absent task's history is not advanced.
+    dwa = get_weighting("dwa", 3)
+    dwa.combine(torch.tensor([1.0, 5.0, 2.0]))
+    history, count = dwa.loss_history.clone(), dwa.history_count.clone()
+    dwa.combine(torch.tensor([0.5, float("nan"), 1.0]), present)
+    assert torch.equal(dwa.loss_history[:, 1], history[:, 1]) and dwa.history_count[1] == count[1]
+    assert dwa.loss_history[1, 0] == 0.5 and dwa.history_count[0] == 2
+    # Nash-MTL: the absent task's alpha is not overwritten.
+    nash = get_weighting("nash_mtl", 3, update_every=1)
+    nash.weights_from_grads(random_grads(3, seed=1))
+    alpha = nash.alpha.clone()
+    nash.weights_from_grads(random_grads(3, seed=2), present)
+    assert nash.alpha[1] == alpha[1] and nash.alpha[0] != alpha[0]
+
+
+# ----------------------------------------------------------------------------- state round trips
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("via_safetensors", [False, True])
+def test_state_round_trip_reproduces_later_outputs(name, via_safetensors, tmp_path):
+    k = 3
+    options = {"update_every": 2} if name == "nash_mtl" else {}
+    weighting = get_weighting(name, k, seed=11, **options)
+    optimizer = torch.optim.SGD(weighting.param_groups()) if name == "uw" else None
+
+    def run(method, opt, seeds):
+        outputs = []
+        for seed in seeds:
+            out = method.combine(inputs_for(name, k, seed)) if isinstance(method, LossWeighting) \
+                else method.aggregate(inputs_for(name, k, seed))
+            if opt is not None:
+                opt.zero_grad()
+                out.backward()
+                opt.step()
+            outputs.append(out.detach().clone())
+        return outputs
+
+    run(weighting, optimizer, range(3))
+    if via_safetensors:
+        save_file(weighting.flat_state_dict(), tmp_path / "weighting.safetensors")
+        saved = None
+    else:
+        saved = copy.deepcopy(weighting.state_dict())
+    expected = run(weighting, optimizer, range(3, 8))
+
+    restored = get_weighting(name, k, seed=0, **options)  # a different seed: the state must win
+    if via_safetensors:
+        restored.load_flat_state_dict(load_file(tmp_path / "weighting.safetensors"))
+    else:
+        restored.load_state_dict(saved)
+    opt2 = torch.optim.SGD(restored.param_groups()) if name == "uw" else None
+    got = run(restored, opt2, range(3, 8))
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+
+
+def test_fresh_instances_agree_exactly():
+    """Same seed and inputs -> the same outputs (what every process of a data-parallel run relies on)."""
+    for name in NAMES:
+        a, b = get_weighting(name, 4, seed=2), get_weighting(name, 4, seed=2)
+        for seed in range(3):
+            assert torch.equal(step(a, inputs_for(name, 4, seed)), step(b, inputs_for(name, 4, seed)))
+
+
+def test_float32_gradients_give_float32_updates():
+    grads = random_grads(3, dtype=torch.float32)
+    for name in GRADIENT_BASED:
+        update = get_weighting(name, 3).aggregate(grads)
+        assert update.dtype == torch.float32 and torch.isfinite(update).all()
+
+
+def test_lazy_engine_export_does_not_break_import():
+    import diffusers_ant.weighting as module
+
+    assert "TaskGradientEngine" in module.__all__
+    with pytest.raises(AttributeError):
+        module.no_such_name  # noqa: B018
+    assert math.isfinite(get_weighting("ls", 2).combine(torch.ones(2)).item())
