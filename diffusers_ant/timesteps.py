@@ -1,0 +1,248 @@
+"""Timestep samplers: which training indices t (0 = cleanest) a batch is trained on.
+
+* :class:`UniformTimestepSampler`: t ~ U{0..T-1}, what every diffusers script does.
+* :class:`StratifiedTimestepSampler`: ANT's stratified batch (Go et al. 2023, section 4.2 and
+  the reference code): the batch is split into k equal slices and slice i draws t uniformly
+  from cluster I_i, so every cluster loss is present in every batch.
+* :class:`IntervalTimestepSampler`: one interval, with DeMe's probabilistic sampling (a draw
+  from the whole range with probability p; p = 0.3 in the authors' scripts).
+* :class:`DensityTimestepSampler`: any density over timesteps, e.g. Diff-Tuning's
+  psi(t) ∝ T - t (knowledge retention) and xi(t) ∝ t + 1 (reconsolidation).
+
+Every draw goes through the ``torch.Generator`` passed in (on the generator's device, then
+moved to ``device``), so a seed gives the same timesteps on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TIMESTEP_SAMPLERS = ("uniform", "stratified", "interval", "density", "low_noise", "high_noise")
+
+
+def _draw_device(generator: torch.Generator | None, device) -> torch.device:
+    if generator is not None:
+        return generator.device
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 0:
+        raise ValueError(f"batch_size must be a non-negative int; got {batch_size!r}.")
+
+
+def _check_num_timesteps(num_timesteps: int) -> None:
+    if not isinstance(num_timesteps, int) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be a positive int (the scheduler's num_train_timesteps); got {num_timesteps!r}.")
+
+
+class TimestepSampler:
+    """Base class: ``sample(batch_size, generator=None, device=None) -> LongTensor[B]``."""
+
+    num_timesteps: int
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_timesteps={self.num_timesteps})"
+
+
+class UniformTimestepSampler(TimestepSampler):
+    """t ~ U{0..T-1}, the sampler of diffusers' training scripts."""
+
+    def __init__(self, num_timesteps: int):
+        _check_num_timesteps(num_timesteps)
+        self.num_timesteps = num_timesteps
+
+    def sample(self, batch_size, generator=None, device=None):
+        _check_batch_size(batch_size)
+        t = torch.randint(
+            0, self.num_timesteps, (batch_size,), generator=generator, device=_draw_device(generator, device)
+        )
+        return t.to(device) if device is not None else t
+
+
+def _validate_bounds(bounds) -> list[tuple[int, int]]:
+    """Inclusive (start, end) pairs that partition 0..T-1 in order; ValueError otherwise."""
+    bounds = getattr(bounds, "bounds", bounds)  # a TimestepIntervals or a plain list
+    try:
+        pairs = [(int(a), int(b)) for a, b in bounds]
+    except (TypeError, ValueError):
+        raise ValueError("bounds must be a list of inclusive (start, end) int pairs, e.g. [(0, 499), (500, 999)].")
+    if not pairs:
+        raise ValueError("bounds is empty; pass at least one (start, end) pair covering 0..T-1.")
+    if pairs[0][0] != 0:
+        raise ValueError(f"bounds must start at timestep 0; the first interval is {pairs[0]}.")
+    for i, (start, end) in enumerate(pairs):
+        if end < start:
+            raise ValueError(f"interval {i} {(start, end)} has end < start; bounds are inclusive (start, end) pairs.")
+        if i and start != pairs[i - 1][1] + 1:
+            raise ValueError(
+                f"intervals {i - 1} {pairs[i - 1]} and {i} {(start, end)} are not contiguous; "
+                "each start must be the previous end + 1."
+            )
+    return pairs
+
+
+class StratifiedTimestepSampler(TimestepSampler):
+    """ANT's stratified batch: every timestep cluster gets an equal share of the batch.
+
+    ``bounds``: inclusive ``(start, end)`` pairs partitioning 0..T-1, or any object with a
+    ``.bounds`` attribute (a ``TimestepIntervals``). A batch of ``B = q k + r`` samples gives
+    ``q`` samples to every cluster and one more to ``r`` distinct clusters chosen at random
+    (so for ``B < k`` each cluster is present with probability B / k and none twice); within a
+    cluster t is uniform. The batch comes in cluster order, slice i holding cluster i, as in
+    the reference code. The reference code needs B divisible by k; this sampler does not.
+    """
+
+    def __init__(self, bounds):
+        self.bounds = _validate_bounds(bounds)
+        self.num_timesteps = self.bounds[-1][1] + 1
+        self._starts = torch.tensor([a for a, _ in self.bounds], dtype=torch.long)
+        self._sizes = torch.tensor([b - a + 1 for a, b in self.bounds], dtype=torch.long)
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self.bounds)
+
+    def cluster_counts(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """How many samples each cluster gets in a batch of ``batch_size`` -> LongTensor[k] (CPU)."""
+        _check_batch_size(batch_size)
+        k = self.num_clusters
+        q, r = divmod(batch_size, k)
+        counts = torch.full((k,), q, dtype=torch.long)
+        if r:
+            lucky = torch.randperm(k, generator=generator, device=_draw_device(generator, None)).cpu()[:r]
+            counts[lucky] += 1
+        return counts
+
+    def sample_with_ids(self, batch_size, generator=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps ``[B]`` and the cluster id of each ``[B]``, both LongTensors on ``device``."""
+        counts = self.cluster_counts(batch_size, generator)
+        # cluster id of batch position j: how many cluster slices end at or before j (the same as
+        # repeat_interleave(arange(k), counts), which takes milliseconds on a busy CPU; this takes microseconds)
+        ids = torch.searchsorted(counts.cumsum(0), torch.arange(batch_size), right=True)
+        draw = _draw_device(generator, device)
+        # t = start + floor(u * size) with u ~ U[0, 1) in float64: uniform over the cluster's
+        # integers for every cluster at once (float64 keeps u * size < size for any T)
+        u = torch.rand(batch_size, generator=generator, device=draw, dtype=torch.float64).cpu()
+        t = self._starts[ids] + (u * self._sizes[ids]).long()
+        if device is not None:
+            t, ids = t.to(device), ids.to(device)
+        return t, ids
+
+    def sample(self, batch_size, generator=None, device=None):
+        return self.sample_with_ids(batch_size, generator, device)[0]
+
+    def __repr__(self) -> str:
+        return f"StratifiedTimestepSampler(bounds={self.bounds})"
+
+
+class IntervalTimestepSampler(TimestepSampler):
+    """t uniform in ``[start, end]`` (inclusive), with DeMe's probabilistic sampling.
+
+    Each sample is drawn from the whole range ``[0, num_timesteps)`` instead with probability
+    ``p_full`` (DeMe, "Decouple-Then-Merge", section 3: it keeps a copy fine-tuned on one
+    interval from forgetting the others; p = 0.3 in the authors' scripts). With
+    ``per_batch=True`` the coin is flipped once for the whole batch instead, which is how
+    PAPERS.md describes the authors' scripts.
+    """
+
+    def __init__(self, start: int, end: int, num_timesteps: int, p_full: float = 0.0, per_batch: bool = False):
+        _check_num_timesteps(num_timesteps)
+        if not (0 <= start <= end < num_timesteps):
+            raise ValueError(f"need 0 <= start <= end < num_timesteps={num_timesteps}; got start={start}, end={end}.")
+        if not (0.0 <= p_full <= 1.0):
+            raise ValueError(f"p_full is a probability in [0, 1] (DeMe uses 0.3); got {p_full}.")
+        self.start, self.end, self.num_timesteps = int(start), int(end), num_timesteps
+        self.p_full, self.per_batch = float(p_full), per_batch
+
+    def sample(self, batch_size, generator=None, device=None):
+        _check_batch_size(batch_size)
+        draw = _draw_device(generator, device)
+        inside = torch.randint(self.start, self.end + 1, (batch_size,), generator=generator, device=draw)
+        full = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=draw)
+        coins = torch.rand(1 if self.per_batch else batch_size, generator=generator, device=draw)
+        t = torch.where(coins < self.p_full, full, inside)
+        return t.to(device) if device is not None else t
+
+    def __repr__(self) -> str:
+        return (
+            f"IntervalTimestepSampler(start={self.start}, end={self.end}, num_timesteps={self.num_timesteps}, "
+            f"p_full={self.p_full}, per_batch={self.per_batch})"
+        )
+
+
+class DensityTimestepSampler(TimestepSampler):
+    """t drawn with probability proportional to ``weights[t]`` (with replacement).
+
+    ``weights``: any non-negative 1-D sequence of length T with a positive sum.
+    """
+
+    def __init__(self, weights):
+        w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
+        if w.ndim != 1 or w.numel() < 1:
+            raise ValueError(f"weights must be a 1-D sequence with one weight per timestep; got shape {tuple(w.shape)}.")
+        if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError("weights must be finite, non-negative and not all zero.")
+        self.probabilities = w / w.sum()
+        self.num_timesteps = int(w.numel())
+
+    @classmethod
+    def low_noise(cls, num_timesteps: int) -> "DensityTimestepSampler":
+        """Diff-Tuning's retention density psi(t) ∝ T - t (Zhong et al. 2024): favours t near 0."""
+        _check_num_timesteps(num_timesteps)
+        return cls(num_timesteps - torch.arange(num_timesteps, dtype=torch.float64))
+
+    @classmethod
+    def high_noise(cls, num_timesteps: int) -> "DensityTimestepSampler":
+        """Diff-Tuning's reconsolidation density xi(t) ∝ t + 1 (Zhong et al. 2024): favours t near T."""
+        _check_num_timesteps(num_timesteps)
+        return cls(torch.arange(num_timesteps, dtype=torch.float64) + 1)
+
+    def sample(self, batch_size, generator=None, device=None):
+        _check_batch_size(batch_size)
+        if batch_size == 0:
+            t = torch.zeros(0, dtype=torch.long)
+        else:
+            probs = self.probabilities.to(_draw_device(generator, device))
+            t = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
+        return t.to(device) if device is not None else t
+
+
+def get_timestep_sampler(name: str, num_timesteps: int, intervals=None, **kwargs) -> TimestepSampler:
+    """Build a sampler by name: one of :data:`TIMESTEP_SAMPLERS`.
+
+    ``uniform``; ``stratified`` (needs ``intervals``: bounds or a ``TimestepIntervals``
+    covering 0..num_timesteps-1); ``interval`` (keyword ``start``, ``end``, optional
+    ``p_full``, ``per_batch``); ``density`` (keyword ``weights``); ``low_noise`` /
+    ``high_noise`` (Diff-Tuning's psi / xi).
+    """
+    _check_num_timesteps(num_timesteps)
+    if name == "uniform":
+        return UniformTimestepSampler(num_timesteps, **kwargs)
+    if name == "stratified":
+        if intervals is None:
+            raise ValueError("the stratified sampler needs intervals: pass intervals=cluster_timesteps(...) or bounds.")
+        sampler = StratifiedTimestepSampler(intervals, **kwargs)
+        if sampler.num_timesteps != num_timesteps:
+            raise ValueError(
+                f"intervals cover 0..{sampler.num_timesteps - 1} but the scheduler has {num_timesteps} timesteps; "
+                "cluster with the same scheduler."
+            )
+        return sampler
+    if name == "interval":
+        if "start" not in kwargs or "end" not in kwargs:
+            raise ValueError("the interval sampler needs start=... and end=... (inclusive training indices).")
+        return IntervalTimestepSampler(num_timesteps=num_timesteps, **kwargs)
+    if name == "density":
+        weights = kwargs.get("weights")
+        if weights is None or len(weights) != num_timesteps:
+            raise ValueError(f"the density sampler needs weights=... with one weight per timestep ({num_timesteps}).")
+        return DensityTimestepSampler(weights)
+    if name == "low_noise":
+        return DensityTimestepSampler.low_noise(num_timesteps)
+    if name == "high_noise":
+        return DensityTimestepSampler.high_noise(num_timesteps)
+    raise ValueError(f"unknown timestep sampler {name!r}; use one of {', '.join(TIMESTEP_SAMPLERS)}.")

@@ -1,0 +1,241 @@
+"""Timestep samplers: shares, ranges, rates and densities, all seeded through a torch.Generator."""
+
+import math
+
+import pytest
+import torch
+
+from diffusers_ant.timesteps import (
+    TIMESTEP_SAMPLERS,
+    DensityTimestepSampler,
+    IntervalTimestepSampler,
+    StratifiedTimestepSampler,
+    TimestepSampler,
+    UniformTimestepSampler,
+    get_timestep_sampler,
+)
+
+# uneven clusters, as the SNR objective produces
+BOUNDS = [(0, 9), (10, 99), (100, 499), (500, 989), (990, 999)]
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+class FakeIntervals:
+    """Stands in for clustering.TimestepIntervals: only `.bounds` is used."""
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+
+
+def assert_close_to_rate(count, n, p, sigmas=5.0):
+    sd = math.sqrt(n * p * (1 - p))
+    assert abs(count - n * p) <= sigmas * sd + 1, (count, n * p)
+
+
+# ---------------------------------------------------------------- uniform
+
+
+def test_uniform_range_reproducibility_and_coverage():
+    sampler = UniformTimestepSampler(50)
+    assert isinstance(sampler, TimestepSampler) and sampler.num_timesteps == 50
+    t = sampler.sample(20000, generator=gen(1))
+    assert t.dtype == torch.long and t.shape == (20000,)
+    assert t.min() == 0 and t.max() == 49
+    assert torch.equal(t, sampler.sample(20000, generator=gen(1)))
+    counts = torch.bincount(t, minlength=50)
+    for c in counts.tolist():
+        assert_close_to_rate(c, 20000, 1 / 50)
+    assert sampler.sample(3, device="cpu").device.type == "cpu"
+
+
+# ---------------------------------------------------------------- stratified
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 5, 7, 10, 13, 64])
+def test_stratified_gives_every_cluster_its_share(batch_size):
+    sampler = StratifiedTimestepSampler(BOUNDS)
+    k = len(BOUNDS)
+    q, r = divmod(batch_size, k)
+    for seed in range(20):
+        t, ids = sampler.sample_with_ids(batch_size, generator=gen(seed))
+        assert t.shape == ids.shape == (batch_size,) and t.dtype == ids.dtype == torch.long
+        counts = torch.bincount(ids, minlength=k)
+        # q each, plus one more for exactly r distinct clusters
+        assert counts.sum() == batch_size
+        assert ((counts == q) | (counts == q + 1)).all()
+        assert (counts == q + 1).sum() == r
+        # every t lies in its cluster, and the batch comes in cluster order
+        starts = torch.tensor([a for a, _ in BOUNDS])[ids]
+        ends = torch.tensor([b for _, b in BOUNDS])[ids]
+        assert ((t >= starts) & (t <= ends)).all()
+        assert (ids[1:] >= ids[:-1]).all()
+
+
+def test_stratified_remainder_is_spread_at_random():
+    # B < k: each cluster is present with probability B / k, never twice
+    sampler = StratifiedTimestepSampler(BOUNDS)
+    g = gen(7)
+    presence = torch.zeros(5)
+    n = 4000
+    for _ in range(n):
+        _, ids = sampler.sample_with_ids(3, generator=g)
+        presence += torch.bincount(ids, minlength=5)
+    for c in presence.tolist():
+        assert_close_to_rate(c, n, 3 / 5)
+
+
+def test_stratified_is_uniform_inside_each_cluster():
+    sampler = StratifiedTimestepSampler(BOUNDS)
+    t, ids = sampler.sample_with_ids(50000, generator=gen(3))
+    first = t[ids == 0]  # cluster (0, 9): 10 timesteps
+    counts = torch.bincount(first, minlength=10)
+    assert counts.shape == (10,)
+    for c in counts.tolist():
+        assert_close_to_rate(c, first.numel(), 1 / 10)
+    # both ends of a large cluster are reachable
+    third = t[ids == 2]
+    assert third.min() == 100 and third.max() == 499
+
+
+def test_stratified_accepts_timestep_intervals_and_is_seeded():
+    a = StratifiedTimestepSampler(FakeIntervals(BOUNDS))
+    b = StratifiedTimestepSampler(BOUNDS)
+    assert a.num_timesteps == 1000 and a.num_clusters == 5 and a.bounds == BOUNDS
+    assert torch.equal(a.sample(17, generator=gen(5)), b.sample(17, generator=gen(5)))
+    assert not torch.equal(a.sample(17, generator=gen(5)), a.sample(17, generator=gen(6)))
+    assert a.sample(0).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "bounds, message",
+    [
+        ([], "empty"),
+        ([(1, 9), (10, 19)], "start at timestep 0"),
+        ([(0, 9), (12, 19)], "not contiguous"),
+        ([(0, 9), (9, 19)], "not contiguous"),
+        ([(0, 9), (10, 5)], "end < start"),
+        ([0, 9], "pairs"),
+        (FakeIntervals([(0, 4), (6, 9)]), "previous end \\+ 1"),
+    ],
+)
+def test_stratified_bad_bounds_raise(bounds, message):
+    with pytest.raises(ValueError, match=message):
+        StratifiedTimestepSampler(bounds)
+
+
+# ---------------------------------------------------------------- interval (DeMe)
+
+
+def test_interval_without_p_full_stays_inside():
+    sampler = IntervalTimestepSampler(200, 399, 1000)
+    t = sampler.sample(5000, generator=gen(0))
+    assert t.min() == 200 and t.max() == 399
+
+
+@pytest.mark.parametrize("p_full", [0.3, 0.7])
+def test_interval_p_full_rate(p_full):
+    T, start, end = 1000, 200, 399
+    sampler = IntervalTimestepSampler(start, end, T, p_full=p_full)
+    n = 20000
+    t = sampler.sample(n, generator=gen(1))
+    assert t.min() >= 0 and t.max() < T
+    outside = ((t < start) | (t > end)).sum().item()
+    # a full-range draw lands outside the interval with probability (T - size) / T
+    assert_close_to_rate(outside, n, p_full * (T - (end - start + 1)) / T)
+    # full-range draws are uniform: below and above the interval in proportion to their sizes
+    below, above = (t < start).sum().item(), (t > end).sum().item()
+    assert_close_to_rate(below, below + above, start / (T - (end - start + 1)))
+
+
+def test_interval_per_batch_coin():
+    sampler = IntervalTimestepSampler(0, 0, 1000, p_full=0.3, per_batch=True)
+    g = gen(2)
+    n = 2000
+    batches = [sampler.sample(16, generator=g) for _ in range(n)]
+    full = [bool((b > 0).any()) for b in batches]
+    # a batch is either all inside (all zeros) or drawn from the whole range
+    assert_close_to_rate(sum(full), n, 0.3)
+    assert all(((b > 0).sum() >= 12) for b, f in zip(batches, full) if f)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(start=5, end=4, num_timesteps=10), "start <= end"),
+        (dict(start=0, end=10, num_timesteps=10), "end < num_timesteps"),
+        (dict(start=0, end=5, num_timesteps=10, p_full=1.5), "p_full"),
+        (dict(start=0, end=5, num_timesteps=0), "num_timesteps"),
+    ],
+)
+def test_interval_bad_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        IntervalTimestepSampler(**kwargs)
+
+
+# ---------------------------------------------------------------- density (Diff-Tuning)
+
+
+def _empirical(sampler, n, seed=0):
+    t = sampler.sample(n, generator=gen(seed))
+    return torch.bincount(t, minlength=sampler.num_timesteps)
+
+
+@pytest.mark.parametrize("kind", ["low_noise", "high_noise", "custom"])
+def test_density_sampler_follows_its_density(kind):
+    T, n = 10, 40000
+    if kind == "low_noise":
+        sampler, w = DensityTimestepSampler.low_noise(T), [T - t for t in range(T)]
+    elif kind == "high_noise":
+        sampler, w = DensityTimestepSampler.high_noise(T), [t + 1 for t in range(T)]
+    else:
+        w = [0, 5, 0, 1, 1, 0, 0, 3, 0, 0]
+        sampler = DensityTimestepSampler(w)
+    total = sum(w)
+    counts = _empirical(sampler, n)
+    for c, wt in zip(counts.tolist(), w):
+        if wt == 0:
+            assert c == 0
+        else:
+            assert_close_to_rate(c, n, wt / total)
+    torch.testing.assert_close(sampler.probabilities, torch.tensor(w, dtype=torch.float64) / total)
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [([0.0, 0.0], "not all zero"), ([1.0, -1.0], "non-negative"), ([[1.0, 2.0]], "1-D"), ([1.0, math.nan], "finite")],
+)
+def test_density_bad_weights_raise(weights, message):
+    with pytest.raises(ValueError, match=message):
+        DensityTimestepSampler(weights)
+
+
+# ---------------------------------------------------------------- factory
+
+
+def test_get_timestep_sampler():
+    assert isinstance(get_timestep_sampler("uniform", 100), UniformTimestepSampler)
+    s = get_timestep_sampler("stratified", 1000, intervals=FakeIntervals(BOUNDS))
+    assert isinstance(s, StratifiedTimestepSampler) and s.bounds == BOUNDS
+    i = get_timestep_sampler("interval", 100, start=10, end=20, p_full=0.3)
+    assert (i.start, i.end, i.p_full) == (10, 20, 0.3)
+    assert get_timestep_sampler("low_noise", 10).probabilities[0] > get_timestep_sampler("high_noise", 10).probabilities[0]
+    d = get_timestep_sampler("density", 3, weights=[1, 0, 0])
+    assert d.sample(5, generator=gen()).tolist() == [0] * 5
+
+
+def test_get_timestep_sampler_errors():
+    with pytest.raises(ValueError, match=", ".join(TIMESTEP_SAMPLERS)):
+        get_timestep_sampler("lognormal", 100)
+    with pytest.raises(ValueError, match="needs intervals"):
+        get_timestep_sampler("stratified", 1000)
+    with pytest.raises(ValueError, match="cover 0..999 but the scheduler has 500"):
+        get_timestep_sampler("stratified", 500, intervals=BOUNDS)
+    with pytest.raises(ValueError, match="start=... and end="):
+        get_timestep_sampler("interval", 100)
+    with pytest.raises(ValueError, match="one weight per timestep"):
+        get_timestep_sampler("density", 100, weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="num_timesteps"):
+        get_timestep_sampler("uniform", 0)
