@@ -156,6 +156,27 @@ def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor)
     return DDPMScheduler.add_noise(scheduler, x0, noise, t)
 
 
+def resolve_prediction_type(scheduler, prediction_type: str | None = None) -> str:
+    """The prediction type a run trains with, validated for the scheduler's family.
+
+    ``None`` means the scheduler's own: ``scheduler.config.prediction_type`` for the DDPM
+    family (``epsilon`` where the config has none, diffusers' default) and ``"flow"`` for
+    flow matching, whose configs have no prediction_type. Use it wherever the type matters
+    besides the target, e.g. for :func:`diffusers_ant.losses.timestep_loss_weights`.
+    """
+    _check_supported(scheduler)
+    flow = is_flow_matching(scheduler)
+    if prediction_type is None:
+        prediction_type = "flow" if flow else scheduler.config.get("prediction_type", "epsilon")
+    valid = _FLOW_PREDICTION_TYPES if flow else _DDPM_PREDICTION_TYPES
+    if prediction_type not in valid:
+        family = "flow-matching" if flow else "DDPM-family"
+        raise ValueError(
+            f"unknown prediction_type {prediction_type!r} for a {family} scheduler; use one of {', '.join(valid)}."
+        )
+    return prediction_type
+
+
 def training_target(
     scheduler,
     x0: torch.Tensor,
@@ -171,17 +192,7 @@ def training_target(
     see :func:`add_noise` for why DDPM's method); ``sample`` -> ``x0``; ``flow`` ->
     ``noise - x0`` (the rectified-flow velocity d x_t / d s, SD3 eq. 6).
     """
-    _check_supported(scheduler)
-    flow = is_flow_matching(scheduler)
-    if prediction_type is None:
-        # a few DDPM-family schedulers (e.g. UnCLIP) have no prediction_type: epsilon is diffusers' default
-        prediction_type = "flow" if flow else scheduler.config.get("prediction_type", "epsilon")
-    valid = _FLOW_PREDICTION_TYPES if flow else _DDPM_PREDICTION_TYPES
-    if prediction_type not in valid:
-        family = "flow-matching" if flow else "DDPM-family"
-        raise ValueError(
-            f"unknown prediction_type {prediction_type!r} for a {family} scheduler; use one of {', '.join(valid)}."
-        )
+    prediction_type = resolve_prediction_type(scheduler, prediction_type)
     _check_t(scheduler, t)
     if prediction_type == "epsilon":
         return noise

@@ -23,6 +23,7 @@ from diffusers_ant.schedule import (
     is_flow_matching,
     model_timesteps,
     num_train_timesteps,
+    resolve_prediction_type,
     schedule_log_snr,
     schedule_snr,
     snr_at,
@@ -211,3 +212,12 @@ def test_bad_timesteps_raise():
         add_noise(DDPMScheduler(), x0, noise, torch.tensor([0, 1, 2, 1000]))
     with pytest.raises(ValueError, match=r"\[0, 9\]"):
         model_timesteps(FlowMatchEulerDiscreteScheduler(num_train_timesteps=10), torch.tensor([-1]))
+
+
+def test_resolve_prediction_type():
+    assert resolve_prediction_type(DDPMScheduler(prediction_type="v_prediction")) == "v_prediction"
+    assert resolve_prediction_type(DDPMScheduler(), "sample") == "sample"
+    # flow-matching configs have no prediction_type: the default is the velocity, not epsilon
+    assert resolve_prediction_type(FlowMatchEulerDiscreteScheduler()) == "flow"
+    with pytest.raises(ValueError, match="use one of epsilon, v_prediction, sample"):
+        resolve_prediction_type(DDPMScheduler(), "x0")
