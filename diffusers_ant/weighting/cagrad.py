@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 
 from .base import GradientWeighting, WeightingConfig, _check_positive
 from .registry import register_weighting
@@ -62,6 +61,8 @@ def cagrad_weights(gram: torch.Tensor, c: float, rescale: int = 1) -> torch.Tens
     if c == 0 or scale <= 0:
         weights = mean
     else:
+        from scipy.optimize import minimize  # imported here: scipy.optimize takes a second to import
+
         a = (gram / scale).numpy()
         a_mean = a @ mean.numpy()  # (G G^T) 1 / K: g_i . g_0
         g0_norm = float(np.sqrt(max(mean.numpy() @ a_mean, 0.0)))

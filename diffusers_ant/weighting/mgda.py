@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import nnls
 
 from .base import GradientWeighting, WeightingConfig, _check_choice
 from .registry import register_weighting
@@ -54,6 +53,8 @@ def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
     eigvals = np.clip(eigvals, 0.0, None)
     a_matrix = np.sqrt(eigvals)[:, None] * eigvecs.T  # A^T A = V diag(l) V^T
     b_vector = np.linalg.pinv(a_matrix.T) @ np.ones(k)
+    from scipy.optimize import nnls  # imported here: scipy.optimize takes a second to import
+
     u, _ = nnls(a_matrix, b_vector, maxiter=50 * k)
     if u.sum() <= 0:
         return torch.full((k,), 1.0 / k, dtype=torch.float64)
