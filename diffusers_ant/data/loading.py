@@ -86,9 +86,10 @@ def _load_named(name: str, config: str | None, cache_dir: str | None, split: str
     except (DatasetNotFoundError, FileNotFoundError, ConnectionError) as error:
         # Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) an uncached Hub name raises ConnectionError;
         # online an unknown one raises DatasetNotFoundError. Both mean the same to the user.
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get(
-            "HF_DATASETS_OFFLINE", "0"
-        ) not in ("", "0")
+        offline = any(
+            os.environ.get(var, "0").strip().lower() not in ("", "0", "false", "no", "off")
+            for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+        )
         where = "locally or in the cache (offline mode is on)" if offline else "locally or on the Hub"
         raise ValueError(
             f"dataset '{name}' was not found {where}; built-in offline datasets: "
