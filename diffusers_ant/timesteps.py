@@ -69,7 +69,7 @@ def _validate_bounds(bounds) -> list[tuple[int, int]]:
     try:
         pairs = [(int(a), int(b)) for a, b in bounds]
     except (TypeError, ValueError):
-        raise ValueError("bounds must be a list of inclusive (start, end) int pairs, e.g. [(0, 499), (500, 999)].")
+        raise ValueError("bounds must be a list of inclusive (start, end) int pairs, e.g. [(0, 499), (500, 999)].") from None
     if not pairs:
         raise ValueError("bounds is empty; pass at least one (start, end) pair covering 0..T-1.")
     if pairs[0][0] != 0:
