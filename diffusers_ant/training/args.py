@@ -197,8 +197,6 @@ def validate_args(args: argparse.Namespace) -> None:
                              "saved with save_pretrained, or a Hub id while online")
     if args.dataset_name is None and args.train_data_dir is None:
         raise UsageError("give --dataset_name (e.g. mnist5k) or --train_data_dir (a folder of images)")
-    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
-        raise UsageError(f"--train_data_dir {args.train_data_dir!r} does not exist")
     if args.num_clusters < 1:
         raise UsageError(f"--num_clusters must be at least 1, got {args.num_clusters}")
     if args.clustering not in CLUSTERING_OBJECTIVES:

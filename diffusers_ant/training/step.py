@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ..losses import per_sample_loss, reduce_task_losses, timestep_loss_weights
-from ..schedule import add_noise, model_timesteps, snr_at, training_target
+from ..schedule import add_noise, model_timesteps, resolve_prediction_type, snr_at, training_target
 
 
 def _index(conditioning: Dict[str, torch.Tensor], idx: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -73,7 +73,7 @@ class DiffusionObjective:
             noise = noise + self.noise_offset * offset
         x_t = add_noise(self.scheduler, x0, noise, t)
         target = training_target(self.scheduler, x0, noise, t, self.prediction_type)
-        prediction_type = self.prediction_type or getattr(self.scheduler.config, "prediction_type", "epsilon")
+        prediction_type = resolve_prediction_type(self.scheduler, self.prediction_type)
         weights = timestep_loss_weights(self.loss_weighting, snr_at(self.scheduler, t), prediction_type=prediction_type,
                                         snr_gamma=self.snr_gamma, p2_k=self.p2_k, p2_gamma=self.p2_gamma).to(device)
         return dict(x_t=x_t, t=t, model_t=model_timesteps(self.scheduler, t), target=target, weights=weights,
