@@ -1,0 +1,486 @@
+"""Model cards and push to the Hugging Face Hub for the folders that training writes.
+
+Three entry points for the end of a training run:
+
+- `write_model_card(output_dir, ...)` writes `README.md` (and a sample grid `samples.png`) into the
+  output folder: YAML metadata the Hub indexes (license, base_model, tags, datasets) and a body that
+  says how the model was trained (ANT's timestep clusters, the multi-task weighting, steps, loss
+  weighting) and how to load it. The body comes from `model_cards/ant_template.md`.
+- `push_to_hub(output_dir, hub_model_id, ...)` creates the repo and uploads the folder without the
+  training checkpoints, exactly as diffusers' example scripts do (`create_repo` + `upload_folder`).
+- `check_hub_token_safety(report_to, hub_token)` and `drop_secrets(config)` keep the Hub token out of
+  trackers, logs, saved configurations and the card.
+
+The method described by the card is ANT (Go et al., "Addressing Negative Transfer in Diffusion
+Models", NeurIPS 2023): the T denoising tasks are clustered into k timestep intervals and the k
+interval losses are balanced by a multi-task-learning method (UW, PCGrad, Nash-MTL, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+TEMPLATE_NAME = "ant_template.md"
+SAMPLE_GRID_NAME = "samples.png"
+CARD_NAME = "README.md"
+
+# The offline datasets built into diffusers_ant (see diffusers_ant.data): not Hub datasets, so they
+# get no `datasets:` metadata entry.
+BUILTIN_DATASETS = ("mnist5k", "animal_mnist", "digits")
+
+# What never goes to the Hub: Accelerate checkpoints (`checkpoint-<step>`, and their temporary names
+# while being written), anything under `checkpoints/`, temporary files and tracker logs' lock files.
+# Patterns are matched by huggingface_hub with fnmatch on folder-relative paths, where `*` also
+# matches `/`, so `checkpoint-*` covers every file inside a checkpoint folder.
+DEFAULT_PUSH_IGNORE_PATTERNS = ("checkpoint-*", "checkpoints/*", "*.tmp", "*.tmp/*", "tmp-*", "*.lock")
+
+# Per model type (`--model_type`): the diffusers pipeline that loads the output, the Hub tags that
+# diffusers' own training scripts put on such models, and the Hub `pipeline_tag`.
+MODEL_TYPES = {
+    "unet": {
+        "pipeline": "DDPMPipeline",
+        "tags": ("unconditional-image-generation",),
+        "pipeline_tag": "unconditional-image-generation",
+        "description": "a UNet2DModel denoiser",
+    },
+    "dit": {
+        "pipeline": "DiTPipeline",
+        "tags": ("dit", "class-conditional-image-generation"),
+        "pipeline_tag": None,  # the Hub has no class-conditional pipeline tag
+        "description": "a DiT (DiTTransformer2DModel) denoiser",
+    },
+    "sd": {
+        "pipeline": "StableDiffusionPipeline",
+        "tags": ("stable-diffusion", "stable-diffusion-diffusers", "text-to-image"),
+        "pipeline_tag": "text-to-image",
+        "description": "a Stable Diffusion UNet2DConditionModel",
+    },
+    "controlnet": {
+        "pipeline": "StableDiffusionControlNetPipeline",
+        "tags": ("stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "controlnet"),
+        "pipeline_tag": "text-to-image",
+        "description": "a ControlNet for Stable Diffusion (the UNet frozen)",
+    },
+}
+
+# Readable names of the multi-task weightings (diffusers_ant.WEIGHTINGS keys), for the card body.
+METHOD_NAMES = {
+    "none": "none: plain diffusion training, one loss over all timesteps",
+    "ls": "LS, linear scalarisation (equal cluster weights)",
+    "rlw": "RLW, random loss weighting (Lin et al., 2022)",
+    "uw": "UW, uncertainty weighting (Kendall et al., 2018)",
+    "dwa": "DWA, dynamic weight average (Liu et al., 2019)",
+    "pcgrad": "PCGrad, projecting conflicting gradients (Yu et al., 2020)",
+    "nash_mtl": "Nash-MTL, a Nash bargaining solution over cluster gradients (Navon et al., 2022)",
+    "imtl": "IMTL-G, impartial multi-task learning (Liu et al., 2021)",
+    "mgda": "MGDA-UB, multiple-gradient descent (Sener & Koltun, 2018)",
+    "cagrad": "CAGrad, conflict-averse gradient descent (Liu et al., 2021)",
+}
+
+LOSS_WEIGHTING_NAMES = {
+    "none": "none (plain MSE)",
+    "min_snr": "Min-SNR-gamma (Hang et al., 2023)",
+    "p2": "P2 weighting (Choi et al., 2022)",
+}
+
+# Keys of a configuration that must never reach a card, a log or a saved file.
+_SECRET_KEY = re.compile(r"token|secret|password|api_key|apikey", re.IGNORECASE)
+# A Hugging Face access token, in case one hides under an innocent key.
+_HF_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
+
+
+# --------------------------------------------------------------------------------------- secrets
+
+
+def check_hub_token_safety(report_to: str | Sequence[str] | None, hub_token: str | None) -> None:
+    """Refuse `--hub_token` together with a tracker that records the command line.
+
+    Mirrors diffusers' example scripts, which refuse `--report_to wandb` with `--hub_token`: wandb
+    (and comet_ml) upload the full command line, token included, to a third-party service. `all`
+    enables every installed tracker, wandb among them.
+    """
+    if not hub_token:
+        return
+    if report_to is None:
+        trackers: set[str] = set()
+    elif isinstance(report_to, str):
+        trackers = {name.strip() for name in report_to.split(",")}
+    else:
+        trackers = {str(name).strip() for name in report_to}
+    risky = sorted(trackers & {"wandb", "comet_ml", "all"})
+    if risky:
+        raise ValueError(
+            f"--hub_token cannot be used with --report_to {','.join(risky)}: the tracker would record the token. "
+            "Log in once with `hf auth login` (`huggingface-cli login` in older huggingface_hub) or set HF_TOKEN, "
+            "and drop --hub_token."
+        )
+
+
+def drop_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `config` without tokens, for tracker configs, saved JSON and the model card.
+
+    Drops every key that names a secret (`hub_token`, `*_api_key`, `password`, ...) and every string
+    value that looks like a Hugging Face token, recursively through nested mappings.
+    """
+    clean: dict[str, Any] = {}
+    for key, value in config.items():
+        if _SECRET_KEY.search(str(key)):
+            continue
+        if isinstance(value, str) and _HF_TOKEN_VALUE.search(value):
+            continue
+        if isinstance(value, Mapping):
+            value = drop_secrets(value)
+        clean[key] = value
+    return clean
+
+
+# ------------------------------------------------------------------------------------ model card
+
+
+def _template_path() -> Path:
+    """The card template, both in a source checkout / editable install and in a regular install.
+
+    The design keeps templates in the repository's `model_cards/`. An editable install (and a plain
+    checkout) imports this module from `<repo>/diffusers_ant/`, so the template is one level up. A
+    regular wheel cannot reach outside the package, so setup.py maps `model_cards/` into the package
+    as `diffusers_ant/model_cards/`; that location is tried first.
+    """
+    package_dir = Path(__file__).resolve().parent
+    candidates = [package_dir / "model_cards" / TEMPLATE_NAME, package_dir.parent / "model_cards" / TEMPLATE_NAME]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"model card template {TEMPLATE_NAME} not found in {[str(c.parent) for c in candidates]}: "
+        "reinstall diffusers_ant (pip install -e .)"
+    )
+
+
+def _is_hub_id(name: str | os.PathLike | None) -> bool:
+    """True for a Hub repo id (`user/name` or `name`), False for None or a local path."""
+    if not name:
+        return False
+    name = os.fspath(name)
+    if os.path.exists(name) or name.startswith((".", "/", "~")):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _interval_rows(intervals: Any) -> list[dict[str, int]]:
+    """Rows of the cluster table from a TimestepIntervals (`.bounds`) or a list of (start, end)."""
+    if intervals is None:
+        return []
+    bounds = getattr(intervals, "bounds", intervals)
+    rows = []
+    for index, (start, end) in enumerate(bounds):
+        start, end = int(start), int(end)
+        rows.append({"index": index, "start": start, "end": end, "size": end - start + 1})
+    return rows
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_format_value(v) for v in value) + "]"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _sample_grid(images: Any) -> Any:
+    """One PIL image from a list of samples (diffusers' make_image_grid), padded to a full grid.
+
+    Tiny samples (16x16 digits) are enlarged by an integer factor with nearest-neighbour resampling
+    so the grid is legible on the Hub page without blurring the pixels.
+    """
+    from PIL import Image
+
+    if isinstance(images, Image.Image):
+        return images
+    images = list(images)
+    if not images:
+        raise ValueError("images is empty: pass at least one sample, or images=None for a card without samples")
+    from diffusers.utils import make_image_grid
+
+    width, height = images[0].size
+    scale = max(1, math.ceil(64 / max(1, min(width, height))))
+    images = [img.convert("RGB").resize((width * scale, height * scale), Image.NEAREST) for img in images]
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    # make_image_grid wants exactly rows * cols images: fill the last row with blank tiles.
+    images += [Image.new("RGB", images[0].size, "white")] * (rows * cols - len(images))
+    return make_image_grid(images, rows=rows, cols=cols)
+
+
+def _q(text: str) -> str:
+    """A Python string literal for generated code (JSON's quoting is valid Python for strings)."""
+    return json.dumps(str(text), ensure_ascii=False)
+
+
+def _usage_snippet(model_type: str, pipeline: str, ref: str, base_model: str | None, lora: bool, summary: Mapping) -> str:
+    """The `How to use` code: right for full weights vs a LoRA adapter and for the pipeline class."""
+    prompt = summary.get("validation_prompt") or "a photo of a cat"
+    # A local base model is shown by its folder name only: the card may be published.
+    if base_model and not _is_hub_id(base_model):
+        base_model = f"path/to/{Path(base_model).name}"
+    base = base_model or "path/to/base-pipeline"
+    if model_type == "sd" and lora:
+        # Stable Diffusion pipelines load diffusers-format LoRA weights into their UNet (and text
+        # encoder) with `load_lora_weights`, as for diffusers' own train_text_to_image_lora.py.
+        return (
+            f"from diffusers import {pipeline}\n\n"
+            f'pipe = {pipeline}.from_pretrained({_q(base)})\n'
+            f'pipe.load_lora_weights({_q(ref)})\n'
+            f"{_pipeline_call(model_type, prompt)}"
+        )
+    if lora:
+        # UNet2DModel, DiTTransformer2DModel and ControlNetModel have no diffusers LoRA loader: the
+        # adapter is re-created with peft and its safetensors state dict loaded into it.
+        component = {"unet": "unet", "dit": "transformer", "controlnet": "controlnet"}[model_type]
+        weight_name = summary.get("lora_weight_name", "pytorch_lora_weights.safetensors")
+        rank = summary.get("lora_rank")
+        targets = summary.get("lora_target_modules")
+        target_arg = f", target_modules={list(targets)!r}" if targets else ""
+        call = _pipeline_call(model_type, prompt)
+        return (
+            f"from diffusers import {pipeline}\n"
+            "from huggingface_hub import hf_hub_download\n"
+            "from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict\n"
+            "from safetensors.torch import load_file\n\n"
+            f'pipe = {pipeline}.from_pretrained({_q(base)})\n'
+            f"config = LoraConfig(r={rank}, lora_alpha={rank}{target_arg})\n"
+            f"pipe.{component} = inject_adapter_in_model(config, pipe.{component})\n"
+            f'weights = load_file(hf_hub_download({_q(ref)}, {_q(weight_name)}))  # or the local file\n'
+            f"set_peft_model_state_dict(pipe.{component}, weights)\n"
+            f"{call}"
+        )
+    if model_type == "controlnet" and base_model:
+        # diffusers' ControlNet training saves the ControlNetModel alone; the pipeline comes from the base.
+        return (
+            f"from diffusers import ControlNetModel, {pipeline}\n"
+            "from diffusers.utils import load_image\n\n"
+            f'controlnet = ControlNetModel.from_pretrained({_q(ref)})\n'
+            f'pipe = {pipeline}.from_pretrained({_q(base_model)}, controlnet=controlnet)\n'
+            f"{_pipeline_call(model_type, prompt)}"
+        )
+    return (
+        f"from diffusers import {pipeline}\n"
+        + ("from diffusers.utils import load_image\n" if model_type == "controlnet" else "")
+        + f'\npipe = {pipeline}.from_pretrained({_q(ref)})\n'
+        f"{_pipeline_call(model_type, prompt)}"
+    )
+
+
+def _pipeline_call(model_type: str, prompt: str) -> str:
+    if model_type == "unet":
+        return "images = pipe(batch_size=4, num_inference_steps=50).images"
+    if model_type == "dit":
+        return "images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps=50).images"
+    if model_type == "sd":
+        return f'image = pipe({_q(prompt)}, num_inference_steps=30).images[0]'
+    return (
+        'control_image = load_image("path/to/conditioning_image.png")\n'
+        f'image = pipe({_q(prompt)}, image=control_image, num_inference_steps=30).images[0]'
+    )
+
+
+def write_model_card(
+    output_dir: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    model_type: str,
+    method_summary: Mapping[str, Any],
+    dataset_name: str | None = None,
+    images: Sequence[Any] | Any | None = None,
+    license: str = "apache-2.0",
+    extra_tags: Iterable[str] = (),
+    lora: bool | None = None,
+    pipeline_class: str | None = None,
+    usage_snippet: str | None = None,
+) -> Path:
+    """Write `output_dir/README.md`, the model card of a diffusers_ant training run; return its path.
+
+    Args:
+        output_dir: the training output folder (the card and the sample grid are written into it).
+        repo_id: the Hub repo the folder will be pushed to; the loading snippet uses it (else the
+            folder path).
+        base_model: the pretrained model fine-tuned; put in the metadata only when it is a Hub id
+            (a local path is named in the body only, since the Hub rejects non-repo `base_model`s).
+        model_type: `unet`, `dit`, `sd` or `controlnet` (`--model_type`).
+        method_summary: the run's method settings: `mtl_method`, `clustering`, `num_clusters`,
+            `intervals` (a TimestepIntervals or a list of inclusive (start, end) pairs),
+            `loss_weighting`, `snr_gamma`, `max_train_steps`, `lora_rank`, ... Every entry is listed
+            in the card's configuration table; secrets (`hub_token`, ...) are dropped first.
+        dataset_name: `--dataset_name`; a Hub dataset id becomes a `datasets:` metadata entry.
+        images: samples (a list of PIL images, gridded with diffusers' `make_image_grid`, or one
+            ready grid), saved as `samples.png` and shown in the card. None keeps an existing
+            `samples.png` if there is one.
+        license: the card's license.
+        extra_tags: more Hub tags.
+        lora: whether the folder holds LoRA weights; default: `method_summary["lora_rank"]` is set.
+        pipeline_class: overrides the diffusers pipeline named in the snippet (default per type).
+        usage_snippet: overrides the whole `How to use` code.
+
+    Builds on huggingface_hub's `ModelCard.from_template` (a jinja2 template, the mechanism that
+    diffusers' `load_or_create_model_card` uses) and diffusers' `populate_model_card` (library name
+    and tags). `load_or_create_model_card` itself is not called: given a repo id it first downloads
+    the card already on the Hub (a network call, and it would keep that card instead of this run's),
+    and its training template is diffusers' fixed one with TODO sections in place of ours.
+    """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}: use one of {sorted(MODEL_TYPES)}")
+    from diffusers.utils.hub_utils import populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary = drop_secrets(method_summary)
+    info = MODEL_TYPES[model_type]
+    pipeline = pipeline_class or info["pipeline"]
+    if lora is None:
+        lora = bool(summary.get("lora_rank"))
+    method = str(summary.get("mtl_method") or "none")
+    loss_weighting = str(summary.get("loss_weighting") or "none")
+    hub_base = base_model if _is_hub_id(base_model) else None
+    hub_dataset = dataset_name if dataset_name not in BUILTIN_DATASETS and _is_hub_id(dataset_name) else None
+
+    # Tags as diffusers' training scripts set them, plus this project's and the method's.
+    tags = ["diffusers", "diffusers-training", *info["tags"], "ant"]
+    if lora:
+        tags.append("lora")
+    if method != "none":
+        tags.append(method)
+    tags += list(extra_tags)
+    tags = list(dict.fromkeys(tags))  # de-duplicated, order kept
+
+    grid_file = None
+    if images is not None:
+        _sample_grid(images).save(output_dir / SAMPLE_GRID_NAME)
+        grid_file = SAMPLE_GRID_NAME
+    elif (output_dir / SAMPLE_GRID_NAME).is_file():
+        grid_file = SAMPLE_GRID_NAME
+
+    ref = repo_id or os.fspath(output_dir)
+    if usage_snippet is None:
+        usage_snippet = _usage_snippet(model_type, pipeline, ref, base_model, lora, summary)
+
+    if base_model is None:
+        model_line = f"{info['description']}, trained from scratch"
+    else:
+        shown = base_model if hub_base else Path(base_model).name  # never a local absolute path
+        link = f"[{shown}](https://huggingface.co/{shown})" if hub_base else f"`{shown}`"
+        model_line = f"{info['description']}, {'LoRA-' if lora else ''}fine-tuned from {link}"
+    if dataset_name is None:
+        dataset_line = "not recorded"
+    elif hub_dataset:
+        dataset_line = f"[{hub_dataset}](https://huggingface.co/datasets/{hub_dataset})"
+    elif dataset_name in BUILTIN_DATASETS:
+        dataset_line = f"`{dataset_name}` (built into diffusers_ant, offline)"
+    else:
+        dataset_line = f"`{Path(dataset_name).name}` (a local image folder)"
+
+    intervals = _interval_rows(summary.get("intervals"))
+    method_line = METHOD_NAMES.get(method, method)
+    if intervals and method != "none":
+        method_line += f", balancing the {len(intervals)} timestep-cluster losses"
+    clustering = summary.get("clustering")
+    clustering_line = f"clustering objective `{clustering}`" if clustering else "clustering objective not recorded"
+    if summary.get("timestep_sampling"):
+        clustering_line += f", timesteps sampled `{summary['timestep_sampling']}`"
+    loss_weighting_line = LOSS_WEIGHTING_NAMES.get(loss_weighting, loss_weighting)
+    if loss_weighting != "none" and summary.get("snr_gamma") is not None:
+        loss_weighting_line += f", gamma = {_format_value(summary['snr_gamma'])}"
+    steps = summary.get("max_train_steps")
+    steps_line = f"{steps}" if steps is not None else "not recorded"
+
+    kind = "LoRA adapter" if lora else "model"
+    title = f"{repo_id.split('/')[-1] if repo_id else output_dir.name}: an ANT-trained diffusion {kind}"
+    trained_as = (
+        f"with {METHOD_NAMES.get(method, method).split(',')[0]} over {len(intervals)} timestep clusters"
+        if method != "none" and intervals
+        else f"with task weighting `{method}`"
+    )
+    summary_text = (
+        f"A 🧨 diffusers {kind} ({pipeline}) trained with diffusers_ant {trained_as}: diffusion training "
+        "treated as multi-task learning over timesteps (ANT, Go et al., NeurIPS 2023)."
+    )
+
+    config_rows = [(key, _format_value(value)) for key, value in summary.items() if key != "intervals"]
+
+    card_data = ModelCardData(
+        license=license,
+        base_model=hub_base,
+        datasets=[hub_dataset] if hub_dataset else None,
+        pipeline_tag=info["pipeline_tag"],
+        inference=True,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=_template_path(),
+        title=title,
+        summary=summary_text,
+        model_line=model_line,
+        dataset_line=dataset_line,
+        method_line=method_line,
+        loss_weighting_line=loss_weighting_line,
+        steps_line=steps_line,
+        lora_rank=summary.get("lora_rank") if lora else None,
+        intervals=intervals,
+        clustering_line=clustering_line,
+        config_rows=config_rows,
+        usage_snippet=usage_snippet,
+        grid_file=grid_file,
+    )
+    card = populate_model_card(card, tags=tags)  # library_name: diffusers, and the tags
+    path = output_dir / CARD_NAME
+    card.save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- push
+
+
+def push_to_hub(
+    output_dir: str | os.PathLike,
+    hub_model_id: str,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "End of training",
+    ignore_patterns: Iterable[str] = DEFAULT_PUSH_IGNORE_PATTERNS,
+) -> str:
+    """Create the Hub repo `hub_model_id` (if new) and upload `output_dir` to it; return the repo URL.
+
+    The same two huggingface_hub calls as diffusers' example scripts (`create_repo(exist_ok=True)`,
+    then `upload_folder`), leaving out training checkpoints and temporary files
+    (`DEFAULT_PUSH_IGNORE_PATTERNS`). `token=None` uses the stored login (`hf auth login`) or
+    `HF_TOKEN`. The token only ever travels in the request's Authorization header: it is not
+    printed, logged, or written anywhere.
+    """
+    from huggingface_hub import constants, create_repo, upload_folder
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise ValueError(f"nothing to push: {output_dir} is not a folder; train first or fix --output_dir")
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("--push_to_hub needs the network but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub")
+    repo_url = create_repo(hub_model_id, exist_ok=True, token=token, private=private)
+    upload_folder(
+        repo_id=repo_url.repo_id,
+        folder_path=output_dir,
+        commit_message=commit_message,
+        ignore_patterns=list(ignore_patterns),
+        token=token,
+    )
+    return str(repo_url)
