@@ -456,7 +456,7 @@ def push_to_hub(
     output_dir: str | os.PathLike,
     hub_model_id: str,
     token: str | None = None,
-    private: bool = False,
+    private: bool | None = None,
     commit_message: str = "End of training",
     ignore_patterns: Iterable[str] = DEFAULT_PUSH_IGNORE_PATTERNS,
 ) -> str:
@@ -465,14 +465,17 @@ def push_to_hub(
     The same two huggingface_hub calls as diffusers' example scripts (`create_repo(exist_ok=True)`,
     then `upload_folder`), leaving out training checkpoints and temporary files
     (`DEFAULT_PUSH_IGNORE_PATTERNS`). `token=None` uses the stored login (`hf auth login`) or
-    `HF_TOKEN`. The token only ever travels in the request's Authorization header: it is not
+    `HF_TOKEN`. `private=None` leaves the visibility of a new repo to the Hub's default for the
+    namespace, as diffusers' scripts do; True / False set it. The token only ever travels in the request's Authorization header: it is not
     printed, logged, or written anywhere.
     """
-    from huggingface_hub import constants, create_repo, upload_folder
+    from huggingface_hub import constants, create_repo, get_token, upload_folder
 
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise ValueError(f"nothing to push: {output_dir} is not a folder; train first or fix --output_dir")
+    ignore_patterns = list(ignore_patterns)
+    _refuse_files_with_token(output_dir, token or get_token(), ignore_patterns)
     if constants.HF_HUB_OFFLINE:
         raise ValueError("--push_to_hub needs the network but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub")
     repo_url = create_repo(hub_model_id, exist_ok=True, token=token, private=private)
@@ -480,7 +483,33 @@ def push_to_hub(
         repo_id=repo_url.repo_id,
         folder_path=output_dir,
         commit_message=commit_message,
-        ignore_patterns=list(ignore_patterns),
+        ignore_patterns=ignore_patterns,
         token=token,
     )
     return str(repo_url)
+
+
+# Files larger than this are weights, not places a token ends up in (configs, cards, tracker logs).
+_TOKEN_SCAN_MAX_BYTES = 64 * 2**20
+
+
+def _refuse_files_with_token(folder: Path, token: str | None, ignore_patterns: list[str]) -> None:
+    """Last line of defence before an upload: no file about to be pushed may contain the token.
+
+    A token reaches the output folder when a run logs its whole configuration (TensorBoard hparams,
+    a saved args JSON) without `drop_secrets`; uploading it would publish it. Checks the files that
+    `upload_folder` would send (same ignore patterns, matched by huggingface_hub's own filter).
+    """
+    if not token:
+        return
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+    needle = token.encode()
+    for relpath in filter_repo_objects(sorted(files), ignore_patterns=ignore_patterns):
+        path = files[relpath]
+        if path.stat().st_size <= _TOKEN_SCAN_MAX_BYTES and needle in path.read_bytes():
+            raise ValueError(
+                f"refusing to push: {relpath} contains the Hub token; remove it (log configs through "
+                "diffusers_ant.hub.drop_secrets) and push again"
+            )

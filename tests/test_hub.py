@@ -119,6 +119,19 @@ def test_card_metadata_and_body_for_a_full_model(tmp_path):
     assert 'DDPMPipeline.from_pretrained("me/ant-mnist")' in body
 
 
+def test_card_lists_the_clusters_of_a_timestep_intervals_object(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from diffusers_ant import cluster_timesteps
+
+    intervals = cluster_timesteps(DDPMScheduler(num_train_timesteps=100), 3, objective="snr")
+    path = write_model_card(tmp_path, model_type="dit", method_summary=_summary(intervals=intervals, num_clusters=3))
+    text = path.read_text()
+    for index, (start, end) in enumerate(intervals.bounds):
+        assert f"| {index} | {start} | {end} | {end - start + 1} |" in text
+    assert len(re.findall(r"^\| \d+ \| \d+ \| \d+ \| \d+ \|$", text, re.M)) == len(intervals.bounds) == 3
+
+
 def test_card_for_a_lora_text_to_image_model(tmp_path):
     base, dataset = "stable-diffusion-v1-5/stable-diffusion-v1-5", "lambdalabs/naruto-blip-captions"
     path = write_model_card(
@@ -237,7 +250,7 @@ _PUSH_DRIVER = """
 import os, sys
 from diffusers_ant.hub import push_to_hub
 token = os.environ.pop("ANT_TEST_TOKEN")  # kept off the command line, where `ps` would show it
-for private in (False, True):  # twice: the second create_repo meets an existing repo (409, exist_ok)
+for private in (None, True):  # twice: the second create_repo meets an existing repo (409, exist_ok)
     print(push_to_hub(sys.argv[1], sys.argv[2], token=token, private=private))
 """
 
@@ -293,6 +306,7 @@ def test_push_uploads_the_folder_without_checkpoints_and_never_leaks_the_token(
     assert unrouted == []
     create_bodies = [json.loads(r.body) for r in state.requests if r.path == "/api/repos/create"]
     assert create_bodies[0]["name"] == "ant-push" and create_bodies[0]["organization"] == "me"
+    assert "visibility" not in create_bodies[0] and create_bodies[1]["visibility"] == "private"
     assert state.commits[0]["header"]["summary"] == "End of training"
 
     # The Hub received exactly the output folder, minus the checkpoints.
@@ -326,3 +340,22 @@ def test_push_refuses_offline_mode_and_a_missing_folder(tmp_path, monkeypatch):
         push_to_hub(tmp_path, "me/x", token="hf_testtoken123456")
     with pytest.raises(ValueError, match="not a folder"):
         push_to_hub(tmp_path / "missing", "me/x")
+
+
+def test_push_refuses_a_folder_that_contains_the_token(tmp_path, monkeypatch):
+    """A tracker log with the token (a config logged without drop_secrets) must never be uploaded."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # nothing here may reach a network
+    token = "hf_testtoken" + secrets.token_hex(16)
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "events.out.tfevents").write_bytes(b"\x00hparams hub_token=" + token.encode())
+    with pytest.raises(ValueError, match=r"logs/events.out.tfevents contains the Hub token"):
+        push_to_hub(tmp_path, "me/x", token=token)
+    # inside an ignored checkpoint folder it is never sent, so it does not block the push
+    (tmp_path / "logs" / "events.out.tfevents").unlink()
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / "args.json").write_text(json.dumps({"hub_token": token}))
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):  # got past the scan, stopped by offline mode
+        push_to_hub(tmp_path, "me/x", token=token)
