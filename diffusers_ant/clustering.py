@@ -168,6 +168,8 @@ class TimestepIntervals:
                 raise ValueError(
                     f"timesteps must lie in 0..{self.num_timesteps - 1} (training indices), got {low}..{high}."
                 )
+        if t.is_floating_point():
+            t = t.float()  # bucketize lacks half-precision kernels on some devices
         ends = torch.tensor([e for _, e in self._bounds], device=t.device, dtype=t.dtype)
         # bucketize(right=False) returns i with ends[i-1] < t <= ends[i]: interval i is [ends[i-1] + 1, ends[i]]
         return torch.bucketize(t, ends, right=False)
@@ -516,8 +518,12 @@ def load_affinity(path: Union[str, os.PathLike]) -> tuple:
     return data["affinity"], data.get("timesteps")
 
 
-def _affinity_matrix(affinity, affinity_timesteps, T: int) -> np.ndarray:
-    """The ``T x T`` affinity from a matrix or a JSON path, interpolated from its grid if any."""
+def resolve_affinity(affinity, affinity_timesteps, num_timesteps: int) -> np.ndarray:
+    """The ``T x T`` affinity from a matrix or a JSON path, interpolated from its grid if any.
+
+    Accepts what :func:`cluster_timesteps` accepts as ``affinity`` / ``affinity_timesteps``.
+    """
+    T = int(num_timesteps)
     if isinstance(affinity, (str, os.PathLike)):
         matrix, file_grid = load_affinity(affinity)
         if affinity_timesteps is not None and file_grid is not None:
@@ -623,7 +629,7 @@ def cluster_timesteps(
         if objective == "timestep":
             cost = CentreDeviationCost(np.arange(T, dtype=np.float64))
         else:
-            cost = AffinityCost(_affinity_matrix(affinity, affinity_timesteps, T))
+            cost = AffinityCost(resolve_affinity(affinity, affinity_timesteps, T))
     k = _check_num_clusters(num_clusters, T)
     default_low, default_high = default_size_bounds(T, k)
     low = default_low if isinstance(min_size, str) and min_size == "default" else min_size
@@ -655,4 +661,5 @@ __all__ = [
     "default_size_bounds",
     "interpolate_affinity",
     "load_affinity",
+    "resolve_affinity",
 ]

@@ -293,6 +293,7 @@ def test_assign_matches_bounds():
         ids = intervals.assign(timesteps)
         assert ids.dtype == torch.long and torch.equal(ids, expected)
     assert intervals.assign(torch.arange(100).float()).tolist() == expected.tolist()
+    assert intervals.assign(torch.arange(100).half()).tolist() == expected.tolist()
     assert intervals.assign(10).item() == 1
     assert intervals.assign(torch.tensor([], dtype=torch.long)).numel() == 0
     for bad in ([-1], [100], torch.tensor([5, 100])):
