@@ -90,7 +90,8 @@ LOSS_WEIGHTING_NAMES = {
 }
 
 # Keys of a configuration that must never reach a card, a log or a saved file.
-_SECRET_KEY = re.compile(r"token|secret|password|api_key|apikey", re.IGNORECASE)
+# (`hub_token`, `access_token`, `wandb_api_key`; not `tokenizer_name` or `max_tokens`)
+_SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key|apikey)$", re.IGNORECASE)
 # A Hugging Face access token, in case one hides under an innocent key.
 _HF_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
 

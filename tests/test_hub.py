@@ -221,7 +221,8 @@ def test_secrets_never_reach_the_card(tmp_path):
     text = path.read_text()
     assert token not in text and "hub_token" not in text and "api_key" not in text
     assert "`report_to` | `tensorboard`" in text  # ordinary settings are kept
-    assert drop_secrets({"hub_token": token, "a": 1, "b": {"password": "p", "c": 2}}) == {"a": 1, "b": {"c": 2}}
+    config = {"hub_token": token, "tokenizer_name": "t", "b": {"password": "p", "wandb_api_key": "k", "c": 2}}
+    assert drop_secrets(config) == {"tokenizer_name": "t", "b": {"c": 2}}
 
 
 def test_unknown_model_type_lists_the_valid_ones(tmp_path):
