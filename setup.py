@@ -13,9 +13,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["diffusers_ant", "diffusers_ant.*"]),
-    package_data={"diffusers_ant": ["../model_cards/*.md"]},
-    include_package_data=True,
+    # The card templates live in the repository's model_cards/ folder (DESIGN.md's layout) and ship
+    # inside the package as diffusers_ant.model_cards, for editable and regular installs alike.
+    packages=find_packages(include=["diffusers_ant", "diffusers_ant.*"]) + ["diffusers_ant.model_cards"],
+    package_dir={"diffusers_ant.model_cards": "model_cards"},
+    package_data={"diffusers_ant.model_cards": ["*.md"]},
     install_requires=[
         "torch>=2.1",
         "diffusers>=0.30",

@@ -247,7 +247,11 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UsageError(f"checkpoint {args.resume_from_checkpoint!r} not found (neither a folder nor in --output_dir); "
                              'use "latest" or a checkpoint-N folder')
     if args.push_to_hub:
-        if args.report_to == "wandb" and args.hub_token is not None:
-            raise UsageError("--hub_token with --report_to wandb would expose the token: run `hf auth login` instead")
+        from ..hub import check_hub_token_safety
+
+        try:
+            check_hub_token_safety(args.report_to, args.hub_token)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     if args.model_type in ("sd", "controlnet") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
         raise UsageError(f"--model_type {args.model_type} needs captions: use --dataset_name mnist5k_captions or a captioned dataset")

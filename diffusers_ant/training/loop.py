@@ -21,12 +21,11 @@ from .step import DiffusionObjective, weighted_backward
 
 logger = logging.getLogger("diffusers_ant")
 
-SECRET_ARGS = ("hub_token",)  # never written to disk, logged or put on a card
-
-
 def public_config(args) -> dict:
-    """The run's configuration without secrets, as saved beside every checkpoint and the final model."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in SECRET_ARGS}
+    """The run's configuration without secrets (the Hub token is never written, logged or carded)."""
+    from ..hub import drop_secrets
+
+    return dict(sorted(drop_secrets(vars(args)).items()))
 
 
 def build_intervals(args, noise_scheduler):
