@@ -1,0 +1,91 @@
+"""Building, loading, LoRA and saving for the four model types the trainer supports.
+
+    from diffusers_ant.models import get_model_adapter, load_pipeline
+
+    adapter = get_model_adapter("sd").load(pretrained_model_name_or_path="path/to/sd-pipeline", resolution=512)
+    adapter.add_lora(rank=4)                       # optional: peft LoRA, base weights frozen
+    x0, cond = adapter.encode_batch(batch)         # batch from diffusers_ant.data
+    pred = adapter.predict(model, x_t, timesteps, cond)
+    adapter.save("out", model, lora=True)
+    pipeline = load_pipeline("out")                # base pipeline + LoRA, ready to sample
+
+Model types (``MODEL_TYPES``): ``unet`` (UNet2DModel, unconditional or class-conditional),
+``dit`` (DiTTransformer2DModel, pixel or latent), ``sd`` (UNet2DConditionModel + frozen CLIP text
+encoder and VAE), ``controlnet`` (ControlNetModel beside a frozen SD UNet). See ``base.ModelAdapter``
+for the interface and each module for its type's details.
+"""
+
+import json
+import os
+
+from .base import LORA_INFO_NAME, ModelAdapter
+from .controlnet import ControlNetAdapter
+from .dit import DiTAdapter
+from .pipelines import ClassConditionalUNetPipeline, PixelDiTPipeline
+from .presets import PRESETS, tiny_clip_tokenizer
+from .sd import StableDiffusionAdapter
+from .unet import UNetAdapter
+
+MODEL_TYPES = {
+    "unet": UNetAdapter,
+    "dit": DiTAdapter,
+    "sd": StableDiffusionAdapter,
+    "controlnet": ControlNetAdapter,
+}
+
+_OWN_PIPELINES = {cls.__name__: cls for cls in (ClassConditionalUNetPipeline, PixelDiTPipeline)}
+
+
+def get_model_adapter(model_type: str):
+    """The adapter class for ``model_type``; an unknown name raises a ``ValueError`` listing the valid ones."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}")
+    return MODEL_TYPES[model_type]
+
+
+def load_pipeline(folder: str, torch_dtype=None):
+    """Load what :meth:`ModelAdapter.save` wrote: a full pipeline folder, or a LoRA folder.
+
+    A LoRA folder (with ``ant_lora.json``) loads its base pipeline (``base_model/`` inside it, or the
+    pretrained folder / Hub id it names), then the LoRA weights through the adapter's ``load_lora``
+    (diffusers' ``load_lora_weights`` for ``sd``). This project's own pipeline classes are loaded with
+    the installed code, never with the copy of it in the folder; every other pipeline goes through
+    ``DiffusionPipeline.from_pretrained``.
+    """
+    from diffusers import DiffusionPipeline
+
+    lora_info = os.path.join(folder, LORA_INFO_NAME)
+    if os.path.isfile(lora_info):
+        with open(lora_info, encoding="utf-8") as f:
+            info = json.load(f)
+        base = info["base_model"]
+        if os.path.isdir(os.path.join(folder, base)):
+            base = os.path.join(folder, base)
+        pipeline = load_pipeline(base, torch_dtype=torch_dtype)
+        return get_model_adapter(info["model_type"]).load_lora(pipeline, folder)
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        if os.path.isdir(folder):
+            raise ValueError(f"{folder!r} holds no pipeline: expected model_index.json or {LORA_INFO_NAME}")
+        return DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype)  # a Hub id
+    with open(index_path, encoding="utf-8") as f:
+        class_name = json.load(f)["_class_name"]
+    if isinstance(class_name, list) and class_name[-1] in _OWN_PIPELINES:
+        return _OWN_PIPELINES[class_name[-1]].from_pretrained(folder, torch_dtype=torch_dtype)
+    return DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
+
+
+__all__ = [
+    "MODEL_TYPES",
+    "PRESETS",
+    "ClassConditionalUNetPipeline",
+    "ControlNetAdapter",
+    "DiTAdapter",
+    "ModelAdapter",
+    "PixelDiTPipeline",
+    "StableDiffusionAdapter",
+    "UNetAdapter",
+    "get_model_adapter",
+    "load_pipeline",
+    "tiny_clip_tokenizer",
+]

@@ -1,0 +1,491 @@
+"""The model-adapter base class: what the trainer needs from any diffusers denoiser.
+
+One adapter per model type (unet.py, dit.py, sd.py, controlnet.py) turns the type's differences
+into one interface, so the training script has no model-type branches:
+
+    adapter = get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1)
+    x0, cond = adapter.encode_batch(batch)              # pixels -> latents, captions -> embeddings ...
+    x_t = noise_scheduler.add_noise(x0, noise, t)
+    pred = adapter.predict(model, x_t, t, cond)         # the denoiser output, shaped like x0
+    adapter.save(output_dir, model, lora=False)         # a diffusers pipeline folder (safetensors)
+
+Training target and noising stay in ``diffusers_ant.schedule``; the adapter only knows models.
+"""
+
+import json
+import os
+from contextlib import contextmanager
+
+import torch
+
+from .lora import attach_lora, base_copy, has_lora, load_peft_lora, save_peft_lora
+from .presets import LATENT_SCHEDULER, PIXEL_SCHEDULER, resolve_model_config
+
+LORA_INFO_NAME = "ant_lora.json"
+
+
+def _not_found(path, err=None):
+    detail = f" ({type(err).__name__})" if err is not None else ""
+    return ValueError(
+        f"pretrained model {path!r} not found{detail}: give a local folder saved with save_pretrained, or go online"
+    )
+
+
+class PretrainedSource:
+    """A pretrained pipeline folder or Hub id, or the folder of a single model (``config.json``).
+
+    Reads ``model_index.json`` once so that each component is looked for only where the pipeline
+    says it is; every loading error becomes one short ``ValueError``.
+    """
+
+    def __init__(self, path, revision=None, variant=None, cache_dir=None):
+        self.path = path
+        self.revision = revision
+        self.variant = variant
+        self.cache_dir = cache_dir
+        self.is_local = os.path.isdir(path)
+        self.index = None
+        if self.is_local:
+            index_path = os.path.join(path, "model_index.json")
+            if os.path.isfile(index_path):
+                with open(index_path, encoding="utf-8") as f:
+                    self.index = json.load(f)
+            elif not os.path.isfile(os.path.join(path, "config.json")):
+                raise ValueError(f"pretrained folder {path!r} has neither model_index.json nor config.json")
+        else:
+            from diffusers import DiffusionPipeline
+
+            try:
+                self.index = DiffusionPipeline.load_config(path, revision=revision, cache_dir=cache_dir)
+            except (OSError, ValueError) as err:  # offline / unknown id / malformed id
+                raise _not_found(path, err) from err
+
+    def has(self, name: str) -> bool:
+        """Whether the pipeline has a component ``name`` (e.g. "vae", "scheduler")."""
+        if self.index is not None:
+            entry = self.index.get(name)
+            return isinstance(entry, (list, tuple)) and entry[0] is not None
+        return False
+
+    def component_class(self, name: str, default):
+        """The class ``model_index.json`` names for ``name`` (diffusers / transformers only), else ``default``."""
+        import importlib
+
+        entry = self.index.get(name) if self.index else None
+        if entry and entry[0] in ("diffusers", "transformers"):
+            return getattr(importlib.import_module(entry[0]), entry[1], default)
+        return default
+
+    def load(self, component_cls, subfolder=None, **kwargs):
+        """``component_cls.from_pretrained`` of a subfolder (None: the folder itself), errors made short."""
+        hub = {"revision": self.revision, "cache_dir": self.cache_dir}
+        if self.variant is not None and issubclass(component_cls, torch.nn.Module):  # weights only
+            hub["variant"] = self.variant
+        if subfolder is not None:
+            hub["subfolder"] = subfolder
+        try:
+            return component_cls.from_pretrained(self.path, **hub, **kwargs)
+        except (OSError, ValueError) as err:
+            where = self.path if subfolder is None else f"{self.path}/{subfolder}"
+            raise _not_found(where, err) from err
+
+
+def default_scheduler(latent: bool, config: dict = None):
+    """A ``DDPMScheduler`` for training from scratch (cosine for pixels, SD's scaled_linear for latents)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**(config or (LATENT_SCHEDULER if latent else PIXEL_SCHEDULER)))
+
+
+def load_training_scheduler(source: PretrainedSource):
+    """The training scheduler of a pretrained pipeline, as diffusers' example scripts build it.
+
+    DDPM-family configs (PNDM, DDIM, ... folders) become a ``DDPMScheduler`` with the same betas;
+    flow-matching schedulers keep their own class, since their noising differs.
+    """
+    from diffusers import DDPMScheduler
+
+    cls = source.component_class("scheduler", DDPMScheduler)
+    if "FlowMatch" not in cls.__name__:
+        cls = DDPMScheduler
+    return source.load(cls, subfolder="scheduler")
+
+
+def _copy_scheduler(scheduler, **overrides):
+    """A fresh scheduler with the same config (plus ``overrides``).
+
+    Pipelines call ``set_timesteps`` on their scheduler, so they get a copy. ``_use_default_values``
+    is dropped on purpose: ``from_config`` would otherwise reset every key listed there to its
+    default, including one changed later with ``register_to_config`` (e.g. ``prediction_type``).
+    """
+    config = {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
+    config.update(overrides)
+    return type(scheduler).from_config(config)
+
+
+class ModelAdapter:
+    """Base class of the four model adapters; see the module docstring for the workflow.
+
+    Attributes:
+        model: the module being trained (also the one to wrap in EMA).
+        noise_scheduler: the training scheduler (from the pretrained ``scheduler/`` when there is one;
+            its SNR drives the timestep clustering).
+        vae, text_encoder, tokenizer, unet: frozen parts (``None`` where the type has none;
+            ``unet`` is the frozen UNet of ControlNet training).
+        num_channels: image channels the data must provide; sample_size: spatial size the model sees
+            (latent size when ``latent``); in_channels: the model's input channels.
+        pretrained_model_name_or_path: where the frozen parts and scheduler came from.
+        model_from_pretrained: whether ``model``'s own weights came from that folder (decides whether
+            a LoRA output must carry its base model; see :meth:`save`).
+    """
+
+    model_type = None
+    # module-name suffixes given LoRA by default; filtered to those the model has
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __init__(
+        self,
+        model,
+        noise_scheduler,
+        *,
+        num_channels,
+        sample_size,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        unet=None,
+        pretrained_model_name_or_path=None,
+        model_from_pretrained=False,
+    ):
+        self.model = model
+        self.noise_scheduler = noise_scheduler
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.unet = unet
+        self.num_channels = num_channels
+        self.sample_size = sample_size
+        self.pretrained_model_name_or_path = pretrained_model_name_or_path
+        self.model_from_pretrained = model_from_pretrained
+        self.lora_config = None
+        for frozen in self.frozen_modules().values():
+            frozen.requires_grad_(False)
+            frozen.eval()
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def load(
+        cls,
+        pretrained_model_name_or_path=None,
+        model_config_name_or_path=None,
+        resolution=None,
+        num_classes=None,
+        prediction_type=None,
+        revision=None,
+        variant=None,
+        cache_dir=None,
+        controlnet_model_name_or_path=None,
+        num_channels=None,
+    ):
+        """Build the adapter from a pretrained folder / Hub id, from a preset or config JSON, or both.
+
+        Args:
+            pretrained_model_name_or_path: a pipeline folder saved with ``save_pretrained`` (or a bare
+                model folder for ``unet`` / ``dit``), or a Hub id when online. Supplies the trained
+                module (unless ``model_config_name_or_path`` is given), the frozen parts and the scheduler.
+            model_config_name_or_path: a preset name (``tiny`` for every type, ``small`` for ``unet``,
+                ``tiny-latent`` for ``dit``) or a config JSON of the trained module: train it from scratch.
+            resolution: image size in pixels (default: the pretrained model's, else 16).
+            num_classes: class count of a class-conditional ``unet`` / ``dit`` (a pretrained model
+                with another count gets a freshly initialised class embedding).
+            prediction_type: overrides the scheduler's (``epsilon``, ``v_prediction``, ``sample``).
+            revision, variant, cache_dir: passed to ``from_pretrained``.
+            controlnet_model_name_or_path: ``controlnet`` only: a pretrained ControlNet.
+            num_channels: image channels of the data when training from scratch (default 3).
+        """
+        if pretrained_model_name_or_path is None and model_config_name_or_path is None:
+            raise ValueError(
+                "nothing to load: give pretrained_model_name_or_path or model_config_name_or_path (e.g. 'tiny')"
+            )
+        source = None
+        if pretrained_model_name_or_path is not None:
+            source = PretrainedSource(pretrained_model_name_or_path, revision, variant, cache_dir)
+        preset = None
+        if model_config_name_or_path is not None:
+            preset = resolve_model_config(cls.model_type, model_config_name_or_path)
+        parts = cls._build(
+            source,
+            preset,
+            resolution=resolution,
+            num_classes=num_classes,
+            num_channels=num_channels,
+            controlnet_model_name_or_path=controlnet_model_name_or_path,
+        )
+        latent = parts.get("vae") is not None
+        if source is not None and source.has("scheduler"):
+            scheduler = load_training_scheduler(source)
+        else:
+            scheduler = default_scheduler(latent, preset.get("scheduler") if preset else None)
+        if prediction_type is not None:
+            # the model learns this target from now on (diffusers' scripts use register_to_config,
+            # which a later from_config copy silently undoes; see _copy_scheduler)
+            scheduler = _copy_scheduler(scheduler, prediction_type=prediction_type)
+        if source is not None and source.is_local:
+            pretrained_model_name_or_path = os.path.abspath(pretrained_model_name_or_path)
+        return cls(noise_scheduler=scheduler, pretrained_model_name_or_path=pretrained_model_name_or_path, **parts)
+
+    @classmethod
+    def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):
+        """Return the constructor's keyword arguments (model, vae, ..., num_channels, sample_size)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _load_vae(source, preset, num_channels, resolution):
+        """The frozen VAE: the pretrained one, the preset's (random, from scratch), or ``None`` (pixel space)."""
+        from diffusers import AutoencoderKL
+
+        if source is not None and source.has("vae"):
+            return source.load(source.component_class("vae", AutoencoderKL), subfolder="vae")
+        if preset is not None and preset.get("vae"):
+            channels = num_channels or 3
+            return AutoencoderKL(in_channels=channels, out_channels=channels, sample_size=resolution or 16, **preset["vae"])
+        return None
+
+    @staticmethod
+    def _load_text_parts(source, preset):
+        """The frozen tokenizer and text encoder (pretrained, or the tiny preset's)."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from .presets import tiny_clip_tokenizer, tiny_text_encoder
+
+        if source is not None and source.has("text_encoder"):
+            tokenizer = source.load(source.component_class("tokenizer", CLIPTokenizer), subfolder="tokenizer")
+            if len(tokenizer) <= 2:  # the offline-Hub trap: a tokenizer that knows no words
+                raise ValueError(f"the tokenizer of {source.path!r} has {len(tokenizer)} tokens: the folder is incomplete")
+            text_encoder = source.load(source.component_class("text_encoder", CLIPTextModel), subfolder="text_encoder")
+            return tokenizer, text_encoder
+        if preset is None or not preset.get("text_encoder"):
+            raise ValueError("a text encoder is needed: give a pretrained pipeline folder or the 'tiny' preset")
+        tokenizer = tiny_clip_tokenizer()
+        return tokenizer, tiny_text_encoder(tokenizer, preset["text_encoder"])
+
+    @staticmethod
+    def vae_scale_factor(vae) -> int:
+        """Pixels per latent pixel: 2 ** (number of VAE blocks - 1), as diffusers' pipelines compute it."""
+        return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def latent(self) -> bool:
+        return self.vae is not None
+
+    @property
+    def in_channels(self) -> int:
+        return self.model.config.in_channels
+
+    def frozen_modules(self) -> dict:
+        """The frozen parts by name (vae, text_encoder, unet), skipping absent ones."""
+        parts = {"vae": self.vae, "text_encoder": self.text_encoder, "unet": self.unet}
+        return {name: module for name, module in parts.items() if module is not None}
+
+    def to(self, device, dtype=None):
+        """Move the frozen parts to ``device`` (and ``dtype``, e.g. fp16 under mixed precision, as
+        diffusers' scripts do) and the trained model to ``device`` (its dtype stays: Accelerate autocasts)."""
+        for module in self.frozen_modules().values():
+            module.to(device=device, dtype=dtype)
+        self.model.to(device)
+        return self
+
+    # ------------------------------------------------------------------ training step
+
+    def encode_batch(self, batch: dict):
+        """Turn a data batch into ``(x0, conditioning)``.
+
+        ``x0`` is what gets noised: the pixels in [-1, 1], or their VAE latents scaled by
+        ``vae.config.scaling_factor`` (Rombach et al. 2022, Sec. 3) for latent models, float32.
+        ``conditioning`` is a dict of keyword tensors for :meth:`predict`.
+        """
+        return self.encode_pixels(batch["pixel_values"]), self.conditioning(batch)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> the model's input space (identity in pixel space)."""
+        if self.vae is None:
+            return pixel_values.float()
+        latents = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist.sample()
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift is not None:
+            latents = latents - shift
+        return (latents * self.vae.config.scaling_factor).float()
+
+    def conditioning(self, batch: dict) -> dict:
+        """The type's conditioning inputs from the batch (class labels, text embeddings, control image)."""
+        return {}
+
+    def predict(self, model, x_t, timesteps, conditioning: dict) -> torch.Tensor:
+        """The denoiser's output for ``x_t`` at ``timesteps``; ``model`` may be Accelerate-wrapped."""
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def enable_gradient_checkpointing(self):
+        """Trade compute for memory in the trained module (diffusers' ``enable_gradient_checkpointing``)."""
+        self.model.enable_gradient_checkpointing()
+
+    # ------------------------------------------------------------------ LoRA
+
+    @property
+    def lora_target_modules(self) -> list:
+        """The default LoRA targets of this model: the type's module-name suffixes that the model has."""
+        names = [name for name, _ in self.model.named_modules()]
+        return [t for t in self.default_lora_targets if any(n == t or n.endswith("." + t) for n in names)]
+
+    def add_lora(self, rank: int, alpha=None, target_modules=None, dropout: float = 0.0):
+        """Add a peft LoRA adapter to ``self.model``; afterwards only LoRA weights are trainable.
+
+        ``alpha`` defaults to ``rank`` (scale 1). B starts at zero, so the model's output is unchanged
+        until the first update; A starts Gaussian (peft's ``init_lora_weights="gaussian"``, as diffusers' scripts).
+        """
+        from peft import LoraConfig
+
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        targets = list(target_modules) if target_modules else self.lora_target_modules
+        if not targets:
+            raise ValueError(f"no LoRA target modules found in {type(self.model).__name__}: pass target_modules")
+        self.lora_config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha if alpha is not None else rank,
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",
+            target_modules=targets,
+        )
+        attach_lora(self.model, self.lora_config)
+        return self.lora_config
+
+    @classmethod
+    def load_lora(cls, pipeline, folder: str):
+        """Load LoRA weights saved by :meth:`save` (``lora=True``) into ``pipeline``'s denoiser, in place."""
+        load_peft_lora(getattr(pipeline, cls.pipeline_denoiser_name(pipeline)), folder)
+        return pipeline
+
+    @staticmethod
+    def pipeline_denoiser_name(pipeline) -> str:
+        return "transformer" if hasattr(pipeline, "transformer") else "unet"
+
+    # ------------------------------------------------------------------ pipelines
+
+    def make_pipeline(self, model=None, scheduler=None):
+        """A diffusers pipeline around ``model`` (default ``self.model``) and a copy of ``scheduler``
+        (default the training scheduler), for validation sampling and saving."""
+        raise NotImplementedError
+
+    def sample(
+        self,
+        pipeline,
+        num_images: int,
+        generator=None,
+        num_inference_steps: int = 50,
+        prompts=None,
+        class_labels=None,
+        conditioning_images=None,
+        guidance_scale=None,
+        scheduler=None,
+    ) -> list:
+        """Sample ``num_images`` PIL images from ``pipeline`` (validation).
+
+        ``scheduler`` (e.g. ``DDIMScheduler.from_config(pipeline.scheduler.config)``) replaces the
+        pipeline's for this call only. Each type takes what it needs: ``prompts`` (sd, controlnet;
+        repeated to ``num_images``), ``class_labels`` (unet, dit; default: cycle through the classes),
+        ``conditioning_images`` (controlnet, one per image), ``guidance_scale`` (pipeline default when None).
+        """
+        pipeline.set_progress_bar_config(disable=True)
+        with _swapped_scheduler(pipeline, scheduler):
+            return self._sample(
+                pipeline,
+                num_images,
+                generator,
+                num_inference_steps,
+                prompts=prompts,
+                class_labels=class_labels,
+                conditioning_images=conditioning_images,
+                guidance_scale=guidance_scale,
+            )
+
+    def _sample(self, pipeline, num_images, generator, num_inference_steps, **kwargs):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, output_dir: str, model=None, lora: bool = False):
+        """Write the training result to ``output_dir``.
+
+        ``lora=False``: the whole pipeline folder in safetensors (``save_pretrained``); LoRA layers, if
+        any, are merged into the weights first. Load it with :func:`diffusers_ant.models.load_pipeline`
+        or ``DiffusionPipeline.from_pretrained`` (see pipelines.py for the two custom classes).
+
+        ``lora=True``: the LoRA weights only (see :meth:`_save_lora_weights`), ``ant_lora.json`` naming
+        the model type and the base pipeline, and, when the trained module did not come from a
+        pretrained folder (training from scratch), that base pipeline in ``output_dir/base_model``.
+        """
+        model = model if model is not None else self.model
+        os.makedirs(output_dir, exist_ok=True)
+        if not lora:
+            if has_lora(model):
+                model = base_copy(model, merge=True)
+            self.make_pipeline(model).save_pretrained(output_dir, safe_serialization=True)
+            return
+        if self.lora_config is None:
+            raise ValueError("lora=True but no LoRA adapter was added: call add_lora(rank) first")
+        self._save_lora_weights(output_dir, model)
+        base = self.pretrained_model_name_or_path if self.model_from_pretrained else None
+        if base is None:
+            self.make_pipeline(base_copy(model, merge=False)).save_pretrained(
+                os.path.join(output_dir, "base_model"), safe_serialization=True
+            )
+            base = "base_model"
+        info = {
+            "model_type": self.model_type,
+            "base_model": base,
+            "rank": self.lora_config.r,
+            "lora_alpha": self.lora_config.lora_alpha,
+            "target_modules": sorted(self.lora_config.target_modules),
+        }
+        with open(os.path.join(output_dir, LORA_INFO_NAME), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+
+    def _save_lora_weights(self, output_dir, model):
+        """peft-format LoRA weights (``pytorch_lora_weights.safetensors`` + ``adapter_config.json``)."""
+        save_peft_lora(output_dir, model, self.lora_config)
+
+
+@contextmanager
+def _swapped_scheduler(pipeline, scheduler):
+    if scheduler is None:
+        yield
+        return
+    original = pipeline.scheduler
+    pipeline.scheduler = scheduler
+    try:
+        yield
+    finally:
+        pipeline.scheduler = original
+
+
+def check_class_labels(labels: torch.Tensor, num_classes: int, what: str):
+    """Class labels must index the model's class embedding."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"class label {int(labels.max())} out of range for {what} with {num_classes} classes: "
+            "load the model with num_classes set to the dataset's class count"
+        )
+
+
+def repeat_to(values, n: int) -> list:
+    """``values`` (a list or one item) cycled to length ``n``."""
+    if not isinstance(values, (list, tuple)):
+        values = [values]
+    return [values[i % len(values)] for i in range(n)]

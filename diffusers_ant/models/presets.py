@@ -1,0 +1,187 @@
+"""Named model presets for training from scratch (``--model_config_name_or_path tiny``).
+
+Every model type has a ``tiny`` preset, small enough that a training step takes well under a
+second on two CPU cores (see the speed table in the project's ENVIRONMENT notes); ``unet`` also
+has ``small``, the attention UNet of the embedded MNIST demo (about 1.1M parameters at 16x16).
+
+A preset is a plain dict of component configs: ``{"model": {...}, "vae": {...} | None,
+"text_encoder": {...} | None, "scheduler": {...}}``. The keys inside ``model`` / ``vae`` / ``scheduler``
+are the constructor arguments of the diffusers classes (UNet2DModel, DiTTransformer2DModel,
+UNet2DConditionModel, AutoencoderKL, DDPMScheduler), so a preset reads like the ``config.json``
+diffusers would write. Image size and channel counts are filled in at load time from the data
+(``resolution``, ``num_channels``) by each adapter.
+"""
+
+import copy
+import json
+import os
+
+# Pixel-space diffusion at 8x8 to 32x32: the cosine schedule of Nichol & Dhariwal (2021) keeps the
+# tiny images from being mostly noise for most of the chain, which the linear schedule does.
+PIXEL_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
+# Latent diffusion: Stable Diffusion's own training schedule (scaled_linear, 0.00085 -> 0.012).
+LATENT_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "clip_sample": False,
+    "steps_offset": 1,  # as SD's own scheduler config; its pipelines warn otherwise
+}
+
+# A 2-block VAE downsamples by 2 (diffusers: factor 2 ** (len(block_out_channels) - 1)),
+# so a 16x16 image becomes an 8x8x4 latent.
+TINY_VAE = {
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+}
+
+TINY_TEXT_ENCODER = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 32,
+}
+
+TINY_UNET2D_CONDITION = {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": TINY_TEXT_ENCODER["hidden_size"],
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+
+PRESETS = {
+    "unet": {
+        # 0.16M parameters at 16x16, no attention: the fastest thing that still learns digits.
+        "tiny": {
+            "model": {
+                "block_out_channels": [16, 32],
+                "layers_per_block": 1,
+                "down_block_types": ["DownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "UpBlock2D"],
+                "norm_num_groups": 8,
+            },
+            "scheduler": PIXEL_SCHEDULER,
+        },
+        # The demo's attention UNet: 1.1M parameters, attention at the lowest resolution only.
+        "small": {
+            "model": {
+                "block_out_channels": [32, 64, 64],
+                "layers_per_block": 1,
+                "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+                "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+                "attention_head_dim": 8,
+                "norm_num_groups": 8,
+            },
+            "scheduler": PIXEL_SCHEDULER,
+        },
+    },
+    "dit": {
+        # Pixel-space DiT: patch 2, 2 blocks, width 32.
+        "tiny": {
+            "model": {"num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2, "patch_size": 2},
+            "scheduler": PIXEL_SCHEDULER,
+        },
+        # The same DiT on the latents of a tiny VAE, sampled with diffusers' own DiTPipeline.
+        "tiny-latent": {
+            "model": {"num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2, "patch_size": 2},
+            "vae": TINY_VAE,
+            "scheduler": LATENT_SCHEDULER,
+        },
+    },
+    "sd": {
+        "tiny": {
+            "model": TINY_UNET2D_CONDITION,
+            "vae": TINY_VAE,
+            "text_encoder": TINY_TEXT_ENCODER,
+            "scheduler": LATENT_SCHEDULER,
+        },
+    },
+    "controlnet": {
+        # The frozen UNet, VAE and text encoder of sd/tiny, and a ControlNet copied from that UNet
+        # (its conditioning embedding gets as many blocks as the VAE: here 2, downsampling by 2).
+        "tiny": {
+            "model": {},
+            "unet": TINY_UNET2D_CONDITION,
+            "vae": TINY_VAE,
+            "text_encoder": TINY_TEXT_ENCODER,
+            "scheduler": LATENT_SCHEDULER,
+        },
+    },
+}
+
+
+def resolve_model_config(model_type: str, model_config_name_or_path: str) -> dict:
+    """Return a preset (a fresh copy) by name, or read a config JSON as the trained module's config.
+
+    A JSON file is the ``config.json`` of the trained module (what ``model.save_config`` writes);
+    it becomes ``{"model": <that dict>}`` and the other components keep the type's ``tiny`` preset
+    unless a pretrained folder supplies them.
+    """
+    presets = PRESETS[model_type]
+    if model_config_name_or_path in presets:
+        return copy.deepcopy(presets[model_config_name_or_path])
+    path = model_config_name_or_path
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        path = os.path.join(path, "config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            model_config = json.load(f)
+        # diffusers' own bookkeeping keys are not constructor arguments
+        model_config = {k: v for k, v in model_config.items() if not k.startswith("_")}
+        config = copy.deepcopy(presets["tiny"])
+        config["model"] = model_config
+        return config
+    raise ValueError(
+        f"unknown model config {model_config_name_or_path!r} for model type {model_type!r}: "
+        f"use a preset ({', '.join(sorted(presets))}) or a path to a config JSON"
+    )
+
+
+# Characters the tiny tokenizer knows. CLIP's BPE marks a word's last symbol with "</w>", so each
+# character appears twice in the vocabulary; with no merges every character is one token.
+_TINY_TOKENIZER_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
+TINY_TOKENIZER_MAX_LENGTH = 32
+
+
+def tiny_clip_tokenizer():
+    """A character-level ``CLIPTokenizer`` built in memory from a vocabulary written here.
+
+    Why not ``CLIPTokenizer.from_pretrained(<hub id>)``: nothing can be downloaded here, and with
+    ``HF_HUB_OFFLINE=1`` that call silently returns a 2-token tokenizer instead of failing. The
+    size is asserted so such a tokenizer can never slip through.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for char in _TINY_TOKENIZER_CHARS:
+            vocab[char + suffix] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TINY_TOKENIZER_MAX_LENGTH)
+    expected = 2 + 2 * len(_TINY_TOKENIZER_CHARS)
+    assert len(tokenizer) == expected, f"tiny tokenizer has {len(tokenizer)} tokens, expected {expected}"
+    return tokenizer
+
+
+def tiny_text_encoder(tokenizer, config: dict):
+    """A randomly initialised ``CLIPTextModel`` sized for ``tokenizer``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **config,
+    )
+    return CLIPTextModel(text_config)

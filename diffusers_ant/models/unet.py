@@ -1,0 +1,107 @@
+"""``unet``: a pixel-space ``UNet2DModel`` (Ho et al. 2020), unconditional or class-conditional.
+
+Class-conditional means ``num_class_embeds`` is set: the class embedding is added to the timestep
+embedding, and every batch must carry ``class_labels``. Pipelines: ``DDPMPipeline`` (or
+``DDIMPipeline`` when given a DDIM scheduler) for unconditional models, this project's
+``ClassConditionalUNetPipeline`` for class-conditional ones (diffusers has none).
+"""
+
+from .base import ModelAdapter, _copy_scheduler, check_class_labels, repeat_to
+
+
+class UNetAdapter(ModelAdapter):
+    model_type = "unet"
+    # attention projections where the UNet has attention, and the ResNet convolutions and time
+    # projections everywhere (a UNet without attention blocks still gets LoRA)
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj")
+
+    @classmethod
+    def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):
+        from diffusers import UNet2DModel
+
+        if preset is not None:
+            channels = num_channels or 3
+            config = dict(preset["model"])
+            config.update(
+                sample_size=resolution or config.get("sample_size", 16), in_channels=channels, out_channels=channels
+            )
+            if num_classes is not None:
+                config["num_class_embeds"] = num_classes
+            model, from_pretrained = UNet2DModel(**config), False
+        else:
+            subfolder = None
+            if source.index is not None:
+                if not source.has("unet"):
+                    raise ValueError(f"pretrained pipeline {source.path!r} has no unet")
+                if source.component_class("unet", UNet2DModel) is not UNet2DModel:
+                    raise ValueError(
+                        f"the unet of {source.path!r} is a {source.index['unet'][1]}, not a UNet2DModel: "
+                        "use model type 'sd' for text-conditional UNets"
+                    )
+                subfolder = "unet"
+            model, from_pretrained = source.load(UNet2DModel, subfolder=subfolder), True
+            if num_classes is not None and model.config.num_class_embeds != num_classes:
+                # a new class embedding (e.g. fine-tuning on a dataset with other classes): freshly initialised
+                model = source.load(
+                    UNet2DModel,
+                    subfolder=subfolder,
+                    num_class_embeds=num_classes,
+                    ignore_mismatched_sizes=True,
+                    low_cpu_mem_usage=False,
+                )
+                from_pretrained = False
+            if num_channels is not None and num_channels != model.config.in_channels:
+                raise ValueError(
+                    f"the pretrained UNet takes {model.config.in_channels} image channels, the data has {num_channels}"
+                )
+        if resolution is not None and resolution != model.config.sample_size:
+            # pipelines sample at config.sample_size: make it the training resolution
+            model.register_to_config(sample_size=resolution)
+        sample_size = model.config.sample_size
+        return {
+            "model": model,
+            "num_channels": model.config.in_channels,
+            "sample_size": sample_size,
+            "model_from_pretrained": from_pretrained,
+        }
+
+    @property
+    def num_classes(self):
+        """Number of classes of a class-conditional UNet, else ``None``."""
+        return self.model.config.num_class_embeds
+
+    def conditioning(self, batch):
+        if self.num_classes is None:
+            return {}
+        labels = batch.get("class_labels")
+        if labels is None:
+            raise ValueError("the UNet is class-conditional but the batch has no class_labels: set --class_column")
+        check_class_labels(labels, self.num_classes, "the UNet")
+        return {"class_labels": labels.long()}
+
+    def predict(self, model, x_t, timesteps, conditioning):
+        return model(x_t, timesteps, class_labels=conditioning.get("class_labels")).sample
+
+    def make_pipeline(self, model=None, scheduler=None):
+        from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
+
+        from .pipelines import ClassConditionalUNetPipeline
+
+        model = model if model is not None else self.model
+        scheduler = _copy_scheduler(scheduler if scheduler is not None else self.noise_scheduler)
+        if model.config.num_class_embeds is not None:
+            pipeline = ClassConditionalUNetPipeline(unet=model, scheduler=scheduler)
+        elif isinstance(scheduler, DDIMScheduler):
+            pipeline = DDIMPipeline(unet=model, scheduler=scheduler)
+        else:
+            pipeline = DDPMPipeline(unet=model, scheduler=scheduler)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def _sample(self, pipeline, num_images, generator, num_inference_steps, class_labels=None, **unused):
+        num_classes = pipeline.unet.config.num_class_embeds
+        common = {"generator": generator, "num_inference_steps": num_inference_steps, "output_type": "pil"}
+        if num_classes is None:
+            return pipeline(batch_size=num_images, **common).images
+        labels = repeat_to(class_labels if class_labels is not None else list(range(num_classes)), num_images)
+        return pipeline(class_labels=labels, **common).images

@@ -1,0 +1,326 @@
+"""Tests for diffusers_ant.models: the four model types, their tiny presets, LoRA, saving and loading.
+
+Everything runs on the CPU with tiny random models at 16x16 pixels and 2 sampling steps.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from diffusers_ant.models import (
+    MODEL_TYPES,
+    ClassConditionalUNetPipeline,
+    get_model_adapter,
+    load_pipeline,
+    tiny_clip_tokenizer,
+)
+from diffusers_ant.models.lora import has_lora
+
+RES = 16
+BATCH = 2
+
+# (model type, preset, load options): every model type, both UNet flavours, both DiT spaces
+CASES = {
+    "unet": ("unet", "tiny", {"num_channels": 1}),
+    "unet-class": ("unet", "tiny", {"num_channels": 1, "num_classes": 3}),
+    "dit": ("dit", "tiny", {"num_channels": 1, "num_classes": 3}),
+    "dit-latent": ("dit", "tiny-latent", {"num_channels": 3}),
+    "sd": ("sd", "tiny", {}),
+    "controlnet": ("controlnet", "tiny", {}),
+}
+
+
+def build(case):
+    model_type, preset, options = CASES[case]
+    torch.manual_seed(0)
+    return get_model_adapter(model_type).load(model_config_name_or_path=preset, resolution=RES, **options)
+
+
+def fake_batch(adapter, with_labels=True):
+    g = torch.Generator().manual_seed(1)
+    batch = {"pixel_values": torch.rand(BATCH, adapter.num_channels, RES, RES, generator=g) * 2 - 1}
+    if with_labels and getattr(adapter, "num_classes", None) not in (None, 1):
+        batch["class_labels"] = torch.tensor([0, 2])
+    if adapter.tokenizer is not None:
+        batch["input_ids"] = adapter.tokenize(["a cat", "digit 7"])
+        batch["conditioning_pixel_values"] = torch.rand(BATCH, 3, RES, RES, generator=g)
+    return batch
+
+
+def noisy(adapter, x0, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, adapter.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g)
+    return adapter.noise_scheduler.add_noise(x0, noise, t), noise, t
+
+
+def train_step(adapter, lr=1e-2):
+    """One SGD step on the epsilon loss; returns the loss."""
+    x0, cond = adapter.encode_batch(fake_batch(adapter))
+    x_t, noise, t = noisy(adapter, x0)
+    optimizer = torch.optim.SGD(adapter.trainable_parameters(), lr=lr)
+    loss = torch.nn.functional.mse_loss(adapter.predict(adapter.model, x_t, t, cond), noise)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss
+
+
+def denoiser_of(pipeline):
+    for name in ("controlnet", "transformer", "unet"):
+        if hasattr(pipeline, name):
+            return getattr(pipeline, name)
+
+
+def sample_kwargs(adapter):
+    return {
+        "num_inference_steps": 2,
+        "prompts": ["a cat"],
+        "conditioning_images": torch.rand(1, 3, RES, RES),
+    }
+
+
+# ---------------------------------------------------------------------------- registry and errors
+
+
+def test_registry_and_unknown_type():
+    assert set(MODEL_TYPES) == {"unet", "dit", "sd", "controlnet"}
+    assert get_model_adapter("dit") is MODEL_TYPES["dit"]
+    with pytest.raises(ValueError, match="unknown model type 'vae'.*unet, dit, sd, controlnet"):
+        get_model_adapter("vae")
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ValueError, match="unknown model config 'huge'.*small, tiny"):
+        get_model_adapter("unet").load(model_config_name_or_path="huge")
+
+
+def test_nothing_to_load():
+    with pytest.raises(ValueError, match="nothing to load"):
+        get_model_adapter("sd").load()
+
+
+@pytest.mark.parametrize("path", ["/no/such/folder", "someone/not-a-cached-model"])
+def test_missing_pretrained_model(path):
+    # the Hub id case relies on HF_HUB_OFFLINE=1 (set in conftest.py): no retries, a short error
+    with pytest.raises(ValueError, match="not found.*save_pretrained, or go online"):
+        get_model_adapter("unet").load(pretrained_model_name_or_path=path)
+
+
+def test_tiny_tokenizer_size_and_roundtrip(tmp_path):
+    tokenizer = tiny_clip_tokenizer()
+    assert len(tokenizer) == 86
+    ids = tokenizer("a cat").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and len(ids) == 2 + 4  # one token per character, spaces split words
+    tokenizer.save_pretrained(tmp_path)
+    from transformers import CLIPTokenizer
+
+    assert len(CLIPTokenizer.from_pretrained(tmp_path)) == len(tokenizer)
+
+
+# ---------------------------------------------------------------------------- full training
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_full_step_save_reload_sample(case, tmp_path):
+    adapter = build(case)
+    assert adapter.latent == (case in ("dit-latent", "sd", "controlnet"))
+    expected = (BATCH, adapter.in_channels, adapter.sample_size, adapter.sample_size)
+    assert adapter.sample_size == (RES // 2 if adapter.latent else RES)
+
+    x0, cond = adapter.encode_batch(fake_batch(adapter))
+    assert tuple(x0.shape) == expected
+    adapter.model.train()  # DiT drops labels to the null class at random in train mode
+    before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    frozen_before = [p.clone() for m in adapter.frozen_modules().values() for p in m.parameters()]
+    loss = train_step(adapter)
+    assert torch.isfinite(loss)
+    changed = [k for k, v in adapter.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "the optimizer step changed no weight"
+    frozen_after = [p for m in adapter.frozen_modules().values() for p in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(frozen_before, frozen_after))
+
+    adapter.save(str(tmp_path))
+    assert any(f.endswith(".safetensors") for _, _, files in os.walk(tmp_path) for f in files)
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for _, _, files in os.walk(tmp_path) for f in files)
+    pipeline = load_pipeline(str(tmp_path))
+    # the reloaded denoiser is the trained one (eval mode: no label dropout)
+    adapter.model.eval()
+    x_t, _, t = noisy(adapter, x0)
+    with torch.no_grad():
+        ours = adapter.predict(adapter.model, x_t, t, cond)
+        theirs = adapter.predict(denoiser_of(pipeline), x_t, t, cond)
+    torch.testing.assert_close(theirs, ours)
+    images = adapter.sample(pipeline, 2, torch.Generator().manual_seed(0), **sample_kwargs(adapter))
+    assert len(images) == 2 and images[0].size == (RES, RES)
+    assert images[0].mode == ("L" if adapter.num_channels == 1 else "RGB")
+
+
+def test_plain_diffusers_loads_class_conditional_pipeline(tmp_path):
+    """The custom pipeline folder loads in diffusers without diffusers_ant (community-pipeline style)."""
+    from diffusers import DiffusionPipeline
+
+    adapter = build("unet-class")
+    adapter.save(str(tmp_path))
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["ant_pipeline", "ClassConditionalUNetPipeline"]
+    assert (tmp_path / "ant_pipeline.py").is_file()
+    plain = DiffusionPipeline.from_pretrained(str(tmp_path), trust_remote_code=True)
+    ours = ClassConditionalUNetPipeline.from_pretrained(str(tmp_path))
+    assert type(ours) is ClassConditionalUNetPipeline
+    outs = [
+        p(class_labels=[1, 2], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+        for p in (plain, ours)
+    ]
+    assert outs[0].shape == (2, RES, RES, 1)
+    assert (outs[0] == outs[1]).all()
+
+
+def test_dit_without_labels_trains_the_null_class():
+    adapter = get_model_adapter("dit").load(model_config_name_or_path="tiny", resolution=RES, num_channels=1)
+    _, cond = adapter.encode_batch(fake_batch(adapter, with_labels=False))
+    assert (cond["class_labels"] == adapter.null_class).all() and adapter.null_class == 1
+    with pytest.raises(ValueError, match="out of range"):
+        adapter.encode_batch({"pixel_values": torch.zeros(1, 1, RES, RES), "class_labels": torch.tensor([3])})
+
+
+def test_class_conditional_unet_needs_labels():
+    adapter = build("unet-class")
+    with pytest.raises(ValueError, match="no class_labels"):
+        adapter.encode_batch(fake_batch(adapter, with_labels=False))
+
+
+def test_gradient_checkpointing_keeps_gradients():
+    adapter = build("unet")
+    adapter.enable_gradient_checkpointing()
+    assert adapter.model.is_gradient_checkpointing
+    adapter.model.train()
+    assert torch.isfinite(train_step(adapter))
+
+
+# ---------------------------------------------------------------------------- LoRA
+
+
+@pytest.mark.parametrize("case", ["unet", "dit", "sd", "controlnet"])
+def test_lora_step_save_load(case, tmp_path):
+    adapter = build(case)
+    adapter.model.eval()  # deterministic outputs to compare (DiT's label dropout is off in eval mode)
+    x0, cond = adapter.encode_batch(fake_batch(adapter))
+    x_t, _, t = noisy(adapter, x0)
+    with torch.no_grad():
+        base_out = adapter.predict(adapter.model, x_t, t, cond)
+
+    adapter.add_lora(rank=4, alpha=8)
+    assert has_lora(adapter.model)
+    trainable = {n for n, p in adapter.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():  # B = 0: LoRA starts as the identity
+        torch.testing.assert_close(adapter.predict(adapter.model, x_t, t, cond), base_out)
+
+    params_before = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
+    train_step(adapter, lr=0.5)
+    params = dict(adapter.model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in params_before.items() if n not in trainable)
+    assert any(not torch.equal(params[n], params_before[n]) for n in trainable)
+    with torch.no_grad():
+        lora_out = adapter.predict(adapter.model, x_t, t, cond)
+    assert not torch.allclose(lora_out, base_out)
+
+    adapter.save(str(tmp_path), lora=True)
+    info = json.loads((tmp_path / "ant_lora.json").read_text())
+    assert info["model_type"] == adapter.model_type and info["base_model"] == "base_model"
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+
+    # the base pipeline alone reproduces the untrained model; with the LoRA loaded, the trained one
+    from diffusers_ant.models import load_pipeline as load
+
+    plain = load(str(tmp_path / "base_model"))
+    assert not has_lora(denoiser_of(plain))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.predict(denoiser_of(plain), x_t, t, cond), base_out)
+    loaded = load(str(tmp_path))  # base_model + load_lora (load_lora_weights for sd)
+    assert has_lora(denoiser_of(loaded))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.predict(denoiser_of(loaded), x_t, t, cond), lora_out, rtol=1e-4, atol=1e-5)
+    images = adapter.sample(loaded, 1, torch.Generator().manual_seed(0), **sample_kwargs(adapter))
+    assert images[0].size == (RES, RES)
+
+
+def test_full_save_of_lora_model_merges_it(tmp_path):
+    adapter = build("unet")
+    adapter.add_lora(rank=2)
+    train_step(adapter, lr=0.5)
+    x0, cond = adapter.encode_batch(fake_batch(adapter))
+    x_t, _, t = noisy(adapter, x0)
+    adapter.save(str(tmp_path), lora=False)
+    pipeline = load_pipeline(str(tmp_path))
+    assert not has_lora(pipeline.unet)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pipeline.unet(x_t, t).sample, adapter.predict(adapter.model, x_t, t, cond), rtol=1e-4, atol=1e-5
+        )
+
+
+def test_lora_errors():
+    adapter = build("unet")
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        adapter.add_lora(rank=0)
+    with pytest.raises(ValueError, match="call add_lora"):
+        adapter.save("/tmp/unused-ant-lora", lora=True)
+
+
+# ---------------------------------------------------------------------------- pretrained folders
+
+
+def test_load_unet_from_pretrained_folder_takes_its_scheduler(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    source = build("unet")
+    scheduler = DDPMScheduler(num_train_timesteps=500, beta_schedule="linear", prediction_type="v_prediction")
+    DDPMPipeline(unet=source.model, scheduler=scheduler).save_pretrained(tmp_path)
+
+    adapter = get_model_adapter("unet").load(pretrained_model_name_or_path=str(tmp_path))
+    assert adapter.noise_scheduler.config.num_train_timesteps == 500
+    assert adapter.noise_scheduler.config.prediction_type == "v_prediction"
+    torch.testing.assert_close(adapter.noise_scheduler.alphas_cumprod, scheduler.alphas_cumprod)
+    assert adapter.model_from_pretrained and adapter.num_channels == 1
+    for key, value in source.model.state_dict().items():
+        assert torch.equal(adapter.model.state_dict()[key], value)
+
+    # overriding the prediction type; a new class count gives a fresh class embedding
+    other = get_model_adapter("unet").load(
+        pretrained_model_name_or_path=str(tmp_path), prediction_type="epsilon", num_classes=4
+    )
+    assert other.noise_scheduler.config.prediction_type == "epsilon"
+    assert other.num_classes == 4 and not other.model_from_pretrained
+    # a bare model folder (config.json only) works too, with a default scheduler
+    source.model.save_pretrained(tmp_path / "bare")
+    bare = get_model_adapter("unet").load(pretrained_model_name_or_path=str(tmp_path / "bare"))
+    assert bare.noise_scheduler.config.beta_schedule == "squaredcos_cap_v2"
+
+
+def test_load_sd_and_controlnet_from_pretrained_folder(tmp_path):
+    source = build("sd")
+    source.noise_scheduler.register_to_config(prediction_type="v_prediction")
+    source.save(str(tmp_path))
+
+    sd = get_model_adapter("sd").load(pretrained_model_name_or_path=str(tmp_path))
+    assert len(sd.tokenizer) == len(source.tokenizer)
+    assert sd.noise_scheduler.config.prediction_type == "v_prediction"
+    for name in ("vae", "text_encoder"):
+        mine, theirs = getattr(sd, name).state_dict(), getattr(source, name).state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert all(not p.requires_grad for p in sd.text_encoder.parameters())
+
+    cn = get_model_adapter("controlnet").load(pretrained_model_name_or_path=str(tmp_path))
+    assert cn.noise_scheduler.config.prediction_type == "v_prediction"
+    # the ControlNet starts as a copy of the frozen UNet's encoder
+    torch.testing.assert_close(cn.model.conv_in.weight, sd.model.conv_in.weight)
+    assert all(not p.requires_grad for p in cn.unet.parameters())
+    assert torch.isfinite(train_step(cn))
+
+    # a model type that does not fit the folder says so
+    with pytest.raises(ValueError, match="not a UNet2DModel"):
+        get_model_adapter("unet").load(pretrained_model_name_or_path=str(tmp_path))
