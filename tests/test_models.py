@@ -156,6 +156,12 @@ def test_full_step_save_reload_sample(case, tmp_path):
     images = adapter.sample(pipeline, 2, torch.Generator().manual_seed(0), **sample_kwargs(adapter))
     assert len(images) == 2 and images[0].size == (RES, RES)
     assert images[0].mode == ("L" if adapter.num_channels == 1 else "RGB")
+    # the same seed gives the same images; the "ddim" override samples too and leaves the pipeline's scheduler
+    again = adapter.sample(pipeline, 2, torch.Generator().manual_seed(0), **sample_kwargs(adapter))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(images, again))
+    scheduler = pipeline.scheduler
+    ddim = adapter.sample(pipeline, 1, torch.Generator().manual_seed(0), scheduler="ddim", **sample_kwargs(adapter))
+    assert ddim[0].size == (RES, RES) and pipeline.scheduler is scheduler
 
 
 def test_plain_diffusers_loads_class_conditional_pipeline(tmp_path):
@@ -320,6 +326,21 @@ def test_load_sd_and_controlnet_from_pretrained_folder(tmp_path):
     torch.testing.assert_close(cn.model.conv_in.weight, sd.model.conv_in.weight)
     assert all(not p.requires_grad for p in cn.unet.parameters())
     assert torch.isfinite(train_step(cn))
+
+    # LoRA on a pretrained UNet names that folder as its base instead of copying it
+    sd.add_lora(rank=2)
+    train_step(sd, lr=0.5)
+    sd.save(str(tmp_path / "lora"), lora=True)
+    info = json.loads((tmp_path / "lora" / "ant_lora.json").read_text())
+    assert info["base_model"] == str(tmp_path) and not (tmp_path / "lora" / "base_model").exists()
+    assert has_lora(load_pipeline(str(tmp_path / "lora")).unet)
+
+    # a ControlNet from its own folder
+    cn.model.save_pretrained(tmp_path / "cn")
+    cn2 = get_model_adapter("controlnet").load(
+        pretrained_model_name_or_path=str(tmp_path), controlnet_model_name_or_path=str(tmp_path / "cn")
+    )
+    assert all(torch.equal(cn2.model.state_dict()[k], v) for k, v in cn.model.state_dict().items())
 
     # a model type that does not fit the folder says so
     with pytest.raises(ValueError, match="not a UNet2DModel"):

@@ -397,12 +397,15 @@ class ModelAdapter:
     ) -> list:
         """Sample ``num_images`` PIL images from ``pipeline`` (validation).
 
-        ``scheduler`` (e.g. ``DDIMScheduler.from_config(pipeline.scheduler.config)``) replaces the
-        pipeline's for this call only. Each type takes what it needs: ``prompts`` (sd, controlnet;
+        ``scheduler`` replaces the pipeline's for this call only: a scheduler instance, or a name
+        (``"ddim"``, ``"ddpm"`` or any diffusers scheduler class name) built from the pipeline's
+        scheduler config, e.g. ``scheduler="ddim"`` for few-step validation. Each type takes what it needs: ``prompts`` (sd, controlnet;
         repeated to ``num_images``), ``class_labels`` (unet, dit; default: cycle through the classes),
         ``conditioning_images`` (controlnet, one per image), ``guidance_scale`` (pipeline default when None).
         """
         pipeline.set_progress_bar_config(disable=True)
+        if isinstance(scheduler, str):
+            scheduler = scheduler_by_name(scheduler, pipeline.scheduler)
         with _swapped_scheduler(pipeline, scheduler):
             return self._sample(
                 pipeline,
@@ -431,7 +434,7 @@ class ModelAdapter:
         the model type and the base pipeline, and, when the trained module did not come from a
         pretrained folder (training from scratch), that base pipeline in ``output_dir/base_model``.
         """
-        model = model if model is not None else self.model
+        model = model if model is not None else self.model  # pass the unwrapped (or EMA) module
         os.makedirs(output_dir, exist_ok=True)
         if not lora:
             if has_lora(model):
@@ -460,6 +463,18 @@ class ModelAdapter:
     def _save_lora_weights(self, output_dir, model):
         """peft-format LoRA weights (``pytorch_lora_weights.safetensors`` + ``adapter_config.json``)."""
         save_peft_lora(output_dir, model, self.lora_config)
+
+
+def scheduler_by_name(name: str, like):
+    """A diffusers scheduler named ``name`` ("ddim", "ddpm" or a class name) with ``like``'s config."""
+    import diffusers
+
+    aliases = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}
+    cls = getattr(diffusers, aliases.get(name.lower(), name), None)
+    if cls is None or not hasattr(cls, "from_config") or not name.lower().endswith(("scheduler", "ddim", "ddpm")):
+        raise ValueError(f"unknown scheduler {name!r}: use 'ddim', 'ddpm' or a diffusers scheduler class name")
+    config = {k: v for k, v in like.config.items() if k != "_use_default_values"}
+    return cls.from_config(config)
 
 
 @contextmanager

@@ -120,10 +120,20 @@ class DiTAdapter(ModelAdapter):
         if hasattr(pipeline, "vae") and guidance_scale > 1 and num_classes != 1000:
             # diffusers' DiTPipeline hard-codes ImageNet's null class 1000
             raise ValueError("DiTPipeline guidance needs a 1000-class DiT: use guidance_scale=1")
-        return pipeline(
-            class_labels=labels,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            num_inference_steps=num_inference_steps,
-            output_type="pil",
-        ).images
+        kwargs = {
+            "class_labels": labels,
+            "guidance_scale": guidance_scale,
+            "generator": generator,
+            "num_inference_steps": num_inference_steps,
+            "output_type": "pil",
+        }
+        if not hasattr(pipeline, "vae") or generator is None:
+            return pipeline(**kwargs).images
+        # DiTPipeline's scheduler.step draws its noise from the global RNG, not from `generator`:
+        # seed a forked global RNG from the generator so the same generator gives the same images
+        # and the caller's RNG state (e.g. the training loop's) is left alone.
+        device = pipeline.device
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return pipeline(**kwargs).images
