@@ -1,0 +1,216 @@
+"""`TimestepRouter`: one denoiser made of several, each serving the timesteps of one interval.
+
+ANT (Go et al., NeurIPS 2023) measures negative transfer by swapping in a model trained only on an
+interval [t1, t2] for the steps in that interval (the negative transfer gap, PAPERS.md); DeMe
+(CVPR 2025) keeps one fine-tuned model per interval before merging them (its ensemble upper bound);
+Diff-Tuning's chain of forgetting hands the last, low-noise steps of the reverse process to the
+pretrained model. All three are "call `models[i]` when the timestep lies in interval i", which is
+this module.
+
+    from diffusers import DDIMPipeline
+    router = TimestepRouter(intervals, [model_high_noise_aware, model_b, model_c])
+    pipe = DDIMPipeline(unet=router, scheduler=scheduler)   # a drop-in replacement for the UNet
+    images = pipe(batch_size=16, num_inference_steps=50).images
+
+Routing needs the *training index* of each timestep (0 .. T-1), which is what `intervals.assign`
+takes. DDPM-family pipelines pass integer training timesteps, so by default the router rounds and
+clamps. Flow-matching pipelines pass `sigma * 1000` floats: pass the training scheduler as
+`timestep_map` and each value is mapped to the training index with the nearest model timestep
+(`diffusers_ant.schedule.model_timesteps`). Any callable `tensor -> LongTensor` works too.
+"""
+
+import torch
+from torch import nn
+
+__all__ = ["TimestepRouter", "nearest_timestep_map"]
+
+
+def nearest_timestep_map(model_timesteps):
+    """A `timestep_map` sending each value to the index of the nearest entry of `model_timesteps`.
+
+    `model_timesteps[i]` is the timestep value the denoiser receives for training index i (for
+    flow matching `sigma_i * num_train_timesteps`; for DDPM schedulers `i` itself).
+    """
+    table = torch.as_tensor(model_timesteps, dtype=torch.float64).flatten()
+    if table.numel() == 0:
+        raise ValueError("model_timesteps is empty")
+
+    def timestep_map(t):
+        values = t.detach().to("cpu", torch.float64).flatten()
+        return (values[:, None] - table[None, :]).abs().argmin(dim=1).to(t.device)
+
+    return timestep_map
+
+
+def _scheduler_timestep_map(scheduler, num_timesteps):
+    from .schedule import model_timesteps
+
+    train_steps = scheduler.config.num_train_timesteps
+    if train_steps != num_timesteps:
+        raise ValueError(
+            f"the scheduler has {train_steps} training timesteps but the intervals cover {num_timesteps}; "
+            "pass the training scheduler the intervals were made for"
+        )
+    return nearest_timestep_map(model_timesteps(scheduler, torch.arange(num_timesteps)))
+
+
+def _take(value, index, batch_size):
+    """The rows `index` of every per-sample tensor in `value` (tensors whose first dim is the batch)."""
+    if isinstance(value, torch.Tensor):
+        return value[index] if value.ndim >= 1 and value.shape[0] == batch_size else value
+    if isinstance(value, dict):
+        return type(value)((k, _take(v, index, batch_size)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_take(v, index, batch_size) for v in value)
+    return value
+
+
+def _merge(parts, batch_size):
+    """Reassemble per-group outputs [(index, output), ...] into one output of the same type."""
+    first = parts[0][1]
+    if isinstance(first, torch.Tensor):
+        merged = first.new_empty((batch_size, *first.shape[1:]))
+        for index, out in parts:
+            merged[index] = out
+        return merged
+    if isinstance(first, dict):  # also diffusers' BaseOutput dataclasses (UNet2DOutput, ...)
+        return type(first)(**{key: _merge([(i, out[key]) for i, out in parts], batch_size) for key in first.keys()})
+    if isinstance(first, (list, tuple)):
+        return type(first)(_merge([(i, out[n]) for i, out in parts], batch_size) for n in range(len(first)))
+    return first
+
+
+class TimestepRouter(nn.Module):
+    """Calls `models[i]` for the timesteps of interval i; a drop-in denoiser for diffusers pipelines.
+
+    Args:
+        intervals: a `diffusers_ant.TimestepIntervals` (or any object with `.bounds`, inclusive
+            training-index pairs, and `.assign(indices) -> cluster ids`), or a list of `(start, end)`.
+        models: one denoiser per interval, called as `model(sample, timestep, *args, **kwargs)`.
+            The same model may appear several times (e.g. the pretrained model on all but one interval).
+        timestep_map: how a timestep passed by the caller becomes a training index for routing.
+            None (default): round and clamp to 0 .. T-1 (DDPM, DDIM, PNDM, ... pass integer training
+            timesteps). A diffusers training scheduler: nearest training index by model timestep (use
+            this for flow matching, whose pipelines pass `sigma * 1000`). Or a callable
+            `Tensor -> LongTensor`. The models always receive the caller's timestep unchanged.
+
+    Calls: a scalar timestep (what pipelines pass) or a batch whose timesteps share one interval goes to
+    that interval's model in one call, with all arguments untouched, and its output is returned as is.
+    Per-sample timesteps from several intervals (training batches) split the batch: each group's rows
+    of `sample`, of the timesteps and of every per-sample tensor argument (first dimension equal to
+    the batch size, also inside dicts / tuples, e.g. `encoder_hidden_states`, `added_cond_kwargs`) go
+    to its model, and the outputs are put back in order, in the models' output type
+    (`UNet2DOutput`, `Transformer2DModelOutput`, a tuple for `return_dict=False`, a tensor).
+    Splitting is exact for models whose normalisation is per sample (GroupNorm, LayerNorm: every
+    diffusers denoiser), not for BatchNorm models in training mode.
+
+    Attributes pipelines read (`config`, `dtype`, `device`, `in_channels`, `sample_size`, ...) come
+    from the first model; methods the router lacks (e.g. `enable_gradient_checkpointing`,
+    `set_attn_processor`) are called on every distinct model, returning the first model's result.
+    `save_pretrained` is such a method: save the models one by one instead.
+    """
+
+    def __init__(self, intervals, models, timestep_map=None):
+        super().__init__()
+        if not hasattr(intervals, "assign"):
+            from .clustering import TimestepIntervals
+
+            intervals = TimestepIntervals(intervals)
+        models = list(models)
+        if len(models) != len(intervals.bounds):
+            raise ValueError(f"got {len(models)} models for {len(intervals.bounds)} intervals; pass one model per interval")
+        if not all(isinstance(m, nn.Module) for m in models):
+            raise ValueError("every model must be a torch.nn.Module")
+        self._check_compatible(models)
+        self.intervals = intervals
+        self.models = nn.ModuleList(models)
+        self.num_timesteps = int(getattr(intervals, "num_timesteps", intervals.bounds[-1][1] + 1))
+        if timestep_map is not None and hasattr(timestep_map, "config") and hasattr(timestep_map, "step"):
+            timestep_map = _scheduler_timestep_map(timestep_map, self.num_timesteps)  # a diffusers scheduler
+        elif timestep_map is not None and not callable(timestep_map):
+            raise ValueError("timestep_map must be None, a diffusers training scheduler or a callable Tensor -> LongTensor")
+        self.timestep_map = timestep_map
+
+    @staticmethod
+    def _check_compatible(models):
+        configs = [getattr(m, "config", None) for m in models]
+        if any(c is None for c in configs):
+            return
+        for key in ("in_channels", "out_channels", "sample_size"):
+            values = {str(c.get(key)) if hasattr(c, "get") else str(getattr(c, key, None)) for c in configs}
+            if len(values) > 1:
+                raise ValueError(f"the models disagree on {key} ({', '.join(sorted(values))}); a router needs interchangeable models")
+
+    # -- attributes pipelines read ---------------------------------------------------------------
+
+    @property
+    def config(self):
+        return self.models[0].config
+
+    @property
+    def dtype(self):
+        first = self.models[0]
+        if hasattr(first, "dtype"):
+            return first.dtype
+        return next(first.parameters()).dtype
+
+    @property
+    def device(self):
+        first = self.models[0]
+        if hasattr(first, "device"):
+            return first.device
+        return next(first.parameters()).device
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules
+        except AttributeError:
+            pass
+        models = self.__dict__.get("_modules", {}).get("models")
+        if models is None or len(models) == 0 or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = getattr(models[0], name)
+        if not callable(value) or isinstance(value, nn.Module):
+            return value
+        distinct = list({id(m): m for m in models}.values())
+
+        def call_on_every_model(*args, **kwargs):
+            results = [getattr(m, name)(*args, **kwargs) for m in distinct]
+            return results[0]
+
+        return call_on_every_model
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    def training_indices(self, timestep):
+        """Training indices (LongTensor, 0 .. T-1) of the given timesteps, for routing."""
+        t = timestep if isinstance(timestep, torch.Tensor) else torch.as_tensor(timestep)
+        t = t.reshape(-1)
+        if self.timestep_map is not None:
+            return torch.as_tensor(self.timestep_map(t)).long().reshape(-1)
+        # DDPM-family pipelines pass integer training timesteps; round floats, clamp strays (e.g. T).
+        return t.detach().double().round().long().clamp(0, self.num_timesteps - 1)
+
+    def route(self, timestep):
+        """Interval (model) index of each timestep, as a LongTensor."""
+        indices = self.training_indices(timestep)
+        return torch.as_tensor(self.intervals.assign(indices.cpu())).long()
+
+    def forward(self, sample, timestep, *args, **kwargs):
+        t = timestep if isinstance(timestep, torch.Tensor) else torch.as_tensor(timestep)
+        batch_size = sample.shape[0]
+        if t.numel() > 1 and (t.ndim != 1 or t.shape[0] != batch_size):
+            raise ValueError(f"timestep must be a scalar or have one entry per sample ({batch_size}), got shape {tuple(t.shape)}")
+        clusters = self.route(t)
+        groups = clusters.unique()
+        if len(groups) == 1:
+            return self.models[int(groups[0])](sample, timestep, *args, **kwargs)
+
+        parts = []
+        for cluster in groups.tolist():
+            index = (clusters == cluster).nonzero().squeeze(1).to(sample.device)
+            sub_args = _take(args, index, batch_size)
+            sub_kwargs = _take(kwargs, index, batch_size)
+            out = self.models[cluster](sample[index], t[index.to(t.device)], *sub_args, **sub_kwargs)
+            parts.append((index, out))
+        return _merge(parts, batch_size)

@@ -1,0 +1,184 @@
+"""TimestepRouter: each timestep reaches its interval's model, inside a real diffusers pipeline and in mixed batches."""
+
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from diffusers_ant import TimestepIntervals, TimestepRouter
+from diffusers_ant.schedule import model_timesteps
+
+BOUNDS = [(0, 299), (300, 699), (700, 999)]
+
+
+def tiny_unet(seed):
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def record_timesteps(model):
+    """Attach a hook that records every timestep (and batch size) the model is called with."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        seen.extend(torch.as_tensor(timestep).reshape(-1).tolist())
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def interval_of(t):
+    return next(i for i, (start, end) in enumerate(BOUNDS) if start <= t <= end)
+
+
+def test_router_inside_ddim_pipeline_matches_hand_routed_loop():
+    models = [tiny_unet(seed) for seed in range(3)]
+    seen = [record_timesteps(m) for m in models]
+    router = TimestepRouter(TimestepIntervals(BOUNDS), models)
+    pipe = DDIMPipeline(unet=router, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+
+    with torch.no_grad():
+        images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10, eta=0.0, output_type="np").images
+
+    steps = [int(t) for t in pipe.scheduler.timesteps]
+    # every model saw only its own interval's timesteps, and together they saw every step once
+    for i, (start, end) in enumerate(BOUNDS):
+        assert seen[i], f"model {i} was never called"
+        assert all(start <= t <= end for t in seen[i]), (i, seen[i])
+    assert sorted(t for s in seen for t in s) == sorted(steps)
+
+    # the same sampling loop, routed by hand
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(10)
+    generator = torch.Generator().manual_seed(0)
+    x = randn_tensor((2, 1, 8, 8), generator=generator)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = models[interval_of(int(t))](x, t).sample
+            x = scheduler.step(eps, t, x, eta=0.0, generator=generator).prev_sample
+    expected = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert images.shape == expected.shape
+    assert abs(images - expected).max() < 1e-6
+
+    # and it differs from letting one model do everything, so the routing mattered
+    with torch.no_grad():
+        single = DDIMPipeline(unet=models[0], scheduler=DDIMScheduler(num_train_timesteps=1000))
+        single.set_progress_bar_config(disable=True)
+        alone = single(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10, eta=0.0, output_type="np").images
+    assert abs(alone - expected).max() > 1e-3
+
+
+def test_mixed_per_sample_timesteps_split_the_batch():
+    models = [tiny_unet(seed) for seed in range(3)]
+    seen = [record_timesteps(m) for m in models]
+    router = TimestepRouter(TimestepIntervals(BOUNDS), models)
+    x = torch.randn(6, 1, 8, 8)
+    t = torch.tensor([5, 950, 400, 10, 650, 700])
+
+    with torch.no_grad():
+        out = router(x, t)
+        as_tuple = router(x, t, return_dict=False)
+        expected = torch.cat([models[interval_of(int(ti))](x[i : i + 1], t[i : i + 1]).sample for i, ti in enumerate(t)])
+
+    assert isinstance(out, UNet2DOutput)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    assert torch.allclose(out.sample, expected, atol=1e-5)
+    assert torch.equal(as_tuple[0], out.sample)
+    # each model got exactly its samples' timesteps (twice: the dict call and the tuple call, then one by one)
+    assert sorted(seen[0]) == sorted([5, 10] * 2 + [5, 10])
+    assert sorted(seen[1]) == sorted([400, 650] * 3)
+    assert sorted(seen[2]) == sorted([700, 950] * 3)
+
+
+class ToyConditional(torch.nn.Module):
+    """A denoiser with a per-sample conditioning tensor, a dict of extras and a Transformer2DModelOutput."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(float(scale)))
+        self.batch_sizes = []
+
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None, return_dict=True):
+        self.batch_sizes.append(sample.shape[0])
+        timestep = timestep.expand(sample.shape[0]) if timestep.ndim == 0 else timestep
+        assert encoder_hidden_states.shape[0] == sample.shape[0] == timestep.shape[0]
+        extra = added_cond_kwargs["bias"]
+        assert extra.shape[0] == sample.shape[0]
+        out = sample * self.scale + encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1) + timestep.view(-1, 1, 1, 1) + extra.view(-1, 1, 1, 1)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+def test_per_sample_arguments_follow_their_rows():
+    models = [ToyConditional(scale) for scale in (1.0, 2.0, 3.0)]
+    router = TimestepRouter(TimestepIntervals(BOUNDS), models)
+    x = torch.randn(4, 1, 2, 2)
+    t = torch.tensor([999, 0, 500, 1])
+    cond = torch.randn(4, 3, 5)
+    bias = torch.randn(4)
+    out = router(x, t, cond, added_cond_kwargs={"bias": bias})
+    assert isinstance(out, Transformer2DModelOutput)
+    scales = torch.tensor([3.0, 1.0, 2.0, 1.0]).view(-1, 1, 1, 1)
+    expected = x * scales + cond.mean(dim=(1, 2)).view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1) + bias.view(-1, 1, 1, 1)
+    assert torch.allclose(out.sample, expected)
+    assert [m.batch_sizes for m in models] == [[2], [1], [1]]
+    # a scalar timestep is one call to one model, with the whole batch
+    out = router(x, torch.tensor(600), cond.clone(), added_cond_kwargs={"bias": bias}, return_dict=False)
+    assert isinstance(out, tuple) and models[1].batch_sizes == [1, 4]
+
+
+def test_attributes_and_methods_come_from_the_models():
+    models = [tiny_unet(0), tiny_unet(1)]
+    router = TimestepRouter(TimestepIntervals([(0, 499), (500, 999)]), models)
+    assert router.config.sample_size == 8 and router.config.in_channels == 1
+    assert router.dtype == torch.float32 and router.device.type == "cpu"
+    assert not any(m.is_gradient_checkpointing for m in models)
+    router.enable_gradient_checkpointing()  # a method: broadcast to every distinct model
+    assert all(m.is_gradient_checkpointing for m in models)
+    assert router.is_gradient_checkpointing is True  # a plain attribute: read from the first model
+    # parameters are shared, not copied, and a model used twice counts once
+    shared = TimestepRouter([(0, 299), (300, 999)], [models[0], models[0]])
+    assert sum(p.numel() for p in shared.parameters()) == sum(p.numel() for p in models[0].parameters())
+
+
+def test_flow_matching_timesteps_map_back_to_training_indices():
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    router = TimestepRouter(TimestepIntervals(BOUNDS), [ToyConditional(1.0) for _ in BOUNDS], timestep_map=scheduler)
+    indices = torch.tensor([0, 1, 299, 300, 699, 700, 998, 999])
+    values = model_timesteps(scheduler, indices)  # what the model is called with: sigma * 1000, floats
+    assert values.is_floating_point()
+    assert torch.equal(router.training_indices(values), indices)
+    assert router.route(values).tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    # without the map, sigma * 1000 would be read as a DDPM index: shift=3 puts index 299 far above 299
+    assert TimestepRouter(TimestepIntervals(BOUNDS), [ToyConditional(1.0) for _ in BOUNDS]).route(values).tolist() != [0, 0, 0, 1, 1, 2, 2, 2]
+
+
+def test_default_map_rounds_and_clamps():
+    router = TimestepRouter(TimestepIntervals(BOUNDS), [ToyConditional(1.0) for _ in BOUNDS])
+    assert router.training_indices(torch.tensor([299.4, 299.6, -3.0, 1000.0])).tolist() == [299, 300, 0, 999]
+
+
+def test_errors_name_the_fix():
+    with pytest.raises(ValueError, match="one model per interval"):
+        TimestepRouter(TimestepIntervals(BOUNDS), [tiny_unet(0)])
+    other = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    with pytest.raises(ValueError, match="sample_size"):
+        TimestepRouter(TimestepIntervals([(0, 499), (500, 999)]), [tiny_unet(0), other])
+    router = TimestepRouter(TimestepIntervals(BOUNDS), [ToyConditional(1.0) for _ in BOUNDS])
+    with pytest.raises(ValueError, match="one entry per sample"):
+        router(torch.randn(3, 1, 2, 2), torch.tensor([1, 2]), torch.randn(3, 1, 1), added_cond_kwargs={"bias": torch.zeros(3)})
+    with pytest.raises(ValueError, match="timestep_map"):
+        TimestepRouter(TimestepIntervals(BOUNDS), [ToyConditional(1.0) for _ in BOUNDS], timestep_map=3)
