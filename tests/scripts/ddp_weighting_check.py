@@ -1,0 +1,166 @@
+"""Multi-process check of the weightings under data parallelism (launched by tests/test_distributed.py).
+
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no tests/scripts/ddp_weighting_check.py --methods uw,pcgrad,nash_mtl --output_dir OUT
+
+(`--multi_gpu` runs two real gloo processes on a CPU-only machine.) For each method, every process
+trains the same tiny diffusers UNet2DModel for a few steps on its OWN random shard, with K = 4
+timestep clusters of equal width, the way the trainer does it:
+
+* loss-based methods: the closure runs the DDP-wrapped model, `weighted_backward` syncs the task
+  losses, `accelerator.backward` lets DDP average the gradients once;
+* gradient-based methods: the closure runs the unwrapped model, the engine all-reduces the per-task
+  gradients (count-weighted) and writes the update; DDP's reducer must not fire (a counting comm hook
+  checks it).
+
+Then process 0 repeats the run on ONE process over the concatenated global batch (engine and loss
+sync switched off), which is what the distributed run must equal. Each process writes
+`{method}_rank{r}.safetensors` (final and initial parameters, UW's log-variances, the step-0 task
+gradients, the number of DDP all-reduce calls); process 0 also writes `{method}_reference.safetensors`.
+"""
+
+import argparse
+import os
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, UNet2DModel
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
+
+from diffusers_ant.weighting import get_weighting
+from diffusers_ant.weighting.engine import TaskGradientEngine, weighted_backward
+
+NUM_TASKS = 4
+NUM_TIMESTEPS = 1000
+# Options that make the short run exercise each method's state: Nash-MTL re-solves every 2 steps
+# (reusing alpha in between), UW's log-variances move fast enough to be seen.
+METHOD_OPTIONS = {"nash_mtl": {"update_every": 2}, "uw": {"lr": 0.5}}
+
+
+def tiny_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+
+
+def shard(step: int, rank: int, batch_size: int, scheduler: DDPMScheduler):
+    """Process `rank`'s data for `step`: images, noisy images, timesteps, targets, task ids."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    clean = torch.randn(batch_size, 1, 8, 8, generator=g)
+    noise = torch.randn(batch_size, 1, 8, 8, generator=g)
+    timesteps = torch.randint(0, NUM_TIMESTEPS, (batch_size,), generator=g)
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    task_ids = timesteps * NUM_TASKS // NUM_TIMESTEPS  # K clusters of equal width
+    return noisy, timesteps, noise, task_ids
+
+
+def make_closure(model, noisy, timesteps, target):
+    def per_sample_loss_fn(indices):
+        sel = slice(None) if indices is None else indices
+        pred = model(noisy[sel], timesteps[sel]).sample
+        return ((pred - target[sel]) ** 2).mean(dim=(1, 2, 3))
+
+    return per_sample_loss_fn
+
+
+def flat(tensors):
+    return torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
+
+
+def build(method):
+    model = tiny_unet()
+    weighting = get_weighting(method, NUM_TASKS, **METHOD_OPTIONS.get(method, {}))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    if hasattr(weighting, "param_groups"):
+        for group in weighting.param_groups():
+            optimizer.add_param_group(group)
+    return model, weighting, optimizer
+
+
+def train(method, args, accelerator=None, ranks=None):
+    """Train `args.steps` steps. With `accelerator`: the distributed run on this process's shard.
+    Without: one process over the concatenation of the shards of `ranks`, no syncing."""
+    scheduler = DDPMScheduler(num_train_timesteps=NUM_TIMESTEPS)
+    model, weighting, optimizer = build(method)
+    init = flat(model.parameters())
+    hook_calls = [0]
+    sync = accelerator is not None
+    if sync:
+        # The weighting module is NOT prepared: it is not a DDP module, its parameters get identical
+        # gradients on every process from the synced task losses.
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if isinstance(model, DistributedDataParallel):
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def counting_hook(state, bucket):
+                hook_calls[0] += 1
+                return allreduce_hook(state, bucket)
+
+            model.register_comm_hook(None, counting_hook)
+        unwrapped = accelerator.unwrap_model(model)
+        backward_fn = accelerator.backward
+    else:
+        unwrapped = model
+        backward_fn = None
+    engine = TaskGradientEngine([p for p in unwrapped.parameters() if p.requires_grad], sync=sync)
+    # Gradient-based: the closure must bypass DDP (the engine syncs); loss-based: through DDP.
+    closure_model = unwrapped if weighting.needs_task_gradients else model
+
+    first_task_grads = torch.zeros(0)
+    weights_log = []
+    for step in range(args.steps):
+        parts = [shard(step, r, args.batch_size, scheduler) for r in ranks]
+        noisy, timesteps, target, task_ids = (torch.cat(x) for x in zip(*parts))
+        closure = make_closure(closure_model, noisy, timesteps, target)
+        stats = weighted_backward(weighting, closure, task_ids, NUM_TASKS, engine=engine,
+                                  backward_fn=backward_fn, sync=sync)
+        if step == 0 and weighting.needs_task_gradients:
+            first_task_grads = engine.task_grads.detach().clone()
+        weights_log.append(stats["weights"].float())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    out = {
+        "params": flat(unwrapped.parameters()),
+        "init_params": init,
+        "task_grads_step0": first_task_grads.float().contiguous(),
+        "weights": torch.stack(weights_log),
+        "ddp_allreduce_calls": torch.tensor([hook_calls[0]]),
+    }
+    if hasattr(weighting, "log_vars"):
+        out["log_vars"] = weighting.log_vars.detach().clone()
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="uw,pcgrad,nash_mtl")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=6, help="per process")
+    parser.add_argument("--output_dir", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # two processes on a 2-core machine
+
+    # On a machine without CUDA, Accelerate only sets up torch.distributed (gloo, MULTI_CPU) when
+    # told to run on the CPU; otherwise every launched process silently trains alone.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.num_processes < 2:
+        raise SystemExit("launch with `accelerate launch --multi_gpu --num_processes 2`: this check needs two processes")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    os.makedirs(args.output_dir, exist_ok=True)
+    for method in args.methods.split(","):
+        result = train(method, args, accelerator=accelerator, ranks=[rank])
+        save_file(result, os.path.join(args.output_dir, f"{method}_rank{rank}.safetensors"))
+        if accelerator.is_main_process:
+            reference = train(method, args, accelerator=None, ranks=list(range(world)))
+            save_file(reference, os.path.join(args.output_dir, f"{method}_reference.safetensors"))
+        accelerator.wait_for_everyone()
+    accelerator.print(f"done: {args.methods} on {world} processes ({accelerator.distributed_type})")
+
+
+if __name__ == "__main__":
+    main()

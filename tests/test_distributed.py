@@ -1,0 +1,95 @@
+"""Weightings under data parallelism with two real processes (gloo on CPU), and the sync helpers alone.
+
+The slow test launches tests/scripts/ddp_weighting_check.py with
+`accelerate launch --multi_gpu --num_processes 2`: each process trains a tiny UNet2DModel on its own
+random shard with UW, PCGrad and Nash-MTL; process 0 also repeats the run on one process over the
+concatenated global batch. Parameters must be identical on both processes, must have moved, must
+equal the one-process run on the global batch, and DDP's reducer must not have averaged the
+gradient-based updates a second time.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusers_ant.weighting import distributed
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("uw", "pcgrad", "nash_mtl")
+STEPS = 4
+
+
+def test_helpers_are_no_ops_on_one_process():
+    assert not distributed.is_distributed() and distributed.world_size() == 1
+    t = torch.arange(4.0)
+    assert distributed.all_reduce_sum_(t) is t and t.tolist() == [0, 1, 2, 3]
+    distributed.all_reduce_sum_tensors_([t])
+    grads, losses, counts = torch.ones(3, 5), torch.tensor([1.0, 2.0, 0.0]), torch.tensor([2, 1, 0])
+    out_losses, out_counts = distributed.sync_task_gradients_(grads, losses, counts)
+    assert out_losses is losses and out_counts is counts and torch.all(grads == 1)
+    synced, synced_counts = distributed.sync_task_losses(losses, counts)
+    assert synced is losses and synced_counts is counts
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", "0",  # a free port: other test runs may hold the default 29500
+        str(REPO / "tests" / "scripts" / "ddp_weighting_check.py"),
+        "--methods", ",".join(METHODS), "--steps", str(STEPS), "--output_dir", str(out),
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "on 2 processes (DistributedType.MULTI_CPU)" in result.stdout + result.stderr
+    return {
+        method: [load_file(out / f"{method}_{who}.safetensors") for who in ("rank0", "rank1", "reference")]
+        for method in METHODS
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_take_identical_steps(two_process_run, method):
+    rank0, rank1, reference = two_process_run[method]
+    # identical on both processes, bit for bit: the same synced statistics, the same weights
+    assert torch.equal(rank0["params"], rank1["params"])
+    assert torch.equal(rank0["weights"], rank1["weights"])
+    # and the steps did something
+    assert (rank0["params"] - rank0["init_params"]).abs().max() > 1e-3
+    # equal to one process training on the concatenated global batch (float rounding only)
+    scale = 1.0 + rank0["params"].abs().max()
+    assert (rank0["params"] - reference["params"]).abs().max() < 1e-5 * scale
+    torch.testing.assert_close(rank0["weights"], reference["weights"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_uw_log_variances_identical_and_synced_through_ddp(two_process_run):
+    rank0, rank1, reference = two_process_run["uw"]
+    assert torch.equal(rank0["log_vars"], rank1["log_vars"])
+    assert rank0["log_vars"].abs().max() > 1e-3  # they moved from their initial 0
+    torch.testing.assert_close(rank0["log_vars"], reference["log_vars"], rtol=1e-5, atol=1e-6)
+    # loss-based: the ordinary DDP backward averaged the model gradients (once per step)
+    assert int(rank0["ddp_allreduce_calls"]) >= STEPS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["pcgrad", "nash_mtl"])
+def test_gradient_methods_sync_task_gradients_not_ddp(two_process_run, method):
+    rank0, rank1, reference = two_process_run[method]
+    # the DDP reducer never fired: the engine's own all-reduce was the only one
+    assert int(rank0["ddp_allreduce_calls"]) == 0 and int(rank1["ddp_allreduce_calls"]) == 0
+    # the all-reduced per-task gradients are the one-process per-task gradients of the global batch
+    grads = rank0["task_grads_step0"]
+    assert grads.shape[0] == 4 and grads.abs().max() > 1e-3
+    assert torch.equal(grads, rank1["task_grads_step0"])
+    assert (grads - reference["task_grads_step0"]).abs().max() < 1e-5
