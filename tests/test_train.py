@@ -25,13 +25,26 @@ def _tiny_args(model_type, out, *extra):
             *TINY_RUN, *extra]
 
 
+def _sample(model_type, pipe):
+    """Two DDPM steps through the pipeline's own __call__, as a diffusers user would call it."""
+    from PIL import Image
+
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="np")
+    if model_type in ("sd", "controlnet"):
+        kwargs["prompt"] = "a handwritten digit 3"
+    if model_type == "controlnet":
+        kwargs["image"] = Image.new("RGB", (16, 16), "white")
+    if model_type in ("unet", "dit"):
+        kwargs["batch_size"] = 1
+    return torch.as_tensor(pipe(**kwargs).images)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["unet", "dit", "sd", "controlnet"])
 def test_each_model_type_full_and_lora_trains_saves_and_samples(model_type, tmp_path):
     """Full training from the tiny preset, then LoRA on top of it; both outputs load in diffusers and sample."""
-    from diffusers import DiffusionPipeline
-
-    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.models import load_pipeline
 
     full = tmp_path / "full"
     train_in_process(_tiny_args(model_type, full, "--max_train_steps", "2", "--mtl_method", "uw"))
@@ -40,8 +53,7 @@ def test_each_model_type_full_and_lora_trains_saves_and_samples(model_type, tmp_
     assert not list(full.rglob("*.bin")) and not list(full.rglob("*.pt")), "weights must be safetensors"
     config = json.loads((full / "training_config.json").read_text())
     assert config["mtl_method"] == "uw" and config["model_type"] == model_type
-    pipe = DiffusionPipeline.from_pretrained(str(full))
-    before = get_model_adapter(model_type).sample_for_test(pipe, seed=0)
+    before = _sample(model_type, load_pipeline(str(full)))
 
     lora = tmp_path / "lora"
     lora_args = _tiny_args(model_type, lora, "--max_train_steps", "2", "--rank", "4", "--learning_rate", "5e-2",
@@ -52,9 +64,7 @@ def test_each_model_type_full_and_lora_trains_saves_and_samples(model_type, tmp_
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
     base_files = {p.name for p in lora.rglob("*.safetensors")}
     assert base_files == {"pytorch_lora_weights.safetensors"}, f"a LoRA run saves adapters only, got {base_files}"
-    pipe = DiffusionPipeline.from_pretrained(str(full))
-    get_model_adapter(model_type).load_lora_into_pipeline(pipe, str(lora))
-    after = get_model_adapter(model_type).sample_for_test(pipe, seed=0)
+    after = _sample(model_type, load_pipeline(str(lora)))  # the base named in the LoRA folder + adapters
     assert before.shape == after.shape and torch.isfinite(after).all()
     assert (before - after).abs().max() > 0, "the LoRA weights must change the pipeline's output"
 
@@ -125,7 +135,12 @@ BAD_INVOCATIONS = [
 def test_bad_invocations_exit_with_one_line(extra, needle, tmp_path, capsys):
     from train_scripts_loader import load_train_main
 
-    args = ["--dataset_name", "mnist5k", "--output_dir", str(tmp_path / "out"), *TINY_RUN, "--max_train_steps", "1"]
+    args = ["--output_dir", str(tmp_path / "out"), *TINY_RUN, "--max_train_steps", "1"]
+    if "--pretrained_model_name_or_path" in extra:
+        i = args.index("--model_config_name_or_path")
+        del args[i:i + 2]
+    if "--train_data_dir" not in extra:
+        args += ["--dataset_name", "mnist5k"]
     main = load_train_main()
     with pytest.raises(SystemExit) as exit_info:
         main([*args, *extra])
@@ -147,6 +162,11 @@ def test_empty_image_folder_and_missing_column_errors(tmp_path, capsys):
         main(["--train_data_dir", str(empty), "--output_dir", str(tmp_path / "o"), *TINY_RUN, "--max_train_steps", "1"])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "image" in err, err
+    with pytest.raises(SystemExit):
+        main(["--dataset_name", "mnist5k", "--class_column", "digit", "--num_classes", "10",
+              "--output_dir", str(tmp_path / "o"), *TINY_RUN, "--max_train_steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "digit" in err and "label" in err, err  # names the column, lists the real ones
 
 
 def test_bad_invocation_as_a_real_process(tmp_path):

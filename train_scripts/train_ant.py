@@ -19,7 +19,7 @@ def main(argv=None):
         if args.demo:
             print("No arguments: training the ANT demo (MNIST-5k, 16x16 attention UNet, SNR clusters k=5, UW) into ./ant-demo")
         train(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError) as err:
         # Bad input (a flag, a dataset, a checkpoint, a model): one line naming the problem.
         # Set DIFFUSERS_ANT_DEBUG=1 for the traceback.
         if os.environ.get("DIFFUSERS_ANT_DEBUG"):

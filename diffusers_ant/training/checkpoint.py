@@ -104,8 +104,11 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: Dict
     """Write checkpoint-<step> atomically (temporary folder, then rename) and prune old ones."""
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
     tmp = final + _TMP_SUFFIX
-    if accelerator.is_main_process and os.path.isdir(tmp):
-        shutil.rmtree(tmp)  # left over by an earlier crash
+    if accelerator.is_main_process:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)  # left over by an earlier crash
+        os.makedirs(tmp)
+    # Every process writes into the folder (its RNG and trainer state): it must exist first.
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp, safe_serialization=True)
     save_trainer_state(tmp, trainer_state, accelerator.process_index)  # every process: its own generator state

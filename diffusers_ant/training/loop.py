@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .args import UsageError
 from .checkpoint import load_checkpoint, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
-from .step import DiffusionObjective, weighted_backward
+from .step import DiffusionObjective, training_step
 
 logger = logging.getLogger("diffusers_ant")
 
@@ -61,6 +61,60 @@ def build_sampler(args, intervals, num_timesteps):
     return UniformTimestepSampler(num_timesteps)
 
 
+def data_needs(args) -> dict:
+    """Which dataset columns the model type needs (captions, conditioning images, classes)."""
+    return {"need_captions": args.model_type in ("sd", "controlnet"),
+            "need_conditioning": args.model_type == "controlnet",
+            "need_classes": args.model_type in ("unet", "dit") and (args.num_classes is not None or args.model_type == "dit"
+                                                                    or args.class_column is not None)}
+
+
+def image_channels(dataset, image_column) -> int:
+    """1 for greyscale datasets, 3 otherwise (what a model trained from scratch is built for)."""
+    return 1 if dataset[0][image_column].mode in ("L", "1", "I;16", "I", "F") else 3
+
+
+def pixel_resolution(adapter) -> int:
+    """Image side length the data must have: the model's sample size, times the VAE's factor when latent."""
+    if adapter.latent:
+        return adapter.sample_size * adapter.vae_scale_factor(adapter.vae)
+    return adapter.sample_size
+
+
+def parameter_subset(model, spec):
+    """`--task_gradient_subset`: None (all trainable), `lora`, or comma-separated module-name prefixes."""
+    if spec is None:
+        return None
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if spec == "lora":
+        chosen = [p for n, p in named if "lora_" in n]
+    else:
+        prefixes = tuple(x.strip() for x in spec.split(",") if x.strip())
+        chosen = [p for n, p in named if n.startswith(prefixes)]
+    if not chosen:
+        raise UsageError(f"--task_gradient_subset {spec!r} matches no trainable parameter "
+                         "(use `lora` with --rank, or module-name prefixes such as `down_blocks.0,mid_block`)")
+    return chosen
+
+
+def default_validation_inputs(args, dataset, columns) -> dict:
+    """Prompts / conditioning images for validation: the flags, else the first training examples."""
+    from PIL import Image
+
+    n = args.num_validation_images
+    inputs = {}
+    if args.model_type in ("sd", "controlnet"):
+        inputs["prompts"] = ([args.validation_prompt] * n if args.validation_prompt
+                             else [dataset[i % len(dataset)][columns["caption_column"]] for i in range(n)])
+    if args.model_type == "controlnet":
+        if args.validation_image:
+            inputs["conditioning_images"] = [Image.open(args.validation_image).convert("RGB")] * n
+        else:
+            inputs["conditioning_images"] = [dataset[i % len(dataset)][columns["conditioning_image_column"]].convert("RGB")
+                                             for i in range(n)]
+    return inputs
+
+
 def train(args) -> str:
     """Train as `args` says; returns the output folder."""
     from accelerate import Accelerator
@@ -68,13 +122,17 @@ def train(args) -> str:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from ..data import load_training_dataset, make_train_dataloader, resolve_columns
+    from ..data import class_names, load_training_dataset, make_train_dataloader, resolve_columns
     from ..models import get_model_adapter
     from ..schedule import num_train_timesteps
     from ..weighting import get_weighting
 
     # ---------------------------------------------------------------- set-up
     accelerator = Accelerator(
+        # Without a GPU, `accelerate launch --multi_gpu` starts several processes but Accelerate only
+        # forms the gloo process group (MULTI_CPU) when told to use the CPU; otherwise each process
+        # would train alone.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to in (None, "none") else args.report_to,
@@ -90,12 +148,23 @@ def train(args) -> str:
         os.makedirs(args.output_dir, exist_ok=True)
         remove_stale_temporaries(args.output_dir)
 
+    # Data first: a model trained from scratch takes its channel and class counts from it.
+    dataset = load_training_dataset(dataset_name=args.dataset_name, train_data_dir=args.train_data_dir,
+                                    dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir)
+    needs = data_needs(args)
+    columns = resolve_columns(dataset, image_column=args.image_column, caption_column=args.caption_column,
+                              conditioning_image_column=args.conditioning_image_column,
+                              class_column=args.class_column, **needs)
+    num_classes = args.num_classes
+    if num_classes is None and needs["need_classes"]:
+        num_classes = len(class_names(dataset, columns["class_column"]))
     adapter = get_model_adapter(args.model_type).load(
         pretrained_model_name_or_path=args.pretrained_model_name_or_path,
         model_config_name_or_path=args.model_config_name_or_path,
         controlnet_model_name_or_path=args.controlnet_model_name_or_path,
-        resolution=args.resolution, num_classes=args.num_classes, prediction_type=args.prediction_type,
+        resolution=args.resolution, num_classes=num_classes, prediction_type=args.prediction_type,
         revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+        num_channels=image_channels(dataset, columns["image_column"]),
     )
     if args.rank is not None:
         adapter.add_lora(args.rank, alpha=args.lora_alpha)
@@ -113,16 +182,12 @@ def train(args) -> str:
                                    loss_weighting=args.loss_weighting, snr_gamma=args.snr_gamma,
                                    p2_k=args.p2_k, p2_gamma=args.p2_gamma, noise_offset=args.noise_offset)
 
-    dataset = load_training_dataset(dataset_name=args.dataset_name, train_data_dir=args.train_data_dir,
-                                    dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir)
-    columns = resolve_columns(dataset, image_column=args.image_column, caption_column=args.caption_column,
-                              conditioning_image_column=args.conditioning_image_column,
-                              class_column=args.class_column, **adapter.data_requirements(args))
     train_dataloader = make_train_dataloader(
-        dataset, columns, resolution=adapter.resolution, batch_size=args.train_batch_size,
+        dataset, columns, resolution=pixel_resolution(adapter), batch_size=args.train_batch_size,
         num_channels=adapter.num_channels, tokenizer=adapter.tokenizer, seed=args.seed or 0,
         num_workers=args.dataloader_num_workers, center_crop=args.center_crop, random_flip=args.random_flip,
         max_samples=args.max_train_samples)
+    validation_inputs = default_validation_inputs(args, dataset, columns)
 
     weighting = None
     if args.mtl_method != "none":
@@ -158,7 +223,7 @@ def train(args) -> str:
         from ..weighting.engine import TaskGradientEngine
 
         engine = TaskGradientEngine(params, mode=args.task_gradients,
-                                    subset=adapter.parameter_subset(args.task_gradient_subset))
+                                    subset=parameter_subset(adapter.model, args.task_gradient_subset))
     # One generator draws every timestep and noise tensor; each process has its own stream.
     generator = torch.Generator(device=accelerator.device).manual_seed((args.seed or 0) * 1000 + accelerator.process_index)
 
@@ -210,7 +275,7 @@ def train(args) -> str:
             batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
         for batch in batches:
             with accelerator.accumulate(model):
-                logs = weighted_backward(accelerator, objective, model, batch, generator, num_tasks,
+                logs = training_step(accelerator, objective, model, batch, generator, num_tasks,
                                          weighting=weighting, engine=engine)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -239,7 +304,7 @@ def train(args) -> str:
                                        args.checkpoints_total_limit)
                 accelerator.print(f"saved {path}")
             if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-                validate(args, accelerator, adapter, model, ema, params, global_step)
+                validate(args, accelerator, adapter, model, ema, params, global_step, validation_inputs)
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:
@@ -249,7 +314,7 @@ def train(args) -> str:
     # ---------------------------------------------------------------- outputs
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        finish(args, accelerator, adapter, model, ema, params, intervals, global_step)
+        finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return args.output_dir
@@ -274,31 +339,31 @@ def _ema_weights(ema, params):
     return swap()
 
 
-def validate(args, accelerator, adapter, model, ema, params, step):
+def validate(args, accelerator, adapter, model, ema, params, step, inputs):
     """Sample a grid with the (EMA) weights, save it under samples/ and send it to the trackers."""
     if not accelerator.is_main_process:
         return None
     from .validation import log_and_save_samples
 
     with _ema_weights(ema, params):
-        return log_and_save_samples(args, accelerator, adapter, accelerator.unwrap_model(model), step)
+        return log_and_save_samples(args, accelerator, adapter, accelerator.unwrap_model(model), step, inputs)
 
 
-def finish(args, accelerator, adapter, model, ema, params, intervals, global_step):
+def finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs):
     """Save the pipeline (or LoRA weights), samples, model card; push to the Hub if asked."""
     from ..hub import push_to_hub, write_model_card
 
     unwrapped = accelerator.unwrap_model(model)
     with _ema_weights(ema, params):
         adapter.save(args.output_dir, unwrapped, lora=args.rank is not None)
-        images, grid_path = validate(args, accelerator, adapter, model, None, params, global_step)
+        images, grid_path = validate(args, accelerator, adapter, model, None, params, global_step, validation_inputs)
     summary = {
         "model_type": args.model_type, "mtl_method": args.mtl_method, "clustering": args.clustering,
         "num_clusters": len(intervals), "intervals": [list(b) for b in intervals.bounds],
         "timestep_sampling": args.timestep_sampling, "loss_weighting": args.loss_weighting,
         "max_train_steps": global_step, "train_batch_size": args.train_batch_size,
         "learning_rate": args.learning_rate, "lora_rank": args.rank, "use_ema": args.use_ema,
-        "resolution": adapter.resolution,
+        "resolution": pixel_resolution(adapter),
     }
     write_model_card(args.output_dir, repo_id=args.hub_model_id, base_model=args.pretrained_model_name_or_path,
                      model_type=args.model_type, method_summary=summary, dataset_name=args.dataset_name,

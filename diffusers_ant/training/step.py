@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from ..losses import per_sample_loss, reduce_task_losses, timestep_loss_weights
+from ..losses import per_sample_loss, timestep_loss_weights
 from ..schedule import add_noise, model_timesteps, resolve_prediction_type, snr_at, training_target
 
 
@@ -91,35 +91,20 @@ class DiffusionObjective:
         return fn
 
 
-def weighted_backward(accelerator, objective: DiffusionObjective, model, batch, generator, num_tasks: int,
-                      weighting=None, engine=None) -> Dict[str, torch.Tensor]:
-    """Run one micro-batch: forward, the method's weighting, backward. Returns detached logs.
+def training_step(accelerator, objective: DiffusionObjective, model, batch, generator, num_tasks: int,
+                  weighting=None, engine=None) -> Dict[str, torch.Tensor]:
+    """One micro-batch: draw timesteps and noise, then the method's backward. Returns detached logs.
 
+    The dispatch (vanilla / loss-based / gradient-based) is `weighting.engine.weighted_backward`.
     `model` is the module as prepared by Accelerate (DDP-wrapped on several processes). For a
-    gradient-based weighting the engine runs the *unwrapped* module and all-reduces the K task
-    gradients itself, so the model's own DDP reducer never averages them a second time.
+    gradient-based weighting the closure runs the *unwrapped* module: the engine all-reduces the K
+    task gradients itself, so the model's own DDP reducer never averages them a second time.
     """
-    prepared = objective.prepare(batch, generator)
-    task_ids = prepared["task_ids"]
-    if weighting is not None and weighting.needs_task_gradients:
-        fn = objective.loss_fn(accelerator.unwrap_model(model), prepared)
-        stats = engine.backward(weighting, fn, task_ids, num_tasks)
-        task_losses, counts, weights = stats["task_losses"], stats["counts"], stats["weights"]
-        loss = (weights.to(task_losses) * task_losses).sum()
-    else:
-        per_sample = objective.loss_fn(model, prepared)(None)
-        if weighting is None:
-            loss = per_sample.mean()
-            task_losses, counts = reduce_task_losses(per_sample.detach(), task_ids, num_tasks)
-            weights = None
-        else:
-            from ..weighting.distributed import synced_task_losses
+    from ..weighting.engine import weighted_backward
 
-            # Every process sees the global cluster means (so UW's log-variances get the same
-            # gradient everywhere); the gradient still flows through this process's own losses.
-            task_losses, counts = synced_task_losses(per_sample, task_ids, num_tasks)
-            loss = weighting.combine(task_losses, present=counts > 0)
-            weights = weighting.last_weights
-        accelerator.backward(loss)
-    return {"loss": loss.detach(), "task_losses": task_losses.detach(), "counts": counts.detach(),
-            "weights": None if weights is None else weights.detach()}
+    prepared = objective.prepare(batch, generator)
+    gradient_based = weighting is not None and weighting.needs_task_gradients
+    fn = objective.loss_fn(accelerator.unwrap_model(model) if gradient_based else model, prepared)
+    return weighted_backward(weighting, fn, prepared["task_ids"], num_tasks, engine=engine,
+                             backward_fn=accelerator.backward,
+                             grad_scale=1.0 / accelerator.gradient_accumulation_steps)
