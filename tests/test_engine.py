@@ -12,21 +12,26 @@ K = 4
 
 
 class RecordingWeights(GradientWeighting):
-    """A stand-in gradient weighting with fixed weights that records what the engine gives it."""
+    """A stand-in gradient weighting with fixed weights that records the Gram matrix it is given."""
 
     name = "recording"
 
     def __init__(self, num_tasks, weights):
         super().__init__(num_tasks)
         self.fixed = torch.as_tensor(weights, dtype=torch.float64)
-        self.seen_grads, self.seen_present = None, None
-
-    def weights_from_grads(self, grads, present=None):
-        self.seen_grads, self.seen_present = grads.detach().clone(), present.clone()
-        return super().weights_from_grads(grads, present)
+        self.seen_gram, self.seen_present = None, None
 
     def task_weights(self, gram, present):
+        self.seen_gram, self.seen_present = gram.clone(), present.clone()
         return self.fixed[present]
+
+
+class RecordingGrads(RecordingWeights):
+    """The same, for a method that overrides `weights_from_grads` (it gets G itself)."""
+
+    def weights_from_grads(self, grads, present=None):
+        self.seen_grads = grads.detach().clone()
+        return super().weights_from_grads(grads, present)
 
 
 def tiny_unet(seed=0):
@@ -106,8 +111,9 @@ def test_split_equals_retain_graph_and_brute_force(build):
         engine = TaskGradientEngine(params, mode=mode)
         stats = engine.backward(weighting, loss_fn_for(model, batch), batch[-1], K)
         results[mode] = (engine.task_grads.clone(), flat_grad(params), stats)
-        # the weighting saw exactly the engine's matrix
-        torch.testing.assert_close(weighting.seen_grads, engine.task_grads, rtol=0, atol=0)
+        # the weighting saw the Gram matrix of the engine's task gradients
+        g = engine.task_grads.double()
+        torch.testing.assert_close(weighting.seen_gram, g @ g.T, rtol=1e-10, atol=1e-12)
 
     split_grads, split_update, split_stats = results["split"]
     retain_grads, retain_update, retain_stats = results["retain_graph"]
@@ -134,7 +140,7 @@ def test_subset_weights_from_subset_grads_and_full_update(mode):
     batch = make_batch()
     weights = [0.5, 0.1, 0.3, 0.7]
 
-    weighting = RecordingWeights(K, weights)
+    weighting = RecordingGrads(K, weights)
     engine = TaskGradientEngine(params, mode=mode, subset=subset_modules)  # modules are accepted too
     assert engine.num_task_params == sum(p.numel() for p in subset) < sum(p.numel() for p in params)
     engine.backward(weighting, loss_fn_for(model, batch), batch[-1], K)
@@ -268,3 +274,26 @@ def test_errors_name_the_fix():
         engine.backward(RecordingWeights(K, [1.0] * K), lambda idx: loss_fn_for(model, batch)(idx).mean(), batch[-1], K)
     with pytest.raises(ValueError, match="engine"):
         weighted_backward(get_weighting("pcgrad", K), loss_fn_for(model, batch), batch[-1], K)
+
+
+def test_nash_mtl_steps_between_solves_need_no_task_gradients():
+    model = tiny_unet()
+    params = list(model.parameters())
+    weighting = get_weighting("nash_mtl", K, update_every=2)
+    engine = TaskGradientEngine(params)
+    first, second = make_batch(seed=21), make_batch(seed=22)
+
+    engine.backward(weighting, loss_fn_for(model, first), first[-1], K)  # step 0: solve alpha
+    assert engine.num_task_backward_calls == int((torch.bincount(first[-1], minlength=K) > 0).sum())
+    alpha = weighting.alpha.clone()
+
+    model.zero_grad(set_to_none=True)
+    calls = []
+    before = engine.num_task_backward_calls
+    stats = engine.backward(weighting, loss_fn_for(model, second, calls), second[-1], K)  # step 1: reuse
+    assert calls == [None] and engine.num_task_backward_calls == before  # one forward, no task passes
+    present = torch.bincount(second[-1], minlength=K) > 0
+    expected_weights = torch.where(present, alpha, torch.zeros_like(alpha)).float()
+    torch.testing.assert_close(stats["weights"], expected_weights)
+    expected = expected_weights @ reference_task_grads(model, second, params)
+    assert (flat_grad(params) - expected).abs().max() < 1e-5

@@ -115,6 +115,26 @@ def _check_num_tasks(weighting: Weighting, num_tasks: Optional[int]) -> int:
     return int(num_tasks)
 
 
+def gram_matrix(grads: torch.Tensor, chunk_size: int = 1 << 20) -> torch.Tensor:
+    """G G^T in float64, accumulated over column chunks of G (K, P).
+
+    `GradientWeighting.weights_from_grads` converts the whole K x P matrix to float64 at once (twice
+    the memory of G); over chunks of 2^20 columns the float64 copy is K x 8 MB whatever P is."""
+    gram = torch.zeros(grads.shape[0], grads.shape[0], dtype=torch.float64, device=grads.device)
+    for chunk in torch.split(grads, chunk_size, dim=1):
+        chunk = chunk.double()
+        gram.addmm_(chunk, chunk.T)
+    return gram
+
+
+def _weights_from_task_grads(weighting: GradientWeighting, grads: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """w[K] from G: through the lean chunked Gram matrix, unless a method overrides
+    `weights_from_grads` (then it may need G itself)."""
+    if type(weighting).weights_from_grads is GradientWeighting.weights_from_grads:
+        return weighting.weights_from_gram(gram_matrix(grads), present).to(grads.dtype)
+    return weighting.weights_from_grads(grads, present).to(grads.dtype)
+
+
 def _check_losses(losses: torch.Tensor, expected: int) -> torch.Tensor:
     if losses.dim() != 1 or losses.shape[0] != expected:
         raise ValueError(f"per_sample_loss_fn must return one loss per sample, shape ({expected},); "
@@ -261,6 +281,8 @@ class TaskGradientEngine:
                              "combine_task_losses (or weighted_backward), which needs no per-task gradients")
         num_tasks = _check_num_tasks(weighting, num_tasks)
         task_ids = _check_task_ids(task_ids, num_tasks)
+        if not weighting.needs_gradients_this_step():
+            return self._backward_reused_weights(weighting, per_sample_loss_fn, task_ids, num_tasks, grad_scale)
         grads, update = self._buffers(num_tasks)
         grads.zero_()
         counts = torch.bincount(task_ids, minlength=num_tasks)
@@ -300,7 +322,7 @@ class TaskGradientEngine:
         else:
             global_counts = counts
         present = global_counts > 0
-        weights = weighting.weights_from_grads(grads, present).detach()
+        weights = _weights_from_task_grads(weighting, grads, present).detach()
 
         if self.rest_params:
             # Subset mode: one backward of sum_i w_i L_i through the kept task graphs writes every
@@ -325,17 +347,40 @@ class TaskGradientEngine:
             "loss": (task_losses * global_counts.to(task_losses)).sum() / total,
         }
 
+    def _backward_reused_weights(self, weighting, per_sample_loss_fn, task_ids, num_tasks, grad_scale):
+        """A step on stored weights (Nash-MTL between its solves): no per-task gradient at all.
+
+        One forward on the whole batch and one backward of sum_i w_i L_i, as cheap as a vanilla step;
+        under data parallelism the gradients are summed by the engine (the closure bypasses DDP)."""
+        per_sample = _check_losses(per_sample_loss_fn(None), task_ids.numel())
+        self.num_forward_calls += 1
+        local_losses, counts = reduce_task_losses(per_sample, task_ids.to(per_sample.device), num_tasks)
+        if self.sync:
+            task_losses, global_counts = sync_task_losses(local_losses.detach(), counts)
+        else:
+            task_losses, global_counts = local_losses.detach(), counts
+        weights = weighting.reuse_weights(global_counts > 0).detach().to(per_sample.dtype)
+        graph_losses = {i: local_losses[i] for i in range(num_tasks) if counts[i] > 0}
+        self._backward_weighted(graph_losses, weights, counts, global_counts, grad_scale)
+        total = global_counts.sum().clamp_min(1)
+        return {
+            "task_losses": task_losses.float(),
+            "counts": global_counts.detach(),
+            "weights": weights,
+            "loss": (task_losses.float() * global_counts.float()).sum() / total,
+        }
+
     def _backward_weighted(self, graph_losses, weights, local_counts, global_counts, grad_scale) -> None:
-        """One backward of sum_i w_i L_i over all trainable parameters (subset mode).
+        """One backward of sum_i w_i L_i over all trainable parameters (subset mode, reused weights).
 
         Under data parallelism the local objective is sum_i w_i (n_{i,p} / N_i) L_{i,p}; summing its
         gradient over processes (one bucketed all-reduce) gives sum_i w_i grad L_i^global exactly.
         Earlier content of `.grad` (gradient accumulation) is identical on every process, since the
         engine only ever writes synced values; it is divided by the world size first so that the
         sum restores it (exact for a power-of-two world size, within float rounding otherwise)."""
-        if not graph_losses:
-            return
         distributed = self.sync and is_distributed()
+        if not graph_losses and not distributed:
+            return  # (a process without samples still joins the all-reduce below)
         total = 0.0
         for i, loss_i in graph_losses.items():
             coefficient = weights[i].to(loss_i.dtype) * grad_scale
@@ -349,7 +394,8 @@ class TaskGradientEngine:
                     p.grad = torch.zeros_like(p)  # same tensor list on every process for the all-reduce
                 else:
                     p.grad.div_(world_size())
-        total.backward(inputs=self.params)
+        if torch.is_tensor(total):
+            total.backward(inputs=self.params)
         if distributed:
             all_reduce_sum_tensors_([p.grad for p in self.params])
 
