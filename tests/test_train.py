@@ -195,3 +195,39 @@ def test_configuration_saved_without_token(tmp_path):
     assert json.loads((out / "weighting_config.json").read_text())["name"] == "nash_mtl"
     intervals = json.loads((out / "timestep_intervals.json").read_text())
     assert len(intervals["bounds"]) == 4
+
+
+@pytest.mark.slow
+def test_train_push_to_hub_reaches_the_loopback_hub_without_the_token(tmp_path):
+    """`train_ant.py --push_to_hub` creates the repo and uploads the output folder (no checkpoints)
+    through the real huggingface_hub client; the token travels only in the Authorization header."""
+    import secrets
+
+    from hub_server import FakeHub
+
+    token = "hf_testtoken" + secrets.token_hex(16)
+    out = tmp_path / "pushed"
+    with FakeHub(max_seconds=240) as hub:
+        env = offline_env(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"),
+                          HF_HUB_DISABLE_TELEMETRY="1")
+        result = run_script(["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_steps", "2",
+                             "--checkpointing_steps", "1", "--mtl_method", "uw", "--output_dir", str(out),
+                             "--push_to_hub", "--hub_model_id", "me/ant-tiny", "--hub_token", token], env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        state = hub.state
+    routes = [(r.method, r.path.split("?")[0]) for r in state.requests]
+    assert ("POST", "/api/repos/create") in routes
+    assert ("POST", "/api/models/me/ant-tiny/commit/main") in routes
+    uploaded = state.files["me/ant-tiny"]
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md",
+            "training_config.json", "timestep_intervals.json"} <= set(uploaded)
+    assert (out / "checkpoint-1").is_dir() and not any(p.startswith("checkpoint-") for p in uploaded)
+    for request in state.requests:
+        assert request.headers.get("authorization") == f"Bearer {token}"
+        assert token.encode() not in request.body and token not in request.path
+    for name, content in uploaded.items():
+        assert token.encode() not in content, name
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+    assert token not in result.stdout and token not in result.stderr
