@@ -1,0 +1,307 @@
+"""Step time and peak memory of every multi-task weighting against vanilla training.
+
+    python train_scripts/benchmark_weighting.py --sizes tiny,larger --steps 10 --warmup 3 \\
+        --batch_size 64 --output bench.json
+
+What is measured, per model size (`tiny`: the demo's attention UNet2DModel, channels (32, 64, 64),
+attention in the lowest block, at 16x16; `larger`: the same at 32x32), with K = 5 timestep
+clusters of equal width and a batch of `--batch_size` random single-channel images:
+
+* one training step = forward, backward (the method's own path through
+  `diffusers_ant.weighting.engine.weighted_backward`), AdamW step, zero_grad; data drawn outside
+  the timed region. Methods: `none` (vanilla: mean loss, one backward), the loss-based ones
+  (ls, rlw, uw, dwa: one forward, one backward) and the gradient-based ones (pcgrad, nash_mtl,
+  imtl, mgda, cagrad) with the default split-batch engine, plus each gradient-based method with the
+  reference-style `retain_graph` engine (`method@retain_graph`: one forward, K backward passes)
+  as a second baseline. Every method runs with its default options (Nash-MTL re-solves every
+  25 steps and takes cheap reused-weight steps in between, so its figure mixes both kinds).
+* time: all methods run in one process on one shared model, interleaved: each round runs one step
+  of every method, in an order rotated every round to spread drift; the first `--warmup` rounds
+  are discarded; the median over the remaining `--steps` rounds is reported, also as a ratio to
+  vanilla.
+* memory: each method runs alone in a fresh subprocess (one warm-up step, then two measured
+  steps). On CUDA: `torch.cuda.max_memory_allocated` (the absolute peak, model and optimizer state
+  included). On CPU, where torch has no allocator statistics: the peak resident set size of the
+  process (Linux's VmHWM, reset through /proc/self/clear_refs after the model is built) minus the
+  resident size just before the first step,
+  i.e. the peak memory the training steps add on top of the built model (activations, gradients,
+  optimizer state, engine buffers); glibc is told to return every block over 64 KiB to the system
+  (`MALLOC_MMAP_THRESHOLD_`) so that resident size follows live tensors. Both as MB and as a ratio to
+  vanilla. `--no_memory` skips this part.
+
+The script prints a markdown table per size and writes everything to `--output` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
+
+from diffusers_ant.models.presets import PRESETS  # noqa: E402
+from diffusers_ant.weighting import get_weighting  # noqa: E402
+from diffusers_ant.weighting.engine import TaskGradientEngine, weighted_backward  # noqa: E402
+
+LOSS_METHODS = ["ls", "rlw", "uw", "dwa"]
+GRADIENT_METHODS = ["pcgrad", "nash_mtl", "imtl", "mgda", "cagrad"]
+ALL_METHODS = ["none"] + LOSS_METHODS + GRADIENT_METHODS
+SIZES = {"tiny": 16, "larger": 32}  # resolution of the demo's attention UNet ("small" preset)
+NUM_TIMESTEPS = 1000
+GOALS = {"loss": 1.05, "gradient": 1.3}  # issue 3: within these ratios of vanilla at K = 5
+
+
+def build_model(size: str, device) -> UNet2DModel:
+    config = dict(PRESETS["unet"]["small"]["model"])
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=SIZES[size], in_channels=1, out_channels=1, **config)
+    return model.to(device).train()
+
+
+def kind_of(method: str) -> str:
+    name = method.split("@")[0]
+    return "vanilla" if name == "none" else ("gradient" if name in GRADIENT_METHODS else "loss")
+
+
+class Runner:
+    """One method's training step on a shared model: weighting, its optimizer group and its engine."""
+
+    def __init__(self, method, model, optimizer, engines, num_clusters):
+        self.method = method
+        name, _, engine_mode = method.partition("@")
+        self.weighting = None if name == "none" else get_weighting(name, num_clusters).to(next(model.parameters()).device)
+        self.engine = engines[engine_mode or "split"] if kind_of(method) == "gradient" else None
+        self.model, self.optimizer, self.num_clusters = model, optimizer, num_clusters
+        # learnable weighting parameters (UW) get their own small optimizer, stepped with the model
+        groups = self.weighting.param_groups() if hasattr(self.weighting, "param_groups") else []
+        self.extra_optimizer = torch.optim.AdamW(groups) if groups else None
+
+    def step(self, batch):
+        noisy, timesteps, target, task_ids = batch
+
+        def per_sample_loss_fn(indices):
+            sel = slice(None) if indices is None else indices
+            pred = self.model(noisy[sel], timesteps[sel]).sample
+            return ((pred.float() - target[sel].float()) ** 2).mean(dim=(1, 2, 3))
+
+        weighted_backward(self.weighting, per_sample_loss_fn, task_ids, self.num_clusters, engine=self.engine)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.extra_optimizer is not None:
+            self.extra_optimizer.step()
+            self.extra_optimizer.zero_grad(set_to_none=True)
+
+
+def make_batches(size, batch_size, num_clusters, device, count, seed=0):
+    scheduler = DDPMScheduler(num_train_timesteps=NUM_TIMESTEPS)
+    g = torch.Generator().manual_seed(seed)
+    res = SIZES[size]
+    batches = []
+    for _ in range(count):
+        clean = torch.randn(batch_size, 1, res, res, generator=g)
+        noise = torch.randn(batch_size, 1, res, res, generator=g)
+        timesteps = torch.randint(0, NUM_TIMESTEPS, (batch_size,), generator=g)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        task_ids = timesteps * num_clusters // NUM_TIMESTEPS  # K clusters of equal width
+        batches.append(tuple(t.to(device) for t in (noisy, timesteps, noise, task_ids)))
+    return batches
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def setup(size, methods, args, device):
+    model = build_model(size, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    engines = {"split": TaskGradientEngine(params, mode="split"),
+               "retain_graph": TaskGradientEngine(params, mode="retain_graph")}
+    runners = {m: Runner(m, model, optimizer, engines, args.num_clusters) for m in methods}
+    return model, runners
+
+
+def time_methods(size, methods, args, device):
+    """Median seconds per step of every method, interleaved in rounds."""
+    model, runners = setup(size, methods, args, device)
+    rounds = args.warmup + args.steps
+    batches = make_batches(size, args.batch_size, args.num_clusters, device, rounds)
+    times = {m: [] for m in methods}
+    for r in range(rounds):
+        order = methods[r % len(methods):] + methods[:r % len(methods)]  # rotate to spread drift
+        for method in order:
+            sync(device)
+            start = time.perf_counter()
+            runners[method].step(batches[r])
+            sync(device)
+            times[method].append(time.perf_counter() - start)
+        print(f"[{size}] round {r + 1}/{rounds} done" + (" (warm-up)" if r < args.warmup else ""), file=sys.stderr)
+    return {m: statistics.median(t[args.warmup:]) for m, t in times.items()}, times
+
+
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; Linux >= 4.0."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_probe(size, method, args, device) -> dict:
+    """Runs in a fresh process: peak memory of `method`'s training steps."""
+    _, runners = setup(size, [method], args, device)
+    batches = make_batches(size, args.batch_size, args.num_clusters, device, 3, seed=1)
+    if device.type == "cuda":
+        runners[method].step(batches[0])  # allocates optimizer state and engine buffers
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for batch in batches[1:]:
+            runners[method].step(batch)
+        sync(device)
+        return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20, "measure": "cuda_max_memory_allocated"}
+    # Imports and model construction have their own, earlier peak: reset the peak counter so
+    # that only the training steps count (ru_maxrss cannot be reset).
+    before = _status_mb("VmRSS")
+    if not reset_peak_rss():
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs); run with --no_memory")
+    for batch in batches:
+        runners[method].step(batch)
+    return {"peak_mb": _status_mb("VmHWM") - before, "measure": "peak_rss_increase"}
+
+
+def measure_memory(size, methods, args):
+    results = {}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", HF_HUB_OFFLINE="1")
+    for method in methods:
+        command = [sys.executable, __file__, "--_memory_probe", f"{size}:{method}", "--batch_size", str(args.batch_size),
+                   "--num_clusters", str(args.num_clusters), "--device", args.device]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+        if out.returncode != 0:
+            raise RuntimeError(f"memory probe of {method} failed:\n{out.stderr[-2000:]}")
+        results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"[{size}] memory of {method}: {results[method]['peak_mb']:.1f} MB", file=sys.stderr)
+    return results
+
+
+def markdown_table(size, medians, memory, args):
+    base_time = medians["none"]
+    base_mem = memory["none"]["peak_mb"] if memory else None
+    lines = [f"**{size}** ({SIZES[size]}x{SIZES[size]}, batch {args.batch_size}, K = {args.num_clusters})", "",
+             "| method | kind | engine | s / step | x vanilla | peak MB | x vanilla |",
+             "|---|---|---|---|---|---|---|"]
+    for method, seconds in medians.items():
+        name, _, engine = method.partition("@")
+        kind = kind_of(method)
+        engine = engine or ("split" if kind == "gradient" else "-")
+        mem = f"{memory[method]['peak_mb']:.0f} | {memory[method]['peak_mb'] / base_mem:.2f}" if memory else "- | -"
+        lines.append(f"| {name} | {kind} | {engine} | {seconds:.3f} | {seconds / base_time:.2f} | {mem} |")
+    return "\n".join(lines)
+
+
+def goal_lines(size, medians):
+    base = medians["none"]
+    lines = []
+    for kind, goal in GOALS.items():
+        ratios = {m: t / base for m, t in medians.items() if kind_of(m) == kind and "@" not in m}
+        if ratios:
+            worst = max(ratios, key=ratios.get)
+            verdict = "met" if ratios[worst] <= goal else "NOT met"
+            lines.append(f"[{size}] {kind}-based within {goal}x of vanilla: {verdict} (worst: {worst} {ratios[worst]:.2f}x)")
+    return lines
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Step time and peak memory of every weighting vs vanilla training.")
+    parser.add_argument("--sizes", default="tiny", help=f"comma-separated, from {', '.join(SIZES)}")
+    parser.add_argument("--methods", default=",".join(ALL_METHODS),
+                        help="comma-separated weighting names; `none` (vanilla) is always included")
+    parser.add_argument("--no_reference_engine", action="store_true",
+                        help="skip the reference-style retain_graph engine runs of the gradient-based methods")
+    parser.add_argument("--steps", type=int, default=10, help="measured rounds (one step of every method each)")
+    parser.add_argument("--warmup", type=int, default=3, help="discarded rounds before measuring")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_clusters", type=int, default=5)
+    parser.add_argument("--no_memory", action="store_true", help="skip the per-method memory subprocesses")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--output", default="benchmark_weighting.json")
+    parser.add_argument("--_memory_probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.sizes.split(",")) - set(SIZES))
+    if unknown:
+        parser.error(f"unknown size(s) {', '.join(unknown)}; valid sizes: {', '.join(SIZES)}")
+    unknown = sorted(set(args.methods.split(",")) - set(ALL_METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(ALL_METHODS)}")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if args._memory_probe:
+        size, method = args._memory_probe.split(":", 1)
+        print(json.dumps(memory_probe(size, method, args, device)))
+        return
+
+    methods = ["none"] + [m for m in args.methods.split(",") if m != "none"]
+    if not args.no_reference_engine:
+        methods += [f"{m}@retain_graph" for m in methods if m in GRADIENT_METHODS]
+    report = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if argv is None else argv,
+              "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "platform": platform.platform(), "cpu_count": os.cpu_count(),
+              "batch_size": args.batch_size, "num_clusters": args.num_clusters,
+              "steps": args.steps, "warmup": args.warmup, "sizes": {}}
+    tables = []
+    for size in args.sizes.split(","):
+        medians, raw = time_methods(size, methods, args, device)
+        memory = None if args.no_memory else measure_memory(size, methods, args)
+        report["sizes"][size] = {
+            "resolution": SIZES[size],
+            "parameters": sum(p.numel() for p in build_model(size, "cpu").parameters()),
+            "seconds_per_step": medians, "ratio_to_vanilla": {m: t / medians["none"] for m, t in medians.items()},
+            "all_step_seconds": raw, "memory": memory,
+            "goals": goal_lines(size, medians),
+        }
+        tables.append(markdown_table(size, medians, memory, args) + "\n\n" + "\n".join(goal_lines(size, medians)))
+        with open(args.output, "w") as f:  # written after every size, so a long run keeps its results
+            json.dump(report, f, indent=2)
+    print("\n\n".join(tables))
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
