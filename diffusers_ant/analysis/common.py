@@ -1,0 +1,115 @@
+"""Shared helpers of the analyses: reading saved model folders and checkpoints.
+
+A *model folder* is what `train_ant.py` writes (or `ModelAdapter.save`): a diffusers pipeline
+folder (`model_index.json`, `unet/` or `transformer/`, `scheduler/`), usually with the run's
+`training_config.json` beside it. A *checkpoint folder* is a `checkpoint-N` folder of that run:
+Accelerate's `model.safetensors` holds the trained module's state dict (the raw weights, not EMA).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from ..models.base import LORA_INFO_NAME
+
+TRAINING_CONFIG = "training_config.json"
+CHECKPOINT_WEIGHTS = "model.safetensors"
+
+
+def check_model_folder(folder: str, flag: str = "--model") -> str:
+    """`folder` if it is a saved pipeline folder, else a short `ValueError` naming the flag."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {folder!r}: no such folder (give a folder written by train_ant.py)")
+    if not (os.path.isfile(os.path.join(folder, "model_index.json")) or os.path.isfile(os.path.join(folder, LORA_INFO_NAME))):
+        raise ValueError(f"{flag} {folder!r} holds no saved pipeline (no model_index.json); give a folder written by train_ant.py")
+    return folder
+
+
+def training_config(folder: str) -> dict:
+    """The run's `training_config.json` (an empty dict when the folder has none)."""
+    path = os.path.join(folder, TRAINING_CONFIG)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def infer_model_type(folder: str) -> str:
+    """The model type (`unet`, `dit`, `sd`, `controlnet`) of a saved folder: from its training
+    config when there is one, else from the pipeline's components."""
+    model_type = training_config(folder).get("model_type")
+    if model_type:
+        return model_type
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise ValueError(f"cannot tell the model type of {folder!r}: pass --model_type")
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    if "controlnet" in index:
+        return "controlnet"
+    if "text_encoder" in index:
+        return "sd"
+    if "transformer" in index:
+        return "dit"
+    return "unet"
+
+
+def denoiser_name(pipeline) -> str:
+    """The attribute of the pipeline's denoiser: `transformer` (DiT pipelines) or `unet`."""
+    return "transformer" if hasattr(pipeline, "transformer") else "unet"
+
+
+def load_denoiser(folder: str, flag: str = "--model"):
+    """`(pipeline, denoiser)` of a saved model folder, in eval mode."""
+    from ..models import load_pipeline
+
+    pipeline = load_pipeline(check_model_folder(folder, flag))
+    denoiser = getattr(pipeline, denoiser_name(pipeline))
+    denoiser.eval()
+    return pipeline, denoiser
+
+
+def expand_checkpoints(paths) -> list:
+    """Checkpoint / model folders from the command line, globs expanded (`run/checkpoint-*`),
+    checkpoint-N folders sorted by step, duplicates dropped."""
+    import re
+
+    found = []
+    for path in paths:
+        matches = glob.glob(path) if any(ch in path for ch in "*?[") else [path]
+        if not matches:
+            raise ValueError(f"--checkpoints {path!r} matches no folder")
+
+        def step(p):
+            m = re.search(r"checkpoint-(\d+)$", os.path.normpath(p))
+            return (0, int(m.group(1)), p) if m else (1, 0, p)
+
+        found.extend(sorted(matches, key=step))
+    return list(dict.fromkeys(os.path.normpath(p) for p in found))
+
+
+def load_state_dict(path: str):
+    """Weights of the denoiser from a checkpoint-N folder (Accelerate's `model.safetensors`) or a
+    saved pipeline folder (`unet/` or `transformer/` safetensors). Never unpickles."""
+    from safetensors.torch import load_file
+
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        return load_file(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r}: no such folder")
+    direct = os.path.join(path, CHECKPOINT_WEIGHTS)
+    if os.path.isfile(direct):
+        return load_file(direct)
+    for sub in ("unet", "transformer"):
+        files = sorted(glob.glob(os.path.join(path, sub, "*.safetensors")))
+        if files:
+            state = {}
+            for file in files:  # sharded weights: one dict
+                state.update(load_file(file))
+            return state
+    raise ValueError(
+        f"checkpoint {path!r} holds no safetensors weights: give a checkpoint-N folder (with {CHECKPOINT_WEIGHTS}) "
+        "or a saved pipeline folder"
+    )

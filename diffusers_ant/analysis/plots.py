@@ -1,0 +1,107 @@
+"""Plots of the analyses (matplotlib, Agg backend: training machines have no display).
+
+- `plot_affinity`: the task-affinity heatmap over the timestep grid, with log-SNR on the top axis,
+  beside TAS(i, j) against |t_i - t_j| (observation O1, with its Spearman rank correlation);
+- `plot_ntg`: the negative transfer gap of each interval as bars (below zero: negative transfer);
+- `plot_forgetting`: the chain-of-forgetting curve, FID against the handed-over fraction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["plot_affinity", "plot_forgetting", "plot_ntg"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_affinity(result: dict, path: str, title: str | None = None) -> None:
+    """Heatmap of `result["affinity"]` (the dict `affinity_from_folders` returns) and the O1 scatter."""
+    plt = _pyplot()
+    t = np.asarray(result["timesteps"], dtype=float)
+    A = np.asarray(result["affinity"], dtype=float)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [1.15, 1]})
+
+    # the grid is evenly spaced, so each cell spans one grid step in timestep units
+    step = (t[-1] - t[0]) / max(len(t) - 1, 1)
+    extent = (t[0] - step / 2, t[-1] + step / 2, t[0] - step / 2, t[-1] + step / 2)
+    image = ax.imshow(A, origin="lower", extent=extent, cmap="viridis", vmin=min(0.0, A.min()), vmax=1.0)
+    fig.colorbar(image, ax=ax, label="task affinity (gradient cosine)", fraction=0.046, pad=0.12)
+    ax.set_xlabel("training timestep t (0 = clean)")
+    ax.set_ylabel("training timestep t")
+    log_snr = result.get("log_snr")
+    if log_snr is not None:
+        # top axis: the log-SNR of the grid timesteps under the ticks
+        ticks = t[:: max(1, len(t) // 5)]
+        top = ax.twiny()
+        top.set_xlim(ax.get_xlim())
+        top.set_xticks(ticks)
+        values = dict(zip(t.tolist(), log_snr))
+        top.set_xticklabels(["" if values[x] is None else f"{values[x]:.1f}" for x in ticks.tolist()])
+        top.set_xlabel("log SNR(t)")
+    ax.set_title(title or f"task affinity, {len(t)}-point grid", pad=34 if log_snr is not None else 6)
+
+    i, j = np.triu_indices(len(t), k=1)
+    ax2.scatter(np.abs(t[i] - t[j]), A[i, j], s=8, alpha=0.5)
+    rho = result.get("o1_spearman")
+    ax2.set_xlabel("|t_i - t_j|")
+    ax2.set_ylabel("TAS(i, j)")
+    ax2.set_title("O1: affinity vs timestep distance" + (f" (Spearman rho = {rho:.3f})" if rho is not None else ""))
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ntg(result: dict, path: str, title: str | None = None) -> None:
+    """Bars of NTG per interval (the dict `negative_transfer_gap` returns); red bars: negative transfer."""
+    plt = _pyplot()
+    rows = result["intervals"]
+    labels = [f"[{r['interval'][0]}, {r['interval'][1]}]" for r in rows]
+    gaps = [r["ntg"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 4))
+    colors = ["tab:red" if g < 0 else "tab:blue" for g in gaps]
+    ax.bar(range(len(rows)), gaps, color=colors)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels)
+    ax.set_xlabel("interval [t1, t2] given to the interval-trained model")
+    ax.set_ylabel("NTG = FID(mixed) - FID(base)")
+    base = result["base"]["fid"]
+    ax.set_title(title or f"negative transfer gap (< 0: negative transfer)\nbase FID {base:.3f}, {result['feature_extractor']}",
+                 fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_forgetting(result: dict, path: str, title: str | None = None) -> None:
+    """FID (and precision / recall on a second axis) against the fraction f (the dict
+    `chain_of_forgetting` returns)."""
+    plt = _pyplot()
+    points = result["points"]
+    f = [p["fraction"] for p in points]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(f, [p["fid"] for p in points], "o-", color="tab:blue", label="FID")
+    ax.set_xlabel("fraction f of the reverse process (low-noise end) given to the pretrained model")
+    ax.set_ylabel(f"FID ({result['feature_extractor']})", color="tab:blue")
+    if all("precision" in p for p in points):
+        right = ax.twinx()
+        right.plot(f, [p["precision"] for p in points], "s--", color="tab:green", label="precision")
+        right.plot(f, [p["recall"] for p in points], "^--", color="tab:orange", label="recall")
+        right.set_ylim(0, 1.05)
+        right.set_ylabel("precision / recall")
+        right.legend(loc="upper center", fontsize=8)
+    ax.set_title(title or "chain of forgetting (f = 0: fine-tuned model only, f = 1: pretrained only)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Sample from a saved pipeline and report FID / KID / precision / recall against a dataset.
+
+    python train_scripts/evaluate_model.py --model ant-demo --dataset_name mnist5k --num_samples 1000
+    python train_scripts/evaluate_model.py --model ant-demo --dataset_name mnist5k \\
+        --scheduler ddpm --num_inference_steps 250 --output metrics.json --save_samples samples/
+
+The default feature extractor is the dataset's DOMAIN classifier (`diffusers_ant.metrics`): its FID is
+a "domain FID", comparable only with other domain FIDs of the same dataset and sample count, never
+with published Inception FIDs. `--feature_extractor inception --inception_weights FILE.safetensors`
+gives Inception FID. The logic lives in `diffusers_ant.analysis.evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+try:
+    import diffusers_ant  # noqa: F401
+except ImportError:  # running from a checkout that was not pip-installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROG = "evaluate_model.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but every error is one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser():
+    parser = _Parser(prog=PROG, description="Sample a saved pipeline and score it against a dataset "
+                                            "(domain FID by default, KID, improved precision / recall).")
+    parser.add_argument("--model", required=True, help="A saved pipeline folder (what train_ant.py writes).")
+    parser.add_argument("--dataset_name", default=None,
+                        help="Real images: a built-in dataset (mnist5k, animal_mnist, digits) or a datasets name.")
+    parser.add_argument("--train_data_dir", default=None, help="Real images from an image folder instead.")
+    parser.add_argument("--num_samples", type=int, default=1000, help="Images to generate (default 1000).")
+    parser.add_argument("--num_real", type=int, default=None, help="Real images to draw (default: --num_samples).")
+    parser.add_argument("--scheduler", default="ddim",
+                        help="Sampling scheduler: ddim, ddpm, any diffusers scheduler class name, or 'pipeline' "
+                             "for the saved one (default ddim).")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps (default 50).")
+    parser.add_argument("--batch_size", type=int, default=256, help="Images per sampling batch (default 256).")
+    parser.add_argument("--feature_extractor", default="domain",
+                        help="domain (the dataset's classifier: a domain FID), inception (needs --inception_weights) "
+                             "or a built-in dataset name whose classifier to use.")
+    parser.add_argument("--inception_weights", default=None, help="FID Inception-v3 weights as a .safetensors file.")
+    parser.add_argument("--kid_subsets", type=int, default=50, help="KID subsets (default 50).")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the sampling noise and the draw of real images.")
+    parser.add_argument("--output", default=None, help="Write the metrics as JSON here.")
+    parser.add_argument("--save_samples", default=None, help="Save the generated images as PNG files in this folder.")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
+    parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+    parser.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("num_samples", "num_inference_steps", "batch_size", "kid_subsets"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be positive")
+    if args.dataset_name is None and args.train_data_dir is None:
+        parser.error("pass --dataset_name (e.g. mnist5k) or --train_data_dir for the real images")
+    if args.feature_extractor == "inception" and not args.inception_weights:
+        parser.error("--feature_extractor inception needs --inception_weights FILE.safetensors")
+
+    import torch
+
+    from diffusers_ant.analysis.common import load_denoiser
+    from diffusers_ant.analysis.evaluate import evaluate_pipeline, format_results
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    if args.no_progress:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # also the "Loading pipeline components" bars
+    try:
+        pipeline, _ = load_denoiser(args.model)
+        pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        results = evaluate_pipeline(
+            pipeline, args.dataset_name, num_samples=args.num_samples,
+            scheduler=None if args.scheduler == "pipeline" else args.scheduler,
+            num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
+            feature_extractor=args.feature_extractor, inception_weights=args.inception_weights, seed=args.seed,
+            num_real=args.num_real, kid_subsets=args.kid_subsets, save_samples=args.save_samples,
+            progress=not args.no_progress, train_data_dir=args.train_data_dir,
+        )
+        results["model"] = args.model
+        print(f"{args.model}: {results['num_fake']} samples, {results['scheduler']} {results['num_inference_steps']} steps, "
+              f"vs {results['dataset_name']}")
+        print(format_results(results))
+        if args.output:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            with open(args.output, "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=2)
+            print(f"wrote {args.output}")
+    except (ValueError, FileNotFoundError, OSError) as err:
+        # bad input: one line naming the problem (DIFFUSERS_ANT_DEBUG=1 for the traceback)
+        if os.environ.get("DIFFUSERS_ANT_DEBUG"):
+            raise
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
