@@ -30,6 +30,8 @@ try:
 except ImportError:  # running from a checkout that was not pip-installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# what --feature_extractor takes: the dataset's own classifier, Inception, or a built-in dataset's classifier
+FEATURE_EXTRACTORS = ("domain", "inception", "mnist5k", "animal_mnist", "digits")
 PROG = "analyze.py"
 
 
@@ -218,6 +220,8 @@ def main(argv=None) -> int:
         for name in ("num_samples", "num_inference_steps", "batch_size", "kid_subsets"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name} must be positive")
+        if args.feature_extractor not in FEATURE_EXTRACTORS:
+            parser.error(f"unknown --feature_extractor {args.feature_extractor!r}; valid: {', '.join(FEATURE_EXTRACTORS)}")
         if args.feature_extractor == "inception" and not args.inception_weights:
             parser.error("--feature_extractor inception needs --inception_weights FILE.safetensors")
 

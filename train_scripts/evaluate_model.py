@@ -23,6 +23,8 @@ try:
 except ImportError:  # running from a checkout that was not pip-installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# what --feature_extractor takes: the dataset's own classifier, Inception, or a built-in dataset's classifier
+FEATURE_EXTRACTORS = ("domain", "inception", "mnist5k", "animal_mnist", "digits")
 PROG = "evaluate_model.py"
 
 
@@ -69,6 +71,8 @@ def main(argv=None) -> int:
             parser.error(f"--{name} must be positive")
     if args.dataset_name is None and args.train_data_dir is None:
         parser.error("pass --dataset_name (e.g. mnist5k) or --train_data_dir for the real images")
+    if args.feature_extractor not in FEATURE_EXTRACTORS:
+        parser.error(f"unknown --feature_extractor {args.feature_extractor!r}; valid: {', '.join(FEATURE_EXTRACTORS)}")
     if args.feature_extractor == "inception" and not args.inception_weights:
         parser.error("--feature_extractor inception needs --inception_weights FILE.safetensors")
 

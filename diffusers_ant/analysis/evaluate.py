@@ -32,6 +32,7 @@ __all__ = [
     "ReferenceSet",
     "evaluate_pipeline",
     "format_results",
+    "real_image_indices",
     "real_images",
     "resolve_feature_extractor",
     "sample_images",
@@ -150,6 +151,12 @@ def save_images(images: np.ndarray, folder: str, prefix: str = "sample") -> list
 # --------------------------------------------------------------------------- real images
 
 
+def real_image_indices(num_rows: int, num_images: int, seed: int = 0) -> list:
+    """The dataset rows `real_images` draws: the first `num_images` of a seeded permutation."""
+    order = torch.randperm(int(num_rows), generator=torch.Generator().manual_seed(int(seed)))
+    return order[: int(num_images)].tolist()
+
+
 def real_images(dataset_name=None, num_images=1000, resolution=16, num_channels=1, seed=0, train_data_dir=None) -> np.ndarray:
     """A seeded random draw of `num_images` dataset images (all of them if fewer), as float32
     (N, H, W, C) in [0, 1] at `resolution` with `num_channels`, through the training transforms
@@ -160,8 +167,7 @@ def real_images(dataset_name=None, num_images=1000, resolution=16, num_channels=
     columns = resolve_columns(dataset)
     # the image column only: decoding captions or labels here would be wasted work
     data = TrainingDataset(dataset, {"image_column": columns["image_column"]}, resolution, num_channels=num_channels, seed=seed)
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(int(seed)))[: int(num_images)]
-    pixels = torch.stack([data[int(i)]["pixel_values"] for i in order])  # (N, C, H, W) in [-1, 1]
+    pixels = torch.stack([data[i]["pixel_values"] for i in real_image_indices(len(data), num_images, seed)])  # [-1, 1]
     return ((pixels + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy().astype(np.float32)
 
 
@@ -241,7 +247,7 @@ def evaluate_pipeline(
     pipeline,
     dataset_name=None,
     num_samples: int = 1000,
-    scheduler=None,
+    scheduler="ddim",
     num_inference_steps: int = 50,
     batch_size: int = 256,
     feature_extractor="domain",
@@ -258,7 +264,8 @@ def evaluate_pipeline(
 ) -> dict:
     """Sample `num_samples` images from `pipeline` and score them against `dataset_name`.
 
-    Returns the metrics (`fid`, `kid_mean`, `kid_std`, `precision`, `recall`, `num_real`,
+    `scheduler`: "ddim" (default: DDIM-50 as the ANT paper), "ddpm", a scheduler class name or
+    instance, or None for the pipeline's own (the training scheduler). Returns the metrics (`fid`, `kid_mean`, `kid_std`, `precision`, `recall`, `num_real`,
     `num_fake`, `feature_extractor`: "domain_<dataset>" marks a domain FID) plus the settings that
     produced them. `num_real` real images (default `num_samples`) are drawn at random with `seed`.
     Pass `reference` (a `ReferenceSet`) to score several pipelines against the same real features.

@@ -1,0 +1,288 @@
+"""Task affinity, negative transfer gap and chain of forgetting (diffusers_ant.analysis, analyze.py).
+
+Tiny 8x8 UNets (random or trained two steps on `digits`), a handful of samples, 4 sampling steps.
+"""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from diffusers_ant.analysis.affinity import (
+    CountSketch,
+    _draw_batches,
+    affinity_from_folders,
+    gradient_cosines,
+    o1_spearman,
+    task_affinity,
+    timestep_grid,
+)
+from diffusers_ant.analysis.common import load_denoiser, load_state_dict
+from diffusers_ant.analysis.evaluate import ReferenceSet, real_images, sample_images
+from diffusers_ant.analysis.forgetting import chain_of_forgetting, forgetting_router, parse_fractions
+from diffusers_ant.analysis.ntg import interval_from_folder, load_intervals, negative_transfer_gap
+from diffusers_ant.metrics import ModuleFeatureExtractor
+from diffusers_ant.models import get_model_adapter
+from trainer_utils import REPO, train_in_process
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models on a shared 2-core machine: two threads contend and run up to 10x slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "train_scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _random_unet_folder(folder, seed):
+    torch.manual_seed(seed)
+    adapter = get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1)
+    adapter.save(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Two random tiny UNets (8x8, greyscale) and a run trained 2 steps on [0, 499] with 1 checkpoint."""
+    root = tmp_path_factory.mktemp("analysis")
+    run = str(root / "run")
+    train_in_process(["--model_config_name_or_path", "tiny", "--dataset_name", "digits", "--resolution", "8",
+                      "--train_batch_size", "8", "--max_train_samples", "64", "--max_train_steps", "2",
+                      "--checkpointing_steps", "1", "--timestep_range", "0", "499", "--learning_rate", "1e-2",
+                      "--report_to", "none", "--num_validation_images", "1", "--num_inference_steps", "1",
+                      "--output_dir", run, "--seed", "0"])
+    return {"a": _random_unet_folder(root / "a", 1), "b": _random_unet_folder(root / "b", 2), "run": run,
+            "cache": str(root / "cache")}
+
+
+class _Features(nn.Module):
+    """A fixed random conv net: a cheap stand-in feature extractor (no classifier to train)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return ReferenceSet(real_images("digits", 16, resolution=8, num_channels=1), ModuleFeatureExtractor(_Features()),
+                        kid_subsets=3)
+
+
+# ------------------------------------------------------------------------------------ affinity
+
+
+def test_grid_and_o1_spearman():
+    grid = timestep_grid(1000, 20)
+    assert grid[0] == 0 and grid[-1] == 999 and len(grid) == 20 and grid == sorted(set(grid))
+    t = np.array(grid, dtype=float)
+    falling = np.exp(-np.abs(t[:, None] - t[None, :]) / 300)
+    assert o1_spearman(grid, falling)[0] == pytest.approx(-1.0)
+    assert o1_spearman(grid, -falling)[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        timestep_grid(1000, 1)
+
+
+def test_projected_cosines_approximate_exact_ones_on_real_gradients(folders):
+    adapter = get_model_adapter("unet").load(pretrained_model_name_or_path=folders["run"])
+    batches = _draw_batches(adapter, "digits", num_batches=1, batch_size=8, seed=0)
+    # 500 and 501 share x0 and noise, so their gradients are nearly parallel; 0 and 999 are far apart
+    grid = [0, 250, 500, 501, 999]
+    exact = task_affinity(adapter, [None], batches, grid, progress=False)
+    sketched = task_affinity(adapter, [None], batches, grid, projection_dim=4096, seed=3, progress=False)
+    again = task_affinity(adapter, [None], batches, grid, projection_dim=4096, seed=3, progress=False)
+    A, P = exact["affinity"], sketched["affinity"]
+    assert exact["dim"] == exact["num_parameters"] == sum(p.numel() for p in adapter.model.parameters())
+    assert sketched["dim"] == 4096
+    assert np.abs(A - P).max() < 0.08  # the count sketch's error is about 1 / sqrt(4096)
+    assert np.array_equal(P, again["affinity"])  # the seeded projection is the same every time
+    assert A[2, 3] > 0.97 and A[2, 3] > A[0, 4]
+    # a parameter subset measures fewer coordinates and leaves the model's requires_grad as it was
+    subset = task_affinity(adapter, [None], batches, grid, param_subset="conv_out", progress=False)
+    assert subset["num_parameters"] == sum(p.numel() for p in adapter.model.conv_out.parameters())
+    assert all(p.requires_grad for p in adapter.model.parameters())
+    with pytest.raises(ValueError, match="matches no parameter"):
+        task_affinity(adapter, [None], batches, grid, param_subset="nope", progress=False)
+
+
+def test_count_sketch_is_unbiased_on_known_cosines():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(300_000, generator=generator, dtype=torch.float64)
+    b = torch.randn(300_000, generator=generator, dtype=torch.float64)
+    rows = [a, 0.8 * a + 0.6 * b, b]  # exact cosines with a: 1, 0.8, ~0
+    sketch = CountSketch(4096, seed=1)
+    # split into uneven pieces, as a model's parameters are
+    projected = torch.stack([sketch.project([r[:1000], r[1000:200_000].reshape(1000, -1), r[200_000:]]) for r in rows])
+    cos = gradient_cosines(projected)
+    exact = gradient_cosines(torch.stack(rows))
+    assert np.abs(cos - exact).max() < 0.06
+    assert np.allclose(cos, cos.T) and np.allclose(np.diag(cos), 1.0)
+
+
+def test_affinity_averages_over_checkpoints(folders):
+    adapter = get_model_adapter("unet").load(pretrained_model_name_or_path=folders["run"])
+    batches = _draw_batches(adapter, "digits", num_batches=1, batch_size=8, seed=0)
+    states = [load_state_dict(os.path.join(folders["run"], "checkpoint-1")), load_state_dict(folders["run"])]
+    before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    result = task_affinity(adapter, states, batches, [0, 300, 700, 999], progress=False)
+    first, second = result["per_state"]
+    assert not np.allclose(first, second)  # different weights, different gradients
+    assert np.allclose(result["affinity"], (first + second) / 2)
+    # the model's own weights are restored afterwards
+    assert all(torch.equal(before[k], v) for k, v in adapter.model.state_dict().items())
+
+
+def test_affinity_command_writes_what_gradient_clustering_reads(folders, tmp_path, capsys):
+    from diffusers import DDPMScheduler
+
+    from diffusers_ant import cluster_timesteps
+    from diffusers_ant.clustering import load_affinity
+
+    out, plot = tmp_path / "affinity.json", tmp_path / "affinity.png"
+    run = folders["run"]
+    code = _load_script("analyze").main(["affinity", "--model", run, "--checkpoints", os.path.join(run, "checkpoint-*"), run,
+                                         "--dataset_name", "digits", "--grid", "6", "--batches", "2", "--batch_size", "8",
+                                         "--output", str(out), "--plot", str(plot), "--no_progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "O1: Spearman rank correlation" in printed
+    data = json.loads(out.read_text())
+    A = np.array(data["affinity"])
+    assert A.shape == (6, 6) and np.allclose(A, A.T) and np.allclose(np.diag(A), 1.0)
+    assert data["timesteps"] == timestep_grid(1000, 6) and len(data["log_snr"]) == 6
+    assert data["checkpoints"][0].endswith("checkpoint-1") and len(data["checkpoints"]) == 2
+    assert -1 <= data["o1_spearman"] <= 1 and len(data["o1_spearman_per_checkpoint"]) == 2
+    assert data["projection_dim"] is None  # small enough for exact gradients
+    assert plot.stat().st_size > 0
+    matrix, grid = load_affinity(out)
+    assert grid == data["timesteps"]
+    scheduler = DDPMScheduler.from_pretrained(run, subfolder="scheduler")
+    intervals = cluster_timesteps(scheduler, 3, objective="gradient", affinity=str(out))
+    assert len(intervals) == 3 and intervals.bounds[-1][1] == 999
+
+
+def test_affinity_from_several_model_folders_with_projection(folders):
+    result = affinity_from_folders([folders["a"], folders["b"]], dataset_name="digits", grid=3, batches=1,
+                                   batch_size=4, projection_dim=512, progress=False)
+    assert result["checkpoints"] == [folders["a"], folders["b"]] and result["projection_dim"] == 512
+    A = np.array(result["affinity"])
+    assert np.allclose(A, A.T) and np.allclose(np.diag(A), 1.0) and (np.abs(A) <= 1).all()
+
+
+# ------------------------------------------------------------------------------------ ntg
+
+
+def test_negative_transfer_gap_routes_the_interval_model(folders, reference):
+    base_pipeline, base = load_denoiser(folders["a"])
+    _, same = load_denoiser(folders["a"])  # the base's weights: swapping it in changes nothing
+    _, other = load_denoiser(folders["b"])
+    result = negative_transfer_gap(base_pipeline, [same, other], [(0, 499), (500, 999)], reference,
+                                   num_samples=8, num_inference_steps=4, batch_size=8, progress=False,
+                                   names=["same", "other"])
+    rows = result["intervals"]
+    assert [r["interval"] for r in rows] == [[0, 499], [500, 999]] and [r["name"] for r in rows] == ["same", "other"]
+    assert rows[0]["ntg"] == 0.0 and rows[0]["fid"] == result["base"]["fid"]
+    assert rows[1]["ntg"] == pytest.approx(rows[1]["fid"] - result["base"]["fid"]) and rows[1]["ntg"] != 0.0
+    assert result["num_timesteps"] == 1000 and {"precision", "recall", "kid_mean"} <= set(rows[1])
+
+
+def test_intervals_from_training_config_and_json(folders, tmp_path):
+    from diffusers_ant.clustering import TimestepIntervals
+
+    assert interval_from_folder(folders["run"]) == (0, 499)  # the trainer's --timestep_range
+    with pytest.raises(ValueError, match="timestep_range"):
+        interval_from_folder(folders["a"])
+    path = tmp_path / "intervals.json"
+    TimestepIntervals([(0, 299), (300, 999)], 1000).save(path)
+    assert load_intervals(str(path), 2) == [(0, 299), (300, 999)]
+    path.write_text("[[0, 10], [11, 20], [21, 30]]")
+    assert load_intervals(str(path), 3)[1] == (11, 20)
+    with pytest.raises(ValueError, match="3 intervals for 2"):
+        load_intervals(str(path), 2)
+
+
+# ------------------------------------------------------------------------------------ forgetting
+
+
+def test_chain_of_forgetting_endpoints_are_the_two_models(folders, reference):
+    finetuned_pipeline, finetuned = load_denoiser(folders["a"])
+    pretrained_pipeline, pretrained = load_denoiser(folders["b"])
+    options = {"num_inference_steps": 4, "batch_size": 6, "seed": 5, "progress": False}
+    result = chain_of_forgetting(finetuned_pipeline, pretrained, [1, 0, 0.5], reference, num_samples=6,
+                                 return_images=True, **options)
+    assert [p["fraction"] for p in result["points"]] == [0.0, 0.5, 1.0]
+    assert [p["split_timestep"] for p in result["points"]] == [0, 500, 1000]
+    f0, half, f1 = result["images"]
+    assert np.array_equal(f0, sample_images(finetuned_pipeline, 6, scheduler="ddim", **options))
+    assert np.array_equal(f1, sample_images(pretrained_pipeline, 6, scheduler="ddim", **options))
+    assert not np.allclose(half, f0) and not np.allclose(half, f1)
+    router = forgetting_router(finetuned, pretrained, 0.5, 1000)
+    assert router.route(torch.tensor([0, 499, 500, 999])).tolist() == [0, 0, 1, 1]
+    assert router.models[0] is pretrained and router.models[1] is finetuned
+    assert parse_fractions("0, 0.5,1,0.5") == [0.0, 0.5, 1.0]
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        parse_fractions("0,1.5")
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def test_ntg_and_forgetting_commands(folders, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFUSERS_ANT_CACHE", folders["cache"])  # the digits classifier, trained once
+    analyze = _load_script("analyze")
+    common = ["--dataset_name", "digits", "--num_samples", "8", "--num_inference_steps", "3", "--kid_subsets", "2",
+              "--no_progress"]
+    assert analyze.main(["ntg", "--base", folders["a"], "--interval_models", folders["run"], "--output",
+                         str(tmp_path / "ntg.json"), "--plot", str(tmp_path / "ntg.png"), *common]) == 0
+    ntg = json.loads((tmp_path / "ntg.json").read_text())
+    assert ntg["intervals"][0]["interval"] == [0, 499] and ntg["feature_extractor"] == "domain_digits"
+    assert "NTG" in capsys.readouterr().out and (tmp_path / "ntg.png").stat().st_size > 0
+
+    assert analyze.main(["forgetting", "--finetuned", folders["run"], "--pretrained", folders["b"], "--fractions",
+                         "0,0.3,1", "--output", str(tmp_path / "f.json"), "--plot", str(tmp_path / "f.png"), *common]) == 0
+    curve = json.loads((tmp_path / "f.json").read_text())
+    assert [p["fraction"] for p in curve["points"]] == [0.0, 0.3, 1.0]
+    assert all(np.isfinite(p["fid"]) for p in curve["points"]) and (tmp_path / "f.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        (["nonsense"], 2, "invalid choice"),
+        (["affinity", "--model", "/no/such/folder", "--dataset_name", "digits", "--output", "x.json"], 1, "no such folder"),
+        (["ntg", "--base", "/no/such", "--interval_models", "/x", "--dataset_name", "digits", "--output", "x.json"], 1,
+         "no such folder"),
+        (["forgetting", "--finetuned", "a", "--pretrained", "b", "--dataset_name", "digits", "--fractions", "2",
+          "--output", "x.json"], 1, "[0, 1]"),
+        (["ntg", "--base", "a", "--interval_models", "b", "--dataset_name", "digits", "--feature_extractor", "clip",
+          "--output", "x.json"], 2, "unknown --feature_extractor"),
+        (["affinity", "--model", "a", "--output", "x.json"], 2, "--dataset_name"),
+    ],
+)
+def test_bad_input_is_one_short_line(argv, code, message, capsys):
+    analyze = _load_script("analyze")
+    try:
+        result = analyze.main(argv)
+    except SystemExit as exit_:
+        result = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert result == code
+    assert len(err.splitlines()) == 1 and err.startswith("analyze.py: error:")
+    if message:
+        assert message in err
