@@ -69,7 +69,9 @@ def _add_sampling_flags(parser):
 def _add_common_flags(parser):
     parser.add_argument("--output", required=True, help="Where to write the JSON result.")
     parser.add_argument("--plot", default=None, help="Optional PNG of the result.")
-    parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 on machines with <= 4 CPUs, where more threads contend; "
+                             "else torch's).")
     parser.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
 
 
@@ -208,6 +210,8 @@ def run_forgetting(args):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.num_threads is not None and args.num_threads < 1:
+        parser.error("--num_threads must be positive")
     if args.command == "affinity":
         if args.dataset_name is None and args.train_data_dir is None:
             parser.error("affinity needs training images: pass --dataset_name (e.g. mnist5k) or --train_data_dir")
@@ -225,10 +229,9 @@ def main(argv=None) -> int:
         if args.feature_extractor == "inception" and not args.inception_weights:
             parser.error("--feature_extractor inception needs --inception_weights FILE.safetensors")
 
-    import torch
+    from diffusers_ant.analysis.common import set_torch_threads
 
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    set_torch_threads(args.num_threads)
     if args.no_progress:
         from diffusers.utils import logging as diffusers_logging
 

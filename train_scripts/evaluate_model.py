@@ -58,7 +58,9 @@ def build_parser():
     parser.add_argument("--output", default=None, help="Write the metrics as JSON here.")
     parser.add_argument("--save_samples", default=None, help="Save the generated images as PNG files in this folder.")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
-    parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 on machines with <= 4 CPUs, where more threads contend; "
+                             "else torch's).")
     parser.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
     return parser
 
@@ -66,6 +68,8 @@ def build_parser():
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.num_threads is not None and args.num_threads < 1:
+        parser.error("--num_threads must be positive")
     for name in ("num_samples", "num_inference_steps", "batch_size", "kid_subsets"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive")
@@ -78,11 +82,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from diffusers_ant.analysis.common import load_denoiser
+    from diffusers_ant.analysis.common import load_denoiser, set_torch_threads
     from diffusers_ant.analysis.evaluate import evaluate_pipeline, format_results
 
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    set_torch_threads(args.num_threads)
     if args.no_progress:
         from diffusers.utils import logging as diffusers_logging
 

@@ -40,8 +40,7 @@ def plot_affinity(result: dict, path: str, title: str | None = None) -> None:
     if log_snr is not None:
         # top axis: the log-SNR of the grid timesteps under the ticks
         ticks = t[:: max(1, len(t) // 5)]
-        top = ax.twiny()
-        top.set_xlim(ax.get_xlim())
+        top = ax.secondary_xaxis("top")  # follows the heatmap's own x axis (twiny would not, with aspect "equal")
         top.set_xticks(ticks)
         values = dict(zip(t.tolist(), log_snr))
         top.set_xticklabels(["" if values[x] is None else f"{values[x]:.1f}" for x in ticks.tolist()])
