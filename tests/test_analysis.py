@@ -286,3 +286,11 @@ def test_bad_input_is_one_short_line(argv, code, message, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("analyze.py: error:")
     if message:
         assert message in err
+
+
+def test_checkpoint_of_another_architecture_is_a_short_error(folders, tmp_path):
+    other = get_model_adapter("unet").load(model_config_name_or_path="small", resolution=8, num_channels=1)
+    other.save(str(tmp_path / "small"))
+    with pytest.raises(ValueError, match="does not fit the model"):
+        affinity_from_folders(folders["a"], checkpoints=[str(tmp_path / "small")], dataset_name="digits", grid=2,
+                              batches=1, batch_size=4, progress=False)

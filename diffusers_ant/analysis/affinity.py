@@ -226,7 +226,10 @@ def task_affinity(adapter, states, batches, timesteps, param_subset=None, projec
         model.eval()  # no dropout: the gradients are a deterministic function of (weights, batch, t)
         for state in states:
             if state is not None:
-                model.load_state_dict(state)
+                try:
+                    model.load_state_dict(state)
+                except RuntimeError as err:  # another architecture, or a LoRA run's adapter weights
+                    raise ValueError(f"a checkpoint does not fit the model of --model: {str(err).splitlines()[0]}") from None
             rows = []
             for t in timesteps:
                 for p in params:
