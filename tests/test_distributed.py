@@ -2,10 +2,10 @@
 
 The slow test launches tests/scripts/ddp_weighting_check.py with
 `accelerate launch --multi_gpu --num_processes 2`: each process trains a tiny UNet2DModel on its own
-random shard with UW, PCGrad and Nash-MTL; process 0 also repeats the run on one process over the
-concatenated global batch. Parameters must be identical on both processes, must have moved, must
-equal the one-process run on the global batch, and DDP's reducer must not have averaged the
-gradient-based updates a second time.
+random shard with UW, PCGrad (also in subset mode) and Nash-MTL; process 0 also repeats the run on
+one process over the concatenated global batch. Parameters must be identical on both processes,
+must have moved, must equal the one-process run on the global batch, and DDP's reducer must not
+have averaged the gradient-based updates a second time.
 """
 
 import os
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from diffusers_ant.weighting import distributed
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("uw", "pcgrad", "nash_mtl")
+METHODS = ("uw", "pcgrad", "nash_mtl", "pcgrad+subset")
 STEPS = 4
 
 
@@ -83,7 +83,7 @@ def test_uw_log_variances_identical_and_synced_through_ddp(two_process_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["pcgrad", "nash_mtl"])
+@pytest.mark.parametrize("method", ["pcgrad", "nash_mtl", "pcgrad+subset"])
 def test_gradient_methods_sync_task_gradients_not_ddp(two_process_run, method):
     rank0, rank1, reference = two_process_run[method]
     # the DDP reducer never fired: the engine's own all-reduce was the only one

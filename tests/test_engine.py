@@ -297,3 +297,23 @@ def test_nash_mtl_steps_between_solves_need_no_task_gradients():
     torch.testing.assert_close(stats["weights"], expected_weights)
     expected = expected_weights @ reference_task_grads(model, second, params)
     assert (flat_grad(params) - expected).abs().max() < 1e-5
+
+
+def test_benchmark_script_runs_and_reports_ratios(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "train_scripts" / "benchmark_weighting.py"
+    spec = importlib.util.spec_from_file_location("benchmark_weighting", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    bench.main(["--sizes", "tiny", "--methods", "none,ls,pcgrad", "--steps", "1", "--warmup", "0",
+                "--batch_size", "6", "--no_memory", "--output", str(out)])
+    report = json.loads(out.read_text())["sizes"]["tiny"]
+    assert set(report["seconds_per_step"]) == {"none", "ls", "pcgrad", "pcgrad@retain_graph"}
+    assert report["ratio_to_vanilla"]["none"] == 1.0
+    assert all(t > 0 for t in report["seconds_per_step"].values())
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "gradnorm"])

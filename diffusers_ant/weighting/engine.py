@@ -217,7 +217,8 @@ class TaskGradientEngine:
         p0 = self.task_params[0]
         if self._grads is None or self._grads.shape[0] != num_tasks or self._grads.device != p0.device:
             self._grads = torch.zeros(num_tasks, self.num_task_params, dtype=p0.dtype, device=p0.device)
-            self._update = torch.zeros(self.num_task_params, dtype=p0.dtype, device=p0.device)
+            # w @ G; subset mode writes its update by a backward pass instead and needs no buffer
+            self._update = None if self.rest_params else torch.zeros(self.num_task_params, dtype=p0.dtype, device=p0.device)
         return self._grads, self._update
 
     def _views(self, flat: torch.Tensor) -> List[torch.Tensor]:
@@ -286,7 +287,7 @@ class TaskGradientEngine:
         grads, update = self._buffers(num_tasks)
         grads.zero_()
         counts = torch.bincount(task_ids, minlength=num_tasks)
-        local_present = [i for i in range(num_tasks) if counts[i] > 0]
+        local_present = [i for i, n in enumerate(counts.tolist()) if n > 0]  # one device sync, not K
         keep_graphs = bool(self.rest_params)  # the final all-parameter pass needs the task graphs
         task_losses = torch.zeros(num_tasks, dtype=torch.float32, device=grads.device)
         graph_losses: Dict[int, torch.Tensor] = {}
@@ -360,7 +361,7 @@ class TaskGradientEngine:
         else:
             task_losses, global_counts = local_losses.detach(), counts
         weights = weighting.reuse_weights(global_counts > 0).detach().to(per_sample.dtype)
-        graph_losses = {i: local_losses[i] for i in range(num_tasks) if counts[i] > 0}
+        graph_losses = {i: local_losses[i] for i, n in enumerate(counts.tolist()) if n > 0}
         self._backward_weighted(graph_losses, weights, counts, global_counts, grad_scale)
         total = global_counts.sum().clamp_min(1)
         return {

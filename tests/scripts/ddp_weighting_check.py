@@ -11,7 +11,9 @@ timestep clusters of equal width, the way the trainer does it:
   losses, `accelerator.backward` lets DDP average the gradients once;
 * gradient-based methods: the closure runs the unwrapped model, the engine all-reduces the per-task
   gradients (count-weighted) and writes the update; DDP's reducer must not fire (a counting comm hook
-  checks it).
+  checks it). `pcgrad+subset` forms the task gradients over the up-blocks only (subset mode: one
+  extra weighted backward over all parameters, whose gradients the engine all-reduces itself);
+  Nash-MTL re-solves every 2 steps and takes reused-weight steps in between.
 
 Then process 0 repeats the run on ONE process over the concatenated global batch (engine and loss
 sync switched off), which is what the distributed run must equal. Each process writes
@@ -73,7 +75,8 @@ def flat(tensors):
 
 def build(method):
     model = tiny_unet()
-    weighting = get_weighting(method, NUM_TASKS, **METHOD_OPTIONS.get(method, {}))
+    name = method.split("+")[0]
+    weighting = get_weighting(name, NUM_TASKS, **METHOD_OPTIONS.get(name, {}))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     if hasattr(weighting, "param_groups"):
         for group in weighting.param_groups():
@@ -106,7 +109,9 @@ def train(method, args, accelerator=None, ranks=None):
     else:
         unwrapped = model
         backward_fn = None
-    engine = TaskGradientEngine([p for p in unwrapped.parameters() if p.requires_grad], sync=sync)
+    # "<method>+subset": task gradients over the up-blocks only, then one weighted pass over all.
+    subset = [unwrapped.up_blocks] if method.endswith("+subset") else None
+    engine = TaskGradientEngine([p for p in unwrapped.parameters() if p.requires_grad], subset=subset, sync=sync)
     # Gradient-based: the closure must bypass DDP (the engine syncs); loss-based: through DDP.
     closure_model = unwrapped if weighting.needs_task_gradients else model
 
