@@ -27,6 +27,14 @@ cost a third more time. The result over all parameters is exactly w @ G (tests c
 K task passes plus the weighted pass, about twice an ordinary step (the task passes still run the
 full backward, see `_backward_into`); the memory saving is the point of this mode.
 
+Steps on stored weights: a method whose `needs_gradients_this_step()` is False (Nash-MTL between
+its solves, every `update_every` steps) gets `reuse_weights(present)` and one forward + one
+backward of sum_i w_i L_i on the whole batch, as cheap as a vanilla step.
+
+The weights come from the K x K Gram matrix, accumulated in float64 over column chunks of G
+(`gram_matrix`) and passed to `weights_from_gram`; a method that overrides `weights_from_grads`
+gets G itself.
+
 How the trainer calls it::
 
     engine = TaskGradientEngine([p for p in unet.parameters() if p.requires_grad])  # once
