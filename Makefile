@@ -20,8 +20,13 @@ $(VENV)/.installed: setup.py Makefile
 
 install: $(VENV)/.installed
 
+# accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise: give the one process every core
+# (measured here: 0.25 s/step with 2 threads against 0.38 s/step with 1).
+NPROC := $(shell nproc 2>/dev/null || echo 1)
+
 demo: install
-	$(OFFLINE) $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no train_scripts/train_ant.py
+	$(OFFLINE) $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
+		--dynamo_backend no --num_cpu_threads_per_process $(NPROC) train_scripts/train_ant.py
 
 test: install
 	$(OFFLINE) $(PY) -m pytest -q tests
