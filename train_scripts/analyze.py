@@ -25,21 +25,15 @@ import json
 import os
 import sys
 
-try:
-    import diffusers_ant  # noqa: F401
-except ImportError:  # running from a checkout that was not pip-installed
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from diffusers_ant.analysis.evaluate import FEATURE_EXTRACTOR_CHOICES
+from diffusers_ant.cli import OneLineErrorParser
+from diffusers_ant.metrics.features import DOMAIN_DATASETS
 
 # what --feature_extractor takes: the dataset's own classifier, Inception, or a built-in dataset's classifier
-FEATURE_EXTRACTORS = ("domain", "inception", "mnist5k", "animal_mnist", "digits")
+FEATURE_EXTRACTORS = FEATURE_EXTRACTOR_CHOICES + DOMAIN_DATASETS
 PROG = "analyze.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but every error is one line on stderr (no usage block), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
 
 
 def _projection(text):
@@ -76,9 +70,9 @@ def _add_common_flags(parser):
 
 
 def build_parser():
-    parser = _Parser(prog=PROG, description="Task affinity, negative transfer gap and chain of forgetting "
+    parser = OneLineErrorParser(prog=PROG, description="Task affinity, negative transfer gap and chain of forgetting "
                                             "(ANT, Go et al. 2023; Diff-Tuning, Zhong et al. 2024).")
-    sub = parser.add_subparsers(dest="command", metavar="{affinity,ntg,forgetting}", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{affinity,ntg,forgetting}", required=True, parser_class=OneLineErrorParser)
 
     aff = sub.add_parser("affinity", help="Task-affinity matrix of a model (cosine of per-timestep gradients).")
     aff.add_argument("--model", nargs="+", required=True,

@@ -25,19 +25,11 @@ import os
 import sys
 import warnings
 
-try:
-    import diffusers_ant  # noqa: F401
-except ImportError:  # running from a checkout that was not pip-installed
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from diffusers_ant.cli import OneLineErrorParser
 
 SCHEDULER_CONFIG = "scheduler_config.json"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but every error is one line on stderr (no usage block) and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _size(text: str):
@@ -54,7 +46,7 @@ def _size(text: str):
 def build_parser() -> argparse.ArgumentParser:
     from diffusers_ant.clustering import OBJECTIVES
 
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog="cluster_timesteps.py",
         description="Cluster a diffusers scheduler's training timesteps into k intervals (ANT, Go et al. 2023).",
     )

@@ -18,25 +18,19 @@ import json
 import os
 import sys
 
-try:
-    import diffusers_ant  # noqa: F401
-except ImportError:  # running from a checkout that was not pip-installed
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from diffusers_ant.analysis.evaluate import FEATURE_EXTRACTOR_CHOICES
+from diffusers_ant.cli import OneLineErrorParser
+from diffusers_ant.metrics.features import DOMAIN_DATASETS
 
 # what --feature_extractor takes: the dataset's own classifier, Inception, or a built-in dataset's classifier
-FEATURE_EXTRACTORS = ("domain", "inception", "mnist5k", "animal_mnist", "digits")
+FEATURE_EXTRACTORS = FEATURE_EXTRACTOR_CHOICES + DOMAIN_DATASETS
 PROG = "evaluate_model.py"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but every error is one line on stderr (no usage block), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser():
-    parser = _Parser(prog=PROG, description="Sample a saved pipeline and score it against a dataset "
+    parser = OneLineErrorParser(prog=PROG, description="Sample a saved pipeline and score it against a dataset "
                                             "(domain FID by default, KID, improved precision / recall).")
     parser.add_argument("--model", required=True, help="A saved pipeline folder (what train_ant.py writes).")
     parser.add_argument("--dataset_name", default=None,

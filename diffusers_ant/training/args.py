@@ -10,6 +10,8 @@ Run with no arguments at all, the script trains the embedded demo (`DEMO_ARGS`).
 from __future__ import annotations
 
 import argparse
+
+from ..cli import OneLineErrorParser
 import os
 import sys
 
@@ -50,15 +52,10 @@ class UsageError(ValueError):
     """A bad invocation: reported as one short line, without a traceback."""
 
 
-class _Parser(argparse.ArgumentParser):
-    # argparse prints the whole usage block before an error; a diffusers-sized flag list makes
-    # that dozens of lines. One line naming the problem is what the user needs.
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineErrorParser(
         prog="train_ant.py",
         description="Train a diffusers model with ANT / multi-task weighting over timestep clusters. "
         "With no arguments, trains the MNIST-5k demo into ./ant-demo.",
