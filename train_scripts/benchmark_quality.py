@@ -120,11 +120,12 @@ def summarise(results):
 
 
 def markdown(table, args):
-    lines = [f"| method | domain FID (lower is better) | KID x 1e3 | precision | recall |",
+    # KID is on the domain classifier's unnormalised features, so its scale is not Inception's.
+    lines = [f"| method | domain FID (lower is better) | domain KID | precision | recall |",
              "|---|---|---|---|---|"]
     for method, row in table.items():
         fid, kid, prec, rec = (row[k] for k in ("fid", "kid_mean", "precision", "recall"))
-        lines.append(f"| {method} | {fid[0]:.2f} ± {fid[1]:.2f} | {kid[0] * 1e3:.2f} ± {kid[1] * 1e3:.2f} "
+        lines.append(f"| {method} | {fid[0]:.2f} ± {fid[1]:.2f} | {kid[0]:.1f} ± {kid[1]:.1f} "
                      f"| {prec[0]:.3f} ± {prec[1]:.3f} | {rec[0]:.3f} ± {rec[1]:.3f} |")
     n = next(iter(table.values()))["fid"][2]
     lines.append("")
