@@ -25,12 +25,9 @@ import json
 import os
 import sys
 
-from diffusers_ant.analysis.evaluate import FEATURE_EXTRACTOR_CHOICES
+from diffusers_ant.analysis.evaluate import add_sampling_arguments, check_sampling_arguments
 from diffusers_ant.cli import OneLineErrorParser
-from diffusers_ant.metrics.features import DOMAIN_DATASETS
 
-# what --feature_extractor takes: the dataset's own classifier, Inception, or a built-in dataset's classifier
-FEATURE_EXTRACTORS = FEATURE_EXTRACTOR_CHOICES + DOMAIN_DATASETS
 PROG = "analyze.py"
 
 
@@ -43,21 +40,6 @@ def _projection(text):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, 'auto' or 'none', got {text!r}") from None
-
-
-def _add_sampling_flags(parser):
-    parser.add_argument("--dataset_name", default=None, help="Real images: mnist5k, animal_mnist, digits or a datasets name.")
-    parser.add_argument("--train_data_dir", default=None, help="Real images from an image folder instead.")
-    parser.add_argument("--num_samples", type=int, default=500, help="Samples per configuration (default 500).")
-    parser.add_argument("--num_real", type=int, default=None, help="Real images (default: --num_samples).")
-    parser.add_argument("--scheduler", default="ddim", help="Sampling scheduler: ddim (default), ddpm or a class name.")
-    parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps (default 50).")
-    parser.add_argument("--batch_size", type=int, default=256, help="Images per sampling batch.")
-    parser.add_argument("--feature_extractor", default="domain",
-                        help="domain (default: the dataset's classifier), inception (with --inception_weights) or a built-in dataset name.")
-    parser.add_argument("--inception_weights", default=None, help="FID Inception-v3 weights (.safetensors).")
-    parser.add_argument("--kid_subsets", type=int, default=50, help="KID subsets (default 50).")
-    parser.add_argument("--seed", type=int, default=0, help="Seeds the sampling noise and the real images drawn.")
 
 
 def _add_common_flags(parser):
@@ -101,7 +83,7 @@ def build_parser():
     ntg.add_argument("--intervals", default=None,
                      help="JSON of the intervals, one per interval model ([[t1, t2], ...] or an intervals file); "
                           "default: each folder's training_config.json timestep_range.")
-    _add_sampling_flags(ntg)
+    add_sampling_arguments(ntg)
     _add_common_flags(ntg)
 
     fgt = sub.add_parser("forgetting", help="Chain of forgetting of a fine-tuned model and its pretrained one.")
@@ -110,7 +92,7 @@ def build_parser():
     fgt.add_argument("--fractions", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
                      help="Comma-separated fractions f in [0, 1] of the reverse process (low-noise end) given "
                           "to the pretrained model (default 0,0.1,...,1).")
-    _add_sampling_flags(fgt)
+    add_sampling_arguments(fgt)
     _add_common_flags(fgt)
     return parser
 
@@ -213,15 +195,7 @@ def main(argv=None) -> int:
             if getattr(args, name) < 1:
                 parser.error(f"--{name} must be positive")
     else:
-        if args.dataset_name is None and args.train_data_dir is None:
-            parser.error(f"{args.command} needs real images: pass --dataset_name (e.g. mnist5k) or --train_data_dir")
-        for name in ("num_samples", "num_inference_steps", "batch_size", "kid_subsets"):
-            if getattr(args, name) < 1:
-                parser.error(f"--{name} must be positive")
-        if args.feature_extractor not in FEATURE_EXTRACTORS:
-            parser.error(f"unknown --feature_extractor {args.feature_extractor!r}; valid: {', '.join(FEATURE_EXTRACTORS)}")
-        if args.feature_extractor == "inception" and not args.inception_weights:
-            parser.error("--feature_extractor inception needs --inception_weights FILE.safetensors")
+        check_sampling_arguments(parser, args)
 
     from diffusers_ant.analysis.common import set_torch_threads
 

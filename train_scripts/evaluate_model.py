@@ -18,12 +18,9 @@ import json
 import os
 import sys
 
-from diffusers_ant.analysis.evaluate import FEATURE_EXTRACTOR_CHOICES
+from diffusers_ant.analysis.evaluate import add_sampling_arguments, check_sampling_arguments
 from diffusers_ant.cli import OneLineErrorParser
-from diffusers_ant.metrics.features import DOMAIN_DATASETS
 
-# what --feature_extractor takes: the dataset's own classifier, Inception, or a built-in dataset's classifier
-FEATURE_EXTRACTORS = FEATURE_EXTRACTOR_CHOICES + DOMAIN_DATASETS
 PROG = "evaluate_model.py"
 
 
@@ -33,22 +30,7 @@ def build_parser():
     parser = OneLineErrorParser(prog=PROG, description="Sample a saved pipeline and score it against a dataset "
                                             "(domain FID by default, KID, improved precision / recall).")
     parser.add_argument("--model", required=True, help="A saved pipeline folder (what train_ant.py writes).")
-    parser.add_argument("--dataset_name", default=None,
-                        help="Real images: a built-in dataset (mnist5k, animal_mnist, digits) or a datasets name.")
-    parser.add_argument("--train_data_dir", default=None, help="Real images from an image folder instead.")
-    parser.add_argument("--num_samples", type=int, default=1000, help="Images to generate (default 1000).")
-    parser.add_argument("--num_real", type=int, default=None, help="Real images to draw (default: --num_samples).")
-    parser.add_argument("--scheduler", default="ddim",
-                        help="Sampling scheduler: ddim, ddpm, any diffusers scheduler class name, or 'pipeline' "
-                             "for the saved one (default ddim).")
-    parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps (default 50).")
-    parser.add_argument("--batch_size", type=int, default=256, help="Images per sampling batch (default 256).")
-    parser.add_argument("--feature_extractor", default="domain",
-                        help="domain (the dataset's classifier: a domain FID), inception (needs --inception_weights) "
-                             "or a built-in dataset name whose classifier to use.")
-    parser.add_argument("--inception_weights", default=None, help="FID Inception-v3 weights as a .safetensors file.")
-    parser.add_argument("--kid_subsets", type=int, default=50, help="KID subsets (default 50).")
-    parser.add_argument("--seed", type=int, default=0, help="Seeds the sampling noise and the draw of real images.")
+    add_sampling_arguments(parser, num_samples_default=1000)
     parser.add_argument("--output", default=None, help="Write the metrics as JSON here.")
     parser.add_argument("--save_samples", default=None, help="Save the generated images as PNG files in this folder.")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
@@ -64,15 +46,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.num_threads is not None and args.num_threads < 1:
         parser.error("--num_threads must be positive")
-    for name in ("num_samples", "num_inference_steps", "batch_size", "kid_subsets"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be positive")
-    if args.dataset_name is None and args.train_data_dir is None:
-        parser.error("pass --dataset_name (e.g. mnist5k) or --train_data_dir for the real images")
-    if args.feature_extractor not in FEATURE_EXTRACTORS:
-        parser.error(f"unknown --feature_extractor {args.feature_extractor!r}; valid: {', '.join(FEATURE_EXTRACTORS)}")
-    if args.feature_extractor == "inception" and not args.inception_weights:
-        parser.error("--feature_extractor inception needs --inception_weights FILE.safetensors")
+    check_sampling_arguments(parser, args)
 
     import torch
 

@@ -26,6 +26,7 @@ import os
 import numpy as np
 import torch
 
+from ..metrics.features import DOMAIN_DATASETS
 from .common import denoiser_name
 
 __all__ = [
@@ -194,7 +195,7 @@ def resolve_feature_extractor(spec="domain", dataset_name=None, inception_weight
             raise ValueError("--feature_extractor inception needs --inception_weights FILE.safetensors")
         spec = "inception_v3"
     elif spec not in DOMAIN_DATASETS:
-        raise ValueError(f"unknown feature extractor {spec!r}; valid: {', '.join(FEATURE_EXTRACTOR_CHOICES + DOMAIN_DATASETS)}")
+        raise ValueError(f"unknown feature extractor {spec!r}; valid: {', '.join(FEATURE_EXTRACTOR_NAMES)}")
     return get_feature_extractor(spec, cache_dir=cache_dir, device=device, weights_path=inception_weights)
 
 
@@ -310,3 +311,45 @@ def format_results(results: dict) -> str:
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
+
+
+# ---------------------------------------------------------------- command-line flags
+# evaluate_model.py and analyze.py (ntg, forgetting) sample models and score them the same way;
+# their flags and checks live here once.
+
+FEATURE_EXTRACTOR_NAMES = FEATURE_EXTRACTOR_CHOICES + DOMAIN_DATASETS
+
+
+def add_sampling_arguments(parser, num_samples_default: int = 1000) -> None:
+    """The flags that choose real images, the sampler and the metric features."""
+    parser.add_argument("--dataset_name", default=None,
+                        help="Real images: a built-in dataset (mnist5k, animal_mnist, digits) or a datasets name.")
+    parser.add_argument("--train_data_dir", default=None, help="Real images from an image folder instead.")
+    parser.add_argument("--num_samples", type=int, default=num_samples_default,
+                        help=f"Images to generate per model or configuration (default {num_samples_default}).")
+    parser.add_argument("--num_real", type=int, default=None, help="Real images to draw (default: --num_samples).")
+    parser.add_argument("--scheduler", default="ddim",
+                        help="Sampling scheduler: ddim (default), ddpm or any diffusers scheduler class name "
+                             "(evaluate_model.py also takes 'pipeline': the scheduler saved with the model).")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps (default 50).")
+    parser.add_argument("--batch_size", type=int, default=256, help="Images per sampling batch (default 256).")
+    parser.add_argument("--feature_extractor", default="domain",
+                        help="domain (the dataset's classifier: a domain FID), inception (needs --inception_weights) "
+                             "or a built-in dataset name whose classifier to use.")
+    parser.add_argument("--inception_weights", default=None, help="FID Inception-v3 weights as a .safetensors file.")
+    parser.add_argument("--kid_subsets", type=int, default=DEFAULT_KID_SUBSETS,
+                        help=f"KID subsets (default {DEFAULT_KID_SUBSETS}).")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the sampling noise and the draw of real images.")
+
+
+def check_sampling_arguments(parser, args) -> None:
+    """`parser.error` (one line) for what `add_sampling_arguments`' flags cannot be."""
+    if args.dataset_name is None and args.train_data_dir is None:
+        parser.error("pass --dataset_name (e.g. mnist5k) or --train_data_dir for the real images")
+    for name in ("num_samples", "num_inference_steps", "batch_size", "kid_subsets"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be positive")
+    if args.feature_extractor not in FEATURE_EXTRACTOR_NAMES:
+        parser.error(f"unknown --feature_extractor {args.feature_extractor!r}; valid: {', '.join(FEATURE_EXTRACTOR_NAMES)}")
+    if args.feature_extractor == "inception" and not args.inception_weights:
+        parser.error("--feature_extractor inception needs --inception_weights FILE.safetensors")
