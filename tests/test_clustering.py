@@ -229,7 +229,6 @@ def test_snr_objective_on_other_schedules(scheduler):
 
 
 def block_affinity(sizes, outside=-0.5):
-    T = sum(sizes)
     labels = np.repeat(np.arange(len(sizes)), sizes)
     return np.where(labels[:, None] == labels[None, :], 1.0, outside), sizes_to_bounds(sizes)
 

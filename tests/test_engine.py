@@ -227,7 +227,7 @@ def test_loss_based_path_never_forms_task_gradients(method):
     # one hook on one parameter counts the backward passes that reach the model
     model.conv_in.weight.register_hook(lambda g: backward_count.__setitem__(0, backward_count[0] + 1))
     weighting = get_weighting(method, K)
-    stats = weighted_backward(weighting, loss_fn_for(model, batch, calls), batch[-1], K)
+    weighted_backward(weighting, loss_fn_for(model, batch, calls), batch[-1], K)
     assert calls == [None] and backward_count[0] == 1  # one forward on the whole batch, one backward
     assert all(p.grad is not None for p in params)
 

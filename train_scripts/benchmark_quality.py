@@ -121,7 +121,7 @@ def summarise(results):
 
 def markdown(table, args):
     # KID is on the domain classifier's unnormalised features, so its scale is not Inception's.
-    lines = [f"| method | domain FID (lower is better) | domain KID | precision | recall |",
+    lines = ["| method | domain FID (lower is better) | domain KID | precision | recall |",
              "|---|---|---|---|---|"]
     for method, row in table.items():
         fid, kid, prec, rec = (row[k] for k in ("fid", "kid_mean", "precision", "recall"))

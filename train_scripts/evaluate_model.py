@@ -13,7 +13,6 @@ gives Inception FID. The logic lives in `diffusers_ant.analysis.evaluate`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
