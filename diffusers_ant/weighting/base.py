@@ -161,6 +161,21 @@ class Weighting(nn.Module):
         return self.load_state_dict(state, strict=strict)
 
 
+def gram_matrix(grads: torch.Tensor, present: Optional[torch.Tensor] = None, chunk_size: int = 1 << 20) -> torch.Tensor:
+    """G G^T of grads (K, P) in float64 (the small K x K algebra is done in float64 for stability).
+
+    Accumulated over column chunks, so the float64 copy is K x 8 MB whatever P is, not twice the
+    memory of G. Rows of absent tasks (`present` False) are zeroed so that NaNs in them cannot leak.
+    """
+    gram = torch.zeros(grads.shape[0], grads.shape[0], dtype=torch.float64, device=grads.device)
+    for chunk in torch.split(grads.detach(), chunk_size, dim=1):
+        chunk = chunk.double()
+        if present is not None:
+            chunk = torch.where(present[:, None], chunk, torch.zeros((), dtype=chunk.dtype, device=chunk.device))
+        gram.addmm_(chunk, chunk.T)
+    return gram
+
+
 class LossWeighting(Weighting):
     """Combines task losses into one scalar. Loss-based methods never pay for per-task gradients."""
 
@@ -217,10 +232,7 @@ class GradientWeighting(Weighting):
         if grads.dim() != 2 or grads.shape[0] != self.num_tasks:
             raise ValueError(f"grads must have shape ({self.num_tasks}, P), got {tuple(grads.shape)}")
         present = self._present(present, grads.device)
-        g = grads.detach().double()  # the small K x K algebra in float64 for stability
-        # Absent rows are zeroed so that NaNs in them cannot leak into the Gram matrix.
-        g = torch.where(present[:, None], g, torch.zeros((), dtype=g.dtype, device=g.device))
-        return self.weights_from_gram(g @ g.T, present).to(grads.dtype)
+        return self.weights_from_gram(gram_matrix(grads, present), present).to(grads.dtype)
 
     def aggregate(self, grads: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The update direction (P,) from per-task gradients grads[K, P]."""

@@ -31,9 +31,9 @@ Steps on stored weights: a method whose `needs_gradients_this_step()` is False (
 its solves, every `update_every` steps) gets `reuse_weights(present)` and one forward + one
 backward of sum_i w_i L_i on the whole batch, as cheap as a vanilla step.
 
-The weights come from the K x K Gram matrix, accumulated in float64 over column chunks of G
-(`gram_matrix`) and passed to `weights_from_gram`; a method that overrides `weights_from_grads`
-gets G itself.
+The weights come from `weighting.weights_from_grads(G)`, which works on the K x K Gram matrix
+accumulated in float64 over column chunks of G (`base.gram_matrix`); a method that overrides
+`weights_from_grads` gets G itself.
 
 How the trainer calls it::
 
@@ -121,26 +121,6 @@ def _check_num_tasks(weighting: Weighting, num_tasks: Optional[int]) -> int:
         raise ValueError(f"num_tasks={num_tasks} but the weighting was built for {weighting.num_tasks} tasks; "
                          "build it with get_weighting(name, num_tasks)")
     return int(num_tasks)
-
-
-def gram_matrix(grads: torch.Tensor, chunk_size: int = 1 << 20) -> torch.Tensor:
-    """G G^T in float64, accumulated over column chunks of G (K, P).
-
-    `GradientWeighting.weights_from_grads` converts the whole K x P matrix to float64 at once (twice
-    the memory of G); over chunks of 2^20 columns the float64 copy is K x 8 MB whatever P is."""
-    gram = torch.zeros(grads.shape[0], grads.shape[0], dtype=torch.float64, device=grads.device)
-    for chunk in torch.split(grads, chunk_size, dim=1):
-        chunk = chunk.double()
-        gram.addmm_(chunk, chunk.T)
-    return gram
-
-
-def _weights_from_task_grads(weighting: GradientWeighting, grads: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """w[K] from G: through the lean chunked Gram matrix, unless a method overrides
-    `weights_from_grads` (then it may need G itself)."""
-    if type(weighting).weights_from_grads is GradientWeighting.weights_from_grads:
-        return weighting.weights_from_gram(gram_matrix(grads), present).to(grads.dtype)
-    return weighting.weights_from_grads(grads, present).to(grads.dtype)
 
 
 def _check_losses(losses: torch.Tensor, expected: int) -> torch.Tensor:
@@ -331,7 +311,7 @@ class TaskGradientEngine:
         else:
             global_counts = counts
         present = global_counts > 0
-        weights = _weights_from_task_grads(weighting, grads, present).detach()
+        weights = weighting.weights_from_grads(grads, present).detach()
 
         if self.rest_params:
             # Subset mode: one backward of sum_i w_i L_i through the kept task graphs writes every
