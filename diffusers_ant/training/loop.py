@@ -7,6 +7,7 @@ objective and weighting in `training.step`, checkpoints in `training.checkpoint`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -320,23 +321,18 @@ def train(args) -> str:
     return args.output_dir
 
 
+@contextlib.contextmanager
 def _ema_weights(ema, params):
-    """Context manager: the EMA weights in place of the trained ones (no-op without EMA)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def swap():
-        if ema is None:
-            yield
-            return
-        ema.store(params)
-        ema.copy_to(params)
-        try:
-            yield
-        finally:
-            ema.restore(params)
-
-    return swap()
+    """The EMA weights in place of the trained ones inside the block (no-op without EMA)."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 def validate(args, accelerator, adapter, model, ema, params, step, inputs):
@@ -356,7 +352,7 @@ def finish(args, accelerator, adapter, model, ema, params, intervals, global_ste
     unwrapped = accelerator.unwrap_model(model)
     with _ema_weights(ema, params):
         adapter.save(args.output_dir, unwrapped, lora=args.rank is not None)
-        images, grid_path = validate(args, accelerator, adapter, model, None, params, global_step, validation_inputs)
+        images, _ = validate(args, accelerator, adapter, model, None, params, global_step, validation_inputs)
     summary = {
         "model_type": args.model_type, "mtl_method": args.mtl_method, "clustering": args.clustering,
         "num_clusters": len(intervals), "intervals": [list(b) for b in intervals.bounds],
