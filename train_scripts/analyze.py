@@ -26,7 +26,7 @@ import os
 import sys
 
 from diffusers_ant.analysis.evaluate import add_sampling_arguments, check_sampling_arguments
-from diffusers_ant.cli import OneLineErrorParser
+from diffusers_ant.cli import OneLineErrorParser, report_bad_input
 
 PROG = "analyze.py"
 
@@ -204,16 +204,8 @@ def main(argv=None) -> int:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()  # also the "Loading pipeline components" bars
-    try:
-        {"affinity": run_affinity, "ntg": run_ntg, "forgetting": run_forgetting}[args.command](args)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        # bad input: one line naming the problem (DIFFUSERS_ANT_DEBUG=1 for the traceback)
-        if os.environ.get("DIFFUSERS_ANT_DEBUG"):
-            raise
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 1
-    return 0
+    command = {"affinity": run_affinity, "ntg": run_ntg, "forgetting": run_forgetting}[args.command]
+    return report_bad_input(PROG, command, args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import sys
 
 from diffusers_ant.analysis.evaluate import add_sampling_arguments, check_sampling_arguments
-from diffusers_ant.cli import OneLineErrorParser
+from diffusers_ant.cli import OneLineErrorParser, report_bad_input
 
 PROG = "evaluate_model.py"
 
@@ -40,6 +40,34 @@ def build_parser():
     return parser
 
 
+def evaluate(args) -> None:
+    """Sample the model, score it, print the table and write the JSON."""
+    import torch
+
+    from diffusers_ant.analysis.common import load_denoiser
+    from diffusers_ant.analysis.evaluate import evaluate_pipeline, format_results
+
+    pipeline, _ = load_denoiser(args.model)
+    pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    results = evaluate_pipeline(
+        pipeline, args.dataset_name, num_samples=args.num_samples,
+        scheduler=None if args.scheduler == "pipeline" else args.scheduler,
+        num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
+        feature_extractor=args.feature_extractor, inception_weights=args.inception_weights, seed=args.seed,
+        num_real=args.num_real, kid_subsets=args.kid_subsets, save_samples=args.save_samples,
+        progress=not args.no_progress, train_data_dir=args.train_data_dir,
+    )
+    results["model"] = args.model
+    print(f"{args.model}: {results['num_fake']} samples, {results['scheduler']} {results['num_inference_steps']} steps, "
+          f"vs {results['dataset_name']}")
+    print(format_results(results))
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.output}")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -47,44 +75,14 @@ def main(argv=None) -> int:
         parser.error("--num_threads must be positive")
     check_sampling_arguments(parser, args)
 
-    import torch
-
-    from diffusers_ant.analysis.common import load_denoiser, set_torch_threads
-    from diffusers_ant.analysis.evaluate import evaluate_pipeline, format_results
+    from diffusers_ant.analysis.common import set_torch_threads
 
     set_torch_threads(args.num_threads)
     if args.no_progress:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()  # also the "Loading pipeline components" bars
-    try:
-        pipeline, _ = load_denoiser(args.model)
-        pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        results = evaluate_pipeline(
-            pipeline, args.dataset_name, num_samples=args.num_samples,
-            scheduler=None if args.scheduler == "pipeline" else args.scheduler,
-            num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
-            feature_extractor=args.feature_extractor, inception_weights=args.inception_weights, seed=args.seed,
-            num_real=args.num_real, kid_subsets=args.kid_subsets, save_samples=args.save_samples,
-            progress=not args.no_progress, train_data_dir=args.train_data_dir,
-        )
-        results["model"] = args.model
-        print(f"{args.model}: {results['num_fake']} samples, {results['scheduler']} {results['num_inference_steps']} steps, "
-              f"vs {results['dataset_name']}")
-        print(format_results(results))
-        if args.output:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            with open(args.output, "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=2)
-            print(f"wrote {args.output}")
-    except (ValueError, FileNotFoundError, OSError) as err:
-        # bad input: one line naming the problem (DIFFUSERS_ANT_DEBUG=1 for the traceback)
-        if os.environ.get("DIFFUSERS_ANT_DEBUG"):
-            raise
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 1
-    return 0
+    return report_bad_input(PROG, evaluate, args)
 
 
 if __name__ == "__main__":
