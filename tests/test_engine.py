@@ -79,6 +79,12 @@ def loss_fn_for(model, batch, calls=None):
     return per_sample_loss_fn
 
 
+def whole_batch_once(calls, batch):
+    """The closure was called once, on every sample of the batch."""
+    n = batch[-1].numel()
+    return len(calls) == 1 and (calls[0] is None or calls[0].tolist() == list(range(n)))
+
+
 def flat_grad(params):
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
 
@@ -228,7 +234,7 @@ def test_loss_based_path_never_forms_task_gradients(method):
     model.conv_in.weight.register_hook(lambda g: backward_count.__setitem__(0, backward_count[0] + 1))
     weighting = get_weighting(method, K)
     weighted_backward(weighting, loss_fn_for(model, batch, calls), batch[-1], K)
-    assert calls == [None] and backward_count[0] == 1  # one forward on the whole batch, one backward
+    assert whole_batch_once(calls, batch) and backward_count[0] == 1  # one forward on the whole batch, one backward
     assert all(p.grad is not None for p in params)
 
     # the scalar it backpropagated is the weighting's combine of the per-task means
@@ -291,7 +297,7 @@ def test_nash_mtl_steps_between_solves_need_no_task_gradients():
     calls = []
     before = engine.num_task_backward_calls
     stats = engine.backward(weighting, loss_fn_for(model, second, calls), second[-1], K)  # step 1: reuse
-    assert calls == [None] and engine.num_task_backward_calls == before  # one forward, no task passes
+    assert whole_batch_once(calls, second) and engine.num_task_backward_calls == before  # one forward, no task passes
     present = torch.bincount(second[-1], minlength=K) > 0
     expected_weights = torch.where(present, alpha, torch.zeros_like(alpha)).float()
     torch.testing.assert_close(stats["weights"], expected_weights)

@@ -15,7 +15,7 @@ See `dataloader.py` for the batch keys and what the loop must do to resume at an
 
 from .builtin import BUILTIN_DATASETS, NumpyArrayUnpickler, is_builtin_dataset, load_builtin_dataset, load_numpy_pickle
 from .dataloader import EpochRandomSampler, TrainingDataset, make_train_dataloader
-from .loading import class_names, load_training_dataset, resolve_columns
+from .loading import class_names, dataset_image_channels, load_training_dataset, resolve_columns
 from .toy import edge_map, make_toy_caption_dataset
 from .transforms import ImageTransform, build_transforms
 
@@ -27,6 +27,7 @@ __all__ = [
     "TrainingDataset",
     "build_transforms",
     "class_names",
+    "dataset_image_channels",
     "edge_map",
     "is_builtin_dataset",
     "load_builtin_dataset",

@@ -242,3 +242,29 @@ def class_names(dataset, class_column: str) -> list[str]:
             raise ValueError(f"--class_column '{class_column}' has negative labels; class ids must be 0..K-1")
         return [str(i) for i in range(max(values) + 1)]
     raise ValueError(f"--class_column '{class_column}' must hold integers or strings")
+
+
+# --------------------------------------------------------------------------------------------------
+# Channels
+# --------------------------------------------------------------------------------------------------
+
+_GREYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def dataset_image_channels(dataset, image_column: str, max_rows: int = 1000) -> int:
+    """1 when the dataset's images are greyscale, 3 when any of them has colour.
+
+    What a model trained from scratch is built for. Decided from the image modes of up to
+    `max_rows` rows spread evenly over the dataset (every row of a small one), not from the first
+    row alone: one colour image among greyscale ones makes the model RGB, and the transforms then
+    convert every greyscale image to three channels."""
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("the dataset is empty: it has no image to train on")
+    count = min(n, max_rows)
+    indices = sorted({round(i * (n - 1) / max(count - 1, 1)) for i in range(count)})
+    rows = dataset.select(indices).select_columns([image_column])
+    for row in rows:
+        if getattr(row[image_column], "mode", "RGB") not in _GREYSCALE_MODES:
+            return 3
+    return 1

@@ -300,27 +300,44 @@ class ModelAdapter:
 
     # ------------------------------------------------------------------ training step
 
-    def encode_batch(self, batch: dict):
+    def encode_batch(self, batch: dict, generator=None, chunk_size=None, training: bool = False):
         """Turn a data batch into ``(x0, conditioning)``.
 
         ``x0`` is what gets noised: the pixels in [-1, 1], or their VAE latents scaled by
         ``vae.config.scaling_factor`` (Rombach et al. 2022, Sec. 3) for latent models, float32.
         ``conditioning`` is a dict of keyword tensors for :meth:`predict`.
+
+        ``generator`` draws every random number (the VAE's latent sample, a DiT's label dropout),
+        so that a resumed run draws what an uninterrupted one would have: nothing here touches the
+        global RNG. ``chunk_size`` bounds how many images the VAE encodes at once (the micro-batch
+        size of a gradient-accumulation window); the latents of the whole batch are then sampled in
+        one draw. ``training`` turns on training-only randomness (label dropout).
         """
-        return self.encode_pixels(batch["pixel_values"]), self.conditioning(batch)
+        pixels = self.encode_pixels(batch["pixel_values"], generator=generator, chunk_size=chunk_size)
+        return pixels, self.conditioning(batch, generator=generator, training=training)
 
     @torch.no_grad()
-    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] -> the model's input space (identity in pixel space)."""
+    def encode_pixels(self, pixel_values: torch.Tensor, generator=None, chunk_size=None) -> torch.Tensor:
+        """Pixels in [-1, 1] -> the model's input space (identity in pixel space).
+
+        Latents are ``mean + std * noise`` of the VAE's posterior (``latent_dist.sample()``), with the
+        noise drawn from ``generator`` (on its device) for the whole batch at once."""
         if self.vae is None:
             return pixel_values.float()
-        latents = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist.sample()
+        pixels = pixel_values.to(self.vae.device, self.vae.dtype)
+        pieces = [pixels] if chunk_size is None else torch.split(pixels, chunk_size)
+        dists = [self.vae.encode(piece).latent_dist for piece in pieces]
+        mean = torch.cat([d.mean for d in dists]).float()
+        std = torch.cat([d.std for d in dists]).float()
+        draw_device = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, device=draw_device, dtype=torch.float32).to(mean.device)
+        latents = mean + std * noise
         shift = getattr(self.vae.config, "shift_factor", None)
         if shift is not None:
             latents = latents - shift
-        return (latents * self.vae.config.scaling_factor).float()
+        return latents * self.vae.config.scaling_factor
 
-    def conditioning(self, batch: dict) -> dict:
+    def conditioning(self, batch: dict, generator=None, training: bool = False) -> dict:
         """The type's conditioning inputs from the batch (class labels, text embeddings, control image)."""
         return {}
 
@@ -330,6 +347,30 @@ class ModelAdapter:
 
     def trainable_parameters(self) -> list:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    # The denoiser's last layers (module names), and where its last block of layers is: for
+    # `--task_gradients last_layers`.
+    output_module_names = ("conv_out",)
+    last_block_name = "up_blocks"
+
+    def output_parameters(self) -> list:
+        """Trainable parameters of the output-side layers, for per-task gradients from one forward.
+
+        The output layers themselves (``conv_out`` of a UNet, ``proj_out`` of a DiT, the zero
+        convolutions of a ControlNet) when they train; under LoRA, where they are frozen, the trainable
+        (LoRA) parameters of the last block. Neither holds a normalisation layer whose input gradient
+        would not be needed, so the task backward passes may stop there (see `TaskGradientEngine`)."""
+        modules = dict(self.model.named_modules())
+        chosen = [p for name in self.output_module_names if name in modules
+                  for p in modules[name].parameters() if p.requires_grad]
+        if not chosen:
+            blocks = getattr(self.model, self.last_block_name, None)
+            if blocks is not None and len(blocks):
+                chosen = [p for p in blocks[-1].parameters() if p.requires_grad]
+        if not chosen:
+            raise ValueError(f"{type(self.model).__name__} has no trainable output-side layer for --task_gradients "
+                             "last_layers: use --task_gradients split or name layers with --task_gradient_subset")
+        return chosen
 
     def enable_gradient_checkpointing(self):
         """Trade compute for memory in the trained module (diffusers' ``enable_gradient_checkpointing``)."""

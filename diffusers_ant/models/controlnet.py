@@ -27,6 +27,8 @@ _CONDITIONING_EMBEDDING = (16, 32, 96, 256)
 
 class ControlNetAdapter(StableDiffusionAdapter):
     model_type = "controlnet"
+    # the zero convolutions that feed the frozen UNet
+    output_module_names = ("controlnet_down_blocks", "controlnet_mid_block")
 
     @classmethod
     def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):
@@ -75,8 +77,8 @@ class ControlNetAdapter(StableDiffusionAdapter):
         zero_convs = [name for name, _ in self.model.named_modules() if name.startswith("controlnet_down_blocks.")]
         return super().lora_target_modules + zero_convs + ["controlnet_mid_block"]
 
-    def conditioning(self, batch):
-        cond = super().conditioning(batch)
+    def conditioning(self, batch, generator=None, training=False):
+        cond = super().conditioning(batch, generator=generator, training=training)
         image = batch.get("conditioning_pixel_values")
         if image is None:
             raise ValueError("ControlNet training needs conditioning images: set --conditioning_image_column")

@@ -19,9 +19,29 @@ import torch
 from .base import ModelAdapter, _copy_scheduler, check_class_labels, repeat_to
 
 
+def take_over_label_dropout(model) -> float:
+    """Switch off the label dropout inside a DiT and return its probability, for the trainer to draw.
+
+    diffusers' ``LabelEmbedding`` drops labels to the null class with ``torch.rand`` (the global RNG)
+    in training mode, and a DiT with adaLN-Zero blocks embeds the labels once per block, so each
+    block drops on its own. The trainer instead draws one drop mask per sample from its own
+    generator (``DiTAdapter.conditioning``) and passes the null class; the embedding table keeps its
+    null row (its size was fixed at construction from the config's dropout probability)."""
+    from diffusers.models.embeddings import LabelEmbedding
+
+    probability = 0.0
+    for module in model.modules():
+        if isinstance(module, LabelEmbedding):
+            probability = max(probability, float(module.dropout_prob))
+            module.dropout_prob = 0.0
+    return probability
+
+
 class DiTAdapter(ModelAdapter):
     model_type = "dit"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+    output_module_names = ("proj_out_2", "proj_out")
+    last_block_name = "transformer_blocks"
 
     @classmethod
     def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):
@@ -72,6 +92,10 @@ class DiTAdapter(ModelAdapter):
             "model_from_pretrained": from_pretrained,
         }
 
+    def __init__(self, model, noise_scheduler, **kwargs):
+        super().__init__(model, noise_scheduler, **kwargs)
+        self.class_dropout_prob = take_over_label_dropout(model)
+
     @property
     def num_classes(self) -> int:
         """Classes of the label embedding (not counting the null class)."""
@@ -81,14 +105,22 @@ class DiTAdapter(ModelAdapter):
     def null_class(self) -> int:
         return self.model.config.num_embeds_ada_norm
 
-    def conditioning(self, batch):
+    def conditioning(self, batch, generator=None, training=False):
         labels = batch.get("class_labels")
         if labels is None:
             batch_size = batch["pixel_values"].shape[0]
             labels = torch.full((batch_size,), self.null_class, dtype=torch.long, device=batch["pixel_values"].device)
         else:
             check_class_labels(labels, self.num_classes, "the DiT")
-        return {"class_labels": labels.long()}
+            labels = labels.long()
+            if training and self.class_dropout_prob > 0:
+                # DiT's classifier-free-guidance dropout (Peebles & Xie 2023, Sec. 3.1), drawn here from
+                # the step's generator instead of inside the model from the global RNG (see
+                # `take_over_label_dropout`): resumable, and the same for every forward of the step.
+                draw = generator.device if generator is not None else labels.device
+                drop = torch.rand(labels.shape[0], generator=generator, device=draw) < self.class_dropout_prob
+                labels = torch.where(drop.to(labels.device), torch.full_like(labels, self.null_class), labels)
+        return {"class_labels": labels}
 
     def predict(self, model, x_t, timesteps, conditioning):
         timesteps = torch.as_tensor(timesteps, device=x_t.device)

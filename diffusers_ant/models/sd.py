@@ -81,7 +81,7 @@ class StableDiffusionAdapter(ModelAdapter):
         device = self.text_encoder.device
         return self.text_encoder(input_ids.to(device), return_dict=False)[0].float()
 
-    def conditioning(self, batch):
+    def conditioning(self, batch, generator=None, training=False):
         input_ids = batch.get("input_ids")
         if input_ids is None:  # no captions: the empty prompt, i.e. unconditional training
             input_ids = self.tokenize([""] * batch["pixel_values"].shape[0])

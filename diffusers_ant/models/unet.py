@@ -70,7 +70,7 @@ class UNetAdapter(ModelAdapter):
         """Number of classes of a class-conditional UNet, else ``None``."""
         return self.model.config.num_class_embeds
 
-    def conditioning(self, batch):
+    def conditioning(self, batch, generator=None, training=False):
         if self.num_classes is None:
             return {}
         labels = batch.get("class_labels")

@@ -106,9 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="`none` (vanilla training) or a weighting: ls, rlw, uw, dwa, pcgrad, nash_mtl, imtl, mgda, cagrad.")
     g.add_argument("--mtl_options", default=None,
                    help='JSON object of the weighting\'s options, e.g. \'{"update_every": 25}\'.')
-    g.add_argument("--task_gradients", default="split", choices=["split", "retain_graph"],
-                   help="How gradient-based methods form per-cluster gradients: one forward/backward per "
-                   "cluster sub-batch (exact for per-sample normalisation), or the reference retain_graph way.")
+    g.add_argument("--task_gradients", default="split", choices=["split", "retain_graph", "last_layers"],
+                   help="How gradient-based methods form per-cluster gradients: `split`, one forward/backward per "
+                   "cluster sub-batch (exact for per-sample normalisation); `retain_graph`, the reference way (one "
+                   "forward, k backward passes); `last_layers`, one forward, the k gradients of the output-side layers "
+                   "only, then one weighted backward (cost independent of the sub-batch size: for small per-device "
+                   "batches on a GPU).")
     g.add_argument("--task_gradient_subset", default=None,
                    help="Form per-cluster gradients on a parameter subset only: `lora` or comma-separated "
                    "module-name prefixes; the weights are then applied as loss weights (memory: k subset gradients).")

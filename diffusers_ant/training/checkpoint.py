@@ -133,6 +133,17 @@ def load_checkpoint(accelerator, folder: str) -> Dict[str, Any]:
     return load_trainer_state(folder, accelerator.process_index)
 
 
+def checkpoint_config(folder: str) -> Dict[str, Any]:
+    """The run configuration saved in a checkpoint (`public_config` of the run that wrote it), read
+    from process 0's JSON skeleton without loading any tensor; {} if it has none."""
+    path = os.path.join(folder, "trainer_state_0.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        config = json.load(f).get("config")
+    return config if isinstance(config, dict) else {}
+
+
 def remove_stale_temporaries(output_dir: str) -> None:
     """Delete half-written checkpoint folders left by a crash (they are never resumed from)."""
     if not os.path.isdir(output_dir):

@@ -8,16 +8,19 @@ objective and weighting in `training.step`, checkpoints in `training.checkpoint`
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import logging
 import math
 import os
+import secrets
 
 import torch
 from tqdm.auto import tqdm
 
 from .args import UsageError
-from .checkpoint import load_checkpoint, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_config, load_checkpoint, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
 from .step import DiffusionObjective, training_step
 
 logger = logging.getLogger("diffusers_ant")
@@ -70,11 +73,6 @@ def data_needs(args) -> dict:
                                                                     or args.class_column is not None)}
 
 
-def image_channels(dataset, image_column) -> int:
-    """1 for greyscale datasets, 3 otherwise (what a model trained from scratch is built for)."""
-    return 1 if dataset[0][image_column].mode in ("L", "1", "I;16", "I", "F") else 3
-
-
 def pixel_resolution(adapter) -> int:
     """Image side length the data must have: the model's sample size, times the VAE's factor when latent."""
     if adapter.latent:
@@ -82,11 +80,18 @@ def pixel_resolution(adapter) -> int:
     return adapter.sample_size
 
 
-def parameter_subset(model, spec):
-    """`--task_gradient_subset`: None (all trainable), `lora`, or comma-separated module-name prefixes."""
-    if spec is None:
-        return None
+def parameter_subset(adapter, spec, task_gradients):
+    """The task-gradient subset: `--task_gradient_subset` (None = all trainable, `lora`, or comma-separated
+    module-name prefixes), or the output-side layers for `--task_gradients last_layers`.
+
+    Returns `(parameters or None, restrict)`: `restrict` lets the task backward passes stop at the
+    subset, safe for output layers and LoRA matrices (see `TaskGradientEngine`)."""
+    model = adapter.model
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if spec is None:
+        if task_gradients != "last_layers":
+            return None, False
+        return adapter.output_parameters(), True
     if spec == "lora":
         chosen = [p for n, p in named if "lora_" in n]
     else:
@@ -95,7 +100,7 @@ def parameter_subset(model, spec):
     if not chosen:
         raise UsageError(f"--task_gradient_subset {spec!r} matches no trainable parameter "
                          "(use `lora` with --rank, or module-name prefixes such as `down_blocks.0,mid_block`)")
-    return chosen
+    return chosen, spec == "lora"
 
 
 def default_validation_inputs(args, dataset, columns) -> dict:
@@ -116,6 +121,97 @@ def default_validation_inputs(args, dataset, columns) -> dict:
     return inputs
 
 
+def windows(batches, size: int):
+    """Group consecutive micro-batches into gradient-accumulation windows of `size` (the last may be shorter)."""
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def resolve_seed(args, accelerator, checkpoint) -> int:
+    """`--seed`, else the seed of the run being resumed, else a fresh one drawn on process 0.
+
+    A drawn seed is logged and written to `training_config.json` (as `seed`), so any run can be
+    repeated; it is the same on every process."""
+    if args.seed is not None:
+        return args.seed
+    if checkpoint is not None:
+        saved = checkpoint_config(checkpoint)
+        if saved.get("seed") is not None:
+            return int(saved["seed"])
+    from accelerate.utils import broadcast_object_list
+
+    drawn = [secrets.randbelow(2**31) if accelerator.is_main_process else None]
+    broadcast_object_list(drawn)
+    logger.info("no --seed given: drew seed %d (recorded in training_config.json)", drawn[0])
+    return int(drawn[0])
+
+
+def method_options(args, updates_per_epoch: int) -> dict:
+    """The weighting's options: `--mtl_options`, with its seed derived from the run's seed.
+
+    RLW's draws and PCGrad's task orders then differ between seeds of a sweep and repeat for one seed."""
+    from ..weighting import WEIGHTINGS
+
+    options = dict(args.mtl_options_dict)
+    fields = {f.name for f in dataclasses.fields(WEIGHTINGS[args.mtl_method].config_class)}
+    if "seed" in fields:
+        options.setdefault("seed", args.seed)
+    if "window" in fields and "window" not in options:
+        options["window"] = updates_per_epoch  # DWA averages the losses of an epoch (LibMTL, Liu et al.)
+    return options
+
+
+# Where the per-task gradient engine can run: one process, or plain data parallelism (it bypasses
+# the model wrapper and all-reduces the task gradients itself).
+_ENGINE_DISTRIBUTED_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA",
+                             "MULTI_HPU", "MULTI_SDAA")
+
+
+def check_distributed_support(accelerator, args, weighting) -> None:
+    """Refuse configurations that would train wrongly under DeepSpeed / FSDP / other engines.
+
+    * Gradient-based weightings write `.grad` through the unwrapped module: under DeepSpeed the
+      parameters would never change, under FSDP the module is sharded. Only single-process and
+      plain data-parallel runs are supported.
+    * DeepSpeed steps inside `backward()`: a gradient-accumulation window of several chunks would
+      step several times, and its optimizer would own UW's log-variances. Vanilla and parameter-free
+      loss-based weightings with `--gradient_accumulation_steps 1` only."""
+    kind = accelerator.distributed_type.name if hasattr(accelerator.distributed_type, "name") else str(accelerator.distributed_type)
+    supported = ", ".join(t.lower() for t in _ENGINE_DISTRIBUTED_TYPES[:3])
+    if weighting is not None and weighting.needs_task_gradients and kind not in _ENGINE_DISTRIBUTED_TYPES:
+        raise UsageError(f"--mtl_method {args.mtl_method} (gradient-based) runs on one process or plain data "
+                         f"parallelism ({supported}), not under {kind}: use a loss-based method (ls, rlw, uw, dwa) "
+                         "or `accelerate launch --multi_gpu`")
+    if kind == "DEEPSPEED":
+        if args.gradient_accumulation_steps > 1:
+            raise UsageError("under DeepSpeed use --gradient_accumulation_steps 1 (DeepSpeed steps inside backward, "
+                             "and this trainer accumulates a window of micro-batches itself)")
+        if weighting is not None and any(True for _ in weighting.parameters()):
+            raise UsageError(f"--mtl_method {args.mtl_method} has learnable parameters that DeepSpeed's optimizer "
+                             "cannot own: use ls, rlw or dwa, or plain data parallelism")
+
+
+def constant_lr_groups(lr_scheduler, optimizer) -> None:
+    """Keep the learning rate of parameter groups marked `constant_lr` (UW's log-variances) fixed.
+
+    ANT trains UW's log-variances at a constant lr 0.025; diffusers' schedulers are `LambdaLR`s that
+    apply one factor to every group, so the factor of the marked groups is replaced by 1."""
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    for index, group in enumerate(optimizer.param_groups):
+        if group.get("constant_lr") and lambdas is not None:
+            lambdas[index] = _constant_factor
+
+
+def _constant_factor(_step):
+    return 1.0
+
+
 def train(args) -> str:
     """Train as `args` says; returns the output folder."""
     from accelerate import Accelerator
@@ -123,7 +219,7 @@ def train(args) -> str:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from ..data import class_names, load_training_dataset, make_train_dataloader, resolve_columns
+    from ..data import class_names, dataset_image_channels, load_training_dataset, make_train_dataloader, resolve_columns
     from ..models import get_model_adapter
     from ..schedule import num_train_timesteps
     from ..weighting import get_weighting
@@ -134,15 +230,19 @@ def train(args) -> str:
         # forms the gloo process group (MULTI_CPU) when told to use the CPU; otherwise each process
         # would train alone.
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # Gradient accumulation is done by the training step itself, over a window of micro-batches
+        # (`training.step`), so that weights are chosen once per optimizer update: Accelerate sees
+        # one optimizer step per window.
+        gradient_accumulation_steps=1,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to in (None, "none") else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if args.seed is not None:
-        set_seed(args.seed)
+    checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    args.seed = resolve_seed(args, accelerator, checkpoint)
+    set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
@@ -159,13 +259,16 @@ def train(args) -> str:
     num_classes = args.num_classes
     if num_classes is None and needs["need_classes"]:
         num_classes = len(class_names(dataset, columns["class_column"]))
+    from_scratch = args.model_config_name_or_path is not None and args.model_type in ("unet", "dit")
     adapter = get_model_adapter(args.model_type).load(
         pretrained_model_name_or_path=args.pretrained_model_name_or_path,
         model_config_name_or_path=args.model_config_name_or_path,
         controlnet_model_name_or_path=args.controlnet_model_name_or_path,
         resolution=args.resolution, num_classes=num_classes, prediction_type=args.prediction_type,
         revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
-        num_channels=image_channels(dataset, columns["image_column"]),
+        # From scratch the model is built for the data's channels; a pretrained model keeps its own and
+        # the images are converted to them (greyscale -> RGB), as diffusers' scripts do.
+        num_channels=dataset_image_channels(dataset, columns["image_column"]) if from_scratch else None,
     )
     if args.rank is not None:
         adapter.add_lora(args.rank, alpha=args.lora_alpha)
@@ -185,14 +288,22 @@ def train(args) -> str:
 
     train_dataloader = make_train_dataloader(
         dataset, columns, resolution=pixel_resolution(adapter), batch_size=args.train_batch_size,
-        num_channels=adapter.num_channels, tokenizer=adapter.tokenizer, seed=args.seed or 0,
+        num_channels=adapter.num_channels, tokenizer=adapter.tokenizer, seed=args.seed,
         num_workers=args.dataloader_num_workers, center_crop=args.center_crop, random_flip=args.random_flip,
         max_samples=args.max_train_samples)
     validation_inputs = default_validation_inputs(args, dataset, columns)
 
+    # Optimizer updates per epoch: the loader yields this process's share of the batches, grouped
+    # into windows of --gradient_accumulation_steps micro-batches (the last window may be shorter).
+    updates_per_epoch = math.ceil(math.ceil(len(train_dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+
     weighting = None
     if args.mtl_method != "none":
-        weighting = get_weighting(args.mtl_method, num_tasks, **args.mtl_options_dict).to(accelerator.device)
+        weighting = get_weighting(args.mtl_method, num_tasks, **method_options(args, updates_per_epoch)).to(accelerator.device)
+    check_distributed_support(accelerator, args, weighting)
 
     params = adapter.trainable_parameters()
     lr = args.learning_rate
@@ -204,29 +315,26 @@ def train(args) -> str:
         param_groups += weighting.param_groups()
     optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-
-    updates_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
+    constant_lr_groups(lr_scheduler, optimizer)
 
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(adapter.model, optimizer, train_dataloader, lr_scheduler)
     ema = None
     if args.use_ema:
         ema = EMAModel(params, decay=args.ema_max_decay, use_ema_warmup=True,
                        inv_gamma=args.ema_inv_gamma, power=args.ema_power)
-        ema.to(accelerator.device)
     engine = None
     if weighting is not None and weighting.needs_task_gradients:
         from ..weighting.engine import TaskGradientEngine
 
-        engine = TaskGradientEngine(params, mode=args.task_gradients,
-                                    subset=parameter_subset(adapter.model, args.task_gradient_subset))
-    # One generator draws every timestep and noise tensor; each process has its own stream.
-    generator = torch.Generator(device=accelerator.device).manual_seed((args.seed or 0) * 1000 + accelerator.process_index)
+        subset, restrict = parameter_subset(adapter, args.task_gradient_subset, args.task_gradients)
+        engine = TaskGradientEngine(params, mode="split" if args.task_gradients == "split" else "retain_graph",
+                                    subset=subset, restrict_task_backward=restrict)
+    # One generator draws every random number of a step (latents, label dropout, timesteps, noise);
+    # each process has its own stream.
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in public_config(args).items() if isinstance(v, (int, float, str, bool))}
@@ -246,7 +354,6 @@ def train(args) -> str:
                 "config": public_config(args)}
 
     global_step = 0
-    checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint is not None and checkpoint is None:
         accelerator.print(f"no checkpoint in {args.output_dir}: starting a new run")
     if checkpoint is not None:
@@ -260,6 +367,10 @@ def train(args) -> str:
             ema.load_state_dict(state["ema"])
         if weighting is not None:
             weighting.load_state_dict(state["weighting"])
+    if ema is not None:
+        # After loading: EMAModel.load_state_dict puts the shadow weights on the CPU (diffusers' scripts
+        # also move EMA after loading).
+        ema.to(accelerator.device)
 
     # ---------------------------------------------------------------- the loop
     first_epoch = global_step // updates_per_epoch
@@ -274,23 +385,30 @@ def train(args) -> str:
         batches = train_dataloader
         if epoch == first_epoch and skip_batches:
             batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
-        for batch in batches:
-            with accelerator.accumulate(model):
-                logs = training_step(accelerator, objective, model, batch, generator, num_tasks,
-                                         weighting=weighting, engine=engine)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
+        for window in windows(batches, args.gradient_accumulation_steps):
+            # fp16: the GradScaler may skip this update (overflow); the weighting's state is then
+            # put back, so no method advances on a step that did not happen.
+            scaler = accelerator.scaler
+            snapshot = weighting_snapshot(weighting) if scaler is not None and weighting is not None else None
+            logs = training_step(accelerator, objective, model, window, generator, num_tasks, weighting=weighting,
+                                 engine=engine, loss_scale=scaler.get_scale() if scaler is not None else 1.0)
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            skipped = accelerator.optimizer_step_was_skipped
+            if skipped and snapshot is not None:
+                restore_weighting(weighting, snapshot)
+
             # ---- one optimizer update done
-            if ema is not None:
+            if ema is not None and not skipped:
                 ema.step(params)
             global_step += 1
             progress.update(1)
             record = {"loss": logs["loss"].item(), "lr": lr_scheduler.get_last_lr()[0]}
+            if skipped:
+                record["skipped_step"] = 1
             for i in range(num_tasks):
                 if logs["counts"][i] > 0:
                     record[f"task_loss/{i}"] = logs["task_losses"][i].item()
@@ -321,6 +439,16 @@ def train(args) -> str:
     return args.output_dir
 
 
+def weighting_snapshot(weighting) -> dict:
+    """A copy of the weighting's whole state (buffers, parameters, extra state, `last_weights`)."""
+    return {"state": copy.deepcopy(weighting.state_dict()), "last_weights": weighting.last_weights.detach().clone()}
+
+
+def restore_weighting(weighting, snapshot: dict) -> None:
+    weighting.load_state_dict(snapshot["state"])
+    weighting.last_weights = snapshot["last_weights"]
+
+
 @contextlib.contextmanager
 def _ema_weights(ema, params):
     """The EMA weights in place of the trained ones inside the block (no-op without EMA)."""
@@ -341,7 +469,9 @@ def validate(args, accelerator, adapter, model, ema, params, step, inputs):
         return None
     from .validation import log_and_save_samples
 
-    with _ema_weights(ema, params):
+    # Sample under autocast, as diffusers' scripts do: under bf16 / fp16 the frozen VAE and text
+    # encoder hold low-precision weights while the trained model and its latents are float32.
+    with _ema_weights(ema, params), accelerator.autocast():
         return log_and_save_samples(args, accelerator, adapter, accelerator.unwrap_model(model), step, inputs)
 
 
@@ -350,6 +480,8 @@ def finish(args, accelerator, adapter, model, ema, params, intervals, global_ste
     from ..hub import push_to_hub, write_model_card
 
     unwrapped = accelerator.unwrap_model(model)
+    # The saved pipeline holds float32 frozen parts, whatever precision training used for them.
+    adapter.to(accelerator.device, torch.float32)
     with _ema_weights(ema, params):
         adapter.save(args.output_dir, unwrapped, lora=args.rank is not None)
         images, _ = validate(args, accelerator, adapter, model, None, params, global_step, validation_inputs)

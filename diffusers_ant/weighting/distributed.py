@@ -53,6 +53,28 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite `tensor` with process `src`'s copy, in place, and return it. A no-op on one process.
+
+    Every process computes the same weights from the same synced statistics, but "the same" rests
+    on bitwise-identical floating-point results of the solvers (Nash-MTL's Newton iterations,
+    MGDA's Frank-Wolfe loop, ...) on every rank. Broadcasting the result from process 0 makes the
+    processes agree by construction, whatever the hardware or library does."""
+    if is_distributed():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def broadcast_module_state_(module: torch.nn.Module, src: int = 0) -> None:
+    """Broadcast every buffer and parameter of `module` from process `src` (a weighting's state:
+    Nash-MTL's alpha, DWA's loss history, UW's log-variances). A no-op on one process."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in list(module.buffers()) + list(module.parameters()):
+            dist.broadcast(tensor.data, src=src)
+
+
 def all_reduce_sum_tensors_(tensors: Iterable[torch.Tensor], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
     """Sum a list of tensors over all processes, in place, with one all-reduce per bucket.
 

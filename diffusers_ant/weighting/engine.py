@@ -7,65 +7,77 @@ g_i = grad_theta L_i; the reference code gets them with K backward passes throug
 method (`GradientWeighting.weights_from_grads(grads[K, P], present) -> w[K]`), and writes the
 update w @ G into the parameters' `.grad`, where any optimizer picks it up.
 
+One call = one optimizer step ("window"). The trainer draws the timesteps and noise of ALL the
+micro-batches of a gradient-accumulation window first and hands the engine one closure over the
+whole window plus `chunk_size` (the micro-batch size): no forward pass ever sees more than
+`chunk_size` samples, so memory is that of one micro-batch, but the task losses, the per-task
+gradients and the weights are those of the whole window. Gradient accumulation over GA
+micro-batches of B samples is therefore the same step as one batch of GA * B samples, for every
+method: weights are chosen once per optimizer step, stateful methods advance once per step.
+
 Modes of `TaskGradientEngine`:
 
-* ``"split"`` (default): split the batch by task and run one forward + backward per present task
-  on its sub-batch. The K sub-batches together are one batch, so this costs about one ordinary
-  step (ENVIRONMENT.md: 1.1x). Exact only for models whose normalisation is per sample (GroupNorm,
-  LayerNorm, attention): diffusers' UNets and transformers. Each sub-batch graph is freed after its
-  backward, so activation memory is that of the largest sub-batch.
-* ``"retain_graph"``: one forward on the whole batch, then K backward passes through the retained
-  graph (the reference code's way). Needed for models with batch statistics (BatchNorm).
+* ``"split"`` (default): split the window by task and run one forward + backward per present task
+  on its sub-batch (in chunks of at most `chunk_size`). Together the sub-batches are one batch, so
+  this costs about one ordinary step (ENVIRONMENT.md: 1.1x). Exact only for models whose
+  normalisation is per sample (GroupNorm, LayerNorm, attention): diffusers' UNets and
+  transformers. Each sub-batch graph is freed after its backward.
+* ``"retain_graph"``: one forward per chunk, then one backward per task present in the chunk
+  through the retained graph (the reference code's way). Needed for models with batch statistics
+  (BatchNorm). With a `subset` of output-side layers and `restrict_task_backward=True` this is the
+  cheap "last layers" mode: one forward, K short backward passes that stop at the subset, and one
+  weighted backward over everything; its cost does not depend on how small the task sub-batches
+  are (on a GPU, sub-batches of 1 to 3 samples leave the device idle in split mode).
 
-Per-task gradients over a parameter subset (``subset=``, e.g. the LoRA parameters or a few named
-modules): the K x P matrix then only spans the subset (K x |subset| memory), the weights w are
-chosen from it and applied as loss weights: ONE further backward pass of sum_i w_i L_i writes the
-gradient of every trainable parameter. For that pass the engine keeps the task graphs alive
-(``retain_graph=True`` during the task passes) rather than recomputing the forward: the graphs of
-all sub-batches together weigh what one ordinary step's graph weighs, and a second forward would
-cost a third more time. The result over all parameters is exactly w @ G (tests check). Cost: the
-K task passes plus the weighted pass, about twice an ordinary step (the task passes still run the
-full backward, see `_backward_into`); the memory saving is the point of this mode.
+Per-task gradients over a parameter subset (``subset=``, e.g. the LoRA parameters, a few named
+modules, or the output layers): the K x P matrix then only spans the subset (K x |subset|
+memory), the weights w are chosen from it and applied as loss weights: ONE further backward pass
+of sum_i w_i L_i writes the gradient of every trainable parameter. When the window is one chunk
+the engine keeps the task graphs alive for that pass (the graphs of all sub-batches together
+weigh what one ordinary step's graph weighs); a window of several chunks is recomputed chunk by
+chunk instead, so that memory stays that of one micro-batch.
 
 Steps on stored weights: a method whose `needs_gradients_this_step()` is False (Nash-MTL between
 its solves, every `update_every` steps) gets `reuse_weights(present)` and one forward + one
-backward of sum_i w_i L_i on the whole batch, as cheap as a vanilla step.
+backward of sum_i w_i L_i per chunk, as cheap as a vanilla step.
 
-The weights come from `weighting.weights_from_grads(G)`, which works on the K x K Gram matrix
-accumulated in float64 over column chunks of G (`base.gram_matrix`); a method that overrides
-`weights_from_grads` gets G itself.
+Mixed precision (fp16 with a GradScaler): pass `loss_scale = scaler.get_scale()`. The engine
+backpropagates the scaled task losses (unscaled fp16 task backward passes underflow), unscales the
+task gradients before the weights are chosen, and writes the SCALED update into `.grad`, where the
+scaler's `unscale_` / `step` expects it. A window whose task gradients are not finite (an fp16
+overflow) is not shown to the weighting (no state advances); the engine writes `inf` into `.grad`
+so that the scaler skips the optimizer step and lowers its scale, and reports `found_inf`.
+
+Data parallelism: all processes agree on the global task counts before any forward (one small
+all-reduce), per-task gradients are all-reduced as count-weighted means before the weights are
+chosen (`distributed.py`), and the chosen weights and the weighting's state are then broadcast
+from process 0, so every process takes bitwise the same step whatever its solver did.
 
 How the trainer calls it::
 
     engine = TaskGradientEngine([p for p in unet.parameters() if p.requires_grad])  # once
 
-    # each step: draw noise and timesteps for the WHOLE batch first, then build the closure
-    def per_sample_loss_fn(indices):           # indices: LongTensor into the batch, or None = all
-        sel = slice(None) if indices is None else indices
-        pred = unwrapped_unet(noisy[sel], timesteps[sel]).sample
-        return per_sample_loss(pred, target[sel])   # (len(indices),)
+    # each optimizer step: draw noise and timesteps for the WHOLE window first, then build the closure
+    def per_sample_loss_fn(indices):           # indices: LongTensor into the window
+        pred = unwrapped_unet(noisy[indices], timesteps[indices]).sample
+        return per_sample_loss(pred, target[indices])   # (len(indices),)
 
     stats = weighted_backward(weighting, per_sample_loss_fn, task_ids, num_tasks, engine=engine,
-                              backward_fn=accelerator.backward,
-                              grad_scale=1 / accelerator.gradient_accumulation_steps)
+                              backward_fn=accelerator.backward, chunk_size=micro_batch_size,
+                              no_sync=lambda: accelerator.no_sync(model), loss_scale=scale)
     optimizer.step(); optimizer.zero_grad()
 
 Rules the closure and the trainer must follow:
 
 * The closure must be deterministic per sample: it may not draw new noise / timesteps / dropout
-  masks per call (draw them for the whole batch before building it), or the task gradients of
-  different sub-batches would belong to different samples. Randomness inside the model (DiT's
-  class-label dropout in training mode) still gives valid stochastic gradients, only not bitwise
-  the ones of `retain_graph`; pass pre-drawn `force_drop_ids` where exactness matters.
+  masks per call (draw them for the whole window before building it), or the task gradients of
+  different sub-batches would belong to different samples (DiT's class-label dropout: pre-draw it).
 * Data parallelism: for gradient-based weightings the closure must run the UNWRAPPED model
   (`accelerator.unwrap_model(model)`), not the DDP wrapper: the engine all-reduces the per-task
-  gradients itself (count-weighted, before the weights are chosen, see `distributed.py`), and the
-  DDP reducer would otherwise average them a second time. For loss-based weightings and vanilla
-  training the closure runs the wrapped model as usual, and DDP's own backward averages once.
-* Gradient accumulation: the engine adds into `.grad` (never overwrites); pass
-  `grad_scale = 1 / gradient_accumulation_steps` (what `accelerator.backward` does to a loss).
-  With an fp16 `GradScaler`, also multiply `grad_scale` by the scaler's current scale, since the
-  engine's gradients bypass the scaled backward.
+  gradients itself, and the DDP reducer would otherwise average them a second time. For loss-based
+  weightings and vanilla training the closure runs the wrapped model as usual: DDP's own backward
+  averages once (on the last chunk; `no_sync` defers it for the others).
+* The engine adds into `.grad` (never overwrites); `grad_scale` multiplies what it writes.
 * Learnable weighting parameters (UW's log-variances) live in the weighting module: give them to
   an optimizer (`weighting.param_groups()`), but do not pass the weighting to
   `accelerator.prepare` (DDP would wrap it; its gradients are already identical everywhere).
@@ -73,6 +85,8 @@ Rules the closure and the trainer must follow:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -81,7 +95,10 @@ from torch import nn
 from ..losses import reduce_task_losses
 from .base import GradientWeighting, LossWeighting, Weighting
 from .distributed import (
+    all_reduce_sum_,
     all_reduce_sum_tensors_,
+    broadcast_,
+    broadcast_module_state_,
     is_distributed,
     sync_task_gradients_,
     sync_task_losses,
@@ -130,6 +147,55 @@ def _check_losses(losses: torch.Tensor, expected: int) -> torch.Tensor:
     return losses
 
 
+def _check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer (the micro-batch size) or None, got {chunk_size!r}")
+    return None if chunk_size is None else int(chunk_size)
+
+
+def _chunks(indices: torch.Tensor, chunk_size: Optional[int]) -> List[torch.Tensor]:
+    """`indices` in consecutive pieces of at most `chunk_size` (one piece when None)."""
+    if chunk_size is None or indices.numel() <= chunk_size:
+        return [indices]
+    return list(torch.split(indices, chunk_size))
+
+
+def global_task_counts(task_ids: torch.Tensor, num_tasks: int, sync: bool = True):
+    """(local counts, global counts) per task, LongTensors; one all-reduce when distributed.
+
+    Known before any forward pass, so every weight of the step (and every count-normalised loss
+    coefficient) can be fixed before the first micro-batch is back-propagated."""
+    local = torch.bincount(task_ids, minlength=num_tasks)
+    if not (sync and is_distributed()):
+        return local, local
+    return local, all_reduce_sum_(local.clone())
+
+
+def loss_coefficients(weighting: LossWeighting, present: torch.Tensor) -> torch.Tensor:
+    """c_i = d combine / d L_i for the coming step (float64, 0 for absent tasks), without changing state.
+
+    Every loss-based method here (LS, RLW, UW, DWA) is linear in the task losses with coefficients
+    that do not depend on the current losses, so the gradient of `combine` w.r.t. the model is
+    sum_i c_i grad L_i, and c can be fixed before the step's losses exist. A weighting may provide
+    `loss_coefficients(present)` itself; otherwise c is read off `combine` by autograd on a probe,
+    with the weighting's state (RLW's generator, DWA's history, `last_weights`) put back afterwards.
+    """
+    own = getattr(weighting, "loss_coefficients", None)
+    if callable(own):
+        return own(present).detach().double()
+    state = copy.deepcopy(weighting.state_dict())
+    last = weighting.last_weights.detach().clone()
+    probe = torch.ones(weighting.num_tasks, dtype=torch.float32, device=present.device, requires_grad=True)
+    try:
+        (grad,) = torch.autograd.grad(weighting.combine(probe, present), probe, allow_unused=True)
+    finally:
+        weighting.load_state_dict(state)
+        weighting.last_weights = last
+    if grad is None:
+        grad = torch.zeros_like(probe)
+    return torch.where(present, grad.detach().double(), torch.zeros((), dtype=torch.float64, device=grad.device))
+
+
 class TaskGradientEngine:
     """Per-task gradients G[K, P] for a `GradientWeighting`, and the update w @ G written to `.grad`.
 
@@ -146,6 +212,11 @@ class TaskGradientEngine:
             sum_i w_i L_i from one extra backward pass.
         sync: average the task gradients over processes when torch.distributed runs with several
             processes (see `distributed.py`). `False` keeps every process local (tests, analysis).
+        restrict_task_backward: let the task backward passes stop at the subset (`inputs=subset`)
+            instead of running over every trainable parameter. Much cheaper for a subset of
+            output-side layers, but only safe when the subset holds no normalisation layer whose
+            input gradient is not otherwise needed (see `_backward_into` for the torch crash this
+            avoids); the trainer sets it for its output-layer and LoRA subsets only.
 
     The K x P buffer (`task_grads`, 4 bytes per parameter and task in fp32) is allocated on the first
     call and reused. Rows are filled by backpropagating each task loss directly into per-parameter
@@ -160,6 +231,7 @@ class TaskGradientEngine:
         mode: str = "split",
         subset: Optional[Sequence[Union[nn.Parameter, nn.Module]]] = None,
         sync: bool = True,
+        restrict_task_backward: bool = False,
     ):
         if mode not in ENGINE_MODES:
             raise ValueError(f"unknown engine mode {mode!r}; valid modes: {', '.join(ENGINE_MODES)}")
@@ -188,17 +260,18 @@ class TaskGradientEngine:
                                  "pass a subset of the trainable parameters")
             self.task_params = [p for p in self.params if id(p) in subset_ids]
             self.rest_params = [p for p in self.params if id(p) not in subset_ids]
+        self.restrict_task_backward = bool(restrict_task_backward) and bool(self.rest_params)
         self.num_task_params = sum(p.numel() for p in self.task_params)
         self._grads: Optional[torch.Tensor] = None  # (K, P_task), reused between calls
         self._update: Optional[torch.Tensor] = None  # (P_task,), reused between calls
-        # Statistics of the backward passes, for tests and benchmarks.
+        # Statistics of the passes, for tests and benchmarks.
         self.num_forward_calls = 0
         self.num_task_backward_calls = 0
 
     # -- buffers -----------------------------------------------------------------------------
     @property
     def task_grads(self) -> Optional[torch.Tensor]:
-        """The last per-task gradients (K, P_task), synced across processes. Overwritten by the next call."""
+        """The last per-task gradients (K, P_task), synced across processes and unscaled. Overwritten by the next call."""
         return self._grads
 
     def _buffers(self, num_tasks: int):
@@ -221,21 +294,22 @@ class TaskGradientEngine:
         """Add d loss / d task_params into the flat `row`: backward with `.grad` pointing at its views.
 
         AccumulateGrad adds in place into an existing `.grad`, so the gradient lands in the row with no
-        P-sized temporary (torch.autograd.grad would return one).
+        P-sized temporary (torch.autograd.grad would return one), and several chunks of one task add up.
 
-        The pass runs over ALL trainable parameters (`inputs=self.params`), not just the subset:
-        torch 2.13's CPU GroupNorm backward segfaults on channels-last activations (which diffusers
-        UNets produce on CPU) when only its weight gradient is requested and not its input gradient,
-        which is what a pass restricted to a subset such as `up_blocks` asks of the first GroupNorm
-        of the subset (minimal repro: `torch.ops.aten.native_group_norm_backward` with a channels-last
-        input and output_mask [False, True, True]). Requesting every trainable parameter asks
-        exactly what an ordinary backward asks. The other parameters' gradients of this pass are
-        discarded (their `.grad` is restored by the caller)."""
+        By default the pass runs over ALL trainable parameters (`inputs=self.params`), not just the
+        subset: torch 2.13's CPU GroupNorm backward segfaults on channels-last activations (which
+        diffusers UNets produce on CPU) when only its weight gradient is requested and not its input
+        gradient, which is what a pass restricted to a subset such as `up_blocks` asks of the first
+        GroupNorm of the subset (minimal repro: `torch.ops.aten.native_group_norm_backward` with a
+        channels-last input and output_mask [False, True, True]). Requesting every trainable
+        parameter asks exactly what an ordinary backward asks. With `restrict_task_backward` (a
+        subset without such a layer: output convolutions, LoRA matrices) the pass stops at the
+        subset. The other parameters' gradients of this pass are discarded."""
         for p, view in zip(self.task_params, self._views(row)):
             p.grad = view
         for p in self.rest_params:
             p.grad = None
-        loss.backward(retain_graph=retain_graph, inputs=self.params)
+        loss.backward(retain_graph=retain_graph, inputs=self.task_params if self.restrict_task_backward else self.params)
         for p in self.rest_params:
             p.grad = None  # drop this pass's non-subset gradients now, not at the end of the step
         self.num_task_backward_calls += 1
@@ -248,131 +322,192 @@ class TaskGradientEngine:
         task_ids: torch.Tensor,
         num_tasks: Optional[int] = None,
         grad_scale: float = 1.0,
+        chunk_size: Optional[int] = None,
+        loss_scale: float = 1.0,
     ) -> Dict[str, torch.Tensor]:
-        """Per-task gradients -> weights -> add `grad_scale * w @ G` to the parameters' `.grad`.
+        """Per-task gradients -> weights -> add `grad_scale * loss_scale * w @ G` to the parameters' `.grad`.
 
         Args:
-            weighting: a `GradientWeighting` (loss-based ones go through `combine_task_losses`).
+            weighting: a `GradientWeighting` (loss-based ones go through `weighted_backward`).
             per_sample_loss_fn: `fn(indices) -> Tensor[len(indices)]`, the per-sample losses of
-                those samples of the current batch (`None` = the whole batch), through the
-                unwrapped model.
-            task_ids: (B,) integer task (cluster) id of every sample of the local batch.
+                those samples of the window (a LongTensor of indices; never more than `chunk_size`),
+                through the unwrapped model.
+            task_ids: (N,) integer task (cluster) id of every sample of the local window.
             num_tasks: K; defaults to the weighting's.
-            grad_scale: factor on the written gradient (1 / gradient-accumulation steps).
+            grad_scale: factor on the written gradient.
+            chunk_size: the most samples one forward pass may see (the micro-batch size); None = all.
+            loss_scale: an fp16 GradScaler's current scale (1 without one); see the module docstring.
 
         Returns:
             dict of detached tensors: `task_losses` (K,) global mean loss per task (0 if absent),
             `counts` (K,) global sample counts, `weights` (K,) the task weights (0 if absent),
-            `loss` the count-weighted mean loss of the batch (what vanilla training would log).
+            `loss` the count-weighted mean loss of the window (what vanilla training would log),
+            `found_inf` (bool tensor) whether the task gradients overflowed (step to be skipped).
         """
         if not getattr(weighting, "needs_task_gradients", False):
             raise ValueError(f"weighting {weighting.name or type(weighting).__name__!r} is loss-based: use "
                              "combine_task_losses (or weighted_backward), which needs no per-task gradients")
         num_tasks = _check_num_tasks(weighting, num_tasks)
-        task_ids = _check_task_ids(task_ids, num_tasks)
+        chunk_size = _check_chunk_size(chunk_size)
+        device = self.params[0].device
+        task_ids = _check_task_ids(task_ids, num_tasks).to(device)
+        local_counts, global_counts = global_task_counts(task_ids, num_tasks, self.sync)
+        present = global_counts > 0
+        everything = torch.arange(task_ids.numel(), device=device)
+
         if not weighting.needs_gradients_this_step():
-            return self._backward_reused_weights(weighting, per_sample_loss_fn, task_ids, num_tasks, grad_scale)
+            # A step on stored weights (Nash-MTL between its solves): no per-task gradient at all.
+            weights = weighting.reuse_weights(present).detach().double()
+            if self.sync:
+                broadcast_(weights)
+            task_sums = self._weighted_pass(per_sample_loss_fn, task_ids, everything, weights, global_counts,
+                                            grad_scale * loss_scale, chunk_size)
+            return self._stats(task_sums, global_counts, weights, found_inf=False)
+
         grads, update = self._buffers(num_tasks)
         grads.zero_()
-        counts = torch.bincount(task_ids, minlength=num_tasks)
-        local_present = [i for i, n in enumerate(counts.tolist()) if n > 0]  # one device sync, not K
-        keep_graphs = bool(self.rest_params)  # the final all-parameter pass needs the task graphs
-        task_losses = torch.zeros(num_tasks, dtype=torch.float32, device=grads.device)
+        local_present = [i for i, n in enumerate(local_counts.tolist()) if n > 0]  # one device sync, not K
+        # The final all-parameter pass of subset mode reuses the task graphs when the window is one
+        # chunk; a longer window is recomputed chunk by chunk (memory of one micro-batch).
+        keep_graphs = bool(self.rest_params) and (chunk_size is None or task_ids.numel() <= chunk_size)
+        task_sums = torch.zeros(num_tasks, dtype=torch.float64, device=device)
         graph_losses: Dict[int, torch.Tensor] = {}
 
         saved_grads = [p.grad for p in self.params]  # restored below: accumulation is preserved
         try:
             if self.mode == "split":
                 for i in local_present:
-                    indices = (task_ids == i).nonzero().squeeze(1)
-                    loss_i = _check_losses(per_sample_loss_fn(indices), indices.numel()).mean()
+                    members = (task_ids == i).nonzero().squeeze(1)
+                    for chunk in _chunks(members, chunk_size):
+                        losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
+                        self.num_forward_calls += 1
+                        mean_part = losses.sum() / members.numel()  # chunk's share of task i's local mean
+                        self._backward_into(mean_part * loss_scale, grads[i], retain_graph=keep_graphs)
+                        task_sums[i] += losses.detach().double().sum()
+                        if keep_graphs:
+                            graph_losses[i] = mean_part
+            else:  # retain_graph: one forward per chunk, a backward per task through the same graph
+                for chunk in _chunks(everything, chunk_size):
+                    losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
                     self.num_forward_calls += 1
-                    self._backward_into(loss_i, grads[i], retain_graph=keep_graphs)
-                    task_losses[i] = loss_i.detach().float()
-                    if keep_graphs:
-                        graph_losses[i] = loss_i
-            else:  # retain_graph: one forward, K backward passes through the same graph
-                per_sample = _check_losses(per_sample_loss_fn(None), task_ids.numel())
-                self.num_forward_calls += 1
-                losses, _ = reduce_task_losses(per_sample, task_ids.to(per_sample.device), num_tasks)
-                for n, i in enumerate(local_present):
-                    last = n == len(local_present) - 1
-                    self._backward_into(losses[i], grads[i], retain_graph=keep_graphs or not last)
-                    if keep_graphs:
-                        graph_losses[i] = losses[i]
-                task_losses = losses.detach().float()
+                    ids = task_ids[chunk]
+                    sums = losses.new_zeros(num_tasks).index_add(0, ids, losses)
+                    in_chunk = [i for i in local_present if bool((ids == i).any())]
+                    for n, i in enumerate(in_chunk):
+                        mean_part = sums[i] / local_counts[i].to(sums.dtype)
+                        last = n == len(in_chunk) - 1
+                        self._backward_into(mean_part * loss_scale, grads[i], retain_graph=keep_graphs or not last)
+                        if keep_graphs:
+                            graph_losses[i] = mean_part
+                    task_sums.index_add_(0, ids, losses.detach().double())
         finally:
             for p, g in zip(self.params, saved_grads):
                 p.grad = g
 
-        counts = counts.to(grads.device)
         if self.sync:
-            task_losses, global_counts = sync_task_gradients_(grads, task_losses, counts)
-        else:
-            global_counts = counts
-        present = global_counts > 0
-        weights = weighting.weights_from_grads(grads, present).detach()
+            local_means = (task_sums / local_counts.clamp_min(1).double()).float()
+            sync_task_gradients_(grads, local_means, local_counts)
+        if loss_scale != 1.0:
+            grads.div_(loss_scale)
+        # Identical on every process (the rows are synced); one device sync.
+        found_inf = not bool(torch.isfinite(grads).all())
+        if found_inf:
+            self._mark_overflow()
+            weights = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+            return self._stats(task_sums, global_counts, weights, found_inf=True)
+
+        weights = weighting.weights_from_grads(grads, present).detach().double()
+        if self.sync and is_distributed():
+            broadcast_(weights)
+            broadcast_module_state_(weighting)
 
         if self.rest_params:
-            # Subset mode: one backward of sum_i w_i L_i through the kept task graphs writes every
-            # parameter's gradient, the subset's included (= w @ G_subset).
-            self._backward_weighted(graph_losses, weights, counts, global_counts, grad_scale)
+            # Subset mode: one backward of sum_i w_i L_i writes every parameter's gradient, the
+            # subset's included (= w @ G_subset).
+            if keep_graphs:
+                self._backward_weighted(graph_losses, weights, local_counts, global_counts, grad_scale * loss_scale)
+            else:
+                self._weighted_pass(per_sample_loss_fn, task_ids, everything, weights, global_counts,
+                                    grad_scale * loss_scale, chunk_size, count_sums=False)
         else:
             # w @ G, synced already (identical on every process), added to .grad.
             torch.mv(grads.T, weights.to(grads.dtype), out=update)
-            if grad_scale != 1.0:
-                update.mul_(grad_scale)
+            if grad_scale * loss_scale != 1.0:
+                update.mul_(grad_scale * loss_scale)
             for p, view in zip(self.task_params, self._views(update)):
                 if p.grad is None:
                     p.grad = view.clone()  # a copy: the buffer is reused next step
                 else:
                     p.grad.add_(view)
+        return self._stats(task_sums, global_counts, weights, found_inf=False)
 
-        total = global_counts.sum().clamp_min(1)
-        return {
-            "task_losses": task_losses.detach(),
-            "counts": global_counts.detach(),
-            "weights": weights,
-            "loss": (task_losses * global_counts.to(task_losses)).sum() / total,
-        }
-
-    def _backward_reused_weights(self, weighting, per_sample_loss_fn, task_ids, num_tasks, grad_scale):
-        """A step on stored weights (Nash-MTL between its solves): no per-task gradient at all.
-
-        One forward on the whole batch and one backward of sum_i w_i L_i, as cheap as a vanilla step;
-        under data parallelism the gradients are summed by the engine (the closure bypasses DDP)."""
-        per_sample = _check_losses(per_sample_loss_fn(None), task_ids.numel())
-        self.num_forward_calls += 1
-        local_losses, counts = reduce_task_losses(per_sample, task_ids.to(per_sample.device), num_tasks)
+    def _stats(self, task_sums, global_counts, weights, found_inf: bool) -> Dict[str, torch.Tensor]:
         if self.sync:
-            task_losses, global_counts = sync_task_losses(local_losses.detach(), counts)
-        else:
-            task_losses, global_counts = local_losses.detach(), counts
-        weights = weighting.reuse_weights(global_counts > 0).detach().to(per_sample.dtype)
-        graph_losses = {i: local_losses[i] for i, n in enumerate(counts.tolist()) if n > 0}
-        self._backward_weighted(graph_losses, weights, counts, global_counts, grad_scale)
+            task_sums = all_reduce_sum_(task_sums.clone())
+        task_losses = (task_sums / global_counts.clamp_min(1).double()).float()
         total = global_counts.sum().clamp_min(1)
         return {
-            "task_losses": task_losses.float(),
+            "task_losses": task_losses,
             "counts": global_counts.detach(),
-            "weights": weights,
-            "loss": (task_losses.float() * global_counts.float()).sum() / total,
+            "weights": weights.float(),
+            "loss": (task_sums.sum() / total.double()).float(),
+            "found_inf": torch.tensor(found_inf),
         }
 
-    def _backward_weighted(self, graph_losses, weights, local_counts, global_counts, grad_scale) -> None:
-        """One backward of sum_i w_i L_i over all trainable parameters (subset mode, reused weights).
+    def _mark_overflow(self) -> None:
+        """Make the GradScaler see the overflow: it then skips `optimizer.step()` and lowers its scale."""
+        p = self.params[0]
+        if p.grad is None:
+            p.grad = torch.full_like(p, float("inf"))
+        else:
+            p.grad.fill_(float("inf"))
 
-        Under data parallelism the local objective is sum_i w_i (n_{i,p} / N_i) L_{i,p}; summing its
-        gradient over processes (one bucketed all-reduce) gives sum_i w_i grad L_i^global exactly.
-        Earlier content of `.grad` (gradient accumulation) is identical on every process, since the
-        engine only ever writes synced values; it is divided by the world size first so that the
-        sum restores it (exact for a power-of-two world size, within float rounding otherwise)."""
+    def _weighted_pass(self, per_sample_loss_fn, task_ids, everything, weights, global_counts, scale, chunk_size,
+                       count_sums: bool = True) -> torch.Tensor:
+        """Forward + backward of sum_i w_i L_i chunk by chunk, into every trainable parameter's `.grad`.
+
+        L_i is task i's mean over the GLOBAL window, so sample s of task i enters with coefficient
+        w_i / N_i: the local objectives of all processes sum to the global one, and the engine sums
+        the gradients over processes itself (the closure bypasses DDP). Returns the per-task sums of
+        the detached per-sample losses (for the statistics)."""
+        coefficient = (weights.double() / global_counts.clamp_min(1).double())
+        task_sums = torch.zeros(len(global_counts), dtype=torch.float64, device=task_ids.device)
+        distributed = self.sync and is_distributed()
+        if distributed:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)  # same tensor list on every process for the all-reduce
+                else:
+                    p.grad.div_(world_size())  # the sum below restores what was there
+        for chunk in _chunks(everything, chunk_size):
+            if chunk.numel() == 0:
+                continue
+            losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
+            self.num_forward_calls += 1
+            ids = task_ids[chunk]
+            objective = (coefficient[ids].to(losses.dtype) * losses).sum() * scale
+            objective.backward(inputs=self.params)
+            if count_sums:
+                task_sums.index_add_(0, ids, losses.detach().double())
+        if distributed:
+            all_reduce_sum_tensors_([p.grad for p in self.params])
+        return task_sums
+
+    def _backward_weighted(self, graph_losses, weights, local_counts, global_counts, scale) -> None:
+        """One backward of sum_i w_i L_i over all trainable parameters, through the kept task graphs.
+
+        `graph_losses[i]` is task i's local mean. Under data parallelism the local objective is
+        sum_i w_i (n_{i,p} / N_i) L_{i,p}; summing its gradient over processes (one bucketed
+        all-reduce) gives sum_i w_i grad L_i^global exactly. Earlier content of `.grad` (identical
+        on every process, since the engine only ever writes synced values) is divided by the world
+        size first so that the sum restores it (exact for a power-of-two world size, within float
+        rounding otherwise)."""
         distributed = self.sync and is_distributed()
         if not graph_losses and not distributed:
             return  # (a process without samples still joins the all-reduce below)
         total = 0.0
         for i, loss_i in graph_losses.items():
-            coefficient = weights[i].to(loss_i.dtype) * grad_scale
+            coefficient = weights[i].to(loss_i.dtype) * scale
             if distributed:
                 share = local_counts[i].to(loss_i.dtype) / global_counts[i].clamp_min(1).to(loss_i.dtype)
                 coefficient = coefficient * share
@@ -380,7 +515,7 @@ class TaskGradientEngine:
         if distributed:
             for p in self.params:
                 if p.grad is None:
-                    p.grad = torch.zeros_like(p)  # same tensor list on every process for the all-reduce
+                    p.grad = torch.zeros_like(p)
                 else:
                     p.grad.div_(world_size())
         if torch.is_tensor(total):
@@ -437,38 +572,81 @@ def weighted_backward(
     backward_fn: Optional[Callable[[torch.Tensor], None]] = None,
     grad_scale: float = 1.0,
     sync: bool = True,
+    chunk_size: Optional[int] = None,
+    no_sync: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
+    loss_scale: float = 1.0,
 ) -> Dict[str, torch.Tensor]:
-    """One training step's backward for any weighting; the dispatch the trainer uses.
+    """One optimizer step's backward for any weighting, over a window of micro-batches; the trainer's dispatch.
 
-    * `weighting is None` (vanilla, `--mtl_method none`): mean per-sample loss, `backward_fn(loss)`.
-    * a `LossWeighting`: one forward on the whole batch, `combine_task_losses`, `backward_fn(loss)`.
+    * `weighting is None` (vanilla, `--mtl_method none`): the mean per-sample loss of the window.
+    * a `LossWeighting`: the gradient of `combine(L_1..L_K)` over the window's task means, i.e.
+      sum_i c_i grad L_i with c = `loss_coefficients(weighting, present)` fixed before the first
+      chunk; after the last chunk `combine` is called once on the window's (global, detached) task
+      losses: that commits the method's step (RLW's draw, DWA's history) and back-propagates into
+      the method's own parameters (UW's log-variances) through `backward_fn`.
     * a `GradientWeighting`: `engine.backward(...)` (an engine is required; the closure must use the
-      unwrapped model, see the module docstring). `grad_scale` applies to this path only; the loss
-      paths leave scaling to `backward_fn` (e.g. `accelerator.backward`, which divides by the
-      gradient-accumulation steps).
+      unwrapped model, see the module docstring).
+
+    Vanilla and loss-based windows run chunk by chunk (`chunk_size` samples at most) through
+    `backward_fn` (e.g. `accelerator.backward`, which applies an fp16 GradScaler's scale itself) on
+    the DDP-wrapped model; `no_sync()` (e.g. `lambda: accelerator.no_sync(model)`) defers DDP's
+    all-reduce to the last chunk. Sample s of task i enters with coefficient c_i / N_i (N_i its
+    GLOBAL count, agreed before the first chunk) times the number of processes, so that DDP's
+    average is the exact gradient of the global objective. `loss_scale` is only for the engine
+    (gradient-based path); `grad_scale` multiplies every path's gradient.
 
     `backward_fn` defaults to `loss.backward()`. Returns the stats dict of the path taken
-    (`task_losses`, `counts`, `weights`, `loss`, all detached).
+    (`task_losses`, `counts`, `weights`, `loss`, `found_inf`, all detached).
     """
     backward_fn = backward_fn or (lambda loss: loss.backward())
     if weighting is not None and weighting.needs_task_gradients:
         if engine is None:
             raise ValueError(f"weighting {weighting.name!r} needs per-task gradients: pass engine=TaskGradientEngine(params)")
-        return engine.backward(weighting, per_sample_loss_fn, task_ids, num_tasks, grad_scale=grad_scale)
+        return engine.backward(weighting, per_sample_loss_fn, task_ids, num_tasks, grad_scale=grad_scale,
+                               chunk_size=chunk_size, loss_scale=loss_scale)
 
-    per_sample = per_sample_loss_fn(None)
-    _check_losses(per_sample, torch.as_tensor(task_ids).numel())
+    chunk_size = _check_chunk_size(chunk_size)
+    if weighting is not None:
+        num_tasks = _check_num_tasks(weighting, num_tasks)
+    task_ids = _check_task_ids(task_ids, num_tasks)
+    local_counts, global_counts = global_task_counts(task_ids, num_tasks, sync)
+    present = global_counts > 0
     if weighting is None:
-        task_ids = _check_task_ids(task_ids, num_tasks).to(per_sample.device)
-        loss = per_sample.mean()
-        task_losses, counts = reduce_task_losses(per_sample.detach(), task_ids, num_tasks)
+        task_coefficients = torch.ones(num_tasks, dtype=torch.float64, device=task_ids.device)
+        task_coefficients /= global_counts.sum().clamp_min(1).double()
+    else:
+        coefficients = loss_coefficients(weighting, present.to(weighting.last_weights.device)).to(task_ids.device)
         if sync:
-            task_losses, counts = sync_task_losses(task_losses, counts)  # for logging only
-        backward_fn(loss)
-        # A plain mean weighs task i by its share of the batch.
-        shares = counts.to(per_sample.dtype) / counts.sum().clamp_min(1)
-        return {"task_losses": task_losses.detach(), "counts": counts, "weights": shares, "loss": loss.detach()}
+            broadcast_(coefficients)
+        task_coefficients = coefficients / global_counts.clamp_min(1).double()
+    # DDP averages the processes' gradients: scale the local objective by the world size.
+    factor = (world_size() if sync else 1) * grad_scale
 
-    loss, stats = combine_task_losses(weighting, per_sample, task_ids, num_tasks, sync=sync)
-    backward_fn(loss)
+    task_sums = torch.zeros(num_tasks, dtype=torch.float64, device=task_ids.device)
+    pieces = _chunks(torch.arange(task_ids.numel(), device=task_ids.device), chunk_size)
+    for n, chunk in enumerate(pieces):
+        deferred = no_sync is not None and n < len(pieces) - 1
+        with (no_sync() if deferred else contextlib.nullcontext()):
+            losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
+            ids = task_ids[chunk].to(losses.device)
+            task_sums.index_add_(0, ids.to(task_sums.device), losses.detach().double().to(task_sums.device))
+            objective = (task_coefficients.to(losses.device)[ids].to(losses.dtype) * losses).sum() * factor
+            backward_fn(objective)
+    if sync:
+        all_reduce_sum_(task_sums)
+    task_losses = (task_sums / global_counts.clamp_min(1).double()).float()
+    total = global_counts.sum().clamp_min(1)
+    stats = {"task_losses": task_losses, "counts": global_counts,
+             "loss": (task_sums.sum() / total.double()).float(), "found_inf": torch.tensor(False)}
+    if weighting is None:
+        # A plain mean weighs task i by its share of the window.
+        stats["weights"] = (global_counts.double() / total.double()).float()
+        return stats
+    # Commit the method's step on the window's global task losses; the returned scalar's graph
+    # reaches only the method's own parameters (the losses are detached).
+    device = weighting.last_weights.device
+    combined = weighting.combine(task_losses.to(device).detach(), present.to(device))
+    if combined.requires_grad:
+        backward_fn(combined * grad_scale)
+    stats["weights"] = weighting.last_weights.detach().clone().float()
     return stats
