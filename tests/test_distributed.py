@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from diffusers_ant.weighting import distributed
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("uw", "pcgrad", "nash_mtl", "pcgrad+subset")
+METHODS = ("uw", "pcgrad", "nash_mtl", "pcgrad+subset", "uw+chunks", "pcgrad+chunks", "nash_mtl+subset+chunks",
+           "rank_noise")
 STEPS = 4
 
 
@@ -70,6 +71,13 @@ def test_two_processes_take_identical_steps(two_process_run, method):
     scale = 1.0 + rank0["params"].abs().max()
     assert (rank0["params"] - reference["params"]).abs().max() < 1e-5 * scale
     torch.testing.assert_close(rank0["weights"], reference["weights"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_weights_are_process_zeros_even_when_a_solver_differs_between_processes(two_process_run):
+    rank0, rank1, reference = two_process_run["rank_noise"]
+    assert torch.equal(rank0["params"], rank1["params"])
+    assert torch.equal(rank1["weights"], torch.ones_like(rank1["weights"]))  # process 0's weights (1, not 1.25)
 
 
 @pytest.mark.slow

@@ -323,3 +323,125 @@ def test_benchmark_script_runs_and_reports_ratios(tmp_path):
     assert all(t > 0 for t in report["seconds_per_step"].values())
     with pytest.raises(SystemExit):
         bench.parse_args(["--methods", "gradnorm"])
+
+
+# --------------------------------------------------------------------------- fp16 with a GradScaler
+
+
+def _autocast(fn, scale=1.0):
+    def wrapped(idx):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return fn(idx) * scale
+    return wrapped
+
+
+def test_fp16_engine_writes_the_scaled_update_and_survives_underflow():
+    """Scaled task losses keep fp16 task gradients from underflowing; the written update is scaled, so
+    a real GradScaler's unscale_ restores exactly the fp32 update."""
+    model = tiny_unet()
+    params = list(model.parameters())
+    batch = make_batch()
+    tiny = 2.0**-20  # small losses: their fp16 gradients underflow without a loss scale
+    engine = TaskGradientEngine(params)
+
+    engine.backward(get_weighting("pcgrad", K, seed=1), _scaled(loss_fn_for(model, batch), tiny), batch[-1], K)
+    reference = flat_grad(params)  # fp32 throughout
+    model.zero_grad(set_to_none=True)
+
+    engine.backward(get_weighting("pcgrad", K, seed=1), _autocast(loss_fn_for(model, batch), tiny), batch[-1], K)
+    unscaled = flat_grad(params)
+    model.zero_grad(set_to_none=True)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    stats = engine.backward(get_weighting("pcgrad", K, seed=1), _autocast(loss_fn_for(model, batch), tiny), batch[-1],
+                            K, loss_scale=current_scale(scaler))
+    assert not bool(stats["found_inf"])
+    written = flat_grad(params)
+    scaler.unscale_(optimizer)
+    restored = flat_grad(params)
+    torch.testing.assert_close(restored, written / 2.0**16)
+
+    def rel(a):
+        return ((a - reference).norm() / reference.norm()).item()
+
+    assert rel(restored) < 2e-2, rel(restored)
+    assert rel(unscaled) > 0.2, "without the loss scale fp16 task gradients should have underflowed"
+
+
+def current_scale(scaler):
+    """The scaler's scale, initialising it as `scaler.scale(loss)` would (the trainer's `current_loss_scale`)."""
+    from diffusers_ant.training.step import current_loss_scale
+
+    return current_loss_scale(scaler)
+
+
+def _scaled(fn, scale):
+    return lambda idx: fn(idx) * scale
+
+
+def test_fp16_overflow_skips_the_step_and_leaves_the_method_untouched():
+    model = tiny_unet()
+    params = list(model.parameters())
+    batch = make_batch()
+    huge = torch.ones(batch[-1].numel())
+    huge[batch[-1] == 2] = 1e30  # task 2 overflows fp16 once scaled
+    fn = _autocast(loss_fn_for(model, batch))
+    overflowing = lambda idx: fn(idx) * huge[idx]  # noqa: E731
+
+    weighting = get_weighting("nash_mtl", K, update_every=1)
+    before = {k: v.clone() for k, v in weighting.state_dict().items() if torch.is_tensor(v)}
+    step_before = weighting.step
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    start = [p.detach().clone() for p in params]
+    stats = TaskGradientEngine(params).backward(weighting, overflowing, batch[-1], K, loss_scale=current_scale(scaler))
+    assert bool(stats["found_inf"])
+    assert weighting.step == step_before  # Nash-MTL never saw the step
+    for key, value in before.items():
+        assert torch.equal(weighting.state_dict()[key], value), key
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(torch.equal(p, s) for p, s in zip(params, start)), "the optimizer step must be skipped"
+    assert scaler.get_scale() < 2.0**16
+
+
+def test_chunked_window_equals_one_batch():
+    """A window forwarded in chunks of 3 gives the update of the whole batch at once, for the engine's
+    modes, subset mode (recomputed weighted pass) and the loss-based path."""
+    model = tiny_unet()
+    params = list(model.parameters())
+    batch = make_batch(batch_size=10)
+    subset = [model.conv_out]
+    for method, kwargs in [("pcgrad", {}), ("pcgrad", {"mode": "retain_graph"}), ("mgda", {"subset": subset}),
+                           ("mgda", {"subset": subset, "mode": "retain_graph", "restrict_task_backward": True}),
+                           ("uw", None), ("dwa", None), (None, None)]:
+        results = []
+        for chunk_size in (None, 3):
+            model.zero_grad(set_to_none=True)
+            weighting = get_weighting(method, K, seed=2) if method else None
+            engine = TaskGradientEngine(params, **kwargs) if kwargs is not None else None
+            stats = weighted_backward(weighting, loss_fn_for(model, batch), batch[-1], K, engine=engine,
+                                      chunk_size=chunk_size)
+            results.append((flat_grad(params), stats["task_losses"], stats["weights"]))
+        (g1, l1, w1), (g2, l2, w2) = results
+        assert g1.abs().max() > 1e-4
+        assert (g1 - g2).abs().max() < 1e-6 * (1 + g1.abs().max()), (method, kwargs)
+        torch.testing.assert_close(l1, l2)
+        torch.testing.assert_close(w1, w2)
+
+
+def test_last_layers_mode_takes_weights_from_the_output_layer_and_updates_everything():
+    model = tiny_unet()
+    params = list(model.parameters())
+    batch = make_batch()
+    weights = [0.5, 0.1, 0.3, 0.7]
+    weighting = RecordingGrads(K, weights)
+    engine = TaskGradientEngine(params, mode="retain_graph", subset=[model.conv_out], restrict_task_backward=True)
+    calls = []
+    engine.backward(weighting, loss_fn_for(model, batch, calls), batch[-1], K)
+    assert len(calls) == 1  # one forward for the task gradients and the weighted backward
+    full = reference_task_grads(model, batch, params)
+    in_subset = torch.cat([torch.full((p.numel(),), any(p is q for q in model.conv_out.parameters())) for p in params])
+    assert (weighting.seen_grads - full[:, in_subset]).abs().max() < 1e-5
+    assert (flat_grad(params) - torch.tensor(weights) @ full).abs().max() < 1e-5

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .args import UsageError
 from .checkpoint import checkpoint_config, load_checkpoint, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
-from .step import DiffusionObjective, training_step
+from .step import DiffusionObjective, current_loss_scale, training_step
 
 logger = logging.getLogger("diffusers_ant")
 
@@ -206,6 +206,7 @@ def constant_lr_groups(lr_scheduler, optimizer) -> None:
     for index, group in enumerate(optimizer.param_groups):
         if group.get("constant_lr") and lambdas is not None:
             lambdas[index] = _constant_factor
+            group["lr"] = group["initial_lr"]  # the scheduler already applied its step-0 factor (0 in warm-up)
 
 
 def _constant_factor(_step):
@@ -364,12 +365,10 @@ def train(args) -> str:
         if ema is not None:
             if state["ema"] is None:
                 raise ValueError(f"{checkpoint} was saved without --use_ema; resume without it or start a new run")
-            ema.load_state_dict(state["ema"])
+            restore_ema(ema, state["ema"], accelerator.device)
         if weighting is not None:
             weighting.load_state_dict(state["weighting"])
-    if ema is not None:
-        # After loading: EMAModel.load_state_dict puts the shadow weights on the CPU (diffusers' scripts
-        # also move EMA after loading).
+    elif ema is not None:
         ema.to(accelerator.device)
 
     # ---------------------------------------------------------------- the loop
@@ -391,7 +390,7 @@ def train(args) -> str:
             scaler = accelerator.scaler
             snapshot = weighting_snapshot(weighting) if scaler is not None and weighting is not None else None
             logs = training_step(accelerator, objective, model, window, generator, num_tasks, weighting=weighting,
-                                 engine=engine, loss_scale=scaler.get_scale() if scaler is not None else 1.0)
+                                 engine=engine, loss_scale=current_loss_scale(scaler, accelerator.device))
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
@@ -439,6 +438,13 @@ def train(args) -> str:
     return args.output_dir
 
 
+def restore_ema(ema, state: dict, device) -> None:
+    """Load EMA's state, THEN move it to `device`: the loaded shadow weights live where they were read
+    (the CPU), so moving first would leave them there (diffusers' scripts load, then move)."""
+    ema.load_state_dict(state)
+    ema.to(device)
+
+
 def weighting_snapshot(weighting) -> dict:
     """A copy of the weighting's whole state (buffers, parameters, extra state, `last_weights`)."""
     return {"state": copy.deepcopy(weighting.state_dict()), "last_weights": weighting.last_weights.detach().clone()}
@@ -469,10 +475,30 @@ def validate(args, accelerator, adapter, model, ema, params, step, inputs):
         return None
     from .validation import log_and_save_samples
 
-    # Sample under autocast, as diffusers' scripts do: under bf16 / fp16 the frozen VAE and text
-    # encoder hold low-precision weights while the trained model and its latents are float32.
-    with _ema_weights(ema, params), accelerator.autocast():
+    with _ema_weights(ema, params), sampling_precision(accelerator, adapter):
         return log_and_save_samples(args, accelerator, adapter, accelerator.unwrap_model(model), step, inputs)
+
+
+@contextlib.contextmanager
+def sampling_precision(accelerator, adapter):
+    """Sample with frozen parts in low precision and a float32 trained model.
+
+    Under bf16 / fp16 the frozen VAE, text encoder (and ControlNet's UNet) hold low-precision weights
+    while the trained model and the pipeline's latents are float32: on a GPU sampling runs under
+    autocast, as diffusers' scripts do. The CPU's autocast cannot run GroupNorm on float32 inputs
+    with bfloat16 weights, so there the frozen parts are lifted to float32 for the sampling instead."""
+    frozen = list(adapter.frozen_modules().values())
+    dtypes = {p.dtype for module in frozen for p in module.parameters()}
+    if accelerator.device.type != "cpu" or dtypes <= {torch.float32}:
+        with accelerator.autocast():
+            yield
+        return
+    low = next(iter(dtypes - {torch.float32}))
+    adapter.to(accelerator.device, torch.float32)
+    try:
+        yield
+    finally:
+        adapter.to(accelerator.device, low)
 
 
 def finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs):

@@ -15,6 +15,10 @@ timestep clusters of equal width, the way the trainer does it:
   extra weighted backward over all parameters, whose gradients the engine all-reduces itself);
   Nash-MTL re-solves every 2 steps and takes reused-weight steps in between.
 
+`rank_noise` is a weighting whose weights depend on the process rank: the engine's broadcast from
+process 0 must still make both processes take the same step. `<method>+chunks` runs each step as
+a window of two chunks (gradient accumulation), which must change nothing.
+
 Then process 0 repeats the run on ONE process over the concatenated global batch (engine and loss
 sync switched off), which is what the distributed run must equal. Each process writes
 `{method}_rank{r}.safetensors` (final and initial parameters, UW's log-variances, the step-0 task
@@ -31,6 +35,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
 from diffusers_ant.weighting import get_weighting
+from diffusers_ant.weighting.base import GradientWeighting
 from diffusers_ant.weighting.engine import TaskGradientEngine, weighted_backward
 
 NUM_TASKS = 4
@@ -38,6 +43,18 @@ NUM_TIMESTEPS = 1000
 # Options that make the short run exercise each method's state: Nash-MTL re-solves every 2 steps
 # (reusing alpha in between), UW's log-variances move fast enough to be seen.
 METHOD_OPTIONS = {"nash_mtl": {"update_every": 2}, "uw": {"lr": 0.5}}
+
+
+class RankDependentWeighting(GradientWeighting):
+    """A stand-in for a solver whose floating-point result differs between processes: its weights
+    depend on the process rank. The engine broadcasts process 0's weights, so every process must
+    still take process 0's step."""
+
+    name = "rank_noise"
+
+    def task_weights(self, gram, present):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return torch.ones(int(present.sum()), dtype=gram.dtype) * (1.0 + 0.25 * rank)
 
 
 def tiny_unet() -> UNet2DModel:
@@ -76,7 +93,10 @@ def flat(tensors):
 def build(method):
     model = tiny_unet()
     name = method.split("+")[0]
-    weighting = get_weighting(name, NUM_TASKS, **METHOD_OPTIONS.get(name, {}))
+    if name == "rank_noise":
+        weighting = RankDependentWeighting(NUM_TASKS)
+    else:
+        weighting = get_weighting(name, NUM_TASKS, **METHOD_OPTIONS.get(name, {}))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     if hasattr(weighting, "param_groups"):
         for group in weighting.param_groups():
@@ -110,10 +130,16 @@ def train(method, args, accelerator=None, ranks=None):
         unwrapped = model
         backward_fn = None
     # "<method>+subset": task gradients over the up-blocks only, then one weighted pass over all.
-    subset = [unwrapped.up_blocks] if method.endswith("+subset") else None
+    subset = [unwrapped.up_blocks] if "+subset" in method else None
     engine = TaskGradientEngine([p for p in unwrapped.parameters() if p.requires_grad], subset=subset, sync=sync)
     # Gradient-based: the closure must bypass DDP (the engine syncs); loss-based: through DDP.
     closure_model = unwrapped if weighting.needs_task_gradients else model
+    # "<method>+chunks": the distributed run sees each step as a window of two micro-batches (chunks
+    # of half the shard, DDP's all-reduce deferred to the last chunk); the reference does not chunk.
+    chunk_size = args.batch_size // 2 if "+chunks" in method and sync else None
+    no_sync = None
+    if chunk_size is not None and not weighting.needs_task_gradients:
+        no_sync = lambda: accelerator.no_sync(model)  # noqa: E731
 
     first_task_grads = torch.zeros(0)
     weights_log = []
@@ -122,7 +148,7 @@ def train(method, args, accelerator=None, ranks=None):
         noisy, timesteps, target, task_ids = (torch.cat(x) for x in zip(*parts))
         closure = make_closure(closure_model, noisy, timesteps, target)
         stats = weighted_backward(weighting, closure, task_ids, NUM_TASKS, engine=engine,
-                                  backward_fn=backward_fn, sync=sync)
+                                  backward_fn=backward_fn, sync=sync, chunk_size=chunk_size, no_sync=no_sync)
         if step == 0 and weighting.needs_task_gradients:
             first_task_grads = engine.task_grads.detach().clone()
         weights_log.append(stats["weights"].float())

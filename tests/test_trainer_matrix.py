@@ -1,0 +1,309 @@
+"""The trainer in the configurations users run (issue 8): gradient accumulation, fp16 through a real
+GradScaler, bf16 for every model type, exact mid-epoch resume for every model type, greyscale data on
+RGB models, seeds, and the engines it refuses.
+
+Runs are tiny (the `tiny` presets, a handful of steps) and in-process (`train_in_process`)."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+
+from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
+
+DATASETS = {"unet": "mnist5k", "dit": "mnist5k", "sd": "mnist5k_captions", "controlnet": "mnist5k_captions"}
+ALL_METHODS = ["ls", "uw", "dwa", "rlw", "pcgrad", "nash_mtl", "imtl", "mgda", "cagrad"]
+
+
+def _args(model_type, out, *extra, preset="tiny"):
+    args = ["--model_type", model_type, "--dataset_name", DATASETS[model_type], "--output_dir", str(out), *TINY_RUN]
+    args[args.index("--model_config_name_or_path") + 1] = preset
+    return [*args, *extra]
+
+
+def _model_weights(folder):
+    """The trained module's weights of an output folder (the pipeline's denoiser or the LoRA file)."""
+    tensors = load_safetensors_dir(folder)
+    keep = {k: v for k, v in tensors.items()
+            if not k.startswith(("checkpoint-", "vae/", "text_encoder/")) and "samples" not in k}
+    assert keep, f"no weights in {folder}"
+    return keep
+
+
+# --------------------------------------------------------------------------- gradient accumulation
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_accumulating_two_micro_batches_equals_one_batch_of_twice_the_size(method, tmp_path):
+    """GA = 2 x B = 4 takes the same updates as GA = 1 x B = 8 on the same samples, timesteps and noise:
+    the task losses, task gradients and weights are those of the whole window, chosen once per update.
+
+    Adam's epsilon is large so that the update is a smooth function of the gradient (the chunked
+    window sums the same per-sample gradients in another order: float rounding, not a new step)."""
+    options = {"nash_mtl": '{"update_every": 2}'}.get(method)
+    common = ["--mtl_method", method, "--max_train_steps", "3", "--adam_epsilon", "1", "--learning_rate", "1e-2",
+              "--max_train_samples", "48", "--num_validation_images", "1"]
+    if options:
+        common += ["--mtl_options", options]
+    one_batch = tmp_path / "one"
+    train_in_process(_args("unet", one_batch, *common, "--train_batch_size", "8"))
+    window = tmp_path / "window"
+    train_in_process(_args("unet", window, *common, "--train_batch_size", "4", "--gradient_accumulation_steps", "2"))
+
+    a, b = _model_weights(one_batch / "unet"), _model_weights(window / "unet")
+    assert_same_tensors(a, b, atol=2e-6)
+    # not a trivial comparison: the three updates moved the weights far more than the tolerance
+    fresh = tmp_path / "fresh"
+    train_in_process(_args("unet", fresh, *common, "--train_batch_size", "8", "--max_train_steps", "1",
+                           "--learning_rate", "1e-12"))
+    moved = max((a[k] - v).abs().max().item() for k, v in _model_weights(fresh / "unet").items())
+    assert moved > 1e-3, moved
+
+
+# --------------------------------------------------------------------------- fp16 through a real GradScaler
+
+
+@pytest.fixture
+def cpu_fp16(monkeypatch):
+    """Accelerate refuses fp16 autocast on the CPU; give its Accelerator what it builds on a GPU: native
+    autocast (torch's CPU autocast handles float16) and a real `torch.amp.GradScaler`."""
+    import accelerate
+
+    original = accelerate.Accelerator.__init__
+    scalers = []
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.mixed_precision == "fp16" and self.device.type == "cpu":
+            self.native_amp = True
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+            scalers.append(self.scaler)
+
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", init)
+    return scalers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["pcgrad", "nash_mtl", "uw"])
+def test_fp16_with_a_real_grad_scaler_trains_like_fp32(method, tmp_path, cpu_fp16):
+    common = ["--mtl_method", method, "--max_train_steps", "3", "--adam_epsilon", "1", "--learning_rate", "1e-2",
+              "--max_train_samples", "32", "--num_validation_images", "1"]
+    train_in_process(_args("unet", tmp_path / "fp32", *common))
+    train_in_process(_args("unet", tmp_path / "fp16", *common, "--mixed_precision", "fp16"))
+    assert cpu_fp16 and cpu_fp16[-1].get_scale() > 0, "the run must have used the GradScaler"
+    fp32, fp16 = _model_weights(tmp_path / "fp32" / "unet"), _model_weights(tmp_path / "fp16" / "unet")
+    train_in_process(_args("unet", tmp_path / "start", *common, "--max_train_steps", "1", "--learning_rate", "1e-12"))
+    start = _model_weights(tmp_path / "start" / "unet")
+    moved = sum((fp32[k] - start[k]).float().norm() ** 2 for k in fp32) ** 0.5
+    gap = sum((fp32[k] - fp16[k]).float().norm() ** 2 for k in fp32) ** 0.5
+    # fp16 autocast rounds activations; the updates must still be those of fp32 training, not
+    # divided by the loss scale (2**10) nor lost to underflow
+    assert moved > 1e-2 and gap < 0.1 * moved, (moved, gap)
+
+
+# --------------------------------------------------------------------------- bf16 for every model type
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type,preset", [("unet", "tiny"), ("dit", "tiny"), ("dit", "tiny-latent"),
+                                               ("sd", "tiny"), ("controlnet", "tiny")])
+def test_bf16_end_to_end_with_validation(model_type, preset, tmp_path):
+    out = tmp_path / "bf16"
+    train_in_process(_args(model_type, out, "--mixed_precision", "bf16", "--max_train_steps", "2",
+                           "--validation_steps", "1", "--mtl_method", "uw", preset=preset))
+    assert (out / "samples" / "step-1.png").is_file() and (out / "samples" / "step-2.png").is_file()
+    assert (out / "README.md").is_file()
+    for name, tensor in load_safetensors_dir(out).items():
+        if tensor.is_floating_point() and not name.startswith("checkpoint-"):
+            assert tensor.dtype == torch.float32, f"{name} saved as {tensor.dtype}"
+            assert torch.isfinite(tensor).all(), name
+
+
+# --------------------------------------------------------------------------- exact mid-epoch resume
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_folder(tmp_path_factory):
+    """A pretrained tiny Stable Diffusion pipeline folder (RGB) for LoRA runs."""
+    from diffusers_ant.models import get_model_adapter
+
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    adapter = get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16, num_channels=3)
+    adapter.save(str(folder))
+    return folder
+
+
+RESUME_CASES = {
+    "unet": ("unet", "tiny", []),
+    "dit-pixel": ("dit", "tiny", []),
+    "dit-latent": ("dit", "tiny-latent", []),
+    "sd-lora": ("sd", None, ["--rank", "4"]),
+    "controlnet": ("controlnet", "tiny", []),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_twenty_steps_equal_ten_then_resume_mid_epoch_then_ten(case, tmp_path, tiny_sd_folder, capsys):
+    """With EMA and a stateful weighting (UW), for every model type: the resumed run ends with exactly
+    the weights of the uninterrupted one. 24 samples at batch 8 make 3 batches an epoch, so step 10
+    is in the middle of the fourth epoch."""
+    model_type, preset, extra = RESUME_CASES[case]
+    common = ["--mtl_method", "uw", "--use_ema", "--checkpointing_steps", "10", "--max_train_samples", "24",
+              "--num_validation_images", "1", *extra]
+
+    def args(out, steps, *more):
+        a = _args(model_type, out, *common, "--max_train_steps", str(steps), *more, preset=preset or "tiny")
+        if preset is None:  # LoRA on a pretrained pipeline
+            i = a.index("--model_config_name_or_path")
+            del a[i:i + 2]
+            a += ["--pretrained_model_name_or_path", str(tiny_sd_folder)]
+        return a
+
+    straight = tmp_path / "straight"
+    train_in_process(args(straight, 20))
+    resumed = tmp_path / "resumed"
+    train_in_process(args(resumed, 11))  # checkpoint-10 written, then one more step: interrupted there
+    capsys.readouterr()
+    train_in_process(args(resumed, 20, "--resume_from_checkpoint", "checkpoint-10"))
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "checkpoint-10" in out
+    a, b = _model_weights(straight), _model_weights(resumed)
+    assert_same_tensors(a, b)
+    # the weighting's and EMA's state at step 10 are the same too
+    assert_same_tensors(load_safetensors_dir(straight / "checkpoint-10"), load_safetensors_dir(resumed / "checkpoint-10"))
+
+
+# --------------------------------------------------------------------------- channels
+
+
+@pytest.mark.slow
+def test_greyscale_data_on_a_pretrained_rgb_model_is_converted(tmp_path, tiny_sd_folder):
+    """An SD LoRA on mnist5k_captions (greyscale) trains on the RGB pipeline: images become RGB."""
+    out = tmp_path / "lora"
+    args = _args("sd", out, "--rank", "4", "--max_train_steps", "1")
+    i = args.index("--model_config_name_or_path")
+    del args[i:i + 2]
+    train_in_process([*args, "--pretrained_model_name_or_path", str(tiny_sd_folder)])
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_channels_from_the_image_modes_not_the_first_row():
+    import datasets
+    from PIL import Image
+
+    from diffusers_ant.data import dataset_image_channels
+
+    grey = [Image.new("L", (4, 4), 3) for _ in range(9)]
+    mixed = datasets.Dataset.from_dict({"image": grey + [Image.new("RGB", (4, 4), (1, 2, 3))]},
+                                       features=datasets.Features({"image": datasets.Image()}))
+    assert dataset_image_channels(mixed, "image") == 3
+    only_grey = datasets.Dataset.from_dict({"image": grey}, features=datasets.Features({"image": datasets.Image()}))
+    assert dataset_image_channels(only_grey, "image") == 1
+
+
+# --------------------------------------------------------------------------- seeds and EMA
+
+
+def test_seeds_reach_the_method_and_a_missing_seed_is_drawn_and_recorded(tmp_path):
+    base = [a for a in _args("unet", tmp_path / "x", "--max_train_steps", "1", "--mtl_method", "rlw",
+                             "--num_validation_images", "1")]
+    i = base.index("--seed")
+    del base[i:i + 2]
+
+    def run(name, *seed):
+        out = tmp_path / name
+        args = list(base)
+        args[args.index("--output_dir") + 1] = str(out)
+        train_in_process([*args, *seed])
+        config = json.loads((out / "training_config.json").read_text())
+        weighting = json.loads((out / "weighting_config.json").read_text())
+        return config["seed"], weighting["seed"], _model_weights(out / "unet")
+
+    seed_a, method_a, weights_a = run("a", "--seed", "3")
+    seed_b, method_b, weights_b = run("b", "--seed", "4")
+    assert (seed_a, method_a) == (3, 3) and (seed_b, method_b) == (4, 4)
+    drawn_1, method_1, _ = run("c")
+    drawn_2, _, _ = run("d")
+    assert isinstance(drawn_1, int) and drawn_1 == method_1
+    assert drawn_1 != drawn_2  # drawn afresh (a 1 in 2**31 chance of a false failure)
+
+
+def test_ema_is_moved_to_the_device_after_its_state_is_loaded():
+    """On a GPU, loading EMA's state puts the shadow weights on the CPU: the move must come after the
+    load (a CPU machine cannot see the devices differ, so the order itself is checked)."""
+    from diffusers.training_utils import EMAModel
+
+    from diffusers_ant.training.loop import restore_ema
+
+    calls = []
+
+    class Recording(EMAModel):
+        def load_state_dict(self, state):
+            calls.append("load")
+            return super().load_state_dict(state)
+
+        def to(self, *args, **kwargs):
+            calls.append("to")
+            return super().to(*args, **kwargs)
+
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    ema = Recording(params, decay=0.9)
+    state = ema.state_dict()
+    state["shadow_params"] = [p + 1 for p in state["shadow_params"]]
+    restore_ema(ema, state, torch.device("cpu"))
+    assert calls == ["load", "to"]
+    assert torch.equal(ema.shadow_params[0], params[0].detach() + 1)
+
+
+def test_rlw_weights_differ_between_seeds():
+    from diffusers_ant.weighting import get_weighting
+
+    losses = torch.ones(5)
+    a = get_weighting("rlw", 5, seed=0)
+    b = get_weighting("rlw", 5, seed=1)
+    a.combine(losses)
+    b.combine(losses)
+    assert not torch.allclose(a.last_weights, b.last_weights)
+
+
+# --------------------------------------------------------------------------- engines refused
+
+
+def _fake_accelerator(kind):
+    from accelerate.utils import DistributedType
+
+    return types.SimpleNamespace(distributed_type=getattr(DistributedType, kind))
+
+
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "FSDP", "XLA"])
+def test_gradient_methods_are_refused_outside_plain_data_parallelism(kind):
+    from diffusers_ant.training.args import UsageError
+    from diffusers_ant.training.loop import check_distributed_support
+    from diffusers_ant.weighting import get_weighting
+
+    args = types.SimpleNamespace(mtl_method="pcgrad", gradient_accumulation_steps=1)
+    with pytest.raises(UsageError, match="plain data parallelism"):
+        check_distributed_support(_fake_accelerator(kind), args, get_weighting("pcgrad", 4))
+    for ok in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        check_distributed_support(_fake_accelerator(ok), args, get_weighting("pcgrad", 4))
+    # loss-based methods and vanilla training are left to Accelerate (DeepSpeed: no accumulation window, no UW)
+    check_distributed_support(_fake_accelerator(kind), args, get_weighting("ls", 4))
+    check_distributed_support(_fake_accelerator(kind), args, None)
+
+
+def test_deepspeed_refuses_accumulation_windows_and_learnable_weightings():
+    from diffusers_ant.training.args import UsageError
+    from diffusers_ant.training.loop import check_distributed_support
+    from diffusers_ant.weighting import get_weighting
+
+    accelerator = _fake_accelerator("DEEPSPEED")
+    with pytest.raises(UsageError, match="gradient_accumulation_steps 1"):
+        check_distributed_support(accelerator, types.SimpleNamespace(mtl_method="ls", gradient_accumulation_steps=2), None)
+    with pytest.raises(UsageError, match="learnable"):
+        check_distributed_support(accelerator, types.SimpleNamespace(mtl_method="uw", gradient_accumulation_steps=1),
+                                  get_weighting("uw", 4))
