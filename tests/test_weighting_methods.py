@@ -305,18 +305,61 @@ def test_imtl_has_equal_projections_on_unit_gradients(k):
 # ----------------------------------------------------------------------------- Nash-MTL
 
 
+def raw_nash_residual(alpha, grads):
+    """max_i |alpha_i (G G^T alpha)_i - 1| on the raw gradients."""
+    gram = grads.double() @ grads.double().T
+    return float((alpha * (gram @ alpha) - 1).abs().max())
+
+
 @pytest.mark.parametrize("k", [2, 3, 5])
-def test_nash_alpha_solves_the_bargaining_equation(k):
-    grads = random_grads(k, p=20, seed=30 + k)
+def test_nash_alpha_solves_the_bargaining_equation_for_the_raw_gradients(k):
+    # Scaled gradients: the authors' alpha depends on the gradients' scale (alpha ~ 1 / scale).
+    grads = 37.0 * random_grads(k, p=20, seed=30 + k)
     nash = get_weighting("nash_mtl", k)
     update = nash.aggregate(grads)
     alpha = nash.alpha
     gram = grads @ grads.T
-    normalised = gram / torch.linalg.matrix_norm(gram)
     assert (alpha > 0).all()
-    torch.testing.assert_close(normalised @ alpha, 1 / alpha, rtol=1e-9, atol=0)
+    torch.testing.assert_close(gram @ alpha, 1 / alpha, rtol=1e-9, atol=0)
     torch.testing.assert_close(update, alpha @ grads)
+    assert update.norm().item() == pytest.approx(math.sqrt(k), rel=1e-9)  # ||d||^2 = alpha^T G G^T alpha = K
     assert nash.solver_failures == 0 and nash.last_residual <= 1e-9
+    # ANT's scale: every cluster loss divided by K, i.e. alpha / K.
+    ant = get_weighting("nash_mtl", k, divide_losses_by_num_tasks=True)
+    torch.testing.assert_close(ant.aggregate(grads), update / k)
+    torch.testing.assert_close(ant.alpha, alpha)
+
+
+def well_conditioned_grads(generator, k, max_condition=1e6):
+    """Random K x P gradients with per-task scales over two orders of magnitude, cond(G G^T) bounded."""
+    while True:
+        p = k + int(torch.randint(3, 40, (1,), generator=generator))
+        scales = torch.exp(2 * torch.rand(k, 1, generator=generator, dtype=torch.float64) - 1) ** 2
+        grads = torch.randn(k, p, generator=generator, dtype=torch.float64) * scales
+        if torch.linalg.cond(grads @ grads.T) <= max_condition:
+            return grads
+
+
+def test_nash_solver_converges_on_hundreds_of_well_conditioned_problems():
+    """The full Newton step near the optimum: no stall, including warm starts from the previous
+    alpha of a nearby problem (what `update_every` re-solves see during training)."""
+    generator = torch.Generator().manual_seed(2024)
+    solves = 0
+    for problem in range(100):
+        k = int(torch.randint(2, 11, (1,), generator=generator))
+        nash = get_weighting("nash_mtl", k, update_every=1, solver="newton")
+        grads = well_conditioned_grads(generator, k) * float(torch.exp(8 * torch.rand(1, generator=generator) - 4))
+        for drift in (0.0, 1e-2, 1e-4, 1e-6):  # a new problem, then ever closer to the previous solution
+            grads = grads + drift * grads.norm(dim=1, keepdim=True) / math.sqrt(grads.shape[1]) \
+                * torch.randn(grads.shape, generator=generator, dtype=torch.float64)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a failed solve warns: make it an error
+                nash.weights_from_grads(grads)
+            solves += 1
+            assert nash.last_residual <= nash.config.tol, (problem, drift, nash.last_residual)
+            assert raw_nash_residual(nash.alpha, grads) <= 1e-8, (problem, drift)
+        assert nash.solver_failures == 0
+    assert solves == 400
 
 
 def test_nash_reuses_alpha_between_updates():
