@@ -498,6 +498,22 @@ def test_nash_reuses_alpha_between_updates():
     assert reused[1] == 0 and reused[0] == weights[6][0]
     with pytest.raises(RuntimeError):
         nash.reuse_weights()  # step 9: an update step
+    with pytest.raises(RuntimeError):
+        nash.stored_weights()
+
+
+def test_nash_stored_weights_do_not_count_a_step():
+    """A reused-weights step whose fp16 overflow shows only after the backward pass: the weights
+    come from stored_weights, and reuse_weights counts the step only once it is taken."""
+    nash = get_weighting("nash_mtl", 3, update_every=3)
+    solved = nash.weights_from_grads(random_grads(3))
+    present = torch.tensor([True, False, True])
+    peeked = nash.stored_weights(present)
+    assert nash.step == 1 and torch.equal(nash.stored_weights(present), peeked)  # a skipped step: nothing moves
+    assert peeked[1] == 0 and torch.equal(peeked[[0, 2]], solved[[0, 2]])
+    assert torch.equal(nash.reuse_weights(present), peeked) and nash.step == 2
+    with pytest.raises(RuntimeError):
+        get_weighting("pcgrad", 3).stored_weights()
 
 
 def test_nash_does_not_fail_silently():

@@ -47,7 +47,10 @@ an fp16 step skipped for inf / nan (nothing advances) are both exact:
   sum_i c_i L_i and w.r.t. the method's parameters that of `weighting_loss`.
 * gradient-based methods (`GradientWeighting`): state advances only in `weights_from_grads`,
   `weights_from_gram` and `reuse_weights`, each called once per optimizer step (the engine does
-  not call them on a step it skips); `needs_gradients_this_step` only reads.
+  not call them on a step it skips); `needs_gradients_this_step` and `stored_weights` only read.
+  On a step with stored weights (Nash-MTL between solves) the overflow is known only after the
+  backward pass: take the weights from `stored_weights(present)` and call
+  `reuse_weights(present)` (which returns the same weights) once the step is known to be taken.
 
 State: learnable parameters and tensor state live in parameters / buffers; Python-side state
 (the random generator, step counters, solver records) goes through nn.Module's
@@ -299,9 +302,14 @@ class GradientWeighting(Weighting):
         trainer may then skip per-task gradients and call `reuse_weights` instead."""
         return True
 
+    def stored_weights(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weights `reuse_weights(present)` would return, without advancing any state (only
+        when `needs_gradients_this_step()` is False)."""
+        raise RuntimeError(f"{self.name} needs per-task gradients every step")
+
     def reuse_weights(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full-length weights w[K] for a step with no per-task gradients (only when
-        `needs_gradients_this_step()` is False); apply them as loss weights."""
+        `needs_gradients_this_step()` is False); apply them as loss weights. Counts the step."""
         raise RuntimeError(f"{self.name} needs per-task gradients every step")
 
     def weights_from_gram(self, gram: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -23,7 +23,8 @@ As in ANT, alpha is re-solved every `update_every` = 25 steps and reused in betw
 `needs_gradients_this_step` tells the trainer when it can skip per-task gradients and call
 `reuse_weights` instead. Only `weights_from_grads` / `weights_from_gram` / `reuse_weights`
 advance the step counter and alpha (one call per optimizer step); `needs_gradients_this_step`
-only reads it.
+and `stored_weights` (the weights `reuse_weights` will return, for a step whose fp16 overflow is
+known only after its backward pass) only read it.
 
 Subset mode (per-task gradients of a parameter subset, the engine's `subset=`): the authors form
 G from the shared parameters only and apply alpha as loss weights to every parameter; weights
@@ -218,11 +219,14 @@ class NashMTL(GradientWeighting):
     def needs_gradients_this_step(self) -> bool:
         return self.step % self.config.update_every == 0
 
-    def reuse_weights(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def stored_weights(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.needs_gradients_this_step():
             raise RuntimeError("nash_mtl re-solves alpha at this step: it needs the per-task gradients")
         present = self._present(present, self.alpha.device)
-        weights = torch.where(present, self._weights_of(self.alpha), torch.zeros_like(self.alpha))
+        return torch.where(present, self._weights_of(self.alpha), torch.zeros_like(self.alpha))
+
+    def reuse_weights(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weights = self.stored_weights(present)
         self.step += 1
         self.last_weights = weights.detach().to(self.last_weights)
         return weights
