@@ -99,6 +99,11 @@ BAD_OPTIONS = [
     ("ls", {"reduction": "max"}),
     ("pcgrad", {"reduction": "median"}),
     ("mgda", {"normalize": "loss"}),
+    ("dwa", {"window": 0}),
+    ("dwa", {"window": 2.5}),
+    ("cagrad", {"reduction": "max"}),
+    ("uw", {"divide_losses_by_num_tasks": "yes please"}),
+    ("nash_mtl", {"divide_losses_by_num_tasks": 2}),
 ] + [(name, {"seed": -1}) for name in NAMES]
 
 
@@ -172,6 +177,23 @@ def test_uw_gradient_of_log_variances_matches_closed_form():
     torch.testing.assert_close(uw.last_weights, 0.5 * torch.exp(-s))
     (group,) = uw.param_groups()
     assert group["params"] == [uw.log_vars] and group["lr"] == 0.025 and group["weight_decay"] == 0.0
+    assert group["constant_lr"] is True  # the trainer keeps it out of the LR scheduler (ANT)
+    optimizer = torch.optim.AdamW([{"params": [torch.zeros(2, requires_grad=True)]}] + uw.param_groups(), lr=1e-4)
+    assert optimizer.param_groups[1]["constant_lr"] is True  # torch optimizers keep the key
+
+
+def test_uw_ant_form_divides_the_losses_by_k():
+    k = 3
+    uw = get_weighting("uw", k, divide_losses_by_num_tasks=True)
+    losses = torch.tensor([0.2, 1.0, 3.0])
+    with torch.no_grad():
+        uw.log_vars.copy_(torch.tensor([0.3, -0.5, 1.2]))
+    total = uw.combine(losses)
+    total.backward()
+    s = uw.log_vars.detach()
+    assert total.item() == pytest.approx((0.5 * (torch.exp(-s) * losses / k + s)).sum().item(), rel=1e-6)
+    torch.testing.assert_close(uw.log_vars.grad, 0.5 * (1 - torch.exp(-s) * losses / k))
+    torch.testing.assert_close(uw.last_weights, 0.5 * torch.exp(-s) / k)
 
 
 def test_uw_weights_move_towards_low_loss_tasks():
@@ -208,6 +230,63 @@ def test_dwa_follows_the_ratio_of_the_last_two_losses():
     w = 3 * torch.softmax((history[2] / history[1]) / temperature, 0)
     dwa.combine(torch.ones(3))
     torch.testing.assert_close(dwa.last_weights, w / 3)
+
+
+def test_dwa_averages_losses_over_a_window_of_steps():
+    """Liu et al. and LibMTL: w(t) from the ratio of the last two EPOCH-average losses."""
+    temperature, window = 2.0, 3
+    dwa = get_weighting("dwa", 3, temperature=temperature, window=window)
+    generator = torch.Generator().manual_seed(0)
+    steps = [torch.rand(3, generator=generator, dtype=torch.float64) + 0.5 for _ in range(4 * window)]
+    averages = [torch.stack(steps[w * window:(w + 1) * window]).mean(0) for w in range(4)]
+    for n, losses in enumerate(steps):
+        epoch = n // window
+        if epoch < 2:  # the first two windows: equal weights
+            expected = torch.full((3,), 1 / 3, dtype=torch.float64)
+        else:
+            ratio = averages[epoch - 1] / averages[epoch - 2]
+            expected = torch.softmax(ratio / temperature, 0)  # w_i / K
+        torch.testing.assert_close(dwa.loss_coefficients(), expected)
+        assert dwa.combine(losses).item() == pytest.approx(float(expected @ losses), rel=1e-12)
+        torch.testing.assert_close(dwa.last_weights, expected.float())
+    # per-step ratios would have given other weights
+    per_step = get_weighting("dwa", 3, temperature=temperature)
+    for losses in steps[:-1]:
+        per_step.combine(losses)
+    assert not torch.allclose(per_step.loss_coefficients(), dwa.loss_coefficients())
+
+
+def test_dwa_window_averages_a_task_over_the_steps_it_is_present():
+    dwa = get_weighting("dwa", 2, window=2)
+    present = torch.tensor([True, False])
+    for losses, mask in [([1.0, 4.0], None), ([3.0, float("nan")], present),   # window 1: task 1 seen once
+                         ([2.0, float("nan")], present), ([2.0, float("nan")], present)]:  # window 2: task 1 absent
+        dwa.combine(torch.tensor(losses, dtype=torch.float64), mask)
+    torch.testing.assert_close(dwa.loss_history[:, 0], torch.tensor([2.0, 2.0], dtype=torch.float64))
+    assert dwa.history_count.tolist() == [2, 1]
+    torch.testing.assert_close(dwa.loss_history[1, 1], torch.tensor(4.0, dtype=torch.float64))
+    assert dwa.window_steps.item() == 0 and dwa.window_loss_count.sum() == 0
+
+
+@pytest.mark.parametrize("via_safetensors", [False, True])
+def test_dwa_window_state_round_trips_mid_window(via_safetensors, tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    steps = [torch.rand(3, generator=generator, dtype=torch.float64) + 0.5 for _ in range(13)]
+    dwa = get_weighting("dwa", 3, window=4)
+    for losses in steps[:7]:  # stop in the middle of the second window
+        dwa.combine(losses)
+    assert dwa.window_steps.item() == 3
+    if via_safetensors:
+        save_file(dwa.flat_state_dict(), tmp_path / "dwa.safetensors")
+        restored = get_weighting("dwa", 3, window=4)
+        restored.load_flat_state_dict(load_file(tmp_path / "dwa.safetensors"))
+    else:
+        restored = get_weighting("dwa", 3, window=4)
+        restored.load_state_dict(copy.deepcopy(dwa.state_dict()))
+    for losses in steps[7:]:
+        assert torch.equal(dwa.combine(losses), restored.combine(losses))
+        assert torch.equal(dwa.last_weights, restored.last_weights)
+    assert not torch.equal(dwa.last_weights, torch.full((3,), 1 / 3))  # the windows' ratios were used
 
 
 # ----------------------------------------------------------------------------- PCGrad
@@ -254,6 +333,29 @@ def test_pcgrad_gram_form_equals_direct_vector_projection(k):
     torch.testing.assert_close(update, torch.stack(projected).sum(0), rtol=1e-10, atol=1e-12)
 
 
+def test_pcgrad_orders_follow_the_seed():
+    k = 5
+    orders = {}
+    for seed in (0, 1, 1):
+        pcgrad = get_weighting("pcgrad", k, seed=seed)
+        drawn = []
+        for step in range(3):
+            twin = copy.deepcopy(pcgrad)
+            drawn.append(twin.draw_orders(k))
+            pcgrad.weights_from_grads(random_grads(k, seed=step))  # advances the generator as twin did
+        orders.setdefault(seed, []).append(drawn)
+    assert orders[1][0] == orders[1][1]  # the same seed: the same orders
+    assert orders[0][0] != orders[1][0]  # another seed: other orders
+    assert orders[0][0][0] != orders[0][0][1]  # and new orders every step
+
+
+def test_cagrad_sum_reduction_is_k_times_the_mean():
+    grads = random_grads(4, p=10, seed=3)
+    grads[1] = -0.8 * grads[0] + 0.2 * grads[1]
+    mean = get_weighting("cagrad", 4).aggregate(grads)
+    torch.testing.assert_close(get_weighting("cagrad", 4, reduction="sum").aggregate(grads), 4 * mean)
+
+
 # ----------------------------------------------------------------------------- MGDA
 
 
@@ -289,6 +391,22 @@ def test_mgda_satisfies_min_norm_optimality_for_many_tasks(k):
     assert ((others @ grads).norm(dim=1) >= d.norm() - 1e-9).all()
 
 
+@pytest.mark.parametrize("k", [2, 4])
+def test_mgda_l2_normalisations(k):
+    grads = random_grads(k, p=6, seed=60 + k) * torch.linspace(0.2, 5.0, k, dtype=torch.float64)[:, None]
+    norms = grads.norm(dim=1)
+    unit = grads / norms[:, None]
+    a = get_weighting("mgda", k).weights_from_grads(unit)  # the min-norm point of the unit gradients
+    # LibMTL ("l2"): the update is that min-norm point, i.e. weights a_i / ||g_i|| on the raw gradients.
+    libmtl = get_weighting("mgda", k, normalize="l2")
+    torch.testing.assert_close(libmtl.weights_from_grads(grads), a / norms)
+    torch.testing.assert_close(libmtl.aggregate(grads), a @ unit)
+    # Sener & Koltun's code ("l2_authors"): the same a, applied to the raw losses.
+    authors = get_weighting("mgda", k, normalize="l2_authors")
+    torch.testing.assert_close(authors.weights_from_grads(grads), a)
+    torch.testing.assert_close(authors.aggregate(grads), a @ grads)
+
+
 # ----------------------------------------------------------------------------- IMTL-G
 
 
@@ -305,18 +423,61 @@ def test_imtl_has_equal_projections_on_unit_gradients(k):
 # ----------------------------------------------------------------------------- Nash-MTL
 
 
+def raw_nash_residual(alpha, grads):
+    """max_i |alpha_i (G G^T alpha)_i - 1| on the raw gradients."""
+    gram = grads.double() @ grads.double().T
+    return float((alpha * (gram @ alpha) - 1).abs().max())
+
+
 @pytest.mark.parametrize("k", [2, 3, 5])
-def test_nash_alpha_solves_the_bargaining_equation(k):
-    grads = random_grads(k, p=20, seed=30 + k)
+def test_nash_alpha_solves_the_bargaining_equation_for_the_raw_gradients(k):
+    # Scaled gradients: the authors' alpha depends on the gradients' scale (alpha ~ 1 / scale).
+    grads = 37.0 * random_grads(k, p=20, seed=30 + k)
     nash = get_weighting("nash_mtl", k)
     update = nash.aggregate(grads)
     alpha = nash.alpha
     gram = grads @ grads.T
-    normalised = gram / torch.linalg.matrix_norm(gram)
     assert (alpha > 0).all()
-    torch.testing.assert_close(normalised @ alpha, 1 / alpha, rtol=1e-9, atol=0)
+    torch.testing.assert_close(gram @ alpha, 1 / alpha, rtol=1e-9, atol=0)
     torch.testing.assert_close(update, alpha @ grads)
+    assert update.norm().item() == pytest.approx(math.sqrt(k), rel=1e-9)  # ||d||^2 = alpha^T G G^T alpha = K
     assert nash.solver_failures == 0 and nash.last_residual <= 1e-9
+    # ANT's scale: every cluster loss divided by K, i.e. alpha / K.
+    ant = get_weighting("nash_mtl", k, divide_losses_by_num_tasks=True)
+    torch.testing.assert_close(ant.aggregate(grads), update / k)
+    torch.testing.assert_close(ant.alpha, alpha)
+
+
+def well_conditioned_grads(generator, k, max_condition=1e6):
+    """Random K x P gradients with per-task scales over two orders of magnitude, cond(G G^T) bounded."""
+    while True:
+        p = k + int(torch.randint(3, 40, (1,), generator=generator))
+        scales = torch.exp(2 * torch.rand(k, 1, generator=generator, dtype=torch.float64) - 1) ** 2
+        grads = torch.randn(k, p, generator=generator, dtype=torch.float64) * scales
+        if torch.linalg.cond(grads @ grads.T) <= max_condition:
+            return grads
+
+
+def test_nash_solver_converges_on_hundreds_of_well_conditioned_problems():
+    """The full Newton step near the optimum: no stall, including warm starts from the previous
+    alpha of a nearby problem (what `update_every` re-solves see during training)."""
+    generator = torch.Generator().manual_seed(2024)
+    solves = 0
+    for problem in range(100):
+        k = int(torch.randint(2, 11, (1,), generator=generator))
+        nash = get_weighting("nash_mtl", k, update_every=1, solver="newton")
+        grads = well_conditioned_grads(generator, k) * float(torch.exp(8 * torch.rand(1, generator=generator) - 4))
+        for drift in (0.0, 1e-2, 1e-4, 1e-6):  # a new problem, then ever closer to the previous solution
+            grads = grads + drift * grads.norm(dim=1, keepdim=True) / math.sqrt(grads.shape[1]) \
+                * torch.randn(grads.shape, generator=generator, dtype=torch.float64)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a failed solve warns: make it an error
+                nash.weights_from_grads(grads)
+            solves += 1
+            assert nash.last_residual <= nash.config.tol, (problem, drift, nash.last_residual)
+            assert raw_nash_residual(nash.alpha, grads) <= 1e-8, (problem, drift)
+        assert nash.solver_failures == 0
+    assert solves == 400
 
 
 def test_nash_reuses_alpha_between_updates():
@@ -337,6 +498,22 @@ def test_nash_reuses_alpha_between_updates():
     assert reused[1] == 0 and reused[0] == weights[6][0]
     with pytest.raises(RuntimeError):
         nash.reuse_weights()  # step 9: an update step
+    with pytest.raises(RuntimeError):
+        nash.stored_weights()
+
+
+def test_nash_stored_weights_do_not_count_a_step():
+    """A reused-weights step whose fp16 overflow shows only after the backward pass: the weights
+    come from stored_weights, and reuse_weights counts the step only once it is taken."""
+    nash = get_weighting("nash_mtl", 3, update_every=3)
+    solved = nash.weights_from_grads(random_grads(3))
+    present = torch.tensor([True, False, True])
+    peeked = nash.stored_weights(present)
+    assert nash.step == 1 and torch.equal(nash.stored_weights(present), peeked)  # a skipped step: nothing moves
+    assert peeked[1] == 0 and torch.equal(peeked[[0, 2]], solved[[0, 2]])
+    assert torch.equal(nash.reuse_weights(present), peeked) and nash.step == 2
+    with pytest.raises(RuntimeError):
+        get_weighting("pcgrad", 3).stored_weights()
 
 
 def test_nash_does_not_fail_silently():
@@ -435,6 +612,59 @@ def test_absent_tasks_keep_their_state():
     alpha = nash.alpha.clone()
     nash.weights_from_grads(random_grads(3, seed=2), present)
     assert nash.alpha[1] == alpha[1] and nash.alpha[0] != alpha[0]
+
+
+# ----------------------------------------------------------------------------- randomness and state
+
+
+def test_rlw_coefficients_follow_the_seed():
+    assert not torch.equal(get_weighting("rlw", 4, seed=0).loss_coefficients(),
+                           get_weighting("rlw", 4, seed=1).loss_coefficients())
+    assert torch.equal(get_weighting("rlw", 4, seed=1).loss_coefficients(),
+                       get_weighting("rlw", 4, seed=1).loss_coefficients())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_methods_draw_only_from_their_own_generator(name):
+    """No method touches torch's or numpy's global random state: its draws go through the
+    generator seeded from config.seed, so the global seed cannot change its output."""
+    import numpy as np
+
+    outputs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        np.random.seed(global_seed)
+        torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+        weighting = get_weighting(name, 4, seed=5)
+        run = []
+        for seed in range(3):
+            present = torch.tensor([True, seed != 1, True, True])
+            if isinstance(weighting, LossWeighting):
+                run.append(weighting.loss_coefficients(present))
+            run.append(step(weighting, inputs_for(name, 4, seed), present))
+        assert torch.equal(torch.get_rng_state(), torch_state)
+        assert (np.random.get_state()[1] == numpy_state).all()
+        outputs.append(run)
+    for a, b in zip(*outputs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", GRADIENT_BASED)
+def test_gradient_methods_advance_state_only_when_choosing_weights(name):
+    """The engine skips weights_from_grads on an fp16 overflow step; nothing else may advance state."""
+    weighting = get_weighting(name, 3, **({"update_every": 2} if name == "nash_mtl" else {}))
+    weighting.weights_from_grads(random_grads(3, seed=0))
+    before = copy.deepcopy(weighting.state_dict())
+    for _ in range(3):
+        weighting.needs_gradients_this_step()
+    after = weighting.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        if isinstance(before[key], dict):
+            for sub in before[key]:
+                assert torch.equal(torch.as_tensor(before[key][sub]), torch.as_tensor(after[key][sub])), (key, sub)
+        else:
+            assert torch.equal(before[key], after[key]), key
 
 
 # ----------------------------------------------------------------------------- state round trips

@@ -19,6 +19,39 @@ their state (UW's log-variance, DWA's history, Nash-MTL's alpha) is left untouch
 `last_weights[K]` holds, after each call, the coefficient of each task's loss (or gradient) in the
 update, absent tasks at 0: the figure to log per task.
 
+One optimizer step, one weighting step. A method's state (RLW's generator, DWA's loss history,
+Nash-MTL's alpha and step counter, PCGrad's generator) advances once per optimizer step, in one
+place, so that gradient accumulation (weights chosen once for the whole accumulation window) and
+an fp16 step skipped for inf / nan (nothing advances) are both exact:
+
+* loss-based methods (`LossWeighting`): every one here is linear in the task losses, with
+  coefficients that do not depend on the current losses. The trainer splits a step into
+
+      coefficients = weighting.loss_coefficients(present)     # pure: c_i = d combine / d L_i, float64
+      for micro_batch in window:                              # backpropagate sum_i c_i L_i, batch by batch
+          backward(sum_i coefficients[i] * L_i(micro_batch) * its share of the step)
+      own = weighting.weighting_loss(task_losses, present)    # pure: None, or a scalar for the
+      if own is not None: backward(own)                       #   method's own parameters (UW)
+      optimizer.step()
+      if the step was taken (not skipped for inf / nan):
+          weighting.finish_step(task_losses, present, coefficients)   # commits the step's state
+
+  `task_losses` are the step's global (all processes, all micro-batches) detached mean task
+  losses. `loss_coefficients` and `weighting_loss` change nothing, however often they are called
+  (RLW peeks at its next draw); `finish_step` is the one call that advances state (RLW's
+  generator, DWA's loss window and history) and records `last_weights`. Because `finish_step`
+  comes after `optimizer.step()` (which is when a skipped step is known), it records the
+  `coefficients` passed to it rather than recomputing them: UW's log-variances have moved by then.
+  `combine(task_losses, present)` is exactly these calls on one batch (coefficients, the scalar,
+  `finish_step`), returning the scalar to backpropagate: its gradient w.r.t. the model is that of
+  sum_i c_i L_i and w.r.t. the method's parameters that of `weighting_loss`.
+* gradient-based methods (`GradientWeighting`): state advances only in `weights_from_grads`,
+  `weights_from_gram` and `reuse_weights`, each called once per optimizer step (the engine does
+  not call them on a step it skips); `needs_gradients_this_step` and `stored_weights` only read.
+  On a step with stored weights (Nash-MTL between solves) the overflow is known only after the
+  backward pass: take the weights from `stored_weights(present)` and call
+  `reuse_weights(present)` (which returns the same weights) once the step is known to be taken.
+
 State: learnable parameters and tensor state live in parameters / buffers; Python-side state
 (the random generator, step counters, solver records) goes through nn.Module's
 `get_extra_state` / `set_extra_state`, so `state_dict()` / `load_state_dict()` carry everything.
@@ -47,8 +80,9 @@ class WeightingConfig:
 
     seed: int = dataclasses.field(
         default=0,
-        metadata={"help": "Seed of the method's own random draws (RLW weights, PCGrad order). "
-                  "Identical on every process, so every process takes the same step."},
+        metadata={"help": "Seed of the method's own generator, through which all its random draws go (RLW "
+                  "weights, PCGrad orders); the trainer derives it from --seed. Identical on every process, so "
+                  "every process takes the same step."},
     )
 
     def validate(self) -> None:
@@ -177,13 +211,72 @@ def gram_matrix(grads: torch.Tensor, present: Optional[torch.Tensor] = None, chu
 
 
 class LossWeighting(Weighting):
-    """Combines task losses into one scalar. Loss-based methods never pay for per-task gradients."""
+    """Combines task losses into one scalar. Loss-based methods never pay for per-task gradients.
+
+    Subclasses implement `loss_coefficients` (pure) and, if they keep state, `_commit`; a method
+    with learnable parameters also implements `weighting_loss` and its own `combine`."""
 
     needs_task_gradients = False
 
-    def combine(self, task_losses: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The scalar to backpropagate from task_losses[K]; absent tasks' entries are ignored (may be NaN)."""
+    def loss_coefficients(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """c[K] (float64, on the module's device) with c_i = d combine / d L_i for the coming step,
+        0 for absent tasks.
+
+        Pure: changes no state, so it may be called any number of times before the step."""
         raise NotImplementedError
+
+    def weighting_loss(self, task_losses: torch.Tensor, present: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """A scalar whose gradient w.r.t. the method's own learnable parameters equals that of
+        `combine(task_losses, present)`, with the task losses detached; None for methods without
+        parameters. Pure: changes no state."""
+        self._check_losses(task_losses, present)
+        return None
+
+    def finish_step(self, task_losses: torch.Tensor, present: Optional[torch.Tensor] = None,
+                    coefficients: Optional[torch.Tensor] = None) -> None:
+        """Commit one optimizer step: advance the method's state with the step's (global, detached)
+        task losses and record `last_weights`. Call it once per step actually taken, after
+        `optimizer.step()`; never for a skipped step.
+
+        `coefficients`: the `loss_coefficients(present)` the step was weighted with (recorded as
+        `last_weights`); by default they are recomputed, which for UW is only right before its
+        log-variances have been stepped."""
+        task_losses, present = self._check_losses(task_losses, present)
+        if coefficients is None:
+            coefficients = self.loss_coefficients(present)
+        coefficients = torch.as_tensor(coefficients)
+        if coefficients.shape != (self.num_tasks,):
+            raise ValueError(f"coefficients must have shape ({self.num_tasks},), got {tuple(coefficients.shape)}; "
+                             "pass what loss_coefficients(present) returned")
+        self._commit(task_losses.detach(), present)
+        self._record_weights(present, coefficients.to(present.device)[present])
+
+    def _coefficients(self, present: torch.Tensor, weights_present: torch.Tensor) -> torch.Tensor:
+        """Full-length float64 coefficients on the module's device: weights_present scattered
+        into the present tasks, 0 elsewhere."""
+        device = self.last_weights.device
+        full = torch.zeros(self.num_tasks, dtype=torch.float64, device=device)
+        full[present.to(device)] = weights_present.detach().to(device=device, dtype=torch.float64)
+        return full
+
+    def _commit(self, task_losses: torch.Tensor, present: torch.Tensor) -> None:
+        """Advance the state by one step (stateless methods: nothing)."""
+
+    def combine(self, task_losses: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The scalar to backpropagate from task_losses[K]; absent tasks' entries are ignored (may be NaN).
+
+        One whole step: the coefficients, sum_i c_i L_i, then `finish_step`."""
+        task_losses, present = self._check_losses(task_losses, present)
+        coefficients = self.loss_coefficients(present)
+        total = self._linear_combination(task_losses, present, coefficients)
+        self.finish_step(task_losses, present, coefficients)
+        return total
+
+    def _linear_combination(self, task_losses: torch.Tensor, present: torch.Tensor,
+                            coefficients: torch.Tensor) -> torch.Tensor:
+        """sum_i c_i L_i over the present tasks (absent entries never enter, so a NaN cannot leak)."""
+        weights = coefficients.to(device=task_losses.device, dtype=task_losses.dtype)[present]
+        return (weights * task_losses[present]).sum()
 
     def _check_losses(self, task_losses: torch.Tensor, present: Optional[torch.Tensor]):
         task_losses = torch.as_tensor(task_losses)
@@ -209,9 +302,14 @@ class GradientWeighting(Weighting):
         trainer may then skip per-task gradients and call `reuse_weights` instead."""
         return True
 
+    def stored_weights(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weights `reuse_weights(present)` would return, without advancing any state (only
+        when `needs_gradients_this_step()` is False)."""
+        raise RuntimeError(f"{self.name} needs per-task gradients every step")
+
     def reuse_weights(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full-length weights w[K] for a step with no per-task gradients (only when
-        `needs_gradients_this_step()` is False); apply them as loss weights."""
+        `needs_gradients_this_step()` is False); apply them as loss weights. Counts the step."""
         raise RuntimeError(f"{self.name} needs per-task gradients every step")
 
     def weights_from_gram(self, gram: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:

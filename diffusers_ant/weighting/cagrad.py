@@ -16,6 +16,16 @@ rescaled as in the authors' code: rescale = 0 none, 1 divide by 1 + c^2 (default
 authors do, with scipy's SLSQP from uniform weights. Since the optimum does not change when the
 Gram matrix is scaled, we scale it to unit mean diagonal first so the small constants that guard
 the square roots are relative. With c = 0, d is exactly the mean gradient (no solve).
+
+Scale: the paper's d is built around the MEAN gradient g_0, the scale of the mean loss
+(`reduction="mean"`, the default). The official code multiplies d by K before writing it into
+the parameters' gradients ("to match the sum loss", `overwrite_grad` in its training scripts):
+`reduction="sum"` does that (K = the number of present tasks). The update is homogeneous in the
+gradients, so ANT's division of every cluster loss by K gives back the mean.
+
+Subset mode (the engine's `subset=`) is exact CAGrad on the subset and a heuristic for the
+parameters outside it: they get sum_i w_i g_i with the subset's w, not the solution of their own
+problem. LibMTL refuses CAGrad with its subset mode (`rep_grad`) for that reason.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import GradientWeighting, WeightingConfig, _check_positive
+from .base import GradientWeighting, WeightingConfig, _check_choice, _check_positive
 from .registry import register_weighting
 
 logger = logging.getLogger(__name__)
@@ -44,12 +54,18 @@ class CAGradConfig(WeightingConfig):
     rescale: int = dataclasses.field(
         default=1, metadata={"help": "Rescaling of the update: 0 none, 1 divide by 1 + c^2, 2 divide by 1 + c."}
     )
+    reduction: str = dataclasses.field(
+        default="mean",
+        metadata={"help": "'mean': the paper's update around the mean gradient (vanilla's scale); 'sum': K times "
+                  "it, as the authors' code writes it (\"to match the sum loss\")."},
+    )
 
     def validate(self) -> None:
         super().validate()
         _check_positive("c", self.c, allow_zero=True)
         if self.rescale not in (0, 1, 2) or isinstance(self.rescale, bool):
             raise ValueError(f"rescale must be 0, 1 or 2, got {self.rescale!r}")
+        _check_choice("reduction", self.reduction, ("mean", "sum"))
 
 
 def cagrad_weights(gram: torch.Tensor, c: float, rescale: int = 1) -> torch.Tensor:
@@ -104,4 +120,7 @@ class CAGrad(GradientWeighting):
     config_class = CAGradConfig
 
     def task_weights(self, gram: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        return cagrad_weights(gram, float(self.config.c), int(self.config.rescale))
+        weights = cagrad_weights(gram, float(self.config.c), int(self.config.rescale))
+        if self.config.reduction == "sum":
+            weights = weights * gram.shape[0]
+        return weights

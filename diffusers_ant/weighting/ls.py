@@ -3,10 +3,14 @@
 The baseline of ANT (Go et al., "Addressing Negative Transfer in Diffusion Models", NeurIPS 2023,
 Tables 1-2, "LS"): L = sum_i w_i L_i with equal w_i.
 
-Scale: ANT's reference code (LibMTL's `EW`) sums the task losses (w_i = 1). We take the mean
-over the present tasks by default (w_i = 1 / K'), so that with stratified clusters of equal size
-the scalar equals vanilla training's mean loss and learning rates carry over unchanged;
-`reduction="sum"` gives the reference scale (K times larger).
+Scale: LibMTL's `EW` sums the task losses (w_i = 1): `reduction="sum"`. ANT's reference code
+divides every cluster loss by K before weighting, so its LS is the mean of the K cluster losses:
+`reduction="mean"` (the default), here over the K' present tasks, so that with stratified
+clusters of equal size the scalar equals vanilla training's mean loss and learning rates carry
+over unchanged.
+
+Linear in the losses with constant coefficients (1/K' or 1): `loss_coefficients` gives them and
+there is no state to commit (see `base.py`).
 """
 
 from __future__ import annotations
@@ -40,13 +44,8 @@ class LinearScalarization(LossWeighting):
 
     config_class = LSConfig
 
-    def combine(self, task_losses: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
-        task_losses, present = self._check_losses(task_losses, present)
-        losses = task_losses[present]
-        k = losses.numel()
-        if k == 0:
-            self._record_weights(present, losses)
-            return task_losses.new_zeros(())
-        weight = 1.0 / k if self.config.reduction == "mean" else 1.0
-        self._record_weights(present, torch.full((k,), weight))
-        return losses.sum() * weight
+    def loss_coefficients(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        present = self._present(present)
+        k = int(present.sum())
+        weight = 1.0 / k if self.config.reduction == "mean" and k > 0 else 1.0
+        return self._coefficients(present, torch.full((k,), weight, dtype=torch.float64))

@@ -14,10 +14,21 @@ u = argmin_{u >= 0} u^T (G G^T + 1 1^T) u - 2 1^T u, then a = u / sum(u). scipy'
 Lawson-Hanson active-set method and terminates with the exact solution.
 
 "UB" (the upper bound) is the authors' trick of taking gradients with respect to a shared
-representation instead of the shared parameters; here the per-task gradients come from the
-engine (all parameters, or a chosen parameter subset), so the choice is the engine's.
-`normalize="l2"` solves on unit gradients (the authors' "l2" option) and returns the
-corresponding weights on the original gradients, a_i / ||g_i||.
+representation instead of the shared parameters, and applying the weights as loss weights to
+every parameter. Here the per-task gradients come from the engine (all parameters, or a chosen
+parameter subset, whose weights are then applied as loss weights), so the choice is the
+engine's; subset mode is the authors' practice, not a heuristic.
+
+Gradient normalisation (`normalize`), which the paper leaves out ("optional and not included in
+the paper", in the authors' `train_multi_task.py`):
+* `"none"` (default): the min-norm point of the raw gradients, the paper's algorithm.
+* `"l2"` (LibMTL's `MGDA` with `mgda_gn="l2"`): solve on the unit gradients g_i / ||g_i|| and
+  apply the solution a to them, i.e. weights a_i / ||g_i|| on the raw gradients; the update is
+  the min-norm point of the unit gradients.
+* `"l2_authors"` (Sener & Koltun's code with `normalization_type="l2"`): solve on the unit
+  gradients the same way, but apply a to the RAW losses (weights a_i): the update is
+  sum_i a_i g_i.
+(Their loss-based normalisations, "loss" and "loss+", need the loss values and are not offered.)
 """
 
 from __future__ import annotations
@@ -65,12 +76,14 @@ def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
 class MGDAConfig(WeightingConfig):
     normalize: str = dataclasses.field(
         default="none",
-        metadata={"help": "'none' (the min-norm point of the raw gradients) or 'l2' (of the unit gradients)."},
+        metadata={"help": "'none' (the min-norm point of the raw gradients, the paper), 'l2' (of the unit "
+                  "gradients, LibMTL) or 'l2_authors' (weights solved on the unit gradients, applied to the raw "
+                  "losses, the authors' code)."},
     )
 
     def validate(self) -> None:
         super().validate()
-        _check_choice("normalize", self.normalize, ("none", "l2"))
+        _check_choice("normalize", self.normalize, ("none", "l2", "l2_authors"))
 
 
 @register_weighting("mgda")
@@ -85,4 +98,7 @@ class MGDA(GradientWeighting):
             return min_norm_weights(gram)
         norms = torch.sqrt(torch.diagonal(gram))
         inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))  # a zero gradient stays zero
-        return min_norm_weights(gram * inv[:, None] * inv[None, :]) * inv
+        unit_weights = min_norm_weights(gram * inv[:, None] * inv[None, :])
+        if self.config.normalize == "l2_authors":
+            return torch.where(norms > 0, unit_weights, torch.zeros_like(unit_weights))
+        return unit_weights * inv

@@ -6,23 +6,41 @@ d = sum_i alpha_i g_i with alpha > 0 solving
 
     G G^T alpha = 1 / alpha   (elementwise),
 
-G the K x P matrix of task gradients. As in the authors' code, the Gram matrix is first divided
-by its Frobenius norm, alpha solves the normalised equation, and is then applied to the
-unnormalised gradients (equivalently as loss weights). As in ANT (Go et al., NeurIPS 2023) alpha
-is re-solved every `update_every` = 25 steps and reused in between; `needs_gradients_this_step`
-tells the trainer when it can skip per-task gradients and call `reuse_weights` instead.
+G the K x P matrix of the RAW task gradients, so that ||d||^2 = alpha^T G G^T alpha = K.
+
+Scale, as in the authors' code (AvivNavon/nash-mtl, `methods/weight_methods.py`): they divide
+the Gram matrix by its Frobenius norm nf before handing it to the solver, but write the
+constraint as -log(alpha_i nf) - log((G G^T / nf) alpha)_i <= 0, which puts the normalisation
+back: their alpha solves the equation above for the raw gradients (update norm sqrt(K)). We do the
+same: the solver works on M = G G^T / nf (well scaled whatever the gradients' magnitude) and its
+solution a is mapped back to alpha = a / sqrt(nf), which solves G G^T alpha = 1 / alpha.
+`alpha` (the buffer, saved with the checkpoint) holds that raw-scale alpha and warm-starts the
+next solve, like the authors' `prvs_alpha`. ANT's reference code (Go et al., NeurIPS 2023)
+divides every cluster loss by K before weighting, i.e. uses alpha / K:
+`divide_losses_by_num_tasks=True` does that (K = num_tasks, the number of clusters).
+
+As in ANT, alpha is re-solved every `update_every` = 25 steps and reused in between;
+`needs_gradients_this_step` tells the trainer when it can skip per-task gradients and call
+`reuse_weights` instead. Only `weights_from_grads` / `weights_from_gram` / `reuse_weights`
+advance the step counter and alpha (one call per optimizer step); `needs_gradients_this_step`
+and `stored_weights` (the weights `reuse_weights` will return, for a step whose fp16 overflow is
+known only after its backward pass) only read it.
+
+Subset mode (per-task gradients of a parameter subset, the engine's `subset=`): the authors form
+G from the shared parameters only and apply alpha as loss weights to every parameter; weights
+chosen from a subset's gradients and applied as loss weights are the same practice.
 
 Solver. alpha is the unique minimiser of the strictly convex, self-concordant function
-f(alpha) = 0.5 alpha^T M alpha - sum_i log alpha_i (its gradient is M alpha - 1/alpha), so a
-damped Newton method in float64 on the K-dimensional problem converges globally and
-quadratically; it needs no optional dependency. (The authors iterate a sequence of convex
-problems with cvxpy / ECOS, which newer cvxpy no longer bundles; their code silently keeps the old
-alpha when the solver fails.) Convergence is checked on the equation itself,
-max_i |alpha_i (M alpha)_i - 1| <= tol. When it is not reached (e.g. linearly dependent or
-zero gradients, where no finite solution exists) the failure is recorded in `solver_failures` /
-`last_residual`, and by default a RuntimeWarning is raised and the previous alpha reused (the
-authors' behaviour, made loud); `on_failure="raise"` stops training instead. A task whose
-gradient is exactly zero has no bargaining position and gets weight 0.
+f(a) = 0.5 a^T M a - sum_i log a_i (its gradient is M a - 1/a), so a damped Newton method in
+float64 on the K-dimensional problem converges globally and quadratically; it needs no optional
+dependency. (The authors iterate a sequence of convex problems with cvxpy / ECOS, which newer
+cvxpy no longer bundles; their code silently keeps the old alpha when the solver fails.)
+Convergence is checked on the equation itself, max_i |a_i (M a)_i - 1| <= tol (the same number
+as max_i |alpha_i (G G^T alpha)_i - 1| up to rounding). When it is not reached (e.g. linearly
+dependent or zero gradients, where no finite solution exists) the failure is recorded in
+`solver_failures` / `last_residual`, and by default a RuntimeWarning is raised and the previous
+alpha reused (the authors' behaviour, made loud); `on_failure="raise"` stops training instead. A
+task whose gradient is exactly zero has no bargaining position and gets weight 0.
 
 `solver="cvxpy"` solves the same convex problem with cvxpy (`pip install cvxpy`); `"auto"` uses
 Newton and, if that fails and cvxpy is installed, tries cvxpy before giving up.
@@ -59,7 +77,14 @@ class NashMTLConfig(WeightingConfig):
     )
     max_iter: int = dataclasses.field(default=100, metadata={"help": "Most Newton iterations per solve."})
     tol: float = dataclasses.field(
-        default=1e-9, metadata={"help": "Convergence: max_i |alpha_i (M alpha)_i - 1| <= tol."}
+        default=1e-9, metadata={"help": "Convergence: max_i |a_i (M a)_i - 1| <= tol, M the Gram matrix "
+                                 "divided by its Frobenius norm (= the residual of the raw equation)."}
+    )
+    divide_losses_by_num_tasks: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "False: the authors' alpha, solving G G^T alpha = 1/alpha for the raw task gradients "
+                  "(update norm sqrt(K)). True: alpha / K, ANT's reference code, which divides every "
+                  "cluster loss by K = num_tasks before weighting."},
     )
     on_failure: str = dataclasses.field(
         default="warn",
@@ -73,6 +98,9 @@ class NashMTLConfig(WeightingConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.divide_losses_by_num_tasks, bool):
+            raise ValueError("divide_losses_by_num_tasks must be true or false, "
+                             f"got {self.divide_losses_by_num_tasks!r}")
         _check_choice("solver", self.solver, ("auto", "newton", "cvxpy"))
         _check_positive("tol", self.tol)
         _check_choice("on_failure", self.on_failure, ("warn", "raise"))
@@ -93,12 +121,28 @@ def _residual(matrix: torch.Tensor, alpha: torch.Tensor) -> float:
     return float((alpha * (matrix @ alpha) - 1.0).abs().max())
 
 
+# Boyd & Vandenberghe, "Convex Optimization", Sec. 9.6.4: for a self-concordant f and a
+# backtracking line search with Armijo parameter ARMIJO, every Newton step whose decrement is at
+# most (1 - 2 ARMIJO) / 4 is accepted in full (the quadratically convergent phase).
+ARMIJO = 0.25
+FULL_STEP_DECREMENT = (1.0 - 2.0 * ARMIJO) / 4.0
+
+
 def solve_nash_newton(matrix: torch.Tensor, init: torch.Tensor, max_iter: int = 100,
                       tol: float = 1e-9) -> Tuple[torch.Tensor, float, int]:
     """Damped Newton for alpha > 0 with `matrix @ alpha = 1 / alpha` (matrix PSD, float64).
 
-    Minimises f(a) = 0.5 a^T M a - sum log a. Returns (alpha, residual, iterations); the caller
-    checks residual <= tol."""
+    Minimises f(a) = 0.5 a^T M a - sum log a, which is self-concordant (a quadratic plus
+    logarithmic barriers). Far from the optimum the step is damped by a backtracking (Armijo) line
+    search; once the Newton decrement lambda = sqrt(-grad . step) is at most
+    `FULL_STEP_DECREMENT` the full step is taken without a line search. In exact arithmetic the
+    line search would accept it anyway (Boyd & Vandenberghe, Sec. 9.6.4), and for lambda < 1 the
+    full step stays inside a > 0 (|step_i| / a_i <= lambda). Skipping the test matters in floating
+    point: near the optimum f(a + step) - f(a) is below f's rounding error, the Armijo comparison
+    of two numbers that round to the same value fails, and the step would halve to nothing while
+    the residual sits just above `tol`.
+
+    Returns (alpha, residual, iterations); the caller checks residual <= tol."""
     m = matrix.double()
     a = init.double().clone()
     if not torch.isfinite(a).all() or (a <= 0).any():
@@ -121,16 +165,20 @@ def solve_nash_newton(matrix: torch.Tensor, init: torch.Tensor, max_iter: int = 
             step = -torch.linalg.solve(hess, grad)
         except RuntimeError:  # singular Hessian: cannot happen for a > 0 in exact arithmetic
             break
-        slope = grad @ step  # = -(Newton decrement)^2 < 0
-        t = 1.0
-        # Stay in the domain a > 0, then backtrack (Armijo) on f.
-        negative = step < 0
-        if negative.any():
-            t = min(1.0, 0.99 * float((-a[negative] / step[negative]).min()))
-        f_a = f(a)
-        while t > 1e-12 and f(a + t * step) > f_a + 0.25 * t * slope:
-            t *= 0.5
-        a = a + t * step
+        slope = float(grad @ step)  # = -lambda^2 <= 0
+        full = a + step
+        if -slope <= FULL_STEP_DECREMENT**2 and bool((full > 0).all()):
+            a = full
+        else:
+            t = 1.0
+            # Stay in the domain a > 0, then backtrack (Armijo) on f.
+            negative = step < 0
+            if negative.any():
+                t = min(1.0, 0.99 * float((-a[negative] / step[negative]).min()))
+            f_a = f(a)
+            while t > 1e-12 and f(a + t * step) > f_a + ARMIJO * t * slope:
+                t *= 0.5
+            a = a + t * step
         if not torch.isfinite(a).all():
             break
     return a, _residual(m, a) if torch.isfinite(a).all() else float("inf"), iterations
@@ -156,22 +204,29 @@ class NashMTL(GradientWeighting):
 
     def __init__(self, num_tasks: int, config: Optional[NashMTLConfig] = None):
         super().__init__(num_tasks, config)
-        # Alpha of every task (normalised-Gram solution), ones before the first solve as in the
-        # authors' code; float64 like the solver.
+        # Alpha of every task on the raw gradients' scale (G G^T alpha = 1 / alpha), ones before the
+        # first solve as in the authors' code (their `prvs_alpha`); float64 like the solver.
         self.register_buffer("alpha", torch.ones(self.num_tasks, dtype=torch.float64))
         self.step = 0
         self.solver_failures = 0
         self.last_residual = float("nan")
         self.last_iterations = 0
 
+    def _weights_of(self, alpha: torch.Tensor) -> torch.Tensor:
+        """The loss weights for a given alpha: alpha itself, or alpha / K in ANT's scale."""
+        return alpha / self.num_tasks if self.config.divide_losses_by_num_tasks else alpha
+
     def needs_gradients_this_step(self) -> bool:
         return self.step % self.config.update_every == 0
 
-    def reuse_weights(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def stored_weights(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.needs_gradients_this_step():
             raise RuntimeError("nash_mtl re-solves alpha at this step: it needs the per-task gradients")
         present = self._present(present, self.alpha.device)
-        weights = torch.where(present, self.alpha, torch.zeros_like(self.alpha))
+        return torch.where(present, self._weights_of(self.alpha), torch.zeros_like(self.alpha))
+
+    def reuse_weights(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weights = self.stored_weights(present)
         self.step += 1
         self.last_weights = weights.detach().to(self.last_weights)
         return weights
@@ -181,7 +236,7 @@ class NashMTL(GradientWeighting):
         if self.needs_gradients_this_step():
             self._update_alpha(gram.detach().double().cpu(), present)
         self.step += 1
-        return self.alpha[present].to(gram.device)
+        return self._weights_of(self.alpha[present]).to(gram.device)
 
     def _update_alpha(self, gram: torch.Tensor, present: torch.Tensor) -> None:
         # Tasks with an exactly-zero gradient have no finite solution (alpha_i -> inf); they get 0.
@@ -189,10 +244,12 @@ class NashMTL(GradientWeighting):
         index = present.nonzero().flatten().cpu()
         if not nonzero.any():
             return  # every present gradient is zero: any alpha gives the zero update
-        matrix = gram[nonzero][:, nonzero]
-        matrix = matrix / torch.linalg.matrix_norm(matrix)  # the authors' normalisation
-        init = self.alpha.detach().cpu()[index[nonzero]]
-        alpha, residual, iterations, converged = self._solve(matrix, init)
+        gram = gram[nonzero][:, nonzero]
+        # The authors' normalisation, for the solver only: a = alpha sqrt(nf) solves
+        # (G G^T / nf) a = 1 / a exactly when alpha solves G G^T alpha = 1 / alpha.
+        scale = torch.sqrt(torch.linalg.matrix_norm(gram))
+        init = self.alpha.detach().cpu()[index[nonzero]] * scale
+        alpha, residual, iterations, converged = self._solve(gram / scale**2, init)
         self.last_residual, self.last_iterations = residual, iterations
         if not converged:
             self.solver_failures += 1
@@ -207,7 +264,7 @@ class NashMTL(GradientWeighting):
             logger.warning(message)
             return
         new = self.alpha.detach().clone()
-        new[index[nonzero].to(new.device)] = alpha.to(new)
+        new[index[nonzero].to(new.device)] = (alpha / scale).to(new)
         new[index[~nonzero].to(new.device)] = 0.0
         self.alpha.copy_(new)
 

@@ -9,12 +9,23 @@ Every projection subtracts a multiple of an original gradient, so g_i^PC = sum_j
 K x K coefficient matrix C built on the Gram matrix alone (g_i^PC . g_j = (C G G^T)[i, j]); the
 update is then w @ G with w = column sums of C. This is exact, and costs O(K^3) instead of O(K^2 P).
 
-Scale: the paper sums the projected gradients. We average them by default (`reduction="mean"`)
-so that on non-conflicting gradients PCGrad equals LS (mean of task losses) and vanilla's scale;
-`reduction="sum"` gives the paper's (and ANT's reference code's) K-times larger update.
+Scale: the paper sums the projected gradients (`reduction="sum"`; LibMTL's `PCGrad` too). ANT's
+reference code divides every cluster loss by K before PCGrad; the projections do not change when
+all gradients are scaled by one factor, so that is the paper's sum divided by K, i.e. the mean of
+the projected gradients: `reduction="mean"` (the default), here over the K' present tasks. On
+non-conflicting gradients it then equals LS's mean and vanilla training's scale.
 
-The orders come from the method's seeded CPU generator: identical on every process, restored by
-`load_state_dict`. One permutation of the present tasks is drawn per task i, with i left out.
+The orders come from the method's own CPU generator, seeded from `config.seed` (the trainer
+derives it from `--seed`; two seeds give two sequences of orders): identical on every process,
+restored by `load_state_dict`, and advanced only by `weights_from_grads` / `weights_from_gram`
+(once per optimizer step). One permutation of the present tasks is drawn per task i, with i
+left out.
+
+Subset mode (the engine's `subset=`: task gradients of a parameter subset, the weights then
+applied as loss weights to every parameter) is exact PCGrad on the subset and a heuristic for the
+parameters outside it: their update is sum_i w_i g_i with the subset's w, not the projection of
+their own gradients. LibMTL refuses PCGrad with its subset mode (`rep_grad`) for that reason; here
+it is allowed because it keeps the cost of a Stable-Diffusion-size model manageable.
 """
 
 from __future__ import annotations
@@ -33,7 +44,8 @@ from .registry import register_weighting
 class PCGradConfig(WeightingConfig):
     reduction: str = dataclasses.field(
         default="mean",
-        metadata={"help": "'mean' of the projected gradients (vanilla's scale) or 'sum' (the paper's)."},
+        metadata={"help": "'mean' of the projected gradients (vanilla's scale; ANT's reference code, which "
+                  "divides each cluster loss by K) or 'sum' (the paper's and LibMTL's)."},
     )
 
     def validate(self) -> None:
