@@ -176,13 +176,15 @@ def loss_coefficients(weighting: LossWeighting, present: torch.Tensor) -> torch.
 
     Every loss-based method here (LS, RLW, UW, DWA) is linear in the task losses with coefficients
     that do not depend on the current losses, so the gradient of `combine` w.r.t. the model is
-    sum_i c_i grad L_i, and c can be fixed before the step's losses exist. A weighting may provide
-    `loss_coefficients(present)` itself; otherwise c is read off `combine` by autograd on a probe,
-    with the weighting's state (RLW's generator, DWA's history, `last_weights`) put back afterwards.
+    sum_i c_i grad L_i, and c can be fixed before the step's losses exist: the methods provide
+    `loss_coefficients(present)` (`base.py`). A weighting written against `combine` alone still
+    works: c is then read off `combine` by autograd on a probe, with the weighting's state (its
+    generator, history, `last_weights`) put back afterwards.
     """
-    own = getattr(weighting, "loss_coefficients", None)
-    if callable(own):
-        return own(present).detach().double()
+    try:
+        return weighting.loss_coefficients(present).detach().double()
+    except NotImplementedError:
+        pass
     state = copy.deepcopy(weighting.state_dict())
     last = weighting.last_weights.detach().clone()
     probe = torch.ones(weighting.num_tasks, dtype=torch.float32, device=present.device, requires_grad=True)
@@ -194,6 +196,21 @@ def loss_coefficients(weighting: LossWeighting, present: torch.Tensor) -> torch.
     if grad is None:
         grad = torch.zeros_like(probe)
     return torch.where(present, grad.detach().double(), torch.zeros((), dtype=torch.float64, device=grad.device))
+
+
+def finish_loss_weighting_step(weighting: LossWeighting, task_losses, present, coefficients, backward_fn) -> None:
+    """After the window: back-propagate into the method's own parameters (UW's log-variances) and
+    commit its step (RLW's draw, DWA's history, `last_weights`), on the window's global task losses."""
+    if type(weighting).loss_coefficients is LossWeighting.loss_coefficients:
+        # a weighting with `combine` only: combine commits the step and carries the parameters' gradient
+        combined = weighting.combine(task_losses.detach(), present)
+        if combined.requires_grad:
+            backward_fn(combined)
+        return
+    own = weighting.weighting_loss(task_losses.detach(), present)
+    if own is not None:
+        backward_fn(own)
+    weighting.finish_step(task_losses.detach(), present, coefficients)
 
 
 class TaskGradientEngine:
@@ -581,9 +598,10 @@ def weighted_backward(
     * `weighting is None` (vanilla, `--mtl_method none`): the mean per-sample loss of the window.
     * a `LossWeighting`: the gradient of `combine(L_1..L_K)` over the window's task means, i.e.
       sum_i c_i grad L_i with c = `loss_coefficients(weighting, present)` fixed before the first
-      chunk; after the last chunk `combine` is called once on the window's (global, detached) task
-      losses: that commits the method's step (RLW's draw, DWA's history) and back-propagates into
-      the method's own parameters (UW's log-variances) through `backward_fn`.
+      chunk; after the last chunk, on the window's (global, detached) task losses, the method's
+      `weighting_loss` is back-propagated into its own parameters (UW's log-variances) through
+      `backward_fn`, and `finish_step` commits its step (RLW's draw, DWA's history), as `base.py`
+      describes.
     * a `GradientWeighting`: `engine.backward(...)` (an engine is required; the closure must use the
       unwrapped model, see the module docstring).
 
@@ -642,11 +660,10 @@ def weighted_backward(
         # A plain mean weighs task i by its share of the window.
         stats["weights"] = (global_counts.double() / total.double()).float()
         return stats
-    # Commit the method's step on the window's global task losses; the returned scalar's graph
-    # reaches only the method's own parameters (the losses are detached).
+    # Commit the method's step on the window's global task losses (the trainer puts the state back
+    # if an fp16 overflow makes the optimizer skip the step).
     device = weighting.last_weights.device
-    combined = weighting.combine(task_losses.to(device).detach(), present.to(device))
-    if combined.requires_grad:
-        backward_fn(combined * grad_scale)
+    finish_loss_weighting_step(weighting, task_losses.to(device), present.to(device), coefficients.to(device),
+                               lambda loss: backward_fn(loss * grad_scale))
     stats["weights"] = weighting.last_weights.detach().clone().float()
     return stats
