@@ -371,7 +371,7 @@ def test_fp16_engine_writes_the_scaled_update_and_survives_underflow():
 
 def current_scale(scaler):
     """The scaler's scale, initialising it as `scaler.scale(loss)` would (the trainer's `current_loss_scale`)."""
-    from diffusers_ant.training.step import current_loss_scale
+    from diffusers_ant.training.precision import current_loss_scale
 
     return current_loss_scale(scaler)
 

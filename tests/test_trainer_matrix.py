@@ -174,6 +174,14 @@ def test_twenty_steps_equal_ten_then_resume_mid_epoch_then_ten(case, tmp_path, t
     assert "resuming from" in out and "checkpoint-10" in out
     a, b = _model_weights(straight), _model_weights(resumed)
     assert_same_tensors(a, b)
+    if "--rank" in extra:
+        # a LoRA checkpoint holds the adapters only, not the frozen base (diffusers' LoRA scripts)
+        checkpoint = straight / "checkpoint-10"
+        assert not list(checkpoint.glob("model*.safetensors"))
+        from safetensors.torch import load_file
+
+        keys = list(load_file(checkpoint / "trainable_state.safetensors"))
+        assert keys and all("lora_" in k for k in keys), keys[:5]
     # the weighting's and EMA's state at step 10 are the same too
     assert_same_tensors(load_safetensors_dir(straight / "checkpoint-10"), load_safetensors_dir(resumed / "checkpoint-10"))
 
@@ -190,6 +198,37 @@ def test_greyscale_data_on_a_pretrained_rgb_model_is_converted(tmp_path, tiny_sd
     del args[i:i + 2]
     train_in_process([*args, "--pretrained_model_name_or_path", str(tiny_sd_folder)])
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_trains(tmp_path, tiny_sd_folder):
+    out = tmp_path / "lora-bf16"
+    args = _args("sd", out, "--rank", "4", "--max_train_steps", "2", "--mixed_precision", "bf16",
+                 "--validation_steps", "1", "--checkpointing_steps", "1")
+    i = args.index("--model_config_name_or_path")
+    del args[i:i + 2]
+    train_in_process([*args, "--pretrained_model_name_or_path", str(tiny_sd_folder)])
+    from safetensors.torch import load_file
+
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert lora and all(t.dtype == torch.float32 for t in lora.values())
+    assert (out / "samples" / "step-1.png").is_file()
+
+
+def test_frozen_base_weights_are_cast_but_not_norms_or_trainable_ones():
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.training.precision import cast_frozen_parameters
+
+    adapter = get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1)
+    adapter.add_lora(4)
+    assert cast_frozen_parameters(adapter.model, torch.bfloat16) > 0
+    for name, p in adapter.model.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == torch.float32 and "lora_" in name, name
+        elif "norm" in name:
+            assert p.dtype == torch.float32, name
+        else:
+            assert p.dtype == torch.bfloat16, name
 
 
 def test_channels_from_the_image_modes_not_the_first_row():

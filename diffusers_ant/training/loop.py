@@ -20,8 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .args import UsageError
-from .checkpoint import checkpoint_config, load_checkpoint, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
-from .step import DiffusionObjective, current_loss_scale, training_step
+from .checkpoint import checkpoint_config, load_checkpoint, register_trainable_state_hooks, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
+from .precision import cast_frozen_parameters, current_loss_scale, sampling_precision
+from .step import DiffusionObjective, training_step
 
 logger = logging.getLogger("diffusers_ant")
 
@@ -277,6 +278,7 @@ def train(args) -> str:
         adapter.enable_gradient_checkpointing()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     adapter.to(accelerator.device, weight_dtype)  # frozen parts (VAE, text encoder) in the low precision
+    cast_frozen_parameters(adapter.model, weight_dtype)  # and a LoRA run's frozen base weights
     noise_scheduler = adapter.noise_scheduler
     num_timesteps = num_train_timesteps(noise_scheduler)
 
@@ -322,6 +324,8 @@ def train(args) -> str:
     constant_lr_groups(lr_scheduler, optimizer)
 
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(adapter.model, optimizer, train_dataloader, lr_scheduler)
+    # LoRA and other partial fine-tuning: checkpoints hold the trainable parameters only, not the frozen base.
+    register_trainable_state_hooks(accelerator, adapter.model)
     ema = None
     if args.use_ema:
         ema = EMAModel(params, decay=args.ema_max_decay, use_ema_warmup=True,
@@ -479,35 +483,14 @@ def validate(args, accelerator, adapter, model, ema, params, step, inputs):
         return log_and_save_samples(args, accelerator, adapter, accelerator.unwrap_model(model), step, inputs)
 
 
-@contextlib.contextmanager
-def sampling_precision(accelerator, adapter):
-    """Sample with frozen parts in low precision and a float32 trained model.
-
-    Under bf16 / fp16 the frozen VAE, text encoder (and ControlNet's UNet) hold low-precision weights
-    while the trained model and the pipeline's latents are float32: on a GPU sampling runs under
-    autocast, as diffusers' scripts do. The CPU's autocast cannot run GroupNorm on float32 inputs
-    with bfloat16 weights, so there the frozen parts are lifted to float32 for the sampling instead."""
-    frozen = list(adapter.frozen_modules().values())
-    dtypes = {p.dtype for module in frozen for p in module.parameters()}
-    if accelerator.device.type != "cpu" or dtypes <= {torch.float32}:
-        with accelerator.autocast():
-            yield
-        return
-    low = next(iter(dtypes - {torch.float32}))
-    adapter.to(accelerator.device, torch.float32)
-    try:
-        yield
-    finally:
-        adapter.to(accelerator.device, low)
-
-
 def finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs):
     """Save the pipeline (or LoRA weights), samples, model card; push to the Hub if asked."""
     from ..hub import push_to_hub, write_model_card
 
     unwrapped = accelerator.unwrap_model(model)
-    # The saved pipeline holds float32 frozen parts, whatever precision training used for them.
+    # The saved pipeline holds float32 frozen parts (and base weights), whatever precision training used.
     adapter.to(accelerator.device, torch.float32)
+    unwrapped.to(torch.float32)
     with _ema_weights(ema, params):
         adapter.save(args.output_dir, unwrapped, lora=args.rank is not None)
         images, _ = validate(args, accelerator, adapter, model, None, params, global_step, validation_inputs)

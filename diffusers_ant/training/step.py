@@ -116,17 +116,6 @@ class DiffusionObjective:
         return fn
 
 
-def current_loss_scale(scaler, device=None) -> float:
-    """An fp16 GradScaler's current scale (1.0 without a scaler), for the gradient engine.
-
-    Read through `scaler.scale(...)`, which also initialises the scaler's state on first use, as
-    `accelerator.backward` would: the engine back-propagates without it, and `scaler.unscale_` /
-    `step` refuse a scaler that never scaled anything."""
-    if scaler is None:
-        return 1.0
-    return float(scaler.scale(torch.ones((), device=device)))
-
-
 def training_step(accelerator, objective: DiffusionObjective, model, batches, generator, num_tasks: int,
                   weighting=None, engine=None, loss_scale: float = 1.0) -> Dict[str, torch.Tensor]:
     """One optimizer step's forward and backward over a window of micro-batches. Returns detached logs.
