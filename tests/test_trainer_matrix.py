@@ -346,3 +346,36 @@ def test_deepspeed_refuses_accumulation_windows_and_learnable_weightings():
     with pytest.raises(UsageError, match="learnable"):
         check_distributed_support(accelerator, types.SimpleNamespace(mtl_method="uw", gradient_accumulation_steps=1),
                                   get_weighting("uw", 4))
+
+
+# --------------------------------------------------------------------------- resume configuration
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_state_flag_in_one_line_and_allows_safe_ones(tmp_path, capsys, caplog):
+    import logging
+
+    from train_scripts_loader import load_train_main
+
+    out = tmp_path / "run"
+    base = _args("unet", out, "--mtl_method", "uw", "--max_train_steps", "3", "--checkpointing_steps", "2",
+                 "--num_validation_images", "1")
+    train_in_process(base)
+    capsys.readouterr()
+    main = load_train_main()
+    for flag, value in [("--num_clusters", "3"), ("--learning_rate", "0.5"), ("--mtl_method", "pcgrad")]:
+        args = list(base)
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+        with pytest.raises(SystemExit):
+            main([*args, "--resume_from_checkpoint", "latest"])
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and flag in err and value in err, err
+    # a longer run and another checkpointing interval are fine, and are logged
+    args = list(base)
+    args[args.index("--max_train_steps") + 1] = "4"
+    with caplog.at_level(logging.INFO, logger="diffusers_ant"):
+        train_in_process([*args, "--resume_from_checkpoint", "latest"])
+    assert "--max_train_steps: 3 -> 4" in caplog.text

@@ -144,6 +144,39 @@ def checkpoint_config(folder: str) -> Dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
+# Flags that may change between a run and its resumption: they steer how long the run goes, what it
+# writes and logs, and how fast it runs, not what the checkpointed state means. Any other flag that
+# differs makes the state meaningless or silently ignored (a new --learning_rate would be overwritten
+# by the saved LR schedule, a new --num_clusters would meet the old weighting's state, a new dataset
+# or batch size would resume at another data position) and is refused.
+RESUME_SAFE_FLAGS = frozenset({
+    "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+    "validation_steps", "validation_epochs", "num_validation_images", "validation_prompt", "validation_image",
+    "validation_guidance_scale", "guidance_scale", "num_inference_steps", "logging_dir", "report_to",
+    "tracker_project_name", "push_to_hub", "hub_model_id", "hub_private_repo", "dataloader_num_workers", "allow_tf32",
+    "mixed_precision", "gradient_checkpointing", "max_grad_norm", "cache_dir", "output_dir", "demo",
+    "enable_xformers_memory_efficient_attention", "offload_ema", "foreach_ema", "track_convergence",
+    "convergence_steps", "convergence_threshold",
+})
+
+
+def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: str) -> list:
+    """Compare the configuration a checkpoint was written with against the resuming run's.
+
+    Raises a one-line ValueError naming the first changed flag that makes the state meaningless, with
+    both values; returns the changed safe flags (`RESUME_SAFE_FLAGS`) as "flag: old -> new" strings to
+    log. A flag the checkpoint does not know (added to the trainer since) is not compared."""
+    current = json.loads(json.dumps(current, default=str))  # tuples -> lists, as the saved JSON has them
+    changed = [key for key in sorted(set(saved) & set(current)) if saved[key] != current[key]]
+    refused = [key for key in changed if key not in RESUME_SAFE_FLAGS]
+    if refused:
+        key = refused[0]
+        more = f" (also changed: {', '.join('--' + k for k in refused[1:])})" if len(refused) > 1 else ""
+        raise ValueError(f"--{key} was {saved[key]!r} when {checkpoint} was written and is {current[key]!r} now{more}: "
+                         f"resume with the same value, or start a new run in another --output_dir")
+    return [f"--{key}: {saved[key]!r} -> {current[key]!r}" for key in changed]
+
+
 TRAINABLE_STATE_NAME = "trainable_state.safetensors"
 
 

@@ -20,8 +20,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .args import UsageError
-from .checkpoint import checkpoint_config, load_checkpoint, register_trainable_state_hooks, remove_stale_temporaries, resolve_checkpoint, save_checkpoint
-from .precision import cast_frozen_parameters, current_loss_scale, sampling_precision
+from .checkpoint import (
+    check_resume_config,
+    checkpoint_config,
+    load_checkpoint,
+    register_trainable_state_hooks,
+    remove_stale_temporaries,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .precision import cast_frozen_parameters, current_loss_scale, lift_to_float32, sampling_precision
 from .step import DiffusionObjective, training_step
 
 logger = logging.getLogger("diffusers_ant")
@@ -244,6 +252,10 @@ def train(args) -> str:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     args.seed = resolve_seed(args, accelerator, checkpoint)
+    if checkpoint is not None:
+        # Before any model or data is loaded: a resumed run must continue the run it resumes.
+        for change in check_resume_config(checkpoint_config(checkpoint), public_config(args), checkpoint):
+            logger.info("resuming with a changed setting, %s", change)
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -489,8 +501,7 @@ def finish(args, accelerator, adapter, model, ema, params, intervals, global_ste
 
     unwrapped = accelerator.unwrap_model(model)
     # The saved pipeline holds float32 frozen parts (and base weights), whatever precision training used.
-    adapter.to(accelerator.device, torch.float32)
-    unwrapped.to(torch.float32)
+    lift_to_float32([*adapter.frozen_modules().values(), unwrapped])
     with _ema_weights(ema, params):
         adapter.save(args.output_dir, unwrapped, lora=args.rank is not None)
         images, _ = validate(args, accelerator, adapter, model, None, params, global_step, validation_inputs)

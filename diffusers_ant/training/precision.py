@@ -65,11 +65,22 @@ def sampling_precision(accelerator, adapter):
         with accelerator.autocast():
             yield
         return
-    dtypes = [p.dtype for p in low]
-    for p in low:
-        p.data = p.data.float()
+    dtypes = lift_to_float32(modules)
     try:
         yield
     finally:
         for p, dtype in zip(low, dtypes):
             p.data = p.data.to(dtype)
+
+
+def lift_to_float32(modules) -> list:
+    """Cast every low-precision floating-point parameter of `modules` to float32, in place; returns the
+    dtypes they had (in `parameters()` order of the low-precision ones). Per parameter rather than
+    `module.to(torch.float32)`, which diffusers' models answer with a warning about fp32 modules."""
+    dtypes = []
+    for module in modules:
+        for p in module.parameters():
+            if p.is_floating_point() and p.dtype != torch.float32:
+                dtypes.append(p.dtype)
+                p.data = p.data.float()
+    return dtypes
