@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resolution", type=int, default=None, help="Default: the model preset's size.")
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--image_interpolation_mode", default="bilinear", choices=["nearest", "bilinear", "bicubic", "lanczos"],
+                   help="Resampling filter of the resize to --resolution.")
+    g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                   help="Share of captions replaced by the empty prompt (sd, controlnet), so the model learns the "
+                   "unconditional branch for classifier-free guidance (0 to 1).")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = p.add_argument_group("ANT: timestep clusters and multi-task weighting")
@@ -136,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale_lr", action="store_true")
     g.add_argument("--lr_scheduler", default="constant", help=f"One of {', '.join(LR_SCHEDULERS)}.")
     g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (pip install bitsandbytes).")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -146,8 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema_max_decay", type=float, default=0.9999)
     g.add_argument("--ema_inv_gamma", type=float, default=1.0)
     g.add_argument("--ema_power", type=float, default=3 / 4)
+    g.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory between updates.")
+    g.add_argument("--foreach_ema", action="store_true", help="Update the EMA weights with torch's foreach kernels.")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers attention in the trained model (pip install xformers).")
     g.add_argument("--seed", type=int, default=None)
 
     g = p.add_argument_group("checkpoints, validation, outputs")
@@ -159,9 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
     g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder or "latest".')
     g.add_argument("--validation_steps", type=int, default=None, help="Sample a grid every N steps (and at the end).")
+    g.add_argument("--validation_epochs", type=int, default=None, help="Sample a grid every N epochs (and at the end).")
     g.add_argument("--num_validation_images", type=int, default=16)
-    g.add_argument("--validation_prompt", default=None)
-    g.add_argument("--validation_image", default=None, help="Conditioning image for ControlNet validation.")
+    g.add_argument("--validation_prompt", nargs="+", default=None,
+                   help="Validation prompt(s) (sd, controlnet); with --validation_image, one per image or one for all.")
+    g.add_argument("--validation_image", nargs="+", default=None,
+                   help="Conditioning image(s) for ControlNet validation, paired with --validation_prompt.")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help="Classifier-free guidance scale of the validation samples (default: the pipeline's).")
     g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for validation samples.")
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
@@ -218,6 +235,31 @@ def validate_args(args: argparse.Namespace) -> None:
         args.timestep_sampling = "stratified" if args.mtl_method != "none" else "uniform"
     if args.timestep_sampling not in TIMESTEP_SAMPLINGS:
         raise UsageError(f"unknown --timestep_sampling {args.timestep_sampling!r}; choose one of: {', '.join(TIMESTEP_SAMPLINGS)}")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise UsageError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
+    if args.proportion_empty_prompts and args.model_type not in ("sd", "controlnet"):
+        raise UsageError("--proportion_empty_prompts drops captions: it applies to --model_type sd and controlnet only")
+    if args.validation_epochs is not None and args.validation_epochs < 1:
+        raise UsageError("--validation_epochs must be at least 1")
+    if args.validation_prompt and args.validation_image and len(args.validation_prompt) not in (1, len(args.validation_image)) \
+            and len(args.validation_image) != 1:
+        raise UsageError(f"{len(args.validation_prompt)} --validation_prompt and {len(args.validation_image)} --validation_image: "
+                         "give one prompt per image, or one of either for all")
+    for path in args.validation_image or []:
+        if not os.path.isfile(path):
+            raise UsageError(f"--validation_image {path!r} does not exist")
+    if args.lr_num_cycles < 1:
+        raise UsageError("--lr_num_cycles must be at least 1")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    if args.enable_xformers_memory_efficient_attention:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise UsageError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers") from None
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise UsageError(f"unknown --lr_scheduler {args.lr_scheduler!r}; choose one of: {', '.join(LR_SCHEDULERS)}")
     for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "num_train_epochs"):
