@@ -66,8 +66,10 @@ def data_needs(args) -> dict:
     """Which dataset columns the model type needs (captions, conditioning images, classes)."""
     return {"need_captions": args.model_type in ("sd", "controlnet"),
             "need_conditioning": args.model_type == "controlnet",
-            "need_classes": args.model_type in ("unet", "dit") and (args.num_classes is not None or args.model_type == "dit"
-                                                                    or args.class_column is not None)}
+            "need_classes": args.model_type in ("unet", "dit") and (args.num_classes is not None
+                                                                    or args.class_column is not None),
+            # a DiT has a null class: class-conditional on labelled data, unconditional otherwise
+            "classes_if_present": args.model_type == "dit"}
 
 
 def image_channels(dataset, image_column) -> int:
@@ -157,7 +159,7 @@ def train(args) -> str:
                               conditioning_image_column=args.conditioning_image_column,
                               class_column=args.class_column, **needs)
     num_classes = args.num_classes
-    if num_classes is None and needs["need_classes"]:
+    if num_classes is None and columns["class_column"] is not None:
         num_classes = len(class_names(dataset, columns["class_column"]))
     adapter = get_model_adapter(args.model_type).load(
         pretrained_model_name_or_path=args.pretrained_model_name_or_path,
