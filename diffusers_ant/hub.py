@@ -9,7 +9,8 @@ Three entry points for the end of a training run:
 - `push_to_hub(output_dir, hub_model_id, ...)` creates the repo and uploads the folder without the
   training checkpoints, exactly as diffusers' example scripts do (`create_repo` + `upload_folder`).
 - `check_hub_token_safety(report_to, hub_token)` and `drop_secrets(config)` keep the Hub token out of
-  trackers, logs, saved configurations and the card.
+  trackers, logs, saved configurations and the card; `portable_config(config, output_dir)` and
+  `portable_path(path, output_dir)` keep this machine's absolute paths out of them.
 
 The method described by the card is ANT (Go et al., "Addressing Negative Transfer in Diffusion
 Models", NeurIPS 2023): the T denoising tasks are clustered into k timestep intervals and the k
@@ -139,6 +140,64 @@ def drop_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
             value = drop_secrets(value)
         clean[key] = value
     return clean
+
+
+# ---------------------------------------------------------------------------------- local paths
+
+# Configuration keys whose values are file system paths (or a Hub id / a name, which stay as they are).
+# `logging_dir` is relative to the output folder by meaning, so only an absolute one is rewritten.
+_PATH_KEY = re.compile(r"(_dir|_path|_file|_image|_images|_name_or_path)$|^(dataset_name|resume_from_checkpoint|knowledge_bank)$")
+
+
+def portable_path(path: str | os.PathLike | None, output_dir: str | os.PathLike) -> str | None:
+    """`path` as it may be published beside `output_dir`: never an absolute path of this machine.
+
+    A Hub id, a preset name or any other string that is neither absolute nor an existing path is
+    returned unchanged. A local path becomes relative to `output_dir` (`"."`, `"base_model"`,
+    `"../sd-base"`), except when the two share nothing but the file system root (a base under the
+    home folder, an output under /tmp): the relative path would then spell out the absolute one,
+    so only the base name is kept.
+    """
+    if path is None:
+        return None
+    text = os.fspath(path)
+    expanded = os.path.expanduser(text)
+    if not os.path.isabs(expanded) and not os.path.exists(expanded):
+        return text
+    absolute = os.path.abspath(expanded)
+    out = os.path.abspath(os.fspath(output_dir))
+    try:
+        common = os.path.commonpath([absolute, out])
+    except ValueError:  # different drives (Windows)
+        common = None
+    if common is None or os.path.dirname(common) == common:  # only the root in common
+        return os.path.basename(absolute.rstrip(os.sep)) or text
+    return os.path.relpath(absolute, out)
+
+
+def portable_config(config: Mapping[str, Any], output_dir: str | os.PathLike) -> dict[str, Any]:
+    """`config` (e.g. the run's arguments, after `drop_secrets`) with every path made `portable_path`.
+
+    For `training_config.json`, tracker configurations and anything else written into an output
+    folder that may be pushed: values of path-like keys (`*_dir`, `*_name_or_path`, `dataset_name`,
+    `validation_image`, ...) that are existing or absolute paths become relative to `output_dir`
+    (the output folder itself is `"."`); any other absolute path, under any key, is rewritten too.
+    Nested mappings and lists are followed.
+    """
+
+    def convert(key: str, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: convert(str(k), v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(key, v) for v in value]
+        if not isinstance(value, (str, os.PathLike)):
+            return value
+        text = os.fspath(value)
+        if os.path.isabs(os.path.expanduser(text)) or (_PATH_KEY.search(key) and key != "logging_dir"):
+            return portable_path(text, output_dir)
+        return value
+
+    return {key: convert(str(key), value) for key, value in config.items()}
 
 
 # ------------------------------------------------------------------------------------ model card

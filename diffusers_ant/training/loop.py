@@ -231,11 +231,14 @@ def train(args) -> str:
     generator = torch.Generator(device=accelerator.device).manual_seed((args.seed or 0) * 1000 + accelerator.process_index)
 
     if accelerator.is_main_process:
-        tracker_config = {k: v for k, v in public_config(args).items() if isinstance(v, (int, float, str, bool))}
+        from ..hub import portable_config  # no absolute path of this machine in a file that may be pushed
+
+        published_config = portable_config(public_config(args), args.output_dir)
+        tracker_config = {k: v for k, v in published_config.items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
         intervals.save(os.path.join(args.output_dir, "timestep_intervals.json"))
         with open(os.path.join(args.output_dir, "training_config.json"), "w") as f:
-            json.dump(public_config(args), f, indent=2)
+            json.dump(published_config, f, indent=2)
         if weighting is not None:
             with open(os.path.join(args.output_dir, "weighting_config.json"), "w") as f:
                 json.dump({"name": args.mtl_method, **weighting.config.to_dict()}, f, indent=2)
