@@ -159,11 +159,15 @@ def test_card_lora_on_a_model_without_a_lora_loader_uses_peft(tmp_path):
         tmp_path, repo_id="me/dit-lora", base_model="me/dit-base", model_type="dit",
         method_summary=_summary(lora_rank=8, lora_target_modules=["to_q", "to_v"]),
     )
-    code = _python_block(ModelCard.load(path).text)
+    card = ModelCard.load(path)
+    code = _python_block(card.text)
     assert 'DiTPipeline.from_pretrained("me/dit-base")' in code
-    assert "LoraConfig(r=8, lora_alpha=8, target_modules=['to_q', 'to_v'])" in code
-    assert "inject_adapter_in_model(config, pipe.transformer)" in code
+    # rank, alpha and target modules exactly as trained: peft reads the repo's adapter_config.json
+    assert "inject_adapter_in_model(LoraConfig.from_pretrained(folder), pipe.transformer)" in code
+    assert 'folder = repo if os.path.isdir(repo) else snapshot_download(repo)' in code
+    assert 'repo = "me/dit-lora"' in code
     assert "load_lora_weights" not in code
+    assert "rank 8, on `to_q`, `to_v`" in card.text
 
 
 def test_controlnet_card_loads_the_controlnet_into_the_base_pipeline(tmp_path):
@@ -204,8 +208,10 @@ def test_card_snippet_loads_and_samples_the_saved_pipeline(tiny_pipeline_dir, tm
         (out / item.name).symlink_to(item, target_is_directory=item.is_dir())
     path = write_model_card(out, model_type="unet", method_summary=_summary(), images=_samples(4, size=8))
     code = _python_block(ModelCard.load(path).text)
-    assert str(out) in code  # no repo id: the snippet loads the folder
+    # no repo id: the snippet names the folder, never this machine's absolute path
+    assert str(out) not in code and str(tmp_path) not in code and 'DDPMPipeline.from_pretrained("out")' in code
     assert "num_inference_steps=50" in code
+    code = code.replace('"out"', json.dumps(str(out)))  # where the folder is here
     code = code.replace("num_inference_steps=50", "num_inference_steps=2")  # the same call, CPU-cheap
     namespace = {}
     torch.manual_seed(0)

@@ -352,20 +352,13 @@ def validate(args, accelerator, adapter, model, ema, params, step, inputs):
 
 def finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs):
     """Save the pipeline (or LoRA weights), samples, model card; push to the Hub if asked."""
-    from ..hub import push_to_hub, write_model_card
+    from ..hub import push_to_hub, training_summary, write_model_card
 
     unwrapped = accelerator.unwrap_model(model)
     with _ema_weights(ema, params):
         adapter.save(args.output_dir, unwrapped, lora=args.rank is not None)
         images, _ = validate(args, accelerator, adapter, model, None, params, global_step, validation_inputs)
-    summary = {
-        "model_type": args.model_type, "mtl_method": args.mtl_method, "clustering": args.clustering,
-        "num_clusters": len(intervals), "intervals": [list(b) for b in intervals.bounds],
-        "timestep_sampling": args.timestep_sampling, "loss_weighting": args.loss_weighting,
-        "max_train_steps": global_step, "train_batch_size": args.train_batch_size,
-        "learning_rate": args.learning_rate, "lora_rank": args.rank, "use_ema": args.use_ema,
-        "resolution": pixel_resolution(adapter),
-    }
+    summary = training_summary(args, intervals, global_step, pixel_resolution(adapter))
     write_model_card(args.output_dir, repo_id=args.hub_model_id, base_model=args.pretrained_model_name_or_path,
                      model_type=args.model_type, method_summary=summary, dataset_name=args.dataset_name,
                      images=images, lora=args.rank is not None)
