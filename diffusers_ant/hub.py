@@ -696,7 +696,8 @@ def write_model_card(
         if "controlnet_cond_embedding" in (lora_info or {}).get("trained_in_full", ()):
             held.append("the ControlNet's conditioning embedding (trained in full: a new ControlNet's is zero-initialised)")
         if recorded_base == _BASE_MODEL_DIR:
-            held.append(f"the base pipeline in `{_BASE_MODEL_DIR}/`")
+            held.append(f"the untrained ControlNet in `{_BASE_MODEL_DIR}/`" if model_type == "controlnet"
+                        else f"the base pipeline in `{_BASE_MODEL_DIR}/`")
         lora_line += "; this repository holds " + ", ".join(held[:-1]) + (" and " if len(held) > 1 else "") + held[-1]
 
     card_data = ModelCardData(

@@ -192,6 +192,19 @@ def test_dit_without_labels_trains_the_null_class():
         adapter.encode_batch({"pixel_values": torch.zeros(1, 1, RES, RES), "class_labels": torch.tensor([3])})
 
 
+def test_latent_encoding_draws_from_the_given_generator():
+    """The VAE's latent sample comes from the step's generator (which checkpoints save), not the global RNG."""
+    adapter = build("sd")
+    batch = fake_batch(adapter)
+    state = torch.get_rng_state()
+    first, _ = adapter.encode_batch(batch, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state), "the global RNG was used"
+    again, _ = adapter.encode_batch(batch, generator=torch.Generator().manual_seed(3))
+    other, _ = adapter.encode_batch(batch, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert not torch.equal(other, first)
+
+
 def test_class_conditional_unet_needs_labels():
     adapter = build("unet-class")
     with pytest.raises(ValueError, match="no class_labels"):

@@ -331,21 +331,24 @@ class ModelAdapter:
 
     # ------------------------------------------------------------------ training step
 
-    def encode_batch(self, batch: dict):
+    def encode_batch(self, batch: dict, generator=None):
         """Turn a data batch into ``(x0, conditioning)``.
 
         ``x0`` is what gets noised: the pixels in [-1, 1], or their VAE latents scaled by
         ``vae.config.scaling_factor`` (Rombach et al. 2022, Sec. 3) for latent models, float32.
-        ``conditioning`` is a dict of keyword tensors for :meth:`predict`.
+        ``conditioning`` is a dict of keyword tensors for :meth:`predict`. ``generator`` draws the
+        VAE's latent sample (its posterior is a Gaussian): pass the training step's generator so that
+        a resumed run repeats the interrupted one exactly (by default the global RNG is used, whose
+        state a data loader iterator created on resume has already advanced).
         """
-        return self.encode_pixels(batch["pixel_values"]), self.conditioning(batch)
+        return self.encode_pixels(batch["pixel_values"], generator=generator), self.conditioning(batch)
 
     @torch.no_grad()
-    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] -> the model's input space (identity in pixel space)."""
+    def encode_pixels(self, pixel_values: torch.Tensor, generator=None) -> torch.Tensor:
+        """Pixels in [-1, 1] -> the model's input space (identity in pixel space); see :meth:`encode_batch`."""
         if self.vae is None:
             return pixel_values.float()
-        latents = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist.sample()
+        latents = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist.sample(generator=generator)
         shift = getattr(self.vae.config, "shift_factor", None)
         if shift is not None:
             latents = latents - shift
@@ -483,9 +486,7 @@ class ModelAdapter:
             # the folder may be pushed: a Hub id, or the base's path relative to the output folder
             base = portable_path(self.pretrained_model_name_or_path, output_dir)
         else:
-            self.make_pipeline(self._untrained_base(model)).save_pretrained(
-                os.path.join(output_dir, BASE_MODEL_DIR), safe_serialization=True
-            )
+            self._save_base_copy(os.path.join(output_dir, BASE_MODEL_DIR), self._untrained_base(model))
             base = BASE_MODEL_DIR
         info = {
             "model_type": self.model_type,
@@ -505,6 +506,10 @@ class ModelAdapter:
     def _untrained_base(self, model):
         """The module a LoRA output's ``base_model/`` holds: ``model`` without its LoRA layers."""
         return base_copy(model, merge=False)
+
+    def _save_base_copy(self, folder, base_model):
+        """Write a LoRA output's ``base_model/``: the pipeline around the untrained module."""
+        self.make_pipeline(base_model).save_pretrained(folder, safe_serialization=True)
 
     def _lora_info_extra(self) -> dict:
         """More entries for ``ant_lora.json`` (what else the LoRA output holds)."""

@@ -29,7 +29,9 @@ at the root of the output folder (``config.json`` + ``diffusion_pytorch_model.sa
 named in ``ant_controlnet.json`` (a Hub id, or a path relative to the folder; a base built from a
 preset is saved in ``base_model/``). ``load_pipeline(output_dir)`` assembles the
 ``StableDiffusionControlNetPipeline``, and such a folder can be given as
-``pretrained_model_name_or_path`` to train on (its base supplies the frozen parts).
+``pretrained_model_name_or_path`` to train on (its base supplies the frozen parts). The
+``base_model/`` of a LoRA output on a new ControlNet is such a folder too: the untrained ControlNet,
+naming the Stable Diffusion base instead of copying it.
 """
 
 import json
@@ -217,14 +219,20 @@ class ControlNetAdapter(StableDiffusionAdapter):
         """
         if lora:
             return super().save(output_dir, model, lora=True)
+        model = model if model is not None else self.model
+        self._save_controlnet_output(output_dir, base_copy(model, merge=True) if has_lora(model) else model)
+
+    def _save_base_copy(self, folder, base_model):
+        """A LoRA output's ``base_model/`` is the untrained ControlNet saved the same way (not a copy of
+        the whole Stable Diffusion pipeline: it names its base, unless that base was built here)."""
+        self._save_controlnet_output(folder, base_model)
+
+    def _save_controlnet_output(self, output_dir, model):
         from diffusers import StableDiffusionPipeline
 
         from ..hub import portable_path
 
-        model = model if model is not None else self.model
         os.makedirs(output_dir, exist_ok=True)
-        if has_lora(model):
-            model = base_copy(model, merge=True)
         model.save_pretrained(output_dir, safe_serialization=True)
         if self.base_pipeline is not None:
             base = portable_path(self.base_pipeline, output_dir)
