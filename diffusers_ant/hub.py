@@ -181,7 +181,8 @@ def portable_config(config: Mapping[str, Any], output_dir: str | os.PathLike) ->
     For `training_config.json`, tracker configurations and anything else written into an output
     folder that may be pushed: values of path-like keys (`*_dir`, `*_name_or_path`, `dataset_name`,
     `validation_image`, ...) that are existing or absolute paths become relative to `output_dir`
-    (the output folder itself is `"."`); any other absolute path, under any key, is rewritten too.
+    (the output folder itself is `"."`); under any other key, a value that is an absolute path of an
+    existing file or folder is rewritten too (a prompt that merely starts with "/" is left alone).
     Nested mappings and lists are followed.
     """
 
@@ -193,7 +194,10 @@ def portable_config(config: Mapping[str, Any], output_dir: str | os.PathLike) ->
         if not isinstance(value, (str, os.PathLike)):
             return value
         text = os.fspath(value)
-        if os.path.isabs(os.path.expanduser(text)) or (_PATH_KEY.search(key) and key != "logging_dir"):
+        expanded = os.path.expanduser(text)
+        if _PATH_KEY.search(key) and (key != "logging_dir" or os.path.isabs(expanded)):
+            return portable_path(text, output_dir)
+        if os.path.isabs(expanded) and os.path.exists(expanded):
             return portable_path(text, output_dir)
         return value
 

@@ -366,3 +366,27 @@ def test_push_refuses_a_folder_that_contains_the_token(tmp_path, monkeypatch):
     (tmp_path / "checkpoint-5" / "args.json").write_text(json.dumps({"hub_token": token}))
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):  # got past the scan, stopped by offline mode
         push_to_hub(tmp_path, "me/x", token=token)
+
+
+def test_portable_paths_and_config(tmp_path, monkeypatch):
+    from diffusers_ant.hub import portable_config, portable_path
+
+    out = tmp_path / "runs" / "out"
+    base = tmp_path / "models" / "sd"
+    base.mkdir(parents=True)
+    (out / "base_model").mkdir(parents=True)
+    assert portable_path(str(base), out) == "../../models/sd"
+    assert portable_path(str(out / "base_model"), out) == "base_model"
+    assert portable_path(str(out), out) == "."
+    assert portable_path("me/sd-base", out) == "me/sd-base"  # a Hub id
+    assert portable_path("/only/the/root/in/common", out) == "common"  # the relative path would spell it out
+    monkeypatch.chdir(tmp_path)
+    assert portable_path("models/sd", out) == "../../models/sd"  # relative to the cwd -> to the output folder
+    config = {"output_dir": str(out), "pretrained_model_name_or_path": str(base), "dataset_name": "mnist5k",
+              "model_config_name_or_path": "tiny", "logging_dir": "logs", "validation_prompt": "/imagine a cat",
+              "note": str(base), "validation_image": [str(base)], "learning_rate": 1e-4, "resume_from_checkpoint": "latest"}
+    assert portable_config(config, out) == {
+        "output_dir": ".", "pretrained_model_name_or_path": "../../models/sd", "dataset_name": "mnist5k",
+        "model_config_name_or_path": "tiny", "logging_dir": "logs", "validation_prompt": "/imagine a cat",
+        "note": "../../models/sd", "validation_image": ["../../models/sd"], "learning_rate": 1e-4,
+        "resume_from_checkpoint": "latest"}
