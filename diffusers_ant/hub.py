@@ -3,13 +3,14 @@
 Three entry points for the end of a training run:
 
 - `write_model_card(output_dir, ...)` writes `README.md` (and a sample grid `samples.png`) into the
-  output folder: YAML metadata the Hub indexes (license, base_model, tags, datasets) and a body that
+  output folder (`training_summary(args, ...)` gives it a `train_ant.py` run's settings): YAML metadata the Hub indexes (license, base_model, tags, datasets) and a body that
   says how the model was trained (ANT's timestep clusters, the multi-task weighting, steps, loss
   weighting) and how to load it. The body comes from `model_cards/ant_template.md`.
 - `push_to_hub(output_dir, hub_model_id, ...)` creates the repo and uploads the folder without the
   training checkpoints, exactly as diffusers' example scripts do (`create_repo` + `upload_folder`).
 - `check_hub_token_safety(report_to, hub_token)` and `drop_secrets(config)` keep the Hub token out of
-  trackers, logs, saved configurations and the card.
+  trackers, logs, saved configurations and the card; `portable_config(config, output_dir)` and
+  `portable_path(path, output_dir)` keep this machine's absolute paths out of them.
 
 The method described by the card is ANT (Go et al., "Addressing Negative Transfer in Diffusion
 Models", NeurIPS 2023): the T denoising tasks are clustered into k timestep intervals and the k
@@ -141,6 +142,68 @@ def drop_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
     return clean
 
 
+# ---------------------------------------------------------------------------------- local paths
+
+# Configuration keys whose values are file system paths (or a Hub id / a name, which stay as they are).
+# `logging_dir` is relative to the output folder by meaning, so only an absolute one is rewritten.
+_PATH_KEY = re.compile(r"(_dir|_path|_file|_image|_images|_name_or_path)$|^(dataset_name|resume_from_checkpoint|knowledge_bank)$")
+
+
+def portable_path(path: str | os.PathLike | None, output_dir: str | os.PathLike) -> str | None:
+    """`path` as it may be published beside `output_dir`: never an absolute path of this machine.
+
+    A Hub id, a preset name or any other string that is neither absolute nor an existing path is
+    returned unchanged. A local path becomes relative to `output_dir` (`"."`, `"base_model"`,
+    `"../sd-base"`), except when the two share nothing but the file system root (a base under the
+    home folder, an output under /tmp): the relative path would then spell out the absolute one,
+    so only the base name is kept.
+    """
+    if path is None:
+        return None
+    text = os.fspath(path)
+    expanded = os.path.expanduser(text)
+    if not os.path.isabs(expanded) and not os.path.exists(expanded):
+        return text
+    absolute = os.path.abspath(expanded)
+    out = os.path.abspath(os.fspath(output_dir))
+    try:
+        common = os.path.commonpath([absolute, out])
+    except ValueError:  # different drives (Windows)
+        common = None
+    if common is None or os.path.dirname(common) == common:  # only the root in common
+        return os.path.basename(absolute.rstrip(os.sep)) or text
+    return os.path.relpath(absolute, out)
+
+
+def portable_config(config: Mapping[str, Any], output_dir: str | os.PathLike) -> dict[str, Any]:
+    """`config` (e.g. the run's arguments, after `drop_secrets`) with every path made `portable_path`.
+
+    For `training_config.json`, tracker configurations and anything else written into an output
+    folder that may be pushed: values of path-like keys (`*_dir`, `*_name_or_path`, `dataset_name`,
+    `validation_image`, ...) that are existing or absolute paths become relative to `output_dir`
+    (the output folder itself is `"."`); under any other key, a value that is an absolute path of an
+    existing file or folder is rewritten too (a prompt that merely starts with "/" is left alone).
+    Nested mappings and lists are followed.
+    """
+
+    def convert(key: str, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: convert(str(k), v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(key, v) for v in value]
+        if not isinstance(value, (str, os.PathLike)):
+            return value
+        text = os.fspath(value)
+        expanded = os.path.expanduser(text)
+        if _PATH_KEY.search(key) and (key != "logging_dir" or os.path.isabs(expanded)):
+            return portable_path(text, output_dir)
+        if os.path.isabs(expanded) and os.path.exists(expanded):
+            return portable_path(text, output_dir)
+        return value
+
+    return {key: convert(str(key), value) for key, value in config.items()}
+
+
 # ------------------------------------------------------------------------------------ model card
 
 
@@ -229,71 +292,238 @@ def _q(text: str) -> str:
     return json.dumps(str(text), ensure_ascii=False)
 
 
-def _usage_snippet(model_type: str, pipeline: str, ref: str, base_model: str | None, lora: bool, summary: Mapping) -> str:
-    """The `How to use` code: right for full weights vs a LoRA adapter and for the pipeline class."""
-    prompt = summary.get("validation_prompt") or "a photo of a cat"
-    # A local base model is shown by its folder name only: the card may be published.
-    if base_model and not _is_hub_id(base_model):
-        base_model = f"path/to/{Path(base_model).name}"
-    base = base_model or "path/to/base-pipeline"
-    if model_type == "sd" and lora:
-        # Stable Diffusion pipelines load diffusers-format LoRA weights into their UNet (and text
-        # encoder) with `load_lora_weights`, as for diffusers' own train_text_to_image_lora.py.
-        return (
-            f"from diffusers import {pipeline}\n\n"
-            f'pipe = {pipeline}.from_pretrained({_q(base)})\n'
-            f'pipe.load_lora_weights({_q(ref)})\n'
-            f"{_pipeline_call(model_type, prompt)}"
-        )
-    if lora:
-        # UNet2DModel, DiTTransformer2DModel and ControlNetModel have no diffusers LoRA loader: the
-        # adapter is re-created with peft and its safetensors state dict loaded into it.
-        component = {"unet": "unet", "dit": "transformer", "controlnet": "controlnet"}[model_type]
-        weight_name = summary.get("lora_weight_name", "pytorch_lora_weights.safetensors")
-        rank = summary.get("lora_rank")
-        targets = summary.get("lora_target_modules")
-        target_arg = f", target_modules={list(targets)!r}" if targets else ""
-        call = _pipeline_call(model_type, prompt)
-        return (
-            f"from diffusers import {pipeline}\n"
-            "from huggingface_hub import hf_hub_download\n"
-            "from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict\n"
-            "from safetensors.torch import load_file\n\n"
-            f'pipe = {pipeline}.from_pretrained({_q(base)})\n'
-            f"config = LoraConfig(r={rank}, lora_alpha={rank}{target_arg})\n"
-            f"pipe.{component} = inject_adapter_in_model(config, pipe.{component})\n"
-            f'weights = load_file(hf_hub_download({_q(ref)}, {_q(weight_name)}))  # or the local file\n'
-            f"set_peft_model_state_dict(pipe.{component}, weights)\n"
-            f"{call}"
-        )
-    if model_type == "controlnet" and base_model:
-        # diffusers' ControlNet training saves the ControlNetModel alone; the pipeline comes from the base.
-        return (
-            f"from diffusers import ControlNetModel, {pipeline}\n"
-            "from diffusers.utils import load_image\n\n"
-            f'controlnet = ControlNetModel.from_pretrained({_q(ref)})\n'
-            f'pipe = {pipeline}.from_pretrained({_q(base_model)}, controlnet=controlnet)\n'
-            f"{_pipeline_call(model_type, prompt)}"
-        )
-    return (
-        f"from diffusers import {pipeline}\n"
-        + ("from diffusers.utils import load_image\n" if model_type == "controlnet" else "")
-        + f'\npipe = {pipeline}.from_pretrained({_q(ref)})\n'
-        f"{_pipeline_call(model_type, prompt)}"
-    )
+# What a saved output folder says about itself (written by diffusers_ant.models' `save`; names
+# repeated here so that writing a card never imports torch).
+_LORA_INFO = "ant_lora.json"
+_CONTROLNET_INFO = "ant_controlnet.json"
+_BASE_MODEL_DIR = "base_model"
+_COND_EMBEDDING_FILE = "controlnet_cond_embedding.safetensors"
+_LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+_DENOISER = {"unet": "unet", "dit": "transformer", "sd": "unet", "controlnet": "controlnet"}
 
 
-def _pipeline_call(model_type: str, prompt: str) -> str:
+def _read_json(path: Path | None) -> dict | None:
+    if path is None or not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class _Location:
+    """Where a pipeline (or ControlNet) is, in the snippet's code and, when known, on this machine.
+
+    `expr` is Python code for a path or Hub id (`"me/model"`, `os.path.join(folder, "base_model")`);
+    `local` is the folder on this machine that it names, read to choose classes and call arguments.
+    The output folder itself is `repo`: a Hub id, or a local folder when the card is used offline.
+    """
+
+    def __init__(self, expr: str, local: Path | None, code: "_Snippet | None" = None):
+        self.expr, self.local, self._code = expr, local, code
+
+    def folder_expr(self) -> str:
+        """Code for a local folder of this location, to join relative paths to."""
+        if self._code is not None:  # the output folder: download it when it is a Hub repo
+            return self._code.folder()
+        return self.expr
+
+    def join(self, recorded: str) -> "_Location":
+        """The location of a base recorded in this one's JSON (relative to it, or a Hub id)."""
+        local = self.local / recorded if self.local is not None and (self.local / recorded).is_dir() else None
+        if local is None and recorded != _BASE_MODEL_DIR and _is_hub_id(recorded):
+            return _Location(_q(recorded), None)
+        self_code = self._code
+        if self_code is not None:
+            self_code.use("os")
+        return _Location(f"os.path.join({self.folder_expr()}, {_q(recorded)})", local)
+
+
+class _Snippet:
+    """The `How to use` code being built: imports and lines; `folder` when the output's files are read."""
+
+    def __init__(self, ref: str):
+        self.ref = ref
+        self.imports: dict[str, set[str]] = {}
+        self.lines: list[str] = []
+        self.needs_folder = False
+
+    def use(self, module: str, *names: str) -> None:
+        self.imports.setdefault(module, set()).update(names)
+
+    def folder(self) -> str:
+        self.needs_folder = True
+        self.use("os")
+        self.use("huggingface_hub", "snapshot_download")
+        return "folder"
+
+    def render(self) -> str:
+        order = ["os", "diffusers", "huggingface_hub", "peft", "PIL", "safetensors.torch"]
+        imports = []
+        for module in sorted(self.imports, key=lambda m: order.index(m) if m in order else len(order)):
+            names = sorted(self.imports[module])
+            imports.append(f"from {module} import {', '.join(names)}" if names else f"import {module}")
+        preamble = []
+        lines = self.lines
+        if self.needs_folder:
+            # the output folder's own files are read: the local folder, or a download of the Hub repo
+            preamble = [
+                f"repo = {_q(self.ref)}  # the Hub repo, or the local output folder",
+                "folder = repo if os.path.isdir(repo) else snapshot_download(repo)",
+            ]
+            lines = [line.replace(_q(self.ref), "folder") for line in lines]
+        if "os" in self.imports and len(imports) > 1:
+            imports.insert(1, "")  # the standard library apart
+        return "\n".join(imports + [""] + preamble + lines)
+
+
+def _named_base(base_model: str | None) -> str:
+    """A base model as a card may show it: a Hub id, else a placeholder with the folder's name only."""
+    if base_model is None:
+        return "path/to/base-pipeline"
+    return base_model if _is_hub_id(base_model) else f"path/to/{Path(base_model).name}"
+
+
+def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipeline_class: str | None,
+                        base_model: str | None = None, controlnet_alone: bool = False) -> dict:
+    """Lines that make `pipe` from the pipeline (or ControlNet output) at `where`; returns what was
+    learnt of it: the pipeline class name and the denoiser's config (None when `where` is unknown here).
+
+    `controlnet_alone`: `where` is a ControlNet output even if nothing can be read there (a card
+    written without the weights); its base is then `base_model`."""
+    local = where.local
+    controlnet_info = _read_json(local / _CONTROLNET_INFO) if local is not None else None
+    index = _read_json(local / "model_index.json") if local is not None else None
+    if controlnet_info is not None or (controlnet_alone and model_type == "controlnet" and index is None):
+        # a ControlNet saved alone, as diffusers' train_controlnet.py does: the pipeline comes from its base
+        if controlnet_info is not None:
+            base = where.join(controlnet_info["base_model"])
+        else:
+            base = _Location(_q(_named_base(base_model)), None)
+        code.use("diffusers", "ControlNetModel", "StableDiffusionControlNetPipeline")
+        code.lines.append(f"controlnet = ControlNetModel.from_pretrained({where.expr})")
+        code.lines.append(f"pipe = StableDiffusionControlNetPipeline.from_pretrained({base.expr}, controlnet=controlnet)")
+        unet_config = _read_json(base.local / "unet" / "config.json") if base.local is not None else None
+        return {"pipeline": "StableDiffusionControlNetPipeline", "config": unet_config, "unet_config": unet_config}
+    class_name = index.get("_class_name") if index else None
+    denoiser = "transformer" if model_type == "dit" else "unet"
+    config = _read_json(local / denoiser / "config.json") if local is not None else None
+    if isinstance(class_name, list):
+        # this project's class-conditional UNet / pixel DiT pipeline, shipped in the folder as a
+        # community pipeline file: plain diffusers runs it with trust_remote_code
+        code.use("diffusers", "DiffusionPipeline")
+        code.lines.append(f"pipe = DiffusionPipeline.from_pretrained({where.expr}, trust_remote_code=True)"
+                          f"  # {class_name[-1]}, from the folder's {class_name[0]}.py")
+        return {"pipeline": class_name[-1], "config": config, "unet_config": None}
+    pipeline = pipeline_class or class_name or MODEL_TYPES[model_type]["pipeline"]
+    code.use("diffusers", pipeline)
+    code.lines.append(f"pipe = {pipeline}.from_pretrained({where.expr})")
+    unet_config = config if model_type != "dit" else None
+    return {"pipeline": pipeline, "config": config, "unet_config": unet_config}
+
+
+def _call_code(code: _Snippet, model_type: str, facts: dict, prompt: str, resolution: int | None) -> None:
+    """The sampling call, with the class labels / prompt / control image the model takes."""
+    config = facts["config"] or {}
     if model_type == "unet":
-        return "images = pipe(batch_size=4, num_inference_steps=50).images"
-    if model_type == "dit":
-        return "images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps=50).images"
+        num_classes = config.get("num_class_embeds")
+        if num_classes:
+            labels = [i % num_classes for i in range(4)]
+            code.lines.append(f"images = pipe(class_labels={labels}, num_inference_steps=50).images")
+        else:
+            code.lines.append("images = pipe(batch_size=4, num_inference_steps=50).images")
+    elif model_type == "dit":
+        num_classes = config.get("num_embeds_ada_norm")
+        own = facts["pipeline"] != "DiTPipeline"
+        if num_classes == 1 and own:
+            code.lines.append("# trained unconditionally: without class labels the pipeline samples the null class")
+            code.lines.append("images = pipe(batch_size=4, num_inference_steps=50).images")
+        elif num_classes == 1:
+            code.lines.append("# trained unconditionally: label 1 is the null class")
+            code.lines.append("images = pipe(class_labels=[1, 1, 1, 1], guidance_scale=1.0, num_inference_steps=50).images")
+        elif num_classes and not own and num_classes != 1000:
+            labels = [i % num_classes for i in range(4)]
+            code.lines.append(f"# DiTPipeline's guidance assumes ImageNet's null class 1000: sample without it")
+            code.lines.append(f"images = pipe(class_labels={labels}, guidance_scale=1.0, num_inference_steps=50).images")
+        else:
+            labels = [i % num_classes for i in range(4)] if num_classes else [0, 1, 2, 3]
+            code.lines.append(f"images = pipe(class_labels={labels}, num_inference_steps=50).images")
+    elif model_type == "sd":
+        code.lines.append(f"image = pipe({_q(prompt)}, num_inference_steps=30).images[0]")
+    else:
+        if resolution is None:
+            unet = facts.get("unet_config") or {}
+            resolution = int(unet["sample_size"]) * 8 if unet.get("sample_size") else 512
+        code.use("PIL", "Image")
+        code.lines.append(f'control_image = Image.new("RGB", ({resolution}, {resolution}))'
+                          "  # your conditioning image, e.g. diffusers.utils.load_image(...)")
+        code.lines.append(f"image = pipe({_q(prompt)}, image=control_image, num_inference_steps=30).images[0]")
+
+
+def _usage_snippet(output_dir: Path, model_type: str, ref: str, base_model: str | None, lora: bool,
+                   prompt: str, resolution: int | None, pipeline_class: str | None) -> tuple[str, dict]:
+    """The `How to use` code for what `output_dir` holds; returns it and what was learnt (see
+    `_load_pipeline_code`). Runs as written, with the Hub id `ref` or, offline, the local folder."""
+    code = _Snippet(ref)
+    output = _Location(_q(ref), output_dir, code)
+    lora_info = _read_json(output_dir / _LORA_INFO)
+    if not lora:
+        facts = _load_pipeline_code(code, model_type, output, pipeline_class, base_model, controlnet_alone=True)
+        _call_code(code, model_type, facts, prompt, resolution)
+        return code.render(), facts
+    # A LoRA adapter: the base pipeline, then the adapter weights.
+    if lora_info is not None:
+        base = output.join(lora_info["base_model"])
+    else:
+        base = _Location(_q(_named_base(base_model)), None)
+    facts = _load_pipeline_code(code, model_type, base, pipeline_class)
     if model_type == "sd":
-        return f'image = pipe({_q(prompt)}, num_inference_steps=30).images[0]'
-    return (
-        'control_image = load_image("path/to/conditioning_image.png")\n'
-        f'image = pipe({_q(prompt)}, image=control_image, num_inference_steps=30).images[0]'
-    )
+        # diffusers-format LoRA (as train_text_to_image_lora.py writes it): the pipeline's own loader
+        code.lines.append(f"pipe.load_lora_weights({_q(ref)})")
+    else:
+        # UNet2DModel, DiTTransformer2DModel and ControlNetModel have no diffusers LoRA loader: the
+        # adapter is re-created with peft from the folder's adapter_config.json (rank, alpha, targets)
+        component = _DENOISER[model_type]
+        folder = code.folder()
+        code.use("peft", "LoraConfig", "inject_adapter_in_model", "set_peft_model_state_dict")
+        code.use("safetensors.torch", "load_file")
+        code.lines.append(f"inject_adapter_in_model(LoraConfig.from_pretrained({folder}), pipe.{component})")
+        code.lines.append(f"set_peft_model_state_dict(pipe.{component}, "
+                          f"load_file(os.path.join({folder}, {_q(_LORA_WEIGHTS_FILE)})))")
+        if (output_dir / _COND_EMBEDDING_FILE).is_file():
+            code.lines.append("# the conditioning embedding of this new ControlNet was trained in full")
+            code.lines.append(f"pipe.controlnet.controlnet_cond_embedding.load_state_dict("
+                              f"load_file(os.path.join({folder}, {_q(_COND_EMBEDDING_FILE)})))")
+    _call_code(code, model_type, facts, prompt, resolution)
+    return code.render(), facts
+
+
+def training_summary(args: Any, intervals: Any, global_step: int, resolution: int | None = None) -> dict[str, Any]:
+    """The `method_summary` of `write_model_card` for a `train_ant.py` run (`args`: its parsed arguments).
+
+    The method (weighting, clusters, timestep sampling), the timestep loss weighting with its own
+    settings (`snr_gamma` for min_snr, `p2_k` / `p2_gamma` for p2), the optimisation settings, LoRA,
+    the pixel `resolution` and the validation prompt (the snippet's prompt).
+    """
+    bounds = getattr(intervals, "bounds", intervals)
+    loss_weighting = getattr(args, "loss_weighting", "none")
+    summary = {
+        "model_type": args.model_type, "mtl_method": args.mtl_method, "clustering": args.clustering,
+        "num_clusters": len(bounds), "intervals": [list(b) for b in bounds],
+        "timestep_sampling": args.timestep_sampling, "loss_weighting": loss_weighting,
+    }
+    if loss_weighting == "min_snr":
+        summary["snr_gamma"] = args.snr_gamma
+    elif loss_weighting == "p2":
+        summary.update(p2_k=args.p2_k, p2_gamma=args.p2_gamma)
+    summary.update({
+        "max_train_steps": global_step, "train_batch_size": args.train_batch_size,
+        "learning_rate": args.learning_rate, "lora_rank": args.rank, "use_ema": args.use_ema,
+        "resolution": resolution,
+    })
+    if args.rank is not None:
+        summary["lora_alpha"] = args.lora_alpha if args.lora_alpha is not None else args.rank
+    if getattr(args, "validation_prompt", None):
+        summary["validation_prompt"] = args.validation_prompt
+    return summary
 
 
 def write_model_card(
@@ -310,29 +540,46 @@ def write_model_card(
     lora: bool | None = None,
     pipeline_class: str | None = None,
     usage_snippet: str | None = None,
+    validation_prompt: str | None = None,
 ) -> Path:
     """Write `output_dir/README.md`, the model card of a diffusers_ant training run; return its path.
 
     Args:
         output_dir: the training output folder (the card and the sample grid are written into it).
         repo_id: the Hub repo the folder will be pushed to; the loading snippet uses it (else the
-            folder path).
+            folder's name: replace it with the folder's path, or the repo id once pushed).
         base_model: the pretrained model fine-tuned; put in the metadata only when it is a Hub id
-            (a local path is named in the body only, since the Hub rejects non-repo `base_model`s).
+            (a local path is named in the body by its folder name only, since the Hub rejects
+            non-repo `base_model`s and the card may be published). A LoRA or ControlNet folder's own
+            record of its base (`ant_lora.json`, `ant_controlnet.json`) is what the snippet loads.
         model_type: `unet`, `dit`, `sd` or `controlnet` (`--model_type`).
         method_summary: the run's method settings: `mtl_method`, `clustering`, `num_clusters`,
             `intervals` (a TimestepIntervals or a list of inclusive (start, end) pairs),
-            `loss_weighting`, `snr_gamma`, `max_train_steps`, `lora_rank`, ... Every entry is listed
-            in the card's configuration table; secrets (`hub_token`, ...) are dropped first.
+            `loss_weighting` with `snr_gamma` (min_snr) or `p2_k` / `p2_gamma` (p2),
+            `max_train_steps`, `lora_rank`, `resolution`, `validation_prompt`, ...
+            (`training_summary(args, ...)` builds it from the trainer's arguments). Every entry is
+            listed in the card's configuration table; secrets (`hub_token`, ...) are dropped first,
+            and local paths are made relative to the folder (`portable_config`).
         dataset_name: `--dataset_name`; a Hub dataset id becomes a `datasets:` metadata entry.
         images: samples (a list of PIL images, gridded with diffusers' `make_image_grid`, or one
             ready grid), saved as `samples.png` and shown in the card. None keeps an existing
             `samples.png` if there is one.
         license: the card's license.
         extra_tags: more Hub tags.
-        lora: whether the folder holds LoRA weights; default: `method_summary["lora_rank"]` is set.
-        pipeline_class: overrides the diffusers pipeline named in the snippet (default per type).
+        lora: whether the folder holds LoRA weights; default: `method_summary["lora_rank"]` is set
+            or the folder has `ant_lora.json`.
+        pipeline_class: overrides the diffusers pipeline named in the snippet (default: the one the
+            saved folder names, else per type).
         usage_snippet: overrides the whole `How to use` code.
+        validation_prompt: the prompt of the snippet for `sd` / `controlnet` (default:
+            `method_summary["validation_prompt"]`, else a generic one).
+
+    The `How to use` code is written for what the folder holds (write the card after saving the
+    model): the pipeline class its `model_index.json` names (this project's class-conditional UNet
+    and pixel DiT pipelines through `DiffusionPipeline(..., trust_remote_code=True)`), the class
+    labels its denoiser takes, a LoRA adapter with its base pipeline (`base_model/` inside the
+    folder, a Hub id, or a folder beside it), a ControlNet with its base. It runs as written with
+    the Hub repo id, or offline with the local folder in its place.
 
     Builds on huggingface_hub's `ModelCard.from_template` (a jinja2 template, the mechanism that
     diffusers' `load_or_create_model_card` uses) and diffusers' `populate_model_card` (library name
@@ -347,13 +594,17 @@ def write_model_card(
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    summary = drop_secrets(method_summary)
+    summary = portable_config(drop_secrets(method_summary), output_dir)
     info = MODEL_TYPES[model_type]
-    pipeline = pipeline_class or info["pipeline"]
+    lora_info = _read_json(output_dir / _LORA_INFO)
     if lora is None:
-        lora = bool(summary.get("lora_rank"))
+        lora = bool(summary.get("lora_rank")) or lora_info is not None
+    recorded = (lora_info if lora else None) or _read_json(output_dir / _CONTROLNET_INFO) or {}
+    recorded_base = recorded.get("base_model")
     method = str(summary.get("mtl_method") or "none")
     loss_weighting = str(summary.get("loss_weighting") or "none")
+    if base_model is None and recorded_base is not None and recorded_base != _BASE_MODEL_DIR and _is_hub_id(recorded_base):
+        base_model = recorded_base
     hub_base = base_model if _is_hub_id(base_model) else None
     hub_dataset = dataset_name if dataset_name not in BUILTIN_DATASETS and _is_hub_id(dataset_name) else None
 
@@ -373,9 +624,14 @@ def write_model_card(
     elif (output_dir / SAMPLE_GRID_NAME).is_file():
         grid_file = SAMPLE_GRID_NAME
 
-    ref = repo_id or os.fspath(output_dir)
+    # No absolute path of this machine in the card: the repo id, else the folder's name.
+    ref = repo_id or output_dir.name
+    prompt = validation_prompt or summary.get("validation_prompt") or "a photo of a cat"
+    pipeline = pipeline_class or info["pipeline"]
     if usage_snippet is None:
-        usage_snippet = _usage_snippet(model_type, pipeline, ref, base_model, lora, summary)
+        usage_snippet, facts = _usage_snippet(output_dir, model_type, ref, base_model, lora, prompt,
+                                              summary.get("resolution"), pipeline_class)
+        pipeline = facts["pipeline"]
 
     if base_model is None:
         model_line = f"{info['description']}, trained from scratch"
@@ -401,8 +657,12 @@ def write_model_card(
     if summary.get("timestep_sampling"):
         clustering_line += f", timesteps sampled `{summary['timestep_sampling']}`"
     loss_weighting_line = LOSS_WEIGHTING_NAMES.get(loss_weighting, loss_weighting)
-    if loss_weighting != "none" and summary.get("snr_gamma") is not None:
+    if loss_weighting == "min_snr" and summary.get("snr_gamma") is not None:
         loss_weighting_line += f", gamma = {_format_value(summary['snr_gamma'])}"
+    elif loss_weighting == "p2":
+        settings = [f"{name} = {_format_value(summary[key])}" for name, key in (("k", "p2_k"), ("gamma", "p2_gamma"))
+                    if summary.get(key) is not None]
+        loss_weighting_line += "".join(f", {setting}" for setting in settings)
     steps = summary.get("max_train_steps")
     steps_line = f"{steps}" if steps is not None else "not recorded"
 
@@ -419,6 +679,30 @@ def write_model_card(
     )
 
     config_rows = [(key, _format_value(value)) for key, value in summary.items() if key != "intervals"]
+
+    if recorded_base == _BASE_MODEL_DIR:
+        base_line = f"`{_BASE_MODEL_DIR}/` in this repository (built with the model, not published elsewhere)"
+    elif recorded_base is not None and _is_hub_id(recorded_base):
+        base_line = f"[{recorded_base}](https://huggingface.co/{recorded_base})"
+    elif recorded_base is not None:
+        base_line = f"`{Path(recorded_base).name}`, a local folder (`{recorded_base}` from this folder)"
+    else:
+        base_line = None
+    lora_line = None
+    if lora:
+        rank = (lora_info or {}).get("rank", summary.get("lora_rank"))
+        alpha = (lora_info or {}).get("lora_alpha", summary.get("lora_alpha"))
+        lora_line = f"rank {rank}" + (f", alpha {alpha}" if alpha is not None else "")
+        targets = (lora_info or {}).get("target_modules") or summary.get("lora_target_modules")
+        if targets:
+            lora_line += f", on {', '.join(f'`{t}`' for t in targets[:8])}" + (" ..." if len(targets) > 8 else "")
+        held = ["the adapter weights"]
+        if "controlnet_cond_embedding" in (lora_info or {}).get("trained_in_full", ()):
+            held.append("the ControlNet's conditioning embedding (trained in full: a new ControlNet's is zero-initialised)")
+        if recorded_base == _BASE_MODEL_DIR:
+            held.append(f"the untrained ControlNet in `{_BASE_MODEL_DIR}/`" if model_type == "controlnet"
+                        else f"the base pipeline in `{_BASE_MODEL_DIR}/`")
+        lora_line += "; this repository holds " + ", ".join(held[:-1]) + (" and " if len(held) > 1 else "") + held[-1]
 
     card_data = ModelCardData(
         license=license,
@@ -437,7 +721,8 @@ def write_model_card(
         method_line=method_line,
         loss_weighting_line=loss_weighting_line,
         steps_line=steps_line,
-        lora_rank=summary.get("lora_rank") if lora else None,
+        lora_line=lora_line,
+        base_line=base_line,
         intervals=intervals,
         clustering_line=clustering_line,
         config_rows=config_rows,

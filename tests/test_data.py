@@ -164,6 +164,23 @@ def test_imagefolder_loads_and_batches(tmp_path):
     assert len(by_name) == 6 and "image" in by_name.column_names
 
 
+def test_unlabelled_folder_has_no_class_column_unless_required(tmp_path):
+    """A flat image folder has no label column: a model with a null class (DiT) trains unconditionally on it."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "flat").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "flat" / f"{i}.png")
+    flat = load_training_dataset(train_data_dir=tmp_path / "flat", cache_dir=str(tmp_path / "cache"))
+    assert flat.column_names == ["image"]
+    assert resolve_columns(flat, classes_if_present=True)["class_column"] is None
+    with pytest.raises(ValueError, match="no class label column; pass --class_column"):
+        resolve_columns(flat, need_classes=True)
+    _write_image_folder(tmp_path / "labelled")
+    labelled = load_training_dataset(train_data_dir=tmp_path / "labelled", cache_dir=str(tmp_path / "cache"))
+    assert resolve_columns(labelled, classes_if_present=True)["class_column"] == "label"
+    assert resolve_columns(labelled)["class_column"] is None  # not asked for: not looked up
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="--dataset_name.*--train_data_dir"):
         load_training_dataset()

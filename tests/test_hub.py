@@ -159,11 +159,15 @@ def test_card_lora_on_a_model_without_a_lora_loader_uses_peft(tmp_path):
         tmp_path, repo_id="me/dit-lora", base_model="me/dit-base", model_type="dit",
         method_summary=_summary(lora_rank=8, lora_target_modules=["to_q", "to_v"]),
     )
-    code = _python_block(ModelCard.load(path).text)
+    card = ModelCard.load(path)
+    code = _python_block(card.text)
     assert 'DiTPipeline.from_pretrained("me/dit-base")' in code
-    assert "LoraConfig(r=8, lora_alpha=8, target_modules=['to_q', 'to_v'])" in code
-    assert "inject_adapter_in_model(config, pipe.transformer)" in code
+    # rank, alpha and target modules exactly as trained: peft reads the repo's adapter_config.json
+    assert "inject_adapter_in_model(LoraConfig.from_pretrained(folder), pipe.transformer)" in code
+    assert 'folder = repo if os.path.isdir(repo) else snapshot_download(repo)' in code
+    assert 'repo = "me/dit-lora"' in code
     assert "load_lora_weights" not in code
+    assert "rank 8, on `to_q`, `to_v`" in card.text
 
 
 def test_controlnet_card_loads_the_controlnet_into_the_base_pipeline(tmp_path):
@@ -204,8 +208,10 @@ def test_card_snippet_loads_and_samples_the_saved_pipeline(tiny_pipeline_dir, tm
         (out / item.name).symlink_to(item, target_is_directory=item.is_dir())
     path = write_model_card(out, model_type="unet", method_summary=_summary(), images=_samples(4, size=8))
     code = _python_block(ModelCard.load(path).text)
-    assert str(out) in code  # no repo id: the snippet loads the folder
+    # no repo id: the snippet names the folder, never this machine's absolute path
+    assert str(out) not in code and str(tmp_path) not in code and 'DDPMPipeline.from_pretrained("out")' in code
     assert "num_inference_steps=50" in code
+    code = code.replace('"out"', json.dumps(str(out)))  # where the folder is here
     code = code.replace("num_inference_steps=50", "num_inference_steps=2")  # the same call, CPU-cheap
     namespace = {}
     torch.manual_seed(0)
@@ -360,3 +366,27 @@ def test_push_refuses_a_folder_that_contains_the_token(tmp_path, monkeypatch):
     (tmp_path / "checkpoint-5" / "args.json").write_text(json.dumps({"hub_token": token}))
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):  # got past the scan, stopped by offline mode
         push_to_hub(tmp_path, "me/x", token=token)
+
+
+def test_portable_paths_and_config(tmp_path, monkeypatch):
+    from diffusers_ant.hub import portable_config, portable_path
+
+    out = tmp_path / "runs" / "out"
+    base = tmp_path / "models" / "sd"
+    base.mkdir(parents=True)
+    (out / "base_model").mkdir(parents=True)
+    assert portable_path(str(base), out) == "../../models/sd"
+    assert portable_path(str(out / "base_model"), out) == "base_model"
+    assert portable_path(str(out), out) == "."
+    assert portable_path("me/sd-base", out) == "me/sd-base"  # a Hub id
+    assert portable_path("/only/the/root/in/common", out) == "common"  # the relative path would spell it out
+    monkeypatch.chdir(tmp_path)
+    assert portable_path("models/sd", out) == "../../models/sd"  # relative to the cwd -> to the output folder
+    config = {"output_dir": str(out), "pretrained_model_name_or_path": str(base), "dataset_name": "mnist5k",
+              "model_config_name_or_path": "tiny", "logging_dir": "logs", "validation_prompt": "/imagine a cat",
+              "note": str(base), "validation_image": [str(base)], "learning_rate": 1e-4, "resume_from_checkpoint": "latest"}
+    assert portable_config(config, out) == {
+        "output_dir": ".", "pretrained_model_name_or_path": "../../models/sd", "dataset_name": "mnist5k",
+        "model_config_name_or_path": "tiny", "logging_dir": "logs", "validation_prompt": "/imagine a cat",
+        "note": "../../models/sd", "validation_image": ["../../models/sd"], "learning_rate": 1e-4,
+        "resume_from_checkpoint": "latest"}

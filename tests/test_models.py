@@ -192,6 +192,19 @@ def test_dit_without_labels_trains_the_null_class():
         adapter.encode_batch({"pixel_values": torch.zeros(1, 1, RES, RES), "class_labels": torch.tensor([3])})
 
 
+def test_latent_encoding_draws_from_the_given_generator():
+    """The VAE's latent sample comes from the step's generator (which checkpoints save), not the global RNG."""
+    adapter = build("sd")
+    batch = fake_batch(adapter)
+    state = torch.get_rng_state()
+    first, _ = adapter.encode_batch(batch, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state), "the global RNG was used"
+    again, _ = adapter.encode_batch(batch, generator=torch.Generator().manual_seed(3))
+    other, _ = adapter.encode_batch(batch, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert not torch.equal(other, first)
+
+
 def test_class_conditional_unet_needs_labels():
     adapter = build("unet-class")
     with pytest.raises(ValueError, match="no class_labels"):
@@ -221,7 +234,9 @@ def test_lora_step_save_load(case, tmp_path):
     adapter.add_lora(rank=4, alpha=8)
     assert has_lora(adapter.model)
     trainable = {n for n, p in adapter.model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n for n in trainable)
+    # a new ControlNet also trains its (zero-initialised) conditioning embedding in full
+    in_full = ("controlnet_cond_embedding.",) if case == "controlnet" else ()
+    assert trainable and all("lora_" in n or n.startswith(in_full) for n in trainable)
     with torch.no_grad():  # B = 0: LoRA starts as the identity
         torch.testing.assert_close(adapter.predict(adapter.model, x_t, t, cond), base_out)
 
@@ -332,7 +347,8 @@ def test_load_sd_and_controlnet_from_pretrained_folder(tmp_path):
     train_step(sd, lr=0.5)
     sd.save(str(tmp_path / "lora"), lora=True)
     info = json.loads((tmp_path / "lora" / "ant_lora.json").read_text())
-    assert info["base_model"] == str(tmp_path) and not (tmp_path / "lora" / "base_model").exists()
+    # named relative to the LoRA folder (the folder may be published), not copied
+    assert info["base_model"] == ".." and not (tmp_path / "lora" / "base_model").exists()
     assert has_lora(load_pipeline(str(tmp_path / "lora")).unet)
 
     # a ControlNet from its own folder
@@ -345,3 +361,114 @@ def test_load_sd_and_controlnet_from_pretrained_folder(tmp_path):
     # a model type that does not fit the folder says so
     with pytest.raises(ValueError, match="not a UNet2DModel"):
         get_model_adapter("unet").load(pretrained_model_name_or_path=str(tmp_path))
+
+
+# ---------------------------------------------------------------------------- ControlNet
+
+
+def _control_outputs(adapter, model, x_t, t, cond):
+    """The denoiser output for the same noisy latents and prompt under a white and a black control image."""
+    outputs = []
+    for value in (1.0, 0.0):
+        control = torch.full_like(cond["controlnet_cond"], value)
+        with torch.no_grad():
+            outputs.append(adapter.predict(model, x_t, t, {**cond, "controlnet_cond": control}))
+    return outputs
+
+
+def test_lora_on_a_new_controlnet_learns_its_condition(tmp_path):
+    """The conditioning embedding's zero-initialised conv_out is no LoRA target: frozen, it kept the control
+    image out forever (white and black gave identical outputs). A new ControlNet trains the embedding in full."""
+    adapter = build("controlnet")
+    assert adapter.controlnet_is_new
+    adapter.add_lora(rank=4)
+    embedding = {n for n, p in adapter.model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert embedding and all(n.startswith("controlnet_cond_embedding.") for n in embedding)
+    assert {id(p) for p in adapter.model.controlnet_cond_embedding.parameters()} <= {
+        id(p) for p in adapter.trainable_parameters()
+    }  # what the optimizer (and so Accelerate's checkpoint) holds
+    adapter.model.eval()
+    x0, cond = adapter.encode_batch(fake_batch(adapter))
+    x_t, noise, t = noisy(adapter, x0)
+    white, black = _control_outputs(adapter, adapter.model, x_t, t, cond)
+    torch.testing.assert_close(white, black, rtol=0, atol=0)  # untrained: the condition cannot matter yet
+    # a short run (AdamW, as the trainer): LoRA's B leaves zero first, then gradients reach the embedding
+    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-2)
+    for _ in range(4):
+        loss = torch.nn.functional.mse_loss(adapter.predict(adapter.model, x_t, t, cond), noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    white, black = _control_outputs(adapter, adapter.model, x_t, t, cond)
+    assert (white - black).abs().max() > 1e-2, "the control image does not change the output"
+
+    adapter.save(str(tmp_path), lora=True)
+    assert (tmp_path / "controlnet_cond_embedding.safetensors").is_file()
+    info = json.loads((tmp_path / "ant_lora.json").read_text())
+    assert info["trained_in_full"] == ["controlnet_cond_embedding"]
+    loaded = load_pipeline(str(tmp_path))
+    for ours, theirs in zip((white, black), _control_outputs(adapter, loaded.controlnet, x_t, t, cond)):
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    # base_model/ holds the ControlNet as it was before training, embedding included
+    base = load_pipeline(str(tmp_path / "base_model")).controlnet
+    untrained = build("controlnet").model
+    for key, value in untrained.controlnet_cond_embedding.state_dict().items():
+        assert torch.equal(base.controlnet_cond_embedding.state_dict()[key], value), key
+
+
+def test_lora_on_a_pretrained_controlnet_keeps_its_embedding_frozen(tmp_path):
+    build("sd").save(str(tmp_path / "sd"))
+    get_model_adapter("controlnet").load(pretrained_model_name_or_path=str(tmp_path / "sd")).model.save_pretrained(
+        tmp_path / "cn"
+    )
+    pretrained = get_model_adapter("controlnet").load(
+        pretrained_model_name_or_path=str(tmp_path / "sd"), controlnet_model_name_or_path=str(tmp_path / "cn")
+    )
+    assert not pretrained.controlnet_is_new
+    pretrained.add_lora(rank=2)
+    assert all("lora_" in n for n, p in pretrained.model.named_parameters() if p.requires_grad)
+
+
+def test_controlnet_output_loads_the_diffusers_way(tmp_path):
+    """Saved as diffusers' train_controlnet.py does: the ControlNetModel at the root of the folder."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    adapter = build("controlnet")
+    train_step(adapter)
+    out = tmp_path / "out"
+    adapter.save(str(out))
+    assert (out / "config.json").is_file() and (out / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (out / "model_index.json").exists()
+    controlnet = ControlNetModel.from_pretrained(str(out))
+    for key, value in adapter.model.state_dict().items():
+        assert torch.equal(controlnet.state_dict()[key], value), key
+    # built from a preset: the frozen parts are saved as base_model/, named in ant_controlnet.json
+    assert json.loads((out / "ant_controlnet.json").read_text()) == {"model_type": "controlnet", "base_model": "base_model"}
+    pipeline = StableDiffusionControlNetPipeline.from_pretrained(str(out / "base_model"), controlnet=controlnet)
+    ours = load_pipeline(str(out))
+    assert type(ours) is StableDiffusionControlNetPipeline
+    for name in ("unet", "vae", "text_encoder"):
+        for key, value in getattr(pipeline, name).state_dict().items():
+            assert torch.equal(getattr(ours, name).state_dict()[key], value), f"{name}.{key}"
+
+    # a pretrained base is named (relative to the folder), not copied
+    sd = build("sd")
+    sd.save(str(tmp_path / "sd-base"))
+    on_base = get_model_adapter("controlnet").load(pretrained_model_name_or_path=str(tmp_path / "sd-base"))
+    assert on_base.controlnet_is_new
+    on_base.save(str(tmp_path / "cn-out"))
+    assert json.loads((tmp_path / "cn-out" / "ant_controlnet.json").read_text())["base_model"] == "../sd-base"
+    assert not (tmp_path / "cn-out" / "base_model").exists()
+    assert type(load_pipeline(str(tmp_path / "cn-out"))) is StableDiffusionControlNetPipeline
+
+    # the output folder is a starting point: its ControlNet, and its base's frozen parts
+    again = get_model_adapter("controlnet").load(pretrained_model_name_or_path=str(out))
+    assert again.model_from_pretrained and not again.controlnet_is_new
+    for key, value in adapter.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[key], value), key
+    again.add_lora(rank=2)
+    train_step(again, lr=0.5)
+    again.save(str(tmp_path / "lora"), lora=True)
+    info = json.loads((tmp_path / "lora" / "ant_lora.json").read_text())
+    assert info["base_model"] == "../out" and "trained_in_full" not in info
+    assert has_lora(load_pipeline(str(tmp_path / "lora")).controlnet)

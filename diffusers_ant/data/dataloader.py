@@ -67,6 +67,7 @@ class TrainingDataset(Dataset):
         seed: seeds the augmentations (and, through `max_samples`, the subset).
         max_samples: keep this many rows, chosen as diffusers' `--max_train_samples` does
             (`dataset.shuffle(seed).select(range(max_samples))`).
+        proportion_empty_prompts: share of captions replaced by "" (`--proportion_empty_prompts`).
     """
 
     def __init__(
@@ -82,7 +83,11 @@ class TrainingDataset(Dataset):
         interpolation: str = "bilinear",
         seed: int = 0,
         max_samples: int | None = None,
+        proportion_empty_prompts: float = 0.0,
     ):
+        if not 0.0 <= proportion_empty_prompts <= 1.0:
+            raise ValueError(f"--proportion_empty_prompts must lie in [0, 1], got {proportion_empty_prompts}")
+        self.proportion_empty_prompts = float(proportion_empty_prompts)
         self.image_column = columns.get("image_column")
         self.caption_column = columns.get("caption_column")
         self.conditioning_column = columns.get("conditioning_image_column")
@@ -162,7 +167,11 @@ class TrainingDataset(Dataset):
         return example
 
     def _caption(self, value, index: int) -> str:
-        # As diffusers' tokenize_captions: a string, or one of several captions chosen at random.
+        # As diffusers' tokenize_captions: the empty prompt for a share of the captions (caption
+        # dropout, so that the model learns the unconditional branch of classifier-free guidance),
+        # else a string, or one of several captions chosen at random; from the (seed, epoch, index) rng.
+        if self.proportion_empty_prompts and self._rng(index, stream=2).random() < self.proportion_empty_prompts:
+            return ""
         if isinstance(value, str):
             return value
         if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
@@ -226,6 +235,7 @@ def make_train_dataloader(
     conditioning_channels: int = 3,
     interpolation: str = "bilinear",
     pin_memory: bool = False,
+    proportion_empty_prompts: float = 0.0,
 ) -> DataLoader:
     """A `torch.utils.data.DataLoader` of training batches (see the module docstring for the keys,
     the determinism guarantees and what the training loop must do to resume).
@@ -249,6 +259,7 @@ def make_train_dataloader(
             interpolation=interpolation,
             seed=seed,
             max_samples=max_samples,
+            proportion_empty_prompts=proportion_empty_prompts,
         )
     if drop_last and len(dataset) < batch_size:
         raise ValueError(

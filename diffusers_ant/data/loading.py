@@ -163,6 +163,7 @@ def resolve_columns(
     need_captions: bool = False,
     need_conditioning: bool = False,
     need_classes: bool = False,
+    classes_if_present: bool = False,
 ) -> dict:
     """Choose and validate the columns a run uses.
 
@@ -173,6 +174,11 @@ def resolve_columns(
     diffusers' scripts fall back to the dataset's first columns. Captions, conditioning images and
     classes are looked up only when `need_*` says the model uses them or the column is given; a
     needed one that cannot be found is an error naming the flag to pass.
+
+    `classes_if_present` looks up a class column without requiring one: a model that can train
+    either way (a DiT, whose label embedding has a null class) is class-conditional on a labelled
+    dataset and unconditional on an unlabelled one (e.g. a flat image folder); the class column is
+    then None.
     """
     columns = list(dataset.column_names)
     features = _features(dataset)
@@ -207,9 +213,9 @@ def resolve_columns(
 
     if class_column is not None:
         label = _check(dataset, "--class_column", class_column)
-    elif need_classes:
+    elif need_classes or classes_if_present:
         label = _pick(columns, features, CLASS_COLUMN_NAMES, _is_class, exclude=(image,))
-        if label is None:
+        if label is None and need_classes:
             raise ValueError(missing.format(what="class label", flag="--class_column"))
     else:
         label = None

@@ -18,8 +18,8 @@ for the interface and each module for its type's details.
 import json
 import os
 
-from .base import LORA_INFO_NAME, ModelAdapter
-from .controlnet import ControlNetAdapter
+from .base import CONTROLNET_INFO_NAME, LORA_INFO_NAME, ModelAdapter, resolve_recorded_base
+from .controlnet import ControlNetAdapter, controlnet_output_base
 from .dit import DiTAdapter
 from .pipelines import ClassConditionalUNetPipeline, PixelDiTPipeline
 from .presets import PRESETS, tiny_clip_tokenizer
@@ -44,12 +44,14 @@ def get_model_adapter(model_type: str):
 
 
 def load_pipeline(folder: str, torch_dtype=None):
-    """Load what :meth:`ModelAdapter.save` wrote: a full pipeline folder, or a LoRA folder.
+    """Load what :meth:`ModelAdapter.save` wrote: a full pipeline folder, a ControlNet, or a LoRA folder.
 
     A LoRA folder (with ``ant_lora.json``) loads its base pipeline (``base_model/`` inside it, or the
-    pretrained folder / Hub id it names), then the LoRA weights through the adapter's ``load_lora``
-    (diffusers' ``load_lora_weights`` for ``sd``). This project's own pipeline classes are loaded with
-    the installed code, never with the copy of it in the folder; every other pipeline goes through
+    folder / Hub id it names, relative to itself), then the LoRA weights through the adapter's
+    ``load_lora`` (diffusers' ``load_lora_weights`` for ``sd``). A ControlNet folder (``config.json``
+    of the ControlNetModel and ``ant_controlnet.json``) gives the ``StableDiffusionControlNetPipeline``
+    of its base with this ControlNet. This project's own pipeline classes are loaded with the
+    installed code, never with the copy of it in the folder; every other pipeline goes through
     ``DiffusionPipeline.from_pretrained``.
     """
     from diffusers import DiffusionPipeline
@@ -58,15 +60,21 @@ def load_pipeline(folder: str, torch_dtype=None):
     if os.path.isfile(lora_info):
         with open(lora_info, encoding="utf-8") as f:
             info = json.load(f)
-        base = info["base_model"]
-        if os.path.isdir(os.path.join(folder, base)):
-            base = os.path.join(folder, base)
-        pipeline = load_pipeline(base, torch_dtype=torch_dtype)
+        pipeline = load_pipeline(resolve_recorded_base(folder, info["base_model"]), torch_dtype=torch_dtype)
         return get_model_adapter(info["model_type"]).load_lora(pipeline, folder)
+    controlnet_base = controlnet_output_base(folder)
+    if controlnet_base is not None:
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+        controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch_dtype)
+        return StableDiffusionControlNetPipeline.from_pretrained(controlnet_base, controlnet=controlnet,
+                                                                 torch_dtype=torch_dtype)
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         if os.path.isdir(folder):
-            raise ValueError(f"{folder!r} holds no pipeline: expected model_index.json or {LORA_INFO_NAME}")
+            raise ValueError(
+                f"{folder!r} holds no pipeline: expected model_index.json, {LORA_INFO_NAME} or {CONTROLNET_INFO_NAME}"
+            )
         return DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype)  # a Hub id
     with open(index_path, encoding="utf-8") as f:
         class_name = json.load(f)["_class_name"]

@@ -22,6 +22,37 @@ from .lora import attach_lora, base_copy, has_lora, load_peft_lora, save_peft_lo
 from .presets import LATENT_SCHEDULER, PIXEL_SCHEDULER, resolve_model_config
 
 LORA_INFO_NAME = "ant_lora.json"
+# A ControlNet output (the ControlNetModel at the folder's root, as diffusers' train_controlnet.py
+# saves it) names its base Stable Diffusion pipeline in this file.
+CONTROLNET_INFO_NAME = "ant_controlnet.json"
+# Where an output folder carries its own base pipeline (a base trained from scratch, which no Hub
+# id or other folder holds).
+BASE_MODEL_DIR = "base_model"
+
+
+def resolve_recorded_base(folder: str, recorded: str) -> str:
+    """The base pipeline named in ``folder``'s ``ant_lora.json`` / ``ant_controlnet.json``.
+
+    Saved folders record their base relative to themselves (``base_model``, ``../sd-base``) or as a
+    Hub id, never as an absolute path of the training machine (see ``diffusers_ant.hub.portable_path``);
+    absolute paths of older folders still resolve.
+    """
+    candidate = os.path.join(folder, recorded)
+    if os.path.isdir(candidate):
+        return candidate
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(recorded)
+        is_hub_id = recorded != BASE_MODEL_DIR and not recorded.startswith((".", "/", "~"))
+    except HFValidationError:
+        is_hub_id = False
+    if not is_hub_id:
+        raise ValueError(
+            f"the base model {recorded!r} that {folder!r} was trained on is not there (paths are relative to "
+            "the folder): put the base pipeline at that place, or edit base_model in the folder's JSON"
+        )
+    return recorded
 
 
 def _not_found(path, err=None):
@@ -470,11 +501,15 @@ class ModelAdapter:
         ``lora=False``: the whole pipeline folder in safetensors (``save_pretrained``); LoRA layers, if
         any, are merged into the weights first. Load it with :func:`diffusers_ant.models.load_pipeline`
         or ``DiffusionPipeline.from_pretrained`` (see pipelines.py for the two custom classes).
+        (ControlNet saves the ControlNet alone, the diffusers way: see controlnet.py.)
 
         ``lora=True``: the LoRA weights only (see :meth:`_save_lora_weights`), ``ant_lora.json`` naming
-        the model type and the base pipeline, and, when the trained module did not come from a
-        pretrained folder (training from scratch), that base pipeline in ``output_dir/base_model``.
+        the model type and the base pipeline (a Hub id, or its path relative to ``output_dir``: the
+        folder may be published), and, when the trained module did not come from a pretrained folder
+        (training from scratch), that base pipeline in ``output_dir/base_model``.
         """
+        from ..hub import portable_path
+
         model = model if model is not None else self.model  # pass the unwrapped (or EMA) module
         os.makedirs(output_dir, exist_ok=True)
         if not lora:
@@ -485,18 +520,19 @@ class ModelAdapter:
         if self.lora_config is None:
             raise ValueError("lora=True but no LoRA adapter was added: call add_lora(rank) first")
         self._save_lora_weights(output_dir, model)
-        base = self.pretrained_model_name_or_path if self.model_from_pretrained else None
-        if base is None:
-            self.make_pipeline(base_copy(model, merge=False)).save_pretrained(
-                os.path.join(output_dir, "base_model"), safe_serialization=True
-            )
-            base = "base_model"
+        if self.model_from_pretrained:
+            # the folder may be pushed: a Hub id, or the base's path relative to the output folder
+            base = portable_path(self.pretrained_model_name_or_path, output_dir)
+        else:
+            self._save_base_copy(os.path.join(output_dir, BASE_MODEL_DIR), self._untrained_base(model))
+            base = BASE_MODEL_DIR
         info = {
             "model_type": self.model_type,
             "base_model": base,
             "rank": self.lora_config.r,
             "lora_alpha": self.lora_config.lora_alpha,
             "target_modules": sorted(self.lora_config.target_modules),
+            **self._lora_info_extra(),
         }
         with open(os.path.join(output_dir, LORA_INFO_NAME), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)
@@ -504,6 +540,18 @@ class ModelAdapter:
     def _save_lora_weights(self, output_dir, model):
         """peft-format LoRA weights (``pytorch_lora_weights.safetensors`` + ``adapter_config.json``)."""
         save_peft_lora(output_dir, model, self.lora_config)
+
+    def _untrained_base(self, model):
+        """The module a LoRA output's ``base_model/`` holds: ``model`` without its LoRA layers."""
+        return base_copy(model, merge=False)
+
+    def _save_base_copy(self, folder, base_model):
+        """Write a LoRA output's ``base_model/``: the pipeline around the untrained module."""
+        self.make_pipeline(base_model).save_pretrained(folder, safe_serialization=True)
+
+    def _lora_info_extra(self) -> dict:
+        """More entries for ``ant_lora.json`` (what else the LoRA output holds)."""
+        return {}
 
 
 def scheduler_by_name(name: str, like):

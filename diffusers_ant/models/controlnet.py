@@ -13,22 +13,85 @@ as the VAE downsamples pixels, so its block count follows the VAE. Control image
 
 LoRA: the ControlNet's attention projections and its zero convolutions. The zero convolutions
 must be included: with only internal layers adapted, every gradient into the ControlNet passes
-through the zero convolutions, whose weights are zero, so nothing would ever be learned. Saved in
-peft format (the pipeline's ``load_lora_weights`` targets the UNet and text encoder, not the
-ControlNet); load with :meth:`ControlNetAdapter.load_lora`.
+through the zero convolutions, whose weights are zero, so nothing would ever be learned. For the
+same reason a *new* ControlNet (``from_unet``, or a config) also trains its conditioning embedding
+in full (``controlnet_cond_embedding``, about 0.1M parameters for SD): its output convolution is
+zero-initialised too (the paper's zero convolution Z(c; theta_z1) on the condition, eq. 3), and as
+a frozen zero it would keep the control image out of the network forever. A ControlNet loaded from
+a pretrained one has learned that embedding already and keeps it frozen. LoRA weights are saved
+in peft format (the pipeline's ``load_lora_weights`` targets the UNet and text encoder, not the
+ControlNet), the embedding beside them in ``controlnet_cond_embedding.safetensors``; load with
+:meth:`ControlNetAdapter.load_lora` (or ``load_pipeline``).
+
+Saving a full ControlNet follows diffusers' ``train_controlnet.py``: the ``ControlNetModel`` alone
+at the root of the output folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, so
+``ControlNetModel.from_pretrained(output_dir)`` loads it), and the base pipeline it runs beside
+named in ``ant_controlnet.json`` (a Hub id, or a path relative to the folder; a base built from a
+preset is saved in ``base_model/``). ``load_pipeline(output_dir)`` assembles the
+``StableDiffusionControlNetPipeline``, and such a folder can be given as
+``pretrained_model_name_or_path`` to train on (its base supplies the frozen parts). The
+``base_model/`` of a LoRA output on a new ControlNet is such a folder too: the untrained ControlNet,
+naming the Stable Diffusion base instead of copying it.
 """
 
-from .base import PretrainedSource, repeat_to
+import json
+import os
+
+from .base import BASE_MODEL_DIR, CONTROLNET_INFO_NAME, PretrainedSource, repeat_to, resolve_recorded_base
+from .lora import base_copy, has_lora
 from .sd import StableDiffusionAdapter
+
+# the trained conditioning embedding of a LoRA run on a new ControlNet, beside the LoRA weights
+COND_EMBEDDING_WEIGHTS_NAME = "controlnet_cond_embedding.safetensors"
+
+
+def controlnet_output_base(folder):
+    """The base pipeline of a ControlNet output folder (see the module docstring), else ``None``."""
+    if folder is None or not os.path.isfile(os.path.join(folder, CONTROLNET_INFO_NAME)):
+        return None
+    with open(os.path.join(folder, CONTROLNET_INFO_NAME), encoding="utf-8") as f:
+        return resolve_recorded_base(folder, json.load(f)["base_model"])
 
 # diffusers' default conditioning embedding for SD (4 blocks: downsampling by 8, as SD's VAE)
 _CONDITIONING_EMBEDDING = (16, 32, 96, 256)
 
 
 class ControlNetAdapter(StableDiffusionAdapter):
+    """See the module docstring. Beside the base attributes:
+
+    controlnet_is_new: the ControlNet was made here (``from_unet`` or a config), not loaded trained.
+    base_pipeline: where the frozen UNet, VAE and text encoder came from (an absolute local path or a
+        Hub id), or ``None`` when they were built from a preset (a full save then copies them).
+    """
+
     model_type = "controlnet"
     # the zero convolutions that feed the frozen UNet
     output_module_names = ("controlnet_down_blocks", "controlnet_mid_block")
+
+    def __init__(self, *args, controlnet_is_new=False, base_pipeline=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.controlnet_is_new = controlnet_is_new
+        self.base_pipeline = base_pipeline
+        self._initial_cond_embedding = None  # set when add_lora makes the embedding trainable
+
+    @classmethod
+    def load(cls, pretrained_model_name_or_path=None, model_config_name_or_path=None, **kwargs):
+        """As :meth:`ModelAdapter.load`; ``pretrained_model_name_or_path`` may also be a ControlNet output
+        folder of this project: its ControlNet is trained further, its recorded base supplies the rest."""
+        base = controlnet_output_base(pretrained_model_name_or_path)
+        if base is None:
+            return super().load(pretrained_model_name_or_path, model_config_name_or_path, **kwargs)
+        if kwargs.get("controlnet_model_name_or_path") is not None:
+            raise ValueError(
+                f"{pretrained_model_name_or_path!r} is a trained ControlNet: pass it alone, or pass its base "
+                "pipeline as pretrained_model_name_or_path with controlnet_model_name_or_path"
+            )
+        kwargs["controlnet_model_name_or_path"] = pretrained_model_name_or_path
+        adapter = super().load(base, model_config_name_or_path, **kwargs)
+        # a LoRA output then names this folder as its base (which in turn names its own base)
+        adapter.pretrained_model_name_or_path = os.path.abspath(pretrained_model_name_or_path)
+        adapter.model_from_pretrained = True
+        return adapter
 
     @classmethod
     def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):
@@ -44,18 +107,21 @@ class ControlNetAdapter(StableDiffusionAdapter):
             resolution,
         )
         model_config = dict(preset["model"]) if preset is not None else {}
-        from_pretrained = False
+        from_pretrained, is_new = False, False
         if controlnet_model_name_or_path is not None:
             cn_source = PretrainedSource(controlnet_model_name_or_path)
             controlnet = cn_source.load(ControlNetModel, subfolder="controlnet" if cn_source.has("controlnet") else None)
         elif source is not None and source.has("controlnet") and preset is None:
             controlnet, from_pretrained = source.load(ControlNetModel, subfolder="controlnet"), True
         elif "block_out_channels" in model_config:  # a full ControlNetModel config JSON
-            controlnet = ControlNetModel(**model_config)
+            controlnet, is_new = ControlNetModel(**model_config), True
         else:
             blocks = cls.vae_scale_factor(vae).bit_length()  # scale 2**(n-1) -> n blocks
             model_config["conditioning_embedding_out_channels"] = _CONDITIONING_EMBEDDING[:blocks]
-            controlnet = ControlNetModel.from_unet(unet, **model_config)
+            controlnet, is_new = ControlNetModel.from_unet(unet, **model_config), True
+        base_pipeline = None
+        if use_pretrained_unet:
+            base_pipeline = os.path.abspath(source.path) if source.is_local else source.path
         return {
             "model": controlnet,
             "unet": unet,
@@ -65,6 +131,8 @@ class ControlNetAdapter(StableDiffusionAdapter):
             "num_channels": vae.config.in_channels,
             "sample_size": unet.config.sample_size,
             "model_from_pretrained": from_pretrained,
+            "controlnet_is_new": is_new,
+            "base_pipeline": base_pipeline,
         }
 
     @property
@@ -76,6 +144,22 @@ class ControlNetAdapter(StableDiffusionAdapter):
         """Attention projections plus every zero convolution (see the module docstring for why)."""
         zero_convs = [name for name, _ in self.model.named_modules() if name.startswith("controlnet_down_blocks.")]
         return super().lora_target_modules + zero_convs + ["controlnet_mid_block"]
+
+    def add_lora(self, rank: int, alpha=None, target_modules=None, dropout: float = 0.0):
+        """LoRA as in :meth:`ModelAdapter.add_lora`; a new ControlNet also trains its conditioning
+        embedding in full (see the module docstring for why)."""
+        config = super().add_lora(rank, alpha=alpha, target_modules=target_modules, dropout=dropout)
+        if self.controlnet_is_new:
+            embedding = self.model.controlnet_cond_embedding
+            # its starting point, for the base_model/ a LoRA output carries (see _untrained_base)
+            self._initial_cond_embedding = {k: v.detach().clone() for k, v in embedding.state_dict().items()}
+            embedding.requires_grad_(True)
+        return config
+
+    @property
+    def trains_cond_embedding(self) -> bool:
+        """Whether the conditioning embedding is trained in full beside the LoRA weights."""
+        return self._initial_cond_embedding is not None
 
     def conditioning(self, batch, generator=None, training=False):
         cond = super().conditioning(batch, generator=generator, training=training)
@@ -127,15 +211,72 @@ class ControlNetAdapter(StableDiffusionAdapter):
             **kwargs,
         ).images
 
+    # ------------------------------------------------------------------ saving
+
+    def save(self, output_dir: str, model=None, lora: bool = False):
+        """``lora=True``: as :meth:`ModelAdapter.save` (plus the conditioning embedding, if trained).
+
+        ``lora=False``: the ControlNet at the root of ``output_dir``, as diffusers' ``train_controlnet.py``
+        saves it, and ``ant_controlnet.json`` naming the base pipeline (see the module docstring).
+        """
+        if lora:
+            return super().save(output_dir, model, lora=True)
+        model = model if model is not None else self.model
+        self._save_controlnet_output(output_dir, base_copy(model, merge=True) if has_lora(model) else model)
+
+    def _save_base_copy(self, folder, base_model):
+        """A LoRA output's ``base_model/`` is the untrained ControlNet saved the same way (not a copy of
+        the whole Stable Diffusion pipeline: it names its base, unless that base was built here)."""
+        self._save_controlnet_output(folder, base_model)
+
+    def _save_controlnet_output(self, output_dir, model):
+        from diffusers import StableDiffusionPipeline
+
+        from ..hub import portable_path
+
+        os.makedirs(output_dir, exist_ok=True)
+        model.save_pretrained(output_dir, safe_serialization=True)
+        if self.base_pipeline is not None:
+            base = portable_path(self.base_pipeline, output_dir)
+        else:  # frozen parts built from a preset: nowhere else to find them
+            StableDiffusionPipeline(unet=self.unet, **self._pipeline_parts(None)).save_pretrained(
+                os.path.join(output_dir, BASE_MODEL_DIR), safe_serialization=True
+            )
+            base = BASE_MODEL_DIR
+        with open(os.path.join(output_dir, CONTROLNET_INFO_NAME), "w", encoding="utf-8") as f:
+            json.dump({"model_type": self.model_type, "base_model": base}, f, indent=2)
+
     def _save_lora_weights(self, output_dir, model):
+        from safetensors.torch import save_file
+
         from .lora import save_peft_lora
 
         save_peft_lora(output_dir, model, self.lora_config)
+        if self.trains_cond_embedding:
+            state = model.controlnet_cond_embedding.state_dict()
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                      os.path.join(output_dir, COND_EMBEDDING_WEIGHTS_NAME))
+
+    def _untrained_base(self, model):
+        """The ControlNet without LoRA and with its conditioning embedding as it was before training."""
+        base = super()._untrained_base(model)
+        if self.trains_cond_embedding:
+            base.controlnet_cond_embedding.load_state_dict(self._initial_cond_embedding)
+        return base
+
+    def _lora_info_extra(self) -> dict:
+        return {"trained_in_full": ["controlnet_cond_embedding"]} if self.trains_cond_embedding else {}
 
     @classmethod
     def load_lora(cls, pipeline, folder):
-        """Attach the peft-format LoRA in ``folder`` to ``pipeline.controlnet``."""
+        """Attach the peft-format LoRA in ``folder`` to ``pipeline.controlnet``, and its trained
+        conditioning embedding when the folder has one."""
+        from safetensors.torch import load_file
+
         from .lora import load_peft_lora
 
         load_peft_lora(pipeline.controlnet, folder)
+        embedding_file = os.path.join(folder, COND_EMBEDDING_WEIGHTS_NAME)
+        if os.path.isfile(embedding_file):
+            pipeline.controlnet.controlnet_cond_embedding.load_state_dict(load_file(embedding_file))
         return pipeline

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Override the scheduler's prediction type (flow-matching schedulers always predict the flow).")
     g.add_argument("--num_classes", type=int, default=None,
                    help="Class-conditional training with this many classes (unet, dit). Default: the dataset's "
-                   "class count for dit, unconditional for unet.")
+                   "class count for dit when it has a class column (else unconditional, through DiT's null class), "
+                   "unconditional for unet.")
     g.add_argument("--rank", type=int, default=None, help="Train LoRA adapters of this rank instead of the full model.")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
 

@@ -35,10 +35,12 @@ from .step import DiffusionObjective, training_step
 logger = logging.getLogger("diffusers_ant")
 
 def public_config(args) -> dict:
-    """The run's configuration without secrets (the Hub token is never written, logged or carded)."""
-    from ..hub import drop_secrets
+    """The run's configuration as it may be written into the output folder (which may be pushed): no
+    secret (the Hub token is never written, logged or carded) and no absolute path of this machine
+    (paths become relative to the output folder, see `hub.portable_config`)."""
+    from ..hub import drop_secrets, portable_config
 
-    return dict(sorted(drop_secrets(vars(args)).items()))
+    return dict(sorted(portable_config(drop_secrets(vars(args)), args.output_dir).items()))
 
 
 def build_intervals(args, noise_scheduler):
@@ -78,8 +80,10 @@ def data_needs(args) -> dict:
     """Which dataset columns the model type needs (captions, conditioning images, classes)."""
     return {"need_captions": args.model_type in ("sd", "controlnet"),
             "need_conditioning": args.model_type == "controlnet",
-            "need_classes": args.model_type in ("unet", "dit") and (args.num_classes is not None or args.model_type == "dit"
-                                                                    or args.class_column is not None)}
+            "need_classes": args.model_type in ("unet", "dit") and (args.num_classes is not None
+                                                                    or args.class_column is not None),
+            # a DiT has a null class: class-conditional on labelled data, unconditional otherwise
+            "classes_if_present": args.model_type == "dit"}
 
 
 def pixel_resolution(adapter) -> int:
@@ -113,21 +117,37 @@ def parameter_subset(adapter, spec, task_gradients):
 
 
 def default_validation_inputs(args, dataset, columns) -> dict:
-    """Prompts / conditioning images for validation: the flags, else the first training examples."""
+    """Prompts / conditioning images for validation: the flags, else the first training examples.
+
+    `--validation_prompt` and `--validation_image` may each give several values, paired in order (one of
+    either is repeated for all); the pairs are cycled over `--num_validation_images`."""
     from PIL import Image
+
+    from ..models.base import repeat_to
 
     n = args.num_validation_images
     inputs = {}
     if args.model_type in ("sd", "controlnet"):
-        inputs["prompts"] = ([args.validation_prompt] * n if args.validation_prompt
-                             else [dataset[i % len(dataset)][columns["caption_column"]] for i in range(n)])
+        prompts = args.validation_prompt or [dataset[i % len(dataset)][columns["caption_column"]] for i in range(n)]
+        inputs["prompts"] = repeat_to(list(prompts), n)
     if args.model_type == "controlnet":
         if args.validation_image:
-            inputs["conditioning_images"] = [Image.open(args.validation_image).convert("RGB")] * n
+            images = [Image.open(path).convert("RGB") for path in args.validation_image]
         else:
-            inputs["conditioning_images"] = [dataset[i % len(dataset)][columns["conditioning_image_column"]].convert("RGB")
-                                             for i in range(n)]
+            images = [dataset[i % len(dataset)][columns["conditioning_image_column"]].convert("RGB") for i in range(n)]
+        inputs["conditioning_images"] = repeat_to(images, n)
     return inputs
+
+
+def build_optimizer(args, param_groups, lr):
+    """AdamW, or bitsandbytes' 8-bit AdamW with `--use_8bit_adam` (as diffusers' scripts)."""
+    kwargs = dict(lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                  eps=args.adam_epsilon)
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb  # checked in validate_args
+
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    return torch.optim.AdamW(param_groups, **kwargs)
 
 
 def windows(batches, size: int):
@@ -271,7 +291,7 @@ def train(args) -> str:
                               conditioning_image_column=args.conditioning_image_column,
                               class_column=args.class_column, **needs)
     num_classes = args.num_classes
-    if num_classes is None and needs["need_classes"]:
+    if num_classes is None and columns["class_column"] is not None:
         num_classes = len(class_names(dataset, columns["class_column"]))
     from_scratch = args.model_config_name_or_path is not None and args.model_type in ("unet", "dit")
     adapter = get_model_adapter(args.model_type).load(
@@ -288,6 +308,8 @@ def train(args) -> str:
         adapter.add_lora(args.rank, alpha=args.lora_alpha)
     if args.gradient_checkpointing:
         adapter.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        adapter.model.enable_xformers_memory_efficient_attention()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     adapter.to(accelerator.device, weight_dtype)  # frozen parts (VAE, text encoder) in the low precision
     cast_frozen_parameters(adapter.model, weight_dtype)  # and a LoRA run's frozen base weights
@@ -305,7 +327,8 @@ def train(args) -> str:
         dataset, columns, resolution=pixel_resolution(adapter), batch_size=args.train_batch_size,
         num_channels=adapter.num_channels, tokenizer=adapter.tokenizer, seed=args.seed,
         num_workers=args.dataloader_num_workers, center_crop=args.center_crop, random_flip=args.random_flip,
-        max_samples=args.max_train_samples)
+        max_samples=args.max_train_samples, interpolation=args.image_interpolation_mode,
+        proportion_empty_prompts=args.proportion_empty_prompts)
     validation_inputs = default_validation_inputs(args, dataset, columns)
 
     # Optimizer updates per epoch: the loader yields this process's share of the batches, grouped
@@ -328,11 +351,11 @@ def train(args) -> str:
     if weighting is not None and hasattr(weighting, "param_groups"):
         # UW's log-variances: their own learning rate and no weight decay (ANT's setting).
         param_groups += weighting.param_groups()
-    optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = build_optimizer(args, param_groups, lr)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
     constant_lr_groups(lr_scheduler, optimizer)
 
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(adapter.model, optimizer, train_dataloader, lr_scheduler)
@@ -341,7 +364,7 @@ def train(args) -> str:
     ema = None
     if args.use_ema:
         ema = EMAModel(params, decay=args.ema_max_decay, use_ema_warmup=True,
-                       inv_gamma=args.ema_inv_gamma, power=args.ema_power)
+                       inv_gamma=args.ema_inv_gamma, power=args.ema_power, foreach=args.foreach_ema)
     engine = None
     if weighting is not None and weighting.needs_task_gradients:
         from ..weighting.engine import TaskGradientEngine
@@ -354,11 +377,12 @@ def train(args) -> str:
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
     if accelerator.is_main_process:
-        tracker_config = {k: v for k, v in public_config(args).items() if isinstance(v, (int, float, str, bool))}
+        published_config = public_config(args)
+        tracker_config = {k: v for k, v in published_config.items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
         intervals.save(os.path.join(args.output_dir, "timestep_intervals.json"))
         with open(os.path.join(args.output_dir, "training_config.json"), "w") as f:
-            json.dump(public_config(args), f, indent=2)
+            json.dump(published_config, f, indent=2)
         if weighting is not None:
             with open(os.path.join(args.output_dir, "weighting_config.json"), "w") as f:
                 json.dump({"name": args.mtl_method, **weighting.config.to_dict()}, f, indent=2)
@@ -381,11 +405,11 @@ def train(args) -> str:
         if ema is not None:
             if state["ema"] is None:
                 raise ValueError(f"{checkpoint} was saved without --use_ema; resume without it or start a new run")
-            restore_ema(ema, state["ema"], accelerator.device)
+            restore_ema(ema, state["ema"], ema_home(args, accelerator))
         if weighting is not None:
             weighting.load_state_dict(state["weighting"])
     elif ema is not None:
-        ema.to(accelerator.device)
+        ema.to(ema_home(args, accelerator))
 
     # ---------------------------------------------------------------- the loop
     first_epoch = global_step // updates_per_epoch
@@ -418,7 +442,7 @@ def train(args) -> str:
 
             # ---- one optimizer update done
             if ema is not None and not skipped:
-                ema.step(params)
+                step_ema(args, accelerator, ema, params)
             global_step += 1
             progress.update(1)
             record = {"loss": logs["loss"].item(), "lr": lr_scheduler.get_last_lr()[0]}
@@ -443,6 +467,8 @@ def train(args) -> str:
                 break
         if global_step >= args.max_train_steps:
             break
+        if args.validation_epochs and (epoch + 1) % args.validation_epochs == 0:
+            validate(args, accelerator, adapter, model, ema, params, global_step, validation_inputs)
     progress.close()
 
     # ---------------------------------------------------------------- outputs
@@ -452,6 +478,21 @@ def train(args) -> str:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return args.output_dir
+
+
+def ema_home(args, accelerator):
+    """Where the EMA weights live between updates: the training device, or the CPU with `--offload_ema`."""
+    return torch.device("cpu") if args.offload_ema else accelerator.device
+
+
+def step_ema(args, accelerator, ema, params) -> None:
+    """One EMA update; with `--offload_ema` the weights visit the device for it, as in diffusers' scripts."""
+    if args.offload_ema and accelerator.device.type != "cpu":
+        ema.to(accelerator.device, non_blocking=True)
+        ema.step(params)
+        ema.to("cpu", non_blocking=True)
+    else:
+        ema.step(params)
 
 
 def restore_ema(ema, state: dict, device) -> None:
@@ -497,7 +538,7 @@ def validate(args, accelerator, adapter, model, ema, params, step, inputs):
 
 def finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs):
     """Save the pipeline (or LoRA weights), samples, model card; push to the Hub if asked."""
-    from ..hub import push_to_hub, write_model_card
+    from ..hub import push_to_hub, training_summary, write_model_card
 
     unwrapped = accelerator.unwrap_model(model)
     # The saved pipeline holds float32 frozen parts (and base weights), whatever precision training used.
@@ -505,14 +546,7 @@ def finish(args, accelerator, adapter, model, ema, params, intervals, global_ste
     with _ema_weights(ema, params):
         adapter.save(args.output_dir, unwrapped, lora=args.rank is not None)
         images, _ = validate(args, accelerator, adapter, model, None, params, global_step, validation_inputs)
-    summary = {
-        "model_type": args.model_type, "mtl_method": args.mtl_method, "clustering": args.clustering,
-        "num_clusters": len(intervals), "intervals": [list(b) for b in intervals.bounds],
-        "timestep_sampling": args.timestep_sampling, "loss_weighting": args.loss_weighting,
-        "max_train_steps": global_step, "train_batch_size": args.train_batch_size,
-        "learning_rate": args.learning_rate, "lora_rank": args.rank, "use_ema": args.use_ema,
-        "resolution": pixel_resolution(adapter),
-    }
+    summary = training_summary(args, intervals, global_step, pixel_resolution(adapter))
     write_model_card(args.output_dir, repo_id=args.hub_model_id, base_model=args.pretrained_model_name_or_path,
                      model_type=args.model_type, method_summary=summary, dataset_name=args.dataset_name,
                      images=images, lora=args.rank is not None)

@@ -24,7 +24,8 @@ def log_and_save_samples(args, accelerator, adapter, model, step, inputs):
     with torch.no_grad():
         # DDIM: a few dozen steps give clean samples where ancestral DDPM would need hundreds.
         images = adapter.sample(pipeline, args.num_validation_images, generator=generator,
-                                num_inference_steps=args.num_inference_steps, scheduler="ddim", **inputs)
+                                num_inference_steps=args.num_inference_steps, scheduler="ddim",
+                                guidance_scale=getattr(args, "guidance_scale", None), **inputs)
     model.train(was_training)
     cols = int(math.ceil(math.sqrt(len(images))))
     rows = int(math.ceil(len(images) / cols))
@@ -38,8 +39,23 @@ def log_and_save_samples(args, accelerator, adapter, model, step, inputs):
     os.makedirs(folder, exist_ok=True)
     grid_path = os.path.join(folder, f"step-{step}.png")
     grid.save(grid_path)
+    log_images_to_trackers(accelerator, images, step, captions=inputs.get("prompts"))
+    return images, grid_path
+
+
+def log_images_to_trackers(accelerator, images, step, captions=None) -> None:
+    """Send validation images to every configured tracker through Accelerate's `log_images`.
+
+    TensorBoard takes one NHWC array; wandb (and the others) take the PIL images, which Accelerate's
+    wandb tracker wraps in `wandb.Image`, as diffusers' scripts do. A tracker without image support is
+    told once in the log."""
+    import logging
+
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             array = np.stack([np.asarray(img.convert("RGB")) for img in images])
-            tracker.writer.add_images("validation", array, step, dataformats="NHWC")
-    return images, grid_path
+            tracker.log_images({"validation": array}, step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({"validation": list(images)}, step)
+        else:
+            logging.getLogger("diffusers_ant").info("tracker %s does not take images; skipped", tracker.name)

@@ -1,0 +1,135 @@
+"""What a training run leaves in its output folder (issue 9): unconditional DiT on an unlabelled folder,
+a ControlNet LoRA that learns its condition, and no absolute path of the training machine in any file.
+
+The trainer runs in-process (tests/trainer_utils.py) on the tiny presets for a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer_utils import TINY_RUN, train_in_process
+
+
+def _image_folder(root, count=8, size=8):
+    """A flat folder of PNGs: no subfolders, no metadata, so no label column."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def test_dit_on_an_unlabelled_image_folder_trains_unconditionally(tmp_path):
+    """Refused before ("the dataset has no class label column"); the DiT's null class makes it unconditional."""
+    from diffusers_ant.models import load_pipeline
+
+    out = tmp_path / "out"
+    train_in_process(["--model_type", "dit", "--train_data_dir", str(_image_folder(tmp_path / "images")),
+                      "--output_dir", str(out), "--resolution", "8", *TINY_RUN, "--max_train_steps", "1"])
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert config["num_embeds_ada_norm"] == 1  # one (unused) class + the null class the run trained
+    pipeline = load_pipeline(str(out))
+    images = pipeline(batch_size=2, num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 8, 8, 3)
+
+
+def _absolute_paths_in(folder, needles):
+    """(file, needle) for every file that may be pushed (checkpoints are never pushed) containing a needle."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from diffusers_ant.hub import DEFAULT_PUSH_IGNORE_PATTERNS
+
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    pushed = list(filter_repo_objects(files, ignore_patterns=list(DEFAULT_PUSH_IGNORE_PATTERNS)))
+    assert pushed, f"nothing in {folder}"
+    return [(name, needle) for name in pushed for needle in needles if needle.encode() in (folder / name).read_bytes()]
+
+
+def _machine_paths(tmp_path):
+    """The absolute paths of this machine a published file must not contain."""
+    needles = {str(tmp_path), str(tmp_path.parent.parent), os.getcwd()}  # pytest's base temp folder too
+    home = os.path.expanduser("~")
+    if len(home) > 1:
+        needles.add(home)
+    return needles
+
+
+def _control_difference(folder):
+    """Largest pixel difference between samples under a white and a black control image (same seed)."""
+    from diffusers_ant.models import load_pipeline
+
+    pipeline = load_pipeline(str(folder))
+    pipeline.set_progress_bar_config(disable=True)
+    outputs = []
+    for colour in ("white", "black"):
+        outputs.append(pipeline("a handwritten digit 3", image=Image.new("RGB", (16, 16), colour), num_inference_steps=2,
+                                generator=torch.Generator().manual_seed(0), output_type="np").images)
+    return float(np.abs(outputs[0] - outputs[1]).max())
+
+
+@pytest.mark.slow
+def test_outputs_name_no_path_of_this_machine_and_a_new_controlnet_lora_learns_its_condition(tmp_path):
+    """Three runs chained as a user would: SD from scratch, then on it a ControlNet LoRA (new ControlNet)
+    and a full ControlNet. Every file that can be pushed names paths relative to its folder (or not at
+    all); the LoRA responds to its control image, and its checkpoints hold the trained embedding."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from safetensors.torch import load_file
+
+    from diffusers_ant.models import load_pipeline
+    from trainer_utils import assert_same_tensors, load_safetensors_dir
+
+    common = ["--dataset_name", "mnist5k_captions", *TINY_RUN, "--cache_dir", str(tmp_path / "cache"),
+              "--report_to", "tensorboard"]  # TensorBoard writes the run's configuration into logs/
+    sd = tmp_path / "sd"
+    train_in_process(["--model_type", "sd", "--output_dir", str(sd), *common, "--max_train_steps", "1",
+                      "--validation_prompt", "a digit"])
+
+    # ControlNet LoRA on a new ControlNet (from_unet of the SD UNet): conv_out of its conditioning
+    # embedding starts at zero and is no LoRA target; without training the embedding in full, a white
+    # and a black control image gave outputs differing by exactly 0.
+    lora = tmp_path / "cn-lora"
+    lora_args = ["--model_type", "controlnet", "--pretrained_model_name_or_path", str(sd), "--rank", "4",
+                 "--output_dir", str(lora), *common, "--learning_rate", "2e-2", "--max_train_steps", "4",
+                 "--checkpointing_steps", "2"]
+    train_in_process(lora_args)
+    assert (lora / "controlnet_cond_embedding.safetensors").is_file()
+    # the base: the untrained ControlNet in base_model/, which names the SD pipeline (not a copy of it)
+    assert json.loads((lora / "ant_lora.json").read_text())["base_model"] == "base_model"
+    assert json.loads((lora / "base_model" / "ant_controlnet.json").read_text())["base_model"] == "../../sd"
+    assert not (lora / "base_model" / "base_model").exists()
+    assert _control_difference(lora) > 1e-3, "the ControlNet LoRA ignores its control image"
+    # the embedding is trainable state: checkpoint-2 holds it as a 2-step run ends with it
+    two_steps = tmp_path / "cn-lora-2"
+    train_in_process([*lora_args[:lora_args.index("--output_dir")], "--output_dir", str(two_steps),
+                      *common, "--learning_rate", "2e-2", "--max_train_steps", "2"])
+    trained = load_file(two_steps / "controlnet_cond_embedding.safetensors")
+    checkpointed = {key.split("controlnet_cond_embedding.", 1)[1]: value
+                    for key, value in load_safetensors_dir(lora / "checkpoint-2").items()
+                    if "controlnet_cond_embedding." in key}
+    assert sorted(checkpointed) == sorted(trained)
+    assert_same_tensors(checkpointed, trained)
+
+    # a full ControlNet: saved alone at the root, the diffusers way, its base named relative to it
+    control_image = tmp_path / "control.png"
+    Image.new("RGB", (16, 16), "white").save(control_image)
+    full = tmp_path / "cn-full"
+    train_in_process(["--model_type", "controlnet", "--pretrained_model_name_or_path", str(sd), "--output_dir", str(full),
+                      *common, "--max_train_steps", "1", "--validation_image", str(control_image)])
+    ControlNetModel.from_pretrained(str(full))
+    assert json.loads((full / "ant_controlnet.json").read_text())["base_model"] == "../sd"
+    assert type(load_pipeline(str(full))) is StableDiffusionControlNetPipeline
+    config = json.loads((full / "training_config.json").read_text())
+    assert config["output_dir"] == "." and config["pretrained_model_name_or_path"] == "../sd"
+    assert config["validation_image"] == "../control.png" and config["cache_dir"] == "../cache"
+    assert list((full / "logs").rglob("*")), "TensorBoard wrote nothing"
+
+    for folder in (sd, lora, full):
+        assert _absolute_paths_in(folder, _machine_paths(tmp_path)) == []
