@@ -226,6 +226,19 @@ def check_distributed_support(accelerator, args, weighting) -> None:
                              "cannot own: use ls, rlw or dwa, or plain data parallelism")
 
 
+def build_lr_scheduler(args, optimizer, num_processes: int):
+    """diffusers' `get_scheduler` as its scripts call it (Accelerate steps it once per process), with
+    the groups marked `constant_lr` (UW's log-variances) kept at their own learning rate."""
+    from diffusers.optimization import get_scheduler
+
+    scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                              num_warmup_steps=args.lr_warmup_steps * num_processes,
+                              num_training_steps=args.max_train_steps * num_processes,
+                              num_cycles=args.lr_num_cycles, power=args.lr_power)
+    constant_lr_groups(scheduler, optimizer)
+    return scheduler
+
+
 def constant_lr_groups(lr_scheduler, optimizer) -> None:
     """Keep the learning rate of parameter groups marked `constant_lr` (UW's log-variances) fixed.
 
@@ -246,7 +259,6 @@ def train(args) -> str:
     """Train as `args` says; returns the output folder."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
     from ..data import class_names, dataset_image_channels, load_training_dataset, make_train_dataloader, resolve_columns
@@ -352,11 +364,7 @@ def train(args) -> str:
         # UW's log-variances: their own learning rate and no weight decay (ANT's setting).
         param_groups += weighting.param_groups()
     optimizer = build_optimizer(args, param_groups, lr)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
-                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
-    constant_lr_groups(lr_scheduler, optimizer)
+    lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
 
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(adapter.model, optimizer, train_dataloader, lr_scheduler)
     # LoRA and other partial fine-tuning: checkpoints hold the trainable parameters only, not the frozen base.

@@ -1,0 +1,169 @@
+"""The flags of diffusers' example scripts that train_ant.py carries over (issue 9, item 8), and
+validation images reaching every tracker (item 9)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from trainer_utils import TINY_RUN, load_safetensors_dir, train_in_process
+
+
+def _sd_args(out, *extra):
+    return ["--model_type", "sd", "--dataset_name", "mnist5k_captions", "--output_dir", str(out), *TINY_RUN, *extra]
+
+
+def test_proportion_empty_prompts_drops_that_share_of_captions_deterministically():
+    from diffusers_ant.data import load_builtin_dataset, make_train_dataloader, resolve_columns
+    from diffusers_ant.models import tiny_clip_tokenizer
+
+    dataset = load_builtin_dataset("mnist5k_captions").select(range(200))
+    columns = resolve_columns(dataset, need_captions=True)
+    tokenizer = tiny_clip_tokenizer()
+    empty = tokenizer("", max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                      return_tensors="pt").input_ids[0]
+
+    def share(p, epoch=0):
+        loader = make_train_dataloader(dataset, columns, resolution=8, batch_size=200, tokenizer=tokenizer,
+                                       proportion_empty_prompts=p, seed=1)
+        loader.sampler.set_epoch(epoch)
+        ids = next(iter(loader))["input_ids"]
+        return (ids == empty).all(dim=1).float().mean().item(), ids
+
+    assert share(0.0)[0] == 0.0 and share(1.0)[0] == 1.0
+    half, ids = share(0.5)
+    assert 0.35 < half < 0.65
+    assert torch.equal(ids, share(0.5)[1])  # the same draw for the same (seed, epoch, sample)
+    with pytest.raises(ValueError, match="proportion_empty_prompts"):
+        share(1.5)
+
+
+def test_validation_prompts_and_images_are_paired_and_cycled(tmp_path):
+    from PIL import Image
+
+    from diffusers_ant.training import parse_args
+    from diffusers_ant.training.loop import default_validation_inputs
+
+    paths = []
+    for colour in ("white", "black"):
+        path = tmp_path / f"{colour}.png"
+        Image.new("RGB", (8, 8), colour).save(path)
+        paths.append(str(path))
+    args = parse_args(["--model_type", "controlnet", "--dataset_name", "mnist5k_captions", "--num_validation_images",
+                       "4", "--validation_prompt", "a digit 1", "a digit 2", "--validation_image", *paths])
+    inputs = default_validation_inputs(args, None, None)
+    assert inputs["prompts"] == ["a digit 1", "a digit 2", "a digit 1", "a digit 2"]
+    colours = [img.getpixel((0, 0)) for img in inputs["conditioning_images"]]
+    assert colours == [(255, 255, 255), (0, 0, 0), (255, 255, 255), (0, 0, 0)]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--use_8bit_adam"], "pip install bitsandbytes"),
+    (["--enable_xformers_memory_efficient_attention"], "pip install xformers"),
+    (["--proportion_empty_prompts", "0.5"], "sd and controlnet"),
+    (["--validation_epochs", "0"], "--validation_epochs"),
+    (["--lr_num_cycles", "0"], "--lr_num_cycles"),
+])
+def test_flags_that_need_a_package_or_a_model_type_fail_in_one_line(extra, needle, tmp_path, capsys):
+    pytest.importorskip("torch")  # always present; the packages below are absent on this machine
+    from train_scripts_loader import load_train_main
+
+    for package in ("bitsandbytes", "xformers"):
+        if package in needle:
+            try:
+                __import__(package)
+            except ImportError:
+                break
+            else:
+                pytest.skip(f"{package} is installed here")  # the error path needs it absent
+    with pytest.raises(SystemExit):
+        load_train_main()(["--dataset_name", "mnist5k", "--output_dir", str(tmp_path), *TINY_RUN, *extra])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_lr_cycles_and_power_reach_the_scheduler():
+    """--lr_scheduler polynomial --lr_power 2 decays quadratically; cosine_with_restarts restarts."""
+    from diffusers_ant.training import parse_args
+    from diffusers_ant.training.loop import build_lr_scheduler
+
+    def lrs(*flags):
+        args = parse_args(["--dataset_name", "mnist5k", "--max_train_steps", "10", "--learning_rate", "1.0", *flags])
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = build_lr_scheduler(args, optimizer, num_processes=1)
+        values = []
+        for _ in range(10):
+            values.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return values
+
+    linear, quadratic = lrs("--lr_scheduler", "polynomial"), lrs("--lr_scheduler", "polynomial", "--lr_power", "2")
+    assert quadratic[5] == pytest.approx(linear[5] ** 2, rel=1e-3) and quadratic[5] < linear[5]
+    one, two = lrs("--lr_scheduler", "cosine_with_restarts"), lrs("--lr_scheduler", "cosine_with_restarts",
+                                                                  "--lr_num_cycles", "2")
+    assert two[5] > two[4] and one[5] < one[4]  # the second cycle starts again at the top
+
+
+@pytest.mark.slow
+def test_offloaded_foreach_ema_equals_plain_ema_and_epochs_validate(tmp_path):
+    common = ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_steps", "4",
+              "--use_ema", "--max_train_samples", "16", "--num_validation_images", "1"]
+    train_in_process([*common, "--output_dir", str(tmp_path / "plain")])
+    train_in_process([*common, "--output_dir", str(tmp_path / "offload"), "--offload_ema", "--foreach_ema",
+                      "--validation_epochs", "1"])
+    a = load_safetensors_dir(tmp_path / "plain" / "unet")
+    b = load_safetensors_dir(tmp_path / "offload" / "unet")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    # 2 batches an epoch: epochs end at steps 2 and 4; step 4 is the end of training (final grid)
+    assert (tmp_path / "offload" / "samples" / "step-2.png").is_file()
+    assert not (tmp_path / "plain" / "samples" / "step-2.png").exists()
+
+
+@pytest.mark.slow
+def test_sd_with_caption_dropout_and_validation_guidance_trains(tmp_path):
+    out = tmp_path / "sd"
+    train_in_process(_sd_args(out, "--max_train_steps", "2", "--proportion_empty_prompts", "0.5",
+                              "--guidance_scale", "3.0", "--validation_prompt", "a handwritten digit 7"))
+    assert (out / "samples" / "step-2.png").is_file()
+
+
+def test_validation_images_reach_every_tracker(tmp_path):
+    from accelerate.tracking import GeneralTracker, TensorBoardTracker
+    from PIL import Image
+
+    from diffusers_ant.training.validation import log_images_to_trackers
+
+    class Recording(GeneralTracker):
+        name = "recording"
+        requires_logging_directory = False
+
+        def __init__(self):
+            super().__init__()
+            self.images = []
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            pass
+
+        def log(self, values, step=None, **kwargs):
+            pass
+
+        def log_images(self, values, step=None, **kwargs):
+            self.images.append((values, step))
+
+    recording = Recording()
+    board = TensorBoardTracker("run", str(tmp_path / "tb"))
+    board.start()  # what accelerator.init_trackers does
+    accelerator = types.SimpleNamespace(trackers=[board, recording])
+    images = [Image.new("L", (8, 8), 10), Image.new("L", (8, 8), 200)]
+    log_images_to_trackers(accelerator, images, step=3)
+    board.finish()
+    assert recording.images == [({"validation": images}, 3)]
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
