@@ -167,3 +167,23 @@ def test_validation_images_reach_every_tracker(tmp_path):
     board.finish()
     assert recording.images == [({"validation": images}, 3)]
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
+
+
+def test_variant_reaches_the_controlnet_folder(tmp_path):
+    """`--variant` (and --revision, --cache_dir) apply to --controlnet_model_name_or_path as to the base."""
+    from diffusers import ControlNetModel
+
+    from diffusers_ant.models import get_model_adapter
+
+    base = get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16, num_channels=3)
+    pipeline = base.make_pipeline()
+    pipeline.save_pretrained(tmp_path / "sd")
+    pipeline.save_pretrained(tmp_path / "sd", variant="fp16")
+    ControlNetModel.from_unet(base.model, conditioning_embedding_out_channels=(16, 32)).save_pretrained(
+        tmp_path / "cn", variant="fp16")  # the ControlNet exists only as the fp16 variant
+    adapter = get_model_adapter("controlnet").load(pretrained_model_name_or_path=str(tmp_path / "sd"),
+                                                   controlnet_model_name_or_path=str(tmp_path / "cn"), variant="fp16")
+    assert list(adapter.model.config.conditioning_embedding_out_channels) == [16, 32]
+    with pytest.raises(ValueError, match="not found"):
+        get_model_adapter("controlnet").load(pretrained_model_name_or_path=str(tmp_path / "sd"),
+                                             controlnet_model_name_or_path=str(tmp_path / "cn"))

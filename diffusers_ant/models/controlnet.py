@@ -109,7 +109,9 @@ class ControlNetAdapter(StableDiffusionAdapter):
         model_config = dict(preset["model"]) if preset is not None else {}
         from_pretrained, is_new = False, False
         if controlnet_model_name_or_path is not None:
-            cn_source = PretrainedSource(controlnet_model_name_or_path)
+            # the same --revision / --variant / --cache_dir as the pretrained pipeline
+            hub = (source.revision, source.variant, source.cache_dir) if source is not None else (None, None, None)
+            cn_source = PretrainedSource(controlnet_model_name_or_path, *hub)
             controlnet = cn_source.load(ControlNetModel, subfolder="controlnet" if cn_source.has("controlnet") else None)
         elif source is not None and source.has("controlnet") and preset is None:
             controlnet, from_pretrained = source.load(ControlNetModel, subfolder="controlnet"), True
