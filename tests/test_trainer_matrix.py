@@ -142,6 +142,7 @@ RESUME_CASES = {
     "dit-pixel": ("dit", "tiny", []),
     "dit-latent": ("dit", "tiny-latent", []),
     "sd-lora": ("sd", None, ["--rank", "4"]),
+    "sd-lora-text-encoder": ("sd", None, ["--rank", "4", "--train_text_encoder"]),
     "controlnet": ("controlnet", "tiny", []),
 }
 
@@ -213,6 +214,30 @@ def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_trains(tmp_path, tiny_sd_fo
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert lora and all(t.dtype == torch.float32 for t in lora.values())
     assert (out / "samples" / "step-1.png").is_file()
+
+
+@pytest.mark.slow
+def test_text_encoder_lora_trains_and_loads_the_diffusers_way(tmp_path, tiny_sd_folder):
+    """--train_text_encoder: the text encoder's LoRA is trained (pcgrad: through the engine), saved in
+    diffusers' LoRA file beside the UNet's and loaded by `load_lora_weights`."""
+    from diffusers_ant.models import load_pipeline
+
+    out = tmp_path / "te"
+    args = _args("sd", out, "--rank", "4", "--train_text_encoder", "--max_train_steps", "3", "--learning_rate", "5e-2",
+                 "--mtl_method", "pcgrad")
+    i = args.index("--model_config_name_or_path")
+    del args[i:i + 2]
+    train_in_process([*args, "--pretrained_model_name_or_path", str(tiny_sd_folder)])
+    from safetensors.torch import load_file
+
+    keys = list(load_file(out / "pytorch_lora_weights.safetensors"))
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    trained, base = load_pipeline(str(out)), load_pipeline(str(tiny_sd_folder))
+    ids = base.tokenizer(["a handwritten digit 3"], padding="max_length", max_length=base.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        difference = (trained.text_encoder(ids)[0] - base.text_encoder(ids)[0]).abs().max().item()
+    assert difference > 1e-4, difference
 
 
 def test_frozen_base_weights_are_cast_but_not_norms_or_trainable_ones():

@@ -323,9 +323,14 @@ class ModelAdapter:
 
     def to(self, device, dtype=None):
         """Move the frozen parts to ``device`` (and ``dtype``, e.g. fp16 under mixed precision, as
-        diffusers' scripts do) and the trained model to ``device`` (its dtype stays: Accelerate autocasts)."""
+        diffusers' scripts do) and the trained model to ``device`` (its dtype stays: Accelerate autocasts).
+        Trainable parameters inside a frozen part (a text encoder's LoRA) stay float32."""
         for module in self.frozen_modules().values():
             module.to(device=device, dtype=dtype)
+        for module in self.extra_trainable_modules().values():
+            for param in module.parameters():
+                if param.requires_grad and param.dtype != torch.float32:
+                    param.data = param.data.float()
         self.model.to(device)
         return self
 
@@ -377,7 +382,37 @@ class ModelAdapter:
         raise NotImplementedError
 
     def trainable_parameters(self) -> list:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        """What the optimizer updates: the trained model's trainable parameters, then those of modules
+        trained beside it (`extra_trainable_modules`, e.g. a text encoder's LoRA)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for module in self.extra_trainable_modules().values():
+            params += [p for p in module.parameters() if p.requires_grad]
+        return params
+
+    def extra_trainable_modules(self) -> dict:
+        """Modules outside ``model`` that hold trainable parameters, by name (none by default; ``sd`` with
+        a text-encoder LoRA). The trainer checkpoints them with its own state and averages their
+        gradients over processes itself (DDP wraps ``model`` only)."""
+        return {}
+
+    def extra_trainable_state(self) -> dict:
+        """The trainable tensors of `extra_trainable_modules`, by module and parameter name (for checkpoints)."""
+        return {name: {key: p.detach() for key, p in module.named_parameters() if p.requires_grad}
+                for name, module in self.extra_trainable_modules().items()}
+
+    def load_extra_trainable_state(self, state: dict) -> None:
+        """Inverse of `extra_trainable_state`; a mismatch is a one-line error."""
+        modules = self.extra_trainable_modules()
+        if set(state or {}) != set(modules):
+            raise ValueError(f"the checkpoint trained {sorted(state or {})} beside the model, this run trains "
+                             f"{sorted(modules)}: resume with the flags of the run that wrote it")
+        for name, module in modules.items():
+            params = {key: p for key, p in module.named_parameters() if p.requires_grad}
+            if set(params) != set(state[name]):
+                raise ValueError(f"the checkpoint's {name} parameters do not fit this run (another --rank?)")
+            with torch.no_grad():
+                for key, param in params.items():
+                    param.copy_(state[name][key].to(param.device, param.dtype))
 
     # The denoiser's last layers (module names), and where its last block of layers is: for
     # `--task_gradients last_layers`.

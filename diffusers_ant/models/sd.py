@@ -17,6 +17,29 @@ class StableDiffusionAdapter(ModelAdapter):
     model_type = "sd"
     # the attention projections, as in diffusers' train_text_to_image_lora.py
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    # the text encoder's attention projections, as in diffusers' train_dreambooth_lora.py
+    text_encoder_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+    text_encoder_lora_config = None
+
+    def add_text_encoder_lora(self, rank: int, alpha=None):
+        """`--train_text_encoder`: a LoRA adapter on the text encoder too, trained with the UNet's.
+
+        As diffusers' DreamBooth LoRA script: the text encoder's attention projections, Gaussian init,
+        B = 0 (the encoder's output is unchanged until the first update). Captions are then encoded
+        inside the training step, with gradients (see `conditioning` / `predict`)."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.text_encoder_lora_config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                                                   init_lora_weights="gaussian",
+                                                   target_modules=list(self.text_encoder_lora_targets))
+        # peft directly: transformers' `add_adapter` asks for a newer peft than diffusers needs
+        inject_adapter_in_model(self.text_encoder_lora_config, self.text_encoder)
+        for name, param in self.text_encoder.named_parameters():
+            param.requires_grad_("lora_" in name)
+        return self.text_encoder_lora_config
+
+    def extra_trainable_modules(self) -> dict:
+        return {"text_encoder": self.text_encoder} if self.text_encoder_lora_config is not None else {}
 
     @classmethod
     def _build_frozen(cls, source, preset, resolution, num_channels):
@@ -85,10 +108,19 @@ class StableDiffusionAdapter(ModelAdapter):
         input_ids = batch.get("input_ids")
         if input_ids is None:  # no captions: the empty prompt, i.e. unconditional training
             input_ids = self.tokenize([""] * batch["pixel_values"].shape[0])
+        if training and self.text_encoder_lora_config is not None:
+            return {"input_ids": input_ids}  # encoded in `predict`, where gradients reach the text encoder
         return {"encoder_hidden_states": self.encode_prompt(input_ids)}
 
+    def text_embeddings(self, conditioning) -> torch.Tensor:
+        """The captions' embeddings: precomputed, or (a trained text encoder) computed here with gradients."""
+        if "encoder_hidden_states" in conditioning:
+            return conditioning["encoder_hidden_states"]
+        ids = conditioning["input_ids"].to(self.text_encoder.device)
+        return self.text_encoder(ids, return_dict=False)[0].float()
+
     def predict(self, model, x_t, timesteps, conditioning):
-        return model(x_t, timesteps, encoder_hidden_states=conditioning["encoder_hidden_states"]).sample
+        return model(x_t, timesteps, encoder_hidden_states=self.text_embeddings(conditioning)).sample
 
     def _pipeline_parts(self, scheduler):
         return {
@@ -125,11 +157,18 @@ class StableDiffusionAdapter(ModelAdapter):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
+        text_encoder = {}
+        if self.text_encoder_lora_config is not None:
+            text_encoder = {
+                "text_encoder_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(self.text_encoder)),
+                "text_encoder_lora_adapter_metadata": self.text_encoder_lora_config.to_dict(),
+            }
         StableDiffusionPipeline.save_lora_weights(
             output_dir,
             unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(model)),
             unet_lora_adapter_metadata=self.lora_config.to_dict(),  # keeps alpha != rank exact on load
             safe_serialization=True,
+            **text_encoder,
         )
 
     @classmethod

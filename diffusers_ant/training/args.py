@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "unconditional for unet.")
     g.add_argument("--rank", type=int, default=None, help="Train LoRA adapters of this rank instead of the full model.")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="sd with --rank: train a LoRA adapter on the text encoder too (diffusers' DreamBooth LoRA).")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None,
@@ -270,6 +272,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError("--max_train_steps must be at least 1")
     if args.rank is not None and args.rank < 1:
         raise UsageError("--rank must be at least 1")
+    if args.train_text_encoder and (args.model_type != "sd" or args.rank is None):
+        raise UsageError("--train_text_encoder trains a LoRA on Stable Diffusion's text encoder: use it with "
+                         "--model_type sd and --rank")
     if args.rank is not None and args.pretrained_model_name_or_path is None:
         raise UsageError("--rank trains LoRA adapters on a pretrained model: give --pretrained_model_name_or_path")
     if args.pretrained_model_name_or_path is None and args.model_config_name_or_path is None:

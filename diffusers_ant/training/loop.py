@@ -19,6 +19,7 @@ import secrets
 import torch
 from tqdm.auto import tqdm
 
+from ..weighting.distributed import average_gradients_
 from .args import UsageError
 from .checkpoint import (
     check_resume_config,
@@ -318,6 +319,8 @@ def train(args) -> str:
     )
     if args.rank is not None:
         adapter.add_lora(args.rank, alpha=args.lora_alpha)
+    if args.train_text_encoder:
+        adapter.add_text_encoder_lora(args.rank, alpha=args.lora_alpha)
     if args.gradient_checkpointing:
         adapter.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
@@ -356,6 +359,8 @@ def train(args) -> str:
     check_distributed_support(accelerator, args, weighting)
 
     params = adapter.trainable_parameters()
+    extra_params = [p for module in adapter.extra_trainable_modules().values() for p in module.parameters()
+                    if p.requires_grad]
     lr = args.learning_rate
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -398,6 +403,7 @@ def train(args) -> str:
 
     def trainer_state(step):
         return {"global_step": step, "generator": generator.get_state(),
+                "extra_trainable": adapter.extra_trainable_state(),
                 "ema": ema.state_dict() if ema is not None else None,
                 "weighting": weighting.state_dict() if weighting is not None else None,
                 "config": public_config(args)}
@@ -416,6 +422,7 @@ def train(args) -> str:
             restore_ema(ema, state["ema"], ema_home(args, accelerator))
         if weighting is not None:
             weighting.load_state_dict(state["weighting"])
+        adapter.load_extra_trainable_state(state.get("extra_trainable") or {})
     elif ema is not None:
         ema.to(ema_home(args, accelerator))
 
@@ -439,6 +446,8 @@ def train(args) -> str:
             snapshot = weighting_snapshot(weighting) if scaler is not None and weighting is not None else None
             logs = training_step(accelerator, objective, model, window, generator, num_tasks, weighting=weighting,
                                  engine=engine, loss_scale=current_loss_scale(scaler, accelerator.device))
+            if extra_params and not (weighting is not None and weighting.needs_task_gradients):
+                average_gradients_(extra_params)  # DDP averaged the model's gradients, not these
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()

@@ -107,6 +107,23 @@ def all_reduce_sum_tensors_(tensors: Iterable[torch.Tensor], bucket_bytes: int =
     flush()
 
 
+def average_gradients_(params) -> None:
+    """Average the `.grad` of `params` over processes, in place (a missing gradient counts as zero).
+
+    For trainable parameters outside the DDP-wrapped model (a text encoder's LoRA trained beside the
+    UNet): DDP averages only the gradients of the module it wraps. A no-op on one process."""
+    if not is_distributed():
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    all_reduce_sum_tensors_(grads)
+    for g in grads:
+        g.div_(world_size())
+
+
 def sync_task_gradients_(
     task_grads: torch.Tensor, task_losses: torch.Tensor, counts: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
