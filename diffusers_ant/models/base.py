@@ -377,6 +377,12 @@ class ModelAdapter:
         """The type's conditioning inputs from the batch (class labels, text embeddings, control image)."""
         return {}
 
+    def null_condition_batch(self, batch: dict) -> dict:
+        """The batch with its condition replaced by the unconditional one (DiT's null class, the empty
+        prompt), for samples that train the unconditional branch (Diff-Tuning's knowledge bank). Model
+        types without an unconditional branch (a class-conditional UNet2DModel) keep the batch."""
+        return batch
+
     def predict(self, model, x_t, timesteps, conditioning: dict) -> torch.Tensor:
         """The denoiser's output for ``x_t`` at ``timesteps``; ``model`` may be Accelerate-wrapped."""
         raise NotImplementedError

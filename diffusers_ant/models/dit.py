@@ -105,6 +105,11 @@ class DiTAdapter(ModelAdapter):
     def null_class(self) -> int:
         return self.model.config.num_embeds_ada_norm
 
+    def null_condition_batch(self, batch):
+        batch = dict(batch)
+        batch.pop("class_labels", None)  # no labels -> the null class (see `conditioning`)
+        return batch
+
     def conditioning(self, batch, generator=None, training=False):
         labels = batch.get("class_labels")
         if labels is None:

@@ -104,6 +104,11 @@ class StableDiffusionAdapter(ModelAdapter):
         device = self.text_encoder.device
         return self.text_encoder(input_ids.to(device), return_dict=False)[0].float()
 
+    def null_condition_batch(self, batch):
+        batch = dict(batch)
+        batch.pop("input_ids", None)  # no captions -> the empty prompt (see `conditioning`)
+        return batch
+
     def conditioning(self, batch, generator=None, training=False):
         input_ids = batch.get("input_ids")
         if input_ids is None:  # no captions: the empty prompt, i.e. unconditional training

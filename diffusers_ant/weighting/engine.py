@@ -592,10 +592,13 @@ def weighted_backward(
     chunk_size: Optional[int] = None,
     no_sync: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
     loss_scale: float = 1.0,
+    task_groups: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """One optimizer step's backward for any weighting, over a window of micro-batches; the trainer's dispatch.
 
-    * `weighting is None` (vanilla, `--mtl_method none`): the mean per-sample loss of the window.
+    * `weighting is None` (vanilla, `--mtl_method none`): the mean per-sample loss of the window; with
+      `task_groups` (the group of each task, e.g. Diff-Tuning's sources), the sum over groups of the
+      mean loss within each group (downstream mean + lambda x retention mean).
     * a `LossWeighting`: the gradient of `combine(L_1..L_K)` over the window's task means, i.e.
       sum_i c_i grad L_i with c = `loss_coefficients(weighting, present)` fixed before the first
       chunk; after the last chunk, on the window's (global, detached) task losses, the method's
@@ -630,8 +633,11 @@ def weighted_backward(
     local_counts, global_counts = global_task_counts(task_ids, num_tasks, sync)
     present = global_counts > 0
     if weighting is None:
-        task_coefficients = torch.ones(num_tasks, dtype=torch.float64, device=task_ids.device)
-        task_coefficients /= global_counts.sum().clamp_min(1).double()
+        groups = torch.zeros(num_tasks, dtype=torch.long) if task_groups is None else torch.as_tensor(task_groups).long()
+        groups = groups.to(task_ids.device)
+        group_counts = torch.zeros(int(groups.max()) + 1, dtype=torch.float64, device=task_ids.device)
+        group_counts.index_add_(0, groups, global_counts.double())
+        task_coefficients = 1.0 / group_counts.clamp_min(1)[groups]
     else:
         coefficients = loss_coefficients(weighting, present.to(weighting.last_weights.device)).to(task_ids.device)
         if sync:
@@ -657,8 +663,8 @@ def weighted_backward(
     stats = {"task_losses": task_losses, "counts": global_counts,
              "loss": (task_sums.sum() / total.double()).float(), "found_inf": torch.tensor(False)}
     if weighting is None:
-        # A plain mean weighs task i by its share of the window.
-        stats["weights"] = (global_counts.double() / total.double()).float()
+        # A plain mean weighs task i by its share of the window (of its group).
+        stats["weights"] = (global_counts.double() * task_coefficients).float()
         return stats
     # Commit the method's step on the window's global task losses (the trainer puts the state back
     # if an fp16 overflow makes the optimizer skip the step).
