@@ -25,6 +25,10 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 """Every prediction type a target can be built for. ``flow`` (velocity ``noise - x0``) is
 the default of flow-matching schedulers, which have no ``prediction_type`` in their config."""
 
+NOISE_SCHEDULERS = ("ddpm", "flow_match")
+"""The training scheduler families a model can be trained from scratch with (``--noise_scheduler``):
+``DDPMScheduler`` and ``FlowMatchEulerDiscreteScheduler`` (see ``diffusers_ant.models.base.default_scheduler``)."""
+
 FLOW_WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
 """``--weighting_scheme`` of diffusers' SD3 / Flux training scripts (Esser et al. 2024, section 3.1),
 for flow-matching schedulers only: ``logit_normal`` and ``mode`` choose the timestep density

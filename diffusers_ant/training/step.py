@@ -18,8 +18,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from ..losses import per_sample_loss, timestep_loss_weights
-from ..schedule import add_noise, model_timesteps, resolve_prediction_type, snr_at, training_target
+from ..losses import flow_matching_loss_weights, per_sample_loss, timestep_loss_weights
+from ..schedule import add_noise, check_weighting_scheme, model_timesteps, resolve_prediction_type, snr_at, training_target
 
 
 def _index(conditioning: Dict[str, torch.Tensor], idx: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -40,10 +40,12 @@ class DiffusionObjective:
         prediction_type: what the model predicts (None: the scheduler's own).
         loss_weighting, snr_gamma, p2_k, p2_gamma: the timestep loss weight (`losses.timestep_loss_weights`).
         noise_offset: the offset-noise trick of diffusers' scripts (0 = off).
+        weighting_scheme: SD3's flow-matching loss weight (`losses.flow_matching_loss_weights`), times the above.
     """
 
     def __init__(self, adapter, noise_scheduler, sampler, intervals, prediction_type=None,
-                 loss_weighting="none", snr_gamma=None, p2_k=1.0, p2_gamma=1.0, noise_offset=0.0):
+                 loss_weighting="none", snr_gamma=None, p2_k=1.0, p2_gamma=1.0, noise_offset=0.0,
+                 weighting_scheme="none"):
         self.adapter = adapter
         self.scheduler = noise_scheduler
         self.sampler = sampler
@@ -53,6 +55,8 @@ class DiffusionObjective:
         self.snr_gamma = 5.0 if snr_gamma is None else snr_gamma
         self.p2_k, self.p2_gamma = p2_k, p2_gamma
         self.noise_offset = noise_offset
+        check_weighting_scheme(noise_scheduler, weighting_scheme)  # flow matching only: fail at set-up
+        self.weighting_scheme = weighting_scheme
 
     def prepare(self, batch, generator: torch.Generator):
         """Draw timesteps and noise for a batch; returns everything the loss closure needs."""
@@ -76,6 +80,7 @@ class DiffusionObjective:
         prediction_type = resolve_prediction_type(self.scheduler, self.prediction_type)
         weights = timestep_loss_weights(self.loss_weighting, snr_at(self.scheduler, t), prediction_type=prediction_type,
                                         snr_gamma=self.snr_gamma, p2_k=self.p2_k, p2_gamma=self.p2_gamma).to(device)
+        weights = weights * flow_matching_loss_weights(self.scheduler, t, self.weighting_scheme)
         return dict(x_t=x_t, t=t, model_t=model_timesteps(self.scheduler, t), target=target, weights=weights,
                     conditioning=conditioning, task_ids=task_ids)
 
