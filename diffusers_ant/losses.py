@@ -1,7 +1,8 @@
 """Per-sample losses, timestep loss weights and the reduction to per-task losses.
 
 The loss leaves this module as a ``(B,)`` tensor (one value per sample), is optionally
-multiplied by a per-timestep weight (Min-SNR, P2, debiased), and is then grouped into K
+multiplied by a per-timestep weight (Min-SNR, P2, debiased, each converted to the space of the
+prediction; SD3's flow-matching weights), and is then grouped into K
 task losses (ANT's timestep clusters, Diff-Tuning's retention / reconsolidation, ...) that
 a weighting method from :mod:`diffusers_ant.weighting` turns into one update.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .schedule import PREDICTION_TYPES
+from .schedule import PREDICTION_TYPES, check_weighting_scheme, flow_sigma_at
 
 LOSS_TYPES = ("l2", "l1", "huber")
 LOSS_WEIGHTINGS = ("none", "min_snr", "p2", "debiased")
@@ -62,27 +63,52 @@ def timestep_loss_weights(
 ) -> torch.Tensor:
     """Per-sample loss weight from the SNR of each sample's timestep -> ``[B]`` (snr's dtype).
 
-    Multiply :func:`per_sample_loss` by it. ``snr`` comes from :func:`diffusers_ant.schedule.snr_at`.
+    Multiply :func:`per_sample_loss` (``l2``) by it. ``snr`` comes from
+    :func:`diffusers_ant.schedule.snr_at`; ``prediction_type`` is what the model predicts
+    (:func:`diffusers_ant.schedule.resolve_prediction_type`).
 
-    * ``none``: ones.
+    Every weighting is defined by its paper in one space (Min-SNR on the x0 error, P2 and debiased
+    on the epsilon error) and converted here to the space of the prediction, so that the weighted
+    loss is the same function of the model for every prediction type. The conversion: write
+    ``x_t = alpha x0 + sigma eps`` (DDPM family: ``alpha^2 = alpha_bar``, ``sigma^2 = 1 - alpha_bar``;
+    flow matching: ``alpha = 1 - s``, ``sigma = s``), so ``SNR = alpha^2 / sigma^2``. A prediction
+    of any type implies, with ``x_t`` fixed, one ``x0_hat`` and one ``eps_hat = (x_t - alpha x0_hat)
+    / sigma``; its epsilon error relates to its own error by
+
+    * ``sample``: ``eps_hat - eps = -(alpha / sigma) (x0_hat - x0)``, so ``||eps err||^2 = SNR ||x0 err||^2``;
+    * ``v_prediction`` (``v = alpha eps - sigma x0``, so ``eps = alpha v + sigma x_t`` when
+      ``alpha^2 + sigma^2 = 1``): ``eps_hat - eps = alpha (v_hat - v)``, so
+      ``||eps err||^2 = alpha^2 ||v err||^2 = SNR / (SNR + 1) ||v err||^2``, i.e. the v-space MSE
+      is the epsilon-space MSE times ``(SNR + 1) / SNR``;
+    * ``flow`` (velocity ``u = eps - x0``, so ``eps = x_t + (1 - s) u``): ``eps_hat - eps = (1 - s)
+      (u_hat - u)`` and, from ``sqrt(SNR) = (1 - s) / s``, ``(1 - s)^2 = SNR / (1 + sqrt(SNR))^2``;
+    * ``epsilon``: 1.
+
+    An epsilon-space weight ``w_eps`` therefore becomes ``w_eps * SNR``, ``w_eps * SNR / (SNR + 1)``
+    or ``w_eps * SNR / (1 + sqrt(SNR))^2`` (:func:`epsilon_error_ratio`). The ratios hold for
+    squared errors only: they convert the ``l2`` loss.
+
+    * ``none``: ones, in whatever space the model predicts.
     * ``min_snr`` (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
       Strategy", eq. 9-10): the weight ``min(SNR, gamma)`` of the x0-space loss, converted to
       the space of the prediction. Exactly as diffusers' train_text_to_image.py computes it:
       ``min(snr, gamma) / snr`` for ``epsilon``, ``min(snr, gamma) / (snr + 1)`` for
-      ``v_prediction``, and ``min(snr, gamma)`` for ``sample``. For ``flow`` (velocity
-      ``noise - x0`` with ``x_t = (1 - s) x0 + s noise``) the x0 error is ``s`` times the
-      velocity error, and ``s = 1 / (1 + sqrt(snr))``, so the same rule gives
+      ``v_prediction``, and ``min(snr, gamma)`` for ``sample``; for ``flow`` the same rule gives
       ``min(snr, gamma) / (1 + sqrt(snr)) ** 2``. At snr = 0 (zero-terminal-SNR or flow
       endpoint) the epsilon weight is its limit 1 instead of 0/0.
     * ``p2`` (Choi et al. 2022, "Perception Prioritized Training of Diffusion Models", eq. 8):
-      ``1 / (p2_k + snr) ** p2_gamma``; the paper uses k = 1, gamma in {0.5, 1}.
+      ``1 / (p2_k + snr) ** p2_gamma`` on the epsilon loss, converted as above (for
+      ``v_prediction`` with k = gamma = 1: ``snr / (snr + 1) ** 2``); the paper uses k = 1,
+      gamma in {0.5, 1}.
     * ``debiased`` (Yu et al. 2024, "Unmasking Bias in Diffusion Model Training"):
-      ``1 / sqrt(snr)``, capped at ``debiased_max``. The cap exists for SNR = 0, where the
-      weight is infinite (the last step of zero-terminal-SNR and flow-matching schedules).
-      The default 1000 is the natural continuation for flow matching with T = 1000 (the
-      step before the endpoint has weight T - 1 = 999) and leaves the linear (max about 157)
-      and scaled-linear (about 37) DDPM schedules untouched; it clips
-      only the last step of squaredcos_cap_v2, whose clipped beta of 0.999 gives about 20000.
+      ``1 / sqrt(snr)`` on the epsilon loss, capped at ``debiased_max``, converted as above
+      (``sqrt(snr)`` for ``sample``, ``sqrt(alpha_bar (1 - alpha_bar))`` for ``v_prediction``,
+      ``s (1 - s)`` for ``flow``). The cap exists for SNR = 0, where the epsilon weight is infinite
+      (the last step of zero-terminal-SNR and flow-matching schedules); the converted weights
+      are 0 there. The default 1000 is the natural continuation for flow matching with T = 1000
+      (the step before the endpoint has epsilon weight T - 1 = 999) and leaves the linear (max
+      about 157) and scaled-linear (about 37) DDPM schedules untouched; it clips only the last
+      step of squaredcos_cap_v2, whose clipped beta of 0.999 gives about 20000.
     """
     if name not in LOSS_WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {name!r}; use one of {', '.join(LOSS_WEIGHTINGS)}.")
@@ -110,12 +136,57 @@ def timestep_loss_weights(
     if name == "p2":
         if p2_k <= 0 or p2_gamma < 0:
             raise ValueError(f"p2 needs p2_k > 0 and p2_gamma >= 0 (the paper: k=1, gamma 0.5 or 1); got {p2_k}, {p2_gamma}.")
-        return 1.0 / (p2_k + snr) ** p2_gamma
-    # debiased
-    if debiased_max <= 0:
-        raise ValueError(f"debiased_max must be > 0; got {debiased_max}.")
-    weight = torch.where(positive, safe_snr.rsqrt(), torch.full_like(snr, float(debiased_max)))
-    return torch.clamp(weight, max=debiased_max)
+        epsilon_weight = 1.0 / (p2_k + snr) ** p2_gamma
+    else:  # debiased
+        if debiased_max <= 0:
+            raise ValueError(f"debiased_max must be > 0; got {debiased_max}.")
+        epsilon_weight = torch.where(positive, safe_snr.rsqrt(), torch.full_like(snr, float(debiased_max)))
+        epsilon_weight = torch.clamp(epsilon_weight, max=debiased_max)
+    # finite times finite: the capped weight at SNR = 0 meets a ratio of exactly 0 (no inf * 0)
+    return epsilon_weight * epsilon_error_ratio(snr, prediction_type)
+
+
+def epsilon_error_ratio(snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """``||eps_hat - eps||^2 / ||pred - target||^2`` for a prediction of ``prediction_type`` -> snr's shape.
+
+    The factor that turns an epsilon-space loss weight into a weight on the loss of the
+    prediction (derived in :func:`timestep_loss_weights`): 1 for ``epsilon``, ``snr`` for
+    ``sample``, ``snr / (snr + 1)`` for ``v_prediction``, ``snr / (1 + sqrt(snr)) ** 2`` for
+    ``flow``. Finite everywhere, 0 at snr = 0 for every type but ``epsilon``.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}.")
+    if prediction_type == "epsilon":
+        return torch.ones_like(snr)
+    if prediction_type == "sample":
+        return snr
+    if prediction_type == "v_prediction":
+        return snr / (snr + 1)
+    return snr / (1 + snr.sqrt()) ** 2  # flow
+
+
+def flow_matching_loss_weights(scheduler, t: torch.Tensor, weighting_scheme: str = "none") -> torch.Tensor:
+    """SD3's loss weight of each sample's training index ``t`` [B] -> float32 ``[B]`` on ``t``'s device.
+
+    ``weighting_scheme`` as diffusers' SD3 / Flux training scripts take it (Esser et al. 2024,
+    "Scaling Rectified Flow Transformers", section 3.1); the weight is diffusers'
+    ``compute_loss_weighting_for_sd3`` of the scheduler's sigma: ``sigma_sqrt`` gives
+    ``sigma ** -2``, ``cosmap`` gives ``2 / (pi (1 - 2 sigma + 2 sigma^2))``; ``none``,
+    ``logit_normal`` and ``mode`` give ones (the latter two choose the timestep *density*
+    instead: :class:`diffusers_ant.timesteps.FlowMatchingDensitySampler`).
+
+    The weight multiplies the flow-matching (velocity) ``l2`` loss, as in diffusers' Flux scripts
+    and the SD3 scripts with ``--precondition_outputs 0``. (With the SD3 scripts' default
+    preconditioning the loss is taken on ``x0_hat = x_t - sigma * v_hat``, whose error is ``sigma``
+    times the velocity error: the same weight there is ``sigma^2`` times this one.) Only for
+    flow-matching schedulers; any other raises a ``ValueError`` (``none`` excepted).
+    """
+    check_weighting_scheme(scheduler, weighting_scheme)
+    if weighting_scheme == "none":
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    return compute_loss_weighting_for_sd3(weighting_scheme, sigmas=flow_sigma_at(scheduler, t)).float()
 
 
 def reduce_task_losses(

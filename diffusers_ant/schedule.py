@@ -25,6 +25,16 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 """Every prediction type a target can be built for. ``flow`` (velocity ``noise - x0``) is
 the default of flow-matching schedulers, which have no ``prediction_type`` in their config."""
 
+NOISE_SCHEDULERS = ("ddpm", "flow_match")
+"""The training scheduler families a model can be trained from scratch with (``--noise_scheduler``):
+``DDPMScheduler`` and ``FlowMatchEulerDiscreteScheduler`` (see ``diffusers_ant.models.base.default_scheduler``)."""
+
+FLOW_WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+"""``--weighting_scheme`` of diffusers' SD3 / Flux training scripts (Esser et al. 2024, section 3.1),
+for flow-matching schedulers only: ``logit_normal`` and ``mode`` choose the timestep density
+(:class:`diffusers_ant.timesteps.FlowMatchingDensitySampler`), ``sigma_sqrt`` and ``cosmap`` the
+loss weight (:func:`diffusers_ant.losses.flow_matching_loss_weights`), ``none`` neither."""
+
 _DDPM_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _FLOW_PREDICTION_TYPES = ("flow", "epsilon", "sample")
 
@@ -108,6 +118,29 @@ def _check_t(scheduler, t: torch.Tensor) -> torch.Tensor:
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
         raise ValueError(f"training indices t must lie in [0, {T - 1}]; got {int(t.min())}..{int(t.max())}.")
     return t
+
+
+def check_weighting_scheme(scheduler, weighting_scheme: str) -> None:
+    """ValueError unless ``weighting_scheme`` is one of :data:`FLOW_WEIGHTING_SCHEMES` that ``scheduler`` admits."""
+    if weighting_scheme not in FLOW_WEIGHTING_SCHEMES:
+        raise ValueError(f"unknown weighting_scheme {weighting_scheme!r}; use one of {', '.join(FLOW_WEIGHTING_SCHEMES)}.")
+    if weighting_scheme != "none" and not is_flow_matching(scheduler):
+        raise ValueError(
+            f"weighting_scheme {weighting_scheme!r} is SD3's flow-matching scheme and {type(scheduler).__name__} is not "
+            "a flow-matching scheduler: train with one (--noise_scheduler flow_match) or use --loss_weighting instead."
+        )
+
+
+def flow_sigma_at(scheduler, t: torch.Tensor) -> torch.Tensor:
+    """Training sigma ``s`` of a flow-matching scheduler at training indices ``t`` [B], float32 on ``t``'s device.
+
+    The values of the scheduler's own float32 ``sigmas`` (shift included), as diffusers' SD3
+    script reads them (``noise_scheduler_copy.sigmas``), in this project's index order.
+    """
+    _check_t(scheduler, t)
+    if not is_flow_matching(scheduler):
+        raise ValueError(f"{type(scheduler).__name__} has no flow-matching sigmas; {_SUPPORTED}.")
+    return _flow_sigma_at(scheduler, t)
 
 
 def snr_at(scheduler, t: torch.Tensor) -> torch.Tensor:

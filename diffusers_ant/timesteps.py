@@ -8,6 +8,8 @@
   from the whole range with probability p; p = 0.3 in the authors' scripts).
 * :class:`DensityTimestepSampler`: any density over timesteps, e.g. Diff-Tuning's
   psi(t) ∝ T - t (knowledge retention) and xi(t) ∝ t + 1 (reconsolidation).
+* :class:`FlowMatchingDensitySampler`: SD3's ``logit_normal`` and ``mode`` timestep densities
+  for flow matching, drawn by diffusers' ``compute_density_for_timestep_sampling``.
 
 Every draw goes through the ``torch.Generator`` passed in (on the generator's device, then
 moved to ``device``), so a seed gives the same timesteps on CPU and GPU.
@@ -15,9 +17,14 @@ moved to ``device``), so a seed gives the same timesteps on CPU and GPU.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 TIMESTEP_SAMPLERS = ("uniform", "stratified", "interval", "density", "low_noise", "high_noise")
+FLOW_DENSITY_SCHEMES = ("logit_normal", "mode")
+# SD3 (Esser et al. 2024, eq. 20): the mode density is monotone, hence a density on [0, 1], for -1 <= s <= 2 / (pi - 2)
+_MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
 
 
 def _draw_device(generator: torch.Generator | None, device) -> torch.device:
@@ -211,13 +218,69 @@ class DensityTimestepSampler(TimestepSampler):
         return t.to(device) if device is not None else t
 
 
+class FlowMatchingDensitySampler(TimestepSampler):
+    """SD3's timestep densities over the training indices (Esser et al. 2024, "Scaling Rectified
+    Flow Transformers for High-Resolution Image Synthesis", section 3.1).
+
+    ``weighting_scheme``: ``logit_normal`` (``u = sigmoid(n)``, ``n ~ N(logit_mean, logit_std^2)``;
+    SD3 trains with 0 and 1) or ``mode`` (``u = 1 - v - mode_scale (cos^2(pi v / 2) - 1 + v)``,
+    ``v ~ U[0, 1)``; 1.29 in diffusers' scripts). ``u`` is drawn by diffusers'
+    ``compute_density_for_timestep_sampling`` (float32, through ``generator``: never the global
+    RNG and no float64, which MPS lacks) and mapped to a training index exactly as diffusers'
+    ``train_dreambooth_lora_sd3.py`` does: ``indices = (u * T).long()`` into the scheduler's
+    ``timesteps``, which run from the noisiest, i.e. this project's ``t = T - 1 - index`` (index
+    0 is the cleanest here). The scheduler's ``shift`` acts through the sigma of each index, as in
+    the script. ``u`` is thus ``1 - sigma`` up to the shift: the paper's density is over sigma, so a
+    positive ``logit_mean`` favours *low* noise here as in diffusers' script (the default 0 and the
+    mode density are symmetric, so nothing changes for them).
+
+    One departure: the index is clamped to T - 1, because the mode density returns u = 1 when the
+    uniform draw is exactly 0 (probability 2^-24), which would index past the end in the script.
+    For flow-matching schedulers only (the caller checks with
+    :func:`diffusers_ant.schedule.check_weighting_scheme`); a density replaces stratified sampling
+    rather than combining with it (see ``train_ant.py --weighting_scheme``).
+    """
+
+    def __init__(self, weighting_scheme: str, num_timesteps: int, logit_mean: float = 0.0, logit_std: float = 1.0,
+                 mode_scale: float = 1.29):
+        _check_num_timesteps(num_timesteps)
+        if weighting_scheme not in FLOW_DENSITY_SCHEMES:
+            raise ValueError(f"unknown timestep density {weighting_scheme!r}; use one of {', '.join(FLOW_DENSITY_SCHEMES)}.")
+        if not logit_std > 0:
+            raise ValueError(f"logit_std must be > 0 (SD3 uses 1.0); got {logit_std}.")
+        low, high = _MODE_SCALE_RANGE
+        if not low <= mode_scale <= high:
+            raise ValueError(f"mode_scale must lie in [{low:g}, {high:.4f}] for the mode density to be monotone (SD3 uses 1.29); got {mode_scale}.")
+        self.weighting_scheme, self.num_timesteps = weighting_scheme, num_timesteps
+        self.logit_mean, self.logit_std, self.mode_scale = float(logit_mean), float(logit_std), float(mode_scale)
+
+    def sample(self, batch_size, generator=None, device=None):
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        _check_batch_size(batch_size)
+        u = compute_density_for_timestep_sampling(
+            self.weighting_scheme, batch_size, logit_mean=self.logit_mean, logit_std=self.logit_std,
+            mode_scale=self.mode_scale, device=_draw_device(generator, device), generator=generator,
+        )
+        indices = (u * self.num_timesteps).long().clamp_(0, self.num_timesteps - 1)
+        t = (self.num_timesteps - 1) - indices
+        return t.to(device) if device is not None else t
+
+    def __repr__(self) -> str:
+        return (
+            f"FlowMatchingDensitySampler({self.weighting_scheme!r}, num_timesteps={self.num_timesteps}, "
+            f"logit_mean={self.logit_mean}, logit_std={self.logit_std}, mode_scale={self.mode_scale})"
+        )
+
+
 def get_timestep_sampler(name: str, num_timesteps: int, intervals=None, **kwargs) -> TimestepSampler:
     """Build a sampler by name: one of :data:`TIMESTEP_SAMPLERS`.
 
     ``uniform``; ``stratified`` (needs ``intervals``: bounds or a ``TimestepIntervals``
     covering 0..num_timesteps-1); ``interval`` (keyword ``start``, ``end``, optional
     ``p_full``, ``per_batch``); ``density`` (keyword ``weights``); ``low_noise`` /
-    ``high_noise`` (Diff-Tuning's psi / xi).
+    ``high_noise`` (Diff-Tuning's psi / xi); ``logit_normal`` / ``mode`` (SD3's flow-matching
+    densities, keywords ``logit_mean``, ``logit_std``, ``mode_scale``).
     """
     _check_num_timesteps(num_timesteps)
     if name == "uniform":
@@ -245,4 +308,7 @@ def get_timestep_sampler(name: str, num_timesteps: int, intervals=None, **kwargs
         return DensityTimestepSampler.low_noise(num_timesteps)
     if name == "high_noise":
         return DensityTimestepSampler.high_noise(num_timesteps)
-    raise ValueError(f"unknown timestep sampler {name!r}; use one of {', '.join(TIMESTEP_SAMPLERS)}.")
+    if name in FLOW_DENSITY_SCHEMES:
+        return FlowMatchingDensitySampler(name, num_timesteps, **kwargs)
+    names = TIMESTEP_SAMPLERS + FLOW_DENSITY_SCHEMES
+    raise ValueError(f"unknown timestep sampler {name!r}; use one of {', '.join(names)}.")

@@ -4,9 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_loss_weighting_for_sd3, compute_snr
 
-from diffusers_ant.losses import LOSS_WEIGHTINGS, per_sample_loss, reduce_task_losses, timestep_loss_weights
+from diffusers_ant.losses import (
+    LOSS_WEIGHTINGS,
+    epsilon_error_ratio,
+    flow_matching_loss_weights,
+    per_sample_loss,
+    reduce_task_losses,
+    timestep_loss_weights,
+)
 from diffusers_ant.schedule import add_noise, schedule_snr, snr_at, training_target
 
 
@@ -83,6 +90,93 @@ def test_min_snr_is_min_snr_gamma_on_the_x0_error(prediction_type):
     torch.testing.assert_close(weighted, x0_loss, rtol=1e-6, atol=1e-10)
 
 
+# (scheduler, prediction type): both families, every prediction type each admits, zero-SNR endpoints included
+EQUIVALENCE_CASES = {
+    "ddpm-epsilon": (lambda: DDPMScheduler(beta_schedule="linear"), "epsilon"),
+    "ddpm-v": (lambda: DDPMScheduler(beta_schedule="scaled_linear"), "v_prediction"),
+    "ddpm-sample": (lambda: DDPMScheduler(beta_schedule="squaredcos_cap_v2"), "sample"),
+    "zero-snr-v": (lambda: DDPMScheduler(rescale_betas_zero_snr=True), "v_prediction"),
+    "zero-snr-sample": (lambda: DDPMScheduler(rescale_betas_zero_snr=True), "sample"),
+    "flow": (lambda: FlowMatchEulerDiscreteScheduler(shift=3.0), "flow"),
+    "flow-sample": (lambda: FlowMatchEulerDiscreteScheduler(), "sample"),
+    "flow-epsilon": (lambda: FlowMatchEulerDiscreteScheduler(shift=3.0), "epsilon"),
+}
+
+
+@pytest.mark.parametrize("name", ["p2", "debiased", "min_snr"])
+@pytest.mark.parametrize("case", list(EQUIVALENCE_CASES))
+def test_weighted_loss_equals_epsilon_space_loss_of_the_equivalent_epsilon_prediction(case, name):
+    """For random x0, noise and prediction: w(pred space) * ||pred - target||^2 == w(eps) * ||eps_hat - eps||^2,
+    where eps_hat is the epsilon prediction implying the same x0_hat (inverted by hand from alpha_bar / sigma)."""
+    make, prediction_type = EQUIVALENCE_CASES[case]
+    scheduler = make()
+    T = scheduler.config.num_train_timesteps
+    g = torch.Generator().manual_seed(7)
+    shape = (24, 3, 4, 4)
+    x0, noise, pred = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.cat([torch.randint(0, T, (21,), generator=g), torch.tensor([0, T // 2, T - 1])])  # both ends
+    view = (-1, 1, 1, 1)
+    if prediction_type == "flow" or isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        s = torch.sort(scheduler.sigmas.double()).values[t].view(view)  # training sigma, index 0 cleanest
+        alpha, sigma = 1 - s, s
+    else:
+        a = scheduler.alphas_cumprod.double()[t].view(view)
+        alpha, sigma = a.sqrt(), (1 - a).sqrt()
+    x_t = alpha * x0 + sigma * noise
+    target = training_target(scheduler, x0, noise, t, prediction_type)
+    eps_hat = {
+        "epsilon": lambda: pred,
+        "sample": lambda: (x_t - alpha * pred) / sigma,  # eps implied by x0_hat = pred
+        "v_prediction": lambda: alpha * pred + sigma * x_t,  # eps = alpha v + sigma x_t (alpha^2 + sigma^2 = 1)
+        "flow": lambda: x_t + alpha * pred,  # eps = x_t + (1 - s) u
+    }[prediction_type]()
+    snr = (alpha / sigma).flatten() ** 2
+    assert (snr == 0).sum() >= (1 if case.startswith(("zero", "flow")) else 0)  # the SNR = 0 end is tested
+    mse = lambda a, b: ((a - b) ** 2).mean(dim=(1, 2, 3))  # noqa: E731
+    in_prediction_space = timestep_loss_weights(name, snr, prediction_type) * mse(pred, target)
+    in_epsilon_space = timestep_loss_weights(name, snr, "epsilon") * mse(eps_hat, noise)
+    torch.testing.assert_close(in_prediction_space, in_epsilon_space, rtol=1e-9, atol=1e-12)
+    assert torch.isfinite(in_prediction_space).all()
+
+
+def test_epsilon_error_ratio_hand_computed():
+    snr = torch.tensor([0.0, 0.25, 1.0, 4.0])
+    torch.testing.assert_close(epsilon_error_ratio(snr, "epsilon"), torch.ones(4))
+    torch.testing.assert_close(epsilon_error_ratio(snr, "sample"), snr)
+    torch.testing.assert_close(epsilon_error_ratio(snr, "v_prediction"), torch.tensor([0.0, 0.2, 0.5, 0.8]))
+    torch.testing.assert_close(epsilon_error_ratio(snr, "flow"), torch.tensor([0.0, 0.25 / 2.25, 0.25, 4 / 9]))
+    # P2 with k = 1 on a v-prediction loss: snr / (snr + 1)^2, not the epsilon weight 1 / (snr + 1)
+    torch.testing.assert_close(timestep_loss_weights("p2", snr, "v_prediction"), snr / (snr + 1) ** 2)
+    # debiased for flow matching is s (1 - s): snr = 4 is s = 1/3
+    assert timestep_loss_weights("debiased", torch.tensor([4.0]), "flow").item() == pytest.approx(2 / 9)
+
+
+@pytest.mark.parametrize("scheme", ["sigma_sqrt", "cosmap", "logit_normal", "mode", "none"])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_matching_loss_weights_equal_diffusers(scheme, shift):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    T = scheduler.config.num_train_timesteps
+    t = torch.cat([torch.randint(0, T, (60,), generator=torch.Generator().manual_seed(8)), torch.tensor([0, T - 1])])
+    # the SD3 script: sigmas of noise_scheduler_copy, indexed from the noisiest (this project's T - 1 - t)
+    expected = compute_loss_weighting_for_sd3(scheme, sigmas=scheduler.sigmas[T - 1 - t])
+    ours = flow_matching_loss_weights(scheduler, t, scheme)
+    assert ours.shape == (62,) and ours.dtype == torch.float32
+    assert torch.equal(ours, expected.float())
+    s = (t.double() + 1) / T  # unshifted sigma of index t (0 cleanest): (t + 1) / T; check the formula independently
+    s = shift * s / (1 + (shift - 1) * s)
+    hand = {"sigma_sqrt": s**-2, "cosmap": 2 / (torch.pi * (1 - 2 * s + 2 * s**2))}.get(scheme, torch.ones_like(s))
+    torch.testing.assert_close(ours.double(), hand, rtol=1e-5, atol=0)
+
+
+def test_flow_matching_loss_weights_refuse_other_schedulers():
+    t = torch.arange(4)
+    with pytest.raises(ValueError, match="not a flow-matching scheduler.*--noise_scheduler flow_match"):
+        flow_matching_loss_weights(DDPMScheduler(), t, "sigma_sqrt")
+    with pytest.raises(ValueError, match="sigma_sqrt, logit_normal, mode, cosmap"):
+        flow_matching_loss_weights(FlowMatchEulerDiscreteScheduler(), t, "logit")
+    assert torch.equal(flow_matching_loss_weights(DDPMScheduler(), t, "none"), torch.ones(4))
+
+
 def test_weights_hand_computed():
     snr = torch.tensor([0.25, 1.0, 4.0, 9.0])
     torch.testing.assert_close(timestep_loss_weights("none", snr), torch.ones(4))
@@ -105,8 +199,9 @@ def test_zero_snr_gives_finite_weights(prediction_type):
     expected_at_zero = {
         "none": 1.0,
         "min_snr": 1.0 if prediction_type == "epsilon" else 0.0,  # epsilon: the limit of min(snr, g) / snr
-        "p2": 1.0,
-        "debiased": 1000.0,
+        # epsilon-space weights converted to another space vanish where SNR = 0 (the ratio is 0)
+        "p2": 1.0 if prediction_type == "epsilon" else 0.0,
+        "debiased": 1000.0 if prediction_type == "epsilon" else 0.0,
     }
     for name in LOSS_WEIGHTINGS:
         w = timestep_loss_weights(name, snr, prediction_type)

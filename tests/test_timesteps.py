@@ -8,6 +8,7 @@ import torch
 from diffusers_ant.timesteps import (
     TIMESTEP_SAMPLERS,
     DensityTimestepSampler,
+    FlowMatchingDensitySampler,
     IntervalTimestepSampler,
     StratifiedTimestepSampler,
     TimestepSampler,
@@ -239,3 +240,97 @@ def test_get_timestep_sampler_errors():
         get_timestep_sampler("density", 100, weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="num_timesteps"):
         get_timestep_sampler("uniform", 0)
+
+
+# ---------------------------------------------------------------- SD3's flow-matching densities
+
+
+def sd3_index_probabilities(scheme, T, logit_mean=0.0, logit_std=1.0, mode_scale=1.29):
+    """P(t = j), j = 0..T-1 (0 cleanest), of the SD3 script's map index = floor(u T), t = T - 1 - index,
+    from the closed-form distribution of u (float64, independent of the sampler's code)."""
+    import numpy as np
+    from scipy.special import logit
+    from scipy.stats import norm
+
+    edges = np.arange(T + 1, dtype=np.float64) / T  # P(index = i) = P(edges[i] <= u < edges[i + 1])
+    if scheme == "logit_normal":
+        cdf = norm.cdf((logit(edges) - logit_mean) / logit_std)  # logit(0) = -inf, logit(1) = inf
+    else:
+        # u = f(v), v ~ U[0, 1), f decreasing from 1 to 0: P(u < x) = 1 - f^{-1}(x); invert by bisection
+        f = lambda v: 1 - v - mode_scale * (np.cos(np.pi * v / 2) ** 2 - 1 + v)  # noqa: E731
+        lo, hi = np.zeros_like(edges), np.ones_like(edges)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            above = f(mid) > edges
+            lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
+        cdf = 1 - (lo + hi) / 2
+    p_index = np.diff(cdf)
+    return p_index[::-1] / p_index.sum()
+
+
+def chi_square_p_value(draws, probabilities, num_bins=25):
+    """Pearson's chi-square of integer draws against `probabilities`, over bins of about equal expected mass."""
+    import numpy as np
+    from scipy.stats import chisquare
+
+    cum = np.cumsum(probabilities)
+    bins = np.minimum((num_bins * (cum - probabilities / 2)).astype(int), num_bins - 1)
+    observed = np.bincount(bins[draws.numpy()], minlength=num_bins)
+    expected = np.bincount(bins, weights=probabilities, minlength=num_bins) * len(draws)
+    return chisquare(observed, expected).pvalue
+
+
+@pytest.mark.parametrize(
+    "scheme,options",
+    [("logit_normal", {}), ("logit_normal", {"logit_mean": 0.5, "logit_std": 0.8}), ("mode", {}), ("mode", {"mode_scale": -0.5})],
+)
+def test_flow_matching_densities_follow_their_distribution(scheme, options):
+    import numpy as np
+
+    T, n = 1000, 200_000
+    sampler = FlowMatchingDensitySampler(scheme, T, **options)
+    draws = sampler.sample(n, generator=gen(11))
+    assert draws.dtype == torch.long and draws.shape == (n,) and 0 <= int(draws.min()) and int(draws.max()) < T
+    expected = sd3_index_probabilities(scheme, T, **options)
+    assert chi_square_p_value(draws, expected) > 1e-3
+    # the test has power: the uniform density, and (for an asymmetric density) the index order of
+    # diffusers' timesteps without this project's reversal, are rejected on the same draws
+    assert chi_square_p_value(draws, np.full(T, 1 / T)) < 1e-12
+    if options.get("logit_mean"):
+        assert chi_square_p_value(draws, expected[::-1].copy()) < 1e-12
+
+
+def test_flow_matching_density_equals_the_sd3_script_draw_for_draw():
+    """The same generator state gives the SD3 script's indices, reversed into this project's order."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from diffusers_ant.schedule import model_timesteps
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    T = scheduler.config.num_train_timesteps
+    for scheme in ("logit_normal", "mode"):
+        u = compute_density_for_timestep_sampling(scheme, 64, logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=gen(3))
+        script_timesteps = scheduler.timesteps[(u * T).long()]  # what train_dreambooth_lora_sd3.py feeds the model
+        t = FlowMatchingDensitySampler(scheme, T).sample(64, generator=gen(3))
+        assert torch.equal(model_timesteps(scheduler, t), script_timesteps)
+
+
+def test_flow_matching_density_uses_only_the_generator():
+    sampler = FlowMatchingDensitySampler("logit_normal", 1000)
+    state = torch.get_rng_state()
+    a = sampler.sample(50, generator=gen(5))
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG was not touched
+    assert torch.equal(a, sampler.sample(50, generator=gen(5)))
+    assert not torch.equal(a, sampler.sample(50, generator=gen(6)))
+    assert sampler.sample(0, generator=gen()).shape == (0,)
+    assert isinstance(get_timestep_sampler("mode", 100, mode_scale=0.5), FlowMatchingDensitySampler)
+
+
+def test_flow_matching_density_bad_arguments():
+    with pytest.raises(ValueError, match="logit_normal, mode"):
+        FlowMatchingDensitySampler("sigma_sqrt", 1000)
+    with pytest.raises(ValueError, match="logit_std"):
+        FlowMatchingDensitySampler("logit_normal", 1000, logit_std=0.0)
+    with pytest.raises(ValueError, match="mode_scale must lie in"):
+        FlowMatchingDensitySampler("mode", 1000, mode_scale=2.0)

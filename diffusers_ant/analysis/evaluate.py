@@ -52,17 +52,21 @@ DEFAULT_KID_SUBSETS = 50
 
 def sampling_pipeline(pipeline, denoiser=None, scheduler=None):
     """A fresh pipeline of the same kind sharing `pipeline`'s components, with `denoiser` (e.g. a
-    `TimestepRouter`) and / or `scheduler` (an instance, or "ddim", "ddpm", a scheduler class name)
-    put in. The original pipeline is left untouched.
+    `TimestepRouter`) and / or `scheduler` (an instance, or a name for
+    `diffusers_ant.models.base.scheduler_by_name`: "ddim", "ddpm", a scheduler class name) put in.
+    The original pipeline is left untouched.
 
     Supported: unconditional `DDPMPipeline` / `DDIMPipeline` (the one matching the scheduler is
     chosen: `DDIMPipeline` passes `eta` to `step`, which DDPM's scheduler does not take) and this
-    project's class-conditional `ClassConditionalUNetPipeline` / `PixelDiTPipeline`.
+    project's `UnconditionalUNetPipeline`, `ClassConditionalUNetPipeline` and `PixelDiTPipeline`.
+    Flow-matching models sample with a flow-matching scheduler: "ddim" (the default of the
+    evaluation commands) names their Euler sampler, and an unconditional UNet saved as a
+    `DDPMPipeline` with a flow-matching scheduler gets an `UnconditionalUNetPipeline`.
     """
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
 
-    from ..models.base import _copy_scheduler, scheduler_by_name
-    from ..models.pipelines import _ClassConditionalSampler
+    from ..models.base import _copy_scheduler, scheduler_by_name, scheduler_kind
+    from ..models.pipelines import UnconditionalUNetPipeline, _ClassConditionalSampler
 
     name = denoiser_name(pipeline)
     denoiser = denoiser if denoiser is not None else getattr(pipeline, name)
@@ -71,14 +75,18 @@ def sampling_pipeline(pipeline, denoiser=None, scheduler=None):
     # a copy: set_timesteps mutates the scheduler, and pipelines built here may run interleaved
     scheduler = _copy_scheduler(scheduler if scheduler is not None else pipeline.scheduler)
     if isinstance(pipeline, (DDPMPipeline, DDIMPipeline)):
-        cls = DDIMPipeline if isinstance(scheduler, DDIMScheduler) else DDPMPipeline
-        new = cls(unet=denoiser, scheduler=scheduler)
+        if scheduler_kind(scheduler) == "flow_match":
+            new = UnconditionalUNetPipeline(unet=denoiser, scheduler=scheduler)
+        else:
+            cls = DDIMPipeline if isinstance(scheduler, DDIMScheduler) else DDPMPipeline
+            new = cls(unet=denoiser, scheduler=scheduler)
     elif isinstance(pipeline, _ClassConditionalSampler):
         new = type(pipeline)(**{name: denoiser, "scheduler": scheduler})
     else:
         raise ValueError(
             f"cannot sample a {type(pipeline).__name__} for evaluation: supported are unconditional "
-            "(DDPMPipeline, DDIMPipeline) and class-conditional (ClassConditionalUNetPipeline, PixelDiTPipeline) pipelines"
+            "(DDPMPipeline, DDIMPipeline, UnconditionalUNetPipeline) and class-conditional "
+            "(ClassConditionalUNetPipeline, PixelDiTPipeline) pipelines"
         )
     new.set_progress_bar_config(disable=True)
     return new
@@ -265,8 +273,9 @@ def evaluate_pipeline(
 ) -> dict:
     """Sample `num_samples` images from `pipeline` and score them against `dataset_name`.
 
-    `scheduler`: "ddim" (default: DDIM-50 as the ANT paper), "ddpm", a scheduler class name or
-    instance, or None for the pipeline's own (the training scheduler). Returns the metrics (`fid`, `kid_mean`, `kid_std`, `precision`, `recall`, `num_real`,
+    `scheduler`: "ddim" (default: DDIM-50 as the ANT paper; for a flow-matching model its Euler
+    sampler, see `sampling_pipeline`), "ddpm", a scheduler class name or instance, or None for the
+    pipeline's own (the training scheduler). Returns the metrics (`fid`, `kid_mean`, `kid_std`, `precision`, `recall`, `num_real`,
     `num_fake`, `feature_extractor`: "domain_<dataset>" marks a domain FID) plus the settings that
     produced them. `num_real` real images (default `num_samples`) are drawn at random with `seed`.
     Pass `reference` (a `ReferenceSet`) to score several pipelines against the same real features.
@@ -330,7 +339,9 @@ def add_sampling_arguments(parser, num_samples_default: int = 1000) -> None:
     parser.add_argument("--num_real", type=int, default=None, help="Real images to draw (default: --num_samples).")
     parser.add_argument("--scheduler", default="ddim",
                         help="Sampling scheduler: ddim (default), ddpm or any diffusers scheduler class name "
-                             "(evaluate_model.py also takes 'pipeline': the scheduler saved with the model).")
+                             "(evaluate_model.py also takes 'pipeline': the scheduler saved with the model). "
+                             "For a flow-matching model ddim and ddpm mean its Euler sampler "
+                             "(FlowMatchEulerDiscreteScheduler).")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampling steps (default 50).")
     parser.add_argument("--batch_size", type=int, default=256, help="Images per sampling batch (default 256).")
     parser.add_argument("--feature_extractor", default="domain",

@@ -21,7 +21,7 @@ import os
 from .base import CONTROLNET_INFO_NAME, LORA_INFO_NAME, ModelAdapter, resolve_recorded_base
 from .controlnet import ControlNetAdapter, controlnet_output_base
 from .dit import DiTAdapter
-from .pipelines import ClassConditionalUNetPipeline, PixelDiTPipeline
+from .pipelines import ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline
 from .presets import PRESETS, tiny_clip_tokenizer
 from .sd import StableDiffusionAdapter
 from .unet import UNetAdapter
@@ -33,7 +33,7 @@ MODEL_TYPES = {
     "controlnet": ControlNetAdapter,
 }
 
-_OWN_PIPELINES = {cls.__name__: cls for cls in (ClassConditionalUNetPipeline, PixelDiTPipeline)}
+_OWN_PIPELINES = {cls.__name__: cls for cls in (ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline)}
 
 
 def get_model_adapter(model_type: str):
@@ -93,6 +93,7 @@ __all__ = [
     "PixelDiTPipeline",
     "StableDiffusionAdapter",
     "UNetAdapter",
+    "UnconditionalUNetPipeline",
     "get_model_adapter",
     "load_pipeline",
     "tiny_clip_tokenizer",

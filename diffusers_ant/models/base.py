@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..schedule import NOISE_SCHEDULERS
 from .lora import attach_lora, base_copy, has_lora, load_peft_lora, save_peft_lora
 from .presets import LATENT_SCHEDULER, PIXEL_SCHEDULER, resolve_model_config
 
@@ -121,11 +122,30 @@ class PretrainedSource:
             raise _not_found(where, err) from err
 
 
-def default_scheduler(latent: bool, config: dict = None):
-    """A ``DDPMScheduler`` for training from scratch (cosine for pixels, SD's scaled_linear for latents)."""
-    from diffusers import DDPMScheduler
+def scheduler_kind(scheduler) -> str:
+    """``"flow_match"`` for diffusers' flow-matching schedulers, else ``"ddpm"`` (one of :data:`NOISE_SCHEDULERS`)."""
+    from ..schedule import is_flow_matching
 
-    return DDPMScheduler(**(config or (LATENT_SCHEDULER if latent else PIXEL_SCHEDULER)))
+    return "flow_match" if is_flow_matching(scheduler) else "ddpm"
+
+
+def default_scheduler(latent: bool, config: dict = None, kind: str = "ddpm", flow_shift: float = None):
+    """The training scheduler of a model trained from scratch, by ``kind`` (:data:`NOISE_SCHEDULERS`).
+
+    ``ddpm``: a ``DDPMScheduler`` with ``config`` (a preset's), else cosine for pixels and SD's
+    scaled_linear for latents. ``flow_match``: a ``FlowMatchEulerDiscreteScheduler`` (rectified flow,
+    Esser et al. 2024, ``x_t = (1 - s) x0 + s eps``) with the config's ``num_train_timesteps`` and
+    ``shift = flow_shift`` (default 1.0, no shift; SD3 uses 3.0 for 1024-pixel latents).
+    """
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    config = config or (LATENT_SCHEDULER if latent else PIXEL_SCHEDULER)
+    if kind == "flow_match":
+        shift = 1.0 if flow_shift is None else flow_shift
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.get("num_train_timesteps", 1000), shift=shift)
+    if kind != "ddpm":
+        raise ValueError(f"unknown noise scheduler {kind!r}; use one of {', '.join(NOISE_SCHEDULERS)}")
+    return DDPMScheduler(**config)
 
 
 def load_training_scheduler(source: PretrainedSource):
@@ -218,6 +238,8 @@ class ModelAdapter:
         cache_dir=None,
         controlnet_model_name_or_path=None,
         num_channels=None,
+        noise_scheduler=None,
+        flow_shift=None,
     ):
         """Build the adapter from a pretrained folder / Hub id, from a preset or config JSON, or both.
 
@@ -234,6 +256,11 @@ class ModelAdapter:
             revision, variant, cache_dir: passed to ``from_pretrained``.
             controlnet_model_name_or_path: ``controlnet`` only: a pretrained ControlNet.
             num_channels: image channels of the data when training from scratch (default 3).
+            noise_scheduler: ``ddpm`` or ``flow_match`` (:func:`default_scheduler`); default the pretrained
+                folder's scheduler, else ``ddpm``. Flow matching is for pixel-space models (``unet``, ``dit``
+                without a VAE), whose pipelines sample it; a pretrained folder of the other family keeps
+                its weights and trains with a fresh scheduler of this kind.
+            flow_shift: the ``shift`` of a flow-matching scheduler (overrides the pretrained folder's).
         """
         if pretrained_model_name_or_path is None and model_config_name_or_path is None:
             raise ValueError(
@@ -254,10 +281,25 @@ class ModelAdapter:
             controlnet_model_name_or_path=controlnet_model_name_or_path,
         )
         latent = parts.get("vae") is not None
+        scheduler = None
         if source is not None and source.has("scheduler"):
             scheduler = load_training_scheduler(source)
-        else:
-            scheduler = default_scheduler(latent, preset.get("scheduler") if preset else None)
+        if scheduler is None or noise_scheduler not in (None, scheduler_kind(scheduler)):
+            scheduler = default_scheduler(latent, preset.get("scheduler") if preset else None,
+                                          kind=noise_scheduler or "ddpm", flow_shift=flow_shift)
+        if scheduler_kind(scheduler) == "flow_match":
+            if latent:
+                raise ValueError(f"flow matching is supported for pixel-space models only (unet, dit without a VAE); "
+                                 f"this {cls.model_type} model's latent pipeline cannot sample it")
+            if prediction_type not in (None, "flow"):
+                raise ValueError("a flow-matching scheduler trains the velocity (noise - x0), which its sampler "
+                                 f"steps with: drop prediction_type {prediction_type!r}")
+            if flow_shift is not None and flow_shift != scheduler.config.shift:
+                scheduler = _copy_scheduler(scheduler, shift=flow_shift)
+            prediction_type = None  # FlowMatch schedulers have no prediction_type to set
+        elif flow_shift is not None:
+            raise ValueError("flow_shift is the shift of a flow-matching scheduler: add noise_scheduler='flow_match' "
+                             "(--noise_scheduler flow_match)")
         if prediction_type is not None:
             # the model learns this target from now on (diffusers' scripts use register_to_config,
             # which a later from_config copy silently undoes; see _copy_scheduler)
@@ -512,7 +554,8 @@ class ModelAdapter:
 
         ``scheduler`` replaces the pipeline's for this call only: a scheduler instance, or a name
         (``"ddim"``, ``"ddpm"`` or any diffusers scheduler class name) built from the pipeline's
-        scheduler config, e.g. ``scheduler="ddim"`` for few-step validation. Each type takes what it needs: ``prompts`` (sd, controlnet;
+        scheduler config by :func:`scheduler_by_name`, e.g. ``scheduler="ddim"`` for few-step
+        validation (for a flow-matching model, its Euler sampler). Each type takes what it needs: ``prompts`` (sd, controlnet;
         repeated to ``num_images``), ``class_labels`` (unet, dit; default: cycle through the classes),
         ``conditioning_images`` (controlnet, one per image), ``guidance_scale`` (pipeline default when None).
         """
@@ -595,14 +638,37 @@ class ModelAdapter:
         return {}
 
 
+# Names that, asked for a flow-matching model, mean its deterministic sampler: Euler steps of the
+# learned velocity, the flow-matching counterpart of DDIM (eta = 0).
+_FLOW_SAMPLER_ALIASES = ("ddim", "ddpm", "euler", "flow_match")
+
+
 def scheduler_by_name(name: str, like):
-    """A diffusers scheduler named ``name`` ("ddim", "ddpm" or a class name) with ``like``'s config."""
+    """A diffusers scheduler named ``name`` with ``like``'s config, for sampling the model ``like`` trained.
+
+    For a DDPM-family ``like``: ``"ddim"`` (DDIMScheduler), ``"ddpm"`` (DDPMScheduler) or any
+    diffusers scheduler class name. For a flow-matching ``like`` (``FlowMatchEulerDiscreteScheduler``
+    ...): ``"ddim"``, ``"ddpm"``, ``"euler"`` and ``"flow_match"`` all give
+    ``FlowMatchEulerDiscreteScheduler``, Euler steps of the predicted velocity with the same shift
+    (DDIM or DDPM built from a flow config would assume linear betas and an epsilon prediction and
+    sample noise); flow-matching class names (``FlowMatchHeunDiscreteScheduler``) are taken as they
+    are. A class of the other family than ``like``'s is a ``ValueError``.
+    """
     import diffusers
 
-    aliases = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}
-    cls = getattr(diffusers, aliases.get(name.lower(), name), None)
-    if cls is None or not hasattr(cls, "from_config") or not name.lower().endswith(("scheduler", "ddim", "ddpm")):
+    flow = scheduler_kind(like) == "flow_match"
+    if flow and name.lower() in _FLOW_SAMPLER_ALIASES:
+        class_name = "FlowMatchEulerDiscreteScheduler"
+    else:
+        class_name = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}.get(name.lower(), name)
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not hasattr(cls, "from_config") or not class_name.endswith("Scheduler"):
         raise ValueError(f"unknown scheduler {name!r}: use 'ddim', 'ddpm' or a diffusers scheduler class name")
+    if ("FlowMatch" in class_name) != flow:
+        trained = "a flow-matching" if flow else "a DDPM-family"
+        fix = "'ddim' (its Euler sampler) or a FlowMatch scheduler" if flow else "'ddim', 'ddpm' or a DDPM-family scheduler"
+        raise ValueError(f"{class_name} cannot sample a model trained with {trained} scheduler "
+                         f"({type(like).__name__}): use {fix}")
     config = {k: v for k, v in like.config.items() if k != "_use_default_values"}
     return cls.from_config(config)
 

@@ -9,9 +9,11 @@ with probability 0.1 during training, for classifier-free guidance). So:
   ``num_classes`` the DiT gets a single class and is used through its null class only.
 
 Pixel space (preset ``tiny``, or a pretrained folder without ``vae/``) samples through this
-project's ``PixelDiTPipeline``; latent space (preset ``tiny-latent``, or a pretrained ``DiTPipeline``
-folder) through diffusers' ``DiTPipeline``. A DiT with learned variance (``out_channels = 2 *
-in_channels``, as DiT-XL-2) is trained on its first ``in_channels`` outputs, the noise prediction.
+project's ``PixelDiTPipeline``, with DDPM-family and flow-matching schedulers alike; latent space
+(preset ``tiny-latent``, or a pretrained ``DiTPipeline`` folder) through diffusers' ``DiTPipeline``,
+which cannot step a flow-matching scheduler (``ModelAdapter.load`` refuses that combination). A DiT
+with learned variance (``out_channels = 2 * in_channels``, as DiT-XL-2) is trained on its first
+``in_channels`` outputs, the noise prediction.
 """
 
 import torch

@@ -1,11 +1,23 @@
-"""Two small sampling pipelines diffusers does not ship.
+"""Three small sampling pipelines diffusers does not ship.
 
 - ``ClassConditionalUNetPipeline(unet, scheduler)``: a class-conditional ``UNet2DModel``
   (``num_class_embeds``); ``DDPMPipeline`` / ``DDIMPipeline`` cannot pass class labels.
 - ``PixelDiTPipeline(transformer, scheduler)``: a ``DiTTransformer2DModel`` in pixel space;
   diffusers' ``DiTPipeline`` requires a VAE and hard-codes ImageNet's null class 1000.
+- ``UnconditionalUNetPipeline(unet, scheduler)``: an unconditional ``UNet2DModel`` with any
+  scheduler; this project saves flow-matching UNets with it (``DDPMPipeline`` is written for
+  DDPM-family schedulers: it calls neither ``scale_model_input`` nor ``init_noise_sigma``, and its
+  folder would announce a DDPM model).
 
-Both are ordinary ``DiffusionPipeline`` subclasses: ``save_pretrained`` writes the usual folder
+All three run one loop that works for DDPM-family and flow-matching schedulers alike: start from
+``init_noise_sigma`` times unit noise (flow matching has no such attribute and starts from unit
+noise, ``x_1 = eps``), call the denoiser at each of ``scheduler.timesteps`` (for flow matching
+``sigma * num_train_timesteps``, the shifted sigma the model was trained with, see
+``diffusers_ant.schedule.model_timesteps``), and let ``scheduler.step`` move ``x`` (for
+``FlowMatchEulerDiscreteScheduler``: the Euler step ``x + (sigma_next - sigma) * v`` of the
+predicted velocity ``v = eps - x0``, ending at sigma = 0).
+
+All are ordinary ``DiffusionPipeline`` subclasses: ``save_pretrained`` writes the usual folder
 (safetensors weights, ``model_index.json``) and, as Hub community pipelines do, a copy of this
 file as ``ant_pipeline.py`` with ``"_class_name": ["ant_pipeline", "<ClassName>"]``. So the folder
 loads in two ways:
@@ -42,6 +54,13 @@ class _ClassConditionalSampler(DiffusionPipeline):
     def _null_class(self):
         return None
 
+    def _class_labels(self, class_labels, batch_size):
+        """The labels to sample, as a list (one per image)."""
+        if class_labels is None:
+            null = self._null_class()
+            class_labels = [0 if null is None else null] * batch_size
+        return class_labels
+
     @torch.no_grad()
     def __call__(
         self,
@@ -59,18 +78,20 @@ class _ClassConditionalSampler(DiffusionPipeline):
         denoiser has a null class (DiT); ``output_type`` is ``"pil"``, ``"np"`` or ``"pt"`` (in [0, 1]).
         """
         denoiser = getattr(self, self._denoiser_name)
-        if class_labels is None:
-            null = self._null_class()
-            class_labels = [0 if null is None else null] * batch_size
-        labels = torch.as_tensor(class_labels, device=self._execution_device, dtype=torch.long).reshape(-1)
+        class_labels = self._class_labels(class_labels, batch_size)
+        labels = None
+        if class_labels is not None:
+            labels = torch.as_tensor(class_labels, device=self._execution_device, dtype=torch.long).reshape(-1)
         size = denoiser.config.sample_size
-        shape = (len(labels), denoiser.config.in_channels, size, size)
+        shape = (batch_size if labels is None else len(labels), denoiser.config.in_channels, size, size)
         x = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=denoiser.dtype)
-        x = x * self.scheduler.init_noise_sigma
+        # flow-matching schedulers have neither attribute (they start from unit noise and scale nothing)
+        x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        scale_model_input = getattr(self.scheduler, "scale_model_input", lambda sample, timestep: sample)
 
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(x, t)
+            model_input = scale_model_input(x, t)
             model_output = self._denoise(model_input, t, labels, guidance_scale)
             x = self.scheduler.step(model_output, t, x, generator=generator).prev_sample
 
@@ -138,6 +159,28 @@ class ClassConditionalUNetPipeline(_ClassConditionalSampler):
         return self.unet(x, t, class_labels=labels).sample
 
 
+class UnconditionalUNetPipeline(_ClassConditionalSampler):
+    """Sampling from an unconditional ``UNet2DModel`` (no ``num_class_embeds``), any diffusers scheduler.
+
+    Made for flow matching: a UNet trained with ``FlowMatchEulerDiscreteScheduler`` is saved with
+    this class and that scheduler, and samples by Euler steps of its predicted velocity.
+    """
+
+    _denoiser_name = "unet"
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    def _class_labels(self, class_labels, batch_size):
+        if class_labels is not None:
+            raise ValueError("this UNet is unconditional: call the pipeline with batch_size, not class_labels")
+        return None
+
+    def _denoise(self, x, t, labels, guidance_scale):
+        return self.unet(x, t).sample
+
+
 class PixelDiTPipeline(_ClassConditionalSampler):
     """Sampling from a ``DiTTransformer2DModel`` that works on pixels (no VAE).
 
@@ -169,4 +212,4 @@ class PixelDiTPipeline(_ClassConditionalSampler):
         return self.transformer(x, timestep=timesteps.expand(len(x)), class_labels=labels).sample[:, :channels]
 
 
-__all__ = ["ClassConditionalUNetPipeline", "PixelDiTPipeline"]
+__all__ = ["ClassConditionalUNetPipeline", "PixelDiTPipeline", "UnconditionalUNetPipeline"]

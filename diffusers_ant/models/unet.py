@@ -3,10 +3,12 @@
 Class-conditional means ``num_class_embeds`` is set: the class embedding is added to the timestep
 embedding, and every batch must carry ``class_labels``. Pipelines: ``DDPMPipeline`` (or
 ``DDIMPipeline`` when given a DDIM scheduler) for unconditional models, this project's
-``ClassConditionalUNetPipeline`` for class-conditional ones (diffusers has none).
+``UnconditionalUNetPipeline`` for unconditional flow-matching ones and
+``ClassConditionalUNetPipeline`` for class-conditional ones (diffusers has none); the last two
+sample flow matching and DDPM-family schedulers alike.
 """
 
-from .base import ModelAdapter, _copy_scheduler, check_class_labels, repeat_to
+from .base import ModelAdapter, _copy_scheduler, check_class_labels, repeat_to, scheduler_kind
 
 
 class UNetAdapter(ModelAdapter):
@@ -85,12 +87,14 @@ class UNetAdapter(ModelAdapter):
     def make_pipeline(self, model=None, scheduler=None):
         from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
 
-        from .pipelines import ClassConditionalUNetPipeline
+        from .pipelines import ClassConditionalUNetPipeline, UnconditionalUNetPipeline
 
         model = model if model is not None else self.model
         scheduler = _copy_scheduler(scheduler if scheduler is not None else self.noise_scheduler)
         if model.config.num_class_embeds is not None:
             pipeline = ClassConditionalUNetPipeline(unet=model, scheduler=scheduler)
+        elif scheduler_kind(scheduler) == "flow_match":
+            pipeline = UnconditionalUNetPipeline(unet=model, scheduler=scheduler)
         elif isinstance(scheduler, DDIMScheduler):
             pipeline = DDIMPipeline(unet=model, scheduler=scheduler)
         else:

@@ -45,6 +45,10 @@ DEMO_ARGS = [
 MODEL_TYPES = ("unet", "dit", "sd", "controlnet")
 CLUSTERING_OBJECTIVES = ("timestep", "snr", "gradient")
 TIMESTEP_SAMPLINGS = ("uniform", "stratified")
+# diffusers_ant.schedule's NOISE_SCHEDULERS and FLOW_WEIGHTING_SCHEMES, written out so that building the
+# parser (--help) imports no torch; tests/test_flow_matching.py checks that they agree
+NOISE_SCHEDULERS = ("ddpm", "flow_match")
+FLOW_WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -81,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="sd with --rank: train a LoRA adapter on the text encoder too (diffusers' DreamBooth LoRA).")
+
+    # ---- flow matching (one block: the scheduler family, SD3's --weighting_scheme and its parameters)
+    g = p.add_argument_group("flow matching")
+    g.add_argument("--noise_scheduler", default=None, choices=list(NOISE_SCHEDULERS),
+                   help="Training noise schedule: ddpm (DDPMScheduler) or flow_match (FlowMatchEulerDiscreteScheduler, "
+                   "rectified flow; pixel-space unet and dit only). Default: the pretrained folder's scheduler, else ddpm.")
+    g.add_argument("--flow_shift", type=float, default=None,
+                   help="Shift of the flow-matching sigmas (default 1.0 from scratch, else the folder's; SD3 uses 3.0).")
+    g.add_argument("--weighting_scheme", default="none", choices=list(FLOW_WEIGHTING_SCHEMES),
+                   help="As diffusers' SD3 script, flow matching only: logit_normal or mode draw the timesteps from "
+                   "that density (with --timestep_sampling uniform: not stratified, the density decides how often each "
+                   "cluster is trained), sigma_sqrt or cosmap weight the loss (instead of --loss_weighting).")
+    g.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal density (SD3: 0.0).")
+    g.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit_normal density (SD3: 1.0).")
+    g.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode density (SD3 script: 1.29).")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None,
@@ -234,6 +253,38 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown --loss_weighting {args.loss_weighting!r}; choose one of: {', '.join(LOSS_WEIGHTINGS)}")
     if args.loss_weighting == "min_snr" and args.snr_gamma is None:
         args.snr_gamma = 5.0
+    # ---- flow matching: --noise_scheduler, --flow_shift, --weighting_scheme (before the sampling default below)
+    from ..timesteps import FLOW_DENSITY_SCHEMES, FlowMatchingDensitySampler
+
+    if args.noise_scheduler not in (None, *NOISE_SCHEDULERS):
+        raise UsageError(f"unknown --noise_scheduler {args.noise_scheduler!r}; choose one of: {', '.join(NOISE_SCHEDULERS)}")
+    if args.noise_scheduler == "flow_match":
+        if args.model_type in ("sd", "controlnet"):
+            raise UsageError(f"--noise_scheduler flow_match is for pixel-space models (unet, dit); {args.model_type} is latent")
+        if args.prediction_type is not None:
+            raise UsageError("--noise_scheduler flow_match trains the velocity (noise - x0): drop --prediction_type")
+    ddpm = args.noise_scheduler == "ddpm" or (args.noise_scheduler is None and args.pretrained_model_name_or_path is None)
+    if args.flow_shift is not None and (args.flow_shift <= 0 or ddpm):
+        raise UsageError("--flow_shift must be > 0 and needs a flow-matching scheduler (--noise_scheduler flow_match)")
+    if args.weighting_scheme not in FLOW_WEIGHTING_SCHEMES:
+        raise UsageError(f"unknown --weighting_scheme {args.weighting_scheme!r}; choose one of: {', '.join(FLOW_WEIGHTING_SCHEMES)}")
+    if args.weighting_scheme != "none":
+        if ddpm:
+            raise UsageError(f"--weighting_scheme {args.weighting_scheme} is for flow matching: add --noise_scheduler flow_match")
+        if args.weighting_scheme in FLOW_DENSITY_SCHEMES:
+            # the density decides how often each noise level is trained; stratified sampling would give
+            # every cluster an equal share instead, and --timestep_range one interval
+            if args.timestep_sampling == "stratified" or args.timestep_range is not None:
+                raise UsageError(f"--weighting_scheme {args.weighting_scheme} draws the timesteps from its density: "
+                                 "drop --timestep_sampling stratified / --timestep_range (use --timestep_sampling uniform)")
+            args.timestep_sampling = "uniform"  # i.i.d. draws (from the density), grouped into clusters afterwards
+            try:  # the sampler's own checks of --logit_std / --mode_scale, now rather than at set-up
+                FlowMatchingDensitySampler(args.weighting_scheme, 1000, args.logit_mean, args.logit_std, args.mode_scale)
+            except ValueError as err:
+                raise UsageError(f"--{err}") from None  # its messages start with the parameter's name
+        elif args.loss_weighting != "none":
+            raise UsageError(f"--weighting_scheme {args.weighting_scheme} is a loss weight: drop --loss_weighting "
+                             f"{args.loss_weighting} (and --snr_gamma), or use a density scheme (logit_normal, mode) with it")
     if args.timestep_sampling is None:
         args.timestep_sampling = "stratified" if args.mtl_method != "none" else "uniform"
     if args.timestep_sampling not in TIMESTEP_SAMPLINGS:

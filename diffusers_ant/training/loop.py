@@ -66,7 +66,11 @@ def build_intervals(args, noise_scheduler):
 
 def build_sampler(args, intervals, num_timesteps):
     from ..timesteps import IntervalTimestepSampler, StratifiedTimestepSampler, UniformTimestepSampler
+    from ..timesteps import FLOW_DENSITY_SCHEMES, FlowMatchingDensitySampler  # flow branch
 
+    if args.weighting_scheme in FLOW_DENSITY_SCHEMES:  # SD3's timestep density (args.py refuses stratified / range)
+        return FlowMatchingDensitySampler(args.weighting_scheme, num_timesteps, args.logit_mean, args.logit_std,
+                                          args.mode_scale)
     if args.timestep_range is not None:
         start, end = args.timestep_range
         if not 0 <= start <= end < num_timesteps:
@@ -316,6 +320,7 @@ def train(args) -> str:
         # From scratch the model is built for the data's channels; a pretrained model keeps its own and
         # the images are converted to them (greyscale -> RGB), as diffusers' scripts do.
         num_channels=dataset_image_channels(dataset, columns["image_column"]) if from_scratch else None,
+        noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,  # flow matching
     )
     if args.rank is not None:
         adapter.add_lora(args.rank, alpha=args.lora_alpha)
@@ -336,7 +341,8 @@ def train(args) -> str:
     sampler = build_sampler(args, intervals, num_timesteps)
     objective = DiffusionObjective(adapter, noise_scheduler, sampler, intervals, prediction_type=args.prediction_type,
                                    loss_weighting=args.loss_weighting, snr_gamma=args.snr_gamma,
-                                   p2_k=args.p2_k, p2_gamma=args.p2_gamma, noise_offset=args.noise_offset)
+                                   p2_k=args.p2_k, p2_gamma=args.p2_gamma, noise_offset=args.noise_offset,
+                                   weighting_scheme=args.weighting_scheme)  # SD3's loss weight (flow branch)
 
     train_dataloader = make_train_dataloader(
         dataset, columns, resolution=pixel_resolution(adapter), batch_size=args.train_batch_size,

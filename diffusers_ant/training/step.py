@@ -27,8 +27,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..losses import per_sample_loss, timestep_loss_weights
-from ..schedule import add_noise, model_timesteps, resolve_prediction_type, snr_at, training_target
+from ..losses import flow_matching_loss_weights, per_sample_loss, timestep_loss_weights
+from ..schedule import add_noise, check_weighting_scheme, model_timesteps, resolve_prediction_type, snr_at, training_target
 
 
 def _index(conditioning: Dict[str, torch.Tensor], idx: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -95,11 +95,12 @@ class DiffusionObjective:
             consistency loss.
 
     Tasks: source i, cluster j is task i * K + j (K clusters); with one source, task j is cluster j.
+        weighting_scheme: SD3's flow-matching loss weight (`losses.flow_matching_loss_weights`), times the above.
     """
 
     def __init__(self, adapter, noise_scheduler, sampler, intervals, prediction_type=None,
                  loss_weighting="none", snr_gamma=None, p2_k=1.0, p2_gamma=1.0, noise_offset=0.0,
-                 sources=None, teacher=None):
+                 sources=None, teacher=None, weighting_scheme="none"):
         self.adapter = adapter
         self.scheduler = noise_scheduler
         self.intervals = intervals
@@ -113,6 +114,8 @@ class DiffusionObjective:
         needs_teacher = [s.name for s in self.sources if s.target == "teacher" or s.consistency]
         if needs_teacher and teacher is None:
             raise ValueError(f"source(s) {', '.join(needs_teacher)} need the frozen pretrained model: pass teacher=")
+        check_weighting_scheme(noise_scheduler, weighting_scheme)  # flow matching only: fail at set-up
+        self.weighting_scheme = weighting_scheme
 
     @property
     def sampler(self):
@@ -174,6 +177,7 @@ class DiffusionObjective:
         prediction_type = resolve_prediction_type(self.scheduler, self.prediction_type)
         weights = timestep_loss_weights(self.loss_weighting, snr_at(self.scheduler, t), prediction_type=prediction_type,
                                         snr_gamma=self.snr_gamma, p2_k=self.p2_k, p2_gamma=self.p2_gamma).to(device)
+        weights = weights * flow_matching_loss_weights(self.scheduler, t, self.weighting_scheme)
         prepared = dict(x_t=x_t, t=t, model_t=model_t, target=target, weights=weights * source.weight,
                         conditioning=conditioning, task_ids=clusters + index * len(self.intervals))
         if source.target == "teacher" or source.consistency:
