@@ -153,6 +153,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--p2_k", type=float, default=1.0)
     g.add_argument("--p2_gamma", type=float, default=1.0)
 
+    g = p.add_argument_group("Diff-Tuning: transfer along the chain of forgetting (Zhong et al., NeurIPS 2024)")
+    g.add_argument("--knowledge_bank", default=None,
+                   help="A knowledge bank written by build_knowledge_bank.py: turns Diff-Tuning on (retention on the bank).")
+    g.add_argument("--retention", default=None, choices=["bank", "kd"],
+                   help="Knowledge retention from the bank (default with --knowledge_bank) or by distillation (`kd`: "
+                   "downstream images with the frozen pretrained model's prediction as target; no bank).")
+    g.add_argument("--bank_fraction", type=float, default=0.2,
+                   help="Share of each batch given to retention samples (bank images or kd samples), in (0, 1).")
+    g.add_argument("--bank_weight", type=float, default=0.1,
+                   help="lambda: loss = mean over downstream samples + lambda x mean over retention samples.")
+    g.add_argument("--retention_exponent", type=float, default=1.0,
+                   help="a: retention timesteps drawn with probability (T - t)^a (low noise); 0 = uniform.")
+    g.add_argument("--reconsolidation_exponent", type=float, default=1.0,
+                   help="b: downstream timesteps drawn with probability (t + 1)^b (high noise); 0 = uniform.")
+    g.add_argument("--bank_keep_prompts", action="store_true",
+                   help="Text-to-image: train bank images with their prompts instead of the empty prompt.")
+
+    g = p.add_argument_group("DeMe: decouple, then merge (Decouple-Then-Merge, CVPR 2025)")
+    g.add_argument("--deme_interval", type=int, default=None,
+                   help="Fine-tune the pretrained model on this interval (0 = lowest noise) of the run's --num_clusters "
+                   "intervals (--clustering timestep: the paper's equal intervals).")
+    g.add_argument("--consistency_weight", type=float, default=1.0,
+                   help="Weight of the consistency loss ||pretrained(x_t) - model(x_t)||^2 (DeMe: 1).")
+    g.add_argument("--deme_global_prob", type=float, default=0.3,
+                   help="Probability that timesteps come from the whole range instead of the interval (authors: 0.3).")
+    g.add_argument("--deme_sampling", default="per_batch", choices=["per_batch", "per_sample"],
+                   help="Flip the global-range coin once per optimizer step (the authors) or per sample.")
+    g.add_argument("--channel_projection", action="store_true",
+                   help="A learnable channel mixing initialised to the identity after each block (DeMe).")
+
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=16, help="Per device.")
     g.add_argument("--num_train_epochs", type=int, default=100)
@@ -285,6 +315,8 @@ def validate_args(args: argparse.Namespace) -> None:
         elif args.loss_weighting != "none":
             raise UsageError(f"--weighting_scheme {args.weighting_scheme} is a loss weight: drop --loss_weighting "
                              f"{args.loss_weighting} (and --snr_gamma), or use a density scheme (logit_normal, mode) with it")
+    _validate_diff_tuning(args)
+    _validate_deme(args)
     if args.timestep_sampling is None:
         args.timestep_sampling = "stratified" if args.mtl_method != "none" else "uniform"
     if args.timestep_sampling not in TIMESTEP_SAMPLINGS:
@@ -354,3 +386,59 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UsageError(str(err)) from None
     if args.model_type in ("sd", "controlnet") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
         raise UsageError(f"--model_type {args.model_type} needs captions: use --dataset_name mnist5k_captions or a captioned dataset")
+
+
+def _validate_diff_tuning(args: argparse.Namespace) -> None:
+    """Diff-Tuning's flags; `args.diff_tuning` says whether it is on (a bank, or `--retention kd`)."""
+    if args.retention is None and args.knowledge_bank is not None:
+        args.retention = "bank"
+    args.diff_tuning = args.retention is not None
+    if not args.diff_tuning:
+        return
+    if args.retention == "bank" and args.knowledge_bank is None:
+        raise UsageError("--retention bank needs --knowledge_bank (write one with build_knowledge_bank.py), or use --retention kd")
+    if args.retention == "kd" and args.knowledge_bank is not None:
+        raise UsageError("--retention kd distils from the pretrained model and uses no bank: drop --knowledge_bank")
+    if args.knowledge_bank is not None and not os.path.isdir(args.knowledge_bank):
+        raise UsageError(f"--knowledge_bank {args.knowledge_bank!r} does not exist: build it with build_knowledge_bank.py")
+    if args.pretrained_model_name_or_path is None:
+        raise UsageError("Diff-Tuning transfers a pretrained model: give --pretrained_model_name_or_path")
+    if not 0.0 < args.bank_fraction < 1.0:
+        raise UsageError(f"--bank_fraction must lie strictly between 0 and 1, got {args.bank_fraction}")
+    if args.bank_weight < 0:
+        raise UsageError(f"--bank_weight must be >= 0, got {args.bank_weight}")
+    for name in ("retention_exponent", "reconsolidation_exponent"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be >= 0 (0 = uniform), got {getattr(args, name)}")
+    retained = round(args.train_batch_size * args.bank_fraction)
+    if not 0 < retained < args.train_batch_size:
+        raise UsageError(f"--bank_fraction {args.bank_fraction} of --train_batch_size {args.train_batch_size} leaves "
+                         f"{retained} retention samples: raise --train_batch_size or change --bank_fraction")
+    if args.timestep_sampling == "stratified" or args.timestep_range is not None:
+        raise UsageError("Diff-Tuning draws timesteps from its retention / reconsolidation densities: drop "
+                         "--timestep_sampling stratified / --timestep_range (set the exponents to 0 for uniform draws)")
+    args.timestep_sampling = "uniform"  # per-source densities; clusters are assigned after the draw
+
+
+def _validate_deme(args: argparse.Namespace) -> None:
+    """DeMe's flags (the interval's range is checked once the clusters exist)."""
+    if args.deme_interval is None:
+        if args.channel_projection and args.pretrained_model_name_or_path is None:
+            raise UsageError("--channel_projection adapts a pretrained model: give --pretrained_model_name_or_path")
+        return
+    if args.pretrained_model_name_or_path is None:
+        raise UsageError("DeMe fine-tunes a pretrained model per interval: give --pretrained_model_name_or_path")
+    if args.deme_interval < 0 or args.deme_interval >= args.num_clusters:
+        raise UsageError(f"--deme_interval {args.deme_interval} is out of range: the run has --num_clusters "
+                         f"{args.num_clusters} intervals, numbered 0..{args.num_clusters - 1}")
+    if not 0.0 <= args.deme_global_prob <= 1.0:
+        raise UsageError(f"--deme_global_prob must lie in [0, 1], got {args.deme_global_prob}")
+    if args.consistency_weight < 0:
+        raise UsageError(f"--consistency_weight must be >= 0, got {args.consistency_weight}")
+    if args.timestep_range is not None or args.diff_tuning:
+        raise UsageError("--deme_interval chooses the timesteps itself: drop --timestep_range / Diff-Tuning's flags")
+    if args.train_text_encoder:
+        raise UsageError("--deme_interval compares with the frozen pretrained model: drop --train_text_encoder")
+    if args.timestep_sampling == "stratified":
+        raise UsageError("--deme_interval draws from its interval: drop --timestep_sampling stratified")
+    args.timestep_sampling = "uniform"

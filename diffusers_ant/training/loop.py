@@ -81,6 +81,85 @@ def build_sampler(args, intervals, num_timesteps):
     return UniformTimestepSampler(num_timesteps)
 
 
+def build_sources(args, intervals, num_timesteps, sampler):
+    """The sources of a batch (`training.step.Source`): the data alone, or Diff-Tuning's two, or DeMe's interval.
+
+    * Diff-Tuning (Zhong et al., NeurIPS 2024, Sec. 4): the downstream data ("reconsolidation") draws
+      t with probability proportional to (t + 1)^b, favouring high noise; the retention samples
+      (knowledge-bank images, or downstream images with the frozen model's prediction as target in
+      the distillation variant) draw t proportional to (T - t)^a, favouring low noise, and their loss
+      is weighted by lambda (`--bank_weight`). Bank images train the unconditional branch (null class,
+      empty prompt) as the authors do, unless `--bank_keep_prompts`.
+    * DeMe (Sec. 3): the data draws t in interval i, or in the whole range with probability
+      `--deme_global_prob`, and adds the consistency loss against the frozen pretrained model."""
+    from ..timesteps import DensityTimestepSampler, IntervalTimestepSampler
+    from .step import Source
+
+    if args.diff_tuning:
+        t = torch.arange(num_timesteps, dtype=torch.float64)
+        reconsolidation = DensityTimestepSampler((t + 1) ** args.reconsolidation_exponent)
+        retention = DensityTimestepSampler((num_timesteps - t) ** args.retention_exponent)
+        data = Source("data", reconsolidation)
+        if args.retention == "kd":
+            return [data, Source("retention", retention, weight=args.bank_weight, target="teacher")]
+        return [data, Source("bank", retention, weight=args.bank_weight, null_condition=not args.bank_keep_prompts)]
+    if args.deme_interval is not None:
+        start, end = intervals.bounds[args.deme_interval]
+        interval = IntervalTimestepSampler(start, end, num_timesteps, p_full=args.deme_global_prob,
+                                           per_batch=args.deme_sampling == "per_batch")
+        return [Source("data", interval, consistency=args.consistency_weight)]
+    return [Source("data", sampler)]
+
+
+def knowledge_bank_dataloader(args, adapter, needs: dict, rows: int):
+    """The loader of Diff-Tuning's knowledge bank: `rows` bank images per micro-batch, read like the data
+    (same resolution, transforms, `--max_train_samples`), after checking the bank fits the model."""
+    from ..data import make_train_dataloader, resolve_columns
+    from ..diff_tuning import check_bank_compatible, load_knowledge_bank
+
+    bank, manifest = load_knowledge_bank(args.knowledge_bank)
+    check_bank_compatible(manifest, model_type=args.model_type, resolution=pixel_resolution(adapter),
+                          channels=adapter.num_channels)
+    columns = resolve_columns(bank, need_captions=needs["need_captions"] and args.bank_keep_prompts,
+                              need_conditioning=needs["need_conditioning"], class_column=None,
+                              need_classes=False, classes_if_present=args.model_type in ("unet", "dit"))
+    return make_train_dataloader(
+        bank, columns, resolution=pixel_resolution(adapter), batch_size=rows, num_channels=adapter.num_channels,
+        tokenizer=adapter.tokenizer, seed=args.seed + 1, num_workers=args.dataloader_num_workers,
+        center_crop=args.center_crop, random_flip=args.random_flip, max_samples=args.max_train_samples,
+        interpolation=args.image_interpolation_mode)
+
+
+def retention_rows(args) -> int:
+    """Rows of each micro-batch given to Diff-Tuning's retention source (0 without Diff-Tuning)."""
+    return round(args.train_batch_size * args.bank_fraction) if args.diff_tuning else 0
+
+
+def compose_sources(args, batch: dict, bank_batches) -> dict:
+    """A micro-batch as its sources' rows: `data` and `bank` (a bank batch), or `data` and `retention`
+    (the micro-batch's last rows, for distillation), or the plain batch."""
+    if not args.diff_tuning:
+        return batch
+    if args.retention == "bank":
+        return {"data": batch, "bank": next(bank_batches)}
+    keep = len(batch["pixel_values"]) - retention_rows(args)
+    return {"data": {k: v[:keep] for k, v in batch.items()}, "retention": {k: v[keep:] for k, v in batch.items()}}
+
+
+def cycle_batches(accelerator, loader, consumed: int):
+    """Batches of `loader` forever, epoch after epoch, starting after the first `consumed` ones.
+
+    The position is a pure function of the count, so a resumed run continues the bank exactly where
+    the interrupted one was (with the same seeded per-epoch order)."""
+    per_epoch = len(loader)
+    epoch, skip = divmod(consumed, per_epoch)
+    while True:
+        loader.set_epoch(epoch)
+        for batch in (accelerator.skip_first_batches(loader, skip) if skip else loader):
+            yield batch
+        epoch, skip = epoch + 1, 0
+
+
 def data_needs(args) -> dict:
     """Which dataset columns the model type needs (captions, conditioning images, classes)."""
     return {"need_captions": args.model_type in ("sd", "controlnet"),
@@ -322,6 +401,13 @@ def train(args) -> str:
         num_channels=dataset_image_channels(dataset, columns["image_column"]) if from_scratch else None,
         noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,  # flow matching
     )
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    teacher = None
+    if args.retention == "kd" or args.deme_interval is not None:
+        # The frozen pretrained denoiser, copied before LoRA or projections change the student.
+        from ..teacher import FrozenTeacher
+
+        teacher = FrozenTeacher(adapter, weight_dtype, autocast=accelerator.autocast).to(accelerator.device)
     if args.rank is not None:
         adapter.add_lora(args.rank, alpha=args.lora_alpha)
     if args.train_text_encoder:
@@ -330,27 +416,31 @@ def train(args) -> str:
         adapter.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         adapter.model.enable_xformers_memory_efficient_attention()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     adapter.to(accelerator.device, weight_dtype)  # frozen parts (VAE, text encoder) in the low precision
     cast_frozen_parameters(adapter.model, weight_dtype)  # and a LoRA run's frozen base weights
     noise_scheduler = adapter.noise_scheduler
     num_timesteps = num_train_timesteps(noise_scheduler)
 
     intervals = build_intervals(args, noise_scheduler)
-    num_tasks = len(intervals)
     sampler = build_sampler(args, intervals, num_timesteps)
     objective = DiffusionObjective(adapter, noise_scheduler, sampler, intervals, prediction_type=args.prediction_type,
                                    loss_weighting=args.loss_weighting, snr_gamma=args.snr_gamma,
                                    p2_k=args.p2_k, p2_gamma=args.p2_gamma, noise_offset=args.noise_offset,
-                                   weighting_scheme=args.weighting_scheme)  # SD3's loss weight (flow branch)
+                                   weighting_scheme=args.weighting_scheme,  # SD3's loss weight (flow matching)
+                                   sources=build_sources(args, intervals, num_timesteps, sampler), teacher=teacher)
+    num_tasks = objective.num_tasks  # (source, cluster) pairs
 
+    bank_rows = retention_rows(args) if args.retention == "bank" else 0  # bank rows come from their own loader
     train_dataloader = make_train_dataloader(
-        dataset, columns, resolution=pixel_resolution(adapter), batch_size=args.train_batch_size,
+        dataset, columns, resolution=pixel_resolution(adapter), batch_size=args.train_batch_size - bank_rows,
         num_channels=adapter.num_channels, tokenizer=adapter.tokenizer, seed=args.seed,
         num_workers=args.dataloader_num_workers, center_crop=args.center_crop, random_flip=args.random_flip,
         max_samples=args.max_train_samples, interpolation=args.image_interpolation_mode,
         proportion_empty_prompts=args.proportion_empty_prompts)
     validation_inputs = default_validation_inputs(args, dataset, columns)
+    bank_dataloader = None
+    if args.retention == "bank":
+        bank_dataloader = knowledge_bank_dataloader(args, adapter, needs, bank_rows)
 
     # Optimizer updates per epoch: the loader yields this process's share of the batches, grouped
     # into windows of --gradient_accumulation_steps micro-batches (the last window may be shorter).
@@ -378,6 +468,8 @@ def train(args) -> str:
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
 
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(adapter.model, optimizer, train_dataloader, lr_scheduler)
+    if bank_dataloader is not None:
+        bank_dataloader = accelerator.prepare(bank_dataloader)  # each process reads its own shard of the bank
     # LoRA and other partial fine-tuning: checkpoints hold the trainable parameters only, not the frozen base.
     register_trainable_state_hooks(accelerator, adapter.model)
     ema = None
@@ -435,6 +527,10 @@ def train(args) -> str:
     # ---------------------------------------------------------------- the loop
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    # The bank is read as one endless stream beside the data, one bank batch per data micro-batch.
+    bank_batches = None
+    if bank_dataloader is not None:
+        bank_batches = cycle_batches(accelerator, bank_dataloader, first_epoch * len(train_dataloader) + skip_batches)
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     model.train()
@@ -446,6 +542,7 @@ def train(args) -> str:
         if epoch == first_epoch and skip_batches:
             batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
         for window in windows(batches, args.gradient_accumulation_steps):
+            window = [compose_sources(args, batch, bank_batches) for batch in window]
             # fp16: the GradScaler may skip this update (overflow); the weighting's state is then
             # put back, so no method advances on a step that did not happen.
             scaler = accelerator.scaler
