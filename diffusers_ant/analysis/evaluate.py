@@ -207,7 +207,7 @@ class ReferenceSet:
     """
 
     def __init__(self, images, feature_extractor, batch_size=256, kid_subsets=DEFAULT_KID_SUBSETS,
-                 kid_subset_size=1000, k=3, seed=0):
+                 kid_subset_size=None, k=3, seed=0):
         self.extractor = feature_extractor
         self.batch_size = batch_size
         self.kid_subsets = kid_subsets

@@ -23,7 +23,7 @@ def compute_metrics(
     metrics=METRIC_NAMES,
     k=3,
     kid_subsets=100,
-    kid_subset_size=1000,
+    kid_subset_size=None,
     device=None,
     cache_dir=None,
     seed=0,
@@ -36,7 +36,9 @@ def compute_metrics(
 
     Returns a dict with `fid`, `kid_mean`, `kid_std`, `precision`, `recall` (those asked for in
     `metrics`), `num_real`, `num_fake` and `feature_extractor` (its name: "domain_mnist5k" marks a
-    domain FID, which is not Inception FID). KID subsets are clipped to the smaller set.
+    domain FID, which is not Inception FID). KID uses subsets of `kid_subset_size` rows (default
+    min(1000, smaller set // 2)); `kid_std` is the spread of a KID on that many samples, measured on
+    disjoint subsets (see `functional.kid`).
     """
     unknown = set(metrics) - set(METRIC_NAMES)
     if unknown:
