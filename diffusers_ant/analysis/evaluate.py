@@ -203,7 +203,8 @@ class ReferenceSet:
     """Real images' features, computed once, against which sample sets are scored.
 
     `score(images)` returns the dict of `diffusers_ant.metrics.compute_metrics` (`fid`, `kid_mean`,
-    `kid_std`, `precision`, `recall`, `num_real`, `num_fake`, `feature_extractor`).
+    `kid_std`, `precision`, `recall`, `num_real`, `num_fake`, `feature_extractor`,
+    `feature_extractor_sha256`: the hash of the extractor's weights, recorded with every result).
     """
 
     def __init__(self, images, feature_extractor, batch_size=256, kid_subsets=DEFAULT_KID_SUBSETS,
@@ -215,6 +216,7 @@ class ReferenceSet:
         self.k = k
         self.seed = seed
         self.features = feature_extractor.extract(images, batch_size=batch_size)
+        self.extractor_sha256 = feature_extractor.weights_sha256()
 
     def score(self, images) -> dict:
         from ..metrics import compute_metrics
@@ -227,6 +229,7 @@ class ReferenceSet:
         results = compute_metrics(self.features, fake, metrics=metrics, k=self.k, kid_subsets=self.kid_subsets,
                                   kid_subset_size=self.kid_subset_size, seed=self.seed)
         results["feature_extractor"] = self.extractor.name
+        results["feature_extractor_sha256"] = self.extractor_sha256
         return results
 
 
@@ -308,6 +311,8 @@ def format_results(results: dict) -> str:
         if key in results:
             rows.append((key, f"{results[key]:.4f}"))
     rows.append(("samples / real", f"{results['num_fake']} / {results['num_real']}"))
+    if results.get("feature_extractor_sha256"):
+        rows.append(("features sha256", results["feature_extractor_sha256"][:16]))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

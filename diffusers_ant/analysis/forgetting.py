@@ -84,6 +84,7 @@ def chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, nu
         "num_inference_steps": num_inference_steps,
         "seed": seed,
         "feature_extractor": points[0].get("feature_extractor") if points else None,
+        "feature_extractor_sha256": points[0].get("feature_extractor_sha256") if points else None,
     }
     if return_images:
         result["images"] = images

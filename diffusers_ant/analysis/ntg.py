@@ -125,6 +125,7 @@ def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, 
         "num_inference_steps": num_inference_steps,
         "seed": seed,
         "feature_extractor": base_metrics.get("feature_extractor"),
+        "feature_extractor_sha256": base_metrics.get("feature_extractor_sha256"),
     }
 
 
