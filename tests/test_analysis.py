@@ -17,6 +17,7 @@ from diffusers_ant.analysis.affinity import (
     _draw_batches,
     affinity_from_folders,
     gradient_cosines,
+    o1_mantel,
     o1_spearman,
     task_affinity,
     timestep_grid,
@@ -99,6 +100,38 @@ def test_grid_and_o1_spearman():
         timestep_grid(1000, 1)
 
 
+def test_mantel_test_holds_its_level_where_the_pairwise_test_does_not():
+    # A null with per-row effects: TAS(i, j) = u_i + u_j + e_ij, no relation to |t_i - t_j|. The
+    # G(G-1)/2 entries share rows, so the pairwise Spearman p-value (independent pairs) rejects too
+    # often; permuting the grid labels together (Mantel) keeps the dependence and holds the level.
+    grid = np.array(timestep_grid(1000, 20), dtype=float)
+    rng = np.random.default_rng(0)
+    trials, spearman_rejections, mantel_rejections = 1000, 0, 0
+    for trial in range(trials):
+        u = rng.normal(0.0, 3.0, len(grid))
+        e = rng.normal(size=(len(grid), len(grid)))
+        A = u[:, None] + u[None, :] + (e + e.T) / 2
+        rho, p_pairs = o1_spearman(grid, A)
+        rho_mantel, p_mantel = o1_mantel(grid, A, permutations=199, seed=trial)
+        assert rho_mantel == pytest.approx(rho)  # the same effect size
+        spearman_rejections += p_pairs < 0.05
+        mantel_rejections += p_mantel < 0.05
+    # binomial standard deviation at 1,000 trials: 0.007 around 0.05; measured 0.12 for the pairwise test
+    assert 0.03 <= mantel_rejections / trials <= 0.07, mantel_rejections
+    assert spearman_rejections / trials > 0.09, spearman_rejections
+
+
+def test_mantel_p_value_of_a_real_trend_and_its_floor():
+    grid = timestep_grid(1000, 20)
+    t = np.array(grid, dtype=float)
+    falling = np.exp(-np.abs(t[:, None] - t[None, :]) / 300)
+    rho, p = o1_mantel(grid, falling, permutations=999)
+    assert rho == pytest.approx(-1.0) and p == pytest.approx(1 / 1000)  # no relabelling does as well
+    assert o1_mantel(grid[:3], falling[:3, :3]) == (None, None)
+    with pytest.raises(ValueError, match="20x20"):
+        o1_mantel(grid, falling[:5, :5])
+
+
 def test_projected_cosines_approximate_exact_ones_on_real_gradients(folders):
     adapter = get_model_adapter("unet").load(pretrained_model_name_or_path=folders["run"])
     batches = _draw_batches(adapter, "digits", num_batches=1, batch_size=8, seed=0)
@@ -161,13 +194,14 @@ def test_affinity_command_writes_what_gradient_clustering_reads(folders, tmp_pat
                                          "--output", str(out), "--plot", str(plot), "--no_progress"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "O1: Spearman rank correlation" in printed
+    assert "O1: Spearman rank correlation" in printed and "Mantel permutation test (20000 permutations" in printed
     data = json.loads(out.read_text())
     A = np.array(data["affinity"])
     assert A.shape == (6, 6) and np.allclose(A, A.T) and np.allclose(np.diag(A), 1.0)
     assert data["timesteps"] == timestep_grid(1000, 6) and len(data["log_snr"]) == 6
     assert data["checkpoints"][0].endswith("checkpoint-1") and len(data["checkpoints"]) == 2
     assert -1 <= data["o1_spearman"] <= 1 and len(data["o1_spearman_per_checkpoint"]) == 2
+    assert 1 / 20001 <= data["o1_mantel_pvalue"] <= 1 and data["estimator"] == "mean_gradient"
     assert data["projection_dim"] is None  # small enough for exact gradients
     assert plot.stat().st_size > 0
     matrix, grid = load_affinity(out)
@@ -175,6 +209,20 @@ def test_affinity_command_writes_what_gradient_clustering_reads(folders, tmp_pat
     scheduler = DDPMScheduler.from_pretrained(run, subfolder="scheduler")
     intervals = cluster_timesteps(scheduler, 3, objective="gradient", affinity=str(out))
     assert len(intervals) == 3 and intervals.bounds[-1][1] == 999
+
+
+def test_paper_estimator_averages_per_batch_cosines(folders):
+    adapter = get_model_adapter("unet").load(pretrained_model_name_or_path=folders["a"])
+    batches = _draw_batches(adapter, "digits", 2, 4, seed=0)
+    grid = [0, 500, 999]
+    paper = task_affinity(adapter, [None], batches, grid, estimator="mean_cosine", progress=False)
+    per_batch = [task_affinity(adapter, [None], [b], grid, progress=False)["affinity"] for b in batches]
+    mean_gradient = task_affinity(adapter, [None], batches, grid, progress=False)
+    assert paper["estimator"] == "mean_cosine"
+    assert np.allclose(paper["affinity"], np.mean(per_batch, axis=0), atol=1e-12)
+    assert not np.allclose(paper["affinity"], mean_gradient["affinity"], atol=1e-6)
+    with pytest.raises(ValueError, match="mean_gradient, mean_cosine"):
+        task_affinity(adapter, [None], batches, grid, estimator="median", progress=False)
 
 
 def test_affinity_from_several_model_folders_with_projection(folders):
