@@ -342,3 +342,43 @@ def test_checkpoint_of_another_architecture_is_a_short_error(folders, tmp_path):
     with pytest.raises(ValueError, match="does not fit the model"):
         affinity_from_folders(folders["a"], checkpoints=[str(tmp_path / "small")], dataset_name="digits", grid=2,
                               batches=1, batch_size=4, progress=False)
+
+
+def _folder_with_other_schedule(source, folder, **changes):
+    """A copy of a saved model folder whose scheduler config differs by `changes`."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return str(folder)
+
+
+def test_ntg_and_forgetting_refuse_models_with_another_schedule(folders, reference, tmp_path, capsys):
+    linear = _folder_with_other_schedule(folders["b"], tmp_path / "linear", beta_schedule="linear")
+    v_pred = _folder_with_other_schedule(folders["b"], tmp_path / "v", prediction_type="v_prediction")
+    base_pipeline, _ = load_denoiser(folders["a"])
+    other_pipeline, other = load_denoiser(linear)
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        negative_transfer_gap(base_pipeline, [other], [(0, 499)], reference, num_samples=4, progress=False,
+                              interval_schedulers=[other_pipeline.scheduler])
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        chain_of_forgetting(base_pipeline, other, [0.5], reference, num_samples=4, progress=False,
+                            pretrained_scheduler=other_pipeline.scheduler)
+    # the commands: one line on stderr naming both models and both values, exit status 1
+    analyze = _load_script("analyze")
+    common = ["--dataset_name", "digits", "--num_samples", "4", "--output", str(tmp_path / "x.json"), "--no_progress"]
+    (tmp_path / "intervals.json").write_text("[[0, 499], [500, 999]]")
+    capsys.readouterr()
+    assert analyze.main(["ntg", "--base", folders["a"], "--interval_models", folders["b"], v_pred,
+                         "--intervals", str(tmp_path / "intervals.json"), *common]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"--base {folders['a']} has prediction_type 'epsilon', {v_pred} has 'v_prediction'" in err
+    assert analyze.main(["forgetting", "--finetuned", linear, "--pretrained", folders["a"], "--fractions", "0.5", *common]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "alphas_cumprod" in err and f"--finetuned {linear}" in err and f"--pretrained {folders['a']}" in err
+    assert not (tmp_path / "x.json").exists()

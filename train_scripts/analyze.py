@@ -157,6 +157,7 @@ def run_affinity(args):
 
 def run_ntg(args):
     from diffusers_ant.analysis.common import load_denoiser
+    from diffusers_ant.routing import check_same_schedule
     from diffusers_ant.analysis.ntg import describe, interval_from_folder, load_intervals, negative_transfer_gap
 
     base_pipeline, _ = load_denoiser(args.base, "--base")
@@ -164,12 +165,15 @@ def run_ntg(args):
         intervals = load_intervals(args.intervals, len(args.interval_models))
     else:
         intervals = [interval_from_folder(folder) for folder in args.interval_models]
-    models = [load_denoiser(folder, "--interval_models")[1] for folder in args.interval_models]
+    loaded = [load_denoiser(folder, "--interval_models") for folder in args.interval_models]
+    models, schedulers = [denoiser for _, denoiser in loaded], [pipeline.scheduler for pipeline, _ in loaded]
+    # refuse models trained with another noise schedule before the (slow) reference and sampling
+    check_same_schedule([base_pipeline.scheduler, *schedulers], [f"--base {args.base}", *args.interval_models])
     reference = _reference(args, base_pipeline)
     result = negative_transfer_gap(base_pipeline, models, intervals, reference, num_samples=args.num_samples,
                                    scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
                                    batch_size=args.batch_size, seed=args.seed, names=args.interval_models,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, interval_schedulers=schedulers)
     result["base_model"] = args.base
     print(describe(result))
     _write_json(args.output, result)
@@ -182,15 +186,19 @@ def run_ntg(args):
 
 def run_forgetting(args):
     from diffusers_ant.analysis.common import load_denoiser
+    from diffusers_ant.routing import check_same_schedule
     from diffusers_ant.analysis.forgetting import chain_of_forgetting, describe, parse_fractions
 
     fractions = parse_fractions(args.fractions)
     finetuned_pipeline, _ = load_denoiser(args.finetuned, "--finetuned")
-    _, pretrained = load_denoiser(args.pretrained, "--pretrained")
+    pretrained_pipeline, pretrained = load_denoiser(args.pretrained, "--pretrained")
+    check_same_schedule([finetuned_pipeline.scheduler, pretrained_pipeline.scheduler],
+                        [f"--finetuned {args.finetuned}", f"--pretrained {args.pretrained}"])
     reference = _reference(args, finetuned_pipeline)
     result = chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, num_samples=args.num_samples,
                                  scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
-                                 batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+                                 batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                                 pretrained_scheduler=pretrained_pipeline.scheduler)
     result.update(finetuned_model=args.finetuned, pretrained_model=args.pretrained)
     print(describe(result))
     _write_json(args.output, result)
