@@ -300,12 +300,14 @@ def test_ntg_and_forgetting_commands(folders, tmp_path, capsys, monkeypatch):
                          str(tmp_path / "ntg.json"), "--plot", str(tmp_path / "ntg.png"), *common]) == 0
     ntg = json.loads((tmp_path / "ntg.json").read_text())
     assert ntg["intervals"][0]["interval"] == [0, 499] and ntg["feature_extractor"] == "domain_digits"
+    assert len(ntg["feature_extractor_sha256"]) == 64  # the hash of the extractor's weights
     assert "NTG" in capsys.readouterr().out and (tmp_path / "ntg.png").stat().st_size > 0
 
     assert analyze.main(["forgetting", "--finetuned", folders["run"], "--pretrained", folders["b"], "--fractions",
                          "0,0.3,1", "--output", str(tmp_path / "f.json"), "--plot", str(tmp_path / "f.png"), *common]) == 0
     curve = json.loads((tmp_path / "f.json").read_text())
     assert [p["fraction"] for p in curve["points"]] == [0.0, 0.3, 1.0]
+    assert curve["feature_extractor_sha256"] == ntg["feature_extractor_sha256"]
     assert all(np.isfinite(p["fid"]) for p in curve["points"]) and (tmp_path / "f.png").stat().st_size > 0
 
 

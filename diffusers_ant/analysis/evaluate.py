@@ -8,9 +8,11 @@
 
 With the default `feature_extractor="domain"` the FID is a DOMAIN FID: the Frechet distance in the
 features of a small classifier of the dataset (`diffusers_ant.metrics.DomainFeatureExtractor`). It is
-comparable only with other domain FIDs of the same dataset and sample count, never with published
-(Inception) FIDs. `feature_extractor="inception"` with the user's `inception_weights` file gives the
-standard Inception FID.
+comparable only with other domain FIDs of the same dataset, extractor weights (the recorded
+`feature_extractor_sha256`) and sample count, never with published (Inception) FIDs.
+`feature_extractor="inception"` with the user's `inception_weights` file gives Inception FID,
+comparable with published numbers only with pytorch-fid's Inception weights (see
+`diffusers_ant.metrics`). Precision / recall use the same features, not the VGG-16 of their paper.
 
 The pieces are public because the analyses reuse them: `sample_images` (batched, seeded sampling,
 optionally with another denoiser such as a `TimestepRouter`), `real_images` (a seeded random draw from

@@ -215,6 +215,11 @@ def precision_recall(real_feats, fake_feats, k=3, batch_size=1024):
     inside the real manifold (quality); recall the fraction of real samples inside the fake manifold
     (coverage: low recall means mode dropping). The paper uses k = 3.
 
+    The formula is the paper's; the features are whatever is passed. Kynkäänniemi et al. use the
+    4096-d fc2 features of an ImageNet VGG-16; this project passes Inception or domain features
+    (`diffusers_ant.metrics.features`), so its precision / recall are not comparable with published
+    values computed on VGG-16 features, only with each other.
+
     Distances are computed `batch_size` rows at a time, so memory is O(batch_size * N), not O(N^2).
     Returns `(precision, recall)`.
     """
