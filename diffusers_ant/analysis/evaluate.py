@@ -224,8 +224,11 @@ class ReferenceSet:
         from ..metrics import compute_metrics
 
         fake = self.extractor.extract(images, batch_size=self.batch_size)
-        metrics = ["fid", "kid"]
-        # improved precision / recall need more than k samples per set
+        metrics = ["fid"]
+        # KID needs two disjoint subsets of at least 2 samples per set; improved precision / recall
+        # more than k samples per set
+        if min(len(fake), len(self.features)) >= 4:
+            metrics.append("kid")
         if min(len(fake), len(self.features)) > self.k:
             metrics.append("precision_recall")
         results = compute_metrics(self.features, fake, metrics=metrics, k=self.k, kid_subsets=self.kid_subsets,
@@ -307,7 +310,7 @@ def format_results(results: dict) -> str:
     extractor = results.get("feature_extractor", "")
     fid_label = f"FID ({'domain, ' + extractor[len('domain_'):] if extractor.startswith('domain_') else extractor})"
     rows = [(fid_label, f"{results['fid']:.4f}")]
-    if "kid_mean" in results:
+    if "kid_mean" in results:  # kid_std: the spread of a KID on one subset's worth of samples
         rows.append(("KID", f"{results['kid_mean']:.5f} +- {results['kid_std']:.5f}"))
     for key in ("precision", "recall"):
         if key in results:
