@@ -116,7 +116,7 @@ def test_mantel_test_holds_its_level_where_the_pairwise_test_does_not():
         assert rho_mantel == pytest.approx(rho)  # the same effect size
         spearman_rejections += p_pairs < 0.05
         mantel_rejections += p_mantel < 0.05
-    # binomial standard deviation at 1,000 trials: 0.007 around 0.05; measured 0.12 for the pairwise test
+    # binomial standard deviation at 1,000 trials: 0.007 around 0.05; measured: Mantel 0.040, pairwise 0.122
     assert 0.03 <= mantel_rejections / trials <= 0.07, mantel_rejections
     assert spearman_rejections / trials > 0.09, spearman_rejections
 
