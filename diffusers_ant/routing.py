@@ -17,12 +17,18 @@ takes. DDPM-family pipelines pass integer training timesteps, so by default the 
 clamps. Flow-matching pipelines pass `sigma * 1000` floats: pass the training scheduler as
 `timestep_map` and each value is mapped to the training index with the nearest model timestep
 (`diffusers_ant.schedule.model_timesteps`). Any callable `tensor -> LongTensor` works too.
+
+Models routed together must share the noise schedule they were trained with: a model trained with
+another beta schedule, shift, prediction type or number of timesteps reads x_t and t differently,
+and the mixed samples are garbage without any error. Pass each model's training scheduler as
+`schedulers=` and the router refuses a mismatch (`check_same_schedule`), in one line naming both
+values; `analyze.py ntg` and `forgetting` always do.
 """
 
 import torch
 from torch import nn
 
-__all__ = ["TimestepRouter", "nearest_timestep_map"]
+__all__ = ["TimestepRouter", "check_same_schedule", "nearest_timestep_map", "schedule_signature"]
 
 
 def nearest_timestep_map(model_timesteps):
@@ -40,6 +46,49 @@ def nearest_timestep_map(model_timesteps):
         return (values[:, None] - table[None, :]).abs().argmin(dim=1).to(t.device)
 
     return timestep_map
+
+
+def schedule_signature(scheduler) -> dict:
+    """What two models must share to be interchangeable denoisers: the family (`ddpm` or `flow`), the
+    number of training timesteps, the prediction type, and the noise curve (`alphas_cumprod` for the
+    DDPM family, the training sigmas for flow matching, float64 [T])."""
+    from .schedule import is_flow_matching, num_train_timesteps, resolve_prediction_type, schedule_snr
+
+    flow = is_flow_matching(scheduler)
+    if flow:
+        # sigma from SNR = ((1 - sigma) / sigma)^2, i.e. the scheduler's own training sigmas
+        curve, curve_name = 1.0 / (1.0 + schedule_snr(scheduler).sqrt()), "sigmas"
+    else:
+        curve, curve_name = scheduler.alphas_cumprod.detach().to("cpu", torch.float64), "alphas_cumprod"
+    return {"family": "flow" if flow else "ddpm", "num_train_timesteps": num_train_timesteps(scheduler),
+            "prediction_type": resolve_prediction_type(scheduler), "curve_name": curve_name, "curve": curve}
+
+
+def check_same_schedule(schedulers, names=None, rtol=1e-5, atol=1e-7) -> None:
+    """Raise a one-line `ValueError` naming both values unless every scheduler (None entries are
+    skipped) has the same family, number of training timesteps, prediction type and noise curve
+    (`schedule_signature`; curves equal to `rtol` / `atol`). `names` label the schedulers' models."""
+    entries = [(names[i] if names is not None else f"model {i}", sched) for i, sched in enumerate(schedulers)
+               if sched is not None]
+    if len(entries) < 2:
+        return
+    first_name, first = entries[0][0], schedule_signature(entries[0][1])
+    for name, scheduler in entries[1:]:
+        other = schedule_signature(scheduler)
+        for key in ("family", "num_train_timesteps", "prediction_type"):
+            if first[key] != other[key]:
+                raise ValueError(
+                    f"the models' noise schedules differ: {first_name} has {key} {first[key]!r}, {name} has "
+                    f"{other[key]!r}; only models trained with the same scheduler can share a sampling loop"
+                )
+        a, b = first["curve"], other["curve"]
+        if not torch.allclose(a, b, rtol=rtol, atol=atol):
+            t = int((a - b).abs().argmax())
+            raise ValueError(
+                f"the models' noise schedules differ: {first['curve_name']}[{t}] is {float(a[t]):.6g} for {first_name} "
+                f"and {float(b[t]):.6g} for {name} (another beta schedule or shift); only models trained with the "
+                "same scheduler can share a sampling loop"
+            )
 
 
 def _scheduler_timestep_map(scheduler, num_timesteps):
@@ -93,6 +142,10 @@ class TimestepRouter(nn.Module):
             timesteps). A diffusers training scheduler: nearest training index by model timestep (use
             this for flow matching, whose pipelines pass `sigma * 1000`). Or a callable
             `Tensor -> LongTensor`. The models always receive the caller's timestep unchanged.
+        schedulers: optionally, each model's training scheduler (None for unknown): the router then
+            refuses models trained with different noise schedules (`check_same_schedule`), and a
+            scheduler given as `timestep_map` is compared too.
+        names: optionally, the models' labels for that error (e.g. their folders).
 
     Calls: a scalar timestep (what pipelines pass) or a batch whose timesteps share one interval goes to
     that interval's model in one call, with all arguments untouched, and its output is returned as is.
@@ -110,7 +163,7 @@ class TimestepRouter(nn.Module):
     `save_pretrained` is such a method: save the models one by one instead.
     """
 
-    def __init__(self, intervals, models, timestep_map=None):
+    def __init__(self, intervals, models, timestep_map=None, schedulers=None, names=None):
         super().__init__()
         if not hasattr(intervals, "assign"):
             from .clustering import TimestepIntervals
@@ -122,6 +175,14 @@ class TimestepRouter(nn.Module):
         if not all(isinstance(m, nn.Module) for m in models):
             raise ValueError("every model must be a torch.nn.Module")
         self._check_compatible(models)
+        if schedulers is not None:
+            schedulers = list(schedulers)
+            if len(schedulers) != len(models):
+                raise ValueError(f"got {len(schedulers)} schedulers for {len(models)} models; pass one per model (None if unknown)")
+            labels = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
+            if timestep_map is not None and hasattr(timestep_map, "config") and hasattr(timestep_map, "step"):
+                schedulers, labels = [timestep_map, *schedulers], ["the timestep_map scheduler", *labels]
+            check_same_schedule(schedulers, labels)
         self.intervals = intervals
         self.models = nn.ModuleList(models)
         self.num_timesteps = int(getattr(intervals, "num_timesteps", intervals.bounds[-1][1] + 1))

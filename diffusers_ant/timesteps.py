@@ -12,7 +12,8 @@
   for flow matching, drawn by diffusers' ``compute_density_for_timestep_sampling``.
 
 Every draw goes through the ``torch.Generator`` passed in (on the generator's device, then
-moved to ``device``), so a seed gives the same timesteps on CPU and GPU.
+moved to ``device``), so a seed gives the same timesteps on CPU and GPU. No draw uses float64,
+which MPS (Apple Silicon) lacks: random numbers are integers or float32.
 """
 
 from __future__ import annotations
@@ -131,10 +132,15 @@ class StratifiedTimestepSampler(TimestepSampler):
         # repeat_interleave(arange(k), counts), which takes milliseconds on a busy CPU; this takes microseconds)
         ids = torch.searchsorted(counts.cumsum(0), torch.arange(batch_size), right=True)
         draw = _draw_device(generator, device)
-        # t = start + floor(u * size) with u ~ U[0, 1) in float64: uniform over the cluster's
-        # integers for every cluster at once (float64 keeps u * size < size for any T)
-        u = torch.rand(batch_size, generator=generator, device=draw, dtype=torch.float64).cpu()
-        t = self._starts[ids] + (u * self._sizes[ids]).long()
+        # t = start + floor(u * size) with u ~ U[0, 1): uniform over the cluster's integers for
+        # every cluster at once. u is float32 because MPS (Apple Silicon) has no float64. Rounded
+        # to nearest, the float32 product of u < 1 and a size below 2**24 stays below the size,
+        # and its 2**24 equally likely values put each of the size integers within size / 2**24
+        # of its exact share; the clamp keeps t inside its cluster whatever the rounding mode.
+        u = torch.rand(batch_size, generator=generator, device=draw, dtype=torch.float32).cpu()
+        sizes = self._sizes[ids]
+        offset = torch.minimum((u * sizes.float()).long(), sizes - 1)
+        t = self._starts[ids] + offset
         if device is not None:
             t, ids = t.to(device), ids.to(device)
         return t, ids
@@ -213,7 +219,9 @@ class DensityTimestepSampler(TimestepSampler):
         if batch_size == 0:
             t = torch.zeros(0, dtype=torch.long)
         else:
-            probs = self.probabilities.to(_draw_device(generator, device))
+            # float32 on the draw device: MPS (Apple Silicon) has no float64. The float64
+            # `probabilities` stay on the CPU, exact, for whoever reads them.
+            probs = self.probabilities.to(_draw_device(generator, device), torch.float32)
             t = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
         return t.to(device) if device is not None else t
 

@@ -17,6 +17,7 @@ from diffusers_ant.analysis.affinity import (
     _draw_batches,
     affinity_from_folders,
     gradient_cosines,
+    o1_mantel,
     o1_spearman,
     task_affinity,
     timestep_grid,
@@ -99,6 +100,38 @@ def test_grid_and_o1_spearman():
         timestep_grid(1000, 1)
 
 
+def test_mantel_test_holds_its_level_where_the_pairwise_test_does_not():
+    # A null with per-row effects: TAS(i, j) = u_i + u_j + e_ij, no relation to |t_i - t_j|. The
+    # G(G-1)/2 entries share rows, so the pairwise Spearman p-value (independent pairs) rejects too
+    # often; permuting the grid labels together (Mantel) keeps the dependence and holds the level.
+    grid = np.array(timestep_grid(1000, 20), dtype=float)
+    rng = np.random.default_rng(0)
+    trials, spearman_rejections, mantel_rejections = 1000, 0, 0
+    for trial in range(trials):
+        u = rng.normal(0.0, 3.0, len(grid))
+        e = rng.normal(size=(len(grid), len(grid)))
+        A = u[:, None] + u[None, :] + (e + e.T) / 2
+        rho, p_pairs = o1_spearman(grid, A)
+        rho_mantel, p_mantel = o1_mantel(grid, A, permutations=199, seed=trial)
+        assert rho_mantel == pytest.approx(rho)  # the same effect size
+        spearman_rejections += p_pairs < 0.05
+        mantel_rejections += p_mantel < 0.05
+    # binomial standard deviation at 1,000 trials: 0.007 around 0.05; measured: Mantel 0.040, pairwise 0.122
+    assert 0.03 <= mantel_rejections / trials <= 0.07, mantel_rejections
+    assert spearman_rejections / trials > 0.09, spearman_rejections
+
+
+def test_mantel_p_value_of_a_real_trend_and_its_floor():
+    grid = timestep_grid(1000, 20)
+    t = np.array(grid, dtype=float)
+    falling = np.exp(-np.abs(t[:, None] - t[None, :]) / 300)
+    rho, p = o1_mantel(grid, falling, permutations=999)
+    assert rho == pytest.approx(-1.0) and p == pytest.approx(1 / 1000)  # no relabelling does as well
+    assert o1_mantel(grid[:3], falling[:3, :3]) == (None, None)
+    with pytest.raises(ValueError, match="20x20"):
+        o1_mantel(grid, falling[:5, :5])
+
+
 def test_projected_cosines_approximate_exact_ones_on_real_gradients(folders):
     adapter = get_model_adapter("unet").load(pretrained_model_name_or_path=folders["run"])
     batches = _draw_batches(adapter, "digits", num_batches=1, batch_size=8, seed=0)
@@ -161,13 +194,14 @@ def test_affinity_command_writes_what_gradient_clustering_reads(folders, tmp_pat
                                          "--output", str(out), "--plot", str(plot), "--no_progress"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "O1: Spearman rank correlation" in printed
+    assert "O1: Spearman rank correlation" in printed and "Mantel permutation test (20000 permutations" in printed
     data = json.loads(out.read_text())
     A = np.array(data["affinity"])
     assert A.shape == (6, 6) and np.allclose(A, A.T) and np.allclose(np.diag(A), 1.0)
     assert data["timesteps"] == timestep_grid(1000, 6) and len(data["log_snr"]) == 6
     assert data["checkpoints"][0].endswith("checkpoint-1") and len(data["checkpoints"]) == 2
     assert -1 <= data["o1_spearman"] <= 1 and len(data["o1_spearman_per_checkpoint"]) == 2
+    assert 1 / 20001 <= data["o1_mantel_pvalue"] <= 1 and data["estimator"] == "mean_gradient"
     assert data["projection_dim"] is None  # small enough for exact gradients
     assert plot.stat().st_size > 0
     matrix, grid = load_affinity(out)
@@ -175,6 +209,20 @@ def test_affinity_command_writes_what_gradient_clustering_reads(folders, tmp_pat
     scheduler = DDPMScheduler.from_pretrained(run, subfolder="scheduler")
     intervals = cluster_timesteps(scheduler, 3, objective="gradient", affinity=str(out))
     assert len(intervals) == 3 and intervals.bounds[-1][1] == 999
+
+
+def test_paper_estimator_averages_per_batch_cosines(folders):
+    adapter = get_model_adapter("unet").load(pretrained_model_name_or_path=folders["a"])
+    batches = _draw_batches(adapter, "digits", 2, 4, seed=0)
+    grid = [0, 500, 999]
+    paper = task_affinity(adapter, [None], batches, grid, estimator="mean_cosine", progress=False)
+    per_batch = [task_affinity(adapter, [None], [b], grid, progress=False)["affinity"] for b in batches]
+    mean_gradient = task_affinity(adapter, [None], batches, grid, progress=False)
+    assert paper["estimator"] == "mean_cosine"
+    assert np.allclose(paper["affinity"], np.mean(per_batch, axis=0), atol=1e-12)
+    assert not np.allclose(paper["affinity"], mean_gradient["affinity"], atol=1e-6)
+    with pytest.raises(ValueError, match="mean_gradient, mean_cosine"):
+        task_affinity(adapter, [None], batches, grid, estimator="median", progress=False)
 
 
 def test_affinity_from_several_model_folders_with_projection(folders):
@@ -252,12 +300,14 @@ def test_ntg_and_forgetting_commands(folders, tmp_path, capsys, monkeypatch):
                          str(tmp_path / "ntg.json"), "--plot", str(tmp_path / "ntg.png"), *common]) == 0
     ntg = json.loads((tmp_path / "ntg.json").read_text())
     assert ntg["intervals"][0]["interval"] == [0, 499] and ntg["feature_extractor"] == "domain_digits"
+    assert len(ntg["feature_extractor_sha256"]) == 64  # the hash of the extractor's weights
     assert "NTG" in capsys.readouterr().out and (tmp_path / "ntg.png").stat().st_size > 0
 
     assert analyze.main(["forgetting", "--finetuned", folders["run"], "--pretrained", folders["b"], "--fractions",
                          "0,0.3,1", "--output", str(tmp_path / "f.json"), "--plot", str(tmp_path / "f.png"), *common]) == 0
     curve = json.loads((tmp_path / "f.json").read_text())
     assert [p["fraction"] for p in curve["points"]] == [0.0, 0.3, 1.0]
+    assert curve["feature_extractor_sha256"] == ntg["feature_extractor_sha256"]
     assert all(np.isfinite(p["fid"]) for p in curve["points"]) and (tmp_path / "f.png").stat().st_size > 0
 
 
@@ -294,3 +344,43 @@ def test_checkpoint_of_another_architecture_is_a_short_error(folders, tmp_path):
     with pytest.raises(ValueError, match="does not fit the model"):
         affinity_from_folders(folders["a"], checkpoints=[str(tmp_path / "small")], dataset_name="digits", grid=2,
                               batches=1, batch_size=4, progress=False)
+
+
+def _folder_with_other_schedule(source, folder, **changes):
+    """A copy of a saved model folder whose scheduler config differs by `changes`."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return str(folder)
+
+
+def test_ntg_and_forgetting_refuse_models_with_another_schedule(folders, reference, tmp_path, capsys):
+    linear = _folder_with_other_schedule(folders["b"], tmp_path / "linear", beta_schedule="linear")
+    v_pred = _folder_with_other_schedule(folders["b"], tmp_path / "v", prediction_type="v_prediction")
+    base_pipeline, _ = load_denoiser(folders["a"])
+    other_pipeline, other = load_denoiser(linear)
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        negative_transfer_gap(base_pipeline, [other], [(0, 499)], reference, num_samples=4, progress=False,
+                              interval_schedulers=[other_pipeline.scheduler])
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        chain_of_forgetting(base_pipeline, other, [0.5], reference, num_samples=4, progress=False,
+                            pretrained_scheduler=other_pipeline.scheduler)
+    # the commands: one line on stderr naming both models and both values, exit status 1
+    analyze = _load_script("analyze")
+    common = ["--dataset_name", "digits", "--num_samples", "4", "--output", str(tmp_path / "x.json"), "--no_progress"]
+    (tmp_path / "intervals.json").write_text("[[0, 499], [500, 999]]")
+    capsys.readouterr()
+    assert analyze.main(["ntg", "--base", folders["a"], "--interval_models", folders["b"], v_pred,
+                         "--intervals", str(tmp_path / "intervals.json"), *common]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"--base {folders['a']} has prediction_type 'epsilon', {v_pred} has 'v_prediction'" in err
+    assert analyze.main(["forgetting", "--finetuned", linear, "--pretrained", folders["a"], "--fractions", "0.5", *common]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "alphas_cumprod" in err and f"--finetuned {linear}" in err and f"--pretrained {folders['a']}" in err
+    assert not (tmp_path / "x.json").exists()

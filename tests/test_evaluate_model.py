@@ -60,6 +60,11 @@ def test_evaluate_model_end_to_end(saved, tmp_path):
     assert len(list(samples.glob("sample_*.png"))) == 12
     assert "FID (domain, digits)" in proc.stdout and "precision" in proc.stdout
     assert "sampling" in proc.stderr  # the tqdm progress bar
+    # the hash of the extractor's weights is recorded with the result (and printed)
+    from diffusers_ant.metrics import DomainFeatureExtractor
+
+    sha = DomainFeatureExtractor("digits", cache_dir=os.path.join(saved["cache"], "feature_extractors")).weights_sha256()
+    assert data["feature_extractor_sha256"] == sha and sha[:16] in proc.stdout
 
 
 def test_evaluate_pipeline_is_seeded_and_reports_domain_fid(saved, monkeypatch):

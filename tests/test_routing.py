@@ -182,3 +182,36 @@ def test_errors_name_the_fix():
         router(torch.randn(3, 1, 2, 2), torch.tensor([1, 2]), torch.randn(3, 1, 1), added_cond_kwargs={"bias": torch.zeros(3)})
     with pytest.raises(ValueError, match="timestep_map"):
         TimestepRouter(TimestepIntervals(BOUNDS), [ToyConditional(1.0) for _ in BOUNDS], timestep_map=3)
+
+
+def test_models_trained_with_other_noise_schedules_are_refused():
+    from diffusers import DDPMScheduler
+
+    from diffusers_ant.routing import check_same_schedule
+
+    models = [tiny_unet(0), tiny_unet(1)]
+    cosine = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    intervals = TimestepIntervals([(0, 499), (500, 999)])
+    same = DDPMScheduler.from_config(cosine.config)
+    TimestepRouter(intervals, models, schedulers=[cosine, same])  # the same schedule: accepted
+    TimestepRouter(intervals, models, schedulers=[cosine, None])  # unknown: not compared
+    cases = [
+        (DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"), r"alphas_cumprod\[\d+\] is .* for a and .* for b"),
+        (DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"),
+         "a has prediction_type 'epsilon', b has 'v_prediction'"),
+        (DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2"), "a has num_train_timesteps 1000, b has 500"),
+        (FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000), "a has family 'ddpm', b has 'flow'"),
+    ]
+    for other, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            TimestepRouter(intervals, models, schedulers=[cosine, other], names=["a", "b"])
+        assert "\n" not in str(error.value)
+    # flow matching: another shift is another sigma curve
+    with pytest.raises(ValueError, match=r"sigmas\[\d+\]"):
+        check_same_schedule([FlowMatchEulerDiscreteScheduler(shift=1.0), FlowMatchEulerDiscreteScheduler(shift=3.0)])
+    check_same_schedule([FlowMatchEulerDiscreteScheduler(shift=3.0), FlowMatchEulerDiscreteScheduler(shift=3.0)])
+    # a training scheduler given as timestep_map is compared with the models' too
+    with pytest.raises(ValueError, match="the timestep_map scheduler has beta|alphas_cumprod"):
+        TimestepRouter(intervals, models, timestep_map=DDPMScheduler(beta_schedule="linear"), schedulers=[cosine, same])
+    with pytest.raises(ValueError, match="2 models"):
+        TimestepRouter(intervals, models, schedulers=[cosine])

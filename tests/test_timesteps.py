@@ -334,3 +334,54 @@ def test_flow_matching_density_bad_arguments():
         FlowMatchingDensitySampler("logit_normal", 1000, logit_std=0.0)
     with pytest.raises(ValueError, match="mode_scale must lie in"):
         FlowMatchingDensitySampler("mode", 1000, mode_scale=2.0)
+
+
+# ---------------------------------------------------------------- dtypes every device has
+
+
+_RANDOM_FUNCTIONS = {"rand", "randn", "randint", "randperm", "multinomial", "bernoulli", "normal", "uniform_", "random_"}
+
+
+class _RecordRandomDraws(torch.overrides.TorchFunctionMode):
+    """Records the float64 tensors that random draws produce or read (MPS has no float64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.float64_draws = []
+        self.draws = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if getattr(func, "__name__", "") in _RANDOM_FUNCTIONS:
+            self.draws += 1
+            tensors = [a for a in (*args, *kwargs.values(), result) if isinstance(a, torch.Tensor)]
+            if kwargs.get("dtype") == torch.float64 or any(t.dtype == torch.float64 for t in tensors):
+                self.float64_draws.append(func.__name__)
+        return result
+
+
+@pytest.mark.parametrize("name", ["uniform", "stratified", "interval", "low_noise", "high_noise", "density"])
+def test_no_sampler_draws_float64(name):
+    kwargs = {"stratified": {"intervals": BOUNDS}, "interval": {"start": 10, "end": 20, "p_full": 0.3},
+              "density": {"weights": [1.0] * 1000}}.get(name, {})
+    sampler = get_timestep_sampler(name, 1000, **kwargs)
+    with _RecordRandomDraws() as recorder:
+        t = sampler.sample(64, generator=gen(0))
+    assert recorder.draws > 0, "the recorder saw no random draw"
+    assert recorder.float64_draws == [], f"{name} draws float64 ({recorder.float64_draws}), which MPS lacks"
+    assert t.dtype == torch.long and ((t >= 0) & (t < 1000)).all()
+
+
+def test_stratified_float32_draw_stays_inside_its_cluster(monkeypatch):
+    # the largest float32 below 1 (and 0): floor(u * size) must give the cluster's last (first) index
+    sampler = StratifiedTimestepSampler([(0, 2), (3, 999), (1000, 1000 + 2**23)])
+    real_rand = torch.rand
+    for value in (1.0 - 2.0**-24, 0.0):
+        monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.full(a[0] if isinstance(a[0], tuple) else (a[0],),
+                                                                       value, dtype=k.get("dtype", torch.float32)))
+        t, ids = sampler.sample_with_ids(30, generator=gen(0))
+        monkeypatch.setattr(torch, "rand", real_rand)
+        ends = torch.tensor([b for _, b in sampler.bounds])[ids]
+        starts = torch.tensor([a for a, _ in sampler.bounds])[ids]
+        assert torch.equal(t, ends if value > 0 else starts), (value, t)

@@ -73,7 +73,12 @@ def build_parser():
     aff.add_argument("--projection_dim", type=_projection, default="auto",
                      help="Count-sketch dimension of each gradient; 'none' for exact gradients; 'auto' (default): "
                           "exact while G x |theta| fits in 512 MiB, else 4096.")
-    aff.add_argument("--seed", type=int, default=0, help="Seeds the batches, the noise and the projection.")
+    aff.add_argument("--affinity_estimator", default="mean_gradient", choices=["mean_gradient", "mean_cosine"],
+                     help="mean_gradient (default): cosines of the gradients averaged over the batches; mean_cosine: "
+                          "the paper's, per-batch cosines averaged (smaller in magnitude: batch noise).")
+    aff.add_argument("--permutations", type=int, default=20000,
+                     help="Permutations of the Mantel test of O1 (default 20000; smallest p-value 1 / (1 + this)).")
+    aff.add_argument("--seed", type=int, default=0, help="Seeds the batches, the noise, the projection and the permutations.")
     _add_common_flags(aff)
 
     ntg = sub.add_parser("ntg", help="Negative transfer gap of interval-trained models.")
@@ -112,6 +117,15 @@ def _reference(args, pipeline):
                          batch_size=args.batch_size, kid_subsets=args.kid_subsets)
 
 
+def mantel_summary(p_value, permutations) -> str:
+    """The Mantel p-value in words: "p <= 1 / (1 + n)" when no permutation reached the statistic."""
+    floor = 1.0 / (1 + permutations)
+    if p_value is None:
+        return "Mantel test: not defined (fewer than 4 grid points or a constant matrix)"
+    bound = "p <= " if p_value <= floor * (1 + 1e-9) else "p = "
+    return f"Mantel permutation test ({permutations} permutations of the grid labels): {bound}{p_value:.2g}"
+
+
 def run_affinity(args):
     from diffusers_ant.analysis.affinity import affinity_from_folders
 
@@ -120,15 +134,19 @@ def run_affinity(args):
                                    grid=args.grid, batches=args.batches, batch_size=args.batch_size,
                                    param_subset=args.param_subset, projection_dim=projection, seed=args.seed,
                                    model_type=args.model_type, train_data_dir=args.train_data_dir,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, estimator=args.affinity_estimator,
+                                   permutations=args.permutations)
     dim = "exact" if result["projection_dim"] is None else f"count sketch to {result['projection_dim']}"
     print(f"task affinity: {len(result['timesteps'])}-point grid over T = {result['num_timesteps']}, "
           f"{len(result['checkpoints'])} checkpoint(s) x {result['batches']} batches of {result['batch_size']}, "
-          f"{result['num_parameters']} gradient coordinates ({dim}), {result['seconds']:.1f} s")
+          f"{result['num_parameters']} gradient coordinates ({dim}), {result['estimator']} estimator, "
+          f"{result['seconds']:.1f} s")
     rho = result["o1_spearman"]
     if rho is not None:
         print(f"O1: Spearman rank correlation of |t_i - t_j| and TAS(i, j) = {rho:.4f} "
-              f"(p = {result['o1_spearman_pvalue']:.2g}; negative: affinity falls with timestep distance)")
+              "(negative: affinity falls with timestep distance)")
+        print(f"    {mantel_summary(result['o1_mantel_pvalue'], result['o1_mantel_permutations'])}; "
+              f"the pairwise Spearman p = {result['o1_spearman_pvalue']:.2g} assumes independent pairs and is too small")
     _write_json(args.output, result)
     if args.plot:
         from diffusers_ant.analysis.plots import plot_affinity
@@ -139,6 +157,7 @@ def run_affinity(args):
 
 def run_ntg(args):
     from diffusers_ant.analysis.common import load_denoiser
+    from diffusers_ant.routing import check_same_schedule
     from diffusers_ant.analysis.ntg import describe, interval_from_folder, load_intervals, negative_transfer_gap
 
     base_pipeline, _ = load_denoiser(args.base, "--base")
@@ -146,12 +165,15 @@ def run_ntg(args):
         intervals = load_intervals(args.intervals, len(args.interval_models))
     else:
         intervals = [interval_from_folder(folder) for folder in args.interval_models]
-    models = [load_denoiser(folder, "--interval_models")[1] for folder in args.interval_models]
+    loaded = [load_denoiser(folder, "--interval_models") for folder in args.interval_models]
+    models, schedulers = [denoiser for _, denoiser in loaded], [pipeline.scheduler for pipeline, _ in loaded]
+    # refuse models trained with another noise schedule before the (slow) reference and sampling
+    check_same_schedule([base_pipeline.scheduler, *schedulers], [f"--base {args.base}", *args.interval_models])
     reference = _reference(args, base_pipeline)
     result = negative_transfer_gap(base_pipeline, models, intervals, reference, num_samples=args.num_samples,
                                    scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
                                    batch_size=args.batch_size, seed=args.seed, names=args.interval_models,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, interval_schedulers=schedulers)
     result["base_model"] = args.base
     print(describe(result))
     _write_json(args.output, result)
@@ -164,15 +186,19 @@ def run_ntg(args):
 
 def run_forgetting(args):
     from diffusers_ant.analysis.common import load_denoiser
+    from diffusers_ant.routing import check_same_schedule
     from diffusers_ant.analysis.forgetting import chain_of_forgetting, describe, parse_fractions
 
     fractions = parse_fractions(args.fractions)
     finetuned_pipeline, _ = load_denoiser(args.finetuned, "--finetuned")
-    _, pretrained = load_denoiser(args.pretrained, "--pretrained")
+    pretrained_pipeline, pretrained = load_denoiser(args.pretrained, "--pretrained")
+    check_same_schedule([finetuned_pipeline.scheduler, pretrained_pipeline.scheduler],
+                        [f"--finetuned {args.finetuned}", f"--pretrained {args.pretrained}"])
     reference = _reference(args, finetuned_pipeline)
     result = chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, num_samples=args.num_samples,
                                  scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
-                                 batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+                                 batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                                 pretrained_scheduler=pretrained_pipeline.scheduler)
     result.update(finetuned_model=args.finetuned, pretrained_model=args.pretrained)
     print(describe(result))
     _write_json(args.output, result)
@@ -191,7 +217,7 @@ def main(argv=None) -> int:
     if args.command == "affinity":
         if args.dataset_name is None and args.train_data_dir is None:
             parser.error("affinity needs training images: pass --dataset_name (e.g. mnist5k) or --train_data_dir")
-        for name in ("grid", "batches", "batch_size"):
+        for name in ("grid", "batches", "batch_size", "permutations"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name} must be positive")
     else:

@@ -1,15 +1,29 @@
 #!/usr/bin/env python
-"""ANT's quality benchmark on MNIST-5k at 16x16 (issue 5).
+"""ANT's quality benchmark on MNIST-5k at 16x16 (issues 5 and 10).
 
-Trains vanilla, Min-SNR, P2 and ANT (UW, PCGrad, Nash-MTL; SNR clustering, k = 5) for the same
-number of steps from the same seeds, then samples each model and scores it with the domain FID,
-KID and precision / recall (`diffusers_ant.metrics`; a small MNIST classifier's features, *not*
-Inception FID). Prints a table of mean and spread per method and writes it as JSON and Markdown.
+Trains every method for the same number of steps from the same seeds, samples each model and scores
+it against all 5,000 real MNIST-5k images with the domain features (`diffusers_ant.metrics`: a small
+MNIST classifier's features, *not* Inception FID), then reports per method the mean over seeds and,
+since the seeds are shared, the per-seed difference from vanilla with a Student-t confidence
+interval over seeds. It also scores intermediate checkpoints of the vanilla runs (their EMA
+weights): the FID-over-steps curve that shows whether vanilla has converged.
 
-    python train_scripts/benchmark_quality.py --output_dir bench-quality --seeds 0 1 2
+    python train_scripts/benchmark_quality.py --output_dir bench-quality          # the full benchmark
+    python train_scripts/benchmark_quality.py --output_dir bench-smoke --quick    # a smoke run, minutes
 
-Every run is a real `train_ant.py` process; finished runs and evaluations are kept in the output
-folder and skipped when the command is run again, so an interrupted benchmark resumes.
+The rows (`METHODS`): vanilla, Min-SNR and P2 draw timesteps uniformly; every ANT row draws
+stratified batches (each of the k = 5 clusters an equal share) and clusters on log-SNR, except
+`ant_uw_raw_snr` which clusters raw SNR as the paper does. `ant_ls` (stratified sampling, equal
+cluster weights: ANT's Table 7 control) separates what the weighting does from what the stratified
+sampling alone does: on this schedule stratification reweights the clusters by about
+1.50 / 0.84 / 0.71 / 0.88 / 1.68 against uniform draws.
+
+Every training run is a real `train_ant.py` process (one torch thread each, `--workers` at a time);
+evaluations run in `--workers` processes of one thread. Finished runs and evaluations are kept in
+the output folder and skipped when the command is run again (an evaluation is redone when its
+settings or the feature extractor's weights changed), so an interrupted benchmark resumes.
+Outputs: `results.json` (every run's numbers, the summaries, the curve, settings, hashes, times),
+`results.md` (the tables) and `vanilla_fid_curve.png`.
 """
 
 from __future__ import annotations
@@ -21,22 +35,33 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# The methods compared, as train_ant.py flags (ANT's Table 1-3 line-up).
+DATASET = "mnist5k"
+RESOLUTION = 16
+ANT_LOG_SNR = ["--clustering", "snr", "--num_clusters", "5", "--timestep_sampling", "stratified"]
+
+# The rows, as train_ant.py flags (ANT's Tables 1-3 line-up plus its Table 7 control), with what the
+# table says about each: which SNR its clusters are on and how its timesteps are drawn.
 METHODS = {
-    "vanilla": ["--mtl_method", "none"],
-    "min_snr": ["--mtl_method", "none", "--loss_weighting", "min_snr", "--snr_gamma", "5"],
-    "p2": ["--mtl_method", "none", "--loss_weighting", "p2", "--p2_k", "1", "--p2_gamma", "1"],
-    "ant_uw": ["--mtl_method", "uw", "--clustering", "snr", "--num_clusters", "5"],
-    "ant_pcgrad": ["--mtl_method", "pcgrad", "--clustering", "snr", "--num_clusters", "5"],
-    "ant_nash": ["--mtl_method", "nash_mtl", "--clustering", "snr", "--num_clusters", "5"],
+    "vanilla": {"flags": ["--mtl_method", "none"], "label": "vanilla", "clusters_on": "-", "sampling": "uniform"},
+    "min_snr": {"flags": ["--mtl_method", "none", "--loss_weighting", "min_snr", "--snr_gamma", "5"],
+                "label": "Min-SNR (gamma 5)", "clusters_on": "-", "sampling": "uniform"},
+    "p2": {"flags": ["--mtl_method", "none", "--loss_weighting", "p2", "--p2_k", "1", "--p2_gamma", "1"],
+           "label": "P2 (k 1, gamma 1)", "clusters_on": "-", "sampling": "uniform"},
+    "ant_ls": {"flags": ["--mtl_method", "ls", *ANT_LOG_SNR], "label": "ANT + LS (control)",
+               "clusters_on": "log-SNR", "sampling": "stratified"},
+    "ant_uw": {"flags": ["--mtl_method", "uw", *ANT_LOG_SNR], "label": "ANT + UW",
+               "clusters_on": "log-SNR", "sampling": "stratified"},
+    "ant_pcgrad": {"flags": ["--mtl_method", "pcgrad", *ANT_LOG_SNR], "label": "ANT + PCGrad",
+                   "clusters_on": "log-SNR", "sampling": "stratified"},
+    "ant_nash": {"flags": ["--mtl_method", "nash_mtl", *ANT_LOG_SNR], "label": "ANT + Nash-MTL",
+                 "clusters_on": "log-SNR", "sampling": "stratified"},
+    "ant_uw_raw_snr": {"flags": ["--mtl_method", "uw", *ANT_LOG_SNR, "--raw_snr"], "label": "ANT + UW, raw SNR",
+                       "clusters_on": "raw SNR", "sampling": "stratified"},
 }
 
-# A 0.27M-parameter UNet (ENVIRONMENT.md: about 0.1 s per step at batch 64 on 2 cores), so the
-# 18 runs fit in about half an hour of CPU.
+# A 0.27M-parameter UNet (ENVIRONMENT.md: about 0.1 s per step at batch 64 on 2 cores).
 BENCH_UNET = {
     "block_out_channels": [16, 32, 32],
     "layers_per_block": 1,
@@ -46,38 +71,110 @@ BENCH_UNET = {
     "norm_num_groups": 8,
 }
 
+# Planning figures for this project's 2-core CPU with one torch thread per process, two processes
+# at a time and nothing else running: seconds per training step at batch 64 (ENVIRONMENT.md: a
+# 1,000-step run of this UNet in 2.3 min; method ratios through train_ant.py with one thread: uw
+# 1.02x, nash_mtl 0.97x, pcgrad 1.47x), seconds per run outside the steps (start-up, validation
+# grids, saving), and seconds per DDIM step and image (measured: 5,000 DDIM-50 samples in 170 s).
+# `plan()` turns them into the estimate printed before a run; a busy machine is slower.
+SECONDS_PER_STEP = {"vanilla": 0.14, "min_snr": 0.14, "p2": 0.14, "ant_ls": 0.14, "ant_uw": 0.14,
+                    "ant_pcgrad": 0.21, "ant_nash": 0.14, "ant_uw_raw_snr": 0.14}
+SECONDS_PER_RUN = 25.0
+SECONDS_PER_IMAGE_STEP = 170.0 / (5000 * 50)
+
+METRICS = ("fid", "kid_mean", "precision", "recall")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="bench-quality")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="training and sampling seeds, shared by all methods (default 0-4)")
     p.add_argument("--max_train_steps", type=int, default=1000)
     p.add_argument("--train_batch_size", type=int, default=64)
     p.add_argument("--learning_rate", type=float, default=2e-3)
-    p.add_argument("--num_samples", type=int, default=1000, help="generated (and real) images per evaluation")
-    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--lr_scheduler", default="constant_with_warmup",
+                   help="constant after warm-up (default), so that intermediate checkpoints are what a shorter run "
+                        "would give and the vanilla curve shows convergence, not the end of a decay")
+    p.add_argument("--lr_warmup_steps", type=int, default=100)
+    p.add_argument("--num_samples", type=int, default=5000, help="generated images per model (default 5000)")
+    p.add_argument("--num_real", type=int, default=5000, help="real images of the reference (default: all 5000)")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps (default 50, as ANT)")
+    p.add_argument("--eval_batch_size", type=int, default=256)
+    p.add_argument("--curve_every", type=int, default=None,
+                   help="score vanilla's checkpoints every this many steps (default max_train_steps / 4; 0: no curve)")
+    p.add_argument("--curve_samples", type=int, default=1024,
+                   help="generated images per curve point, a multiple of --eval_batch_size (default 1024; the "
+                        "final model's point reuses its first 1024 samples, so all points share one sample size)")
+    p.add_argument("--confidence", type=float, default=0.95, help="of the t intervals over seeds (default 0.95)")
     p.add_argument("--phase", default="all", choices=["train", "eval", "all"])
     p.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)),
-                   help="training runs in parallel, one torch thread each")
+                   help="processes in parallel (training runs and evaluations), one torch thread each")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 2 seeds, 40 steps, 256 samples with DDIM-10, a 2-point curve (minutes, not hours)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.seeds = args.seeds if args.seeds != [0, 1, 2, 3, 4] else [0, 1]
+        args.max_train_steps, args.lr_warmup_steps = 40, 10
+        args.num_samples, args.num_inference_steps, args.eval_batch_size, args.curve_samples = 256, 10, 128, 128
+    if args.curve_every is None:
+        args.curve_every = max(1, args.max_train_steps // (2 if args.quick else 4))
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     args.methods = args.methods.split(",")
+    if len(set(args.seeds)) < 2:
+        p.error("give at least 2 --seeds: the intervals are over seeds")
+    for name in ("max_train_steps", "train_batch_size", "num_samples", "num_real", "num_inference_steps",
+                 "eval_batch_size", "curve_samples", "workers"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be positive")
+    if args.curve_every and args.curve_samples % args.eval_batch_size:
+        p.error("--curve_samples must be a multiple of --eval_batch_size (the final model's curve point reuses "
+                "the first --curve_samples of its samples, drawn from the same noise)")
+    if args.curve_every and args.curve_samples > args.num_samples:
+        p.error("--curve_samples cannot exceed --num_samples")
+    if not 0 < args.confidence < 1:
+        p.error("--confidence must be in (0, 1)")
     return args
 
 
-def train_run(args, method, seed, run_dir, config_path):
+def curve_steps(args) -> list:
+    """The vanilla checkpoints scored for the curve (the final model is the last point)."""
+    if not args.curve_every or "vanilla" not in args.methods:
+        return []
+    return list(range(args.curve_every, args.max_train_steps, args.curve_every))
+
+
+def plan(args) -> dict:
+    """Estimated seconds of training and evaluation with `args.workers` processes (see the constants)."""
+    runs = [(m, s) for m in args.methods for s in args.seeds]
+    train = sum(SECONDS_PER_STEP.get(m, 0.15) * args.max_train_steps + SECONDS_PER_RUN for m, _ in runs)
+    images = len(runs) * args.num_samples + len(curve_steps(args)) * len(args.seeds) * args.curve_samples
+    evaluate = images * args.num_inference_steps * SECONDS_PER_IMAGE_STEP + 10 * len(runs)
+    return {"train_seconds": train / args.workers, "eval_seconds": evaluate / args.workers,
+            "runs": len(runs), "generated_images": images}
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def train_command(args, method, seed, run_dir, config_path, checkpoint_every=None) -> list:
+    return [sys.executable, os.path.join(HERE, "train_ant.py"), "--model_type", "unet",
+            "--model_config_name_or_path", config_path, "--dataset_name", DATASET, "--resolution", str(RESOLUTION),
+            "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.max_train_steps),
+            "--learning_rate", str(args.learning_rate), "--lr_scheduler", args.lr_scheduler,
+            "--lr_warmup_steps", str(args.lr_warmup_steps), "--use_ema", "--ema_max_decay", "0.999",
+            "--seed", str(seed), "--output_dir", run_dir,
+            "--checkpointing_steps", str(checkpoint_every or args.max_train_steps + 1),
+            "--num_validation_images", "16", "--report_to", "none", *METHODS[method]["flags"]]
+
+
+def train_run(cmd, run_dir, what) -> str:
+    """Run one train_ant.py command unless `run_dir` already holds its saved model."""
     if os.path.isfile(os.path.join(run_dir, "model_index.json")):
         return "kept"
-    cmd = [sys.executable, os.path.join(HERE, "train_ant.py"), "--model_type", "unet",
-           "--model_config_name_or_path", config_path, "--dataset_name", "mnist5k", "--resolution", "16",
-           "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.max_train_steps),
-           "--learning_rate", str(args.learning_rate), "--lr_scheduler", "cosine", "--lr_warmup_steps", "100",
-           "--use_ema", "--ema_max_decay", "0.999", "--seed", str(seed), "--output_dir", run_dir,
-           "--checkpointing_steps", str(args.max_train_steps + 1), "--num_validation_images", "16",
-           "--report_to", "none", *METHODS[method]]
     # One thread per run, runs in parallel: on a small CPU, two runs with two threads each fight
     # over the cores and each becomes several times slower (measured here: ~10x).
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -86,84 +183,281 @@ def train_run(args, method, seed, run_dir, config_path):
     with open(os.path.join(run_dir, "train.log"), "w") as log:
         result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"{method} seed {seed} failed: see {os.path.join(run_dir, 'train.log')}")
+        raise RuntimeError(f"{what} failed: see {os.path.join(run_dir, 'train.log')}")
+    seconds = time.time() - start
     with open(os.path.join(run_dir, "train_time.json"), "w") as f:
-        json.dump({"seconds": time.time() - start}, f)
-    return f"{time.time() - start:.0f}s"
+        json.dump({"seconds": seconds}, f)
+    return f"{seconds:.0f}s"
 
 
-def eval_run(args, run_dir, seed):
-    path = os.path.join(run_dir, "metrics.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    from diffusers_ant.analysis.evaluate import evaluate_pipeline
+def run_parallel(fn, items, workers):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+# Evaluations run in worker processes (one torch thread each); each process builds the reference
+# features once and keeps them.
+
+_REFERENCE = {}
+
+
+def _worker_init():
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    torch.set_num_threads(1)
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+
+
+def reference_set(num_real, batch_size):
+    """The ReferenceSet of `num_real` real MNIST-5k images (all 5,000 by default), cached per process."""
+    key = (num_real, batch_size)
+    if key not in _REFERENCE:
+        from diffusers_ant.analysis.evaluate import ReferenceSet, real_images, resolve_feature_extractor
+
+        real = real_images(DATASET, num_real, resolution=RESOLUTION, num_channels=1, seed=0)
+        _REFERENCE[key] = ReferenceSet(real, resolve_feature_extractor("domain", DATASET), batch_size=batch_size)
+    return _REFERENCE[key]
+
+
+def eval_settings(args, num_samples) -> dict:
+    """What an evaluation's numbers depend on besides the weights; a stored evaluation is reused only
+    when these match (and the feature extractor's hash, checked by the caller)."""
+    return {"num_samples": num_samples, "num_inference_steps": args.num_inference_steps, "num_real": args.num_real,
+            "eval_batch_size": args.eval_batch_size, "scheduler": "ddim"}
+
+
+def evaluate_task(task) -> dict:
+    """Sample one model (a run's saved model, or a vanilla checkpoint's EMA weights) and score it.
+
+    task: {"run_dir", "seed", "settings", "path", "checkpoint" (None: the saved model), "curve_samples"}.
+    Writes the metrics JSON at `path` and returns it."""
+    from diffusers_ant.analysis.evaluate import sample_images
     from diffusers_ant.models import load_pipeline
 
-    metrics = evaluate_pipeline(load_pipeline(run_dir), "mnist5k", num_samples=args.num_samples, scheduler="ddim",
-                                num_inference_steps=args.num_inference_steps, seed=seed, progress=False)
-    with open(path, "w") as f:
+    settings = task["settings"]
+    reference = reference_set(settings["num_real"], settings["eval_batch_size"])
+    start = time.time()
+    pipeline = load_pipeline(task["run_dir"])
+    weights = "ema (saved model)"
+    if task["checkpoint"]:
+        from diffusers_ant.analysis.common import checkpoint_ema_state_dict, load_state_dict
+
+        state = checkpoint_ema_state_dict(task["checkpoint"], pipeline.unet)
+        weights = "ema (checkpoint)" if state is not None else "raw (checkpoint without EMA)"
+        pipeline.unet.load_state_dict(state if state is not None else load_state_dict(task["checkpoint"]))
+    images = sample_images(pipeline, settings["num_samples"], scheduler="ddim",
+                           num_inference_steps=settings["num_inference_steps"], batch_size=settings["eval_batch_size"],
+                           seed=task["seed"], progress=False)
+    sampled = time.time()
+    metrics = reference.score(images)
+    if task.get("curve_samples"):
+        # the final model's point of the vanilla curve: the first images, drawn from the same noise
+        # as the checkpoints' (whole batches of the same seeded generator)
+        metrics["curve_point"] = reference.score(images[: task["curve_samples"]])
+    metrics.update(settings=settings, seed=task["seed"], weights=weights, sampling_seconds=round(sampled - start, 1),
+                   scoring_seconds=round(time.time() - sampled, 1))
+    with open(task["path"], "w") as f:
         json.dump(metrics, f, indent=2)
     return metrics
 
 
-def summarise(results):
-    """{method: {metric: (mean, std, n)}} over seeds."""
-    table = {}
+def stored_metrics(path, settings, extractor_sha):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        metrics = json.load(f)
+    if metrics.get("settings") != settings or metrics.get("feature_extractor_sha256") != extractor_sha:
+        return None  # other settings or another feature extractor: evaluate again
+    return metrics
+
+
+def evaluate_all(args, runs, extractor_sha):
+    """{method: {seed: metrics}} and {step: {seed: metrics}} (the vanilla curve), evaluating what is missing."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    final_settings = eval_settings(args, args.num_samples)
+    curve_settings = eval_settings(args, args.curve_samples)
+    steps = curve_steps(args)
+    tasks, results, curve = [], {m: {} for m in args.methods}, {step: {} for step in steps}
+    for method, seed in runs:
+        run_dir = os.path.join(args.output_dir, method, f"seed-{seed}")
+        path = os.path.join(run_dir, "metrics.json")
+        with_curve = method == "vanilla" and bool(steps)
+        settings = dict(final_settings, curve_samples=args.curve_samples if with_curve else None)
+        stored = stored_metrics(path, settings, extractor_sha)
+        if stored is not None:
+            results[method][seed] = stored
+        else:
+            tasks.append(("final", method, seed, {"run_dir": run_dir, "seed": seed, "settings": settings, "path": path,
+                                                  "checkpoint": None, "curve_samples": settings["curve_samples"]}))
+        if with_curve:
+            for step in steps:
+                path = os.path.join(run_dir, f"curve-{step}.json")
+                stored = stored_metrics(path, curve_settings, extractor_sha)
+                if stored is not None:
+                    curve[step][seed] = stored
+                else:
+                    tasks.append(("curve", step, seed, {"run_dir": run_dir, "seed": seed, "settings": curve_settings,
+                                                        "path": path, "checkpoint": os.path.join(run_dir, f"checkpoint-{step}")}))
+    if tasks:
+        print(f"evaluating {len(tasks)} sample sets with {args.workers} worker(s)", flush=True)
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
+        with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_worker_init) as pool:
+            futures = [(kind, key, seed, pool.submit(evaluate_task, task)) for kind, key, seed, task in tasks]
+            for i, (kind, key, seed, future) in enumerate(futures, 1):
+                metrics = future.result()
+                if kind == "final":
+                    results[key][seed] = metrics
+                else:
+                    curve[key][seed] = metrics
+                what = f"{key} seed {seed}" if kind == "final" else f"vanilla seed {seed} step {key}"
+                print(f"[{i}/{len(futures)}] {what}: fid {metrics['fid']:.3f} ({metrics['sampling_seconds']:.0f}s sampling)",
+                      flush=True)
+    if steps:
+        curve[args.max_train_steps] = {seed: m["curve_point"] for seed, m in results["vanilla"].items()}
+    return results, curve
+
+
+# ------------------------------------------------------------------------------------------ summaries
+
+
+def summarise(results, confidence=0.95):
+    """{method: {metric: t_interval over seeds}} and {method: {metric: paired difference from vanilla}}."""
+    from diffusers_ant.analysis.stats import paired_differences, t_interval
+
+    table, paired = {}, {}
     for method, per_seed in results.items():
-        table[method] = {}
-        for key in ("fid", "kid_mean", "precision", "recall"):
-            values = np.array([m[key] for m in per_seed.values()], dtype=float)
-            table[method][key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                                  len(values))
-    return table
+        table[method] = {key: t_interval([m[key] for m in per_seed.values()], confidence) for key in METRICS}
+        if method != "vanilla" and "vanilla" in results:
+            paired[method] = {key: paired_differences({s: m[key] for s, m in per_seed.items()},
+                                                      {s: m[key] for s, m in results["vanilla"].items()}, confidence)
+                              for key in METRICS}
+    return table, paired
 
 
-def markdown(table, args):
-    # KID is on the domain classifier's unnormalised features, so its scale is not Inception's.
-    lines = ["| method | domain FID (lower is better) | domain KID | precision | recall |",
-             "|---|---|---|---|---|"]
+def summarise_curve(curve, confidence=0.95):
+    from diffusers_ant.analysis.stats import t_interval
+
+    return {int(step): t_interval([m["fid"] for m in per_seed.values()], confidence)
+            for step, per_seed in sorted(curve.items()) if per_seed}
+
+
+def _mean_sd(cell, scale=1.0, digits=2):
+    sd = cell["sd"] if cell["sd"] is not None else 0.0
+    return f"{cell['mean'] * scale:.{digits}f} ± {sd * scale:.{digits}f}"
+
+
+def _difference(cell, scale=1.0, digits=2):
+    if cell["low"] is None:
+        return f"{cell['mean'] * scale:+.{digits}f} (no interval)"
+    return f"{cell['mean'] * scale:+.{digits}f} [{cell['low'] * scale:+.{digits}f}, {cell['high'] * scale:+.{digits}f}]"
+
+
+def markdown(table, paired, curve_summary, args, extractor_sha) -> str:
+    level = f"{args.confidence:.0%}"
+    lines = [f"| method | clusters on | timesteps | domain FID | FID - vanilla [{level} CI] | domain KID "
+             f"| KID - vanilla | precision | recall |", "|---|---|---|---|---|---|---|---|---|"]
     for method, row in table.items():
-        fid, kid, prec, rec = (row[k] for k in ("fid", "kid_mean", "precision", "recall"))
-        lines.append(f"| {method} | {fid[0]:.2f} ± {fid[1]:.2f} | {kid[0]:.1f} ± {kid[1]:.1f} "
-                     f"| {prec[0]:.3f} ± {prec[1]:.3f} | {rec[0]:.3f} ± {rec[1]:.3f} |")
-    n = next(iter(table.values()))["fid"][2]
-    lines.append("")
-    lines.append(f"Mean ± standard deviation over {n} seeds; {args.max_train_steps} steps at batch "
-                 f"{args.train_batch_size}; {args.num_samples} samples per model (DDIM-{args.num_inference_steps}).")
+        info = METHODS[method]
+        diff = paired.get(method)
+        lines.append(
+            f"| {info['label']} | {info['clusters_on']} | {info['sampling']} | {_mean_sd(row['fid'])} "
+            f"| {_difference(diff['fid']) if diff else '-'} | {_mean_sd(row['kid_mean'], digits=4)} "
+            f"| {_difference(diff['kid_mean'], digits=4) if diff else '-'} "
+            f"| {_mean_sd(row['precision'], digits=3)} | {_mean_sd(row['recall'], digits=3)} |")
+    n = len(args.seeds)
+    lines += ["", f"Mean ± standard deviation over {n} seeds ({', '.join(map(str, args.seeds))}); differences are "
+              f"paired by seed (method - vanilla, same seed), with a {level} Student-t interval over the {n} seeds: "
+              "an interval that excludes 0 is a difference the seeds support. "
+              f"{args.max_train_steps} steps at batch {args.train_batch_size} (AdamW {args.learning_rate:g}, "
+              f"{args.lr_scheduler}, EMA 0.999); {args.num_samples} DDIM-{args.num_inference_steps} samples per model "
+              f"against {args.num_real} real images. Domain features: MNIST-5k classifier v2, weights sha256 "
+              f"{extractor_sha[:12]} (not Inception: not comparable with published FIDs). 'clusters on': the SNR "
+              "the ANT clustering uses (log-SNR by default; raw SNR with --raw_snr, as the paper). "
+              "'timesteps': uniform draws, or stratified batches (each cluster an equal share)."]
+    if curve_summary:
+        lines += ["", f"Vanilla FID over training steps ({args.curve_samples} samples per point, EMA weights, "
+                  f"{n} seeds):", "", "| step | domain FID |", "|---|---|"]
+        lines += [f"| {step} | {_mean_sd(cell)} |" for step, cell in curve_summary.items()]
     return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    started = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
     config_path = os.path.join(args.output_dir, "bench_unet.json")
     with open(config_path, "w") as f:
         json.dump(BENCH_UNET, f, indent=2)
     runs = [(m, s) for m in args.methods for s in args.seeds]
+    estimate = plan(args)
+    print(f"{estimate['runs']} training runs of {args.max_train_steps} steps, {estimate['generated_images']} generated "
+          f"images; estimated on an idle 2-core CPU: training {estimate['train_seconds'] / 60:.0f} min, "
+          f"evaluation {estimate['eval_seconds'] / 60:.0f} min ({args.workers} workers)", flush=True)
+    timing = {}
     if args.phase in ("train", "all"):
-        from concurrent.futures import ThreadPoolExecutor
+        steps = curve_steps(args)
 
         def one(run):
             method, seed = run
-            status = train_run(args, method, seed, os.path.join(args.output_dir, method, f"seed-{seed}"), config_path)
+            run_dir = os.path.join(args.output_dir, method, f"seed-{seed}")
+            every = args.curve_every if method == "vanilla" and steps else None
+            status = train_run(train_command(args, method, seed, run_dir, config_path, every), run_dir,
+                               f"{method} seed {seed}")
             print(f"trained {method} seed {seed}: {status}", flush=True)
 
-        with ThreadPoolExecutor(args.workers) as pool:
-            list(pool.map(one, runs))
+        start = time.time()
+        run_parallel(one, runs, args.workers)
+        timing["train_wall_seconds"] = round(time.time() - start, 1)
     if args.phase == "train":
         return
-    results = {m: {} for m in args.methods}
-    for i, (method, seed) in enumerate(runs, 1):
-        results[method][seed] = eval_run(args, os.path.join(args.output_dir, method, f"seed-{seed}"), seed)
-        print(f"[{i}/{len(runs)}] {method} seed {seed}: fid {results[method][seed]['fid']:.2f}", flush=True)
-    table = summarise(results)
-    text = markdown(table, args)
+    from diffusers_ant.analysis.evaluate import resolve_feature_extractor
+
+    extractor_sha = resolve_feature_extractor("domain", DATASET).weights_sha256()
+    start = time.time()
+    results, curve = evaluate_all(args, runs, extractor_sha)
+    timing["eval_wall_seconds"] = round(time.time() - start, 1)
+    timing["wall_seconds"] = round(time.time() - started, 1)
+    timing["train_seconds_per_run"] = {}
+    for method, seed in runs:
+        path = os.path.join(args.output_dir, method, f"seed-{seed}", "train_time.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                timing["train_seconds_per_run"][f"{method}/seed-{seed}"] = round(json.load(f)["seconds"], 1)
+
+    table, paired = summarise(results, args.confidence)
+    curve_summary = summarise_curve(curve, args.confidence)
+    text = markdown(table, paired, curve_summary, args, extractor_sha)
     print(text)
+    if curve_summary:
+        from diffusers_ant.analysis.plots import plot_fid_curve
+
+        plot_fid_curve(curve, os.path.join(args.output_dir, "vanilla_fid_curve.png"),
+                       title=f"vanilla: domain FID over training ({args.curve_samples} samples per point)")
+    record = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else argv,
+        "args": vars(args),
+        "methods": {m: METHODS[m] for m in args.methods},
+        "feature_extractor": f"domain_{DATASET}",
+        "feature_extractor_sha256": extractor_sha,
+        "per_run": results,
+        "summary": table,
+        "paired_vs_vanilla": paired,
+        "vanilla_curve": {"per_seed": {int(k): v for k, v in curve.items()}, "summary": curve_summary},
+        "timing": timing,
+    }
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "per_run": results, "summary": table}, f, indent=2)
+        json.dump(record, f, indent=2)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(text + "\n")
+    print(f"wrote {os.path.join(args.output_dir, 'results.json')} and results.md "
+          f"({timing['wall_seconds'] / 60:.1f} min this invocation)")
 
 
 if __name__ == "__main__":

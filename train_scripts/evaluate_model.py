@@ -6,9 +6,12 @@
         --scheduler ddpm --num_inference_steps 250 --output metrics.json --save_samples samples/
 
 The default feature extractor is the dataset's DOMAIN classifier (`diffusers_ant.metrics`): its FID is
-a "domain FID", comparable only with other domain FIDs of the same dataset and sample count, never
-with published Inception FIDs. `--feature_extractor inception --inception_weights FILE.safetensors`
-gives Inception FID. The logic lives in `diffusers_ant.analysis.evaluate`.
+a "domain FID", comparable only with other domain FIDs of the same dataset, extractor weights (the
+`feature_extractor_sha256` written with the results) and sample count, never with published
+Inception FIDs. `--feature_extractor inception --inception_weights FILE.safetensors` gives Inception
+FID, comparable with published numbers only with pytorch-fid's Inception weights. Precision / recall
+are computed on the same features (not the VGG-16 of Kynkaanniemi et al.). The logic lives in
+`diffusers_ant.analysis.evaluate`.
 """
 
 from __future__ import annotations

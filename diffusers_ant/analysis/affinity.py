@@ -33,6 +33,22 @@ applied to every grid point and checkpoint without ever being stored.
 Within one batch, every grid timestep sees the same clean images x0 and the same noise eps, so the
 gradients differ only through t. A per-timestep loss weight (min-SNR, P2) scales g_t by a constant
 and leaves every cosine unchanged, so the plain MSE is used.
+
+Two estimators (`estimator=`). The default, `"mean_gradient"`, takes the cosine of each grid
+point's gradient averaged over the batches (one cosine matrix per checkpoint, then the mean over
+checkpoints): the cosine of expected gradients, less noisy per batch. The paper averages per-
+iteration cosines over training ("pairwise gradient similarity averaged across training
+iterations", ANT appendix D.3): `"mean_cosine"` computes one cosine matrix per batch and
+checkpoint and averages those. The two differ: minibatch noise shrinks per-batch cosines towards 0,
+so `mean_cosine` values are smaller in magnitude; their ordering along |t_i - t_j| (O1) is what both
+measure.
+
+O1's p-value. The G(G-1)/2 entries of the matrix share rows (every entry of row i involves
+timestep i), so they are not independent pairs: the p-value of Spearman's test over them
+(`o1_spearman`) is too small (under a null with per-row effects it rejected 12% of the time at the
+5% level; tests/test_analysis.py). `o1_mantel` is the Mantel permutation test (Mantel 1967): the
+grid labels of the matrix are permuted together, rows and columns alike, which keeps the
+dependence between entries and is exact under that null. The Spearman statistic stays the effect size.
 """
 
 from __future__ import annotations
@@ -48,11 +64,14 @@ __all__ = [
     "CountSketch",
     "affinity_from_folders",
     "gradient_cosines",
+    "o1_mantel",
     "o1_spearman",
     "task_affinity",
     "timestep_grid",
 ]
 
+AFFINITY_ESTIMATORS = ("mean_gradient", "mean_cosine")
+MANTEL_PERMUTATIONS = 20_000
 # "auto" projection: keep exact gradients while G x D floats fit in this many bytes.
 AUTO_EXACT_BYTES = 512 * 2**20
 DEFAULT_PROJECTION_DIM = 4096
@@ -121,7 +140,8 @@ def gradient_cosines(vectors: torch.Tensor) -> np.ndarray:
 def o1_spearman(timesteps, affinity):
     """ANT's observation O1 as one number: Spearman's rank correlation between |t_i - t_j| and
     TAS(i, j) over the pairs i < j (negative: affinity falls with timestep distance). Returns
-    `(rho, p_value)`, `(None, None)` with fewer than 3 grid points."""
+    `(rho, p_value)`, `(None, None)` with fewer than 3 grid points. The p-value treats the pairs as
+    independent, which they are not (they share rows): use `o1_mantel`'s p-value instead."""
     from scipy.stats import spearmanr
 
     t = np.asarray(timesteps, dtype=np.float64)
@@ -132,6 +152,50 @@ def o1_spearman(timesteps, affinity):
     result = spearmanr(np.abs(t[i] - t[j]), A[i, j])
     rho, p = float(result.statistic), float(result.pvalue)
     return (None, None) if math.isnan(rho) else (rho, p)
+
+
+def o1_mantel(timesteps, affinity, permutations: int = MANTEL_PERMUTATIONS, seed: int = 0, batch: int = 1000):
+    """Mantel permutation test of O1 (Mantel, Cancer Research 1967): is the Spearman correlation
+    between |t_i - t_j| and TAS(i, j) further from 0 than under random relabelling of the grid?
+
+    Each permutation pi relabels the grid points, rows and columns together (TAS'(i, j) =
+    TAS(pi(i), pi(j))), so the entries keep their dependence through shared rows; the two-sided
+    p-value is (1 + #{|rho_pi| >= |rho|}) / (1 + permutations), at least 1 / (1 + permutations).
+    Spearman's rho is Pearson's correlation of average ranks, and a relabelled matrix has the same
+    entries, hence the same ranks rearranged: each permutation costs one gather of the rank matrix.
+
+    Returns `(rho, p_value)`; `(None, None)` with fewer than 4 grid points or a constant matrix.
+    """
+    from scipy.stats import rankdata
+
+    t = np.asarray(timesteps, dtype=np.float64)
+    A = np.asarray(affinity, dtype=np.float64)
+    G = len(t)
+    if A.shape != (G, G):
+        raise ValueError(f"the affinity matrix must be {G}x{G} for {G} grid timesteps, got {A.shape}")
+    if permutations < 1:
+        raise ValueError(f"permutations must be positive, got {permutations}")
+    i, j = np.triu_indices(G, k=1)
+    if G < 4:
+        return None, None
+    d = rankdata(np.abs(t[i] - t[j]))
+    r = rankdata(A[i, j])
+    d, r = d - d.mean(), r - r.mean()
+    norm = math.sqrt(float((d**2).sum() * (r**2).sum()))
+    if norm == 0:
+        return None, None
+    ranks = np.zeros((G, G))
+    ranks[i, j] = r
+    ranks[j, i] = r
+    rho = float((d * r).sum() / norm)
+    rng = np.random.default_rng(seed)
+    exceed = 0
+    for start in range(0, permutations, batch):
+        n = min(batch, permutations - start)
+        perms = np.argsort(rng.random((n, G)), axis=1)
+        stats = (ranks[perms[:, i], perms[:, j]] * d).sum(axis=1) / norm
+        exceed += int((np.abs(stats) >= abs(rho) - 1e-12).sum())
+    return rho, (1 + exceed) / (1 + permutations)
 
 
 def _select_parameters(model, param_subset):
@@ -193,7 +257,7 @@ def _grid_gradient(adapter, model, batches, t, prediction_type):
 
 
 def task_affinity(adapter, states, batches, timesteps, param_subset=None, projection_dim=None, seed=0,
-                  progress=True) -> dict:
+                  progress=True, estimator="mean_gradient") -> dict:
     """The task-affinity matrix of `adapter.model` on the grid `timesteps`, averaged over `states`.
 
     Args:
@@ -203,6 +267,8 @@ def task_affinity(adapter, states, batches, timesteps, param_subset=None, projec
         timesteps: increasing training indices of the grid.
         param_subset: module-name prefixes (a list or a comma-separated string) to restrict to.
         projection_dim: None for exact gradients, else the count-sketch dimension D.
+        estimator: "mean_gradient" (cosines of the gradients averaged over `batches`) or
+            "mean_cosine" (the paper's: the mean over batches of per-batch cosines); module docstring.
 
     Returns a dict: `affinity` (G x G numpy array, the mean over states of each state's cosine
     matrix), `per_state` (the individual matrices), `num_parameters` (gradient coordinates measured)
@@ -212,6 +278,10 @@ def task_affinity(adapter, states, batches, timesteps, param_subset=None, projec
 
     from ..schedule import resolve_prediction_type
 
+    if estimator not in AFFINITY_ESTIMATORS:
+        raise ValueError(f"unknown affinity estimator {estimator!r}; valid: {', '.join(AFFINITY_ESTIMATORS)}")
+    # one group of all batches (their mean gradient), or one group per batch (per-batch cosines)
+    groups = [list(batches)] if estimator == "mean_gradient" else [[b] for b in batches]
     model = adapter.model
     prediction_type = resolve_prediction_type(adapter.noise_scheduler)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -221,7 +291,7 @@ def task_affinity(adapter, states, batches, timesteps, param_subset=None, projec
     num_parameters = sum(p.numel() for p in params)
     sketch = CountSketch(projection_dim, seed) if projection_dim else None
     matrices = []
-    bar = tqdm(total=len(states) * len(timesteps), desc="affinity", unit="t", disable=not progress)
+    bar = tqdm(total=len(states) * len(groups) * len(timesteps), desc="affinity", unit="t", disable=not progress)
     try:
         model.eval()  # no dropout: the gradients are a deterministic function of (weights, batch, t)
         for state in states:
@@ -230,19 +300,22 @@ def task_affinity(adapter, states, batches, timesteps, param_subset=None, projec
                     model.load_state_dict(state)
                 except RuntimeError as err:  # another architecture, or a LoRA run's adapter weights
                     raise ValueError(f"a checkpoint does not fit the model of --model: {str(err).splitlines()[0]}") from None
-            rows = []
-            for t in timesteps:
-                for p in params:
-                    p.grad = None
-                _grid_gradient(adapter, model, batches, t, prediction_type)
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                if sketch is not None:
-                    rows.append(sketch.project(grads))
-                else:
-                    rows.append(torch.cat([g.detach().reshape(-1).double() for g in grads]))
-                bar.update(1)
-            matrices.append(gradient_cosines(torch.stack(rows)))
-            del rows
+            per_group = []
+            for group in groups:
+                rows = []
+                for t in timesteps:
+                    for p in params:
+                        p.grad = None
+                    _grid_gradient(adapter, model, group, t, prediction_type)
+                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                    if sketch is not None:
+                        rows.append(sketch.project(grads))
+                    else:
+                        rows.append(torch.cat([g.detach().reshape(-1).double() for g in grads]))
+                    bar.update(1)
+                per_group.append(gradient_cosines(torch.stack(rows)))
+                del rows
+            matrices.append(np.mean(per_group, axis=0))
     finally:
         bar.close()
         for p in params:
@@ -255,7 +328,7 @@ def task_affinity(adapter, states, batches, timesteps, param_subset=None, projec
     mean = (mean + mean.T) / 2
     np.fill_diagonal(mean, 1.0)
     return {"affinity": mean, "per_state": matrices, "num_parameters": num_parameters,
-            "dim": projection_dim or num_parameters}
+            "dim": projection_dim or num_parameters, "estimator": estimator}
 
 
 def _json_float(x):
@@ -275,6 +348,8 @@ def affinity_from_folders(
     model_type=None,
     train_data_dir=None,
     progress: bool = True,
+    estimator: str = "mean_gradient",
+    permutations: int = MANTEL_PERMUTATIONS,
 ) -> dict:
     """Task affinity of a trained model, as the JSON-ready dict `analyze.py affinity` writes.
 
@@ -288,8 +363,11 @@ def affinity_from_folders(
             `batches` fixed batches of `batch_size`.
         param_subset, projection_dim: see the module docstring; `projection_dim="auto"` keeps exact
             gradients while G x |theta| floats fit in 512 MiB, else projects to 4096.
+        estimator: "mean_gradient" or the paper's "mean_cosine" (module docstring).
+        permutations: of the Mantel test of O1 (`o1_mantel`).
 
-    Returns `{"timesteps", "affinity", "log_snr", "o1_spearman", "o1_spearman_pvalue", ...}`:
+    Returns `{"timesteps", "affinity", "log_snr", "o1_spearman", "o1_mantel_pvalue", ...}`
+    (`o1_spearman_pvalue` is the pairwise test's, kept for comparison: it assumes independent pairs):
     `timesteps` / `affinity` are the form `cluster_timesteps(..., objective="gradient", affinity=path)`
     and `--clustering gradient --affinity_file` read.
     """
@@ -315,9 +393,10 @@ def affinity_from_folders(
         projection_dim = None if exact_bytes <= AUTO_EXACT_BYTES else DEFAULT_PROJECTION_DIM
     drawn = _draw_batches(adapter, dataset_name, batches, batch_size, seed, train_data_dir=train_data_dir)
     result = task_affinity(adapter, states, drawn, timesteps, param_subset=param_subset,
-                           projection_dim=projection_dim, seed=seed, progress=progress)
+                           projection_dim=projection_dim, seed=seed, progress=progress, estimator=estimator)
     affinity = result["affinity"]
     rho, p = o1_spearman(timesteps, affinity)
+    _, mantel_p = o1_mantel(timesteps, affinity, permutations=permutations, seed=seed)
     try:
         log_snr = [_json_float(v) for v in schedule_log_snr(adapter.noise_scheduler)[timesteps].tolist()]
     except ValueError:  # a scheduler without an SNR curve
@@ -328,6 +407,8 @@ def affinity_from_folders(
         "affinity": [[float(x) for x in row] for row in affinity],
         "log_snr": log_snr,
         "o1_spearman": rho,
+        "o1_mantel_pvalue": mantel_p,
+        "o1_mantel_permutations": permutations,
         "o1_spearman_pvalue": p,
         "o1_spearman_per_checkpoint": [o1_spearman(timesteps, m)[0] for m in result["per_state"]],
         "num_timesteps": T,
@@ -335,6 +416,7 @@ def affinity_from_folders(
         "checkpoints": [str(s) for s in sources],
         "model_type": model_type,
         "dataset_name": dataset_name or train_data_dir,
+        "estimator": estimator,
         "batches": batches,
         "batch_size": batch_size,
         "param_subset": subset,

@@ -115,6 +115,34 @@ def load_state_dict(path: str):
     )
 
 
+def checkpoint_ema_state_dict(folder: str, model):
+    """The EMA weights saved in a checkpoint-N folder, as a state dict for `model`, or None when the
+    run kept no EMA (then `load_state_dict(folder)` has the raw weights).
+
+    The trainer saves diffusers' `EMAModel` state in `trainer_state_0` (safetensors plus a JSON
+    skeleton, never a pickle): its `shadow_params` list follows the order of the trained parameters,
+    `[p for p in model.parameters() if p.requires_grad]` of a full (non-LoRA) training. Buffers and
+    frozen parameters come from `model` itself. A count or shape that does not fit is a ValueError.
+    """
+    from ..training.checkpoint import load_trainer_state
+
+    state = load_trainer_state(folder, 0)
+    ema = state.get("ema")
+    if not ema:
+        return None
+    shadow = ema["shadow_params"]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if len(shadow) != len(named):
+        raise ValueError(f"{folder}: the EMA holds {len(shadow)} tensors for {len(named)} trained parameters "
+                         "(a LoRA run, or another model?)")
+    weights = dict(model.state_dict())
+    for (name, param), value in zip(named, shadow):
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{folder}: EMA tensor for {name} has shape {tuple(value.shape)}, the model {tuple(param.shape)}")
+        weights[name] = value.to(param.dtype)
+    return weights
+
+
 def set_torch_threads(num_threads=None) -> int:
     """Set torch's CPU threads for an analysis run and return the number used.
 

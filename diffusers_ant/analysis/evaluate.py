@@ -8,9 +8,11 @@
 
 With the default `feature_extractor="domain"` the FID is a DOMAIN FID: the Frechet distance in the
 features of a small classifier of the dataset (`diffusers_ant.metrics.DomainFeatureExtractor`). It is
-comparable only with other domain FIDs of the same dataset and sample count, never with published
-(Inception) FIDs. `feature_extractor="inception"` with the user's `inception_weights` file gives the
-standard Inception FID.
+comparable only with other domain FIDs of the same dataset, extractor weights (the recorded
+`feature_extractor_sha256`) and sample count, never with published (Inception) FIDs.
+`feature_extractor="inception"` with the user's `inception_weights` file gives Inception FID,
+comparable with published numbers only with pytorch-fid's Inception weights (see
+`diffusers_ant.metrics`). Precision / recall use the same features, not the VGG-16 of their paper.
 
 The pieces are public because the analyses reuse them: `sample_images` (batched, seeded sampling,
 optionally with another denoiser such as a `TimestepRouter`), `real_images` (a seeded random draw from
@@ -211,11 +213,12 @@ class ReferenceSet:
     """Real images' features, computed once, against which sample sets are scored.
 
     `score(images)` returns the dict of `diffusers_ant.metrics.compute_metrics` (`fid`, `kid_mean`,
-    `kid_std`, `precision`, `recall`, `num_real`, `num_fake`, `feature_extractor`).
+    `kid_std`, `precision`, `recall`, `num_real`, `num_fake`, `feature_extractor`,
+    `feature_extractor_sha256`: the hash of the extractor's weights, recorded with every result).
     """
 
     def __init__(self, images, feature_extractor, batch_size=256, kid_subsets=DEFAULT_KID_SUBSETS,
-                 kid_subset_size=1000, k=3, seed=0):
+                 kid_subset_size=None, k=3, seed=0):
         self.extractor = feature_extractor
         self.batch_size = batch_size
         self.kid_subsets = kid_subsets
@@ -223,18 +226,23 @@ class ReferenceSet:
         self.k = k
         self.seed = seed
         self.features = feature_extractor.extract(images, batch_size=batch_size)
+        self.extractor_sha256 = feature_extractor.weights_sha256()
 
     def score(self, images) -> dict:
         from ..metrics import compute_metrics
 
         fake = self.extractor.extract(images, batch_size=self.batch_size)
-        metrics = ["fid", "kid"]
-        # improved precision / recall need more than k samples per set
+        metrics = ["fid"]
+        # KID needs two disjoint subsets of at least 2 samples per set; improved precision / recall
+        # more than k samples per set
+        if min(len(fake), len(self.features)) >= 4:
+            metrics.append("kid")
         if min(len(fake), len(self.features)) > self.k:
             metrics.append("precision_recall")
         results = compute_metrics(self.features, fake, metrics=metrics, k=self.k, kid_subsets=self.kid_subsets,
                                   kid_subset_size=self.kid_subset_size, seed=self.seed)
         results["feature_extractor"] = self.extractor.name
+        results["feature_extractor_sha256"] = self.extractor_sha256
         return results
 
 
@@ -311,12 +319,14 @@ def format_results(results: dict) -> str:
     extractor = results.get("feature_extractor", "")
     fid_label = f"FID ({'domain, ' + extractor[len('domain_'):] if extractor.startswith('domain_') else extractor})"
     rows = [(fid_label, f"{results['fid']:.4f}")]
-    if "kid_mean" in results:
+    if "kid_mean" in results:  # kid_std: the spread of a KID on one subset's worth of samples
         rows.append(("KID", f"{results['kid_mean']:.5f} +- {results['kid_std']:.5f}"))
     for key in ("precision", "recall"):
         if key in results:
             rows.append((key, f"{results[key]:.4f}"))
     rows.append(("samples / real", f"{results['num_fake']} / {results['num_real']}"))
+    if results.get("feature_extractor_sha256"):
+        rows.append(("features sha256", results["feature_extractor_sha256"][:16]))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

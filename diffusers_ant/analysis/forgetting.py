@@ -15,7 +15,7 @@ The curve plotted is a metric of the fine-tuned domain (by default its domain FI
 from __future__ import annotations
 
 from ..clustering import TimestepIntervals
-from ..routing import TimestepRouter
+from ..routing import TimestepRouter, check_same_schedule
 
 __all__ = ["chain_of_forgetting", "forgetting_router", "parse_fractions"]
 
@@ -34,8 +34,12 @@ def parse_fractions(text) -> list:
     return sorted(set(values))
 
 
-def forgetting_router(finetuned, pretrained, fraction: float, num_timesteps: int, timestep_map=None) -> TimestepRouter:
-    """A router sending training indices t < round(fraction T) to `pretrained`, the rest to `finetuned`."""
+def forgetting_router(finetuned, pretrained, fraction: float, num_timesteps: int, timestep_map=None,
+                      schedulers=None) -> TimestepRouter:
+    """A router sending training indices t < round(fraction T) to `pretrained`, the rest to `finetuned`.
+    `schedulers`: optionally `(finetuned's, pretrained's)` training schedulers, which must match."""
+    if schedulers is not None:
+        check_same_schedule(schedulers, ["the fine-tuned model", "the pretrained model"])
     split = int(round(float(fraction) * num_timesteps))
     if split <= 0:
         return TimestepRouter(TimestepIntervals([(0, num_timesteps - 1)], num_timesteps), [finetuned], timestep_map)
@@ -46,7 +50,8 @@ def forgetting_router(finetuned, pretrained, fraction: float, num_timesteps: int
 
 
 def chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, num_samples=1000, scheduler="ddim",
-                        num_inference_steps=50, batch_size=256, seed=0, progress=True, return_images=False) -> dict:
+                        num_inference_steps=50, batch_size=256, seed=0, progress=True, return_images=False,
+                        pretrained_scheduler=None) -> dict:
     """The chain-of-forgetting curve: metrics of the fine-tuned domain for each fraction f.
 
     Args:
@@ -55,6 +60,9 @@ def chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, nu
         fractions: fractions f of the reverse process (low-noise end) handed to `pretrained`.
         reference: a `ReferenceSet` of the fine-tuned domain's real images.
         return_images: also return the samples of each f (`"images"`, a list), e.g. for tests.
+        pretrained_scheduler: the pretrained model's training scheduler; it must match the fine-tuned
+            pipeline's (`diffusers_ant.routing.check_same_schedule`), checked before any sampling.
+            None: not checked (the caller vouches for it).
 
     Returns `{"points": [{"fraction", "split_timestep", "fid", ...metrics}], ...}`.
     """
@@ -64,6 +72,8 @@ def chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, nu
     from .ntg import router_timestep_map
 
     fractions = parse_fractions(fractions)
+    if pretrained_scheduler is not None:
+        check_same_schedule([finetuned_pipeline.scheduler, pretrained_scheduler], ["the fine-tuned model", "the pretrained model"])
     T = num_train_timesteps(finetuned_pipeline.scheduler)
     finetuned = getattr(finetuned_pipeline, denoiser_name(finetuned_pipeline))
     timestep_map = router_timestep_map(finetuned_pipeline.scheduler)
@@ -84,6 +94,7 @@ def chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, nu
         "num_inference_steps": num_inference_steps,
         "seed": seed,
         "feature_extractor": points[0].get("feature_extractor") if points else None,
+        "feature_extractor_sha256": points[0].get("feature_extractor_sha256") if points else None,
     }
     if return_images:
         result["images"] = images

@@ -21,7 +21,7 @@ import json
 import os
 
 from ..clustering import TimestepIntervals
-from ..routing import TimestepRouter
+from ..routing import TimestepRouter, check_same_schedule
 
 __all__ = ["interval_from_folder", "load_intervals", "negative_transfer_gap", "swap_in_router"]
 
@@ -57,8 +57,10 @@ def load_intervals(path: str, count: int) -> list:
     return [(int(a), int(b)) for a, b in bounds]
 
 
-def swap_in_router(base, specialist, interval, num_timesteps, timestep_map=None) -> TimestepRouter:
-    """A router calling `specialist` for training indices in `interval` (inclusive) and `base` elsewhere."""
+def swap_in_router(base, specialist, interval, num_timesteps, timestep_map=None, schedulers=None,
+                   names=("the base model", "the interval model")) -> TimestepRouter:
+    """A router calling `specialist` for training indices in `interval` (inclusive) and `base` elsewhere.
+    `schedulers`: optionally `(base's, specialist's)` training schedulers, which must match."""
     t1, t2 = int(interval[0]), int(interval[1])
     if not 0 <= t1 <= t2 < num_timesteps:
         raise ValueError(f"interval [{t1}, {t2}] must satisfy 0 <= t1 <= t2 < {num_timesteps}")
@@ -71,7 +73,13 @@ def swap_in_router(base, specialist, interval, num_timesteps, timestep_map=None)
     if t2 < num_timesteps - 1:
         bounds.append((t2 + 1, num_timesteps - 1))
         models.append(base)
-    return TimestepRouter(TimestepIntervals(bounds, num_timesteps), models, timestep_map=timestep_map)
+    router_schedulers = router_names = None
+    if schedulers is not None:
+        by_model = {id(base): (schedulers[0], names[0]), id(specialist): (schedulers[1], names[1])}
+        router_schedulers = [by_model[id(m)][0] for m in models]
+        router_names = [by_model[id(m)][1] for m in models]
+    return TimestepRouter(TimestepIntervals(bounds, num_timesteps), models, timestep_map=timestep_map,
+                          schedulers=router_schedulers, names=router_names)
 
 
 def router_timestep_map(scheduler):
@@ -82,7 +90,8 @@ def router_timestep_map(scheduler):
 
 
 def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, num_samples=1000, scheduler="ddim",
-                          num_inference_steps=50, batch_size=256, seed=0, names=None, progress=True) -> dict:
+                          num_inference_steps=50, batch_size=256, seed=0, names=None, progress=True,
+                          interval_schedulers=None) -> dict:
     """The negative transfer gap of each interval model.
 
     Args:
@@ -91,6 +100,9 @@ def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, 
         intervals: `[(t1, t2), ...]`, inclusive training indices, one per interval model.
         reference: a `diffusers_ant.analysis.evaluate.ReferenceSet` (the real images' features).
         names: labels of the interval models (e.g. their folders) for the report.
+        interval_schedulers: the interval models' training schedulers (e.g. their pipelines'); each
+            must match the base pipeline's (`diffusers_ant.routing.check_same_schedule`), checked
+            before anything is sampled. None: not checked (the caller vouches for them).
 
     Returns `{"base": metrics, "intervals": [{"interval", "name", "ntg", "fid", ...metrics}], ...}`.
     """
@@ -102,6 +114,11 @@ def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, 
     if len(interval_models) != len(intervals):
         raise ValueError(f"got {len(interval_models)} interval models for {len(intervals)} intervals")
     names = list(names) if names is not None else [f"model {i}" for i in range(len(interval_models))]
+    if interval_schedulers is not None:
+        interval_schedulers = list(interval_schedulers)
+        if len(interval_schedulers) != len(interval_models):
+            raise ValueError(f"got {len(interval_schedulers)} schedulers for {len(interval_models)} interval models")
+        check_same_schedule([base_pipeline.scheduler, *interval_schedulers], ["the base model", *names])
     T = num_train_timesteps(base_pipeline.scheduler)
     base = getattr(base_pipeline, denoiser_name(base_pipeline))
     timestep_map = router_timestep_map(base_pipeline.scheduler)
@@ -110,8 +127,9 @@ def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, 
 
     base_metrics = reference.score(sample_images(base_pipeline, num_samples, desc="base", **common))
     rows = []
-    for model, interval, name in zip(interval_models, intervals, names):
-        router = swap_in_router(base, model, interval, T, timestep_map)
+    for i, (model, interval, name) in enumerate(zip(interval_models, intervals, names)):
+        schedulers = None if interval_schedulers is None else (base_pipeline.scheduler, interval_schedulers[i])
+        router = swap_in_router(base, model, interval, T, timestep_map, schedulers=schedulers, names=("the base model", name))
         images = sample_images(base_pipeline, num_samples, denoiser=router, desc=f"[{interval[0]}, {interval[1]}]", **common)
         metrics = reference.score(images)
         rows.append({"interval": [int(interval[0]), int(interval[1])], "name": name,
@@ -125,6 +143,7 @@ def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, 
         "num_inference_steps": num_inference_steps,
         "seed": seed,
         "feature_extractor": base_metrics.get("feature_extractor"),
+        "feature_extractor_sha256": base_metrics.get("feature_extractor_sha256"),
     }
 
 

@@ -3,14 +3,16 @@
 - `plot_affinity`: the task-affinity heatmap over the timestep grid, with log-SNR on the top axis,
   beside TAS(i, j) against |t_i - t_j| (observation O1, with its Spearman rank correlation);
 - `plot_ntg`: the negative transfer gap of each interval as bars (below zero: negative transfer);
-- `plot_forgetting`: the chain-of-forgetting curve, FID against the handed-over fraction.
+- `plot_forgetting`: the chain-of-forgetting curve, FID against the handed-over fraction;
+- `plot_ntg_summary`: the gap of each interval over seeds, mean with its confidence interval;
+- `plot_fid_curve`: FID over training steps, one line per seed and their mean (convergence).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["plot_affinity", "plot_forgetting", "plot_ntg"]
+__all__ = ["plot_affinity", "plot_fid_curve", "plot_forgetting", "plot_ntg", "plot_ntg_summary"]
 
 
 def _pyplot():
@@ -101,6 +103,63 @@ def plot_forgetting(result: dict, path: str, title: str | None = None) -> None:
         right.legend(loc="upper center", fontsize=8)
     ax.set_title(title or "chain of forgetting (f = 0: fine-tuned model only, f = 1: pretrained only)", fontsize=9)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ntg_summary(summary: dict, path: str, title: str | None = None) -> None:
+    """Bars of the mean NTG per interval over seeds with their confidence intervals, and each seed's gap
+    as a dot. `summary`: {"intervals": [{"interval": [t1, t2], "gap": t_interval dict with
+    "differences" (per seed), ...}], "feature_extractor", "confidence", ...} (benchmark_ntg.py)."""
+    plt = _pyplot()
+    rows = summary["intervals"]
+    labels = [f"[{r['interval'][0]}, {r['interval'][1]}]" for r in rows]
+    means = np.array([r["gap"]["mean"] for r in rows], dtype=float)
+    low = np.array([r["gap"]["low"] if r["gap"]["low"] is not None else r["gap"]["mean"] for r in rows], dtype=float)
+    high = np.array([r["gap"]["high"] if r["gap"]["high"] is not None else r["gap"]["mean"] for r in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.2 * len(rows) + 2), 4))
+    x = np.arange(len(rows))
+    colors = ["tab:red" if h < 0 else ("tab:blue" if lo > 0 else "tab:gray") for lo, h in zip(low, high)]
+    ax.bar(x, means, color=colors, alpha=0.75)
+    ax.errorbar(x, means, yerr=[means - low, high - means], fmt="none", ecolor="black", capsize=4, linewidth=1)
+    for i, r in enumerate(rows):
+        seeds = r["gap"].get("differences") or []
+        ax.scatter(np.full(len(seeds), i) + np.linspace(-0.15, 0.15, max(len(seeds), 1))[: len(seeds)], seeds,
+                   s=10, color="black", zorder=3)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels)
+    ax.set_xlabel("interval [t1, t2] denoised by the interval-trained model")
+    ax.set_ylabel("NTG = FID(mixed) - FID(base)")
+    level = f"{summary.get('confidence', 0.95):.0%}"
+    ax.set_title(title or f"negative transfer gap (red: interval < 0, negative transfer)\nmean over seeds, {level} "
+                 f"interval, dots: seeds; {summary.get('feature_extractor', '')}", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_fid_curve(curve: dict, path: str, title: str | None = None) -> None:
+    """FID against training step: `curve` is {step: {seed: metrics with "fid"}}; one thin line per
+    seed and the mean over seeds in bold."""
+    plt = _pyplot()
+    steps = sorted(int(s) for s in curve)
+    by_step = {int(k): v for k, v in curve.items()}
+    seeds = sorted({str(seed) for per_seed in curve.values() for seed in per_seed})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for seed in seeds:
+        points = [(s, {str(k): v for k, v in by_step[s].items()}.get(seed)) for s in steps]
+        points = [(s, m["fid"]) for s, m in points if m is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], "-", color="tab:blue", alpha=0.35, linewidth=1)
+    means = [(s, np.mean([m["fid"] for m in by_step[s].values()])) for s in steps if by_step[s]]
+    ax.plot([p[0] for p in means], [p[1] for p in means], "o-", color="tab:blue", linewidth=2, label="mean over seeds")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("domain FID")
+    ax.set_title(title or "FID over training", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -23,7 +23,7 @@ def compute_metrics(
     metrics=METRIC_NAMES,
     k=3,
     kid_subsets=100,
-    kid_subset_size=1000,
+    kid_subset_size=None,
     device=None,
     cache_dir=None,
     seed=0,
@@ -35,8 +35,11 @@ def compute_metrics(
     `get_feature_extractor`, e.g. "mnist5k" for the domain classifier, or an `nn.Module`).
 
     Returns a dict with `fid`, `kid_mean`, `kid_std`, `precision`, `recall` (those asked for in
-    `metrics`), `num_real`, `num_fake` and `feature_extractor` (its name: "domain_mnist5k" marks a
-    domain FID, which is not Inception FID). KID subsets are clipped to the smaller set.
+    `metrics`), `num_real`, `num_fake`, `feature_extractor` (its name: "domain_mnist5k" marks a
+    domain FID, which is not Inception FID) and `feature_extractor_sha256` (the hash of its weights,
+    `FeatureExtractor.weights_sha256`; None for given features). KID uses subsets of `kid_subset_size` rows (default
+    min(1000, smaller set // 2)); `kid_std` is the spread of a KID on that many samples, measured on
+    disjoint subsets (see `functional.kid`).
     """
     unknown = set(metrics) - set(METRIC_NAMES)
     if unknown:
@@ -44,14 +47,15 @@ def compute_metrics(
     if feature_extractor is None:
         if not (_is_feature_matrix(real) and _is_feature_matrix(fake)):
             raise ValueError("images need a feature_extractor (e.g. feature_extractor='mnist5k'); or pass (N, D) features")
-        real_feats, fake_feats, extractor_name = real, fake, "given_features"
+        real_feats, fake_feats, extractor_name, extractor_hash = real, fake, "given_features", None
     else:
         extractor = get_feature_extractor(feature_extractor, cache_dir=cache_dir, device=device)
         real_feats = extractor.extract(real, batch_size=batch_size)
         fake_feats = extractor.extract(fake, batch_size=batch_size)
-        extractor_name = extractor.name
+        extractor_name, extractor_hash = extractor.name, extractor.weights_sha256()
 
-    results = {"num_real": int(len(real_feats)), "num_fake": int(len(fake_feats)), "feature_extractor": extractor_name}
+    results = {"num_real": int(len(real_feats)), "num_fake": int(len(fake_feats)), "feature_extractor": extractor_name,
+               "feature_extractor_sha256": extractor_hash}
     if "fid" in metrics:
         results["fid"] = fid_from_features(real_feats, fake_feats)
     if "kid" in metrics:

@@ -14,7 +14,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-__all__ = ["feature_statistics", "frechet_distance", "fid_from_features", "kid", "precision_recall"]
+__all__ = ["feature_statistics", "frechet_distance", "fid_from_features", "kid", "kid_subset_size", "precision_recall"]
 
 
 def _as_features(feats, name):
@@ -104,44 +104,88 @@ def fid_from_features(feats_a, feats_b, eps=1e-6):
     return frechet_distance(mu_a, sigma_a, mu_b, sigma_b, eps=eps)
 
 
-def kid(feats_a, feats_b, subsets=100, subset_size=1000, degree=3, gamma=None, coef0=1.0, seed=0):
+KID_MAX_SUBSET_SIZE = 1000
+
+
+def kid_subset_size(num_a, num_b, subset_size=None):
+    """The KID subset size for sets of `num_a` and `num_b` rows: `subset_size`, or by default
+    min(1000, smaller // 2), so that every round cuts at least two disjoint subsets (see `kid`).
+    An explicit size above half the smaller set is refused (torch-fidelity refuses sizes above the
+    set; at the set's size every subset is the whole set reordered and the spread is 0)."""
+    smaller = min(int(num_a), int(num_b))
+    if subset_size is None:
+        subset_size = min(KID_MAX_SUBSET_SIZE, smaller // 2)
+        if subset_size < 2:
+            raise ValueError(f"KID needs at least 4 samples per set (two disjoint subsets of 2), got {smaller}")
+        return subset_size
+    subset_size = int(subset_size)
+    if subset_size < 2:
+        raise ValueError(f"KID subset_size must be at least 2, got {subset_size}")
+    if 2 * subset_size > smaller:
+        raise ValueError(
+            f"KID subset_size {subset_size} leaves fewer than two disjoint subsets in {smaller} samples; "
+            f"pass subset_size <= {smaller // 2} (or None for the automatic size)"
+        )
+    return subset_size
+
+
+def _mmd2_unbiased(x, y, degree, gamma, coef0):
+    """Unbiased MMD^2 of two equal-size row sets under the polynomial kernel (Binkowski et al., eq. 4)."""
+    m = x.shape[0]
+    k_xx = (gamma * x @ x.T + coef0) ** degree
+    k_yy = (gamma * y @ y.T + coef0) ** degree
+    k_xy = (gamma * x @ y.T + coef0) ** degree
+    # Unbiased: the within-set terms leave out the diagonal k(x_i, x_i).
+    return float(
+        (k_xx.sum() - k_xx.trace()) / (m * (m - 1))
+        + (k_yy.sum() - k_yy.trace()) / (m * (m - 1))
+        - 2.0 * k_xy.mean()
+    )
+
+
+def kid(feats_a, feats_b, subsets=100, subset_size=None, degree=3, gamma=None, coef0=1.0, seed=0):
     """Kernel Inception Distance (Binkowski et al., ICLR 2018, "Demystifying MMD GANs", eq. 4 / sec. 3).
 
     The unbiased estimate of MMD^2 with the polynomial kernel k(x, y) = (gamma x.y + coef0)^degree,
-    gamma = 1 / feature_dim by default, averaged over `subsets` random subsets of `subset_size` rows
-    drawn without replacement from each set (sizes above the smaller set are clipped to it).
+    gamma = 1 / feature_dim by default, computed on subsets of `subset_size` rows of each set and
+    averaged. `subset_size` None: min(1000, smaller set // 2); larger sizes raise (`kid_subset_size`).
 
-    Returns `(mean, std)` over the subsets. Unlike FID the estimate is unbiased, so values near 0
-    (possibly slightly negative) mean "same distribution".
+    Subsets come in rounds: each round shuffles both sets and cuts each into s = smaller // m
+    disjoint subsets of m = `subset_size` rows, pairing the i-th subset of one set with the i-th of
+    the other; rounds are added until there are at least `subsets` estimates. The s estimates of a
+    round share no sample, so they are independent draws of the KID of two m-sample sets, and their
+    spread is the sampling spread of that KID. (The usual way, subsets drawn independently from the
+    whole set, as clean-fid and torch-fidelity do, gives overlapping subsets whose spread shrinks
+    as m approaches the set size, to exactly 0 when m equals it: the spread then says nothing.)
+
+    Returns `(mean, std)`: the mean over all subsets, and the pooled within-round standard deviation,
+    an unbiased estimate (of the variance) of the spread of a KID computed on m-sample sets. Unlike
+    FID the estimate is unbiased, so values near 0 (possibly slightly negative) mean "same distribution".
     """
     a = _as_features(feats_a, "feats_a")
     b = _as_features(feats_b, "feats_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature dimensions differ: {a.shape[1]} vs {b.shape[1]}")
-    m = min(int(subset_size), a.shape[0], b.shape[0])
-    if m < 2:
-        raise ValueError(f"KID needs subsets of at least 2 samples per set, got {m}")
     if subsets < 1:
         raise ValueError(f"subsets must be >= 1, got {subsets}")
+    m = kid_subset_size(a.shape[0], b.shape[0], subset_size)
+    per_round = min(a.shape[0], b.shape[0]) // m
+    rounds = -(-int(subsets) // per_round)
     gamma = 1.0 / a.shape[1] if gamma is None else gamma
     rng = np.random.default_rng(seed)
     # torch for the kernel matrices: on a busy machine its matmuls are several times faster than numpy's.
     a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
 
-    values = np.empty(subsets)
-    for i in range(subsets):
-        x = a_t[torch.from_numpy(rng.choice(a.shape[0], m, replace=False))]
-        y = b_t[torch.from_numpy(rng.choice(b.shape[0], m, replace=False))]
-        k_xx = (gamma * x @ x.T + coef0) ** degree
-        k_yy = (gamma * y @ y.T + coef0) ** degree
-        k_xy = (gamma * x @ y.T + coef0) ** degree
-        # Unbiased: the within-set terms leave out the diagonal k(x_i, x_i).
-        values[i] = float(
-            (k_xx.sum() - k_xx.trace()) / (m * (m - 1))
-            + (k_yy.sum() - k_yy.trace()) / (m * (m - 1))
-            - 2.0 * k_xy.mean()
-        )
-    return float(values.mean()), float(values.std())
+    values = np.empty((rounds, per_round))
+    for r in range(rounds):
+        order_a = torch.from_numpy(rng.permutation(a.shape[0])[: per_round * m].reshape(per_round, m))
+        order_b = torch.from_numpy(rng.permutation(b.shape[0])[: per_round * m].reshape(per_round, m))
+        for i in range(per_round):
+            values[r, i] = _mmd2_unbiased(a_t[order_a[i]], b_t[order_b[i]], degree, gamma, coef0)
+    # pooled within-round variance: only estimates from disjoint data enter each deviation
+    within = values - values.mean(axis=1, keepdims=True)
+    std = float(np.sqrt((within**2).sum() / (rounds * (per_round - 1))))
+    return float(values.mean()), std
 
 
 def _kth_neighbour_radii(feats, k, batch_size):
@@ -170,6 +214,11 @@ def precision_recall(real_feats, fake_feats, k=3, batch_size=1024):
     the sample's k-th nearest neighbour in the same set. Precision is the fraction of fake samples
     inside the real manifold (quality); recall the fraction of real samples inside the fake manifold
     (coverage: low recall means mode dropping). The paper uses k = 3.
+
+    The formula is the paper's; the features are whatever is passed. Kynkäänniemi et al. use the
+    4096-d fc2 features of an ImageNet VGG-16; this project passes Inception or domain features
+    (`diffusers_ant.metrics.features`), so its precision / recall are not comparable with published
+    values computed on VGG-16 features, only with each other.
 
     Distances are computed `batch_size` rows at a time, so memory is O(batch_size * N), not O(N^2).
     Returns `(precision, recall)`.

@@ -15,7 +15,8 @@ _DESCRIPTION = """
 Frechet Inception Distance, computed on whatever features are passed: the Frechet distance between
 Gaussians fitted to the generated (`predictions`) and real (`references`) feature vectors. Its value
 depends on the feature extractor: with a domain classifier it is a "domain FID", comparable only
-with other domain FIDs from the same extractor and sample count.
+with other domain FIDs from the same extractor and sample count. With Inception features it is
+comparable with published FIDs only for pytorch-fid's Inception weights.
 """
 
 _CITATION = """

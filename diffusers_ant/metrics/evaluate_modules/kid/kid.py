@@ -29,10 +29,11 @@ Args:
     predictions: features of generated images, one row per image; or a list of (N, D) matrices.
     references: features of real images, one row per image; or a list of (M, D) matrices.
     subsets: number of random subsets (default 100).
-    subset_size: rows per subset, clipped to the smaller set (default 1000).
+    subset_size: rows per subset (default: min(1000, half the smaller set); at most half the smaller set).
     seed: seed of the subset draws (default 0).
 Returns:
-    kid_mean, kid_std: mean and standard deviation of MMD^2 over the subsets.
+    kid_mean, kid_std: mean of MMD^2 over the subsets, and its spread between disjoint subsets
+        (the sampling spread of a KID on subset_size samples).
 """
 
 
@@ -46,6 +47,6 @@ class Kid(evaluate.Metric):
             features=feature_schemas(),
         )
 
-    def _compute(self, predictions, references, subsets=100, subset_size=1000, seed=0):
+    def _compute(self, predictions, references, subsets=100, subset_size=None, seed=0):
         mean, std = kid(stack_features(references), stack_features(predictions), subsets=subsets, subset_size=subset_size, seed=seed)
         return {"kid_mean": mean, "kid_std": std}

@@ -13,7 +13,8 @@ _DESCRIPTION = """
 Improved precision and recall on whatever features are passed. Each set's manifold is the union of
 balls reaching each sample's k-th nearest neighbour. Precision: fraction of generated samples
 (`predictions`) inside the real manifold (quality). Recall: fraction of real samples (`references`)
-inside the generated manifold (coverage; low recall means dropped modes).
+inside the generated manifold (coverage; low recall means dropped modes). The paper used VGG-16
+features; values on other features are comparable only with values on the same features.
 """
 
 _CITATION = """

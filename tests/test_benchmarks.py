@@ -1,0 +1,189 @@
+"""The benchmarks' statistics and plumbing (issue 10): t intervals over seeds, paired differences,
+the rows of the quality benchmark, its summaries and plan, the NTG benchmark's intervals and summary,
+and the EMA weights of a checkpoint (the vanilla FID-over-steps curve). No benchmark is run here."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from diffusers_ant.analysis.stats import describe_interval, paired_differences, t_interval
+from trainer_utils import REPO, train_in_process
+
+
+def _load_script(name):
+    sys.path.insert(0, os.path.join(REPO, "train_scripts"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "train_scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load_script("benchmark_quality")
+ntg_bench = _load_script("benchmark_ntg")
+
+
+# ------------------------------------------------------------------------------------ statistics
+
+
+def test_t_interval_is_scipys_and_covers_at_its_level():
+    values = [1.0, 2.5, 0.5, 3.0, 1.5]
+    result = t_interval(values)
+    half = scipy_stats.t.ppf(0.975, 4) * np.std(values, ddof=1) / np.sqrt(5)
+    assert result["mean"] == pytest.approx(1.7) and result["n"] == 5
+    assert (result["low"], result["high"]) == pytest.approx((1.7 - half, 1.7 + half))
+    assert result["p_value"] == pytest.approx(scipy_stats.ttest_1samp(values, 0).pvalue)
+    # coverage of the true mean over many simulated 5-seed experiments: close to 95%
+    rng = np.random.default_rng(0)
+    hits = sum(r["low"] <= 2.0 <= r["high"] for r in (t_interval(rng.normal(2.0, 3.0, 5)) for _ in range(2000)))
+    assert 0.935 <= hits / 2000 <= 0.965
+    assert t_interval([4.0])["low"] is None and t_interval([4.0, 4.0])["low"] is None
+    with pytest.raises(ValueError, match="confidence"):
+        t_interval(values, confidence=95)
+
+
+def test_paired_differences_match_seeds_and_remove_the_shared_seed_effect():
+    seed_effect = {0: 30.0, 1: 40.0, 2: 50.0, 3: 35.0}
+    control = {s: v + 0.1 * s for s, v in seed_effect.items()}
+    treatment = {str(s): v - 2.0 + 0.05 * ((-1) ** s) for s, v in seed_effect.items()}  # JSON keys; one seed less below
+    del treatment["3"]
+    result = paired_differences(treatment, control)
+    assert result["seeds"] == [0, 1, 2] and result["n"] == 3
+    assert result["differences"] == pytest.approx([-2.0 + 0.05 - 0.0, -2.0 - 0.05 - 0.1, -2.0 + 0.05 - 0.2])
+    assert result["high"] < 0  # the paired interval resolves the -2 ...
+    unpaired = t_interval([treatment[str(s)] for s in range(3)])
+    assert unpaired["high"] - unpaired["low"] > 10 * (result["high"] - result["low"])  # ... the seed spread would not
+    assert describe_interval(result).startswith("-2.")
+
+
+# ------------------------------------------------------------------------------------ quality benchmark
+
+
+def test_quality_rows_separate_weighting_from_sampling_and_say_which_snr():
+    from diffusers_ant.training import parse_args
+
+    rows = quality.METHODS
+    assert {"ant_ls", "ant_uw_raw_snr"} <= set(rows)
+    for name, row in rows.items():
+        flags = row["flags"]
+        if name.startswith("ant_"):
+            assert flags[flags.index("--timestep_sampling") + 1] == "stratified" and row["sampling"] == "stratified"
+            assert ("--raw_snr" in flags) == (row["clusters_on"] == "raw SNR")
+        else:
+            assert "--timestep_sampling" not in flags and row["sampling"] == "uniform" and row["clusters_on"] == "-"
+    assert rows["ant_ls"]["flags"][:2] == ["--mtl_method", "ls"]
+    # every row's command line is one train_ant.py accepts
+    args = quality.parse_args(["--quick"])
+    for name in rows:
+        cmd = quality.train_command(args, name, 0, "/tmp/x", "cfg.json")
+        parsed = parse_args(cmd[2:])
+        assert parsed.mtl_method == rows[name]["flags"][1]
+    assert parse_args(quality.train_command(args, "ant_uw_raw_snr", 0, "/tmp/x", "cfg.json")[2:]).raw_snr
+
+
+def test_quality_defaults_and_quick_mode():
+    args = quality.parse_args([])
+    assert args.seeds == [0, 1, 2, 3, 4] and args.num_samples == 5000 and args.num_real == 5000
+    assert quality.curve_steps(args) == [250, 500, 750] and args.curve_samples % args.eval_batch_size == 0
+    estimate = quality.plan(args)
+    assert estimate["runs"] == 5 * len(quality.METHODS)
+    # the default benchmark is planned to fit in about two hours on the 2-core CPU (README)
+    assert (estimate["train_seconds"] + estimate["eval_seconds"]) / 3600 <= 2.1
+    quick = quality.parse_args(["--quick"])
+    assert quick.seeds == [0, 1] and quick.max_train_steps == 40 and quality.curve_steps(quick) == [20]
+    assert quality.plan(quick)["train_seconds"] < 600
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0"], "at least 2 --seeds"),
+    (["--methods", "vanilla,ant_magic"], "unknown method"),
+    (["--curve_samples", "1000"], "multiple of --eval_batch_size"),
+    (["--num_samples", "0"], "--num_samples must be positive"),
+])
+def test_quality_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        quality.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def _fake_results(methods, seeds, shift):
+    rng = np.random.default_rng(0)
+    seed_effect = {s: rng.normal(40, 8) for s in seeds}
+    return {m: {s: {"fid": seed_effect[s] + shift[m] + rng.normal(0, 0.3), "kid_mean": 0.01, "precision": 0.6,
+                    "recall": 0.9} for s in seeds} for m in methods}
+
+
+def test_quality_summary_and_table():
+    args = quality.parse_args(["--methods", "vanilla,ant_ls,ant_uw_raw_snr"])
+    results = _fake_results(args.methods, args.seeds, {"vanilla": 0.0, "ant_ls": 0.0, "ant_uw_raw_snr": -5.0})
+    table, paired = quality.summarise(results)
+    assert set(paired) == {"ant_ls", "ant_uw_raw_snr"}
+    assert paired["ant_uw_raw_snr"]["fid"]["high"] < 0 < paired["ant_ls"]["fid"]["high"]
+    assert paired["ant_ls"]["fid"]["low"] < 0
+    curve = {250: {s: {"fid": 60.0 + s} for s in args.seeds}, 1000: {s: {"fid": 40.0 + s} for s in args.seeds}}
+    text = quality.markdown(table, paired, quality.summarise_curve(curve), args, "ab" * 32)
+    assert "| ANT + UW, raw SNR | raw SNR | stratified |" in text and "| ANT + LS (control) | log-SNR | stratified |" in text
+    assert "| vanilla | - | uniform |" in text and "95% CI" in text and "| 250 | 62.00 ± 1.58 |" in text
+    assert "abababababab" in text
+
+
+# ------------------------------------------------------------------------------------ NTG benchmark
+
+
+def test_ntg_benchmark_intervals_and_summary(tmp_path):
+    assert ntg_bench.equal_intervals(5) == [(0, 199), (200, 399), (400, 599), (600, 799), (800, 999)]
+    assert ntg_bench.equal_intervals(3) == [(0, 332), (333, 666), (667, 999)]
+    intervals = ntg_bench.equal_intervals(2)
+    per_seed = {s: {"base": {"fid": 10.0 + s}, "intervals": [{"ntg": -1.0 + 0.1 * s, "fid": 9.0}, {"ntg": 0.2 * (s - 1), "fid": 10.0}]}
+                for s in range(3)}
+    summary = ntg_bench.summarise(per_seed, intervals, 0.95)
+    first, second = summary["intervals"]
+    assert first["gap"]["high"] < 0 and first["gap"]["differences"] == pytest.approx([-1.0, -0.9, -0.8])
+    assert second["gap"]["low"] < 0 < second["gap"]["high"]
+    args = ntg_bench.parse_args(["--quick"])
+    text = ntg_bench.markdown(summary, args, "c" * 64)
+    assert "negative transfer" in text and "no gap resolved" in text
+    from diffusers_ant.analysis.plots import plot_ntg_summary
+
+    summary["feature_extractor"] = "domain_mnist5k"
+    plot_ntg_summary(summary, str(tmp_path / "ntg.png"))
+    assert (tmp_path / "ntg.png").stat().st_size > 0
+    cmd = ntg_bench.ntg_command(args, 0, ["i0", "i1"], str(tmp_path / "ntg.json"))
+    assert cmd[2] == "ntg" and cmd[cmd.index("--num_real") + 1] == "5000"
+
+
+# ------------------------------------------------------------------------------------ checkpoint EMA
+
+
+def test_checkpoint_ema_weights_are_the_ema_not_the_raw_weights(tmp_path):
+    from diffusers_ant.analysis.common import checkpoint_ema_state_dict, load_state_dict
+    from diffusers_ant.models import load_pipeline
+
+    run = str(tmp_path / "run")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_in_process(["--model_config_name_or_path", "tiny", "--dataset_name", "digits", "--resolution", "8",
+                          "--train_batch_size", "8", "--max_train_samples", "64", "--max_train_steps", "3",
+                          "--checkpointing_steps", "2", "--use_ema", "--learning_rate", "1e-2", "--report_to", "none",
+                          "--num_validation_images", "1", "--num_inference_steps", "1", "--output_dir", run, "--seed", "0"])
+    finally:
+        torch.set_num_threads(previous)
+    unet = load_pipeline(run).unet
+    checkpoint = os.path.join(run, "checkpoint-2")
+    ema = checkpoint_ema_state_dict(checkpoint, unet)
+    raw = load_state_dict(checkpoint)
+    assert set(ema) == set(unet.state_dict())
+    unet.load_state_dict(ema)  # loads
+    # at step 2 the EMA (warm-up decay 0.41) lags the raw weights, and differs from the final EMA
+    name = next(n for n, p in unet.named_parameters() if p.ndim == 4)
+    assert not torch.equal(ema[name], raw[name])
+    final = load_pipeline(run).unet.state_dict()[name]
+    assert not torch.equal(ema[name], final)
+    with open(os.path.join(checkpoint, "trainer_state_0.json")) as f:
+        assert "shadow_params" in json.dumps(json.load(f))
