@@ -284,3 +284,30 @@ def test_command_line_builds_and_reports_bad_input_in_one_line(unet_model, tmp_p
     with pytest.raises(SystemExit) as info:
         main(common + ["--num_images", "4", "--output_dir", str(tmp_path / "b3"), "--class_labels", "a,b"])
     assert info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("case", ["dit", "dit-latent", "sd", "unet-unconditional"])
+def test_every_model_type_builds_a_bank(case, tmp_path):
+    model_type, preset, options, kwargs, columns = {
+        "dit": ("dit", "tiny", {"num_channels": 1, "num_classes": 2}, {"guidance_scale": 2.0}, ["image", "label"]),
+        "dit-latent": ("dit", "tiny-latent", {"num_channels": 3}, {}, ["image"]),
+        "sd": ("sd", "tiny", {}, {"prompts": ["a cat", "a dog"]}, ["image", "text"]),
+        "unet-unconditional": ("unet", "tiny", {"num_channels": 1}, {}, ["image"]),
+    }[case]
+    torch.manual_seed(0)
+    resolution = 16 if case in ("sd", "dit-latent") else 8  # latent models: 8x8 latents
+    adapter = get_model_adapter(model_type).load(model_config_name_or_path=preset, resolution=resolution, **options)
+    adapter.save(str(tmp_path / "model"))
+    manifest = build(str(tmp_path / "model"), tmp_path / "bank", num_images=3, batch_size=2, **kwargs)
+    dataset, _ = load_knowledge_bank(tmp_path / "bank")
+    assert dataset.column_names == columns and manifest["model_type"] == model_type
+    assert all(im.size == (resolution, resolution) for im in dataset["image"])
+    assert manifest["channels"] == adapter.num_channels and manifest["resolution"] == resolution
+    if case == "sd":
+        assert dataset["text"] == ["a cat", "a dog", "a cat"]
+    if case == "dit":
+        assert dataset["label"] == [0, 1, 0]
+    # resuming the finished bank draws nothing
+    written = []
+    build(str(tmp_path / "model"), tmp_path / "bank", num_images=3, batch_size=2, on_image_written=written.append, **kwargs)
+    assert written == []
