@@ -211,6 +211,7 @@ def test_rerun_from_another_model_is_refused(unet_model, tmp_path):
     ({"guidance_scale": 4.0}, r"no classifier-free guidance: drop --guidance_scale"),
     ({"model_type": "sd"}, r"holds a unet pipeline, not sd"),
     ({"num_images": 0}, r"--num_images must be an integer >= 1"),
+    ({"seed": -1}, r"--seed must be an integer >= 0"),
     ({"scheduler": "nonsense"}, r"unknown scheduler 'nonsense'"),
     ({"revision": "main"}, r"--revision applies to Hub model ids"),
 ])

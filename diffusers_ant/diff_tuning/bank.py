@@ -466,7 +466,7 @@ def build_knowledge_bank(
     from tqdm.auto import tqdm
 
     for name, value, low in (("num_images", num_images, 1), ("batch_size", batch_size, 1),
-                             ("num_inference_steps", num_inference_steps, 1)):
+                             ("num_inference_steps", num_inference_steps, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}")
     if model_type is not None and model_type not in MODEL_TYPES:
@@ -557,7 +557,7 @@ def build_knowledge_bank(
             for name in os.listdir(folder):
                 if name.endswith(TMP_SUFFIX):
                     os.remove(os.path.join(folder, name))
-    if not manifest_equal_on_disk(output_dir, manifest):
+    if not _manifest_on_disk_equals(output_dir, manifest):
         _atomic_write_text(os.path.join(output_dir, BANK_MANIFEST), json.dumps(manifest, indent=2) + "\n")
 
     done = {i for i in range(num_images) if os.path.isfile(os.path.join(output_dir, image_file(i)))}
@@ -595,12 +595,12 @@ def build_knowledge_bank(
     rows = [json.dumps(plan.metadata_row(i, model_type), ensure_ascii=False) for i in range(num_images)]
     _atomic_write_text(os.path.join(output_dir, METADATA_NAME), "\n".join(rows) + "\n")
     manifest["complete"] = True
-    if not manifest_equal_on_disk(output_dir, manifest):
+    if not _manifest_on_disk_equals(output_dir, manifest):
         _atomic_write_text(os.path.join(output_dir, BANK_MANIFEST), json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def manifest_equal_on_disk(folder: str, manifest: dict) -> bool:
+def _manifest_on_disk_equals(folder: str, manifest: dict) -> bool:
     path = os.path.join(folder, BANK_MANIFEST)
     if not os.path.isfile(path):
         return False
