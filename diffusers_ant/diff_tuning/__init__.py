@@ -1,0 +1,44 @@
+"""Diff-Tuning (Zhong et al., "Diffusion Tuning: Transferring Diffusion Models via Chain of
+Forgetting", NeurIPS 2024): the library side.
+
+- ``densities``: the retention / reconsolidation timestep densities psi_a(t) ∝ (T - t)^a and
+  xi_b(t) ∝ (t + 1)^b (``retention_sampler``, ``reconsolidation_sampler``);
+- ``bank``: the knowledge bank, samples of the pretrained model written once as an image folder
+  (``build_knowledge_bank``, ``load_knowledge_bank``, ``check_bank_compatible``);
+- ``convergence``: ControlNet's sudden convergence, measured by re-extracting the condition from
+  generated images (``ConvergenceTracker``, ``load_condition_extractor``).
+
+Parameter-efficient modes (BitFit, DiffFit) live in ``diffusers_ant.peft_modes``: they serve any
+fine-tuning, not only Diff-Tuning. The names below are imported on first use, so importing this
+package costs nothing.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "retention_weights": "densities",
+    "reconsolidation_weights": "densities",
+    "retention_sampler": "densities",
+    "reconsolidation_sampler": "densities",
+    "BANK_MANIFEST": "bank",
+    "build_knowledge_bank": "bank",
+    "load_knowledge_bank": "bank",
+    "read_bank_manifest": "bank",
+    "check_bank_compatible": "bank",
+    "ConvergenceTracker": "convergence",
+    "load_condition_extractor": "convergence",
+    "condition_distance": "convergence",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

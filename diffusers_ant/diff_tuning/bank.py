@@ -1,0 +1,702 @@
+"""The knowledge bank of Diff-Tuning: samples of the pretrained model, generated once, kept for retention.
+
+Zhong et al., "Diffusion Tuning" (NeurIPS 2024), Sec. 4.1: before fine-tuning, the pretrained model
+samples an augmented dataset (the *knowledge bank*); during fine-tuning its samples keep being
+trained on at low noise (timesteps drawn from psi, see ``densities.py``), which retains the
+pretrained model's denoising knowledge while the downstream data re-learns the high-noise end.
+The authors release no generator for it; this module is one.
+
+Layout of a bank folder (the ``datasets`` imagefolder layout, so ``datasets.load_dataset("imagefolder",
+data_dir=BANK)`` and the trainer's ``--train_data_dir BANK`` read it)::
+
+    BANK/bank.json              the manifest: source model, sampler settings, counts, resolution ...
+    BANK/metadata.jsonl         one row per image: file_name, and label / text / conditioning image
+    BANK/images/000000.png      sample i
+    BANK/conditioning/000000.png   (ControlNet) the conditioning image sample i was made from
+
+Columns of the loaded dataset: ``image``; ``label`` (class-conditional ``unet`` / ``dit``: the class
+the sample was drawn for); ``text`` (``sd`` / ``controlnet``: its prompt, "" for none);
+``conditioning_image`` (``controlnet``). ``manifest["columns"]`` names them for ``resolve_columns``.
+
+Reproducibility and resuming: sample i is drawn with its own ``torch.Generator`` seeded from
+``(seed, i)`` (diffusers pipelines take one generator per image), in batches at fixed positions
+(images ``[b * batch_size, (b + 1) * batch_size)``), so what sample i is depends on the seed, i and
+the settings only. Every file is written to a temporary name and renamed, so a file is either
+complete or absent; an interrupted build re-run with the same command skips the images present,
+re-draws the batches that are missing some, and ends bit-identical to an uninterrupted build.
+``metadata.jsonl`` is a function of the settings alone and is written once, at the end, after
+which ``bank.json`` says ``"complete": true``. A re-run with other settings into the same folder
+is refused, naming the setting that differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+
+BANK_MANIFEST = "bank.json"
+METADATA_NAME = "metadata.jsonl"
+IMAGES_DIR = "images"
+CONDITIONING_DIR = "conditioning"
+BANK_FORMAT = "diffusers_ant.knowledge_bank"
+BANK_FORMAT_VERSION = 1
+TMP_SUFFIX = ".tmp"
+BUILD_COMMAND = "train_scripts/build_knowledge_bank.py"
+
+# The settings that decide what the bank holds, with the flag that sets each: a re-run into an
+# existing bank must repeat them all.
+SETTING_FLAGS = {
+    "source_model": "--pretrained_model_name_or_path",
+    "revision": "--revision",
+    "model_type": "--model_type",
+    "model_fingerprint": "--pretrained_model_name_or_path (its weights changed)",
+    "torch_dtype": "--torch_dtype",
+    "scheduler": "--scheduler",
+    "num_inference_steps": "--num_inference_steps",
+    "guidance_scale": "--guidance_scale",
+    "seed": "--seed",
+    "batch_size": "--batch_size",
+    "num_images": "--num_images",
+    "class_labels": "--class_labels",
+    "prompts": "--prompts_file",
+    "conditioning": "--conditioning_dir / --dataset_name",
+    "resolution": "the source model's resolution",
+    "channels": "the source model's channels",
+}
+
+MODEL_TYPES = ("unet", "dit", "sd", "controlnet")
+
+
+# ------------------------------------------------------------------------------ small helpers
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index``'s generator: a hash of ``(seed, index)`` (numpy's ``SeedSequence``),
+    so neighbouring images get unrelated streams."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])  # < 2**63: a valid torch seed
+
+
+def image_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` for sample ``index`` (CPU so a seed gives the same noise on any device)."""
+    return torch.Generator("cpu").manual_seed(image_seed(seed, index))
+
+
+def image_file(index: int) -> str:
+    return f"{IMAGES_DIR}/{index:06d}.png"
+
+
+def conditioning_file(index: int) -> str:
+    return f"{CONDITIONING_DIR}/{index:06d}.png"
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = path + TMP_SUFFIX
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_write_png(image, path: str) -> None:
+    tmp = path + TMP_SUFFIX
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _image_hash_update(digest, image) -> None:
+    digest.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    digest.update(image.tobytes())
+
+
+def _prepare_image(image, resolution: int):
+    """A conditioning image as the bank stores and samples it: L or RGB, ``resolution`` square
+    (bilinear resize, as ``make_toy_caption_dataset`` resizes its digits), so the saved file is
+    exactly what the sample was conditioned on (the pipeline's own resize is then a no-op)."""
+    from PIL import Image
+
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.BILINEAR)
+    return image
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def read_prompts_file(path: str) -> list:
+    """The prompts of a text file, one per line (blank lines skipped)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--prompts_file {path!r} does not exist: give a text file with one prompt per line")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts_file {path!r} holds no prompt: write one prompt per line")
+    return prompts
+
+
+class ConditioningImages:
+    """The conditioning images of a ControlNet bank, read on demand; sample i uses image ``i % len``.
+
+    Build with :meth:`from_folder` (``--conditioning_dir``: every image file, sorted by name) or
+    :meth:`from_dataset` (``--dataset_name``: a column of a dataset, the built-in offline sets
+    included, with the row's caption as the prompt when the dataset has a caption column).
+    """
+
+    def __init__(self, load_image, count: int, source: str, captions=None):
+        if count < 1:
+            raise ValueError(f"no conditioning images in {source}: give a folder or dataset column with images")
+        self._load_image = load_image
+        self.count = count
+        self.source = source
+        self.captions = captions
+
+    def __len__(self) -> int:
+        return self.count
+
+    def image(self, index: int, resolution: int):
+        return _prepare_image(self._load_image(index % self.count), resolution)
+
+    def caption(self, index: int):
+        return None if self.captions is None else self.captions[index % self.count]
+
+    @classmethod
+    def from_folder(cls, folder: str) -> "ConditioningImages":
+        from PIL import Image
+
+        if not os.path.isdir(folder):
+            raise ValueError(f"--conditioning_dir {folder!r} does not exist: give a folder of conditioning images")
+        extensions = {ext.lower() for ext in Image.registered_extensions()}
+        names = sorted(n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in extensions)
+        if not names:
+            raise ValueError(f"--conditioning_dir {folder!r} holds no image files (.png, .jpg, ...)")
+
+        def load(index):
+            with Image.open(os.path.join(folder, names[index])) as image:
+                image.load()
+                return image
+
+        return cls(load, len(names), f"folder {os.path.basename(os.path.normpath(folder))}")
+
+    @classmethod
+    def from_dataset(cls, dataset_name: str, conditioning_image_column=None, caption_column=None,
+                     dataset_config_name=None, cache_dir=None) -> "ConditioningImages":
+        from ..data import load_training_dataset, resolve_columns
+        from ..data.loading import CAPTION_COLUMN_NAMES
+
+        dataset = load_training_dataset(dataset_name, None, dataset_config_name, cache_dir)
+        columns = resolve_columns(dataset, conditioning_image_column=conditioning_image_column,
+                                  caption_column=caption_column, need_conditioning=True)
+        column = columns["conditioning_image_column"]
+        captions_column = columns["caption_column"]
+        if captions_column is None:
+            captions_column = next((c for c in CAPTION_COLUMN_NAMES if c in dataset.column_names), None)
+        captions = None
+        if captions_column is not None:
+            values = dataset[captions_column]
+            captions = [v[0] if isinstance(v, (list, tuple)) else str(v) for v in values]
+
+        def load(index):
+            return dataset[int(index)][column]
+
+        source = f"dataset {dataset_name}, column {column}" + (f", captions {captions_column}" if captions else "")
+        return cls(load, len(dataset), source, captions)
+
+
+# ------------------------------------------------------------------------------ the pipeline
+
+
+def model_type_of_pipeline(pipeline) -> str:
+    """``unet``, ``dit``, ``sd`` or ``controlnet``, from the pipeline's components (as
+    ``diffusers_ant.analysis.common.infer_model_type`` reads them from ``model_index.json``)."""
+    if getattr(pipeline, "controlnet", None) is not None:
+        return "controlnet"
+    if getattr(pipeline, "text_encoder", None) is not None:
+        return "sd"
+    if getattr(pipeline, "transformer", None) is not None:
+        return "dit"
+    return "unet"
+
+
+def adapter_for_pipeline(pipeline, model_type: str):
+    """The model adapter of ``model_type`` around a loaded pipeline's components (for ``sample``)."""
+    from ..models import get_model_adapter
+
+    cls = get_model_adapter(model_type)
+    vae = getattr(pipeline, "vae", None)
+    denoiser = {"controlnet": "controlnet", "dit": "transformer"}.get(model_type, "unet")
+    model = getattr(pipeline, denoiser)
+    spatial = pipeline.unet if model_type == "controlnet" else model
+    parts = {
+        "vae": vae,
+        "num_channels": vae.config.in_channels if vae is not None else model.config.in_channels,
+        "sample_size": spatial.config.sample_size,
+        "model_from_pretrained": True,
+    }
+    if model_type in ("sd", "controlnet"):
+        parts.update(text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer)
+    if model_type == "controlnet":
+        parts["unet"] = pipeline.unet
+    model.eval()
+    return cls(model, pipeline.scheduler, **parts)
+
+
+def _num_classes(adapter, model_type):
+    """Classes to cycle through (``None``: not class-conditional), and the largest valid label."""
+    if model_type == "unet":
+        n = adapter.model.config.num_class_embeds
+        return (n, n - 1) if n else (None, None)
+    if model_type == "dit":
+        n = adapter.model.config.num_embeds_ada_norm
+        return (n, n) if n > 1 else (None, None)  # a 1-class DiT is used through its null class only
+    return None, None
+
+
+def _model_fingerprint(pipeline) -> str:
+    """sha256 of every weight of the pipeline's modules (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, component in sorted(pipeline.components.items()):
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for key, tensor in component.state_dict().items():
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}.{key}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _load_source(pretrained_model_name_or_path, revision, torch_dtype):
+    """``(pipeline, is_local_folder)``; a missing folder or an unreachable Hub id is one ``ValueError``."""
+    from ..models import load_pipeline
+
+    path = os.fspath(pretrained_model_name_or_path)
+    local = os.path.isdir(path)
+    if local and revision is not None:
+        raise ValueError(f"--revision applies to Hub model ids, not to the local folder {path!r}: drop --revision")
+    if not local and (os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise ValueError(f"--pretrained_model_name_or_path {path!r} is not a pipeline folder: give a folder saved "
+                         "with save_pretrained (or by train_ant.py), or a Hub id")
+    errors = (OSError,) if local else (OSError, ValueError)  # a Hub id's errors are long; a folder's are ours
+    try:
+        if local or revision is None:
+            return load_pipeline(path, torch_dtype=torch_dtype), local
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(path, revision=revision, torch_dtype=torch_dtype), local
+    except errors as err:
+        raise ValueError(
+            f"pretrained model {path!r} could not be loaded ({type(err).__name__}): give a pipeline folder saved "
+            "with save_pretrained, or a Hub id while online"
+        ) from err
+
+
+# ------------------------------------------------------------------------------ manifest
+
+
+def read_bank_manifest(folder: str) -> dict:
+    """``folder/bank.json``; one-line ``ValueError`` for a missing folder or a folder that is not a bank."""
+    folder = os.fspath(folder)
+    if not os.path.exists(folder):
+        raise ValueError(
+            f"knowledge bank {folder!r} does not exist: build it with python {BUILD_COMMAND} "
+            f"--pretrained_model_name_or_path MODEL --num_images N --output_dir {folder}"
+        )
+    path = os.path.join(folder, BANK_MANIFEST)
+    if not os.path.isdir(folder) or not os.path.isfile(path):
+        raise ValueError(f"{folder!r} is not a knowledge bank (no {BANK_MANIFEST}): build one with python {BUILD_COMMAND}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is unreadable ({type(err).__name__}): rebuild the bank with python {BUILD_COMMAND}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT:
+        raise ValueError(f"{path} is not a knowledge-bank manifest: rebuild the bank with python {BUILD_COMMAND}")
+    if manifest.get("format_version", 0) > BANK_FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer diffusers_ant (format {manifest['format_version']}): upgrade diffusers_ant")
+    return manifest
+
+
+def bank_source_model(manifest: dict, folder: str) -> str:
+    """The source model of a bank: its folder (the manifest keeps it relative to the bank) or Hub id."""
+    source = manifest["source_model"]
+    if manifest.get("source_model_local"):
+        return os.path.normpath(os.path.join(os.path.abspath(folder), source))
+    return source
+
+
+def _comparable(settings: dict, folder: str) -> dict:
+    values = dict(settings)
+    if settings.get("source_model_local"):
+        values["source_model"] = os.path.realpath(bank_source_model(settings, folder))
+    return values
+
+
+def _check_same_settings(old: dict, new: dict, folder: str) -> None:
+    before, now = _comparable(old, folder), _comparable(new, folder)
+    for key, flag in SETTING_FLAGS.items():
+        if before.get(key) != now.get(key):
+            shown_old, shown_new = old.get(key), new.get(key)
+            if isinstance(shown_old, dict) or isinstance(shown_new, dict):  # prompts / conditioning digests
+                shown_old = (shown_old or {}).get("source", shown_old)
+                shown_new = (shown_new or {}).get("source", shown_new)
+            raise ValueError(
+                f"{folder!r} holds a knowledge bank made with {key}={shown_old!r}, this run asks for "
+                f"{key}={shown_new!r} ({flag}): repeat the bank's settings to resume it, or choose another --output_dir"
+            )
+
+
+def _versions() -> dict:
+    import diffusers
+
+    from .. import __version__
+
+    return {"diffusers_ant": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__}
+
+
+# ------------------------------------------------------------------------------ building
+
+
+class _Plan:
+    """What sample i is drawn from: its class label, prompt and conditioning image (all cycled)."""
+
+    def __init__(self, class_labels, prompts, conditioning, resolution):
+        self.class_labels = class_labels
+        self.prompts = prompts
+        self.conditioning = conditioning
+        self.resolution = resolution
+
+    def label(self, i):
+        return None if self.class_labels is None else int(self.class_labels[i % len(self.class_labels)])
+
+    def prompt(self, i):
+        if self.prompts is not None:
+            return self.prompts[i % len(self.prompts)]
+        if self.conditioning is not None and self.conditioning.captions is not None:
+            return self.conditioning.caption(i)
+        return ""
+
+    def metadata_row(self, i, model_type) -> dict:
+        row = {"file_name": image_file(i)}
+        if self.class_labels is not None:
+            row["label"] = self.label(i)
+        if model_type in ("sd", "controlnet"):
+            row["text"] = self.prompt(i)
+        if self.conditioning is not None:
+            row["conditioning_image_file_name"] = conditioning_file(i)
+        return row
+
+
+def _validate_inputs(model_type, adapter, class_labels, prompts, conditioning, guidance_scale):
+    num_classes, max_label = _num_classes(adapter, model_type)
+    if model_type in ("unet", "dit"):
+        if prompts is not None:
+            raise ValueError(f"a {model_type} model takes no prompts: drop --prompts_file (use --class_labels)")
+        if class_labels is not None:
+            if num_classes is None:
+                raise ValueError(f"the {model_type} model is unconditional: drop --class_labels")
+            bad = [c for c in class_labels if not 0 <= int(c) <= max_label]
+            if bad:
+                raise ValueError(f"--class_labels {bad[0]} is out of range: the model has classes 0..{max_label}")
+            class_labels = [int(c) for c in class_labels]
+        elif num_classes is not None:
+            class_labels = list(range(num_classes))  # every class in turn
+        if model_type == "unet" and guidance_scale not in (None, 1, 1.0):
+            raise ValueError("a UNet2DModel learns no null class, so it has no classifier-free guidance: drop --guidance_scale")
+    else:
+        if class_labels is not None:
+            raise ValueError(f"a {model_type} model is text-conditional: drop --class_labels and give --prompts_file")
+    if model_type == "controlnet" and conditioning is None:
+        raise ValueError("a ControlNet bank needs conditioning images: give --conditioning_dir or --dataset_name")
+    if model_type != "controlnet" and conditioning is not None:
+        raise ValueError(f"conditioning images are for ControlNet banks; the source model is a {model_type} model")
+    return class_labels
+
+
+def build_knowledge_bank(
+    pretrained_model_name_or_path: str,
+    output_dir: str,
+    num_images: int,
+    *,
+    model_type: str | None = None,
+    revision: str | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    num_inference_steps: int = 50,
+    scheduler: str | None = None,
+    guidance_scale: float | None = None,
+    class_labels=None,
+    prompts=None,
+    conditioning: ConditioningImages | None = None,
+    device=None,
+    torch_dtype=None,
+    progress: bool = True,
+    on_image_written=None,
+) -> dict:
+    """Sample ``num_images`` images of a pretrained pipeline into the bank folder ``output_dir``; return the manifest.
+
+    Args:
+        pretrained_model_name_or_path: a pipeline folder (``load_pipeline`` reads it: full pipelines
+            and this project's LoRA folders) or a Hub id.
+        output_dir: the bank folder: new, empty, or a bank this same command started (it resumes).
+        num_images: images in the bank.
+        model_type: ``unet`` / ``dit`` / ``sd`` / ``controlnet``; inferred from the pipeline when
+            None, and checked against it when given.
+        revision: the Hub revision of a Hub id.
+        seed: sample i is drawn from a generator seeded with ``(seed, i)``.
+        batch_size: images sampled at once. Part of the settings: batches sit at fixed positions,
+            so a resumed build redraws exactly the batches an uninterrupted one draws.
+        num_inference_steps, scheduler: the sampler (``scheduler``: None for the pipeline's own, or
+            ``"ddim"``, ``"ddpm"`` or a diffusers scheduler class name; the paper samples its banks
+            with 250 DDPM steps).
+        guidance_scale: classifier-free guidance (``dit``, ``sd``, ``controlnet``; None: the
+            pipeline's default).
+        class_labels: classes to cycle through (default: every class of a class-conditional model).
+        prompts: prompts to cycle through (``sd``, ``controlnet``; default: the conditioning
+            dataset's captions, else the empty prompt).
+        conditioning: ``ControlNet`` only: the conditioning images to cycle through.
+        device, torch_dtype: where and in what precision to sample (default: CUDA when available,
+            float32).
+        progress: show a tqdm progress bar.
+        on_image_written: called with the index of every image written (after its rename).
+    """
+    from tqdm.auto import tqdm
+
+    for name, value, low in (("num_images", num_images, 1), ("batch_size", batch_size, 1),
+                             ("num_inference_steps", num_inference_steps, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}")
+    if model_type is not None and model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown --model_type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}")
+    output_dir = os.fspath(output_dir)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir!r} is a file: give a folder for the bank")
+    existing = None
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        if not os.path.isfile(os.path.join(output_dir, BANK_MANIFEST)):
+            raise ValueError(f"--output_dir {output_dir!r} is not empty and holds no knowledge bank: choose a new or empty folder")
+        existing = read_bank_manifest(output_dir)
+
+    if isinstance(torch_dtype, str):
+        if torch_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"--torch_dtype must be float32, float16 or bfloat16, got {torch_dtype!r}")
+        torch_dtype = getattr(torch, torch_dtype)
+    pipeline, local = _load_source(pretrained_model_name_or_path, revision, torch_dtype)
+    found_type = model_type_of_pipeline(pipeline)
+    if model_type is not None and model_type != found_type:
+        raise ValueError(f"{pretrained_model_name_or_path!r} holds a {found_type} pipeline, not {model_type}: "
+                         f"drop --model_type or pass --model_type {found_type}")
+    model_type = found_type
+    adapter = adapter_for_pipeline(pipeline, model_type)
+    class_labels = _validate_inputs(model_type, adapter, class_labels, prompts, conditioning, guidance_scale)
+    resolution = adapter.sample_size * adapter.vae_scale_factor(adapter.vae)
+    channels = adapter.num_channels
+
+    sampler = pipeline.scheduler
+    if scheduler is not None:
+        from ..models.base import scheduler_by_name
+
+        sampler = scheduler_by_name(scheduler, pipeline.scheduler)
+    plan = _Plan(class_labels, list(prompts) if prompts is not None else None, conditioning, resolution)
+
+    prompts_info = None
+    if prompts is not None:
+        prompts_info = {"source": "prompts file", "count": len(prompts),
+                        "sha256": hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()}
+    conditioning_info = None
+    if conditioning is not None:
+        digest = hashlib.sha256(f"{len(conditioning)}:".encode())
+        for k in range(min(len(conditioning), num_images)):  # only the images the bank uses
+            _image_hash_update(digest, conditioning.image(k, resolution))
+            digest.update(json.dumps(conditioning.caption(k)).encode())
+        conditioning_info = {"source": conditioning.source, "count": len(conditioning), "sha256": digest.hexdigest()}
+
+    source = os.path.abspath(pretrained_model_name_or_path) if local else pretrained_model_name_or_path
+    manifest = {
+        "format": BANK_FORMAT,
+        "format_version": BANK_FORMAT_VERSION,
+        "complete": False,
+        "source_model": os.path.relpath(source, os.path.abspath(output_dir)) if local else source,
+        "source_model_local": local,
+        "revision": revision,
+        "model_type": model_type,
+        "model_fingerprint": _model_fingerprint(pipeline),
+        "torch_dtype": str(torch_dtype or torch.float32).replace("torch.", ""),
+        "scheduler": type(sampler).__name__,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
+        "batch_size": batch_size,
+        "num_images": num_images,
+        "class_labels": class_labels,
+        "prompts": prompts_info,
+        "conditioning": conditioning_info,
+        "resolution": resolution,
+        "channels": channels,
+        "columns": {
+            "image_column": "image",
+            "class_column": "label" if class_labels is not None else None,
+            "caption_column": "text" if model_type in ("sd", "controlnet") else None,
+            "conditioning_image_column": "conditioning_image" if conditioning is not None else None,
+        },
+        "versions": _versions(),
+    }
+    if existing is not None:
+        _check_same_settings(existing, manifest, output_dir)
+        manifest["versions"] = existing.get("versions", manifest["versions"])  # the build's first versions
+
+    os.makedirs(os.path.join(output_dir, IMAGES_DIR), exist_ok=True)
+    if conditioning is not None:
+        os.makedirs(os.path.join(output_dir, CONDITIONING_DIR), exist_ok=True)
+    for sub in (IMAGES_DIR, CONDITIONING_DIR, "."):  # leftovers of a build killed mid-write
+        folder = os.path.join(output_dir, sub)
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.endswith(TMP_SUFFIX):
+                    os.remove(os.path.join(folder, name))
+    if not _manifest_on_disk_equals(output_dir, manifest):
+        _atomic_write_text(os.path.join(output_dir, BANK_MANIFEST), json.dumps(manifest, indent=2) + "\n")
+
+    done = {i for i in range(num_images) if os.path.isfile(os.path.join(output_dir, image_file(i)))}
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if len(done) < num_images:
+        pipeline.to(device)
+    # diffusers' DiTPipeline draws its step noise from the global RNG, seeded by the adapter from one
+    # generator: it takes no list of generators, so it samples one image per call
+    one_by_one = type(pipeline).__name__ == "DiTPipeline"
+    bar = tqdm(total=num_images, initial=len(done), unit="image", desc="knowledge bank", disable=not progress)
+    try:
+        for start in range(0, num_images, batch_size):
+            indices = list(range(start, min(start + batch_size, num_images)))
+            missing = [i for i in indices if i not in done]
+            if not missing:
+                continue
+            images = _sample(adapter, pipeline, indices, plan, seed, num_inference_steps, sampler, guidance_scale, one_by_one)
+            for i, image in zip(indices, images):
+                if i not in missing:
+                    continue
+                if image.size != (resolution, resolution) or len(image.getbands()) != channels:
+                    raise ValueError(f"the pipeline returned a {image.size} {image.mode} image, expected "
+                                     f"{resolution}x{resolution} with {channels} channels")
+                if conditioning is not None:
+                    _atomic_write_png(conditioning.image(i, resolution), os.path.join(output_dir, conditioning_file(i)))
+                _atomic_write_png(image, os.path.join(output_dir, image_file(i)))
+                done.add(i)
+                bar.update(1)
+                if on_image_written is not None:
+                    on_image_written(i)
+    finally:
+        bar.close()
+
+    rows = [json.dumps(plan.metadata_row(i, model_type), ensure_ascii=False) for i in range(num_images)]
+    _atomic_write_text(os.path.join(output_dir, METADATA_NAME), "\n".join(rows) + "\n")
+    manifest["complete"] = True
+    if not _manifest_on_disk_equals(output_dir, manifest):
+        _atomic_write_text(os.path.join(output_dir, BANK_MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _manifest_on_disk_equals(folder: str, manifest: dict) -> bool:
+    path = os.path.join(folder, BANK_MANIFEST)
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f) == manifest
+        except ValueError:
+            return False
+
+
+def _sample(adapter, pipeline, indices, plan, seed, steps, sampler, guidance_scale, one_by_one) -> list:
+    """The images of ``indices``, each from its own generator (see the module docstring)."""
+    generators = [image_generator(seed, i) for i in indices]
+    labels = [plan.label(i) for i in indices] if plan.class_labels is not None else None
+    prompts = [plan.prompt(i) for i in indices]
+    conditions = ([plan.conditioning.image(i, plan.resolution) for i in indices]
+                  if plan.conditioning is not None else None)
+    common = {"num_inference_steps": steps, "guidance_scale": guidance_scale, "scheduler": sampler}
+    if one_by_one:
+        return [
+            adapter.sample(pipeline, 1, generators[k], class_labels=None if labels is None else [labels[k]],
+                           prompts=[prompts[k]], conditioning_images=None if conditions is None else [conditions[k]],
+                           **common)[0]
+            for k in range(len(indices))
+        ]
+    return adapter.sample(pipeline, len(indices), generators, class_labels=labels, prompts=prompts,
+                          conditioning_images=conditions, **common)
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def _count_images(folder: str, num_images: int) -> int:
+    return sum(os.path.isfile(os.path.join(folder, image_file(i))) for i in range(num_images))
+
+
+def load_knowledge_bank(folder: str, cache_dir: str | None = None):
+    """``(dataset, manifest)`` of a finished bank: the ``datasets.Dataset`` of its images (columns in
+    ``manifest["columns"]``) and its ``bank.json``.
+
+    One-line ``ValueError`` for a missing folder, a folder that is not a bank, and an unfinished
+    bank (re-run the build command to finish it).
+    """
+    manifest = read_bank_manifest(folder)
+    folder = os.fspath(folder)
+    if not manifest.get("complete") or not os.path.isfile(os.path.join(folder, METADATA_NAME)):
+        done = _count_images(folder, int(manifest.get("num_images", 0)))
+        raise ValueError(
+            f"knowledge bank {folder!r} is incomplete ({done} of {manifest.get('num_images')} images): "
+            f"re-run the {BUILD_COMMAND} command that started it to finish it"
+        )
+    import datasets
+
+    dataset = datasets.load_dataset("imagefolder", data_dir=folder, split="train", cache_dir=cache_dir)
+    if len(dataset) != manifest["num_images"]:
+        raise ValueError(f"knowledge bank {folder!r} holds {len(dataset)} images, its manifest says "
+                         f"{manifest['num_images']}: rebuild it with python {BUILD_COMMAND}")
+    return dataset, manifest
+
+
+def check_bank_compatible(manifest: dict, model_type: str, resolution: int, channels: int) -> None:
+    """Refuse a bank this run cannot train on: another model type, resolution or channel count.
+
+    ``resolution`` is the run's image size in pixels (``--resolution``), ``channels`` its image
+    channels (1 greyscale, 3 RGB). One-line ``ValueError`` naming the fix.
+    """
+    source = manifest.get("source_model", "?")
+    if manifest.get("model_type") != model_type:
+        raise ValueError(
+            f"the knowledge bank was sampled from a {manifest.get('model_type')} model ({source}), this run trains a "
+            f"{model_type} model: build the bank from the pretrained {model_type} model you fine-tune"
+        )
+    if int(manifest.get("resolution", -1)) != int(resolution):
+        raise ValueError(
+            f"the knowledge bank holds {manifest.get('resolution')}x{manifest.get('resolution')} images, this run trains at "
+            f"--resolution {resolution}: train at --resolution {manifest.get('resolution')} or build the bank from a "
+            f"model at {resolution}x{resolution}"
+        )
+    if int(manifest.get("channels", -1)) != int(channels):
+        raise ValueError(
+            f"the knowledge bank holds {manifest.get('channels')}-channel images, this run's data has {channels}: "
+            "build the bank from a model with the data's channel count"
+        )
+
+
+__all__ = [
+    "BANK_MANIFEST",
+    "ConditioningImages",
+    "adapter_for_pipeline",
+    "bank_source_model",
+    "build_knowledge_bank",
+    "check_bank_compatible",
+    "image_generator",
+    "image_seed",
+    "load_knowledge_bank",
+    "model_type_of_pipeline",
+    "read_bank_manifest",
+    "read_prompts_file",
+]

