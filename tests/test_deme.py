@@ -436,8 +436,10 @@ def test_cli_ensemble_scored_by_evaluate_model_and_cli_search_on_domain_fid(run,
     scoring = ["--dataset_name", "digits", "--num_samples", "8", "--num_inference_steps", "2", "--batch_size", "8",
                "--kid_subsets", "2", "--num_threads", "1"]
     ensemble = _cli("--base", run["base"], "--finetuned", *run["finetunes"], "--output_dir", tmp_path / "ens",
-                    "--ensemble", env_extra=cache)
+                    "--ensemble", *scoring, env_extra=cache)
     assert ensemble.returncode == 0, ensemble.stderr[-2000:]
+    assert json.loads((tmp_path / "ens" / "deme_merge.json").read_text())["scores"]["num_fake"] == 8
+    assert "| FID |" in (tmp_path / "ens" / "README.md").read_text()
     metrics = tmp_path / "metrics.json"
     scored = subprocess.run([sys.executable, EVALUATE, "--model", str(tmp_path / "ens"), *scoring, "--output", str(metrics)],
                             env=offline_env(**cache), capture_output=True, text=True, timeout=300)
@@ -452,3 +454,59 @@ def test_cli_ensemble_scored_by_evaluate_model_and_cli_search_on_domain_fid(run,
     best = min(table["rows"], key=lambda row: row["score"])
     record = json.loads((tmp_path / "searched" / "deme_merge.json").read_text())
     assert record["weights"] == best["weights"] and record["scores"]["fid"] == best["score"]
+
+
+# ---------------------------------------------------------------------------- other model types
+
+
+@pytest.mark.parametrize("model_type", ["dit", "sd", "controlnet"])
+def test_other_model_types_merge_lora_and_full_finetunes_and_ensemble(model_type, tmp_path):
+    """DiT (pixel), Stable Diffusion (its LoRA in diffusers' format) and ControlNet fine-tunes: one-hot
+    merges give each fine-tune back, and the ensemble samples (refused for ControlNet)."""
+    options = {"num_channels": 1, "num_classes": 3} if model_type == "dit" else {}
+    torch.manual_seed(0)
+    base = str(tmp_path / "base")
+    get_model_adapter(model_type).load(model_config_name_or_path="tiny", resolution=16, **options).save(base)
+    intervals = TimestepIntervals.equal(1000, 2)
+    folders = []
+    for index, lora in enumerate((model_type != "controlnet", False)):
+        adapter = get_model_adapter(model_type).load(pretrained_model_name_or_path=base)
+        if lora:
+            adapter.add_lora(rank=2)
+        _perturb(adapter.model, 0.05 if lora else 0.01, seed=index, only="lora_" if lora else None)
+        add_channel_projection(adapter.model)
+        for p in channel_projections(adapter.model).values():
+            _perturb(p, 0.05, seed=index + 10)
+        folder = str(tmp_path / f"interval-{index}")
+        save_adapter_output(adapter, folder, lora=lora)
+        _write_records(folder, index, base, model_type=model_type, intervals=intervals)
+        folders.append(folder)
+    component = {"dit": "transformer", "sd": "unet", "controlnet": "controlnet"}[model_type]
+
+    def state(folder):
+        return getattr(load_pipeline(str(folder)), component).state_dict()
+
+    quiet = {"log": lambda *_: None}
+    merge_finetunes(base, folders, str(tmp_path / "hot1"), weights=[0, 1], **quiet)
+    _assert_states_equal(state(tmp_path / "hot1"), state(folders[1]))
+    merge_finetunes(base, folders, str(tmp_path / "hot0"), weights=[1, 0], **quiet)
+    merged, first = state(tmp_path / "hot0"), state(folders[0])
+    if model_type == "controlnet":
+        _assert_states_equal(merged, first)
+    else:  # a LoRA fine-tune: its folded weights W + (alpha / r) B A
+        from diffusers_ant.deme.finetunes import dense_denoiser
+
+        dense = dense_denoiser(getattr(load_pipeline(folders[0]), component))
+        assert not any("lora_" in key for key in merged)
+        _assert_states_equal(merged, dense.state_dict())
+
+    if model_type == "controlnet":
+        with pytest.raises(ValueError, match="not available for ControlNet"):
+            write_ensemble_folder(base, folders, str(tmp_path / "ensemble"), **quiet)
+        return
+    write_ensemble_folder(base, folders, str(tmp_path / "ensemble"), **quiet)
+    pipeline = load_pipeline(str(tmp_path / "ensemble"))
+    assert isinstance(getattr(pipeline, component), TimestepRouter)
+    call = {"class_labels": [0, 1]} if model_type == "dit" else {"prompt": ["a cat", "a dog"]}
+    images = pipeline(num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0), **call).images
+    assert images.shape[0] == 2 and images.shape[1:3] == (16, 16)

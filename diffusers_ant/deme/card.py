@@ -36,10 +36,21 @@ def _template_path(name: str = DEME_TEMPLATE_NAME) -> Path:
                             "reinstall diffusers_ant (pip install -e .)")
 
 
+def _is_hub_id(name: str | None) -> bool:
+    """A Hub repo id (``user/name``) rather than a local folder."""
+    if not name or os.path.exists(name) or name.startswith((".", "/", "~")):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def _shown(path: str | None) -> str:
     """A model reference fit for a published card: a Hub id as a link, a local folder by its name only."""
-    from ..hub import _is_hub_id
-
     if not path:
         return "not recorded"
     if _is_hub_id(path):
@@ -77,7 +88,7 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
     from diffusers.utils.hub_utils import populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
 
-    from ..hub import MODEL_TYPES, _is_hub_id
+    from ..hub import MODEL_TYPES
     from .search import _weights_text
 
     output_dir = Path(output_dir)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 from ..models.base import LORA_INFO_NAME
 from .projection import (
-    ATTRIBUTE,
     add_channel_projection,
     channel_projection_detached,
     channel_projections,
@@ -270,8 +269,3 @@ def align_channel_projections(models) -> bool:
     for model in models:
         add_channel_projection(model)
     return True
-
-
-def projection_keys(model) -> list:
-    """The state-dict keys of ``model``'s projections."""
-    return [f"{name}.{ATTRIBUTE}.weight" for name in channel_projections(model)]
