@@ -371,12 +371,13 @@ def _script():
 
 
 def test_cli_merges_and_refuses_in_one_line(run, tmp_path, capsys):
-    ok = _cli("--base", run["base"], "--finetuned", os.path.join(run["root"], "out", "interval-*"),
-              "--output_dir", tmp_path / "merged", "--weights", 0.1, 0.1, 0.2, 0.5)
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    script = _script()  # in process: the subprocess run is in the slow test
+    previous = torch.get_num_threads()
+    assert script.main(["--base", run["base"], "--finetuned", os.path.join(run["root"], "out", "interval-*"),
+                        "--output_dir", str(tmp_path / "merged"), "--weights", "0.1", "0.1", "0.2", "0.5"]) == 0
+    torch.set_num_threads(previous)
     assert json.loads((tmp_path / "merged" / "deme_merge.json").read_text())["weights"] == [0.1, 0.1, 0.2, 0.5]
 
-    script = _script()
     common = ["--base", run["base"], "--finetuned", *run["finetunes"]]
     assert script.main([*common, "--output_dir", str(tmp_path / "x"), "--weights", "1", "1"]) == 1
     err = capsys.readouterr().err.strip()
@@ -431,7 +432,7 @@ def test_ensemble_folder_routes_each_interval_to_its_finetune_and_samples(run, t
 
 
 @pytest.mark.slow
-def test_cli_ensemble_scored_by_evaluate_model_and_cli_search_on_domain_fid(run, tmp_path):
+def test_cli_ensemble_scored_by_evaluate_model_and_cli_merge_and_search_on_domain_fid(run, tmp_path):
     cache = {"DIFFUSERS_ANT_CACHE": str(run["root"] / "cache")}
     scoring = ["--dataset_name", "digits", "--num_samples", "8", "--num_inference_steps", "2", "--batch_size", "8",
                "--kid_subsets", "2", "--num_threads", "1"]
@@ -445,6 +446,11 @@ def test_cli_ensemble_scored_by_evaluate_model_and_cli_search_on_domain_fid(run,
                             env=offline_env(**cache), capture_output=True, text=True, timeout=300)
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert json.loads(metrics.read_text())["fid"] > 0
+
+    merged = _cli("--base", run["base"], "--finetuned", os.path.join(run["root"], "out", "interval-*"),
+                  "--output_dir", tmp_path / "merged", "--weights", 0.1, 0.1, 0.2, 0.5)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    assert json.loads((tmp_path / "merged" / "deme_merge.json").read_text())["weights"] == [0.1, 0.1, 0.2, 0.5]
 
     searched = _cli("--base", run["base"], "--finetuned", *run["finetunes"][:2], "--output_dir", tmp_path / "searched",
                     "--search", "grid", "--search_values", 0, 1, *scoring, env_extra=cache)
