@@ -52,23 +52,27 @@ def load_pipeline(folder: str, torch_dtype=None):
     of the ControlNetModel and ``ant_controlnet.json``) gives the ``StableDiffusionControlNetPipeline``
     of its base with this ControlNet. This project's own pipeline classes are loaded with the
     installed code, never with the copy of it in the folder; every other pipeline goes through
-    ``DiffusionPipeline.from_pretrained``.
+    ``DiffusionPipeline.from_pretrained``. What DeMe saves beside
+    diffusers' files (channel projections, an ensemble's router; see ``diffusers_ant.deme``) is re-attached.
     """
     from diffusers import DiffusionPipeline
+
+    from ..deme import attach_saved_deme  # DeMe's channel projections and ensemble router, when saved
 
     lora_info = os.path.join(folder, LORA_INFO_NAME)
     if os.path.isfile(lora_info):
         with open(lora_info, encoding="utf-8") as f:
             info = json.load(f)
         pipeline = load_pipeline(resolve_recorded_base(folder, info["base_model"]), torch_dtype=torch_dtype)
-        return get_model_adapter(info["model_type"]).load_lora(pipeline, folder)
+        return attach_saved_deme(get_model_adapter(info["model_type"]).load_lora(pipeline, folder), folder)
     controlnet_base = controlnet_output_base(folder)
     if controlnet_base is not None:
         from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
         controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch_dtype)
-        return StableDiffusionControlNetPipeline.from_pretrained(controlnet_base, controlnet=controlnet,
-                                                                 torch_dtype=torch_dtype)
+        pipeline = StableDiffusionControlNetPipeline.from_pretrained(controlnet_base, controlnet=controlnet,
+                                                                     torch_dtype=torch_dtype)
+        return attach_saved_deme(pipeline, folder)
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         if os.path.isdir(folder):
@@ -79,8 +83,8 @@ def load_pipeline(folder: str, torch_dtype=None):
     with open(index_path, encoding="utf-8") as f:
         class_name = json.load(f)["_class_name"]
     if isinstance(class_name, list) and class_name[-1] in _OWN_PIPELINES:
-        return _OWN_PIPELINES[class_name[-1]].from_pretrained(folder, torch_dtype=torch_dtype)
-    return DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
+        return attach_saved_deme(_OWN_PIPELINES[class_name[-1]].from_pretrained(folder, torch_dtype=torch_dtype), folder)
+    return attach_saved_deme(DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype), folder)
 
 
 __all__ = [

@@ -1,0 +1,182 @@
+"""The model card of a merged (or ensemble) DeMe folder, from ``model_cards/deme_template.md``.
+
+Made as ``diffusers_ant.hub.write_model_card`` makes the ANT card: huggingface_hub's
+``ModelCard.from_template`` (jinja2) for the body and metadata, diffusers' ``populate_model_card`` for
+the library name and tags. It records the base, each fine-tune's interval and weight, the
+merge method, the weight search's table and the scores.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = ["DEME_TEMPLATE_NAME", "write_deme_model_card"]
+
+DEME_TEMPLATE_NAME = "deme_template.md"
+CARD_NAME = "README.md"
+
+_METHOD_TEXT = {
+    "task_arithmetic": "task arithmetic (Ilharco et al., 2023), DeMe's merge",
+    "ties": "TIES merging (Yadav et al., 2023) of the task vectors, through peft",
+    "dare_linear": "DARE (Yu et al., 2024) random drop and rescale of the task vectors, then task arithmetic, through peft",
+    "dare_ties": "DARE (Yu et al., 2024) random drop and rescale, then TIES sign election, through peft",
+}
+
+
+def _template_path(name: str = DEME_TEMPLATE_NAME) -> Path:
+    """The template in the installed package (``diffusers_ant/model_cards``, see setup.py) or the checkout's ``model_cards/``."""
+    package_dir = Path(__file__).resolve().parent.parent
+    candidates = [package_dir / "model_cards" / name, package_dir.parent / "model_cards" / name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"model card template {name} not found in {[str(c.parent) for c in candidates]}: "
+                            "reinstall diffusers_ant (pip install -e .)")
+
+
+def _is_hub_id(name: str | None) -> bool:
+    """A Hub repo id (``user/name``) rather than a local folder."""
+    if not name or os.path.exists(name) or name.startswith((".", "/", "~")):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _shown(path: str | None) -> str:
+    """A model reference fit for a published card: a Hub id as a link, a local folder by its name only."""
+    if not path:
+        return "not recorded"
+    if _is_hub_id(path):
+        return f"[{path}](https://huggingface.co/{path})"
+    return f"`{Path(path).name}`"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, model_type: str | None, denoiser_class: str,
+                          finetunes: Sequence, num_timesteps: int | None, weights: Sequence[float] | None = None,
+                          merge_method: str = "task_arithmetic", merge_options: Mapping | None = None,
+                          search: Any = None, scores: Mapping | None = None, ensemble: bool = False,
+                          projection: bool = False, repo_id: str | None = None, license: str = "apache-2.0") -> Path:
+    """Write ``output_dir/README.md`` for a merged (``ensemble=False``) or ensemble DeMe folder; return its path.
+
+    Args:
+        base_model: the ``--base`` pipeline (named by folder name only unless a Hub id).
+        model_type: ``unet``, ``dit``, ``sd``, ``controlnet`` (None: not recorded).
+        denoiser_class: the denoiser's class name (e.g. ``UNet2DModel``).
+        finetunes: the ``FineTune`` records, low to high t.
+        num_timesteps: T of the intervals.
+        weights: the merge weights, one per fine-tune (merged folders).
+        merge_method, merge_options: the merge method and its options (density, seed ...).
+        search: a ``search.SearchResult`` when the weights were searched.
+        scores: the result's metrics (``fid``, ``kid_mean``, ``precision``, ``recall``, ...), with
+            ``dataset_name`` / ``num_fake`` / ``feature_extractor`` describing them.
+        ensemble: an ensemble folder (``TimestepRouter`` over the fine-tunes) instead of a merge.
+        projection: whether the model carries channel projections.
+    """
+    from diffusers.utils.hub_utils import populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from ..hub import MODEL_TYPES
+    from .search import _weights_text
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    info = MODEL_TYPES.get(model_type or "", {})
+    name = repo_id.split("/")[-1] if repo_id else output_dir.name
+    kind = "ensemble" if ensemble else "merged model"
+    title = f"{name}: a DeMe {kind}"
+    n = len(finetunes)
+    if ensemble:
+        summary = (f"A 🧨 diffusers pipeline whose denoiser routes each sampling step to one of {n} per-interval "
+                   "fine-tunes of the base (DeMe's ensemble before merging, through diffusers_ant's TimestepRouter).")
+        method_line = "no merge: each timestep's interval decides which fine-tune denoises it (intervals no fine-tune covers go to the base)"
+        weight_header = "denoises"
+    else:
+        summary = (f"A 🧨 diffusers model merged from {n} per-interval fine-tunes of one base with diffusers_ant "
+                   "(DeMe, Decouple-Then-Merge): one model, the cost of one model at inference.")
+        options = {k: v for k, v in (merge_options or {}).items() if v is not None}
+        method_line = _METHOD_TEXT.get(merge_method, merge_method)
+        if options:
+            method_line += " (" + ", ".join(f"{k} {_fmt(v)}" for k, v in options.items()) + ")"
+        if search is not None:
+            method_line += f"; weights chosen by a {search.strategy} search on {search.metric}"
+        weight_header = "merge weight"
+    model_line = info.get("description", f"a {denoiser_class}")
+    if model_line.startswith("a ") and denoiser_class not in model_line:
+        model_line += f" ({denoiser_class})"
+
+    interval_rows = []
+    for index, finetune in enumerate(finetunes):
+        interval_rows.append({
+            "index": index, "start": finetune.bounds[0], "end": finetune.bounds[1],
+            "source": f"`{finetune.name}`" + (" (LoRA, folded in)" if finetune.lora else ""),
+            "weight": "its interval's steps" if ensemble else (_fmt(float(weights[index])) if weights is not None else ""),
+        })
+
+    search_block = None
+    if search is not None:
+        search_block = {
+            "description": (f"{search.strategy.capitalize()} search over {len(search.rows)} weight vectors; best "
+                            f"{_weights_text(search.best_weights)} with {search.metric} {search.best_score:.4f} "
+                            "(lower is better). The full table is in `deme_search.json` / `deme_search.md`."),
+            "metric": search.metric,
+            "rows": [{"weights": ("**" + _weights_text(r["weights"]) + "**") if r["weights"] == search.best_weights
+                      else _weights_text(r["weights"]), "score": f"{r['score']:.4f}"} for r in search.rows],
+        }
+
+    score_rows, score_description = [], ""
+    if scores:
+        for key, label in (("fid", "FID"), ("kid_mean", "KID"), ("precision", "precision"), ("recall", "recall")):
+            if scores.get(key) is not None:
+                score_rows.append((label, f"{float(scores[key]):.4f}"))
+        extractor = str(scores.get("feature_extractor", ""))
+        features = (f"domain features of `{extractor[len('domain_'):]}` (a domain FID, comparable only with other domain "
+                    "FIDs of the same data and sample count)") if extractor.startswith("domain_") else f"`{extractor}` features"
+        score_description = (f"{scores.get('num_fake', '?')} samples ({scores.get('scheduler', '?')}, "
+                             f"{scores.get('num_inference_steps', '?')} steps) against {scores.get('num_real', '?')} images of "
+                             f"`{scores.get('dataset_name', '?')}`, in {features}.")
+
+    ref = repo_id or "path/to/this/folder"
+    usage = ("from diffusers_ant.models import load_pipeline\n\n"
+             f"pipe = load_pipeline({ref!r})"
+             + ("  # the base pipeline with a TimestepRouter as its denoiser" if ensemble else "")
+             + ("  # re-attaches the channel projections" if projection and not ensemble else ""))
+    if not ensemble and not projection:
+        usage += "\n# plain diffusers works too: DiffusionPipeline.from_pretrained(...)"
+
+    hub_base = base_model if _is_hub_id(base_model) else None
+    card_data = ModelCardData(license=license, base_model=hub_base, pipeline_tag=info.get("pipeline_tag"), inference=not ensemble)
+    card = ModelCard.from_template(
+        card_data,
+        template_path=_template_path(),
+        title=title,
+        summary=summary,
+        base_line=_shown(base_model),
+        model_line=model_line,
+        method_line=method_line,
+        projection=projection,
+        num_timesteps=num_timesteps if num_timesteps is not None else "T",
+        weight_header=weight_header,
+        interval_rows=interval_rows,
+        search=search_block,
+        score_rows=score_rows,
+        score_description=score_description,
+        usage_snippet=usage,
+    )
+    tags = ["diffusers", "diffusers-training", *info.get("tags", ()), "deme", "ensemble" if ensemble else "model-merging"]
+    card = populate_model_card(card, tags=list(dict.fromkeys(tags)))
+    path = output_dir / CARD_NAME
+    card.save(path)
+    return path

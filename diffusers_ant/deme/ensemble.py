@@ -1,0 +1,134 @@
+"""DeMe's ensemble before merging: one pipeline whose denoiser routes each sampling step to the
+fine-tune of its timestep interval (PAPERS.md section 2, item 5), through ``TimestepRouter``.
+
+The folder ``write_ensemble`` makes is the base pipeline (diffusers layout, so plain diffusers loads
+it, as the base model) plus:
+
+    deme_ensemble.json            the intervals (covering 0 .. T-1) and, per interval, its member
+    members/interval-<i>/         one denoiser folder per fine-tune (config.json + safetensors,
+                                  and its channel projections if it has any)
+
+Intervals no fine-tune covers are routed to the base denoiser (``"base"`` in the JSON), so a
+partial set of fine-tunes gives ANT's negative-transfer-gap configuration. ``load_pipeline`` of the
+folder (``diffusers_ant.models.load_pipeline``) returns the base pipeline with its denoiser replaced
+by the router; ``train_scripts/evaluate_model.py`` scores it like any pipeline.
+
+ControlNet is refused: diffusers' ControlNet pipeline type-checks its ``controlnet`` as a
+``ControlNetModel``, which a router is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .projection import (
+    channel_projection_detached,
+    denoiser_component,
+    load_channel_projection,
+    read_projection_config,
+    save_channel_projection,
+    save_pipeline,
+)
+
+__all__ = ["ENSEMBLE_CONFIG_NAME", "attach_saved_ensemble", "ensemble_intervals", "write_ensemble"]
+
+ENSEMBLE_CONFIG_NAME = "deme_ensemble.json"
+MEMBERS_DIR = "members"
+BASE_MEMBER = "base"
+_FORMAT = "diffusers_ant.deme_ensemble"
+
+
+def ensemble_intervals(finetunes, num_timesteps: int):
+    """``(TimestepIntervals covering 0 .. T-1, members)``: each fine-tune's interval, the gaps between
+    them as intervals of the base (member None)."""
+    from ..clustering import TimestepIntervals
+
+    bounds, members, next_start = [], [], 0
+    for index, finetune in enumerate(finetunes):  # sorted, non-overlapping (read_finetunes)
+        start, end = finetune.bounds
+        if end >= num_timesteps:
+            raise ValueError(f"fine-tune {finetune.path!r} ends at timestep {end}, beyond the scheduler's {num_timesteps}")
+        if start > next_start:
+            bounds.append((next_start, start - 1))
+            members.append(None)
+        bounds.append((start, end))
+        members.append(index)
+        next_start = end + 1
+    if next_start < num_timesteps:
+        bounds.append((next_start, num_timesteps - 1))
+        members.append(None)
+    return TimestepIntervals(bounds, num_timesteps, metadata={"deme": "ensemble"}), members
+
+
+def write_ensemble(base_pipeline, finetunes, models, output_dir: str, num_timesteps: int) -> dict:
+    """Write the ensemble folder (module docstring) of ``models`` (one denoiser per fine-tune, in
+    the order of ``finetunes``) over ``base_pipeline``; return the JSON it wrote."""
+    component = denoiser_component(base_pipeline)
+    if component == "controlnet":
+        raise ValueError("--ensemble is not available for ControlNet (diffusers' ControlNet pipeline accepts only a "
+                         "ControlNetModel, not a router): merge the fine-tunes instead")
+    intervals, members = ensemble_intervals(finetunes, num_timesteps)
+    save_pipeline(base_pipeline, output_dir, component)
+    names = []
+    for member in members:
+        if member is None:
+            names.append(BASE_MEMBER)
+            continue
+        name = f"{MEMBERS_DIR}/interval-{member}"
+        folder = os.path.join(output_dir, MEMBERS_DIR, f"interval-{member}")
+        model = models[member]
+        with channel_projection_detached(model):
+            model.save_pretrained(folder, safe_serialization=True)
+        save_channel_projection(model, folder)
+        names.append(name)
+    info = {
+        "format": _FORMAT,
+        "version": 1,
+        "component": component,
+        "intervals": intervals.to_dict(),
+        "members": names,
+        "sources": [finetune.path for finetune in finetunes],
+    }
+    with open(os.path.join(output_dir, ENSEMBLE_CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+    return info
+
+
+def read_ensemble_config(folder: str) -> dict | None:
+    path = os.path.join(folder, ENSEMBLE_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    if info.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a diffusers_ant DeMe ensemble file")
+    return info
+
+
+def attach_saved_ensemble(pipeline, folder: str):
+    """If ``folder`` is an ensemble folder, replace ``pipeline``'s denoiser (the base's, loaded from
+    the folder) by the ``TimestepRouter`` over its members; return ``pipeline``."""
+    from ..clustering import TimestepIntervals
+    from ..routing import TimestepRouter
+
+    info = read_ensemble_config(folder)
+    if info is None:
+        return pipeline
+    component = info["component"]
+    base_model = getattr(pipeline, component)
+    models = []
+    for name in info["members"]:
+        if name == BASE_MEMBER:
+            models.append(base_model)
+            continue
+        member_folder = os.path.join(folder, *name.split("/"))
+        model = type(base_model).from_pretrained(member_folder, use_safetensors=True, torch_dtype=base_model.dtype)
+        if read_projection_config(member_folder) is not None:
+            load_channel_projection(model, member_folder)
+        models.append(model.to(base_model.device).eval())
+    intervals = TimestepIntervals(info["intervals"]["bounds"], info["intervals"]["num_timesteps"])
+    # flow-matching pipelines pass sigma * 1000, not training indices: map through the scheduler
+    timestep_map = pipeline.scheduler if "FlowMatch" in type(pipeline.scheduler).__name__ else None
+    setattr(pipeline, component, TimestepRouter(intervals, models, timestep_map=timestep_map))
+    return pipeline

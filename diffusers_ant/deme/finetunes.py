@@ -1,0 +1,271 @@
+"""The fine-tunes of a DeMe run: which interval each one learned, from which base, and their weights.
+
+A fine-tune folder is what ``train_ant.py --deme_interval i`` writes (``train_deme.py`` writes one per
+interval, ``OUT/interval-i/``): either a full pipeline folder (``model_index.json``, the denoiser's
+safetensors) or a LoRA folder (``ant_lora.json`` naming the base pipeline, the LoRA weights), with
+the run's records beside them:
+
+- ``training_config.json``: ``deme_interval`` (the index i of the fine-tune's interval), or a
+  hand-made ``timestep_range`` ``[start, end]`` (inclusive); ``pretrained_model_name_or_path``, the
+  base (a LoRA folder's ``ant_lora.json`` names it too); ``model_type``.
+- ``timestep_intervals.json``: the run's intervals (``TimestepIntervals.save``), whose
+  ``bounds[deme_interval]`` is the fine-tune's interval and ``num_timesteps`` its T.
+- optionally ``channel_projection.{json,safetensors}`` (``projection.py``).
+
+Merging needs dense weights: a LoRA fine-tune is loaded onto its base and its LoRA update folded in
+(``W + (alpha / r) B A``, by peft's own ``merge``) before its task vector is taken. A model without
+channel projections is, exactly, the same model with identity projections, so when some of the
+models carry projections the others get identity ones before merging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from ..models.base import LORA_INFO_NAME
+from .projection import (
+    add_channel_projection,
+    channel_projection_detached,
+    channel_projections,
+    denoiser_component,
+    has_channel_projection,
+    load_channel_projection,
+    read_projection_config,
+)
+
+TRAINING_CONFIG_NAME = "training_config.json"
+INTERVALS_NAME = "timestep_intervals.json"
+
+__all__ = [
+    "FineTune",
+    "align_channel_projections",
+    "check_same_architecture",
+    "check_same_base",
+    "dense_denoiser",
+    "load_base_pipeline",
+    "load_finetune_denoiser",
+    "read_finetune",
+    "read_finetunes",
+]
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@dataclass
+class FineTune:
+    """One fine-tune folder and what its records say.
+
+    ``bounds``: the inclusive training-index interval it was fine-tuned on; ``num_timesteps``: T
+    (None when the folder has no ``timestep_intervals.json``); ``base_model``: the recorded base
+    (None if not recorded); ``lora``: a LoRA folder (``ant_lora.json``).
+    """
+
+    path: str
+    bounds: tuple
+    num_timesteps: int | None
+    base_model: str | None
+    model_type: str | None
+    lora: bool
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.path))
+
+
+def read_finetune(folder: str) -> FineTune:
+    """The records of one fine-tune folder (module docstring); a one-line ValueError when they are missing."""
+    from ..clustering import TimestepIntervals
+
+    if not os.path.isdir(folder):
+        raise ValueError(f"--finetuned {folder!r}: no such folder")
+    lora_info = _read_json(os.path.join(folder, LORA_INFO_NAME))
+    if lora_info is None and not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise ValueError(f"--finetuned {folder!r} holds no saved pipeline (no model_index.json or {LORA_INFO_NAME})")
+    config = _read_json(os.path.join(folder, TRAINING_CONFIG_NAME)) or {}
+    intervals_path = os.path.join(folder, INTERVALS_NAME)
+    intervals = TimestepIntervals.load(intervals_path) if os.path.isfile(intervals_path) else None
+    num_timesteps = intervals.num_timesteps if intervals is not None else None
+
+    index = config.get("deme_interval")
+    if index is not None:
+        if intervals is None:
+            raise ValueError(f"{folder!r}: {TRAINING_CONFIG_NAME} names deme_interval {index} but there is no {INTERVALS_NAME}")
+        if not 0 <= int(index) < len(intervals):
+            raise ValueError(f"{folder!r}: deme_interval {index} is out of range for its {len(intervals)} intervals")
+        bounds = tuple(intervals.bounds[int(index)])
+    elif config.get("timestep_range"):
+        start, end = (int(v) for v in config["timestep_range"])
+        bounds = (start, end)
+    else:
+        raise ValueError(
+            f"cannot tell which timestep interval {folder!r} was fine-tuned on: its {TRAINING_CONFIG_NAME} has neither "
+            "deme_interval nor timestep_range (fine-tune it with train_ant.py --deme_interval i)"
+        )
+    if bounds[0] < 0 or bounds[1] < bounds[0] or (num_timesteps is not None and bounds[1] >= num_timesteps):
+        raise ValueError(f"{folder!r}: interval {list(bounds)} is not a valid inclusive timestep range")
+
+    if lora_info is not None:
+        base = lora_info.get("base_model")
+        if base is not None and os.path.isdir(os.path.join(folder, base)):
+            base = os.path.join(folder, base)
+        model_type = lora_info.get("model_type") or config.get("model_type")
+    else:
+        base = config.get("pretrained_model_name_or_path")
+        model_type = config.get("model_type")
+    return FineTune(folder, bounds, num_timesteps, base, model_type, lora_info is not None)
+
+
+def read_finetunes(folders) -> list:
+    """The fine-tunes of ``folders``, sorted from low to high t (the order ``--weights`` is given in).
+
+    Refuses duplicates, overlapping intervals, disagreeing T and disagreeing model types.
+    """
+    if not folders:
+        raise ValueError("no fine-tunes given: pass --finetuned OUT/interval-*")
+    finetunes = sorted((read_finetune(f) for f in folders), key=lambda f: f.bounds)
+    for a, b in zip(finetunes, finetunes[1:]):
+        if b.bounds[0] <= a.bounds[1]:
+            raise ValueError(f"fine-tunes {a.path!r} {list(a.bounds)} and {b.path!r} {list(b.bounds)} cover overlapping "
+                             "timestep intervals: give one fine-tune per interval")
+    totals = {f.num_timesteps for f in finetunes if f.num_timesteps is not None}
+    if len(totals) > 1:
+        raise ValueError(f"the fine-tunes' intervals are over different numbers of timesteps ({sorted(totals)}): "
+                         "merge the fine-tunes of one run")
+    types = {f.model_type for f in finetunes if f.model_type}
+    if len(types) > 1:
+        raise ValueError(f"the fine-tunes are of different model types ({', '.join(sorted(types))}): merge fine-tunes of one model")
+    return finetunes
+
+
+def _resolved(path: str) -> str:
+    """A local path made absolute and real (so two spellings of one folder compare equal); a Hub id as is."""
+    if os.path.exists(path):
+        return os.path.realpath(path)
+    return path.rstrip("/")
+
+
+def check_same_base(finetunes, base: str) -> None:
+    """Refuse a fine-tune whose recorded base is another model than ``base`` (not recorded: accepted)."""
+    wanted = _resolved(base)
+    for finetune in finetunes:
+        if finetune.base_model is not None and _resolved(finetune.base_model) != wanted:
+            raise ValueError(f"fine-tune {finetune.path!r} was trained from {finetune.base_model!r}, not from --base "
+                             f"{base!r}: merge fine-tunes of the same base")
+
+
+# ------------------------------------------------------------------------------------ weights
+
+
+def dense_denoiser(model):
+    """``model`` without LoRA layers, their update folded into the weights (``model`` itself if it has none).
+
+    peft's ``merge`` of each LoRA layer, through ``diffusers_ant.models.lora.base_copy``; channel
+    projections are carried over to the copy.
+    """
+    from ..models.lora import base_copy, has_lora
+
+    if not has_lora(model):
+        return model
+    with channel_projection_detached(model) as projections:
+        dense = base_copy(model, merge=True)
+    if projections:
+        add_channel_projection(dense)
+        copied = channel_projections(dense)
+        for name, projection in projections.items():
+            copied[name].weight.data.copy_(projection.weight.data)
+    return dense.eval()
+
+
+def load_base_pipeline(base: str, torch_dtype=None):
+    """The base pipeline (``diffusers_ant.models.load_pipeline``), its denoiser dense and in eval mode."""
+    from ..models import load_pipeline
+
+    if not os.path.isdir(base):
+        raise ValueError(f"--base {base!r}: no such folder (give the pretrained pipeline folder the fine-tunes started from)")
+    pipeline = load_pipeline(base, torch_dtype=torch_dtype)
+    component = denoiser_component(pipeline)
+    setattr(pipeline, component, dense_denoiser(getattr(pipeline, component)).eval())
+    return pipeline
+
+
+def _scheduler_prediction_type(folder):
+    config = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json")) or {}
+    return config.get("prediction_type")
+
+
+def load_finetune_denoiser(finetune: FineTune, base_pipeline, torch_dtype=None):
+    """The fine-tune's denoiser, dense (LoRA folded in), with its channel projections, in eval mode.
+
+    Full folders: only the denoiser is read (its safetensors, never a pickle). LoRA folders:
+    ``load_pipeline`` (base + LoRA + projections), then the LoRA folded in.
+    """
+    from ..models import load_pipeline
+
+    component = denoiser_component(base_pipeline)
+    base_model = getattr(base_pipeline, component)
+    if finetune.lora:
+        pipeline = load_pipeline(finetune.path, torch_dtype=torch_dtype)
+        model = getattr(pipeline, component, None)
+        if model is None:
+            raise ValueError(f"fine-tune {finetune.path!r} has no {component}: not a fine-tune of this architecture")
+        model = dense_denoiser(model)
+    else:
+        index = _read_json(os.path.join(finetune.path, "model_index.json"))
+        entry = index.get(component)
+        if not entry or entry[-1] != type(base_model).__name__:
+            found = entry[-1] if entry else "nothing"
+            raise ValueError(f"fine-tune {finetune.path!r} has {found} as its {component}, the base a "
+                             f"{type(base_model).__name__}: merge fine-tunes of the same architecture")
+        base_prediction = base_pipeline.scheduler.config.get("prediction_type")
+        prediction = _scheduler_prediction_type(finetune.path)
+        if prediction is not None and base_prediction is not None and prediction != base_prediction:
+            raise ValueError(f"fine-tune {finetune.path!r} predicts {prediction}, the base {base_prediction}: "
+                             "merge fine-tunes trained for the base's prediction type")
+        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        try:
+            model, loading = type(base_model).from_pretrained(finetune.path, subfolder=component, use_safetensors=True,
+                                                              output_loading_info=True, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read the {component} of fine-tune {finetune.path!r} "
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+        # diffusers only warns about missing weights (and leaves them uninitialised): refuse them
+        missing, extra = sorted(loading.get("missing_keys", [])), sorted(loading.get("unexpected_keys", []))
+        if missing or extra:
+            raise ValueError(f"fine-tune {finetune.path!r} does not have the base's weights: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]} (merge fine-tunes of the same model)")
+        info = read_projection_config(finetune.path)
+        if info is not None and (info.get("component") or component) == component:
+            load_channel_projection(model, finetune.path)
+    model.to(base_model.device)
+    check_same_architecture(base_model, model, finetune.path)
+    return model.eval()
+
+
+def check_same_architecture(base_model, model, where: str) -> None:
+    """Refuse a denoiser of another class or configuration than the base's (the first differing key named)."""
+    if type(model) is not type(base_model):
+        raise ValueError(f"fine-tune {where!r} is a {type(model).__name__}, the base a {type(base_model).__name__}: "
+                         "merge fine-tunes of the same architecture")
+    mine = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    theirs = {k: v for k, v in dict(base_model.config).items() if not k.startswith("_")}
+    for key in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(key), theirs.get(key)
+        if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            raise ValueError(f"fine-tune {where!r} has {key}={a!r}, the base {key}={b!r}: merge fine-tunes of the same architecture")
+
+
+def align_channel_projections(models) -> bool:
+    """Give identity projections to the models without any when one of them has projections
+    (exactly the same models: the identity changes nothing). Returns whether projections are present."""
+    if not any(has_channel_projection(m) for m in models):
+        return False
+    for model in models:
+        add_channel_projection(model)
+    return True

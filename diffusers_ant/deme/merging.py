@@ -1,0 +1,288 @@
+"""DeMe's merge step end to end (what ``train_scripts/merge_deme.py`` runs): read the fine-tunes, check
+them against the base, choose the weights (given, or searched on a held-out metric), merge, write one
+pipeline folder with its search table, records and model card. Also the ensemble before merging.
+
+    from diffusers_ant.deme.merging import merge_finetunes
+    merge_finetunes("pretrained", ["out/interval-0", ..., "out/interval-3"], "merged", weights=[0.1, 0.1, 0.2, 0.5])
+    merge_finetunes("pretrained", folders, "merged", search="coordinate",
+                    evaluation={"dataset_name": "mnist5k", "num_samples": 500})
+
+The output folder holds the base pipeline with the merged denoiser (diffusers layout, safetensors;
+channel projections beside it, see ``projection.py``), ``deme_merge.json`` (base, fine-tunes,
+intervals, weights, method, scores), ``deme_search.{json,md}`` when searched, and ``README.md``.
+
+Weights are in the order of the fine-tunes' intervals, low to high t, whatever the order the folders
+were given in. The search's metric is the domain FID of the merged model's samples against a
+held-out set, through ``diffusers_ant.analysis.evaluate`` (the real images' features are computed
+once); any ``score_fn(weights) -> float | dict`` can replace it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .finetunes import (
+    align_channel_projections,
+    check_same_base,
+    load_base_pipeline,
+    load_finetune_denoiser,
+    read_finetunes,
+)
+from .merge import DEFAULT_DENSITY, merge_task_vectors
+from .projection import denoiser_component, has_channel_projection, save_pipeline
+from .search import DEFAULT_SEARCH_VALUES, search_merge_weights, write_search_table
+
+__all__ = ["MERGE_RECORD_NAME", "MergeInputs", "load_merge_inputs", "merge_finetunes", "write_ensemble_folder"]
+
+MERGE_RECORD_NAME = "deme_merge.json"
+# the keys of `evaluation` passed on to analysis.evaluate (reference_for / evaluate_pipeline)
+_EVALUATION_KEYS = ("dataset_name", "train_data_dir", "num_samples", "num_real", "scheduler", "num_inference_steps",
+                    "batch_size", "feature_extractor", "inception_weights", "kid_subsets", "seed")
+
+
+@dataclass
+class MergeInputs:
+    """The base pipeline and the fine-tunes, loaded and checked: ``models[i]`` is fine-tune i's dense
+    denoiser (low to high t), ``base_state`` / ``states`` their state dicts on the CPU."""
+
+    base: str
+    pipeline: object
+    component: str
+    finetunes: list
+    models: list
+    base_state: dict
+    states: list
+    num_timesteps: int
+    projection: bool
+
+    @property
+    def denoiser(self):
+        return getattr(self.pipeline, self.component)
+
+
+def load_merge_inputs(base: str, finetuned, merge: bool = True) -> MergeInputs:
+    """Read and check the fine-tunes (folders, or ``FineTune`` records from ``read_finetunes``):
+    intervals, base, architecture, keys; load them and the base. ``merge=False`` (an ensemble) leaves
+    the models as they are: no identity projections added, no state dicts taken.
+
+    Refused with a one-line ValueError: a missing record, overlapping intervals, another base,
+    another architecture or prediction type, state dicts with other keys than the base's.
+    """
+    from .finetunes import FineTune
+
+    finetuned = list(finetuned)
+    finetunes = finetuned if finetuned and all(isinstance(f, FineTune) for f in finetuned) else read_finetunes(finetuned)
+    check_same_base(finetunes, base)
+    pipeline = load_base_pipeline(base)
+    component = denoiser_component(pipeline)
+    base_model = getattr(pipeline, component)
+    num_timesteps = int(pipeline.scheduler.config.num_train_timesteps)
+    for finetune in finetunes:
+        if finetune.num_timesteps is not None and finetune.num_timesteps != num_timesteps:
+            raise ValueError(f"fine-tune {finetune.path!r} has intervals over {finetune.num_timesteps} timesteps, the base's "
+                             f"scheduler {num_timesteps}: merge fine-tunes of this base")
+        if finetune.bounds[1] >= num_timesteps:
+            raise ValueError(f"fine-tune {finetune.path!r} ends at timestep {finetune.bounds[1]}, beyond the base's {num_timesteps}")
+    models = [load_finetune_denoiser(finetune, pipeline) for finetune in finetunes]
+    if not merge:
+        projection = any(has_channel_projection(m) for m in [base_model, *models])
+        return MergeInputs(base, pipeline, component, finetunes, models, {}, [], num_timesteps, projection)
+    projection = align_channel_projections([base_model, *models])
+    base_state = {k: v.detach().to("cpu").clone() for k, v in base_model.state_dict().items()}
+    states = []
+    for finetune, model in zip(finetunes, models):
+        state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+        missing, extra = sorted(set(base_state) - set(state)), sorted(set(state) - set(base_state))
+        if missing or extra:
+            raise ValueError(f"fine-tune {finetune.path!r} does not have the base's weights: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]} (merge fine-tunes of the same model)")
+        for key, value in state.items():
+            if value.shape != base_state[key].shape:
+                raise ValueError(f"fine-tune {finetune.path!r}: {key} has shape {tuple(value.shape)}, the base "
+                                 f"{tuple(base_state[key].shape)} (merge fine-tunes of the same model)")
+        states.append(state)
+    return MergeInputs(base, pipeline, component, finetunes, models, base_state, states, num_timesteps, projection)
+
+
+def _evaluation_options(evaluation):
+    unknown = set(evaluation) - set(_EVALUATION_KEYS) - {"progress"}
+    if unknown:
+        raise ValueError(f"unknown evaluation options {sorted(unknown)}: use {', '.join(_EVALUATION_KEYS)}")
+    if not evaluation.get("dataset_name") and not evaluation.get("train_data_dir"):
+        raise ValueError("the search scores samples against real images: pass --dataset_name or --train_data_dir (a held-out set)")
+    return dict(evaluation)
+
+
+class _Scorer:
+    """Domain FID (and KID, precision, recall) of a pipeline's samples against one fixed held-out set."""
+
+    def __init__(self, pipeline, evaluation: dict):
+        from ..analysis.evaluate import reference_for
+
+        self.pipeline = pipeline
+        self.options = _evaluation_options(evaluation)
+        o = self.options
+        num_samples = int(o.get("num_samples", 1000))
+        self.reference = reference_for(
+            pipeline, o.get("dataset_name"), o.get("num_real") or num_samples, o.get("feature_extractor", "domain"),
+            o.get("inception_weights"), seed=int(o.get("seed", 0)), train_data_dir=o.get("train_data_dir"),
+            batch_size=int(o.get("batch_size", 256)), **({"kid_subsets": o["kid_subsets"]} if o.get("kid_subsets") else {}),
+        )
+
+    def __call__(self) -> dict:
+        from ..analysis.evaluate import evaluate_pipeline
+
+        o = self.options
+        results = evaluate_pipeline(
+            self.pipeline, o.get("dataset_name"), num_samples=int(o.get("num_samples", 1000)), scheduler=o.get("scheduler", "ddim"),
+            num_inference_steps=int(o.get("num_inference_steps", 50)), batch_size=int(o.get("batch_size", 256)),
+            seed=int(o.get("seed", 0)), progress=bool(o.get("progress", False)), train_data_dir=o.get("train_data_dir"),
+            reference=self.reference,
+        )
+        return results
+
+
+def _check_weights(weights, finetunes, what="--weights"):
+    weights = [float(w) for w in weights]
+    if len(weights) != len(finetunes):
+        raise ValueError(f"got {len(weights)} {what} for {len(finetunes)} fine-tunes: give one weight per fine-tune, "
+                         "in the order of their intervals (low to high t)")
+    return weights
+
+
+def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, search: str | None = None,
+                    search_values=DEFAULT_SEARCH_VALUES, search_rounds: int = 3, max_evaluations: int | None = 256,
+                    method: str = "task_arithmetic", density: float | None = None, majority_sign_method: str = "total",
+                    merge_seed: int = 0, evaluation: dict | None = None, score_fn=None, device=None,
+                    log=print) -> dict:
+    """Merge the fine-tunes ``finetuned`` of ``base`` into one pipeline folder ``output_dir``; return its record.
+
+    Args:
+        weights: one per fine-tune, low to high t (given weights), or the coordinate search's start.
+        search: ``grid`` or ``coordinate`` (``search.py``); needs ``evaluation`` or ``score_fn``.
+        search_values, search_rounds, max_evaluations: the search's candidate values, rounds
+            (coordinate) and size limit (grid).
+        method, density, majority_sign_method, merge_seed: ``merge_task_vectors``' options.
+        evaluation: options of ``diffusers_ant.analysis.evaluate`` (``dataset_name`` or
+            ``train_data_dir`` of a held-out set, ``num_samples``, ``num_real``, ``scheduler``,
+            ``num_inference_steps``, ``batch_size``, ``feature_extractor``, ``inception_weights``,
+            ``kid_subsets``, ``seed``): the search's metric (its FID), and the scores of the result.
+        score_fn: ``weights -> float | dict`` replacing the sampled metric (a dict carries ``fid``).
+        device: where sampling runs (default: cuda when available).
+    """
+    from .card import write_deme_model_card
+
+    if search is None and weights is None:
+        raise ValueError("give --weights (one per fine-tune, low to high t) or --search grid|coordinate")
+    if search == "grid" and weights is not None:
+        raise ValueError("--search grid tries every combination of --search_values: --weights only starts --search coordinate")
+    if search is not None and score_fn is None and evaluation is None:
+        raise ValueError("the search scores samples against real images: pass --dataset_name or --train_data_dir (a held-out set)")
+    if method == "task_arithmetic" and density is not None:
+        raise ValueError("--density applies to --merge_method ties, dare_linear and dare_ties, not task_arithmetic")
+    if density is not None and not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"--density must lie in (0, 1] (the fraction of each task vector kept), got {density}")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir!r} is not empty: give a new folder")
+    evaluation = _evaluation_options(evaluation) if evaluation is not None else None
+
+    finetunes = read_finetunes(list(finetuned))
+    if weights is not None:  # before loading any model: a wrong count is refused at once
+        weights = _check_weights(weights, finetunes)
+    inputs = load_merge_inputs(base, finetunes)
+    log(f"{len(finetunes)} fine-tunes of {base}, low to high t: "
+        + ", ".join(f"{f.name} {list(f.bounds)}" for f in finetunes))
+    merge_options = {"method": method, "density": density, "majority_sign_method": majority_sign_method, "seed": merge_seed}
+
+    def merged_state(w):
+        return merge_task_vectors(inputs.base_state, inputs.states, w, **merge_options)
+
+    denoiser = inputs.denoiser
+    pipeline = inputs.pipeline
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    scorer = None
+    if evaluation is not None and score_fn is None:
+        pipeline.to(device)
+        scorer = _Scorer(pipeline, evaluation)
+
+    result, scores = None, None
+    if search is not None:
+        if score_fn is None:
+            def score_fn(w):
+                denoiser.load_state_dict(merged_state(w))
+                return scorer()
+
+        result = search_merge_weights(
+            score_fn, len(finetunes), strategy=search, values=search_values, initial=weights,
+            max_rounds=search_rounds, max_evaluations=max_evaluations,
+            progress=lambda row: log(f"  weights {row['weights']}: {row['score']:.4f}"),
+        )
+        weights = result.best_weights
+        best = next(row for row in result.rows if row["weights"] == weights)
+        scores = {k: v for k, v in best.items() if k not in ("weights", "score")} or None
+        log(f"best weights {weights}: {result.metric} {result.best_score:.4f}")
+
+    denoiser.load_state_dict(merged_state(weights))
+    if scores is None and scorer is not None:
+        scores = scorer()
+    pipeline.to("cpu")
+    save_pipeline(pipeline, output_dir, inputs.component)
+    if result is not None:
+        write_search_table(result, output_dir)
+    shown_options = {k: v for k, v in (("density", density if density is not None else DEFAULT_DENSITY.get(method)),
+                                       ("majority_sign_method", majority_sign_method if method in ("ties", "dare_ties") else None),
+                                       ("seed", merge_seed if method.startswith("dare") else None)) if v is not None}
+    record = {
+        "base_model": base,
+        "num_timesteps": inputs.num_timesteps,
+        "finetunes": [{"path": f.path, "interval": list(f.bounds), "lora": f.lora} for f in finetunes],
+        "weights": list(weights),
+        "merge_method": method,
+        "merge_options": shown_options,
+        "channel_projection": inputs.projection,
+        "search": None if result is None else {"strategy": result.strategy, "metric": result.metric,
+                                               "evaluations": len(result.rows), "table": "deme_search.json"},
+        "scores": scores,
+    }
+    with open(os.path.join(output_dir, MERGE_RECORD_NAME), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, default=str)
+    write_deme_model_card(output_dir, base_model=base, model_type=finetunes[0].model_type,
+                          denoiser_class=type(denoiser).__name__, finetunes=finetunes, num_timesteps=inputs.num_timesteps,
+                          weights=weights, merge_method=method, merge_options=shown_options, search=result,
+                          scores=scores, projection=inputs.projection)
+    log(f"wrote the merged pipeline to {output_dir}")
+    return record
+
+
+def write_ensemble_folder(base: str, finetuned, output_dir: str, *, evaluation: dict | None = None, device=None,
+                          log=print) -> dict:
+    """Write the ensemble folder (``ensemble.py``) of the fine-tunes of ``base``; with ``evaluation``
+    score it (loaded back through ``load_pipeline``, as ``evaluate_model.py`` does). Returns its record."""
+    from ..models import load_pipeline
+    from .card import write_deme_model_card
+    from .ensemble import write_ensemble
+
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir!r} is not empty: give a new folder")
+    evaluation = _evaluation_options(evaluation) if evaluation is not None else None
+    inputs = load_merge_inputs(base, finetuned, merge=False)
+    info = write_ensemble(inputs.pipeline, inputs.finetunes, inputs.models, output_dir, inputs.num_timesteps)
+    scores = None
+    if evaluation is not None:
+        pipeline = load_pipeline(output_dir)
+        pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        scores = _Scorer(pipeline, evaluation)()
+    record = {"base_model": base, "num_timesteps": inputs.num_timesteps, "ensemble": info["members"],
+              "finetunes": [{"path": f.path, "interval": list(f.bounds), "lora": f.lora} for f in inputs.finetunes],
+              "scores": scores}
+    with open(os.path.join(output_dir, MERGE_RECORD_NAME), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, default=str)
+    write_deme_model_card(output_dir, base_model=base, model_type=inputs.finetunes[0].model_type,
+                          denoiser_class=type(inputs.denoiser).__name__, finetunes=inputs.finetunes,
+                          num_timesteps=inputs.num_timesteps, scores=scores, ensemble=True, projection=inputs.projection)
+    log(f"wrote the ensemble pipeline to {output_dir}")
+    return record
