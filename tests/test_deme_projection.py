@@ -176,7 +176,9 @@ def test_trained_projection_survives_save_and_load_pipeline(case, tmp_path):
     # diffusers' own weights do not hold the projections
     from safetensors.torch import load_file
 
-    weights = load_file(next((tmp_path / component).glob("*.safetensors")))
+    # (a ControlNet output holds the ControlNet at its root, as diffusers' train_controlnet.py saves it)
+    weights_folder = tmp_path if case == "controlnet" else tmp_path / component
+    weights = load_file(next(weights_folder.glob("*.safetensors")))
     assert not any("channel_projection" in k for k in weights)
 
     loaded = getattr(load_pipeline(str(tmp_path)), component).eval()
@@ -185,7 +187,12 @@ def test_trained_projection_survives_save_and_load_pipeline(case, tmp_path):
 
     # plain diffusers loads the folder, without the projections (the pixel DiT's pipeline class is
     # this project's, shipped in the folder as community code)
-    plain = getattr(DiffusionPipeline.from_pretrained(str(tmp_path), trust_remote_code=True), component).eval()
+    if case == "controlnet":
+        from diffusers import ControlNetModel
+
+        plain = ControlNetModel.from_pretrained(str(tmp_path)).eval()
+    else:
+        plain = getattr(DiffusionPipeline.from_pretrained(str(tmp_path), trust_remote_code=True), component).eval()
     assert not has_channel_projection(plain)
     assert torch.equal(predict(adapter, plain, x_t, t, cond), without)
 

@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..models.base import LORA_INFO_NAME
+from ..models.base import CONTROLNET_INFO_NAME, LORA_INFO_NAME, resolve_recorded_base
 from .projection import (
     add_channel_projection,
     channel_projection_detached,
@@ -86,8 +86,10 @@ def read_finetune(folder: str) -> FineTune:
     if not os.path.isdir(folder):
         raise ValueError(f"--finetuned {folder!r}: no such folder")
     lora_info = _read_json(os.path.join(folder, LORA_INFO_NAME))
-    if lora_info is None and not os.path.isfile(os.path.join(folder, "model_index.json")):
-        raise ValueError(f"--finetuned {folder!r} holds no saved pipeline (no model_index.json or {LORA_INFO_NAME})")
+    if lora_info is None and not any(os.path.isfile(os.path.join(folder, name))
+                                     for name in ("model_index.json", CONTROLNET_INFO_NAME)):
+        raise ValueError(f"--finetuned {folder!r} holds no saved pipeline (no model_index.json, "
+                         f"{CONTROLNET_INFO_NAME} or {LORA_INFO_NAME})")
     config = _read_json(os.path.join(folder, TRAINING_CONFIG_NAME)) or {}
     intervals_path = os.path.join(folder, INTERVALS_NAME)
     intervals = TimestepIntervals.load(intervals_path) if os.path.isfile(intervals_path) else None
@@ -111,14 +113,15 @@ def read_finetune(folder: str) -> FineTune:
     if bounds[0] < 0 or bounds[1] < bounds[0] or (num_timesteps is not None and bounds[1] >= num_timesteps):
         raise ValueError(f"{folder!r}: interval {list(bounds)} is not a valid inclusive timestep range")
 
+    # Recorded bases are relative to the fine-tune's folder (or Hub ids): `hub.portable_path`.
     if lora_info is not None:
         base = lora_info.get("base_model")
-        if base is not None and os.path.isdir(os.path.join(folder, base)):
-            base = os.path.join(folder, base)
         model_type = lora_info.get("model_type") or config.get("model_type")
     else:
         base = config.get("pretrained_model_name_or_path")
         model_type = config.get("model_type")
+    if base is not None:
+        base = resolve_recorded_base(folder, base)
     return FineTune(folder, bounds, num_timesteps, base, model_type, lora_info is not None)
 
 
@@ -200,6 +203,24 @@ def _scheduler_prediction_type(folder):
     return config.get("prediction_type")
 
 
+def _load_full_denoiser(cls, folder: str, subfolder, torch_dtype):
+    """The denoiser of a full fine-tune (its safetensors, never a pickle), refusing missing or extra weights."""
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    if subfolder is not None:
+        kwargs["subfolder"] = subfolder
+    try:
+        model, loading = cls.from_pretrained(folder, use_safetensors=True, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the {subfolder or 'model'} of fine-tune {folder!r} "
+                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+    # diffusers only warns about missing weights (and leaves them uninitialised): refuse them
+    missing, extra = sorted(loading.get("missing_keys", [])), sorted(loading.get("unexpected_keys", []))
+    if missing or extra:
+        raise ValueError(f"fine-tune {folder!r} does not have the base's weights: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]} (merge fine-tunes of the same model)")
+    return model
+
+
 def load_finetune_denoiser(finetune: FineTune, base_pipeline, torch_dtype=None):
     """The fine-tune's denoiser, dense (LoRA folded in), with its channel projections, in eval mode.
 
@@ -216,6 +237,9 @@ def load_finetune_denoiser(finetune: FineTune, base_pipeline, torch_dtype=None):
         if model is None:
             raise ValueError(f"fine-tune {finetune.path!r} has no {component}: not a fine-tune of this architecture")
         model = dense_denoiser(model)
+    elif os.path.isfile(os.path.join(finetune.path, CONTROLNET_INFO_NAME)):
+        # a ControlNet output: the ControlNet at the folder's root (its base names the rest)
+        model = _load_full_denoiser(type(base_model), finetune.path, None, torch_dtype)
     else:
         index = _read_json(os.path.join(finetune.path, "model_index.json"))
         entry = index.get(component)
@@ -228,18 +252,8 @@ def load_finetune_denoiser(finetune: FineTune, base_pipeline, torch_dtype=None):
         if prediction is not None and base_prediction is not None and prediction != base_prediction:
             raise ValueError(f"fine-tune {finetune.path!r} predicts {prediction}, the base {base_prediction}: "
                              "merge fine-tunes trained for the base's prediction type")
-        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        try:
-            model, loading = type(base_model).from_pretrained(finetune.path, subfolder=component, use_safetensors=True,
-                                                              output_loading_info=True, **kwargs)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read the {component} of fine-tune {finetune.path!r} "
-                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
-        # diffusers only warns about missing weights (and leaves them uninitialised): refuse them
-        missing, extra = sorted(loading.get("missing_keys", [])), sorted(loading.get("unexpected_keys", []))
-        if missing or extra:
-            raise ValueError(f"fine-tune {finetune.path!r} does not have the base's weights: missing {missing[:3]}, "
-                             f"unexpected {extra[:3]} (merge fine-tunes of the same model)")
+        model = _load_full_denoiser(type(base_model), finetune.path, component, torch_dtype)
+    if not finetune.lora:
         info = read_projection_config(finetune.path)
         if info is not None and (info.get("component") or component) == component:
             load_channel_projection(model, finetune.path)

@@ -33,6 +33,7 @@ from .finetunes import (
     read_finetunes,
 )
 from .merge import DEFAULT_DENSITY, merge_task_vectors
+from ..hub import portable_path
 from .projection import denoiser_component, has_channel_projection, save_pipeline
 from .search import DEFAULT_SEARCH_VALUES, search_merge_weights, write_search_table
 
@@ -230,16 +231,17 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
     if scores is None and scorer is not None:
         scores = scorer()
     pipeline.to("cpu")
-    save_pipeline(pipeline, output_dir, inputs.component)
+    save_pipeline(pipeline, output_dir, inputs.component, base=base)
     if result is not None:
         write_search_table(result, output_dir)
     shown_options = {k: v for k, v in (("density", density if density is not None else DEFAULT_DENSITY.get(method)),
                                        ("majority_sign_method", majority_sign_method if method in ("ties", "dare_ties") else None),
                                        ("seed", merge_seed if method.startswith("dare") else None)) if v is not None}
-    record = {
-        "base_model": base,
+    record = {  # paths relative to the output folder: nothing of this machine in a file that may be pushed
+        "base_model": portable_path(base, output_dir),
         "num_timesteps": inputs.num_timesteps,
-        "finetunes": [{"path": f.path, "interval": list(f.bounds), "lora": f.lora} for f in finetunes],
+        "finetunes": [{"path": portable_path(f.path, output_dir), "interval": list(f.bounds), "lora": f.lora}
+                      for f in finetunes],
         "weights": list(weights),
         "merge_method": method,
         "merge_options": shown_options,
@@ -276,8 +278,10 @@ def write_ensemble_folder(base: str, finetuned, output_dir: str, *, evaluation: 
         pipeline = load_pipeline(output_dir)
         pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         scores = _Scorer(pipeline, evaluation)()
-    record = {"base_model": base, "num_timesteps": inputs.num_timesteps, "ensemble": info["members"],
-              "finetunes": [{"path": f.path, "interval": list(f.bounds), "lora": f.lora} for f in inputs.finetunes],
+    record = {"base_model": portable_path(base, output_dir), "num_timesteps": inputs.num_timesteps,
+              "ensemble": info["members"],
+              "finetunes": [{"path": portable_path(f.path, output_dir), "interval": list(f.bounds), "lora": f.lora}
+                            for f in inputs.finetunes],
               "scores": scores}
     with open(os.path.join(output_dir, MERGE_RECORD_NAME), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2, default=str)

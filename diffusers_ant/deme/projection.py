@@ -324,13 +324,23 @@ def attach_saved_channel_projection(pipeline, folder: str):
     return pipeline
 
 
-def save_pipeline(pipeline, folder: str, component: str | None = None) -> None:
+def save_pipeline(pipeline, folder: str, component: str | None = None, base: str | None = None) -> None:
     """``pipeline.save_pretrained(folder)`` (safetensors) with the denoiser's projections written
-    beside diffusers' files instead of inside them (module docstring)."""
+    beside diffusers' files instead of inside them (module docstring).
+
+    A ControlNet with its ``base`` (the pretrained folder the fine-tunes started from: a ControlNet
+    output, or a pipeline folder) is written as this project's ControlNet outputs are, the ControlNet
+    at the root of the folder naming its Stable Diffusion base (``models.controlnet``)."""
     component = component or denoiser_component(pipeline)
     model = getattr(pipeline, component)
     with channel_projection_detached(model):
-        pipeline.save_pretrained(folder, safe_serialization=True)
+        if component == "controlnet" and base is not None:
+            from ..models.controlnet import controlnet_output_base, save_controlnet_output
+
+            sd_base = controlnet_output_base(base) or base
+            save_controlnet_output(model, folder, os.path.abspath(sd_base) if os.path.isdir(sd_base) else sd_base)
+        else:
+            pipeline.save_pretrained(folder, safe_serialization=True)
     save_channel_projection(model, folder, component)
 
 

@@ -52,6 +52,18 @@ def controlnet_output_base(folder):
     with open(os.path.join(folder, CONTROLNET_INFO_NAME), encoding="utf-8") as f:
         return resolve_recorded_base(folder, json.load(f)["base_model"])
 
+def save_controlnet_output(controlnet, output_dir: str, base_pipeline: str) -> None:
+    """A ControlNet output folder: the ControlNet at the root (``config.json`` and safetensors weights, as
+    diffusers' ``train_controlnet.py`` writes it) and ``ant_controlnet.json`` naming its Stable Diffusion
+    base pipeline (a Hub id, or a path that is written relative to the folder)."""
+    from ..hub import portable_path
+
+    os.makedirs(output_dir, exist_ok=True)
+    controlnet.save_pretrained(output_dir, safe_serialization=True)
+    with open(os.path.join(output_dir, CONTROLNET_INFO_NAME), "w", encoding="utf-8") as f:
+        json.dump({"model_type": "controlnet", "base_model": portable_path(base_pipeline, output_dir)}, f, indent=2)
+
+
 # diffusers' default conditioning embedding for SD (4 blocks: downsampling by 8, as SD's VAE)
 _CONDITIONING_EMBEDDING = (16, 32, 96, 256)
 
@@ -234,19 +246,14 @@ class ControlNetAdapter(StableDiffusionAdapter):
     def _save_controlnet_output(self, output_dir, model):
         from diffusers import StableDiffusionPipeline
 
-        from ..hub import portable_path
-
-        os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir, safe_serialization=True)
         if self.base_pipeline is not None:
-            base = portable_path(self.base_pipeline, output_dir)
-        else:  # frozen parts built from a preset: nowhere else to find them
-            StableDiffusionPipeline(unet=self.unet, **self._pipeline_parts(None)).save_pretrained(
-                os.path.join(output_dir, BASE_MODEL_DIR), safe_serialization=True
-            )
-            base = BASE_MODEL_DIR
-        with open(os.path.join(output_dir, CONTROLNET_INFO_NAME), "w", encoding="utf-8") as f:
-            json.dump({"model_type": self.model_type, "base_model": base}, f, indent=2)
+            save_controlnet_output(model, output_dir, self.base_pipeline)
+            return
+        # frozen parts built from a preset: nowhere else to find them, so they go into base_model/
+        StableDiffusionPipeline(unet=self.unet, **self._pipeline_parts(None)).save_pretrained(
+            os.path.join(output_dir, BASE_MODEL_DIR), safe_serialization=True
+        )
+        save_controlnet_output(model, output_dir, os.path.join(output_dir, BASE_MODEL_DIR))
 
     def _save_lora_weights(self, output_dir, model):
         from safetensors.torch import save_file
