@@ -128,7 +128,7 @@ def test_outputs_name_no_path_of_this_machine_and_a_new_controlnet_lora_learns_i
     assert type(load_pipeline(str(full))) is StableDiffusionControlNetPipeline
     config = json.loads((full / "training_config.json").read_text())
     assert config["output_dir"] == "." and config["pretrained_model_name_or_path"] == "../sd"
-    assert config["validation_image"] == "../control.png" and config["cache_dir"] == "../cache"
+    assert config["validation_image"] == ["../control.png"] and config["cache_dir"] == "../cache"
     assert list((full / "logs").rglob("*")), "TensorBoard wrote nothing"
 
     for folder in (sd, lora, full):
