@@ -44,6 +44,11 @@ class FrozenTeacher:
         cast_frozen_parameters(self.model, dtype)
         self.autocast = autocast or contextlib.nullcontext
 
+    def to(self, device) -> "FrozenTeacher":
+        """Move the teacher to `device` (its dtype stays)."""
+        self.model.to(device)
+        return self
+
     @torch.no_grad()
     def predict(self, x_t: torch.Tensor, model_t: torch.Tensor, conditioning: dict,
                 chunk_size: Optional[int] = None) -> torch.Tensor:

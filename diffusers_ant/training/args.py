@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "unconditional for unet.")
     g.add_argument("--rank", type=int, default=None, help="Train LoRA adapters of this rank instead of the full model.")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
+    g.add_argument("--finetune", default=None, choices=["full", "lora", "bitfit", "difffit"],
+                   help="What trains: the whole model, LoRA adapters (--rank), the bias terms (BitFit), or DiffFit's "
+                   "biases, norms, embeddings and per-block scales (Xie et al. 2023). Default: lora with --rank, else full.")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="sd with --rank: train a LoRA adapter on the text encoder too (diffusers' DreamBooth LoRA).")
 
@@ -169,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="b: downstream timesteps drawn with probability (t + 1)^b (high noise); 0 = uniform.")
     g.add_argument("--bank_keep_prompts", action="store_true",
                    help="Text-to-image: train bank images with their prompts instead of the empty prompt.")
+    g.add_argument("--track_convergence", action="store_true",
+                   help="ControlNet: measure sudden convergence (the condition re-extracted from samples against the input).")
+    g.add_argument("--convergence_steps", type=int, default=100, help="Check convergence every N steps.")
+    g.add_argument("--convergence_threshold", type=float, default=0.05,
+                   help="Converged when the distance of the re-extracted condition falls below this.")
+    g.add_argument("--condition_extractor", default="outline",
+                   help="How to re-extract the condition from an image: `outline` (the mnist5k_captions outlines) or "
+                   "`module:function` (a function PIL image -> array).")
+    g.add_argument("--convergence_distance", default="mse", choices=["mse", "mae", "iou"],
+                   help="Distance between the re-extracted and the input condition.")
 
     g = p.add_argument_group("DeMe: decouple, then merge (Decouple-Then-Merge, CVPR 2025)")
     g.add_argument("--deme_interval", type=int, default=None,
@@ -315,6 +328,23 @@ def validate_args(args: argparse.Namespace) -> None:
         elif args.loss_weighting != "none":
             raise UsageError(f"--weighting_scheme {args.weighting_scheme} is a loss weight: drop --loss_weighting "
                              f"{args.loss_weighting} (and --snr_gamma), or use a density scheme (logit_normal, mode) with it")
+    from ..peft_modes import validate_finetune_mode
+
+    if args.finetune is None:
+        args.finetune = "lora" if args.rank is not None else "full"
+    try:
+        validate_finetune_mode(args.finetune, args.rank)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.finetune == "lora" and args.rank is None:
+        raise UsageError("--finetune lora needs the LoRA rank: add --rank (e.g. --rank 4)")
+    if args.finetune in ("bitfit", "difffit") and args.pretrained_model_name_or_path is None:
+        raise UsageError(f"--finetune {args.finetune} adapts a pretrained model: give --pretrained_model_name_or_path")
+    if args.track_convergence:
+        if args.model_type != "controlnet":
+            raise UsageError("--track_convergence measures a ControlNet's sudden convergence: use --model_type controlnet")
+        if args.convergence_steps < 1 or not args.convergence_threshold > 0:
+            raise UsageError("--convergence_steps must be >= 1 and --convergence_threshold > 0")
     _validate_diff_tuning(args)
     _validate_deme(args)
     if args.timestep_sampling is None:

@@ -92,13 +92,13 @@ def build_sources(args, intervals, num_timesteps, sampler):
       empty prompt) as the authors do, unless `--bank_keep_prompts`.
     * DeMe (Sec. 3): the data draws t in interval i, or in the whole range with probability
       `--deme_global_prob`, and adds the consistency loss against the frozen pretrained model."""
-    from ..timesteps import DensityTimestepSampler, IntervalTimestepSampler
+    from ..diff_tuning import reconsolidation_sampler, retention_sampler
+    from ..timesteps import IntervalTimestepSampler
     from .step import Source
 
     if args.diff_tuning:
-        t = torch.arange(num_timesteps, dtype=torch.float64)
-        reconsolidation = DensityTimestepSampler((t + 1) ** args.reconsolidation_exponent)
-        retention = DensityTimestepSampler((num_timesteps - t) ** args.retention_exponent)
+        reconsolidation = reconsolidation_sampler(num_timesteps, args.reconsolidation_exponent)
+        retention = retention_sampler(num_timesteps, args.retention_exponent)
         data = Source("data", reconsolidation)
         if args.retention == "kd":
             return [data, Source("retention", retention, weight=args.bank_weight, target="teacher")]
@@ -120,9 +120,14 @@ def knowledge_bank_dataloader(args, adapter, needs: dict, rows: int):
     bank, manifest = load_knowledge_bank(args.knowledge_bank)
     check_bank_compatible(manifest, model_type=args.model_type, resolution=pixel_resolution(adapter),
                           channels=adapter.num_channels)
-    columns = resolve_columns(bank, need_captions=needs["need_captions"] and args.bank_keep_prompts,
-                              need_conditioning=needs["need_conditioning"], class_column=None,
-                              need_classes=False, classes_if_present=args.model_type in ("unet", "dit"))
+    recorded = manifest.get("columns") or {}
+    columns = resolve_columns(bank, image_column=recorded.get("image_column"),
+                              caption_column=recorded.get("caption_column"),
+                              conditioning_image_column=recorded.get("conditioning_image_column"),
+                              class_column=recorded.get("class_column"),
+                              need_captions=needs["need_captions"] and args.bank_keep_prompts,
+                              need_conditioning=needs["need_conditioning"],
+                              classes_if_present=args.model_type in ("unet", "dit"))
     return make_train_dataloader(
         bank, columns, resolution=pixel_resolution(adapter), batch_size=rows, num_channels=adapter.num_channels,
         tokenizer=adapter.tokenizer, seed=args.seed + 1, num_workers=args.dataloader_num_workers,
@@ -412,6 +417,14 @@ def train(args) -> str:
         adapter.add_lora(args.rank, alpha=args.lora_alpha)
     if args.train_text_encoder:
         adapter.add_text_encoder_lora(args.rank, alpha=args.lora_alpha)
+    from ..peft_modes import apply_finetune_mode
+
+    finetune = apply_finetune_mode(adapter.model, args.finetune)  # BitFit / DiffFit choose what trains
+    logger.info("%s", finetune.description)
+    if args.channel_projection:
+        from ..deme import add_channel_projection
+
+        add_channel_projection(adapter.model)  # DeMe's channel mixing after each block, identity at first
     if args.gradient_checkpointing:
         adapter.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
@@ -499,8 +512,17 @@ def train(args) -> str:
                 json.dump({"name": args.mtl_method, **weighting.config.to_dict()}, f, indent=2)
     logger.info("timestep clusters (%s): %s", args.clustering, intervals.bounds)
 
+    tracker = None
+    if args.track_convergence and accelerator.is_main_process:
+        from ..diff_tuning import ConvergenceTracker
+
+        tracker = ConvergenceTracker(args.convergence_threshold, every=args.convergence_steps,
+                                     extractor=args.condition_extractor, distance=args.convergence_distance,
+                                     output_dir=args.output_dir)
+
     def trainer_state(step):
         return {"global_step": step, "generator": generator.get_state(),
+                "convergence": tracker.state_dict() if tracker is not None else None,
                 "extra_trainable": adapter.extra_trainable_state(),
                 "ema": ema.state_dict() if ema is not None else None,
                 "weighting": weighting.state_dict() if weighting is not None else None,
@@ -521,6 +543,8 @@ def train(args) -> str:
         if weighting is not None:
             weighting.load_state_dict(state["weighting"])
         adapter.load_extra_trainable_state(state.get("extra_trainable") or {})
+        if tracker is not None and state.get("convergence"):
+            tracker.load_state_dict(state["convergence"])
     elif ema is not None:
         ema.to(ema_home(args, accelerator))
 
@@ -581,6 +605,8 @@ def train(args) -> str:
                 path = save_checkpoint(accelerator, args.output_dir, global_step, trainer_state(global_step),
                                        args.checkpoints_total_limit)
                 accelerator.print(f"saved {path}")
+            if tracker is not None and tracker.should_check(global_step):
+                check_convergence(args, accelerator, adapter, model, tracker, global_step, validation_inputs)
             if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
                 validate(args, accelerator, adapter, model, ema, params, global_step, validation_inputs)
             if global_step >= args.max_train_steps:
@@ -656,6 +682,32 @@ def validate(args, accelerator, adapter, model, ema, params, step, inputs):
         return log_and_save_samples(args, accelerator, adapter, accelerator.unwrap_model(model), step, inputs)
 
 
+def check_convergence(args, accelerator, adapter, model, tracker, step, inputs) -> None:
+    """ControlNet's sudden convergence (Zhang et al. 2023; measured as Diff-Tuning does): sample the
+    validation conditions with the current weights, re-extract the condition, log the distance."""
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    with torch.no_grad(), sampling_precision(accelerator, adapter):
+        records = tracker.evaluate(step, adapter, adapter.make_pipeline(unwrapped), inputs["conditioning_images"],
+                                   prompts=inputs.get("prompts"), seed=args.seed,
+                                   num_inference_steps=args.num_inference_steps, scheduler="ddim",
+                                   guidance_scale=args.guidance_scale)
+    unwrapped.train(was_training)
+    accelerator.log(records, step=step)
+
+
+def save_output(args, adapter, model) -> None:
+    """Write the trained model: DiffFit's scales folded into the weights they scale (exact, so plain
+    diffusers loads the result), DeMe's channel projections beside diffusers' files."""
+    from ..deme import save_adapter_output
+    from ..peft_modes import difffit_merged_copy, has_difffit_scales
+
+    if has_difffit_scales(model):
+        model = difffit_merged_copy(model)
+    save_adapter_output(adapter, args.output_dir, model, lora=args.rank is not None)
+
+
 def finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs):
     """Save the pipeline (or LoRA weights), samples, model card; push to the Hub if asked."""
     from ..hub import push_to_hub, training_summary, write_model_card
@@ -664,7 +716,7 @@ def finish(args, accelerator, adapter, model, ema, params, intervals, global_ste
     # The saved pipeline holds float32 frozen parts (and base weights), whatever precision training used.
     lift_to_float32([*adapter.frozen_modules().values(), unwrapped])
     with _ema_weights(ema, params):
-        adapter.save(args.output_dir, unwrapped, lora=args.rank is not None)
+        save_output(args, adapter, unwrapped)
         images, _ = validate(args, accelerator, adapter, model, None, params, global_step, validation_inputs)
     summary = training_summary(args, intervals, global_step, pixel_resolution(adapter))
     write_model_card(args.output_dir, repo_id=args.hub_model_id, base_model=args.pretrained_model_name_or_path,

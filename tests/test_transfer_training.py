@@ -1,0 +1,295 @@
+"""Diff-Tuning and DeMe through train_ant.py (issues 11 and 12): the sources of a batch, the frozen
+teacher, exact resume, two processes, and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from trainer_utils import (
+    TINY_RUN,
+    assert_same_tensors,
+    load_safetensors_dir,
+    offline_env,
+    run_script,
+    train_in_process,
+)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A pretrained tiny class-conditional DiT (pixel space, 16x16, 10 classes) and a tiny UNet, as saved pipelines."""
+    from diffusers_ant.models import get_model_adapter
+
+    folders = {}
+    for model_type, kwargs in (("dit", {"num_classes": 10}), ("unet", {})):
+        torch.manual_seed(0)
+        adapter = get_model_adapter(model_type).load(model_config_name_or_path="tiny", resolution=16, num_channels=1,
+                                                     **kwargs)
+        folder = tmp_path_factory.mktemp(f"pretrained-{model_type}")
+        adapter.save(str(folder))
+        folders[model_type] = folder
+    return folders
+
+
+@pytest.fixture(scope="module")
+def bank(pretrained, tmp_path_factory):
+    from diffusers_ant.diff_tuning import build_knowledge_bank
+
+    folder = tmp_path_factory.mktemp("bank") / "bank"
+    build_knowledge_bank(str(pretrained["dit"]), str(folder), num_images=24, num_inference_steps=2, batch_size=12,
+                         progress=False)
+    return folder
+
+
+def _run(pretrained, out, *extra, model_type="dit"):
+    args = ["--model_type", model_type, "--dataset_name", "mnist5k", "--output_dir", str(out), *TINY_RUN,
+            "--pretrained_model_name_or_path", str(pretrained[model_type]), *extra]
+    i = args.index("--model_config_name_or_path")
+    del args[i:i + 2]
+    return args
+
+
+def _weights(folder):
+    return {k: v for k, v in load_safetensors_dir(folder).items() if not k.startswith("checkpoint-")}
+
+
+# --------------------------------------------------------------------------- the sources of a batch
+
+
+def test_each_micro_batch_carries_the_bank_share_exactly():
+    from diffusers_ant.training import parse_args
+    from diffusers_ant.training.loop import compose_sources, retention_rows
+
+    args = parse_args(["--dataset_name", "mnist5k", "--pretrained_model_name_or_path", os.getcwd(),
+                       "--retention", "kd", "--train_batch_size", "10", "--bank_fraction", "0.3"])
+    batch = {"pixel_values": torch.arange(10.0).view(10, 1, 1, 1), "class_labels": torch.arange(10)}
+    parts = compose_sources(args, batch, None)
+    assert retention_rows(args) == 3
+    assert parts["data"]["pixel_values"].shape[0] == 7 and parts["retention"]["pixel_values"].shape[0] == 3
+    assert torch.equal(torch.cat([parts["data"]["class_labels"], parts["retention"]["class_labels"]]), torch.arange(10))
+
+
+@pytest.mark.slow
+def test_bank_run_trains_both_sources_with_their_densities(pretrained, bank, tmp_path, monkeypatch):
+    """Every optimizer step sees round(B f) bank rows per micro-batch; retention timesteps lean to
+    low noise, reconsolidation ones to high noise; bank rows train the null class."""
+    from diffusers_ant.training import step as step_module
+
+    seen = []
+    original = step_module.DiffusionObjective.prepare
+
+    def recording(self, batch, generator, chunk_size=None):
+        prepared = original(self, batch, generator, chunk_size)
+        seen.append((prepared["task_ids"].clone(), prepared["t"].clone(), prepared["conditioning"]["class_labels"].clone()))
+        return prepared
+
+    monkeypatch.setattr(step_module.DiffusionObjective, "prepare", recording)
+    out = tmp_path / "dt"
+    train_in_process(_run(pretrained, out, "--knowledge_bank", str(bank), "--max_train_steps", "12",
+                          "--train_batch_size", "10", "--gradient_accumulation_steps", "2", "--num_clusters", "1"))
+    assert len(seen) == 12
+    null_class = 10
+    data_t, bank_t, data_nulls = [], [], []
+    for task_ids, t, labels in seen:
+        assert int((task_ids == 1).sum()) == 2 * 2 and int((task_ids == 0).sum()) == 2 * 8  # GA 2 x (8 data + 2 bank)
+        assert torch.all(labels[task_ids == 1] == null_class)
+        data_nulls.append(labels[task_ids == 0] == null_class)  # DiT's own 10% label dropout only
+        data_t.append(t[task_ids == 0])
+        bank_t.append(t[task_ids == 1])
+    assert torch.cat(data_nulls).float().mean() < 0.25
+    # E[t] is 2T/3 under (t + 1) and T/3 under (T - t): far apart on 192 + 48 draws
+    assert torch.cat(data_t).float().mean() > 550 and torch.cat(bank_t).float().mean() < 450
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["knowledge_bank"] == os.path.relpath(bank, out)  # portable, never this machine's path
+
+
+@pytest.mark.slow
+def test_kd_target_is_the_frozen_models_output_and_the_teacher_never_changes(pretrained, tmp_path, monkeypatch):
+    from diffusers_ant import teacher as teacher_module
+    from diffusers_ant.training import step as step_module
+
+    teachers, checks = [], []
+    original_init = teacher_module.FrozenTeacher.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        teachers.append((self, {k: v.clone() for k, v in self.model.state_dict().items()}))
+
+    original = step_module.DiffusionObjective._prepare_source
+
+    def recording(self, index, source, batch, generator, chunk_size):
+        prepared = original(self, index, source, batch, generator, chunk_size)
+        if source.target == "teacher":
+            with torch.no_grad():
+                expected = self.adapter.predict(self.teacher.model, prepared["x_t"], prepared["model_t"],
+                                                prepared["conditioning"]).float()
+            checks.append((prepared["target"] - expected).abs().max().item())
+        return prepared
+
+    monkeypatch.setattr(teacher_module.FrozenTeacher, "__init__", init)
+    monkeypatch.setattr(step_module.DiffusionObjective, "_prepare_source", recording)
+    out = tmp_path / "kd"
+    train_in_process(_run(pretrained, out, "--retention", "kd", "--max_train_steps", "3", "--learning_rate", "1e-2",
+                          "--checkpointing_steps", "2"))
+    assert checks and max(checks) == 0.0
+    (teacher, before), = teachers
+    for key, value in teacher.model.state_dict().items():
+        assert torch.equal(value, before[key]), f"the teacher's {key} changed"
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    # the student moved away from the pretrained weights; the teacher is in no checkpoint nor output
+    student = _weights(out / "transformer")
+    assert any((student[k] - v).abs().max() > 0 for k, v in _weights(pretrained["dit"] / "transformer").items()
+               if k in student)
+    saved = load_safetensors_dir(out)
+    assert len([k for k in saved if k.startswith("transformer/")]) == len(before)  # the student only
+    checkpoint = load_safetensors_dir(out / "checkpoint-2")
+    assert not any("teacher" in k for k in checkpoint)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["bank", "kd", "deme"])
+def test_transfer_runs_resume_exactly(variant, pretrained, bank, tmp_path, capsys):
+    """20 steps straight == 10 + resume mid-epoch + 10 (24 samples at batch 8: 3 batches an epoch),
+    with EMA and UW, for a bank run, a distillation run and a DeMe interval run (with its channel projection)."""
+    extra = {"bank": ["--knowledge_bank", str(bank)], "kd": ["--retention", "kd", "--finetune", "difffit"],
+             "deme": ["--deme_interval", "2", "--num_clusters", "4", "--clustering", "timestep",
+                      "--channel_projection"]}[variant]
+    common = [*extra, "--mtl_method", "uw", "--use_ema", "--checkpointing_steps", "10", "--max_train_samples", "24",
+              "--num_validation_images", "1"]
+    straight = tmp_path / "straight"
+    train_in_process(_run(pretrained, straight, *common, "--max_train_steps", "20"))
+    resumed = tmp_path / "resumed"
+    train_in_process(_run(pretrained, resumed, *common, "--max_train_steps", "11"))
+    capsys.readouterr()
+    train_in_process(_run(pretrained, resumed, *common, "--max_train_steps", "20", "--resume_from_checkpoint",
+                          "checkpoint-10"))
+    assert "resuming from" in capsys.readouterr().out
+    a, b = _weights(straight), _weights(resumed)
+    assert_same_tensors(a, b)
+    if variant == "deme":
+        assert (straight / "channel_projection.safetensors").is_file()
+    if variant == "kd":  # DiffFit's scales are folded into the saved weights: plain diffusers loads them
+        assert not any("difffit" in k for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["bank", "deme"])
+def test_two_process_transfer_runs_keep_the_processes_identical(variant, pretrained, bank, tmp_path):
+    extra = {"bank": ["--knowledge_bank", str(bank), "--mtl_method", "pcgrad"],
+             "deme": ["--deme_interval", "1", "--num_clusters", "4", "--clustering", "timestep", "--mtl_method", "uw"]}
+    out = tmp_path / variant
+    result = run_script(_run(pretrained, out, *extra[variant], "--max_train_steps", "3", "--checkpointing_steps", "2"),
+                        launcher=["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                                  "no", "--dynamo_backend", "no", "--main_process_port", "0"],
+                        env=offline_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Accelerate's checkpoint holds process 0's model; each process's own trainer state must agree on
+    # everything that is shared (the step, the weighting's state, EMA)
+    from safetensors.torch import load_file
+
+    states = [load_file(out / "checkpoint-2" / f"trainer_state_{rank}.safetensors") for rank in (0, 1)]
+    shared = [k for k in states[0] if not k.startswith(".generator")]
+    assert shared
+    for key in shared:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+# --------------------------------------------------------------------------- DeMe pieces
+
+
+def test_consistency_loss_is_zero_when_the_student_is_the_teacher():
+    from diffusers_ant.clustering import TimestepIntervals
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.teacher import FrozenTeacher
+    from diffusers_ant.timesteps import UniformTimestepSampler
+    from diffusers_ant.training.step import DiffusionObjective, Source
+
+    adapter = get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1)
+    teacher = FrozenTeacher(adapter)
+    intervals = TimestepIntervals([(0, 999)], 1000)
+    batch = {"pixel_values": torch.rand(6, 1, 8, 8) * 2 - 1}
+    losses = {}
+    for weight in (0.0, 1.0):
+        objective = DiffusionObjective(adapter, adapter.noise_scheduler, None, intervals, teacher=teacher,
+                                       sources=[Source("data", UniformTimestepSampler(1000), consistency=weight)])
+        prepared = objective.prepare(batch, torch.Generator().manual_seed(0))
+        losses[weight] = objective.loss_fn(adapter.model, prepared)(torch.arange(6))
+    torch.testing.assert_close(losses[0.0], losses[1.0], rtol=0, atol=0)
+    with torch.no_grad():
+        for p in adapter.model.parameters():
+            p.add_(0.01)  # the student moves away: the consistency term appears
+    objective = DiffusionObjective(adapter, adapter.noise_scheduler, None, intervals, teacher=teacher,
+                                   sources=[Source("data", UniformTimestepSampler(1000), consistency=1.0)])
+    prepared = objective.prepare(batch, torch.Generator().manual_seed(0))
+    plain = DiffusionObjective(adapter, adapter.noise_scheduler, UniformTimestepSampler(1000), intervals)
+    plain_prepared = plain.prepare(batch, torch.Generator().manual_seed(0))  # the same draws, no teacher
+    assert torch.equal(plain_prepared["x_t"], prepared["x_t"])
+    assert (objective.loss_fn(adapter.model, prepared)(torch.arange(6))
+            > plain.loss_fn(adapter.model, plain_prepared)(torch.arange(6))).all()
+
+
+def test_global_draws_happen_at_rate_p_per_batch():
+    """DeMe's probabilistic sampling: whole-range batches at rate p (binomial test), per batch or per sample."""
+    from scipy.stats import binomtest
+
+    from diffusers_ant.timesteps import IntervalTimestepSampler
+
+    g = torch.Generator().manual_seed(0)
+    per_batch = IntervalTimestepSampler(0, 99, 1000, p_full=0.3, per_batch=True)
+    outside = [bool((per_batch.sample(64, generator=g) > 99).any()) for _ in range(2000)]
+    assert binomtest(sum(outside), len(outside), 0.3).pvalue > 1e-3
+    per_sample = IntervalTimestepSampler(0, 99, 1000, p_full=0.3)
+    draws = per_sample.sample(50_000, generator=g)
+    # a global draw lands outside [0, 99] with probability 0.9
+    assert binomtest(int((draws > 99).sum()), len(draws), 0.3 * 0.9).pvalue > 1e-3
+
+
+# --------------------------------------------------------------------------- one-line errors
+
+BAD = [
+    (["--knowledge_bank", "/no/such/bank"], "does not exist"),
+    (["--retention", "kd", "--bank_fraction", "1.0"], "--bank_fraction"),
+    (["--retention", "kd", "--bank_fraction", "0"], "--bank_fraction"),
+    (["--retention", "kd", "--bank_weight", "-1"], "--bank_weight"),
+    (["--retention", "kd", "--finetune", "difffit", "--rank", "4"], "--rank"),
+    (["--deme_interval", "7", "--num_clusters", "4"], "--deme_interval"),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD)
+def test_bad_transfer_flags_fail_in_one_line(extra, needle, pretrained, tmp_path, capsys):
+    from train_scripts_loader import load_train_main
+
+    with pytest.raises(SystemExit):
+        load_train_main()(_run(pretrained, tmp_path / "o", *extra, "--max_train_steps", "1"))
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+@pytest.mark.parametrize("extra,needle", [(["--retention", "kd"], "--pretrained_model_name_or_path"),
+                                          (["--deme_interval", "0"], "--pretrained_model_name_or_path")])
+def test_transfer_needs_a_pretrained_model(extra, needle, tmp_path, capsys):
+    from train_scripts_loader import load_train_main
+
+    with pytest.raises(SystemExit):
+        load_train_main()(["--dataset_name", "mnist5k", "--output_dir", str(tmp_path), *TINY_RUN, *extra])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+@pytest.mark.slow
+def test_a_bank_of_another_resolution_or_model_type_is_refused(pretrained, bank, tmp_path, capsys):
+    from train_scripts_loader import load_train_main
+
+    main = load_train_main()
+    for extra, needle in ((["--resolution", "8"], "--resolution"), ([], "dit")):
+        model_type = "unet" if not extra else "dit"
+        with pytest.raises(SystemExit):
+            main(_run(pretrained, tmp_path / "o", "--knowledge_bank", str(bank), "--max_train_steps", "1", *extra,
+                      model_type=model_type))
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert needle in err and "bank" in err, err
