@@ -293,3 +293,68 @@ def test_a_bank_of_another_resolution_or_model_type_is_refused(pretrained, bank,
                       model_type=model_type))
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert needle in err and "bank" in err, err
+
+
+# --------------------------------------------------------------------------- train_deme.py
+
+
+@pytest.mark.slow
+def test_train_deme_interrupted_in_interval_two_continues_there_and_merges(pretrained, tmp_path):
+    import subprocess
+    import sys
+
+    from trainer_utils import REPO
+
+    out = tmp_path / "deme"
+    trainer = [a for a in TINY_RUN]
+    for flag in ("--num_clusters", "--model_config_name_or_path"):  # train_deme sets one, the base is pretrained
+        del trainer[trainer.index(flag):trainer.index(flag) + 2]
+
+    def deme_command(num_intervals, *weights):
+        return [sys.executable, os.path.join(REPO, "train_scripts", "train_deme.py"),
+                "--pretrained_model_name_or_path", str(pretrained["unet"]), "--num_intervals", str(num_intervals),
+                "--output_dir", str(out), "--weights", *weights, "--",
+                "--dataset_name", "mnist5k", *trainer, "--max_train_steps", "6", "--checkpointing_steps", "2"]
+
+    command = deme_command(3, "0.2", "0.3", "0.5")
+    first = subprocess.run(command, env=offline_env(DIFFUSERS_ANT_DEME_CRASH="2:4"), capture_output=True, text=True,
+                           timeout=600)
+    # the run dies while interval 2 writes checkpoint-4 (after checkpoint-2 was complete)
+    assert first.returncode != 0 and "interval 2 stopped" in first.stderr, first.stderr[-2000:]
+    progress = json.loads((out / "deme_progress.json").read_text())
+    assert progress["done"] == [0, 1]
+    assert (out / "interval-2" / "checkpoint-2").is_dir() and not (out / "merged").exists()
+    finished = {i: (out / f"interval-{i}" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+                for i in (0, 1)}
+
+    second = subprocess.run(command, env=offline_env(), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "already trained; continuing with [2]" in second.stdout
+    assert "resuming from" in (out / "interval-2" / "train.log").read_text()
+    for i, mtime in finished.items():  # intervals 0 and 1 were not trained again
+        assert (out / f"interval-{i}" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
+    record = json.loads((out / "merged" / "deme_merge.json").read_text())
+    assert record["weights"] == [0.2, 0.3, 0.5] and [f["interval"] for f in record["finetunes"]] == [
+        list(b) for b in json.loads((out / "interval-0" / "timestep_intervals.json").read_text())["bounds"]]
+
+    # the same output folder with other settings is refused in one line
+    other = subprocess.run(deme_command(4, "0.25", "0.25", "0.25", "0.25"), env=offline_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert other.returncode != 0 and len(other.stderr.strip().splitlines()) == 1 and "num_intervals" in other.stderr
+
+
+def test_train_deme_refuses_flags_it_sets_and_wrong_weights(tmp_path, capsys):
+    import importlib.util
+
+    from trainer_utils import REPO
+
+    spec = importlib.util.spec_from_file_location("train_deme", os.path.join(REPO, "train_scripts", "train_deme.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = ["--pretrained_model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--num_intervals", "4"]
+    for argv, needle in ((base + ["--", "--deme_interval", "1"], "--deme_interval"),
+                         (base + ["--weights", "0.5", "0.5"], "--weights has 2 values")):
+        with pytest.raises(SystemExit):
+            module.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
