@@ -207,7 +207,7 @@ def portable_config(config: Mapping[str, Any], output_dir: str | os.PathLike) ->
 # ------------------------------------------------------------------------------------ model card
 
 
-def _template_path() -> Path:
+def _template_path(name: str = TEMPLATE_NAME) -> Path:
     """The card template, both in a source checkout / editable install and in a regular install.
 
     The design keeps templates in the repository's `model_cards/`. An editable install (and a plain
@@ -216,12 +216,12 @@ def _template_path() -> Path:
     as `diffusers_ant/model_cards/`; that location is tried first.
     """
     package_dir = Path(__file__).resolve().parent
-    candidates = [package_dir / "model_cards" / TEMPLATE_NAME, package_dir.parent / "model_cards" / TEMPLATE_NAME]
+    candidates = [package_dir / "model_cards" / name, package_dir.parent / "model_cards" / name]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"model card template {TEMPLATE_NAME} not found in {[str(c.parent) for c in candidates]}: "
+        f"model card template {name} not found in {[str(c.parent) for c in candidates]}: "
         "reinstall diffusers_ant (pip install -e .)"
     )
 
@@ -521,8 +521,16 @@ def training_summary(args: Any, intervals: Any, global_step: int, resolution: in
     })
     if args.rank is not None:
         summary["lora_alpha"] = args.lora_alpha if args.lora_alpha is not None else args.rank
-    if getattr(args, "validation_prompt", None):
-        summary["validation_prompt"] = args.validation_prompt
+    prompt = getattr(args, "validation_prompt", None)
+    if prompt:  # the card's snippet shows the first of the validation prompts
+        summary["validation_prompt"] = prompt[0] if isinstance(prompt, (list, tuple)) else prompt
+    if getattr(args, "finetune", None) not in (None, "full", "lora"):
+        summary["finetune"] = args.finetune
+    if getattr(args, "deme_interval", None) is not None:
+        bounds_i = bounds[args.deme_interval]
+        summary.update(deme_interval=args.deme_interval, deme_timesteps=list(bounds_i),
+                       consistency_weight=args.consistency_weight, deme_global_prob=args.deme_global_prob,
+                       channel_projection=args.channel_projection)
     return summary
 
 
@@ -541,6 +549,8 @@ def write_model_card(
     pipeline_class: str | None = None,
     usage_snippet: str | None = None,
     validation_prompt: str | None = None,
+    template: str = TEMPLATE_NAME,
+    template_values: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `output_dir/README.md`, the model card of a diffusers_ant training run; return its path.
 
@@ -573,6 +583,10 @@ def write_model_card(
         usage_snippet: overrides the whole `How to use` code.
         validation_prompt: the prompt of the snippet for `sd` / `controlnet` (default:
             `method_summary["validation_prompt"]`, else a generic one).
+        template: the card template's file name in `model_cards/` (`ant_template.md`; Diff-Tuning runs
+            use `diff_tuning_template.md`).
+        template_values: more values for the template (and overrides of the title / summary), e.g.
+            `diffusers_ant.diff_tuning.card.card_values(...)`.
 
     The `How to use` code is written for what the folder holds (write the card after saving the
     model): the pipeline class its `model_index.json` names (this project's class-conditional UNet
@@ -711,11 +725,11 @@ def write_model_card(
         pipeline_tag=info["pipeline_tag"],
         inference=True,
     )
+    values = dict(title=title, summary=summary_text)
+    values.update(template_values or {})
     card = ModelCard.from_template(
         card_data,
-        template_path=_template_path(),
-        title=title,
-        summary=summary_text,
+        template_path=_template_path(template),
         model_line=model_line,
         dataset_line=dataset_line,
         method_line=method_line,
@@ -728,6 +742,7 @@ def write_model_card(
         config_rows=config_rows,
         usage_snippet=usage_snippet,
         grid_file=grid_file,
+        **values,
     )
     card = populate_model_card(card, tags=tags)  # library_name: diffusers, and the tags
     path = output_dir / CARD_NAME

@@ -105,6 +105,8 @@ def test_bank_run_trains_both_sources_with_their_densities(pretrained, bank, tmp
     assert torch.cat(data_t).float().mean() > 550 and torch.cat(bank_t).float().mean() < 450
     config = json.loads((out / "training_config.json").read_text())
     assert config["knowledge_bank"] == os.path.relpath(bank, out)  # portable, never this machine's path
+    card = (out / "README.md").read_text()
+    assert "Knowledge retention" in card and "knowledge bank of 24 images" in card and "(T - t)^1" in card
 
 
 @pytest.mark.slow

@@ -620,7 +620,8 @@ def train(args) -> str:
     # ---------------------------------------------------------------- outputs
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs)
+        finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs, objective,
+               finetune)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return args.output_dir
@@ -708,7 +709,8 @@ def save_output(args, adapter, model) -> None:
     save_adapter_output(adapter, args.output_dir, model, lora=args.rank is not None)
 
 
-def finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs):
+def finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs, objective,
+           finetune):
     """Save the pipeline (or LoRA weights), samples, model card; push to the Hub if asked."""
     from ..hub import push_to_hub, training_summary, write_model_card
 
@@ -719,9 +721,20 @@ def finish(args, accelerator, adapter, model, ema, params, intervals, global_ste
         save_output(args, adapter, unwrapped)
         images, _ = validate(args, accelerator, adapter, model, None, params, global_step, validation_inputs)
     summary = training_summary(args, intervals, global_step, pixel_resolution(adapter))
+    card = {}
+    if args.diff_tuning:
+        from ..diff_tuning.card import TEMPLATE, card_values
+
+        manifest = None
+        if args.knowledge_bank is not None:
+            from ..diff_tuning import read_bank_manifest
+
+            manifest = read_bank_manifest(args.knowledge_bank)
+        card = dict(template=TEMPLATE, template_values=card_values(args, finetune, objective.task_names(),
+                                                                   args.output_dir, manifest))
     write_model_card(args.output_dir, repo_id=args.hub_model_id, base_model=args.pretrained_model_name_or_path,
                      model_type=args.model_type, method_summary=summary, dataset_name=args.dataset_name,
-                     images=images, lora=args.rank is not None)
+                     images=images, lora=args.rank is not None, **card)
     if args.push_to_hub:
         url = push_to_hub(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
                           token=args.hub_token, private=args.hub_private_repo)

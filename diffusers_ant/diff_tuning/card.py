@@ -1,0 +1,65 @@
+"""The values of the Diff-Tuning model card (`model_cards/diff_tuning_template.md`) for a `train_ant.py` run.
+
+`diffusers_ant.hub.write_model_card(..., template="diff_tuning_template.md", template_values=card_values(...))`
+fills the common parts (model, data, usage snippet, configuration); this adds what Diff-Tuning
+trained with: the retention source, the two timestep densities, lambda, the parameter-efficient
+mode, the tasks, the knowledge bank's manifest and, for ControlNet, the sudden-convergence step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .convergence import CONVERGENCE_FILE
+
+TEMPLATE = "diff_tuning_template.md"
+# manifest entries shown in the card (paths in it are already relative or Hub ids)
+_BANK_KEYS = ("source_model", "revision", "model_type", "num_images", "resolution", "channels", "scheduler",
+              "num_inference_steps", "guidance_scale", "seed", "package_version")
+
+
+def card_values(args, finetune_summary, task_names, output_dir: str, manifest: dict | None = None) -> dict:
+    """Template values for a Diff-Tuning run (`args`: the trainer's parsed arguments)."""
+    retention_kd = args.retention == "kd"
+    if retention_kd:
+        retention_line = "distillation: downstream images with the frozen pretrained model's prediction as target"
+    else:
+        images = (manifest or {}).get("num_images", "?")
+        retention_line = f"a knowledge bank of {images} images sampled once from the pretrained model"
+        retention_line += (", trained with their prompts" if args.bank_keep_prompts
+                           else ", training the unconditional branch (null class / empty prompt)")
+    retained = round(args.train_batch_size * args.bank_fraction)
+    tasks = []
+    for name in task_names:
+        source = name.split("/")[0]
+        retention = source in ("bank", "retention")
+        tasks.append({
+            "name": name,
+            "samples": f"{retained if retention else args.train_batch_size - retained} per micro-batch",
+            "timesteps": f"∝ (T - t)^{args.retention_exponent:g}" if retention else f"∝ (t + 1)^{args.reconsolidation_exponent:g}",
+        })
+    values = {
+        "finetune_line": finetune_summary.description,
+        "finetune_mode": finetune_summary.mode,
+        "retention": args.retention,
+        "retention_line": retention_line,
+        "retention_exponent": f"{args.retention_exponent:g}",
+        "reconsolidation_exponent": f"{args.reconsolidation_exponent:g}",
+        "bank_weight": f"{args.bank_weight:g}",
+        "bank_fraction": f"{args.bank_fraction:g}",
+        "lora_rank": args.rank,
+        "difffit_merged": finetune_summary.mode == "difffit",
+        "tasks": tasks,
+        "bank_rows": [(key, manifest[key]) for key in _BANK_KEYS if manifest and manifest.get(key) is not None],
+        "summary": ("A 🧨 diffusers model transferred to new data with Diff-Tuning (Zhong et al., NeurIPS 2024), "
+                    "trained with diffusers_ant: knowledge retention at low noise, reconsolidation at high noise."),
+    }
+    convergence_file = os.path.join(output_dir, CONVERGENCE_FILE)
+    if os.path.isfile(convergence_file):
+        with open(convergence_file, encoding="utf-8") as f:
+            record = json.load(f)
+        values.update(convergence_step=record.get("converged_step"), convergence_extractor=args.condition_extractor,
+                      convergence_distance=args.convergence_distance, convergence_threshold=args.convergence_threshold,
+                      convergence_every=args.convergence_steps)
+    return values
