@@ -360,3 +360,20 @@ def test_train_deme_refuses_flags_it_sets_and_wrong_weights(tmp_path, capsys):
             module.main(argv)
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
+
+
+@pytest.mark.slow
+def test_controlnet_sudden_convergence_is_tracked_and_resumed(tmp_path, capsys):
+    """--track_convergence: every N steps the condition re-extracted from samples is compared with the
+    input; the history survives a resume and the first step under the threshold is recorded."""
+    out = tmp_path / "cn"
+    args = ["--model_type", "controlnet", "--dataset_name", "mnist5k_captions", "--output_dir", str(out), *TINY_RUN,
+            "--track_convergence", "--convergence_steps", "1", "--convergence_threshold", "1e9",
+            "--checkpointing_steps", "2"]
+    train_in_process([*args, "--max_train_steps", "3"])
+    record = json.loads((out / "convergence.json").read_text())
+    assert [entry["step"] for entry in record["history"]] == [1, 2, 3]
+    assert record["converged_step"] == 1  # every distance is below a huge threshold
+    train_in_process([*args, "--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-2"])
+    record = json.loads((out / "convergence.json").read_text())
+    assert [entry["step"] for entry in record["history"]] == [1, 2, 3, 4]

@@ -601,12 +601,12 @@ def train(args) -> str:
                                  w=None if logs["weights"] is None else " ".join(f"{w:.2f}" for w in logs["weights"].tolist()))
             accelerator.log(record, step=global_step)
 
+            if tracker is not None and tracker.should_check(global_step):  # before the checkpoint, which records it
+                check_convergence(args, accelerator, adapter, model, tracker, global_step, validation_inputs)
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
                 path = save_checkpoint(accelerator, args.output_dir, global_step, trainer_state(global_step),
                                        args.checkpoints_total_limit)
                 accelerator.print(f"saved {path}")
-            if tracker is not None and tracker.should_check(global_step):
-                check_convergence(args, accelerator, adapter, model, tracker, global_step, validation_inputs)
             if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
                 validate(args, accelerator, adapter, model, ema, params, global_step, validation_inputs)
             if global_step >= args.max_train_steps:
