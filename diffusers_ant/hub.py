@@ -441,7 +441,7 @@ def _call_code(code: _Snippet, model_type: str, facts: dict, prompt: str, resolu
             code.lines.append("images = pipe(class_labels=[1, 1, 1, 1], guidance_scale=1.0, num_inference_steps=50).images")
         elif num_classes and not own and num_classes != 1000:
             labels = [i % num_classes for i in range(4)]
-            code.lines.append(f"# DiTPipeline's guidance assumes ImageNet's null class 1000: sample without it")
+            code.lines.append("# DiTPipeline's guidance assumes ImageNet's null class 1000: sample without it")
             code.lines.append(f"images = pipe(class_labels={labels}, guidance_scale=1.0, num_inference_steps=50).images")
         else:
             labels = [i % num_classes for i in range(4)] if num_classes else [0, 1, 2, 3]

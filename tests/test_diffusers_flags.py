@@ -87,7 +87,7 @@ def test_flags_that_need_a_package_or_a_model_type_fail_in_one_line(extra, needl
 def test_lr_cycles_and_power_reach_the_scheduler():
     """--lr_scheduler polynomial --lr_power 2 decays quadratically; cosine_with_restarts restarts."""
     from diffusers_ant.training import parse_args
-    from diffusers_ant.training.loop import build_lr_scheduler
+    from diffusers_ant.training.components import build_lr_scheduler
 
     def lrs(*flags):
         args = parse_args(["--dataset_name", "mnist5k", "--max_train_steps", "10", "--learning_rate", "1.0", *flags])
@@ -192,7 +192,7 @@ def test_variant_reaches_the_controlnet_folder(tmp_path):
 def test_uw_log_variances_keep_their_constant_learning_rate_under_the_schedule():
     """ANT trains UW's log-variances at a constant lr 0.025: warm-up and cosine decay apply to the model only."""
     from diffusers_ant.training import parse_args
-    from diffusers_ant.training.loop import build_lr_scheduler
+    from diffusers_ant.training.components import build_lr_scheduler
     from diffusers_ant.weighting import get_weighting
 
     args = parse_args(["--dataset_name", "mnist5k", "--max_train_steps", "10", "--lr_scheduler", "cosine",
