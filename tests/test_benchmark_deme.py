@@ -69,7 +69,7 @@ def test_every_training_row_parses_with_train_ant_at_equal_total_steps(pretraine
             parsed = parse_args(train_deme.interval_command(deme_args, trainer_args, i)[2:])
             assert parsed.deme_interval == i and parsed.num_clusters == 4 and parsed.clustering == "timestep"
             assert parsed.max_train_steps == args.interval_steps and parsed.seed == seed
-            assert parsed.deme_global_prob == pytest.approx(0.3)
+            assert parsed.deme_global_prob == pytest.approx(0.3) and parsed.deme_sampling == "per_batch"
             assert parsed.consistency_weight == (0.0 if config == "deme_prob" else 1.0)
             assert parsed.channel_projection == (config == "deme")
         seen.add(config)
@@ -98,7 +98,7 @@ def test_merge_rows_parse_and_the_search_uses_its_own_reference_and_noise(pretra
         else:
             assert parsed.search == "coordinate" and parsed.search_values == [0, 0.25, 0.5, 0.75, 1]
             assert parsed.train_data_dir == bench.reference_dir(args, "search") != bench.reference_dir(args, "eval")
-            assert parsed.num_real == 1000 and parsed.num_samples == 500
+            assert parsed.num_real == 1000 and parsed.num_samples == 500 and parsed.feature_extractor == "mnist5k"
             assert parsed.seed == seed + bench.SEARCH_SEED_OFFSET  # other noise than the evaluation's (seed)
     settings = bench.eval_settings(args)
     assert settings["reference"].endswith(os.path.join("references", "eval")) and settings["num_real"] == 4000
@@ -214,6 +214,20 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path):
         bench.check_settings(bench.parse_args(["--output_dir", out, "--quick", "--interval_steps", "11"]))
 
 
+def test_a_failed_run_stops_with_one_line_and_is_recorded(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+
+    def failing(args, command, started):
+        raise RuntimeError("continued vanilla seed 0 failed (exit code 1): see x/train.log")
+
+    monkeypatch.setattr(bench, "run", failing)
+    with pytest.raises(SystemExit, match=r"error: continued vanilla seed 0 failed .* see x/train.log; fix it") as info:
+        bench.main(["--quick", "--output_dir", out])
+    assert "\n" not in str(info.value)
+    with open(os.path.join(out, "invocations.json")) as f:
+        assert json.load(f)[-1]["status"] == "stopped"
+
+
 # ------------------------------------------------------------------------------------ summaries
 
 
@@ -251,17 +265,20 @@ def test_tables_and_target_check_on_constructed_results(pretrained):
     rungs = bench.summarise_ladder(args, results)
     assert [r["row"] for r in rungs] == ["continued_vanilla", "ablation_deme_prob", "ablation_deme_consistency", "deme_merged"]
     assert rungs[2]["vs_previous"]["differences"] == pytest.approx([-1.0]) and rungs[2]["vs_previous"]["low"] is None
+    assert rungs[1]["fid"]["n"] == 1
     assert rungs[3]["vs_n1"]["differences"] == pytest.approx([results["deme_merged"][0]["fid"] - results["continued_vanilla"][0]["fid"]])
     searches = {"deme": {0: {"weights": [0.0, 0.25, 0.5, 1.0], "search_fid": 20.0, "equal_search_fid": 22.0, "evaluations": 17}}}
     references = {"search": {"num_images": 1000}, "eval": {"num_images": 4000}, "split": "a split"}
-    timing = {"wall_seconds": 600.0, "train_run_seconds": 1200.0, "merge_run_seconds": 300.0}
+    timing = {"wall_seconds": 600.0, "all_invocations_wall_seconds": 900.0, "train_run_seconds": 1200.0,
+              "merge_run_seconds": 300.0}
     text = bench.markdown(args, table, paired, relative, rungs, searches, check, "ab" * 32, references,
                           "python train_scripts/benchmark_deme.py --pretrained x", timing)
     assert "| DeMe merged, searched weights | 4 x 250 |" in text and "| continued fine-tuning, vanilla | 1000 |" in text
     assert "(control)" in text and "**met**" in text and "abababababab" in text
     assert "| + channel projection (= DeMe) |" in text and "(no interval)" in text
+    assert "| N = 4, + probabilistic sampling (p 0.3) | 29.00 | -" in text  # one seed: no spread shown
     assert "[0, 0.25, 0.5, 1]" in text and "22.000" in text
-    assert "Command: `python train_scripts/benchmark_deme.py --pretrained x`" in text and "10.0 min" in text
+    assert "Command: `python train_scripts/benchmark_deme.py --pretrained x`" in text and "10.0 min this invocation, 15.0 min over all" in text
     # the other way round: the merged model worse than continued fine-tuning is reported as such
     worse = _results(dict(shift, deme_merged=+4.0))
     table, paired, relative = bench.summarise(worse)

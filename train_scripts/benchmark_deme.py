@@ -49,7 +49,6 @@ wall time, the target check).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -72,19 +71,17 @@ SEARCH_SEED_OFFSET = 10000  # the search samples other noise than the evaluation
 GLOBAL_PROB = 0.3  # DeMe's probabilistic sampling (the authors' scripts)
 CONSISTENCY_WEIGHT = 1.0  # DeMe's consistency loss (the paper)
 
-# DeMe's trainings: the full method and the rungs of the ablation ladder below it (flags of train_ant.py).
+# DeMe's trainings: the full method and the rungs of the ablation ladder below it. All use N equal
+# intervals and probabilistic sampling; `deme_flags` turns an entry into train_ant.py flags.
 DEME_CONFIGS = {
-    "deme": {"flags": ["--consistency_weight", str(CONSISTENCY_WEIGHT), "--deme_global_prob", str(GLOBAL_PROB),
-                       "--channel_projection"],
+    "deme": {"consistency": True, "projection": True,
              "label": "probabilistic sampling, consistency loss, channel projection"},
-    "deme_prob": {"flags": ["--consistency_weight", "0", "--deme_global_prob", str(GLOBAL_PROB)],
-                  "label": "probabilistic sampling only"},
-    "deme_consistency": {"flags": ["--consistency_weight", str(CONSISTENCY_WEIGHT), "--deme_global_prob", str(GLOBAL_PROB)],
-                         "label": "probabilistic sampling, consistency loss"},
+    "deme_prob": {"consistency": False, "projection": False, "label": "probabilistic sampling only"},
+    "deme_consistency": {"consistency": True, "projection": False, "label": "probabilistic sampling, consistency loss"},
 }
 ABLATION_CONFIGS = ("deme_prob", "deme_consistency")
 
-# The rows of the main table, in order: (row, what it is).
+# The rows of the main table, in order (labels: `row_label`).
 MAIN_ROWS = ("pretrained", *(f"continued_{m}" for m in CONTINUED), "deme_ensemble", "deme_equal", "deme_merged")
 CONTROL = "continued_vanilla"
 METRICS = ("fid", "kid_mean", "precision", "recall")
@@ -236,7 +233,7 @@ def ladder(args) -> list:
 
 
 def row_label(args, row) -> str:
-    n, s = args.num_intervals, args.interval_steps
+    n = args.num_intervals
     if row == "pretrained":
         return "pretrained (no fine-tuning)"
     if row.startswith("continued_"):
@@ -290,8 +287,15 @@ def deme_command(args, config, seed) -> list:
     """train_deme.py: the N interval fine-tunes (no merge: the merges are separate runs)."""
     return [sys.executable, os.path.join(HERE, "train_deme.py"), "--pretrained_model_name_or_path", pretrained_dir(args),
             "--num_intervals", str(args.num_intervals), "--output_dir", deme_dir(args, config, seed), "--no_merge", "--",
-            *_finetune_flags(args, seed, args.interval_steps), "--clustering", "timestep",
-            *DEME_CONFIGS[config]["flags"]]
+            *_finetune_flags(args, seed, args.interval_steps), "--clustering", "timestep", *deme_flags(config)]
+
+
+def deme_flags(config) -> list:
+    """train_ant.py's DeMe flags of a configuration (the interval itself is set by train_deme.py)."""
+    entry = DEME_CONFIGS[config]
+    flags = ["--consistency_weight", str(CONSISTENCY_WEIGHT if entry["consistency"] else 0.0),
+             "--deme_global_prob", str(GLOBAL_PROB), "--deme_sampling", "per_batch"]
+    return flags + (["--channel_projection"] if entry["projection"] else [])
 
 
 def merge_command(args, config, seed, kind) -> list:
@@ -304,6 +308,7 @@ def merge_command(args, config, seed, kind) -> list:
         return cmd + ["--weights", *[str(1.0 / args.num_intervals)] * args.num_intervals]
     return cmd + ["--search", "coordinate", "--search_values", *[f"{v:g}" for v in args.search_values],
                   "--search_rounds", str(args.search_rounds), "--train_data_dir", reference_dir(args, "search"),
+                  "--feature_extractor", DATASET,  # a folder has no domain of its own: MNIST-5k's classifier
                   "--num_samples", str(args.search_samples), "--num_real", str(args.search_real),
                   "--num_inference_steps", str(args.num_inference_steps), "--batch_size", str(args.eval_batch_size),
                   "--seed", str(seed + SEARCH_SEED_OFFSET)]
@@ -333,9 +338,8 @@ def plan(args) -> dict:
     train = sum(quality.SECONDS_PER_STEP.get(m, 0.15) * n * s + quality.SECONDS_PER_RUN for m in args.continued) * len(args.seeds)
     processes = len(args.continued) * len(args.seeds) + (0 if args.pretrained else 1)
     for config, _ in deme_trainings(args):
-        factor = (TEACHER_FACTOR if "--consistency_weight" in DEME_CONFIGS[config]["flags"]
-                  and float(DEME_CONFIGS[config]["flags"][1]) > 0 else 1.0)
-        factor *= PROJECTION_FACTOR if "--channel_projection" in DEME_CONFIGS[config]["flags"] else 1.0
+        factor = TEACHER_FACTOR if DEME_CONFIGS[config]["consistency"] else 1.0
+        factor *= PROJECTION_FACTOR if DEME_CONFIGS[config]["projection"] else 1.0
         train += n * (quality.SECONDS_PER_STEP["vanilla"] * factor * s + quality.SECONDS_PER_RUN)
         processes += n
     points = search_evaluations(n, args.search_values, args.search_rounds)
@@ -588,6 +592,8 @@ def target_check(results, table, confidence=0.95) -> dict:
 def _mean_sd(cell, digits=2):
     if cell["mean"] is None:
         return "-"
+    if cell["n"] == 1:
+        return f"{cell['mean']:.{digits}f}"
     sd = cell["sd"] if cell["sd"] is not None else 0.0
     return f"{cell['mean']:.{digits}f} ± {sd:.{digits}f}"
 
@@ -661,7 +667,9 @@ def markdown(args, table, paired, relative, rungs, searches, check, extractor_sh
               f"({references['search']['num_images']} images) only; every number above the search table is against the "
               f"evaluation reference ({references['eval']['num_images']} images). All models trained on all "
               f"{NUM_DATASET_IMAGES} images.", "", f"Command: `{command}`", "",
-              f"Wall time of this invocation: {timing['wall_seconds'] / 60:.1f} min; summed run times: training "
+              f"Wall time: {timing['wall_seconds'] / 60:.1f} min this invocation, "
+              f"{timing.get('all_invocations_wall_seconds', timing['wall_seconds']) / 60:.1f} min over all invocations "
+              f"of this benchmark folder (invocations.json); summed run times: training "
               f"{timing['train_run_seconds'] / 60:.1f} min, merges {timing['merge_run_seconds'] / 60:.1f} min "
               f"(process time, {args.workers} at a time)."]
     return "\n".join(lines)
@@ -683,10 +691,37 @@ def recorded_times(args) -> dict:
             "per_run_seconds": {k: None if v is None else round(v, 1) for k, v in per_run.items()}}
 
 
+def record_invocation(args, command, seconds, status="finished") -> float:
+    """Append this invocation to OUTPUT_DIR/invocations.json; return the wall seconds of all of them
+    (a resumed benchmark's wall time is the sum of its invocations)."""
+    path = os.path.join(args.output_dir, "invocations.json")
+    history = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            history = json.load(f)
+    history.append({"command": command, "phase": args.phase, "status": status, "wall_seconds": round(seconds, 1),
+                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    with open(path, "w") as f:
+        json.dump(history, f, indent=2)
+    return sum(entry["wall_seconds"] for entry in history)
+
+
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
     check_settings(args)
+    command = " ".join(["python", os.path.relpath(os.path.abspath(__file__)), *(sys.argv[1:] if argv is None else argv)])
+    try:
+        run(args, command, started)
+    except RuntimeError as err:  # a run failed: its log says why; one line here
+        record_invocation(args, command, time.time() - started, status="stopped")
+        raise SystemExit(f"benchmark_deme.py: error: {err}; fix it and run the same command again to resume")
+    except KeyboardInterrupt:
+        record_invocation(args, command, time.time() - started, status="interrupted")
+        raise
+
+
+def run(args, command, started) -> None:
     config_path = os.path.join(args.output_dir, "bench_unet.json")
     with open(config_path, "w") as f:
         json.dump(quality.BENCH_UNET, f, indent=2)
@@ -704,6 +739,7 @@ def main(argv=None):
         merge_phase(args)
         timing["merge_wall_seconds"] = round(time.time() - start, 1)
     if "eval" not in phases:
+        record_invocation(args, command, time.time() - started)
         return
     from diffusers_ant.analysis.evaluate import resolve_feature_extractor
 
@@ -712,13 +748,13 @@ def main(argv=None):
     results = eval_phase(args, extractor_sha)
     timing["eval_wall_seconds"] = round(time.time() - start, 1)
     timing["wall_seconds"] = round(time.time() - started, 1)
+    timing["all_invocations_wall_seconds"] = round(record_invocation(args, command, timing["wall_seconds"]), 1)
     timing.update(recorded_times(args))
 
     table, paired, relative = summarise(results, args.confidence)
     rungs = summarise_ladder(args, results, args.confidence) if args.ablation_seeds else []
     check = target_check(results, table, args.confidence)
     searches = search_records(args)
-    command = " ".join(["python", os.path.relpath(os.path.abspath(__file__)), *(sys.argv[1:] if argv is None else argv)])
     text = markdown(args, table, paired, relative, rungs, searches, check, extractor_sha, references, command, timing)
     print(text)
     record = {"command": command, "args": vars(args), "plan": estimate, "references": references,
