@@ -377,3 +377,27 @@ def test_controlnet_sudden_convergence_is_tracked_and_resumed(tmp_path, capsys):
     train_in_process([*args, "--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-2"])
     record = json.loads((out / "convergence.json").read_text())
     assert [entry["step"] for entry in record["history"]] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_controlnet_diff_tuning_with_a_bank_of_its_own_samples(tmp_path):
+    """A ControlNet bank (samples beside their conditioning images) trains through --knowledge_bank:
+    the bank rows carry their conditioning images, and the card records the bank."""
+    from diffusers_ant.diff_tuning import build_knowledge_bank
+    from diffusers_ant.diff_tuning.bank import ConditioningImages
+    from diffusers_ant.models import get_model_adapter
+
+    pretrained = tmp_path / "controlnet"
+    adapter = get_model_adapter("controlnet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1)
+    adapter.save(str(pretrained))
+    bank = tmp_path / "bank"
+    conditions = ConditioningImages.from_dataset("mnist5k_captions", "conditioning_image", caption_column="text")
+    build_knowledge_bank(str(pretrained), str(bank), num_images=8, num_inference_steps=2, batch_size=4,
+                         conditioning=conditions, progress=False)
+    out = tmp_path / "transferred"
+    args = ["--model_type", "controlnet", "--dataset_name", "mnist5k_captions", "--output_dir", str(out), *TINY_RUN,
+            "--pretrained_model_name_or_path", str(pretrained), "--knowledge_bank", str(bank), "--max_train_steps", "2"]
+    i = args.index("--model_config_name_or_path")
+    del args[i:i + 2]
+    train_in_process(args)
+    assert (out / "config.json").is_file() and "knowledge bank of 8 images" in (out / "README.md").read_text()
