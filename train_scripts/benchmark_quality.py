@@ -31,9 +31,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
+
+from diffusers_ant.analysis.benchmark import (  # noqa: F401  (re-exported: benchmark_ntg.py and the tests use them)
+    BENCH_UNET,
+    SECONDS_PER_IMAGE_STEP,
+    SECONDS_PER_RUN,
+    format_difference as _difference,
+    format_mean_sd as _mean_sd,
+    run_logged,
+    run_parallel,
+    stored_metrics,
+    worker_init as _worker_init,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,26 +72,12 @@ METHODS = {
                        "clusters_on": "raw SNR", "sampling": "stratified"},
 }
 
-# A 0.27M-parameter UNet (ENVIRONMENT.md: about 0.1 s per step at batch 64 on 2 cores).
-BENCH_UNET = {
-    "block_out_channels": [16, 32, 32],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
-    "attention_head_dim": 8,
-    "norm_num_groups": 8,
-}
-
-# Planning figures for this project's 2-core CPU with one torch thread per process, two processes
-# at a time and nothing else running: seconds per training step at batch 64 (ENVIRONMENT.md: a
-# 1,000-step run of this UNet in 2.3 min; method ratios through train_ant.py with one thread: uw
-# 1.02x, nash_mtl 0.97x, pcgrad 1.47x), seconds per run outside the steps (start-up, validation
-# grids, saving), and seconds per DDIM step and image (measured: 5,000 DDIM-50 samples in 170 s).
-# `plan()` turns them into the estimate printed before a run; a busy machine is slower.
+# The bench UNet (0.27M parameters) and the planning figures of the 2-core CPU live in
+# diffusers_ant.analysis.benchmark, shared with the other benchmarks. Per method: seconds per training
+# step at batch 64 with one thread (through train_ant.py: uw 1.02x, nash_mtl 0.97x, pcgrad 1.47x of
+# vanilla); `plan()` turns them into the estimate printed before a run; a busy machine is slower.
 SECONDS_PER_STEP = {"vanilla": 0.14, "min_snr": 0.14, "p2": 0.14, "ant_ls": 0.14, "ant_uw": 0.14,
                     "ant_pcgrad": 0.21, "ant_nash": 0.14, "ant_uw_raw_snr": 0.14}
-SECONDS_PER_RUN = 25.0
-SECONDS_PER_IMAGE_STEP = 170.0 / (5000 * 50)
 
 METRICS = ("fid", "kid_mean", "precision", "recall")
 
@@ -172,56 +169,27 @@ def train_command(args, method, seed, run_dir, config_path, checkpoint_every=Non
 
 
 def train_run(cmd, run_dir, what) -> str:
-    """Run one train_ant.py command unless `run_dir` already holds its saved model."""
-    if os.path.isfile(os.path.join(run_dir, "model_index.json")):
-        return "kept"
-    # One thread per run, runs in parallel: on a small CPU, two runs with two threads each fight
-    # over the cores and each becomes several times slower (measured here: ~10x).
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    os.makedirs(run_dir, exist_ok=True)
-    start = time.time()
-    with open(os.path.join(run_dir, "train.log"), "w") as log:
-        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{what} failed: see {os.path.join(run_dir, 'train.log')}")
-    seconds = time.time() - start
-    with open(os.path.join(run_dir, "train_time.json"), "w") as f:
-        json.dump({"seconds": seconds}, f)
-    return f"{seconds:.0f}s"
-
-
-def run_parallel(fn, items, workers):
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, items))
+    """Run one train_ant.py command unless `run_dir` already holds its saved model (log: run_dir/train.log)."""
+    return run_logged(cmd, os.path.join(run_dir, "train.log"), os.path.join(run_dir, "model_index.json"), what)
 
 
 # ----------------------------------------------------------------------------------------- evaluation
 # Evaluations run in worker processes (one torch thread each); each process builds the reference
-# features once and keeps them.
-
-_REFERENCE = {}
-
-
-def _worker_init():
-    import torch
-    from diffusers.utils import logging as diffusers_logging
-
-    torch.set_num_threads(1)
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
+# features once and keeps them (diffusers_ant.analysis.benchmark.cached_reference).
 
 
 def reference_set(num_real, batch_size):
     """The ReferenceSet of `num_real` real MNIST-5k images (all 5,000 by default), cached per process."""
-    key = (num_real, batch_size)
-    if key not in _REFERENCE:
+
+    def build():
         from diffusers_ant.analysis.evaluate import ReferenceSet, real_images, resolve_feature_extractor
 
         real = real_images(DATASET, num_real, resolution=RESOLUTION, num_channels=1, seed=0)
-        _REFERENCE[key] = ReferenceSet(real, resolve_feature_extractor("domain", DATASET), batch_size=batch_size)
-    return _REFERENCE[key]
+        return ReferenceSet(real, resolve_feature_extractor("domain", DATASET), batch_size=batch_size)
+
+    from diffusers_ant.analysis.benchmark import cached_reference
+
+    return cached_reference(("quality", num_real, batch_size), build)
 
 
 def eval_settings(args, num_samples) -> dict:
@@ -266,20 +234,9 @@ def evaluate_task(task) -> dict:
     return metrics
 
 
-def stored_metrics(path, settings, extractor_sha):
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        metrics = json.load(f)
-    if metrics.get("settings") != settings or metrics.get("feature_extractor_sha256") != extractor_sha:
-        return None  # other settings or another feature extractor: evaluate again
-    return metrics
-
-
 def evaluate_all(args, runs, extractor_sha):
     """{method: {seed: metrics}} and {step: {seed: metrics}} (the vanilla curve), evaluating what is missing."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from diffusers_ant.analysis.benchmark import evaluation_pool
 
     final_settings = eval_settings(args, args.num_samples)
     curve_settings = eval_settings(args, args.curve_samples)
@@ -307,8 +264,7 @@ def evaluate_all(args, runs, extractor_sha):
                                                         "path": path, "checkpoint": os.path.join(run_dir, f"checkpoint-{step}")}))
     if tasks:
         print(f"evaluating {len(tasks)} sample sets with {args.workers} worker(s)", flush=True)
-        context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
-        with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_worker_init) as pool:
+        with evaluation_pool(args.workers) as pool:
             futures = [(kind, key, seed, pool.submit(evaluate_task, task)) for kind, key, seed, task in tasks]
             for i, (kind, key, seed, future) in enumerate(futures, 1):
                 metrics = future.result()
@@ -346,17 +302,6 @@ def summarise_curve(curve, confidence=0.95):
 
     return {int(step): t_interval([m["fid"] for m in per_seed.values()], confidence)
             for step, per_seed in sorted(curve.items()) if per_seed}
-
-
-def _mean_sd(cell, scale=1.0, digits=2):
-    sd = cell["sd"] if cell["sd"] is not None else 0.0
-    return f"{cell['mean'] * scale:.{digits}f} ± {sd * scale:.{digits}f}"
-
-
-def _difference(cell, scale=1.0, digits=2):
-    if cell["low"] is None:
-        return f"{cell['mean'] * scale:+.{digits}f} (no interval)"
-    return f"{cell['mean'] * scale:+.{digits}f} [{cell['low'] * scale:+.{digits}f}, {cell['high'] * scale:+.{digits}f}]"
 
 
 def markdown(table, paired, curve_summary, args, extractor_sha) -> str:
