@@ -251,8 +251,8 @@ def plot_convergence_curves(histories: dict, path: str, threshold: float | None 
         ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.3f}")
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
-    ax.set_title(title or "ControlNet: distance of the re-extracted condition (sudden convergence: first step "
-                 "below the threshold)", fontsize=9)
+    ax.set_title(title or "ControlNet: distance of the re-extracted condition to the input\n(sudden convergence: "
+                 "the first check below the threshold)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
