@@ -43,7 +43,6 @@ from diffusers_ant.analysis.benchmark import (  # noqa: F401  (re-exported: benc
     run_logged,
     run_parallel,
     stored_metrics,
-    worker_init as _worker_init,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
