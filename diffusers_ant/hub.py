@@ -226,7 +226,7 @@ def _template_path(name: str = TEMPLATE_NAME) -> Path:
     )
 
 
-def _is_hub_id(name: str | os.PathLike | None) -> bool:
+def is_hub_id(name: str | os.PathLike | None) -> bool:
     """True for a Hub repo id (`user/name` or `name`), False for None or a local path."""
     if not name:
         return False
@@ -329,7 +329,7 @@ class _Location:
     def join(self, recorded: str) -> "_Location":
         """The location of a base recorded in this one's JSON (relative to it, or a Hub id)."""
         local = self.local / recorded if self.local is not None and (self.local / recorded).is_dir() else None
-        if local is None and recorded != _BASE_MODEL_DIR and _is_hub_id(recorded):
+        if local is None and recorded != _BASE_MODEL_DIR and is_hub_id(recorded):
             return _Location(_q(recorded), None)
         self_code = self._code
         if self_code is not None:
@@ -379,7 +379,7 @@ def _named_base(base_model: str | None) -> str:
     """A base model as a card may show it: a Hub id, else a placeholder with the folder's name only."""
     if base_model is None:
         return "path/to/base-pipeline"
-    return base_model if _is_hub_id(base_model) else f"path/to/{Path(base_model).name}"
+    return base_model if is_hub_id(base_model) else f"path/to/{Path(base_model).name}"
 
 
 def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipeline_class: str | None,
@@ -441,7 +441,7 @@ def _call_code(code: _Snippet, model_type: str, facts: dict, prompt: str, resolu
             code.lines.append("images = pipe(class_labels=[1, 1, 1, 1], guidance_scale=1.0, num_inference_steps=50).images")
         elif num_classes and not own and num_classes != 1000:
             labels = [i % num_classes for i in range(4)]
-            code.lines.append(f"# DiTPipeline's guidance assumes ImageNet's null class 1000: sample without it")
+            code.lines.append("# DiTPipeline's guidance assumes ImageNet's null class 1000: sample without it")
             code.lines.append(f"images = pipe(class_labels={labels}, guidance_scale=1.0, num_inference_steps=50).images")
         else:
             labels = [i % num_classes for i in range(4)] if num_classes else [0, 1, 2, 3]
@@ -617,10 +617,10 @@ def write_model_card(
     recorded_base = recorded.get("base_model")
     method = str(summary.get("mtl_method") or "none")
     loss_weighting = str(summary.get("loss_weighting") or "none")
-    if base_model is None and recorded_base is not None and recorded_base != _BASE_MODEL_DIR and _is_hub_id(recorded_base):
+    if base_model is None and recorded_base is not None and recorded_base != _BASE_MODEL_DIR and is_hub_id(recorded_base):
         base_model = recorded_base
-    hub_base = base_model if _is_hub_id(base_model) else None
-    hub_dataset = dataset_name if dataset_name not in BUILTIN_DATASETS and _is_hub_id(dataset_name) else None
+    hub_base = base_model if is_hub_id(base_model) else None
+    hub_dataset = dataset_name if dataset_name not in BUILTIN_DATASETS and is_hub_id(dataset_name) else None
 
     # Tags as diffusers' training scripts set them, plus this project's and the method's.
     tags = ["diffusers", "diffusers-training", *info["tags"], "ant"]
@@ -696,7 +696,7 @@ def write_model_card(
 
     if recorded_base == _BASE_MODEL_DIR:
         base_line = f"`{_BASE_MODEL_DIR}/` in this repository (built with the model, not published elsewhere)"
-    elif recorded_base is not None and _is_hub_id(recorded_base):
+    elif recorded_base is not None and is_hub_id(recorded_base):
         base_line = f"[{recorded_base}](https://huggingface.co/{recorded_base})"
     elif recorded_base is not None:
         base_line = f"`{Path(recorded_base).name}`, a local folder (`{recorded_base}` from this folder)"

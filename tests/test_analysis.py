@@ -31,13 +31,7 @@ from diffusers_ant.models import get_model_adapter
 from trainer_utils import REPO, train_in_process
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: two threads contend and run up to 10x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _load_script(name):

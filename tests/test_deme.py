@@ -23,12 +23,7 @@ NUM_INTERVALS = 4
 INTERVALS = TimestepIntervals.equal(1000, NUM_INTERVALS)  # [0, 249], [250, 499], [500, 749], [750, 999]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ---------------------------------------------------------------------------- merge_task_vectors

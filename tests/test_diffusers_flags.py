@@ -87,7 +87,7 @@ def test_flags_that_need_a_package_or_a_model_type_fail_in_one_line(extra, needl
 def test_lr_cycles_and_power_reach_the_scheduler():
     """--lr_scheduler polynomial --lr_power 2 decays quadratically; cosine_with_restarts restarts."""
     from diffusers_ant.training import parse_args
-    from diffusers_ant.training.loop import build_lr_scheduler
+    from diffusers_ant.training.components import build_lr_scheduler
 
     def lrs(*flags):
         args = parse_args(["--dataset_name", "mnist5k", "--max_train_steps", "10", "--learning_rate", "1.0", *flags])
@@ -187,3 +187,24 @@ def test_variant_reaches_the_controlnet_folder(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         get_model_adapter("controlnet").load(pretrained_model_name_or_path=str(tmp_path / "sd"),
                                              controlnet_model_name_or_path=str(tmp_path / "cn"))
+
+
+def test_uw_log_variances_keep_their_constant_learning_rate_under_the_schedule():
+    """ANT trains UW's log-variances at a constant lr 0.025: warm-up and cosine decay apply to the model only."""
+    from diffusers_ant.training import parse_args
+    from diffusers_ant.training.components import build_lr_scheduler
+    from diffusers_ant.weighting import get_weighting
+
+    args = parse_args(["--dataset_name", "mnist5k", "--max_train_steps", "10", "--lr_scheduler", "cosine",
+                       "--lr_warmup_steps", "3", "--learning_rate", "1.0"])
+    model = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [model]}, *get_weighting("uw", 3).param_groups()], lr=1.0)
+    scheduler = build_lr_scheduler(args, optimizer, num_processes=1)
+    model_lrs, uw_lrs = [], []
+    for _ in range(10):
+        model_lrs.append(optimizer.param_groups[0]["lr"])
+        uw_lrs.append(optimizer.param_groups[1]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert model_lrs[0] == 0.0 and max(model_lrs) == pytest.approx(1.0) and model_lrs[-1] < 0.2
+    assert uw_lrs == [pytest.approx(0.025)] * 10

@@ -17,13 +17,7 @@ from diffusers_ant.metrics.features import DOMAIN_CLASSIFIER_VERSION
 SPLITS = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small matrices on a shared 2-core machine: two threads contend and run up to 40x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ from trainer_utils import REPO, offline_env
 SCRIPT = os.path.join(REPO, "train_scripts", "evaluate_model.py")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: two threads contend and run up to 10x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

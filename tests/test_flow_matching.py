@@ -233,15 +233,6 @@ def test_trainer_trains_flow_matching_with_a_density_and_saves_the_flow_pipeline
 # ---------------------------------------------------------------- quality: a flow model learns digits
 
 
-@pytest.fixture
-def one_thread():
-    """This tiny model runs as fast on one thread, and on a busy 2-core machine two threads thrash (10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_flow_matching_unet_learns_digits(tmp_path, one_thread):
     """A tiny UNet trained with flow matching for a few hundred steps on 8x8 digits samples images whose

@@ -29,13 +29,7 @@ from diffusers_ant.metrics import features as features_module
 from diffusers_ant.metrics import functional
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small matrices on a shared 2-core machine: two threads contend and run up to 40x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def gaussian(n, dim, shift=0.0, seed=0):

@@ -41,15 +41,11 @@ def test_dit_on_an_unlabelled_image_folder_trains_unconditionally(tmp_path):
 
 
 def _absolute_paths_in(folder, needles):
-    """(file, needle) for every file that may be pushed (checkpoints are never pushed) containing a needle."""
-    from huggingface_hub.utils import filter_repo_objects
-
-    from diffusers_ant.hub import DEFAULT_PUSH_IGNORE_PATTERNS
-
+    """(file, needle) for every file of the output folder containing a needle: what may be pushed, and
+    the checkpoints too (never pushed, but an output folder is copied and shared as a whole)."""
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    pushed = list(filter_repo_objects(files, ignore_patterns=list(DEFAULT_PUSH_IGNORE_PATTERNS)))
-    assert pushed, f"nothing in {folder}"
-    return [(name, needle) for name in pushed for needle in needles if needle.encode() in (folder / name).read_bytes()]
+    assert files, f"nothing in {folder}"
+    return [(name, needle) for name in files for needle in needles if needle.encode() in (folder / name).read_bytes()]
 
 
 def _machine_paths(tmp_path):

@@ -302,7 +302,7 @@ def test_ema_is_moved_to_the_device_after_its_state_is_loaded():
     load (a CPU machine cannot see the devices differ, so the order itself is checked)."""
     from diffusers.training_utils import EMAModel
 
-    from diffusers_ant.training.loop import restore_ema
+    from diffusers_ant.training.ema import restore_ema
 
     calls = []
 
@@ -347,7 +347,7 @@ def _fake_accelerator(kind):
 @pytest.mark.parametrize("kind", ["DEEPSPEED", "FSDP", "XLA"])
 def test_gradient_methods_are_refused_outside_plain_data_parallelism(kind):
     from diffusers_ant.training.args import UsageError
-    from diffusers_ant.training.loop import check_distributed_support
+    from diffusers_ant.training.components import check_distributed_support
     from diffusers_ant.weighting import get_weighting
 
     args = types.SimpleNamespace(mtl_method="pcgrad", gradient_accumulation_steps=1)
@@ -362,7 +362,7 @@ def test_gradient_methods_are_refused_outside_plain_data_parallelism(kind):
 
 def test_deepspeed_refuses_accumulation_windows_and_learnable_weightings():
     from diffusers_ant.training.args import UsageError
-    from diffusers_ant.training.loop import check_distributed_support
+    from diffusers_ant.training.components import check_distributed_support
     from diffusers_ant.weighting import get_weighting
 
     accelerator = _fake_accelerator("DEEPSPEED")

@@ -62,7 +62,7 @@ def _weights(folder):
 
 def test_each_micro_batch_carries_the_bank_share_exactly():
     from diffusers_ant.training import parse_args
-    from diffusers_ant.training.loop import compose_sources, retention_rows
+    from diffusers_ant.training.sources import compose_sources, retention_rows
 
     args = parse_args(["--dataset_name", "mnist5k", "--pretrained_model_name_or_path", os.getcwd(),
                        "--retention", "kd", "--train_batch_size", "10", "--bank_fraction", "0.3"])

@@ -3,18 +3,22 @@
     python train_scripts/benchmark_weighting.py --sizes tiny,larger --steps 10 --warmup 3 \\
         --batch_size 64 --output bench.json
 
-What is measured, per model size (`tiny`: the demo's attention UNet2DModel, channels (32, 64, 64),
-attention in the lowest block, at 16x16; `larger`: the same at 32x32), with K = 5 timestep
-clusters of equal width and a batch of `--batch_size` random single-channel images:
+What is measured, per model size (`tiny`: the demo's attention UNet2DModel, the `small` preset,
+channels (32, 64, 64), attention in the lowest block, at 16x16; `larger`: the same at 32x32), with
+K = 5 SNR clusters (the trainer's default clustering) and batches of `--batch_size` real MNIST-5k
+images from the trainer's data loader:
 
-* one training step = forward, backward (the method's own path through
-  `diffusers_ant.weighting.engine.weighted_backward`), AdamW step, zero_grad; data drawn outside
-  the timed region. Methods: `none` (vanilla: mean loss, one backward), the loss-based ones
-  (ls, rlw, uw, dwa: one forward, one backward) and the gradient-based ones (pcgrad, nash_mtl,
-  imtl, mgda, cagrad) with the default split-batch engine, plus each gradient-based method with the
-  reference-style `retain_graph` engine (`method@retain_graph`: one forward, K backward passes)
-  as a second baseline. Every method runs with its default options (Nash-MTL re-solves every
-  25 steps and takes cheap reused-weight steps in between, so its figure mixes both kinds).
+* one training step through the trainer's own code path: `diffusers_ant.training.step.training_step`
+  (the objective draws timesteps and noise, the method's dispatch in `weighted_backward`, the
+  per-task gradient engine), gradient clipping, the AdamW step and zero_grad; data loaded outside
+  the timed region. Methods: `none` (vanilla: mean loss, one backward, uniform timesteps), the
+  loss-based ones (ls, rlw, uw, dwa: one forward, one backward) and the gradient-based ones (pcgrad,
+  nash_mtl, imtl, mgda, cagrad) with each engine of `--task_gradients`: `split` (the default: one
+  forward + backward per cluster sub-batch, exact), `last_layers` (`method@last_layers`: one
+  forward, the K gradients of the output layer only, one weighted backward; its cost does not
+  depend on the sub-batch sizes) and the reference code's `retain_graph` (`method@retain_graph`:
+  one forward, K backward passes). Every method runs with its default options (Nash-MTL re-solves
+  every 25 steps and takes cheap reused-weight steps in between, so its figure mixes both kinds).
 * time: all methods run in one process on one shared model, interleaved: each round runs one step
   of every method, in an order rotated every round to spread drift; the first `--warmup` rounds
   are discarded; the median over the remaining `--steps` rounds is reported as a ratio to vanilla,
@@ -52,25 +56,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
-
-from diffusers_ant.models.presets import PRESETS  # noqa: E402
 from diffusers_ant.weighting import get_weighting  # noqa: E402
-from diffusers_ant.weighting.engine import TaskGradientEngine, weighted_backward  # noqa: E402
+from diffusers_ant.weighting.engine import TaskGradientEngine  # noqa: E402
 
 LOSS_METHODS = ["ls", "rlw", "uw", "dwa"]
 GRADIENT_METHODS = ["pcgrad", "nash_mtl", "imtl", "mgda", "cagrad"]
 ALL_METHODS = ["none"] + LOSS_METHODS + GRADIENT_METHODS
+# `method@engine` rows: the per-task gradient engines of `--task_gradients` besides the default split
+ENGINES = ("split", "last_layers", "retain_graph")
 SIZES = {"tiny": 16, "larger": 32}  # resolution of the demo's attention UNet ("small" preset)
-NUM_TIMESTEPS = 1000
-GOALS = {"loss": 1.05, "gradient": 1.3}  # issue 3: within these ratios of vanilla at K = 5
-
-
-def build_model(size: str, device) -> UNet2DModel:
-    config = dict(PRESETS["unet"]["small"]["model"])
-    torch.manual_seed(0)
-    model = UNet2DModel(sample_size=SIZES[size], in_channels=1, out_channels=1, **config)
-    return model.to(device).train()
+GOALS = {"loss": 1.05, "gradient": 1.3}  # issues 3 and 8: within these ratios of vanilla at K = 5
 
 
 def kind_of(method: str) -> str:
@@ -78,47 +73,84 @@ def kind_of(method: str) -> str:
     return "vanilla" if name == "none" else ("gradient" if name in GRADIENT_METHODS else "loss")
 
 
-class Runner:
-    """One method's training step on a shared model: weighting, its optimizer group and its engine."""
+class Context:
+    """What every method's runner shares, built as `train_ant.py` builds it: the Accelerator, the demo's
+    UNet (`small` preset) through its model adapter, SNR clusters, one AdamW optimizer, the engines."""
 
-    def __init__(self, method, model, optimizer, engines, num_clusters):
-        self.method = method
-        name, _, engine_mode = method.partition("@")
-        self.weighting = None if name == "none" else get_weighting(name, num_clusters).to(next(model.parameters()).device)
-        self.engine = engines[engine_mode or "split"] if kind_of(method) == "gradient" else None
-        self.model, self.optimizer, self.num_clusters = model, optimizer, num_clusters
-        # learnable weighting parameters (UW) get their own small optimizer, stepped with the model
+    def __init__(self, size, num_clusters, device):
+        from accelerate import Accelerator
+
+        from diffusers_ant.clustering import cluster_timesteps
+        from diffusers_ant.models import get_model_adapter
+
+        self.accelerator = Accelerator(cpu=device.type == "cpu")
+        torch.manual_seed(0)
+        self.adapter = get_model_adapter("unet").load(model_config_name_or_path="small", resolution=SIZES[size],
+                                                      num_channels=1)
+        self.intervals = cluster_timesteps(self.adapter.noise_scheduler, num_clusters, objective="snr")
+        self.params = self.adapter.trainable_parameters()
+        optimizer = torch.optim.AdamW(self.params, lr=1e-4)
+        self.model, self.optimizer = self.accelerator.prepare(self.adapter.model, optimizer)
+        self.engines = {
+            "split": TaskGradientEngine(self.params, mode="split"),
+            "retain_graph": TaskGradientEngine(self.params, mode="retain_graph"),
+            "last_layers": TaskGradientEngine(self.params, mode="retain_graph", subset=self.adapter.output_parameters(),
+                                              restrict_task_backward=True),
+        }
+        self.generator = torch.Generator(device=self.accelerator.device).manual_seed(0)
+        self.device = self.accelerator.device
+
+
+class Runner:
+    """One method's training step through the trainer's own code path (`training.step.training_step`:
+    the objective, the weighting's dispatch, the engine), then gradient clipping, the AdamW step and
+    zero_grad as the training loop does them. Learnable weighting parameters (UW) get their own
+    optimizer, stepped with the model's."""
+
+    def __init__(self, method, context: Context):
+        from diffusers_ant.schedule import num_train_timesteps
+        from diffusers_ant.timesteps import StratifiedTimestepSampler, UniformTimestepSampler
+        from diffusers_ant.training.step import DiffusionObjective
+
+        self.method, self.context = method, context
+        name, _, engine = method.partition("@")
+        k = len(context.intervals)
+        self.weighting = None if name == "none" else get_weighting(name, k).to(context.device)
+        # as train_ant.py: stratified batches with a method, uniform draws for vanilla training
+        sampler = (UniformTimestepSampler(num_train_timesteps(context.adapter.noise_scheduler)) if name == "none"
+                   else StratifiedTimestepSampler(context.intervals))
+        self.objective = DiffusionObjective(context.adapter, context.adapter.noise_scheduler, sampler, context.intervals)
+        self.engine = context.engines[engine or "split"] if kind_of(method) == "gradient" else None
         groups = self.weighting.param_groups() if hasattr(self.weighting, "param_groups") else []
         self.extra_optimizer = torch.optim.AdamW(groups) if groups else None
 
     def step(self, batch):
-        noisy, timesteps, target, task_ids = batch
+        from diffusers_ant.training.step import training_step
 
-        def per_sample_loss_fn(indices):
-            sel = slice(None) if indices is None else indices
-            pred = self.model(noisy[sel], timesteps[sel]).sample
-            return ((pred.float() - target[sel].float()) ** 2).mean(dim=(1, 2, 3))
-
-        weighted_backward(self.weighting, per_sample_loss_fn, task_ids, self.num_clusters, engine=self.engine)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        c = self.context
+        training_step(c.accelerator, self.objective, c.model, [batch], c.generator, self.objective.num_tasks,
+                      weighting=self.weighting, engine=self.engine)
+        c.accelerator.clip_grad_norm_(c.params, 1.0)
+        c.optimizer.step()
+        c.optimizer.zero_grad(set_to_none=True)
         if self.extra_optimizer is not None:
             self.extra_optimizer.step()
             self.extra_optimizer.zero_grad(set_to_none=True)
 
 
-def make_batches(size, batch_size, num_clusters, device, count, seed=0):
-    scheduler = DDPMScheduler(num_train_timesteps=NUM_TIMESTEPS)
-    g = torch.Generator().manual_seed(seed)
-    res = SIZES[size]
+def make_batches(size, batch_size, device, count, seed=0):
+    """`count` real MNIST-5k batches from the trainer's data loader (loaded before any timing)."""
+    from diffusers_ant.data import load_builtin_dataset, make_train_dataloader, resolve_columns
+
+    dataset = load_builtin_dataset("mnist5k")
+    loader = make_train_dataloader(dataset, resolve_columns(dataset), resolution=SIZES[size], batch_size=batch_size,
+                                   num_channels=1, seed=seed)
     batches = []
-    for _ in range(count):
-        clean = torch.randn(batch_size, 1, res, res, generator=g)
-        noise = torch.randn(batch_size, 1, res, res, generator=g)
-        timesteps = torch.randint(0, NUM_TIMESTEPS, (batch_size,), generator=g)
-        noisy = scheduler.add_noise(clean, noise, timesteps)
-        task_ids = timesteps * num_clusters // NUM_TIMESTEPS  # K clusters of equal width
-        batches.append(tuple(t.to(device) for t in (noisy, timesteps, noise, task_ids)))
+    while len(batches) < count:
+        for batch in loader:
+            batches.append({k: v.to(device) for k, v in batch.items()})
+            if len(batches) == count:
+                break
     return batches
 
 
@@ -128,20 +160,16 @@ def sync(device):
 
 
 def setup(size, methods, args, device):
-    model = build_model(size, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    engines = {"split": TaskGradientEngine(params, mode="split"),
-               "retain_graph": TaskGradientEngine(params, mode="retain_graph")}
-    runners = {m: Runner(m, model, optimizer, engines, args.num_clusters) for m in methods}
-    return model, runners
+    context = Context(size, args.num_clusters, device)
+    runners = {m: Runner(m, context) for m in methods}
+    return context.adapter.model, runners
 
 
 def time_methods(size, methods, args, device):
     """Median seconds per step of every method, interleaved in rounds."""
     model, runners = setup(size, methods, args, device)
     rounds = args.warmup + args.steps
-    batches = make_batches(size, args.batch_size, args.num_clusters, device, rounds)
+    batches = make_batches(size, args.batch_size, device, rounds)
     times = {m: [] for m in methods}
     for r in range(rounds):
         order = methods[r % len(methods):] + methods[:r % len(methods)]  # rotate to spread drift
@@ -177,7 +205,7 @@ def reset_peak_rss() -> bool:
 def memory_probe(size, method, args, device) -> dict:
     """Runs in a fresh process: peak memory of `method`'s training steps."""
     _, runners = setup(size, [method], args, device)
-    batches = make_batches(size, args.batch_size, args.num_clusters, device, 3, seed=1)
+    batches = make_batches(size, args.batch_size, device, 3, seed=1)
     if device.type == "cuda":
         runners[method].step(batches[0])  # allocates optimizer state and engine buffers
         sync(device)
@@ -241,13 +269,21 @@ def goal_lines(size, medians):
     return lines
 
 
+def model_parameters(size):
+    from diffusers_ant.models import get_model_adapter
+
+    return list(get_model_adapter("unet").load(model_config_name_or_path="small", resolution=SIZES[size],
+                                               num_channels=1).model.parameters())
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Step time and peak memory of every weighting vs vanilla training.")
     parser.add_argument("--sizes", default="tiny", help=f"comma-separated, from {', '.join(SIZES)}")
     parser.add_argument("--methods", default=",".join(ALL_METHODS),
                         help="comma-separated weighting names; `none` (vanilla) is always included")
-    parser.add_argument("--no_reference_engine", action="store_true",
-                        help="skip the reference-style retain_graph engine runs of the gradient-based methods")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help=f"per-task gradient engines of the gradient-based methods, from {', '.join(ENGINES)} "
+                             "(split is the trainer's default; retain_graph the reference code's way)")
     parser.add_argument("--steps", type=int, default=10, help="measured rounds (one step of every method each)")
     parser.add_argument("--warmup", type=int, default=3, help="discarded rounds before measuring")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -264,6 +300,9 @@ def parse_args(argv=None):
     unknown = sorted(set(args.methods.split(",")) - set(ALL_METHODS))
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(ALL_METHODS)}")
+    unknown = sorted(set(args.engines.split(",")) - set(ENGINES))
+    if unknown:
+        parser.error(f"unknown engine(s) {', '.join(unknown)}; valid: {', '.join(ENGINES)}")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     return args
@@ -281,9 +320,11 @@ def main(argv=None):
         print(json.dumps(memory_probe(size, method, args, device)))
         return
 
-    methods = ["none"] + [m for m in args.methods.split(",") if m != "none"]
-    if not args.no_reference_engine:
-        methods += [f"{m}@retain_graph" for m in methods if m in GRADIENT_METHODS]
+    names = ["none"] + [m for m in args.methods.split(",") if m != "none"]
+    engines = args.engines.split(",")
+    methods = [m for m in names if m not in GRADIENT_METHODS or "split" in engines]
+    for engine in (e for e in ENGINES if e != "split" and e in engines):
+        methods += [f"{m}@{engine}" for m in names if m in GRADIENT_METHODS]
     report = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if argv is None else argv,
               "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "platform": platform.platform(), "cpu_count": os.cpu_count(),
@@ -298,7 +339,7 @@ def main(argv=None):
         memory = None if args.no_memory else measure_memory(size, methods, args)
         report["sizes"][size] = {
             "resolution": SIZES[size],
-            "parameters": sum(p.numel() for p in build_model(size, "cpu").parameters()),
+            "parameters": sum(p.numel() for p in model_parameters(size)),
             "seconds_per_step": medians, "ratio_to_vanilla": {m: t / medians["none"] for m, t in medians.items()},
             "fastest_step_ratio_to_vanilla": {m: t / fastest["none"] for m, t in fastest.items()},
             "all_step_seconds": raw, "memory": memory,

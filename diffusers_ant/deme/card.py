@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..hub import is_hub_id
+
 __all__ = ["DEME_TEMPLATE_NAME", "write_deme_model_card"]
 
 DEME_TEMPLATE_NAME = "deme_template.md"
@@ -36,24 +38,13 @@ def _template_path(name: str = DEME_TEMPLATE_NAME) -> Path:
                             "reinstall diffusers_ant (pip install -e .)")
 
 
-def _is_hub_id(name: str | None) -> bool:
-    """A Hub repo id (``user/name``) rather than a local folder."""
-    if not name or os.path.exists(name) or name.startswith((".", "/", "~")):
-        return False
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
 
 
 def _shown(path: str | None) -> str:
     """A model reference fit for a published card: a Hub id as a link, a local folder by its name only."""
     if not path:
         return "not recorded"
-    if _is_hub_id(path):
+    if is_hub_id(path):
         return f"[{path}](https://huggingface.co/{path})"
     return f"`{Path(path).name}`"
 
@@ -156,7 +147,7 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
     if not ensemble and not projection:
         usage += "\n# plain diffusers works too: DiffusionPipeline.from_pretrained(...)"
 
-    hub_base = base_model if _is_hub_id(base_model) else None
+    hub_base = base_model if is_hub_id(base_model) else None
     card_data = ModelCardData(license=license, base_model=hub_base, pipeline_tag=info.get("pipeline_tag"), inference=not ensemble)
     card = ModelCard.from_template(
         card_data,

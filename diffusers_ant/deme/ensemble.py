@@ -26,6 +26,7 @@ from .projection import (
     channel_projection_detached,
     denoiser_component,
     load_channel_projection,
+    read_format_json,
     read_projection_config,
     save_channel_projection,
     save_pipeline,
@@ -96,14 +97,8 @@ def write_ensemble(base_pipeline, finetunes, models, output_dir: str, num_timest
 
 
 def read_ensemble_config(folder: str) -> dict | None:
-    path = os.path.join(folder, ENSEMBLE_CONFIG_NAME)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        info = json.load(f)
-    if info.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a diffusers_ant DeMe ensemble file")
-    return info
+    """``folder/deme_ensemble.json`` as a dict, or None when the folder is no ensemble."""
+    return read_format_json(os.path.join(folder, ENSEMBLE_CONFIG_NAME), _FORMAT, "DeMe ensemble")
 
 
 def attach_saved_ensemble(pipeline, folder: str):

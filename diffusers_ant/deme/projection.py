@@ -267,16 +267,21 @@ def save_channel_projection(model, folder: str, component: str | None = None) ->
     return weights
 
 
-def read_projection_config(folder: str) -> dict | None:
-    """``folder/channel_projection.json`` as a dict, or None when the folder has none."""
-    path = os.path.join(folder, PROJECTION_CONFIG_NAME)
+def read_format_json(path: str, expected_format: str, what: str) -> dict | None:
+    """The JSON record at ``path`` (None when there is none), refused in one line unless its
+    ``format`` field is ``expected_format`` (a file of another kind under the same name)."""
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
         info = json.load(f)
-    if info.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a diffusers_ant channel-projection file")
+    if info.get("format") != expected_format:
+        raise ValueError(f"{path} is not a diffusers_ant {what} file")
     return info
+
+
+def read_projection_config(folder: str) -> dict | None:
+    """``folder/channel_projection.json`` as a dict, or None when the folder has none."""
+    return read_format_json(os.path.join(folder, PROJECTION_CONFIG_NAME), _FORMAT, "channel-projection")
 
 
 def load_channel_projection(model, folder: str):

@@ -84,6 +84,19 @@ PRESETS = {
             },
             "scheduler": PIXEL_SCHEDULER,
         },
+        # The UNet and noise schedule that diffusers' examples/unconditional_image_generation/
+        # train_unconditional.py builds (its defaults: 114M parameters, linear betas, epsilon), so
+        # that script's commands carry over with `--model_config_name_or_path ddpm`.
+        "ddpm": {
+            "model": {
+                "block_out_channels": [128, 128, 256, 256, 512, 512],
+                "layers_per_block": 2,
+                "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D",
+                                     "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
+            },
+            "scheduler": {"num_train_timesteps": 1000, "beta_schedule": "linear"},
+        },
     },
     "dit": {
         # Pixel-space DiT: patch 2, 2 blocks, width 32.

@@ -1,26 +1,24 @@
 """The Accelerate training loop behind `train_scripts/train_ant.py`.
 
 Read it top to bottom like nanoGPT's train.py: set-up, the loop, the outputs. Model-type details
-live in `diffusers_ant.models` (one adapter per type), data in `diffusers_ant.data`, the step's
-objective and weighting in `training.step`, checkpoints in `training.checkpoint`.
+live in `diffusers_ant.models` (one adapter per type), data in `diffusers_ant.data`, the pieces of the
+set-up in `training.components`, the sources of a batch (Diff-Tuning, DeMe) in `training.sources`,
+one optimizer step's objective and weighting in `training.step`, mixed precision in
+`training.precision`, EMA in `training.ema`, checkpoints in `training.checkpoint`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import math
 import os
-import secrets
 
 import torch
 from tqdm.auto import tqdm
 
 from ..weighting.distributed import average_gradients_
-from .args import UsageError
 from .checkpoint import (
     check_resume_config,
     checkpoint_config,
@@ -30,7 +28,20 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from .components import (
+    build_intervals,
+    build_lr_scheduler,
+    build_optimizer,
+    build_sampler,
+    check_distributed_support,
+    method_options,
+    parameter_subset,
+    pixel_resolution,
+    resolve_seed,
+)
+from .ema import ema_home, ema_weights, restore_ema, step_ema
 from .precision import cast_frozen_parameters, current_loss_scale, lift_to_float32, sampling_precision
+from .sources import build_sources, compose_sources, cycle_batches, knowledge_bank_dataloader, retention_rows
 from .step import DiffusionObjective, training_step
 
 logger = logging.getLogger("diffusers_ant")
@@ -44,127 +55,6 @@ def public_config(args) -> dict:
     return dict(sorted(portable_config(drop_secrets(vars(args)), args.output_dir).items()))
 
 
-def build_intervals(args, noise_scheduler):
-    """ANT's interval clustering (Sec. 4.1) over the scheduler's own noise schedule."""
-    from ..clustering import TimestepIntervals, cluster_timesteps
-    from ..schedule import num_train_timesteps
-
-    num_timesteps = num_train_timesteps(noise_scheduler)
-    if args.num_clusters > num_timesteps:
-        raise UsageError(f"--num_clusters {args.num_clusters} exceeds the scheduler's {num_timesteps} timesteps")
-    if args.num_clusters == 1:
-        return TimestepIntervals([(0, num_timesteps - 1)], num_timesteps)
-    sizes = {}
-    if args.cluster_min_size is not None:
-        sizes["min_size"] = args.cluster_min_size
-    if args.cluster_max_size is not None:
-        sizes["max_size"] = args.cluster_max_size
-    affinity = args.affinity_file if args.clustering == "gradient" else None
-    return cluster_timesteps(noise_scheduler, args.num_clusters, objective=args.clustering, affinity=affinity,
-                             log_snr=not args.raw_snr, **sizes)
-
-
-def build_sampler(args, intervals, num_timesteps):
-    from ..timesteps import IntervalTimestepSampler, StratifiedTimestepSampler, UniformTimestepSampler
-    from ..timesteps import FLOW_DENSITY_SCHEMES, FlowMatchingDensitySampler  # flow branch
-
-    if args.weighting_scheme in FLOW_DENSITY_SCHEMES:  # SD3's timestep density (args.py refuses stratified / range)
-        return FlowMatchingDensitySampler(args.weighting_scheme, num_timesteps, args.logit_mean, args.logit_std,
-                                          args.mode_scale)
-    if args.timestep_range is not None:
-        start, end = args.timestep_range
-        if not 0 <= start <= end < num_timesteps:
-            raise UsageError(f"--timestep_range {start} {end} must satisfy 0 <= START <= END < {num_timesteps}")
-        return IntervalTimestepSampler(start, end, num_timesteps)
-    if args.timestep_sampling == "stratified":
-        return StratifiedTimestepSampler(intervals)
-    return UniformTimestepSampler(num_timesteps)
-
-
-def build_sources(args, intervals, num_timesteps, sampler):
-    """The sources of a batch (`training.step.Source`): the data alone, or Diff-Tuning's two, or DeMe's interval.
-
-    * Diff-Tuning (Zhong et al., NeurIPS 2024, Sec. 4): the downstream data ("reconsolidation") draws
-      t with probability proportional to (t + 1)^b, favouring high noise; the retention samples
-      (knowledge-bank images, or downstream images with the frozen model's prediction as target in
-      the distillation variant) draw t proportional to (T - t)^a, favouring low noise, and their loss
-      is weighted by lambda (`--bank_weight`). Bank images train the unconditional branch (null class,
-      empty prompt) as the authors do, unless `--bank_keep_prompts`.
-    * DeMe (Sec. 3): the data draws t in interval i, or in the whole range with probability
-      `--deme_global_prob`, and adds the consistency loss against the frozen pretrained model."""
-    from ..diff_tuning import reconsolidation_sampler, retention_sampler
-    from ..timesteps import IntervalTimestepSampler
-    from .step import Source
-
-    if args.diff_tuning:
-        reconsolidation = reconsolidation_sampler(num_timesteps, args.reconsolidation_exponent)
-        retention = retention_sampler(num_timesteps, args.retention_exponent)
-        data = Source("data", reconsolidation)
-        if args.retention == "kd":
-            return [data, Source("retention", retention, weight=args.bank_weight, target="teacher")]
-        return [data, Source("bank", retention, weight=args.bank_weight, null_condition=not args.bank_keep_prompts)]
-    if args.deme_interval is not None:
-        start, end = intervals.bounds[args.deme_interval]
-        interval = IntervalTimestepSampler(start, end, num_timesteps, p_full=args.deme_global_prob,
-                                           per_batch=args.deme_sampling == "per_batch")
-        return [Source("data", interval, consistency=args.consistency_weight)]
-    return [Source("data", sampler)]
-
-
-def knowledge_bank_dataloader(args, adapter, needs: dict, rows: int):
-    """The loader of Diff-Tuning's knowledge bank: `rows` bank images per micro-batch, read like the data
-    (same resolution, transforms, `--max_train_samples`), after checking the bank fits the model."""
-    from ..data import make_train_dataloader, resolve_columns
-    from ..diff_tuning import check_bank_compatible, load_knowledge_bank
-
-    bank, manifest = load_knowledge_bank(args.knowledge_bank)
-    check_bank_compatible(manifest, model_type=args.model_type, resolution=pixel_resolution(adapter),
-                          channels=adapter.num_channels)
-    recorded = manifest.get("columns") or {}
-    columns = resolve_columns(bank, image_column=recorded.get("image_column"),
-                              caption_column=recorded.get("caption_column"),
-                              conditioning_image_column=recorded.get("conditioning_image_column"),
-                              class_column=recorded.get("class_column"),
-                              need_captions=needs["need_captions"] and args.bank_keep_prompts,
-                              need_conditioning=needs["need_conditioning"],
-                              classes_if_present=args.model_type in ("unet", "dit"))
-    return make_train_dataloader(
-        bank, columns, resolution=pixel_resolution(adapter), batch_size=rows, num_channels=adapter.num_channels,
-        tokenizer=adapter.tokenizer, seed=args.seed + 1, num_workers=args.dataloader_num_workers,
-        center_crop=args.center_crop, random_flip=args.random_flip, max_samples=args.max_train_samples,
-        interpolation=args.image_interpolation_mode)
-
-
-def retention_rows(args) -> int:
-    """Rows of each micro-batch given to Diff-Tuning's retention source (0 without Diff-Tuning)."""
-    return round(args.train_batch_size * args.bank_fraction) if args.diff_tuning else 0
-
-
-def compose_sources(args, batch: dict, bank_batches) -> dict:
-    """A micro-batch as its sources' rows: `data` and `bank` (a bank batch), or `data` and `retention`
-    (the micro-batch's last rows, for distillation), or the plain batch."""
-    if not args.diff_tuning:
-        return batch
-    if args.retention == "bank":
-        return {"data": batch, "bank": next(bank_batches)}
-    keep = len(batch["pixel_values"]) - retention_rows(args)
-    return {"data": {k: v[:keep] for k, v in batch.items()}, "retention": {k: v[keep:] for k, v in batch.items()}}
-
-
-def cycle_batches(accelerator, loader, consumed: int):
-    """Batches of `loader` forever, epoch after epoch, starting after the first `consumed` ones.
-
-    The position is a pure function of the count, so a resumed run continues the bank exactly where
-    the interrupted one was (with the same seeded per-epoch order)."""
-    per_epoch = len(loader)
-    epoch, skip = divmod(consumed, per_epoch)
-    while True:
-        loader.set_epoch(epoch)
-        for batch in (accelerator.skip_first_batches(loader, skip) if skip else loader):
-            yield batch
-        epoch, skip = epoch + 1, 0
-
-
 def data_needs(args) -> dict:
     """Which dataset columns the model type needs (captions, conditioning images, classes)."""
     return {"need_captions": args.model_type in ("sd", "controlnet"),
@@ -173,36 +63,6 @@ def data_needs(args) -> dict:
                                                                     or args.class_column is not None),
             # a DiT has a null class: class-conditional on labelled data, unconditional otherwise
             "classes_if_present": args.model_type == "dit"}
-
-
-def pixel_resolution(adapter) -> int:
-    """Image side length the data must have: the model's sample size, times the VAE's factor when latent."""
-    if adapter.latent:
-        return adapter.sample_size * adapter.vae_scale_factor(adapter.vae)
-    return adapter.sample_size
-
-
-def parameter_subset(adapter, spec, task_gradients):
-    """The task-gradient subset: `--task_gradient_subset` (None = all trainable, `lora`, or comma-separated
-    module-name prefixes), or the output-side layers for `--task_gradients last_layers`.
-
-    Returns `(parameters or None, restrict)`: `restrict` lets the task backward passes stop at the
-    subset, safe for output layers and LoRA matrices (see `TaskGradientEngine`)."""
-    model = adapter.model
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if spec is None:
-        if task_gradients != "last_layers":
-            return None, False
-        return adapter.output_parameters(), True
-    if spec == "lora":
-        chosen = [p for n, p in named if "lora_" in n]
-    else:
-        prefixes = tuple(x.strip() for x in spec.split(",") if x.strip())
-        chosen = [p for n, p in named if n.startswith(prefixes)]
-    if not chosen:
-        raise UsageError(f"--task_gradient_subset {spec!r} matches no trainable parameter "
-                         "(use `lora` with --rank, or module-name prefixes such as `down_blocks.0,mid_block`)")
-    return chosen, spec == "lora"
 
 
 def default_validation_inputs(args, dataset, columns) -> dict:
@@ -228,17 +88,6 @@ def default_validation_inputs(args, dataset, columns) -> dict:
     return inputs
 
 
-def build_optimizer(args, param_groups, lr):
-    """AdamW, or bitsandbytes' 8-bit AdamW with `--use_8bit_adam` (as diffusers' scripts)."""
-    kwargs = dict(lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                  eps=args.adam_epsilon)
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb  # checked in validate_args
-
-        return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    return torch.optim.AdamW(param_groups, **kwargs)
-
-
 def windows(batches, size: int):
     """Group consecutive micro-batches into gradient-accumulation windows of `size` (the last may be shorter)."""
     window = []
@@ -249,99 +98,6 @@ def windows(batches, size: int):
             window = []
     if window:
         yield window
-
-
-def resolve_seed(args, accelerator, checkpoint) -> int:
-    """`--seed`, else the seed of the run being resumed, else a fresh one drawn on process 0.
-
-    A drawn seed is logged and written to `training_config.json` (as `seed`), so any run can be
-    repeated; it is the same on every process."""
-    if args.seed is not None:
-        return args.seed
-    if checkpoint is not None:
-        saved = checkpoint_config(checkpoint)
-        if saved.get("seed") is not None:
-            return int(saved["seed"])
-    from accelerate.utils import broadcast_object_list
-
-    drawn = [secrets.randbelow(2**31) if accelerator.is_main_process else None]
-    broadcast_object_list(drawn)
-    logger.info("no --seed given: drew seed %d (recorded in training_config.json)", drawn[0])
-    return int(drawn[0])
-
-
-def method_options(args, updates_per_epoch: int) -> dict:
-    """The weighting's options: `--mtl_options`, with its seed derived from the run's seed.
-
-    RLW's draws and PCGrad's task orders then differ between seeds of a sweep and repeat for one seed."""
-    from ..weighting import WEIGHTINGS
-
-    options = dict(args.mtl_options_dict)
-    fields = {f.name for f in dataclasses.fields(WEIGHTINGS[args.mtl_method].config_class)}
-    if "seed" in fields:
-        options.setdefault("seed", args.seed)
-    if "window" in fields and "window" not in options:
-        options["window"] = updates_per_epoch  # DWA averages the losses of an epoch (LibMTL, Liu et al.)
-    return options
-
-
-# Where the per-task gradient engine can run: one process, or plain data parallelism (it bypasses
-# the model wrapper and all-reduces the task gradients itself).
-_ENGINE_DISTRIBUTED_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA",
-                             "MULTI_HPU", "MULTI_SDAA")
-
-
-def check_distributed_support(accelerator, args, weighting) -> None:
-    """Refuse configurations that would train wrongly under DeepSpeed / FSDP / other engines.
-
-    * Gradient-based weightings write `.grad` through the unwrapped module: under DeepSpeed the
-      parameters would never change, under FSDP the module is sharded. Only single-process and
-      plain data-parallel runs are supported.
-    * DeepSpeed steps inside `backward()`: a gradient-accumulation window of several chunks would
-      step several times, and its optimizer would own UW's log-variances. Vanilla and parameter-free
-      loss-based weightings with `--gradient_accumulation_steps 1` only."""
-    kind = accelerator.distributed_type.name if hasattr(accelerator.distributed_type, "name") else str(accelerator.distributed_type)
-    supported = ", ".join(t.lower() for t in _ENGINE_DISTRIBUTED_TYPES[:3])
-    if weighting is not None and weighting.needs_task_gradients and kind not in _ENGINE_DISTRIBUTED_TYPES:
-        raise UsageError(f"--mtl_method {args.mtl_method} (gradient-based) runs on one process or plain data "
-                         f"parallelism ({supported}), not under {kind}: use a loss-based method (ls, rlw, uw, dwa) "
-                         "or `accelerate launch --multi_gpu`")
-    if kind == "DEEPSPEED":
-        if args.gradient_accumulation_steps > 1:
-            raise UsageError("under DeepSpeed use --gradient_accumulation_steps 1 (DeepSpeed steps inside backward, "
-                             "and this trainer accumulates a window of micro-batches itself)")
-        if weighting is not None and any(True for _ in weighting.parameters()):
-            raise UsageError(f"--mtl_method {args.mtl_method} has learnable parameters that DeepSpeed's optimizer "
-                             "cannot own: use ls, rlw or dwa, or plain data parallelism")
-
-
-def build_lr_scheduler(args, optimizer, num_processes: int):
-    """diffusers' `get_scheduler` as its scripts call it (Accelerate steps it once per process), with
-    the groups marked `constant_lr` (UW's log-variances) kept at their own learning rate."""
-    from diffusers.optimization import get_scheduler
-
-    scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                              num_warmup_steps=args.lr_warmup_steps * num_processes,
-                              num_training_steps=args.max_train_steps * num_processes,
-                              num_cycles=args.lr_num_cycles, power=args.lr_power)
-    constant_lr_groups(scheduler, optimizer)
-    return scheduler
-
-
-def constant_lr_groups(lr_scheduler, optimizer) -> None:
-    """Keep the learning rate of parameter groups marked `constant_lr` (UW's log-variances) fixed.
-
-    ANT trains UW's log-variances at a constant lr 0.025; diffusers' schedulers are `LambdaLR`s that
-    apply one factor to every group, so the factor of the marked groups is replaced by 1."""
-    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
-    for index, group in enumerate(optimizer.param_groups):
-        if group.get("constant_lr") and lambdas is not None:
-            lambdas[index] = _constant_factor
-            group["lr"] = group["initial_lr"]  # the scheduler already applied its step-0 factor (0 in warm-up)
-
-
-def _constant_factor(_step):
-    return 1.0
 
 
 def train(args) -> str:
@@ -406,31 +162,9 @@ def train(args) -> str:
         num_channels=dataset_image_channels(dataset, columns["image_column"]) if from_scratch else None,
         noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,  # flow matching
     )
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    teacher = None
-    if args.retention == "kd" or args.deme_interval is not None:
-        # The frozen pretrained denoiser, copied before LoRA or projections change the student.
-        from ..teacher import FrozenTeacher
-
-        teacher = FrozenTeacher(adapter, weight_dtype, autocast=accelerator.autocast).to(accelerator.device)
-    if args.rank is not None:
-        adapter.add_lora(args.rank, alpha=args.lora_alpha)
-    if args.train_text_encoder:
-        adapter.add_text_encoder_lora(args.rank, alpha=args.lora_alpha)
-    from ..peft_modes import apply_finetune_mode
-
-    finetune = apply_finetune_mode(adapter.model, args.finetune)  # BitFit / DiffFit choose what trains
-    logger.info("%s", finetune.description)
-    if args.channel_projection:
-        from ..deme import add_channel_projection
-
-        add_channel_projection(adapter.model)  # DeMe's channel mixing after each block, identity at first
-    if args.gradient_checkpointing:
-        adapter.enable_gradient_checkpointing()
-    if args.enable_xformers_memory_efficient_attention:
-        adapter.model.enable_xformers_memory_efficient_attention()
-    adapter.to(accelerator.device, weight_dtype)  # frozen parts (VAE, text encoder) in the low precision
-    cast_frozen_parameters(adapter.model, weight_dtype)  # and a LoRA run's frozen base weights
+    # The teacher (a frozen copy for Diff-Tuning's distillation and DeMe), then what trains: LoRA,
+    # BitFit / DiffFit, DeMe's channel projections; frozen parts in the low precision.
+    teacher, finetune = prepare_model(args, accelerator, adapter)
     noise_scheduler = adapter.noise_scheduler
     num_timesteps = num_train_timesteps(noise_scheduler)
 
@@ -501,15 +235,7 @@ def train(args) -> str:
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
     if accelerator.is_main_process:
-        published_config = public_config(args)
-        tracker_config = {k: v for k, v in published_config.items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
-        intervals.save(os.path.join(args.output_dir, "timestep_intervals.json"))
-        with open(os.path.join(args.output_dir, "training_config.json"), "w") as f:
-            json.dump(published_config, f, indent=2)
-        if weighting is not None:
-            with open(os.path.join(args.output_dir, "weighting_config.json"), "w") as f:
-                json.dump({"name": args.mtl_method, **weighting.config.to_dict()}, f, indent=2)
+        write_run_records(args, accelerator, intervals, weighting)
     logger.info("timestep clusters (%s): %s", args.clustering, intervals.bounds)
 
     tracker = None
@@ -589,16 +315,8 @@ def train(args) -> str:
                 step_ema(args, accelerator, ema, params)
             global_step += 1
             progress.update(1)
-            record = {"loss": logs["loss"].item(), "lr": lr_scheduler.get_last_lr()[0]}
-            if skipped:
-                record["skipped_step"] = 1
-            for i in range(num_tasks):
-                if logs["counts"][i] > 0:
-                    record[f"task_loss/{i}"] = logs["task_losses"][i].item()
-                if logs["weights"] is not None:
-                    record[f"task_weight/{i}"] = logs["weights"][i].item()
-            progress.set_postfix(loss=f"{record['loss']:.4f}",
-                                 w=None if logs["weights"] is None else " ".join(f"{w:.2f}" for w in logs["weights"].tolist()))
+            record = step_record(logs, lr_scheduler.get_last_lr()[0], skipped, objective.task_names())
+            progress.set_postfix(loss=f"{record['loss']:.4f}", w=" ".join(f"{w:.2f}" for w in logs["weights"].tolist()))
             accelerator.log(record, step=global_step)
 
             if tracker is not None and tracker.should_check(global_step):  # before the checkpoint, which records it
@@ -627,26 +345,65 @@ def train(args) -> str:
     return args.output_dir
 
 
-def ema_home(args, accelerator):
-    """Where the EMA weights live between updates: the training device, or the CPU with `--offload_ema`."""
-    return torch.device("cpu") if args.offload_ema else accelerator.device
+def prepare_model(args, accelerator, adapter):
+    """The frozen teacher (when an objective needs it) and the trained model's final form; returns
+    `(teacher or None, FinetuneSummary)`.
+
+    Order matters: the teacher is copied before anything changes the student; LoRA, then BitFit /
+    DiffFit, then DeMe's channel projections decide what trains; then the frozen parts (and a LoRA
+    run's frozen base) are cast to the weight dtype, as diffusers' scripts do."""
+    from ..peft_modes import apply_finetune_mode
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    teacher = None
+    if args.retention == "kd" or args.deme_interval is not None:
+        from ..teacher import FrozenTeacher
+
+        teacher = FrozenTeacher(adapter, weight_dtype, autocast=accelerator.autocast).to(accelerator.device)
+    if args.rank is not None:
+        adapter.add_lora(args.rank, alpha=args.lora_alpha)
+    if args.train_text_encoder:
+        adapter.add_text_encoder_lora(args.rank, alpha=args.lora_alpha)
+    finetune = apply_finetune_mode(adapter.model, args.finetune)  # BitFit / DiffFit choose what trains
+    logger.info("%s", finetune.description)
+    if args.channel_projection:
+        from ..deme import add_channel_projection
+
+        add_channel_projection(adapter.model)  # DeMe's channel mixing after each block, identity at first
+    if args.gradient_checkpointing:
+        adapter.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        adapter.model.enable_xformers_memory_efficient_attention()
+    adapter.to(accelerator.device, weight_dtype)  # frozen parts (VAE, text encoder) in the low precision
+    cast_frozen_parameters(adapter.model, weight_dtype)  # and a LoRA run's frozen base weights
+    return teacher, finetune
 
 
-def step_ema(args, accelerator, ema, params) -> None:
-    """One EMA update; with `--offload_ema` the weights visit the device for it, as in diffusers' scripts."""
-    if args.offload_ema and accelerator.device.type != "cpu":
-        ema.to(accelerator.device, non_blocking=True)
-        ema.step(params)
-        ema.to("cpu", non_blocking=True)
-    else:
-        ema.step(params)
+def write_run_records(args, accelerator, intervals, weighting) -> None:
+    """The run's configuration for the trackers and the output folder (portable: no secret, no
+    absolute path), its timestep intervals and its weighting's configuration."""
+    published = public_config(args)
+    accelerator.init_trackers(args.tracker_project_name,
+                              config={k: v for k, v in published.items() if isinstance(v, (int, float, str, bool))})
+    intervals.save(os.path.join(args.output_dir, "timestep_intervals.json"))
+    with open(os.path.join(args.output_dir, "training_config.json"), "w") as f:
+        json.dump(published, f, indent=2)
+    if weighting is not None:
+        with open(os.path.join(args.output_dir, "weighting_config.json"), "w") as f:
+            json.dump({"name": args.mtl_method, **weighting.config.to_dict()}, f, indent=2)
 
 
-def restore_ema(ema, state: dict, device) -> None:
-    """Load EMA's state, THEN move it to `device`: the loaded shadow weights live where they were read
-    (the CPU), so moving first would leave them there (diffusers' scripts load, then move)."""
-    ema.load_state_dict(state)
-    ema.to(device)
+def step_record(logs: dict, lr: float, skipped: bool, task_names) -> dict:
+    """What the trackers get for an update: the loss, the learning rate, every present task's loss and
+    every task's weight (`task_loss/<name>`, `task_weight/<name>`), and whether fp16 skipped it."""
+    record = {"loss": logs["loss"].item(), "lr": lr}
+    if skipped:
+        record["skipped_step"] = 1
+    for i, name in enumerate(task_names):
+        if logs["counts"][i] > 0:
+            record[f"task_loss/{name}"] = logs["task_losses"][i].item()
+        record[f"task_weight/{name}"] = logs["weights"][i].item()
+    return record
 
 
 def weighting_snapshot(weighting) -> dict:
@@ -659,27 +416,13 @@ def restore_weighting(weighting, snapshot: dict) -> None:
     weighting.last_weights = snapshot["last_weights"]
 
 
-@contextlib.contextmanager
-def _ema_weights(ema, params):
-    """The EMA weights in place of the trained ones inside the block (no-op without EMA)."""
-    if ema is None:
-        yield
-        return
-    ema.store(params)
-    ema.copy_to(params)
-    try:
-        yield
-    finally:
-        ema.restore(params)
-
-
 def validate(args, accelerator, adapter, model, ema, params, step, inputs):
     """Sample a grid with the (EMA) weights, save it under samples/ and send it to the trackers."""
     if not accelerator.is_main_process:
         return None
     from .validation import log_and_save_samples
 
-    with _ema_weights(ema, params), sampling_precision(accelerator, adapter):
+    with ema_weights(ema, params), sampling_precision(accelerator, adapter):
         return log_and_save_samples(args, accelerator, adapter, accelerator.unwrap_model(model), step, inputs)
 
 
@@ -717,7 +460,7 @@ def finish(args, accelerator, adapter, model, ema, params, intervals, global_ste
     unwrapped = accelerator.unwrap_model(model)
     # The saved pipeline holds float32 frozen parts (and base weights), whatever precision training used.
     lift_to_float32([*adapter.frozen_modules().values(), unwrapped])
-    with _ema_weights(ema, params):
+    with ema_weights(ema, params):
         save_output(args, adapter, unwrapped)
         images, _ = validate(args, accelerator, adapter, model, None, params, global_step, validation_inputs)
     summary = training_summary(args, intervals, global_step, pixel_resolution(adapter))

@@ -1,0 +1,192 @@
+"""The pieces `training.loop.train` is assembled from: clusters, timestep sampler, seed, the weighting's
+options, optimizer and LR schedule, the per-task gradient subset, and the engines it refuses.
+
+Each is a plain function of the parsed arguments (and what the loop built before it), so the loop
+reads top to bottom and each piece can be tested alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+
+import torch
+
+from .args import UsageError
+from .checkpoint import checkpoint_config
+
+logger = logging.getLogger("diffusers_ant")
+
+
+def pixel_resolution(adapter) -> int:
+    """Image side length the data must have: the model's sample size, times the VAE's factor when latent."""
+    if adapter.latent:
+        return adapter.sample_size * adapter.vae_scale_factor(adapter.vae)
+    return adapter.sample_size
+
+
+def build_intervals(args, noise_scheduler):
+    """ANT's interval clustering (Sec. 4.1) over the scheduler's own noise schedule."""
+    from ..clustering import TimestepIntervals, cluster_timesteps
+    from ..schedule import num_train_timesteps
+
+    num_timesteps = num_train_timesteps(noise_scheduler)
+    if args.num_clusters > num_timesteps:
+        raise UsageError(f"--num_clusters {args.num_clusters} exceeds the scheduler's {num_timesteps} timesteps")
+    if args.num_clusters == 1:
+        return TimestepIntervals([(0, num_timesteps - 1)], num_timesteps)
+    sizes = {}
+    if args.cluster_min_size is not None:
+        sizes["min_size"] = args.cluster_min_size
+    if args.cluster_max_size is not None:
+        sizes["max_size"] = args.cluster_max_size
+    affinity = args.affinity_file if args.clustering == "gradient" else None
+    return cluster_timesteps(noise_scheduler, args.num_clusters, objective=args.clustering, affinity=affinity,
+                             log_snr=not args.raw_snr, **sizes)
+
+
+def build_sampler(args, intervals, num_timesteps):
+    from ..timesteps import IntervalTimestepSampler, StratifiedTimestepSampler, UniformTimestepSampler
+    from ..timesteps import FLOW_DENSITY_SCHEMES, FlowMatchingDensitySampler  # flow branch
+
+    if args.weighting_scheme in FLOW_DENSITY_SCHEMES:  # SD3's timestep density (args.py refuses stratified / range)
+        return FlowMatchingDensitySampler(args.weighting_scheme, num_timesteps, args.logit_mean, args.logit_std,
+                                          args.mode_scale)
+    if args.timestep_range is not None:
+        start, end = args.timestep_range
+        if not 0 <= start <= end < num_timesteps:
+            raise UsageError(f"--timestep_range {start} {end} must satisfy 0 <= START <= END < {num_timesteps}")
+        return IntervalTimestepSampler(start, end, num_timesteps)
+    if args.timestep_sampling == "stratified":
+        return StratifiedTimestepSampler(intervals)
+    return UniformTimestepSampler(num_timesteps)
+
+
+def parameter_subset(adapter, spec, task_gradients):
+    """The task-gradient subset: `--task_gradient_subset` (None = all trainable, `lora`, or comma-separated
+    module-name prefixes), or the output-side layers for `--task_gradients last_layers`.
+
+    Returns `(parameters or None, restrict)`: `restrict` lets the task backward passes stop at the
+    subset, safe for output layers and LoRA matrices (see `TaskGradientEngine`)."""
+    model = adapter.model
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if spec is None:
+        if task_gradients != "last_layers":
+            return None, False
+        return adapter.output_parameters(), True
+    if spec == "lora":
+        chosen = [p for n, p in named if "lora_" in n]
+    else:
+        prefixes = tuple(x.strip() for x in spec.split(",") if x.strip())
+        chosen = [p for n, p in named if n.startswith(prefixes)]
+    if not chosen:
+        raise UsageError(f"--task_gradient_subset {spec!r} matches no trainable parameter "
+                         "(use `lora` with --rank, or module-name prefixes such as `down_blocks.0,mid_block`)")
+    return chosen, spec == "lora"
+
+
+def build_optimizer(args, param_groups, lr):
+    """AdamW, or bitsandbytes' 8-bit AdamW with `--use_8bit_adam` (as diffusers' scripts)."""
+    kwargs = dict(lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                  eps=args.adam_epsilon)
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb  # checked in validate_args
+
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    return torch.optim.AdamW(param_groups, **kwargs)
+
+
+def resolve_seed(args, accelerator, checkpoint) -> int:
+    """`--seed`, else the seed of the run being resumed, else a fresh one drawn on process 0.
+
+    A drawn seed is logged and written to `training_config.json` (as `seed`), so any run can be
+    repeated; it is the same on every process."""
+    if args.seed is not None:
+        return args.seed
+    if checkpoint is not None:
+        saved = checkpoint_config(checkpoint)
+        if saved.get("seed") is not None:
+            return int(saved["seed"])
+    from accelerate.utils import broadcast_object_list
+
+    drawn = [secrets.randbelow(2**31) if accelerator.is_main_process else None]
+    broadcast_object_list(drawn)
+    logger.info("no --seed given: drew seed %d (recorded in training_config.json)", drawn[0])
+    return int(drawn[0])
+
+
+def method_options(args, updates_per_epoch: int) -> dict:
+    """The weighting's options: `--mtl_options`, with its seed derived from the run's seed.
+
+    RLW's draws and PCGrad's task orders then differ between seeds of a sweep and repeat for one seed."""
+    from ..weighting import WEIGHTINGS
+
+    options = dict(args.mtl_options_dict)
+    fields = {f.name for f in dataclasses.fields(WEIGHTINGS[args.mtl_method].config_class)}
+    if "seed" in fields:
+        options.setdefault("seed", args.seed)
+    if "window" in fields and "window" not in options:
+        options["window"] = updates_per_epoch  # DWA averages the losses of an epoch (LibMTL, Liu et al.)
+    return options
+
+
+# Where the per-task gradient engine can run: one process, or plain data parallelism (it bypasses
+# the model wrapper and all-reduces the task gradients itself).
+
+
+_ENGINE_DISTRIBUTED_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA",
+                             "MULTI_HPU", "MULTI_SDAA")
+
+
+def check_distributed_support(accelerator, args, weighting) -> None:
+    """Refuse configurations that would train wrongly under DeepSpeed / FSDP / other engines.
+
+    * Gradient-based weightings write `.grad` through the unwrapped module: under DeepSpeed the
+      parameters would never change, under FSDP the module is sharded. Only single-process and
+      plain data-parallel runs are supported.
+    * DeepSpeed steps inside `backward()`: a gradient-accumulation window of several chunks would
+      step several times, and its optimizer would own UW's log-variances. Vanilla and parameter-free
+      loss-based weightings with `--gradient_accumulation_steps 1` only."""
+    kind = accelerator.distributed_type.name if hasattr(accelerator.distributed_type, "name") else str(accelerator.distributed_type)
+    supported = ", ".join(t.lower() for t in _ENGINE_DISTRIBUTED_TYPES[:3])
+    if weighting is not None and weighting.needs_task_gradients and kind not in _ENGINE_DISTRIBUTED_TYPES:
+        raise UsageError(f"--mtl_method {args.mtl_method} (gradient-based) runs on one process or plain data "
+                         f"parallelism ({supported}), not under {kind}: use a loss-based method (ls, rlw, uw, dwa) "
+                         "or `accelerate launch --multi_gpu`")
+    if kind == "DEEPSPEED":
+        if args.gradient_accumulation_steps > 1:
+            raise UsageError("under DeepSpeed use --gradient_accumulation_steps 1 (DeepSpeed steps inside backward, "
+                             "and this trainer accumulates a window of micro-batches itself)")
+        if weighting is not None and any(True for _ in weighting.parameters()):
+            raise UsageError(f"--mtl_method {args.mtl_method} has learnable parameters that DeepSpeed's optimizer "
+                             "cannot own: use ls, rlw or dwa, or plain data parallelism")
+
+
+def build_lr_scheduler(args, optimizer, num_processes: int):
+    """diffusers' `get_scheduler` as its scripts call it (Accelerate steps it once per process), with
+    the groups marked `constant_lr` (UW's log-variances) kept at their own learning rate."""
+    from diffusers.optimization import get_scheduler
+
+    scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                              num_warmup_steps=args.lr_warmup_steps * num_processes,
+                              num_training_steps=args.max_train_steps * num_processes,
+                              num_cycles=args.lr_num_cycles, power=args.lr_power)
+    constant_lr_groups(scheduler, optimizer)
+    return scheduler
+
+
+def constant_lr_groups(lr_scheduler, optimizer) -> None:
+    """Keep the learning rate of parameter groups marked `constant_lr` (UW's log-variances) fixed.
+
+    ANT trains UW's log-variances at a constant lr 0.025; diffusers' schedulers are `LambdaLR`s that
+    apply one factor to every group, so the factor of the marked groups is replaced by 1."""
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    for index, group in enumerate(optimizer.param_groups):
+        if group.get("constant_lr") and lambdas is not None:
+            lambdas[index] = _constant_factor
+            group["lr"] = group["initial_lr"]  # the scheduler already applied its step-0 factor (0 in warm-up)
+
+
+def _constant_factor(_step):
+    return 1.0

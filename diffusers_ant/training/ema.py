@@ -1,0 +1,43 @@
+"""EMA of the trained weights (diffusers' `EMAModel`): where it lives, its update, its restoration."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def ema_home(args, accelerator):
+    """Where the EMA weights live between updates: the training device, or the CPU with `--offload_ema`."""
+    return torch.device("cpu") if args.offload_ema else accelerator.device
+
+
+def step_ema(args, accelerator, ema, params) -> None:
+    """One EMA update; with `--offload_ema` the weights visit the device for it, as in diffusers' scripts."""
+    if args.offload_ema and accelerator.device.type != "cpu":
+        ema.to(accelerator.device, non_blocking=True)
+        ema.step(params)
+        ema.to("cpu", non_blocking=True)
+    else:
+        ema.step(params)
+
+
+def restore_ema(ema, state: dict, device) -> None:
+    """Load EMA's state, THEN move it to `device`: the loaded shadow weights live where they were read
+    (the CPU), so moving first would leave them there (diffusers' scripts load, then move)."""
+    ema.load_state_dict(state)
+    ema.to(device)
+
+
+@contextlib.contextmanager
+def ema_weights(ema, params):
+    """The EMA weights in place of the trained ones inside the block (no-op without EMA)."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)

@@ -1,0 +1,94 @@
+"""Where the rows of a training batch come from: the data alone, Diff-Tuning's two sources, DeMe's interval.
+
+`build_sources` returns the `training.step.Source`s of a run; `compose_sources` turns each data
+micro-batch into its sources' rows (the knowledge bank's come from their own loader,
+`knowledge_bank_dataloader`, read as an endless resumable stream by `cycle_batches`).
+"""
+
+from __future__ import annotations
+
+from .components import pixel_resolution
+
+
+def build_sources(args, intervals, num_timesteps, sampler):
+    """The sources of a batch (`training.step.Source`): the data alone, or Diff-Tuning's two, or DeMe's interval.
+
+    * Diff-Tuning (Zhong et al., NeurIPS 2024, Sec. 4): the downstream data ("reconsolidation") draws
+      t with probability proportional to (t + 1)^b, favouring high noise; the retention samples
+      (knowledge-bank images, or downstream images with the frozen model's prediction as target in
+      the distillation variant) draw t proportional to (T - t)^a, favouring low noise, and their loss
+      is weighted by lambda (`--bank_weight`). Bank images train the unconditional branch (null class,
+      empty prompt) as the authors do, unless `--bank_keep_prompts`.
+    * DeMe (Sec. 3): the data draws t in interval i, or in the whole range with probability
+      `--deme_global_prob`, and adds the consistency loss against the frozen pretrained model."""
+    from ..diff_tuning import reconsolidation_sampler, retention_sampler
+    from ..timesteps import IntervalTimestepSampler
+    from .step import Source
+
+    if args.diff_tuning:
+        reconsolidation = reconsolidation_sampler(num_timesteps, args.reconsolidation_exponent)
+        retention = retention_sampler(num_timesteps, args.retention_exponent)
+        data = Source("data", reconsolidation)
+        if args.retention == "kd":
+            return [data, Source("retention", retention, weight=args.bank_weight, target="teacher")]
+        return [data, Source("bank", retention, weight=args.bank_weight, null_condition=not args.bank_keep_prompts)]
+    if args.deme_interval is not None:
+        start, end = intervals.bounds[args.deme_interval]
+        interval = IntervalTimestepSampler(start, end, num_timesteps, p_full=args.deme_global_prob,
+                                           per_batch=args.deme_sampling == "per_batch")
+        return [Source("data", interval, consistency=args.consistency_weight)]
+    return [Source("data", sampler)]
+
+
+def knowledge_bank_dataloader(args, adapter, needs: dict, rows: int):
+    """The loader of Diff-Tuning's knowledge bank: `rows` bank images per micro-batch, read like the data
+    (same resolution, transforms, `--max_train_samples`), after checking the bank fits the model."""
+    from ..data import make_train_dataloader, resolve_columns
+    from ..diff_tuning import check_bank_compatible, load_knowledge_bank
+
+    bank, manifest = load_knowledge_bank(args.knowledge_bank)
+    check_bank_compatible(manifest, model_type=args.model_type, resolution=pixel_resolution(adapter),
+                          channels=adapter.num_channels)
+    recorded = manifest.get("columns") or {}
+    columns = resolve_columns(bank, image_column=recorded.get("image_column"),
+                              caption_column=recorded.get("caption_column"),
+                              conditioning_image_column=recorded.get("conditioning_image_column"),
+                              class_column=recorded.get("class_column"),
+                              need_captions=needs["need_captions"] and args.bank_keep_prompts,
+                              need_conditioning=needs["need_conditioning"],
+                              classes_if_present=args.model_type in ("unet", "dit"))
+    return make_train_dataloader(
+        bank, columns, resolution=pixel_resolution(adapter), batch_size=rows, num_channels=adapter.num_channels,
+        tokenizer=adapter.tokenizer, seed=args.seed + 1, num_workers=args.dataloader_num_workers,
+        center_crop=args.center_crop, random_flip=args.random_flip, max_samples=args.max_train_samples,
+        interpolation=args.image_interpolation_mode)
+
+
+def retention_rows(args) -> int:
+    """Rows of each micro-batch given to Diff-Tuning's retention source (0 without Diff-Tuning)."""
+    return round(args.train_batch_size * args.bank_fraction) if args.diff_tuning else 0
+
+
+def compose_sources(args, batch: dict, bank_batches) -> dict:
+    """A micro-batch as its sources' rows: `data` and `bank` (a bank batch), or `data` and `retention`
+    (the micro-batch's last rows, for distillation), or the plain batch."""
+    if not args.diff_tuning:
+        return batch
+    if args.retention == "bank":
+        return {"data": batch, "bank": next(bank_batches)}
+    keep = len(batch["pixel_values"]) - retention_rows(args)
+    return {"data": {k: v[:keep] for k, v in batch.items()}, "retention": {k: v[keep:] for k, v in batch.items()}}
+
+
+def cycle_batches(accelerator, loader, consumed: int):
+    """Batches of `loader` forever, epoch after epoch, starting after the first `consumed` ones.
+
+    The position is a pure function of the count, so a resumed run continues the bank exactly where
+    the interrupted one was (with the same seeded per-epoch order)."""
+    per_epoch = len(loader)
+    epoch, skip = divmod(consumed, per_epoch)
+    while True:
+        loader.set_epoch(epoch)
+        for batch in (accelerator.skip_first_batches(loader, skip) if skip else loader):
+            yield batch
+        epoch, skip = epoch + 1, 0

@@ -1,0 +1,774 @@
+#!/usr/bin/env python
+"""DeMe's benchmark on MNIST-5k at 16x16 (issue 12, item 5): decouple-then-merge against continued
+fine-tuning of the same pretrained model at equal total steps.
+
+From ONE pretrained model (`--pretrained FOLDER`, e.g. a vanilla model of the quality benchmark,
+`bench-quality/vanilla/seed-0`; by default one is pretrained here with the quality benchmark's
+recipe), for every seed:
+
+- continued fine-tuning for N x S steps: vanilla, Min-SNR, ANT + UW, ANT + Nash-MTL (the quality
+  benchmark's rows, `benchmark_quality.METHODS`, started from the pretrained model);
+- DeMe (PAPERS.md section 2): N = 4 copies, copy i fine-tuned S steps on the i-th of N equal
+  timestep intervals (`train_deme.py`, i.e. `train_ant.py --deme_interval i`) with probabilistic
+  sampling (p 0.3), the consistency loss (weight 1) and channel projection; then
+  the ensemble (`merge_deme.py --ensemble`), the merge with equal weights 1/N, and the merge with
+  weights searched by coordinate descent on domain FID (`merge_deme.py --search coordinate`);
+- the pretrained model itself (0 steps);
+
+and, on `--ablation_seeds` (default: the first seed), the paper's ablation ladder (its Table 3):
+N = 1 (one model on all timesteps: exactly continued vanilla fine-tuning, so that row is reused),
+N = 4 + probabilistic sampling, + consistency loss, + channel projection (= DeMe), each merged with
+searched weights.
+
+Every model is scored with the domain features (`diffusers_ant.metrics`, an MNIST classifier, not
+Inception): FID, KID, precision, recall of `--num_samples` DDIM samples. The seeds are shared by all
+rows (data order, timestep draws and sampling noise), so each row is compared with continued
+vanilla fine-tuning by its per-seed difference, with a Student-t interval over seeds
+(`diffusers_ant.analysis.stats`). The target (the paper: DeMe -21% FID on CIFAR-10) is checked and
+reported either way.
+
+Held-out search: MNIST-5k's 5,000 images are split by a seeded permutation into a SEARCH reference
+(`--search_real` images, 1,000 by default) and a disjoint EVALUATION reference (the other 4,000),
+written as image folders under `OUTPUT_DIR/references/`. The merge search scores against the search
+reference only, and with other sampling noise (seed + 10000); every reported number is against the
+evaluation reference. All models are trained on all 5,000 images (the pretrained one included): the
+two references are held out from each other, not from training, as usual for a generative FID.
+
+    python train_scripts/benchmark_deme.py --output_dir bench-deme                      # about 1.5 h, 2 cores
+    python train_scripts/benchmark_deme.py --output_dir bench-deme --pretrained bench-quality/vanilla/seed-0
+    python train_scripts/benchmark_deme.py --output_dir bench-deme-smoke --quick        # a smoke run, minutes
+
+Every run is a real process (`train_ant.py`, `train_deme.py`, `merge_deme.py`; one torch thread
+each, `--workers` at a time), its output logged beside its result; evaluations run in `--workers`
+processes of one thread. Finished runs, merges and evaluations are kept and skipped when the command
+is run again (an evaluation is redone when its settings or the feature weights changed; other
+training settings in the same folder are refused). Outputs: `results.json` (every number, the
+summaries, searched weights, settings, hashes, times), `results.md` (the tables, the command, the
+wall time, the target check).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import benchmark_quality as quality  # noqa: E402  (the model, the continued rows' flags, planning figures)
+
+from diffusers_ant.cli import OneLineErrorParser  # noqa: E402
+
+DATASET = quality.DATASET
+RESOLUTION = quality.RESOLUTION
+NUM_DATASET_IMAGES = 5000  # MNIST-5k
+CONTINUED = ("vanilla", "min_snr", "ant_uw", "ant_nash")
+SEARCH_SEED_OFFSET = 10000  # the search samples other noise than the evaluation (seed + this)
+GLOBAL_PROB = 0.3  # DeMe's probabilistic sampling (the authors' scripts)
+CONSISTENCY_WEIGHT = 1.0  # DeMe's consistency loss (the paper)
+
+# DeMe's trainings: the full method and the rungs of the ablation ladder below it. All use N equal
+# intervals and probabilistic sampling; `deme_flags` turns an entry into train_ant.py flags.
+DEME_CONFIGS = {
+    "deme": {"consistency": True, "projection": True,
+             "label": "probabilistic sampling, consistency loss, channel projection"},
+    "deme_prob": {"consistency": False, "projection": False, "label": "probabilistic sampling only"},
+    "deme_consistency": {"consistency": True, "projection": False, "label": "probabilistic sampling, consistency loss"},
+}
+ABLATION_CONFIGS = ("deme_prob", "deme_consistency")
+
+# The rows of the main table, in order (labels: `row_label`).
+MAIN_ROWS = ("pretrained", *(f"continued_{m}" for m in CONTINUED), "deme_ensemble", "deme_equal", "deme_merged")
+CONTROL = "continued_vanilla"
+METRICS = ("fid", "kid_mean", "precision", "recall")
+
+# Planning figures (see benchmark_quality.py for the shared ones): a consistency step adds the frozen
+# model's forward pass, about a third of a forward + backward step; channel projection adds a few
+# 1x1 mixings. Estimates, not measurements; a busy machine is slower.
+TEACHER_FACTOR = 1.35
+PROJECTION_FACTOR = 1.05
+PRETRAIN_SECONDS_PER_STEP = 0.10  # alone, with two threads (ENVIRONMENT.md: 0.095)
+MERGE_PROCESS_SECONDS = 20.0  # start-up, loading the base and the N fine-tunes, saving
+SCORE_SECONDS = 2.0  # features and metrics of one sample set of the search
+EVAL_OVERHEAD_SECONDS = 8.0  # loading a model and scoring its samples
+
+
+def parse_args(argv=None):
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output_dir", default="bench-deme")
+    p.add_argument("--pretrained", default=None,
+                   help="the pretrained pipeline folder (e.g. bench-quality/vanilla/seed-0); default: pretrain one "
+                        "here into OUTPUT_DIR/pretrained with the quality benchmark's recipe")
+    p.add_argument("--pretrain_steps", type=int, default=2000, help="steps of the model pretrained here (default 2000)")
+    p.add_argument("--pretrain_seed", type=int, default=1000, help="seed of the model pretrained here (default 1000)")
+    p.add_argument("--num_intervals", type=int, default=4, help="N, DeMe's equal timestep intervals (default 4)")
+    p.add_argument("--interval_steps", type=int, default=250,
+                   help="S, fine-tuning steps per interval; continued fine-tuning gets N x S (default 250)")
+    p.add_argument("--continued", default=",".join(CONTINUED),
+                   help=f"comma-separated continued fine-tuning rows, vanilla included (default {','.join(CONTINUED)})")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="fine-tuning and sampling seeds, shared by all rows (default 0 1 2)")
+    p.add_argument("--ablation_seeds", type=int, nargs="*", default=None,
+                   help="seeds of the ablation ladder (default: the first seed; none: no ladder)")
+    p.add_argument("--train_batch_size", type=int, default=64)
+    p.add_argument("--learning_rate", type=float, default=1e-3, help="of every fine-tune (default 1e-3)")
+    p.add_argument("--lr_scheduler", default="constant_with_warmup")
+    p.add_argument("--lr_warmup_steps", type=int, default=20, help="of every fine-tune (default 20)")
+    p.add_argument("--search_values", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="candidate values of each merge weight (default 0 0.25 0.5 0.75 1)")
+    p.add_argument("--search_rounds", type=int, default=1, help="rounds of the coordinate search (default 1)")
+    p.add_argument("--search_samples", type=int, default=500, help="generated images per search point (default 500)")
+    p.add_argument("--search_real", type=int, default=1000,
+                   help="real images of the search reference; the evaluation reference is the other "
+                        f"{NUM_DATASET_IMAGES} - this (default 1000)")
+    p.add_argument("--num_samples", type=int, default=2000, help="generated images per evaluated model (default 2000)")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps, search and evaluation (default 50)")
+    p.add_argument("--eval_batch_size", type=int, default=250)
+    p.add_argument("--confidence", type=float, default=0.95, help="of the t intervals over seeds (default 0.95)")
+    p.add_argument("--phase", default="all", choices=["train", "merge", "eval", "all"],
+                   help="train (pretraining and fine-tuning), merge (searches, merges, ensembles), eval, or all")
+    p.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                   help="processes in parallel, one torch thread each")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 2 seeds, N = 2 intervals of 10 steps, a 40-step pretrained model, 128 DDIM-10 "
+                        "samples, a 3-value search on 64 samples (minutes)")
+    args = p.parse_args(argv)
+    if args.quick:  # smaller defaults; flags given explicitly still win
+        p.set_defaults(seeds=[0, 1], pretrain_steps=40, num_intervals=2, interval_steps=10, lr_warmup_steps=5,
+                       num_samples=128, num_inference_steps=10, eval_batch_size=128, search_samples=64,
+                       search_values=[0.0, 0.5, 1.0])
+        args = p.parse_args(argv)
+    if args.ablation_seeds is None:
+        args.ablation_seeds = args.seeds[:1]
+    args.continued = args.continued.split(",")
+    unknown = [m for m in args.continued if m not in CONTINUED]
+    if unknown:
+        p.error(f"unknown --continued row(s) {', '.join(unknown)}; choose from {', '.join(CONTINUED)}")
+    if "vanilla" not in args.continued:
+        p.error("--continued must include vanilla: it is the control of every comparison")
+    if len(set(args.seeds)) < 2:
+        p.error("give at least 2 --seeds (3 or more for useful intervals): the intervals are over seeds")
+    if not set(args.ablation_seeds) <= set(args.seeds):
+        p.error("--ablation_seeds must be among --seeds (the ladder's N = 1 rung is that seed's continued vanilla run)")
+    for name in ("pretrain_steps", "num_intervals", "interval_steps", "train_batch_size", "search_rounds",
+                 "search_samples", "num_samples", "num_inference_steps", "eval_batch_size", "workers"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be positive")
+    if args.num_intervals < 2:
+        p.error("--num_intervals must be at least 2 (N = 1 is continued fine-tuning, already a row)")
+    if not 0 < args.search_real < NUM_DATASET_IMAGES:
+        p.error(f"--search_real must be in 1..{NUM_DATASET_IMAGES - 1}: the evaluation reference is the rest")
+    if len(set(args.search_values)) != len(args.search_values):
+        p.error("--search_values must be distinct")
+    if not 0 < args.confidence < 1:
+        p.error("--confidence must be in (0, 1)")
+    if args.pretrained is not None and not os.path.isfile(os.path.join(args.pretrained, "model_index.json")):
+        p.error(f"--pretrained {args.pretrained}: no pipeline folder there (model_index.json); give a saved model, "
+                "e.g. bench-quality/vanilla/seed-0, or leave it out to pretrain one here")
+    return args
+
+
+# ------------------------------------------------------------------------------------------- layout
+
+
+def pretrained_dir(args) -> str:
+    return args.pretrained or os.path.join(args.output_dir, "pretrained")
+
+
+def reference_dir(args, which) -> str:
+    return os.path.join(args.output_dir, "references", which)
+
+
+def continued_dir(args, method, seed) -> str:
+    return os.path.join(args.output_dir, "continued", method, f"seed-{seed}")
+
+
+def deme_dir(args, config, seed) -> str:
+    return os.path.join(args.output_dir, "deme", config, f"seed-{seed}")
+
+
+def interval_dirs(args, config, seed) -> list:
+    return [os.path.join(deme_dir(args, config, seed), f"interval-{i}") for i in range(args.num_intervals)]
+
+
+def merge_dir(args, config, seed, kind) -> str:
+    """kind: merged_searched, merged_equal or ensemble."""
+    return os.path.join(deme_dir(args, config, seed), kind)
+
+
+def metrics_path(args, row, seed) -> str:
+    return os.path.join(args.output_dir, "metrics", row, f"seed-{seed}.json")
+
+
+def deme_trainings(args) -> list:
+    """(config, seed) of every DeMe training: the full method on every seed, the ladder on its seeds."""
+    return [("deme", s) for s in args.seeds] + [(c, s) for c in ABLATION_CONFIGS for s in args.ablation_seeds]
+
+
+def evaluated_rows(args) -> list:
+    """(row, seed, model folder) of every evaluation."""
+    rows = []
+    for seed in args.seeds:
+        rows.append(("pretrained", seed, pretrained_dir(args)))
+        rows += [(f"continued_{m}", seed, continued_dir(args, m, seed)) for m in args.continued]
+        rows += [("deme_ensemble", seed, merge_dir(args, "deme", seed, "ensemble")),
+                 ("deme_equal", seed, merge_dir(args, "deme", seed, "merged_equal")),
+                 ("deme_merged", seed, merge_dir(args, "deme", seed, "merged_searched"))]
+    for config in ABLATION_CONFIGS:
+        rows += [(f"ablation_{config}", s, merge_dir(args, config, s, "merged_searched")) for s in args.ablation_seeds]
+    return rows
+
+
+def ladder(args) -> list:
+    """The ablation ladder's rungs, bottom up: (label, row)."""
+    n = args.num_intervals
+    return [("N = 1 (one model, all timesteps: continued vanilla fine-tuning)", CONTROL),
+            (f"N = {n}, + probabilistic sampling (p {GLOBAL_PROB})", "ablation_deme_prob"),
+            (f"+ consistency loss (weight {CONSISTENCY_WEIGHT:g})", "ablation_deme_consistency"),
+            ("+ channel projection (= DeMe)", "deme_merged")]
+
+
+def row_label(args, row) -> str:
+    n = args.num_intervals
+    if row == "pretrained":
+        return "pretrained (no fine-tuning)"
+    if row.startswith("continued_"):
+        return f"continued fine-tuning, {quality.METHODS[row[len('continued_'):]]['label']}"
+    return {"deme_ensemble": f"DeMe ensemble (N = {n} models, routed by timestep)",
+            "deme_equal": f"DeMe merged, equal weights 1/{n}",
+            "deme_merged": "DeMe merged, searched weights"}.get(row, row)
+
+
+def row_steps(args, row) -> str:
+    n, s = args.num_intervals, args.interval_steps
+    if row == "pretrained":
+        return "0"
+    if row.startswith("continued_"):
+        return str(n * s)
+    return f"{n} x {s}"
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+def _finetune_flags(args, seed, steps) -> list:
+    """The recipe every fine-tune shares (the quality benchmark's, at the fine-tuning learning rate)."""
+    return ["--model_type", "unet", "--dataset_name", DATASET, "--resolution", str(RESOLUTION),
+            "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(steps),
+            "--learning_rate", str(args.learning_rate), "--lr_scheduler", args.lr_scheduler,
+            "--lr_warmup_steps", str(args.lr_warmup_steps), "--use_ema", "--ema_max_decay", "0.999",
+            "--seed", str(seed), "--checkpointing_steps", str(steps + 1), "--num_validation_images", "4",
+            "--num_inference_steps", str(args.num_inference_steps), "--report_to", "none"]
+
+
+def pretrain_command(args, config_path) -> list:
+    steps = args.pretrain_steps
+    return [sys.executable, os.path.join(HERE, "train_ant.py"), "--model_type", "unet",
+            "--model_config_name_or_path", config_path, "--dataset_name", DATASET, "--resolution", str(RESOLUTION),
+            "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(steps),
+            "--learning_rate", "2e-3", "--lr_scheduler", "constant_with_warmup",
+            "--lr_warmup_steps", str(min(100, max(1, steps // 10))), "--use_ema", "--ema_max_decay", "0.999",
+            "--seed", str(args.pretrain_seed), "--output_dir", pretrained_dir(args), "--checkpointing_steps",
+            str(steps + 1), "--num_validation_images", "16", "--num_inference_steps", str(args.num_inference_steps),
+            "--report_to", "none", "--mtl_method", "none"]
+
+
+def continued_command(args, method, seed) -> list:
+    return [sys.executable, os.path.join(HERE, "train_ant.py"), "--pretrained_model_name_or_path", pretrained_dir(args),
+            *_finetune_flags(args, seed, args.num_intervals * args.interval_steps),
+            "--output_dir", continued_dir(args, method, seed), *quality.METHODS[method]["flags"]]
+
+
+def deme_command(args, config, seed) -> list:
+    """train_deme.py: the N interval fine-tunes (no merge: the merges are separate runs)."""
+    return [sys.executable, os.path.join(HERE, "train_deme.py"), "--pretrained_model_name_or_path", pretrained_dir(args),
+            "--num_intervals", str(args.num_intervals), "--output_dir", deme_dir(args, config, seed), "--no_merge", "--",
+            *_finetune_flags(args, seed, args.interval_steps), "--clustering", "timestep", *deme_flags(config)]
+
+
+def deme_flags(config) -> list:
+    """train_ant.py's DeMe flags of a configuration (the interval itself is set by train_deme.py)."""
+    entry = DEME_CONFIGS[config]
+    flags = ["--consistency_weight", str(CONSISTENCY_WEIGHT if entry["consistency"] else 0.0),
+             "--deme_global_prob", str(GLOBAL_PROB), "--deme_sampling", "per_batch"]
+    return flags + (["--channel_projection"] if entry["projection"] else [])
+
+
+def merge_command(args, config, seed, kind) -> list:
+    cmd = [sys.executable, os.path.join(HERE, "merge_deme.py"), "--base", pretrained_dir(args),
+           "--finetuned", *interval_dirs(args, config, seed), "--output_dir", merge_dir(args, config, seed, kind),
+           "--num_threads", "1", "--device", "cpu"]
+    if kind == "ensemble":
+        return cmd + ["--ensemble"]
+    if kind == "merged_equal":
+        return cmd + ["--weights", *[str(1.0 / args.num_intervals)] * args.num_intervals]
+    return cmd + ["--search", "coordinate", "--search_values", *[f"{v:g}" for v in args.search_values],
+                  "--search_rounds", str(args.search_rounds), "--train_data_dir", reference_dir(args, "search"),
+                  "--feature_extractor", DATASET,  # a folder has no domain of its own: MNIST-5k's classifier
+                  "--num_samples", str(args.search_samples), "--num_real", str(args.search_real),
+                  "--num_inference_steps", str(args.num_inference_steps), "--batch_size", str(args.eval_batch_size),
+                  "--seed", str(seed + SEARCH_SEED_OFFSET)]
+
+
+def merge_jobs(args) -> list:
+    """(config, seed, kind) of every merge: searched for each DeMe training, equal and ensemble for DeMe's."""
+    jobs = [(config, seed, "merged_searched") for config, seed in deme_trainings(args)]
+    return jobs + [("deme", s, kind) for s in args.seeds for kind in ("merged_equal", "ensemble")]
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+
+def search_evaluations(num_models, values, rounds) -> int:
+    """At most this many distinct points of a coordinate search from 1/N (``deme.search``)."""
+    start_in_values = any(math.isclose(1.0 / num_models, v) for v in values)
+    first = 1 + num_models * (len(values) - (1 if start_in_values else 0))
+    return first + (rounds - 1) * num_models * (len(values) - 1)
+
+
+def plan(args) -> dict:
+    """Estimated seconds of each phase with `args.workers` processes (see the planning figures)."""
+    n, s = args.num_intervals, args.interval_steps
+    image_step = quality.SECONDS_PER_IMAGE_STEP * args.num_inference_steps
+    pretrain = 0.0 if args.pretrained else (PRETRAIN_SECONDS_PER_STEP * args.pretrain_steps + quality.SECONDS_PER_RUN)
+    train = sum(quality.SECONDS_PER_STEP.get(m, 0.15) * n * s + quality.SECONDS_PER_RUN for m in args.continued) * len(args.seeds)
+    processes = len(args.continued) * len(args.seeds) + (0 if args.pretrained else 1)
+    for config, _ in deme_trainings(args):
+        factor = TEACHER_FACTOR if DEME_CONFIGS[config]["consistency"] else 1.0
+        factor *= PROJECTION_FACTOR if DEME_CONFIGS[config]["projection"] else 1.0
+        train += n * (quality.SECONDS_PER_STEP["vanilla"] * factor * s + quality.SECONDS_PER_RUN)
+        processes += n
+    points = search_evaluations(n, args.search_values, args.search_rounds)
+    jobs = merge_jobs(args)
+    searches = sum(kind == "merged_searched" for _, _, kind in jobs)
+    merge = len(jobs) * MERGE_PROCESS_SECONDS + searches * points * (args.search_samples * image_step + SCORE_SECONDS)
+    evaluations = len(evaluated_rows(args))
+    evaluate = evaluations * (args.num_samples * image_step + EVAL_OVERHEAD_SECONDS) + 30 * args.workers
+    w = args.workers
+    result = {"pretrain_seconds": pretrain, "train_seconds": train / w, "merge_seconds": merge / w,
+              "eval_seconds": evaluate / w, "training_processes": processes, "searches": searches,
+              "search_points_per_search": points, "merges": len(jobs), "evaluations": evaluations,
+              "generated_images": evaluations * args.num_samples + searches * points * args.search_samples}
+    result["total_seconds"] = pretrain + (train + merge + evaluate) / w
+    return result
+
+
+def plan_text(estimate, args) -> str:
+    m = lambda seconds: f"{seconds / 60:.0f} min"  # noqa: E731
+    pretrain = ("pretrained model given" if args.pretrained else
+                f"pretraining {args.pretrain_steps} steps {m(estimate['pretrain_seconds'])}")
+    return (f"plan on an idle 2-core CPU, {args.workers} worker(s): {pretrain}; {estimate['training_processes']} training "
+            f"processes (continued: {args.num_intervals * args.interval_steps} steps; DeMe: {args.num_intervals} x "
+            f"{args.interval_steps}) {m(estimate['train_seconds'])}; {estimate['merges']} merges with {estimate['searches']} "
+            f"searches of at most {estimate['search_points_per_search']} points x {args.search_samples} samples "
+            f"{m(estimate['merge_seconds'])}; {estimate['evaluations']} evaluations x {args.num_samples} DDIM-"
+            f"{args.num_inference_steps} samples {m(estimate['eval_seconds'])}; total about "
+            f"{m(estimate['total_seconds'])} (a busy machine is slower)")
+
+
+# ------------------------------------------------------------------------------------------- settings
+
+
+def training_settings(args) -> dict:
+    """What kept runs, merges and references depend on: another value in the same folder is refused."""
+    keys = ("num_intervals", "interval_steps", "train_batch_size", "learning_rate", "lr_scheduler", "lr_warmup_steps",
+            "search_values", "search_rounds", "search_samples", "search_real", "num_inference_steps", "eval_batch_size")
+    settings = {k: getattr(args, k) for k in keys}
+    settings["pretrained"] = (os.path.abspath(args.pretrained) if args.pretrained else
+                              {"pretrain_steps": args.pretrain_steps, "pretrain_seed": args.pretrain_seed})
+    return settings
+
+
+def check_settings(args) -> None:
+    path = os.path.join(args.output_dir, "benchmark_settings.json")
+    settings = training_settings(args)
+    if os.path.isfile(path):
+        with open(path) as f:
+            stored = json.load(f)
+        changed = [k for k in settings if stored.get(k) != settings[k]]
+        if changed:
+            raise SystemExit(f"benchmark_deme.py: error: {args.output_dir} holds a benchmark with other settings "
+                             f"({', '.join(f'{k}: {stored.get(k)!r} -> {settings[k]!r}' for k in changed)}): rerun with "
+                             "its settings to resume it, or give another --output_dir")
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=2)
+
+
+# ------------------------------------------------------------------------------------------- phases
+
+
+def write_references(args) -> dict:
+    from diffusers_ant.deme.benchmark import split_reference_rows, write_reference_folder
+
+    search, evaluation = split_reference_rows(NUM_DATASET_IMAGES, args.search_real, seed=0)
+    write_reference_folder(DATASET, search, reference_dir(args, "search"))
+    write_reference_folder(DATASET, evaluation, reference_dir(args, "eval"))
+    return {"search": {"folder": reference_dir(args, "search"), "num_images": len(search)},
+            "eval": {"folder": reference_dir(args, "eval"), "num_images": len(evaluation)},
+            "split": f"a permutation of MNIST-5k's {NUM_DATASET_IMAGES} rows (torch.randperm, seed 0): the first "
+                     f"{len(search)} rows are the search reference, the other {len(evaluation)} the evaluation reference"}
+
+
+def train_phase(args, config_path) -> None:
+    from diffusers_ant.deme.benchmark import run_logged
+
+    if not args.pretrained:
+        out = pretrained_dir(args)
+        status = run_logged(pretrain_command(args, config_path), os.path.join(out, "train.log"),
+                            os.path.join(out, "model_index.json"), "pretraining", threads=args.workers)
+        print(f"pretrained model {out}: {status}", flush=True)
+    jobs = [("deme", c, s) for c, s in deme_trainings(args)] + [("continued", m, s) for m in args.continued for s in args.seeds]
+
+    def one(job):
+        kind, name, seed = job
+        if kind == "continued":
+            out = continued_dir(args, name, seed)
+            status = run_logged(continued_command(args, name, seed), os.path.join(out, "train.log"),
+                                os.path.join(out, "model_index.json"), f"continued {name} seed {seed}")
+        else:
+            folders = interval_dirs(args, name, seed)
+            status = run_logged(deme_command(args, name, seed), os.path.join(deme_dir(args, name, seed), "train_deme.log"),
+                                [os.path.join(f, "model_index.json") for f in folders], f"{name} seed {seed}")
+        print(f"trained {kind} {name} seed {seed}: {status}", flush=True)
+
+    quality.run_parallel(one, jobs, args.workers)
+
+
+def merge_phase(args) -> None:
+    from diffusers_ant.deme.benchmark import run_logged
+    from diffusers_ant.deme.merging import MERGE_RECORD_NAME
+
+    def one(job):
+        config, seed, kind = job
+        out = merge_dir(args, config, seed, kind)
+        done = os.path.join(out, MERGE_RECORD_NAME)
+        if os.path.isdir(out) and not os.path.isfile(done):
+            shutil.rmtree(out)  # an interrupted merge of this benchmark: merge_deme.py wants an empty folder
+        status = run_logged(merge_command(args, config, seed, kind), os.path.join(deme_dir(args, config, seed), f"{kind}.log"),
+                            done, f"{kind} {config} seed {seed}")
+        print(f"{kind} {config} seed {seed}: {status}", flush=True)
+
+    quality.run_parallel(one, merge_jobs(args), args.workers)
+
+
+def eval_settings(args) -> dict:
+    return {"num_samples": args.num_samples, "num_inference_steps": args.num_inference_steps, "scheduler": "ddim",
+            "eval_batch_size": args.eval_batch_size, "reference": os.path.abspath(reference_dir(args, "eval")),
+            "num_real": NUM_DATASET_IMAGES - args.search_real}
+
+
+def eval_phase(args, extractor_sha) -> dict:
+    """{row: {seed: metrics}}, evaluating what is missing."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from diffusers_ant.deme.benchmark import evaluate_model_task, stored_metrics, worker_init
+
+    settings = eval_settings(args)
+    results, tasks = {}, []
+    for row, seed, model in evaluated_rows(args):
+        path = metrics_path(args, row, seed)
+        stored = stored_metrics(path, settings, extractor_sha)
+        if stored is not None:
+            results.setdefault(row, {})[seed] = stored
+            continue
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise SystemExit(f"benchmark_deme.py: error: {model} is missing: run the train and merge phases first")
+        tasks.append((row, seed, {"model": model, "seed": seed, "path": path, "dataset_name": DATASET,
+                                  "resolution": RESOLUTION, "settings": settings}))
+    if tasks:
+        print(f"evaluating {len(tasks)} models with {args.workers} worker(s)", flush=True)
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
+        with ProcessPoolExecutor(args.workers, mp_context=context, initializer=worker_init) as pool:
+            futures = [(row, seed, pool.submit(evaluate_model_task, task)) for row, seed, task in tasks]
+            for i, (row, seed, future) in enumerate(futures, 1):
+                metrics = future.result()
+                results.setdefault(row, {})[seed] = metrics
+                print(f"[{i}/{len(futures)}] {row} seed {seed}: fid {metrics['fid']:.3f} "
+                      f"({metrics['sampling_seconds']:.0f}s sampling)", flush=True)
+    return results
+
+
+def search_records(args) -> dict:
+    """{config: {seed: {"weights", "search_fid", "equal_search_fid", "evaluations"}}} from the merges' records."""
+    from diffusers_ant.deme.merging import MERGE_RECORD_NAME
+
+    out = {}
+    equal = [1.0 / args.num_intervals] * args.num_intervals
+    for config, seed in deme_trainings(args):
+        folder = merge_dir(args, config, seed, "merged_searched")
+        record_path, table_path = os.path.join(folder, MERGE_RECORD_NAME), os.path.join(folder, "deme_search.json")
+        if not (os.path.isfile(record_path) and os.path.isfile(table_path)):
+            continue
+        with open(record_path) as f:
+            record = json.load(f)
+        with open(table_path) as f:
+            table = json.load(f)
+        start = next((r["score"] for r in table["rows"] if all(math.isclose(a, b) for a, b in zip(r["weights"], equal))), None)
+        out.setdefault(config, {})[seed] = {"weights": record["weights"], "search_fid": table["best_score"],
+                                            "equal_search_fid": start, "evaluations": len(table["rows"])}
+    return out
+
+
+# ------------------------------------------------------------------------------------------- summaries
+
+
+def summarise(results, confidence=0.95) -> tuple:
+    """Per row: each metric's t interval over seeds; the paired difference from continued vanilla
+    (same seed) of each metric; and the relative FID change from it in percent."""
+    from diffusers_ant.analysis.stats import paired_differences, t_interval
+    from diffusers_ant.deme.benchmark import relative_differences
+
+    control = results.get(CONTROL, {})
+    table, paired, relative = {}, {}, {}
+    for row, per_seed in results.items():
+        table[row] = {k: t_interval([m[k] for m in per_seed.values()], confidence) for k in METRICS}
+        if row != CONTROL and control:
+            paired[row] = {k: paired_differences({s: m[k] for s, m in per_seed.items()},
+                                                 {s: m[k] for s, m in control.items()}, confidence) for k in METRICS}
+            relative[row] = relative_differences({s: m["fid"] for s, m in per_seed.items()},
+                                                 {s: m["fid"] for s, m in control.items()}, confidence)
+    return table, paired, relative
+
+
+def summarise_ladder(args, results, confidence=0.95) -> list:
+    """The ablation ladder on its seeds: each rung's FID and its paired difference from the rung below
+    and from N = 1."""
+    from diffusers_ant.analysis.stats import paired_differences, t_interval
+
+    seeds = {str(s) for s in args.ablation_seeds}
+    rungs, previous = [], None
+    base = None
+    for label, row in ladder(args):
+        per_seed = {s: m for s, m in results.get(row, {}).items() if str(s) in seeds}
+        if not per_seed:
+            continue
+        fid = {s: m["fid"] for s, m in per_seed.items()}
+        rung = {"label": label, "row": row, "fid": t_interval(list(fid.values()), confidence),
+                **{k: t_interval([m[k] for m in per_seed.values()], confidence) for k in METRICS[1:]}}
+        if previous is not None:
+            rung["vs_previous"] = paired_differences(fid, previous, confidence)
+        if base is not None:
+            rung["vs_n1"] = paired_differences(fid, base, confidence)
+        base = fid if base is None else base
+        previous = fid
+        rungs.append(rung)
+    return rungs
+
+
+def target_check(results, table, confidence=0.95) -> dict:
+    """The merged model (searched weights) against continued fine-tuning at equal total steps: against
+    continued vanilla (the target), against the continued row of lowest mean FID, and against the
+    pretrained model (what the paper's -21% compares)."""
+    from diffusers_ant.analysis.stats import paired_differences
+    from diffusers_ant.deme.benchmark import relative_differences, verdict
+
+    merged = {s: m["fid"] for s, m in results.get("deme_merged", {}).items()}
+    if not merged or CONTROL not in results:
+        return {}
+    continued = [r for r in table if r.startswith("continued_")]
+    best = min(continued, key=lambda r: table[r]["fid"]["mean"])
+    check = {"paper": "DeMe -21% FID on CIFAR-10 (4.42 -> 3.51, from its pretrained model to the merged one), "
+                      "ahead of Min-SNR, P2 and ANT fine-tuned for the same budget",
+             "best_continued": best}
+    for name, row in (("vs_continued_vanilla", CONTROL), ("vs_best_continued", best), ("vs_pretrained", "pretrained")):
+        if row not in results:
+            continue
+        other = {s: m["fid"] for s, m in results[row].items()}
+        difference = paired_differences(merged, other, confidence)
+        check[name] = {"row": row, "fid_difference": difference,
+                       "fid_relative_percent": relative_differences(merged, other, confidence),
+                       "verdict": verdict(difference, "merged FID lower", "merged FID higher")}
+    high = check["vs_continued_vanilla"]["fid_difference"]["high"]
+    check["met"] = high is not None and high < 0
+    return check
+
+
+def _mean_sd(cell, digits=2):
+    if cell["mean"] is None:
+        return "-"
+    if cell["n"] == 1:
+        return f"{cell['mean']:.{digits}f}"
+    sd = cell["sd"] if cell["sd"] is not None else 0.0
+    return f"{cell['mean']:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _difference(cell, digits=2, unit=""):
+    if cell is None or cell["mean"] is None:
+        return "-"
+    if cell["low"] is None:
+        return f"{cell['mean']:+.{digits}f}{unit} (no interval)"
+    return f"{cell['mean']:+.{digits}f}{unit} [{cell['low']:+.{digits}f}, {cell['high']:+.{digits}f}]"
+
+
+def markdown(args, table, paired, relative, rungs, searches, check, extractor_sha, references, command, timing) -> str:
+    level = f"{args.confidence:.0%}"
+    n, s, seeds = args.num_intervals, args.interval_steps, args.seeds
+    lines = [f"| model | fine-tuning steps | domain FID | FID - continued vanilla [{level} CI] | change [{level} CI] "
+             "| domain KID | precision | recall |", "|---|---|---|---|---|---|---|---|"]
+    for row in MAIN_ROWS:
+        if row not in table:
+            continue
+        cells = table[row]
+        lines.append(f"| {row_label(args, row)} | {row_steps(args, row)} | {_mean_sd(cells['fid'])} "
+                     f"| {_difference(paired.get(row, {}).get('fid')) if row != CONTROL else '(control)'} "
+                     f"| {_difference(relative.get(row), 1, '%') if row != CONTROL else '-'} "
+                     f"| {_mean_sd(cells['kid_mean'], 4)} | {_mean_sd(cells['precision'], 3)} | {_mean_sd(cells['recall'], 3)} |")
+    pretrained = (f"`{args.pretrained}`" if args.pretrained else
+                  f"pretrained here for {args.pretrain_steps} steps (seed {args.pretrain_seed}, AdamW 2e-3, EMA 0.999)")
+    lines += ["", f"One pretrained 0.27M-parameter UNet ({pretrained}), fine-tuned on MNIST-5k at 16x16 with batch "
+              f"{args.train_batch_size}, AdamW {args.learning_rate:g} ({args.lr_scheduler}, {args.lr_warmup_steps} "
+              f"warm-up steps), EMA 0.999. Continued fine-tuning: {n * s} steps. DeMe: {n} copies, copy i fine-tuned "
+              f"{s} steps on the i-th of {n} equal timestep intervals, probabilistic sampling p {GLOBAL_PROB}, "
+              f"consistency weight {CONSISTENCY_WEIGHT:g}, channel projection; merged by task arithmetic. Mean ± "
+              f"standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}); differences are paired by "
+              f"seed (row - continued vanilla, same seed), with a {level} Student-t interval over the seeds; 'change' "
+              f"is the per-seed relative FID change. {args.num_samples} DDIM-{args.num_inference_steps} samples per model "
+              f"against the evaluation reference ({references['eval']['num_images']} real images). Domain features: "
+              f"MNIST-5k classifier, weights sha256 {extractor_sha[:12]} (not Inception: not comparable with published FIDs)."]
+    if check:
+        lines += ["", f"**Target check** (the paper: {check['paper']}): the merged model with searched weights "
+                  f"against continued fine-tuning at equal total steps ({n * s}):"]
+        for name in ("vs_continued_vanilla", "vs_best_continued", "vs_pretrained"):
+            if name not in check or (name == "vs_best_continued" and check[name]["row"] == CONTROL):
+                continue
+            c = check[name]
+            lines.append(f"- against {row_label(args, c['row'])}: FID {_difference(c['fid_difference'])}, "
+                         f"{_difference(c['fid_relative_percent'], 1, '%')}; per seed "
+                         + ", ".join(f"{d:+.1f}%" for d in c["fid_relative_percent"]["differences"])
+                         + f": {c['verdict']}.")
+        lines.append(f"- Target (merged beats continued vanilla fine-tuning, interval below 0): "
+                     f"**{'met' if check['met'] else 'not met'}** here.")
+    if rungs:
+        lines += ["", f"Ablation ladder (the paper's Table 3) on seed(s) {', '.join(map(str, args.ablation_seeds))}, "
+                  "each DeMe rung merged with searched weights:", "",
+                  "| rung | domain FID | FID - rung below | FID - N = 1 | precision | recall |", "|---|---|---|---|---|---|"]
+        for rung in rungs:
+            lines.append(f"| {rung['label']} | {_mean_sd(rung['fid'])} | {_difference(rung.get('vs_previous'))} "
+                         f"| {_difference(rung.get('vs_n1'))} | {_mean_sd(rung['precision'], 3)} | {_mean_sd(rung['recall'], 3)} |")
+    if searches:
+        lines += ["", f"Searched merge weights (coordinate search, values {', '.join(f'{v:g}' for v in args.search_values)}, "
+                  f"{args.search_rounds} round(s), {args.search_samples} samples per point with sampling seed + "
+                  f"{SEARCH_SEED_OFFSET}, FID against the search reference):", "",
+                  "| training | seed | weights (low to high t) | search FID | search FID, equal weights | points |",
+                  "|---|---|---|---|---|---|"]
+        for config, per_seed in searches.items():
+            for seed, rec in sorted(per_seed.items()):
+                equal = f"{rec['equal_search_fid']:.3f}" if rec["equal_search_fid"] is not None else "-"
+                lines.append(f"| {config} ({DEME_CONFIGS[config]['label']}) | {seed} | "
+                             f"[{', '.join(f'{w:g}' for w in rec['weights'])}] | {rec['search_fid']:.3f} | {equal} "
+                             f"| {rec['evaluations']} |")
+    lines += ["", f"References: {references['split']}. The search scores against the search reference "
+              f"({references['search']['num_images']} images) only; every number above the search table is against the "
+              f"evaluation reference ({references['eval']['num_images']} images). All models trained on all "
+              f"{NUM_DATASET_IMAGES} images.", "", f"Command: `{command}`", "",
+              f"Wall time: {timing['wall_seconds'] / 60:.1f} min this invocation, "
+              f"{timing.get('all_invocations_wall_seconds', timing['wall_seconds']) / 60:.1f} min over all invocations "
+              f"of this benchmark folder (invocations.json); summed run times: training "
+              f"{timing['train_run_seconds'] / 60:.1f} min, merges {timing['merge_run_seconds'] / 60:.1f} min "
+              f"(process time, {args.workers} at a time)."]
+    return "\n".join(lines)
+
+
+
+def recorded_times(args) -> dict:
+    """Summed wall times the runs recorded (over every invocation that ran them)."""
+    from diffusers_ant.deme.benchmark import recorded_seconds
+
+    train_logs = [os.path.join(continued_dir(args, m, s), "train.log") for m in args.continued for s in args.seeds]
+    train_logs += [os.path.join(deme_dir(args, c, s), "train_deme.log") for c, s in deme_trainings(args)]
+    if not args.pretrained:
+        train_logs.append(os.path.join(pretrained_dir(args), "train.log"))
+    merge_logs = [os.path.join(deme_dir(args, c, s), f"{kind}.log") for c, s, kind in merge_jobs(args)]
+    per_run = {os.path.relpath(log, args.output_dir): recorded_seconds(log) for log in train_logs + merge_logs}
+    return {"train_run_seconds": sum(per_run[os.path.relpath(log, args.output_dir)] or 0.0 for log in train_logs),
+            "merge_run_seconds": sum(per_run[os.path.relpath(log, args.output_dir)] or 0.0 for log in merge_logs),
+            "per_run_seconds": {k: None if v is None else round(v, 1) for k, v in per_run.items()}}
+
+
+def record_invocation(args, command, seconds, status="finished") -> float:
+    """Append this invocation to OUTPUT_DIR/invocations.json; return the wall seconds of all of them
+    (a resumed benchmark's wall time is the sum of its invocations)."""
+    path = os.path.join(args.output_dir, "invocations.json")
+    history = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            history = json.load(f)
+    history.append({"command": command, "phase": args.phase, "status": status, "wall_seconds": round(seconds, 1),
+                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    with open(path, "w") as f:
+        json.dump(history, f, indent=2)
+    return sum(entry["wall_seconds"] for entry in history)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.time()
+    check_settings(args)
+    command = " ".join(["python", os.path.relpath(os.path.abspath(__file__)), *(sys.argv[1:] if argv is None else argv)])
+    try:
+        run(args, command, started)
+    except RuntimeError as err:  # a run failed: its log says why; one line here
+        record_invocation(args, command, time.time() - started, status="stopped")
+        raise SystemExit(f"benchmark_deme.py: error: {err}; fix it and run the same command again to resume")
+    except KeyboardInterrupt:
+        record_invocation(args, command, time.time() - started, status="interrupted")
+        raise
+
+
+def run(args, command, started) -> None:
+    config_path = os.path.join(args.output_dir, "bench_unet.json")
+    with open(config_path, "w") as f:
+        json.dump(quality.BENCH_UNET, f, indent=2)
+    estimate = plan(args)
+    print(plan_text(estimate, args), flush=True)
+    references = write_references(args)
+    timing = {}
+    phases = {"train": ("train",), "merge": ("merge",), "eval": ("eval",), "all": ("train", "merge", "eval")}[args.phase]
+    if "train" in phases:
+        start = time.time()
+        train_phase(args, config_path)
+        timing["train_wall_seconds"] = round(time.time() - start, 1)
+    if "merge" in phases:
+        start = time.time()
+        merge_phase(args)
+        timing["merge_wall_seconds"] = round(time.time() - start, 1)
+    if "eval" not in phases:
+        record_invocation(args, command, time.time() - started)
+        return
+    from diffusers_ant.analysis.evaluate import resolve_feature_extractor
+
+    extractor_sha = resolve_feature_extractor("domain", DATASET).weights_sha256()
+    start = time.time()
+    results = eval_phase(args, extractor_sha)
+    timing["eval_wall_seconds"] = round(time.time() - start, 1)
+    timing["wall_seconds"] = round(time.time() - started, 1)
+    timing["all_invocations_wall_seconds"] = round(record_invocation(args, command, timing["wall_seconds"]), 1)
+    timing.update(recorded_times(args))
+
+    table, paired, relative = summarise(results, args.confidence)
+    rungs = summarise_ladder(args, results, args.confidence) if args.ablation_seeds else []
+    check = target_check(results, table, args.confidence)
+    searches = search_records(args)
+    text = markdown(args, table, paired, relative, rungs, searches, check, extractor_sha, references, command, timing)
+    print(text)
+    record = {"command": command, "args": vars(args), "plan": estimate, "references": references,
+              "feature_extractor": f"domain_{DATASET}", "feature_extractor_sha256": extractor_sha,
+              "rows": {row: row_label(args, row) for row in results}, "per_run": results, "summary": table,
+              "paired_vs_continued_vanilla": paired, "relative_fid_vs_continued_vanilla": relative,
+              "ablation_ladder": rungs, "searches": searches, "target_check": check, "timing": timing}
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(record, f, indent=2, default=str)
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(text + "\n")
+    print(f"wrote {os.path.join(args.output_dir, 'results.json')} and results.md "
+          f"({timing['wall_seconds'] / 60:.1f} min this invocation)")
+
+
+if __name__ == "__main__":
+    main()
