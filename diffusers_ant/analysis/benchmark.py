@@ -104,11 +104,12 @@ def recorded_seconds(log_path: str):
         return float(json.load(f)["seconds"])
 
 
-def run_logged(cmd, log_path: str, done, what: str) -> str:
+def run_logged(cmd, log_path: str, done, what: str, threads: int = 1) -> str:
     """Run ``cmd`` unless the outputs ``done`` (a path or a list of paths) all exist: then "kept".
 
-    Otherwise it runs with ``offline_env()``, its output (after the command line) in ``log_path``; the
-    wall time is written to ``time_path(log_path)`` and returned as "123s". A failure raises a
+    Otherwise it runs with ``offline_env()`` and ``threads`` torch threads (one unless a run has the
+    machine to itself, e.g. DeMe's pretraining), its output (after the command line) in ``log_path``;
+    the wall time is written to ``time_path(log_path)`` and returned as "123s". A failure raises a
     RuntimeError naming the log. ``done`` may be empty (always run) or the time file itself, which is
     written only after a successful exit (for commands whose outputs have no single marker file)."""
     done = [done] if isinstance(done, str) else list(done)
@@ -119,7 +120,8 @@ def run_logged(cmd, log_path: str, done, what: str) -> str:
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(str(part) for part in cmd) + "\n")
         log.flush()
-        result = subprocess.run([str(part) for part in cmd], stdout=log, stderr=subprocess.STDOUT, env=offline_env())
+        result = subprocess.run([str(part) for part in cmd], stdout=log, stderr=subprocess.STDOUT,
+                                env=offline_env(OMP_NUM_THREADS=threads))
     if result.returncode != 0:
         raise RuntimeError(f"{what} failed (exit code {result.returncode}): see {log_path}")
     seconds = time.time() - start
@@ -250,23 +252,29 @@ def split_rows(num_rows: int, sizes, seed: int = 0) -> list:
     return subsets
 
 
-def write_image_folder(dataset_name: str, rows, folder: str) -> str:
+def _row_images(folder: str) -> list:
+    """The ``row-NNNNN.png`` files of an image folder written by ``write_image_folder``."""
+    return [name for name in os.listdir(folder) if name.startswith("row-") and name.endswith(".png")]
+
+
+def write_image_folder(dataset_name: str, rows, folder: str, record_path: str = None) -> str:
     """Write rows ``rows`` of the built-in dataset ``dataset_name`` as ``folder/row-NNNNN.png`` (the
-    stored images, unresized, lossless) and a record ``folder.json`` beside the folder (not inside: an
-    image folder holds images and its metadata only). Kept as it is when the record lists these rows."""
+    stored images, unresized, lossless) and a record of them at ``record_path``: by default
+    ``folder.json`` beside the folder (not inside: an image folder holds images and its metadata only;
+    a JSON file inside is ignored by the image-folder loader, which DeMe's references rely on). Kept as
+    it is when the record lists these rows and the folder holds exactly their images."""
     from ..data import load_training_dataset, resolve_columns
 
     rows = [int(r) for r in rows]
-    record_path = os.path.normpath(folder) + ".json"
+    record_path = record_path or os.path.normpath(folder) + ".json"
     record = {"dataset_name": dataset_name, "rows": rows}
     if os.path.isfile(record_path) and os.path.isdir(folder):
         with open(record_path, encoding="utf-8") as f:
-            if json.load(f) == record and len(os.listdir(folder)) == len(rows):
+            if json.load(f) == record and sorted(_row_images(folder)) == sorted({f"row-{r:05d}.png" for r in rows}):
                 return folder
     os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(folder):  # another subset was here: start the folder again
-        if name.startswith("row-") and name.endswith(".png"):
-            os.remove(os.path.join(folder, name))
+    for name in _row_images(folder):  # another subset was here: start the folder again
+        os.remove(os.path.join(folder, name))
     dataset = load_training_dataset(dataset_name=dataset_name)
     column = resolve_columns(dataset)["image_column"]
     for row in rows:
@@ -319,8 +327,9 @@ def format_mean_sd(cell: dict, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def format_difference(cell: dict, scale: float = 1.0, digits: int = 2, unit: str = "") -> str:
-    """``+mean [low, high]`` of a difference's ``t_interval`` dict, or ``+mean (no interval)``."""
-    if cell.get("mean") is None:
+    """``+mean [low, high]`` of a difference's ``t_interval`` dict, or ``+mean (no interval)``; "-" for
+    no difference (None, or no data)."""
+    if cell is None or cell.get("mean") is None:
         return "-"
     if cell.get("low") is None:
         return f"{cell['mean'] * scale:+.{digits}f}{unit} (no interval)"
@@ -328,9 +337,12 @@ def format_difference(cell: dict, scale: float = 1.0, digits: int = 2, unit: str
             f"{cell['high'] * scale:+.{digits}f}]")
 
 
-def command_line(argv=None) -> str:
-    """The command that ran: ``python <script> <args>`` (``argv`` given: the script's name and those)."""
-    script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "?"
+def command_line(argv=None, script: str = None) -> str:
+    """The command that ran: ``python <script> <args>`` (``argv`` given: the script's name and those;
+    ``script`` given, e.g. a script's ``__file__``: that name, also when ``main(argv)`` is called from
+    another program)."""
+    script = script or (sys.argv[0] if sys.argv and sys.argv[0] else None)
+    script = os.path.relpath(os.path.abspath(script)) if script else "?"
     args = sys.argv[1:] if argv is None else [str(a) for a in argv]
     return " ".join(["python", script, *args])
 
