@@ -34,10 +34,17 @@ import os
 import sys
 import time
 
+# The bench UNet, the planning figures, the recipe (dataset, resolution, the rows `METHODS` and their
+# seconds per step) and the machinery live in diffusers_ant.analysis.benchmark, shared with the other
+# benchmarks.
 from diffusers_ant.analysis.benchmark import (  # noqa: F401  (re-exported: benchmark_ntg.py and the tests use them)
     BENCH_UNET,
+    DATASET,
+    METHODS,
+    RESOLUTION,
     SECONDS_PER_IMAGE_STEP,
     SECONDS_PER_RUN,
+    SECONDS_PER_STEP,
     format_difference as _difference,
     format_mean_sd as _mean_sd,
     run_logged,
@@ -46,37 +53,6 @@ from diffusers_ant.analysis.benchmark import (  # noqa: F401  (re-exported: benc
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-DATASET = "mnist5k"
-RESOLUTION = 16
-ANT_LOG_SNR = ["--clustering", "snr", "--num_clusters", "5", "--timestep_sampling", "stratified"]
-
-# The rows, as train_ant.py flags (ANT's Tables 1-3 line-up plus its Table 7 control), with what the
-# table says about each: which SNR its clusters are on and how its timesteps are drawn.
-METHODS = {
-    "vanilla": {"flags": ["--mtl_method", "none"], "label": "vanilla", "clusters_on": "-", "sampling": "uniform"},
-    "min_snr": {"flags": ["--mtl_method", "none", "--loss_weighting", "min_snr", "--snr_gamma", "5"],
-                "label": "Min-SNR (gamma 5)", "clusters_on": "-", "sampling": "uniform"},
-    "p2": {"flags": ["--mtl_method", "none", "--loss_weighting", "p2", "--p2_k", "1", "--p2_gamma", "1"],
-           "label": "P2 (k 1, gamma 1)", "clusters_on": "-", "sampling": "uniform"},
-    "ant_ls": {"flags": ["--mtl_method", "ls", *ANT_LOG_SNR], "label": "ANT + LS (control)",
-               "clusters_on": "log-SNR", "sampling": "stratified"},
-    "ant_uw": {"flags": ["--mtl_method", "uw", *ANT_LOG_SNR], "label": "ANT + UW",
-               "clusters_on": "log-SNR", "sampling": "stratified"},
-    "ant_pcgrad": {"flags": ["--mtl_method", "pcgrad", *ANT_LOG_SNR], "label": "ANT + PCGrad",
-                   "clusters_on": "log-SNR", "sampling": "stratified"},
-    "ant_nash": {"flags": ["--mtl_method", "nash_mtl", *ANT_LOG_SNR], "label": "ANT + Nash-MTL",
-                 "clusters_on": "log-SNR", "sampling": "stratified"},
-    "ant_uw_raw_snr": {"flags": ["--mtl_method", "uw", *ANT_LOG_SNR, "--raw_snr"], "label": "ANT + UW, raw SNR",
-                       "clusters_on": "raw SNR", "sampling": "stratified"},
-}
-
-# The bench UNet (0.27M parameters) and the planning figures of the 2-core CPU live in
-# diffusers_ant.analysis.benchmark, shared with the other benchmarks. Per method: seconds per training
-# step at batch 64 with one thread (through train_ant.py: uw 1.02x, nash_mtl 0.97x, pcgrad 1.47x of
-# vanilla); `plan()` turns them into the estimate printed before a run; a busy machine is slower.
-SECONDS_PER_STEP = {"vanilla": 0.14, "min_snr": 0.14, "p2": 0.14, "ant_ls": 0.14, "ant_uw": 0.14,
-                    "ant_pcgrad": 0.21, "ant_nash": 0.14, "ant_uw_raw_snr": 0.14}
 
 METRICS = ("fid", "kid_mean", "precision", "recall")
 

@@ -1,9 +1,11 @@
 """The machinery the benchmark scripts share (``benchmark_quality.py``, ``benchmark_ntg.py``,
-``benchmark_transfer.py``): what is not a benchmark's rows or its reading.
+``benchmark_transfer.py``, ``benchmark_deme.py``): what is not a benchmark's own rows or its reading.
 
 - the bench UNet (``BENCH_UNET``, a 0.27M-parameter attention UNet for 16x16 greyscale images) and
   the planning figures of this project's 2-core CPU that turn a benchmark's settings into the time
   plan it prints before it starts;
+- the quality benchmark's recipe that other benchmarks reuse: ``DATASET`` (MNIST-5k), ``RESOLUTION``
+  (16), ``METHODS`` (its rows as ``train_ant.py`` flags) and their ``SECONDS_PER_STEP``;
 - ``run_logged``: one real subprocess (a ``train_ant.py`` run, a knowledge-bank build, an analysis),
   one torch thread, offline, its output in a log file, skipped when its output exists, its wall time
   recorded beside the log (``time_path``); ``run_parallel`` runs such jobs ``workers`` at a time;
@@ -33,9 +35,14 @@ import sys
 import time
 
 __all__ = [
+    "ANT_LOG_SNR",
     "BENCH_UNET",
+    "DATASET",
+    "METHODS",
+    "RESOLUTION",
     "SECONDS_PER_IMAGE_STEP",
     "SECONDS_PER_RUN",
+    "SECONDS_PER_STEP",
     "SECONDS_PER_STEP_BENCH_UNET",
     "cached_reference",
     "command_line",
@@ -76,6 +83,38 @@ BENCH_UNET = {
 SECONDS_PER_STEP_BENCH_UNET = 0.14
 SECONDS_PER_RUN = 25.0
 SECONDS_PER_IMAGE_STEP = 170.0 / (5000 * 50)
+
+# The quality benchmark's recipe (benchmark_quality.py trains these rows from scratch; benchmark_deme.py
+# continues some of them from a pretrained model): the dataset, its resolution, and the rows as
+# train_ant.py flags (ANT's Tables 1-3 line-up plus its Table 7 control), with what the table says
+# about each: which SNR its clusters are on and how its timesteps are drawn.
+DATASET = "mnist5k"
+RESOLUTION = 16
+ANT_LOG_SNR = ["--clustering", "snr", "--num_clusters", "5", "--timestep_sampling", "stratified"]
+
+METHODS = {
+    "vanilla": {"flags": ["--mtl_method", "none"], "label": "vanilla", "clusters_on": "-", "sampling": "uniform"},
+    "min_snr": {"flags": ["--mtl_method", "none", "--loss_weighting", "min_snr", "--snr_gamma", "5"],
+                "label": "Min-SNR (gamma 5)", "clusters_on": "-", "sampling": "uniform"},
+    "p2": {"flags": ["--mtl_method", "none", "--loss_weighting", "p2", "--p2_k", "1", "--p2_gamma", "1"],
+           "label": "P2 (k 1, gamma 1)", "clusters_on": "-", "sampling": "uniform"},
+    "ant_ls": {"flags": ["--mtl_method", "ls", *ANT_LOG_SNR], "label": "ANT + LS (control)",
+               "clusters_on": "log-SNR", "sampling": "stratified"},
+    "ant_uw": {"flags": ["--mtl_method", "uw", *ANT_LOG_SNR], "label": "ANT + UW",
+               "clusters_on": "log-SNR", "sampling": "stratified"},
+    "ant_pcgrad": {"flags": ["--mtl_method", "pcgrad", *ANT_LOG_SNR], "label": "ANT + PCGrad",
+                   "clusters_on": "log-SNR", "sampling": "stratified"},
+    "ant_nash": {"flags": ["--mtl_method", "nash_mtl", *ANT_LOG_SNR], "label": "ANT + Nash-MTL",
+                 "clusters_on": "log-SNR", "sampling": "stratified"},
+    "ant_uw_raw_snr": {"flags": ["--mtl_method", "uw", *ANT_LOG_SNR, "--raw_snr"], "label": "ANT + UW, raw SNR",
+                       "clusters_on": "raw SNR", "sampling": "stratified"},
+}
+
+# Per row: seconds per training step of the bench UNet at batch 64 with one thread (through
+# train_ant.py: uw 1.02x, nash_mtl 0.97x, pcgrad 1.47x of vanilla); the benchmarks' `plan()` turns
+# them into the estimate printed before a run; a busy machine is slower.
+SECONDS_PER_STEP = {"vanilla": 0.14, "min_snr": 0.14, "p2": 0.14, "ant_ls": 0.14, "ant_uw": 0.14,
+                    "ant_pcgrad": 0.21, "ant_nash": 0.14, "ant_uw_raw_snr": 0.14}
 
 
 # ------------------------------------------------------------------------------------ subprocess runs
