@@ -284,6 +284,17 @@ def test_run_logged_keeps_finished_runs_and_names_the_log_of_a_failure(tmp_path)
     assert recorded_seconds(bad) is None
 
 
+def test_evaluate_in_pool_returns_each_result_in_the_order_of_the_tasks_and_reports_it(capsys):
+    from diffusers_ant.analysis.benchmark import evaluate_in_pool
+
+    assert evaluate_in_pool(dict, [], workers=2) == [] and capsys.readouterr().out == ""
+    tasks = [(f"model {i}", {"fid": float(i), "sampling_seconds": 3.0, "index": i}) for i in range(3)]
+    # `dict` stands for an evaluation: a module-level callable the spawned workers can unpickle
+    assert evaluate_in_pool(dict, tasks, workers=1, what="sample sets") == [task for _, task in tasks]
+    out = capsys.readouterr().out
+    assert "evaluating 3 sample sets with 1 worker(s)" in out and "[3/3] model 2: fid 2.000 (3s sampling)" in out
+
+
 def test_relative_differences_and_verdict():
     from diffusers_ant.analysis.benchmark import relative_differences, verdict
 

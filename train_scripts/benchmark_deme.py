@@ -67,8 +67,8 @@ from diffusers_ant.analysis.benchmark import (
     SECONDS_PER_RUN,
     SECONDS_PER_STEP,
     command_line,
+    evaluate_in_pool,
     evaluate_saved_model,
-    evaluation_pool,
     format_difference as _difference,
     format_mean_sd,
     recorded_seconds,
@@ -492,15 +492,10 @@ def eval_phase(args, extractor_sha) -> dict:
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise SystemExit(f"benchmark_deme.py: error: {model} is missing: run the train and merge phases first")
         tasks.append((row, seed, {"model": model, "seed": seed, "path": path, "settings": settings}))
-    if tasks:
-        print(f"evaluating {len(tasks)} models with {args.workers} worker(s)", flush=True)
-        with evaluation_pool(args.workers) as pool:
-            futures = [(row, seed, pool.submit(evaluate_saved_model, task)) for row, seed, task in tasks]
-            for i, (row, seed, future) in enumerate(futures, 1):
-                metrics = future.result()
-                results.setdefault(row, {})[seed] = metrics
-                print(f"[{i}/{len(futures)}] {row} seed {seed}: fid {metrics['fid']:.3f} "
-                      f"({metrics['sampling_seconds']:.0f}s sampling)", flush=True)
+    evaluated = evaluate_in_pool(evaluate_saved_model, [(f"{row} seed {seed}", task) for row, seed, task in tasks],
+                                 args.workers)
+    for (row, seed, _), metrics in zip(tasks, evaluated):
+        results.setdefault(row, {})[seed] = metrics
     return results
 
 

@@ -211,7 +211,7 @@ def evaluate_task(task) -> dict:
 
 def evaluate_all(args, runs, extractor_sha):
     """{method: {seed: metrics}} and {step: {seed: metrics}} (the vanilla curve), evaluating what is missing."""
-    from diffusers_ant.analysis.benchmark import evaluation_pool
+    from diffusers_ant.analysis.benchmark import evaluate_in_pool
 
     final_settings = eval_settings(args, args.num_samples)
     curve_settings = eval_settings(args, args.curve_samples)
@@ -237,19 +237,11 @@ def evaluate_all(args, runs, extractor_sha):
                 else:
                     tasks.append(("curve", step, seed, {"run_dir": run_dir, "seed": seed, "settings": curve_settings,
                                                         "path": path, "checkpoint": os.path.join(run_dir, f"checkpoint-{step}")}))
-    if tasks:
-        print(f"evaluating {len(tasks)} sample sets with {args.workers} worker(s)", flush=True)
-        with evaluation_pool(args.workers) as pool:
-            futures = [(kind, key, seed, pool.submit(evaluate_task, task)) for kind, key, seed, task in tasks]
-            for i, (kind, key, seed, future) in enumerate(futures, 1):
-                metrics = future.result()
-                if kind == "final":
-                    results[key][seed] = metrics
-                else:
-                    curve[key][seed] = metrics
-                what = f"{key} seed {seed}" if kind == "final" else f"vanilla seed {seed} step {key}"
-                print(f"[{i}/{len(futures)}] {what}: fid {metrics['fid']:.3f} ({metrics['sampling_seconds']:.0f}s sampling)",
-                      flush=True)
+    labelled = [(f"{key} seed {seed}" if kind == "final" else f"vanilla seed {seed} step {key}", task)
+                for kind, key, seed, task in tasks]
+    evaluated = evaluate_in_pool(evaluate_task, labelled, args.workers, what="sample sets")
+    for (kind, key, seed, _), metrics in zip(tasks, evaluated):
+        (results if kind == "final" else curve)[key][seed] = metrics
     if steps:
         curve[args.max_train_steps] = {seed: m["curve_point"] for seed, m in results["vanilla"].items()}
     return results, curve

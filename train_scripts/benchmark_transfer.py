@@ -53,8 +53,8 @@ from diffusers_ant.analysis.benchmark import (
     SECONDS_PER_RUN,
     SECONDS_PER_STEP_BENCH_UNET,
     command_line,
+    evaluate_in_pool,
     evaluate_saved_model,
-    evaluation_pool,
     format_difference,
     format_mean_sd,
     recorded_seconds,
@@ -538,18 +538,13 @@ def evaluate_models(args, layout, extractor_sha) -> tuple:
             else:
                 tasks.append((method, seed, {"model": layout.run(method, seed), "seed": seed, "path": path,
                                              "settings": settings}))
-    if tasks:
-        print(f"evaluating {len(tasks)} models with {args.workers} worker(s)", flush=True)
-        with evaluation_pool(args.workers) as pool:
-            futures = [(method, seed, pool.submit(evaluate_saved_model, task)) for method, seed, task in tasks]
-            for i, (method, seed, future) in enumerate(futures, 1):
-                metrics = future.result()
-                if method is None:
-                    pretrained = metrics
-                else:
-                    results[method][seed] = metrics
-                print(f"[{i}/{len(futures)}] {method or 'pretrained'} seed {seed}: fid {metrics['fid']:.3f} "
-                      f"({metrics['sampling_seconds']:.0f}s sampling)", flush=True)
+    evaluated = evaluate_in_pool(evaluate_saved_model, [(f"{method or 'pretrained'} seed {seed}", task)
+                                                        for method, seed, task in tasks], args.workers)
+    for (method, seed, _), metrics in zip(tasks, evaluated):
+        if method is None:
+            pretrained = metrics
+        else:
+            results[method][seed] = metrics
     return results, pretrained
 
 

@@ -10,7 +10,7 @@
   one torch thread, offline, its output in a log file, skipped when its output exists, its wall time
   recorded beside the log (``time_path``); ``run_parallel`` runs such jobs ``workers`` at a time;
 - evaluation workers: ``evaluation_pool`` (spawned processes of one torch thread each, see
-  ``worker_init``), ``cached_reference`` (a process builds each real-image reference once),
+  ``worker_init``), ``evaluate_in_pool`` (a list of evaluations in it), ``cached_reference`` (a process builds each real-image reference once),
   ``evaluate_saved_model`` (sample a saved pipeline, score it, write the metrics JSON) and
   ``stored_metrics`` (a stored evaluation is reused only with the same settings and feature weights);
 - real-image folders: ``split_rows`` / ``write_image_folder`` write disjoint seeded subsets of a
@@ -46,6 +46,7 @@ __all__ = [
     "SECONDS_PER_STEP_BENCH_UNET",
     "cached_reference",
     "command_line",
+    "evaluate_in_pool",
     "evaluate_saved_model",
     "evaluation_pool",
     "format_difference",
@@ -200,6 +201,25 @@ def evaluation_pool(workers: int):
 
     return ProcessPoolExecutor(max(1, int(workers)), mp_context=multiprocessing.get_context("spawn"),
                                initializer=worker_init)
+
+
+def evaluate_in_pool(evaluate, tasks, workers: int, what: str = "models") -> list:
+    """``[evaluate(task) for label, task in tasks]``, computed in ``evaluation_pool(workers)``, in the
+    order of ``tasks``; one progress line per finished evaluation (``[i/n] label: fid ...``).
+    ``evaluate`` is a module-level function (it is sent to the spawned workers), e.g.
+    ``evaluate_saved_model``."""
+    if not tasks:
+        return []
+    print(f"evaluating {len(tasks)} {what} with {workers} worker(s)", flush=True)
+    results = []
+    with evaluation_pool(workers) as pool:
+        futures = [(label, pool.submit(evaluate, task)) for label, task in tasks]
+        for i, (label, future) in enumerate(futures, 1):
+            metrics = future.result()
+            print(f"[{i}/{len(futures)}] {label}: fid {metrics['fid']:.3f} ({metrics['sampling_seconds']:.0f}s sampling)",
+                  flush=True)
+            results.append(metrics)
+    return results
 
 
 def cached_reference(key, build):
