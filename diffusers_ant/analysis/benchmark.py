@@ -10,7 +10,8 @@
   one torch thread, offline, its output in a log file, skipped when its output exists, its wall time
   recorded beside the log (``time_path``); ``run_parallel`` runs such jobs ``workers`` at a time;
 - evaluation workers: ``evaluation_pool`` (spawned processes of one torch thread each, see
-  ``worker_init``), ``evaluate_in_pool`` (a list of evaluations in it), ``cached_reference`` (a process builds each real-image reference once),
+  ``worker_init``), ``evaluate_in_pool`` (a list of evaluations in it, with progress lines),
+  ``cached_reference`` (a process builds each real-image reference once),
   ``evaluate_saved_model`` (sample a saved pipeline, score it, write the metrics JSON) and
   ``stored_metrics`` (a stored evaluation is reused only with the same settings and feature weights);
 - real-image folders: ``split_rows`` / ``write_image_folder`` write disjoint seeded subsets of a
