@@ -52,7 +52,7 @@ def test_every_training_row_parses_with_train_ant_at_equal_total_steps(pretraine
         cmd = bench.continued_command(args, method, 1)
         parsed = parse_args(cmd[2:])
         assert parsed.pretrained_model_name_or_path == pretrained and parsed.max_train_steps == total
-        assert parsed.mtl_method == bench.quality.METHODS[method]["flags"][1] and parsed.seed == 1
+        assert parsed.mtl_method == bench.METHODS[method]["flags"][1] and parsed.seed == 1
         assert parsed.deme_interval is None and parsed.use_ema
     assert parse_args(bench.continued_command(args, "min_snr", 0)[2:]).loss_weighting == "min_snr"
     assert parse_args(bench.continued_command(args, "ant_nash", 0)[2:]).timestep_sampling == "stratified"
@@ -101,7 +101,7 @@ def test_merge_rows_parse_and_the_search_uses_its_own_reference_and_noise(pretra
             assert parsed.num_real == 1000 and parsed.num_samples == 500 and parsed.feature_extractor == "mnist5k"
             assert parsed.seed == seed + bench.SEARCH_SEED_OFFSET  # other noise than the evaluation's (seed)
     settings = bench.eval_settings(args)
-    assert settings["reference"].endswith(os.path.join("references", "eval")) and settings["num_real"] == 4000
+    assert settings["reference_dir"].endswith(os.path.join("references", "eval")) and settings["num_real"] == 4000
     rows = bench.evaluated_rows(args)
     assert len(rows) == 3 * 8 + 2 and ("pretrained", 2, pretrained) in rows
 
@@ -194,7 +194,7 @@ def test_reference_split_is_disjoint_and_the_folder_reads_like_the_dataset(tmp_p
 
 
 def test_run_logged_keeps_finished_runs_and_names_the_log_of_a_failure(tmp_path):
-    from diffusers_ant.deme.benchmark import recorded_seconds, run_logged
+    from diffusers_ant.analysis.benchmark import recorded_seconds, run_logged
 
     done = tmp_path / "out" / "done.txt"
     log = str(tmp_path / "out" / "run.log")
@@ -204,6 +204,35 @@ def test_run_logged_keeps_finished_runs_and_names_the_log_of_a_failure(tmp_path)
     assert run_logged([sys.executable, "-c", "raise SystemExit(3)"], log, str(done), "toy") == "kept"
     with pytest.raises(RuntimeError, match="run.log"):
         run_logged([sys.executable, "-c", "raise SystemExit(3)"], log, [str(done), str(tmp_path / "missing")], "toy")
+    # the pretraining, alone on the machine, runs with --workers threads
+    alone = str(tmp_path / "out" / "alone.log")
+    run_logged(cmd, alone, [], "toy", threads=2)
+    assert "threads 2" in open(alone).read()
+
+
+def test_an_evaluation_scores_against_the_evaluation_reference_in_mnist_features(tmp_path):
+    """`eval_settings` are all the shared evaluator (`analysis.benchmark.evaluate_saved_model`) needs:
+    the evaluation reference folder, its size, MNIST-5k's domain features; the result is stored with
+    them and reused only with them."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from diffusers_ant.analysis.benchmark import evaluate_saved_model, stored_metrics
+    from diffusers_ant.analysis.evaluate import resolve_feature_extractor
+    from diffusers_ant.deme.benchmark import split_reference_rows, write_reference_folder
+
+    args = bench.parse_args(["--output_dir", str(tmp_path / "out"), "--quick", "--search_real", "4984", "--num_samples", "8",
+                             "--num_inference_steps", "2", "--eval_batch_size", "8"])
+    _, evaluation = split_reference_rows(5000, args.search_real)
+    write_reference_folder(bench.DATASET, evaluation, bench.reference_dir(args, "eval"))
+    model = str(tmp_path / "model")
+    unet = UNet2DModel(sample_size=bench.RESOLUTION, in_channels=1, out_channels=1, **bench.BENCH_UNET)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(model)
+    settings, path = bench.eval_settings(args), bench.metrics_path(args, "pretrained", 0)
+    metrics = evaluate_saved_model({"model": model, "seed": 0, "path": path, "settings": settings})
+    sha = resolve_feature_extractor("domain", "mnist5k").weights_sha256()
+    assert metrics["num_real"] == 16 and metrics["num_fake"] == 8 and metrics["feature_extractor_sha256"] == sha
+    assert math.isfinite(metrics["fid"]) and stored_metrics(path, settings, sha) == metrics
+    assert stored_metrics(path, dict(settings, num_samples=16), sha) is None
 
 
 def test_other_settings_in_the_same_folder_are_refused(tmp_path):
@@ -225,7 +254,10 @@ def test_a_failed_run_stops_with_one_line_and_is_recorded(tmp_path, monkeypatch)
         bench.main(["--quick", "--output_dir", out])
     assert "\n" not in str(info.value)
     with open(os.path.join(out, "invocations.json")) as f:
-        assert json.load(f)[-1]["status"] == "stopped"
+        last = json.load(f)[-1]
+    assert last["status"] == "stopped"
+    # the command names this script, also when main() is called from another program
+    assert last["command"] == " ".join(["python", os.path.relpath(bench.__file__), "--quick", "--output_dir", out])
 
 
 # ------------------------------------------------------------------------------------ summaries
@@ -239,7 +271,7 @@ def _results(shift, seeds=(0, 1, 2), noise=0.2):
 
 
 def test_relative_differences_and_verdict():
-    from diffusers_ant.deme.benchmark import relative_differences, verdict
+    from diffusers_ant.analysis.benchmark import relative_differences, verdict
 
     result = relative_differences({0: 9.0, 1: 18.0, "2": 27.5}, {"0": 10.0, 1: 20.0, 2: 25.0})
     assert result["differences"] == pytest.approx([-10.0, -10.0, 10.0]) and result["seeds"] == [0, 1, 2]

@@ -7,7 +7,7 @@ From ONE pretrained model (`--pretrained FOLDER`, e.g. a vanilla model of the qu
 recipe), for every seed:
 
 - continued fine-tuning for N x S steps: vanilla, Min-SNR, ANT + UW, ANT + Nash-MTL (the quality
-  benchmark's rows, `benchmark_quality.METHODS`, started from the pretrained model);
+  benchmark's rows, `diffusers_ant.analysis.benchmark.METHODS`, started from the pretrained model);
 - DeMe (PAPERS.md section 2): N = 4 copies, copy i fine-tuned S steps on the i-th of N equal
   timestep intervals (`train_deme.py`, i.e. `train_ant.py --deme_interval i`) with probabilistic
   sampling (p 0.3), the consistency loss (weight 1) and channel projection; then
@@ -56,15 +56,32 @@ import shutil
 import sys
 import time
 
+# The quality benchmark's recipe (its model, dataset, rows and planning figures) and the machinery
+# every benchmark shares.
+from diffusers_ant.analysis.benchmark import (
+    BENCH_UNET,
+    DATASET,
+    METHODS,
+    RESOLUTION,
+    SECONDS_PER_IMAGE_STEP,
+    SECONDS_PER_RUN,
+    SECONDS_PER_STEP,
+    command_line,
+    evaluate_in_pool,
+    evaluate_saved_model,
+    format_difference as _difference,
+    format_mean_sd,
+    recorded_seconds,
+    relative_differences,
+    run_logged,
+    run_parallel,
+    stored_metrics,
+    verdict,
+)
+from diffusers_ant.cli import OneLineErrorParser
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
-import benchmark_quality as quality  # noqa: E402  (the model, the continued rows' flags, planning figures)
-
-from diffusers_ant.cli import OneLineErrorParser  # noqa: E402
-
-DATASET = quality.DATASET
-RESOLUTION = quality.RESOLUTION
 NUM_DATASET_IMAGES = 5000  # MNIST-5k
 CONTINUED = ("vanilla", "min_snr", "ant_uw", "ant_nash")
 SEARCH_SEED_OFFSET = 10000  # the search samples other noise than the evaluation (seed + this)
@@ -86,9 +103,9 @@ MAIN_ROWS = ("pretrained", *(f"continued_{m}" for m in CONTINUED), "deme_ensembl
 CONTROL = "continued_vanilla"
 METRICS = ("fid", "kid_mean", "precision", "recall")
 
-# Planning figures (see benchmark_quality.py for the shared ones): a consistency step adds the frozen
-# model's forward pass, about a third of a forward + backward step; channel projection adds a few
-# 1x1 mixings. Estimates, not measurements; a busy machine is slower.
+# Planning figures (see diffusers_ant.analysis.benchmark for the shared ones): a consistency step
+# adds the frozen model's forward pass, about a third of a forward + backward step; channel
+# projection adds a few 1x1 mixings. Estimates, not measurements; a busy machine is slower.
 TEACHER_FACTOR = 1.35
 PROJECTION_FACTOR = 1.05
 PRETRAIN_SECONDS_PER_STEP = 0.10  # alone, with two threads (ENVIRONMENT.md: 0.095)
@@ -237,7 +254,7 @@ def row_label(args, row) -> str:
     if row == "pretrained":
         return "pretrained (no fine-tuning)"
     if row.startswith("continued_"):
-        return f"continued fine-tuning, {quality.METHODS[row[len('continued_'):]]['label']}"
+        return f"continued fine-tuning, {METHODS[row[len('continued_'):]]['label']}"
     return {"deme_ensemble": f"DeMe ensemble (N = {n} models, routed by timestep)",
             "deme_equal": f"DeMe merged, equal weights 1/{n}",
             "deme_merged": "DeMe merged, searched weights"}.get(row, row)
@@ -280,7 +297,7 @@ def pretrain_command(args, config_path) -> list:
 def continued_command(args, method, seed) -> list:
     return [sys.executable, os.path.join(HERE, "train_ant.py"), "--pretrained_model_name_or_path", pretrained_dir(args),
             *_finetune_flags(args, seed, args.num_intervals * args.interval_steps),
-            "--output_dir", continued_dir(args, method, seed), *quality.METHODS[method]["flags"]]
+            "--output_dir", continued_dir(args, method, seed), *METHODS[method]["flags"]]
 
 
 def deme_command(args, config, seed) -> list:
@@ -333,14 +350,14 @@ def search_evaluations(num_models, values, rounds) -> int:
 def plan(args) -> dict:
     """Estimated seconds of each phase with `args.workers` processes (see the planning figures)."""
     n, s = args.num_intervals, args.interval_steps
-    image_step = quality.SECONDS_PER_IMAGE_STEP * args.num_inference_steps
-    pretrain = 0.0 if args.pretrained else (PRETRAIN_SECONDS_PER_STEP * args.pretrain_steps + quality.SECONDS_PER_RUN)
-    train = sum(quality.SECONDS_PER_STEP.get(m, 0.15) * n * s + quality.SECONDS_PER_RUN for m in args.continued) * len(args.seeds)
+    image_step = SECONDS_PER_IMAGE_STEP * args.num_inference_steps
+    pretrain = 0.0 if args.pretrained else (PRETRAIN_SECONDS_PER_STEP * args.pretrain_steps + SECONDS_PER_RUN)
+    train = sum(SECONDS_PER_STEP.get(m, 0.15) * n * s + SECONDS_PER_RUN for m in args.continued) * len(args.seeds)
     processes = len(args.continued) * len(args.seeds) + (0 if args.pretrained else 1)
     for config, _ in deme_trainings(args):
         factor = TEACHER_FACTOR if DEME_CONFIGS[config]["consistency"] else 1.0
         factor *= PROJECTION_FACTOR if DEME_CONFIGS[config]["projection"] else 1.0
-        train += n * (quality.SECONDS_PER_STEP["vanilla"] * factor * s + quality.SECONDS_PER_RUN)
+        train += n * (SECONDS_PER_STEP["vanilla"] * factor * s + SECONDS_PER_RUN)
         processes += n
     points = search_evaluations(n, args.search_values, args.search_rounds)
     jobs = merge_jobs(args)
@@ -403,7 +420,7 @@ def check_settings(args) -> None:
 
 
 def write_references(args) -> dict:
-    from diffusers_ant.deme.benchmark import split_reference_rows, write_reference_folder
+    from diffusers_ant.deme.benchmark import split_reference_rows, write_reference_folder  # loads torch: when used
 
     search, evaluation = split_reference_rows(NUM_DATASET_IMAGES, args.search_real, seed=0)
     write_reference_folder(DATASET, search, reference_dir(args, "search"))
@@ -415,8 +432,6 @@ def write_references(args) -> dict:
 
 
 def train_phase(args, config_path) -> None:
-    from diffusers_ant.deme.benchmark import run_logged
-
     if not args.pretrained:
         out = pretrained_dir(args)
         status = run_logged(pretrain_command(args, config_path), os.path.join(out, "train.log"),
@@ -436,11 +451,10 @@ def train_phase(args, config_path) -> None:
                                 [os.path.join(f, "model_index.json") for f in folders], f"{name} seed {seed}")
         print(f"trained {kind} {name} seed {seed}: {status}", flush=True)
 
-    quality.run_parallel(one, jobs, args.workers)
+    run_parallel(one, jobs, args.workers)
 
 
 def merge_phase(args) -> None:
-    from diffusers_ant.deme.benchmark import run_logged
     from diffusers_ant.deme.merging import MERGE_RECORD_NAME
 
     def one(job):
@@ -453,22 +467,20 @@ def merge_phase(args) -> None:
                             done, f"{kind} {config} seed {seed}")
         print(f"{kind} {config} seed {seed}: {status}", flush=True)
 
-    quality.run_parallel(one, merge_jobs(args), args.workers)
+    run_parallel(one, merge_jobs(args), args.workers)
 
 
 def eval_settings(args) -> dict:
+    """What an evaluation depends on besides the model (``evaluate_saved_model``'s settings): the
+    evaluation reference folder, scored in MNIST-5k's domain features."""
     return {"num_samples": args.num_samples, "num_inference_steps": args.num_inference_steps, "scheduler": "ddim",
-            "eval_batch_size": args.eval_batch_size, "reference": os.path.abspath(reference_dir(args, "eval")),
-            "num_real": NUM_DATASET_IMAGES - args.search_real}
+            "eval_batch_size": args.eval_batch_size, "reference_dir": os.path.abspath(reference_dir(args, "eval")),
+            "num_real": NUM_DATASET_IMAGES - args.search_real, "resolution": RESOLUTION, "num_channels": 1,
+            "features": DATASET}
 
 
 def eval_phase(args, extractor_sha) -> dict:
     """{row: {seed: metrics}}, evaluating what is missing."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from diffusers_ant.deme.benchmark import evaluate_model_task, stored_metrics, worker_init
-
     settings = eval_settings(args)
     results, tasks = {}, []
     for row, seed, model in evaluated_rows(args):
@@ -479,18 +491,11 @@ def eval_phase(args, extractor_sha) -> dict:
             continue
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise SystemExit(f"benchmark_deme.py: error: {model} is missing: run the train and merge phases first")
-        tasks.append((row, seed, {"model": model, "seed": seed, "path": path, "dataset_name": DATASET,
-                                  "resolution": RESOLUTION, "settings": settings}))
-    if tasks:
-        print(f"evaluating {len(tasks)} models with {args.workers} worker(s)", flush=True)
-        context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
-        with ProcessPoolExecutor(args.workers, mp_context=context, initializer=worker_init) as pool:
-            futures = [(row, seed, pool.submit(evaluate_model_task, task)) for row, seed, task in tasks]
-            for i, (row, seed, future) in enumerate(futures, 1):
-                metrics = future.result()
-                results.setdefault(row, {})[seed] = metrics
-                print(f"[{i}/{len(futures)}] {row} seed {seed}: fid {metrics['fid']:.3f} "
-                      f"({metrics['sampling_seconds']:.0f}s sampling)", flush=True)
+        tasks.append((row, seed, {"model": model, "seed": seed, "path": path, "settings": settings}))
+    evaluated = evaluate_in_pool(evaluate_saved_model, [(f"{row} seed {seed}", task) for row, seed, task in tasks],
+                                 args.workers)
+    for (row, seed, _), metrics in zip(tasks, evaluated):
+        results.setdefault(row, {})[seed] = metrics
     return results
 
 
@@ -522,7 +527,6 @@ def summarise(results, confidence=0.95) -> tuple:
     """Per row: each metric's t interval over seeds; the paired difference from continued vanilla
     (same seed) of each metric; and the relative FID change from it in percent."""
     from diffusers_ant.analysis.stats import paired_differences, t_interval
-    from diffusers_ant.deme.benchmark import relative_differences
 
     control = results.get(CONTROL, {})
     table, paired, relative = {}, {}, {}
@@ -566,7 +570,6 @@ def target_check(results, table, confidence=0.95) -> dict:
     continued vanilla (the target), against the continued row of lowest mean FID, and against the
     pretrained model (what the paper's -21% compares)."""
     from diffusers_ant.analysis.stats import paired_differences
-    from diffusers_ant.deme.benchmark import relative_differences, verdict
 
     merged = {s: m["fid"] for s, m in results.get("deme_merged", {}).items()}
     if not merged or CONTROL not in results:
@@ -590,20 +593,10 @@ def target_check(results, table, confidence=0.95) -> dict:
 
 
 def _mean_sd(cell, digits=2):
-    if cell["mean"] is None:
-        return "-"
-    if cell["n"] == 1:
+    """``mean ± sd``; from one seed (the ablation ladder's) the mean alone: there is no spread to show."""
+    if cell.get("n") == 1:
         return f"{cell['mean']:.{digits}f}"
-    sd = cell["sd"] if cell["sd"] is not None else 0.0
-    return f"{cell['mean']:.{digits}f} ± {sd:.{digits}f}"
-
-
-def _difference(cell, digits=2, unit=""):
-    if cell is None or cell["mean"] is None:
-        return "-"
-    if cell["low"] is None:
-        return f"{cell['mean']:+.{digits}f}{unit} (no interval)"
-    return f"{cell['mean']:+.{digits}f}{unit} [{cell['low']:+.{digits}f}, {cell['high']:+.{digits}f}]"
+    return format_mean_sd(cell, digits=digits)
 
 
 def markdown(args, table, paired, relative, rungs, searches, check, extractor_sha, references, command, timing) -> str:
@@ -617,7 +610,7 @@ def markdown(args, table, paired, relative, rungs, searches, check, extractor_sh
         cells = table[row]
         lines.append(f"| {row_label(args, row)} | {row_steps(args, row)} | {_mean_sd(cells['fid'])} "
                      f"| {_difference(paired.get(row, {}).get('fid')) if row != CONTROL else '(control)'} "
-                     f"| {_difference(relative.get(row), 1, '%') if row != CONTROL else '-'} "
+                     f"| {_difference(relative.get(row), digits=1, unit='%') if row != CONTROL else '-'} "
                      f"| {_mean_sd(cells['kid_mean'], 4)} | {_mean_sd(cells['precision'], 3)} | {_mean_sd(cells['recall'], 3)} |")
     pretrained = (f"`{args.pretrained}`" if args.pretrained else
                   f"pretrained here for {args.pretrain_steps} steps (seed {args.pretrain_seed}, AdamW 2e-3, EMA 0.999)")
@@ -639,7 +632,7 @@ def markdown(args, table, paired, relative, rungs, searches, check, extractor_sh
                 continue
             c = check[name]
             lines.append(f"- against {row_label(args, c['row'])}: FID {_difference(c['fid_difference'])}, "
-                         f"{_difference(c['fid_relative_percent'], 1, '%')}; per seed "
+                         f"{_difference(c['fid_relative_percent'], digits=1, unit='%')}; per seed "
                          + ", ".join(f"{d:+.1f}%" for d in c["fid_relative_percent"]["differences"])
                          + f": {c['verdict']}.")
         lines.append(f"- Target (merged beats continued vanilla fine-tuning, interval below 0): "
@@ -678,8 +671,6 @@ def markdown(args, table, paired, relative, rungs, searches, check, extractor_sh
 
 def recorded_times(args) -> dict:
     """Summed wall times the runs recorded (over every invocation that ran them)."""
-    from diffusers_ant.deme.benchmark import recorded_seconds
-
     train_logs = [os.path.join(continued_dir(args, m, s), "train.log") for m in args.continued for s in args.seeds]
     train_logs += [os.path.join(deme_dir(args, c, s), "train_deme.log") for c, s in deme_trainings(args)]
     if not args.pretrained:
@@ -710,7 +701,7 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.time()
     check_settings(args)
-    command = " ".join(["python", os.path.relpath(os.path.abspath(__file__)), *(sys.argv[1:] if argv is None else argv)])
+    command = command_line(argv, script=__file__)
     try:
         run(args, command, started)
     except RuntimeError as err:  # a run failed: its log says why; one line here
@@ -724,7 +715,7 @@ def main(argv=None):
 def run(args, command, started) -> None:
     config_path = os.path.join(args.output_dir, "bench_unet.json")
     with open(config_path, "w") as f:
-        json.dump(quality.BENCH_UNET, f, indent=2)
+        json.dump(BENCH_UNET, f, indent=2)
     estimate = plan(args)
     print(plan_text(estimate, args), flush=True)
     references = write_references(args)

@@ -31,56 +31,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
+# The bench UNet, the planning figures, the recipe (dataset, resolution, the rows `METHODS` and their
+# seconds per step) and the machinery live in diffusers_ant.analysis.benchmark, shared with the other
+# benchmarks.
+from diffusers_ant.analysis.benchmark import (  # noqa: F401  (re-exported: benchmark_ntg.py and the tests use them)
+    BENCH_UNET,
+    DATASET,
+    METHODS,
+    RESOLUTION,
+    SECONDS_PER_IMAGE_STEP,
+    SECONDS_PER_RUN,
+    SECONDS_PER_STEP,
+    format_difference as _difference,
+    format_mean_sd as _mean_sd,
+    run_logged,
+    run_parallel,
+    stored_metrics,
+)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-DATASET = "mnist5k"
-RESOLUTION = 16
-ANT_LOG_SNR = ["--clustering", "snr", "--num_clusters", "5", "--timestep_sampling", "stratified"]
-
-# The rows, as train_ant.py flags (ANT's Tables 1-3 line-up plus its Table 7 control), with what the
-# table says about each: which SNR its clusters are on and how its timesteps are drawn.
-METHODS = {
-    "vanilla": {"flags": ["--mtl_method", "none"], "label": "vanilla", "clusters_on": "-", "sampling": "uniform"},
-    "min_snr": {"flags": ["--mtl_method", "none", "--loss_weighting", "min_snr", "--snr_gamma", "5"],
-                "label": "Min-SNR (gamma 5)", "clusters_on": "-", "sampling": "uniform"},
-    "p2": {"flags": ["--mtl_method", "none", "--loss_weighting", "p2", "--p2_k", "1", "--p2_gamma", "1"],
-           "label": "P2 (k 1, gamma 1)", "clusters_on": "-", "sampling": "uniform"},
-    "ant_ls": {"flags": ["--mtl_method", "ls", *ANT_LOG_SNR], "label": "ANT + LS (control)",
-               "clusters_on": "log-SNR", "sampling": "stratified"},
-    "ant_uw": {"flags": ["--mtl_method", "uw", *ANT_LOG_SNR], "label": "ANT + UW",
-               "clusters_on": "log-SNR", "sampling": "stratified"},
-    "ant_pcgrad": {"flags": ["--mtl_method", "pcgrad", *ANT_LOG_SNR], "label": "ANT + PCGrad",
-                   "clusters_on": "log-SNR", "sampling": "stratified"},
-    "ant_nash": {"flags": ["--mtl_method", "nash_mtl", *ANT_LOG_SNR], "label": "ANT + Nash-MTL",
-                 "clusters_on": "log-SNR", "sampling": "stratified"},
-    "ant_uw_raw_snr": {"flags": ["--mtl_method", "uw", *ANT_LOG_SNR, "--raw_snr"], "label": "ANT + UW, raw SNR",
-                       "clusters_on": "raw SNR", "sampling": "stratified"},
-}
-
-# A 0.27M-parameter UNet (ENVIRONMENT.md: about 0.1 s per step at batch 64 on 2 cores).
-BENCH_UNET = {
-    "block_out_channels": [16, 32, 32],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
-    "attention_head_dim": 8,
-    "norm_num_groups": 8,
-}
-
-# Planning figures for this project's 2-core CPU with one torch thread per process, two processes
-# at a time and nothing else running: seconds per training step at batch 64 (ENVIRONMENT.md: a
-# 1,000-step run of this UNet in 2.3 min; method ratios through train_ant.py with one thread: uw
-# 1.02x, nash_mtl 0.97x, pcgrad 1.47x), seconds per run outside the steps (start-up, validation
-# grids, saving), and seconds per DDIM step and image (measured: 5,000 DDIM-50 samples in 170 s).
-# `plan()` turns them into the estimate printed before a run; a busy machine is slower.
-SECONDS_PER_STEP = {"vanilla": 0.14, "min_snr": 0.14, "p2": 0.14, "ant_ls": 0.14, "ant_uw": 0.14,
-                    "ant_pcgrad": 0.21, "ant_nash": 0.14, "ant_uw_raw_snr": 0.14}
-SECONDS_PER_RUN = 25.0
-SECONDS_PER_IMAGE_STEP = 170.0 / (5000 * 50)
 
 METRICS = ("fid", "kid_mean", "precision", "recall")
 
@@ -172,56 +144,27 @@ def train_command(args, method, seed, run_dir, config_path, checkpoint_every=Non
 
 
 def train_run(cmd, run_dir, what) -> str:
-    """Run one train_ant.py command unless `run_dir` already holds its saved model."""
-    if os.path.isfile(os.path.join(run_dir, "model_index.json")):
-        return "kept"
-    # One thread per run, runs in parallel: on a small CPU, two runs with two threads each fight
-    # over the cores and each becomes several times slower (measured here: ~10x).
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    os.makedirs(run_dir, exist_ok=True)
-    start = time.time()
-    with open(os.path.join(run_dir, "train.log"), "w") as log:
-        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{what} failed: see {os.path.join(run_dir, 'train.log')}")
-    seconds = time.time() - start
-    with open(os.path.join(run_dir, "train_time.json"), "w") as f:
-        json.dump({"seconds": seconds}, f)
-    return f"{seconds:.0f}s"
-
-
-def run_parallel(fn, items, workers):
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, items))
+    """Run one train_ant.py command unless `run_dir` already holds its saved model (log: run_dir/train.log)."""
+    return run_logged(cmd, os.path.join(run_dir, "train.log"), os.path.join(run_dir, "model_index.json"), what)
 
 
 # ----------------------------------------------------------------------------------------- evaluation
 # Evaluations run in worker processes (one torch thread each); each process builds the reference
-# features once and keeps them.
-
-_REFERENCE = {}
-
-
-def _worker_init():
-    import torch
-    from diffusers.utils import logging as diffusers_logging
-
-    torch.set_num_threads(1)
-    diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
+# features once and keeps them (diffusers_ant.analysis.benchmark.cached_reference).
 
 
 def reference_set(num_real, batch_size):
     """The ReferenceSet of `num_real` real MNIST-5k images (all 5,000 by default), cached per process."""
-    key = (num_real, batch_size)
-    if key not in _REFERENCE:
+
+    def build():
         from diffusers_ant.analysis.evaluate import ReferenceSet, real_images, resolve_feature_extractor
 
         real = real_images(DATASET, num_real, resolution=RESOLUTION, num_channels=1, seed=0)
-        _REFERENCE[key] = ReferenceSet(real, resolve_feature_extractor("domain", DATASET), batch_size=batch_size)
-    return _REFERENCE[key]
+        return ReferenceSet(real, resolve_feature_extractor("domain", DATASET), batch_size=batch_size)
+
+    from diffusers_ant.analysis.benchmark import cached_reference
+
+    return cached_reference(("quality", num_real, batch_size), build)
 
 
 def eval_settings(args, num_samples) -> dict:
@@ -266,20 +209,9 @@ def evaluate_task(task) -> dict:
     return metrics
 
 
-def stored_metrics(path, settings, extractor_sha):
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        metrics = json.load(f)
-    if metrics.get("settings") != settings or metrics.get("feature_extractor_sha256") != extractor_sha:
-        return None  # other settings or another feature extractor: evaluate again
-    return metrics
-
-
 def evaluate_all(args, runs, extractor_sha):
     """{method: {seed: metrics}} and {step: {seed: metrics}} (the vanilla curve), evaluating what is missing."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from diffusers_ant.analysis.benchmark import evaluate_in_pool
 
     final_settings = eval_settings(args, args.num_samples)
     curve_settings = eval_settings(args, args.curve_samples)
@@ -305,20 +237,11 @@ def evaluate_all(args, runs, extractor_sha):
                 else:
                     tasks.append(("curve", step, seed, {"run_dir": run_dir, "seed": seed, "settings": curve_settings,
                                                         "path": path, "checkpoint": os.path.join(run_dir, f"checkpoint-{step}")}))
-    if tasks:
-        print(f"evaluating {len(tasks)} sample sets with {args.workers} worker(s)", flush=True)
-        context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
-        with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_worker_init) as pool:
-            futures = [(kind, key, seed, pool.submit(evaluate_task, task)) for kind, key, seed, task in tasks]
-            for i, (kind, key, seed, future) in enumerate(futures, 1):
-                metrics = future.result()
-                if kind == "final":
-                    results[key][seed] = metrics
-                else:
-                    curve[key][seed] = metrics
-                what = f"{key} seed {seed}" if kind == "final" else f"vanilla seed {seed} step {key}"
-                print(f"[{i}/{len(futures)}] {what}: fid {metrics['fid']:.3f} ({metrics['sampling_seconds']:.0f}s sampling)",
-                      flush=True)
+    labelled = [(f"{key} seed {seed}" if kind == "final" else f"vanilla seed {seed} step {key}", task)
+                for kind, key, seed, task in tasks]
+    evaluated = evaluate_in_pool(evaluate_task, labelled, args.workers, what="sample sets")
+    for (kind, key, seed, _), metrics in zip(tasks, evaluated):
+        (results if kind == "final" else curve)[key][seed] = metrics
     if steps:
         curve[args.max_train_steps] = {seed: m["curve_point"] for seed, m in results["vanilla"].items()}
     return results, curve
@@ -346,17 +269,6 @@ def summarise_curve(curve, confidence=0.95):
 
     return {int(step): t_interval([m["fid"] for m in per_seed.values()], confidence)
             for step, per_seed in sorted(curve.items()) if per_seed}
-
-
-def _mean_sd(cell, scale=1.0, digits=2):
-    sd = cell["sd"] if cell["sd"] is not None else 0.0
-    return f"{cell['mean'] * scale:.{digits}f} ± {sd * scale:.{digits}f}"
-
-
-def _difference(cell, scale=1.0, digits=2):
-    if cell["low"] is None:
-        return f"{cell['mean'] * scale:+.{digits}f} (no interval)"
-    return f"{cell['mean'] * scale:+.{digits}f} [{cell['low'] * scale:+.{digits}f}, {cell['high'] * scale:+.{digits}f}]"
 
 
 def markdown(table, paired, curve_summary, args, extractor_sha) -> str:

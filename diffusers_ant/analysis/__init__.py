@@ -7,10 +7,12 @@
 - `evaluate`: sampling from a saved pipeline and scoring against a dataset (domain FID, KID,
   precision / recall), shared by the above and `train_scripts/evaluate_model.py`.
 - `plots`: their figures.
+- `stats`, `benchmark`: t intervals over seeds and the machinery the benchmark scripts share (logged
+  subprocess runs, evaluation workers, real-image folders, relative differences).
 
 Command line: `train_scripts/analyze.py {affinity,ntg,forgetting}` and `train_scripts/evaluate_model.py`.
 Submodules are imported on use (`from diffusers_ant.analysis.affinity import affinity_from_folders`),
 keeping `import diffusers_ant.analysis` free of diffusers and matplotlib.
 """
 
-__all__ = ["affinity", "common", "evaluate", "forgetting", "ntg", "plots"]
+__all__ = ["affinity", "benchmark", "common", "evaluate", "forgetting", "ntg", "plots", "stats"]

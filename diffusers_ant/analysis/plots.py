@@ -5,14 +5,18 @@
 - `plot_ntg`: the negative transfer gap of each interval as bars (below zero: negative transfer);
 - `plot_forgetting`: the chain-of-forgetting curve, FID against the handed-over fraction;
 - `plot_ntg_summary`: the gap of each interval over seeds, mean with its confidence interval;
-- `plot_fid_curve`: FID over training steps, one line per seed and their mean (convergence).
+- `plot_fid_curve`: FID over training steps, one line per seed and their mean (convergence);
+- `plot_method_summary`: a metric per method over seeds (bars, intervals, seed dots);
+- `plot_forgetting_comparison`: the chain-of-forgetting curves of several methods on one plot;
+- `plot_convergence_curves`: ControlNet's condition distance over steps per method, with the threshold.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["plot_affinity", "plot_fid_curve", "plot_forgetting", "plot_ntg", "plot_ntg_summary"]
+__all__ = ["plot_affinity", "plot_convergence_curves", "plot_fid_curve", "plot_forgetting", "plot_forgetting_comparison",
+           "plot_method_summary", "plot_ntg", "plot_ntg_summary"]
 
 
 def _pyplot():
@@ -158,6 +162,97 @@ def plot_fid_curve(curve: dict, path: str, title: str | None = None) -> None:
     ax.set_xlabel("training step")
     ax.set_ylabel("domain FID")
     ax.set_title(title or "FID over training", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_method_summary(rows: list, path: str, ylabel: str = "domain FID", title: str | None = None,
+                        reference: tuple | None = None) -> None:
+    """Bars of a metric per method over seeds: the mean with its confidence interval and each seed's
+    value as a dot. `rows`: [{"label", "mean", "low", "high", "values"}] (a `t_interval` dict with a
+    label and the per-seed values; `low` / `high` None: no interval drawn). `reference`: optional
+    `(label, value)` drawn as a dashed line (e.g. the pretrained model before fine-tuning)."""
+    plt = _pyplot()
+    x = np.arange(len(rows))
+    means = np.array([r["mean"] for r in rows], dtype=float)
+    low = np.array([r["low"] if r.get("low") is not None else r["mean"] for r in rows], dtype=float)
+    high = np.array([r["high"] if r.get("high") is not None else r["mean"] for r in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(rows) + 2.5), 4.2))
+    ax.bar(x, means, color="tab:blue", alpha=0.7)
+    ax.errorbar(x, means, yerr=[means - low, high - means], fmt="none", ecolor="black", capsize=4, linewidth=1)
+    for i, r in enumerate(rows):
+        values = list(r.get("values") or [])
+        ax.scatter(np.full(len(values), i) + np.linspace(-0.15, 0.15, max(len(values), 1))[: len(values)], values,
+                   s=10, color="black", zorder=3)
+    if reference is not None:
+        ax.axhline(reference[1], color="tab:red", linestyle="--", linewidth=1, label=reference[0])
+        ax.legend(fontsize=8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([r["label"] for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"{ylabel} per method: mean over seeds, interval, dots: seeds", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_forgetting_comparison(curves: dict, path: str, title: str | None = None) -> None:
+    """Chain-of-forgetting curves of several fine-tuning methods on one plot (Diff-Tuning's Fig. 1):
+    `curves` is {label: [results of `chain_of_forgetting`, one per seed]}; one thin line per seed and
+    the mean over seeds in bold, FID against the fraction f handed to the pretrained model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colors = ["tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown"]
+    extractor = ""
+    for (label, results), color in zip(curves.items(), colors * (1 + len(curves) // len(colors))):
+        if not results:
+            continue
+        fractions = [p["fraction"] for p in results[0]["points"]]
+        extractor = results[0].get("feature_extractor") or extractor
+        for result in results:
+            ax.plot([p["fraction"] for p in result["points"]], [p["fid"] for p in result["points"]], "-",
+                    color=color, alpha=0.3, linewidth=1)
+        mean = np.mean([[p["fid"] for p in result["points"]] for result in results], axis=0)
+        ax.plot(fractions, mean, "o-", color=color, linewidth=2,
+                label=f"{label} ({len(results)} seed{'s' if len(results) > 1 else ''})")
+    ax.set_xlabel("fraction f of the reverse process (low-noise end) given to the pretrained model")
+    ax.set_ylabel(f"FID ({extractor})" if extractor else "FID")
+    ax.set_title(title or "chain of forgetting (f = 0: fine-tuned model only, f = 1: pretrained only)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_convergence_curves(histories: dict, path: str, threshold: float | None = None, ylabel: str = "distance",
+                            title: str | None = None) -> None:
+    """ControlNet's condition distance over training steps per method: `histories` is {label: {seed:
+    [{"step", "distance"}, ...]}} (the `history` of each run's convergence.json); one thin line per
+    seed, the mean over seeds in bold, and the convergence threshold as a dashed line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colors = ["tab:blue", "tab:red", "tab:green", "tab:purple"]
+    for (label, per_seed), color in zip(histories.items(), colors * (1 + len(histories) // len(colors))):
+        by_step = {}
+        for history in per_seed.values():
+            ax.plot([e["step"] for e in history], [e["distance"] for e in history], "-", color=color, alpha=0.3,
+                    linewidth=1)
+            for e in history:
+                by_step.setdefault(int(e["step"]), []).append(float(e["distance"]))
+        steps = sorted(by_step)
+        ax.plot(steps, [np.mean(by_step[s]) for s in steps], "o-", color=color, linewidth=2, markersize=3,
+                label=f"{label} (mean of {len(per_seed)} seeds)")
+    if threshold is not None:
+        ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.3f}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or "ControlNet: distance of the re-extracted condition to the input\n(sudden convergence: "
+                 "the first check below the threshold)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -10,8 +10,8 @@ merged back into one model.
 - ``merging``: the whole merge of ``train_scripts/merge_deme.py`` (merged pipeline, search table, card).
 - ``ensemble``: the un-merged ensemble, a pipeline whose denoiser is a ``TimestepRouter`` over the fine-tunes.
 - ``card``: the model card of a merged or ensemble folder (``model_cards/deme_template.md``).
-- ``benchmark``: the machinery of ``train_scripts/benchmark_deme.py`` (disjoint search / evaluation
-  references, logged runs, evaluation workers, relative differences).
+- ``benchmark``: what ``train_scripts/benchmark_deme.py`` adds to ``analysis.benchmark``: the disjoint
+  search / evaluation references of the merge-weight search.
 
 Only ``merge`` and ``projection`` are imported here (torch only); the rest load diffusers when used.
 """

@@ -6,7 +6,9 @@ Forgetting", NeurIPS 2024): the library side.
 - ``bank``: the knowledge bank, samples of the pretrained model written once as an image folder
   (``build_knowledge_bank``, ``load_knowledge_bank``, ``check_bank_compatible``);
 - ``convergence``: ControlNet's sudden convergence, measured by re-extracting the condition from
-  generated images (``ConvergenceTracker``, ``load_condition_extractor``).
+  generated images (``ConvergenceTracker``, ``load_condition_extractor``);
+- ``benchmark``: the ControlNet part of ``train_scripts/benchmark_transfer.py`` (a tiny SD that can be
+  sampled, the shared untrained ControlNet, the convergence threshold and summaries).
 
 Parameter-efficient modes (BitFit, DiffFit) live in ``diffusers_ant.peft_modes``: they serve any
 fine-tuning, not only Diff-Tuning. The names below are imported on first use, so importing this
