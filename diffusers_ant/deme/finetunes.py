@@ -33,6 +33,8 @@ from .projection import (
     has_channel_projection,
     load_channel_projection,
     read_projection_config,
+    set_skip_mode,
+    skip_mode,
 )
 
 TRAINING_CONFIG_NAME = "training_config.json"
@@ -183,6 +185,7 @@ def dense_denoiser(model):
         copied = channel_projections(dense)
         for name, projection in projections.items():
             copied[name].weight.data.copy_(projection.weight.data)
+            copied[name].projects_skip = projection.projects_skip  # a legacy fine-tune stays as trained
     return dense.eval()
 
 
@@ -277,9 +280,16 @@ def check_same_architecture(base_model, model, where: str) -> None:
 
 def align_channel_projections(models) -> bool:
     """Give identity projections to the models without any when one of them has projections
-    (exactly the same models: the identity changes nothing). Returns whether projections are present."""
+    (exactly the same models: the identity changes nothing). Returns whether projections are present.
+
+    The models' projections must be of one kind: main-path (today's) or legacy skip-projecting
+    (``channel_projection.json`` version 1); the added identities take that kind, so the merged
+    model (the base's projections, loaded with the merged weights) computes what its fine-tunes did.
+    A mix is refused in one line."""
     if not any(has_channel_projection(m) for m in models):
         return False
+    legacy = skip_mode([p for m in models for p in channel_projections(m).values()])
     for model in models:
         add_channel_projection(model)
+        set_skip_mode(model, legacy)
     return True

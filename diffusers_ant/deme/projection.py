@@ -15,10 +15,14 @@ merged model (they cannot be folded exactly through the following GroupNorm).
 Where the projections go, per denoiser class:
 
 - ``UNet2DModel`` and ``UNet2DConditionModel``: after every entry of ``down_blocks``, after ``mid_block``
-  and after every entry of ``up_blocks``; C is the block's output channels. A down block returns its
-  output feature map twice, as the input of the next block and as the last of its skip
-  connections (``res_samples[-1] is hidden_states``); both receive the projected map, as in the
-  ADM-style UNets DeMe was written for, where each block's single output feeds both paths.
+  and after every entry of ``up_blocks``; C is the block's output channels. On the main path only:
+  a down block returns its output feature map twice, as the input of the next block and as the
+  last of its skip connections (``res_samples[-1] is hidden_states``); only the next block gets the
+  projected map, the skip connections stay unprojected, as in the authors' UNet (MqLeet/DeMe,
+  ``diffusers/models/unet_2d.py``: ``sample = self.adapter_list[i](sample)`` after
+  ``down_block_res_samples += res_samples`` has taken the block's outputs). Folders saved before
+  this (``channel_projection.json`` version 1) projected that skip connection too; they are loaded
+  as they were trained (``ChannelProjection.projects_skip``), and the merge refuses to mix the two.
 - ``ControlNetModel``: after every down block only. It has no up blocks, and its mid block's output
   goes straight into the trainable 1x1 zero convolution ``controlnet_mid_block``, itself a channel
   mixing, which a projection would only re-parametrise. The down blocks' projections do act: they
@@ -71,6 +75,8 @@ __all__ = [
     "save_adapter_output",
     "save_channel_projection",
     "save_pipeline",
+    "set_skip_mode",
+    "skip_mode",
 ]
 
 PROJECTION_WEIGHTS_NAME = "channel_projection.safetensors"
@@ -96,6 +102,9 @@ class ChannelProjection(nn.Module):
         self.weight = nn.Parameter(torch.eye(self.channels, device=device, dtype=dtype))
         # not persistent: never saved, rebuilt with the module (and moved / cast with it)
         self.register_buffer("identity", torch.eye(self.channels, device=device, dtype=dtype), persistent=False)
+        # Legacy (channel_projection.json version 1): the projected map also replaced the down block's
+        # last skip connection. False for everything made now: the authors' main-path-only projection.
+        self.projects_skip = False
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, channel_dim={self.channel_dim}"
@@ -111,12 +120,13 @@ class ChannelProjection(nn.Module):
 
 
 def _project_block_output(block, args, output):
-    """Forward hook: the block's output through ``block.channel_projection``.
+    """Forward hook: the block's output through ``block.channel_projection``, on the main path only.
 
     Tensor outputs (mid / up blocks, transformer blocks) are projected. Tuple outputs (down blocks:
     ``(hidden_states, res_samples[, skip_sample])``; skip up blocks: ``(hidden_states, skip_sample)``)
-    get their first element projected, and the skip connection that *is* that tensor (the last of
-    ``res_samples``) replaced by the projected one.
+    get their first element projected; the skip connections (``res_samples``) are returned as the
+    block made them, as in the authors' UNet (module docstring). Only a legacy projection
+    (``projects_skip``) also replaces the skip connection that *is* the block's output.
     """
     projection = block._modules.get(ATTRIBUTE)
     if projection is None:  # detached (see channel_projection_detached)
@@ -126,7 +136,7 @@ def _project_block_output(block, args, output):
     hidden = output[0]
     projected = projection(hidden)
     rest = list(output[1:])
-    if rest and isinstance(rest[0], tuple) and rest[0] and rest[0][-1] is hidden:
+    if projection.projects_skip and rest and isinstance(rest[0], tuple) and rest[0] and rest[0][-1] is hidden:
         rest[0] = rest[0][:-1] + (projected,)
     return type(output)([projected, *rest])
 
@@ -256,7 +266,9 @@ def save_channel_projection(model, folder: str, component: str | None = None) ->
     save_file(state, weights, metadata={"format": "pt"})
     info = {
         "format": _FORMAT,
-        "version": 1,
+        # version 2: the skip connections are not projected; version 1 (legacy) projected the down
+        # blocks' last skip connection too (see ChannelProjection.projects_skip)
+        "version": 1 if skip_mode(projections.values()) else 2,
         "component": component,
         "model_class": type(model).__name__,
         "weights": PROJECTION_WEIGHTS_NAME,
@@ -265,6 +277,22 @@ def save_channel_projection(model, folder: str, component: str | None = None) ->
     with open(os.path.join(folder, PROJECTION_CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
     return weights
+
+
+def skip_mode(projections) -> bool:
+    """Whether ``projections`` (``ChannelProjection``s) are legacy ones that also project the skip
+    connection (True) or the authors' main-path ones (False); a ValueError when they disagree."""
+    modes = {bool(p.projects_skip) for p in projections}
+    if len(modes) > 1:
+        raise ValueError("these channel projections mix the legacy skip-projecting kind (channel_projection.json "
+                         "version 1) with main-path ones: retrain the old fine-tunes")
+    return modes.pop() if modes else False
+
+
+def set_skip_mode(model, projects_skip: bool) -> None:
+    """Make every projection of ``model`` legacy (``projects_skip=True``) or main-path (False)."""
+    for projection in channel_projections(model).values():
+        projection.projects_skip = bool(projects_skip)
 
 
 def read_format_json(path: str, expected_format: str, what: str) -> dict | None:
@@ -297,7 +325,11 @@ def load_channel_projection(model, folder: str):
         raise ValueError(f"{folder!r} holds no {PROJECTION_CONFIG_NAME}")
     if info["model_class"] != type(model).__name__:
         raise ValueError(f"the channel projections in {folder!r} belong to a {info['model_class']}, not a {type(model).__name__}")
+    if int(info.get("version", 1)) not in (1, 2):
+        raise ValueError(f"{PROJECTION_CONFIG_NAME} in {folder!r} has version {info.get('version')}: update diffusers_ant")
     add_channel_projection(model)
+    # version 1 folders were trained with the skip connection projected too: load them as trained
+    set_skip_mode(model, int(info.get("version", 1)) == 1)
     projections = channel_projections(model)
     if {k: int(v) for k, v in info["blocks"].items()} != {k: p.channels for k, p in projections.items()}:
         raise ValueError(f"the channel projections in {folder!r} were saved for other blocks than this model's")
