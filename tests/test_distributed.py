@@ -21,7 +21,7 @@ from diffusers_ant.weighting import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("uw", "pcgrad", "nash_mtl", "pcgrad+subset", "uw+chunks", "pcgrad+chunks", "nash_mtl+subset+chunks",
-           "rank_noise")
+           "rank_noise", "uw_and_pcgrad+chunks", "uw_and_nash_mtl+subset")
 STEPS = 4
 
 
@@ -88,6 +88,19 @@ def test_uw_log_variances_identical_and_synced_through_ddp(two_process_run):
     torch.testing.assert_close(rank0["log_vars"], reference["log_vars"], rtol=1e-5, atol=1e-6)
     # loss-based: the ordinary DDP backward averaged the model gradients (once per step)
     assert int(rank0["ddp_allreduce_calls"]) >= STEPS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["uw_and_pcgrad+chunks", "uw_and_nash_mtl+subset"])
+def test_combined_weighting_trains_uw_log_variances_identically_on_both_processes(two_process_run, method):
+    """UW+PCGrad / UW+Nash-MTL: UW's log-variances are trained by UW's own objective on the global task
+    losses (identical on both processes, equal to one process on the global batch), and the model's
+    update went through the engine, never through DDP's reducer."""
+    rank0, rank1, reference = two_process_run[method]
+    assert torch.equal(rank0["log_vars"], rank1["log_vars"])
+    assert rank0["log_vars"].abs().max() > 1e-3
+    torch.testing.assert_close(rank0["log_vars"], reference["log_vars"], rtol=1e-5, atol=1e-6)
+    assert int(rank0["ddp_allreduce_calls"]) == 0
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import torch
 from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
 
 DATASETS = {"unet": "mnist5k", "dit": "mnist5k", "sd": "mnist5k_captions", "controlnet": "mnist5k_captions"}
-ALL_METHODS = ["ls", "uw", "dwa", "rlw", "pcgrad", "nash_mtl", "imtl", "mgda", "cagrad"]
+ALL_METHODS = ["ls", "uw", "dwa", "rlw", "pcgrad", "nash_mtl", "imtl", "mgda", "cagrad", "uw+pcgrad"]
 
 
 def _args(model_type, out, *extra, preset="tiny"):
@@ -88,7 +88,7 @@ def cpu_fp16(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["pcgrad", "nash_mtl", "uw"])
+@pytest.mark.parametrize("method", ["pcgrad", "nash_mtl", "uw", "uw+pcgrad"])
 def test_fp16_with_a_real_grad_scaler_trains_like_fp32(method, tmp_path, cpu_fp16):
     common = ["--mtl_method", method, "--max_train_steps", "3", "--adam_epsilon", "1", "--learning_rate", "1e-2",
               "--max_train_samples", "32", "--num_validation_images", "1"]
@@ -144,6 +144,9 @@ RESUME_CASES = {
     "sd-lora": ("sd", None, ["--rank", "4"]),
     "sd-lora-text-encoder": ("sd", None, ["--rank", "4", "--train_text_encoder"]),
     "controlnet": ("controlnet", "tiny", []),
+    # ANT's combined configuration: UW and PCGrad together, P2 inside the task losses, on the cheap engine
+    "unet-uw+pcgrad-p2-last_layers": ("unet", "tiny", ["--mtl_method", "uw+pcgrad", "--loss_weighting", "p2",
+                                                       "--task_gradients", "last_layers"]),
 }
 
 

@@ -52,6 +52,12 @@ FLOW_WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
+# The authors' optimiser for DeMe fine-tunes (MqLeet/DeMe: lsun_church_deme.sh and the defaults of
+# train_unconditional_deme.py): constant learning rate 5e-5, AdamW beta1 0.95, weight decay 1e-6, EMA.
+# With --deme_interval they replace this script's defaults for every flag the user did not give.
+DEME_AUTHORS_DEFAULTS = {"learning_rate": 5e-5, "adam_beta1": 0.95, "adam_weight_decay": 1e-6, "use_ema": True}
+
+
 class UsageError(ValueError):
     """A bad invocation: reported as one short line, without a traceback."""
 
@@ -183,18 +189,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--convergence_distance", default="mse", choices=["mse", "mae", "iou"],
                    help="Distance between the re-extracted and the input condition.")
 
-    g = p.add_argument_group("DeMe: decouple, then merge (Decouple-Then-Merge, CVPR 2025)")
+    g = p.add_argument_group(
+        "DeMe: decouple, then merge (Decouple-Then-Merge, CVPR 2025)",
+        "With --deme_interval the run uses the authors' settings (MqLeet/DeMe) for every flag not given: "
+        + ", ".join(f"--{k} {v}" for k, v in DEME_AUTHORS_DEFAULTS.items() if not isinstance(v, bool))
+        + ", --use_ema (turn it off with --no-use_ema), channel projection on (--no_channel_projection); the "
+        "projections and norms get no weight decay (decay pulls a projection toward zero, not the identity).")
     g.add_argument("--deme_interval", type=int, default=None,
                    help="Fine-tune the pretrained model on this interval (0 = lowest noise) of the run's --num_clusters "
                    "intervals (--clustering timestep: the paper's equal intervals).")
     g.add_argument("--consistency_weight", type=float, default=1.0,
                    help="Weight of the consistency loss ||pretrained(x_t) - model(x_t)||^2 (DeMe: 1).")
     g.add_argument("--deme_global_prob", type=float, default=0.3,
-                   help="Probability that timesteps come from the whole range instead of the interval (authors: 0.3).")
+                   help="p: probability that a micro-batch draws its timesteps from the whole range instead of the "
+                   "interval (authors: 0.3).")
     g.add_argument("--deme_sampling", default="per_batch", choices=["per_batch", "per_sample"],
-                   help="Flip the global-range coin once per optimizer step (the authors) or per sample.")
+                   help="Flip the global-range coin once per micro-batch of --train_batch_size rows (the authors, before "
+                   "gradient accumulation) or once per sample.")
+    g.add_argument("--deme_antithetic", action="store_true",
+                   help="The authors' antithetic draw: half of each micro-batch's timesteps t, the other half "
+                   "lo + hi - t in the same range (needs --deme_sampling per_batch).")
     g.add_argument("--channel_projection", action="store_true",
-                   help="A learnable channel mixing initialised to the identity after each block (DeMe).")
+                   help="A learnable channel mixing initialised to the identity after each block, on the main path (skip "
+                   "connections unprojected), as DeMe. On by default with --deme_interval; this flag adds it elsewhere.")
+    g.add_argument("--no_channel_projection", action="store_true",
+                   help="A DeMe fine-tune without the channel projection (the authors always use it).")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=16, help="Per device.")
@@ -215,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--noise_offset", type=float, default=0.0)
-    g.add_argument("--use_ema", action="store_true")
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=False,
+                   help="Keep an EMA of the weights and save it (default: off; on for DeMe runs, --no-use_ema turns it off).")
     g.add_argument("--ema_max_decay", type=float, default=0.9999)
     g.add_argument("--ema_inv_gamma", type=float, default=1.0)
     g.add_argument("--ema_power", type=float, default=3 / 4)
@@ -256,14 +276,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse and validate. No arguments at all selects the demo (`DEMO_ARGS`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     demo = len(argv) == 0
-    args = build_parser().parse_args(DEMO_ARGS if demo else argv)
+    parser = build_parser()
+    args = parser.parse_args(DEMO_ARGS if demo else argv)
     args.demo = demo
-    validate_args(args)
+    validate_args(args, given=given_options(parser, DEMO_ARGS if demo else argv))
     return args
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Checks that need no model or data; each failure names the fix. Raises UsageError."""
+def given_options(parser: argparse.ArgumentParser, argv) -> set:
+    """The destinations of the flags ``argv`` gives explicitly (abbreviations and ``--flag=value``
+    included): argparse only fills the defaults of destinations the namespace lacks, so a second parse
+    into a namespace pre-filled with a marker leaves the marker exactly where nothing was given."""
+    marker = object()
+    namespace = argparse.Namespace(**{a.dest: marker for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(list(argv), namespace=namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not marker}
+
+
+def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
+    """Checks that need no model or data; each failure names the fix. Raises UsageError.
+
+    ``given``: the flags given explicitly (``given_options``); a DeMe run fills the others with the
+    authors' settings. None (a namespace not from ``parse_args``): every value counts as given."""
     from ..weighting import WEIGHTINGS
     from ..losses import LOSS_WEIGHTINGS
 
@@ -346,7 +380,7 @@ def validate_args(args: argparse.Namespace) -> None:
         if args.convergence_steps < 1 or not args.convergence_threshold > 0:
             raise UsageError("--convergence_steps must be >= 1 and --convergence_threshold > 0")
     _validate_diff_tuning(args)
-    _validate_deme(args)
+    _validate_deme(args, given)
     if args.timestep_sampling is None:
         args.timestep_sampling = "stratified" if args.mtl_method != "none" else "uniform"
     if args.timestep_sampling not in TIMESTEP_SAMPLINGS:
@@ -450,8 +484,18 @@ def _validate_diff_tuning(args: argparse.Namespace) -> None:
     args.timestep_sampling = "uniform"  # per-source densities; clusters are assigned after the draw
 
 
-def _validate_deme(args: argparse.Namespace) -> None:
-    """DeMe's flags (the interval's range is checked once the clusters exist)."""
+def _validate_deme(args: argparse.Namespace, given: set | None = None) -> None:
+    """DeMe's flags (the interval's range is checked once the clusters exist), and the authors'
+    defaults of a DeMe run: channel projection on, their optimiser (``DEME_AUTHORS_DEFAULTS``) for
+    every flag not given explicitly."""
+    if args.no_channel_projection and args.deme_interval is None:
+        raise UsageError("--no_channel_projection turns off DeMe's default projection: it needs --deme_interval")
+    if args.no_channel_projection and args.channel_projection:
+        raise UsageError("--channel_projection and --no_channel_projection contradict each other: give one")
+    if args.deme_antithetic and args.deme_interval is None:
+        raise UsageError("--deme_antithetic pairs DeMe's interval draws: it needs --deme_interval")
+    if args.deme_antithetic and args.deme_sampling != "per_batch":
+        raise UsageError("--deme_antithetic pairs draws under one coin: use --deme_sampling per_batch")
     if args.deme_interval is None:
         if args.channel_projection and args.pretrained_model_name_or_path is None:
             raise UsageError("--channel_projection adapts a pretrained model: give --pretrained_model_name_or_path")
@@ -463,6 +507,11 @@ def _validate_deme(args: argparse.Namespace) -> None:
                          f"{args.num_clusters} intervals, numbered 0..{args.num_clusters - 1}")
     if not 0.0 <= args.deme_global_prob <= 1.0:
         raise UsageError(f"--deme_global_prob must lie in [0, 1], got {args.deme_global_prob}")
+    args.channel_projection = not args.no_channel_projection  # the authors' script always projects
+    if given is not None:
+        for name, value in DEME_AUTHORS_DEFAULTS.items():
+            if name not in given:
+                setattr(args, name, value)
     if args.consistency_weight < 0:
         raise UsageError(f"--consistency_weight must be >= 0, got {args.consistency_weight}")
     if args.timestep_range is not None or args.diff_tuning:

@@ -121,9 +121,12 @@ def method_options(args, updates_per_epoch: int) -> dict:
 
     RLW's draws and PCGrad's task orders then differ between seeds of a sweep and repeat for one seed."""
     from ..weighting import WEIGHTINGS
+    from ..weighting.combined import split_combined_name
 
     options = dict(args.mtl_options_dict)
-    fields = {f.name for f in dataclasses.fields(WEIGHTINGS[args.mtl_method].config_class)}
+    pair = split_combined_name(args.mtl_method)  # "uw+pcgrad": the fields of both parts
+    names = pair if pair is not None else [args.mtl_method]
+    fields = {f.name for name in names for f in dataclasses.fields(WEIGHTINGS[name].config_class)}
     if "seed" in fields:
         options.setdefault("seed", args.seed)
     if "window" in fields and "window" not in options:

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -311,6 +311,12 @@ class GradientWeighting(Weighting):
         """Full-length weights w[K] for a step with no per-task gradients (only when
         `needs_gradients_this_step()` is False); apply them as loss weights. Counts the step."""
         raise RuntimeError(f"{self.name} needs per-task gradients every step")
+
+    def finish_task_step(self, task_losses: torch.Tensor, present: torch.Tensor,
+                         backward_fn: Callable[[torch.Tensor], None]) -> None:
+        """Called by the engine once per step taken, after the weights, with the step's global
+        detached task losses: a combined weighting (`combined.py`) trains its loss method's own
+        parameters here (through `backward_fn`) and commits its state. Plain methods: nothing."""
 
     def weights_from_gram(self, gram: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full-length weights w[K] (0 for absent tasks) from the full K x K Gram matrix

@@ -379,7 +379,7 @@ class TaskGradientEngine:
                 broadcast_(weights)
             task_sums = self._weighted_pass(per_sample_loss_fn, task_ids, everything, weights, global_counts,
                                             grad_scale * loss_scale, chunk_size)
-            return self._stats(task_sums, global_counts, weights, found_inf=False)
+            return self._finish(weighting, task_sums, global_counts, present, weights, grad_scale * loss_scale)
 
         grads, update = self._buffers(num_tasks)
         grads.zero_()
@@ -456,7 +456,14 @@ class TaskGradientEngine:
                     p.grad = view.clone()  # a copy: the buffer is reused next step
                 else:
                     p.grad.add_(view)
-        return self._stats(task_sums, global_counts, weights, found_inf=False)
+        return self._finish(weighting, task_sums, global_counts, present, weights, grad_scale * loss_scale)
+
+    def _finish(self, weighting, task_sums, global_counts, present, weights, scale) -> Dict[str, torch.Tensor]:
+        """The step's statistics, then `weighting.finish_task_step` on its global task losses (a
+        combined weighting trains UW's log-variances there, scaled like the model's gradients)."""
+        stats = self._stats(task_sums, global_counts, weights, found_inf=False)
+        weighting.finish_task_step(stats["task_losses"], present, lambda loss: (loss * scale).backward())
+        return stats
 
     def _stats(self, task_sums, global_counts, weights, found_inf: bool) -> Dict[str, torch.Tensor]:
         if self.sync:

@@ -42,7 +42,10 @@ NUM_TASKS = 4
 NUM_TIMESTEPS = 1000
 # Options that make the short run exercise each method's state: Nash-MTL re-solves every 2 steps
 # (reusing alpha in between), UW's log-variances move fast enough to be seen.
-METHOD_OPTIONS = {"nash_mtl": {"update_every": 2}, "uw": {"lr": 0.5}}
+METHOD_OPTIONS = {"nash_mtl": {"update_every": 2}, "uw": {"lr": 0.5}, "uw+pcgrad": {"lr": 0.5},
+                  "uw+nash_mtl": {"lr": 0.5, "update_every": 2}}
+# Case names use "+" for variants (`+subset`, `+chunks`); a combined weighting is named with "_and_".
+COMBINED = {"uw_and_pcgrad": "uw+pcgrad", "uw_and_nash_mtl": "uw+nash_mtl"}
 
 
 class RankDependentWeighting(GradientWeighting):
@@ -93,6 +96,7 @@ def flat(tensors):
 def build(method):
     model = tiny_unet()
     name = method.split("+")[0]
+    name = COMBINED.get(name, name)
     if name == "rank_noise":
         weighting = RankDependentWeighting(NUM_TASKS)
     else:
@@ -162,8 +166,9 @@ def train(method, args, accelerator=None, ranks=None):
         "weights": torch.stack(weights_log),
         "ddp_allreduce_calls": torch.tensor([hook_calls[0]]),
     }
-    if hasattr(weighting, "log_vars"):
-        out["log_vars"] = weighting.log_vars.detach().clone()
+    uw = getattr(weighting, "loss_weighting", weighting)  # a combined weighting's loss part
+    if hasattr(uw, "log_vars"):
+        out["log_vars"] = uw.log_vars.detach().clone()
     return out
 
 

@@ -1,0 +1,125 @@
+"""`--mtl_method uw+pcgrad` (ANT's combined configuration): a loss-based method's coefficients scale the
+task losses, a gradient-based method combines the scaled task gradients (diffusers_ant/weighting/combined.py)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffusers_ant.weighting import get_weighting
+from diffusers_ant.weighting.combined import CombinedWeighting
+from diffusers_ant.weighting.engine import TaskGradientEngine
+
+from test_engine import K, flat_grad, loss_fn_for, make_batch, reference_task_grads, tiny_unet
+
+
+def _random_grads(seed, k=K, p=40):
+    g = torch.Generator().manual_seed(seed)
+    # rows of very different norms and some conflicts: PCGrad projects, UW's scales matter
+    return torch.randn(k, p, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.2, 1.5][:k], dtype=torch.float64)[:, None]
+
+
+@pytest.mark.parametrize("gradient", ["pcgrad", "nash_mtl", "imtl", "mgda", "cagrad"])
+@pytest.mark.parametrize("loss", ["uw", "ls", "rlw"])
+def test_combined_update_is_the_gradient_method_on_the_scaled_gradients(loss, gradient):
+    """update = gradient_method(c_i g_i), with c the loss method's coefficients, and w_i = c_i w'_i."""
+    grads = _random_grads(0)
+    combined = get_weighting(f"{loss}+{gradient}", K, seed=3)
+    assert isinstance(combined, CombinedWeighting) and combined.name == f"{loss}+{gradient}"
+    alone_loss = get_weighting(loss, K, seed=3)
+    alone_gradient = get_weighting(gradient, K, seed=3)
+    if loss == "uw":  # log-variances as after some training: unequal coefficients
+        for w in (combined.loss_weighting, alone_loss):
+            w.log_vars.data = torch.tensor([0.0, 1.0, -0.5, 0.3])
+    c = alone_loss.loss_coefficients()
+    assert not torch.allclose(c, torch.full_like(c, c[0])) or loss == "ls"  # RLW / UW: unequal coefficients
+
+    update = combined.aggregate(grads)
+    expected = alone_gradient.aggregate(c[:, None] * grads)
+    # float64 throughout; the solvers (Nash-MTL's Newton, MGDA's) stop at their own tolerance
+    torch.testing.assert_close(update, expected, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(combined.last_weights.double(), (c * alone_gradient.last_weights.double()).to(combined.last_weights.dtype).double(),
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_order_of_the_name_does_not_matter_and_bad_pairs_name_the_fix():
+    assert get_weighting("pcgrad+uw", K).name == "uw+pcgrad"
+    for bad, words in [("uw+dwa", "two loss-based"), ("pcgrad+mgda", "two gradient-based"),
+                       ("uw+nope", "unknown weighting 'nope'"), ("uw+pcgrad+ls", "exactly one")]:
+        with pytest.raises(ValueError, match=words):
+            get_weighting(bad, K)
+    with pytest.raises(ValueError, match="valid options: seed, uw.divide_losses_by_num_tasks"):
+        get_weighting("uw+pcgrad", K, nope=1)
+
+
+def test_options_reach_their_part_and_the_seed_reaches_both():
+    w = get_weighting("uw+pcgrad", K, seed=9, lr="0.5", **{"pcgrad.reduction": "sum", "uw.init_log_var": 0.25})
+    assert w.loss_weighting.config.lr == 0.5 and w.loss_weighting.config.init_log_var == 0.25
+    assert w.gradient_weighting.config.reduction == "sum"
+    assert w.loss_weighting.config.seed == 9 == w.gradient_weighting.config.seed
+    # the UW group keeps ANT's constant learning rate (the trainer exempts it from the LR schedule)
+    (group,) = w.param_groups()
+    assert group["lr"] == 0.5 and group["constant_lr"] and group["params"][0] is w.loss_weighting.log_vars
+    rebuilt = get_weighting(**w.spec())
+    assert rebuilt.config == w.config
+
+
+def test_engine_trains_uw_log_variances_with_uws_own_objective():
+    """Through the engine: the model gets sum_i c_i w'_i g_i, UW's s_i get the gradient of
+    sum_i 0.5 (exp(-s_i) L_i / K + s_i) on the step's detached task losses (ANT's form)."""
+    model = tiny_unet()
+    params = list(model.parameters())
+    batch = make_batch(batch_size=16, seed=5)
+    weighting = get_weighting("uw+pcgrad", K, seed=1, init_log_var=0.3, divide_losses_by_num_tasks=True)
+    engine = TaskGradientEngine(params)
+    stats = engine.backward(weighting, loss_fn_for(model, batch), batch[-1], K)
+
+    present = stats["counts"] > 0
+    s = torch.full((K,), 0.3)
+    c = 0.5 * torch.exp(-s) / K
+    task_grads = reference_task_grads(model, batch, params)
+    pcgrad = get_weighting("pcgrad", K, seed=1)
+    expected = pcgrad.aggregate(c[:, None] * task_grads, present)
+    scale = expected.abs().max()
+    assert scale > 1e-4
+    assert (flat_grad(params) - expected).abs().max() < 1e-5 * (1 + scale)
+
+    losses = stats["task_losses"].double()
+    expected_s_grad = torch.where(present, 0.5 * (1 - torch.exp(-s.double()) * losses / K), torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(weighting.loss_weighting.log_vars.grad.double(), expected_s_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_nash_mtl_reuse_steps_take_this_steps_uw_coefficients():
+    model = tiny_unet()
+    params = list(model.parameters())
+    weighting = get_weighting("uw+nash_mtl", K, update_every=2, lr=0.5)
+    engine = TaskGradientEngine(params)
+    first, second = make_batch(seed=21), make_batch(seed=22)
+    engine.backward(weighting, loss_fn_for(model, first), first[-1], K)  # solve
+    alpha = weighting.gradient_weighting.alpha.clone()
+    with torch.no_grad():  # UW's optimizer step
+        weighting.loss_weighting.log_vars -= 0.5 * weighting.loss_weighting.log_vars.grad
+    weighting.loss_weighting.log_vars.grad = None
+    model.zero_grad(set_to_none=True)
+    before = engine.num_task_backward_calls
+    stats = engine.backward(weighting, loss_fn_for(model, second), second[-1], K)  # reuse alpha
+    assert engine.num_task_backward_calls == before
+    c = weighting.loss_weighting.loss_coefficients()
+    present = torch.bincount(second[-1], minlength=K) > 0
+    expected = torch.where(present, (c * alpha.double()), torch.zeros((), dtype=torch.float64)).float()
+    assert not torch.allclose(c, torch.full_like(c, 0.5))  # the log-variances moved since the solve
+    torch.testing.assert_close(stats["weights"], expected)
+    assert weighting.loss_weighting.log_vars.grad is not None  # UW trained on the reuse step too
+
+
+def test_state_round_trips_through_safetensors(tmp_path):
+    w = get_weighting("uw+nash_mtl", K, seed=4, update_every=3)
+    w.aggregate(_random_grads(1).float())
+    with torch.no_grad():
+        w.loss_weighting.log_vars += 0.5
+    save_file(w.flat_state_dict(), tmp_path / "w.safetensors")
+    fresh = get_weighting("uw+nash_mtl", K, seed=4, update_every=3)
+    fresh.load_flat_state_dict(load_file(tmp_path / "w.safetensors"))
+    assert torch.equal(fresh.loss_weighting.log_vars, w.loss_weighting.log_vars)
+    assert torch.equal(fresh.gradient_weighting.alpha, w.gradient_weighting.alpha)
+    assert fresh.gradient_weighting.step == w.gradient_weighting.step == 1
+
