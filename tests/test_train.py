@@ -117,6 +117,8 @@ def test_two_process_training_completes(method, tmp_path):
 
 
 BAD_INVOCATIONS = [
+    (["--mtl_method", "uw+dwa"], "two loss-based"),
+    (["--mtl_method", "pcgrad+mgda"], "two gradient-based"),
     (["--num_clusters", "0"], "--num_clusters"),
     (["--num_clusters", "5000"], "exceeds"),
     (["--mtl_method", "magic"], "pcgrad"),

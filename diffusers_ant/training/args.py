@@ -139,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cluster_min_size", type=int, default=None, help="Default T/(2k) (ANT appendix G).")
     g.add_argument("--cluster_max_size", type=int, default=None, help="Default 2T/k (ANT appendix G).")
     g.add_argument("--mtl_method", default="none",
-                   help="`none` (vanilla training) or a weighting: ls, rlw, uw, dwa, pcgrad, nash_mtl, imtl, mgda, cagrad.")
+                   help="`none` (vanilla training) or a weighting: loss-based ls, rlw, uw, dwa; gradient-based pcgrad, "
+                   "nash_mtl, imtl, mgda, cagrad; or one of each joined by '+' (`uw+pcgrad`, ANT's combined "
+                   "configuration): the loss method's coefficients c_i scale the task losses and the gradient method "
+                   "combines the scaled task gradients c_i g_i.")
     g.add_argument("--mtl_options", default=None,
                    help='JSON object of the weighting\'s options, e.g. \'{"update_every": 25}\'.')
     g.add_argument("--task_gradients", default="split", choices=["split", "retain_graph", "last_layers"],
@@ -298,7 +301,6 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
 
     ``given``: the flags given explicitly (``given_options``); a DeMe run fills the others with the
     authors' settings. None (a namespace not from ``parse_args``): every value counts as given."""
-    from ..weighting import WEIGHTINGS
     from ..losses import LOSS_WEIGHTINGS
 
     if args.model_type not in MODEL_TYPES:
@@ -322,8 +324,13 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             raise UsageError("--clustering gradient needs --affinity_file (write one with `analyze.py affinity`)")
         if not os.path.isfile(args.affinity_file):
             raise UsageError(f"--affinity_file {args.affinity_file!r} does not exist")
-    if args.mtl_method != "none" and args.mtl_method not in WEIGHTINGS:
-        raise UsageError(f"unknown --mtl_method {args.mtl_method!r}; choose none or one of: {', '.join(sorted(WEIGHTINGS))}")
+    if args.mtl_method != "none":
+        from ..weighting.registry import weighting_class
+
+        try:
+            weighting_class(args.mtl_method)
+        except ValueError as e:
+            raise UsageError(f"--mtl_method: {e}") from None
     if args.snr_gamma is not None and args.loss_weighting == "none":
         args.loss_weighting = "min_snr"  # diffusers' scripts switch Min-SNR on by giving --snr_gamma alone
     if args.loss_weighting not in LOSS_WEIGHTINGS:
