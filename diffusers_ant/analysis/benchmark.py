@@ -110,13 +110,23 @@ METHODS = {
                  "clusters_on": "log-SNR", "sampling": "stratified"},
     "ant_uw_raw_snr": {"flags": ["--mtl_method", "uw", *ANT_LOG_SNR, "--raw_snr"], "label": "ANT + UW, raw SNR",
                        "clusters_on": "raw SNR", "sampling": "stratified"},
+    # ANT's combined configuration (Sections 5.3 / 5.4, Appendix D.2 / D.3): UW and PCGrad together, P2
+    # inside the cluster losses; and UW on top of the strongest loss weighting here (does ANT add anything
+    # to Min-SNR?).
+    "ant_uw_pcgrad_p2": {"flags": ["--mtl_method", "uw+pcgrad", *ANT_LOG_SNR, "--loss_weighting", "p2",
+                                   "--p2_k", "1", "--p2_gamma", "1"],
+                         "label": "ANT + UW + PCGrad, P2 (the paper's combined)", "clusters_on": "log-SNR",
+                         "sampling": "stratified"},
+    "ant_uw_min_snr": {"flags": ["--mtl_method", "uw", *ANT_LOG_SNR, "--loss_weighting", "min_snr", "--snr_gamma", "5"],
+                       "label": "ANT + UW, Min-SNR (gamma 5)", "clusters_on": "log-SNR", "sampling": "stratified"},
 }
 
 # Per row: seconds per training step of the bench UNet at batch 64 with one thread (through
 # train_ant.py: uw 1.02x, nash_mtl 0.97x, pcgrad 1.47x of vanilla); the benchmarks' `plan()` turns
 # them into the estimate printed before a run; a busy machine is slower.
 SECONDS_PER_STEP = {"vanilla": 0.14, "min_snr": 0.14, "p2": 0.14, "ant_ls": 0.14, "ant_uw": 0.14,
-                    "ant_pcgrad": 0.21, "ant_nash": 0.14, "ant_uw_raw_snr": 0.14}
+                    "ant_pcgrad": 0.21, "ant_nash": 0.14, "ant_uw_raw_snr": 0.14, "ant_uw_pcgrad_p2": 0.21,
+                    "ant_uw_min_snr": 0.14}
 
 
 # ------------------------------------------------------------------------------------ subprocess runs
