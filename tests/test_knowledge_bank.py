@@ -22,7 +22,8 @@ from diffusers_ant.diff_tuning import (
     load_knowledge_bank,
     read_bank_manifest,
 )
-from diffusers_ant.diff_tuning.bank import ConditioningImages, image_seed, read_prompts_file
+from diffusers_ant.diff_tuning.bank import ConditioningImages, check_bank_source, image_seed, read_prompts_file
+from diffusers_ant.diff_tuning.convergence import outline_extractor
 from diffusers_ant.models import get_model_adapter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,17 +160,47 @@ def test_controlnet_bank_saves_conditioning_and_prompts(controlnet_model, tmp_pa
     assert sorted(dataset.column_names) == ["conditioning_image", "image", "text"]
     assert manifest["columns"]["conditioning_image_column"] == "conditioning_image"
     assert manifest["columns"]["caption_column"] == "text" and manifest["resolution"] == 16 and manifest["channels"] == 3
+    assert manifest["bank_condition"] == {"mode": "extracted", "extractor": "outline"}
     assert dataset["text"] == ["a cat", "the digit 7", "a cat", "the digit 7"]
     for i, row in enumerate(dataset):
         assert row["image"].size == (16, 16) and row["conditioning_image"].size == (16, 16)
-        source = Image.open(conditions / f"c{i % 3}.png").convert("L").resize((16, 16), Image.BILINEAR)
-        assert row["conditioning_image"].tobytes() == source.tobytes()
+        # each image is paired with the outline re-extracted from it (exact: the same function on the
+        # same PNG pixels), never with the condition it was sampled from (random dots here)
+        generating = Image.open(conditions / f"c{i % 3}.png").convert("L").resize((16, 16), Image.BILINEAR)
+        paired = np.asarray(row["conditioning_image"].convert("L"))
+        assert np.array_equal(paired, outline_extractor(row["image"]))
+        assert not np.array_equal(paired, np.asarray(generating))
 
     # another conditioning set into the same folder is refused
     Image.new("L", (16, 16), 0).save(conditions / "c3.png")
     with pytest.raises(ValueError, match="holds a knowledge bank made with conditioning="):
         build(controlnet_model, tmp_path / "bank", num_images=4, batch_size=2,
               conditioning=ConditioningImages.from_folder(str(conditions)), prompts=read_prompts_file(str(prompts)))
+
+
+def test_controlnet_bank_blank_conditions_and_custom_extractors(controlnet_model, tmp_path):
+    """--bank_condition blank: sampled from and paired with an all-zero condition (no conditioning
+    source needed); --condition_extractor module:function is the extractor the bank pairs with."""
+    manifest = build(controlnet_model, tmp_path / "blank", num_images=3, batch_size=2, bank_condition="blank")
+    dataset, _ = load_knowledge_bank(tmp_path / "blank")
+    assert manifest["bank_condition"] == {"mode": "blank"} and manifest["conditioning"] is None
+    assert all(not np.asarray(row["conditioning_image"]).any() for row in dataset)
+
+    def inverted(image):  # a condition no outline equals: the inverted greyscale image, as floats
+        return 1.0 - np.asarray(image.convert("L"), dtype=np.float64) / 255
+
+    manifest = build(controlnet_model, tmp_path / "custom", num_images=2, batch_size=2, condition_extractor=inverted)
+    dataset, _ = load_knowledge_bank(tmp_path / "custom")
+    assert manifest["bank_condition"] == {"mode": "extracted", "extractor": "inverted"}
+    for row in dataset:  # floats written as uint8 with round-half-up: exact for 255 - x
+        assert np.array_equal(np.asarray(row["conditioning_image"]), 255 - np.asarray(row["image"].convert("L")))
+
+
+def test_old_controlnet_banks_paired_with_their_generating_conditions_are_refused():
+    manifest = {"model_type": "controlnet", "resolution": 16, "channels": 3, "source_model": "pretrained"}
+    with pytest.raises(ValueError, match=r"pairs its images with the conditions they were sampled from.*: rebuild it"):
+        check_bank_compatible(manifest, "controlnet", 16, 3)
+    check_bank_compatible({**manifest, "bank_condition": {"mode": "blank"}}, "controlnet", 16, 3)
 
 
 def test_controlnet_conditioning_from_a_dataset_with_captions():
@@ -236,8 +267,14 @@ def test_bad_folders(unet_model, controlnet_model, tmp_path):
         load_knowledge_bank(tmp_path / "fake")
     with pytest.raises(ValueError, match="is not a pipeline folder"):
         build(str(tmp_path / "no_model"), tmp_path / "bank")
-    with pytest.raises(ValueError, match="ControlNet bank needs conditioning images: give --conditioning_dir"):
-        build(controlnet_model, tmp_path / "x")
+    with pytest.raises(ValueError, match="--bank_condition blank pairs every image with a blank condition: drop --condition_extractor"):
+        build(controlnet_model, tmp_path / "x", bank_condition="blank", condition_extractor="outline")
+    with pytest.raises(ValueError, match="unknown condition extractor 'nonsense'"):
+        build(controlnet_model, tmp_path / "x", condition_extractor="nonsense")
+    for flag, value in (("bank_condition", "blank"), ("condition_extractor", "outline")):
+        with pytest.raises(ValueError, match=f"--{flag} pairs ControlNet bank images with conditions; the source model "
+                                             f"is a unet model: drop --{flag}"):
+            build(unet_model, tmp_path / "x", **{flag: value})
     with pytest.raises(ValueError, match="conditioning images are for ControlNet banks"):
         build(unet_model, tmp_path / "x", conditioning=ConditioningImages(lambda i: Image.new("L", (8, 8)), 1, "test"))
     with pytest.raises(ValueError, match="does not exist: give a folder of conditioning images"):
@@ -285,6 +322,10 @@ def test_command_line_builds_and_reports_bad_input_in_one_line(unet_model, tmp_p
     with pytest.raises(SystemExit) as info:
         main(common + ["--num_images", "4", "--output_dir", str(tmp_path / "b3"), "--class_labels", "a,b"])
     assert info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    # --bank_condition without a ControlNet: one line naming the flag, no traceback
+    assert main(common + ["--num_images", "4", "--output_dir", str(tmp_path / "b4"), "--bank_condition", "blank"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--bank_condition" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("case", ["dit", "dit-latent", "sd", "unet-unconditional"])
@@ -312,3 +353,53 @@ def test_every_model_type_builds_a_bank(case, tmp_path):
     written = []
     build(str(tmp_path / "model"), tmp_path / "bank", num_images=3, batch_size=2, on_image_written=written.append, **kwargs)
     assert written == []
+
+
+# ------------------------------------------------------------------------------ issue 17 item 6
+
+
+def test_latent_dit_banks_are_sampled_in_batches_and_resume_identically(tmp_path, monkeypatch):
+    """diffusers' DiTPipeline is called once per batch (not once per image); a build interrupted in
+    the middle of a batch ends byte-identical to an uninterrupted one (the batch's step noise comes
+    from a global RNG seeded by the batch's first generator, its latents from one generator per image)."""
+    from diffusers import DiTPipeline
+
+    torch.manual_seed(0)
+    adapter = get_model_adapter("dit").load(model_config_name_or_path="tiny-latent", resolution=16, num_channels=3)
+    adapter.save(str(tmp_path / "model"))
+    calls = []
+    original = DiTPipeline.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(len(kwargs["class_labels"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiTPipeline, "__call__", counting)
+    build(str(tmp_path / "model"), tmp_path / "whole", num_images=5, batch_size=2, scheduler="ddpm")
+    assert calls == [2, 2, 1]
+
+    with pytest.raises(Interrupt):  # stopped inside the second batch (images 2, 3)
+        build(str(tmp_path / "model"), tmp_path / "cut", num_images=5, batch_size=2, scheduler="ddpm",
+              on_image_written=stop_after(3, []))
+    resumed = []
+    build(str(tmp_path / "model"), tmp_path / "cut", num_images=5, batch_size=2, scheduler="ddpm",
+          on_image_written=resumed.append)
+    assert resumed == [3, 4] and folder_digest(tmp_path / "cut") == folder_digest(tmp_path / "whole")
+
+
+def test_the_bank_is_checked_against_the_weights_it_was_sampled_from(unet_model, tmp_path):
+    import shutil
+
+    manifest = build(unet_model, tmp_path / "bank", num_images=2)
+    check_bank_source(manifest, unet_model)  # the same model
+    shutil.copytree(unet_model, tmp_path / "copy")
+    check_bank_source(manifest, str(tmp_path / "copy"))  # the same weights in another folder
+    torch.manual_seed(1)  # the same type, resolution and channels, other weights
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1,
+                                   num_classes=3).save(str(tmp_path / "other"))
+    with pytest.raises(ValueError, match=r"sampled from other weights .* \(their fingerprints differ\): fine-tune the "
+                                         r"model the bank came from, or rebuild the bank") as info:
+        check_bank_source(manifest, str(tmp_path / "other"))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="records no model fingerprint: rebuild it"):
+        check_bank_source({**manifest, "model_fingerprint": None}, unet_model)

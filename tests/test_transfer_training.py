@@ -297,6 +297,36 @@ def test_a_bank_of_another_resolution_or_model_type_is_refused(pretrained, bank,
         assert needle in err and "bank" in err, err
 
 
+def test_the_bank_is_read_whole_whatever_max_train_samples(pretrained, bank, tmp_path):
+    """--max_train_samples cuts the downstream data, not the knowledge bank (the authors retain the whole bank)."""
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.training import parse_args
+    from diffusers_ant.training.loop import data_needs
+    from diffusers_ant.training.sources import knowledge_bank_dataloader
+
+    args = parse_args(_run(pretrained, tmp_path / "o", "--knowledge_bank", str(bank), "--max_train_samples", "4"))
+    adapter = get_model_adapter("dit").load(pretrained_model_name_or_path=str(pretrained["dit"]))
+    loader = knowledge_bank_dataloader(args, adapter, data_needs(args), 4)
+    assert len(loader) == 24 // 4  # all 24 bank images in batches of 4 (a cut bank would give 1 batch)
+
+
+def test_a_bank_of_other_weights_is_refused_in_one_line(pretrained, bank, tmp_path, capsys):
+    """The bank records its source model's fingerprint; a run from another DiT of the same type,
+    resolution and channels is refused with one line naming the fix."""
+    from train_scripts_loader import load_train_main
+
+    from diffusers_ant.models import get_model_adapter
+
+    torch.manual_seed(1)
+    other = tmp_path / "other-dit"
+    get_model_adapter("dit").load(model_config_name_or_path="tiny", resolution=16, num_channels=1,
+                                  num_classes=10).save(str(other))
+    with pytest.raises(SystemExit):
+        load_train_main()(_run({"dit": other}, tmp_path / "o", "--knowledge_bank", str(bank), "--max_train_steps", "1"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "fingerprints differ" in err and "rebuild the bank" in err and "Traceback" not in err, err
+
+
 # --------------------------------------------------------------------------- train_deme.py
 
 
@@ -381,8 +411,8 @@ def test_controlnet_sudden_convergence_is_tracked_and_resumed(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_controlnet_diff_tuning_with_a_bank_of_its_own_samples(tmp_path):
-    """A ControlNet bank (samples beside their conditioning images) trains through --knowledge_bank:
-    the bank rows carry their conditioning images, and the card records the bank."""
+    """A ControlNet bank (samples beside the outlines re-extracted from them) trains through
+    --knowledge_bank, and the card records the bank."""
     from diffusers_ant.diff_tuning import build_knowledge_bank
     from diffusers_ant.diff_tuning.bank import ConditioningImages
     from diffusers_ant.models import get_model_adapter

@@ -9,8 +9,12 @@
         --dataset_name mnist5k_captions --num_images 500 --output_dir bank
 
 Class-conditional models draw every class in turn (or `--class_labels`); text-to-image models cycle
-through `--prompts_file`; ControlNet models cycle through `--conditioning_dir` or a dataset's
-conditioning column (with the row's caption as the prompt unless `--prompts_file` is given).
+through `--prompts_file`; ControlNet models sample from `--conditioning_dir` or a dataset's
+conditioning column (with the row's caption as the prompt unless `--prompts_file` is given), or from a
+blank condition when neither is given. A ControlNet bank pairs each image with a condition that
+matches it: the condition re-extracted from the image (`--condition_extractor`, `outline` by default;
+the default `--bank_condition extracted`) or a blank one (`--bank_condition blank`), never the
+condition it was sampled from, which Diff-Tuning's untrained ControlNet ignores.
 
 The bank is an image folder (`metadata.jsonl` + `images/`) with a manifest `bank.json`: train on it
 with `train_ant.py --knowledge_bank BANK`, or read it as any `--train_data_dir`. Interrupted? Run the
@@ -60,9 +64,20 @@ def build_parser():
     parser.add_argument("--class_labels", type=_class_labels, default=None,
                         help="Classes to cycle through, e.g. 0,1,2 (default: every class in turn).")
     parser.add_argument("--prompts_file", default=None, help="Text-to-image / ControlNet: one prompt per line.")
-    parser.add_argument("--conditioning_dir", default=None, help="ControlNet: a folder of conditioning images.")
+    parser.add_argument("--conditioning_dir", default=None,
+                        help="ControlNet: a folder of conditions to sample from (default: a blank condition).")
     parser.add_argument("--dataset_name", default=None,
-                        help="ControlNet: a dataset with conditioning images (built-in: mnist5k_captions).")
+                        help="ControlNet: a dataset whose conditions are sampled from and whose captions are the "
+                             "prompts (built-in: mnist5k_captions).")
+    parser.add_argument("--bank_condition", choices=("extracted", "blank"), default=None,
+                        help="ControlNet: the condition each bank image is paired with: `extracted` (default: "
+                             "re-extracted from the image by --condition_extractor) or `blank` (sampled from and "
+                             "paired with an all-zero condition). Never the condition an image was sampled from: "
+                             "the untrained ControlNet ignores it.")
+    parser.add_argument("--condition_extractor", default=None,
+                        help="ControlNet, --bank_condition extracted: `outline` (default; the outline that made "
+                             "mnist5k_captions' conditions, as train_ant.py --track_convergence re-extracts) or "
+                             "module:function (a function PIL image -> condition image or array).")
     parser.add_argument("--dataset_config_name", default=None, help="The dataset's configuration name.")
     parser.add_argument("--conditioning_image_column", default=None,
                         help="Column of --dataset_name holding the conditioning images (default: found by name).")
@@ -95,7 +110,8 @@ def build(args) -> None:
         model_type=args.model_type, revision=args.revision, seed=args.seed, batch_size=args.batch_size,
         num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
         guidance_scale=args.guidance_scale, class_labels=args.class_labels, prompts=prompts,
-        conditioning=conditioning, device=args.device, torch_dtype=args.torch_dtype,
+        conditioning=conditioning, bank_condition=args.bank_condition, condition_extractor=args.condition_extractor,
+        device=args.device, torch_dtype=args.torch_dtype,
         progress=not args.no_progress,
     )
     print(f"knowledge bank {args.output_dir}: {manifest['num_images']} {manifest['model_type']} images at "

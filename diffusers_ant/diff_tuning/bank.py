@@ -12,11 +12,20 @@ data_dir=BANK)`` and the trainer's ``--train_data_dir BANK`` read it)::
     BANK/bank.json              the manifest: source model, sampler settings, counts, resolution ...
     BANK/metadata.jsonl         one row per image: file_name, and label / text / conditioning image
     BANK/images/000000.png      sample i
-    BANK/conditioning/000000.png   (ControlNet) the conditioning image sample i was made from
+    BANK/conditioning/000000.png   (ControlNet) the condition paired with sample i: re-extracted from it, or blank
 
 Columns of the loaded dataset: ``image``; ``label`` (class-conditional ``unet`` / ``dit``: the class
 the sample was drawn for); ``text`` (``sd`` / ``controlnet``: its prompt, "" for none);
 ``conditioning_image`` (``controlnet``). ``manifest["columns"]`` names them for ``resolve_columns``.
+
+ControlNet banks pair each image with a condition that matches it (``bank_condition``): the condition
+re-extracted from the generated image by the extractor that made the training conditions
+(``"extracted"``, the default; ``--condition_extractor``, the built-in ``outline`` by default, the same
+extractors ``convergence.py`` measures sudden convergence with), or a blank (all-zero) condition
+(``"blank"``, generated from a blank condition too). Never the condition the image was generated from:
+Diff-Tuning starts a ControlNet untrained (zero convolutions), so the pipeline ignores that condition,
+and pairing the sample with it would teach the ControlNet to ignore its input (Zhong et al. release no
+ControlNet code; re-extraction is how they measure whether an image follows a condition).
 
 Reproducibility and resuming: sample i is drawn with its own ``torch.Generator`` seeded from
 ``(seed, i)`` (diffusers pipelines take one generator per image), in batches at fixed positions
@@ -64,11 +73,13 @@ SETTING_FLAGS = {
     "class_labels": "--class_labels",
     "prompts": "--prompts_file",
     "conditioning": "--conditioning_dir / --dataset_name",
+    "bank_condition": "--bank_condition / --condition_extractor",
     "resolution": "the source model's resolution",
     "channels": "the source model's channels",
 }
 
 MODEL_TYPES = ("unet", "dit", "sd", "controlnet")
+BANK_CONDITIONS = ("extracted", "blank")
 
 
 # ------------------------------------------------------------------------------ small helpers
@@ -123,6 +134,29 @@ def _prepare_image(image, resolution: int):
     if image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.BILINEAR)
     return image
+
+
+def blank_condition(resolution: int):
+    """The blank condition of ``--bank_condition blank``: an all-zero greyscale map (no outline, no
+    edge; the data loader repeats it to the ControlNet's conditioning channels)."""
+    from PIL import Image
+
+    return Image.new("L", (resolution, resolution), 0)
+
+
+def extracted_condition(extractor, image, resolution: int):
+    """The condition ``extractor`` re-extracts from ``image``, as the bank stores it: a PIL image
+    kept as it is (L or RGB), an array (uint8 0..255 or floats in [0, 1], read as ``convergence``
+    reads conditions) written as greyscale; ``resolution`` square."""
+    from PIL import Image
+
+    from .convergence import _as_array
+
+    condition = extractor(image)
+    if not isinstance(condition, Image.Image):
+        array = _as_array(condition)
+        condition = Image.fromarray(np.clip(array * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return _prepare_image(condition, resolution)
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -361,13 +395,25 @@ def _versions() -> dict:
 
 
 class _Plan:
-    """What sample i is drawn from: its class label, prompt and conditioning image (all cycled)."""
+    """What sample i is drawn from: its class label, prompt and generating condition (all cycled).
 
-    def __init__(self, class_labels, prompts, conditioning, resolution):
+    ``paired``: a ControlNet bank (its rows carry a condition); ``blank``: generated from, and paired
+    with, the blank condition."""
+
+    def __init__(self, class_labels, prompts, conditioning, resolution, paired=False, blank=False):
         self.class_labels = class_labels
         self.prompts = prompts
         self.conditioning = conditioning
         self.resolution = resolution
+        self.paired = paired
+        self.blank = blank
+
+    def generating_condition(self, i):
+        """The condition the ControlNet pipeline samples image i from (the untrained ControlNet of
+        Diff-Tuning ignores it; a blank one when none is given or the bank pairs blanks)."""
+        if self.conditioning is None or self.blank:
+            return blank_condition(self.resolution)
+        return self.conditioning.image(i, self.resolution)
 
     def label(self, i):
         return None if self.class_labels is None else int(self.class_labels[i % len(self.class_labels)])
@@ -385,7 +431,7 @@ class _Plan:
             row["label"] = self.label(i)
         if model_type in ("sd", "controlnet"):
             row["text"] = self.prompt(i)
-        if self.conditioning is not None:
+        if self.paired:
             row["conditioning_image_file_name"] = conditioning_file(i)
         return row
 
@@ -409,11 +455,33 @@ def _validate_inputs(model_type, adapter, class_labels, prompts, conditioning, g
     else:
         if class_labels is not None:
             raise ValueError(f"a {model_type} model is text-conditional: drop --class_labels and give --prompts_file")
-    if model_type == "controlnet" and conditioning is None:
-        raise ValueError("a ControlNet bank needs conditioning images: give --conditioning_dir or --dataset_name")
     if model_type != "controlnet" and conditioning is not None:
         raise ValueError(f"conditioning images are for ControlNet banks; the source model is a {model_type} model")
     return class_labels
+
+
+def _bank_condition_setting(model_type, bank_condition, condition_extractor):
+    """``(manifest value, extractor or None)`` of ``--bank_condition`` / ``--condition_extractor``:
+    ``None`` for a bank without conditions, ``{"mode": "extracted", "extractor": SPEC}`` or
+    ``{"mode": "blank"}`` for a ControlNet bank. One-line ``ValueError`` for a flag that does not apply."""
+    if model_type != "controlnet":
+        for flag, value in (("--bank_condition", bank_condition), ("--condition_extractor", condition_extractor)):
+            if value is not None:
+                raise ValueError(f"{flag} pairs ControlNet bank images with conditions; the source model is a "
+                                 f"{model_type} model: drop {flag}")
+        return None, None
+    mode = "extracted" if bank_condition is None else bank_condition
+    if mode not in BANK_CONDITIONS:
+        raise ValueError(f"unknown --bank_condition {bank_condition!r}: choose one of {', '.join(BANK_CONDITIONS)}")
+    if mode == "blank":
+        if condition_extractor is not None:
+            raise ValueError("--bank_condition blank pairs every image with a blank condition: drop --condition_extractor")
+        return {"mode": "blank"}, None
+    from .convergence import load_condition_extractor
+
+    spec = "outline" if condition_extractor is None else condition_extractor
+    extractor = load_condition_extractor(spec)
+    return {"mode": "extracted", "extractor": spec if isinstance(spec, str) else getattr(spec, "__name__", "callable")}, extractor
 
 
 def build_knowledge_bank(
@@ -431,6 +499,8 @@ def build_knowledge_bank(
     class_labels=None,
     prompts=None,
     conditioning: ConditioningImages | None = None,
+    bank_condition: str | None = None,
+    condition_extractor=None,
     device=None,
     torch_dtype=None,
     progress: bool = True,
@@ -457,7 +527,14 @@ def build_knowledge_bank(
         class_labels: classes to cycle through (default: every class of a class-conditional model).
         prompts: prompts to cycle through (``sd``, ``controlnet``; default: the conditioning
             dataset's captions, else the empty prompt).
-        conditioning: ``ControlNet`` only: the conditioning images to cycle through.
+        conditioning: ``ControlNet`` only: the conditions to sample from, cycled (their captions serve
+            as prompts); None samples from a blank condition. An untrained ControlNet ignores them.
+        bank_condition: ``ControlNet`` only: what each image is paired with in the bank,
+            ``"extracted"`` (default: the condition re-extracted from the image by
+            ``condition_extractor``) or ``"blank"`` (sampled from and paired with an all-zero condition).
+        condition_extractor: ``"extracted"`` only: a built-in name (default ``"outline"``, the outline
+            that made ``mnist5k_captions``' conditions), ``"module:function"`` or a callable, as
+            :func:`diffusers_ant.diff_tuning.convergence.load_condition_extractor` reads it.
         device, torch_dtype: where and in what precision to sample (default: CUDA when available,
             float32).
         progress: show a tqdm progress bar.
@@ -492,6 +569,7 @@ def build_knowledge_bank(
     model_type = found_type
     adapter = adapter_for_pipeline(pipeline, model_type)
     class_labels = _validate_inputs(model_type, adapter, class_labels, prompts, conditioning, guidance_scale)
+    pairing, extractor = _bank_condition_setting(model_type, bank_condition, condition_extractor)
     resolution = adapter.sample_size * adapter.vae_scale_factor(adapter.vae)
     channels = adapter.num_channels
 
@@ -500,7 +578,8 @@ def build_knowledge_bank(
         from ..models.base import scheduler_by_name
 
         sampler = scheduler_by_name(scheduler, pipeline.scheduler)
-    plan = _Plan(class_labels, list(prompts) if prompts is not None else None, conditioning, resolution)
+    plan = _Plan(class_labels, list(prompts) if prompts is not None else None, conditioning, resolution,
+                 paired=pairing is not None, blank=pairing == {"mode": "blank"})
 
     prompts_info = None
     if prompts is not None:
@@ -534,13 +613,14 @@ def build_knowledge_bank(
         "class_labels": class_labels,
         "prompts": prompts_info,
         "conditioning": conditioning_info,
+        "bank_condition": pairing,
         "resolution": resolution,
         "channels": channels,
         "columns": {
             "image_column": "image",
             "class_column": "label" if class_labels is not None else None,
             "caption_column": "text" if model_type in ("sd", "controlnet") else None,
-            "conditioning_image_column": "conditioning_image" if conditioning is not None else None,
+            "conditioning_image_column": "conditioning_image" if pairing is not None else None,
         },
         "versions": _versions(),
     }
@@ -549,7 +629,7 @@ def build_knowledge_bank(
         manifest["versions"] = existing.get("versions", manifest["versions"])  # the build's first versions
 
     os.makedirs(os.path.join(output_dir, IMAGES_DIR), exist_ok=True)
-    if conditioning is not None:
+    if pairing is not None:
         os.makedirs(os.path.join(output_dir, CONDITIONING_DIR), exist_ok=True)
     for sub in (IMAGES_DIR, CONDITIONING_DIR, "."):  # leftovers of a build killed mid-write
         folder = os.path.join(output_dir, sub)
@@ -565,9 +645,6 @@ def build_knowledge_bank(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if len(done) < num_images:
         pipeline.to(device)
-    # diffusers' DiTPipeline draws its step noise from the global RNG, seeded by the adapter from one
-    # generator: it takes no list of generators, so it samples one image per call
-    one_by_one = type(pipeline).__name__ == "DiTPipeline"
     bar = tqdm(total=num_images, initial=len(done), unit="image", desc="knowledge bank", disable=not progress)
     try:
         for start in range(0, num_images, batch_size):
@@ -575,15 +652,17 @@ def build_knowledge_bank(
             missing = [i for i in indices if i not in done]
             if not missing:
                 continue
-            images = _sample(adapter, pipeline, indices, plan, seed, num_inference_steps, sampler, guidance_scale, one_by_one)
+            images = _sample(adapter, pipeline, indices, plan, seed, num_inference_steps, sampler, guidance_scale)
             for i, image in zip(indices, images):
                 if i not in missing:
                     continue
                 if image.size != (resolution, resolution) or len(image.getbands()) != channels:
                     raise ValueError(f"the pipeline returned a {image.size} {image.mode} image, expected "
                                      f"{resolution}x{resolution} with {channels} channels")
-                if conditioning is not None:
-                    _atomic_write_png(conditioning.image(i, resolution), os.path.join(output_dir, conditioning_file(i)))
+                if pairing is not None:  # the condition that matches the image, never the generating one
+                    condition = (blank_condition(resolution) if extractor is None
+                                 else extracted_condition(extractor, image, resolution))
+                    _atomic_write_png(condition, os.path.join(output_dir, conditioning_file(i)))
                 _atomic_write_png(image, os.path.join(output_dir, image_file(i)))
                 done.add(i)
                 bar.update(1)
@@ -611,23 +690,19 @@ def _manifest_on_disk_equals(folder: str, manifest: dict) -> bool:
             return False
 
 
-def _sample(adapter, pipeline, indices, plan, seed, steps, sampler, guidance_scale, one_by_one) -> list:
-    """The images of ``indices``, each from its own generator (see the module docstring)."""
+def _sample(adapter, pipeline, indices, plan, seed, steps, sampler, guidance_scale) -> list:
+    """The images of ``indices`` in one pipeline call, each from its own generator (see the module
+    docstring). diffusers' ``DiTPipeline`` draws each image's starting latents from its generator but
+    its ``scheduler.step`` noise from the global RNG; the DiT adapter seeds a forked global RNG from
+    the batch's first generator, so a batch (at its fixed position) is still a function of the seed
+    and the settings, and a resumed build redraws it identically."""
     generators = [image_generator(seed, i) for i in indices]
     labels = [plan.label(i) for i in indices] if plan.class_labels is not None else None
     prompts = [plan.prompt(i) for i in indices]
-    conditions = ([plan.conditioning.image(i, plan.resolution) for i in indices]
-                  if plan.conditioning is not None else None)
-    common = {"num_inference_steps": steps, "guidance_scale": guidance_scale, "scheduler": sampler}
-    if one_by_one:
-        return [
-            adapter.sample(pipeline, 1, generators[k], class_labels=None if labels is None else [labels[k]],
-                           prompts=[prompts[k]], conditioning_images=None if conditions is None else [conditions[k]],
-                           **common)[0]
-            for k in range(len(indices))
-        ]
+    conditions = [plan.generating_condition(i) for i in indices] if plan.paired else None
     return adapter.sample(pipeline, len(indices), generators, class_labels=labels, prompts=prompts,
-                          conditioning_images=conditions, **common)
+                          conditioning_images=conditions, num_inference_steps=steps, guidance_scale=guidance_scale,
+                          scheduler=sampler)
 
 
 # ------------------------------------------------------------------------------ loading
@@ -684,6 +759,39 @@ def check_bank_compatible(manifest: dict, model_type: str, resolution: int, chan
             f"the knowledge bank holds {manifest.get('channels')}-channel images, this run's data has {channels}: "
             "build the bank from a model with the data's channel count"
         )
+    if model_type == "controlnet" and not manifest.get("bank_condition"):
+        # banks built before --bank_condition paired each image with the condition it was sampled
+        # from, which the untrained ControlNet ignored: training on them teaches it to ignore its input
+        raise ValueError(
+            f"the ControlNet knowledge bank ({source}) pairs its images with the conditions they were sampled from, "
+            f"not conditions that match them: rebuild it with python {BUILD_COMMAND} (it re-extracts each image's condition)"
+        )
+
+
+def check_bank_source(manifest: dict, pretrained_model_name_or_path: str, revision: str | None = None) -> None:
+    """Refuse a bank sampled from other weights than the model this run fine-tunes.
+
+    The bank's manifest records ``model_fingerprint``, the sha256 of every weight of the pipeline it
+    was sampled from, loaded in the bank's ``torch_dtype``; this loads ``pretrained_model_name_or_path``
+    the same way (on the CPU, once, freed at once) and compares. Diff-Tuning's retention anchors the
+    model it fine-tunes to that model's own samples (Zhong et al., Sec. 4.1): a bank of another model,
+    even of the same type and resolution, anchors it to something else. One-line ``ValueError``.
+    """
+    recorded = manifest.get("model_fingerprint")
+    source = manifest.get("source_model", "?")
+    if not recorded:
+        raise ValueError(f"the knowledge bank ({source}) records no model fingerprint: rebuild it with python {BUILD_COMMAND}")
+    path = os.fspath(pretrained_model_name_or_path)
+    dtype = getattr(torch, str(manifest.get("torch_dtype") or "float32"))
+    pipeline, _ = _load_source(path, None if os.path.isdir(path) else revision, dtype)
+    found = _model_fingerprint(pipeline)
+    del pipeline
+    if found != recorded:
+        raise ValueError(
+            f"the knowledge bank was sampled from other weights ({source}) than --pretrained_model_name_or_path "
+            f"{path!r} (their fingerprints differ): fine-tune the model the bank came from, or rebuild the bank "
+            f"from {path!r} with python {BUILD_COMMAND}"
+        )
 
 
 __all__ = [
@@ -693,6 +801,9 @@ __all__ = [
     "bank_source_model",
     "build_knowledge_bank",
     "check_bank_compatible",
+    "check_bank_source",
+    "blank_condition",
+    "extracted_condition",
     "image_generator",
     "image_seed",
     "load_knowledge_bank",

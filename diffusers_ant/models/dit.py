@@ -169,10 +169,12 @@ class DiTAdapter(ModelAdapter):
         if not hasattr(pipeline, "vae") or generator is None:
             return pipeline(**kwargs).images
         # DiTPipeline's scheduler.step draws its noise from the global RNG, not from `generator`:
-        # seed a forked global RNG from the generator so the same generator gives the same images
-        # and the caller's RNG state (e.g. the training loop's) is left alone.
+        # seed a forked global RNG from the generator (the first of a list: one per image, as the
+        # knowledge bank samples its batches) so the same generators give the same images and the
+        # caller's RNG state (e.g. the training loop's) is left alone.
         device = pipeline.device
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+        first = generator[0] if isinstance(generator, (list, tuple)) else generator
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=first, device=first.device))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             return pipeline(**kwargs).images

@@ -20,7 +20,8 @@ def build_sources(args, intervals, num_timesteps, sampler):
       is weighted by lambda (`--bank_weight`). Bank images train the unconditional branch (null class,
       empty prompt) as the authors do, unless `--bank_keep_prompts`.
     * DeMe (Sec. 3): the data draws t in interval i, or in the whole range with probability
-      `--deme_global_prob`, and adds the consistency loss against the frozen pretrained model."""
+      `--deme_global_prob` (a coin per micro-batch, or per sample; `--deme_antithetic` pairs t with
+      lo + hi - t), and adds the consistency loss against the frozen pretrained model."""
     from ..diff_tuning import reconsolidation_sampler, retention_sampler
     from ..timesteps import IntervalTimestepSampler
     from .step import Source
@@ -34,21 +35,28 @@ def build_sources(args, intervals, num_timesteps, sampler):
         return [data, Source("bank", retention, weight=args.bank_weight, null_condition=not args.bank_keep_prompts)]
     if args.deme_interval is not None:
         start, end = intervals.bounds[args.deme_interval]
-        interval = IntervalTimestepSampler(start, end, num_timesteps, p_full=args.deme_global_prob,
-                                           per_batch=args.deme_sampling == "per_batch")
+        # The window of a step is its micro-batches one after the other, each of --train_batch_size rows
+        # (the loader drops incomplete batches): a coin per micro-batch, as the authors flip it.
+        per_batch = args.deme_sampling == "per_batch"
+        interval = IntervalTimestepSampler(start, end, num_timesteps, p_full=args.deme_global_prob, per_batch=per_batch,
+                                           group_size=args.train_batch_size if per_batch else None,
+                                           antithetic=getattr(args, "deme_antithetic", False))
         return [Source("data", interval, consistency=args.consistency_weight)]
     return [Source("data", sampler)]
 
 
 def knowledge_bank_dataloader(args, adapter, needs: dict, rows: int):
     """The loader of Diff-Tuning's knowledge bank: `rows` bank images per micro-batch, read like the data
-    (same resolution, transforms, `--max_train_samples`), after checking the bank fits the model."""
+    (same resolution and transforms), after checking the bank fits the model and was sampled from it
+    (its weights' fingerprint). `--max_train_samples` cuts the downstream data only: the bank is the
+    pretrained model's knowledge, retained whole as in the authors' code."""
     from ..data import make_train_dataloader, resolve_columns
-    from ..diff_tuning import check_bank_compatible, load_knowledge_bank
+    from ..diff_tuning.bank import check_bank_compatible, check_bank_source, load_knowledge_bank
 
     bank, manifest = load_knowledge_bank(args.knowledge_bank)
     check_bank_compatible(manifest, model_type=args.model_type, resolution=pixel_resolution(adapter),
                           channels=adapter.num_channels)
+    check_bank_source(manifest, args.pretrained_model_name_or_path, getattr(args, "revision", None))
     recorded = manifest.get("columns") or {}
     columns = resolve_columns(bank, image_column=recorded.get("image_column"),
                               caption_column=recorded.get("caption_column"),
@@ -60,7 +68,7 @@ def knowledge_bank_dataloader(args, adapter, needs: dict, rows: int):
     return make_train_dataloader(
         bank, columns, resolution=pixel_resolution(adapter), batch_size=rows, num_channels=adapter.num_channels,
         tokenizer=adapter.tokenizer, seed=args.seed + 1, num_workers=args.dataloader_num_workers,
-        center_crop=args.center_crop, random_flip=args.random_flip, max_samples=args.max_train_samples,
+        center_crop=args.center_crop, random_flip=args.random_flip, max_samples=None,
         interpolation=args.image_interpolation_mode)
 
 
