@@ -157,33 +157,67 @@ class IntervalTimestepSampler(TimestepSampler):
 
     Each sample is drawn from the whole range ``[0, num_timesteps)`` instead with probability
     ``p_full`` (DeMe, "Decouple-Then-Merge", section 3: it keeps a copy fine-tuned on one
-    interval from forgetting the others; p = 0.3 in the authors' scripts). With
-    ``per_batch=True`` the coin is flipped once for the whole batch instead, which is how
-    PAPERS.md describes the authors' scripts.
+    interval from forgetting the others; p = 0.3 in the authors' scripts). Where the coin is flipped:
+
+    * ``per_batch=False`` (default): once per sample;
+    * ``per_batch=True``: once per group of ``group_size`` consecutive rows (the rows of one
+      micro-batch: a window of gradient-accumulation micro-batches is drawn in one call, its
+      micro-batches one after the other), or once per call when ``group_size`` is None. The
+      authors flip it once per data-loader batch, before ``accelerator.accumulate``
+      (MqLeet/DeMe ``train_unconditional_deme.py``: ``if random.random() < args.kd_global_ratio``),
+      i.e. once per micro-batch: ``group_size`` = the micro-batch size.
+
+    ``antithetic=True`` (needs ``per_batch``): the authors' pairing. Each group draws half its rows
+    uniformly in the range its coin chose, ``[lo, hi]``, and mirrors them, ``lo + hi - t`` (their
+    ``kd_high + kd_low - t - 1`` with an exclusive ``kd_high``; ``T - 1 - t`` for the whole range),
+    so the group's mean timestep is the range's centre. An odd group keeps one unpaired draw; the
+    authors draw ``B // 2 + 1`` and cut to ``B``, which leaves two draws unpaired in an even batch.
     """
 
-    def __init__(self, start: int, end: int, num_timesteps: int, p_full: float = 0.0, per_batch: bool = False):
+    def __init__(self, start: int, end: int, num_timesteps: int, p_full: float = 0.0, per_batch: bool = False,
+                 group_size: int | None = None, antithetic: bool = False):
         _check_num_timesteps(num_timesteps)
         if not (0 <= start <= end < num_timesteps):
             raise ValueError(f"need 0 <= start <= end < num_timesteps={num_timesteps}; got start={start}, end={end}.")
         if not (0.0 <= p_full <= 1.0):
             raise ValueError(f"p_full is a probability in [0, 1] (DeMe uses 0.3); got {p_full}.")
+        if group_size is not None and (not per_batch or int(group_size) < 1):
+            raise ValueError(f"group_size ({group_size}) is the rows per coin of per_batch=True: give per_batch=True and a size >= 1.")
+        if antithetic and not per_batch:
+            raise ValueError("antithetic pairs share their coin: give per_batch=True (a coin per micro-batch).")
         self.start, self.end, self.num_timesteps = int(start), int(end), num_timesteps
         self.p_full, self.per_batch = float(p_full), per_batch
+        self.group_size = None if group_size is None else int(group_size)
+        self.antithetic = bool(antithetic)
 
     def sample(self, batch_size, generator=None, device=None):
         _check_batch_size(batch_size)
         draw = _draw_device(generator, device)
-        inside = torch.randint(self.start, self.end + 1, (batch_size,), generator=generator, device=draw)
-        full = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=draw)
-        coins = torch.rand(1 if self.per_batch else batch_size, generator=generator, device=draw)
-        t = torch.where(coins < self.p_full, full, inside)
+        if self.group_size is None and not self.antithetic:
+            # one coin per sample, or one per call: the original draws, unchanged
+            inside = torch.randint(self.start, self.end + 1, (batch_size,), generator=generator, device=draw)
+            full = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=draw)
+            coins = torch.rand(1 if self.per_batch else batch_size, generator=generator, device=draw)
+            t = torch.where(coins < self.p_full, full, inside)
+            return t.to(device) if device is not None else t
+        size = self.group_size or max(batch_size, 1)
+        lengths = [min(size, batch_size - offset) for offset in range(0, batch_size, size)]
+        coins = torch.rand(len(lengths), generator=generator, device=draw)
+        parts = []
+        for length, coin in zip(lengths, coins.tolist()):
+            lo, hi = (0, self.num_timesteps - 1) if coin < self.p_full else (self.start, self.end)
+            if self.antithetic:
+                half = torch.randint(lo, hi + 1, ((length + 1) // 2,), generator=generator, device=draw)
+                parts.append(torch.cat([half, lo + hi - half])[:length])
+            else:
+                parts.append(torch.randint(lo, hi + 1, (length,), generator=generator, device=draw))
+        t = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=draw)
         return t.to(device) if device is not None else t
 
     def __repr__(self) -> str:
         return (
             f"IntervalTimestepSampler(start={self.start}, end={self.end}, num_timesteps={self.num_timesteps}, "
-            f"p_full={self.p_full}, per_batch={self.per_batch})"
+            f"p_full={self.p_full}, per_batch={self.per_batch}, group_size={self.group_size}, antithetic={self.antithetic})"
         )
 
 

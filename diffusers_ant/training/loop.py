@@ -208,6 +208,11 @@ def train(args) -> str:
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     param_groups = [{"params": params}]
+    if args.deme_interval is not None or args.channel_projection:
+        from ..deme.optim import weight_decay_groups
+
+        # DeMe: no decay on the projections (it would pull them toward zero, not the identity) and norms
+        param_groups = weight_decay_groups(adapter.model, params)
     if weighting is not None and hasattr(weighting, "param_groups"):
         # UW's log-variances: their own learning rate and no weight decay (ANT's setting).
         param_groups += weighting.param_groups()
