@@ -370,7 +370,7 @@ def prepare_model(args, accelerator, adapter):
     if args.train_text_encoder:
         adapter.add_text_encoder_lora(args.rank, alpha=args.lora_alpha)
     finetune = apply_finetune_mode(adapter.model, args.finetune)  # BitFit / DiffFit choose what trains
-    logger.info("%s", finetune.description)
+    accelerator.print(finetune.description)  # the trainable share, printed at the start of every run
     if args.channel_projection:
         from ..deme import add_channel_projection
 
