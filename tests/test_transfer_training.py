@@ -73,6 +73,41 @@ def test_each_micro_batch_carries_the_bank_share_exactly():
     assert torch.equal(torch.cat([parts["data"]["class_labels"], parts["retention"]["class_labels"]]), torch.arange(10))
 
 
+
+def test_the_bank_share_floors_as_the_authors_int():
+    """Retention rows = int(fraction * B), as thuml/Diffusion-Tuning (round() would give 2 of 8 at 0.2)."""
+    from diffusers_ant.diff_tuning import retention_share
+    from diffusers_ant.training import parse_args
+    from diffusers_ant.training.sources import retention_rows
+
+    args = parse_args(["--dataset_name", "mnist5k", "--pretrained_model_name_or_path", os.getcwd(),
+                       "--retention", "kd", "--train_batch_size", "8", "--bank_fraction", "0.2"])
+    assert retention_rows(args) == 1
+    assert [retention_share(b, 0.2) for b in (4, 5, 9, 10, 32)] == [0, 1, 1, 2, 6]
+    assert retention_share(100, 0.29) == 29  # 0.29 * 100 = 28.999999999999996 in floats: not a floor artefact
+
+
+def test_the_retention_exponent_can_be_tied_to_the_data_exponent():
+    from diffusers_ant.training import parse_args
+
+    common = ["--dataset_name", "mnist5k", "--pretrained_model_name_or_path", os.getcwd(), "--retention", "kd"]
+    args = parse_args([*common, "--retention_exponent", "tied", "--reconsolidation_exponent", "2.5"])
+    assert args.retention_exponent == 2.5 and args.reconsolidation_exponent == 2.5
+    assert parse_args([*common, "--reconsolidation_exponent", "2.5"]).retention_exponent == 1.0  # untied by default
+
+
+def test_kd_refuses_a_trained_text_encoder_in_one_line(tmp_path, capsys):
+    """The teacher shares the student's text encoder: distilling while training it would move the targets."""
+    from train_scripts_loader import load_train_main
+
+    with pytest.raises(SystemExit):
+        load_train_main()(["--model_type", "sd", "--dataset_name", "mnist5k_captions", "--output_dir", str(tmp_path),
+                           "--pretrained_model_name_or_path", os.getcwd(), "--retention", "kd", "--rank", "4",
+                           "--train_text_encoder"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--train_text_encoder" in err and "--retention kd" in err, err
+
+
 @pytest.mark.slow
 def test_bank_run_trains_both_sources_with_their_densities(pretrained, bank, tmp_path, monkeypatch):
     """Every optimizer step sees round(B f) bank rows per micro-batch; retention timesteps lean to

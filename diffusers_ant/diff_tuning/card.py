@@ -29,7 +29,9 @@ def card_values(args, finetune_summary, task_names, output_dir: str, manifest: d
         retention_line = f"a knowledge bank of {images} images sampled once from the pretrained model"
         retention_line += (", trained with their prompts" if args.bank_keep_prompts
                            else ", training the unconditional branch (null class / empty prompt)")
-    retained = round(args.train_batch_size * args.bank_fraction)
+    from . import retention_share
+
+    retained = retention_share(args.train_batch_size, args.bank_fraction)
     tasks = []
     for name in task_names:
         source = name.split("/")[0]

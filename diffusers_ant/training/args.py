@@ -172,11 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Knowledge retention from the bank (default with --knowledge_bank) or by distillation (`kd`: "
                    "downstream images with the frozen pretrained model's prediction as target; no bank).")
     g.add_argument("--bank_fraction", type=float, default=0.2,
-                   help="Share of each batch given to retention samples (bank images or kd samples), in (0, 1).")
+                   help="Share of each batch given to retention samples (bank images or kd samples), in (0, 1): "
+                   "floor(B x fraction) rows, as the authors' int(0.2 * B).")
     g.add_argument("--bank_weight", type=float, default=0.1,
                    help="lambda: loss = mean over downstream samples + lambda x mean over retention samples.")
-    g.add_argument("--retention_exponent", type=float, default=1.0,
-                   help="a: retention timesteps drawn with probability (T - t)^a (low noise); 0 = uniform.")
+    g.add_argument("--retention_exponent", type=_exponent_or_tied, default=1.0,
+                   help="a: retention timesteps drawn with probability (T - t)^a (low noise); 0 = uniform; `tied`: "
+                   "a = --reconsolidation_exponent, as the authors' code uses one exponent for both.")
     g.add_argument("--reconsolidation_exponent", type=float, default=1.0,
                    help="b: downstream timesteps drawn with probability (t + 1)^b (high noise); 0 = uniform.")
     g.add_argument("--bank_keep_prompts", action="store_true",
@@ -459,8 +461,20 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError(f"--model_type {args.model_type} needs captions: use --dataset_name mnist5k_captions or a captioned dataset")
 
 
+def _exponent_or_tied(text: str):
+    """`--retention_exponent`: a number, or `tied` (resolved to `--reconsolidation_exponent` in validation)."""
+    if text == "tied":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or `tied`, got {text!r}") from None
+
+
 def _validate_diff_tuning(args: argparse.Namespace) -> None:
     """Diff-Tuning's flags; `args.diff_tuning` says whether it is on (a bank, or `--retention kd`)."""
+    if args.retention_exponent == "tied":  # the authors' code draws both sources with one exponent
+        args.retention_exponent = args.reconsolidation_exponent
     if args.retention is None and args.knowledge_bank is not None:
         args.retention = "bank"
     args.diff_tuning = args.retention is not None
@@ -474,6 +488,10 @@ def _validate_diff_tuning(args: argparse.Namespace) -> None:
         raise UsageError(f"--knowledge_bank {args.knowledge_bank!r} does not exist: build it with build_knowledge_bank.py")
     if args.pretrained_model_name_or_path is None:
         raise UsageError("Diff-Tuning transfers a pretrained model: give --pretrained_model_name_or_path")
+    if args.retention == "kd" and args.train_text_encoder:
+        # the teacher shares the student's text encoder: training it would move the teacher's targets
+        raise UsageError("--retention kd distils from the frozen pretrained model, whose text encoder would be the "
+                         "trained one: drop --train_text_encoder (or use --knowledge_bank)")
     if not 0.0 < args.bank_fraction < 1.0:
         raise UsageError(f"--bank_fraction must lie strictly between 0 and 1, got {args.bank_fraction}")
     if args.bank_weight < 0:
@@ -481,7 +499,9 @@ def _validate_diff_tuning(args: argparse.Namespace) -> None:
     for name in ("retention_exponent", "reconsolidation_exponent"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must be >= 0 (0 = uniform), got {getattr(args, name)}")
-    retained = round(args.train_batch_size * args.bank_fraction)
+    from ..diff_tuning import retention_share
+
+    retained = retention_share(args.train_batch_size, args.bank_fraction)
     if not 0 < retained < args.train_batch_size:
         raise UsageError(f"--bank_fraction {args.bank_fraction} of --train_batch_size {args.train_batch_size} leaves "
                          f"{retained} retention samples: raise --train_batch_size or change --bank_fraction")

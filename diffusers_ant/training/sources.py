@@ -73,8 +73,11 @@ def knowledge_bank_dataloader(args, adapter, needs: dict, rows: int):
 
 
 def retention_rows(args) -> int:
-    """Rows of each micro-batch given to Diff-Tuning's retention source (0 without Diff-Tuning)."""
-    return round(args.train_batch_size * args.bank_fraction) if args.diff_tuning else 0
+    """Rows of each micro-batch given to Diff-Tuning's retention source (0 without Diff-Tuning): the
+    floor of B x `--bank_fraction`, as the authors' `int(0.2 * B)`."""
+    from ..diff_tuning import retention_share
+
+    return retention_share(args.train_batch_size, args.bank_fraction) if args.diff_tuning else 0
 
 
 def compose_sources(args, batch: dict, bank_batches) -> dict:
