@@ -54,7 +54,8 @@ def build_parser():
     parser.add_argument("--revision", default=None, help="Hub revision of a Hub model id.")
     parser.add_argument("--seed", type=int, default=0, help="Image i is drawn from a generator seeded with (seed, i).")
     parser.add_argument("--batch_size", type=int, default=8,
-                        help="Images sampled at once (part of the bank's settings: keep it when resuming).")
+                        help="Images sampled per pipeline call, latent DiTs included (part of the bank's settings: "
+                             "keep it when resuming).")
     parser.add_argument("--num_inference_steps", type=int, default=50,
                         help="Sampling steps (the paper samples its banks with 250 DDPM steps).")
     parser.add_argument("--scheduler", default=None,

@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--caption_column", default=None)
     g.add_argument("--conditioning_image_column", default=None)
     g.add_argument("--class_column", default=None)
-    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="Keep the first N training samples (never cuts a --knowledge_bank).")
     g.add_argument("--resolution", type=int, default=None, help="Default: the model preset's size.")
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
@@ -167,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("Diff-Tuning: transfer along the chain of forgetting (Zhong et al., NeurIPS 2024)")
     g.add_argument("--knowledge_bank", default=None,
-                   help="A knowledge bank written by build_knowledge_bank.py: turns Diff-Tuning on (retention on the bank).")
+                   help="A knowledge bank written by build_knowledge_bank.py: turns Diff-Tuning on (retention on the bank). "
+                   "Checked against the weights of --pretrained_model_name_or_path (its recorded fingerprint); read "
+                   "whole (--max_train_samples cuts the downstream data only).")
     g.add_argument("--retention", default=None, choices=["bank", "kd"],
                    help="Knowledge retention from the bank (default with --knowledge_bank) or by distillation (`kd`: "
                    "downstream images with the frozen pretrained model's prediction as target; no bank).")
