@@ -96,9 +96,9 @@ def test_merge_rows_parse_and_the_search_uses_its_own_reference_and_noise(pretra
         elif kind == "merged_equal":
             assert parsed.weights == [0.25] * 4 and parsed.dataset_name is None and parsed.train_data_dir is None
         else:
-            assert parsed.search == "coordinate" and parsed.search_values == [0, 0.25, 0.5, 0.75, 1]
+            assert parsed.search == "coordinate" and parsed.search_values == [0, 0.1, 0.2, 0.5, 1]  # the authors'
             assert parsed.train_data_dir == bench.reference_dir(args, "search") != bench.reference_dir(args, "eval")
-            assert parsed.num_real == 1000 and parsed.num_samples == 500 and parsed.feature_extractor == "mnist5k"
+            assert parsed.num_real == 1000 and parsed.num_samples >= 1000 and parsed.feature_extractor == "mnist5k"
             assert parsed.seed == seed + bench.SEARCH_SEED_OFFSET  # other noise than the evaluation's (seed)
     settings = bench.eval_settings(args)
     assert settings["reference_dir"].endswith(os.path.join("references", "eval")) and settings["num_real"] == 4000
@@ -318,6 +318,14 @@ def test_tables_and_target_check_on_constructed_results(pretrained):
     assert not check["met"] and check["vs_continued_vanilla"]["verdict"].startswith("merged FID higher")
     text = bench.markdown(args, table, paired, relative, [], {}, check, "ab" * 32, references, "cmd", timing)
     assert "**not met**" in text
+    # a search that returned the base is never a win, even when that "merged" model has the lower FID
+    returned = {"deme": {0: dict(searches["deme"][0], weights=[0.0] * 4, returned_base=True)}}
+    table, paired, relative = bench.summarise(results)
+    check = bench.target_check(results, table, searches=returned)
+    assert not check["met"] and check["returned_base_seeds"] == [0]
+    assert "no fine-tune helped" in check["vs_continued_vanilla"]["verdict"]
+    text = bench.markdown(args, table, paired, relative, [], returned, check, "ab" * 32, references, "cmd", timing)
+    assert "**not met**" in text and "(the base: no fine-tune helped)" in text
 
 
 # ------------------------------------------------------------------------------------ the quick run

@@ -117,3 +117,184 @@ def test_build_sources_flips_per_micro_batch_and_draws_antithetic_pairs():
         for mb in source.sampler.sample(24, generator=g).view(4, 6):
             lo, hi = (250, 499) if ((mb >= 250) & (mb <= 499)).all() else (0, 999)
             assert torch.equal(mb[:3] + mb[3:], torch.full((3,), lo + hi))  # t and lo + hi - t
+
+
+# ------------------------------------------------------------------------------ item 8: no silent merge
+
+
+def _script(name):
+    import importlib.util
+    import os
+
+    from trainer_utils import REPO
+
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", os.path.join(REPO, "train_scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ties_and_dare_ties_leave_zero_weight_finetunes_out():
+    """peft's TIES lets every task vector vote on the signs and count in the disjoint mean whatever its
+    weight: with the zero-weight fine-tune left in, [1, 0] is not the merge of the first one alone."""
+    from peft.utils import merge_utils
+
+    from diffusers_ant import merge_task_vectors
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, generator=g)}
+    a = {"w": base["w"] + torch.randn(64, generator=g)}
+    b = {"w": base["w"] + torch.randn(64, generator=g)}
+    for method in ("ties", "dare_ties", "dare_linear"):
+        alone = merge_task_vectors(base, [a], [1.0], method=method, density=0.5)
+        torch.testing.assert_close(merge_task_vectors(base, [a, b], [1.0, 0.0], method=method, density=0.5)["w"],
+                                   alone["w"], rtol=0, atol=0)
+        assert torch.equal(merge_task_vectors(base, [a, b], [0.0, 0.0], method=method)["w"], base["w"])
+    # what the merge gave before: the zero-weight vector in peft's TIES changes the result
+    diluted = base["w"] + merge_utils.ties([a["w"] - base["w"], b["w"] - base["w"]], torch.tensor([1.0, 0.0]), 0.5)
+    assert not torch.allclose(diluted, merge_task_vectors(base, [a], [1.0], method="ties", density=0.5)["w"])
+
+
+def test_search_defaults_are_the_authors_values_on_1000_samples_and_sums_above_one():
+    from diffusers_ant.deme.search import DEFAULT_SEARCH_SAMPLES, DEFAULT_SEARCH_VALUES, search_merge_weights
+
+    assert tuple(DEFAULT_SEARCH_VALUES) == (0.0, 0.1, 0.2, 0.5, 1.0) and DEFAULT_SEARCH_SAMPLES >= 1000
+    target = (1.0, 0.5, 1.0, 0.2)  # sums to 2.7
+    result = search_merge_weights(lambda w: sum((x - y) ** 2 for x, y in zip(w, target)), 4, strategy="coordinate")
+    assert tuple(result.best_weights) == target and sum(result.best_weights) > 1
+    train_deme, merge_deme = _script("train_deme"), _script("merge_deme")
+    assert train_deme.build_parser().parse_args(["--pretrained_model_name_or_path", "p", "--output_dir", "o"]
+                                                ).search_num_samples >= 1000
+    assert merge_deme.build_parser().parse_args(["--base", "b", "--finetuned", "f", "--output_dir", "o"]).num_samples >= 1000
+
+
+def test_train_deme_refuses_to_merge_with_weights_nobody_chose(capsys):
+    train_deme = _script("train_deme")
+    parser = train_deme.build_parser()
+    args = parser.parse_args(["--pretrained_model_name_or_path", "p", "--output_dir", "o"])
+    with pytest.raises(SystemExit):
+        train_deme.check(parser, args, [])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--search_dataset_name" in err[0] and "--weights" in err[0] and "--no_merge" in err[0]
+
+
+def _finished_run(train_deme, tmp_path, *flags):
+    """train_deme's arguments for a run whose intervals are recorded as trained (only the merge is left)."""
+    import json
+
+    parser = train_deme.build_parser()
+    args = parser.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "base"), "--output_dir",
+                              str(tmp_path / "out"), "--num_intervals", "2", *flags])
+    train_deme.check(parser, args, [])
+    (tmp_path / "out").mkdir()
+    settings = {"pretrained_model_name_or_path": args.pretrained_model_name_or_path, "num_intervals": 2, "trainer_args": []}
+    (tmp_path / "out" / train_deme.PROGRESS_NAME).write_text(json.dumps({"settings": settings, "done": [0, 1]}))
+    return parser, args
+
+
+def test_train_deme_searches_by_default(tmp_path, monkeypatch):
+    import diffusers_ant.deme.merging as merging
+
+    train_deme = _script("train_deme")
+    calls = []
+    monkeypatch.setattr(merging, "merge_finetunes", lambda *a, **k: calls.append(k))
+    parser, args = _finished_run(train_deme, tmp_path, "--search_dataset_name", "held-out")
+    train_deme.run(parser, args, [])
+    (kwargs,) = calls
+    assert kwargs["weights"] is None and kwargs["search"] == "coordinate"
+    assert list(kwargs["search_values"]) == [0.0, 0.1, 0.2, 0.5, 1.0]
+    assert kwargs["evaluation"]["num_samples"] >= 1000 and kwargs["evaluation"]["dataset_name"] == "held-out"
+
+
+def test_a_search_that_returns_the_base_says_no_finetune_helped(tmp_path):
+    import json
+
+    from test_deme import make_finetune
+
+    from diffusers_ant.deme.merging import merge_finetunes
+    from diffusers_ant.models import get_model_adapter
+
+    torch.manual_seed(0)
+    base = str(tmp_path / "base")
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1).save(base)
+    folders = [make_finetune(tmp_path / f"interval-{i}", base, i, seed=i) for i in range(4)]
+    said = []
+    record = merge_finetunes(base, folders, str(tmp_path / "merged"), search="coordinate",
+                             score_fn=lambda w: sum(w), log=said.append)  # every fine-tune makes it worse
+    assert record["weights"] == [0.0] * 4 and record["search"]["no_finetune_helped"]
+    assert any("no fine-tune helped" in line for line in said)
+    assert "no fine-tune helped" in (tmp_path / "merged" / "deme_search.md").read_text().lower()
+    assert "no fine-tune helped" in (tmp_path / "merged" / "README.md").read_text()
+    assert json.loads((tmp_path / "merged" / "deme_merge.json").read_text())["search"]["no_finetune_helped"]
+
+
+# ------------------------------------------------------------------------------ item 9: parallel, card
+
+
+def test_parallel_workers_get_their_own_gpus_and_ports(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    train_deme = _script("train_deme")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    active, seen, lock = {}, [], threading.Lock()
+
+    def fake_run(command, env, **_):
+        port = command[command.index("--main_process_port") + 1]
+        devices = env["CUDA_VISIBLE_DEVICES"]
+        with lock:
+            assert devices not in active.values() and port not in active  # nothing shared while running
+            active[port] = devices
+            seen.append((port, devices))
+        time.sleep(0.2)
+        with lock:
+            del active[port]
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(train_deme.subprocess, "run", fake_run)
+    parser = train_deme.build_parser()
+    args = parser.parse_args(["--pretrained_model_name_or_path", "p", "--output_dir", str(tmp_path / "out"),
+                              "--num_intervals", "4", "--parallel", "2", "--no_merge",
+                              "--launcher", "accelerate launch --num_processes 2", "--main_process_port", "29600"])
+    train_deme.check(parser, args, [])
+    train_deme.run(parser, args, [])
+    assert len(seen) == 4 and set(seen) <= {("29600", "0,1"), ("29601", "2,3")}
+    command = train_deme.interval_command(args, [], 0, worker=1)
+    assert command[:4] == ["accelerate", "launch", "--main_process_port", "29601"]
+    # more workers than GPUs: refused
+    args.parallel = 8
+    with pytest.raises(ValueError, match="lower --parallel"):
+        train_deme.run(parser, args, [])
+
+
+def test_card_of_a_projected_merge_warns_first_and_follows_the_training_config(tmp_path):
+    import json
+
+    from test_deme import make_finetune
+
+    from diffusers_ant.deme.merging import merge_finetunes
+    from diffusers_ant.models import get_model_adapter
+
+    torch.manual_seed(0)
+    base = str(tmp_path / "base")
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1).save(base)
+    folders = []
+    for i in range(2):
+        folder = make_finetune(tmp_path / f"interval-{i}", base, i, seed=i, projection=True)
+        path = tmp_path / f"interval-{i}" / "training_config.json"
+        config = json.loads(path.read_text())
+        config.update(consistency_weight=0.0, deme_global_prob=0.3, deme_sampling="per_batch", learning_rate=5e-5,
+                      adam_beta1=0.95, adam_weight_decay=1e-6, use_ema=True, max_train_steps=100)
+        path.write_text(json.dumps(config))
+        folders.append(folder)
+    from test_deme import INTERVALS  # noqa: F401  (the records say 4 intervals; two fine-tunes suffice)
+
+    merge_finetunes(base, folders, str(tmp_path / "merged"), weights=[0.5, 0.5], log=lambda *_: None)
+    card = (tmp_path / "merged" / "README.md").read_text()
+    body = card.split("---", 2)[2].strip().splitlines()
+    first = "\n".join(line for line in body if line.strip() and not line.startswith("<!--") and "Proofread" not in line)
+    head = first.splitlines()[:2]
+    assert head[0].startswith("# ") and "diffusers_ant.models.load_pipeline" in head[1] and "drops" in head[1]
+    assert "no consistency loss" in card and "consistency loss ||" not in card
+    assert "with probability 0.3 (one coin per micro-batch)" in card and "learning rate 5e-05" in card
+    assert "main path" in card and "CVPR" in card and "Ning, Xuefei" in card

@@ -79,6 +79,7 @@ from diffusers_ant.analysis.benchmark import (
     verdict,
 )
 from diffusers_ant.cli import OneLineErrorParser
+from diffusers_ant.deme.search import DEFAULT_SEARCH_SAMPLES, DEFAULT_SEARCH_VALUES, returns_base
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -135,10 +136,11 @@ def parse_args(argv=None):
     p.add_argument("--learning_rate", type=float, default=1e-3, help="of every fine-tune (default 1e-3)")
     p.add_argument("--lr_scheduler", default="constant_with_warmup")
     p.add_argument("--lr_warmup_steps", type=int, default=20, help="of every fine-tune (default 20)")
-    p.add_argument("--search_values", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
-                   help="candidate values of each merge weight (default 0 0.25 0.5 0.75 1)")
+    p.add_argument("--search_values", type=float, nargs="+", default=list(DEFAULT_SEARCH_VALUES),
+                   help="candidate values of each merge weight (default the authors' 0 0.1 0.2 0.5 1)")
     p.add_argument("--search_rounds", type=int, default=1, help="rounds of the coordinate search (default 1)")
-    p.add_argument("--search_samples", type=int, default=500, help="generated images per search point (default 500)")
+    p.add_argument("--search_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
+                   help=f"generated images per search point (default {DEFAULT_SEARCH_SAMPLES})")
     p.add_argument("--search_real", type=int, default=1000,
                    help="real images of the search reference; the evaluation reference is the other "
                         f"{NUM_DATASET_IMAGES} - this (default 1000)")
@@ -312,7 +314,8 @@ def deme_flags(config) -> list:
     entry = DEME_CONFIGS[config]
     flags = ["--consistency_weight", str(CONSISTENCY_WEIGHT if entry["consistency"] else 0.0),
              "--deme_global_prob", str(GLOBAL_PROB), "--deme_sampling", "per_batch"]
-    return flags + (["--channel_projection"] if entry["projection"] else [])
+    # projection is the trainer's default for a DeMe run (the authors always use it): off for the lower rungs
+    return flags + ([] if entry["projection"] else ["--no_channel_projection"])
 
 
 def merge_command(args, config, seed, kind) -> list:
@@ -516,7 +519,8 @@ def search_records(args) -> dict:
             table = json.load(f)
         start = next((r["score"] for r in table["rows"] if all(math.isclose(a, b) for a, b in zip(r["weights"], equal))), None)
         out.setdefault(config, {})[seed] = {"weights": record["weights"], "search_fid": table["best_score"],
-                                            "equal_search_fid": start, "evaluations": len(table["rows"])}
+                                            "equal_search_fid": start, "evaluations": len(table["rows"]),
+                                            "returned_base": returns_base(record["weights"])}
     return out
 
 
@@ -565,10 +569,14 @@ def summarise_ladder(args, results, confidence=0.95) -> list:
     return rungs
 
 
-def target_check(results, table, confidence=0.95) -> dict:
+def target_check(results, table, confidence=0.95, searches=None) -> dict:
     """The merged model (searched weights) against continued fine-tuning at equal total steps: against
     continued vanilla (the target), against the continued row of lowest mean FID, and against the
-    pretrained model (what the paper's -21% compares)."""
+    pretrained model (what the paper's -21% compares).
+
+    ``searches`` (``search_records``): where DeMe's search returned the base (all weights 0), the
+    "merged" model is the pretrained one and no fine-tune helped: such seeds are named, and the target
+    is never met with them, whatever the FIDs (the base beating continued fine-tuning is no DeMe win)."""
     from diffusers_ant.analysis.stats import paired_differences
 
     merged = {s: m["fid"] for s, m in results.get("deme_merged", {}).items()}
@@ -587,8 +595,15 @@ def target_check(results, table, confidence=0.95) -> dict:
         check[name] = {"row": row, "fid_difference": difference,
                        "fid_relative_percent": relative_differences(merged, other, confidence),
                        "verdict": verdict(difference, "merged FID lower", "merged FID higher")}
+    base_seeds = sorted(seed for seed, rec in ((searches or {}).get("deme") or {}).items() if rec.get("returned_base"))
+    check["returned_base_seeds"] = base_seeds
+    if base_seeds:
+        for name in ("vs_continued_vanilla", "vs_best_continued", "vs_pretrained"):
+            if name in check:
+                check[name]["verdict"] += (f"; the search returned the base on seed(s) {', '.join(map(str, base_seeds))}: "
+                                           "no fine-tune helped there")
     high = check["vs_continued_vanilla"]["fid_difference"]["high"]
-    check["met"] = high is not None and high < 0
+    check["met"] = high is not None and high < 0 and not base_seeds
     return check
 
 
@@ -618,7 +633,7 @@ def markdown(args, table, paired, relative, rungs, searches, check, extractor_sh
               f"{args.train_batch_size}, AdamW {args.learning_rate:g} ({args.lr_scheduler}, {args.lr_warmup_steps} "
               f"warm-up steps), EMA 0.999. Continued fine-tuning: {n * s} steps. DeMe: {n} copies, copy i fine-tuned "
               f"{s} steps on the i-th of {n} equal timestep intervals, probabilistic sampling p {GLOBAL_PROB}, "
-              f"consistency weight {CONSISTENCY_WEIGHT:g}, channel projection; merged by task arithmetic. Mean ± "
+              f"consistency weight {CONSISTENCY_WEIGHT:g}, channel projection (main path); merged by task arithmetic. Mean ± "
               f"standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}); differences are paired by "
               f"seed (row - continued vanilla, same seed), with a {level} Student-t interval over the seeds; 'change' "
               f"is the per-seed relative FID change. {args.num_samples} DDIM-{args.num_inference_steps} samples per model "
@@ -635,8 +650,13 @@ def markdown(args, table, paired, relative, rungs, searches, check, extractor_sh
                          f"{_difference(c['fid_relative_percent'], digits=1, unit='%')}; per seed "
                          + ", ".join(f"{d:+.1f}%" for d in c["fid_relative_percent"]["differences"])
                          + f": {c['verdict']}.")
-        lines.append(f"- Target (merged beats continued vanilla fine-tuning, interval below 0): "
-                     f"**{'met' if check['met'] else 'not met'}** here.")
+        if check.get("returned_base_seeds"):
+            lines.append(f"- The search returned the base (all weights 0) on seed(s) "
+                         f"{', '.join(map(str, check['returned_base_seeds']))}: no fine-tune helped there, and those seeds' "
+                         "'merged' model is the pretrained one; the target cannot be met with them.")
+        lines.append(f"- Target (merged beats continued vanilla fine-tuning, interval below 0"
+                     + (", with a fine-tune in every merge" if check.get("returned_base_seeds") is not None else "")
+                     + f"): **{'met' if check['met'] else 'not met'}** here.")
     if rungs:
         lines += ["", f"Ablation ladder (the paper's Table 3) on seed(s) {', '.join(map(str, args.ablation_seeds))}, "
                   "each DeMe rung merged with searched weights:", "",
@@ -653,9 +673,11 @@ def markdown(args, table, paired, relative, rungs, searches, check, extractor_sh
         for config, per_seed in searches.items():
             for seed, rec in sorted(per_seed.items()):
                 equal = f"{rec['equal_search_fid']:.3f}" if rec["equal_search_fid"] is not None else "-"
+                shown = f"[{', '.join(f'{w:g}' for w in rec['weights'])}]"
+                if returns_base(rec["weights"]):
+                    shown += " (the base: no fine-tune helped)"
                 lines.append(f"| {config} ({DEME_CONFIGS[config]['label']}) | {seed} | "
-                             f"[{', '.join(f'{w:g}' for w in rec['weights'])}] | {rec['search_fid']:.3f} | {equal} "
-                             f"| {rec['evaluations']} |")
+                             f"{shown} | {rec['search_fid']:.3f} | {equal} | {rec['evaluations']} |")
     lines += ["", f"References: {references['split']}. The search scores against the search reference "
               f"({references['search']['num_images']} images) only; every number above the search table is against the "
               f"evaluation reference ({references['eval']['num_images']} images). All models trained on all "
@@ -744,8 +766,8 @@ def run(args, command, started) -> None:
 
     table, paired, relative = summarise(results, args.confidence)
     rungs = summarise_ladder(args, results, args.confidence) if args.ablation_seeds else []
-    check = target_check(results, table, args.confidence)
     searches = search_records(args)
+    check = target_check(results, table, args.confidence, searches)
     text = markdown(args, table, paired, relative, rungs, searches, check, extractor_sha, references, command, timing)
     print(text)
     record = {"command": command, "args": vars(args), "plan": estimate, "references": references,

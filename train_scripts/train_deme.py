@@ -2,19 +2,32 @@
 """DeMe in one command: fine-tune a pretrained model once per timestep interval, then merge the fine-tunes.
 
     python train_scripts/train_deme.py --pretrained_model_name_or_path pretrained --num_intervals 4 \\
-        --output_dir deme-out --weights 0.1 0.1 0.2 0.5 -- --dataset_name mnist5k --max_train_steps 2000 --use_ema
+        --output_dir deme-out --search_dataset_name my/held-out -- --dataset_name my/data --max_train_steps 2000
+    # given weights instead of the search (the authors' LSUN Church weights, low to high t)
+    python train_scripts/train_deme.py ... --weights 0.1 0.1 0.2 0.5 -- ...
     # one LoRA adapter per interval on the one base instead of N full copies: pass --rank to the trainer
     python train_scripts/train_deme.py ... -- --rank 8 --dataset_name my/data
-    # two intervals at a time, each with half the CPU threads (or a GPU each: see --launcher)
-    python train_scripts/train_deme.py ... --parallel 2 -- ...
+    # two intervals at a time, each on its own GPUs and its own accelerate port
+    python train_scripts/train_deme.py ... --parallel 2 --launcher "accelerate launch --num_processes 2" -- ...
 
-Decouple-Then-Merge (CVPR 2025, PAPERS.md section 2): interval i (0 = lowest noise) of N equal
-intervals (`--clustering timestep`, unless the trainer flags choose another clustering) is trained
-by `train_ant.py --deme_interval i` into `OUT/interval-i/` (consistency loss, probabilistic
-sampling and channel projection are the trainer's `--consistency_weight`, `--deme_global_prob`,
-`--channel_projection`); then `diffusers_ant.deme.merging.merge_finetunes` merges them into
-`OUT/merged/` with the given `--weights` (from low to high t; default equal weights 1/N) or a
-`--search` on domain FID of a held-out set. Everything after `--` goes to the trainer as it is.
+Decouple-Then-Merge (Ma et al., CVPR 2025; PAPERS.md section 2): interval i (0 = lowest noise) of N
+equal intervals (`--clustering timestep`, unless the trainer flags choose another clustering) is
+trained by `train_ant.py --deme_interval i` into `OUT/interval-i/`, with the authors' settings unless
+the trainer flags say otherwise: consistency loss (`--consistency_weight 1`), the global-range coin
+p = 0.3 per micro-batch (`--deme_global_prob`), channel projection on the main path
+(`--no_channel_projection` turns it off), learning rate 5e-5, AdamW beta1 0.95, weight decay 1e-6 (none
+on projections and norms), EMA. Then `diffusers_ant.deme.merging.merge_finetunes` merges them into
+`OUT/merged/`: with `--weights` as given (low to high t), or else with weights searched by coordinate
+descent over the authors' values 0, 0.1, 0.2, 0.5, 1 (sums above 1 included) on the domain FID of
+1,000 samples per point against a held-out set (`--search_dataset_name` / `--search_train_data_dir`).
+Without either the command is refused: it never merges with weights nobody chose. A search that
+returns the base (all weights 0) says "no fine-tune helped". Everything after `--` goes to the
+trainer as it is.
+
+`--parallel K` runs K intervals at once: worker k gets its own share of the GPUs (CUDA_VISIBLE_DEVICES:
+the visible devices split into K equal groups) and, with an `accelerate launch` (or `torchrun`)
+`--launcher`, its own `--main_process_port` (`--master_port`): `--main_process_port` + k. On a CPU
+machine each worker gets an equal share of the threads.
 
 Resumable: the finished intervals are recorded in `OUT/deme_progress.json`; the same command run
 again skips them and resumes an interrupted interval from its latest checkpoint (so give the trainer
@@ -26,11 +39,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from diffusers_ant.cli import OneLineErrorParser, report_bad_input
+from diffusers_ant.deme.search import DEFAULT_SEARCH_SAMPLES, DEFAULT_SEARCH_VALUES
 
 PROG = "train_deme.py"
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_ant.py")
@@ -49,16 +64,28 @@ def build_parser():
     parser.add_argument("--num_intervals", type=int, default=4, help="N, the number of intervals (DeMe: 4).")
     parser.add_argument("--output_dir", required=True, help="OUT: interval-i/ for each fine-tune, merged/ for the result.")
     parser.add_argument("--parallel", type=int, default=1,
-                        help="Train this many intervals at once (each gets an equal share of the CPU threads).")
+                        help="Train this many intervals at once, each worker on its own GPUs (the visible ones split "
+                             "evenly) and its own --main_process_port; on CPUs each gets an equal share of the threads.")
     parser.add_argument("--launcher", default=None,
                         help='How to start each interval run instead of plain python, e.g. "accelerate launch '
                              '--multi_gpu --num_processes 2" (the script path and flags are appended).')
+    parser.add_argument("--main_process_port", type=int, default=29500,
+                        help="With --parallel and an accelerate / torchrun --launcher: worker k uses this port + k "
+                             "(default 29500, accelerate's).")
     parser.add_argument("--weights", type=float, nargs="+", default=None,
-                        help="Merge weights, one per interval from low to high t (default: 1/N each).")
+                        help="Merge weights, one per interval from low to high t (the authors: 0.1 0.1 0.2 0.5 on LSUN "
+                             "Church). Without them the weights are searched (--search_dataset_name).")
     parser.add_argument("--search", default=None, choices=["grid", "coordinate"],
-                        help="Search the merge weights on domain FID against --search_dataset_name instead.")
-    parser.add_argument("--search_dataset_name", default=None, help="The held-out set for --search (e.g. mnist5k).")
-    parser.add_argument("--search_num_samples", type=int, default=500, help="Samples per --search evaluation.")
+                        help="How to search the merge weights (default: coordinate when --weights is not given; with "
+                             "--weights, --search coordinate starts from them).")
+    parser.add_argument("--search_dataset_name", default=None,
+                        help="The held-out set the search scores against (domain FID), e.g. a split of your data.")
+    parser.add_argument("--search_train_data_dir", default=None, help="The held-out set as an image folder instead.")
+    parser.add_argument("--search_values", type=float, nargs="+", default=list(DEFAULT_SEARCH_VALUES),
+                        help="Candidate values of each weight (default the authors' "
+                             f"{' '.join(f'{v:g}' for v in DEFAULT_SEARCH_VALUES)}; the weights may sum above 1).")
+    parser.add_argument("--search_num_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
+                        help=f"Samples per search point (default {DEFAULT_SEARCH_SAMPLES}).")
     parser.add_argument("--no_merge", action="store_true", help="Train the intervals only (merge later with merge_deme.py).")
     return parser
 
@@ -82,19 +109,62 @@ def check(parser, args, trainer_args) -> None:
             parser.error(f"{flag} is set by {PROG} for each interval: drop it from the trainer flags")
     if args.weights is not None and len(args.weights) != args.num_intervals:
         parser.error(f"--weights has {len(args.weights)} values for --num_intervals {args.num_intervals}: give one per interval")
-    if args.search is not None and args.search_dataset_name is None:
+    held_out = args.search_dataset_name is not None or args.search_train_data_dir is not None
+    if args.search is not None and not held_out:
         parser.error("--search scores samples against real images: give --search_dataset_name (a held-out set)")
+    if args.weights is None and not held_out and not args.no_merge:
+        parser.error("the merge needs weights: give --search_dataset_name (a held-out set to search them on), "
+                     "--weights (one per interval), or --no_merge")
     if args.weights is not None and args.search == "grid":
         parser.error("--search grid tries every combination: drop --weights (it only starts --search coordinate)")
+    if args.search_num_samples < 1 or len(set(args.search_values)) != len(args.search_values):
+        parser.error("--search_num_samples must be positive and --search_values distinct")
+    if args.parallel > 1 and args.launcher and any(flag in args.launcher.split()
+                                                   for flag in ("--main_process_port", "--master_port")):
+        parser.error("--parallel gives each worker its own port: drop the port from --launcher (set --main_process_port)")
 
 
-def interval_command(args, trainer_args, index: int) -> list:
-    command = (args.launcher.split() if args.launcher else [sys.executable]) + [TRAIN_SCRIPT, *trainer_args]
+def interval_command(args, trainer_args, index: int, worker: int = 0) -> list:
+    """The command of interval ``index``'s run; with ``--parallel``, worker ``worker``'s launcher port."""
+    launcher = args.launcher.split() if args.launcher else [sys.executable]
+    if args.parallel > 1:
+        launcher = with_port(launcher, args.main_process_port + worker)
+    command = launcher + [TRAIN_SCRIPT, *trainer_args]
     if "--clustering" not in trainer_args:
         command += ["--clustering", "timestep"]  # the paper's equal intervals
     return command + ["--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
                       "--deme_interval", str(index), "--num_clusters", str(args.num_intervals),
                       "--output_dir", interval_dir(args, index), "--resume_from_checkpoint", "latest"]
+
+
+def with_port(launcher: list, port: int) -> list:
+    """``launcher`` with its own rendezvous port: two ``accelerate launch`` (or ``torchrun``) runs at
+    once on one port would fail to start, or join each other's process group."""
+    for i, token in enumerate(launcher):
+        if token == "launch" and i > 0 and launcher[i - 1].endswith("accelerate"):
+            return launcher[:i + 1] + ["--main_process_port", str(port)] + launcher[i + 1:]
+        if os.path.basename(token) == "torchrun" or token == "torch.distributed.run":
+            return launcher[:i + 1] + ["--master_port", str(port)] + launcher[i + 1:]
+    return launcher  # plain python: no rendezvous
+
+
+def visible_devices() -> list:
+    """The GPUs this command may use: CUDA_VISIBLE_DEVICES as given, else every CUDA device (none on a CPU machine)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        return []
+
+
+def worker_devices(devices: list, parallel: int, worker: int) -> list:
+    """Worker ``worker``'s own GPUs: the ``worker``-th of ``parallel`` equal, disjoint groups of ``devices``."""
+    share = len(devices) // parallel
+    return devices[worker * share:(worker + 1) * share]
 
 
 def interval_dir(args, index: int) -> str:
@@ -125,19 +195,22 @@ def write_progress(args, progress: dict) -> None:
     os.replace(path + ".tmp", path)  # never half-written
 
 
-def train_interval(args, trainer_args, index: int) -> None:
+def train_interval(args, trainer_args, index: int, worker: int = 0, devices=()) -> None:
     folder = interval_dir(args, index)
     os.makedirs(folder, exist_ok=True)
     env = dict(os.environ)
     if args.parallel > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.parallel))
+        if devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(worker_devices(list(devices), args.parallel, worker))
     crash = os.environ.get(CRASH_ENV, "")
     env.pop(CRASH_ENV, None)
     if crash.partition(":")[0] == str(index):
         env["DIFFUSERS_ANT_CRASH_DURING_CHECKPOINT"] = crash.partition(":")[2]
-    print(f"interval {index}: training into {folder}", flush=True)
+    where = f" (worker {worker}, GPUs {env.get('CUDA_VISIBLE_DEVICES') or 'none'})" if args.parallel > 1 else ""
+    print(f"interval {index}: training into {folder}{where}", flush=True)
     with open(os.path.join(folder, "train.log"), "a", encoding="utf-8") as log:
-        result = subprocess.run(interval_command(args, trainer_args, index), env=env, stdout=log,
+        result = subprocess.run(interval_command(args, trainer_args, index, worker), env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise ValueError(f"interval {index} stopped (exit code {result.returncode}; see {folder}/train.log): "
@@ -153,8 +226,20 @@ def run(parser, args, trainer_args) -> None:
         print(f"intervals {sorted(progress['done'])} already trained; continuing with {pending}", flush=True)
     write_progress(args, progress)
 
+    devices = visible_devices() if args.parallel > 1 else []
+    if devices and len(devices) < args.parallel:
+        raise ValueError(f"--parallel {args.parallel} gives each worker its own GPUs, and {len(devices)} are visible: "
+                         f"lower --parallel to at most {len(devices)}")
+    workers = queue.Queue()  # free worker slots: a slot is a GPU group and a port, never two runs at once
+    for worker in range(args.parallel):
+        workers.put(worker)
+
     def one(index):
-        train_interval(args, trainer_args, index)
+        worker = workers.get()
+        try:
+            train_interval(args, trainer_args, index, worker, devices)
+        finally:
+            workers.put(worker)
         progress["done"] = sorted(set(progress["done"]) | {index})
         write_progress(args, progress)
 
@@ -166,18 +251,20 @@ def run(parser, args, trainer_args) -> None:
     from diffusers_ant.deme.merging import merge_finetunes
 
     folders = [interval_dir(args, i) for i in range(args.num_intervals)]
+    # Given weights, or a search (never equal weights nobody chose: `check` refused that already)
+    search = args.search or (None if args.weights is not None else "coordinate")
     evaluation = None
-    if args.search is not None:
-        evaluation = {"dataset_name": args.search_dataset_name, "num_samples": args.search_num_samples}
-    weights = args.weights
-    if weights is None and args.search is None:
-        weights = [1.0 / args.num_intervals] * args.num_intervals
+    if search is not None:
+        evaluation = {"dataset_name": args.search_dataset_name, "train_data_dir": args.search_train_data_dir,
+                      "num_samples": args.search_num_samples}
+        print(f"searching the merge weights ({search}, values {' '.join(f'{v:g}' for v in args.search_values)}, "
+              f"{args.search_num_samples} samples per point)", flush=True)
     merged = os.path.join(args.output_dir, "merged")
     if os.path.isdir(merged) and os.listdir(merged):
         print(f"{merged} exists: merge_deme.py merges again into another folder", flush=True)
         return
-    merge_finetunes(args.pretrained_model_name_or_path, folders, merged, weights=weights, search=args.search,
-                    evaluation=evaluation)
+    merge_finetunes(args.pretrained_model_name_or_path, folders, merged, weights=args.weights, search=search,
+                    search_values=args.search_values, evaluation=evaluation)
 
 
 def main(argv=None) -> int:

@@ -2,8 +2,11 @@
 
 Made as ``diffusers_ant.hub.write_model_card`` makes the ANT card: huggingface_hub's
 ``ModelCard.from_template`` (jinja2) for the body and metadata, diffusers' ``populate_model_card`` for
-the library name and tags. It records the base, each fine-tune's interval and weight, the
-merge method, the weight search's table and the scores.
+the library name and tags. It records the base, each fine-tune's interval and weight, how the
+fine-tunes were trained (read from their own ``training_config.json``: a loss or setting is named
+only if the runs used it), the merge method, the weight search's table and the scores. A folder
+that plain diffusers would load wrongly (channel projections, an ensemble) says so in its first
+lines.
 """
 
 from __future__ import annotations
@@ -47,6 +50,63 @@ def _shown(path: str | None) -> str:
     if is_hub_id(path):
         return f"[{path}](https://huggingface.co/{path})"
     return f"`{Path(path).name}`"
+
+
+def _training_configs(finetunes) -> list:
+    """Each fine-tune's ``training_config.json`` (an empty dict where there is none)."""
+    import json
+
+    configs = []
+    for finetune in finetunes:
+        path = Path(finetune.path) / "training_config.json"
+        configs.append(json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {})
+    return configs
+
+
+def _common(configs, key):
+    """The value all fine-tunes recorded for ``key``; ``None`` when some did not record it, ``"varies"``
+    when they disagree."""
+    values = [c.get(key) for c in configs]
+    if not values or any(v is None for v in values):
+        return None
+    return values[0] if all(v == values[0] for v in values) else "varies"
+
+
+def training_lines(finetunes, projection: bool) -> list:
+    """What the card says about how the fine-tunes were trained, from their own records (never a
+    loss or setting the runs did not use): consistency loss, probabilistic sampling, projection,
+    optimiser, EMA, steps."""
+    configs = _training_configs(finetunes)
+    if not any(configs):
+        return ["The fine-tunes' training settings were not recorded (no `training_config.json`)."]
+    lines = []
+    consistency = _common(configs, "consistency_weight")
+    if consistency == "varies":
+        lines.append("consistency loss: its weight differs between the fine-tunes (see their `training_config.json`)")
+    elif consistency is not None:
+        lines.append(f"consistency loss ||eps_pre(x_t, t) - eps_i(x_t, t)||^2 against the frozen pretrained model, weight {_fmt(float(consistency))}"
+                     if float(consistency) > 0 else "no consistency loss (weight 0)")
+    p, sampling = _common(configs, "deme_global_prob"), _common(configs, "deme_sampling")
+    if p not in (None, "varies"):
+        where = {"per_batch": "per micro-batch", "per_sample": "per sample"}.get(sampling, "")
+        antithetic = _common(configs, "deme_antithetic") is True
+        lines.append((f"probabilistic sampling: timesteps from the whole range with probability {_fmt(float(p))}"
+                      + (f" (one coin {where})" if where else "") + (", antithetic pairs t, lo + hi - t" if antithetic else ""))
+                     if float(p) > 0 else "timesteps from the fine-tune's interval only (no probabilistic sampling)")
+    lines.append("channel-wise projection after each block, on the main path (skip connections unprojected)" if projection
+                 else "no channel-wise projection")
+    optimiser = [f"{label} {_fmt(value)}" for key, label in (("learning_rate", "learning rate"), ("adam_beta1", "AdamW beta1"),
+                                                             ("adam_weight_decay", "weight decay"))
+                 if (value := _common(configs, key)) not in (None, "varies")]
+    ema = _common(configs, "use_ema")
+    if ema in (True, False):
+        optimiser.append("EMA" if ema else "no EMA")
+    steps = _common(configs, "max_train_steps")
+    if steps not in (None, "varies"):
+        optimiser.append(f"{steps} steps per fine-tune")
+    if optimiser:
+        lines.append(", ".join(optimiser))
+    return lines
 
 
 def _fmt(value: Any) -> str:
@@ -139,6 +199,17 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
                              f"{scores.get('num_inference_steps', '?')} steps) against {scores.get('num_real', '?')} images of "
                              f"`{scores.get('dataset_name', '?')}`, in {features}.")
 
+    no_help = search is not None and not ensemble and all(float(w) == 0.0 for w in (weights or []))
+    if no_help:
+        method_line += ": **no fine-tune helped**, the search returned the base (all weights 0): this is the pretrained model"
+    load_warning = None
+    if ensemble:
+        load_warning = ("Load this folder with `diffusers_ant.models.load_pipeline`: its denoiser is a TimestepRouter over "
+                        "the fine-tunes, which plain `DiffusionPipeline.from_pretrained` does not know (it loads the base).")
+    elif projection:
+        load_warning = ("Load this model with `diffusers_ant.models.load_pipeline`: it carries DeMe's channel projections "
+                        "(`channel_projection.safetensors`), which plain `DiffusionPipeline.from_pretrained` drops "
+                        "without an error, loading a different model.")
     ref = repo_id or "path/to/this/folder"
     usage = ("from diffusers_ant.models import load_pipeline\n\n"
              f"pipe = load_pipeline({ref!r})"
@@ -165,6 +236,8 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
         score_rows=score_rows,
         score_description=score_description,
         usage_snippet=usage,
+        load_warning=load_warning,
+        training_lines=training_lines(finetunes, projection),
     )
     tags = ["diffusers", "diffusers-training", *info.get("tags", ()), "deme", "ensemble" if ensemble else "model-merging"]
     card = populate_model_card(card, tags=list(dict.fromkeys(tags)))

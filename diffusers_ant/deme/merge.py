@@ -89,7 +89,8 @@ def merge_task_vectors(base_state_dict: Mapping[str, torch.Tensor],
         seeded with ``merge_seed_for(key, seed)``, so a merge is reproducible and the caller's RNG
         state is left as it was.
     ``density`` (ties, dare): the fraction of each task vector's entries kept, in (0, 1]; default
-    ``DEFAULT_DENSITY[method]``.
+    ``DEFAULT_DENSITY[method]``. Fine-tunes of weight 0 are left out before peft's merge (they
+    would still vote on TIES' signs and dilute its mean); all weights 0 give the base, bitwise.
 
     Floating-point tensors are merged in float32 (then cast back to the base's dtype); integer and
     boolean tensors (step counters, buffers) must agree across all models and are copied.
@@ -120,8 +121,15 @@ def merge_task_vectors(base_state_dict: Mapping[str, torch.Tensor],
         if method == "task_arithmetic":
             merged[key] = _linear_combination(base, others, weights).to(base.dtype)
             continue
-        merged[key] = (base.float() + _peft_merge(key, base, others, weights, method, density,
-                                                  majority_sign_method, seed)).to(base.dtype)
+        # A fine-tune of weight 0 must contribute nothing, but peft's TIES / DARE-TIES still let it vote
+        # in the sign election and count in the disjoint mean's denominator (merge_utils.disjoint_merge
+        # divides by how many tensors agree with the elected sign, whatever their weight): drop it first.
+        kept = [(w, t) for w, t in zip(weights, others) if w != 0.0]
+        if not kept:
+            merged[key] = base.clone()  # all weights 0: the base, bitwise
+            continue
+        merged[key] = (base.float() + _peft_merge(key, base, [t for _, t in kept], [w for w, _ in kept], method,
+                                                  density, majority_sign_method, seed)).to(base.dtype)
     return merged
 
 

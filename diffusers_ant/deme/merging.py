@@ -5,7 +5,7 @@ pipeline folder with its search table, records and model card. Also the ensemble
     from diffusers_ant.deme.merging import merge_finetunes
     merge_finetunes("pretrained", ["out/interval-0", ..., "out/interval-3"], "merged", weights=[0.1, 0.1, 0.2, 0.5])
     merge_finetunes("pretrained", folders, "merged", search="coordinate",
-                    evaluation={"dataset_name": "mnist5k", "num_samples": 500})
+                    evaluation={"dataset_name": "mnist5k", "num_samples": 1000})
 
 The output folder holds the base pipeline with the merged denoiser (diffusers layout, safetensors;
 channel projections beside it, see ``projection.py``), ``deme_merge.json`` (base, fine-tunes,
@@ -35,7 +35,14 @@ from .finetunes import (
 from .merge import DEFAULT_DENSITY, merge_task_vectors
 from ..hub import portable_path
 from .projection import denoiser_component, has_channel_projection, save_pipeline
-from .search import DEFAULT_SEARCH_VALUES, search_merge_weights, write_search_table
+from .search import (
+    DEFAULT_SEARCH_SAMPLES,
+    DEFAULT_SEARCH_VALUES,
+    NO_FINETUNE_HELPED,
+    returns_base,
+    search_merge_weights,
+    write_search_table,
+)
 
 __all__ = ["MERGE_RECORD_NAME", "MergeInputs", "load_merge_inputs", "merge_finetunes", "write_ensemble_folder"]
 
@@ -127,7 +134,7 @@ class _Scorer:
         self.pipeline = pipeline
         self.options = _evaluation_options(evaluation)
         o = self.options
-        num_samples = int(o.get("num_samples", 1000))
+        num_samples = int(o.get("num_samples", DEFAULT_SEARCH_SAMPLES))
         self.reference = reference_for(
             pipeline, o.get("dataset_name"), o.get("num_real") or num_samples, o.get("feature_extractor", "domain"),
             o.get("inception_weights"), seed=int(o.get("seed", 0)), train_data_dir=o.get("train_data_dir"),
@@ -139,7 +146,7 @@ class _Scorer:
 
         o = self.options
         results = evaluate_pipeline(
-            self.pipeline, o.get("dataset_name"), num_samples=int(o.get("num_samples", 1000)), scheduler=o.get("scheduler", "ddim"),
+            self.pipeline, o.get("dataset_name"), num_samples=int(o.get("num_samples", DEFAULT_SEARCH_SAMPLES)), scheduler=o.get("scheduler", "ddim"),
             num_inference_steps=int(o.get("num_inference_steps", 50)), batch_size=int(o.get("batch_size", 256)),
             seed=int(o.get("seed", 0)), progress=bool(o.get("progress", False)), train_data_dir=o.get("train_data_dir"),
             reference=self.reference,
@@ -226,6 +233,8 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
         best = next(row for row in result.rows if row["weights"] == weights)
         scores = {k: v for k, v in best.items() if k not in ("weights", "score")} or None
         log(f"best weights {weights}: {result.metric} {result.best_score:.4f}")
+        if returns_base(weights):
+            log(NO_FINETUNE_HELPED)  # said aloud: never to be read as a merge that worked
 
     denoiser.load_state_dict(merged_state(weights))
     if scores is None and scorer is not None:
@@ -247,7 +256,8 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
         "merge_options": shown_options,
         "channel_projection": inputs.projection,
         "search": None if result is None else {"strategy": result.strategy, "metric": result.metric,
-                                               "evaluations": len(result.rows), "table": "deme_search.json"},
+                                               "evaluations": len(result.rows), "table": "deme_search.json",
+                                               "no_finetune_helped": returns_base(weights)},
         "scores": scores,
     }
     with open(os.path.join(output_dir, MERGE_RECORD_NAME), "w", encoding="utf-8") as f:

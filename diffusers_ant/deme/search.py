@@ -25,10 +25,23 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-__all__ = ["DEFAULT_SEARCH_VALUES", "SEARCH_STRATEGIES", "SearchResult", "search_merge_weights", "write_search_table"]
+__all__ = ["DEFAULT_SEARCH_SAMPLES", "DEFAULT_SEARCH_VALUES", "NO_FINETUNE_HELPED", "SEARCH_STRATEGIES", "returns_base", "SearchResult", "search_merge_weights", "write_search_table"]
 
 SEARCH_STRATEGIES = ("grid", "coordinate")
-DEFAULT_SEARCH_VALUES = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The authors' values (PAPERS.md section 2, item 5: w = [0.1, 0.1, 0.2, 0.5] on LSUN Church): each weight
+# is searched over 0, 0.1, 0.2, 0.5 and 1, and the weights are not tied to sum to 1 (a coordinate or
+# grid point may sum to anything up to N: task arithmetic extrapolates as well as it interpolates).
+DEFAULT_SEARCH_VALUES = (0.0, 0.1, 0.2, 0.5, 1.0)
+# Samples per search point: a domain FID on fewer is too noisy to rank points a few FID apart.
+DEFAULT_SEARCH_SAMPLES = 1000
+NO_FINETUNE_HELPED = ("no fine-tune helped: the search returned the base (all weights 0), so the merged model is the "
+                      "pretrained model itself")
+
+
+def returns_base(weights) -> bool:
+    """Whether merge weights leave the base as it is (every weight 0): a search that ends there found
+    no fine-tune that helps, which is never a win for DeMe."""
+    return all(float(w) == 0.0 for w in weights)
 SEARCH_TABLE_NAME = "deme_search"  # .json and .md beside the result
 
 
@@ -147,7 +160,9 @@ def search_table_markdown(result: SearchResult) -> str:
     extra = [k for k in ("kid_mean", "precision", "recall") if any(k in r for r in result.rows)]
     header = ["weights (low to high t)", result.metric] + extra
     lines = [f"Merge-weight search ({result.strategy}, lower {result.metric} is better): "
-             f"best {_weights_text(result.best_weights)}, {result.metric} {result.best_score:.4f}.", "",
+             f"best {_weights_text(result.best_weights)}, {result.metric} {result.best_score:.4f}."
+             + (f" **{NO_FINETUNE_HELPED[0].upper() + NO_FINETUNE_HELPED[1:]}.**" if returns_base(result.best_weights) else ""),
+             "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in result.rows:
         cells = [_weights_text(row["weights"]), f"{row['score']:.4f}"] + [
