@@ -295,6 +295,8 @@ def _q(text: str) -> str:
 # What a saved output folder says about itself (written by diffusers_ant.models' `save`; names
 # repeated here so that writing a card never imports torch).
 _LORA_INFO = "ant_lora.json"
+# A DiT fine-tuned on another class count: the label row of each data-set class (models/dit.py CLASS_MAP_NAME).
+_CLASS_MAP = "class_map.json"
 _CONTROLNET_INFO = "ant_controlnet.json"
 _BASE_MODEL_DIR = "base_model"
 _COND_EMBEDDING_FILE = "controlnet_cond_embedding.safetensors"
@@ -433,7 +435,16 @@ def _call_code(code: _Snippet, model_type: str, facts: dict, prompt: str, resolu
     elif model_type == "dit":
         num_classes = config.get("num_embeds_ada_norm")
         own = facts["pipeline"] != "DiTPipeline"
-        if num_classes == 1 and own:
+        class_map = facts.get("class_map")
+        if class_map and class_map.get("rows"):
+            # the kept pretrained label table: the data set's classes are the rows the map names
+            pairs = list(zip(class_map.get("class_names") or [], class_map["rows"]))
+            shown = ", ".join(f"{name!r} = {row}" for name, row in pairs[:8]) + (", ..." if len(pairs) > 8 else "")
+            labels = [class_map["rows"][i % len(class_map["rows"])] for i in range(4)]
+            code.lines.append(f"# the data set's classes are rows of the pretrained label table ({_CLASS_MAP}): {shown}")
+            guidance = "" if own or num_classes == 1000 else ", guidance_scale=1.0"
+            code.lines.append(f"images = pipe(class_labels={labels}{guidance}, num_inference_steps=50).images")
+        elif num_classes == 1 and own:
             code.lines.append("# trained unconditionally: without class labels the pipeline samples the null class")
             code.lines.append("images = pipe(batch_size=4, num_inference_steps=50).images")
         elif num_classes == 1:
@@ -467,6 +478,7 @@ def _usage_snippet(output_dir: Path, model_type: str, ref: str, base_model: str 
     lora_info = _read_json(output_dir / _LORA_INFO)
     if not lora:
         facts = _load_pipeline_code(code, model_type, output, pipeline_class, base_model, controlnet_alone=True)
+        facts["class_map"] = _read_json(output_dir / _CLASS_MAP) if model_type == "dit" else None
         _call_code(code, model_type, facts, prompt, resolution)
         return code.render(), facts
     # A LoRA adapter: the base pipeline, then the adapter weights.
@@ -492,6 +504,7 @@ def _usage_snippet(output_dir: Path, model_type: str, ref: str, base_model: str 
             code.lines.append("# the conditioning embedding of this new ControlNet was trained in full")
             code.lines.append(f"pipe.controlnet.controlnet_cond_embedding.load_state_dict("
                               f"load_file(os.path.join({folder}, {_q(_COND_EMBEDDING_FILE)})))")
+    facts["class_map"] = _read_json(output_dir / _CLASS_MAP) if model_type == "dit" else None
     _call_code(code, model_type, facts, prompt, resolution)
     return code.render(), facts
 

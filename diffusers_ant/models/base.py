@@ -250,8 +250,9 @@ class ModelAdapter:
             model_config_name_or_path: a preset name (``tiny`` for every type, ``small`` for ``unet``,
                 ``tiny-latent`` for ``dit``) or a config JSON of the trained module: train it from scratch.
             resolution: image size in pixels (default: the pretrained model's, else 16).
-            num_classes: class count of a class-conditional ``unet`` / ``dit`` (a pretrained model
-                with another count gets a freshly initialised class embedding).
+            num_classes: class count of a class-conditional ``unet`` / ``dit`` (a pretrained UNet with
+                another count gets a freshly initialised class embedding; a pretrained DiT keeps its
+                label table, see ``models/dit.py``).
             prediction_type: overrides the scheduler's (``epsilon``, ``v_prediction``, ``sample``).
             revision, variant, cache_dir: passed to ``from_pretrained``.
             controlnet_model_name_or_path: ``controlnet`` only: a pretrained ControlNet.
@@ -418,6 +419,14 @@ class ModelAdapter:
     def conditioning(self, batch: dict, generator=None, training: bool = False) -> dict:
         """The type's conditioning inputs from the batch (class labels, text embeddings, control image)."""
         return {}
+
+    def set_data_classes(self, class_names=None, class_map=None) -> None:
+        """Tell the adapter the data set's class names (class-id order) and the user's ``--class_map``
+        (data-set class -> label row of the pretrained model). Only ``dit`` keeps a pretrained label
+        table to map into; the other types take no class map."""
+        if class_map is not None:
+            raise ValueError(f"--class_map maps data-set classes to a pretrained DiT's label rows: "
+                             f"--model_type {self.model_type} has none, drop --class_map")
 
     def null_condition_batch(self, batch: dict) -> dict:
         """The batch with its condition replaced by the unconditional one (DiT's null class, the empty

@@ -8,6 +8,15 @@ with probability 0.1 during training, for classifier-free guidance). So:
 - a batch without them trains the null class, i.e. an unconditional model; from scratch without
   ``num_classes`` the DiT gets a single class and is used through its null class only.
 
+A pretrained DiT fine-tuned on a data set with another class count keeps its label table, as the
+Diff-Tuning authors' code does (thuml/Diffusion-Tuning ``train.py``: ``num_classes=1000`` whatever the
+data, ``load_state_dict(strict=False)``): the data set's classes 0..K-1 train the pretrained rows
+0..K-1, or the rows a class map names (``--class_map``, :func:`parse_class_map`), and the null row
+stays the pretrained null row in every block, so knowledge retention on the null class (Diff-Tuning's
+bank) anchors what was pretrained and the frozen teacher is the pretrained model itself. Only a data
+set with more classes than the table grows it (:func:`grow_label_tables`). Sampling defaults to the
+data set's classes through the map, and the saved folder records the map (``class_map.json``).
+
 Pixel space (preset ``tiny``, or a pretrained folder without ``vae/``) samples through this
 project's ``PixelDiTPipeline``, with DDPM-family and flow-matching schedulers alike; latent space
 (preset ``tiny-latent``, or a pretrained ``DiTPipeline`` folder) through diffusers' ``DiTPipeline``,
@@ -18,7 +27,127 @@ with learned variance (``out_channels = 2 * in_channels``, as DiT-XL-2) is train
 
 import torch
 
+import json
+import os
+
 from .base import ModelAdapter, _copy_scheduler, check_class_labels, repeat_to
+
+# Beside a saved pipeline: which pretrained label row each data-set class trained (see the module docstring).
+CLASS_MAP_NAME = "class_map.json"
+# DiT's initialisation of its label table (Peebles & Xie, facebookresearch/DiT models.py
+# initialize_weights: normal, std 0.02), for rows a grown table adds.
+LABEL_TABLE_INIT_STD = 0.02
+
+
+def _label_embeddings(model) -> list:
+    from diffusers.models.embeddings import LabelEmbedding
+
+    return [module for module in model.modules() if isinstance(module, LabelEmbedding)]
+
+
+@torch.no_grad()
+def grow_label_tables(model, num_classes: int, generator=None) -> None:
+    """Give every block's label table ``num_classes`` class rows, in place, keeping what was pretrained.
+
+    Rows 0..N-1 keep the pretrained classes, the null row moves from N to ``num_classes`` with its
+    pretrained values, and the new rows N..num_classes-1 start as DiT initialises its table (normal,
+    std 0.02), drawn once for all blocks so that equal per-block copies stay equal (DiffFit shares
+    them, see ``peft_modes``). Only for more classes than the table has (fewer keep the table)."""
+    tables = _label_embeddings(model)
+    old = model.config.num_embeds_ada_norm
+    if num_classes <= old:
+        raise ValueError(f"grow_label_tables: the table already has {old} classes")
+    new_rows = None
+    for module in tables:
+        weight = module.embedding_table.weight
+        has_null = weight.shape[0] == module.num_classes + 1
+        if new_rows is None:
+            new_rows = torch.randn((num_classes - old, weight.shape[1]), generator=generator, dtype=torch.float32)
+        table = torch.nn.Embedding(num_classes + has_null, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        table.weight.requires_grad_(weight.requires_grad)
+        table.weight[:old] = weight[:old]
+        table.weight[old:num_classes] = (LABEL_TABLE_INIT_STD * new_rows).to(weight.device, weight.dtype)
+        if has_null:
+            table.weight[num_classes] = weight[old]
+        module.embedding_table = table
+        module.num_classes = num_classes
+    model.register_to_config(num_embeds_ada_norm=num_classes)
+
+
+def _read_class_map(spec: str):
+    """A JSON file, inline JSON, or a comma list of rows -> a dict or a list."""
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = spec.strip()
+    if text.startswith(("{", "[")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--class_map is not valid JSON ({err.msg}, line {err.lineno}): give a JSON object "
+                             "{\"class name\": row}, a JSON list or a comma list of rows") from None
+    if spec.lower().endswith(".json"):
+        raise ValueError(f"--class_map {spec!r} does not exist: give a JSON file, inline JSON or a comma list of rows")
+    return [item.strip() for item in text.split(",")]
+
+
+def parse_class_map(spec: str, class_names, num_model_classes: int) -> list:
+    """The pretrained label row of each data-set class (index = the data set's class id), from ``--class_map``.
+
+    ``spec`` is a JSON object ``{"class name": row}`` (inline or a ``.json`` file; a class may also be
+    named by its id, ``"0"``), or the rows in the data set's class-id order, as a JSON list or a
+    comma list (``"207,360,387"``). Every data-set class needs a row of its own among the model's
+    classes 0..N-1 (the null row N is the unconditional branch, not a class). Any problem is a
+    one-line ``ValueError`` naming ``--class_map``.
+    """
+    if not class_names:
+        raise ValueError("--class_map maps the data set's classes, but the data set has no class column: "
+                         "pass --class_column or drop --class_map")
+    names = [str(name) for name in class_names]
+    raw = _read_class_map(spec)
+    if isinstance(raw, dict):
+        by_name = {}
+        for key, row in raw.items():
+            key = str(key)
+            if key in names:
+                by_name[names.index(key)] = row
+            elif key.isdigit() and int(key) < len(names):
+                by_name[int(key)] = row
+            else:
+                raise ValueError(f"--class_map names {key!r}, which is not a class of the data set "
+                                 f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
+        missing = [names[i] for i in range(len(names)) if i not in by_name]
+        if missing:
+            raise ValueError(f"--class_map has no row for the data set's class {missing[0]!r}: give every class a row")
+        rows = [by_name[i] for i in range(len(names))]
+    elif isinstance(raw, list):
+        rows = raw
+        if len(rows) != len(names):
+            raise ValueError(f"--class_map gives {len(rows)} rows for the data set's {len(names)} classes "
+                             f"({', '.join(names[:10])}): give one row per class, in this order")
+    else:
+        raise ValueError("--class_map must be a JSON object {\"class name\": row}, a JSON list or a comma list of rows")
+    parsed = []
+    for name, row in zip(names, rows):
+        try:
+            value = int(row) if not isinstance(row, (bool, float)) else None
+        except (TypeError, ValueError):
+            value = None
+        if value is None:
+            raise ValueError(f"--class_map row {row!r} for {name!r} is not a class number of the pretrained DiT")
+        if not 0 <= value < num_model_classes:
+            null = f"; {num_model_classes} is its null class" if value == num_model_classes else ""
+            raise ValueError(f"--class_map maps {name!r} to class {value}, which the pretrained DiT does not have "
+                             f"(its classes are 0..{num_model_classes - 1}{null})")
+        parsed.append(value)
+    seen = {}
+    for name, value in zip(names, parsed):
+        if value in seen:
+            raise ValueError(f"--class_map maps {seen[value]!r} and {name!r} to the same class {value}: "
+                             "give each class its own row")
+        seen[value] = name
+    return parsed
 
 
 def take_over_label_dropout(model) -> float:
@@ -49,6 +178,7 @@ class DiTAdapter(ModelAdapter):
     def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):
         from diffusers import DiTTransformer2DModel
 
+        class_rows = None
         vae = cls._load_vae(source, preset, num_channels, resolution)
         scale = cls.vae_scale_factor(vae)
         if preset is not None:
@@ -70,16 +200,14 @@ class DiTAdapter(ModelAdapter):
                     raise ValueError(f"pretrained pipeline {source.path!r} has no transformer")
                 subfolder = "transformer"
             model, from_pretrained = source.load(DiTTransformer2DModel, subfolder=subfolder), True
-            if num_classes is not None and model.config.num_embeds_ada_norm != num_classes:
-                # another class count: a freshly initialised label embedding
-                model = source.load(
-                    DiTTransformer2DModel,
-                    subfolder=subfolder,
-                    num_embeds_ada_norm=num_classes,
-                    ignore_mismatched_sizes=True,
-                    low_cpu_mem_usage=False,
-                )
-                from_pretrained = False
+            pretrained_classes = model.config.num_embeds_ada_norm
+            if num_classes is not None and num_classes < pretrained_classes:
+                # fewer classes: the pretrained table is kept and they train its rows 0..K-1, as the
+                # Diff-Tuning authors' code does (see the module docstring)
+                class_rows = list(range(num_classes))
+            elif num_classes is not None and num_classes > pretrained_classes:
+                grow_label_tables(model, num_classes)  # more classes: the pretrained rows and null row kept
+                from_pretrained = False  # the base is no longer the pretrained folder's (a LoRA output carries it)
             if resolution is not None and resolution // scale != model.config.sample_size:
                 # DiT recomputes its sin-cos position embedding for another size; pipelines read sample_size
                 model.register_to_config(sample_size=resolution // scale)
@@ -92,16 +220,48 @@ class DiTAdapter(ModelAdapter):
             "num_channels": channels,
             "sample_size": model.config.sample_size,
             "model_from_pretrained": from_pretrained,
+            "class_rows": class_rows,
         }
 
-    def __init__(self, model, noise_scheduler, **kwargs):
+    def __init__(self, model, noise_scheduler, class_rows=None, **kwargs):
         super().__init__(model, noise_scheduler, **kwargs)
         self.class_dropout_prob = take_over_label_dropout(model)
+        # The label-table row of each data-set class (index = class id); None: the labels are the rows.
+        self.class_rows = class_rows
+        self.class_names = None
 
     @property
     def num_classes(self) -> int:
         """Classes of the label embedding (not counting the null class)."""
         return self.model.config.num_embeds_ada_norm
+
+    def set_data_classes(self, class_names=None, class_map=None) -> None:
+        """Tell the adapter the data set's classes (names in class-id order, or None) and ``--class_map``.
+
+        With a class map (:func:`parse_class_map`, checked against this model's classes) the data
+        set's class i trains row ``class_rows[i]``; without one the rows chosen at load time stay
+        (0..K-1 of a kept table, or the labels themselves). The names go into ``class_map.json``."""
+        if class_map is not None:
+            self.class_rows = parse_class_map(class_map, class_names, self.num_classes)
+        if class_names is not None:
+            self.class_names = [str(name) for name in class_names]
+
+    @property
+    def class_map_record(self):
+        """What ``class_map.json`` holds, or None when the labels are the rows."""
+        if self.class_rows is None:
+            return None
+        names = self.class_names or [str(i) for i in range(len(self.class_rows))]
+        return {"class_names": names, "rows": list(self.class_rows), "null_row": self.null_class,
+                "num_model_classes": self.num_classes}
+
+    def save(self, output_dir: str, model=None, lora: bool = False):
+        """:meth:`ModelAdapter.save`, plus ``class_map.json`` when the data set's classes are mapped to rows."""
+        super().save(output_dir, model, lora=lora)
+        record = self.class_map_record
+        if record is not None:
+            with open(os.path.join(output_dir, CLASS_MAP_NAME), "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=2)
 
     @property
     def null_class(self) -> int:
@@ -118,6 +278,10 @@ class DiTAdapter(ModelAdapter):
             batch_size = batch["pixel_values"].shape[0]
             labels = torch.full((batch_size,), self.null_class, dtype=torch.long, device=batch["pixel_values"].device)
         else:
+            if self.class_rows is not None:
+                # the data set's class ids -> the label-table rows they train (the kept pretrained table)
+                check_class_labels(labels, len(self.class_rows), "the data set's class map")
+                labels = torch.as_tensor(self.class_rows, device=labels.device)[labels.long()]
             check_class_labels(labels, self.num_classes, "the DiT")
             labels = labels.long()
             if training and self.class_dropout_prob > 0:
@@ -152,7 +316,9 @@ class DiTAdapter(ModelAdapter):
 
     def _sample(self, pipeline, num_images, generator, num_inference_steps, class_labels=None, guidance_scale=None, **unused):
         num_classes = pipeline.transformer.config.num_embeds_ada_norm
-        if class_labels is None:
+        if class_labels is None and self.class_rows is not None:
+            class_labels = list(self.class_rows)  # the data set's classes, through the map
+        elif class_labels is None:
             class_labels = list(range(num_classes)) if num_classes > 1 else [num_classes]  # [null] if unconditional
         labels = repeat_to(class_labels, num_images)
         guidance_scale = 1.0 if guidance_scale is None else guidance_scale

@@ -86,12 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_classes", type=int, default=None,
                    help="Class-conditional training with this many classes (unet, dit). Default: the dataset's "
                    "class count for dit when it has a class column (else unconditional, through DiT's null class), "
-                   "unconditional for unet.")
+                   "unconditional for unet. A pretrained DiT keeps its label table (and its null row) whatever the "
+                   "data's class count: the data set's classes train its rows 0..K-1, or those of --class_map.")
+    g.add_argument("--class_map", default=None,
+                   help="dit from a pretrained model: the pretrained label row each data-set class trains, as a JSON "
+                   "object {\"class name\": row} (inline or a .json file) or the rows in class-id order "
+                   "(\"207,360,387\"). Default: rows 0..K-1. Samples and the model card use the data set's classes "
+                   "through it; the output folder records it in class_map.json.")
     g.add_argument("--rank", type=int, default=None, help="Train LoRA adapters of this rank instead of the full model.")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
     g.add_argument("--finetune", default=None, choices=["full", "lora", "bitfit", "difffit"],
                    help="What trains: the whole model, LoRA adapters (--rank), the bias terms (BitFit), or DiffFit's "
-                   "biases, norms, embeddings and per-block scales (Xie et al. 2023). Default: lora with --rank, else full.")
+                   "biases, norms, label table and scales in the first half of the blocks (Xie et al. 2023, as the "
+                   "Diff-Tuning authors' code; the time-embedding MLP's weights stay frozen). Default: lora with "
+                   "--rank, else full.")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="sd with --rank: train a LoRA adapter on the text encoder too (diffusers' DreamBooth LoRA).")
 
@@ -386,6 +394,12 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError("--finetune lora needs the LoRA rank: add --rank (e.g. --rank 4)")
     if args.finetune in ("bitfit", "difffit") and args.pretrained_model_name_or_path is None:
         raise UsageError(f"--finetune {args.finetune} adapts a pretrained model: give --pretrained_model_name_or_path")
+    if args.class_map is not None:
+        if args.model_type != "dit" or args.pretrained_model_name_or_path is None:
+            raise UsageError("--class_map maps data-set classes to a pretrained DiT's label rows: it needs "
+                             "--model_type dit and --pretrained_model_name_or_path")
+        if args.num_classes is not None:
+            raise UsageError("--class_map gives every data-set class its row: drop --num_classes")
     if args.track_convergence:
         if args.model_type != "controlnet":
             raise UsageError("--track_convergence measures a ControlNet's sudden convergence: use --model_type controlnet")

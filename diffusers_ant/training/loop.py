@@ -148,20 +148,23 @@ def train(args) -> str:
                               conditioning_image_column=args.conditioning_image_column,
                               class_column=args.class_column, **needs)
     num_classes = args.num_classes
-    if num_classes is None and columns["class_column"] is not None:
-        num_classes = len(class_names(dataset, columns["class_column"]))
+    data_classes = class_names(dataset, columns["class_column"]) if columns["class_column"] is not None else None
+    if num_classes is None and data_classes is not None:
+        num_classes = len(data_classes)
     from_scratch = args.model_config_name_or_path is not None and args.model_type in ("unet", "dit")
     adapter = get_model_adapter(args.model_type).load(
         pretrained_model_name_or_path=args.pretrained_model_name_or_path,
         model_config_name_or_path=args.model_config_name_or_path,
         controlnet_model_name_or_path=args.controlnet_model_name_or_path,
-        resolution=args.resolution, num_classes=num_classes, prediction_type=args.prediction_type,
-        revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+        # --class_map: the pretrained label table as it is, the map picks its rows (set_data_classes)
+        resolution=args.resolution, num_classes=None if args.class_map else num_classes,
+        prediction_type=args.prediction_type, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
         # From scratch the model is built for the data's channels; a pretrained model keeps its own and
         # the images are converted to them (greyscale -> RGB), as diffusers' scripts do.
         num_channels=dataset_image_channels(dataset, columns["image_column"]) if from_scratch else None,
         noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,  # flow matching
     )
+    adapter.set_data_classes(data_classes, class_map=args.class_map)  # a DiT's data-set class -> label row
     # The teacher (a frozen copy for Diff-Tuning's distillation and DeMe), then what trains: LoRA,
     # BitFit / DiffFit, DeMe's channel projections; frozen parts in the low precision.
     teacher, finetune = prepare_model(args, accelerator, adapter)
