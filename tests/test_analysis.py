@@ -193,8 +193,9 @@ def test_affinity_command_writes_what_gradient_clustering_reads(folders, tmp_pat
     A = np.array(data["affinity"])
     assert A.shape == (6, 6) and np.allclose(A, A.T) and np.allclose(np.diag(A), 1.0)
     assert data["timesteps"] == timestep_grid(1000, 6) and len(data["log_snr"]) == 6
-    assert data["checkpoints"][0].endswith("checkpoint-1") and len(data["checkpoints"]) == 2
-    assert -1 <= data["o1_spearman"] <= 1 and len(data["o1_spearman_per_checkpoint"]) == 2
+    # checkpoint-1, checkpoint-2 (the last step is checkpointed too) and the saved model
+    assert data["checkpoints"][0].endswith("checkpoint-1") and len(data["checkpoints"]) == 3
+    assert -1 <= data["o1_spearman"] <= 1 and len(data["o1_spearman_per_checkpoint"]) == 3
     assert 1 / 20001 <= data["o1_mantel_pvalue"] <= 1 and data["estimator"] == "mean_gradient"
     assert data["projection_dim"] is None  # small enough for exact gradients
     assert plot.stat().st_size > 0

@@ -192,3 +192,28 @@ def test_checkpoint_ema_weights_are_the_ema_not_the_raw_weights(tmp_path):
     assert not torch.equal(ema[name], final)
     with open(os.path.join(checkpoint, "trainer_state_0.json")) as f:
         assert "shadow_params" in json.dumps(json.load(f))
+
+
+# ------------------------------------------------------------------------------------ the converged base
+
+
+def test_pretrain_base_plateau_rule_and_its_training_command():
+    from diffusers_ant.training import parse_args
+
+    base = _load_script("pretrain_base")
+    # still falling by more than 2% over the last fifth: no plateau; then flat within 2%: plateau
+    falling = {500: 100.0, 1000: 60.0, 1500: 45.0, 2000: 40.0, 2500: 37.0}
+    assert base.plateau_step(falling, 0.02, 5) is None
+    flat = {**falling, 3000: 36.6, 3500: 36.5, 4000: 36.4}
+    # at 3000 the fifth starts at 2000 (40.0 -> 36.6: 8.5%); at 3500 at 2500 (37.0 -> 36.6 / 36.5: < 2%)
+    assert base.plateau_step(flat, 0.02, 5) == 3500
+    assert base.plateau_step(flat, 0.02, 8) == 4000  # not before min_points points
+    rising = {**falling, 3000: 39.0, 3500: 41.0}  # rising again by more than 2% is no plateau either
+    assert base.plateau_step(rising, 0.02, 5) is None
+
+    args = base.parse_args(["--output_dir", "/tmp/x"])
+    assert (args.tolerance, args.segment_steps, args.eval_samples) == (0.02, 500, 1000)
+    cmd = base.train_command(args, "/tmp/x/run", "cfg.json", 1500)
+    parsed = parse_args(cmd[2:])
+    assert parsed.max_train_steps == 1500 and parsed.checkpointing_steps == 500
+    assert parsed.resume_from_checkpoint == "latest" and parsed.use_ema and parsed.mtl_method == "none"

@@ -116,6 +116,30 @@ def test_two_process_training_completes(method, tmp_path):
     assert (out / "checkpoint-2" / "trainer_state_1.json").is_file()
 
 
+@pytest.mark.slow
+def test_a_finished_run_continues_exactly_to_more_steps_and_a_rerun_trains_nothing(tmp_path, capsys):
+    """The last step is checkpointed when it falls on the period: rerunning the finished command with
+    `--resume_from_checkpoint latest` trains no extra step, and a larger --max_train_steps continues it
+    to exactly the weights of one longer run (what pretrain_base.py relies on)."""
+    common = ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--checkpointing_steps", "2",
+              "--mtl_method", "uw", "--use_ema", "--max_train_samples", "24", "--num_validation_images", "1",
+              "--resume_from_checkpoint", "latest"]
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    train_in_process([*common, "--output_dir", str(straight), "--max_train_steps", "6"])
+    train_in_process([*common, "--output_dir", str(extended), "--max_train_steps", "4"])
+    assert (extended / "checkpoint-4").is_dir(), "the final step falls on the period: it is checkpointed"
+    at_four = load_safetensors_dir(extended / "unet")
+    capsys.readouterr()
+    train_in_process([*common, "--output_dir", str(extended), "--max_train_steps", "4"])  # the same command again
+    assert "checkpoint-4" in capsys.readouterr().out
+    assert_same_tensors(at_four, load_safetensors_dir(extended / "unet"))  # no fifth step was taken
+    train_in_process([*common, "--output_dir", str(extended), "--max_train_steps", "6"])
+    continued = load_safetensors_dir(extended / "unet")
+    assert_same_tensors(load_safetensors_dir(straight / "unet"), continued)
+    moved = max((continued[k] - at_four[k]).abs().max().item() for k in at_four)
+    assert moved > 1e-6, "steps 5 and 6 changed the weights"
+
+
 BAD_INVOCATIONS = [
     (["--mtl_method", "uw+dwa"], "two loss-based"),
     (["--mtl_method", "pcgrad+mgda"], "two gradient-based"),

@@ -268,7 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logging_dir", default="logs")
     g.add_argument("--report_to", default="tensorboard")
     g.add_argument("--tracker_project_name", default="diffusers-ant")
-    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpointing_steps", type=int, default=500,
+                   help="Save a resumable checkpoint every this many updates, the last one included when it falls "
+                   "on the period (continue a finished run with a larger --max_train_steps and "
+                   "--resume_from_checkpoint latest).")
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
     g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder or "latest".')
     g.add_argument("--validation_steps", type=int, default=None, help="Sample a grid every N steps (and at the end).")

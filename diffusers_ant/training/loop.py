@@ -293,6 +293,8 @@ def train(args) -> str:
                     disable=not accelerator.is_local_main_process)
     model.train()
     for epoch in range(first_epoch, num_epochs):
+        if global_step >= args.max_train_steps:
+            break  # resumed from the last step's checkpoint: nothing left to train
         # Seeded per-epoch shuffle: the data order depends on (seed, epoch) only, so a resumed run
         # skips exactly the batches the interrupted one had used.
         train_dataloader.set_epoch(epoch)
@@ -329,7 +331,9 @@ def train(args) -> str:
 
             if tracker is not None and tracker.should_check(global_step):  # before the checkpoint, which records it
                 check_convergence(args, accelerator, adapter, model, tracker, global_step, validation_inputs)
-            if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+            # The last step is checkpointed too when it falls on the period (as diffusers' scripts do): a
+            # finished run can then be continued exactly with a larger --max_train_steps.
+            if global_step % args.checkpointing_steps == 0:
                 path = save_checkpoint(accelerator, args.output_dir, global_step, trainer_state(global_step),
                                        args.checkpoints_total_limit)
                 accelerator.print(f"saved {path}")

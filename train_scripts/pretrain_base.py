@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""Train the benchmarks' base model until its domain FID plateaus (issue 17, item 10).
+
+The three papers make their claims about converged models (ANT trains ADM for 1M iterations, DeMe and
+Diff-Tuning fine-tune converged pretrained models). This script trains the bench UNet
+(`diffusers_ant.analysis.benchmark.BENCH_UNET`, 0.27M parameters, 16x16 MNIST-5k, vanilla objective,
+the quality benchmark's recipe: batch 64, AdamW 2e-3 constant after warm-up, EMA 0.999) in segments
+of `--segment_steps` updates, scores the EMA model after each segment (domain FID of
+`--eval_samples` DDIM samples against all 5,000 real images, the same sampling noise at every
+point), and stops at the first step T where training has plateaued:
+
+    every FID point in the last fifth of training, (0.8 T, T], lies within `--tolerance` (2%) of
+    the FID at the start of that fifth (the last point at or before 0.8 T): under 2% change,
+
+after at least `--min_points` points. The base is then the EMA model at T, copied to
+`OUTPUT_DIR/base` (a diffusers pipeline folder; `benchmark_deme.py --pretrained OUTPUT_DIR/base`
+starts from it), with the curve in `curve.json` / `fid_curve.png`.
+
+Resumable: each segment continues the run exactly from its last checkpoint (`--resume_from_checkpoint
+latest` with a larger `--max_train_steps`), a scored point is never scored again, and a finished
+search is reported, not repeated. While segment k+1 trains (one thread), segment k is scored in a
+worker process (one thread): the two cores stay busy. The plateau may therefore be found one segment
+before training stops; the base is the model at the plateau step, not the last one trained.
+
+    python train_scripts/pretrain_base.py --output_dir bench-base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from diffusers_ant.analysis.benchmark import (  # noqa: E402
+    BENCH_UNET,
+    DATASET,
+    RESOLUTION,
+    evaluate_saved_model,
+    evaluation_pool,
+    run_logged,
+    write_json,
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--output_dir", default="bench-base")
+    p.add_argument("--seed", type=int, default=1000, help="training seed of the base (default 1000, as benchmark_deme.py)")
+    p.add_argument("--segment_steps", type=int, default=500, help="updates between two FID points (default 500)")
+    p.add_argument("--max_train_steps", type=int, default=20000,
+                   help="give up (and say so) if no plateau is found by then (default 20000)")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="plateau: every point of the last fifth within this fraction of the FID at its start "
+                        "(default 0.02)")
+    p.add_argument("--min_points", type=int, default=5, help="FID points needed before a plateau can be declared")
+    p.add_argument("--eval_samples", type=int, default=1000, help="generated images per FID point (default 1000)")
+    p.add_argument("--num_real", type=int, default=5000, help="real MNIST-5k images of the reference (default all)")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of the samples (default 50)")
+    p.add_argument("--eval_batch_size", type=int, default=250)
+    p.add_argument("--train_batch_size", type=int, default=64)
+    p.add_argument("--learning_rate", type=float, default=2e-3)
+    p.add_argument("--lr_warmup_steps", type=int, default=100)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: segments of 5 steps, 64 DDIM-5 samples, at most 30 steps (seconds, not hours)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.segment_steps, args.max_train_steps, args.min_points = 5, 30, 3
+        args.eval_samples, args.num_inference_steps, args.eval_batch_size, args.num_real = 64, 5, 64, 256
+        args.lr_warmup_steps, args.tolerance = 2, 0.9  # a smoke run checks the machinery, not a plateau
+    for name in ("segment_steps", "max_train_steps", "min_points", "eval_samples", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if not 0 < args.tolerance < 1:
+        p.error("--tolerance must lie in (0, 1), e.g. 0.02 for 2%")
+    if args.eval_samples % args.eval_batch_size:
+        p.error("--eval_samples must be a multiple of --eval_batch_size")
+    return args
+
+
+def train_command(args, run_dir: str, config_path: str, steps: int) -> list:
+    """train_ant.py up to `steps` updates, continuing the run's last checkpoint (none: from scratch)."""
+    return [sys.executable, os.path.join(HERE, "train_ant.py"), "--model_type", "unet",
+            "--model_config_name_or_path", config_path, "--dataset_name", DATASET, "--resolution", str(RESOLUTION),
+            "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(steps),
+            "--learning_rate", str(args.learning_rate), "--lr_scheduler", "constant_with_warmup",
+            "--lr_warmup_steps", str(args.lr_warmup_steps), "--use_ema", "--ema_max_decay", "0.999",
+            "--seed", str(args.seed), "--output_dir", run_dir, "--checkpointing_steps", str(args.segment_steps),
+            "--checkpoints_total_limit", "2", "--resume_from_checkpoint", "latest",
+            "--num_validation_images", "16", "--num_inference_steps", str(args.num_inference_steps),
+            "--report_to", "none", "--mtl_method", "none"]
+
+
+def eval_settings(args) -> dict:
+    """What a point's FID depends on besides the weights (`evaluate_saved_model` reads these)."""
+    return {"num_samples": args.eval_samples, "num_inference_steps": args.num_inference_steps,
+            "eval_batch_size": args.eval_batch_size, "reference_dataset": DATASET, "num_real": args.num_real,
+            "resolution": RESOLUTION, "num_channels": 1, "features": DATASET}
+
+
+def plateau_step(curve: dict, tolerance: float, min_points: int):
+    """The first step T of `curve` ({step: fid}) at which every point of the last fifth of training,
+    (0.8 T, T], lies within `tolerance` (a fraction) of the FID at its start (the last point at or
+    before 0.8 T); None if there is none yet. Needs `min_points` points up to T. A FID still falling,
+    or rising again, by more than the tolerance is no plateau."""
+    steps = sorted(curve)
+    for n, step in enumerate(steps, 1):
+        if n < min_points:
+            continue
+        before = [s for s in steps[:n] if s <= 0.8 * step]
+        if not before:
+            continue
+        start = curve[before[-1]]
+        change = max(abs(curve[s] - start) for s in steps[:n] if s > before[-1])
+        if change < tolerance * start:
+            return step
+    return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    config_path = os.path.join(args.output_dir, "bench_unet.json")
+    with open(config_path, "w") as f:
+        json.dump(BENCH_UNET, f, indent=2)
+    run_dir = os.path.join(args.output_dir, "run")
+    models_dir = os.path.join(args.output_dir, "models")
+    curve_path = os.path.join(args.output_dir, "curve.json")
+    settings = eval_settings(args)
+    curve = {}
+    if os.path.isfile(curve_path):
+        with open(curve_path) as f:
+            saved = json.load(f)
+        if saved.get("settings") == settings:  # the same evaluation: keep its points
+            curve = {int(k): v for k, v in saved["points"].items()}
+    started = time.time()
+
+    def record(step, metrics):
+        curve[step] = metrics["fid"]
+        found = plateau_step(curve, args.tolerance, args.min_points)
+        write_json(curve_path, {"settings": settings, "tolerance": args.tolerance, "min_points": args.min_points,
+                                "segment_steps": args.segment_steps, "points": {str(k): curve[k] for k in sorted(curve)},
+                                "plateau_step": found, "command": " ".join(sys.argv)})
+        print(f"step {step}: FID {metrics['fid']:.3f}" + (f" -> plateau at step {found}" if found else ""), flush=True)
+        return found
+
+    found = plateau_step(curve, args.tolerance, args.min_points)
+    with evaluation_pool(1) as pool:
+        pending = None  # (step, future) of the point being scored while the next segment trains
+        step = 0
+        while found is None and step < args.max_train_steps:
+            step = min(step + args.segment_steps, args.max_train_steps)
+            saved = os.path.join(models_dir, f"step-{step}")
+            if step not in curve and not os.path.isfile(os.path.join(saved, "model_index.json")):
+                status = run_logged(train_command(args, run_dir, config_path, step),
+                                    os.path.join(args.output_dir, "logs", f"train-{step}.log"), [],
+                                    f"training to step {step}")
+                # the run's folder holds the EMA pipeline at `step`: keep a copy, the next segment overwrites it
+                shutil.copytree(run_dir, saved, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "samples*"),
+                                dirs_exist_ok=True)
+                print(f"trained to step {step} ({status}, {time.time() - started:.0f}s so far)", flush=True)
+            if pending is not None:
+                found = record(pending[0], pending[1].result())
+                pending = None
+                if found is not None:
+                    break
+            if step not in curve:
+                task = {"model": saved, "seed": 0, "settings": settings,
+                        "path": os.path.join(args.output_dir, "points", f"step-{step}.json")}
+                pending = (step, pool.submit(evaluate_saved_model, task))
+        if pending is not None and found is None:
+            found = record(pending[0], pending[1].result())
+
+    if found is None:
+        print(f"no plateau by step {args.max_train_steps} (tolerance {args.tolerance:.0%}): raise --max_train_steps "
+              f"and run again; the points so far are in {curve_path}", flush=True)
+    else:
+        base = os.path.join(args.output_dir, "base")
+        shutil.copytree(os.path.join(models_dir, f"step-{found}"), base, dirs_exist_ok=True)
+        print(f"base model: {base} (EMA weights at step {found}, FID {curve[found]:.3f})", flush=True)
+    from diffusers_ant.analysis.plots import plot_fid_curve
+
+    plot_fid_curve({step: {"0": {"fid": fid}} for step, fid in curve.items()},
+                   os.path.join(args.output_dir, "fid_curve.png"),
+                   title=f"bench UNet on {DATASET} {RESOLUTION}x{RESOLUTION}: domain FID of {args.eval_samples} "
+                         f"samples (EMA)" + (f", plateau at step {found}" if found else ""))
+    return 0 if found is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
