@@ -332,3 +332,44 @@ def test_lora_mode_counts_the_adapter():
     attach_lora(model, LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]))
     summary = apply_finetune_mode(model, "lora")
     assert set(summary.groups) == {"lora"} and summary.trainable_parameters == summary.groups["lora"] > 0
+
+
+@pytest.mark.slow
+def test_difffit_on_a_converted_dit_trains_resumes_and_saves_one_table(tmp_path, capsys):
+    """Through train_ant.py: a DiT whose blocks hold equal embedder copies trains them as one module
+    (the printed share says so), its checkpoints hold that module once and resume exactly, and the saved
+    folder gives every block its copy back, all equal, trained, loadable by plain diffusers."""
+    from diffusers import DiTTransformer2DModel
+
+    from diffusers_ant.models import get_model_adapter
+    from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
+
+    torch.manual_seed(0)
+    adapter = get_model_adapter("dit").load(model_config_name_or_path="tiny", resolution=16, num_channels=1,
+                                            num_classes=10)
+    blocks = adapter.model.transformer_blocks
+    for block in blocks[1:]:  # as convert_dit_to_diffusers.py writes DiT's one embedder into every block
+        block.norm1.emb.load_state_dict(blocks[0].norm1.emb.state_dict())
+    pretrained = tmp_path / "pretrained"
+    adapter.save(str(pretrained))
+
+    def run(out, steps, *extra):
+        args = ["--model_type", "dit", "--dataset_name", "mnist5k", "--output_dir", str(out), *TINY_RUN,
+                "--pretrained_model_name_or_path", str(pretrained), "--finetune", "difffit", "--use_ema",
+                "--learning_rate", "1e-2", "--checkpointing_steps", "1", "--max_train_steps", str(steps), *extra]
+        i = args.index("--model_config_name_or_path")
+        del args[i:i + 2]
+        train_in_process(args)
+
+    run(tmp_path / "straight", 2)
+    assert f"one table, shared by {len(blocks)} blocks" in capsys.readouterr().out
+    checkpoint = load_safetensors_dir(tmp_path / "straight" / "checkpoint-1")
+    assert sum("class_embedder" in key for key in checkpoint) == 1  # the shared table, once
+    run(tmp_path / "resumed", 1)
+    run(tmp_path / "resumed", 2, "--resume_from_checkpoint", "latest")
+    straight = load_safetensors_dir(tmp_path / "straight" / "transformer")
+    assert_same_tensors(load_safetensors_dir(tmp_path / "resumed" / "transformer"), straight)
+    model = DiTTransformer2DModel.from_pretrained(tmp_path / "straight" / "transformer")
+    tables = [block.norm1.emb.class_embedder.embedding_table.weight for block in model.transformer_blocks]
+    before = blocks[0].norm1.emb.class_embedder.embedding_table.weight
+    assert not torch.equal(tables[0], before) and all(torch.equal(t, tables[0]) for t in tables)
