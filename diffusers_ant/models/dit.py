@@ -315,6 +315,8 @@ class DiTAdapter(ModelAdapter):
         return pipeline
 
     def _sample(self, pipeline, num_images, generator, num_inference_steps, class_labels=None, guidance_scale=None, **unused):
+        """``class_labels`` are label-table rows, as the pipeline takes them; by default the data set's
+        classes through the class map (a kept pretrained table), else every class of the table."""
         num_classes = pipeline.transformer.config.num_embeds_ada_norm
         if class_labels is None and self.class_rows is not None:
             class_labels = list(self.class_rows)  # the data set's classes, through the map
