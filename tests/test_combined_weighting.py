@@ -26,7 +26,8 @@ def test_combined_update_is_the_gradient_method_on_the_scaled_gradients(loss, gr
     combined = get_weighting(f"{loss}+{gradient}", K, seed=3)
     assert isinstance(combined, CombinedWeighting) and combined.name == f"{loss}+{gradient}"
     alone_loss = get_weighting(loss, K, seed=3)
-    alone_gradient = get_weighting(gradient, K, seed=3)
+    # inside a combined weighting PCGrad sums (ANT's /K is carried by the loss coefficients)
+    alone_gradient = get_weighting(gradient, K, seed=3, **({"reduction": "sum"} if gradient == "pcgrad" else {}))
     if loss == "uw":  # log-variances as after some training: unequal coefficients
         for w in (combined.loss_weighting, alone_loss):
             w.log_vars.data = torch.tensor([0.0, 1.0, -0.5, 0.3])
@@ -77,7 +78,7 @@ def test_engine_trains_uw_log_variances_with_uws_own_objective():
     s = torch.full((K,), 0.3)
     c = 0.5 * torch.exp(-s) / K
     task_grads = reference_task_grads(model, batch, params)
-    pcgrad = get_weighting("pcgrad", K, seed=1)
+    pcgrad = get_weighting("pcgrad", K, seed=1, reduction="sum")
     expected = pcgrad.aggregate(c[:, None] * task_grads, present)
     scale = expected.abs().max()
     assert scale > 1e-4
@@ -123,3 +124,20 @@ def test_state_round_trips_through_safetensors(tmp_path):
     assert torch.equal(fresh.gradient_weighting.alpha, w.gradient_weighting.alpha)
     assert fresh.gradient_weighting.step == w.gradient_weighting.step == 1
 
+
+
+def test_at_uws_optimum_the_update_is_ant_references_scale():
+    """ANT's reference: UW as 0.5 (exp(-s_i) L_i / K + s_i), then PCGrad's SUM of the projected
+    gradients. At UW's optimum (exp(-s_i) = K / L_i there, 1 / L_i in Kendall's form) both forms weigh
+    L_i by 0.5 / L_i, and the combined weighting's update is the reference's update."""
+    grads = _random_grads(2)
+    losses = torch.tensor([0.9, 0.4, 0.15, 0.05], dtype=torch.float64)
+    combined = get_weighting("uw+pcgrad", K, seed=5)  # Kendall's UW (the default)
+    combined.loss_weighting.log_vars.data = torch.log(losses).float()  # its optimum: exp(-s) = 1 / L
+    update = combined.aggregate(grads)
+    reference_weights = 0.5 * (K / losses) / K  # ANT's form at its optimum exp(-s) = K / L
+    reference = get_weighting("pcgrad", K, seed=5, reduction="sum").aggregate(reference_weights[:, None] * grads)
+    torch.testing.assert_close(update, reference, rtol=1e-6, atol=1e-9)
+    # not the mean: that would be K times smaller
+    mean = get_weighting("pcgrad", K, seed=5).aggregate(reference_weights[:, None] * grads)
+    assert (update - mean).abs().max() > 0.5 * update.abs().max()

@@ -19,6 +19,13 @@ sees it without a second pass over P-sized tensors, and the engine applies w to 
 gradients like any other gradient-based weighting: the split engine, `last_layers`, subsets,
 gradient accumulation, fp16 and data parallelism all work unchanged. `last_weights` holds w.
 
+Scale, as ANT's reference code: it divides every cluster loss by K once, inside UW
+(0.5 (exp(-s_i) L_i / K + s_i)), and PCGrad then SUMS the projected gradients. Kendall's UW (the default
+here, 0.5 (exp(-s_i) L_i + s_i)) reaches the same loss coefficients at its optimum (0.5 / L_i, see
+`uw.py`), so the K is already accounted for in c: inside a combined weighting PCGrad's `reduction`
+defaults to `sum` (alone it defaults to `mean`, which is where ANT's /K goes when no UW carries it).
+Every other option keeps its own default.
+
 One step, in order (`TaskGradientEngine.backward`): c from the loss method (pure); w' from the
 gradient method (advances its state: PCGrad's orders, Nash-MTL's counter); then, once the step's
 global task losses are known, `finish_task_step` back-propagates the loss method's own objective
@@ -39,6 +46,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .base import GradientWeighting, LossWeighting, WeightingConfig
+
+
+# Defaults of a gradient method that differ inside a combined weighting (see "Scale" above).
+COMBINED_GRADIENT_DEFAULTS = {"pcgrad": {"reduction": "sum"}}
 
 
 @dataclass
@@ -81,8 +92,10 @@ class CombinedWeighting(GradientWeighting):
         seed = self.config.seed
         self.loss_weighting: LossWeighting = get_weighting(
             self.config.loss_method, num_tasks, **{"seed": seed, **self.config.loss_options})
-        self.gradient_weighting: GradientWeighting = get_weighting(
-            self.config.gradient_method, num_tasks, **{"seed": seed, **self.config.gradient_options})
+        gradient_options = {"seed": seed, **COMBINED_GRADIENT_DEFAULTS.get(self.config.gradient_method, {}),
+                            **self.config.gradient_options}
+        self.gradient_weighting: GradientWeighting = get_weighting(self.config.gradient_method, num_tasks,
+                                                                   **gradient_options)
         self.name = f"{self.config.loss_method}+{self.config.gradient_method}"
         # The loss coefficients the current step's weights were formed with, for `finish_task_step`.
         self._step_coefficients: Optional[torch.Tensor] = None
