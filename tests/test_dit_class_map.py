@@ -182,6 +182,26 @@ def test_diff_tuning_at_learning_rate_zero_returns_the_pretrained_weights(pretra
         assert record == {"class_names": list(NAMES), "rows": rows, "null_row": 10, "num_model_classes": 10}
         card = (out / "README.md").read_text()
         assert f"class_labels={rows + rows[:1]}" in card and f"'ant' = {rows[0]}" in card
+        # the saved folder samples its data set's rows, not all 10 of the kept table (evaluation, analysis)
+        from diffusers_ant.analysis.evaluate import sample_images
+        from diffusers_ant.models import load_pipeline
+
+        pipeline = load_pipeline(str(out))
+        assert pipeline.class_rows == rows
+        original_call = type(pipeline).__call__
+        sampled = []
+
+        def recording_call(self, *args, **kwargs):
+            sampled.extend(kwargs["class_labels"])
+            return original_call(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(pipeline), "__call__", recording_call)
+        sample_images(pipeline, 7, num_inference_steps=1, batch_size=4, progress=False)
+        assert sampled == (rows * 3)[:7]
+        monkeypatch.setattr(type(pipeline), "__call__", original_call)
+        # training on from the saved folder keeps the recorded rows
+        again = get_model_adapter("dit").load(pretrained_model_name_or_path=str(out), num_classes=3)
+        assert again.class_rows == rows
     printed = capsys.readouterr().out
     assert "full fine-tuning: " in printed and "parameters trained (100.00%)" in printed
 

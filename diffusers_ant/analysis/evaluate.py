@@ -111,7 +111,8 @@ def sample_images(
     One `torch.Generator` seeded with `seed` draws every batch in turn, so the same call gives the
     same images, and two calls that differ only in `denoiser` start from the same noise (DDIM with
     eta = 0 is then a deterministic function of the denoiser). Class-conditional pipelines get labels
-    0, 1, ..., C-1, 0, 1, ... (balanced classes, like the datasets). `denoiser` / `scheduler`: see
+    0, 1, ..., C-1, 0, 1, ... (balanced classes, like the datasets); a DiT fine-tuned on fewer classes
+    than its table (`pipeline.class_rows`, from `class_map.json`) cycles through its data set's rows. `denoiser` / `scheduler`: see
     `sampling_pipeline`.
     """
     from tqdm.auto import tqdm
@@ -129,6 +130,9 @@ def sample_images(
         num_classes = config.get("num_class_embeds") or config.get("num_embeds_ada_norm")
         if config.get("num_embeds_ada_norm") == 1:
             num_classes = None  # a DiT trained without classes: its null class, the pipeline's default
+    # A DiT fine-tuned on fewer classes than its label table: the data set's rows (`class_map.json`)
+    rows = getattr(pipeline, "class_rows", None)
+    labels = list(rows) if rows is not None and num_classes is not None else list(range(num_classes or 0))
     out = []
     with tqdm(total=num_samples, desc=desc, unit="img", disable=not progress) as bar:
         for start in range(0, num_samples, batch_size):
@@ -137,7 +141,7 @@ def sample_images(
             if num_classes is None:
                 images = pipe(batch_size=n, **common).images
             else:
-                images = pipe(class_labels=[i % num_classes for i in range(start, start + n)], **common).images
+                images = pipe(class_labels=[labels[i % len(labels)] for i in range(start, start + n)], **common).images
             out.append(np.asarray(images, dtype=np.float32))
             bar.update(n)
     return np.concatenate(out)

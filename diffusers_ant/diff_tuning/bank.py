@@ -275,6 +275,8 @@ def adapter_for_pipeline(pipeline, model_type: str):
         parts.update(text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer)
     if model_type == "controlnet":
         parts["unet"] = pipeline.unet
+    if model_type == "dit":
+        parts["class_rows"] = getattr(pipeline, "class_rows", None)  # `load_pipeline` read class_map.json
     model.eval()
     return cls(model, pipeline.scheduler, **parts)
 

@@ -53,11 +53,23 @@ def load_pipeline(folder: str, torch_dtype=None):
     of its base with this ControlNet. This project's own pipeline classes are loaded with the
     installed code, never with the copy of it in the folder; every other pipeline goes through
     ``DiffusionPipeline.from_pretrained``. What DeMe saves beside
-    diffusers' files (channel projections, an ensemble's router; see ``diffusers_ant.deme``) is re-attached.
+    diffusers' files (channel projections, an ensemble's router; see ``diffusers_ant.deme``) is re-attached,
+    and a DiT trained on another class count gets ``pipeline.class_rows``, the label rows of the data
+    set's classes (``class_map.json``), which this project's samplers use instead of every row.
     """
     from diffusers import DiffusionPipeline
 
-    from ..deme import attach_saved_deme  # DeMe's channel projections and ensemble router, when saved
+    from ..deme import attach_saved_deme as _attach_deme  # DeMe's channel projections and ensemble router
+
+    def attach_saved_deme(pipeline, saved):
+        # ... and a class-mapped DiT's label rows (`class_map.json`): samplers read `pipeline.class_rows`
+        from .dit import saved_class_rows
+
+        pipeline = _attach_deme(pipeline, saved)
+        rows = saved_class_rows(saved)
+        if rows is not None:
+            pipeline.class_rows = rows
+        return pipeline
 
     lora_info = os.path.join(folder, LORA_INFO_NAME)
     if os.path.isfile(lora_info):

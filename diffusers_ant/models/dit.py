@@ -74,6 +74,16 @@ def grow_label_tables(model, num_classes: int, generator=None) -> None:
     model.register_to_config(num_embeds_ada_norm=num_classes)
 
 
+def saved_class_rows(folder) -> list | None:
+    """The label rows of the data set's classes recorded in a saved folder's ``class_map.json`` (what
+    :meth:`DiTAdapter.save` writes for a DiT trained on another class count), or None."""
+    path = os.path.join(os.fspath(folder), CLASS_MAP_NAME) if folder is not None else None
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return [int(row) for row in json.load(f)["rows"]]
+
+
 def _read_class_map(spec: str):
     """A JSON file, inline JSON, or a comma list of rows -> a dict or a list."""
     if os.path.isfile(spec):
@@ -201,7 +211,11 @@ class DiTAdapter(ModelAdapter):
                 subfolder = "transformer"
             model, from_pretrained = source.load(DiTTransformer2DModel, subfolder=subfolder), True
             pretrained_classes = model.config.num_embeds_ada_norm
-            if num_classes is not None and num_classes < pretrained_classes:
+            saved_rows = saved_class_rows(source.path) if os.path.isdir(os.fspath(source.path)) else None
+            if num_classes is not None and saved_rows is not None and len(saved_rows) == num_classes:
+                # a folder this project saved from a class-mapped run: its classes keep their rows
+                class_rows = saved_rows
+            elif num_classes is not None and num_classes < pretrained_classes:
                 # fewer classes: the pretrained table is kept and they train its rows 0..K-1, as the
                 # Diff-Tuning authors' code does (see the module docstring)
                 class_rows = list(range(num_classes))
