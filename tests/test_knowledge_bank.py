@@ -387,6 +387,29 @@ def test_latent_dit_banks_are_sampled_in_batches_and_resume_identically(tmp_path
     assert resumed == [3, 4] and folder_digest(tmp_path / "cut") == folder_digest(tmp_path / "whole")
 
 
+def test_a_controlnet_bank_matches_its_stable_diffusion_base_whatever_the_controlnet(controlnet_model, tmp_path):
+    """A ControlNet run names the SD base as --pretrained_model_name_or_path and its ControlNet apart (or
+    builds a new one): the fingerprint covers the base, so the bank of SD + ControlNet passes there."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_ant.models import load_pipeline
+
+    manifest = build(controlnet_model, tmp_path / "bank", num_images=2, batch_size=2, bank_condition="blank")
+    source = load_pipeline(controlnet_model)
+    parts = {k: v for k, v in source.components.items() if k != "controlnet"}
+    StableDiffusionPipeline(**parts).save_pretrained(tmp_path / "sd_base")
+    check_bank_source(manifest, str(tmp_path / "sd_base"))
+    with torch.no_grad():  # another ControlNet on the same base: still the bank's base
+        next(source.controlnet.parameters()).add_(1.0)
+    source.save_pretrained(tmp_path / "other_controlnet")
+    check_bank_source(manifest, str(tmp_path / "other_controlnet"))
+    with torch.no_grad():  # another base: refused
+        next(parts["unet"].parameters()).add_(1.0)
+    StableDiffusionPipeline(**parts).save_pretrained(tmp_path / "other_base")
+    with pytest.raises(ValueError, match="fingerprints differ"):
+        check_bank_source(manifest, str(tmp_path / "other_base"))
+
+
 def test_the_bank_is_checked_against_the_weights_it_was_sampled_from(unet_model, tmp_path):
     import shutil
 

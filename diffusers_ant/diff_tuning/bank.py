@@ -292,11 +292,18 @@ def _num_classes(adapter, model_type):
     return None, None
 
 
+# Components left out of the fingerprint: a ControlNet run fine-tunes the ControlNet (given by
+# --controlnet_model_name_or_path, or new from the UNet) on top of a frozen Stable Diffusion base; the
+# bank's knowledge is that base's, and the run names the base as --pretrained_model_name_or_path.
+FINGERPRINT_EXCLUDED = ("controlnet",)
+
+
 def _model_fingerprint(pipeline) -> str:
-    """sha256 of every weight of the pipeline's modules (names, dtypes, shapes, bytes)."""
+    """sha256 of every weight of the pipeline's modules (names, dtypes, shapes, bytes), the ControlNet
+    excepted (``FINGERPRINT_EXCLUDED``): a ControlNet bank and its Stable Diffusion base then agree."""
     digest = hashlib.sha256()
     for name, component in sorted(pipeline.components.items()):
-        if not isinstance(component, torch.nn.Module):
+        if not isinstance(component, torch.nn.Module) or name in FINGERPRINT_EXCLUDED:
             continue
         for key, tensor in component.state_dict().items():
             tensor = tensor.detach().cpu().contiguous()
