@@ -54,6 +54,8 @@ def test_every_training_row_parses_with_train_ant_at_equal_total_steps(pretraine
         assert parsed.pretrained_model_name_or_path == pretrained and parsed.max_train_steps == total
         assert parsed.mtl_method == bench.METHODS[method]["flags"][1] and parsed.seed == 1
         assert parsed.deme_interval is None and parsed.use_ema
+        # the same optimiser as the DeMe arms (which would otherwise take the authors' AdamW by default)
+        assert (parsed.adam_beta1, parsed.adam_weight_decay) == (0.95, 1e-6)
     assert parse_args(bench.continued_command(args, "min_snr", 0)[2:]).loss_weighting == "min_snr"
     assert parse_args(bench.continued_command(args, "ant_nash", 0)[2:]).timestep_sampling == "stratified"
     # DeMe: train_deme.py accepts the command, and each interval run it starts parses with train_ant.py
@@ -72,6 +74,7 @@ def test_every_training_row_parses_with_train_ant_at_equal_total_steps(pretraine
             assert parsed.deme_global_prob == pytest.approx(0.3) and parsed.deme_sampling == "per_batch"
             assert parsed.consistency_weight == (0.0 if config == "deme_prob" else 1.0)
             assert parsed.channel_projection == (config == "deme")
+            assert (parsed.adam_beta1, parsed.adam_weight_decay) == (0.95, 1e-6)
         seen.add(config)
     assert seen == {"deme", "deme_prob", "deme_consistency"}
     assert args.num_intervals * parse_args(train_deme.interval_command(deme_args, trainer_args, 0)[2:]).max_train_steps == total
@@ -337,7 +340,9 @@ def check_quick_outputs(out):
         record = json.load(f)
     args = record["args"]
     rows = record["per_run"]
-    for row in bench.MAIN_ROWS:
+    expected = [r for r in bench.MAIN_ROWS if not r.startswith("continued_") or r[len("continued_"):] in args["continued"]]
+    assert "continued_vanilla" in expected and set(rows) >= set(expected)
+    for row in expected:
         assert sorted(rows[row]) == sorted(str(s) for s in args["seeds"]), row
         for metrics in rows[row].values():
             assert math.isfinite(metrics["fid"]) and metrics["num_real"] == 5000 - args["search_real"]

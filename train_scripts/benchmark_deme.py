@@ -80,6 +80,7 @@ from diffusers_ant.analysis.benchmark import (
 )
 from diffusers_ant.cli import OneLineErrorParser
 from diffusers_ant.deme.search import DEFAULT_SEARCH_SAMPLES, DEFAULT_SEARCH_VALUES, returns_base
+from diffusers_ant.training.args import DEME_AUTHORS_DEFAULTS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -154,12 +155,13 @@ def parse_args(argv=None):
                    help="processes in parallel, one torch thread each")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 seeds, N = 2 intervals of 10 steps, a 40-step pretrained model, 128 DDIM-10 "
-                        "samples, a 3-value search on 64 samples (minutes)")
+                        "samples, a 3-value search on 64 samples, continued vanilla and ANT + UW only (minutes)")
     args = p.parse_args(argv)
     if args.quick:  # smaller defaults; flags given explicitly still win
         p.set_defaults(seeds=[0, 1], pretrain_steps=40, num_intervals=2, interval_steps=10, lr_warmup_steps=5,
                        num_samples=128, num_inference_steps=10, eval_batch_size=128, search_samples=64,
-                       search_values=[0.0, 0.5, 1.0])
+                       search_values=[0.0, 0.5, 1.0],
+                       continued="vanilla,ant_uw")  # every continued row runs the same machinery
         args = p.parse_args(argv)
     if args.ablation_seeds is None:
         args.ablation_seeds = args.seeds[:1]
@@ -275,10 +277,14 @@ def row_steps(args, row) -> str:
 
 
 def _finetune_flags(args, seed, steps) -> list:
-    """The recipe every fine-tune shares (the quality benchmark's, at the fine-tuning learning rate)."""
+    """The recipe every fine-tune shares (the quality benchmark's, at the fine-tuning learning rate), with
+    the DeMe authors' AdamW (beta1 0.95, weight decay 1e-6) given explicitly to every arm: a DeMe
+    interval run would take them by default and a continued run would not, and the comparison would
+    then mix the method with the optimiser."""
     return ["--model_type", "unet", "--dataset_name", DATASET, "--resolution", str(RESOLUTION),
             "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(steps),
-            "--learning_rate", str(args.learning_rate), "--lr_scheduler", args.lr_scheduler,
+            "--learning_rate", str(args.learning_rate), "--adam_beta1", str(DEME_AUTHORS_DEFAULTS["adam_beta1"]),
+            "--adam_weight_decay", str(DEME_AUTHORS_DEFAULTS["adam_weight_decay"]), "--lr_scheduler", args.lr_scheduler,
             "--lr_warmup_steps", str(args.lr_warmup_steps), "--use_ema", "--ema_max_decay", "0.999",
             "--seed", str(seed), "--checkpointing_steps", str(steps + 1), "--num_validation_images", "4",
             "--num_inference_steps", str(args.num_inference_steps), "--report_to", "none"]
@@ -630,7 +636,8 @@ def markdown(args, table, paired, relative, rungs, searches, check, extractor_sh
     pretrained = (f"`{args.pretrained}`" if args.pretrained else
                   f"pretrained here for {args.pretrain_steps} steps (seed {args.pretrain_seed}, AdamW 2e-3, EMA 0.999)")
     lines += ["", f"One pretrained 0.27M-parameter UNet ({pretrained}), fine-tuned on MNIST-5k at 16x16 with batch "
-              f"{args.train_batch_size}, AdamW {args.learning_rate:g} ({args.lr_scheduler}, {args.lr_warmup_steps} "
+              f"{args.train_batch_size}, AdamW {args.learning_rate:g} (beta1 {DEME_AUTHORS_DEFAULTS['adam_beta1']:g}, weight "
+              f"decay {DEME_AUTHORS_DEFAULTS['adam_weight_decay']:g} for every row; {args.lr_scheduler}, {args.lr_warmup_steps} "
               f"warm-up steps), EMA 0.999. Continued fine-tuning: {n * s} steps. DeMe: {n} copies, copy i fine-tuned "
               f"{s} steps on the i-th of {n} equal timestep intervals, probabilistic sampling p {GLOBAL_PROB}, "
               f"consistency weight {CONSISTENCY_WEIGHT:g}, channel projection (main path); merged by task arithmetic. Mean ± "
