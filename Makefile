@@ -28,11 +28,16 @@ demo: install
 	$(OFFLINE) $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no --num_cpu_threads_per_process $(NPROC) train_scripts/train_ant.py
 
+# pytest-xdist: one worker per core (tests/conftest.py gives each worker its share of the torch
+# threads); --dist loadfile keeps a module's tests, and its module-scoped fixtures, on one worker.
+# The 15 slowest tests are printed at the end.
+PYTEST := $(OFFLINE) $(PY) -m pytest -q -n auto --dist loadfile --durations=15
+
 test: install
-	$(OFFLINE) $(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: install
-	$(OFFLINE) $(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) *.egg-info

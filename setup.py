@@ -40,6 +40,6 @@ setup(
         # does not need: install it with `pip install --no-deps animal-mnist` (the Makefile does).
         "datasets": ["mlxtend", "scikit-learn"],
         "cvxpy": ["cvxpy"],
-        "test": ["pytest", "mlxtend", "scikit-learn"],
+        "test": ["pytest", "pytest-xdist", "mlxtend", "scikit-learn"],
     },
 )
