@@ -33,7 +33,7 @@ CARD_NAME = "README.md"
 
 # The offline datasets built into diffusers_ant (see diffusers_ant.data): not Hub datasets, so they
 # get no `datasets:` metadata entry.
-BUILTIN_DATASETS = ("mnist5k", "animal_mnist", "digits")
+BUILTIN_DATASETS = ("mnist5k", "animal_mnist", "digits", "mnist5k_captions")
 
 # What never goes to the Hub: Accelerate checkpoints (`checkpoint-<step>`, and their temporary names
 # while being written), anything under `checkpoints/`, temporary files and tracker logs' lock files.
@@ -68,7 +68,25 @@ MODEL_TYPES = {
         "pipeline_tag": "text-to-image",
         "description": "a ControlNet for Stable Diffusion (the UNet frozen)",
     },
+    # As diffusers' train_dreambooth_lora_sd3.py writes its cards: license "other" (Stability AI's
+    # community license), "template:sd-lora", and "sd3" / "sd3.5" variant tags (see `_variant_tags`).
+    "sd3": {
+        "pipeline": "StableDiffusion3Pipeline",
+        "tags": ("text-to-image", "template:sd-lora"),
+        "pipeline_tag": "text-to-image",
+        "description": "a Stable Diffusion 3 transformer (SD3Transformer2DModel, flow matching)",
+        "license": "other",
+    },
 }
+
+
+def _variant_tags(model_type: str, base_model: str | None) -> list:
+    """diffusers' SD3 LoRA script: SD3.5-Large bases (a name with "large") are tagged sd3.5, others sd3."""
+    if model_type != "sd3":
+        return []
+    if base_model is not None and "large" in str(base_model).lower():
+        return ["sd3.5-large", "sd3.5", "sd3.5-diffusers"]
+    return ["sd3", "sd3-diffusers"]
 
 # Readable names of the multi-task weightings (diffusers_ant.WEIGHTINGS keys), for the card body.
 METHOD_NAMES = {
@@ -301,7 +319,7 @@ _CONTROLNET_INFO = "ant_controlnet.json"
 _BASE_MODEL_DIR = "base_model"
 _COND_EMBEDDING_FILE = "controlnet_cond_embedding.safetensors"
 _LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
-_DENOISER = {"unet": "unet", "dit": "transformer", "sd": "unet", "controlnet": "controlnet"}
+_DENOISER = {"unet": "unet", "dit": "transformer", "sd": "unet", "controlnet": "controlnet", "sd3": "transformer"}
 
 
 def _read_json(path: Path | None) -> dict | None:
@@ -406,7 +424,7 @@ def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipel
         unet_config = _read_json(base.local / "unet" / "config.json") if base.local is not None else None
         return {"pipeline": "StableDiffusionControlNetPipeline", "config": unet_config, "unet_config": unet_config}
     class_name = index.get("_class_name") if index else None
-    denoiser = "transformer" if model_type == "dit" else "unet"
+    denoiser = "transformer" if model_type in ("dit", "sd3") else "unet"
     config = _read_json(local / denoiser / "config.json") if local is not None else None
     if isinstance(class_name, list):
         # this project's class-conditional UNet / pixel DiT pipeline, shipped in the folder as a
@@ -457,7 +475,7 @@ def _call_code(code: _Snippet, model_type: str, facts: dict, prompt: str, resolu
         else:
             labels = [i % num_classes for i in range(4)] if num_classes else [0, 1, 2, 3]
             code.lines.append(f"images = pipe(class_labels={labels}, num_inference_steps=50).images")
-    elif model_type == "sd":
+    elif model_type in ("sd", "sd3"):
         code.lines.append(f"image = pipe({_q(prompt)}, num_inference_steps=30).images[0]")
     else:
         if resolution is None:
@@ -487,7 +505,7 @@ def _usage_snippet(output_dir: Path, model_type: str, ref: str, base_model: str 
     else:
         base = _Location(_q(_named_base(base_model)), None)
     facts = _load_pipeline_code(code, model_type, base, pipeline_class)
-    if model_type == "sd":
+    if model_type in ("sd", "sd3"):
         # diffusers-format LoRA (as train_text_to_image_lora.py writes it): the pipeline's own loader
         code.lines.append(f"pipe.load_lora_weights({_q(ref)})")
     else:
@@ -556,7 +574,7 @@ def write_model_card(
     method_summary: Mapping[str, Any],
     dataset_name: str | None = None,
     images: Sequence[Any] | Any | None = None,
-    license: str = "apache-2.0",
+    license: str | None = None,
     extra_tags: Iterable[str] = (),
     lora: bool | None = None,
     pipeline_class: str | None = None,
@@ -587,7 +605,8 @@ def write_model_card(
         images: samples (a list of PIL images, gridded with diffusers' `make_image_grid`, or one
             ready grid), saved as `samples.png` and shown in the card. None keeps an existing
             `samples.png` if there is one.
-        license: the card's license.
+        license: the card's license (default: the model type's, as diffusers' script for it writes it, else
+            apache-2.0).
         extra_tags: more Hub tags.
         lora: whether the folder holds LoRA weights; default: `method_summary["lora_rank"]` is set
             or the folder has `ant_lora.json`.
@@ -636,7 +655,7 @@ def write_model_card(
     hub_dataset = dataset_name if dataset_name not in BUILTIN_DATASETS and is_hub_id(dataset_name) else None
 
     # Tags as diffusers' training scripts set them, plus this project's and the method's.
-    tags = ["diffusers", "diffusers-training", *info["tags"], "ant"]
+    tags = ["diffusers", "diffusers-training", *info["tags"], *_variant_tags(model_type, base_model), "ant"]
     if lora:
         tags.append("lora")
     if method != "none":
@@ -732,7 +751,7 @@ def write_model_card(
         lora_line += "; this repository holds " + ", ".join(held[:-1]) + (" and " if len(held) > 1 else "") + held[-1]
 
     card_data = ModelCardData(
-        license=license,
+        license=license or info.get("license", "apache-2.0"),
         base_model=hub_base,
         datasets=[hub_dataset] if hub_dataset else None,
         pipeline_tag=info["pipeline_tag"],

@@ -102,13 +102,30 @@ class StratifiedTimestepSampler(TimestepSampler):
     (so for ``B < k`` each cluster is present with probability B / k and none twice); within a
     cluster t is uniform. The batch comes in cluster order, slice i holding cluster i, as in
     the reference code. The reference code needs B divisible by k; this sampler does not.
+
+    ``weights`` (optional, one non-negative weight per timestep): a timestep density to compose with,
+    e.g. SD3's logit-normal (:meth:`FlowMatchingDensitySampler.probabilities`). The clusters still get
+    their equal shares; inside cluster i, t is drawn from the density restricted to I_i (renormalised),
+    by inverting its CDF with the same one uniform number per sample. So the cluster loss of slice i
+    estimates E[loss | t in I_i] under the density, and the weighting, not the density's mass per
+    cluster, decides how much each cluster counts. A cluster the density gives no mass is drawn uniformly.
     """
 
-    def __init__(self, bounds):
+    def __init__(self, bounds, weights=None):
         self.bounds = _validate_bounds(bounds)
         self.num_timesteps = self.bounds[-1][1] + 1
         self._starts = torch.tensor([a for a, _ in self.bounds], dtype=torch.long)
         self._sizes = torch.tensor([b - a + 1 for a, b in self.bounds], dtype=torch.long)
+        self._cdf = None
+        if weights is not None:
+            w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
+            if w.shape != (self.num_timesteps,) or not torch.isfinite(w).all() or (w < 0).any():
+                raise ValueError(f"weights must be {self.num_timesteps} finite non-negative numbers, one per timestep.")
+            # the cumulative mass before each cluster and inside it, for the inverse-CDF draw
+            self._cdf = torch.cat([torch.zeros(1, dtype=torch.float64), w.cumsum(0)])
+            ends = torch.tensor([b + 1 for _, b in self.bounds])
+            self._mass_before = self._cdf[self._starts]
+            self._mass = self._cdf[ends] - self._mass_before
 
     @property
     def num_clusters(self) -> int:
@@ -140,6 +157,12 @@ class StratifiedTimestepSampler(TimestepSampler):
         u = torch.rand(batch_size, generator=generator, device=draw, dtype=torch.float32).cpu()
         sizes = self._sizes[ids]
         offset = torch.minimum((u * sizes.float()).long(), sizes - 1)
+        if self._cdf is not None:  # the density inside the cluster: the first t whose CDF exceeds the draw
+            mass = self._mass[ids]
+            target = self._mass_before[ids] + u.double() * mass
+            inside = torch.searchsorted(self._cdf[1:], target, right=True) - self._starts[ids]
+            offset = torch.where(mass > 0, inside.clamp(min=0), offset)
+            offset = torch.minimum(offset, sizes - 1)
         t = self._starts[ids] + offset
         if device is not None:
             t, ids = t.to(device), ids.to(device)
@@ -279,8 +302,8 @@ class FlowMatchingDensitySampler(TimestepSampler):
     One departure: the index is clamped to T - 1, because the mode density returns u = 1 when the
     uniform draw is exactly 0 (probability 2^-24), which would index past the end in the script.
     For flow-matching schedulers only (the caller checks with
-    :func:`diffusers_ant.schedule.check_weighting_scheme`); a density replaces stratified sampling
-    rather than combining with it (see ``train_ant.py --weighting_scheme``).
+    :func:`diffusers_ant.schedule.check_weighting_scheme`). With ANT's stratified batches the density
+    is composed rather than replaced: :meth:`probabilities` gives ``StratifiedTimestepSampler`` its weights.
     """
 
     def __init__(self, weighting_scheme: str, num_timesteps: int, logit_mean: float = 0.0, logit_std: float = 1.0,
@@ -295,6 +318,33 @@ class FlowMatchingDensitySampler(TimestepSampler):
             raise ValueError(f"mode_scale must lie in [{low:g}, {high:.4f}] for the mode density to be monotone (SD3 uses 1.29); got {mode_scale}.")
         self.weighting_scheme, self.num_timesteps = weighting_scheme, num_timesteps
         self.logit_mean, self.logit_std, self.mode_scale = float(logit_mean), float(logit_std), float(mode_scale)
+
+    def probabilities(self) -> torch.Tensor:
+        """The exact probability of every training index t under :meth:`sample` (float64 [T], CPU).
+
+        ``index = floor(u T)`` (clamped), ``t = T - 1 - index``, so P(t) is the mass of ``u`` on
+        ``[index / T, (index + 1) / T)``: from the CDF of ``u``, ``Phi((logit x - mean) / std)`` for
+        logit_normal and ``1 - v(x)`` for mode, where ``v(x)`` solves ``u(v) = x`` (u is decreasing in
+        v over the allowed scales; solved by bisection, 60 halvings in float64)."""
+        T = self.num_timesteps
+        edges = torch.linspace(0.0, 1.0, T + 1, dtype=torch.float64)
+        if self.weighting_scheme == "logit_normal":
+            inner = edges[1:-1]
+            z = (torch.log(inner) - torch.log1p(-inner) - self.logit_mean) / self.logit_std
+            cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.special.ndtr(z), torch.ones(1, dtype=torch.float64)])
+        else:
+            def u_of(v):
+                return 1 - v - self.mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
+
+            lo, hi = torch.zeros_like(edges), torch.ones_like(edges)
+            for _ in range(60):  # u_of is decreasing: move toward the v with u_of(v) = edge
+                mid = (lo + hi) / 2
+                above = u_of(mid) > edges
+                lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+            cdf = 1 - (lo + hi) / 2
+            cdf[0], cdf[-1] = 0.0, 1.0
+        per_index = (cdf[1:] - cdf[:-1]).clamp(min=0)
+        return per_index.flip(0) / per_index.sum()  # index order -> this project's t = T - 1 - index
 
     def sample(self, batch_size, generator=None, device=None):
         from diffusers.training_utils import compute_density_for_timestep_sampling

@@ -186,8 +186,6 @@ def test_the_argument_lists_agree_with_the_library():
 @pytest.mark.parametrize("extra,needle", [
     (["--weighting_scheme", "sigma_sqrt"], "add --noise_scheduler flow_match"),
     (["--noise_scheduler", "ddpm", "--weighting_scheme", "mode"], "add --noise_scheduler flow_match"),
-    (["--noise_scheduler", "flow_match", "--weighting_scheme", "logit_normal", "--timestep_sampling", "stratified"],
-     "drop --timestep_sampling stratified"),
     (["--noise_scheduler", "flow_match", "--weighting_scheme", "mode", "--timestep_range", "0", "9"], "--timestep_range"),
     (["--noise_scheduler", "flow_match", "--weighting_scheme", "cosmap", "--snr_gamma", "5"], "drop --loss_weighting min_snr"),
     (["--noise_scheduler", "flow_match", "--weighting_scheme", "mode", "--mode_scale", "3"], "--mode_scale must lie in"),
@@ -206,6 +204,9 @@ def test_flow_flags_accepted():
     args = parse_args(args_for("--noise_scheduler", "flow_match", "--weighting_scheme", "logit_normal",
                                "--mtl_method", "uw", "--loss_weighting", "p2"))
     assert args.timestep_sampling == "uniform"  # drawn from the density, grouped into clusters afterwards
+    # stratified cluster draws compose with the density (tests/test_family_sd3.py checks the draws)
+    assert parse_args(args_for("--noise_scheduler", "flow_match", "--weighting_scheme", "logit_normal",
+                               "--timestep_sampling", "stratified")).timestep_sampling == "stratified"
     # with a pretrained folder the family is known only after loading: the objective checks it then
     assert parse_args(args_for("--weighting_scheme", "cosmap", pretrained=True)).weighting_scheme == "cosmap"
 

@@ -24,6 +24,7 @@ from .dit import DiTAdapter
 from .pipelines import ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline
 from .presets import PRESETS, tiny_clip_tokenizer
 from .sd import StableDiffusionAdapter
+from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 
 MODEL_TYPES = {
@@ -31,6 +32,7 @@ MODEL_TYPES = {
     "dit": DiTAdapter,
     "sd": StableDiffusionAdapter,
     "controlnet": ControlNetAdapter,
+    "sd3": SD3Adapter,
 }
 
 _OWN_PIPELINES = {cls.__name__: cls for cls in (ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline)}
@@ -107,6 +109,7 @@ __all__ = [
     "DiTAdapter",
     "ModelAdapter",
     "PixelDiTPipeline",
+    "SD3Adapter",
     "StableDiffusionAdapter",
     "UNetAdapter",
     "UnconditionalUNetPipeline",

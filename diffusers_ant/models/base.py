@@ -141,7 +141,7 @@ def default_scheduler(latent: bool, config: dict = None, kind: str = "ddpm", flo
 
     config = config or (LATENT_SCHEDULER if latent else PIXEL_SCHEDULER)
     if kind == "flow_match":
-        shift = 1.0 if flow_shift is None else flow_shift
+        shift = config.get("shift", 1.0) if flow_shift is None else flow_shift  # a preset may carry its shift (SD3: 3.0)
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.get("num_train_timesteps", 1000), shift=shift)
     if kind != "ddpm":
         raise ValueError(f"unknown noise scheduler {kind!r}; use one of {', '.join(NOISE_SCHEDULERS)}")
@@ -191,6 +191,10 @@ class ModelAdapter:
     """
 
     model_type = None
+    # The training scheduler of a model built from a preset (`noise_scheduler=None`), and whether the
+    # type's latent pipeline samples flow matching (SD3-style families do; SD 1.x / 2.x do not).
+    default_noise_scheduler = "ddpm"
+    latent_flow_matching = False
     # module-name suffixes given LoRA by default; filtered to those the model has
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -287,9 +291,9 @@ class ModelAdapter:
             scheduler = load_training_scheduler(source)
         if scheduler is None or noise_scheduler not in (None, scheduler_kind(scheduler)):
             scheduler = default_scheduler(latent, preset.get("scheduler") if preset else None,
-                                          kind=noise_scheduler or "ddpm", flow_shift=flow_shift)
+                                          kind=noise_scheduler or cls.default_noise_scheduler, flow_shift=flow_shift)
         if scheduler_kind(scheduler) == "flow_match":
-            if latent:
+            if latent and not cls.latent_flow_matching:
                 raise ValueError(f"flow matching is supported for pixel-space models only (unet, dit without a VAE); "
                                  f"this {cls.model_type} model's latent pipeline cannot sample it")
             if prediction_type not in (None, "flow"):

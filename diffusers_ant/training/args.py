@@ -42,7 +42,7 @@ DEMO_ARGS = [
     "--report_to", "tensorboard",
 ]
 
-MODEL_TYPES = ("unet", "dit", "sd", "controlnet")
+MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "sd3")
 CLUSTERING_OBJECTIVES = ("timestep", "snr", "gradient")
 TIMESTEP_SAMPLINGS = ("uniform", "stratified")
 # diffusers_ant.schedule's NOISE_SCHEDULERS and FLOW_WEIGHTING_SCHEMES, written out so that building the
@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "through it; the output folder records it in class_map.json.")
     g.add_argument("--rank", type=int, default=None, help="Train LoRA adapters of this rank instead of the full model.")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
+    g.add_argument("--lora_layers", default=None,
+                   help="As diffusers' DreamBooth LoRA scripts: the comma-separated module names given LoRA (e.g. "
+                   "`attn.to_k,attn.to_q,attn.to_v,attn.to_out.0`). Default: the model type's own list (sd3: diffusers' "
+                   "SD3 script's joint-attention projections).")
     g.add_argument("--finetune", default=None, choices=["full", "lora", "bitfit", "difffit"],
                    help="What trains: the whole model, LoRA adapters (--rank), the bias terms (BitFit), or DiffFit's "
                    "biases, norms, label table and scales in the first half of the blocks (Xie et al. 2023, as the "
@@ -110,13 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "rectified flow; pixel-space unet and dit only). Default: the pretrained folder's scheduler, else ddpm.")
     g.add_argument("--flow_shift", type=float, default=None,
                    help="Shift of the flow-matching sigmas (default 1.0 from scratch, else the folder's; SD3 uses 3.0).")
-    g.add_argument("--weighting_scheme", default="none", choices=list(FLOW_WEIGHTING_SCHEMES),
+    g.add_argument("--weighting_scheme", default=None, choices=list(FLOW_WEIGHTING_SCHEMES),
                    help="As diffusers' SD3 script, flow matching only: logit_normal or mode draw the timesteps from "
-                   "that density (with --timestep_sampling uniform: not stratified, the density decides how often each "
-                   "cluster is trained), sigma_sqrt or cosmap weight the loss (instead of --loss_weighting).")
+                   "that density (with --timestep_sampling uniform the density decides how often each cluster is "
+                   "trained; with stratified every cluster gets an equal share of the batch, drawn from the density "
+                   "inside the cluster), sigma_sqrt or cosmap weight the loss (instead of --loss_weighting). Default: "
+                   "logit_normal for sd3 (diffusers' SD3 script), else none.")
     g.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal density (SD3: 0.0).")
     g.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit_normal density (SD3: 1.0).")
     g.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode density (SD3 script: 1.29).")
+    g.add_argument("--precondition_outputs", type=int, default=None, choices=[0, 1],
+                   help="As diffusers' SD3 script (EDM-style preconditioning): the loss compares x0_hat = x_t - sigma * "
+                   "model_output with the clean latents instead of the velocity with noise - x0 (the same minimiser, "
+                   "weighted by sigma^2). Flow matching only. Default: 1 for sd3 (the script's default), else 0.")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None,
@@ -358,6 +368,17 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
 
     if args.noise_scheduler not in (None, *NOISE_SCHEDULERS):
         raise UsageError(f"unknown --noise_scheduler {args.noise_scheduler!r}; choose one of: {', '.join(NOISE_SCHEDULERS)}")
+    if args.model_type == "sd3":  # SD3 is a flow-matching model: its pipeline samples nothing else
+        if args.noise_scheduler == "ddpm":
+            raise UsageError("--model_type sd3 trains with flow matching (its pipeline samples FlowMatchEuler): "
+                             "drop --noise_scheduler ddpm")
+        args.noise_scheduler = "flow_match"
+        if args.weighting_scheme is None:
+            args.weighting_scheme = "logit_normal"  # the default of diffusers' train_dreambooth_lora_sd3.py
+        if args.precondition_outputs is None:
+            args.precondition_outputs = 1  # the default of diffusers' train_dreambooth_lora_sd3.py
+    if args.weighting_scheme is None:
+        args.weighting_scheme = "none"
     if args.noise_scheduler == "flow_match":
         if args.model_type in ("sd", "controlnet"):
             raise UsageError(f"--noise_scheduler flow_match is for pixel-space models (unet, dit); {args.model_type} is latent")
@@ -372,12 +393,13 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         if ddpm:
             raise UsageError(f"--weighting_scheme {args.weighting_scheme} is for flow matching: add --noise_scheduler flow_match")
         if args.weighting_scheme in FLOW_DENSITY_SCHEMES:
-            # the density decides how often each noise level is trained; stratified sampling would give
-            # every cluster an equal share instead, and --timestep_range one interval
-            if args.timestep_sampling == "stratified" or args.timestep_range is not None:
+            # the density decides how often each noise level is trained; --timestep_range would train one
+            # interval. `stratified` composes with it: equal cluster shares, the density inside each cluster
+            if args.timestep_range is not None:
                 raise UsageError(f"--weighting_scheme {args.weighting_scheme} draws the timesteps from its density: "
-                                 "drop --timestep_sampling stratified / --timestep_range (use --timestep_sampling uniform)")
-            args.timestep_sampling = "uniform"  # i.i.d. draws (from the density), grouped into clusters afterwards
+                                 "drop --timestep_range")
+            if args.timestep_sampling is None:
+                args.timestep_sampling = "uniform"  # i.i.d. draws (from the density), grouped into clusters afterwards
             try:  # the sampler's own checks of --logit_std / --mode_scale, now rather than at set-up
                 FlowMatchingDensitySampler(args.weighting_scheme, 1000, args.logit_mean, args.logit_std, args.mode_scale)
             except ValueError as err:
@@ -385,6 +407,11 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         elif args.loss_weighting != "none":
             raise UsageError(f"--weighting_scheme {args.weighting_scheme} is a loss weight: drop --loss_weighting "
                              f"{args.loss_weighting} (and --snr_gamma), or use a density scheme (logit_normal, mode) with it")
+    if args.precondition_outputs is None:
+        args.precondition_outputs = 0
+    if args.precondition_outputs and ddpm:
+        raise UsageError("--precondition_outputs 1 preconditions a flow-matching model's output: add --noise_scheduler "
+                         "flow_match, or drop it")
     from ..peft_modes import validate_finetune_mode
 
     if args.finetune is None:
@@ -416,8 +443,9 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError(f"unknown --timestep_sampling {args.timestep_sampling!r}; choose one of: {', '.join(TIMESTEP_SAMPLINGS)}")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise UsageError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
-    if args.proportion_empty_prompts and args.model_type not in ("sd", "controlnet"):
-        raise UsageError("--proportion_empty_prompts drops captions: it applies to --model_type sd and controlnet only")
+    if args.proportion_empty_prompts and args.model_type not in ("sd", "controlnet", "sd3"):
+        raise UsageError("--proportion_empty_prompts drops captions: it applies to text-to-image model types "
+                         "(sd, controlnet, sd3) only")
     if args.validation_epochs is not None and args.validation_epochs < 1:
         raise UsageError("--validation_epochs must be at least 1")
     if args.validation_prompt and args.validation_image and len(args.validation_prompt) not in (1, len(args.validation_image)) \
@@ -448,6 +476,8 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError("--max_train_steps must be at least 1")
     if args.rank is not None and args.rank < 1:
         raise UsageError("--rank must be at least 1")
+    if args.lora_layers and args.rank is None:
+        raise UsageError("--lora_layers names the modules given LoRA: add --rank (e.g. --rank 4)")
     if args.train_text_encoder and (args.model_type != "sd" or args.rank is None):
         raise UsageError("--train_text_encoder trains a LoRA on Stable Diffusion's text encoder: use it with "
                          "--model_type sd and --rank")
@@ -477,7 +507,7 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             check_hub_token_safety(args.report_to, args.hub_token)
         except ValueError as err:
             raise UsageError(str(err)) from None
-    if args.model_type in ("sd", "controlnet") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
+    if args.model_type in ("sd", "controlnet", "sd3") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
         raise UsageError(f"--model_type {args.model_type} needs captions: use --dataset_name mnist5k_captions or a captioned dataset")
 
 

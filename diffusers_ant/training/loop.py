@@ -57,7 +57,7 @@ def public_config(args) -> dict:
 
 def data_needs(args) -> dict:
     """Which dataset columns the model type needs (captions, conditioning images, classes)."""
-    return {"need_captions": args.model_type in ("sd", "controlnet"),
+    return {"need_captions": args.model_type in ("sd", "controlnet", "sd3"),
             "need_conditioning": args.model_type == "controlnet",
             "need_classes": args.model_type in ("unet", "dit") and (args.num_classes is not None
                                                                     or args.class_column is not None),
@@ -76,7 +76,7 @@ def default_validation_inputs(args, dataset, columns) -> dict:
 
     n = args.num_validation_images
     inputs = {}
-    if args.model_type in ("sd", "controlnet"):
+    if args.model_type in ("sd", "controlnet", "sd3"):
         prompts = args.validation_prompt or [dataset[i % len(dataset)][columns["caption_column"]] for i in range(n)]
         inputs["prompts"] = repeat_to(list(prompts), n)
     if args.model_type == "controlnet":
@@ -177,6 +177,7 @@ def train(args) -> str:
                                    loss_weighting=args.loss_weighting, snr_gamma=args.snr_gamma,
                                    p2_k=args.p2_k, p2_gamma=args.p2_gamma, noise_offset=args.noise_offset,
                                    weighting_scheme=args.weighting_scheme,  # SD3's loss weight (flow matching)
+                                   precondition_outputs=bool(args.precondition_outputs),  # SD3's x0 preconditioning
                                    sources=build_sources(args, intervals, num_timesteps, sampler), teacher=teacher)
     num_tasks = objective.num_tasks  # (source, cluster) pairs
 
@@ -373,7 +374,8 @@ def prepare_model(args, accelerator, adapter):
 
         teacher = FrozenTeacher(adapter, weight_dtype, autocast=accelerator.autocast).to(accelerator.device)
     if args.rank is not None:
-        adapter.add_lora(args.rank, alpha=args.lora_alpha)
+        layers = [name.strip() for name in args.lora_layers.split(",") if name.strip()] if args.lora_layers else None
+        adapter.add_lora(args.rank, alpha=args.lora_alpha, target_modules=layers)
     if args.train_text_encoder:
         adapter.add_text_encoder_lora(args.rank, alpha=args.lora_alpha)
     finetune = apply_finetune_mode(adapter.model, args.finetune)  # BitFit / DiffFit choose what trains

@@ -96,11 +96,14 @@ class DiffusionObjective:
 
     Tasks: source i, cluster j is task i * K + j (K clusters); with one source, task j is cluster j.
         weighting_scheme: SD3's flow-matching loss weight (`losses.flow_matching_loss_weights`), times the above.
+        precondition_outputs: diffusers' SD3 script's `--precondition_outputs` (flow matching only): the model's
+            velocity v becomes x0_hat = x_t - sigma * v and the target is x0 (teacher outputs alike), so the
+            loss is sigma^2 times the velocity loss.
     """
 
     def __init__(self, adapter, noise_scheduler, sampler, intervals, prediction_type=None,
                  loss_weighting="none", snr_gamma=None, p2_k=1.0, p2_gamma=1.0, noise_offset=0.0,
-                 sources=None, teacher=None, weighting_scheme="none"):
+                 sources=None, teacher=None, weighting_scheme="none", precondition_outputs=False):
         self.adapter = adapter
         self.scheduler = noise_scheduler
         self.intervals = intervals
@@ -116,6 +119,10 @@ class DiffusionObjective:
             raise ValueError(f"source(s) {', '.join(needs_teacher)} need the frozen pretrained model: pass teacher=")
         check_weighting_scheme(noise_scheduler, weighting_scheme)  # flow matching only: fail at set-up
         self.weighting_scheme = weighting_scheme
+        if precondition_outputs and resolve_prediction_type(noise_scheduler, prediction_type) != "flow":
+            raise ValueError(f"--precondition_outputs turns a flow-matching velocity into x0: {type(noise_scheduler).__name__} "
+                             "with this prediction type has none (use --precondition_outputs 0)")
+        self.precondition_outputs = bool(precondition_outputs)
 
     @property
     def sampler(self):
@@ -175,13 +182,21 @@ class DiffusionObjective:
         model_t = model_timesteps(self.scheduler, t)
         target = training_target(self.scheduler, x0, noise, t, self.prediction_type)
         prediction_type = resolve_prediction_type(self.scheduler, self.prediction_type)
+        if self.precondition_outputs:  # diffusers' SD3 script: target = latents, compared with x_t - sigma * v
+            target, prediction_type = x0, "sample"
         weights = timestep_loss_weights(self.loss_weighting, snr_at(self.scheduler, t), prediction_type=prediction_type,
                                         snr_gamma=self.snr_gamma, p2_k=self.p2_k, p2_gamma=self.p2_gamma).to(device)
         weights = weights * flow_matching_loss_weights(self.scheduler, t, self.weighting_scheme)
         prepared = dict(x_t=x_t, t=t, model_t=model_t, target=target, weights=weights * source.weight,
                         conditioning=conditioning, task_ids=clusters + index * len(self.intervals))
+        if self.precondition_outputs:
+            from ..schedule import flow_sigma_at
+
+            prepared["sigma"] = flow_sigma_at(self.scheduler, t).to(device).view(-1, *([1] * (x0.ndim - 1)))
         if source.target == "teacher" or source.consistency:
             teacher = self.teacher.predict(x_t, model_t, conditioning, chunk_size=chunk_size)
+            if self.precondition_outputs:
+                teacher = x_t - prepared["sigma"] * teacher
             if source.target == "teacher":
                 prepared["target"] = teacher
             if source.consistency:
@@ -200,6 +215,8 @@ class DiffusionObjective:
             sel = (lambda x: x) if idx is None else (lambda x: x[idx.to(x.device)])
             pred = self.adapter.predict(model, sel(prepared["x_t"]), sel(prepared["model_t"]),
                                         _index(prepared["conditioning"], idx)).float()
+            if "sigma" in prepared:  # --precondition_outputs: model_pred * (-sigmas) + noisy_model_input
+                pred = pred * (-sel(prepared["sigma"])) + sel(prepared["x_t"]).float()
             loss = per_sample_loss(pred, sel(prepared["target"]).float())
             if "consistency_target" in prepared:
                 loss = loss + sel(prepared["consistency_weight"]) * per_sample_loss(pred, sel(prepared["consistency_target"]))
