@@ -98,7 +98,12 @@ def load_pipeline(folder: str, torch_dtype=None):
         class_name = json.load(f)["_class_name"]
     if isinstance(class_name, list) and class_name[-1] in _OWN_PIPELINES:
         return attach_saved_deme(_OWN_PIPELINES[class_name[-1]].from_pretrained(folder, torch_dtype=torch_dtype), folder)
-    return attach_saved_deme(DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype), folder)
+    # Components saved as absent ([null, null], e.g. SD3 without T5) must be passed as None again, as
+    # diffusers' docs load such a pipeline (`text_encoder_3=None, tokenizer_3=None`)
+    with open(index_path, encoding="utf-8") as f:
+        absent = {name: None for name, entry in json.load(f).items()
+                  if isinstance(entry, list) and len(entry) == 2 and entry[0] is None}
+    return attach_saved_deme(DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, **absent), folder)
 
 
 __all__ = [

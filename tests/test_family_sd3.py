@@ -1,0 +1,251 @@
+"""`--model_type sd3` (issue 16): Stable Diffusion 3 / 3.5 on its tiny preset.
+
+One short in-process run per configuration, shared through module-scoped fixtures, several checks per
+run: LoRA with ANT (uw on stratified draws composed with the logit-normal density; pcgrad on the LoRA
+subset, without T5, in bf16) loading through `StableDiffusion3Pipeline.load_lora_weights` and
+`load_pipeline` and sampling; full fine-tuning resumed exactly; SD3.5's options; the wrong family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
+
+RUN = [*TINY_RUN, "--train_batch_size", "4", "--max_train_samples", "8", "--num_validation_images", "1"]
+
+
+def _sd3_args(out, *extra, pretrained=None):
+    args = ["--model_type", "sd3", "--dataset_name", "mnist5k_captions", "--output_dir", str(out), *RUN]
+    if pretrained is not None:
+        i = args.index("--model_config_name_or_path")
+        del args[i:i + 2]
+        args += ["--pretrained_model_name_or_path", str(pretrained)]
+    return [*args, *extra]
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory):
+    """A pretrained tiny SD3 pipeline folder (CLIP-L, CLIP-G and T5), as `save_pretrained` writes it."""
+    from diffusers_ant.models import get_model_adapter
+
+    folder = tmp_path_factory.mktemp("tiny-sd3")
+    get_model_adapter("sd3").load(model_config_name_or_path="tiny", resolution=16).save(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd3_folder_no_t5(sd3_folder, tmp_path_factory):
+    """The same pipeline saved without T5, the way diffusers' docs drop it (`text_encoder_3=None`)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sd3-no-t5")
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder, text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_uw(sd3_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sd3-lora-uw") / "out"
+    train_in_process(_sd3_args(out, "--rank", "4", "--mtl_method", "uw", "--timestep_sampling", "stratified",
+                               "--max_train_steps", "3", "--checkpointing_steps", "3", "--learning_rate", "5e-2",
+                               "--validation_prompt", "a handwritten digit 3", pretrained=sd3_folder))
+    return out
+
+
+def _sample(pipe, prompt="a handwritten digit 3"):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def test_lora_with_uw_saves_a_diffusers_sd3_lora_that_the_pipeline_loads(lora_uw, sd3_folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffusers_ant.models import load_pipeline
+
+    config = json.loads((lora_uw / "training_config.json").read_text())
+    # SD3's defaults are diffusers' SD3 script's: flow matching, logit-normal density, preconditioned outputs
+    assert (config["noise_scheduler"], config["weighting_scheme"], config["precondition_outputs"]) == \
+        ("flow_match", "logit_normal", 1)
+    assert config["timestep_sampling"] == "stratified"
+    lora = load_file(lora_uw / "pytorch_lora_weights.safetensors")
+    # diffusers' SD3 LoRA format: transformer.<module>.lora_A/B.weight on the script's eight projections
+    assert lora and all(k.startswith("transformer.") and ".lora_" in k for k in lora)
+    for target in ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                   "attn.to_out.0", "attn.to_q", "attn.to_v"):
+        assert any(f".{target}.lora_B" in k for k in lora), target
+    assert max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k) > 1e-4  # B left zero: untrained
+    # a checkpoint holds the adapters only
+    checkpoint = lora_uw / "checkpoint-3"
+    assert not list(checkpoint.glob("model*.safetensors"))
+    keys = list(load_file(checkpoint / "trainable_state.safetensors"))
+    assert keys and all("lora_" in k for k in keys)
+
+    base = StableDiffusion3Pipeline.from_pretrained(sd3_folder)
+    before = _sample(base)
+    base.load_lora_weights(lora_uw)  # the way SD3 users load a LoRA
+    with_lora = _sample(base)
+    ours = _sample(load_pipeline(str(lora_uw)))
+    assert with_lora.shape == (1, 16, 16, 3) and abs(with_lora - before).max() > 1e-3
+    assert abs(ours - with_lora).max() < 1e-5  # load_pipeline = base + load_lora_weights
+    assert (lora_uw / "samples" / "step-3.png").is_file()  # validation through StableDiffusion3Pipeline
+
+    card = (lora_uw / "README.md").read_text()
+    head = card.split("---")[1]
+    assert "license: other" in head  # as diffusers' SD3 script (Stability AI's community license)
+    for tag in ("sd3", "sd3-diffusers", "text-to-image", "template:sd-lora", "lora", "uw"):
+        assert f"- {tag}\n" in head, tag
+    assert "StableDiffusion3Pipeline.from_pretrained" in card and ".load_lora_weights(" in card
+
+
+def test_pcgrad_on_the_lora_subset_in_bf16_without_t5(sd3_folder_no_t5, tmp_path):
+    """ANT's gradient-based weighting on the LoRA parameters, a folder without T5 (zeros in its place, as
+    the pipeline), bf16 with the frozen parts in bf16; the output still loads and samples without T5."""
+    from diffusers import StableDiffusion3Pipeline
+
+    out = tmp_path / "pcgrad"
+    train_in_process(_sd3_args(out, "--rank", "4", "--mtl_method", "pcgrad", "--task_gradient_subset", "lora",
+                               "--mixed_precision", "bf16", "--max_train_steps", "2", "--learning_rate", "5e-2",
+                               pretrained=sd3_folder_no_t5))
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora.values())
+    assert max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k) > 1e-4
+    from diffusers_ant.models import load_pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder_no_t5, text_encoder_3=None, tokenizer_3=None)
+    pipe.load_lora_weights(out)
+    images = _sample(pipe)
+    assert images.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(images)).all()
+    ours = load_pipeline(str(out))  # passes the absent T5 as None itself
+    assert ours.text_encoder_3 is None and abs(_sample(ours) - images).max() < 1e-5
+    # the validation grid came from the pipeline without T5
+    assert (out / "samples" / "step-2.png").is_file()
+
+
+def test_full_finetune_resumes_exactly(tmp_path):
+    """2N == N + resume + N (N = 2) for a full fine-tune from the tiny preset, with EMA: the check every
+    other model type passes (tests/test_trainer_matrix.py), on two steps per half."""
+    common = ["--use_ema", "--checkpointing_steps", "2", "--num_validation_images", "1"]
+    straight = tmp_path / "straight"
+    train_in_process(_sd3_args(straight, *common, "--max_train_steps", "4"))
+    resumed = tmp_path / "resumed"
+    train_in_process(_sd3_args(resumed, *common, "--max_train_steps", "3"))  # checkpoint-2, then interrupted
+    train_in_process(_sd3_args(resumed, *common, "--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-2"))
+
+    def transformer(folder):
+        return {k: v for k, v in load_safetensors_dir(folder / "transformer").items()}
+
+    a, b = transformer(straight), transformer(resumed)
+    assert_same_tensors(a, b)
+    assert_same_tensors(load_safetensors_dir(straight / "checkpoint-2"), load_safetensors_dir(resumed / "checkpoint-2"))
+    # full fine-tuning moved the weights away from the initial ones (resume is not trivially equal)
+    from diffusers_ant.models import get_model_adapter
+
+    torch.manual_seed(0)
+    assert json.loads((straight / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    first = json.loads((straight / "training_config.json").read_text())
+    assert first["model_type"] == "sd3" and first["precondition_outputs"] == 1
+    assert get_model_adapter("sd3").load(pretrained_model_name_or_path=str(straight)).model_from_pretrained
+
+
+def test_sd35_options_load_and_train_a_lora_step():
+    """SD3.5's transformer (RMS-norm on queries / keys, MMDiT-X dual attention) is the same type."""
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.clustering import TimestepIntervals
+    from diffusers_ant.timesteps import UniformTimestepSampler
+    from diffusers_ant.training.step import DiffusionObjective
+
+    adapter = get_model_adapter("sd3").load(model_config_name_or_path="tiny-3.5", resolution=16)
+    config = adapter.model.config
+    assert config.qk_norm == "rms_norm" and list(config.dual_attention_layers) == [0]
+    assert adapter.model.transformer_blocks[0].attn2 is not None
+    adapter.add_lora(4)
+    objective = DiffusionObjective(adapter, adapter.noise_scheduler, UniformTimestepSampler(1000),
+                                   TimestepIntervals([(0, 999)], 1000), precondition_outputs=True)
+    batch = {"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1, "captions": ["a digit 3", "seven"]}
+    prepared = objective.prepare(batch, torch.Generator().manual_seed(0))
+    objective.loss_fn(adapter.model, prepared)().mean().backward()
+    # B starts at zero, so the first gradients reach B (A's need B != 0); block 0's joint attention has them
+    grads = [p.grad for n, p in adapter.model.named_parameters() if "lora_B" in n and "transformer_blocks.0.attn." in n]
+    assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_precondition_outputs_is_sigma_squared_times_the_velocity_loss():
+    """diffusers' SD3 `--precondition_outputs`: x0_hat = x_t - sigma v against x0, i.e. sigma^2 ||v - (eps - x0)||^2."""
+    from diffusers_ant.clustering import TimestepIntervals
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.schedule import flow_sigma_at
+    from diffusers_ant.timesteps import UniformTimestepSampler
+    from diffusers_ant.training.step import DiffusionObjective
+
+    adapter = get_model_adapter("sd3").load(model_config_name_or_path="tiny", resolution=16)
+    batch = {"pixel_values": torch.rand(3, 3, 16, 16) * 2 - 1, "captions": ["one", "two", "three"]}
+    losses = {}
+    for pre in (False, True):
+        objective = DiffusionObjective(adapter, adapter.noise_scheduler, UniformTimestepSampler(1000),
+                                       TimestepIntervals([(0, 999)], 1000), precondition_outputs=pre)
+        prepared = objective.prepare(batch, torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            losses[pre] = objective.loss_fn(adapter.model, prepared)()
+    sigma = flow_sigma_at(adapter.noise_scheduler, prepared["t"])
+    assert torch.allclose(losses[True], sigma ** 2 * losses[False], rtol=1e-4)
+    assert (prepared["target"] == adapter.encode_batch(batch, generator=torch.Generator().manual_seed(1))[0]).all()
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "mode"])
+def test_stratified_cluster_draws_compose_with_the_density(scheme):
+    """Equal cluster shares, the density (renormalised) inside each cluster; the density's exact
+    per-timestep probabilities match its own draws."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusers_ant import cluster_timesteps
+    from diffusers_ant.timesteps import FlowMatchingDensitySampler, StratifiedTimestepSampler
+
+    density = FlowMatchingDensitySampler(scheme, 1000, logit_mean=0.3, logit_std=1.2)
+    p = density.probabilities()
+    assert abs(p.sum().item() - 1) < 1e-9
+    draws = density.sample(100_000, generator=torch.Generator().manual_seed(0))
+    empirical = torch.bincount(draws, minlength=1000).double() / len(draws)
+    assert (empirical.view(10, 100).sum(1) - p.view(10, 100).sum(1)).abs().max() < 0.006
+    # ANT's clusters on SD3's shifted sigma table, SNR = ((1 - sigma) / sigma)^2
+    intervals = cluster_timesteps(FlowMatchEulerDiscreteScheduler(shift=3.0), 4, objective="snr")
+    sampler = StratifiedTimestepSampler(intervals, weights=p)
+    t, ids = sampler.sample_with_ids(100_000, generator=torch.Generator().manual_seed(1))
+    assert torch.bincount(ids, minlength=4).tolist() == [25_000] * 4
+    for i, (start, end) in enumerate(intervals.bounds):
+        inside = t[ids == i]
+        assert inside.min() >= start and inside.max() <= end
+        conditional = p[start:end + 1] / p[start:end + 1].sum()
+        mean = (torch.arange(start, end + 1, dtype=torch.float64) * conditional).sum().item()
+        assert abs(inside.double().mean().item() - mean) < 0.02 * (end - start + 1), (i, mean)
+
+
+def test_sd3_flags_and_a_pipeline_of_another_family(tmp_path, capsys):
+    from train_scripts_loader import load_train_main
+
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.training import UsageError, parse_args
+
+    base = ["--model_type", "sd3", "--dataset_name", "mnist5k_captions", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(UsageError, match="drop --noise_scheduler ddpm"):
+        parse_args([*base, "--noise_scheduler", "ddpm"])
+    with pytest.raises(UsageError, match="add --rank"):
+        parse_args([*base, "--lora_layers", "attn.to_q"])
+    args = parse_args([*base, "--weighting_scheme", "mode", "--precondition_outputs", "0"])
+    assert (args.noise_scheduler, args.weighting_scheme, args.precondition_outputs) == ("flow_match", "mode", 0)
+    with pytest.raises(UsageError, match="--precondition_outputs"):  # not for DDPM models
+        parse_args(["--dataset_name", "mnist5k", "--output_dir", "o", "--precondition_outputs", "1"])
+
+    sd_folder = tmp_path / "tiny-sd"
+    get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16).save(str(sd_folder))
+    main = load_train_main()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(_sd3_args(tmp_path / "wrong", "--max_train_steps", "1", pretrained=sd_folder))
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "--model_type sd3" in err and "--model_type sd" in err and "StableDiffusionPipeline" in err, err
