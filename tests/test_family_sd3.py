@@ -102,7 +102,14 @@ def test_lora_with_uw_saves_a_diffusers_sd3_lora_that_the_pipeline_loads(lora_uw
     assert "license: other" in head  # as diffusers' SD3 script (Stability AI's community license)
     for tag in ("sd3", "sd3-diffusers", "text-to-image", "template:sd-lora", "lora", "uw"):
         assert f"- {tag}\n" in head, tag
-    assert "StableDiffusion3Pipeline.from_pretrained" in card and ".load_lora_weights(" in card
+    # the card's snippet runs as written (offline: the local folder for the repo id, 2 steps)
+    code = card.split("## How to use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "StableDiffusion3Pipeline.from_pretrained" in code and "pipe.load_lora_weights(folder)" in code
+    code = code.replace(json.dumps("out"), json.dumps(str(lora_uw)), 1).replace("num_inference_steps=30",
+                                                                               "num_inference_steps=2")
+    scope = {}
+    exec(code, scope)
+    assert scope["image"].size == (16, 16)
 
 
 def test_pcgrad_on_the_lora_subset_in_bf16_without_t5(sd3_folder_no_t5, tmp_path):
