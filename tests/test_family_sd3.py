@@ -120,8 +120,10 @@ def test_pcgrad_on_the_lora_subset_in_bf16_without_t5(sd3_folder_no_t5, tmp_path
     out = tmp_path / "pcgrad"
     train_in_process(_sd3_args(out, "--rank", "4", "--mtl_method", "pcgrad", "--task_gradient_subset", "lora",
                                "--mixed_precision", "bf16", "--max_train_steps", "2", "--learning_rate", "5e-2",
-                               pretrained=sd3_folder_no_t5))
+                               "--lora_layers", "attn.to_q,attn.to_v", pretrained=sd3_folder_no_t5))
     lora = load_file(out / "pytorch_lora_weights.safetensors")
+    # --lora_layers replaces the default targets, as in diffusers' script
+    assert {k.split(".attn.")[1].split(".lora_")[0] for k in lora} == {"to_q", "to_v"}
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora.values())
     assert max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k) > 1e-4
     from diffusers_ant.models import load_pipeline
@@ -206,7 +208,13 @@ def test_precondition_outputs_is_sigma_squared_times_the_velocity_loss():
             losses[pre] = objective.loss_fn(adapter.model, prepared)()
     sigma = flow_sigma_at(adapter.noise_scheduler, prepared["t"])
     assert torch.allclose(losses[True], sigma ** 2 * losses[False], rtol=1e-4)
-    assert (prepared["target"] == adapter.encode_batch(batch, generator=torch.Generator().manual_seed(1))[0]).all()
+    x0 = adapter.encode_batch(batch, generator=torch.Generator().manual_seed(1))[0]
+    assert (prepared["target"] == x0).all()
+    # SD3's latents: (z - shift_factor) * scaling_factor, z drawn from the VAE's posterior
+    with torch.no_grad():
+        posterior = adapter.vae.encode(batch["pixel_values"]).latent_dist
+    z = posterior.mean + posterior.std * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(x0, (z - 0.0609) * 1.5035, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheme", ["logit_normal", "mode"])
@@ -226,6 +234,11 @@ def test_stratified_cluster_draws_compose_with_the_density(scheme):
     assert (empirical.view(10, 100).sum(1) - p.view(10, 100).sum(1)).abs().max() < 0.006
     # ANT's clusters on SD3's shifted sigma table, SNR = ((1 - sigma) / sigma)^2
     intervals = cluster_timesteps(FlowMatchEulerDiscreteScheduler(shift=3.0), 4, objective="snr")
+    # on the shifted table: SNR = ((1 - s) / s)^2 with s = 3 s0 / (1 + 2 s0), i.e. the unshifted SNR / 3^2
+    from diffusers_ant import schedule_snr
+
+    shifted, plain = schedule_snr(FlowMatchEulerDiscreteScheduler(shift=3.0)), schedule_snr(FlowMatchEulerDiscreteScheduler())
+    assert torch.allclose(shifted.double(), plain.double() / 9, rtol=1e-4)
     sampler = StratifiedTimestepSampler(intervals, weights=p)
     t, ids = sampler.sample_with_ids(100_000, generator=torch.Generator().manual_seed(1))
     assert torch.bincount(ids, minlength=4).tolist() == [25_000] * 4
