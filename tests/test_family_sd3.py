@@ -263,6 +263,11 @@ def test_sd3_flags_and_a_pipeline_of_another_family(tmp_path, capsys):
         parse_args([*base, "--lora_layers", "attn.to_q"])
     args = parse_args([*base, "--weighting_scheme", "mode", "--precondition_outputs", "0"])
     assert (args.noise_scheduler, args.weighting_scheme, args.precondition_outputs) == ("flow_match", "mode", 0)
+    # Diff-Tuning / DeMe draw their own timesteps: no logit-normal default, an explicit density is refused
+    assert parse_args([*base, "--retention", "kd", "--pretrained_model_name_or_path", str(tmp_path)]).weighting_scheme == "none"
+    with pytest.raises(UsageError, match="draw their own timesteps"):
+        parse_args([*base, "--retention", "kd", "--pretrained_model_name_or_path", str(tmp_path),
+                    "--weighting_scheme", "mode"])
     with pytest.raises(UsageError, match="--precondition_outputs"):  # not for DDPM models
         parse_args(["--dataset_name", "mnist5k", "--output_dir", "o", "--precondition_outputs", "1"])
 

@@ -373,7 +373,8 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             raise UsageError("--model_type sd3 trains with flow matching (its pipeline samples FlowMatchEuler): "
                              "drop --noise_scheduler ddpm")
         args.noise_scheduler = "flow_match"
-        if args.weighting_scheme is None:
+        own_draws = args.knowledge_bank is not None or args.retention is not None or args.deme_interval is not None
+        if args.weighting_scheme is None and not own_draws:  # Diff-Tuning and DeMe draw their own timesteps
             args.weighting_scheme = "logit_normal"  # the default of diffusers' train_dreambooth_lora_sd3.py
         if args.precondition_outputs is None:
             args.precondition_outputs = 1  # the default of diffusers' train_dreambooth_lora_sd3.py
@@ -398,6 +399,10 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             if args.timestep_range is not None:
                 raise UsageError(f"--weighting_scheme {args.weighting_scheme} draws the timesteps from its density: "
                                  "drop --timestep_range")
+            if args.knowledge_bank is not None or args.retention is not None or args.deme_interval is not None:
+                # their samplers would replace the density without a word
+                raise UsageError(f"Diff-Tuning and DeMe draw their own timesteps: drop --weighting_scheme "
+                                 f"{args.weighting_scheme} (or use sigma_sqrt / cosmap, which weight the loss)")
             if args.timestep_sampling is None:
                 args.timestep_sampling = "uniform"  # i.i.d. draws (from the density), grouped into clusters afterwards
             try:  # the sampler's own checks of --logit_std / --mode_scale, now rather than at set-up
