@@ -56,7 +56,8 @@ def lora_uw(sd3_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("sd3-lora-uw") / "out"
     train_in_process(_sd3_args(out, "--rank", "4", "--mtl_method", "uw", "--timestep_sampling", "stratified",
                                "--max_train_steps", "2", "--checkpointing_steps", "2", "--learning_rate", "5e-2",
-                               "--validation_prompt", "a handwritten digit 3", pretrained=sd3_folder))
+                               "--validation_prompt", "a handwritten digit 3", "--gradient_checkpointing",
+                               pretrained=sd3_folder))
     return out
 
 
