@@ -435,7 +435,10 @@ def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipel
         return {"pipeline": class_name[-1], "config": config, "unet_config": None}
     pipeline = pipeline_class or class_name or MODEL_TYPES[model_type]["pipeline"]
     code.use("diffusers", pipeline)
-    code.lines.append(f"pipe = {pipeline}.from_pretrained({where.expr})")
+    # an SD3 base saved without T5 loads as diffusers' docs load it: text_encoder_3=None, tokenizer_3=None
+    no_t5 = model_type == "sd3" and index is not None and (index.get("text_encoder_3") or [None])[0] is None
+    absent = ", text_encoder_3=None, tokenizer_3=None" if no_t5 else ""
+    code.lines.append(f"pipe = {pipeline}.from_pretrained({where.expr}{absent})")
     unet_config = config if model_type != "dit" else None
     return {"pipeline": pipeline, "config": config, "unet_config": unet_config}
 

@@ -61,6 +61,18 @@ def lora_uw(sd3_folder, tmp_path_factory):
     return out
 
 
+def _run_card_snippet(out):
+    """The card's `How to use` code, run as written (offline: the local folder for the repo id, 2 steps)."""
+    card = (out / "README.md").read_text()
+    code = card.split("## How to use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "StableDiffusion3Pipeline.from_pretrained" in code and "pipe.load_lora_weights(folder)" in code
+    code = code.replace(json.dumps(out.name), json.dumps(str(out)), 1)
+    scope = {}
+    exec(code.replace("num_inference_steps=30", "num_inference_steps=2"), scope)
+    assert scope["image"].size == (16, 16)
+    return code
+
+
 def _sample(pipe, prompt="a handwritten digit 3"):
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
@@ -103,14 +115,7 @@ def test_lora_with_uw_saves_a_diffusers_sd3_lora_that_the_pipeline_loads(lora_uw
     assert "license: other" in head  # as diffusers' SD3 script (Stability AI's community license)
     for tag in ("sd3", "sd3-diffusers", "text-to-image", "template:sd-lora", "lora", "uw"):
         assert f"- {tag}\n" in head, tag
-    # the card's snippet runs as written (offline: the local folder for the repo id, 2 steps)
-    code = card.split("## How to use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    assert "StableDiffusion3Pipeline.from_pretrained" in code and "pipe.load_lora_weights(folder)" in code
-    code = code.replace(json.dumps("out"), json.dumps(str(lora_uw)), 1).replace("num_inference_steps=30",
-                                                                               "num_inference_steps=2")
-    scope = {}
-    exec(code, scope)
-    assert scope["image"].size == (16, 16)
+    assert "text_encoder_3=None" not in _run_card_snippet(lora_uw)  # the card's snippet runs as written
 
 
 def test_pcgrad_on_the_lora_subset_in_bf16_without_t5(sd3_folder_no_t5, tmp_path):
@@ -135,8 +140,9 @@ def test_pcgrad_on_the_lora_subset_in_bf16_without_t5(sd3_folder_no_t5, tmp_path
     assert images.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(images)).all()
     ours = load_pipeline(str(out))  # passes the absent T5 as None itself
     assert ours.text_encoder_3 is None and abs(_sample(ours) - images).max() < 1e-5
-    # the validation grid came from the pipeline without T5
+    # the validation grid came from the pipeline without T5, and the card loads the base without it
     assert (out / "samples" / "step-2.png").is_file()
+    assert "text_encoder_3=None, tokenizer_3=None" in _run_card_snippet(out)
 
 
 def test_full_finetune_resumes_exactly(tmp_path):
