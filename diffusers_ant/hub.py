@@ -424,7 +424,7 @@ def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipel
         unet_config = _read_json(base.local / "unet" / "config.json") if base.local is not None else None
         return {"pipeline": "StableDiffusionControlNetPipeline", "config": unet_config, "unet_config": unet_config}
     class_name = index.get("_class_name") if index else None
-    denoiser = "transformer" if model_type in ("dit", "sd3") else "unet"
+    denoiser = _DENOISER.get(model_type, "unet") if model_type != "controlnet" else "unet"
     config = _read_json(local / denoiser / "config.json") if local is not None else None
     if isinstance(class_name, list):
         # this project's class-conditional UNet / pixel DiT pipeline, shipped in the folder as a
@@ -608,8 +608,8 @@ def write_model_card(
         images: samples (a list of PIL images, gridded with diffusers' `make_image_grid`, or one
             ready grid), saved as `samples.png` and shown in the card. None keeps an existing
             `samples.png` if there is one.
-        license: the card's license (default: the model type's, as diffusers' script for it writes it, else
-            apache-2.0).
+        license: the card's license (default: the model type's, as diffusers' script for it writes it,
+            e.g. `openrail++` for SDXL, "other" for flux; else apache-2.0).
         extra_tags: more Hub tags.
         lora: whether the folder holds LoRA weights; default: `method_summary["lora_rank"]` is set
             or the folder has `ant_lora.json`.
@@ -645,6 +645,7 @@ def write_model_card(
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = portable_config(drop_secrets(method_summary), output_dir)
     info = MODEL_TYPES[model_type]
+    license = license or info.get("license", "apache-2.0")
     lora_info = _read_json(output_dir / _LORA_INFO)
     if lora is None:
         lora = bool(summary.get("lora_rank")) or lora_info is not None
@@ -754,7 +755,7 @@ def write_model_card(
         lora_line += "; this repository holds " + ", ".join(held[:-1]) + (" and " if len(held) > 1 else "") + held[-1]
 
     card_data = ModelCardData(
-        license=license or info.get("license", "apache-2.0"),
+        license=license,
         base_model=hub_base,
         datasets=[hub_dataset] if hub_dataset else None,
         pipeline_tag=info["pipeline_tag"],

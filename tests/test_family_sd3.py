@@ -225,28 +225,21 @@ def test_precondition_outputs_is_sigma_squared_times_the_velocity_loss():
 
 
 @pytest.mark.parametrize("scheme", ["logit_normal", "mode"])
-def test_stratified_cluster_draws_compose_with_the_density(scheme):
-    """Equal cluster shares, the density (renormalised) inside each cluster; the density's exact
-    per-timestep probabilities match its own draws."""
+def test_stratified_cluster_draws_compose_with_the_density_on_sd3_clusters(scheme):
+    """ANT's clusters on SD3's shifted sigma table; equal cluster shares, the density (renormalised) inside
+    each cluster (`StratifiedDensitySampler`, what `--timestep_sampling stratified` builds with a density)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from diffusers_ant import cluster_timesteps
-    from diffusers_ant.timesteps import FlowMatchingDensitySampler, StratifiedTimestepSampler
+    from diffusers_ant import cluster_timesteps, schedule_snr
+    from diffusers_ant.timesteps import StratifiedDensitySampler, flow_density_masses
 
-    density = FlowMatchingDensitySampler(scheme, 1000, logit_mean=0.3, logit_std=1.2)
-    p = density.probabilities()
-    assert abs(p.sum().item() - 1) < 1e-9
-    draws = density.sample(100_000, generator=torch.Generator().manual_seed(0))
-    empirical = torch.bincount(draws, minlength=1000).double() / len(draws)
-    assert (empirical.view(10, 100).sum(1) - p.view(10, 100).sum(1)).abs().max() < 0.006
-    # ANT's clusters on SD3's shifted sigma table, SNR = ((1 - sigma) / sigma)^2
-    intervals = cluster_timesteps(FlowMatchEulerDiscreteScheduler(shift=3.0), 4, objective="snr")
+    sd3 = FlowMatchEulerDiscreteScheduler(shift=3.0)
     # on the shifted table: SNR = ((1 - s) / s)^2 with s = 3 s0 / (1 + 2 s0), i.e. the unshifted SNR / 3^2
-    from diffusers_ant import schedule_snr
-
-    shifted, plain = schedule_snr(FlowMatchEulerDiscreteScheduler(shift=3.0)), schedule_snr(FlowMatchEulerDiscreteScheduler())
-    assert torch.allclose(shifted.double(), plain.double() / 9, rtol=1e-4)
-    sampler = StratifiedTimestepSampler(intervals, weights=p)
+    assert torch.allclose(schedule_snr(sd3).double(), schedule_snr(FlowMatchEulerDiscreteScheduler()).double() / 9,
+                          rtol=1e-4)
+    intervals = cluster_timesteps(sd3, 4, objective="snr")
+    p = flow_density_masses(scheme, 1000, logit_mean=0.3, logit_std=1.2)
+    sampler = StratifiedDensitySampler(intervals, scheme, logit_mean=0.3, logit_std=1.2)
     t, ids = sampler.sample_with_ids(100_000, generator=torch.Generator().manual_seed(1))
     assert torch.bincount(ids, minlength=4).tolist() == [25_000] * 4
     for i, (start, end) in enumerate(intervals.bounds):

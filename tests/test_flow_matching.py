@@ -204,9 +204,6 @@ def test_flow_flags_accepted():
     args = parse_args(args_for("--noise_scheduler", "flow_match", "--weighting_scheme", "logit_normal",
                                "--mtl_method", "uw", "--loss_weighting", "p2"))
     assert args.timestep_sampling == "uniform"  # drawn from the density, grouped into clusters afterwards
-    # stratified cluster draws compose with the density (tests/test_family_sd3.py checks the draws)
-    assert parse_args(args_for("--noise_scheduler", "flow_match", "--weighting_scheme", "logit_normal",
-                               "--timestep_sampling", "stratified")).timestep_sampling == "stratified"
     # with a pretrained folder the family is known only after loading: the objective checks it then
     assert parse_args(args_for("--weighting_scheme", "cosmap", pretrained=True)).weighting_scheme == "cosmap"
 

@@ -95,10 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "through it; the output folder records it in class_map.json.")
     g.add_argument("--rank", type=int, default=None, help="Train LoRA adapters of this rank instead of the full model.")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
-    g.add_argument("--lora_layers", default=None,
-                   help="As diffusers' DreamBooth LoRA scripts: the comma-separated module names given LoRA (e.g. "
-                   "`attn.to_k,attn.to_q,attn.to_v,attn.to_out.0`). Default: the model type's own list (sd3: diffusers' "
-                   "SD3 script's joint-attention projections).")
     g.add_argument("--finetune", default=None, choices=["full", "lora", "bitfit", "difffit"],
                    help="What trains: the whole model, LoRA adapters (--rank), the bias terms (BitFit), or DiffFit's "
                    "biases, norms, label table and scales in the first half of the blocks (Xie et al. 2023, as the "
@@ -106,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--rank, else full.")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="sd with --rank: train a LoRA adapter on the text encoder too (diffusers' DreamBooth LoRA).")
+    g.add_argument("--lora_layers", default=None,
+                   help="With --rank: the modules given LoRA (peft target_modules), comma-separated module names, as "
+                   "diffusers' SDXL / SD3 / Flux scripts (e.g. \"to_k,to_q,to_v,to_out.0\"); default: the model type's "
+                   "own list (the targets of diffusers' LoRA script for that family).")
 
     # ---- flow matching (one block: the scheduler family, SD3's --weighting_scheme and its parameters)
     g = p.add_argument_group("flow matching")
@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Shift of the flow-matching sigmas (default 1.0 from scratch, else the folder's; SD3 uses 3.0).")
     g.add_argument("--weighting_scheme", default=None, choices=list(FLOW_WEIGHTING_SCHEMES),
                    help="As diffusers' SD3 script, flow matching only: logit_normal or mode draw the timesteps from "
-                   "that density (with --timestep_sampling uniform the density decides how often each cluster is "
-                   "trained; with stratified every cluster gets an equal share of the batch, drawn from the density "
+                   "that density (by default i.i.d.: the density decides how often each cluster is trained; with "
+                   "--timestep_sampling stratified each cluster gets an equal share of the batch, drawn from the density "
                    "inside the cluster), sigma_sqrt or cosmap weight the loss (instead of --loss_weighting). Default: "
                    "logit_normal for sd3 (diffusers' SD3 script), else none.")
     g.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal density (SD3: 0.0).")
@@ -394,17 +394,19 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         if ddpm:
             raise UsageError(f"--weighting_scheme {args.weighting_scheme} is for flow matching: add --noise_scheduler flow_match")
         if args.weighting_scheme in FLOW_DENSITY_SCHEMES:
-            # the density decides how often each noise level is trained; --timestep_range would train one
-            # interval. `stratified` composes with it: equal cluster shares, the density inside each cluster
+            # the density decides how often each noise level is trained (default: i.i.d. draws, grouped into
+            # clusters afterwards); an explicit --timestep_sampling stratified composes with it (equal cluster
+            # shares, the density inside each cluster: timesteps.StratifiedDensitySampler); --timestep_range
+            # would train one interval
             if args.timestep_range is not None:
                 raise UsageError(f"--weighting_scheme {args.weighting_scheme} draws the timesteps from its density: "
-                                 "drop --timestep_range")
+                                 "drop --timestep_range (or use --weighting_scheme none)")
             if args.knowledge_bank is not None or args.retention is not None or args.deme_interval is not None:
                 # their samplers would replace the density without a word
                 raise UsageError(f"Diff-Tuning and DeMe draw their own timesteps: drop --weighting_scheme "
                                  f"{args.weighting_scheme} (or use sigma_sqrt / cosmap, which weight the loss)")
-            if args.timestep_sampling is None:
-                args.timestep_sampling = "uniform"  # i.i.d. draws (from the density), grouped into clusters afterwards
+            if args.timestep_sampling != "stratified":
+                args.timestep_sampling = "uniform"
             try:  # the sampler's own checks of --logit_std / --mode_scale, now rather than at set-up
                 FlowMatchingDensitySampler(args.weighting_scheme, 1000, args.logit_mean, args.logit_std, args.mode_scale)
             except ValueError as err:
@@ -481,8 +483,8 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError("--max_train_steps must be at least 1")
     if args.rank is not None and args.rank < 1:
         raise UsageError("--rank must be at least 1")
-    if args.lora_layers and args.rank is None:
-        raise UsageError("--lora_layers names the modules given LoRA: add --rank (e.g. --rank 4)")
+    if args.lora_layers is not None and (args.rank is None or not [x for x in args.lora_layers.split(",") if x.strip()]):
+        raise UsageError("--lora_layers names the modules given LoRA: add --rank and at least one module name")
     if args.train_text_encoder and (args.model_type != "sd" or args.rank is None):
         raise UsageError("--train_text_encoder trains a LoRA on Stable Diffusion's text encoder: use it with "
                          "--model_type sd and --rank")

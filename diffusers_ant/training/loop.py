@@ -374,8 +374,7 @@ def prepare_model(args, accelerator, adapter):
 
         teacher = FrozenTeacher(adapter, weight_dtype, autocast=accelerator.autocast).to(accelerator.device)
     if args.rank is not None:
-        layers = [name.strip() for name in args.lora_layers.split(",") if name.strip()] if args.lora_layers else None
-        adapter.add_lora(args.rank, alpha=args.lora_alpha, target_modules=layers)
+        adapter.add_lora(args.rank, alpha=args.lora_alpha, target_modules=_lora_layers(args))
     if args.train_text_encoder:
         adapter.add_text_encoder_lora(args.rank, alpha=args.lora_alpha)
     finetune = apply_finetune_mode(adapter.model, args.finetune)  # BitFit / DiffFit choose what trains
@@ -391,6 +390,12 @@ def prepare_model(args, accelerator, adapter):
     adapter.to(accelerator.device, weight_dtype)  # frozen parts (VAE, text encoder) in the low precision
     cast_frozen_parameters(adapter.model, weight_dtype)  # and a LoRA run's frozen base weights
     return teacher, finetune
+
+
+def _lora_layers(args):
+    """`--lora_layers` as a list of module names (None: the model type's default targets)."""
+    layers = getattr(args, "lora_layers", None)
+    return [name.strip() for name in layers.split(",") if name.strip()] if layers else None
 
 
 def write_run_records(args, accelerator, intervals, weighting) -> None:
