@@ -59,34 +59,6 @@ TINY_UNET2D_CONDITION = {
     "norm_num_groups": 32,
 }
 
-# SD3 (models/sd3.py): diffusers' SD3 pipeline-test sizes (patch 2 as the real model, 2 layers).
-TINY_SD3_TRANSFORMER = {
-    "patch_size": 2,
-    "num_layers": 2,
-    "attention_head_dim": 8,
-    "num_attention_heads": 4,
-    "caption_projection_dim": 32,
-    "pos_embed_max_size": 32,
-}
-# SD3's VAE has no quant convs and normalises latents as (z - shift_factor) * scaling_factor.
-TINY_SD3_VAE = {
-    "block_out_channels": [8, 16],
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-    "shift_factor": 0.0609,
-    "scaling_factor": 1.5035,
-}
-# T5 encoder of SD3's third text branch; d_model = the two CLIP widths together (as 4096 >= 768 + 1280).
-TINY_T5_ENCODER = {"d_model": 64, "d_kv": 8, "d_ff": 37, "num_layers": 2, "num_heads": 4,
-                   "relative_attention_num_buckets": 8}
-# stabilityai/stable-diffusion-3-medium-diffusers' scheduler/scheduler_config.json
-SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
-
 PRESETS = {
     "unet": {
         # 0.16M parameters at 16x16, no attention: the fastest thing that still learns digits.
@@ -145,27 +117,6 @@ PRESETS = {
             "vae": TINY_VAE,
             "text_encoder": TINY_TEXT_ENCODER,
             "scheduler": LATENT_SCHEDULER,
-        },
-    },
-    # SD3 / SD3.5 (SD3Transformer2DModel on flow matching), sized as diffusers' SD3 pipeline tests size
-    # it (tests/pipelines/stable_diffusion_3: get_dummy_components), with a 2-block VAE (factor 2) and
-    # SD3's own latent shift / scale and scheduler shift. `joint_attention_dim` / `pooled_projection_dim`
-    # are filled in from the text encoders at load time (models/sd3.py).
-    "sd3": {
-        "tiny": {
-            "model": TINY_SD3_TRANSFORMER,
-            "vae": TINY_SD3_VAE,
-            "text_encoder": TINY_TEXT_ENCODER,
-            "text_encoder_3": TINY_T5_ENCODER,
-            "scheduler": SD3_SCHEDULER,
-        },
-        # SD3.5's transformer options: RMS-norm on queries / keys, MMDiT-X dual attention in block 0
-        "tiny-3.5": {
-            "model": {**TINY_SD3_TRANSFORMER, "qk_norm": "rms_norm", "dual_attention_layers": [0]},
-            "vae": TINY_SD3_VAE,
-            "text_encoder": TINY_TEXT_ENCODER,
-            "text_encoder_3": TINY_T5_ENCODER,
-            "scheduler": SD3_SCHEDULER,
         },
     },
     "controlnet": {
@@ -252,14 +203,52 @@ def tiny_text_encoder(tokenizer, config: dict):
 def tiny_t5_tokenizer():
     """A character-level ``T5TokenizerFast`` (a ``tokenizers`` Unigram model) built in memory.
 
-    SD3's third tokenizer. Built here for the reason of :func:`tiny_clip_tokenizer`, and because
-    sentencepiece (which T5's slow tokenizer needs) is not a dependency: transformers builds the fast
-    tokenizer from the vocabulary itself. Each character, and each word-initial character ("▁" +
-    character), is one piece."""
+    Why not ``from_pretrained``: nothing can be downloaded here, and sentencepiece (which T5's
+    ``spiece.model`` needs) is not required by this project; a Unigram vocabulary given as
+    (piece, score) pairs builds the fast tokenizer without it. Each character, alone or after the
+    word-start mark, is one token; ``</s>`` ends every sequence as in T5."""
     from transformers import T5TokenizerFast
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    vocab += [(c, -2.0) for c in _TINY_TOKENIZER_CHARS] + [("\u2581" + c, -1.5) for c in _TINY_TOKENIZER_CHARS]
+    vocab += [(char, -2.0) for char in _TINY_TOKENIZER_CHARS] + [("\u2581" + char, -1.5) for char in _TINY_TOKENIZER_CHARS]
     tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=TINY_TOKENIZER_MAX_LENGTH)
     assert len(tokenizer) == len(vocab), f"tiny T5 tokenizer has {len(tokenizer)} tokens, expected {len(vocab)}"
     return tokenizer
+
+
+def tiny_t5_encoder(tokenizer, config: dict):
+    """A randomly initialised ``T5EncoderModel`` sized for ``tokenizer``."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                                   **config))
+
+
+# ---------------------------------------------------------------------------------------- sd3
+# SD3Transformer2DModel sized as diffusers' SD3 pipeline tests size it (tests/pipelines/stable_diffusion_3,
+# get_dummy_components), with patch 2 as the real model and two layers; a 2-block VAE (factor 2) with SD3's
+# latent shift / scale and no quant convs; two tiny CLIP encoders (with projection, models/sd3.py) and a
+# tiny T5 as wide as the two CLIP widths together (as T5-XXL's 4096 >= 768 + 1280), so the CLIP states are
+# padded, not cut. `in_channels`, `joint_attention_dim` and `pooled_projection_dim` follow from the VAE and
+# the text encoders at load time. The scheduler is SD3's (stable-diffusion-3-medium-diffusers: shift 3.0).
+TINY_SD3_TRANSFORMER = {"patch_size": 2, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 4,
+                        "caption_projection_dim": 32, "pos_embed_max_size": 32}
+TINY_SD3_VAE = {
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8,
+    "use_quant_conv": False, "use_post_quant_conv": False, "shift_factor": 0.0609, "scaling_factor": 1.5035,
+}
+TINY_SD3_T5_ENCODER = {"d_model": 64, "d_kv": 8, "d_ff": 37, "num_layers": 2, "num_heads": 4,
+                       "relative_attention_num_buckets": 8}
+SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+PRESETS["sd3"] = {
+    "tiny": {"model": TINY_SD3_TRANSFORMER, "vae": TINY_SD3_VAE, "text_encoder": TINY_TEXT_ENCODER,
+             "text_encoder_3": TINY_SD3_T5_ENCODER, "scheduler": SD3_SCHEDULER},
+    # SD3.5's transformer options: RMS-norm on queries / keys, MMDiT-X dual attention in block 0
+    "tiny-3.5": {"model": {**TINY_SD3_TRANSFORMER, "qk_norm": "rms_norm", "dual_attention_layers": [0]},
+                 "vae": TINY_SD3_VAE, "text_encoder": TINY_TEXT_ENCODER, "text_encoder_3": TINY_SD3_T5_ENCODER,
+                 "scheduler": SD3_SCHEDULER},
+}

@@ -55,14 +55,6 @@ def _tiny_clip_with_projection(tokenizer, config: dict):
         pad_token_id=tokenizer.pad_token_id, **config))
 
 
-def _tiny_t5_encoder(tokenizer, config: dict):
-    from transformers import T5Config, T5EncoderModel
-
-    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-                                   **config))
-
-
 def check_pipeline_class(source, expected: str, model_type: str) -> None:
     """A pipeline folder of another family is one line naming both model types."""
     found = (source.index or {}).get("_class_name") if source is not None else None
@@ -145,7 +137,7 @@ class SD3Adapter(ModelAdapter):
         """The three tokenizers and text encoders (pretrained, or the tiny preset's); T5 may be absent."""
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        from .presets import tiny_clip_tokenizer, tiny_t5_tokenizer
+        from .presets import tiny_clip_tokenizer, tiny_t5_encoder, tiny_t5_tokenizer
 
         if source is not None and source.has("text_encoder"):
             parts = {}
@@ -175,7 +167,7 @@ class SD3Adapter(ModelAdapter):
                  "tokenizer_3": None, "text_encoder_3": None}
         if preset.get("text_encoder_3"):
             parts["tokenizer_3"] = tiny_t5_tokenizer()
-            parts["text_encoder_3"] = _tiny_t5_encoder(parts["tokenizer_3"], preset["text_encoder_3"])
+            parts["text_encoder_3"] = tiny_t5_encoder(parts["tokenizer_3"], preset["text_encoder_3"])
         return parts
 
     def frozen_modules(self) -> dict:
