@@ -191,6 +191,15 @@ def test_sd35_options_load_and_train_a_lora_step():
     batch = {"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1, "captions": ["a digit 3", "seven"]}
     prepared = objective.prepare(batch, torch.Generator().manual_seed(0))
     objective.loss_fn(adapter.model, prepared)().mean().backward()
+    # validation from encoded prompts (what --cache_text_embeddings keeps once the encoders are freed)
+    # samples what the prompts themselves sample
+    pipe = adapter.make_pipeline()
+    encoded = adapter.validation_prompt_kwargs(pipe, ["a digit 3", "seven"], guidance_scale=2.0)
+    from_text, from_embeddings = (
+        adapter.sample(pipe, 2, generator=torch.Generator().manual_seed(0), num_inference_steps=2, prompts=prompts,
+                       guidance_scale=2.0) for prompts in (["a digit 3", "seven"], encoded))
+    assert all((torch.tensor(list(a.getdata())) == torch.tensor(list(b.getdata()))).all()
+               for a, b in zip(from_text, from_embeddings))
     # B starts at zero, so the first gradients reach B (A's need B != 0); block 0's joint attention has them
     grads = [p.grad for n, p in adapter.model.named_parameters() if "lora_B" in n and "transformer_blocks.0.attn." in n]
     assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -193,15 +193,37 @@ class SD3Adapter(ModelAdapter):
 
     def null_condition_batch(self, batch):
         batch = dict(batch)
-        batch.pop("captions", None)  # -> the empty prompt (see `conditioning`)
+        batch.pop("captions", None)  # -> the empty prompt (see `encode_text`)
         return batch
 
-    def conditioning(self, batch, generator=None, training=False):
+    def encode_text(self, batch) -> dict:
+        """The batch's captions (none: the empty prompt, i.e. unconditional training) through the three
+        text encoders: ``encoder_hidden_states`` (B, 77 + L_clip, D) and ``pooled_projections`` (B, D_pooled)."""
         captions = batch.get("captions")
-        if captions is None:  # no captions: the empty prompt, i.e. unconditional training
-            captions = [""] * batch["pixel_values"].shape[0]
+        if captions is None:
+            rows = batch["pixel_values"] if "pixel_values" in batch else batch["latent_moments"]  # cached latents
+            captions = [""] * rows.shape[0]
         prompt_embeds, pooled = self.encode_prompt(captions)
         return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
+
+    def conditioning(self, batch, generator=None, training=False):
+        # `ModelAdapter.text_conditioning` (with --cache_text_embeddings, on main) reads cached embeddings
+        # first and calls `encode_text` otherwise; without it, encode here
+        text_conditioning = getattr(super(), "text_conditioning", None)
+        return text_conditioning(batch) if text_conditioning is not None else self.encode_text(batch)
+
+    def validation_prompt_kwargs(self, pipeline, prompts, guidance_scale=None) -> dict:
+        """``StableDiffusion3Pipeline.encode_prompt`` of the validation prompts (and, with guidance, of the
+        empty negative prompt), as the pipeline itself computes them: sampling with these equals sampling
+        with the prompts, once the text encoders are freed (--cache_text_embeddings)."""
+        scale = guidance_scale if guidance_scale is not None else 7.0  # StableDiffusion3Pipeline's default
+        embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.text_encoder.device,
+            do_classifier_free_guidance=scale > 1.0, max_sequence_length=self.max_sequence_length)
+        kwargs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if negative is not None:
+            kwargs.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+        return kwargs
 
     def predict(self, model, x_t, timesteps, conditioning):
         return model(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=conditioning["encoder_hidden_states"],
@@ -222,9 +244,14 @@ class SD3Adapter(ModelAdapter):
         return pipeline
 
     def _sample(self, pipeline, num_images, generator, num_inference_steps, prompts=None, guidance_scale=None, **unused):
+        """``prompts``: strings (cycled to ``num_images``), or the dict of :meth:`validation_prompt_kwargs`
+        (already ``num_images`` rows)."""
         kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
-        return pipeline(prompt=repeat_to(prompts if prompts is not None else "", num_images),
-                        num_inference_steps=num_inference_steps, generator=generator, output_type="pil",
+        if isinstance(prompts, dict):
+            kwargs.update(prompts)
+        else:
+            kwargs["prompt"] = repeat_to(prompts if prompts is not None else "", num_images)
+        return pipeline(num_inference_steps=num_inference_steps, generator=generator, output_type="pil",
                         max_sequence_length=self.max_sequence_length, **kwargs).images
 
     def _save_lora_weights(self, output_dir, model):
