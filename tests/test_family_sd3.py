@@ -259,7 +259,7 @@ def test_stratified_cluster_draws_compose_with_the_density_on_sd3_clusters(schem
         assert abs(inside.double().mean().item() - mean) < 0.02 * (end - start + 1), (i, mean)
 
 
-def test_sd3_flags_and_a_pipeline_of_another_family(tmp_path, capsys):
+def test_sd3_flags_and_a_pipeline_of_another_family(tmp_path, capsys, sd3_folder):
     from train_scripts_loader import load_train_main
 
     from diffusers_ant.models import get_model_adapter
@@ -279,6 +279,16 @@ def test_sd3_flags_and_a_pipeline_of_another_family(tmp_path, capsys):
                     "--weighting_scheme", "mode"])
     with pytest.raises(UsageError, match="--precondition_outputs"):  # not for DDPM models
         parse_args(["--dataset_name", "mnist5k", "--output_dir", "o", "--precondition_outputs", "1"])
+
+    # a T5 tokenizer saved as spiece.model only needs sentencepiece, which is optional: named with its install
+    import shutil
+
+    spm = tmp_path / "spm-only"
+    shutil.copytree(sd3_folder, spm)
+    (spm / "tokenizer_3" / "tokenizer.json").unlink()
+    (spm / "tokenizer_3" / "spiece.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ValueError, match="pip install sentencepiece protobuf"):
+        get_model_adapter("sd3").load(pretrained_model_name_or_path=str(spm))
 
     sd_folder = tmp_path / "tiny-sd"
     get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16).save(str(sd_folder))

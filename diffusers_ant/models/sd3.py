@@ -153,8 +153,12 @@ class SD3Adapter(ModelAdapter):
                     subfolder="text_encoder" + suffix)
             parts["tokenizer_3"] = parts["text_encoder_3"] = None
             if source.has("text_encoder_3"):  # optional: SD3 runs without T5 (zeros in its place)
-                parts["tokenizer_3"] = source.load(source.component_class("tokenizer_3", T5TokenizerFast),
-                                                   subfolder="tokenizer_3")
+                try:
+                    parts["tokenizer_3"] = source.load(source.component_class("tokenizer_3", T5TokenizerFast),
+                                                       subfolder="tokenizer_3")
+                except ValueError as err:
+                    raise ValueError(f"the T5 tokenizer of {source.path!r} did not load ({err}); a folder with only "
+                                     "spiece.model needs sentencepiece: pip install sentencepiece protobuf") from err
                 parts["text_encoder_3"] = source.load(source.component_class("text_encoder_3", T5EncoderModel),
                                                       subfolder="text_encoder_3")
             parts["clip_tokenizer"] = parts.pop("tokenizer")
