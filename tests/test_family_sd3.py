@@ -83,6 +83,9 @@ def test_lora_with_uw_saves_a_diffusers_sd3_lora_that_the_pipeline_loads(lora_uw
 
     from diffusers_ant.models import load_pipeline
 
+    from diffusers_ant.analysis.common import infer_model_type
+
+    assert infer_model_type(str(sd3_folder)) == "sd3"  # a bare SD3 pipeline folder (analysis scripts)
     config = json.loads((lora_uw / "training_config.json").read_text())
     # SD3's defaults are diffusers' SD3 script's: flow matching, logit-normal density, preconditioned outputs
     assert (config["noise_scheduler"], config["weighting_scheme"], config["precondition_outputs"]) == \

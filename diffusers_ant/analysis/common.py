@@ -49,6 +49,8 @@ def infer_model_type(folder: str) -> str:
         index = json.load(f)
     if "controlnet" in index:
         return "controlnet"
+    if "text_encoder_3" in index and "transformer" in index:  # StableDiffusion3Pipeline (T5 present or null)
+        return "sd3"
     if "text_encoder" in index:
         return "sd"
     if "transformer" in index:
