@@ -423,7 +423,7 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise UsageError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
     if args.proportion_empty_prompts and args.model_type not in ("sd", "sdxl", "controlnet"):
-        raise UsageError("--proportion_empty_prompts drops captions: it applies to --model_type sd, sdxl and controlnet only")
+        raise UsageError("--proportion_empty_prompts drops captions: it applies to --model_type sdxl, sd and controlnet only")
     if args.validation_epochs is not None and args.validation_epochs < 1:
         raise UsageError("--validation_epochs must be at least 1")
     if args.validation_prompt and args.validation_image and len(args.validation_prompt) not in (1, len(args.validation_image)) \
