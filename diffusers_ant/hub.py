@@ -499,6 +499,12 @@ def _usage_snippet(output_dir: Path, model_type: str, ref: str, base_model: str 
     if model_type in ("sd", "sdxl"):
         # diffusers-format LoRA (as train_text_to_image_lora.py writes it): the pipeline's own loader
         code.lines.append(f"pipe.load_lora_weights({_q(ref)})")
+        if lora_info is not None and lora_info.get("vae"):
+            # trained with --pretrained_vae_model_name_or_path (the fp16-fixed SDXL VAE): sample with it too
+            vae = output.join(lora_info["vae"])
+            subfolder = ', subfolder="vae"' if vae.local is not None and (vae.local / "vae").is_dir() else ""
+            code.use("diffusers", "AutoencoderKL")
+            code.lines.append(f"pipe.vae = AutoencoderKL.from_pretrained({vae.expr}{subfolder})")
     else:
         # UNet2DModel, DiTTransformer2DModel and ControlNetModel have no diffusers LoRA loader: the
         # adapter is re-created with peft from the folder's adapter_config.json (rank, alpha, targets)

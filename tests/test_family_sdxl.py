@@ -43,12 +43,34 @@ def sdxl_base(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vanilla_run(sdxl_base, tmp_path_factory):
-    """Vanilla LoRA training with validation prompts: the output folder."""
+def fixed_vae(tmp_path_factory):
+    """A VAE folder of its own (other weights than the base's), as the fp16-fixed SDXL VAE is."""
+    from diffusers import AutoencoderKL
+
+    from diffusers_ant.models.presets import TINY_VAE
+
+    folder = tmp_path_factory.mktemp("fixed-vae")
+    torch.manual_seed(1)
+    AutoencoderKL(in_channels=3, out_channels=3, sample_size=RES, **TINY_VAE).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vanilla_run(sdxl_base, fixed_vae, tmp_path_factory):
+    """Vanilla LoRA training with validation prompts and a VAE of its own: the output folder."""
     out = tmp_path_factory.mktemp("vanilla")
     train_in_process(_run_args(sdxl_base, out, "--max_train_steps", "2", "--learning_rate", "5e-2",
-                               "--validation_prompt", PROMPT, "--num_validation_images", "2"))
+                               "--validation_prompt", PROMPT, "--num_validation_images", "2",
+                               "--pretrained_vae_model_name_or_path", str(fixed_vae)))
     return out
+
+
+def _same_vae(vae, folder):
+    from safetensors.torch import load_file
+
+    saved = load_file(folder / "diffusion_pytorch_model.safetensors")
+    state = vae.state_dict()
+    return all(torch.equal(state[k].float(), v.float()) for k, v in saved.items())
 
 
 # --------------------------------------------------------------------------- the tiny preset and time ids
@@ -114,9 +136,10 @@ def test_time_ids_are_original_size_crop_and_target_of_each_image():
 # --------------------------------------------------------------------------- training, LoRA, loading
 
 
-def test_lora_output_loads_with_the_sdxl_pipeline_and_samples(vanilla_run, sdxl_base):
+def test_lora_output_loads_with_the_sdxl_pipeline_and_samples(vanilla_run, sdxl_base, fixed_vae):
     """diffusers' LoRA file: `StableDiffusionXLPipeline.load_lora_weights` and `load_pipeline` load it, it
-    changes the UNet, and the pipeline samples; the card carries SDXL's license and tags."""
+    changes the UNet, and the pipeline samples; the card carries SDXL's license and tags; the VAE given
+    with --pretrained_vae_model_name_or_path is recorded and used by `load_pipeline` and the card's code."""
     from diffusers import StableDiffusionXLPipeline
     from huggingface_hub import ModelCard
     from safetensors.torch import load_file
@@ -139,6 +162,8 @@ def test_lora_output_loads_with_the_sdxl_pipeline_and_samples(vanilla_run, sdxl_
 
     ours = load_pipeline(str(vanilla_run))
     assert type(ours).__name__ == "StableDiffusionXLPipeline"
+    assert json.loads((vanilla_run / "ant_lora.json").read_text())["vae"] == f"../{fixed_vae.name}"
+    assert _same_vae(ours.vae, fixed_vae) and not _same_vae(pipe.vae, fixed_vae)
     assert ours(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0].size == (RES, RES)
 
     card = ModelCard.load(vanilla_run / "README.md")
@@ -152,7 +177,7 @@ def test_lora_output_loads_with_the_sdxl_pipeline_and_samples(vanilla_run, sdxl_
     code = code.replace("num_inference_steps=30", "num_inference_steps=2")
     namespace = {}
     exec(code, namespace)
-    assert namespace["image"].size == (RES, RES)
+    assert namespace["image"].size == (RES, RES) and _same_vae(namespace["pipe"].vae, fixed_vae)
 
 
 def test_ant_uw_with_text_encoder_lora_resumes_exactly(sdxl_base, tmp_path):
@@ -181,15 +206,16 @@ def test_ant_uw_with_text_encoder_lora_resumes_exactly(sdxl_base, tmp_path):
 
 
 def test_pcgrad_on_the_lora_subset_in_bf16(sdxl_base, tmp_path):
-    """PCGrad with per-task gradients of the LoRA parameters only, under bf16: trains, and the output is
-    float32 and finite."""
+    """PCGrad with per-task gradients of the LoRA parameters only, under bf16, on the --lora_layers given:
+    trains, and the output is float32 and finite."""
     from safetensors.torch import load_file
 
     out = tmp_path / "pcgrad"
     train_in_process(_run_args(sdxl_base, out, "--mtl_method", "pcgrad", "--task_gradient_subset", "lora",
                                "--mixed_precision", "bf16", "--max_train_steps", "2", "--learning_rate", "5e-2",
-                               "--num_validation_images", "1"))
+                               "--num_validation_images", "1", "--lora_layers", "to_q,to_v"))
     lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert {k.split(".")[-4] for k in lora} == {"to_q", "to_v"}  # --lora_layers replaced the default targets
     assert lora and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora.values())
     assert max(t.abs().max().item() for k, t in lora.items() if "lora.up" in k) > 0  # B (up) starts at zero: it trained
     assert (out / "samples" / "step-2.png").is_file()

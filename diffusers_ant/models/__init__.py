@@ -79,6 +79,12 @@ def load_pipeline(folder: str, torch_dtype=None):
         with open(lora_info, encoding="utf-8") as f:
             info = json.load(f)
         pipeline = load_pipeline(resolve_recorded_base(folder, info["base_model"]), torch_dtype=torch_dtype)
+        if info.get("vae"):  # trained with --pretrained_vae_model_name_or_path: sample with that VAE too
+            from diffusers import AutoencoderKL
+
+            vae = resolve_recorded_base(folder, info["vae"])
+            subfolder = "vae" if os.path.isdir(os.path.join(vae, "vae")) else None
+            pipeline.vae = AutoencoderKL.from_pretrained(vae, subfolder=subfolder, torch_dtype=torch_dtype)
         return attach_saved_deme(get_model_adapter(info["model_type"]).load_lora(pipeline, folder), folder)
     controlnet_base = controlnet_output_base(folder)
     if controlnet_base is not None:

@@ -191,6 +191,8 @@ class ModelAdapter:
     """
 
     model_type = None
+    # `--pretrained_vae_model_name_or_path`, when the VAE was replaced (recorded in a LoRA output)
+    pretrained_vae_model_name_or_path = None
     # module-name suffixes given LoRA by default; filtered to those the model has
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -313,7 +315,11 @@ class ModelAdapter:
             scheduler = _copy_scheduler(scheduler, prediction_type=prediction_type)
         if source is not None and source.is_local:
             pretrained_model_name_or_path = os.path.abspath(pretrained_model_name_or_path)
-        return cls(noise_scheduler=scheduler, pretrained_model_name_or_path=pretrained_model_name_or_path, **parts)
+        adapter = cls(noise_scheduler=scheduler, pretrained_model_name_or_path=pretrained_model_name_or_path, **parts)
+        if pretrained_vae_model_name_or_path is not None:  # a LoRA output names it beside its base (see `save`)
+            vae_path = pretrained_vae_model_name_or_path
+            adapter.pretrained_vae_model_name_or_path = os.path.abspath(vae_path) if os.path.isdir(vae_path) else vae_path
+        return adapter
 
     @classmethod
     def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):
@@ -341,8 +347,14 @@ class ModelAdapter:
         if vae is None:
             raise ValueError(f"--pretrained_vae_model_name_or_path replaces a latent model's VAE: --model_type "
                              f"{cls.model_type} here has none, drop the flag")
-        source = PretrainedSource(path, revision, variant, cache_dir)
-        replacement = source.load(AutoencoderKL, subfolder="vae" if source.has("vae") else None)
+        # as diffusers' SDXL scripts: the VAE's own folder / repo (no subfolder), with the run's revision and
+        # variant; a local pipeline folder is taken too, through its vae/
+        subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
+        try:
+            replacement = AutoencoderKL.from_pretrained(path, subfolder=subfolder, revision=revision, variant=variant,
+                                                        cache_dir=cache_dir)
+        except (OSError, ValueError) as err:
+            raise _not_found(path, err) from err
         if (replacement.config.latent_channels != vae.config.latent_channels
                 or cls.vae_scale_factor(replacement) != cls.vae_scale_factor(vae)):
             raise ValueError(f"the VAE {path!r} ({replacement.config.latent_channels} latent channels) does not fit "
@@ -656,6 +668,9 @@ class ModelAdapter:
             "target_modules": sorted(self.lora_config.target_modules),
             **self._lora_info_extra(),
         }
+        if self.pretrained_vae_model_name_or_path is not None:
+            # the VAE trained with (the fp16-fixed SDXL VAE): loaded in place of the base's by load_pipeline
+            info["vae"] = portable_path(self.pretrained_vae_model_name_or_path, output_dir)
         with open(os.path.join(output_dir, LORA_INFO_NAME), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)
 
