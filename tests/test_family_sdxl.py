@@ -89,6 +89,20 @@ def test_tiny_preset_is_an_sdxl_pipeline_with_two_text_encoders(sdxl_base):
     assert isinstance(StableDiffusionXLPipeline.from_pretrained(str(sdxl_base)), StableDiffusionXLPipeline)
 
 
+def test_mixed_precision_keeps_sdxls_own_vae_in_float32(sdxl_base, fixed_vae):
+    """SDXL's VAE overflows in fp16: frozen parts go to the weight dtype except that VAE, as diffusers'
+    train_text_to_image_sdxl.py; a VAE given with --pretrained_vae_model_name_or_path is cast."""
+    from diffusers_ant.models import get_model_adapter
+
+    own = get_model_adapter("sdxl").load(pretrained_model_name_or_path=str(sdxl_base)).to("cpu", torch.float16)
+    assert own.vae.dtype == torch.float32
+    assert own.text_encoder_2.text_projection.weight.dtype == torch.float16
+    fixed = get_model_adapter("sdxl").load(pretrained_model_name_or_path=str(sdxl_base),
+                                           pretrained_vae_model_name_or_path=str(fixed_vae))
+    assert _same_vae(fixed.vae, fixed_vae)
+    assert fixed.to("cpu", torch.float16).vae.dtype == torch.float16
+
+
 def test_time_ids_are_original_size_crop_and_target_of_each_image():
     """(original h, w, crop top, left, target h, w), as diffusers' SDXL scripts compute them, for an image
     of known size: 27 x 24 (w x h) at 16 px resizes to 18 x 16 (torchvision's Resize(int)); the centre

@@ -61,6 +61,15 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             parts["text_encoder_2"] = self.text_encoder_2
         return parts
 
+    def to(self, device, dtype=None):
+        """As the base class (frozen parts in the weight dtype), except SDXL's own VAE, which stays float32:
+        it overflows in fp16 (NaN latents). diffusers' ``train_text_to_image_sdxl.py`` does the same and
+        casts only a VAE given with ``--pretrained_vae_model_name_or_path`` (the fp16-fixed one)."""
+        super().to(device, dtype)
+        if self.pretrained_vae_model_name_or_path is None:
+            self.vae.to(device=device, dtype=torch.float32)
+        return self
+
     # ------------------------------------------------------------------ building
 
     @staticmethod
