@@ -86,7 +86,24 @@ def test_tiny_preset_is_an_sdxl_pipeline_with_two_text_encoders(sdxl_base):
     assert unet["addition_embed_type"] == "text_time"
     # diffusers' test sizing: 6 time ids x 8 + the pooled 32; both encoders' 32 features side by side
     assert unet["projection_class_embeddings_input_dim"] == 80 and unet["cross_attention_dim"] == 64
-    assert isinstance(StableDiffusionXLPipeline.from_pretrained(str(sdxl_base)), StableDiffusionXLPipeline)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_base))
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+
+
+def test_a_variant_folder_loads_through_the_pretrained_source(sdxl_base, tmp_path):
+    """--variant reaches every weight file (both text encoders included), as for the other types."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusers_ant.models import get_model_adapter
+
+    StableDiffusionXLPipeline.from_pretrained(str(sdxl_base)).save_pretrained(str(tmp_path), variant="ema")
+    assert (tmp_path / "text_encoder_2" / "model.ema.safetensors").is_file()
+    adapter = get_model_adapter("sdxl").load(pretrained_model_name_or_path=str(tmp_path), variant="ema")
+    reference = get_model_adapter("sdxl").load(pretrained_model_name_or_path=str(sdxl_base))
+    for name in ("model", "text_encoder_2"):
+        ours, theirs = getattr(adapter, name).state_dict(), getattr(reference, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert len(adapter.tokenizer_2) == len(reference.tokenizer_2) > 2
 
 
 def test_mixed_precision_keeps_sdxls_own_vae_in_float32(sdxl_base, fixed_vae):
