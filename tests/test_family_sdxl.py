@@ -146,7 +146,12 @@ def test_time_ids_are_original_size_crop_and_target_of_each_image():
     assert torch.equal(adapter.time_ids(batch), expected)
     _, conditioning = adapter.encode_batch(batch)
     assert torch.equal(conditioning["time_ids"], expected)
-    assert conditioning["text_embeds"].shape == (2, 32) and conditioning["encoder_hidden_states"].shape[-1] == 64
+    # the text conditioning is what StableDiffusionXLPipeline.encode_prompt gives for the captions
+    with torch.no_grad():
+        hidden, _, pooled, _ = adapter.make_pipeline().encode_prompt(["a", "b"], do_classifier_free_guidance=False)
+    assert hidden.shape == (2, 32, 64) and pooled.shape == (2, 32)
+    assert torch.allclose(conditioning["encoder_hidden_states"], hidden, atol=1e-6)
+    assert torch.allclose(conditioning["text_embeds"], pooled, atol=1e-6)
 
     class Draws:  # a random crop at fraction (0.99, 0) of the slack, then a flip
         def __init__(self):
