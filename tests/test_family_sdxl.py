@@ -200,6 +200,14 @@ def test_lora_output_loads_with_the_sdxl_pipeline_and_samples(vanilla_run, sdxl_
     assert type(ours).__name__ == "StableDiffusionXLPipeline"
     assert json.loads((vanilla_run / "ant_lora.json").read_text())["vae"] == f"../{fixed_vae.name}"
     assert _same_vae(ours.vae, fixed_vae) and not _same_vae(pipe.vae, fixed_vae)
+    # the sampling tools (knowledge bank, evaluation) recognise the family and sample through its adapter
+    from diffusers_ant.analysis.common import infer_model_type
+    from diffusers_ant.diff_tuning.bank import adapter_for_pipeline, model_type_of_pipeline
+
+    assert model_type_of_pipeline(ours) == "sdxl" and infer_model_type(str(sdxl_base)) == "sdxl"
+    sampled = adapter_for_pipeline(ours, "sdxl").sample(ours, 1, generator=torch.Generator().manual_seed(0),
+                                                        num_inference_steps=2, prompts=[PROMPT], scheduler="ddim")
+    assert sampled[0].size == (RES, RES)
     assert ours(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0].size == (RES, RES)
 
     card = ModelCard.load(vanilla_run / "README.md")
