@@ -62,6 +62,15 @@ MODEL_TYPES = {
         "pipeline_tag": "text-to-image",
         "description": "a Stable Diffusion UNet2DConditionModel",
     },
+    # license and tags as diffusers' train_dreambooth_lora_sdxl.py writes them (`save_model_card`)
+    "sdxl": {
+        "pipeline": "StableDiffusionXLPipeline",
+        "tags": ("text-to-image", "stable-diffusion-xl", "stable-diffusion-xl-diffusers"),
+        "lora_tags": ("template:sd-lora",),
+        "license": "openrail++",
+        "pipeline_tag": "text-to-image",
+        "description": "a Stable Diffusion XL UNet2DConditionModel",
+    },
     "controlnet": {
         "pipeline": "StableDiffusionControlNetPipeline",
         "tags": ("stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "controlnet"),
@@ -301,7 +310,7 @@ _CONTROLNET_INFO = "ant_controlnet.json"
 _BASE_MODEL_DIR = "base_model"
 _COND_EMBEDDING_FILE = "controlnet_cond_embedding.safetensors"
 _LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
-_DENOISER = {"unet": "unet", "dit": "transformer", "sd": "unet", "controlnet": "controlnet"}
+_DENOISER = {"unet": "unet", "dit": "transformer", "sd": "unet", "sdxl": "unet", "controlnet": "controlnet"}
 
 
 def _read_json(path: Path | None) -> dict | None:
@@ -457,7 +466,7 @@ def _call_code(code: _Snippet, model_type: str, facts: dict, prompt: str, resolu
         else:
             labels = [i % num_classes for i in range(4)] if num_classes else [0, 1, 2, 3]
             code.lines.append(f"images = pipe(class_labels={labels}, num_inference_steps=50).images")
-    elif model_type == "sd":
+    elif model_type in ("sd", "sdxl"):
         code.lines.append(f"image = pipe({_q(prompt)}, num_inference_steps=30).images[0]")
     else:
         if resolution is None:
@@ -487,9 +496,15 @@ def _usage_snippet(output_dir: Path, model_type: str, ref: str, base_model: str 
     else:
         base = _Location(_q(_named_base(base_model)), None)
     facts = _load_pipeline_code(code, model_type, base, pipeline_class)
-    if model_type == "sd":
+    if model_type in ("sd", "sdxl"):
         # diffusers-format LoRA (as train_text_to_image_lora.py writes it): the pipeline's own loader
         code.lines.append(f"pipe.load_lora_weights({_q(ref)})")
+        if lora_info is not None and lora_info.get("vae"):
+            # trained with --pretrained_vae_model_name_or_path (the fp16-fixed SDXL VAE): sample with it too
+            vae = output.join(lora_info["vae"])
+            subfolder = ', subfolder="vae"' if vae.local is not None and (vae.local / "vae").is_dir() else ""
+            code.use("diffusers", "AutoencoderKL")
+            code.lines.append(f"pipe.vae = AutoencoderKL.from_pretrained({vae.expr}{subfolder})")
     else:
         # UNet2DModel, DiTTransformer2DModel and ControlNetModel have no diffusers LoRA loader: the
         # adapter is re-created with peft from the folder's adapter_config.json (rank, alpha, targets)
@@ -556,7 +571,7 @@ def write_model_card(
     method_summary: Mapping[str, Any],
     dataset_name: str | None = None,
     images: Sequence[Any] | Any | None = None,
-    license: str = "apache-2.0",
+    license: str | None = None,
     extra_tags: Iterable[str] = (),
     lora: bool | None = None,
     pipeline_class: str | None = None,
@@ -575,7 +590,7 @@ def write_model_card(
             (a local path is named in the body by its folder name only, since the Hub rejects
             non-repo `base_model`s and the card may be published). A LoRA or ControlNet folder's own
             record of its base (`ant_lora.json`, `ant_controlnet.json`) is what the snippet loads.
-        model_type: `unet`, `dit`, `sd` or `controlnet` (`--model_type`).
+        model_type: `unet`, `dit`, `sd`, `sdxl` or `controlnet` (`--model_type`).
         method_summary: the run's method settings: `mtl_method`, `clustering`, `num_clusters`,
             `intervals` (a TimestepIntervals or a list of inclusive (start, end) pairs),
             `loss_weighting` with `snr_gamma` (min_snr) or `p2_k` / `p2_gamma` (p2),
@@ -587,7 +602,8 @@ def write_model_card(
         images: samples (a list of PIL images, gridded with diffusers' `make_image_grid`, or one
             ready grid), saved as `samples.png` and shown in the card. None keeps an existing
             `samples.png` if there is one.
-        license: the card's license.
+        license: the card's license (default: the model type's, as diffusers' scripts write it, e.g.
+            `openrail++` for SDXL; else apache-2.0).
         extra_tags: more Hub tags.
         lora: whether the folder holds LoRA weights; default: `method_summary["lora_rank"]` is set
             or the folder has `ant_lora.json`.
@@ -623,6 +639,7 @@ def write_model_card(
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = portable_config(drop_secrets(method_summary), output_dir)
     info = MODEL_TYPES[model_type]
+    license = license or info.get("license", "apache-2.0")
     lora_info = _read_json(output_dir / _LORA_INFO)
     if lora is None:
         lora = bool(summary.get("lora_rank")) or lora_info is not None
@@ -638,7 +655,7 @@ def write_model_card(
     # Tags as diffusers' training scripts set them, plus this project's and the method's.
     tags = ["diffusers", "diffusers-training", *info["tags"], "ant"]
     if lora:
-        tags.append("lora")
+        tags += ["lora", *info.get("lora_tags", ())]
     if method != "none":
         tags.append(method)
     tags += list(extra_tags)

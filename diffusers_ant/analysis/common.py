@@ -49,6 +49,8 @@ def infer_model_type(folder: str) -> str:
         index = json.load(f)
     if "controlnet" in index:
         return "controlnet"
+    if "text_encoder_2" in index and "unet" in index:
+        return "sdxl"
     if "text_encoder" in index:
         return "sd"
     if "transformer" in index:

@@ -5,7 +5,10 @@ Batches are dicts:
 - `class_labels`: LongTensor (B,), when a class column is used;
 - `input_ids`: LongTensor (B, tokenizer.model_max_length), when a caption column and a tokenizer
   are used (padded to the maximum length and truncated, as in diffusers' text-to-image script);
-  without a tokenizer the raw strings come as `captions` (a list);
+  without a tokenizer the raw strings come as `captions` (a list); a dict of tokenizers gives one
+  such tensor per key (SDXL's `input_ids` and `input_ids_2`);
+- `original_sizes`, `crop_top_lefts`: LongTensor (B, 2), each image's (height, width) as read and
+  the (top, left) of its crop, with `crop_coords=True` (SDXL's micro-conditioning);
 - `conditioning_pixel_values`: FloatTensor (B, C', H, W) in [0, 1], when a conditioning-image
   column is used (ControlNet; [0, 1] like diffusers' ControlNet script).
 
@@ -61,7 +64,9 @@ class TrainingDataset(Dataset):
             `conditioning_image_column`, `class_column`; None for an unused one).
         resolution, num_channels, center_crop, random_flip, interpolation: see `build_transforms`;
             `num_channels` is the model's input channels (1 or 3; 3 for a VAE).
-        tokenizer: a transformers tokenizer for the captions.
+        tokenizer: a transformers tokenizer for the captions, or a dict `{batch key: tokenizer}` for a
+            model with several text encoders (SDXL: `{"input_ids": ..., "input_ids_2": ...}`).
+        crop_coords: also record each image's original size and crop top-left (see the module docstring).
         conditioning_channels: channels of the conditioning image (ControlNet's
             `conditioning_channels`, 3 by default).
         seed: seeds the augmentations (and, through `max_samples`, the subset).
@@ -84,7 +89,9 @@ class TrainingDataset(Dataset):
         seed: int = 0,
         max_samples: int | None = None,
         proportion_empty_prompts: float = 0.0,
+        crop_coords: bool = False,
     ):
+        self.crop_coords = bool(crop_coords)
         if not 0.0 <= proportion_empty_prompts <= 1.0:
             raise ValueError(f"--proportion_empty_prompts must lie in [0, 1], got {proportion_empty_prompts}")
         self.proportion_empty_prompts = float(proportion_empty_prompts)
@@ -142,7 +149,12 @@ class TrainingDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.dataset[int(index)]
         # The image and its conditioning image get equal generators, hence the same crop and flip.
-        example = {"pixel_values": self.image_transform(row[self.image_column], self._rng(index))}
+        pixels, original_size, crop_top_left = self.image_transform.with_crop_coords(row[self.image_column],
+                                                                                    self._rng(index))
+        example = {"pixel_values": pixels}
+        if self.crop_coords:
+            example["original_sizes"] = torch.tensor(original_size, dtype=torch.long)
+            example["crop_top_lefts"] = torch.tensor(crop_top_left, dtype=torch.long)
         if self.conditioning_column is not None:
             example["conditioning_pixel_values"] = self.conditioning_transform(
                 row[self.conditioning_column], self._rng(index)
@@ -157,13 +169,15 @@ class TrainingDataset(Dataset):
             if self.tokenizer is None:
                 example["captions"] = caption
             else:
-                example["input_ids"] = self.tokenizer(
-                    caption,
-                    max_length=self.tokenizer.model_max_length,
-                    padding="max_length",
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids[0]
+                tokenizers = self.tokenizer if isinstance(self.tokenizer, dict) else {"input_ids": self.tokenizer}
+                for key, tokenizer in tokenizers.items():
+                    example[key] = tokenizer(
+                        caption,
+                        max_length=tokenizer.model_max_length,
+                        padding="max_length",
+                        truncation=True,
+                        return_tensors="pt",
+                    ).input_ids[0]
         return example
 
     def _caption(self, value, index: int) -> str:
@@ -236,6 +250,7 @@ def make_train_dataloader(
     interpolation: str = "bilinear",
     pin_memory: bool = False,
     proportion_empty_prompts: float = 0.0,
+    crop_coords: bool = False,
 ) -> DataLoader:
     """A `torch.utils.data.DataLoader` of training batches (see the module docstring for the keys,
     the determinism guarantees and what the training loop must do to resume).
@@ -260,6 +275,7 @@ def make_train_dataloader(
             seed=seed,
             max_samples=max_samples,
             proportion_empty_prompts=proportion_empty_prompts,
+            crop_coords=crop_coords,
         )
     if drop_last and len(dataset) < batch_size:
         raise ValueError(

@@ -77,6 +77,16 @@ class ImageTransform:
     def __call__(self, image, rng: np.random.Generator | None = None) -> torch.Tensor:
         """Transform one PIL image. `rng` drives the random crop and flip (default: a fresh,
         unseeded generator, i.e. not reproducible)."""
+        return self.with_crop_coords(image, rng)[0]
+
+    def with_crop_coords(self, image, rng: np.random.Generator | None = None):
+        """`(tensor, original_size, crop_top_left)`: the transformed image, the image's (height, width)
+        before any resize, and the (top, left) of the crop, for SDXL's micro-conditioning.
+
+        As diffusers' `train_text_to_image_sdxl.py` / `train_dreambooth_lora_sdxl.py` record them: the
+        original size of the image as read, and the crop's top-left in the resized image after the
+        flip (those scripts flip, then crop; cropping then flipping, as here, gives the same pixels,
+        and the flipped crop's left edge is `width - left - resolution`)."""
         from PIL import Image
 
         if not isinstance(image, Image.Image):
@@ -86,6 +96,7 @@ class ImageTransform:
         if rng is None and (self.random_flip or not self.center_crop):
             rng = np.random.default_rng()
         image = self._convert(image)
+        original_size = (image.height, image.width)
 
         # 1. Resize the shorter side to `resolution`, keeping the aspect ratio (torchvision's Resize(int)).
         width, height = image.size
@@ -98,6 +109,7 @@ class ImageTransform:
 
         # 2. Crop to a square: centred, or at a random offset (torchvision's CenterCrop / RandomCrop).
         width, height = image.size
+        left = top = 0
         if width != self.resolution or height != self.resolution:
             if self.center_crop:
                 # torchvision rounds the centred offset the same way
@@ -116,6 +128,7 @@ class ImageTransform:
         # 3. Horizontal flip with probability 1/2.
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = width - left - self.resolution  # the crop's left edge in the flipped resized image
 
         # 4. To a float tensor (C, H, W) in [0, 1], then [-1, 1] (ToTensor + Normalize([0.5], [0.5])).
         array = np.asarray(image, dtype=np.uint8)
@@ -124,7 +137,7 @@ class ImageTransform:
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
         if self.normalize:
             tensor = tensor.mul_(2.0).sub_(1.0)
-        return tensor
+        return tensor, original_size, (top, left)
 
 
 def build_transforms(

@@ -11,7 +11,8 @@
 
 Model types (``MODEL_TYPES``): ``unet`` (UNet2DModel, unconditional or class-conditional),
 ``dit`` (DiTTransformer2DModel, pixel or latent), ``sd`` (UNet2DConditionModel + frozen CLIP text
-encoder and VAE), ``controlnet`` (ControlNetModel beside a frozen SD UNet). See ``base.ModelAdapter``
+encoder and VAE), ``controlnet`` (ControlNetModel beside a frozen SD UNet), ``sdxl`` (SDXL's
+UNet2DConditionModel with two CLIP text encoders and its size / crop micro-conditioning). See ``base.ModelAdapter``
 for the interface and each module for its type's details.
 """
 
@@ -24,6 +25,7 @@ from .dit import DiTAdapter
 from .pipelines import ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline
 from .presets import PRESETS, tiny_clip_tokenizer
 from .sd import StableDiffusionAdapter
+from .sdxl import StableDiffusionXLAdapter
 from .unet import UNetAdapter
 
 MODEL_TYPES = {
@@ -31,6 +33,7 @@ MODEL_TYPES = {
     "dit": DiTAdapter,
     "sd": StableDiffusionAdapter,
     "controlnet": ControlNetAdapter,
+    "sdxl": StableDiffusionXLAdapter,
 }
 
 _OWN_PIPELINES = {cls.__name__: cls for cls in (ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline)}
@@ -76,6 +79,12 @@ def load_pipeline(folder: str, torch_dtype=None):
         with open(lora_info, encoding="utf-8") as f:
             info = json.load(f)
         pipeline = load_pipeline(resolve_recorded_base(folder, info["base_model"]), torch_dtype=torch_dtype)
+        if info.get("vae"):  # trained with --pretrained_vae_model_name_or_path: sample with that VAE too
+            from diffusers import AutoencoderKL
+
+            vae = resolve_recorded_base(folder, info["vae"])
+            subfolder = "vae" if os.path.isdir(os.path.join(vae, "vae")) else None
+            pipeline.vae = AutoencoderKL.from_pretrained(vae, subfolder=subfolder, torch_dtype=torch_dtype)
         return attach_saved_deme(get_model_adapter(info["model_type"]).load_lora(pipeline, folder), folder)
     controlnet_base = controlnet_output_base(folder)
     if controlnet_base is not None:
@@ -108,6 +117,7 @@ __all__ = [
     "ModelAdapter",
     "PixelDiTPipeline",
     "StableDiffusionAdapter",
+    "StableDiffusionXLAdapter",
     "UNetAdapter",
     "UnconditionalUNetPipeline",
     "get_model_adapter",

@@ -191,6 +191,8 @@ class ModelAdapter:
     """
 
     model_type = None
+    # `--pretrained_vae_model_name_or_path`, when the VAE was replaced (recorded in a LoRA output)
+    pretrained_vae_model_name_or_path = None
     # module-name suffixes given LoRA by default; filtered to those the model has
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -240,6 +242,7 @@ class ModelAdapter:
         num_channels=None,
         noise_scheduler=None,
         flow_shift=None,
+        pretrained_vae_model_name_or_path=None,
     ):
         """Build the adapter from a pretrained folder / Hub id, from a preset or config JSON, or both.
 
@@ -262,6 +265,8 @@ class ModelAdapter:
                 without a VAE), whose pipelines sample it; a pretrained folder of the other family keeps
                 its weights and trains with a fresh scheduler of this kind.
             flow_shift: the ``shift`` of a flow-matching scheduler (overrides the pretrained folder's).
+            pretrained_vae_model_name_or_path: a VAE (folder or Hub id of an ``AutoencoderKL``) in place of
+                the pipeline's, as diffusers' SDXL scripts take it (the fp16-fixed SDXL VAE).
         """
         if pretrained_model_name_or_path is None and model_config_name_or_path is None:
             raise ValueError(
@@ -281,6 +286,9 @@ class ModelAdapter:
             num_channels=num_channels,
             controlnet_model_name_or_path=controlnet_model_name_or_path,
         )
+        if pretrained_vae_model_name_or_path is not None:
+            parts["vae"] = cls._replacement_vae(parts.get("vae"), pretrained_vae_model_name_or_path,
+                                                revision, variant, cache_dir)
         latent = parts.get("vae") is not None
         scheduler = None
         if source is not None and source.has("scheduler"):
@@ -307,7 +315,11 @@ class ModelAdapter:
             scheduler = _copy_scheduler(scheduler, prediction_type=prediction_type)
         if source is not None and source.is_local:
             pretrained_model_name_or_path = os.path.abspath(pretrained_model_name_or_path)
-        return cls(noise_scheduler=scheduler, pretrained_model_name_or_path=pretrained_model_name_or_path, **parts)
+        adapter = cls(noise_scheduler=scheduler, pretrained_model_name_or_path=pretrained_model_name_or_path, **parts)
+        if pretrained_vae_model_name_or_path is not None:  # a LoRA output names it beside its base (see `save`)
+            vae_path = pretrained_vae_model_name_or_path
+            adapter.pretrained_vae_model_name_or_path = os.path.abspath(vae_path) if os.path.isdir(vae_path) else vae_path
+        return adapter
 
     @classmethod
     def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):
@@ -325,6 +337,29 @@ class ModelAdapter:
             channels = num_channels or 3
             return AutoencoderKL(in_channels=channels, out_channels=channels, sample_size=resolution or 16, **preset["vae"])
         return None
+
+    @classmethod
+    def _replacement_vae(cls, vae, path, revision=None, variant=None, cache_dir=None):
+        """``--pretrained_vae_model_name_or_path``: the VAE at ``path`` (a folder with the VAE's
+        config.json, or a Hub id), which must encode to the latents of the one it replaces."""
+        from diffusers import AutoencoderKL
+
+        if vae is None:
+            raise ValueError(f"--pretrained_vae_model_name_or_path replaces a latent model's VAE: --model_type "
+                             f"{cls.model_type} here has none, drop the flag")
+        # as diffusers' SDXL scripts: the VAE's own folder / repo (no subfolder), with the run's revision and
+        # variant; a local pipeline folder is taken too, through its vae/
+        subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
+        try:
+            replacement = AutoencoderKL.from_pretrained(path, subfolder=subfolder, revision=revision, variant=variant,
+                                                        cache_dir=cache_dir)
+        except (OSError, ValueError) as err:
+            raise _not_found(path, err) from err
+        if (replacement.config.latent_channels != vae.config.latent_channels
+                or cls.vae_scale_factor(replacement) != cls.vae_scale_factor(vae)):
+            raise ValueError(f"the VAE {path!r} ({replacement.config.latent_channels} latent channels) does not fit "
+                             f"this model ({vae.config.latent_channels}): give the VAE of this model family")
+        return replacement
 
     @staticmethod
     def _load_text_parts(source, preset):
@@ -415,6 +450,12 @@ class ModelAdapter:
         if shift is not None:
             latents = latents - shift
         return latents * self.vae.config.scaling_factor
+
+    def data_options(self) -> dict:
+        """Keyword arguments of ``diffusers_ant.data.make_train_dataloader`` that this model type needs:
+        its tokenizer (a dict of them for several text encoders) and whatever else its batches must carry
+        (SDXL: each image's original size and crop, ``crop_coords=True``)."""
+        return {"tokenizer": self.tokenizer}
 
     def conditioning(self, batch: dict, generator=None, training: bool = False) -> dict:
         """The type's conditioning inputs from the batch (class labels, text embeddings, control image)."""
@@ -627,6 +668,9 @@ class ModelAdapter:
             "target_modules": sorted(self.lora_config.target_modules),
             **self._lora_info_extra(),
         }
+        if self.pretrained_vae_model_name_or_path is not None:
+            # the VAE trained with (the fp16-fixed SDXL VAE): loaded in place of the base's by load_pipeline
+            info["vae"] = portable_path(self.pretrained_vae_model_name_or_path, output_dir)
         with open(os.path.join(output_dir, LORA_INFO_NAME), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)
 

@@ -59,6 +59,23 @@ TINY_UNET2D_CONDITION = {
     "norm_num_groups": 32,
 }
 
+# SDXL's UNet as diffusers' SDXL pipeline tests size it (tests/pipelines/stable_diffusion_xl,
+# get_dummy_components): the text_time added conditioning, linear projections, two transformer layers
+# in the second block. cross_attention_dim and projection_class_embeddings_input_dim follow from the two
+# text encoders at load time (models/sdxl.py).
+TINY_SDXL_UNET = {
+    "block_out_channels": [2, 4],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": [2, 4],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": [1, 2],
+    "norm_num_groups": 1,
+}
+
 PRESETS = {
     "unet": {
         # 0.16M parameters at 16x16, no attention: the fastest thing that still learns digits.
@@ -116,6 +133,16 @@ PRESETS = {
             "model": TINY_UNET2D_CONDITION,
             "vae": TINY_VAE,
             "text_encoder": TINY_TEXT_ENCODER,
+            "scheduler": LATENT_SCHEDULER,
+        },
+    },
+    "sdxl": {
+        # two CLIP text encoders of the same tiny config (the second with its projection head)
+        "tiny": {
+            "model": TINY_SDXL_UNET,
+            "vae": TINY_VAE,
+            "text_encoder": TINY_TEXT_ENCODER,
+            "text_encoder_2": TINY_TEXT_ENCODER,
             "scheduler": LATENT_SCHEDULER,
         },
     },

@@ -44,6 +44,10 @@ class StableDiffusionAdapter(ModelAdapter):
     @classmethod
     def _build_frozen(cls, source, preset, resolution, num_channels):
         """VAE, tokenizer and text encoder, shared with the ControlNet adapter."""
+        if source is not None and source.has("text_encoder_2"):
+            # an SDXL pipeline: its UNet needs the second encoder's pooled output and the time ids
+            raise ValueError(f"{source.path!r} is a Stable Diffusion XL pipeline (text_encoder_2): train it with "
+                             f"--model_type sdxl, not --model_type {cls.model_type}")
         vae = cls._load_vae(source, preset, num_channels, resolution)
         if vae is None:
             raise ValueError(f"pretrained pipeline {source.path!r} has no vae")

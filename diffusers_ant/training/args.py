@@ -42,7 +42,7 @@ DEMO_ARGS = [
     "--report_to", "tensorboard",
 ]
 
-MODEL_TYPES = ("unet", "dit", "sd", "controlnet")
+MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "sdxl")
 CLUSTERING_OBJECTIVES = ("timestep", "snr", "gradient")
 TIMESTEP_SAMPLINGS = ("uniform", "stratified")
 # diffusers_ant.schedule's NOISE_SCHEDULERS and FLOW_WEIGHTING_SCHEMES, written out so that building the
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Train from scratch: a preset name (`tiny`, `small`) or a path to a model config JSON.")
     g.add_argument("--controlnet_model_name_or_path", default=None,
                    help="ControlNet weights to start from; by default the ControlNet is initialised from the UNet.")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="A VAE to use instead of the pipeline's (sd, sdxl), e.g. madebyollin/sdxl-vae-fp16-fix, the SDXL "
+                   "VAE that does not overflow in fp16 (as diffusers' SDXL scripts).")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None)
     g.add_argument("--cache_dir", default=None)
@@ -101,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "Diff-Tuning authors' code; the time-embedding MLP's weights stay frozen). Default: lora with "
                    "--rank, else full.")
     g.add_argument("--train_text_encoder", action="store_true",
-                   help="sd with --rank: train a LoRA adapter on the text encoder too (diffusers' DreamBooth LoRA).")
+                   help="sd / sdxl with --rank: train a LoRA adapter on the text encoder(s) too (diffusers' DreamBooth LoRA).")
+    g.add_argument("--lora_layers", default=None,
+                   help="With --rank: the modules given LoRA, comma-separated module names (e.g. "
+                   "\"to_k,to_q,to_v,to_out.0\"); default: the model type's own list (diffusers' LoRA scripts).")
 
     # ---- flow matching (one block: the scheduler family, SD3's --weighting_scheme and its parameters)
     g = p.add_argument_group("flow matching")
@@ -359,7 +365,7 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
     if args.noise_scheduler not in (None, *NOISE_SCHEDULERS):
         raise UsageError(f"unknown --noise_scheduler {args.noise_scheduler!r}; choose one of: {', '.join(NOISE_SCHEDULERS)}")
     if args.noise_scheduler == "flow_match":
-        if args.model_type in ("sd", "controlnet"):
+        if args.model_type in ("sd", "sdxl", "controlnet"):
             raise UsageError(f"--noise_scheduler flow_match is for pixel-space models (unet, dit); {args.model_type} is latent")
         if args.prediction_type is not None:
             raise UsageError("--noise_scheduler flow_match trains the velocity (noise - x0): drop --prediction_type")
@@ -416,8 +422,8 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError(f"unknown --timestep_sampling {args.timestep_sampling!r}; choose one of: {', '.join(TIMESTEP_SAMPLINGS)}")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise UsageError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
-    if args.proportion_empty_prompts and args.model_type not in ("sd", "controlnet"):
-        raise UsageError("--proportion_empty_prompts drops captions: it applies to --model_type sd and controlnet only")
+    if args.proportion_empty_prompts and args.model_type not in ("sd", "sdxl", "controlnet"):
+        raise UsageError("--proportion_empty_prompts drops captions: it applies to --model_type sdxl, sd and controlnet only")
     if args.validation_epochs is not None and args.validation_epochs < 1:
         raise UsageError("--validation_epochs must be at least 1")
     if args.validation_prompt and args.validation_image and len(args.validation_prompt) not in (1, len(args.validation_image)) \
@@ -448,9 +454,11 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError("--max_train_steps must be at least 1")
     if args.rank is not None and args.rank < 1:
         raise UsageError("--rank must be at least 1")
-    if args.train_text_encoder and (args.model_type != "sd" or args.rank is None):
-        raise UsageError("--train_text_encoder trains a LoRA on Stable Diffusion's text encoder: use it with "
-                         "--model_type sd and --rank")
+    if args.train_text_encoder and (args.model_type not in ("sd", "sdxl") or args.rank is None):
+        raise UsageError("--train_text_encoder trains a LoRA on Stable Diffusion's text encoder(s): use it with "
+                         "--model_type sd or sdxl and --rank")
+    if args.lora_layers is not None and args.rank is None:
+        raise UsageError("--lora_layers names the modules given LoRA: add --rank")
     if args.rank is not None and args.pretrained_model_name_or_path is None:
         raise UsageError("--rank trains LoRA adapters on a pretrained model: give --pretrained_model_name_or_path")
     if args.pretrained_model_name_or_path is None and args.model_config_name_or_path is None:
@@ -477,7 +485,7 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             check_hub_token_safety(args.report_to, args.hub_token)
         except ValueError as err:
             raise UsageError(str(err)) from None
-    if args.model_type in ("sd", "controlnet") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
+    if args.model_type in ("sd", "sdxl", "controlnet") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
         raise UsageError(f"--model_type {args.model_type} needs captions: use --dataset_name mnist5k_captions or a captioned dataset")
 
 
