@@ -68,6 +68,15 @@ MODEL_TYPES = {
         "pipeline_tag": "text-to-image",
         "description": "a ControlNet for Stable Diffusion (the UNet frozen)",
     },
+    # as diffusers' train_dreambooth_lora_flux.py writes its card: these tags, license "other" (the
+    # FLUX.1-dev non-commercial licence; schnell is apache-2.0, pass license= for it)
+    "flux": {
+        "pipeline": "FluxPipeline",
+        "tags": ("text-to-image", "flux", "flux-diffusers", "template:sd-lora"),
+        "pipeline_tag": "text-to-image",
+        "description": "a FLUX.1 transformer (FluxTransformer2DModel)",
+        "license": "other",
+    },
 }
 
 # Readable names of the multi-task weightings (diffusers_ant.WEIGHTINGS keys), for the card body.
@@ -301,7 +310,7 @@ _CONTROLNET_INFO = "ant_controlnet.json"
 _BASE_MODEL_DIR = "base_model"
 _COND_EMBEDDING_FILE = "controlnet_cond_embedding.safetensors"
 _LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
-_DENOISER = {"unet": "unet", "dit": "transformer", "sd": "unet", "controlnet": "controlnet"}
+_DENOISER = {"unet": "unet", "dit": "transformer", "sd": "unet", "controlnet": "controlnet", "flux": "transformer"}
 
 
 def _read_json(path: Path | None) -> dict | None:
@@ -406,7 +415,7 @@ def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipel
         unet_config = _read_json(base.local / "unet" / "config.json") if base.local is not None else None
         return {"pipeline": "StableDiffusionControlNetPipeline", "config": unet_config, "unet_config": unet_config}
     class_name = index.get("_class_name") if index else None
-    denoiser = "transformer" if model_type == "dit" else "unet"
+    denoiser = _DENOISER.get(model_type, "unet") if model_type != "controlnet" else "unet"
     config = _read_json(local / denoiser / "config.json") if local is not None else None
     if isinstance(class_name, list):
         # this project's class-conditional UNet / pixel DiT pipeline, shipped in the folder as a
@@ -418,7 +427,7 @@ def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipel
     pipeline = pipeline_class or class_name or MODEL_TYPES[model_type]["pipeline"]
     code.use("diffusers", pipeline)
     code.lines.append(f"pipe = {pipeline}.from_pretrained({where.expr})")
-    unet_config = config if model_type != "dit" else None
+    unet_config = config if denoiser == "unet" else None
     return {"pipeline": pipeline, "config": config, "unet_config": unet_config}
 
 
@@ -459,6 +468,9 @@ def _call_code(code: _Snippet, model_type: str, facts: dict, prompt: str, resolu
             code.lines.append(f"images = pipe(class_labels={labels}, num_inference_steps=50).images")
     elif model_type == "sd":
         code.lines.append(f"image = pipe({_q(prompt)}, num_inference_steps=30).images[0]")
+    elif model_type == "flux":
+        # FluxPipeline's own defaults (28 steps, distilled guidance 3.5; schnell ignores the guidance)
+        code.lines.append(f"image = pipe({_q(prompt)}, num_inference_steps=28, guidance_scale=3.5).images[0]")
     else:
         if resolution is None:
             unet = facts.get("unet_config") or {}
@@ -487,8 +499,9 @@ def _usage_snippet(output_dir: Path, model_type: str, ref: str, base_model: str 
     else:
         base = _Location(_q(_named_base(base_model)), None)
     facts = _load_pipeline_code(code, model_type, base, pipeline_class)
-    if model_type == "sd":
-        # diffusers-format LoRA (as train_text_to_image_lora.py writes it): the pipeline's own loader
+    if model_type in ("sd", "flux"):
+        # diffusers-format LoRA (as train_text_to_image_lora.py / train_dreambooth_lora_flux.py write it): the
+        # pipeline's own loader
         code.lines.append(f"pipe.load_lora_weights({_q(ref)})")
     else:
         # UNet2DModel, DiTTransformer2DModel and ControlNetModel have no diffusers LoRA loader: the
@@ -556,7 +569,7 @@ def write_model_card(
     method_summary: Mapping[str, Any],
     dataset_name: str | None = None,
     images: Sequence[Any] | Any | None = None,
-    license: str = "apache-2.0",
+    license: str | None = None,
     extra_tags: Iterable[str] = (),
     lora: bool | None = None,
     pipeline_class: str | None = None,
@@ -587,7 +600,8 @@ def write_model_card(
         images: samples (a list of PIL images, gridded with diffusers' `make_image_grid`, or one
             ready grid), saved as `samples.png` and shown in the card. None keeps an existing
             `samples.png` if there is one.
-        license: the card's license.
+        license: the card's license (default: the model type's, as diffusers' script for it writes it:
+            "other" for flux, else apache-2.0).
         extra_tags: more Hub tags.
         lora: whether the folder holds LoRA weights; default: `method_summary["lora_rank"]` is set
             or the folder has `ant_lora.json`.
@@ -623,6 +637,7 @@ def write_model_card(
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = portable_config(drop_secrets(method_summary), output_dir)
     info = MODEL_TYPES[model_type]
+    license = license or info.get("license", "apache-2.0")
     lora_info = _read_json(output_dir / _LORA_INFO)
     if lora is None:
         lora = bool(summary.get("lora_rank")) or lora_info is not None

@@ -21,6 +21,7 @@ import os
 from .base import CONTROLNET_INFO_NAME, LORA_INFO_NAME, ModelAdapter, resolve_recorded_base
 from .controlnet import ControlNetAdapter, controlnet_output_base
 from .dit import DiTAdapter
+from .flux import FluxAdapter
 from .pipelines import ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline
 from .presets import PRESETS, tiny_clip_tokenizer
 from .sd import StableDiffusionAdapter
@@ -31,6 +32,7 @@ MODEL_TYPES = {
     "dit": DiTAdapter,
     "sd": StableDiffusionAdapter,
     "controlnet": ControlNetAdapter,
+    "flux": FluxAdapter,
 }
 
 _OWN_PIPELINES = {cls.__name__: cls for cls in (ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline)}
@@ -105,6 +107,7 @@ __all__ = [
     "ClassConditionalUNetPipeline",
     "ControlNetAdapter",
     "DiTAdapter",
+    "FluxAdapter",
     "ModelAdapter",
     "PixelDiTPipeline",
     "StableDiffusionAdapter",

@@ -42,7 +42,7 @@ DEMO_ARGS = [
     "--report_to", "tensorboard",
 ]
 
-MODEL_TYPES = ("unet", "dit", "sd", "controlnet")
+MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "flux")
 CLUSTERING_OBJECTIVES = ("timestep", "snr", "gradient")
 TIMESTEP_SAMPLINGS = ("uniform", "stratified")
 # diffusers_ant.schedule's NOISE_SCHEDULERS and FLOW_WEIGHTING_SCHEMES, written out so that building the
@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "through it; the output folder records it in class_map.json.")
     g.add_argument("--rank", type=int, default=None, help="Train LoRA adapters of this rank instead of the full model.")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
+    g.add_argument("--lora_layers", default=None,
+                   help="Comma-separated module names to give LoRA (peft target_modules), as diffusers' Flux / SD3 "
+                   "scripts, e.g. \"attn.to_k,attn.to_q,attn.to_v,attn.to_out.0\". Default: the model type's list "
+                   "(flux: diffusers' train_dreambooth_lora_flux.py targets).")
     g.add_argument("--finetune", default=None, choices=["full", "lora", "bitfit", "difffit"],
                    help="What trains: the whole model, LoRA adapters (--rank), the bias terms (BitFit), or DiffFit's "
                    "biases, norms, label table and scales in the first half of the blocks (Xie et al. 2023, as the "
@@ -282,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_image", nargs="+", default=None,
                    help="Conditioning image(s) for ControlNet validation, paired with --validation_prompt.")
     g.add_argument("--guidance_scale", type=float, default=None,
-                   help="Classifier-free guidance scale of the validation samples (default: the pipeline's).")
+                   help="Classifier-free guidance scale of the validation samples (default: the pipeline's). flux: the "
+                   "distilled guidance a guidance-distilled transformer (FLUX.1-dev) is trained and sampled with "
+                   "(default 1.0, the value diffusers' Flux README trains with; ignored by schnell).")
     g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for validation samples.")
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
@@ -358,6 +364,10 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
 
     if args.noise_scheduler not in (None, *NOISE_SCHEDULERS):
         raise UsageError(f"unknown --noise_scheduler {args.noise_scheduler!r}; choose one of: {', '.join(NOISE_SCHEDULERS)}")
+    if args.model_type == "flux":  # Flux is a rectified-flow model: flow matching is its only (and default) schedule
+        if args.noise_scheduler == "ddpm":
+            raise UsageError("--model_type flux trains with flow matching: drop --noise_scheduler ddpm")
+        args.noise_scheduler = "flow_match"
     if args.noise_scheduler == "flow_match":
         if args.model_type in ("sd", "controlnet"):
             raise UsageError(f"--noise_scheduler flow_match is for pixel-space models (unet, dit); {args.model_type} is latent")
@@ -477,7 +487,9 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             check_hub_token_safety(args.report_to, args.hub_token)
         except ValueError as err:
             raise UsageError(str(err)) from None
-    if args.model_type in ("sd", "controlnet") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
+    if args.lora_layers is not None and (args.rank is None or not [x for x in args.lora_layers.split(",") if x.strip()]):
+        raise UsageError("--lora_layers names the LoRA's target modules: give --rank and at least one module name")
+    if args.model_type in ("sd", "controlnet", "flux") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
         raise UsageError(f"--model_type {args.model_type} needs captions: use --dataset_name mnist5k_captions or a captioned dataset")
 
 
