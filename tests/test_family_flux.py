@@ -262,3 +262,35 @@ def test_full_fine_tune_of_the_schnell_like_preset_saves_a_flux_pipeline(tmp_pat
     images = pipe(prompt="a one", height=RESOLUTION, width=RESOLUTION, num_inference_steps=2, output_type="pt",
                   max_sequence_length=32).images
     assert images.shape == (1, 3, RESOLUTION, RESOLUTION) and torch.isfinite(images).all()
+
+
+def test_stratified_draws_compose_with_the_density():
+    """--timestep_sampling stratified with a density: every cluster its equal share, and inside a cluster
+    the density's own shape (exact masses of diffusers' draw), not uniform."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from diffusers_ant.timesteps import StratifiedDensitySampler, flow_density_masses
+
+    T = 1000
+    for scheme in ("logit_normal", "mode"):
+        masses = flow_density_masses(scheme, T)
+        assert masses.sum().item() == pytest.approx(1.0)
+        # the exact masses are those of diffusers' own draw (index = floor(u T), t = T - 1 - index)
+        u = compute_density_for_timestep_sampling(scheme, 200_000, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                                                  generator=torch.Generator().manual_seed(0))
+        t = (T - 1) - (u * T).long().clamp(0, T - 1)
+        drawn = torch.bincount(t // 100, minlength=10).double() / len(t)
+        assert torch.allclose(drawn, masses.view(10, 100).sum(1), atol=4e-3), scheme
+    bounds = [(0, 99), (100, 499), (500, 999)]
+    sampler = StratifiedDensitySampler(bounds, "logit_normal")
+    t, ids = sampler.sample_with_ids(30_000, generator=torch.Generator().manual_seed(1))
+    assert torch.bincount(ids).tolist() == [10_000] * 3
+    for c, (a, b) in enumerate(bounds):
+        inside = t[ids == c]
+        assert inside.min() >= a and inside.max() <= b
+    # inside the middle cluster: the logit-normal's shape (more mass near t = 499, the middle of the range)
+    mid = t[ids == 1]
+    expected = masses_mid = flow_density_masses("logit_normal", T)[100:500]
+    expected = (masses_mid.view(4, 100).sum(1) / masses_mid.sum()).float()
+    got = torch.bincount((mid - 100) // 100, minlength=4).float() / len(mid)
+    assert torch.allclose(got, expected, atol=0.02) and got[3] > 2 * got[0]

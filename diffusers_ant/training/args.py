@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Shift of the flow-matching sigmas (default 1.0 from scratch, else the folder's; SD3 uses 3.0).")
     g.add_argument("--weighting_scheme", default="none", choices=list(FLOW_WEIGHTING_SCHEMES),
                    help="As diffusers' SD3 script, flow matching only: logit_normal or mode draw the timesteps from "
-                   "that density (with --timestep_sampling uniform: not stratified, the density decides how often each "
-                   "cluster is trained), sigma_sqrt or cosmap weight the loss (instead of --loss_weighting).")
+                   "that density (by default i.i.d.: the density decides how often each cluster is trained; with "
+                   "--timestep_sampling stratified each cluster gets an equal share of the batch, drawn from the density "
+                   "inside the cluster), sigma_sqrt or cosmap weight the loss (instead of --loss_weighting).")
     g.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal density (SD3: 0.0).")
     g.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit_normal density (SD3: 1.0).")
     g.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode density (SD3 script: 1.29).")
@@ -382,12 +383,15 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         if ddpm:
             raise UsageError(f"--weighting_scheme {args.weighting_scheme} is for flow matching: add --noise_scheduler flow_match")
         if args.weighting_scheme in FLOW_DENSITY_SCHEMES:
-            # the density decides how often each noise level is trained; stratified sampling would give
-            # every cluster an equal share instead, and --timestep_range one interval
-            if args.timestep_sampling == "stratified" or args.timestep_range is not None:
+            # the density decides how often each noise level is trained (default: i.i.d. draws, grouped into
+            # clusters afterwards); an explicit --timestep_sampling stratified composes with it (equal cluster
+            # shares, the density inside each cluster: timesteps.StratifiedDensitySampler); --timestep_range
+            # would train one interval
+            if args.timestep_range is not None:
                 raise UsageError(f"--weighting_scheme {args.weighting_scheme} draws the timesteps from its density: "
-                                 "drop --timestep_sampling stratified / --timestep_range (use --timestep_sampling uniform)")
-            args.timestep_sampling = "uniform"  # i.i.d. draws (from the density), grouped into clusters afterwards
+                                 "drop --timestep_range (or use --weighting_scheme none)")
+            if args.timestep_sampling != "stratified":
+                args.timestep_sampling = "uniform"
             try:  # the sampler's own checks of --logit_std / --mode_scale, now rather than at set-up
                 FlowMatchingDensitySampler(args.weighting_scheme, 1000, args.logit_mean, args.logit_std, args.mode_scale)
             except ValueError as err:
