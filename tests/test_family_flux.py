@@ -121,6 +121,7 @@ def test_prompt_encoding_and_prediction_match_the_pipeline(adapter):
     assert torch.allclose(pack_latents(pred), ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_folder_of_another_family_is_one_line_naming_both_types(tmp_path, capsys):
     from train_scripts_loader import load_train_main
 
@@ -151,6 +152,7 @@ def vanilla_bf16(tmp_path_factory, flux_folder):
     return out
 
 
+@pytest.mark.slow
 def test_lora_output_loads_with_flux_pipeline_and_samples(vanilla_bf16, flux_folder):
     from diffusers import FluxPipeline
     from safetensors.torch import load_file
@@ -182,6 +184,7 @@ def test_lora_output_loads_with_flux_pipeline_and_samples(vanilla_bf16, flux_fol
     assert torch.allclose(ours_images, after, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_card_has_flux_tags_license_and_base_model(vanilla_bf16):
     from huggingface_hub import ModelCard
 
@@ -212,6 +215,7 @@ def resume_runs(tmp_path_factory, flux_folder):
     return straight, resumed
 
 
+@pytest.mark.slow
 def test_ant_uw_resumes_exactly_on_the_shifted_clusters(resume_runs, adapter):
     from safetensors.torch import load_file
 
@@ -234,6 +238,7 @@ def test_ant_uw_resumes_exactly_on_the_shifted_clusters(resume_runs, adapter):
     assert json.loads((straight / "training_config.json").read_text())["noise_scheduler"] == "flow_match"
 
 
+@pytest.mark.slow
 def test_pcgrad_on_the_lora_subset_trains(tmp_path, flux_folder):
     from safetensors.torch import load_file
 
@@ -247,6 +252,7 @@ def test_pcgrad_on_the_lora_subset_trains(tmp_path, flux_folder):
     assert b and any(v.abs().max() > 0 for v in b)  # B starts at zero: the update reached the LoRA
 
 
+@pytest.mark.slow
 def test_full_fine_tune_of_the_schnell_like_preset_saves_a_flux_pipeline(tmp_path):
     """No --rank: the whole transformer trains (from the schnell-like preset: no guidance input, static
     shift 1.0) and the output is a FluxPipeline folder."""
