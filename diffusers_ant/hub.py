@@ -469,8 +469,10 @@ def _call_code(code: _Snippet, model_type: str, facts: dict, prompt: str, resolu
     elif model_type == "sd":
         code.lines.append(f"image = pipe({_q(prompt)}, num_inference_steps=30).images[0]")
     elif model_type == "flux":
-        # FluxPipeline's own defaults (28 steps, distilled guidance 3.5; schnell ignores the guidance)
-        code.lines.append(f"image = pipe({_q(prompt)}, num_inference_steps=28, guidance_scale=3.5).images[0]")
+        # FluxPipeline's own defaults (28 steps, distilled guidance 3.5; schnell ignores the guidance), at the
+        # training resolution when known (the pipeline's default is 1024 pixels)
+        size = f", height={resolution}, width={resolution}" if resolution else ""
+        code.lines.append(f"image = pipe({_q(prompt)}{size}, num_inference_steps=28, guidance_scale=3.5).images[0]")
     else:
         if resolution is None:
             unet = facts.get("unet_config") or {}

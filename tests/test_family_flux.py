@@ -195,6 +195,7 @@ def test_card_has_flux_tags_license_and_base_model(vanilla_bf16):
         assert tag in card.data.tags
     assert card.data.license == "other"
     assert "FluxPipeline" in card.text and "load_lora_weights" in card.text
+    assert f"height={RESOLUTION}, width={RESOLUTION}" in card.text  # the snippet samples at the training size
     # with a Hub base, as diffusers' script: base_model in the metadata
     path = write_model_card(vanilla_bf16, base_model="black-forest-labs/FLUX.1-dev", model_type="flux",
                             method_summary={"mtl_method": "none", "lora_rank": 4}, lora=True)
