@@ -119,6 +119,14 @@ def test_prompt_encoding_and_prediction_match_the_pipeline(adapter):
                             img_ids=ids, return_dict=False)[0]
     assert pred.shape == x.shape
     assert torch.allclose(pack_latents(pred), ref, atol=1e-5)
+    # latents as the script makes them: (posterior sample - shift_factor) * scaling_factor
+    pixels = torch.rand(2, 3, RESOLUTION, RESOLUTION) * 2 - 1
+    latents = adapter.encode_pixels(pixels, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        sample = adapter.vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(5))
+    config = adapter.vae.config
+    assert config.shift_factor != 0 and config.scaling_factor != 1
+    assert torch.allclose(latents, (sample - config.shift_factor) * config.scaling_factor, atol=1e-6)
 
 
 @pytest.mark.slow
