@@ -309,3 +309,21 @@ def test_stratified_draws_compose_with_the_density():
     expected = (masses_mid.view(4, 100).sum(1) / masses_mid.sum()).float()
     got = torch.bincount((mid - 100) // 100, minlength=4).float() / len(mid)
     assert torch.allclose(got, expected, atol=0.02) and got[3] > 2 * got[0]
+
+
+def test_a_checkpoint_folder_loads_with_its_variant(tmp_path, adapter):
+    """A FluxPipeline folder saved with a weight variant (as the Hub's fp16 / bf16 branches) loads every
+    component with --variant; the transformer keeps its weights and the training scheduler is resolved."""
+    from diffusers_ant.models import get_model_adapter
+
+    folder = tmp_path / "flux-variant"
+    adapter.make_pipeline().save_pretrained(folder, variant="fp16", safe_serialization=True)
+    assert (folder / "transformer" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    loaded = get_model_adapter("flux").load(pretrained_model_name_or_path=str(folder), variant="fp16",
+                                            resolution=RESOLUTION)
+    assert loaded.model_from_pretrained and loaded.guidance_embeds
+    for name, param in adapter.model.state_dict().items():
+        assert torch.equal(param, loaded.model.state_dict()[name]), name
+    assert loaded.noise_scheduler.config.shift == pytest.approx(adapter.noise_scheduler.config.shift)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        get_model_adapter("flux").load(pretrained_model_name_or_path=str(folder), variant="fp16", resolution=18)
