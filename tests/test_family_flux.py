@@ -249,12 +249,17 @@ def test_ant_uw_resumes_exactly_on_the_shifted_clusters(resume_runs, adapter):
 
 @pytest.mark.slow
 def test_pcgrad_on_the_lora_subset_trains(tmp_path, flux_folder):
+    """PCGrad's per-cluster gradients on the LoRA matrices only, with --lora_layers, on stratified draws
+    composed with the logit-normal density (StratifiedDensitySampler)."""
     from safetensors.torch import load_file
 
     out = tmp_path / "pcgrad"
     train_in_process(_args(out, "--rank", "4", "--mtl_method", "pcgrad", "--task_gradient_subset", "lora",
                            "--max_train_steps", "2", "--lora_layers", "attn.to_q,attn.to_v",
-                           "--weighting_scheme", "logit_normal", pretrained=flux_folder))
+                           "--weighting_scheme", "logit_normal", "--timestep_sampling", "stratified",
+                           pretrained=flux_folder))
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["timestep_sampling"] == "stratified" and config["weighting_scheme"] == "logit_normal"
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert {k.split(".attn.")[1].split(".")[0] for k in lora} == {"to_q", "to_v"}  # --lora_layers
     b = [v for k, v in lora.items() if "lora_B" in k]
