@@ -590,7 +590,7 @@ def write_model_card(
             (a local path is named in the body by its folder name only, since the Hub rejects
             non-repo `base_model`s and the card may be published). A LoRA or ControlNet folder's own
             record of its base (`ant_lora.json`, `ant_controlnet.json`) is what the snippet loads.
-        model_type: `unet`, `dit`, `sd` or `controlnet` (`--model_type`).
+        model_type: `unet`, `dit`, `sd`, `controlnet` or `flux` (`--model_type`).
         method_summary: the run's method settings: `mtl_method`, `clustering`, `num_clusters`,
             `intervals` (a TimestepIntervals or a list of inclusive (start, end) pairs),
             `loss_weighting` with `snr_gamma` (min_snr) or `p2_k` / `p2_gamma` (p2),

@@ -10,6 +10,7 @@
   psi(t) ∝ T - t (knowledge retention) and xi(t) ∝ t + 1 (reconsolidation).
 * :class:`FlowMatchingDensitySampler`: SD3's ``logit_normal`` and ``mode`` timestep densities
   for flow matching, drawn by diffusers' ``compute_density_for_timestep_sampling``.
+* :class:`StratifiedDensitySampler`: ANT's stratified batch with such a density inside each cluster.
 
 Every draw goes through the ``torch.Generator`` passed in (on the generator's device, then
 moved to ``device``), so a seed gives the same timesteps on CPU and GPU. No draw uses float64,
@@ -279,8 +280,8 @@ class FlowMatchingDensitySampler(TimestepSampler):
     One departure: the index is clamped to T - 1, because the mode density returns u = 1 when the
     uniform draw is exactly 0 (probability 2^-24), which would index past the end in the script.
     For flow-matching schedulers only (the caller checks with
-    :func:`diffusers_ant.schedule.check_weighting_scheme`); a density replaces stratified sampling
-    rather than combining with it (see ``train_ant.py --weighting_scheme``).
+    :func:`diffusers_ant.schedule.check_weighting_scheme`); this sampler replaces stratified sampling
+    (the clusters are assigned after the draw); :class:`StratifiedDensitySampler` combines the two.
     """
 
     def __init__(self, weighting_scheme: str, num_timesteps: int, logit_mean: float = 0.0, logit_std: float = 1.0,

@@ -11,7 +11,8 @@
 
 Model types (``MODEL_TYPES``): ``unet`` (UNet2DModel, unconditional or class-conditional),
 ``dit`` (DiTTransformer2DModel, pixel or latent), ``sd`` (UNet2DConditionModel + frozen CLIP text
-encoder and VAE), ``controlnet`` (ControlNetModel beside a frozen SD UNet). See ``base.ModelAdapter``
+encoder and VAE), ``controlnet`` (ControlNetModel beside a frozen SD UNet), ``flux`` (FluxTransformer2DModel
+with CLIP + T5 and packed latents, flow matching). See ``base.ModelAdapter``
 for the interface and each module for its type's details.
 """
 
