@@ -332,3 +332,14 @@ def test_a_checkpoint_folder_loads_with_its_variant(tmp_path, adapter):
     assert loaded.noise_scheduler.config.shift == pytest.approx(adapter.noise_scheduler.config.shift)
     with pytest.raises(ValueError, match="multiple of 4"):
         get_model_adapter("flux").load(pretrained_model_name_or_path=str(folder), variant="fp16", resolution=18)
+
+
+def test_a_resume_may_not_change_the_trained_guidance():
+    """--guidance_scale is a validation setting elsewhere, but Flux trains with it: changing it on resume is refused."""
+    from diffusers_ant.training.checkpoint import check_resume_config
+
+    with pytest.raises(ValueError, match="--guidance_scale was 3.5"):
+        check_resume_config({"model_type": "flux", "guidance_scale": 3.5}, {"model_type": "flux", "guidance_scale": 1.0},
+                            "checkpoint-2")
+    assert check_resume_config({"model_type": "sd", "guidance_scale": 3.5}, {"model_type": "sd", "guidance_scale": 1.0},
+                               "checkpoint-2") == ["--guidance_scale: 3.5 -> 1.0"]

@@ -120,6 +120,8 @@ class FluxAdapter(ModelAdapter):
     default_lora_targets = FLUX_LORA_TARGETS
     output_module_names = ("proj_out",)
     last_block_name = "single_transformer_blocks"
+    # validation-only for the other types, an input of the trained model here: a resume may not change it
+    training_flags = ("guidance_scale",)
 
     def __init__(self, model, noise_scheduler, *, text_encoder_2=None, tokenizer_one=None, tokenizer_two=None,
                  pipeline_scheduler=None, guidance_scale=1.0, **kwargs):
