@@ -310,7 +310,7 @@ def test_stratified_draws_compose_with_the_density():
         assert inside.min() >= a and inside.max() <= b
     # inside the middle cluster: the logit-normal's shape (more mass near t = 499, the middle of the range)
     mid = t[ids == 1]
-    expected = masses_mid = flow_density_masses("logit_normal", T)[100:500]
+    masses_mid = flow_density_masses("logit_normal", T)[100:500]
     expected = (masses_mid.view(4, 100).sum(1) / masses_mid.sum()).float()
     got = torch.bincount((mid - 100) // 100, minlength=4).float() / len(mid)
     assert torch.allclose(got, expected, atol=0.02) and got[3] > 2 * got[0]

@@ -34,6 +34,7 @@ tokenizers built in memory (presets.py).
 """
 
 import math
+import os
 
 import torch
 
@@ -154,8 +155,10 @@ class FluxAdapter(ModelAdapter):
         latents, which the pixel-model path refuses, and it needs two schedulers (see the module
         docstring). ``resolution`` defaults to 512 for a checkpoint (diffusers' script) and 16 for a
         preset; it must be a multiple of twice the VAE factor (packing). ``guidance_scale``: the
-        value fed to a guidance-distilled transformer (default 1.0)."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        value fed to a guidance-distilled transformer (default 1.0). ``num_classes``,
+        ``controlnet_model_name_or_path`` and ``num_channels`` are not used: Flux is text-conditional and
+        its VAE takes RGB (greyscale data is converted, as for a pretrained SD)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
         if pretrained_model_name_or_path is None and model_config_name_or_path is None:
             raise ValueError("nothing to load: give pretrained_model_name_or_path or model_config_name_or_path (e.g. 'tiny')")
@@ -191,8 +194,6 @@ class FluxAdapter(ModelAdapter):
         latent_size = resolution // scale
         pipeline_scheduler = scheduler if flow_shift is None else training_scheduler(scheduler, latent_size, flow_shift)
         if source is not None and source.is_local:
-            import os
-
             pretrained_model_name_or_path = os.path.abspath(pretrained_model_name_or_path)
         return cls(model, training_scheduler(scheduler, latent_size, flow_shift), vae=vae, text_encoder=text_encoder,
                    text_encoder_2=text_encoder_2, tokenizer_one=tokenizer_one, tokenizer_two=tokenizer_two,
