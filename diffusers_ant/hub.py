@@ -77,6 +77,15 @@ MODEL_TYPES = {
         "pipeline_tag": "text-to-image",
         "description": "a ControlNet for Stable Diffusion (the UNet frozen)",
     },
+    # as diffusers' train_dreambooth_lora_flux.py writes its card: these tags, license "other" (the
+    # FLUX.1-dev non-commercial licence; schnell is apache-2.0, pass license= for it)
+    "flux": {
+        "pipeline": "FluxPipeline",
+        "tags": ("text-to-image", "flux", "flux-diffusers", "template:sd-lora"),
+        "pipeline_tag": "text-to-image",
+        "description": "a FLUX.1 transformer (FluxTransformer2DModel)",
+        "license": "other",
+    },
 }
 
 # Readable names of the multi-task weightings (diffusers_ant.WEIGHTINGS keys), for the card body.
@@ -310,7 +319,7 @@ _CONTROLNET_INFO = "ant_controlnet.json"
 _BASE_MODEL_DIR = "base_model"
 _COND_EMBEDDING_FILE = "controlnet_cond_embedding.safetensors"
 _LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
-_DENOISER = {"unet": "unet", "dit": "transformer", "sd": "unet", "sdxl": "unet", "controlnet": "controlnet"}
+_DENOISER = {"unet": "unet", "dit": "transformer", "sd": "unet", "sdxl": "unet", "controlnet": "controlnet", "flux": "transformer"}
 
 
 def _read_json(path: Path | None) -> dict | None:
@@ -415,7 +424,7 @@ def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipel
         unet_config = _read_json(base.local / "unet" / "config.json") if base.local is not None else None
         return {"pipeline": "StableDiffusionControlNetPipeline", "config": unet_config, "unet_config": unet_config}
     class_name = index.get("_class_name") if index else None
-    denoiser = "transformer" if model_type == "dit" else "unet"
+    denoiser = _DENOISER.get(model_type, "unet") if model_type != "controlnet" else "unet"
     config = _read_json(local / denoiser / "config.json") if local is not None else None
     if isinstance(class_name, list):
         # this project's class-conditional UNet / pixel DiT pipeline, shipped in the folder as a
@@ -427,7 +436,7 @@ def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipel
     pipeline = pipeline_class or class_name or MODEL_TYPES[model_type]["pipeline"]
     code.use("diffusers", pipeline)
     code.lines.append(f"pipe = {pipeline}.from_pretrained({where.expr})")
-    unet_config = config if model_type != "dit" else None
+    unet_config = config if denoiser == "unet" else None
     return {"pipeline": pipeline, "config": config, "unet_config": unet_config}
 
 
@@ -468,6 +477,11 @@ def _call_code(code: _Snippet, model_type: str, facts: dict, prompt: str, resolu
             code.lines.append(f"images = pipe(class_labels={labels}, num_inference_steps=50).images")
     elif model_type in ("sd", "sdxl"):
         code.lines.append(f"image = pipe({_q(prompt)}, num_inference_steps=30).images[0]")
+    elif model_type == "flux":
+        # FluxPipeline's own defaults (28 steps, distilled guidance 3.5; schnell ignores the guidance), at the
+        # training resolution when known (the pipeline's default is 1024 pixels)
+        size = f", height={resolution}, width={resolution}" if resolution else ""
+        code.lines.append(f"image = pipe({_q(prompt)}{size}, num_inference_steps=28, guidance_scale=3.5).images[0]")
     else:
         if resolution is None:
             unet = facts.get("unet_config") or {}
@@ -496,8 +510,9 @@ def _usage_snippet(output_dir: Path, model_type: str, ref: str, base_model: str 
     else:
         base = _Location(_q(_named_base(base_model)), None)
     facts = _load_pipeline_code(code, model_type, base, pipeline_class)
-    if model_type in ("sd", "sdxl"):
-        # diffusers-format LoRA (as train_text_to_image_lora.py writes it): the pipeline's own loader
+    if model_type in ("sd", "sdxl", "flux"):
+        # diffusers-format LoRA (as train_text_to_image_lora.py / train_dreambooth_lora_sdxl.py / _flux.py write
+        # it): the pipeline's own loader
         code.lines.append(f"pipe.load_lora_weights({_q(ref)})")
         if lora_info is not None and lora_info.get("vae"):
             # trained with --pretrained_vae_model_name_or_path (the fp16-fixed SDXL VAE): sample with it too
@@ -590,7 +605,7 @@ def write_model_card(
             (a local path is named in the body by its folder name only, since the Hub rejects
             non-repo `base_model`s and the card may be published). A LoRA or ControlNet folder's own
             record of its base (`ant_lora.json`, `ant_controlnet.json`) is what the snippet loads.
-        model_type: `unet`, `dit`, `sd`, `sdxl` or `controlnet` (`--model_type`).
+        model_type: `unet`, `dit`, `sd`, `sdxl`, `controlnet` or `flux` (`--model_type`).
         method_summary: the run's method settings: `mtl_method`, `clustering`, `num_clusters`,
             `intervals` (a TimestepIntervals or a list of inclusive (start, end) pairs),
             `loss_weighting` with `snr_gamma` (min_snr) or `p2_k` / `p2_gamma` (p2),
@@ -602,8 +617,8 @@ def write_model_card(
         images: samples (a list of PIL images, gridded with diffusers' `make_image_grid`, or one
             ready grid), saved as `samples.png` and shown in the card. None keeps an existing
             `samples.png` if there is one.
-        license: the card's license (default: the model type's, as diffusers' scripts write it, e.g.
-            `openrail++` for SDXL; else apache-2.0).
+        license: the card's license (default: the model type's, as diffusers' script for it writes it,
+            e.g. `openrail++` for SDXL, "other" for flux; else apache-2.0).
         extra_tags: more Hub tags.
         lora: whether the folder holds LoRA weights; default: `method_summary["lora_rank"]` is set
             or the folder has `ant_lora.json`.

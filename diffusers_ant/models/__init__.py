@@ -12,7 +12,8 @@
 Model types (``MODEL_TYPES``): ``unet`` (UNet2DModel, unconditional or class-conditional),
 ``dit`` (DiTTransformer2DModel, pixel or latent), ``sd`` (UNet2DConditionModel + frozen CLIP text
 encoder and VAE), ``controlnet`` (ControlNetModel beside a frozen SD UNet), ``sdxl`` (SDXL's
-UNet2DConditionModel with two CLIP text encoders and its size / crop micro-conditioning). See ``base.ModelAdapter``
+UNet2DConditionModel with two CLIP text encoders and its size / crop micro-conditioning), ``flux``
+(FluxTransformer2DModel with CLIP + T5 and packed latents, flow matching). See ``base.ModelAdapter``
 for the interface and each module for its type's details.
 """
 
@@ -22,6 +23,7 @@ import os
 from .base import CONTROLNET_INFO_NAME, LORA_INFO_NAME, ModelAdapter, resolve_recorded_base
 from .controlnet import ControlNetAdapter, controlnet_output_base
 from .dit import DiTAdapter
+from .flux import FluxAdapter
 from .pipelines import ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline
 from .presets import PRESETS, tiny_clip_tokenizer
 from .sd import StableDiffusionAdapter
@@ -34,6 +36,7 @@ MODEL_TYPES = {
     "sd": StableDiffusionAdapter,
     "controlnet": ControlNetAdapter,
     "sdxl": StableDiffusionXLAdapter,
+    "flux": FluxAdapter,
 }
 
 _OWN_PIPELINES = {cls.__name__: cls for cls in (ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline)}
@@ -114,6 +117,7 @@ __all__ = [
     "ClassConditionalUNetPipeline",
     "ControlNetAdapter",
     "DiTAdapter",
+    "FluxAdapter",
     "ModelAdapter",
     "PixelDiTPipeline",
     "StableDiffusionAdapter",

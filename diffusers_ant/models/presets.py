@@ -225,3 +225,62 @@ def tiny_text_encoder(tokenizer, config: dict):
         **config,
     )
     return CLIPTextModel(text_config)
+
+
+# ---------------------------------------------------------------------------------------- flux
+# FluxTransformer2DModel, its VAE and CLIP text encoder sized as diffusers' Flux pipeline tests size
+# them (tests/pipelines/flux/test_pipeline_flux.py, get_dummy_components), with a 2-block VAE (factor
+# 2, so packing and the VAE factor are both exercised) and a tiny T5 built from a config here (the
+# tests download hf-internal-testing/tiny-random-t5). `in_channels`, `joint_attention_dim` and
+# `pooled_projection_dim` are filled in from the VAE and the text encoders at load time.
+TINY_FLUX_TRANSFORMER = {
+    "patch_size": 1, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+    "num_attention_heads": 2, "axes_dims_rope": [4, 4, 8], "guidance_embeds": True,
+}
+TINY_FLUX_VAE = {
+    "block_out_channels": [4, 4],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "layers_per_block": 1, "latent_channels": 1, "norm_num_groups": 1,
+    "use_quant_conv": False, "use_post_quant_conv": False, "shift_factor": 0.0609, "scaling_factor": 1.5035,
+}
+TINY_T5_ENCODER = {"d_model": 32, "d_kv": 8, "d_ff": 37, "num_layers": 2, "num_heads": 4,
+                   "relative_attention_num_buckets": 8}
+# FLUX.1-dev's scheduler config (dynamic shift for the image's sequence length) and FLUX.1-schnell's (static, 1.0).
+FLUX_DEV_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
+                      "base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+FLUX_SCHNELL_SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}
+PRESETS["flux"] = {
+    # guidance-distilled with a dynamic shift, like FLUX.1-dev
+    "tiny": {"model": TINY_FLUX_TRANSFORMER, "vae": TINY_FLUX_VAE, "text_encoder": TINY_TEXT_ENCODER,
+             "text_encoder_2": TINY_T5_ENCODER, "scheduler": FLUX_DEV_SCHEDULER},
+    # no guidance embedding, static shift 1.0, like FLUX.1-schnell
+    "tiny-schnell": {"model": {**TINY_FLUX_TRANSFORMER, "guidance_embeds": False}, "vae": TINY_FLUX_VAE,
+                     "text_encoder": TINY_TEXT_ENCODER, "text_encoder_2": TINY_T5_ENCODER,
+                     "scheduler": FLUX_SCHNELL_SCHEDULER},
+}
+
+
+def tiny_t5_tokenizer():
+    """A character-level ``T5TokenizerFast`` (a ``tokenizers`` Unigram model) built in memory.
+
+    Why not ``from_pretrained``: nothing can be downloaded here, and sentencepiece (which T5's
+    ``spiece.model`` needs) is not required by this project; a Unigram vocabulary given as
+    (piece, score) pairs builds the fast tokenizer without it. Each character, alone or after the
+    word-start mark, is one token; ``</s>`` ends every sequence as in T5."""
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(char, -2.0) for char in _TINY_TOKENIZER_CHARS] + [("\u2581" + char, -1.5) for char in _TINY_TOKENIZER_CHARS]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=TINY_TOKENIZER_MAX_LENGTH)
+    assert len(tokenizer) == len(vocab), f"tiny T5 tokenizer has {len(tokenizer)} tokens, expected {len(vocab)}"
+    return tokenizer
+
+
+def tiny_t5_encoder(tokenizer, config: dict):
+    """A randomly initialised ``T5EncoderModel`` sized for ``tokenizer``."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                                   **config))

@@ -42,7 +42,7 @@ DEMO_ARGS = [
     "--report_to", "tensorboard",
 ]
 
-MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "sdxl")
+MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "sdxl", "flux")
 CLUSTERING_OBJECTIVES = ("timestep", "snr", "gradient")
 TIMESTEP_SAMPLINGS = ("uniform", "stratified")
 # diffusers_ant.schedule's NOISE_SCHEDULERS and FLOW_WEIGHTING_SCHEMES, written out so that building the
@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_text_encoder", action="store_true",
                    help="sd / sdxl with --rank: train a LoRA adapter on the text encoder(s) too (diffusers' DreamBooth LoRA).")
     g.add_argument("--lora_layers", default=None,
-                   help="With --rank: the modules given LoRA, comma-separated module names (e.g. "
-                   "\"to_k,to_q,to_v,to_out.0\"); default: the model type's own list (diffusers' LoRA scripts).")
+                   help="With --rank: the modules given LoRA (peft target_modules), comma-separated module names, as "
+                   "diffusers' SDXL / SD3 / Flux scripts (e.g. \"to_k,to_q,to_v,to_out.0\"); default: the model type's "
+                   "own list (the targets of diffusers' LoRA script for that family).")
 
     # ---- flow matching (one block: the scheduler family, SD3's --weighting_scheme and its parameters)
     g = p.add_argument_group("flow matching")
@@ -118,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Shift of the flow-matching sigmas (default 1.0 from scratch, else the folder's; SD3 uses 3.0).")
     g.add_argument("--weighting_scheme", default="none", choices=list(FLOW_WEIGHTING_SCHEMES),
                    help="As diffusers' SD3 script, flow matching only: logit_normal or mode draw the timesteps from "
-                   "that density (with --timestep_sampling uniform: not stratified, the density decides how often each "
-                   "cluster is trained), sigma_sqrt or cosmap weight the loss (instead of --loss_weighting).")
+                   "that density (by default i.i.d.: the density decides how often each cluster is trained; with "
+                   "--timestep_sampling stratified each cluster gets an equal share of the batch, drawn from the density "
+                   "inside the cluster), sigma_sqrt or cosmap weight the loss (instead of --loss_weighting).")
     g.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal density (SD3: 0.0).")
     g.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit_normal density (SD3: 1.0).")
     g.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode density (SD3 script: 1.29).")
@@ -288,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_image", nargs="+", default=None,
                    help="Conditioning image(s) for ControlNet validation, paired with --validation_prompt.")
     g.add_argument("--guidance_scale", type=float, default=None,
-                   help="Classifier-free guidance scale of the validation samples (default: the pipeline's).")
+                   help="Classifier-free guidance scale of the validation samples (default: the pipeline's). flux: the "
+                   "distilled guidance a guidance-distilled transformer (FLUX.1-dev) is trained and sampled with "
+                   "(default 1.0, the value diffusers' Flux README trains with; ignored by schnell).")
     g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for validation samples.")
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
@@ -364,6 +368,10 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
 
     if args.noise_scheduler not in (None, *NOISE_SCHEDULERS):
         raise UsageError(f"unknown --noise_scheduler {args.noise_scheduler!r}; choose one of: {', '.join(NOISE_SCHEDULERS)}")
+    if args.model_type == "flux":  # Flux is a rectified-flow model: flow matching is its only (and default) schedule
+        if args.noise_scheduler == "ddpm":
+            raise UsageError("--model_type flux trains with flow matching: drop --noise_scheduler ddpm")
+        args.noise_scheduler = "flow_match"
     if args.noise_scheduler == "flow_match":
         if args.model_type in ("sd", "sdxl", "controlnet"):
             raise UsageError(f"--noise_scheduler flow_match is for pixel-space models (unet, dit); {args.model_type} is latent")
@@ -378,12 +386,15 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         if ddpm:
             raise UsageError(f"--weighting_scheme {args.weighting_scheme} is for flow matching: add --noise_scheduler flow_match")
         if args.weighting_scheme in FLOW_DENSITY_SCHEMES:
-            # the density decides how often each noise level is trained; stratified sampling would give
-            # every cluster an equal share instead, and --timestep_range one interval
-            if args.timestep_sampling == "stratified" or args.timestep_range is not None:
+            # the density decides how often each noise level is trained (default: i.i.d. draws, grouped into
+            # clusters afterwards); an explicit --timestep_sampling stratified composes with it (equal cluster
+            # shares, the density inside each cluster: timesteps.StratifiedDensitySampler); --timestep_range
+            # would train one interval
+            if args.timestep_range is not None:
                 raise UsageError(f"--weighting_scheme {args.weighting_scheme} draws the timesteps from its density: "
-                                 "drop --timestep_sampling stratified / --timestep_range (use --timestep_sampling uniform)")
-            args.timestep_sampling = "uniform"  # i.i.d. draws (from the density), grouped into clusters afterwards
+                                 "drop --timestep_range (or use --weighting_scheme none)")
+            if args.timestep_sampling != "stratified":
+                args.timestep_sampling = "uniform"
             try:  # the sampler's own checks of --logit_std / --mode_scale, now rather than at set-up
                 FlowMatchingDensitySampler(args.weighting_scheme, 1000, args.logit_mean, args.logit_std, args.mode_scale)
             except ValueError as err:
@@ -457,8 +468,8 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
     if args.train_text_encoder and (args.model_type not in ("sd", "sdxl") or args.rank is None):
         raise UsageError("--train_text_encoder trains a LoRA on Stable Diffusion's text encoder(s): use it with "
                          "--model_type sd or sdxl and --rank")
-    if args.lora_layers is not None and args.rank is None:
-        raise UsageError("--lora_layers names the modules given LoRA: add --rank")
+    if args.lora_layers is not None and (args.rank is None or not [x for x in args.lora_layers.split(",") if x.strip()]):
+        raise UsageError("--lora_layers names the modules given LoRA: add --rank and at least one module name")
     if args.rank is not None and args.pretrained_model_name_or_path is None:
         raise UsageError("--rank trains LoRA adapters on a pretrained model: give --pretrained_model_name_or_path")
     if args.pretrained_model_name_or_path is None and args.model_config_name_or_path is None:
@@ -485,7 +496,7 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             check_hub_token_safety(args.report_to, args.hub_token)
         except ValueError as err:
             raise UsageError(str(err)) from None
-    if args.model_type in ("sd", "sdxl", "controlnet") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
+    if args.model_type in ("sd", "sdxl", "controlnet", "flux") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
         raise UsageError(f"--model_type {args.model_type} needs captions: use --dataset_name mnist5k_captions or a captioned dataset")
 
 

@@ -57,7 +57,7 @@ def public_config(args) -> dict:
 
 def data_needs(args) -> dict:
     """Which dataset columns the model type needs (captions, conditioning images, classes)."""
-    return {"need_captions": args.model_type in ("sd", "sdxl", "controlnet"),
+    return {"need_captions": args.model_type in ("sd", "sdxl", "controlnet", "flux"),
             "need_conditioning": args.model_type == "controlnet",
             "need_classes": args.model_type in ("unet", "dit") and (args.num_classes is not None
                                                                     or args.class_column is not None),
@@ -76,7 +76,7 @@ def default_validation_inputs(args, dataset, columns) -> dict:
 
     n = args.num_validation_images
     inputs = {}
-    if args.model_type in ("sd", "sdxl", "controlnet"):
+    if args.model_type in ("sd", "sdxl", "controlnet", "flux"):
         prompts = args.validation_prompt or [dataset[i % len(dataset)][columns["caption_column"]] for i in range(n)]
         inputs["prompts"] = repeat_to(list(prompts), n)
     if args.model_type == "controlnet":
@@ -152,7 +152,8 @@ def train(args) -> str:
     if num_classes is None and data_classes is not None:
         num_classes = len(data_classes)
     from_scratch = args.model_config_name_or_path is not None and args.model_type in ("unet", "dit")
-    adapter = get_model_adapter(args.model_type).load(
+    adapter_class = get_model_adapter(args.model_type)
+    adapter = adapter_class.load(
         pretrained_model_name_or_path=args.pretrained_model_name_or_path,
         model_config_name_or_path=args.model_config_name_or_path,
         controlnet_model_name_or_path=args.controlnet_model_name_or_path,
@@ -164,6 +165,8 @@ def train(args) -> str:
         num_channels=dataset_image_channels(dataset, columns["image_column"]) if from_scratch else None,
         noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,  # flow matching
         pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path,
+        # a family's own options (flux: --guidance_scale), read by its adapter
+        **(adapter_class.options_from_args(args) if hasattr(adapter_class, "options_from_args") else {}),
     )
     adapter.set_data_classes(data_classes, class_map=args.class_map)  # a DiT's data-set class -> label row
     # The teacher (a frozen copy for Diff-Tuning's distillation and DeMe), then what trains: LoRA,
