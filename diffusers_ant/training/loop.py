@@ -165,7 +165,7 @@ def train(args) -> str:
         noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,  # flow matching
     )
     adapter.set_data_classes(data_classes, class_map=args.class_map)  # a DiT's data-set class -> label row
-    # The teacher (a frozen copy for Diff-Tuning's distillation and DeMe), then what trains: LoRA,
+    # The teacher (Diff-Tuning's distillation, DeMe: the student with its LoRA off, else a frozen copy), then what trains: LoRA,
     # BitFit / DiffFit, DeMe's channel projections; frozen parts in the low precision.
     teacher, finetune = prepare_model(args, accelerator, adapter)
     noise_scheduler = adapter.noise_scheduler
@@ -361,18 +361,22 @@ def prepare_model(args, accelerator, adapter):
     """The frozen teacher (when an objective needs it) and the trained model's final form; returns
     `(teacher or None, FinetuneSummary)`.
 
-    Order matters: the teacher is copied before anything changes the student; LoRA, then BitFit /
+    Order matters: a full fine-tune's teacher is copied before anything changes the student (a LoRA
+    run's is the student itself with its adapters disabled, `teacher.AdapterDisabledTeacher`); LoRA, then BitFit /
     DiffFit, then DeMe's channel projections decide what trains; then the frozen parts (and a LoRA
     run's frozen base) are cast to the weight dtype, as diffusers' scripts do."""
     from ..peft_modes import apply_finetune_mode
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     teacher = None
-    if args.retention == "kd" or args.deme_interval is not None:
-        from ..teacher import FrozenTeacher
+    needs_teacher = args.retention == "kd" or args.deme_interval is not None
+    lora = args.rank is not None
+    if needs_teacher and not lora:
+        from .. import teacher as teachers
 
-        teacher = FrozenTeacher(adapter, weight_dtype, autocast=accelerator.autocast).to(accelerator.device)
-    if args.rank is not None:
+        # full fine-tuning, BitFit, DiffFit move the base weights: a frozen copy, taken now
+        teacher = teachers.make_teacher(adapter, weight_dtype, autocast=accelerator.autocast).to(accelerator.device)
+    if lora:
         adapter.add_lora(args.rank, alpha=args.lora_alpha)
     if args.train_text_encoder:
         adapter.add_text_encoder_lora(args.rank, alpha=args.lora_alpha)
@@ -388,6 +392,11 @@ def prepare_model(args, accelerator, adapter):
         adapter.model.enable_xformers_memory_efficient_attention()
     adapter.to(accelerator.device, weight_dtype)  # frozen parts (VAE, text encoder) in the low precision
     cast_frozen_parameters(adapter.model, weight_dtype)  # and a LoRA run's frozen base weights
+    if needs_teacher and lora:
+        from .. import teacher as teachers
+
+        # under LoRA the teacher is the student with its adapters (and projections) off: no second copy
+        teacher = teachers.make_teacher(adapter, weight_dtype, autocast=accelerator.autocast, lora=True)
     return teacher, finetune
 
 
