@@ -6,6 +6,7 @@
 - DeMe merges LoRA fine-tunes into one LoRA of rank N*r, equal to the dense task-arithmetic merge.
 """
 
+import contextlib
 import copy
 import json
 import os
@@ -105,3 +106,178 @@ def test_full_finetuning_keeps_the_frozen_copy():
     teacher = make_teacher(adapter)
     assert isinstance(teacher, FrozenTeacher) and not teacher.shares_student
     assert not _storage(teacher.model) & _storage(adapter.model)
+
+
+# ---------------------------------------------------------------------------- a DeMe LoRA run, then the merge
+
+U32 = 2.0 ** -24  # float32's unit roundoff
+
+
+def _gamma(n):
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of n float32 roundings in a row."""
+    return n * U32 / (1 - n * U32)
+
+
+@pytest.fixture(scope="module")
+def deme_lora(tmp_path_factory):
+    """A tiny SD base; interval 0 trained by the trainer (LoRA rank 2, alpha 4, DeMe's projections and
+    consistency loss, the teacher captured); interval 1 a hand-made LoRA of rank 3, alpha 3."""
+    from diffusers_ant import teacher as teachers
+    from trainer_utils import train_in_process
+
+    root = tmp_path_factory.mktemp("lora_deme")
+    torch.manual_seed(0)
+    base = str(root / "base")
+    get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16).save(base)
+    made = []
+    make = teachers.make_teacher
+
+    def capture(*args, **kwargs):
+        made.append(make(*args, **kwargs))
+        return made[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(teachers, "make_teacher", capture)
+        out0 = str(root / "interval-0")
+        train_in_process(["--model_type", "sd", "--dataset_name", "mnist5k_captions", "--pretrained_model_name_or_path",
+                          base, "--output_dir", out0, "--resolution", "16", "--rank", "2", "--lora_alpha", "4",
+                          "--deme_interval", "0", "--num_clusters", "2", "--clustering", "timestep",
+                          "--train_batch_size", "4", "--max_train_samples", "8", "--max_train_steps", "2",
+                          "--learning_rate", "5e-2", "--report_to", "none", "--seed", "0",
+                          "--num_validation_images", "1", "--num_inference_steps", "1", "--checkpointing_steps", "100"])
+    adapter = get_model_adapter("sd").load(pretrained_model_name_or_path=base)
+    adapter.add_lora(3, alpha=3)
+    _perturb(adapter.model, 0.3, seed=7, only="lora_B")
+    out1 = str(root / "interval-1")
+    save_adapter_output(adapter, out1, lora=True)
+    with open(os.path.join(out0, "training_config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(out1, "training_config.json"), "w") as f:
+        json.dump({**config, "deme_interval": 1}, f)
+    with open(os.path.join(out0, "timestep_intervals.json")) as src, open(os.path.join(out1, "timestep_intervals.json"), "w") as dst:
+        dst.write(src.read())
+    return {"root": root, "base": base, "finetunes": [out0, out1], "teachers": made}
+
+
+def test_trained_lora_run_distils_from_itself_with_adapters_off(deme_lora):
+    """The trainer's DeMe LoRA run built its teacher as the student with its adapters off (no copy), and
+    after training (B and the projections moved) that teacher still predicts exactly the base model."""
+    from diffusers_ant.deme import has_channel_projection
+
+    [teacher] = deme_lora["teachers"]
+    assert isinstance(teacher, AdapterDisabledTeacher) and teacher.model is teacher.adapter.model
+    student = teacher.model
+    assert has_channel_projection(student) and any((p.weight - p.identity).abs().max() > 0
+                                                   for p in channel_projections(student).values())
+    assert any(p.abs().max() > 0 for n, p in student.named_parameters() if "lora_B" in n)
+    base_unet = load_pipeline(deme_lora["base"]).unet.eval()
+    assert _storage(student).isdisjoint(_storage(base_unet))  # the reference is a separate load
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([3, 400])
+    hidden = torch.randn(2, 77, base_unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        expected = base_unet(x, t, encoder_hidden_states=hidden).sample
+    teacher.autocast = contextlib.nullcontext  # the run's accelerator is gone (float32 run: autocast was a no-op)
+    taught = teacher.predict(x, t, {"encoder_hidden_states": hidden})
+    assert torch.equal(taught, expected)
+    with torch.no_grad():
+        trained = student(x, t, encoder_hidden_states=hidden).sample
+    assert (trained - expected).abs().max() > 1e-4
+
+
+def test_lora_finetunes_merge_as_one_lora_equal_to_the_dense_merge(deme_lora, tmp_path):
+    """sum_i w_i s_i B_i A_i as one LoRA of rank 2 + 3 (each alpha / r folded into its B block): the
+    folder is a LoRA (no dense weight), loads with load_pipeline and with diffusers' load_lora_weights,
+    and its folded weights equal the dense task-arithmetic merge within float32's error bound."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from diffusers_ant.deme.finetunes import dense_denoiser, read_finetunes
+    from diffusers_ant.deme.lora_merge import LoraCandidates, read_lora_file
+    from diffusers_ant.deme.merge import merge_task_vectors
+    from diffusers_ant.deme.merging import load_merge_inputs, merge_finetunes
+
+    base, folders = deme_lora["base"], deme_lora["finetunes"]
+    weights = [0.6, -0.3]
+    out = tmp_path / "merged"
+    record = merge_finetunes(base, folders[::-1], str(out), weights=weights, log=lambda *_: None)
+    assert record["merged_as"] == "lora" and record["lora_rank"] == 5 and record["channel_projection"]
+    assert not (out / "model_index.json").exists() and not (out / "unet").exists()  # no dense copy
+    info = json.loads((out / "ant_lora.json").read_text())
+    assert info["rank"] == info["lora_alpha"] == 5 and info["model_type"] == "sd"
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        ranks = {f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("lora.down.weight")}
+    assert ranks == {5}
+    assert "rank 5" in (out / "README.md").read_text()
+
+    merged = dense_denoiser(load_pipeline(str(out)).unet).state_dict()
+    # the dense merge, as merge_deme.py computes it for full fine-tunes: LoRAs folded, then task arithmetic
+    inputs = load_merge_inputs(base, read_finetunes(folders))
+    dense = merge_task_vectors(inputs.base_state, inputs.states, weights)
+    assert merged.keys() == dense.keys()
+    files = [read_lora_file(folder) for folder in folders]
+    assert [m.scale for m in (f.modules[next(iter(f.modules))] for f in files)] == [2.0, 1.0]
+    modules = dict(inputs.denoiser.named_modules())
+    moved = 0.0
+    for key, value in dense.items():
+        stem = "unet." + key[: -len(".weight")]
+        base_value = inputs.base_state[key].float()
+        if "channel_projection" in key:  # both merge the projections with merge_task_vectors around I
+            assert torch.equal(merged[key], value), key
+            continue
+        # Not adapted: the LoRA merge keeps the base bitwise, the dense one rounds (1 - sum w) W + sum w_i W.
+        # Adapted: W + [w_i s_i B_i] @ [A_i] (rank K = 5) against the rounded sum of the folded W + s_i B_i A_i.
+        adapted = [f.modules[stem] for f in files] if stem in files[0].modules else []
+        spread = sum(abs(w) * m.scale * (m.B.abs() @ m.A.abs()) for w, m in zip(weights, adapted))
+        n = sum(m.rank for m in adapted) + len(files) + 4  # rank-K products, N+1 terms, 3 more roundings
+        total = sum(abs(w) for w in weights)
+        bound = _gamma(n) * ((1 + 2 * total + abs(1 - sum(weights))) * base_value.abs() + 2 * spread)
+        error = (merged[key] - value).abs()
+        assert (error <= bound).all(), (key, (error - bound).max())
+        if adapted:
+            moved = max(moved, (value - base_value).abs().max().item())
+    assert moved > 1e-3  # the merge moved the weights: the comparison is not base against base
+    assert modules  # the dense inputs were loaded
+
+    # diffusers' own loader reads the same LoRA (the channel projections are this project's addition)
+    plain = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    plain.load_lora_weights(str(out))
+    folded = dense_denoiser(plain.unet).state_dict()
+    assert all(torch.equal(folded[k], merged[k]) for k in folded)
+    # the search's candidates: the merged LoRA attached once, B rewritten in place per weight vector
+    candidates = LoraCandidates(base, files)
+    candidates.set(weights)
+    again = dense_denoiser(candidates.pipeline.unet).state_dict()
+    assert all(torch.equal(again[k], merged[k]) for k in merged)
+    candidates.set([0.0, 0.0])
+    zero = dense_denoiser(candidates.pipeline.unet).state_dict()
+    assert all(torch.equal(zero[k], inputs.base_state[k]) for k in inputs.base_state if "channel_projection" not in k)
+
+
+def test_lora_merge_falls_back_or_refuses_in_one_line(deme_lora, tmp_path):
+    from diffusers_ant.deme.merging import merge_finetunes
+
+    base, folders = deme_lora["base"], deme_lora["finetunes"]
+    quiet = {"log": lambda *_: None}
+    # TIES is not linear in B A: the dense path, a full pipeline
+    record = merge_finetunes(base, folders, str(tmp_path / "ties"), weights=[1, 1], method="ties", density=0.5, **quiet)
+    assert record["merged_as"] == "dense" and (tmp_path / "ties" / "model_index.json").is_file()
+    # a LoRA of another model type on this base: one line naming both
+    unet_base = str(tmp_path / "unet-base")
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1).save(unet_base)
+    adapter = get_model_adapter("unet").load(pretrained_model_name_or_path=unet_base)
+    adapter.add_lora(2)
+    other = str(tmp_path / "unet-lora")
+    adapter.save(other, lora=True)
+    for name in ("training_config.json", "timestep_intervals.json"):
+        with open(os.path.join(folders[1], name)) as src, open(os.path.join(other, name), "w") as dst:
+            dst.write(src.read())
+    lora_info = json.loads(open(os.path.join(other, "ant_lora.json")).read())
+    lora_info["base_model"] = os.path.relpath(base, other)  # claims the SD base
+    with open(os.path.join(other, "ant_lora.json"), "w") as f:
+        json.dump(lora_info, f)
+    with pytest.raises(ValueError) as err:
+        merge_finetunes(base, [other], str(tmp_path / "bad"), weights=[1], **quiet)
+    message = str(err.value)
+    assert "\n" not in message and other in message and base in message and "unet LoRA" in message
