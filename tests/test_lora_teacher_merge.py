@@ -281,3 +281,52 @@ def test_lora_merge_falls_back_or_refuses_in_one_line(deme_lora, tmp_path):
         merge_finetunes(base, [other], str(tmp_path / "bad"), weights=[1], **quiet)
     message = str(err.value)
     assert "\n" not in message and other in message and base in message and "unet LoRA" in message
+
+
+def test_peft_format_lora_with_convolutions_merges_as_a_lora(tmp_path):
+    """UNet2DModel LoRAs (peft's format, convolution LoRAs on the ResNet blocks, ranks 2 and 1, alphas 4
+    and 3): the merged folder's adapter_config.json gives scale 1 at rank 3 and folds to the dense merge."""
+    from diffusers_ant.deme.finetunes import dense_denoiser, read_finetunes
+    from diffusers_ant.deme.lora_merge import read_lora_file
+    from diffusers_ant.deme.merge import merge_task_vectors
+    from diffusers_ant.deme.merging import load_merge_inputs, merge_finetunes
+    from diffusers_ant import TimestepIntervals
+
+    torch.manual_seed(0)
+    base = str(tmp_path / "base")
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1).save(base)
+    intervals = TimestepIntervals.equal(1000, 2)
+    folders = []
+    for index, (rank, alpha) in enumerate([(2, 4), (1, 3)]):
+        adapter = get_model_adapter("unet").load(pretrained_model_name_or_path=base)
+        adapter.add_lora(rank, alpha=alpha)
+        _perturb(adapter.model, 0.3, seed=index, only="lora_B")
+        folder = str(tmp_path / f"interval-{index}")
+        adapter.save(folder, lora=True)
+        intervals.save(os.path.join(folder, "timestep_intervals.json"))
+        with open(os.path.join(folder, "training_config.json"), "w") as f:
+            json.dump({"deme_interval": index, "pretrained_model_name_or_path": base, "model_type": "unet"}, f)
+        folders.append(folder)
+    weights = [0.5, 1.5]
+    out = tmp_path / "merged"
+    assert merge_finetunes(base, folders, str(out), weights=weights, log=lambda *_: None)["merged_as"] == "lora"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 3 and not config["rank_pattern"]
+    merged = dense_denoiser(load_pipeline(str(out)).unet).state_dict()
+    inputs = load_merge_inputs(base, read_finetunes(folders))
+    dense = merge_task_vectors(inputs.base_state, inputs.states, weights)
+    files = [read_lora_file(folder) for folder in folders]
+    assert any(m.A.dim() == 4 for m in files[0].modules.values())  # convolution LoRAs are in the merge
+    moved = 0.0
+    for key, value in dense.items():
+        stem = key[: -len(".weight")]
+        adapted = [f.modules[stem] for f in files] if stem in files[0].modules else []
+        base_value = inputs.base_state[key].float()
+        spread = sum(abs(w) * m.scale * (m.B.abs().flatten(1) @ m.A.abs().flatten(1)).view(value.shape)
+                     for w, m in zip(weights, adapted))
+        bound = _gamma(sum(m.rank for m in adapted) + len(files) + 4) * (
+            (1 + 2 * sum(abs(w) for w in weights) + abs(1 - sum(weights))) * base_value.abs() + 2 * spread)
+        assert ((merged[key] - value).abs() <= bound).all(), key
+        if adapted:
+            moved = max(moved, (value - base_value).abs().max().item())
+    assert moved > 1e-3
