@@ -330,3 +330,53 @@ def test_peft_format_lora_with_convolutions_merges_as_a_lora(tmp_path):
         if adapted:
             moved = max(moved, (value - base_value).abs().max().item())
     assert moved > 1e-3
+
+
+# ---------------------------------------------------------------------------- quantized base, 8-bit Adam
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--quantize_base", "nf4"], ["--quantize_base", "add --rank"]),
+    (["--quantize_base", "int8", "--rank", "4"], ["--quantize_base", "pip install bitsandbytes"]),
+    (["--use_8bit_adam", "--rank", "4"], ["--use_8bit_adam", "pip install bitsandbytes"]),
+])
+def test_quantized_base_and_8bit_adam_refusals_are_one_line(flags, expected, tmp_path, capsys):
+    """bitsandbytes is not installed here: each flag says what to install; a quantized base without a
+    LoRA is refused first (nothing could train on an 8 / 4-bit base)."""
+    import importlib.util
+
+    assert importlib.util.find_spec("bitsandbytes") is None, "this test checks the message of a missing bitsandbytes"
+    from train_scripts_loader import load_train_main
+
+    with pytest.raises(SystemExit):
+        load_train_main()(["--model_type", "sd", "--dataset_name", "mnist5k_captions", "--output_dir", str(tmp_path),
+                           "--pretrained_model_name_or_path", os.getcwd(), *flags])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(text in err for text in expected), err
+
+
+def test_quantization_config_reaches_only_the_denoiser(tmp_path):
+    """The BitsAndBytesConfig goes to the denoiser's from_pretrained (unet / transformer), never to the
+    VAE or text encoder; a preset (nothing pretrained to quantize) is refused in one line."""
+    from diffusers_ant.models.base import PretrainedSource
+    from diffusers_ant.models.quantization import quantization_config
+
+    with pytest.raises(ValueError, match="pip install bitsandbytes"):
+        quantization_config("nf4")
+    base = str(tmp_path / "base")
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1).save(base)
+    seen = []
+
+    class Recorder:
+        @classmethod
+        def from_pretrained(cls, path, **kwargs):
+            seen.append((kwargs.get("subfolder"), kwargs.get("quantization_config")))
+            return cls()
+
+    source = PretrainedSource(base, quantization_config="CONFIG")
+    for subfolder in ("unet", "vae", "text_encoder", "transformer"):
+        source.load(Recorder, subfolder=subfolder)
+    assert seen == [("unet", "CONFIG"), ("vae", None), ("text_encoder", None), ("transformer", "CONFIG")]
+    with pytest.raises(ValueError, match="--quantize_base quantizes a pretrained denoiser") as err:
+        get_model_adapter("unet").load(model_config_name_or_path="tiny", quantization_config="CONFIG")
+    assert "\n" not in str(err.value)

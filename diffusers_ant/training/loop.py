@@ -108,6 +108,7 @@ def train(args) -> str:
 
     from ..data import class_names, dataset_image_channels, load_training_dataset, make_train_dataloader, resolve_columns
     from ..models import get_model_adapter
+    from ..models.quantization import quantization_config
     from ..schedule import num_train_timesteps
     from ..weighting import get_weighting
 
@@ -163,6 +164,7 @@ def train(args) -> str:
         # the images are converted to them (greyscale -> RGB), as diffusers' scripts do.
         num_channels=dataset_image_channels(dataset, columns["image_column"]) if from_scratch else None,
         noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,  # flow matching
+        quantization_config=quantization_config(getattr(args, "quantize_base", None), compute_dtype(accelerator)),
     )
     adapter.set_data_classes(data_classes, class_map=args.class_map)  # a DiT's data-set class -> label row
     # The teacher (Diff-Tuning's distillation, DeMe: the student with its LoRA off, else a frozen copy), then what trains: LoRA,
@@ -367,7 +369,9 @@ def prepare_model(args, accelerator, adapter):
     run's frozen base) are cast to the weight dtype, as diffusers' scripts do."""
     from ..peft_modes import apply_finetune_mode
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    from ..models.quantization import prepare_quantized_for_lora
+
+    weight_dtype = compute_dtype(accelerator)
     teacher = None
     needs_teacher = args.retention == "kd" or args.deme_interval is not None
     lora = args.rank is not None
@@ -377,6 +381,7 @@ def prepare_model(args, accelerator, adapter):
         # full fine-tuning, BitFit, DiffFit move the base weights: a frozen copy, taken now
         teacher = teachers.make_teacher(adapter, weight_dtype, autocast=accelerator.autocast).to(accelerator.device)
     if lora:
+        prepare_quantized_for_lora(adapter.model)  # --quantize_base: peft's k-bit preparation, as diffusers' scripts
         adapter.add_lora(args.rank, alpha=args.lora_alpha)
     if args.train_text_encoder:
         adapter.add_text_encoder_lora(args.rank, alpha=args.lora_alpha)
@@ -398,6 +403,11 @@ def prepare_model(args, accelerator, adapter):
         # under LoRA the teacher is the student with its adapters (and projections) off: no second copy
         teacher = teachers.make_teacher(adapter, weight_dtype, autocast=accelerator.autocast, lora=True)
     return teacher, finetune
+
+
+def compute_dtype(accelerator) -> torch.dtype:
+    """The weight dtype of the frozen parts: the low precision of `--mixed_precision`, else float32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def write_run_records(args, accelerator, intervals, weighting) -> None:
