@@ -380,3 +380,41 @@ def test_quantization_config_reaches_only_the_denoiser(tmp_path):
     with pytest.raises(ValueError, match="--quantize_base quantizes a pretrained denoiser") as err:
         get_model_adapter("unet").load(model_config_name_or_path="tiny", quantization_config="CONFIG")
     assert "\n" not in str(err.value)
+
+
+def test_lora_ensemble_switches_adapters_by_timestep_on_one_denoiser(deme_lora, tmp_path):
+    """--ensemble of LoRA fine-tunes: the base UNet with both LoRAs as named adapters (no router, no
+    copy); each call is the fine-tune of its timestep's interval (adapter and channel projections)."""
+    from diffusers_ant.deme.merging import write_ensemble_folder
+
+    base, folders = deme_lora["base"], deme_lora["finetunes"]
+    out = tmp_path / "ensemble"
+    write_ensemble_folder(base, folders, str(out), log=lambda *_: None)
+    info = json.loads((out / "deme_ensemble.json").read_text())
+    assert info["kind"] == "lora" and info["members"] == ["members/interval-0", "members/interval-1"]
+    member = out / "members" / "interval-0"
+    assert (member / "pytorch_lora_weights.safetensors").is_file() and not (member / "config.json").exists()  # no denoiser
+    pipeline = load_pipeline(str(out))
+    unet = pipeline.unet
+    base_unet = load_pipeline(base).unet.eval()
+    lora_params = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
+    extra = sum(p.numel() for n, p in unet.named_parameters() if "channel_projection" in n)
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in base_unet.parameters()) + lora_params + extra
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    outputs = {}
+    with torch.no_grad():
+        for index, t in ((0, 100), (1, 700), (0, 20)):  # switch there and back
+            expected = load_pipeline(folders[index]).unet.eval()(x, t, encoder_hidden_states=hidden).sample
+            got = unet(x, t, encoder_hidden_states=hidden).sample
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+            outputs[index] = got
+        assert (outputs[0] - outputs[1]).abs().max() > 1e-3
+        # an interval no fine-tune covers runs the base: every adapter off, identity projections
+        switch = pipeline.lora_ensemble
+        switch.adapters[1], switch.projections[1], switch.active = None, None, -1
+        torch.testing.assert_close(unet(x, 700, encoder_hidden_states=hidden).sample,
+                                   base_unet(x, 700, encoder_hidden_states=hidden).sample, rtol=0, atol=1e-6)
+    images = pipeline(["a cat"], num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 3)

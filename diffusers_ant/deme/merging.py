@@ -362,8 +362,20 @@ def write_ensemble_folder(base: str, finetuned, output_dir: str, *, evaluation: 
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise ValueError(f"--output_dir {output_dir!r} is not empty: give a new folder")
     evaluation = _evaluation_options(evaluation) if evaluation is not None else None
-    inputs = load_merge_inputs(base, finetuned, merge=False)
-    info = write_ensemble(inputs.pipeline, inputs.finetunes, inputs.models, output_dir, inputs.num_timesteps)
+    finetunes = read_finetunes(list(finetuned))
+    lora_files = _lora_merge_files(base, finetunes, "task_arithmetic", log)
+    if lora_files is not None:
+        # LoRA fine-tunes: one base denoiser, the interval LoRAs switched by timestep (lora_ensemble.py)
+        from .ensemble import write_lora_ensemble
+
+        pipeline = load_base_pipeline(base)
+        num_timesteps = _lora_num_timesteps(base, finetunes) or int(pipeline.scheduler.config.num_train_timesteps)
+        info = write_lora_ensemble(pipeline, finetunes, output_dir, num_timesteps)
+        inputs = MergeInputs(base, pipeline, denoiser_component(pipeline), finetunes, [], {}, [], num_timesteps,
+                             any(read_projection_config(f.path) is not None for f in finetunes))
+    else:
+        inputs = load_merge_inputs(base, finetunes, merge=False)
+        info = write_ensemble(inputs.pipeline, inputs.finetunes, inputs.models, output_dir, inputs.num_timesteps)
     scores = None
     if evaluation is not None:
         pipeline = load_pipeline(output_dir)
