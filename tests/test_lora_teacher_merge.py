@@ -404,9 +404,10 @@ def test_lora_ensemble_switches_adapters_by_timestep_on_one_denoiser(deme_lora, 
     x = torch.randn(2, 4, 8, 8, generator=g)
     hidden = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
     outputs = {}
+    finetuned = [load_pipeline(folder).unet.eval() for folder in folders]
     with torch.no_grad():
         for index, t in ((0, 100), (1, 700), (0, 20)):  # switch there and back
-            expected = load_pipeline(folders[index]).unet.eval()(x, t, encoder_hidden_states=hidden).sample
+            expected = finetuned[index](x, t, encoder_hidden_states=hidden).sample
             got = unet(x, t, encoder_hidden_states=hidden).sample
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
             outputs[index] = got

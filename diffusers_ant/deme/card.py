@@ -120,7 +120,7 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
                           merge_method: str = "task_arithmetic", merge_options: Mapping | None = None,
                           search: Any = None, scores: Mapping | None = None, ensemble: bool = False,
                           projection: bool = False, repo_id: str | None = None, license: str = "apache-2.0",
-                          lora_rank: int | None = None) -> Path:
+                          lora_rank: int | None = None, lora_ensemble: bool = False) -> Path:
     """Write ``output_dir/README.md`` for a merged (``ensemble=False``) or ensemble DeMe folder; return its path.
 
     Args:
@@ -138,6 +138,8 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
         projection: whether the model carries channel projections.
         lora_rank: the rank of the merged LoRA when LoRA fine-tunes were merged as one LoRA
             (``lora_merge.py``); None for a merged pipeline.
+        lora_ensemble: an ensemble of LoRA fine-tunes, switched by timestep on one base denoiser
+            (``lora_ensemble.py``) rather than routed between denoisers.
     """
     from diffusers.utils.hub_utils import populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
@@ -157,6 +159,10 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
                    "fine-tunes of the base (DeMe's ensemble before merging, through diffusers_ant's TimestepRouter).")
         method_line = "no merge: each timestep's interval decides which fine-tune denoises it (intervals no fine-tune covers go to the base)"
         weight_header = "denoises"
+        if lora_ensemble:
+            summary = (f"A 🧨 diffusers pipeline whose one denoiser carries {n} per-interval LoRA fine-tunes of the base "
+                       "as named adapters; each sampling step activates the LoRA of its timestep's interval "
+                       "(DeMe's ensemble before merging, without model copies).")
     else:
         summary = (f"A 🧨 diffusers model merged from {n} per-interval fine-tunes of one base with diffusers_ant "
                    "(DeMe, Decouple-Then-Merge): one model, the cost of one model at inference.")
@@ -214,6 +220,10 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
     if ensemble:
         load_warning = ("Load this folder with `diffusers_ant.models.load_pipeline`: its denoiser is a TimestepRouter over "
                         "the fine-tunes, which plain `DiffusionPipeline.from_pretrained` does not know (it loads the base).")
+        if lora_ensemble:
+            load_warning = ("Load this folder with `diffusers_ant.models.load_pipeline`: it loads the fine-tunes' LoRAs "
+                            "as adapters and switches them by timestep; plain `DiffusionPipeline.from_pretrained` loads "
+                            "the base only.")
     elif projection:
         load_warning = ("Load this model with `diffusers_ant.models.load_pipeline`: it carries DeMe's channel projections "
                         "(`channel_projection.safetensors`), which plain `DiffusionPipeline.from_pretrained` drops "

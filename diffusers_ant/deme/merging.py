@@ -390,6 +390,7 @@ def write_ensemble_folder(base: str, finetuned, output_dir: str, *, evaluation: 
         json.dump(record, f, indent=2, default=str)
     write_deme_model_card(output_dir, base_model=base, model_type=inputs.finetunes[0].model_type,
                           denoiser_class=type(inputs.denoiser).__name__, finetunes=inputs.finetunes,
-                          num_timesteps=inputs.num_timesteps, scores=scores, ensemble=True, projection=inputs.projection)
+                          num_timesteps=inputs.num_timesteps, scores=scores, ensemble=True, projection=inputs.projection,
+                          lora_ensemble=lora_files is not None)
     log(f"wrote the ensemble pipeline to {output_dir}")
     return record
