@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -281,6 +282,17 @@ def test_lora_merge_falls_back_or_refuses_in_one_line(deme_lora, tmp_path):
         merge_finetunes(base, [other], str(tmp_path / "bad"), weights=[1], **quiet)
     message = str(err.value)
     assert "\n" not in message and other in message and base in message and "unet LoRA" in message
+    # an SD LoRA recorded as trained on another base: one line naming both bases
+    moved = str(tmp_path / "other-base-lora")
+    shutil.copytree(folders[1], moved)
+    lora_info = json.loads(open(os.path.join(moved, "ant_lora.json")).read())
+    lora_info["base_model"] = os.path.relpath(unet_base, moved)
+    with open(os.path.join(moved, "ant_lora.json"), "w") as f:
+        json.dump(lora_info, f)
+    with pytest.raises(ValueError) as err:
+        merge_finetunes(base, [folders[0], moved], str(tmp_path / "bad2"), weights=[1, 1], **quiet)
+    message = str(err.value)
+    assert "\n" not in message and "unet-base" in message and base in message
 
 
 def test_peft_format_lora_with_convolutions_merges_as_a_lora(tmp_path):
