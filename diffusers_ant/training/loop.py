@@ -153,6 +153,9 @@ def train(args) -> str:
     if num_classes is None and data_classes is not None:
         num_classes = len(data_classes)
     from_scratch = args.model_config_name_or_path is not None and args.model_type in ("unet", "dit")
+    # --quantize_base: the frozen denoiser in 8 / 4 bits (models/quantization.py); passed only when asked
+    # for, so adapters that override `load` without this keyword keep working
+    quantized = quantization_config(getattr(args, "quantize_base", None), compute_dtype(accelerator))
     adapter = get_model_adapter(args.model_type).load(
         pretrained_model_name_or_path=args.pretrained_model_name_or_path,
         model_config_name_or_path=args.model_config_name_or_path,
@@ -164,7 +167,7 @@ def train(args) -> str:
         # the images are converted to them (greyscale -> RGB), as diffusers' scripts do.
         num_channels=dataset_image_channels(dataset, columns["image_column"]) if from_scratch else None,
         noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,  # flow matching
-        quantization_config=quantization_config(getattr(args, "quantize_base", None), compute_dtype(accelerator)),
+        **({"quantization_config": quantized} if quantized is not None else {}),
     )
     adapter.set_data_classes(data_classes, class_map=args.class_map)  # a DiT's data-set class -> label row
     # The teacher (Diff-Tuning's distillation, DeMe: the student with its LoRA off, else a frozen copy), then what trains: LoRA,
