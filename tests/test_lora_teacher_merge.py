@@ -343,6 +343,17 @@ def test_peft_format_lora_with_convolutions_merges_as_a_lora(tmp_path):
             moved = max(moved, (value - base_value).abs().max().item())
     assert moved > 1e-3
 
+    # and their ensemble: both peft adapters on one UNet2DModel, switched by timestep
+    from diffusers_ant.deme.merging import write_ensemble_folder
+
+    write_ensemble_folder(base, folders, str(tmp_path / "ensemble"), log=lambda *_: None)
+    unet = load_pipeline(str(tmp_path / "ensemble")).unet
+    x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for index, t in ((1, 900), (0, 10)):
+            expected = load_pipeline(folders[index]).unet(x, t).sample
+            torch.testing.assert_close(unet(x, t).sample, expected, rtol=0, atol=1e-6)
+
 
 # ---------------------------------------------------------------------------- quantized base, 8-bit Adam
 

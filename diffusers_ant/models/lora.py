@@ -95,7 +95,8 @@ def load_peft_lora(module: torch.nn.Module, folder: str, adapter_name: str = "de
     attach_lora(module, config, adapter_name=adapter_name)
     state = load_file(weights, device=str(next(module.parameters()).device))
     result = set_peft_model_state_dict(module, state, adapter_name=adapter_name)
-    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    # this adapter's tensors only: a module may carry other adapters already (DeMe's LoRA ensemble)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and f".{adapter_name}." in k]
     if missing:
         raise ValueError(f"LoRA weights in {folder!r} do not fit this model: {len(missing)} LoRA tensors missing")
     module.requires_grad_(False)
