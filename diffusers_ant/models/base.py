@@ -70,8 +70,13 @@ class PretrainedSource:
     says it is; every loading error becomes one short ``ValueError``.
     """
 
-    def __init__(self, path, revision=None, variant=None, cache_dir=None):
+    # Subfolders of the trained denoiser (or the frozen UNet a ControlNet runs beside): what a
+    # ``quantization_config`` (``--quantize_base``) applies to, as in diffusers' LoRA scripts.
+    QUANTIZED_SUBFOLDERS = ("unet", "transformer")
+
+    def __init__(self, path, revision=None, variant=None, cache_dir=None, quantization_config=None):
         self.path = path
+        self.quantization_config = quantization_config
         self.revision = revision
         self.variant = variant
         self.cache_dir = cache_dir
@@ -115,6 +120,8 @@ class PretrainedSource:
             hub["variant"] = self.variant
         if subfolder is not None:
             hub["subfolder"] = subfolder
+        if self.quantization_config is not None and subfolder in self.QUANTIZED_SUBFOLDERS:
+            hub["quantization_config"] = self.quantization_config  # models/quantization.py
         try:
             return component_cls.from_pretrained(self.path, **hub, **kwargs)
         except (OSError, ValueError) as err:
@@ -243,6 +250,7 @@ class ModelAdapter:
         noise_scheduler=None,
         flow_shift=None,
         pretrained_vae_model_name_or_path=None,
+        quantization_config=None,
     ):
         """Build the adapter from a pretrained folder / Hub id, from a preset or config JSON, or both.
 
@@ -267,14 +275,20 @@ class ModelAdapter:
             flow_shift: the ``shift`` of a flow-matching scheduler (overrides the pretrained folder's).
             pretrained_vae_model_name_or_path: a VAE (folder or Hub id of an ``AutoencoderKL``) in place of
                 the pipeline's, as diffusers' SDXL scripts take it (the fp16-fixed SDXL VAE).
+            quantization_config: a diffusers ``BitsAndBytesConfig`` for the pretrained denoiser's weights
+                (``--quantize_base``, ``models/quantization.py``); the frozen base of a LoRA run only.
         """
         if pretrained_model_name_or_path is None and model_config_name_or_path is None:
             raise ValueError(
                 "nothing to load: give pretrained_model_name_or_path or model_config_name_or_path (e.g. 'tiny')"
             )
         source = None
+        if quantization_config is not None and (pretrained_model_name_or_path is None or model_config_name_or_path):
+            raise ValueError("--quantize_base quantizes a pretrained denoiser: give --pretrained_model_name_or_path "
+                             "without --model_config_name_or_path")
         if pretrained_model_name_or_path is not None:
-            source = PretrainedSource(pretrained_model_name_or_path, revision, variant, cache_dir)
+            source = PretrainedSource(pretrained_model_name_or_path, revision, variant, cache_dir,
+                                      quantization_config=quantization_config)
         preset = None
         if model_config_name_or_path is not None:
             preset = resolve_model_config(cls.model_type, model_config_name_or_path)

@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="With --rank: the modules given LoRA (peft target_modules), comma-separated module names, as "
                    "diffusers' SDXL / SD3 / Flux scripts (e.g. \"to_k,to_q,to_v,to_out.0\"); default: the model type's "
                    "own list (the targets of diffusers' LoRA script for that family).")
+    g.add_argument("--quantize_base", default=None, choices=["int8", "nf4"],
+                   help="With --rank: load the frozen pretrained denoiser in 8 bits (half of bf16) or 4-bit NF4 (a "
+                   "quarter) through diffusers' quantization_config and bitsandbytes (QLoRA; needs a CUDA GPU and "
+                   "pip install bitsandbytes). See docs/families/lora.md.")
 
     # ---- flow matching (one block: the scheduler family, SD3's --weighting_scheme and its parameters)
     g = p.add_argument_group("flow matching")
@@ -451,6 +455,13 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    if args.quantize_base is not None:
+        from ..models.quantization import check_quantize_base
+
+        try:
+            check_quantize_base(args.quantize_base, args.rank)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     if args.enable_xformers_memory_efficient_attention:
         try:
             import xformers  # noqa: F401

@@ -108,6 +108,7 @@ def train(args) -> str:
 
     from ..data import class_names, dataset_image_channels, load_training_dataset, make_train_dataloader, resolve_columns
     from ..models import get_model_adapter
+    from ..models.quantization import quantization_config
     from ..schedule import num_train_timesteps
     from ..weighting import get_weighting
 
@@ -152,6 +153,9 @@ def train(args) -> str:
     if num_classes is None and data_classes is not None:
         num_classes = len(data_classes)
     from_scratch = args.model_config_name_or_path is not None and args.model_type in ("unet", "dit")
+    # --quantize_base: the frozen denoiser in 8 / 4 bits (models/quantization.py); passed only when asked
+    # for, so adapters that override `load` without this keyword keep working
+    quantized = quantization_config(getattr(args, "quantize_base", None), compute_dtype(accelerator))
     adapter_class = get_model_adapter(args.model_type)
     adapter = adapter_class.load(
         pretrained_model_name_or_path=args.pretrained_model_name_or_path,
@@ -167,9 +171,10 @@ def train(args) -> str:
         pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path,
         # a family's own options (flux: --guidance_scale), read by its adapter
         **(adapter_class.options_from_args(args) if hasattr(adapter_class, "options_from_args") else {}),
+        **({"quantization_config": quantized} if quantized is not None else {}),
     )
     adapter.set_data_classes(data_classes, class_map=args.class_map)  # a DiT's data-set class -> label row
-    # The teacher (a frozen copy for Diff-Tuning's distillation and DeMe), then what trains: LoRA,
+    # The teacher (Diff-Tuning's distillation, DeMe: the student with its LoRA off, else a frozen copy), then what trains: LoRA,
     # BitFit / DiffFit, DeMe's channel projections; frozen parts in the low precision.
     teacher, finetune = prepare_model(args, accelerator, adapter)
     noise_scheduler = adapter.noise_scheduler
@@ -365,18 +370,25 @@ def prepare_model(args, accelerator, adapter):
     """The frozen teacher (when an objective needs it) and the trained model's final form; returns
     `(teacher or None, FinetuneSummary)`.
 
-    Order matters: the teacher is copied before anything changes the student; LoRA, then BitFit /
+    Order matters: a full fine-tune's teacher is copied before anything changes the student (a LoRA
+    run's is the student itself with its adapters disabled, `teacher.AdapterDisabledTeacher`); LoRA, then BitFit /
     DiffFit, then DeMe's channel projections decide what trains; then the frozen parts (and a LoRA
     run's frozen base) are cast to the weight dtype, as diffusers' scripts do."""
     from ..peft_modes import apply_finetune_mode
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    teacher = None
-    if args.retention == "kd" or args.deme_interval is not None:
-        from ..teacher import FrozenTeacher
+    from ..models.quantization import prepare_quantized_for_lora
 
-        teacher = FrozenTeacher(adapter, weight_dtype, autocast=accelerator.autocast).to(accelerator.device)
-    if args.rank is not None:
+    weight_dtype = compute_dtype(accelerator)
+    teacher = None
+    needs_teacher = args.retention == "kd" or args.deme_interval is not None
+    lora = args.rank is not None
+    if needs_teacher and not lora:
+        from .. import teacher as teachers
+
+        # full fine-tuning, BitFit, DiffFit move the base weights: a frozen copy, taken now
+        teacher = teachers.make_teacher(adapter, weight_dtype, autocast=accelerator.autocast).to(accelerator.device)
+    if lora:
+        prepare_quantized_for_lora(adapter.model)  # --quantize_base: peft's k-bit preparation, as diffusers' scripts
         adapter.add_lora(args.rank, alpha=args.lora_alpha, target_modules=_lora_layers(args))
     if args.train_text_encoder:
         adapter.add_text_encoder_lora(args.rank, alpha=args.lora_alpha)
@@ -392,6 +404,11 @@ def prepare_model(args, accelerator, adapter):
         adapter.model.enable_xformers_memory_efficient_attention()
     adapter.to(accelerator.device, weight_dtype)  # frozen parts (VAE, text encoder) in the low precision
     cast_frozen_parameters(adapter.model, weight_dtype)  # and a LoRA run's frozen base weights
+    if needs_teacher and lora:
+        from .. import teacher as teachers
+
+        # under LoRA the teacher is the student with its adapters (and projections) off: no second copy
+        teacher = teachers.make_teacher(adapter, weight_dtype, autocast=accelerator.autocast, lora=True)
     return teacher, finetune
 
 
@@ -399,6 +416,9 @@ def _lora_layers(args):
     """`--lora_layers` as a list of module names (None: the model type's default targets)."""
     layers = getattr(args, "lora_layers", None)
     return [name.strip() for name in layers.split(",") if name.strip()] if layers else None
+def compute_dtype(accelerator) -> torch.dtype:
+    """The weight dtype of the frozen parts: the low precision of `--mixed_precision`, else float32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def write_run_records(args, accelerator, intervals, weighting) -> None:
