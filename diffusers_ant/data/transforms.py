@@ -74,18 +74,21 @@ class ImageTransform:
             mode = "RGB"
         return image if image.mode == mode else image.convert(mode)
 
-    def __call__(self, image, rng: np.random.Generator | None = None) -> torch.Tensor:
+    def __call__(self, image, rng: np.random.Generator | None = None, size: tuple | None = None) -> torch.Tensor:
         """Transform one PIL image. `rng` drives the random crop and flip (default: a fresh,
-        unseeded generator, i.e. not reproducible)."""
+        unseeded generator, i.e. not reproducible). `size` = (width, height): an aspect-ratio bucket
+        (`data.buckets`) instead of the square; the image is resized to cover it and centre-cropped."""
         from PIL import Image
 
         if not isinstance(image, Image.Image):
             raise ValueError(
                 f"expected a PIL image, got {type(image).__name__}: is --image_column an image column?"
             )
-        if rng is None and (self.random_flip or not self.center_crop):
+        if rng is None and (self.random_flip or (not self.center_crop and size is None)):
             rng = np.random.default_rng()
         image = self._convert(image)
+        if size is not None:
+            return self._to_tensor(self._flip(self._cover_and_center_crop(image, size), rng))
 
         # 1. Resize the shorter side to `resolution`, keeping the aspect ratio (torchvision's Resize(int)).
         width, height = image.size
@@ -114,9 +117,31 @@ class ImageTransform:
             rng.random(2)  # keep the draw sequence the same whatever the image size
 
         # 3. Horizontal flip with probability 1/2.
+        return self._to_tensor(self._flip(image, rng))
+
+    def _flip(self, image, rng):
+        from PIL import Image
+
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
 
+    def _cover_and_center_crop(self, image, size):
+        """Resize (keeping the aspect ratio) to the smallest size covering `size` = (width, height),
+        then crop its centre: the bucket transform of kohya's sd-scripts and SimpleTuner."""
+        from PIL import Image
+
+        target_w, target_h = size
+        width, height = image.size
+        scale = max(target_w / width, target_h / height)
+        new = (max(target_w, int(round(width * scale))), max(target_h, int(round(height * scale))))
+        if new != (width, height):
+            image = image.resize(new, resample=getattr(Image.Resampling, self.interpolation.upper()))
+        left = int(round((new[0] - target_w) / 2.0))
+        top = int(round((new[1] - target_h) / 2.0))
+        return image.crop((left, top, left + target_w, top + target_h))
+
+    def _to_tensor(self, image) -> torch.Tensor:
         # 4. To a float tensor (C, H, W) in [0, 1], then [-1, 1] (ToTensor + Normalize([0.5], [0.5])).
         array = np.asarray(image, dtype=np.uint8)
         if array.ndim == 2:
