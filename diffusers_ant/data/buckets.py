@@ -5,8 +5,8 @@ of the fixed list whose aspect ratio is nearest its own, is resized to cover the
 centre-cropped to it; every batch holds images of one bucket only, so they stack. The list is the one
 kohya's sd-scripts (`make_bucket_resolutions`) and diffusers' research scripts derive from the
 resolution: for every width w that is a multiple of `multiple`, the largest height h (a multiple too)
-with w * h <= resolution^2, kept when the aspect ratio lies within [1 / max_aspect, max_aspect]. So
-every bucket has about resolution^2 pixels, and its sides are multiples of the VAE factor times the
+with w * h <= resolution^2, kept with its transpose (h, w) when the aspect ratio lies within
+[1 / max_aspect, max_aspect]. So every bucket has about resolution^2 pixels, and its sides are multiples of the VAE factor times the
 denoiser's patch size (what the model can take).
 
 The batch sampler is seeded like `EpochRandomSampler`: the order of epoch e is a pure function of
@@ -32,8 +32,8 @@ DEFAULT_MAX_ASPECT = 4.0
 def bucket_sizes(resolution: int, multiple: int, max_aspect: float = DEFAULT_MAX_ASPECT) -> list[tuple[int, int]]:
     """The buckets of `resolution`, as `(width, height)` pairs sorted by aspect ratio (w / h).
 
-    Every side is a multiple of `multiple`, every area at most `resolution`^2 (and the largest such
-    for its width), every aspect ratio within [1 / max_aspect, max_aspect]; the square
+    Every side is a multiple of `multiple`, every area at most `resolution`^2 and more than
+    `resolution`^2 - `multiple` x the longer side (one strip short at most), every aspect ratio within [1 / max_aspect, max_aspect]; the square
     (`resolution` rounded down to `multiple`) is always one of them."""
     if multiple < 1 or resolution < multiple:
         raise ValueError(f"--resolution {resolution} is smaller than one latent patch ({multiple} pixels): "
@@ -45,7 +45,7 @@ def bucket_sizes(resolution: int, multiple: int, max_aspect: float = DEFAULT_MAX
         if height < multiple:
             break
         if max(width, height) / min(width, height) <= max_aspect:
-            sizes.add((width, height))
+            sizes.update([(width, height), (height, width)])  # both orientations, as kohya's list
     side = resolution // multiple * multiple
     sizes.add((side, side))
     return sorted(sizes, key=lambda wh: (wh[0] / wh[1], wh[0]))
