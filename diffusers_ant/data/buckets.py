@@ -102,6 +102,13 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.members = {}
         for row, bucket in enumerate(self.row_buckets):
             self.members.setdefault(bucket, []).append(row)
+        left_out = sum(len(rows) for rows in self.members.values() if len(rows) < self.batch_size)
+        if left_out and len(self):
+            import logging
+
+            logging.getLogger("diffusers_ant").warning(
+                "%d images are in aspect-ratio buckets with fewer than --train_batch_size %d images: they are "
+                "never trained (lower --train_batch_size to train them)", left_out, self.batch_size)
         if len(self) == 0:
             largest = max((len(rows) for rows in self.members.values()), default=0)
             raise ValueError(f"no aspect-ratio bucket holds a full batch of {batch_size} images (the fullest has "
