@@ -153,6 +153,22 @@ def build_training_cache(args, accelerator, adapter, dataset, batch_size: int) -
     return cache
 
 
+def probe_cached_batch(args, adapter, dataset) -> None:
+    """Encode one cached row with the encoders gone (a generator of its own: the run's stream is not
+    touched), so that a model type whose `encode_batch` / `conditioning` still reads pixels or calls a
+    text encoder fails here, in one line, rather than at the first step."""
+    from torch.utils.data import default_collate
+
+    batch = default_collate([dataset[0]])
+    try:
+        adapter.encode_batch(batch, generator=torch.Generator(device="cpu").manual_seed(0))
+    except (KeyError, AttributeError, TypeError) as err:
+        flags = " / ".join(f for f, on in (("--cache_latents", args.cache_latents),
+                                           ("--cache_text_embeddings", args.cache_text_embeddings)) if on)
+        raise ValueError(f"{flags}: --model_type {args.model_type} encodes batches without the cache hooks "
+                         f"({type(err).__name__}: {err}); drop {flags}") from err
+
+
 # ------------------------------------------------------------------------------------------ freeing
 
 

@@ -166,7 +166,7 @@ def train(args) -> str:
         noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,  # flow matching
     )
     adapter.set_data_classes(data_classes, class_map=args.class_map)  # a DiT's data-set class -> label row
-    from .caching import build_training_cache, check_adapter_support, free_encoders
+    from .caching import build_training_cache, check_adapter_support, free_encoders, probe_cached_batch
 
     check_adapter_support(args, adapter)  # buckets / caching: a latent model with the caching hooks
     # The teacher (a frozen copy for Diff-Tuning's distillation and DeMe), then what trains: LoRA,
@@ -202,6 +202,7 @@ def train(args) -> str:
             validation_inputs["prompts"] = adapter.validation_prompt_kwargs(
                 adapter.make_pipeline(), validation_inputs["prompts"], args.guidance_scale)
         freed = free_encoders(args, accelerator, adapter)
+        probe_cached_batch(args, adapter, train_dataloader.dataset)  # a type without the cache hooks: one line now
     bank_dataloader = None
     if args.retention == "bank":
         bank_dataloader = knowledge_bank_dataloader(args, adapter, needs, bank_rows)
