@@ -315,3 +315,32 @@ def test_cached_run_has_the_losses_of_the_uncached_one_and_frees_the_encoders(ru
                         {k: v for k, v in load_safetensors_dir(runs["root"] / "straight").items()
                          if k.startswith(("vae/", "text_encoder/"))})
     assert (saved / "samples").is_dir()  # validation sampled from the prompts encoded before the encoders went
+
+
+def test_cached_text_follows_the_per_epoch_caption_draw_and_dropout():
+    """Rows with several captions and caption dropout: the cache holds every caption and the empty prompt,
+    and each row serves the entry of the caption drawn for its (seed, epoch, row), as uncached rows do."""
+    import datasets
+
+    from diffusers_ant.data import TrainingDataset
+    from diffusers_ant.training.caching import TrainingCache
+
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Sequence(datasets.Value("string"))})
+    table = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 3,
+                                        "text": [["a red one", "a blue one"], ["c"], ["d", "e"]]}, features=features)
+    columns = {"image_column": "image", "caption_column": "text"}
+    data = TrainingDataset(table, columns, 8, center_crop=True, proportion_empty_prompts=0.4, seed=1)
+    variants = data.caption_variants()
+    assert variants == ["", "a blue one", "a red one", "c", "d", "e"]
+    data.cache = TrainingCache(text={c: {"encoder_hidden_states": torch.full((2,), float(i))} for i, c in enumerate(variants)})
+    uncached = TrainingDataset(table, columns, 8, center_crop=True, proportion_empty_prompts=0.4, seed=1)
+    served = set()
+    for epoch in range(12):
+        data.set_epoch(epoch)
+        uncached.set_epoch(epoch)
+        for row in range(3):
+            caption = uncached[row]["captions"]  # no tokenizer: the drawn caption itself
+            entry = data[row]["cached_text/encoder_hidden_states"]
+            assert torch.equal(entry, torch.full((2,), float(variants.index(caption))))
+            served.add(caption)
+    assert "" in served and "a red one" in served and "a blue one" in served  # dropout and both captions drawn
