@@ -234,7 +234,8 @@ class _Recorder:
 
         def free(args, accelerator, adapter):
             freed = original_free(args, accelerator, adapter)
-            self.adapter = adapter
+            self.adapter, self.freed = adapter, freed
+            self.freed_devices = {p.device.type for _, _, m in freed._modules() for p in m.parameters()}
             return freed
 
         def build(*args, **kwargs):
@@ -304,6 +305,9 @@ def test_cached_run_has_the_losses_of_the_uncached_one_and_frees_the_encoders(ru
     adapter = cached.adapter
     assert adapter.text_encoder is None and adapter.vae.encoder is None and adapter.vae.quant_conv is None
     assert adapter.vae.decoder is not None
+    # their weights were stashed (this run writes the whole pipeline) and the modules hold no memory
+    assert sorted(cached.freed.text) == ["text_encoder"] and sorted(cached.freed.vae) == ["encoder", "quant_conv"]
+    assert cached.freed_devices == {"meta"}
     cache = cached.cache
     assert len(cache.latents) == 12 and "" in cache.text and len(cache.text) == 13  # 12 captions + the empty one
     assert {tuple(m.shape[1:]) for m in cache.latents} == {(8, 8), (5, 11), (11, 5)}
