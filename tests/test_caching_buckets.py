@@ -122,6 +122,16 @@ def test_bucket_batches_are_single_bucket_seeded_and_sharded_over_processes():
     assert shards[0] == epochs[0][0:6:2] and shards[1] == epochs[0][1:6:2]
     with pytest.raises(ValueError, match="lower --train_batch_size"):
         BucketBatchSampler([0, 1, 2], 2)
+    # gradient accumulation 2 on 2 processes: runs of 4 batches of one bucket, so that each process's
+    # window of 2 micro-batches (batches p, p + 2 of a run) is one bucket, whose tensors concatenate
+    grouped = BucketBatchSampler([0] * 9 + [1] * 8 + [2] * 3, 2, seed=3, group_size=4)
+    assert len(grouped) == 8  # one run in buckets 0 and 1, none in bucket 2
+    grouped_buckets = [0] * 9 + [1] * 8 + [2] * 3
+    for p in (0, 1):
+        shard = list(BatchSamplerShard(grouped, num_processes=2, process_index=p))
+        assert len(shard) == 4
+        for window in (shard[0:2], shard[2:4]):
+            assert len({grouped_buckets[i] for batch in window for i in batch}) == 1
 
 
 # --------------------------------------------------------------------------- refusals
@@ -141,6 +151,8 @@ def test_pixel_models_and_freezing_combinations_are_refused_in_one_line(tmp_path
         ("--model_type", "sd", "--cache_latents", "--random_flip", "--center_crop"): "drop --random_flip",
         ("--model_type", "sd", "--cache_latents"): "add --center_crop",
         ("--model_type", "dit", "--cache_text_embeddings"): "has no text encoder",
+        ("--model_type", "sd", "--aspect_ratio_buckets", "--knowledge_bank", str(tmp_path),
+         "--pretrained_model_name_or_path", str(tmp_path)): "use --retention kd",
     }
     for flags, message in refused.items():
         with pytest.raises(UsageError, match=message) as err:

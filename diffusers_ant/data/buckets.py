@@ -79,10 +79,15 @@ def _mix_seed(*values: int) -> int:
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of `batch_size` row indices, each from one bucket, in an order set by (seed, epoch).
 
-    Epoch e: the rows of each bucket in a permutation seeded with (seed, e, bucket), cut into full
-    batches (a bucket's last, incomplete batch is dropped, as `drop_last` does for the whole set), and
-    the batches of all buckets in a permutation seeded with (seed, e). The number of batches is the same
-    every epoch, as the training loop's step count needs.
+    Epoch e: the rows of each bucket in a permutation seeded with (seed, e, bucket), cut into runs of
+    `group_size` full batches (a bucket's last, incomplete run is dropped, as `drop_last` does for the
+    whole set), and the runs of all buckets in a permutation seeded with (seed, e). The number of batches
+    is the same every epoch, as the training loop's step count needs.
+
+    `group_size` = gradient-accumulation steps x processes keeps every optimizer update on one bucket:
+    the training step concatenates a window's micro-batches (one shape), and Accelerate's
+    `BatchSamplerShard` deals batch i to process i mod P, so each process's window of GA micro-batches
+    falls inside one run of GA x P consecutive batches.
 
     Like `EpochRandomSampler`, `set_epoch` (Accelerate's prepared loader calls it, through the
     `sampler` attribute it looks for) also reaches the dataset, whose augmentations depend on the epoch.
@@ -90,9 +95,13 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     drop_last = True
 
-    def __init__(self, row_buckets, batch_size: int, seed: int = 0, shuffle: bool = True, data_source=None):
+    def __init__(self, row_buckets, batch_size: int, seed: int = 0, shuffle: bool = True, data_source=None,
+                 group_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"--train_batch_size must be positive, got {batch_size}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be positive, got {group_size}")
+        self.group_size = int(group_size)
         self.row_buckets = [int(b) for b in row_buckets]
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -102,17 +111,19 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.members = {}
         for row, bucket in enumerate(self.row_buckets):
             self.members.setdefault(bucket, []).append(row)
-        left_out = sum(len(rows) for rows in self.members.values() if len(rows) < self.batch_size)
+        run = self.batch_size * self.group_size
+        left_out = sum(len(rows) for rows in self.members.values() if len(rows) < run)
         if left_out and len(self):
             import logging
 
             logging.getLogger("diffusers_ant").warning(
-                "%d images are in aspect-ratio buckets with fewer than --train_batch_size %d images: they are "
-                "never trained (lower --train_batch_size to train them)", left_out, self.batch_size)
+                "%d images are in aspect-ratio buckets with fewer than %d images (--train_batch_size x "
+                "--gradient_accumulation_steps x processes): they are never trained", left_out, run)
         if len(self) == 0:
             largest = max((len(rows) for rows in self.members.values()), default=0)
-            raise ValueError(f"no aspect-ratio bucket holds a full batch of {batch_size} images (the fullest has "
-                             f"{largest}): lower --train_batch_size or drop --aspect_ratio_buckets")
+            raise ValueError(f"no aspect-ratio bucket holds {run} images (--train_batch_size x "
+                             f"--gradient_accumulation_steps x processes; the fullest has {largest}): lower "
+                             "--train_batch_size or drop --aspect_ratio_buckets")
 
     @property
     def sampler(self):
@@ -125,17 +136,19 @@ class BucketBatchSampler(Sampler[list[int]]):
             self.data_source.set_epoch(epoch)
 
     def __len__(self):
-        return sum(len(rows) // self.batch_size for rows in self.members.values())
+        run = self.batch_size * self.group_size
+        return sum(len(rows) // run for rows in self.members.values()) * self.group_size
 
     def __iter__(self):
-        batches = []
+        run = self.batch_size * self.group_size
+        runs = []
         for bucket in sorted(self.members):
             rows = self.members[bucket]
             if self.shuffle:
                 generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, bucket))
                 rows = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
-            batches += [rows[i:i + self.batch_size] for i in range(0, len(rows) - self.batch_size + 1, self.batch_size)]
+            runs += [rows[i:i + run] for i in range(0, len(rows) - run + 1, run)]
         if self.shuffle:
             generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch))
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        return iter(batches)
+            runs = [runs[i] for i in torch.randperm(len(runs), generator=generator).tolist()]
+        return iter([rows[i:i + self.batch_size] for rows in runs for i in range(0, run, self.batch_size)])

@@ -294,6 +294,7 @@ def make_train_dataloader(
     pin_memory: bool = False,
     proportion_empty_prompts: float = 0.0,
     buckets=None,
+    bucket_group_size: int = 1,
 ) -> DataLoader:
     """A `torch.utils.data.DataLoader` of training batches (see the module docstring for the keys,
     the determinism guarantees and what the training loop must do to resume).
@@ -303,7 +304,8 @@ def make_train_dataloader(
     without Accelerate, call `loader.sampler.set_epoch(epoch)` each epoch.
 
     `buckets` (aspect-ratio buckets, `data.buckets.bucket_sizes`): the loader's `batch_sampler` is a
-    `BucketBatchSampler` instead (single-bucket batches, seeded per epoch, resumable the same way).
+    `BucketBatchSampler` instead (single-bucket batches, seeded per epoch, resumable the same way), in
+    runs of `bucket_group_size` batches of one bucket (gradient-accumulation steps x processes).
     """
     if batch_size < 1:
         raise ValueError(f"--train_batch_size must be positive, got {batch_size}")
@@ -327,7 +329,8 @@ def make_train_dataloader(
         from .buckets import BucketBatchSampler
 
         return DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset.row_buckets, batch_size, seed=seed,
-                                                                    shuffle=shuffle, data_source=dataset),
+                                                                    shuffle=shuffle, data_source=dataset,
+                                                                    group_size=bucket_group_size),
                           num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False)
     if drop_last and len(dataset) < batch_size:
         raise ValueError(

@@ -58,6 +58,9 @@ def validate_caching_args(args) -> None:
     if caching and args.retention == "bank":
         raise UsageError(f"{caching[0]} caches the training data, but the knowledge bank is encoded every step: "
                          f"drop {caching[0]} or use --retention kd")
+    if args.aspect_ratio_buckets and args.retention == "bank":
+        raise UsageError("--aspect_ratio_buckets: the knowledge bank's square images cannot share a batch with "
+                         "bucketed ones: drop --aspect_ratio_buckets or use --retention kd")
     if args.model_type == "unet" and (args.aspect_ratio_buckets or args.cache_latents):
         flag = "--aspect_ratio_buckets" if args.aspect_ratio_buckets else "--cache_latents"
         raise UsageError(f"{flag} is for latent models: --model_type unet trains pixels (use sd, controlnet or a latent dit)")

@@ -192,7 +192,8 @@ def train(args) -> str:
         max_samples=args.max_train_samples, interpolation=args.image_interpolation_mode,
         proportion_empty_prompts=args.proportion_empty_prompts,
         # --aspect_ratio_buckets: single-bucket batches at each image's own aspect ratio (data/buckets.py)
-        buckets=bucket_sizes(pixel_resolution(adapter), adapter.pixel_multiple) if args.aspect_ratio_buckets else None)
+        buckets=bucket_sizes(pixel_resolution(adapter), adapter.pixel_multiple) if args.aspect_ratio_buckets else None,
+        bucket_group_size=args.gradient_accumulation_steps * accelerator.num_processes)  # one bucket per update
     validation_inputs = default_validation_inputs(args, dataset, columns)
     freed = None
     if args.cache_latents or args.cache_text_embeddings:
