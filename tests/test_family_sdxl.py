@@ -168,6 +168,18 @@ def test_time_ids_are_original_size_crop_and_target_of_each_image():
     flipped = np.asarray(wide.transpose(Image.Transpose.FLIP_LEFT_RIGHT), dtype=np.float32)[:, left:left + RES]
     assert torch.allclose(pixels, torch.from_numpy(flipped).permute(2, 0, 1) / 127.5 - 1)
 
+    # an aspect-ratio bucket (32 x 8 for the 27 x 24 image is not its nearest, but any bucket shows the
+    # rule): resized to cover it (27 x 24 -> 32 x 28), centre-cropped: top round(20 / 2) = 10, left 0
+    _, original, crop = build_transforms(RES).with_crop_coords(image, None, size=(32, 8))
+    assert original == (24, 27) and crop == (10, 0)
+    # --cache_latents keeps each row's time ids: the cache records the coordinates of the image it encoded
+    from diffusers_ant.training.caching import TrainingCache, cache_latents
+
+    latents, coords = cache_latents(adapter, loader.dataset, 2, disable_progress=True)
+    loader.dataset.cache = TrainingCache(latents=latents, crop_coords=coords)
+    cached = next(iter(loader))
+    assert "pixel_values" not in cached and torch.equal(adapter.time_ids(cached), expected)
+
 
 # --------------------------------------------------------------------------- training, LoRA, loading
 

@@ -206,8 +206,13 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         """The batch's ``add_time_ids`` (B, 6): its recorded original sizes and crops, the images' own size
         as target. Rows without a record (images made at the training size) get (H, W, 0, 0, H, W), the
         pipeline's own default for an uncropped image."""
-        pixels = batch["pixel_values"]
-        size = tuple(pixels.shape[-2:])
+        if "pixel_values" in batch:
+            pixels = batch["pixel_values"]
+            size = tuple(pixels.shape[-2:])
+        else:  # --cache_latents: the image's size is its latent's times the VAE factor
+            pixels = batch["latent_moments"]
+            factor = self.vae_scale_factor(self.vae)
+            size = (pixels.shape[-2] * factor, pixels.shape[-1] * factor)
         count = pixels.shape[0]
         original = batch.get("original_sizes")
         if original is None:

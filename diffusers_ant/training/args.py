@@ -43,6 +43,8 @@ DEMO_ARGS = [
 ]
 
 MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "sdxl", "flux")
+# the model types whose AutoencoderKL --pretrained_vae_model_name_or_path may replace (diffusers' SDXL scripts)
+VAE_REPLACEABLE_TYPES = ("sd", "sdxl", "controlnet")
 CLUSTERING_OBJECTIVES = ("timestep", "snr", "gradient")
 TIMESTEP_SAMPLINGS = ("uniform", "stratified")
 # diffusers_ant.schedule's NOISE_SCHEDULERS and FLOW_WEIGHTING_SCHEMES, written out so that building the
@@ -150,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Share of captions replaced by the empty prompt (sd, controlnet), so the model learns the "
                    "unconditional branch for classifier-free guidance (0 to 1).")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
+    # ---- caching and aspect-ratio buckets (issue 16; see training/caching.py, data/buckets.py)
+    g.add_argument("--cache_latents", action="store_true",
+                   help="Encode every training image with the VAE once before training (its posterior, on the CPU), "
+                   "then free the VAE encoder (the decoder stays for validation), as diffusers' SD3 / Flux scripts. "
+                   "Needs deterministic images: --center_crop (or --aspect_ratio_buckets), no --random_flip.")
+    g.add_argument("--cache_text_embeddings", action="store_true",
+                   help="Encode every distinct caption (and the empty prompt, and the validation prompts) once, then "
+                   "free the text encoders for the rest of the run. Not with --train_text_encoder.")
+    g.add_argument("--aspect_ratio_buckets", action="store_true",
+                   help="Train each image at its own aspect ratio: buckets of about --resolution^2 pixels (sides "
+                   "multiples of the VAE factor x patch size), nearest-ratio bucket, resized and centre-cropped; one "
+                   "bucket per batch. Latent models only.")
 
     g = p.add_argument_group("ANT: timestep clusters and multi-task weighting")
     g.add_argument("--num_clusters", type=int, default=5, help="k, the number of timestep intervals (1..T).")
@@ -431,6 +445,9 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             raise UsageError("--convergence_steps must be >= 1 and --convergence_threshold > 0")
     _validate_diff_tuning(args)
     _validate_deme(args, given)
+    from .caching import validate_caching_args
+
+    validate_caching_args(args)  # --cache_latents, --cache_text_embeddings, --aspect_ratio_buckets
     if args.timestep_sampling is None:
         args.timestep_sampling = "stratified" if args.mtl_method != "none" else "uniform"
     if args.timestep_sampling not in TIMESTEP_SAMPLINGS:
@@ -479,6 +496,9 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
     if args.train_text_encoder and (args.model_type not in ("sd", "sdxl") or args.rank is None):
         raise UsageError("--train_text_encoder trains a LoRA on Stable Diffusion's text encoder(s): use it with "
                          "--model_type sd or sdxl and --rank")
+    if args.pretrained_vae_model_name_or_path and args.model_type not in VAE_REPLACEABLE_TYPES:
+        raise UsageError(f"--pretrained_vae_model_name_or_path replaces the VAE of {', '.join(VAE_REPLACEABLE_TYPES)}; "
+                         f"--model_type {args.model_type} takes none: drop it")
     if args.lora_layers is not None and (args.rank is None or not [x for x in args.lora_layers.split(",") if x.strip()]):
         raise UsageError("--lora_layers names the modules given LoRA: add --rank and at least one module name")
     if args.rank is not None and args.pretrained_model_name_or_path is None:

@@ -107,6 +107,7 @@ def train(args) -> str:
     from diffusers.training_utils import EMAModel
 
     from ..data import class_names, dataset_image_channels, load_training_dataset, make_train_dataloader, resolve_columns
+    from ..data.buckets import bucket_sizes
     from ..models import get_model_adapter
     from ..models.quantization import quantization_config
     from ..schedule import num_train_timesteps
@@ -168,12 +169,17 @@ def train(args) -> str:
         # the images are converted to them (greyscale -> RGB), as diffusers' scripts do.
         num_channels=dataset_image_channels(dataset, columns["image_column"]) if from_scratch else None,
         noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,  # flow matching
-        pretrained_vae_model_name_or_path=args.pretrained_vae_model_name_or_path,
+        # passed only when given (like the quantization below): a family with a load of its own may not take it
+        **({"pretrained_vae_model_name_or_path": args.pretrained_vae_model_name_or_path}
+           if args.pretrained_vae_model_name_or_path else {}),
         # a family's own options (flux: --guidance_scale), read by its adapter
         **(adapter_class.options_from_args(args) if hasattr(adapter_class, "options_from_args") else {}),
         **({"quantization_config": quantized} if quantized is not None else {}),
     )
     adapter.set_data_classes(data_classes, class_map=args.class_map)  # a DiT's data-set class -> label row
+    from .caching import build_training_cache, check_adapter_support, free_encoders, probe_cached_batch
+
+    check_adapter_support(args, adapter)  # buckets / caching: a latent model with the caching hooks
     # The teacher (Diff-Tuning's distillation, DeMe: the student with its LoRA off, else a frozen copy), then what trains: LoRA,
     # BitFit / DiffFit, DeMe's channel projections; frozen parts in the low precision.
     teacher, finetune = prepare_model(args, accelerator, adapter)
@@ -195,8 +201,20 @@ def train(args) -> str:
         num_channels=adapter.num_channels, seed=args.seed, **adapter.data_options(),
         num_workers=args.dataloader_num_workers, center_crop=args.center_crop, random_flip=args.random_flip,
         max_samples=args.max_train_samples, interpolation=args.image_interpolation_mode,
-        proportion_empty_prompts=args.proportion_empty_prompts)
+        proportion_empty_prompts=args.proportion_empty_prompts,
+        # --aspect_ratio_buckets: single-bucket batches at each image's own aspect ratio (data/buckets.py)
+        buckets=bucket_sizes(pixel_resolution(adapter), adapter.pixel_multiple) if args.aspect_ratio_buckets else None,
+        bucket_group_size=args.gradient_accumulation_steps * accelerator.num_processes)  # one bucket per update
     validation_inputs = default_validation_inputs(args, dataset, columns)
+    freed = None
+    if args.cache_latents or args.cache_text_embeddings:
+        # encode once (training data, then the validation prompts), then free the encoders (training/caching.py)
+        build_training_cache(args, accelerator, adapter, train_dataloader.dataset, args.train_batch_size)
+        if args.cache_text_embeddings and "prompts" in validation_inputs:
+            validation_inputs["prompts"] = adapter.validation_prompt_kwargs(
+                adapter.make_pipeline(), validation_inputs["prompts"], args.guidance_scale)
+        freed = free_encoders(args, accelerator, adapter)
+        probe_cached_batch(args, adapter, train_dataloader.dataset)  # a type without the cache hooks: one line now
     bank_dataloader = None
     if args.retention == "bank":
         bank_dataloader = knowledge_bank_dataloader(args, adapter, needs, bank_rows)
@@ -360,7 +378,7 @@ def train(args) -> str:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs, objective,
-               finetune)
+               finetune, freed)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return args.output_dir
@@ -495,7 +513,7 @@ def save_output(args, adapter, model) -> None:
 
 
 def finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs, objective,
-           finetune):
+           finetune, freed=None):
     """Save the pipeline (or LoRA weights), samples, model card; push to the Hub if asked."""
     from ..hub import push_to_hub, training_summary, write_model_card
 
@@ -503,7 +521,12 @@ def finish(args, accelerator, adapter, model, ema, params, intervals, global_ste
     # The saved pipeline holds float32 frozen parts (and base weights), whatever precision training used.
     lift_to_float32([*adapter.frozen_modules().values(), unwrapped])
     with ema_weights(ema, params):
-        save_output(args, adapter, unwrapped)
+        if freed is not None:  # encoders freed after caching come back while the pipeline is written
+            with freed.restored():
+                save_output(args, adapter, unwrapped)
+            freed.remove_stash()
+        else:
+            save_output(args, adapter, unwrapped)
         images, _ = validate(args, accelerator, adapter, model, None, params, global_step, validation_inputs)
     summary = training_summary(args, intervals, global_step, pixel_resolution(adapter))
     card = {}

@@ -87,7 +87,9 @@ def compose_sources(args, batch: dict, bank_batches) -> dict:
         return batch
     if args.retention == "bank":
         return {"data": batch, "bank": next(bank_batches)}
-    keep = len(batch["pixel_values"]) - retention_rows(args)
+    from ..models.base import batch_rows
+
+    keep = batch_rows(batch) - retention_rows(args)
     return {"data": {k: v[:keep] for k, v in batch.items()}, "retention": {k: v[keep:] for k, v in batch.items()}}
 
 
