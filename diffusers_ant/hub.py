@@ -62,6 +62,15 @@ MODEL_TYPES = {
         "pipeline_tag": "text-to-image",
         "description": "a Stable Diffusion UNet2DConditionModel",
     },
+    # license and tags as diffusers' train_dreambooth_lora_sdxl.py writes them (`save_model_card`)
+    "sdxl": {
+        "pipeline": "StableDiffusionXLPipeline",
+        "tags": ("text-to-image", "stable-diffusion-xl", "stable-diffusion-xl-diffusers"),
+        "lora_tags": ("template:sd-lora",),
+        "license": "openrail++",
+        "pipeline_tag": "text-to-image",
+        "description": "a Stable Diffusion XL UNet2DConditionModel",
+    },
     "controlnet": {
         "pipeline": "StableDiffusionControlNetPipeline",
         "tags": ("stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "controlnet"),
@@ -77,6 +86,15 @@ MODEL_TYPES = {
         "description": "a Stable Diffusion 3 transformer (SD3Transformer2DModel, flow matching)",
         "license": "other",
     },
+    # as diffusers' train_dreambooth_lora_flux.py writes its card: these tags, license "other" (the
+    # FLUX.1-dev non-commercial licence; schnell is apache-2.0, pass license= for it)
+    "flux": {
+        "pipeline": "FluxPipeline",
+        "tags": ("text-to-image", "flux", "flux-diffusers", "template:sd-lora"),
+        "pipeline_tag": "text-to-image",
+        "description": "a FLUX.1 transformer (FluxTransformer2DModel)",
+        "license": "other",
+    },
 }
 
 
@@ -87,6 +105,7 @@ def _variant_tags(model_type: str, base_model: str | None) -> list:
     if base_model is not None and "large" in str(base_model).lower():
         return ["sd3.5-large", "sd3.5", "sd3.5-diffusers"]
     return ["sd3", "sd3-diffusers"]
+
 
 # Readable names of the multi-task weightings (diffusers_ant.WEIGHTINGS keys), for the card body.
 METHOD_NAMES = {
@@ -319,7 +338,8 @@ _CONTROLNET_INFO = "ant_controlnet.json"
 _BASE_MODEL_DIR = "base_model"
 _COND_EMBEDDING_FILE = "controlnet_cond_embedding.safetensors"
 _LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
-_DENOISER = {"unet": "unet", "dit": "transformer", "sd": "unet", "controlnet": "controlnet", "sd3": "transformer"}
+_DENOISER = {"unet": "unet", "dit": "transformer", "sd": "unet", "sdxl": "unet", "controlnet": "controlnet", "flux": "transformer",
+             "sd3": "transformer"}
 
 
 def _read_json(path: Path | None) -> dict | None:
@@ -439,7 +459,7 @@ def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipel
     no_t5 = model_type == "sd3" and index is not None and (index.get("text_encoder_3") or [None])[0] is None
     absent = ", text_encoder_3=None, tokenizer_3=None" if no_t5 else ""
     code.lines.append(f"pipe = {pipeline}.from_pretrained({where.expr}{absent})")
-    unet_config = config if model_type != "dit" else None
+    unet_config = config if denoiser == "unet" else None
     return {"pipeline": pipeline, "config": config, "unet_config": unet_config}
 
 
@@ -478,8 +498,13 @@ def _call_code(code: _Snippet, model_type: str, facts: dict, prompt: str, resolu
         else:
             labels = [i % num_classes for i in range(4)] if num_classes else [0, 1, 2, 3]
             code.lines.append(f"images = pipe(class_labels={labels}, num_inference_steps=50).images")
-    elif model_type in ("sd", "sd3"):
+    elif model_type in ("sd", "sdxl", "sd3"):
         code.lines.append(f"image = pipe({_q(prompt)}, num_inference_steps=30).images[0]")
+    elif model_type == "flux":
+        # FluxPipeline's own defaults (28 steps, distilled guidance 3.5; schnell ignores the guidance), at the
+        # training resolution when known (the pipeline's default is 1024 pixels)
+        size = f", height={resolution}, width={resolution}" if resolution else ""
+        code.lines.append(f"image = pipe({_q(prompt)}{size}, num_inference_steps=28, guidance_scale=3.5).images[0]")
     else:
         if resolution is None:
             unet = facts.get("unet_config") or {}
@@ -508,9 +533,16 @@ def _usage_snippet(output_dir: Path, model_type: str, ref: str, base_model: str 
     else:
         base = _Location(_q(_named_base(base_model)), None)
     facts = _load_pipeline_code(code, model_type, base, pipeline_class)
-    if model_type in ("sd", "sd3"):
-        # diffusers-format LoRA (as train_text_to_image_lora.py writes it): the pipeline's own loader
+    if model_type in ("sd", "sdxl", "flux", "sd3"):
+        # diffusers-format LoRA (as train_text_to_image_lora.py / train_dreambooth_lora_sdxl.py / _flux.py /
+        # _sd3.py write it): the pipeline's own loader
         code.lines.append(f"pipe.load_lora_weights({_q(ref)})")
+        if lora_info is not None and lora_info.get("vae"):
+            # trained with --pretrained_vae_model_name_or_path (the fp16-fixed SDXL VAE): sample with it too
+            vae = output.join(lora_info["vae"])
+            subfolder = ', subfolder="vae"' if vae.local is not None and (vae.local / "vae").is_dir() else ""
+            code.use("diffusers", "AutoencoderKL")
+            code.lines.append(f"pipe.vae = AutoencoderKL.from_pretrained({vae.expr}{subfolder})")
     else:
         # UNet2DModel, DiTTransformer2DModel and ControlNetModel have no diffusers LoRA loader: the
         # adapter is re-created with peft from the folder's adapter_config.json (rank, alpha, targets)
@@ -596,7 +628,7 @@ def write_model_card(
             (a local path is named in the body by its folder name only, since the Hub rejects
             non-repo `base_model`s and the card may be published). A LoRA or ControlNet folder's own
             record of its base (`ant_lora.json`, `ant_controlnet.json`) is what the snippet loads.
-        model_type: `unet`, `dit`, `sd` or `controlnet` (`--model_type`).
+        model_type: `unet`, `dit`, `sd`, `sdxl`, `controlnet` or `flux` (`--model_type`).
         method_summary: the run's method settings: `mtl_method`, `clustering`, `num_clusters`,
             `intervals` (a TimestepIntervals or a list of inclusive (start, end) pairs),
             `loss_weighting` with `snr_gamma` (min_snr) or `p2_k` / `p2_gamma` (p2),
@@ -661,7 +693,7 @@ def write_model_card(
     # Tags as diffusers' training scripts set them, plus this project's and the method's.
     tags = ["diffusers", "diffusers-training", *info["tags"], *_variant_tags(model_type, base_model), "ant"]
     if lora:
-        tags.append("lora")
+        tags += ["lora", *info.get("lora_tags", ())]
     if method != "none":
         tags.append(method)
     tags += list(extra_tags)

@@ -210,6 +210,14 @@ def test_pretrain_base_plateau_rule_and_its_training_command():
     assert base.plateau_step(flat, 0.02, 8) == 4000  # not before min_points points
     rising = {**falling, 3000: 39.0, 3500: 41.0}  # rising again by more than 2% is no plateau either
     assert base.plateau_step(rising, 0.02, 5) is None
+    # flat but scattered by 3% from point to point (a 1,000-sample FID): every fifth holds a point 2.7%
+    # or more from its start, yet the line through it is flat: a plateau at 3500 (37.0, 36.0, 37.1)
+    scattered = {**falling, 3000: 36.0, 3500: 37.1, 4000: 36.0, 4500: 37.1, 5000: 36.0, 5500: 37.1}
+    assert base.plateau_step(scattered, 0.02, 5) == 3500
+    # the measured 16x16 curve of the bench UNet (docs/benchmark_base): still falling at 20,000 steps
+    with open(os.path.join(REPO, "docs", "benchmark_base", "curve.json"), encoding="utf-8") as f:
+        measured = {int(k): v for k, v in json.load(f)["points"].items()}
+    assert max(measured) == 20000 and base.plateau_step(measured, 0.02, 5) is None
 
     args = base.parse_args(["--output_dir", "/tmp/x"])
     assert (args.tolerance, args.segment_steps, args.eval_samples) == (0.02, 500, 1000)

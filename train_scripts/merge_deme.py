@@ -12,6 +12,11 @@
     # the ensemble before merging: a TimestepRouter over the fine-tunes
     python train_scripts/merge_deme.py --base pretrained --finetuned out/interval-* --output_dir ensemble --ensemble
 
+LoRA fine-tunes merged by task arithmetic give one LoRA of rank N*r (B = [w_1 s_1 B_1 ... w_N s_N B_N],
+A = [A_1; ...; A_N]: the dense merge, without a dense weight; `diffusers_ant.deme.lora_merge`), and
+their ensemble switches the interval LoRAs by timestep on one base denoiser (`deme.lora_ensemble`);
+see docs/families/lora.md.
+
 Fine-tunes are the folders `train_ant.py --deme_interval i` writes (full pipelines or LoRA folders);
 each one's interval comes from its `training_config.json` and `timestep_intervals.json`. The output
 is a diffusers pipeline folder with a model card; load it with `diffusers_ant.models.load_pipeline`

@@ -226,11 +226,11 @@ def _draw_batches(adapter, dataset_name, num_batches, batch_size, seed, train_da
     classes = getattr(adapter, "num_classes", None)
     conditional = model_type in ("unet", "dit") and classes is not None and not (model_type == "dit" and classes == 1)
     dataset = load_training_dataset(dataset_name=dataset_name, train_data_dir=train_data_dir)
-    columns = resolve_columns(dataset, need_captions=model_type in ("sd", "controlnet"),
+    columns = resolve_columns(dataset, need_captions=model_type in ("sd", "sdxl", "controlnet"),
                               need_conditioning=model_type == "controlnet", need_classes=conditional)
     resolution = adapter.sample_size * (adapter.vae_scale_factor(adapter.vae) if adapter.latent else 1)
     loader = make_train_dataloader(dataset, columns, resolution=resolution, batch_size=batch_size,
-                                   num_channels=adapter.num_channels, tokenizer=adapter.tokenizer, seed=seed)
+                                   num_channels=adapter.num_channels, seed=seed, **adapter.data_options())
     if len(loader) < num_batches:
         raise ValueError(f"the dataset gives {len(loader)} batches of {batch_size}, fewer than --batches {num_batches}")
     generator = torch.Generator().manual_seed(int(seed) + 1)

@@ -51,6 +51,8 @@ def infer_model_type(folder: str) -> str:
         return "controlnet"
     if "text_encoder_3" in index and "transformer" in index:  # StableDiffusion3Pipeline (T5 present or null)
         return "sd3"
+    if "text_encoder_2" in index and "unet" in index:
+        return "sdxl"
     if "text_encoder" in index:
         return "sd"
     if "transformer" in index:

@@ -158,7 +158,11 @@ def plot_fid_curve(curve: dict, path: str, title: str | None = None) -> None:
         points = [(s, m["fid"]) for s, m in points if m is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points], "-", color="tab:blue", alpha=0.35, linewidth=1)
     means = [(s, np.mean([m["fid"] for m in by_step[s].values()])) for s in steps if by_step[s]]
-    ax.plot([p[0] for p in means], [p[1] for p in means], "o-", color="tab:blue", linewidth=2, label="mean over seeds")
+    label = "mean over seeds" if len(seeds) > 1 else f"seed {seeds[0]}" if seeds else "FID"
+    ax.plot([p[0] for p in means], [p[1] for p in means], "o-", color="tab:blue", linewidth=2, label=label)
+    values = [p[1] for p in means]
+    if values and min(values) > 0 and max(values) > 10 * min(values):
+        ax.set_yscale("log")  # a curve from an untrained model spans decades: the late points stay legible
     ax.set_xlabel("training step")
     ax.set_ylabel("domain FID")
     ax.set_title(title or "FID over training", fontsize=9)

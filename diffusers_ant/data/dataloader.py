@@ -5,7 +5,10 @@ Batches are dicts:
 - `class_labels`: LongTensor (B,), when a class column is used;
 - `input_ids`: LongTensor (B, tokenizer.model_max_length), when a caption column and a tokenizer
   are used (padded to the maximum length and truncated, as in diffusers' text-to-image script);
-  without a tokenizer the raw strings come as `captions` (a list);
+  without a tokenizer the raw strings come as `captions` (a list); a dict of tokenizers gives one
+  such tensor per key (SDXL's `input_ids` and `input_ids_2`);
+- `original_sizes`, `crop_top_lefts`: LongTensor (B, 2), each image's (height, width) as read and
+  the (top, left) of its crop, with `crop_coords=True` (SDXL's micro-conditioning);
 - `conditioning_pixel_values`: FloatTensor (B, C', H, W) in [0, 1], when a conditioning-image
   column is used (ControlNet; [0, 1] like diffusers' ControlNet script).
 
@@ -61,13 +64,23 @@ class TrainingDataset(Dataset):
             `conditioning_image_column`, `class_column`; None for an unused one).
         resolution, num_channels, center_crop, random_flip, interpolation: see `build_transforms`;
             `num_channels` is the model's input channels (1 or 3; 3 for a VAE).
-        tokenizer: a transformers tokenizer for the captions.
+        tokenizer: a transformers tokenizer for the captions, or a dict `{batch key: tokenizer}` for a
+            model with several text encoders (SDXL: `{"input_ids": ..., "input_ids_2": ...}`).
+        crop_coords: also record each image's original size and crop top-left (see the module docstring).
         conditioning_channels: channels of the conditioning image (ControlNet's
             `conditioning_channels`, 3 by default).
         seed: seeds the augmentations (and, through `max_samples`, the subset).
         max_samples: keep this many rows, chosen as diffusers' `--max_train_samples` does
             (`dataset.shuffle(seed).select(range(max_samples))`).
         proportion_empty_prompts: share of captions replaced by "" (`--proportion_empty_prompts`).
+        buckets: aspect-ratio buckets, `(width, height)` pairs (`data.buckets.bucket_sizes`): each row is
+            trained at its nearest-ratio bucket (resized to cover it, centre-cropped) instead of the square.
+
+    Attributes:
+        row_buckets: the bucket index of every row (with `buckets`), else None.
+        cache: a `training.caching.TrainingCache` once `--cache_latents` / `--cache_text_embeddings`
+            encoded the data: rows then carry `latent_moments` instead of `pixel_values` and
+            `cached_text/<key>` entries instead of `input_ids` (see `training.caching`).
     """
 
     def __init__(
@@ -84,7 +97,10 @@ class TrainingDataset(Dataset):
         seed: int = 0,
         max_samples: int | None = None,
         proportion_empty_prompts: float = 0.0,
+        crop_coords: bool = False,
+        buckets=None,
     ):
+        self.crop_coords = bool(crop_coords)
         if not 0.0 <= proportion_empty_prompts <= 1.0:
             raise ValueError(f"--proportion_empty_prompts must lie in [0, 1], got {proportion_empty_prompts}")
         self.proportion_empty_prompts = float(proportion_empty_prompts)
@@ -121,6 +137,14 @@ class TrainingDataset(Dataset):
                 dataset = dataset.shuffle(seed=seed).select(range(max_samples))
         # Decode only the columns in use (a dataset may carry other large image columns).
         self.dataset = dataset.select_columns(list(dict.fromkeys(used)))
+        self.buckets = [tuple(size) for size in buckets] if buckets else None
+        self.row_buckets = None
+        if self.buckets:
+            from .buckets import assign_buckets
+
+            self.row_buckets = assign_buckets(self.dataset, self.image_column, self.buckets)
+        self.cache = None
+        self._rows_without_image = None
         self.tokenizer = tokenizer
         self.seed = int(seed)
         self.epoch = 0
@@ -139,13 +163,50 @@ class TrainingDataset(Dataset):
     def _rng(self, index: int, stream: int = 0) -> np.random.Generator:
         return np.random.default_rng(_mix(self.seed, self.epoch, index, stream))
 
+    def bucket_size(self, index: int):
+        """The `(width, height)` row `index` is trained at: its bucket, or None (the square)."""
+        return None if self.row_buckets is None else self.buckets[self.row_buckets[int(index)]]
+
+    def transformed_image(self, index: int, with_crop_coords: bool = False):
+        """Row `index`'s image as the model sees it (what `--cache_latents` encodes); with
+        `with_crop_coords`, `(image, original_sizes, crop_top_lefts)` as a row carries them (SDXL)."""
+        if getattr(self, "_image_rows", None) is None:
+            self._image_rows = self.dataset.select_columns([self.image_column])
+        row = self._image_rows[int(index)]
+        pixels, original_size, crop_top_left = self.image_transform.with_crop_coords(
+            row[self.image_column], self._rng(index), size=self.bucket_size(index))
+        if not with_crop_coords:
+            return pixels
+        return (pixels, torch.tensor(original_size, dtype=torch.long),
+                torch.tensor(crop_top_left, dtype=torch.long))
+
+    def _row(self, index: int) -> dict:
+        if self.cache is None or self.cache.latents is None:
+            return self.dataset[int(index)]
+        # cached latents: the image is not decoded at all
+        if self._rows_without_image is None:
+            rest = [c for c in self.dataset.column_names if c != self.image_column]
+            self._rows_without_image = self.dataset.select_columns(rest) if rest else None
+        return {} if self._rows_without_image is None else self._rows_without_image[int(index)]
+
     def __getitem__(self, index: int) -> dict:
-        row = self.dataset[int(index)]
+        row = self._row(index)
+        size = self.bucket_size(index)
         # The image and its conditioning image get equal generators, hence the same crop and flip.
-        example = {"pixel_values": self.image_transform(row[self.image_column], self._rng(index))}
+        if self.cache is not None and self.cache.latents is not None:
+            example = {"latent_moments": self.cache.latents[int(index)]}
+            if self.crop_coords:  # SDXL's micro-conditioning of the cached image (recorded when it was cached)
+                example["original_sizes"], example["crop_top_lefts"] = self.cache.crop_coords[int(index)]
+        else:
+            pixels, original_size, crop_top_left = self.image_transform.with_crop_coords(
+                row[self.image_column], self._rng(index), size=size)
+            example = {"pixel_values": pixels}
+            if self.crop_coords:
+                example["original_sizes"] = torch.tensor(original_size, dtype=torch.long)
+                example["crop_top_lefts"] = torch.tensor(crop_top_left, dtype=torch.long)
         if self.conditioning_column is not None:
             example["conditioning_pixel_values"] = self.conditioning_transform(
-                row[self.conditioning_column], self._rng(index)
+                row[self.conditioning_column], self._rng(index), size=size
             )
         if self.class_column is not None:
             label = row[self.class_column]
@@ -154,17 +215,35 @@ class TrainingDataset(Dataset):
             example["class_labels"] = torch.tensor(int(label), dtype=torch.long)
         if self.caption_column is not None:
             caption = self._caption(row[self.caption_column], index)
-            if self.tokenizer is None:
-                example["captions"] = caption
+            if self.cache is not None and self.cache.text is not None:
+                example.update(self.cache.text_fields(caption))
             else:
-                example["input_ids"] = self.tokenizer(
-                    caption,
-                    max_length=self.tokenizer.model_max_length,
-                    padding="max_length",
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids[0]
+                example.update(self.text_fields(caption))
         return example
+
+    def text_fields(self, caption: str) -> dict:
+        """A caption as a row carries it: `input_ids` with a tokenizer, else the string as `captions`."""
+        if self.tokenizer is None:
+            return {"captions": caption}
+        # one tokenizer (`input_ids`), or several by batch key (sdxl: `input_ids` and `input_ids_2`)
+        tokenizers = self.tokenizer if isinstance(self.tokenizer, dict) else {"input_ids": self.tokenizer}
+        return {key: tokenizer(
+            caption,
+            max_length=tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids[0] for key, tokenizer in tokenizers.items()}
+
+    def caption_variants(self) -> list[str]:
+        """Every caption a row can carry in any epoch: each caption of each row (one of several is drawn
+        per epoch) and the empty prompt (`--proportion_empty_prompts`, and the unconditional branch).
+        What `--cache_text_embeddings` encodes."""
+        variants = {""}
+        if self.caption_column is not None:
+            for value in self.dataset.select_columns([self.caption_column])[self.caption_column]:
+                variants.update([value] if isinstance(value, str) else list(value))
+        return sorted(variants)
 
     def _caption(self, value, index: int) -> str:
         # As diffusers' tokenize_captions: the empty prompt for a share of the captions (caption
@@ -236,6 +315,9 @@ def make_train_dataloader(
     interpolation: str = "bilinear",
     pin_memory: bool = False,
     proportion_empty_prompts: float = 0.0,
+    crop_coords: bool = False,
+    buckets=None,
+    bucket_group_size: int = 1,
 ) -> DataLoader:
     """A `torch.utils.data.DataLoader` of training batches (see the module docstring for the keys,
     the determinism guarantees and what the training loop must do to resume).
@@ -243,6 +325,10 @@ def make_train_dataloader(
     `dataset` is a `datasets.Dataset` (wrapped in `TrainingDataset` with the keyword arguments
     above) or an existing `TrainingDataset`. The loader's `sampler` is an `EpochRandomSampler`;
     without Accelerate, call `loader.sampler.set_epoch(epoch)` each epoch.
+
+    `buckets` (aspect-ratio buckets, `data.buckets.bucket_sizes`): the loader's `batch_sampler` is a
+    `BucketBatchSampler` instead (single-bucket batches, seeded per epoch, resumable the same way), in
+    runs of `bucket_group_size` batches of one bucket (gradient-accumulation steps x processes).
     """
     if batch_size < 1:
         raise ValueError(f"--train_batch_size must be positive, got {batch_size}")
@@ -260,7 +346,16 @@ def make_train_dataloader(
             seed=seed,
             max_samples=max_samples,
             proportion_empty_prompts=proportion_empty_prompts,
+            crop_coords=crop_coords,
+            buckets=buckets,
         )
+    if dataset.row_buckets is not None:
+        from .buckets import BucketBatchSampler
+
+        return DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset.row_buckets, batch_size, seed=seed,
+                                                                    shuffle=shuffle, data_source=dataset,
+                                                                    group_size=bucket_group_size),
+                          num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False)
     if drop_last and len(dataset) < batch_size:
         raise ValueError(
             f"the dataset has {len(dataset)} rows, fewer than one batch of {batch_size}: lower --train_batch_size"

@@ -74,49 +74,94 @@ class ImageTransform:
             mode = "RGB"
         return image if image.mode == mode else image.convert(mode)
 
-    def __call__(self, image, rng: np.random.Generator | None = None) -> torch.Tensor:
+    def __call__(self, image, rng: np.random.Generator | None = None, size: tuple | None = None) -> torch.Tensor:
         """Transform one PIL image. `rng` drives the random crop and flip (default: a fresh,
-        unseeded generator, i.e. not reproducible)."""
+        unseeded generator, i.e. not reproducible). `size` = (width, height): an aspect-ratio bucket
+        (`data.buckets`) instead of the square; the image is resized to cover it and centre-cropped."""
+        return self.with_crop_coords(image, rng, size=size)[0]
+
+    def with_crop_coords(self, image, rng: np.random.Generator | None = None, size: tuple | None = None):
+        """`(tensor, original_size, crop_top_left)`: the transformed image, the image's (height, width)
+        before any resize, and the (top, left) of the crop, for SDXL's micro-conditioning.
+
+        As diffusers' `train_text_to_image_sdxl.py` / `train_dreambooth_lora_sdxl.py` record them: the
+        original size of the image as read, and the crop's top-left in the resized image after the
+        flip (those scripts flip, then crop; cropping then flipping, as here, gives the same pixels,
+        and the flipped crop's left edge is `width - left - crop width`). In a bucket (`size`) the crop
+        is the bucket's centre crop of the covering resize."""
         from PIL import Image
 
         if not isinstance(image, Image.Image):
             raise ValueError(
                 f"expected a PIL image, got {type(image).__name__}: is --image_column an image column?"
             )
-        if rng is None and (self.random_flip or not self.center_crop):
+        if rng is None and (self.random_flip or (not self.center_crop and size is None)):
             rng = np.random.default_rng()
         image = self._convert(image)
+        original_size = (image.height, image.width)
+        if size is not None:
+            crop_width = size[0]
+            image, (top, left), width = self._cover_and_center_crop(image, size)
+        else:
+            crop_width = self.resolution
+            # 1. Resize the shorter side to `resolution`, keeping the aspect ratio (torchvision's Resize(int)).
+            width, height = image.size
+            short, long = (width, height) if width <= height else (height, width)
+            if short != self.resolution:
+                new_long = int(self.resolution * long / short)
+                new_size = (self.resolution, new_long) if width <= height else (new_long, self.resolution)
+                resample = getattr(Image.Resampling, self.interpolation.upper())
+                image = image.resize(new_size, resample=resample)
 
-        # 1. Resize the shorter side to `resolution`, keeping the aspect ratio (torchvision's Resize(int)).
-        width, height = image.size
-        short, long = (width, height) if width <= height else (height, width)
-        if short != self.resolution:
-            new_long = int(self.resolution * long / short)
-            size = (self.resolution, new_long) if width <= height else (new_long, self.resolution)
-            resample = getattr(Image.Resampling, self.interpolation.upper())
-            image = image.resize(size, resample=resample)
-
-        # 2. Crop to a square: centred, or at a random offset (torchvision's CenterCrop / RandomCrop).
-        width, height = image.size
-        if width != self.resolution or height != self.resolution:
-            if self.center_crop:
-                # torchvision rounds the centred offset the same way
-                left = int(round((width - self.resolution) / 2.0))
-                top = int(round((height - self.resolution) / 2.0))
-            else:
-                # Offsets are drawn as fractions of the slack so that two images of different
-                # sizes given equal generators (image and its conditioning) crop the same region.
-                u, v = rng.random(2)
-                left = int(u * (width - self.resolution + 1))
-                top = int(v * (height - self.resolution + 1))
-            image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        elif not self.center_crop:
-            rng.random(2)  # keep the draw sequence the same whatever the image size
+            # 2. Crop to a square: centred, or at a random offset (torchvision's CenterCrop / RandomCrop).
+            width, height = image.size
+            left = top = 0
+            if width != self.resolution or height != self.resolution:
+                if self.center_crop:
+                    # torchvision rounds the centred offset the same way
+                    left = int(round((width - self.resolution) / 2.0))
+                    top = int(round((height - self.resolution) / 2.0))
+                else:
+                    # Offsets are drawn as fractions of the slack so that two images of different
+                    # sizes given equal generators (image and its conditioning) crop the same region.
+                    u, v = rng.random(2)
+                    left = int(u * (width - self.resolution + 1))
+                    top = int(v * (height - self.resolution + 1))
+                image = image.crop((left, top, left + self.resolution, top + self.resolution))
+            elif not self.center_crop:
+                rng.random(2)  # keep the draw sequence the same whatever the image size
 
         # 3. Horizontal flip with probability 1/2.
-        if self.random_flip and rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image, flipped = self._flip(image, rng)
+        if flipped:
+            left = width - left - crop_width  # the crop's left edge in the flipped resized image
+        return self._to_tensor(image), original_size, (top, left)
 
+    def _flip(self, image, rng):
+        """`(image, flipped)`: the image mirrored with probability 1/2 under `--random_flip`."""
+        from PIL import Image
+
+        if self.random_flip and rng.random() < 0.5:
+            return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), True
+        return image, False
+
+    def _cover_and_center_crop(self, image, size):
+        """Resize (keeping the aspect ratio) to the smallest size covering `size` = (width, height),
+        then crop its centre: the bucket transform of kohya's sd-scripts and SimpleTuner. Returns the
+        crop, its (top, left) in the resized image and the resized width."""
+        from PIL import Image
+
+        target_w, target_h = size
+        width, height = image.size
+        scale = max(target_w / width, target_h / height)
+        new = (max(target_w, int(round(width * scale))), max(target_h, int(round(height * scale))))
+        if new != (width, height):
+            image = image.resize(new, resample=getattr(Image.Resampling, self.interpolation.upper()))
+        left = int(round((new[0] - target_w) / 2.0))
+        top = int(round((new[1] - target_h) / 2.0))
+        return image.crop((left, top, left + target_w, top + target_h)), (top, left), new[0]
+
+    def _to_tensor(self, image) -> torch.Tensor:
         # 4. To a float tensor (C, H, W) in [0, 1], then [-1, 1] (ToTensor + Normalize([0.5], [0.5])).
         array = np.asarray(image, dtype=np.uint8)
         if array.ndim == 2:

@@ -9,6 +9,8 @@ merged back into one model.
 - ``search``: the merge-weight search (grid or coordinate) on any metric.
 - ``merging``: the whole merge of ``train_scripts/merge_deme.py`` (merged pipeline, search table, card).
 - ``ensemble``: the un-merged ensemble, a pipeline whose denoiser is a ``TimestepRouter`` over the fine-tunes.
+- ``lora_merge``: LoRA fine-tunes merged as one LoRA of rank N*r (equal to the dense merge, no dense weight).
+- ``lora_ensemble``: the ensemble of LoRA fine-tunes, their adapters switched by timestep on one base denoiser.
 - ``card``: the model card of a merged or ensemble folder (``model_cards/deme_template.md``).
 - ``benchmark``: what ``train_scripts/benchmark_deme.py`` adds to ``analysis.benchmark``: the disjoint
   search / evaluation references of the merge-weight search.

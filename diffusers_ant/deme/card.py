@@ -119,7 +119,8 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
                           finetunes: Sequence, num_timesteps: int | None, weights: Sequence[float] | None = None,
                           merge_method: str = "task_arithmetic", merge_options: Mapping | None = None,
                           search: Any = None, scores: Mapping | None = None, ensemble: bool = False,
-                          projection: bool = False, repo_id: str | None = None, license: str = "apache-2.0") -> Path:
+                          projection: bool = False, repo_id: str | None = None, license: str = "apache-2.0",
+                          lora_rank: int | None = None, lora_ensemble: bool = False) -> Path:
     """Write ``output_dir/README.md`` for a merged (``ensemble=False``) or ensemble DeMe folder; return its path.
 
     Args:
@@ -135,6 +136,10 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
             ``dataset_name`` / ``num_fake`` / ``feature_extractor`` describing them.
         ensemble: an ensemble folder (``TimestepRouter`` over the fine-tunes) instead of a merge.
         projection: whether the model carries channel projections.
+        lora_rank: the rank of the merged LoRA when LoRA fine-tunes were merged as one LoRA
+            (``lora_merge.py``); None for a merged pipeline.
+        lora_ensemble: an ensemble of LoRA fine-tunes, switched by timestep on one base denoiser
+            (``lora_ensemble.py``) rather than routed between denoisers.
     """
     from diffusers.utils.hub_utils import populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
@@ -154,11 +159,19 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
                    "fine-tunes of the base (DeMe's ensemble before merging, through diffusers_ant's TimestepRouter).")
         method_line = "no merge: each timestep's interval decides which fine-tune denoises it (intervals no fine-tune covers go to the base)"
         weight_header = "denoises"
+        if lora_ensemble:
+            summary = (f"A 🧨 diffusers pipeline whose one denoiser carries {n} per-interval LoRA fine-tunes of the base "
+                       "as named adapters; each sampling step activates the LoRA of its timestep's interval "
+                       "(DeMe's ensemble before merging, without model copies).")
     else:
         summary = (f"A 🧨 diffusers model merged from {n} per-interval fine-tunes of one base with diffusers_ant "
                    "(DeMe, Decouple-Then-Merge): one model, the cost of one model at inference.")
         options = {k: v for k, v in (merge_options or {}).items() if v is not None}
         method_line = _METHOD_TEXT.get(merge_method, merge_method)
+        if lora_rank is not None:
+            summary = (f"A LoRA of rank {lora_rank} merged from {n} per-interval LoRA fine-tunes of one base with "
+                       "diffusers_ant (DeMe, Decouple-Then-Merge): B = [w_1 s_1 B_1 ... w_N s_N B_N], A = [A_1; ...; A_N], "
+                       "exactly the task-arithmetic merge of the LoRAs, loaded on the base like any LoRA.")
         if options:
             method_line += " (" + ", ".join(f"{k} {_fmt(v)}" for k, v in options.items()) + ")"
         if search is not None:
@@ -172,7 +185,8 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
     for index, finetune in enumerate(finetunes):
         interval_rows.append({
             "index": index, "start": finetune.bounds[0], "end": finetune.bounds[1],
-            "source": f"`{finetune.name}`" + (" (LoRA, folded in)" if finetune.lora else ""),
+            "source": f"`{finetune.name}`" + ((" (LoRA)" if lora_rank is not None else " (LoRA, folded in)")
+                                              if finetune.lora else ""),
             "weight": "its interval's steps" if ensemble else (_fmt(float(weights[index])) if weights is not None else ""),
         })
 
@@ -206,6 +220,10 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
     if ensemble:
         load_warning = ("Load this folder with `diffusers_ant.models.load_pipeline`: its denoiser is a TimestepRouter over "
                         "the fine-tunes, which plain `DiffusionPipeline.from_pretrained` does not know (it loads the base).")
+        if lora_ensemble:
+            load_warning = ("Load this folder with `diffusers_ant.models.load_pipeline`: it loads the fine-tunes' LoRAs "
+                            "as adapters and switches them by timestep; plain `DiffusionPipeline.from_pretrained` loads "
+                            "the base only.")
     elif projection:
         load_warning = ("Load this model with `diffusers_ant.models.load_pipeline`: it carries DeMe's channel projections "
                         "(`channel_projection.safetensors`), which plain `DiffusionPipeline.from_pretrained` drops "
@@ -215,7 +233,10 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
              f"pipe = load_pipeline({ref!r})"
              + ("  # the base pipeline with a TimestepRouter as its denoiser" if ensemble else "")
              + ("  # re-attaches the channel projections" if projection and not ensemble else ""))
-    if not ensemble and not projection:
+    if lora_rank is not None and not projection:
+        usage += ("  # the base named in ant_lora.json, with this LoRA"
+                  "\n# or plain diffusers: pipe = DiffusionPipeline.from_pretrained(BASE); pipe.load_lora_weights(...)")
+    elif not ensemble and not projection:
         usage += "\n# plain diffusers works too: DiffusionPipeline.from_pretrained(...)"
 
     hub_base = base_model if is_hub_id(base_model) else None

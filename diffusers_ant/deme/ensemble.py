@@ -15,6 +15,10 @@ by the router; ``train_scripts/evaluate_model.py`` scores it like any pipeline.
 
 ControlNet is refused: diffusers' ControlNet pipeline type-checks its ``controlnet`` as a
 ``ControlNetModel``, which a router is not.
+
+LoRA fine-tunes make another kind of ensemble folder (``write_lora_ensemble``, ``"kind": "lora"``):
+the members are their LoRA files, loaded as named adapters on the one base denoiser and switched by
+timestep (``lora_ensemble.py``), with no denoiser copy.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from .projection import (
     save_pipeline,
 )
 
-__all__ = ["ENSEMBLE_CONFIG_NAME", "attach_saved_ensemble", "ensemble_intervals", "write_ensemble"]
+__all__ = ["ENSEMBLE_CONFIG_NAME", "attach_saved_ensemble", "ensemble_intervals", "write_ensemble", "write_lora_ensemble"]
 
 ENSEMBLE_CONFIG_NAME = "deme_ensemble.json"
 MEMBERS_DIR = "members"
@@ -96,6 +100,32 @@ def write_ensemble(base_pipeline, finetunes, models, output_dir: str, num_timest
     return info
 
 
+def write_lora_ensemble(base_pipeline, finetunes, output_dir: str, num_timesteps: int) -> dict:
+    """Write the ensemble folder of LoRA fine-tunes (``lora_ensemble.py``): the base pipeline, each
+    fine-tune's LoRA files as a member (no denoiser copies), ``deme_ensemble.json`` with ``"kind": "lora"``."""
+    from .lora_ensemble import write_lora_members
+
+    component = denoiser_component(base_pipeline)
+    if component == "controlnet":
+        raise ValueError("--ensemble is not available for ControlNet (diffusers' ControlNet pipeline accepts only a "
+                         "ControlNetModel, not a router): merge the fine-tunes instead")
+    intervals, members = ensemble_intervals(finetunes, num_timesteps)
+    member_names = write_lora_members(finetunes, output_dir, MEMBERS_DIR)
+    save_pipeline(base_pipeline, output_dir, component)
+    info = {
+        "format": _FORMAT,
+        "version": 1,
+        "kind": "lora",  # members are LoRA folders switched by timestep on the one base denoiser
+        "component": component,
+        "intervals": intervals.to_dict(),
+        "members": [BASE_MEMBER if member is None else member_names[member] for member in members],
+        "sources": [finetune.path for finetune in finetunes],
+    }
+    with open(os.path.join(output_dir, ENSEMBLE_CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+    return info
+
+
 def read_ensemble_config(folder: str) -> dict | None:
     """``folder/deme_ensemble.json`` as a dict, or None when the folder is no ensemble."""
     return read_format_json(os.path.join(folder, ENSEMBLE_CONFIG_NAME), _FORMAT, "DeMe ensemble")
@@ -110,6 +140,10 @@ def attach_saved_ensemble(pipeline, folder: str):
     info = read_ensemble_config(folder)
     if info is None:
         return pipeline
+    if info.get("kind") == "lora":
+        from .lora_ensemble import attach_lora_ensemble
+
+        return attach_lora_ensemble(pipeline, folder, info)
     component = info["component"]
     base_model = getattr(pipeline, component)
     models = []

@@ -8,7 +8,9 @@ pipeline folder with its search table, records and model card. Also the ensemble
                     evaluation={"dataset_name": "mnist5k", "num_samples": 1000})
 
 The output folder holds the base pipeline with the merged denoiser (diffusers layout, safetensors;
-channel projections beside it, see ``projection.py``), ``deme_merge.json`` (base, fine-tunes,
+channel projections beside it, see ``projection.py``) or, when every fine-tune is a LoRA and the
+method is task arithmetic, one LoRA of rank N*r equal to that merge (``lora_merge.py``: a LoRA folder
+naming the base, loadable with ``load_lora_weights`` / ``load_pipeline``), ``deme_merge.json`` (base, fine-tunes,
 intervals, weights, method, scores), ``deme_search.{json,md}`` when searched, and ``README.md``.
 
 Weights are in the order of the fine-tunes' intervals, low to high t, whatever the order the folders
@@ -34,7 +36,7 @@ from .finetunes import (
 )
 from .merge import DEFAULT_DENSITY, merge_task_vectors
 from ..hub import portable_path
-from .projection import denoiser_component, has_channel_projection, save_pipeline
+from .projection import denoiser_component, has_channel_projection, read_projection_config, save_pipeline
 from .search import (
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_SEARCH_VALUES,
@@ -201,19 +203,32 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
     finetunes = read_finetunes(list(finetuned))
     if weights is not None:  # before loading any model: a wrong count is refused at once
         weights = _check_weights(weights, finetunes)
-    inputs = load_merge_inputs(base, finetunes)
+    lora_files = _lora_merge_files(base, finetunes, method, log)
     log(f"{len(finetunes)} fine-tunes of {base}, low to high t: "
         + ", ".join(f"{f.name} {list(f.bounds)}" for f in finetunes))
     merge_options = {"method": method, "density": density, "majority_sign_method": majority_sign_method, "seed": merge_seed}
-
-    def merged_state(w):
-        return merge_task_vectors(inputs.base_state, inputs.states, w, **merge_options)
-
-    denoiser = inputs.denoiser
-    pipeline = inputs.pipeline
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    needs_pipeline = evaluation is not None and score_fn is None
+    if lora_files is not None:
+        # all LoRA, task arithmetic: merged as one LoRA of rank N*r, no dense weight formed
+        from .lora_merge import LoraCandidates
+
+        candidates = LoraCandidates(base, lora_files) if needs_pipeline else None
+        pipeline = candidates.pipeline if candidates is not None else None
+        denoiser_class = _base_denoiser_class(base)
+        num_timesteps = _lora_num_timesteps(base, finetunes)
+        projection = any(read_projection_config(f.path) is not None for f in finetunes)
+        set_weights = candidates.set if candidates is not None else None
+    else:
+        inputs = load_merge_inputs(base, finetunes)
+        pipeline, denoiser_class = inputs.pipeline, type(inputs.denoiser).__name__
+        num_timesteps, projection = inputs.num_timesteps, inputs.projection
+
+        def set_weights(w):
+            inputs.denoiser.load_state_dict(merge_task_vectors(inputs.base_state, inputs.states, w, **merge_options))
+
     scorer = None
-    if evaluation is not None and score_fn is None:
+    if needs_pipeline:
         pipeline.to(device)
         scorer = _Scorer(pipeline, evaluation)
 
@@ -221,7 +236,7 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
     if search is not None:
         if score_fn is None:
             def score_fn(w):
-                denoiser.load_state_dict(merged_state(w))
+                set_weights(w)
                 return scorer()
 
         result = search_merge_weights(
@@ -236,11 +251,17 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
         if returns_base(weights):
             log(NO_FINETUNE_HELPED)  # said aloud: never to be read as a merge that worked
 
-    denoiser.load_state_dict(merged_state(weights))
+    if set_weights is not None:
+        set_weights(weights)
     if scores is None and scorer is not None:
         scores = scorer()
-    pipeline.to("cpu")
-    save_pipeline(pipeline, output_dir, inputs.component, base=base)
+    if lora_files is not None:
+        from .lora_merge import write_merged_lora
+
+        lora_info = write_merged_lora(lora_files, weights, output_dir, portable_path(base, output_dir))
+    else:
+        pipeline.to("cpu")
+        save_pipeline(pipeline, output_dir, inputs.component, base=base)
     if result is not None:
         write_search_table(result, output_dir)
     shown_options = {k: v for k, v in (("density", density if density is not None else DEFAULT_DENSITY.get(method)),
@@ -248,13 +269,16 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
                                        ("seed", merge_seed if method.startswith("dare") else None)) if v is not None}
     record = {  # paths relative to the output folder: nothing of this machine in a file that may be pushed
         "base_model": portable_path(base, output_dir),
-        "num_timesteps": inputs.num_timesteps,
+        "num_timesteps": num_timesteps,
         "finetunes": [{"path": portable_path(f.path, output_dir), "interval": list(f.bounds), "lora": f.lora}
                       for f in finetunes],
         "weights": list(weights),
         "merge_method": method,
         "merge_options": shown_options,
-        "channel_projection": inputs.projection,
+        # "lora": one LoRA of rank N*r (B = [w_i s_i B_i], A = [A_i]); "dense": the merged weights
+        "merged_as": "lora" if lora_files is not None else "dense",
+        **({"lora_rank": lora_info["rank"]} if lora_files is not None else {}),
+        "channel_projection": projection,
         "search": None if result is None else {"strategy": result.strategy, "metric": result.metric,
                                                "evaluations": len(result.rows), "table": "deme_search.json",
                                                "no_finetune_helped": returns_base(weights)},
@@ -263,11 +287,68 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
     with open(os.path.join(output_dir, MERGE_RECORD_NAME), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2, default=str)
     write_deme_model_card(output_dir, base_model=base, model_type=finetunes[0].model_type,
-                          denoiser_class=type(denoiser).__name__, finetunes=finetunes, num_timesteps=inputs.num_timesteps,
+                          denoiser_class=denoiser_class, finetunes=finetunes, num_timesteps=num_timesteps,
                           weights=weights, merge_method=method, merge_options=shown_options, search=result,
-                          scores=scores, projection=inputs.projection)
-    log(f"wrote the merged pipeline to {output_dir}")
+                          scores=scores, projection=projection,
+                          lora_rank=lora_info["rank"] if lora_files is not None else None)
+    log(f"wrote the merged {'LoRA' if lora_files is not None else 'pipeline'} to {output_dir}")
     return record
+
+
+def _lora_merge_files(base: str, finetunes, method: str, log):
+    """The fine-tunes' ``LoraFile``s when they merge as one LoRA (all LoRA folders, task arithmetic,
+    plain linear A / B pairs), checked against ``base``; else None (the dense path: TIES / DARE are
+    not linear in B A, and a full fine-tune has no B A)."""
+    if not finetunes or not all(f.lora for f in finetunes):
+        return None
+    from .lora_merge import check_lora_fits_base, lora_merge_blocker, read_lora_file
+
+    check_same_base(finetunes, base)
+    if not os.path.isdir(base):
+        raise ValueError(f"--base {base!r}: no such folder (give the pretrained pipeline folder the fine-tunes started from)")
+    try:
+        files = [read_lora_file(f.path) for f in finetunes]
+    except ValueError as err:  # DoRA, LoRA biases, trained layers beside the LoRA: folded in densely
+        log(f"merging densely: {err}")
+        return None
+    check_lora_fits_base(files, base)  # a LoRA of another model type: one line, before anything is loaded
+    if method != "task_arithmetic":
+        log(f"{method} prunes and elects signs entry by entry of the dense task vectors: the LoRAs are folded into "
+            "dense weights and the result is a full pipeline")
+        return None
+    blocker = lora_merge_blocker(files)
+    if blocker is not None:
+        log(f"merging densely: {blocker}")
+        return None
+    return files
+
+
+def _base_denoiser_class(base: str) -> str:
+    """The class name of the base pipeline's denoiser, from its ``model_index.json`` (no weight read)."""
+    index = {}
+    if os.path.isfile(os.path.join(base, "model_index.json")):
+        with open(os.path.join(base, "model_index.json"), encoding="utf-8") as f:
+            index = json.load(f)
+    for name in ("controlnet", "transformer", "unet"):
+        if isinstance(index.get(name), list):
+            return index[name][1]
+    return "denoiser"
+
+
+def _lora_num_timesteps(base: str, finetunes) -> int | None:
+    """T of the base's scheduler (its config file), checked against the fine-tunes' intervals."""
+    path = os.path.join(base, "scheduler", "scheduler_config.json")
+    num_timesteps = None
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            num_timesteps = json.load(f).get("num_train_timesteps")
+    for finetune in finetunes:
+        if num_timesteps is not None and finetune.num_timesteps not in (None, num_timesteps):
+            raise ValueError(f"fine-tune {finetune.path!r} has intervals over {finetune.num_timesteps} timesteps, the base's "
+                             f"scheduler {num_timesteps}: merge fine-tunes of this base")
+        if num_timesteps is not None and finetune.bounds[1] >= num_timesteps:
+            raise ValueError(f"fine-tune {finetune.path!r} ends at timestep {finetune.bounds[1]}, beyond the base's {num_timesteps}")
+    return num_timesteps if num_timesteps is not None else finetunes[0].num_timesteps
 
 
 def write_ensemble_folder(base: str, finetuned, output_dir: str, *, evaluation: dict | None = None, device=None,
@@ -281,8 +362,20 @@ def write_ensemble_folder(base: str, finetuned, output_dir: str, *, evaluation: 
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise ValueError(f"--output_dir {output_dir!r} is not empty: give a new folder")
     evaluation = _evaluation_options(evaluation) if evaluation is not None else None
-    inputs = load_merge_inputs(base, finetuned, merge=False)
-    info = write_ensemble(inputs.pipeline, inputs.finetunes, inputs.models, output_dir, inputs.num_timesteps)
+    finetunes = read_finetunes(list(finetuned))
+    lora_files = _lora_merge_files(base, finetunes, "task_arithmetic", log)
+    if lora_files is not None:
+        # LoRA fine-tunes: one base denoiser, the interval LoRAs switched by timestep (lora_ensemble.py)
+        from .ensemble import write_lora_ensemble
+
+        pipeline = load_base_pipeline(base)
+        num_timesteps = _lora_num_timesteps(base, finetunes) or int(pipeline.scheduler.config.num_train_timesteps)
+        info = write_lora_ensemble(pipeline, finetunes, output_dir, num_timesteps)
+        inputs = MergeInputs(base, pipeline, denoiser_component(pipeline), finetunes, [], {}, [], num_timesteps,
+                             any(read_projection_config(f.path) is not None for f in finetunes))
+    else:
+        inputs = load_merge_inputs(base, finetunes, merge=False)
+        info = write_ensemble(inputs.pipeline, inputs.finetunes, inputs.models, output_dir, inputs.num_timesteps)
     scores = None
     if evaluation is not None:
         pipeline = load_pipeline(output_dir)
@@ -297,6 +390,7 @@ def write_ensemble_folder(base: str, finetuned, output_dir: str, *, evaluation: 
         json.dump(record, f, indent=2, default=str)
     write_deme_model_card(output_dir, base_model=base, model_type=inputs.finetunes[0].model_type,
                           denoiser_class=type(inputs.denoiser).__name__, finetunes=inputs.finetunes,
-                          num_timesteps=inputs.num_timesteps, scores=scores, ensemble=True, projection=inputs.projection)
+                          num_timesteps=inputs.num_timesteps, scores=scores, ensemble=True, projection=inputs.projection,
+                          lora_ensemble=lora_files is not None)
     log(f"wrote the ensemble pipeline to {output_dir}")
     return record

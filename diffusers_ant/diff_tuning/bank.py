@@ -249,6 +249,8 @@ def model_type_of_pipeline(pipeline) -> str:
     ``diffusers_ant.analysis.common.infer_model_type`` reads them from ``model_index.json``)."""
     if getattr(pipeline, "controlnet", None) is not None:
         return "controlnet"
+    if getattr(pipeline, "text_encoder_2", None) is not None and getattr(pipeline, "unet", None) is not None:
+        return "sdxl"
     if getattr(pipeline, "text_encoder", None) is not None:
         return "sd"
     if getattr(pipeline, "transformer", None) is not None:
@@ -271,8 +273,10 @@ def adapter_for_pipeline(pipeline, model_type: str):
         "sample_size": spatial.config.sample_size,
         "model_from_pretrained": True,
     }
-    if model_type in ("sd", "controlnet"):
+    if model_type in ("sd", "sdxl", "controlnet"):
         parts.update(text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer)
+    if model_type == "sdxl":
+        parts.update(text_encoder_2=pipeline.text_encoder_2, tokenizer_2=pipeline.tokenizer_2)
     if model_type == "controlnet":
         parts["unet"] = pipeline.unet
     if model_type == "dit":

@@ -11,7 +11,9 @@
 
 Model types (``MODEL_TYPES``): ``unet`` (UNet2DModel, unconditional or class-conditional),
 ``dit`` (DiTTransformer2DModel, pixel or latent), ``sd`` (UNet2DConditionModel + frozen CLIP text
-encoder and VAE), ``controlnet`` (ControlNetModel beside a frozen SD UNet). See ``base.ModelAdapter``
+encoder and VAE), ``controlnet`` (ControlNetModel beside a frozen SD UNet), ``sdxl`` (SDXL's
+UNet2DConditionModel with two CLIP text encoders and its size / crop micro-conditioning), ``flux``
+(FluxTransformer2DModel with CLIP + T5 and packed latents, flow matching). See ``base.ModelAdapter``
 for the interface and each module for its type's details.
 """
 
@@ -21,10 +23,12 @@ import os
 from .base import CONTROLNET_INFO_NAME, LORA_INFO_NAME, ModelAdapter, resolve_recorded_base
 from .controlnet import ControlNetAdapter, controlnet_output_base
 from .dit import DiTAdapter
+from .flux import FluxAdapter
 from .pipelines import ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline
 from .presets import PRESETS, tiny_clip_tokenizer
 from .sd import StableDiffusionAdapter
 from .sd3 import SD3Adapter
+from .sdxl import StableDiffusionXLAdapter
 from .unet import UNetAdapter
 
 MODEL_TYPES = {
@@ -32,6 +36,8 @@ MODEL_TYPES = {
     "dit": DiTAdapter,
     "sd": StableDiffusionAdapter,
     "controlnet": ControlNetAdapter,
+    "sdxl": StableDiffusionXLAdapter,
+    "flux": FluxAdapter,
     "sd3": SD3Adapter,
 }
 
@@ -78,6 +84,12 @@ def load_pipeline(folder: str, torch_dtype=None):
         with open(lora_info, encoding="utf-8") as f:
             info = json.load(f)
         pipeline = load_pipeline(resolve_recorded_base(folder, info["base_model"]), torch_dtype=torch_dtype)
+        if info.get("vae"):  # trained with --pretrained_vae_model_name_or_path: sample with that VAE too
+            from diffusers import AutoencoderKL
+
+            vae = resolve_recorded_base(folder, info["vae"])
+            subfolder = "vae" if os.path.isdir(os.path.join(vae, "vae")) else None
+            pipeline.vae = AutoencoderKL.from_pretrained(vae, subfolder=subfolder, torch_dtype=torch_dtype)
         return attach_saved_deme(get_model_adapter(info["model_type"]).load_lora(pipeline, folder), folder)
     controlnet_base = controlnet_output_base(folder)
     if controlnet_base is not None:
@@ -112,10 +124,12 @@ __all__ = [
     "ClassConditionalUNetPipeline",
     "ControlNetAdapter",
     "DiTAdapter",
+    "FluxAdapter",
     "ModelAdapter",
     "PixelDiTPipeline",
     "SD3Adapter",
     "StableDiffusionAdapter",
+    "StableDiffusionXLAdapter",
     "UNetAdapter",
     "UnconditionalUNetPipeline",
     "get_model_adapter",

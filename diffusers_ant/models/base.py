@@ -70,8 +70,13 @@ class PretrainedSource:
     says it is; every loading error becomes one short ``ValueError``.
     """
 
-    def __init__(self, path, revision=None, variant=None, cache_dir=None):
+    # Subfolders of the trained denoiser (or the frozen UNet a ControlNet runs beside): what a
+    # ``quantization_config`` (``--quantize_base``) applies to, as in diffusers' LoRA scripts.
+    QUANTIZED_SUBFOLDERS = ("unet", "transformer")
+
+    def __init__(self, path, revision=None, variant=None, cache_dir=None, quantization_config=None):
         self.path = path
+        self.quantization_config = quantization_config
         self.revision = revision
         self.variant = variant
         self.cache_dir = cache_dir
@@ -115,6 +120,8 @@ class PretrainedSource:
             hub["variant"] = self.variant
         if subfolder is not None:
             hub["subfolder"] = subfolder
+        if self.quantization_config is not None and subfolder in self.QUANTIZED_SUBFOLDERS:
+            hub["quantization_config"] = self.quantization_config  # models/quantization.py
         try:
             return component_cls.from_pretrained(self.path, **hub, **kwargs)
         except (OSError, ValueError) as err:
@@ -195,6 +202,8 @@ class ModelAdapter:
     # type's latent pipeline samples flow matching (SD3-style families do; SD 1.x / 2.x do not).
     default_noise_scheduler = "ddpm"
     latent_flow_matching = False
+    # `--pretrained_vae_model_name_or_path`, when the VAE was replaced (recorded in a LoRA output)
+    pretrained_vae_model_name_or_path = None
     # module-name suffixes given LoRA by default; filtered to those the model has
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -244,6 +253,8 @@ class ModelAdapter:
         num_channels=None,
         noise_scheduler=None,
         flow_shift=None,
+        pretrained_vae_model_name_or_path=None,
+        quantization_config=None,
     ):
         """Build the adapter from a pretrained folder / Hub id, from a preset or config JSON, or both.
 
@@ -266,14 +277,22 @@ class ModelAdapter:
                 without a VAE), whose pipelines sample it; a pretrained folder of the other family keeps
                 its weights and trains with a fresh scheduler of this kind.
             flow_shift: the ``shift`` of a flow-matching scheduler (overrides the pretrained folder's).
+            pretrained_vae_model_name_or_path: a VAE (folder or Hub id of an ``AutoencoderKL``) in place of
+                the pipeline's, as diffusers' SDXL scripts take it (the fp16-fixed SDXL VAE).
+            quantization_config: a diffusers ``BitsAndBytesConfig`` for the pretrained denoiser's weights
+                (``--quantize_base``, ``models/quantization.py``); the frozen base of a LoRA run only.
         """
         if pretrained_model_name_or_path is None and model_config_name_or_path is None:
             raise ValueError(
                 "nothing to load: give pretrained_model_name_or_path or model_config_name_or_path (e.g. 'tiny')"
             )
         source = None
+        if quantization_config is not None and (pretrained_model_name_or_path is None or model_config_name_or_path):
+            raise ValueError("--quantize_base quantizes a pretrained denoiser: give --pretrained_model_name_or_path "
+                             "without --model_config_name_or_path")
         if pretrained_model_name_or_path is not None:
-            source = PretrainedSource(pretrained_model_name_or_path, revision, variant, cache_dir)
+            source = PretrainedSource(pretrained_model_name_or_path, revision, variant, cache_dir,
+                                      quantization_config=quantization_config)
         preset = None
         if model_config_name_or_path is not None:
             preset = resolve_model_config(cls.model_type, model_config_name_or_path)
@@ -285,6 +304,9 @@ class ModelAdapter:
             num_channels=num_channels,
             controlnet_model_name_or_path=controlnet_model_name_or_path,
         )
+        if pretrained_vae_model_name_or_path is not None:
+            parts["vae"] = cls._replacement_vae(parts.get("vae"), pretrained_vae_model_name_or_path,
+                                                revision, variant, cache_dir)
         latent = parts.get("vae") is not None
         scheduler = None
         if source is not None and source.has("scheduler"):
@@ -311,7 +333,11 @@ class ModelAdapter:
             scheduler = _copy_scheduler(scheduler, prediction_type=prediction_type)
         if source is not None and source.is_local:
             pretrained_model_name_or_path = os.path.abspath(pretrained_model_name_or_path)
-        return cls(noise_scheduler=scheduler, pretrained_model_name_or_path=pretrained_model_name_or_path, **parts)
+        adapter = cls(noise_scheduler=scheduler, pretrained_model_name_or_path=pretrained_model_name_or_path, **parts)
+        if pretrained_vae_model_name_or_path is not None:  # a LoRA output names it beside its base (see `save`)
+            vae_path = pretrained_vae_model_name_or_path
+            adapter.pretrained_vae_model_name_or_path = os.path.abspath(vae_path) if os.path.isdir(vae_path) else vae_path
+        return adapter
 
     @classmethod
     def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):
@@ -329,6 +355,29 @@ class ModelAdapter:
             channels = num_channels or 3
             return AutoencoderKL(in_channels=channels, out_channels=channels, sample_size=resolution or 16, **preset["vae"])
         return None
+
+    @classmethod
+    def _replacement_vae(cls, vae, path, revision=None, variant=None, cache_dir=None):
+        """``--pretrained_vae_model_name_or_path``: the VAE at ``path`` (a folder with the VAE's
+        config.json, or a Hub id), which must encode to the latents of the one it replaces."""
+        from diffusers import AutoencoderKL
+
+        if vae is None:
+            raise ValueError(f"--pretrained_vae_model_name_or_path replaces a latent model's VAE: --model_type "
+                             f"{cls.model_type} here has none, drop the flag")
+        # as diffusers' SDXL scripts: the VAE's own folder / repo (no subfolder), with the run's revision and
+        # variant; a local pipeline folder is taken too, through its vae/
+        subfolder = "vae" if os.path.isdir(os.path.join(path, "vae")) else None
+        try:
+            replacement = AutoencoderKL.from_pretrained(path, subfolder=subfolder, revision=revision, variant=variant,
+                                                        cache_dir=cache_dir)
+        except (OSError, ValueError) as err:
+            raise _not_found(path, err) from err
+        if (replacement.config.latent_channels != vae.config.latent_channels
+                or cls.vae_scale_factor(replacement) != cls.vae_scale_factor(vae)):
+            raise ValueError(f"the VAE {path!r} ({replacement.config.latent_channels} latent channels) does not fit "
+                             f"this model ({vae.config.latent_channels}): give the VAE of this model family")
+        return replacement
 
     @staticmethod
     def _load_text_parts(source, preset):
@@ -396,7 +445,10 @@ class ModelAdapter:
         size of a gradient-accumulation window); the latents of the whole batch are then sampled in
         one draw. ``training`` turns on training-only randomness (label dropout).
         """
-        pixels = self.encode_pixels(batch["pixel_values"], generator=generator, chunk_size=chunk_size)
+        if "latent_moments" in batch:  # --cache_latents: the VAE posterior was computed once, before training
+            pixels = self.latents_from_moments(batch["latent_moments"], generator=generator)
+        else:
+            pixels = self.encode_pixels(batch["pixel_values"], generator=generator, chunk_size=chunk_size)
         return pixels, self.conditioning(batch, generator=generator, training=training)
 
     @torch.no_grad()
@@ -404,14 +456,30 @@ class ModelAdapter:
         """Pixels in [-1, 1] -> the model's input space (identity in pixel space).
 
         Latents are ``mean + std * noise`` of the VAE's posterior (``latent_dist.sample()``), with the
-        noise drawn from ``generator`` (on its device) for the whole batch at once."""
+        noise drawn from ``generator`` (on its device) for the whole batch at once. The two halves are
+        :meth:`encode_moments` (the VAE encoder, what ``--cache_latents`` caches) and
+        :meth:`latents_from_moments` (the draw, every step): a type that encodes its own way overrides both."""
         if self.vae is None:
             return pixel_values.float()
+        return self.latents_from_moments(self.encode_moments(pixel_values, chunk_size=chunk_size), generator=generator)
+
+    @torch.no_grad()
+    def encode_moments(self, pixel_values: torch.Tensor, chunk_size=None) -> torch.Tensor:
+        """The VAE posterior's parameters (mean and log-variance stacked on the channel axis, diffusers'
+        ``DiagonalGaussianDistribution.parameters``), in the VAE's dtype: deterministic, so cacheable
+        (diffusers' SD3 / Flux DreamBooth scripts cache ``latent_dist`` the same way)."""
         pixels = pixel_values.to(self.vae.device, self.vae.dtype)
         pieces = [pixels] if chunk_size is None else torch.split(pixels, chunk_size)
-        dists = [self.vae.encode(piece).latent_dist for piece in pieces]
-        mean = torch.cat([d.mean for d in dists]).float()
-        std = torch.cat([d.std for d in dists]).float()
+        return torch.cat([self.vae.encode(piece).latent_dist.parameters for piece in pieces])
+
+    @torch.no_grad()
+    def latents_from_moments(self, moments: torch.Tensor, generator=None) -> torch.Tensor:
+        """A latent sample ``mean + std * noise`` of the posterior ``moments`` (:meth:`encode_moments`),
+        shifted and scaled as the VAE's config says; float32."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        dist = DiagonalGaussianDistribution(moments.to(self.vae.device))
+        mean, std = dist.mean.float(), dist.std.float()
         draw_device = generator.device if generator is not None else mean.device
         noise = torch.randn(mean.shape, generator=generator, device=draw_device, dtype=torch.float32).to(mean.device)
         latents = mean + std * noise
@@ -420,9 +488,89 @@ class ModelAdapter:
             latents = latents - shift
         return latents * self.vae.config.scaling_factor
 
+    def data_options(self) -> dict:
+        """Keyword arguments of ``diffusers_ant.data.make_train_dataloader`` that this model type needs:
+        its tokenizer (a dict of them for several text encoders) and whatever else its batches must carry
+        (SDXL: each image's original size and crop, ``crop_coords=True``)."""
+        return {"tokenizer": self.tokenizer}
+
     def conditioning(self, batch: dict, generator=None, training: bool = False) -> dict:
-        """The type's conditioning inputs from the batch (class labels, text embeddings, control image)."""
+        """The type's conditioning inputs from the batch (class labels, text embeddings, control image).
+
+        Text-conditioned types take their text part from :meth:`text_conditioning`, so that cached
+        embeddings (``--cache_text_embeddings``) replace the text encoders without another change."""
         return {}
+
+    # ------------------------------------------------------------------ caching (training.caching)
+
+    # The entries of a cached batch that hold text conditioning: ``cached_text/<key>``.
+    CACHED_TEXT_PREFIX = "cached_text/"
+
+    def text_conditioning(self, batch: dict) -> dict:
+        """The conditioning entries that the captions alone decide: the cached ones the batch carries
+        (``cached_text/<key>``, see ``training.caching``), else :meth:`encode_text` of the batch."""
+        prefix = self.CACHED_TEXT_PREFIX
+        cached = {key[len(prefix):]: value for key, value in batch.items() if key.startswith(prefix)}
+        return cached if cached else self.encode_text(batch)
+
+    def encode_text(self, batch: dict) -> dict:
+        """The text encoders' outputs for the batch's captions (``input_ids`` or ``captions``), as a dict
+        of tensors batched on dim 0 (float32). Types with text encoders implement it; it is what
+        ``--cache_text_embeddings`` stores, one entry per distinct caption."""
+        raise NotImplementedError
+
+    @property
+    def supports_text_caching(self) -> bool:
+        """Whether this type implements :meth:`encode_text` (``--cache_text_embeddings`` needs it)."""
+        return type(self).encode_text is not ModelAdapter.encode_text
+
+    @property
+    def supports_latent_caching(self) -> bool:
+        """Whether ``--cache_latents`` can cache this type's VAE encoding: a latent model whose pixel
+        encoding is :meth:`encode_moments` then :meth:`latents_from_moments` (the base's, or overridden together)."""
+        cls = type(self)
+        return self.vae is not None and (cls.encode_pixels is ModelAdapter.encode_pixels
+                                         or cls.latents_from_moments is not ModelAdapter.latents_from_moments)
+
+    TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+    def free_text_encoders(self) -> dict:
+        """Drop the text encoders (``text_encoder``, ``_2``, ``_3``: set to None) once their outputs are
+        cached; returns the dropped modules by name (the caller lets them go, or stashes their weights)."""
+        freed = {}
+        for name in self.TEXT_ENCODER_NAMES:
+            module = getattr(self, name, None)
+            if module is not None:
+                freed[name] = module
+                setattr(self, name, None)
+        return freed
+
+    VAE_ENCODER_PARTS = ("encoder", "quant_conv")
+
+    def free_vae_encoder(self) -> dict:
+        """Drop the VAE's encoder half (``encoder`` and ``quant_conv``) once the latents are cached; the
+        decoder stays for validation. Returns the dropped modules by name."""
+        freed = {}
+        for name in self.VAE_ENCODER_PARTS:
+            module = getattr(self.vae, name, None)
+            if module is not None:
+                freed[name] = module
+                setattr(self.vae, name, None)
+        return freed
+
+    def validation_prompt_kwargs(self, pipeline, prompts, guidance_scale=None) -> dict:
+        """The pipeline's keyword arguments that replace ``prompt=prompts`` (``prompt_embeds`` ...):
+        validation prompts are encoded with them before ``--cache_text_embeddings`` frees the text
+        encoders, and :meth:`sample` takes the dict as ``prompts``. Text-conditioned types implement it."""
+        raise NotImplementedError(f"--model_type {self.model_type} cannot sample from encoded prompts: "
+                                  "drop --cache_text_embeddings")
+
+    @property
+    def pixel_multiple(self) -> int:
+        """What image sides must be a multiple of (aspect-ratio buckets): the VAE factor times the
+        denoiser's patch size. Types that pack latents (Flux's 2 x 2) override it."""
+        patch = getattr(getattr(self.model, "config", None), "patch_size", None) or 1
+        return self.vae_scale_factor(self.vae) * int(patch)
 
     def set_data_classes(self, class_names=None, class_map=None) -> None:
         """Tell the adapter the data set's class names (class-id order) and the user's ``--class_map``
@@ -631,6 +779,9 @@ class ModelAdapter:
             "target_modules": sorted(self.lora_config.target_modules),
             **self._lora_info_extra(),
         }
+        if self.pretrained_vae_model_name_or_path is not None:
+            # the VAE trained with (the fp16-fixed SDXL VAE): loaded in place of the base's by load_pipeline
+            info["vae"] = portable_path(self.pretrained_vae_model_name_or_path, output_dir)
         with open(os.path.join(output_dir, LORA_INFO_NAME), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)
 
@@ -706,6 +857,20 @@ def check_class_labels(labels: torch.Tensor, num_classes: int, what: str):
             f"class label {int(labels.max())} out of range for {what} with {num_classes} classes: "
             "load the model with num_classes set to the dataset's class count"
         )
+
+
+def batch_rows(batch: dict) -> int:
+    """Rows of a data batch: its pixels, or its cached latents (``--cache_latents``)."""
+    values = batch["pixel_values"] if "pixel_values" in batch else batch["latent_moments"]
+    return values.shape[0]
+
+
+def prompt_arguments(prompts, n: int) -> dict:
+    """The pipeline's prompt arguments for ``n`` images: ``prompt`` (a list cycled to ``n``), or the
+    encoded prompts (a dict from :meth:`ModelAdapter.validation_prompt_kwargs`, already ``n`` rows)."""
+    if isinstance(prompts, dict):
+        return dict(prompts)
+    return {"prompt": repeat_to(prompts if prompts is not None else "", n)}
 
 
 def repeat_to(values, n: int) -> list:

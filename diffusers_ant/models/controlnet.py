@@ -37,7 +37,7 @@ naming the Stable Diffusion base instead of copying it.
 import json
 import os
 
-from .base import BASE_MODEL_DIR, CONTROLNET_INFO_NAME, PretrainedSource, repeat_to, resolve_recorded_base
+from .base import BASE_MODEL_DIR, CONTROLNET_INFO_NAME, PretrainedSource, prompt_arguments, repeat_to, resolve_recorded_base
 from .lora import base_copy, has_lora
 from .sd import StableDiffusionAdapter
 
@@ -217,7 +217,7 @@ class ControlNetAdapter(StableDiffusionAdapter):
             conditioning_images = list(conditioning_images)
         kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
         return pipeline(
-            prompt=repeat_to(prompts if prompts is not None else "", num_images),
+            **prompt_arguments(prompts, num_images),
             image=repeat_to(conditioning_images, num_images),
             num_inference_steps=num_inference_steps,
             generator=generator,

@@ -289,8 +289,8 @@ class DiTAdapter(ModelAdapter):
     def conditioning(self, batch, generator=None, training=False):
         labels = batch.get("class_labels")
         if labels is None:
-            batch_size = batch["pixel_values"].shape[0]
-            labels = torch.full((batch_size,), self.null_class, dtype=torch.long, device=batch["pixel_values"].device)
+            rows = batch["pixel_values"] if "pixel_values" in batch else batch["latent_moments"]  # --cache_latents
+            labels = torch.full((rows.shape[0],), self.null_class, dtype=torch.long, device=rows.device)
         else:
             if self.class_rows is not None:
                 # the data set's class ids -> the label-table rows they train (the kept pretrained table)

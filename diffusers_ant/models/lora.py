@@ -12,6 +12,7 @@ peft's ``adapter_config.json``. Stable Diffusion LoRA is instead written by diff
 ``save_lora_weights`` so that ``StableDiffusionPipeline.load_lora_weights`` reads it (see sd.py).
 """
 
+import contextlib
 import copy
 import os
 
@@ -94,8 +95,39 @@ def load_peft_lora(module: torch.nn.Module, folder: str, adapter_name: str = "de
     attach_lora(module, config, adapter_name=adapter_name)
     state = load_file(weights, device=str(next(module.parameters()).device))
     result = set_peft_model_state_dict(module, state, adapter_name=adapter_name)
-    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    # this adapter's tensors only: a module may carry other adapters already (DeMe's LoRA ensemble)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and f".{adapter_name}." in k]
     if missing:
         raise ValueError(f"LoRA weights in {folder!r} do not fit this model: {len(missing)} LoRA tensors missing")
     module.requires_grad_(False)
     return module
+
+
+@contextlib.contextmanager
+def lora_disabled(*modules):
+    """Run the block with every LoRA layer of ``modules`` switched off: each layer returns its base
+    layer's output, exactly (``None`` entries are skipped).
+
+    The equivalent of peft's ``PeftModel.disable_adapter()`` context (and of diffusers'
+    ``disable_adapters()`` / ``enable_adapters()`` on models with ``add_adapter``) for any module
+    peft injected LoRA into: both end in ``BaseTunerLayer.enable_adapters``, which is what this calls.
+    Written here because the injected models (``UNet2DModel``, ``DiTTransformer2DModel``, a text
+    encoder) are no ``PeftModel`` and have no such context. ``enable_adapters`` also flips the LoRA
+    weights' ``requires_grad``; the flags are put back as they were, so an optimizer, DDP and the
+    per-task-gradient engine see the same trainable set after the block.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [layer for module in modules if module is not None for layer in module.modules()
+              if isinstance(layer, BaseTunerLayer)]
+    disabled = [layer.disable_adapters for layer in layers]
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    try:
+        for layer in layers:
+            layer.enable_adapters(False)
+        yield
+    finally:
+        for layer, was_disabled in zip(layers, disabled):
+            layer.enable_adapters(not was_disabled)
+        for param, flag in flags:
+            param.requires_grad_(flag)

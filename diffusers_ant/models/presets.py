@@ -59,6 +59,23 @@ TINY_UNET2D_CONDITION = {
     "norm_num_groups": 32,
 }
 
+# SDXL's UNet as diffusers' SDXL pipeline tests size it (tests/pipelines/stable_diffusion_xl,
+# get_dummy_components): the text_time added conditioning, linear projections, two transformer layers
+# in the second block. cross_attention_dim and projection_class_embeddings_input_dim follow from the two
+# text encoders at load time (models/sdxl.py).
+TINY_SDXL_UNET = {
+    "block_out_channels": [2, 4],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": [2, 4],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": [1, 2],
+    "norm_num_groups": 1,
+}
+
 PRESETS = {
     "unet": {
         # 0.16M parameters at 16x16, no attention: the fastest thing that still learns digits.
@@ -116,6 +133,16 @@ PRESETS = {
             "model": TINY_UNET2D_CONDITION,
             "vae": TINY_VAE,
             "text_encoder": TINY_TEXT_ENCODER,
+            "scheduler": LATENT_SCHEDULER,
+        },
+    },
+    "sdxl": {
+        # two CLIP text encoders of the same tiny config (the second with its projection head)
+        "tiny": {
+            "model": TINY_SDXL_UNET,
+            "vae": TINY_VAE,
+            "text_encoder": TINY_TEXT_ENCODER,
+            "text_encoder_2": TINY_TEXT_ENCODER,
             "scheduler": LATENT_SCHEDULER,
         },
     },
@@ -198,6 +225,40 @@ def tiny_text_encoder(tokenizer, config: dict):
         **config,
     )
     return CLIPTextModel(text_config)
+
+
+# ---------------------------------------------------------------------------------------- flux
+# FluxTransformer2DModel, its VAE and CLIP text encoder sized as diffusers' Flux pipeline tests size
+# them (tests/pipelines/flux/test_pipeline_flux.py, get_dummy_components), with a 2-block VAE (factor
+# 2, so packing and the VAE factor are both exercised) and a tiny T5 built from a config here (the
+# tests download hf-internal-testing/tiny-random-t5). `in_channels`, `joint_attention_dim` and
+# `pooled_projection_dim` are filled in from the VAE and the text encoders at load time.
+TINY_FLUX_TRANSFORMER = {
+    "patch_size": 1, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+    "num_attention_heads": 2, "axes_dims_rope": [4, 4, 8], "guidance_embeds": True,
+}
+TINY_FLUX_VAE = {
+    "block_out_channels": [4, 4],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "layers_per_block": 1, "latent_channels": 1, "norm_num_groups": 1,
+    "use_quant_conv": False, "use_post_quant_conv": False, "shift_factor": 0.0609, "scaling_factor": 1.5035,
+}
+TINY_T5_ENCODER = {"d_model": 32, "d_kv": 8, "d_ff": 37, "num_layers": 2, "num_heads": 4,
+                   "relative_attention_num_buckets": 8}
+# FLUX.1-dev's scheduler config (dynamic shift for the image's sequence length) and FLUX.1-schnell's (static, 1.0).
+FLUX_DEV_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
+                      "base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+FLUX_SCHNELL_SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}
+PRESETS["flux"] = {
+    # guidance-distilled with a dynamic shift, like FLUX.1-dev
+    "tiny": {"model": TINY_FLUX_TRANSFORMER, "vae": TINY_FLUX_VAE, "text_encoder": TINY_TEXT_ENCODER,
+             "text_encoder_2": TINY_T5_ENCODER, "scheduler": FLUX_DEV_SCHEDULER},
+    # no guidance embedding, static shift 1.0, like FLUX.1-schnell
+    "tiny-schnell": {"model": {**TINY_FLUX_TRANSFORMER, "guidance_embeds": False}, "vae": TINY_FLUX_VAE,
+                     "text_encoder": TINY_TEXT_ENCODER, "text_encoder_2": TINY_T5_ENCODER,
+                     "scheduler": FLUX_SCHNELL_SCHEDULER},
+}
 
 
 def tiny_t5_tokenizer():

@@ -10,7 +10,7 @@ and read back by the pipeline's own ``load_lora_weights``.
 
 import torch
 
-from .base import ModelAdapter, _copy_scheduler, repeat_to
+from .base import ModelAdapter, _copy_scheduler, batch_rows, prompt_arguments
 
 
 class StableDiffusionAdapter(ModelAdapter):
@@ -44,6 +44,10 @@ class StableDiffusionAdapter(ModelAdapter):
     @classmethod
     def _build_frozen(cls, source, preset, resolution, num_channels):
         """VAE, tokenizer and text encoder, shared with the ControlNet adapter."""
+        if source is not None and source.has("text_encoder_2"):
+            # an SDXL pipeline: its UNet needs the second encoder's pooled output and the time ids
+            raise ValueError(f"{source.path!r} is a Stable Diffusion XL pipeline (text_encoder_2): train it with "
+                             f"--model_type sdxl, not --model_type {cls.model_type}")
         vae = cls._load_vae(source, preset, num_channels, resolution)
         if vae is None:
             raise ValueError(f"pretrained pipeline {source.path!r} has no vae")
@@ -109,13 +113,32 @@ class StableDiffusionAdapter(ModelAdapter):
         batch.pop("input_ids", None)  # no captions -> the empty prompt (see `conditioning`)
         return batch
 
-    def conditioning(self, batch, generator=None, training=False):
+    def _input_ids(self, batch):
         input_ids = batch.get("input_ids")
         if input_ids is None:  # no captions: the empty prompt, i.e. unconditional training
-            input_ids = self.tokenize([""] * batch["pixel_values"].shape[0])
+            input_ids = self.tokenize([""] * batch_rows(batch))
+        return input_ids
+
+    def conditioning(self, batch, generator=None, training=False):
         if training and self.text_encoder_lora_config is not None:
-            return {"input_ids": input_ids}  # encoded in `predict`, where gradients reach the text encoder
-        return {"encoder_hidden_states": self.encode_prompt(input_ids)}
+            # encoded in `predict`, where gradients reach the text encoder
+            return {"input_ids": self._input_ids(batch)}
+        return self.text_conditioning(batch)
+
+    def encode_text(self, batch):
+        if "input_ids" not in batch and "captions" in batch:
+            return {"encoder_hidden_states": self.encode_prompt(self.tokenize(batch["captions"]))}
+        return {"encoder_hidden_states": self.encode_prompt(self._input_ids(batch))}
+
+    def validation_prompt_kwargs(self, pipeline, prompts, guidance_scale=None):
+        """``StableDiffusionPipeline.encode_prompt``: the prompts' and (with guidance) the empty
+        prompt's embeddings, as the pipeline itself would compute them."""
+        scale = guidance_scale if guidance_scale is not None else 7.5  # the pipeline's default
+        positive, negative = pipeline.encode_prompt(list(prompts), self.text_encoder.device, 1, scale > 1.0)
+        kwargs = {"prompt_embeds": positive}
+        if negative is not None:
+            kwargs["negative_prompt_embeds"] = negative
+        return kwargs
 
     def text_embeddings(self, conditioning) -> torch.Tensor:
         """The captions' embeddings: precomputed, or (a trained text encoder) computed here with gradients."""
@@ -149,7 +172,7 @@ class StableDiffusionAdapter(ModelAdapter):
     def _sample(self, pipeline, num_images, generator, num_inference_steps, prompts=None, guidance_scale=None, **unused):
         kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
         return pipeline(
-            prompt=repeat_to(prompts if prompts is not None else "", num_images),
+            **prompt_arguments(prompts, num_images),
             num_inference_steps=num_inference_steps,
             generator=generator,
             output_type="pil",

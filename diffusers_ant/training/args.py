@@ -42,7 +42,9 @@ DEMO_ARGS = [
     "--report_to", "tensorboard",
 ]
 
-MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "sd3")
+MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "sdxl", "flux", "sd3")
+# the model types whose AutoencoderKL --pretrained_vae_model_name_or_path may replace (diffusers' SDXL scripts)
+VAE_REPLACEABLE_TYPES = ("sd", "sdxl", "controlnet")
 CLUSTERING_OBJECTIVES = ("timestep", "snr", "gradient")
 TIMESTEP_SAMPLINGS = ("uniform", "stratified")
 # diffusers_ant.schedule's NOISE_SCHEDULERS and FLOW_WEIGHTING_SCHEMES, written out so that building the
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Train from scratch: a preset name (`tiny`, `small`) or a path to a model config JSON.")
     g.add_argument("--controlnet_model_name_or_path", default=None,
                    help="ControlNet weights to start from; by default the ControlNet is initialised from the UNet.")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="A VAE to use instead of the pipeline's (sd, sdxl), e.g. madebyollin/sdxl-vae-fp16-fix, the SDXL "
+                   "VAE that does not overflow in fp16 (as diffusers' SDXL scripts).")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None)
     g.add_argument("--cache_dir", default=None)
@@ -101,11 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "Diff-Tuning authors' code; the time-embedding MLP's weights stay frozen). Default: lora with "
                    "--rank, else full.")
     g.add_argument("--train_text_encoder", action="store_true",
-                   help="sd with --rank: train a LoRA adapter on the text encoder too (diffusers' DreamBooth LoRA).")
+                   help="sd / sdxl with --rank: train a LoRA adapter on the text encoder(s) too (diffusers' DreamBooth LoRA).")
     g.add_argument("--lora_layers", default=None,
                    help="With --rank: the modules given LoRA (peft target_modules), comma-separated module names, as "
                    "diffusers' SDXL / SD3 / Flux scripts (e.g. \"to_k,to_q,to_v,to_out.0\"); default: the model type's "
                    "own list (the targets of diffusers' LoRA script for that family).")
+    g.add_argument("--quantize_base", default=None, choices=["int8", "nf4"],
+                   help="With --rank: load the frozen pretrained denoiser in 8 bits (half of bf16) or 4-bit NF4 (a "
+                   "quarter) through diffusers' quantization_config and bitsandbytes (QLoRA; needs a CUDA GPU and "
+                   "pip install bitsandbytes). See docs/families/lora.md.")
 
     # ---- flow matching (one block: the scheduler family, SD3's --weighting_scheme and its parameters)
     g = p.add_argument_group("flow matching")
@@ -148,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Share of captions replaced by the empty prompt (sd, controlnet), so the model learns the "
                    "unconditional branch for classifier-free guidance (0 to 1).")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
+    # ---- caching and aspect-ratio buckets (issue 16; see training/caching.py, data/buckets.py)
+    g.add_argument("--cache_latents", action="store_true",
+                   help="Encode every training image with the VAE once before training (its posterior, on the CPU), "
+                   "then free the VAE encoder (the decoder stays for validation), as diffusers' SD3 / Flux scripts. "
+                   "Needs deterministic images: --center_crop (or --aspect_ratio_buckets), no --random_flip.")
+    g.add_argument("--cache_text_embeddings", action="store_true",
+                   help="Encode every distinct caption (and the empty prompt, and the validation prompts) once, then "
+                   "free the text encoders for the rest of the run. Not with --train_text_encoder.")
+    g.add_argument("--aspect_ratio_buckets", action="store_true",
+                   help="Train each image at its own aspect ratio: buckets of about --resolution^2 pixels (sides "
+                   "multiples of the VAE factor x patch size), nearest-ratio bucket, resized and centre-cropped; one "
+                   "bucket per batch. Latent models only.")
 
     g = p.add_argument_group("ANT: timestep clusters and multi-task weighting")
     g.add_argument("--num_clusters", type=int, default=5, help="k, the number of timestep intervals (1..T).")
@@ -292,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_image", nargs="+", default=None,
                    help="Conditioning image(s) for ControlNet validation, paired with --validation_prompt.")
     g.add_argument("--guidance_scale", type=float, default=None,
-                   help="Classifier-free guidance scale of the validation samples (default: the pipeline's).")
+                   help="Classifier-free guidance scale of the validation samples (default: the pipeline's). flux: the "
+                   "distilled guidance a guidance-distilled transformer (FLUX.1-dev) is trained and sampled with "
+                   "(default 1.0, the value diffusers' Flux README trains with; ignored by schnell).")
     g.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for validation samples.")
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
@@ -380,8 +403,12 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             args.precondition_outputs = 1  # the default of diffusers' train_dreambooth_lora_sd3.py
     if args.weighting_scheme is None:
         args.weighting_scheme = "none"
+    if args.model_type == "flux":  # Flux is a rectified-flow model: flow matching is its only (and default) schedule
+        if args.noise_scheduler == "ddpm":
+            raise UsageError("--model_type flux trains with flow matching: drop --noise_scheduler ddpm")
+        args.noise_scheduler = "flow_match"
     if args.noise_scheduler == "flow_match":
-        if args.model_type in ("sd", "controlnet"):
+        if args.model_type in ("sd", "sdxl", "controlnet"):
             raise UsageError(f"--noise_scheduler flow_match is for pixel-space models (unet, dit); {args.model_type} is latent")
         if args.prediction_type is not None:
             raise UsageError("--noise_scheduler flow_match trains the velocity (noise - x0): drop --prediction_type")
@@ -444,15 +471,17 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             raise UsageError("--convergence_steps must be >= 1 and --convergence_threshold > 0")
     _validate_diff_tuning(args)
     _validate_deme(args, given)
+    from .caching import validate_caching_args
+
+    validate_caching_args(args)  # --cache_latents, --cache_text_embeddings, --aspect_ratio_buckets
     if args.timestep_sampling is None:
         args.timestep_sampling = "stratified" if args.mtl_method != "none" else "uniform"
     if args.timestep_sampling not in TIMESTEP_SAMPLINGS:
         raise UsageError(f"unknown --timestep_sampling {args.timestep_sampling!r}; choose one of: {', '.join(TIMESTEP_SAMPLINGS)}")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise UsageError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
-    if args.proportion_empty_prompts and args.model_type not in ("sd", "controlnet", "sd3"):
-        raise UsageError("--proportion_empty_prompts drops captions: it applies to text-to-image models "
-                         "(--model_type sd and controlnet, sd3) only")
+    if args.proportion_empty_prompts and args.model_type not in ("sd", "sdxl", "sd3", "controlnet"):
+        raise UsageError("--proportion_empty_prompts drops captions: it applies to --model_type sdxl, sd3, sd and controlnet only")
     if args.validation_epochs is not None and args.validation_epochs < 1:
         raise UsageError("--validation_epochs must be at least 1")
     if args.validation_prompt and args.validation_image and len(args.validation_prompt) not in (1, len(args.validation_image)) \
@@ -469,6 +498,13 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    if args.quantize_base is not None:
+        from ..models.quantization import check_quantize_base
+
+        try:
+            check_quantize_base(args.quantize_base, args.rank)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     if args.enable_xformers_memory_efficient_attention:
         try:
             import xformers  # noqa: F401
@@ -483,11 +519,14 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError("--max_train_steps must be at least 1")
     if args.rank is not None and args.rank < 1:
         raise UsageError("--rank must be at least 1")
+    if args.train_text_encoder and (args.model_type not in ("sd", "sdxl") or args.rank is None):
+        raise UsageError("--train_text_encoder trains a LoRA on Stable Diffusion's text encoder(s): use it with "
+                         "--model_type sd or sdxl and --rank")
+    if args.pretrained_vae_model_name_or_path and args.model_type not in VAE_REPLACEABLE_TYPES:
+        raise UsageError(f"--pretrained_vae_model_name_or_path replaces the VAE of {', '.join(VAE_REPLACEABLE_TYPES)}; "
+                         f"--model_type {args.model_type} takes none: drop it")
     if args.lora_layers is not None and (args.rank is None or not [x for x in args.lora_layers.split(",") if x.strip()]):
         raise UsageError("--lora_layers names the modules given LoRA: add --rank and at least one module name")
-    if args.train_text_encoder and (args.model_type != "sd" or args.rank is None):
-        raise UsageError("--train_text_encoder trains a LoRA on Stable Diffusion's text encoder: use it with "
-                         "--model_type sd and --rank")
     if args.rank is not None and args.pretrained_model_name_or_path is None:
         raise UsageError("--rank trains LoRA adapters on a pretrained model: give --pretrained_model_name_or_path")
     if args.pretrained_model_name_or_path is None and args.model_config_name_or_path is None:
@@ -514,7 +553,7 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             check_hub_token_safety(args.report_to, args.hub_token)
         except ValueError as err:
             raise UsageError(str(err)) from None
-    if args.model_type in ("sd", "controlnet", "sd3") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
+    if args.model_type in ("sd", "sdxl", "controlnet", "flux", "sd3") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
         raise UsageError(f"--model_type {args.model_type} needs captions: use --dataset_name mnist5k_captions or a captioned dataset")
 
 

@@ -168,13 +168,22 @@ def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], checkpoi
     log. A flag the checkpoint does not know (added to the trainer since) is not compared."""
     current = json.loads(json.dumps(current, default=str))  # tuples -> lists, as the saved JSON has them
     changed = [key for key in sorted(set(saved) & set(current)) if saved[key] != current[key]]
-    refused = [key for key in changed if key not in RESUME_SAFE_FLAGS]
+    safe = RESUME_SAFE_FLAGS - _trained_flags(current.get("model_type"))
+    refused = [key for key in changed if key not in safe]
     if refused:
         key = refused[0]
         more = f" (also changed: {', '.join('--' + k for k in refused[1:])})" if len(refused) > 1 else ""
         raise ValueError(f"--{key} was {saved[key]!r} when {checkpoint} was written and is {current[key]!r} now{more}: "
                          f"resume with the same value, or start a new run in another --output_dir")
     return [f"--{key}: {saved[key]!r} -> {current[key]!r}" for key in changed]
+
+
+def _trained_flags(model_type) -> frozenset:
+    """Flags of `RESUME_SAFE_FLAGS` that steer training for this model type (its adapter's
+    `training_flags`: flux feeds --guidance_scale to a guidance-distilled transformer)."""
+    from ..models import MODEL_TYPES
+
+    return frozenset(getattr(MODEL_TYPES.get(model_type), "training_flags", ()))
 
 
 TRAINABLE_STATE_NAME = "trainable_state.safetensors"

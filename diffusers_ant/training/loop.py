@@ -57,7 +57,7 @@ def public_config(args) -> dict:
 
 def data_needs(args) -> dict:
     """Which dataset columns the model type needs (captions, conditioning images, classes)."""
-    return {"need_captions": args.model_type in ("sd", "controlnet", "sd3"),
+    return {"need_captions": args.model_type in ("sd", "sdxl", "controlnet", "flux", "sd3"),
             "need_conditioning": args.model_type == "controlnet",
             "need_classes": args.model_type in ("unet", "dit") and (args.num_classes is not None
                                                                     or args.class_column is not None),
@@ -76,7 +76,7 @@ def default_validation_inputs(args, dataset, columns) -> dict:
 
     n = args.num_validation_images
     inputs = {}
-    if args.model_type in ("sd", "controlnet", "sd3"):
+    if args.model_type in ("sd", "sdxl", "controlnet", "flux", "sd3"):
         prompts = args.validation_prompt or [dataset[i % len(dataset)][columns["caption_column"]] for i in range(n)]
         inputs["prompts"] = repeat_to(list(prompts), n)
     if args.model_type == "controlnet":
@@ -107,7 +107,9 @@ def train(args) -> str:
     from diffusers.training_utils import EMAModel
 
     from ..data import class_names, dataset_image_channels, load_training_dataset, make_train_dataloader, resolve_columns
+    from ..data.buckets import bucket_sizes
     from ..models import get_model_adapter
+    from ..models.quantization import quantization_config
     from ..schedule import num_train_timesteps
     from ..weighting import get_weighting
 
@@ -152,7 +154,11 @@ def train(args) -> str:
     if num_classes is None and data_classes is not None:
         num_classes = len(data_classes)
     from_scratch = args.model_config_name_or_path is not None and args.model_type in ("unet", "dit")
-    adapter = get_model_adapter(args.model_type).load(
+    # --quantize_base: the frozen denoiser in 8 / 4 bits (models/quantization.py); passed only when asked
+    # for, so adapters that override `load` without this keyword keep working
+    quantized = quantization_config(getattr(args, "quantize_base", None), compute_dtype(accelerator))
+    adapter_class = get_model_adapter(args.model_type)
+    adapter = adapter_class.load(
         pretrained_model_name_or_path=args.pretrained_model_name_or_path,
         model_config_name_or_path=args.model_config_name_or_path,
         controlnet_model_name_or_path=args.controlnet_model_name_or_path,
@@ -163,9 +169,18 @@ def train(args) -> str:
         # the images are converted to them (greyscale -> RGB), as diffusers' scripts do.
         num_channels=dataset_image_channels(dataset, columns["image_column"]) if from_scratch else None,
         noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,  # flow matching
+        # passed only when given (like the quantization below): a family with a load of its own may not take it
+        **({"pretrained_vae_model_name_or_path": args.pretrained_vae_model_name_or_path}
+           if args.pretrained_vae_model_name_or_path else {}),
+        # a family's own options (flux: --guidance_scale), read by its adapter
+        **(adapter_class.options_from_args(args) if hasattr(adapter_class, "options_from_args") else {}),
+        **({"quantization_config": quantized} if quantized is not None else {}),
     )
     adapter.set_data_classes(data_classes, class_map=args.class_map)  # a DiT's data-set class -> label row
-    # The teacher (a frozen copy for Diff-Tuning's distillation and DeMe), then what trains: LoRA,
+    from .caching import build_training_cache, check_adapter_support, free_encoders, probe_cached_batch
+
+    check_adapter_support(args, adapter)  # buckets / caching: a latent model with the caching hooks
+    # The teacher (Diff-Tuning's distillation, DeMe: the student with its LoRA off, else a frozen copy), then what trains: LoRA,
     # BitFit / DiffFit, DeMe's channel projections; frozen parts in the low precision.
     teacher, finetune = prepare_model(args, accelerator, adapter)
     noise_scheduler = adapter.noise_scheduler
@@ -184,11 +199,23 @@ def train(args) -> str:
     bank_rows = retention_rows(args) if args.retention == "bank" else 0  # bank rows come from their own loader
     train_dataloader = make_train_dataloader(
         dataset, columns, resolution=pixel_resolution(adapter), batch_size=args.train_batch_size - bank_rows,
-        num_channels=adapter.num_channels, tokenizer=adapter.tokenizer, seed=args.seed,
+        num_channels=adapter.num_channels, seed=args.seed, **adapter.data_options(),
         num_workers=args.dataloader_num_workers, center_crop=args.center_crop, random_flip=args.random_flip,
         max_samples=args.max_train_samples, interpolation=args.image_interpolation_mode,
-        proportion_empty_prompts=args.proportion_empty_prompts)
+        proportion_empty_prompts=args.proportion_empty_prompts,
+        # --aspect_ratio_buckets: single-bucket batches at each image's own aspect ratio (data/buckets.py)
+        buckets=bucket_sizes(pixel_resolution(adapter), adapter.pixel_multiple) if args.aspect_ratio_buckets else None,
+        bucket_group_size=args.gradient_accumulation_steps * accelerator.num_processes)  # one bucket per update
     validation_inputs = default_validation_inputs(args, dataset, columns)
+    freed = None
+    if args.cache_latents or args.cache_text_embeddings:
+        # encode once (training data, then the validation prompts), then free the encoders (training/caching.py)
+        build_training_cache(args, accelerator, adapter, train_dataloader.dataset, args.train_batch_size)
+        if args.cache_text_embeddings and "prompts" in validation_inputs:
+            validation_inputs["prompts"] = adapter.validation_prompt_kwargs(
+                adapter.make_pipeline(), validation_inputs["prompts"], args.guidance_scale)
+        freed = free_encoders(args, accelerator, adapter)
+        probe_cached_batch(args, adapter, train_dataloader.dataset)  # a type without the cache hooks: one line now
     bank_dataloader = None
     if args.retention == "bank":
         bank_dataloader = knowledge_bank_dataloader(args, adapter, needs, bank_rows)
@@ -352,7 +379,7 @@ def train(args) -> str:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs, objective,
-               finetune)
+               finetune, freed)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return args.output_dir
@@ -362,18 +389,25 @@ def prepare_model(args, accelerator, adapter):
     """The frozen teacher (when an objective needs it) and the trained model's final form; returns
     `(teacher or None, FinetuneSummary)`.
 
-    Order matters: the teacher is copied before anything changes the student; LoRA, then BitFit /
+    Order matters: a full fine-tune's teacher is copied before anything changes the student (a LoRA
+    run's is the student itself with its adapters disabled, `teacher.AdapterDisabledTeacher`); LoRA, then BitFit /
     DiffFit, then DeMe's channel projections decide what trains; then the frozen parts (and a LoRA
     run's frozen base) are cast to the weight dtype, as diffusers' scripts do."""
     from ..peft_modes import apply_finetune_mode
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    teacher = None
-    if args.retention == "kd" or args.deme_interval is not None:
-        from ..teacher import FrozenTeacher
+    from ..models.quantization import prepare_quantized_for_lora
 
-        teacher = FrozenTeacher(adapter, weight_dtype, autocast=accelerator.autocast).to(accelerator.device)
-    if args.rank is not None:
+    weight_dtype = compute_dtype(accelerator)
+    teacher = None
+    needs_teacher = args.retention == "kd" or args.deme_interval is not None
+    lora = args.rank is not None
+    if needs_teacher and not lora:
+        from .. import teacher as teachers
+
+        # full fine-tuning, BitFit, DiffFit move the base weights: a frozen copy, taken now
+        teacher = teachers.make_teacher(adapter, weight_dtype, autocast=accelerator.autocast).to(accelerator.device)
+    if lora:
+        prepare_quantized_for_lora(adapter.model)  # --quantize_base: peft's k-bit preparation, as diffusers' scripts
         adapter.add_lora(args.rank, alpha=args.lora_alpha, target_modules=_lora_layers(args))
     if args.train_text_encoder:
         adapter.add_text_encoder_lora(args.rank, alpha=args.lora_alpha)
@@ -389,6 +423,11 @@ def prepare_model(args, accelerator, adapter):
         adapter.model.enable_xformers_memory_efficient_attention()
     adapter.to(accelerator.device, weight_dtype)  # frozen parts (VAE, text encoder) in the low precision
     cast_frozen_parameters(adapter.model, weight_dtype)  # and a LoRA run's frozen base weights
+    if needs_teacher and lora:
+        from .. import teacher as teachers
+
+        # under LoRA the teacher is the student with its adapters (and projections) off: no second copy
+        teacher = teachers.make_teacher(adapter, weight_dtype, autocast=accelerator.autocast, lora=True)
     return teacher, finetune
 
 
@@ -396,6 +435,9 @@ def _lora_layers(args):
     """`--lora_layers` as a list of module names (None: the model type's default targets)."""
     layers = getattr(args, "lora_layers", None)
     return [name.strip() for name in layers.split(",") if name.strip()] if layers else None
+def compute_dtype(accelerator) -> torch.dtype:
+    """The weight dtype of the frozen parts: the low precision of `--mixed_precision`, else float32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def write_run_records(args, accelerator, intervals, weighting) -> None:
@@ -472,7 +514,7 @@ def save_output(args, adapter, model) -> None:
 
 
 def finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs, objective,
-           finetune):
+           finetune, freed=None):
     """Save the pipeline (or LoRA weights), samples, model card; push to the Hub if asked."""
     from ..hub import push_to_hub, training_summary, write_model_card
 
@@ -480,7 +522,12 @@ def finish(args, accelerator, adapter, model, ema, params, intervals, global_ste
     # The saved pipeline holds float32 frozen parts (and base weights), whatever precision training used.
     lift_to_float32([*adapter.frozen_modules().values(), unwrapped])
     with ema_weights(ema, params):
-        save_output(args, adapter, unwrapped)
+        if freed is not None:  # encoders freed after caching come back while the pipeline is written
+            with freed.restored():
+                save_output(args, adapter, unwrapped)
+            freed.remove_stash()
+        else:
+            save_output(args, adapter, unwrapped)
         images, _ = validate(args, accelerator, adapter, model, None, params, global_step, validation_inputs)
     summary = training_summary(args, intervals, global_step, pixel_resolution(adapter))
     card = {}

@@ -67,7 +67,7 @@ def knowledge_bank_dataloader(args, adapter, needs: dict, rows: int):
                               classes_if_present=args.model_type in ("unet", "dit"))
     return make_train_dataloader(
         bank, columns, resolution=pixel_resolution(adapter), batch_size=rows, num_channels=adapter.num_channels,
-        tokenizer=adapter.tokenizer, seed=args.seed + 1, num_workers=args.dataloader_num_workers,
+        seed=args.seed + 1, num_workers=args.dataloader_num_workers, **adapter.data_options(),
         center_crop=args.center_crop, random_flip=args.random_flip, max_samples=None,
         interpolation=args.image_interpolation_mode)
 
@@ -87,7 +87,9 @@ def compose_sources(args, batch: dict, bank_batches) -> dict:
         return batch
     if args.retention == "bank":
         return {"data": batch, "bank": next(bank_batches)}
-    keep = len(batch["pixel_values"]) - retention_rows(args)
+    from ..models.base import batch_rows
+
+    keep = batch_rows(batch) - retention_rows(args)
     return {"data": {k: v[:keep] for k, v in batch.items()}, "retention": {k: v[keep:] for k, v in batch.items()}}
 
 

@@ -245,8 +245,10 @@ def _concatenate_prepared(parts: List[dict]) -> dict:
 
 def micro_batch_size(batch: dict) -> int:
     """Rows of a micro-batch (over all its sources)."""
-    if "pixel_values" in batch:
-        return len(batch["pixel_values"])
+    if "pixel_values" in batch or "latent_moments" in batch:  # pixels, or cached latents (--cache_latents)
+        from ..models.base import batch_rows
+
+        return batch_rows(batch)
     return sum(micro_batch_size(part) for part in batch.values() if isinstance(part, dict))
 
 

@@ -1,0 +1,302 @@
+"""``sdxl``: Stable Diffusion XL's latent UNet with two CLIP text encoders (Podell et al. 2023).
+
+What differs from ``sd`` (see sd.py), each as diffusers' ``train_text_to_image_sdxl.py`` and
+``train_dreambooth_lora_sdxl.py`` do it:
+
+* Two frozen text encoders: ``CLIPTextModel`` (``text_encoder``) and ``CLIPTextModelWithProjection``
+  (``text_encoder_2``), each with its tokenizer. The UNet's ``encoder_hidden_states`` are both
+  encoders' penultimate hidden states concatenated on the feature axis; the second encoder's
+  projected pooled output is the ``text_embeds`` of the ``text_time`` added conditioning.
+* Micro-conditioning: ``time_ids`` = (original height, original width, crop top, crop left, target
+  height, target width) per image (Sec. 2.2 of the paper). The data pipeline records the size of
+  each image as read and the top-left of its crop (``data_options`` asks for ``crop_coords``); the
+  target size is the training resolution.
+* ``--pretrained_vae_model_name_or_path`` replaces the pipeline's VAE (the fp16-fixed SDXL VAE), see
+  ``ModelAdapter.load``.
+* Outputs are ``StableDiffusionXLPipeline`` folders; LoRA weights are written by
+  ``StableDiffusionXLPipeline.save_lora_weights`` (UNet, and with ``--train_text_encoder`` both text
+  encoders) and read back by the pipeline's own ``load_lora_weights``.
+
+Captions missing or dropped (``--proportion_empty_prompts``, a knowledge bank's null condition) are
+the empty prompt encoded by both encoders, as in diffusers' SDXL script.
+"""
+
+import torch
+
+from .base import _copy_scheduler, repeat_to
+from .sd import StableDiffusionAdapter
+
+# The order of SDXL's micro-conditioning (diffusers' `compute_time_ids`: original + crop + target).
+TIME_ID_FIELDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
+
+
+def compute_time_ids(original_sizes, crop_top_lefts, target_size) -> torch.Tensor:
+    """SDXL's ``add_time_ids`` (B, 6) float32: ``original_size + crop_top_left + target_size`` per image,
+    as diffusers' ``train_text_to_image_sdxl.py`` ``compute_time_ids``.
+
+    ``original_sizes`` and ``crop_top_lefts``: (B, 2) (height, width) and (top, left); ``target_size``:
+    (height, width) of the training images."""
+    original = torch.as_tensor(original_sizes, dtype=torch.float32).reshape(-1, 2)
+    crops = torch.as_tensor(crop_top_lefts, dtype=torch.float32, device=original.device).reshape(-1, 2)
+    target = torch.tensor([list(target_size)], dtype=torch.float32, device=original.device).expand(len(original), 2)
+    return torch.cat([original, crops, target], dim=1)
+
+
+class StableDiffusionXLAdapter(StableDiffusionAdapter):
+    model_type = "sdxl"
+    # diffusers' train_dreambooth_lora_sdxl.py: the UNet's attention projections ...
+    default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
+    # ... and, with --train_text_encoder, both text encoders' attention projections
+    text_encoder_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    def __init__(self, model, noise_scheduler, *, text_encoder_2=None, tokenizer_2=None, **kwargs):
+        # set before the base constructor, which freezes every module `frozen_modules` names
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_2 = tokenizer_2
+        super().__init__(model, noise_scheduler, **kwargs)
+
+    def frozen_modules(self) -> dict:
+        parts = super().frozen_modules()
+        if self.text_encoder_2 is not None:
+            parts["text_encoder_2"] = self.text_encoder_2
+        return parts
+
+    def to(self, device, dtype=None):
+        """As the base class (frozen parts in the weight dtype), except SDXL's own VAE, which stays float32:
+        it overflows in fp16 (NaN latents). diffusers' ``train_text_to_image_sdxl.py`` does the same and
+        casts only a VAE given with ``--pretrained_vae_model_name_or_path`` (the fp16-fixed one)."""
+        super().to(device, dtype)
+        if self.pretrained_vae_model_name_or_path is None:
+            self.vae.to(device=device, dtype=torch.float32)
+        return self
+
+    # ------------------------------------------------------------------ building
+
+    @staticmethod
+    def _check_family(source):
+        """A pretrained pipeline of another family gets one line naming both types."""
+        if source is None or source.index is None:
+            return
+        name = source.index.get("_class_name", "")
+        if not source.has("text_encoder_2") or not source.has("unet"):
+            other = "sd" if source.has("unet") else "another model type"
+            raise ValueError(f"{source.path!r} is a {name or 'pipeline'} without SDXL's second text encoder "
+                             f"(text_encoder_2): train it with --model_type {other}, not --model_type sdxl")
+
+    @classmethod
+    def _text_parts(cls, source, preset):
+        """Both tokenizers and text encoders: pretrained, or the tiny preset's (random, in memory)."""
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        from .presets import tiny_clip_tokenizer, tiny_text_encoder
+
+        if source is not None and source.has("text_encoder"):
+            parts = []
+            for suffix, encoder_cls in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
+                tokenizer = source.load(source.component_class("tokenizer" + suffix, CLIPTokenizer),
+                                        subfolder="tokenizer" + suffix)
+                if len(tokenizer) <= 2:  # the offline-Hub trap: a tokenizer that knows no words
+                    raise ValueError(f"the tokenizer{suffix} of {source.path!r} has {len(tokenizer)} tokens: "
+                                     "the folder is incomplete")
+                encoder = source.load(source.component_class("text_encoder" + suffix, encoder_cls),
+                                      subfolder="text_encoder" + suffix)
+                parts += [tokenizer, encoder]
+            return tuple(parts)
+        if preset is None or not preset.get("text_encoder") or not preset.get("text_encoder_2"):
+            raise ValueError("SDXL needs two text encoders: give a pretrained SDXL pipeline folder or the 'tiny' preset")
+        tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+        text_encoder = tiny_text_encoder(tokenizer, preset["text_encoder"])
+        # the same CLIP text config, with the projection head whose output is SDXL's pooled embedding
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_text_encoder(tokenizer_2, preset["text_encoder_2"]).config)
+        return tokenizer, text_encoder, tokenizer_2, text_encoder_2
+
+    @classmethod
+    def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):
+        from diffusers import UNet2DConditionModel
+
+        cls._check_family(source)
+        vae = cls._load_vae(source, preset, num_channels, resolution)
+        if vae is None:
+            raise ValueError(f"pretrained pipeline {source.path!r} has no vae")
+        if num_channels is not None and num_channels != vae.config.in_channels:
+            raise ValueError(f"the VAE takes {vae.config.in_channels} image channels, the data has {num_channels}")
+        tokenizer, text_encoder, tokenizer_2, text_encoder_2 = cls._text_parts(source, preset)
+        scale = cls.vae_scale_factor(vae)
+        if preset is not None:
+            config = dict(preset["model"])
+            config.update(
+                sample_size=(resolution or 32) // scale,
+                in_channels=vae.config.latent_channels,
+                out_channels=vae.config.latent_channels,
+                addition_embed_type="text_time",
+                # both encoders' hidden states side by side, as the pipeline's encode_prompt concatenates them
+                cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+                # 6 time ids, each embedded in addition_time_embed_dim, then the pooled text embedding
+                projection_class_embeddings_input_dim=len(TIME_ID_FIELDS) * config["addition_time_embed_dim"]
+                + text_encoder_2.config.projection_dim,
+            )
+            unet, from_pretrained = UNet2DConditionModel(**config), False
+        else:
+            unet, from_pretrained = source.load(UNet2DConditionModel, subfolder="unet"), True
+            if unet.config.addition_embed_type != "text_time":
+                raise ValueError(f"the UNet of {source.path!r} has no SDXL text_time conditioning: train it with "
+                                 "--model_type sd, not --model_type sdxl")
+            if resolution is not None and resolution // scale != unet.config.sample_size:
+                unet.register_to_config(sample_size=resolution // scale)  # pipelines sample at this size
+        return {
+            "model": unet,
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "tokenizer": tokenizer,
+            "text_encoder_2": text_encoder_2,
+            "tokenizer_2": tokenizer_2,
+            "num_channels": vae.config.in_channels,
+            "sample_size": unet.config.sample_size,
+            "model_from_pretrained": from_pretrained,
+        }
+
+    # ------------------------------------------------------------------ text-encoder LoRA
+
+    def add_text_encoder_lora(self, rank: int, alpha=None):
+        """`--train_text_encoder`: LoRA on both text encoders' attention projections, as diffusers'
+        ``train_dreambooth_lora_sdxl.py`` (Gaussian init, B = 0); trained beside the UNet's."""
+        import copy
+
+        from peft import inject_adapter_in_model
+
+        config = super().add_text_encoder_lora(rank, alpha=alpha)  # the first encoder, and the config
+        # peft directly: transformers' `add_adapter` asks for a newer peft than diffusers needs
+        inject_adapter_in_model(copy.deepcopy(config), self.text_encoder_2)
+        for name, param in self.text_encoder_2.named_parameters():
+            param.requires_grad_("lora_" in name)
+        return config
+
+    def extra_trainable_modules(self) -> dict:
+        if self.text_encoder_lora_config is None:
+            return {}
+        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+    # ------------------------------------------------------------------ batches
+
+    def data_options(self) -> dict:
+        return {"tokenizer": {"input_ids": self.tokenizer, "input_ids_2": self.tokenizer_2}, "crop_coords": True}
+
+    def tokenize(self, captions) -> tuple:
+        """Captions -> ``(input_ids, input_ids_2)``, each padded to its tokenizer's maximum length."""
+        return tuple(
+            tokenizer(list(captions), max_length=tokenizer.model_max_length, padding="max_length",
+                      truncation=True, return_tensors="pt").input_ids
+            for tokenizer in (self.tokenizer, self.tokenizer_2)
+        )
+
+    def _encode(self, input_ids, input_ids_2):
+        """Both encoders -> ``(encoder_hidden_states, pooled)``, exactly as diffusers' SDXL ``encode_prompt``:
+        each encoder's penultimate hidden state, concatenated; the second encoder's projected pooled output."""
+        first = self.text_encoder(input_ids.to(self.text_encoder.device), output_hidden_states=True)
+        second = self.text_encoder_2(input_ids_2.to(self.text_encoder_2.device), output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2].to(first.hidden_states[-2].device)], dim=-1)
+        return hidden.float(), second.text_embeds.float()
+
+    @torch.no_grad()
+    def encode_prompt(self, input_ids, input_ids_2=None):
+        """Frozen encoders: ``(encoder_hidden_states (B, L, D1 + D2), text_embeds (B, P))`` in float32."""
+        return self._encode(input_ids, input_ids_2)
+
+    def time_ids(self, batch) -> torch.Tensor:
+        """The batch's ``add_time_ids`` (B, 6): its recorded original sizes and crops, the images' own size
+        as target. Rows without a record (images made at the training size) get (H, W, 0, 0, H, W), the
+        pipeline's own default for an uncropped image."""
+        if "pixel_values" in batch:
+            pixels = batch["pixel_values"]
+            size = tuple(pixels.shape[-2:])
+        else:  # --cache_latents: the image's size is its latent's times the VAE factor
+            pixels = batch["latent_moments"]
+            factor = self.vae_scale_factor(self.vae)
+            size = (pixels.shape[-2] * factor, pixels.shape[-1] * factor)
+        count = pixels.shape[0]
+        original = batch.get("original_sizes")
+        if original is None:
+            original = torch.tensor([size] * count)
+        crops = batch.get("crop_top_lefts")
+        if crops is None:
+            crops = torch.zeros(count, 2)
+        return compute_time_ids(original.cpu(), crops.cpu(), size).to(pixels.device)
+
+    def null_condition_batch(self, batch):
+        batch = dict(batch)
+        batch.pop("input_ids", None)  # no captions -> the empty prompt (see `conditioning`)
+        batch.pop("input_ids_2", None)
+        return batch
+
+    def conditioning(self, batch, generator=None, training=False):
+        input_ids, input_ids_2 = batch.get("input_ids"), batch.get("input_ids_2")
+        if input_ids is None or input_ids_2 is None:  # no captions: the empty prompt, i.e. unconditional
+            input_ids, input_ids_2 = self.tokenize([""] * batch["pixel_values"].shape[0])
+        time_ids = self.time_ids(batch)
+        if training and self.text_encoder_lora_config is not None:
+            # encoded in `predict`, where gradients reach the text encoders
+            return {"input_ids": input_ids, "input_ids_2": input_ids_2, "time_ids": time_ids}
+        hidden, pooled = self.encode_prompt(input_ids, input_ids_2)
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled, "time_ids": time_ids}
+
+    def text_embeddings(self, conditioning):
+        """``(encoder_hidden_states, text_embeds)``: precomputed, or (trained encoders) computed with gradients."""
+        if "encoder_hidden_states" in conditioning:
+            return conditioning["encoder_hidden_states"], conditioning["text_embeds"]
+        return self._encode(conditioning["input_ids"], conditioning["input_ids_2"])
+
+    def predict(self, model, x_t, timesteps, conditioning):
+        hidden, pooled = self.text_embeddings(conditioning)
+        added = {"text_embeds": pooled.to(x_t.device), "time_ids": conditioning["time_ids"].to(x_t.device)}
+        return model(x_t, timesteps, encoder_hidden_states=hidden.to(x_t.device), added_cond_kwargs=added).sample
+
+    # ------------------------------------------------------------------ pipelines and outputs
+
+    def make_pipeline(self, model=None, scheduler=None):
+        from diffusers import StableDiffusionXLPipeline
+
+        pipeline = StableDiffusionXLPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2,
+            unet=model if model is not None else self.model,
+            scheduler=_copy_scheduler(scheduler if scheduler is not None else self.noise_scheduler),
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def _sample(self, pipeline, num_images, generator, num_inference_steps, prompts=None, guidance_scale=None, **unused):
+        kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+        return pipeline(
+            prompt=repeat_to(prompts if prompts is not None else "", num_images),
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            output_type="pil",
+            **kwargs,
+        ).images
+
+    def _save_lora_weights(self, output_dir, model):
+        """diffusers' SDXL LoRA format, exactly as ``train_dreambooth_lora_sdxl.py`` writes it."""
+        from diffusers import StableDiffusionXLPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        text_encoders = {}
+        if self.text_encoder_lora_config is not None:
+            metadata = self.text_encoder_lora_config.to_dict()
+            for name in ("text_encoder", "text_encoder_2"):
+                module = getattr(self, name)
+                text_encoders[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+                text_encoders[f"{name}_lora_adapter_metadata"] = metadata
+        StableDiffusionXLPipeline.save_lora_weights(
+            output_dir,
+            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(model)),
+            unet_lora_adapter_metadata=self.lora_config.to_dict(),  # keeps alpha != rank exact on load
+            safe_serialization=True,
+            **text_encoders,
+        )
+
+
+__all__ = ["StableDiffusionXLAdapter", "compute_time_ids"]

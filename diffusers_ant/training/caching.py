@@ -1,0 +1,262 @@
+"""`--cache_latents` and `--cache_text_embeddings`: encode the training data once, then free the encoders.
+
+As diffusers' DreamBooth LoRA scripts for SD3 / Flux (`--cache_latents`: `latents_cache.append(vae.encode(
+pixel_values).latent_dist)`, then `del vae` unless validating; the instance prompts' embeddings computed
+once, then `del text_encoder_one, ...`), through the generic adapter interface so that every model type
+inherits it:
+
+* Latents: the VAE posterior of every training image (`ModelAdapter.encode_moments`: mean and
+  log-variance, deterministic) is computed once and kept on the CPU, one tensor per row (rows of
+  different aspect-ratio buckets differ in shape). The latent *sample* is still drawn every step from
+  the step's generator (`ModelAdapter.latents_from_moments`), in the same order as without the cache,
+  so a cached run draws the same latents, timesteps and noise as an uncached one. The VAE's encoder
+  half is then freed; its decoder stays for validation.
+* Text: `ModelAdapter.encode_text` of every distinct caption a row can carry in any epoch (each of
+  its captions, and the empty prompt that `--proportion_empty_prompts` and the unconditional branch
+  use) is computed once; rows then carry their caption's cached entries (`cached_text/<key>`), chosen
+  per (seed, epoch, row) exactly as the captions are, so caption dropout keeps working. The validation
+  prompts are encoded with the pipeline's own `encode_prompt` (`ModelAdapter.validation_prompt_kwargs`)
+  before the text encoders are freed.
+
+Randomness that caching would freeze is refused, not cached per variant: `--random_flip`, and the
+random square crop (`--cache_latents` needs `--center_crop` or `--aspect_ratio_buckets`, which
+centre-crops). Under several processes every process caches every row: its shard of the batches changes
+every epoch (the seeded permutation), so each needs all of them; a resumed run rebuilds the same cache,
+and the data position is still (seed, epoch, batches seen), so resume stays exact.
+
+Freed encoders are dropped (the adapter's reference becomes None). When the run writes a whole pipeline
+at the end (full fine-tuning, or a LoRA on a model trained from scratch, whose `base_model/` is written),
+their weights are first stashed as safetensors in the output folder and put back only while saving.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+from contextlib import contextmanager
+
+import torch
+from tqdm.auto import tqdm
+
+STASH_DIR = ".freed_encoders"
+
+
+def validate_caching_args(args) -> None:
+    """Checks of the three flags that need no model (called by `validate_args`); one-line UsageErrors."""
+    from .args import UsageError
+
+    caching = [flag for flag, on in (("--cache_latents", args.cache_latents),
+                                     ("--cache_text_embeddings", args.cache_text_embeddings)) if on]
+    if args.cache_text_embeddings and args.train_text_encoder:
+        raise UsageError("--cache_text_embeddings freezes the text encoder's outputs, --train_text_encoder trains it: "
+                         "drop one of them")
+    if args.cache_latents and args.random_flip:
+        raise UsageError("--cache_latents would freeze --random_flip's draw (one flip for the whole run): drop --random_flip")
+    if args.cache_latents and not (args.center_crop or args.aspect_ratio_buckets):
+        raise UsageError("--cache_latents would freeze the random crop: add --center_crop (or --aspect_ratio_buckets)")
+    if caching and args.retention == "bank":
+        raise UsageError(f"{caching[0]} caches the training data, but the knowledge bank is encoded every step: "
+                         f"drop {caching[0]} or use --retention kd")
+    if args.aspect_ratio_buckets and args.retention == "bank":
+        raise UsageError("--aspect_ratio_buckets: the knowledge bank's square images cannot share a batch with "
+                         "bucketed ones: drop --aspect_ratio_buckets or use --retention kd")
+    if args.model_type == "unet" and (args.aspect_ratio_buckets or args.cache_latents):
+        flag = "--aspect_ratio_buckets" if args.aspect_ratio_buckets else "--cache_latents"
+        raise UsageError(f"{flag} is for latent models: --model_type unet trains pixels (use sd, controlnet or a latent dit)")
+    if args.cache_text_embeddings and args.model_type in ("unet", "dit"):
+        raise UsageError(f"--cache_text_embeddings: --model_type {args.model_type} has no text encoder, drop it")
+
+
+def check_adapter_support(args, adapter) -> None:
+    """Checks that need the loaded model (a pixel-space DiT, a type without the caching hooks)."""
+    if (args.aspect_ratio_buckets or args.cache_latents) and not adapter.latent:
+        flag = "--aspect_ratio_buckets" if args.aspect_ratio_buckets else "--cache_latents"
+        raise ValueError(f"{flag} is for latent models: this {args.model_type} model trains pixels (no VAE); "
+                         "use a latent model (e.g. --model_config_name_or_path tiny-latent)")
+    if args.cache_latents and not adapter.supports_latent_caching:
+        raise ValueError(f"--cache_latents: --model_type {args.model_type} encodes pixels its own way (it needs "
+                         "encode_moments / latents_from_moments); drop --cache_latents")
+    if args.cache_text_embeddings and not adapter.supports_text_caching:
+        raise ValueError(f"--cache_text_embeddings: --model_type {args.model_type} does not implement encode_text; "
+                         "drop --cache_text_embeddings")
+
+
+class TrainingCache:
+    """What was encoded: `latents[row]` (the VAE posterior's moments, CPU) and `text[caption]` (the
+    adapter's `encode_text` entries for one caption, CPU, without the batch axis); either may be None.
+    `crop_coords[row]`: the row's `(original_sizes, crop_top_lefts)` when the dataset records them (SDXL's
+    micro-conditioning; deterministic, since caching refuses random crops and flips)."""
+
+    def __init__(self, latents=None, text=None, crop_coords=None):
+        self.latents = latents
+        self.text = text
+        self.crop_coords = crop_coords
+
+    def text_fields(self, caption: str) -> dict:
+        """A row's cached text entries for `caption` (keys `cached_text/<key>`)."""
+        from ..models.base import ModelAdapter
+
+        entries = self.text[caption]
+        return {ModelAdapter.CACHED_TEXT_PREFIX + key: value for key, value in entries.items()}
+
+    def nbytes(self) -> int:
+        total = sum(t.numel() * t.element_size() for t in (self.latents or []))
+        for entries in (self.text or {}).values():
+            total += sum(t.numel() * t.element_size() for t in entries.values())
+        return total
+
+
+def _chunks(items, size):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@torch.no_grad()
+def cache_latents(adapter, dataset, batch_size: int, disable_progress: bool = False) -> tuple:
+    """The VAE posterior (`adapter.encode_moments`) of every row of a `TrainingDataset`, CPU, one tensor
+    per row, and each row's crop coordinates (None unless the dataset records them). Rows are encoded
+    `batch_size` at a time, grouped by shape (aspect-ratio buckets)."""
+    by_size = {}
+    for row in range(len(dataset)):
+        by_size.setdefault(dataset.bucket_size(row), []).append(row)
+    latents = [None] * len(dataset)
+    crop_coords = [None] * len(dataset) if getattr(dataset, "crop_coords", False) else None
+    with tqdm(total=len(dataset), desc="caching latents", disable=disable_progress) as progress:
+        for rows in by_size.values():
+            for chunk in _chunks(rows, batch_size):
+                images = [dataset.transformed_image(row, with_crop_coords=True) for row in chunk]
+                pixels = torch.stack([image[0] for image in images])
+                for row, image, moments in zip(chunk, images, adapter.encode_moments(pixels).cpu()):
+                    latents[row] = moments.clone()
+                    if crop_coords is not None:
+                        crop_coords[row] = image[1:]
+                progress.update(len(chunk))
+    return latents, crop_coords
+
+
+@torch.no_grad()
+def cache_text(adapter, dataset, batch_size: int, disable_progress: bool = False) -> dict:
+    """`adapter.encode_text` of every caption variant of a `TrainingDataset` (`caption_variants`), CPU."""
+    from torch.utils.data import default_collate
+
+    captions = dataset.caption_variants()
+    text = {}
+    with tqdm(total=len(captions), desc="caching text embeddings", disable=disable_progress) as progress:
+        for chunk in _chunks(captions, batch_size):
+            encoded = adapter.encode_text(default_collate([dataset.text_fields(c) for c in chunk]))
+            for i, caption in enumerate(chunk):
+                text[caption] = {key: value[i].detach().cpu().clone() for key, value in encoded.items()}
+            progress.update(len(chunk))
+    return text
+
+
+def build_training_cache(args, accelerator, adapter, dataset, batch_size: int) -> TrainingCache:
+    """Encode what the flags ask for and attach it to `dataset` (rows then carry cached entries)."""
+    disable = not accelerator.is_local_main_process
+    latents, crop_coords = cache_latents(adapter, dataset, batch_size, disable) if args.cache_latents else (None, None)
+    cache = TrainingCache(
+        latents=latents,
+        text=cache_text(adapter, dataset, batch_size, disable) if args.cache_text_embeddings else None,
+        crop_coords=crop_coords,
+    )
+    dataset.cache = cache
+    accelerator.print(f"cached {len(cache.latents or [])} latents and {len(cache.text or {})} captions "
+                      f"({cache.nbytes() / 2**20:.1f} MiB on the CPU)")
+    return cache
+
+
+def probe_cached_batch(args, adapter, dataset) -> None:
+    """Encode one cached row with the encoders gone (a generator of its own: the run's stream is not
+    touched), so that a model type whose `encode_batch` / `conditioning` still reads pixels or calls a
+    text encoder fails here, in one line, rather than at the first step."""
+    from torch.utils.data import default_collate
+
+    batch = default_collate([dataset[0]])
+    try:
+        adapter.encode_batch(batch, generator=torch.Generator(device="cpu").manual_seed(0))
+    except (KeyError, AttributeError, TypeError) as err:
+        flags = " / ".join(f for f, on in (("--cache_latents", args.cache_latents),
+                                           ("--cache_text_embeddings", args.cache_text_embeddings)) if on)
+        raise ValueError(f"{flags}: --model_type {args.model_type} encodes batches without the cache hooks "
+                         f"({type(err).__name__}: {err}); drop {flags}") from err
+
+
+# ------------------------------------------------------------------------------------------ freeing
+
+
+class FreedEncoders:
+    """The encoders dropped after caching, with their weights stashed as safetensors when the run must
+    write them again at the end (`restored` puts them back while saving)."""
+
+    def __init__(self, adapter, text: dict, vae: dict, stash_dir=None):
+        self.adapter = adapter
+        self.text = text  # adapter attribute -> module
+        self.vae = vae  # vae attribute -> module
+        self.stash_dir = stash_dir
+
+    def _modules(self):
+        return [("text", name, module) for name, module in self.text.items()] + \
+               [("vae", name, module) for name, module in self.vae.items()]
+
+    def stash(self):
+        """Write every freed module's parameters and buffers (non-persistent ones too) to the stash, then
+        move the module to the meta device: its memory is released, its structure kept."""
+        from safetensors.torch import save_file
+
+        os.makedirs(self.stash_dir, exist_ok=True)
+        for kind, name, module in self._modules():
+            tensors = {f"p:{k}": v.detach().contiguous().cpu() for k, v in module.named_parameters()}
+            tensors.update({f"b:{k}": v.detach().contiguous().cpu() for k, v in module.named_buffers()})
+            save_file(tensors, os.path.join(self.stash_dir, f"{kind}-{name}.safetensors"))
+            module.to("meta")
+
+    @contextmanager
+    def restored(self):
+        """The freed modules back in place (CPU, float32) for as long as the block runs (saving)."""
+        if self.stash_dir is None:
+            yield
+            return
+        from safetensors.torch import load_file
+
+        for kind, name, module in self._modules():
+            tensors = load_file(os.path.join(self.stash_dir, f"{kind}-{name}.safetensors"))
+            module.to_empty(device="cpu")
+            with torch.no_grad():
+                for key, value in list(module.named_parameters()) + list(module.named_buffers()):
+                    prefix = "p:" if isinstance(value, torch.nn.Parameter) else "b:"
+                    value.copy_(tensors[prefix + key])
+            module.float()  # as `finish` lifts every frozen part before saving
+            setattr(self.adapter if kind == "text" else self.adapter.vae, name, module)
+        try:
+            yield
+        finally:
+            for kind, name, module in self._modules():
+                setattr(self.adapter if kind == "text" else self.adapter.vae, name, None)
+                module.to("meta")
+
+    def remove_stash(self):
+        if self.stash_dir is not None:
+            shutil.rmtree(self.stash_dir, ignore_errors=True)
+
+
+def free_encoders(args, accelerator, adapter) -> FreedEncoders:
+    """Drop what was cached: the text encoders (`--cache_text_embeddings`), the VAE's encoder half
+    (`--cache_latents`). Their weights are stashed in the output folder only when the run will write a
+    whole pipeline (full fine-tuning, or a `base_model/` copy under a LoRA trained from scratch)."""
+    text = adapter.free_text_encoders() if args.cache_text_embeddings else {}
+    vae = adapter.free_vae_encoder() if args.cache_latents else {}
+    writes_pipeline = args.rank is None or not adapter.model_from_pretrained
+    stash_dir = None
+    if writes_pipeline and accelerator.is_main_process and (text or vae):
+        stash_dir = os.path.join(args.output_dir, STASH_DIR)
+    freed = FreedEncoders(adapter, text, vae, stash_dir)
+    if stash_dir is not None:
+        freed.stash()
+    else:  # nothing to put back: hold no reference, so the memory is released
+        freed.text, freed.vae = {}, {}
+    del text, vae
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return freed
