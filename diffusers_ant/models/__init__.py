@@ -11,7 +11,8 @@
 
 Model types (``MODEL_TYPES``): ``unet`` (UNet2DModel, unconditional or class-conditional),
 ``dit`` (DiTTransformer2DModel, pixel or latent), ``sd`` (UNet2DConditionModel + frozen CLIP text
-encoder and VAE), ``controlnet`` (ControlNetModel beside a frozen SD UNet). See ``base.ModelAdapter``
+encoder and VAE), ``controlnet`` (ControlNetModel beside a frozen SD UNet), ``qwenimage``
+(QwenImageTransformer2DModel + frozen Qwen2.5-VL text encoder and Qwen-Image VAE, flow matching). See ``base.ModelAdapter``
 for the interface and each module for its type's details.
 """
 
@@ -23,6 +24,7 @@ from .controlnet import ControlNetAdapter, controlnet_output_base
 from .dit import DiTAdapter
 from .pipelines import ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline
 from .presets import PRESETS, tiny_clip_tokenizer
+from .qwenimage import QwenImageAdapter
 from .sd import StableDiffusionAdapter
 from .unet import UNetAdapter
 
@@ -31,6 +33,7 @@ MODEL_TYPES = {
     "dit": DiTAdapter,
     "sd": StableDiffusionAdapter,
     "controlnet": ControlNetAdapter,
+    "qwenimage": QwenImageAdapter,
 }
 
 _OWN_PIPELINES = {cls.__name__: cls for cls in (ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline)}
@@ -107,6 +110,7 @@ __all__ = [
     "DiTAdapter",
     "ModelAdapter",
     "PixelDiTPipeline",
+    "QwenImageAdapter",
     "StableDiffusionAdapter",
     "UNetAdapter",
     "UnconditionalUNetPipeline",

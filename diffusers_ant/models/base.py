@@ -193,6 +193,11 @@ class ModelAdapter:
     model_type = None
     # module-name suffixes given LoRA by default; filtered to those the model has
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    # The training schedulers the type's pipeline can sample (NOISE_SCHEDULERS), the first the default
+    # from scratch; and whether its pipeline steps a flow-matching scheduler on VAE latents (Qwen-Image's
+    # does; SD's and DiT's latent pipelines do not).
+    noise_schedulers = NOISE_SCHEDULERS
+    latent_flow_matching = False
 
     def __init__(
         self,
@@ -282,21 +287,28 @@ class ModelAdapter:
             controlnet_model_name_or_path=controlnet_model_name_or_path,
         )
         latent = parts.get("vae") is not None
+        if noise_scheduler is not None and noise_scheduler not in cls.noise_schedulers:
+            raise ValueError(f"--model_type {cls.model_type} trains with {' or '.join(cls.noise_schedulers)}, which its "
+                             f"pipeline samples: drop --noise_scheduler {noise_scheduler}")
         scheduler = None
         if source is not None and source.has("scheduler"):
             scheduler = load_training_scheduler(source)
         if scheduler is None or noise_scheduler not in (None, scheduler_kind(scheduler)):
             scheduler = default_scheduler(latent, preset.get("scheduler") if preset else None,
-                                          kind=noise_scheduler or "ddpm", flow_shift=flow_shift)
+                                          kind=noise_scheduler or cls.noise_schedulers[0], flow_shift=flow_shift)
         if scheduler_kind(scheduler) == "flow_match":
-            if latent:
+            if latent and not cls.latent_flow_matching:
                 raise ValueError(f"flow matching is supported for pixel-space models only (unet, dit without a VAE); "
                                  f"this {cls.model_type} model's latent pipeline cannot sample it")
             if prediction_type not in (None, "flow"):
                 raise ValueError("a flow-matching scheduler trains the velocity (noise - x0), which its sampler "
                                  f"steps with: drop prediction_type {prediction_type!r}")
-            if flow_shift is not None and flow_shift != scheduler.config.shift:
-                scheduler = _copy_scheduler(scheduler, shift=flow_shift)
+            if flow_shift is not None and (flow_shift != scheduler.config.shift
+                                           or scheduler.config.get("use_dynamic_shifting")):
+                # A dynamic-shifting config (Flux's, Qwen-Image's) ignores `shift` in its training sigmas
+                # (FlowMatchEulerDiscreteScheduler.__init__ applies it only without dynamic shifting), so
+                # an explicit shift turns dynamic shifting off: the training sigmas are then shifted by it.
+                scheduler = _copy_scheduler(scheduler, shift=flow_shift, use_dynamic_shifting=False)
             prediction_type = None  # FlowMatch schedulers have no prediction_type to set
         elif flow_shift is not None:
             raise ValueError("flow_shift is the shift of a flow-matching scheduler: add noise_scheduler='flow_match' "
@@ -358,6 +370,12 @@ class ModelAdapter:
     @property
     def in_channels(self) -> int:
         return self.model.config.in_channels
+
+    @property
+    def caption_tokenizer(self):
+        """The tokenizer the data loader turns captions into ``input_ids`` with; None: captions come as
+        strings (``qwenimage``, which tokenizes them inside its prompt template)."""
+        return self.tokenizer
 
     def frozen_modules(self) -> dict:
         """The frozen parts by name (vae, text_encoder, unet), skipping absent ones."""
