@@ -68,7 +68,16 @@ MODEL_TYPES = {
         "pipeline_tag": "text-to-image",
         "description": "a ControlNet for Stable Diffusion (the UNet frozen)",
     },
+    # the tags of diffusers' train_dreambooth_lora_qwen_image.py (its license, apache-2.0, is the card's default)
+    "qwenimage": {
+        "pipeline": "QwenImagePipeline",
+        "tags": ("text-to-image", "qwen-image", "qwen-image-diffusers", "template:sd-lora"),
+        "pipeline_tag": "text-to-image",
+        "description": "a Qwen-Image QwenImageTransformer2DModel",
+    },
 }
+# Model types whose LoRA folders are diffusers' format, loaded with the pipeline's `load_lora_weights`.
+_DIFFUSERS_LORA_TYPES = ("sd", "qwenimage")
 
 # Readable names of the multi-task weightings (diffusers_ant.WEIGHTINGS keys), for the card body.
 METHOD_NAMES = {
@@ -301,7 +310,7 @@ _CONTROLNET_INFO = "ant_controlnet.json"
 _BASE_MODEL_DIR = "base_model"
 _COND_EMBEDDING_FILE = "controlnet_cond_embedding.safetensors"
 _LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
-_DENOISER = {"unet": "unet", "dit": "transformer", "sd": "unet", "controlnet": "controlnet"}
+_DENOISER = {"unet": "unet", "dit": "transformer", "sd": "unet", "controlnet": "controlnet", "qwenimage": "transformer"}
 
 
 def _read_json(path: Path | None) -> dict | None:
@@ -406,7 +415,7 @@ def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipel
         unet_config = _read_json(base.local / "unet" / "config.json") if base.local is not None else None
         return {"pipeline": "StableDiffusionControlNetPipeline", "config": unet_config, "unet_config": unet_config}
     class_name = index.get("_class_name") if index else None
-    denoiser = "transformer" if model_type == "dit" else "unet"
+    denoiser = _DENOISER.get(model_type, "unet") if model_type != "controlnet" else "unet"
     config = _read_json(local / denoiser / "config.json") if local is not None else None
     if isinstance(class_name, list):
         # this project's class-conditional UNet / pixel DiT pipeline, shipped in the folder as a
@@ -418,7 +427,7 @@ def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipel
     pipeline = pipeline_class or class_name or MODEL_TYPES[model_type]["pipeline"]
     code.use("diffusers", pipeline)
     code.lines.append(f"pipe = {pipeline}.from_pretrained({where.expr})")
-    unet_config = config if model_type != "dit" else None
+    unet_config = config if denoiser == "unet" else None
     return {"pipeline": pipeline, "config": config, "unet_config": unet_config}
 
 
@@ -459,6 +468,9 @@ def _call_code(code: _Snippet, model_type: str, facts: dict, prompt: str, resolu
             code.lines.append(f"images = pipe(class_labels={labels}, num_inference_steps=50).images")
     elif model_type == "sd":
         code.lines.append(f"image = pipe({_q(prompt)}, num_inference_steps=30).images[0]")
+    elif model_type == "qwenimage":
+        size = f"height={resolution}, width={resolution}, " if resolution else ""  # the trained size (default 1024)
+        code.lines.append(f"image = pipe({_q(prompt)}, {size}num_inference_steps=30).images[0]")
     else:
         if resolution is None:
             unet = facts.get("unet_config") or {}
@@ -487,8 +499,9 @@ def _usage_snippet(output_dir: Path, model_type: str, ref: str, base_model: str 
     else:
         base = _Location(_q(_named_base(base_model)), None)
     facts = _load_pipeline_code(code, model_type, base, pipeline_class)
-    if model_type == "sd":
-        # diffusers-format LoRA (as train_text_to_image_lora.py writes it): the pipeline's own loader
+    if model_type in _DIFFUSERS_LORA_TYPES:
+        # diffusers-format LoRA (as train_text_to_image_lora.py / train_dreambooth_lora_qwen_image.py
+        # write it): the pipeline's own loader
         code.lines.append(f"pipe.load_lora_weights({_q(ref)})")
     else:
         # UNet2DModel, DiTTransformer2DModel and ControlNetModel have no diffusers LoRA loader: the

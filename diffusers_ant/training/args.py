@@ -42,7 +42,11 @@ DEMO_ARGS = [
     "--report_to", "tensorboard",
 ]
 
-MODEL_TYPES = ("unet", "dit", "sd", "controlnet")
+MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "qwenimage")
+# Types whose pipeline samples flow matching only: flow_match is their default and ddpm is refused.
+FLOW_MATCHING_TYPES = ("qwenimage",)
+# Types trained on captions.
+TEXT_TYPES = ("sd", "controlnet", "qwenimage")
 CLUSTERING_OBJECTIVES = ("timestep", "snr", "gradient")
 TIMESTEP_SAMPLINGS = ("uniform", "stratified")
 # diffusers_ant.schedule's NOISE_SCHEDULERS and FLOW_WEIGHTING_SCHEMES, written out so that building the
@@ -95,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "through it; the output folder records it in class_map.json.")
     g.add_argument("--rank", type=int, default=None, help="Train LoRA adapters of this rank instead of the full model.")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
+    g.add_argument("--lora_layers", default=None,
+                   help="Comma-separated module names to give LoRA (as diffusers' DreamBooth LoRA scripts), e.g. "
+                   "\"to_k,to_q,to_v,to_out.0\"; default: the model type's own list.")
     g.add_argument("--finetune", default=None, choices=["full", "lora", "bitfit", "difffit"],
                    help="What trains: the whole model, LoRA adapters (--rank), the bias terms (BitFit), or DiffFit's "
                    "biases, norms, label table and scales in the first half of the blocks (Xie et al. 2023, as the "
@@ -358,6 +365,11 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
 
     if args.noise_scheduler not in (None, *NOISE_SCHEDULERS):
         raise UsageError(f"unknown --noise_scheduler {args.noise_scheduler!r}; choose one of: {', '.join(NOISE_SCHEDULERS)}")
+    if args.model_type in FLOW_MATCHING_TYPES:
+        if args.noise_scheduler == "ddpm":
+            raise UsageError(f"--model_type {args.model_type} trains by flow matching, which its pipeline samples: "
+                             "drop --noise_scheduler ddpm")
+        args.noise_scheduler = "flow_match"
     if args.noise_scheduler == "flow_match":
         if args.model_type in ("sd", "controlnet"):
             raise UsageError(f"--noise_scheduler flow_match is for pixel-space models (unet, dit); {args.model_type} is latent")
@@ -416,8 +428,8 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError(f"unknown --timestep_sampling {args.timestep_sampling!r}; choose one of: {', '.join(TIMESTEP_SAMPLINGS)}")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise UsageError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
-    if args.proportion_empty_prompts and args.model_type not in ("sd", "controlnet"):
-        raise UsageError("--proportion_empty_prompts drops captions: it applies to --model_type sd and controlnet only")
+    if args.proportion_empty_prompts and args.model_type not in TEXT_TYPES:
+        raise UsageError(f"--proportion_empty_prompts drops captions: it applies to --model_type {', '.join(TEXT_TYPES)} only")
     if args.validation_epochs is not None and args.validation_epochs < 1:
         raise UsageError("--validation_epochs must be at least 1")
     if args.validation_prompt and args.validation_image and len(args.validation_prompt) not in (1, len(args.validation_image)) \
@@ -448,6 +460,11 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError("--max_train_steps must be at least 1")
     if args.rank is not None and args.rank < 1:
         raise UsageError("--rank must be at least 1")
+    if args.lora_layers is not None:
+        args.lora_layers = ",".join(name.strip() for name in args.lora_layers.split(",") if name.strip())
+        if args.rank is None or not args.lora_layers:
+            raise UsageError("--lora_layers names the modules a LoRA adapter trains: give it with --rank, e.g. "
+                             "--lora_layers to_k,to_q,to_v,to_out.0")
     if args.train_text_encoder and (args.model_type != "sd" or args.rank is None):
         raise UsageError("--train_text_encoder trains a LoRA on Stable Diffusion's text encoder: use it with "
                          "--model_type sd and --rank")
@@ -477,7 +494,7 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             check_hub_token_safety(args.report_to, args.hub_token)
         except ValueError as err:
             raise UsageError(str(err)) from None
-    if args.model_type in ("sd", "controlnet") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
+    if args.model_type in TEXT_TYPES and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
         raise UsageError(f"--model_type {args.model_type} needs captions: use --dataset_name mnist5k_captions or a captioned dataset")
 
 

@@ -57,7 +57,9 @@ def public_config(args) -> dict:
 
 def data_needs(args) -> dict:
     """Which dataset columns the model type needs (captions, conditioning images, classes)."""
-    return {"need_captions": args.model_type in ("sd", "controlnet"),
+    from .args import TEXT_TYPES
+
+    return {"need_captions": args.model_type in TEXT_TYPES,
             "need_conditioning": args.model_type == "controlnet",
             "need_classes": args.model_type in ("unet", "dit") and (args.num_classes is not None
                                                                     or args.class_column is not None),
@@ -74,9 +76,11 @@ def default_validation_inputs(args, dataset, columns) -> dict:
 
     from ..models.base import repeat_to
 
+    from .args import TEXT_TYPES
+
     n = args.num_validation_images
     inputs = {}
-    if args.model_type in ("sd", "controlnet"):
+    if args.model_type in TEXT_TYPES:
         prompts = args.validation_prompt or [dataset[i % len(dataset)][columns["caption_column"]] for i in range(n)]
         inputs["prompts"] = repeat_to(list(prompts), n)
     if args.model_type == "controlnet":
@@ -183,7 +187,7 @@ def train(args) -> str:
     bank_rows = retention_rows(args) if args.retention == "bank" else 0  # bank rows come from their own loader
     train_dataloader = make_train_dataloader(
         dataset, columns, resolution=pixel_resolution(adapter), batch_size=args.train_batch_size - bank_rows,
-        num_channels=adapter.num_channels, tokenizer=adapter.tokenizer, seed=args.seed,
+        num_channels=adapter.num_channels, tokenizer=adapter.caption_tokenizer, seed=args.seed,
         num_workers=args.dataloader_num_workers, center_crop=args.center_crop, random_flip=args.random_flip,
         max_samples=args.max_train_samples, interpolation=args.image_interpolation_mode,
         proportion_empty_prompts=args.proportion_empty_prompts)
@@ -373,7 +377,8 @@ def prepare_model(args, accelerator, adapter):
 
         teacher = FrozenTeacher(adapter, weight_dtype, autocast=accelerator.autocast).to(accelerator.device)
     if args.rank is not None:
-        adapter.add_lora(args.rank, alpha=args.lora_alpha)
+        adapter.add_lora(args.rank, alpha=args.lora_alpha,
+                         target_modules=args.lora_layers.split(",") if args.lora_layers else None)
     if args.train_text_encoder:
         adapter.add_text_encoder_lora(args.rank, alpha=args.lora_alpha)
     finetune = apply_finetune_mode(adapter.model, args.finetune)  # BitFit / DiffFit choose what trains
