@@ -18,6 +18,7 @@ import torch
 from trainer_utils import assert_same_tensors, load_safetensors_dir, train_in_process
 
 RES = 16
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: two threads contend on a shared 2-core machine
 
 
 def _tiny_adapter():
