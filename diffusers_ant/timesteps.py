@@ -10,6 +10,8 @@
   psi(t) ∝ T - t (knowledge retention) and xi(t) ∝ t + 1 (reconsolidation).
 * :class:`FlowMatchingDensitySampler`: SD3's ``logit_normal`` and ``mode`` timestep densities
   for flow matching, drawn by diffusers' ``compute_density_for_timestep_sampling``.
+* :class:`StratifiedDensitySampler`: ANT's stratified batch with a density inside each cluster
+  (``--timestep_sampling stratified`` with ``--weighting_scheme logit_normal | mode``).
 
 Every draw goes through the ``torch.Generator`` passed in (on the generator's device, then
 moved to ``device``), so a seed gives the same timesteps on CPU and GPU. No draw uses float64,
@@ -313,6 +315,79 @@ class FlowMatchingDensitySampler(TimestepSampler):
             f"FlowMatchingDensitySampler({self.weighting_scheme!r}, num_timesteps={self.num_timesteps}, "
             f"logit_mean={self.logit_mean}, logit_std={self.logit_std}, mode_scale={self.mode_scale})"
         )
+
+
+
+def flow_density_probabilities(weighting_scheme: str, num_timesteps: int, logit_mean: float = 0.0,
+                               logit_std: float = 1.0, mode_scale: float = 1.29) -> torch.Tensor:
+    """The probability of each training index t under :class:`FlowMatchingDensitySampler`, float64 [T].
+
+    That sampler draws u in [0, 1] and trains ``t = T - 1 - floor(u T)``, so index t receives the density's
+    mass on ``u`` in ``[(T - 1 - t) / T, (T - t) / T)``: the difference of the CDF of u at the two edges.
+    ``logit_normal``: ``u = sigmoid(n)``, n ~ N(mean, std^2), CDF ``Phi((logit(u) - mean) / std)``. ``mode``:
+    ``u = 1 - v - s (cos^2(pi v / 2) - 1 + v)`` with v ~ U[0, 1], decreasing in v for the admitted s, so
+    ``P(u <= x) = 1 - v(x)``, with v(x) found by bisection. Written by hand: diffusers' training utilities
+    only draw from these densities (``compute_density_for_timestep_sampling``), they do not evaluate them."""
+    if weighting_scheme not in FLOW_DENSITY_SCHEMES:
+        raise ValueError(f"unknown timestep density {weighting_scheme!r}; use one of {', '.join(FLOW_DENSITY_SCHEMES)}.")
+    FlowMatchingDensitySampler(weighting_scheme, num_timesteps, logit_mean, logit_std, mode_scale)  # its checks
+    edges = torch.linspace(0.0, 1.0, num_timesteps + 1, dtype=torch.float64)
+    if weighting_scheme == "logit_normal":
+        inner = edges[1:-1]
+        cdf = torch.special.ndtr((torch.log(inner) - torch.log1p(-inner) - logit_mean) / logit_std)
+        cdf = torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)])
+    else:
+        def u_of(v):
+            return 1 - v - mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
+
+        low, high = torch.zeros_like(edges), torch.ones_like(edges)  # u(low) >= x >= u(high)
+        for _ in range(60):
+            mid = (low + high) / 2
+            above = u_of(mid) >= edges
+            low, high = torch.where(above, mid, low), torch.where(above, high, mid)
+        cdf = 1 - (low + high) / 2
+    mass = (cdf[1:] - cdf[:-1]).clamp_min(0.0)  # mass of u-bin i, i = floor(u T)
+    return mass.flip(0) / mass.sum()  # index t = T - 1 - i
+
+
+class StratifiedDensitySampler(StratifiedTimestepSampler):
+    """ANT's stratified batch drawn within each cluster from a timestep density: the two compose.
+
+    Every cluster gets its equal share of the batch (:meth:`StratifiedTimestepSampler.cluster_counts`),
+    and inside cluster i the index is drawn with probability ``probabilities[t]`` renormalised over the
+    cluster (e.g. SD3's logit-normal density, :func:`flow_density_probabilities`), instead of uniformly.
+    So ANT decides how often each cluster is trained and the density where inside it; a cluster whose
+    density mass underflows to zero in float32 is drawn uniformly."""
+
+    def __init__(self, bounds, probabilities):
+        super().__init__(bounds)
+        probabilities = torch.as_tensor(probabilities, dtype=torch.float64).detach().cpu()
+        if probabilities.shape != (self.num_timesteps,) or (probabilities < 0).any() or not torch.isfinite(probabilities).all():
+            raise ValueError(f"probabilities must be {self.num_timesteps} finite non-negative numbers, one per timestep.")
+        self.probabilities = probabilities
+        self._within = []  # per cluster: the density renormalised over it (float32: MPS has no float64)
+        for start, end in self.bounds:
+            part = probabilities[start:end + 1]
+            part = part / part.sum() if part.sum() > 0 else torch.full_like(part, 1.0 / len(part))
+            part = part.float()
+            self._within.append(part if part.sum() > 0 else torch.full_like(part, 1.0 / len(part)))
+
+    def sample_with_ids(self, batch_size, generator=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = self.cluster_counts(batch_size, generator)
+        ids = torch.searchsorted(counts.cumsum(0), torch.arange(batch_size), right=True)
+        draw = _draw_device(generator, device)
+        pieces = []
+        for cluster, count in enumerate(counts.tolist()):
+            if count:
+                offsets = torch.multinomial(self._within[cluster].to(draw), count, replacement=True, generator=generator)
+                pieces.append(self._starts[cluster] + offsets.cpu())
+        t = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+        if device is not None:
+            t, ids = t.to(device), ids.to(device)
+        return t, ids
+
+    def __repr__(self) -> str:
+        return f"StratifiedDensitySampler(bounds={self.bounds})"
 
 
 def get_timestep_sampler(name: str, num_timesteps: int, intervals=None, **kwargs) -> TimestepSampler:

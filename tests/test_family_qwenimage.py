@@ -226,6 +226,37 @@ def test_flow_shift_shifts_the_training_sigmas_even_of_a_dynamic_shifting_config
     torch.testing.assert_close(schedule_snr(scheduler)[t].float(), ((1 - shifted) / shifted) ** 2)
 
 
+@pytest.mark.parametrize("scheme", ["logit_normal", "mode"])
+def test_stratified_draws_compose_with_the_density(scheme):
+    """flow_density_probabilities is the law of FlowMatchingDensitySampler's draws, and the stratified
+    sampler gives each cluster its equal share with the density inside it (not uniform inside it)."""
+    from diffusers_ant.timesteps import FlowMatchingDensitySampler, StratifiedDensitySampler, flow_density_probabilities
+
+    T, bounds = 1000, [(0, 190), (191, 499), (500, 808), (809, 999)]
+    options = {"logit_mean": 0.5, "logit_std": 1.0} if scheme == "logit_normal" else {"mode_scale": 1.29}
+    probabilities = flow_density_probabilities(scheme, T, **options)
+    assert probabilities.shape == (T,) and abs(float(probabilities.sum()) - 1) < 1e-9
+    drawn = FlowMatchingDensitySampler(scheme, T, **options).sample(200_000, generator=torch.Generator().manual_seed(0))
+    for start, end in bounds:
+        empirical = float(((drawn >= start) & (drawn <= end)).float().mean())
+        assert abs(empirical - float(probabilities[start:end + 1].sum())) < 0.005, (start, empirical)
+    sampler = StratifiedDensitySampler(bounds, probabilities)
+    generator = torch.Generator().manual_seed(1)
+    t, ids = zip(*(sampler.sample_with_ids(8, generator=generator) for _ in range(1000)))
+    t, ids = torch.stack(t), torch.stack(ids)
+    assert (ids == torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])).all()  # ANT's equal shares, in cluster order
+    for cluster, (start, end) in enumerate(bounds):
+        inside = t[ids == cluster].double()
+        assert inside.min() >= start and inside.max() <= end
+        part = probabilities[start:end + 1] / probabilities[start:end + 1].sum()
+        expected = float((part * torch.arange(start, end + 1, dtype=torch.float64)).sum())
+        spread = float((part * (torch.arange(start, end + 1) - expected) ** 2).sum()) ** 0.5
+        assert abs(float(inside.mean()) - expected) < 4 * spread / len(inside) ** 0.5, cluster
+    # not uniform inside the clusters: the density's mean differs from the midpoint somewhere
+    assert max(abs(float((probabilities[a:b + 1] / probabilities[a:b + 1].sum() * torch.arange(a, b + 1)).sum())
+                   - (a + b) / 2) for a, b in bounds) > 10
+
+
 def test_pcgrad_on_the_lora_subset_with_chosen_lora_layers(base):
     out = base.parent / "pcgrad"
     train_in_process(_args(base, out, "--rank", "2", "--mtl_method", "pcgrad", "--task_gradient_subset", "lora",
@@ -238,14 +269,17 @@ def test_pcgrad_on_the_lora_subset_with_chosen_lora_layers(base):
         assert json.load(f)["target_modules"] == ["add_q_proj", "to_q"]
 
 
-def test_bf16_lora_trains_and_saves_float32(base):
+def test_bf16_lora_with_stratified_logit_normal_draws_trains_and_saves_float32(base):
     out = base.parent / "bf16"
     train_in_process(_args(base, out, "--rank", "4", "--mixed_precision", "bf16", "--max_train_steps", "2",
-                           "--mtl_method", "uw", "--validation_steps", "1"))
+                           "--mtl_method", "uw", "--validation_steps", "1",
+                           "--weighting_scheme", "logit_normal", "--timestep_sampling", "stratified"))
     lora = _lora(out)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora.values())
     assert max(t.abs().max().item() for k, t in lora.items() if "lora_B" in k) > 0
     assert (out / "samples" / "step-1.png").is_file()
+    config = json.loads((out / "training_config.json").read_text())
+    assert (config["timestep_sampling"], config["weighting_scheme"]) == ("stratified", "logit_normal")
 
 
 def test_full_fine_tuning_saves_a_qwen_image_pipeline(base):

@@ -186,8 +186,6 @@ def test_the_argument_lists_agree_with_the_library():
 @pytest.mark.parametrize("extra,needle", [
     (["--weighting_scheme", "sigma_sqrt"], "add --noise_scheduler flow_match"),
     (["--noise_scheduler", "ddpm", "--weighting_scheme", "mode"], "add --noise_scheduler flow_match"),
-    (["--noise_scheduler", "flow_match", "--weighting_scheme", "logit_normal", "--timestep_sampling", "stratified"],
-     "drop --timestep_sampling stratified"),
     (["--noise_scheduler", "flow_match", "--weighting_scheme", "mode", "--timestep_range", "0", "9"], "--timestep_range"),
     (["--noise_scheduler", "flow_match", "--weighting_scheme", "cosmap", "--snr_gamma", "5"], "drop --loss_weighting min_snr"),
     (["--noise_scheduler", "flow_match", "--weighting_scheme", "mode", "--mode_scale", "3"], "--mode_scale must lie in"),

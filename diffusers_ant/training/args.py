@@ -384,12 +384,14 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         if ddpm:
             raise UsageError(f"--weighting_scheme {args.weighting_scheme} is for flow matching: add --noise_scheduler flow_match")
         if args.weighting_scheme in FLOW_DENSITY_SCHEMES:
-            # the density decides how often each noise level is trained; stratified sampling would give
-            # every cluster an equal share instead, and --timestep_range one interval
-            if args.timestep_sampling == "stratified" or args.timestep_range is not None:
+            # by default the density decides how often each noise level is trained (i.i.d. draws, grouped
+            # into clusters afterwards); --timestep_sampling stratified composes the two: every cluster its
+            # equal share, the density inside it (timesteps.StratifiedDensitySampler). A range is one interval.
+            if args.timestep_range is not None:
                 raise UsageError(f"--weighting_scheme {args.weighting_scheme} draws the timesteps from its density: "
-                                 "drop --timestep_sampling stratified / --timestep_range (use --timestep_sampling uniform)")
-            args.timestep_sampling = "uniform"  # i.i.d. draws (from the density), grouped into clusters afterwards
+                                 "drop --timestep_range")
+            if args.timestep_sampling != "stratified":
+                args.timestep_sampling = "uniform"
             try:  # the sampler's own checks of --logit_std / --mode_scale, now rather than at set-up
                 FlowMatchingDensitySampler(args.weighting_scheme, 1000, args.logit_mean, args.logit_std, args.mode_scale)
             except ValueError as err:

@@ -50,7 +50,12 @@ def build_sampler(args, intervals, num_timesteps):
     from ..timesteps import IntervalTimestepSampler, StratifiedTimestepSampler, UniformTimestepSampler
     from ..timesteps import FLOW_DENSITY_SCHEMES, FlowMatchingDensitySampler  # flow branch
 
-    if args.weighting_scheme in FLOW_DENSITY_SCHEMES:  # SD3's timestep density (args.py refuses stratified / range)
+    if args.weighting_scheme in FLOW_DENSITY_SCHEMES:  # SD3's timestep density (args.py refuses a range)
+        if args.timestep_sampling == "stratified":  # ANT's equal cluster shares, the density inside each cluster
+            from ..timesteps import StratifiedDensitySampler, flow_density_probabilities
+
+            return StratifiedDensitySampler(intervals, flow_density_probabilities(
+                args.weighting_scheme, num_timesteps, args.logit_mean, args.logit_std, args.mode_scale))
         return FlowMatchingDensitySampler(args.weighting_scheme, num_timesteps, args.logit_mean, args.logit_std,
                                           args.mode_scale)
     if args.timestep_range is not None:
