@@ -132,6 +132,25 @@ def test_prediction_is_unpacked_to_the_latent_shape_as_the_pipeline_packs_it():
     assert prediction.shape == x.shape and torch.isfinite(prediction).all()
 
 
+def test_sources_with_captions_of_other_lengths_join_without_changing_the_prediction():
+    """Two sources of a step (Diff-Tuning's) pad their captions each to its own longest: joined, the
+    shorter ones get more masked padding, and the transformer's output for them does not change."""
+    from diffusers_ant.training.step import _concatenate_prepared
+
+    adapter = _tiny_adapter()
+    short = adapter.conditioning({"pixel_values": torch.zeros(2, 3, RES, RES), "captions": ["a", "bb"]})
+    long = adapter.conditioning({"pixel_values": torch.zeros(1, 3, RES, RES), "captions": ["a much longer caption"]})
+    parts = [{"x": torch.zeros(len(c["prompt_embeds"])), "conditioning": c} for c in (short, long)]
+    joined = _concatenate_prepared(parts)["conditioning"]
+    assert joined["prompt_embeds"].shape[:2] == joined["prompt_embeds_mask"].shape == (3, long["prompt_embeds"].shape[1])
+    assert not joined["prompt_embeds_mask"][:2, short["prompt_embeds"].shape[1]:].any()
+    x, t = torch.randn(2, 4, 4, 4), torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        alone = adapter.predict(adapter.model, x, t, short)
+        padded = adapter.predict(adapter.model, x, t, {k: v[:2] for k, v in joined.items()})
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- training and loading
 
 
