@@ -328,6 +328,17 @@ def test_another_familys_folder_is_one_line_naming_both_types(tmp_path):
     assert "\n" not in message and "--model_type sd" in message and "qwenimage" in message, message
 
 
+
+def test_a_qwen_image_folder_given_to_another_type_is_one_line(base):
+    from diffusers_ant.models import get_model_adapter
+
+    with pytest.raises(ValueError) as err:
+        get_model_adapter("sd").load(pretrained_model_name_or_path=str(base), resolution=RES)
+    message = str(err.value)
+    assert "\n" not in message and "QwenImagePipeline" in message and "--model_type qwenimage" in message, message
+    assert "not a sd model" in message
+
+
 def test_flow_matching_is_the_default_and_ddpm_is_refused(tmp_path):
     from diffusers_ant.training import parse_args
     from diffusers_ant.training.args import UsageError

@@ -122,6 +122,19 @@ class PretrainedSource:
             raise _not_found(where, err) from err
 
 
+def check_pipeline_family(source, model_type: str) -> None:
+    """A ``ValueError`` naming both model types when ``source`` is a pipeline folder of a class that another
+    model type claims (its adapter's ``pipeline_classes``), e.g. a ``QwenImagePipeline`` given to ``sd``."""
+    from . import MODEL_TYPES  # the registry (models/__init__.py imports this module)
+
+    class_name = (source.index or {}).get("_class_name")
+    class_name = class_name[-1] if isinstance(class_name, list) else class_name
+    owner = next((name for name, adapter in MODEL_TYPES.items() if class_name in adapter.pipeline_classes), None)
+    if owner is not None and owner != model_type:
+        raise ValueError(f"{source.path!r} is a {class_name} ({owner}), not a {model_type} model: "
+                         f"use --model_type {owner}")
+
+
 def scheduler_kind(scheduler) -> str:
     """``"flow_match"`` for diffusers' flow-matching schedulers, else ``"ddpm"`` (one of :data:`NOISE_SCHEDULERS`)."""
     from ..schedule import is_flow_matching
@@ -198,6 +211,9 @@ class ModelAdapter:
     # does; SD's and DiT's latent pipelines do not).
     noise_schedulers = NOISE_SCHEDULERS
     latent_flow_matching = False
+    # The diffusers pipeline classes whose folders only this type loads: another type given such a folder
+    # is refused in one line naming both (see `check_pipeline_family`).
+    pipeline_classes = ()
 
     def __init__(
         self,
@@ -275,6 +291,7 @@ class ModelAdapter:
         source = None
         if pretrained_model_name_or_path is not None:
             source = PretrainedSource(pretrained_model_name_or_path, revision, variant, cache_dir)
+            check_pipeline_family(source, cls.model_type)
         preset = None
         if model_config_name_or_path is not None:
             preset = resolve_model_config(cls.model_type, model_config_name_or_path)

@@ -67,6 +67,7 @@ class QwenImageAdapter(ModelAdapter):
     last_block_name = "transformer_blocks"
     noise_schedulers = ("flow_match",)  # QwenImagePipeline samples with FlowMatchEulerDiscreteScheduler only
     latent_flow_matching = True
+    pipeline_classes = ("QwenImagePipeline",)
 
     @classmethod
     def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):
