@@ -76,8 +76,6 @@ MODEL_TYPES = {
         "description": "a Qwen-Image QwenImageTransformer2DModel",
     },
 }
-# Model types whose LoRA folders are diffusers' format, loaded with the pipeline's `load_lora_weights`.
-_DIFFUSERS_LORA_TYPES = ("sd", "qwenimage")
 
 # Readable names of the multi-task weightings (diffusers_ant.WEIGHTINGS keys), for the card body.
 METHOD_NAMES = {
@@ -499,9 +497,9 @@ def _usage_snippet(output_dir: Path, model_type: str, ref: str, base_model: str 
     else:
         base = _Location(_q(_named_base(base_model)), None)
     facts = _load_pipeline_code(code, model_type, base, pipeline_class)
-    if model_type in _DIFFUSERS_LORA_TYPES:
-        # diffusers-format LoRA (as train_text_to_image_lora.py / train_dreambooth_lora_qwen_image.py
-        # write it): the pipeline's own loader
+    if model_type in ("sd", "qwenimage"):
+        # diffusers-format LoRA (as train_text_to_image_lora.py / train_dreambooth_lora_qwen_image.py write
+        # it): the pipeline's own loader
         code.lines.append(f"pipe.load_lora_weights({_q(ref)})")
     else:
         # UNet2DModel, DiTTransformer2DModel and ControlNetModel have no diffusers LoRA loader: the

@@ -10,8 +10,7 @@
   psi(t) ∝ T - t (knowledge retention) and xi(t) ∝ t + 1 (reconsolidation).
 * :class:`FlowMatchingDensitySampler`: SD3's ``logit_normal`` and ``mode`` timestep densities
   for flow matching, drawn by diffusers' ``compute_density_for_timestep_sampling``.
-* :class:`StratifiedDensitySampler`: ANT's stratified batch with a density inside each cluster
-  (``--timestep_sampling stratified`` with ``--weighting_scheme logit_normal | mode``).
+* :class:`StratifiedDensitySampler`: ANT's stratified batch with such a density inside each cluster.
 
 Every draw goes through the ``torch.Generator`` passed in (on the generator's device, then
 moved to ``device``), so a seed gives the same timesteps on CPU and GPU. No draw uses float64,
@@ -281,8 +280,8 @@ class FlowMatchingDensitySampler(TimestepSampler):
     One departure: the index is clamped to T - 1, because the mode density returns u = 1 when the
     uniform draw is exactly 0 (probability 2^-24), which would index past the end in the script.
     For flow-matching schedulers only (the caller checks with
-    :func:`diffusers_ant.schedule.check_weighting_scheme`); a density replaces stratified sampling
-    rather than combining with it (see ``train_ant.py --weighting_scheme``).
+    :func:`diffusers_ant.schedule.check_weighting_scheme`); this sampler replaces stratified sampling
+    (the clusters are assigned after the draw); :class:`StratifiedDensitySampler` combines the two.
     """
 
     def __init__(self, weighting_scheme: str, num_timesteps: int, logit_mean: float = 0.0, logit_std: float = 1.0,
@@ -315,79 +314,6 @@ class FlowMatchingDensitySampler(TimestepSampler):
             f"FlowMatchingDensitySampler({self.weighting_scheme!r}, num_timesteps={self.num_timesteps}, "
             f"logit_mean={self.logit_mean}, logit_std={self.logit_std}, mode_scale={self.mode_scale})"
         )
-
-
-
-def flow_density_probabilities(weighting_scheme: str, num_timesteps: int, logit_mean: float = 0.0,
-                               logit_std: float = 1.0, mode_scale: float = 1.29) -> torch.Tensor:
-    """The probability of each training index t under :class:`FlowMatchingDensitySampler`, float64 [T].
-
-    That sampler draws u in [0, 1] and trains ``t = T - 1 - floor(u T)``, so index t receives the density's
-    mass on ``u`` in ``[(T - 1 - t) / T, (T - t) / T)``: the difference of the CDF of u at the two edges.
-    ``logit_normal``: ``u = sigmoid(n)``, n ~ N(mean, std^2), CDF ``Phi((logit(u) - mean) / std)``. ``mode``:
-    ``u = 1 - v - s (cos^2(pi v / 2) - 1 + v)`` with v ~ U[0, 1], decreasing in v for the admitted s, so
-    ``P(u <= x) = 1 - v(x)``, with v(x) found by bisection. Written by hand: diffusers' training utilities
-    only draw from these densities (``compute_density_for_timestep_sampling``), they do not evaluate them."""
-    if weighting_scheme not in FLOW_DENSITY_SCHEMES:
-        raise ValueError(f"unknown timestep density {weighting_scheme!r}; use one of {', '.join(FLOW_DENSITY_SCHEMES)}.")
-    FlowMatchingDensitySampler(weighting_scheme, num_timesteps, logit_mean, logit_std, mode_scale)  # its checks
-    edges = torch.linspace(0.0, 1.0, num_timesteps + 1, dtype=torch.float64)
-    if weighting_scheme == "logit_normal":
-        inner = edges[1:-1]
-        cdf = torch.special.ndtr((torch.log(inner) - torch.log1p(-inner) - logit_mean) / logit_std)
-        cdf = torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)])
-    else:
-        def u_of(v):
-            return 1 - v - mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
-
-        low, high = torch.zeros_like(edges), torch.ones_like(edges)  # u(low) >= x >= u(high)
-        for _ in range(60):
-            mid = (low + high) / 2
-            above = u_of(mid) >= edges
-            low, high = torch.where(above, mid, low), torch.where(above, high, mid)
-        cdf = 1 - (low + high) / 2
-    mass = (cdf[1:] - cdf[:-1]).clamp_min(0.0)  # mass of u-bin i, i = floor(u T)
-    return mass.flip(0) / mass.sum()  # index t = T - 1 - i
-
-
-class StratifiedDensitySampler(StratifiedTimestepSampler):
-    """ANT's stratified batch drawn within each cluster from a timestep density: the two compose.
-
-    Every cluster gets its equal share of the batch (:meth:`StratifiedTimestepSampler.cluster_counts`),
-    and inside cluster i the index is drawn with probability ``probabilities[t]`` renormalised over the
-    cluster (e.g. SD3's logit-normal density, :func:`flow_density_probabilities`), instead of uniformly.
-    So ANT decides how often each cluster is trained and the density where inside it; a cluster whose
-    density mass underflows to zero in float32 is drawn uniformly."""
-
-    def __init__(self, bounds, probabilities):
-        super().__init__(bounds)
-        probabilities = torch.as_tensor(probabilities, dtype=torch.float64).detach().cpu()
-        if probabilities.shape != (self.num_timesteps,) or (probabilities < 0).any() or not torch.isfinite(probabilities).all():
-            raise ValueError(f"probabilities must be {self.num_timesteps} finite non-negative numbers, one per timestep.")
-        self.probabilities = probabilities
-        self._within = []  # per cluster: the density renormalised over it (float32: MPS has no float64)
-        for start, end in self.bounds:
-            part = probabilities[start:end + 1]
-            part = part / part.sum() if part.sum() > 0 else torch.full_like(part, 1.0 / len(part))
-            part = part.float()
-            self._within.append(part if part.sum() > 0 else torch.full_like(part, 1.0 / len(part)))
-
-    def sample_with_ids(self, batch_size, generator=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = self.cluster_counts(batch_size, generator)
-        ids = torch.searchsorted(counts.cumsum(0), torch.arange(batch_size), right=True)
-        draw = _draw_device(generator, device)
-        pieces = []
-        for cluster, count in enumerate(counts.tolist()):
-            if count:
-                offsets = torch.multinomial(self._within[cluster].to(draw), count, replacement=True, generator=generator)
-                pieces.append(self._starts[cluster] + offsets.cpu())
-        t = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
-        if device is not None:
-            t, ids = t.to(device), ids.to(device)
-        return t, ids
-
-    def __repr__(self) -> str:
-        return f"StratifiedDensitySampler(bounds={self.bounds})"
 
 
 def get_timestep_sampler(name: str, num_timesteps: int, intervals=None, **kwargs) -> TimestepSampler:
@@ -429,3 +355,73 @@ def get_timestep_sampler(name: str, num_timesteps: int, intervals=None, **kwargs
         return FlowMatchingDensitySampler(name, num_timesteps, **kwargs)
     names = TIMESTEP_SAMPLERS + FLOW_DENSITY_SCHEMES
     raise ValueError(f"unknown timestep sampler {name!r}; use one of {', '.join(names)}.")
+
+
+def flow_density_masses(weighting_scheme: str, num_timesteps: int, logit_mean: float = 0.0, logit_std: float = 1.0,
+                        mode_scale: float = 1.29) -> torch.Tensor:
+    """The probability of each training index t (0 = cleanest) under :class:`FlowMatchingDensitySampler`,
+    float64 [T], computed exactly instead of drawn.
+
+    The sampler's index is ``floor(u T)`` of diffusers' ``u`` and ``t = T - 1 - index``, so
+    ``P(t) = P(i / T <= u < (i + 1) / T)`` with ``i = T - 1 - t``. ``logit_normal``: ``u = sigmoid(n)``,
+    ``n ~ N(mean, std^2)``, a difference of two normal CDFs at ``logit(i / T)``. ``mode``: ``u(v)``
+    falls monotonically from 1 to 0 over ``v ~ U[0, 1)`` (SD3 eq. 20 for a valid scale), so the mass
+    is the length of the ``v`` interval mapped into the bin, whose ends are found by bisection."""
+    edges = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps  # u-bin edges of index i
+    if weighting_scheme == "logit_normal":
+        logits = torch.logit(edges)  # -inf at 0, +inf at 1
+        cdf = torch.special.ndtr((logits - logit_mean) / logit_std)
+    elif weighting_scheme == "mode":
+        def u_of(v):
+            return 1 - v - mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
+
+        low, high = torch.zeros_like(edges), torch.ones_like(edges)
+        for _ in range(60):  # v with u(v) = edge; u decreases in v
+            mid = (low + high) / 2
+            above = u_of(mid) > edges
+            low, high = torch.where(above, mid, low), torch.where(above, high, mid)
+        cdf = 1.0 - (low + high) / 2  # P(u < edge) = P(v > v(edge))
+    else:
+        raise ValueError(f"unknown timestep density {weighting_scheme!r}; use one of {', '.join(FLOW_DENSITY_SCHEMES)}.")
+    index_mass = (cdf[1:] - cdf[:-1]).clamp_min(0)
+    return torch.flip(index_mass, dims=[0]) / index_mass.sum()  # index i -> t = T - 1 - i
+
+
+class StratifiedDensitySampler(StratifiedTimestepSampler):
+    """ANT's stratified batch on a flow-matching density: every cluster gets its equal share of the
+    batch (:class:`StratifiedTimestepSampler`), and inside its cluster t follows the density
+    (``logit_normal`` / ``mode``, :func:`flow_density_masses`) restricted to the cluster, instead of
+    uniform. The two compose: the clusters decide how often each noise range is trained (equal shares,
+    then the MTL weighting), the density how the draws spread inside a range. A scheduler's shift needs
+    no extra step: it lives in the sigma of each index, on which both act.
+
+    One uniform number per sample (float32, from ``generator``), mapped through the cluster's
+    conditional CDF; a cluster the density gives no mass at all (a far tail in float64) is drawn uniformly."""
+
+    def __init__(self, bounds, weighting_scheme: str, logit_mean: float = 0.0, logit_std: float = 1.0,
+                 mode_scale: float = 1.29):
+        super().__init__(bounds)
+        self.weighting_scheme = weighting_scheme
+        FlowMatchingDensitySampler(weighting_scheme, self.num_timesteps, logit_mean, logit_std, mode_scale)  # checks
+        self.masses = flow_density_masses(weighting_scheme, self.num_timesteps, logit_mean, logit_std, mode_scale)
+        self._cdf = torch.cumsum(self.masses, 0)
+
+    def sample_with_ids(self, batch_size, generator=None, device=None):
+        counts = self.cluster_counts(batch_size, generator)
+        ids = torch.searchsorted(counts.cumsum(0), torch.arange(batch_size), right=True)
+        u = torch.rand(batch_size, generator=generator, device=_draw_device(generator, device), dtype=torch.float32).cpu()
+        starts, sizes = self._starts[ids], self._sizes[ids]
+        ends = starts + sizes - 1
+        before = torch.where(starts > 0, self._cdf[(starts - 1).clamp_min(0)], torch.zeros((), dtype=torch.float64))
+        mass = self._cdf[ends] - before
+        target = before + u.double() * mass
+        t = torch.searchsorted(self._cdf, target, right=True)
+        t = torch.minimum(torch.maximum(t, starts), ends)
+        uniform = starts + torch.minimum((u * sizes.float()).long(), sizes - 1)
+        t = torch.where(mass > 0, t, uniform)
+        if device is not None:
+            t, ids = t.to(device), ids.to(device)
+        return t, ids
+
+    def __repr__(self) -> str:
+        return f"StratifiedDensitySampler(bounds={self.bounds}, weighting_scheme={self.weighting_scheme!r})"

@@ -245,37 +245,6 @@ def test_flow_shift_shifts_the_training_sigmas_even_of_a_dynamic_shifting_config
     torch.testing.assert_close(schedule_snr(scheduler)[t].float(), ((1 - shifted) / shifted) ** 2)
 
 
-@pytest.mark.parametrize("scheme", ["logit_normal", "mode"])
-def test_stratified_draws_compose_with_the_density(scheme):
-    """flow_density_probabilities is the law of FlowMatchingDensitySampler's draws, and the stratified
-    sampler gives each cluster its equal share with the density inside it (not uniform inside it)."""
-    from diffusers_ant.timesteps import FlowMatchingDensitySampler, StratifiedDensitySampler, flow_density_probabilities
-
-    T, bounds = 1000, [(0, 190), (191, 499), (500, 808), (809, 999)]
-    options = {"logit_mean": 0.5, "logit_std": 1.0} if scheme == "logit_normal" else {"mode_scale": 1.29}
-    probabilities = flow_density_probabilities(scheme, T, **options)
-    assert probabilities.shape == (T,) and abs(float(probabilities.sum()) - 1) < 1e-9
-    drawn = FlowMatchingDensitySampler(scheme, T, **options).sample(200_000, generator=torch.Generator().manual_seed(0))
-    for start, end in bounds:
-        empirical = float(((drawn >= start) & (drawn <= end)).float().mean())
-        assert abs(empirical - float(probabilities[start:end + 1].sum())) < 0.005, (start, empirical)
-    sampler = StratifiedDensitySampler(bounds, probabilities)
-    generator = torch.Generator().manual_seed(1)
-    t, ids = zip(*(sampler.sample_with_ids(8, generator=generator) for _ in range(1000)))
-    t, ids = torch.stack(t), torch.stack(ids)
-    assert (ids == torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])).all()  # ANT's equal shares, in cluster order
-    for cluster, (start, end) in enumerate(bounds):
-        inside = t[ids == cluster].double()
-        assert inside.min() >= start and inside.max() <= end
-        part = probabilities[start:end + 1] / probabilities[start:end + 1].sum()
-        expected = float((part * torch.arange(start, end + 1, dtype=torch.float64)).sum())
-        spread = float((part * (torch.arange(start, end + 1) - expected) ** 2).sum()) ** 0.5
-        assert abs(float(inside.mean()) - expected) < 4 * spread / len(inside) ** 0.5, cluster
-    # not uniform inside the clusters: the density's mean differs from the midpoint somewhere
-    assert max(abs(float((probabilities[a:b + 1] / probabilities[a:b + 1].sum() * torch.arange(a, b + 1)).sum())
-                   - (a + b) / 2) for a, b in bounds) > 10
-
-
 def test_pcgrad_on_the_lora_subset_with_chosen_lora_layers(base):
     out = base.parent / "pcgrad"
     train_in_process(_args(base, out, "--rank", "2", "--mtl_method", "pcgrad", "--task_gradient_subset", "lora",

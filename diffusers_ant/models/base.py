@@ -388,12 +388,6 @@ class ModelAdapter:
     def in_channels(self) -> int:
         return self.model.config.in_channels
 
-    @property
-    def caption_tokenizer(self):
-        """The tokenizer the data loader turns captions into ``input_ids`` with; None: captions come as
-        strings (``qwenimage``, which tokenizes them inside its prompt template)."""
-        return self.tokenizer
-
     def frozen_modules(self) -> dict:
         """The frozen parts by name (vae, text_encoder, unet), skipping absent ones."""
         parts = {"vae": self.vae, "text_encoder": self.text_encoder, "unet": self.unet}
@@ -450,6 +444,12 @@ class ModelAdapter:
         if shift is not None:
             latents = latents - shift
         return latents * self.vae.config.scaling_factor
+
+    def data_options(self) -> dict:
+        """Keyword arguments of ``diffusers_ant.data.make_train_dataloader`` that this model type needs:
+        its tokenizer (a dict of them for several text encoders) and whatever else its batches must carry
+        (SDXL: each image's original size and crop, ``crop_coords=True``)."""
+        return {"tokenizer": self.tokenizer}
 
     def conditioning(self, batch: dict, generator=None, training: bool = False) -> dict:
         """The type's conditioning inputs from the batch (class labels, text embeddings, control image)."""

@@ -6,7 +6,7 @@ What it takes from diffusers (``QwenImagePipeline`` and ``examples/dreambooth/tr
   caption, with the template's first 34 tokens dropped and the attention mask kept
   (``QwenImagePipeline.encode_prompt``, called here on a pipeline of the text parts, as the diffusers
   script's ``text_encoding_pipeline`` does; captions therefore reach the adapter as strings, see
-  :attr:`caption_tokenizer`).
+  :meth:`data_options`).
 - **Latents**: ``AutoencoderKLQwenImage`` encodes 5-D video tensors (B, C, frames, H, W); an image is one
   frame. The posterior sample is normalised per channel with the VAE config's ``latents_mean`` /
   ``latents_std``: ``(z - mean) / std`` (the script's ``(model_input - latents_mean) * latents_std`` with
@@ -142,10 +142,10 @@ class QwenImageAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------ training step
 
-    @property
-    def caption_tokenizer(self):
-        """None: captions reach :meth:`conditioning` as strings, tokenized there inside the pipeline's template."""
-        return None
+    def data_options(self) -> dict:
+        """No tokenizer for the data loader: captions reach :meth:`conditioning` as strings, tokenized there
+        inside the pipeline's template."""
+        return {"tokenizer": None}
 
     @torch.no_grad()
     def encode_pixels(self, pixel_values: torch.Tensor, generator=None, chunk_size=None) -> torch.Tensor:
@@ -205,7 +205,7 @@ class QwenImageAdapter(ModelAdapter):
             captions = [""] * batch["pixel_values"].shape[0]
         elif "input_ids" in batch:
             raise ValueError("qwenimage encodes captions with its prompt template: build the data loader with "
-                             "tokenizer=adapter.caption_tokenizer (None), so that captions arrive as strings")
+                             "adapter.data_options() (no tokenizer), so that captions arrive as strings")
         embeds, mask = self.encode_prompt(captions)
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 

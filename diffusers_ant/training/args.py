@@ -43,10 +43,6 @@ DEMO_ARGS = [
 ]
 
 MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "qwenimage")
-# Types whose pipeline samples flow matching only: flow_match is their default and ddpm is refused.
-FLOW_MATCHING_TYPES = ("qwenimage",)
-# Types trained on captions.
-TEXT_TYPES = ("sd", "controlnet", "qwenimage")
 CLUSTERING_OBJECTIVES = ("timestep", "snr", "gradient")
 TIMESTEP_SAMPLINGS = ("uniform", "stratified")
 # diffusers_ant.schedule's NOISE_SCHEDULERS and FLOW_WEIGHTING_SCHEMES, written out so that building the
@@ -100,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank", type=int, default=None, help="Train LoRA adapters of this rank instead of the full model.")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
     g.add_argument("--lora_layers", default=None,
-                   help="Comma-separated module names to give LoRA (as diffusers' DreamBooth LoRA scripts), e.g. "
-                   "\"to_k,to_q,to_v,to_out.0\"; default: the model type's own list.")
+                   help="With --rank: the modules given LoRA (peft target_modules), comma-separated module names, as "
+                   "diffusers' SDXL / SD3 / Flux scripts (e.g. \"to_k,to_q,to_v,to_out.0\"); default: the model type's "
+                   "own list (the targets of diffusers' LoRA script for that family).")
     g.add_argument("--finetune", default=None, choices=["full", "lora", "bitfit", "difffit"],
                    help="What trains: the whole model, LoRA adapters (--rank), the bias terms (BitFit), or DiffFit's "
                    "biases, norms, label table and scales in the first half of the blocks (Xie et al. 2023, as the "
@@ -119,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Shift of the flow-matching sigmas (default 1.0 from scratch, else the folder's; SD3 uses 3.0).")
     g.add_argument("--weighting_scheme", default="none", choices=list(FLOW_WEIGHTING_SCHEMES),
                    help="As diffusers' SD3 script, flow matching only: logit_normal or mode draw the timesteps from "
-                   "that density (with --timestep_sampling uniform: not stratified, the density decides how often each "
-                   "cluster is trained), sigma_sqrt or cosmap weight the loss (instead of --loss_weighting).")
+                   "that density (by default i.i.d.: the density decides how often each cluster is trained; with "
+                   "--timestep_sampling stratified each cluster gets an equal share of the batch, drawn from the density "
+                   "inside the cluster), sigma_sqrt or cosmap weight the loss (instead of --loss_weighting).")
     g.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal density (SD3: 0.0).")
     g.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit_normal density (SD3: 1.0).")
     g.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode density (SD3 script: 1.29).")
@@ -365,10 +363,9 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
 
     if args.noise_scheduler not in (None, *NOISE_SCHEDULERS):
         raise UsageError(f"unknown --noise_scheduler {args.noise_scheduler!r}; choose one of: {', '.join(NOISE_SCHEDULERS)}")
-    if args.model_type in FLOW_MATCHING_TYPES:
+    if args.model_type == "qwenimage":  # QwenImagePipeline samples flow matching only: its only (and default) schedule
         if args.noise_scheduler == "ddpm":
-            raise UsageError(f"--model_type {args.model_type} trains by flow matching, which its pipeline samples: "
-                             "drop --noise_scheduler ddpm")
+            raise UsageError("--model_type qwenimage trains with flow matching: drop --noise_scheduler ddpm")
         args.noise_scheduler = "flow_match"
     if args.noise_scheduler == "flow_match":
         if args.model_type in ("sd", "controlnet"):
@@ -384,12 +381,13 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         if ddpm:
             raise UsageError(f"--weighting_scheme {args.weighting_scheme} is for flow matching: add --noise_scheduler flow_match")
         if args.weighting_scheme in FLOW_DENSITY_SCHEMES:
-            # by default the density decides how often each noise level is trained (i.i.d. draws, grouped
-            # into clusters afterwards); --timestep_sampling stratified composes the two: every cluster its
-            # equal share, the density inside it (timesteps.StratifiedDensitySampler). A range is one interval.
+            # the density decides how often each noise level is trained (default: i.i.d. draws, grouped into
+            # clusters afterwards); an explicit --timestep_sampling stratified composes with it (equal cluster
+            # shares, the density inside each cluster: timesteps.StratifiedDensitySampler); --timestep_range
+            # would train one interval
             if args.timestep_range is not None:
                 raise UsageError(f"--weighting_scheme {args.weighting_scheme} draws the timesteps from its density: "
-                                 "drop --timestep_range")
+                                 "drop --timestep_range (or use --weighting_scheme none)")
             if args.timestep_sampling != "stratified":
                 args.timestep_sampling = "uniform"
             try:  # the sampler's own checks of --logit_std / --mode_scale, now rather than at set-up
@@ -430,8 +428,9 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError(f"unknown --timestep_sampling {args.timestep_sampling!r}; choose one of: {', '.join(TIMESTEP_SAMPLINGS)}")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise UsageError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
-    if args.proportion_empty_prompts and args.model_type not in TEXT_TYPES:
-        raise UsageError(f"--proportion_empty_prompts drops captions: it applies to --model_type {', '.join(TEXT_TYPES)} only")
+    if args.proportion_empty_prompts and args.model_type not in ("sd", "controlnet", "qwenimage"):
+        raise UsageError("--proportion_empty_prompts drops captions: it applies to --model_type sd, controlnet and "
+                         "qwenimage only")
     if args.validation_epochs is not None and args.validation_epochs < 1:
         raise UsageError("--validation_epochs must be at least 1")
     if args.validation_prompt and args.validation_image and len(args.validation_prompt) not in (1, len(args.validation_image)) \
@@ -462,14 +461,11 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError("--max_train_steps must be at least 1")
     if args.rank is not None and args.rank < 1:
         raise UsageError("--rank must be at least 1")
-    if args.lora_layers is not None:
-        args.lora_layers = ",".join(name.strip() for name in args.lora_layers.split(",") if name.strip())
-        if args.rank is None or not args.lora_layers:
-            raise UsageError("--lora_layers names the modules a LoRA adapter trains: give it with --rank, e.g. "
-                             "--lora_layers to_k,to_q,to_v,to_out.0")
     if args.train_text_encoder and (args.model_type != "sd" or args.rank is None):
         raise UsageError("--train_text_encoder trains a LoRA on Stable Diffusion's text encoder: use it with "
                          "--model_type sd and --rank")
+    if args.lora_layers is not None and (args.rank is None or not [x for x in args.lora_layers.split(",") if x.strip()]):
+        raise UsageError("--lora_layers names the modules given LoRA: add --rank and at least one module name")
     if args.rank is not None and args.pretrained_model_name_or_path is None:
         raise UsageError("--rank trains LoRA adapters on a pretrained model: give --pretrained_model_name_or_path")
     if args.pretrained_model_name_or_path is None and args.model_config_name_or_path is None:
@@ -496,7 +492,7 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             check_hub_token_safety(args.report_to, args.hub_token)
         except ValueError as err:
             raise UsageError(str(err)) from None
-    if args.model_type in TEXT_TYPES and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
+    if args.model_type in ("sd", "controlnet", "qwenimage") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
         raise UsageError(f"--model_type {args.model_type} needs captions: use --dataset_name mnist5k_captions or a captioned dataset")
 
 

@@ -50,12 +50,13 @@ def build_sampler(args, intervals, num_timesteps):
     from ..timesteps import IntervalTimestepSampler, StratifiedTimestepSampler, UniformTimestepSampler
     from ..timesteps import FLOW_DENSITY_SCHEMES, FlowMatchingDensitySampler  # flow branch
 
-    if args.weighting_scheme in FLOW_DENSITY_SCHEMES:  # SD3's timestep density (args.py refuses a range)
-        if args.timestep_sampling == "stratified":  # ANT's equal cluster shares, the density inside each cluster
-            from ..timesteps import StratifiedDensitySampler, flow_density_probabilities
+    if args.weighting_scheme in FLOW_DENSITY_SCHEMES and args.timestep_sampling == "stratified":
+        from ..timesteps import StratifiedDensitySampler
 
-            return StratifiedDensitySampler(intervals, flow_density_probabilities(
-                args.weighting_scheme, num_timesteps, args.logit_mean, args.logit_std, args.mode_scale))
+        # ANT's equal cluster shares, the density inside each cluster (args.py refuses --timestep_range)
+        return StratifiedDensitySampler(intervals, args.weighting_scheme, args.logit_mean, args.logit_std,
+                                        args.mode_scale)
+    if args.weighting_scheme in FLOW_DENSITY_SCHEMES:  # SD3's timestep density, i.i.d. (clusters assigned after)
         return FlowMatchingDensitySampler(args.weighting_scheme, num_timesteps, args.logit_mean, args.logit_std,
                                           args.mode_scale)
     if args.timestep_range is not None:

@@ -57,9 +57,7 @@ def public_config(args) -> dict:
 
 def data_needs(args) -> dict:
     """Which dataset columns the model type needs (captions, conditioning images, classes)."""
-    from .args import TEXT_TYPES
-
-    return {"need_captions": args.model_type in TEXT_TYPES,
+    return {"need_captions": args.model_type in ("sd", "controlnet", "qwenimage"),
             "need_conditioning": args.model_type == "controlnet",
             "need_classes": args.model_type in ("unet", "dit") and (args.num_classes is not None
                                                                     or args.class_column is not None),
@@ -76,11 +74,9 @@ def default_validation_inputs(args, dataset, columns) -> dict:
 
     from ..models.base import repeat_to
 
-    from .args import TEXT_TYPES
-
     n = args.num_validation_images
     inputs = {}
-    if args.model_type in TEXT_TYPES:
+    if args.model_type in ("sd", "controlnet", "qwenimage"):
         prompts = args.validation_prompt or [dataset[i % len(dataset)][columns["caption_column"]] for i in range(n)]
         inputs["prompts"] = repeat_to(list(prompts), n)
     if args.model_type == "controlnet":
@@ -187,7 +183,7 @@ def train(args) -> str:
     bank_rows = retention_rows(args) if args.retention == "bank" else 0  # bank rows come from their own loader
     train_dataloader = make_train_dataloader(
         dataset, columns, resolution=pixel_resolution(adapter), batch_size=args.train_batch_size - bank_rows,
-        num_channels=adapter.num_channels, tokenizer=adapter.caption_tokenizer, seed=args.seed,
+        num_channels=adapter.num_channels, seed=args.seed, **adapter.data_options(),
         num_workers=args.dataloader_num_workers, center_crop=args.center_crop, random_flip=args.random_flip,
         max_samples=args.max_train_samples, interpolation=args.image_interpolation_mode,
         proportion_empty_prompts=args.proportion_empty_prompts)
@@ -377,8 +373,7 @@ def prepare_model(args, accelerator, adapter):
 
         teacher = FrozenTeacher(adapter, weight_dtype, autocast=accelerator.autocast).to(accelerator.device)
     if args.rank is not None:
-        adapter.add_lora(args.rank, alpha=args.lora_alpha,
-                         target_modules=args.lora_layers.split(",") if args.lora_layers else None)
+        adapter.add_lora(args.rank, alpha=args.lora_alpha, target_modules=_lora_layers(args))
     if args.train_text_encoder:
         adapter.add_text_encoder_lora(args.rank, alpha=args.lora_alpha)
     finetune = apply_finetune_mode(adapter.model, args.finetune)  # BitFit / DiffFit choose what trains
@@ -394,6 +389,12 @@ def prepare_model(args, accelerator, adapter):
     adapter.to(accelerator.device, weight_dtype)  # frozen parts (VAE, text encoder) in the low precision
     cast_frozen_parameters(adapter.model, weight_dtype)  # and a LoRA run's frozen base weights
     return teacher, finetune
+
+
+def _lora_layers(args):
+    """`--lora_layers` as a list of module names (None: the model type's default targets)."""
+    layers = getattr(args, "lora_layers", None)
+    return [name.strip() for name in layers.split(",") if name.strip()] if layers else None
 
 
 def write_run_records(args, accelerator, intervals, weighting) -> None:

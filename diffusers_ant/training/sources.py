@@ -67,7 +67,7 @@ def knowledge_bank_dataloader(args, adapter, needs: dict, rows: int):
                               classes_if_present=args.model_type in ("unet", "dit"))
     return make_train_dataloader(
         bank, columns, resolution=pixel_resolution(adapter), batch_size=rows, num_channels=adapter.num_channels,
-        tokenizer=adapter.caption_tokenizer, seed=args.seed + 1, num_workers=args.dataloader_num_workers,
+        seed=args.seed + 1, num_workers=args.dataloader_num_workers, **adapter.data_options(),
         center_crop=args.center_crop, random_flip=args.random_flip, max_samples=None,
         interpolation=args.image_interpolation_mode)
 
