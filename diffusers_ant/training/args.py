@@ -95,10 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "through it; the output folder records it in class_map.json.")
     g.add_argument("--rank", type=int, default=None, help="Train LoRA adapters of this rank instead of the full model.")
     g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
-    g.add_argument("--lora_layers", default=None,
-                   help="With --rank: the modules given LoRA (peft target_modules), comma-separated module names, as "
-                   "diffusers' SDXL / SD3 / Flux scripts (e.g. \"to_k,to_q,to_v,to_out.0\"); default: the model type's "
-                   "own list (the targets of diffusers' LoRA script for that family).")
     g.add_argument("--finetune", default=None, choices=["full", "lora", "bitfit", "difffit"],
                    help="What trains: the whole model, LoRA adapters (--rank), the bias terms (BitFit), or DiffFit's "
                    "biases, norms, label table and scales in the first half of the blocks (Xie et al. 2023, as the "
@@ -106,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--rank, else full.")
     g.add_argument("--train_text_encoder", action="store_true",
                    help="sd with --rank: train a LoRA adapter on the text encoder too (diffusers' DreamBooth LoRA).")
+    g.add_argument("--lora_layers", default=None,
+                   help="With --rank: the modules given LoRA (peft target_modules), comma-separated module names, as "
+                   "diffusers' SDXL / SD3 / Flux scripts (e.g. \"to_k,to_q,to_v,to_out.0\"); default: the model type's "
+                   "own list (the targets of diffusers' LoRA script for that family).")
 
     # ---- flow matching (one block: the scheduler family, SD3's --weighting_scheme and its parameters)
     g = p.add_argument_group("flow matching")
