@@ -270,6 +270,16 @@ def test_bf16_lora_with_stratified_logit_normal_draws_trains_and_saves_float32(b
     assert (config["timestep_sampling"], config["weighting_scheme"]) == ("stratified", "logit_normal")
 
 
+def test_diff_tuning_kd_trains_a_lora(base):
+    """Diff-Tuning's distillation variant: retention rows take the frozen pretrained prediction as target."""
+    out = base.parent / "kd"
+    train_in_process(_args(base, out, "--rank", "4", "--retention", "kd", "--bank_fraction", "0.5",
+                           "--max_train_steps", "2"))
+    lora = _lora(out)
+    assert all(torch.isfinite(t).all() for t in lora.values())
+    assert max(t.abs().max().item() for k, t in lora.items() if "lora_B" in k) > 0
+
+
 def test_full_fine_tuning_saves_a_qwen_image_pipeline(base):
     from diffusers import QwenImagePipeline
 
