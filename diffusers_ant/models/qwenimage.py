@@ -107,8 +107,9 @@ class QwenImageAdapter(ModelAdapter):
             if not source.has("transformer"):
                 raise ValueError(f"pretrained pipeline {source.path!r} has no transformer")
             model, from_pretrained = source.load(QwenImageTransformer2DModel, subfolder="transformer"), True
-        # Qwen-Image's transformer has no sample size; 2x2 packing needs latents of even size
-        resolution = resolution or (16 if preset is not None else 1024)
+        # Qwen-Image's transformer has no sample size: diffusers' script's default --resolution (512) for a
+        # checkpoint; 2x2 packing needs latents of even size
+        resolution = resolution or (16 if preset is not None else 512)
         if resolution % (2 * scale):
             raise ValueError(f"--resolution {resolution} must be a multiple of {2 * scale} for Qwen-Image "
                              f"(VAE factor {scale} times the 2x2 packing)")
