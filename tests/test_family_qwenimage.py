@@ -151,6 +151,32 @@ def test_sources_with_captions_of_other_lengths_join_without_changing_the_predic
     torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
 
 
+def test_caching_hooks_reproduce_the_uncached_encoding():
+    """What --cache_latents / --cache_text_embeddings store: the VAE moments (the latent draw from them is the
+    uncached one), text entries of one caption at a time that batch together and give the uncached
+    conditioning, and encoded validation prompts that sample what the prompts sample."""
+    adapter = _tiny_adapter()
+    pixels = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    moments = adapter.encode_moments(pixels)
+    assert moments.shape == (2, 8, 1, RES // 4, RES // 4)
+    torch.testing.assert_close(adapter.latents_from_moments(moments, generator=torch.Generator().manual_seed(4)),
+                               adapter.encode_pixels(pixels, generator=torch.Generator().manual_seed(4)))
+    captions = ["a handwritten digit 3", "seven"]
+    one_at_a_time = [adapter.encode_text({"captions": [c], "pixel_values": pixels[:1]}) for c in captions]
+    stacked = {key: torch.cat([entry[key] for entry in one_at_a_time]) for key in one_at_a_time[0]}
+    direct = adapter.conditioning({"captions": captions, "pixel_values": pixels})
+    for key, value in adapter.trimmed(stacked).items():
+        torch.testing.assert_close(value, direct[key])
+    pipeline = adapter.make_pipeline()
+    encoded = adapter.validation_prompt_kwargs(pipeline, ["a handwritten digit 3"] * 2, guidance_scale=2.0)
+    assert set(encoded) == {"prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds", "negative_prompt_embeds_mask"}
+    images = [adapter.sample(pipeline, 2, generator=torch.Generator().manual_seed(0), num_inference_steps=2,
+                             prompts=prompts, guidance_scale=2.0) for prompts in (["a handwritten digit 3"], encoded)]
+    import numpy as np
+
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(*images))
+
+
 # --------------------------------------------------------------------------- training and loading
 
 

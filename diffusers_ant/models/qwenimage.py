@@ -150,16 +150,27 @@ class QwenImageAdapter(ModelAdapter):
 
     @torch.no_grad()
     def encode_pixels(self, pixel_values: torch.Tensor, generator=None, chunk_size=None) -> torch.Tensor:
-        """Pixels (B, 3, H, W) in [-1, 1] -> normalised latents (B, z_dim, H / f, W / f), float32.
+        """Pixels (B, 3, H, W) in [-1, 1] -> normalised latents (B, z_dim, H / f, W / f), float32:
+        :meth:`latents_from_moments` of :meth:`encode_moments` (the halves ``--cache_latents`` splits)."""
+        return self.latents_from_moments(self.encode_moments(pixel_values, chunk_size=chunk_size), generator=generator)
 
-        One frame of the 5-D VAE; the posterior sample ``mean + std * noise`` with the noise drawn from
-        ``generator`` for the whole batch at once (resumable, as ``ModelAdapter.encode_pixels``), then
-        ``(z - latents_mean) / latents_std`` as diffusers' Qwen-Image script does."""
+    @torch.no_grad()
+    def encode_moments(self, pixel_values: torch.Tensor, chunk_size=None) -> torch.Tensor:
+        """The VAE posterior's parameters (mean and log-variance on the channel axis, (B, 2 z_dim, 1, h, w):
+        one frame of the 5-D VAE), in the VAE's dtype; deterministic, hence what ``--cache_latents`` caches."""
         pixels = pixel_values.to(self.vae.device, self.vae.dtype).unsqueeze(2)
         pieces = [pixels] if chunk_size is None else torch.split(pixels, chunk_size)
-        dists = [self.vae.encode(piece).latent_dist for piece in pieces]
-        mean = torch.cat([d.mean for d in dists]).float()
-        std = torch.cat([d.std for d in dists]).float()
+        return torch.cat([self.vae.encode(piece).latent_dist.parameters for piece in pieces])
+
+    @torch.no_grad()
+    def latents_from_moments(self, moments: torch.Tensor, generator=None) -> torch.Tensor:
+        """The posterior sample ``mean + std * noise`` (noise from ``generator`` for the whole batch at once:
+        resumable), normalised ``(z - latents_mean) / latents_std`` as diffusers' Qwen-Image script does, frame
+        axis dropped: (B, z_dim, h, w) float32."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        dist = DiagonalGaussianDistribution(moments.to(self.vae.device))
+        mean, std = dist.mean.float(), dist.std.float()
         draw_device = generator.device if generator is not None else mean.device
         noise = torch.randn(mean.shape, generator=generator, device=draw_device, dtype=torch.float32).to(mean.device)
         latents = mean + std * noise
@@ -196,19 +207,48 @@ class QwenImageAdapter(ModelAdapter):
         return embeds.float(), mask
 
     def null_condition_batch(self, batch):
-        batch = dict(batch)
-        batch.pop("captions", None)  # no captions -> the empty prompt (see `conditioning`)
-        return batch
+        # no captions (nor cached embeddings of them) -> the empty prompt (see `encode_text`)
+        return {key: value for key, value in batch.items() if key != "captions" and not key.startswith("cached_text/")}
 
-    def conditioning(self, batch, generator=None, training=False):
-        captions = batch.get("captions")
-        if captions is None:  # no captions: the empty prompt, i.e. unconditional training
-            captions = [""] * batch["pixel_values"].shape[0]
-        elif "input_ids" in batch:
+    def encode_text(self, batch: dict) -> dict:
+        """The captions' ``prompt_embeds`` / ``prompt_embeds_mask`` (:meth:`encode_prompt`; the empty prompt
+        without captions), zero-padded to ``MAX_SEQUENCE_LENGTH`` tokens with mask 0: a fixed shape, so that
+        embeddings cached one caption at a time (``--cache_text_embeddings``) batch together;
+        :meth:`conditioning` cuts the padding back to the batch's longest caption."""
+        if "input_ids" in batch:
             raise ValueError("qwenimage encodes captions with its prompt template: build the data loader with "
                              "adapter.data_options() (no tokenizer), so that captions arrive as strings")
+        captions = batch.get("captions")
+        if captions is None:  # no captions: the empty prompt, i.e. unconditional training
+            rows = next(batch[key].shape[0] for key in ("pixel_values", "latent_moments") if key in batch)
+            captions = [""] * rows
         embeds, mask = self.encode_prompt(captions)
-        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+        pad = MAX_SEQUENCE_LENGTH - embeds.shape[1]
+        return {"prompt_embeds": torch.nn.functional.pad(embeds, (0, 0, 0, pad)),
+                "prompt_embeds_mask": torch.nn.functional.pad(mask, (0, pad))}
+
+    def conditioning(self, batch, generator=None, training=False):
+        # ModelAdapter.text_conditioning where the base has it (cached embeddings, else encode_text)
+        return self.trimmed(getattr(super(), "text_conditioning", self.encode_text)(batch))
+
+    @staticmethod
+    def trimmed(text: dict) -> dict:
+        """:meth:`encode_text`'s entries cut to the batch's longest caption: no compute on padding."""
+        mask = text["prompt_embeds_mask"]
+        length = max(1, int(mask.sum(dim=1).max()))
+        return {"prompt_embeds": text["prompt_embeds"][:, :length].float(), "prompt_embeds_mask": mask[:, :length]}
+
+    def validation_prompt_kwargs(self, pipeline, prompts, guidance_scale=None) -> dict:
+        """``QwenImagePipeline.encode_prompt`` of the validation prompts (and, with ``guidance_scale`` > 1, of
+        the negative prompt " "), for sampling after ``--cache_text_embeddings`` freed the text encoder."""
+        def encoded(texts, prefix=""):
+            embeds, mask = self.encode_prompt(texts)
+            return {f"{prefix}prompt_embeds": embeds.to(self.text_encoder.dtype), f"{prefix}prompt_embeds_mask": mask}
+
+        kwargs = encoded(list(prompts))
+        if guidance_scale is not None and guidance_scale > 1:
+            kwargs.update(encoded([" "] * len(prompts), "negative_"))
+        return kwargs
 
     def predict(self, model, x_t, timesteps, conditioning):
         """The transformer's velocity for ``x_t`` (B, C, h, w), unpacked to (B, C, h, w).
@@ -255,9 +295,14 @@ class QwenImageAdapter(ModelAdapter):
         size = self.sample_size * self.vae_scale_factor(pipeline.vae)
         guidance = {"true_cfg_scale": 1.0}
         if guidance_scale is not None and guidance_scale > 1:
-            guidance = {"true_cfg_scale": guidance_scale, "negative_prompt": [" "] * num_images}
+            guidance = {"true_cfg_scale": guidance_scale}
+            if not isinstance(prompts, dict):  # encoded prompts carry their negative embeddings
+                guidance["negative_prompt"] = [" "] * num_images
+        # the prompts, or their embeddings (a dict from `validation_prompt_kwargs`, one row per image)
+        prompt = dict(prompts) if isinstance(prompts, dict) else {
+            "prompt": repeat_to(prompts if prompts is not None else "", num_images)}
         return pipeline(
-            prompt=repeat_to(prompts if prompts is not None else "", num_images),
+            **prompt,
             height=size,
             width=size,
             num_inference_steps=num_inference_steps,
