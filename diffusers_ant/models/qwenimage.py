@@ -177,6 +177,13 @@ class QwenImageAdapter(ModelAdapter):
         latents_mean, latents_std = self._latent_stats(latents)
         return ((latents - latents_mean) / latents_std)[:, :, 0]
 
+    def free_vae_encoder(self) -> dict:
+        """Nothing (``--cache_latents`` keeps the Qwen-Image VAE's encoder): ``AutoencoderKLQwenImage.decode``
+        clears its causal-conv cache by counting the encoder's layers (``clear_cache``), so validation could not
+        decode without it. The encoder is a fraction of a GB beside the 20B transformer and the 7B text encoder,
+        which ``--cache_text_embeddings`` does free."""
+        return {}
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, z_dim, h, w) -> pixels (B, 3, H, W), the inverse the pipeline applies
