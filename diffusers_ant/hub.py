@@ -95,6 +95,13 @@ MODEL_TYPES = {
         "description": "a FLUX.1 transformer (FluxTransformer2DModel)",
         "license": "other",
     },
+    # the tags of diffusers' train_dreambooth_lora_qwen_image.py (its license, apache-2.0, is the card's default)
+    "qwenimage": {
+        "pipeline": "QwenImagePipeline",
+        "tags": ("text-to-image", "qwen-image", "qwen-image-diffusers", "template:sd-lora"),
+        "pipeline_tag": "text-to-image",
+        "description": "a Qwen-Image QwenImageTransformer2DModel",
+    },
 }
 
 
@@ -339,7 +346,7 @@ _BASE_MODEL_DIR = "base_model"
 _COND_EMBEDDING_FILE = "controlnet_cond_embedding.safetensors"
 _LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 _DENOISER = {"unet": "unet", "dit": "transformer", "sd": "unet", "sdxl": "unet", "controlnet": "controlnet", "flux": "transformer",
-             "sd3": "transformer"}
+             "sd3": "transformer", "qwenimage": "transformer"}
 
 
 def _read_json(path: Path | None) -> dict | None:
@@ -505,6 +512,9 @@ def _call_code(code: _Snippet, model_type: str, facts: dict, prompt: str, resolu
         # training resolution when known (the pipeline's default is 1024 pixels)
         size = f", height={resolution}, width={resolution}" if resolution else ""
         code.lines.append(f"image = pipe({_q(prompt)}{size}, num_inference_steps=28, guidance_scale=3.5).images[0]")
+    elif model_type == "qwenimage":
+        size = f"height={resolution}, width={resolution}, " if resolution else ""  # the trained size (default 1024)
+        code.lines.append(f"image = pipe({_q(prompt)}, {size}num_inference_steps=30).images[0]")
     else:
         if resolution is None:
             unet = facts.get("unet_config") or {}
@@ -533,9 +543,9 @@ def _usage_snippet(output_dir: Path, model_type: str, ref: str, base_model: str 
     else:
         base = _Location(_q(_named_base(base_model)), None)
     facts = _load_pipeline_code(code, model_type, base, pipeline_class)
-    if model_type in ("sd", "sdxl", "flux", "sd3"):
+    if model_type in ("sd", "sdxl", "flux", "sd3", "qwenimage"):
         # diffusers-format LoRA (as train_text_to_image_lora.py / train_dreambooth_lora_sdxl.py / _flux.py /
-        # _sd3.py write it): the pipeline's own loader
+        # _sd3.py / _qwen_image.py write it): the pipeline's own loader
         code.lines.append(f"pipe.load_lora_weights({_q(ref)})")
         if lora_info is not None and lora_info.get("vae"):
             # trained with --pretrained_vae_model_name_or_path (the fp16-fixed SDXL VAE): sample with it too

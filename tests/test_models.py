@@ -86,7 +86,7 @@ def sample_kwargs(adapter):
 
 
 def test_registry_and_unknown_type():
-    assert {"unet", "dit", "sd", "controlnet", "sdxl", "flux", "sd3"} <= set(MODEL_TYPES)
+    assert {"unet", "dit", "sd", "controlnet", "sdxl", "flux", "sd3", "qwenimage"} <= set(MODEL_TYPES)
     assert get_model_adapter("dit") is MODEL_TYPES["dit"]
     with pytest.raises(ValueError, match="unknown model type 'vae'.*unet, dit, sd, controlnet"):
         get_model_adapter("vae")

@@ -13,7 +13,9 @@ Model types (``MODEL_TYPES``): ``unet`` (UNet2DModel, unconditional or class-con
 ``dit`` (DiTTransformer2DModel, pixel or latent), ``sd`` (UNet2DConditionModel + frozen CLIP text
 encoder and VAE), ``controlnet`` (ControlNetModel beside a frozen SD UNet), ``sdxl`` (SDXL's
 UNet2DConditionModel with two CLIP text encoders and its size / crop micro-conditioning), ``flux``
-(FluxTransformer2DModel with CLIP + T5 and packed latents, flow matching). See ``base.ModelAdapter``
+(FluxTransformer2DModel with CLIP + T5 and packed latents, flow matching), ``sd3`` (SD3Transformer2DModel with
+CLIP-L, CLIP-G and an optional T5, flow matching), ``qwenimage`` (QwenImageTransformer2DModel + frozen
+Qwen2.5-VL text encoder and Qwen-Image VAE, flow matching). See ``base.ModelAdapter``
 for the interface and each module for its type's details.
 """
 
@@ -26,6 +28,7 @@ from .dit import DiTAdapter
 from .flux import FluxAdapter
 from .pipelines import ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline
 from .presets import PRESETS, tiny_clip_tokenizer
+from .qwenimage import QwenImageAdapter
 from .sd import StableDiffusionAdapter
 from .sd3 import SD3Adapter
 from .sdxl import StableDiffusionXLAdapter
@@ -39,6 +42,7 @@ MODEL_TYPES = {
     "sdxl": StableDiffusionXLAdapter,
     "flux": FluxAdapter,
     "sd3": SD3Adapter,
+    "qwenimage": QwenImageAdapter,
 }
 
 _OWN_PIPELINES = {cls.__name__: cls for cls in (ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline)}
@@ -128,6 +132,7 @@ __all__ = [
     "ModelAdapter",
     "PixelDiTPipeline",
     "SD3Adapter",
+    "QwenImageAdapter",
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",
     "UNetAdapter",

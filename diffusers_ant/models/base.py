@@ -129,6 +129,19 @@ class PretrainedSource:
             raise _not_found(where, err) from err
 
 
+def check_pipeline_family(source, model_type: str) -> None:
+    """A ``ValueError`` naming both model types when ``source`` is a pipeline folder of a class that another
+    model type claims (its adapter's ``pipeline_classes``), e.g. a ``QwenImagePipeline`` given to ``sd``."""
+    from . import MODEL_TYPES  # the registry (models/__init__.py imports this module)
+
+    class_name = (source.index or {}).get("_class_name")
+    class_name = class_name[-1] if isinstance(class_name, list) else class_name
+    owner = next((name for name, adapter in MODEL_TYPES.items() if class_name in adapter.pipeline_classes), None)
+    if owner is not None and owner != model_type:
+        raise ValueError(f"{source.path!r} is a {class_name} ({owner}), not a {model_type} model: "
+                         f"use --model_type {owner}")
+
+
 def scheduler_kind(scheduler) -> str:
     """``"flow_match"`` for diffusers' flow-matching schedulers, else ``"ddpm"`` (one of :data:`NOISE_SCHEDULERS`)."""
     from ..schedule import is_flow_matching
@@ -198,14 +211,18 @@ class ModelAdapter:
     """
 
     model_type = None
-    # The training scheduler of a model built from a preset (`noise_scheduler=None`), and whether the
-    # type's latent pipeline samples flow matching (SD3-style families do; SD 1.x / 2.x do not).
-    default_noise_scheduler = "ddpm"
-    latent_flow_matching = False
     # `--pretrained_vae_model_name_or_path`, when the VAE was replaced (recorded in a LoRA output)
     pretrained_vae_model_name_or_path = None
     # module-name suffixes given LoRA by default; filtered to those the model has
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    # The training schedulers the type's pipeline can sample (NOISE_SCHEDULERS), the first the default
+    # from scratch; and whether its pipeline steps a flow-matching scheduler on VAE latents (Qwen-Image's
+    # does; SD's and DiT's latent pipelines do not).
+    noise_schedulers = NOISE_SCHEDULERS
+    latent_flow_matching = False
+    # The diffusers pipeline classes whose folders only this type loads: another type given such a folder
+    # is refused in one line naming both (see `check_pipeline_family`).
+    pipeline_classes = ()
 
     def __init__(
         self,
@@ -293,6 +310,7 @@ class ModelAdapter:
         if pretrained_model_name_or_path is not None:
             source = PretrainedSource(pretrained_model_name_or_path, revision, variant, cache_dir,
                                       quantization_config=quantization_config)
+            check_pipeline_family(source, cls.model_type)
         preset = None
         if model_config_name_or_path is not None:
             preset = resolve_model_config(cls.model_type, model_config_name_or_path)
@@ -308,12 +326,15 @@ class ModelAdapter:
             parts["vae"] = cls._replacement_vae(parts.get("vae"), pretrained_vae_model_name_or_path,
                                                 revision, variant, cache_dir)
         latent = parts.get("vae") is not None
+        if noise_scheduler is not None and noise_scheduler not in cls.noise_schedulers:
+            raise ValueError(f"--model_type {cls.model_type} trains with {' or '.join(cls.noise_schedulers)}, which its "
+                             f"pipeline samples: drop --noise_scheduler {noise_scheduler}")
         scheduler = None
         if source is not None and source.has("scheduler"):
             scheduler = load_training_scheduler(source)
         if scheduler is None or noise_scheduler not in (None, scheduler_kind(scheduler)):
             scheduler = default_scheduler(latent, preset.get("scheduler") if preset else None,
-                                          kind=noise_scheduler or cls.default_noise_scheduler, flow_shift=flow_shift)
+                                          kind=noise_scheduler or cls.noise_schedulers[0], flow_shift=flow_shift)
         if scheduler_kind(scheduler) == "flow_match":
             if latent and not cls.latent_flow_matching:
                 raise ValueError(f"flow matching is supported for pixel-space models only (unet, dit without a VAE); "
@@ -321,8 +342,12 @@ class ModelAdapter:
             if prediction_type not in (None, "flow"):
                 raise ValueError("a flow-matching scheduler trains the velocity (noise - x0), which its sampler "
                                  f"steps with: drop prediction_type {prediction_type!r}")
-            if flow_shift is not None and flow_shift != scheduler.config.shift:
-                scheduler = _copy_scheduler(scheduler, shift=flow_shift)
+            if flow_shift is not None and (flow_shift != scheduler.config.shift
+                                           or scheduler.config.get("use_dynamic_shifting")):
+                # A dynamic-shifting config (Flux's, Qwen-Image's) ignores `shift` in its training sigmas
+                # (FlowMatchEulerDiscreteScheduler.__init__ applies it only without dynamic shifting), so
+                # an explicit shift turns dynamic shifting off: the training sigmas are then shifted by it.
+                scheduler = _copy_scheduler(scheduler, shift=flow_shift, use_dynamic_shifting=False)
             prediction_type = None  # FlowMatch schedulers have no prediction_type to set
         elif flow_shift is not None:
             raise ValueError("flow_shift is the shift of a flow-matching scheduler: add noise_scheduler='flow_match' "

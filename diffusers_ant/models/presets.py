@@ -15,6 +15,7 @@ diffusers would write. Image size and channel counts are filled in at load time 
 import copy
 import json
 import os
+import re
 
 # Pixel-space diffusion at 8x8 to 32x32: the cosine schedule of Nichol & Dhariwal (2021) keeps the
 # tiny images from being mostly noise for most of the chain, which the linear schedule does.
@@ -144,6 +145,48 @@ PRESETS = {
             "text_encoder": TINY_TEXT_ENCODER,
             "text_encoder_2": TINY_TEXT_ENCODER,
             "scheduler": LATENT_SCHEDULER,
+        },
+    },
+    "qwenimage": {
+        # Qwen-Image at the size of diffusers' own pipeline tests (tests/pipelines/qwenimage/test_qwenimage.py,
+        # get_dummy_components): a 2-block QwenImageTransformer2DModel (3 heads of 16, joint dim 16), an
+        # AutoencoderKLQwenImage with z_dim 4 and two spatial downsamplings (factor 4; with the 2x2 packing
+        # a 16-pixel image is 2x2 = 4 tokens), a 2-layer Qwen2.5-VL text encoder of width 16 and the
+        # default FlowMatchEulerDiscreteScheduler. The tokenizer is built in memory (`tiny_qwen_tokenizer`).
+        "tiny": {
+            "model": {
+                "patch_size": 2,
+                "num_layers": 2,
+                "attention_head_dim": 16,
+                "num_attention_heads": 3,
+                "joint_attention_dim": 16,
+                "guidance_embeds": False,
+                "axes_dims_rope": [8, 4, 4],
+            },
+            "vae": {
+                "base_dim": 24,
+                "z_dim": 4,
+                "dim_mult": [1, 2, 4],
+                "num_res_blocks": 1,
+                "temperal_downsample": [False, True],
+                "latents_mean": [0.0] * 4,
+                "latents_std": [1.0] * 4,
+            },
+            "text_encoder": {
+                "text_config": {
+                    "hidden_size": 16,
+                    "intermediate_size": 16,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 2,
+                    "num_key_value_heads": 2,
+                    "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                    "rope_theta": 1000000.0,
+                },
+                "vision_config": {"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                                  "out_hidden_size": 16},
+                "hidden_size": 16,
+            },
+            "scheduler": {"num_train_timesteps": 1000},
         },
     },
     "controlnet": {
@@ -313,3 +356,57 @@ PRESETS["sd3"] = {
                  "vae": TINY_SD3_VAE, "text_encoder": TINY_TEXT_ENCODER, "text_encoder_3": TINY_SD3_T5_ENCODER,
                  "scheduler": SD3_SCHEDULER},
 }
+
+
+# QwenImagePipeline's prompt template (pipeline_qwenimage.py, `prompt_template_encode`), whose first
+# 34 tokens (`prompt_template_encode_start_idx`) the pipeline drops from the text encoder's output.
+QWEN_PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+QWEN_TEMPLATE_DROP = 34
+
+
+def tiny_qwen_tokenizer():
+    """A byte-level BPE ``Qwen2Tokenizer`` built in memory, in which QwenImagePipeline's template tokenizes
+    as Qwen's own tokenizer does it.
+
+    Why not ``Qwen2Tokenizer.from_pretrained``: nothing can be downloaded here (and sentencepiece is not
+    needed: Qwen2's tokenizer is a `tokenizers` BPE). The vocabulary is the 256 byte symbols of the
+    byte-level pre-tokenizer plus every word of the template, reached by merges that grow each word from
+    its first symbol; so the template's prefix is exactly the 34 tokens the pipeline drops (each of
+    its words one token, as in Qwen2.5's vocabulary) and any caption falls back to single bytes.
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    special = ["<|im_start|>", "<|im_end|>"]
+    vocab = {"<|endoftext|>": 0}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    splitter = Qwen2Tokenizer(vocab=dict(vocab), merges=[])._tokenizer.pre_tokenizer  # Qwen2's own split
+    words = []
+    for text in re.split("|".join(re.escape(token) for token in special) + r"|\{\}", QWEN_PROMPT_TEMPLATE):
+        words += [word for word, _ in splitter.pre_tokenize_str(text) if word not in words]
+    merges = []
+    for word in words:
+        for i in range(1, len(word)):
+            if (word[:i], word[i]) not in merges:
+                merges.append((word[:i], word[i]))
+            vocab.setdefault(word[: i + 1], len(vocab))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=special,
+                               model_max_length=32768)  # Qwen2.5's; the pipeline truncates at 1024 + 34
+    prefix = tokenizer(QWEN_PROMPT_TEMPLATE.split("{}")[0]).input_ids
+    assert len(prefix) == QWEN_TEMPLATE_DROP, f"the template prefix is {len(prefix)} tokens, expected {QWEN_TEMPLATE_DROP}"
+    return tokenizer
+
+
+def tiny_qwen_text_encoder(tokenizer, config: dict):
+    """A randomly initialised ``Qwen2_5_VLForConditionalGeneration`` of the preset's size, for ``tokenizer``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = copy.deepcopy(config)
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": None, "pad_token_id": tokenizer.pad_token_id,
+           "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    config["text_config"].update(ids)
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config, **ids)).eval()

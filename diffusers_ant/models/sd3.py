@@ -68,7 +68,7 @@ def check_pipeline_class(source, expected: str, model_type: str) -> None:
 
 class SD3Adapter(ModelAdapter):
     model_type = "sd3"
-    default_noise_scheduler = "flow_match"
+    noise_schedulers = ("flow_match",)  # StableDiffusion3Pipeline samples FlowMatchEulerDiscreteScheduler only
     latent_flow_matching = True
     # diffusers' train_dreambooth_lora_sd3.py: the joint attention's image and context projections
     default_lora_targets = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",

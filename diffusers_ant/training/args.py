@@ -42,7 +42,7 @@ DEMO_ARGS = [
     "--report_to", "tensorboard",
 ]
 
-MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "sdxl", "flux", "sd3")
+MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "sdxl", "flux", "sd3", "qwenimage")
 # the model types whose AutoencoderKL --pretrained_vae_model_name_or_path may replace (diffusers' SDXL scripts)
 VAE_REPLACEABLE_TYPES = ("sd", "sdxl", "controlnet")
 CLUSTERING_OBJECTIVES = ("timestep", "snr", "gradient")
@@ -407,6 +407,10 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         if args.noise_scheduler == "ddpm":
             raise UsageError("--model_type flux trains with flow matching: drop --noise_scheduler ddpm")
         args.noise_scheduler = "flow_match"
+    if args.model_type == "qwenimage":  # QwenImagePipeline samples flow matching only: its only (and default) schedule
+        if args.noise_scheduler == "ddpm":
+            raise UsageError("--model_type qwenimage trains with flow matching: drop --noise_scheduler ddpm")
+        args.noise_scheduler = "flow_match"
     if args.noise_scheduler == "flow_match":
         if args.model_type in ("sd", "sdxl", "controlnet"):
             raise UsageError(f"--noise_scheduler flow_match is for pixel-space models (unet, dit); {args.model_type} is latent")
@@ -480,8 +484,9 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError(f"unknown --timestep_sampling {args.timestep_sampling!r}; choose one of: {', '.join(TIMESTEP_SAMPLINGS)}")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise UsageError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
-    if args.proportion_empty_prompts and args.model_type not in ("sd", "sdxl", "sd3", "controlnet"):
-        raise UsageError("--proportion_empty_prompts drops captions: it applies to --model_type sdxl, sd3, sd and controlnet only")
+    if args.proportion_empty_prompts and args.model_type not in ("sd", "sdxl", "sd3", "qwenimage", "controlnet"):
+        raise UsageError("--proportion_empty_prompts drops captions: it applies to --model_type sdxl, sd3, qwenimage, "
+                         "sd and controlnet only")
     if args.validation_epochs is not None and args.validation_epochs < 1:
         raise UsageError("--validation_epochs must be at least 1")
     if args.validation_prompt and args.validation_image and len(args.validation_prompt) not in (1, len(args.validation_image)) \
@@ -553,7 +558,7 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             check_hub_token_safety(args.report_to, args.hub_token)
         except ValueError as err:
             raise UsageError(str(err)) from None
-    if args.model_type in ("sd", "sdxl", "controlnet", "flux", "sd3") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
+    if args.model_type in ("sd", "sdxl", "controlnet", "flux", "sd3", "qwenimage") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
         raise UsageError(f"--model_type {args.model_type} needs captions: use --dataset_name mnist5k_captions or a captioned dataset")
 
 

@@ -235,12 +235,22 @@ def _concatenate_prepared(parts: List[dict]) -> dict:
     out = {}
     for key in parts[0]:
         if key == "conditioning":
-            out[key] = {name: torch.cat([part[key][name] for part in parts])
+            out[key] = {name: _cat_padded([part[key][name] for part in parts])
                         if isinstance(parts[0][key][name], torch.Tensor) else parts[0][key][name]
                         for name in parts[0][key]}
         else:
             out[key] = torch.cat([part[key] for part in parts])
     return out
+
+
+def _cat_padded(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along the batch; sequences of different lengths (text embeddings padded to the longest
+    caption of their own source, with their attention mask: Qwen-Image) are zero-padded to the longest,
+    i.e. more masked padding, which leaves the model's output unchanged."""
+    if tensors[0].ndim >= 2 and len({t.shape[1] for t in tensors}) > 1:
+        length = max(t.shape[1] for t in tensors)
+        tensors = [torch.cat([t, t.new_zeros((t.shape[0], length - t.shape[1], *t.shape[2:]))], dim=1) for t in tensors]
+    return torch.cat(tensors)
 
 
 def micro_batch_size(batch: dict) -> int:
