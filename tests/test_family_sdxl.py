@@ -179,6 +179,19 @@ def test_time_ids_are_original_size_crop_and_target_of_each_image():
     loader.dataset.cache = TrainingCache(latents=latents, crop_coords=coords)
     cached = next(iter(loader))
     assert "pixel_values" not in cached and torch.equal(adapter.time_ids(cached), expected)
+    # --cache_text_embeddings: both encoders' outputs stored per caption give the conditioning the
+    # encoders give, with the encoders gone; the validation prompts are encoded as the pipeline encodes them
+    text = adapter.encode_text(batch)
+    assert sorted(text) == ["encoder_hidden_states", "text_embeds"] and adapter.supports_text_caching
+    prompts = adapter.validation_prompt_kwargs(adapter.make_pipeline(), ["a", "b"], guidance_scale=5.0)
+    assert torch.equal(prompts["prompt_embeds"], hidden) and torch.equal(prompts["pooled_prompt_embeds"], pooled)
+    text_only = {k: v for k, v in cached.items() if not k.startswith("input_ids")}
+    text_only.update({f"cached_text/{k}": v for k, v in text.items()})
+    freed = adapter.free_text_encoders()
+    assert sorted(freed) == ["text_encoder", "text_encoder_2"] and adapter.text_encoder_2 is None
+    from_cache = adapter.conditioning(text_only)
+    for key in ("encoder_hidden_states", "text_embeds", "time_ids"):
+        assert torch.equal(from_cache[key], conditioning[key]), key
 
 
 # --------------------------------------------------------------------------- training, LoRA, loading

@@ -23,7 +23,7 @@ the empty prompt encoded by both encoders, as in diffusers' SDXL script.
 
 import torch
 
-from .base import _copy_scheduler, repeat_to
+from .base import _copy_scheduler, prompt_arguments
 from .sd import StableDiffusionAdapter
 
 # The order of SDXL's micro-conditioning (diffusers' `compute_time_ids`: original + crop + target).
@@ -229,15 +229,42 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         return batch
 
     def conditioning(self, batch, generator=None, training=False):
-        input_ids, input_ids_2 = batch.get("input_ids"), batch.get("input_ids_2")
-        if input_ids is None or input_ids_2 is None:  # no captions: the empty prompt, i.e. unconditional
-            input_ids, input_ids_2 = self.tokenize([""] * batch["pixel_values"].shape[0])
         time_ids = self.time_ids(batch)
         if training and self.text_encoder_lora_config is not None:
             # encoded in `predict`, where gradients reach the text encoders
+            input_ids, input_ids_2 = self._both_ids(batch, time_ids.shape[0])
             return {"input_ids": input_ids, "input_ids_2": input_ids_2, "time_ids": time_ids}
-        hidden, pooled = self.encode_prompt(input_ids, input_ids_2)
-        return {"encoder_hidden_states": hidden, "text_embeds": pooled, "time_ids": time_ids}
+        # the cached embeddings (--cache_text_embeddings) or `encode_text`
+        return {**self.text_conditioning(batch), "time_ids": time_ids}
+
+    def _both_ids(self, batch, count: int):
+        """The batch's ``(input_ids, input_ids_2)``: its tokenised captions, its ``captions`` tokenised
+        here, or (no captions) the empty prompt, i.e. the unconditional branch."""
+        input_ids, input_ids_2 = batch.get("input_ids"), batch.get("input_ids_2")
+        if input_ids is not None and input_ids_2 is not None:
+            return input_ids, input_ids_2
+        return self.tokenize(batch["captions"] if "captions" in batch else [""] * count)
+
+    def encode_text(self, batch):
+        """Both encoders' outputs for the batch's captions (what ``--cache_text_embeddings`` stores)."""
+        count = next((v.shape[0] for k, v in batch.items()
+                      if k in ("pixel_values", "latent_moments", "input_ids") and torch.is_tensor(v)), None)
+        if count is None:
+            count = len(batch.get("captions", [""]))
+        hidden, pooled = self.encode_prompt(*self._both_ids(batch, count))
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled}
+
+    def validation_prompt_kwargs(self, pipeline, prompts, guidance_scale=None):
+        """``StableDiffusionXLPipeline.encode_prompt``: the prompts' (and with guidance the empty prompt's)
+        embeddings and pooled embeddings, as the pipeline itself computes them before the encoders go."""
+        scale = guidance_scale if guidance_scale is not None else 5.0  # the pipeline's default
+        positive, negative, pooled, negative_pooled = pipeline.encode_prompt(
+            list(prompts), device=self.text_encoder.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=scale > 1.0)
+        kwargs = {"prompt_embeds": positive, "pooled_prompt_embeds": pooled}
+        if negative is not None:
+            kwargs.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+        return kwargs
 
     def text_embeddings(self, conditioning):
         """``(encoder_hidden_states, text_embeds)``: precomputed, or (trained encoders) computed with gradients."""
@@ -270,7 +297,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     def _sample(self, pipeline, num_images, generator, num_inference_steps, prompts=None, guidance_scale=None, **unused):
         kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
         return pipeline(
-            prompt=repeat_to(prompts if prompts is not None else "", num_images),
+            **prompt_arguments(prompts, num_images),  # the prompts, or their embeddings (text caching)
             num_inference_steps=num_inference_steps,
             generator=generator,
             output_type="pil",
