@@ -338,15 +338,9 @@ def tiny_t5_encoder(tokenizer, config: dict):
 # the text encoders at load time. The scheduler is SD3's (stable-diffusion-3-medium-diffusers: shift 3.0).
 TINY_SD3_TRANSFORMER = {"patch_size": 2, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 4,
                         "caption_projection_dim": 32, "pos_embed_max_size": 32}
-TINY_SD3_VAE = {
-    "block_out_channels": [8, 16],
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8,
-    "use_quant_conv": False, "use_post_quant_conv": False, "shift_factor": 0.0609, "scaling_factor": 1.5035,
-}
-TINY_SD3_T5_ENCODER = {"d_model": 64, "d_kv": 8, "d_ff": 37, "num_layers": 2, "num_heads": 4,
-                       "relative_attention_num_buckets": 8}
+# Flux's tiny VAE (SD3's shift / scale, no quant convs) with SD3's 4 latent channels, and the tiny T5 twice as wide
+TINY_SD3_VAE = {**TINY_FLUX_VAE, "block_out_channels": [8, 16], "latent_channels": 4, "norm_num_groups": 8}
+TINY_SD3_T5_ENCODER = {**TINY_T5_ENCODER, "d_model": 64}
 SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
 PRESETS["sd3"] = {
     "tiny": {"model": TINY_SD3_TRANSFORMER, "vae": TINY_SD3_VAE, "text_encoder": TINY_TEXT_ENCODER,

@@ -23,7 +23,7 @@ the empty prompt encoded by both encoders, as in diffusers' SDXL script.
 
 import torch
 
-from .base import _copy_scheduler, prompt_arguments
+from .base import _copy_scheduler
 from .sd import StableDiffusionAdapter
 
 # The order of SDXL's micro-conditioning (diffusers' `compute_time_ids`: original + crop + target).
@@ -293,16 +293,6 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         )
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
-
-    def _sample(self, pipeline, num_images, generator, num_inference_steps, prompts=None, guidance_scale=None, **unused):
-        kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
-        return pipeline(
-            **prompt_arguments(prompts, num_images),  # the prompts, or their embeddings (text caching)
-            num_inference_steps=num_inference_steps,
-            generator=generator,
-            output_type="pil",
-            **kwargs,
-        ).images
 
     def _save_lora_weights(self, output_dir, model):
         """diffusers' SDXL LoRA format, exactly as ``train_dreambooth_lora_sdxl.py`` writes it."""
