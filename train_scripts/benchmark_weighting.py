@@ -168,8 +168,16 @@ def setup(size, methods, args, device):
 def time_methods(size, methods, args, device):
     """Median seconds per step of every method, interleaved in rounds."""
     model, runners = setup(size, methods, args, device)
-    rounds = args.warmup + args.steps
-    batches = make_batches(size, args.batch_size, device, rounds)
+    batches = make_batches(size, args.batch_size, device, args.warmup + args.steps)
+    return time_runners(runners, batches, args.warmup, device, label=size)
+
+
+def time_runners(runners: dict, batches: list, warmup: int, device, label: str = ""):
+    """Median seconds per step of every runner (method name -> object with `.step(batch)`), interleaved:
+    round r runs one step of every runner on `batches[r]`, in an order rotated every round; the first
+    `warmup` rounds are discarded. Returns `(medians, all step times)`; also used by benchmark_families.py."""
+    methods = list(runners)
+    rounds = len(batches)
     times = {m: [] for m in methods}
     for r in range(rounds):
         order = methods[r % len(methods):] + methods[:r % len(methods)]  # rotate to spread drift
@@ -179,8 +187,8 @@ def time_methods(size, methods, args, device):
             runners[method].step(batches[r])
             sync(device)
             times[method].append(time.perf_counter() - start)
-        print(f"[{size}] round {r + 1}/{rounds} done" + (" (warm-up)" if r < args.warmup else ""), file=sys.stderr)
-    return {m: statistics.median(t[args.warmup:]) for m, t in times.items()}, times
+        print(f"[{label}] round {r + 1}/{rounds} done" + (" (warm-up)" if r < warmup else ""), file=sys.stderr)
+    return {m: statistics.median(t[warmup:]) for m, t in times.items()}, times
 
 
 def _status_mb(field: str) -> float:

@@ -1,0 +1,442 @@
+"""Peak memory and ANT's step-time cost of one LoRA training step per model family (issue 16, "Measured").
+
+    python train_scripts/benchmark_families.py --output_dir bench-families            # the full run
+    python train_scripts/benchmark_families.py --quick --families sd3 --output_dir q  # a smoke test
+
+For each of `sdxl`, `sd3`, `flux`, `qwenimage` (and the old `sd` for reference), at the `tiny` preset
+(`--model_config_name_or_path tiny`), through the trainer's own code path: the model is loaded, LoRA is
+added and the frozen parts are cast exactly as `train_ant.py` does (`training.loop.prepare_model`), the
+timestep sampler, clusters and objective come from the trainer's own argument parser and components
+(`parse_args`, `build_intervals`, `build_sampler`, `DiffusionObjective`), the batches from its data
+loader (`mnist5k_captions`, centre-cropped), and one step is `benchmark_weighting.Runner.step`
+(`training.step.training_step`, gradient clipping, AdamW, zero_grad). Measured:
+
+1. **Memory** of one vanilla LoRA step (after one warm-up step, so the optimizer state exists), in
+   fp32 and under `--mixed_precision bf16` (frozen parts in bf16, as the trainer does), without and
+   with caching (`--cache_latents`, plus `--cache_text_embeddings` where the family supports it; flux
+   does not yet): the cache is built with `training.caching.build_training_cache` and the encoders are
+   dropped with the adapter's `free_text_encoders` / `free_vae_encoder`, as `free_encoders` does.
+   - On CUDA: `torch.cuda.max_memory_allocated` over the step (absolute: every live tensor counts).
+   - On CPU, where torch keeps no allocator statistics: the bytes of the tensors resident before the
+     step (every parameter and buffer of the denoiser and the frozen components, the optimizer state;
+     storages counted once) plus the peak of the step's own allocations, read from `torch.profiler`'s
+     memory events (`profile_memory=True`: every allocation and free of the step, in time order; their
+     running sum's maximum). The `measure` field of the JSON says which.
+   The cache itself lives on the CPU (as in the trainer) and is reported apart (`cache_mb`), not in the peak.
+2. **Parameters** of each component (denoiser, LoRA, VAE, text encoders) at the tiny preset, and the
+   measured bytes per denoiser parameter, scaled to the real checkpoints' denoiser sizes (the named
+   constants below). This scaling is a rough estimate: at the tiny preset activations and encoders
+   weigh far more per denoiser parameter than in a real checkpoint; the README puts it beside
+   diffusers' documented figures.
+3. **Time**: vanilla (`--mtl_method none`), ANT + UW and ANT + PCGrad on the LoRA subset
+   (`--task_gradient_subset lora`), fp32 (bf16 on CUDA), interleaved on one shared model by
+   `benchmark_weighting.time_runners` (the same harness as the weighting benchmark): median over
+   `--steps` rounds after `--warmup`, as ratios to vanilla; one run.
+
+Output: `benchmark_families.json` and `benchmark_families.md` in `--output_dir`, both with the command
+line. `--quick`: fp32 only, one warm-up and one timed round, batch 2, for the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchmark_weighting import Runner, sync, time_runners  # noqa: E402  (one timing harness, reused)
+
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "qwenimage")
+METHODS = ("none", "uw", "pcgrad")  # vanilla, ANT loss-based, ANT gradient-based on the LoRA subset
+PRECISIONS = {"fp32": "no", "bf16": "bf16"}
+
+# Parameter counts of the checkpoints people fine-tune, by component (what the README scales to).
+# Denoisers, as their authors state them:
+SD15_UNET_PARAMS = 860_000_000  # SD 1.5 UNet: "860M UNet" (CompVis/stable-diffusion model card; Rombach et al. 2022)
+SDXL_UNET_PARAMS = 2_600_000_000  # SDXL base UNet: 2.6B (Podell et al. 2023, the SDXL paper, Table 1)
+SD35_LARGE_TRANSFORMER_PARAMS = 8_100_000_000  # SD3.5-Large MMDiT: "8.1 billion parameters" (stabilityai model card)
+FLUX1_DEV_TRANSFORMER_PARAMS = 12_000_000_000  # "12 billion parameter rectified flow transformer" (FLUX.1-dev model card)
+QWEN_IMAGE_TRANSFORMER_PARAMS = 20_000_000_000  # "20B MMDiT" (Qwen-Image model card / technical report, 2025)
+# Frozen encoders, approximate (papers and the checkpoints' safetensors sizes on the Hub):
+CLIP_L_TEXT_PARAMS = 123_000_000  # CLIP ViT-L/14 text tower: "123M text encoder" (SD 1.5 model card)
+OPENCLIP_BIGG_TEXT_PARAMS = 695_000_000  # OpenCLIP ViT-bigG/14 text tower: SDXL's 817M text encoders minus CLIP-L
+T5_XXL_ENCODER_PARAMS = 4_760_000_000  # T5 v1.1 XXL encoder half (SD3 paper: 4.7B; text_encoder_3 of SD3.5 / FLUX.1)
+QWEN25_VL_7B_PARAMS = 8_290_000_000  # Qwen2.5-VL-7B-Instruct, Qwen-Image's text encoder (its Hub model card: 8.29B)
+SD_VAE_PARAMS = 83_650_000  # AutoencoderKL of SD 1.x / SDXL / SD3 / FLUX.1 (4- or 16-channel latents, about 84M)
+QWEN_IMAGE_VAE_PARAMS = 127_000_000  # AutoencoderKLQwenImage (the Wan-2.1 VAE, about 127M)
+REAL_CHECKPOINTS = {  # family -> (checkpoint, denoiser, text encoders, VAE)
+    "sd": ("stable-diffusion-v1-5", SD15_UNET_PARAMS, CLIP_L_TEXT_PARAMS, SD_VAE_PARAMS),
+    "sdxl": ("stable-diffusion-xl-base-1.0", SDXL_UNET_PARAMS, CLIP_L_TEXT_PARAMS + OPENCLIP_BIGG_TEXT_PARAMS,
+             SD_VAE_PARAMS),
+    "sd3": ("stable-diffusion-3.5-large", SD35_LARGE_TRANSFORMER_PARAMS,
+            CLIP_L_TEXT_PARAMS + OPENCLIP_BIGG_TEXT_PARAMS + T5_XXL_ENCODER_PARAMS, SD_VAE_PARAMS),
+    "flux": ("FLUX.1-dev", FLUX1_DEV_TRANSFORMER_PARAMS, CLIP_L_TEXT_PARAMS + T5_XXL_ENCODER_PARAMS, SD_VAE_PARAMS),
+    "qwenimage": ("Qwen-Image", QWEN_IMAGE_TRANSFORMER_PARAMS, QWEN25_VL_7B_PARAMS, QWEN_IMAGE_VAE_PARAMS),
+}
+
+
+def reset_accelerate_state():
+    """One process builds several Accelerators (fp32, bf16): Accelerate's state is a singleton."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def trainer_args(family, opts, precision="no", method="none", cached=False, text_cache=False):
+    """The trainer's own parsed and validated arguments for one configuration (train_ant.py's parser)."""
+    from diffusers_ant.training import parse_args
+
+    argv = ["--model_type", family, "--model_config_name_or_path", "tiny", "--resolution", str(opts.resolution),
+            "--dataset_name", "mnist5k_captions", "--train_batch_size", str(opts.batch_size),
+            "--max_train_samples", str(opts.samples), "--center_crop",
+            "--num_clusters", str(opts.num_clusters), "--mixed_precision", precision, "--seed", "0",
+            "--report_to", "none", "--output_dir", os.path.join(opts.output_dir, "run")]
+    if method != "none":
+        argv += ["--mtl_method", method]
+        if method == "pcgrad":
+            argv += ["--task_gradient_subset", "lora"]
+    if cached:
+        argv += ["--cache_latents"] + (["--cache_text_embeddings"] if text_cache else [])
+    args = parse_args(argv)
+    # LoRA on the tiny preset's random base: the trainer refuses --rank without a pretrained model (a LoRA
+    # on an untrained base is useless), but a step's memory and time do not depend on the base's values,
+    # and saving a tiny pipeline only to load it back would cost the smoke test seconds.
+    args.rank, args.finetune = opts.rank, "lora"  # what validate_args sets for --rank
+    return args
+
+
+def module_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (tied or shared weights counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            continue
+        storage = t.untyped_storage()
+        key = (t.device, storage.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+class FamilyContext:
+    """What `training.loop.train` sets up before its loop, for one family and precision, built from the
+    trainer's own pieces: the adapter, `prepare_model` (LoRA, frozen parts cast), the data loader, the
+    AdamW optimizer over the LoRA parameters, `accelerator.prepare`. Attribute names are those
+    `benchmark_weighting.Runner.step` reads (accelerator, model, params, optimizer, generator)."""
+
+    def __init__(self, family, precision, opts):
+        from accelerate import Accelerator
+
+        from diffusers_ant.data import make_train_dataloader, resolve_columns
+        from diffusers_ant.data.toy import make_toy_caption_dataset
+        from diffusers_ant.models import get_model_adapter
+        from diffusers_ant.training.components import pixel_resolution
+        from diffusers_ant.training.loop import data_needs, prepare_model
+
+        reset_accelerate_state()
+        self.family, self.precision, self.opts = family, precision, opts
+        self.args = trainer_args(family, opts, precision)
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=opts.device == "cpu")
+        self.device = self.accelerator.device
+        torch.manual_seed(0)
+        args = self.args
+        adapter_class = get_model_adapter(family)
+        # as training.loop.train loads it
+        self.adapter = adapter_class.load(
+            model_config_name_or_path="tiny", resolution=args.resolution, prediction_type=args.prediction_type,
+            noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,
+            **(adapter_class.options_from_args(args) if hasattr(adapter_class, "options_from_args") else {}))
+        self.text_cache = self.adapter.supports_text_caching
+        prepare_model(args, self.accelerator, self.adapter)  # LoRA, frozen parts in the weight dtype
+        self.parameters = {"denoiser": module_params(self.adapter.model),
+                           "lora": sum(p.numel() for n, p in self.adapter.model.named_parameters() if "lora_" in n),
+                           **{name: module_params(m) for name, m in self.adapter.frozen_modules().items()}}
+        self.parameters["denoiser"] -= self.parameters["lora"]
+        # the first rows of `mnist5k_captions` (its own builder: building all 5,000 rows costs seconds)
+        dataset = make_toy_caption_dataset(num_samples=args.max_train_samples)
+        columns = resolve_columns(dataset, **data_needs(args))
+        self.loader = make_train_dataloader(
+            dataset, columns, resolution=pixel_resolution(self.adapter), batch_size=args.train_batch_size,
+            num_channels=self.adapter.num_channels, seed=args.seed, **self.adapter.data_options(),
+            center_crop=True, max_samples=args.max_train_samples)
+        self.params = self.adapter.trainable_parameters()
+        optimizer = torch.optim.AdamW(self.params, lr=1e-4)
+        self.model, self.optimizer = self.accelerator.prepare(self.adapter.model, optimizer)
+        self.generator = torch.Generator(device=self.device).manual_seed(0)
+        self.cache_mb = 0.0
+
+    def batches(self, count):
+        """`count` batches of the trainer's loader (after caching they carry the cached entries)."""
+        out = []
+        while len(out) < count:
+            for batch in self.loader:
+                out.append({k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+                if len(out) == count:
+                    break
+        return out
+
+    def cache_and_free(self):
+        """`--cache_latents` (+ `--cache_text_embeddings` where supported): encode the data once, drop
+        the VAE encoder and the text encoders (as `training.caching.free_encoders`, without its stash:
+        a benchmark writes no pipeline)."""
+        from diffusers_ant.training.caching import build_training_cache
+
+        args = trainer_args(self.family, self.opts, self.precision, cached=True, text_cache=self.text_cache)
+        cache = build_training_cache(args, self.accelerator, self.adapter, self.loader.dataset, args.train_batch_size)
+        self.cache_mb = cache.nbytes() / 2**20
+        if self.text_cache:
+            self.adapter.free_text_encoders()
+        self.adapter.free_vae_encoder()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def resident_bytes(self, runner) -> dict:
+        """Bytes of every tensor the step starts with, by part: the denoiser's frozen base parameters, its
+        LoRA (parameters, the optimizer state, the weighting's own parameters), each frozen component's
+        parameters (a freed VAE encoder no longer counts), and all buffers together (positional tables,
+        which do not grow with the parameter count)."""
+        model = self.adapter.model
+        lora = [p for n, p in model.named_parameters() if "lora_" in n]
+        lora_ids = {id(p) for p in lora}
+        frozen = self.adapter.frozen_modules()
+        parts = {"denoiser": tensor_bytes([p for p in model.parameters() if id(p) not in lora_ids]),
+                 "lora_and_optimizer": tensor_bytes(
+                     lora + [v for state in self.optimizer.state.values() for v in state.values()]
+                     + (list(runner.weighting.parameters()) if runner.weighting is not None else [])),
+                 **{name: tensor_bytes(module.parameters()) for name, module in frozen.items()},
+                 "buffers": tensor_bytes([b for m in (model, *frozen.values()) for b in m.buffers()])}
+        return parts
+
+
+class FamilyRunner(Runner):
+    """`benchmark_weighting.Runner` (its `step` is the trainer's step) with the family's objective: the
+    intervals, sampler and `DiffusionObjective` built from the trainer's arguments as `training.loop.train`
+    builds them (flow matching's density and loss weight, SD3's preconditioning), and the task-gradient
+    engine on the LoRA subset for gradient-based methods."""
+
+    def __init__(self, method, context: FamilyContext):  # noqa: super().__init__ builds the UNet benchmark's objective
+        from diffusers_ant.schedule import num_train_timesteps
+        from diffusers_ant.training.components import build_intervals, build_sampler, method_options, parameter_subset
+        from diffusers_ant.training.step import DiffusionObjective
+        from diffusers_ant.weighting import get_weighting
+        from diffusers_ant.weighting.engine import TaskGradientEngine
+
+        self.method, self.context = method, context
+        args = trainer_args(context.family, context.opts, context.precision, method)
+        scheduler = context.adapter.noise_scheduler
+        num_timesteps = num_train_timesteps(scheduler)
+        intervals = build_intervals(args, scheduler)
+        self.objective = DiffusionObjective(
+            context.adapter, scheduler, build_sampler(args, intervals, num_timesteps), intervals,
+            prediction_type=args.prediction_type, loss_weighting=args.loss_weighting, snr_gamma=args.snr_gamma,
+            p2_k=args.p2_k, p2_gamma=args.p2_gamma, noise_offset=args.noise_offset,
+            weighting_scheme=args.weighting_scheme, precondition_outputs=bool(args.precondition_outputs))
+        self.weighting = None
+        self.engine = None
+        if method != "none":
+            self.weighting = get_weighting(method, self.objective.num_tasks,
+                                           **method_options(args, len(context.loader))).to(context.device)
+        if self.weighting is not None and self.weighting.needs_task_gradients:
+            subset, restrict = parameter_subset(context.adapter, args.task_gradient_subset, args.task_gradients)
+            self.engine = TaskGradientEngine(context.params, mode="split" if args.task_gradients == "split"
+                                             else "retain_graph", subset=subset, restrict_task_backward=restrict)
+        groups = self.weighting.param_groups() if hasattr(self.weighting, "param_groups") else []
+        self.extra_optimizer = torch.optim.AdamW(groups) if groups else None
+
+
+def step_memory(context: FamilyContext, runner: FamilyRunner, batch) -> dict:
+    """Peak memory of one training step (see the module docstring for the two measures)."""
+    gc.collect()
+    device = context.device
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        runner.step(batch)
+        sync(device)
+        return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20, "measure": "cuda_max_memory_allocated",
+                "resident_bytes": context.resident_bytes(runner), "cache_mb": context.cache_mb}
+    from torch.profiler import ProfilerActivity, profile
+
+    parts = context.resident_bytes(runner)
+    resident = sum(parts.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        runner.step(batch)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return {"peak_mb": (resident + peak) / 2**20, "resident_mb": resident / 2**20, "step_peak_mb": peak / 2**20,
+            "resident_bytes": parts, "measure": "cpu_resident_tensors_plus_profiler_peak", "cache_mb": context.cache_mb}
+
+
+def measure_family(family, opts) -> dict:
+    """Memory (per precision, uncached then cached) and step times (first precision) of one family."""
+    result = {"memory": {}, "parameters": None, "seconds_per_step": None}
+    for i, name in enumerate(opts.precisions):
+        context = FamilyContext(family, PRECISIONS[name], opts)
+        result["parameters"] = context.parameters
+        result["text_caching"] = context.text_cache
+        vanilla = FamilyRunner("none", context)
+        timed = name == opts.time_precision
+        warm, uncached_batch, *timing_batches = context.batches(2 + (opts.warmup + opts.steps if timed else 0))
+        vanilla.step(warm)  # optimizer state
+        memory = {"uncached": step_memory(context, vanilla, uncached_batch)}
+        if timed:
+            runners = {"none": vanilla, **{m: FamilyRunner(m, context) for m in METHODS if m != "none"}}
+            medians, raw = time_runners(runners, timing_batches, opts.warmup, context.device, label=f"{family} {name}")
+            result["time_precision"] = name
+            result["seconds_per_step"] = medians
+            result["ratio_to_vanilla"] = {m: t / medians["none"] for m, t in medians.items()}
+            result["all_step_seconds"] = raw
+        context.cache_and_free()
+        warm, cached_batch = context.batches(2)
+        vanilla.step(warm)  # the first step after freeing (any lazily re-laid-out buffer settles)
+        memory["cached"] = step_memory(context, vanilla, cached_batch)
+        result["memory"][name] = memory
+        print(f"[{family} {name}] peak {memory['uncached']['peak_mb']:.1f} MB, cached {memory['cached']['peak_mb']:.1f} MB",
+              file=sys.stderr)
+        del context, vanilla
+        gc.collect()
+    result["real_checkpoint"] = real_estimate(family, result)
+    reset_accelerate_state()
+    return result
+
+
+def real_estimate(family, result) -> dict:
+    """The measured bytes per parameter of each part (denoiser base, text encoders, VAE; measured, so the
+    weight dtype and a freed VAE encoder are in them) times the real checkpoint's parameter counts:
+    the memory of the model's weights on the device. LoRA, optimizer state and activations are not
+    scaled (they depend on the rank, the resolution and the batch; see the measured figures)."""
+    name, denoiser, text, vae = REAL_CHECKPOINTS[family]
+    params = result["parameters"]
+    text_params = sum(v for k, v in params.items() if k.startswith("text_encoder"))
+    estimate = {"name": name, "denoiser_parameters": denoiser, "text_encoder_parameters": text,
+                "vae_parameters": vae, "bytes_per_parameter": {}, "weights_gb": {}}
+    for precision, memory in result["memory"].items():
+        for kind, m in memory.items():
+            parts = m["resident_bytes"]
+            text_bytes = sum(v for k, v in parts.items() if k.startswith("text_encoder"))
+            bpp = {"denoiser": parts["denoiser"] / params["denoiser"],
+                   "text_encoders": text_bytes / text_params if text_params else 0.0,
+                   "vae": parts.get("vae", 0) / params["vae"] if params.get("vae") else 0.0}
+            estimate["bytes_per_parameter"].setdefault(precision, {})[kind] = bpp
+            estimate["weights_gb"].setdefault(precision, {})[kind] = (
+                denoiser * bpp["denoiser"] + text * bpp["text_encoders"] + vae * bpp["vae"]) / 2**30
+    return estimate
+
+
+def markdown(report) -> str:
+    lines = [f"Command: `{report['command']}`", "",
+             f"Device {report['device']} ({report['threads']} threads), tiny presets at {report['resolution']} px, "
+             f"batch {report['batch_size']}, LoRA rank {report['rank']}, K = {report['num_clusters']}; "
+             f"memory measure: {report['memory_measure']}.", "",
+             "| family | precision | denoiser params | LoRA params | encoder params | peak MB | cached peak MB | "
+             "real checkpoint | its weights on the device, GB | cached |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for family, r in report["families"].items():
+        p = r["parameters"]
+        encoders = sum(v for k, v in p.items() if k not in ("denoiser", "lora"))
+        real = r["real_checkpoint"]
+        for name, mem in r["memory"].items():
+            gb = real["weights_gb"][name]
+            lines.append(f"| {family} | {name} | {p['denoiser']:,} | {p['lora']:,} | {encoders:,} | "
+                         f"{mem['uncached']['peak_mb']:.2f} | {mem['cached']['peak_mb']:.2f} | {real['name']} "
+                         f"({real['denoiser_parameters'] / 1e9:.1f}B + {real['text_encoder_parameters'] / 1e9:.2f}B text) "
+                         f"| {gb['uncached']:.1f} | {gb['cached']:.1f} |")
+    lines += ["", f"Step time relative to vanilla (median of {report['steps']} rounds after {report['warmup']} warm-up, "
+              "one run):", "", "| family | precision | vanilla s / step | ANT + UW | ANT + PCGrad (LoRA subset) |",
+              "|---|---|---|---|---|"]
+    for family, r in report["families"].items():
+        ratio = r["ratio_to_vanilla"]
+        lines.append(f"| {family} | {r['time_precision']} | {r['seconds_per_step']['none']:.3f} | "
+                     f"{ratio['uw']:.2f}x | {ratio['pcgrad']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Peak memory and ANT's step-time cost per model family (tiny presets).")
+    parser.add_argument("--families", default="sd,sdxl,sd3,flux,qwenimage", help=f"comma-separated, from {', '.join(FAMILIES)}")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated, from fp32, bf16")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--num_clusters", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of every method each)")
+    parser.add_argument("--warmup", type=int, default=3, help="discarded rounds before timing")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: fp32 only, 16 px, batch 2, one warm-up and one timed round")
+    parser.add_argument("--output_dir", default="benchmark-families")
+    args = parser.parse_args(argv)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown or not families:
+        parser.error(f"unknown family {', '.join(unknown) or '(none)'}; valid: {', '.join(FAMILIES)}")
+    args.families = families
+    if args.quick:
+        args.precisions, args.resolution, args.batch_size, args.steps, args.warmup = "fp32", 16, 2, 1, 1
+    args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    unknown = sorted(set(args.precisions) - set(PRECISIONS))
+    if unknown or not args.precisions:
+        parser.error(f"unknown precision {', '.join(unknown) or '(none)'}; valid: {', '.join(PRECISIONS)}")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if opts.device == "auto":
+        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    # bf16 is the precision these families train in on a GPU; on a CPU bf16 matmuls are emulated and slow
+    opts.time_precision = "bf16" if opts.device == "cuda" and "bf16" in opts.precisions else opts.precisions[0]
+    # enough rows for every batch drawn (warm-up, measured, timed) without a second epoch's shuffle mattering
+    opts.samples = opts.batch_size * (opts.warmup + opts.steps + 4)
+    os.makedirs(opts.output_dir, exist_ok=True)
+    command = " ".join(["python", "train_scripts/benchmark_families.py", *(sys.argv[1:] if argv is None else argv)])
+    report = {"command": command, "device": opts.device, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+              "resolution": opts.resolution, "batch_size": opts.batch_size, "rank": opts.rank,
+              "num_clusters": opts.num_clusters, "steps": opts.steps, "warmup": opts.warmup,
+              "memory_measure": "cuda_max_memory_allocated" if opts.device == "cuda"
+              else "cpu_resident_tensors_plus_profiler_peak", "families": {}}
+    start = time.perf_counter()
+    for family in opts.families:
+        report["families"][family] = measure_family(family, opts)
+        report["wall_seconds"] = time.perf_counter() - start
+        with open(os.path.join(opts.output_dir, "benchmark_families.json"), "w") as f:  # kept after each family
+            json.dump(report, f, indent=2)
+    table = markdown(report)
+    with open(os.path.join(opts.output_dir, "benchmark_families.md"), "w") as f:
+        f.write(table)
+    print(table)
+    print(f"wrote {opts.output_dir}/benchmark_families.json and .md ({report['wall_seconds']:.0f} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
