@@ -1,0 +1,92 @@
+"""`train_scripts/benchmark_families.py --quick` on one family (issue 16, "Measured"): the JSON's
+structure, positive measurements, caching lowering the peak, exact per-parameter bytes in fp32, and
+the markdown table with the command line. One in-process run shared by every test."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+from trainer_utils import REPO
+
+
+def _load_script(name):
+    sys.path.insert(0, os.path.join(REPO, "train_scripts"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "train_scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_script("benchmark_families")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_families")
+    bench.main(["--quick", "--families", "sd3", "--output_dir", str(out)])
+    with open(out / "benchmark_families.json") as f:
+        report = json.load(f)
+    return out, report
+
+
+def test_report_structure_and_positive_numbers(quick):
+    _, report = quick
+    assert report["command"].endswith("--quick --families sd3 --output_dir " + str(quick[0]))
+    assert report["memory_measure"] == "cpu_resident_tensors_plus_profiler_peak"
+    assert list(report["families"]) == ["sd3"]
+    r = report["families"]["sd3"]
+    # the tiny SD3 preset: a transformer, a VAE and three text encoders (CLIP-L, CLIP-G, T5)
+    assert set(r["parameters"]) == {"denoiser", "lora", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"}
+    assert all(v > 0 for v in r["parameters"].values())
+    assert list(r["memory"]) == ["fp32"]  # --quick: fp32 only
+    for kind in ("uncached", "cached"):
+        m = r["memory"]["fp32"][kind]
+        assert m["peak_mb"] > 0 and m["step_peak_mb"] > 0 and m["resident_mb"] > 0
+        assert m["peak_mb"] == pytest.approx(m["resident_mb"] + m["step_peak_mb"])
+    assert set(r["seconds_per_step"]) == {"none", "uw", "pcgrad"}
+    assert all(t > 0 for t in r["seconds_per_step"].values())
+    assert r["ratio_to_vanilla"]["none"] == 1.0
+    assert all(x > 0 for x in r["ratio_to_vanilla"].values())
+    real = r["real_checkpoint"]
+    assert real["denoiser_parameters"] == bench.SD35_LARGE_TRANSFORMER_PARAMS
+    assert real["weights_gb"]["fp32"]["uncached"] > real["weights_gb"]["fp32"]["cached"] > 0
+
+
+def test_caching_frees_the_encoders_and_lowers_the_peak(quick):
+    r = quick[1]["families"]["sd3"]["memory"]["fp32"]
+    uncached, cached = r["uncached"], r["cached"]
+    assert cached["peak_mb"] < uncached["peak_mb"]
+    assert cached["resident_mb"] < uncached["resident_mb"]
+    # --cache_text_embeddings dropped the three text encoders; --cache_latents the VAE's encoder half
+    assert {"text_encoder", "text_encoder_2", "text_encoder_3"} <= set(uncached["resident_bytes"])
+    assert not any(k.startswith("text_encoder") for k in cached["resident_bytes"])
+    assert 0 < cached["resident_bytes"]["vae"] < uncached["resident_bytes"]["vae"]
+    assert cached["cache_mb"] > 0 and uncached["cache_mb"] == 0
+    # the denoiser and its LoRA state are untouched by caching
+    assert cached["resident_bytes"]["denoiser"] == uncached["resident_bytes"]["denoiser"]
+
+
+def test_per_parameter_cost_is_measured_from_the_weights(quick):
+    r = quick[1]["families"]["sd3"]
+    bpp = r["real_checkpoint"]["bytes_per_parameter"]["fp32"]
+    # fp32 weights: exactly 4 bytes per parameter of the frozen denoiser base and of the text encoders
+    assert bpp["uncached"]["denoiser"] == 4.0 and bpp["uncached"]["text_encoders"] == 4.0
+    assert bpp["cached"]["text_encoders"] == 0.0 and 0 < bpp["cached"]["vae"] < 4.0
+    assert r["memory"]["fp32"]["uncached"]["resident_bytes"]["denoiser"] == 4 * r["parameters"]["denoiser"]
+
+
+def test_markdown_table(quick):
+    out, report = quick
+    text = (out / "benchmark_families.md").read_text()
+    assert report["command"] in text
+    rows = [line for line in text.splitlines() if line.startswith("| sd3 |")]
+    assert len(rows) == 2  # the memory row (fp32) and the time row
+    assert "stable-diffusion-3.5-large" in rows[0]
+
+
+def test_bad_family_is_one_line():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--families", "sd4"])
