@@ -233,7 +233,7 @@ class FamilyRunner(Runner):
     builds them (flow matching's density and loss weight, SD3's preconditioning), and the task-gradient
     engine on the LoRA subset for gradient-based methods."""
 
-    def __init__(self, method, context: FamilyContext):  # noqa: super().__init__ builds the UNet benchmark's objective
+    def __init__(self, method, context: FamilyContext):  # not super().__init__: it builds the UNet benchmark's objective
         from diffusers_ant.schedule import num_train_timesteps
         from diffusers_ant.training.components import build_intervals, build_sampler, method_options, parameter_subset
         from diffusers_ant.training.step import DiffusionObjective
@@ -314,7 +314,7 @@ def measure_family(family, opts) -> dict:
         vanilla.step(warm)  # the first step after freeing (any lazily re-laid-out buffer settles)
         memory["cached"] = step_memory(context, vanilla, cached_batch)
         result["memory"][name] = memory
-        print(f"[{family} {name}] peak {memory['uncached']['peak_mb']:.1f} MB, cached {memory['cached']['peak_mb']:.1f} MB",
+        print(f"[{family} {name}] peak {memory['uncached']['peak_mb']:.2f} MiB, cached {memory['cached']['peak_mb']:.2f} MiB",
               file=sys.stderr)
         del context, vanilla
         gc.collect()
@@ -351,8 +351,14 @@ def markdown(report) -> str:
              f"Device {report['device']} ({report['threads']} threads), tiny presets at {report['resolution']} px, "
              f"batch {report['batch_size']}, LoRA rank {report['rank']}, K = {report['num_clusters']}; "
              f"memory measure: {report['memory_measure']}.", "",
-             "| family | precision | denoiser params | LoRA params | encoder params | peak MB | cached peak MB | "
-             "real checkpoint | its weights on the device, GB | cached |",
+             "Peak MiB: one vanilla LoRA training step at the tiny preset (model, optimizer state and the step's "
+             "own allocations; the CPU-side cache not included). Cached: `--cache_latents` plus "
+             "`--cache_text_embeddings` where the family supports it (latents only where marked). Real "
+             "checkpoint, its weights on the device: its parameter counts times the bytes per parameter "
+             "measured for each part (denoiser, text encoders, VAE) in that precision and caching state; "
+             "LoRA, optimizer state and activations are not in it (they depend on rank, resolution and batch).", "",
+             "| family | precision | denoiser params | LoRA params | encoder params | peak MiB | cached peak MiB | "
+             "real checkpoint | its weights on the device, GiB | cached |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for family, r in report["families"].items():
         p = r["parameters"]
@@ -363,7 +369,7 @@ def markdown(report) -> str:
             lines.append(f"| {family} | {name} | {p['denoiser']:,} | {p['lora']:,} | {encoders:,} | "
                          f"{mem['uncached']['peak_mb']:.2f} | {mem['cached']['peak_mb']:.2f} | {real['name']} "
                          f"({real['denoiser_parameters'] / 1e9:.1f}B + {real['text_encoder_parameters'] / 1e9:.2f}B text) "
-                         f"| {gb['uncached']:.1f} | {gb['cached']:.1f} |")
+                         f"| {gb['uncached']:.1f} | {gb['cached']:.1f}{'' if r['text_caching'] else ' (latents only)'} |")
     lines += ["", f"Step time relative to vanilla (median of {report['steps']} rounds after {report['warmup']} warm-up, "
               "one run):", "", "| family | precision | vanilla s / step | ANT + UW | ANT + PCGrad (LoRA subset) |",
               "|---|---|---|---|---|"]
