@@ -219,6 +219,10 @@ class FreedEncoders:
             return
         from safetensors.torch import load_file
 
+        # what stands in each freed module's place (None, or a family's placeholder: qwenimage's empty VAE
+        # encoder), put back afterwards, since validation samples after the save
+        owners = [(self.adapter if kind == "text" else self.adapter.vae, name) for kind, name, _ in self._modules()]
+        placeholders = [getattr(owner, name, None) for owner, name in owners]
         for kind, name, module in self._modules():
             tensors = load_file(os.path.join(self.stash_dir, f"{kind}-{name}.safetensors"))
             module.to_empty(device="cpu")
@@ -231,8 +235,8 @@ class FreedEncoders:
         try:
             yield
         finally:
-            for kind, name, module in self._modules():
-                setattr(self.adapter if kind == "text" else self.adapter.vae, name, None)
+            for (owner, name), placeholder, (_, _, module) in zip(owners, placeholders, self._modules()):
+                setattr(owner, name, placeholder)
                 module.to("meta")
 
     def remove_stash(self):
