@@ -75,6 +75,63 @@ def test_flux_cached_text_gives_the_uncached_conditioning_and_samples_with_both_
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(before, after))
 
 
+def test_flux_trains_and_validates_with_cached_latents_and_text_and_writes_its_encoders_back(tmp_path, monkeypatch):
+    """A full fine-tune of the tiny preset with both caches: the encoders are freed (stashed, since the run
+    writes a whole pipeline), validation samples from the encoded prompts, and the saved FluxPipeline has
+    CLIP and T5 back, with the weights they had."""
+    from diffusers import FluxPipeline
+
+    from diffusers_ant.models.flux import FluxAdapter
+
+    freed, original = {}, FluxAdapter.free_text_encoders
+
+    def spy(self):
+        parts = original(self)
+        freed.update({name: {k: v.detach().clone() for k, v in module.state_dict().items()} for name, module in parts.items()})
+        return parts
+
+    monkeypatch.setattr(FluxAdapter, "free_text_encoders", spy)
+    out = tmp_path / "flux-cached"
+    train_in_process([
+        "--model_type", "flux", "--model_config_name_or_path", "tiny", "--dataset_name", "mnist5k_captions",
+        "--resolution", str(RES), "--train_batch_size", "2", "--max_train_samples", "4", "--report_to", "none",
+        "--seed", "0", "--num_inference_steps", "2", "--num_validation_images", "1", "--validation_steps", "1",
+        "--validation_prompt", "a handwritten digit 3", "--output_dir", str(out), "--learning_rate", "1e-3",
+        "--max_train_steps", "2", "--num_clusters", "2", "--cache_latents", "--cache_text_embeddings", "--center_crop"])
+    assert sorted(freed) == ["text_encoder", "text_encoder_2"]
+    assert (out / "samples" / "step-1.png").is_file() and (out / "samples" / "step-2.png").is_file()
+    assert not (out / ".freed_encoders").exists()
+    saved = FluxPipeline.from_pretrained(str(out))
+    for name, state in freed.items():
+        reloaded = getattr(saved, name).state_dict()
+        assert all(torch.equal(reloaded[k].float(), v.float()) for k, v in state.items() if k in reloaded), name
+
+
+def test_qwenimage_vae_encoder_comes_back_while_saving_then_its_placeholder():
+    """`FreedEncoders.restored` puts the stashed encoder back for the save and the placeholder (not None)
+    afterwards, so that validation after the save still decodes."""
+    import tempfile
+
+    from diffusers_ant.training.caching import FreedEncoders
+
+    adapter = _tiny("qwenimage")
+    real = {k: v.clone() for k, v in adapter.vae.encoder.state_dict().items()}
+    latents = torch.randn(1, adapter.vae.config.z_dim, 4, 4, generator=torch.Generator().manual_seed(0))
+    decoded = adapter.decode_latents(latents)
+    vae = adapter.free_vae_encoder()
+    placeholder = adapter.vae.encoder
+    assert adapter.vae.quant_conv is None and not list(placeholder.parameters())
+    with tempfile.TemporaryDirectory() as stash:
+        freed = FreedEncoders(adapter, {}, vae, stash)
+        freed.stash()
+        torch.testing.assert_close(adapter.decode_latents(latents), decoded, rtol=0, atol=0)
+        with freed.restored():
+            state = adapter.vae.encoder.state_dict()
+            assert sorted(state) == sorted(real) and all(torch.equal(state[k], real[k]) for k in real)
+        assert adapter.vae.encoder is placeholder and adapter.vae.quant_conv is None
+    torch.testing.assert_close(adapter.decode_latents(latents), decoded, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- DeMe's projection on transformers
 
 
