@@ -2,7 +2,8 @@
 on ``qwenimage`` with its VAE encoder really freed (validation still decodes), and DeMe's channel projection on
 the two-stream transformers (``sd3``, ``flux``, ``qwenimage``).
 
-Tiny presets at 16 px; one in-process DeMe run (2 steps) that also caches, several assertions on it."""
+Tiny presets at 16 px, in-process runs of 2 steps: a cached flux full fine-tune, and two DeMe LoRA interval
+fine-tunes on qwenimage (the first one cached) merged by `merge_deme.py`; several assertions per run."""
 
 from __future__ import annotations
 
@@ -195,6 +196,20 @@ def qwen_deme_cached(tmp_path_factory):
     return base, out, freed
 
 
+@pytest.fixture(scope="module")
+def qwen_deme_interval_1(qwen_deme_cached):
+    """The second DeMe interval's LoRA fine-tune (uncached), beside the first."""
+    base, first, _ = qwen_deme_cached
+    out = base.parent / "deme1"
+    train_in_process([
+        "--model_type", "qwenimage", "--pretrained_model_name_or_path", str(base), "--dataset_name",
+        "mnist5k_captions", "--resolution", str(RES), "--train_batch_size", "2", "--max_train_samples", "4",
+        "--report_to", "none", "--seed", "1", "--num_inference_steps", "2", "--num_validation_images", "1",
+        "--output_dir", str(out), "--rank", "4", "--learning_rate", "1e-2", "--max_train_steps", "2",
+        "--no-use_ema", "--deme_interval", "1", "--num_clusters", "2"])
+    return base, first, out
+
+
 def test_qwenimage_frees_its_vae_encoder_and_still_samples_its_validation_images(qwen_deme_cached):
     _, out, freed = qwen_deme_cached
     assert freed["parts"] == ["encoder", "quant_conv"]
@@ -229,3 +244,33 @@ def test_deme_lora_with_channel_projection_on_qwenimage_trains_saves_and_reloads
     image = pipeline("a handwritten digit 3", height=RES, width=RES, num_inference_steps=2,
                      generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert image.shape == (1, 3, RES, RES) and torch.isfinite(image).all()
+
+
+def test_deme_lora_merge_on_qwenimage_merges_the_projections_by_task_arithmetic(qwen_deme_interval_1, tmp_path):
+    """`merge_deme.py` on the two interval LoRAs: one LoRA, and projections I + sum_i w_i (P_i - I) beside
+    it, which `load_pipeline` attaches to the Qwen-Image transformer."""
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    from diffusers_ant.deme import channel_projections
+    from diffusers_ant.models import load_pipeline
+
+    base, first, second = qwen_deme_interval_1
+    spec = importlib.util.spec_from_file_location(
+        "merge_deme", os.path.join(os.path.dirname(os.path.dirname(__file__)), "train_scripts", "merge_deme.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    merged = tmp_path / "merged"
+    module.main(["--base", str(base), "--finetuned", str(first), str(second), "--output_dir", str(merged),
+                 "--weights", "0.5", "0.25"])
+    parts = [load_file(os.path.join(folder, "channel_projection.safetensors")) for folder in (first, second)]
+    result = load_file(os.path.join(merged, "channel_projection.safetensors"))
+    assert sorted(result) == sorted(parts[0]) == sorted(parts[1])
+    for key, value in result.items():
+        eye = torch.eye(value.shape[0])
+        torch.testing.assert_close(value, eye + 0.5 * (parts[0][key] - eye) + 0.25 * (parts[1][key] - eye))
+    pipeline = load_pipeline(str(merged))
+    attached = channel_projections(pipeline.transformer)
+    assert all(torch.equal(p.weight.detach().cpu(), result[f"{name}.channel_projection.weight"])
+               for name, p in attached.items()) and len(attached) == 2
