@@ -139,26 +139,33 @@ def test_qwenimage_vae_encoder_comes_back_while_saving_then_its_placeholder():
 @pytest.mark.parametrize("model_type,blocks", [
     ("sd3", ["transformer_blocks.0", "transformer_blocks.1"]),
     ("flux", ["transformer_blocks.0", "single_transformer_blocks.0"]),
+    ("qwenimage", ["transformer_blocks.0", "transformer_blocks.1"]),
 ])
 def test_channel_projection_on_two_stream_transformers_is_identity_then_mixes_the_image_tokens(model_type, blocks):
-    """One D x D projection after every block (Flux: double- and single-stream), the identity at first (the
-    prediction is bitwise unchanged), then acting on the image tokens, the next block's input."""
+    """Under LoRA, one D x D projection after every block (Flux: double- and single-stream), the identity at
+    first (the prediction is bitwise the base's), then acting on the image tokens; the DeMe / kd teacher
+    (the student with adapters and projections off) still predicts the base exactly."""
     from diffusers_ant.deme import add_channel_projection, channel_projections
+    from diffusers_ant.teacher import make_teacher
 
     adapter = _tiny(model_type)
-    channels = adapter.vae.config.latent_channels
-    x = torch.randn(2, channels, RES // 2, RES // 2, generator=torch.Generator().manual_seed(1))
-    cond = adapter.conditioning({"captions": ["a", "seven"], "pixel_values": torch.zeros(2, 3, RES, RES)})
+    batch = {"captions": ["a", "seven"], "pixel_values": torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(1)) * 2 - 1}
+    x0, cond = adapter.encode_batch(batch, generator=torch.Generator().manual_seed(2), training=True)
+    x_t = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([100.0, 700.0])
     with torch.no_grad():
-        reference = adapter.predict(adapter.model, x, t, cond)
+        reference = adapter.predict(adapter.model, x_t, t, cond)
+        adapter.add_lora(2)
         projections = add_channel_projection(adapter.model)
         assert list(channel_projections(adapter.model)) == blocks
         inner = adapter.model.config.num_attention_heads * adapter.model.config.attention_head_dim
         assert all(p.channels == inner and p.output_index == 1 and p.weight.requires_grad for p in projections)
-        assert torch.equal(adapter.predict(adapter.model, x, t, cond), reference)
+        assert torch.equal(adapter.predict(adapter.model, x_t, t, cond), reference)
         projections[0].weight.mul_(1.5)
-        assert (adapter.predict(adapter.model, x, t, cond) - reference).abs().max() > 1e-3
+        assert (adapter.predict(adapter.model, x_t, t, cond) - reference).abs().max() > 1e-3
+    teacher = make_teacher(adapter, lora=True)
+    assert teacher.model is adapter.model
+    assert torch.equal(teacher.predict(x_t, t, cond), reference)
 
 
 # --------------------------------------------------------------------------- qwenimage: one cached DeMe run
