@@ -56,7 +56,8 @@ def test_flux_cached_text_gives_the_uncached_conditioning_and_samples_with_both_
     pipeline = adapter.make_pipeline()
     prompts = ["a handwritten digit 3", "seven"]
     encoded = adapter.validation_prompt_kwargs(pipeline, prompts, guidance_scale=3.5)
-    embeds, pooled, _ = pipeline.encode_prompt(prompt=prompts, prompt_2=None, max_sequence_length=adapter.max_sequence_length)
+    embeds, pooled, _ = pipeline.encode_prompt(prompt=prompts, prompt_2=None,
+                                               max_sequence_length=adapter.max_sequence_length)
     assert sorted(encoded) == ["pooled_prompt_embeds", "prompt_embeds"]
     assert torch.equal(encoded["prompt_embeds"], embeds) and torch.equal(encoded["pooled_prompt_embeds"], pooled)
     # the pipeline's encoding is the training encoding (the same CLIP pooled + T5 sequence)
@@ -88,7 +89,8 @@ def test_flux_trains_and_validates_with_cached_latents_and_text_and_writes_its_e
 
     def spy(self):
         parts = original(self)
-        freed.update({name: {k: v.detach().clone() for k, v in module.state_dict().items()} for name, module in parts.items()})
+        for name, module in parts.items():
+            freed[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
         return parts
 
     monkeypatch.setattr(FluxAdapter, "free_text_encoders", spy)
@@ -149,7 +151,8 @@ def test_channel_projection_on_two_stream_transformers_is_identity_then_mixes_th
     from diffusers_ant.teacher import make_teacher
 
     adapter = _tiny(model_type)
-    batch = {"captions": ["a", "seven"], "pixel_values": torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(1)) * 2 - 1}
+    pixels = torch.rand(2, 3, RES, RES, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    batch = {"captions": ["a", "seven"], "pixel_values": pixels}
     x0, cond = adapter.encode_batch(batch, generator=torch.Generator().manual_seed(2), training=True)
     x_t = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([100.0, 700.0])
@@ -238,7 +241,7 @@ def test_deme_lora_with_channel_projection_on_qwenimage_trains_saves_and_reloads
     lora = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
     assert max(t.abs().max().item() for k, t in lora.items() if "lora_B" in k) > 0
     saved = load_file(os.path.join(out, "channel_projection.safetensors"))
-    assert sorted(saved) == ["transformer_blocks.0.channel_projection.weight", "transformer_blocks.1.channel_projection.weight"]
+    assert sorted(saved) == [f"transformer_blocks.{i}.channel_projection.weight" for i in (0, 1)]
     eye = torch.eye(saved["transformer_blocks.0.channel_projection.weight"].shape[0])
     assert all((w - eye).abs().max() > 0 for w in saved.values())  # trained
     pipeline = load_pipeline(str(out))
