@@ -29,6 +29,14 @@ Where the projections go, per denoiser class:
   shape what the next block sees, besides feeding the zero convolutions.
 - ``DiTTransformer2DModel``: after every transformer block, a D x D linear mixing of the tokens'
   hidden states (D = heads x head dim), the transformer counterpart of the 1x1 convolution.
+- The two-stream transformers of issue 16, ``SD3Transformer2DModel`` (``transformer_blocks``),
+  ``FluxTransformer2DModel`` (``transformer_blocks`` and ``single_transformer_blocks``) and
+  ``QwenImageTransformer2DModel`` (``transformer_blocks``): after every block, the same D x D mixing
+  of the *image* tokens only. Their blocks return ``(encoder_hidden_states, hidden_states)``; the image
+  stream (the second element) is the main path, which the next block and finally ``proj_out`` read and
+  whose per-channel statistics differ between timestep intervals; the text stream is the conditioning
+  (the same for every timestep; ``None`` after SD3's last, context-pre-only block) and stays as the
+  block made it, as the UNet's skip connections do (``ChannelProjection.output_index``).
 
 How: each projection is a submodule ``<block>.channel_projection`` (so it is in ``parameters()``, the
 state dict, Accelerate checkpoints, EMA and ``deepcopy``), applied by a forward hook on its block
@@ -105,6 +113,10 @@ class ChannelProjection(nn.Module):
         # Legacy (channel_projection.json version 1): the projected map also replaced the down block's
         # last skip connection. False for everything made now: the authors' main-path-only projection.
         self.projects_skip = False
+        # Which element of a tuple output is the main path: 0 (UNet blocks: (hidden_states, res_samples)),
+        # 1 (two-stream transformer blocks: (encoder_hidden_states, hidden_states)); set by
+        # add_channel_projection from the block's class, never saved (it follows from the model).
+        self.output_index = 0
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, channel_dim={self.channel_dim}"
@@ -133,12 +145,32 @@ def _project_block_output(block, args, output):
         return output
     if isinstance(output, torch.Tensor):
         return projection(output)
+    index = getattr(projection, "output_index", 0)
+    if index:  # a two-stream transformer block: project its image tokens, keep its text tokens
+        items = list(output)
+        items[index] = projection(items[index])
+        return type(output)(items)
     hidden = output[0]
     projected = projection(hidden)
     rest = list(output[1:])
     if projection.projects_skip and rest and isinstance(rest[0], tuple) and rest[0] and rest[0][-1] is hidden:
         rest[0] = rest[0][:-1] + (projected,)
     return type(output)([projected, *rest])
+
+
+# The two-stream transformers (module docstring): their block lists, in forward order; each block returns
+# (encoder_hidden_states, hidden_states), the image tokens at index 1.
+TWO_STREAM_BLOCKS = {
+    "SD3Transformer2DModel": ("transformer_blocks",),
+    "FluxTransformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
+    "QwenImageTransformer2DModel": ("transformer_blocks",),
+}
+TWO_STREAM_OUTPUT_INDEX = 1
+
+
+def _main_path_index(model) -> int:
+    """The element of a tuple block output that :func:`_project_block_output` projects (see ``output_index``)."""
+    return TWO_STREAM_OUTPUT_INDEX if type(model).__name__ in TWO_STREAM_BLOCKS else 0
 
 
 def _blocks(model) -> list:
@@ -150,10 +182,16 @@ def _blocks(model) -> list:
         for i, block in enumerate(model.transformer_blocks):
             found.append((f"transformer_blocks.{i}", block, inner, -1))
         return found
+    if name in TWO_STREAM_BLOCKS:
+        inner = model.config.num_attention_heads * model.config.attention_head_dim  # the image tokens' width
+        for attribute in TWO_STREAM_BLOCKS[name]:
+            for i, block in enumerate(getattr(model, attribute)):
+                found.append((f"{attribute}.{i}", block, inner, -1))
+        return found
     if not hasattr(model, "down_blocks") or name not in ("UNet2DModel", "UNet2DConditionModel", "ControlNetModel"):
         raise ValueError(
-            f"channel projection supports UNet2DModel, UNet2DConditionModel, ControlNetModel and DiTTransformer2DModel, "
-            f"not {name}"
+            f"channel projection supports UNet2DModel, UNet2DConditionModel, ControlNetModel, DiTTransformer2DModel, "
+            f"{', '.join(TWO_STREAM_BLOCKS)}, not {name}: train with --no_channel_projection"
         )
 
     def channels(block, where):
@@ -210,9 +248,11 @@ def add_channel_projection(model) -> list:
                 block.register_forward_hook(_project_block_output)
         return list(existing.values())
     reference = next(model.parameters())
+    index = _main_path_index(model)
     added = []
     for _, block, channels, channel_dim in _blocks(model):
         projection = ChannelProjection(channels, channel_dim, device=reference.device, dtype=reference.dtype)
+        projection.output_index = index
         block.add_module(ATTRIBUTE, projection)
         if not _hook_registered(block):
             block.register_forward_hook(_project_block_output)

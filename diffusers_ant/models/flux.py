@@ -14,7 +14,9 @@ a LoRA trained here is a LoRA a Flux user loads with ``FluxPipeline.load_lora_we
   (``FluxPipeline._unpack_latents``).
 - **text**: CLIP-L's pooled output (``pooled_projections``) and T5's last hidden state
   (``encoder_hidden_states``), each tokenized to its own maximum length, as ``FluxPipeline``'s
-  ``_get_clip_prompt_embeds`` / ``_get_t5_prompt_embeds``.
+  ``_get_clip_prompt_embeds`` / ``_get_t5_prompt_embeds``. ``--cache_text_embeddings`` stores both per
+  caption (:meth:`FluxAdapter.encode_text`), frees both encoders, and samples validation images from the
+  prompts that ``FluxPipeline.encode_prompt`` encoded before they went (:meth:`FluxAdapter.validation_prompt_kwargs`).
 - **guidance**: a guidance-distilled checkpoint (FLUX.1-dev, ``transformer.config.guidance_embeds``)
   takes the guidance value as an input; training feeds ``--guidance_scale`` (default 1.0) for every
   sample, as the diffusers script does; FLUX.1-schnell has no guidance input and gets none.
@@ -38,7 +40,7 @@ import os
 
 import torch
 
-from .base import ModelAdapter, PretrainedSource, _copy_scheduler, repeat_to
+from .base import ModelAdapter, PretrainedSource, _copy_scheduler, prompt_arguments
 from .presets import resolve_model_config
 
 # The pipeline classes of the other model types, for a one-line error naming both types when a folder
@@ -271,20 +273,40 @@ class FluxAdapter(ModelAdapter):
         return embeds.float(), pooled.float()
 
     def null_condition_batch(self, batch):
-        batch = dict(batch)
-        batch.pop("captions", None)  # no captions -> the empty prompt (see `conditioning`)
-        return batch
+        # no captions (nor cached embeddings of them) -> the empty prompt (see `encode_text`)
+        return {key: value for key, value in batch.items()
+                if key != "captions" and not key.startswith(self.CACHED_TEXT_PREFIX)}
 
-    def conditioning(self, batch, generator=None, training=False):
+    def encode_text(self, batch) -> dict:
+        """The batch's captions (none: the empty prompt, i.e. unconditional training) through CLIP and T5
+        (:meth:`encode_prompt`): ``encoder_hidden_states`` (B, L, D) and ``pooled_projections`` (B, D). What
+        ``--cache_text_embeddings`` stores per caption; T5 pads to ``max_sequence_length``, so cached rows
+        of any caption batch together."""
         captions = batch.get("captions")
         if captions is None:  # no captions: the empty prompt
-            captions = [""] * batch["pixel_values"].shape[0]
+            rows = batch["pixel_values"] if "pixel_values" in batch else batch["latent_moments"]  # cached latents
+            captions = [""] * rows.shape[0]
         prompt_embeds, pooled = self.encode_prompt(captions)
-        cond = {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
+        return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
+
+    def conditioning(self, batch, generator=None, training=False):
+        # the cached embeddings (--cache_text_embeddings) or `encode_text` (ModelAdapter.text_conditioning)
+        cond = dict(self.text_conditioning(batch))
+        pooled = cond["pooled_projections"]
         if self.guidance_embeds:
             # one value per sample (not a (1,) tensor) so that per-task sub-batches index it like the rest
-            cond["guidance"] = torch.full((len(captions),), self.guidance_scale, device=pooled.device)
+            cond["guidance"] = torch.full((pooled.shape[0],), self.guidance_scale, device=pooled.device)
         return cond
+
+    def validation_prompt_kwargs(self, pipeline, prompts, guidance_scale=None) -> dict:
+        """``FluxPipeline.encode_prompt`` of the validation prompts, as the pipeline itself computes them
+        before ``--cache_text_embeddings`` frees CLIP and T5. No negative prompt: FluxPipeline's true CFG is
+        off by default (``true_cfg_scale=1``) and ``guidance_scale`` is the distilled guidance input, which
+        :meth:`_sample` passes on its own."""
+        embeds, pooled, _ = pipeline.encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=self.text_encoder.device, num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def predict(self, model, x_t, timesteps, conditioning):
         """Pack, call the transformer at ``sigma = timesteps / num_train_timesteps``, unpack."""
@@ -320,11 +342,13 @@ class FluxAdapter(ModelAdapter):
         return pipeline
 
     def _sample(self, pipeline, num_images, generator, num_inference_steps, prompts=None, guidance_scale=None, **unused):
-        """``FluxPipeline`` at the training resolution; ``guidance_scale`` (default: the training value) is
-        the distilled guidance of a dev-like model (ignored by schnell-like ones, as by the pipeline)."""
+        """``FluxPipeline`` at the training resolution; ``prompts``: strings (cycled to ``num_images``), or the
+        dict of :meth:`validation_prompt_kwargs` (already ``num_images`` rows). ``guidance_scale`` (default:
+        the training value) is the distilled guidance of a dev-like model (ignored by schnell-like ones, as by
+        the pipeline)."""
         size = self.sample_size * self.vae_scale_factor(self.vae)
         return pipeline(
-            prompt=repeat_to(prompts if prompts is not None else "", num_images),
+            **prompt_arguments(prompts, num_images),  # strings, or validation_prompt_kwargs' encoded prompts
             height=size, width=size,
             num_inference_steps=num_inference_steps,
             guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,

@@ -178,11 +178,14 @@ class QwenImageAdapter(ModelAdapter):
         return ((latents - latents_mean) / latents_std)[:, :, 0]
 
     def free_vae_encoder(self) -> dict:
-        """Nothing (``--cache_latents`` keeps the Qwen-Image VAE's encoder): ``AutoencoderKLQwenImage.decode``
-        clears its causal-conv cache by counting the encoder's layers (``clear_cache``), so validation could not
-        decode without it. The encoder is a fraction of a GB beside the 20B transformer and the 7B text encoder,
-        which ``--cache_text_embeddings`` does free."""
-        return {}
+        """Drop the VAE's ``encoder`` and ``quant_conv`` (``ModelAdapter.free_vae_encoder``), leaving an empty
+        module in the encoder's place: ``AutoencoderKLQwenImage.decode`` calls ``clear_cache``, which counts
+        the causal convolutions of ``self.encoder`` (to size the encoder's feature cache), so ``None`` there
+        breaks validation sampling; an empty module counts 0, and decoding never reads the encoder."""
+        freed = super().free_vae_encoder()
+        if "encoder" in freed:
+            self.vae.encoder = torch.nn.Module()
+        return freed
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -185,6 +185,17 @@ def probe_cached_batch(args, adapter, dataset) -> None:
 # ------------------------------------------------------------------------------------------ freeing
 
 
+def _tied_names(module) -> dict:
+    """``{alias: first name}`` for every parameter of ``module`` reachable under more than one name."""
+    first, aliases = {}, {}
+    for key, value in module.named_parameters(remove_duplicate=False):
+        if id(value) in first:
+            aliases[key] = first[id(value)]
+        else:
+            first[id(value)] = key
+    return aliases
+
+
 class FreedEncoders:
     """The encoders dropped after caching, with their weights stashed as safetensors when the run must
     write them again at the end (`restored` puts them back while saving)."""
@@ -194,6 +205,7 @@ class FreedEncoders:
         self.text = text  # adapter attribute -> module
         self.vae = vae  # vae attribute -> module
         self.stash_dir = stash_dir
+        self.tied = {}  # (kind, name) -> {alias: first name} of tied parameters (see `stash`)
 
     def _modules(self):
         return [("text", name, module) for name, module in self.text.items()] + \
@@ -206,6 +218,9 @@ class FreedEncoders:
 
         os.makedirs(self.stash_dir, exist_ok=True)
         for kind, name, module in self._modules():
+            # tied parameters (T5's `shared` and `encoder.embed_tokens`) are stored once, under their first
+            # name; moving to meta unties them, so `restored` ties them again from this record
+            self.tied[(kind, name)] = _tied_names(module)
             tensors = {f"p:{k}": v.detach().contiguous().cpu() for k, v in module.named_parameters()}
             tensors.update({f"b:{k}": v.detach().contiguous().cpu() for k, v in module.named_buffers()})
             save_file(tensors, os.path.join(self.stash_dir, f"{kind}-{name}.safetensors"))
@@ -219,9 +234,16 @@ class FreedEncoders:
             return
         from safetensors.torch import load_file
 
+        # what stands in each freed module's place (None, or a family's placeholder: qwenimage's empty VAE
+        # encoder), put back afterwards, since validation samples after the save
+        owners = [(self.adapter if kind == "text" else self.adapter.vae, name) for kind, name, _ in self._modules()]
+        placeholders = [getattr(owner, name, None) for owner, name in owners]
         for kind, name, module in self._modules():
             tensors = load_file(os.path.join(self.stash_dir, f"{kind}-{name}.safetensors"))
             module.to_empty(device="cpu")
+            for alias, first in self.tied.get((kind, name), {}).items():
+                owner, _, attribute = alias.rpartition(".")
+                setattr(module.get_submodule(owner), attribute, module.get_parameter(first))
             with torch.no_grad():
                 for key, value in list(module.named_parameters()) + list(module.named_buffers()):
                     prefix = "p:" if isinstance(value, torch.nn.Parameter) else "b:"
@@ -231,8 +253,8 @@ class FreedEncoders:
         try:
             yield
         finally:
-            for kind, name, module in self._modules():
-                setattr(self.adapter if kind == "text" else self.adapter.vae, name, None)
+            for (owner, name), placeholder, (_, _, module) in zip(owners, placeholders, self._modules()):
+                setattr(owner, name, placeholder)
                 module.to("meta")
 
     def remove_stash(self):
