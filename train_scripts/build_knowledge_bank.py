@@ -7,9 +7,13 @@
         --prompts_file prompts.txt --num_images 500 --guidance_scale 7.5 --output_dir bank
     python train_scripts/build_knowledge_bank.py --pretrained_model_name_or_path controlnet-model \\
         --dataset_name mnist5k_captions --num_images 500 --output_dir bank
+    python train_scripts/build_knowledge_bank.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
+        --prompts_file prompts.txt --num_images 200 --num_inference_steps 28 --guidance_scale 3.5 \
+        --resolution 512 --torch_dtype bfloat16 --batch_size 4 --output_dir bank
 
-Class-conditional models draw every class in turn (or `--class_labels`); text-to-image models cycle
-through `--prompts_file`; ControlNet models sample from `--conditioning_dir` or a dataset's
+Class-conditional models draw every class in turn (or `--class_labels`); text-to-image models (sd, sdxl,
+sd3, flux, qwenimage; each sampled by its own pipeline and scheduler, FlowMatchEuler for the
+flow-matching ones) cycle through `--prompts_file` and store each image with its prompt; ControlNet models sample from `--conditioning_dir` or a dataset's
 conditioning column (with the row's caption as the prompt unless `--prompts_file` is given), or from a
 blank condition when neither is given. A ControlNet bank pairs each image with a condition that
 matches it: the condition re-extracted from the image (`--condition_extractor`, `outline` by default;
@@ -49,8 +53,11 @@ def build_parser():
                         help="The pretrained pipeline folder (or Hub id) that fine-tuning starts from.")
     parser.add_argument("--output_dir", required=True, help="The bank folder (new, empty, or a bank to resume).")
     parser.add_argument("--num_images", type=int, required=True, help="Images in the bank.")
-    parser.add_argument("--model_type", choices=("unet", "dit", "sd", "controlnet"), default=None,
-                        help="The pipeline's model type (default: read from the pipeline).")
+    parser.add_argument("--model_type", choices=("unet", "dit", "sd", "controlnet", "sdxl", "sd3", "flux", "qwenimage"),
+                        default=None, help="The pipeline's model type (default: read from the pipeline's class).")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="flux / qwenimage: the square size to sample at, the --resolution you train at "
+                             "(default: the pipeline's default, 1024). The other types sample at their model's size.")
     parser.add_argument("--revision", default=None, help="Hub revision of a Hub model id.")
     parser.add_argument("--seed", type=int, default=0, help="Image i is drawn from a generator seeded with (seed, i).")
     parser.add_argument("--batch_size", type=int, default=8,
@@ -113,7 +120,7 @@ def build(args) -> None:
         guidance_scale=args.guidance_scale, class_labels=args.class_labels, prompts=prompts,
         conditioning=conditioning, bank_condition=args.bank_condition, condition_extractor=args.condition_extractor,
         device=args.device, torch_dtype=args.torch_dtype,
-        progress=not args.no_progress,
+        progress=not args.no_progress, resolution=args.resolution,
     )
     print(f"knowledge bank {args.output_dir}: {manifest['num_images']} {manifest['model_type']} images at "
           f"{manifest['resolution']}x{manifest['resolution']}, {manifest['num_inference_steps']} "

@@ -123,6 +123,20 @@ class QwenImageAdapter(ModelAdapter):
             "model_from_pretrained": from_pretrained,
         }
 
+    @classmethod
+    def from_pipeline(cls, pipeline, resolution=None):
+        """The adapter around a loaded ``QwenImagePipeline``'s own components, no copy (the knowledge bank
+        samples through it, ``diff_tuning/bank.py``) at ``resolution`` pixels square (default the
+        pipeline's ``default_sample_size * vae_scale_factor``, 1024 for Qwen-Image)."""
+        scale = cls.vae_scale_factor(pipeline.vae)
+        resolution = resolution or pipeline.default_sample_size * pipeline.vae_scale_factor
+        if resolution % (2 * scale):
+            raise ValueError(f"--resolution {resolution} must be a multiple of {2 * scale} for Qwen-Image "
+                             f"(VAE factor {scale} times the 2x2 packing)")
+        return cls(pipeline.transformer, pipeline.scheduler, vae=pipeline.vae, text_encoder=pipeline.text_encoder,
+                   tokenizer=pipeline.tokenizer, num_channels=3, sample_size=resolution // scale,
+                   model_from_pretrained=True)
+
     # ------------------------------------------------------------------ shapes
 
     @staticmethod

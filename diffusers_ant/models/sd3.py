@@ -98,6 +98,18 @@ class SD3Adapter(ModelAdapter):
         return adapter
 
     @classmethod
+    def from_pipeline(cls, pipeline, resolution=None):
+        """The adapter around a loaded ``StableDiffusion3Pipeline``'s own components, no copy (the knowledge
+        bank samples through it, ``diff_tuning/bank.py``). It samples at the transformer's ``sample_size``,
+        as the pipeline does by default; ``resolution`` is not used (the bank refuses it for sd3)."""
+        return cls(pipeline.transformer, pipeline.scheduler, vae=pipeline.vae,
+                   text_encoder=pipeline.text_encoder, clip_tokenizer=pipeline.tokenizer,
+                   text_encoder_2=pipeline.text_encoder_2, tokenizer_2=pipeline.tokenizer_2,
+                   text_encoder_3=pipeline.text_encoder_3, tokenizer_3=pipeline.tokenizer_3,
+                   num_channels=pipeline.vae.config.in_channels, sample_size=pipeline.transformer.config.sample_size,
+                   model_from_pretrained=True)
+
+    @classmethod
     def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):
         from diffusers import SD3Transformer2DModel
 
