@@ -770,8 +770,8 @@ def check_bank_compatible(manifest: dict, model_type: str, resolution: int, chan
     if manifest.get("model_type") != model_type:
         raise ValueError(
             f"the knowledge bank was sampled from a {manifest.get('model_type')} model ({source}), this run trains a "
-            f"{model_type} model (--model_type {model_type}): build the bank from the pretrained {model_type} model "
-            f"you fine-tune with python {BUILD_COMMAND}"
+            f"{model_type} model: build the bank from the pretrained {model_type} model you fine-tune "
+            f"(python {BUILD_COMMAND} --pretrained_model_name_or_path BASE)"
         )
     if int(manifest.get("resolution", -1)) != int(resolution):
         raise ValueError(
