@@ -160,6 +160,29 @@ def test_training_on_the_bank_keeps_its_prompts_and_draws_low_noise_on_the_sigma
     assert all(int(s["t"].max()) < T for s in bank)
 
 
+def test_a_flux_bank_takes_the_datasets_captions_and_its_resolution(saved_folders, tmp_path, capsys):
+    """No --prompts_file: a text-to-image base samples the dataset's captions; flux samples at --resolution."""
+    from diffusers_ant.diff_tuning.bank import load_knowledge_bank
+    from diffusers_ant.data import load_training_dataset
+
+    main = _load_bank_script().main
+    common = ["--pretrained_model_name_or_path", str(saved_folders["flux"]), "--num_images", "2",
+              "--num_inference_steps", "2", "--batch_size", "2", "--device", "cpu", "--no_progress"]
+    assert main([*common, "--output_dir", str(tmp_path / "bank"), "--dataset_name", "mnist5k_captions",
+                 "--resolution", "32"]) == 0
+    dataset, manifest = load_knowledge_bank(tmp_path / "bank")
+    captions = load_training_dataset("mnist5k_captions")["text"][:2]
+    assert dataset["text"] == captions and manifest["prompts"]["source"] == "dataset mnist5k_captions, captions"
+    assert manifest["model_type"] == "flux" and manifest["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    assert manifest["resolution"] == 32 and all(im.size == (32, 32) for im in dataset["image"])
+    capsys.readouterr()
+    # --resolution is flux / qwenimage's: the sd3 base samples at its model's size
+    assert main([*common[:1], str(saved_folders["sd3"]), *common[2:], "--output_dir", str(tmp_path / "b2"),
+                 "--resolution", "32"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "drop --resolution" in err
+
+
 def test_a_bank_of_another_family_is_refused_in_one_line(sd3_bank, saved_folders):
     from diffusers_ant.diff_tuning.bank import check_bank_compatible, check_bank_source, read_bank_manifest
 

@@ -177,6 +177,18 @@ def read_prompts_file(path: str) -> list:
     return prompts
 
 
+def read_dataset_captions(dataset_name: str, caption_column=None, dataset_config_name=None, cache_dir=None) -> list:
+    """The captions of a dataset (``--dataset_name``, the built-in offline sets included), one prompt per
+    row, for the bank of a text-to-image model (sd, sdxl, sd3, flux, qwenimage) built without
+    ``--prompts_file``: the base then samples what the fine-tuning data describes. A row holding a list
+    of captions gives its first. One-line ``ValueError`` when the dataset has no caption column."""
+    from ..data import load_training_dataset, resolve_columns
+
+    dataset = load_training_dataset(dataset_name, None, dataset_config_name, cache_dir)
+    column = resolve_columns(dataset, caption_column=caption_column, need_captions=True)["caption_column"]
+    return [v[0] if isinstance(v, (list, tuple)) else str(v) for v in dataset[column]]
+
+
 class ConditioningImages:
     """The conditioning images of a ControlNet bank, read on demand; sample i uses image ``i % len``.
 
@@ -522,6 +534,7 @@ def build_knowledge_bank(
     progress: bool = True,
     on_image_written=None,
     resolution: int | None = None,
+    prompts_source: str = "prompts file",
 ) -> dict:
     """Sample ``num_images`` images of a pretrained pipeline into the bank folder ``output_dir``; return the manifest.
 
@@ -560,6 +573,8 @@ def build_knowledge_bank(
         resolution: ``flux`` / ``qwenimage`` only: the square size to sample at (their transformers
             have no sample size; default the pipeline's default, 1024 for the released checkpoints).
             Train at the same ``--resolution``: ``check_bank_compatible`` refuses another.
+        prompts_source: where ``prompts`` came from, for the manifest (``"prompts file"``, or
+            ``"dataset NAME, captions"`` from :func:`read_dataset_captions`).
     """
     from tqdm.auto import tqdm
 
@@ -607,7 +622,7 @@ def build_knowledge_bank(
 
     prompts_info = None
     if prompts is not None:
-        prompts_info = {"source": "prompts file", "count": len(prompts),
+        prompts_info = {"source": prompts_source, "count": len(prompts),
                         "sha256": hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()}
     conditioning_info = None
     if conditioning is not None:
@@ -834,5 +849,6 @@ __all__ = [
     "load_knowledge_bank",
     "model_type_of_pipeline",
     "read_bank_manifest",
+    "read_dataset_captions",
     "read_prompts_file",
 ]
