@@ -41,17 +41,10 @@ import torch
 from .base import ModelAdapter, PretrainedSource, _copy_scheduler, repeat_to
 from .presets import resolve_model_config
 
-# The pipeline classes of the other model types, for a one-line error naming both types when a folder
-# of another family is given as --pretrained_model_name_or_path with --model_type flux.
-OTHER_FAMILIES = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "QwenImagePipeline": "qwenimage",
-    "DiTPipeline": "dit",
-    "DDPMPipeline": "unet",
-    "StableDiffusionControlNetPipeline": "controlnet",
-}
+# The pipeline classes of the other model types, for a one-line error naming both model types when a folder
+# of another family is given as --pretrained_model_name_or_path with --model_type flux (the one table,
+# shared with the bank's detection).
+from .families import PIPELINE_MODEL_TYPES as OTHER_FAMILIES
 # FluxPipeline's maximum T5 sequence length (its `max_sequence_length` must be <= 512).
 MAX_SEQUENCE_LENGTH = 512
 # diffusers' train_dreambooth_lora_flux.py's LoRA targets (the double-stream blocks' attention and both

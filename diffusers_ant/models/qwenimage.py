@@ -28,17 +28,9 @@ import torch
 
 from .base import ModelAdapter, _copy_scheduler, repeat_to
 
-# What other model types' pipelines are called, to name the right --model_type for a wrong folder.
-_PIPELINE_MODEL_TYPES = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionControlNetPipeline": "controlnet",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-    "DiTPipeline": "dit",
-    "DDPMPipeline": "unet",
-    "DDIMPipeline": "unet",
-}
+# What other model types' pipelines are called, to name the right --model_type for a wrong folder (the one
+# table, shared with the bank's detection).
+from .families import PIPELINE_MODEL_TYPES as _PIPELINE_MODEL_TYPES
 # diffusers' default for `max_sequence_length` in train_dreambooth_lora_qwen_image.py (the pipeline's is 1024)
 MAX_SEQUENCE_LENGTH = 512
 

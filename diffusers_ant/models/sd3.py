@@ -30,17 +30,7 @@ import torch
 from .base import ModelAdapter, _copy_scheduler, repeat_to
 
 # diffusers' pipelines and the --model_type that trains each, to name both sides of a wrong-type error
-PIPELINE_MODEL_TYPES = {
-    "StableDiffusion3Pipeline": "sd3",
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "FluxPipeline": "flux",
-    "QwenImagePipeline": "qwenimage",
-    "StableDiffusionControlNetPipeline": "controlnet",
-    "DiTPipeline": "dit",
-    "DDPMPipeline": "unet",
-    "DDIMPipeline": "unet",
-}
+from .families import PIPELINE_MODEL_TYPES  # the one table, shared with the bank's detection
 # T5's sequence length in training: the default of diffusers' train_dreambooth_lora_sd3.py (--max_sequence_length)
 MAX_SEQUENCE_LENGTH = 77
 
