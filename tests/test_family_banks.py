@@ -183,6 +183,22 @@ def test_a_flux_bank_takes_the_datasets_captions_and_its_resolution(saved_folder
     assert err.count("\n") == 1 and "drop --resolution" in err
 
 
+@pytest.mark.parametrize("model_type", ["sdxl", "qwenimage"])
+def test_sdxl_and_qwenimage_banks_sample_through_their_adapters(model_type, saved_folders, tmp_path):
+    from diffusers_ant.diff_tuning.bank import build_knowledge_bank, load_knowledge_bank
+
+    manifest = build_knowledge_bank(str(saved_folders[model_type]), tmp_path / "bank", 2, prompts=PROMPTS[:2],
+                                    num_inference_steps=1, batch_size=2, device="cpu", progress=False,
+                                    **({"resolution": 16} if model_type == "qwenimage" else {}))
+    dataset, _ = load_knowledge_bank(tmp_path / "bank")
+    import json
+
+    own = json.loads((saved_folders[model_type] / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    assert manifest["model_type"] == model_type and manifest["scheduler"] == own  # the pipeline's own sampler
+    assert own == {"sdxl": "DDPMScheduler", "qwenimage": "FlowMatchEulerDiscreteScheduler"}[model_type]
+    assert dataset["text"] == PROMPTS[:2] and all(im.size == (16, 16) for im in dataset["image"])
+
+
 def test_a_bank_of_another_family_is_refused_in_one_line(sd3_bank, saved_folders):
     from diffusers_ant.diff_tuning.bank import check_bank_compatible, check_bank_source, read_bank_manifest
 

@@ -484,7 +484,9 @@ def _validate_inputs(model_type, adapter, class_labels, prompts, conditioning, g
         if class_labels is not None:
             raise ValueError(f"a {model_type} model is text-conditional: drop --class_labels and give --prompts_file")
     if model_type != "controlnet" and conditioning is not None:
-        raise ValueError(f"conditioning images are for ControlNet banks; the source model is a {model_type} model")
+        hint = (f": pass --model_type {model_type} with --dataset_name to sample its captions as prompts"
+                if model_type in TEXT_MODEL_TYPES else "")
+        raise ValueError(f"conditioning images are for ControlNet banks; the source model is a {model_type} model{hint}")
     return class_labels
 
 
