@@ -9,6 +9,7 @@ family refused in one line. One bank and one training run, shared through module
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -110,8 +111,6 @@ def test_every_model_type_is_detected_from_its_folder_and_its_pipeline(tiny_pipe
     for model_type, variant in (("flux", "FluxImg2ImgPipeline"), ("sd3", "StableDiffusion3Img2ImgPipeline"),
                                 ("qwenimage", "QwenImageImg2ImgPipeline"), ("sdxl", "StableDiffusionXLImg2ImgPipeline"),
                                 ("sd", "StableDiffusionImg2ImgPipeline")):
-        import json
-
         index = json.loads((saved_folders[model_type] / "model_index.json").read_text())
         index["_class_name"] = variant
         assert model_type_of_index(index) == model_type, variant
@@ -191,8 +190,6 @@ def test_sdxl_and_qwenimage_banks_sample_through_their_adapters(model_type, save
                                     num_inference_steps=1, batch_size=2, device="cpu", progress=False,
                                     **({"resolution": 16} if model_type == "qwenimage" else {}))
     dataset, _ = load_knowledge_bank(tmp_path / "bank")
-    import json
-
     own = json.loads((saved_folders[model_type] / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
     assert manifest["model_type"] == model_type and manifest["scheduler"] == own  # the pipeline's own sampler
     assert own == {"sdxl": "DDPMScheduler", "qwenimage": "FlowMatchEulerDiscreteScheduler"}[model_type]
