@@ -7,9 +7,13 @@
         --prompts_file prompts.txt --num_images 500 --guidance_scale 7.5 --output_dir bank
     python train_scripts/build_knowledge_bank.py --pretrained_model_name_or_path controlnet-model \\
         --dataset_name mnist5k_captions --num_images 500 --output_dir bank
+    python train_scripts/build_knowledge_bank.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \
+        --prompts_file prompts.txt --num_images 200 --num_inference_steps 28 --guidance_scale 3.5 \
+        --resolution 512 --torch_dtype bfloat16 --batch_size 4 --output_dir bank
 
-Class-conditional models draw every class in turn (or `--class_labels`); text-to-image models cycle
-through `--prompts_file`; ControlNet models sample from `--conditioning_dir` or a dataset's
+Class-conditional models draw every class in turn (or `--class_labels`); text-to-image models (sd, sdxl,
+sd3, flux, qwenimage; each sampled by its own pipeline and scheduler, FlowMatchEuler for the
+flow-matching ones) cycle through `--prompts_file` and store each image with its prompt; ControlNet models sample from `--conditioning_dir` or a dataset's
 conditioning column (with the row's caption as the prompt unless `--prompts_file` is given), or from a
 blank condition when neither is given. A ControlNet bank pairs each image with a condition that
 matches it: the condition re-extracted from the image (`--condition_extractor`, `outline` by default;
@@ -25,6 +29,7 @@ The logic lives in `diffusers_ant.diff_tuning.bank`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from diffusers_ant.cli import OneLineErrorParser, report_bad_input
@@ -49,8 +54,11 @@ def build_parser():
                         help="The pretrained pipeline folder (or Hub id) that fine-tuning starts from.")
     parser.add_argument("--output_dir", required=True, help="The bank folder (new, empty, or a bank to resume).")
     parser.add_argument("--num_images", type=int, required=True, help="Images in the bank.")
-    parser.add_argument("--model_type", choices=("unet", "dit", "sd", "controlnet"), default=None,
-                        help="The pipeline's model type (default: read from the pipeline).")
+    parser.add_argument("--model_type", choices=("unet", "dit", "sd", "controlnet", "sdxl", "sd3", "flux", "qwenimage"),
+                        default=None, help="The pipeline's model type (default: read from the pipeline's class).")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="flux / qwenimage: the square size to sample at, the --resolution you train at "
+                             "(default: the pipeline's default, 1024). The other types sample at their model's size.")
     parser.add_argument("--revision", default=None, help="Hub revision of a Hub model id.")
     parser.add_argument("--seed", type=int, default=0, help="Image i is drawn from a generator seeded with (seed, i).")
     parser.add_argument("--batch_size", type=int, default=8,
@@ -68,8 +76,9 @@ def build_parser():
     parser.add_argument("--conditioning_dir", default=None,
                         help="ControlNet: a folder of conditions to sample from (default: a blank condition).")
     parser.add_argument("--dataset_name", default=None,
-                        help="ControlNet: a dataset whose conditions are sampled from and whose captions are the "
-                             "prompts (built-in: mnist5k_captions).")
+                        help="Text-to-image (sd, sdxl, sd3, flux, qwenimage): a dataset whose captions are the prompts, "
+                             "in place of --prompts_file. ControlNet: a dataset whose conditions are sampled from and "
+                             "whose captions are the prompts (built-in: mnist5k_captions).")
     parser.add_argument("--bank_condition", choices=("extracted", "blank"), default=None,
                         help="ControlNet: the condition each bank image is paired with: `extracted` (default: "
                              "re-extracted from the image by --condition_extractor) or `blank` (sampled from and "
@@ -93,13 +102,26 @@ def build_parser():
 
 
 def build(args) -> None:
-    from diffusers_ant.diff_tuning.bank import ConditioningImages, build_knowledge_bank, read_prompts_file
+    from diffusers_ant.diff_tuning.bank import (ConditioningImages, build_knowledge_bank, read_dataset_captions,
+                                                read_prompts_file)
+    from diffusers_ant.models.families import model_type_of_folder
 
     if args.conditioning_dir is not None and args.dataset_name is not None:
         raise ValueError("give either --conditioning_dir or --dataset_name, not both")
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file is not None else None
+    prompts_source = "prompts file"
+    source_type = args.model_type
+    if source_type is None and os.path.isfile(os.path.join(args.pretrained_model_name_or_path, "model_index.json")):
+        source_type = model_type_of_folder(args.pretrained_model_name_or_path)
     conditioning = None
-    if args.conditioning_dir is not None:
+    if args.dataset_name is not None and source_type not in (None, "controlnet"):
+        # a text-to-image base (sd, sdxl, sd3, flux, qwenimage): the dataset's captions are the prompts
+        if prompts is not None:
+            raise ValueError("give either --prompts_file or --dataset_name (its captions), not both")
+        prompts = read_dataset_captions(args.dataset_name, args.caption_column,
+                                        dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir)
+        prompts_source = f"dataset {args.dataset_name}, captions"
+    elif args.conditioning_dir is not None:
         conditioning = ConditioningImages.from_folder(args.conditioning_dir)
     elif args.dataset_name is not None:
         conditioning = ConditioningImages.from_dataset(
@@ -113,7 +135,7 @@ def build(args) -> None:
         guidance_scale=args.guidance_scale, class_labels=args.class_labels, prompts=prompts,
         conditioning=conditioning, bank_condition=args.bank_condition, condition_extractor=args.condition_extractor,
         device=args.device, torch_dtype=args.torch_dtype,
-        progress=not args.no_progress,
+        progress=not args.no_progress, resolution=args.resolution, prompts_source=prompts_source,
     )
     print(f"knowledge bank {args.output_dir}: {manifest['num_images']} {manifest['model_type']} images at "
           f"{manifest['resolution']}x{manifest['resolution']}, {manifest['num_inference_steps']} "
@@ -125,7 +147,10 @@ def main(argv=None) -> int:
     if args.no_progress:
         from diffusers.utils import logging as diffusers_logging
 
+        from transformers.utils import logging as transformers_logging
+
         diffusers_logging.disable_progress_bar()  # also the "Loading pipeline components" bars
+        transformers_logging.disable_progress_bar()  # and the text encoders' "Loading weights" bars
     return report_bad_input(PROG, build, args)
 
 

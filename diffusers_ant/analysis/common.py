@@ -37,27 +37,15 @@ def training_config(folder: str) -> dict:
 
 
 def infer_model_type(folder: str) -> str:
-    """The model type (`unet`, `dit`, `sd`, `controlnet`) of a saved folder: from its training
-    config when there is one, else from the pipeline's components."""
+    """The model type (any of ``diffusers_ant.models.MODEL_TYPES``) of a saved folder: from its training
+    config when there is one, else from its pipeline class / components
+    (``diffusers_ant.models.families.model_type_of_folder``, the rule the knowledge bank uses too)."""
     model_type = training_config(folder).get("model_type")
     if model_type:
         return model_type
-    index_path = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(index_path):
-        raise ValueError(f"cannot tell the model type of {folder!r}: pass --model_type")
-    with open(index_path, encoding="utf-8") as f:
-        index = json.load(f)
-    if "controlnet" in index:
-        return "controlnet"
-    if "text_encoder_3" in index and "transformer" in index:  # StableDiffusion3Pipeline (T5 present or null)
-        return "sd3"
-    if "text_encoder_2" in index and "unet" in index:
-        return "sdxl"
-    if "text_encoder" in index:
-        return "sd"
-    if "transformer" in index:
-        return "dit"
-    return "unet"
+    from ..models.families import model_type_of_folder
+
+    return model_type_of_folder(folder)
 
 
 def denoiser_name(pipeline) -> str:

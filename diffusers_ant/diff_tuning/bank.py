@@ -74,11 +74,15 @@ SETTING_FLAGS = {
     "prompts": "--prompts_file",
     "conditioning": "--conditioning_dir / --dataset_name",
     "bank_condition": "--bank_condition / --condition_extractor",
-    "resolution": "the source model's resolution",
+    "resolution": "--resolution (flux, qwenimage) or the source model's resolution",
     "channels": "the source model's channels",
 }
 
-MODEL_TYPES = ("unet", "dit", "sd", "controlnet")
+MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "sdxl", "sd3", "flux", "qwenimage")
+# the text-conditional types: their bank rows carry the prompt each image was sampled from (`text`)
+TEXT_MODEL_TYPES = ("sd", "controlnet", "sdxl", "sd3", "flux", "qwenimage")
+# the types whose denoiser has no sample size (packed latents): the bank is sampled at --resolution
+FREE_RESOLUTION_TYPES = ("flux", "qwenimage")
 BANK_CONDITIONS = ("extracted", "blank")
 
 
@@ -173,6 +177,18 @@ def read_prompts_file(path: str) -> list:
     return prompts
 
 
+def read_dataset_captions(dataset_name: str, caption_column=None, dataset_config_name=None, cache_dir=None) -> list:
+    """The captions of a dataset (``--dataset_name``, the built-in offline sets included), one prompt per
+    row, for the bank of a text-to-image model (sd, sdxl, sd3, flux, qwenimage) built without
+    ``--prompts_file``: the base then samples what the fine-tuning data describes. A row holding a list
+    of captions gives its first. One-line ``ValueError`` when the dataset has no caption column."""
+    from ..data import load_training_dataset, resolve_columns
+
+    dataset = load_training_dataset(dataset_name, None, dataset_config_name, cache_dir)
+    column = resolve_columns(dataset, caption_column=caption_column, need_captions=True)["caption_column"]
+    return [v[0] if isinstance(v, (list, tuple)) else str(v) for v in dataset[column]]
+
+
 class ConditioningImages:
     """The conditioning images of a ControlNet bank, read on demand; sample i uses image ``i % len``.
 
@@ -245,24 +261,25 @@ class ConditioningImages:
 
 
 def model_type_of_pipeline(pipeline) -> str:
-    """``unet``, ``dit``, ``sd`` or ``controlnet``, from the pipeline's components (as
-    ``diffusers_ant.analysis.common.infer_model_type`` reads them from ``model_index.json``)."""
-    if getattr(pipeline, "controlnet", None) is not None:
-        return "controlnet"
-    if getattr(pipeline, "text_encoder_2", None) is not None and getattr(pipeline, "unet", None) is not None:
-        return "sdxl"
-    if getattr(pipeline, "text_encoder", None) is not None:
-        return "sd"
-    if getattr(pipeline, "transformer", None) is not None:
-        return "dit"
-    return "unet"
+    """Any of ``MODEL_TYPES``, from the pipeline's class, else its components: the rule
+    ``diffusers_ant.analysis.common.infer_model_type`` applies to a folder's ``model_index.json``
+    (one copy, in ``diffusers_ant.models.families``)."""
+    from ..models.families import model_type_of_pipeline as _model_type
+
+    return _model_type(pipeline)
 
 
-def adapter_for_pipeline(pipeline, model_type: str):
-    """The model adapter of ``model_type`` around a loaded pipeline's components (for ``sample``)."""
+def adapter_for_pipeline(pipeline, model_type: str, resolution: int | None = None):
+    """The model adapter of ``model_type`` around a loaded pipeline's components (for ``sample``).
+
+    The families of issue 16 (sdxl, sd3, flux, qwenimage) build theirs with the adapter's own
+    ``from_pipeline`` (``resolution``: the sampling size of flux / qwenimage, whose transformers have
+    none; default the pipeline's own default size); the older types are assembled here."""
     from ..models import get_model_adapter
 
     cls = get_model_adapter(model_type)
+    if "from_pipeline" in vars(cls):
+        return cls.from_pipeline(pipeline, resolution=resolution)
     vae = getattr(pipeline, "vae", None)
     denoiser = {"controlnet": "controlnet", "dit": "transformer"}.get(model_type, "unet")
     model = getattr(pipeline, denoiser)
@@ -273,10 +290,8 @@ def adapter_for_pipeline(pipeline, model_type: str):
         "sample_size": spatial.config.sample_size,
         "model_from_pretrained": True,
     }
-    if model_type in ("sd", "sdxl", "controlnet"):
+    if model_type in ("sd", "controlnet"):
         parts.update(text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer)
-    if model_type == "sdxl":
-        parts.update(text_encoder_2=pipeline.text_encoder_2, tokenizer_2=pipeline.tokenizer_2)
     if model_type == "controlnet":
         parts["unet"] = pipeline.unet
     if model_type == "dit":
@@ -442,7 +457,7 @@ class _Plan:
         row = {"file_name": image_file(i)}
         if self.class_labels is not None:
             row["label"] = self.label(i)
-        if model_type in ("sd", "controlnet"):
+        if model_type in TEXT_MODEL_TYPES:
             row["text"] = self.prompt(i)
         if self.paired:
             row["conditioning_image_file_name"] = conditioning_file(i)
@@ -469,7 +484,9 @@ def _validate_inputs(model_type, adapter, class_labels, prompts, conditioning, g
         if class_labels is not None:
             raise ValueError(f"a {model_type} model is text-conditional: drop --class_labels and give --prompts_file")
     if model_type != "controlnet" and conditioning is not None:
-        raise ValueError(f"conditioning images are for ControlNet banks; the source model is a {model_type} model")
+        hint = (f": pass --model_type {model_type} with --dataset_name to sample its captions as prompts"
+                if model_type in TEXT_MODEL_TYPES else "")
+        raise ValueError(f"conditioning images are for ControlNet banks; the source model is a {model_type} model{hint}")
     return class_labels
 
 
@@ -518,6 +535,8 @@ def build_knowledge_bank(
     torch_dtype=None,
     progress: bool = True,
     on_image_written=None,
+    resolution: int | None = None,
+    prompts_source: str = "prompts file",
 ) -> dict:
     """Sample ``num_images`` images of a pretrained pipeline into the bank folder ``output_dir``; return the manifest.
 
@@ -526,8 +545,9 @@ def build_knowledge_bank(
             and this project's LoRA folders) or a Hub id.
         output_dir: the bank folder: new, empty, or a bank this same command started (it resumes).
         num_images: images in the bank.
-        model_type: ``unet`` / ``dit`` / ``sd`` / ``controlnet``; inferred from the pipeline when
-            None, and checked against it when given.
+        model_type: any of ``MODEL_TYPES`` (``unet``, ``dit``, ``sd``, ``controlnet``, ``sdxl``,
+            ``sd3``, ``flux``, ``qwenimage``); inferred from the pipeline when None (its class name,
+            ``diffusers_ant.models.families``), and checked against it when given.
         revision: the Hub revision of a Hub id.
         seed: sample i is drawn from a generator seeded with ``(seed, i)``.
         batch_size: images sampled at once. Part of the settings: batches sit at fixed positions,
@@ -552,6 +572,11 @@ def build_knowledge_bank(
             float32).
         progress: show a tqdm progress bar.
         on_image_written: called with the index of every image written (after its rename).
+        resolution: ``flux`` / ``qwenimage`` only: the square size to sample at (their transformers
+            have no sample size; default the pipeline's default, 1024 for the released checkpoints).
+            Train at the same ``--resolution``: ``check_bank_compatible`` refuses another.
+        prompts_source: where ``prompts`` came from, for the manifest (``"prompts file"``, or
+            ``"dataset NAME, captions"`` from :func:`read_dataset_captions`).
     """
     from tqdm.auto import tqdm
 
@@ -580,7 +605,10 @@ def build_knowledge_bank(
         raise ValueError(f"{pretrained_model_name_or_path!r} holds a {found_type} pipeline, not {model_type}: "
                          f"drop --model_type or pass --model_type {found_type}")
     model_type = found_type
-    adapter = adapter_for_pipeline(pipeline, model_type)
+    if resolution is not None and model_type not in FREE_RESOLUTION_TYPES:
+        raise ValueError(f"a {model_type} pipeline samples at its model's own size: drop --resolution "
+                         f"(it applies to {' and '.join(FREE_RESOLUTION_TYPES)})")
+    adapter = adapter_for_pipeline(pipeline, model_type, resolution)
     class_labels = _validate_inputs(model_type, adapter, class_labels, prompts, conditioning, guidance_scale)
     pairing, extractor = _bank_condition_setting(model_type, bank_condition, condition_extractor)
     resolution = adapter.sample_size * adapter.vae_scale_factor(adapter.vae)
@@ -596,7 +624,7 @@ def build_knowledge_bank(
 
     prompts_info = None
     if prompts is not None:
-        prompts_info = {"source": "prompts file", "count": len(prompts),
+        prompts_info = {"source": prompts_source, "count": len(prompts),
                         "sha256": hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()}
     conditioning_info = None
     if conditioning is not None:
@@ -632,7 +660,7 @@ def build_knowledge_bank(
         "columns": {
             "image_column": "image",
             "class_column": "label" if class_labels is not None else None,
-            "caption_column": "text" if model_type in ("sd", "controlnet") else None,
+            "caption_column": "text" if model_type in TEXT_MODEL_TYPES else None,
             "conditioning_image_column": "conditioning_image" if pairing is not None else None,
         },
         "versions": _versions(),
@@ -759,7 +787,8 @@ def check_bank_compatible(manifest: dict, model_type: str, resolution: int, chan
     if manifest.get("model_type") != model_type:
         raise ValueError(
             f"the knowledge bank was sampled from a {manifest.get('model_type')} model ({source}), this run trains a "
-            f"{model_type} model: build the bank from the pretrained {model_type} model you fine-tune"
+            f"{model_type} model: build the bank from the pretrained {model_type} model you fine-tune "
+            f"(python {BUILD_COMMAND} --pretrained_model_name_or_path BASE)"
         )
     if int(manifest.get("resolution", -1)) != int(resolution):
         raise ValueError(
@@ -822,5 +851,6 @@ __all__ = [
     "load_knowledge_bank",
     "model_type_of_pipeline",
     "read_bank_manifest",
+    "read_dataset_captions",
     "read_prompts_file",
 ]

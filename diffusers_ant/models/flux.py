@@ -43,17 +43,10 @@ import torch
 from .base import ModelAdapter, PretrainedSource, _copy_scheduler, prompt_arguments
 from .presets import resolve_model_config
 
-# The pipeline classes of the other model types, for a one-line error naming both types when a folder
-# of another family is given as --pretrained_model_name_or_path with --model_type flux.
-OTHER_FAMILIES = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "QwenImagePipeline": "qwenimage",
-    "DiTPipeline": "dit",
-    "DDPMPipeline": "unet",
-    "StableDiffusionControlNetPipeline": "controlnet",
-}
+# The pipeline classes of the other model types, for a one-line error naming both model types when a folder
+# of another family is given as --pretrained_model_name_or_path with --model_type flux (the one table,
+# shared with the bank's detection).
+from .families import PIPELINE_MODEL_TYPES as OTHER_FAMILIES
 # FluxPipeline's maximum T5 sequence length (its `max_sequence_length` must be <= 512).
 MAX_SEQUENCE_LENGTH = 512
 # diffusers' train_dreambooth_lora_flux.py's LoRA targets (the double-stream blocks' attention and both
@@ -202,6 +195,23 @@ class FluxAdapter(ModelAdapter):
                    pipeline_scheduler=pipeline_scheduler, guidance_scale=guidance_scale,
                    num_channels=vae.config.in_channels, sample_size=latent_size,
                    pretrained_model_name_or_path=pretrained_model_name_or_path, model_from_pretrained=from_pretrained)
+
+    @classmethod
+    def from_pipeline(cls, pipeline, resolution=None):
+        """The adapter around a loaded ``FluxPipeline``'s own components, no copy (the knowledge bank samples
+        through it, ``diff_tuning/bank.py``), sampling with the pipeline's own scheduler (its shift
+        resolved by the pipeline for the size) at ``resolution`` pixels square (default the pipeline's
+        ``default_sample_size * vae_scale_factor``, 1024 for FLUX.1)."""
+        scale = cls.vae_scale_factor(pipeline.vae)
+        resolution = resolution or pipeline.default_sample_size * pipeline.vae_scale_factor
+        if resolution % (2 * scale):
+            raise ValueError(f"--resolution {resolution} must be a multiple of {2 * scale} for Flux "
+                             f"(VAE factor {scale}, latents packed in 2x2 patches)")
+        return cls(pipeline.transformer, pipeline.scheduler, vae=pipeline.vae, text_encoder=pipeline.text_encoder,
+                   text_encoder_2=pipeline.text_encoder_2, tokenizer_one=pipeline.tokenizer,
+                   tokenizer_two=pipeline.tokenizer_2, pipeline_scheduler=pipeline.scheduler,
+                   num_channels=pipeline.vae.config.in_channels, sample_size=resolution // scale,
+                   model_from_pretrained=True)
 
     @staticmethod
     def _check_family(source):

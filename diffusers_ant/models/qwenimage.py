@@ -28,17 +28,9 @@ import torch
 
 from .base import ModelAdapter, _copy_scheduler, repeat_to
 
-# What other model types' pipelines are called, to name the right --model_type for a wrong folder.
-_PIPELINE_MODEL_TYPES = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionControlNetPipeline": "controlnet",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-    "DiTPipeline": "dit",
-    "DDPMPipeline": "unet",
-    "DDIMPipeline": "unet",
-}
+# What other model types' pipelines are called, to name the right --model_type for a wrong folder (the one
+# table, shared with the bank's detection).
+from .families import PIPELINE_MODEL_TYPES as _PIPELINE_MODEL_TYPES
 # diffusers' default for `max_sequence_length` in train_dreambooth_lora_qwen_image.py (the pipeline's is 1024)
 MAX_SEQUENCE_LENGTH = 512
 
@@ -122,6 +114,20 @@ class QwenImageAdapter(ModelAdapter):
             "sample_size": resolution // scale,
             "model_from_pretrained": from_pretrained,
         }
+
+    @classmethod
+    def from_pipeline(cls, pipeline, resolution=None):
+        """The adapter around a loaded ``QwenImagePipeline``'s own components, no copy (the knowledge bank
+        samples through it, ``diff_tuning/bank.py``) at ``resolution`` pixels square (default the
+        pipeline's ``default_sample_size * vae_scale_factor``, 1024 for Qwen-Image)."""
+        scale = cls.vae_scale_factor(pipeline.vae)
+        resolution = resolution or pipeline.default_sample_size * pipeline.vae_scale_factor
+        if resolution % (2 * scale):
+            raise ValueError(f"--resolution {resolution} must be a multiple of {2 * scale} for Qwen-Image "
+                             f"(VAE factor {scale} times the 2x2 packing)")
+        return cls(pipeline.transformer, pipeline.scheduler, vae=pipeline.vae, text_encoder=pipeline.text_encoder,
+                   tokenizer=pipeline.tokenizer, num_channels=3, sample_size=resolution // scale,
+                   model_from_pretrained=True)
 
     # ------------------------------------------------------------------ shapes
 

@@ -30,17 +30,7 @@ import torch
 from .base import ModelAdapter, _copy_scheduler, repeat_to
 
 # diffusers' pipelines and the --model_type that trains each, to name both sides of a wrong-type error
-PIPELINE_MODEL_TYPES = {
-    "StableDiffusion3Pipeline": "sd3",
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "FluxPipeline": "flux",
-    "QwenImagePipeline": "qwenimage",
-    "StableDiffusionControlNetPipeline": "controlnet",
-    "DiTPipeline": "dit",
-    "DDPMPipeline": "unet",
-    "DDIMPipeline": "unet",
-}
+from .families import PIPELINE_MODEL_TYPES  # the one table, shared with the bank's detection
 # T5's sequence length in training: the default of diffusers' train_dreambooth_lora_sd3.py (--max_sequence_length)
 MAX_SEQUENCE_LENGTH = 77
 
@@ -96,6 +86,18 @@ class SD3Adapter(ModelAdapter):
         if scheduler_kind(adapter.noise_scheduler) != "flow_match":
             raise ValueError("SD3 is trained and sampled with flow matching: drop --noise_scheduler ddpm")
         return adapter
+
+    @classmethod
+    def from_pipeline(cls, pipeline, resolution=None):
+        """The adapter around a loaded ``StableDiffusion3Pipeline``'s own components, no copy (the knowledge
+        bank samples through it, ``diff_tuning/bank.py``). It samples at the transformer's ``sample_size``,
+        as the pipeline does by default; ``resolution`` is not used (the bank refuses it for sd3)."""
+        return cls(pipeline.transformer, pipeline.scheduler, vae=pipeline.vae,
+                   text_encoder=pipeline.text_encoder, clip_tokenizer=pipeline.tokenizer,
+                   text_encoder_2=pipeline.text_encoder_2, tokenizer_2=pipeline.tokenizer_2,
+                   text_encoder_3=pipeline.text_encoder_3, tokenizer_3=pipeline.tokenizer_3,
+                   num_channels=pipeline.vae.config.in_channels, sample_size=pipeline.transformer.config.sample_size,
+                   model_from_pretrained=True)
 
     @classmethod
     def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):

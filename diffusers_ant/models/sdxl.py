@@ -72,6 +72,16 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
 
     # ------------------------------------------------------------------ building
 
+    @classmethod
+    def from_pipeline(cls, pipeline, resolution=None):
+        """The adapter around a loaded ``StableDiffusionXLPipeline``'s own components, no copy (the knowledge
+        bank samples through it, ``diff_tuning/bank.py``), at the UNet's ``sample_size`` as the pipeline
+        samples by default; ``resolution`` is not used (the bank refuses it for sdxl)."""
+        return cls(pipeline.unet, pipeline.scheduler, vae=pipeline.vae, text_encoder=pipeline.text_encoder,
+                   tokenizer=pipeline.tokenizer, text_encoder_2=pipeline.text_encoder_2,
+                   tokenizer_2=pipeline.tokenizer_2, num_channels=pipeline.vae.config.in_channels,
+                   sample_size=pipeline.unet.config.sample_size, model_from_pretrained=True)
+
     @staticmethod
     def _check_family(source):
         """A pretrained pipeline of another family gets one line naming both types."""
