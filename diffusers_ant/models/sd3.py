@@ -68,6 +68,7 @@ def check_pipeline_class(source, expected: str, model_type: str) -> None:
 
 class SD3Adapter(ModelAdapter):
     model_type = "sd3"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
     noise_schedulers = ("flow_match",)  # StableDiffusion3Pipeline samples FlowMatchEulerDiscreteScheduler only
     latent_flow_matching = True
     # diffusers' train_dreambooth_lora_sd3.py: the joint attention's image and context projections

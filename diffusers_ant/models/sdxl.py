@@ -44,6 +44,7 @@ def compute_time_ids(original_sizes, crop_top_lefts, target_size) -> torch.Tenso
 
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
     model_type = "sdxl"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
     # diffusers' train_dreambooth_lora_sdxl.py: the UNet's attention projections ...
     default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
     # ... and, with --train_text_encoder, both text encoders' attention projections
