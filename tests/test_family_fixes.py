@@ -58,3 +58,37 @@ def test_a_folder_of_another_family_names_its_own_type(tmp_path):
         assert "\n" not in message and "XL pipeline" not in message, message
         assert pipeline_class in message and f"use --model_type {owner}" in message, message
         assert f"(--model_type {model_type})" in message, message
+
+
+# --------------------------------------------------------------------------- 2: the saved scheduler
+
+
+def test_a_full_fine_tune_keeps_the_pretrained_sampling_scheduler(sd_euler_base, tmp_path):
+    """Training uses a DDPMScheduler with the folder's betas; the saved pipeline keeps the folder's own
+    EulerDiscreteScheduler (diffusers' scripts save `from_pretrained(base, unet=...)`), with the trained
+    prediction type. A model from a preset keeps its training scheduler."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from diffusers_ant.models import get_model_adapter
+
+    out = tmp_path / "full"
+    args = ["--model_type", "sd", "--dataset_name", "mnist5k_captions", "--output_dir", str(out), *TINY_RUN,
+            "--pretrained_model_name_or_path", str(sd_euler_base), "--train_batch_size", "2", "--max_train_steps",
+            "1", "--max_train_samples", "4", "--num_clusters", "2", "--resolution", str(RES),
+            "--num_validation_images", "1", "--prediction_type", "v_prediction"]
+    i = args.index("--model_config_name_or_path")
+    del args[i:i + 2]
+    train_in_process(args)
+    saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "EulerDiscreteScheduler" and saved["prediction_type"] == "v_prediction", saved
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+
+    adapter = get_model_adapter("sd").load(pretrained_model_name_or_path=str(sd_euler_base), resolution=RES)
+    assert isinstance(adapter.noise_scheduler, DDPMScheduler)  # training: the DDPM of the same betas
+    preset = get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=RES)
+    assert preset.sampling_scheduler is None
+    preset.save(str(tmp_path / "preset"))
+    saved = json.loads((tmp_path / "preset" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == type(preset.noise_scheduler).__name__
