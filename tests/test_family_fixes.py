@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from trainer_utils import TINY_RUN, train_in_process
@@ -92,3 +93,50 @@ def test_a_full_fine_tune_keeps_the_pretrained_sampling_scheduler(sd_euler_base,
     preset.save(str(tmp_path / "preset"))
     saved = json.loads((tmp_path / "preset" / "scheduler" / "scheduler_config.json").read_text())
     assert saved["_class_name"] == type(preset.noise_scheduler).__name__
+
+
+# --------------------------------------------------------------------------- 1: evaluating a text-to-image folder
+
+
+@pytest.fixture(scope="module")
+def sdxl_base(tmp_path_factory):
+    from diffusers_ant.models import get_model_adapter
+
+    folder = tmp_path_factory.mktemp("sdxl-base")
+    torch.manual_seed(0)
+    get_model_adapter("sdxl").load(model_config_name_or_path="tiny", resolution=RES, num_channels=3).save(str(folder))
+    return folder
+
+
+def test_sample_images_samples_text_to_image_folders_through_their_adapter(sd_euler_base, sdxl_base, monkeypatch):
+    """`sample_images` called `pipe(batch_size=n)`, which StableDiffusion(XL)Pipeline do not take (and
+    `sampling_pipeline` refused them): they now sample through `ModelAdapter.sample`, seeded, prompts cycled."""
+    from diffusers_ant.analysis import evaluate
+    from diffusers_ant.analysis.evaluate import dataset_captions, real_image_indices, sample_images
+    from diffusers_ant.data import load_training_dataset
+    from diffusers_ant.models import load_pipeline
+
+    prompts = ["a handwritten digit 7", "a handwritten digit 1"]
+    for folder in (sd_euler_base, sdxl_base):
+        pipe = load_pipeline(str(folder))
+        options = {"num_inference_steps": 2, "batch_size": 2, "progress": False, "scheduler": "ddim"}
+        images = sample_images(pipe, 3, prompts=prompts, seed=1, **options)
+        assert images.shape == (3, RES, RES, 3) and images.dtype == np.float32
+        assert 0 <= images.min() and images.max() <= 1 and images.std() > 0
+        assert np.array_equal(images, sample_images(pipe, 3, prompts=prompts, seed=1, **options))  # seeded
+        assert not np.array_equal(images, sample_images(pipe, 3, prompts=prompts, seed=2, **options))
+        # prompts cycle over the samples: 0 and 2 share a prompt, not a noise draw
+        other = sample_images(pipe, 3, prompts=prompts[::-1], seed=1, **options)
+        assert not np.array_equal(images[0], other[0])
+
+    # evaluate_pipeline prompts a text-to-image model with the captions of the real images' rows
+    captions = dataset_captions("mnist5k_captions", 3, seed=5)
+    rows = real_image_indices(len(load_training_dataset(dataset_name="mnist5k_captions")), 3, seed=5)
+    dataset = load_training_dataset(dataset_name="mnist5k_captions")
+    column = [c for c in dataset.column_names if dataset.features[c].dtype == "string"][0]
+    assert captions == [dataset[i][column] for i in rows] and all(isinstance(c, str) and c for c in captions)
+    seen = {}
+    monkeypatch.setattr(evaluate, "sample_images", lambda pipeline, n, **kw: seen.update(kw) or np.zeros((n, RES, RES, 3)))
+    monkeypatch.setattr(evaluate, "reference_for", lambda *a, **kw: type("R", (), {"score": lambda self, x: {}})())
+    evaluate.evaluate_pipeline(pipe, "mnist5k_captions", num_samples=3, seed=5, progress=False)
+    assert seen["prompts"] == captions

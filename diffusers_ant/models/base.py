@@ -395,6 +395,35 @@ class ModelAdapter:
         """Return the constructor's keyword arguments (model, vae, ..., num_channels, sample_size)."""
         raise NotImplementedError
 
+    @classmethod
+    def from_pipeline(cls, pipeline, resolution=None):
+        """An adapter around an already loaded pipeline of this type (its own modules, nothing loaded or
+        copied), so that :meth:`sample` samples it as validation does (evaluation of a saved folder).
+
+        ``resolution`` (pixels) sets the sampling size; default the denoiser's ``sample_size`` (latent
+        pixels for a latent model), which Flux's and Qwen-Image's transformers do not record.
+        """
+        components = dict(pipeline.components)
+        model = components[cls.pipeline_denoiser_name(pipeline)]
+        vae = components.get("vae")
+        if resolution is not None:
+            sample_size = int(resolution) // cls.vae_scale_factor(vae)
+        else:
+            sample_size = model.config.get("sample_size")
+            if sample_size is None:
+                raise ValueError(f"a {type(pipeline).__name__}'s {type(model).__name__} records no sample size: "
+                                 "pass the sampling resolution (resolution=, --resolution)")
+        num_channels = vae.config.in_channels if vae is not None else model.config.get("in_channels")
+        adapter = cls(model, components["scheduler"], num_channels=num_channels, sample_size=sample_size,
+                      **cls._pipeline_components(components))
+        adapter.model_from_pretrained = True
+        return adapter
+
+    @classmethod
+    def _pipeline_components(cls, components: dict) -> dict:
+        """The constructor's keyword arguments from a pipeline's ``components`` (see :meth:`from_pipeline`)."""
+        return {name: components.get(name) for name in ("vae", "text_encoder", "tokenizer")}
+
     @staticmethod
     def _load_vae(source, preset, num_channels, resolution):
         """The frozen VAE: the pretrained one, the preset's (random, from scratch), or ``None`` (pixel space)."""

@@ -138,6 +138,13 @@ class FluxAdapter(ModelAdapter):
         self.guidance_scale = 1.0 if guidance_scale is None else float(guidance_scale)
         self.max_sequence_length = min(MAX_SEQUENCE_LENGTH, tokenizer_two.model_max_length)
 
+    @classmethod
+    def _pipeline_components(cls, components: dict) -> dict:
+        # the training shift is not recorded; the saved scheduler (dynamic shift) is what the pipeline samples
+        return {"vae": components.get("vae"), "text_encoder": components.get("text_encoder"),
+                "text_encoder_2": components.get("text_encoder_2"), "tokenizer_one": components.get("tokenizer"),
+                "tokenizer_two": components.get("tokenizer_2"), "pipeline_scheduler": components.get("scheduler")}
+
     @staticmethod
     def options_from_args(args) -> dict:
         """The family's own keyword arguments of :meth:`load` from train_ant.py's arguments."""

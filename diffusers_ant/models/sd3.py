@@ -87,6 +87,13 @@ class SD3Adapter(ModelAdapter):
         # `tokenizer=None` for the trainer: batches then carry the raw captions, which three tokenizers read
         super().__init__(model, noise_scheduler, tokenizer=None, **kwargs)
 
+    @classmethod
+    def _pipeline_components(cls, components: dict) -> dict:
+        return {"vae": components.get("vae"), "text_encoder": components.get("text_encoder"),
+                "clip_tokenizer": components.get("tokenizer"),
+                **{name: components.get(name) for name in ("text_encoder_2", "tokenizer_2", "text_encoder_3",
+                                                           "tokenizer_3")}}
+
     # ------------------------------------------------------------------ building
 
     @classmethod

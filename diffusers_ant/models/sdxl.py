@@ -56,6 +56,11 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         self.tokenizer_2 = tokenizer_2
         super().__init__(model, noise_scheduler, **kwargs)
 
+    @classmethod
+    def _pipeline_components(cls, components: dict) -> dict:
+        return {**super()._pipeline_components(components), "text_encoder_2": components.get("text_encoder_2"),
+                "tokenizer_2": components.get("tokenizer_2")}
+
     def frozen_modules(self) -> dict:
         parts = super().frozen_modules()
         if self.text_encoder_2 is not None:
