@@ -129,6 +129,16 @@ def test_sample_images_samples_text_to_image_folders_through_their_adapter(sd_eu
         other = sample_images(pipe, 3, prompts=prompts[::-1], seed=1, **options)
         assert not np.array_equal(images[0], other[0])
 
+    # the flow-matching families too; their transformers record no sample size: `resolution` names it
+    from diffusers_ant.models import get_model_adapter
+
+    for model_type in ("flux", "qwenimage"):
+        pipe_fm = get_model_adapter(model_type).load(model_config_name_or_path="tiny", resolution=RES).make_pipeline()
+        images = sample_images(pipe_fm, 3, prompts=prompts, resolution=RES, **options)
+        assert images.shape == (3, RES, RES, 3) and images.std() > 0
+        with pytest.raises(ValueError, match="pass the sampling resolution"):
+            sample_images(pipe_fm, 1, **options)
+
     # evaluate_pipeline prompts a text-to-image model with the captions of the real images' rows
     captions = dataset_captions("mnist5k_captions", 3, seed=5)
     rows = real_image_indices(len(load_training_dataset(dataset_name="mnist5k_captions")), 3, seed=5)

@@ -413,7 +413,8 @@ class ModelAdapter:
             if sample_size is None:
                 raise ValueError(f"a {type(pipeline).__name__}'s {type(model).__name__} records no sample size: "
                                  "pass the sampling resolution (resolution=, --resolution)")
-        num_channels = vae.config.in_channels if vae is not None else model.config.get("in_channels")
+        # Qwen-Image's VAE config names no in_channels: RGB
+        num_channels = (vae.config.get("in_channels", 3) if vae is not None else model.config.get("in_channels"))
         adapter = cls(model, components["scheduler"], num_channels=num_channels, sample_size=sample_size,
                       **cls._pipeline_components(components))
         adapter.model_from_pretrained = True
