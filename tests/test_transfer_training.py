@@ -96,16 +96,42 @@ def test_the_retention_exponent_can_be_tied_to_the_data_exponent():
     assert parse_args([*common, "--reconsolidation_exponent", "2.5"]).retention_exponent == 1.0  # untied by default
 
 
-def test_kd_refuses_a_trained_text_encoder_in_one_line(tmp_path, capsys):
-    """The teacher shares the student's text encoder: distilling while training it would move the targets."""
-    from train_scripts_loader import load_train_main
+def test_kd_teacher_encodes_with_the_pretrained_text_encoder(tmp_path):
+    """`--retention kd --train_text_encoder` (a LoRA run): the teacher is the student with its adapters
+    off, the text encoder's LoRA included, so its UNet sees the base encoder's output while the
+    student's sees the LoRA-trained encoder's."""
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.teacher import make_teacher
+    from diffusers_ant.training import parse_args
 
-    with pytest.raises(SystemExit):
-        load_train_main()(["--model_type", "sd", "--dataset_name", "mnist5k_captions", "--output_dir", str(tmp_path),
-                           "--pretrained_model_name_or_path", os.getcwd(), "--retention", "kd", "--rank", "4",
-                           "--train_text_encoder"])
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--train_text_encoder" in err and "--retention kd" in err, err
+    args = parse_args(["--model_type", "sd", "--dataset_name", "mnist5k_captions", "--output_dir", str(tmp_path),
+                       "--pretrained_model_name_or_path", os.getcwd(), "--retention", "kd", "--rank", "4",
+                       "--train_text_encoder"])
+    assert args.retention == "kd" and args.train_text_encoder
+
+    torch.manual_seed(0)
+    adapter = get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16)
+    ids = adapter.tokenize(["a handwritten digit 7", "a handwritten digit 1"])
+    base = adapter.encode_prompt(ids)
+    adapter.add_lora(4)
+    adapter.add_text_encoder_lora(4)
+    with torch.no_grad():  # a trained text-encoder LoRA: B != 0
+        for name, param in adapter.text_encoder.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    seen = []
+    hook = adapter.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["encoder_hidden_states"].clone()),
+                                                   with_kwargs=True)
+    conditioning = adapter.conditioning({"input_ids": ids}, training=True)
+    assert set(conditioning) == {"input_ids"}  # encoded in predict, where the adapters are switched
+    x_t, t = torch.randn(2, adapter.model.config.in_channels, 2, 2), torch.tensor([10, 500])
+    teacher = make_teacher(adapter, lora=True)
+    teacher.predict(x_t, t, conditioning)
+    adapter.predict(adapter.model, x_t, t, conditioning)
+    hook.remove()
+    assert torch.equal(seen[0], base)  # the teacher: the pretrained encoder, exactly
+    assert (seen[1] - base).abs().max() > 1e-3  # the student: its LoRA-trained encoder
+    assert torch.equal(adapter.encode_prompt(ids), seen[1])  # the adapters are back on after the teacher's call
 
 
 @pytest.mark.slow

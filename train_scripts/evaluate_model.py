@@ -33,6 +33,9 @@ def build_parser():
                                             "(domain FID by default, KID, improved precision / recall).")
     parser.add_argument("--model", required=True, help="A saved pipeline folder (what train_ant.py writes).")
     add_sampling_arguments(parser, num_samples_default=1000)
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="Sampling resolution in pixels of a text-to-image model (default: its denoiser's "
+                             "sample_size; needed for flux and qwenimage, whose transformers record none).")
     parser.add_argument("--output", default=None, help="Write the metrics as JSON here.")
     parser.add_argument("--save_samples", default=None, help="Save the generated images as PNG files in this folder.")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
@@ -58,7 +61,7 @@ def evaluate(args) -> None:
         num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
         feature_extractor=args.feature_extractor, inception_weights=args.inception_weights, seed=args.seed,
         num_real=args.num_real, kid_subsets=args.kid_subsets, save_samples=args.save_samples,
-        progress=not args.no_progress, train_data_dir=args.train_data_dir,
+        progress=not args.no_progress, train_data_dir=args.train_data_dir, resolution=args.resolution,
     )
     results["model"] = args.model
     print(f"{args.model}: {results['num_fake']} samples, {results['scheduler']} {results['num_inference_steps']} steps, "

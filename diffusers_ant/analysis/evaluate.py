@@ -35,6 +35,7 @@ __all__ = [
     "ReferenceSet",
     "evaluate_pipeline",
     "format_results",
+    "dataset_captions",
     "real_image_indices",
     "real_images",
     "resolve_feature_extractor",
@@ -87,8 +88,9 @@ def sampling_pipeline(pipeline, denoiser=None, scheduler=None):
     else:
         raise ValueError(
             f"cannot sample a {type(pipeline).__name__} for evaluation: supported are unconditional "
-            "(DDPMPipeline, DDIMPipeline, UnconditionalUNetPipeline) and class-conditional "
-            "(ClassConditionalUNetPipeline, PixelDiTPipeline) pipelines"
+            "(DDPMPipeline, DDIMPipeline, UnconditionalUNetPipeline), class-conditional "
+            "(ClassConditionalUNetPipeline, PixelDiTPipeline) and the text-to-image pipelines of the model "
+            "types (sd, sdxl, sd3, flux, qwenimage; see sample_images)"
         )
     new.set_progress_bar_config(disable=True)
     return new
@@ -105,6 +107,8 @@ def sample_images(
     seed: int = 0,
     progress: bool = True,
     desc: str = "sampling",
+    prompts=None,
+    resolution=None,
 ) -> np.ndarray:
     """`num_samples` images as a float32 (N, H, W, C) array in [0, 1], sampled `batch_size` at a time.
 
@@ -114,6 +118,12 @@ def sample_images(
     0, 1, ..., C-1, 0, 1, ... (balanced classes, like the datasets); a DiT fine-tuned on fewer classes
     than its table (`pipeline.class_rows`, from `class_map.json`) cycles through its data set's rows. `denoiser` / `scheduler`: see
     `sampling_pipeline`.
+
+    A text-to-image pipeline of a model type (`StableDiffusionPipeline`, SDXL, SD3, Flux, Qwen-Image:
+    the classes an adapter's `pipeline_classes` claim) samples through its adapter's own
+    `ModelAdapter.sample`, as validation does (these pipelines take prompts, not `batch_size`):
+    `prompts` (a list cycled over the samples; default the empty prompt) and `resolution` (pixels; default
+    the denoiser's `sample_size`, needed for Flux / Qwen-Image, whose transformers record none).
     """
     from tqdm.auto import tqdm
 
@@ -121,6 +131,9 @@ def sample_images(
         raise ValueError(f"num_samples must be positive, got {num_samples}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if is_text_to_image(pipeline):
+        return _sample_text_to_image(pipeline, num_samples, denoiser, scheduler, num_inference_steps, batch_size,
+                                     seed, progress, desc, prompts, resolution)
     pipe = sampling_pipeline(pipeline, denoiser=denoiser, scheduler=scheduler)
     device = pipe.device
     generator = torch.Generator(device=device).manual_seed(int(seed))
@@ -145,6 +158,52 @@ def sample_images(
             out.append(np.asarray(images, dtype=np.float32))
             bar.update(n)
     return np.concatenate(out)
+
+
+def is_text_to_image(pipeline) -> bool:
+    """Whether `pipeline` is the text-to-image pipeline of a model type (an adapter's `pipeline_classes`)."""
+    from ..models import MODEL_TYPES
+
+    return any(type(pipeline).__name__ in adapter.pipeline_classes for adapter in MODEL_TYPES.values())
+
+
+def _sample_text_to_image(pipeline, num_samples, denoiser, scheduler, num_inference_steps, batch_size, seed,
+                          progress, desc, prompts, resolution) -> np.ndarray:
+    """`sample_images` for a text-to-image pipeline: its model type's `ModelAdapter.sample` (one seeded
+    generator over the batches; prompts cycled), the pipeline itself untouched."""
+    from tqdm.auto import tqdm
+
+    from ..models import adapter_for_pipeline
+
+    if denoiser is not None:  # e.g. a TimestepRouter: a pipeline of the same class sharing the other parts
+        pipeline = type(pipeline)(**{**pipeline.components, denoiser_name(pipeline): denoiser})
+    adapter = adapter_for_pipeline(pipeline, resolution=resolution)
+    prompts = [""] if prompts is None else ([prompts] if isinstance(prompts, str) else list(prompts))
+    if not prompts:
+        raise ValueError("prompts is empty: pass at least one prompt, or None for the empty prompt")
+    generator = torch.Generator(device=pipeline.device).manual_seed(int(seed))
+    out = []
+    with tqdm(total=num_samples, desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - start)
+            batch = [prompts[i % len(prompts)] for i in range(start, start + n)]
+            # `sample` swaps `scheduler` in for this call only (a name: `scheduler_by_name`)
+            images = adapter.sample(pipeline, n, generator=generator, num_inference_steps=num_inference_steps,
+                                    prompts=batch, scheduler=scheduler)
+            out.append(np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images]))
+            bar.update(n)
+    return np.concatenate(out)
+
+
+def dataset_captions(dataset_name=None, num_captions=1000, seed=0, train_data_dir=None) -> list:
+    """The captions of the rows `real_images` draws (`real_image_indices`), the prompts a text-to-image
+    model is evaluated with, so its samples and the real images describe the same things."""
+    from ..data import load_training_dataset, resolve_columns
+
+    dataset = load_training_dataset(dataset_name=dataset_name, train_data_dir=train_data_dir)
+    column = resolve_columns(dataset, need_captions=True)["caption_column"]
+    captions = dataset[column]
+    return [str(captions[i]) for i in real_image_indices(len(captions), num_captions, seed)]
 
 
 def save_images(images: np.ndarray, folder: str, prefix: str = "sample") -> list:
@@ -282,6 +341,8 @@ def evaluate_pipeline(
     progress: bool = True,
     train_data_dir=None,
     reference: ReferenceSet | None = None,
+    prompts=None,
+    resolution=None,
 ) -> dict:
     """Sample `num_samples` images from `pipeline` and score them against `dataset_name`.
 
@@ -291,13 +352,18 @@ def evaluate_pipeline(
     `num_fake`, `feature_extractor`: "domain_<dataset>" marks a domain FID) plus the settings that
     produced them. `num_real` real images (default `num_samples`) are drawn at random with `seed`.
     Pass `reference` (a `ReferenceSet`) to score several pipelines against the same real features.
-    `save_samples`: a folder for the samples as PNG files.
+    `save_samples`: a folder for the samples as PNG files. A text-to-image pipeline (see `sample_images`)
+    is prompted with `prompts`, default the captions of the dataset rows the real images are drawn from
+    (`dataset_captions`), and samples at `resolution` (default its denoiser's).
     """
     import time
 
+    if prompts is None and is_text_to_image(pipeline):
+        prompts = dataset_captions(dataset_name, num_samples, seed=seed, train_data_dir=train_data_dir)
     start = time.perf_counter()
     images = sample_images(pipeline, num_samples, scheduler=scheduler, num_inference_steps=num_inference_steps,
-                           batch_size=batch_size, seed=seed, progress=progress)
+                           batch_size=batch_size, seed=seed, progress=progress, prompts=prompts,
+                           resolution=resolution)
     sampling_seconds = time.perf_counter() - start
     if save_samples:
         save_images(images, save_samples)

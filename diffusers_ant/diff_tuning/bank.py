@@ -278,7 +278,8 @@ def adapter_for_pipeline(pipeline, model_type: str, resolution: int | None = Non
     from ..models import get_model_adapter
 
     cls = get_model_adapter(model_type)
-    if "from_pipeline" in vars(cls):
+    if model_type not in ("unet", "dit", "sd", "controlnet"):
+        # `ModelAdapter.from_pipeline` (flux and qwenimage override it for their default size)
         return cls.from_pipeline(pipeline, resolution=resolution)
     vae = getattr(pipeline, "vae", None)
     denoiser = {"controlnet": "controlnet", "dit": "transformer"}.get(model_type, "unet")

@@ -55,6 +55,14 @@ def get_model_adapter(model_type: str):
     return MODEL_TYPES[model_type]
 
 
+def adapter_for_pipeline(pipeline, resolution=None):
+    """The adapter of the model type whose ``pipeline_classes`` claim ``pipeline``'s class, around that
+    pipeline's own modules (:meth:`ModelAdapter.from_pipeline`), or ``None`` when no type claims it."""
+    name = type(pipeline).__name__
+    cls = next((adapter for adapter in MODEL_TYPES.values() if name in adapter.pipeline_classes), None)
+    return None if cls is None else cls.from_pipeline(pipeline, resolution=resolution)
+
+
 def load_pipeline(folder: str, torch_dtype=None):
     """Load what :meth:`ModelAdapter.save` wrote: a full pipeline folder, a ControlNet, or a LoRA folder.
 
@@ -137,6 +145,7 @@ __all__ = [
     "StableDiffusionXLAdapter",
     "UNetAdapter",
     "UnconditionalUNetPipeline",
+    "adapter_for_pipeline",
     "get_model_adapter",
     "load_pipeline",
     "tiny_clip_tokenizer",

@@ -136,10 +136,13 @@ def check_pipeline_family(source, model_type: str) -> None:
 
     class_name = (source.index or {}).get("_class_name")
     class_name = class_name[-1] if isinstance(class_name, list) else class_name
+    own = MODEL_TYPES.get(model_type)
+    if own is not None and class_name in own.pipeline_classes:
+        return  # also a subclass's inherited claim: controlnet trains beside an SD pipeline's parts
     owner = next((name for name, adapter in MODEL_TYPES.items() if class_name in adapter.pipeline_classes), None)
     if owner is not None and owner != model_type:
-        raise ValueError(f"{source.path!r} is a {class_name} ({owner}), not a {model_type} model: "
-                         f"use --model_type {owner}")
+        raise ValueError(f"{source.path!r} is a {class_name} (--model_type {owner}), not a {model_type} model "
+                         f"(--model_type {model_type}): use --model_type {owner}")
 
 
 def scheduler_kind(scheduler) -> str:
@@ -180,6 +183,25 @@ def load_training_scheduler(source: PretrainedSource):
     if "FlowMatch" not in cls.__name__:
         cls = DDPMScheduler
     return source.load(cls, subfolder="scheduler")
+
+
+def pretrained_sampling_scheduler(source: PretrainedSource, training):
+    """The pretrained pipeline's own sampling scheduler (e.g. SDXL's ``EulerDiscreteScheduler``) when
+    training replaced it with another class of the same family (``load_training_scheduler``'s
+    ``DDPMScheduler``), else ``None``. A full fine-tune saves its pipeline with it, as diffusers'
+    ``train_text_to_image*.py`` scripts do (they save ``from_pretrained(base, unet=...)``, which keeps the
+    base's scheduler). The training target's ``prediction_type`` is carried over: the model now predicts it.
+    """
+    cls = source.component_class("scheduler", None)
+    if cls is None or cls is type(training) or not hasattr(cls, "from_pretrained"):
+        return None
+    own = source.load(cls, subfolder="scheduler")
+    if scheduler_kind(own) != scheduler_kind(training):
+        return None  # trained with the other kind of scheduler (--noise_scheduler): the original cannot sample it
+    target = training.config.get("prediction_type")
+    if target is not None and "prediction_type" in own.config and own.config.prediction_type != target:
+        own = _copy_scheduler(own, prediction_type=target)
+    return own
 
 
 def _copy_scheduler(scheduler, **overrides):
@@ -249,6 +271,8 @@ class ModelAdapter:
         self.pretrained_model_name_or_path = pretrained_model_name_or_path
         self.model_from_pretrained = model_from_pretrained
         self.lora_config = None
+        # the pretrained folder's sampling scheduler where training uses another class (see `save`)
+        self.sampling_scheduler = None
         for frozen in self.frozen_modules().values():
             frozen.requires_grad_(False)
             frozen.eval()
@@ -359,6 +383,8 @@ class ModelAdapter:
         if source is not None and source.is_local:
             pretrained_model_name_or_path = os.path.abspath(pretrained_model_name_or_path)
         adapter = cls(noise_scheduler=scheduler, pretrained_model_name_or_path=pretrained_model_name_or_path, **parts)
+        if source is not None and source.has("scheduler"):
+            adapter.sampling_scheduler = pretrained_sampling_scheduler(source, scheduler)
         if pretrained_vae_model_name_or_path is not None:  # a LoRA output names it beside its base (see `save`)
             vae_path = pretrained_vae_model_name_or_path
             adapter.pretrained_vae_model_name_or_path = os.path.abspath(vae_path) if os.path.isdir(vae_path) else vae_path
@@ -368,6 +394,36 @@ class ModelAdapter:
     def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):
         """Return the constructor's keyword arguments (model, vae, ..., num_channels, sample_size)."""
         raise NotImplementedError
+
+    @classmethod
+    def from_pipeline(cls, pipeline, resolution=None):
+        """An adapter around an already loaded pipeline of this type (its own modules, nothing loaded or
+        copied), so that :meth:`sample` samples it as validation does (evaluation of a saved folder).
+
+        ``resolution`` (pixels) sets the sampling size; default the denoiser's ``sample_size`` (latent
+        pixels for a latent model), which Flux's and Qwen-Image's transformers do not record.
+        """
+        components = dict(pipeline.components)
+        model = components[cls.pipeline_denoiser_name(pipeline)]
+        vae = components.get("vae")
+        if resolution is not None:
+            sample_size = int(resolution) // cls.vae_scale_factor(vae)
+        else:
+            sample_size = model.config.get("sample_size")
+            if sample_size is None:
+                raise ValueError(f"a {type(pipeline).__name__}'s {type(model).__name__} records no sample size: "
+                                 "pass the sampling resolution (resolution=, --resolution)")
+        # Qwen-Image's VAE config names no in_channels: RGB
+        num_channels = (vae.config.get("in_channels", 3) if vae is not None else model.config.get("in_channels"))
+        adapter = cls(model, components["scheduler"], num_channels=num_channels, sample_size=sample_size,
+                      **cls._pipeline_components(components))
+        adapter.model_from_pretrained = True
+        return adapter
+
+    @classmethod
+    def _pipeline_components(cls, components: dict) -> dict:
+        """The constructor's keyword arguments from a pipeline's ``components`` (see :meth:`from_pipeline`)."""
+        return {name: components.get(name) for name in ("vae", "text_encoder", "tokenizer")}
 
     @staticmethod
     def _load_vae(source, preset, num_channels, resolution):
@@ -785,7 +841,8 @@ class ModelAdapter:
         if not lora:
             if has_lora(model):
                 model = base_copy(model, merge=True)
-            self.make_pipeline(model).save_pretrained(output_dir, safe_serialization=True)
+            # the pretrained pipeline's own sampler (None: the training scheduler, as from a preset)
+            self.make_pipeline(model, scheduler=self.sampling_scheduler).save_pretrained(output_dir, safe_serialization=True)
             return
         if self.lora_config is None:
             raise ValueError("lora=True but no LoRA adapter was added: call add_lora(rank) first")

@@ -40,7 +40,7 @@ import os
 
 import torch
 
-from .base import ModelAdapter, PretrainedSource, _copy_scheduler, prompt_arguments
+from .base import ModelAdapter, PretrainedSource, _copy_scheduler, check_pipeline_family, prompt_arguments, repeat_to
 from .presets import resolve_model_config
 
 # The pipeline classes of the other model types, for a one-line error naming both model types when a folder
@@ -113,6 +113,7 @@ def training_scheduler(scheduler, latent_size: int, flow_shift=None):
 
 class FluxAdapter(ModelAdapter):
     model_type = "flux"
+    pipeline_classes = ("FluxPipeline",)
     default_lora_targets = FLUX_LORA_TARGETS
     output_module_names = ("proj_out",)
     last_block_name = "single_transformer_blocks"
@@ -219,6 +220,7 @@ class FluxAdapter(ModelAdapter):
         if source.index is None:
             raise ValueError(f"{source.path!r} is not a Flux pipeline folder (no model_index.json): give the "
                              "folder FluxPipeline.save_pretrained writes, or a Flux Hub id")
+        check_pipeline_family(source, "flux")  # a class another type claims: one line naming both types
         name = source.index.get("_class_name")
         name = name[-1] if isinstance(name, list) else name
         transformer = (source.index.get("transformer") or [None, None])[-1]

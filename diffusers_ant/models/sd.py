@@ -15,6 +15,8 @@ from .base import ModelAdapter, _copy_scheduler, batch_rows, prompt_arguments
 
 class StableDiffusionAdapter(ModelAdapter):
     model_type = "sd"
+    # inherited by controlnet, which trains beside an SD pipeline's UNet (see `check_pipeline_family`)
+    pipeline_classes = ("StableDiffusionPipeline",)
     # the attention projections, as in diffusers' train_text_to_image_lora.py
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     # the text encoder's attention projections, as in diffusers' train_dreambooth_lora.py
@@ -45,9 +47,10 @@ class StableDiffusionAdapter(ModelAdapter):
     def _build_frozen(cls, source, preset, resolution, num_channels):
         """VAE, tokenizer and text encoder, shared with the ControlNet adapter."""
         if source is not None and source.has("text_encoder_2"):
-            # an SDXL pipeline: its UNet needs the second encoder's pooled output and the time ids
-            raise ValueError(f"{source.path!r} is a Stable Diffusion XL pipeline (text_encoder_2): train it with "
-                             f"--model_type sdxl, not --model_type {cls.model_type}")
+            # a folder whose pipeline class no type claims (check_pipeline_family named the known ones):
+            # SDXL, SD3 and Flux all have a second text encoder, so name the candidates
+            raise ValueError(f"{source.path!r} has a second text encoder (text_encoder_2): train it with its own "
+                             f"--model_type (sdxl, sd3 or flux), not --model_type {cls.model_type}")
         vae = cls._load_vae(source, preset, num_channels, resolution)
         if vae is None:
             raise ValueError(f"pretrained pipeline {source.path!r} has no vae")

@@ -58,6 +58,7 @@ def check_pipeline_class(source, expected: str, model_type: str) -> None:
 
 class SD3Adapter(ModelAdapter):
     model_type = "sd3"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
     noise_schedulers = ("flow_match",)  # StableDiffusion3Pipeline samples FlowMatchEulerDiscreteScheduler only
     latent_flow_matching = True
     # diffusers' train_dreambooth_lora_sd3.py: the joint attention's image and context projections
@@ -76,6 +77,13 @@ class SD3Adapter(ModelAdapter):
         # `tokenizer=None` for the trainer: batches then carry the raw captions, which three tokenizers read
         super().__init__(model, noise_scheduler, tokenizer=None, **kwargs)
 
+    @classmethod
+    def _pipeline_components(cls, components: dict) -> dict:
+        return {"vae": components.get("vae"), "text_encoder": components.get("text_encoder"),
+                "clip_tokenizer": components.get("tokenizer"),
+                **{name: components.get(name) for name in ("text_encoder_2", "tokenizer_2", "text_encoder_3",
+                                                           "tokenizer_3")}}
+
     # ------------------------------------------------------------------ building
 
     @classmethod
@@ -86,18 +94,6 @@ class SD3Adapter(ModelAdapter):
         if scheduler_kind(adapter.noise_scheduler) != "flow_match":
             raise ValueError("SD3 is trained and sampled with flow matching: drop --noise_scheduler ddpm")
         return adapter
-
-    @classmethod
-    def from_pipeline(cls, pipeline, resolution=None):
-        """The adapter around a loaded ``StableDiffusion3Pipeline``'s own components, no copy (the knowledge
-        bank samples through it, ``diff_tuning/bank.py``). It samples at the transformer's ``sample_size``,
-        as the pipeline does by default; ``resolution`` is not used (the bank refuses it for sd3)."""
-        return cls(pipeline.transformer, pipeline.scheduler, vae=pipeline.vae,
-                   text_encoder=pipeline.text_encoder, clip_tokenizer=pipeline.tokenizer,
-                   text_encoder_2=pipeline.text_encoder_2, tokenizer_2=pipeline.tokenizer_2,
-                   text_encoder_3=pipeline.text_encoder_3, tokenizer_3=pipeline.tokenizer_3,
-                   num_channels=pipeline.vae.config.in_channels, sample_size=pipeline.transformer.config.sample_size,
-                   model_from_pretrained=True)
 
     @classmethod
     def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):

@@ -44,6 +44,7 @@ def compute_time_ids(original_sizes, crop_top_lefts, target_size) -> torch.Tenso
 
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
     model_type = "sdxl"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
     # diffusers' train_dreambooth_lora_sdxl.py: the UNet's attention projections ...
     default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
     # ... and, with --train_text_encoder, both text encoders' attention projections
@@ -54,6 +55,11 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         self.text_encoder_2 = text_encoder_2
         self.tokenizer_2 = tokenizer_2
         super().__init__(model, noise_scheduler, **kwargs)
+
+    @classmethod
+    def _pipeline_components(cls, components: dict) -> dict:
+        return {**super()._pipeline_components(components), "text_encoder_2": components.get("text_encoder_2"),
+                "tokenizer_2": components.get("tokenizer_2")}
 
     def frozen_modules(self) -> dict:
         parts = super().frozen_modules()
@@ -71,16 +77,6 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         return self
 
     # ------------------------------------------------------------------ building
-
-    @classmethod
-    def from_pipeline(cls, pipeline, resolution=None):
-        """The adapter around a loaded ``StableDiffusionXLPipeline``'s own components, no copy (the knowledge
-        bank samples through it, ``diff_tuning/bank.py``), at the UNet's ``sample_size`` as the pipeline
-        samples by default; ``resolution`` is not used (the bank refuses it for sdxl)."""
-        return cls(pipeline.unet, pipeline.scheduler, vae=pipeline.vae, text_encoder=pipeline.text_encoder,
-                   tokenizer=pipeline.tokenizer, text_encoder_2=pipeline.text_encoder_2,
-                   tokenizer_2=pipeline.tokenizer_2, num_channels=pipeline.vae.config.in_channels,
-                   sample_size=pipeline.unet.config.sample_size, model_from_pretrained=True)
 
     @staticmethod
     def _check_family(source):

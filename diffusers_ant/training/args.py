@@ -589,10 +589,9 @@ def _validate_diff_tuning(args: argparse.Namespace) -> None:
         raise UsageError(f"--knowledge_bank {args.knowledge_bank!r} does not exist: build it with build_knowledge_bank.py")
     if args.pretrained_model_name_or_path is None:
         raise UsageError("Diff-Tuning transfers a pretrained model: give --pretrained_model_name_or_path")
-    if args.retention == "kd" and args.train_text_encoder:
-        # the teacher shares the student's text encoder: training it would move the teacher's targets
-        raise UsageError("--retention kd distils from the frozen pretrained model, whose text encoder would be the "
-                         "trained one: drop --train_text_encoder (or use --knowledge_bank)")
+    # --retention kd with --train_text_encoder is fine: --train_text_encoder needs --rank, and a LoRA run's
+    # teacher is the student with every adapter off, the text encoder's too (teacher.AdapterDisabledTeacher),
+    # so the teacher encodes captions with the pretrained encoder.
     if not 0.0 < args.bank_fraction < 1.0:
         raise UsageError(f"--bank_fraction must lie strictly between 0 and 1, got {args.bank_fraction}")
     if args.bank_weight < 0:
