@@ -3,7 +3,6 @@
 Tiny 8x8 UNets (random or trained two steps on `digits`), a handful of samples, 4 sampling steps.
 """
 
-import importlib.util
 import json
 import os
 
@@ -29,16 +28,10 @@ from diffusers_ant.analysis.ntg import interval_from_folder, load_intervals, neg
 from diffusers_ant.metrics import ModuleFeatureExtractor
 from diffusers_ant.models import get_model_adapter
 from trainer_utils import REPO, train_in_process
+from train_scripts_loader import load_script
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "train_scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _random_unet_folder(folder, seed):
@@ -183,7 +176,7 @@ def test_affinity_command_writes_what_gradient_clustering_reads(folders, tmp_pat
 
     out, plot = tmp_path / "affinity.json", tmp_path / "affinity.png"
     run = folders["run"]
-    code = _load_script("analyze").main(["affinity", "--model", run, "--checkpoints", os.path.join(run, "checkpoint-*"), run,
+    code = load_script("analyze").main(["affinity", "--model", run, "--checkpoints", os.path.join(run, "checkpoint-*"), run,
                                          "--dataset_name", "digits", "--grid", "6", "--batches", "2", "--batch_size", "8",
                                          "--output", str(out), "--plot", str(plot), "--no_progress"])
     assert code == 0
@@ -288,7 +281,7 @@ def test_chain_of_forgetting_endpoints_are_the_two_models(folders, reference):
 
 def test_ntg_and_forgetting_commands(folders, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DIFFUSERS_ANT_CACHE", folders["cache"])  # the digits classifier, trained once
-    analyze = _load_script("analyze")
+    analyze = load_script("analyze")
     common = ["--dataset_name", "digits", "--num_samples", "8", "--num_inference_steps", "3", "--kid_subsets", "2",
               "--no_progress"]
     assert analyze.main(["ntg", "--base", folders["a"], "--interval_models", folders["run"], "--output",
@@ -321,7 +314,7 @@ def test_ntg_and_forgetting_commands(folders, tmp_path, capsys, monkeypatch):
     ],
 )
 def test_bad_input_is_one_short_line(argv, code, message, capsys):
-    analyze = _load_script("analyze")
+    analyze = load_script("analyze")
     try:
         result = analyze.main(argv)
     except SystemExit as exit_:
@@ -367,7 +360,7 @@ def test_ntg_and_forgetting_refuse_models_with_another_schedule(folders, referen
         chain_of_forgetting(base_pipeline, other, [0.5], reference, num_samples=4, progress=False,
                             pretrained_scheduler=other_pipeline.scheduler)
     # the commands: one line on stderr naming both models and both values, exit status 1
-    analyze = _load_script("analyze")
+    analyze = load_script("analyze")
     common = ["--dataset_name", "digits", "--num_samples", "4", "--output", str(tmp_path / "x.json"), "--no_progress"]
     (tmp_path / "intervals.json").write_text("[[0, 499], [500, 999]]")
     capsys.readouterr()

@@ -2,7 +2,6 @@
 steps, disjoint search / evaluation references, the plan, the tables and the target check on
 constructed results, resumable runs. The benchmark itself runs only in the slow test (`--quick`)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,19 +11,12 @@ import numpy as np
 import pytest
 
 from trainer_utils import REPO
+from train_scripts_loader import load_script
 
 
-def _load_script(name):
-    sys.path.insert(0, os.path.join(REPO, "train_scripts"))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "train_scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_script("benchmark_deme")
-train_deme = _load_script("train_deme")
-merge_deme = _load_script("merge_deme")
+bench = load_script("benchmark_deme")
+train_deme = load_script("train_deme")
+merge_deme = load_script("merge_deme")
 
 
 @pytest.fixture

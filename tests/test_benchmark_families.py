@@ -2,25 +2,16 @@
 structure, positive measurements, caching lowering the peak, exact per-parameter bytes in fp32, and
 the markdown table with the command line. One in-process run shared by every test."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
 from trainer_utils import REPO
+from train_scripts_loader import load_script
 
 
-def _load_script(name):
-    sys.path.insert(0, os.path.join(REPO, "train_scripts"))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "train_scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_script("benchmark_families")
+bench = load_script("benchmark_families")
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,8 @@
 the rows of the quality benchmark, its summaries and plan, the NTG benchmark's intervals and summary,
 and the EMA weights of a checkpoint (the vanilla FID-over-steps curve). No benchmark is run here."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -14,18 +12,11 @@ from scipy import stats as scipy_stats
 
 from diffusers_ant.analysis.stats import describe_interval, paired_differences, t_interval
 from trainer_utils import REPO, train_in_process
+from train_scripts_loader import load_script
 
 
-def _load_script(name):
-    sys.path.insert(0, os.path.join(REPO, "train_scripts"))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "train_scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load_script("benchmark_quality")
-ntg_bench = _load_script("benchmark_ntg")
+quality = load_script("benchmark_quality")
+ntg_bench = load_script("benchmark_ntg")
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -200,7 +191,7 @@ def test_checkpoint_ema_weights_are_the_ema_not_the_raw_weights(tmp_path):
 def test_pretrain_base_plateau_rule_and_its_training_command():
     from diffusers_ant.training import parse_args
 
-    base = _load_script("pretrain_base")
+    base = load_script("pretrain_base")
     # still falling by more than 2% over the last fifth: no plateau; then flat within 2%: plateau
     falling = {500: 100.0, 1000: 60.0, 1500: 45.0, 2000: 40.0, 2500: 37.0}
     assert base.plateau_step(falling, 0.02, 5) is None

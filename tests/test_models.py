@@ -359,7 +359,7 @@ def test_load_sd_and_controlnet_from_pretrained_folder(tmp_path):
     assert all(torch.equal(cn2.model.state_dict()[k], v) for k, v in cn.model.state_dict().items())
 
     # a model type that does not fit the folder says so
-    with pytest.raises(ValueError, match="not a UNet2DModel"):
+    with pytest.raises(ValueError, match=r"is a StableDiffusionPipeline \(--model_type sd\), not a unet model"):
         get_model_adapter("unet").load(pretrained_model_name_or_path=str(tmp_path))
 
 
