@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from test_benchmarks import _load_script
+from train_scripts_loader import load_script
 
-transfer = _load_script("benchmark_transfer")
+transfer = load_script("benchmark_transfer")
 
 
 @pytest.fixture
@@ -88,8 +88,8 @@ def test_every_row_parses_with_train_ant_and_means_what_the_table_says(layout_di
 
 def test_bank_and_forgetting_commands_parse_with_their_scripts(layout_dirs):
     args, layout = layout_dirs
-    bank_script = _load_script("build_knowledge_bank")
-    analyze = _load_script("analyze")
+    bank_script = load_script("build_knowledge_bank")
+    analyze = load_script("analyze")
     bank = bank_script.build_parser().parse_args(transfer.bank_command(args, layout)[2:])
     assert bank.pretrained_model_name_or_path == layout.pretrained and bank.num_images == args.bank_images
     bank = bank_script.build_parser().parse_args(transfer.controlnet_bank_command(args, layout)[2:])
