@@ -20,9 +20,9 @@ setup(
     package_data={"diffusers_ant.model_cards": ["*.md"]},
     install_requires=[
         "torch>=2.1",
-        "diffusers>=0.30",
+        "diffusers>=0.35",  # QwenImagePipeline, AutoencoderKLQwenImage (0.35)
         "accelerate>=0.30",
-        "transformers>=4.40",
+        "transformers>=4.49",  # Qwen2_5_VLForConditionalGeneration (4.49)
         "datasets>=2.18",
         "peft>=0.12",
         "safetensors>=0.4",
