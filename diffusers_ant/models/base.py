@@ -947,6 +947,15 @@ def batch_rows(batch: dict) -> int:
     return values.shape[0]
 
 
+def packed_sample_size(resolution: int, vae_scale: int, family: str) -> int:
+    """The latent side of a ``resolution``-pixel image for a family whose transformer packs its latents in
+    2x2 patches (Flux, Qwen-Image): the resolution must be a multiple of twice the VAE factor."""
+    if resolution % (2 * vae_scale):
+        raise ValueError(f"--resolution {resolution} must be a multiple of {2 * vae_scale} for {family} "
+                         f"(VAE factor {vae_scale} times the 2x2 packing)")
+    return resolution // vae_scale
+
+
 def prompt_arguments(prompts, n: int) -> dict:
     """The pipeline's prompt arguments for ``n`` images: ``prompt`` (a list cycled to ``n``), or the
     encoded prompts (a dict from :meth:`ModelAdapter.validation_prompt_kwargs`, already ``n`` rows)."""

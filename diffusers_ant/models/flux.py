@@ -40,7 +40,8 @@ import os
 
 import torch
 
-from .base import ModelAdapter, PretrainedSource, _copy_scheduler, check_pipeline_family, prompt_arguments, repeat_to
+from .base import (ModelAdapter, PretrainedSource, _copy_scheduler, check_pipeline_family, packed_sample_size,
+                   prompt_arguments, repeat_to)
 from .presets import resolve_model_config
 
 # The pipeline classes of the other model types, for a one-line error naming both model types when a folder
@@ -171,9 +172,8 @@ class FluxAdapter(ModelAdapter):
         vae = cls._load_vae(source, preset, 3, resolution)
         scale = cls.vae_scale_factor(vae)
         resolution = resolution or (16 if preset is not None else 512)
-        if resolution % (2 * scale):
-            raise ValueError(f"--resolution {resolution} must be a multiple of {2 * scale} for Flux "
-                             f"(VAE factor {scale}, latents packed in 2x2 patches)")
+        # checked before the text encoders and the transformer load: a multiple of twice the VAE factor
+        latent_size = packed_sample_size(resolution, scale, "Flux")
         tokenizer_one, text_encoder, tokenizer_two, text_encoder_2 = cls._load_text_parts_flux(source, preset)
         if preset is not None:
             config = dict(preset["model"])
@@ -187,7 +187,6 @@ class FluxAdapter(ModelAdapter):
             scheduler = source.load(FlowMatchEulerDiscreteScheduler, subfolder="scheduler")
         else:
             scheduler = FlowMatchEulerDiscreteScheduler(**(preset or {}).get("scheduler", {}))
-        latent_size = resolution // scale
         pipeline_scheduler = scheduler if flow_shift is None else training_scheduler(scheduler, latent_size, flow_shift)
         if source is not None and source.is_local:
             pretrained_model_name_or_path = os.path.abspath(pretrained_model_name_or_path)
@@ -205,13 +204,11 @@ class FluxAdapter(ModelAdapter):
         ``default_sample_size * vae_scale_factor``, 1024 for FLUX.1)."""
         scale = cls.vae_scale_factor(pipeline.vae)
         resolution = resolution or pipeline.default_sample_size * pipeline.vae_scale_factor
-        if resolution % (2 * scale):
-            raise ValueError(f"--resolution {resolution} must be a multiple of {2 * scale} for Flux "
-                             f"(VAE factor {scale}, latents packed in 2x2 patches)")
         return cls(pipeline.transformer, pipeline.scheduler, vae=pipeline.vae, text_encoder=pipeline.text_encoder,
                    text_encoder_2=pipeline.text_encoder_2, tokenizer_one=pipeline.tokenizer,
                    tokenizer_two=pipeline.tokenizer_2, pipeline_scheduler=pipeline.scheduler,
-                   num_channels=pipeline.vae.config.in_channels, sample_size=resolution // scale,
+                   num_channels=pipeline.vae.config.in_channels,
+                   sample_size=packed_sample_size(resolution, scale, "Flux"),
                    model_from_pretrained=True)
 
     @staticmethod

@@ -26,7 +26,7 @@ LoRA is saved by ``QwenImagePipeline.save_lora_weights`` and loads with the pipe
 
 import torch
 
-from .base import ModelAdapter, _copy_scheduler, repeat_to
+from .base import ModelAdapter, _copy_scheduler, packed_sample_size, repeat_to
 
 # What other model types' pipelines are called, to name the right --model_type for a wrong folder (the one
 # table, shared with the bank's detection).
@@ -102,16 +102,13 @@ class QwenImageAdapter(ModelAdapter):
         # Qwen-Image's transformer has no sample size: diffusers' script's default --resolution (512) for a
         # checkpoint; 2x2 packing needs latents of even size
         resolution = resolution or (16 if preset is not None else 512)
-        if resolution % (2 * scale):
-            raise ValueError(f"--resolution {resolution} must be a multiple of {2 * scale} for Qwen-Image "
-                             f"(VAE factor {scale} times the 2x2 packing)")
         return {
             "model": model,
             "vae": vae,
             "text_encoder": text_encoder,
             "tokenizer": tokenizer,
             "num_channels": 3,
-            "sample_size": resolution // scale,
+            "sample_size": packed_sample_size(resolution, scale, "Qwen-Image"),  # 2x2 packing: even latents
             "model_from_pretrained": from_pretrained,
         }
 
@@ -122,11 +119,9 @@ class QwenImageAdapter(ModelAdapter):
         pipeline's ``default_sample_size * vae_scale_factor``, 1024 for Qwen-Image)."""
         scale = cls.vae_scale_factor(pipeline.vae)
         resolution = resolution or pipeline.default_sample_size * pipeline.vae_scale_factor
-        if resolution % (2 * scale):
-            raise ValueError(f"--resolution {resolution} must be a multiple of {2 * scale} for Qwen-Image "
-                             f"(VAE factor {scale} times the 2x2 packing)")
         return cls(pipeline.transformer, pipeline.scheduler, vae=pipeline.vae, text_encoder=pipeline.text_encoder,
-                   tokenizer=pipeline.tokenizer, num_channels=3, sample_size=resolution // scale,
+                   tokenizer=pipeline.tokenizer, num_channels=3,
+                   sample_size=packed_sample_size(resolution, scale, "Qwen-Image"),
                    model_from_pretrained=True)
 
     # ------------------------------------------------------------------ shapes

@@ -45,6 +45,9 @@ DEMO_ARGS = [
 MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "sdxl", "flux", "sd3", "qwenimage")
 # the model types whose AutoencoderKL --pretrained_vae_model_name_or_path may replace (diffusers' SDXL scripts)
 VAE_REPLACEABLE_TYPES = ("sd", "sdxl", "controlnet")
+# the text-to-image types (captions needed, validation prompts) and those trained by flow matching only
+TEXT_TO_IMAGE_TYPES = ("sd", "sdxl", "controlnet", "flux", "sd3", "qwenimage")
+FLOW_MATCHING_TYPES = ("sd3", "flux", "qwenimage")
 CLUSTERING_OBJECTIVES = ("timestep", "snr", "gradient")
 TIMESTEP_SAMPLINGS = ("uniform", "stratified")
 # diffusers_ant.schedule's NOISE_SCHEDULERS and FLOW_WEIGHTING_SCHEMES, written out so that building the
@@ -391,11 +394,12 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
 
     if args.noise_scheduler not in (None, *NOISE_SCHEDULERS):
         raise UsageError(f"unknown --noise_scheduler {args.noise_scheduler!r}; choose one of: {', '.join(NOISE_SCHEDULERS)}")
-    if args.model_type == "sd3":  # SD3 is a flow-matching model: its pipeline samples nothing else
+    if args.model_type in FLOW_MATCHING_TYPES:  # their pipelines sample FlowMatchEuler and nothing else
         if args.noise_scheduler == "ddpm":
-            raise UsageError("--model_type sd3 trains with flow matching (its pipeline samples FlowMatchEuler): "
-                             "drop --noise_scheduler ddpm")
+            raise UsageError(f"--model_type {args.model_type} trains with flow matching (its pipeline samples "
+                             "FlowMatchEuler): drop --noise_scheduler ddpm")
         args.noise_scheduler = "flow_match"
+    if args.model_type == "sd3":
         own_draws = args.knowledge_bank is not None or args.retention is not None or args.deme_interval is not None
         if args.weighting_scheme is None and not own_draws:  # Diff-Tuning and DeMe draw their own timesteps
             args.weighting_scheme = "logit_normal"  # the default of diffusers' train_dreambooth_lora_sd3.py
@@ -403,14 +407,6 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             args.precondition_outputs = 1  # the default of diffusers' train_dreambooth_lora_sd3.py
     if args.weighting_scheme is None:
         args.weighting_scheme = "none"
-    if args.model_type == "flux":  # Flux is a rectified-flow model: flow matching is its only (and default) schedule
-        if args.noise_scheduler == "ddpm":
-            raise UsageError("--model_type flux trains with flow matching: drop --noise_scheduler ddpm")
-        args.noise_scheduler = "flow_match"
-    if args.model_type == "qwenimage":  # QwenImagePipeline samples flow matching only: its only (and default) schedule
-        if args.noise_scheduler == "ddpm":
-            raise UsageError("--model_type qwenimage trains with flow matching: drop --noise_scheduler ddpm")
-        args.noise_scheduler = "flow_match"
     if args.noise_scheduler == "flow_match":
         if args.model_type in ("sd", "sdxl", "controlnet"):
             raise UsageError(f"--noise_scheduler flow_match is for pixel-space models (unet, dit); {args.model_type} is latent")
@@ -558,7 +554,7 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             check_hub_token_safety(args.report_to, args.hub_token)
         except ValueError as err:
             raise UsageError(str(err)) from None
-    if args.model_type in ("sd", "sdxl", "controlnet", "flux", "sd3", "qwenimage") and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
+    if args.model_type in TEXT_TO_IMAGE_TYPES and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
         raise UsageError(f"--model_type {args.model_type} needs captions: use --dataset_name mnist5k_captions or a captioned dataset")
 
 

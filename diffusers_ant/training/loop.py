@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..weighting.distributed import average_gradients_
+from .args import TEXT_TO_IMAGE_TYPES
 from .checkpoint import (
     check_resume_config,
     checkpoint_config,
@@ -57,7 +58,7 @@ def public_config(args) -> dict:
 
 def data_needs(args) -> dict:
     """Which dataset columns the model type needs (captions, conditioning images, classes)."""
-    return {"need_captions": args.model_type in ("sd", "sdxl", "controlnet", "flux", "sd3", "qwenimage"),
+    return {"need_captions": args.model_type in TEXT_TO_IMAGE_TYPES,
             "need_conditioning": args.model_type == "controlnet",
             "need_classes": args.model_type in ("unet", "dit") and (args.num_classes is not None
                                                                     or args.class_column is not None),
@@ -76,7 +77,7 @@ def default_validation_inputs(args, dataset, columns) -> dict:
 
     n = args.num_validation_images
     inputs = {}
-    if args.model_type in ("sd", "sdxl", "controlnet", "flux", "sd3", "qwenimage"):
+    if args.model_type in TEXT_TO_IMAGE_TYPES:
         prompts = args.validation_prompt or [dataset[i % len(dataset)][columns["caption_column"]] for i in range(n)]
         inputs["prompts"] = repeat_to(list(prompts), n)
     if args.model_type == "controlnet":
