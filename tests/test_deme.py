@@ -15,7 +15,7 @@ from diffusers_ant.deme.merge import merge_seed_for
 from diffusers_ant.deme.merging import merge_finetunes, write_ensemble_folder
 from diffusers_ant.deme.search import search_merge_weights, write_search_table
 from diffusers_ant.models import get_model_adapter, load_pipeline
-from trainer_utils import REPO, offline_env
+from trainer_utils import REPO, offline_env, perturb_parameters
 
 SCRIPT = os.path.join(REPO, "train_scripts", "merge_deme.py")
 EVALUATE = os.path.join(REPO, "train_scripts", "evaluate_model.py")
@@ -161,14 +161,6 @@ def test_coordinate_search_finds_it_with_fewer_evaluations():
 # ---------------------------------------------------------------------------- fine-tune folders
 
 
-def _perturb(module, scale, seed, only=None):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if only is None or only in name:
-                p.add_(scale * torch.randn(p.shape, generator=g))
-
-
 def _write_records(folder, index, base, model_type="unet", intervals=INTERVALS, **extra):
     """What the trainer writes beside a DeMe interval output: its run's intervals and its config."""
     intervals.save(os.path.join(folder, "timestep_intervals.json"))
@@ -182,13 +174,13 @@ def make_finetune(folder, base, index, seed, lora=False, projection=False):
     adapter = get_model_adapter("unet").load(pretrained_model_name_or_path=base)
     if lora:
         adapter.add_lora(rank=2)
-        _perturb(adapter.model, 0.05, seed, only="lora_")
+        perturb_parameters(adapter.model, 0.05, seed, only="lora_")
     else:
-        _perturb(adapter.model, 0.01, seed)
+        perturb_parameters(adapter.model, 0.01, seed)
     if projection:
         add_channel_projection(adapter.model)
         for p in channel_projections(adapter.model).values():
-            _perturb(p, 0.05, seed + 100)
+            perturb_parameters(p, 0.05, seed + 100)
     save_adapter_output(adapter, str(folder), lora=lora)
     _write_records(str(folder), index, base)
     return str(folder)
@@ -474,10 +466,10 @@ def test_other_model_types_merge_lora_and_full_finetunes_and_ensemble(model_type
         adapter = get_model_adapter(model_type).load(pretrained_model_name_or_path=base)
         if lora:
             adapter.add_lora(rank=2)
-        _perturb(adapter.model, 0.05 if lora else 0.01, seed=index, only="lora_" if lora else None)
+        perturb_parameters(adapter.model, 0.05 if lora else 0.01, seed=index, only="lora_" if lora else None)
         add_channel_projection(adapter.model)
         for p in channel_projections(adapter.model).values():
-            _perturb(p, 0.05, seed=index + 10)
+            perturb_parameters(p, 0.05, seed=index + 10)
         folder = str(tmp_path / f"interval-{index}")
         save_adapter_output(adapter, folder, lora=lora)
         _write_records(folder, index, base, model_type=model_type, intervals=intervals)

@@ -18,16 +18,9 @@ import torch
 from diffusers_ant.deme import add_channel_projection, channel_projections, save_adapter_output
 from diffusers_ant.models import get_model_adapter, load_pipeline
 from diffusers_ant.teacher import AdapterDisabledTeacher, FrozenTeacher, make_teacher
+from trainer_utils import perturb_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-def _perturb(module, scale, seed, only=None):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if only is None or only in name:
-                p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 TYPE_OPTIONS = {"unet": {"num_channels": 1, "num_classes": 3}, "dit": {"num_channels": 1, "num_classes": 3},
@@ -61,11 +54,11 @@ def test_lora_teacher_is_the_student_with_adapters_disabled(model_type):
     if model_type == "sd":
         adapter.add_text_encoder_lora(2)  # the teacher must also leave the text encoder's LoRA out
         pretrained_text = copy.deepcopy(adapter.text_encoder)
-        _perturb(adapter.text_encoder, 0.5, seed=3, only="lora_")
-    _perturb(adapter.model, 0.5, seed=2, only="lora_B")  # B = 0 at init would make any teacher pass
+        perturb_parameters(adapter.text_encoder, 0.5, seed=3, only="lora_")
+    perturb_parameters(adapter.model, 0.5, seed=2, only="lora_B")  # B = 0 at init would make any teacher pass
     add_channel_projection(adapter.model)  # DeMe's trainable projections: identity for the teacher
     for projection in channel_projections(adapter.model).values():
-        _perturb(projection, 0.2, seed=4)
+        perturb_parameters(projection, 0.2, seed=4)
     adapter.model.train()
     trainable_before = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
     params_before = sum(p.numel() for p in adapter.model.parameters())
@@ -148,7 +141,7 @@ def deme_lora(tmp_path_factory):
                           "--num_validation_images", "1", "--num_inference_steps", "1", "--checkpointing_steps", "100"])
     adapter = get_model_adapter("sd").load(pretrained_model_name_or_path=base)
     adapter.add_lora(3, alpha=3)
-    _perturb(adapter.model, 0.3, seed=7, only="lora_B")
+    perturb_parameters(adapter.model, 0.3, seed=7, only="lora_B")
     out1 = str(root / "interval-1")
     save_adapter_output(adapter, out1, lora=True)
     with open(os.path.join(out0, "training_config.json")) as f:
@@ -312,7 +305,7 @@ def test_peft_format_lora_with_convolutions_merges_as_a_lora(tmp_path):
     for index, (rank, alpha) in enumerate([(2, 4), (1, 3)]):
         adapter = get_model_adapter("unet").load(pretrained_model_name_or_path=base)
         adapter.add_lora(rank, alpha=alpha)
-        _perturb(adapter.model, 0.3, seed=index, only="lora_B")
+        perturb_parameters(adapter.model, 0.3, seed=index, only="lora_B")
         folder = str(tmp_path / f"interval-{index}")
         adapter.save(folder, lora=True)
         intervals.save(os.path.join(folder, "timestep_intervals.json"))

@@ -70,3 +70,14 @@ def assert_same_tensors(a, b, atol=0.0):
 
 def torch_threads():
     return torch.get_num_threads()
+
+
+def perturb_parameters(module, scale, seed, only=None):
+    """Add seeded Gaussian noise of std ``scale`` to ``module``'s parameters (those whose name contains
+    ``only``, if given): weights that differ from the base, so that an equality test can fail."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if only is None or only in name:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
