@@ -14,7 +14,7 @@ Training target and noising stay in ``diffusers_ant.schedule``; the adapter only
 
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -120,10 +120,18 @@ class PretrainedSource:
             hub["variant"] = self.variant
         if subfolder is not None:
             hub["subfolder"] = subfolder
+        loading = nullcontext()
         if self.quantization_config is not None and subfolder in self.QUANTIZED_SUBFOLDERS:
-            hub["quantization_config"] = self.quantization_config  # models/quantization.py
+            from .quantization import cpu_quantized_load, keep_cpu_packing_to_its_shapes, quantized_load_kwargs
+
+            hub.update(quantized_load_kwargs(self.quantization_config))  # models/quantization.py
+            loading = cpu_quantized_load()  # diffusers' GPU-only start check, lifted on a CPU machine
         try:
-            return component_cls.from_pretrained(self.path, **hub, **kwargs)
+            with loading:
+                model = component_cls.from_pretrained(self.path, **hub, **kwargs)
+            if "quantization_config" in hub:
+                keep_cpu_packing_to_its_shapes(model)
+            return model
         except (OSError, ValueError) as err:
             where = self.path if subfolder is None else f"{self.path}/{subfolder}"
             raise _not_found(where, err) from err

@@ -16,16 +16,28 @@ DeMe is the quantized student with its adapters disabled (``teacher.AdapterDisab
 bitsandbytes LoRA layers switch off like the others), never a second copy. Outputs are LoRA folders:
 the base is loaded by the user at whatever precision.
 
-bitsandbytes needs a CUDA GPU; it is imported only when the flag is given, and a missing package is
-one line naming ``pip install bitsandbytes``.
+bitsandbytes (>= 0.46 has CPU kernels; ``pip install diffusers_ant[quantization]``) is imported only when
+the flag is given, and a missing package is one line naming ``pip install bitsandbytes``.
+
+On a GPU the load is diffusers' own. On a machine with no accelerator, diffusers' bitsandbytes quantizers
+refuse at their start check (``validate_environment``: "No GPU found. A GPU is needed for quantization.")
+although bitsandbytes quantizes and runs its 4 / 8-bit layers on the CPU; ``cpu_quantized_load`` lifts that
+one check for the one ``from_pretrained`` call and maps the model to the CPU (``device_map={"": "cpu"}``),
+so the same diffusers path runs: its Linear layers become ``bnb.nn.Linear4bit`` / ``Linear8bitLt``, peft's
+LoRA goes on top. tests/test_quantization.py trains that way; docs/families/lora.md has the measured bytes
+per parameter (``train_scripts/benchmark_families.py``).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 QUANTIZE_CHOICES = ("int8", "nf4")
 BITSANDBYTES_MISSING = "needs bitsandbytes: pip install bitsandbytes"
+# The first bitsandbytes release whose 4-bit and 8-bit layers run on the CPU (its multi-backend refactor).
+CPU_MIN_BITSANDBYTES = "0.46"
 
 
 def check_quantize_base(kind, rank) -> None:
@@ -51,10 +63,89 @@ def quantization_config(kind, compute_dtype: torch.dtype = torch.bfloat16):
     check_quantize_base(kind, rank=0)
     from diffusers import BitsAndBytesConfig
 
+    # bnb_4bit_compute_dtype is also what the unquantized rest of the denoiser (norms, convolutions,
+    # embeddings) is loaded in (``quantized_load_kwargs``), for int8 too, where bitsandbytes ignores it
     if kind == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, bnb_4bit_compute_dtype=compute_dtype)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a device diffusers' bitsandbytes quantizers accept (CUDA, XPU, MPS)."""
+    mps = getattr(torch, "mps", None)
+    return bool(torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+                or (mps is not None and mps.is_available()))
+
+
+def quantized_load_kwargs(config) -> dict:
+    """The ``from_pretrained`` keywords of a quantized denoiser, as diffusers' LoRA scripts pass them: the
+    ``quantization_config``, ``torch_dtype`` the run's weight dtype (diffusers would otherwise pick float16
+    for the layers it leaves unquantized, which the CPU cannot train in), and, without an accelerator,
+    the whole model on the CPU (diffusers would otherwise map it to ``cuda:0``)."""
+    kwargs = {"quantization_config": config}
+    dtype = getattr(config, "bnb_4bit_compute_dtype", None)
+    if isinstance(dtype, torch.dtype):
+        kwargs["torch_dtype"] = dtype
+    if not has_accelerator():
+        kwargs["device_map"] = {"": "cpu"}
+    return kwargs
+
+
+@contextlib.contextmanager
+def cpu_quantized_load():
+    """Lift diffusers' "No GPU found" start check of its bitsandbytes quantizers for the duration, only when
+    torch sees no accelerator (a no-op on a GPU machine, where diffusers' own check runs).
+
+    Why: diffusers (0.35 to 0.42 at least) refuses a bitsandbytes ``quantization_config`` without CUDA /
+    XPU / MPS, but bitsandbytes >= 0.46 has CPU kernels: its ``Params4bit`` / ``Int8Params`` quantize on
+    ``.to("cpu")`` and ``Linear4bit`` / ``Linear8bitLt`` run forward and backward there. What the lifted
+    check also guarded, a device map that sends part of the model to the CPU beside a GPU, cannot arise:
+    ``quantized_load_kwargs`` maps the whole model to the CPU. The check that remains is the version of
+    bitsandbytes. Written by hand because diffusers has no switch for it."""
+    if has_accelerator():
+        yield
+        return
+    import bitsandbytes
+    from diffusers.quantizers.bitsandbytes import bnb_quantizer
+    from packaging import version
+
+    if version.parse(bitsandbytes.__version__) < version.parse(CPU_MIN_BITSANDBYTES):
+        raise ValueError(f"--quantize_base on a CPU needs bitsandbytes >= {CPU_MIN_BITSANDBYTES} (found "
+                         f"{bitsandbytes.__version__}): pip install -U bitsandbytes")
+
+    def validate_on_cpu(self, *args, **kwargs):
+        return None  # the version is checked above; the device map is the CPU's alone
+
+    classes = (bnb_quantizer.BnB4BitDiffusersQuantizer, bnb_quantizer.BnB8BitDiffusersQuantizer)
+    saved = [cls.__dict__["validate_environment"] for cls in classes]
+    try:
+        for cls in classes:
+            cls.validate_environment = validate_on_cpu
+        yield
+    finally:
+        for cls, original in zip(classes, saved):
+            cls.validate_environment = original
+
+
+def keep_cpu_packing_to_its_shapes(model):
+    """Switch off bitsandbytes' packed 4-bit CPU inference path on the ``Linear4bit`` layers it cannot pack.
+
+    bitsandbytes 0.50 repacks a ``Linear4bit``'s weight for its AVX512-BF16 CPU kernel at the first forward
+    without gradients in eval mode, and fails ("shape '[32, 0]' is invalid") unless in_features is a
+    multiple of the quantization block (64) and out_features of 32. Real checkpoints' layers are (Flux's
+    3072, SD3's 1536, SDXL's 320 ...); the tiny test presets' 32-wide layers are not. Such layers keep the
+    unpacked kernel, which gives the same product. Returns ``model``."""
+    if has_accelerator():
+        return model
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
+            if module.in_features % blocksize or module.out_features % 32:
+                module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def is_quantized(model) -> bool:
