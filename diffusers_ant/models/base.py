@@ -122,7 +122,7 @@ class PretrainedSource:
             hub["subfolder"] = subfolder
         loading = nullcontext()
         if self.quantization_config is not None and subfolder in self.QUANTIZED_SUBFOLDERS:
-            from .quantization import cpu_quantized_load, keep_cpu_packing_to_its_shapes, quantized_load_kwargs
+            from .quantization import cpu_quantized_load, keep_off_cpu_packing, quantized_load_kwargs
 
             hub.update(quantized_load_kwargs(self.quantization_config))  # models/quantization.py
             loading = cpu_quantized_load()  # diffusers' GPU-only start check, lifted on a CPU machine
@@ -130,7 +130,7 @@ class PretrainedSource:
             with loading:
                 model = component_cls.from_pretrained(self.path, **hub, **kwargs)
             if "quantization_config" in hub:
-                keep_cpu_packing_to_its_shapes(model)
+                keep_off_cpu_packing(model)
             return model
         except (OSError, ValueError) as err:
             where = self.path if subfolder is None else f"{self.path}/{subfolder}"

@@ -128,23 +128,23 @@ def cpu_quantized_load():
             cls.validate_environment = original
 
 
-def keep_cpu_packing_to_its_shapes(model):
-    """Switch off bitsandbytes' packed 4-bit CPU inference path on the ``Linear4bit`` layers it cannot pack.
+def keep_off_cpu_packing(model):
+    """Keep a CPU-loaded denoiser's ``Linear4bit`` layers off bitsandbytes' packed 4-bit CPU inference path.
 
-    bitsandbytes 0.50 repacks a ``Linear4bit``'s weight for its AVX512-BF16 CPU kernel at the first forward
-    without gradients in eval mode, and fails ("shape '[32, 0]' is invalid") unless in_features is a
-    multiple of the quantization block (64) and out_features of 32. Real checkpoints' layers are (Flux's
-    3072, SD3's 1536, SDXL's 320 ...); the tiny test presets' 32-wide layers are not. Such layers keep the
-    unpacked kernel, which gives the same product. Returns ``model``."""
-    if has_accelerator():
+    bitsandbytes 0.50 (on CPUs with AVX512-BF16) repacks a ``Linear4bit``'s weight in place for an
+    inference kernel at its first forward in eval mode without gradients. In a training run that first
+    forward is the teacher's (``--retention kd`` / DeMe: the student with its adapters off, in eval mode,
+    under no_grad), and the packed layout then breaks the student's backward ("a view of a leaf Variable
+    that requires grad is being used in an in-place operation"); it also fails outright on layers
+    narrower than the 64-wide quantization block (the tiny test presets'). The unpacked kernel computes
+    the same product, so every layer keeps it. Returns ``model``."""
+    if has_accelerator() or not isinstance(model, torch.nn.Module):
         return model
     import bitsandbytes as bnb
 
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
-            blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
-            if module.in_features % blocksize or module.out_features % 32:
-                module.support_avx512bf16_for_cpu = False
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 

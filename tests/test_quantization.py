@@ -1,0 +1,160 @@
+"""`--quantize_base int8|nf4` and `--use_8bit_adam` for real, on this CPU (bitsandbytes >= 0.46 has CPU
+kernels; `models/quantization.py` lifts diffusers' GPU-only start check when no accelerator is present).
+
+The denoiser is loaded through diffusers' `from_pretrained(..., quantization_config=...)`: its Linear
+layers become bitsandbytes 4-bit / 8-bit layers, peft's LoRA trains on top, the kd teacher is that
+quantized model with its adapters off, and the saved LoRA loads into the unquantized pipeline."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_family_sd3 import _sample, _sd3_args, sd3_folder  # noqa: F401  (module-scoped fixture, reused)
+from test_family_sdxl import _run_args as _sdxl_args, sdxl_base  # noqa: F401
+from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
+
+bnb = pytest.importorskip("bitsandbytes")  # the `test` extra installs it (setup.py)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _linear_kinds(model):
+    """Counts of the denoiser's Linear layers by kind (peft's LoRA wrappers are looked through)."""
+    kinds = {"nf4": 0, "int8": 0, "float": 0}
+    for name, module in model.named_modules():
+        if ".lora_" in name or name.endswith(("lora_A", "lora_B")):
+            continue  # the adapters' own layers are float32 by design
+        if isinstance(module, bnb.nn.Linear4bit):
+            kinds["nf4"] += 1
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            kinds["int8"] += 1
+        elif type(module) is torch.nn.Linear:
+            kinds["float"] += 1
+    return kinds
+
+
+def _load_transformer(folder, kind):
+    from diffusers import SD3Transformer2DModel
+
+    from diffusers_ant.models.base import PretrainedSource
+    from diffusers_ant.models.quantization import quantization_config
+
+    source = PretrainedSource(str(folder), quantization_config=quantization_config(kind, torch.float32))
+    return source.load(SD3Transformer2DModel, subfolder="transformer")
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_cpu_load_replaces_the_linear_layers_and_keeps_diffusers_gpu_check_elsewhere(kind, sd3_folder):
+    """diffusers' own quantized load on the CPU: every Linear of the transformer is a bitsandbytes layer
+    holding 1-byte storage, its output stays near the unquantized model's, and outside the load diffusers'
+    start check is diffusers' own again (it still refuses a CPU)."""
+    from diffusers import BitsAndBytesConfig, SD3Transformer2DModel
+    from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
+
+    model = _load_transformer(sd3_folder, kind)
+    kinds = _linear_kinds(model)
+    assert kinds[kind] > 0 and kinds["float"] == 0, kinds
+    assert model.transformer_blocks[0].attn.to_q.weight.dtype == (torch.uint8 if kind == "nf4" else torch.int8)
+    reference = SD3Transformer2DModel.from_pretrained(sd3_folder, subfolder="transformer")
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(2, reference.config.in_channels, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 5, reference.config.joint_attention_dim, generator=g),
+                  pooled_projections=torch.randn(2, reference.config.pooled_projection_dim, generator=g),
+                  timestep=torch.tensor([100.0, 700.0]))
+    with torch.no_grad():
+        exact, quantized = reference(**inputs).sample, model(**inputs).sample
+    error = ((quantized - exact).norm() / exact.norm()).item()
+    assert torch.isfinite(quantized).all() and error < (0.3 if kind == "nf4" else 0.1), error
+    with pytest.raises(RuntimeError, match="No GPU found"):
+        BnB4BitDiffusersQuantizer(BitsAndBytesConfig(load_in_4bit=True)).validate_environment()
+
+
+def _record_training(monkeypatch):
+    """Wrap the loop's `training_step`: what the model, the teacher and the loss were at each step."""
+    from diffusers_ant.training import loop
+
+    seen = {"losses": [], "task_names": None}
+    original = loop.training_step
+
+    def recording_step(accelerator, objective, model, *args, **kwargs):
+        if not seen["losses"]:
+            unwrapped = accelerator.unwrap_model(model)
+            seen["kinds"] = _linear_kinds(unwrapped)
+            seen["trainable"] = {n: p.detach().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
+            seen["teacher"], seen["model"] = objective.teacher, unwrapped
+            seen["task_names"] = list(objective.task_names())
+        logs = original(accelerator, objective, model, *args, **kwargs)
+        seen["losses"].append(logs["loss"].item())
+        return logs
+
+    monkeypatch.setattr(loop, "training_step", recording_step)
+    return seen
+
+
+def _check_quantized_lora_run(seen, kind, out):
+    assert seen["kinds"][kind] > 0 and seen["kinds"]["float"] == 0, seen["kinds"]
+    assert seen["trainable"] and all("lora_" in n for n in seen["trainable"]), "only LoRA parameters train"
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in seen["losses"]) and len(seen["losses"]) == 2
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    # SDXL's file keeps diffusers' older names (lora.down / lora.up): peft's lora_A / lora_B
+    lora = {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v for k, v in lora.items()}
+    assert lora and all(".lora_" in k for k in lora)
+    # the LoRA moved: B starts at zero, A from its random start
+    assert max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k) > 1e-4
+    start_a = {n.replace(".default", ""): v for n, v in seen["trainable"].items() if "lora_A" in n}
+    moved = [(lora[k] - start_a[n]).abs().max().item() for k in lora for n in start_a if k.endswith(n)]
+    assert moved and max(moved) > 1e-6
+    return lora
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_sd3_lora_on_a_quantized_base_trains_and_loads_into_the_plain_pipeline(kind, sd3_folder, tmp_path,
+                                                                               monkeypatch):
+    """nf4 / int8 SD3 transformer under a LoRA with --retention kd: the teacher is the quantized student
+    with its adapters off (no copy), only LoRA trains, the loss is finite, the LoRA moves, and the saved
+    LoRA loads into the unquantized StableDiffusion3Pipeline and changes its samples."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffusers_ant.teacher import AdapterDisabledTeacher
+
+    seen = _record_training(monkeypatch)
+    out = tmp_path / "out"
+    train_in_process(_sd3_args(out, "--rank", "4", "--quantize_base", kind, "--max_train_steps", "2",
+                               "--learning_rate", "5e-2", "--retention", "kd", "--bank_fraction", "0.5",
+                               pretrained=sd3_folder))
+    _check_quantized_lora_run(seen, kind, out)
+    teacher = seen["teacher"]
+    assert isinstance(teacher, AdapterDisabledTeacher) and teacher.model is seen["model"]
+    assert any("retention" in name or "kd" in name for name in seen["task_names"]), seen["task_names"]
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder)  # unquantized, as users sample
+    before = _sample(pipe)
+    pipe.load_lora_weights(out)
+    after = _sample(pipe)
+    assert after.shape == (1, 16, 16, 3) and abs(after - before).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_sdxl_lora_on_an_nf4_unet_trains_and_loads_into_the_plain_pipeline(sdxl_base, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    seen = _record_training(monkeypatch)
+    out = tmp_path / "out"
+    train_in_process(_sdxl_args(sdxl_base, out, "--quantize_base", "nf4", "--max_train_steps", "2",
+                                "--learning_rate", "5e-2"))
+    _check_quantized_lora_run(seen, "nf4", out)
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_base)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample():
+        return pipe("a handwritten digit 7", num_inference_steps=2, height=16, width=16, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    before = sample()
+    pipe.load_lora_weights(out)
+    assert abs(sample() - before).max() > 1e-3
