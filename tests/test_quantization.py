@@ -158,3 +158,41 @@ def test_sdxl_lora_on_an_nf4_unet_trains_and_loads_into_the_plain_pipeline(sdxl_
     before = sample()
     pipe.load_lora_weights(out)
     assert abs(sample() - before).max() > 1e-3
+
+
+def _adam8_args(out, steps):
+    return ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--use_8bit_adam", "--output_dir",
+            str(out), "--max_train_steps", str(steps), "--checkpointing_steps", "2", "--max_train_samples", "24",
+            "--num_validation_images", "1", "--resume_from_checkpoint", "latest"]
+
+
+@pytest.mark.slow
+def test_8bit_adam_keeps_8bit_states_and_resumes_exactly(tmp_path, monkeypatch):
+    """--use_8bit_adam on the CPU: bitsandbytes' AdamW8bit steps a tiny UNet, its moments of the large
+    tensors are uint8 (blockwise-quantized; bitsandbytes keeps tensors under 4,096 values in float32), and
+    a run resumed from checkpoint-2 (Accelerate's save_state / load_state) ends with exactly the weights of
+    an uninterrupted run."""
+    from diffusers_ant.training import loop
+
+    optimizers = []
+    original = loop.build_optimizer
+
+    def recording(*args, **kwargs):
+        optimizers.append(original(*args, **kwargs))
+        return optimizers[-1]
+
+    monkeypatch.setattr(loop, "build_optimizer", recording)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_in_process(_adam8_args(straight, 4))
+    optimizer = optimizers[-1]
+    assert isinstance(optimizer, bnb.optim.AdamW8bit)
+    states = [s for s in optimizer.state.values() if "state1" in s]
+    big = [s for s in states if s["state1"].numel() >= 4096]
+    assert big and all(s["state1"].dtype == s["state2"].dtype == torch.uint8 for s in big)
+    assert all(torch.isfinite(s["absmax1"]).all() for s in big)
+    train_in_process(_adam8_args(resumed, 2))
+    # the checkpoint holds the 8-bit moments (bitsandbytes' state_dict nests them), loadable without pickle
+    saved = torch.load(resumed / "checkpoint-2" / "optimizer.bin", weights_only=True)["state"].values()
+    assert any(s["__bnb_optimizer_quant_state__"]["state1"].dtype == torch.uint8 for s in saved)
+    train_in_process(_adam8_args(resumed, 4))  # continues from checkpoint-2
+    assert_same_tensors(load_safetensors_dir(straight / "unet"), load_safetensors_dir(resumed / "unet"))
