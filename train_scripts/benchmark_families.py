@@ -33,8 +33,21 @@ loader (`mnist5k_captions`, centre-cropped), and one step is `benchmark_weightin
    `benchmark_weighting.time_runners` (the same harness as the weighting benchmark): median over
    `--steps` rounds after `--warmup`, as ratios to vanilla; one run.
 
+4. **A quantized base** (`--quantize_base nf4|int8`, bitsandbytes, `models/quantization.py`): the tiny
+   denoiser saved and loaded back through diffusers' `from_pretrained(..., quantization_config=...)` as the
+   trainer loads it (on a CPU through `cpu_quantized_load`), its bytes counted (the packed 4-bit or int8
+   weights, their block scales and double-quantization state, the unquantized rest in bf16); and, for the
+   real checkpoint, its denoiser built on the meta device from its published config (`REAL_DENOISERS`,
+   no weights), its Linear layers replaced as diffusers replaces them, and one real bitsandbytes layer of
+   each distinct shape quantized on the CPU and counted: measured bytes per parameter at the real layer
+   widths, scaled to the real layer list. The same per-shape sum applied to the tiny model must equal its
+   measured load (`tiny_by_shapes_bytes`). Columns: the real checkpoint's weights with a bf16 LoRA run's
+   denoiser in nf4 / int8, cached (`--cache_latents --cache_text_embeddings`).
+
 Output: `benchmark_families.json` and `benchmark_families.md` in `--output_dir`, both with the command
-line. `--quick`: fp32 only, one warm-up and one timed round, batch 2, for the tests.
+line. `--quick`: fp32 only, one warm-up and one timed round, batch 2, no quantized base, for the tests.
+`--no_timing`: skip part 3 (timings are only worth taking on an idle machine) and carry the step times
+of the `benchmark_families.json` already in `--output_dir` over, with the command that measured them.
 """
 
 from __future__ import annotations
@@ -84,6 +97,29 @@ REAL_CHECKPOINTS = {  # family -> (checkpoint, denoiser, text encoders, VAE)
     "flux": ("FLUX.1-dev", FLUX1_DEV_TRANSFORMER_PARAMS, CLIP_L_TEXT_PARAMS + T5_XXL_ENCODER_PARAMS, SD_VAE_PARAMS),
     "qwenimage": ("Qwen-Image", QWEN_IMAGE_TRANSFORMER_PARAMS, QWEN25_VL_7B_PARAMS, QWEN_IMAGE_VAE_PARAMS),
 }
+
+
+# The real denoisers' configs (their checkpoints' config.json, diffusers' class defaults where those are
+# the checkpoint's): built on the meta device, no weights, to list their Linear layers. The parameter
+# counts they give match the constants above (SD 1.5 0.86B, SDXL 2.57B, SD3.5-Large 8.06B, FLUX.1-dev
+# 11.9B, Qwen-Image 20.4B).
+REAL_DENOISERS = {
+    "sd": ("UNet2DConditionModel", {"sample_size": 64, "cross_attention_dim": 768}),
+    "sdxl": ("UNet2DConditionModel", {
+        "sample_size": 128, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": (320, 640, 1280), "transformer_layers_per_block": (1, 2, 10),
+        "cross_attention_dim": 2048, "attention_head_dim": (5, 10, 20), "use_linear_projection": True,
+        "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816}),
+    "sd3": ("SD3Transformer2DModel", {  # stable-diffusion-3.5-large
+        "sample_size": 128, "num_layers": 38, "attention_head_dim": 64, "num_attention_heads": 38,
+        "joint_attention_dim": 4096, "caption_projection_dim": 2432, "pooled_projection_dim": 2048,
+        "pos_embed_max_size": 192, "qk_norm": "rms_norm"}),
+    "flux": ("FluxTransformer2DModel", {"guidance_embeds": True}),  # FLUX.1-dev
+    "qwenimage": ("QwenImageTransformer2DModel", {}),
+}
+QUANTIZE_KINDS = ("nf4", "int8")
 
 
 def reset_accelerate_state():
@@ -298,7 +334,7 @@ def measure_family(family, opts) -> dict:
         result["parameters"] = context.parameters
         result["text_caching"] = context.text_cache
         vanilla = FamilyRunner("none", context)
-        timed = name == opts.time_precision
+        timed = name == opts.time_precision and not opts.no_timing
         warm, uncached_batch, *timing_batches = context.batches(2 + (opts.warmup + opts.steps if timed else 0))
         vanilla.step(warm)  # optimizer state
         memory = {"uncached": step_memory(context, vanilla, uncached_batch)}
@@ -319,8 +355,143 @@ def measure_family(family, opts) -> dict:
         del context, vanilla
         gc.collect()
     result["real_checkpoint"] = real_estimate(family, result)
+    if opts.quantized:
+        result["quantized_base"] = measure_quantized_base(family, opts, opts.layer_bytes)
+        result["real_checkpoint"]["weights_gb_bf16_lora_cached"] = quantized_weights_gb(result)
     reset_accelerate_state()
     return result
+
+
+def quantized_tensors(module):
+    """Every tensor a module holds, bitsandbytes' quantization state included (a 4-bit weight's block
+    scales and their double-quantization state, an int8 weight's row scales)."""
+    out = [*module.parameters(), *module.buffers()]
+    stack = [getattr(p, "quant_state", None) for p in module.parameters()]
+    out += [getattr(p, "SCB", None) for p in module.parameters()]
+    while stack:
+        state = stack.pop()
+        if state is None:
+            continue
+        for value in vars(state).values():
+            if isinstance(value, torch.Tensor):
+                out.append(value)
+            elif type(value).__name__ == "QuantState":
+                stack.append(value)
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+class QuantizedLayerBytes:
+    """Bytes of one bitsandbytes layer of a given shape, quantized on the CPU (random bf16 weights: the
+    storage does not depend on the values), measured once per (kind, shape)."""
+
+    def __init__(self):
+        self.cache = {}
+
+    def __call__(self, kind, in_features, out_features) -> int:
+        key = (kind, in_features, out_features)
+        if key not in self.cache:
+            import bitsandbytes as bnb
+
+            from diffusers_ant.models.quantization import quantization_config
+
+            config = quantization_config(kind, torch.bfloat16)
+            if kind == "nf4":
+                layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
+                                          quant_type="nf4", compress_statistics=config.bnb_4bit_use_double_quant)
+            else:
+                layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False)
+            layer.weight.data = torch.randn(out_features, in_features, dtype=torch.bfloat16)
+            if kind == "int8":
+                layer.weight.data = layer.weight.data.half()  # bitsandbytes' int8 quantizer reads fp16
+            layer = layer.to("cpu")  # quantizes (bitsandbytes >= 0.46 on the CPU)
+            self.cache[key] = tensor_bytes(quantized_tensors(layer))
+            del layer
+        return self.cache[key]
+
+
+def bnb_linear_shapes(model, kind) -> list:
+    """(in, out, bias) of each Linear that diffusers' `replace_with_bnb_linear` turns into a bitsandbytes
+    layer (all but the class's `_keep_in_fp32_modules`), applied to `model` (meta or real) in place."""
+    import bitsandbytes as bnb
+    from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+
+    from diffusers_ant.models.quantization import quantization_config
+
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    model = replace_with_bnb_linear(model, modules_to_not_convert=keep,
+                                    quantization_config=quantization_config(kind, torch.bfloat16))
+    layers = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return [(m.in_features, m.out_features, m.bias is not None) for m in model.modules() if isinstance(m, layers)]
+
+
+def shape_sum_bytes(shapes, total_params, kind, layer_bytes, rest_bytes_per_param=2) -> int:
+    """A denoiser's weights with its converted Linear layers quantized: the measured bytes of each layer's
+    quantized weight, plus every other parameter (biases, norms, convolutions, embeddings) in bf16."""
+    quantized = sum(layer_bytes(kind, i, o) for i, o, _ in shapes)
+    other = total_params - sum(i * o for i, o, _ in shapes)
+    return quantized + rest_bytes_per_param * other
+
+
+def measure_quantized_base(family, opts, layer_bytes) -> dict:
+    """Part 4 of the module docstring for one family: the tiny denoiser through diffusers' quantized load,
+    and the real checkpoint's denoiser by its layer shapes."""
+    import tempfile
+
+    import diffusers
+    from accelerate import init_empty_weights
+
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.models.quantization import cpu_quantized_load, quantization_config, quantized_load_kwargs
+
+    adapter_class = get_model_adapter(family)
+    torch.manual_seed(0)
+    tiny = adapter_class.load(model_config_name_or_path="tiny", resolution=opts.resolution).model
+    tiny_params = module_params(tiny)
+    result = {"tiny_denoiser_parameters": tiny_params, "tiny": {}, "real": {}}
+    with tempfile.TemporaryDirectory() as folder:
+        tiny.save_pretrained(folder)
+        for kind in QUANTIZE_KINDS:
+            # as the trainer loads --quantize_base (models/base.py PretrainedSource.load)
+            config = quantization_config(kind, torch.bfloat16)
+            with cpu_quantized_load():
+                loaded = type(tiny).from_pretrained(folder, **quantized_load_kwargs(config))
+            measured = tensor_bytes(quantized_tensors(loaded))
+            shapes = bnb_linear_shapes(type(tiny).from_config(tiny.config), kind)
+            result["tiny"][kind] = {
+                "bytes": measured, "bytes_per_parameter": measured / tiny_params, "quantized_layers": len(shapes),
+                "tiny_by_shapes_bytes": shape_sum_bytes(shapes, tiny_params, kind, layer_bytes)}
+            del loaded
+    name, real_kwargs = REAL_DENOISERS[family]
+    for kind in QUANTIZE_KINDS:
+        with init_empty_weights():
+            real = getattr(diffusers, name)(**real_kwargs)
+        real_params = module_params(real)
+        shapes = bnb_linear_shapes(real, kind)
+        total = shape_sum_bytes(shapes, real_params, kind, layer_bytes)
+        quantized_weights = sum(i * o for i, o, _ in shapes)
+        result["real"][kind] = {
+            "denoiser_parameters": real_params, "quantized_weight_parameters": quantized_weights,
+            "quantized_layers": len(shapes), "bytes": total, "bytes_per_parameter": total / real_params,
+            "bytes_per_quantized_weight": sum(layer_bytes(kind, i, o) for i, o, _ in shapes) / quantized_weights,
+            "denoiser_gb": total / 2**30}
+        del real
+    gc.collect()
+    return result
+
+
+def quantized_weights_gb(result) -> dict:
+    """The real checkpoint's weights on the device in a bf16 LoRA run, cached, with its denoiser in nf4 /
+    int8: the bf16 cached estimate with the denoiser's bf16 bytes replaced by the quantized ones."""
+    real, quantized = result["real_checkpoint"], result.get("quantized_base")
+    if quantized is None or "bf16" not in real["weights_gb"]:
+        return {}
+    bf16_denoiser = real["denoiser_parameters"] * real["bytes_per_parameter"]["bf16"]["cached"]["denoiser"]
+    out = {}
+    for kind, q in quantized["real"].items():
+        per_param = q["bytes_per_parameter"]  # measured on the real architecture's own layer list
+        out[kind] = real["weights_gb"]["bf16"]["cached"] + (real["denoiser_parameters"] * per_param - bf16_denoiser) / 2**30
+    out["bf16"] = real["weights_gb"]["bf16"]["cached"]
+    return out
 
 
 def real_estimate(family, result) -> dict:
@@ -358,8 +529,9 @@ def markdown(report) -> str:
              "measured for each part (denoiser, text encoders, VAE) in that precision and caching state; "
              "LoRA, optimizer state and activations are not in it (they depend on rank, resolution and batch).", "",
              "| family | precision | denoiser params | LoRA params | encoder params | peak MiB | cached peak MiB | "
-             "real checkpoint | its weights on the device, GiB | cached |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "real checkpoint | its weights on the device, GiB | cached |"
+             + (" bf16 LoRA with --quantize_base nf4 (cached) | with int8 (cached) |" if report.get("quantized") else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if report.get("quantized") else "")]
     for family, r in report["families"].items():
         p = r["parameters"]
         encoders = sum(v for k, v in p.items() if k not in ("denoiser", "lora"))
@@ -369,15 +541,68 @@ def markdown(report) -> str:
             lines.append(f"| {family} | {name} | {p['denoiser']:,} | {p['lora']:,} | {encoders:,} | "
                          f"{mem['uncached']['peak_mb']:.2f} | {mem['cached']['peak_mb']:.2f} | {real['name']} "
                          f"({real['denoiser_parameters'] / 1e9:.1f}B + {real['text_encoder_parameters'] / 1e9:.2f}B text) "
-                         f"| {gb['uncached']:.1f} | {gb['cached']:.1f}{'' if r['text_caching'] else ' (latents only)'} |")
+                         f"| {gb['uncached']:.1f} | {gb['cached']:.1f}{'' if r['text_caching'] else ' (latents only)'} |"
+                         + (quantized_cells(r, name) if report.get("quantized") else ""))
+    if report.get("quantized"):
+        lines += quantized_markdown(report)
+    timing = report.get("timing_command")
     lines += ["", f"Step time relative to vanilla (median of {report['steps']} rounds after {report['warmup']} warm-up, "
-              "one run):", "", "| family | precision | vanilla s / step | ANT + UW | ANT + PCGrad (LoRA subset) |",
+              "one run" + (f"; measured by `{timing}`, carried over by `--no_timing`" if timing else "") + "):", "", "| family | precision | vanilla s / step | ANT + UW | ANT + PCGrad (LoRA subset) |",
               "|---|---|---|---|---|"]
     for family, r in report["families"].items():
+        if r.get("ratio_to_vanilla") is None:
+            lines.append(f"| {family} | - | not measured (--no_timing) | | |")
+            continue
         ratio = r["ratio_to_vanilla"]
         lines.append(f"| {family} | {r['time_precision']} | {r['seconds_per_step']['none']:.3f} | "
                      f"{ratio['uw']:.2f}x | {ratio['pcgrad']:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def quantized_cells(r, precision) -> str:
+    gb = r["real_checkpoint"].get("weights_gb_bf16_lora_cached") or {}
+    if precision != "bf16" or "nf4" not in gb:
+        return " - | - |"
+    return f" {gb['nf4']:.1f} | {gb['int8']:.1f} |"
+
+
+def quantized_markdown(report) -> list:
+    lines = ["", "A quantized base (`--quantize_base`), the denoiser's weights only: bytes per parameter measured "
+             "through bitsandbytes' layers on this CPU (tiny: the tiny denoiser loaded by diffusers with the "
+             "`quantization_config`; real: the real denoiser's Linear layers, built on the meta device from its "
+             "config, one real quantized layer per distinct shape; the rest of the denoiser in bf16), and the "
+             "real denoiser's GiB.", "",
+             "| family | tiny bf16 B/param | tiny nf4 | tiny int8 | real denoiser | quantized share | real nf4 B/param "
+             "| real int8 B/param | real bf16 GiB | real nf4 GiB | real int8 GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for family, r in report["families"].items():
+        q = r.get("quantized_base")
+        if q is None:
+            continue
+        real = q["real"]
+        share = real["nf4"]["quantized_weight_parameters"] / real["nf4"]["denoiser_parameters"]
+        lines.append(f"| {family} | 2.00 | {q['tiny']['nf4']['bytes_per_parameter']:.3f} | "
+                     f"{q['tiny']['int8']['bytes_per_parameter']:.3f} | {r['real_checkpoint']['name']} "
+                     f"({real['nf4']['denoiser_parameters'] / 1e9:.2f}B) | {share:.1%} | "
+                     f"{real['nf4']['bytes_per_parameter']:.3f} | {real['int8']['bytes_per_parameter']:.3f} | "
+                     f"{2 * real['nf4']['denoiser_parameters'] / 2**30:.1f} | {real['nf4']['denoiser_gb']:.1f} | "
+                     f"{real['int8']['denoiser_gb']:.1f} |")
+    return lines
+
+
+def carry_timing_over(report, path):
+    """`--no_timing`: the step times of the report already at `path` (same families), with its command."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    report["timing_command"] = old.get("timing_command") or old["command"]
+    report["steps"], report["warmup"] = old["steps"], old["warmup"]
+    for family, r in report["families"].items():
+        previous = old.get("families", {}).get(family, {})
+        for key in ("time_precision", "seconds_per_step", "ratio_to_vanilla", "all_step_seconds"):
+            if previous.get(key) is not None:
+                r[key] = previous[key]
 
 
 def parse_args(argv=None):
@@ -394,6 +619,11 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: fp32 only, 16 px, batch 2, one warm-up and one timed round")
+    parser.add_argument("--no_timing", action="store_true",
+                        help="skip the step-time part (worth taking only on an idle machine) and keep the step times "
+                        "of the benchmark_families.json already in --output_dir, with the command that took them")
+    parser.add_argument("--no_quantized", action="store_true",
+                        help="skip the --quantize_base nf4 / int8 measurement (it needs bitsandbytes)")
     parser.add_argument("--output_dir", default="benchmark-families")
     args = parser.parse_args(argv)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -401,6 +631,7 @@ def parse_args(argv=None):
     if unknown or not families:
         parser.error(f"unknown family {', '.join(unknown) or '(none)'}; valid: {', '.join(FAMILIES)}")
     args.families = families
+    args.quantized = not (args.no_quantized or args.quick)
     if args.quick:
         args.precisions, args.resolution, args.batch_size, args.steps, args.warmup = "fp32", 16, 2, 1, 1
     args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
@@ -423,18 +654,29 @@ def main(argv=None):
     # enough rows for every batch drawn (warm-up, measured, timed) without a second epoch's shuffle mattering
     opts.samples = opts.batch_size * (opts.warmup + opts.steps + 4)
     os.makedirs(opts.output_dir, exist_ok=True)
+    opts.layer_bytes = QuantizedLayerBytes() if opts.quantized else None
     command = " ".join(["python", "train_scripts/benchmark_families.py", *(sys.argv[1:] if argv is None else argv)])
     report = {"command": command, "device": opts.device, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
               "resolution": opts.resolution, "batch_size": opts.batch_size, "rank": opts.rank,
               "num_clusters": opts.num_clusters, "steps": opts.steps, "warmup": opts.warmup,
               "memory_measure": "cuda_max_memory_allocated" if opts.device == "cuda"
-              else "cpu_resident_tensors_plus_profiler_peak", "families": {}}
+              else "cpu_resident_tensors_plus_profiler_peak", "quantized": opts.quantized, "families": {}}
+    json_path = os.path.join(opts.output_dir, "benchmark_families.json")
+    previous_timing = None
+    if opts.no_timing and os.path.isfile(json_path):
+        previous_timing = json_path + ".timing"
+        os.replace(json_path, previous_timing)  # read back after the families (the file is rewritten per family)
     start = time.perf_counter()
     for family in opts.families:
         report["families"][family] = measure_family(family, opts)
         report["wall_seconds"] = time.perf_counter() - start
-        with open(os.path.join(opts.output_dir, "benchmark_families.json"), "w") as f:  # kept after each family
+        with open(json_path, "w") as f:  # kept after each family
+            json.dump(report, f, indent=2)
+    if previous_timing is not None:
+        carry_timing_over(report, previous_timing)
+        os.remove(previous_timing)
+        with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
     table = markdown(report)
     with open(os.path.join(opts.output_dir, "benchmark_families.md"), "w") as f:

@@ -115,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "diffusers' SDXL / SD3 / Flux scripts (e.g. \"to_k,to_q,to_v,to_out.0\"); default: the model type's "
                    "own list (the targets of diffusers' LoRA script for that family).")
     g.add_argument("--quantize_base", default=None, choices=["int8", "nf4"],
-                   help="With --rank: load the frozen pretrained denoiser in 8 bits (half of bf16) or 4-bit NF4 (a "
-                   "quarter) through diffusers' quantization_config and bitsandbytes (QLoRA; needs a CUDA GPU and "
-                   "pip install bitsandbytes). See docs/families/lora.md.")
+                   help="With --rank: load the frozen pretrained denoiser's Linear layers in 8 bits (about 1.0 byte "
+                   "per parameter, half of bf16) or 4-bit NF4 (about 0.52, a quarter) through diffusers' "
+                   "quantization_config and bitsandbytes (QLoRA; pip install bitsandbytes, >= 0.46 for a CPU, "
+                   "where it runs too). See docs/families/lora.md.")
 
     # ---- flow matching (one block: the scheduler family, SD3's --weighting_scheme and its parameters)
     g = p.add_argument_group("flow matching")
@@ -277,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
     g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
-    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (pip install bitsandbytes).")
+    g.add_argument("--use_8bit_adam", action="store_true",
+                   help="bitsandbytes' 8-bit AdamW: Adam's two moments in 1 byte per value instead of 4 (tensors of "
+                   "4,096 values or more); on a GPU or, with bitsandbytes >= 0.46, the CPU (pip install bitsandbytes).")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
