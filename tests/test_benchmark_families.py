@@ -81,3 +81,27 @@ def test_markdown_table(quick):
 def test_bad_family_is_one_line():
     with pytest.raises(SystemExit):
         bench.parse_args(["--families", "sd4"])
+
+
+@pytest.mark.slow  # 7 s alone, 27 s on a loaded machine (the tiny SD3 pipeline is built whole)
+def test_quantized_base_bytes_are_measured_through_bitsandbytes_layers(tmp_path, monkeypatch):
+    """Part 4 (--quantize_base): the tiny denoiser loaded by diffusers with the quantization config has
+    exactly the bytes the per-shape sum gives (the way the real checkpoints are scaled); nf4 stores a
+    Linear weight in about half a byte, int8 in about one, the rest of the denoiser in bf16."""
+    pytest.importorskip("bitsandbytes")
+    # a small SD3 transformer stands in for SD3.5-Large's config (same class, 256-wide layers): seconds, not minutes
+    monkeypatch.setitem(bench.REAL_DENOISERS, "sd3", ("SD3Transformer2DModel", {
+        "sample_size": 32, "num_layers": 2, "attention_head_dim": 64, "num_attention_heads": 4,
+        "joint_attention_dim": 256, "caption_projection_dim": 256, "pooled_projection_dim": 128}))
+    opts = bench.parse_args(["--families", "sd3", "--output_dir", str(tmp_path)])
+    result = bench.measure_quantized_base("sd3", opts, bench.QuantizedLayerBytes())
+    for kind in ("nf4", "int8"):
+        tiny = result["tiny"][kind]
+        assert tiny["quantized_layers"] > 0 and tiny["bytes"] == tiny["tiny_by_shapes_bytes"]
+        real = result["real"][kind]
+        assert 0 < real["quantized_weight_parameters"] < real["denoiser_parameters"]
+    nf4, int8 = result["real"]["nf4"], result["real"]["int8"]
+    # 4 bits + one 8-bit scale per 64 weights + a float32 per 256 scales; int8: 1 byte + a float32 per row
+    # (plus each layer's code tables, about 1 KB: at these 256-wide layers the 4-bit figure is 0.52)
+    assert 0.5 < nf4["bytes_per_quantized_weight"] < 0.53 and 1.0 < int8["bytes_per_quantized_weight"] < 1.02
+    assert nf4["bytes_per_parameter"] < int8["bytes_per_parameter"] < 2.0

@@ -363,9 +363,10 @@ def measure_family(family, opts) -> dict:
 
 
 def quantized_tensors(module):
-    """Every tensor a module holds, bitsandbytes' quantization state included (a 4-bit weight's block
-    scales and their double-quantization state, an int8 weight's row scales)."""
-    out = [*module.parameters(), *module.buffers()]
+    """Every parameter of a module, with bitsandbytes' quantization state (a 4-bit weight's block scales
+    and their double-quantization state, an int8 weight's row scales); buffers (positional tables) are
+    not weights and are left out, as in part 2's bytes per parameter."""
+    out = list(module.parameters())
     stack = [getattr(p, "quant_state", None) for p in module.parameters()]
     out += [getattr(p, "SCB", None) for p in module.parameters()]
     while stack:
