@@ -591,12 +591,8 @@ def quantized_markdown(report) -> list:
     return lines
 
 
-def carry_timing_over(report, path):
-    """`--no_timing`: the step times of the report already at `path` (same families), with its command."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        old = json.load(f)
+def carry_timing_over(report, old):
+    """`--no_timing`: the step times of the earlier report `old` (same families), with its command."""
     report["timing_command"] = old.get("timing_command") or old["command"]
     report["steps"], report["warmup"] = old["steps"], old["warmup"]
     for family, r in report["families"].items():
@@ -666,8 +662,8 @@ def main(argv=None):
     json_path = os.path.join(opts.output_dir, "benchmark_families.json")
     previous_timing = None
     if opts.no_timing and os.path.isfile(json_path):
-        previous_timing = json_path + ".timing"
-        os.replace(json_path, previous_timing)  # read back after the families (the file is rewritten per family)
+        with open(json_path) as f:  # read now: the file is rewritten after each family
+            previous_timing = json.load(f)
     start = time.perf_counter()
     for family in opts.families:
         report["families"][family] = measure_family(family, opts)
@@ -676,7 +672,6 @@ def main(argv=None):
             json.dump(report, f, indent=2)
     if previous_timing is not None:
         carry_timing_over(report, previous_timing)
-        os.remove(previous_timing)
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
     table = markdown(report)
