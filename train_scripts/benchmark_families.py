@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -631,6 +632,8 @@ def parse_args(argv=None):
         parser.error(f"unknown family {', '.join(unknown) or '(none)'}; valid: {', '.join(FAMILIES)}")
     args.families = families
     args.quantized = not (args.no_quantized or args.quick)
+    if args.quantized and importlib.util.find_spec("bitsandbytes") is None:
+        parser.error("the --quantize_base measurement needs bitsandbytes: pip install bitsandbytes, or add --no_quantized")
     if args.quick:
         args.precisions, args.resolution, args.batch_size, args.steps, args.warmup = "fp32", 16, 2, 1, 1
     args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]

@@ -2,13 +2,17 @@
 Dettmers et al., NeurIPS 2023), through diffusers' ``quantization_config`` and bitsandbytes, as diffusers'
 ``train_dreambooth_lora_flux.py`` / ``_sd3.py`` / ``_qwen_image.py`` do with ``--bnb_quantization_config_path``.
 
-What it saves (weights of the frozen denoiser only; the VAE and text encoders are not quantized, as in
-diffusers' scripts, and ``--cache_text_embeddings`` is what frees those):
+What it saves (weights of the frozen denoiser's Linear layers only; convolutions, norms, biases and
+embeddings stay in the weight dtype; the VAE and text encoders are not quantized, as in diffusers'
+scripts, and ``--cache_text_embeddings`` is what frees those). Measured through bitsandbytes' layers
+(``train_scripts/benchmark_families.py``, docs/families/lora.md):
 
-- ``int8`` (LLM.int8(), ``load_in_8bit``): 1 byte per parameter instead of 2 in bf16, half the memory;
+- ``int8`` (LLM.int8(), ``load_in_8bit``): 1.001 bytes per Linear weight (1 byte, a float32 scale per
+  output row) instead of 2 in bf16, half the memory;
 - ``nf4`` (``load_in_4bit``, ``bnb_4bit_quant_type="nf4"``, double quantisation of the block scales,
-  compute in the run's weight dtype): about 0.53 bytes per parameter (4 bits plus the blockwise scales),
-  a quarter of bf16. For Flux.1's 12B transformer: 24 GB in bf16, about 12 GB in int8, about 6.5 GB in nf4.
+  compute in the run's weight dtype): 0.516 bytes per Linear weight, about a quarter of bf16. FLUX.1-dev's
+  11.9B transformer: 22.2 GiB in bf16, 11.1 GiB in int8, 5.7 GiB in nf4. SD 1.5's UNet saves far less
+  (a third of its parameters are in Linear layers; its attention projections are 1x1 convolutions).
 
 LoRA weights, their gradients and the optimizer state stay in float32 on top. The base cannot be
 trained in 8 / 4 bits, hence ``--quantize_base`` needs ``--rank``; and the teacher of ``--retention kd`` /
@@ -24,8 +28,8 @@ refuse at their start check (``validate_environment``: "No GPU found. A GPU is n
 although bitsandbytes quantizes and runs its 4 / 8-bit layers on the CPU; ``cpu_quantized_load`` lifts that
 one check for the one ``from_pretrained`` call and maps the model to the CPU (``device_map={"": "cpu"}``),
 so the same diffusers path runs: its Linear layers become ``bnb.nn.Linear4bit`` / ``Linear8bitLt``, peft's
-LoRA goes on top. tests/test_quantization.py trains that way; docs/families/lora.md has the measured bytes
-per parameter (``train_scripts/benchmark_families.py``).
+LoRA goes on top (``keep_off_cpu_packing`` keeps the 4-bit layers on the kernel that trains).
+tests/test_quantization.py trains that way (bitsandbytes 0.50.2 here; 0.46 is the minimum asked for).
 """
 
 from __future__ import annotations
