@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_family_sd3 import _sample, _sd3_args, sd3_folder  # noqa: F401  (module-scoped fixture, reused)
+from test_family_flux import adapter, flux_folder  # noqa: F401  (module-scoped fixtures, reused)
+from test_family_sd3 import _sample, _sd3_args, sd3_folder  # noqa: F401
 from test_family_sdxl import _run_args as _sdxl_args, sdxl_base  # noqa: F401
 from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
 
@@ -71,6 +72,23 @@ def test_a_cpu_load_replaces_the_linear_layers_and_keeps_diffusers_gpu_check_els
     assert torch.isfinite(quantized).all() and error < (0.3 if kind == "nf4" else 0.1), error
     with pytest.raises(RuntimeError, match="No GPU found"):
         BnB4BitDiffusersQuantizer(BitsAndBytesConfig(load_in_4bit=True)).validate_environment()
+
+
+@pytest.mark.slow  # the tiny Flux pipeline is built and saved first
+def test_flux_own_load_takes_the_quantized_base(flux_folder):
+    """Flux's adapter loads on its own (two schedulers): it passes --quantize_base on to the transformer
+    too (it once raised a TypeError), and refuses it on a preset in one line."""
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.models.quantization import quantization_config
+
+    config = quantization_config("nf4", torch.float32)
+    flux = get_model_adapter("flux").load(pretrained_model_name_or_path=str(flux_folder), quantization_config=config)
+    kinds = _linear_kinds(flux.model)
+    assert kinds["nf4"] > 0 and kinds["float"] == 0, kinds
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in flux.text_encoder_2.modules())  # the denoiser only
+    with pytest.raises(ValueError, match="--quantize_base quantizes a pretrained denoiser") as err:
+        get_model_adapter("flux").load(model_config_name_or_path="tiny", quantization_config=config)
+    assert "\n" not in str(err.value)
 
 
 def _record_training(monkeypatch):

@@ -137,6 +137,13 @@ class PretrainedSource:
             raise _not_found(where, err) from err
 
 
+def check_quantized_source(quantization_config, pretrained_model_name_or_path, model_config_name_or_path) -> None:
+    """A one-line ``ValueError`` when ``--quantize_base`` has no pretrained denoiser to quantize (a preset)."""
+    if quantization_config is not None and (pretrained_model_name_or_path is None or model_config_name_or_path):
+        raise ValueError("--quantize_base quantizes a pretrained denoiser: give --pretrained_model_name_or_path "
+                         "without --model_config_name_or_path")
+
+
 def check_pipeline_family(source, model_type: str) -> None:
     """A ``ValueError`` naming both model types when ``source`` is a pipeline folder of a class that another
     model type claims (its adapter's ``pipeline_classes``), e.g. a ``QwenImagePipeline`` given to ``sd``."""
@@ -336,9 +343,7 @@ class ModelAdapter:
                 "nothing to load: give pretrained_model_name_or_path or model_config_name_or_path (e.g. 'tiny')"
             )
         source = None
-        if quantization_config is not None and (pretrained_model_name_or_path is None or model_config_name_or_path):
-            raise ValueError("--quantize_base quantizes a pretrained denoiser: give --pretrained_model_name_or_path "
-                             "without --model_config_name_or_path")
+        check_quantized_source(quantization_config, pretrained_model_name_or_path, model_config_name_or_path)
         if pretrained_model_name_or_path is not None:
             source = PretrainedSource(pretrained_model_name_or_path, revision, variant, cache_dir,
                                       quantization_config=quantization_config)

@@ -40,8 +40,8 @@ import os
 
 import torch
 
-from .base import (ModelAdapter, PretrainedSource, _copy_scheduler, check_pipeline_family, packed_sample_size,
-                   prompt_arguments, repeat_to)
+from .base import (ModelAdapter, PretrainedSource, _copy_scheduler, check_pipeline_family, check_quantized_source,
+                   packed_sample_size, prompt_arguments, repeat_to)
 from .presets import resolve_model_config
 
 # The pipeline classes of the other model types, for a one-line error naming both model types when a folder
@@ -145,7 +145,7 @@ class FluxAdapter(ModelAdapter):
     def load(cls, pretrained_model_name_or_path=None, model_config_name_or_path=None, resolution=None,
              num_classes=None, prediction_type=None, revision=None, variant=None, cache_dir=None,
              controlnet_model_name_or_path=None, num_channels=None, noise_scheduler=None, flow_shift=None,
-             guidance_scale=None):
+             guidance_scale=None, quantization_config=None):
         """A Flux pipeline folder / Hub id (``FluxPipeline`` layout) or a preset (``tiny``, ``tiny-schnell``).
 
         Written here rather than through ``ModelAdapter.load``: Flux trains with flow matching on
@@ -154,7 +154,8 @@ class FluxAdapter(ModelAdapter):
         preset; it must be a multiple of twice the VAE factor (packing). ``guidance_scale``: the
         value fed to a guidance-distilled transformer (default 1.0). ``num_classes``,
         ``controlnet_model_name_or_path`` and ``num_channels`` are not used: Flux is text-conditional and
-        its VAE takes RGB (greyscale data is converted, as for a pretrained SD)."""
+        its VAE takes RGB (greyscale data is converted, as for a pretrained SD). ``quantization_config``:
+        ``--quantize_base`` (``ModelAdapter.load``)."""
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
         if pretrained_model_name_or_path is None and model_config_name_or_path is None:
@@ -164,8 +165,10 @@ class FluxAdapter(ModelAdapter):
         if prediction_type not in (None, "flow"):
             raise ValueError(f"Flux predicts the flow (noise - x0): drop --prediction_type {prediction_type}")
         source = preset = None
+        check_quantized_source(quantization_config, pretrained_model_name_or_path, model_config_name_or_path)
         if pretrained_model_name_or_path is not None:
-            source = PretrainedSource(pretrained_model_name_or_path, revision, variant, cache_dir)
+            source = PretrainedSource(pretrained_model_name_or_path, revision, variant, cache_dir,
+                                      quantization_config=quantization_config)
             cls._check_family(source)
         if model_config_name_or_path is not None:
             preset = resolve_model_config(cls.model_type, model_config_name_or_path)
