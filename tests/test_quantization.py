@@ -74,6 +74,19 @@ def test_a_cpu_load_replaces_the_linear_layers_and_keeps_diffusers_gpu_check_els
         BnB4BitDiffusersQuantizer(BitsAndBytesConfig(load_in_4bit=True)).validate_environment()
 
 
+def test_a_bitsandbytes_without_cpu_kernels_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    import os
+
+    from train_scripts_loader import load_train_main
+
+    monkeypatch.setattr(bnb, "__version__", "0.45.5")  # before its CPU backend
+    with pytest.raises(SystemExit):
+        load_train_main()(["--model_type", "sd", "--dataset_name", "mnist5k_captions", "--output_dir", str(tmp_path),
+                           "--pretrained_model_name_or_path", os.getcwd(), "--quantize_base", "nf4", "--rank", "4"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bitsandbytes >= 0.46" in err and "0.45.5" in err, err
+
+
 @pytest.mark.slow  # the tiny Flux pipeline is built and saved first
 def test_flux_own_load_takes_the_quantized_base(flux_folder):
     """Flux's adapter loads on its own (two schedulers): it passes --quantize_base on to the transformer

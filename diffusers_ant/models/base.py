@@ -126,15 +126,15 @@ class PretrainedSource:
 
             hub.update(quantized_load_kwargs(self.quantization_config))  # models/quantization.py
             loading = cpu_quantized_load()  # diffusers' GPU-only start check, lifted on a CPU machine
-        try:
-            with loading:
+        with loading:  # outside the try: its own refusal (an old bitsandbytes) is not a missing folder
+            try:
                 model = component_cls.from_pretrained(self.path, **hub, **kwargs)
-            if "quantization_config" in hub:
-                keep_off_cpu_packing(model)
-            return model
-        except (OSError, ValueError) as err:
-            where = self.path if subfolder is None else f"{self.path}/{subfolder}"
-            raise _not_found(where, err) from err
+            except (OSError, ValueError) as err:
+                where = self.path if subfolder is None else f"{self.path}/{subfolder}"
+                raise _not_found(where, err) from err
+        if "quantization_config" in hub:
+            keep_off_cpu_packing(model)
+        return model
 
 
 def check_quantized_source(quantization_config, pretrained_model_name_or_path, model_config_name_or_path) -> None:

@@ -58,6 +58,19 @@ def check_quantize_base(kind, rank) -> None:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ValueError(f"--quantize_base {BITSANDBYTES_MISSING}") from None
+    check_cpu_bitsandbytes()
+
+
+def check_cpu_bitsandbytes() -> None:
+    """A one-line ``ValueError`` when torch sees no accelerator and bitsandbytes predates its CPU kernels."""
+    if has_accelerator():
+        return
+    import bitsandbytes
+    from packaging import version
+
+    if version.parse(bitsandbytes.__version__) < version.parse(CPU_MIN_BITSANDBYTES):
+        raise ValueError(f"--quantize_base on a CPU needs bitsandbytes >= {CPU_MIN_BITSANDBYTES} (found "
+                         f"{bitsandbytes.__version__}): pip install -U bitsandbytes")
 
 
 def quantization_config(kind, compute_dtype: torch.dtype = torch.bfloat16):
@@ -101,7 +114,7 @@ def cpu_quantized_load():
     """Lift diffusers' "No GPU found" start check of its bitsandbytes quantizers for the duration, only when
     torch sees no accelerator (a no-op on a GPU machine, where diffusers' own check runs).
 
-    Why: diffusers (0.35 to 0.42 at least) refuses a bitsandbytes ``quantization_config`` without CUDA /
+    Why: diffusers (0.42.1, read here) refuses a bitsandbytes ``quantization_config`` without CUDA /
     XPU / MPS, but bitsandbytes >= 0.46 has CPU kernels: its ``Params4bit`` / ``Int8Params`` quantize on
     ``.to("cpu")`` and ``Linear4bit`` / ``Linear8bitLt`` run forward and backward there. What the lifted
     check also guarded, a device map that sends part of the model to the CPU beside a GPU, cannot arise:
@@ -110,13 +123,8 @@ def cpu_quantized_load():
     if has_accelerator():
         yield
         return
-    import bitsandbytes
+    check_cpu_bitsandbytes()
     from diffusers.quantizers.bitsandbytes import bnb_quantizer
-    from packaging import version
-
-    if version.parse(bitsandbytes.__version__) < version.parse(CPU_MIN_BITSANDBYTES):
-        raise ValueError(f"--quantize_base on a CPU needs bitsandbytes >= {CPU_MIN_BITSANDBYTES} (found "
-                         f"{bitsandbytes.__version__}): pip install -U bitsandbytes")
 
     def validate_on_cpu(self, *args, **kwargs):
         return None  # the version is checked above; the device map is the CPU's alone
@@ -141,7 +149,7 @@ def keep_off_cpu_packing(model):
     under no_grad), and the packed layout then breaks the student's backward ("a view of a leaf Variable
     that requires grad is being used in an in-place operation"); it also fails outright on layers
     narrower than the 64-wide quantization block (the tiny test presets'). The unpacked kernel computes
-    the same product, so every layer keeps it. Returns ``model``."""
+    the same product (up to rounding), so every layer keeps it. Returns ``model``."""
     if has_accelerator() or not isinstance(model, torch.nn.Module):
         return model
     import bitsandbytes as bnb
