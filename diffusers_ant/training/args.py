@@ -188,9 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "combines the scaled task gradients c_i g_i.")
     g.add_argument("--mtl_options", default=None,
                    help='JSON object of the weighting\'s options, e.g. \'{"update_every": 25}\'.')
-    g.add_argument("--task_gradients", default="split", choices=["split", "retain_graph", "last_layers"],
+    g.add_argument("--task_gradients", default="split", choices=["split", "batched", "retain_graph", "last_layers"],
                    help="How gradient-based methods form per-cluster gradients: `split`, one forward/backward per "
-                   "cluster sub-batch (exact for per-sample normalisation); `retain_graph`, the reference way (one "
+                   "cluster sub-batch (exact for per-sample normalisation); `batched`, the same gradients from one "
+                   "forward and one backward over the whole batch, each layer's weight gradient summed per cluster "
+                   "(Linear / Conv / GroupNorm / LayerNorm / Embedding layers and LoRA; other trainable layers are "
+                   "refused); `retain_graph`, the reference way (one "
                    "forward, k backward passes); `last_layers`, one forward, the k gradients of the output-side layers "
                    "only, then one weighted backward (cost independent of the sub-batch size: for small per-device "
                    "batches on a GPU).")

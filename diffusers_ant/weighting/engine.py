@@ -101,7 +101,7 @@ import torch
 from torch import nn
 
 from ..losses import reduce_task_losses
-from .base import GradientWeighting, LossWeighting, Weighting
+from .base import GradientWeighting, LossWeighting, Weighting, gram_matrix
 from .distributed import (
     all_reduce_sum_,
     all_reduce_sum_tensors_,
@@ -128,6 +128,11 @@ def _unique_trainable(parameters: Iterable) -> List[nn.Parameter]:
             seen.add(id(p))
             out.append(p)
     return out
+
+
+def _reads_gram_only(weighting) -> bool:
+    """The method's weights depend on G only through G G^T (it keeps the base `weights_from_grads`)."""
+    return type(weighting).weights_from_grads is GradientWeighting.weights_from_grads
 
 
 def _check_task_ids(task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
@@ -454,14 +459,21 @@ class TaskGradientEngine:
             sync_task_gradients_(grads, local_means, local_counts)
         if loss_scale != 1.0:
             grads.div_(loss_scale)
-        # Identical on every process (the rows are synced); one device sync.
-        found_inf = not bool(torch.isfinite(grads).all())
+        # Identical on every process (the rows are synced); one device sync. A method that reads only
+        # the Gram matrix (all built-in ones) gets it here, and the check reads its diagonal: sum_p g_ip^2
+        # in float64 is inf / nan exactly when a g_ip is (squares of float32 values cannot overflow in
+        # float64), which saves a pass over the (K, P) buffer.
+        gram = gram_matrix(grads, present) if _reads_gram_only(weighting) else None
+        found_inf = not bool(torch.isfinite(grads if gram is None else gram.diagonal()).all())
         if found_inf:
             self._mark_overflow()
             weights = torch.zeros(num_tasks, dtype=torch.float64, device=device)
             return self._stats(task_sums, global_counts, weights, found_inf=True)
 
-        weights = weighting.weights_from_grads(grads, present).detach().double()
+        if gram is None:
+            weights = weighting.weights_from_grads(grads, present).detach().double()
+        else:  # = weights_from_grads(grads, present), without forming the Gram matrix twice
+            weights = weighting.weights_from_gram(gram, present).to(grads.dtype).detach().double()
         if self.sync and is_distributed():
             broadcast_(weights)
             broadcast_module_state_(weighting)
