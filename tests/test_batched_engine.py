@@ -179,3 +179,49 @@ def test_models_it_cannot_cover_are_refused_with_the_fix():
         engine.backward(get_weighting("pcgrad", K), lambda idx: model(x[idx]).pow(2).mean(1), ids, K)
     # the hooks are gone after the failure: the model runs as before
     assert not model.proj._forward_hooks
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_folder(tmp_path_factory):
+    """A tiny Stable Diffusion pipeline folder (RGB), the pretrained model of a LoRA run."""
+    from diffusers_ant.models import get_model_adapter
+
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16, num_channels=3).save(str(folder))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type, extra", [
+    ("unet", ["--gradient_accumulation_steps", "2", "--train_batch_size", "4"]),
+    ("sd", ["--rank", "4", "--task_gradient_subset", "lora"]),
+], ids=["unet-accumulation", "sd-lora-subset"])
+def test_trainer_batched_equals_split(model_type, extra, tmp_path, request):
+    """`train_ant.py --task_gradients batched` takes the split engine's steps: a UNet over windows of two
+    micro-batches, and Stable Diffusion's UNet2DConditionModel (cross-attention, LayerNorm, GEGLU) with LoRA
+    and `--task_gradient_subset lora`. Adam's epsilon is large so that the update is a smooth function of
+    the gradient (as in test_trainer_matrix's accumulation test; the update is then about lr * g): the 2e-6
+    bound is the float32 rounding of the task gradients above (2.5e-4 * max |g| at most, |g| < 1e-2
+    here), times the learning rate 1, over two steps, while a wrong gradient moves a weight by about
+    lr * |g|."""
+    from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
+
+    dataset = {"unet": "mnist5k", "sd": "mnist5k_captions"}[model_type]
+    if model_type == "sd":  # LoRA on a pretrained pipeline
+        extra = [*extra, "--pretrained_model_name_or_path", str(request.getfixturevalue("tiny_sd_folder"))]
+    weights = {}
+    for engine in ("split", "batched"):
+        out = tmp_path / engine
+        run = ["--model_type", model_type, "--dataset_name", dataset, "--output_dir", str(out), *TINY_RUN]
+        if model_type == "sd":
+            i = run.index("--model_config_name_or_path")
+            del run[i:i + 2]
+        train_in_process([*run, "--mtl_method", "pcgrad", "--task_gradients", engine, "--max_train_steps", "2",
+                          "--adam_epsilon", "1", "--learning_rate", "1", "--max_train_samples", "16",
+                          "--num_validation_images", "1", *extra])
+        weights[engine] = {k: v for k, v in load_safetensors_dir(out).items()
+                           if not k.startswith(("checkpoint-", "vae/", "text_encoder/")) and "samples" not in k}
+    assert weights["split"]
+    assert_same_tensors(weights["batched"], weights["split"], atol=2e-6)
+    if model_type == "sd":  # peft starts B at zero: what it holds now is the two steps' movement
+        assert max(float(v.abs().max()) for k, v in weights["split"].items() if "lora.up" in k) > 100 * 2e-6
