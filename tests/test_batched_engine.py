@@ -225,3 +225,20 @@ def test_trainer_batched_equals_split(model_type, extra, tmp_path, request):
     assert_same_tensors(weights["batched"], weights["split"], atol=2e-6)
     if model_type == "sd":  # peft starts B at zero: what it holds now is the two steps' movement
         assert max(float(v.abs().max()) for k, v in weights["split"].items() if "lora.up" in k) > 100 * 2e-6
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+def test_gradient_checkpointing_is_refused():
+    from diffusers_ant.training.args import UsageError, parse_args
+
+    with pytest.raises(UsageError, match="gradient checkpointing"):
+        parse_args(["--model_type", "unet", "--model_config_name_or_path", "tiny", "--dataset_name", "mnist5k",
+                    "--mtl_method", "pcgrad", "--task_gradients", "batched", "--gradient_checkpointing"])
+    # the engine itself: a layer run without gradients inside the closure (what reentrant checkpointing does)
+    model = tiny_unet()
+    batch = make_batch()
+    base = loss_fn_for(model, batch)
+    reentrant = lambda idx: torch.utils.checkpoint.checkpoint(base, idx, use_reentrant=True)  # noqa: E731
+    engine = TaskGradientEngine(list(model.parameters()), mode="batched", modules=[model])
+    with pytest.raises(RuntimeError, match="gradients disabled"):
+        engine.backward(get_weighting("pcgrad", K), reentrant, batch[-1], K)

@@ -386,6 +386,9 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             weighting_class(args.mtl_method)
         except ValueError as e:
             raise UsageError(f"--mtl_method: {e}") from None
+    if args.task_gradients == "batched" and getattr(args, "gradient_checkpointing", False):
+        raise UsageError("--task_gradients batched sums each layer's gradient per cluster as the layer's backward runs, "
+                         "which gradient checkpointing recomputes out of its sight: use --task_gradients split")
     if args.snr_gamma is not None and args.loss_weighting == "none":
         args.loss_weighting = "min_snr"  # diffusers' scripts switch Min-SNR on by giving --snr_gamma alone
     if args.loss_weighting not in LOSS_WEIGHTINGS:

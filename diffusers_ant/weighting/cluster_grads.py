@@ -144,6 +144,7 @@ class ClusterGradientRecorder:
                        for m in self.layers}
         self.anchor: Optional[torch.Tensor] = None
         self.active = False
+        self.ran_without_grad = False
         self._handles = []
         self._views: Dict[int, torch.Tensor] = {}
         self._ids: Optional[torch.Tensor] = None
@@ -165,6 +166,7 @@ class ClusterGradientRecorder:
                 start += c
         self._views, self._ids, self._segments, self._n = views, task_ids, segments, int(task_ids.numel())
         self.active = True
+        self.ran_without_grad = False
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
     def stop_recording_forward(self) -> None:
@@ -179,7 +181,12 @@ class ClusterGradientRecorder:
         self._views, self._ids, self._segments = {}, None, []
 
     def _hook(self, module, args, output):
-        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+        if not torch.is_grad_enabled():
+            # (reentrant gradient checkpointing runs the forward so, and recomputes it in the backward
+            # pass where no tap is installed: its layers' gradients would be lost)
+            self.ran_without_grad = True
+            return None
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
         layer_input = args[0]
         if layer_input.shape[0] != self._n or output.shape[0] != self._n:

@@ -235,7 +235,9 @@ class TaskGradientEngine:
             (fp32 master weights under Accelerate's mixed precision; see
             `diffusers.training_utils.cast_training_params` for LoRA on a half-precision model).
         mode: ``"split"`` (one forward + backward per task sub-batch; exact for per-sample
-            normalisation) or ``"retain_graph"`` (one forward, K backward passes; any model).
+            normalisation), ``"batched"`` (the same gradients from one forward + one backward over
+            the whole batch, each layer's weight gradient summed per task; needs `modules`) or
+            ``"retain_graph"`` (one forward, K backward passes; any model).
         subset: parameters (or modules, whose trainable parameters are taken) to form the task
             gradients on; `None` = all `parameters`. Must be among `parameters`. The weights then
             come from the subset's gradients and all parameters get the gradient of
@@ -513,6 +515,10 @@ class TaskGradientEngine:
             try:
                 losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
                 recorder.stop_recording_forward()
+                if recorder.ran_without_grad:
+                    raise RuntimeError("a trainable layer ran with gradients disabled inside the loss closure (e.g. "
+                                       "reentrant gradient checkpointing): the batched mode cannot form its per-cluster "
+                                       "gradients; use mode='split'")
                 self.num_forward_calls += 1
                 objective = (inverse_counts[ids].to(losses.dtype) * losses).sum()
                 torch.autograd.grad(objective, recorder.anchor, retain_graph=keep_graphs, allow_unused=True)
