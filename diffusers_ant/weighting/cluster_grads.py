@@ -28,7 +28,8 @@ and backward hooks on each layer), summed per cluster instead of per sample; it 
 because neither library sums per group, and neither is a dependency here.
 
 Layers covered (exactly those forwards, with all their options): `nn.Linear`, `nn.Conv1d/2d/3d`
-(any padding mode; not transposed), `nn.GroupNorm`, `nn.LayerNorm`, `nn.Embedding` (without
+(any padding mode; not transposed), `nn.GroupNorm`, `nn.LayerNorm`, `nn.RMSNorm` and diffusers'
+`RMSNorm` (its CPU / CUDA path; not the NPU kernel), `nn.Embedding` (without
 `max_norm`, `scale_grad_by_freq`, `sparse`), and subclasses that keep their forward (LoRA's
 `lora_A` / `lora_B` layers are plain `nn.Linear` / `nn.Conv2d`). `uncovered_parameters` names every
 trainable parameter outside them (e.g. a bare `nn.Parameter` used in a custom forward, DiffFit's
@@ -50,7 +51,12 @@ import torch.nn.functional as F
 from torch import nn
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_SUPPORTED = (nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Embedding) + _CONVS
+try:  # diffusers' RMSNorm (the q / k norms of SD3.5, Flux, Qwen-Image), over the last dimension
+    from diffusers.models.normalization import RMSNorm as _DiffusersRMSNorm
+except ImportError:  # pragma: no cover
+    _DiffusersRMSNorm = None
+_RMS_NORMS = tuple(c for c in (getattr(nn, "RMSNorm", None), _DiffusersRMSNorm) if c is not None)
+_SUPPORTED = (nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Embedding) + _CONVS + _RMS_NORMS
 
 
 def _supported(module: nn.Module) -> bool:
@@ -128,7 +134,7 @@ class ClusterGradientRecorder:
         if missing:
             names = sorted(set(missing))
             raise ValueError("the batched per-cluster gradient mode covers nn.Linear, nn.Conv1d/2d/3d, nn.GroupNorm, "
-                             f"nn.LayerNorm and nn.Embedding layers; these trainable parameters are elsewhere: "
+                             "nn.LayerNorm, RMSNorm and nn.Embedding layers; these trainable parameters are elsewhere: "
                              f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''} (use mode='split')")
         wanted = {id(p) for p in params}
         self.layers: List[nn.Module] = []
@@ -225,6 +231,18 @@ class ClusterGradientRecorder:
                 self._index_add(views[id(weight)], (dy * x_hat).reshape(lead[0], -1, *shape).sum(1))
             if bias is not None:
                 self._index_add(views[id(bias)], dy.reshape(lead[0], -1, *shape).sum(1))
+        elif isinstance(module, _RMS_NORMS):
+            if _DiffusersRMSNorm is not None and isinstance(module, _DiffusersRMSNorm):
+                shape = dy.shape[-1:]
+                x_hat = x * torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + module.eps)
+            else:
+                shape = tuple(module.normalized_shape)
+                x_hat = F.rms_norm(x, shape, eps=module.eps)
+            x_hat = x_hat.to(dy.dtype)
+            if weight is not None:
+                self._index_add(views[id(weight)], (dy * x_hat).reshape(self._n, -1, *shape).sum(1))
+            if bias is not None:
+                self._index_add(views[id(bias)], dy.reshape(self._n, -1, *shape).sum(1))
         elif isinstance(module, nn.Embedding):
             out = views[id(weight)]
             for i, a, b in self._segments:
