@@ -21,7 +21,7 @@ from diffusers_ant.weighting import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("uw", "pcgrad", "nash_mtl", "pcgrad+subset", "uw+chunks", "pcgrad+chunks", "nash_mtl+subset+chunks",
-           "rank_noise", "uw_and_pcgrad+chunks", "uw_and_nash_mtl+subset")
+           "rank_noise", "uw_and_pcgrad+chunks", "uw_and_nash_mtl+subset", "pcgrad+batched+chunks")
 STEPS = 4
 
 
@@ -104,7 +104,7 @@ def test_combined_weighting_trains_uw_log_variances_identically_on_both_processe
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["pcgrad", "nash_mtl", "pcgrad+subset"])
+@pytest.mark.parametrize("method", ["pcgrad", "nash_mtl", "pcgrad+subset", "pcgrad+batched+chunks"])
 def test_gradient_methods_sync_task_gradients_not_ddp(two_process_run, method):
     rank0, rank1, reference = two_process_run[method]
     # the DDP reducer never fired: the engine's own all-reduce was the only one

@@ -318,7 +318,8 @@ def test_benchmark_script_runs_and_reports_ratios(tmp_path):
     bench.main(["--sizes", "tiny", "--methods", "none,ls,pcgrad", "--steps", "1", "--warmup", "0",
                 "--batch_size", "6", "--no_memory", "--output", str(out)])
     report = json.loads(out.read_text())["sizes"]["tiny"]
-    assert set(report["seconds_per_step"]) == {"none", "ls", "pcgrad", "pcgrad@last_layers", "pcgrad@retain_graph"}
+    assert set(report["seconds_per_step"]) == {"none", "ls", "pcgrad", "pcgrad@batched", "pcgrad@last_layers",
+                                               "pcgrad@retain_graph"}
     assert report["ratio_to_vanilla"]["none"] == 1.0
     assert all(t > 0 for t in report["seconds_per_step"].values())
     with pytest.raises(SystemExit):

@@ -272,10 +272,10 @@ class FamilyRunner(Runner):
 
     def __init__(self, method, context: FamilyContext):  # not super().__init__: it builds the UNet benchmark's objective
         from diffusers_ant.schedule import num_train_timesteps
-        from diffusers_ant.training.components import build_intervals, build_sampler, method_options, parameter_subset
+        from diffusers_ant.training.components import (build_intervals, build_sampler, build_task_gradient_engine,
+                                                       method_options)
         from diffusers_ant.training.step import DiffusionObjective
         from diffusers_ant.weighting import get_weighting
-        from diffusers_ant.weighting.engine import TaskGradientEngine
 
         self.method, self.context = method, context
         args = trainer_args(context.family, context.opts, context.precision, method)
@@ -293,9 +293,8 @@ class FamilyRunner(Runner):
             self.weighting = get_weighting(method, self.objective.num_tasks,
                                            **method_options(args, len(context.loader))).to(context.device)
         if self.weighting is not None and self.weighting.needs_task_gradients:
-            subset, restrict = parameter_subset(context.adapter, args.task_gradient_subset, args.task_gradients)
-            self.engine = TaskGradientEngine(context.params, mode="split" if args.task_gradients == "split"
-                                             else "retain_graph", subset=subset, restrict_task_backward=restrict)
+            self.engine = build_task_gradient_engine(context.adapter, context.params, args.task_gradients,
+                                                     args.task_gradient_subset)
         groups = self.weighting.param_groups() if hasattr(self.weighting, "param_groups") else []
         self.extra_optimizer = torch.optim.AdamW(groups) if groups else None
 

@@ -189,9 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "combines the scaled task gradients c_i g_i.")
     g.add_argument("--mtl_options", default=None,
                    help='JSON object of the weighting\'s options, e.g. \'{"update_every": 25}\'.')
-    g.add_argument("--task_gradients", default="split", choices=["split", "retain_graph", "last_layers"],
+    g.add_argument("--task_gradients", default="split", choices=["split", "batched", "retain_graph", "last_layers"],
                    help="How gradient-based methods form per-cluster gradients: `split`, one forward/backward per "
-                   "cluster sub-batch (exact for per-sample normalisation); `retain_graph`, the reference way (one "
+                   "cluster sub-batch (exact for per-sample normalisation); `batched`, the same gradients from one "
+                   "forward and one backward over the whole batch, each layer's weight gradient summed per cluster "
+                   "(Linear / Conv / GroupNorm / LayerNorm / Embedding layers and LoRA; other trainable layers are "
+                   "refused); `retain_graph`, the reference way (one "
                    "forward, k backward passes); `last_layers`, one forward, the k gradients of the output-side layers "
                    "only, then one weighted backward (cost independent of the sub-batch size: for small per-device "
                    "batches on a GPU).")
@@ -386,6 +389,9 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             weighting_class(args.mtl_method)
         except ValueError as e:
             raise UsageError(f"--mtl_method: {e}") from None
+    if args.task_gradients == "batched" and getattr(args, "gradient_checkpointing", False):
+        raise UsageError("--task_gradients batched sums each layer's gradient per cluster as the layer's backward runs, "
+                         "which gradient checkpointing recomputes out of its sight: use --task_gradients split")
     if args.snr_gamma is not None and args.loss_weighting == "none":
         args.loss_weighting = "min_snr"  # diffusers' scripts switch Min-SNR on by giving --snr_gamma alone
     if args.loss_weighting not in LOSS_WEIGHTINGS:

@@ -69,6 +69,26 @@ def build_sampler(args, intervals, num_timesteps):
     return UniformTimestepSampler(num_timesteps)
 
 
+def engine_mode(task_gradients: str) -> str:
+    """`TaskGradientEngine`'s mode for `--task_gradients` (`last_layers` is retain_graph on the output layers)."""
+    return task_gradients if task_gradients in ("split", "batched") else "retain_graph"
+
+
+def build_task_gradient_engine(adapter, params, task_gradients, task_gradient_subset):
+    """The per-cluster gradient engine of a gradient-based run; a model the batched mode cannot cover is
+    refused in one line."""
+    from ..weighting.engine import TaskGradientEngine
+
+    subset, restrict = parameter_subset(adapter, task_gradient_subset, task_gradients)
+    try:
+        return TaskGradientEngine(params, mode=engine_mode(task_gradients), subset=subset,
+                                  restrict_task_backward=restrict, modules=[adapter.model])
+    except ValueError as error:
+        if task_gradients != "batched":
+            raise
+        raise UsageError(f"--task_gradients batched: {error}".replace("mode='split'", "--task_gradients split")) from None
+
+
 def parameter_subset(adapter, spec, task_gradients):
     """The task-gradient subset: `--task_gradient_subset` (None = all trainable, `lora`, or comma-separated
     module-name prefixes), or the output-side layers for `--task_gradients last_layers`.

@@ -34,9 +34,9 @@ from .components import (
     build_lr_scheduler,
     build_optimizer,
     build_sampler,
+    build_task_gradient_engine,
     check_distributed_support,
     method_options,
-    parameter_subset,
     pixel_resolution,
     resolve_seed,
 )
@@ -262,11 +262,7 @@ def train(args) -> str:
                        inv_gamma=args.ema_inv_gamma, power=args.ema_power, foreach=args.foreach_ema)
     engine = None
     if weighting is not None and weighting.needs_task_gradients:
-        from ..weighting.engine import TaskGradientEngine
-
-        subset, restrict = parameter_subset(adapter, args.task_gradient_subset, args.task_gradients)
-        engine = TaskGradientEngine(params, mode="split" if args.task_gradients == "split" else "retain_graph",
-                                    subset=subset, restrict_task_backward=restrict)
+        engine = build_task_gradient_engine(adapter, params, args.task_gradients, args.task_gradient_subset)
     # One generator draws every random number of a step (latents, label dropout, timesteps, noise);
     # each process has its own stream.
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)

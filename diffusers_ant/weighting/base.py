@@ -202,6 +202,8 @@ def gram_matrix(grads: torch.Tensor, present: Optional[torch.Tensor] = None, chu
     memory of G. Rows of absent tasks (`present` False) are zeroed so that NaNs in them cannot leak.
     """
     gram = torch.zeros(grads.shape[0], grads.shape[0], dtype=torch.float64, device=grads.device)
+    if present is not None and bool(present.all()):
+        present = None  # nothing to zero: skip a (K, P) `where` per chunk (a tenth of a PCGrad step at 1M parameters)
     for chunk in torch.split(grads.detach(), chunk_size, dim=1):
         chunk = chunk.double()
         if present is not None:

@@ -22,6 +22,14 @@ Modes of `TaskGradientEngine`:
   this costs about one ordinary step (ENVIRONMENT.md: 1.1x). Exact only for models whose
   normalisation is per sample (GroupNorm, LayerNorm, attention): diffusers' UNets and
   transformers. Each sub-batch graph is freed after its backward.
+* ``"batched"``: one forward and ONE backward pass per chunk over the whole window (samples ordered
+  by task), as in vanilla training; each trainable layer's per-cluster weight gradients are summed
+  from its input and output gradient inside that backward pass (`cluster_grads.py`, which also says
+  why `torch.autograd.grad(..., is_grads_batched=True)` is no cheaper). Same condition of exactness
+  as ``"split"`` (per-sample normalisation), full-size kernels for the forward and the input
+  gradients; only the weight-gradient reductions run per cluster. Needs the model's modules
+  (`modules=`) and trainable parameters that sit in covered layers (Linear, Conv, GroupNorm,
+  LayerNorm, Embedding, LoRA's layers): otherwise it is refused at construction.
 * ``"retain_graph"``: one forward per chunk, then one backward per task present in the chunk
   through the retained graph (the reference code's way). Needed for models with batch statistics
   (BatchNorm). With a `subset` of output-side layers and `restrict_task_backward=True` this is the
@@ -93,7 +101,7 @@ import torch
 from torch import nn
 
 from ..losses import reduce_task_losses
-from .base import GradientWeighting, LossWeighting, Weighting
+from .base import GradientWeighting, LossWeighting, Weighting, gram_matrix
 from .distributed import (
     all_reduce_sum_,
     all_reduce_sum_tensors_,
@@ -105,7 +113,7 @@ from .distributed import (
     world_size,
 )
 
-ENGINE_MODES = ("split", "retain_graph")
+ENGINE_MODES = ("split", "retain_graph", "batched")
 
 PerSampleLossFn = Callable[[Optional[torch.Tensor]], torch.Tensor]
 
@@ -120,6 +128,11 @@ def _unique_trainable(parameters: Iterable) -> List[nn.Parameter]:
             seen.add(id(p))
             out.append(p)
     return out
+
+
+def _reads_gram_only(weighting) -> bool:
+    """The method's weights depend on G only through G G^T (it keeps the base `weights_from_grads`)."""
+    return type(weighting).weights_from_grads is GradientWeighting.weights_from_grads
 
 
 def _check_task_ids(task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
@@ -222,13 +235,17 @@ class TaskGradientEngine:
             (fp32 master weights under Accelerate's mixed precision; see
             `diffusers.training_utils.cast_training_params` for LoRA on a half-precision model).
         mode: ``"split"`` (one forward + backward per task sub-batch; exact for per-sample
-            normalisation) or ``"retain_graph"`` (one forward, K backward passes; any model).
+            normalisation), ``"batched"`` (the same gradients from one forward + one backward over
+            the whole batch, each layer's weight gradient summed per task; needs `modules`) or
+            ``"retain_graph"`` (one forward, K backward passes; any model).
         subset: parameters (or modules, whose trainable parameters are taken) to form the task
             gradients on; `None` = all `parameters`. Must be among `parameters`. The weights then
             come from the subset's gradients and all parameters get the gradient of
             sum_i w_i L_i from one extra backward pass.
         sync: average the task gradients over processes when torch.distributed runs with several
             processes (see `distributed.py`). `False` keeps every process local (tests, analysis).
+        modules: the modules whose forward passes use the parameters (e.g. `[model]`); needed by
+            ``"batched"`` mode only, which hooks the layers holding the (subset's) parameters.
         restrict_task_backward: let the task backward passes stop at the subset (`inputs=subset`)
             instead of running over every trainable parameter. Much cheaper for a subset of
             output-side layers, but only safe when the subset holds no normalisation layer whose
@@ -249,6 +266,7 @@ class TaskGradientEngine:
         subset: Optional[Sequence[Union[nn.Parameter, nn.Module]]] = None,
         sync: bool = True,
         restrict_task_backward: bool = False,
+        modules: Optional[Sequence[nn.Module]] = None,
     ):
         if mode not in ENGINE_MODES:
             raise ValueError(f"unknown engine mode {mode!r}; valid modes: {', '.join(ENGINE_MODES)}")
@@ -278,6 +296,15 @@ class TaskGradientEngine:
             self.task_params = [p for p in self.params if id(p) in subset_ids]
             self.rest_params = [p for p in self.params if id(p) not in subset_ids]
         self.restrict_task_backward = bool(restrict_task_backward) and bool(self.rest_params)
+        self._recorder = None
+        if mode == "batched":
+            from .cluster_grads import ClusterGradientRecorder
+
+            if not modules:
+                raise ValueError("mode='batched' needs the model: pass modules=[model] (the layers holding the "
+                                 "parameters get hooks that sum their gradients per cluster)")
+            modules = [modules] if isinstance(modules, nn.Module) else list(modules)
+            self._recorder = ClusterGradientRecorder(self.task_params, modules)
         self.num_task_params = sum(p.numel() for p in self.task_params)
         self._grads: Optional[torch.Tensor] = None  # (K, P_task), reused between calls
         self._update: Optional[torch.Tensor] = None  # (P_task,), reused between calls
@@ -297,6 +324,11 @@ class TaskGradientEngine:
             self._grads = torch.zeros(num_tasks, self.num_task_params, dtype=p0.dtype, device=p0.device)
             # w @ G; subset mode writes its update by a backward pass instead and needs no buffer
             self._update = None if self.rest_params else torch.zeros(self.num_task_params, dtype=p0.dtype, device=p0.device)
+            # batched mode: each task parameter's (K, *shape) slice of the buffer
+            self._task_views, offset = {}, 0
+            for p in self.task_params:
+                self._task_views[id(p)] = self._grads[:, offset:offset + p.numel()].view(num_tasks, *p.shape)
+                offset += p.numel()
         return self._grads, self._update
 
     def _views(self, flat: torch.Tensor) -> List[torch.Tensor]:
@@ -403,6 +435,9 @@ class TaskGradientEngine:
                         task_sums[i] += losses.detach().double().sum()
                         if keep_graphs:
                             graph_losses[i] = mean_part
+            elif self.mode == "batched":
+                self._batched_pass(per_sample_loss_fn, task_ids, num_tasks, local_counts, chunk_size, loss_scale,
+                                   keep_graphs, task_sums, graph_losses)
             else:  # retain_graph: one forward per chunk, a backward per task through the same graph
                 for chunk in _chunks(everything, chunk_size):
                     losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
@@ -426,14 +461,21 @@ class TaskGradientEngine:
             sync_task_gradients_(grads, local_means, local_counts)
         if loss_scale != 1.0:
             grads.div_(loss_scale)
-        # Identical on every process (the rows are synced); one device sync.
-        found_inf = not bool(torch.isfinite(grads).all())
+        # Identical on every process (the rows are synced); one device sync. A method that reads only
+        # the Gram matrix (all built-in ones) gets it here, and the check reads its diagonal: sum_p g_ip^2
+        # in float64 is inf / nan exactly when a g_ip is (squares of float32 values cannot overflow in
+        # float64), which saves a pass over the (K, P) buffer.
+        gram = gram_matrix(grads, present) if _reads_gram_only(weighting) else None
+        found_inf = not bool(torch.isfinite(grads if gram is None else gram.diagonal()).all())
         if found_inf:
             self._mark_overflow()
             weights = torch.zeros(num_tasks, dtype=torch.float64, device=device)
             return self._stats(task_sums, global_counts, weights, found_inf=True)
 
-        weights = weighting.weights_from_grads(grads, present).detach().double()
+        if gram is None:
+            weights = weighting.weights_from_grads(grads, present).detach().double()
+        else:  # = weights_from_grads(grads, present), without forming the Gram matrix twice
+            weights = weighting.weights_from_gram(gram, present).to(grads.dtype).detach().double()
         if self.sync and is_distributed():
             broadcast_(weights)
             broadcast_module_state_(weighting)
@@ -457,6 +499,39 @@ class TaskGradientEngine:
                 else:
                     p.grad.add_(view)
         return self._finish(weighting, task_sums, global_counts, present, weights, grad_scale * loss_scale)
+
+    def _batched_pass(self, per_sample_loss_fn, task_ids, num_tasks, local_counts, chunk_size, loss_scale,
+                      keep_graphs, task_sums, graph_losses) -> None:
+        """Batched mode: the window sorted by task (each task one contiguous slice of a chunk), one
+        forward and one backward per chunk of the objective sum_i L_i (L_i task i's LOCAL mean, as the
+        split engine's rows), asking autograd for no parameter gradient: the taps of `cluster_grads`
+        add every layer's per-cluster weight gradients into the rows of the buffer."""
+        order = torch.sort(task_ids, stable=True).indices
+        inverse_counts = loss_scale / local_counts.clamp_min(1).double()
+        recorder = self._recorder
+        for chunk in _chunks(order, chunk_size):
+            ids = task_ids[chunk]
+            recorder.start(self._task_views, ids, num_tasks)
+            try:
+                losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
+                recorder.stop_recording_forward()
+                if recorder.ran_without_grad:
+                    raise RuntimeError("a trainable layer ran with gradients disabled inside the loss closure (e.g. "
+                                       "reentrant gradient checkpointing): the batched mode cannot form its per-cluster "
+                                       "gradients; use mode='split'")
+                self.num_forward_calls += 1
+                objective = (inverse_counts[ids].to(losses.dtype) * losses).sum()
+                torch.autograd.grad(objective, recorder.anchor, retain_graph=keep_graphs, allow_unused=True)
+                self.num_task_backward_calls += 1
+            finally:
+                recorder.finish()
+            task_sums.index_add_(0, ids, losses.detach().double())
+            if keep_graphs:  # one chunk holds the whole window: the final weighted pass reuses its graph
+                start = 0
+                for i, n in enumerate(torch.bincount(ids, minlength=num_tasks).tolist()):
+                    if n:
+                        graph_losses[i] = losses[start:start + n].sum() / local_counts[i].to(losses.dtype)
+                        start += n
 
     def _finish(self, weighting, task_sums, global_counts, present, weights, scale) -> Dict[str, torch.Tensor]:
         """The step's statistics, then `weighting.finish_task_step` on its global task losses (a

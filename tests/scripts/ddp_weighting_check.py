@@ -17,7 +17,8 @@ timestep clusters of equal width, the way the trainer does it:
 
 `rank_noise` is a weighting whose weights depend on the process rank: the engine's broadcast from
 process 0 must still make both processes take the same step. `<method>+chunks` runs each step as
-a window of two chunks (gradient accumulation), which must change nothing.
+a window of two chunks (gradient accumulation), which must change nothing; `<method>+batched` uses the
+engine's batched mode instead of the split one.
 
 Then process 0 repeats the run on ONE process over the concatenated global batch (engine and loss
 sync switched off), which is what the distributed run must equal. Each process writes
@@ -135,7 +136,9 @@ def train(method, args, accelerator=None, ranks=None):
         backward_fn = None
     # "<method>+subset": task gradients over the up-blocks only, then one weighted pass over all.
     subset = [unwrapped.up_blocks] if "+subset" in method else None
-    engine = TaskGradientEngine([p for p in unwrapped.parameters() if p.requires_grad], subset=subset, sync=sync)
+    # "<method>+batched": the engine's batched mode (one forward, one backward, per-cluster weight gradients).
+    engine = TaskGradientEngine([p for p in unwrapped.parameters() if p.requires_grad], subset=subset, sync=sync,
+                                mode="batched" if "+batched" in method else "split", modules=[unwrapped])
     # Gradient-based: the closure must bypass DDP (the engine syncs); loss-based: through DDP.
     closure_model = unwrapped if weighting.needs_task_gradients else model
     # "<method>+chunks": the distributed run sees each step as a window of two micro-batches (chunks

@@ -1,0 +1,296 @@
+"""Per-cluster parameter gradients from ONE forward and ONE backward pass (the engine's ``"batched"`` mode).
+
+Why not `torch.autograd.grad(..., is_grads_batched=True)` over the K one-hot cluster weightings:
+that vmaps the backward over K cotangents, so every backward kernel does K times the work of an
+ordinary backward (each of the K cotangents is zero outside its own cluster's samples, but vmap
+does not know it): about the cost of the reference code's K backward passes, only in fewer, wider
+kernels. It also fails inside diffusers' UNets on torch 2.13 ("NYI: querying is_contiguous inside
+of vmap for memory_format other than torch.contiguous_format", from the channels-last activations
+of their convolutions on CPU); on a DiTTransformer2DModel it runs, without a batching-rule fallback.
+
+What is genuinely cheaper, for models whose normalisation is per sample (the condition under which
+the split engine is exact too): sample s's activations depend on sample s alone, so the gradient
+of task i's loss L_i (the mean over its samples) with respect to sample s's activations is zero
+unless s belongs to task i, and is then equal to the gradient of the objective sum_i L_i. ONE
+backward pass of sum_i L_i therefore carries every task's activation gradients at once, in one
+(B, ...) tensor. The K task gradients only differ where a layer reduces over the batch: the
+gradient of its weight, sum_s contribution(x_s, dy_s). So this module lets the backward pass run
+on the whole batch (full-size kernels for every input gradient, which is where the split engine
+loses to small sub-batches) but asks autograd for no parameter gradient at all; instead, each
+trainable layer's output passes through `_ClusterTap`, whose backward sees the layer's output
+gradient dy and its saved input x and adds the weight gradient of each cluster's samples into
+that cluster's row of the engine's (K, P) buffer. Samples are ordered by cluster, so each
+cluster is one contiguous slice of the batch. Arithmetic: one forward, one input-gradient pass and
+one weight-gradient pass, as in an ordinary step; only the weight-gradient reductions are split by
+cluster (K smaller calls for convolutions and matrix products; one `index_add` for biases and
+normalisation scales). This is the per-sample-gradient technique of Opacus and BackPACK (forward
+and backward hooks on each layer), summed per cluster instead of per sample; it is written by hand
+because neither library sums per group, and neither is a dependency here.
+
+Layers covered (exactly those forwards, with all their options): `nn.Linear`, `nn.Conv1d/2d/3d`
+(any padding mode; not transposed), `nn.GroupNorm`, `nn.LayerNorm`, `nn.RMSNorm` and diffusers'
+`RMSNorm` (its CPU / CUDA path; not the NPU kernel), `nn.Embedding` (without
+`max_norm`, `scale_grad_by_freq`, `sparse`), and subclasses that keep their forward (LoRA's
+`lora_A` / `lora_B` layers are plain `nn.Linear` / `nn.Conv2d`). `uncovered_parameters` names every
+trainable parameter outside them (e.g. a bare `nn.Parameter` used in a custom forward, DiffFit's
+scales): the engine refuses the batched mode for such a model (use ``"split"``).
+
+Assumptions, checked where cheap: every covered layer is called on tensors whose first dimension is
+the samples of the forward pass, in order (true for diffusers' UNets and transformers; a video model
+that folds frames into the batch is refused by the shape check), and a covered layer's parameters
+are used only by that layer's own forward (weight tying through a functional call elsewhere would
+be missed; the engine tests compare against the split engine on each model family).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+try:  # diffusers' RMSNorm (the q / k norms of SD3.5, Flux, Qwen-Image), over the last dimension
+    from diffusers.models.normalization import RMSNorm as _DiffusersRMSNorm
+except ImportError:  # pragma: no cover
+    _DiffusersRMSNorm = None
+_RMS_NORMS = tuple(c for c in (getattr(nn, "RMSNorm", None), _DiffusersRMSNorm) if c is not None)
+_SUPPORTED = (nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Embedding) + _CONVS + _RMS_NORMS
+
+
+def _supported(module: nn.Module) -> bool:
+    """A layer whose forward is one of the covered ones (a subclass must not override forward)."""
+    for base in _SUPPORTED:
+        if isinstance(module, base) and type(module).forward is base.forward:
+            if isinstance(module, _CONVS):
+                return isinstance(module.padding, tuple) or module.padding == "valid"
+            if isinstance(module, nn.Embedding):
+                return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+            return True
+    return False
+
+
+def _owners(root_modules: Sequence[nn.Module]) -> Dict[int, List[Tuple[nn.Module, str]]]:
+    """id(parameter) -> [(module, attribute name)] for every parameter held directly by a module."""
+    owners: Dict[int, List[Tuple[nn.Module, str]]] = {}
+    seen = set()
+    for root in root_modules:
+        for module in root.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for name, p in module.named_parameters(recurse=False):
+                owners.setdefault(id(p), []).append((module, name))
+    return owners
+
+
+def uncovered_parameters(params: Sequence[nn.Parameter], owners) -> List[str]:
+    """Descriptions of the parameters the batched mode cannot form per-cluster gradients for."""
+    out = []
+    for p in params:
+        places = owners.get(id(p), [])
+        if not places:
+            out.append(f"a parameter of shape {tuple(p.shape)} held by none of the given modules")
+            continue
+        for module, name in places:
+            if not _supported(module) or name not in ("weight", "bias"):
+                out.append(f"{type(module).__name__}.{name}")
+    return out
+
+
+class _ClusterTap(torch.autograd.Function):
+    """Identity on a layer's output; its backward adds the layer's per-cluster parameter gradients.
+
+    `anchor` (a 0-dim leaf that requires grad) puts every tap on the path of the task pass's
+    `torch.autograd.grad(objective, anchor)`: autograd then runs every input-gradient kernel between
+    the loss and the taps, and no parameter gradient (no parameter is requested)."""
+
+    @staticmethod
+    def forward(ctx, output, anchor, layer_input, recorder, module):
+        ctx.recorder, ctx.module = recorder, module
+        ctx.save_for_backward(layer_input)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.recorder.active:
+            (layer_input,) = ctx.saved_tensors
+            ctx.recorder.accumulate(ctx.module, layer_input, grad)
+        return grad, None, None, None, None
+
+
+class ClusterGradientRecorder:
+    """Installs the taps on the layers that hold `params` and routes their per-cluster gradients into
+    per-parameter views (K, *shape) of the engine's buffer.
+
+    Use: `with recorder.recording(row_views, task_ids, counts):` around the forward pass of a chunk
+    whose samples are sorted by task; then the backward pass of the chunk's objective with
+    `torch.autograd.grad(objective, recorder.anchor)`."""
+
+    def __init__(self, params: Sequence[nn.Parameter], modules: Sequence[nn.Module]):
+        owners = _owners(modules)
+        missing = uncovered_parameters(params, owners)
+        if missing:
+            names = sorted(set(missing))
+            raise ValueError("the batched per-cluster gradient mode covers nn.Linear, nn.Conv1d/2d/3d, nn.GroupNorm, "
+                             "nn.LayerNorm, RMSNorm and nn.Embedding layers; these trainable parameters are elsewhere: "
+                             f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''} (use mode='split')")
+        wanted = {id(p) for p in params}
+        self.layers: List[nn.Module] = []
+        seen = set()
+        for p in params:
+            for module, _ in owners[id(p)]:
+                if id(module) not in seen:
+                    seen.add(id(module))
+                    self.layers.append(module)
+        # per layer: which of weight / bias are wanted (trainable task parameters)
+        self.wanted = {id(m): {name: getattr(m, name) for name in ("weight", "bias")
+                               if getattr(m, name, None) is not None and id(getattr(m, name)) in wanted}
+                       for m in self.layers}
+        self.anchor: Optional[torch.Tensor] = None
+        self.active = False
+        self.ran_without_grad = False
+        self._handles = []
+        self._views: Dict[int, torch.Tensor] = {}
+        self._ids: Optional[torch.Tensor] = None
+        self._segments: List[Tuple[int, int, int]] = []
+        self._n = 0
+
+    # -- set-up per chunk ------------------------------------------------------------------------
+    def start(self, views: Dict[int, torch.Tensor], task_ids: torch.Tensor, num_tasks: int) -> None:
+        """Record the next forward pass: `views[id(p)]` is p's (K, *p.shape) slice of the buffer,
+        `task_ids` the (sorted) task of each sample of the chunk."""
+        device = task_ids.device
+        if self.anchor is None or self.anchor.device != device:
+            self.anchor = torch.zeros((), device=device, requires_grad=True)
+        counts = torch.bincount(task_ids, minlength=num_tasks).tolist()  # one device sync per chunk
+        segments, start = [], 0
+        for i, c in enumerate(counts):
+            if c:
+                segments.append((i, start, start + c))
+                start += c
+        self._views, self._ids, self._segments, self._n = views, task_ids, segments, int(task_ids.numel())
+        self.active = True
+        self.ran_without_grad = False
+        self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
+
+    def stop_recording_forward(self) -> None:
+        """Remove the forward hooks (the taps already in the graph stay, and fire while `active`)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def finish(self) -> None:
+        self.stop_recording_forward()
+        self.active = False
+        self._views, self._ids, self._segments = {}, None, []
+
+    def _hook(self, module, args, output):
+        if not torch.is_grad_enabled():
+            # (reentrant gradient checkpointing runs the forward so, and recomputes it in the backward
+            # pass where no tap is installed: its layers' gradients would be lost)
+            self.ran_without_grad = True
+            return None
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return None
+        layer_input = args[0]
+        if layer_input.shape[0] != self._n or output.shape[0] != self._n:
+            raise RuntimeError(f"{type(module).__name__} was called on a batch of {layer_input.shape[0]} rows in a forward "
+                               f"pass of {self._n} samples: the batched per-cluster gradient mode needs layers that "
+                               "keep the samples on the first dimension (use mode='split')")
+        return _ClusterTap.apply(output, self.anchor, layer_input, self, module)
+
+    # -- the per-cluster reductions ----------------------------------------------------------------
+    def accumulate(self, module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
+        wanted = self.wanted[id(module)]
+        weight, bias = wanted.get("weight"), wanted.get("bias")
+        views = self._views
+        if isinstance(module, nn.Linear):
+            x = x.to(dy.dtype)
+            if weight is not None:
+                out = views[id(weight)]
+                for i, a, b in self._segments:
+                    out[i].add_(dy[a:b].reshape(-1, dy.shape[-1]).t().mm(x[a:b].reshape(-1, x.shape[-1])))
+            if bias is not None:
+                self._index_add(views[id(bias)], dy.reshape(self._n, -1, dy.shape[-1]).sum(1))
+        elif isinstance(module, _CONVS):
+            self._conv(module, x, dy, weight, bias)
+        elif isinstance(module, nn.GroupNorm):
+            dims = tuple(range(2, dy.dim()))
+            if weight is not None:
+                x_hat = F.group_norm(x.to(dy.dtype), module.num_groups, eps=module.eps)
+                self._index_add(views[id(weight)], (dy * x_hat).sum(dims) if dims else dy * x_hat)
+            if bias is not None:
+                self._index_add(views[id(bias)], dy.sum(dims) if dims else dy)
+        elif isinstance(module, nn.LayerNorm):
+            shape = tuple(module.normalized_shape)
+            lead = dy.shape[:dy.dim() - len(shape)]
+            if weight is not None:
+                x_hat = F.layer_norm(x.to(dy.dtype), shape, eps=module.eps)
+                self._index_add(views[id(weight)], (dy * x_hat).reshape(lead[0], -1, *shape).sum(1))
+            if bias is not None:
+                self._index_add(views[id(bias)], dy.reshape(lead[0], -1, *shape).sum(1))
+        elif isinstance(module, _RMS_NORMS):
+            if _DiffusersRMSNorm is not None and isinstance(module, _DiffusersRMSNorm):
+                shape = dy.shape[-1:]
+                x_hat = x * torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + module.eps)
+            else:
+                shape = tuple(module.normalized_shape)
+                x_hat = F.rms_norm(x, shape, eps=module.eps)
+            x_hat = x_hat.to(dy.dtype)
+            if weight is not None:
+                self._index_add(views[id(weight)], (dy * x_hat).reshape(self._n, -1, *shape).sum(1))
+            if bias is not None:
+                self._index_add(views[id(bias)], dy.reshape(self._n, -1, *shape).sum(1))
+        elif isinstance(module, nn.Embedding):
+            out = views[id(weight)]
+            for i, a, b in self._segments:
+                idx = x[a:b].reshape(-1)
+                rows = dy[a:b].reshape(-1, dy.shape[-1])
+                if module.padding_idx is not None:
+                    keep = idx != module.padding_idx
+                    idx, rows = idx[keep], rows[keep]
+                out[i].index_add_(0, idx, rows.to(out.dtype))
+        else:  # pragma: no cover - refused in __init__
+            raise TypeError(type(module).__name__)
+
+    def _index_add(self, out: torch.Tensor, per_sample: torch.Tensor) -> None:
+        """out[task(s)] += per_sample[s] for every sample s of the chunk, in one call."""
+        out.index_add_(0, self._ids, per_sample.to(out.dtype))
+
+    def _conv(self, module, x, dy, weight, bias) -> None:
+        n = x.dim() - 2
+        if module.padding_mode != "zeros":  # as nn.ConvNd._conv_forward: pad explicitly, then no padding
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = [0] * n
+        elif module.padding == "valid":
+            padding = [0] * n
+        else:
+            padding = list(module.padding)
+        w = module.weight.to(dy.dtype)
+        x = x.to(dy.dtype)
+        if (module.groups == 1 and all(k == 1 for k in w.shape[2:]) and all(s == 1 for s in module.stride)
+                and all(p == 0 for p in padding)):
+            # A 1x1 convolution (UNets' shortcuts) is a Linear layer on the channels: one matrix product
+            # per cluster (torch's small-batch weight gradient of a 1x1 convolution takes its slow path).
+            # Channels-last activations make the (positions, channels) views free.
+            order = (0, *range(2, x.dim()), 1)
+            x_rows, dy_rows = x.permute(order), dy.permute(order)
+            if weight is not None:
+                out = self._views[id(weight)]
+                for i, a, b in self._segments:
+                    dw = dy_rows[a:b].reshape(-1, dy.shape[1]).t().mm(x_rows[a:b].reshape(-1, x.shape[1]))
+                    out[i].add_(dw.view(out.shape[1:]))
+            if bias is not None:
+                self._index_add(self._views[id(bias)], dy.sum(tuple(range(2, dy.dim()))))
+            return
+        mask = [False, weight is not None, bias is not None]
+        for i, a, b in self._segments:
+            _, dw, db = torch.ops.aten.convolution_backward(
+                dy[a:b], x[a:b], w, [w.shape[0]] if bias is not None else None, list(module.stride), padding,
+                list(module.dilation), False, [0] * n, module.groups, mask)
+            if weight is not None:
+                self._views[id(weight)][i].add_(dw)
+            if bias is not None:
+                self._views[id(bias)][i].add_(db)

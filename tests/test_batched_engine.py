@@ -1,0 +1,244 @@
+"""The engine's `batched` mode (one forward, one backward, per-cluster weight gradients summed inside the
+backward: diffusers_ant/weighting/cluster_grads.py) against the split engine it must equal.
+
+Tolerance (`float32_tolerance`): the two engines compute the same sums of the same products, in other
+orders and batch compositions. Each entry of a task gradient is a float32 reduction, and recomputing
+a sum of L terms in another order changes it by at most about L * u * sum_i |t_i| (u = 2^-24, the
+unit roundoff of float32; Higham, "Accuracy and Stability of Numerical Algorithms", eq. 4.4). In
+these tiny models the longest chain of reductions that reaches a weight gradient is the weight
+gradient's own sum over the cluster's samples and positions (at most 12 samples x 8 x 8 = 768 terms)
+plus one input-gradient sum per layer on the way (at most 32 channels x 3 x 3 = 288 terms, through
+at most 12 layers): L <= 768 + 12 * 288 = 4224. The sum of |terms| is bounded here by max |G|
+(the gradients do not cancel by orders of magnitude in these random models), so
+|batched - split| <= L * u * max |G| ~ 2.5e-4 * max |G|. A wrong cluster (a sample's contribution in
+another row) moves an entry by about max |G| / K, a thousand times more; the observed difference is
+about 1e-6 * max |G|.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from test_engine import K, RecordingGrads, flat_grad, loss_fn_for, make_batch, tiny_dit, tiny_unet
+from trainer_utils import perturb_parameters
+
+from diffusers_ant.weighting import get_weighting
+from diffusers_ant.weighting.engine import TaskGradientEngine, weighted_backward
+
+GRADIENT_METHODS = ["pcgrad", "nash_mtl", "imtl", "mgda", "cagrad"]
+FLOAT32_U = 2.0**-24
+LONGEST_REDUCTION = 12 * 8 * 8 + 12 * 32 * 3 * 3  # see the module docstring
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only contends
+
+
+def float32_tolerance(reference: torch.Tensor) -> float:
+    return LONGEST_REDUCTION * FLOAT32_U * float(reference.abs().max())
+
+
+def run_engine(model, params, batch, mode, weighting, chunk_size=None, subset=None, loss_fn=None, loss_scale=1.0):
+    model.zero_grad(set_to_none=True)
+    calls = []
+    engine = TaskGradientEngine(params, mode=mode, subset=subset, modules=[model])
+    stats = weighted_backward(weighting, loss_fn or loss_fn_for(model, batch, calls), batch[-1], K, engine=engine,
+                              chunk_size=chunk_size, loss_scale=loss_scale)
+    return engine.task_grads.clone(), flat_grad(params), stats, calls
+
+
+@pytest.mark.parametrize("build", [tiny_unet, tiny_dit], ids=["unet", "dit"])
+def test_batched_equals_split_for_every_gradient_method(build):
+    model = build()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = make_batch()
+    for method in GRADIENT_METHODS:
+        split = run_engine(model, params, batch, "split", get_weighting(method, K, seed=4))
+        batched = run_engine(model, params, batch, "batched", get_weighting(method, K, seed=4))
+        assert len(batched[3]) == 1 and batched[3][0].numel() == batch[-1].numel()  # one forward, whole batch
+        tolerance = float32_tolerance(split[0])
+        assert split[0].abs().max() > 1e-3
+        assert (batched[0] - split[0]).abs().max() <= tolerance, method
+        assert (batched[1] - split[1]).abs().max() <= tolerance, method  # the written update w @ G
+        torch.testing.assert_close(batched[2]["weights"], split[2]["weights"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(batched[2]["task_losses"], split[2]["task_losses"])
+
+
+def test_windows_empty_clusters_and_subset_mode():
+    """Gradient accumulation (a window of 10 samples forwarded in chunks of 3, which cut through clusters),
+    an empty cluster, and subset mode (weights from the subset's task gradients, then one weighted pass:
+    through the kept graph for one chunk, recomputed for several) all equal the split engine."""
+    model = tiny_unet()
+    params = list(model.parameters())
+    task_ids = torch.tensor([3, 0, 1, 3, 0, 1, 1, 0, 3, 3])  # cluster 2 is empty
+    batch = make_batch(batch_size=10, task_ids=task_ids)
+    reference = run_engine(model, params, batch, "split", RecordingGrads(K, [0.2, 0.5, 0.9, 0.4]))
+    for chunk_size in (None, 3):
+        batched = run_engine(model, params, batch, "batched", RecordingGrads(K, [0.2, 0.5, 0.9, 0.4]), chunk_size)
+        assert all(c.numel() <= (chunk_size or 10) for c in batched[3])
+        assert torch.all(batched[0][2] == 0) and batched[2]["weights"][2] == 0
+        assert (batched[0] - reference[0]).abs().max() <= float32_tolerance(reference[0])
+        assert (batched[1] - reference[1]).abs().max() <= float32_tolerance(reference[1])
+
+    subset = [model.up_blocks, model.conv_out]
+    reference = run_engine(model, params, batch, "split", get_weighting("mgda", K), subset=subset)
+    for chunk_size in (None, 3):
+        batched = run_engine(model, params, batch, "batched", get_weighting("mgda", K), chunk_size, subset=subset)
+        assert batched[0].shape == reference[0].shape
+        assert (batched[0] - reference[0]).abs().max() <= float32_tolerance(reference[0])
+        assert (batched[1] - reference[1]).abs().max() <= float32_tolerance(reference[1])
+
+
+def lora_unet(train_base: bool):
+    """tiny_unet with LoRA on its attention projections and its resnets' convolutions (peft's nn.Linear and
+    nn.Conv2d adapter layers), the adapters perturbed away from peft's zero initialisation of B."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = tiny_unet()
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+    model = inject_adapter_in_model(config, model)
+    perturb_parameters(model, 0.05, seed=3, only="lora_")
+    for name, p in model.named_parameters():
+        p.requires_grad_(train_base or "lora_" in name)
+    return model
+
+
+def test_lora_adapters_alone_and_as_the_subset():
+    """LoRA training (the adapters are the trainable parameters) and `--task_gradient_subset lora` (the task
+    gradients over the adapters, the weights then applied to every trainable parameter)."""
+    batch = make_batch()
+    model = lora_unet(train_base=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    split = run_engine(model, params, batch, "split", get_weighting("pcgrad", K, seed=1))
+    batched = run_engine(model, params, batch, "batched", get_weighting("pcgrad", K, seed=1))
+    assert split[0].abs().max() > 1e-4
+    assert (batched[0] - split[0]).abs().max() <= float32_tolerance(split[0])
+    assert (batched[1] - split[1]).abs().max() <= float32_tolerance(split[1])
+
+    model = lora_unet(train_base=True)
+    params = list(model.parameters())
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    split = run_engine(model, params, batch, "split", get_weighting("imtl", K), subset=lora)
+    batched = run_engine(model, params, batch, "batched", get_weighting("imtl", K), subset=lora)
+    assert batched[0].shape[1] == sum(p.numel() for p in lora)
+    assert (batched[0] - split[0]).abs().max() <= float32_tolerance(split[0])
+    assert (batched[1] - split[1]).abs().max() <= float32_tolerance(split[1])
+
+
+def test_fp16_with_a_grad_scaler_matches_split():
+    """Under fp16 autocast with a loss scale the batched engine writes the scaled update, as the split
+    engine does. fp16 (unit roundoff 2^-11 ~ 4.9e-4) in sums of up to a few hundred terms: the two
+    differ by rounding of about 1e-2 of the norm at most (the existing fp16 test's bound against fp32)."""
+    model = tiny_unet()
+    params = list(model.parameters())
+    batch = make_batch()
+    base = loss_fn_for(model, batch)
+
+    def fp16(idx):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return base(idx)
+
+    results = {mode: run_engine(model, params, batch, mode, get_weighting("cagrad", K), loss_fn=fp16,
+                                loss_scale=2.0**12) for mode in ("split", "batched")}
+    split, batched = results["split"][1], results["batched"][1]
+    assert not bool(results["batched"][2]["found_inf"])
+    assert torch.isfinite(batched).all() and split.abs().max() > 1e-3
+    assert ((batched - split).norm() / split.norm()).item() < 1e-2
+
+
+class WithBareParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return self.proj(x) * self.scale
+
+
+class FoldsTheBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(2, 2)
+
+    def forward(self, x):  # (B, 4) -> (2B, 2): rows are no longer samples
+        return self.proj(x.reshape(-1, 2)).reshape(x.shape[0], -1)
+
+
+def test_models_it_cannot_cover_are_refused_with_the_fix():
+    model = WithBareParameter()
+    with pytest.raises(ValueError, match=r"WithBareParameter\.scale.*mode='split'"):
+        TaskGradientEngine(list(model.parameters()), mode="batched", modules=[model])
+    with pytest.raises(ValueError, match="modules=\\[model\\]"):
+        TaskGradientEngine(list(model.parameters()), mode="batched")
+
+    model = FoldsTheBatch()
+    x, ids = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 2, 3])
+    engine = TaskGradientEngine(list(model.parameters()), mode="batched", modules=[model])
+    with pytest.raises(RuntimeError, match="keep the samples on the first dimension"):
+        engine.backward(get_weighting("pcgrad", K), lambda idx: model(x[idx]).pow(2).mean(1), ids, K)
+    # the hooks are gone after the failure: the model runs as before
+    assert not model.proj._forward_hooks
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_folder(tmp_path_factory):
+    """A tiny Stable Diffusion pipeline folder (RGB), the pretrained model of a LoRA run."""
+    from diffusers_ant.models import get_model_adapter
+
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16, num_channels=3).save(str(folder))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type, extra", [
+    ("unet", ["--gradient_accumulation_steps", "2", "--train_batch_size", "4"]),
+    ("sd", ["--rank", "4", "--task_gradient_subset", "lora"]),
+], ids=["unet-accumulation", "sd-lora-subset"])
+def test_trainer_batched_equals_split(model_type, extra, tmp_path, request):
+    """`train_ant.py --task_gradients batched` takes the split engine's steps: a UNet over windows of two
+    micro-batches, and Stable Diffusion's UNet2DConditionModel (cross-attention, LayerNorm, GEGLU) with LoRA
+    and `--task_gradient_subset lora`. Adam's epsilon is large so that the update is a smooth function of
+    the gradient (as in test_trainer_matrix's accumulation test; the update is then about lr * g): the 2e-6
+    bound is the float32 rounding of the task gradients above (2.5e-4 * max |g| at most, |g| < 1e-2
+    here), times the learning rate 1, over two steps, while a wrong gradient moves a weight by about
+    lr * |g|."""
+    from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
+
+    dataset = {"unet": "mnist5k", "sd": "mnist5k_captions"}[model_type]
+    if model_type == "sd":  # LoRA on a pretrained pipeline
+        extra = [*extra, "--pretrained_model_name_or_path", str(request.getfixturevalue("tiny_sd_folder"))]
+    weights = {}
+    for engine in ("split", "batched"):
+        out = tmp_path / engine
+        run = ["--model_type", model_type, "--dataset_name", dataset, "--output_dir", str(out), *TINY_RUN]
+        if model_type == "sd":
+            i = run.index("--model_config_name_or_path")
+            del run[i:i + 2]
+        train_in_process([*run, "--mtl_method", "pcgrad", "--task_gradients", engine, "--max_train_steps", "2",
+                          "--adam_epsilon", "1", "--learning_rate", "1", "--max_train_samples", "16",
+                          "--num_validation_images", "1", *extra])
+        weights[engine] = {k: v for k, v in load_safetensors_dir(out).items()
+                           if not k.startswith(("checkpoint-", "vae/", "text_encoder/")) and "samples" not in k}
+    assert weights["split"]
+    assert_same_tensors(weights["batched"], weights["split"], atol=2e-6)
+    if model_type == "sd":  # peft starts B at zero: what it holds now is the two steps' movement
+        assert max(float(v.abs().max()) for k, v in weights["split"].items() if "lora.up" in k) > 100 * 2e-6
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+def test_gradient_checkpointing_is_refused():
+    from diffusers_ant.training.args import UsageError, parse_args
+
+    with pytest.raises(UsageError, match="gradient checkpointing"):
+        parse_args(["--model_type", "unet", "--model_config_name_or_path", "tiny", "--dataset_name", "mnist5k",
+                    "--mtl_method", "pcgrad", "--task_gradients", "batched", "--gradient_checkpointing"])
+    # the engine itself: a layer run without gradients inside the closure (what reentrant checkpointing does)
+    model = tiny_unet()
+    batch = make_batch()
+    base = loss_fn_for(model, batch)
+    reentrant = lambda idx: torch.utils.checkpoint.checkpoint(base, idx, use_reentrant=True)  # noqa: E731
+    engine = TaskGradientEngine(list(model.parameters()), mode="batched", modules=[model])
+    with pytest.raises(RuntimeError, match="gradients disabled"):
+        engine.backward(get_weighting("pcgrad", K), reentrant, batch[-1], K)
