@@ -167,3 +167,107 @@ def test_diff_tuning_kd_trains_and_its_teacher_is_the_student_with_adapters_off(
         student = teacher.adapter.predict(teacher.model.eval(), x_t, model_t, cond).float()
     torch.testing.assert_close(taught, expected, rtol=0, atol=1e-6)
     assert (student - expected).abs().max() > 1e-6  # the student differs: the comparison can fail
+
+
+# --------------------------------------------------------------------------- DeMe: two intervals, merged and ensembled
+
+
+@pytest.fixture(scope="module")
+def deme_runs(bases, tmp_path_factory):
+    """Per family, DeMe's two interval LoRA fine-tunes (2 steps each, channel projections on), and the
+    inputs of one teacher call of interval 0's run (a batch of the family's own conditioning)."""
+    root = tmp_path_factory.mktemp("deme")
+    runs = {}
+    for family in FAMILIES:
+        folders = [root / family / f"interval-{i}" for i in (0, 1)]
+        _, call = _train_capturing_the_teacher(_args(family, bases[family], folders[0], "--deme_interval", "0",
+                                                     "--no-use_ema"))
+        from trainer_utils import train_in_process
+
+        train_in_process(_args(family, bases[family], folders[1], "--deme_interval", "1", "--no-use_ema",
+                               "--seed", "1"))
+        runs[family] = ([str(f) for f in folders], call)
+    return runs
+
+
+def _denoiser(pipeline):
+    from diffusers_ant.deme.projection import denoiser_component
+
+    return getattr(pipeline, denoiser_component(pipeline))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deme_interval_loras_merge_as_one_lora_equal_to_the_dense_merge(family, bases, deme_runs, tmp_path):
+    """merge_deme's LoRA merge of the two interval fine-tunes: one LoRA of rank 4 + 4 (no dense copy) that the
+    family pipeline's own `load_lora_weights` loads, whose folded weights equal the dense task-arithmetic merge
+    up to float32 rounding, and that samples."""
+    from diffusers_ant.deme.finetunes import dense_denoiser, read_finetunes
+    from diffusers_ant.deme.merge import merge_task_vectors
+    from diffusers_ant.deme.merging import load_merge_inputs, merge_finetunes
+    from diffusers_ant.models import load_pipeline
+
+    folders, _ = deme_runs[family]
+    weights = [0.6, 0.4]
+    out = tmp_path / "merged"
+    record = merge_finetunes(str(bases[family]), folders, str(out), weights=weights, log=lambda *_: None)
+    assert record["merged_as"] == "lora" and record["lora_rank"] == 8
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "model_index.json").exists()
+    pipeline = load_pipeline(str(out))
+    merged = dense_denoiser(_denoiser(pipeline)).state_dict()
+    inputs = load_merge_inputs(str(bases[family]), read_finetunes(folders))
+    dense = merge_task_vectors(inputs.base_state, inputs.states, weights)
+    assert merged.keys() == dense.keys()
+    moved = 0.0
+    for key, value in dense.items():
+        scale = 1.0 + inputs.base_state[key].float().abs().max().item()
+        assert (merged[key].float() - value.float()).abs().max().item() <= 1e-6 * scale, key
+        moved = max(moved, (value.float() - inputs.base_state[key].float()).abs().max().item())
+    assert moved > 1e-4  # the merge moved the weights: not base against base
+    # the family pipeline's own loader reads the merged LoRA (projections are this project's addition)
+    plain = type(pipeline).from_pretrained(str(bases[family]))
+    plain.load_lora_weights(str(out))
+    folded = dense_denoiser(_denoiser(plain)).state_dict()
+    assert all(torch.equal(folded[k], merged[k]) for k in folded if "channel_projection" not in k)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline("a handwritten digit 3", num_inference_steps=1, output_type="pt",
+                     generator=torch.Generator().manual_seed(0),
+                     **({} if family in ("sdxl", "sd3") else {"height": RES, "width": RES})).images
+    assert image.shape == (1, 3, RES, RES) and torch.isfinite(image).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deme_lora_ensemble_calls_each_intervals_lora_at_its_timesteps(family, bases, deme_runs, tmp_path):
+    """merge_deme's --ensemble of the two interval LoRAs: one base denoiser, each call (by the family's own
+    timestep convention, through its adapter's `predict`) is the fine-tune of that timestep's interval; and
+    the ensemble pipeline samples."""
+    from diffusers_ant.clustering import TimestepIntervals
+    from diffusers_ant.deme.merging import write_ensemble_folder
+    from diffusers_ant.models import load_pipeline
+    from diffusers_ant.schedule import model_timesteps
+
+    folders, (x_t, _, cond, _) = deme_runs[family]
+    out = tmp_path / "ensemble"
+    write_ensemble_folder(str(bases[family]), folders, str(out), log=lambda *_: None)
+    pipeline = load_pipeline(str(out))
+    ensemble = _denoiser(pipeline).eval()
+    finetuned = [_denoiser(load_pipeline(folder)).eval() for folder in folders]
+    adapter = _base_adapter(family, bases[family])
+    with open(Path(folders[0]) / "timestep_intervals.json", encoding="utf-8") as f:
+        bounds = TimestepIntervals.from_json(f.read()).bounds
+    rows = x_t.shape[0]
+    outputs = {}
+    with torch.no_grad():
+        for index in (0, 1, 0):  # switch there and back
+            t = model_timesteps(adapter.noise_scheduler, torch.full((rows,), (bounds[index][0] + bounds[index][1]) // 2))
+            expected = adapter.predict(finetuned[index], x_t, t, cond).float()
+            got = adapter.predict(ensemble, x_t, t, cond).float()
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+            outputs[index] = got
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-5
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline("a handwritten digit 3", num_inference_steps=2, output_type="pt",
+                     generator=torch.Generator().manual_seed(0),
+                     **({} if family in ("sdxl", "sd3") else {"height": RES, "width": RES})).images
+    assert image.shape == (1, 3, RES, RES) and torch.isfinite(image).all()
