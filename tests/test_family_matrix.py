@@ -271,3 +271,87 @@ def test_deme_lora_ensemble_calls_each_intervals_lora_at_its_timesteps(family, b
                      generator=torch.Generator().manual_seed(0),
                      **({} if family in ("sdxl", "sd3") else {"height": RES, "width": RES})).images
     assert image.shape == (1, 3, RES, RES) and torch.isfinite(image).all()
+
+
+# --------------------------------------------------------------------------- buckets and caches, per family
+
+from test_caching_buckets import SHAPES, _Recorder, nonsquare_folder  # noqa: E402,F401 - the non-square folder fixture
+
+_BUCKET_RUNS = {}
+
+
+def _bucket_runs(family, base, folder, root):
+    """Three LoRA runs with --aspect_ratio_buckets on the non-square folder (batch 2, the same seed): uncached 4
+    steps (checkpoint at 2); its checkpoint-2 resumed to 4 in another folder; cached latents and text, 4 steps.
+    Each records its losses, latent shapes and, per step, the original (width, height) of its images."""
+    import shutil
+
+    import diffusers_ant.training.loop as loop
+
+    if family in _BUCKET_RUNS:
+        return _BUCKET_RUNS[family]
+    root = root / family
+    shape_of = {"wide": (32, 16), "tall": (16, 32), "square": (24, 24)}
+
+    def run(name, *extra):
+        args = _args(family, base, root / name, "--aspect_ratio_buckets", "--max_train_steps", "4",
+                     "--checkpointing_steps", "2", "--num_clusters", "1", *extra)
+        i = args.index("--dataset_name")
+        args[i:i + 2] = ["--train_data_dir", str(folder)]
+        args[args.index("--max_train_samples") + 1] = "12"
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            recorder = _Recorder(monkeypatch)
+            recorder.sizes = []
+            recorded = loop.training_step
+
+            def step(accelerator, objective, model, window, *a, **k):
+                for batch in window:
+                    if "original_sizes" in batch:  # sdxl: (height, width) of each image
+                        recorder.sizes.append([(int(w), int(h)) for h, w in batch["original_sizes"].tolist()])
+                    elif "captions" in batch:  # (a cached run's batches hold the cached text instead)
+                        recorder.sizes.append([shape_of[c.split()[1]] for c in batch["captions"]])
+                return recorded(accelerator, objective, model, window, *a, **k)
+
+            monkeypatch.setattr(loop, "training_step", step)
+            from trainer_utils import train_in_process
+
+            train_in_process(args)
+        return recorder
+
+    runs = {"root": root, "straight": run("straight")}
+    shutil.copytree(root / "straight" / "checkpoint-2", root / "resumed" / "checkpoint-2")
+    runs["resumed"] = run("resumed", "--resume_from_checkpoint", "checkpoint-2")
+    runs["cached"] = run("cached", "--cache_latents", "--cache_text_embeddings", "--checkpointing_steps", "100")
+    _BUCKET_RUNS[family] = runs
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_buckets_hold_each_image_in_its_bucket_resume_exactly_and_cached_runs_have_the_same_losses(
+        family, bases, nonsquare_folder, tmp_path_factory):
+    from diffusers_ant.data.buckets import bucket_sizes, nearest_bucket
+    from trainer_utils import assert_same_tensors, load_safetensors_dir
+
+    runs = _bucket_runs(family, bases[family], nonsquare_folder, tmp_path_factory.mktemp("buckets"))
+    straight, resumed, cached = runs["straight"], runs["resumed"], runs["cached"]
+    buckets = bucket_sizes(RES, cached.adapter.pixel_multiple)
+    # every image of every step in the bucket nearest its aspect ratio; one bucket per batch
+    assert len(straight.sizes) == 4 and len(straight.shapes) == 4
+    for sizes, shape in zip(straight.sizes, straight.shapes):
+        wanted = {buckets[nearest_bucket(w, h, buckets)] for w, h in sizes}
+        assert len(wanted) == 1, sizes
+        width, height = wanted.pop()
+        scale = height / shape[-2]
+        assert shape[0] == 2 and (width / shape[-1], height / shape[-2]) == (scale, scale), (shape, width, height)
+    assert len(set(straight.shapes)) > 1  # several buckets trained, not only the square
+    # 4 == 2 + resume + 2, mid-epoch: the same losses, shapes and LoRA
+    assert resumed.losses == straight.losses[2:] and resumed.shapes == straight.shapes[2:]
+    assert_same_tensors(load_safetensors_dir(runs["root"] / "straight" / "checkpoint-4"),
+                        load_safetensors_dir(runs["root"] / "resumed" / "checkpoint-4"))
+    assert_same_tensors(load_file(runs["root"] / "straight" / "pytorch_lora_weights.safetensors"),
+                        load_file(runs["root"] / "resumed" / "pytorch_lora_weights.safetensors"))
+    # cached latents and text embeddings: the same draws, the losses of the uncached run
+    assert len(cached.losses) == 4 and min(cached.losses) > 0 and cached.shapes == straight.shapes
+    assert cached.losses == pytest.approx(straight.losses, rel=1e-5, abs=0)
+    assert getattr(cached, "freed", None) is not None and getattr(straight, "freed", None) is None
