@@ -1,6 +1,31 @@
 """Issue 16's test matrix for the four new families, and the cells no other module fills.
 
-AUDIT_TABLE
+Issue 16's "Tests" section, cell by cell: which test covers each item for each new family (tiny presets,
+in-process unless said). Files: sdxl = test_family_sdxl.py, sd3 = test_family_sd3.py, flux =
+test_family_flux.py, qwen = test_family_qwenimage.py, banks = test_family_banks.py, gaps =
+test_family_gaps.py, here = this module.
+
+item                     | sdxl                          | sd3                              | flux                             | qwenimage
+-------------------------|-------------------------------|----------------------------------|----------------------------------|---------------------------------
+vanilla LoRA trains      | sdxl vanilla_run (+ own VAE)  | here buckets runs (vanilla LoRA) | flux vanilla_bf16                | qwen vanilla
+ANT uw                   | sdxl resume test (+ TE LoRA); here 2-proc | sd3 lora_uw (stratified) | flux resume_runs              | qwen resumed
+ANT pcgrad, LoRA subset  | sdxl pcgrad (bf16)            | sd3 pcgrad (bf16, no T5); here 2-proc | flux pcgrad (stratified)    | qwen pcgrad (--lora_layers)
+Diff-Tuning, bank        | banks test_diff_tuning_trains_on_each_familys_bank[sdxl] | banks bank_run (built by the CLI) | banks ..[flux] | banks ..[qwenimage]
+Diff-Tuning, kd          | here kd[sdxl]                 | here kd[sd3]                     | here kd[flux]; here 2-proc       | qwen kd; here kd[qwenimage]
+DeMe, two intervals      | here deme_runs                | here deme_runs                   | here deme_runs                   | gaps qwen_deme_* (cached, projections); here deme_runs; here 2-proc
+DeMe merged as a LoRA    | here merge[sdxl] (== dense)   | here merge[sd3] (== dense)       | here merge[flux] (== dense)      | gaps merge (projections); here merge (== dense)
+DeMe ensemble            | here ensemble[sdxl]           | here ensemble[sd3]               | here ensemble[flux]              | here ensemble[qwenimage]
+loads: pipeline + load_lora_weights, samples | sdxl test_lora_output_loads.. (+ card snippet) | sd3 test_lora_with_uw_saves.. | flux test_lora_output_loads.. | qwen test_vanilla_lora_loads..; merged LoRAs: here merge
+resume 20 == 10 + 10     | sdxl resume test (LoRA, UW, EMA, TE LoRA) | sd3 full fine-tune (EMA, UW) | flux resume (LoRA, UW, EMA) | qwen resumed (LoRA, UW, shift)
+bf16                     | sdxl pcgrad                   | sd3 pcgrad                       | flux vanilla_bf16                | qwen bf16 test
+two processes identical  | here 2-proc (uw)              | here 2-proc (pcgrad, LoRA subset) | here 2-proc (kd)                | here 2-proc (DeMe + projections)
+cached == uncached loss  | here buckets[sdxl] (losses); sdxl time-id cache (encoding) | here buckets[sd3] | here buckets[flux]; gaps flux cached (encoding, training) | here buckets[qwenimage]; qwen caching hooks (encoding)
+buckets: right bucket, resume exact | here buckets[sdxl] (4 == 2 + 2) | here buckets[sd3]   | here buckets[flux]               | here buckets[qwenimage]
+LoRA-merged DeMe == dense | here merge[sdxl]             | here merge[sd3]                  | here merge[flux]                 | here merge[qwenimage]
+kd teacher shares storage | here kd[sdxl]                | here kd[sd3]                     | here kd[flux]                    | here kd[qwenimage]
+
+Not covered: a LoRA (rather than full fine-tune) resume 20 == 10 + 10 for sd3 (its LoRA resume is the 2 + 2 of
+the bucket runs here); bucket resumes are 4 == 2 + 2.
 
 Two processes: one `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU) of
 tests/scripts/ddp_families_check.py trains the four families in turn in the same two processes (one
@@ -295,10 +320,9 @@ def _bucket_runs(family, base, folder, root):
 
     def run(name, *extra):
         args = _args(family, base, root / name, "--aspect_ratio_buckets", "--max_train_steps", "4",
-                     "--checkpointing_steps", "2", "--num_clusters", "1", *extra)
+                     "--checkpointing_steps", "2", "--num_clusters", "1", "--max_train_samples", "12", *extra)
         i = args.index("--dataset_name")
         args[i:i + 2] = ["--train_data_dir", str(folder)]
-        args[args.index("--max_train_samples") + 1] = "12"
         with pytest.MonkeyPatch.context() as monkeypatch:
             recorder = _Recorder(monkeypatch)
             recorder.sizes = []
