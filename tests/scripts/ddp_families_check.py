@@ -54,6 +54,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--bases", default=None, help="a folder holding each family's saved tiny pipeline, by name")
     options = parser.parse_args()
 
     from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -67,16 +68,18 @@ def main():
     original_step = loop.training_step
     families = options.families.split(",")
 
-    # the pretrained tiny bases the LoRA runs start from, written once by process 0
-    state = PartialState(cpu=True)
-    bases = {family: os.path.join(options.output_dir, f"{family}-base") for family in families}
-    if state.is_main_process:
-        from diffusers_ant.models import get_model_adapter
+    # the pretrained tiny bases the LoRA runs start from (given, or written here once by process 0)
+    bases = {family: os.path.join(options.bases or options.output_dir, family if options.bases else f"{family}-base")
+             for family in families}
+    if not options.bases:
+        state = PartialState(cpu=True)
+        if state.is_main_process:
+            from diffusers_ant.models import get_model_adapter
 
-        for family in families:
-            torch.manual_seed(0)
-            get_model_adapter(family).load(model_config_name_or_path="tiny", resolution=RES).save(bases[family])
-    state.wait_for_everyone()
+            for family in families:
+                torch.manual_seed(0)
+                get_model_adapter(family).load(model_config_name_or_path="tiny", resolution=RES).save(bases[family])
+        state.wait_for_everyone()
 
     for family in families:
         record = {"batches": [], "model": None, "init": None}
