@@ -16,7 +16,7 @@ DeMe, two intervals      | here deme_runs                | here deme_runs       
 DeMe merged as a LoRA    | here merge[sdxl] (== dense)   | here merge[sd3] (== dense)       | here merge[flux] (== dense)      | gaps merge (projections); here merge (== dense)
 DeMe ensemble            | here ensemble[sdxl]           | here ensemble[sd3]               | here ensemble[flux]              | here ensemble[qwenimage]
 loads: pipeline + load_lora_weights, samples | sdxl test_lora_output_loads.. (+ card snippet) | sd3 test_lora_with_uw_saves.. | flux test_lora_output_loads.. | qwen test_vanilla_lora_loads..; merged LoRAs: here merge
-resume 20 == 10 + 10     | sdxl resume test (LoRA, UW, EMA, TE LoRA) | sd3 full fine-tune (EMA, UW) | flux resume (LoRA, UW, EMA) | qwen resumed (LoRA, UW, shift)
+resume 20 == 10 + 10     | sdxl resume test (LoRA, UW, EMA, TE LoRA) | sd3 LoRA (UW, EMA); sd3 full fine-tune (EMA, UW) | flux resume (LoRA, UW, EMA) | qwen resumed (LoRA, UW, shift)
 bf16                     | sdxl pcgrad                   | sd3 pcgrad                       | flux vanilla_bf16                | qwen bf16 test
 two processes identical  | here 2-proc (uw)              | here 2-proc (pcgrad, LoRA subset) | here 2-proc (kd)                | here 2-proc (DeMe + projections)
 cached == uncached loss  | here buckets[sdxl] (losses); sdxl time-id cache (encoding) | here buckets[sd3] | here buckets[flux]; gaps flux cached (encoding, training) | here buckets[qwenimage]; qwen caching hooks (encoding)
@@ -24,8 +24,7 @@ buckets: right bucket, resume exact | here buckets[sdxl] (4 == 2 + 2) | here buc
 LoRA-merged DeMe == dense | here merge[sdxl]             | here merge[sd3]                  | here merge[flux]                 | here merge[qwenimage]
 kd teacher shares storage | here kd[sdxl]; here teacher[sdxl] | here kd[sd3]; here teacher[sd3] | here teacher[flux] (DeMe's run: the same make_teacher) | here teacher[qwenimage] (same)
 
-Not covered: a LoRA (rather than full fine-tune) resume 20 == 10 + 10 for sd3 (its LoRA resume is the 2 + 2 of
-the bucket runs here); bucket resumes are 4 == 2 + 2.
+Bucket resumes are 4 == 2 + resume + 2 (mid-epoch); the 20 == 10 + resume + 10 checks are the family modules'.
 
 Two processes: one `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU) of
 tests/scripts/ddp_families_check.py trains the four families in turn in the same two processes (one

@@ -181,6 +181,25 @@ def test_full_finetune_resumes_exactly(tmp_path):
     assert get_model_adapter("sd3").load(pretrained_model_name_or_path=str(straight)).model_from_pretrained
 
 
+def test_lora_with_uw_resumes_exactly(sd3_folder, tmp_path):
+    """LoRA with ANT + UW and EMA: 20 == 10 + resume + 10 (mid-epoch: 12 samples at batch 4), the interrupted
+    run being the straight one's checkpoint-10, copied; the checkpoint holds the adapters only."""
+    import shutil
+
+    common = ["--rank", "4", "--mtl_method", "uw", "--use_ema", "--checkpointing_steps", "10",
+              "--num_inference_steps", "1", "--max_train_samples", "12", "--max_train_steps", "20"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_in_process(_sd3_args(straight, *common, pretrained=sd3_folder))
+    shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
+    train_in_process(_sd3_args(resumed, *common, "--resume_from_checkpoint", "checkpoint-10", pretrained=sd3_folder))
+    assert_same_tensors(load_file(straight / "pytorch_lora_weights.safetensors"),
+                        load_file(resumed / "pytorch_lora_weights.safetensors"))
+    assert_same_tensors(load_safetensors_dir(straight / "checkpoint-20"), load_safetensors_dir(resumed / "checkpoint-20"))
+    at_10, at_20 = (load_file(straight / f"checkpoint-{s}" / "trainable_state.safetensors") for s in (10, 20))
+    assert at_10 and all("lora_" in k for k in at_10)
+    assert max((at_10[k] - at_20[k]).abs().max().item() for k in at_10) > 1e-4  # steps 11-20 trained
+
+
 def test_sd35_options_load_and_train_a_lora_step():
     """SD3.5's transformer (RMS-norm on queries / keys, MMDiT-X dual attention) is the same type."""
     from diffusers_ant.models import get_model_adapter
