@@ -16,6 +16,8 @@ import torch
 
 from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: two threads contend on a shared 2-core machine
+
 RESOLUTION = 16  # pixels; the tiny VAE's factor 2 makes 8x8 latents, packed into 4x4 = 16 tokens
 FLUX_RUN = [*TINY_RUN, "--model_type", "flux", "--dataset_name", "mnist5k_captions", "--resolution", str(RESOLUTION),
             "--train_batch_size", "2", "--max_train_samples", "8", "--num_validation_images", "1"]

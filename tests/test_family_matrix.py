@@ -42,6 +42,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: two threads contend on a shared 2-core machine
+
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("sdxl", "sd3", "flux", "qwenimage")
 DDP_STEPS = 2  # tests/scripts/ddp_families_check.py's STEPS
