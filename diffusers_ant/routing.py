@@ -91,7 +91,9 @@ def check_same_schedule(schedulers, names=None, rtol=1e-5, atol=1e-7) -> None:
             )
 
 
-def _scheduler_timestep_map(scheduler, num_timesteps):
+def _scheduler_timestep_map(scheduler, num_timesteps, sigma_input: bool = False):
+    """Nearest training index by the scheduler's model timestep; ``sigma_input``: the denoiser is called with
+    ``timestep / num_train_timesteps`` (Flux, Qwen-Image: `models.families.denoiser_takes_sigma`)."""
     from .schedule import model_timesteps
 
     train_steps = scheduler.config.num_train_timesteps
@@ -100,7 +102,19 @@ def _scheduler_timestep_map(scheduler, num_timesteps):
             f"the scheduler has {train_steps} training timesteps but the intervals cover {num_timesteps}; "
             "pass the training scheduler the intervals were made for"
         )
-    return nearest_timestep_map(model_timesteps(scheduler, torch.arange(num_timesteps)))
+    table = model_timesteps(scheduler, torch.arange(num_timesteps))
+    return nearest_timestep_map(table.double() / train_steps if sigma_input else table)
+
+
+def denoiser_timestep_map(scheduler, num_timesteps, model):
+    """The `timestep_map` of a router / LoRA ensemble over ``model`` sampled by ``scheduler``'s pipeline: None
+    for DDPM-family schedulers (training indices), else the nearest index by the timestep ``model`` receives
+    (``sigma * 1000``, or the sigma itself for Flux and Qwen-Image, whose pipelines divide by 1000)."""
+    if "FlowMatch" not in type(scheduler).__name__:
+        return None
+    from .models.families import denoiser_takes_sigma
+
+    return _scheduler_timestep_map(scheduler, num_timesteps, sigma_input=denoiser_takes_sigma(model))
 
 
 def _take(value, index, batch_size):

@@ -66,9 +66,9 @@ def sd3_bank(saved_folders, tmp_path_factory):
     return bank
 
 
-@pytest.fixture(scope="module")
-def bank_run(saved_folders, sd3_bank, tmp_path_factory):
-    """2 LoRA steps of SD3 with retention on the bank (its prompts kept), recording what each source trained on."""
+def _train_on_bank(model_type, base, bank, out):
+    """2 LoRA steps of `model_type` with retention on `bank` (its prompts kept), recording what each source
+    trained on."""
     from diffusers_ant.training import step as step_module
 
     seen = []
@@ -76,24 +76,51 @@ def bank_run(saved_folders, sd3_bank, tmp_path_factory):
 
     def recording(self, index, source, batch, generator, chunk_size):
         prepared = original(self, index, source, batch, generator, chunk_size)
-        seen.append({"source": source.name, "captions": list(batch.get("captions") or []), "t": prepared["t"].clone(),
+        captions = list(batch.get("captions") or [])
+        if not captions and "input_ids" in batch:  # sdxl tokenizes in the data loader: the prompts' rows by their ids
+            ids = [tuple(row.tolist()) for row in batch["input_ids"]]
+            known = dict(zip((tuple(row.tolist()) for row in self.adapter.tokenize(PROMPTS)[0]), PROMPTS))
+            captions = [known.get(row, f"<not a bank prompt: {row[:4]}>") for row in ids]
+        seen.append({"source": source.name, "captions": captions, "t": prepared["t"].clone(),
                      "sampler": source.sampler, "scheduler": self.scheduler})
         return prepared
 
     step_module.DiffusionObjective._prepare_source = recording
-    out = tmp_path_factory.mktemp("sd3-bank-run") / "out"
     try:
         run = [a for a in TINY_RUN]
         i = run.index("--model_config_name_or_path")
         del run[i:i + 2]
-        train_in_process(["--model_type", "sd3", "--pretrained_model_name_or_path", str(saved_folders["sd3"]),
+        train_in_process(["--model_type", model_type, "--pretrained_model_name_or_path", str(base),
                           "--dataset_name", "mnist5k_captions", "--output_dir", str(out), *run,
                           "--train_batch_size", "4", "--max_train_samples", "8", "--num_validation_images", "1",
-                          "--rank", "4", "--knowledge_bank", str(sd3_bank), "--bank_fraction", "0.5",
+                          "--num_inference_steps", "1", *([] if model_type == "sd3" else ["--resolution", "16"]),
+                          "--rank", "4", "--knowledge_bank", str(bank), "--bank_fraction", "0.5",
                           "--bank_keep_prompts", "--max_train_steps", "2"])
     finally:
         step_module.DiffusionObjective._prepare_source = original
     return out, seen
+
+
+@pytest.fixture(scope="module")
+def bank_run(saved_folders, sd3_bank, tmp_path_factory):
+    """2 LoRA steps of SD3 with retention on the bank (its prompts kept), recording what each source trained on."""
+    return _train_on_bank("sd3", saved_folders["sd3"], sd3_bank, tmp_path_factory.mktemp("sd3-bank-run") / "out")
+
+
+@pytest.fixture(scope="module")
+def family_banks(saved_folders, tmp_path_factory):
+    """A 2-image bank of each other family's tiny base (one sampling step, two prompts), by `build_knowledge_bank`."""
+    from diffusers_ant.diff_tuning.bank import build_knowledge_bank
+
+    root = tmp_path_factory.mktemp("family-banks")
+    banks = {}
+    for model_type in ("sdxl", "flux", "qwenimage"):
+        banks[model_type] = root / model_type
+        manifest = build_knowledge_bank(str(saved_folders[model_type]), banks[model_type], 2, prompts=PROMPTS[:2],
+                                        num_inference_steps=1, batch_size=2, device="cpu", progress=False,
+                                        **({} if model_type == "sdxl" else {"resolution": 16}))
+        banks[model_type] = (banks[model_type], manifest)
+    return banks
 
 
 # ------------------------------------------------------------------------------ detection
@@ -183,17 +210,40 @@ def test_a_flux_bank_takes_the_datasets_captions_and_its_resolution(saved_folder
 
 
 @pytest.mark.parametrize("model_type", ["sdxl", "qwenimage"])
-def test_sdxl_and_qwenimage_banks_sample_through_their_adapters(model_type, saved_folders, tmp_path):
-    from diffusers_ant.diff_tuning.bank import build_knowledge_bank, load_knowledge_bank
+def test_sdxl_and_qwenimage_banks_sample_through_their_adapters(model_type, saved_folders, family_banks):
+    from diffusers_ant.diff_tuning.bank import load_knowledge_bank
 
-    manifest = build_knowledge_bank(str(saved_folders[model_type]), tmp_path / "bank", 2, prompts=PROMPTS[:2],
-                                    num_inference_steps=1, batch_size=2, device="cpu", progress=False,
-                                    **({"resolution": 16} if model_type == "qwenimage" else {}))
-    dataset, _ = load_knowledge_bank(tmp_path / "bank")
+    bank, manifest = family_banks[model_type]
+    dataset, _ = load_knowledge_bank(bank)
     own = json.loads((saved_folders[model_type] / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
     assert manifest["model_type"] == model_type and manifest["scheduler"] == own  # the pipeline's own sampler
     assert own == {"sdxl": "DDPMScheduler", "qwenimage": "FlowMatchEulerDiscreteScheduler"}[model_type]
     assert dataset["text"] == PROMPTS[:2] and all(im.size == (16, 16) for im in dataset["image"])
+
+
+@pytest.mark.parametrize("model_type", ["sdxl", "flux", "qwenimage"])
+def test_diff_tuning_trains_on_each_familys_bank_with_its_prompts_and_psi(model_type, saved_folders, family_banks,
+                                                                          tmp_path):
+    """Diff-Tuning with a bank on sdxl, flux and qwenimage (sd3: the tests above): 2 LoRA steps whose bank
+    rows carry the bank's prompts and draw their timesteps by psi, the data rows by xi; the LoRA trained."""
+    from safetensors.torch import load_file
+
+    from diffusers_ant.diff_tuning.densities import reconsolidation_weights, retention_weights
+    from diffusers_ant.schedule import num_train_timesteps
+
+    out, seen = _train_on_bank(model_type, saved_folders[model_type], family_banks[model_type][0], tmp_path / "out")
+    bank = [s for s in seen if s["source"] == "bank"]
+    data = [s for s in seen if s["source"] != "bank"]
+    assert len(bank) == 2 and len(data) == 2  # one draw per source per step
+    assert all(len(s["captions"]) == 2 and set(s["captions"]) <= set(PROMPTS[:2]) for s in bank)
+    assert all(s["captions"] and not set(s["captions"]) & set(PROMPTS) for s in data)
+    T = num_train_timesteps(bank[0]["scheduler"])
+    psi = retention_weights(T) / retention_weights(T).sum()
+    xi = reconsolidation_weights(T) / reconsolidation_weights(T).sum()
+    assert torch.allclose(bank[0]["sampler"].probabilities.double(), psi)
+    assert torch.allclose(data[0]["sampler"].probabilities.double(), xi)
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert max(t.abs().max().item() for k, t in lora.items() if "lora_B" in k or "lora.up" in k) > 0
 
 
 def test_a_bank_of_another_family_is_refused_in_one_line(sd3_bank, saved_folders):

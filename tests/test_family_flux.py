@@ -16,6 +16,8 @@ import torch
 
 from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: two threads contend on a shared 2-core machine
+
 RESOLUTION = 16  # pixels; the tiny VAE's factor 2 makes 8x8 latents, packed into 4x4 = 16 tokens
 FLUX_RUN = [*TINY_RUN, "--model_type", "flux", "--dataset_name", "mnist5k_captions", "--resolution", str(RESOLUTION),
             "--train_batch_size", "2", "--max_train_samples", "8", "--num_validation_images", "1"]
@@ -212,15 +214,17 @@ def test_card_has_flux_tags_license_and_base_model(vanilla_bf16):
 
 @pytest.fixture(scope="module")
 def resume_runs(tmp_path_factory, flux_folder):
-    """ANT with UW and EMA: 4 steps straight, and 3 steps (checkpoint at 2) then resumed from 2 to 4."""
+    """ANT with UW and EMA: 20 steps straight (checkpoints at 10 and 20), and its checkpoint-10 (the same
+    seeded run interrupted there, mid-epoch: 4 batches an epoch) resumed to 20 in another folder."""
+    import shutil
+
     root = tmp_path_factory.mktemp("flux-resume")
-    common = ["--rank", "4", "--mtl_method", "uw", "--use_ema", "--checkpointing_steps", "2",
-              "--num_validation_images", "1", "--guidance_scale", "3.5"]
+    common = ["--rank", "4", "--mtl_method", "uw", "--use_ema", "--checkpointing_steps", "10",
+              "--num_validation_images", "1", "--guidance_scale", "3.5", "--max_train_steps", "20"]
     straight, resumed = root / "straight", root / "resumed"
-    train_in_process(_args(straight, *common, "--max_train_steps", "4", pretrained=flux_folder))
-    train_in_process(_args(resumed, *common, "--max_train_steps", "3", pretrained=flux_folder))
-    train_in_process(_args(resumed, *common, "--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-2",
-                           pretrained=flux_folder))
+    train_in_process(_args(straight, *common, pretrained=flux_folder))
+    shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
+    train_in_process(_args(resumed, *common, "--resume_from_checkpoint", "checkpoint-10", pretrained=flux_folder))
     return straight, resumed
 
 
@@ -233,10 +237,12 @@ def test_ant_uw_resumes_exactly_on_the_shifted_clusters(resume_runs, adapter):
     straight, resumed = resume_runs
     final = {k: v for k, v in load_safetensors_dir(straight).items() if "checkpoint-" not in k}
     assert_same_tensors(final, {k: v for k, v in load_safetensors_dir(resumed).items() if "checkpoint-" not in k})
-    assert_same_tensors(load_safetensors_dir(straight / "checkpoint-2"), load_safetensors_dir(resumed / "checkpoint-2"))
-    keys = list(load_file(straight / "checkpoint-2" / "trainable_state.safetensors"))
+    assert_same_tensors(load_safetensors_dir(straight / "checkpoint-20"), load_safetensors_dir(resumed / "checkpoint-20"))
+    at_10, at_20 = (load_file(straight / f"checkpoint-{s}" / "trainable_state.safetensors") for s in (10, 20))
+    assert max((at_10[k] - at_20[k]).abs().max().item() for k in at_10) > 1e-4  # steps 11-20 trained
+    keys = list(at_10)
     assert keys and all("lora_" in k for k in keys)  # checkpoints hold the LoRA only
-    assert not list((straight / "checkpoint-2").glob("model*.safetensors"))
+    assert not list((straight / "checkpoint-10").glob("model*.safetensors"))
     # the clusters are those of the shifted training sigmas, at the training resolution
     from diffusers_ant.clustering import TimestepIntervals
 

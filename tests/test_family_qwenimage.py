@@ -59,13 +59,16 @@ def vanilla(base):
 
 @pytest.fixture(scope="module")
 def resumed(base):
-    """ANT with UW on a statically shifted schedule: 4 straight steps, and 3 steps resumed at step 2 to 4."""
-    common = ["--rank", "4", "--mtl_method", "uw", "--flow_shift", "3.0", "--checkpointing_steps", "2",
-              "--num_validation_images", "1"]
+    """ANT with UW on a statically shifted schedule: 20 straight steps (checkpoints at 10 and 20), and its
+    checkpoint-10 (the same seeded run interrupted there, mid-epoch: 3 batches an epoch) resumed to 20."""
+    import shutil
+
+    common = ["--rank", "4", "--mtl_method", "uw", "--flow_shift", "3.0", "--checkpointing_steps", "10",
+              "--num_validation_images", "1", "--max_train_steps", "20"]
     straight, resumed = base.parent / "straight", base.parent / "resumed"
-    train_in_process(_args(base, straight, *common, "--max_train_steps", "4"))
-    train_in_process(_args(base, resumed, *common, "--max_train_steps", "3"))  # checkpoint-2, then one step more
-    train_in_process(_args(base, resumed, *common, "--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-2"))
+    train_in_process(_args(base, straight, *common))
+    shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
+    train_in_process(_args(base, resumed, *common, "--resume_from_checkpoint", "checkpoint-10"))
     return straight, resumed
 
 
@@ -232,12 +235,14 @@ def test_ant_uw_resumes_exactly_and_clusters_the_shifted_sigmas(resumed):
 
     straight, again = resumed
     assert_same_tensors(_lora(straight), _lora(again))
-    assert_same_tensors(load_safetensors_dir(straight / "checkpoint-2"), load_safetensors_dir(again / "checkpoint-2"))
+    assert_same_tensors(load_safetensors_dir(straight / "checkpoint-20"), load_safetensors_dir(again / "checkpoint-20"))
     from safetensors.torch import load_file
 
-    keys = list(load_file(straight / "checkpoint-2" / "trainable_state.safetensors"))
+    at_10, at_20 = (load_file(straight / f"checkpoint-{s}" / "trainable_state.safetensors") for s in (10, 20))
+    assert max((at_10[k] - at_20[k]).abs().max().item() for k in at_10) > 1e-4  # steps 11-20 trained
+    keys = list(at_10)
     assert keys and all("lora_" in k for k in keys), keys[:4]  # the checkpoint holds the adapters only
-    assert not list((straight / "checkpoint-2").glob("model*.safetensors"))
+    assert not list((straight / "checkpoint-10").glob("model*.safetensors"))
     with open(straight / "timestep_intervals.json", encoding="utf-8") as f:
         saved = TimestepIntervals.from_json(f.read()).bounds
     # ANT's clusters are those of the run's own (shifted) scheduler. A shift moves log-SNR by a constant

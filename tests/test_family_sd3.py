@@ -149,32 +149,55 @@ def test_pcgrad_on_the_lora_subset_in_bf16_without_t5(sd3_folder_no_t5, tmp_path
 
 
 def test_full_finetune_resumes_exactly(tmp_path):
-    """2N == N + resume + N (N = 1, mid-epoch: 8 samples at batch 4) for a full fine-tune from the tiny
-    preset, with EMA and UW: the check every other model type passes (tests/test_trainer_matrix.py)."""
-    common = ["--use_ema", "--mtl_method", "uw", "--checkpointing_steps", "1", "--num_inference_steps", "1"]
+    """20 == 10 + resume + 10 (mid-epoch: 12 samples at batch 4) for a full fine-tune from the tiny preset,
+    with EMA and UW: the check every other model type passes (tests/test_trainer_matrix.py). The interrupted
+    run is the straight one's first 10 steps (the same seeded run): its checkpoint-10, copied, is resumed."""
+    import shutil
+
+    common = ["--use_ema", "--mtl_method", "uw", "--checkpointing_steps", "10", "--num_inference_steps", "1",
+              "--max_train_samples", "12", "--max_train_steps", "20"]
     straight = tmp_path / "straight"
-    train_in_process(_sd3_args(straight, *common, "--max_train_steps", "2"))
+    train_in_process(_sd3_args(straight, *common))
     resumed = tmp_path / "resumed"
-    train_in_process(_sd3_args(resumed, *common, "--max_train_steps", "1"))  # checkpoint-1: interrupted there
-    train_in_process(_sd3_args(resumed, *common, "--max_train_steps", "2", "--resume_from_checkpoint", "checkpoint-1"))
+    shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
+    train_in_process(_sd3_args(resumed, *common, "--resume_from_checkpoint", "checkpoint-10"))
 
     def transformer(folder):
         return {k: v for k, v in load_safetensors_dir(folder / "transformer").items()}
 
     a, b = transformer(straight), transformer(resumed)
     assert_same_tensors(a, b)
-    assert_same_tensors(load_safetensors_dir(straight / "checkpoint-2"), load_safetensors_dir(resumed / "checkpoint-2"))
-    # the second step moved the weights (so equal outputs are not the trivial kind)
-    first_step = load_safetensors_dir(resumed / "checkpoint-1")
-    second_step = load_safetensors_dir(resumed / "checkpoint-2")
-    assert max((first_step[k].float() - second_step[k].float()).abs().max().item() for k in first_step
-               if first_step[k].is_floating_point()) > 1e-4
+    assert_same_tensors(load_safetensors_dir(straight / "checkpoint-20"), load_safetensors_dir(resumed / "checkpoint-20"))
+    # the second half moved the weights (so equal outputs are not the trivial kind)
+    first_half = load_safetensors_dir(resumed / "checkpoint-10")
+    second_half = load_safetensors_dir(resumed / "checkpoint-20")
+    assert max((first_half[k].float() - second_half[k].float()).abs().max().item() for k in first_half
+               if first_half[k].is_floating_point()) > 1e-4
     from diffusers_ant.models import get_model_adapter
 
     assert json.loads((straight / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
     first = json.loads((straight / "training_config.json").read_text())
     assert first["model_type"] == "sd3" and first["precondition_outputs"] == 1
     assert get_model_adapter("sd3").load(pretrained_model_name_or_path=str(straight)).model_from_pretrained
+
+
+def test_lora_with_uw_resumes_exactly(sd3_folder, tmp_path):
+    """LoRA with ANT + UW and EMA: 20 == 10 + resume + 10 (mid-epoch: 12 samples at batch 4), the interrupted
+    run being the straight one's checkpoint-10, copied; the checkpoint holds the adapters only."""
+    import shutil
+
+    common = ["--rank", "4", "--mtl_method", "uw", "--use_ema", "--checkpointing_steps", "10",
+              "--num_inference_steps", "1", "--max_train_samples", "12", "--max_train_steps", "20"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_in_process(_sd3_args(straight, *common, pretrained=sd3_folder))
+    shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
+    train_in_process(_sd3_args(resumed, *common, "--resume_from_checkpoint", "checkpoint-10", pretrained=sd3_folder))
+    assert_same_tensors(load_file(straight / "pytorch_lora_weights.safetensors"),
+                        load_file(resumed / "pytorch_lora_weights.safetensors"))
+    assert_same_tensors(load_safetensors_dir(straight / "checkpoint-20"), load_safetensors_dir(resumed / "checkpoint-20"))
+    at_10, at_20 = (load_file(straight / f"checkpoint-{s}" / "trainable_state.safetensors") for s in (10, 20))
+    assert at_10 and all("lora_" in k for k in at_10)
+    assert max((at_10[k] - at_20[k]).abs().max().item() for k in at_10) > 1e-4  # steps 11-20 trained
 
 
 def test_sd35_options_load_and_train_a_lora_step():

@@ -250,23 +250,27 @@ def test_lora_output_loads_with_the_sdxl_pipeline_and_samples(vanilla_run, sdxl_
 
 
 def test_ant_uw_with_text_encoder_lora_resumes_exactly(sdxl_base, tmp_path):
-    """ANT + UW, EMA and both text encoders' LoRA: 4 steps == 2 + resume (mid-epoch) + 2, and the
-    checkpoint holds LoRA parameters only (diffusers' LoRA scripts)."""
+    """ANT + UW, EMA and both text encoders' LoRA: 20 steps == 10 + resume (mid-epoch: 3 batches an epoch)
+    + 10, and the checkpoint holds LoRA parameters only (diffusers' LoRA scripts). The interrupted run is
+    the straight one's first 10 steps (the same seeded run): its checkpoint-10, copied, is resumed."""
+    import shutil
+
     from safetensors.torch import load_file
 
-    common = ["--mtl_method", "uw", "--use_ema", "--train_text_encoder", "--checkpointing_steps", "2",
-              "--num_validation_images", "1"]
+    common = ["--mtl_method", "uw", "--use_ema", "--train_text_encoder", "--checkpointing_steps", "10",
+              "--num_validation_images", "1", "--max_train_steps", "20"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_in_process(_run_args(sdxl_base, straight, *common, "--max_train_steps", "4"))
-    train_in_process(_run_args(sdxl_base, resumed, *common, "--max_train_steps", "3"))  # interrupted after step 3
-    train_in_process(_run_args(sdxl_base, resumed, *common, "--max_train_steps", "4",
-                               "--resume_from_checkpoint", "checkpoint-2"))
+    train_in_process(_run_args(sdxl_base, straight, *common))
+    shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
+    train_in_process(_run_args(sdxl_base, resumed, *common, "--resume_from_checkpoint", "checkpoint-10"))
     a = load_file(straight / "pytorch_lora_weights.safetensors")
     b = load_file(resumed / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("text_encoder.") for k in a) and any(k.startswith("text_encoder_2.") for k in a)
     assert_same_tensors(a, b)
-    assert_same_tensors(load_safetensors_dir(straight / "checkpoint-4"), load_safetensors_dir(resumed / "checkpoint-4"))
-    checkpoint = straight / "checkpoint-2"
+    assert_same_tensors(load_safetensors_dir(straight / "checkpoint-20"), load_safetensors_dir(resumed / "checkpoint-20"))
+    at_10, at_20 = load_safetensors_dir(straight / "checkpoint-10"), load_safetensors_dir(straight / "checkpoint-20")
+    assert max((at_10[k].float() - at_20[k].float()).abs().max().item() for k in at_10) > 1e-4  # the last 10 trained
+    checkpoint = straight / "checkpoint-10"
     assert not list(checkpoint.glob("model*.safetensors"))
     state = load_file(checkpoint / "trainable_state.safetensors")
     assert state and all("lora_" in k for k in state), list(state)[:5]

@@ -154,6 +154,7 @@ BAD_INVOCATIONS = [
     (["--resume_from_checkpoint", "checkpoint-99"], "not found"),
     (["--pretrained_model_name_or_path", "someone/missing-model"], "not found"),
     (["--image_column", "pixels"], "pixels"),
+    (["--num_validation_images", "0"], "give 1 or more"),
 ]
 
 

@@ -76,7 +76,7 @@ def chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, nu
         check_same_schedule([finetuned_pipeline.scheduler, pretrained_scheduler], ["the fine-tuned model", "the pretrained model"])
     T = num_train_timesteps(finetuned_pipeline.scheduler)
     finetuned = getattr(finetuned_pipeline, denoiser_name(finetuned_pipeline))
-    timestep_map = router_timestep_map(finetuned_pipeline.scheduler)
+    timestep_map = router_timestep_map(finetuned_pipeline.scheduler, finetuned)
     points, images = [], []
     for f in fractions:
         router = forgetting_router(finetuned, pretrained, f, T, timestep_map)

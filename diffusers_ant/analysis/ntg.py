@@ -82,11 +82,21 @@ def swap_in_router(base, specialist, interval, num_timesteps, timestep_map=None,
                           schedulers=router_schedulers, names=router_names)
 
 
-def router_timestep_map(scheduler):
-    """What a router needs to map the pipeline's timesteps to training indices (see routing.py)."""
+def router_timestep_map(scheduler, model=None):
+    """What a router needs to map the pipeline's timesteps to training indices (see routing.py); with the
+    denoiser ``model``, by what it receives (Flux and Qwen-Image take the sigma, not ``sigma * 1000``)."""
     from ..schedule import is_flow_matching
 
-    return scheduler if is_flow_matching(scheduler) else None
+    if not is_flow_matching(scheduler):
+        return None
+    from ..models.families import denoiser_takes_sigma
+
+    if model is not None and denoiser_takes_sigma(model):
+        from ..routing import denoiser_timestep_map
+        from ..schedule import num_train_timesteps
+
+        return denoiser_timestep_map(scheduler, num_train_timesteps(scheduler), model)
+    return scheduler
 
 
 def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, num_samples=1000, scheduler="ddim",
@@ -121,7 +131,7 @@ def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, 
         check_same_schedule([base_pipeline.scheduler, *interval_schedulers], ["the base model", *names])
     T = num_train_timesteps(base_pipeline.scheduler)
     base = getattr(base_pipeline, denoiser_name(base_pipeline))
-    timestep_map = router_timestep_map(base_pipeline.scheduler)
+    timestep_map = router_timestep_map(base_pipeline.scheduler, base)
     common = {"scheduler": scheduler, "num_inference_steps": num_inference_steps, "batch_size": batch_size,
               "seed": seed, "progress": progress}
 

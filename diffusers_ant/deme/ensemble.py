@@ -157,7 +157,9 @@ def attach_saved_ensemble(pipeline, folder: str):
             load_channel_projection(model, member_folder)
         models.append(model.to(base_model.device).eval())
     intervals = TimestepIntervals(info["intervals"]["bounds"], info["intervals"]["num_timesteps"])
-    # flow-matching pipelines pass sigma * 1000, not training indices: map through the scheduler
-    timestep_map = pipeline.scheduler if "FlowMatch" in type(pipeline.scheduler).__name__ else None
+    # flow-matching pipelines pass sigma * 1000 (Flux, Qwen-Image: sigma), not training indices
+    from ..routing import denoiser_timestep_map
+
+    timestep_map = denoiser_timestep_map(pipeline.scheduler, intervals.num_timesteps, base_model)
     setattr(pipeline, component, TimestepRouter(intervals, models, timestep_map=timestep_map))
     return pipeline

@@ -78,8 +78,9 @@ class LoraTimestepSwitch:
         adapters: per interval, the adapter name, or None for the base (every adapter disabled).
         projections: per interval, ``{state key: weight}`` of its channel projections, or None (identity);
             empty when no member has projections.
-        timestep_map: None (round and clamp: DDPM-family pipelines pass training indices) or a diffusers
-            training scheduler (flow-matching pipelines pass ``sigma * 1000``), as ``TimestepRouter``.
+        timestep_map: None (round and clamp: DDPM-family pipelines pass training indices), a diffusers
+            training scheduler (flow-matching pipelines pass ``sigma * 1000``), as ``TimestepRouter``, or a
+            callable ``Tensor -> LongTensor`` (``routing.denoiser_timestep_map``: Flux and Qwen-Image take the sigma).
     """
 
     def __init__(self, model, intervals, adapters, projections=None, timestep_map=None):
@@ -92,7 +93,9 @@ class LoraTimestepSwitch:
         self.adapters = list(adapters)
         self.projections = projections or []
         self.num_timesteps = int(intervals.num_timesteps)
-        self.timestep_map = _scheduler_timestep_map(timestep_map, self.num_timesteps) if timestep_map is not None else None
+        if timestep_map is not None and not callable(timestep_map):  # a scheduler: its model timesteps
+            timestep_map = _scheduler_timestep_map(timestep_map, self.num_timesteps)
+        self.timestep_map = timestep_map
         self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
         self.active = object()  # nothing chosen yet
         self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
@@ -180,7 +183,10 @@ def attach_lora_ensemble(pipeline, folder: str, info: dict):
         add_channel_projection(model)  # identity; the switch copies each member's weights in
     model.requires_grad_(False)
     intervals = TimestepIntervals(info["intervals"]["bounds"], info["intervals"]["num_timesteps"])
-    timestep_map = pipeline.scheduler if "FlowMatch" in type(pipeline.scheduler).__name__ else None
+    from ..routing import denoiser_timestep_map
+
+    # flow-matching pipelines pass sigma * 1000 (Flux, Qwen-Image: sigma): map by what this denoiser receives
+    timestep_map = denoiser_timestep_map(pipeline.scheduler, intervals.num_timesteps, model)
     pipeline.lora_ensemble = LoraTimestepSwitch(model, intervals, adapters, projection_states if any_projection else None,
                                                 timestep_map=timestep_map)
     return pipeline

@@ -42,6 +42,16 @@ DENOISER_MODEL_TYPES = {
 }
 
 
+# Denoisers that their pipelines (and the adapters' `predict`) call with the sigma, `timestep / num_train_timesteps`,
+# instead of the flow-matching scheduler's timestep `sigma * num_train_timesteps` (FluxPipeline, QwenImagePipeline)
+SIGMA_TIMESTEP_DENOISERS = ("FluxTransformer2DModel", "QwenImageTransformer2DModel")
+
+
+def denoiser_takes_sigma(model) -> bool:
+    """Whether ``model``'s callers pass it the sigma rather than the scheduler's timestep (see above)."""
+    return any(_last(cls.__name__) in SIGMA_TIMESTEP_DENOISERS for cls in type(model).__mro__)
+
+
 def _last(name):
     return name[-1] if isinstance(name, (list, tuple)) and name else name
 

@@ -320,6 +320,12 @@ class FluxAdapter(ModelAdapter):
             max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
+    @property
+    def pixel_multiple(self) -> int:
+        """Aspect-ratio buckets: the VAE factor times the 2 x 2 latent packing (the transformer's own
+        ``patch_size`` is 1, so the base rule would allow odd latent sides, which cannot be packed)."""
+        return self.vae_scale_factor(self.vae) * 2
+
     def predict(self, model, x_t, timesteps, conditioning):
         """Pack, call the transformer at ``sigma = timesteps / num_train_timesteps``, unpack."""
         b, _, h, w = x_t.shape

@@ -363,6 +363,9 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
 
     if args.model_type not in MODEL_TYPES:
         raise UsageError(f"unknown --model_type {args.model_type!r}; choose one of: {', '.join(MODEL_TYPES)}")
+    if getattr(args, "num_validation_images", 1) < 1:  # the run samples at its end for samples/ and the card (0 crashed the pipeline)
+        raise UsageError(f"--num_validation_images {args.num_validation_images}: the run samples validation images at "
+                         "its end (samples/, the model card); give 1 or more")
     if args.pretrained_model_name_or_path and args.model_config_name_or_path and args.model_type != "controlnet":
         raise UsageError("give either --pretrained_model_name_or_path or --model_config_name_or_path, not both")
     if args.pretrained_model_name_or_path and not os.path.isdir(args.pretrained_model_name_or_path):
