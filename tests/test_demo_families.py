@@ -83,3 +83,18 @@ def test_quick_run_writes_results_with_finite_fids_and_a_bank_trained_diff_tunin
     assert {s.shape for s in samples.values()} == {(20, 16, 16, 3)}
     text = (out / "results.md").read_text()
     assert "demo_families.py --quick --families sd3" in text and "| sd3 |" in text and "sd3_grid.png" in text
+
+
+@pytest.mark.parametrize("family", demo.FAMILIES)
+def test_pretraining_command_passes_the_trainers_checks(family, tmp_path):
+    """The pretraining command of every family is one the trainer accepts (flux drops no captions: the
+    quick run covers sd3 only). Its base is swapped for the preset: the trainer checks the folder exists."""
+    from diffusers_ant.training import parse_args
+
+    args = demo.parse_args(["--work_dir", str(tmp_path)])
+    cmd = [str(c) for c in demo.pretrain_command(family, args, demo.family_layout(family, args))[2:]]
+    i = cmd.index("--pretrained_model_name_or_path")
+    cmd[i:i + 2] = ["--model_config_name_or_path", "tiny"]
+    parsed = parse_args(cmd)
+    assert parsed.model_type == family and parsed.dataset_name == demo.SOURCE and parsed.rank is None
+    assert parsed.proportion_empty_prompts == (0.0 if family == "flux" else 0.1)

@@ -242,9 +242,11 @@ def pretrain_command(family, args, layout) -> list:
             "--dataset_name", SOURCE, "--resolution", str(RESOLUTION), "--train_batch_size", str(args.pretrain_batch_size),
             "--max_train_steps", str(steps), "--learning_rate", str(args.pretrain_learning_rate),
             "--lr_scheduler", "cosine", "--lr_warmup_steps", str(min(50, steps // 10)), "--use_ema",
-            "--ema_max_decay", "0.999", "--proportion_empty_prompts", "0.1", "--seed", str(args.seed),
+            "--ema_max_decay", "0.999", "--seed", str(args.seed),
             "--output_dir", layout["pretrained"], "--checkpointing_steps", str(steps + 1),
-            "--num_validation_images", "4", "--num_inference_steps", str(args.num_inference_steps), "--report_to", "none"]
+            "--num_validation_images", "4", "--num_inference_steps", str(args.num_inference_steps), "--report_to", "none",
+            # an unconditional branch for the bank rows (the trainer drops no Flux captions: Flux has no CFG)
+            *(["--proportion_empty_prompts", "0.1"] if family != "flux" else [])]
 
 
 def bank_command(family, args, layout) -> list:
