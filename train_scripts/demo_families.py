@@ -172,7 +172,16 @@ class _FrameVAE:
         return type("Encoded", (), {"latent_dist": out.latent_dist})()
 
     def decode(self, z):
-        return type("Decoded", (), {"sample": self.vae.decode(z).sample[:, :, 0]})()
+        # The decoder's output before `AutoencoderKLQwenImage._decode` clamps it to [-1, 1] (the same steps, one
+        # frame): through the clamp, a decoder that starts below -1 everywhere gets no gradient at all and the
+        # fit collapses to black (it did: reconstruction MSE 0.34). Sampling keeps the pipeline's clamped decode.
+        vae = self.vae
+        vae.clear_cache()
+        x = vae.post_quant_conv(z)
+        vae._conv_idx = [0]
+        out = vae.decoder(x[:, :, 0:1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx)
+        vae.clear_cache()
+        return type("Decoded", (), {"sample": out[:, :, 0]})()
 
 
 def fit_base_vae(adapter, images, steps: int, seed: int) -> dict:
