@@ -11,11 +11,13 @@ project's own scripts (each a real process with its log, one torch thread, `--wo
    (the samples of a latent model trained on it are not images, and no FID against real images means
    anything). It is fitted once with `diffusers_ant.models.autoencoder.fit_autoencoder` (reconstruction
    plus a small KL term) on digits and silhouettes together, as a real checkpoint's VAE is a generic one
-   that both domains pass through; the latent scale (and SD3 / Flux's shift, Qwen-Image's per-channel
-   mean / std) is set from the fitted latents. The pipeline, denoiser still random, is saved (`init/`).
+   that both domains pass through (Qwen-Image's video VAE on its unclamped decoder output, see
+   `_FrameVAE`); the latent scale (and SD3 / Flux's shift, Qwen-Image's per-channel mean / std) is set
+   from the fitted latents. The pipeline, denoiser still random, is saved (`init/`).
 1. **Pretraining**: `train_ant.py`, full fine-tuning of the denoiser on `mnist5k_captions` ("a
    handwritten digit 3"; 10% empty prompts, so the base has the unconditional branch that Diff-Tuning's
-   bank rows train by default), cosine schedule, EMA 0.999 (`pretrained/`).
+   bank rows train by default; not for flux, where the trainer refuses it), cosine schedule, EMA 0.999
+   (`pretrained/`).
 2. **The base's own samples**: `diffusers_ant.analysis.evaluate.sample_images` with the MNIST prompts
    (digits 0-9 in turn), DDIM (the Euler sampler for the flow-matching families), a fixed seed.
 3. **Knowledge bank**: `build_knowledge_bank.py` from the base with the same MNIST prompts (`bank/`).
