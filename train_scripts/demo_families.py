@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """End-to-end Diff-Tuning demonstration per model family (issue 16, "Measured"): MNIST-5k -> Animal-MNIST.
 
-    python train_scripts/demo_families.py --output_dir docs/benchmark_families/demo --work_dir demo-work  # ~15 min
+    python train_scripts/demo_families.py --output_dir docs/benchmark_families/demo --work_dir demo-work  # ~16 min, 2 cores
     python train_scripts/demo_families.py --quick --families sd3 --output_dir q --work_dir q/work       # smoke run
 
 For each of `sdxl`, `sd3`, `flux`, `qwenimage`, at its `tiny` preset and 16x16 pixels, through the
@@ -442,7 +442,7 @@ def markdown(report) -> str:
              f"Tiny presets at {RESOLUTION}x{RESOLUTION}. Base: the preset with its VAE fitted ({a['vae_steps']} steps on "
              f"{a['vae_images']} digits + {a['vae_images']} silhouettes), then {a['pretrain_steps']} steps of full "
              f"fine-tuning on `{SOURCE}` (batch {a['pretrain_batch_size']}, AdamW {a['pretrain_learning_rate']:g}, cosine, "
-             f"EMA 0.999, 10% empty prompts). LoRAs (rank {a['rank']}, {a['finetune_steps']} steps, batch "
+             f"EMA 0.999, 10% empty prompts, none for flux). LoRAs (rank {a['rank']}, {a['finetune_steps']} steps, batch "
              f"{a['finetune_batch_size']}, AdamW {a['learning_rate']:g}, seed {a['seed']}) on {a['num_train_images']} rows "
              f"of `{TARGET}`; Diff-Tuning adds a bank of {a['bank_images']} base samples on the MNIST prompts with "
              "the method's defaults (20% of each batch, lambda 0.1, psi / xi densities, bank rows on the empty prompt). "
