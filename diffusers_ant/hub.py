@@ -33,7 +33,7 @@ CARD_NAME = "README.md"
 
 # The offline datasets built into diffusers_ant (see diffusers_ant.data): not Hub datasets, so they
 # get no `datasets:` metadata entry.
-BUILTIN_DATASETS = ("mnist5k", "animal_mnist", "digits", "mnist5k_captions")
+BUILTIN_DATASETS = ("mnist5k", "animal_mnist", "digits", "mnist5k_captions", "animal_mnist_captions")
 
 # What never goes to the Hub: Accelerate checkpoints (`checkpoint-<step>`, and their temporary names
 # while being written), anything under `checkpoints/`, temporary files and tracker logs' lock files.

@@ -5,7 +5,9 @@
 - `animal_mnist`: 10,000 animal silhouettes, 28x28, 10 classes of 1,000, from the `animal-mnist`
   wheel (`animal_mnist/data/Animal_MNIST/animal_{data,label}_version_3.gz`, numpy pickles);
 - `digits`: scikit-learn's 1,797 digits, 8x8 (`load_digits`);
-- `mnist5k_captions`: `mnist5k` plus a caption and an edge-map conditioning image (`toy.py`).
+- `mnist5k_captions`: `mnist5k` plus a caption and an edge-map conditioning image (`toy.py`);
+- `animal_mnist_captions`: `animal_mnist` plus a caption ("a silhouette of a <animal>"), the
+  text-to-image transfer target of `mnist5k_captions` (`toy.py`).
 
 Every loader returns a `datasets.Dataset` with an `image` column (`datasets.Image()`, PIL mode "L")
 and a `label` column (`datasets.ClassLabel` with names), i.e. the same shape as a Hub or image-folder
@@ -195,12 +197,19 @@ def _build_mnist5k_captions():
     return make_toy_caption_dataset()
 
 
+def _build_animal_mnist_captions():
+    from .toy import make_animal_caption_dataset
+
+    return make_animal_caption_dataset()
+
+
 # name -> builder; the names `--dataset_name` accepts without a network
 BUILTIN_DATASETS = {
     "mnist5k": _build_mnist5k,
     "animal_mnist": _build_animal_mnist,
     "digits": _build_digits,
     "mnist5k_captions": _build_mnist5k_captions,
+    "animal_mnist_captions": _build_animal_mnist_captions,
 }
 
 

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None,
-                   help="A built-in offline set (mnist5k, animal_mnist, digits, mnist5k_captions) or a datasets name.")
+                   help="A built-in offline set (mnist5k, animal_mnist, digits, mnist5k_captions, animal_mnist_captions) or a datasets name.")
     g.add_argument("--dataset_config_name", default=None)
     g.add_argument("--train_data_dir", default=None, help="A folder of images (datasets' imagefolder layout).")
     g.add_argument("--image_column", default=None)
