@@ -141,8 +141,10 @@ def test_plan_fits_the_budget_and_counts_the_search():
                                   strategy="coordinate", values=[0, 0.25, 0.5, 0.75, 1], max_rounds=3)
     assert len(result.rows) <= bench.search_evaluations(4, [0, 0.25, 0.5, 0.75, 1], 3)
     quick = bench.parse_args(["--quick"])
-    assert quick.seeds == [0, 1] and quick.num_intervals == 2 and quick.interval_steps == 10
-    assert bench.parse_args(["--quick", "--interval_steps", "7", "--seeds", "3", "4", "5"]).interval_steps == 7
+    assert quick.seeds == [0, 1] and quick.num_intervals == 2 and quick.interval_steps == 2
+    assert quick.train_batch_size == 16 and quick.num_samples == 32 and quick.search_samples == 16
+    given = bench.parse_args(["--quick", "--interval_steps", "7", "--train_batch_size", "64", "--seeds", "3", "4", "5"])
+    assert (given.interval_steps, given.train_batch_size, given.seeds) == (7, 64, [3, 4, 5])  # given flags win
     assert bench.plan(quick)["total_seconds"] < 15 * 60
 
 

@@ -118,7 +118,7 @@ def test_defaults_plan_and_quick_mode():
     one_worker = transfer.plan(transfer.parse_args(["--workers", "1"]))
     assert one_worker["total_seconds"] > 1.8 * estimate["total_seconds"]
     quick = transfer.parse_args(["--quick"])
-    assert quick.seeds == [0, 1] and quick.max_train_steps == 10 and quick.fraction_values == [0.0, 0.5, 1.0]
+    assert quick.seeds == [0, 1] and quick.max_train_steps == 4 and quick.fraction_values == [0.0, 0.5, 1.0]
     assert transfer.plan(quick)["total_seconds"] < 600
 
 
@@ -357,7 +357,7 @@ def test_quick_transfer_benchmark_runs_and_resumes(tmp_path):
         assert (out / name).stat().st_size > 0
     assert "| Diff-Tuning | all weights | knowledge bank |" in (out / "results.md").read_text()
     bank = json.loads((out / "bank" / "bank.json").read_text())
-    assert bank["num_images"] == 32
+    assert bank["num_images"] == transfer.parse_args(argv).bank_images == 16
     again = transfer.main(argv)
     assert again["timing"]["fine-tuning and ControlNet runs"] < 5
     assert again["per_run"]["full"][0]["fid"] == record["per_run"]["full"][0]["fid"]

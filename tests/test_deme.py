@@ -419,7 +419,13 @@ def test_ensemble_folder_routes_each_interval_to_its_finetune_and_samples(run, t
 
 
 @pytest.mark.slow
-def test_cli_ensemble_scored_by_evaluate_model_and_cli_merge_and_search_on_domain_fid(run, tmp_path):
+def test_cli_ensemble_scored_by_evaluate_model_and_cli_merge_and_search_on_domain_fid(run, tmp_path, monkeypatch):
+    """merge_deme.py as a program (the ensemble, scored), evaluate_model.py on its output and the search,
+    in process: a process start costs seconds of imports, and both scripts run as programs elsewhere
+    (tests/test_evaluate_model.py; merge_deme.py with --weights / --ensemble / --search in the DeMe
+    benchmark's quick run). The weighted merge is test_cli_merges_and_refuses_in_one_line's."""
+    import importlib.util
+
     cache = {"DIFFUSERS_ANT_CACHE": str(run["root"] / "cache")}
     scoring = ["--dataset_name", "digits", "--num_samples", "8", "--num_inference_steps", "2", "--batch_size", "8",
                "--kid_subsets", "2", "--num_threads", "1"]
@@ -428,20 +434,21 @@ def test_cli_ensemble_scored_by_evaluate_model_and_cli_merge_and_search_on_domai
     assert ensemble.returncode == 0, ensemble.stderr[-2000:]
     assert json.loads((tmp_path / "ens" / "deme_merge.json").read_text())["scores"]["num_fake"] == 8
     assert "| FID |" in (tmp_path / "ens" / "README.md").read_text()
-    metrics = tmp_path / "metrics.json"
-    scored = subprocess.run([sys.executable, EVALUATE, "--model", str(tmp_path / "ens"), *scoring, "--output", str(metrics)],
-                            env=offline_env(**cache), capture_output=True, text=True, timeout=300)
-    assert scored.returncode == 0, scored.stderr[-2000:]
-    assert json.loads(metrics.read_text())["fid"] > 0
 
-    merged = _cli("--base", run["base"], "--finetuned", os.path.join(run["root"], "out", "interval-*"),
-                  "--output_dir", tmp_path / "merged", "--weights", 0.1, 0.1, 0.2, 0.5)
-    assert merged.returncode == 0, merged.stderr[-2000:]
-    assert json.loads((tmp_path / "merged" / "deme_merge.json").read_text())["weights"] == [0.1, 0.1, 0.2, 0.5]
-
-    searched = _cli("--base", run["base"], "--finetuned", *run["finetunes"][:2], "--output_dir", tmp_path / "searched",
-                    "--search", "grid", "--search_values", 0, 1, *scoring, env_extra=cache)
-    assert searched.returncode == 0, searched.stderr[-2000:]
+    monkeypatch.setenv("DIFFUSERS_ANT_CACHE", cache["DIFFUSERS_ANT_CACHE"])
+    spec = importlib.util.spec_from_file_location("evaluate_model_script", EVALUATE)
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    previous = torch.get_num_threads()  # --num_threads 1 sets this process's threads
+    try:
+        metrics = tmp_path / "metrics.json"
+        assert evaluate.main(["--model", str(tmp_path / "ens"), *map(str, scoring), "--output", str(metrics)]) == 0
+        assert json.loads(metrics.read_text())["fid"] > 0
+        assert _script().main(["--base", run["base"], "--finetuned", *run["finetunes"][:2], "--output_dir",
+                               str(tmp_path / "searched"), "--search", "grid", "--search_values", "0", "1",
+                               *map(str, scoring)]) == 0
+    finally:
+        torch.set_num_threads(previous)
     table = json.loads((tmp_path / "searched" / "deme_search.json").read_text())
     assert len(table["rows"]) == 4 and all(row["feature_extractor"] == "domain_digits" for row in table["rows"])
     best = min(table["rows"], key=lambda row: row["score"])

@@ -392,37 +392,49 @@ def test_a_bank_of_other_weights_is_refused_in_one_line(pretrained, bank, tmp_pa
 
 
 @pytest.mark.slow
-def test_train_deme_interrupted_in_interval_two_continues_there_and_merges(pretrained, tmp_path):
-    import subprocess
-    import sys
+def test_train_deme_interrupted_in_interval_two_continues_there_and_merges(pretrained, tmp_path, capsys, monkeypatch):
+    """train_deme.py's own process is this one (its `main`; it runs as a program in the DeMe benchmark's
+    quick run): the interval runs it starts are processes, as always, and one of them is killed."""
+    import importlib.util
 
     from trainer_utils import REPO
+
+    spec = importlib.util.spec_from_file_location("train_deme", os.path.join(REPO, "train_scripts", "train_deme.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for key, value in offline_env().items():  # what the interval processes inherit: offline, one thread
+        monkeypatch.setenv(key, value)
 
     out = tmp_path / "deme"
     trainer = [a for a in TINY_RUN]
     for flag in ("--num_clusters", "--model_config_name_or_path"):  # train_deme sets one, the base is pretrained
         del trainer[trainer.index(flag):trainer.index(flag) + 2]
 
-    def deme_command(num_intervals, *weights):
-        return [sys.executable, os.path.join(REPO, "train_scripts", "train_deme.py"),
-                "--pretrained_model_name_or_path", str(pretrained["unet"]), "--num_intervals", str(num_intervals),
+    def deme_main(num_intervals, *weights):
+        argv = ["--pretrained_model_name_or_path", str(pretrained["unet"]), "--num_intervals", str(num_intervals),
                 "--output_dir", str(out), "--weights", *weights, "--",
                 "--dataset_name", "mnist5k", *trainer, "--max_train_steps", "6", "--checkpointing_steps", "2"]
+        try:
+            code = module.main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
 
-    command = deme_command(3, "0.2", "0.3", "0.5")
-    first = subprocess.run(command, env=offline_env(DIFFUSERS_ANT_DEME_CRASH="2:4"), capture_output=True, text=True,
-                           timeout=600)
+    monkeypatch.setenv("DIFFUSERS_ANT_DEME_CRASH", "2:4")
+    code, _, err = deme_main(3, "0.2", "0.3", "0.5")
     # the run dies while interval 2 writes checkpoint-4 (after checkpoint-2 was complete)
-    assert first.returncode != 0 and "interval 2 stopped" in first.stderr, first.stderr[-2000:]
+    assert code != 0 and "interval 2 stopped" in err, err[-2000:]
     progress = json.loads((out / "deme_progress.json").read_text())
     assert progress["done"] == [0, 1]
     assert (out / "interval-2" / "checkpoint-2").is_dir() and not (out / "merged").exists()
     finished = {i: (out / f"interval-{i}" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
                 for i in (0, 1)}
 
-    second = subprocess.run(command, env=offline_env(), capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "already trained; continuing with [2]" in second.stdout
+    monkeypatch.delenv("DIFFUSERS_ANT_DEME_CRASH")
+    code, stdout, err = deme_main(3, "0.2", "0.3", "0.5")
+    assert code == 0, err[-2000:]
+    assert "already trained; continuing with [2]" in stdout
     assert "resuming from" in (out / "interval-2" / "train.log").read_text()
     for i, mtime in finished.items():  # intervals 0 and 1 were not trained again
         assert (out / f"interval-{i}" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
@@ -431,9 +443,8 @@ def test_train_deme_interrupted_in_interval_two_continues_there_and_merges(pretr
         list(b) for b in json.loads((out / "interval-0" / "timestep_intervals.json").read_text())["bounds"]]
 
     # the same output folder with other settings is refused in one line
-    other = subprocess.run(deme_command(4, "0.25", "0.25", "0.25", "0.25"), env=offline_env(), capture_output=True,
-                           text=True, timeout=300)
-    assert other.returncode != 0 and len(other.stderr.strip().splitlines()) == 1 and "num_intervals" in other.stderr
+    code, _, err = deme_main(4, "0.25", "0.25", "0.25", "0.25")
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "num_intervals" in err
 
 
 def test_train_deme_refuses_flags_it_sets_and_wrong_weights(tmp_path, capsys):

@@ -154,13 +154,16 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)),
                    help="processes in parallel, one torch thread each")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 2 seeds, N = 2 intervals of 10 steps, a 40-step pretrained model, 128 DDIM-10 "
-                        "samples, a 3-value search on 64 samples, continued vanilla and ANT + UW only (minutes)")
+                   help="smoke run: 2 seeds, batches of 16, N = 2 intervals of 2 steps, a 10-step pretrained model, "
+                        "32 DDIM-2 samples, a 3-value search on 16 samples, continued vanilla and ANT + UW only "
+                        "(a few minutes: most of it is starting the ~25 processes)")
     args = p.parse_args(argv)
     if args.quick:  # smaller defaults; flags given explicitly still win
-        p.set_defaults(seeds=[0, 1], pretrain_steps=40, num_intervals=2, interval_steps=10, lr_warmup_steps=5,
-                       num_samples=128, num_inference_steps=10, eval_batch_size=128, search_samples=64,
-                       search_values=[0.0, 0.5, 1.0],
+        # A smoke test of the machinery (every process, folder, record and table), not of the numbers: few
+        # steps and samples, enough that every stage runs (warm-up, EMA, the consistency loss, the search).
+        p.set_defaults(seeds=[0, 1], pretrain_steps=10, num_intervals=2, interval_steps=2, lr_warmup_steps=1,
+                       train_batch_size=16, num_samples=32, num_inference_steps=2, eval_batch_size=32,
+                       search_samples=16, search_values=[0.0, 0.5, 1.0],
                        continued="vanilla,ant_uw")  # every continued row runs the same machinery
         args = p.parse_args(argv)
     if args.ablation_seeds is None:

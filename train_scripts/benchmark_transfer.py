@@ -186,13 +186,13 @@ def parse_args(argv=None):
                    help="processes in parallel, one torch thread each")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, a few steps of everything, tiny samples")
     args = p.parse_args(argv)
-    if args.quick:
+    if args.quick:  # a smoke test of the machinery, not of the numbers: few steps, small batches and samples
         args.seeds = args.seeds if args.seeds != [0, 1, 2] else [0, 1]
-        args.pretrain_steps, args.max_train_steps, args.lr_warmup_steps = 30, 10, 2
-        args.num_train_images, args.num_real = 200, 256
-        args.bank_images, args.bank_inference_steps = 32, 4
-        args.num_samples, args.num_inference_steps, args.eval_batch_size, args.validation_images = 128, 4, 128, 4
-        args.fractions, args.forgetting_samples = "0,0.5,1", 128
+        args.pretrain_steps, args.max_train_steps, args.lr_warmup_steps, args.train_batch_size = 10, 4, 1, 16
+        args.num_train_images, args.num_real = 100, 128
+        args.bank_images, args.bank_inference_steps = 16, 2
+        args.num_samples, args.num_inference_steps, args.eval_batch_size, args.validation_images = 32, 2, 32, 4
+        args.fractions, args.forgetting_samples = "0,0.5,1", 32
         args.vae_steps, args.sd_steps, args.sd_batch_size = 20, 10, 16
         args.controlnet_steps, args.convergence_steps, args.convergence_images = 10, 5, 4
         args.convergence_inference_steps, args.controlnet_bank_images = 4, 16

@@ -580,7 +580,11 @@ class ModelAdapter:
         shift = getattr(self.vae.config, "shift_factor", None)
         if shift is not None:
             latents = latents - shift
-        return latents * self.vae.config.scaling_factor
+        # Always the default (NCHW) layout: the VAE's CPU convolutions hand back channels-last moments for a
+        # batch of several images (contiguous ones for one image), cached moments are collated NCHW, and the
+        # denoiser's convolutions pick another kernel, with other float32 rounding, for each layout. Equal
+        # values in one layout make a --cache_latents run take bit for bit the steps of an uncached one.
+        return (latents * self.vae.config.scaling_factor).contiguous()
 
     def data_options(self) -> dict:
         """Keyword arguments of ``diffusers_ant.data.make_train_dataloader`` that this model type needs:
