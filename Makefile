@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # Never touch the Hub from tests or the demo: without these a hub call retries for minutes.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-benchmarks bench clean
 
 $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,14 @@ demo: install
 PYTEST := $(OFFLINE) $(PY) -m pytest -q -n auto --dist loadfile --durations=15
 
 test: install
-	$(PYTEST) tests
+	$(PYTEST) -m "not benchmark" tests
+
+# The benchmark scripts' --quick end-to-end runs (about 4 min on 2 cores): run before changing a benchmark.
+test-benchmarks: install
+	$(PYTEST) -m benchmark tests
 
 test-fast: install
-	$(PYTEST) -m "not slow" tests
+	$(PYTEST) -m "not slow and not benchmark" tests
 
 clean:
 	rm -rf $(VENV) *.egg-info

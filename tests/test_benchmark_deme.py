@@ -368,6 +368,7 @@ def argparse_namespace(args_dict):
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_quick_run_end_to_end(tmp_path):
     out = str(tmp_path / "bench")
     # continued vanilla only: every continued row runs the same machinery (continued_command with the

@@ -341,6 +341,7 @@ def test_fit_autoencoder_learns_to_reconstruct_and_scales_latents_to_unit_varian
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_quick_transfer_benchmark_runs_and_resumes(tmp_path):
     """A reduced --quick run (two rows, no ControlNet part) end to end, then again: everything kept."""
     out = tmp_path / "bench"

@@ -56,6 +56,7 @@ def test_bad_arguments_are_refused(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_quick_run_writes_results_with_finite_fids_and_a_bank_trained_diff_tuning_run(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     report = demo.main(["--quick", "--families", "sd3", "--output_dir", str(out), "--work_dir", str(work)])
