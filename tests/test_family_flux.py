@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
+from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, straight_and_resumed, train_in_process
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: two threads contend on a shared 2-core machine
 
@@ -216,16 +216,11 @@ def test_card_has_flux_tags_license_and_base_model(vanilla_bf16):
 def resume_runs(tmp_path_factory, flux_folder):
     """ANT with UW and EMA: 20 steps straight (checkpoints at 10 and 20), and its checkpoint-10 (the same
     seeded run interrupted there, mid-epoch: 4 batches an epoch) resumed to 20 in another folder."""
-    import shutil
 
     root = tmp_path_factory.mktemp("flux-resume")
     common = ["--rank", "4", "--mtl_method", "uw", "--use_ema", "--checkpointing_steps", "10",
               "--num_validation_images", "1", "--guidance_scale", "3.5", "--max_train_steps", "20"]
-    straight, resumed = root / "straight", root / "resumed"
-    train_in_process(_args(straight, *common, pretrained=flux_folder))
-    shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
-    train_in_process(_args(resumed, *common, "--resume_from_checkpoint", "checkpoint-10", pretrained=flux_folder))
-    return straight, resumed
+    return straight_and_resumed(root, lambda out, *flags: _args(out, *flags, pretrained=flux_folder), common)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from trainer_utils import assert_same_tensors, load_safetensors_dir, train_in_process
+from trainer_utils import assert_same_tensors, load_safetensors_dir, straight_and_resumed, train_in_process
 
 RES = 16
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: two threads contend on a shared 2-core machine
@@ -61,15 +61,10 @@ def vanilla(base):
 def resumed(base):
     """ANT with UW on a statically shifted schedule: 20 straight steps (checkpoints at 10 and 20), and its
     checkpoint-10 (the same seeded run interrupted there, mid-epoch: 3 batches an epoch) resumed to 20."""
-    import shutil
 
     common = ["--rank", "4", "--mtl_method", "uw", "--flow_shift", "3.0", "--checkpointing_steps", "10",
               "--num_validation_images", "1", "--max_train_steps", "20"]
-    straight, resumed = base.parent / "straight", base.parent / "resumed"
-    train_in_process(_args(base, straight, *common))
-    shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
-    train_in_process(_args(base, resumed, *common, "--resume_from_checkpoint", "checkpoint-10"))
-    return straight, resumed
+    return straight_and_resumed(base.parent, lambda out, *flags: _args(base, out, *flags), common)
 
 
 # --------------------------------------------------------------------------- text, latents, packing

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
+from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, straight_and_resumed, train_in_process
 
 # tiny models: one torch thread (as under `make test`'s workers); two contend on a shared 2-core machine
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,15 +152,10 @@ def test_full_finetune_resumes_exactly(tmp_path):
     """20 == 10 + resume + 10 (mid-epoch: 12 samples at batch 4) for a full fine-tune from the tiny preset,
     with EMA and UW: the check every other model type passes (tests/test_trainer_matrix.py). The interrupted
     run is the straight one's first 10 steps (the same seeded run): its checkpoint-10, copied, is resumed."""
-    import shutil
 
     common = ["--use_ema", "--mtl_method", "uw", "--checkpointing_steps", "10", "--num_inference_steps", "1",
               "--max_train_samples", "12", "--max_train_steps", "20"]
-    straight = tmp_path / "straight"
-    train_in_process(_sd3_args(straight, *common))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
-    train_in_process(_sd3_args(resumed, *common, "--resume_from_checkpoint", "checkpoint-10"))
+    straight, resumed = straight_and_resumed(tmp_path, _sd3_args, common)
 
     def transformer(folder):
         return {k: v for k, v in load_safetensors_dir(folder / "transformer").items()}
@@ -184,14 +179,11 @@ def test_full_finetune_resumes_exactly(tmp_path):
 def test_lora_with_uw_resumes_exactly(sd3_folder, tmp_path):
     """LoRA with ANT + UW and EMA: 20 == 10 + resume + 10 (mid-epoch: 12 samples at batch 4), the interrupted
     run being the straight one's checkpoint-10, copied; the checkpoint holds the adapters only."""
-    import shutil
 
     common = ["--rank", "4", "--mtl_method", "uw", "--use_ema", "--checkpointing_steps", "10",
               "--num_inference_steps", "1", "--max_train_samples", "12", "--max_train_steps", "20"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_in_process(_sd3_args(straight, *common, pretrained=sd3_folder))
-    shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
-    train_in_process(_sd3_args(resumed, *common, "--resume_from_checkpoint", "checkpoint-10", pretrained=sd3_folder))
+    straight, resumed = straight_and_resumed(
+        tmp_path, lambda out, *flags: _sd3_args(out, *flags, pretrained=sd3_folder), common)
     assert_same_tensors(load_file(straight / "pytorch_lora_weights.safetensors"),
                         load_file(resumed / "pytorch_lora_weights.safetensors"))
     assert_same_tensors(load_safetensors_dir(straight / "checkpoint-20"), load_safetensors_dir(resumed / "checkpoint-20"))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
+from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, straight_and_resumed, train_in_process
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -253,16 +253,12 @@ def test_ant_uw_with_text_encoder_lora_resumes_exactly(sdxl_base, tmp_path):
     """ANT + UW, EMA and both text encoders' LoRA: 20 steps == 10 + resume (mid-epoch: 3 batches an epoch)
     + 10, and the checkpoint holds LoRA parameters only (diffusers' LoRA scripts). The interrupted run is
     the straight one's first 10 steps (the same seeded run): its checkpoint-10, copied, is resumed."""
-    import shutil
 
     from safetensors.torch import load_file
 
     common = ["--mtl_method", "uw", "--use_ema", "--train_text_encoder", "--checkpointing_steps", "10",
               "--num_validation_images", "1", "--max_train_steps", "20"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_in_process(_run_args(sdxl_base, straight, *common))
-    shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
-    train_in_process(_run_args(sdxl_base, resumed, *common, "--resume_from_checkpoint", "checkpoint-10"))
+    straight, resumed = straight_and_resumed(tmp_path, lambda out, *flags: _run_args(sdxl_base, out, *flags), common)
     a = load_file(straight / "pytorch_lora_weights.safetensors")
     b = load_file(resumed / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("text_encoder.") for k in a) and any(k.startswith("text_encoder_2.") for k in a)

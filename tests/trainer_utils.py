@@ -32,6 +32,19 @@ def run_script(args, env=None, timeout=600, launcher=None):
     return subprocess.run(cmd, env=env or offline_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def straight_and_resumed(root, make_args, common, resume_at=10):
+    """The exact-resume check's two runs: ``make_args(folder, *flags)`` straight through in ``root/straight``
+    (checkpointing at ``resume_at``), and in ``root/resumed`` its ``checkpoint-<resume_at>``, copied, resumed to
+    the end. The copied checkpoint is the same seeded run interrupted there, so one run is saved."""
+    import shutil
+
+    straight, resumed = root / "straight", root / "resumed"
+    train_in_process(make_args(straight, *common))
+    shutil.copytree(straight / f"checkpoint-{resume_at}", resumed / f"checkpoint-{resume_at}")
+    train_in_process(make_args(resumed, *common, "--resume_from_checkpoint", f"checkpoint-{resume_at}"))
+    return straight, resumed
+
+
 def train_in_process(args):
     """Run the trainer in this process (much faster than a subprocess for many small runs)."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
