@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_family_sdxl import sdxl_base  # noqa: F401  (module-scoped fixture, reused)
 from trainer_utils import TINY_RUN, train_in_process
 
 RES = 16
@@ -96,16 +97,6 @@ def test_a_full_fine_tune_keeps_the_pretrained_sampling_scheduler(sd_euler_base,
 
 
 # --------------------------------------------------------------------------- 1: evaluating a text-to-image folder
-
-
-@pytest.fixture(scope="module")
-def sdxl_base(tmp_path_factory):
-    from diffusers_ant.models import get_model_adapter
-
-    folder = tmp_path_factory.mktemp("sdxl-base")
-    torch.manual_seed(0)
-    get_model_adapter("sdxl").load(model_config_name_or_path="tiny", resolution=RES, num_channels=3).save(str(folder))
-    return folder
 
 
 def test_sample_images_samples_text_to_image_folders_through_their_adapter(sd_euler_base, sdxl_base, monkeypatch):
