@@ -110,9 +110,11 @@ def denoiser_timestep_map(scheduler, num_timesteps, model):
     """The `timestep_map` of a router / LoRA ensemble over ``model`` sampled by ``scheduler``'s pipeline: None
     for DDPM-family schedulers (training indices), else the nearest index by the timestep ``model`` receives
     (``sigma * 1000``, or the sigma itself for Flux and Qwen-Image, whose pipelines divide by 1000)."""
-    if "FlowMatch" not in type(scheduler).__name__:
-        return None
     from .models.families import denoiser_takes_sigma
+    from .schedule import is_flow_matching
+
+    if not is_flow_matching(scheduler):
+        return None
 
     return _scheduler_timestep_map(scheduler, num_timesteps, sigma_input=denoiser_takes_sigma(model))
 

@@ -66,17 +66,17 @@ def chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, nu
 
     Returns `{"points": [{"fraction", "split_timestep", "fid", ...metrics}], ...}`.
     """
+    from ..routing import denoiser_timestep_map
     from ..schedule import num_train_timesteps
     from .common import denoiser_name
     from .evaluate import sample_images
-    from .ntg import router_timestep_map
 
     fractions = parse_fractions(fractions)
     if pretrained_scheduler is not None:
         check_same_schedule([finetuned_pipeline.scheduler, pretrained_scheduler], ["the fine-tuned model", "the pretrained model"])
     T = num_train_timesteps(finetuned_pipeline.scheduler)
     finetuned = getattr(finetuned_pipeline, denoiser_name(finetuned_pipeline))
-    timestep_map = router_timestep_map(finetuned_pipeline.scheduler, finetuned)
+    timestep_map = denoiser_timestep_map(finetuned_pipeline.scheduler, T, finetuned)
     points, images = [], []
     for f in fractions:
         router = forgetting_router(finetuned, pretrained, f, T, timestep_map)

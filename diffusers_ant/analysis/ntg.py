@@ -21,7 +21,7 @@ import json
 import os
 
 from ..clustering import TimestepIntervals
-from ..routing import TimestepRouter, check_same_schedule
+from ..routing import TimestepRouter, check_same_schedule, denoiser_timestep_map
 
 __all__ = ["interval_from_folder", "load_intervals", "negative_transfer_gap", "swap_in_router"]
 
@@ -82,23 +82,6 @@ def swap_in_router(base, specialist, interval, num_timesteps, timestep_map=None,
                           schedulers=router_schedulers, names=router_names)
 
 
-def router_timestep_map(scheduler, model=None):
-    """What a router needs to map the pipeline's timesteps to training indices (see routing.py); with the
-    denoiser ``model``, by what it receives (Flux and Qwen-Image take the sigma, not ``sigma * 1000``)."""
-    from ..schedule import is_flow_matching
-
-    if not is_flow_matching(scheduler):
-        return None
-    from ..models.families import denoiser_takes_sigma
-
-    if model is not None and denoiser_takes_sigma(model):
-        from ..routing import denoiser_timestep_map
-        from ..schedule import num_train_timesteps
-
-        return denoiser_timestep_map(scheduler, num_train_timesteps(scheduler), model)
-    return scheduler
-
-
 def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, num_samples=1000, scheduler="ddim",
                           num_inference_steps=50, batch_size=256, seed=0, names=None, progress=True,
                           interval_schedulers=None) -> dict:
@@ -131,7 +114,7 @@ def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, 
         check_same_schedule([base_pipeline.scheduler, *interval_schedulers], ["the base model", *names])
     T = num_train_timesteps(base_pipeline.scheduler)
     base = getattr(base_pipeline, denoiser_name(base_pipeline))
-    timestep_map = router_timestep_map(base_pipeline.scheduler, base)
+    timestep_map = denoiser_timestep_map(base_pipeline.scheduler, T, base)  # what the pipeline passes -> indices
     common = {"scheduler": scheduler, "num_inference_steps": num_inference_steps, "batch_size": batch_size,
               "seed": seed, "progress": progress}
 
