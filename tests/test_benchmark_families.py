@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from trainer_utils import REPO
 from train_scripts_loader import load_script
@@ -105,3 +106,30 @@ def test_quantized_base_bytes_are_measured_through_bitsandbytes_layers(tmp_path,
     # (plus each layer's code tables, about 1 KB: at these 256-wide layers the 4-bit figure is 0.52)
     assert 0.5 < nf4["bytes_per_quantized_weight"] < 0.53 and 1.0 < int8["bytes_per_quantized_weight"] < 1.02
     assert nf4["bytes_per_parameter"] < int8["bytes_per_parameter"] < 2.0
+
+
+def test_gradient_checkpointing_and_8bit_adam_savings_are_measured(tmp_path):
+    """The two memory flags the README documents by what they save: the step with
+    `--gradient_checkpointing` keeps fewer activations (a lower step peak, the same resident tensors), and
+    bitsandbytes' AdamW8bit keeps about a quarter of AdamW's state on a weight it quantizes (>= 4,096
+    elements: 2 uint8 moments + a fp32 scale per 256 + two 256-entry code tables) and the same on the
+    tiny LoRA's small factors, which it keeps in fp32."""
+    opts = bench.parse_args(["--families", "sd3", "--precisions", "fp32", "--no_quantized", "--no_timing",
+                             "--resolution", "16", "--batch_size", "2", "--output_dir", str(tmp_path)])
+    opts.device, opts.samples = "cpu", 8
+    context = bench.FamilyContext("sd3", "no", opts)
+    runner = bench.FamilyRunner("none", context)
+    warm, batch = context.batches(2)
+    runner.step(warm)
+    plain = bench.step_memory(context, runner, batch)
+    checkpointed = bench.checkpointed_step_memory(context, runner, batch)
+    assert checkpointed["resident_mb"] == plain["resident_mb"]
+    assert checkpointed["step_peak_mb"] < plain["step_peak_mb"]
+    assert not context.adapter.model.is_gradient_checkpointing  # turned off again
+    n = 4096 * 4
+    assert bench.adam_state_bytes([torch.zeros(n)], eight_bit=False) == 8 * n  # two fp32 moments
+    eight = bench.adam_state_bytes([torch.zeros(n)], eight_bit=True)
+    assert eight == 2 * n + 2 * 4 * (n // 256) + 2 * 4 * 256  # uint8 moments, fp32 block scales, code tables
+    lora_state = bench.adam_state_bytes(context.params, eight_bit=False)
+    assert lora_state == 8 * sum(p.numel() for p in context.params)
+    bench.reset_accelerate_state()

@@ -326,6 +326,46 @@ def step_memory(context: FamilyContext, runner: FamilyRunner, batch) -> dict:
             "resident_bytes": parts, "measure": "cpu_resident_tensors_plus_profiler_peak", "cache_mb": context.cache_mb}
 
 
+def checkpointed_step_memory(context: FamilyContext, runner: FamilyRunner, batch) -> dict:
+    """`step_memory` with `--gradient_checkpointing` on (the adapter's `enable_gradient_checkpointing`, as
+    `training.loop.train` turns it on), then off again. What it saves is the difference of the two steps'
+    peaks: activations recomputed in the backward pass instead of kept from the forward pass."""
+    context.adapter.enable_gradient_checkpointing()
+    try:
+        runner.step(batch)  # one step with checkpointing before measuring (its wrappers are built lazily)
+        return step_memory(context, runner, batch)
+    finally:
+        context.adapter.model.disable_gradient_checkpointing()
+
+
+def adam_state_bytes(params, eight_bit: bool) -> int:
+    """Bytes of the optimizer state after one step over copies of `params` (the model is not touched):
+    torch's AdamW (two fp32 moments per parameter), or bitsandbytes' AdamW8bit as `--use_8bit_adam` builds
+    it (uint8 moments with one fp32 scale per block of 256; tensors under 4,096 elements stay in fp32, and
+    each quantized tensor carries two 256-entry code tables)."""
+    copies = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    for copy in copies:
+        copy.grad = torch.ones_like(copy)
+    if eight_bit:
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(copies, lr=1e-4)
+    else:
+        optimizer = torch.optim.AdamW(copies, lr=1e-4)
+    optimizer.step()
+    # the per-parameter state only: a scalar step counter per tensor is not memory that scales
+    return tensor_bytes(v for state in optimizer.state.values() for v in state.values()
+                        if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def real_adam_state_per_parameter() -> dict:
+    """The optimizer state per parameter of a weight the size of the real checkpoints' (a 3072 x 3072
+    projection, FLUX.1's and SD3.5-Large's width), for each optimizer: what a full fine-tune pays."""
+    weight = [torch.zeros(3072, 3072)]
+    return {name: adam_state_bytes(weight, eight_bit) / weight[0].numel()
+            for name, eight_bit in (("adamw", False), ("adamw_8bit", True))}
+
+
 def measure_family(family, opts) -> dict:
     """Memory (per precision, uncached then cached) and step times (first precision) of one family."""
     result = {"memory": {}, "parameters": None, "seconds_per_step": None}
@@ -349,6 +389,14 @@ def measure_family(family, opts) -> dict:
         warm, cached_batch = context.batches(2)
         vanilla.step(warm)  # the first step after freeing (any lazily re-laid-out buffer settles)
         memory["cached"] = step_memory(context, vanilla, cached_batch)
+        if not opts.quick:
+            # what --gradient_checkpointing and --use_8bit_adam save; checkpointing beside the cached step,
+            # whose peak is the denoiser's forward and backward (uncached, encoding the batch can set it)
+            result.setdefault("memory_savers", {})[name] = {
+                "gradient_checkpointing": checkpointed_step_memory(context, vanilla, cached_batch),
+                "adam_state_bytes": {"adamw": adam_state_bytes(context.params, eight_bit=False),
+                                     "adamw_8bit": adam_state_bytes(context.params, eight_bit=True)
+                                     if importlib.util.find_spec("bitsandbytes") else None}}
         result["memory"][name] = memory
         print(f"[{family} {name}] peak {memory['uncached']['peak_mb']:.2f} MiB, cached {memory['cached']['peak_mb']:.2f} MiB",
               file=sys.stderr)
@@ -546,6 +594,7 @@ def markdown(report) -> str:
                          + (quantized_cells(r, name) if report.get("quantized") else ""))
     if report.get("quantized"):
         lines += quantized_markdown(report)
+    lines += savers_markdown(report)
     timing = report.get("timing_command")
     lines += ["", f"Step time relative to vanilla (median of {report['steps']} rounds after {report['warmup']} warm-up, "
               "one run" + (f"; measured by `{timing}`, carried over by `--no_timing`" if timing else "") + "):", "", "| family | precision | vanilla s / step | ANT + UW | ANT + PCGrad (LoRA subset) |",
@@ -558,6 +607,41 @@ def markdown(report) -> str:
         lines.append(f"| {family} | {r['time_precision']} | {r['seconds_per_step']['none']:.3f} | "
                      f"{ratio['uw']:.2f}x | {ratio['pcgrad']:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def savers_markdown(report) -> list:
+    """What `--gradient_checkpointing` and `--use_8bit_adam` save (empty for a --quick report)."""
+    rows = [(family, name, saver) for family, r in report["families"].items()
+            for name, saver in (r.get("memory_savers") or {}).items()]
+    if not rows:
+        return []
+    lines = ["", "What `--gradient_checkpointing` and `--use_8bit_adam` save, measured the same way (cached, "
+             "where the step's peak is the denoiser's forward and backward; checkpointing saves the activations kept for the "
+             "backward pass, so its share grows with resolution and batch; 8-bit Adam: the optimizer state of "
+             "this LoRA, whose small tensors bitsandbytes keeps in fp32):", "",
+             "| family | precision | cached peak MiB | with --gradient_checkpointing | saved | LoRA AdamW state KiB "
+             "| with --use_8bit_adam |", "|---|---|---|---|---|---|---|"]
+    for family, name, saver in rows:
+        plain = report["families"][family]["memory"][name]["cached"]["peak_mb"]
+        checkpointed = saver["gradient_checkpointing"]["peak_mb"]
+        adam = saver["adam_state_bytes"]
+        eight = f"{adam['adamw_8bit'] / 1024:.1f}" if adam.get("adamw_8bit") is not None else "-"
+        own = report["families"][family]["memory"][name]["cached"].get("step_peak_mb")  # CPU measure only
+        of_step = f", {(plain - checkpointed) / own:.0%} of the step's own" if own else ""
+        lines.append(f"| {family} | {name} | {plain:.2f} | {checkpointed:.2f} | {plain - checkpointed:.2f} MiB "
+                     f"({(plain - checkpointed) / plain:.0%} of the peak{of_step}) | {adam['adamw'] / 1024:.1f} | {eight} |")
+    per_param = report.get("real_adam_state_bytes_per_parameter")
+    if per_param:
+        lines += ["", f"A full fine-tune's optimizer state, per parameter of a 3072 x 3072 weight (measured): AdamW "
+                  f"{per_param['adamw']:.2f} bytes, AdamW8bit {per_param['adamw_8bit']:.3f}; for each real denoiser "
+                  "trained in full (its parameter count times these):", "",
+                  "| real denoiser | AdamW state GiB | with --use_8bit_adam | saved |", "|---|---|---|---|"]
+        for family, r in report["families"].items():
+            real = r["real_checkpoint"]
+            adamw, eight = (real["denoiser_parameters"] * per_param[k] / 2**30 for k in ("adamw", "adamw_8bit"))
+            lines.append(f"| {real['name']} ({real['denoiser_parameters'] / 1e9:.2f}B) | {adamw:.1f} | {eight:.1f} "
+                         f"| {adamw - eight:.1f} |")
+    return lines
 
 
 def quantized_cells(r, precision) -> str:
@@ -674,6 +758,8 @@ def main(argv=None):
         report["wall_seconds"] = time.perf_counter() - start
         with open(json_path, "w") as f:  # kept after each family
             json.dump(report, f, indent=2)
+    if not opts.quick and importlib.util.find_spec("bitsandbytes") is not None:
+        report["real_adam_state_bytes_per_parameter"] = real_adam_state_per_parameter()
     if previous_timing is not None:
         carry_timing_over(report, previous_timing)
         with open(json_path, "w") as f:
