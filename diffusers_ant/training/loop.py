@@ -270,6 +270,9 @@ def train(args) -> str:
     if accelerator.is_main_process:
         write_run_records(args, accelerator, intervals, weighting)
     logger.info("timestep clusters (%s): %s", args.clustering, intervals.bounds)
+    if accelerator.num_processes > 1:  # every process says where it runs (a multi-node launch is checked by it)
+        logger.info("process %d of %d (rank %d on its machine)", accelerator.process_index,
+                    accelerator.num_processes, accelerator.local_process_index)
 
     tracker = None
     if args.track_convergence and accelerator.is_main_process:
