@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -376,3 +377,19 @@ def test_quick_run_end_to_end(tmp_path):
     # has to stay within 10 minutes
     bench.main(["--quick", "--output_dir", out, "--continued", "vanilla"])
     check_quick_outputs(out)
+
+
+def test_the_benchmark_trains_and_scores_at_the_pretrained_models_resolution(pretrained, tmp_path):
+    """A converged base from `pretrain_base.py --resolution 8` is 8x8: every run and score of the
+    benchmark follows its UNet's sample_size (a folder without a UNet config, the quality benchmark's 16)."""
+    from diffusers_ant.training import parse_args
+
+    assert bench.parse_args(["--pretrained", pretrained, "--output_dir", str(tmp_path / "a")]).resolution == 16
+    (Path(pretrained) / "unet").mkdir()
+    (Path(pretrained) / "unet" / "config.json").write_text(json.dumps({"sample_size": 8}))
+    args = bench.parse_args(["--pretrained", pretrained, "--output_dir", str(tmp_path / "b")])
+    assert args.resolution == 8
+    assert parse_args(bench.continued_command(args, "vanilla", 0)[2:]).resolution == 8
+    config, seed = next(iter(bench.deme_trainings(args)))
+    assert _flag(bench.deme_command(args, config, seed), "--resolution") == "8"
+    assert bench.eval_settings(args)["resolution"] == 8

@@ -216,3 +216,9 @@ def test_pretrain_base_plateau_rule_and_its_training_command():
     parsed = parse_args(cmd[2:])
     assert parsed.max_train_steps == 1500 and parsed.checkpointing_steps == 500
     assert parsed.resume_from_checkpoint == "latest" and parsed.use_ema and parsed.mtl_method == "none"
+    assert parsed.resolution == 16 and base.eval_settings(args)["resolution"] == 16
+    small = base.parse_args(["--output_dir", "/tmp/x", "--resolution", "8"])  # trained and scored at 8x8
+    assert parse_args(base.train_command(small, "/tmp/x/run", "cfg.json", 500)[2:]).resolution == 8
+    assert base.eval_settings(small)["resolution"] == 8
+    with pytest.raises(SystemExit):
+        base.parse_args(["--output_dir", "/tmp/x", "--resolution", "6"])

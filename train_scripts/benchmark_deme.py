@@ -193,7 +193,18 @@ def parse_args(argv=None):
     if args.pretrained is not None and not os.path.isfile(os.path.join(args.pretrained, "model_index.json")):
         p.error(f"--pretrained {args.pretrained}: no pipeline folder there (model_index.json); give a saved model, "
                 "e.g. bench-quality/vanilla/seed-0, or leave it out to pretrain one here")
+    args.resolution = base_resolution(args.pretrained)
     return args
+
+
+def base_resolution(pretrained) -> int:
+    """The image side every run and score of the benchmark uses: the pretrained model's own (a base from
+    `pretrain_base.py --resolution 8` is 8x8), else the quality benchmark's `RESOLUTION`."""
+    config = os.path.join(pretrained or "", "unet", "config.json")
+    if pretrained is None or not os.path.isfile(config):
+        return RESOLUTION
+    with open(config) as f:
+        return int(json.load(f).get("sample_size") or RESOLUTION)
 
 
 # ------------------------------------------------------------------------------------------- layout
@@ -284,7 +295,7 @@ def _finetune_flags(args, seed, steps) -> list:
     the DeMe authors' AdamW (beta1 0.95, weight decay 1e-6) given explicitly to every arm: a DeMe
     interval run would take them by default and a continued run would not, and the comparison would
     then mix the method with the optimiser."""
-    return ["--model_type", "unet", "--dataset_name", DATASET, "--resolution", str(RESOLUTION),
+    return ["--model_type", "unet", "--dataset_name", DATASET, "--resolution", str(args.resolution),
             "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(steps),
             "--learning_rate", str(args.learning_rate), "--adam_beta1", str(DEME_AUTHORS_DEFAULTS["adam_beta1"]),
             "--adam_weight_decay", str(DEME_AUTHORS_DEFAULTS["adam_weight_decay"]), "--lr_scheduler", args.lr_scheduler,
@@ -296,7 +307,7 @@ def _finetune_flags(args, seed, steps) -> list:
 def pretrain_command(args, config_path) -> list:
     steps = args.pretrain_steps
     return [sys.executable, os.path.join(HERE, "train_ant.py"), "--model_type", "unet",
-            "--model_config_name_or_path", config_path, "--dataset_name", DATASET, "--resolution", str(RESOLUTION),
+            "--model_config_name_or_path", config_path, "--dataset_name", DATASET, "--resolution", str(args.resolution),
             "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(steps),
             "--learning_rate", "2e-3", "--lr_scheduler", "constant_with_warmup",
             "--lr_warmup_steps", str(min(100, max(1, steps // 10))), "--use_ema", "--ema_max_decay", "0.999",
@@ -487,7 +498,7 @@ def eval_settings(args) -> dict:
     evaluation reference folder, scored in MNIST-5k's domain features."""
     return {"num_samples": args.num_samples, "num_inference_steps": args.num_inference_steps, "scheduler": "ddim",
             "eval_batch_size": args.eval_batch_size, "reference_dir": os.path.abspath(reference_dir(args, "eval")),
-            "num_real": NUM_DATASET_IMAGES - args.search_real, "resolution": RESOLUTION, "num_channels": 1,
+            "num_real": NUM_DATASET_IMAGES - args.search_real, "resolution": args.resolution, "num_channels": 1,
             "features": DATASET}
 
 

@@ -51,6 +51,10 @@ from diffusers_ant.analysis.benchmark import (  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--output_dir", default="bench-base")
+    p.add_argument("--resolution", type=int, default=RESOLUTION,
+                   help=f"image side (default {RESOLUTION}, the quality benchmark's). At 16 the bench UNet's FID "
+                        "still fell by a quarter over the last fifth of 20,000 steps (65 minutes here; "
+                        "docs/benchmark_base/curve.json); at 8 a step costs half as much and the data is simpler")
     p.add_argument("--seed", type=int, default=1000, help="training seed of the base (default 1000, as benchmark_deme.py)")
     p.add_argument("--segment_steps", type=int, default=500, help="updates between two FID points (default 500)")
     p.add_argument("--max_train_steps", type=int, default=20000,
@@ -76,6 +80,8 @@ def parse_args(argv=None):
     for name in ("segment_steps", "max_train_steps", "min_points", "eval_samples", "eval_batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
+    if args.resolution < 8 or args.resolution % 4:
+        p.error("--resolution must be a multiple of 4 and at least 8 (the bench UNet halves it twice)")
     if not 0 < args.tolerance < 1:
         p.error("--tolerance must lie in (0, 1), e.g. 0.02 for 2%")
     if args.eval_samples % args.eval_batch_size:
@@ -86,7 +92,7 @@ def parse_args(argv=None):
 def train_command(args, run_dir: str, config_path: str, steps: int) -> list:
     """train_ant.py up to `steps` updates, continuing the run's last checkpoint (none: from scratch)."""
     return [sys.executable, os.path.join(HERE, "train_ant.py"), "--model_type", "unet",
-            "--model_config_name_or_path", config_path, "--dataset_name", DATASET, "--resolution", str(RESOLUTION),
+            "--model_config_name_or_path", config_path, "--dataset_name", DATASET, "--resolution", str(args.resolution),
             "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(steps),
             "--learning_rate", str(args.learning_rate), "--lr_scheduler", "constant_with_warmup",
             "--lr_warmup_steps", str(args.lr_warmup_steps), "--use_ema", "--ema_max_decay", "0.999",
@@ -100,7 +106,7 @@ def eval_settings(args) -> dict:
     """What a point's FID depends on besides the weights (`evaluate_saved_model` reads these)."""
     return {"num_samples": args.eval_samples, "num_inference_steps": args.num_inference_steps,
             "eval_batch_size": args.eval_batch_size, "reference_dataset": DATASET, "num_real": args.num_real,
-            "resolution": RESOLUTION, "num_channels": 1, "features": DATASET}
+            "resolution": args.resolution, "num_channels": 1, "features": DATASET}
 
 
 def plateau_step(curve: dict, tolerance: float, min_points: int):
@@ -198,7 +204,7 @@ def main(argv=None) -> int:
 
     plot_fid_curve({step: {str(args.seed): {"fid": fid}} for step, fid in curve.items()},
                    os.path.join(args.output_dir, "fid_curve.png"),
-                   title=f"bench UNet on {DATASET} {RESOLUTION}x{RESOLUTION}: domain FID of {args.eval_samples} "
+                   title=f"bench UNet on {DATASET} {args.resolution}x{args.resolution}: domain FID of {args.eval_samples} "
                          f"samples (EMA)" + (f", plateau at step {found}" if found else ""))
     return 0 if found is not None else 1
 
