@@ -20,8 +20,11 @@ from tqdm.auto import tqdm
 
 from ..weighting.distributed import average_gradients_
 from .args import TEXT_TO_IMAGE_TYPES
+from .args import UsageError
 from .checkpoint import (
     check_resume_config,
+    check_resume_engine,
+    engine_record,
     checkpoint_config,
     load_checkpoint,
     register_trainable_state_hooks,
@@ -40,6 +43,15 @@ from .components import (
     pixel_resolution,
     resolve_seed,
 )
+from .fsdp import (
+    check_fsdp_support,
+    check_fsdp_wrapping,
+    enable_fsdp_on_cpu,
+    gathered_model,
+    is_fsdp,
+    meta_skeleton,
+)
+from .fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
 from .ema import ema_home, ema_weights, restore_ema, step_ema
 from .precision import cast_frozen_parameters, current_loss_scale, lift_to_float32, sampling_precision
 from .sources import build_sources, compose_sources, cycle_batches, knowledge_bank_dataloader, retention_rows
@@ -129,6 +141,9 @@ def train(args) -> str:
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
+    enable_fsdp_on_cpu(accelerator)  # `--use_fsdp` without a GPU: torch's FSDP2 with gloo (training/fsdp.py)
+    check_fsdp_support(accelerator, args)
+    fsdp = is_fsdp(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     args.seed = resolve_seed(args, accelerator, checkpoint)
@@ -245,17 +260,38 @@ def train(args) -> str:
 
         # DeMe: no decay on the projections (it would pull them toward zero, not the identity) and norms
         param_groups = weight_decay_groups(adapter.model, params)
-    if weighting is not None and hasattr(weighting, "param_groups"):
-        # UW's log-variances: their own learning rate and no weight decay (ANT's setting).
-        param_groups += weighting.param_groups()
+    weighting_optimizer = None
+    if weighting is not None and hasattr(weighting, "param_groups") and weighting.param_groups():
+        # UW's log-variances: their own learning rate and no weight decay (ANT's setting). Under FSDP they
+        # get an AdamW of their own (the same update: AdamW is per parameter, the group's lr is constant):
+        # Accelerate's FSDP2 `prepare` maps every optimizer parameter to a sharded one of the model and
+        # fails on parameters outside it; they stay replicated, identical on every process.
+        if fsdp:
+            if accelerator.mixed_precision == "fp16":
+                raise UsageError(f"under FSDP --mtl_method {args.mtl_method} trains its parameters beside the model, "
+                                 "outside fp16's gradient scaler: use --mixed_precision bf16 or no")
+            weighting_optimizer = build_optimizer(args, weighting.param_groups(), lr)
+        else:
+            param_groups += weighting.param_groups()
     optimizer = build_optimizer(args, param_groups, lr)
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
 
+    skeleton = None
+    if fsdp:
+        check_fsdp_wrapping(accelerator, adapter.model)  # a config that wraps no module: one line, before sharding
+        skeleton = meta_skeleton(adapter.model)  # the final output's plain module (parameters on meta: no memory)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(adapter.model, optimizer, train_dataloader, lr_scheduler)
+    if fsdp:
+        # fully_shard replaced the module's parameters with sharded ones (and Accelerate the optimizer's):
+        # clipping must see the new ones
+        params = adapter.trainable_parameters()
     if bank_dataloader is not None:
         bank_dataloader = accelerator.prepare(bank_dataloader)  # each process reads its own shard of the bank
     # LoRA and other partial fine-tuning: checkpoints hold the trainable parameters only, not the frozen base.
-    register_trainable_state_hooks(accelerator, adapter.model)
+    # Under FSDP Accelerate writes the sharded module whole (`save_fsdp_model`, frozen shards included),
+    # whatever the hooks do, and reads it back: each process keeps its own shard of the base.
+    if not fsdp:
+        register_trainable_state_hooks(accelerator, adapter.model)
     ema = None
     if args.use_ema:
         ema = EMAModel(params, decay=args.ema_max_decay, use_ema_warmup=True,
@@ -285,6 +321,8 @@ def train(args) -> str:
                 "extra_trainable": adapter.extra_trainable_state(),
                 "ema": ema.state_dict() if ema is not None else None,
                 "weighting": weighting.state_dict() if weighting is not None else None,
+                "weighting_optimizer": weighting_optimizer.state_dict() if weighting_optimizer is not None else None,
+                "engine": engine_record(accelerator),
                 "config": public_config(args)}
 
     global_step = 0
@@ -292,6 +330,7 @@ def train(args) -> str:
         accelerator.print(f"no checkpoint in {args.output_dir}: starting a new run")
     if checkpoint is not None:
         accelerator.print(f"resuming from {checkpoint}")
+        check_resume_engine(checkpoint, engine_record(accelerator))  # before Accelerate reads a foreign layout
         state = load_checkpoint(accelerator, checkpoint)
         global_step = int(state["global_step"])
         generator.set_state(state["generator"])
@@ -301,6 +340,8 @@ def train(args) -> str:
             restore_ema(ema, state["ema"], ema_home(args, accelerator))
         if weighting is not None:
             weighting.load_state_dict(state["weighting"])
+        if weighting_optimizer is not None:
+            weighting_optimizer.load_state_dict(state["weighting_optimizer"])
         adapter.load_extra_trainable_state(state.get("extra_trainable") or {})
         if tracker is not None and state.get("convergence"):
             tracker.load_state_dict(state["convergence"])
@@ -336,9 +377,14 @@ def train(args) -> str:
                                  engine=engine, loss_scale=current_loss_scale(scaler, accelerator.device))
             if extra_params and not (weighting is not None and weighting.needs_task_gradients):
                 average_gradients_(extra_params)  # DDP averaged the model's gradients, not these
-            if args.max_grad_norm:
+            if args.max_grad_norm and fsdp:
+                fsdp_clip_grad_norm_(accelerator, params, args.max_grad_norm)
+            elif args.max_grad_norm:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
+            if weighting_optimizer is not None:
+                weighting_optimizer.step()
+                weighting_optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             skipped = accelerator.optimizer_step_was_skipped
@@ -374,6 +420,9 @@ def train(args) -> str:
 
     # ---------------------------------------------------------------- outputs
     accelerator.wait_for_everyone()
+    if fsdp:
+        # every process takes part in gathering the full state dict; process 0 writes a plain module
+        model = gathered_model(accelerator, model, skeleton)
     if accelerator.is_main_process:
         finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs, objective,
                finetune, freed)
