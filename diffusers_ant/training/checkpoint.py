@@ -32,6 +32,8 @@ def flatten_state(obj: Any, tensors: Dict[str, torch.Tensor], prefix: str = "") 
     """Split a nested state (dicts, lists, tensors, numbers, strings) into tensors and a JSON skeleton."""
     if isinstance(obj, torch.Tensor):
         key = prefix or "tensor"
+        if hasattr(obj, "to_local"):  # a DTensor (FSDP2: EMA's shadow weights): this process's shard, in its own file
+            obj = obj.to_local()
         tensors[key] = obj.detach().cpu().contiguous()
         return {"__tensor__": key}
     if isinstance(obj, dict):

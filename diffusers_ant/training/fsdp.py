@@ -67,7 +67,6 @@ def check_fsdp_support(accelerator, args) -> None:
     if accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise UsageError(f"under FSDP set fsdp_version: 2 (FSDP2, fully_shard); FSDP1 is not supported: see {FSDP_CONFIG_HINT}")
     refused = {
-        "use_ema": "--use_ema (the EMA copy would be a full, unsharded replica per process)",
         "train_text_encoder": "--train_text_encoder (its LoRA lives outside the sharded module and its optimizer)",
         "validation_steps": "--validation_steps (sampling runs on process 0 alone; FSDP's forward needs every process)",
         "validation_epochs": "--validation_epochs (sampling runs on process 0 alone; FSDP's forward needs every process)",
@@ -129,3 +128,17 @@ def clip_grad_norm_(accelerator, params, max_norm: float):
     trainable subset); torch's `clip_grad_norm_` handles DTensor gradients (one device mesh) itself."""
     accelerator.unscale_gradients()
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def sharded_like(tensors, params):
+    """Each process's local shards (as `flatten_state` checkpoints a DTensor) back as DTensors laid out
+    like `params` (the sharded trainable parameters, in the same order: EMA's shadow weights)."""
+    from torch.distributed.tensor import DTensor
+
+    out = []
+    for tensor, param in zip(tensors, params):
+        if isinstance(param, DTensor) and not isinstance(tensor, DTensor):
+            tensor = DTensor.from_local(tensor.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                        shape=param.shape, stride=param.stride())
+        out.append(tensor)
+    return out

@@ -50,6 +50,7 @@ from .fsdp import (
     gathered_model,
     is_fsdp,
     meta_skeleton,
+    sharded_like,
 )
 from .fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
 from .ema import ema_home, ema_weights, restore_ema, step_ema
@@ -338,6 +339,9 @@ def train(args) -> str:
             if state["ema"] is None:
                 raise ValueError(f"{checkpoint} was saved without --use_ema; resume without it or start a new run")
             restore_ema(ema, state["ema"], ema_home(args, accelerator))
+            if fsdp:
+                # the checkpoint holds this process's shard of each EMA weight: put it back in place
+                ema.shadow_params = sharded_like(ema.shadow_params, params)
         if weighting is not None:
             weighting.load_state_dict(state["weighting"])
         if weighting_optimizer is not None:
@@ -421,8 +425,11 @@ def train(args) -> str:
     # ---------------------------------------------------------------- outputs
     accelerator.wait_for_everyone()
     if fsdp:
-        # every process takes part in gathering the full state dict; process 0 writes a plain module
-        model = gathered_model(accelerator, model, skeleton)
+        # every process takes part in gathering the full state dict (with the EMA weights in place, as
+        # finish() saves them); process 0 writes the plain module, which then holds them
+        with ema_weights(ema, params):
+            model = gathered_model(accelerator, model, skeleton)
+        ema = None
     if accelerator.is_main_process:
         finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs, objective,
                finetune, freed)
