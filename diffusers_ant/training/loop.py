@@ -149,7 +149,9 @@ def train(args) -> str:
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     args.seed = resolve_seed(args, accelerator, checkpoint)
     if checkpoint is not None:
-        # Before any model or data is loaded: a resumed run must continue the run it resumes.
+        # Before any model or data is loaded: a resumed run must continue the run it resumes, under the
+        # engine and with the number of processes that wrote its state.
+        check_resume_engine(checkpoint, engine_record(accelerator))
         for change in check_resume_config(checkpoint_config(checkpoint), public_config(args), checkpoint):
             logger.info("resuming with a changed setting, %s", change)
     set_seed(args.seed)
@@ -331,7 +333,6 @@ def train(args) -> str:
         accelerator.print(f"no checkpoint in {args.output_dir}: starting a new run")
     if checkpoint is not None:
         accelerator.print(f"resuming from {checkpoint}")
-        check_resume_engine(checkpoint, engine_record(accelerator))  # before Accelerate reads a foreign layout
         state = load_checkpoint(accelerator, checkpoint)
         global_step = int(state["global_step"])
         generator.set_state(state["generator"])
