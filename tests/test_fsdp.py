@@ -27,7 +27,8 @@ def _fsdp_accelerator(**plugin_options):
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=plugin_options.pop("fsdp_version", 2),
                                             cpu_ram_efficient_loading=False, **plugin_options)
-    return SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+    return SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin),
+                           num_processes=2, print=print)
 
 
 def _tiny_unet():
@@ -105,6 +106,7 @@ def _launch(config, out, *extra):
                 "--main_process_port", "0"]  # a free port: other test runs may hold the default 29500
     result = run_script(args, launcher=launcher, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert ("FSDP2 (fully_shard) on 2 processes: UNet2DModel sharded in" in result.stdout) == (config == "fsdp")
     return out
 
 

@@ -99,6 +99,8 @@ def check_fsdp_wrapping(accelerator, model) -> None:
     wrapped = 0 if policy is None else sum(1 for m in model.modules() if m is not model and policy(m))
     if wrapped == 0:
         raise UsageError(f"the FSDP config's auto wrap policy wraps no module of {type(model).__name__}: {hint}")
+    accelerator.print(f"FSDP2 (fully_shard) on {accelerator.num_processes} processes: {type(model).__name__} "
+                      f"sharded in {wrapped} blocks and the rest")
 
 
 def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
