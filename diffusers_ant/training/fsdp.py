@@ -36,6 +36,22 @@ def is_fsdp(accelerator) -> bool:
     return getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type)) == "FSDP"
 
 
+def check_cpu_fsdp_launch() -> None:
+    """Before `Accelerator(...)` builds its FSDP plugin from the launcher's environment: on a machine
+    without CUDA the plugin raises (a traceback) for `sync_module_states`, which `accelerate launch
+    --use_fsdp` turns on by default through `fsdp_cpu_ram_efficient_loading`, and FSDP1 needs a GPU."""
+    if not fsdp_requested() or torch.cuda.is_available():
+        return
+    env = os.environ
+    version = env.get("FSDP_VERSION", "1")
+    ram = env.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true"
+    sync = env.get("FSDP_SYNC_MODULE_STATES", "false").lower() == "true"
+    if version != "2" or ram or sync:
+        raise UsageError("FSDP without a GPU needs fsdp_version: 2 and fsdp_cpu_ram_efficient_loading: false "
+                         f"(sync_module_states is GPU-only): use {FSDP_CONFIG_HINT}, or add "
+                         "`--fsdp_version 2 --fsdp_cpu_ram_efficient_loading false --fsdp_sync_module_states false`")
+
+
 def enable_fsdp_on_cpu(accelerator) -> None:
     """Run under FSDP2 on a CPU-only machine when the launcher asked for FSDP (see the module docstring).
 

@@ -44,6 +44,7 @@ from .components import (
     resolve_seed,
 )
 from .fsdp import (
+    check_cpu_fsdp_launch,
     check_fsdp_support,
     check_fsdp_wrapping,
     enable_fsdp_on_cpu,
@@ -128,6 +129,7 @@ def train(args) -> str:
     from ..weighting import get_weighting
 
     # ---------------------------------------------------------------- set-up
+    check_cpu_fsdp_launch()  # an FSDP launch Accelerate's plugin would refuse on a CPU: one line, not a traceback
     accelerator = Accelerator(
         # Without a GPU, `accelerate launch --multi_gpu` starts several processes but Accelerate only
         # forms the gloo process group (MULTI_CPU) when told to use the CPU; otherwise each process
