@@ -5,14 +5,18 @@ own helpers:
 
 * `enable_fsdp_on_cpu`: Accelerate 1.16 selects FSDP only on accelerator devices
   (`AcceleratorState.__init__`: the FSDP branch sits under MULTI_GPU / XPU / NPU ...); on a machine
-  without one, `accelerate launch --use_fsdp` (or an FSDP config file) silently trains under plain
-  DDP (MULTI_CPU). torch's FSDP2 itself runs on CPU with gloo, so there the state is switched to
-  FSDP with the plugin Accelerate built from the launcher's environment (`FSDP_*` variables).
+  without one, an FSDP launch would silently train under plain DDP (MULTI_CPU: this trainer's
+  `Accelerator(cpu=True)`). torch's FSDP2 itself runs on CPU with gloo, so there the state is switched
+  to FSDP with the plugin Accelerate builds from the launcher's environment (`FSDP_*` variables);
+  `check_cpu_fsdp_launch` refuses, before, what cannot run there.
+* `check_fsdp_support`: FSDP1 and the options that do not run under FSDP yet, one line each.
 * `check_fsdp_wrapping`: a config whose auto-wrap policy wraps no module would shard the model as one
   unit (every forward gathers the whole model, no memory saved): one line, naming the model's classes.
 * `gathered_model`: the final output is a plain diffusers module (full state dict gathered on process
   0, as diffusers' scripts do with `accelerator.get_state_dict` under FSDP) loaded into a copy of the
   module taken before sharding with its parameters on the meta device (no memory held for it).
+* `sharded_like`: EMA's shadow weights are DTensors sharded like the parameters; each process
+  checkpoints its shard (`checkpoint.flatten_state`) and puts it back in place on resume.
 """
 
 from __future__ import annotations
@@ -37,19 +41,14 @@ def is_fsdp(accelerator) -> bool:
 
 
 def check_cpu_fsdp_launch() -> None:
-    """Before `Accelerator(...)` builds its FSDP plugin from the launcher's environment: on a machine
-    without CUDA the plugin raises (a traceback) for `sync_module_states`, which `accelerate launch
-    --use_fsdp` turns on by default through `fsdp_cpu_ram_efficient_loading`, and FSDP1 needs a GPU."""
+    """Before `Accelerator(...)` builds its FSDP plugin from the launcher's environment: without CUDA,
+    `accelerate launch --use_fsdp` alone asks for FSDP1 with `fsdp_cpu_ram_efficient_loading`, whose
+    `sync_module_states` the plugin refuses on a CPU with a traceback; this trainer runs FSDP2 only."""
     if not fsdp_requested() or torch.cuda.is_available():
         return
-    env = os.environ
-    version = env.get("FSDP_VERSION", "1")
-    ram = env.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true"
-    sync = env.get("FSDP_SYNC_MODULE_STATES", "false").lower() == "true"
-    if version != "2" or ram or sync:
-        raise UsageError("FSDP without a GPU needs fsdp_version: 2 and fsdp_cpu_ram_efficient_loading: false "
-                         f"(sync_module_states is GPU-only): use {FSDP_CONFIG_HINT}, or add "
-                         "`--fsdp_version 2 --fsdp_cpu_ram_efficient_loading false --fsdp_sync_module_states false`")
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UsageError(f"FSDP without a GPU needs fsdp_version: 2 (torch's fully_shard): use {FSDP_CONFIG_HINT}, "
+                         "or add `--fsdp_version 2 --fsdp_cpu_ram_efficient_loading false`")
 
 
 def enable_fsdp_on_cpu(accelerator) -> None:
@@ -76,8 +75,10 @@ def check_fsdp_support(accelerator, args) -> None:
     """What this trainer runs under FSDP is FSDP2 (`fully_shard`); refuse the rest in one line each.
 
     FSDP1 flattens parameters (the trainer's parameter lists, LoRA hooks and per-task gradient engine
-    address the module's own parameters); the options below keep per-process state outside the sharded
-    module that is not sharded or checkpointed under FSDP yet."""
+    address the module's own parameters). Of the options below, the text encoder's LoRA trains outside
+    the sharded module and its optimizer, the samplers run the model on process 0 alone (a sharded
+    forward is a collective of every process), and 8-bit AdamW and quantized bases on sharded (DTensor)
+    parameters are untested."""
     if not is_fsdp(accelerator):
         return
     if accelerator.state.fsdp_plugin.fsdp_version != 2:
@@ -88,6 +89,7 @@ def check_fsdp_support(accelerator, args) -> None:
         "validation_epochs": "--validation_epochs (sampling runs on process 0 alone; FSDP's forward needs every process)",
         "track_convergence": "--track_convergence (sampling runs on process 0 alone; FSDP's forward needs every process)",
         "use_8bit_adam": "--use_8bit_adam (bitsandbytes' optimizer on sharded DTensor parameters is untested)",
+        "quantize_base": "--quantize_base (a quantized frozen base under fully_shard is untested)",
     }
     for flag, why in refused.items():
         if getattr(args, flag, None):
