@@ -19,13 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..weighting.distributed import average_gradients_
-from .args import TEXT_TO_IMAGE_TYPES
-from .args import UsageError
+from .args import TEXT_TO_IMAGE_TYPES, UsageError
 from .checkpoint import (
     check_resume_config,
     check_resume_engine,
-    engine_record,
     checkpoint_config,
+    engine_record,
     load_checkpoint,
     register_trainable_state_hooks,
     remove_stale_temporaries,
@@ -43,6 +42,7 @@ from .components import (
     pixel_resolution,
     resolve_seed,
 )
+from .ema import ema_home, ema_weights, restore_ema, step_ema
 from .fsdp import (
     check_cpu_fsdp_launch,
     check_fsdp_support,
@@ -54,7 +54,6 @@ from .fsdp import (
     sharded_like,
 )
 from .fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
-from .ema import ema_home, ema_weights, restore_ema, step_ema
 from .precision import cast_frozen_parameters, current_loss_scale, lift_to_float32, sampling_precision
 from .sources import build_sources, compose_sources, cycle_batches, knowledge_bank_dataloader, retention_rows
 from .step import DiffusionObjective, training_step
