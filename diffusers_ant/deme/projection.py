@@ -168,14 +168,27 @@ TWO_STREAM_BLOCKS = {
 TWO_STREAM_OUTPUT_INDEX = 1
 
 
+def module_class_name(model) -> str:
+    """The class name of ``model``, seen through FSDP2: ``fully_shard`` swaps the module's class for a
+    subclass ``FSDP<name>`` of (FSDPModule, <name>) while the trainer runs the sharded module."""
+    cls = type(model)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return cls.__name__
+    if issubclass(cls, FSDPModule):
+        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+    return cls.__name__
+
+
 def _main_path_index(model) -> int:
     """The element of a tuple block output that :func:`_project_block_output` projects (see ``output_index``)."""
-    return TWO_STREAM_OUTPUT_INDEX if type(model).__name__ in TWO_STREAM_BLOCKS else 0
+    return TWO_STREAM_OUTPUT_INDEX if module_class_name(model) in TWO_STREAM_BLOCKS else 0
 
 
 def _blocks(model) -> list:
     """``[(qualified name, block, channels, channel_dim)]`` where ``model`` gets projections."""
-    name = type(model).__name__
+    name = module_class_name(model)  # a sharded model's own class (FSDP2 renames it FSDP<name>)
     found = []
     if hasattr(model, "transformer_blocks") and name == "DiTTransformer2DModel":
         inner = model.config.num_attention_heads * model.config.attention_head_dim

@@ -32,6 +32,8 @@ def flatten_state(obj: Any, tensors: Dict[str, torch.Tensor], prefix: str = "") 
     """Split a nested state (dicts, lists, tensors, numbers, strings) into tensors and a JSON skeleton."""
     if isinstance(obj, torch.Tensor):
         key = prefix or "tensor"
+        if hasattr(obj, "to_local"):  # a DTensor (FSDP2: EMA's shadow weights): this process's shard, in its own file
+            obj = obj.to_local()
         tensors[key] = obj.detach().cpu().contiguous()
         return {"__tensor__": key}
     if isinstance(obj, dict):
@@ -158,6 +160,36 @@ RESUME_SAFE_FLAGS = frozenset({
     "enable_xformers_memory_efficient_attention", "offload_ema", "foreach_ema", "track_convergence",
     "convergence_steps", "convergence_threshold",
 })
+
+
+def engine_record(accelerator) -> Dict[str, Any]:
+    """How the state of a checkpoint is laid out: the distributed engine and the number of processes.
+
+    Accelerate writes one RNG file per process, this trainer one trainer state per process, each process
+    resumes at its own data position, and under FSDP the model and optimizer are sharded folders
+    (`pytorch_model_fsdp_0`, `optimizer_0`) that the other engines do not read."""
+    kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+    return {"distributed_type": "FSDP" if kind == "FSDP" else "DDP", "num_processes": int(accelerator.num_processes)}
+
+
+def check_resume_engine(checkpoint: str, current: Dict[str, Any]) -> None:
+    """Refuse, in one line, to resume a checkpoint written by another engine or number of processes (a
+    checkpoint written before this was recorded is not checked)."""
+    path = os.path.join(checkpoint, "trainer_state_0.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = json.load(f).get("engine")
+    if not isinstance(saved, dict):
+        return
+    if saved.get("distributed_type") != current["distributed_type"]:
+        how = "with an FSDP config (--use_fsdp)" if saved.get("distributed_type") == "FSDP" else "without FSDP"
+        raise ValueError(f"{checkpoint} was written under {saved.get('distributed_type')} and this run is "
+                         f"{current['distributed_type']}: resume {how}")
+    if saved.get("num_processes") != current["num_processes"]:
+        raise ValueError(f"{checkpoint} was written by {saved.get('num_processes')} processes and this run has "
+                         f"{current['num_processes']}: resume with `accelerate launch --num_processes "
+                         f"{saved.get('num_processes')}` (each process resumes its own data position and RNG state)")
 
 
 def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: str) -> list:

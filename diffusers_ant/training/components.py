@@ -172,13 +172,20 @@ def check_distributed_support(accelerator, args, weighting) -> None:
     """Refuse configurations that would train wrongly under DeepSpeed / FSDP / other engines.
 
     * Gradient-based weightings write `.grad` through the unwrapped module: under DeepSpeed the
-      parameters would never change, under FSDP the module is sharded. Only single-process and
-      plain data-parallel runs are supported.
+      parameters would never change, under FSDP2 the module's parameters are shards (DTensors) that
+      autograd reaches only through FSDP's own all-gather and reduce-scatter hooks, so per-task
+      `autograd.grad` calls, even over the LoRA subset, do not give per-task gradients. Only
+      single-process and plain data-parallel runs are supported.
     * DeepSpeed steps inside `backward()`: a gradient-accumulation window of several chunks would
       step several times, and its optimizer would own UW's log-variances. Vanilla and parameter-free
       loss-based weightings with `--gradient_accumulation_steps 1` only."""
     kind = accelerator.distributed_type.name if hasattr(accelerator.distributed_type, "name") else str(accelerator.distributed_type)
     supported = ", ".join(t.lower() for t in _ENGINE_DISTRIBUTED_TYPES[:3])
+    if weighting is not None and weighting.needs_task_gradients and kind == "FSDP":
+        raise UsageError(f"--mtl_method {args.mtl_method} (gradient-based) does not run under FSDP, with or without "
+                         "--task_gradient_subset lora (the per-task gradient engine differentiates the model's own, "
+                         "here sharded, parameters): use a loss-based method (ls, rlw, uw, dwa) or "
+                         "`accelerate launch --multi_gpu`")
     if weighting is not None and weighting.needs_task_gradients and kind not in _ENGINE_DISTRIBUTED_TYPES:
         raise UsageError(f"--mtl_method {args.mtl_method} (gradient-based) runs on one process or plain data "
                          f"parallelism ({supported}), not under {kind}: use a loss-based method (ls, rlw, uw, dwa) "

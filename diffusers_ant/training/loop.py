@@ -19,10 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..weighting.distributed import average_gradients_
-from .args import TEXT_TO_IMAGE_TYPES
+from .args import TEXT_TO_IMAGE_TYPES, UsageError
 from .checkpoint import (
     check_resume_config,
+    check_resume_engine,
     checkpoint_config,
+    engine_record,
     load_checkpoint,
     register_trainable_state_hooks,
     remove_stale_temporaries,
@@ -41,6 +43,17 @@ from .components import (
     resolve_seed,
 )
 from .ema import ema_home, ema_weights, restore_ema, step_ema
+from .fsdp import (
+    check_cpu_fsdp_launch,
+    check_fsdp_support,
+    check_fsdp_wrapping,
+    enable_fsdp_on_cpu,
+    gathered_model,
+    is_fsdp,
+    meta_skeleton,
+    sharded_like,
+)
+from .fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
 from .precision import cast_frozen_parameters, current_loss_scale, lift_to_float32, sampling_precision
 from .sources import build_sources, compose_sources, cycle_batches, knowledge_bank_dataloader, retention_rows
 from .step import DiffusionObjective, training_step
@@ -115,6 +128,7 @@ def train(args) -> str:
     from ..weighting import get_weighting
 
     # ---------------------------------------------------------------- set-up
+    check_cpu_fsdp_launch()  # an FSDP launch Accelerate's plugin would refuse on a CPU: one line, not a traceback
     accelerator = Accelerator(
         # Without a GPU, `accelerate launch --multi_gpu` starts several processes but Accelerate only
         # forms the gloo process group (MULTI_CPU) when told to use the CPU; otherwise each process
@@ -129,11 +143,16 @@ def train(args) -> str:
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
+    enable_fsdp_on_cpu(accelerator)  # `--use_fsdp` without a GPU: torch's FSDP2 with gloo (training/fsdp.py)
+    check_fsdp_support(accelerator, args)
+    fsdp = is_fsdp(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     args.seed = resolve_seed(args, accelerator, checkpoint)
     if checkpoint is not None:
-        # Before any model or data is loaded: a resumed run must continue the run it resumes.
+        # Before any model or data is loaded: a resumed run must continue the run it resumes, under the
+        # engine and with the number of processes that wrote its state.
+        check_resume_engine(checkpoint, engine_record(accelerator))
         for change in check_resume_config(checkpoint_config(checkpoint), public_config(args), checkpoint):
             logger.info("resuming with a changed setting, %s", change)
     set_seed(args.seed)
@@ -245,17 +264,38 @@ def train(args) -> str:
 
         # DeMe: no decay on the projections (it would pull them toward zero, not the identity) and norms
         param_groups = weight_decay_groups(adapter.model, params)
-    if weighting is not None and hasattr(weighting, "param_groups"):
-        # UW's log-variances: their own learning rate and no weight decay (ANT's setting).
-        param_groups += weighting.param_groups()
+    weighting_optimizer = None
+    if weighting is not None and hasattr(weighting, "param_groups") and weighting.param_groups():
+        # UW's log-variances: their own learning rate and no weight decay (ANT's setting). Under FSDP they
+        # get an AdamW of their own (the same update: AdamW is per parameter, the group's lr is constant):
+        # Accelerate's FSDP2 `prepare` maps every optimizer parameter to a sharded one of the model and
+        # fails on parameters outside it; they stay replicated, identical on every process.
+        if fsdp:
+            if accelerator.mixed_precision == "fp16":
+                raise UsageError(f"under FSDP --mtl_method {args.mtl_method} trains its parameters beside the model, "
+                                 "outside fp16's gradient scaler: use --mixed_precision bf16 or no")
+            weighting_optimizer = build_optimizer(args, weighting.param_groups(), lr)
+        else:
+            param_groups += weighting.param_groups()
     optimizer = build_optimizer(args, param_groups, lr)
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
 
+    skeleton = None
+    if fsdp:
+        check_fsdp_wrapping(accelerator, adapter.model)  # a config that wraps no module: one line, before sharding
+        skeleton = meta_skeleton(adapter.model)  # the final output's plain module (parameters on meta: no memory)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(adapter.model, optimizer, train_dataloader, lr_scheduler)
+    if fsdp:
+        # fully_shard replaced the module's parameters with sharded ones (and Accelerate the optimizer's):
+        # clipping must see the new ones
+        params = adapter.trainable_parameters()
     if bank_dataloader is not None:
         bank_dataloader = accelerator.prepare(bank_dataloader)  # each process reads its own shard of the bank
     # LoRA and other partial fine-tuning: checkpoints hold the trainable parameters only, not the frozen base.
-    register_trainable_state_hooks(accelerator, adapter.model)
+    # Under FSDP Accelerate writes the sharded module whole (`save_fsdp_model`, frozen shards included),
+    # whatever the hooks do, and reads it back: each process keeps its own shard of the base.
+    if not fsdp:
+        register_trainable_state_hooks(accelerator, adapter.model)
     ema = None
     if args.use_ema:
         ema = EMAModel(params, decay=args.ema_max_decay, use_ema_warmup=True,
@@ -288,6 +328,8 @@ def train(args) -> str:
                 "extra_trainable": adapter.extra_trainable_state(),
                 "ema": ema.state_dict() if ema is not None else None,
                 "weighting": weighting.state_dict() if weighting is not None else None,
+                "weighting_optimizer": weighting_optimizer.state_dict() if weighting_optimizer is not None else None,
+                "engine": engine_record(accelerator),
                 "config": public_config(args)}
 
     global_step = 0
@@ -302,8 +344,13 @@ def train(args) -> str:
             if state["ema"] is None:
                 raise ValueError(f"{checkpoint} was saved without --use_ema; resume without it or start a new run")
             restore_ema(ema, state["ema"], ema_home(args, accelerator))
+            if fsdp:
+                # the checkpoint holds this process's shard of each EMA weight: put it back in place
+                ema.shadow_params = sharded_like(ema.shadow_params, params)
         if weighting is not None:
             weighting.load_state_dict(state["weighting"])
+        if weighting_optimizer is not None:
+            weighting_optimizer.load_state_dict(state["weighting_optimizer"])
         adapter.load_extra_trainable_state(state.get("extra_trainable") or {})
         if tracker is not None and state.get("convergence"):
             tracker.load_state_dict(state["convergence"])
@@ -339,9 +386,14 @@ def train(args) -> str:
                                  engine=engine, loss_scale=current_loss_scale(scaler, accelerator.device))
             if extra_params and not (weighting is not None and weighting.needs_task_gradients):
                 average_gradients_(extra_params)  # DDP averaged the model's gradients, not these
-            if args.max_grad_norm:
+            if args.max_grad_norm and fsdp:
+                fsdp_clip_grad_norm_(accelerator, params, args.max_grad_norm)
+            elif args.max_grad_norm:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
+            if weighting_optimizer is not None:
+                weighting_optimizer.step()
+                weighting_optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             skipped = accelerator.optimizer_step_was_skipped
@@ -377,6 +429,12 @@ def train(args) -> str:
 
     # ---------------------------------------------------------------- outputs
     accelerator.wait_for_everyone()
+    if fsdp:
+        # every process takes part in gathering the full state dict (with the EMA weights in place, as
+        # finish() saves them); process 0 writes the plain module, which then holds them
+        with ema_weights(ema, params):
+            model = gathered_model(accelerator, model, skeleton)
+        ema = None
     if accelerator.is_main_process:
         finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs, objective,
                finetune, freed)

@@ -1,0 +1,224 @@
+"""FSDP2 (torch's `fully_shard`) through Accelerate, with two real processes (gloo on this CPU).
+
+The slow test trains the tiny UNet from scratch (full fine-tuning) with UW and EMA three times with
+`accelerate launch --num_processes 2`: under FSDP (`examples/accelerate/fsdp.yaml`) for 4 steps with a
+checkpoint at step 2, under plain DDP (`examples/accelerate/ddp.yaml`) for the same 4 steps, and under
+FSDP again resumed from the first run's checkpoint-2. FSDP must give DDP's weights (to the float
+tolerance derived in `test_fsdp_trains_the_weights_ddp_trains`), and resuming must be exact (bit for
+bit). The fast tests check the refusals (one line each) without launching anything.
+"""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from diffusers_ant.training.args import UsageError
+
+STEPS = 4
+LR = 1e-3
+ADAM_EPS = 1e-3
+
+
+def _fsdp_accelerator(**plugin_options):
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=plugin_options.pop("fsdp_version", 2),
+                                            cpu_ram_efficient_loading=False, **plugin_options)
+    return SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin),
+                           num_processes=2, print=print)
+
+
+def _tiny_unet():
+    from diffusers_ant.models import get_model_adapter
+
+    return get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1).model
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"auto_wrap_policy": "transformer_based_wrap", "transformer_cls_names_to_wrap": ["BasicTransformerBlock"]},
+     "Could not find the transformer layer class BasicTransformerBlock"),
+    ({"auto_wrap_policy": "transformer_based_wrap"}, "wraps no module of UNet2DModel"),  # no _no_split_modules
+    ({"auto_wrap_policy": "no_wrap"}, "wraps no module of UNet2DModel"),
+    ({"auto_wrap_policy": "size_based_wrap", "min_num_params": 10**9}, "wraps no module of UNet2DModel"),
+])
+def test_an_fsdp_config_that_wraps_no_module_is_refused_in_one_line(options, words):
+    from diffusers_ant.training.fsdp import check_fsdp_wrapping
+
+    with pytest.raises(UsageError) as error:
+        check_fsdp_wrapping(_fsdp_accelerator(**options), _tiny_unet())
+    message = str(error.value)
+    assert words in message and "\n" not in message
+    assert "fsdp_transformer_layer_cls_to_wrap" in message and "ResnetBlock2D" in message  # names the fix
+
+
+def test_an_fsdp_config_that_wraps_blocks_passes():
+    from diffusers_ant.training.fsdp import check_fsdp_wrapping
+
+    check_fsdp_wrapping(_fsdp_accelerator(auto_wrap_policy="transformer_based_wrap",
+                                          transformer_cls_names_to_wrap=["ResnetBlock2D"]), _tiny_unet())
+
+
+def test_gradient_methods_fsdp1_and_process_zero_sampling_are_refused_under_fsdp():
+    from diffusers_ant.training.components import check_distributed_support
+    from diffusers_ant.training.fsdp import check_fsdp_support
+    from diffusers_ant.weighting import get_weighting
+
+    accelerator = _fsdp_accelerator(auto_wrap_policy="transformer_based_wrap")
+    args = SimpleNamespace(mtl_method="pcgrad", gradient_accumulation_steps=1, validation_steps=10)
+    with pytest.raises(UsageError, match="--mtl_method pcgrad .gradient-based. does not run under FSDP, with or without --task_gradient_subset lora"):
+        check_distributed_support(accelerator, args, get_weighting("pcgrad", 4))
+    check_distributed_support(accelerator, SimpleNamespace(mtl_method="uw", gradient_accumulation_steps=2),
+                              get_weighting("uw", 4))  # loss-based, learnable: runs
+    with pytest.raises(UsageError, match="--validation_steps"):
+        check_fsdp_support(accelerator, args)
+    with pytest.raises(UsageError, match="fsdp_version: 2"):
+        check_fsdp_support(_fsdp_accelerator(fsdp_version=1), SimpleNamespace())
+
+
+def test_an_fsdp1_launch_on_a_cpu_is_refused_in_one_line(monkeypatch):
+    """`accelerate launch --use_fsdp` alone asks for FSDP1 (whose plugin raises on a CPU, with a traceback)."""
+    from diffusers_ant.training.fsdp import check_cpu_fsdp_launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    with pytest.raises(UsageError, match="FSDP without a GPU needs fsdp_version: 2"):
+        check_cpu_fsdp_launch()
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(UsageError, match="examples/accelerate/fsdp.yaml"):
+        check_cpu_fsdp_launch()
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    check_cpu_fsdp_launch()
+
+
+def test_resuming_with_another_engine_or_process_count_is_refused(tmp_path):
+    from diffusers_ant.training.checkpoint import check_resume_engine
+
+    (tmp_path / "trainer_state_0.json").write_text(json.dumps({"engine": {"distributed_type": "FSDP",
+                                                                          "num_processes": 2}}))
+    check_resume_engine(str(tmp_path), {"distributed_type": "FSDP", "num_processes": 2})
+    with pytest.raises(ValueError, match="written by 2 processes and this run has 1: resume with `accelerate launch --num_processes 2`"):
+        check_resume_engine(str(tmp_path), {"distributed_type": "FSDP", "num_processes": 1})
+    with pytest.raises(ValueError, match="written under FSDP and this run is DDP: resume with an FSDP config"):
+        check_resume_engine(str(tmp_path), {"distributed_type": "DDP", "num_processes": 2})
+    (tmp_path / "trainer_state_0.json").write_text(json.dumps({"global_step": 2}))  # written before the record
+    check_resume_engine(str(tmp_path), {"distributed_type": "DDP", "num_processes": 1})
+
+
+# ---------------------------------------------------------------------------------------- two processes
+
+
+def _launch(config, out, *extra):
+    from trainer_utils import REPO, TINY_RUN, run_script
+
+    args = ["--model_type", "unet", "--dataset_name", "mnist5k", "--output_dir", str(out), *TINY_RUN,
+            "--max_train_samples", "32", "--num_validation_images", "1", "--num_inference_steps", "1",
+            "--mtl_method", "uw", "--use_ema", "--max_train_steps", str(STEPS), "--checkpointing_steps", "2",
+            "--learning_rate", str(LR), "--adam_epsilon", str(ADAM_EPS), *extra]
+    launcher = ["--config_file", f"{REPO}/examples/accelerate/{config}.yaml", "--num_processes", "2",
+                "--main_process_port", "0"]  # a free port: other test runs may hold the default 29500
+    result = run_script(args, launcher=launcher, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert ("FSDP2 (fully_shard) on 2 processes: UNet2DModel sharded in" in result.stdout) == (config == "fsdp")
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    fsdp = _launch("fsdp", root / "fsdp")
+    ddp = _launch("ddp", root / "ddp")
+    resumed = root / "resumed"
+    shutil.copytree(fsdp / "checkpoint-2", resumed / "checkpoint-2")
+    _launch("fsdp", resumed, "--resume_from_checkpoint", "checkpoint-2")
+    return {"fsdp": fsdp, "ddp": ddp, "resumed": resumed}
+
+
+def _weights(folder):
+    from trainer_utils import load_safetensors_dir
+
+    return {k: v for k, v in load_safetensors_dir(folder).items() if k.startswith("unet/")}
+
+
+def _state(folder, rank=0):
+    from safetensors.torch import load_file
+
+    return load_file(folder / f"trainer_state_{rank}.safetensors"), json.loads((folder / f"trainer_state_{rank}.json").read_text())
+
+
+@pytest.mark.slow
+def test_fsdp_really_shards(runs):
+    """Accelerate's FSDP path ran (not DDP under another name): sharded model and optimizer folders, and
+    each process's EMA shard in its own trainer state (the two halves make the whole)."""
+    checkpoint = runs["fsdp"] / "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
+    assert not (runs["ddp"] / "checkpoint-2" / "pytorch_model_fsdp_0").exists()
+    (state0, skeleton), (state1, _) = _state(checkpoint, 0), _state(checkpoint, 1)
+    assert skeleton["engine"] == {"distributed_type": "FSDP", "num_processes": 2}
+    shadow = sorted(k for k in state0 if ".ema.shadow_params." in k)
+    full = sum(v.numel() for v in _weights(runs["fsdp"]).values())
+    assert sum(state0[k].numel() for k in shadow) < full  # a shard, not a replica
+    assert sum(state0[k].numel() + state1[k].numel() for k in shadow) == full
+
+
+@pytest.mark.slow
+def test_fsdp_trains_the_weights_ddp_trains(runs):
+    """Same seed, data and steps: FSDP's weights are DDP's up to float32 rounding.
+
+    Both average the same per-process gradients; FSDP reduce-scatters sharded buffers where DDP
+    all-reduces buckets, and the clipping norm is summed per shard, so gradients may differ in their
+    last bits (fp32 sums in another order). With clipping at norm 1, |g| <= 1 and we allow 8 ulp(1) =
+    2^-20 of difference per element. AdamW's step lr * m / (sqrt(v) + eps) then changes by at most
+    lr * |dg| / eps, which the test keeps at |dg| with lr = eps (a larger eps than the default 1e-8, which
+    would amplify rounding noise in a gradient that is zero in exact arithmetic, such as an attention key
+    bias's, up to lr); the weight and its EMA are each rounded once per step (1 ulp of max |w| each).
+    Over 4 steps: 4 * (2^-20 + 2 * 2^-23 * max|w|). A wrong step (gradients not averaged between the
+    processes, a shard not updated) moves weights by about lr = 1e-3."""
+    fsdp, ddp = _weights(runs["fsdp"]), _weights(runs["ddp"])
+    assert fsdp and sorted(fsdp) == sorted(ddp)
+    largest = max(float(v.abs().max()) for v in fsdp.values())
+    tolerance = STEPS * (2.0**-20 + 2 * 2.0**-23 * max(1.0, largest))
+    from trainer_utils import assert_same_tensors
+
+    assert_same_tensors(fsdp, ddp, atol=tolerance)
+    # UW's log-variances (trained beside the sharded model by their own AdamW under FSDP, in the one
+    # optimizer under DDP) agree at the checkpoint, and moved
+    (fsdp_state, _), (ddp_state, _) = _state(runs["fsdp"] / "checkpoint-2"), _state(runs["ddp"] / "checkpoint-2")
+    log_vars = fsdp_state[".weighting.log_vars"]
+    assert log_vars.abs().max() > 100 * tolerance
+    torch.testing.assert_close(log_vars, ddp_state[".weighting.log_vars"], rtol=0, atol=tolerance)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_is_exact(runs):
+    """4 steps straight == 2 steps, checkpoint (sharded model, optimizer, EMA shards, UW's optimizer), resume, 2
+    steps: bit for bit, the model and the final checkpoint's trainer state."""
+    from trainer_utils import assert_same_tensors
+
+    assert_same_tensors(_weights(runs["resumed"]), _weights(runs["fsdp"]))
+    for rank in (0, 1):
+        straight, _ = _state(runs["fsdp"] / f"checkpoint-{STEPS}", rank)
+        resumed, _ = _state(runs["resumed"] / f"checkpoint-{STEPS}", rank)
+        assert_same_tensors({k: v for k, v in resumed.items() if k != ".generator"},
+                            {k: v for k, v in straight.items() if k != ".generator"})
+        assert torch.equal(resumed[".generator"], straight[".generator"])
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_is_not_resumed_by_one_process(runs, tmp_path):
+    """One line, before anything is loaded, and the checkpoint is left as it was."""
+    from trainer_utils import TINY_RUN, train_in_process
+
+    shutil.copytree(runs["fsdp"] / "checkpoint-2", tmp_path / "checkpoint-2")
+    before = sorted(p.name for p in (tmp_path / "checkpoint-2").iterdir())
+    with pytest.raises(ValueError, match="was written under FSDP and this run is DDP: resume with an FSDP config") as error:
+        train_in_process(["--model_type", "unet", "--dataset_name", "mnist5k", "--output_dir", str(tmp_path), *TINY_RUN,
+                          "--max_train_samples", "32", "--mtl_method", "uw", "--use_ema",
+                          "--max_train_steps", str(STEPS), "--checkpointing_steps", "2", "--learning_rate", str(LR),
+                          "--adam_epsilon", str(ADAM_EPS), "--resume_from_checkpoint", "checkpoint-2"])
+    assert "\n" not in str(error.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoint-2").iterdir()) == before
+    assert not (tmp_path / "checkpoint-4").exists()
