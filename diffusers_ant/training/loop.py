@@ -40,6 +40,17 @@ from .components import (
     pixel_resolution,
     resolve_seed,
 )
+from .deepspeed_support import (
+    accelerator_options,
+    check_checkpoint_engine,
+    configure_plugin,
+    deepspeed_launched,
+    is_deepspeed,
+    parameter_skeleton,
+    weighting_optimizer,
+    whole_model,
+    zero_stage,
+)
 from .ema import ema_home, ema_weights, restore_ema, step_ema
 from .precision import cast_frozen_parameters, current_loss_scale, lift_to_float32, sampling_precision
 from .sources import build_sources, compose_sources, cycle_batches, knowledge_bank_dataloader, retention_rows
@@ -115,15 +126,20 @@ def train(args) -> str:
     from ..weighting import get_weighting
 
     # ---------------------------------------------------------------- set-up
-    accelerator = Accelerator(
+    engine_options = {
         # Without a GPU, `accelerate launch --multi_gpu` starts several processes but Accelerate only
         # forms the gloo process group (MULTI_CPU) when told to use the CPU; otherwise each process
         # would train alone.
-        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        "cpu": not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         # Gradient accumulation is done by the training step itself, over a window of micro-batches
         # (`training.step`), so that weights are chosen once per optimizer update: Accelerate sees
         # one optimizer step per window.
-        gradient_accumulation_steps=1,
+        "gradient_accumulation_steps": 1,
+    }
+    if deepspeed_launched():  # gloo without cpu=True, DeepSpeed's accumulation (training/deepspeed_support.py)
+        engine_options.update(accelerator_options(args.gradient_accumulation_steps))
+    accelerator = Accelerator(
+        **engine_options,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to in (None, "none") else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
@@ -131,6 +147,8 @@ def train(args) -> str:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        check_checkpoint_engine(accelerator, checkpoint)  # a ZeRO checkpoint needs DeepSpeed, and vice versa
     args.seed = resolve_seed(args, accelerator, checkpoint)
     if checkpoint is not None:
         # Before any model or data is loaded: a resumed run must continue the run it resumes.
@@ -232,6 +250,9 @@ def train(args) -> str:
     if args.mtl_method != "none":
         weighting = get_weighting(args.mtl_method, num_tasks, **method_options(args, updates_per_epoch)).to(accelerator.device)
     check_distributed_support(accelerator, args, weighting)
+    deepspeed = is_deepspeed(accelerator)
+    if deepspeed:
+        configure_plugin(accelerator, args)  # clipping and accumulation from the flags
 
     params = adapter.trainable_parameters()
     extra_params = [p for module in adapter.extra_trainable_modules().values() for p in module.parameters()
@@ -245,12 +266,16 @@ def train(args) -> str:
 
         # DeMe: no decay on the projections (it would pull them toward zero, not the identity) and norms
         param_groups = weight_decay_groups(adapter.model, params)
-    if weighting is not None and hasattr(weighting, "param_groups"):
-        # UW's log-variances: their own learning rate and no weight decay (ANT's setting).
+    # UW's log-variances: their own learning rate and no weight decay (ANT's setting). Under DeepSpeed
+    # they are not the engine's (its optimizer owns the model's parameters only): their own optimizer.
+    outside_optimizer = weighting_optimizer(args, weighting) if deepspeed else None
+    if weighting is not None and hasattr(weighting, "param_groups") and not deepspeed:
         param_groups += weighting.param_groups()
     optimizer = build_optimizer(args, param_groups, lr)
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
 
+    # ZeRO-3 shards the module in `prepare`: keep its architecture (no weights) to gather into at the end
+    skeleton = parameter_skeleton(adapter.model) if zero_stage(accelerator) == 3 else None
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(adapter.model, optimizer, train_dataloader, lr_scheduler)
     if bank_dataloader is not None:
         bank_dataloader = accelerator.prepare(bank_dataloader)  # each process reads its own shard of the bank
@@ -288,6 +313,7 @@ def train(args) -> str:
                 "extra_trainable": adapter.extra_trainable_state(),
                 "ema": ema.state_dict() if ema is not None else None,
                 "weighting": weighting.state_dict() if weighting is not None else None,
+                "weighting_optimizer": outside_optimizer.state_dict() if outside_optimizer is not None else None,
                 "config": public_config(args)}
 
     global_step = 0
@@ -304,6 +330,8 @@ def train(args) -> str:
             restore_ema(ema, state["ema"], ema_home(args, accelerator))
         if weighting is not None:
             weighting.load_state_dict(state["weighting"])
+        if outside_optimizer is not None:
+            outside_optimizer.load_state_dict(state["weighting_optimizer"])
         adapter.load_extra_trainable_state(state.get("extra_trainable") or {})
         if tracker is not None and state.get("convergence"):
             tracker.load_state_dict(state["convergence"])
@@ -339,12 +367,16 @@ def train(args) -> str:
                                  engine=engine, loss_scale=current_loss_scale(scaler, accelerator.device))
             if extra_params and not (weighting is not None and weighting.needs_task_gradients):
                 average_gradients_(extra_params)  # DDP averaged the model's gradients, not these
-            if args.max_grad_norm:
+            if args.max_grad_norm and not deepspeed:  # DeepSpeed clips inside its step (configure_plugin)
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
+            optimizer.step()  # under DeepSpeed a no-op: the engine stepped at the window's last chunk
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             skipped = accelerator.optimizer_step_was_skipped
+            if outside_optimizer is not None:
+                if not skipped:
+                    outside_optimizer.step()
+                outside_optimizer.zero_grad(set_to_none=True)
             if skipped and snapshot is not None:
                 restore_weighting(weighting, snapshot)
 
@@ -366,17 +398,20 @@ def train(args) -> str:
                                        args.checkpoints_total_limit)
                 accelerator.print(f"saved {path}")
             if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-                validate(args, accelerator, adapter, model, ema, params, global_step, validation_inputs)
+                validate(args, accelerator, adapter, whole_model(accelerator, model, skeleton), ema, params, global_step,
+                         validation_inputs)
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:
             break
         if args.validation_epochs and (epoch + 1) % args.validation_epochs == 0:
-            validate(args, accelerator, adapter, model, ema, params, global_step, validation_inputs)
+            validate(args, accelerator, adapter, whole_model(accelerator, model, skeleton), ema, params, global_step,
+                     validation_inputs)
     progress.close()
 
     # ---------------------------------------------------------------- outputs
     accelerator.wait_for_everyone()
+    model = whole_model(accelerator, model, skeleton)  # ZeRO-3: gathered on process 0, every process takes part
     if accelerator.is_main_process:
         finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs, objective,
                finetune, freed)
