@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -64,17 +63,27 @@ def log_variances(folder):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """DDP and ZeRO-2 straight through (checkpoints at steps 2 and 4), and ZeRO-2 resumed from its step 2."""
-    root = tmp_path_factory.mktemp("deepspeed")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("deepspeed")
+
+
+@pytest.fixture(scope="module")
+def ddp(root):
+    """Plain data parallelism, the reference (checkpoints at steps 2 and 4)."""
     launch(["--multi_gpu"], root / "ddp")
-    zero2 = ["--use_deepspeed", "--zero_stage", "2"]
-    out = launch(zero2, root / "zero2")
+    return root / "ddp"
+
+
+@pytest.fixture(scope="module")
+def zero2(root):
+    """ZeRO-2 straight through (checkpoints at steps 2 and 4), and resumed from its step 2 in another folder."""
+    flags = ["--use_deepspeed", "--zero_stage", "2"]
+    out = launch(flags, root / "zero2")
     assert "process 1 of 2" in out  # two real ranks, not two processes that each believe they are alone
     assert (root / "zero2" / "checkpoint-4" / "pytorch_model").is_dir()  # DeepSpeed's sharded checkpoint
     shutil.copytree(root / "zero2" / "checkpoint-2", root / "zero2_resumed" / "checkpoint-2")
-    launch(zero2, root / "zero2_resumed", "--resume_from_checkpoint", "latest")
-    return root
+    launch(flags, root / "zero2_resumed", "--resume_from_checkpoint", "latest")
+    return root / "zero2", root / "zero2_resumed"
 
 
 # The tolerance: both engines run the same float32 arithmetic except the order of the gradient
@@ -88,33 +97,35 @@ TOLERANCE = 10 * STEPS * LR * 1e-6
 
 
 @pytest.mark.slow
-def test_zero2_trains_the_weights_of_plain_data_parallelism(runs):
-    ddp, zero2 = weights(runs / "ddp" / "unet"), weights(runs / "zero2" / "unet")
-    assert sorted(ddp) == sorted(zero2)
-    halfway = weights(runs / "ddp" / "checkpoint-2", "model.safetensors")  # Accelerate's copy at step 2
-    assert max((ddp[k] - halfway[k]).abs().max().item() for k in ddp) > 100 * TOLERANCE  # training moved them
-    worst = max((ddp[k] - zero2[k]).abs().max().item() for k in ddp)
+def test_zero2_trains_the_weights_of_plain_data_parallelism(ddp, zero2):
+    reference, trained = weights(ddp / "unet"), weights(zero2[0] / "unet")
+    assert sorted(reference) == sorted(trained)
+    halfway = weights(ddp / "checkpoint-2", "model.safetensors")  # Accelerate's copy at step 2
+    assert max((reference[k] - halfway[k]).abs().max().item() for k in reference) > 100 * TOLERANCE  # they moved
+    worst = max((reference[k] - trained[k]).abs().max().item() for k in reference)
     assert worst <= TOLERANCE, f"ZeRO-2 and DDP weights differ by {worst} (tolerance {TOLERANCE})"
     # UW's log-variances, trained by their own optimizer outside DeepSpeed, match DDP's and moved
-    ddp_vars, zero2_vars = log_variances(runs / "ddp" / "checkpoint-4"), log_variances(runs / "zero2" / "checkpoint-4")
+    ddp_vars, zero2_vars = log_variances(ddp / "checkpoint-4"), log_variances(zero2[0] / "checkpoint-4")
     torch.testing.assert_close(zero2_vars, ddp_vars, rtol=0, atol=TOLERANCE)
     assert zero2_vars.abs().max() > 1e-3
 
 
 @pytest.mark.slow
-def test_zero2_resumes_its_sharded_checkpoint_exactly(runs):
-    straight, resumed = weights(runs / "zero2" / "unet"), weights(runs / "zero2_resumed" / "unet")
+def test_zero2_resumes_its_sharded_checkpoint_exactly(zero2):
+    straight, resumed = weights(zero2[0] / "unet"), weights(zero2[1] / "unet")
     for key in straight:  # the same processes, the same arithmetic: bit for bit
         assert torch.equal(straight[key], resumed[key]), key
-    assert torch.equal(log_variances(runs / "zero2" / "checkpoint-4"), log_variances(runs / "zero2_resumed" / "checkpoint-4"))
+    assert torch.equal(log_variances(zero2[0] / "checkpoint-4"), log_variances(zero2[1] / "checkpoint-4"))
 
 
 @pytest.mark.slow
-def test_zero3_with_every_parameter_sharded_trains_the_weights_of_plain_data_parallelism(runs):
-    (runs / "zero3.json").write_text(ZERO3_CONFIG)
-    launch(["--use_deepspeed", "--deepspeed_config_file", str(runs / "zero3.json")], runs / "zero3")
-    ddp, zero3 = weights(runs / "ddp" / "unet"), weights(runs / "zero3" / "unet")
-    assert sorted(ddp) == sorted(zero3)  # gathered from the shards into the whole model
-    worst = max((ddp[k] - zero3[k]).abs().max().item() for k in ddp)
+def test_zero3_with_every_parameter_sharded_trains_the_weights_of_plain_data_parallelism(root, ddp):
+    (root / "zero3.json").write_text(ZERO3_CONFIG)
+    launch(["--use_deepspeed", "--deepspeed_config_file", str(root / "zero3.json")], root / "zero3")
+    reference, trained = weights(ddp / "unet"), weights(root / "zero3" / "unet")
+    assert sorted(reference) == sorted(trained)  # gathered from the shards into the whole model
+    worst = max((reference[k] - trained[k]).abs().max().item() for k in reference)
     assert worst <= TOLERANCE, f"ZeRO-3 and DDP weights differ by {worst} (tolerance {TOLERANCE})"
-    assert (runs / "zero3" / "samples.png").is_file()  # process 0 sampled with the gathered weights
+    torch.testing.assert_close(log_variances(root / "zero3" / "checkpoint-4"), log_variances(ddp / "checkpoint-4"),
+                               rtol=0, atol=TOLERANCE)
+    assert (root / "zero3" / "samples.png").is_file()  # process 0 sampled with the gathered weights
