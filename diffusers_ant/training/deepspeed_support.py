@@ -27,6 +27,7 @@ data parallelism, and each lives here:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -64,6 +65,32 @@ def accelerator_options(gradient_accumulation_steps: int) -> dict:
     if not torch.cuda.is_available():
         options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     return options
+
+
+@contextlib.contextmanager
+def zero_init_disabled(accelerator):
+    """Load models whole under ZeRO-3, as diffusers' scripts load their frozen encoders
+    (`deepspeed_zero_init_disabled_context_manager`). Accelerate's ZeRO-3 plugin registers its config with
+    transformers, whose `from_pretrained` / `from_config` then shard a model as they build it (`zero.Init`);
+    a frozen text encoder sharded outside the engine is never gathered (its position table reads as size
+    0). The trained model is sharded by the engine in `accelerator.prepare`. Accelerate 1.16's
+    `zero3_init_context_manager(enable=False)` re-registers the config with transformers, so the
+    registration is also removed here, and put back after. A no-op below ZeRO-3."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or zero_stage(accelerator) != 3:
+        yield
+        return
+    try:
+        from transformers.integrations import unset_hf_deepspeed_config
+    except ImportError:  # no transformers: nothing can be sharded at load
+        yield
+        return
+    with plugin.zero3_init_context_manager(enable=False):
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()
 
 
 def configure_plugin(accelerator, args) -> None:

@@ -49,6 +49,7 @@ from .deepspeed_support import (
     parameter_skeleton,
     weighting_optimizer,
     whole_model,
+    zero_init_disabled,
     zero_stage,
 )
 from .ema import ema_home, ema_weights, restore_ema, step_ema
@@ -177,24 +178,25 @@ def train(args) -> str:
     # for, so adapters that override `load` without this keyword keep working
     quantized = quantization_config(getattr(args, "quantize_base", None), compute_dtype(accelerator))
     adapter_class = get_model_adapter(args.model_type)
-    adapter = adapter_class.load(
-        pretrained_model_name_or_path=args.pretrained_model_name_or_path,
-        model_config_name_or_path=args.model_config_name_or_path,
-        controlnet_model_name_or_path=args.controlnet_model_name_or_path,
-        # --class_map: the pretrained label table as it is, the map picks its rows (set_data_classes)
-        resolution=args.resolution, num_classes=None if args.class_map else num_classes,
-        prediction_type=args.prediction_type, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
-        # From scratch the model is built for the data's channels; a pretrained model keeps its own and
-        # the images are converted to them (greyscale -> RGB), as diffusers' scripts do.
-        num_channels=dataset_image_channels(dataset, columns["image_column"]) if from_scratch else None,
-        noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,  # flow matching
-        # passed only when given (like the quantization below): a family with a load of its own may not take it
-        **({"pretrained_vae_model_name_or_path": args.pretrained_vae_model_name_or_path}
-           if args.pretrained_vae_model_name_or_path else {}),
-        # a family's own options (flux: --guidance_scale), read by its adapter
-        **(adapter_class.options_from_args(args) if hasattr(adapter_class, "options_from_args") else {}),
-        **({"quantization_config": quantized} if quantized is not None else {}),
-    )
+    with zero_init_disabled(accelerator):  # ZeRO-3: load whole; the engine shards the trained model in prepare
+        adapter = adapter_class.load(
+            pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+            model_config_name_or_path=args.model_config_name_or_path,
+            controlnet_model_name_or_path=args.controlnet_model_name_or_path,
+            # --class_map: the pretrained label table as it is, the map picks its rows (set_data_classes)
+            resolution=args.resolution, num_classes=None if args.class_map else num_classes,
+            prediction_type=args.prediction_type, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+            # From scratch the model is built for the data's channels; a pretrained model keeps its own and
+            # the images are converted to them (greyscale -> RGB), as diffusers' scripts do.
+            num_channels=dataset_image_channels(dataset, columns["image_column"]) if from_scratch else None,
+            noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,  # flow matching
+            # passed only when given (like the quantization below): a family with a load of its own may not take it
+            **({"pretrained_vae_model_name_or_path": args.pretrained_vae_model_name_or_path}
+               if args.pretrained_vae_model_name_or_path else {}),
+            # a family's own options (flux: --guidance_scale), read by its adapter
+            **(adapter_class.options_from_args(args) if hasattr(adapter_class, "options_from_args") else {}),
+            **({"quantization_config": quantized} if quantized is not None else {}),
+        )
     adapter.set_data_classes(data_classes, class_map=args.class_map)  # a DiT's data-set class -> label row
     from .caching import build_training_cache, check_adapter_support, free_encoders, probe_cached_batch
 
@@ -280,7 +282,8 @@ def train(args) -> str:
     if bank_dataloader is not None:
         bank_dataloader = accelerator.prepare(bank_dataloader)  # each process reads its own shard of the bank
     # LoRA and other partial fine-tuning: checkpoints hold the trainable parameters only, not the frozen base.
-    register_trainable_state_hooks(accelerator, adapter.model)
+    if not deepspeed:  # DeepSpeed's checkpoint holds the engine's whole module, sharded; it saves no state dict
+        register_trainable_state_hooks(accelerator, adapter.model)
     ema = None
     if args.use_ema:
         ema = EMAModel(params, decay=args.ema_max_decay, use_ema_warmup=True,
