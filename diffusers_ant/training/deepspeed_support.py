@@ -162,6 +162,30 @@ class EngineBackward:
             self.engine.set_gradient_accumulation_boundary(self.remaining == 1)
 
 
+def cast_inputs_to_parameter_dtype(module: torch.nn.Module):
+    """Under DeepSpeed with bf16 / fp16 the engine casts the module's weights to the low precision and runs no
+    autocast (Accelerate's autocast is for DDP), so float32 inputs meet bfloat16 weights; diffusers' scripts
+    cast their inputs to the weight dtype by hand. This forward pre-hook does it for every model type: floating
+    tensors of two or more dimensions (images, latents, text embeddings, pooled projections, SDXL's time ids,
+    nested in dicts too) take the dtype of the module's parameters; 1-D tensors (timesteps, sigmas) keep their
+    precision, as in diffusers' scripts. Nothing changes when the parameters are float32."""
+
+    def cast(value, dtype):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim >= 2:
+            return value.to(dtype)
+        if isinstance(value, dict):
+            return {key: cast(item, dtype) for key, item in value.items()}
+        return value
+
+    def hook(mod, args, kwargs):
+        dtype = next((p.dtype for p in mod.parameters()), torch.float32)
+        if dtype == torch.float32:
+            return None
+        return tuple(cast(a, dtype) for a in args), {key: cast(v, dtype) for key, v in kwargs.items()}
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def num_chunks(num_samples: int, chunk_size) -> int:
     """How many chunks `weighted_backward` cuts a window of `num_samples` into (`engine._chunks`)."""
     return 1 if chunk_size is None or num_samples <= chunk_size else math.ceil(num_samples / chunk_size)

@@ -42,6 +42,7 @@ from .components import (
 )
 from .deepspeed_support import (
     accelerator_options,
+    cast_inputs_to_parameter_dtype,
     check_checkpoint_engine,
     configure_plugin,
     deepspeed_launched,
@@ -276,6 +277,8 @@ def train(args) -> str:
     optimizer = build_optimizer(args, param_groups, lr)
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
 
+    if deepspeed and accelerator.mixed_precision in ("fp16", "bf16"):
+        cast_inputs_to_parameter_dtype(adapter.model)  # DeepSpeed runs the module in bf16 / fp16, without autocast
     # ZeRO-3 shards the module in `prepare`: keep its architecture (no weights) to gather into at the end
     skeleton = parameter_skeleton(adapter.model) if zero_stage(accelerator) == 3 else None
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(adapter.model, optimizer, train_dataloader, lr_scheduler)
