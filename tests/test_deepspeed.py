@@ -113,9 +113,13 @@ def test_zero2_trains_the_weights_of_plain_data_parallelism(ddp, zero2):
 @pytest.mark.slow
 def test_zero2_resumes_its_sharded_checkpoint_exactly(zero2):
     straight, resumed = weights(zero2[0] / "unet"), weights(zero2[1] / "unet")
-    for key in straight:  # the same processes, the same arithmetic: bit for bit
-        assert torch.equal(straight[key], resumed[key]), key
-    assert torch.equal(log_variances(zero2[0] / "checkpoint-4"), log_variances(zero2[1] / "checkpoint-4"))
+    # The same processes, the same arithmetic: bit for bit on CPU. On a GPU cuDNN's convolution backward
+    # is not deterministic from run to run (atomic adds), so there the two runs agree to TOLERANCE only.
+    atol = TOLERANCE if torch.cuda.is_available() else 0.0
+    for key in straight:
+        assert (straight[key] - resumed[key]).abs().max() <= atol, key
+    torch.testing.assert_close(log_variances(zero2[0] / "checkpoint-4"), log_variances(zero2[1] / "checkpoint-4"),
+                               rtol=0, atol=atol)
 
 
 @pytest.mark.slow
