@@ -368,7 +368,9 @@ def train(args) -> str:
             # fp16: the GradScaler may skip this update (overflow); the weighting's state is then
             # put back, so no method advances on a step that did not happen.
             scaler = accelerator.scaler
-            snapshot = weighting_snapshot(weighting) if scaler is not None and weighting is not None else None
+            # (DeepSpeed's fp16 has its own loss scaler, which skips overflowing steps the same way)
+            may_skip = scaler is not None or (deepspeed and accelerator.mixed_precision == "fp16")
+            snapshot = weighting_snapshot(weighting) if may_skip and weighting is not None else None
             logs = training_step(accelerator, objective, model, window, generator, num_tasks, weighting=weighting,
                                  engine=engine, loss_scale=current_loss_scale(scaler, accelerator.device))
             if extra_params and not (weighting is not None and weighting.needs_task_gradients):
