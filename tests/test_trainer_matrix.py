@@ -430,17 +430,29 @@ def test_checkpoint_engine_checks(tmp_path):
     from diffusers_ant.training.args import UsageError
     from diffusers_ant.training.deepspeed_support import check_checkpoint_engine
 
-    def accelerator(kind, processes=2):
-        return types.SimpleNamespace(distributed_type=_fake_accelerator(kind).distributed_type, num_processes=processes)
+    def accelerator(kind, processes=2, stage=2):
+        state = types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(zero_stage=stage))
+        return types.SimpleNamespace(distributed_type=_fake_accelerator(kind).distributed_type, num_processes=processes,
+                                     state=state)
 
-    plain, zero = tmp_path / "plain", tmp_path / "zero"
-    for folder in (plain, zero):
+    plain, zero, zero3 = tmp_path / "plain", tmp_path / "zero", tmp_path / "zero3"
+    for folder in (plain, zero, zero3):
         folder.mkdir()
         for rank in (0, 1):
             (folder / f"trainer_state_{rank}.json").write_text("{}")
+    # the model-state files DeepSpeed writes: one under ZeRO-1/2, one per process under ZeRO-3
     (zero / "pytorch_model").mkdir()
+    (zero / "pytorch_model" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (zero3 / "pytorch_model").mkdir()
+    for rank in (0, 1):
+        (zero3 / "pytorch_model" / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(b"")
     check_checkpoint_engine(accelerator("MULTI_CPU"), str(plain))
     check_checkpoint_engine(accelerator("DEEPSPEED"), str(zero))
+    check_checkpoint_engine(accelerator("DEEPSPEED", stage=3), str(zero3))
+    with pytest.raises(UsageError, match="--zero_stage 3"):
+        check_checkpoint_engine(accelerator("DEEPSPEED", stage=2), str(zero3))
+    with pytest.raises(UsageError, match="--zero_stage 2"):
+        check_checkpoint_engine(accelerator("DEEPSPEED", stage=3), str(zero))
     with pytest.raises(UsageError, match="not written under DeepSpeed"):
         check_checkpoint_engine(accelerator("DEEPSPEED"), str(plain))
     with pytest.raises(UsageError, match="--num_processes 2"):

@@ -51,7 +51,7 @@ def is_deepspeed(accelerator) -> bool:
 
 def zero_stage(accelerator) -> int:
     """The ZeRO stage of the run (0 when it does not run under DeepSpeed)."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
     return int(plugin.zero_stage) if is_deepspeed(accelerator) and plugin is not None else 0
 
 
@@ -198,7 +198,9 @@ def checkpoint_uses_deepspeed(folder: str) -> bool:
 def check_checkpoint_engine(accelerator, folder: str) -> None:
     """Refuse, in one line and before anything is loaded or written, a checkpoint the engine cannot
     resume: a ZeRO checkpoint without DeepSpeed (its optimizer state is sharded per process), a plain
-    checkpoint under DeepSpeed, or a ZeRO checkpoint written by another number of processes."""
+    checkpoint under DeepSpeed, a ZeRO checkpoint written by another number of processes, or one written
+    under ZeRO-3 resumed under ZeRO-1/2 and the reverse (ZeRO-3 writes one model-state file per process,
+    `zero_pp_rank_<r>_mp_rank_00_model_states.pt`; ZeRO-1/2 one `mp_rank_00_model_states.pt`)."""
     zero = checkpoint_uses_deepspeed(folder)
     if zero and not is_deepspeed(accelerator):
         raise UsageError(f"{folder} is a DeepSpeed ZeRO checkpoint: resume it with `accelerate launch --use_deepspeed` "
@@ -212,6 +214,12 @@ def check_checkpoint_engine(accelerator, folder: str) -> None:
         if written != accelerator.num_processes:
             raise UsageError(f"{folder} was written by {written} DeepSpeed processes and this run has "
                              f"{accelerator.num_processes}: resume with --num_processes {written}")
+        shards = os.listdir(os.path.join(folder, DEEPSPEED_CHECKPOINT_FOLDER))
+        saved_zero3 = any(name.startswith("zero_pp_rank_") and name.endswith("_model_states.pt") for name in shards)
+        stage = zero_stage(accelerator)
+        if stage and saved_zero3 != (stage == 3):
+            raise UsageError(f"{folder} was written under ZeRO-{3 if saved_zero3 else '1/2'} and this run uses "
+                             f"ZeRO-{stage}: resume with --zero_stage {3 if saved_zero3 else 2}")
 
 
 def weighting_optimizer(args, weighting):
