@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 through Accelerate: what the trainer does differently under it.
 
 `accelerate launch --use_deepspeed --zero_stage 2|3` (or `--config_file examples/accelerate/deepspeed_zero*.yaml`)
-hands the model, its optimizer and the data loader to a `DeepSpeedEngine`. Four things differ from plain
-data parallelism, and each lives here:
+hands the model, its optimizer and the data loader to a `DeepSpeedEngine`. What differs from plain data
+parallelism lives here:
 
 * **Start-up without CUDA.** Accelerate forms a process group on CPU only with `Accelerator(cpu=True)`,
   and `cpu=True` switches DeepSpeed off (MULTI_CPU). Without it, `deepspeed.init_distributed` picks gloo
@@ -20,9 +20,13 @@ data parallelism, and each lives here:
   trainer's state (the trainer does the same arithmetic under DDP in one optimizer: AdamW treats every
   parameter alone, so the update is the same).
 * **Checkpoints.** `accelerator.save_state` writes DeepSpeed's sharded checkpoint (`pytorch_model/`) on every
-  process; a ZeRO checkpoint can only be resumed under DeepSpeed with the same number of processes
-  (`check_checkpoint_engine`). The final diffusers folder is written from the full weights, gathered
-  from the shards under ZeRO-3 into a copy of the model kept on the meta device (`whole_model`).
+  process; a ZeRO checkpoint can only be resumed under DeepSpeed with the same number of processes and
+  the same side of ZeRO-3 (`check_checkpoint_engine`). The final diffusers folder is written from the
+  full weights, gathered from the shards under ZeRO-3 into a copy of the model kept on the meta device
+  (`whole_model`).
+* **Loading and precision.** Under ZeRO-3 models are loaded whole (`zero_init_disabled`); in bf16 / fp16
+  the engine runs the module in the low precision without autocast, so its inputs are cast to the
+  weights' dtype (`cast_inputs_to_parameter_dtype`).
 """
 
 from __future__ import annotations
