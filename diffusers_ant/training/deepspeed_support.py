@@ -269,9 +269,12 @@ def whole_model(accelerator, model, skeleton):
     state = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return None
-    missing, unexpected = skeleton.load_state_dict(state, strict=False, assign=True)
-    left = [name for name, p in skeleton.named_parameters() if p.is_meta]
+    # a fresh copy of the (weightless) skeleton each time: the whole weights live only as long as the caller
+    # holds them (a validation in the middle of training does not keep a full copy beside the shards)
+    module = copy.deepcopy(skeleton)
+    _, unexpected = module.load_state_dict(state, strict=False, assign=True)
+    left = [name for name, p in module.named_parameters() if p.is_meta]
     if left or unexpected:
         raise RuntimeError(f"ZeRO-3 gathered weights do not fit the model: {len(left)} parameters missing "
                            f"({left[:3]}), {len(unexpected)} unknown ({unexpected[:3]})")
-    return skeleton.to(accelerator.device)
+    return module.to(accelerator.device)
