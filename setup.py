@@ -43,6 +43,9 @@ setup(
         # --quantize_base int8|nf4 and --use_8bit_adam; 0.46 is the first release with CPU kernels
         # (models/quantization.py), so the tests run them on CI's CPU too
         "quantization": ["bitsandbytes>=0.46"],
+        # DeepSpeed ZeRO-2 / ZeRO-3 through Accelerate (README "DeepSpeed"); >= 0.14.1 falls back to gloo on
+        # a CPU without oneCCL. Not in "test": it compiles a CPU op at first use and is a large install.
+        "deepspeed": ["deepspeed>=0.14.1"],
         "test": ["pytest", "pytest-xdist", "mlxtend", "scikit-learn", "bitsandbytes>=0.46"],
     },
 )

@@ -358,22 +358,107 @@ def test_gradient_methods_are_refused_outside_plain_data_parallelism(kind):
         check_distributed_support(_fake_accelerator(kind), args, get_weighting("pcgrad", 4))
     for ok in ("NO", "MULTI_CPU", "MULTI_GPU"):
         check_distributed_support(_fake_accelerator(ok), args, get_weighting("pcgrad", 4))
-    # loss-based methods and vanilla training are left to Accelerate (DeepSpeed: no accumulation window, no UW)
+    # loss-based methods and vanilla training run under every engine
     check_distributed_support(_fake_accelerator(kind), args, get_weighting("ls", 4))
     check_distributed_support(_fake_accelerator(kind), args, None)
 
 
-def test_deepspeed_refuses_accumulation_windows_and_learnable_weightings():
+def _fake_deepspeed(zero_stage=2, **config):
+    """A DeepSpeed accelerator as `check_distributed_support` reads it: the plugin's stage and config."""
+    plugin = types.SimpleNamespace(zero_stage=zero_stage, deepspeed_config={"zero_optimization": {"stage": zero_stage},
+                                                                            **config})
+    return types.SimpleNamespace(distributed_type=_fake_accelerator("DEEPSPEED").distributed_type,
+                                 state=types.SimpleNamespace(deepspeed_plugin=plugin))
+
+
+def _ds_args(**flags):
+    return types.SimpleNamespace(**{"mtl_method": "ls", "gradient_accumulation_steps": 1, "use_ema": False,
+                                    "track_convergence": False, "train_text_encoder": False, **flags})
+
+
+def test_deepspeed_trains_accumulation_windows_and_uw_and_refuses_what_it_cannot(capsys):
+    """DeepSpeed owns the accumulation and UW's log-variances have their own optimizer (tests/test_deepspeed.py
+    trains both against DDP): accepted. Refused in one line naming the engine's setting and the flag: a
+    config whose accumulation disagrees with the flag, an optimizer / scheduler in the config, ZeRO-3 with
+    EMA or the convergence tracker, ZeRO-3 without gathering the weights, a text-encoder LoRA."""
     from diffusers_ant.training.args import UsageError
     from diffusers_ant.training.components import check_distributed_support
     from diffusers_ant.weighting import get_weighting
 
-    accelerator = _fake_accelerator("DEEPSPEED")
-    with pytest.raises(UsageError, match="gradient_accumulation_steps 1"):
-        check_distributed_support(accelerator, types.SimpleNamespace(mtl_method="ls", gradient_accumulation_steps=2), None)
-    with pytest.raises(UsageError, match="learnable"):
-        check_distributed_support(accelerator, types.SimpleNamespace(mtl_method="uw", gradient_accumulation_steps=1),
-                                  get_weighting("uw", 4))
+    for stage in (2, 3):
+        check_distributed_support(_fake_deepspeed(stage, gradient_accumulation_steps="auto"),
+                                  _ds_args(mtl_method="uw", gradient_accumulation_steps=4), get_weighting("uw", 4))
+    check_distributed_support(_fake_deepspeed(2, gradient_accumulation_steps=2), _ds_args(gradient_accumulation_steps=2),
+                              None)
+    check_distributed_support(_fake_deepspeed(2), _ds_args(use_ema=True, track_convergence=True), None)
+    refused = [
+        (_fake_deepspeed(2, gradient_accumulation_steps=2), _ds_args(gradient_accumulation_steps=4), "gradient_accumulation_steps"),
+        (_fake_deepspeed(2, optimizer={"type": "Adam"}), _ds_args(), "optimizer"),
+        (_fake_deepspeed(3), _ds_args(use_ema=True), "--use_ema"),
+        (_fake_deepspeed(3), _ds_args(track_convergence=True), "--track_convergence"),
+        (_fake_deepspeed(3, zero_optimization={"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}),
+         _ds_args(), "stage3_gather_16bit_weights_on_model_save"),
+        (_fake_deepspeed(2), _ds_args(train_text_encoder=True), "--train_text_encoder"),
+    ]
+    for accelerator, args, flag in refused:
+        with pytest.raises(UsageError, match=flag) as error:
+            check_distributed_support(accelerator, args, None)
+        assert "\n" not in str(error.value)
+    with pytest.raises(UsageError, match="not under DEEPSPEED"):
+        check_distributed_support(_fake_deepspeed(2), _ds_args(mtl_method="pcgrad"), get_weighting("pcgrad", 4))
+
+
+def test_a_zero_checkpoint_is_refused_without_deepspeed_in_one_line_and_nothing_is_written(tmp_path, capsys):
+    from train_scripts_loader import load_train_main
+
+    out = tmp_path / "run"
+    checkpoint = out / "checkpoint-2"
+    (checkpoint / "pytorch_model").mkdir(parents=True)  # what `accelerator.save_state` writes under DeepSpeed
+    (checkpoint / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"shard")
+    (checkpoint / "trainer_state_0.json").write_text("{}")
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    with pytest.raises(SystemExit) as exit_:
+        load_train_main()(_args("unet", out, "--resume_from_checkpoint", "latest", "--max_train_steps", "3"))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "DeepSpeed ZeRO checkpoint" in err[0] and "--use_deepspeed" in err[0], err
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+def test_checkpoint_engine_checks(tmp_path):
+    """A plain checkpoint under DeepSpeed, and a ZeRO checkpoint of another number of processes: refused."""
+    from diffusers_ant.training.args import UsageError
+    from diffusers_ant.training.deepspeed_support import check_checkpoint_engine
+
+    def accelerator(kind, processes=2, stage=2):
+        state = types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(zero_stage=stage))
+        return types.SimpleNamespace(distributed_type=_fake_accelerator(kind).distributed_type, num_processes=processes,
+                                     state=state)
+
+    plain, zero, zero3 = tmp_path / "plain", tmp_path / "zero", tmp_path / "zero3"
+    for folder in (plain, zero, zero3):
+        folder.mkdir()
+        for rank in (0, 1):
+            (folder / f"trainer_state_{rank}.json").write_text("{}")
+    # the model-state files DeepSpeed writes: one under ZeRO-1/2, one per process under ZeRO-3
+    (zero / "pytorch_model").mkdir()
+    (zero / "pytorch_model" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (zero3 / "pytorch_model").mkdir()
+    for rank in (0, 1):
+        (zero3 / "pytorch_model" / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(b"")
+    check_checkpoint_engine(accelerator("MULTI_CPU"), str(plain))
+    check_checkpoint_engine(accelerator("DEEPSPEED"), str(zero))
+    check_checkpoint_engine(accelerator("DEEPSPEED", stage=3), str(zero3))
+    with pytest.raises(UsageError, match="--zero_stage 3"):
+        check_checkpoint_engine(accelerator("DEEPSPEED", stage=2), str(zero3))
+    with pytest.raises(UsageError, match="--zero_stage 2"):
+        check_checkpoint_engine(accelerator("DEEPSPEED", stage=3), str(zero))
+    with pytest.raises(UsageError, match="not written under DeepSpeed"):
+        check_checkpoint_engine(accelerator("DEEPSPEED"), str(plain))
+    with pytest.raises(UsageError, match="--num_processes 2"):
+        check_checkpoint_engine(accelerator("DEEPSPEED", 4), str(zero))
+    with pytest.raises(UsageError, match="--use_deepspeed"):
+        check_checkpoint_engine(accelerator("NO", 1), str(zero))
 
 
 # --------------------------------------------------------------------------- resume configuration

@@ -176,27 +176,28 @@ def check_distributed_support(accelerator, args, weighting) -> None:
       autograd reaches only through FSDP's own all-gather and reduce-scatter hooks, so per-task
       `autograd.grad` calls, even over the LoRA subset, do not give per-task gradients. Only
       single-process and plain data-parallel runs are supported.
-    * DeepSpeed steps inside `backward()`: a gradient-accumulation window of several chunks would
-      step several times, and its optimizer would own UW's log-variances. Vanilla and parameter-free
-      loss-based weightings with `--gradient_accumulation_steps 1` only."""
+    * DeepSpeed (ZeRO-2 / ZeRO-3): vanilla and loss-based weightings, UW included (its log-variances get
+      their own optimizer) and gradient accumulation (owned by DeepSpeed); see `deepspeed_support`.
+      Refused: a config that disagrees with the flags, and a text-encoder LoRA (outside the engine)."""
     kind = accelerator.distributed_type.name if hasattr(accelerator.distributed_type, "name") else str(accelerator.distributed_type)
     supported = ", ".join(t.lower() for t in _ENGINE_DISTRIBUTED_TYPES[:3])
     if weighting is not None and weighting.needs_task_gradients and kind == "FSDP":
         raise UsageError(f"--mtl_method {args.mtl_method} (gradient-based) does not run under FSDP, with or without "
                          "--task_gradient_subset lora (the per-task gradient engine differentiates the model's own, "
-                         "here sharded, parameters): use a loss-based method (ls, rlw, uw, dwa) or "
-                         "`accelerate launch --multi_gpu`")
+                         "here sharded, parameters): use a loss-based method (ls, rlw, uw, dwa) or plain data "
+                         "parallelism (`accelerate launch --multi_gpu`)")
     if weighting is not None and weighting.needs_task_gradients and kind not in _ENGINE_DISTRIBUTED_TYPES:
         raise UsageError(f"--mtl_method {args.mtl_method} (gradient-based) runs on one process or plain data "
                          f"parallelism ({supported}), not under {kind}: use a loss-based method (ls, rlw, uw, dwa) "
                          "or `accelerate launch --multi_gpu`")
     if kind == "DEEPSPEED":
-        if args.gradient_accumulation_steps > 1:
-            raise UsageError("under DeepSpeed use --gradient_accumulation_steps 1 (DeepSpeed steps inside backward, "
-                             "and this trainer accumulates a window of micro-batches itself)")
-        if weighting is not None and any(True for _ in weighting.parameters()):
-            raise UsageError(f"--mtl_method {args.mtl_method} has learnable parameters that DeepSpeed's optimizer "
-                             "cannot own: use ls, rlw or dwa, or plain data parallelism")
+        if getattr(args, "train_text_encoder", False):
+            raise UsageError("--train_text_encoder is not supported under DeepSpeed (the text encoder's LoRA lies "
+                             "outside the engine's model): drop it, or use `accelerate launch --multi_gpu`")
+        if getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None) is not None:
+            from .deepspeed_support import check_deepspeed_config
+
+            check_deepspeed_config(accelerator, args)
 
 
 def build_lr_scheduler(args, optimizer, num_processes: int):

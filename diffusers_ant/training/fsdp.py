@@ -12,16 +12,15 @@ own helpers:
 * `check_fsdp_support`: FSDP1 and the options that do not run under FSDP yet, one line each.
 * `check_fsdp_wrapping`: a config whose auto-wrap policy wraps no module would shard the model as one
   unit (every forward gathers the whole model, no memory saved): one line, naming the model's classes.
-* `gathered_model`: the final output is a plain diffusers module (full state dict gathered on process
-  0, as diffusers' scripts do with `accelerator.get_state_dict` under FSDP) loaded into a copy of the
-  module taken before sharding with its parameters on the meta device (no memory held for it).
+* The final output is a plain diffusers module (`sharding.whole_model`: the full state dict gathered on
+  process 0, as diffusers' scripts do with `accelerator.get_state_dict` under FSDP, loaded into a copy
+  of the module taken before sharding with its parameters on the meta device).
 * `sharded_like`: EMA's shadow weights are DTensors sharded like the parameters; each process
   checkpoints its shard (`checkpoint.flatten_state`) and puts it back in place on resume.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -119,27 +118,6 @@ def check_fsdp_wrapping(accelerator, model) -> None:
         raise UsageError(f"the FSDP config's auto wrap policy wraps no module of {type(model).__name__}: {hint}")
     accelerator.print(f"FSDP2 (fully_shard) on {accelerator.num_processes} processes: {type(model).__name__} "
                       f"sharded in {wrapped} blocks and the rest")
-
-
-def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` (its classes, LoRA layers, projections) with every parameter on the meta device.
-
-    Taken before `fully_shard` turns the module into an FSDP module with sharded parameters; the
-    gathered full state dict is loaded into it at the end (`gathered_model`). Buffers are copied as
-    they are (small, and non-persistent ones are not in the state dict)."""
-    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-            for p in model.parameters()}
-    return copy.deepcopy(model, memo)
-
-
-def gathered_model(accelerator, model, skeleton):
-    """The trained module as a plain module on process 0 (None on the others). Every process must call it:
-    gathering the full state dict is a collective (`accelerator.get_state_dict`, as diffusers' scripts)."""
-    state = accelerator.get_state_dict(model)
-    if not accelerator.is_main_process:
-        return None
-    skeleton.load_state_dict(state, strict=True, assign=True)
-    return skeleton
 
 
 def clip_grad_norm_(accelerator, params, max_norm: float):

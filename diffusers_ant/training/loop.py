@@ -42,19 +42,28 @@ from .components import (
     pixel_resolution,
     resolve_seed,
 )
+from .deepspeed_support import (
+    accelerator_options,
+    cast_inputs_to_parameter_dtype,
+    check_checkpoint_engine,
+    configure_plugin,
+    deepspeed_launched,
+    is_deepspeed,
+    zero_init_disabled,
+    zero_stage,
+)
 from .ema import ema_home, ema_weights, restore_ema, step_ema
 from .fsdp import (
     check_cpu_fsdp_launch,
     check_fsdp_support,
     check_fsdp_wrapping,
     enable_fsdp_on_cpu,
-    gathered_model,
     is_fsdp,
-    meta_skeleton,
     sharded_like,
 )
 from .fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
 from .precision import cast_frozen_parameters, current_loss_scale, lift_to_float32, sampling_precision
+from .sharding import meta_skeleton, weighting_optimizer, whole_model
 from .sources import build_sources, compose_sources, cycle_batches, knowledge_bank_dataloader, retention_rows
 from .step import DiffusionObjective, training_step
 
@@ -129,15 +138,20 @@ def train(args) -> str:
 
     # ---------------------------------------------------------------- set-up
     check_cpu_fsdp_launch()  # an FSDP launch Accelerate's plugin would refuse on a CPU: one line, not a traceback
-    accelerator = Accelerator(
+    engine_options = {
         # Without a GPU, `accelerate launch --multi_gpu` starts several processes but Accelerate only
         # forms the gloo process group (MULTI_CPU) when told to use the CPU; otherwise each process
         # would train alone.
-        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        "cpu": not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         # Gradient accumulation is done by the training step itself, over a window of micro-batches
         # (`training.step`), so that weights are chosen once per optimizer update: Accelerate sees
         # one optimizer step per window.
-        gradient_accumulation_steps=1,
+        "gradient_accumulation_steps": 1,
+    }
+    if deepspeed_launched():  # gloo without cpu=True, DeepSpeed's accumulation (training/deepspeed_support.py)
+        engine_options.update(accelerator_options(args.gradient_accumulation_steps))
+    accelerator = Accelerator(
+        **engine_options,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to in (None, "none") else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
@@ -148,6 +162,8 @@ def train(args) -> str:
     fsdp = is_fsdp(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        check_checkpoint_engine(accelerator, checkpoint)  # a ZeRO checkpoint needs DeepSpeed, and vice versa
     args.seed = resolve_seed(args, accelerator, checkpoint)
     if checkpoint is not None:
         # Before any model or data is loaded: a resumed run must continue the run it resumes, under the
@@ -178,24 +194,25 @@ def train(args) -> str:
     # for, so adapters that override `load` without this keyword keep working
     quantized = quantization_config(getattr(args, "quantize_base", None), compute_dtype(accelerator))
     adapter_class = get_model_adapter(args.model_type)
-    adapter = adapter_class.load(
-        pretrained_model_name_or_path=args.pretrained_model_name_or_path,
-        model_config_name_or_path=args.model_config_name_or_path,
-        controlnet_model_name_or_path=args.controlnet_model_name_or_path,
-        # --class_map: the pretrained label table as it is, the map picks its rows (set_data_classes)
-        resolution=args.resolution, num_classes=None if args.class_map else num_classes,
-        prediction_type=args.prediction_type, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
-        # From scratch the model is built for the data's channels; a pretrained model keeps its own and
-        # the images are converted to them (greyscale -> RGB), as diffusers' scripts do.
-        num_channels=dataset_image_channels(dataset, columns["image_column"]) if from_scratch else None,
-        noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,  # flow matching
-        # passed only when given (like the quantization below): a family with a load of its own may not take it
-        **({"pretrained_vae_model_name_or_path": args.pretrained_vae_model_name_or_path}
-           if args.pretrained_vae_model_name_or_path else {}),
-        # a family's own options (flux: --guidance_scale), read by its adapter
-        **(adapter_class.options_from_args(args) if hasattr(adapter_class, "options_from_args") else {}),
-        **({"quantization_config": quantized} if quantized is not None else {}),
-    )
+    with zero_init_disabled(accelerator):  # ZeRO-3: load whole; the engine shards the trained model in prepare
+        adapter = adapter_class.load(
+            pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+            model_config_name_or_path=args.model_config_name_or_path,
+            controlnet_model_name_or_path=args.controlnet_model_name_or_path,
+            # --class_map: the pretrained label table as it is, the map picks its rows (set_data_classes)
+            resolution=args.resolution, num_classes=None if args.class_map else num_classes,
+            prediction_type=args.prediction_type, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+            # From scratch the model is built for the data's channels; a pretrained model keeps its own and
+            # the images are converted to them (greyscale -> RGB), as diffusers' scripts do.
+            num_channels=dataset_image_channels(dataset, columns["image_column"]) if from_scratch else None,
+            noise_scheduler=args.noise_scheduler, flow_shift=args.flow_shift,  # flow matching
+            # passed only when given (like the quantization below): a family with a load of its own may not take it
+            **({"pretrained_vae_model_name_or_path": args.pretrained_vae_model_name_or_path}
+               if args.pretrained_vae_model_name_or_path else {}),
+            # a family's own options (flux: --guidance_scale), read by its adapter
+            **(adapter_class.options_from_args(args) if hasattr(adapter_class, "options_from_args") else {}),
+            **({"quantization_config": quantized} if quantized is not None else {}),
+        )
     adapter.set_data_classes(data_classes, class_map=args.class_map)  # a DiT's data-set class -> label row
     from .caching import build_training_cache, check_adapter_support, free_encoders, probe_cached_batch
 
@@ -251,6 +268,9 @@ def train(args) -> str:
     if args.mtl_method != "none":
         weighting = get_weighting(args.mtl_method, num_tasks, **method_options(args, updates_per_epoch)).to(accelerator.device)
     check_distributed_support(accelerator, args, weighting)
+    deepspeed = is_deepspeed(accelerator)
+    if deepspeed:
+        configure_plugin(accelerator, args)  # clipping and accumulation from the flags
 
     params = adapter.trainable_parameters()
     extra_params = [p for module in adapter.extra_trainable_modules().values() for p in module.parameters()
@@ -264,26 +284,23 @@ def train(args) -> str:
 
         # DeMe: no decay on the projections (it would pull them toward zero, not the identity) and norms
         param_groups = weight_decay_groups(adapter.model, params)
-    weighting_optimizer = None
-    if weighting is not None and hasattr(weighting, "param_groups") and weighting.param_groups():
-        # UW's log-variances: their own learning rate and no weight decay (ANT's setting). Under FSDP they
-        # get an AdamW of their own (the same update: AdamW is per parameter, the group's lr is constant):
-        # Accelerate's FSDP2 `prepare` maps every optimizer parameter to a sharded one of the model and
-        # fails on parameters outside it; they stay replicated, identical on every process.
-        if fsdp:
-            if accelerator.mixed_precision == "fp16":
-                raise UsageError(f"under FSDP --mtl_method {args.mtl_method} trains its parameters beside the model, "
-                                 "outside fp16's gradient scaler: use --mixed_precision bf16 or no")
-            weighting_optimizer = build_optimizer(args, weighting.param_groups(), lr)
-        else:
-            param_groups += weighting.param_groups()
+    # UW's log-variances: their own learning rate and no weight decay (ANT's setting); beside a sharded
+    # engine (DeepSpeed, FSDP) an optimizer of their own (`sharding.weighting_optimizer` says why).
+    outside_optimizer = weighting_optimizer(args, weighting) if deepspeed or fsdp else None
+    if outside_optimizer is not None and fsdp and accelerator.mixed_precision == "fp16":
+        raise UsageError(f"under FSDP --mtl_method {args.mtl_method} trains its parameters beside the model, "
+                         "outside fp16's gradient scaler: use --mixed_precision bf16 or no")
+    if weighting is not None and hasattr(weighting, "param_groups") and outside_optimizer is None:
+        param_groups += weighting.param_groups()
     optimizer = build_optimizer(args, param_groups, lr)
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
 
-    skeleton = None
+    if deepspeed and accelerator.mixed_precision in ("fp16", "bf16"):
+        cast_inputs_to_parameter_dtype(adapter.model)  # DeepSpeed runs the module in bf16 / fp16, without autocast
     if fsdp:
         check_fsdp_wrapping(accelerator, adapter.model)  # a config that wraps no module: one line, before sharding
-        skeleton = meta_skeleton(adapter.model)  # the final output's plain module (parameters on meta: no memory)
+    # FSDP and ZeRO-3 shard the module in `prepare`: keep its architecture (no weights) to gather into
+    skeleton = meta_skeleton(adapter.model) if fsdp or zero_stage(accelerator) == 3 else None
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(adapter.model, optimizer, train_dataloader, lr_scheduler)
     if fsdp:
         # fully_shard replaced the module's parameters with sharded ones (and Accelerate the optimizer's):
@@ -293,8 +310,9 @@ def train(args) -> str:
         bank_dataloader = accelerator.prepare(bank_dataloader)  # each process reads its own shard of the bank
     # LoRA and other partial fine-tuning: checkpoints hold the trainable parameters only, not the frozen base.
     # Under FSDP Accelerate writes the sharded module whole (`save_fsdp_model`, frozen shards included),
-    # whatever the hooks do, and reads it back: each process keeps its own shard of the base.
-    if not fsdp:
+    # whatever the hooks do, and reads it back: each process keeps its own shard of the base. DeepSpeed's
+    # checkpoint holds the engine's whole module, sharded; it hands the hooks no state dict.
+    if not fsdp and not deepspeed:
         register_trainable_state_hooks(accelerator, adapter.model)
     ema = None
     if args.use_ema:
@@ -328,7 +346,7 @@ def train(args) -> str:
                 "extra_trainable": adapter.extra_trainable_state(),
                 "ema": ema.state_dict() if ema is not None else None,
                 "weighting": weighting.state_dict() if weighting is not None else None,
-                "weighting_optimizer": weighting_optimizer.state_dict() if weighting_optimizer is not None else None,
+                "weighting_optimizer": outside_optimizer.state_dict() if outside_optimizer is not None else None,
                 "engine": engine_record(accelerator),
                 "config": public_config(args)}
 
@@ -349,8 +367,8 @@ def train(args) -> str:
                 ema.shadow_params = sharded_like(ema.shadow_params, params)
         if weighting is not None:
             weighting.load_state_dict(state["weighting"])
-        if weighting_optimizer is not None:
-            weighting_optimizer.load_state_dict(state["weighting_optimizer"])
+        if outside_optimizer is not None:
+            outside_optimizer.load_state_dict(state["weighting_optimizer"])
         adapter.load_extra_trainable_state(state.get("extra_trainable") or {})
         if tracker is not None and state.get("convergence"):
             tracker.load_state_dict(state["convergence"])
@@ -381,22 +399,25 @@ def train(args) -> str:
             # fp16: the GradScaler may skip this update (overflow); the weighting's state is then
             # put back, so no method advances on a step that did not happen.
             scaler = accelerator.scaler
-            snapshot = weighting_snapshot(weighting) if scaler is not None and weighting is not None else None
+            # (DeepSpeed's fp16 has its own loss scaler, which skips overflowing steps the same way)
+            may_skip = scaler is not None or (deepspeed and accelerator.mixed_precision == "fp16")
+            snapshot = weighting_snapshot(weighting) if may_skip and weighting is not None else None
             logs = training_step(accelerator, objective, model, window, generator, num_tasks, weighting=weighting,
                                  engine=engine, loss_scale=current_loss_scale(scaler, accelerator.device))
             if extra_params and not (weighting is not None and weighting.needs_task_gradients):
                 average_gradients_(extra_params)  # DDP averaged the model's gradients, not these
             if args.max_grad_norm and fsdp:
                 fsdp_clip_grad_norm_(accelerator, params, args.max_grad_norm)
-            elif args.max_grad_norm:
+            elif args.max_grad_norm and not deepspeed:  # DeepSpeed clips inside its step (configure_plugin)
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            if weighting_optimizer is not None:
-                weighting_optimizer.step()
-                weighting_optimizer.zero_grad(set_to_none=True)
+            optimizer.step()  # under DeepSpeed a no-op: the engine stepped at the window's last chunk
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             skipped = accelerator.optimizer_step_was_skipped
+            if outside_optimizer is not None:
+                if not skipped:
+                    outside_optimizer.step()
+                outside_optimizer.zero_grad(set_to_none=True)
             if skipped and snapshot is not None:
                 restore_weighting(weighting, snapshot)
 
@@ -418,22 +439,24 @@ def train(args) -> str:
                                        args.checkpoints_total_limit)
                 accelerator.print(f"saved {path}")
             if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-                validate(args, accelerator, adapter, model, ema, params, global_step, validation_inputs)
+                validate(args, accelerator, adapter, whole_model(accelerator, model, skeleton), ema, params, global_step,
+                         validation_inputs)
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:
             break
         if args.validation_epochs and (epoch + 1) % args.validation_epochs == 0:
-            validate(args, accelerator, adapter, model, ema, params, global_step, validation_inputs)
+            validate(args, accelerator, adapter, whole_model(accelerator, model, skeleton), ema, params, global_step,
+                     validation_inputs)
     progress.close()
 
     # ---------------------------------------------------------------- outputs
     accelerator.wait_for_everyone()
-    if fsdp:
-        # every process takes part in gathering the full state dict (with the EMA weights in place, as
-        # finish() saves them); process 0 writes the plain module, which then holds them
+    if skeleton is not None:
+        # FSDP / ZeRO-3: every process takes part in gathering the full state dict (with the EMA weights in
+        # place, as finish() saves them); process 0 writes the plain module, which then holds them
         with ema_weights(ema, params):
-            model = gathered_model(accelerator, model, skeleton)
+            model = whole_model(accelerator, model, skeleton)
         ema = None
     if accelerator.is_main_process:
         finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs, objective,

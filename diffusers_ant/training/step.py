@@ -280,6 +280,15 @@ def training_step(accelerator, objective: DiffusionObjective, model, batches, ge
     gradient_based = weighting is not None and weighting.needs_task_gradients
     fn = objective.loss_fn(accelerator.unwrap_model(model) if gradient_based else model, prepared)
     no_sync = None if gradient_based or len(batches) == 1 else (lambda: accelerator.no_sync(model))
+    backward_fn, weighting_backward_fn = accelerator.backward, None
+    if getattr(accelerator.distributed_type, "name", None) == "DEEPSPEED":
+        from .deepspeed_support import EngineBackward, num_chunks
+
+        # DeepSpeed owns the accumulation: it reduces at the window's last chunk and steps there once;
+        # the weighting's own loss (UW) reaches only its parameters, outside the engine.
+        backward_fn = EngineBackward(model, num_chunks(prepared["task_ids"].numel(), chunk_size))
+        weighting_backward_fn, no_sync = (lambda loss: loss.backward()), None
     return weighted_backward(weighting, fn, prepared["task_ids"], num_tasks, engine=engine,
-                             backward_fn=accelerator.backward, chunk_size=chunk_size, no_sync=no_sync,
-                             loss_scale=loss_scale, task_groups=objective.task_groups())
+                             backward_fn=backward_fn, chunk_size=chunk_size, no_sync=no_sync,
+                             loss_scale=loss_scale, task_groups=objective.task_groups(),
+                             weighting_backward_fn=weighting_backward_fn)

@@ -675,6 +675,7 @@ def weighted_backward(
     no_sync: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
     loss_scale: float = 1.0,
     task_groups: Optional[torch.Tensor] = None,
+    weighting_backward_fn: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> Dict[str, torch.Tensor]:
     """One optimizer step's backward for any weighting, over a window of micro-batches; the trainer's dispatch.
 
@@ -698,7 +699,9 @@ def weighted_backward(
     average is the exact gradient of the global objective. `loss_scale` is only for the engine
     (gradient-based path); `grad_scale` multiplies every path's gradient.
 
-    `backward_fn` defaults to `loss.backward()`. Returns the stats dict of the path taken
+    `backward_fn` defaults to `loss.backward()`. `weighting_backward_fn` (default `backward_fn`) takes
+    the weighting's own loss instead, where the model's backward cannot (under DeepSpeed the engine's
+    `backward` would count it as one more micro-batch: `training.deepspeed_support`). Returns the stats dict of the path taken
     (`task_losses`, `counts`, `weights`, `loss`, `found_inf`, all detached).
     """
     backward_fn = backward_fn or (lambda loss: loss.backward())
@@ -752,6 +755,6 @@ def weighted_backward(
     # if an fp16 overflow makes the optimizer skip the step).
     device = weighting.last_weights.device
     finish_loss_weighting_step(weighting, task_losses.to(device), present.to(device), coefficients.to(device),
-                               lambda loss: backward_fn(loss * grad_scale))
+                               lambda loss: (weighting_backward_fn or backward_fn)(loss * grad_scale))
     stats["weights"] = weighting.last_weights.detach().clone().float()
     return stats

@@ -1,0 +1,135 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 through Accelerate (issue 18, item 2): the trainer under DeepSpeed's engine.
+
+The slow tests launch `train_ant.py` with two processes on this CPU (DeepSpeed's CPU accelerator, gloo):
+under ZeRO-2 it must train the weights (and UW's log-variances) that plain data parallelism
+(`--multi_gpu`) trains for the same seed, with an accumulation window of two micro-batches that
+DeepSpeed owns, and resuming its sharded checkpoint must continue the run exactly. ZeRO-3 (every
+parameter sharded) is checked against the same DDP run. `train_scripts/check_engines.sh` runs them on a
+GPU machine.
+
+Why the comparison can fail: `--adam_epsilon 1` makes AdamW's step proportional to the gradient
+(|g| << 1 here), so a gradient of the wrong size (DeepSpeed dividing each chunk by the accumulation
+steps, a second step per window, UW's log-variances not stepped) moves the weights by a different
+amount, where Adam's usual scale invariance would hide it. `--max_grad_norm 0` must reach the engine:
+Accelerate would otherwise clip DeepSpeed's gradients at 1.0, and not DDP's.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trainer_utils import REPO, TRAIN_SCRIPT, load_safetensors_dir, offline_env
+
+deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+
+LR, STEPS = 0.1, 4
+RUN = ["--model_type", "unet", "--dataset_name", "mnist5k", "--model_config_name_or_path", "tiny",
+       "--train_batch_size", "8", "--num_clusters", "4", "--report_to", "none", "--seed", "0",
+       "--num_validation_images", "1", "--num_inference_steps", "2", "--max_train_samples", "64",
+       "--learning_rate", str(LR), "--adam_epsilon", "1", "--max_grad_norm", "0", "--mtl_method", "uw",
+       "--gradient_accumulation_steps", "2", "--max_train_steps", str(STEPS), "--checkpointing_steps", "2"]
+# ZeRO-3 with every parameter sharded (DeepSpeed keeps parameters under 1e5 elements whole by default,
+# which would be every parameter of the tiny UNet)
+ZERO3_CONFIG = ('{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", '
+                '"gradient_clipping": "auto", "zero_optimization": {"stage": 3, '
+                '"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": true}}')
+
+
+def launch(engine_flags, output_dir, *extra):
+    # DeepSpeed may live outside the environment (a --target folder): the processes need its path too
+    env = offline_env(PYTHONPATH=os.pathsep.join([REPO, os.path.dirname(os.path.dirname(deepspeed.__file__))]))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *engine_flags,
+               TRAIN_SCRIPT, *RUN, "--output_dir", str(output_dir), *extra]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def weights(folder, file="diffusion_pytorch_model.safetensors"):
+    """The tensors of one safetensors file under `folder`, by parameter name."""
+    return {key.split(":", 1)[1]: value for key, value in load_safetensors_dir(folder).items()
+            if key.split(":", 1)[0] == file}
+
+
+def log_variances(folder):
+    from diffusers_ant.training.checkpoint import load_trainer_state
+
+    return load_trainer_state(str(folder), 0)["weighting"]["log_vars"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("deepspeed")
+
+
+@pytest.fixture(scope="module")
+def ddp(root):
+    """Plain data parallelism, the reference (checkpoints at steps 2 and 4)."""
+    launch(["--multi_gpu"], root / "ddp")
+    return root / "ddp"
+
+
+@pytest.fixture(scope="module")
+def zero2(root):
+    """ZeRO-2 straight through (checkpoints at steps 2 and 4), and resumed from its step 2 in another folder."""
+    flags = ["--use_deepspeed", "--zero_stage", "2"]
+    out = launch(flags, root / "zero2")
+    assert "process 1 of 2" in out  # two real ranks, not two processes that each believe they are alone
+    assert (root / "zero2" / "checkpoint-4" / "pytorch_model").is_dir()  # DeepSpeed's sharded checkpoint
+    shutil.copytree(root / "zero2" / "checkpoint-2", root / "zero2_resumed" / "checkpoint-2")
+    launch(flags, root / "zero2_resumed", "--resume_from_checkpoint", "latest")
+    return root / "zero2", root / "zero2_resumed"
+
+
+# The tolerance: both engines run the same float32 arithmetic except the order of the gradient
+# reductions (DDP's buckets vs ZeRO's partitioned reduce-scatter), which changes a gradient entry by a few
+# float32 roundings of the sum of its terms, |dg| <~ 1e-6 |g| with |g| < 1. With --adam_epsilon 1 a step is
+# at most lr * |g| and moves by at most lr * |dg|; over STEPS steps (and through the loss's curvature,
+# small at this learning rate) the weights may differ by STEPS * lr * 1e-6, taken with a 10x margin.
+# A wrong update (a gradient halved by DeepSpeed's division by the 2 accumulation steps, a second
+# optimizer step per window, clipping at 1.0) moves weights by about lr * |g| ~ 1e-3 or more.
+TOLERANCE = 10 * STEPS * LR * 1e-6
+
+
+@pytest.mark.slow
+def test_zero2_trains_the_weights_of_plain_data_parallelism(ddp, zero2):
+    reference, trained = weights(ddp / "unet"), weights(zero2[0] / "unet")
+    assert sorted(reference) == sorted(trained)
+    halfway = weights(ddp / "checkpoint-2", "model.safetensors")  # Accelerate's copy at step 2
+    assert max((reference[k] - halfway[k]).abs().max().item() for k in reference) > 100 * TOLERANCE  # they moved
+    worst = max((reference[k] - trained[k]).abs().max().item() for k in reference)
+    assert worst <= TOLERANCE, f"ZeRO-2 and DDP weights differ by {worst} (tolerance {TOLERANCE})"
+    # UW's log-variances, trained by their own optimizer outside DeepSpeed, match DDP's and moved
+    ddp_vars, zero2_vars = log_variances(ddp / "checkpoint-4"), log_variances(zero2[0] / "checkpoint-4")
+    torch.testing.assert_close(zero2_vars, ddp_vars, rtol=0, atol=TOLERANCE)
+    assert zero2_vars.abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_zero2_resumes_its_sharded_checkpoint_exactly(zero2):
+    straight, resumed = weights(zero2[0] / "unet"), weights(zero2[1] / "unet")
+    # The same processes, the same arithmetic: bit for bit on CPU. On a GPU cuDNN's convolution backward
+    # is not deterministic from run to run (atomic adds), so there the two runs agree to TOLERANCE only.
+    atol = TOLERANCE if torch.cuda.is_available() else 0.0
+    for key in straight:
+        assert (straight[key] - resumed[key]).abs().max() <= atol, key
+    torch.testing.assert_close(log_variances(zero2[0] / "checkpoint-4"), log_variances(zero2[1] / "checkpoint-4"),
+                               rtol=0, atol=atol)
+
+
+@pytest.mark.slow
+def test_zero3_with_every_parameter_sharded_trains_the_weights_of_plain_data_parallelism(root, ddp):
+    (root / "zero3.json").write_text(ZERO3_CONFIG)
+    launch(["--use_deepspeed", "--deepspeed_config_file", str(root / "zero3.json")], root / "zero3")
+    reference, trained = weights(ddp / "unet"), weights(root / "zero3" / "unet")
+    assert sorted(reference) == sorted(trained)  # gathered from the shards into the whole model
+    worst = max((reference[k] - trained[k]).abs().max().item() for k in reference)
+    assert worst <= TOLERANCE, f"ZeRO-3 and DDP weights differ by {worst} (tolerance {TOLERANCE})"
+    torch.testing.assert_close(log_variances(root / "zero3" / "checkpoint-4"), log_variances(ddp / "checkpoint-4"),
+                               rtol=0, atol=TOLERANCE)
+    assert (root / "zero3" / "samples.png").is_file()  # process 0 sampled with the gathered weights
