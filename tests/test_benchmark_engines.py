@@ -3,9 +3,9 @@ item 4).
 
 Fast: the hook's counts on a plain optimizer in this process, exact to the byte (parameters, gradients, AdamW's
 two moments and step counters; a view of a buffer already counted adds nothing), and the scaling from 2 to N
-processes. Slow (and `benchmark`: `make test-benchmarks`): `--quick` under each engine with two processes on this CPU; the sharded engines must hold
-about half of what DDP holds where they shard (a hook that counted the whole tensors, or an engine that did not
-shard, would give DDP's figure), and exactly DDP's where they do not.
+processes. Slow (and `benchmark`: `make test-benchmarks`): `--quick` under each engine with two processes on
+this CPU; the sharded engines must hold about half of what DDP holds where they shard (a hook that counted the
+whole tensors, or an engine that did not shard, would give DDP's figure), and exactly DDP's where they do not.
 """
 
 import importlib.util
@@ -58,6 +58,7 @@ def test_scaling_splits_each_part_into_a_whole_and_a_sharded_share():
 # ------------------------------------------------------------------------------------ two processes
 
 
+# four two-process launches (about 2 min): marked `benchmark` too, so `make test` leaves them out
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_engines")
@@ -78,7 +79,7 @@ def _about_half(values, whole):
 
 
 @pytest.mark.slow
-@pytest.mark.benchmark  # four two-process launches, about 2 min: `make test-benchmarks`, not `make test`
+@pytest.mark.benchmark
 def test_ddp_keeps_everything_whole_on_each_process(quick):
     result = quick[1]
     n = result["engines"]["ddp"]["trained_parameters"]
@@ -91,7 +92,7 @@ def test_ddp_keeps_everything_whole_on_each_process(quick):
 
 
 @pytest.mark.slow
-@pytest.mark.benchmark  # four two-process launches, about 2 min: `make test-benchmarks`, not `make test`
+@pytest.mark.benchmark
 def test_fsdp2_shards_parameters_gradients_and_state_in_half(quick):
     result = quick[1]
     ddp = result["engines"]["ddp"]["bytes_per_process"]
@@ -100,7 +101,7 @@ def test_fsdp2_shards_parameters_gradients_and_state_in_half(quick):
 
 
 @pytest.mark.slow
-@pytest.mark.benchmark  # four two-process launches, about 2 min: `make test-benchmarks`, not `make test`
+@pytest.mark.benchmark
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED)
 def test_zero2_shards_gradients_and_state_and_keeps_the_parameters_whole(quick):
     result = quick[1]
@@ -113,7 +114,7 @@ def test_zero2_shards_gradients_and_state_and_keeps_the_parameters_whole(quick):
 
 
 @pytest.mark.slow
-@pytest.mark.benchmark  # four two-process launches, about 2 min: `make test-benchmarks`, not `make test`
+@pytest.mark.benchmark
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED)
 def test_zero3_shards_the_parameters_too(quick):
     result = quick[1]

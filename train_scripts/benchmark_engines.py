@@ -152,7 +152,7 @@ def markdown(report) -> str:
             lines.append(f"| {engine} | {' | '.join(mb)} | {s['bytes_per_trained_parameter']['total']:.2f} | "
                          f"{', '.join(str(x) for x in s['peak_rss_mb'])} |")
         lines += ["", "Peak RSS: the whole process, dominated at this size by the libraries (torch, diffusers, "
-                  "DeepSpeed) and the frozen encoders, not by what the engines shard."]
+                  "DeepSpeed) and the frozen components, not by what the engines shard."]
         if "estimate" in result:
             n = report["scale_processes"]
             lines += ["", f"Estimate, not measured: parameters + gradients + AdamW state per GPU on {n} GPUs, fp32 "

@@ -12,7 +12,7 @@ just before calling its `step`, and frees it afterwards. So a step pre-hook sees
 holds locally at the moment of the update (under DeepSpeed they exist at no later point, which is why the
 counts are not simply taken at the end), and `optimizer.state` is the local AdamW state.
 
-Counted per process (bytes of tensor elements; views of one flat buffer each counted once by address):
+Counted per process (bytes of memory, an address range shared by several tensors counted once):
 * `model_parameters`: the trained parameters of the module as the engine holds them (DDP / ZeRO-2: whole;
   FSDP2: `to_local()`; ZeRO-3: the partition `ds_tensor`, the module's own `.data` being empty);
 * `master_parameters`: the optimizer's parameters whose storage is not the module's (DeepSpeed's fp32
@@ -93,7 +93,8 @@ class MemoryProbe:
     def counts(self, trained_parameters) -> dict:
         model_tensors = [local_tensor(p) for p in trained_parameters]
         updated = list(self.updated.values())
-        state = [local_tensor(v) for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        state = [local_tensor(v) for s in self.optimizer.state.values() for v in s.values()
+                 if isinstance(v, torch.Tensor)]
         return {
             "model_parameters": union_bytes(model_tensors),
             "model_parameter_elements": sum(t.numel() for t in model_tensors),
