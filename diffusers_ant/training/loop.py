@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..weighting.distributed import average_gradients_
+from . import memory_report
 from .args import TEXT_TO_IMAGE_TYPES, UsageError
 from .checkpoint import (
     check_resume_config,
@@ -294,6 +295,9 @@ def train(args) -> str:
         param_groups += weighting.param_groups()
     optimizer = build_optimizer(args, param_groups, lr)
     lr_scheduler = build_lr_scheduler(args, optimizer, accelerator.num_processes)
+    # DIFFUSERS_ANT_MEMORY_REPORT=1 (train_scripts/benchmark_engines.py): count, on each process, the bytes each
+    # engine keeps of the trained weights, gradients and optimizer state; reads tensors only
+    memory_probe = memory_report.MemoryProbe(optimizer) if memory_report.enabled() else None
 
     if deepspeed and accelerator.mixed_precision in ("fp16", "bf16"):
         cast_inputs_to_parameter_dtype(adapter.model)  # DeepSpeed runs the module in bf16 / fp16, without autocast
@@ -449,6 +453,9 @@ def train(args) -> str:
             validate(args, accelerator, adapter, whole_model(accelerator, model, skeleton), ema, params, global_step,
                      validation_inputs)
     progress.close()
+    if memory_probe is not None:
+        kind = f"zero{zero_stage(accelerator)}" if deepspeed else "fsdp2" if fsdp else "ddp"
+        memory_probe.write(args.output_dir, accelerator, kind, params)
 
     # ---------------------------------------------------------------- outputs
     accelerator.wait_for_everyone()
