@@ -38,7 +38,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark_families import FLUX1_DEV_TRANSFORMER_PARAMS, SD35_LARGE_TRANSFORMER_PARAMS  # noqa: E402
+from benchmark_families import (  # noqa: E402
+    FLUX1_DEV_TRANSFORMER_PARAMS,
+    SD35_LARGE_TRANSFORMER_PARAMS,
+    write_report,
+)
 
 TRAIN_SCRIPT = str(REPO / "train_scripts" / "train_ant.py")
 CONFIGS = REPO / "examples" / "accelerate"
@@ -239,12 +243,7 @@ def run(opts, argv):
                 result["estimate"][engine] = {
                     "bytes_per_parameter": per_param,
                     "gb": {name: per_param["total"] * count / 1e9 for name, count in REAL.items()}}
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=2)
-    table = markdown(report)
-    with open(os.path.join(opts.output_dir, "benchmark_engines.md"), "w") as f:
-        f.write(table)
-    print(table)
+    print(write_report(opts.output_dir, "benchmark_engines", report, markdown(report)))
     return report
 
 

@@ -728,6 +728,15 @@ def parse_args(argv=None):
     return args
 
 
+def write_report(output_dir, name, report, table) -> str:
+    """`name`.json (the report) and `name`.md (its markdown `table`) in `output_dir`; returns the table."""
+    with open(os.path.join(output_dir, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(output_dir, f"{name}.md"), "w") as f:
+        f.write(table)
+    return table
+
+
 def main(argv=None):
     opts = parse_args(argv)
     if opts.threads:
@@ -762,11 +771,7 @@ def main(argv=None):
         report["real_adam_state_bytes_per_parameter"] = real_adam_state_per_parameter()
     if previous_timing is not None:
         carry_timing_over(report, previous_timing)
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
-    table = markdown(report)
-    with open(os.path.join(opts.output_dir, "benchmark_families.md"), "w") as f:
-        f.write(table)
+    table = write_report(opts.output_dir, "benchmark_families", report, markdown(report))
     print(table)
     print(f"wrote {opts.output_dir}/benchmark_families.json and .md ({report['wall_seconds']:.0f} s)")
     return report
