@@ -67,12 +67,12 @@ def test_gradient_methods_fsdp1_and_process_zero_sampling_are_refused_under_fsdp
     from diffusers_ant.weighting import get_weighting
 
     accelerator = _fsdp_accelerator(auto_wrap_policy="transformer_based_wrap")
-    args = SimpleNamespace(mtl_method="pcgrad", gradient_accumulation_steps=1, validation_steps=10)
+    args = SimpleNamespace(mtl_method="pcgrad", gradient_accumulation_steps=1, track_convergence=True)
     with pytest.raises(UsageError, match="--mtl_method pcgrad .gradient-based. does not run under FSDP, with or without --task_gradient_subset lora"):
         check_distributed_support(accelerator, args, get_weighting("pcgrad", 4))
     check_distributed_support(accelerator, SimpleNamespace(mtl_method="uw", gradient_accumulation_steps=2),
                               get_weighting("uw", 4))  # loss-based, learnable: runs
-    with pytest.raises(UsageError, match="--validation_steps"):
+    with pytest.raises(UsageError, match="--track_convergence"):
         check_fsdp_support(accelerator, args)
     with pytest.raises(UsageError, match="fsdp_version: 2"):
         check_fsdp_support(_fsdp_accelerator(fsdp_version=1), SimpleNamespace())
@@ -129,7 +129,9 @@ def _launch(config, out, *extra):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    fsdp = _launch("fsdp", root / "fsdp")
+    # validation at every step (the whole EMA weights gathered, sampled on process 0); the resumed run
+    # below has none, so its exact resume also shows that validating left the training untouched
+    fsdp = _launch("fsdp", root / "fsdp", "--validation_steps", "1")
     ddp = _launch("ddp", root / "ddp")
     resumed = root / "resumed"
     shutil.copytree(fsdp / "checkpoint-2", resumed / "checkpoint-2")
@@ -147,6 +149,14 @@ def _state(folder, rank=0):
     from safetensors.torch import load_file
 
     return load_file(folder / f"trainer_state_{rank}.safetensors"), json.loads((folder / f"trainer_state_{rank}.json").read_text())
+
+
+@pytest.mark.slow
+def test_fsdp_validates_in_the_middle_of_training(runs):
+    """--validation_steps 1 under FSDP: a grid at every step before the last, then the final samples."""
+    samples = runs["fsdp"] / "samples"
+    assert all((samples / f"step-{step}.png").is_file() for step in range(1, STEPS))
+    assert not (runs["resumed"] / "samples" / "step-1.png").exists()
 
 
 @pytest.mark.slow

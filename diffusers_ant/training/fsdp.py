@@ -75,8 +75,8 @@ def check_fsdp_support(accelerator, args) -> None:
 
     FSDP1 flattens parameters (the trainer's parameter lists, LoRA hooks and per-task gradient engine
     address the module's own parameters). Of the options below, the text encoder's LoRA trains outside
-    the sharded module and its optimizer, the samplers run the model on process 0 alone (a sharded
-    forward is a collective of every process), and 8-bit AdamW and quantized bases on sharded (DTensor)
+    the sharded module and its optimizer, the convergence tracker runs the model on process 0 alone (a
+    sharded forward is a collective of every process; validation samples a gathered copy instead), and 8-bit AdamW and quantized bases on sharded (DTensor)
     parameters are untested."""
     if not is_fsdp(accelerator):
         return
@@ -84,8 +84,6 @@ def check_fsdp_support(accelerator, args) -> None:
         raise UsageError(f"under FSDP set fsdp_version: 2 (FSDP2, fully_shard); FSDP1 is not supported: see {FSDP_CONFIG_HINT}")
     refused = {
         "train_text_encoder": "--train_text_encoder (its LoRA lives outside the sharded module and its optimizer)",
-        "validation_steps": "--validation_steps (sampling runs on process 0 alone; FSDP's forward needs every process)",
-        "validation_epochs": "--validation_epochs (sampling runs on process 0 alone; FSDP's forward needs every process)",
         "track_convergence": "--track_convergence (sampling runs on process 0 alone; FSDP's forward needs every process)",
         "use_8bit_adam": "--use_8bit_adam (bitsandbytes' optimizer on sharded DTensor parameters is untested)",
         "quantize_base": "--quantize_base (a quantized frozen base under fully_shard is untested)",

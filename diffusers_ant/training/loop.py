@@ -443,15 +443,15 @@ def train(args) -> str:
                                        args.checkpoints_total_limit)
                 accelerator.print(f"saved {path}")
             if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-                validate(args, accelerator, adapter, whole_model(accelerator, model, skeleton), ema, params, global_step,
-                         validation_inputs)
+                validate_whole(args, accelerator, adapter, model, skeleton, ema, params, global_step,
+                               validation_inputs)
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:
             break
         if args.validation_epochs and (epoch + 1) % args.validation_epochs == 0:
-            validate(args, accelerator, adapter, whole_model(accelerator, model, skeleton), ema, params, global_step,
-                     validation_inputs)
+            validate_whole(args, accelerator, adapter, model, skeleton, ema, params, global_step,
+                           validation_inputs)
     progress.close()
     if memory_probe is not None:
         kind = f"zero{zero_stage(accelerator)}" if deepspeed else "fsdp2" if fsdp else "ddp"
@@ -573,6 +573,18 @@ def validate(args, accelerator, adapter, model, ema, params, step, inputs):
 
     with ema_weights(ema, params), sampling_precision(accelerator, adapter):
         return log_and_save_samples(args, accelerator, adapter, accelerator.unwrap_model(model), step, inputs)
+
+
+def validate_whole(args, accelerator, adapter, model, skeleton, ema, params, step, inputs):
+    """`validate`, also under a sharded engine (FSDP, ZeRO-3: `skeleton` given), where every process calls
+    it: each swaps its own shards of the EMA weights in, all take part in gathering the whole weights
+    (`sharding.whole_model`), and process 0 samples that copy alone (a sharded forward would wait for the
+    other processes)."""
+    if skeleton is None:
+        return validate(args, accelerator, adapter, model, ema, params, step, inputs)
+    with ema_weights(ema, params):
+        whole = whole_model(accelerator, model, skeleton)
+    return validate(args, accelerator, adapter, whole, None, params, step, inputs)
 
 
 def check_convergence(args, accelerator, adapter, model, tracker, step, inputs) -> None:
