@@ -22,6 +22,8 @@ from typing import Any, Dict, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from .sharding import engine_kind
+
 CHECKPOINT_PREFIX = "checkpoint-"
 _TMP_SUFFIX = ".tmp"
 # Test hook: crash (as a SIGKILL would) after the state is written but before the rename.
@@ -166,10 +168,12 @@ def engine_record(accelerator) -> Dict[str, Any]:
     """How the state of a checkpoint is laid out: the distributed engine and the number of processes.
 
     Accelerate writes one RNG file per process, this trainer one trainer state per process, each process
-    resumes at its own data position, and under FSDP the model and optimizer are sharded folders
-    (`pytorch_model_fsdp_0`, `optimizer_0`) that the other engines do not read."""
-    kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
-    return {"distributed_type": "FSDP" if kind == "FSDP" else "DDP", "num_processes": int(accelerator.num_processes)}
+    resumes at its own data position, and under FSDP and DeepSpeed the model and optimizer are sharded
+    folders (`pytorch_model_fsdp_0` and `optimizer_0`; `pytorch_model`) that the other engines do not read.
+    Single process and plain data parallelism share one layout ("DDP")."""
+    kind = engine_kind(accelerator)
+    return {"distributed_type": kind if kind in ("FSDP", "DEEPSPEED") else "DDP",
+            "num_processes": int(accelerator.num_processes)}
 
 
 def check_resume_engine(checkpoint: str, current: Dict[str, Any]) -> None:
@@ -183,7 +187,8 @@ def check_resume_engine(checkpoint: str, current: Dict[str, Any]) -> None:
     if not isinstance(saved, dict):
         return
     if saved.get("distributed_type") != current["distributed_type"]:
-        how = "with an FSDP config (--use_fsdp)" if saved.get("distributed_type") == "FSDP" else "without FSDP"
+        how = {"FSDP": "with an FSDP config (--use_fsdp)",
+               "DEEPSPEED": "under DeepSpeed (--use_deepspeed)"}.get(saved.get("distributed_type"), "without FSDP")
         raise ValueError(f"{checkpoint} was written under {saved.get('distributed_type')} and this run is "
                          f"{current['distributed_type']}: resume {how}")
     if saved.get("num_processes") != current["num_processes"]:

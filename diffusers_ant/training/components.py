@@ -15,6 +15,7 @@ import torch
 
 from .args import UsageError
 from .checkpoint import checkpoint_config
+from .sharding import engine_kind
 
 logger = logging.getLogger("diffusers_ant")
 
@@ -179,7 +180,7 @@ def check_distributed_support(accelerator, args, weighting) -> None:
     * DeepSpeed (ZeRO-2 / ZeRO-3): vanilla and loss-based weightings, UW included (its log-variances get
       their own optimizer) and gradient accumulation (owned by DeepSpeed); see `deepspeed_support`.
       Refused: a config that disagrees with the flags, and a text-encoder LoRA (outside the engine)."""
-    kind = accelerator.distributed_type.name if hasattr(accelerator.distributed_type, "name") else str(accelerator.distributed_type)
+    kind = engine_kind(accelerator)
     supported = ", ".join(t.lower() for t in _ENGINE_DISTRIBUTED_TYPES[:3])
     if weighting is not None and weighting.needs_task_gradients and kind == "FSDP":
         raise UsageError(f"--mtl_method {args.mtl_method} (gradient-based) does not run under FSDP, with or without "

@@ -38,6 +38,7 @@ import os
 import torch
 
 from .args import UsageError
+from .sharding import engine_kind
 
 # The folder `accelerator.save_state` gives DeepSpeed's `save_checkpoint` (Accelerate's MODEL_NAME).
 DEEPSPEED_CHECKPOINT_FOLDER = "pytorch_model"
@@ -45,11 +46,13 @@ DEEPSPEED_CHECKPOINT_FOLDER = "pytorch_model"
 
 def deepspeed_launched() -> bool:
     """Whether `accelerate launch --use_deepspeed` (or a DeepSpeed config file) started this process."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
 
 
 def is_deepspeed(accelerator) -> bool:
-    return getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type)) == "DEEPSPEED"
+    return engine_kind(accelerator) == "DEEPSPEED"
 
 
 def zero_stage(accelerator) -> int:

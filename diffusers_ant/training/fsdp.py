@@ -26,17 +26,20 @@ import os
 import torch
 
 from .args import UsageError
+from .sharding import engine_kind
 
 FSDP_CONFIG_HINT = "examples/accelerate/fsdp.yaml"
 
 
 def fsdp_requested() -> bool:
     """The launcher asked for FSDP (`accelerate launch --use_fsdp` or `distributed_type: FSDP`)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
 def is_fsdp(accelerator) -> bool:
-    return getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type)) == "FSDP"
+    return engine_kind(accelerator) == "FSDP"
 
 
 def check_cpu_fsdp_launch() -> None:
@@ -76,8 +79,8 @@ def check_fsdp_support(accelerator, args) -> None:
     FSDP1 flattens parameters (the trainer's parameter lists, LoRA hooks and per-task gradient engine
     address the module's own parameters). Of the options below, the text encoder's LoRA trains outside
     the sharded module and its optimizer, the convergence tracker runs the model on process 0 alone (a
-    sharded forward is a collective of every process; validation samples a gathered copy instead), and 8-bit AdamW and quantized bases on sharded (DTensor)
-    parameters are untested."""
+    sharded forward is a collective of every process; validation samples a gathered copy instead), and
+    8-bit AdamW and quantized bases on sharded (DTensor) parameters are untested."""
     if not is_fsdp(accelerator):
         return
     if accelerator.state.fsdp_plugin.fsdp_version != 2:

@@ -2,6 +2,8 @@
 process 0 needs the whole trained module to sample and save, but after `accelerator.prepare` each
 process holds only shards of it.
 
+* `engine_kind`: which engine the accelerator runs under, by Accelerate's name ("FSDP", "DEEPSPEED",
+  "MULTI_CPU", ...), the one test every engine branch of the trainer asks.
 * `meta_skeleton`: before sharding, a copy of the module (its classes, LoRA layers, DeMe projections,
   DiffFit scales) with every parameter on the meta device, so it costs no memory.
 * `weighting_optimizer`: the weighting's own parameters (UW's log-variances) are no part of the sharded
@@ -19,6 +21,12 @@ from __future__ import annotations
 import copy
 
 import torch
+
+
+def engine_kind(accelerator) -> str:
+    """The name of `accelerator.distributed_type` ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP", "DEEPSPEED", ...)."""
+    kind = accelerator.distributed_type
+    return getattr(kind, "name", str(kind))
 
 
 def meta_skeleton(module: torch.nn.Module) -> torch.nn.Module:

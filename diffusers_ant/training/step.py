@@ -29,6 +29,7 @@ import torch
 
 from ..losses import flow_matching_loss_weights, per_sample_loss, timestep_loss_weights
 from ..schedule import add_noise, check_weighting_scheme, model_timesteps, resolve_prediction_type, snr_at, training_target
+from .deepspeed_support import EngineBackward, is_deepspeed, num_chunks
 
 
 def _index(conditioning: Dict[str, torch.Tensor], idx: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -281,8 +282,7 @@ def training_step(accelerator, objective: DiffusionObjective, model, batches, ge
     fn = objective.loss_fn(accelerator.unwrap_model(model) if gradient_based else model, prepared)
     no_sync = None if gradient_based or len(batches) == 1 else (lambda: accelerator.no_sync(model))
     backward_fn, weighting_backward_fn = accelerator.backward, None
-    if getattr(accelerator.distributed_type, "name", None) == "DEEPSPEED":
-        from .deepspeed_support import EngineBackward, num_chunks
+    if is_deepspeed(accelerator):
 
         # DeepSpeed owns the accumulation: it reduces at the window's last chunk and steps there once;
         # the weighting's own loss (UW) reaches only its parameters, outside the engine.
