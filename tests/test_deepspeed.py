@@ -34,9 +34,7 @@ RUN = ["--model_type", "unet", "--dataset_name", "mnist5k", "--model_config_name
        "--gradient_accumulation_steps", "2", "--max_train_steps", str(STEPS), "--checkpointing_steps", "2"]
 # ZeRO-3 with every parameter sharded (DeepSpeed keeps parameters under 1e5 elements whole by default,
 # which would be every parameter of the tiny UNet)
-ZERO3_CONFIG = ('{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", '
-                '"gradient_clipping": "auto", "zero_optimization": {"stage": 3, '
-                '"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": true}}')
+ZERO3_CONFIG = os.path.join(REPO, "examples", "accelerate", "deepspeed_zero3_every_parameter.json")
 
 
 def launch(engine_flags, output_dir, *extra):
@@ -124,8 +122,7 @@ def test_zero2_resumes_its_sharded_checkpoint_exactly(zero2):
 
 @pytest.mark.slow
 def test_zero3_with_every_parameter_sharded_trains_the_weights_of_plain_data_parallelism(root, ddp):
-    (root / "zero3.json").write_text(ZERO3_CONFIG)
-    launch(["--use_deepspeed", "--deepspeed_config_file", str(root / "zero3.json")], root / "zero3")
+    launch(["--use_deepspeed", "--deepspeed_config_file", ZERO3_CONFIG], root / "zero3")
     reference, trained = weights(ddp / "unet"), weights(root / "zero3" / "unet")
     assert sorted(reference) == sorted(trained)  # gathered from the shards into the whole model
     worst = max((reference[k] - trained[k]).abs().max().item() for k in reference)

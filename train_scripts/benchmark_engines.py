@@ -52,14 +52,11 @@ PARTS = ("model_parameters", "master_parameters", "gradients", "optimizer_state"
 # FSDP2 wraps each block of the denoiser (examples/accelerate/fsdp.yaml names the UNets' ResnetBlock2D)
 FSDP_BLOCKS = {"sd3": "JointTransformerBlock", "unet": "ResnetBlock2D"}
 REAL = {"SD3.5-Large": SD35_LARGE_TRANSFORMER_PARAMS, "FLUX.1-dev": FLUX1_DEV_TRANSFORMER_PARAMS}
-# ZeRO-3 with every parameter sharded (as tests/test_deepspeed.py does); the rest "auto", from the flags
-ZERO3_CONFIG = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                "gradient_clipping": "auto",
-                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                      "stage3_gather_16bit_weights_on_model_save": True}}
+# ZeRO-3 with every parameter sharded (as tests/test_deepspeed.py runs it); the rest "auto", from the flags
+ZERO3_CONFIG = CONFIGS / "deepspeed_zero3_every_parameter.json"
 
 
-def launcher_flags(engine, model_type, workdir) -> list:
+def launcher_flags(engine, model_type) -> list:
     common = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", "0"]  # a free port
     if engine == "ddp":
@@ -69,9 +66,7 @@ def launcher_flags(engine, model_type, workdir) -> list:
                 "--fsdp_transformer_layer_cls_to_wrap", FSDP_BLOCKS[model_type]]
     if engine == "zero2":
         return ["--config_file", str(CONFIGS / "deepspeed_zero2.yaml"), *common]
-    path = Path(workdir) / "zero3.json"
-    path.write_text(json.dumps(ZERO3_CONFIG))
-    return ["--use_deepspeed", "--deepspeed_config_file", str(path), *common]
+    return ["--use_deepspeed", "--deepspeed_config_file", str(ZERO3_CONFIG), *common]
 
 
 def trainer_args(model_type, opts, output_dir) -> list:
@@ -95,7 +90,7 @@ def launch(engine, model_type, opts) -> dict:
 
         paths.append(os.path.dirname(os.path.dirname(deepspeed.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher_flags(engine, model_type, out),
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher_flags(engine, model_type),
                TRAIN_SCRIPT, *trainer_args(model_type, opts, out)]
     start = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=opts.timeout)
