@@ -42,6 +42,7 @@ import os
 import queue
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from diffusers_ant.cli import OneLineErrorParser, report_bad_input
@@ -233,6 +234,9 @@ def run(parser, args, trainer_args) -> None:
     workers = queue.Queue()  # free worker slots: a slot is a GPU group and a port, never two runs at once
     for worker in range(args.parallel):
         workers.put(worker)
+    # one writer of the progress file at a time: two workers finishing together would otherwise share its
+    # temporary file, and the second rename would find it gone (or record a stale "done" list)
+    progress_lock = threading.Lock()
 
     def one(index):
         worker = workers.get()
@@ -240,8 +244,9 @@ def run(parser, args, trainer_args) -> None:
             train_interval(args, trainer_args, index, worker, devices)
         finally:
             workers.put(worker)
-        progress["done"] = sorted(set(progress["done"]) | {index})
-        write_progress(args, progress)
+        with progress_lock:
+            progress["done"] = sorted(set(progress["done"]) | {index})
+            write_progress(args, progress)
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         for future in [pool.submit(one, i) for i in pending]:
