@@ -222,3 +222,28 @@ def test_pretrain_base_plateau_rule_and_its_training_command():
     assert base.eval_settings(small)["resolution"] == 8
     with pytest.raises(SystemExit):
         base.parse_args(["--output_dir", "/tmp/x", "--resolution", "6"])
+    assert parsed.lr_scheduler == "constant_with_warmup"
+
+
+def test_pretrain_base_cool_down_branches_off_the_constant_rate_search(tmp_path, capsys):
+    """--decay_from S: train_ant.py's warmup_stable_decay with the cool-down starting at S, so the steps
+    before S are the constant-rate search's (its folder is continued); a cool-down that would change
+    steps already trained and scored is refused in one line."""
+    from diffusers_ant.training import parse_args
+    from diffusers_ant.training.checkpoint import schedule_difference
+
+    base = load_script("pretrain_base")
+    args = base.parse_args(["--output_dir", str(tmp_path), "--decay_from", "3000", "--decay_steps", "1000"])
+    parsed = parse_args(base.train_command(args, "run", "cfg.json", 4000)[2:])
+    assert (parsed.lr_scheduler, parsed.lr_warmup_steps, parsed.lr_stable_steps, parsed.lr_decay_steps,
+            parsed.lr_min_ratio) == ("warmup_stable_decay", 100, 2900, 1000, 0.05)
+    constant = base.schedule(base.parse_args(["--output_dir", str(tmp_path)]))
+    assert schedule_difference(constant, base.schedule(args), 3001) is None
+    assert schedule_difference(constant, base.schedule(args), 3002) == 3001
+
+    # a search scored to step 3500 at a constant rate: a cool-down from 3000 would rewrite its past
+    with open(tmp_path / "curve.json", "w") as f:
+        json.dump({"settings": base.eval_settings(args), "points": {"3000": 5.0, "3500": 4.9}}, f)
+    assert base.main(["--output_dir", str(tmp_path), "--decay_from", "3000", "--decay_steps", "1000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "changes the learning rate from step 3001" in err and "--decay_from" in err

@@ -203,3 +203,73 @@ def test_uw_log_variances_keep_their_constant_learning_rate_under_the_schedule()
         scheduler.step()
     assert model_lrs[0] == 0.0 and max(model_lrs) == pytest.approx(1.0) and model_lrs[-1] < 0.2
     assert uw_lrs == [pytest.approx(0.025)] * 10
+
+
+def _wsd(*flags):
+    return ["--lr_scheduler", "warmup_stable_decay", *flags]
+
+
+def test_warmup_stable_decay_warms_up_holds_cools_down_and_agrees_with_constant_with_warmup_before():
+    """--lr_scheduler warmup_stable_decay: linear warm-up from 0 (diffusers' constant_with_warmup's),
+    constant, a half-cosine cool-down of --lr_decay_steps to --lr_min_ratio, then held there."""
+    import math
+
+    from diffusers_ant.training.components import lr_factors
+
+    wsd = lr_factors({"lr_scheduler": "warmup_stable_decay", "lr_warmup_steps": 4, "lr_stable_steps": 6,
+                      "lr_decay_steps": 8, "lr_min_ratio": 0.1}, 24)
+    constant = lr_factors({"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 4}, 24)
+    assert wsd[:11] == constant[:11] and wsd[0] == 0.0 and wsd[2] == 0.5 and wsd[10] == 1.0
+    assert wsd[14] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert all(a > b for a, b in zip(wsd[10:18], wsd[11:18]))  # decaying through the cool-down
+    assert wsd[18:] == [0.1] * 6
+    # without --lr_stable_steps the cool-down ends at --max_train_steps
+    ends = lr_factors({"lr_scheduler": "warmup_stable_decay", "lr_warmup_steps": 2, "lr_decay_steps": 5,
+                       "max_train_steps": 12}, 12)
+    assert ends[6] == 1.0 and ends[7] == 1.0 and ends[8] < 1.0 and ends[11] < 0.1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (_wsd(), "--lr_scheduler warmup_stable_decay needs --lr_decay_steps"),
+    (_wsd("--lr_decay_steps", "5", "--lr_min_ratio", "1.5"), "--lr_min_ratio must lie in [0, 1)"),
+    (["--lr_decay_steps", "5"], "--lr_decay_steps applies to --lr_scheduler warmup_stable_decay only"),
+    (["--lr_min_ratio", "0.1"], "--lr_min_ratio applies to --lr_scheduler warmup_stable_decay only"),
+])
+def test_warmup_stable_decay_bad_flags_are_refused_in_one_line(flags, message):
+    from diffusers_ant.training import parse_args
+    from diffusers_ant.training.args import UsageError
+
+    with pytest.raises(UsageError) as refused:
+        parse_args(["--dataset_name", "mnist5k", *flags])
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_schedule_change_on_resume_is_refused_unless_it_agrees_up_to_the_checkpoint():
+    from diffusers_ant.training.checkpoint import check_resume_config
+
+    old = {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 10, "max_train_steps": 100}
+    cool = {**old, "lr_scheduler": "warmup_stable_decay", "lr_stable_steps": 40, "lr_decay_steps": 20}
+    assert check_resume_config(old, cool, "out/checkpoint-50") == [
+        "--lr_scheduler: 'constant_with_warmup' -> 'warmup_stable_decay'"]
+    with pytest.raises(ValueError, match="changes the learning rate from step 51 .* step 60"):
+        check_resume_config(old, cool, "out/checkpoint-60")  # the cool-down began after step 50
+    with pytest.raises(ValueError, match="changes the learning rate from step 11 .* step 30"):
+        check_resume_config(old, {**old, "lr_scheduler": "cosine"}, "out/checkpoint-30", num_processes=2)
+
+
+def test_a_cool_down_branched_off_a_constant_rate_checkpoint_equals_the_schedule_run_from_scratch(tmp_path):
+    """Resuming a constant_with_warmup run with a warmup_stable_decay schedule that agrees up to the
+    checkpoint trains exactly the weights of that schedule run from the start (and not those of the
+    constant rate: the cool-down takes effect)."""
+    common = ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_steps", "4",
+              "--lr_warmup_steps", "1", "--checkpointing_steps", "2", "--learning_rate", "5e-3"]
+    cool_down = _wsd("--lr_stable_steps", "1", "--lr_decay_steps", "2")
+    train_in_process([*common, *cool_down, "--output_dir", str(tmp_path / "scratch")])
+    train_in_process([*common, "--lr_scheduler", "constant_with_warmup", "--output_dir", str(tmp_path / "branched")])
+    constant = load_safetensors_dir(tmp_path / "branched" / "unet")
+    train_in_process([*common, *cool_down, "--output_dir", str(tmp_path / "branched"),
+                      "--resume_from_checkpoint", "checkpoint-2"])
+    scratch, branched = load_safetensors_dir(tmp_path / "scratch" / "unet"), load_safetensors_dir(tmp_path / "branched" / "unet")
+    assert scratch.keys() == branched.keys()
+    assert all(torch.equal(scratch[k], branched[k]) for k in scratch)
+    assert any(not torch.equal(constant[k], branched[k]) for k in constant), "the cool-down changed nothing"

@@ -16,6 +16,13 @@ after at least `--min_points` points. The base is then the EMA model at T, copie
 `OUTPUT_DIR/base` (a diffusers pipeline folder; `benchmark_deme.py --pretrained OUTPUT_DIR/base`
 starts from it), with the curve in `curve.json` / `fid_curve.png`.
 
+With `--decay_from S` the learning rate cools down from step S (train_ant.py's `--lr_scheduler
+warmup_stable_decay`: half-cosine decay over `--decay_steps`, then held at `--min_lr_ratio` of it, where
+the model keeps training). Under the constant rate alone the FID of this model falls like a power of
+the step for tens of thousands of steps (docs/benchmark_base), so no 2% plateau comes within the
+budget; the cool-down is how converged models are finished. The steps before S are exactly the
+constant-rate run's, so a cool-down continues a finished constant-rate search in its own folder.
+
 Resumable: each segment continues the run exactly from its last checkpoint (`--resume_from_checkpoint
 latest` with a larger `--max_train_steps`), a scored point is never scored again, and a finished
 search is reported, not repeated. While segment k+1 trains (one thread), segment k is scored in a
@@ -70,6 +77,15 @@ def parse_args(argv=None):
     p.add_argument("--train_batch_size", type=int, default=64)
     p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument("--lr_warmup_steps", type=int, default=100)
+    p.add_argument("--decay_from", type=int, default=None,
+                   help="cool down from this step on (train_ant.py's --lr_scheduler warmup_stable_decay): a half-cosine "
+                        "decay of the learning rate over --decay_steps, then held at --min_lr_ratio times it. Default: "
+                        "none, a constant rate. The steps before it are those of the constant-rate run, so a cool-down "
+                        "can be added to a finished constant-rate search in the same --output_dir")
+    p.add_argument("--decay_steps", type=int, default=5000, help="length of the cool-down (default 5000)")
+    p.add_argument("--min_lr_ratio", type=float, default=0.05,
+                   help="learning rate after the cool-down, as a fraction of --learning_rate (default 0.05); the "
+                        "model keeps training there, so a plateau is the model's, not a frozen one's")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: segments of 5 steps, 64 DDIM-5 samples, at most 30 steps (seconds, not hours)")
     args = p.parse_args(argv)
@@ -84,6 +100,10 @@ def parse_args(argv=None):
         p.error("--resolution must be a multiple of 4 and at least 8 (the bench UNet halves it twice)")
     if not 0 < args.tolerance < 1:
         p.error("--tolerance must lie in (0, 1), e.g. 0.02 for 2%")
+    if args.decay_from is not None and (args.decay_from < args.lr_warmup_steps or args.decay_steps < 1):
+        p.error("--decay_from must be at least --lr_warmup_steps and --decay_steps at least 1")
+    if not 0 <= args.min_lr_ratio < 1:
+        p.error("--min_lr_ratio must lie in [0, 1)")
     if args.eval_samples % args.eval_batch_size:
         p.error("--eval_samples must be a multiple of --eval_batch_size")
     return args
@@ -94,12 +114,24 @@ def train_command(args, run_dir: str, config_path: str, steps: int) -> list:
     return [sys.executable, os.path.join(HERE, "train_ant.py"), "--model_type", "unet",
             "--model_config_name_or_path", config_path, "--dataset_name", DATASET, "--resolution", str(args.resolution),
             "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(steps),
-            "--learning_rate", str(args.learning_rate), "--lr_scheduler", "constant_with_warmup",
-            "--lr_warmup_steps", str(args.lr_warmup_steps), "--use_ema", "--ema_max_decay", "0.999",
+            "--learning_rate", str(args.learning_rate), *schedule_flags(schedule(args)), "--use_ema", "--ema_max_decay", "0.999",
             "--seed", str(args.seed), "--output_dir", run_dir, "--checkpointing_steps", str(args.segment_steps),
             "--checkpoints_total_limit", "2", "--resume_from_checkpoint", "latest",
             "--num_validation_images", "16", "--num_inference_steps", str(args.num_inference_steps),
             "--report_to", "none", "--mtl_method", "none"]
+
+
+def schedule(args) -> dict:
+    """The learning-rate schedule of the run, as train_ant.py's flags (without dashes)."""
+    if args.decay_from is None:
+        return {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": args.lr_warmup_steps}
+    return {"lr_scheduler": "warmup_stable_decay", "lr_warmup_steps": args.lr_warmup_steps,
+            "lr_stable_steps": args.decay_from - args.lr_warmup_steps, "lr_decay_steps": args.decay_steps,
+            "lr_min_ratio": args.min_lr_ratio}
+
+
+def schedule_flags(flags: dict) -> list:
+    return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
 
 
 def eval_settings(args) -> dict:
@@ -148,19 +180,30 @@ def main(argv=None) -> int:
     run_dir = os.path.join(args.output_dir, "run")
     models_dir = os.path.join(args.output_dir, "models")
     curve_path = os.path.join(args.output_dir, "curve.json")
-    settings = eval_settings(args)
+    settings, lr_schedule = eval_settings(args), schedule(args)
     curve = {}
     if os.path.isfile(curve_path):
         with open(curve_path) as f:
             saved = json.load(f)
         if saved.get("settings") == settings:  # the same evaluation: keep its points
             curve = {int(k): v for k, v in saved["points"].items()}
+        # A folder written before the schedule was recorded trained at a constant rate after warm-up.
+        before = saved.get("schedule", {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": args.lr_warmup_steps})
+        trained = max([int(k) for k in saved.get("points", {})] + [0])
+        from diffusers_ant.training.checkpoint import schedule_difference
+
+        differs = schedule_difference(before, lr_schedule, trained + 1)
+        if differs is not None:
+            print(f"{args.output_dir} was trained to step {trained} with the schedule {before}, and this one changes the "
+                  f"learning rate from step {differs}: give --decay_from at or after {trained}, or another --output_dir",
+                  file=sys.stderr)
+            return 2
     started = time.time()
 
     def record(step, metrics):
         curve[step] = metrics["fid"]
         found = plateau_step(curve, args.tolerance, args.min_points)
-        write_json(curve_path, {"settings": settings, "tolerance": args.tolerance, "min_points": args.min_points,
+        write_json(curve_path, {"settings": settings, "schedule": lr_schedule, "tolerance": args.tolerance, "min_points": args.min_points,
                                 "segment_steps": args.segment_steps, "points": {str(k): curve[k] for k in sorted(curve)},
                                 "plateau_step": found, "command": " ".join(sys.argv)})
         print(f"step {step}: FID {metrics['fid']:.3f}" + (f" -> plateau at step {found}" if found else ""), flush=True)

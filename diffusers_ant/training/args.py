@@ -54,7 +54,8 @@ TIMESTEP_SAMPLINGS = ("uniform", "stratified")
 # parser (--help) imports no torch; tests/test_flow_matching.py checks that they agree
 NOISE_SCHEDULERS = ("ddpm", "flow_match")
 FLOW_WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "warmup_stable_decay")
 
 
 # The authors' optimiser for DeMe fine-tunes (MqLeet/DeMe: lsun_church_deme.sh and the defaults of
@@ -281,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
     g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    g.add_argument("--lr_decay_steps", type=int, default=None,
+                   help="warmup_stable_decay: the cool-down, this many updates of half-cosine decay from the learning "
+                   "rate to --lr_min_ratio times it (required with that scheduler).")
+    g.add_argument("--lr_stable_steps", type=int, default=None,
+                   help="warmup_stable_decay: constant updates between the warm-up and the cool-down (default: the "
+                   "cool-down ends at --max_train_steps). Fixing it lets a cool-down branch off a constant-rate run: "
+                   "resuming a constant_with_warmup checkpoint at or before the cool-down's start is exact.")
+    g.add_argument("--lr_min_ratio", type=float, default=0.0,
+                   help="warmup_stable_decay: the learning rate after the cool-down, as a fraction of --learning_rate.")
     g.add_argument("--use_8bit_adam", action="store_true",
                    help="bitsandbytes' 8-bit AdamW: Adam's two moments in 1 byte per value instead of 4 (tensors of "
                    "4,096 values or more); on a GPU or, with bitsandbytes >= 0.46, the CPU (pip install bitsandbytes).")
@@ -506,6 +516,19 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             raise UsageError(f"--validation_image {path!r} does not exist")
     if args.lr_num_cycles < 1:
         raise UsageError("--lr_num_cycles must be at least 1")
+    if args.lr_scheduler == "warmup_stable_decay":
+        if args.lr_decay_steps is None or args.lr_decay_steps < 1:
+            raise UsageError("--lr_scheduler warmup_stable_decay needs --lr_decay_steps (the cool-down's length, >= 1)")
+        if args.lr_stable_steps is not None and args.lr_stable_steps < 0:
+            raise UsageError("--lr_stable_steps must be at least 0")
+        if not 0.0 <= args.lr_min_ratio < 1.0:
+            raise UsageError("--lr_min_ratio must lie in [0, 1), e.g. 0.05 to end at 5% of --learning_rate")
+    else:
+        for name in ("lr_decay_steps", "lr_stable_steps"):
+            if getattr(args, name) is not None:
+                raise UsageError(f"--{name} applies to --lr_scheduler warmup_stable_decay only")
+        if args.lr_min_ratio:
+            raise UsageError("--lr_min_ratio applies to --lr_scheduler warmup_stable_decay only")
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401

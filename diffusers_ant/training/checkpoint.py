@@ -197,15 +197,35 @@ def check_resume_engine(checkpoint: str, current: Dict[str, Any]) -> None:
                          f"{saved.get('num_processes')}` (each process resumes its own data position and RNG state)")
 
 
-def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: str) -> list:
+# Flags that shape the learning-rate schedule. A change is safe when the new schedule gives every update
+# up to the checkpoint the factor the old one gave (a cool-down branching off a constant-rate run, as
+# warmup-stable-decay schedules are used); otherwise the resumed run would follow a schedule that no
+# run from scratch follows, and it is refused.
+LR_SCHEDULE_FLAGS = frozenset({"lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "lr_decay_steps",
+                               "lr_stable_steps", "lr_min_ratio"})
+
+
+def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: str, num_processes: int = 1) -> list:
     """Compare the configuration a checkpoint was written with against the resuming run's.
 
     Raises a one-line ValueError naming the first changed flag that makes the state meaningless, with
-    both values; returns the changed safe flags (`RESUME_SAFE_FLAGS`) as "flag: old -> new" strings to
-    log. A flag the checkpoint does not know (added to the trainer since) is not compared."""
+    both values; returns the changed safe flags (`RESUME_SAFE_FLAGS`, and `LR_SCHEDULE_FLAGS` whose new
+    schedule agrees with the old one up to the checkpoint's step) as "flag: old -> new" strings to log.
+    A flag the checkpoint does not know (added to the trainer since) is not compared."""
     current = json.loads(json.dumps(current, default=str))  # tuples -> lists, as the saved JSON has them
     changed = [key for key in sorted(set(saved) & set(current)) if saved[key] != current[key]]
     safe = RESUME_SAFE_FLAGS - _trained_flags(current.get("model_type"))
+    if any(key in LR_SCHEDULE_FLAGS for key in changed):
+        step = checkpoint_step(checkpoint)
+        # the checkpoint's optimizer already holds the rate of its next update, set by the old schedule
+        differs = schedule_difference(saved, current, step + 1, num_processes)
+        if differs is None:
+            safe = safe | LR_SCHEDULE_FLAGS
+        else:
+            key = next(key for key in changed if key in LR_SCHEDULE_FLAGS)
+            raise ValueError(f"--{key} was {saved[key]!r} when {checkpoint} was written and is {current[key]!r} now, "
+                             f"which changes the learning rate from step {differs} (before the checkpoint's step "
+                             f"{step}): resume with the same schedule, or one that agrees up to step {step}")
     refused = [key for key in changed if key not in safe]
     if refused:
         key = refused[0]
@@ -213,6 +233,22 @@ def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], checkpoi
         raise ValueError(f"--{key} was {saved[key]!r} when {checkpoint} was written and is {current[key]!r} now{more}: "
                          f"resume with the same value, or start a new run in another --output_dir")
     return [f"--{key}: {saved[key]!r} -> {current[key]!r}" for key in changed]
+
+
+def checkpoint_step(folder: str) -> int:
+    """The update count of a checkpoint folder (`checkpoint-N`)."""
+    return int(os.path.basename(os.path.normpath(folder))[len(CHECKPOINT_PREFIX):])
+
+
+def schedule_difference(old: Dict[str, Any], new: Dict[str, Any], steps: int, num_processes: int = 1):
+    """The first of the first `steps` updates whose learning-rate factor differs between two runs'
+    configurations, or None when they agree on all of them (to float rounding)."""
+    import math
+
+    from .components import lr_factors
+
+    before, after = lr_factors(old, steps, num_processes), lr_factors(new, steps, num_processes)
+    return next((step for step, (a, b) in enumerate(zip(before, after)) if not math.isclose(a, b, rel_tol=1e-12)), None)
 
 
 def _trained_flags(model_type) -> frozenset:

@@ -8,6 +8,7 @@ reads top to bottom and each piece can be tested alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import secrets
 
@@ -206,12 +207,58 @@ def build_lr_scheduler(args, optimizer, num_processes: int):
     the groups marked `constant_lr` (UW's log-variances) kept at their own learning rate."""
     from diffusers.optimization import get_scheduler
 
-    scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                              num_warmup_steps=args.lr_warmup_steps * num_processes,
-                              num_training_steps=args.max_train_steps * num_processes,
-                              num_cycles=args.lr_num_cycles, power=args.lr_power)
+    if args.lr_scheduler == "warmup_stable_decay":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, wsd_factor_function(args, num_processes))
+    else:
+        scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                  num_warmup_steps=args.lr_warmup_steps * num_processes,
+                                  num_training_steps=args.max_train_steps * num_processes,
+                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     constant_lr_groups(scheduler, optimizer)
     return scheduler
+
+
+def wsd_factor_function(args, num_processes: int):
+    """The factor of `--lr_scheduler warmup_stable_decay` at each scheduler step (Hu et al. 2024, MiniCPM's
+    warmup-stable-decay): linear warm-up, constant, then `--lr_decay_steps` of half-cosine decay to
+    `--lr_min_ratio`, held there.
+
+    transformers' `get_wsd_schedule` computes the stable and decay phases; its warm-up is not used
+    because it starts at `min_lr_ratio` instead of 0, so a WSD run would differ from a constant_with_warmup
+    run from its first step, and a cool-down could not branch off a constant-rate checkpoint exactly (the
+    point of the schedule). The warm-up here is diffusers' (`step / warmup`), as constant_with_warmup's."""
+    warmup = args.lr_warmup_steps
+    stable = args.lr_stable_steps if args.lr_stable_steps is not None else args.max_train_steps - warmup - args.lr_decay_steps
+    if stable < 0:
+        raise ValueError(f"--lr_warmup_steps {warmup} + --lr_decay_steps {args.lr_decay_steps} exceed --max_train_steps "
+                         f"{args.max_train_steps}: shorten the cool-down or give --lr_stable_steps")
+    return functools.partial(_wsd_factor, num_warmup_steps=warmup * num_processes,
+                             num_stable_steps=stable * num_processes, num_decay_steps=args.lr_decay_steps * num_processes,
+                             min_lr_ratio=args.lr_min_ratio)
+
+
+def _wsd_factor(step: int, *, num_warmup_steps: int, num_stable_steps: int, num_decay_steps: int, min_lr_ratio: float):
+    from transformers.optimization import _get_wsd_scheduler_lambda
+
+    if step < num_warmup_steps:
+        return step / num_warmup_steps
+    return _get_wsd_scheduler_lambda(step, num_warmup_steps=num_warmup_steps, num_stable_steps=num_stable_steps,
+                                     num_decay_steps=num_decay_steps, warmup_type="linear", decay_type="cosine",
+                                     min_lr_ratio=min_lr_ratio, num_cycles=0.5)
+
+
+def lr_factors(config: dict, num_steps: int, num_processes: int = 1) -> list:
+    """The learning-rate factor of the run configured by `config` (a run's saved flags) before each of its
+    first `num_steps` updates, as `build_lr_scheduler` sets it; for comparing two schedules."""
+    import argparse
+
+    defaults = {"lr_scheduler": "constant", "lr_warmup_steps": 0, "lr_num_cycles": 1, "lr_power": 1.0,
+                "lr_decay_steps": None, "lr_stable_steps": None, "lr_min_ratio": 0.0, "max_train_steps": num_steps}
+    args = argparse.Namespace(**{key: default if config.get(key) is None else config[key]
+                                 for key, default in defaults.items()})
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    factor = build_lr_scheduler(args, optimizer, num_processes).lr_lambdas[0]
+    return [factor(step * num_processes) for step in range(num_steps)]
 
 
 def constant_lr_groups(lr_scheduler, optimizer) -> None:

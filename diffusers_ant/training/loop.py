@@ -170,7 +170,8 @@ def train(args) -> str:
         # Before any model or data is loaded: a resumed run must continue the run it resumes, under the
         # engine and with the number of processes that wrote its state.
         check_resume_engine(checkpoint, engine_record(accelerator))
-        for change in check_resume_config(checkpoint_config(checkpoint), public_config(args), checkpoint):
+        for change in check_resume_config(checkpoint_config(checkpoint), public_config(args), checkpoint,
+                                          accelerator.num_processes):
             logger.info("resuming with a changed setting, %s", change)
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
