@@ -413,3 +413,25 @@ def test_quick_transfer_benchmark_runs_and_resumes(tmp_path):
     again = transfer.main(argv)
     assert again["timing"]["fine-tuning and ControlNet runs"] < 5
     assert again["per_run"]["full"][0]["fid"] == record["per_run"]["full"][0]["fid"]
+
+
+@pytest.mark.slow
+@pytest.mark.benchmark
+def test_quick_transfer_benchmark_from_an_8x8_pretrained_model_runs_at_8x8(tmp_path):
+    """--quick from an 8x8 --pretrained pipeline (the tiny preset, built here): the bank is sampled, every
+    fine-tune trained and every model scored at 8x8 (a benchmark that ignored the resolution trains at
+    16x16: train_ant.py then rewrites the UNet's sample_size to 16, and the bank check refuses the 8x8 bank)."""
+    pretrained = _tiny_pipeline(tmp_path / "base-8", 8)
+    out = tmp_path / "bench"
+    # the smallest run that still has a bank row: full + Diff-Tuning, no ControlNet, no chain of forgetting
+    record = transfer.main(["--output_dir", str(out), "--quick", "--pretrained", pretrained, "--methods",
+                            "full,diff_tuning", "--skip_controlnet", "--forgetting_methods", "", "--workers", "2"])
+    assert record["resolution"] == 8 and record["plan"]["resolution"] == 8
+    assert json.loads((out / "bank" / "bank.json").read_text())["resolution"] == 8
+    for method in ("full", "diff_tuning"):
+        for seed in (0, 1):
+            run = out / "finetune" / method / f"seed-{seed}"
+            assert json.loads((run / "unet" / "config.json").read_text())["sample_size"] == 8
+            assert record["per_run"][method][seed]["settings"]["resolution"] == 8
+    assert record["pretrained_on_target"]["settings"]["resolution"] == 8
+    assert "at 8x8" in (out / "results.md").read_text()
