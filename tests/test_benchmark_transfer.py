@@ -132,8 +132,59 @@ def test_pretrained_flag_skips_pretraining_and_is_checked(tmp_path):
     assert transfer.Layout(args).pretrained == str(good)
     reuse = transfer.plan(transfer.parse_args(["--pretrained", str(good), "--skip_controlnet"]))
     assert reuse["stages"]["pretraining"] == 0 < transfer.plan(transfer.parse_args(["--skip_controlnet"]))["stages"]["pretraining"]
-    assert "8x8" in transfer.check_pretrained(str(other))
+    assert transfer.check_pretrained(str(other)) is None  # an 8x8 base: the benchmark runs at 8x8
     assert "model_index.json" in transfer.check_pretrained(str(tmp_path))
+
+
+def _tiny_pipeline(folder, resolution=8, channels=1):
+    """A saved unconditional UNet pipeline of the tiny preset (built from config, never downloaded)."""
+    from diffusers_ant.models import get_model_adapter
+
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=resolution,
+                                   num_channels=channels).save(str(folder))
+    return str(folder)
+
+
+def test_the_unconditional_half_follows_the_pretrained_models_resolution(tmp_path):
+    """An 8x8 base (`pretrain_base.py --resolution 8`): fine-tunes, evaluation reference and plan at 8x8;
+    the ControlNet half stays at its own 16x16; without --pretrained everything is 16x16 as before."""
+    from diffusers_ant.training import parse_args
+
+    eight = _tiny_pipeline(tmp_path / "eight", 8)
+    sixteen = _tiny_pipeline(tmp_path / "sixteen", 16)
+    args = transfer.parse_args(["--pretrained", eight, "--output_dir", str(tmp_path / "bench")])
+    layout = transfer.Layout(args)
+    for folder in (layout.bank, layout.train_images, layout.controlnet_init, layout.controlnet_bank):
+        os.makedirs(folder, exist_ok=True)
+    assert args.resolution == 8
+    for method in transfer.METHODS:
+        assert parse_args(transfer.finetune_command(args, layout, method, 0)[2:]).resolution == 8
+    assert transfer.eval_settings(args, layout)["resolution"] == 8
+    cmd = transfer.controlnet_command(args, layout, "controlnet", 0, threshold=0.5)
+    assert parse_args(cmd[2:]).resolution == transfer.CONTROLNET_RESOLUTION == 16
+    assert "at 8x8" in transfer.describe_plan(transfer.plan(args), args)
+    # the planning figures scale with the side: an 8x8 fine-tune is planned cheaper than a 16x16 one
+    at_16 = transfer.parse_args(["--pretrained", sixteen, "--skip_controlnet"])
+    at_8 = transfer.parse_args(["--pretrained", eight, "--skip_controlnet"])
+    assert at_16.resolution == 16
+    assert transfer.plan(at_8)["total_seconds"] < transfer.plan(at_16)["total_seconds"]
+    default = transfer.parse_args(["--output_dir", str(tmp_path / "default")])
+    assert default.resolution == 16 == transfer.RESOLUTION
+    assert parse_args(transfer.pretrain_command(default, transfer.Layout(default))[2:]).resolution == 16
+
+
+@pytest.mark.parametrize("resolution, channels, message", [
+    (8, 3, "3 channel(s)"),       # RGB: the benchmark fine-tunes greyscale
+    (32, 1, "a 32x32 model"),     # beyond Animal-MNIST's 28x28
+    (6, 1, "a 6x6 model"),        # below 8
+])
+def test_a_pretrained_model_the_benchmark_cannot_use_is_refused_in_one_line(tmp_path, capsys, resolution, channels,
+                                                                            message):
+    folder = _tiny_pipeline(tmp_path / "model", resolution, channels)
+    with pytest.raises(SystemExit):
+        transfer.parse_args(["--pretrained", folder])
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"--pretrained {folder}: " in err and message in err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -362,3 +413,27 @@ def test_quick_transfer_benchmark_runs_and_resumes(tmp_path):
     again = transfer.main(argv)
     assert again["timing"]["fine-tuning and ControlNet runs"] < 5
     assert again["per_run"]["full"][0]["fid"] == record["per_run"]["full"][0]["fid"]
+
+
+@pytest.mark.slow
+@pytest.mark.benchmark
+def test_quick_transfer_benchmark_from_an_8x8_pretrained_model_runs_at_8x8(tmp_path):
+    """--quick from an 8x8 --pretrained pipeline (the tiny preset, built here): the bank is sampled, every
+    fine-tune trained and every model scored at 8x8 (a benchmark that ignored the resolution trains at
+    16x16: train_ant.py then rewrites the UNet's sample_size to 16, and a bank row refuses the 8x8 bank)."""
+    pretrained = _tiny_pipeline(tmp_path / "base-8", 8)
+    out = tmp_path / "bench"
+    # the smallest run (to keep the test within a minute): full fine-tuning only, no ControlNet, no chain of
+    # forgetting; the bank is sampled all the same (its rows' commands at 8x8: the test above), and every
+    # row trains through the same finetune_command
+    record = transfer.main(["--output_dir", str(out), "--quick", "--pretrained", pretrained, "--methods", "full",
+                            "--skip_controlnet", "--forgetting_methods", "", "--workers", "2"])
+    assert record["resolution"] == 8 and record["plan"]["resolution"] == 8
+    assert json.loads((out / "bank" / "bank.json").read_text())["resolution"] == 8
+    for method in ("full",):
+        for seed in (0, 1):
+            run = out / "finetune" / method / f"seed-{seed}"
+            assert json.loads((run / "unet" / "config.json").read_text())["sample_size"] == 8
+            assert record["per_run"][method][seed]["settings"]["resolution"] == 8
+    assert record["pretrained_on_target"]["settings"]["resolution"] == 8
+    assert "at 8x8" in (out / "results.md").read_text()

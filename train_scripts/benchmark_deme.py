@@ -66,6 +66,7 @@ from diffusers_ant.analysis.benchmark import (
     SECONDS_PER_IMAGE_STEP,
     SECONDS_PER_RUN,
     SECONDS_PER_STEP,
+    base_resolution,
     command_line,
     evaluate_in_pool,
     evaluate_saved_model,
@@ -195,16 +196,6 @@ def parse_args(argv=None):
                 "e.g. bench-quality/vanilla/seed-0, or leave it out to pretrain one here")
     args.resolution = base_resolution(args.pretrained)
     return args
-
-
-def base_resolution(pretrained) -> int:
-    """The image side every run and score of the benchmark uses: the pretrained model's own (a base from
-    `pretrain_base.py --resolution 8` is 8x8), else the quality benchmark's `RESOLUTION`."""
-    config = os.path.join(pretrained or "", "unet", "config.json")
-    if pretrained is None or not os.path.isfile(config):
-        return RESOLUTION
-    with open(config) as f:
-        return int(json.load(f).get("sample_size") or RESOLUTION)
 
 
 # ------------------------------------------------------------------------------------------- layout

@@ -1,22 +1,27 @@
 #!/usr/bin/env python
-"""Diff-Tuning's transfer benchmark (issue 11, item 5): MNIST-5k -> Animal-MNIST at 16x16, and a
-ControlNet's sudden convergence.
+"""Diff-Tuning's transfer benchmark (issue 11, item 5): MNIST-5k -> Animal-MNIST at 16x16 (or at the
+`--pretrained` model's own resolution), and a ControlNet's sudden convergence.
 
 Transfer. One unconditional UNet (the 0.27M bench UNet of `benchmark_quality.py`) is pretrained on
-MNIST-5k digits, or taken from `--pretrained` (e.g. `bench-quality/vanilla/seed-0`), and fine-tuned
-on 500 Animal-MNIST silhouettes with every row of `METHODS`: full fine-tuning, Diff-Tuning (knowledge
+MNIST-5k digits at 16x16, or taken from `--pretrained` (e.g. `bench-quality/vanilla/seed-0`, or an 8x8
+base from `pretrain_base.py --resolution 8`), and fine-tuned on 500 Animal-MNIST silhouettes with every row of `METHODS`: full fine-tuning, Diff-Tuning (knowledge
 bank), Diff-Tuning KD (`--retention kd`), LoRA, LoRA + Diff-Tuning, DiffFit, DiffFit + Diff-Tuning,
 all for the same steps from the same seeds. The knowledge bank is sampled once from the pretrained
 model (`build_knowledge_bank.py`); the model is unconditional, so its bank images carry no label and
 train the model as they are. Each fine-tuned model is scored against held-out Animal-MNIST images
 (other rows than the 500) in the `animal_mnist` domain features: domain FID, KID, precision, recall.
+The whole unconditional half runs at one resolution, the pretrained UNet's `sample_size` (16 when it is
+pretrained here): the Animal-MNIST images are resized to it for fine-tuning and for the evaluation
+reference, the bank is sampled at it, every fine-tune trains at it, and the time plan is scaled to it
+(`resolution_cost_factor`); `results.json` records it (`resolution`).
 Since the seeds are shared (same data order, same sampling noise), each method is compared with full
 fine-tuning, and each Diff-Tuning row with its own base (LoRA + Diff-Tuning with LoRA, ...), by the
 per-seed difference with a Student-t interval over seeds. The chain of forgetting (`analyze.py
 forgetting`: the low-noise fraction f of sampling handed back to the pretrained model) of full
 fine-tuning and of Diff-Tuning is drawn on one plot.
 
-ControlNet. A tiny Stable Diffusion is made here (`diffusers_ant.diff_tuning.benchmark`): its VAE
+ControlNet. Always at 16x16 (`CONTROLNET_RESOLUTION`), whatever `--pretrained`'s resolution: it does not
+start from that model. A tiny Stable Diffusion is made here (`diffusers_ant.diff_tuning.benchmark`): its VAE
 fitted to MNIST-5k (`diffusers_ant.models.autoencoder`; the `tiny` preset's random VAE cannot be
 sampled meaningfully), its UNet pretrained on `mnist5k_captions`. A ControlNet copied from that UNet is trained on the
 captions' outline conditions, plain and with Diff-Tuning (a bank sampled from the untrained
@@ -40,7 +45,6 @@ written to be pasted into the README), `fid_by_method.png`, `forgetting.png`, `c
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -49,9 +53,11 @@ import time
 
 from diffusers_ant.analysis.benchmark import (
     BENCH_UNET,
+    RESOLUTION,
     SECONDS_PER_IMAGE_STEP,
     SECONDS_PER_RUN,
     SECONDS_PER_STEP_BENCH_UNET,
+    base_resolution,
     command_line,
     evaluate_in_pool,
     evaluate_saved_model,
@@ -59,6 +65,7 @@ from diffusers_ant.analysis.benchmark import (
     format_mean_sd,
     recorded_seconds,
     relative_differences,
+    resolution_cost_factor,
     run_logged,
     run_parallel,
     split_rows,
@@ -75,7 +82,10 @@ SOURCE_DATASET = "mnist5k"          # pretraining
 TARGET_DATASET = "animal_mnist"     # fine-tuning, its held-out reference and its domain features
 CONTROL_DATASET = "mnist5k_captions"  # captions and outline conditions for the ControlNet part
 TARGET_ROWS = 10000                 # Animal-MNIST's size
-RESOLUTION = 16
+TARGET_SIDE = 28                    # Animal-MNIST's images are 28x28: a larger model would only upsample them
+# RESOLUTION (16, the quality benchmark's): the UNet pretrained here when --pretrained is absent; the
+# unconditional half runs at args.resolution, the pretrained model's own (base_resolution).
+CONTROLNET_RESOLUTION = 16          # the ControlNet half (tiny SD, VAE, conditions), independent of --pretrained
 METRICS = ("fid", "kid_mean", "precision", "recall")
 # Diff-Tuning's settings in every Diff-Tuning row (the authors' defaults, PAPERS.md section 3)
 DIFF_TUNING_FLAGS = ["--bank_fraction", "0.2", "--bank_weight", "0.1", "--retention_exponent", "1",
@@ -126,11 +136,15 @@ def say(message: str) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from diffusers_ant.cli import OneLineErrorParser
+
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="bench-transfer")
     p.add_argument("--pretrained", default=None,
-                   help="a pretrained unconditional 16x16 greyscale UNet pipeline folder to fine-tune (e.g. "
-                        "bench-quality/vanilla/seed-0); default: pretrain one on MNIST-5k here")
+                   help="a pretrained unconditional greyscale UNet pipeline folder to fine-tune (e.g. "
+                        "bench-quality/vanilla/seed-0, or an 8x8 base from pretrain_base.py --resolution 8); the "
+                        "unconditional half (data, bank, fine-tunes, scores) runs at its sample_size (8 to 28, a "
+                        "multiple of its UNet's downsampling); default: pretrain a 16x16 one on MNIST-5k here")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="fine-tuning and sampling seeds, shared by all methods (default 0 1 2)")
@@ -162,7 +176,8 @@ def parse_args(argv=None):
     g.add_argument("--fractions", default="0,0.1,0.2,0.3,0.5,0.7,1", help="fractions f of the chain of forgetting")
     g.add_argument("--forgetting_samples", type=int, default=1000, help="generated images per fraction (default 1000)")
     g.add_argument("--confidence", type=float, default=0.95, help="of the t intervals over seeds (default 0.95)")
-    g = p.add_argument_group("ControlNet sudden convergence")
+    g = p.add_argument_group("ControlNet sudden convergence", f"always at {CONTROLNET_RESOLUTION}x{CONTROLNET_RESOLUTION} "
+                             "(a tiny SD made here, not --pretrained)")
     g.add_argument("--skip_controlnet", action="store_true", help="leave the ControlNet part out")
     g.add_argument("--vae_steps", type=int, default=500, help="fitting steps of the tiny SD's VAE (batch 64)")
     g.add_argument("--sd_steps", type=int, default=1200, help="pretraining steps of the tiny SD UNet")
@@ -243,12 +258,16 @@ def parse_args(argv=None):
         problem = check_pretrained(args.pretrained)
         if problem:
             p.error(f"--pretrained {args.pretrained}: {problem}")
+    # the side of the whole unconditional half: the pretrained model's own, else the 16 pretrained here
+    args.resolution = base_resolution(args.pretrained)
     return args
 
 
 def check_pretrained(folder):
     """Why `folder` cannot be the pretrained model here (None when it can): it must be a saved
-    unconditional UNet pipeline for 16x16 greyscale images."""
+    unconditional UNet pipeline for greyscale images whose side the benchmark can use: 8 to
+    `TARGET_SIDE` (Animal-MNIST's 28) and a multiple of the UNet's downsampling (2 per down block
+    but the last)."""
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         return "no saved pipeline there (model_index.json): give a folder train_ant.py wrote"
     config_path = os.path.join(folder, "unet", "config.json")
@@ -258,9 +277,13 @@ def check_pretrained(folder):
         config = json.load(f)
     if config.get("_class_name") != "UNet2DModel" or config.get("num_class_embeds"):
         return "the benchmark fine-tunes an unconditional UNet2DModel"
-    if config.get("sample_size") != RESOLUTION or config.get("in_channels") != 1:
-        return (f"a {config.get('sample_size')}x{config.get('sample_size')} model with {config.get('in_channels')} "
-                f"channel(s); the benchmark needs {RESOLUTION}x{RESOLUTION} greyscale")
+    side, channels = config.get("sample_size"), config.get("in_channels")
+    if channels != 1 or config.get("out_channels", 1) != 1:
+        return f"a model with {channels} channel(s); the benchmark fine-tunes a greyscale (1-channel) model"
+    factor = 2 ** max(0, len(config.get("down_block_types") or [None]) - 1)
+    if not isinstance(side, int) or not 8 <= side <= TARGET_SIDE or side % factor:
+        return (f"a {side}x{side} model; the benchmark needs a side from 8 to {TARGET_SIDE} (Animal-MNIST's) "
+                f"that its UNet's {factor}x downsampling divides")
     return None
 
 
@@ -297,13 +320,16 @@ class Layout:
 
 def plan(args) -> dict:
     """Estimated wall seconds of each stage with `args.workers` processes on an idle 2-core CPU (see
-    the planning figures above): pretraining (UNet beside the tiny SD), banks, fine-tunes and
-    ControlNet runs, evaluations, chains of forgetting."""
+    the planning figures above, measured at 16x16 and scaled to `args.resolution` by
+    `resolution_cost_factor`): pretraining (UNet beside the tiny SD), banks, fine-tunes and ControlNet
+    runs, evaluations, chains of forgetting."""
     workers = args.workers
     batch = args.train_batch_size / 64
+    step = SECONDS_PER_STEP_BENCH_UNET * resolution_cost_factor(args.resolution)  # the UNet's, at its side
+    image_step = SECONDS_PER_IMAGE_STEP * resolution_cost_factor(args.resolution)
     pretrain = 0.0 if args.pretrained else args.pretrain_steps * SECONDS_PER_STEP_BENCH_UNET * batch + SECONDS_PER_RUN
-    bank = args.bank_images * args.bank_inference_steps * SECONDS_PER_IMAGE_STEP + 15
-    finetunes = [args.max_train_steps * SECONDS_PER_STEP_BENCH_UNET * batch * STEP_FACTOR[m] + SECONDS_PER_RUN
+    bank = args.bank_images * args.bank_inference_steps * image_step + 15
+    finetunes = [args.max_train_steps * step * batch * STEP_FACTOR[m] + SECONDS_PER_RUN
                  for m in args.methods for _ in args.seeds]
     sd = cn_prep = 0.0
     controlnet = []
@@ -328,17 +354,18 @@ def plan(args) -> dict:
         "pretraining": in_parallel(pretrain, sd),
         "banks": in_parallel(bank, cn_prep),
         "fine-tuning and ControlNet runs": (sum(finetunes) + sum(controlnet)) / workers,
-        "evaluation": (images * args.num_inference_steps * SECONDS_PER_IMAGE_STEP + 10 * models) / workers,
-        "chains of forgetting": (forgetting_images * args.num_inference_steps * SECONDS_PER_IMAGE_STEP
+        "evaluation": (images * args.num_inference_steps * image_step + 10 * models) / workers,
+        "chains of forgetting": (forgetting_images * args.num_inference_steps * image_step
                                  + 20 * len(args.forgetting_methods) * len(args.forgetting_seeds)) / workers,
     }
     return {"stages": stages, "total_seconds": sum(stages.values()), "runs": len(finetunes) + len(controlnet),
-            "generated_images": images + forgetting_images}
+            "generated_images": images + forgetting_images, "resolution": args.resolution}
 
 
 def describe_plan(estimate, args) -> str:
     parts = ", ".join(f"{name} {seconds / 60:.0f} min" for name, seconds in estimate["stages"].items())
-    return (f"{estimate['runs']} training runs, {estimate['generated_images']} generated images; estimated on an idle "
+    return (f"{estimate['runs']} training runs, {estimate['generated_images']} generated images, the UNet's at "
+            f"{args.resolution}x{args.resolution}; estimated on an idle "
             f"2-core CPU with {args.workers} workers: {estimate['total_seconds'] / 60:.0f} min ({parts}); a busy "
             "machine is slower")
 
@@ -356,7 +383,8 @@ def validation_flags(args) -> list:
 
 
 def pretrain_command(args, layout) -> list:
-    """The pretrained model: the bench UNet on MNIST-5k (cosine decay after warm-up, EMA 0.999)."""
+    """The pretrained model (only without --pretrained): the bench UNet on MNIST-5k at `RESOLUTION`
+    (cosine decay after warm-up, EMA 0.999)."""
     return [*script("train_ant.py"), "--model_type", "unet", "--model_config_name_or_path", layout.unet_config,
             "--dataset_name", SOURCE_DATASET, "--resolution", str(RESOLUTION),
             "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.pretrain_steps),
@@ -379,7 +407,7 @@ def finetune_command(args, layout, method, seed) -> list:
     row = METHODS[method]
     lr = args.learning_rate if row["finetune"] == "full" else args.peft_learning_rate
     cmd = [*script("train_ant.py"), "--model_type", "unet", "--pretrained_model_name_or_path", layout.pretrained,
-           "--train_data_dir", layout.train_images, "--resolution", str(RESOLUTION),
+           "--train_data_dir", layout.train_images, "--resolution", str(args.resolution),
            "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.max_train_steps),
            "--learning_rate", str(lr), "--lr_scheduler", "constant_with_warmup",
            "--lr_warmup_steps", str(args.lr_warmup_steps), "--use_ema", "--ema_max_decay", "0.999",
@@ -399,7 +427,7 @@ def sd_command(args, layout) -> list:
     """The tiny SD's UNet pretrained on the captioned digits (10% empty prompts: an unconditional branch
     for the bank's null-prompt rows)."""
     return [*script("train_ant.py"), "--model_type", "sd", "--pretrained_model_name_or_path", layout.sd_init,
-            "--dataset_name", CONTROL_DATASET, "--resolution", str(RESOLUTION),
+            "--dataset_name", CONTROL_DATASET, "--resolution", str(CONTROLNET_RESOLUTION),
             "--train_batch_size", str(args.sd_batch_size), "--max_train_steps", str(args.sd_steps),
             "--learning_rate", str(args.sd_learning_rate), "--lr_scheduler", "cosine",
             "--lr_warmup_steps", str(min(100, args.sd_steps // 10)), "--use_ema", "--ema_max_decay", "0.999",
@@ -421,7 +449,7 @@ def controlnet_command(args, layout, method, seed, threshold) -> list:
     """One ControlNet run from the shared untrained ControlNet, its convergence tracked (no EMA: the
     tracked weights are the trained ones, as in diffusers' ControlNet script)."""
     cmd = [*script("train_ant.py"), "--model_type", "controlnet", "--pretrained_model_name_or_path",
-           layout.controlnet_init, "--dataset_name", CONTROL_DATASET, "--resolution", str(RESOLUTION),
+           layout.controlnet_init, "--dataset_name", CONTROL_DATASET, "--resolution", str(CONTROLNET_RESOLUTION),
            "--train_batch_size", str(args.controlnet_batch_size), "--max_train_steps", str(args.controlnet_steps),
            "--learning_rate", str(args.controlnet_learning_rate), "--lr_scheduler", "constant",
            "--seed", str(seed), "--output_dir", layout.run(method, seed),
@@ -463,7 +491,7 @@ def make_sd_base(args, layout) -> str:
         return "kept"
     from diffusers_ant.diff_tuning.benchmark import make_sd_base as make
 
-    record = make(layout.sd_init, SOURCE_DATASET, RESOLUTION, vae_steps=args.vae_steps)
+    record = make(layout.sd_init, SOURCE_DATASET, CONTROLNET_RESOLUTION, vae_steps=args.vae_steps)
     write_json(record_path, record)
     return f"{record['seconds']:.0f}s (VAE reconstruction MSE {record['reconstruction_mse']:.4f} on [-1, 1])"
 
@@ -492,7 +520,7 @@ def measure_threshold(args, layout) -> dict:
     from diffusers_ant.diff_tuning import ConvergenceTracker
     from diffusers_ant.diff_tuning.benchmark import convergence_conditions, measure_start_distances, threshold_from
 
-    conditions, prompts, real = convergence_conditions(CONTROL_DATASET, args.convergence_images, RESOLUTION)
+    conditions, prompts, real = convergence_conditions(CONTROL_DATASET, args.convergence_images, CONTROLNET_RESOLUTION)
     start = measure_start_distances(layout.controlnet_init, args.seeds, conditions, prompts,
                                     args.convergence_inference_steps, args.guidance_scale, distance="iou")
     real_distance = ConvergenceTracker(1.0, distance="iou").measure(real, conditions)
@@ -514,7 +542,7 @@ def measure_threshold(args, layout) -> dict:
 def eval_settings(args, layout) -> dict:
     """What a fine-tuned model's numbers depend on besides its weights (stored with each result)."""
     return {"num_samples": args.num_samples, "num_inference_steps": args.num_inference_steps,
-            "eval_batch_size": args.eval_batch_size, "num_real": args.num_real, "resolution": RESOLUTION,
+            "eval_batch_size": args.eval_batch_size, "num_real": args.num_real, "resolution": args.resolution,
             "num_channels": 1, "reference_dir": os.path.abspath(layout.heldout_images), "features": TARGET_DATASET,
             "scheduler": "ddim"}
 
@@ -675,7 +703,8 @@ def markdown(summary, pretrained, convergence_summary, forgetting, checks, args,
               f"per-seed difference from full fine-tuning (same seed: same data order and sampling noise) with a "
               f"{level} Student-t interval over the seeds; 'FID vs its base' is the per-seed relative change of a "
               "Diff-Tuning row from the same fine-tuning without Diff-Tuning. An interval that excludes 0 is a "
-              f"difference the seeds support. Fine-tuning: {args.num_train_images} Animal-MNIST images, "
+              f"difference the seeds support. Fine-tuning: {args.num_train_images} Animal-MNIST images at "
+              f"{args.resolution}x{args.resolution} (the pretrained model's side; samples, bank and reference too), "
               f"{args.max_train_steps} steps at batch {args.train_batch_size} (AdamW {args.learning_rate:g} for full "
               f"rows, {args.peft_learning_rate:g} for LoRA / DiffFit rows, EMA 0.999); Diff-Tuning: a bank of "
               f"{args.bank_images} DDIM-{args.bank_inference_steps} samples of the pretrained model, 20% of each batch, "
@@ -850,6 +879,8 @@ def main(argv=None):
                                 ylabel="1 - IoU of re-extracted and input outlines")
     record = {
         "command": command_line(argv),
+        "resolution": args.resolution,  # of the unconditional half; the ControlNet half: controlnet_resolution
+        "controlnet_resolution": CONTROLNET_RESOLUTION if not args.skip_controlnet else None,
         "args": {k: v for k, v in vars(args).items()},
         "methods": {m: METHODS[m] for m in args.methods},
         "controlnet_methods": CONTROLNET_METHODS if not args.skip_controlnet else {},

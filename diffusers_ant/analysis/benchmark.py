@@ -6,6 +6,8 @@
   plan it prints before it starts;
 - the quality benchmark's recipe that other benchmarks reuse: ``DATASET`` (MNIST-5k), ``RESOLUTION``
   (16), ``METHODS`` (its rows as ``train_ant.py`` flags) and their ``SECONDS_PER_STEP``;
+  ``base_resolution`` (the side a benchmark from a ``--pretrained`` model trains and scores at: that
+  model's own) and ``resolution_cost_factor`` (the planning figures at another side);
 - ``run_logged``: one real subprocess (a ``train_ant.py`` run, a knowledge-bank build, an analysis),
   one torch thread, offline, its output in a log file, skipped when its output exists, its wall time
   recorded beside the log (``time_path``); ``run_parallel`` runs such jobs ``workers`` at a time;
@@ -45,6 +47,7 @@ __all__ = [
     "SECONDS_PER_RUN",
     "SECONDS_PER_STEP",
     "SECONDS_PER_STEP_BENCH_UNET",
+    "base_resolution",
     "cached_reference",
     "command_line",
     "evaluate_in_pool",
@@ -55,6 +58,7 @@ __all__ = [
     "offline_env",
     "recorded_seconds",
     "relative_differences",
+    "resolution_cost_factor",
     "run_logged",
     "run_parallel",
     "split_rows",
@@ -127,6 +131,25 @@ METHODS = {
 SECONDS_PER_STEP = {"vanilla": 0.14, "min_snr": 0.14, "p2": 0.14, "ant_ls": 0.14, "ant_uw": 0.14,
                     "ant_pcgrad": 0.21, "ant_nash": 0.14, "ant_uw_raw_snr": 0.14, "ant_uw_pcgrad_p2": 0.21,
                     "ant_uw_min_snr": 0.14}
+
+
+def base_resolution(pretrained) -> int:
+    """The image side every run and score of a benchmark uses when it starts from the model
+    ``pretrained`` (a saved pipeline folder): that model's own UNet ``sample_size`` (a base from
+    ``pretrain_base.py --resolution 8`` is 8x8), else (no folder, or no UNet config in it) the quality
+    benchmark's ``RESOLUTION``. ``benchmark_deme.py`` and ``benchmark_transfer.py`` read it."""
+    config = os.path.join(pretrained or "", "unet", "config.json")
+    if pretrained is None or not os.path.isfile(config):
+        return RESOLUTION
+    with open(config, encoding="utf-8") as f:
+        return int(json.load(f).get("sample_size") or RESOLUTION)
+
+
+def resolution_cost_factor(resolution: int) -> float:
+    """The planning figures above (measured at ``RESOLUTION``, 16x16) scaled to another image side: per
+    pixel, but not below half (the bench UNet's step at 8x8 measured 0.07 s alone, half the 16x16 step,
+    not a quarter: README, the converged-base section). An estimate outside 8 and 16."""
+    return max(0.5, (resolution / RESOLUTION) ** 2)
 
 
 # ------------------------------------------------------------------------------------ subprocess runs
