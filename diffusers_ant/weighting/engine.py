@@ -614,7 +614,10 @@ class TaskGradientEngine:
         }
 
     def _mark_overflow(self) -> None:
-        """Make the GradScaler see the overflow: it then skips `optimizer.step()` and lowers its scale."""
+        """Make the GradScaler see the overflow: it then skips `optimizer.step()` and lowers its scale.
+        With `write_update` (DeepSpeed) nothing is handed to the engine, which then does not step."""
+        if self.write_update is not None:
+            return
         p = self.params[0]
         if p.grad is None:
             p.grad = torch.full_like(p, float("inf"))
