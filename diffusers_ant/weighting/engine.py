@@ -444,7 +444,7 @@ class TaskGradientEngine:
 
         saved_grads = [p.grad for p in self.params]  # restored below: accumulation is preserved
         try:
-            if self.mode == "split" and self.lockstep and is_distributed():
+            if self.mode == "split" and self._in_lockstep():
                 self._split_lockstep(per_sample_loss_fn, task_ids, local_counts, chunk_size, loss_scale, grads,
                                      task_sums)
             elif self.mode == "split":
@@ -525,6 +525,9 @@ class TaskGradientEngine:
                 else:
                     p.grad.add_(view)
         return self._finish(weighting, task_sums, global_counts, present, weights, grad_scale * loss_scale)
+
+    def _in_lockstep(self) -> bool:
+        return self.lockstep and self.sync and is_distributed()
 
     def _lockstep_chunks(self, counts: List[int], chunk_size) -> List[int]:
         """How many chunks each entry of `counts` takes on the process that needs the most (one all-reduce)."""
@@ -641,7 +644,8 @@ class TaskGradientEngine:
             # over processes, then handed to the engine's own backward (`write_update`)
             _, update = self._buffers(len(global_counts))
             update.zero_()
-            padding = (self._lockstep_chunks([everything.numel()], chunk_size)[0] - len(pieces)) if self.lockstep else 0
+            padding = (self._lockstep_chunks([everything.numel()], chunk_size)[0] - len(pieces)
+                       if self._in_lockstep() else 0)
             for chunk in pieces:
                 losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
                 self.num_forward_calls += 1
@@ -661,7 +665,8 @@ class TaskGradientEngine:
                     p.grad = torch.zeros_like(p)  # same tensor list on every process for the all-reduce
                 else:
                     p.grad.div_(world_size())  # the sum below restores what was there
-        padding = (self._lockstep_chunks([everything.numel()], chunk_size)[0] - len(pieces)) if self.lockstep else 0
+        padding = (self._lockstep_chunks([everything.numel()], chunk_size)[0] - len(pieces)
+                   if self._in_lockstep() else 0)
         for chunk in pieces:
             losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
             self.num_forward_calls += 1
