@@ -95,8 +95,8 @@ def weighting_optimizer(args, weighting):
 #   sum_p <p, u_p>, whose gradient is u exactly; DeepSpeed averages it over the processes (u again), clips
 #   and steps once per window (`EngineBackward`): the weighting still chooses once per window.
 # * ZeRO-3 partitions the LoRA matrices as well: they are whole only inside each module's forward and
-#   backward, and DeepSpeed keeps no parameter out of its partitions on request (as FSDP2's ignored
-#   parameters do), so the update cannot be formed from whole LoRA gradients: refused.
+#   backward (outside, the engine would find them empty), and ZeRO-3 has no option to keep chosen
+#   parameters out of its partitions (as FSDP2's ignored parameters are; only a size threshold): refused.
 
 
 def task_gradient_engine_name(accelerator) -> str:
