@@ -61,6 +61,13 @@ all-reduce), per-task gradients are all-reduced as count-weighted means before t
 chosen (`distributed.py`), and the chosen weights and the weighting's state are then broadcast
 from process 0, so every process takes bitwise the same step whatever its solver did.
 
+Sharded engines (`training/sharding.py`, split mode on a subset that is every trainable parameter):
+`lockstep=True` (FSDP2) makes every process run the same forward and backward passes, padding with
+zero-loss passes where it has fewer samples of a task (FSDP's all-gathers are collectives);
+`write_update=fn` (DeepSpeed ZeRO-1/2) takes the task gradients with `torch.autograd.grad` (no
+parameter's gradient-accumulation hook runs) and hands the synced update to `fn(params, update_views)`
+instead of adding it to `.grad`. Neither changes the step.
+
 How the trainer calls it::
 
     engine = TaskGradientEngine([p for p in unet.parameters() if p.requires_grad])  # once
