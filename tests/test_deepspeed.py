@@ -130,3 +130,88 @@ def test_zero3_with_every_parameter_sharded_trains_the_weights_of_plain_data_par
     torch.testing.assert_close(log_variances(root / "zero3" / "checkpoint-4"), log_variances(ddp / "checkpoint-4"),
                                rtol=0, atol=TOLERANCE)
     assert (root / "zero3" / "samples.png").is_file()  # process 0 sampled with the gathered weights
+
+
+# ------------------------------------------------------------------ gradient methods on the LoRA subset
+
+
+def _deepspeed_accelerator(stage):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(zero_stage=stage, deepspeed_config={})
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+def test_a_gradient_method_runs_under_zero2_on_the_lora_subset_only_and_not_under_zero3():
+    """One line each, naming the engine and the flag, before anything is loaded."""
+    from types import SimpleNamespace
+
+    from diffusers_ant.training.args import UsageError
+    from diffusers_ant.training.components import check_distributed_support
+    from diffusers_ant.weighting import get_weighting
+
+    lora = dict(task_gradient_subset="lora", task_gradients="split", mixed_precision="no", gradient_accumulation_steps=2)
+    for method in ("pcgrad", "uw+pcgrad"):
+        check_distributed_support(_deepspeed_accelerator(2), SimpleNamespace(mtl_method=method, **lora),
+                                  get_weighting(method, 4))
+    cases = [(2, {"task_gradient_subset": None}, "--mtl_method pcgrad (gradient-based) under DeepSpeed ZeRO-2 needs "
+              "--task_gradient_subset lora"),
+             (3, {"task_gradient_subset": None}, "--mtl_method pcgrad (gradient-based) does not run under DeepSpeed "
+              "ZeRO-3, with or without --task_gradient_subset lora"),
+             (3, {}, "does not run under DeepSpeed ZeRO-3"),
+             (2, {"task_gradients": "batched"}, "under DeepSpeed ZeRO-2 runs with --task_gradients split only")]
+    for stage, change, words in cases:
+        with pytest.raises(UsageError) as error:
+            check_distributed_support(_deepspeed_accelerator(stage), SimpleNamespace(mtl_method="pcgrad", **{**lora, **change}),
+                                      get_weighting("pcgrad", 4))
+        assert words in str(error.value) and "\n" not in str(error.value)
+
+
+# uw+pcgrad on the LoRA subset of a pretrained tiny UNet, windows of two micro-batches (DeepSpeed's
+# accumulation of 2: the weighting chooses once per window, the engine steps once), lr = Adam's epsilon = 1
+# (the update is about the gradient itself).
+LORA_STEPS = 2
+LORA_RUN = ["--model_type", "unet", "--dataset_name", "mnist5k", "--train_batch_size", "4",
+            "--gradient_accumulation_steps", "2", "--num_clusters", "4", "--timestep_sampling", "uniform",
+            "--report_to", "none", "--seed", "0", "--num_validation_images", "1", "--num_inference_steps", "1",
+            "--max_train_samples", "32", "--rank", "4", "--mtl_method", "uw+pcgrad", "--task_gradient_subset", "lora",
+            "--max_train_steps", str(LORA_STEPS), "--learning_rate", "1", "--adam_epsilon", "1"]
+
+
+def launch_lora(engine_flags, output_dir, pretrained):
+    env = offline_env(PYTHONPATH=os.pathsep.join([REPO, os.path.dirname(os.path.dirname(deepspeed.__file__))]))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *engine_flags,
+               TRAIN_SCRIPT, *LORA_RUN, "--pretrained_model_name_or_path", str(pretrained), "--output_dir", str(output_dir)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_a_gradient_method_on_the_lora_subset_trains_under_zero2_what_it_trains_under_ddp(root):
+    """ZeRO-2 takes the per-cluster gradients of the LoRA subset by autograd.grad (DeepSpeed's hooks do not
+    run), syncs them as DDP does, and hands the update to the engine by one backward whose gradient is the
+    update exactly. The tolerance is test_fsdp's for the same run (reduction order inside a kernel, at most
+    1024 terms, |g| <= 1 after clipping, lr = Adam's epsilon = 1: LORA_STEPS * (1024 * 2^-24 + 2^-23 max|w|)).
+    Per-process cluster gradients move the LoRA weights by about 7e-2; an update DeepSpeed never steps by
+    |B| ~ 0.3."""
+    from safetensors.torch import load_file
+
+    from diffusers_ant.models import get_model_adapter
+
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1).save(
+        str(root / "lora-pretrained"))
+    out = launch_lora(["--use_deepspeed", "--zero_stage", "2"], root / "lora-zero2", root / "lora-pretrained")
+    assert "process 1 of 2" in out
+    launch_lora(["--multi_gpu"], root / "lora-ddp", root / "lora-pretrained")
+    zero2, ddp = (load_file(root / f"lora-{e}" / "pytorch_lora_weights.safetensors") for e in ("zero2", "ddp"))
+    assert zero2 and sorted(zero2) == sorted(ddp)
+    largest = max(float(v.abs().max()) for v in zero2.values())
+    tolerance = LORA_STEPS * (1024 * 2.0**-24 + 2.0**-23 * max(1.0, largest))
+    assert max(float(v.abs().max()) for k, v in zero2.items() if "lora_B" in k or "lora.up" in k) > 100 * tolerance
+    worst = max(float((zero2[k] - ddp[k]).abs().max()) for k in zero2)
+    print(f"max |ZeRO-2 - DDP| over the LoRA weights: {worst:.3g} (tolerance {tolerance:.3g})")
+    assert worst <= tolerance, f"ZeRO-2 and DDP LoRA weights differ by {worst} (tolerance {tolerance})"

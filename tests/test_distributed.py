@@ -21,7 +21,8 @@ from diffusers_ant.weighting import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("uw", "pcgrad", "nash_mtl", "pcgrad+subset", "uw+chunks", "pcgrad+chunks", "nash_mtl+subset+chunks",
-           "rank_noise", "uw_and_pcgrad+chunks", "uw_and_nash_mtl+subset", "pcgrad+batched+chunks")
+           "rank_noise", "uw_and_pcgrad+chunks", "uw_and_nash_mtl+subset", "pcgrad+batched+chunks",
+           "pcgrad+lockstep+chunks", "nash_mtl+lockstep+write_update+chunks", "uw_and_pcgrad+write_update")
 STEPS = 4
 
 
@@ -114,3 +115,15 @@ def test_gradient_methods_sync_task_gradients_not_ddp(two_process_run, method):
     assert grads.shape[0] == 4 and grads.abs().max() > 1e-3
     assert torch.equal(grads, rank1["task_grads_step0"])
     assert (grads - reference["task_grads_step0"]).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_lockstep_runs_the_same_passes_on_every_process(two_process_run):
+    """FSDP's path (`lockstep`): both processes ran the same number of forward and backward passes (each
+    gathers the sharded weights, a collective), although their shards hold different numbers of samples of a
+    cluster, and the steps are still the one-process steps (test_two_processes_take_identical_steps); without
+    lockstep the two processes' counts differ on these shards."""
+    rank0, rank1, _ = two_process_run["pcgrad+lockstep+chunks"]
+    assert torch.equal(rank0["engine_passes"], rank1["engine_passes"])
+    free0, free1, _ = two_process_run["pcgrad+chunks"]
+    assert not torch.equal(free0["engine_passes"], free1["engine_passes"])

@@ -5,7 +5,8 @@ The slow test trains the tiny UNet from scratch (full fine-tuning) with UW and E
 checkpoint at step 2, under plain DDP (`examples/accelerate/ddp.yaml`) for the same 4 steps, and under
 FSDP again resumed from the first run's checkpoint-2. FSDP must give DDP's weights (to the float
 tolerance derived in `test_fsdp_trains_the_weights_ddp_trains`), and resuming must be exact (bit for
-bit). The fast tests check the refusals (one line each) without launching anything.
+bit). A gradient method on the LoRA subset (`uw+pcgrad --task_gradient_subset lora`) is checked the same way
+against DDP (two more launches). The fast tests check the refusals (one line each) without launching anything.
 """
 
 import json
@@ -61,21 +62,56 @@ def test_an_fsdp_config_that_wraps_blocks_passes():
                                           transformer_cls_names_to_wrap=["ResnetBlock2D"]), _tiny_unet())
 
 
+def _refusal(call):
+    with pytest.raises(UsageError) as error:
+        call()
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
 def test_gradient_methods_fsdp1_and_process_zero_sampling_are_refused_under_fsdp():
     from diffusers_ant.training.components import check_distributed_support
     from diffusers_ant.training.fsdp import check_fsdp_support
     from diffusers_ant.weighting import get_weighting
 
     accelerator = _fsdp_accelerator(auto_wrap_policy="transformer_based_wrap")
-    args = SimpleNamespace(mtl_method="pcgrad", gradient_accumulation_steps=1, track_convergence=True)
-    with pytest.raises(UsageError, match="--mtl_method pcgrad .gradient-based. does not run under FSDP, with or without --task_gradient_subset lora"):
-        check_distributed_support(accelerator, args, get_weighting("pcgrad", 4))
+    lora = dict(task_gradient_subset="lora", task_gradients="split", mixed_precision="no")
+    for method in ("pcgrad", "uw+pcgrad"):  # the LoRA subset runs (the two-process test below), nothing else
+        check_distributed_support(accelerator, SimpleNamespace(mtl_method=method, **lora), get_weighting(method, 4))
+        args = SimpleNamespace(mtl_method=method, gradient_accumulation_steps=1, task_gradient_subset=None)
+        assert _refusal(lambda: check_distributed_support(accelerator, args, get_weighting(method, 4))).startswith(
+            f"--mtl_method {method} (gradient-based) under FSDP needs --task_gradient_subset lora")
+    for flag, value in (("task_gradients", "batched"), ("mixed_precision", "bf16"), ("task_gradient_subset", "up_blocks")):
+        args = SimpleNamespace(mtl_method="pcgrad", **{**lora, flag: value})
+        message = _refusal(lambda: check_distributed_support(accelerator, args, get_weighting("pcgrad", 4)))
+        assert "under FSDP" in message and (f"--{flag}" in message or flag == "task_gradient_subset"), message
     check_distributed_support(accelerator, SimpleNamespace(mtl_method="uw", gradient_accumulation_steps=2),
                               get_weighting("uw", 4))  # loss-based, learnable: runs
+    args = SimpleNamespace(mtl_method="pcgrad", gradient_accumulation_steps=1, track_convergence=True)
     with pytest.raises(UsageError, match="--track_convergence"):
         check_fsdp_support(accelerator, args)
     with pytest.raises(UsageError, match="fsdp_version: 2"):
         check_fsdp_support(_fsdp_accelerator(fsdp_version=1), SimpleNamespace())
+
+
+def test_a_gradient_method_under_fsdp_needs_every_trainable_parameter_in_the_lora_subset():
+    """The update is formed on the LoRA subset alone: a full fine-tune (or any other trainable parameter) is
+    refused in one line; a LoRA model passes, and its LoRA matrices are the modules kept out of the shards."""
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.training.sharding import check_lora_only, keep_lora_whole
+
+    accelerator = _fsdp_accelerator(auto_wrap_policy="transformer_based_wrap")
+    adapter = get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1)
+    model = adapter.model
+    message = _refusal(lambda: check_lora_only(accelerator, SimpleNamespace(mtl_method="pcgrad"), adapter))
+    assert message.startswith("--mtl_method pcgrad under FSDP with --task_gradient_subset lora needs every "
+                              "trainable parameter to be LoRA's")
+    model.requires_grad_(False)
+    adapter.add_lora(2)
+    check_lora_only(accelerator, SimpleNamespace(mtl_method="pcgrad"), adapter)
+    assert keep_lora_whole(accelerator, model) > 0
+    kept = {id(p) for m in accelerator.state.fsdp_plugin.ignored_modules for p in m.parameters()}
+    assert kept == {id(p) for p in model.parameters() if p.requires_grad}
 
 
 def test_an_fsdp1_launch_on_a_cpu_is_refused_in_one_line(monkeypatch):
@@ -232,3 +268,72 @@ def test_an_fsdp_checkpoint_is_not_resumed_by_one_process(runs, tmp_path):
     assert "\n" not in str(error.value)
     assert sorted(p.name for p in (tmp_path / "checkpoint-2").iterdir()) == before
     assert not (tmp_path / "checkpoint-4").exists()
+
+
+# ------------------------------------------------------------------ gradient methods on the LoRA subset
+
+LORA_STEPS = 2
+# uw+pcgrad (the combined form: PCGrad on the LoRA subset's per-cluster gradients, UW's log-variances
+# beside the sharded model), over windows of two micro-batches of 4 samples drawn uniformly, so that the two
+# processes hold different numbers of samples of a cluster (the FSDP processes then run padding passes to
+# stay in step: FSDP's all-gathers are collectives). lr = Adam's epsilon = 1: the update is about the
+# gradient itself (see the tolerance below), not its sign.
+LORA_RUN = ["--model_type", "unet", "--dataset_name", "mnist5k", "--train_batch_size", "4",
+            "--gradient_accumulation_steps", "2", "--num_clusters", "4", "--timestep_sampling", "uniform",
+            "--report_to", "none", "--seed", "0", "--num_validation_images", "1", "--num_inference_steps", "1",
+            "--max_train_samples", "32", "--rank", "4", "--mtl_method", "uw+pcgrad", "--task_gradient_subset", "lora",
+            "--max_train_steps", str(LORA_STEPS), "--checkpointing_steps", str(LORA_STEPS),
+            "--learning_rate", "1", "--adam_epsilon", "1"]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    from diffusers_ant.models import get_model_adapter
+    from trainer_utils import REPO, run_script
+
+    root = tmp_path_factory.mktemp("fsdp-lora")
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1).save(
+        str(root / "pretrained"))
+    runs = {}
+    for config in ("fsdp", "ddp"):
+        runs[config] = root / config
+        result = run_script([*LORA_RUN, "--pretrained_model_name_or_path", str(root / "pretrained"),
+                             "--output_dir", str(runs[config])], timeout=300,
+                            launcher=["--config_file", f"{REPO}/examples/accelerate/{config}.yaml", "--num_processes",
+                                      "2", "--main_process_port", "0"])
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert ("FSDP2 (fully_shard) on 2 processes" in result.stdout) == (config == "fsdp")
+    return runs
+
+
+@pytest.mark.slow
+def test_a_gradient_method_on_the_lora_subset_trains_under_fsdp_what_it_trains_under_ddp(lora_runs):
+    """`--mtl_method uw+pcgrad --task_gradient_subset lora`, two processes: FSDP2 (the frozen base sharded, the
+    LoRA matrices kept whole) trains DDP's LoRA weights and UW's log-variances.
+
+    The tolerance: both engines run the same float32 arithmetic on the same samples (the gathered base
+    weights are the original ones bit for bit; the per-cluster gradients are the global count-weighted means
+    by the same all-reduce), except possibly the order of the reductions inside a kernel (a convolution's
+    weight gradient sums at most 4 x 16 x 16 = 1024 terms per chunk), which moves a gradient entry by at most
+    1024 roundings, 1024 * 2^-24 relative to |g| <= 1 (gradients clipped at norm 1). With lr = Adam's
+    epsilon = 1, a step is g / (|g| + 1) at the first step and as smooth after: it moves by no more than the
+    gradient, plus the weight's own rounding (1 ulp of max |w|). Over the steps: LORA_STEPS * (1024 * 2^-24 +
+    2^-23 max|w|) ~ 1.2e-4. Per-process (local) cluster gradients instead of global ones move the LoRA
+    weights by about 7e-2 here; an update that never reaches the weights by |B| ~ 0.3 (B starts at zero)."""
+    from safetensors.torch import load_file
+
+    from trainer_utils import assert_same_tensors
+
+    fsdp, ddp = (load_file(lora_runs[c] / "pytorch_lora_weights.safetensors") for c in ("fsdp", "ddp"))
+    assert fsdp and sorted(fsdp) == sorted(ddp)
+    largest = max(float(v.abs().max()) for v in fsdp.values())
+    tolerance = LORA_STEPS * (1024 * 2.0**-24 + 2.0**-23 * max(1.0, largest))
+    moved = max(float(v.abs().max()) for k, v in fsdp.items() if "lora_B" in k or "lora.up" in k)
+    assert moved > 100 * tolerance  # peft starts B at zero: what it holds is the steps' movement
+    print(f"max |FSDP - DDP| over the LoRA weights: {max(float((fsdp[k] - ddp[k]).abs().max()) for k in fsdp):.3g} "
+          f"(tolerance {tolerance:.3g})")
+    assert_same_tensors(fsdp, ddp, atol=tolerance)
+    (fsdp_state, _), (ddp_state, _) = (_state(lora_runs[c] / f"checkpoint-{LORA_STEPS}") for c in ("fsdp", "ddp"))
+    key = ".weighting.loss_weighting.log_vars"
+    assert fsdp_state[key].abs().max() > 10 * tolerance  # (UW's lr 0.025, two steps)
+    torch.testing.assert_close(fsdp_state[key], ddp_state[key], rtol=0, atol=tolerance)

@@ -404,8 +404,12 @@ def test_deepspeed_trains_accumulation_windows_and_uw_and_refuses_what_it_cannot
         with pytest.raises(UsageError, match=flag) as error:
             check_distributed_support(accelerator, args, None)
         assert "\n" not in str(error.value)
-    with pytest.raises(UsageError, match="not under DEEPSPEED"):
+    # a gradient method: on the LoRA subset under ZeRO-2 (tests/test_deepspeed.py), never under ZeRO-3
+    with pytest.raises(UsageError, match="under DeepSpeed ZeRO-2 needs --task_gradient_subset lora"):
         check_distributed_support(_fake_deepspeed(2), _ds_args(mtl_method="pcgrad"), get_weighting("pcgrad", 4))
+    with pytest.raises(UsageError, match="does not run under DeepSpeed ZeRO-3"):
+        check_distributed_support(_fake_deepspeed(3), _ds_args(mtl_method="pcgrad", task_gradient_subset="lora"),
+                                  get_weighting("pcgrad", 4))
 
 
 def test_a_zero_checkpoint_is_refused_without_deepspeed_in_one_line_and_nothing_is_written(tmp_path, capsys):

@@ -76,15 +76,17 @@ def engine_mode(task_gradients: str) -> str:
     return task_gradients if task_gradients in ("split", "batched") else "retain_graph"
 
 
-def build_task_gradient_engine(adapter, params, task_gradients, task_gradient_subset):
+def build_task_gradient_engine(adapter, params, task_gradients, task_gradient_subset, lockstep=False,
+                               write_update=None):
     """The per-cluster gradient engine of a gradient-based run; a model the batched mode cannot cover is
-    refused in one line."""
+    refused in one line. `lockstep` (FSDP) and `write_update` (DeepSpeed): see `sharding.py`."""
     from ..weighting.engine import TaskGradientEngine
 
     subset, restrict = parameter_subset(adapter, task_gradient_subset, task_gradients)
     try:
         return TaskGradientEngine(params, mode=engine_mode(task_gradients), subset=subset,
-                                  restrict_task_backward=restrict, modules=[adapter.model])
+                                  restrict_task_backward=restrict, modules=[adapter.model], lockstep=lockstep,
+                                  write_update=write_update)
     except ValueError as error:
         if task_gradients != "batched":
             raise
@@ -173,25 +175,24 @@ _ENGINE_DISTRIBUTED_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI
 def check_distributed_support(accelerator, args, weighting) -> None:
     """Refuse configurations that would train wrongly under DeepSpeed / FSDP / other engines.
 
-    * Gradient-based weightings write `.grad` through the unwrapped module: under DeepSpeed the
-      parameters would never change, under FSDP2 the module's parameters are shards (DTensors) that
-      autograd reaches only through FSDP's own all-gather and reduce-scatter hooks, so per-task
-      `autograd.grad` calls, even over the LoRA subset, do not give per-task gradients. Only
-      single-process and plain data-parallel runs are supported.
+    * Gradient-based weightings (the combined `uw+pcgrad` form included): on one process and under plain
+      data parallelism on any subset; under FSDP2 and DeepSpeed ZeRO-1/2 on the LoRA subset only
+      (`--task_gradient_subset lora`, every trainable parameter a LoRA matrix, `--task_gradients split`),
+      whose gradients are small enough to hold whole on every process (`sharding.py`, "Gradient-based
+      methods"); under ZeRO-3 not at all (`sharding.check_task_gradient_engine` says why).
     * DeepSpeed (ZeRO-2 / ZeRO-3): vanilla and loss-based weightings, UW included (its log-variances get
       their own optimizer) and gradient accumulation (owned by DeepSpeed); see `deepspeed_support`.
       Refused: a config that disagrees with the flags, and a text-encoder LoRA (outside the engine)."""
     kind = engine_kind(accelerator)
     supported = ", ".join(t.lower() for t in _ENGINE_DISTRIBUTED_TYPES[:3])
-    if weighting is not None and weighting.needs_task_gradients and kind == "FSDP":
-        raise UsageError(f"--mtl_method {args.mtl_method} (gradient-based) does not run under FSDP, with or without "
-                         "--task_gradient_subset lora (the per-task gradient engine differentiates the model's own, "
-                         "here sharded, parameters): use a loss-based method (ls, rlw, uw, dwa) or plain data "
-                         "parallelism (`accelerate launch --multi_gpu`)")
-    if weighting is not None and weighting.needs_task_gradients and kind not in _ENGINE_DISTRIBUTED_TYPES:
-        raise UsageError(f"--mtl_method {args.mtl_method} (gradient-based) runs on one process or plain data "
-                         f"parallelism ({supported}), not under {kind}: use a loss-based method (ls, rlw, uw, dwa) "
-                         "or `accelerate launch --multi_gpu`")
+    if weighting is not None and weighting.needs_task_gradients and kind in ("FSDP", "DEEPSPEED"):
+        from .sharding import check_task_gradient_engine
+
+        check_task_gradient_engine(accelerator, args)
+    elif weighting is not None and weighting.needs_task_gradients and kind not in _ENGINE_DISTRIBUTED_TYPES:
+        raise UsageError(f"--mtl_method {args.mtl_method} (gradient-based) runs on one process, plain data "
+                         f"parallelism ({supported}), FSDP or DeepSpeed ZeRO-2, not under {kind}: use a loss-based "
+                         "method (ls, rlw, uw, dwa) or `accelerate launch --multi_gpu`")
     if kind == "DEEPSPEED":
         if getattr(args, "train_text_encoder", False):
             raise UsageError("--train_text_encoder is not supported under DeepSpeed (the text encoder's LoRA lies "

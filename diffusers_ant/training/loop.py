@@ -64,7 +64,7 @@ from .fsdp import (
 )
 from .fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
 from .precision import cast_frozen_parameters, current_loss_scale, lift_to_float32, sampling_precision
-from .sharding import meta_skeleton, weighting_optimizer, whole_model
+from .sharding import DeepSpeedUpdate, check_lora_only, keep_lora_whole, meta_skeleton, weighting_optimizer, whole_model
 from .sources import build_sources, compose_sources, cycle_batches, knowledge_bank_dataloader, retention_rows
 from .step import DiffusionObjective, training_step
 
@@ -302,6 +302,11 @@ def train(args) -> str:
 
     if deepspeed and accelerator.mixed_precision in ("fp16", "bf16"):
         cast_inputs_to_parameter_dtype(adapter.model)  # DeepSpeed runs the module in bf16 / fp16, without autocast
+    gradient_based = weighting is not None and weighting.needs_task_gradients
+    if gradient_based and (fsdp or deepspeed):  # the LoRA subset alone (sharding.py, "Gradient-based methods")
+        check_lora_only(accelerator, args, adapter)
+        if fsdp:
+            keep_lora_whole(accelerator, adapter.model)  # LoRA whole on every process, the base sharded
     if fsdp:
         check_fsdp_wrapping(accelerator, adapter.model)  # a config that wraps no module: one line, before sharding
     # FSDP and ZeRO-3 shard the module in `prepare`: keep its architecture (no weights) to gather into
@@ -324,8 +329,9 @@ def train(args) -> str:
         ema = EMAModel(params, decay=args.ema_max_decay, use_ema_warmup=True,
                        inv_gamma=args.ema_inv_gamma, power=args.ema_power, foreach=args.foreach_ema)
     engine = None
-    if weighting is not None and weighting.needs_task_gradients:
-        engine = build_task_gradient_engine(adapter, params, args.task_gradients, args.task_gradient_subset)
+    if gradient_based:
+        engine = build_task_gradient_engine(adapter, params, args.task_gradients, args.task_gradient_subset,
+                                            lockstep=fsdp, write_update=DeepSpeedUpdate(model) if deepspeed else None)
     # One generator draws every random number of a step (latents, label dropout, timesteps, noise);
     # each process has its own stream.
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)

@@ -73,3 +73,103 @@ def weighting_optimizer(args, weighting):
     from .components import build_optimizer
 
     return build_optimizer(args, groups, args.learning_rate)
+
+
+# ---------------------------------------------------------------------------------------- Gradient-based methods
+#
+# A gradient-based weighting (PCGrad, IMTL-G, MGDA, CAGrad, Nash-MTL, `uw+pcgrad`) needs the K per-cluster
+# gradients whole on every process, as global means over the processes (`weighting.distributed`). Under
+# the sharded engines that is done on the LoRA subset only (`--task_gradient_subset lora`), whose
+# gradients are small enough to hold K times on every process:
+#
+# * FSDP2: the LoRA matrices are kept out of the shards (`fully_shard(ignored_params=...)`, Accelerate's
+#   `ignored_modules`): they stay whole and replicated like under DDP, while the frozen base is sharded and
+#   gathered block by block in each forward and backward. The engine then runs exactly as under DDP
+#   (per-cluster gradients of the local samples, one all-reduce of the K x |LoRA| matrix, weights from
+#   process 0, the update written to `.grad` and stepped by the optimizer), except that every process runs
+#   the same passes in the same order (`lockstep`: FSDP's all-gathers are collectives).
+# * DeepSpeed ZeRO-1/2: every parameter is whole on every process, but DeepSpeed owns the gradients (its
+#   hooks reduce each parameter's gradient into its partitions as it is accumulated). The per-cluster
+#   gradients are taken with `torch.autograd.grad` (no accumulation, no hook), synced as under DDP, and the
+#   update u = w @ G, identical on every process, is handed to the engine by one backward of
+#   sum_p <p, u_p>, whose gradient is u exactly; DeepSpeed averages it over the processes (u again), clips
+#   and steps once per window (`EngineBackward`): the weighting still chooses once per window.
+# * ZeRO-3 partitions the LoRA matrices as well: they are whole only inside each module's forward and
+#   backward (outside, the engine would find them empty), and ZeRO-3 has no option to keep chosen
+#   parameters out of its partitions (as FSDP2's ignored parameters are; only a size threshold): refused.
+
+
+def task_gradient_engine_name(accelerator) -> str:
+    from .deepspeed_support import zero_stage
+
+    kind = engine_kind(accelerator)
+    return f"DeepSpeed ZeRO-{zero_stage(accelerator)}" if kind == "DEEPSPEED" else kind
+
+
+def check_task_gradient_engine(accelerator, args) -> None:
+    """Refuse, in one line naming the engine and the flag, a gradient-based method under FSDP / DeepSpeed that
+    cannot run correctly there (before anything is loaded)."""
+    from .args import UsageError
+    from .deepspeed_support import zero_stage
+
+    engine = task_gradient_engine_name(accelerator)
+    method = f"--mtl_method {args.mtl_method} (gradient-based)"
+    if engine_kind(accelerator) == "DEEPSPEED" and zero_stage(accelerator) == 3:
+        raise UsageError(f"{method} does not run under DeepSpeed ZeRO-3, with or without --task_gradient_subset lora "
+                         "(ZeRO-3 partitions the LoRA matrices too, so their per-cluster gradients are never whole on "
+                         "a process): use --zero_stage 2 or FSDP with --task_gradient_subset lora, or a loss-based "
+                         "method (ls, rlw, uw, dwa)")
+    if getattr(args, "task_gradient_subset", None) != "lora":
+        raise UsageError(f"{method} under {engine} needs --task_gradient_subset lora (with --rank): the per-cluster "
+                         "gradients of sharded parameters are never whole on one process; or use a loss-based "
+                         "method (ls, rlw, uw, dwa) or `accelerate launch --multi_gpu`")
+    if getattr(args, "task_gradients", "split") != "split":
+        raise UsageError(f"{method} under {engine} runs with --task_gradients split only (not "
+                         f"{args.task_gradients}): drop --task_gradients or use `accelerate launch --multi_gpu`")
+    if getattr(args, "mixed_precision", "no") not in (None, "no"):
+        raise UsageError(f"{method} under {engine} runs in float32 only: use --mixed_precision no "
+                         f"(not {args.mixed_precision}), or `accelerate launch --multi_gpu`")
+
+
+def check_lora_only(accelerator, args, adapter) -> None:
+    """Under FSDP / DeepSpeed a gradient-based method forms its update on the LoRA subset alone: every
+    trainable parameter must lie in it (one line otherwise)."""
+    from .args import UsageError
+
+    others = [name for name, p in adapter.model.named_parameters() if p.requires_grad and "lora_" not in name]
+    others += [f"{key}." for key, module in adapter.extra_trainable_modules().items()
+               if any(p.requires_grad for p in module.parameters())]
+    if others:
+        raise UsageError(f"--mtl_method {args.mtl_method} under {task_gradient_engine_name(accelerator)} with "
+                         f"--task_gradient_subset lora needs every trainable parameter to be LoRA's ({len(others)} "
+                         f"others train here, e.g. {others[0]}): train LoRA alone, or use `accelerate launch --multi_gpu`")
+
+
+def keep_lora_whole(accelerator, model) -> int:
+    """FSDP2: keep the LoRA matrices out of the shards (Accelerate's `ignored_modules`, passed to
+    `fully_shard(ignored_params=...)`), before `prepare`. Returns how many modules were left whole."""
+    modules = [m for name, m in model.named_modules()
+               if any(p.requires_grad for p in m.parameters(recurse=False)) and "lora_" in name]
+    plugin = accelerator.state.fsdp_plugin
+    if isinstance(plugin.ignored_modules, str):
+        from .args import UsageError
+
+        raise UsageError("under FSDP a gradient-based --mtl_method keeps the LoRA matrices whole (as ignored "
+                         "modules): drop fsdp_ignored_modules from the FSDP config")
+    plugin.ignored_modules = list(plugin.ignored_modules or []) + modules
+    return len(modules)
+
+
+class DeepSpeedUpdate:
+    """`write_update` of the per-cluster gradient engine under DeepSpeed ZeRO-1/2: the update u (identical
+    on every process) becomes the engine's gradient by one backward of sum_p <p, u_p> (gradient u exactly;
+    DeepSpeed averages the identical copies), and the engine steps (one window, one step)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __call__(self, params, update) -> None:
+        from .deepspeed_support import EngineBackward
+
+        surrogate = sum((p * u.detach().to(p.dtype)).sum() for p, u in zip(params, update))
+        EngineBackward(self.engine, 1)(surrogate)

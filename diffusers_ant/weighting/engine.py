@@ -61,6 +61,13 @@ all-reduce), per-task gradients are all-reduced as count-weighted means before t
 chosen (`distributed.py`), and the chosen weights and the weighting's state are then broadcast
 from process 0, so every process takes bitwise the same step whatever its solver did.
 
+Sharded engines (`training/sharding.py`, split mode on a subset that is every trainable parameter):
+`lockstep=True` (FSDP2) makes every process run the same forward and backward passes, padding with
+zero-loss passes where it has fewer samples of a task (FSDP's all-gathers are collectives);
+`write_update=fn` (DeepSpeed ZeRO-1/2) takes the task gradients with `torch.autograd.grad` (no
+parameter's gradient-accumulation hook runs) and hands the synced update to `fn(params, update_views)`
+instead of adding it to `.grad`. Neither changes the step.
+
 How the trainer calls it::
 
     engine = TaskGradientEngine([p for p in unet.parameters() if p.requires_grad])  # once
@@ -267,6 +274,8 @@ class TaskGradientEngine:
         sync: bool = True,
         restrict_task_backward: bool = False,
         modules: Optional[Sequence[nn.Module]] = None,
+        lockstep: bool = False,
+        write_update: Optional[Callable[[List[nn.Parameter], List[torch.Tensor]], None]] = None,
     ):
         if mode not in ENGINE_MODES:
             raise ValueError(f"unknown engine mode {mode!r}; valid modes: {', '.join(ENGINE_MODES)}")
@@ -296,6 +305,14 @@ class TaskGradientEngine:
             self.task_params = [p for p in self.params if id(p) in subset_ids]
             self.rest_params = [p for p in self.params if id(p) not in subset_ids]
         self.restrict_task_backward = bool(restrict_task_backward) and bool(self.rest_params)
+        # Sharded engines (`training.sharding`, "Gradient-based methods"): `lockstep`, every process runs the same forward
+        # and backward passes (FSDP's all-gathers are collectives); `write_update`, the update w @ G is
+        # handed to a callable instead of `.grad` (DeepSpeed owns the gradients), and the task gradients
+        # are taken with `torch.autograd.grad`, which runs no parameter's gradient-accumulation hook.
+        if (lockstep or write_update is not None) and (self.rest_params or mode != "split"):
+            raise ValueError("lockstep / write_update: mode='split' with every trainable parameter in the subset")
+        self.lockstep = bool(lockstep)
+        self.write_update = write_update
         self._recorder = None
         if mode == "batched":
             from .cluster_grads import ClusterGradientRecorder
@@ -353,7 +370,17 @@ class TaskGradientEngine:
         channels-last input and output_mask [False, True, True]). Requesting every trainable
         parameter asks exactly what an ordinary backward asks. With `restrict_task_backward` (a
         subset without such a layer: output convolutions, LoRA matrices) the pass stops at the
-        subset. The other parameters' gradients of this pass are discarded."""
+        subset. The other parameters' gradients of this pass are discarded.
+
+        With `write_update` (DeepSpeed) the gradients are taken by `torch.autograd.grad` and added to
+        the row: no parameter's `.grad` is touched and no gradient-accumulation hook runs."""
+        if self.write_update is not None:
+            grads = torch.autograd.grad(loss, self.task_params, retain_graph=retain_graph, allow_unused=True)
+            for view, grad in zip(self._views(row), grads):
+                if grad is not None:
+                    view.add_(grad)
+            self.num_task_backward_calls += 1
+            return
         for p, view in zip(self.task_params, self._views(row)):
             p.grad = view
         for p in self.rest_params:
@@ -424,7 +451,10 @@ class TaskGradientEngine:
 
         saved_grads = [p.grad for p in self.params]  # restored below: accumulation is preserved
         try:
-            if self.mode == "split":
+            if self.mode == "split" and self._in_lockstep():
+                self._split_lockstep(per_sample_loss_fn, task_ids, local_counts, chunk_size, loss_scale, grads,
+                                     task_sums)
+            elif self.mode == "split":
                 for i in local_present:
                     members = (task_ids == i).nonzero().squeeze(1)
                     for chunk in _chunks(members, chunk_size):
@@ -493,12 +523,52 @@ class TaskGradientEngine:
             torch.mv(grads.T, weights.to(grads.dtype), out=update)
             if grad_scale * loss_scale != 1.0:
                 update.mul_(grad_scale * loss_scale)
+            if self.write_update is not None:  # DeepSpeed: the engine's own backward takes the update
+                self.write_update(self.task_params, self._views(update))
+                return self._finish(weighting, task_sums, global_counts, present, weights, grad_scale * loss_scale)
             for p, view in zip(self.task_params, self._views(update)):
                 if p.grad is None:
                     p.grad = view.clone()  # a copy: the buffer is reused next step
                 else:
                     p.grad.add_(view)
         return self._finish(weighting, task_sums, global_counts, present, weights, grad_scale * loss_scale)
+
+    def _in_lockstep(self) -> bool:
+        return self.lockstep and self.sync and is_distributed()
+
+    def _lockstep_chunks(self, counts: List[int], chunk_size) -> List[int]:
+        """How many chunks each entry of `counts` takes on the process that needs the most (one all-reduce)."""
+        local = torch.tensor([0 if n == 0 else (1 if chunk_size is None else -(-n // chunk_size)) for n in counts],
+                             dtype=torch.long, device=self.params[0].device)
+        if is_distributed():
+            torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
+        return local.tolist()
+
+    def _padding_loss(self, per_sample_loss_fn, task_ids) -> torch.Tensor:
+        """A forward pass whose loss is zero times one sample's: it joins the collectives of a pass that
+        this process has no samples for, and adds exact zeros to the gradients."""
+        self.num_forward_calls += 1
+        return per_sample_loss_fn(torch.zeros(1, dtype=torch.long, device=task_ids.device)).sum() * 0.0
+
+    def _split_lockstep(self, per_sample_loss_fn, task_ids, local_counts, chunk_size, loss_scale, grads,
+                        task_sums) -> None:
+        """Split mode with every process running the same passes, in the same order (FSDP: each forward
+        and backward all-gathers the sharded frozen weights, a collective). Task i runs in as many chunks
+        as the process with the most samples of it needs; a process with fewer runs padding passes of
+        zero loss. With equal shares per process (stratified sampling) there are none."""
+        counts = local_counts.tolist()
+        for i, num_chunks in enumerate(self._lockstep_chunks(counts, chunk_size)):
+            members = (task_ids == i).nonzero().squeeze(1)
+            pieces = _chunks(members, chunk_size) if counts[i] else []
+            for n in range(num_chunks):
+                if n < len(pieces):
+                    losses = _check_losses(per_sample_loss_fn(pieces[n]), pieces[n].numel())
+                    self.num_forward_calls += 1
+                    part = losses.sum() / members.numel()
+                    task_sums[i] += losses.detach().double().sum()
+                else:
+                    part = self._padding_loss(per_sample_loss_fn, task_ids)
+                self._backward_into(part * loss_scale, grads[i], retain_graph=False)
 
     def _batched_pass(self, per_sample_loss_fn, task_ids, num_tasks, local_counts, chunk_size, loss_scale,
                       keep_graphs, task_sums, graph_losses) -> None:
@@ -554,7 +624,10 @@ class TaskGradientEngine:
         }
 
     def _mark_overflow(self) -> None:
-        """Make the GradScaler see the overflow: it then skips `optimizer.step()` and lowers its scale."""
+        """Make the GradScaler see the overflow: it then skips `optimizer.step()` and lowers its scale.
+        With `write_update` (DeepSpeed) nothing is handed to the engine, which then does not step."""
+        if self.write_update is not None:
+            return
         p = self.params[0]
         if p.grad is None:
             p.grad = torch.full_like(p, float("inf"))
@@ -572,15 +645,36 @@ class TaskGradientEngine:
         coefficient = (weights.double() / global_counts.clamp_min(1).double())
         task_sums = torch.zeros(len(global_counts), dtype=torch.float64, device=task_ids.device)
         distributed = self.sync and is_distributed()
+        pieces = [chunk for chunk in _chunks(everything, chunk_size) if chunk.numel()]
+        if self.write_update is not None:
+            # DeepSpeed: the gradient of this process's share, by autograd.grad into a flat buffer, summed
+            # over processes, then handed to the engine's own backward (`write_update`)
+            _, update = self._buffers(len(global_counts))
+            update.zero_()
+            padding = (self._lockstep_chunks([everything.numel()], chunk_size)[0] - len(pieces)
+                       if self._in_lockstep() else 0)
+            for chunk in pieces:
+                losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
+                self.num_forward_calls += 1
+                ids = task_ids[chunk]
+                self._backward_into((coefficient[ids].to(losses.dtype) * losses).sum() * scale, update, False)
+                if count_sums:
+                    task_sums.index_add_(0, ids, losses.detach().double())
+            for _ in range(max(padding, 0)):
+                self._backward_into(self._padding_loss(per_sample_loss_fn, task_ids), update, False)
+            if distributed:
+                all_reduce_sum_(update)
+            self.write_update(self.task_params, self._views(update))
+            return task_sums
         if distributed:
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)  # same tensor list on every process for the all-reduce
                 else:
                     p.grad.div_(world_size())  # the sum below restores what was there
-        for chunk in _chunks(everything, chunk_size):
-            if chunk.numel() == 0:
-                continue
+        padding = (self._lockstep_chunks([everything.numel()], chunk_size)[0] - len(pieces)
+                   if self._in_lockstep() else 0)
+        for chunk in pieces:
             losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
             self.num_forward_calls += 1
             ids = task_ids[chunk]
@@ -588,6 +682,8 @@ class TaskGradientEngine:
             objective.backward(inputs=self.params)
             if count_sums:
                 task_sums.index_add_(0, ids, losses.detach().double())
+        for _ in range(max(padding, 0)):  # lockstep (FSDP): the passes another process runs and this one has not
+            self._padding_loss(per_sample_loss_fn, task_ids).backward(inputs=self.params)
         if distributed:
             all_reduce_sum_tensors_([p.grad for p in self.params])
         return task_sums

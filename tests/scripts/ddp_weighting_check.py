@@ -18,7 +18,8 @@ timestep clusters of equal width, the way the trainer does it:
 `rank_noise` is a weighting whose weights depend on the process rank: the engine's broadcast from
 process 0 must still make both processes take the same step. `<method>+chunks` runs each step as
 a window of two chunks (gradient accumulation), which must change nothing; `<method>+batched` uses the
-engine's batched mode instead of the split one.
+engine's batched mode instead of the split one; `+lockstep` and `+write_update` the engine's paths for
+FSDP and DeepSpeed (`training/sharding.py`).
 
 Then process 0 repeats the run on ONE process over the concatenated global batch (engine and loss
 sync switched off), which is what the distributed run must equal. Each process writes
@@ -90,6 +91,11 @@ def make_closure(model, noisy, timesteps, target):
     return per_sample_loss_fn
 
 
+def write_into_grad(params, update):
+    for p, u in zip(params, update):
+        p.grad = u.clone() if p.grad is None else p.grad.add_(u)
+
+
 def flat(tensors):
     return torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
 
@@ -137,8 +143,13 @@ def train(method, args, accelerator=None, ranks=None):
     # "<method>+subset": task gradients over the up-blocks only, then one weighted pass over all.
     subset = [unwrapped.up_blocks] if "+subset" in method else None
     # "<method>+batched": the engine's batched mode (one forward, one backward, per-cluster weight gradients).
+    # "<method>+lockstep": every process runs the same passes (FSDP's collectives), padding where it has fewer
+    # samples of a cluster; "<method>+write_update": the update handed to a callable, the task gradients
+    # taken by autograd.grad (DeepSpeed's path; here the callable writes `.grad`). Neither may change a step.
     engine = TaskGradientEngine([p for p in unwrapped.parameters() if p.requires_grad], subset=subset, sync=sync,
-                                mode="batched" if "+batched" in method else "split", modules=[unwrapped])
+                                mode="batched" if "+batched" in method else "split", modules=[unwrapped],
+                                lockstep="+lockstep" in method,
+                                write_update=write_into_grad if "+write_update" in method else None)
     # Gradient-based: the closure must bypass DDP (the engine syncs); loss-based: through DDP.
     closure_model = unwrapped if weighting.needs_task_gradients else model
     # "<method>+chunks": the distributed run sees each step as a window of two micro-batches (chunks
@@ -168,6 +179,7 @@ def train(method, args, accelerator=None, ranks=None):
         "task_grads_step0": first_task_grads.float().contiguous(),
         "weights": torch.stack(weights_log),
         "ddp_allreduce_calls": torch.tensor([hook_calls[0]]),
+        "engine_passes": torch.tensor([engine.num_forward_calls, engine.num_task_backward_calls]),
     }
     uw = getattr(weighting, "loss_weighting", weighting)  # a combined weighting's loss part
     if hasattr(uw, "log_vars"):
