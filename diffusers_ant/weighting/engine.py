@@ -647,44 +647,40 @@ class TaskGradientEngine:
         distributed = self.sync and is_distributed()
         pieces = [chunk for chunk in _chunks(everything, chunk_size) if chunk.numel()]
         if self.write_update is not None:
-            # DeepSpeed: the gradient of this process's share, by autograd.grad into a flat buffer, summed
-            # over processes, then handed to the engine's own backward (`write_update`)
+            # DeepSpeed: the gradient of this process's share by autograd.grad into a flat buffer (DeepSpeed owns
+            # `.grad`), summed over processes below, then handed to the engine's own backward (`write_update`)
             _, update = self._buffers(len(global_counts))
             update.zero_()
-            padding = (self._lockstep_chunks([everything.numel()], chunk_size)[0] - len(pieces)
-                       if self._in_lockstep() else 0)
-            for chunk in pieces:
-                losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
-                self.num_forward_calls += 1
-                ids = task_ids[chunk]
-                self._backward_into((coefficient[ids].to(losses.dtype) * losses).sum() * scale, update, False)
-                if count_sums:
-                    task_sums.index_add_(0, ids, losses.detach().double())
-            for _ in range(max(padding, 0)):
-                self._backward_into(self._padding_loss(per_sample_loss_fn, task_ids), update, False)
+
+            def backward(objective):
+                self._backward_into(objective, update, False)
+        else:
             if distributed:
-                all_reduce_sum_(update)
-            self.write_update(self.task_params, self._views(update))
-            return task_sums
-        if distributed:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)  # same tensor list on every process for the all-reduce
-                else:
-                    p.grad.div_(world_size())  # the sum below restores what was there
+                for p in self.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)  # same tensor list on every process for the all-reduce
+                    else:
+                        p.grad.div_(world_size())  # the sum below restores what was there
+
+            def backward(objective):
+                objective.backward(inputs=self.params)
+        # lockstep (FSDP): the passes another process runs and this one has not, as padding passes
         padding = (self._lockstep_chunks([everything.numel()], chunk_size)[0] - len(pieces)
                    if self._in_lockstep() else 0)
         for chunk in pieces:
             losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
             self.num_forward_calls += 1
             ids = task_ids[chunk]
-            objective = (coefficient[ids].to(losses.dtype) * losses).sum() * scale
-            objective.backward(inputs=self.params)
+            backward((coefficient[ids].to(losses.dtype) * losses).sum() * scale)
             if count_sums:
                 task_sums.index_add_(0, ids, losses.detach().double())
-        for _ in range(max(padding, 0)):  # lockstep (FSDP): the passes another process runs and this one has not
-            self._padding_loss(per_sample_loss_fn, task_ids).backward(inputs=self.params)
-        if distributed:
+        for _ in range(max(padding, 0)):
+            backward(self._padding_loss(per_sample_loss_fn, task_ids))
+        if self.write_update is not None:
+            if distributed:
+                all_reduce_sum_(update)
+            self.write_update(self.task_params, self._views(update))
+        elif distributed:
             all_reduce_sum_tensors_([p.grad for p in self.params])
         return task_sums
 
