@@ -135,38 +135,7 @@ def test_zero3_with_every_parameter_sharded_trains_the_weights_of_plain_data_par
 # ------------------------------------------------------------------ gradient methods on the LoRA subset
 
 
-def _deepspeed_accelerator(stage):
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    plugin = SimpleNamespace(zero_stage=stage, deepspeed_config={})
-    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
-
-
-def test_a_gradient_method_runs_under_zero2_on_the_lora_subset_only_and_not_under_zero3():
-    """One line each, naming the engine and the flag, before anything is loaded."""
-    from types import SimpleNamespace
-
-    from diffusers_ant.training.args import UsageError
-    from diffusers_ant.training.components import check_distributed_support
-    from diffusers_ant.weighting import get_weighting
-
-    lora = dict(task_gradient_subset="lora", task_gradients="split", mixed_precision="no", gradient_accumulation_steps=2)
-    for method in ("pcgrad", "uw+pcgrad"):
-        check_distributed_support(_deepspeed_accelerator(2), SimpleNamespace(mtl_method=method, **lora),
-                                  get_weighting(method, 4))
-    cases = [(2, {"task_gradient_subset": None}, "--mtl_method pcgrad (gradient-based) under DeepSpeed ZeRO-2 needs "
-              "--task_gradient_subset lora"),
-             (3, {"task_gradient_subset": None}, "--mtl_method pcgrad (gradient-based) does not run under DeepSpeed "
-              "ZeRO-3, with or without --task_gradient_subset lora"),
-             (3, {}, "does not run under DeepSpeed ZeRO-3"),
-             (2, {"task_gradients": "batched"}, "under DeepSpeed ZeRO-2 runs with --task_gradients split only")]
-    for stage, change, words in cases:
-        with pytest.raises(UsageError) as error:
-            check_distributed_support(_deepspeed_accelerator(stage), SimpleNamespace(mtl_method="pcgrad", **{**lora, **change}),
-                                      get_weighting("pcgrad", 4))
-        assert words in str(error.value) and "\n" not in str(error.value)
+# (the one-line refusals of a gradient method under DeepSpeed run with fakes: tests/test_trainer_matrix.py)
 
 
 # uw+pcgrad on the LoRA subset of a pretrained tiny UNet, windows of two micro-batches (DeepSpeed's

@@ -347,20 +347,113 @@ def _fake_accelerator(kind):
     return types.SimpleNamespace(distributed_type=getattr(DistributedType, kind))
 
 
-@pytest.mark.parametrize("kind", ["DEEPSPEED", "FSDP", "XLA"])
-def test_gradient_methods_are_refused_outside_plain_data_parallelism(kind):
+def test_gradient_methods_are_refused_under_xla_and_outside_the_lora_subset_of_fsdp_and_zero2():
+    """Plain data parallelism runs a gradient method on any subset; FSDP and DeepSpeed ZeRO-1/2 only on the
+    LoRA subset (`--task_gradient_subset lora`), ZeRO-3 not at all, an engine the trainer does not know
+    (XLA) not at all. Loss-based methods and vanilla training run under every engine."""
     from diffusers_ant.training.args import UsageError
     from diffusers_ant.training.components import check_distributed_support
     from diffusers_ant.weighting import get_weighting
 
-    args = types.SimpleNamespace(mtl_method="pcgrad", gradient_accumulation_steps=1)
-    with pytest.raises(UsageError, match="plain data parallelism"):
-        check_distributed_support(_fake_accelerator(kind), args, get_weighting("pcgrad", 4))
+    plain = types.SimpleNamespace(mtl_method="pcgrad", gradient_accumulation_steps=1)
+    lora = types.SimpleNamespace(mtl_method="pcgrad", gradient_accumulation_steps=1, task_gradient_subset="lora",
+                                 task_gradients="split", mixed_precision="no")
     for ok in ("NO", "MULTI_CPU", "MULTI_GPU"):
-        check_distributed_support(_fake_accelerator(ok), args, get_weighting("pcgrad", 4))
-    # loss-based methods and vanilla training run under every engine
-    check_distributed_support(_fake_accelerator(kind), args, get_weighting("ls", 4))
-    check_distributed_support(_fake_accelerator(kind), args, None)
+        check_distributed_support(_fake_accelerator(ok), plain, get_weighting("pcgrad", 4))
+    with pytest.raises(UsageError, match="runs on one process, plain data parallelism .* FSDP or DeepSpeed ZeRO-1/2, "
+                                         "not under XLA"):
+        check_distributed_support(_fake_accelerator("XLA"), plain, get_weighting("pcgrad", 4))
+    for name, accelerator in (("FSDP", _fake_accelerator("FSDP")), ("DeepSpeed ZeRO-2", _fake_deepspeed(2))):
+        with pytest.raises(UsageError, match=f"under {name} needs --task_gradient_subset lora"):
+            check_distributed_support(accelerator, plain, get_weighting("pcgrad", 4))
+        check_distributed_support(accelerator, lora, get_weighting("pcgrad", 4))  # the LoRA subset: accepted
+    with pytest.raises(UsageError, match="does not run under DeepSpeed ZeRO-3, with or without --task_gradient_subset"):
+        check_distributed_support(_fake_deepspeed(3), lora, get_weighting("pcgrad", 4))
+    for kind in ("DEEPSPEED", "FSDP", "XLA"):
+        accelerator = _fake_deepspeed(3) if kind == "DEEPSPEED" else _fake_accelerator(kind)
+        check_distributed_support(accelerator, _ds_args(), get_weighting("ls", 4))
+        check_distributed_support(accelerator, _ds_args(), None)
+
+
+def test_a_gradient_method_runs_under_zero2_on_the_lora_subset_only_and_not_under_zero3():
+    """One line each, naming the engine and the flag (moved from tests/test_deepspeed.py: fakes only, so it
+    runs without DeepSpeed installed)."""
+    from diffusers_ant.training.args import UsageError
+    from diffusers_ant.training.components import check_distributed_support
+    from diffusers_ant.weighting import get_weighting
+
+    lora = dict(task_gradient_subset="lora", task_gradients="split", mixed_precision="no", gradient_accumulation_steps=2)
+    for method in ("pcgrad", "uw+pcgrad"):
+        check_distributed_support(_fake_deepspeed(2), types.SimpleNamespace(mtl_method=method, **lora),
+                                  get_weighting(method, 4))
+    cases = [(2, {"task_gradient_subset": None}, "--mtl_method pcgrad (gradient-based) under DeepSpeed ZeRO-2 needs "
+              "--task_gradient_subset lora"),
+             (3, {"task_gradient_subset": None}, "--mtl_method pcgrad (gradient-based) does not run under DeepSpeed "
+              "ZeRO-3, with or without --task_gradient_subset lora"),
+             (3, {}, "does not run under DeepSpeed ZeRO-3"),
+             (2, {"task_gradients": "batched"}, "under DeepSpeed ZeRO-2 runs with --task_gradients split only")]
+    for stage, change, words in cases:
+        with pytest.raises(UsageError) as error:
+            check_distributed_support(_fake_deepspeed(stage), types.SimpleNamespace(mtl_method="pcgrad", **{**lora, **change}),
+                                      get_weighting("pcgrad", 4))
+        assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_gradient_method_under_a_sharded_engine_is_refused_in_any_low_precision_and_with_an_offloaded_optimizer():
+    """float32 only, whichever way the precision is set: the flag, `accelerate launch --mixed_precision bf16` or
+    an accelerate config (Accelerate's `mixed_precision`, the flag left at its default None), a DeepSpeed
+    config's enabled fp16 / bf16 block. And no DeepSpeed optimizer offload (it counts micro-steps, the
+    gradient path hands the engine one backward per window). One line each, naming the engine and the flag."""
+    from diffusers_ant.training.args import UsageError
+    from diffusers_ant.training.sharding import check_task_gradient_engine
+
+    lora = dict(mtl_method="pcgrad", task_gradient_subset="lora", task_gradients="split", mixed_precision=None)
+
+    def fsdp(precision):
+        accelerator = _fake_accelerator("FSDP")
+        accelerator.mixed_precision = precision
+        return accelerator
+
+    def zero2(precision="no", **config):
+        accelerator = _fake_deepspeed(2, **config)
+        accelerator.mixed_precision = precision
+        return accelerator
+
+    check_task_gradient_engine(fsdp("no"), types.SimpleNamespace(**lora))
+    check_task_gradient_engine(zero2(bf16={"enabled": "auto"}, zero_optimization={
+        "stage": 2, "offload_optimizer": {"device": "none"}}), types.SimpleNamespace(**lora))
+    refused = [(fsdp("bf16"), {}, "under FSDP runs in float32 only (this run computes in bf16"),
+               (fsdp("no"), {"mixed_precision": "fp16"}, "under FSDP runs in float32 only (this run computes in fp16"),
+               (zero2("bf16"), {}, "under DeepSpeed ZeRO-2 runs in float32 only (this run computes in bf16"),
+               (zero2(bf16={"enabled": True}), {}, "under DeepSpeed ZeRO-2 runs in float32 only (this run computes in bf16"),
+               (zero2(fp16={"enabled": True}), {}, "under DeepSpeed ZeRO-2 runs in float32 only (this run computes in fp16"),
+               (zero2(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), {},
+                "under DeepSpeed ZeRO-2 does not run with offload_optimizer in the DeepSpeed config")]
+    for accelerator, change, words in refused:
+        with pytest.raises(UsageError) as error:
+            check_task_gradient_engine(accelerator, types.SimpleNamespace(**{**lora, **change}))
+        assert words in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_a_gradient_method_under_a_sharded_engine_is_refused_before_any_data_or_model_is_loaded(monkeypatch, tmp_path):
+    """The refusal comes right after the accelerator is built (beside `check_fsdp_support`), not after the data
+    set and the models have been loaded: the engine is made to read as FSDP and loading the data fails the test."""
+    import diffusers_ant.data as data
+    import diffusers_ant.training.loop  # noqa: F401  (its modules bind the real engine_kind before the patch)
+    import diffusers_ant.training.sharding as sharding
+    from diffusers_ant.training.args import UsageError
+    from trainer_utils import TINY_RUN, train_in_process
+
+    monkeypatch.setattr(sharding, "engine_kind", lambda accelerator: "FSDP")
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the data set was loaded before the refusal")
+
+    monkeypatch.setattr(data, "load_training_dataset", loaded)  # (the trainer imports it when it starts)
+    with pytest.raises(UsageError, match="under FSDP needs --task_gradient_subset lora") as error:
+        train_in_process(["--model_type", "unet", "--dataset_name", "mnist5k", "--output_dir", str(tmp_path),
+                          *TINY_RUN, "--mtl_method", "pcgrad", "--max_train_steps", "1"])
+    assert "\n" not in str(error.value)
 
 
 def _fake_deepspeed(zero_stage=2, **config):

@@ -106,7 +106,9 @@ def parameter_subset(adapter, spec, task_gradients):
             return None, False
         return adapter.output_parameters(), True
     if spec == "lora":
-        chosen = [p for n, p in named if "lora_" in n]
+        from .sharding import is_lora_name
+
+        chosen = [p for n, p in named if is_lora_name(n)]
     else:
         prefixes = tuple(x.strip() for x in spec.split(",") if x.strip())
         chosen = [p for n, p in named if n.startswith(prefixes)]
@@ -191,7 +193,7 @@ def check_distributed_support(accelerator, args, weighting) -> None:
         check_task_gradient_engine(accelerator, args)
     elif weighting is not None and weighting.needs_task_gradients and kind not in _ENGINE_DISTRIBUTED_TYPES:
         raise UsageError(f"--mtl_method {args.mtl_method} (gradient-based) runs on one process, plain data "
-                         f"parallelism ({supported}), FSDP or DeepSpeed ZeRO-2, not under {kind}: use a loss-based "
+                         f"parallelism ({supported}), FSDP or DeepSpeed ZeRO-1/2, not under {kind}: use a loss-based "
                          "method (ls, rlw, uw, dwa) or `accelerate launch --multi_gpu`")
     if kind == "DEEPSPEED":
         if getattr(args, "train_text_encoder", False):

@@ -64,7 +64,8 @@ from .fsdp import (
 )
 from .fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
 from .precision import cast_frozen_parameters, current_loss_scale, lift_to_float32, sampling_precision
-from .sharding import DeepSpeedUpdate, check_lora_only, keep_lora_whole, meta_skeleton, weighting_optimizer, whole_model
+from .sharding import (DeepSpeedUpdate, check_lora_only, check_task_gradient_launch, keep_lora_whole, meta_skeleton,
+                       weighting_optimizer, whole_model)
 from .sources import build_sources, compose_sources, cycle_batches, knowledge_bank_dataloader, retention_rows
 from .step import DiffusionObjective, training_step
 
@@ -160,6 +161,7 @@ def train(args) -> str:
     )
     enable_fsdp_on_cpu(accelerator)  # `--use_fsdp` without a GPU: torch's FSDP2 with gloo (training/fsdp.py)
     check_fsdp_support(accelerator, args)
+    check_task_gradient_launch(accelerator, args)  # a gradient method FSDP / DeepSpeed cannot run: before any loading
     fsdp = is_fsdp(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)

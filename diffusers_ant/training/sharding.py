@@ -92,8 +92,9 @@ def weighting_optimizer(args, weighting):
 #   hooks reduce each parameter's gradient into its partitions as it is accumulated). The per-cluster
 #   gradients are taken with `torch.autograd.grad` (no accumulation, no hook), synced as under DDP, and the
 #   update u = w @ G, identical on every process, is handed to the engine by one backward of
-#   sum_p <p, u_p>, whose gradient is u exactly; DeepSpeed averages it over the processes (u again), clips
-#   and steps once per window (`EngineBackward`): the weighting still chooses once per window.
+#   sum_p <p, u_p>, whose gradient is u exactly; DeepSpeed averages it over the processes (it divides each
+#   copy by the process count, then sums: u again up to that rounding, exact when the count is a power of
+#   two), clips and steps once per window (`EngineBackward`): the weighting still chooses once per window.
 # * ZeRO-3 partitions the LoRA matrices as well: they are whole only inside each module's forward and
 #   backward (outside, the engine would find them empty), and ZeRO-3 has no option to keep chosen
 #   parameters out of its partitions (as FSDP2's ignored parameters are; only a size threshold): refused.
@@ -106,9 +107,61 @@ def task_gradient_engine_name(accelerator) -> str:
     return f"DeepSpeed ZeRO-{zero_stage(accelerator)}" if kind == "DEEPSPEED" else kind
 
 
+def is_lora_name(name: str) -> bool:
+    """Whether a parameter or module name belongs to a LoRA matrix (peft names them `lora_A` / `lora_B`):
+    the `--task_gradient_subset lora` rule, one place for the subset, the refusal and FSDP's kept modules."""
+    return "lora_" in name
+
+
+def is_gradient_method(name) -> bool:
+    """Whether `--mtl_method name` is a gradient-based weighting (PCGrad, ..., `uw+pcgrad`), from its class:
+    known before the weighting is built (which needs the task count, i.e. the data)."""
+    if name in (None, "none"):
+        return False
+    from ..weighting.registry import weighting_class
+
+    return bool(getattr(weighting_class(name), "needs_task_gradients", False))
+
+
+def check_task_gradient_launch(accelerator, args) -> None:
+    """`check_task_gradient_engine` from the flags alone, right after the accelerator is built (`loop.py`,
+    beside `check_fsdp_support`): a launch that cannot run is refused before any data or model is loaded."""
+    if engine_kind(accelerator) in ("FSDP", "DEEPSPEED") and is_gradient_method(getattr(args, "mtl_method", None)):
+        check_task_gradient_engine(accelerator, args)
+
+
+def mixed_precision_of(accelerator, args) -> str:
+    """The low precision the run computes in, "no" for float32: the flag, Accelerate's own setting (which
+    `accelerate launch --mixed_precision` or an accelerate config gives), or a DeepSpeed config's enabled
+    `fp16` / `bf16` block (a value of "auto" follows Accelerate's setting)."""
+    for value in (getattr(args, "mixed_precision", None), getattr(accelerator, "mixed_precision", None)):
+        if value not in (None, "no"):
+            return str(value)
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    config = getattr(plugin, "deepspeed_config", None) or {}
+    for key, name in (("fp16", "fp16"), ("bf16", "bf16"), ("bfloat16", "bf16")):
+        block = config.get(key)
+        if isinstance(block, dict) and block.get("enabled") is True:
+            return name
+    return "no"
+
+
+def offloads_optimizer(accelerator) -> bool:
+    """Whether the DeepSpeed config moves the optimizer out of the device (`zero_optimization.offload_optimizer`
+    with a device other than "none")."""
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    config = getattr(plugin, "deepspeed_config", None) or {}
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer")
+    if isinstance(offload, dict):
+        return str(offload.get("device", "none")).lower() not in ("none", "")
+    return bool(offload) and offload != "none"
+
+
 def check_task_gradient_engine(accelerator, args) -> None:
     """Refuse, in one line naming the engine and the flag, a gradient-based method under FSDP / DeepSpeed that
-    cannot run correctly there (before anything is loaded)."""
+    cannot run correctly there. It reads only the flags and the accelerator: the trainer calls it (through
+    `check_task_gradient_launch`) before anything is loaded; `components.check_distributed_support` asks it
+    again for a built weighting."""
     from .args import UsageError
     from .deepspeed_support import zero_stage
 
@@ -126,9 +179,17 @@ def check_task_gradient_engine(accelerator, args) -> None:
     if getattr(args, "task_gradients", "split") != "split":
         raise UsageError(f"{method} under {engine} runs with --task_gradients split only (not "
                          f"{args.task_gradients}): drop --task_gradients or use `accelerate launch --multi_gpu`")
-    if getattr(args, "mixed_precision", "no") not in (None, "no"):
-        raise UsageError(f"{method} under {engine} runs in float32 only: use --mixed_precision no "
-                         f"(not {args.mixed_precision}), or `accelerate launch --multi_gpu`")
+    precision = mixed_precision_of(accelerator, args)
+    if precision != "no":
+        raise UsageError(f"{method} under {engine} runs in float32 only (this run computes in {precision}, from "
+                         "--mixed_precision, the launcher or the DeepSpeed config): use --mixed_precision no and no "
+                         "fp16 / bf16 block in a DeepSpeed config, or `accelerate launch --multi_gpu`")
+    if engine_kind(accelerator) == "DEEPSPEED" and offloads_optimizer(accelerator):
+        # DeepSpeed's CPU optimizer offload keeps its own count of the window's micro-steps (its config's
+        # gradient_accumulation_steps), and the gradient path hands it one backward per window
+        raise UsageError(f"{method} under {engine} does not run with offload_optimizer in the DeepSpeed config "
+                         "(the offloaded optimizer counts micro-steps, and the update reaches the engine in one "
+                         "backward per window): remove zero_optimization.offload_optimizer")
 
 
 def check_lora_only(accelerator, args, adapter) -> None:
@@ -136,7 +197,7 @@ def check_lora_only(accelerator, args, adapter) -> None:
     trainable parameter must lie in it (one line otherwise)."""
     from .args import UsageError
 
-    others = [name for name, p in adapter.model.named_parameters() if p.requires_grad and "lora_" not in name]
+    others = [name for name, p in adapter.model.named_parameters() if p.requires_grad and not is_lora_name(name)]
     others += [f"{key}." for key, module in adapter.extra_trainable_modules().items()
                if any(p.requires_grad for p in module.parameters())]
     if others:
@@ -149,7 +210,7 @@ def keep_lora_whole(accelerator, model) -> int:
     """FSDP2: keep the LoRA matrices out of the shards (Accelerate's `ignored_modules`, passed to
     `fully_shard(ignored_params=...)`), before `prepare`. Returns how many modules were left whole."""
     modules = [m for name, m in model.named_modules()
-               if any(p.requires_grad for p in m.parameters(recurse=False)) and "lora_" in name]
+               if any(p.requires_grad for p in m.parameters(recurse=False)) and is_lora_name(name)]
     plugin = accelerator.state.fsdp_plugin
     if isinstance(plugin.ignored_modules, str):
         from .args import UsageError
