@@ -456,6 +456,73 @@ def test_a_gradient_method_under_a_sharded_engine_is_refused_before_any_data_or_
     assert "\n" not in str(error.value)
 
 
+class _FakeDeepSpeedEngine(torch.nn.Module):
+    """What the trainer calls on a DeepSpeed engine, recorded: the accumulation boundary, backward, step."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.calls = module, []
+
+    def set_gradient_accumulation_boundary(self, value):
+        self.calls.append(("boundary", bool(value)))
+
+    def backward(self, loss, scale_wrt_gas=True):
+        self.calls.append(("backward", scale_wrt_gas))
+        loss.backward()
+
+    def step(self):
+        self.calls.append(("step",))
+
+
+def _deepspeed_gradient_step(poison=None):
+    """One window of two micro-batches of 2 samples (two chunks) through `training_step` under a fake DeepSpeed
+    accelerator, PCGrad on a linear model whose update goes to the engine by `DeepSpeedUpdate`. `poison`: a
+    sample whose loss is inf."""
+    from accelerate.utils import DistributedType
+
+    from diffusers_ant.training.sharding import DeepSpeedUpdate
+    from diffusers_ant.training.step import training_step
+    from diffusers_ant.weighting import TaskGradientEngine, get_weighting
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 1)
+    ds_engine = _FakeDeepSpeedEngine(module)
+    x, task_ids = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+
+    class Objective:
+        def prepare(self, batches, generator, chunk_size=None):
+            return {"task_ids": task_ids}
+
+        def loss_fn(self, model, prepared):
+            def fn(idx=None):
+                idx = torch.arange(4) if idx is None else idx
+                losses = model(x[idx]).squeeze(1) ** 2
+                if poison is not None:
+                    losses = losses * torch.where(idx == poison, float("inf"), 1.0)  # an inf gradient too
+                return losses
+            return fn
+
+        def task_groups(self):
+            return torch.zeros(2, dtype=torch.long)
+
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, unwrap_model=lambda m: m.module,
+                                        backward=ds_engine.backward, optimizer_step_was_skipped=False)
+    engine = TaskGradientEngine(module.parameters(), write_update=DeepSpeedUpdate(ds_engine))
+    batches = [{"pixel_values": torch.zeros(2, 1, 2, 2)}, {"pixel_values": torch.zeros(2, 1, 2, 2)}]
+    logs = training_step(accelerator, Objective(), ds_engine, batches, None, 2, weighting=get_weighting("pcgrad", 2),
+                         engine=engine)
+    return accelerator, engine, ds_engine, logs
+
+
+def test_a_gradient_method_under_deepspeed_marks_only_its_one_backward_as_the_accumulation_boundary():
+    """The per-cluster passes do not go through the engine; the update does, in one backward that closes the
+    window: boundary set, backward without the division by the accumulation steps, one step. No chunk-wise
+    `EngineBackward` is built for the gradient path (it would mark a boundary nothing uses)."""
+    _, _, ds_engine, logs = _deepspeed_gradient_step()
+    assert not bool(logs["found_inf"])
+    assert ds_engine.calls == [("boundary", True), ("backward", False), ("step",)]
+
+
 def _fake_deepspeed(zero_stage=2, **config):
     """A DeepSpeed accelerator as `check_distributed_support` reads it: the plugin's stage and config."""
     plugin = types.SimpleNamespace(zero_stage=zero_stage, deepspeed_config={"zero_optimization": {"stage": zero_stage},

@@ -94,7 +94,7 @@ def weighting_optimizer(args, weighting):
 #   update u = w @ G, identical on every process, is handed to the engine by one backward of
 #   sum_p <p, u_p>, whose gradient is u exactly; DeepSpeed averages it over the processes (it divides each
 #   copy by the process count, then sums: u again up to that rounding, exact when the count is a power of
-#   two), clips and steps once per window (`EngineBackward`): the weighting still chooses once per window.
+#   two), clips and steps once per window (`DeepSpeedUpdate`): the weighting still chooses once per window.
 # * ZeRO-3 partitions the LoRA matrices as well: they are whole only inside each module's forward and
 #   backward (outside, the engine would find them empty), and ZeRO-3 has no option to keep chosen
 #   parameters out of its partitions (as FSDP2's ignored parameters are; only a size threshold): refused.
@@ -223,14 +223,22 @@ def keep_lora_whole(accelerator, model) -> int:
 
 class DeepSpeedUpdate:
     """`write_update` of the per-cluster gradient engine under DeepSpeed ZeRO-1/2: the update u (identical
-    on every process) becomes the engine's gradient by one backward of sum_p <p, u_p> (gradient u exactly;
-    DeepSpeed averages the identical copies), and the engine steps (one window, one step)."""
+    on every process) becomes the engine's gradient by one backward of sum_p <p, u_p> (gradient u exactly),
+    and the engine steps (one window, one step). DeepSpeed averages the identical copies by dividing each
+    by the process count and summing: u up to that rounding, exact when the count is a power of two.
+
+    The window's per-cluster passes ran on the unwrapped module by `torch.autograd.grad` (no `.grad`
+    accumulated, none of DeepSpeed's hooks run), so this is the engine's only backward of the window and it
+    is marked as the accumulation boundary, where DeepSpeed reduces and steps."""
 
     def __init__(self, engine):
         self.engine = engine
 
     def __call__(self, params, update) -> None:
-        from .deepspeed_support import EngineBackward
-
         surrogate = sum((p * u.detach().to(p.dtype)).sum() for p, u in zip(params, update))
-        EngineBackward(self.engine, 1)(surrogate)
+        # The window's one backward through the engine: its accumulation boundary, where DeepSpeed reduces the
+        # gradient into its partitions and steps (without the engine's division by the accumulation steps:
+        # u is the whole window's update already).
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.backward(surrogate, scale_wrt_gas=False)
+        self.engine.step()

@@ -283,11 +283,17 @@ def training_step(accelerator, objective: DiffusionObjective, model, batches, ge
     no_sync = None if gradient_based or len(batches) == 1 else (lambda: accelerator.no_sync(model))
     backward_fn, weighting_backward_fn = accelerator.backward, None
     if is_deepspeed(accelerator):
-
-        # DeepSpeed owns the accumulation: it reduces at the window's last chunk and steps there once;
-        # the weighting's own loss (UW) reaches only its parameters, outside the engine.
-        backward_fn = EngineBackward(model, num_chunks(prepared["task_ids"].numel(), chunk_size))
+        # The weighting's own loss (UW) reaches only its parameters, outside the engine.
         weighting_backward_fn, no_sync = (lambda loss: loss.backward()), None
+        if not gradient_based:
+            # DeepSpeed owns the accumulation: it reduces at the window's last chunk and steps there once
+            # (`EngineBackward` marks each chunk's boundary).
+            backward_fn = EngineBackward(model, num_chunks(prepared["task_ids"].numel(), chunk_size))
+        # A gradient method never backpropagates through the engine chunk by chunk: its per-cluster passes
+        # take `torch.autograd.grad` on the unwrapped module (no `.grad`, none of DeepSpeed's hooks), and the
+        # update reaches the engine in one backward that closes the window, at the boundary
+        # `sharding.DeepSpeedUpdate` sets itself. No `EngineBackward` here, so nothing marks a boundary the
+        # gradient path does not use.
     return weighted_backward(weighting, fn, prepared["task_ids"], num_tasks, engine=engine,
                              backward_fn=backward_fn, chunk_size=chunk_size, no_sync=no_sync,
                              loss_scale=loss_scale, task_groups=objective.task_groups(),
