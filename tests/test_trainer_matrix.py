@@ -523,6 +523,26 @@ def test_a_gradient_method_under_deepspeed_marks_only_its_one_backward_as_the_ac
     assert ds_engine.calls == [("boundary", True), ("backward", False), ("step",)]
 
 
+def test_a_deepspeed_window_whose_task_gradients_overflow_is_a_skipped_update():
+    """An inf loss: nothing is handed to DeepSpeed (no backward, no step, so neither the weights nor its LR
+    schedule move), and the loop treats the window as a skipped update, as the GradScaler's under DDP (no EMA
+    step, logged as skipped, the weighting's state put back)."""
+    from diffusers_ant.training.loop import update_skipped
+
+    accelerator, engine, ds_engine, logs = _deepspeed_gradient_step(poison=2)
+    assert bool(logs["found_inf"])
+    assert ds_engine.calls == []
+    assert update_skipped(accelerator, logs, engine)
+    # a finite window is not skipped; without write_update the GradScaler decides (optimizer_step_was_skipped)
+    accelerator, engine, _, logs = _deepspeed_gradient_step()
+    assert not update_skipped(accelerator, logs, engine)
+    from diffusers_ant.weighting import TaskGradientEngine
+
+    plain = TaskGradientEngine(torch.nn.Linear(2, 1).parameters())
+    assert not update_skipped(accelerator, {"found_inf": torch.tensor(True)}, plain)
+    assert update_skipped(types.SimpleNamespace(optimizer_step_was_skipped=True), {"found_inf": torch.tensor(False)}, plain)
+
+
 def _fake_deepspeed(zero_stage=2, **config):
     """A DeepSpeed accelerator as `check_distributed_support` reads it: the plugin's stage and config."""
     plugin = types.SimpleNamespace(zero_stage=zero_stage, deepspeed_config={"zero_optimization": {"stage": zero_stage},

@@ -412,8 +412,10 @@ def train(args) -> str:
             # fp16: the GradScaler may skip this update (overflow); the weighting's state is then
             # put back, so no method advances on a step that did not happen.
             scaler = accelerator.scaler
-            # (DeepSpeed's fp16 has its own loss scaler, which skips overflowing steps the same way)
-            may_skip = scaler is not None or (deepspeed and accelerator.mixed_precision == "fp16")
+            # (DeepSpeed's fp16 has its own loss scaler, which skips overflowing steps the same way; a gradient
+            # method under DeepSpeed skips a window whose task gradients overflow, `update_skipped`)
+            may_skip = (scaler is not None or (deepspeed and accelerator.mixed_precision == "fp16")
+                        or getattr(engine, "write_update", None) is not None)
             snapshot = weighting_snapshot(weighting) if may_skip and weighting is not None else None
             logs = training_step(accelerator, objective, model, window, generator, num_tasks, weighting=weighting,
                                  engine=engine, loss_scale=current_loss_scale(scaler, accelerator.device))
@@ -426,7 +428,7 @@ def train(args) -> str:
             optimizer.step()  # under DeepSpeed a no-op: the engine stepped at the window's last chunk
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            skipped = accelerator.optimizer_step_was_skipped
+            skipped = update_skipped(accelerator, logs, engine)
             if outside_optimizer is not None:
                 if not skipped:
                     outside_optimizer.step()
@@ -562,6 +564,21 @@ def step_record(logs: dict, lr: float, skipped: bool, task_names) -> dict:
             record[f"task_loss/{name}"] = logs["task_losses"][i].item()
         record[f"task_weight/{name}"] = logs["weights"][i].item()
     return record
+
+
+def update_skipped(accelerator, logs: dict, engine) -> bool:
+    """Whether the window's update did not happen. Either an fp16 loss scaler skipped it (the GradScaler
+    under DDP, DeepSpeed's own under DeepSpeed: `optimizer_step_was_skipped`), or the per-cluster gradient
+    engine hands its update to DeepSpeed (`write_update`) and the task gradients overflowed (`found_inf`):
+    it then handed nothing, so DeepSpeed neither stepped the weights nor its LR schedule (it steps the
+    schedule inside its own step). The loop treats both alike, as a GradScaler-skipped step under DDP: the
+    step is counted and logged as skipped, EMA and the weighting's own optimizer do not step, the weighting's
+    state is put back, and the LR schedule does not advance (Accelerate's scheduler skips with the
+    optimizer; DeepSpeed's was not stepped). Without `write_update` the engine marks the overflow in `.grad`
+    for the GradScaler, which decides."""
+    if accelerator.optimizer_step_was_skipped:
+        return True
+    return getattr(engine, "write_update", None) is not None and bool(logs.get("found_inf", False))
 
 
 def weighting_snapshot(weighting) -> dict:
