@@ -146,21 +146,23 @@ LORA_RUN = ["--model_type", "unet", "--dataset_name", "mnist5k", "--train_batch_
             "--gradient_accumulation_steps", "2", "--num_clusters", "4", "--timestep_sampling", "uniform",
             "--report_to", "none", "--seed", "0", "--num_validation_images", "1", "--num_inference_steps", "1",
             "--max_train_samples", "32", "--rank", "4", "--mtl_method", "uw+pcgrad", "--task_gradient_subset", "lora",
-            "--max_train_steps", str(LORA_STEPS), "--learning_rate", "1", "--adam_epsilon", "1"]
+            "--max_train_steps", str(LORA_STEPS), "--checkpointing_steps", "1", "--learning_rate", "1",
+            "--adam_epsilon", "1"]
 
 
-def launch_lora(engine_flags, output_dir, pretrained):
+def launch_lora(engine_flags, output_dir, pretrained, *extra):
     env = offline_env(PYTHONPATH=os.pathsep.join([REPO, os.path.dirname(os.path.dirname(deepspeed.__file__))]))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *engine_flags,
-               TRAIN_SCRIPT, *LORA_RUN, "--pretrained_model_name_or_path", str(pretrained), "--output_dir", str(output_dir)]
+               TRAIN_SCRIPT, *LORA_RUN, "--pretrained_model_name_or_path", str(pretrained), "--output_dir", str(output_dir),
+               *extra]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
 
 @pytest.mark.slow
-def test_a_gradient_method_on_the_lora_subset_trains_under_zero2_what_it_trains_under_ddp(root):
+def test_a_gradient_method_on_the_lora_subset_trains_under_zero2_what_it_trains_under_ddp_and_resumes_exactly(root):
     """ZeRO-2 takes the per-cluster gradients of the LoRA subset by autograd.grad (DeepSpeed's hooks do not
     run), syncs them as DDP does, and hands the update to the engine by one backward whose gradient is the
     update exactly (up to DeepSpeed's divide-then-sum average, exact on 2 processes). The tolerance is
@@ -186,3 +188,17 @@ def test_a_gradient_method_on_the_lora_subset_trains_under_zero2_what_it_trains_
     worst = max(float((zero2[k] - ddp[k]).abs().max()) for k in zero2)
     print(f"max |ZeRO-2 - DDP| over the LoRA weights: {worst:.3g} (tolerance {tolerance:.3g})")
     assert worst <= tolerance, f"ZeRO-2 and DDP LoRA weights differ by {worst} (tolerance {tolerance})"
+    # exact resume: 1 step, DeepSpeed's checkpoint (engine, optimizer) and the trainer's state, 1 step == 2 steps
+    shutil.copytree(root / "lora-zero2" / "checkpoint-1", root / "lora-resumed" / "checkpoint-1")
+    launch_lora(["--use_deepspeed", "--zero_stage", "2"], root / "lora-resumed", root / "lora-pretrained",
+                "--resume_from_checkpoint", "checkpoint-1")
+    resumed = load_file(root / "lora-resumed" / "pytorch_lora_weights.safetensors")
+    assert sorted(resumed) == sorted(zero2)
+    for key in zero2:
+        assert torch.equal(resumed[key], zero2[key]), f"resumed ZeRO-2 run differs from the straight one at {key}"
+    for rank in (0, 1):  # the trainer's state: UW's log-variances and their optimizer, the generator
+        straight, again = (load_file(root / run / f"checkpoint-{LORA_STEPS}" / f"trainer_state_{rank}.safetensors")
+                           for run in ("lora-zero2", "lora-resumed"))
+        assert sorted(straight) == sorted(again)
+        for key in straight:
+            assert torch.equal(again[key], straight[key]), f"resumed trainer state differs at {key} (process {rank})"

@@ -282,7 +282,7 @@ LORA_RUN = ["--model_type", "unet", "--dataset_name", "mnist5k", "--train_batch_
             "--gradient_accumulation_steps", "2", "--num_clusters", "4", "--timestep_sampling", "uniform",
             "--report_to", "none", "--seed", "0", "--num_validation_images", "1", "--num_inference_steps", "1",
             "--max_train_samples", "32", "--rank", "4", "--mtl_method", "uw+pcgrad", "--task_gradient_subset", "lora",
-            "--max_train_steps", str(LORA_STEPS), "--checkpointing_steps", str(LORA_STEPS),
+            "--max_train_steps", str(LORA_STEPS), "--checkpointing_steps", "1",
             "--learning_rate", "1", "--adam_epsilon", "1"]
 
 
@@ -295,10 +295,14 @@ def lora_runs(tmp_path_factory):
     get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1).save(
         str(root / "pretrained"))
     runs = {}
-    for config in ("fsdp", "ddp"):
-        runs[config] = root / config
+    # the FSDP run straight through, DDP's, and the FSDP run resumed from the straight one's checkpoint-1
+    for name, config, extra in (("fsdp", "fsdp", []), ("ddp", "ddp", []),
+                                ("resumed", "fsdp", ["--resume_from_checkpoint", "checkpoint-1"])):
+        runs[name] = root / name
+        if extra:
+            shutil.copytree(runs["fsdp"] / "checkpoint-1", runs[name] / "checkpoint-1")
         result = run_script([*LORA_RUN, "--pretrained_model_name_or_path", str(root / "pretrained"),
-                             "--output_dir", str(runs[config])], timeout=300,
+                             "--output_dir", str(runs[name]), *extra], timeout=300,
                             launcher=["--config_file", f"{REPO}/examples/accelerate/{config}.yaml", "--num_processes",
                                       "2", "--main_process_port", "0"])
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -341,3 +345,21 @@ def test_a_gradient_method_on_the_lora_subset_trains_under_fsdp_what_it_trains_u
     key = ".weighting.loss_weighting.log_vars"
     assert fsdp_state[key].abs().max() > 10 * tolerance  # (UW's lr 0.025, two steps)
     torch.testing.assert_close(fsdp_state[key], ddp_state[key], rtol=0, atol=tolerance)
+
+
+@pytest.mark.slow
+def test_a_gradient_method_on_the_lora_subset_resumes_exactly_under_fsdp(lora_runs):
+    """uw+pcgrad on the LoRA subset under FSDP2: 2 steps straight == 1 step, checkpoint, resume, 1 step, bit for
+    bit: the LoRA weights and the last checkpoint's trainer state (UW's log-variances and their optimizer, the
+    generator) on both processes."""
+    from safetensors.torch import load_file
+
+    from trainer_utils import assert_same_tensors
+
+    assert_same_tensors(load_file(lora_runs["resumed"] / "pytorch_lora_weights.safetensors"),
+                        load_file(lora_runs["fsdp"] / "pytorch_lora_weights.safetensors"))
+    for rank in (0, 1):
+        resumed, _ = _state(lora_runs["resumed"] / f"checkpoint-{LORA_STEPS}", rank)
+        straight, _ = _state(lora_runs["fsdp"] / f"checkpoint-{LORA_STEPS}", rank)
+        assert sorted(resumed) == sorted(straight) and ".weighting.loss_weighting.log_vars" in straight
+        assert_same_tensors(resumed, straight)
