@@ -247,3 +247,21 @@ def test_pretrain_base_cool_down_branches_off_the_constant_rate_search(tmp_path,
     assert base.main(["--output_dir", str(tmp_path), "--decay_from", "3000", "--decay_steps", "1000"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "changes the learning rate from step 3001" in err and "--decay_from" in err
+
+
+def test_the_committed_converged_base_is_the_plateau_of_its_committed_curve():
+    """docs/benchmark_base/r8: the plateau rule, re-applied to the committed curve, finds the step the
+    run reported, and the committed base pipeline is the 8x8 greyscale bench UNet of that step."""
+    base = load_script("pretrain_base")
+    folder = os.path.join(REPO, "docs", "benchmark_base", "r8")
+    with open(os.path.join(folder, "curve.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    curve = {int(k): v for k, v in saved["points"].items()}
+    assert base.plateau_step(curve, saved["tolerance"], saved["min_points"]) == saved["plateau_step"] == 55000
+    assert base.plateau_step({k: v for k, v in curve.items() if k < 55000}, 0.02, 5) is None
+    assert saved["schedule"]["lr_scheduler"] == "warmup_stable_decay" and saved["schedule"]["lr_stable_steps"] == 29900
+    with open(os.path.join(folder, "base", "unet", "config.json"), encoding="utf-8") as f:
+        unet = json.load(f)
+    assert (unet["sample_size"], unet["in_channels"]) == (8, 1)
+    with open(os.path.join(folder, "base", "training_config.json"), encoding="utf-8") as f:
+        assert json.load(f)["max_train_steps"] == 55000
