@@ -263,7 +263,11 @@ def test_convergence_summary_counts_censored_runs_and_pairs_by_seed():
     assert result["relative_steps"]["differences"] == pytest.approx([-100 / 3, -50])
     assert result["paired_mean_distance"]["n"] == 3 and result["paired_mean_distance"]["mean"] < 0
     checks = transfer.target_checks({"relative_fid_vs_base": {}}, result)
-    assert checks["convergence"]["met"] and checks["convergence"]["converged"]["controlnet"] == "2/3"
+    # sooner on both paired seeds, but two seeds' interval contains 0: not met, and the reading says why
+    assert not checks["convergence"]["met"] and checks["convergence"]["converged"]["controlnet"] == "2/3"
+    assert checks["convergence"]["reading"] == "no difference resolved (interval contains 0)"
+    resolved = {**result, "relative_steps": {"mean": -30.0, "low": -40.0, "high": -20.0, "n": 3}}
+    assert transfer.target_checks({"relative_fid_vs_base": {}}, resolved)["convergence"]["met"]
     args = transfer.parse_args([])
     text = transfer.markdown({"table": {}, "paired_vs_full": {}, "relative_fid_vs_base": {}}, None, result, {}, checks,
                              args, "d" * 64)

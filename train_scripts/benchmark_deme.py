@@ -72,6 +72,7 @@ from diffusers_ant.analysis.benchmark import (
     evaluate_saved_model,
     format_difference as _difference,
     format_mean_sd,
+    record_invocation,
     recorded_seconds,
     relative_differences,
     run_logged,
@@ -714,21 +715,6 @@ def recorded_times(args) -> dict:
     return {"train_run_seconds": sum(per_run[os.path.relpath(log, args.output_dir)] or 0.0 for log in train_logs),
             "merge_run_seconds": sum(per_run[os.path.relpath(log, args.output_dir)] or 0.0 for log in merge_logs),
             "per_run_seconds": {k: None if v is None else round(v, 1) for k, v in per_run.items()}}
-
-
-def record_invocation(args, command, seconds, status="finished") -> float:
-    """Append this invocation to OUTPUT_DIR/invocations.json; return the wall seconds of all of them
-    (a resumed benchmark's wall time is the sum of its invocations)."""
-    path = os.path.join(args.output_dir, "invocations.json")
-    history = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            history = json.load(f)
-    history.append({"command": command, "phase": args.phase, "status": status, "wall_seconds": round(seconds, 1),
-                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-    with open(path, "w") as f:
-        json.dump(history, f, indent=2)
-    return sum(entry["wall_seconds"] for entry in history)
 
 
 def main(argv=None):

@@ -63,6 +63,7 @@ from diffusers_ant.analysis.benchmark import (
     evaluate_saved_model,
     format_difference,
     format_mean_sd,
+    record_invocation,
     recorded_seconds,
     relative_differences,
     resolution_cost_factor,
@@ -647,12 +648,14 @@ def summarise(results, confidence=0.95) -> dict:
 def target_checks(summary, convergence_summary) -> dict:
     """The issue's targets, read honestly: Diff-Tuning at least 20% lower domain FID than full
     fine-tuning (the paper: 26% on average), and ControlNet's sudden convergence reached sooner (the
-    paper: 24%). 'met' judges the mean over seeds; 'resolved' says whether the interval excludes 0."""
+    paper: 24%). 'met' needs both: the mean over seeds reaches the target and the seeds support the
+    direction (the interval lies below 0); a mean on the right side with an interval that contains 0 is
+    not met, and the reading says so."""
     checks = {}
     fid = summary["relative_fid_vs_base"].get("diff_tuning")
     if fid is not None and fid["mean"] is not None:
         checks["fid"] = {"target": "Diff-Tuning's domain FID at least 20% below full fine-tuning's (paper: -26%)",
-                         "measured_percent": fid, "met": fid["mean"] <= -20.0,
+                         "measured_percent": fid, "met": fid["mean"] <= -20.0 and _below_zero(fid),
                          "reading": verdict(fid, "Diff-Tuning lower", "Diff-Tuning higher")}
     if convergence_summary and "relative_steps" in convergence_summary:
         steps = convergence_summary["relative_steps"]
@@ -660,10 +663,15 @@ def target_checks(summary, convergence_summary) -> dict:
         checks["convergence"] = {
             "target": "ControlNet's sudden convergence reached sooner with Diff-Tuning (paper: 24% sooner)",
             "measured_percent": steps, "converged": counts,
-            "met": steps["mean"] is not None and steps["mean"] < 0,
+            "met": steps["mean"] is not None and steps["mean"] < 0 and _below_zero(steps),
             "reading": verdict(steps, "Diff-Tuning sooner", "Diff-Tuning later") if steps["mean"] is not None
             else "not measurable: no seed where both runs converged"}
     return checks
+
+
+def _below_zero(interval: dict) -> bool:
+    """The interval over seeds lies below 0 (a difference the seeds support)."""
+    return interval.get("high") is not None and interval["high"] < 0
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -759,7 +767,9 @@ def markdown(summary, pretrained, convergence_summary, forgetting, checks, args,
             lines.append(f"- {check['target']}: measured {_percent(cell)} over {cell['n']} seeds: {state} "
                          f"({check['reading']}).")
     if timing:
-        lines += ["", f"Wall time {timing.get('wall_seconds', 0) / 60:.0f} min ({args.workers} workers, one thread each)."]
+        total = timing.get("all_invocations_wall_seconds", timing.get("wall_seconds", 0))
+        lines += ["", f"Wall time {total / 60:.0f} min over all invocations of this folder (invocations.json; this one "
+                      f"{timing.get('wall_seconds', 0) / 60:.1f} min), {args.workers} workers, one thread each."]
     return "\n".join(lines)
 
 
@@ -848,6 +858,8 @@ def main(argv=None):
     forgetting = forgetting_curves(args, layout, extractor_sha) if args.forgetting_methods else {}
     timing["chains of forgetting"] = round(time.time() - start, 1)
     timing["wall_seconds"] = round(time.time() - started, 1)
+    # a resumed benchmark's wall time is the sum of its invocations (OUTPUT_DIR/invocations.json)
+    timing["all_invocations_wall_seconds"] = round(record_invocation(args, command_line(argv), timing["wall_seconds"]), 1)
     timing["train_seconds_per_run"] = {f"{m}/seed-{s}": recorded_seconds(os.path.join(layout.run(m, s), "train.log"))
                                        for m, s in runs}
 

@@ -450,3 +450,18 @@ def write_json(path: str, data) -> str:
         f.write("\n")
     os.replace(tmp, path)
     return path
+
+
+def record_invocation(args, command, seconds, status="finished") -> float:
+    """Append this invocation to OUTPUT_DIR/invocations.json; return the wall seconds of all of them
+    (a resumed benchmark's wall time is the sum of its invocations)."""
+    path = os.path.join(args.output_dir, "invocations.json")
+    history = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            history = json.load(f)
+    history.append({"command": command, "phase": args.phase, "status": status, "wall_seconds": round(seconds, 1),
+                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    with open(path, "w") as f:
+        json.dump(history, f, indent=2)
+    return sum(entry["wall_seconds"] for entry in history)
