@@ -61,6 +61,12 @@ def zero_stage(accelerator) -> int:
     return int(plugin.zero_stage) if is_deepspeed(accelerator) and plugin is not None else 0
 
 
+def deepspeed_config(accelerator) -> dict:
+    """The DeepSpeed config the accelerator carries ({} without a DeepSpeed plugin)."""
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    return getattr(plugin, "deepspeed_config", None) or {}
+
+
 def accelerator_options(gradient_accumulation_steps: int) -> dict:
     """`Accelerator(...)` keywords of a DeepSpeed launch: on a machine without CUDA, gloo named as the
     backend instead of `cpu=True` (module docstring), and the accumulation steps DeepSpeed's config takes

@@ -137,8 +137,9 @@ def mixed_precision_of(accelerator, args) -> str:
     for value in (getattr(args, "mixed_precision", None), getattr(accelerator, "mixed_precision", None)):
         if value not in (None, "no"):
             return str(value)
-    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    config = getattr(plugin, "deepspeed_config", None) or {}
+    from .deepspeed_support import deepspeed_config
+
+    config = deepspeed_config(accelerator)
     for key, name in (("fp16", "fp16"), ("bf16", "bf16"), ("bfloat16", "bf16")):
         block = config.get(key)
         if isinstance(block, dict) and block.get("enabled") is True:
@@ -149,9 +150,9 @@ def mixed_precision_of(accelerator, args) -> str:
 def offloads_optimizer(accelerator) -> bool:
     """Whether the DeepSpeed config moves the optimizer out of the device (`zero_optimization.offload_optimizer`
     with a device other than "none")."""
-    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    config = getattr(plugin, "deepspeed_config", None) or {}
-    offload = (config.get("zero_optimization") or {}).get("offload_optimizer")
+    from .deepspeed_support import deepspeed_config
+
+    offload = (deepspeed_config(accelerator).get("zero_optimization") or {}).get("offload_optimizer")
     if isinstance(offload, dict):
         return str(offload.get("device", "none")).lower() not in ("none", "")
     return bool(offload) and offload != "none"

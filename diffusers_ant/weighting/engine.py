@@ -451,13 +451,16 @@ class TaskGradientEngine:
 
         saved_grads = [p.grad for p in self.params]  # restored below: accumulation is preserved
         try:
-            if self.mode == "split" and self._in_lockstep():
-                self._split_lockstep(per_sample_loss_fn, task_ids, local_counts, chunk_size, loss_scale, grads,
-                                     task_sums)
-            elif self.mode == "split":
-                for i in local_present:
+            if self.mode == "split":
+                # lockstep (FSDP: each forward and backward all-gathers the sharded frozen weights, a
+                # collective): every process runs task i in as many passes as the process with the most
+                # samples of it needs, padding with passes of zero loss where it has fewer (none with equal
+                # shares per process, stratified sampling)
+                passes = self._lockstep_chunks(local_counts.tolist(), chunk_size) if self._in_lockstep() else None
+                for i in (range(len(passes)) if passes is not None else local_present):
                     members = (task_ids == i).nonzero().squeeze(1)
-                    for chunk in _chunks(members, chunk_size):
+                    pieces = _chunks(members, chunk_size) if members.numel() else []
+                    for chunk in pieces:
                         losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
                         self.num_forward_calls += 1
                         mean_part = losses.sum() / members.numel()  # chunk's share of task i's local mean
@@ -465,6 +468,9 @@ class TaskGradientEngine:
                         task_sums[i] += losses.detach().double().sum()
                         if keep_graphs:
                             graph_losses[i] = mean_part
+                    for _ in range(passes[i] - len(pieces) if passes is not None else 0):
+                        padding = self._padding_loss(per_sample_loss_fn, task_ids)
+                        self._backward_into(padding * loss_scale, grads[i], retain_graph=False)
             elif self.mode == "batched":
                 self._batched_pass(per_sample_loss_fn, task_ids, num_tasks, local_counts, chunk_size, loss_scale,
                                    keep_graphs, task_sums, graph_losses)
@@ -549,26 +555,6 @@ class TaskGradientEngine:
         this process has no samples for, and adds exact zeros to the gradients."""
         self.num_forward_calls += 1
         return per_sample_loss_fn(torch.zeros(1, dtype=torch.long, device=task_ids.device)).sum() * 0.0
-
-    def _split_lockstep(self, per_sample_loss_fn, task_ids, local_counts, chunk_size, loss_scale, grads,
-                        task_sums) -> None:
-        """Split mode with every process running the same passes, in the same order (FSDP: each forward
-        and backward all-gathers the sharded frozen weights, a collective). Task i runs in as many chunks
-        as the process with the most samples of it needs; a process with fewer runs padding passes of
-        zero loss. With equal shares per process (stratified sampling) there are none."""
-        counts = local_counts.tolist()
-        for i, num_chunks in enumerate(self._lockstep_chunks(counts, chunk_size)):
-            members = (task_ids == i).nonzero().squeeze(1)
-            pieces = _chunks(members, chunk_size) if counts[i] else []
-            for n in range(num_chunks):
-                if n < len(pieces):
-                    losses = _check_losses(per_sample_loss_fn(pieces[n]), pieces[n].numel())
-                    self.num_forward_calls += 1
-                    part = losses.sum() / members.numel()
-                    task_sums[i] += losses.detach().double().sum()
-                else:
-                    part = self._padding_loss(per_sample_loss_fn, task_ids)
-                self._backward_into(part * loss_scale, grads[i], retain_graph=False)
 
     def _batched_pass(self, per_sample_loss_fn, task_ids, num_tasks, local_counts, chunk_size, loss_scale,
                       keep_graphs, task_sums, graph_losses) -> None:
