@@ -72,9 +72,11 @@ from diffusers_ant.analysis.benchmark import (
     evaluate_saved_model,
     format_difference as _difference,
     format_mean_sd,
+    plateau_step,
     record_invocation,
     recorded_seconds,
     relative_differences,
+    resolution_cost_factor,
     run_logged,
     run_parallel,
     stored_metrics,
@@ -102,8 +104,13 @@ DEME_CONFIGS = {
 }
 ABLATION_CONFIGS = ("deme_prob", "deme_consistency")
 
+# Continued vanilla fine-tuning for S steps, the steps of ONE DeMe copy: the comparison at equal steps
+# per model (the continued_* rows get N x S, DeMe's total).
+PER_MODEL_ROW = "per_model_vanilla"
+
 # The rows of the main table, in order (labels: `row_label`).
-MAIN_ROWS = ("pretrained", *(f"continued_{m}" for m in CONTINUED), "deme_ensemble", "deme_equal", "deme_merged")
+MAIN_ROWS = ("pretrained", *(f"continued_{m}" for m in CONTINUED), PER_MODEL_ROW, "deme_ensemble", "deme_equal",
+             "deme_merged")
 CONTROL = "continued_vanilla"
 METRICS = ("fid", "kid_mean", "precision", "recall")
 
@@ -136,7 +143,8 @@ def parse_args(argv=None):
     p.add_argument("--ablation_seeds", type=int, nargs="*", default=None,
                    help="seeds of the ablation ladder (default: the first seed; none: no ladder)")
     p.add_argument("--train_batch_size", type=int, default=64)
-    p.add_argument("--learning_rate", type=float, default=1e-3, help="of every fine-tune (default 1e-3)")
+    p.add_argument("--learning_rate", type=float, default=DEME_AUTHORS_DEFAULTS["learning_rate"],
+                   help=f"of every fine-tune (default {DEME_AUTHORS_DEFAULTS['learning_rate']:g}, the DeMe authors')")
     p.add_argument("--lr_scheduler", default="constant_with_warmup")
     p.add_argument("--lr_warmup_steps", type=int, default=20, help="of every fine-tune (default 20)")
     p.add_argument("--search_values", type=float, nargs="+", default=list(DEFAULT_SEARCH_VALUES),
@@ -153,6 +161,14 @@ def parse_args(argv=None):
     p.add_argument("--confidence", type=float, default=0.95, help="of the t intervals over seeds (default 0.95)")
     p.add_argument("--phase", default="all", choices=["train", "merge", "eval", "all"],
                    help="train (pretraining and fine-tuning), merge (searches, merges, ensembles), eval, or all")
+    p.add_argument("--probe_points", type=int, default=10,
+                   help="the plateau probe: the first seed's DeMe interval fine-tunes retrained in this many equal "
+                        "segments up to --interval_steps, each point scored with the fine-tune swapped in on its interval "
+                        "(the pretrained model elsewhere; --search_samples samples against the search reference); 0: no "
+                        "probe (default 10)")
+    p.add_argument("--plateau_tolerance", type=float, default=0.02,
+                   help="a probe curve has plateaued when it changed by less than this fraction over its last fifth "
+                        "(pretrain_base.py's rule; default 0.02)")
     p.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)),
                    help="processes in parallel, one torch thread each")
     p.add_argument("--quick", action="store_true",
@@ -165,7 +181,7 @@ def parse_args(argv=None):
         # steps and samples, enough that every stage runs (warm-up, EMA, the consistency loss, the search).
         p.set_defaults(seeds=[0, 1], pretrain_steps=10, num_intervals=2, interval_steps=2, lr_warmup_steps=1,
                        train_batch_size=16, num_samples=32, num_inference_steps=2, eval_batch_size=32,
-                       search_samples=16, search_values=[0.0, 0.5, 1.0],
+                       search_samples=16, search_values=[0.0, 0.5, 1.0], probe_points=2,
                        continued="vanilla,ant_uw")  # every continued row runs the same machinery
         args = p.parse_args(argv)
     if args.ablation_seeds is None:
@@ -184,6 +200,10 @@ def parse_args(argv=None):
                  "search_samples", "num_samples", "num_inference_steps", "eval_batch_size", "workers"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be positive")
+    if not 0 <= args.probe_points <= args.interval_steps:
+        p.error("--probe_points must lie in 0..--interval_steps (0: no plateau probe)")
+    if not 0 < args.plateau_tolerance < 1:
+        p.error("--plateau_tolerance must lie in (0, 1), e.g. 0.02 for 2%")
     if args.num_intervals < 2:
         p.error("--num_intervals must be at least 2 (N = 1 is continued fine-tuning, already a row)")
     if not 0 < args.search_real < NUM_DATASET_IMAGES:
@@ -227,6 +247,23 @@ def merge_dir(args, config, seed, kind) -> str:
     return os.path.join(deme_dir(args, config, seed), kind)
 
 
+def probe_dir(args, index) -> str:
+    return os.path.join(args.output_dir, "probe", f"interval-{index}")
+
+
+def probe_points(args) -> list:
+    """The steps the plateau probe scores: ``--probe_points`` equal segments of ``--interval_steps``."""
+    n, s = args.probe_points, args.interval_steps
+    return sorted({round(k * s / n) for k in range(1, n + 1)}) if n else []
+
+
+def probe_metrics_path(args, index, step) -> str:
+    """Step 0 is the pretrained model itself, shared by every interval's curve."""
+    if step == 0:
+        return os.path.join(args.output_dir, "metrics", "probe", "pretrained.json")
+    return os.path.join(args.output_dir, "metrics", "probe", f"interval-{index}", f"step-{step}.json")
+
+
 def metrics_path(args, row, seed) -> str:
     return os.path.join(args.output_dir, "metrics", row, f"seed-{seed}.json")
 
@@ -242,6 +279,7 @@ def evaluated_rows(args) -> list:
     for seed in args.seeds:
         rows.append(("pretrained", seed, pretrained_dir(args)))
         rows += [(f"continued_{m}", seed, continued_dir(args, m, seed)) for m in args.continued]
+        rows.append((PER_MODEL_ROW, seed, continued_dir(args, "vanilla-per-model", seed)))
         rows += [("deme_ensemble", seed, merge_dir(args, "deme", seed, "ensemble")),
                  ("deme_equal", seed, merge_dir(args, "deme", seed, "merged_equal")),
                  ("deme_merged", seed, merge_dir(args, "deme", seed, "merged_searched"))]
@@ -265,6 +303,8 @@ def row_label(args, row) -> str:
         return "pretrained (no fine-tuning)"
     if row.startswith("continued_"):
         return f"continued fine-tuning, {METHODS[row[len('continued_'):]]['label']}"
+    if row == PER_MODEL_ROW:
+        return f"continued fine-tuning, vanilla, the steps of one DeMe copy"
     return {"deme_ensemble": f"DeMe ensemble (N = {n} models, routed by timestep)",
             "deme_equal": f"DeMe merged, equal weights 1/{n}",
             "deme_merged": "DeMe merged, searched weights"}.get(row, row)
@@ -276,13 +316,15 @@ def row_steps(args, row) -> str:
         return "0"
     if row.startswith("continued_"):
         return str(n * s)
+    if row == PER_MODEL_ROW:
+        return str(s)
     return f"{n} x {s}"
 
 
 # ------------------------------------------------------------------------------------------- commands
 
 
-def _finetune_flags(args, seed, steps) -> list:
+def _finetune_flags(args, seed, steps, checkpointing_steps=None) -> list:
     """The recipe every fine-tune shares (the quality benchmark's, at the fine-tuning learning rate), with
     the DeMe authors' AdamW (beta1 0.95, weight decay 1e-6) given explicitly to every arm: a DeMe
     interval run would take them by default and a continued run would not, and the comparison would
@@ -292,7 +334,7 @@ def _finetune_flags(args, seed, steps) -> list:
             "--learning_rate", str(args.learning_rate), "--adam_beta1", str(DEME_AUTHORS_DEFAULTS["adam_beta1"]),
             "--adam_weight_decay", str(DEME_AUTHORS_DEFAULTS["adam_weight_decay"]), "--lr_scheduler", args.lr_scheduler,
             "--lr_warmup_steps", str(args.lr_warmup_steps), "--use_ema", "--ema_max_decay", "0.999",
-            "--seed", str(seed), "--checkpointing_steps", str(steps + 1), "--num_validation_images", "4",
+            "--seed", str(seed), "--checkpointing_steps", str(checkpointing_steps or steps + 1), "--num_validation_images", "4",
             "--num_inference_steps", str(args.num_inference_steps), "--report_to", "none"]
 
 
@@ -312,6 +354,26 @@ def continued_command(args, method, seed) -> list:
     return [sys.executable, os.path.join(HERE, "train_ant.py"), "--pretrained_model_name_or_path", pretrained_dir(args),
             *_finetune_flags(args, seed, args.num_intervals * args.interval_steps),
             "--output_dir", continued_dir(args, method, seed), *METHODS[method]["flags"]]
+
+
+def per_model_command(args, seed) -> list:
+    """Continued vanilla fine-tuning for S steps: as many as one DeMe copy gets."""
+    return [sys.executable, os.path.join(HERE, "train_ant.py"), "--pretrained_model_name_or_path", pretrained_dir(args),
+            *_finetune_flags(args, seed, args.interval_steps), "--output_dir", continued_dir(args, "vanilla-per-model", seed),
+            *METHODS["vanilla"]["flags"]]
+
+
+def probe_command(args, index, step) -> list:
+    """Interval ``index``'s DeMe fine-tune of the first seed (the flags ``train_deme.py`` gives it) up to
+    ``step``, continuing its last checkpoint: one segment of the plateau probe. The learning-rate
+    schedule does not depend on --max_train_steps (constant after warm-up), so the segments together
+    are one run of S steps; train_ant.py refuses to resume a checkpoint under a schedule that differs."""
+    segment = probe_points(args)[0]
+    return [sys.executable, os.path.join(HERE, "train_ant.py"), "--pretrained_model_name_or_path", pretrained_dir(args),
+            *_finetune_flags(args, args.seeds[0], step, checkpointing_steps=segment), "--clustering", "timestep",
+            *deme_flags("deme"), "--deme_interval", str(index), "--num_clusters", str(args.num_intervals),
+            "--output_dir", os.path.join(probe_dir(args, index), "run"), "--checkpoints_total_limit", "2",
+            "--resume_from_checkpoint", "latest"]
 
 
 def deme_command(args, config, seed) -> list:
@@ -365,26 +427,36 @@ def search_evaluations(num_models, values, rounds) -> int:
 def plan(args) -> dict:
     """Estimated seconds of each phase with `args.workers` processes (see the planning figures)."""
     n, s = args.num_intervals, args.interval_steps
-    image_step = SECONDS_PER_IMAGE_STEP * args.num_inference_steps
+    scale = resolution_cost_factor(args.resolution)  # the figures are 16x16's
+    image_step = SECONDS_PER_IMAGE_STEP * args.num_inference_steps * scale
     pretrain = 0.0 if args.pretrained else (PRETRAIN_SECONDS_PER_STEP * args.pretrain_steps + SECONDS_PER_RUN)
-    train = sum(SECONDS_PER_STEP.get(m, 0.15) * n * s + SECONDS_PER_RUN for m in args.continued) * len(args.seeds)
-    processes = len(args.continued) * len(args.seeds) + (0 if args.pretrained else 1)
+    train = sum(SECONDS_PER_STEP.get(m, 0.15) * scale * n * s + SECONDS_PER_RUN for m in args.continued) * len(args.seeds)
+    train += (SECONDS_PER_STEP["vanilla"] * scale * s + SECONDS_PER_RUN) * len(args.seeds)  # equal steps per model
+    processes = (len(args.continued) + 1) * len(args.seeds) + (0 if args.pretrained else 1)
+    deme_step = SECONDS_PER_STEP["vanilla"] * scale * TEACHER_FACTOR * PROJECTION_FACTOR
     for config, _ in deme_trainings(args):
         factor = TEACHER_FACTOR if DEME_CONFIGS[config]["consistency"] else 1.0
         factor *= PROJECTION_FACTOR if DEME_CONFIGS[config]["projection"] else 1.0
-        train += n * (SECONDS_PER_STEP["vanilla"] * factor * s + SECONDS_PER_RUN)
+        train += n * (SECONDS_PER_STEP["vanilla"] * scale * factor * s + SECONDS_PER_RUN)
         processes += n
+    segments = len(probe_points(args))  # the probe: N intervals of S steps in segments, each a process
+    train += n * (deme_step * s + segments * SECONDS_PER_RUN)
+    processes += n * segments
+    probe_points_scored = n * segments + (1 if segments else 0)
     points = search_evaluations(n, args.search_values, args.search_rounds)
     jobs = merge_jobs(args)
     searches = sum(kind == "merged_searched" for _, _, kind in jobs)
     merge = len(jobs) * MERGE_PROCESS_SECONDS + searches * points * (args.search_samples * image_step + SCORE_SECONDS)
     evaluations = len(evaluated_rows(args))
     evaluate = evaluations * (args.num_samples * image_step + EVAL_OVERHEAD_SECONDS) + 30 * args.workers
+    evaluate += probe_points_scored * (args.search_samples * image_step + EVAL_OVERHEAD_SECONDS)
     w = args.workers
     result = {"pretrain_seconds": pretrain, "train_seconds": train / w, "merge_seconds": merge / w,
               "eval_seconds": evaluate / w, "training_processes": processes, "searches": searches,
               "search_points_per_search": points, "merges": len(jobs), "evaluations": evaluations,
-              "generated_images": evaluations * args.num_samples + searches * points * args.search_samples}
+              "probe_points": probe_points_scored,
+              "generated_images": evaluations * args.num_samples + searches * points * args.search_samples
+              + probe_points_scored * args.search_samples}
     result["total_seconds"] = pretrain + (train + merge + evaluate) / w
     return result
 
@@ -408,7 +480,8 @@ def plan_text(estimate, args) -> str:
 def training_settings(args) -> dict:
     """What kept runs, merges and references depend on: another value in the same folder is refused."""
     keys = ("num_intervals", "interval_steps", "train_batch_size", "learning_rate", "lr_scheduler", "lr_warmup_steps",
-            "search_values", "search_rounds", "search_samples", "search_real", "num_inference_steps", "eval_batch_size")
+            "search_values", "search_rounds", "search_samples", "search_real", "num_inference_steps", "eval_batch_size",
+            "probe_points")
     settings = {k: getattr(args, k) for k in keys}
     settings["pretrained"] = (os.path.abspath(args.pretrained) if args.pretrained else
                               {"pretrain_steps": args.pretrain_steps, "pretrain_seed": args.pretrain_seed})
@@ -452,11 +525,19 @@ def train_phase(args, config_path) -> None:
         status = run_logged(pretrain_command(args, config_path), os.path.join(out, "train.log"),
                             os.path.join(out, "model_index.json"), "pretraining", threads=args.workers)
         print(f"pretrained model {out}: {status}", flush=True)
-    jobs = [("deme", c, s) for c, s in deme_trainings(args)] + [("continued", m, s) for m in args.continued for s in args.seeds]
+    jobs = [("probe", i, args.seeds[0]) for i in range(args.num_intervals) if args.probe_points]
+    jobs += [("deme", c, s) for c, s in deme_trainings(args)] + [("continued", m, s) for m in args.continued for s in args.seeds]
+    jobs += [("per_model", "vanilla", s) for s in args.seeds]
 
     def one(job):
         kind, name, seed = job
-        if kind == "continued":
+        if kind == "probe":
+            status = probe_training(args, name)
+        elif kind == "per_model":
+            out = continued_dir(args, "vanilla-per-model", seed)
+            status = run_logged(per_model_command(args, seed), os.path.join(out, "train.log"),
+                                os.path.join(out, "model_index.json"), f"vanilla for {args.interval_steps} steps seed {seed}")
+        elif kind == "continued":
             out = continued_dir(args, name, seed)
             status = run_logged(continued_command(args, name, seed), os.path.join(out, "train.log"),
                                 os.path.join(out, "model_index.json"), f"continued {name} seed {seed}")
@@ -467,6 +548,22 @@ def train_phase(args, config_path) -> None:
         print(f"trained {kind} {name} seed {seed}: {status}", flush=True)
 
     run_parallel(one, jobs, args.workers)
+
+
+def probe_training(args, index) -> str:
+    """Interval ``index``'s probe segments in order, each point's pipeline (EMA weights) kept as
+    ``probe/interval-i/step-K`` (the next segment overwrites the run's own folder)."""
+    statuses = []
+    for step in probe_points(args):
+        saved = os.path.join(probe_dir(args, index), f"step-{step}")
+        if os.path.isfile(os.path.join(saved, "model_index.json")):
+            continue
+        run_dir = os.path.join(probe_dir(args, index), "run")
+        statuses.append(run_logged(probe_command(args, index, step), os.path.join(probe_dir(args, index), "logs",
+                                   f"train-{step}.log"), [], f"probe interval {index} to step {step}"))
+        shutil.copytree(run_dir, saved, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "samples*"),
+                        dirs_exist_ok=True)
+    return ", ".join(statuses) or "kept"
 
 
 def merge_phase(args) -> None:
@@ -512,6 +609,52 @@ def eval_phase(args, extractor_sha) -> dict:
     for (row, seed, _), metrics in zip(tasks, evaluated):
         results.setdefault(row, {})[seed] = metrics
     return results
+
+
+def probe_settings(args) -> dict:
+    """A probe point is scored like a search point: --search_samples samples against the search
+    reference (the curve chooses how long to train, so it stays off the evaluation reference)."""
+    return {"num_samples": args.search_samples, "num_inference_steps": args.num_inference_steps, "scheduler": "ddim",
+            "eval_batch_size": args.eval_batch_size, "reference_dir": os.path.abspath(reference_dir(args, "search")),
+            "num_real": args.search_real, "resolution": args.resolution, "num_channels": 1, "features": DATASET}
+
+
+def probe_phase(args, extractor_sha) -> dict:
+    """{interval: {"points": {step: fid}, "plateau_step": step or None}}, scoring the missing points.
+    Step 0 of every curve is the pretrained model; the sampling noise is the search's (first seed +
+    SEARCH_SEED_OFFSET), the same at every point, so the curve moves only with the weights."""
+    from diffusers_ant.deme.benchmark import evaluate_swap_in
+
+    if not args.probe_points:
+        return {}
+    settings, seed = probe_settings(args), args.seeds[0] + SEARCH_SEED_OFFSET
+    points, tasks = {}, []
+    for index in range(args.num_intervals):
+        for step in [0, *probe_points(args)]:
+            path = probe_metrics_path(args, index, step)
+            stored = stored_metrics(path, settings, extractor_sha)
+            if stored is not None:
+                points[(index, step)] = stored
+            elif step == 0:
+                if index == 0:  # the pretrained model alone (no fine-tune swapped in)
+                    tasks.append(((index, step), {"base": pretrained_dir(args), "finetune": None, "seed": seed,
+                                                  "path": path, "settings": settings}))
+            else:
+                model = os.path.join(probe_dir(args, index), f"step-{step}")
+                if not os.path.isfile(os.path.join(model, "model_index.json")):
+                    raise SystemExit(f"benchmark_deme.py: error: {model} is missing: run the train phase first")
+                tasks.append(((index, step),
+                              {"base": pretrained_dir(args), "finetune": model, "seed": seed, "path": path, "settings": settings,
+                               "ensemble": os.path.join(probe_dir(args, index), f"swap-in-{step}")}))
+    labels = [(f"probe interval {i} step {st}" if st else "probe: pretrained", task) for (i, st), task in tasks]
+    for (key, _), metrics in zip(tasks, evaluate_in_pool(evaluate_swap_in, labels, args.workers, what="probe points")):
+        points[key] = metrics
+    curves = {}
+    for index in range(args.num_intervals):
+        curve = {step: (points.get((index, step)) or points[(0, 0)])["fid"] for step in [0, *probe_points(args)]}
+        # plateau rule of pretrain_base.py; at least 5 points, as the base's curve
+        curves[index] = {"points": curve, "plateau_step": plateau_step(curve, args.plateau_tolerance, 5)}
+    return curves
 
 
 def search_records(args) -> dict:
@@ -599,7 +742,8 @@ def target_check(results, table, confidence=0.95, searches=None) -> dict:
     check = {"paper": "DeMe -21% FID on CIFAR-10 (4.42 -> 3.51, from its pretrained model to the merged one), "
                       "ahead of Min-SNR, P2 and ANT fine-tuned for the same budget",
              "best_continued": best}
-    for name, row in (("vs_continued_vanilla", CONTROL), ("vs_best_continued", best), ("vs_pretrained", "pretrained")):
+    for name, row in (("vs_continued_vanilla", CONTROL), ("vs_best_continued", best), ("vs_per_model", PER_MODEL_ROW),
+                      ("vs_pretrained", "pretrained")):
         if row not in results:
             continue
         other = {s: m["fid"] for s, m in results[row].items()}
@@ -610,7 +754,7 @@ def target_check(results, table, confidence=0.95, searches=None) -> dict:
     base_seeds = sorted(seed for seed, rec in ((searches or {}).get("deme") or {}).items() if rec.get("returned_base"))
     check["returned_base_seeds"] = base_seeds
     if base_seeds:
-        for name in ("vs_continued_vanilla", "vs_best_continued", "vs_pretrained"):
+        for name in ("vs_continued_vanilla", "vs_best_continued", "vs_per_model", "vs_pretrained"):
             if name in check:
                 check[name]["verdict"] += (f"; the search returned the base on seed(s) {', '.join(map(str, base_seeds))}: "
                                            "no fine-tune helped there")
@@ -626,7 +770,8 @@ def _mean_sd(cell, digits=2):
     return format_mean_sd(cell, digits=digits)
 
 
-def markdown(args, table, paired, relative, rungs, searches, check, extractor_sha, references, command, timing) -> str:
+def markdown(args, table, paired, relative, rungs, searches, check, extractor_sha, references, command, timing,
+             probe=None) -> str:
     level = f"{args.confidence:.0%}"
     n, s, seeds = args.num_intervals, args.interval_steps, args.seeds
     lines = [f"| model | fine-tuning steps | domain FID | FID - continued vanilla [{level} CI] | change [{level} CI] "
@@ -641,7 +786,8 @@ def markdown(args, table, paired, relative, rungs, searches, check, extractor_sh
                      f"| {_mean_sd(cells['kid_mean'], 4)} | {_mean_sd(cells['precision'], 3)} | {_mean_sd(cells['recall'], 3)} |")
     pretrained = (f"`{args.pretrained}`" if args.pretrained else
                   f"pretrained here for {args.pretrain_steps} steps (seed {args.pretrain_seed}, AdamW 2e-3, EMA 0.999)")
-    lines += ["", f"One pretrained 0.27M-parameter UNet ({pretrained}), fine-tuned on MNIST-5k at 16x16 with batch "
+    lines += ["", f"One pretrained 0.27M-parameter UNet ({pretrained}), fine-tuned on MNIST-5k at {args.resolution}x"
+              f"{args.resolution} with batch "
               f"{args.train_batch_size}, AdamW {args.learning_rate:g} (beta1 {DEME_AUTHORS_DEFAULTS['adam_beta1']:g}, weight "
               f"decay {DEME_AUTHORS_DEFAULTS['adam_weight_decay']:g} for every row; {args.lr_scheduler}, {args.lr_warmup_steps} "
               f"warm-up steps), EMA 0.999. Continued fine-tuning: {n * s} steps. DeMe: {n} copies, copy i fine-tuned "
@@ -654,8 +800,9 @@ def markdown(args, table, paired, relative, rungs, searches, check, extractor_sh
               f"MNIST-5k classifier, weights sha256 {extractor_sha[:12]} (not Inception: not comparable with published FIDs)."]
     if check:
         lines += ["", f"**Target check** (the paper: {check['paper']}): the merged model with searched weights "
-                  f"against continued fine-tuning at equal total steps ({n * s}):"]
-        for name in ("vs_continued_vanilla", "vs_best_continued", "vs_pretrained"):
+                  f"against continued fine-tuning at equal total steps ({n * s}), at equal steps per model ({s}), and "
+                  "against the pretrained model:"]
+        for name in ("vs_continued_vanilla", "vs_best_continued", "vs_per_model", "vs_pretrained"):
             if name not in check or (name == "vs_best_continued" and check[name]["row"] == CONTROL):
                 continue
             c = check[name]
@@ -670,6 +817,8 @@ def markdown(args, table, paired, relative, rungs, searches, check, extractor_sh
         lines.append(f"- Target (merged beats continued vanilla fine-tuning, interval below 0"
                      + (", with a fine-tune in every merge" if check.get("returned_base_seeds") is not None else "")
                      + f"): **{'met' if check['met'] else 'not met'}** here.")
+    if probe:
+        lines += ["", probe_markdown(args, probe)]
     if rungs:
         lines += ["", f"Ablation ladder (the paper's Table 3) on seed(s) {', '.join(map(str, args.ablation_seeds))}, "
                   "each DeMe rung merged with searched weights:", "",
@@ -704,10 +853,34 @@ def markdown(args, table, paired, relative, rungs, searches, check, extractor_sh
 
 
 
+def probe_markdown(args, probe) -> str:
+    """The plateau probe's curves, one row per interval."""
+    steps = [0, *probe_points(args)]
+    bounds = [round(i * 1000 / args.num_intervals) for i in range(args.num_intervals + 1)]  # for the labels only
+    lines = [f"Plateau probe (seed {args.seeds[0]}'s DeMe fine-tunes retrained in {args.probe_points} segments; each point: "
+             f"the pretrained model with that fine-tune swapped in on its interval, {args.search_samples} DDIM-"
+             f"{args.num_inference_steps} samples, FID against the search reference; step 0 is the pretrained model; "
+             f"plateau: under {args.plateau_tolerance:.0%} change of the least-squares line over the last fifth, "
+             "pretrain_base.py's rule):", "",
+             "| interval | " + " | ".join(f"step {st}" for st in steps) + " | plateau |",
+             "|---|" + "---|" * (len(steps) + 1)]
+    for index in range(args.num_intervals):
+        curve = probe[index] if index in probe else probe[str(index)]
+        points = {int(k): v for k, v in curve["points"].items()}
+        found = curve["plateau_step"]
+        lines.append(f"| {index} (t ~ {bounds[index]}-{bounds[index + 1] - 1}) | "
+                     + " | ".join(f"{points[st]:.3f}" for st in steps)
+                     + f" | {f'step {found}' if found is not None else f'none by step {args.interval_steps}'} |")
+    return "\n".join(lines)
+
+
 def recorded_times(args) -> dict:
     """Summed wall times the runs recorded (over every invocation that ran them)."""
     train_logs = [os.path.join(continued_dir(args, m, s), "train.log") for m in args.continued for s in args.seeds]
     train_logs += [os.path.join(deme_dir(args, c, s), "train_deme.log") for c, s in deme_trainings(args)]
+    train_logs += [os.path.join(continued_dir(args, "vanilla-per-model", s), "train.log") for s in args.seeds]
+    train_logs += [os.path.join(probe_dir(args, i), "logs", f"train-{st}.log")
+                   for i in range(args.num_intervals) for st in probe_points(args)]
     if not args.pretrained:
         train_logs.append(os.path.join(pretrained_dir(args), "train.log"))
     merge_logs = [os.path.join(deme_dir(args, c, s), f"{kind}.log") for c, s, kind in merge_jobs(args)]
@@ -757,6 +930,7 @@ def run(args, command, started) -> None:
     extractor_sha = resolve_feature_extractor("domain", DATASET).weights_sha256()
     start = time.time()
     results = eval_phase(args, extractor_sha)
+    probe = probe_phase(args, extractor_sha)
     timing["eval_wall_seconds"] = round(time.time() - start, 1)
     timing["wall_seconds"] = round(time.time() - started, 1)
     timing["all_invocations_wall_seconds"] = round(record_invocation(args, command, timing["wall_seconds"]), 1)
@@ -766,13 +940,15 @@ def run(args, command, started) -> None:
     rungs = summarise_ladder(args, results, args.confidence) if args.ablation_seeds else []
     searches = search_records(args)
     check = target_check(results, table, args.confidence, searches)
-    text = markdown(args, table, paired, relative, rungs, searches, check, extractor_sha, references, command, timing)
+    text = markdown(args, table, paired, relative, rungs, searches, check, extractor_sha, references, command, timing,
+                    probe)
     print(text)
     record = {"command": command, "args": vars(args), "plan": estimate, "references": references,
               "feature_extractor": f"domain_{DATASET}", "feature_extractor_sha256": extractor_sha,
               "rows": {row: row_label(args, row) for row in results}, "per_run": results, "summary": table,
               "paired_vs_continued_vanilla": paired, "relative_fid_vs_continued_vanilla": relative,
-              "ablation_ladder": rungs, "searches": searches, "target_check": check, "timing": timing}
+              "ablation_ladder": rungs, "searches": searches, "target_check": check, "plateau_probe": probe,
+              "timing": timing}
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(record, f, indent=2, default=str)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:

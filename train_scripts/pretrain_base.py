@@ -50,6 +50,7 @@ from diffusers_ant.analysis.benchmark import (  # noqa: E402
     RESOLUTION,
     evaluate_saved_model,
     evaluation_pool,
+    plateau_step,
     run_logged,
     write_json,
 )
@@ -139,36 +140,6 @@ def eval_settings(args) -> dict:
     return {"num_samples": args.eval_samples, "num_inference_steps": args.num_inference_steps,
             "eval_batch_size": args.eval_batch_size, "reference_dataset": DATASET, "num_real": args.num_real,
             "resolution": args.resolution, "num_channels": 1, "features": DATASET}
-
-
-def plateau_step(curve: dict, tolerance: float, min_points: int):
-    """The first step T of `curve` ({step: fid}) at which the FID changed by less than `tolerance` (a
-    fraction) over the last fifth of training; None if there is none yet. Needs `min_points` points up
-    to T and at least three in the fifth.
-
-    The change is read off the least-squares line through the points of the fifth, from its start (the
-    last point at or before 0.8 T) to T: |line(T) - line(start)| / line(start). A line, not the largest
-    single deviation, because a FID of 1,000 samples scatters by a few percent from point to point even
-    when the model no longer changes; a FID still falling, or rising again, moves the line all the same.
-    """
-    steps = sorted(curve)
-    for n, step in enumerate(steps, 1):
-        if n < min_points:
-            continue
-        before = [s for s in steps[:n] if s <= 0.8 * step]
-        if not before:
-            continue
-        window = [s for s in steps[:n] if s >= before[-1]]
-        if len(window) < 3:
-            continue
-        mean_x = sum(window) / len(window)
-        mean_y = sum(curve[s] for s in window) / len(window)
-        slope = (sum((s - mean_x) * (curve[s] - mean_y) for s in window)
-                 / sum((s - mean_x) ** 2 for s in window))
-        start = mean_y + slope * (window[0] - mean_x)
-        if abs(slope * (step - window[0])) < tolerance * start:
-            return step
-    return None
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,8 @@
   ``train_ant.py --train_data_dir`` and ``analysis.evaluate.real_images(train_data_dir=...)`` read
   through the same transforms;
 - statistics and formatting: ``relative_differences`` (per-seed percent change with its Student-t
-  interval, ``analysis.stats``), ``verdict`` (what an interval says), ``format_mean_sd`` /
+  interval, ``analysis.stats``), ``verdict`` (what an interval says), ``plateau_step`` (where an
+  FID curve stops changing: the converged base, DeMe's interval fine-tunes), ``format_mean_sd`` /
   ``format_difference`` (table cells), ``command_line`` and ``write_json``.
 
 Why one thread per process and several processes: on a small CPU two processes with two torch
@@ -56,6 +57,7 @@ __all__ = [
     "format_difference",
     "format_mean_sd",
     "offline_env",
+    "plateau_step",
     "recorded_seconds",
     "relative_differences",
     "resolution_cost_factor",
@@ -465,3 +467,33 @@ def record_invocation(args, command, seconds, status="finished") -> float:
     with open(path, "w") as f:
         json.dump(history, f, indent=2)
     return sum(entry["wall_seconds"] for entry in history)
+
+
+def plateau_step(curve: dict, tolerance: float, min_points: int):
+    """The first step T of `curve` ({step: fid}) at which the FID changed by less than `tolerance` (a
+    fraction) over the last fifth of training; None if there is none yet. Needs `min_points` points up
+    to T and at least three in the fifth.
+
+    The change is read off the least-squares line through the points of the fifth, from its start (the
+    last point at or before 0.8 T) to T: |line(T) - line(start)| / line(start). A line, not the largest
+    single deviation, because a FID of 1,000 samples scatters by a few percent from point to point even
+    when the model no longer changes; a FID still falling, or rising again, moves the line all the same.
+    """
+    steps = sorted(curve)
+    for n, step in enumerate(steps, 1):
+        if n < min_points:
+            continue
+        before = [s for s in steps[:n] if s <= 0.8 * step]
+        if not before:
+            continue
+        window = [s for s in steps[:n] if s >= before[-1]]
+        if len(window) < 3:
+            continue
+        mean_x = sum(window) / len(window)
+        mean_y = sum(curve[s] for s in window) / len(window)
+        slope = (sum((s - mean_x) * (curve[s] - mean_y) for s in window)
+                 / sum((s - mean_x) ** 2 for s in window))
+        start = mean_y + slope * (window[0] - mean_x)
+        if abs(slope * (step - window[0])) < tolerance * start:
+            return step
+    return None
