@@ -79,17 +79,32 @@ def test_quality_rows_separate_weighting_from_sampling_and_say_which_snr():
     assert combined.mtl_method == "uw+pcgrad" and combined.loss_weighting == "p2"
     on_min_snr = parse_args(quality.train_command(args, "ant_uw_min_snr", 0, "/tmp/x", "cfg.json")[2:])
     assert on_min_snr.mtl_method == "uw" and on_min_snr.loss_weighting == "min_snr" and on_min_snr.snr_gamma == 5
+    # the converged recipe: 8x8 and a cool-down (train_ant.py's warmup_stable_decay), checkpoints for every row's curve
+    converged = quality.parse_args(["--resolution", "8", "--max_train_steps", "10000", "--decay_from", "6000",
+                                    "--decay_steps", "2000", "--curve_every", "1000"])
+    assert quality.curve_steps(converged) == list(range(1000, 10000, 1000))
+    for name in rows:
+        assert quality.has_curve(converged, name)
+        parsed = parse_args(quality.train_command(converged, name, 0, "/tmp/x", "cfg.json", 1000)[2:])
+        assert parsed.resolution == 8 and parsed.lr_scheduler == "warmup_stable_decay" and parsed.checkpointing_steps == 1000
+        assert (parsed.lr_warmup_steps + parsed.lr_stable_steps, parsed.lr_decay_steps) == (6000, 2000)
+        assert parsed.lr_min_ratio == pytest.approx(0.05)
+    only = quality.parse_args(["--curve_methods", "vanilla"])
+    assert quality.has_curve(only, "vanilla") and not quality.has_curve(only, "ant_uw")
 
 
 def test_quality_defaults_and_quick_mode():
     args = quality.parse_args([])
-    assert args.seeds == [0, 1, 2, 3, 4] and args.num_samples == 5000 and args.num_real == 5000
+    assert args.seeds == [0, 1, 2] and args.num_samples == 5000 and args.num_real == 5000
+    assert args.curve_methods == list(quality.METHODS)  # a curve for every row (issue 17, item 13)
     assert quality.curve_steps(args) == [250, 500, 750] and args.curve_samples % args.eval_batch_size == 0
     estimate = quality.plan(args)
-    assert estimate["runs"] == 5 * len(quality.METHODS)
+    assert estimate["runs"] == 3 * len(quality.METHODS)
     # the default benchmark is planned to fit the budget of issue 17 item 14, "about 2.5 hours" on the
-    # 2-core CPU (10 rows x 5 seeds with the two rows of item 2: 2.57 h planned)
-    assert (estimate["train_seconds"] + estimate["eval_seconds"]) / 3600 <= 2.6
+    # 2-core CPU (10 rows x 3 seeds, every row's curve: 1.9 h planned)
+    assert (estimate["train_seconds"] + estimate["eval_seconds"]) / 3600 <= 2.5
+    vanilla_curve_only = quality.plan(quality.parse_args(["--curve_methods", "vanilla"]))
+    assert vanilla_curve_only["generated_images"] == estimate["generated_images"] - 9 * 3 * 3 * 1024
     quick = quality.parse_args(["--quick"])
     assert quick.seeds == [0, 1] and quick.max_train_steps == 40 and quality.curve_steps(quick) == [20]
     assert quality.plan(quick)["train_seconds"] < 600
@@ -100,6 +115,10 @@ def test_quality_defaults_and_quick_mode():
     (["--methods", "vanilla,ant_magic"], "unknown method"),
     (["--curve_samples", "1000"], "multiple of --eval_batch_size"),
     (["--num_samples", "0"], "--num_samples must be positive"),
+    (["--methods", "vanilla,ant_uw", "--curve_methods", "p2"], "--curve_methods p2: not among --methods"),
+    (["--resolution", "6"], "--resolution must be a multiple of 4"),
+    (["--decay_from", "1000"], "--decay_from must lie in"),
+    (["--min_lr_ratio", "1"], "--min_lr_ratio in [0, 1)"),
 ])
 def test_quality_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -124,8 +143,16 @@ def test_quality_summary_and_table():
     curve = {250: {s: {"fid": 60.0 + s} for s in args.seeds}, 1000: {s: {"fid": 40.0 + s} for s in args.seeds}}
     text = quality.markdown(table, paired, quality.summarise_curve(curve), args, "ab" * 32)
     assert "| ANT + UW, raw SNR | raw SNR | stratified |" in text and "| ANT + LS (control) | log-SNR | stratified |" in text
-    assert "| vanilla | - | uniform |" in text and "95% CI" in text and "| 250 | 62.00 ± 1.58 |" in text
-    assert "abababababab" in text
+    assert "| vanilla | - | uniform |" in text and "95% CI" in text and "| 250 | 61.00 ± 1.00 |" in text
+    assert "abababababab" in text and "**no plateau by step 1000**" in text
+    # every row's curve; vanilla's mean curve decides the plateau (pretrain_base.py's rule)
+    flat = {step: {s: {"fid": (30.0 if step < 500 else 20.0) + s} for s in args.seeds} for step in range(100, 1001, 100)}
+    falling = {step: {s: {"fid": 100.0 - step / 20 + s} for s in args.seeds} for step in range(100, 1001, 100)}
+    summaries = {"vanilla": quality.summarise_curve(flat), "ant_uw_raw_snr": quality.summarise_curve(falling)}
+    assert quality.vanilla_plateau(summaries, 0.02) == 700
+    text = quality.markdown(table, paired, summaries, args, "ab" * 32)
+    assert "| step | vanilla | ANT + UW, raw SNR |" in text and "| 1000 | 21.00 ± 1.00 | 51.00 ± 1.00 |" in text
+    assert "**plateau at step 700**" in text
 
 
 # ------------------------------------------------------------------------------------ NTG benchmark

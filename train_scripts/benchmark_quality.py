@@ -1,15 +1,21 @@
 #!/usr/bin/env python
-"""ANT's quality benchmark on MNIST-5k at 16x16 (issues 5 and 10).
+"""ANT's quality benchmark on MNIST-5k at 16x16, or 8x8 (issues 5, 10 and 17).
 
 Trains every method for the same number of steps from the same seeds, samples each model and scores
 it against all 5,000 real MNIST-5k images with the domain features (`diffusers_ant.metrics`: a small
 MNIST classifier's features, *not* Inception FID), then reports per method the mean over seeds and,
 since the seeds are shared, the per-seed difference from vanilla with a Student-t confidence
-interval over seeds. It also scores intermediate checkpoints of the vanilla runs (their EMA
-weights): the FID-over-steps curve that shows whether vanilla has converged.
+interval over seeds. It also scores intermediate checkpoints of every row (their EMA weights,
+`--curve_methods`): the FID-over-steps curves, and on vanilla's mean curve the plateau rule of
+`pretrain_base.py` (under 2% change over the last fifth), which says whether the rows were compared
+at convergence or early in training (issue 17, item 13).
 
     python train_scripts/benchmark_quality.py --output_dir bench-quality          # the full benchmark
     python train_scripts/benchmark_quality.py --output_dir bench-smoke --quick    # a smoke run, minutes
+    # to convergence, the recipe of the converged base (docs/benchmark_base/r8): 8x8, a constant rate
+    # then a cool-down (warmup_stable_decay), every row's curve
+    python train_scripts/benchmark_quality.py --output_dir bench-quality-8 --resolution 8 --seeds 0 1 2 \
+        --max_train_steps 10000 --decay_from 6000 --decay_steps 2000 --min_lr_ratio 0.05 --curve_every 1000
 
 The rows (`METHODS`): vanilla, Min-SNR and P2 draw timesteps uniformly; every ANT row draws
 stratified batches (each of the k = 5 clusters an equal share) and clusters on log-SNR, except
@@ -47,6 +53,8 @@ from diffusers_ant.analysis.benchmark import (  # noqa: F401  (re-exported: benc
     SECONDS_PER_STEP,
     format_difference as _difference,
     format_mean_sd as _mean_sd,
+    plateau_step,
+    resolution_cost_factor,
     run_logged,
     run_parallel,
     stored_metrics,
@@ -61,8 +69,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="bench-quality")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                   help="training and sampling seeds, shared by all methods (default 0-4)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="training and sampling seeds, shared by all methods (default 0 1 2)")
     p.add_argument("--max_train_steps", type=int, default=1000)
     p.add_argument("--train_batch_size", type=int, default=64)
     p.add_argument("--learning_rate", type=float, default=2e-3)
@@ -70,12 +78,27 @@ def parse_args(argv=None):
                    help="constant after warm-up (default), so that intermediate checkpoints are what a shorter run "
                         "would give and the vanilla curve shows convergence, not the end of a decay")
     p.add_argument("--lr_warmup_steps", type=int, default=100)
+    p.add_argument("--decay_from", type=int, default=None,
+                   help="cool down from this step (train_ant.py --lr_scheduler warmup_stable_decay, as pretrain_base.py): "
+                        "a constant rate to it, then --decay_steps of decay to --min_lr_ratio, then that rate; the "
+                        "converged base needed one (default: none, constant after warm-up)")
+    p.add_argument("--decay_steps", type=int, default=5000, help="length of the cool-down (default 5000)")
+    p.add_argument("--min_lr_ratio", type=float, default=0.05, help="the rate after the cool-down, as a fraction (0.05)")
+    p.add_argument("--resolution", type=int, default=RESOLUTION,
+                   help=f"image side of training and scoring (default {RESOLUTION}; 8: the converged base's, "
+                        "docs/benchmark_base/r8)")
     p.add_argument("--num_samples", type=int, default=5000, help="generated images per model (default 5000)")
     p.add_argument("--num_real", type=int, default=5000, help="real images of the reference (default: all 5000)")
     p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps (default 50, as ANT)")
     p.add_argument("--eval_batch_size", type=int, default=256)
     p.add_argument("--curve_every", type=int, default=None,
-                   help="score vanilla's checkpoints every this many steps (default max_train_steps / 4; 0: no curve)")
+                   help="score the checkpoints of --curve_methods every this many steps (default max_train_steps / 4; "
+                        "0: no curve)")
+    p.add_argument("--curve_methods", default="all",
+                   help="comma-separated rows whose checkpoints are scored, or all (default: every row; vanilla's "
+                        "curve decides the plateau)")
+    p.add_argument("--plateau_tolerance", type=float, default=0.02,
+                   help="vanilla has plateaued when its mean curve changed by less than this over the last fifth (0.02)")
     p.add_argument("--curve_samples", type=int, default=1024,
                    help="generated images per curve point, a multiple of --eval_batch_size (default 1024; the "
                         "final model's point reuses its first 1024 samples, so all points share one sample size)")
@@ -87,7 +110,7 @@ def parse_args(argv=None):
                    help="smoke run: 2 seeds, 40 steps, 256 samples with DDIM-10, a 2-point curve (minutes, not hours)")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds = args.seeds if args.seeds != [0, 1, 2, 3, 4] else [0, 1]
+        args.seeds = args.seeds if args.seeds != [0, 1, 2] else [0, 1]
         args.max_train_steps, args.lr_warmup_steps = 40, 10
         args.num_samples, args.num_inference_steps, args.eval_batch_size, args.curve_samples = 256, 10, 128, 128
     if args.curve_every is None:
@@ -96,6 +119,18 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     args.methods = args.methods.split(",")
+    args.curve_methods = list(args.methods) if args.curve_methods == "all" else args.curve_methods.split(",")
+    stray = [m for m in args.curve_methods if m not in args.methods]
+    if stray:
+        p.error(f"--curve_methods {', '.join(stray)}: not among --methods; give rows of the run, or all")
+    if args.resolution < 8 or args.resolution % 4:
+        p.error("--resolution must be a multiple of 4 and at least 8 (the bench UNet halves it twice)")
+    if args.decay_from is not None and not args.lr_warmup_steps <= args.decay_from < args.max_train_steps:
+        p.error("--decay_from must lie in --lr_warmup_steps..--max_train_steps - 1")
+    if args.decay_steps < 1 or not 0 <= args.min_lr_ratio < 1:
+        p.error("--decay_steps must be positive and --min_lr_ratio in [0, 1)")
+    if not 0 < args.plateau_tolerance < 1:
+        p.error("--plateau_tolerance must lie in (0, 1), e.g. 0.02 for 2%")
     if len(set(args.seeds)) < 2:
         p.error("give at least 2 --seeds: the intervals are over seeds")
     for name in ("max_train_steps", "train_batch_size", "num_samples", "num_real", "num_inference_steps",
@@ -113,18 +148,33 @@ def parse_args(argv=None):
 
 
 def curve_steps(args) -> list:
-    """The vanilla checkpoints scored for the curve (the final model is the last point)."""
-    if not args.curve_every or "vanilla" not in args.methods:
+    """The checkpoints scored for the curves (the final model is the last point)."""
+    if not args.curve_every or not getattr(args, "curve_methods", ["vanilla"]):
         return []
     return list(range(args.curve_every, args.max_train_steps, args.curve_every))
+
+
+def has_curve(args, method) -> bool:
+    return bool(curve_steps(args)) and method in getattr(args, "curve_methods", ["vanilla"])
+
+
+def schedule_flags(args) -> list:
+    """train_ant.py's learning-rate schedule: constant after warm-up, or a cool-down from --decay_from."""
+    if getattr(args, "decay_from", None) is None:
+        return ["--lr_scheduler", args.lr_scheduler, "--lr_warmup_steps", str(args.lr_warmup_steps)]
+    return ["--lr_scheduler", "warmup_stable_decay", "--lr_warmup_steps", str(args.lr_warmup_steps),
+            "--lr_stable_steps", str(args.decay_from - args.lr_warmup_steps), "--lr_decay_steps", str(args.decay_steps),
+            "--lr_min_ratio", str(args.min_lr_ratio)]
 
 
 def plan(args) -> dict:
     """Estimated seconds of training and evaluation with `args.workers` processes (see the constants)."""
     runs = [(m, s) for m in args.methods for s in args.seeds]
-    train = sum(SECONDS_PER_STEP.get(m, 0.15) * args.max_train_steps + SECONDS_PER_RUN for m, _ in runs)
-    images = len(runs) * args.num_samples + len(curve_steps(args)) * len(args.seeds) * args.curve_samples
-    evaluate = images * args.num_inference_steps * SECONDS_PER_IMAGE_STEP + 10 * len(runs)
+    scale = resolution_cost_factor(args.resolution)  # the figures are 16x16's
+    train = sum(SECONDS_PER_STEP.get(m, 0.15) * scale * args.max_train_steps + SECONDS_PER_RUN for m, _ in runs)
+    curves = sum(has_curve(args, m) for m in args.methods)
+    images = len(runs) * args.num_samples + curves * len(curve_steps(args)) * len(args.seeds) * args.curve_samples
+    evaluate = images * args.num_inference_steps * SECONDS_PER_IMAGE_STEP * scale + 10 * len(runs)
     return {"train_seconds": train / args.workers, "eval_seconds": evaluate / args.workers,
             "runs": len(runs), "generated_images": images}
 
@@ -134,10 +184,10 @@ def plan(args) -> dict:
 
 def train_command(args, method, seed, run_dir, config_path, checkpoint_every=None) -> list:
     return [sys.executable, os.path.join(HERE, "train_ant.py"), "--model_type", "unet",
-            "--model_config_name_or_path", config_path, "--dataset_name", DATASET, "--resolution", str(RESOLUTION),
+            "--model_config_name_or_path", config_path, "--dataset_name", DATASET,
+            "--resolution", str(getattr(args, "resolution", RESOLUTION)),
             "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.max_train_steps),
-            "--learning_rate", str(args.learning_rate), "--lr_scheduler", args.lr_scheduler,
-            "--lr_warmup_steps", str(args.lr_warmup_steps), "--use_ema", "--ema_max_decay", "0.999",
+            "--learning_rate", str(args.learning_rate), *schedule_flags(args), "--use_ema", "--ema_max_decay", "0.999",
             "--seed", str(seed), "--output_dir", run_dir,
             "--checkpointing_steps", str(checkpoint_every or args.max_train_steps + 1),
             "--num_validation_images", "16", "--report_to", "none", *METHODS[method]["flags"]]
@@ -153,25 +203,29 @@ def train_run(cmd, run_dir, what) -> str:
 # features once and keeps them (diffusers_ant.analysis.benchmark.cached_reference).
 
 
-def reference_set(num_real, batch_size):
-    """The ReferenceSet of `num_real` real MNIST-5k images (all 5,000 by default), cached per process."""
+def reference_set(num_real, batch_size, resolution=RESOLUTION):
+    """The ReferenceSet of `num_real` real MNIST-5k images (all 5,000 by default) at `resolution`,
+    cached per process."""
 
     def build():
         from diffusers_ant.analysis.evaluate import ReferenceSet, real_images, resolve_feature_extractor
 
-        real = real_images(DATASET, num_real, resolution=RESOLUTION, num_channels=1, seed=0)
+        real = real_images(DATASET, num_real, resolution=resolution, num_channels=1, seed=0)
         return ReferenceSet(real, resolve_feature_extractor("domain", DATASET), batch_size=batch_size)
 
     from diffusers_ant.analysis.benchmark import cached_reference
 
-    return cached_reference(("quality", num_real, batch_size), build)
+    return cached_reference(("quality", num_real, batch_size, resolution), build)
 
 
 def eval_settings(args, num_samples) -> dict:
     """What an evaluation's numbers depend on besides the weights; a stored evaluation is reused only
     when these match (and the feature extractor's hash, checked by the caller)."""
-    return {"num_samples": num_samples, "num_inference_steps": args.num_inference_steps, "num_real": args.num_real,
-            "eval_batch_size": args.eval_batch_size, "scheduler": "ddim"}
+    settings = {"num_samples": num_samples, "num_inference_steps": args.num_inference_steps, "num_real": args.num_real,
+                "eval_batch_size": args.eval_batch_size, "scheduler": "ddim"}
+    if args.resolution != RESOLUTION:  # recorded when it differs (evaluations stored before it was a flag stay valid)
+        settings["resolution"] = args.resolution
+    return settings
 
 
 def evaluate_task(task) -> dict:
@@ -183,7 +237,7 @@ def evaluate_task(task) -> dict:
     from diffusers_ant.models import load_pipeline
 
     settings = task["settings"]
-    reference = reference_set(settings["num_real"], settings["eval_batch_size"])
+    reference = reference_set(settings["num_real"], settings["eval_batch_size"], settings.get("resolution", RESOLUTION))
     start = time.time()
     pipeline = load_pipeline(task["run_dir"])
     weights = "ema (saved model)"
@@ -210,17 +264,19 @@ def evaluate_task(task) -> dict:
 
 
 def evaluate_all(args, runs, extractor_sha):
-    """{method: {seed: metrics}} and {step: {seed: metrics}} (the vanilla curve), evaluating what is missing."""
+    """{method: {seed: metrics}} and {method: {step: {seed: metrics}}} (the curves of --curve_methods),
+    evaluating what is missing."""
     from diffusers_ant.analysis.benchmark import evaluate_in_pool
 
     final_settings = eval_settings(args, args.num_samples)
     curve_settings = eval_settings(args, args.curve_samples)
     steps = curve_steps(args)
-    tasks, results, curve = [], {m: {} for m in args.methods}, {step: {} for step in steps}
+    tasks, results = [], {m: {} for m in args.methods}
+    curves = {m: {step: {} for step in steps} for m in args.methods if has_curve(args, m)}
     for method, seed in runs:
         run_dir = os.path.join(args.output_dir, method, f"seed-{seed}")
         path = os.path.join(run_dir, "metrics.json")
-        with_curve = method == "vanilla" and bool(steps)
+        with_curve = has_curve(args, method)
         settings = dict(final_settings, curve_samples=args.curve_samples if with_curve else None)
         stored = stored_metrics(path, settings, extractor_sha)
         if stored is not None:
@@ -233,18 +289,21 @@ def evaluate_all(args, runs, extractor_sha):
                 path = os.path.join(run_dir, f"curve-{step}.json")
                 stored = stored_metrics(path, curve_settings, extractor_sha)
                 if stored is not None:
-                    curve[step][seed] = stored
+                    curves[method][step][seed] = stored
                 else:
-                    tasks.append(("curve", step, seed, {"run_dir": run_dir, "seed": seed, "settings": curve_settings,
+                    tasks.append(("curve", (method, step), seed, {"run_dir": run_dir, "seed": seed, "settings": curve_settings,
                                                         "path": path, "checkpoint": os.path.join(run_dir, f"checkpoint-{step}")}))
-    labelled = [(f"{key} seed {seed}" if kind == "final" else f"vanilla seed {seed} step {key}", task)
+    labelled = [(f"{key} seed {seed}" if kind == "final" else f"{key[0]} seed {seed} step {key[1]}", task)
                 for kind, key, seed, task in tasks]
     evaluated = evaluate_in_pool(evaluate_task, labelled, args.workers, what="sample sets")
     for (kind, key, seed, _), metrics in zip(tasks, evaluated):
-        (results if kind == "final" else curve)[key][seed] = metrics
-    if steps:
-        curve[args.max_train_steps] = {seed: m["curve_point"] for seed, m in results["vanilla"].items()}
-    return results, curve
+        if kind == "final":
+            results[key][seed] = metrics
+        else:
+            curves[key[0]][key[1]][seed] = metrics
+    for method, curve in curves.items():
+        curve[args.max_train_steps] = {seed: m["curve_point"] for seed, m in results[method].items()}
+    return results, curves
 
 
 # ------------------------------------------------------------------------------------------ summaries
@@ -271,7 +330,18 @@ def summarise_curve(curve, confidence=0.95):
             for step, per_seed in sorted(curve.items()) if per_seed}
 
 
-def markdown(table, paired, curve_summary, args, extractor_sha) -> str:
+def vanilla_plateau(curve_summaries, tolerance, min_points=5):
+    """The step at which vanilla's mean curve plateaued (``plateau_step``, pretrain_base.py's rule), or None."""
+    summary = curve_summaries.get("vanilla")
+    if not summary:
+        return None
+    return plateau_step({step: cell["mean"] for step, cell in summary.items()}, tolerance, min_points)
+
+
+def markdown(table, paired, curve_summaries, args, extractor_sha) -> str:
+    """The tables; ``curve_summaries``: {method: summarise_curve(...)} (or one summary: vanilla's)."""
+    if curve_summaries and all(isinstance(k, int) for k in curve_summaries):
+        curve_summaries = {"vanilla": curve_summaries}
     level = f"{args.confidence:.0%}"
     lines = [f"| method | clusters on | timesteps | domain FID | FID - vanilla [{level} CI] | domain KID "
              f"| KID - vanilla | precision | recall |", "|---|---|---|---|---|---|---|---|---|"]
@@ -287,17 +357,36 @@ def markdown(table, paired, curve_summary, args, extractor_sha) -> str:
     lines += ["", f"Mean ± standard deviation over {n} seeds ({', '.join(map(str, args.seeds))}); differences are "
               f"paired by seed (method - vanilla, same seed), with a {level} Student-t interval over the {n} seeds: "
               "an interval that excludes 0 is a difference the seeds support. "
-              f"{args.max_train_steps} steps at batch {args.train_batch_size} (AdamW {args.learning_rate:g}, "
-              f"{args.lr_scheduler}, EMA 0.999); {args.num_samples} DDIM-{args.num_inference_steps} samples per model "
+              f"{args.max_train_steps} steps at batch {args.train_batch_size}, {args.resolution}x{args.resolution} "
+              f"(AdamW {args.learning_rate:g}, {schedule_text(args)}, EMA 0.999); {args.num_samples} "
+              f"DDIM-{args.num_inference_steps} samples per model "
               f"against {args.num_real} real images. Domain features: MNIST-5k classifier v2, weights sha256 "
               f"{extractor_sha[:12]} (not Inception: not comparable with published FIDs). 'clusters on': the SNR "
               "the ANT clustering uses (log-SNR by default; raw SNR with --raw_snr, as the paper). "
               "'timesteps': uniform draws, or stratified batches (each cluster an equal share)."]
-    if curve_summary:
-        lines += ["", f"Vanilla FID over training steps ({args.curve_samples} samples per point, EMA weights, "
-                  f"{n} seeds):", "", "| step | domain FID |", "|---|---|"]
-        lines += [f"| {step} | {_mean_sd(cell)} |" for step, cell in curve_summary.items()]
+    if curve_summaries:
+        methods = list(curve_summaries)
+        steps = sorted({step for summary in curve_summaries.values() for step in summary})
+        label = "Vanilla FID" if methods == ["vanilla"] else "Domain FID of every row"
+        lines += ["", f"{label} over training steps ({args.curve_samples} samples per point, EMA weights, {n} seeds):", "",
+                  "| step | " + " | ".join(METHODS[m]["label"] for m in methods) + " |", "|---|" + "---|" * len(methods)]
+        lines += [f"| {step} | " + " | ".join(_mean_sd(curve_summaries[m][step]) if step in curve_summaries[m] else "-"
+                                          for m in methods) + " |" for step in steps]
+        if "vanilla" in curve_summaries:
+            found = vanilla_plateau(curve_summaries, args.plateau_tolerance)
+            lines += ["", f"Vanilla's mean curve: " + (f"**plateau at step {found}** (under {args.plateau_tolerance:.0%} "
+                      "change over the last fifth, pretrain_base.py's rule): the rows are compared at convergence."
+                      if found is not None else f"**no plateau by step {args.max_train_steps}** (the rule: under "
+                      f"{args.plateau_tolerance:.0%} change over the last fifth): the rows are compared before vanilla "
+                      "converged.")]
     return "\n".join(lines)
+
+
+def schedule_text(args) -> str:
+    if getattr(args, "decay_from", None) is None:
+        return f"{args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps"
+    return (f"{args.lr_warmup_steps} warm-up steps, constant to step {args.decay_from}, then warmup_stable_decay's cool-down "
+            f"over {args.decay_steps} steps to {args.min_lr_ratio:g} of the rate")
 
 
 def main(argv=None):
@@ -319,7 +408,7 @@ def main(argv=None):
         def one(run):
             method, seed = run
             run_dir = os.path.join(args.output_dir, method, f"seed-{seed}")
-            every = args.curve_every if method == "vanilla" and steps else None
+            every = args.curve_every if has_curve(args, method) else None
             status = train_run(train_command(args, method, seed, run_dir, config_path, every), run_dir,
                                f"{method} seed {seed}")
             print(f"trained {method} seed {seed}: {status}", flush=True)
@@ -333,7 +422,7 @@ def main(argv=None):
 
     extractor_sha = resolve_feature_extractor("domain", DATASET).weights_sha256()
     start = time.time()
-    results, curve = evaluate_all(args, runs, extractor_sha)
+    results, curves = evaluate_all(args, runs, extractor_sha)
     timing["eval_wall_seconds"] = round(time.time() - start, 1)
     timing["wall_seconds"] = round(time.time() - started, 1)
     timing["train_seconds_per_run"] = {}
@@ -344,14 +433,21 @@ def main(argv=None):
                 timing["train_seconds_per_run"][f"{method}/seed-{seed}"] = round(json.load(f)["seconds"], 1)
 
     table, paired = summarise(results, args.confidence)
-    curve_summary = summarise_curve(curve, args.confidence)
-    text = markdown(table, paired, curve_summary, args, extractor_sha)
+    curve_summaries = {m: summarise_curve(curve, args.confidence) for m, curve in curves.items()}
+    text = markdown(table, paired, curve_summaries, args, extractor_sha)
     print(text)
-    if curve_summary:
+    if "vanilla" in curves:
         from diffusers_ant.analysis.plots import plot_fid_curve
 
-        plot_fid_curve(curve, os.path.join(args.output_dir, "vanilla_fid_curve.png"),
+        plot_fid_curve(curves["vanilla"], os.path.join(args.output_dir, "vanilla_fid_curve.png"),
                        title=f"vanilla: domain FID over training ({args.curve_samples} samples per point)")
+    if len(curves) > 1:
+        from diffusers_ant.analysis.plots import plot_fid_curves
+
+        plot_fid_curves({METHODS[m]["label"]: summary for m, summary in curve_summaries.items()},
+                        os.path.join(args.output_dir, "fid_curves.png"),
+                        title=f"domain FID over training, mean over {len(args.seeds)} seeds ({args.curve_samples} samples "
+                              "per point)")
     record = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else argv,
         "args": vars(args),
@@ -361,7 +457,11 @@ def main(argv=None):
         "per_run": results,
         "summary": table,
         "paired_vs_vanilla": paired,
-        "vanilla_curve": {"per_seed": {int(k): v for k, v in curve.items()}, "summary": curve_summary},
+        "vanilla_curve": {"per_seed": {int(k): v for k, v in curves.get("vanilla", {}).items()},
+                          "summary": curve_summaries.get("vanilla", {})},
+        "curves": {m: {"per_seed": {int(k): v for k, v in curve.items()}, "summary": curve_summaries[m]}
+                   for m, curve in curves.items()},
+        "vanilla_plateau_step": vanilla_plateau(curve_summaries, args.plateau_tolerance),
         "timing": timing,
     }
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:

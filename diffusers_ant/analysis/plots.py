@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["plot_affinity", "plot_convergence_curves", "plot_fid_curve", "plot_forgetting", "plot_forgetting_comparison",
+__all__ = ["plot_affinity", "plot_convergence_curves", "plot_fid_curve", "plot_fid_curves", "plot_forgetting", "plot_forgetting_comparison",
            "plot_method_summary", "plot_ntg", "plot_ntg_summary"]
 
 
@@ -168,6 +168,34 @@ def plot_fid_curve(curve: dict, path: str, title: str | None = None) -> None:
     ax.set_title(title or "FID over training", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_fid_curves(summaries: dict, path: str, title: str | None = None) -> None:
+    """FID against training step for several rows on one plot: ``summaries`` is {label: {step: t
+    interval over seeds}} (``benchmark_quality.summarise_curve``); the mean of each row, its interval
+    shaded where there is one (log scale when the curves span a decade)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.get_cmap("tab10").colors
+    values = []
+    for (label, summary), color in zip(summaries.items(), colors * (1 + len(summaries) // len(colors))):
+        steps = sorted(int(s) for s in summary)
+        cells = [summary[s] if s in summary else summary[str(s)] for s in steps]
+        means = [c["mean"] for c in cells]
+        values += means
+        ax.plot(steps, means, "o-", color=color, linewidth=1.5, markersize=3, label=label)
+        if all(c.get("low") is not None for c in cells):
+            ax.fill_between(steps, [c["low"] for c in cells], [c["high"] for c in cells], color=color, alpha=0.12)
+    if values and min(values) > 0 and max(values) > 10 * min(values):
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("domain FID")
+    ax.set_title(title or "FID over training, every row", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
