@@ -130,6 +130,7 @@ def test_merge_rows_parse_and_the_search_uses_its_own_reference_and_noise(pretra
     (["--search_values", "0", "0"], "distinct"),
     (["--interval_steps", "5", "--probe_points", "6"], "--probe_points must lie in 0..--interval_steps"),
     (["--plateau_tolerance", "2"], "--plateau_tolerance must lie in (0, 1)"),
+    (["--lr_scheduler", "cosine"], "--probe_points trains each interval in segments of one run"),
 ])
 def test_bad_flags_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -329,13 +330,15 @@ def test_tables_and_target_check_on_constructed_results(pretrained):
     flat = {0: 30.0, 25: 20.0, **{25 * k: 10.0 for k in range(2, 11)}}
     probe = {0: {"points": falling, "plateau_step": bench.plateau_step(falling, 0.02, 5)},
              1: {"points": flat, "plateau_step": bench.plateau_step(flat, 0.02, 5)},
-             2: {"points": flat, "plateau_step": 150}, 3: {"points": flat, "plateau_step": 150}}
+             2: {"points": flat, "plateau_step": 150},
+             3: {"points": {0: 30.0, 125: 20.0, 250: 20.0}, "plateau_step": None, "judgeable": False}}
     assert probe[0]["plateau_step"] is None and probe[1]["plateau_step"] == 150
     text = bench.markdown(args, table, paired, relative, rungs, searches, check, "ab" * 32, references,
                           "python train_scripts/benchmark_deme.py --pretrained x", timing, probe)
     assert "| DeMe merged, searched weights | 4 x 250 |" in text and "| continued fine-tuning, vanilla | 1000 |" in text
     assert "| continued fine-tuning, vanilla, the steps of one DeMe copy | 250 |" in text
     assert "| 0 (t ~ 0-249) | 30.000 | 29.000 |" in text and "| none by step 250 |" in text and "| step 150 |" in text
+    assert "| too few points to judge |" in text
     assert "equal steps per model (250)" in text
     assert "(control)" in text and "**met**" in text and "abababababab" in text
     assert "| + channel projection (= DeMe) |" in text and "(no interval)" in text

@@ -119,6 +119,7 @@ def test_quality_defaults_and_quick_mode():
     (["--resolution", "6"], "--resolution must be a multiple of 4"),
     (["--decay_from", "1000"], "--decay_from must lie in"),
     (["--min_lr_ratio", "1"], "--min_lr_ratio in [0, 1)"),
+    (["--decay_from", "900"], "the cool-down has to finish in the run"),
 ])
 def test_quality_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -133,6 +134,20 @@ def _fake_results(methods, seeds, shift):
                     "recall": 0.9} for s in seeds} for m in methods}
 
 
+def test_quality_refuses_a_folder_of_other_settings_and_a_curve_without_its_checkpoints(tmp_path, capsys):
+    out = str(tmp_path / "q")
+    quality.check_settings(quality.parse_args(["--output_dir", out, "--quick"]))
+    quality.check_settings(quality.parse_args(["--output_dir", out, "--quick", "--seeds", "0", "1", "2"]))  # seeds: fine
+    with pytest.raises(SystemExit, match="resolution: 16 -> 8"):
+        quality.check_settings(quality.parse_args(["--output_dir", out, "--quick", "--resolution", "8"]))
+    # a kept run trained without checkpoints (e.g. before its row had a curve) is named, not crashed on
+    args = quality.parse_args(["--output_dir", out, "--quick", "--methods", "vanilla,ant_uw"])
+    for method in args.methods:
+        os.makedirs(os.path.join(out, method, "seed-0"), exist_ok=True)
+    with pytest.raises(SystemExit, match="has no checkpoint-20 for vanilla's curve"):
+        quality.evaluate_all(args, [(m, 0) for m in args.methods], "ab" * 32)
+
+
 def test_quality_summary_and_table():
     args = quality.parse_args(["--methods", "vanilla,ant_ls,ant_uw_raw_snr"])
     results = _fake_results(args.methods, args.seeds, {"vanilla": 0.0, "ant_ls": 0.0, "ant_uw_raw_snr": -5.0})
@@ -144,7 +159,7 @@ def test_quality_summary_and_table():
     text = quality.markdown(table, paired, quality.summarise_curve(curve), args, "ab" * 32)
     assert "| ANT + UW, raw SNR | raw SNR | stratified |" in text and "| ANT + LS (control) | log-SNR | stratified |" in text
     assert "| vanilla | - | uniform |" in text and "95% CI" in text and "| 250 | 61.00 ± 1.00 |" in text
-    assert "abababababab" in text and "**no plateau by step 1000**" in text
+    assert "abababababab" in text and "too few to judge a plateau" in text  # two points: the rule cannot pass
     # every row's curve; vanilla's mean curve decides the plateau (pretrain_base.py's rule)
     flat = {step: {s: {"fid": (30.0 if step < 500 else 20.0) + s} for s in args.seeds} for step in range(100, 1001, 100)}
     falling = {step: {s: {"fid": 100.0 - step / 20 + s} for s in args.seeds} for step in range(100, 1001, 100)}
@@ -153,6 +168,8 @@ def test_quality_summary_and_table():
     text = quality.markdown(table, paired, summaries, args, "ab" * 32)
     assert "| step | vanilla | ANT + UW, raw SNR |" in text and "| 1000 | 21.00 ± 1.00 | 51.00 ± 1.00 |" in text
     assert "**plateau at step 700**" in text
+    text = quality.markdown(table, paired, {"vanilla": summaries["ant_uw_raw_snr"]}, args, "ab" * 32)
+    assert "**no plateau by step 1000**" in text  # ten points, still falling
 
 
 # ------------------------------------------------------------------------------------ NTG benchmark

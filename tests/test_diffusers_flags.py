@@ -255,6 +255,13 @@ def test_a_schedule_change_on_resume_is_refused_unless_it_agrees_up_to_the_check
         check_resume_config(old, cool, "out/checkpoint-60")  # the cool-down began after step 50
     with pytest.raises(ValueError, match="changes the learning rate from step 11 .* step 30"):
         check_resume_config(old, {**old, "lr_scheduler": "cosine"}, "out/checkpoint-30", num_processes=2)
+    # training longer is resume-safe under a schedule that does not depend on the run's length...
+    assert check_resume_config(old, {**old, "max_train_steps": 300}, "out/checkpoint-100") == ["--max_train_steps: 100 -> 300"]
+    assert check_resume_config(cool, {**cool, "max_train_steps": 300}, "out/checkpoint-100") == ["--max_train_steps: 100 -> 300"]
+    # ...but a cosine drawn over more steps gives the steps already trained other rates
+    cosine = {**old, "lr_scheduler": "cosine"}
+    with pytest.raises(ValueError, match="--max_train_steps was 100 .* is 300 now, which changes the learning rate from step 11"):
+        check_resume_config(cosine, {**cosine, "max_train_steps": 300}, "out/checkpoint-50")
 
 
 def test_a_cool_down_branched_off_a_constant_rate_checkpoint_equals_the_schedule_run_from_scratch(tmp_path):

@@ -72,6 +72,7 @@ from diffusers_ant.analysis.benchmark import (
     evaluate_saved_model,
     format_difference as _difference,
     format_mean_sd,
+    plateau_judgeable,
     plateau_step,
     record_invocation,
     recorded_seconds,
@@ -204,6 +205,9 @@ def parse_args(argv=None):
         p.error("--probe_points must lie in 0..--interval_steps (0: no plateau probe)")
     if not 0 < args.plateau_tolerance < 1:
         p.error("--plateau_tolerance must lie in (0, 1), e.g. 0.02 for 2%")
+    if args.probe_points and args.lr_scheduler not in ("constant", "constant_with_warmup"):
+        p.error("--probe_points trains each interval in segments of one run, which needs a rate that does not depend on "
+                "the run's length: give --lr_scheduler constant or constant_with_warmup, or --probe_points 0")
     if args.num_intervals < 2:
         p.error("--num_intervals must be at least 2 (N = 1 is continued fine-tuning, already a row)")
     if not 0 < args.search_real < NUM_DATASET_IMAGES:
@@ -483,6 +487,7 @@ def training_settings(args) -> dict:
             "search_values", "search_rounds", "search_samples", "search_real", "num_inference_steps", "eval_batch_size",
             "probe_points")
     settings = {k: getattr(args, k) for k in keys}
+    settings["probe_seed"] = args.seeds[0] if args.probe_points else None  # the probe's folders hold this seed's runs
     settings["pretrained"] = (os.path.abspath(args.pretrained) if args.pretrained else
                               {"pretrain_steps": args.pretrain_steps, "pretrain_seed": args.pretrain_seed})
     return settings
@@ -494,7 +499,8 @@ def check_settings(args) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             stored = json.load(f)
-        changed = [k for k in settings if stored.get(k) != settings[k]]
+        # a key the stored file lacks (written before it existed) is not compared
+        changed = [k for k in settings if k in stored and stored[k] != settings[k]]
         if changed:
             raise SystemExit(f"benchmark_deme.py: error: {args.output_dir} holds a benchmark with other settings "
                              f"({', '.join(f'{k}: {stored.get(k)!r} -> {settings[k]!r}' for k in changed)}): rerun with "
@@ -561,8 +567,11 @@ def probe_training(args, index) -> str:
         run_dir = os.path.join(probe_dir(args, index), "run")
         statuses.append(run_logged(probe_command(args, index, step), os.path.join(probe_dir(args, index), "logs",
                                    f"train-{step}.log"), [], f"probe interval {index} to step {step}"))
-        shutil.copytree(run_dir, saved, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "samples*"),
-                        dirs_exist_ok=True)
+        # copied whole or not at all: a half copy with its model_index.json would pass for the point
+        partial = saved + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "samples*"))
+        os.replace(partial, saved)
     return ", ".join(statuses) or "kept"
 
 
@@ -611,6 +620,9 @@ def eval_phase(args, extractor_sha) -> dict:
     return results
 
 
+PROBE_MIN_POINTS = 5  # pretrain_base.py's default
+
+
 def probe_settings(args) -> dict:
     """A probe point is scored like a search point: --search_samples samples against the search
     reference (the curve chooses how long to train, so it stays off the evaluation reference)."""
@@ -653,7 +665,8 @@ def probe_phase(args, extractor_sha) -> dict:
     for index in range(args.num_intervals):
         curve = {step: (points.get((index, step)) or points[(0, 0)])["fid"] for step in [0, *probe_points(args)]}
         # plateau rule of pretrain_base.py; at least 5 points, as the base's curve
-        curves[index] = {"points": curve, "plateau_step": plateau_step(curve, args.plateau_tolerance, 5)}
+        curves[index] = {"points": curve, "plateau_step": plateau_step(curve, args.plateau_tolerance, PROBE_MIN_POINTS),
+                         "judgeable": plateau_judgeable(curve, PROBE_MIN_POINTS)}
     return curves
 
 
@@ -841,9 +854,10 @@ def markdown(args, table, paired, relative, rungs, searches, check, extractor_sh
                 lines.append(f"| {config} ({DEME_CONFIGS[config]['label']}) | {seed} | "
                              f"{shown} | {rec['search_fid']:.3f} | {equal} | {rec['evaluations']} |")
     lines += ["", f"References: {references['split']}. The search scores against the search reference "
-              f"({references['search']['num_images']} images) only; every number above the search table is against the "
-              f"evaluation reference ({references['eval']['num_images']} images). All models trained on all "
-              f"{NUM_DATASET_IMAGES} images.", "", f"Command: `{command}`", "",
+              f"({references['search']['num_images']} images) only, and so does the plateau probe; every number of "
+              f"the main table and the ablation ladder is against the evaluation reference "
+              f"({references['eval']['num_images']} images). All models trained on all {NUM_DATASET_IMAGES} images.",
+              "", f"Command: `{command}`", "",
               f"Wall time: {timing['wall_seconds'] / 60:.1f} min this invocation, "
               f"{timing.get('all_invocations_wall_seconds', timing['wall_seconds']) / 60:.1f} min over all invocations "
               f"of this benchmark folder (invocations.json); summed run times: training "
@@ -868,9 +882,10 @@ def probe_markdown(args, probe) -> str:
         curve = probe[index] if index in probe else probe[str(index)]
         points = {int(k): v for k, v in curve["points"].items()}
         found = curve["plateau_step"]
+        verdict_text = (f"step {found}" if found is not None else f"none by step {args.interval_steps}"
+                        if curve.get("judgeable", True) else "too few points to judge")
         lines.append(f"| {index} (t ~ {bounds[index]}-{bounds[index + 1] - 1}) | "
-                     + " | ".join(f"{points[st]:.3f}" for st in steps)
-                     + f" | {f'step {found}' if found is not None else f'none by step {args.interval_steps}'} |")
+                     + " | ".join(f"{points[st]:.3f}" if st in points else "-" for st in steps) + f" | {verdict_text} |")
     return "\n".join(lines)
 
 

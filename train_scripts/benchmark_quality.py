@@ -53,6 +53,7 @@ from diffusers_ant.analysis.benchmark import (  # noqa: F401  (re-exported: benc
     SECONDS_PER_STEP,
     format_difference as _difference,
     format_mean_sd as _mean_sd,
+    plateau_judgeable,
     plateau_step,
     resolution_cost_factor,
     run_logged,
@@ -129,6 +130,8 @@ def parse_args(argv=None):
         p.error("--decay_from must lie in --lr_warmup_steps..--max_train_steps - 1")
     if args.decay_steps < 1 or not 0 <= args.min_lr_ratio < 1:
         p.error("--decay_steps must be positive and --min_lr_ratio in [0, 1)")
+    if args.decay_from is not None and args.decay_from + args.decay_steps > args.max_train_steps:
+        p.error("--decay_from + --decay_steps must be at most --max_train_steps: the cool-down has to finish in the run")
     if not 0 < args.plateau_tolerance < 1:
         p.error("--plateau_tolerance must lie in (0, 1), e.g. 0.02 for 2%")
     if len(set(args.seeds)) < 2:
@@ -191,6 +194,29 @@ def train_command(args, method, seed, run_dir, config_path, checkpoint_every=Non
             "--seed", str(seed), "--output_dir", run_dir,
             "--checkpointing_steps", str(checkpoint_every or args.max_train_steps + 1),
             "--num_validation_images", "16", "--report_to", "none", *METHODS[method]["flags"]]
+
+
+TRAINING_SETTINGS = ("resolution", "max_train_steps", "train_batch_size", "learning_rate", "lr_scheduler",
+                     "lr_warmup_steps", "decay_from", "decay_steps", "min_lr_ratio")
+
+
+def check_settings(args) -> None:
+    """Kept runs are reused by folder: refuse a folder trained with other settings (its models would be
+    scored, and described, as this command's). A key the stored file lacks (written before it existed)
+    is not compared."""
+    path = os.path.join(args.output_dir, "benchmark_settings.json")
+    settings = {key: getattr(args, key) for key in TRAINING_SETTINGS}
+    if os.path.isfile(path):
+        with open(path) as f:
+            stored = json.load(f)
+        changed = [k for k in settings if k in stored and stored[k] != settings[k]]
+        if changed:
+            raise SystemExit(f"benchmark_quality.py: error: {args.output_dir} holds runs trained with other settings "
+                             f"({', '.join(f'{k}: {stored[k]!r} -> {settings[k]!r}' for k in changed)}): rerun with "
+                             "its settings to resume it, or give another --output_dir")
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=2)
 
 
 def train_run(cmd, run_dir, what) -> str:
@@ -290,6 +316,10 @@ def evaluate_all(args, runs, extractor_sha):
                 stored = stored_metrics(path, curve_settings, extractor_sha)
                 if stored is not None:
                     curves[method][step][seed] = stored
+                elif not os.path.isdir(os.path.join(run_dir, f"checkpoint-{step}")):
+                    raise SystemExit(f"benchmark_quality.py: error: {run_dir} has no checkpoint-{step} for {method}'s curve "
+                                     f"(trained without it, e.g. before --curve_methods {method}): give --curve_methods "
+                                     "without it, or delete that run to train it again")
                 else:
                     tasks.append(("curve", (method, step), seed, {"run_dir": run_dir, "seed": seed, "settings": curve_settings,
                                                         "path": path, "checkpoint": os.path.join(run_dir, f"checkpoint-{step}")}))
@@ -330,7 +360,10 @@ def summarise_curve(curve, confidence=0.95):
             for step, per_seed in sorted(curve.items()) if per_seed}
 
 
-def vanilla_plateau(curve_summaries, tolerance, min_points=5):
+PLATEAU_MIN_POINTS = 5  # pretrain_base.py's default
+
+
+def vanilla_plateau(curve_summaries, tolerance, min_points=PLATEAU_MIN_POINTS):
     """The step at which vanilla's mean curve plateaued (``plateau_step``, pretrain_base.py's rule), or None."""
     summary = curve_summaries.get("vanilla")
     if not summary:
@@ -372,7 +405,10 @@ def markdown(table, paired, curve_summaries, args, extractor_sha) -> str:
                   "| step | " + " | ".join(METHODS[m]["label"] for m in methods) + " |", "|---|" + "---|" * len(methods)]
         lines += [f"| {step} | " + " | ".join(_mean_sd(curve_summaries[m][step]) if step in curve_summaries[m] else "-"
                                           for m in methods) + " |" for step in steps]
-        if "vanilla" in curve_summaries:
+        if "vanilla" in curve_summaries and not plateau_judgeable(curve_summaries["vanilla"], PLATEAU_MIN_POINTS):
+            lines += ["", f"Vanilla's curve has {len(curve_summaries['vanilla'])} points: too few to judge a plateau "
+                      f"(the rule needs {PLATEAU_MIN_POINTS}, three of them in the last fifth; a smaller --curve_every)."]
+        elif "vanilla" in curve_summaries:
             found = vanilla_plateau(curve_summaries, args.plateau_tolerance)
             lines += ["", f"Vanilla's mean curve: " + (f"**plateau at step {found}** (under {args.plateau_tolerance:.0%} "
                       "change over the last fifth, pretrain_base.py's rule): the rows are compared at convergence."
@@ -392,7 +428,7 @@ def schedule_text(args) -> str:
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
-    os.makedirs(args.output_dir, exist_ok=True)
+    check_settings(args)
     config_path = os.path.join(args.output_dir, "bench_unet.json")
     with open(config_path, "w") as f:
         json.dump(BENCH_UNET, f, indent=2)
@@ -462,6 +498,7 @@ def main(argv=None):
         "curves": {m: {"per_seed": {int(k): v for k, v in curve.items()}, "summary": curve_summaries[m]}
                    for m, curve in curves.items()},
         "vanilla_plateau_step": vanilla_plateau(curve_summaries, args.plateau_tolerance),
+        "vanilla_plateau_judgeable": plateau_judgeable(curve_summaries.get("vanilla", {}), PLATEAU_MIN_POINTS),
         "timing": timing,
     }
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:

@@ -57,6 +57,7 @@ __all__ = [
     "format_difference",
     "format_mean_sd",
     "offline_env",
+    "plateau_judgeable",
     "plateau_step",
     "recorded_seconds",
     "relative_differences",
@@ -497,3 +498,10 @@ def plateau_step(curve: dict, tolerance: float, min_points: int):
         if abs(slope * (step - window[0])) < tolerance * start:
             return step
     return None
+
+
+def plateau_judgeable(steps, min_points: int) -> bool:
+    """Whether ``plateau_step`` can find a plateau on a curve scored at ``steps`` at all: it needs
+    ``min_points`` points and three in the last fifth, so a curve of four quarters can never pass and
+    its "no plateau" says nothing about the model. Decided by the rule itself on a flat curve."""
+    return plateau_step({int(step): 1.0 for step in steps}, 0.5, min_points) is not None

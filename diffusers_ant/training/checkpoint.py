@@ -203,6 +203,9 @@ def check_resume_engine(checkpoint: str, current: Dict[str, Any]) -> None:
 # run from scratch follows, and it is refused.
 LR_SCHEDULE_FLAGS = frozenset({"lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "lr_decay_steps",
                                "lr_stable_steps", "lr_min_ratio"})
+# The run's length is resume-safe (train longer, or stop sooner) unless the schedule is drawn over it:
+# a cosine or linear decay over more steps gives every step already trained another rate.
+SCHEDULE_LENGTH_FLAGS = frozenset({"max_train_steps", "num_train_epochs"})
 
 
 def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: str, num_processes: int = 1) -> list:
@@ -215,17 +218,18 @@ def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], checkpoi
     current = json.loads(json.dumps(current, default=str))  # tuples -> lists, as the saved JSON has them
     changed = [key for key in sorted(set(saved) & set(current)) if saved[key] != current[key]]
     safe = RESUME_SAFE_FLAGS - _trained_flags(current.get("model_type"))
-    if any(key in LR_SCHEDULE_FLAGS for key in changed):
+    if any(key in LR_SCHEDULE_FLAGS | SCHEDULE_LENGTH_FLAGS for key in changed):
         step = checkpoint_step(checkpoint)
         # the checkpoint's optimizer already holds the rate of its next update, set by the old schedule
         differs = schedule_difference(saved, current, step + 1, num_processes)
         if differs is None:
             safe = safe | LR_SCHEDULE_FLAGS
         else:
-            key = next(key for key in changed if key in LR_SCHEDULE_FLAGS)
+            key = next(key for key in changed if key in LR_SCHEDULE_FLAGS | SCHEDULE_LENGTH_FLAGS)
             raise ValueError(f"--{key} was {saved[key]!r} when {checkpoint} was written and is {current[key]!r} now, "
                              f"which changes the learning rate from step {differs} (before the checkpoint's step "
-                             f"{step}): resume with the same schedule, or one that agrees up to step {step}")
+                             f"{step}, --lr_scheduler {current.get('lr_scheduler')}): resume with the same schedule, "
+                             f"or one that agrees up to step {step}")
     refused = [key for key in changed if key not in safe]
     if refused:
         key = refused[0]
