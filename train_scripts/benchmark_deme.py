@@ -494,20 +494,9 @@ def training_settings(args) -> dict:
 
 
 def check_settings(args) -> None:
-    path = os.path.join(args.output_dir, "benchmark_settings.json")
-    settings = training_settings(args)
-    if os.path.isfile(path):
-        with open(path) as f:
-            stored = json.load(f)
-        # a key the stored file lacks (written before it existed) is not compared
-        changed = [k for k in settings if k in stored and stored[k] != settings[k]]
-        if changed:
-            raise SystemExit(f"benchmark_deme.py: error: {args.output_dir} holds a benchmark with other settings "
-                             f"({', '.join(f'{k}: {stored.get(k)!r} -> {settings[k]!r}' for k in changed)}): rerun with "
-                             "its settings to resume it, or give another --output_dir")
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(settings, f, indent=2)
+    from diffusers_ant.analysis.benchmark import check_benchmark_settings
+
+    check_benchmark_settings(args.output_dir, training_settings(args), "benchmark_deme.py")
 
 
 # ------------------------------------------------------------------------------------------- phases

@@ -201,22 +201,11 @@ TRAINING_SETTINGS = ("resolution", "max_train_steps", "train_batch_size", "learn
 
 
 def check_settings(args) -> None:
-    """Kept runs are reused by folder: refuse a folder trained with other settings (its models would be
-    scored, and described, as this command's). A key the stored file lacks (written before it existed)
-    is not compared."""
-    path = os.path.join(args.output_dir, "benchmark_settings.json")
-    settings = {key: getattr(args, key) for key in TRAINING_SETTINGS}
-    if os.path.isfile(path):
-        with open(path) as f:
-            stored = json.load(f)
-        changed = [k for k in settings if k in stored and stored[k] != settings[k]]
-        if changed:
-            raise SystemExit(f"benchmark_quality.py: error: {args.output_dir} holds runs trained with other settings "
-                             f"({', '.join(f'{k}: {stored[k]!r} -> {settings[k]!r}' for k in changed)}): rerun with "
-                             "its settings to resume it, or give another --output_dir")
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(settings, f, indent=2)
+    """Kept runs are reused by folder: a folder trained with other settings is refused."""
+    from diffusers_ant.analysis.benchmark import check_benchmark_settings
+
+    check_benchmark_settings(args.output_dir, {key: getattr(args, key) for key in TRAINING_SETTINGS},
+                             "benchmark_quality.py")
 
 
 def train_run(cmd, run_dir, what) -> str:

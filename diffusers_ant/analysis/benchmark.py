@@ -50,6 +50,7 @@ __all__ = [
     "SECONDS_PER_STEP_BENCH_UNET",
     "base_resolution",
     "cached_reference",
+    "check_benchmark_settings",
     "command_line",
     "evaluate_in_pool",
     "evaluate_saved_model",
@@ -505,3 +506,21 @@ def plateau_judgeable(steps, min_points: int) -> bool:
     ``min_points`` points and three in the last fifth, so a curve of four quarters can never pass and
     its "no plateau" says nothing about the model. Decided by the rule itself on a flat curve."""
     return plateau_step({int(step): 1.0 for step in steps}, 0.5, min_points) is not None
+
+
+def check_benchmark_settings(output_dir: str, settings: dict, script: str) -> None:
+    """Benchmarks reuse kept runs by folder: refuse ``output_dir`` when its ``benchmark_settings.json``
+    records other values of ``settings`` (its runs would be scored, and described, as this command's),
+    in one line naming each changed setting; then record ``settings`` there. A key the stored file
+    lacks (written before the setting existed) is not compared."""
+    path = os.path.join(output_dir, "benchmark_settings.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+        changed = [k for k in settings if k in stored and stored[k] != settings[k]]
+        if changed:
+            raise SystemExit(f"{script}: error: {output_dir} holds runs trained with other settings "
+                             f"({', '.join(f'{k}: {stored[k]!r} -> {settings[k]!r}' for k in changed)}): rerun with "
+                             "its settings to resume it, or give another --output_dir")
+    os.makedirs(output_dir, exist_ok=True)
+    write_json(path, settings)
