@@ -72,6 +72,7 @@ from diffusers_ant.analysis.benchmark import (
     evaluate_saved_model,
     format_difference as _difference,
     format_mean_sd,
+    PLATEAU_MIN_POINTS,
     plateau_judgeable,
     plateau_step,
     record_invocation,
@@ -251,6 +252,11 @@ def merge_dir(args, config, seed, kind) -> str:
     return os.path.join(deme_dir(args, config, seed), kind)
 
 
+def per_model_dir(args, seed) -> str:
+    """Continued vanilla fine-tuning for the steps of one DeMe copy (``PER_MODEL_ROW``)."""
+    return continued_dir(args, "vanilla-per-model", seed)
+
+
 def probe_dir(args, index) -> str:
     return os.path.join(args.output_dir, "probe", f"interval-{index}")
 
@@ -283,7 +289,7 @@ def evaluated_rows(args) -> list:
     for seed in args.seeds:
         rows.append(("pretrained", seed, pretrained_dir(args)))
         rows += [(f"continued_{m}", seed, continued_dir(args, m, seed)) for m in args.continued]
-        rows.append((PER_MODEL_ROW, seed, continued_dir(args, "vanilla-per-model", seed)))
+        rows.append((PER_MODEL_ROW, seed, per_model_dir(args, seed)))
         rows += [("deme_ensemble", seed, merge_dir(args, "deme", seed, "ensemble")),
                  ("deme_equal", seed, merge_dir(args, "deme", seed, "merged_equal")),
                  ("deme_merged", seed, merge_dir(args, "deme", seed, "merged_searched"))]
@@ -363,7 +369,7 @@ def continued_command(args, method, seed) -> list:
 def per_model_command(args, seed) -> list:
     """Continued vanilla fine-tuning for S steps: as many as one DeMe copy gets."""
     return [sys.executable, os.path.join(HERE, "train_ant.py"), "--pretrained_model_name_or_path", pretrained_dir(args),
-            *_finetune_flags(args, seed, args.interval_steps), "--output_dir", continued_dir(args, "vanilla-per-model", seed),
+            *_finetune_flags(args, seed, args.interval_steps), "--output_dir", per_model_dir(args, seed),
             *METHODS["vanilla"]["flags"]]
 
 
@@ -529,7 +535,7 @@ def train_phase(args, config_path) -> None:
         if kind == "probe":
             status = probe_training(args, name)
         elif kind == "per_model":
-            out = continued_dir(args, "vanilla-per-model", seed)
+            out = per_model_dir(args, seed)
             status = run_logged(per_model_command(args, seed), os.path.join(out, "train.log"),
                                 os.path.join(out, "model_index.json"), f"vanilla for {args.interval_steps} steps seed {seed}")
         elif kind == "continued":
@@ -609,9 +615,6 @@ def eval_phase(args, extractor_sha) -> dict:
     return results
 
 
-PROBE_MIN_POINTS = 5  # pretrain_base.py's default
-
-
 def probe_settings(args) -> dict:
     """A probe point is scored like a search point: --search_samples samples against the search
     reference (the curve chooses how long to train, so it stays off the evaluation reference)."""
@@ -653,9 +656,9 @@ def probe_phase(args, extractor_sha) -> dict:
     curves = {}
     for index in range(args.num_intervals):
         curve = {step: (points.get((index, step)) or points[(0, 0)])["fid"] for step in [0, *probe_points(args)]}
-        # plateau rule of pretrain_base.py; at least 5 points, as the base's curve
-        curves[index] = {"points": curve, "plateau_step": plateau_step(curve, args.plateau_tolerance, PROBE_MIN_POINTS),
-                         "judgeable": plateau_judgeable(curve, PROBE_MIN_POINTS)}
+        # the plateau rule of pretrain_base.py, with as many points as the base's curve needed
+        curves[index] = {"points": curve, "plateau_step": plateau_step(curve, args.plateau_tolerance, PLATEAU_MIN_POINTS),
+                         "judgeable": plateau_judgeable(curve, PLATEAU_MIN_POINTS)}
     return curves
 
 
@@ -882,7 +885,7 @@ def recorded_times(args) -> dict:
     """Summed wall times the runs recorded (over every invocation that ran them)."""
     train_logs = [os.path.join(continued_dir(args, m, s), "train.log") for m in args.continued for s in args.seeds]
     train_logs += [os.path.join(deme_dir(args, c, s), "train_deme.log") for c, s in deme_trainings(args)]
-    train_logs += [os.path.join(continued_dir(args, "vanilla-per-model", s), "train.log") for s in args.seeds]
+    train_logs += [os.path.join(per_model_dir(args, s), "train.log") for s in args.seeds]
     train_logs += [os.path.join(probe_dir(args, i), "logs", f"train-{st}.log")
                    for i in range(args.num_intervals) for st in probe_points(args)]
     if not args.pretrained:

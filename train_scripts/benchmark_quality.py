@@ -53,6 +53,9 @@ from diffusers_ant.analysis.benchmark import (  # noqa: F401  (re-exported: benc
     SECONDS_PER_STEP,
     format_difference as _difference,
     format_mean_sd as _mean_sd,
+    PLATEAU_MIN_POINTS,
+    cooldown_schedule,
+    schedule_flags,
     plateau_judgeable,
     plateau_step,
     resolution_cost_factor,
@@ -161,13 +164,11 @@ def has_curve(args, method) -> bool:
     return bool(curve_steps(args)) and method in getattr(args, "curve_methods", ["vanilla"])
 
 
-def schedule_flags(args) -> list:
-    """train_ant.py's learning-rate schedule: constant after warm-up, or a cool-down from --decay_from."""
-    if getattr(args, "decay_from", None) is None:
-        return ["--lr_scheduler", args.lr_scheduler, "--lr_warmup_steps", str(args.lr_warmup_steps)]
-    return ["--lr_scheduler", "warmup_stable_decay", "--lr_warmup_steps", str(args.lr_warmup_steps),
-            "--lr_stable_steps", str(args.decay_from - args.lr_warmup_steps), "--lr_decay_steps", str(args.decay_steps),
-            "--lr_min_ratio", str(args.min_lr_ratio)]
+def schedule(args) -> dict:
+    """train_ant.py's learning-rate schedule: --lr_scheduler after warm-up, or a cool-down from --decay_from
+    (benchmark_ntg.py's namespace has no cool-down flags)."""
+    return cooldown_schedule(args.lr_scheduler, args.lr_warmup_steps, getattr(args, "decay_from", None),
+                             getattr(args, "decay_steps", None), getattr(args, "min_lr_ratio", 0.0))
 
 
 def plan(args) -> dict:
@@ -190,7 +191,7 @@ def train_command(args, method, seed, run_dir, config_path, checkpoint_every=Non
             "--model_config_name_or_path", config_path, "--dataset_name", DATASET,
             "--resolution", str(getattr(args, "resolution", RESOLUTION)),
             "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.max_train_steps),
-            "--learning_rate", str(args.learning_rate), *schedule_flags(args), "--use_ema", "--ema_max_decay", "0.999",
+            "--learning_rate", str(args.learning_rate), *schedule_flags(schedule(args)), "--use_ema", "--ema_max_decay", "0.999",
             "--seed", str(seed), "--output_dir", run_dir,
             "--checkpointing_steps", str(checkpoint_every or args.max_train_steps + 1),
             "--num_validation_images", "16", "--report_to", "none", *METHODS[method]["flags"]]
@@ -347,9 +348,6 @@ def summarise_curve(curve, confidence=0.95):
 
     return {int(step): t_interval([m["fid"] for m in per_seed.values()], confidence)
             for step, per_seed in sorted(curve.items()) if per_seed}
-
-
-PLATEAU_MIN_POINTS = 5  # pretrain_base.py's default
 
 
 def vanilla_plateau(curve_summaries, tolerance, min_points=PLATEAU_MIN_POINTS):

@@ -47,11 +47,14 @@ sys.path.insert(0, os.path.dirname(HERE))
 from diffusers_ant.analysis.benchmark import (  # noqa: E402
     BENCH_UNET,
     DATASET,
+    PLATEAU_MIN_POINTS,
     RESOLUTION,
+    cooldown_schedule,
     evaluate_saved_model,
     evaluation_pool,
     plateau_step,
     run_logged,
+    schedule_flags,
     write_json,
 )
 
@@ -70,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="plateau: the least-squares line through the last fifth's FID points changes by less than "
                         "this fraction over that fifth (default 0.02)")
-    p.add_argument("--min_points", type=int, default=5, help="FID points needed before a plateau can be declared")
+    p.add_argument("--min_points", type=int, default=PLATEAU_MIN_POINTS, help="FID points needed before a plateau can be declared")
     p.add_argument("--eval_samples", type=int, default=1000, help="generated images per FID point (default 1000)")
     p.add_argument("--num_real", type=int, default=5000, help="real MNIST-5k images of the reference (default all)")
     p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps of the samples (default 50)")
@@ -124,15 +127,8 @@ def train_command(args, run_dir: str, config_path: str, steps: int) -> list:
 
 def schedule(args) -> dict:
     """The learning-rate schedule of the run, as train_ant.py's flags (without dashes)."""
-    if args.decay_from is None:
-        return {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": args.lr_warmup_steps}
-    return {"lr_scheduler": "warmup_stable_decay", "lr_warmup_steps": args.lr_warmup_steps,
-            "lr_stable_steps": args.decay_from - args.lr_warmup_steps, "lr_decay_steps": args.decay_steps,
-            "lr_min_ratio": args.min_lr_ratio}
-
-
-def schedule_flags(flags: dict) -> list:
-    return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+    return cooldown_schedule("constant_with_warmup", args.lr_warmup_steps, args.decay_from, args.decay_steps,
+                             args.min_lr_ratio)
 
 
 def eval_settings(args) -> dict:

@@ -52,17 +52,20 @@ __all__ = [
     "cached_reference",
     "check_benchmark_settings",
     "command_line",
+    "cooldown_schedule",
     "evaluate_in_pool",
     "evaluate_saved_model",
     "evaluation_pool",
     "format_difference",
     "format_mean_sd",
     "offline_env",
+    "PLATEAU_MIN_POINTS",
     "plateau_judgeable",
     "plateau_step",
     "recorded_seconds",
     "relative_differences",
     "resolution_cost_factor",
+    "schedule_flags",
     "run_logged",
     "run_parallel",
     "split_rows",
@@ -466,9 +469,29 @@ def record_invocation(args, command, seconds, status="finished") -> float:
             history = json.load(f)
     history.append({"command": command, "phase": args.phase, "status": status, "wall_seconds": round(seconds, 1),
                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-    with open(path, "w") as f:
-        json.dump(history, f, indent=2)
+    write_json(path, history)  # atomically: it also runs when a benchmark is interrupted
     return sum(entry["wall_seconds"] for entry in history)
+
+
+# Points a curve needs before the plateau rule may declare a plateau (pretrain_base.py's default, and
+# the quality benchmark's and DeMe probe's): with three in the last fifth, about ten evenly spaced.
+PLATEAU_MIN_POINTS = 5
+
+
+def cooldown_schedule(lr_scheduler: str, lr_warmup_steps: int, decay_from=None, decay_steps=None,
+                      min_lr_ratio=0.0) -> dict:
+    """A benchmark run's learning-rate schedule as train_ant.py's flags (without dashes): ``lr_scheduler``
+    after warm-up, or, from step ``decay_from``, warmup_stable_decay's cool-down over ``decay_steps`` to
+    ``min_lr_ratio`` of the rate (the converged base's recipe)."""
+    if decay_from is None:
+        return {"lr_scheduler": lr_scheduler, "lr_warmup_steps": lr_warmup_steps}
+    return {"lr_scheduler": "warmup_stable_decay", "lr_warmup_steps": lr_warmup_steps,
+            "lr_stable_steps": decay_from - lr_warmup_steps, "lr_decay_steps": decay_steps, "lr_min_ratio": min_lr_ratio}
+
+
+def schedule_flags(schedule: dict) -> list:
+    """``cooldown_schedule``'s dict as command-line flags."""
+    return [item for key, value in schedule.items() for item in (f"--{key}", str(value))]
 
 
 def plateau_step(curve: dict, tolerance: float, min_points: int):
