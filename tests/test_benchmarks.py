@@ -309,3 +309,30 @@ def test_the_committed_converged_base_is_the_plateau_of_its_committed_curve():
     assert (unet["sample_size"], unet["in_channels"]) == (8, 1)
     with open(os.path.join(folder, "base", "training_config.json"), encoding="utf-8") as f:
         assert json.load(f)["max_train_steps"] == 55000
+
+
+@pytest.mark.parametrize("script", ["benchmark_quality", "benchmark_transfer"])
+@pytest.mark.parametrize("stop", ["failed run", "interrupt"])
+def test_an_invocation_that_stops_early_is_recorded(script, stop, tmp_path, monkeypatch):
+    """A resumed benchmark's wall time sums invocations.json: an invocation that stopped on a failed run
+    (one line that says how to resume) or on Ctrl-C must be in it too, named by its own command."""
+    bench = load_script(script)
+    out = str(tmp_path / "out")
+
+    def stopping(args, command, started):
+        if stop == "interrupt":
+            raise KeyboardInterrupt
+        raise RuntimeError("vanilla seed 0 failed (exit code 1): see x/train.log")
+
+    monkeypatch.setattr(bench, "run", stopping)
+    if stop == "interrupt":
+        with pytest.raises(KeyboardInterrupt):
+            bench.main(["--quick", "--output_dir", out])
+    else:
+        with pytest.raises(SystemExit, match=rf"{script}.py: error: vanilla seed 0 failed .* x/train.log; fix it") as info:
+            bench.main(["--quick", "--output_dir", out])
+        assert "\n" not in str(info.value)
+    with open(os.path.join(out, "invocations.json")) as f:
+        history = json.load(f)
+    assert [entry["status"] for entry in history] == ["interrupted" if stop == "interrupt" else "stopped"]
+    assert history[0]["command"].endswith(f"--quick --output_dir {out}") and script in history[0]["command"]

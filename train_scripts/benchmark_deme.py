@@ -72,6 +72,7 @@ from diffusers_ant.analysis.benchmark import (
     evaluate_saved_model,
     format_difference as _difference,
     format_mean_sd,
+    invocation_recorded,
     PLATEAU_MIN_POINTS,
     plateau_judgeable,
     plateau_step,
@@ -902,14 +903,8 @@ def main(argv=None):
     started = time.time()
     check_settings(args)
     command = command_line(argv, script=__file__)
-    try:
+    with invocation_recorded(args, command, started, "benchmark_deme.py"):
         run(args, command, started)
-    except RuntimeError as err:  # a run failed: its log says why; one line here
-        record_invocation(args, command, time.time() - started, status="stopped")
-        raise SystemExit(f"benchmark_deme.py: error: {err}; fix it and run the same command again to resume")
-    except KeyboardInterrupt:
-        record_invocation(args, command, time.time() - started, status="interrupted")
-        raise
 
 
 def run(args, command, started) -> None:

@@ -51,13 +51,16 @@ from diffusers_ant.analysis.benchmark import (  # noqa: F401  (re-exported: benc
     SECONDS_PER_IMAGE_STEP,
     SECONDS_PER_RUN,
     SECONDS_PER_STEP,
+    command_line,
     format_difference as _difference,
     format_mean_sd as _mean_sd,
+    invocation_recorded,
     PLATEAU_MIN_POINTS,
     cooldown_schedule,
     schedule_flags,
     plateau_judgeable,
     plateau_step,
+    record_invocation,
     resolution_cost_factor,
     run_logged,
     run_parallel,
@@ -416,6 +419,14 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.time()
     check_settings(args)
+    command = command_line(argv, script=__file__)
+    with invocation_recorded(args, command, started, "benchmark_quality.py"):
+        run(args, command, started)
+
+
+def run(args, command: str, started: float) -> None:
+    """Train every (row, seed), score the final models and the curves, write the results (main records
+    the invocation when it stops early)."""
     config_path = os.path.join(args.output_dir, "bench_unet.json")
     with open(config_path, "w") as f:
         json.dump(BENCH_UNET, f, indent=2)
@@ -440,6 +451,7 @@ def main(argv=None):
         run_parallel(one, runs, args.workers)
         timing["train_wall_seconds"] = round(time.time() - start, 1)
     if args.phase == "train":
+        record_invocation(args, command, time.time() - started)
         return
     from diffusers_ant.analysis.evaluate import resolve_feature_extractor
 
@@ -448,6 +460,8 @@ def main(argv=None):
     results, curves = evaluate_all(args, runs, extractor_sha)
     timing["eval_wall_seconds"] = round(time.time() - start, 1)
     timing["wall_seconds"] = round(time.time() - started, 1)
+    # a resumed benchmark's wall time is the sum of its invocations (OUTPUT_DIR/invocations.json)
+    timing["all_invocations_wall_seconds"] = round(record_invocation(args, command, timing["wall_seconds"]), 1)
     timing["train_seconds_per_run"] = {}
     for method, seed in runs:
         path = os.path.join(args.output_dir, method, f"seed-{seed}", "train_time.json")
@@ -472,7 +486,7 @@ def main(argv=None):
                         title=f"domain FID over training, mean over {len(args.seeds)} seeds ({args.curve_samples} samples "
                               "per point)")
     record = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else argv,
+        "command": command,
         "args": vars(args),
         "methods": {m: METHODS[m] for m in args.methods},
         "feature_extractor": f"domain_{DATASET}",

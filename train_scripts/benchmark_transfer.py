@@ -63,6 +63,7 @@ from diffusers_ant.analysis.benchmark import (
     evaluate_saved_model,
     format_difference,
     format_mean_sd,
+    invocation_recorded,
     record_invocation,
     recorded_seconds,
     relative_differences,
@@ -779,6 +780,14 @@ def markdown(summary, pretrained, convergence_summary, forgetting, checks, args,
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
+    command = command_line(argv, script=__file__)
+    with invocation_recorded(args, command, started, "benchmark_transfer.py"):
+        return run(args, command, started)
+
+
+def run(args, command: str, started: float):
+    """The benchmark: data, pretraining, banks, training runs, evaluation, results (main records the
+    invocation when it stops early)."""
     layout = Layout(args)
     os.makedirs(args.output_dir, exist_ok=True)
     write_json(layout.unet_config, BENCH_UNET)
@@ -846,6 +855,7 @@ def main(argv=None):
 
     stage("fine-tuning and ControlNet runs", train_job, runs)
     if args.phase == "train":
+        record_invocation(args, command, time.time() - started)
         return None
 
     from diffusers_ant.analysis.evaluate import resolve_feature_extractor
@@ -859,7 +869,7 @@ def main(argv=None):
     timing["chains of forgetting"] = round(time.time() - start, 1)
     timing["wall_seconds"] = round(time.time() - started, 1)
     # a resumed benchmark's wall time is the sum of its invocations (OUTPUT_DIR/invocations.json)
-    timing["all_invocations_wall_seconds"] = round(record_invocation(args, command_line(argv), timing["wall_seconds"]), 1)
+    timing["all_invocations_wall_seconds"] = round(record_invocation(args, command, timing["wall_seconds"]), 1)
     timing["train_seconds_per_run"] = {f"{m}/seed-{s}": recorded_seconds(os.path.join(layout.run(m, s), "train.log"))
                                        for m, s in runs}
 
@@ -890,7 +900,7 @@ def main(argv=None):
                                 os.path.join(args.output_dir, "convergence.png"), threshold=threshold["threshold"],
                                 ylabel="1 - IoU of re-extracted and input outlines")
     record = {
-        "command": command_line(argv),
+        "command": command,
         "resolution": args.resolution,  # of the unconditional half; the ControlNet half: controlnet_resolution
         "controlnet_resolution": CONTROLNET_RESOLUTION if not args.skip_controlnet else None,
         "args": {k: v for k, v in vars(args).items()},

@@ -32,6 +32,7 @@ one thread each, ``workers`` at a time, keeps every core busy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -58,6 +59,7 @@ __all__ = [
     "evaluation_pool",
     "format_difference",
     "format_mean_sd",
+    "invocation_recorded",
     "offline_env",
     "PLATEAU_MIN_POINTS",
     "plateau_judgeable",
@@ -471,6 +473,22 @@ def record_invocation(args, command, seconds, status="finished") -> float:
                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     write_json(path, history)  # atomically: it also runs when a benchmark is interrupted
     return sum(entry["wall_seconds"] for entry in history)
+
+
+@contextlib.contextmanager
+def invocation_recorded(args, command: str, started: float, script: str):
+    """Around a benchmark's body: an invocation that stops on a failed run or is interrupted is still
+    appended to invocations.json (status "stopped" / "interrupted"), so a resumed benchmark's wall time
+    counts it; a failed run ends in one line that says how to resume. The body records its own
+    finished invocation (the total goes into its results)."""
+    try:
+        yield
+    except RuntimeError as err:  # a run failed: its log says why (run_logged); one line here
+        record_invocation(args, command, time.time() - started, status="stopped")
+        raise SystemExit(f"{script}: error: {err}; fix it and run the same command again to resume")
+    except KeyboardInterrupt:
+        record_invocation(args, command, time.time() - started, status="interrupted")
+        raise
 
 
 # Points a curve needs before the plateau rule may declare a plateau (pretrain_base.py's default, and
