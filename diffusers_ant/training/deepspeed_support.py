@@ -38,7 +38,7 @@ import os
 import torch
 
 from .args import UsageError
-from .sharding import engine_kind
+from .sharding import engine_kind, zero_stage
 
 # The folder `accelerator.save_state` gives DeepSpeed's `save_checkpoint` (Accelerate's MODEL_NAME).
 DEEPSPEED_CHECKPOINT_FOLDER = "pytorch_model"
@@ -53,18 +53,6 @@ def deepspeed_launched() -> bool:
 
 def is_deepspeed(accelerator) -> bool:
     return engine_kind(accelerator) == "DEEPSPEED"
-
-
-def zero_stage(accelerator) -> int:
-    """The ZeRO stage of the run (0 when it does not run under DeepSpeed)."""
-    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    return int(plugin.zero_stage) if is_deepspeed(accelerator) and plugin is not None else 0
-
-
-def deepspeed_config(accelerator) -> dict:
-    """The DeepSpeed config the accelerator carries ({} without a DeepSpeed plugin)."""
-    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    return getattr(plugin, "deepspeed_config", None) or {}
 
 
 def accelerator_options(gradient_accumulation_steps: int) -> dict:

@@ -51,7 +51,6 @@ from .deepspeed_support import (
     deepspeed_launched,
     is_deepspeed,
     zero_init_disabled,
-    zero_stage,
 )
 from .ema import ema_home, ema_weights, restore_ema, step_ema
 from .fsdp import (
@@ -65,7 +64,7 @@ from .fsdp import (
 from .fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
 from .precision import cast_frozen_parameters, current_loss_scale, lift_to_float32, sampling_precision
 from .sharding import (DeepSpeedUpdate, check_lora_only, check_task_gradient_launch, keep_lora_whole, meta_skeleton,
-                       weighting_optimizer, whole_model)
+                       weighting_optimizer, whole_model, zero_stage)
 from .sources import build_sources, compose_sources, cycle_batches, knowledge_bank_dataloader, retention_rows
 from .step import DiffusionObjective, training_step
 

@@ -29,6 +29,18 @@ def engine_kind(accelerator) -> str:
     return getattr(kind, "name", str(kind))
 
 
+def zero_stage(accelerator) -> int:
+    """The ZeRO stage of the run (0 when it does not run under DeepSpeed)."""
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if engine_kind(accelerator) == "DEEPSPEED" and plugin is not None else 0
+
+
+def deepspeed_config(accelerator) -> dict:
+    """The DeepSpeed config the accelerator carries ({} without a DeepSpeed plugin)."""
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    return getattr(plugin, "deepspeed_config", None) or {}
+
+
 def meta_skeleton(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of `module` with every parameter on the meta device (requires_grad kept). Buffers are
     copied as they are: small, and a non-persistent one is in no state dict, so it could not be loaded."""
@@ -101,8 +113,6 @@ def weighting_optimizer(args, weighting):
 
 
 def task_gradient_engine_name(accelerator) -> str:
-    from .deepspeed_support import zero_stage
-
     kind = engine_kind(accelerator)
     return f"DeepSpeed ZeRO-{zero_stage(accelerator)}" if kind == "DEEPSPEED" else kind
 
@@ -137,8 +147,6 @@ def mixed_precision_of(accelerator, args) -> str:
     for value in (getattr(args, "mixed_precision", None), getattr(accelerator, "mixed_precision", None)):
         if value not in (None, "no"):
             return str(value)
-    from .deepspeed_support import deepspeed_config
-
     config = deepspeed_config(accelerator)
     for key, name in (("fp16", "fp16"), ("bf16", "bf16"), ("bfloat16", "bf16")):
         block = config.get(key)
@@ -150,8 +158,6 @@ def mixed_precision_of(accelerator, args) -> str:
 def offloads_optimizer(accelerator) -> bool:
     """Whether the DeepSpeed config moves the optimizer out of the device (`zero_optimization.offload_optimizer`
     with a device other than "none")."""
-    from .deepspeed_support import deepspeed_config
-
     offload = (deepspeed_config(accelerator).get("zero_optimization") or {}).get("offload_optimizer")
     if isinstance(offload, dict):
         return str(offload.get("device", "none")).lower() not in ("none", "")
@@ -164,8 +170,6 @@ def check_task_gradient_engine(accelerator, args) -> None:
     `check_task_gradient_launch`) before anything is loaded; `components.check_distributed_support` asks it
     again for a built weighting."""
     from .args import UsageError
-    from .deepspeed_support import zero_stage
-
     engine = task_gradient_engine_name(accelerator)
     method = f"--mtl_method {args.mtl_method} (gradient-based)"
     if engine_kind(accelerator) == "DEEPSPEED" and zero_stage(accelerator) == 3:
