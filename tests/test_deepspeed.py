@@ -16,13 +16,12 @@ Accelerate would otherwise clip DeepSpeed's gradients at 1.0, and not DDP's.
 
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from trainer_utils import REPO, TRAIN_SCRIPT, load_safetensors_dir, offline_env
+from trainer_utils import REPO, TRAIN_SCRIPT, load_safetensors_dir, offline_env, run_command
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
 
@@ -43,7 +42,7 @@ def launch(engine_flags, output_dir, *extra):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *engine_flags,
                TRAIN_SCRIPT, *RUN, "--output_dir", str(output_dir), *extra]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = run_command(command, env=env, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -156,7 +155,7 @@ def launch_lora(engine_flags, output_dir, pretrained, *extra):
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *engine_flags,
                TRAIN_SCRIPT, *LORA_RUN, "--pretrained_model_name_or_path", str(pretrained), "--output_dir", str(output_dir),
                *extra]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = run_command(command, env=env, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 

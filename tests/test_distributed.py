@@ -9,13 +9,13 @@ have averaged the gradient-based updates a second time.
 """
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainer_utils import run_command
 
 from diffusers_ant.weighting import distributed
 
@@ -42,6 +42,7 @@ def test_helpers_are_no_ops_on_one_process():
 def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1",  # run_command: a hung launch prints its stacks
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -50,7 +51,7 @@ def two_process_run(tmp_path_factory):
         str(REPO / "tests" / "scripts" / "ddp_weighting_check.py"),
         "--methods", ",".join(METHODS), "--steps", str(STEPS), "--output_dir", str(out),
     ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = run_command(command, env=env, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "on 2 processes (DistributedType.MULTI_CPU)" in result.stdout + result.stderr
     return {

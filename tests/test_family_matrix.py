@@ -34,13 +34,13 @@ import of torch / diffusers / transformers per process), each with LoRA and one 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainer_utils import run_command
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: two threads contend on a shared 2-core machine
 
@@ -53,6 +53,7 @@ DDP_STEPS = 2  # tests/scripts/ddp_families_check.py's STEPS
 def two_process_families(bases, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp-families")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1",  # run_command: a hung launch prints its stacks
                TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     command = [
@@ -62,7 +63,7 @@ def two_process_families(bases, tmp_path_factory):
         str(REPO / "tests" / "scripts" / "ddp_families_check.py"), "--output_dir", str(out),
         "--bases", str(bases["sdxl"].parent),
     ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = run_command(command, env=env, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for family in FAMILIES:
         for rank in (0, 1):

@@ -18,10 +18,43 @@ TINY_RUN = ["--model_config_name_or_path", "tiny", "--train_batch_size", "8", "-
 
 
 def offline_env(**extra):
+    """The environment of a test's subprocess: no Hub, one torch thread, unbuffered output (what a
+    process printed is in the captured output even when it never exits) and Python's fault handler
+    (`run_command` makes a hung process print its stacks with it)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+               OMP_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def run_command(cmd, env=None, timeout=600, cwd=None) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True)` for a command that may hang, such as a
+    two-process `accelerate launch`. On the timeout, every process of the command gets SIGABRT, the
+    launcher's workers first (torchrun starts each in a session of its own, so they are found by their
+    parent, not by a process group): with PYTHONFAULTHANDLER (`offline_env`) each prints every thread's
+    Python stack; then whatever is left gets SIGKILL. The test fails with those stacks, and no worker of
+    a hung launch keeps running beside the rest of the suite."""
+    import signal
+
+    import psutil  # an Accelerate dependency
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        family = psutil.Process(proc.pid).children(recursive=True)[::-1] + [psutil.Process(proc.pid)]
+        for sig in (signal.SIGABRT, signal.SIGKILL):
+            for member in family:
+                try:
+                    member.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(family, timeout=10)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s, each process's stacks are at the end of its stderr: "
+                             f"{' '.join(map(str, cmd))}\n--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-15000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def run_script(args, env=None, timeout=600, launcher=None):
@@ -29,7 +62,7 @@ def run_script(args, env=None, timeout=600, launcher=None):
     cmd = [sys.executable, TRAIN_SCRIPT, *args]
     if launcher is not None:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, TRAIN_SCRIPT, *args]
-    return subprocess.run(cmd, env=env or offline_env(), capture_output=True, text=True, timeout=timeout)
+    return run_command(cmd, env=env, timeout=timeout)
 
 
 def straight_and_resumed(root, make_args, common, resume_at=10):

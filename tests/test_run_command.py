@@ -1,0 +1,40 @@
+"""The test suite's launcher for commands that may hang (`trainer_utils.run_command`): a two-process
+launch that stops mid-run must fail the test with every process's stacks, and leave no process behind
+(torchrun starts its workers in sessions of their own; left running, they would slow every later test)."""
+
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+from trainer_utils import offline_env, run_command
+
+# A launcher that starts a worker in a session of its own, as torchrun does, prints the worker's pid and
+# waits for it; the worker waits forever inside a named function.
+HANGING_LAUNCH = textwrap.dedent("""
+    import subprocess, sys
+    worker = subprocess.Popen([sys.executable, "-c", "import time\\ndef wait_for_the_other_rank():\\n    time.sleep(3600)\\nwait_for_the_other_rank()"],
+                              start_new_session=True)
+    print(worker.pid, flush=True)
+    worker.wait()
+""")
+
+
+def test_a_hung_launch_fails_with_every_process_stack_and_leaves_nothing_running():
+    with pytest.raises(AssertionError, match="timed out after 5 s") as info:
+        run_command([sys.executable, "-c", HANGING_LAUNCH], env=offline_env(), timeout=5)
+    message = str(info.value)
+    stacks = message.split("--- stderr ---\n")[1]
+    assert "line 3 in wait_for_the_other_rank" in stacks  # the worker's stack, printed by its fault handler
+    assert "line 6 in <module>" in stacks  # the launcher's, waiting for the worker
+    worker_pid = int(message.split("--- stdout ---\n")[1].split()[0])
+    try:
+        assert psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE  # killed, not yet reaped by init
+    except psutil.NoSuchProcess:
+        pass
+
+
+def test_a_command_that_finishes_returns_its_output():
+    result = run_command([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"])
+    assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
