@@ -170,6 +170,18 @@ def test_quality_summary_and_table():
     assert "**plateau at step 700**" in text
     text = quality.markdown(table, paired, {"vanilla": summaries["ant_uw_raw_snr"]}, args, "ab" * 32)
     assert "**no plateau by step 1000**" in text  # ten points, still falling
+    # the other pairs: only those whose two rows ran, each paired by seed
+    pairs = quality.other_pairs(results)
+    assert pairs == {}  # vanilla, ant_ls and ant_uw_raw_snr ran: no pair has both its rows
+    results = _fake_results(["vanilla", "min_snr", "ant_uw_min_snr", "ant_ls", "ant_uw"], args.seeds,
+                            {"vanilla": 0.0, "min_snr": -3.0, "ant_uw_min_snr": -3.0, "ant_ls": 0.0, "ant_uw": -4.0})
+    pairs = quality.other_pairs(results)
+    assert list(pairs) == [("ant_uw", "ant_ls"), ("ant_uw", "min_snr"), ("ant_uw_min_snr", "min_snr")]
+    assert pairs[("ant_uw", "ant_ls")]["high"] < 0 and pairs[("ant_uw", "min_snr")]["mean"] == pytest.approx(-1.0, abs=1.0)
+    assert pairs[("ant_uw_min_snr", "min_snr")]["low"] < 0 < pairs[("ant_uw_min_snr", "min_snr")]["high"]
+    assert pairs[("ant_uw", "ant_ls")]["mean"] == pytest.approx(-4.0, abs=1.0)
+    text = quality.markdown(table, paired, {}, args, "ab" * 32, pairs)
+    assert "| ANT + UW - ANT + LS (control) | -" in text and "| ANT + UW, Min-SNR (gamma 5) - Min-SNR (gamma 5) |" in text
 
 
 # ------------------------------------------------------------------------------------ NTG benchmark

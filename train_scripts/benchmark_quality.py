@@ -346,6 +346,23 @@ def summarise(results, confidence=0.95):
     return table, paired
 
 
+# Pairs besides "row - vanilla" that the rows are there to answer: what the weighting adds to ANT's
+# stratified sampling (against the LS control), ANT against the strongest fixed SNR weighting and on top
+# of it, the paper's combined configuration against its parts, and raw- against log-SNR clusters.
+PAIRS = (("ant_uw", "ant_ls"), ("ant_nash", "ant_ls"), ("ant_pcgrad", "ant_ls"), ("ant_uw", "min_snr"),
+         ("ant_nash", "min_snr"), ("ant_uw_raw_snr", "min_snr"), ("ant_uw_min_snr", "min_snr"),
+         ("ant_uw_pcgrad_p2", "p2"), ("ant_uw_pcgrad_p2", "ant_uw"), ("ant_uw_raw_snr", "ant_uw"))
+
+
+def other_pairs(results, confidence=0.95) -> dict:
+    """{(a, b): paired FID difference a - b over the seeds} for the `PAIRS` whose rows both ran."""
+    from diffusers_ant.analysis.stats import paired_differences
+
+    return {(a, b): paired_differences({s: m["fid"] for s, m in results[a].items()},
+                                       {s: m["fid"] for s, m in results[b].items()}, confidence)
+            for a, b in PAIRS if a in results and b in results}
+
+
 def summarise_curve(curve, confidence=0.95):
     from diffusers_ant.analysis.stats import t_interval
 
@@ -361,8 +378,9 @@ def vanilla_plateau(curve_summaries, tolerance, min_points=PLATEAU_MIN_POINTS):
     return plateau_step({step: cell["mean"] for step, cell in summary.items()}, tolerance, min_points)
 
 
-def markdown(table, paired, curve_summaries, args, extractor_sha) -> str:
-    """The tables; ``curve_summaries``: {method: summarise_curve(...)} (or one summary: vanilla's)."""
+def markdown(table, paired, curve_summaries, args, extractor_sha, pairs=None) -> str:
+    """The tables; ``curve_summaries``: {method: summarise_curve(...)} (or one summary: vanilla's);
+    ``pairs``: ``other_pairs(...)``."""
     if curve_summaries and all(isinstance(k, int) for k in curve_summaries):
         curve_summaries = {"vanilla": curve_summaries}
     level = f"{args.confidence:.0%}"
@@ -387,6 +405,11 @@ def markdown(table, paired, curve_summaries, args, extractor_sha) -> str:
               f"{extractor_sha[:12]} (not Inception: not comparable with published FIDs). 'clusters on': the SNR "
               "the ANT clustering uses (log-SNR by default; raw SNR with --raw_snr, as the paper). "
               "'timesteps': uniform draws, or stratified batches (each cluster an equal share)."]
+    if pairs:
+        lines += ["", f"Other pairs (FID, paired by seed, {level} t interval):", "",
+                  f"| comparison | FID difference [{level} CI] |", "|---|---|"]
+        lines += [f"| {METHODS[a]['label']} - {METHODS[b]['label']} | {_difference(diff)} |"
+                  for (a, b), diff in pairs.items()]
     if curve_summaries:
         methods = list(curve_summaries)
         steps = sorted({step for summary in curve_summaries.values() for step in summary})
@@ -436,8 +459,11 @@ def run(args, command: str, started: float) -> None:
           f"images; estimated on an idle 2-core CPU: training {estimate['train_seconds'] / 60:.0f} min, "
           f"evaluation {estimate['eval_seconds'] / 60:.0f} min ({args.workers} workers)", flush=True)
     timing = {}
+    previous = os.path.join(args.output_dir, "results.json")
+    if args.phase == "eval" and os.path.isfile(previous):  # a re-scoring keeps the training's measured time
+        with open(previous, encoding="utf-8") as f:
+            timing.update({k: v for k, v in json.load(f).get("timing", {}).items() if k == "train_wall_seconds"})
     if args.phase in ("train", "all"):
-        steps = curve_steps(args)
 
         def one(run):
             method, seed = run
@@ -471,7 +497,8 @@ def run(args, command: str, started: float) -> None:
 
     table, paired = summarise(results, args.confidence)
     curve_summaries = {m: summarise_curve(curve, args.confidence) for m, curve in curves.items()}
-    text = markdown(table, paired, curve_summaries, args, extractor_sha)
+    pairs = other_pairs(results, args.confidence)
+    text = markdown(table, paired, curve_summaries, args, extractor_sha, pairs)
     print(text)
     if "vanilla" in curves:
         from diffusers_ant.analysis.plots import plot_fid_curve
@@ -494,6 +521,7 @@ def run(args, command: str, started: float) -> None:
         "per_run": results,
         "summary": table,
         "paired_vs_vanilla": paired,
+        "other_pairs": {f"{a} - {b}": diff for (a, b), diff in pairs.items()},
         "vanilla_curve": {"per_seed": {int(k): v for k, v in curves.get("vanilla", {}).items()},
                           "summary": curve_summaries.get("vanilla", {})},
         "curves": {m: {"per_seed": {int(k): v for k, v in curve.items()}, "summary": curve_summaries[m]}
