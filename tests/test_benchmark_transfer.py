@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusers_ant.analysis.benchmark import RunFailed
 from train_scripts_loader import load_script
 
 transfer = load_script("benchmark_transfer")
@@ -334,7 +335,7 @@ def test_run_logged_keeps_finished_runs_and_names_the_log_of_a_failure(tmp_path)
     assert time_path(log).endswith("train_time.json")
     assert run_logged([sys.executable, "-c", "raise SystemExit(3)"], log, time_path(log), "a run") == "kept"
     bad = str(tmp_path / "bad.log")
-    with pytest.raises(RuntimeError, match="bad.log"):
+    with pytest.raises(RunFailed, match="bad.log"):
         run_logged([sys.executable, "-c", "raise SystemExit(3)"], bad, time_path(bad), "a bad run")
     assert recorded_seconds(bad) is None
 

@@ -323,28 +323,36 @@ def test_the_committed_converged_base_is_the_plateau_of_its_committed_curve():
         assert json.load(f)["max_train_steps"] == 55000
 
 
-@pytest.mark.parametrize("script", ["benchmark_quality", "benchmark_transfer"])
-@pytest.mark.parametrize("stop", ["failed run", "interrupt"])
-def test_an_invocation_that_stops_early_is_recorded(script, stop, tmp_path, monkeypatch):
+@pytest.mark.parametrize("script", ["benchmark_quality", "benchmark_transfer", "benchmark_deme"])
+@pytest.mark.parametrize("stop", ["failed run", "error exit", "interrupt", "interrupt after finishing"])
+def test_an_invocation_that_stops_early_is_recorded_once(script, stop, tmp_path, monkeypatch):
     """A resumed benchmark's wall time sums invocations.json: an invocation that stopped on a failed run
-    (one line that says how to resume) or on Ctrl-C must be in it too, named by its own command."""
+    (one line that says how to resume), on an error exit or on Ctrl-C must be in it too, named by its
+    own command, and one that recorded itself as finished is not recorded again."""
+    from diffusers_ant.analysis.benchmark import RunFailed
+
     bench = load_script(script)
     out = str(tmp_path / "out")
 
-    def stopping(args, command, started):
-        if stop == "interrupt":
+    def stopping(args, invocation):
+        if stop == "interrupt after finishing":
+            invocation.finished(1.0)
+        if stop.startswith("interrupt"):
             raise KeyboardInterrupt
-        raise RuntimeError("vanilla seed 0 failed (exit code 1): see x/train.log")
+        if stop == "error exit":
+            raise SystemExit("benchmark: error: a checkpoint is missing")
+        raise RunFailed("vanilla seed 0 failed (exit code 1): see x/train.log")
 
     monkeypatch.setattr(bench, "run", stopping)
-    if stop == "interrupt":
-        with pytest.raises(KeyboardInterrupt):
-            bench.main(["--quick", "--output_dir", out])
-    else:
-        with pytest.raises(SystemExit, match=rf"{script}.py: error: vanilla seed 0 failed .* x/train.log; fix it") as info:
-            bench.main(["--quick", "--output_dir", out])
-        assert "\n" not in str(info.value)
+    expected = {"failed run": SystemExit, "error exit": SystemExit}.get(stop, KeyboardInterrupt)
+    with pytest.raises(expected) as info:
+        bench.main(["--quick", "--output_dir", out])
+    if stop == "failed run":
+        assert str(info.value).startswith(f"{script}.py: error: vanilla seed 0 failed")
+        assert str(info.value).endswith("see x/train.log; fix it and run the same command again to resume")
     with open(os.path.join(out, "invocations.json")) as f:
         history = json.load(f)
-    assert [entry["status"] for entry in history] == ["interrupted" if stop == "interrupt" else "stopped"]
-    assert history[0]["command"].endswith(f"--quick --output_dir {out}") and script in history[0]["command"]
+    status = {"interrupt": "interrupted", "interrupt after finishing": "finished"}.get(stop, "stopped")
+    assert [entry["status"] for entry in history] == [status]
+    # the command names this script, also when main() is called from another program
+    assert history[0]["command"] == " ".join(["python", os.path.relpath(bench.__file__), "--quick", "--output_dir", out])

@@ -38,6 +38,11 @@ def run_command(cmd, env=None, timeout=600, cwd=None) -> subprocess.CompletedPro
 
     import psutil  # an Accelerate dependency
 
+    import resource
+
+    # SIGABRT's default action also dumps core: no core files of hung training processes (in the repo, their
+    # working directory). Set here and inherited, not in a preexec_fn, which is unsafe in a threaded parent.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     proc = subprocess.Popen(cmd, cwd=cwd, env=env or offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -51,7 +56,11 @@ def run_command(cmd, env=None, timeout=600, cwd=None) -> subprocess.CompletedPro
                 except psutil.NoSuchProcess:
                     pass
             psutil.wait_procs(family, timeout=10)
-        out, err = proc.communicate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a process outside the tree still holds the pipes
+            proc.kill()
+            out, err = proc.communicate()
         raise AssertionError(f"timed out after {timeout} s, each process's stacks are at the end of its stderr: "
                              f"{' '.join(map(str, cmd))}\n--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-15000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

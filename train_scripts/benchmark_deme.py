@@ -76,7 +76,6 @@ from diffusers_ant.analysis.benchmark import (
     PLATEAU_MIN_POINTS,
     plateau_judgeable,
     plateau_step,
-    record_invocation,
     recorded_seconds,
     relative_differences,
     resolution_cost_factor,
@@ -903,11 +902,14 @@ def main(argv=None):
     started = time.time()
     check_settings(args)
     command = command_line(argv, script=__file__)
-    with invocation_recorded(args, command, started, "benchmark_deme.py"):
-        run(args, command, started)
+    with invocation_recorded(args, command, started, "benchmark_deme.py") as invocation:
+        run(args, invocation)
 
 
-def run(args, command, started) -> None:
+def run(args, invocation) -> None:
+    """Train, merge and score per --phase, then write the results (main records the invocation when it
+    stops early)."""
+    command, started = invocation.command, invocation.started
     config_path = os.path.join(args.output_dir, "bench_unet.json")
     with open(config_path, "w") as f:
         json.dump(BENCH_UNET, f, indent=2)
@@ -925,7 +927,7 @@ def run(args, command, started) -> None:
         merge_phase(args)
         timing["merge_wall_seconds"] = round(time.time() - start, 1)
     if "eval" not in phases:
-        record_invocation(args, command, time.time() - started)
+        invocation.finished(time.time() - started)
         return
     from diffusers_ant.analysis.evaluate import resolve_feature_extractor
 
@@ -935,7 +937,7 @@ def run(args, command, started) -> None:
     probe = probe_phase(args, extractor_sha)
     timing["eval_wall_seconds"] = round(time.time() - start, 1)
     timing["wall_seconds"] = round(time.time() - started, 1)
-    timing["all_invocations_wall_seconds"] = round(record_invocation(args, command, timing["wall_seconds"]), 1)
+    timing["all_invocations_wall_seconds"] = round(invocation.finished(timing["wall_seconds"]), 1)
     timing.update(recorded_times(args))
 
     table, paired, relative = summarise(results, args.confidence)

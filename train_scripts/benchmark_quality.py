@@ -60,7 +60,6 @@ from diffusers_ant.analysis.benchmark import (  # noqa: F401  (re-exported: benc
     schedule_flags,
     plateau_judgeable,
     plateau_step,
-    record_invocation,
     resolution_cost_factor,
     run_logged,
     run_parallel,
@@ -443,13 +442,14 @@ def main(argv=None):
     started = time.time()
     check_settings(args)
     command = command_line(argv, script=__file__)
-    with invocation_recorded(args, command, started, "benchmark_quality.py"):
-        run(args, command, started)
+    with invocation_recorded(args, command, started, "benchmark_quality.py") as invocation:
+        run(args, invocation)
 
 
-def run(args, command: str, started: float) -> None:
+def run(args, invocation) -> None:
     """Train every (row, seed), score the final models and the curves, write the results (main records
     the invocation when it stops early)."""
+    command, started = invocation.command, invocation.started
     config_path = os.path.join(args.output_dir, "bench_unet.json")
     with open(config_path, "w") as f:
         json.dump(BENCH_UNET, f, indent=2)
@@ -477,7 +477,7 @@ def run(args, command: str, started: float) -> None:
         run_parallel(one, runs, args.workers)
         timing["train_wall_seconds"] = round(time.time() - start, 1)
     if args.phase == "train":
-        record_invocation(args, command, time.time() - started)
+        invocation.finished(time.time() - started)
         return
     from diffusers_ant.analysis.evaluate import resolve_feature_extractor
 
@@ -487,7 +487,7 @@ def run(args, command: str, started: float) -> None:
     timing["eval_wall_seconds"] = round(time.time() - start, 1)
     timing["wall_seconds"] = round(time.time() - started, 1)
     # a resumed benchmark's wall time is the sum of its invocations (OUTPUT_DIR/invocations.json)
-    timing["all_invocations_wall_seconds"] = round(record_invocation(args, command, timing["wall_seconds"]), 1)
+    timing["all_invocations_wall_seconds"] = round(invocation.finished(timing["wall_seconds"]), 1)
     timing["train_seconds_per_run"] = {}
     for method, seed in runs:
         path = os.path.join(args.output_dir, method, f"seed-{seed}", "train_time.json")

@@ -64,7 +64,6 @@ from diffusers_ant.analysis.benchmark import (
     format_difference,
     format_mean_sd,
     invocation_recorded,
-    record_invocation,
     recorded_seconds,
     relative_differences,
     resolution_cost_factor,
@@ -781,13 +780,14 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.time()
     command = command_line(argv, script=__file__)
-    with invocation_recorded(args, command, started, "benchmark_transfer.py"):
-        return run(args, command, started)
+    with invocation_recorded(args, command, started, "benchmark_transfer.py") as invocation:
+        return run(args, invocation)
 
 
-def run(args, command: str, started: float):
+def run(args, invocation):
     """The benchmark: data, pretraining, banks, training runs, evaluation, results (main records the
     invocation when it stops early)."""
+    command, started = invocation.command, invocation.started
     layout = Layout(args)
     os.makedirs(args.output_dir, exist_ok=True)
     write_json(layout.unet_config, BENCH_UNET)
@@ -855,7 +855,7 @@ def run(args, command: str, started: float):
 
     stage("fine-tuning and ControlNet runs", train_job, runs)
     if args.phase == "train":
-        record_invocation(args, command, time.time() - started)
+        invocation.finished(time.time() - started)
         return None
 
     from diffusers_ant.analysis.evaluate import resolve_feature_extractor
@@ -869,7 +869,7 @@ def run(args, command: str, started: float):
     timing["chains of forgetting"] = round(time.time() - start, 1)
     timing["wall_seconds"] = round(time.time() - started, 1)
     # a resumed benchmark's wall time is the sum of its invocations (OUTPUT_DIR/invocations.json)
-    timing["all_invocations_wall_seconds"] = round(record_invocation(args, command, timing["wall_seconds"]), 1)
+    timing["all_invocations_wall_seconds"] = round(invocation.finished(timing["wall_seconds"]), 1)
     timing["train_seconds_per_run"] = {f"{m}/seed-{s}": recorded_seconds(os.path.join(layout.run(m, s), "train.log"))
                                        for m, s in runs}
 

@@ -69,6 +69,7 @@ __all__ = [
     "resolution_cost_factor",
     "schedule_flags",
     "run_logged",
+    "RunFailed",
     "run_parallel",
     "split_rows",
     "stored_metrics",
@@ -187,13 +188,17 @@ def recorded_seconds(log_path: str):
         return float(json.load(f)["seconds"])
 
 
+class RunFailed(RuntimeError):
+    """A benchmark's subprocess run failed (``run_logged``): its log says why."""
+
+
 def run_logged(cmd, log_path: str, done, what: str, threads: int = 1) -> str:
     """Run ``cmd`` unless the outputs ``done`` (a path or a list of paths) all exist: then "kept".
 
     Otherwise it runs with ``offline_env()`` and ``threads`` torch threads (one unless a run has the
     machine to itself, e.g. DeMe's pretraining), its output (after the command line) in ``log_path``;
-    the wall time is written to ``time_path(log_path)`` and returned as "123s". A failure raises a
-    RuntimeError naming the log. ``done`` may be empty (always run) or the time file itself, which is
+    the wall time is written to ``time_path(log_path)`` and returned as "123s". A failure raises
+    ``RunFailed`` (a RuntimeError) naming the log. ``done`` may be empty (always run) or the time file itself, which is
     written only after a successful exit (for commands whose outputs have no single marker file)."""
     done = [done] if isinstance(done, str) else list(done)
     if done and all(os.path.exists(path) for path in done):
@@ -206,7 +211,7 @@ def run_logged(cmd, log_path: str, done, what: str, threads: int = 1) -> str:
         result = subprocess.run([str(part) for part in cmd], stdout=log, stderr=subprocess.STDOUT,
                                 env=offline_env(OMP_NUM_THREADS=threads))
     if result.returncode != 0:
-        raise RuntimeError(f"{what} failed (exit code {result.returncode}): see {log_path}")
+        raise RunFailed(f"{what} failed (exit code {result.returncode}): see {log_path}")
     seconds = time.time() - start
     write_json(time_path(log_path), {"seconds": seconds})
     return f"{seconds:.0f}s"
@@ -475,19 +480,39 @@ def record_invocation(args, command, seconds, status="finished") -> float:
     return sum(entry["wall_seconds"] for entry in history)
 
 
+class _Invocation:
+    def __init__(self, args, command: str, started: float):
+        self.args, self.command, self.started, self.recorded = args, command, started, False
+
+    def finished(self, seconds: float) -> float:
+        """Record the finished invocation (once); the wall seconds of all invocations."""
+        self.recorded = True
+        return record_invocation(self.args, self.command, seconds)
+
+    def stopped(self, status: str) -> None:
+        if not self.recorded:
+            self.recorded = True
+            record_invocation(self.args, self.command, time.time() - self.started, status=status)
+
+
 @contextlib.contextmanager
 def invocation_recorded(args, command: str, started: float, script: str):
-    """Around a benchmark's body: an invocation that stops on a failed run or is interrupted is still
-    appended to invocations.json (status "stopped" / "interrupted"), so a resumed benchmark's wall time
-    counts it; a failed run ends in one line that says how to resume. The body records its own
-    finished invocation (the total goes into its results)."""
+    """Around a benchmark's body, which records its finished invocation by the yielded handle's
+    ``finished(seconds)`` (the total goes into its results): an invocation that stops on a failed run,
+    on an error exit or on Ctrl-C is appended to invocations.json too (status "stopped" /
+    "interrupted"), once, so a resumed benchmark's wall time counts it; a failed run ends in one line
+    that says how to resume."""
+    invocation = _Invocation(args, command, started)
     try:
-        yield
-    except RuntimeError as err:  # a run failed: its log says why (run_logged); one line here
-        record_invocation(args, command, time.time() - started, status="stopped")
+        yield invocation
+    except RunFailed as err:
+        invocation.stopped("stopped")
         raise SystemExit(f"{script}: error: {err}; fix it and run the same command again to resume")
+    except SystemExit:
+        invocation.stopped("stopped")
+        raise
     except KeyboardInterrupt:
-        record_invocation(args, command, time.time() - started, status="interrupted")
+        invocation.stopped("interrupted")
         raise
 
 
