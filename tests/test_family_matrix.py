@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_utils import run_command
+from trainer_utils import offline_env, run_command
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: two threads contend on a shared 2-core machine
 
@@ -52,10 +52,7 @@ DDP_STEPS = 2  # tests/scripts/ddp_families_check.py's STEPS
 @pytest.fixture(scope="module")
 def two_process_families(bases, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp-families")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1",  # run_command: a hung launch prints its stacks
-               TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = offline_env(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

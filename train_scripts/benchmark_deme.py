@@ -67,6 +67,7 @@ from diffusers_ant.analysis.benchmark import (
     SECONDS_PER_RUN,
     SECONDS_PER_STEP,
     base_resolution,
+    check_benchmark_settings,
     command_line,
     evaluate_in_pool,
     evaluate_saved_model,
@@ -500,8 +501,6 @@ def training_settings(args) -> dict:
 
 
 def check_settings(args) -> None:
-    from diffusers_ant.analysis.benchmark import check_benchmark_settings
-
     check_benchmark_settings(args.output_dir, training_settings(args), "benchmark_deme.py")
 
 

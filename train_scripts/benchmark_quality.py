@@ -51,6 +51,7 @@ from diffusers_ant.analysis.benchmark import (  # noqa: F401  (re-exported: benc
     SECONDS_PER_IMAGE_STEP,
     SECONDS_PER_RUN,
     SECONDS_PER_STEP,
+    check_benchmark_settings,
     command_line,
     format_difference as _difference,
     format_mean_sd as _mean_sd,
@@ -64,6 +65,7 @@ from diffusers_ant.analysis.benchmark import (  # noqa: F401  (re-exported: benc
     run_logged,
     run_parallel,
     stored_metrics,
+    write_json,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -205,8 +207,6 @@ TRAINING_SETTINGS = ("resolution", "max_train_steps", "train_batch_size", "learn
 
 def check_settings(args) -> None:
     """Kept runs are reused by folder: a folder trained with other settings is refused."""
-    from diffusers_ant.analysis.benchmark import check_benchmark_settings
-
     check_benchmark_settings(args.output_dir, {key: getattr(args, key) for key in TRAINING_SETTINGS},
                              "benchmark_quality.py")
 
@@ -462,7 +462,9 @@ def run(args, invocation) -> None:
     previous = os.path.join(args.output_dir, "results.json")
     if args.phase == "eval" and os.path.isfile(previous):  # a re-scoring keeps the training's measured time
         with open(previous, encoding="utf-8") as f:
-            timing.update({k: v for k, v in json.load(f).get("timing", {}).items() if k == "train_wall_seconds"})
+            trained = json.load(f).get("timing", {}).get("train_wall_seconds")
+        if trained is not None:
+            timing["train_wall_seconds"] = trained
     if args.phase in ("train", "all"):
 
         def one(run):
@@ -530,8 +532,7 @@ def run(args, invocation) -> None:
         "vanilla_plateau_judgeable": plateau_judgeable(curve_summaries.get("vanilla", {}), PLATEAU_MIN_POINTS),
         "timing": timing,
     }
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    write_json(os.path.join(args.output_dir, "results.json"), record)  # atomically: --phase eval reads it back
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(text + "\n")
     print(f"wrote {os.path.join(args.output_dir, 'results.json')} and results.md "
