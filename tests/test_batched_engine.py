@@ -242,3 +242,47 @@ def test_gradient_checkpointing_is_refused():
     engine = TaskGradientEngine(list(model.parameters()), mode="batched", modules=[model])
     with pytest.raises(RuntimeError, match="gradients disabled"):
         engine.backward(get_weighting("pcgrad", K), reentrant, batch[-1], K)
+
+
+def test_auto_mode_takes_batched_where_it_runs_and_split_elsewhere():
+    model = tiny_unet()
+    assert TaskGradientEngine(list(model.parameters()), mode="auto", modules=[model]).mode == "batched"
+    # no modules to hook, a sharded engine, a parameter outside the covered layers: split, with the reason
+    assert TaskGradientEngine(list(model.parameters()), mode="auto").mode == "split"
+    assert TaskGradientEngine(list(model.parameters()), mode="auto", modules=[model], lockstep=True).mode == "split"
+    bare = WithBareParameter()
+    engine = TaskGradientEngine(list(bare.parameters()), mode="auto", modules=[bare])
+    assert engine.mode == "split" and "WithBareParameter.scale" in engine.auto_reason
+
+
+def test_auto_mode_falls_back_to_split_when_the_forward_pass_defeats_batched():
+    """A model the batched mode only finds out about in the forward pass (rows that are not samples):
+    `auto` runs the window again in split mode, with split's gradients, and stays there."""
+    model = FoldsTheBatch()
+    x, ids = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 2, 3])
+    loss = lambda idx: model(x[idx]).pow(2).mean(1)  # noqa: E731
+    auto = TaskGradientEngine(list(model.parameters()), mode="auto", modules=[model])
+    assert auto.mode == "batched"
+    auto.backward(get_weighting("pcgrad", K, seed=1), loss, ids, K)
+    split = TaskGradientEngine(list(model.parameters()), mode="split")
+    split.backward(get_weighting("pcgrad", K, seed=1), loss, ids, K)
+    assert auto.mode == "split" and "first dimension" in auto.auto_reason
+    assert split.task_grads.abs().max() > 0 and torch.equal(auto.task_grads, split.task_grads)
+    assert not model.proj._forward_hooks
+
+
+def test_trainer_default_engine_is_batched_and_split_under_gradient_checkpointing():
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.training.args import parse_args
+    from diffusers_ant.training.components import build_task_gradient_engine
+
+    args = parse_args(["--model_type", "unet", "--model_config_name_or_path", "tiny", "--dataset_name", "mnist5k",
+                       "--mtl_method", "pcgrad"])
+    assert args.task_gradients == "auto"
+    adapter = get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1)
+    params = adapter.trainable_parameters()
+    assert build_task_gradient_engine(adapter, params, args.task_gradients, None).mode == "batched"
+    engine = build_task_gradient_engine(adapter, params, args.task_gradients, None, gradient_checkpointing=True)
+    assert engine.mode == "split"
+    # a run that asks for split gets split
+    assert build_task_gradient_engine(adapter, params, "split", None).mode == "split"

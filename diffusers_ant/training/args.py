@@ -190,12 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "combines the scaled task gradients c_i g_i.")
     g.add_argument("--mtl_options", default=None,
                    help='JSON object of the weighting\'s options, e.g. \'{"update_every": 25}\'.')
-    g.add_argument("--task_gradients", default="split", choices=["split", "batched", "retain_graph", "last_layers"],
-                   help="How gradient-based methods form per-cluster gradients: `split`, one forward/backward per "
-                   "cluster sub-batch (exact for per-sample normalisation); `batched`, the same gradients from one "
-                   "forward and one backward over the whole batch, each layer's weight gradient summed per cluster "
-                   "(Linear / Conv / GroupNorm / LayerNorm / Embedding layers and LoRA; other trainable layers are "
-                   "refused); `retain_graph`, the reference way (one "
+    g.add_argument("--task_gradients", default="auto", choices=["auto", "split", "batched", "retain_graph", "last_layers"],
+                   help="How gradient-based methods form per-cluster gradients: `auto` (default), `batched` where it "
+                   "runs, else `split`; `split`, one forward/backward per cluster sub-batch (exact for per-sample "
+                   "normalisation; the least memory; about as fast as batched once the sub-batches are large, e.g. 32x32 "
+                   "at batch 64 on a CPU); `batched`, the same gradients from one forward and one backward over the whole "
+                   "batch, each layer's weight gradient summed per cluster (Linear / Conv / GroupNorm / LayerNorm / "
+                   "Embedding layers and LoRA; other trainable layers and gradient checkpointing are refused; 1.5x "
+                   "split's memory); `retain_graph`, the reference way (one "
                    "forward, k backward passes); `last_layers`, one forward, the k gradients of the output-side layers "
                    "only, then one weighted backward (cost independent of the sub-batch size: for small per-device "
                    "batches on a GPU).")

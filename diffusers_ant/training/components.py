@@ -71,26 +71,35 @@ def build_sampler(args, intervals, num_timesteps):
     return UniformTimestepSampler(num_timesteps)
 
 
-def engine_mode(task_gradients: str) -> str:
-    """`TaskGradientEngine`'s mode for `--task_gradients` (`last_layers` is retain_graph on the output layers)."""
+def engine_mode(task_gradients: str, gradient_checkpointing: bool = False) -> str:
+    """`TaskGradientEngine`'s mode for `--task_gradients` (`last_layers` is retain_graph on the output layers;
+    `auto` is split under gradient checkpointing, which recomputes the layers out of the batched mode's sight)."""
+    if task_gradients == "auto":
+        return "split" if gradient_checkpointing else "auto"
     return task_gradients if task_gradients in ("split", "batched") else "retain_graph"
 
 
 def build_task_gradient_engine(adapter, params, task_gradients, task_gradient_subset, lockstep=False,
-                               write_update=None):
+                               write_update=None, gradient_checkpointing=False):
     """The per-cluster gradient engine of a gradient-based run; a model the batched mode cannot cover is
-    refused in one line. `lockstep` (FSDP) and `write_update` (DeepSpeed): see `sharding.py`."""
+    refused in one line (or, under `auto`, given the split mode). `lockstep` (FSDP) and `write_update`
+    (DeepSpeed): see `sharding.py`."""
     from ..weighting.engine import TaskGradientEngine
 
     subset, restrict = parameter_subset(adapter, task_gradient_subset, task_gradients)
     try:
-        return TaskGradientEngine(params, mode=engine_mode(task_gradients), subset=subset,
-                                  restrict_task_backward=restrict, modules=[adapter.model], lockstep=lockstep,
-                                  write_update=write_update)
+        engine = TaskGradientEngine(params, mode=engine_mode(task_gradients, gradient_checkpointing), subset=subset,
+                                    restrict_task_backward=restrict, modules=[adapter.model], lockstep=lockstep,
+                                    write_update=write_update)
     except ValueError as error:
         if task_gradients != "batched":
             raise
         raise UsageError(f"--task_gradients batched: {error}".replace("mode='split'", "--task_gradients split")) from None
+    if task_gradients == "auto":
+        reason = engine.auto_reason or ("gradient checkpointing" if engine.mode == "split" else None)
+        logger.info("per-cluster gradients (--task_gradients auto): %s mode%s", engine.mode,
+                    f" ({reason})" if reason else "")
+    return engine
 
 
 def parameter_subset(adapter, spec, task_gradients):

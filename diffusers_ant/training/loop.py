@@ -332,7 +332,8 @@ def train(args) -> str:
     engine = None
     if gradient_based:
         engine = build_task_gradient_engine(adapter, params, args.task_gradients, args.task_gradient_subset,
-                                            lockstep=fsdp, write_update=DeepSpeedUpdate(model) if deepspeed else None)
+                                            lockstep=fsdp, write_update=DeepSpeedUpdate(model) if deepspeed else None,
+                                            gradient_checkpointing=args.gradient_checkpointing)
     # One generator draws every random number of a step (latents, label dropout, timesteps, noise);
     # each process has its own stream.
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)

@@ -181,7 +181,7 @@ def check_task_gradient_engine(accelerator, args) -> None:
         raise UsageError(f"{method} under {engine} needs --task_gradient_subset lora (with --rank): the per-cluster "
                          "gradients of sharded parameters are never whole on one process; or use a loss-based "
                          "method (ls, rlw, uw, dwa) or `accelerate launch --multi_gpu`")
-    if getattr(args, "task_gradients", "split") != "split":
+    if getattr(args, "task_gradients", "split") not in ("split", "auto"):  # (auto is split here)
         raise UsageError(f"{method} under {engine} runs with --task_gradients split only (not "
                          f"{args.task_gradients}): drop --task_gradients or use `accelerate launch --multi_gpu`")
     precision = mixed_precision_of(accelerator, args)

@@ -99,6 +99,12 @@ def uncovered_parameters(params: Sequence[nn.Parameter], owners) -> List[str]:
     return out
 
 
+class BatchedModeUnsupported(RuntimeError):
+    """Raised in the forward pass when the model does something the batched mode cannot follow (a layer
+    on a batch of another size, a layer run without gradients); nothing has been accumulated yet, so
+    an engine in ``"auto"`` mode can run the window again in ``"split"`` mode."""
+
+
 class _ClusterTap(torch.autograd.Function):
     """Identity on a layer's output; its backward adds the layer's per-cluster parameter gradients.
 
@@ -155,7 +161,14 @@ class ClusterGradientRecorder:
         self._views: Dict[int, torch.Tensor] = {}
         self._ids: Optional[torch.Tensor] = None
         self._segments: List[Tuple[int, int, int]] = []
+        self._sizes: List[int] = []       # sample counts of the chunk's non-empty clusters, in order
+        self._tasks: List[int] = []       # their task ids
+        self._rows: Dict[int, Tuple[torch.Tensor, ...]] = {}  # id(p) -> its K rows (views[id(p)].unbind(0))
+        self._rows_of = None              # the views dict `_rows` was made from
         self._n = 0
+        # per convolution, its arguments to aten.convolution_backward, worked out once (the taps run in
+        # every backward pass, and each Python-level torch call costs microseconds)
+        self._conv_plans = {id(m): _conv_plan(m) for m in self.layers if isinstance(m, _CONVS)}
 
     # -- set-up per chunk ------------------------------------------------------------------------
     def start(self, views: Dict[int, torch.Tensor], task_ids: torch.Tensor, num_tasks: int) -> None:
@@ -171,6 +184,11 @@ class ClusterGradientRecorder:
                 segments.append((i, start, start + c))
                 start += c
         self._views, self._ids, self._segments, self._n = views, task_ids, segments, int(task_ids.numel())
+        self._sizes = [b - a for _, a, b in segments]
+        self._tasks = [i for i, _, _ in segments]
+        if views is not self._rows_of:  # the engine re-creates its buffer only when K or the device changes
+            self._rows = {key: view.unbind(0) for key, view in views.items()}
+            self._rows_of = views
         self.active = True
         self.ran_without_grad = False
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
@@ -185,6 +203,7 @@ class ClusterGradientRecorder:
         self.stop_recording_forward()
         self.active = False
         self._views, self._ids, self._segments = {}, None, []
+        self._rows, self._rows_of = {}, None
 
     def _hook(self, module, args, output):
         if not torch.is_grad_enabled():
@@ -196,41 +215,41 @@ class ClusterGradientRecorder:
             return None
         layer_input = args[0]
         if layer_input.shape[0] != self._n or output.shape[0] != self._n:
-            raise RuntimeError(f"{type(module).__name__} was called on a batch of {layer_input.shape[0]} rows in a forward "
+            raise BatchedModeUnsupported(f"{type(module).__name__} was called on a batch of {layer_input.shape[0]} rows in a forward "
                                f"pass of {self._n} samples: the batched per-cluster gradient mode needs layers that "
                                "keep the samples on the first dimension (use mode='split')")
         return _ClusterTap.apply(output, self.anchor, layer_input, self, module)
 
     # -- the per-cluster reductions ----------------------------------------------------------------
+    # Each cluster is a contiguous slice of the chunk: `split` cuts a tensor into all of them in one
+    # call, and each weight gradient is added into its row by one fused call (`addmm_`) where there is
+    # one. Biases and normalisation scales take one per-sample reduction and one `index_add_`.
     def accumulate(self, module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
         wanted = self.wanted[id(module)]
         weight, bias = wanted.get("weight"), wanted.get("bias")
-        views = self._views
+        if x.dtype != dy.dtype and not isinstance(module, (nn.Embedding,) + _RMS_NORMS):
+            x = x.to(dy.dtype)  # (an RMSNorm normalises in its own precision, below)
         if isinstance(module, nn.Linear):
-            x = x.to(dy.dtype)
             if weight is not None:
-                out = views[id(weight)]
-                for i, a, b in self._segments:
-                    out[i].add_(dy[a:b].reshape(-1, dy.shape[-1]).t().mm(x[a:b].reshape(-1, x.shape[-1])))
+                self._matmul_rows(weight, x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
             if bias is not None:
-                self._index_add(views[id(bias)], dy.reshape(self._n, -1, dy.shape[-1]).sum(1))
+                self._index_add(bias, dy.reshape(self._n, -1, dy.shape[-1]).sum(1))
         elif isinstance(module, _CONVS):
             self._conv(module, x, dy, weight, bias)
         elif isinstance(module, nn.GroupNorm):
             dims = tuple(range(2, dy.dim()))
             if weight is not None:
-                x_hat = F.group_norm(x.to(dy.dtype), module.num_groups, eps=module.eps)
-                self._index_add(views[id(weight)], (dy * x_hat).sum(dims) if dims else dy * x_hat)
+                x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
+                self._index_add(weight, (dy * x_hat).sum(dims) if dims else dy * x_hat)
             if bias is not None:
-                self._index_add(views[id(bias)], dy.sum(dims) if dims else dy)
+                self._index_add(bias, dy.sum(dims) if dims else dy)
         elif isinstance(module, nn.LayerNorm):
             shape = tuple(module.normalized_shape)
-            lead = dy.shape[:dy.dim() - len(shape)]
             if weight is not None:
-                x_hat = F.layer_norm(x.to(dy.dtype), shape, eps=module.eps)
-                self._index_add(views[id(weight)], (dy * x_hat).reshape(lead[0], -1, *shape).sum(1))
+                x_hat = F.layer_norm(x, shape, eps=module.eps)
+                self._index_add(weight, (dy * x_hat).reshape(self._n, -1, *shape).sum(1))
             if bias is not None:
-                self._index_add(views[id(bias)], dy.reshape(lead[0], -1, *shape).sum(1))
+                self._index_add(bias, dy.reshape(self._n, -1, *shape).sum(1))
         elif isinstance(module, _RMS_NORMS):
             if _DiffusersRMSNorm is not None and isinstance(module, _DiffusersRMSNorm):
                 shape = dy.shape[-1:]
@@ -240,57 +259,75 @@ class ClusterGradientRecorder:
                 x_hat = F.rms_norm(x, shape, eps=module.eps)
             x_hat = x_hat.to(dy.dtype)
             if weight is not None:
-                self._index_add(views[id(weight)], (dy * x_hat).reshape(self._n, -1, *shape).sum(1))
+                self._index_add(weight, (dy * x_hat).reshape(self._n, -1, *shape).sum(1))
             if bias is not None:
-                self._index_add(views[id(bias)], dy.reshape(self._n, -1, *shape).sum(1))
+                self._index_add(bias, dy.reshape(self._n, -1, *shape).sum(1))
         elif isinstance(module, nn.Embedding):
-            out = views[id(weight)]
+            rows = self._rows[id(weight)]
             for i, a, b in self._segments:
                 idx = x[a:b].reshape(-1)
-                rows = dy[a:b].reshape(-1, dy.shape[-1])
+                grad_rows = dy[a:b].reshape(-1, dy.shape[-1])
                 if module.padding_idx is not None:
                     keep = idx != module.padding_idx
-                    idx, rows = idx[keep], rows[keep]
-                out[i].index_add_(0, idx, rows.to(out.dtype))
+                    idx, grad_rows = idx[keep], grad_rows[keep]
+                rows[i].index_add_(0, idx, grad_rows.to(rows[i].dtype))
         else:  # pragma: no cover - refused in __init__
             raise TypeError(type(module).__name__)
 
-    def _index_add(self, out: torch.Tensor, per_sample: torch.Tensor) -> None:
-        """out[task(s)] += per_sample[s] for every sample s of the chunk, in one call."""
-        out.index_add_(0, self._ids, per_sample.to(out.dtype))
+    def _matmul_rows(self, weight: nn.Parameter, x_rows: torch.Tensor, dy_rows: torch.Tensor) -> None:
+        """Row i of `weight` += dy_i^T x_i for each cluster i: x_rows (samples * positions, in) and
+        dy_rows (samples * positions, out), their rows grouped by sample (a Linear layer, or a 1x1
+        convolution on channels-last activations)."""
+        per_sample = x_rows.shape[0] // self._n
+        sizes = [n * per_sample for n in self._sizes]
+        rows = self._rows[id(weight)]
+        fused = dy_rows.dtype == rows[0].dtype  # (under autocast the product is half precision, the buffer float32)
+        for i, x_i, dy_i in zip(self._tasks, x_rows.split(sizes), dy_rows.split(sizes)):
+            row = rows[i].view(dy_rows.shape[1], x_rows.shape[1])
+            if fused:
+                row.addmm_(dy_i.T, x_i)
+            else:
+                row.add_(dy_i.T.mm(x_i))
+
+    def _index_add(self, param: nn.Parameter, per_sample: torch.Tensor) -> None:
+        """param's row task(s) += per_sample[s] for every sample s of the chunk, in one call."""
+        out = self._views[id(param)]
+        out.index_add_(0, self._ids, per_sample if per_sample.dtype == out.dtype else per_sample.to(out.dtype))
 
     def _conv(self, module, x, dy, weight, bias) -> None:
-        n = x.dim() - 2
-        if module.padding_mode != "zeros":  # as nn.ConvNd._conv_forward: pad explicitly, then no padding
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-            padding = [0] * n
-        elif module.padding == "valid":
-            padding = [0] * n
-        else:
-            padding = list(module.padding)
-        w = module.weight.to(dy.dtype)
-        x = x.to(dy.dtype)
-        if (module.groups == 1 and all(k == 1 for k in w.shape[2:]) and all(s == 1 for s in module.stride)
-                and all(p == 0 for p in padding)):
+        pad, padding, stride, dilation, zeros, groups, pointwise = self._conv_plans[id(module)]
+        if pad is not None:  # as nn.ConvNd._conv_forward: pad explicitly, then convolve without padding
+            x = F.pad(x, pad, mode=module.padding_mode)
+        if bias is not None:
+            self._index_add(bias, dy.sum(tuple(range(2, dy.dim()))))
+        if weight is None:
+            return
+        if pointwise:
             # A 1x1 convolution (UNets' shortcuts) is a Linear layer on the channels: one matrix product
             # per cluster (torch's small-batch weight gradient of a 1x1 convolution takes its slow path).
             # Channels-last activations make the (positions, channels) views free.
             order = (0, *range(2, x.dim()), 1)
-            x_rows, dy_rows = x.permute(order), dy.permute(order)
-            if weight is not None:
-                out = self._views[id(weight)]
-                for i, a, b in self._segments:
-                    dw = dy_rows[a:b].reshape(-1, dy.shape[1]).t().mm(x_rows[a:b].reshape(-1, x.shape[1]))
-                    out[i].add_(dw.view(out.shape[1:]))
-            if bias is not None:
-                self._index_add(self._views[id(bias)], dy.sum(tuple(range(2, dy.dim()))))
+            self._matmul_rows(weight, x.permute(order).reshape(-1, x.shape[1]), dy.permute(order).reshape(-1, dy.shape[1]))
             return
-        mask = [False, weight is not None, bias is not None]
-        for i, a, b in self._segments:
-            _, dw, db = torch.ops.aten.convolution_backward(
-                dy[a:b], x[a:b], w, [w.shape[0]] if bias is not None else None, list(module.stride), padding,
-                list(module.dilation), False, [0] * n, module.groups, mask)
-            if weight is not None:
-                self._views[id(weight)][i].add_(dw)
-            if bias is not None:
-                self._views[id(bias)][i].add_(db)
+        w = module.weight if module.weight.dtype == dy.dtype else module.weight.to(dy.dtype)
+        rows = self._rows[id(weight)]
+        for i, x_i, dy_i in zip(self._tasks, x.split(self._sizes), dy.split(self._sizes)):
+            _, dw, _ = torch.ops.aten.convolution_backward(dy_i, x_i, w, None, stride, padding, dilation, False, zeros,
+                                                           groups, [False, True, False])
+            rows[i].add_(dw)
+
+
+def _conv_plan(module) -> tuple:
+    """(explicit padding or None, padding, stride, dilation, output padding, groups, is a 1x1 convolution
+    without stride or padding) of a convolution layer, for `convolution_backward`."""
+    n = module.weight.dim() - 2
+    pad = None
+    if module.padding_mode != "zeros":
+        pad, padding = module._reversed_padding_repeated_twice, [0] * n
+    elif module.padding == "valid":
+        padding = [0] * n
+    else:
+        padding = list(module.padding)
+    pointwise = (module.groups == 1 and all(k == 1 for k in module.weight.shape[2:])
+                 and all(s == 1 for s in module.stride) and all(p == 0 for p in padding))
+    return pad, padding, list(module.stride), list(module.dilation), [0] * n, module.groups, pointwise

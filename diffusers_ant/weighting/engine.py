@@ -30,6 +30,12 @@ Modes of `TaskGradientEngine`:
   gradients; only the weight-gradient reductions run per cluster. Needs the model's modules
   (`modules=`) and trainable parameters that sit in covered layers (Linear, Conv, GroupNorm,
   LayerNorm, Embedding, LoRA's layers): otherwise it is refused at construction.
+* ``"auto"``: ``"batched"`` where it runs (`modules` given, every task parameter in a covered layer,
+  no `lockstep` / `write_update`), else ``"split"``; a window the batched mode cannot follow at run
+  time (`BatchedModeUnsupported`: a layer called on a batch of another size, reentrant gradient
+  checkpointing) is run again in split mode, which the engine then keeps. `self.mode` says which.
+  At batch 64, K = 5 and 16x16 on two CPU threads batched costs 1.2x vanilla and split 1.6x (the
+  README's cost table); at 32x32 both cost about vanilla's step, and batched needs 1.5x split's memory.
 * ``"retain_graph"``: one forward per chunk, then one backward per task present in the chunk
   through the retained graph (the reference code's way). Needed for models with batch statistics
   (BatchNorm). With a `subset` of output-side layers and `restrict_task_backward=True` this is the
@@ -102,6 +108,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -109,6 +116,7 @@ from torch import nn
 
 from ..losses import reduce_task_losses
 from .base import GradientWeighting, LossWeighting, Weighting, gram_matrix
+from .cluster_grads import BatchedModeUnsupported
 from .distributed import (
     all_reduce_sum_,
     all_reduce_sum_tensors_,
@@ -120,7 +128,9 @@ from .distributed import (
     world_size,
 )
 
-ENGINE_MODES = ("split", "retain_graph", "batched")
+logger = logging.getLogger(__name__)
+
+ENGINE_MODES = ("split", "retain_graph", "batched", "auto")
 
 PerSampleLossFn = Callable[[Optional[torch.Tensor]], torch.Tensor]
 
@@ -244,7 +254,8 @@ class TaskGradientEngine:
         mode: ``"split"`` (one forward + backward per task sub-batch; exact for per-sample
             normalisation), ``"batched"`` (the same gradients from one forward + one backward over
             the whole batch, each layer's weight gradient summed per task; needs `modules`) or
-            ``"retain_graph"`` (one forward, K backward passes; any model).
+            ``"retain_graph"`` (one forward, K backward passes; any model) or ``"auto"`` (batched where
+            it runs, else split; see the module docstring). `self.mode` is the mode in use.
         subset: parameters (or modules, whose trainable parameters are taken) to form the task
             gradients on; `None` = all `parameters`. Must be among `parameters`. The weights then
             come from the subset's gradients and all parameters get the gradient of
@@ -279,7 +290,6 @@ class TaskGradientEngine:
     ):
         if mode not in ENGINE_MODES:
             raise ValueError(f"unknown engine mode {mode!r}; valid modes: {', '.join(ENGINE_MODES)}")
-        self.mode = mode
         self.sync = bool(sync)
         self.params = _unique_trainable(parameters)
         if not self.params:
@@ -309,6 +319,16 @@ class TaskGradientEngine:
         # and backward passes (FSDP's all-gathers are collectives); `write_update`, the update w @ G is
         # handed to a callable instead of `.grad` (DeepSpeed owns the gradients), and the task gradients
         # are taken with `torch.autograd.grad`, which runs no parameter's gradient-accumulation hook.
+        # "auto": batched where it can run, split otherwise (and at run time, see `backward`)
+        self.fallback_to_split = mode == "auto"
+        self.auto_reason: Optional[str] = None  # why "auto" chose split
+        if mode == "auto":
+            if lockstep or write_update is not None:
+                mode, self.auto_reason = "split", "sharded engines (FSDP, DeepSpeed) run the split mode"
+            elif not modules:
+                mode, self.auto_reason = "split", "no modules given"
+            else:
+                mode = "batched"
         if (lockstep or write_update is not None) and (self.rest_params or mode != "split"):
             raise ValueError("lockstep / write_update: mode='split' with every trainable parameter in the subset")
         self.lockstep = bool(lockstep)
@@ -321,7 +341,13 @@ class TaskGradientEngine:
                 raise ValueError("mode='batched' needs the model: pass modules=[model] (the layers holding the "
                                  "parameters get hooks that sum their gradients per cluster)")
             modules = [modules] if isinstance(modules, nn.Module) else list(modules)
-            self._recorder = ClusterGradientRecorder(self.task_params, modules)
+            try:
+                self._recorder = ClusterGradientRecorder(self.task_params, modules)
+            except ValueError as error:
+                if not self.fallback_to_split:
+                    raise
+                mode, self.auto_reason = "split", str(error).replace(" (use mode='split')", "")
+        self.mode = mode
         self.num_task_params = sum(p.numel() for p in self.task_params)
         self._grads: Optional[torch.Tensor] = None  # (K, P_task), reused between calls
         self._update: Optional[torch.Tensor] = None  # (P_task,), reused between calls
@@ -452,28 +478,25 @@ class TaskGradientEngine:
         saved_grads = [p.grad for p in self.params]  # restored below: accumulation is preserved
         try:
             if self.mode == "split":
-                # lockstep (FSDP: each forward and backward all-gathers the sharded frozen weights, a
-                # collective): every process runs task i in as many passes as the process with the most
-                # samples of it needs, padding with passes of zero loss where it has fewer (none with equal
-                # shares per process, stratified sampling)
-                passes = self._lockstep_chunks(local_counts.tolist(), chunk_size) if self._in_lockstep() else None
-                for i in (range(len(passes)) if passes is not None else local_present):
-                    members = (task_ids == i).nonzero().squeeze(1)
-                    pieces = _chunks(members, chunk_size) if members.numel() else []
-                    for chunk in pieces:
-                        losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
-                        self.num_forward_calls += 1
-                        mean_part = losses.sum() / members.numel()  # chunk's share of task i's local mean
-                        self._backward_into(mean_part * loss_scale, grads[i], retain_graph=keep_graphs)
-                        task_sums[i] += losses.detach().double().sum()
-                        if keep_graphs:
-                            graph_losses[i] = mean_part
-                    for _ in range(passes[i] - len(pieces) if passes is not None else 0):
-                        padding = self._padding_loss(per_sample_loss_fn, task_ids)
-                        self._backward_into(padding * loss_scale, grads[i], retain_graph=False)
+                self._split_pass(per_sample_loss_fn, task_ids, local_counts, local_present, chunk_size, loss_scale,
+                                 keep_graphs, grads, task_sums, graph_losses)
             elif self.mode == "batched":
-                self._batched_pass(per_sample_loss_fn, task_ids, num_tasks, local_counts, chunk_size, loss_scale,
-                                   keep_graphs, task_sums, graph_losses)
+                try:
+                    self._batched_pass(per_sample_loss_fn, task_ids, num_tasks, local_counts, chunk_size, loss_scale,
+                                       keep_graphs, task_sums, graph_losses)
+                except BatchedModeUnsupported as error:
+                    if not self.fallback_to_split:
+                        raise
+                    # raised in a forward pass, before its backward: start the window again in split mode
+                    self.mode, self._recorder = "split", None
+                    self.auto_reason = str(error).replace(" (use mode='split')", "").replace("; use mode='split'", "")
+                    logger.warning("per-cluster gradients: the batched mode cannot follow this model (%s); "
+                                   "using the split mode from now on", self.auto_reason)
+                    grads.zero_()
+                    task_sums.zero_()
+                    graph_losses.clear()
+                    self._split_pass(per_sample_loss_fn, task_ids, local_counts, local_present, chunk_size,
+                                     loss_scale, keep_graphs, grads, task_sums, graph_losses)
             else:  # retain_graph: one forward per chunk, a backward per task through the same graph
                 for chunk in _chunks(everything, chunk_size):
                     losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
@@ -556,6 +579,31 @@ class TaskGradientEngine:
         self.num_forward_calls += 1
         return per_sample_loss_fn(torch.zeros(1, dtype=torch.long, device=task_ids.device)).sum() * 0.0
 
+    def _split_pass(self, per_sample_loss_fn, task_ids, local_counts, local_present, chunk_size, loss_scale,
+                    keep_graphs, grads, task_sums, graph_losses) -> None:
+        """Split mode: one forward + backward per task sub-batch (in chunks of at most `chunk_size`),
+        each backpropagated straight into the task's row of the buffer.
+
+        Lockstep (FSDP: each forward and backward all-gathers the sharded frozen weights, a collective):
+        every process runs task i in as many passes as the process with the most samples of it needs,
+        padding with passes of zero loss where it has fewer (none with equal shares per process,
+        stratified sampling)."""
+        passes = self._lockstep_chunks(local_counts.tolist(), chunk_size) if self._in_lockstep() else None
+        for i in (range(len(passes)) if passes is not None else local_present):
+            members = (task_ids == i).nonzero().squeeze(1)
+            pieces = _chunks(members, chunk_size) if members.numel() else []
+            for chunk in pieces:
+                losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
+                self.num_forward_calls += 1
+                mean_part = losses.sum() / members.numel()  # chunk's share of task i's local mean
+                self._backward_into(mean_part * loss_scale, grads[i], retain_graph=keep_graphs)
+                task_sums[i] += losses.detach().double().sum()
+                if keep_graphs:
+                    graph_losses[i] = mean_part
+            for _ in range(passes[i] - len(pieces) if passes is not None else 0):
+                padding = self._padding_loss(per_sample_loss_fn, task_ids)
+                self._backward_into(padding * loss_scale, grads[i], retain_graph=False)
+
     def _batched_pass(self, per_sample_loss_fn, task_ids, num_tasks, local_counts, chunk_size, loss_scale,
                       keep_graphs, task_sums, graph_losses) -> None:
         """Batched mode: the window sorted by task (each task one contiguous slice of a chunk), one
@@ -572,7 +620,7 @@ class TaskGradientEngine:
                 losses = _check_losses(per_sample_loss_fn(chunk), chunk.numel())
                 recorder.stop_recording_forward()
                 if recorder.ran_without_grad:
-                    raise RuntimeError("a trainable layer ran with gradients disabled inside the loss closure (e.g. "
+                    raise BatchedModeUnsupported("a trainable layer ran with gradients disabled inside the loss closure (e.g. "
                                        "reentrant gradient checkpointing): the batched mode cannot form its per-cluster "
                                        "gradients; use mode='split'")
                 self.num_forward_calls += 1
