@@ -165,6 +165,21 @@ class FoldsTheBatch(nn.Module):
         return self.proj(x.reshape(-1, 2)).reshape(x.shape[0], -1)
 
 
+class FoldsSmallBatches(nn.Module):
+    """Keeps samples on the first dimension for batches of 4 or more, folds smaller ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(2, 2)
+        self.folded = False
+
+    def forward(self, x):
+        if x.shape[0] >= 4:
+            return torch.cat([self.proj(x[:, :2]), self.proj(x[:, 2:])], 1)
+        self.folded = True
+        return self.proj(x.reshape(-1, 2)).reshape(x.shape[0], -1)
+
+
 def test_models_it_cannot_cover_are_refused_with_the_fix():
     model = WithBareParameter()
     with pytest.raises(ValueError, match=r"WithBareParameter\.scale.*mode='split'"):
@@ -269,6 +284,19 @@ def test_auto_mode_falls_back_to_split_when_the_forward_pass_defeats_batched():
     assert auto.mode == "split" and "first dimension" in auto.auto_reason
     assert split.task_grads.abs().max() > 0 and torch.equal(auto.task_grads, split.task_grads)
     assert not model.proj._forward_hooks
+
+    # a window of two chunks whose SECOND chunk defeats the batched mode: what the first chunk added is
+    # dropped, the task losses and gradients are split's
+    model = FoldsSmallBatches()
+    x, ids = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 2, 3])
+    loss = lambda idx: model(x[idx]).pow(2).mean(1)  # noqa: E731
+    auto = TaskGradientEngine(list(model.parameters()), mode="auto", modules=[model])
+    auto_stats = auto.backward(get_weighting("pcgrad", K, seed=1), loss, ids, K, chunk_size=4)
+    split = TaskGradientEngine(list(model.parameters()), mode="split")
+    split_stats = split.backward(get_weighting("pcgrad", K, seed=1), loss, ids, K, chunk_size=4)
+    assert auto.mode == "split" and model.folded  # the batched pass did reach the second chunk
+    assert torch.equal(auto.task_grads, split.task_grads)
+    assert torch.equal(auto_stats["task_losses"], split_stats["task_losses"])
 
 
 def test_trainer_default_engine_is_batched_and_split_under_gradient_checkpointing():

@@ -280,3 +280,18 @@ def test_a_cool_down_branched_off_a_constant_rate_checkpoint_equals_the_schedule
     assert scratch.keys() == branched.keys()
     assert all(torch.equal(scratch[k], branched[k]) for k in scratch)
     assert any(not torch.equal(constant[k], branched[k]) for k in constant), "the cool-down changed nothing"
+
+
+def test_a_run_resumes_under_another_exact_task_gradient_engine_but_not_last_layers():
+    """A checkpoint written when `split` was the default resumes under the new default `auto`: the exact
+    engines give the same gradients to float rounding. `last_layers` chooses its weights from other
+    gradients, so a change to or from it is refused."""
+    from diffusers_ant.training.checkpoint import check_resume_config
+
+    old = {"task_gradients": "split", "mtl_method": "pcgrad"}
+    assert check_resume_config(old, {**old, "task_gradients": "auto"}, "out/checkpoint-10") == [
+        "--task_gradients: 'split' -> 'auto'"]
+    assert check_resume_config({**old, "task_gradients": "retain_graph"}, {**old, "task_gradients": "batched"},
+                               "out/checkpoint-10") == ["--task_gradients: 'retain_graph' -> 'batched'"]
+    with pytest.raises(ValueError, match="--task_gradients was 'split' .* is 'last_layers' now"):
+        check_resume_config(old, {**old, "task_gradients": "last_layers"}, "out/checkpoint-10")

@@ -13,10 +13,10 @@ images from the trainer's data loader:
   per-task gradient engine), gradient clipping, the AdamW step and zero_grad; data loaded outside
   the timed region. Methods: `none` (vanilla: mean loss, one backward, uniform timesteps), the
   loss-based ones (ls, rlw, uw, dwa: one forward, one backward) and the gradient-based ones (pcgrad,
-  nash_mtl, imtl, mgda, cagrad) with each engine of `--task_gradients`: `split` (the default: one
+  nash_mtl, imtl, mgda, cagrad) with each engine of `--task_gradients`: `split` (the plain row: one
   forward + backward per cluster sub-batch, exact), `batched` (`method@batched`: the same gradients
   from one forward and one backward over the whole batch, each layer's weight gradient summed per
-  cluster), `last_layers` (`method@last_layers`: one
+  cluster; what the trainer's default `auto` runs on this model), `last_layers` (`method@last_layers`: one
   forward, the K gradients of the output layer only, one weighted backward; its cost does not
   depend on the sub-batch sizes) and the reference code's `retain_graph` (`method@retain_graph`:
   one forward, K backward passes). Every method runs with its default options (Nash-MTL re-solves
@@ -64,7 +64,7 @@ from diffusers_ant.weighting.engine import TaskGradientEngine  # noqa: E402
 LOSS_METHODS = ["ls", "rlw", "uw", "dwa"]
 GRADIENT_METHODS = ["pcgrad", "nash_mtl", "imtl", "mgda", "cagrad"]
 ALL_METHODS = ["none"] + LOSS_METHODS + GRADIENT_METHODS
-# `method@engine` rows: the per-task gradient engines of `--task_gradients` besides the default split
+# `method@engine` rows: the per-task gradient engines of `--task_gradients` besides split (the plain row)
 ENGINES = ("split", "batched", "last_layers", "retain_graph")
 SIZES = {"tiny": 16, "larger": 32}  # resolution of the demo's attention UNet ("small" preset)
 GOALS = {"loss": 1.05, "gradient": 1.3}  # issues 3 and 8: within these ratios of vanilla at K = 5
@@ -298,7 +298,7 @@ def parse_args(argv=None):
                         help="comma-separated weighting names; `none` (vanilla) is always included")
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help=f"per-task gradient engines of the gradient-based methods, from {', '.join(ENGINES)} "
-                             "(split is the trainer's default; retain_graph the reference code's way)")
+                             "(the trainer's default, auto, is batched where it runs and split elsewhere; retain_graph the reference code's way)")
     parser.add_argument("--steps", type=int, default=10, help="measured rounds (one step of every method each)")
     parser.add_argument("--warmup", type=int, default=3, help="discarded rounds before measuring")
     parser.add_argument("--batch_size", type=int, default=64)

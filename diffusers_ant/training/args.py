@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "normalisation; the least memory; about as fast as batched once the sub-batches are large, e.g. 32x32 "
                    "at batch 64 on a CPU); `batched`, the same gradients from one forward and one backward over the whole "
                    "batch, each layer's weight gradient summed per cluster (Linear / Conv / GroupNorm / LayerNorm / "
-                   "Embedding layers and LoRA; other trainable layers and gradient checkpointing are refused; 1.5x "
-                   "split's memory); `retain_graph`, the reference way (one "
+                   "Embedding layers and LoRA; other trainable layers and gradient checkpointing are refused; about twice "
+                   "split's memory at 16x16); `retain_graph`, the reference way (one "
                    "forward, k backward passes); `last_layers`, one forward, the k gradients of the output-side layers "
                    "only, then one weighted backward (cost independent of the sub-batch size: for small per-device "
                    "batches on a GPU).")

@@ -164,6 +164,12 @@ RESUME_SAFE_FLAGS = frozenset({
 })
 
 
+# `--task_gradients` values that all give the exact per-cluster gradients (to float rounding): a run may
+# resume under another of them (a checkpoint written when `split` was the default resumes under `auto`);
+# `last_layers` chooses its weights from other gradients and is not among them.
+EXACT_TASK_GRADIENTS = frozenset({"split", "batched", "auto", "retain_graph"})
+
+
 def engine_record(accelerator) -> Dict[str, Any]:
     """How the state of a checkpoint is laid out: the distributed engine and the number of processes.
 
@@ -230,6 +236,8 @@ def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], checkpoi
                              f"which changes the learning rate from step {differs} (before the checkpoint's step "
                              f"{step}, --lr_scheduler {current.get('lr_scheduler')}): resume with the same schedule, "
                              f"or one that agrees up to step {step}")
+    if "task_gradients" in changed and {saved["task_gradients"], current["task_gradients"]} <= EXACT_TASK_GRADIENTS:
+        safe = safe | {"task_gradients"}
     refused = [key for key in changed if key not in safe]
     if refused:
         key = refused[0]

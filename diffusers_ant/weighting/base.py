@@ -64,6 +64,7 @@ they then return identical weights everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
@@ -199,9 +200,9 @@ class Weighting(nn.Module):
 # float32 rounding of the result (their error grows with the summed length), long enough that the
 # per-call overhead is small (about 70 calls at 1M parameters).
 GRAM_CHUNK = 1 << 14
-# Below this, a diagonal entry of the float32 Gram matrix may hold squares that fell under float32's
-# normal range (|g| < 2^-63), so the fast path no longer gives float32 rounding of the exact value
-# (an all-zero row, which float32 gives exactly, is recomputed too: rare, and cheap to be sure of).
+# Below this times P, a diagonal entry of the float32 Gram matrix may owe too much to squares that fell
+# under float32's normal range (|g| < 2^-63) for the fast path to give float32 rounding of the exact
+# value (an all-zero row, which float32 gives exactly, is recomputed too: rare, and cheap to be sure of).
 _GRAM_SMALLEST_DIAGONAL = 2.0 ** -100
 
 
@@ -223,11 +224,30 @@ def gram_matrix(grads: torch.Tensor, present: Optional[torch.Tensor] = None, chu
         present = None  # nothing to zero: skip a (K, P) `where` per chunk (a tenth of a PCGrad step at 1M parameters)
     grads = grads.detach()
     if grads.dtype != torch.float64:
-        gram = _chunked_gram(grads, present, chunk_size, torch.float32)
+        with _full_float32_matmul(grads.device):
+            gram = _chunked_gram(grads, present, chunk_size, torch.float32)
         diagonal = gram.diagonal() if present is None else gram.diagonal()[present]
-        if bool(torch.isfinite(gram).all()) and bool((diagonal >= _GRAM_SMALLEST_DIAGONAL).all()):
+        # squares below float32's range are lost (at most 2^-126 each, P of them): relative to a diagonal
+        # of at least P * 2^-100 that is under 2^-26, within float32 rounding
+        smallest = _GRAM_SMALLEST_DIAGONAL * max(grads.shape[1], 1)
+        if bool(torch.isfinite(gram).all()) and bool((diagonal >= smallest).all()):
             return gram
     return _chunked_gram(grads, present, chunk_size, torch.float64)
+
+
+@contextlib.contextmanager
+def _full_float32_matmul(device: torch.device):
+    """float32 products in float32, not TF32 (which `--allow_tf32` turns on for CUDA matmuls: its 2^-11
+    relative error would pass the fast path's checks and reach IMTL-G / MGDA / Nash-MTL's solvers)."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _chunked_gram(grads: torch.Tensor, present: Optional[torch.Tensor], chunk_size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -100,9 +100,9 @@ def uncovered_parameters(params: Sequence[nn.Parameter], owners) -> List[str]:
 
 
 class BatchedModeUnsupported(RuntimeError):
-    """Raised in the forward pass when the model does something the batched mode cannot follow (a layer
-    on a batch of another size, a layer run without gradients); nothing has been accumulated yet, so
-    an engine in ``"auto"`` mode can run the window again in ``"split"`` mode."""
+    """Raised in a chunk's forward pass when the model does something the batched mode cannot follow (a
+    layer on a batch of another size, a layer run without gradients), before that chunk's backward: an
+    engine in ``"auto"`` mode zeroes what earlier chunks added and runs the window again in ``"split"`` mode."""
 
 
 class _ClusterTap(torch.autograd.Function):
@@ -203,7 +203,6 @@ class ClusterGradientRecorder:
         self.stop_recording_forward()
         self.active = False
         self._views, self._ids, self._segments = {}, None, []
-        self._rows, self._rows_of = {}, None
 
     def _hook(self, module, args, output):
         if not torch.is_grad_enabled():
@@ -225,6 +224,8 @@ class ClusterGradientRecorder:
     # call, and each weight gradient is added into its row by one fused call (`addmm_`) where there is
     # one. Biases and normalisation scales take one per-sample reduction and one `index_add_`.
     def accumulate(self, module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
+        if self._n == 0:
+            return  # an empty chunk adds nothing
         wanted = self.wanted[id(module)]
         weight, bias = wanted.get("weight"), wanted.get("bias")
         if x.dtype != dy.dtype and not isinstance(module, (nn.Embedding,) + _RMS_NORMS):

@@ -34,8 +34,9 @@ Modes of `TaskGradientEngine`:
   no `lockstep` / `write_update`), else ``"split"``; a window the batched mode cannot follow at run
   time (`BatchedModeUnsupported`: a layer called on a batch of another size, reentrant gradient
   checkpointing) is run again in split mode, which the engine then keeps. `self.mode` says which.
-  At batch 64, K = 5 and 16x16 on two CPU threads batched costs 1.2x vanilla and split 1.6x (the
-  README's cost table); at 32x32 both cost about vanilla's step, and batched needs 1.5x split's memory.
+  At batch 64, K = 5 and 16x16 on two CPU threads batched costs about 1.3x vanilla and split 1.6x
+  (the README's cost table); at 32x32 both cost about vanilla's step (split slightly less), and
+  batched needs about twice split's memory (181 against 95 MB at 16x16).
 * ``"retain_graph"``: one forward per chunk, then one backward per task present in the chunk
   through the retained graph (the reference code's way). Needed for models with batch statistics
   (BatchNorm). With a `subset` of output-side layers and `restrict_task_backward=True` this is the
@@ -481,17 +482,21 @@ class TaskGradientEngine:
                 self._split_pass(per_sample_loss_fn, task_ids, local_counts, local_present, chunk_size, loss_scale,
                                  keep_graphs, grads, task_sums, graph_losses)
             elif self.mode == "batched":
+                unsupported = None
                 try:
                     self._batched_pass(per_sample_loss_fn, task_ids, num_tasks, local_counts, chunk_size, loss_scale,
                                        keep_graphs, task_sums, graph_losses)
                 except BatchedModeUnsupported as error:
                     if not self.fallback_to_split:
                         raise
-                    # raised in a forward pass, before its backward: start the window again in split mode
-                    self.mode, self._recorder = "split", None
-                    self.auto_reason = str(error).replace(" (use mode='split')", "").replace("; use mode='split'", "")
+                    unsupported = str(error).replace(" (use mode='split')", "").replace("; use mode='split'", "")
+                if unsupported is not None:
+                    # Raised in a chunk's forward pass, before its backward; earlier chunks of the window may
+                    # have added to the buffers: start the window again in split mode (outside the `except`,
+                    # whose traceback would keep the failed forward's activations alive meanwhile).
+                    self.mode, self._recorder, self.auto_reason = "split", None, unsupported
                     logger.warning("per-cluster gradients: the batched mode cannot follow this model (%s); "
-                                   "using the split mode from now on", self.auto_reason)
+                                   "using the split mode from now on", unsupported)
                     grads.zero_()
                     task_sums.zero_()
                     graph_losses.clear()
