@@ -356,3 +356,20 @@ def test_an_invocation_that_stops_early_is_recorded_once(script, stop, tmp_path,
     assert [entry["status"] for entry in history] == [status]
     # the command names this script, also when main() is called from another program
     assert history[0]["command"] == " ".join(["python", os.path.relpath(bench.__file__), "--quick", "--output_dir", out])
+
+
+def test_write_json_is_atomic_and_takes_a_default_for_other_types(tmp_path):
+    """The benchmarks' results files (quality, DeMe, NTG) go through write_json: the file appears whole
+    or not at all (a temporary, then a rename), and DeMe's `default=str` for values JSON has no type for."""
+    import pathlib
+
+    from diffusers_ant.analysis.benchmark import write_json
+
+    path = tmp_path / "deep" / "results.json"
+    write_json(str(path), {"folder": pathlib.PurePosixPath("a/b"), "n": 1}, default=str)
+    assert json.loads(path.read_text()) == {"folder": "a/b", "n": 1}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]  # no temporary left
+    with pytest.raises(TypeError):
+        write_json(str(path), {"folder": pathlib.PurePosixPath("a/b")})  # no default: refused...
+    assert json.loads(path.read_text()) == {"folder": "a/b", "n": 1}  # ...and the old file is intact
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]

@@ -84,6 +84,7 @@ from diffusers_ant.analysis.benchmark import (
     run_parallel,
     stored_metrics,
     verdict,
+    write_json,
 )
 from diffusers_ant.cli import OneLineErrorParser
 from diffusers_ant.deme.search import DEFAULT_SEARCH_SAMPLES, DEFAULT_SEARCH_VALUES, returns_base
@@ -952,8 +953,7 @@ def run(args, invocation) -> None:
               "paired_vs_continued_vanilla": paired, "relative_fid_vs_continued_vanilla": relative,
               "ablation_ladder": rungs, "searches": searches, "target_check": check, "plateau_probe": probe,
               "timing": timing}
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(record, f, indent=2, default=str)
+    write_json(os.path.join(args.output_dir, "results.json"), record, default=str)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(text + "\n")
     print(f"wrote {os.path.join(args.output_dir, 'results.json')} and results.md "

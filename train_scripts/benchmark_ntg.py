@@ -35,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import benchmark_quality as quality  # noqa: E402  (the training recipe and the planning figures)
+from diffusers_ant.analysis.benchmark import write_json  # noqa: E402
 
 NUM_TRAIN_TIMESTEPS = 1000  # the bench UNet's scheduler (the pixel preset); analyze.py checks the bounds
 
@@ -135,8 +136,7 @@ def evaluate_seed(args, seed, intervals, extractor_sha) -> dict:
     with open(out) as f:
         data = json.load(f)
     data.update(benchmark_settings=settings, seconds=round(time.time() - start, 1))
-    with open(out, "w") as f:
-        json.dump(data, f, indent=2)
+    write_json(out, data)
     return data
 
 
@@ -232,8 +232,7 @@ def main(argv=None):
     record = {"command": argv if argv is not None else " ".join([os.path.basename(sys.executable), *sys.argv]),
               "args": vars(args), "intervals": [list(i) for i in intervals], "feature_extractor": f"domain_{quality.DATASET}",
               "feature_extractor_sha256": extractor_sha, "per_seed": per_seed, "summary": summary, "timing": timing}
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    write_json(os.path.join(args.output_dir, "results.json"), record)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(text + "\n")
     print(f"wrote {os.path.join(args.output_dir, 'results.json')}, results.md and ntg_summary.png "

@@ -454,15 +454,20 @@ def command_line(argv=None, script: str = None) -> str:
     return " ".join(["python", script, *args])
 
 
-def write_json(path: str, data) -> str:
+def write_json(path: str, data, default=None) -> str:
     """Write ``data`` as indented JSON, atomically (a temporary file, then a rename): an interrupted
-    benchmark never leaves half a results file that a resumed one would trust."""
+    benchmark never leaves half a results file that a resumed one would trust. `default`: as
+    `json.dump`'s (e.g. `str` for values JSON has no type for)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, default=default)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the dump failed: no half-written temporary beside the results
+            os.remove(tmp)
     return path
 
 
