@@ -373,3 +373,27 @@ def test_write_json_is_atomic_and_takes_a_default_for_other_types(tmp_path):
         write_json(str(path), {"folder": pathlib.PurePosixPath("a/b")})  # no default: refused...
     assert json.loads(path.read_text()) == {"folder": "a/b", "n": 1}  # ...and the old file is intact
     assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
+
+
+def test_ntg_benchmark_trains_with_the_recipe_of_its_base_and_refuses_another(tmp_path, capsys):
+    """benchmark_ntg.py takes the quality benchmark's recipe flags (the 8x8 compressed schedule) into its
+    training commands, and refuses a --base_dir whose quality run recorded another recipe."""
+    args = ntg_bench.parse_args(["--output_dir", str(tmp_path / "ntg"), "--resolution", "8", "--max_train_steps", "4000",
+                                 "--decay_from", "2000", "--decay_steps", "1000", "--min_lr_ratio", "0.05"])
+    cmd = ntg_bench.quality.train_command(args, "vanilla", 0, str(tmp_path / "run"), "unet.json")
+    assert cmd[cmd.index("--resolution") + 1] == "8"
+    assert cmd[cmd.index("--lr_scheduler") + 1] == "warmup_stable_decay"
+    text = ntg_bench.markdown({"intervals": [], "base_fid": {"mean": 1.0, "sd": 0.0, "n": 2}}, args, "c" * 64)
+    assert "at 8x8" in text and "constant to step 2000" in text
+    # a base from a quality run with another recipe
+    quality_dir = tmp_path / "quality"
+    (quality_dir / "vanilla").mkdir(parents=True)
+    (quality_dir / "benchmark_settings.json").write_text(json.dumps({**ntg_bench.training_settings(args), "resolution": 16}))
+    args.base_dir = str(quality_dir / "vanilla")
+    with pytest.raises(SystemExit, match="--resolution 16 there, 8 here"):
+        ntg_bench.check_training_settings(args)
+    (quality_dir / "benchmark_settings.json").write_text(json.dumps(ntg_bench.training_settings(args)))
+    ntg_bench.check_training_settings(args)  # the same recipe: accepted
+    with pytest.raises(SystemExit):  # bad schedule flags: one line
+        ntg_bench.parse_args(["--decay_from", "900", "--decay_steps", "500"])
+    assert "--decay_from + --decay_steps" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""ANT's observation O2 on MNIST-5k at 16x16: the negative transfer gap of each timestep interval.
+"""ANT's observation O2 on MNIST-5k (16x16 by default): the negative transfer gap of each timestep interval.
 
 For every seed it trains the all-timestep model (vanilla, the recipe of `benchmark_quality.py`) and
 one model per interval trained only on that interval (`train_ant.py --timestep_range t1 t2`), then
@@ -14,6 +14,12 @@ of the T = 1000 training timesteps ([0, 199], ..., [800, 999] for k = 5; 0-based
 
     python train_scripts/benchmark_ntg.py --output_dir bench-ntg --base_dir bench-quality/vanilla
     python train_scripts/benchmark_ntg.py --output_dir bench-ntg-smoke --quick
+    python train_scripts/benchmark_ntg.py --output_dir bench-ntg-8 --base_dir bench-quality-8/vanilla \
+        --resolution 8 --max_train_steps 4000 --decay_from 2000 --decay_steps 1000 --min_lr_ratio 0.05
+
+The recipe flags (`--resolution`, the schedule) are those of `benchmark_quality.py`: the interval models
+must be trained as the base models they are swapped into, and a `--base_dir` whose quality run recorded
+another recipe (its `benchmark_settings.json`) is refused.
 
 `--base_dir` reuses the vanilla runs of `benchmark_quality.py` (its `seed-N` folders, same recipe,
 same seeds) instead of training them again. Runs and evaluations are kept and skipped when the
@@ -35,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import benchmark_quality as quality  # noqa: E402  (the training recipe and the planning figures)
-from diffusers_ant.analysis.benchmark import write_json  # noqa: E402
+from diffusers_ant.analysis.benchmark import check_benchmark_settings, resolution_cost_factor, write_json  # noqa: E402
 
 NUM_TRAIN_TIMESTEPS = 1000  # the bench UNet's scheduler (the pixel preset); analyze.py checks the bounds
 
@@ -53,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument("--lr_scheduler", default="constant_with_warmup")
     p.add_argument("--lr_warmup_steps", type=int, default=100)
+    quality.add_recipe_arguments(p)  # --decay_from / --decay_steps / --min_lr_ratio / --resolution, as the base's
     p.add_argument("--num_samples", type=int, default=2000, help="generated images per sample set (default 2000)")
     p.add_argument("--num_real", type=int, default=5000, help="real images of the reference (default: all 5000)")
     p.add_argument("--num_inference_steps", type=int, default=50)
@@ -70,6 +77,7 @@ def parse_args(argv=None):
         args.num_samples, args.num_inference_steps, args.eval_batch_size = 128, 10, 128
     if len(set(args.seeds)) < 2:
         p.error("give at least 2 --seeds: the intervals are over seeds")
+    quality.check_recipe_arguments(p, args)
     if not 1 <= args.num_intervals <= NUM_TRAIN_TIMESTEPS:
         p.error(f"--num_intervals must be in 1..{NUM_TRAIN_TIMESTEPS}")
     for name in ("max_train_steps", "train_batch_size", "num_samples", "num_real", "num_inference_steps",
@@ -99,11 +107,33 @@ def interval_dir(args, seed, interval) -> str:
 
 def plan(args) -> dict:
     runs = len(args.seeds) * (args.num_intervals + (0 if args.base_dir else 1))
-    train = runs * (quality.SECONDS_PER_STEP["vanilla"] * args.max_train_steps + quality.SECONDS_PER_RUN)
+    scale = resolution_cost_factor(args.resolution)  # the figures are 16x16's
+    train = runs * (quality.SECONDS_PER_STEP["vanilla"] * scale * args.max_train_steps + quality.SECONDS_PER_RUN)
     images = len(args.seeds) * (args.num_intervals + 1) * args.num_samples
-    evaluate = images * args.num_inference_steps * quality.SECONDS_PER_IMAGE_STEP + 30 * len(args.seeds)
+    evaluate = images * args.num_inference_steps * quality.SECONDS_PER_IMAGE_STEP * scale + 30 * len(args.seeds)
     return {"runs": runs, "generated_images": images, "train_seconds": train / args.workers,
             "eval_seconds": evaluate / args.workers}
+
+
+def training_settings(args) -> dict:
+    return {key: getattr(args, key) for key in quality.TRAINING_SETTINGS}
+
+
+def check_training_settings(args) -> None:
+    """The interval models are swapped into the base model's sampling: they must be trained with its recipe.
+    Refuses an OUTPUT_DIR whose kept runs had another recipe, and a --base_dir from a quality run
+    (its parent's benchmark_settings.json) trained with another one, in one line each."""
+    check_benchmark_settings(args.output_dir, training_settings(args), "benchmark_ntg.py")
+    if args.base_dir:
+        stored_path = os.path.join(os.path.dirname(os.path.abspath(args.base_dir)), "benchmark_settings.json")
+        if os.path.isfile(stored_path):
+            with open(stored_path, encoding="utf-8") as f:
+                stored = json.load(f)
+            changed = [f"--{k} {stored[k]!r} there, {v!r} here" for k, v in training_settings(args).items()
+                       if k in stored and stored[k] != v]
+            if changed:
+                raise SystemExit(f"benchmark_ntg.py: error: --base_dir {args.base_dir} was trained with another recipe "
+                                 f"({'; '.join(changed)}): give the flags of its run")
 
 
 def ntg_command(args, seed, folders, output) -> list:
@@ -172,7 +202,8 @@ def markdown(summary, args, extractor_sha) -> str:
         lines.append(f"| [{row['interval'][0]}, {row['interval'][1]}] | {cell} | {seeds} | {reading} |")
     base = summary["base_fid"]
     lines += ["", f"Base (all timesteps) domain FID {base['mean']:.3f} ± {base['sd'] or 0:.3f} over {base['n']} seeds. "
-              f"Each interval model trained {args.max_train_steps} steps on its interval only; "
+              f"Each interval model trained {args.max_train_steps} steps on its interval only, at "
+              f"{args.resolution}x{args.resolution} ({quality.schedule_text(args)}); "
               f"{args.num_samples} DDIM-{args.num_inference_steps} samples per set, both sets from the same noise, "
               f"against {args.num_real} real images; domain features sha256 {extractor_sha[:12]}. "
               f"Intervals: Student-t over {len(args.seeds)} seeds."]
@@ -183,6 +214,7 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
+    check_training_settings(args)
     config_path = os.path.join(args.output_dir, "bench_unet.json")
     with open(config_path, "w") as f:
         json.dump(quality.BENCH_UNET, f, indent=2)

@@ -73,6 +73,32 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 METRICS = ("fid", "kid_mean", "precision", "recall")
 
 
+def add_recipe_arguments(p) -> None:
+    """The recipe flags this benchmark shares with benchmark_ntg.py (whose interval models must be trained
+    as the base models they are swapped into): the cool-down schedule and the resolution."""
+    p.add_argument("--decay_from", type=int, default=None,
+                   help="cool down from this step (train_ant.py --lr_scheduler warmup_stable_decay, as pretrain_base.py): "
+                        "a constant rate to it, then --decay_steps of decay to --min_lr_ratio, then that rate; the "
+                        "converged base needed one (default: none, constant after warm-up)")
+    p.add_argument("--decay_steps", type=int, default=5000, help="length of the cool-down (default 5000)")
+    p.add_argument("--min_lr_ratio", type=float, default=0.05, help="the rate after the cool-down, as a fraction (0.05)")
+    p.add_argument("--resolution", type=int, default=RESOLUTION,
+                   help=f"image side of training and scoring (default {RESOLUTION}; 8: the converged base's, "
+                        "docs/benchmark_base/r8)")
+
+
+def check_recipe_arguments(p, args) -> None:
+    """One-line errors for the flags of `add_recipe_arguments`."""
+    if args.resolution < 8 or args.resolution % 4:
+        p.error("--resolution must be a multiple of 4 and at least 8 (the bench UNet halves it twice)")
+    if args.decay_from is not None and not args.lr_warmup_steps <= args.decay_from < args.max_train_steps:
+        p.error("--decay_from must lie in --lr_warmup_steps..--max_train_steps - 1")
+    if args.decay_steps < 1 or not 0 <= args.min_lr_ratio < 1:
+        p.error("--decay_steps must be positive and --min_lr_ratio in [0, 1)")
+    if args.decay_from is not None and args.decay_from + args.decay_steps > args.max_train_steps:
+        p.error("--decay_from + --decay_steps must be at most --max_train_steps: the cool-down has to finish in the run")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="bench-quality")
@@ -86,15 +112,7 @@ def parse_args(argv=None):
                    help="constant after warm-up (default), so that intermediate checkpoints are what a shorter run "
                         "would give and the vanilla curve shows convergence, not the end of a decay")
     p.add_argument("--lr_warmup_steps", type=int, default=100)
-    p.add_argument("--decay_from", type=int, default=None,
-                   help="cool down from this step (train_ant.py --lr_scheduler warmup_stable_decay, as pretrain_base.py): "
-                        "a constant rate to it, then --decay_steps of decay to --min_lr_ratio, then that rate; the "
-                        "converged base needed one (default: none, constant after warm-up)")
-    p.add_argument("--decay_steps", type=int, default=5000, help="length of the cool-down (default 5000)")
-    p.add_argument("--min_lr_ratio", type=float, default=0.05, help="the rate after the cool-down, as a fraction (0.05)")
-    p.add_argument("--resolution", type=int, default=RESOLUTION,
-                   help=f"image side of training and scoring (default {RESOLUTION}; 8: the converged base's, "
-                        "docs/benchmark_base/r8)")
+    add_recipe_arguments(p)
     p.add_argument("--num_samples", type=int, default=5000, help="generated images per model (default 5000)")
     p.add_argument("--num_real", type=int, default=5000, help="real images of the reference (default: all 5000)")
     p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps (default 50, as ANT)")
@@ -131,14 +149,7 @@ def parse_args(argv=None):
     stray = [m for m in args.curve_methods if m not in args.methods]
     if stray:
         p.error(f"--curve_methods {', '.join(stray)}: not among --methods; give rows of the run, or all")
-    if args.resolution < 8 or args.resolution % 4:
-        p.error("--resolution must be a multiple of 4 and at least 8 (the bench UNet halves it twice)")
-    if args.decay_from is not None and not args.lr_warmup_steps <= args.decay_from < args.max_train_steps:
-        p.error("--decay_from must lie in --lr_warmup_steps..--max_train_steps - 1")
-    if args.decay_steps < 1 or not 0 <= args.min_lr_ratio < 1:
-        p.error("--decay_steps must be positive and --min_lr_ratio in [0, 1)")
-    if args.decay_from is not None and args.decay_from + args.decay_steps > args.max_train_steps:
-        p.error("--decay_from + --decay_steps must be at most --max_train_steps: the cool-down has to finish in the run")
+    check_recipe_arguments(p, args)
     if not 0 < args.plateau_tolerance < 1:
         p.error("--plateau_tolerance must lie in (0, 1), e.g. 0.02 for 2%")
     if len(set(args.seeds)) < 2:
