@@ -388,11 +388,11 @@ def test_ntg_benchmark_trains_with_the_recipe_of_its_base_and_refuses_another(tm
     # a base from a quality run with another recipe
     quality_dir = tmp_path / "quality"
     (quality_dir / "vanilla").mkdir(parents=True)
-    (quality_dir / "benchmark_settings.json").write_text(json.dumps({**ntg_bench.training_settings(args), "resolution": 16}))
+    (quality_dir / "benchmark_settings.json").write_text(json.dumps({**ntg_bench.quality.training_settings(args), "resolution": 16}))
     args.base_dir = str(quality_dir / "vanilla")
     with pytest.raises(SystemExit, match="--resolution 16 there, 8 here"):
         ntg_bench.check_training_settings(args)
-    (quality_dir / "benchmark_settings.json").write_text(json.dumps(ntg_bench.training_settings(args)))
+    (quality_dir / "benchmark_settings.json").write_text(json.dumps(ntg_bench.quality.training_settings(args)))
     ntg_bench.check_training_settings(args)  # the same recipe: accepted
     with pytest.raises(SystemExit):  # bad schedule flags: one line
         ntg_bench.parse_args(["--decay_from", "900", "--decay_steps", "500"])

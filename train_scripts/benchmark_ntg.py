@@ -41,7 +41,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import benchmark_quality as quality  # noqa: E402  (the training recipe and the planning figures)
-from diffusers_ant.analysis.benchmark import check_benchmark_settings, resolution_cost_factor, write_json  # noqa: E402
+from diffusers_ant.analysis.benchmark import (  # noqa: E402
+    changed_benchmark_settings,
+    check_benchmark_settings,
+    resolution_cost_factor,
+    write_json,
+)
 
 NUM_TRAIN_TIMESTEPS = 1000  # the bench UNet's scheduler (the pixel preset); analyze.py checks the bounds
 
@@ -115,25 +120,18 @@ def plan(args) -> dict:
             "eval_seconds": evaluate / args.workers}
 
 
-def training_settings(args) -> dict:
-    return {key: getattr(args, key) for key in quality.TRAINING_SETTINGS}
-
-
 def check_training_settings(args) -> None:
     """The interval models are swapped into the base model's sampling: they must be trained with its recipe.
     Refuses an OUTPUT_DIR whose kept runs had another recipe, and a --base_dir from a quality run
     (its parent's benchmark_settings.json) trained with another one, in one line each."""
-    check_benchmark_settings(args.output_dir, training_settings(args), "benchmark_ntg.py")
+    settings = quality.training_settings(args)
+    check_benchmark_settings(args.output_dir, settings, "benchmark_ntg.py")
     if args.base_dir:
-        stored_path = os.path.join(os.path.dirname(os.path.abspath(args.base_dir)), "benchmark_settings.json")
-        if os.path.isfile(stored_path):
-            with open(stored_path, encoding="utf-8") as f:
-                stored = json.load(f)
-            changed = [f"--{k} {stored[k]!r} there, {v!r} here" for k, v in training_settings(args).items()
-                       if k in stored and stored[k] != v]
-            if changed:
-                raise SystemExit(f"benchmark_ntg.py: error: --base_dir {args.base_dir} was trained with another recipe "
-                                 f"({'; '.join(changed)}): give the flags of its run")
+        changed = changed_benchmark_settings(os.path.dirname(os.path.abspath(args.base_dir)), settings)
+        if changed:
+            raise SystemExit(f"benchmark_ntg.py: error: --base_dir {args.base_dir} was trained with another recipe "
+                             f"({'; '.join(f'--{k} {old!r} there, {new!r} here' for k, old, new in changed)}): "
+                             "give the flags of its run")
 
 
 def ntg_command(args, seed, folders, output) -> list:

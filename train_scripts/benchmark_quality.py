@@ -216,10 +216,14 @@ TRAINING_SETTINGS = ("resolution", "max_train_steps", "train_batch_size", "learn
                      "lr_warmup_steps", "decay_from", "decay_steps", "min_lr_ratio")
 
 
+def training_settings(args) -> dict:
+    """The recipe a kept run was trained with (also benchmark_ntg.py's, whose models must share it)."""
+    return {key: getattr(args, key) for key in TRAINING_SETTINGS}
+
+
 def check_settings(args) -> None:
     """Kept runs are reused by folder: a folder trained with other settings is refused."""
-    check_benchmark_settings(args.output_dir, {key: getattr(args, key) for key in TRAINING_SETTINGS},
-                             "benchmark_quality.py")
+    check_benchmark_settings(args.output_dir, training_settings(args), "benchmark_quality.py")
 
 
 def train_run(cmd, run_dir, what) -> str:

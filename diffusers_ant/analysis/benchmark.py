@@ -51,6 +51,7 @@ __all__ = [
     "SECONDS_PER_STEP_BENCH_UNET",
     "base_resolution",
     "cached_reference",
+    "changed_benchmark_settings",
     "check_benchmark_settings",
     "command_line",
     "cooldown_schedule",
@@ -579,19 +580,25 @@ def plateau_judgeable(steps, min_points: int) -> bool:
     return plateau_step({int(step): 1.0 for step in steps}, 0.5, min_points) is not None
 
 
+def changed_benchmark_settings(output_dir: str, settings: dict) -> list:
+    """`(key, stored value, given value)` for each of ``settings`` that ``output_dir``'s
+    ``benchmark_settings.json`` records with another value (none without the file). A key the stored
+    file lacks (written before the setting existed) is not compared."""
+    path = os.path.join(output_dir, "benchmark_settings.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        stored = json.load(f)
+    return [(k, stored[k], v) for k, v in settings.items() if k in stored and stored[k] != v]
+
+
 def check_benchmark_settings(output_dir: str, settings: dict, script: str) -> None:
     """Benchmarks reuse kept runs by folder: refuse ``output_dir`` when its ``benchmark_settings.json``
     records other values of ``settings`` (its runs would be scored, and described, as this command's),
-    in one line naming each changed setting; then record ``settings`` there. A key the stored file
-    lacks (written before the setting existed) is not compared."""
-    path = os.path.join(output_dir, "benchmark_settings.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
-        changed = [k for k in settings if k in stored and stored[k] != settings[k]]
-        if changed:
-            raise SystemExit(f"{script}: error: {output_dir} holds runs trained with other settings "
-                             f"({', '.join(f'{k}: {stored[k]!r} -> {settings[k]!r}' for k in changed)}): rerun with "
-                             "its settings to resume it, or give another --output_dir")
-    os.makedirs(output_dir, exist_ok=True)
-    write_json(path, settings)
+    in one line naming each changed setting; then record ``settings`` there."""
+    changed = changed_benchmark_settings(output_dir, settings)
+    if changed:
+        raise SystemExit(f"{script}: error: {output_dir} holds runs trained with other settings "
+                         f"({', '.join(f'{k}: {old!r} -> {new!r}' for k, old, new in changed)}): rerun with "
+                         "its settings to resume it, or give another --output_dir")
+    write_json(os.path.join(output_dir, "benchmark_settings.json"), settings)  # (write_json makes the folder)

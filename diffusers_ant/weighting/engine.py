@@ -136,6 +136,11 @@ ENGINE_MODES = ("split", "retain_graph", "batched", "auto")
 PerSampleLossFn = Callable[[Optional[torch.Tensor]], torch.Tensor]
 
 
+def _without_split_hint(error: Exception) -> str:
+    """A batched-mode refusal as `auto`'s reason for choosing split (without the advice to use split)."""
+    return str(error).replace(" (use mode='split')", "").replace("; use mode='split'", "")
+
+
 def _unique_trainable(parameters: Iterable) -> List[nn.Parameter]:
     """Trainable tensors in order, without duplicates (tied weights appear once)."""
     seen, out = set(), []
@@ -347,7 +352,7 @@ class TaskGradientEngine:
             except ValueError as error:
                 if not self.fallback_to_split:
                     raise
-                mode, self.auto_reason = "split", str(error).replace(" (use mode='split')", "")
+                mode, self.auto_reason = "split", _without_split_hint(error)
         self.mode = mode
         self.num_task_params = sum(p.numel() for p in self.task_params)
         self._grads: Optional[torch.Tensor] = None  # (K, P_task), reused between calls
@@ -489,7 +494,7 @@ class TaskGradientEngine:
                 except BatchedModeUnsupported as error:
                     if not self.fallback_to_split:
                         raise
-                    unsupported = str(error).replace(" (use mode='split')", "").replace("; use mode='split'", "")
+                    unsupported = _without_split_hint(error)
                 if unsupported is not None:
                     # Raised in a chunk's forward pass, before its backward; earlier chunks of the window may
                     # have added to the buffers: start the window again in split mode (outside the `except`,
