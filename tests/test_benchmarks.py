@@ -397,3 +397,32 @@ def test_ntg_benchmark_trains_with_the_recipe_of_its_base_and_refuses_another(tm
     with pytest.raises(SystemExit):  # bad schedule flags: one line
         ntg_bench.parse_args(["--decay_from", "900", "--decay_steps", "500"])
     assert "--decay_from + --decay_steps" in capsys.readouterr().err
+
+
+def test_ntg_benchmark_from_a_pretrained_model_fine_tunes_every_model_from_it(tmp_path, capsys):
+    """--pretrained: the base and the interval models all start from the given model (issue 17, item 10:
+    the converged base), at its resolution; kept runs from another pretrained model are refused."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = os.path.join(root, "docs", "benchmark_base", "r8", "base")
+    out = str(tmp_path / "ntg")
+    args = ntg_bench.parse_args(["--output_dir", out, "--pretrained", base, "--learning_rate", "1e-4"])
+    assert args.resolution == 8  # the committed converged base is 8x8; the default recipe is 16x16
+    cmd = ntg_bench.train_command(args, 0, str(tmp_path / "run"), "unet.json")
+    assert cmd[cmd.index("--pretrained_model_name_or_path") + 1] == base
+    assert "--model_config_name_or_path" not in cmd and cmd[cmd.index("--resolution") + 1] == "8"
+    assert ntg_bench.plan(args)["runs"] == 3 * 6  # the all-timestep base is trained here too, per seed
+    text = ntg_bench.markdown({"intervals": [], "base_fid": {"mean": 1.0, "sd": 0.0, "n": 3}}, args, "c" * 64)
+    assert f"fine-tuned 1000 steps from {base}" in text and "learning rate 0.0001" in text
+    ntg_bench.check_training_settings(args)  # records the settings, pretrained model included
+    same = ntg_bench.parse_args(["--output_dir", out, "--pretrained", os.path.join(base, "..", "base"),
+                                  "--learning_rate", "1e-4"])
+    ntg_bench.check_training_settings(same)  # the same folder by another path: accepted
+    no_pretrained = ntg_bench.parse_args(["--output_dir", out, "--resolution", "8", "--learning_rate", "1e-4"])
+    with pytest.raises(SystemExit, match="pretrained"):  # the kept runs started from the pretrained model
+        ntg_bench.check_training_settings(no_pretrained)
+    for argv, message in ((["--pretrained", base, "--base_dir", "x"], "leave out --base_dir"),
+                          (["--pretrained", base, "--resolution", "16"], "is 8x8; leave --resolution out"),
+                          (["--pretrained", str(tmp_path)], "no pipeline folder there")):
+        with pytest.raises(SystemExit):
+            ntg_bench.parse_args(argv)
+        assert message in capsys.readouterr().err

@@ -22,7 +22,17 @@ must be trained as the base models they are swapped into, and a `--base_dir` who
 another recipe (its `benchmark_settings.json`) is refused.
 
 `--base_dir` reuses the vanilla runs of `benchmark_quality.py` (its `seed-N` folders, same recipe,
-same seeds) instead of training them again. Runs and evaluations are kept and skipped when the
+same seeds) instead of training them again.
+
+`--pretrained FOLDER` measures the gap where the paper measures it, on a converged model (issue 17,
+item 10: the converged base of `pretrain_base.py`, `docs/benchmark_base/r8/base`). Training a converged
+specialist from scratch per interval costs the base's own 55,000 steps five times over, so every model
+starts from the converged one instead: per seed, the base is it fine-tuned `--max_train_steps` on all
+timesteps and each interval model it fine-tuned as many steps on its interval only. Both had the same
+extra training, so a gap is specialisation, not more steps; the resolution is the pretrained model's:
+
+    python train_scripts/benchmark_ntg.py --output_dir bench-ntg-converged \
+        --pretrained docs/benchmark_base/r8/base --learning_rate 1e-4 --lr_warmup_steps 20 Runs and evaluations are kept and skipped when the
 command is run again; an evaluation is redone when its settings or the feature extractor change.
 Outputs: `results.json` (every seed's gaps, the summary, settings, hashes, times), `results.md`,
 `ntg_summary.png`, and per seed `seed-N/ntg.json` / `ntg.png` from `analyze.py ntg`.
@@ -42,6 +52,7 @@ sys.path.insert(0, HERE)
 
 import benchmark_quality as quality  # noqa: E402  (the training recipe and the planning figures)
 from diffusers_ant.analysis.benchmark import (  # noqa: E402
+    base_resolution,
     changed_benchmark_settings,
     check_benchmark_settings,
     resolution_cost_factor,
@@ -57,6 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--base_dir", default=None,
                    help="folder with the base (all-timestep) models as seed-N subfolders, e.g. bench-quality/vanilla; "
                         "default: train them under OUTPUT_DIR/base")
+    p.add_argument("--pretrained", default=None,
+                   help="a saved pipeline folder (e.g. the converged base docs/benchmark_base/r8/base): every model, "
+                        "the all-timestep base included, is fine-tuned from it for --max_train_steps, at its resolution "
+                        "(default: trained from scratch)")
     p.add_argument("--num_intervals", type=int, default=5, help="k equal timestep intervals (default 5, as ANT)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max_train_steps", type=int, default=1000, help="for the base and every interval model")
@@ -82,6 +97,16 @@ def parse_args(argv=None):
         args.num_samples, args.num_inference_steps, args.eval_batch_size = 128, 10, 128
     if len(set(args.seeds)) < 2:
         p.error("give at least 2 --seeds: the intervals are over seeds")
+    if args.pretrained is not None:
+        if args.base_dir:
+            p.error("--pretrained trains the base models here, from it: leave out --base_dir")
+        if not os.path.isfile(os.path.join(args.pretrained, "model_index.json")):
+            p.error(f"--pretrained {args.pretrained}: no pipeline folder there (model_index.json); give a saved model")
+        resolution = base_resolution(args.pretrained)
+        if "--resolution" in (argv if argv is not None else sys.argv[1:]) and args.resolution != resolution:
+            p.error(f"--resolution {args.resolution}: --pretrained {args.pretrained} is {resolution}x{resolution}; "
+                    "leave --resolution out")
+        args.resolution = resolution
     quality.check_recipe_arguments(p, args)
     if not 1 <= args.num_intervals <= NUM_TRAIN_TIMESTEPS:
         p.error(f"--num_intervals must be in 1..{NUM_TRAIN_TIMESTEPS}")
@@ -120,11 +145,27 @@ def plan(args) -> dict:
             "eval_seconds": evaluate / args.workers}
 
 
+def training_settings(args) -> dict:
+    """The quality benchmark's recipe, and the model every run starts from (none: from scratch)."""
+    pretrained = None if args.pretrained is None else os.path.abspath(args.pretrained)
+    return {**quality.training_settings(args), "pretrained": pretrained}
+
+
+def train_command(args, seed, run_dir, config_path) -> list:
+    """train_ant.py for one model: the quality benchmark's vanilla command, started from --pretrained
+    instead of the bench UNet's config where one is given."""
+    cmd = quality.train_command(args, "vanilla", seed, run_dir, config_path)
+    if args.pretrained is not None:
+        i = cmd.index("--model_config_name_or_path")
+        cmd[i:i + 2] = ["--pretrained_model_name_or_path", args.pretrained]
+    return cmd
+
+
 def check_training_settings(args) -> None:
     """The interval models are swapped into the base model's sampling: they must be trained with its recipe.
     Refuses an OUTPUT_DIR whose kept runs had another recipe, and a --base_dir from a quality run
     (its parent's benchmark_settings.json) trained with another one, in one line each."""
-    settings = quality.training_settings(args)
+    settings = training_settings(args)
     check_benchmark_settings(args.output_dir, settings, "benchmark_ntg.py")
     if args.base_dir:
         changed = changed_benchmark_settings(os.path.dirname(os.path.abspath(args.base_dir)), settings)
@@ -199,8 +240,13 @@ def markdown(summary, args, extractor_sha) -> str:
         seeds = ", ".join(f"{v:+.2f}" for v in gap["differences"])
         lines.append(f"| [{row['interval'][0]}, {row['interval'][1]}] | {cell} | {seeds} | {reading} |")
     base = summary["base_fid"]
+    if args.pretrained is None:
+        trained = f"Each interval model trained {args.max_train_steps} steps on its interval only, at "
+    else:
+        trained = (f"Every model fine-tuned {args.max_train_steps} steps from {args.pretrained} (the base on all "
+                   f"timesteps, each interval model on its interval only) at learning rate {args.learning_rate:g}, at ")
     lines += ["", f"Base (all timesteps) domain FID {base['mean']:.3f} ± {base['sd'] or 0:.3f} over {base['n']} seeds. "
-              f"Each interval model trained {args.max_train_steps} steps on its interval only, at "
+              f"{trained}"
               f"{args.resolution}x{args.resolution} ({quality.schedule_text(args)}); "
               f"{args.num_samples} DDIM-{args.num_inference_steps} samples per set, both sets from the same noise, "
               f"against {args.num_real} real images; domain features sha256 {extractor_sha[:12]}. "
@@ -235,7 +281,7 @@ def main(argv=None):
 
         def one(job):
             run_dir, seed, extra, what = job
-            cmd = quality.train_command(args, "vanilla", seed, run_dir, config_path) + extra
+            cmd = train_command(args, seed, run_dir, config_path) + extra
             print(f"trained {what}: {quality.train_run(cmd, run_dir, what)}", flush=True)
 
         start = time.time()
