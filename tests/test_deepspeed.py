@@ -160,8 +160,58 @@ def launch_lora(engine_flags, output_dir, pretrained, *extra):
     return result.stdout + result.stderr
 
 
+@pytest.fixture(scope="module")
+def lora_pretrained(root):
+    from diffusers_ant.models import get_model_adapter
+
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1).save(
+        str(root / "lora-pretrained"))
+    return root / "lora-pretrained"
+
+
+@pytest.fixture(scope="module")
+def lora_ddp(root, lora_pretrained):
+    """The reference: the same gradient method on the LoRA subset under plain data parallelism."""
+    from safetensors.torch import load_file
+
+    launch_lora(["--multi_gpu"], root / "lora-ddp", lora_pretrained)
+    return load_file(root / "lora-ddp" / "pytorch_lora_weights.safetensors")
+
+
+def check_lora_run_against_ddp_and_its_resume(root, lora_pretrained, lora_ddp, name, engine_flags):
+    """`name`'s LoRA weights equal DDP's within the tolerance below, and its checkpoint at step 1 resumes
+    into the straight run's weights and trainer state bit for bit."""
+    from safetensors.torch import load_file
+
+    out = launch_lora(engine_flags, root / f"lora-{name}", lora_pretrained)
+    assert "process 1 of 2" in out
+    trained = load_file(root / f"lora-{name}" / "pytorch_lora_weights.safetensors")
+    assert trained and sorted(trained) == sorted(lora_ddp)
+    largest = max(float(v.abs().max()) for v in trained.values())
+    tolerance = LORA_STEPS * (1024 * 2.0**-24 + 2.0**-23 * max(1.0, largest))
+    assert max(float(v.abs().max()) for k, v in trained.items() if "lora_B" in k or "lora.up" in k) > 100 * tolerance
+    worst = max(float((trained[k] - lora_ddp[k]).abs().max()) for k in trained)
+    print(f"max |{name} - DDP| over the LoRA weights: {worst:.3g} (tolerance {tolerance:.3g})")
+    assert worst <= tolerance, f"{name} and DDP LoRA weights differ by {worst} (tolerance {tolerance})"
+    # exact resume: 1 step, DeepSpeed's checkpoint (engine, optimizer) and the trainer's state, 1 step == 2 steps
+    shutil.copytree(root / f"lora-{name}" / "checkpoint-1", root / f"lora-{name}-resumed" / "checkpoint-1")
+    launch_lora(engine_flags, root / f"lora-{name}-resumed", lora_pretrained, "--resume_from_checkpoint", "checkpoint-1")
+    resumed = load_file(root / f"lora-{name}-resumed" / "pytorch_lora_weights.safetensors")
+    assert sorted(resumed) == sorted(trained)
+    for key in trained:
+        assert torch.equal(resumed[key], trained[key]), f"resumed {name} run differs from the straight one at {key}"
+    for rank in (0, 1):  # the trainer's state: UW's log-variances and their optimizer, the generator
+        straight, again = (load_file(root / run / f"checkpoint-{LORA_STEPS}" / f"trainer_state_{rank}.safetensors")
+                           for run in (f"lora-{name}", f"lora-{name}-resumed"))
+        assert sorted(straight) == sorted(again)
+        for key in straight:
+            assert torch.equal(again[key], straight[key]), f"resumed trainer state differs at {key} (process {rank})"
+    return out
+
+
 @pytest.mark.slow
-def test_a_gradient_method_on_the_lora_subset_trains_under_zero2_what_it_trains_under_ddp_and_resumes_exactly(root):
+def test_a_gradient_method_on_the_lora_subset_trains_under_zero2_what_it_trains_under_ddp_and_resumes_exactly(
+        root, lora_pretrained, lora_ddp):
     """ZeRO-2 takes the per-cluster gradients of the LoRA subset by autograd.grad (DeepSpeed's hooks do not
     run), syncs them as DDP does, and hands the update to the engine by one backward whose gradient is the
     update exactly (up to DeepSpeed's divide-then-sum average, exact on 2 processes). The tolerance is
@@ -170,34 +220,17 @@ def test_a_gradient_method_on_the_lora_subset_trains_under_zero2_what_it_trains_
     |g| <= 1, are not recorded): LORA_STEPS * (1024 * 2^-24 + 2^-23 max|w|) ~ 1.2e-4, observed 1.1e-7.
     Per-process cluster gradients move the LoRA weights by about 7e-2; an update DeepSpeed never steps by
     |B| ~ 0.3."""
-    from safetensors.torch import load_file
+    check_lora_run_against_ddp_and_its_resume(root, lora_pretrained, lora_ddp, "zero2",
+                                              ["--use_deepspeed", "--zero_stage", "2"])
 
-    from diffusers_ant.models import get_model_adapter
 
-    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1).save(
-        str(root / "lora-pretrained"))
-    out = launch_lora(["--use_deepspeed", "--zero_stage", "2"], root / "lora-zero2", root / "lora-pretrained")
-    assert "process 1 of 2" in out
-    launch_lora(["--multi_gpu"], root / "lora-ddp", root / "lora-pretrained")
-    zero2, ddp = (load_file(root / f"lora-{e}" / "pytorch_lora_weights.safetensors") for e in ("zero2", "ddp"))
-    assert zero2 and sorted(zero2) == sorted(ddp)
-    largest = max(float(v.abs().max()) for v in zero2.values())
-    tolerance = LORA_STEPS * (1024 * 2.0**-24 + 2.0**-23 * max(1.0, largest))
-    assert max(float(v.abs().max()) for k, v in zero2.items() if "lora_B" in k or "lora.up" in k) > 100 * tolerance
-    worst = max(float((zero2[k] - ddp[k]).abs().max()) for k in zero2)
-    print(f"max |ZeRO-2 - DDP| over the LoRA weights: {worst:.3g} (tolerance {tolerance:.3g})")
-    assert worst <= tolerance, f"ZeRO-2 and DDP LoRA weights differ by {worst} (tolerance {tolerance})"
-    # exact resume: 1 step, DeepSpeed's checkpoint (engine, optimizer) and the trainer's state, 1 step == 2 steps
-    shutil.copytree(root / "lora-zero2" / "checkpoint-1", root / "lora-resumed" / "checkpoint-1")
-    launch_lora(["--use_deepspeed", "--zero_stage", "2"], root / "lora-resumed", root / "lora-pretrained",
-                "--resume_from_checkpoint", "checkpoint-1")
-    resumed = load_file(root / "lora-resumed" / "pytorch_lora_weights.safetensors")
-    assert sorted(resumed) == sorted(zero2)
-    for key in zero2:
-        assert torch.equal(resumed[key], zero2[key]), f"resumed ZeRO-2 run differs from the straight one at {key}"
-    for rank in (0, 1):  # the trainer's state: UW's log-variances and their optimizer, the generator
-        straight, again = (load_file(root / run / f"checkpoint-{LORA_STEPS}" / f"trainer_state_{rank}.safetensors")
-                           for run in ("lora-zero2", "lora-resumed"))
-        assert sorted(straight) == sorted(again)
-        for key in straight:
-            assert torch.equal(again[key], straight[key]), f"resumed trainer state differs at {key} (process {rank})"
+@pytest.mark.slow
+def test_a_gradient_method_on_the_lora_subset_trains_under_zero3_with_the_base_sharded(root, lora_pretrained, lora_ddp):
+    """ZeRO-3 from a config that shards every parameter (a persistence threshold of 0): the trainer raises
+    the threshold to the largest LoRA matrix, so the LoRA matrices stay whole on every process (persistent
+    parameters; so do the base's few tensors smaller than them) while the rest of the base is gathered in
+    every forward and backward, and the engine runs as under ZeRO-2, in lockstep. Same weights as DDP within the ZeRO-2 test's tolerance,
+    exact resume. Without the raised threshold the run stops at the check that every LoRA matrix persists."""
+    out = check_lora_run_against_ddp_and_its_resume(root, lora_pretrained, lora_ddp, "zero3",
+                                                    ["--use_deepspeed", "--deepspeed_config_file", ZERO3_CONFIG])
+    assert "stage3_param_persistence_threshold" in out  # the trainer says it raised it

@@ -347,10 +347,9 @@ def _fake_accelerator(kind):
     return types.SimpleNamespace(distributed_type=getattr(DistributedType, kind))
 
 
-def test_gradient_methods_are_refused_under_xla_and_outside_the_lora_subset_of_fsdp_and_zero2():
-    """Plain data parallelism runs a gradient method on any subset; FSDP and DeepSpeed ZeRO-1/2 only on the
-    LoRA subset (`--task_gradient_subset lora`), ZeRO-3 not at all, an engine the trainer does not know
-    (XLA) not at all. Loss-based methods and vanilla training run under every engine."""
+def test_gradient_methods_are_refused_under_xla_and_outside_the_lora_subset_of_fsdp_and_zero():
+    """Plain data parallelism runs a gradient method on any subset; FSDP and DeepSpeed ZeRO-1/2/3 only on the
+    LoRA subset (`--task_gradient_subset lora`), an engine the trainer does not know (XLA) not at all. Loss-based methods and vanilla training run under every engine."""
     from diffusers_ant.training.args import UsageError
     from diffusers_ant.training.components import check_distributed_support
     from diffusers_ant.weighting import get_weighting
@@ -360,22 +359,21 @@ def test_gradient_methods_are_refused_under_xla_and_outside_the_lora_subset_of_f
                                  task_gradients="split", mixed_precision="no")
     for ok in ("NO", "MULTI_CPU", "MULTI_GPU"):
         check_distributed_support(_fake_accelerator(ok), plain, get_weighting("pcgrad", 4))
-    with pytest.raises(UsageError, match="runs on one process, plain data parallelism .* FSDP or DeepSpeed ZeRO-1/2, "
+    with pytest.raises(UsageError, match="runs on one process, plain data parallelism .* FSDP or DeepSpeed, "
                                          "not under XLA"):
         check_distributed_support(_fake_accelerator("XLA"), plain, get_weighting("pcgrad", 4))
-    for name, accelerator in (("FSDP", _fake_accelerator("FSDP")), ("DeepSpeed ZeRO-2", _fake_deepspeed(2))):
+    for name, accelerator in (("FSDP", _fake_accelerator("FSDP")), ("DeepSpeed ZeRO-2", _fake_deepspeed(2)),
+                              ("DeepSpeed ZeRO-3", _fake_deepspeed(3))):
         with pytest.raises(UsageError, match=f"under {name} needs --task_gradient_subset lora"):
             check_distributed_support(accelerator, plain, get_weighting("pcgrad", 4))
         check_distributed_support(accelerator, lora, get_weighting("pcgrad", 4))  # the LoRA subset: accepted
-    with pytest.raises(UsageError, match="does not run under DeepSpeed ZeRO-3, with or without --task_gradient_subset"):
-        check_distributed_support(_fake_deepspeed(3), lora, get_weighting("pcgrad", 4))
     for kind in ("DEEPSPEED", "FSDP", "XLA"):
         accelerator = _fake_deepspeed(3) if kind == "DEEPSPEED" else _fake_accelerator(kind)
         check_distributed_support(accelerator, _ds_args(), get_weighting("ls", 4))
         check_distributed_support(accelerator, _ds_args(), None)
 
 
-def test_a_gradient_method_runs_under_zero2_on_the_lora_subset_only_and_not_under_zero3():
+def test_a_gradient_method_runs_under_zero2_and_zero3_on_the_lora_subset_only():
     """One line each, naming the engine and the flag (moved from tests/test_deepspeed.py: fakes only, so it
     runs without DeepSpeed installed)."""
     from diffusers_ant.training.args import UsageError
@@ -384,13 +382,14 @@ def test_a_gradient_method_runs_under_zero2_on_the_lora_subset_only_and_not_unde
 
     lora = dict(task_gradient_subset="lora", task_gradients="split", mixed_precision="no", gradient_accumulation_steps=2)
     for method in ("pcgrad", "uw+pcgrad"):
-        check_distributed_support(_fake_deepspeed(2), types.SimpleNamespace(mtl_method=method, **lora),
-                                  get_weighting(method, 4))
+        for stage in (2, 3):
+            check_distributed_support(_fake_deepspeed(stage), types.SimpleNamespace(mtl_method=method, **lora),
+                                      get_weighting(method, 4))
     cases = [(2, {"task_gradient_subset": None}, "--mtl_method pcgrad (gradient-based) under DeepSpeed ZeRO-2 needs "
               "--task_gradient_subset lora"),
-             (3, {"task_gradient_subset": None}, "--mtl_method pcgrad (gradient-based) does not run under DeepSpeed "
-              "ZeRO-3, with or without --task_gradient_subset lora"),
-             (3, {}, "does not run under DeepSpeed ZeRO-3"),
+             (3, {"task_gradient_subset": None}, "--mtl_method pcgrad (gradient-based) under DeepSpeed ZeRO-3 needs "
+              "--task_gradient_subset lora"),
+             (3, {"task_gradients": "batched"}, "under DeepSpeed ZeRO-3 runs with --task_gradients split only"),
              (2, {"task_gradients": "batched"}, "under DeepSpeed ZeRO-2 runs with --task_gradients split only")]
     for stage, change, words in cases:
         with pytest.raises(UsageError) as error:
@@ -584,12 +583,36 @@ def test_deepspeed_trains_accumulation_windows_and_uw_and_refuses_what_it_cannot
         with pytest.raises(UsageError, match=flag) as error:
             check_distributed_support(accelerator, args, None)
         assert "\n" not in str(error.value)
-    # a gradient method: on the LoRA subset under ZeRO-2 (tests/test_deepspeed.py), never under ZeRO-3
-    with pytest.raises(UsageError, match="under DeepSpeed ZeRO-2 needs --task_gradient_subset lora"):
-        check_distributed_support(_fake_deepspeed(2), _ds_args(mtl_method="pcgrad"), get_weighting("pcgrad", 4))
-    with pytest.raises(UsageError, match="does not run under DeepSpeed ZeRO-3"):
-        check_distributed_support(_fake_deepspeed(3), _ds_args(mtl_method="pcgrad", task_gradient_subset="lora"),
-                                  get_weighting("pcgrad", 4))
+    # a gradient method: on the LoRA subset only, under ZeRO-2 and ZeRO-3 (tests/test_deepspeed.py)
+    for stage in (2, 3):
+        with pytest.raises(UsageError, match=f"under DeepSpeed ZeRO-{stage} needs --task_gradient_subset lora"):
+            check_distributed_support(_fake_deepspeed(stage), _ds_args(mtl_method="pcgrad"), get_weighting("pcgrad", 4))
+
+
+def test_zero3_keeps_the_lora_matrices_whole_by_raising_the_persistence_threshold_to_the_largest():
+    """Under ZeRO-3 a gradient method's LoRA matrices must be persistent parameters (whole on every process):
+    the config's `stage3_param_persistence_threshold` is raised to the largest LoRA matrix where it is lower
+    or "auto" (a higher one is kept), and a cap on all persistent elements is refused in one line."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from diffusers_ant.training.args import UsageError
+    from diffusers_ant.training.sharding import DEEPSPEED_PERSISTENCE_THRESHOLD, keep_lora_whole_zero3
+
+    model = inject_adapter_in_model(LoraConfig(r=8, target_modules=["0"]),
+                                    torch.nn.Sequential(torch.nn.Linear(300, 500), torch.nn.Linear(500, 2)))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"0.lora_A.default.weight",
+                                                                           "0.lora_B.default.weight"}
+    largest = 8 * 500  # lora_B: (500, 8); lora_A: (8, 300); the frozen base's 300 x 500 is not counted
+    for given, kept in ((None, DEEPSPEED_PERSISTENCE_THRESHOLD), ("auto", largest), (10, largest), (10**6, 10**6)):
+        config = {} if given is None else {"stage3_param_persistence_threshold": given}
+        accelerator = _fake_deepspeed(3, **{"zero_optimization": {"stage": 3, **config}})
+        assert keep_lora_whole_zero3(accelerator, model) == kept
+        assert accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].get(
+            "stage3_param_persistence_threshold", DEEPSPEED_PERSISTENCE_THRESHOLD) == kept
+    with pytest.raises(UsageError, match="drop zero_optimization.model_persistence_threshold") as error:
+        keep_lora_whole_zero3(_fake_deepspeed(3, zero_optimization={"stage": 3, "model_persistence_threshold": 1000}),
+                              model)
+    assert "\n" not in str(error.value)
 
 
 def test_a_zero_checkpoint_is_refused_without_deepspeed_in_one_line_and_nothing_is_written(tmp_path, capsys):

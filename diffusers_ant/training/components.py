@@ -187,10 +187,10 @@ def check_distributed_support(accelerator, args, weighting) -> None:
     """Refuse configurations that would train wrongly under DeepSpeed / FSDP / other engines.
 
     * Gradient-based weightings (the combined `uw+pcgrad` form included): on one process and under plain
-      data parallelism on any subset; under FSDP2 and DeepSpeed ZeRO-1/2 on the LoRA subset only
+      data parallelism on any subset; under FSDP2 and DeepSpeed ZeRO-1/2/3 on the LoRA subset only
       (`--task_gradient_subset lora`, every trainable parameter a LoRA matrix, `--task_gradients split`),
       whose gradients are small enough to hold whole on every process (`sharding.py`, "Gradient-based
-      methods"); under ZeRO-3 not at all (`sharding.check_task_gradient_engine` says why).
+      methods", `sharding.check_task_gradient_engine`).
     * DeepSpeed (ZeRO-2 / ZeRO-3): vanilla and loss-based weightings, UW included (its log-variances get
       their own optimizer) and gradient accumulation (owned by DeepSpeed); see `deepspeed_support`.
       Refused: a config that disagrees with the flags, and a text-encoder LoRA (outside the engine)."""
@@ -202,7 +202,7 @@ def check_distributed_support(accelerator, args, weighting) -> None:
         check_task_gradient_engine(accelerator, args)
     elif weighting is not None and weighting.needs_task_gradients and kind not in _ENGINE_DISTRIBUTED_TYPES:
         raise UsageError(f"--mtl_method {args.mtl_method} (gradient-based) runs on one process, plain data "
-                         f"parallelism ({supported}), FSDP or DeepSpeed ZeRO-1/2, not under {kind}: use a loss-based "
+                         f"parallelism ({supported}), FSDP or DeepSpeed, not under {kind}: use a loss-based "
                          "method (ls, rlw, uw, dwa) or `accelerate launch --multi_gpu`")
     if kind == "DEEPSPEED":
         if getattr(args, "train_text_encoder", False):

@@ -63,7 +63,8 @@ from .fsdp import (
 )
 from .fsdp import clip_grad_norm_ as fsdp_clip_grad_norm_
 from .precision import cast_frozen_parameters, current_loss_scale, lift_to_float32, sampling_precision
-from .sharding import (DeepSpeedUpdate, check_lora_only, check_task_gradient_launch, keep_lora_whole, meta_skeleton,
+from .sharding import (DeepSpeedUpdate, check_lora_only, check_task_gradient_launch, gather_persistent_lora,
+                       keep_lora_whole, keep_lora_whole_zero3, meta_skeleton,
                        weighting_optimizer, whole_model, zero_stage)
 from .sources import build_sources, compose_sources, cycle_batches, knowledge_bank_dataloader, retention_rows
 from .step import DiffusionObjective, training_step
@@ -308,6 +309,10 @@ def train(args) -> str:
         check_lora_only(accelerator, args, adapter)
         if fsdp:
             keep_lora_whole(accelerator, adapter.model)  # LoRA whole on every process, the base sharded
+        elif zero_stage(accelerator) == 3:
+            threshold = keep_lora_whole_zero3(accelerator, adapter.model)  # the same, as persistent parameters
+            logger.info("ZeRO-3: stage3_param_persistence_threshold %d keeps the LoRA matrices whole on every "
+                        "process (the frozen base stays partitioned)", threshold)
     if fsdp:
         check_fsdp_wrapping(accelerator, adapter.model)  # a config that wraps no module: one line, before sharding
     # FSDP and ZeRO-3 shard the module in `prepare`: keep its architecture (no weights) to gather into
@@ -331,8 +336,11 @@ def train(args) -> str:
                        inv_gamma=args.ema_inv_gamma, power=args.ema_power, foreach=args.foreach_ema)
     engine = None
     if gradient_based:
+        zero3 = zero_stage(accelerator) == 3
+        if zero3:
+            gather_persistent_lora(params)
         engine = build_task_gradient_engine(adapter, params, args.task_gradients, args.task_gradient_subset,
-                                            lockstep=fsdp, write_update=DeepSpeedUpdate(model) if deepspeed else None,
+                                            lockstep=fsdp or zero3, write_update=DeepSpeedUpdate(model) if deepspeed else None,
                                             gradient_checkpointing=args.gradient_checkpointing)
     # One generator draws every random number of a step (latents, label dropout, timesteps, noise);
     # each process has its own stream.

@@ -107,9 +107,15 @@ def weighting_optimizer(args, weighting):
 #   sum_p <p, u_p>, whose gradient is u exactly; DeepSpeed averages it over the processes (it divides each
 #   copy by the process count, then sums: u again up to that rounding, exact when the count is a power of
 #   two), clips and steps once per window (`DeepSpeedUpdate`): the weighting still chooses once per window.
-# * ZeRO-3 partitions the LoRA matrices as well: they are whole only inside each module's forward and
-#   backward (outside, the engine would find them empty), and ZeRO-3 has no option to keep chosen
-#   parameters out of its partitions (as FSDP2's ignored parameters are; only a size threshold): refused.
+# * ZeRO-3 partitions every parameter, and has no option to keep chosen ones out of its partitions (as
+#   FSDP2's ignored parameters are), only a size threshold: a parameter of at most
+#   `stage3_param_persistence_threshold` elements is "persistent", gathered once and kept whole on every
+#   process (DeepSpeed re-gathers the persistent ones after each step). `keep_lora_whole_zero3` raises
+#   the threshold to the largest LoRA matrix before `prepare` (small frozen tensors of the base then
+#   persist too: each is smaller than a LoRA matrix) and `gather_persistent_lora` checks after `prepare`
+#   that DeepSpeed made every LoRA matrix persistent and gathers them, so the engine finds them whole. The
+#   rest runs as under ZeRO-1/2, with every process running the same passes (`lockstep`: the gathers of
+#   the partitioned base in each forward and backward are collectives, as FSDP's).
 
 
 def task_gradient_engine_name(accelerator) -> str:
@@ -172,11 +178,6 @@ def check_task_gradient_engine(accelerator, args) -> None:
     from .args import UsageError
     engine = task_gradient_engine_name(accelerator)
     method = f"--mtl_method {args.mtl_method} (gradient-based)"
-    if engine_kind(accelerator) == "DEEPSPEED" and zero_stage(accelerator) == 3:
-        raise UsageError(f"{method} does not run under DeepSpeed ZeRO-3, with or without --task_gradient_subset lora "
-                         "(ZeRO-3 partitions the LoRA matrices too, so their per-cluster gradients are never whole on "
-                         "a process): use --zero_stage 2 or FSDP with --task_gradient_subset lora, or a loss-based "
-                         "method (ls, rlw, uw, dwa)")
     if getattr(args, "task_gradient_subset", None) != "lora":
         raise UsageError(f"{method} under {engine} needs --task_gradient_subset lora (with --rank): the per-cluster "
                          "gradients of sharded parameters are never whole on one process; or use a loss-based "
@@ -226,8 +227,65 @@ def keep_lora_whole(accelerator, model) -> int:
     return len(modules)
 
 
+# DeepSpeed's default `stage3_param_persistence_threshold` (deepspeed.runtime.zero.config), in elements
+DEEPSPEED_PERSISTENCE_THRESHOLD = 100_000
+
+
+def keep_lora_whole_zero3(accelerator, model) -> int:
+    """ZeRO-3: make every LoRA matrix a persistent parameter (whole on every process), before `prepare`, by
+    raising the DeepSpeed config's `stage3_param_persistence_threshold` to the largest LoRA matrix where it
+    is lower (or "auto", which Accelerate would set from the model's hidden size). Returns the threshold.
+    A `model_persistence_threshold` (a cap on all persistent elements together) is refused in one line: it
+    could leave LoRA matrices partitioned."""
+    from .args import UsageError
+
+    sizes = [p.numel() for name, p in model.named_parameters() if p.requires_grad and is_lora_name(name)]
+    zero = deepspeed_config(accelerator).setdefault("zero_optimization", {})
+    cap = zero.get("model_persistence_threshold")
+    if cap not in (None, "auto") and float(cap) < 2**62:
+        raise UsageError("a gradient-based --mtl_method under DeepSpeed ZeRO-3 keeps the LoRA matrices whole as "
+                         "persistent parameters: drop zero_optimization.model_persistence_threshold from the "
+                         "DeepSpeed config")
+    threshold = zero.get("stage3_param_persistence_threshold", DEEPSPEED_PERSISTENCE_THRESHOLD)
+    largest = max(sizes, default=0)
+    if not isinstance(threshold, (int, float)) or threshold < largest:
+        threshold = largest
+        zero["stage3_param_persistence_threshold"] = threshold
+    return int(threshold)
+
+
+def gather_persistent_lora(params) -> None:
+    """ZeRO-3, after `prepare`: check that DeepSpeed made every trained (LoRA) parameter persistent
+    (`keep_lora_whole_zero3`) and gather them whole on every process (a collective; DeepSpeed keeps them
+    whole from then on, re-gathering them after each step), so the engine can read their size and take
+    their gradients outside any module's forward."""
+    from .args import UsageError
+
+    partitioned = [p for p in params if not getattr(p, "ds_persist", False)]
+    if partitioned:
+        raise UsageError(f"DeepSpeed ZeRO-3 left {len(partitioned)} LoRA matrices partitioned (the largest "
+                         f"{max(p.ds_numel for p in partitioned)} elements): its config's "
+                         "stage3_param_persistence_threshold must be at least that")
+    params[0].all_gather(param_list=list(params))  # (DeepSpeed skips the ones already whole)
+
+
+def whole_parameters(params):
+    """A context in which ZeRO-3 parameters are whole on every process (DeepSpeed's `GatheredParameters`, a
+    collective), or nothing to do (ZeRO-1/2, plain tensors). ZeRO-3 keeps its persistent parameters whole
+    once trained, but the step that records its module trace releases them after each module's forward
+    like any other (DeepSpeed 0.19's `release_sub_module` filters persistent ones only with a complete
+    trace), so the update's backward gathers them itself."""
+    import contextlib
+
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+
 class DeepSpeedUpdate:
-    """`write_update` of the per-cluster gradient engine under DeepSpeed ZeRO-1/2: the update u (identical
+    """`write_update` of the per-cluster gradient engine under DeepSpeed ZeRO-1/2/3: the update u (identical
     on every process) becomes the engine's gradient by one backward of sum_p <p, u_p> (gradient u exactly),
     and the engine steps (one window, one step). DeepSpeed averages the identical copies by dividing each
     by the process count and summing: u up to that rounding, exact when the count is a power of two.
@@ -240,10 +298,11 @@ class DeepSpeedUpdate:
         self.engine = engine
 
     def __call__(self, params, update) -> None:
-        surrogate = sum((p * u.detach().to(p.dtype)).sum() for p, u in zip(params, update))
         # The window's one backward through the engine: its accumulation boundary, where DeepSpeed reduces the
         # gradient into its partitions and steps (without the engine's division by the accumulation steps:
         # u is the whole window's update already).
         self.engine.set_gradient_accumulation_boundary(True)
-        self.engine.backward(surrogate, scale_wrt_gas=False)
+        with whole_parameters(params):
+            surrogate = sum((p * u.detach().to(p.dtype)).sum() for p, u in zip(params, update))
+            self.engine.backward(surrogate, scale_wrt_gas=False)
         self.engine.step()

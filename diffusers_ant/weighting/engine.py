@@ -69,9 +69,9 @@ chosen (`distributed.py`), and the chosen weights and the weighting's state are 
 from process 0, so every process takes bitwise the same step whatever its solver did.
 
 Sharded engines (`training/sharding.py`, split mode on a subset that is every trainable parameter):
-`lockstep=True` (FSDP2) makes every process run the same forward and backward passes, padding with
-zero-loss passes where it has fewer samples of a task (FSDP's all-gathers are collectives);
-`write_update=fn` (DeepSpeed ZeRO-1/2) takes the task gradients with `torch.autograd.grad` (no
+`lockstep=True` (FSDP2, ZeRO-3) makes every process run the same forward and backward passes, padding with
+zero-loss passes where it has fewer samples of a task (the engines' all-gathers are collectives);
+`write_update=fn` (DeepSpeed) takes the task gradients with `torch.autograd.grad` (no
 parameter's gradient-accumulation hook runs) and hands the synced update to `fn(params, update_views)`
 instead of adding it to `.grad`. Neither changes the step.
 
@@ -354,6 +354,10 @@ class TaskGradientEngine:
                     raise
                 mode, self.auto_reason = "split", _without_split_hint(error)
         self.mode = mode
+        # Shapes taken once: under DeepSpeed ZeRO-3 a task parameter may be partitioned (empty) between a
+        # module's forward and the next gather, even a persistent one in the step that records ZeRO-3's
+        # module trace, while the gradients autograd returns have its whole shape (training.sharding)
+        self._task_shapes = [p.shape for p in self.task_params]
         self.num_task_params = sum(p.numel() for p in self.task_params)
         self._grads: Optional[torch.Tensor] = None  # (K, P_task), reused between calls
         self._update: Optional[torch.Tensor] = None  # (P_task,), reused between calls
@@ -375,17 +379,17 @@ class TaskGradientEngine:
             self._update = None if self.rest_params else torch.zeros(self.num_task_params, dtype=p0.dtype, device=p0.device)
             # batched mode: each task parameter's (K, *shape) slice of the buffer
             self._task_views, offset = {}, 0
-            for p in self.task_params:
-                self._task_views[id(p)] = self._grads[:, offset:offset + p.numel()].view(num_tasks, *p.shape)
-                offset += p.numel()
+            for p, shape in zip(self.task_params, self._task_shapes):
+                self._task_views[id(p)] = self._grads[:, offset:offset + shape.numel()].view(num_tasks, *shape)
+                offset += shape.numel()
         return self._grads, self._update
 
     def _views(self, flat: torch.Tensor) -> List[torch.Tensor]:
         """Views of a flat (P_task,) tensor shaped like each task parameter."""
         views, offset = [], 0
-        for p in self.task_params:
-            views.append(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        for shape in self._task_shapes:
+            views.append(flat[offset:offset + shape.numel()].view(shape))
+            offset += shape.numel()
         return views
 
     def _backward_into(self, loss: torch.Tensor, row: torch.Tensor, retain_graph: bool) -> None:
