@@ -5,7 +5,9 @@ them back with `torch.load(weights_only=True)`. What it would pickle without res
 objects given to `register_for_checkpointing` are loaded with `weights_only=False` -- we save
 ourselves: the trainer's own state (step, the noise / timestep generator), EMA and the
 weighting's state go to `trainer_state_<rank>.safetensors` (tensors) plus a JSON skeleton (the
-rest), so resuming from a folder a user points at never unpickles arbitrary objects.
+rest), so resuming from a folder a user points at never unpickles arbitrary objects. The sharded
+engines' own files (torch.distributed.checkpoint under FSDP, DeepSpeed's `.pt` files), which those
+libraries unpickle without restriction, are checked first by `checkpoint_pickles.check_checkpoint_pickles`.
 
 A checkpoint is written under a temporary name and renamed when complete: a run killed in the
 middle of a save leaves the previous checkpoint as the latest usable one.

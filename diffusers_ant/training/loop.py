@@ -32,6 +32,7 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from .checkpoint_pickles import check_checkpoint_pickles
 from .components import (
     build_intervals,
     build_lr_scheduler,
@@ -172,6 +173,7 @@ def train(args) -> str:
         # Before any model or data is loaded: a resumed run must continue the run it resumes, under the
         # engine and with the number of processes that wrote its state.
         check_resume_engine(checkpoint, engine_record(accelerator))
+        check_checkpoint_pickles(checkpoint)  # what FSDP / DeepSpeed would unpickle unrestricted holds only data
         for change in check_resume_config(checkpoint_config(checkpoint), public_config(args), checkpoint,
                                           accelerator.num_processes):
             logger.info("resuming with a changed setting, %s", change)
