@@ -15,6 +15,9 @@ import torch
 from diffusers_ant.training.args import UsageError
 from diffusers_ant.training.checkpoint_pickles import check_checkpoint_pickles
 
+# torch.distributed.checkpoint warns that it writes and reads in one process: what these tests want
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
 
 class Payload:
     """Unpickling this creates the file `marker`: the code a malicious checkpoint would run."""
