@@ -67,6 +67,37 @@ def test_a_dcp_metadata_file_with_code_is_refused_unread(tmp_path):
     assert not marker.exists()
 
 
+def test_the_per_rank_metadata_file_torch_falls_back_to_is_checked_too(tmp_path):
+    """torch.distributed.checkpoint reads `__<rank>.metadata` when `.metadata` is unreadable (or absent)."""
+    folder = tmp_path / "ckpt" / "pytorch_model_fsdp_0"
+    folder.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    (folder / "__0.metadata").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(UsageError, match=r"__0\.metadata refers to (io|builtins)\.open"):
+        check_checkpoint_pickles(str(tmp_path / "ckpt"))
+    assert not marker.exists()
+
+
+def test_a_value_stored_outside_its_folder_or_a_linked_folder_is_refused(tmp_path):
+    """A metadata file of admitted classes can still point a value at another file (the loader would read
+    it with weights_only=False), and a linked folder would be loaded but not walked: both refused."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    folder = _dcp_folder(tmp_path / "ckpt" / "optimizer_0", {})
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    index = next(i for i in metadata.storage_data if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata))
+    metadata.storage_data[index].relative_path = "../elsewhere.distcp"
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(UsageError, match="lies outside its folder"):
+        check_checkpoint_pickles(str(tmp_path / "ckpt"))
+
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.symlink(_dcp_folder(tmp_path / "outside", {}), linked / "pytorch_model_fsdp_0")
+    with pytest.raises(UsageError, match="is a symbolic link to a folder elsewhere"):
+        check_checkpoint_pickles(str(linked))
+
+
 def test_a_torch_save_file_with_code_is_refused_and_deepspeed_data_classes_pass(tmp_path):
     """DeepSpeed reads every `.pt` of its checkpoint with weights_only=False; its optimizer state holds a
     few data classes of its own, which pass (written here as DeepSpeed's module paths, without DeepSpeed)."""
@@ -82,7 +113,7 @@ def test_a_torch_save_file_with_code_is_refused_and_deepspeed_data_classes_pass(
     assert not marker.exists()
 
     (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(pickle.dumps({"not": "a torch.save zip"}))
-    with pytest.raises(UsageError, match="refers to no torch.save data"):
+    with pytest.raises(UsageError, match="is not torch.save data"):
         check_checkpoint_pickles(str(tmp_path / "checkpoint-2"))
 
 

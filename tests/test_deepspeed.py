@@ -235,4 +235,14 @@ def test_a_gradient_method_on_the_lora_subset_trains_under_zero3_with_the_base_s
     exact resume. Without the raised threshold the run stops at the check that every LoRA matrix persists."""
     out = check_lora_run_against_ddp_and_its_resume(root, lora_pretrained, lora_ddp, "zero3",
                                                     ["--use_deepspeed", "--deepspeed_config_file", ZERO3_CONFIG])
-    assert "stage3_param_persistence_threshold" in out  # the trainer says it raised it
+    import re
+
+    # the trainer raised the threshold, and DeepSpeed still partitions the base beyond it (read from each
+    # parameter's ds_persist after prepare): the LoRA matrices are not whole merely because everything is
+    found = re.search(r"stage3_param_persistence_threshold (\d+) keeps the LoRA matrices whole", out)
+    assert found and int(found.group(1)) > 0, out[-3000:]
+    counts = re.search(r"ZeRO-3: (\d+) parameter tensors whole on every process .*?, (\d+) partitioned", out)
+    assert counts, out[-3000:]
+    whole, sharded = map(int, counts.groups())
+    print(f"ZeRO-3 with the raised threshold {found.group(1)}: {whole} parameter tensors whole, {sharded} partitioned")
+    assert whole > 0 and sharded > 0, (whole, sharded)

@@ -7,6 +7,7 @@ Runs are tiny (the `tiny` presets, a handful of steps) and in-process (`train_in
 from __future__ import annotations
 
 import json
+import sys
 import types
 
 import pytest
@@ -609,10 +610,31 @@ def test_zero3_keeps_the_lora_matrices_whole_by_raising_the_persistence_threshol
         assert keep_lora_whole_zero3(accelerator, model) == kept
         assert accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].get(
             "stage3_param_persistence_threshold", DEEPSPEED_PERSISTENCE_THRESHOLD) == kept
-    with pytest.raises(UsageError, match="drop zero_optimization.model_persistence_threshold") as error:
-        keep_lora_whole_zero3(_fake_deepspeed(3, zero_optimization={"stage": 3, "model_persistence_threshold": 1000}),
-                              model)
-    assert "\n" not in str(error.value)
+    # the field name DeepSpeed also accepts is read, and replaced by the one spelling
+    accelerator = _fake_deepspeed(3, zero_optimization={"stage": 3, "param_persistence_threshold": 10})
+    assert keep_lora_whole_zero3(accelerator, model) == largest
+    assert accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"] == {
+        "stage": 3, "stage3_param_persistence_threshold": largest}
+    for key in ("stage3_model_persistence_threshold", "model_persistence_threshold"):
+        with pytest.raises(UsageError, match=f"drop zero_optimization.{key} from") as error:
+            keep_lora_whole_zero3(_fake_deepspeed(3, zero_optimization={"stage": 3, key: 1000}), model)
+        assert "\n" not in str(error.value)
+        keep_lora_whole_zero3(_fake_deepspeed(3, zero_optimization={"stage": 3, key: sys.maxsize}), model)  # no cap
+
+
+def test_zero3_refuses_lora_matrices_deepspeed_left_partitioned_in_one_line():
+    """After `prepare`, every LoRA matrix must be persistent (whole on every process); one that is not, or no
+    LoRA matrix at all, is refused in one line before any gather."""
+    from diffusers_ant.training.args import UsageError
+    from diffusers_ant.training.sharding import gather_persistent_lora
+
+    whole = types.SimpleNamespace(ds_persist=True, ds_numel=10)
+    cut = types.SimpleNamespace(ds_persist=False, ds_numel=4096)
+    with pytest.raises(UsageError, match="left 1 LoRA matrices partitioned \\(the largest 4096 elements\\): its config's "
+                                         "stage3_param_persistence_threshold must be at least that"):
+        gather_persistent_lora([whole, cut], model=None)
+    with pytest.raises(UsageError, match="found no trainable LoRA matrix"):
+        gather_persistent_lora([], model=None)
 
 
 def test_a_zero_checkpoint_is_refused_without_deepspeed_in_one_line_and_nothing_is_written(tmp_path, capsys):

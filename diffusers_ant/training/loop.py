@@ -314,7 +314,7 @@ def train(args) -> str:
         elif zero_stage(accelerator) == 3:
             threshold = keep_lora_whole_zero3(accelerator, adapter.model)  # the same, as persistent parameters
             logger.info("ZeRO-3: stage3_param_persistence_threshold %d keeps the LoRA matrices whole on every "
-                        "process (the frozen base stays partitioned)", threshold)
+                        "process", threshold)
     if fsdp:
         check_fsdp_wrapping(accelerator, adapter.model)  # a config that wraps no module: one line, before sharding
     # FSDP and ZeRO-3 shard the module in `prepare`: keep its architecture (no weights) to gather into
@@ -340,7 +340,9 @@ def train(args) -> str:
     if gradient_based:
         zero3 = zero_stage(accelerator) == 3
         if zero3:
-            gather_persistent_lora(params)
+            whole, sharded = gather_persistent_lora(params, model)
+            logger.info("ZeRO-3: %d parameter tensors whole on every process (the LoRA matrices, and base tensors "
+                        "no larger than the threshold), %d partitioned", whole, sharded)
         engine = build_task_gradient_engine(adapter, params, args.task_gradients, args.task_gradient_subset,
                                             lockstep=fsdp or zero3, write_update=DeepSpeedUpdate(model) if deepspeed else None,
                                             gradient_checkpointing=args.gradient_checkpointing)

@@ -111,8 +111,8 @@ def weighting_optimizer(args, weighting):
 #   FSDP2's ignored parameters are), only a size threshold: a parameter of at most
 #   `stage3_param_persistence_threshold` elements is "persistent", gathered once and kept whole on every
 #   process (DeepSpeed re-gathers the persistent ones after each step). `keep_lora_whole_zero3` raises
-#   the threshold to the largest LoRA matrix before `prepare` (small frozen tensors of the base then
-#   persist too: each is smaller than a LoRA matrix) and `gather_persistent_lora` checks after `prepare`
+#   the threshold to the largest LoRA matrix before `prepare` (the frozen tensors of the base no larger
+#   than that persist too) and `gather_persistent_lora` checks after `prepare`
 #   that DeepSpeed made every LoRA matrix persistent and gathers them, so the engine finds them whole. The
 #   rest runs as under ZeRO-1/2, with every process running the same passes (`lockstep`: the gathers of
 #   the partitioned base in each forward and backward are collectives, as FSDP's).
@@ -229,44 +229,56 @@ def keep_lora_whole(accelerator, model) -> int:
 
 # DeepSpeed's default `stage3_param_persistence_threshold` (deepspeed.runtime.zero.config), in elements
 DEEPSPEED_PERSISTENCE_THRESHOLD = 100_000
+# Each ZeRO-3 threshold under the two spellings DeepSpeed's config accepts (its alias, the documented one,
+# first; then the field name)
+PARAM_PERSISTENCE_KEYS = ("stage3_param_persistence_threshold", "param_persistence_threshold")
+MODEL_PERSISTENCE_KEYS = ("stage3_model_persistence_threshold", "model_persistence_threshold")
 
 
 def keep_lora_whole_zero3(accelerator, model) -> int:
     """ZeRO-3: make every LoRA matrix a persistent parameter (whole on every process), before `prepare`, by
     raising the DeepSpeed config's `stage3_param_persistence_threshold` to the largest LoRA matrix where it
     is lower (or "auto", which Accelerate would set from the model's hidden size). Returns the threshold.
-    A `model_persistence_threshold` (a cap on all persistent elements together) is refused in one line: it
-    could leave LoRA matrices partitioned."""
+    A `stage3_model_persistence_threshold` (a cap on all persistent elements together) is refused in one
+    line: it could leave LoRA matrices partitioned."""
     from .args import UsageError
 
     sizes = [p.numel() for name, p in model.named_parameters() if p.requires_grad and is_lora_name(name)]
     zero = deepspeed_config(accelerator).setdefault("zero_optimization", {})
-    cap = zero.get("model_persistence_threshold")
-    if cap not in (None, "auto") and float(cap) < 2**62:
-        raise UsageError("a gradient-based --mtl_method under DeepSpeed ZeRO-3 keeps the LoRA matrices whole as "
-                         "persistent parameters: drop zero_optimization.model_persistence_threshold from the "
-                         "DeepSpeed config")
-    threshold = zero.get("stage3_param_persistence_threshold", DEEPSPEED_PERSISTENCE_THRESHOLD)
+    for key in MODEL_PERSISTENCE_KEYS:
+        cap = zero.get(key)
+        if cap not in (None, "auto") and float(cap) < 2**62:  # DeepSpeed's default is sys.maxsize: no cap
+            raise UsageError(f"a gradient-based --mtl_method under DeepSpeed ZeRO-3 keeps the LoRA matrices whole "
+                             f"as persistent parameters: drop zero_optimization.{key} from the DeepSpeed config")
+    given = [zero.pop(key) for key in PARAM_PERSISTENCE_KEYS if key in zero]
+    threshold = given[0] if given else DEEPSPEED_PERSISTENCE_THRESHOLD
     largest = max(sizes, default=0)
     if not isinstance(threshold, (int, float)) or threshold < largest:
         threshold = largest
-        zero["stage3_param_persistence_threshold"] = threshold
+    zero[PARAM_PERSISTENCE_KEYS[0]] = threshold  # one spelling only, so DeepSpeed cannot read the other
     return int(threshold)
 
 
-def gather_persistent_lora(params) -> None:
+def gather_persistent_lora(params, model) -> tuple:
     """ZeRO-3, after `prepare`: check that DeepSpeed made every trained (LoRA) parameter persistent
     (`keep_lora_whole_zero3`) and gather them whole on every process (a collective; DeepSpeed keeps them
     whole from then on, re-gathering them after each step), so the engine can read their size and take
-    their gradients outside any module's forward."""
+    their gradients outside any module's forward. Returns (persistent, partitioned): the model's
+    parameter tensors DeepSpeed keeps whole and those it partitions, as the log reports them."""
     from .args import UsageError
 
+    params = list(params)
+    if not params:
+        raise UsageError("a gradient-based --mtl_method under DeepSpeed ZeRO-3 found no trainable LoRA matrix: "
+                         "train LoRA with --rank N and --task_gradient_subset lora")
     partitioned = [p for p in params if not getattr(p, "ds_persist", False)]
     if partitioned:
         raise UsageError(f"DeepSpeed ZeRO-3 left {len(partitioned)} LoRA matrices partitioned (the largest "
                          f"{max(p.ds_numel for p in partitioned)} elements): its config's "
                          "stage3_param_persistence_threshold must be at least that")
-    params[0].all_gather(param_list=list(params))  # (DeepSpeed skips the ones already whole)
+    params[0].all_gather(param_list=params)  # (DeepSpeed skips the ones already whole)
+    persist = [bool(getattr(p, "ds_persist", False)) for p in model.parameters()]
+    return sum(persist), len(persist) - sum(persist)
 
 
 def whole_parameters(params):
