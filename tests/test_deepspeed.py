@@ -14,6 +14,7 @@ amount, where Adam's usual scale invariance would hide it. `--max_grad_norm 0` m
 Accelerate would otherwise clip DeepSpeed's gradients at 1.0, and not DDP's.
 """
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -23,9 +24,18 @@ import torch
 
 from trainer_utils import REPO, TRAIN_SCRIPT, load_safetensors_dir, offline_env, run_command
 
-# `make test-deepspeed` installs DeepSpeed and runs this file; `make test` leaves it out (marker `deepspeed`)
+# `make test-deepspeed` installs DeepSpeed and runs this file; `make test` deselects it (marker `deepspeed`),
+# so the check that DeepSpeed is there runs only when a test does (a fixture, not at collection)
 pytestmark = pytest.mark.deepspeed
-deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: make test-deepspeed installs it")
+DEEPSPEED = importlib.util.find_spec("deepspeed")
+# DeepSpeed may live outside the environment (a --target folder): the launched processes need its path too
+DEEPSPEED_PATH = os.path.dirname(os.path.dirname(DEEPSPEED.origin)) if DEEPSPEED else ""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def needs_deepspeed():
+    if DEEPSPEED is None:
+        pytest.skip("DeepSpeed is not installed: make test-deepspeed installs it")
 
 LR, STEPS = 0.1, 4
 RUN = ["--model_type", "unet", "--dataset_name", "mnist5k", "--model_config_name_or_path", "tiny",
@@ -39,8 +49,7 @@ ZERO3_CONFIG = os.path.join(REPO, "examples", "accelerate", "deepspeed_zero3_eve
 
 
 def launch(engine_flags, output_dir, *extra):
-    # DeepSpeed may live outside the environment (a --target folder): the processes need its path too
-    env = offline_env(PYTHONPATH=os.pathsep.join([REPO, os.path.dirname(os.path.dirname(deepspeed.__file__))]))
+    env = offline_env(PYTHONPATH=os.pathsep.join([REPO, DEEPSPEED_PATH]))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *engine_flags,
                TRAIN_SCRIPT, *RUN, "--output_dir", str(output_dir), *extra]
@@ -152,7 +161,7 @@ LORA_RUN = ["--model_type", "unet", "--dataset_name", "mnist5k", "--train_batch_
 
 
 def launch_lora(engine_flags, output_dir, pretrained, *extra):
-    env = offline_env(PYTHONPATH=os.pathsep.join([REPO, os.path.dirname(os.path.dirname(deepspeed.__file__))]))
+    env = offline_env(PYTHONPATH=os.pathsep.join([REPO, DEEPSPEED_PATH]))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *engine_flags,
                TRAIN_SCRIPT, *LORA_RUN, "--pretrained_model_name_or_path", str(pretrained), "--output_dir", str(output_dir),
