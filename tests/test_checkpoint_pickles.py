@@ -8,6 +8,7 @@ every resume there passes through the check)."""
 
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -58,22 +59,14 @@ def test_a_dcp_checkpoint_of_data_passes_and_one_with_code_in_a_value_is_refused
     assert marker.exists()
 
 
-def test_a_dcp_metadata_file_with_code_is_refused_unread(tmp_path):
+@pytest.mark.parametrize("name", [".metadata", "__0.metadata"])
+def test_a_dcp_metadata_file_with_code_is_refused_unread(tmp_path, name):
+    """The metadata file, and the per-rank `__<rank>.metadata` torch.distributed.checkpoint reads when
+    `.metadata` is unreadable or absent."""
     folder = _dcp_folder(tmp_path / "ckpt" / "pytorch_model_fsdp_0", {})
     marker = tmp_path / "ran"
-    (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
-    with pytest.raises(UsageError, match=r"\.metadata refers to (io|builtins)\.open"):
-        check_checkpoint_pickles(str(tmp_path / "ckpt"))
-    assert not marker.exists()
-
-
-def test_the_per_rank_metadata_file_torch_falls_back_to_is_checked_too(tmp_path):
-    """torch.distributed.checkpoint reads `__<rank>.metadata` when `.metadata` is unreadable (or absent)."""
-    folder = tmp_path / "ckpt" / "pytorch_model_fsdp_0"
-    folder.mkdir(parents=True)
-    marker = tmp_path / "ran"
-    (folder / "__0.metadata").write_bytes(pickle.dumps(Payload(marker)))
-    with pytest.raises(UsageError, match=r"__0\.metadata refers to (io|builtins)\.open"):
+    (folder / name).write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(UsageError, match=re.escape(name) + r" refers to (io|builtins)\.open"):
         check_checkpoint_pickles(str(tmp_path / "ckpt"))
     assert not marker.exists()
 
