@@ -55,6 +55,30 @@ def test_scaling_splits_each_part_into_a_whole_and_a_sharded_share():
         {"model_parameters": 4.0, "master_parameters": 0.5, "gradients": 0.5, "optimizer_state": 1.0, "total": 6.0})
 
 
+def test_the_families_check_wraps_each_familys_blocks_and_refuses_unknown_names(capsys):
+    """`check_engine_families.py`: FSDP2 wraps the blocks each family's denoiser is made of (a class the model
+    lacks would be refused by the trainer), every family trains on captions, DDP (the reference) always runs
+    first, and an unknown family, engine or method is one line naming the valid ones."""
+    families = load_script("check_engine_families")
+    from diffusers_ant.models import get_model_adapter
+
+    for family in families.FAMILIES:
+        flags = bench.launcher_flags("fsdp2", family)
+        blocks = flags[flags.index("--fsdp_transformer_layer_cls_to_wrap") + 1].split(",")
+        config = get_model_adapter(family).load(model_config_name_or_path="tiny", resolution=16).model
+        present = {type(m).__name__ for m in config.modules()}
+        assert set(blocks) <= present, (family, blocks)
+        args = families.trainer_args(family, "base", "uw+pcgrad", "out")
+        assert args[args.index("--dataset_name") + 1] == "mnist5k_captions"
+        assert "--task_gradient_subset" in args and "--rank" in args
+    assert families.parse_args(["--engines", "zero3,fsdp2"]).engines == ["ddp", "zero3", "fsdp2"]
+    for flag, value in (("--families", "sd4"), ("--engines", "zero9"), ("--methods", "uw+dwa")):
+        with pytest.raises(SystemExit):
+            families.parse_args([flag, value])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{flag}: unknown {value}; choose from" in err, err
+
+
 # ------------------------------------------------------------------------------------ two processes
 
 

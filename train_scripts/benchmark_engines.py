@@ -50,7 +50,8 @@ ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
 DEEPSPEED_ENGINES = ("zero2", "zero3")
 PARTS = ("model_parameters", "master_parameters", "gradients", "optimizer_state")
 # FSDP2 wraps each block of the denoiser (examples/accelerate/fsdp.yaml names the UNets' ResnetBlock2D)
-FSDP_BLOCKS = {"sd3": "JointTransformerBlock", "unet": "ResnetBlock2D"}
+FSDP_BLOCKS = {"sd3": "JointTransformerBlock", "unet": "ResnetBlock2D", "sdxl": "ResnetBlock2D",
+               "flux": "FluxTransformerBlock,FluxSingleTransformerBlock", "qwenimage": "QwenImageTransformerBlock"}
 REAL = {"SD3.5-Large": SD35_LARGE_TRANSFORMER_PARAMS, "FLUX.1-dev": FLUX1_DEV_TRANSFORMER_PARAMS}
 # ZeRO-3 with every parameter sharded (as tests/test_deepspeed.py runs it); the rest "auto", from the flags
 ZERO3_CONFIG = CONFIGS / "deepspeed_zero3_every_parameter.json"
@@ -70,7 +71,7 @@ def launcher_flags(engine, model_type) -> list:
 
 
 def trainer_args(model_type, opts, output_dir) -> list:
-    dataset = "mnist5k_captions" if model_type == "sd3" else "mnist5k"
+    dataset = "mnist5k" if model_type == "unet" else "mnist5k_captions"  # the text-to-image families need captions
     return ["--model_type", model_type, "--model_config_name_or_path", "tiny", "--dataset_name", dataset,
             "--train_batch_size", str(opts.batch_size), "--max_train_samples", str(4 * opts.batch_size),
             "--max_train_steps", str(opts.steps), "--checkpointing_steps", "1000", "--num_clusters", "4",
@@ -169,7 +170,7 @@ def markdown(report) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Per-process memory of weights, gradients and AdamW state by engine.")
-    parser.add_argument("--models", default="sd3", help="comma-separated model types: sd3, unet")
+    parser.add_argument("--models", default="sd3", help=f"comma-separated model types: {', '.join(FSDP_BLOCKS)}")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, from {', '.join(ENGINES)}")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=2)

@@ -9,6 +9,8 @@
 #   2. the ready configs examples/accelerate/deepspeed_zero{2,3}.yaml, in bf16: train 4 steps with UW and
 #      accumulation, checkpoint at 2, resume from it to step 6, write a diffusers folder.
 #   3. bad input: that ZeRO checkpoint resumed without DeepSpeed is refused in one line, nothing overwritten.
+#   4. train_scripts/check_engine_families.py: SDXL, SD3, Flux and Qwen-Image (LoRA, UW and UW + PCGrad) under
+#      FSDP2, ZeRO-2 and ZeRO-3 against DDP, each resumed exactly (32 two-process runs).
 #
 #   bash train_scripts/check_engines.sh            # PYTHON=... NUM_PROCESSES=... to override
 set -euo pipefail
@@ -23,11 +25,11 @@ RUN=(--model_type unet --dataset_name mnist5k --model_config_name_or_path tiny -
      --num_clusters 4 --report_to none --seed 0 --num_validation_images 2 --num_inference_steps 2
      --max_train_samples 64 --mtl_method uw --gradient_accumulation_steps 2 --checkpointing_steps 2)
 
-echo "== 1/3 pytest tests/test_deepspeed.py -m slow"
+echo "== 1/4 pytest tests/test_deepspeed.py -m slow"
 "$PYTHON" -m pytest tests/test_deepspeed.py -m slow -p no:cacheprovider -v
 
 for stage in 2 3; do
-  echo "== 2/3 ZeRO-$stage from examples/accelerate/deepspeed_zero$stage.yaml (bf16): train, resume, save"
+  echo "== 2/4 ZeRO-$stage from examples/accelerate/deepspeed_zero$stage.yaml (bf16): train, resume, save"
   launch=("$PYTHON" -m accelerate.commands.launch --config_file "examples/accelerate/deepspeed_zero$stage.yaml"
           --num_processes "$NUM_PROCESSES" --mixed_precision bf16 --main_process_port 0 train_scripts/train_ant.py)
   out="$WORK/zero$stage"
@@ -36,7 +38,7 @@ for stage in 2 3; do
   test -d "$out/checkpoint-6/pytorch_model" && test -f "$out/unet/diffusion_pytorch_model.safetensors"
 done
 
-echo "== 3/3 a ZeRO checkpoint resumed without DeepSpeed: one line, nothing written"
+echo "== 3/4 a ZeRO checkpoint resumed without DeepSpeed: one line, nothing written"
 before=$(ls -lR --time-style=full-iso "$WORK/zero2" | md5sum)
 if err=$("$PYTHON" train_scripts/train_ant.py "${RUN[@]}" --max_train_steps 8 --output_dir "$WORK/zero2" \
          --resume_from_checkpoint latest 2>&1 >/dev/null); then
@@ -44,4 +46,6 @@ if err=$("$PYTHON" train_scripts/train_ant.py "${RUN[@]}" --max_train_steps 8 --
 fi
 echo "$err" | grep -q "DeepSpeed ZeRO checkpoint" || { echo "FAILED: unexpected error: $err" >&2; exit 1; }
 [ "$(ls -lR --time-style=full-iso "$WORK/zero2" | md5sum)" = "$before" ] || { echo "FAILED: files changed" >&2; exit 1; }
+echo "== 4/4 the four newer families under each engine against DDP, resumed exactly"
+"$PYTHON" train_scripts/check_engine_families.py --output_dir "$WORK/families"
 echo "all DeepSpeed checks passed"
