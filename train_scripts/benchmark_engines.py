@@ -57,6 +57,16 @@ REAL = {"SD3.5-Large": SD35_LARGE_TRANSFORMER_PARAMS, "FLUX.1-dev": FLUX1_DEV_TR
 ZERO3_CONFIG = CONFIGS / "deepspeed_zero3_every_parameter.json"
 
 
+def available_engines(engines, skipped: dict) -> list:
+    """`engines` without the DeepSpeed ones where DeepSpeed is not installed, each recorded in `skipped`."""
+    if importlib.util.find_spec("deepspeed") is not None:
+        return list(engines)
+    for engine in engines:
+        if engine in DEEPSPEED_ENGINES:
+            skipped[engine] = "DeepSpeed is not installed (make test-deepspeed installs it)"
+    return [engine for engine in engines if engine not in DEEPSPEED_ENGINES]
+
+
 def launcher_flags(engine, model_type) -> list:
     common = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", "0"]  # a free port
@@ -213,12 +223,7 @@ def run(opts, argv):
               "estimate_note": "parameters + gradients + AdamW state per GPU, fp32 training; activations, "
                                "communication buckets, frozen encoders excluded; an estimate, not a measurement",
               "models": {}, "skipped": {}}
-    engines = list(opts.engines)
-    if importlib.util.find_spec("deepspeed") is None:
-        for engine in DEEPSPEED_ENGINES:
-            if engine in engines:
-                engines.remove(engine)
-                report["skipped"][engine] = "deepspeed is not installed"
+    engines = available_engines(opts.engines, report["skipped"])
     json_path = os.path.join(opts.output_dir, "benchmark_engines.json")
     for model_type in opts.models:
         result = {"engines": {}, "runs": {}}

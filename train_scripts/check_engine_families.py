@@ -40,7 +40,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
 
-from benchmark_engines import DEEPSPEED_ENGINES, ENGINES, TRAIN_SCRIPT, launcher_flags  # noqa: E402
+from benchmark_engines import (  # noqa: E402
+    DEEPSPEED_ENGINES,
+    ENGINES,
+    TRAIN_SCRIPT,
+    available_engines,
+    launcher_flags,
+)
 
 FAMILIES = ("sdxl", "sd3", "flux", "qwenimage")
 METHODS = {"uw": ["--mtl_method", "uw"],
@@ -184,12 +190,7 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python", "train_scripts/check_engine_families.py", *(sys.argv[1:] if argv is None else argv)])
     report = {"command": command, "steps": STEPS, "relative_tolerance": RELATIVE_TOLERANCE, "runs": {}, "skipped": {}}
-    engines = list(args.engines)
-    if importlib.util.find_spec("deepspeed") is None:
-        for engine in DEEPSPEED_ENGINES:
-            if engine in engines:
-                engines.remove(engine)
-                report["skipped"][engine] = "DeepSpeed is not installed (make test-deepspeed installs it)"
+    engines = available_engines(args.engines, report["skipped"])
     bases = save_bases(args.families, root / "bases")
     for family in args.families:
         for method in args.methods:
