@@ -299,6 +299,35 @@ def test_auto_mode_falls_back_to_split_when_the_forward_pass_defeats_batched():
     assert torch.equal(auto_stats["task_losses"], split_stats["task_losses"])
 
 
+def test_auto_mode_falls_back_to_split_when_the_batched_pass_runs_out_of_memory():
+    """`auto` chose batched, which needs about twice split's memory: an out-of-memory error in its pass
+    (raised here by the first forward, as a CUDA allocator would) runs the window again in split mode, with
+    split's gradients, and stays there. Asked for by name, batched lets the error through."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, ids = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 2, 3])
+    calls = []
+
+    def loss(idx):
+        calls.append(idx.numel())
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return model(x[idx]).pow(2).mean(1)
+
+    auto = TaskGradientEngine(list(model.parameters()), mode="auto", modules=[model])
+    assert auto.mode == "batched"
+    auto.backward(get_weighting("pcgrad", K, seed=1), loss, ids, K)
+    assert auto.mode == "split" and "out of device memory" in auto.auto_reason
+    split = TaskGradientEngine(list(model.parameters()), mode="split")
+    split.backward(get_weighting("pcgrad", K, seed=1), lambda idx: model(x[idx]).pow(2).mean(1), ids, K)
+    assert split.task_grads.abs().max() > 0 and torch.equal(auto.task_grads, split.task_grads)
+    assert not any(m._forward_hooks for m in model.modules())
+
+    calls.clear()
+    named = TaskGradientEngine(list(model.parameters()), mode="batched", modules=[model])
+    with pytest.raises(torch.OutOfMemoryError):
+        named.backward(get_weighting("pcgrad", K, seed=1), loss, ids, K)
+
+
 def test_trainer_default_engine_is_batched_and_split_under_gradient_checkpointing():
     from diffusers_ant.models import get_model_adapter
     from diffusers_ant.training.args import parse_args

@@ -33,7 +33,8 @@ Modes of `TaskGradientEngine`:
 * ``"auto"``: ``"batched"`` where it runs (`modules` given, every task parameter in a covered layer,
   no `lockstep` / `write_update`), else ``"split"``; a window the batched mode cannot follow at run
   time (`BatchedModeUnsupported`: a layer called on a batch of another size, reentrant gradient
-  checkpointing) is run again in split mode, which the engine then keeps. `self.mode` says which.
+  checkpointing), or one that runs out of device memory (`torch.OutOfMemoryError`), is run again in
+  split mode, which the engine then keeps. `self.mode` says which.
   At batch 64, K = 5 and 16x16 on two CPU threads batched costs about 1.3x vanilla and split 1.6x
   (the README's cost table); at 32x32 both cost about vanilla's step (split slightly less), and
   batched needs about twice split's memory (181 against 95 MB at 16x16).
@@ -499,12 +500,20 @@ class TaskGradientEngine:
                     if not self.fallback_to_split:
                         raise
                     unsupported = _without_split_hint(error)
+                except torch.OutOfMemoryError:
+                    # The batched mode holds the whole batch's graph and the K x P buffer (about twice split's
+                    # memory in the README's measurement); split holds one cluster's sub-batch graph at a time.
+                    if not self.fallback_to_split:
+                        raise
+                    unsupported = "out of device memory (it needs about twice the split mode's memory)"
                 if unsupported is not None:
-                    # Raised in a chunk's forward pass, before its backward; earlier chunks of the window may
-                    # have added to the buffers: start the window again in split mode (outside the `except`,
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()  # hand back what the failed pass cached before split runs
+                    # Raised in a chunk's forward pass (out of memory: anywhere in the pass); earlier chunks of
+                    # the window may have added to the buffers: start the window again in split mode (outside the `except`,
                     # whose traceback would keep the failed forward's activations alive meanwhile).
                     self.mode, self._recorder, self.auto_reason = "split", None, unsupported
-                    logger.warning("per-cluster gradients: the batched mode cannot follow this model (%s); "
+                    logger.warning("per-cluster gradients: the batched mode cannot run here (%s); "
                                    "using the split mode from now on", unsupported)
                     grads.zero_()
                     task_sums.zero_()
