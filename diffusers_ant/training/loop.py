@@ -275,6 +275,7 @@ def train(args) -> str:
         weighting = get_weighting(args.mtl_method, num_tasks, **method_options(args, updates_per_epoch)).to(accelerator.device)
     check_distributed_support(accelerator, args, weighting)
     deepspeed = is_deepspeed(accelerator)
+    zero3 = zero_stage(accelerator) == 3  # ZeRO-3 partitions the parameters too, not only gradients and state
     if deepspeed:
         configure_plugin(accelerator, args)  # clipping and accumulation from the flags
 
@@ -311,14 +312,14 @@ def train(args) -> str:
         check_lora_only(accelerator, args, adapter)
         if fsdp:
             keep_lora_whole(accelerator, adapter.model)  # LoRA whole on every process, the base sharded
-        elif zero_stage(accelerator) == 3:
+        elif zero3:
             threshold = keep_lora_whole_zero3(accelerator, adapter.model)  # the same, as persistent parameters
             logger.info("ZeRO-3: stage3_param_persistence_threshold %d keeps the LoRA matrices whole on every "
                         "process", threshold)
     if fsdp:
         check_fsdp_wrapping(accelerator, adapter.model)  # a config that wraps no module: one line, before sharding
     # FSDP and ZeRO-3 shard the module in `prepare`: keep its architecture (no weights) to gather into
-    skeleton = meta_skeleton(adapter.model) if fsdp or zero_stage(accelerator) == 3 else None
+    skeleton = meta_skeleton(adapter.model) if fsdp or zero3 else None
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(adapter.model, optimizer, train_dataloader, lr_scheduler)
     if fsdp:
         # fully_shard replaced the module's parameters with sharded ones (and Accelerate the optimizer's):
@@ -338,7 +339,6 @@ def train(args) -> str:
                        inv_gamma=args.ema_inv_gamma, power=args.ema_power, foreach=args.foreach_ema)
     engine = None
     if gradient_based:
-        zero3 = zero_stage(accelerator) == 3
         if zero3:
             whole, sharded = gather_persistent_lora(params, model)
             logger.info("ZeRO-3: %d parameter tensors whole on every process (the LoRA matrices, and base tensors "
