@@ -16,6 +16,7 @@ Accelerate would otherwise clip DeepSpeed's gradients at 1.0, and not DDP's.
 
 import importlib.util
 import os
+import re
 import shutil
 import sys
 
@@ -48,11 +49,12 @@ RUN = ["--model_type", "unet", "--dataset_name", "mnist5k", "--model_config_name
 ZERO3_CONFIG = os.path.join(REPO, "examples", "accelerate", "deepspeed_zero3_every_parameter.json")
 
 
-def launch(engine_flags, output_dir, *extra):
+def launch(engine_flags, output_dir, *extra, run=RUN):
+    """`train_ant.py` with `run`'s flags on two processes under `engine_flags`; returns its output."""
     env = offline_env(PYTHONPATH=os.pathsep.join([REPO, DEEPSPEED_PATH]))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *engine_flags,
-               TRAIN_SCRIPT, *RUN, "--output_dir", str(output_dir), *extra]
+               TRAIN_SCRIPT, *run, "--output_dir", str(output_dir), *extra]
     result = run_command(command, env=env, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
@@ -161,14 +163,7 @@ LORA_RUN = ["--model_type", "unet", "--dataset_name", "mnist5k", "--train_batch_
 
 
 def launch_lora(engine_flags, output_dir, pretrained, *extra):
-    env = offline_env(PYTHONPATH=os.pathsep.join([REPO, DEEPSPEED_PATH]))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *engine_flags,
-               TRAIN_SCRIPT, *LORA_RUN, "--pretrained_model_name_or_path", str(pretrained), "--output_dir", str(output_dir),
-               *extra]
-    result = run_command(command, env=env, timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
+    return launch(engine_flags, output_dir, *extra, run=[*LORA_RUN, "--pretrained_model_name_or_path", str(pretrained)])
 
 
 @pytest.fixture(scope="module")
@@ -244,8 +239,6 @@ def test_a_gradient_method_on_the_lora_subset_trains_under_zero3_with_the_base_s
     exact resume. Without the raised threshold the run stops at the check that every LoRA matrix persists."""
     out = check_lora_run_against_ddp_and_its_resume(root, lora_pretrained, lora_ddp, "zero3",
                                                     ["--use_deepspeed", "--deepspeed_config_file", ZERO3_CONFIG])
-    import re
-
     # the trainer raised the threshold, and DeepSpeed still partitions the base beyond it (read from each
     # parameter's ds_persist after prepare): the LoRA matrices are not whole merely because everything is
     found = re.search(r"stage3_param_persistence_threshold (\d+) keeps the LoRA matrices whole", out)

@@ -67,6 +67,18 @@ def available_engines(engines, skipped: dict) -> list:
     return [engine for engine in engines if engine not in DEEPSPEED_ENGINES]
 
 
+def launch_env(engine, **extra) -> dict:
+    """The environment of a two-process launch: offline, one torch thread per process, the repository (and,
+    for a DeepSpeed engine, DeepSpeed, which may live outside the environment: a --target folder) on the path."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", **extra)
+    paths = [str(REPO)]
+    if engine in DEEPSPEED_ENGINES:
+        paths.append(os.path.dirname(os.path.dirname(importlib.util.find_spec("deepspeed").origin)))
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
 def launcher_flags(engine, model_type) -> list:
     common = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", "0"]  # a free port
@@ -93,14 +105,7 @@ def launch(engine, model_type, opts) -> dict:
     """One two-process run; returns the per-process records it wrote (rank order) and its wall time."""
     out = Path(opts.work_dir) / f"{model_type}_{engine}"
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", DIFFUSERS_ANT_MEMORY_REPORT="1")
-    paths = [str(REPO)]
-    if engine in DEEPSPEED_ENGINES:  # DeepSpeed may live outside the environment (a --target folder)
-        import deepspeed
-
-        paths.append(os.path.dirname(os.path.dirname(deepspeed.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = launch_env(engine, DIFFUSERS_ANT_MEMORY_REPORT="1")
     command = [sys.executable, "-m", "accelerate.commands.launch", *launcher_flags(engine, model_type),
                TRAIN_SCRIPT, *trainer_args(model_type, opts, out)]
     start = time.perf_counter()

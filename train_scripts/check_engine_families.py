@@ -26,9 +26,7 @@ installed. Output: `engine_families.json` and `engine_families.md`; the exit sta
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -40,13 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
 
-from benchmark_engines import (  # noqa: E402
-    DEEPSPEED_ENGINES,
-    ENGINES,
-    TRAIN_SCRIPT,
-    available_engines,
-    launcher_flags,
-)
+from benchmark_engines import ENGINES, TRAIN_SCRIPT, available_engines, launch_env, launcher_flags  # noqa: E402
 
 FAMILIES = ("sdxl", "sd3", "flux", "qwenimage")
 METHODS = {"uw": ["--mtl_method", "uw"],
@@ -67,16 +59,10 @@ def trainer_args(family, base, method, output_dir) -> list:
 
 def launch(engine, family, base, method, output_dir, timeout, *extra):
     """One two-process run; returns (seconds, log) or raises with the run's last lines."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1")
-    paths = [str(REPO)]
-    if engine in DEEPSPEED_ENGINES:  # DeepSpeed may live outside the environment (a --target folder)
-        paths.append(os.path.dirname(os.path.dirname(importlib.util.find_spec("deepspeed").origin)))
-    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     command = [sys.executable, "-m", "accelerate.commands.launch", *launcher_flags(engine, family), TRAIN_SCRIPT,
                *trainer_args(family, base, method, output_dir), *extra]
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=REPO, env=launch_env(engine), capture_output=True, text=True, timeout=timeout)
     log = result.stdout + result.stderr
     if result.returncode != 0:
         raise RuntimeError("\n".join(log.splitlines()[-15:]))
