@@ -29,8 +29,8 @@ def offline_env(**extra):
 
 def run_command(cmd, env=None, timeout=600, cwd=None) -> subprocess.CompletedProcess:
     """`subprocess.run(cmd, capture_output=True, text=True)` for a command that may hang, such as a
-    two-process `accelerate launch`. On the timeout, every process of the command gets SIGABRT, the
-    launcher's workers first (torchrun starts each in a session of its own, so they are found by their
+    two-process `accelerate launch`. On the timeout, every process of the command gets SIGABRT, one at a
+    time, the launcher's workers first (torchrun starts each in a session of its own, so they are found by their
     parent, not by a process group): with PYTHONFAULTHANDLER (`offline_env`) each prints every thread's
     Python stack; then whatever is left gets SIGKILL. The test fails with those stacks, and no worker of
     a hung launch keeps running beside the rest of the suite."""
@@ -49,13 +49,17 @@ def run_command(cmd, env=None, timeout=600, cwd=None) -> subprocess.CompletedPro
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         family = psutil.Process(proc.pid).children(recursive=True)[::-1] + [psutil.Process(proc.pid)]
-        for sig in (signal.SIGABRT, signal.SIGKILL):
-            for member in family:
-                try:
-                    member.send_signal(sig)
-                except psutil.NoSuchProcess:
-                    pass
-            psutil.wait_procs(family, timeout=10)
+        # One stack dump at a time: dumps written together interleave on the shared stderr pipe and garble
+        # each other. Every process is stopped first, so a launcher cannot answer a worker's death by
+        # terminating the others (SIGTERM prints no stack) before their turn; then each in turn is sent
+        # SIGABRT, resumed, and waited for.
+        _signal_all(family, signal.SIGSTOP)
+        for member in family:
+            _signal_all([member], signal.SIGABRT)
+            _signal_all([member], signal.SIGCONT)
+            _wait_until_gone(member, timeout=10)
+        _signal_all(family, signal.SIGKILL)
+        psutil.wait_procs(family, timeout=10)
         try:
             out, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:  # a process outside the tree still holds the pipes
@@ -64,6 +68,33 @@ def run_command(cmd, env=None, timeout=600, cwd=None) -> subprocess.CompletedPro
         raise AssertionError(f"timed out after {timeout} s, each process's stacks are at the end of its stderr: "
                              f"{' '.join(map(str, cmd))}\n--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-15000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _signal_all(processes, sig) -> None:
+    import psutil
+
+    for process in processes:
+        try:
+            process.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _wait_until_gone(process, timeout) -> None:
+    """Until `process` has exited (gone, or a zombie its stopped parent has not reaped yet: `wait_procs`
+    would wait out the timeout on a zombie that is not this process's child)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.05)
 
 
 def run_script(args, env=None, timeout=600, launcher=None):
