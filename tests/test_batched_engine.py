@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from test_engine import K, RecordingGrads, flat_grad, loss_fn_for, make_batch, tiny_dit, tiny_unet
@@ -144,6 +145,71 @@ def test_fp16_with_a_grad_scaler_matches_split():
     assert not bool(results["batched"][2]["found_inf"])
     assert torch.isfinite(batched).all() and split.abs().max() > 1e-3
     assert ((batched - split).norm() / split.norm()).item() < 1e-2
+
+
+class LayoutZoo(nn.Module):
+    """Convolutions whose activations come in each layout the batched mode handles differently: a 1x1
+    convolution on channels-first activations (per-sample `bmm`), one whose (O, C) products would outgrow
+    its activations (transposing copy), one on channels-last activations (free views), a 1x1 Conv1d and
+    a channels-last 1x1 Conv3d,
+    and 3x3 convolutions whose output gradient is laid out unlike their input (channels-last input,
+    contiguous gradient) or in no layout at all (sliced out of a concatenation's gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pointwise_first = nn.Conv2d(8, 6, 1)     # 6 * 8 <= 64 * (6 + 8): bmm
+        self.pointwise_wide = nn.Conv2d(6, 40, 1)     # at 2x2: 40 * 6 > 4 * 46: transposing copy
+        self.pointwise_last = nn.Conv2d(8, 5, 1)      # channels-last: views
+        self.mixed = nn.Conv2d(8, 4, 3, padding=1)    # channels-last input, contiguous output gradient
+        self.sliced = nn.Conv2d(8, 4, 3, padding=1, padding_mode="reflect")  # output gradient a slice
+        self.line = nn.Conv1d(8, 3, 1)
+        self.volume = nn.Conv3d(2, 4, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))                                        # (B, 8, 8, 8)
+        first = self.pointwise_first(h)
+        wide = self.pointwise_wide(F.avg_pool2d(torch.tanh(first), 4))      # (B, 40, 2, 2)
+        h_last = h.contiguous(memory_format=torch.channels_last)
+        last = self.pointwise_last(h_last)
+        if last.requires_grad:  # its output gradient channels-last too (torch's own backward gives it contiguous)
+            last.register_hook(lambda grad: grad.contiguous(memory_format=torch.channels_last))
+        mixed = self.mixed(h_last).contiguous()
+        both = torch.cat([self.sliced(h), mixed], 1)                        # the gradient of each half is a slice
+        line = self.line(h.flatten(2))                                      # (B, 3, 64)
+        volume = self.volume(h.reshape(-1, 2, 4, 8, 8).contiguous(memory_format=torch.channels_last_3d))
+        if volume.requires_grad:
+            volume.register_hook(lambda grad: grad.contiguous(memory_format=torch.channels_last_3d))
+        parts = [first, wide, last, both, line, volume]
+        # (a mean over the non-batch dimensions keeps each part's layout in its gradient; flatten would not)
+        return sum(part.pow(2).mean(tuple(range(1, part.dim()))) for part in parts)
+
+
+def test_every_activation_layout_of_a_convolution_matches_split(monkeypatch):
+    from diffusers_ant.weighting import cluster_grads
+
+    torch.manual_seed(0)
+    model = LayoutZoo()
+    params = list(model.parameters())
+    x, ids = torch.randn(10, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 3, 0])
+    transposed = []
+    original = cluster_grads.ClusterGradientRecorder._matmul_rows
+    monkeypatch.setattr(cluster_grads.ClusterGradientRecorder, "_matmul_rows",
+                        lambda self, weight, *a: transposed.append(weight) or original(self, weight, *a))
+    task_grads = {}
+    for mode in ("split", "batched"):
+        engine = TaskGradientEngine(params, mode=mode, modules=[model])
+        model.zero_grad(set_to_none=True)
+        weighted_backward(get_weighting("pcgrad", K), lambda idx: model(x[idx]), ids, K, engine=engine)
+        task_grads[mode] = engine.task_grads.clone()
+    # the two routes of a 1x1 convolution that are not per-sample products went through `_matmul_rows`
+    assert {id(w) for w in transposed} == {id(model.pointwise_wide.weight), id(model.pointwise_last.weight),
+                                           id(model.volume.weight)}
+    # sums of at most 3 samples x 64 positions for a weight gradient, and of at most 8 channels x 27 on
+    # the way: Higham's L * u bound with L = 192 + 2 * 216 (module docstring), against max |G|
+    split, batched = task_grads["split"], task_grads["batched"]
+    assert split.abs().max() > 1e-3
+    assert (batched - split).abs().max() <= (192 + 2 * 216) * FLOAT32_U * float(split.abs().max())
 
 
 class WithBareParameter(nn.Module):

@@ -372,8 +372,14 @@ def test_benchmark_script_runs_and_reports_ratios(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
     bench.main(["--sizes", "tiny", "--methods", "none,ls,pcgrad", "--steps", "1", "--warmup", "0",
-                "--batch_size", "6", "--no_memory", "--output", str(out)])
+                "--batch_size", "6", "--no_memory", "--tap_breakdown", "--output", str(out)])
     report = json.loads(out.read_text())["sizes"]["tiny"]
+    # the batched engine's hooks, timed per layer kind (the demo UNet has all four), beside the whole-batch
+    # weight gradients of its Linear and convolution layers
+    taps = report["tap_breakdown_ms_per_step"]
+    assert set(taps) == {"convolution kxk", "convolution 1x1", "linear", "normalisation"}
+    assert all(entry["calls_per_step"] > 0 and entry["per_cluster_ms"] > 0 for entry in taps.values())
+    assert taps["normalisation"]["whole_batch_ms"] is None and taps["linear"]["whole_batch_ms"] > 0
     assert set(report["seconds_per_step"]) == {"none", "ls", "pcgrad", "pcgrad@batched", "pcgrad@last_layers",
                                                "pcgrad@retain_graph"}
     assert report["ratio_to_vanilla"]["none"] == 1.0

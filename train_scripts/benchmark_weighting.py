@@ -37,6 +37,10 @@ images from the trainer's data loader:
   (`MALLOC_MMAP_THRESHOLD_`) so that resident size follows live tensors. Both as MB and as a ratio to
   vanilla. `--no_memory` skips this part.
 
+`--tap_breakdown` also times where the batched engine's extra time goes: its per-cluster weight gradients
+(the work of its hooks inside the backward pass) per layer kind, against the whole-batch weight gradients
+of the same Linear and convolution layers from the same tensors (what an ordinary backward computes).
+
 The script prints a markdown table per size and writes everything to `--output` as JSON.
 """
 
@@ -194,6 +198,86 @@ def time_runners(runners: dict, batches: list, warmup: int, device, label: str =
     return {m: statistics.median(t[warmup:]) for m, t in times.items()}, times
 
 
+def _tap_category(module) -> str:
+    from torch import nn
+
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "convolution 1x1" if all(k == 1 for k in module.kernel_size) else "convolution kxk"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return "embedding" if isinstance(module, nn.Embedding) else "normalisation"
+
+
+def _whole_batch_weight_gradient(module, x, dy) -> None:
+    """The weight (and bias) gradient of a Linear or convolution layer over the whole batch, as an ordinary
+    backward pass forms it: the reference for the per-cluster sums."""
+    from torch import nn
+
+    bias = module.bias is not None and module.bias.requires_grad
+    if isinstance(module, nn.Linear):
+        x2, dy2 = x.reshape(-1, x.shape[-1]).to(dy.dtype), dy.reshape(-1, dy.shape[-1])
+        dy2.T.mm(x2)
+        if bias:
+            dy2.sum(0)
+        return
+    if module.padding_mode != "zeros":
+        x, padding = torch.nn.functional.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), 0
+    else:
+        padding = module.padding
+    n = module.weight.dim() - 2
+    padding = [0] * n if padding in (0, "valid") else list(padding)
+    torch.ops.aten.convolution_backward(dy, x.to(dy.dtype), module.weight.to(dy.dtype),
+                                        [module.out_channels] if bias else None, list(module.stride), padding,
+                                        list(module.dilation), False, [0] * n, module.groups, [False, True, bias])
+
+
+def tap_breakdown(size, args, device, steps: int = 4) -> dict:
+    """Where the batched engine's extra time goes: its per-cluster weight gradients (the hooks' work inside
+    the backward pass), timed per layer kind over `steps` PCGrad steps after two warm-up steps, against the
+    whole-batch weight gradient of the same Linear and convolution layers from the same tensors (what an
+    ordinary backward pass computes instead; timed beside, outside the step). Milliseconds per step."""
+    context = Context(size, args.num_clusters, device)
+    runner = Runner("pcgrad@batched", context)
+    recorder = context.engines["batched"]._recorder
+    measured = {}
+    accumulate = recorder.accumulate
+
+    def timed(module, x, dy):
+        entry = measured.setdefault(_tap_category(module), {"calls": 0, "per_cluster": 0.0, "whole_batch": 0.0})
+        sync(device)
+        start = time.perf_counter()
+        accumulate(module, x, dy)
+        sync(device)
+        entry["per_cluster"] += time.perf_counter() - start
+        entry["calls"] += 1
+        if _tap_category(module) not in ("normalisation", "embedding"):
+            start = time.perf_counter()
+            _whole_batch_weight_gradient(module, x, dy)
+            sync(device)
+            entry["whole_batch"] += time.perf_counter() - start
+
+    batches = make_batches(size, args.batch_size, device, steps + 2)
+    recorder.accumulate = timed  # an instance attribute: the taps call it in place of the method
+    for r, batch in enumerate(batches):
+        if r == 2:
+            measured.clear()
+        runner.step(batch)
+    return {kind: {"calls_per_step": entry["calls"] // steps,
+                   "per_cluster_ms": 1000 * entry["per_cluster"] / steps,
+                   "whole_batch_ms": None if kind in ("normalisation", "embedding") else 1000 * entry["whole_batch"] / steps}
+            for kind, entry in sorted(measured.items())}
+
+
+def tap_table(size, breakdown: dict) -> str:
+    lines = [f"[{size}] batched engine, per-cluster weight gradients per step (PCGrad) against the whole-batch weight "
+             "gradient of the same layers:", "",
+             "| layers | calls / step | per-cluster ms | whole-batch ms |", "|---|---|---|---|"]
+    for kind, entry in breakdown.items():
+        whole = "-" if entry["whole_batch_ms"] is None else f"{entry['whole_batch_ms']:.1f}"
+        lines.append(f"| {kind} | {entry['calls_per_step']} | {entry['per_cluster_ms']:.1f} | {whole} |")
+    return "\n".join(lines)
+
+
 def _status_mb(field: str) -> float:
     """A memory field of /proc/self/status (VmRSS, VmHWM), in MB."""
     with open("/proc/self/status") as f:
@@ -306,6 +390,9 @@ def parse_args(argv=None):
     parser.add_argument("--no_memory", action="store_true", help="skip the per-method memory subprocesses")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--tap_breakdown", action="store_true",
+                        help="also time the batched engine's per-cluster weight gradients per layer kind against "
+                             "the whole-batch weight gradients of the same layers (where its extra time goes)")
     parser.add_argument("--output", default="benchmark_weighting.json")
     parser.add_argument("--_memory_probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -361,6 +448,9 @@ def main(argv=None):
             "goals": goal_lines(size, medians),
         }
         tables.append(markdown_table(size, medians, fastest, memory, args) + "\n\n" + "\n".join(goal_lines(size, medians)))
+        if args.tap_breakdown:
+            report["sizes"][size]["tap_breakdown_ms_per_step"] = breakdown = tap_breakdown(size, args, device)
+            tables.append(tap_table(size, breakdown))
         with open(args.output, "w") as f:  # written after every size, so a long run keeps its results
             json.dump(report, f, indent=2)
     print("\n\n".join(tables))

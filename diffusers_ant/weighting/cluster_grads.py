@@ -304,18 +304,54 @@ class ClusterGradientRecorder:
         if weight is None:
             return
         if pointwise:
-            # A 1x1 convolution (UNets' shortcuts) is a Linear layer on the channels: one matrix product
-            # per cluster (torch's small-batch weight gradient of a 1x1 convolution takes its slow path).
-            # Channels-last activations make the (positions, channels) views free.
-            order = (0, *range(2, x.dim()), 1)
-            self._matmul_rows(weight, x.permute(order).reshape(-1, x.shape[1]), dy.permute(order).reshape(-1, dy.shape[1]))
+            self._pointwise(weight, x, dy)
             return
+        # The output gradient in the input's memory layout, once for all clusters: a layout that differs
+        # from the input's (diffusers' UNets on CPU mix channels-last and contiguous activations) or none
+        # (an output gradient sliced out of a concatenation) makes every per-cluster call below convert it
+        # again (measured: 1.3 to 1.6 ms against 1.0 to 1.2 per layer at batch 64, 16x16).
+        layout = _memory_format(x)
+        if not dy.is_contiguous(memory_format=layout):
+            dy = dy.contiguous(memory_format=layout)
         w = module.weight if module.weight.dtype == dy.dtype else module.weight.to(dy.dtype)
         rows = self._rows[id(weight)]
         for i, x_i, dy_i in zip(self._tasks, x.split(self._sizes), dy.split(self._sizes)):
             _, dw, _ = torch.ops.aten.convolution_backward(dy_i, x_i, w, None, stride, padding, dilation, False, zeros,
                                                            groups, [False, True, False])
             rows[i].add_(dw)
+
+    def _pointwise(self, weight: nn.Parameter, x: torch.Tensor, dy: torch.Tensor) -> None:
+        """A 1x1 convolution (UNets' shortcuts) is a Linear layer on the channels, so its weight gradient is
+        a matrix product per cluster (torch's small-batch weight gradient of a 1x1 convolution takes its
+        slow path). Which product depends on the layout of the activations:
+        * channels-last input and output gradient: the (positions, channels) views are free, one `addmm_`
+          per cluster over all its samples' positions;
+        * otherwise (channels-first), the per-sample products dy_s x_s^T of one batched `bmm` over the
+          cluster's samples, summed: no transposing copy of either activation. It holds one (O, C) product
+          per sample, so it is taken only where those are no larger than the activations themselves
+          (O * C <= positions * (O + C)); elsewhere the transposing copy is the smaller cost.
+        Measured at batch 64, K = 5 (2 threads): 96 -> 32 channels at 16x16 channels-first, 3.0 ms for the
+        copies and `addmm_` against 0.96 for `bmm` (0.66 for torch's weight gradient of the whole batch)."""
+        order = (0, *range(2, x.dim()), 1)
+        x_last, dy_last = x.permute(order), dy.permute(order)
+        out_channels, in_channels = dy.shape[1], x.shape[1]
+        positions = x[0, 0].numel()
+        if ((x_last.is_contiguous() and dy_last.is_contiguous())
+                or out_channels * in_channels > positions * (out_channels + in_channels)):
+            self._matmul_rows(weight, x_last.reshape(-1, in_channels), dy_last.reshape(-1, out_channels))
+            return
+        rows = self._rows[id(weight)]
+        for i, x_i, dy_i in zip(self._tasks, x.split(self._sizes), dy.split(self._sizes)):
+            per_sample = torch.bmm(dy_i.flatten(2), x_i.flatten(2).transpose(1, 2))  # (n, O, C)
+            rows[i].view(out_channels, in_channels).add_(per_sample.sum(0, dtype=rows[i].dtype))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The channels-last format `x` is laid out in, else the contiguous one."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if channels_last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
+        return channels_last
+    return torch.contiguous_format
 
 
 def _conv_plan(module) -> tuple:
