@@ -35,7 +35,7 @@ Modes of `TaskGradientEngine`:
   time (`BatchedModeUnsupported`: a layer called on a batch of another size, reentrant gradient
   checkpointing), or one that runs out of device memory (`torch.OutOfMemoryError`), is run again in
   split mode, which the engine then keeps. `self.mode` says which.
-  At batch 64, K = 5 and 16x16 on two CPU threads batched costs about 1.3x vanilla and split 1.6x
+  At batch 64, K = 5 and 16x16 on two CPU threads batched costs 1.23-1.35x vanilla and split 1.4-1.7x
   (the README's cost table); at 32x32 both cost about vanilla's step (split slightly less), and
   batched needs about twice split's memory (181 against 95 MB at 16x16).
 * ``"retain_graph"``: one forward per chunk, then one backward per task present in the chunk
