@@ -399,12 +399,12 @@ def test_a_gradient_method_runs_under_zero2_and_zero3_on_the_lora_subset_only():
         assert words in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_gradient_method_under_a_sharded_engine_is_refused_in_any_low_precision_and_with_an_offloaded_optimizer():
-    """float32 only under DeepSpeed, float32 or bf16 under FSDP (a bf16 run is tests/test_fsdp.py's), whichever
-    way the precision is set: the flag, `accelerate launch --mixed_precision bf16` or an accelerate config
-    (Accelerate's `mixed_precision`, the flag left at its default None), a DeepSpeed config's enabled fp16 /
-    bf16 block. And no DeepSpeed optimizer offload (it counts micro-steps, the
-    gradient path hands the engine one backward per window). One line each, naming the engine and the flag."""
+def test_a_gradient_method_under_a_sharded_engine_runs_in_bf16_and_is_refused_in_fp16_and_with_an_offloaded_optimizer():
+    """float32 or bf16 (the two-process bf16 runs are tests/test_fsdp.py's and tests/test_deepspeed.py's), never
+    fp16, whichever way the precision is set: the flag, `accelerate launch --mixed_precision` or an accelerate
+    config (Accelerate's `mixed_precision`, the flag left at its default None), a DeepSpeed config's enabled
+    fp16 / bf16 block. And no DeepSpeed optimizer offload (it counts micro-steps, the gradient path hands the
+    engine one backward per window). One line each, naming the engine and the flag."""
     from diffusers_ant.training.args import UsageError
     from diffusers_ant.training.sharding import check_task_gradient_engine
 
@@ -421,16 +421,16 @@ def test_a_gradient_method_under_a_sharded_engine_is_refused_in_any_low_precisio
         return accelerator
 
     check_task_gradient_engine(fsdp("no"), types.SimpleNamespace(**lora))
-    check_task_gradient_engine(fsdp("bf16"), types.SimpleNamespace(**lora))
-    check_task_gradient_engine(fsdp("no"), types.SimpleNamespace(**{**lora, "mixed_precision": "bf16"}))
     check_task_gradient_engine(zero2(bf16={"enabled": "auto"}, zero_optimization={
         "stage": 2, "offload_optimizer": {"device": "none"}}), types.SimpleNamespace(**lora))
-    refused = [(fsdp("fp16"), {}, "under FSDP runs in float32 or bf16 (this run computes in fp16): use "
-                "--mixed_precision bf16 or no"),
+    for accelerator, change in ((fsdp("bf16"), {}), (fsdp("no"), {"mixed_precision": "bf16"}), (zero2("bf16"), {}),
+                                (zero2(bf16={"enabled": True}), {})):
+        check_task_gradient_engine(accelerator, types.SimpleNamespace(**{**lora, **change}))
+    refused = [(fsdp("fp16"), {}, "under FSDP runs in float32 or bf16 (this run computes in fp16, from "),
                (fsdp("no"), {"mixed_precision": "fp16"}, "under FSDP runs in float32 or bf16 (this run computes in fp16"),
-               (zero2("bf16"), {}, "under DeepSpeed ZeRO-2 runs in float32 only (this run computes in bf16"),
-               (zero2(bf16={"enabled": True}), {}, "under DeepSpeed ZeRO-2 runs in float32 only (this run computes in bf16"),
-               (zero2(fp16={"enabled": True}), {}, "under DeepSpeed ZeRO-2 runs in float32 only (this run computes in fp16"),
+               (zero2("fp16"), {}, "under DeepSpeed ZeRO-2 runs in float32 or bf16 (this run computes in fp16"),
+               (zero2(fp16={"enabled": True}), {}, "under DeepSpeed ZeRO-2 runs in float32 or bf16 (this run computes "
+                "in fp16, from --mixed_precision, the launcher or the DeepSpeed config): use --mixed_precision bf16 or no"),
                (zero2(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), {},
                 "under DeepSpeed ZeRO-2 does not run with offload_optimizer in the DeepSpeed config")]
     for accelerator, change, words in refused:

@@ -186,18 +186,16 @@ def check_task_gradient_engine(accelerator, args) -> None:
         raise UsageError(f"{method} under {engine} runs with --task_gradients split only (not "
                          f"{args.task_gradients}): drop --task_gradients or use `accelerate launch --multi_gpu`")
     precision = mixed_precision_of(accelerator, args)
-    if engine_kind(accelerator) == "FSDP":
-        # bf16: FSDP2's mixed-precision policy casts the gathered base weights, while the LoRA matrices, kept
-        # whole outside the shards, stay float32 (peft casts the activations to their dtype, as under DDP's
-        # autocast) and so do their per-cluster gradients and update (tests/test_fsdp.py). fp16 needs a
-        # gradient scaler over sharded and unsharded gradients alike, which no run here has checked.
-        if precision not in ("no", "bf16"):
-            raise UsageError(f"{method} under {engine} runs in float32 or bf16 (this run computes in {precision}): "
-                             "use --mixed_precision bf16 or no, or `accelerate launch --multi_gpu`")
-    elif precision != "no":
-        raise UsageError(f"{method} under {engine} runs in float32 only (this run computes in {precision}, from "
-                         "--mixed_precision, the launcher or the DeepSpeed config): use --mixed_precision no and no "
-                         "fp16 / bf16 block in a DeepSpeed config, or `accelerate launch --multi_gpu`")
+    # bf16 runs: under FSDP2 its mixed-precision policy casts the gathered base weights, while the LoRA matrices,
+    # kept whole outside the shards, stay float32 (peft casts the activations to their dtype, as under DDP's
+    # autocast), and so do their per-cluster gradients and update; under DeepSpeed the whole module is bf16
+    # (its optimizer keeps float32 masters), the per-cluster gradients too. Both are tested against DDP's bf16
+    # run (tests/test_fsdp.py, tests/test_deepspeed.py). fp16 would need a loss scale shared by the sharded
+    # engine's backward and the per-cluster passes, which no run here has checked.
+    if precision not in ("no", "bf16"):
+        raise UsageError(f"{method} under {engine} runs in float32 or bf16 (this run computes in {precision}, from "
+                         "--mixed_precision, the launcher or the DeepSpeed config): use --mixed_precision bf16 or no "
+                         "(and no fp16 block in a DeepSpeed config), or `accelerate launch --multi_gpu`")
     if engine_kind(accelerator) == "DEEPSPEED" and offloads_optimizer(accelerator):
         # DeepSpeed's CPU optimizer offload keeps its own count of the window's micro-steps (its config's
         # gradient_accumulation_steps), and the gradient path hands it one backward per window
