@@ -174,13 +174,13 @@ class LayoutZoo(nn.Module):
         last = self.pointwise_last(h_last)
         if last.requires_grad:  # its output gradient channels-last too (torch's own backward gives it contiguous)
             last.register_hook(lambda grad: grad.contiguous(memory_format=torch.channels_last))
-        mixed = self.mixed(h_last).contiguous()
-        both = torch.cat([self.sliced(h), mixed], 1)                        # the gradient of each half is a slice
+        mixed = self.mixed(h_last).contiguous()                             # its output gradient: contiguous
+        both = torch.cat([self.sliced(h), h[:, :4]], 1)                     # sliced's gradient is a slice of both's
         line = self.line(h.flatten(2))                                      # (B, 3, 64)
         volume = self.volume(h.reshape(-1, 2, 4, 8, 8).contiguous(memory_format=torch.channels_last_3d))
         if volume.requires_grad:
             volume.register_hook(lambda grad: grad.contiguous(memory_format=torch.channels_last_3d))
-        parts = [first, wide, last, both, line, volume]
+        parts = [first, wide, last, mixed, both, line, volume]
         # (a mean over the non-batch dimensions keeps each part's layout in its gradient; flatten would not)
         return sum(part.pow(2).mean(tuple(range(1, part.dim()))) for part in parts)
 
@@ -192,16 +192,27 @@ def test_every_activation_layout_of_a_convolution_matches_split(monkeypatch):
     model = LayoutZoo()
     params = list(model.parameters())
     x, ids = torch.randn(10, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 3, 0])
-    transposed = []
+    transposed, layouts = [], {}
     original = cluster_grads.ClusterGradientRecorder._matmul_rows
     monkeypatch.setattr(cluster_grads.ClusterGradientRecorder, "_matmul_rows",
                         lambda self, weight, *a: transposed.append(weight) or original(self, weight, *a))
+    original_conv = cluster_grads.ClusterGradientRecorder._conv
+
+    def conv(self, module, x, dy, *rest):  # the layouts each convolution's hook received
+        layouts[module] = (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+                           dy.is_contiguous(), dy.is_contiguous(memory_format=torch.channels_last))
+        return original_conv(self, module, x, dy, *rest)
+
+    monkeypatch.setattr(cluster_grads.ClusterGradientRecorder, "_conv", conv)
     task_grads = {}
     for mode in ("split", "batched"):
         engine = TaskGradientEngine(params, mode=mode, modules=[model])
         model.zero_grad(set_to_none=True)
         weighted_backward(get_weighting("pcgrad", K), lambda idx: model(x[idx]), ids, K, engine=engine)
         task_grads[mode] = engine.task_grads.clone()
+    # the 3x3 cases the model is for: a channels-last input with a contiguous output gradient, and an output
+    # gradient in no layout at all
+    assert layouts[model.mixed] == (True, True, False) and layouts[model.sliced][1:] == (False, False)
     # the two routes of a 1x1 convolution that are not per-sample products went through `_matmul_rows`
     assert {id(w) for w in transposed} == {id(model.pointwise_wide.weight), id(model.pointwise_last.weight),
                                            id(model.volume.weight)}

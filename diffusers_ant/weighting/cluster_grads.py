@@ -278,7 +278,7 @@ class ClusterGradientRecorder:
     def _matmul_rows(self, weight: nn.Parameter, x_rows: torch.Tensor, dy_rows: torch.Tensor) -> None:
         """Row i of `weight` += dy_i^T x_i for each cluster i: x_rows (samples * positions, in) and
         dy_rows (samples * positions, out), their rows grouped by sample (a Linear layer, or a 1x1
-        convolution on channels-last activations)."""
+        convolution's activations as (positions, channels) rows: views of channels-last ones, copies otherwise)."""
         per_sample = x_rows.shape[0] // self._n
         sizes = [n * per_sample for n in self._sizes]
         rows = self._rows[id(weight)]
@@ -324,8 +324,8 @@ class ClusterGradientRecorder:
         """A 1x1 convolution (UNets' shortcuts) is a Linear layer on the channels, so its weight gradient is
         a matrix product per cluster (torch's small-batch weight gradient of a 1x1 convolution takes its
         slow path). Which product depends on the layout of the activations:
-        * channels-last input and output gradient: the (positions, channels) views are free, one `addmm_`
-          per cluster over all its samples' positions;
+        * channels-last input and output gradient: the (positions, channels) views are free, one matrix
+          product per cluster over all its samples' positions (`_matmul_rows`);
         * otherwise (channels-first), the per-sample products dy_s x_s^T of one batched `bmm` over the
           cluster's samples, summed: no transposing copy of either activation. It holds one (O, C) product
           per sample, so it is taken only where those are no larger than the activations themselves
