@@ -25,7 +25,7 @@ import sys
 import pytest
 import torch
 
-from trainer_utils import REPO, TRAIN_SCRIPT, load_safetensors_dir, offline_env, run_command
+from trainer_utils import REPO, TRAIN_SCRIPT, largest_difference, load_safetensors_dir, offline_env, run_command
 
 # `make test-deepspeed` installs DeepSpeed and runs this file; `make test` deselects it (marker `deepspeed`),
 # so the check that DeepSpeed is there runs only when a test does (a fixture, not at collection)
@@ -269,10 +269,7 @@ def test_a_gradient_method_on_the_lora_subset_trains_in_bf16_under_zero2_and_zer
     launch_lora(["--multi_gpu", *bf16], root / "lora-ddp-bf16", lora_pretrained, *bf16)
     ddp_bf16 = load_file(root / "lora-ddp-bf16" / "pytorch_lora_weights.safetensors")
 
-    def distance(weights):
-        return max(float((weights[k] - lora_ddp[k]).abs().max()) for k in weights)
-
-    ddp = distance(ddp_bf16)
+    ddp = largest_difference(ddp_bf16, lora_ddp)
     assert 1e-5 < ddp
     for stage, flags in (("zero2", ["--zero_stage", "2"]), ("zero3", ["--deepspeed_config_file", ZERO3_CONFIG])):
         launch_lora(["--use_deepspeed", *flags, *bf16], root / f"lora-{stage}-bf16", lora_pretrained, *bf16)
@@ -281,7 +278,7 @@ def test_a_gradient_method_on_the_lora_subset_trains_in_bf16_under_zero2_and_zer
         assert all(torch.equal(v, v.bfloat16().float()) for v in trained.values())  # DeepSpeed's bf16 module
         largest = max(float(v.abs().max()) for v in trained.values())
         half_ulp = 2.0 ** (math.floor(math.log2(largest)) - 8)
-        zero = distance(trained)
+        zero = largest_difference(trained, lora_ddp)
         print(f"max distance from DDP float32: {stage} bf16 {zero:.3g}, DDP bf16 {ddp:.3g} (half a bf16 ulp {half_ulp:.3g})")
         assert zero <= 2 * ddp + half_ulp, stage
         assert zero < 7e-2 / 4  # (well below a wrong update's distance, should DDP's bf16 run be wrong too)

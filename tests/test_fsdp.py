@@ -364,15 +364,14 @@ def test_a_gradient_method_on_the_lora_subset_trains_in_bf16_under_fsdp_as_close
     global cluster gradients move the LoRA weights by about 7e-2, an update that never arrives by |B| ~ 0.3."""
     from safetensors.torch import load_file
 
+    from trainer_utils import largest_difference
+
     weights = {name: load_file(lora_runs[name] / "pytorch_lora_weights.safetensors")
                for name in ("fsdp-bf16", "ddp-bf16", "fsdp", "ddp")}
     assert all(v.dtype == torch.float32 for v in weights["fsdp-bf16"].values())  # the LoRA matrices stayed float32
 
-    def distance(a, b):
-        assert sorted(weights[a]) == sorted(weights[b])
-        return max(float((weights[a][k] - weights[b][k]).abs().max()) for k in weights[a])
-
-    fsdp_bf16, ddp_bf16, fsdp_float32 = distance("fsdp-bf16", "ddp"), distance("ddp-bf16", "ddp"), distance("fsdp", "ddp")
+    fsdp_bf16, ddp_bf16, fsdp_float32 = (largest_difference(weights[run], weights["ddp"])
+                                         for run in ("fsdp-bf16", "ddp-bf16", "fsdp"))
     print(f"max distance from DDP float32: FSDP bf16 {fsdp_bf16:.3g}, DDP bf16 {ddp_bf16:.3g}, FSDP float32 {fsdp_float32:.3g}")
     assert fsdp_bf16 <= 2 * ddp_bf16
     assert fsdp_bf16 > 100 * fsdp_float32 and fsdp_bf16 > 1e-5

@@ -147,10 +147,17 @@ def load_safetensors_dir(folder):
     return tensors
 
 
+def largest_difference(a, b) -> float:
+    """The largest |a - b| over two state dicts with the same tensor names."""
+    assert sorted(a) == sorted(b), "different tensor names"
+    return max(((a[key].float() - b[key].float()).abs().max().item() if a[key].numel() else 0.0 for key in a),
+               default=0.0)
+
+
 def assert_same_tensors(a, b, atol=0.0):
     assert sorted(a) == sorted(b), "different tensor names"
     for key in a:
-        diff = (a[key].float() - b[key].float()).abs().max().item() if a[key].numel() else 0.0
+        diff = largest_difference({key: a[key]}, {key: b[key]})
         assert diff <= atol, f"{key} differs by {diff}"
 
 

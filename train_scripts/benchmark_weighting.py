@@ -198,6 +198,11 @@ def time_runners(runners: dict, batches: list, warmup: int, device, label: str =
     return {m: statistics.median(t[warmup:]) for m, t in times.items()}, times
 
 
+# layer kinds whose whole-batch weight gradient the breakdown does not time (their own backward forms it from
+# statistics it saved, which the hooks do not see)
+_NO_REFERENCE = ("normalisation", "embedding")
+
+
 def _tap_category(module) -> str:
     from torch import nn
 
@@ -212,8 +217,11 @@ def _tap_category(module) -> str:
 
 def _whole_batch_weight_gradient(module, x, dy) -> None:
     """The weight (and bias) gradient of a Linear or convolution layer over the whole batch, as an ordinary
-    backward pass forms it: the reference for the per-cluster sums."""
+    backward pass forms it: the reference for the per-cluster sums (a convolution's arguments as the engine
+    works them out, `cluster_grads._conv_plan`)."""
     from torch import nn
+
+    from diffusers_ant.weighting.cluster_grads import _conv_plan
 
     bias = module.bias is not None and module.bias.requires_grad
     if isinstance(module, nn.Linear):
@@ -222,15 +230,12 @@ def _whole_batch_weight_gradient(module, x, dy) -> None:
         if bias:
             dy2.sum(0)
         return
-    if module.padding_mode != "zeros":
-        x, padding = torch.nn.functional.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), 0
-    else:
-        padding = module.padding
-    n = module.weight.dim() - 2
-    padding = [0] * n if padding in (0, "valid") else list(padding)
+    pad, padding, stride, dilation, zeros, groups, _ = _conv_plan(module)
+    if pad is not None:
+        x = torch.nn.functional.pad(x, pad, mode=module.padding_mode)
     torch.ops.aten.convolution_backward(dy, x.to(dy.dtype), module.weight.to(dy.dtype),
-                                        [module.out_channels] if bias else None, list(module.stride), padding,
-                                        list(module.dilation), False, [0] * n, module.groups, [False, True, bias])
+                                        [module.out_channels] if bias else None, stride, padding, dilation, False,
+                                        zeros, groups, [False, True, bias])
 
 
 def tap_breakdown(size, args, device, steps: int = 4) -> dict:
@@ -249,7 +254,7 @@ def tap_breakdown(size, args, device, steps: int = 4) -> dict:
         entry = measured.setdefault(kind, {"calls": 0, "per_cluster": 0.0, "whole_batch": 0.0})
         # The reference first: whichever runs second finds x and dy in cache, and an ordinary backward pass
         # meets them as cold as the hooks do, so the per-cluster figure is, if anything, favoured here.
-        if kind not in ("normalisation", "embedding"):
+        if kind not in _NO_REFERENCE:
             sync(device)
             start = time.perf_counter()
             _whole_batch_weight_gradient(module, x, dy)
@@ -269,7 +274,7 @@ def tap_breakdown(size, args, device, steps: int = 4) -> dict:
         runner.step(batch)
     return {kind: {"calls_per_step": entry["calls"] // steps,
                    "per_cluster_ms": 1000 * entry["per_cluster"] / steps,
-                   "whole_batch_ms": None if kind in ("normalisation", "embedding") else 1000 * entry["whole_batch"] / steps}
+                   "whole_batch_ms": None if kind in _NO_REFERENCE else 1000 * entry["whole_batch"] / steps}
             for kind, entry in sorted(measured.items())}
 
 
