@@ -25,3 +25,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# pytest-xdist (`make test`: `--dist loadfile`) hands out test files in collection order, one file at a
+# time as workers free up. A file that starts training processes takes one to three minutes; collected
+# late (alphabetically, most of them are), one of them runs alone at the end while the other worker has
+# nothing left. So the longest files go first, longest first (the order of `--durations=0` totals per file
+# of a `make test` run); every other file keeps its place. Only the schedule changes: the tests of a file
+# still run in their own order, on one worker, and none depends on another file.
+LONGEST_FILES_FIRST = (
+    "test_fsdp.py", "test_transfer_training.py", "test_train.py", "test_trainer_matrix.py", "test_family_matrix.py",
+    "test_model_cards.py", "test_domain_features.py", "test_multinode.py", "test_distributed.py",
+    "test_flow_matching.py", "test_deme.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
