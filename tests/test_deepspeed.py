@@ -172,6 +172,7 @@ def launch_lora(engine_flags, output_dir, pretrained, *extra):
 def lora_pretrained(root):
     from diffusers_ant.models import get_model_adapter
 
+    torch.manual_seed(0)  # the base of tests/test_fsdp.py: the same runs, and the same numbers every time
     get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1).save(
         str(root / "lora-pretrained"))
     return root / "lora-pretrained"
@@ -261,7 +262,7 @@ def test_a_gradient_method_on_the_lora_subset_trains_in_bf16_under_zero2_and_zer
     operation, compounded over the network and the steps), for which no bound follows from what the test holds.
     What is checked instead: the weights are bf16 values (the run was bf16), and each stage's distance from the
     float32 run is at most twice DDP's bf16 distance plus half a bf16 unit in the last place of the largest
-    weight (the rounding of the saved weights), a margin: measured 3.8e-3 for both stages against DDP's 1.9e-3 (bound 7.7e-3). Per-process
+    weight (the rounding of the saved weights), a margin: measured 3.8e-3 for both stages against DDP's 2.3e-3 (bound 8.6e-3). Per-process
     cluster gradients move the LoRA weights by about 7e-2, an update DeepSpeed never steps by |B| ~ 0.3."""
     from safetensors.torch import load_file
 
