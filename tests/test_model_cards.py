@@ -14,6 +14,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 
@@ -103,8 +104,9 @@ class SnippetRunner:
     def __init__(self, cwd):
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                    OMP_NUM_THREADS="1", PYTHONPATH="")
+        # its own process group: `close` then also stops a snippet's child that is still running
         self.server = subprocess.Popen([sys.executable, "-c", _SNIPPET_SERVER], cwd=cwd, env=env, text=True,
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
 
     def run(self, script, timeout=300):
         stdout, stderr = script.with_suffix(".out"), script.with_suffix(".err")
@@ -119,7 +121,10 @@ class SnippetRunner:
         return subprocess.CompletedProcess(str(script), returncode, stdout.read_text(), stderr.read_text())
 
     def close(self):
-        self.server.kill()
+        try:
+            os.killpg(self.server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.server.wait()
 
 
