@@ -5,7 +5,8 @@ with and without LoRA, an output folder is made the way training makes it (the a
 `write_model_card`), the python block is taken from its README.md, the Hub repo id is replaced by the
 local folder, and the code runs in its own Python process, offline, with plain diffusers (nothing of
 diffusers_ant is imported by the snippet; `checks_for` asserts it). The process is forked from one that
-has imported torch, diffusers, transformers and peft and nothing else (`snippet_runner`). Only the number of sampling steps is lowered, for the CPU.
+has imported torch, diffusers, transformers and peft and nothing else (`snippet_runner`). Only the number
+of sampling steps is lowered, for the CPU.
 """
 
 from __future__ import annotations
@@ -102,13 +103,18 @@ class SnippetRunner:
     """Runs scripts, one at a time, each in a child forked from `_SNIPPET_SERVER`."""
 
     def __init__(self, cwd):
+        self.cwd, self.server = cwd, None
+
+    def _start(self):
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                    OMP_NUM_THREADS="1", PYTHONPATH="")
         # its own process group: `close` then also stops a snippet's child that is still running
-        self.server = subprocess.Popen([sys.executable, "-c", _SNIPPET_SERVER], cwd=cwd, env=env, text=True,
+        self.server = subprocess.Popen([sys.executable, "-c", _SNIPPET_SERVER], cwd=self.cwd, env=env, text=True,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
 
     def run(self, script, timeout=300):
+        if self.server is None or self.server.poll() is not None:  # first use, or closed after a timeout
+            self._start()
         stdout, stderr = script.with_suffix(".out"), script.with_suffix(".err")
         job = {"script": str(script), "cwd": str(script.parent), "stdout": str(stdout), "stderr": str(stderr)}
         self.server.stdin.write(json.dumps(job) + "\n")
@@ -117,10 +123,14 @@ class SnippetRunner:
         if not ready:
             self.close()
             raise TimeoutError(f"{script} ran for more than {timeout} s")
-        returncode = int(self.server.stdout.readline())
-        return subprocess.CompletedProcess(str(script), returncode, stdout.read_text(), stderr.read_text())
+        line = self.server.stdout.readline()
+        if not line:
+            raise RuntimeError("the snippet server exited (its error is in the test's captured stderr)")
+        return subprocess.CompletedProcess(str(script), int(line), stdout.read_text(), stderr.read_text())
 
     def close(self):
+        if self.server is None:
+            return
         try:
             os.killpg(self.server.pid, signal.SIGKILL)
         except ProcessLookupError:
