@@ -25,7 +25,8 @@ import sys
 import pytest
 import torch
 
-from trainer_utils import REPO, TRAIN_SCRIPT, largest_difference, load_safetensors_dir, offline_env, run_command
+from trainer_utils import (LORA_RUN, LORA_STEPS, REPO, TRAIN_SCRIPT, largest_difference, load_safetensors_dir,
+                           offline_env, run_command, save_lora_base)
 
 # `make test-deepspeed` installs DeepSpeed and runs this file; `make test` deselects it (marker `deepspeed`),
 # so the check that DeepSpeed is there runs only when a test does (a fixture, not at collection)
@@ -149,19 +150,8 @@ def test_zero3_with_every_parameter_sharded_trains_the_weights_of_plain_data_par
 # ------------------------------------------------------------------ gradient methods on the LoRA subset
 
 
-# (the one-line refusals of a gradient method under DeepSpeed run with fakes: tests/test_trainer_matrix.py)
-
-
-# uw+pcgrad on the LoRA subset of a pretrained tiny UNet, windows of two micro-batches (DeepSpeed's
-# accumulation of 2: the weighting chooses once per window, the engine steps once), lr = Adam's epsilon = 1
-# (the update is about the gradient itself).
-LORA_STEPS = 2
-LORA_RUN = ["--model_type", "unet", "--dataset_name", "mnist5k", "--train_batch_size", "4",
-            "--gradient_accumulation_steps", "2", "--num_clusters", "4", "--timestep_sampling", "uniform",
-            "--report_to", "none", "--seed", "0", "--num_validation_images", "1", "--num_inference_steps", "1",
-            "--max_train_samples", "32", "--rank", "4", "--mtl_method", "uw+pcgrad", "--task_gradient_subset", "lora",
-            "--max_train_steps", str(LORA_STEPS), "--checkpointing_steps", "1", "--learning_rate", "1",
-            "--adam_epsilon", "1"]
+# (the one-line refusals of a gradient method under DeepSpeed run with fakes: tests/test_trainer_matrix.py;
+# the run, LORA_RUN, and its pretrained base are tests/trainer_utils.py's, shared with tests/test_fsdp.py)
 
 
 def launch_lora(engine_flags, output_dir, pretrained, *extra):
@@ -170,12 +160,7 @@ def launch_lora(engine_flags, output_dir, pretrained, *extra):
 
 @pytest.fixture(scope="module")
 def lora_pretrained(root):
-    from diffusers_ant.models import get_model_adapter
-
-    torch.manual_seed(0)  # the base of tests/test_fsdp.py: the same runs, and the same numbers every time
-    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1).save(
-        str(root / "lora-pretrained"))
-    return root / "lora-pretrained"
+    return save_lora_base(root / "lora-pretrained")
 
 
 @pytest.fixture(scope="module")

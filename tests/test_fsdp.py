@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from diffusers_ant.training.args import UsageError
+from trainer_utils import LORA_RUN, LORA_STEPS, save_lora_base
 
 STEPS = 4
 LR = 1e-3
@@ -273,30 +274,15 @@ def test_an_fsdp_checkpoint_is_not_resumed_by_one_process(runs, tmp_path):
 
 
 # ------------------------------------------------------------------ gradient methods on the LoRA subset
-
-LORA_STEPS = 2
-# uw+pcgrad (the combined form: PCGrad on the LoRA subset's per-cluster gradients, UW's log-variances
-# beside the sharded model), over windows of two micro-batches of 4 samples drawn uniformly, so that the two
-# processes hold different numbers of samples of a cluster (the FSDP processes then run padding passes to
-# stay in step: FSDP's all-gathers are collectives). lr = Adam's epsilon = 1: the update is about the
-# gradient itself (see the tolerance below), not its sign.
-LORA_RUN = ["--model_type", "unet", "--dataset_name", "mnist5k", "--train_batch_size", "4",
-            "--gradient_accumulation_steps", "2", "--num_clusters", "4", "--timestep_sampling", "uniform",
-            "--report_to", "none", "--seed", "0", "--num_validation_images", "1", "--num_inference_steps", "1",
-            "--max_train_samples", "32", "--rank", "4", "--mtl_method", "uw+pcgrad", "--task_gradient_subset", "lora",
-            "--max_train_steps", str(LORA_STEPS), "--checkpointing_steps", "1",
-            "--learning_rate", "1", "--adam_epsilon", "1"]
+# (the run, LORA_RUN, and its pretrained base are tests/trainer_utils.py's, shared with tests/test_deepspeed.py)
 
 
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory):
-    from diffusers_ant.models import get_model_adapter
     from trainer_utils import REPO, run_script
 
     root = tmp_path_factory.mktemp("fsdp-lora")
-    torch.manual_seed(0)  # the base of tests/test_deepspeed.py: the same runs, and the same numbers every time
-    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1).save(
-        str(root / "pretrained"))
+    save_lora_base(root / "pretrained")
     runs = {}
     # the FSDP run straight through, DDP's, and the FSDP run resumed from the straight one's checkpoint-1
     for name, config, extra in (("fsdp", "fsdp", []), ("ddp", "ddp", []),

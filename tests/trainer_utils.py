@@ -17,6 +17,34 @@ TINY_RUN = ["--model_config_name_or_path", "tiny", "--train_batch_size", "8", "-
             "--num_inference_steps", "2", "--max_train_samples", "64"]
 
 
+# The sharded engines' gradient-method run, shared by tests/test_fsdp.py and tests/test_deepspeed.py so that
+# both compare against the same DDP runs: uw+pcgrad (PCGrad on the LoRA subset's per-cluster gradients, UW's
+# log-variances beside the sharded model) on a pretrained tiny UNet (`save_lora_base`), over windows of two
+# micro-batches of 4 samples drawn uniformly, so that the two processes hold different numbers of samples of
+# a cluster (FSDP's processes then run padding passes to stay in step; under DeepSpeed, which owns the
+# accumulation, the weighting chooses once per window). lr = Adam's epsilon = 1: the update is about the
+# gradient itself, not its sign.
+LORA_STEPS = 2
+LORA_RUN = ["--model_type", "unet", "--dataset_name", "mnist5k", "--train_batch_size", "4",
+            "--gradient_accumulation_steps", "2", "--num_clusters", "4", "--timestep_sampling", "uniform",
+            "--report_to", "none", "--seed", "0", "--num_validation_images", "1", "--num_inference_steps", "1",
+            "--max_train_samples", "32", "--rank", "4", "--mtl_method", "uw+pcgrad", "--task_gradient_subset", "lora",
+            "--max_train_steps", str(LORA_STEPS), "--checkpointing_steps", "1", "--learning_rate", "1",
+            "--adam_epsilon", "1"]
+
+
+def save_lora_base(folder):
+    """The pretrained model of `LORA_RUN`: the tiny UNet preset, seeded, so that every run (and both files)
+    starts from the same weights (unseeded, each drew its own, and their bf16 distances differed by 50%)."""
+    import torch
+
+    from diffusers_ant.models import get_model_adapter
+
+    torch.manual_seed(0)
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1).save(str(folder))
+    return folder
+
+
 def offline_env(**extra):
     """The environment of a test's subprocess: no Hub, one torch thread, unbuffered output (what a
     process printed is in the captured output even when it never exits) and Python's fault handler
@@ -147,17 +175,21 @@ def load_safetensors_dir(folder):
     return tensors
 
 
+def _tensor_difference(a, b) -> float:
+    """max |a - b| of two tensors of one shape (0 for empty ones), in float32."""
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
 def largest_difference(a, b) -> float:
     """The largest |a - b| over two state dicts with the same tensor names."""
     assert sorted(a) == sorted(b), "different tensor names"
-    return max(((a[key].float() - b[key].float()).abs().max().item() if a[key].numel() else 0.0 for key in a),
-               default=0.0)
+    return max((_tensor_difference(a[key], b[key]) for key in a), default=0.0)
 
 
 def assert_same_tensors(a, b, atol=0.0):
     assert sorted(a) == sorted(b), "different tensor names"
     for key in a:
-        diff = largest_difference({key: a[key]}, {key: b[key]})
+        diff = _tensor_difference(a[key], b[key])
         assert diff <= atol, f"{key} differs by {diff}"
 
 
