@@ -203,34 +203,29 @@ def time_runners(runners: dict, batches: list, warmup: int, device, label: str =
 _NO_REFERENCE = ("normalisation", "embedding")
 
 
-def _tap_category(module) -> str:
+def _tap_category(module, conv_plan) -> str:
+    """The layer kind of a tapped module; `conv_plan`: the engine's `_conv_plan` of a convolution, else None."""
     from torch import nn
 
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        from diffusers_ant.weighting.cluster_grads import _conv_plan
-
-        return "convolution 1x1" if _conv_plan(module)[-1] else "convolution kxk"  # (the engine's route for it)
+    if conv_plan is not None:
+        return "convolution 1x1" if conv_plan[-1] else "convolution kxk"  # (the engine's route for it)
     if isinstance(module, nn.Linear):
         return "linear"
     return "embedding" if isinstance(module, nn.Embedding) else "normalisation"
 
 
-def _whole_batch_weight_gradient(module, x, dy) -> None:
+def _whole_batch_weight_gradient(module, x, dy, conv_plan) -> None:
     """The weight (and bias) gradient of a Linear or convolution layer over the whole batch, as an ordinary
     backward pass forms it: the reference for the per-cluster sums (a convolution's arguments as the engine
-    works them out, `cluster_grads._conv_plan`)."""
-    from torch import nn
-
-    from diffusers_ant.weighting.cluster_grads import _conv_plan
-
+    worked them out, `conv_plan`)."""
     bias = module.bias is not None and module.bias.requires_grad
-    if isinstance(module, nn.Linear):
+    if conv_plan is None:  # a Linear layer
         x2, dy2 = x.reshape(-1, x.shape[-1]).to(dy.dtype), dy.reshape(-1, dy.shape[-1])
         dy2.T.mm(x2)
         if bias:
             dy2.sum(0)
         return
-    pad, padding, stride, dilation, zeros, groups, _ = _conv_plan(module)
+    pad, padding, stride, dilation, zeros, groups, _ = conv_plan
     if pad is not None:
         x = torch.nn.functional.pad(x, pad, mode=module.padding_mode)
     torch.ops.aten.convolution_backward(dy, x.to(dy.dtype), module.weight.to(dy.dtype),
@@ -250,14 +245,15 @@ def tap_breakdown(size, args, device, steps: int = 4) -> dict:
     accumulate = recorder.accumulate
 
     def timed(module, x, dy):
-        kind = _tap_category(module)
+        conv_plan = recorder._conv_plans.get(id(module))  # worked out once by the engine, outside the timing
+        kind = _tap_category(module, conv_plan)
         entry = measured.setdefault(kind, {"calls": 0, "per_cluster": 0.0, "whole_batch": 0.0})
         # The reference first: whichever runs second finds x and dy in cache, and an ordinary backward pass
         # meets them as cold as the hooks do, so the per-cluster figure is, if anything, favoured here.
         if kind not in _NO_REFERENCE:
             sync(device)
             start = time.perf_counter()
-            _whole_batch_weight_gradient(module, x, dy)
+            _whole_batch_weight_gradient(module, x, dy, conv_plan)
             sync(device)
             entry["whole_batch"] += time.perf_counter() - start
         start = time.perf_counter()
