@@ -14,7 +14,7 @@ See `dataloader.py` for the batch keys and what the loop must do to resume at an
 """
 
 from .builtin import BUILTIN_DATASETS, NumpyArrayUnpickler, is_builtin_dataset, load_builtin_dataset, load_numpy_pickle
-from .dataloader import EpochRandomSampler, TrainingDataset, make_train_dataloader
+from .dataloader import EpochRandomSampler, TrainingDataset, batches_per_process, make_train_dataloader
 from .loading import class_names, dataset_image_channels, load_training_dataset, resolve_columns
 from .toy import edge_map, make_toy_caption_dataset
 from .transforms import ImageTransform, build_transforms
@@ -34,6 +34,7 @@ __all__ = [
     "load_numpy_pickle",
     "load_training_dataset",
     "make_toy_caption_dataset",
+    "batches_per_process",
     "make_train_dataloader",
     "resolve_columns",
 ]

@@ -297,6 +297,23 @@ class EpochRandomSampler(Sampler[int]):
         return iter(torch.randperm(n, generator=generator).tolist())
 
 
+def batches_per_process(loader: DataLoader, accelerator) -> int:
+    """How many batches of `loader` each process iterates once `accelerator.prepare` has sharded it.
+
+    Asked of Accelerate's own `BatchSamplerShard`, the sampler `prepare` wraps the loader's batch
+    sampler in: with `drop_last` (the trainer's loaders) the batches that do not fill a round of
+    processes are dropped, so 9 batches on 2 processes are 4 each, not 5; without it, `even_batches`
+    wraps around to the first batches."""
+    if accelerator.num_processes == 1:
+        return len(loader)
+    from accelerate.data_loader import BatchSamplerShard
+
+    batch_sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    return len(BatchSamplerShard(batch_sampler, num_processes=accelerator.num_processes,
+                                 process_index=accelerator.process_index, split_batches=accelerator.split_batches,
+                                 even_batches=accelerator.even_batches))
+
+
 def make_train_dataloader(
     dataset,
     columns: dict,

@@ -555,6 +555,8 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             raise UsageError(f"--{name} must be at least 1")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise UsageError("--max_train_steps must be at least 1")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise UsageError("--checkpoints_total_limit must be at least 1")
     if args.rank is not None and args.rank < 1:
         raise UsageError("--rank must be at least 1")
     if args.train_text_encoder and (args.model_type not in ("sd", "sdxl") or args.rank is None):

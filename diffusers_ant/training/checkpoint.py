@@ -16,6 +16,7 @@ middle of a save leaves the previous checkpoint as the latest usable one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .sharding import engine_kind
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 _TMP_SUFFIX = ".tmp"
@@ -105,6 +108,18 @@ def resolve_checkpoint(output_dir: str, spec: Optional[str]) -> Optional[str]:
     raise ValueError(f"checkpoint {spec!r} not found; use \"latest\" or a checkpoint-N folder in {output_dir}")
 
 
+def warn_of_later_checkpoints(output_dir: str, checkpoint: Optional[str], accelerator) -> None:
+    """Warn when `output_dir` holds checkpoints of a later step than the run starts from (a run started
+    over in a used folder, or resumed from an earlier checkpoint): until this run writes a later step,
+    `--resume_from_checkpoint latest` would resume those instead, and they are left out of pruning."""
+    start = 0 if checkpoint is None else checkpoint_step(checkpoint)
+    later = [os.path.basename(path) for path in list_checkpoints(output_dir) if checkpoint_step(path) > start]
+    if later and accelerator.is_main_process:
+        logger.warning("%s holds %s, later than the step this run starts from (%d): until this run passes it, "
+                       "--resume_from_checkpoint latest would resume that one; use another --output_dir, or remove it",
+                       output_dir, ", ".join(later), start)
+
+
 def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: Dict[str, Any],
                     total_limit: Optional[int] = None) -> str:
     """Write checkpoint-<step> atomically (temporary folder, then rename) and prune old ones."""
@@ -127,8 +142,11 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: Dict
         os.replace(tmp, final)
         if total_limit is not None:
             # Prune only after the new checkpoint is complete, unlike diffusers' scripts which delete
-            # first: a crash during the save must leave a usable checkpoint behind.
-            for old in list_checkpoints(output_dir)[:-total_limit]:
+            # first: a crash during the save must leave a usable checkpoint behind. Only older steps are
+            # pruned: a folder with a higher step is another run's (started over in this --output_dir, or
+            # resumed from an earlier checkpoint), and counting it would delete the one just written.
+            earlier = [path for path in list_checkpoints(output_dir) if checkpoint_step(path) < step]
+            for old in earlier[:max(len(earlier) - (total_limit - 1), 0)]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -250,8 +268,18 @@ def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], checkpoi
 
 
 def checkpoint_step(folder: str) -> int:
-    """The update count of a checkpoint folder (`checkpoint-N`)."""
-    return int(os.path.basename(os.path.normpath(folder))[len(CHECKPOINT_PREFIX):])
+    """The update count of a checkpoint folder: N of `checkpoint-N`, else (a folder copied under another
+    name) the step its trainer state records."""
+    m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", os.path.basename(os.path.normpath(folder)))
+    if m:
+        return int(m.group(1))
+    path = os.path.join(folder, "trainer_state_0.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            step = json.load(f).get("global_step")
+        if isinstance(step, int):
+            return step
+    raise ValueError(f"{folder} is not a complete diffusers_ant checkpoint (no trainer_state_0.json with its step)")
 
 
 def schedule_difference(old: Dict[str, Any], new: Dict[str, Any], steps: int, num_processes: int = 1):

@@ -22,6 +22,8 @@ from ..weighting.distributed import average_gradients_
 from . import memory_report
 from .args import TEXT_TO_IMAGE_TYPES, UsageError
 from .checkpoint import (
+    LR_SCHEDULE_FLAGS,
+    SCHEDULE_LENGTH_FLAGS,
     check_resume_config,
     check_resume_engine,
     checkpoint_config,
@@ -31,6 +33,7 @@ from .checkpoint import (
     remove_stale_temporaries,
     resolve_checkpoint,
     save_checkpoint,
+    warn_of_later_checkpoints,
 )
 from .checkpoint_pickles import check_checkpoint_pickles
 from .components import (
@@ -132,7 +135,8 @@ def train(args) -> str:
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.training_utils import EMAModel
 
-    from ..data import class_names, dataset_image_channels, load_training_dataset, make_train_dataloader, resolve_columns
+    from ..data import (batches_per_process, class_names, dataset_image_channels, load_training_dataset,
+                        make_train_dataloader, resolve_columns)
     from ..data.buckets import bucket_sizes
     from ..models import get_model_adapter
     from ..models.quantization import quantization_config
@@ -166,6 +170,7 @@ def train(args) -> str:
     fsdp = is_fsdp(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    warn_of_later_checkpoints(args.output_dir, checkpoint, accelerator)
     if checkpoint is not None:
         check_checkpoint_engine(accelerator, checkpoint)  # a ZeRO checkpoint needs DeepSpeed, and vice versa
     args.seed = resolve_seed(args, accelerator, checkpoint)
@@ -174,8 +179,11 @@ def train(args) -> str:
         # engine and with the number of processes that wrote its state.
         check_resume_engine(checkpoint, engine_record(accelerator))
         check_checkpoint_pickles(checkpoint)  # what FSDP / DeepSpeed would unpickle unrestricted holds only data
-        for change in check_resume_config(checkpoint_config(checkpoint), public_config(args), checkpoint,
-                                          accelerator.num_processes):
+        # A run given in epochs has its length, and so its LR schedule, only once the data is loaded:
+        # those flags are compared below, on the number of steps the checkpoint's run derived as well.
+        deferred = SCHEDULE_LENGTH_FLAGS | LR_SCHEDULE_FLAGS if args.max_train_steps is None else frozenset()
+        current = {key: value for key, value in public_config(args).items() if key not in deferred}
+        for change in check_resume_config(checkpoint_config(checkpoint), current, checkpoint, accelerator.num_processes):
             logger.info("resuming with a changed setting, %s", change)
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -265,9 +273,15 @@ def train(args) -> str:
 
     # Optimizer updates per epoch: the loader yields this process's share of the batches, grouped
     # into windows of --gradient_accumulation_steps micro-batches (the last window may be shorter).
-    updates_per_epoch = math.ceil(math.ceil(len(train_dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps)
+    batches_per_epoch = batches_per_process(train_dataloader, accelerator)
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
+        if checkpoint is not None:  # the comparison left out before loading (`deferred`)
+            for change in check_resume_config(checkpoint_config(checkpoint), public_config(args), checkpoint,
+                                              accelerator.num_processes):
+                if change[2:].split(":")[0] in deferred:
+                    logger.info("resuming with a changed setting, %s", change)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
 
     weighting = None
@@ -321,6 +335,9 @@ def train(args) -> str:
     # FSDP and ZeRO-3 shard the module in `prepare`: keep its architecture (no weights) to gather into
     skeleton = meta_skeleton(adapter.model) if fsdp or zero3 else None
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(adapter.model, optimizer, train_dataloader, lr_scheduler)
+    if len(train_dataloader) != batches_per_epoch:  # the step count and the LR schedule were built on it
+        raise RuntimeError(f"the prepared data loader yields {len(train_dataloader)} batches per process, not the "
+                           f"{batches_per_epoch} the run was planned with: please report this with your Accelerate version")
     if fsdp:
         # fully_shard replaced the module's parameters with sharded ones (and Accelerate the optimizer's):
         # clipping must see the new ones

@@ -1,0 +1,106 @@
+"""The trainer's bookkeeping around checkpoints: how many updates an epoch holds on each process (the
+resume position and the run's length follow from it), pruning with `--checkpoints_total_limit`, the
+step of a checkpoint folder, and resuming a run given in epochs under a schedule drawn over its length."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
+
+
+@pytest.mark.parametrize("rows", [64, 72, 88])
+@pytest.mark.parametrize("num_processes", [2, 3])
+def test_batches_per_process_is_what_the_prepared_loader_yields(rows, num_processes):
+    """72 rows at batch 8 are 9 batches: Accelerate gives each of 2 processes 4 of them (the loader drops
+    the last batch, so the round that would not fill both processes is dropped too), not ceil(9 / 2) = 5,
+    which the loop used to count, ending runs early and resuming at the wrong data position."""
+    from accelerate.data_loader import prepare_data_loader
+
+    from diffusers_ant.data import batches_per_process, load_builtin_dataset, make_train_dataloader, resolve_columns
+
+    dataset = load_builtin_dataset("mnist5k").select(range(rows))
+    loader = make_train_dataloader(dataset, resolve_columns(dataset), resolution=8, batch_size=8, num_channels=1)
+    for rank in range(num_processes):
+        # the Accelerator's settings that `prepare` passes on (its defaults)
+        accelerator = SimpleNamespace(num_processes=num_processes, process_index=rank, split_batches=False,
+                                      even_batches=True)
+        prepared = prepare_data_loader(loader, num_processes=num_processes, process_index=rank, put_on_device=False)
+        assert batches_per_process(loader, accelerator) == len(prepared) == len(list(prepared.batch_sampler))
+    assert len(loader) // num_processes == batches_per_process(loader, accelerator)
+
+
+@pytest.fixture
+def accelerator_and_model():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    yield accelerator
+    AcceleratorState._reset_state(reset_partial_state=True)  # leave no state to the next test in this worker
+    GradientState._reset_state()
+
+
+def _names(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-"))
+
+
+def test_pruning_keeps_the_checkpoint_just_written_and_leaves_a_later_run_alone(tmp_path, accelerator_and_model, caplog):
+    """An --output_dir that still holds checkpoint-8 of an earlier run: the new run's checkpoint-2 with
+    --checkpoints_total_limit 1 must survive (pruning used to keep the highest steps and deleted it), the
+    next save prunes the new run's own older checkpoint, and the start warns that `latest` would pick 8."""
+    from diffusers_ant.training.checkpoint import save_checkpoint, warn_of_later_checkpoints
+
+    accelerator = accelerator_and_model
+    save_checkpoint(accelerator, str(tmp_path), 8, {"global_step": 8})
+    with caplog.at_level(logging.WARNING):
+        warn_of_later_checkpoints(str(tmp_path), None, accelerator)
+    assert "checkpoint-8" in caplog.text and "--resume_from_checkpoint latest would resume that one" in caplog.text
+    save_checkpoint(accelerator, str(tmp_path), 2, {"global_step": 2}, total_limit=1)
+    assert _names(tmp_path) == ["checkpoint-2", "checkpoint-8"]
+    save_checkpoint(accelerator, str(tmp_path), 4, {"global_step": 4}, total_limit=1)
+    assert _names(tmp_path) == ["checkpoint-4", "checkpoint-8"]
+    save_checkpoint(accelerator, str(tmp_path), 6, {"global_step": 6}, total_limit=2)
+    assert _names(tmp_path) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        warn_of_later_checkpoints(str(tmp_path), str(tmp_path / "checkpoint-8"), accelerator)
+    assert not caplog.text  # resuming the latest: nothing later
+
+
+def test_a_checkpoint_copied_under_another_name_knows_its_step(tmp_path, accelerator_and_model):
+    from diffusers_ant.training.checkpoint import checkpoint_step, save_checkpoint
+
+    save_checkpoint(accelerator_and_model, str(tmp_path), 6, {"global_step": 6})
+    shutil.copytree(tmp_path / "checkpoint-6", tmp_path / "best")
+    assert checkpoint_step(str(tmp_path / "checkpoint-6")) == checkpoint_step(str(tmp_path / "best")) == 6
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a complete diffusers_ant checkpoint"):
+        checkpoint_step(str(tmp_path / "empty"))
+
+
+@pytest.mark.slow
+def test_a_run_given_in_epochs_resumes_under_a_cosine_schedule_exactly(tmp_path, capsys):
+    """--num_train_epochs with a cosine schedule: the checkpoint records the step count the epochs gave,
+    and the same command resumed used to compare it with the not yet derived None and refuse. 48 rows at
+    batch 8 are 6 updates an epoch, 12 in all; checkpoint-4 is in the first epoch."""
+    common = ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_samples", "48",
+              "--num_train_epochs", "2", "--lr_scheduler", "cosine", "--checkpointing_steps", "4",
+              "--mtl_method", "uw"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_in_process([*common, "--output_dir", str(straight)])
+    shutil.copytree(straight / "checkpoint-4", resumed / "checkpoint-4")
+    capsys.readouterr()
+    train_in_process([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "checkpoint-4" in out
+    assert _names(straight) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+    assert_same_tensors(load_safetensors_dir(straight / "unet"), load_safetensors_dir(resumed / "unet"))
