@@ -498,6 +498,36 @@ def test_nash_reuses_alpha_between_updates():
     assert reused[1] == 0 and reused[0] == weights[6][0]
     with pytest.raises(RuntimeError):
         nash.reuse_weights()  # step 9: an update step
+
+
+def test_nash_solves_again_when_a_task_the_last_solve_left_out_is_present(tmp_path):
+    """Batches smaller than K: cluster 3 is absent at the solve. When it is present again before the next
+    scheduled solve, the step solves for the tasks present instead of giving cluster 3 the initial alpha
+    of 1 (on no scale: these gradients are of size 1e-3, so every solved alpha is about 30); the next
+    scheduled solve stays on its cadence, and the mask travels with the checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    nash = get_weighting("nash_mtl", 5, update_every=25)
+    grads = 1e-3 * random_grads(5, p=64, seed=3)
+    without_3 = torch.tensor([True, True, True, False, True])
+    everyone = torch.ones(5, dtype=torch.bool)
+    nash.weights_from_grads(grads, without_3)
+    assert nash.alpha[3] == 1.0 and bool((nash.alpha[without_3] > 10).all())
+    assert not nash.needs_gradients_this_step(without_3)  # the same tasks: reuse
+    assert nash.needs_gradients_this_step(everyone)  # cluster 3 back: solve
+    with pytest.raises(RuntimeError):
+        nash.stored_weights(everyone)
+    weights = nash.weights_from_grads(grads, everyone)
+    fresh = get_weighting("nash_mtl", 5).weights_from_grads(grads, everyone)
+    torch.testing.assert_close(weights, fresh, rtol=1e-6, atol=0)  # both solved to the solver's tolerance
+    assert not nash.needs_gradients_this_step(everyone) and not nash.needs_gradients_this_step(without_3)
+    save_file(nash.flat_state_dict(), tmp_path / "nash.safetensors")
+    restored = get_weighting("nash_mtl", 5, update_every=25)
+    restored.load_flat_state_dict(load_file(tmp_path / "nash.safetensors"))
+    assert torch.equal(restored.solved, nash.solved) and restored.step == nash.step == 2
+    for _ in range(23):
+        nash.reuse_weights(everyone)
+    assert nash.step == 25 and nash.needs_gradients_this_step(without_3)  # the cadence is unchanged
     with pytest.raises(RuntimeError):
         nash.stored_weights()
 

@@ -348,9 +348,10 @@ class GradientWeighting(Weighting):
         `present` is the full boolean mask (K,), for methods that keep per-task state."""
         raise NotImplementedError
 
-    def needs_gradients_this_step(self) -> bool:
-        """False when the next call can reuse stored weights (Nash-MTL between updates): the
-        trainer may then skip per-task gradients and call `reuse_weights` instead."""
+    def needs_gradients_this_step(self, present: Optional[torch.Tensor] = None) -> bool:
+        """False when the next call can reuse stored weights (Nash-MTL between updates) for the tasks
+        `present` (the step's global mask; None: any): the trainer may then skip per-task gradients and
+        call `reuse_weights` instead."""
         return True
 
     def stored_weights(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:

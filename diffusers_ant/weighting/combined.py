@@ -130,8 +130,8 @@ class CombinedWeighting(GradientWeighting):
         full = self.weights_from_gram(_embed(gram, present, self.num_tasks), present)
         return full[present.to(full.device)]
 
-    def needs_gradients_this_step(self) -> bool:
-        return self.gradient_weighting.needs_gradients_this_step()
+    def needs_gradients_this_step(self, present: Optional[torch.Tensor] = None) -> bool:
+        return self.gradient_weighting.needs_gradients_this_step(present)
 
     def stored_weights(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
         present = self._present(present)

@@ -468,7 +468,7 @@ class TaskGradientEngine:
         present = global_counts > 0
         everything = torch.arange(task_ids.numel(), device=device)
 
-        if not weighting.needs_gradients_this_step():
+        if not weighting.needs_gradients_this_step(present):
             # A step on stored weights (Nash-MTL between its solves): no per-task gradient at all.
             weights = weighting.reuse_weights(present).detach().double()
             if self.sync:

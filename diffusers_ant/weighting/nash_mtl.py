@@ -20,8 +20,11 @@ divides every cluster loss by K before weighting, i.e. uses alpha / K:
 `divide_losses_by_num_tasks=True` does that (K = num_tasks, the number of clusters).
 
 As in ANT, alpha is re-solved every `update_every` = 25 steps and reused in between;
-`needs_gradients_this_step` tells the trainer when it can skip per-task gradients and call
-`reuse_weights` instead. Only `weights_from_grads` / `weights_from_gram` / `reuse_weights`
+`needs_gradients_this_step(present)` tells the trainer when it can skip per-task gradients and call
+`reuse_weights` instead. It also asks for a solve off that cadence when a present task was not
+covered by the last solve: with batches smaller than K (each cluster present with probability B / K)
+a cluster absent at the solve would otherwise take the alpha of an earlier solve over other tasks, or
+the initial 1, for the rest of the window. (The authors' tasks are present in every batch.) Only `weights_from_grads` / `weights_from_gram` / `reuse_weights`
 advance the step counter and alpha (one call per optimizer step); `needs_gradients_this_step`
 and `stored_weights` (the weights `reuse_weights` will return, for a step whose fp16 overflow is
 known only after its backward pass) only read it.
@@ -207,6 +210,10 @@ class NashMTL(GradientWeighting):
         # Alpha of every task on the raw gradients' scale (G G^T alpha = 1 / alpha), ones before the
         # first solve as in the authors' code (their `prvs_alpha`); float64 like the solver.
         self.register_buffer("alpha", torch.ones(self.num_tasks, dtype=torch.float64))
+        # The tasks the last solve gave an alpha (present, with a nonzero gradient). A task outside it has
+        # a leftover alpha from another set of tasks, or the initial 1 (on no particular scale): when one
+        # is present, the step solves again instead of reusing (batches smaller than K leave clusters out).
+        self.solved = torch.zeros(self.num_tasks, dtype=torch.bool)
         self.step = 0
         self.solver_failures = 0
         self.last_residual = float("nan")
@@ -216,11 +223,13 @@ class NashMTL(GradientWeighting):
         """The loss weights for a given alpha: alpha itself, or alpha / K in ANT's scale."""
         return alpha / self.num_tasks if self.config.divide_losses_by_num_tasks else alpha
 
-    def needs_gradients_this_step(self) -> bool:
-        return self.step % self.config.update_every == 0
+    def needs_gradients_this_step(self, present: Optional[torch.Tensor] = None) -> bool:
+        if self.step % self.config.update_every == 0:
+            return True
+        return present is not None and bool((present.detach().cpu() & ~self.solved).any())
 
     def stored_weights(self, present: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.needs_gradients_this_step():
+        if self.needs_gradients_this_step(present):
             raise RuntimeError("nash_mtl re-solves alpha at this step: it needs the per-task gradients")
         present = self._present(present, self.alpha.device)
         return torch.where(present, self._weights_of(self.alpha), torch.zeros_like(self.alpha))
@@ -233,7 +242,7 @@ class NashMTL(GradientWeighting):
 
     def task_weights(self, gram: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         present = present.to(self.alpha.device)
-        if self.needs_gradients_this_step():
+        if self.needs_gradients_this_step(present):
             self._update_alpha(gram.detach().double().cpu(), present)
         self.step += 1
         return self._weights_of(self.alpha[present]).to(gram.device)
@@ -262,11 +271,14 @@ class NashMTL(GradientWeighting):
                                                    "Set on_failure='warn' to keep the previous alpha."))
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             logger.warning(message)
+            self.solved |= present.cpu()  # the window runs on the previous alpha, without a solve every step
             return
         new = self.alpha.detach().clone()
         new[index[nonzero].to(new.device)] = (alpha / scale).to(new)
         new[index[~nonzero].to(new.device)] = 0.0
         self.alpha.copy_(new)
+        self.solved = torch.zeros_like(self.solved)
+        self.solved[index[nonzero]] = True
 
     def _solve(self, matrix: torch.Tensor, init: torch.Tensor) -> Tuple[torch.Tensor, float, int, bool]:
         """(alpha, residual, Newton iterations, converged)."""
@@ -296,6 +308,7 @@ class NashMTL(GradientWeighting):
             solver_failures=torch.tensor(self.solver_failures, dtype=torch.long),
             last_residual=torch.tensor(self.last_residual, dtype=torch.float64),
             last_iterations=torch.tensor(self.last_iterations, dtype=torch.long),
+            solved=self.solved.to(torch.uint8),
         )
         return state
 
@@ -306,3 +319,7 @@ class NashMTL(GradientWeighting):
             self.solver_failures = int(state.get("solver_failures", 0))
             self.last_residual = float(state.get("last_residual", float("nan")))
             self.last_iterations = int(state.get("last_iterations", 0))
+            # (a checkpoint written before the mask existed: its alpha counts as solved, as it was used then)
+            solved = state.get("solved")
+            self.solved = (torch.ones(self.num_tasks, dtype=torch.bool) if solved is None
+                           else torch.as_tensor(solved).cpu().bool())
