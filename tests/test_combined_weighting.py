@@ -42,6 +42,34 @@ def test_combined_update_is_the_gradient_method_on_the_scaled_gradients(loss, gr
                                rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("gradient, options, same_update", [
+    ("nash_mtl", {}, True), ("mgda", {"mgda.normalize": "l2"}, True), ("imtl", {}, False), ("pcgrad", {}, None),
+    ("mgda", {}, None), ("cagrad", {}, None)])
+def test_a_gradient_method_blind_to_task_scales_is_named_when_combined(gradient, options, same_update, caplog):
+    """With Nash-MTL or unit-norm MGDA, UW's coefficients cancel (the same update as the method alone); with
+    IMTL-G only the update's length changes. The run says so at the start; other pairs say nothing."""
+    import logging
+
+    grads = _random_grads(1)
+    with caplog.at_level(logging.WARNING, logger="diffusers_ant.weighting.combined"):
+        combined = get_weighting(f"uw+{gradient}", K, seed=3, **options)
+    combined.loss_weighting.log_vars.data = torch.tensor([0.0, 1.0, -0.5, 0.3])
+    alone = get_weighting(gradient, K, seed=3, **{k.split(".", 1)[1]: v for k, v in options.items()},
+                          **({"reduction": "sum"} if gradient == "pcgrad" else {}))
+    update, update_alone = combined.aggregate(grads), alone.aggregate(grads)
+    cosine = float(update @ update_alone / (update.norm() * update_alone.norm()))
+    if same_update is None:
+        assert not caplog.text
+        assert cosine < 0.999  # UW's coefficients turn the update
+    else:
+        assert f"uw+{gradient}" in caplog.text
+        assert cosine > 1 - 1e-9  # the same direction, to the solvers' tolerance
+        if same_update:
+            torch.testing.assert_close(update, update_alone, rtol=1e-7, atol=1e-9)
+        else:
+            assert "length" in caplog.text and not torch.allclose(update.norm(), update_alone.norm())
+
+
 def test_order_of_the_name_does_not_matter_and_bad_pairs_name_the_fix():
     assert get_weighting("pcgrad+uw", K).name == "uw+pcgrad"
     for bad, words in [("uw+dwa", "two loss-based"), ("pcgrad+mgda", "two gradient-based"),

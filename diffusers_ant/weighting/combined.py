@@ -40,6 +40,7 @@ name the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -47,6 +48,7 @@ import torch
 
 from .base import GradientWeighting, LossWeighting, WeightingConfig
 
+logger = logging.getLogger(__name__)
 
 # Defaults of a gradient method that differ inside a combined weighting (see "Scale" above).
 COMBINED_GRADIENT_DEFAULTS = {"pcgrad": {"reduction": "sum"}}
@@ -97,6 +99,9 @@ class CombinedWeighting(GradientWeighting):
         self.gradient_weighting: GradientWeighting = get_weighting(self.config.gradient_method, num_tasks,
                                                                    **gradient_options)
         self.name = f"{self.config.loss_method}+{self.config.gradient_method}"
+        blind = _blind_to_task_scale(self.gradient_weighting, self.config.loss_method)
+        if blind:  # allowed (the combination is well defined), but the user should know what it adds
+            logger.warning("%s: %s", self.name, blind)
         # The loss coefficients the current step's weights were formed with, for `finish_task_step`.
         self._step_coefficients: Optional[torch.Tensor] = None
 
@@ -245,3 +250,28 @@ def route_combined_options(loss_name: str, gradient_name: str, options: dict) ->
 
 def _valid(names, fields) -> str:
     return ", ".join(["seed"] + [f"{names[role]}.{f}" for role in ("loss", "gradient") for f in sorted(fields[role])])
+
+
+def _blind_to_task_scale(method: GradientWeighting, loss_method: str) -> Optional[str]:
+    """What the loss method's coefficients c_i (a scale on each task's gradient) leave of `method`'s
+    update, when that is less than its direction; else None.
+
+    Nash-MTL: if a solves (D G G^T D) a = 1 / a for D = diag(c), then alpha = D a solves G G^T alpha =
+    1 / alpha, the unscaled problem, and the update a^T D G = alpha^T G is the same. MGDA on unit-norm
+    gradients sees D G normalised, i.e. G normalised. IMTL-G's direction (equal projections on the unit
+    gradients) is scale-free; only its length follows the scales."""
+    from .imtl import IMTLG
+    from .mgda import MGDA
+    from .nash_mtl import NashMTL
+
+    if isinstance(method, NashMTL):
+        return (f"Nash-MTL's solution is the same for any scale of each task's gradient, so {loss_method}'s "
+                "coefficients cancel at each solve (between solves they scale the stored weights by how much "
+                "they changed since)")
+    if isinstance(method, MGDA) and method.config.normalize == "l2":
+        return (f"MGDA on unit-norm gradients (normalize l2) does not see the scale of a task's gradient, so "
+                f"{loss_method}'s coefficients change nothing in the update")
+    if isinstance(method, IMTLG):
+        return (f"IMTL-G's direction is the same for any scale of each task's gradient, so {loss_method}'s "
+                "coefficients change only the update's length")
+    return None
