@@ -372,3 +372,18 @@ def test_ntg_and_forgetting_refuse_models_with_another_schedule(folders, referen
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "alphas_cumprod" in err and f"--finetuned {linear}" in err and f"--pretrained {folders['a']}" in err
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("model_type", ["sd", "sd3", "flux", "qwenimage"])
+def test_affinity_batches_of_a_text_to_image_family_carry_their_captions(model_type):
+    """The per-timestep gradients behind `--clustering gradient` are taken on the data's captions: batches of
+    different digits are encoded differently (SD3, FLUX.1 and Qwen-Image once got the empty prompt for all)."""
+    from diffusers_ant.models import get_model_adapter
+
+    adapter = get_model_adapter(model_type).load(model_config_name_or_path="tiny", resolution=16)
+    (_, conditioning, _), = _draw_batches(adapter, "mnist5k_captions", num_batches=1, batch_size=8, seed=0)
+    values = conditioning.values() if isinstance(conditioning, dict) else (
+        conditioning if isinstance(conditioning, (list, tuple)) else [conditioning])
+    embeddings = [v for v in values if torch.is_tensor(v) and v.dim() >= 2 and v.shape[0] == 8 and v.is_floating_point()]
+    assert embeddings, type(conditioning)
+    assert any(not torch.equal(e[0], e[i]) for e in embeddings for i in range(1, 8))

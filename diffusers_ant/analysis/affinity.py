@@ -221,12 +221,13 @@ def _select_parameters(model, param_subset):
 def _draw_batches(adapter, dataset_name, num_batches, batch_size, seed, train_data_dir=None):
     """`num_batches` fixed (x0, conditioning, noise) triples from a seeded shuffle of the dataset."""
     from ..data import load_training_dataset, make_train_dataloader, resolve_columns
+    from ..training.args import TEXT_TO_IMAGE_TYPES
 
     model_type = adapter.model_type
     classes = getattr(adapter, "num_classes", None)
     conditional = model_type in ("unet", "dit") and classes is not None and not (model_type == "dit" and classes == 1)
     dataset = load_training_dataset(dataset_name=dataset_name, train_data_dir=train_data_dir)
-    columns = resolve_columns(dataset, need_captions=model_type in ("sd", "sdxl", "controlnet"),
+    columns = resolve_columns(dataset, need_captions=model_type in TEXT_TO_IMAGE_TYPES,
                               need_conditioning=model_type == "controlnet", need_classes=conditional)
     resolution = adapter.sample_size * (adapter.vae_scale_factor(adapter.vae) if adapter.latent else 1)
     loader = make_train_dataloader(dataset, columns, resolution=resolution, batch_size=batch_size,
