@@ -151,7 +151,9 @@ class TimestepRouter(nn.Module):
     Args:
         intervals: a `diffusers_ant.TimestepIntervals` (or any object with `.bounds`, inclusive
             training-index pairs, and `.assign(indices) -> cluster ids`), or a list of `(start, end)`.
-        models: one denoiser per interval, called as `model(sample, timestep, *args, **kwargs)`.
+        models: one denoiser per interval, called as the router is called (`model(sample, timestep, ...)`,
+            or with `hidden_states=` / `sample=` and `timestep=` by keyword, as the SD3, FLUX.1 and Qwen-Image
+            pipelines call their transformer).
             The same model may appear several times (e.g. the pretrained model on all but one interval).
         timestep_map: how a timestep passed by the caller becomes a training index for routing.
             None (default): round and clamp to 0 .. T-1 (DDPM, DDIM, PNDM, ... pass integer training
@@ -273,7 +275,26 @@ class TimestepRouter(nn.Module):
         indices = self.training_indices(timestep)
         return torch.as_tensor(self.intervals.assign(indices.cpu())).long()
 
-    def forward(self, sample, timestep, *args, **kwargs):
+    def forward(self, *args, **kwargs):
+        # The denoised input and the timestep, positional (UNets: `unet(sample, t, ...)`) or by keyword
+        # (SD3, FLUX.1 and Qwen-Image pipelines call `transformer(hidden_states=..., timestep=...)`, DiT's
+        # `transformer(sample, timestep=...)`); each model is called the same way.
+        args = list(args)
+        sample_key = None if args else next((k for k in ("sample", "hidden_states") if k in kwargs), None)
+        if not args and sample_key is None:
+            raise TypeError("TimestepRouter: pass the denoised input first, or as `sample` / `hidden_states`")
+        sample = args.pop(0) if sample_key is None else kwargs.pop(sample_key)
+        timestep_key = None if args else "timestep"
+        if timestep_key is not None and timestep_key not in kwargs:
+            raise TypeError("TimestepRouter: pass the timestep second, or as `timestep`")
+        timestep = args.pop(0) if timestep_key is None else kwargs.pop(timestep_key)
+
+        def call(model, sample_part, timestep_part, rest_args, rest_kwargs):
+            positional = ([] if sample_key else [sample_part]) + ([] if timestep_key else [timestep_part])
+            keywords = {**({sample_key: sample_part} if sample_key else {}),
+                        **({timestep_key: timestep_part} if timestep_key else {}), **rest_kwargs}
+            return model(*positional, *rest_args, **keywords)
+
         t = timestep if isinstance(timestep, torch.Tensor) else torch.as_tensor(timestep)
         batch_size = sample.shape[0]
         if t.numel() > 1 and (t.ndim != 1 or t.shape[0] != batch_size):
@@ -281,13 +302,13 @@ class TimestepRouter(nn.Module):
         clusters = self.route(t)
         groups = clusters.unique()
         if len(groups) == 1:
-            return self.models[int(groups[0])](sample, timestep, *args, **kwargs)
+            return call(self.models[int(groups[0])], sample, timestep, args, kwargs)
 
         parts = []
         for cluster in groups.tolist():
             index = (clusters == cluster).nonzero().squeeze(1).to(sample.device)
             sub_args = _take(args, index, batch_size)
             sub_kwargs = _take(kwargs, index, batch_size)
-            out = self.models[cluster](sample[index], t[index.to(t.device)], *sub_args, **sub_kwargs)
+            out = call(self.models[cluster], sample[index], t[index.to(t.device)], sub_args, sub_kwargs)
             parts.append((index, out))
         return _merge(parts, batch_size)

@@ -215,3 +215,49 @@ def test_models_trained_with_other_noise_schedules_are_refused():
         TimestepRouter(intervals, models, timestep_map=DDPMScheduler(beta_schedule="linear"), schedulers=[cosine, same])
     with pytest.raises(ValueError, match="2 models"):
         TimestepRouter(intervals, models, schedulers=[cosine])
+
+
+class ToyTransformer(ToyConditional):
+    """The keyword signature of SD3's, FLUX.1's and Qwen-Image's transformers: `hidden_states`, `timestep`."""
+
+    def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, added_cond_kwargs=None, return_dict=True):
+        return super().forward(hidden_states, timestep, encoder_hidden_states, added_cond_kwargs, return_dict)
+
+
+def test_keyword_calls_as_the_flow_matching_pipelines_make_them_are_routed():
+    models = [ToyTransformer(scale) for scale in (1.0, 2.0, 3.0)]
+    router = TimestepRouter(TimestepIntervals(BOUNDS), models)
+    x, t, cond, bias = torch.randn(4, 1, 2, 2), torch.tensor([999, 0, 500, 1]), torch.randn(4, 3, 5), torch.randn(4)
+    out = router(hidden_states=x, timestep=t, encoder_hidden_states=cond, added_cond_kwargs={"bias": bias})
+    scales = torch.tensor([3.0, 1.0, 2.0, 1.0]).view(-1, 1, 1, 1)
+    expected = x * scales + cond.mean(dim=(1, 2)).view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1) + bias.view(-1, 1, 1, 1)
+    torch.testing.assert_close(out.sample, expected, rtol=0, atol=0)
+    assert [m.batch_sizes for m in models] == [[2], [1], [1]]
+    # DiT's pipeline: the sample positional, the timestep by keyword
+    conditional = [ToyConditional(scale) for scale in (1.0, 2.0, 3.0)]
+    routed = TimestepRouter(TimestepIntervals(BOUNDS), conditional)(x, timestep=t, encoder_hidden_states=cond,
+                                                                     added_cond_kwargs={"bias": bias})
+    torch.testing.assert_close(routed.sample, expected, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="pass the timestep"):
+        router(hidden_states=x, encoder_hidden_states=cond)
+
+
+def test_router_runs_inside_the_sd3_pipeline():
+    """StableDiffusion3Pipeline calls `transformer(hidden_states=..., timestep=...)`: a router over the same
+    transformer twice samples what the transformer alone samples, and each call reaches a model."""
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.routing import denoiser_timestep_map
+
+    adapter = get_model_adapter("sd3").load(model_config_name_or_path="tiny", resolution=16)
+    pipeline = adapter.make_pipeline()
+    transformer = pipeline.transformer.eval()
+    seen = record_timesteps(transformer)
+    kwargs = dict(prompt="a digit", num_inference_steps=3, guidance_scale=1.0, height=16, width=16, output_type="pt")
+    alone = pipeline(generator=torch.Generator().manual_seed(0), **kwargs).images
+    calls = len(seen)
+    timestep_map = denoiser_timestep_map(pipeline.scheduler, 1000, transformer)
+    pipeline.transformer = TimestepRouter(TimestepIntervals([(0, 499), (500, 999)]), [transformer, transformer],
+                                          timestep_map=timestep_map)
+    routed = pipeline(generator=torch.Generator().manual_seed(0), **kwargs).images
+    torch.testing.assert_close(routed, alone, rtol=0, atol=0)
+    assert len(seen) == 2 * calls == 6
