@@ -104,3 +104,4 @@ def test_a_run_given_in_epochs_resumes_under_a_cosine_schedule_exactly(tmp_path,
     assert "resuming from" in out and "checkpoint-4" in out
     assert _names(straight) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
     assert_same_tensors(load_safetensors_dir(straight / "unet"), load_safetensors_dir(resumed / "unet"))
+

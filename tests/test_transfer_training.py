@@ -503,3 +503,29 @@ def test_controlnet_diff_tuning_with_a_bank_of_its_own_samples(tmp_path):
     del args[i:i + 2]
     train_in_process(args)
     assert (out / "config.json").is_file() and "knowledge bank of 8 images" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--retention", "kd", "--bank_fraction", "0.5", "--prediction_type", "sample"],
+     r"--retention kd regresses on the pretrained model's own prediction \(epsilon\), and this run trains sample "
+     r"\(--prediction_type sample\): drop --prediction_type, or use --retention bank"),
+    (["--deme_interval", "0", "--num_clusters", "2", "--prediction_type", "v_prediction"],
+     r"DeMe's consistency loss regresses on the pretrained model's own prediction \(epsilon\), and this run trains "
+     r"v_prediction .*or pass --consistency_weight 0"),
+])
+def test_a_teacher_target_in_another_parameterisation_is_refused(tmp_path, extra, message):
+    """Diff-Tuning's distillation and DeMe's consistency loss take the pretrained model's raw output as the
+    target; an epsilon model's output is no target for a run that trains x0 or v."""
+    from trainer_utils import save_lora_base
+
+    base = save_lora_base(tmp_path / "base")
+    assert TINY_RUN[:2] == ["--model_config_name_or_path", "tiny"]  # replaced by the pretrained folder
+    run = ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN[2:], "--max_train_steps", "1",
+           "--pretrained_model_name_or_path", str(base), "--output_dir", str(tmp_path / "out"), *extra]
+    with pytest.raises(ValueError, match=message):
+        train_in_process(run)
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
+    # without the consistency loss a DeMe fine-tune reads no teacher output: it may train v
+    if "--deme_interval" in extra:
+        train_in_process([*run, "--consistency_weight", "0"])
+        assert (tmp_path / "out" / "model_index.json").is_file()

@@ -18,7 +18,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from ..schedule import NOISE_SCHEDULERS
+from ..schedule import NOISE_SCHEDULERS, resolve_prediction_type
 from .lora import attach_lora, base_copy, has_lora, load_peft_lora, save_peft_lora
 from .presets import LATENT_SCHEDULER, PIXEL_SCHEDULER, resolve_model_config
 
@@ -250,6 +250,9 @@ class ModelAdapter:
     model_type = None
     # `--pretrained_vae_model_name_or_path`, when the VAE was replaced (recorded in a LoRA output)
     pretrained_vae_model_name_or_path = None
+    # what the loaded pretrained model predicts (`resolve_prediction_type` of its own scheduler), before
+    # --prediction_type / --noise_scheduler change what the run trains; None without a pretrained scheduler
+    pretrained_target = None
     # module-name suffixes given LoRA by default; filtered to those the model has
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     # The training schedulers the type's pipeline can sample (NOISE_SCHEDULERS), the first the default
@@ -369,6 +372,8 @@ class ModelAdapter:
         scheduler = None
         if source is not None and source.has("scheduler"):
             scheduler = load_training_scheduler(source)
+        # what the pretrained model predicts (`epsilon`, `sample`, `v_prediction`, `flow`): a teacher predicts it
+        pretrained_target = None if scheduler is None else resolve_prediction_type(scheduler)
         if scheduler is None or noise_scheduler not in (None, scheduler_kind(scheduler)):
             scheduler = default_scheduler(latent, preset.get("scheduler") if preset else None,
                                           kind=noise_scheduler or cls.noise_schedulers[0], flow_shift=flow_shift)
@@ -396,6 +401,7 @@ class ModelAdapter:
         if source is not None and source.is_local:
             pretrained_model_name_or_path = os.path.abspath(pretrained_model_name_or_path)
         adapter = cls(noise_scheduler=scheduler, pretrained_model_name_or_path=pretrained_model_name_or_path, **parts)
+        adapter.pretrained_target = pretrained_target
         if source is not None and source.has("scheduler"):
             adapter.sampling_scheduler = pretrained_sampling_scheduler(source, scheduler)
         if pretrained_vae_model_name_or_path is not None:  # a LoRA output names it beside its base (see `save`)

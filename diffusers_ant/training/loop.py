@@ -513,6 +513,25 @@ def train(args) -> str:
     return args.output_dir
 
 
+def check_teacher_target(args, adapter) -> None:
+    """The teacher's output is a regression target of the student (Diff-Tuning's --retention kd, DeMe's
+    consistency loss), so both must predict the same thing: a run that trains another target than the
+    pretrained model predicts (--prediction_type, --noise_scheduler) is refused in one line."""
+    from ..schedule import resolve_prediction_type
+
+    kd = args.retention == "kd"
+    if not kd and not args.consistency_weight:
+        return  # a DeMe fine-tune without the consistency loss reads no teacher output
+    trained = resolve_prediction_type(adapter.noise_scheduler, args.prediction_type)
+    if adapter.pretrained_target is not None and trained != adapter.pretrained_target:
+        flags = " / ".join(f"--{name} {getattr(args, name)}" for name in ("prediction_type", "noise_scheduler")
+                           if getattr(args, name, None) is not None)
+        what, other = (("--retention kd", ", or use --retention bank, whose targets are images") if kd else
+                       ("DeMe's consistency loss", ", or pass --consistency_weight 0"))
+        raise ValueError(f"{what} regresses on the pretrained model's own prediction ({adapter.pretrained_target}), "
+                         f"and this run trains {trained} ({flags}): drop {flags.split(' ')[0]}{other}")
+
+
 def prepare_model(args, accelerator, adapter):
     """The frozen teacher (when an objective needs it) and the trained model's final form; returns
     `(teacher or None, FinetuneSummary)`.
@@ -528,6 +547,8 @@ def prepare_model(args, accelerator, adapter):
     weight_dtype = compute_dtype(accelerator)
     teacher = None
     needs_teacher = args.retention == "kd" or args.deme_interval is not None
+    if needs_teacher:
+        check_teacher_target(args, adapter)
     lora = args.rank is not None
     if needs_teacher and not lora:
         from .. import teacher as teachers
