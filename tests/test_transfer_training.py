@@ -529,3 +529,33 @@ def test_a_teacher_target_in_another_parameterisation_is_refused(tmp_path, extra
     if "--deme_interval" in extra:
         train_in_process([*run, "--consistency_weight", "0"])
         assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("class_map", [None, "3,7,1,0,2,4,5,6,8,9"])
+def test_distillation_rows_of_a_dit_take_the_null_class_unless_a_class_map_names_the_pretrained_ones(
+        pretrained, tmp_path, monkeypatch, class_map):
+    """The teacher reads a label row as the pretrained class it was trained on: without --class_map the
+    data set's class k is not the pretrained class k, so the distillation rows ask it for its
+    unconditional prediction (the null class, as bank rows); with a class map the labels mean the same."""
+    from diffusers_ant.training import step as step_module
+
+    seen = []
+    original = step_module.DiffusionObjective.prepare
+
+    def recording(self, batch, generator, chunk_size=None):
+        prepared = original(self, batch, generator, chunk_size)
+        seen.append((prepared["task_ids"].clone(), prepared["conditioning"]["class_labels"].clone()))
+        return prepared
+
+    monkeypatch.setattr(step_module.DiffusionObjective, "prepare", recording)
+    extra = ["--class_map", class_map] if class_map else []
+    train_in_process(_run(pretrained, tmp_path / "kd", "--retention", "kd", "--bank_fraction", "0.5",
+                          "--max_train_steps", "3", "--num_clusters", "1", *extra))
+    retention = torch.cat([labels[task_ids == 1] for task_ids, labels in seen])
+    assert retention.numel() == 3 * 4
+    null_class = 10
+    if class_map is None:
+        assert torch.all(retention == null_class)
+    else:
+        assert (retention != null_class).float().mean() > 0.75  # the mapped rows (DiT's 10% label dropout aside)

@@ -18,7 +18,8 @@ def build_sources(args, intervals, num_timesteps, sampler):
       (knowledge-bank images, or downstream images with the frozen model's prediction as target in
       the distillation variant) draw t proportional to (T - t)^a, favouring low noise, and their loss
       is weighted by lambda (`--bank_weight`). Bank images train the unconditional branch (null class,
-      empty prompt) as the authors do, unless `--bank_keep_prompts`.
+      empty prompt) as the authors do, unless `--bank_keep_prompts`; a DiT's distillation rows train
+      the null class too, unless `--class_map` names the pretrained class of each data-set class.
     * DeMe (Sec. 3): the data draws t in interval i, or in the whole range with probability
       `--deme_global_prob` (a coin per micro-batch, or per sample; `--deme_antithetic` pairs t with
       lo + hi - t), and adds the consistency loss against the frozen pretrained model."""
@@ -31,7 +32,13 @@ def build_sources(args, intervals, num_timesteps, sampler):
         retention = retention_sampler(num_timesteps, args.retention_exponent)
         data = Source("data", reconsolidation)
         if args.retention == "kd":
-            return [data, Source("retention", retention, weight=args.bank_weight, target="teacher")]
+            # A DiT's data-set classes train label rows the pretrained model knows as other classes (rows
+            # 0..K-1 of its table, or new rows): its prediction for those labels is no knowledge of these
+            # images. The distillation rows take the null class, as bank rows do, unless --class_map says
+            # which pretrained class each data-set class is. (Captions mean the same to the teacher.)
+            null_class = args.model_type == "dit" and getattr(args, "class_map", None) is None
+            return [data, Source("retention", retention, weight=args.bank_weight, target="teacher",
+                                 null_condition=null_class)]
         return [data, Source("bank", retention, weight=args.bank_weight, null_condition=not args.bank_keep_prompts)]
     if args.deme_interval is not None:
         start, end = intervals.bounds[args.deme_interval]
