@@ -106,17 +106,28 @@ def _scheduler_timestep_map(scheduler, num_timesteps, sigma_input: bool = False)
     return nearest_timestep_map(table.double() / train_steps if sigma_input else table)
 
 
-def denoiser_timestep_map(scheduler, num_timesteps, model):
+def denoiser_timestep_map(scheduler, num_timesteps, model, training_scheduler=None):
     """The `timestep_map` of a router / LoRA ensemble over ``model`` sampled by ``scheduler``'s pipeline: None
     for DDPM-family schedulers (training indices), else the nearest index by the timestep ``model`` receives
-    (``sigma * 1000``, or the sigma itself for Flux and Qwen-Image, whose pipelines divide by 1000)."""
+    (``sigma * 1000``, or the sigma itself for Flux and Qwen-Image, whose pipelines divide by 1000) in the
+    table of ``training_scheduler`` (default: ``scheduler``'s own).
+
+    A FLUX.1 pipeline's dynamic-shift scheduler holds the unshifted table, while the run trained (and its
+    intervals index) the table shifted for its training resolution (`models.flux.routing_scheduler`): its
+    training scheduler must be given, or a sigma would be routed to another interval's model."""
     from .models.families import denoiser_takes_sigma
     from .schedule import is_flow_matching
 
     if not is_flow_matching(scheduler):
         return None
-
-    return _scheduler_timestep_map(scheduler, num_timesteps, sigma_input=denoiser_takes_sigma(model))
+    if training_scheduler is None:
+        flux = any(cls.__name__ == "FluxTransformer2DModel" for cls in type(model).__mro__)
+        if flux and scheduler.config.get("use_dynamic_shifting", False):
+            raise ValueError("a FLUX.1 model trains on the sigmas its dynamic shift gives at its training resolution, "
+                             "which the pipeline's scheduler does not record: pass the training scheduler "
+                             "(models.flux.routing_scheduler(pipeline, resolution)), or train with --flow_shift")
+        training_scheduler = scheduler
+    return _scheduler_timestep_map(training_scheduler, num_timesteps, sigma_input=denoiser_takes_sigma(model))
 
 
 def _take(value, index, batch_size):

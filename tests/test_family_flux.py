@@ -344,3 +344,36 @@ def test_a_resume_may_not_change_the_trained_guidance():
                             "checkpoint-2")
     assert check_resume_config({"model_type": "sd", "guidance_scale": 3.5}, {"model_type": "sd", "guidance_scale": 1.0},
                                "checkpoint-2") == ["--guidance_scale: 3.5 -> 1.0"]
+
+
+def test_routing_maps_a_flux_sigma_to_the_training_index_of_the_shifted_table(tmp_path):
+    """A FLUX.1 run at 256 pixels trains on the sigma table its dynamic shift gives there (shift e^mu, about
+    3.2), while the pipeline's scheduler holds the unshifted one: a router must map each sigma the pipeline
+    passes through the training table, or sigma 0.76 (trained at index 499) lands at index 759, in another
+    interval's model. Without the training resolution the map is refused in one line."""
+    from types import SimpleNamespace
+
+    from diffusers_ant.deme.ensemble import _training_resolution, routing_scheduler
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.models.flux import training_scheduler
+    from diffusers_ant.routing import denoiser_timestep_map
+    from diffusers_ant.schedule import model_timesteps
+
+    adapter = get_model_adapter("flux").load(model_config_name_or_path="tiny", resolution=16)
+    pipeline = adapter.make_pipeline()
+    assert pipeline.scheduler.config.use_dynamic_shifting
+    trained = training_scheduler(pipeline.scheduler, 256 // adapter.vae_scale_factor(pipeline.vae))
+    indices = torch.tensor([100, 300, 499, 500, 700, 900])
+    sigmas = model_timesteps(trained, indices).double() / 1000  # what FluxPipeline passes its transformer
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "training_config.json").write_text('{"resolution": 256}')
+    info = _training_resolution([SimpleNamespace(path=str(tmp_path / "a"))])
+    assert info == {"training_resolution": 256}
+    timestep_map = denoiser_timestep_map(pipeline.scheduler, 1000, pipeline.transformer,
+                                         training_scheduler=routing_scheduler(pipeline, info))
+    assert torch.equal(timestep_map(sigmas), indices)
+    unshifted = denoiser_timestep_map(pipeline.scheduler, 1000, pipeline.transformer,
+                                      training_scheduler=pipeline.scheduler)
+    assert int(unshifted(sigmas)[2]) > 700  # the old map: index 499's sigma read on the unshifted table
+    with pytest.raises(ValueError, match="trains on the sigmas its dynamic shift gives at its training resolution"):
+        denoiser_timestep_map(pipeline.scheduler, 1000, pipeline.transformer)

@@ -156,7 +156,7 @@ def run_affinity(args):
 
 
 def run_ntg(args):
-    from diffusers_ant.analysis.common import load_denoiser
+    from diffusers_ant.analysis.common import load_denoiser, training_routing_scheduler
     from diffusers_ant.routing import check_same_schedule
     from diffusers_ant.analysis.ntg import describe, interval_from_folder, load_intervals, negative_transfer_gap
 
@@ -173,7 +173,8 @@ def run_ntg(args):
     result = negative_transfer_gap(base_pipeline, models, intervals, reference, num_samples=args.num_samples,
                                    scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
                                    batch_size=args.batch_size, seed=args.seed, names=args.interval_models,
-                                   progress=not args.no_progress, interval_schedulers=schedulers)
+                                   progress=not args.no_progress, interval_schedulers=schedulers,
+                                   training_scheduler=training_routing_scheduler(base_pipeline, args.interval_models))
     result["base_model"] = args.base
     print(describe(result))
     _write_json(args.output, result)
@@ -185,7 +186,7 @@ def run_ntg(args):
 
 
 def run_forgetting(args):
-    from diffusers_ant.analysis.common import load_denoiser
+    from diffusers_ant.analysis.common import load_denoiser, training_routing_scheduler
     from diffusers_ant.routing import check_same_schedule
     from diffusers_ant.analysis.forgetting import chain_of_forgetting, describe, parse_fractions
 
@@ -198,7 +199,8 @@ def run_forgetting(args):
     result = chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, num_samples=args.num_samples,
                                  scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
                                  batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
-                                 pretrained_scheduler=pretrained_pipeline.scheduler)
+                                 pretrained_scheduler=pretrained_pipeline.scheduler,
+                                 training_scheduler=training_routing_scheduler(finetuned_pipeline, [args.finetuned]))
     result.update(finetuned_model=args.finetuned, pretrained_model=args.pretrained)
     print(describe(result))
     _write_json(args.output, result)

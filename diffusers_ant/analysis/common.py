@@ -63,6 +63,24 @@ def load_denoiser(folder: str, flag: str = "--model"):
     return pipeline, denoiser
 
 
+def training_routing_scheduler(pipeline, folders):
+    """What `routing.denoiser_timestep_map` needs beside ``pipeline``'s scheduler: for a FLUX.1 pipeline, the
+    training table at the ``resolution`` the first of ``folders`` with a ``training_config.json`` trained at
+    (`models.flux.routing_scheduler`); None for every other pipeline (its own scheduler's table)."""
+    if type(pipeline).__name__ != "FluxPipeline":
+        return None
+    from ..models.flux import routing_scheduler
+
+    for folder in folders:
+        path = os.path.join(folder, "training_config.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                resolution = json.load(f).get("resolution")
+            if resolution is not None:
+                return routing_scheduler(pipeline, resolution)
+    return routing_scheduler(pipeline, None)
+
+
 def expand_checkpoints(paths) -> list:
     """Checkpoint / model folders from the command line, globs expanded (`run/checkpoint-*`),
     checkpoint-N folders sorted by step, duplicates dropped."""

@@ -51,7 +51,7 @@ def forgetting_router(finetuned, pretrained, fraction: float, num_timesteps: int
 
 def chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, num_samples=1000, scheduler="ddim",
                         num_inference_steps=50, batch_size=256, seed=0, progress=True, return_images=False,
-                        pretrained_scheduler=None) -> dict:
+                        pretrained_scheduler=None, training_scheduler=None) -> dict:
     """The chain-of-forgetting curve: metrics of the fine-tuned domain for each fraction f.
 
     Args:
@@ -63,6 +63,8 @@ def chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, nu
         pretrained_scheduler: the pretrained model's training scheduler; it must match the fine-tuned
             pipeline's (`diffusers_ant.routing.check_same_schedule`), checked before any sampling.
             None: not checked (the caller vouches for it).
+        training_scheduler: the scheduler whose training table the split index refers to, where the
+            pipeline's is not it (a FLUX.1 pipeline's dynamic shift: `models.flux.routing_scheduler`).
 
     Returns `{"points": [{"fraction", "split_timestep", "fid", ...metrics}], ...}`.
     """
@@ -76,7 +78,7 @@ def chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, nu
         check_same_schedule([finetuned_pipeline.scheduler, pretrained_scheduler], ["the fine-tuned model", "the pretrained model"])
     T = num_train_timesteps(finetuned_pipeline.scheduler)
     finetuned = getattr(finetuned_pipeline, denoiser_name(finetuned_pipeline))
-    timestep_map = denoiser_timestep_map(finetuned_pipeline.scheduler, T, finetuned)
+    timestep_map = denoiser_timestep_map(finetuned_pipeline.scheduler, T, finetuned, training_scheduler=training_scheduler)
     points, images = [], []
     for f in fractions:
         router = forgetting_router(finetuned, pretrained, f, T, timestep_map)

@@ -84,7 +84,7 @@ def swap_in_router(base, specialist, interval, num_timesteps, timestep_map=None,
 
 def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, num_samples=1000, scheduler="ddim",
                           num_inference_steps=50, batch_size=256, seed=0, names=None, progress=True,
-                          interval_schedulers=None) -> dict:
+                          interval_schedulers=None, training_scheduler=None) -> dict:
     """The negative transfer gap of each interval model.
 
     Args:
@@ -96,6 +96,8 @@ def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, 
         interval_schedulers: the interval models' training schedulers (e.g. their pipelines'); each
             must match the base pipeline's (`diffusers_ant.routing.check_same_schedule`), checked
             before anything is sampled. None: not checked (the caller vouches for them).
+        training_scheduler: the scheduler whose training table the intervals index, where the pipeline's
+            is not it (a FLUX.1 pipeline's dynamic shift: `models.flux.routing_scheduler`). None: the pipeline's.
 
     Returns `{"base": metrics, "intervals": [{"interval", "name", "ntg", "fid", ...metrics}], ...}`.
     """
@@ -114,7 +116,8 @@ def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, 
         check_same_schedule([base_pipeline.scheduler, *interval_schedulers], ["the base model", *names])
     T = num_train_timesteps(base_pipeline.scheduler)
     base = getattr(base_pipeline, denoiser_name(base_pipeline))
-    timestep_map = denoiser_timestep_map(base_pipeline.scheduler, T, base)  # what the pipeline passes -> indices
+    # what the pipeline passes -> training indices (a FLUX.1 run's table: `training_scheduler`, see routing)
+    timestep_map = denoiser_timestep_map(base_pipeline.scheduler, T, base, training_scheduler=training_scheduler)
     common = {"scheduler": scheduler, "num_inference_steps": num_inference_steps, "batch_size": batch_size,
               "seed": seed, "progress": progress}
 

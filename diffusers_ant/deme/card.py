@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..hub import is_hub_id
+from .finetunes import training_configs
 
 __all__ = ["DEME_TEMPLATE_NAME", "write_deme_model_card"]
 
@@ -52,17 +53,6 @@ def _shown(path: str | None) -> str:
     return f"`{Path(path).name}`"
 
 
-def _training_configs(finetunes) -> list:
-    """Each fine-tune's ``training_config.json`` (an empty dict where there is none)."""
-    import json
-
-    configs = []
-    for finetune in finetunes:
-        path = Path(finetune.path) / "training_config.json"
-        configs.append(json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {})
-    return configs
-
-
 def _common(configs, key):
     """The value all fine-tunes recorded for ``key``; ``None`` when some did not record it, ``"varies"``
     when they disagree."""
@@ -76,7 +66,7 @@ def training_lines(finetunes, projection: bool) -> list:
     """What the card says about how the fine-tunes were trained, from their own records (never a
     loss or setting the runs did not use): consistency loss, probabilistic sampling, projection,
     optimiser, EMA, steps."""
-    configs = _training_configs(finetunes)
+    configs = training_configs(finetunes)
     if not any(configs):
         return ["The fine-tunes' training settings were not recorded (no `training_config.json`)."]
     lines = []

@@ -66,6 +66,24 @@ def ensemble_intervals(finetunes, num_timesteps: int):
     return TimestepIntervals(bounds, num_timesteps, metadata={"deme": "ensemble"}), members
 
 
+def _training_resolution(finetunes) -> dict:
+    """``{"training_resolution": pixels}`` when the fine-tunes record one resolution: a FLUX.1 pipeline's
+    dynamic shift trains a sigma table that depends on it, and routing needs that table (`routing_scheduler`)."""
+    from .finetunes import training_configs
+
+    found = {config.get("resolution") for config in training_configs(finetunes)} - {None}
+    return {"training_resolution": found.pop()} if len(found) == 1 else {}
+
+
+def routing_scheduler(pipeline, info: dict):
+    """The scheduler whose table a router over the saved ensemble maps timesteps into (None: the pipeline's)."""
+    if type(pipeline).__name__ != "FluxPipeline":
+        return None
+    from ..models.flux import routing_scheduler as flux_routing_scheduler
+
+    return flux_routing_scheduler(pipeline, info.get("training_resolution"))
+
+
 def write_ensemble(base_pipeline, finetunes, models, output_dir: str, num_timesteps: int) -> dict:
     """Write the ensemble folder (module docstring) of ``models`` (one denoiser per fine-tune, in
     the order of ``finetunes``) over ``base_pipeline``; return the JSON it wrote."""
@@ -94,6 +112,7 @@ def write_ensemble(base_pipeline, finetunes, models, output_dir: str, num_timest
         "intervals": intervals.to_dict(),
         "members": names,
         "sources": [finetune.path for finetune in finetunes],
+        **_training_resolution(finetunes),
     }
     with open(os.path.join(output_dir, ENSEMBLE_CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
@@ -120,6 +139,7 @@ def write_lora_ensemble(base_pipeline, finetunes, output_dir: str, num_timesteps
         "intervals": intervals.to_dict(),
         "members": [BASE_MEMBER if member is None else member_names[member] for member in members],
         "sources": [finetune.path for finetune in finetunes],
+        **_training_resolution(finetunes),
     }
     with open(os.path.join(output_dir, ENSEMBLE_CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
@@ -160,6 +180,7 @@ def attach_saved_ensemble(pipeline, folder: str):
     # flow-matching pipelines pass sigma * 1000 (Flux, Qwen-Image: sigma), not training indices
     from ..routing import denoiser_timestep_map
 
-    timestep_map = denoiser_timestep_map(pipeline.scheduler, intervals.num_timesteps, base_model)
+    timestep_map = denoiser_timestep_map(pipeline.scheduler, intervals.num_timesteps, base_model,
+                                         training_scheduler=routing_scheduler(pipeline, info))
     setattr(pipeline, component, TimestepRouter(intervals, models, timestep_map=timestep_map))
     return pipeline

@@ -293,3 +293,8 @@ def align_channel_projections(models) -> bool:
         add_channel_projection(model)
         set_skip_mode(model, legacy)
     return True
+
+
+def training_configs(finetunes) -> list:
+    """Each fine-tune's ``training_config.json`` (an empty dict where there is none)."""
+    return [_read_json(os.path.join(finetune.path, TRAINING_CONFIG_NAME)) or {} for finetune in finetunes]

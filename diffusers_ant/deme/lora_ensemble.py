@@ -186,7 +186,10 @@ def attach_lora_ensemble(pipeline, folder: str, info: dict):
     from ..routing import denoiser_timestep_map
 
     # flow-matching pipelines pass sigma * 1000 (Flux, Qwen-Image: sigma): map by what this denoiser receives
-    timestep_map = denoiser_timestep_map(pipeline.scheduler, intervals.num_timesteps, model)
+    from .ensemble import routing_scheduler
+
+    timestep_map = denoiser_timestep_map(pipeline.scheduler, intervals.num_timesteps, model,
+                                         training_scheduler=routing_scheduler(pipeline, info))
     pipeline.lora_ensemble = LoraTimestepSwitch(model, intervals, adapters, projection_states if any_projection else None,
                                                 timestep_map=timestep_map)
     return pipeline

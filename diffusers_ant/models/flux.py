@@ -112,6 +112,19 @@ def training_scheduler(scheduler, latent_size: int, flow_shift=None):
     return _copy_scheduler(scheduler, shift=float(mu if linear else math.exp(mu)), use_dynamic_shifting=False)
 
 
+def routing_scheduler(pipeline, resolution=None):
+    """The scheduler whose training sigmas a router over ``pipeline``'s FLUX.1 transformer must map to training
+    indices: the training table at ``resolution`` (the run's ``--resolution``) for a dynamic-shift scheduler,
+    whose own table is unshifted while the run trained on the one shifted for its resolution; the pipeline's
+    scheduler itself otherwise. None where the shift depends on a resolution that is not known."""
+    scheduler = pipeline.scheduler
+    if not scheduler.config.get("use_dynamic_shifting", False):
+        return scheduler
+    if resolution is None:
+        return None
+    return training_scheduler(scheduler, int(resolution) // FluxAdapter.vae_scale_factor(pipeline.vae))
+
+
 class FluxAdapter(ModelAdapter):
     model_type = "flux"
     pipeline_classes = ("FluxPipeline",)
