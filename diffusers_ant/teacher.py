@@ -33,13 +33,14 @@ from typing import Optional
 import torch
 
 
-def make_teacher(adapter, dtype: torch.dtype = torch.float32, autocast=None, lora: bool = False):
+def make_teacher(adapter, dtype: torch.dtype = torch.float32, autocast=None, lora: bool = False,
+                 cast_inputs: bool = False):
     """The teacher of a run: `AdapterDisabledTeacher(adapter)` when the run trains a LoRA (`lora=True`;
     build it any time, it reads the student when it predicts), else `FrozenTeacher(adapter, dtype)`
     (build it before anything changes the student). See the module docstring."""
     if lora:
         return AdapterDisabledTeacher(adapter, autocast=autocast)
-    return FrozenTeacher(adapter, dtype, autocast=autocast)
+    return FrozenTeacher(adapter, dtype, autocast=autocast, cast_inputs=cast_inputs)
 
 
 def _predict_in_chunks(adapter, model, x_t, model_t, conditioning, chunk_size):
@@ -124,19 +125,26 @@ class FrozenTeacher:
         dtype: the weight dtype (float32, or the low precision of `--mixed_precision`).
         autocast: a context-manager factory the predictions run under (e.g. `accelerator.autocast`),
             needed when the teacher's weights are in low precision and its inputs are float32.
+        cast_inputs: cast the inputs to the weights' dtype instead, for a run with low-precision weights
+            and no autocast (DeepSpeed: its engine casts the student and Accelerate's autocast is off;
+            the student gets the same forward pre-hook, `deepspeed_support.cast_inputs_to_parameter_dtype`).
     """
 
     shares_student = False
 
-    def __init__(self, adapter, dtype: torch.dtype = torch.float32, autocast=None):
+    def __init__(self, adapter, dtype: torch.dtype = torch.float32, autocast=None, cast_inputs: bool = False):
         from .training.precision import cast_frozen_parameters
 
         self.adapter = adapter
-        self.model = copy.deepcopy(adapter.model)
+        self.model = copy.deepcopy(adapter.model)  # (a copy keeps no forward hook of the student's: none is set yet)
         self.model.requires_grad_(False)
         self.model.eval()
         cast_frozen_parameters(self.model, dtype)
         self.autocast = autocast or contextlib.nullcontext
+        if cast_inputs:
+            from .training.deepspeed_support import cast_inputs_to_parameter_dtype
+
+            cast_inputs_to_parameter_dtype(self.model)
 
     def to(self, device) -> "FrozenTeacher":
         """Move the teacher to `device` (its dtype stays)."""

@@ -559,3 +559,23 @@ def test_distillation_rows_of_a_dit_take_the_null_class_unless_a_class_map_names
         assert torch.all(retention == null_class)
     else:
         assert (retention != null_class).float().mean() > 0.75  # the mapped rows (DiT's 10% label dropout aside)
+
+
+def test_a_low_precision_teacher_without_autocast_casts_its_inputs():
+    """Under DeepSpeed with bf16 Accelerate's autocast is off and the frozen copy is in bf16: float32 inputs
+    met bf16 weights ("Input type (float) and bias type (c10::BFloat16) should be the same") at the first
+    distillation step. The teacher casts them as the student's pre-hook does, and predicts what the bf16
+    copy predicts on bf16 inputs."""
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.teacher import make_teacher
+
+    torch.manual_seed(0)
+    adapter = get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1)
+    x_t, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 500])
+    with pytest.raises(RuntimeError, match="should be the same"):
+        make_teacher(adapter, torch.bfloat16).predict(x_t, t, {})
+    teacher = make_teacher(adapter, torch.bfloat16, cast_inputs=True)
+    prediction = teacher.predict(x_t, t, {})
+    assert prediction.dtype == torch.float32 and torch.isfinite(prediction).all()
+    by_hand = teacher.model(x_t.to(torch.bfloat16), t).sample.float()
+    torch.testing.assert_close(prediction, by_hand, rtol=0, atol=0)

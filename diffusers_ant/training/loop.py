@@ -554,7 +554,10 @@ def prepare_model(args, accelerator, adapter):
         from .. import teacher as teachers
 
         # full fine-tuning, BitFit, DiffFit move the base weights: a frozen copy, taken now
-        teacher = teachers.make_teacher(adapter, weight_dtype, autocast=accelerator.autocast).to(accelerator.device)
+        # (DeepSpeed runs no autocast: a low-precision copy casts its inputs, as the student does)
+        low_precision_without_autocast = is_deepspeed(accelerator) and weight_dtype != torch.float32
+        teacher = teachers.make_teacher(adapter, weight_dtype, autocast=accelerator.autocast,
+                                        cast_inputs=low_precision_without_autocast).to(accelerator.device)
     if lora:
         prepare_quantized_for_lora(adapter.model)  # --quantize_base: peft's k-bit preparation, as diffusers' scripts
         adapter.add_lora(args.rank, alpha=args.lora_alpha, target_modules=_lora_layers(args))
