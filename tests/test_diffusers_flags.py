@@ -79,6 +79,20 @@ def test_flags_that_need_a_package_or_a_model_type_fail_in_one_line(extra, needl
     assert len(err.splitlines()) == 1 and needle in err, err
 
 
+def test_default_validation_prompts_take_one_caption_of_a_list():
+    """A caption column of lists (diffusers' scripts draw one per sample): the validation prompts are strings,
+    the first caption of each row; a list handed to the pipeline was encoded as a text pair or refused."""
+    import datasets
+
+    from diffusers_ant.training import parse_args
+    from diffusers_ant.training.loop import default_validation_inputs
+
+    dataset = datasets.Dataset.from_dict({"text": [["a red cat", "a cat on a mat"], ["a dog"], ["a bird", "an owl"]]})
+    args = parse_args(["--model_type", "sd", "--dataset_name", "mnist5k_captions", "--num_validation_images", "4"])
+    inputs = default_validation_inputs(args, dataset, {"caption_column": "text"})
+    assert inputs["prompts"] == ["a red cat", "a dog", "a bird", "a red cat"]
+
+
 def test_lr_cycles_and_power_reach_the_scheduler():
     """--lr_scheduler polynomial --lr_power 2 decays quadratically; cosine_with_restarts restarts."""
     from diffusers_ant.training import parse_args
