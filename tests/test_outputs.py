@@ -129,3 +129,28 @@ def test_outputs_name_no_path_of_this_machine_and_a_new_controlnet_lora_learns_i
 
     for folder in (sd, lora, full):
         assert _absolute_paths_in(folder, _machine_paths(tmp_path)) == []
+
+
+def test_a_full_save_over_an_earlier_lora_output_loads_as_the_full_model(tmp_path):
+    """A LoRA run, then a full fine-tune, saved into one --output_dir: `load_pipeline` read the earlier
+    run's ant_lora.json first and returned the old LoRA on its base. The full save now removes the earlier
+    output's records, and the folder loads as the model just saved."""
+    from diffusers_ant.models import get_model_adapter, load_pipeline
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1).save(str(base))
+    out = tmp_path / "out"
+    lora = get_model_adapter("unet").load(pretrained_model_name_or_path=str(base))
+    lora.add_lora(4)
+    lora.save(str(out), lora=True)
+    assert (out / "ant_lora.json").is_file()
+    full = get_model_adapter("unet").load(pretrained_model_name_or_path=str(base))
+    with torch.no_grad():
+        for p in full.model.parameters():
+            p.add_(0.1)  # "trained": differs from the base everywhere
+    full.save(str(out))
+    assert not (out / "ant_lora.json").exists()
+    loaded = load_pipeline(str(out)).unet
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name

@@ -26,6 +26,7 @@ LORA_INFO_NAME = "ant_lora.json"
 # A ControlNet output (the ControlNetModel at the folder's root, as diffusers' train_controlnet.py
 # saves it) names its base Stable Diffusion pipeline in this file.
 CONTROLNET_INFO_NAME = "ant_controlnet.json"
+CLASS_MAP_NAME = "class_map.json"  # a DiT's data-set classes -> label rows (models/dit.py)
 # Where an output folder carries its own base pipeline (a base trained from scratch, which no Hub
 # id or other folder holds).
 BASE_MODEL_DIR = "base_model"
@@ -856,11 +857,15 @@ class ModelAdapter:
         the model type and the base pipeline (a Hub id, or its path relative to ``output_dir``: the
         folder may be published), and, when the trained module did not come from a pretrained folder
         (training from scratch), that base pipeline in ``output_dir/base_model``.
+
+        Records of another kind of output left in ``output_dir`` by an earlier run are removed first
+        (`remove_output_records`): `load_pipeline` reads them before ``model_index.json``.
         """
         from ..hub import portable_path
 
         model = model if model is not None else self.model  # pass the unwrapped (or EMA) module
         os.makedirs(output_dir, exist_ok=True)
+        remove_output_records(output_dir)
         if not lora:
             if has_lora(model):
                 model = base_copy(model, merge=True)
@@ -968,6 +973,20 @@ def batch_rows(batch: dict) -> int:
     """Rows of a data batch: its pixels, or its cached latents (``--cache_latents``)."""
     values = batch["pixel_values"] if "pixel_values" in batch else batch["latent_moments"]
     return values.shape[0]
+
+
+# The records that make `load_pipeline` read a folder as a LoRA output, a ControlNet output or a class-mapped
+# DiT (before its model_index.json); each save writes again those that apply to it.
+OUTPUT_RECORD_NAMES = (LORA_INFO_NAME, CONTROLNET_INFO_NAME, CLASS_MAP_NAME)
+
+
+def remove_output_records(output_dir: str) -> None:
+    """Remove the output records (`OUTPUT_RECORD_NAMES`) an earlier run left in ``output_dir``: a full
+    fine-tune saved where a LoRA run had saved was otherwise loaded as the old LoRA on its base."""
+    for name in OUTPUT_RECORD_NAMES:
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 def packed_sample_size(resolution: int, vae_scale: int, family: str) -> int:

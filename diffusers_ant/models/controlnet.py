@@ -37,7 +37,8 @@ naming the Stable Diffusion base instead of copying it.
 import json
 import os
 
-from .base import BASE_MODEL_DIR, CONTROLNET_INFO_NAME, PretrainedSource, prompt_arguments, repeat_to, resolve_recorded_base
+from .base import (BASE_MODEL_DIR, CONTROLNET_INFO_NAME, PretrainedSource, prompt_arguments, remove_output_records,
+                   repeat_to, resolve_recorded_base)
 from .lora import base_copy, has_lora
 from .sd import StableDiffusionAdapter
 
@@ -236,6 +237,8 @@ class ControlNetAdapter(StableDiffusionAdapter):
         if lora:
             return super().save(output_dir, model, lora=True)
         model = model if model is not None else self.model
+        os.makedirs(output_dir, exist_ok=True)
+        remove_output_records(output_dir)
         self._save_controlnet_output(output_dir, base_copy(model, merge=True) if has_lora(model) else model)
 
     def _save_base_copy(self, folder, base_model):

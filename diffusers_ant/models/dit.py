@@ -30,10 +30,9 @@ import torch
 import json
 import os
 
-from .base import ModelAdapter, _copy_scheduler, check_class_labels, repeat_to
+from .base import CLASS_MAP_NAME, ModelAdapter, _copy_scheduler, check_class_labels, repeat_to
 
 # Beside a saved pipeline: which pretrained label row each data-set class trained (see the module docstring).
-CLASS_MAP_NAME = "class_map.json"
 # DiT's initialisation of its label table (Peebles & Xie, facebookresearch/DiT models.py
 # initialize_weights: normal, std 0.02), for rows a grown table adds.
 LABEL_TABLE_INIT_STD = 0.02
