@@ -512,6 +512,10 @@ def test_controlnet_diff_tuning_with_a_bank_of_its_own_samples(tmp_path):
     (["--deme_interval", "0", "--num_clusters", "2", "--prediction_type", "v_prediction"],
      r"DeMe's consistency loss regresses on the pretrained model's own prediction \(epsilon\), and this run trains "
      r"v_prediction .*or pass --consistency_weight 0"),
+    # not a teacher, the same mismatch: a LoRA output is sampled with its base's (epsilon) scheduler
+    (["--rank", "4", "--prediction_type", "v_prediction"],
+     r"a LoRA output samples with its base's scheduler, which predicts epsilon, and this run trains v_prediction "
+     r"\(--prediction_type v_prediction\): drop --prediction_type, or train the whole model"),
 ])
 def test_a_teacher_target_in_another_parameterisation_is_refused(tmp_path, extra, message):
     """Diff-Tuning's distillation and DeMe's consistency loss take the pretrained model's raw output as the

@@ -522,23 +522,45 @@ def train(args) -> str:
     return args.output_dir
 
 
+def _changed_target(args, adapter):
+    """(what this run trains, the flags that changed it) when that differs from what the loaded pretrained
+    model predicts (`--prediction_type`, `--noise_scheduler`); None otherwise."""
+    from ..schedule import resolve_prediction_type
+
+    trained = resolve_prediction_type(adapter.noise_scheduler, args.prediction_type)
+    if adapter.pretrained_target is None or trained == adapter.pretrained_target:
+        return None
+    flags = " / ".join(f"--{name} {getattr(args, name)}" for name in ("prediction_type", "noise_scheduler")
+                       if getattr(args, name, None) is not None)
+    return trained, flags
+
+
 def check_teacher_target(args, adapter) -> None:
     """The teacher's output is a regression target of the student (Diff-Tuning's --retention kd, DeMe's
     consistency loss), so both must predict the same thing: a run that trains another target than the
     pretrained model predicts (--prediction_type, --noise_scheduler) is refused in one line."""
-    from ..schedule import resolve_prediction_type
-
     kd = args.retention == "kd"
     if not kd and not args.consistency_weight:
         return  # a DeMe fine-tune without the consistency loss reads no teacher output
-    trained = resolve_prediction_type(adapter.noise_scheduler, args.prediction_type)
-    if adapter.pretrained_target is not None and trained != adapter.pretrained_target:
-        flags = " / ".join(f"--{name} {getattr(args, name)}" for name in ("prediction_type", "noise_scheduler")
-                           if getattr(args, name, None) is not None)
+    changed = _changed_target(args, adapter)
+    if changed is not None:
+        trained, flags = changed
         what, other = (("--retention kd", ", or use --retention bank, whose targets are images") if kd else
                        ("DeMe's consistency loss", ", or pass --consistency_weight 0"))
         raise ValueError(f"{what} regresses on the pretrained model's own prediction ({adapter.pretrained_target}), "
                          f"and this run trains {trained} ({flags}): drop {flags.split(' ')[0]}{other}")
+
+
+def check_lora_target(args, adapter) -> None:
+    """A LoRA output is its adapters over the base pipeline, which `load_pipeline` (and the card's snippet)
+    samples with the base's own scheduler: a LoRA trained on another target than the base predicts would be
+    sampled as the base's, so it is refused in one line (a whole-model save carries its scheduler)."""
+    changed = _changed_target(args, adapter) if args.rank is not None else None
+    if changed is not None:
+        trained, flags = changed
+        raise ValueError(f"a LoRA output samples with its base's scheduler, which predicts {adapter.pretrained_target}, "
+                         f"and this run trains {trained} ({flags}): drop {flags.split(' ')[0]}, or train the whole "
+                         "model (without --rank)")
 
 
 def prepare_model(args, accelerator, adapter):
@@ -558,6 +580,7 @@ def prepare_model(args, accelerator, adapter):
     needs_teacher = args.retention == "kd" or args.deme_interval is not None
     if needs_teacher:
         check_teacher_target(args, adapter)
+    check_lora_target(args, adapter)
     lora = args.rank is not None
     if needs_teacher and not lora:
         from .. import teacher as teachers
