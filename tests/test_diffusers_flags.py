@@ -309,3 +309,30 @@ def test_a_run_resumes_under_another_exact_task_gradient_engine_but_not_last_lay
                                "out/checkpoint-10") == ["--task_gradients: 'retain_graph' -> 'batched'"]
     with pytest.raises(ValueError, match="--task_gradients was 'split' .* is 'last_layers' now"):
         check_resume_config(old, {**old, "task_gradients": "last_layers"}, "out/checkpoint-10")
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_ema_over_low_precision_parameters_keeps_float32_shadow_weights(foreach):
+    """DeepSpeed with bf16 casts the trained parameters themselves to bf16: an EMA cloned from them was kept
+    in bf16, where (1 - decay) times a small difference rounds away. make_ema keeps float32 shadow weights,
+    which follow the EMA of the same (bf16-valued) weights computed in float32 exactly, where a bf16 EMA lags."""
+    import argparse
+
+    from diffusers.training_utils import EMAModel
+
+    from diffusers_ant.training.ema import make_ema
+
+    args = argparse.Namespace(ema_max_decay=0.9999, ema_inv_gamma=1.0, ema_power=2 / 3, foreach_ema=foreach)
+    weights = torch.nn.Parameter(torch.zeros(16, dtype=torch.bfloat16))
+    ema = make_ema(args, [weights])
+    reference = EMAModel([weights.detach().float()], decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
+    in_bf16 = EMAModel([weights], decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
+    for step in range(1, 3001):
+        with torch.no_grad():
+            weights.copy_(torch.full((16,), step * 1e-3))  # steady drift, as training moves the weights
+        for e in (ema, reference, in_bf16):
+            e.step([weights])
+    assert ema.shadow_params[0].dtype == torch.float32
+    torch.testing.assert_close(ema.shadow_params[0], reference.shadow_params[0], rtol=0, atol=0)
+    moved, lagging = float(ema.shadow_params[0][0]), float(in_bf16.shadow_params[0][0])
+    assert moved > 2.0 and lagging < 0.8 * moved, (moved, lagging)

@@ -7,6 +7,21 @@ import contextlib
 import torch
 
 
+def make_ema(args, params):
+    """diffusers' `EMAModel` over `params`, with its shadow weights in float32.
+
+    Under DeepSpeed with bf16 / fp16 the engine casts the trained parameters themselves to the low precision
+    (its float32 master copy lives in the optimizer): an EMA cloned from them would be kept, and updated, in
+    bf16, where an update of (1 - decay) times a small difference rounds away and the EMA lags far behind
+    the weights. diffusers' scripts build their EMA from a float32 model; the shadow weights here are float32
+    copies (`EMAModel.step` then subtracts in float32, `copy_to` casts back into the parameters)."""
+    from diffusers.training_utils import EMAModel
+
+    shadow = [p if p.dtype == torch.float32 or not p.is_floating_point() else p.detach().float() for p in params]
+    return EMAModel(shadow, decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+                    power=args.ema_power, foreach=args.foreach_ema)
+
+
 def ema_home(args, accelerator):
     """Where the EMA weights live between updates: the training device, or the CPU with `--offload_ema`."""
     return torch.device("cpu") if args.offload_ema else accelerator.device

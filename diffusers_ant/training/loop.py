@@ -56,7 +56,7 @@ from .deepspeed_support import (
     is_deepspeed,
     zero_init_disabled,
 )
-from .ema import ema_home, ema_weights, restore_ema, step_ema
+from .ema import ema_home, ema_weights, make_ema, restore_ema, step_ema
 from .fsdp import (
     check_cpu_fsdp_launch,
     check_fsdp_support,
@@ -142,7 +142,6 @@ def train(args) -> str:
     """Train as `args` says; returns the output folder."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.training_utils import EMAModel
 
     from ..data import (batches_per_process, class_names, dataset_image_channels, load_training_dataset,
                         make_train_dataloader, resolve_columns)
@@ -361,8 +360,7 @@ def train(args) -> str:
         register_trainable_state_hooks(accelerator, adapter.model)
     ema = None
     if args.use_ema:
-        ema = EMAModel(params, decay=args.ema_max_decay, use_ema_warmup=True,
-                       inv_gamma=args.ema_inv_gamma, power=args.ema_power, foreach=args.foreach_ema)
+        ema = make_ema(args, params)  # float32 shadow weights, also over DeepSpeed's bf16 / fp16 parameters
     engine = None
     if gradient_based:
         if zero3:
