@@ -440,3 +440,21 @@ def test_accelerate_resume_and_sharding(toy):
         labels.append([b["class_labels"] for b in shard])
     single = [b["class_labels"] for b in (loader.set_epoch(2) or loader)]
     assert all(torch.equal(labels[0][i], single[2 * i]) and torch.equal(labels[1][i], single[2 * i + 1]) for i in range(5))
+
+
+def test_16_bit_images_scale_by_their_full_range_whatever_they_hold(tmp_path):
+    """A 16-bit PNG (Pillow: mode I;16) of value 200 is dark (200 / 65535), like one of value 300; scaled by
+    each image's own peak, the first read as 8-bit data (200 / 255, bright) and the second as 16-bit."""
+    from diffusers_ant.data import ImageTransform
+
+    transform = ImageTransform(resolution=8, num_channels=1)
+    values = {}
+    for value in (200, 300, 65535):
+        path = tmp_path / f"{value}.png"
+        Image.fromarray(np.full((8, 8), value, dtype=np.uint16)).save(path)
+        image = Image.open(path)
+        assert image.mode.startswith("I;16")
+        values[value] = float(transform(image).mean())
+    # both near black in [-1, 1] (after the 8-bit step: 200 and 300 of 65535 are 0 and 1 of 255)
+    assert values[200] == pytest.approx(-1.0, abs=0.01) and values[300] == pytest.approx(-1.0, abs=0.01)
+    assert values[65535] == pytest.approx(1.0)

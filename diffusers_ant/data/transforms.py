@@ -59,10 +59,16 @@ class ImageTransform:
         from PIL import Image
 
         if image.mode.startswith("I") or image.mode == "F":
-            # PIL's convert clips 16-bit / float data instead of scaling it: scale to 0..255 first.
+            # PIL's convert clips 16-bit / float data instead of scaling it: scale to 0..255 first. A 16-bit
+            # mode (I;16, what Pillow opens a 16-bit PNG as) is scaled by its full range, whatever the image
+            # holds: by its brightest pixel, a dark 16-bit frame (peak <= 255) read as a bright 8-bit one.
+            # The 32-bit "I" and float "F" containers say nothing of the range: their peak decides.
             array = np.asarray(image, dtype=np.float64)
             peak = array.max() if array.size else 1.0
-            scale = 1.0 if peak <= 1.0 and image.mode == "F" else (65535.0 if peak > 255 else 255.0)
+            if image.mode.startswith("I;16"):
+                scale = 65535.0
+            else:
+                scale = 1.0 if peak <= 1.0 and image.mode == "F" else (65535.0 if peak > 255 else 255.0)
             image = Image.fromarray(np.clip(array * (255.0 / scale), 0, 255).astype(np.uint8))  # 2-D uint8 -> mode "L"
         if self.num_channels is not None:
             mode = _MODES[self.num_channels]
