@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from diffusers_ant.models import get_model_adapter
-from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
+from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, record_prepared, train_in_process
 
 PRETRAINED_CLASSES = 10
 NAMES = ("ant", "bee", "cat")
@@ -154,20 +154,11 @@ def test_diff_tuning_at_learning_rate_zero_returns_the_pretrained_weights(pretra
     pretrained one bit for bit (no label table re-created); data rows train rows 0..2 (or the map's),
     bank rows the pretrained null row 10; samples, class_map.json and the card use the map."""
     from diffusers_ant.diff_tuning import build_knowledge_bank
-    from diffusers_ant.training import step as step_module
 
     bank = tmp_path / "bank"
     build_knowledge_bank(str(pretrained), str(bank), num_images=8, num_inference_steps=1, batch_size=8,
                          progress=False)
-    seen = []
-    original = step_module.DiffusionObjective.prepare
-
-    def recording(self, batch, generator, chunk_size=None):
-        prepared = original(self, batch, generator, chunk_size)
-        seen.append((prepared["task_ids"].clone(), prepared["conditioning"]["class_labels"].clone()))
-        return prepared
-
-    monkeypatch.setattr(step_module.DiffusionObjective, "prepare", recording)
+    seen = record_prepared(monkeypatch, lambda p: (p["task_ids"].clone(), p["conditioning"]["class_labels"].clone()))
     for name, extra, rows in (("default", [], [0, 1, 2]), ("mapped", ["--class_map", "7,2,5"], [7, 2, 5])):
         seen.clear()
         out = tmp_path / name

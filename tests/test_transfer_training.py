@@ -14,6 +14,7 @@ from trainer_utils import (
     assert_same_tensors,
     load_safetensors_dir,
     offline_env,
+    record_prepared,
     run_script,
     train_in_process,
 )
@@ -138,17 +139,8 @@ def test_kd_teacher_encodes_with_the_pretrained_text_encoder(tmp_path):
 def test_bank_run_trains_both_sources_with_their_densities(pretrained, bank, tmp_path, monkeypatch):
     """Every optimizer step sees round(B f) bank rows per micro-batch; retention timesteps lean to
     low noise, reconsolidation ones to high noise; bank rows train the null class."""
-    from diffusers_ant.training import step as step_module
-
-    seen = []
-    original = step_module.DiffusionObjective.prepare
-
-    def recording(self, batch, generator, chunk_size=None):
-        prepared = original(self, batch, generator, chunk_size)
-        seen.append((prepared["task_ids"].clone(), prepared["t"].clone(), prepared["conditioning"]["class_labels"].clone()))
-        return prepared
-
-    monkeypatch.setattr(step_module.DiffusionObjective, "prepare", recording)
+    seen = record_prepared(monkeypatch, lambda p: (p["task_ids"].clone(), p["t"].clone(),
+                                                   p["conditioning"]["class_labels"].clone()))
     out = tmp_path / "dt"
     train_in_process(_run(pretrained, out, "--knowledge_bank", str(bank), "--max_train_steps", "12",
                           "--train_batch_size", "10", "--gradient_accumulation_steps", "2", "--num_clusters", "1"))
@@ -542,17 +534,7 @@ def test_distillation_rows_of_a_dit_take_the_null_class_unless_a_class_map_names
     """The teacher reads a label row as the pretrained class it was trained on: without --class_map the
     data set's class k is not the pretrained class k, so the distillation rows ask it for its
     unconditional prediction (the null class, as bank rows); with a class map the labels mean the same."""
-    from diffusers_ant.training import step as step_module
-
-    seen = []
-    original = step_module.DiffusionObjective.prepare
-
-    def recording(self, batch, generator, chunk_size=None):
-        prepared = original(self, batch, generator, chunk_size)
-        seen.append((prepared["task_ids"].clone(), prepared["conditioning"]["class_labels"].clone()))
-        return prepared
-
-    monkeypatch.setattr(step_module.DiffusionObjective, "prepare", recording)
+    seen = record_prepared(monkeypatch, lambda p: (p["task_ids"].clone(), p["conditioning"]["class_labels"].clone()))
     extra = ["--class_map", class_map] if class_map else []
     train_in_process(_run(pretrained, tmp_path / "kd", "--retention", "kd", "--bank_fraction", "0.5",
                           "--max_train_steps", "3", "--num_clusters", "1", *extra))

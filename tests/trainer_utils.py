@@ -162,6 +162,23 @@ def train_in_process(args):
         GradientState._reset_state()
 
 
+def record_prepared(monkeypatch, pick):
+    """`pick(prepared)` of every batch `DiffusionObjective.prepare` makes from now on, in a list that grows as
+    the trainer runs (e.g. `lambda p: (p["task_ids"].clone(), p["conditioning"]["class_labels"].clone())`)."""
+    from diffusers_ant.training import step as step_module
+
+    seen = []
+    original = step_module.DiffusionObjective.prepare
+
+    def recording(self, batch, generator, chunk_size=None):
+        prepared = original(self, batch, generator, chunk_size)
+        seen.append(pick(prepared))
+        return prepared
+
+    monkeypatch.setattr(step_module.DiffusionObjective, "prepare", recording)
+    return seen
+
+
 def load_safetensors_dir(folder):
     """All tensors of every *.safetensors file under `folder` (sorted by file and key)."""
     from safetensors.torch import load_file
