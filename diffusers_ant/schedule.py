@@ -143,14 +143,20 @@ def flow_sigma_at(scheduler, t: torch.Tensor) -> torch.Tensor:
     return _flow_sigma_at(scheduler, t)
 
 
+def _table_on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float64 per-index table on ``device``, in float32 where the device has no float64 (MPS, Apple
+    Silicon: moving a float64 tensor there raises); its entries are then rounded once, as they would be after."""
+    return table.to(device, torch.float32) if torch.device(device).type == "mps" else table.to(device)
+
+
 def snr_at(scheduler, t: torch.Tensor) -> torch.Tensor:
     """SNR of training indices ``t`` [B], float32 on ``t``'s device (for loss weights)."""
     _check_t(scheduler, t)
-    return schedule_snr(scheduler).to(t.device)[t].float()
+    return _table_on(schedule_snr(scheduler), t.device)[t].float()
 
 
 def _flow_sigma_at(scheduler, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
-    sigmas = _flow_sigmas(scheduler).to(t.device)[t]
+    sigmas = _table_on(_flow_sigmas(scheduler), t.device)[t]
     if like is None:
         return sigmas.float()
     # broadcast one sigma per sample over the sample's remaining dims

@@ -221,3 +221,25 @@ def test_resolve_prediction_type():
     assert resolve_prediction_type(FlowMatchEulerDiscreteScheduler()) == "flow"
     with pytest.raises(ValueError, match="use one of epsilon, v_prediction, sample"):
         resolve_prediction_type(DDPMScheduler(), "x0")
+
+
+def test_per_index_tables_reach_a_device_without_float64_as_float32(monkeypatch):
+    """MPS (Apple Silicon) has no float64: moving the float64 SNR / sigma tables there raised at the first
+    training step. `_table_on` moves them as float32 there, and leaves every other device as it was. (No MPS
+    here: the move is checked on the dtype it asks for, through a stand-in for Tensor.to on an "mps" device.)"""
+    from diffusers_ant import schedule
+
+    table = torch.linspace(0, 1, 5, dtype=torch.float64)
+    assert schedule._table_on(table, torch.device("cpu")).dtype == torch.float64
+    asked = []
+    original = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if args and isinstance(args[0], torch.device) and args[0].type == "mps":
+            asked.append(args[1] if len(args) > 1 else kwargs.get("dtype"))
+            return original(self, "cpu", *args[1:], **kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    moved = schedule._table_on(table, torch.device("mps"))
+    assert asked == [torch.float32] and moved.dtype == torch.float32
