@@ -66,6 +66,8 @@ def test_validation_prompts_and_images_are_paired_and_cycled(tmp_path):
     (["--proportion_empty_prompts", "0.5"], "sd and controlnet"),
     (["--validation_epochs", "0"], "--validation_epochs"),
     (["--lr_num_cycles", "0"], "--lr_num_cycles"),
+    (["--loss_weighting", "p2", "--snr_gamma", "5"], "drop --snr_gamma (P2 takes --p2_k and --p2_gamma)"),
+    (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be at least 1"),
 ])
 def test_flags_that_need_a_package_or_a_model_type_fail_in_one_line(extra, needle, tmp_path, capsys, monkeypatch):
     from train_scripts_loader import load_train_main

@@ -413,6 +413,9 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError(f"unknown --loss_weighting {args.loss_weighting!r}; choose one of: {', '.join(LOSS_WEIGHTINGS)}")
     if args.loss_weighting == "min_snr" and args.snr_gamma is None:
         args.snr_gamma = 5.0
+    if args.snr_gamma is not None and args.loss_weighting != "min_snr":
+        raise UsageError(f"--snr_gamma is Min-SNR's gamma, which --loss_weighting {args.loss_weighting} does not use: drop "
+                         "--snr_gamma" + (" (P2 takes --p2_k and --p2_gamma)" if args.loss_weighting == "p2" else ""))
     # ---- flow matching: --noise_scheduler, --flow_shift, --weighting_scheme (before the sampling default below)
     from ..timesteps import FLOW_DENSITY_SCHEMES, FlowMatchingDensitySampler
 
