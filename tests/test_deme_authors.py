@@ -178,6 +178,35 @@ def test_train_deme_refuses_to_merge_with_weights_nobody_chose(capsys):
     assert len(err) == 1 and "--search_dataset_name" in err[0] and "--weights" in err[0] and "--no_merge" in err[0]
 
 
+def test_train_deme_reads_trainer_flags_given_with_an_equals_sign(tmp_path, capsys):
+    """`-- --clustering=snr` is the user's clustering: train_deme once appended `--clustering timestep` after it
+    (argparse keeps the last), and a reserved flag written `--output_dir=...` slipped past the check."""
+    train_deme = _script("train_deme")
+    parser = train_deme.build_parser()
+    args = parser.parse_args(["--pretrained_model_name_or_path", "p", "--output_dir", str(tmp_path), "--no_merge"])
+    command = train_deme.interval_command(args, ["--clustering=snr"], 0)
+    assert "--clustering=snr" in command and "timestep" not in command
+    assert "timestep" in train_deme.interval_command(args, [], 0)  # the paper's equal intervals by default
+    with pytest.raises(SystemExit):
+        train_deme.check(parser, args, ["--output_dir=elsewhere"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--output_dir is set by" in err[0]
+
+
+def test_train_deme_refuses_a_search_grid_over_the_limit_before_training(capsys):
+    """5 values for 4 intervals are 625 grid points, over the default 256: refused when the command starts,
+    not after every interval has trained (where merge_finetunes refused it)."""
+    train_deme = _script("train_deme")
+    parser = train_deme.build_parser()
+    flags = ["--pretrained_model_name_or_path", "p", "--output_dir", "o", "--search", "grid",
+             "--search_dataset_name", "held-out"]
+    with pytest.raises(SystemExit):
+        train_deme.check(parser, parser.parse_args(flags), [])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "625 evaluations, over --max_evaluations 256" in err[0]
+    train_deme.check(parser, parser.parse_args([*flags, "--max_evaluations", "625"]), [])
+
+
 def _finished_run(train_deme, tmp_path, *flags):
     """train_deme's arguments for a run whose intervals are recorded as trained (only the merge is left)."""
     import json

@@ -181,7 +181,7 @@ def test_trained_lora_run_distils_from_itself_with_adapters_off(deme_lora):
     assert (trained - expected).abs().max() > 1e-4
 
 
-def test_lora_finetunes_merge_as_one_lora_equal_to_the_dense_merge(deme_lora, tmp_path):
+def test_lora_finetunes_merge_as_one_lora_equal_to_the_dense_merge(deme_lora, tmp_path, monkeypatch):
     """sum_i w_i s_i B_i A_i as one LoRA of rank 2 + 3 (each alpha / r folded into its B block): the
     folder is a LoRA (no dense weight), loads with load_pipeline and with diffusers' load_lora_weights,
     and its folded weights equal the dense task-arithmetic merge within float32's error bound."""
@@ -248,6 +248,18 @@ def test_lora_finetunes_merge_as_one_lora_equal_to_the_dense_merge(deme_lora, tm
     candidates.set([0.0, 0.0])
     zero = dense_denoiser(candidates.pipeline.unet).state_dict()
     assert all(torch.equal(zero[k], inputs.base_state[k]) for k in inputs.base_state if "channel_projection" not in k)
+    # the candidates' temporary folder far from the base (they share only /, as /tmp and a base under /home):
+    # the base is recorded by its absolute path; relative to the folder it was its last name, read as a Hub id
+    far = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else os.path.expanduser("~"), f"ant-far-{os.getpid()}")
+    os.makedirs(far, exist_ok=True)
+    try:
+        assert os.path.commonpath([far, os.path.abspath(base)]) == os.sep
+        import tempfile
+
+        monkeypatch.setattr(tempfile, "tempdir", far)
+        LoraCandidates(base, files).set(weights)
+    finally:
+        shutil.rmtree(far, ignore_errors=True)
 
 
 def test_lora_merge_falls_back_or_refuses_in_one_line(deme_lora, tmp_path):

@@ -46,7 +46,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from diffusers_ant.cli import OneLineErrorParser, report_bad_input
-from diffusers_ant.deme.search import DEFAULT_SEARCH_SAMPLES, DEFAULT_SEARCH_VALUES
+from diffusers_ant.deme.search import DEFAULT_SEARCH_SAMPLES, DEFAULT_SEARCH_VALUES, grid_size
 
 PROG = "train_deme.py"
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_ant.py")
@@ -87,6 +87,9 @@ def build_parser():
                              f"{' '.join(f'{v:g}' for v in DEFAULT_SEARCH_VALUES)}; the weights may sum above 1).")
     parser.add_argument("--search_num_samples", type=int, default=DEFAULT_SEARCH_SAMPLES,
                         help=f"Samples per search point (default {DEFAULT_SEARCH_SAMPLES}).")
+    parser.add_argument("--max_evaluations", type=int, default=256,
+                        help="Refuse a --search grid of more points than this (len(search_values) ** num_intervals; "
+                             "default 256), before any interval is trained.")
     parser.add_argument("--no_merge", action="store_true", help="Train the intervals only (merge later with merge_deme.py).")
     return parser
 
@@ -100,13 +103,18 @@ def split_argv(argv):
     return argv, []
 
 
+def given(flag: str, trainer_args) -> bool:
+    """Whether the trainer flags set ``flag``, as ``--flag value`` or ``--flag=value``."""
+    return any(arg == flag or arg.startswith(flag + "=") for arg in trainer_args)
+
+
 def check(parser, args, trainer_args) -> None:
     if args.num_intervals < 1:
         parser.error("--num_intervals must be at least 1")
     if args.parallel < 1:
         parser.error("--parallel must be at least 1")
     for flag in RESERVED:
-        if flag in trainer_args:
+        if given(flag, trainer_args):
             parser.error(f"{flag} is set by {PROG} for each interval: drop it from the trainer flags")
     if args.weights is not None and len(args.weights) != args.num_intervals:
         parser.error(f"--weights has {len(args.weights)} values for --num_intervals {args.num_intervals}: give one per interval")
@@ -118,8 +126,14 @@ def check(parser, args, trainer_args) -> None:
                      "--weights (one per interval), or --no_merge")
     if args.weights is not None and args.search == "grid":
         parser.error("--search grid tries every combination: drop --weights (it only starts --search coordinate)")
-    if args.search_num_samples < 1 or len(set(args.search_values)) != len(args.search_values):
-        parser.error("--search_num_samples must be positive and --search_values distinct")
+    if args.search_num_samples < 1 or len(set(args.search_values)) != len(args.search_values) or args.max_evaluations < 1:
+        parser.error("--search_num_samples and --max_evaluations must be positive and --search_values distinct")
+    points = grid_size(args.num_intervals, args.search_values)
+    if args.search == "grid" and not args.no_merge and points > args.max_evaluations:
+        # checked here, not after every interval has trained (merge_finetunes refuses it then)
+        parser.error(f"a --search grid of {len(args.search_values)} values for {args.num_intervals} intervals is {points} "
+                     f"evaluations, over --max_evaluations {args.max_evaluations}: give fewer --search_values, use "
+                     "--search coordinate, or raise --max_evaluations")
     if args.parallel > 1 and args.launcher and any(flag in args.launcher.split()
                                                    for flag in ("--main_process_port", "--master_port")):
         parser.error("--parallel gives each worker its own port: drop the port from --launcher (set --main_process_port)")
@@ -131,7 +145,7 @@ def interval_command(args, trainer_args, index: int, worker: int = 0) -> list:
     if args.parallel > 1:
         launcher = with_port(launcher, args.main_process_port + worker)
     command = launcher + [TRAIN_SCRIPT, *trainer_args]
-    if "--clustering" not in trainer_args:
+    if not given("--clustering", trainer_args):
         command += ["--clustering", "timestep"]  # the paper's equal intervals
     return command + ["--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
                       "--deme_interval", str(index), "--num_clusters", str(args.num_intervals),
@@ -269,7 +283,7 @@ def run(parser, args, trainer_args) -> None:
         print(f"{merged} exists: merge_deme.py merges again into another folder", flush=True)
         return
     merge_finetunes(args.pretrained_model_name_or_path, folders, merged, weights=args.weights, search=search,
-                    search_values=args.search_values, evaluation=evaluation)
+                    search_values=args.search_values, max_evaluations=args.max_evaluations, evaluation=evaluation)
 
 
 def main(argv=None) -> int:

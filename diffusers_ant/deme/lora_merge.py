@@ -364,14 +364,15 @@ class LoraCandidates:
 
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        from ..hub import portable_path
         from ..models import load_pipeline
         from .projection import channel_projections, denoiser_component
 
         self.files = files
         self.folders = [f.folder for f in files]
         with tempfile.TemporaryDirectory() as work:
-            write_merged_lora(files, [1.0] * len(files), work, portable_path(base, work))
+            # the base as an absolute path (a Hub id as is): relative to a temporary folder under /tmp it is
+            # only its last name when the two share nothing but /, which `load_pipeline` then takes for a Hub id
+            write_merged_lora(files, [1.0] * len(files), work, os.path.abspath(base) if os.path.isdir(base) else base)
             self.pipeline = load_pipeline(work)  # the LoRA and projection tensors are read into memory
         denoiser = denoiser_component(self.pipeline)
         self.targets = {}

@@ -61,7 +61,8 @@ class SearchResult:
                 "best_score": self.best_score, "rows": self.rows}
 
 
-def _grid_size(num_models: int, values: Sequence[float]) -> int:
+def grid_size(num_models: int, values: Sequence[float]) -> int:
+    """Points of the grid search: every combination of ``values`` for ``num_models`` weights."""
     return len(values) ** num_models
 
 
@@ -91,8 +92,8 @@ def search_merge_weights(score: Callable[[tuple], float | Mapping], num_models: 
         raise ValueError("give distinct candidate weights (--search_values)")
     if max_rounds < 1:
         raise ValueError("max_rounds must be at least 1")
-    if strategy == "grid" and max_evaluations is not None and _grid_size(num_models, values) > max_evaluations:
-        raise ValueError(f"a grid of {len(values)} values for {num_models} weights is {_grid_size(num_models, values)} "
+    if strategy == "grid" and max_evaluations is not None and grid_size(num_models, values) > max_evaluations:
+        raise ValueError(f"a grid of {len(values)} values for {num_models} weights is {grid_size(num_models, values)} "
                          f"evaluations, over the limit of {max_evaluations}: give fewer --search_values, use --search "
                          "coordinate, or raise --max_evaluations")
 
