@@ -137,6 +137,32 @@ def test_pretrained_flag_skips_pretraining_and_is_checked(tmp_path):
     assert "model_index.json" in transfer.check_pretrained(str(tmp_path))
 
 
+def test_a_folder_trained_with_other_settings_is_refused_before_any_stage(tmp_path, monkeypatch):
+    """A stage counts as done when its time file exists, so a second command with other training settings in
+    the same folder reported the first one's bank, fine-tunes and scores under its own flags. The folder
+    records its settings (benchmark_settings.json) and refuses others in one line, before any stage runs."""
+
+    class Planned(Exception):
+        """run() got past the settings check to its plan: stop there (no stage runs in this test)."""
+
+    def plan(args):
+        raise Planned
+
+    monkeypatch.setattr(transfer, "plan", plan)
+    out = tmp_path / "bench"
+    with pytest.raises(Planned):
+        transfer.main(["--output_dir", str(out), "--quick"])
+    recorded = json.loads((out / "benchmark_settings.json").read_text())
+    assert recorded["learning_rate"] == 5e-4 and recorded["pretrained"] is None
+    with pytest.raises(Planned):  # the same settings: resumed
+        transfer.main(["--output_dir", str(out), "--quick"])
+    with pytest.raises(SystemExit) as stop:
+        transfer.main(["--output_dir", str(out), "--quick", "--learning_rate", "1e-4", "--rank", "8"])
+    message = str(stop.value)
+    assert "holds runs trained with other settings" in message and "\n" not in message
+    assert "learning_rate: 0.0005 -> 0.0001" in message and "rank: " in message
+
+
 def _tiny_pipeline(folder, resolution=8, channels=1):
     """A saved unconditional UNet pipeline of the tiny preset (built from config, never downloaded)."""
     from diffusers_ant.models import get_model_adapter

@@ -58,6 +58,7 @@ from diffusers_ant.analysis.benchmark import (
     SECONDS_PER_RUN,
     SECONDS_PER_STEP_BENCH_UNET,
     base_resolution,
+    check_benchmark_settings,
     command_line,
     evaluate_in_pool,
     evaluate_saved_model,
@@ -776,6 +777,23 @@ def markdown(summary, pretrained, convergence_summary, forgetting, checks, args,
 # ------------------------------------------------------------------------------------------ main
 
 
+# What the kept bank, pretraining and fine-tunes of a folder were made with (evaluation settings are checked
+# per stored score, `eval_settings`).
+TRAINING_SETTINGS = ("pretrain_steps", "pretrain_learning_rate", "pretrain_seed", "num_train_images", "num_real",
+                     "data_seed", "max_train_steps", "train_batch_size", "learning_rate", "peft_learning_rate",
+                     "lr_warmup_steps", "rank", "bank_images", "bank_inference_steps", "resolution", "skip_controlnet",
+                     "vae_steps", "sd_steps", "sd_batch_size", "sd_learning_rate", "controlnet_steps",
+                     "controlnet_batch_size", "controlnet_learning_rate", "controlnet_bank_images", "guidance_scale")
+
+
+def training_settings(args) -> dict:
+    """`TRAINING_SETTINGS` of this command, and the pretrained model (absolute where it is a folder)."""
+    pretrained = args.pretrained
+    if pretrained is not None and os.path.isdir(pretrained):
+        pretrained = os.path.abspath(pretrained)
+    return {"pretrained": pretrained, **{key: getattr(args, key) for key in TRAINING_SETTINGS}}
+
+
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
@@ -789,6 +807,9 @@ def run(args, invocation):
     invocation when it stops early)."""
     command, started = invocation.command, invocation.started
     layout = Layout(args)
+    # kept runs are reused by folder (a stage is done when its time file exists): a folder trained with other
+    # settings is refused in one line, as benchmark_quality.py / benchmark_deme.py do
+    check_benchmark_settings(args.output_dir, training_settings(args), "benchmark_transfer.py")
     os.makedirs(args.output_dir, exist_ok=True)
     write_json(layout.unet_config, BENCH_UNET)
     estimate = plan(args)
