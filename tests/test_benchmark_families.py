@@ -133,3 +133,25 @@ def test_gradient_checkpointing_and_8bit_adam_savings_are_measured(tmp_path):
     lora_state = bench.adam_state_bytes(context.params, eight_bit=False)
     assert lora_state == 8 * sum(p.numel() for p in context.params)
     bench.reset_accelerate_state()
+
+
+def test_a_run_stopped_halfway_leaves_the_measured_step_times_in_place(tmp_path, monkeypatch):
+    """`--no_timing` carries the step times of the earlier benchmark_families.json over; each family was written
+    over that file as it finished, so a run stopped after the first family left a file without the timings (and
+    without the other families), which the next run then carried nothing from. A finished run alone replaces it;
+    the families measured so far are kept in benchmark_families.partial.json."""
+    earlier = {"command": "timed", "steps": 8, "warmup": 2,
+               "families": {"sd": {"seconds_per_step": {"none": 1.0}}, "sdxl": {"seconds_per_step": {"none": 2.0}}}}
+    (tmp_path / "benchmark_families.json").write_text(json.dumps(earlier))
+
+    def measure(family, opts):
+        if family == "sdxl":
+            raise RuntimeError("stopped")
+        return {"peak_mb": 1.0}
+
+    monkeypatch.setattr(bench, "measure_family", measure)
+    with pytest.raises(RuntimeError, match="stopped"):
+        bench.main(["--families", "sd,sdxl", "--no_timing", "--no_quantized", "--output_dir", str(tmp_path)])
+    assert json.loads((tmp_path / "benchmark_families.json").read_text()) == earlier
+    partial = json.loads((tmp_path / "benchmark_families.partial.json").read_text())
+    assert partial["families"] == {"sd": {"peak_mb": 1.0}}

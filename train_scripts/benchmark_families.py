@@ -761,19 +761,23 @@ def main(argv=None):
     json_path = os.path.join(opts.output_dir, "benchmark_families.json")
     previous_timing = None
     if opts.no_timing and os.path.isfile(json_path):
-        with open(json_path) as f:  # read now: the file is rewritten after each family
+        with open(json_path) as f:
             previous_timing = json.load(f)
+    # Each family's numbers are kept as they come, in a file of their own: benchmark_families.json (whose step
+    # times --no_timing carries over) is replaced only by a finished run, so a run stopped halfway loses nothing.
+    partial_path = os.path.join(opts.output_dir, "benchmark_families.partial.json")
     start = time.perf_counter()
     for family in opts.families:
         report["families"][family] = measure_family(family, opts)
         report["wall_seconds"] = time.perf_counter() - start
-        with open(json_path, "w") as f:  # kept after each family
+        with open(partial_path, "w") as f:
             json.dump(report, f, indent=2)
     if not opts.quick and importlib.util.find_spec("bitsandbytes") is not None:
         report["real_adam_state_bytes_per_parameter"] = real_adam_state_per_parameter()
     if previous_timing is not None:
         carry_timing_over(report, previous_timing)
     table = write_report(opts.output_dir, "benchmark_families", report, markdown(report))
+    os.remove(partial_path)
     print(table)
     print(f"wrote {opts.output_dir}/benchmark_families.json and .md ({report['wall_seconds']:.0f} s)")
     return report
