@@ -426,3 +426,22 @@ def test_the_bank_is_checked_against_the_weights_it_was_sampled_from(unet_model,
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="records no model fingerprint: rebuild it"):
         check_bank_source({**manifest, "model_fingerprint": None}, unet_model)
+
+
+def test_a_hub_id_is_cached_in_cache_dir(monkeypatch, tmp_path):
+    """`build_knowledge_bank.py --cache_dir` reached the datasets only; a Hub model id was downloaded into the
+    default cache. The pipeline of a Hub id is now asked for with it (checked at diffusers' loader: no Hub here)."""
+    import diffusers
+
+    from diffusers_ant.diff_tuning.bank import _load_source
+
+    asked = {}
+
+    def from_pretrained(path, **kwargs):
+        asked.update(path=path, **kwargs)
+        raise OSError("offline")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", from_pretrained)
+    with pytest.raises(ValueError, match="could not be loaded"):
+        _load_source("someone/some-model", None, None, cache_dir=str(tmp_path))
+    assert asked["path"] == "someone/some-model" and asked["cache_dir"] == str(tmp_path)

@@ -93,7 +93,8 @@ def build_parser():
                         help="Column of --dataset_name holding the conditioning images (default: found by name).")
     parser.add_argument("--caption_column", default=None,
                         help="Column of --dataset_name holding captions, used as prompts (default: found by name).")
-    parser.add_argument("--cache_dir", default=None, help="datasets / Hub cache folder.")
+    parser.add_argument("--cache_dir", default=None,
+                        help="Cache folder of the datasets and of a Hub model id (default: their own caches).")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
     parser.add_argument("--torch_dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="Precision of sampling (part of the bank's settings).")
@@ -129,7 +130,7 @@ def build(args) -> None:
             dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
         )
     manifest = build_knowledge_bank(
-        args.pretrained_model_name_or_path, args.output_dir, args.num_images,
+        args.pretrained_model_name_or_path, args.output_dir, args.num_images, cache_dir=args.cache_dir,
         model_type=args.model_type, revision=args.revision, seed=args.seed, batch_size=args.batch_size,
         num_inference_steps=args.num_inference_steps, scheduler=args.scheduler,
         guidance_scale=args.guidance_scale, class_labels=args.class_labels, prompts=prompts,

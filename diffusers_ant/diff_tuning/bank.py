@@ -332,8 +332,9 @@ def _model_fingerprint(pipeline) -> str:
     return digest.hexdigest()
 
 
-def _load_source(pretrained_model_name_or_path, revision, torch_dtype):
-    """``(pipeline, is_local_folder)``; a missing folder or an unreachable Hub id is one ``ValueError``."""
+def _load_source(pretrained_model_name_or_path, revision, torch_dtype, cache_dir=None):
+    """``(pipeline, is_local_folder)``; a missing folder or an unreachable Hub id is one ``ValueError``. A Hub id
+    is cached in ``cache_dir`` (default the Hub's own cache)."""
     from ..models import load_pipeline
 
     path = os.fspath(pretrained_model_name_or_path)
@@ -345,11 +346,12 @@ def _load_source(pretrained_model_name_or_path, revision, torch_dtype):
                          "with save_pretrained (or by train_ant.py), or a Hub id")
     errors = (OSError,) if local else (OSError, ValueError)  # a Hub id's errors are long; a folder's are ours
     try:
-        if local or revision is None:
+        if local:
             return load_pipeline(path, torch_dtype=torch_dtype), local
         from diffusers import DiffusionPipeline
 
-        return DiffusionPipeline.from_pretrained(path, revision=revision, torch_dtype=torch_dtype), local
+        return DiffusionPipeline.from_pretrained(path, revision=revision, torch_dtype=torch_dtype,
+                                                 cache_dir=cache_dir), local
     except errors as err:
         raise ValueError(
             f"pretrained model {path!r} could not be loaded ({type(err).__name__}): give a pipeline folder saved "
@@ -538,6 +540,7 @@ def build_knowledge_bank(
     on_image_written=None,
     resolution: int | None = None,
     prompts_source: str = "prompts file",
+    cache_dir: str | None = None,
 ) -> dict:
     """Sample ``num_images`` images of a pretrained pipeline into the bank folder ``output_dir``; return the manifest.
 
@@ -550,6 +553,7 @@ def build_knowledge_bank(
             ``sd3``, ``flux``, ``qwenimage``); inferred from the pipeline when None (its class name,
             ``diffusers_ant.models.families``), and checked against it when given.
         revision: the Hub revision of a Hub id.
+        cache_dir: where a Hub id's files are cached (diffusers' ``cache_dir``; default the Hub's own).
         seed: sample i is drawn from a generator seeded with ``(seed, i)``.
         batch_size: images sampled at once. Part of the settings: batches sit at fixed positions,
             so a resumed build redraws exactly the batches an uninterrupted one draws.
@@ -600,7 +604,7 @@ def build_knowledge_bank(
         if torch_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"--torch_dtype must be float32, float16 or bfloat16, got {torch_dtype!r}")
         torch_dtype = getattr(torch, torch_dtype)
-    pipeline, local = _load_source(pretrained_model_name_or_path, revision, torch_dtype)
+    pipeline, local = _load_source(pretrained_model_name_or_path, revision, torch_dtype, cache_dir)
     found_type = model_type_of_pipeline(pipeline)
     if model_type is not None and model_type != found_type:
         raise ValueError(f"{pretrained_model_name_or_path!r} holds a {found_type} pipeline, not {model_type}: "
