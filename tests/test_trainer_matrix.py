@@ -658,6 +658,28 @@ def test_a_zero_checkpoint_is_refused_without_deepspeed_in_one_line_and_nothing_
     assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
 
 
+def test_a_deepspeed_config_whose_clipping_differs_from_max_grad_norm_is_refused():
+    """DeepSpeed clips inside its step with the config's gradient_clipping, and Accelerate lets a config file's
+    (or `--gradient_clipping`'s) value win over the trainer's without a word: a value other than
+    --max_grad_norm is refused in one line, "auto" and the same value are taken."""
+    from diffusers_ant.training.args import UsageError
+    from diffusers_ant.training.deepspeed_support import check_deepspeed_config, configure_plugin
+
+    def accelerator(config):
+        plugin = types.SimpleNamespace(deepspeed_config=config, zero_stage=2)
+        return types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin))
+
+    args = types.SimpleNamespace(gradient_accumulation_steps=1, max_grad_norm=0.0, use_ema=False,
+                                 track_convergence=False)
+    with pytest.raises(UsageError, match="gradient_clipping 1.0 and the trainer --max_grad_norm 0.0"):
+        check_deepspeed_config(accelerator({"gradient_clipping": 1.0}), args)
+    check_deepspeed_config(accelerator({"gradient_clipping": 0}), args)
+    auto = accelerator({"gradient_clipping": "auto"})
+    check_deepspeed_config(auto, args)
+    configure_plugin(auto, args)
+    assert auto.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] == 0.0
+
+
 def test_checkpoint_engine_checks(tmp_path):
     """A plain checkpoint under DeepSpeed, and a ZeRO checkpoint of another number of processes: refused."""
     from diffusers_ant.training.args import UsageError

@@ -114,12 +114,18 @@ def configure_plugin(accelerator, args) -> None:
 
 
 def check_deepspeed_config(accelerator, args) -> None:
-    """Refuse a DeepSpeed config whose accumulation disagrees with the trainer's windows (one line)."""
+    """Refuse a DeepSpeed config whose accumulation or clipping disagrees with the trainer's flags (one line):
+    DeepSpeed accumulates and clips inside its own step, with the config's values."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     steps = config.get("gradient_accumulation_steps", "auto")
     if steps != "auto" and int(steps) != args.gradient_accumulation_steps:
         raise UsageError(f"the DeepSpeed config says gradient_accumulation_steps {steps} and the trainer "
                          f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: set the config's to \"auto\"")
+    clipping = config.get("gradient_clipping", "auto")
+    if clipping != "auto" and float(clipping) != float(args.max_grad_norm or 0.0):
+        # (Accelerate compares the two with must_match=False: a config file's or `--gradient_clipping`'s value won)
+        raise UsageError(f"the DeepSpeed config says gradient_clipping {clipping} and the trainer --max_grad_norm "
+                         f"{args.max_grad_norm}: set the config's to \"auto\" (or the same value)")
     zero = config.get("zero_optimization", {})
     if int(accelerator.state.deepspeed_plugin.zero_stage) == 3 and zero.get(
             "stage3_gather_16bit_weights_on_model_save", "auto") is False:

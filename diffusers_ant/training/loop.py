@@ -462,9 +462,12 @@ def train(args) -> str:
             elif args.max_grad_norm and not deepspeed:  # DeepSpeed clips inside its step (configure_plugin)
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()  # under DeepSpeed a no-op: the engine stepped at the window's last chunk
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             skipped = update_skipped(accelerator, logs, engine)
+            if not skipped:
+                # (Accelerate's scheduler also holds still after a GradScaler's skip; a window the engine handed
+                # DeepSpeed nothing for is a skip it cannot see, so the schedule is not asked to step at all)
+                lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             if outside_optimizer is not None:
                 if not skipped:
                     outside_optimizer.step()
