@@ -22,7 +22,7 @@ from diffusers_ant.analysis.affinity import (
     timestep_grid,
 )
 from diffusers_ant.analysis.common import load_denoiser, load_state_dict
-from diffusers_ant.analysis.evaluate import ReferenceSet, real_images, sample_images
+from diffusers_ant.analysis.evaluate import ReferenceSet, real_images, reference_for, sample_images
 from diffusers_ant.analysis.forgetting import chain_of_forgetting, forgetting_router, parse_fractions
 from diffusers_ant.analysis.ntg import interval_from_folder, load_intervals, negative_transfer_gap
 from diffusers_ant.metrics import ModuleFeatureExtractor
@@ -387,3 +387,19 @@ def test_affinity_batches_of_a_text_to_image_family_carry_their_captions(model_t
     embeddings = [v for v in values if torch.is_tensor(v) and v.dim() >= 2 and v.shape[0] == 8 and v.is_floating_point()]
     assert embeddings, type(conditioning)
     assert any(not torch.equal(e[0], e[i]) for e in embeddings for i in range(1, 8))
+
+
+def test_the_reference_of_a_text_to_image_pipeline_has_the_size_and_channels_of_its_samples():
+    """An SD pipeline's UNet records the latent size and 4 latent channels: the reference was drawn at 8x8 in
+    4 channels while the samples are 16x16 RGB, and the extractor's silent resize made a perfect model score
+    FID 147. The reference now takes the samples' size; a reference of another size refuses to score."""
+    from diffusers_ant.models import get_model_adapter
+
+    pipeline = get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16, num_channels=3).make_pipeline()
+    assert pipeline.unet.config.sample_size != 16  # the latent side
+    reference = reference_for(pipeline, "mnist5k", num_real=8, batch_size=8)
+    samples = sample_images(pipeline, 4, num_inference_steps=1, batch_size=4, progress=False)
+    assert samples.shape[1:] == reference.image_shape == (16, 16, 3)
+    assert np.isfinite(reference.score(samples)["fid"])
+    with pytest.raises(ValueError, match="the samples are 8x8x3 .* and the reference images 16x16x3"):
+        reference.score(samples[:, ::2, ::2])

@@ -288,12 +288,19 @@ class ReferenceSet:
         self.kid_subset_size = kid_subset_size
         self.k = k
         self.seed = seed
+        # (N, H, W, C) of the real images: samples of another size or channel count are refused in `score`, as
+        # the extractor would resize them silently and the score would measure the resizing
+        self.image_shape = tuple(np.shape(images)[1:]) if isinstance(images, np.ndarray) else None
         self.features = feature_extractor.extract(images, batch_size=batch_size)
         self.extractor_sha256 = feature_extractor.weights_sha256()
 
     def score(self, images) -> dict:
         from ..metrics import compute_metrics
 
+        if self.image_shape is not None and isinstance(images, np.ndarray) and tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(f"the samples are {'x'.join(map(str, images.shape[1:]))} (H x W x C) and the reference "
+                             f"images {'x'.join(map(str, self.image_shape))}: build the reference at the samples' size "
+                             "(reference_for(samples))")
         fake = self.extractor.extract(images, batch_size=self.batch_size)
         metrics = ["fid"]
         # KID needs two disjoint subsets of at least 2 samples per set; improved precision / recall
@@ -312,9 +319,16 @@ class ReferenceSet:
 def reference_for(pipeline_or_images, dataset_name=None, num_real=1000, feature_extractor="domain",
                   inception_weights=None, cache_dir=None, seed=0, train_data_dir=None, **options) -> ReferenceSet:
     """A `ReferenceSet` of `num_real` dataset images at the resolution and channels of `pipeline_or_images`
-    (a pipeline, or sample images (N, H, W, C))."""
+    (a pipeline, or sample images (N, H, W, C)): those of the images `sample_images` draws from the pipeline.
+    A text-to-image pipeline samples RGB images through its adapter at `pixel_resolution` (its denoiser's
+    `sample_size` and `in_channels` are the latents'; Flux's and Qwen-Image's record no size)."""
     if isinstance(pipeline_or_images, np.ndarray):
         resolution, channels = pipeline_or_images.shape[1], pipeline_or_images.shape[3]
+    elif is_text_to_image(pipeline_or_images):
+        from ..models import adapter_for_pipeline
+        from ..training.components import pixel_resolution
+
+        resolution, channels = pixel_resolution(adapter_for_pipeline(pipeline_or_images)), 3
     else:
         config = getattr(pipeline_or_images, denoiser_name(pipeline_or_images)).config
         resolution, channels = config.sample_size, config.in_channels
