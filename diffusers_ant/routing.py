@@ -125,7 +125,8 @@ def denoiser_timestep_map(scheduler, num_timesteps, model, training_scheduler=No
         if flux and scheduler.config.get("use_dynamic_shifting", False):
             raise ValueError("a FLUX.1 model trains on the sigmas its dynamic shift gives at its training resolution, "
                              "which the pipeline's scheduler does not record: pass the training scheduler "
-                             "(models.flux.routing_scheduler(pipeline, resolution)), or train with --flow_shift")
+                             "(models.flux.routing_scheduler(pipeline, resolution, flow_shift)), from the run's "
+                             "training_config.json")
         training_scheduler = scheduler
     return _scheduler_timestep_map(training_scheduler, num_timesteps, sigma_input=denoiser_takes_sigma(model))
 

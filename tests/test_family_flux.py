@@ -350,10 +350,11 @@ def test_routing_maps_a_flux_sigma_to_the_training_index_of_the_shifted_table(tm
     """A FLUX.1 run at 256 pixels trains on the sigma table its dynamic shift gives there (shift e^mu, about
     3.2), while the pipeline's scheduler holds the unshifted one: a router must map each sigma the pipeline
     passes through the training table, or sigma 0.76 (trained at index 499) lands at index 759, in another
-    interval's model. Without the training resolution the map is refused in one line."""
+    interval's model. The table follows the run's records: its resolution (the default where none was given)
+    or its --flow_shift. Without them the map is refused in one line."""
     from types import SimpleNamespace
 
-    from diffusers_ant.deme.ensemble import _training_resolution, routing_scheduler
+    from diffusers_ant.deme.ensemble import _training_routing, routing_scheduler
     from diffusers_ant.models import get_model_adapter
     from diffusers_ant.models.flux import training_scheduler
     from diffusers_ant.routing import denoiser_timestep_map
@@ -362,18 +363,29 @@ def test_routing_maps_a_flux_sigma_to_the_training_index_of_the_shifted_table(tm
     adapter = get_model_adapter("flux").load(model_config_name_or_path="tiny", resolution=16)
     pipeline = adapter.make_pipeline()
     assert pipeline.scheduler.config.use_dynamic_shifting
-    trained = training_scheduler(pipeline.scheduler, 256 // adapter.vae_scale_factor(pipeline.vae))
     indices = torch.tensor([100, 300, 499, 500, 700, 900])
-    sigmas = model_timesteps(trained, indices).double() / 1000  # what FluxPipeline passes its transformer
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "training_config.json").write_text('{"resolution": 256}')
-    info = _training_resolution([SimpleNamespace(path=str(tmp_path / "a"))])
-    assert info == {"training_resolution": 256}
-    timestep_map = denoiser_timestep_map(pipeline.scheduler, 1000, pipeline.transformer,
-                                         training_scheduler=routing_scheduler(pipeline, info))
-    assert torch.equal(timestep_map(sigmas), indices)
+
+    def routed(trained, config):
+        """The indices the ensemble's router gives the sigmas `trained` holds at `indices`, for runs recorded so."""
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        (folder / "training_config.json").write_text(json.dumps({"model_type": "flux", **config}))
+        info = _training_routing([SimpleNamespace(path=str(folder))] * 2)
+        timestep_map = denoiser_timestep_map(pipeline.scheduler, 1000, pipeline.transformer,
+                                             training_scheduler=routing_scheduler(pipeline, info))
+        return timestep_map(model_timesteps(trained, indices).double() / 1000)  # what FluxPipeline passes
+
+    scale = adapter.vae_scale_factor(pipeline.vae)
+    at_256 = training_scheduler(pipeline.scheduler, 256 // scale)
+    assert torch.equal(routed(at_256, {"resolution": 256}), indices)
+    # no --resolution: the preset's default (16 px), which the run trained at
+    at_16 = training_scheduler(pipeline.scheduler, 16 // scale)
+    assert torch.equal(routed(at_16, {"resolution": None, "model_config_name_or_path": "tiny"}), indices)
+    # --flow_shift 3: a static table, whatever the resolution
+    static = training_scheduler(pipeline.scheduler, 0, 3.0)
+    assert torch.equal(routed(static, {"resolution": 64, "flow_shift": 3.0}), indices)
     unshifted = denoiser_timestep_map(pipeline.scheduler, 1000, pipeline.transformer,
                                       training_scheduler=pipeline.scheduler)
-    assert int(unshifted(sigmas)[2]) > 700  # the old map: index 499's sigma read on the unshifted table
+    assert int(unshifted(model_timesteps(at_256, indices).double() / 1000)[2]) > 700  # the old map: index 499 read far off
     with pytest.raises(ValueError, match="trains on the sigmas its dynamic shift gives at its training resolution"):
         denoiser_timestep_map(pipeline.scheduler, 1000, pipeline.transformer)

@@ -149,8 +149,12 @@ def test_a_full_save_over_an_earlier_lora_output_loads_as_the_full_model(tmp_pat
     with torch.no_grad():
         for p in full.model.parameters():
             p.add_(0.1)  # "trained": differs from the base everywhere
+    # an earlier DeMe run's projections and ensemble record, which load_pipeline would attach on top
+    for name in ("channel_projection.json", "channel_projection.safetensors", "deme_ensemble.json"):
+        (out / name).write_text("{}")
     full.save(str(out))
-    assert not (out / "ant_lora.json").exists()
+    for name in ("ant_lora.json", "channel_projection.json", "channel_projection.safetensors", "deme_ensemble.json"):
+        assert not (out / name).exists(), name
     loaded = load_pipeline(str(out)).unet
     for name, value in full.model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name

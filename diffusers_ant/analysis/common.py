@@ -65,20 +65,18 @@ def load_denoiser(folder: str, flag: str = "--model"):
 
 def training_routing_scheduler(pipeline, folders):
     """What `routing.denoiser_timestep_map` needs beside ``pipeline``'s scheduler: for a FLUX.1 pipeline, the
-    training table at the ``resolution`` the first of ``folders`` with a ``training_config.json`` trained at
-    (`models.flux.routing_scheduler`); None for every other pipeline (its own scheduler's table)."""
+    training table of the run the first of ``folders`` with a ``training_config.json`` records (its resolution
+    and --flow_shift: `models.flux.routing_scheduler`); None for every other pipeline (its own scheduler's)."""
     if type(pipeline).__name__ != "FluxPipeline":
         return None
-    from ..models.flux import routing_scheduler
+    from ..models.flux import routing_scheduler, run_routing_settings
 
     for folder in folders:
         path = os.path.join(folder, "training_config.json")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
-                resolution = json.load(f).get("resolution")
-            if resolution is not None:
-                return routing_scheduler(pipeline, resolution)
-    return routing_scheduler(pipeline, None)
+                return routing_scheduler(pipeline, **run_routing_settings(json.load(f)))
+    return routing_scheduler(pipeline)
 
 
 def expand_checkpoints(paths) -> list:

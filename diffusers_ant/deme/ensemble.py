@@ -66,13 +66,18 @@ def ensemble_intervals(finetunes, num_timesteps: int):
     return TimestepIntervals(bounds, num_timesteps, metadata={"deme": "ensemble"}), members
 
 
-def _training_resolution(finetunes) -> dict:
-    """``{"training_resolution": pixels}`` when the fine-tunes record one resolution: a FLUX.1 pipeline's
-    dynamic shift trains a sigma table that depends on it, and routing needs that table (`routing_scheduler`)."""
+def _training_routing(finetunes) -> dict:
+    """``{"training_routing": {"resolution", "flow_shift"}}`` when the fine-tunes record FLUX.1 runs that agree
+    on them (`models.flux.run_routing_settings`): the sigma table they trained depends on both, and routing
+    needs that table (`routing_scheduler`); {} for other runs or when they disagree."""
+    from ..models.flux import run_routing_settings
     from .finetunes import training_configs
 
-    found = {config.get("resolution") for config in training_configs(finetunes)} - {None}
-    return {"training_resolution": found.pop()} if len(found) == 1 else {}
+    configs = training_configs(finetunes)
+    if not configs or any(config.get("model_type") != "flux" for config in configs):
+        return {}
+    settings = [run_routing_settings(config) for config in configs]
+    return {"training_routing": settings[0]} if all(s == settings[0] for s in settings) else {}
 
 
 def routing_scheduler(pipeline, info: dict):
@@ -81,7 +86,7 @@ def routing_scheduler(pipeline, info: dict):
         return None
     from ..models.flux import routing_scheduler as flux_routing_scheduler
 
-    return flux_routing_scheduler(pipeline, info.get("training_resolution"))
+    return flux_routing_scheduler(pipeline, **(info.get("training_routing") or {}))
 
 
 def write_ensemble(base_pipeline, finetunes, models, output_dir: str, num_timesteps: int) -> dict:
@@ -112,7 +117,7 @@ def write_ensemble(base_pipeline, finetunes, models, output_dir: str, num_timest
         "intervals": intervals.to_dict(),
         "members": names,
         "sources": [finetune.path for finetune in finetunes],
-        **_training_resolution(finetunes),
+        **_training_routing(finetunes),
     }
     with open(os.path.join(output_dir, ENSEMBLE_CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
@@ -139,7 +144,7 @@ def write_lora_ensemble(base_pipeline, finetunes, output_dir: str, num_timesteps
         "intervals": intervals.to_dict(),
         "members": [BASE_MEMBER if member is None else member_names[member] for member in members],
         "sources": [finetune.path for finetune in finetunes],
-        **_training_resolution(finetunes),
+        **_training_routing(finetunes),
     }
     with open(os.path.join(output_dir, ENSEMBLE_CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)

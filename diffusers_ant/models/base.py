@@ -981,9 +981,17 @@ OUTPUT_RECORD_NAMES = (LORA_INFO_NAME, CONTROLNET_INFO_NAME, CLASS_MAP_NAME)
 
 
 def remove_output_records(output_dir: str) -> None:
-    """Remove the output records (`OUTPUT_RECORD_NAMES`) an earlier run left in ``output_dir``: a full
-    fine-tune saved where a LoRA run had saved was otherwise loaded as the old LoRA on its base."""
-    for name in OUTPUT_RECORD_NAMES:
+    """Remove the records an earlier run left in ``output_dir`` that `load_pipeline` reads and attaches: the
+    output records (`OUTPUT_RECORD_NAMES`), DeMe's channel projections and ensemble record, and a ControlNet
+    LoRA's conditioning embedding. A full fine-tune saved where a LoRA run had saved was otherwise loaded as
+    the old LoRA on its base, and old projections sat on new weights. Each save (and
+    `deme.projection.save_adapter_output` after it) writes again those that apply to it."""
+    from ..deme.ensemble import ENSEMBLE_CONFIG_NAME
+    from ..deme.projection import PROJECTION_CONFIG_NAME, PROJECTION_WEIGHTS_NAME
+    from .controlnet import COND_EMBEDDING_WEIGHTS_NAME
+
+    for name in (*OUTPUT_RECORD_NAMES, PROJECTION_CONFIG_NAME, PROJECTION_WEIGHTS_NAME, ENSEMBLE_CONFIG_NAME,
+                 COND_EMBEDDING_WEIGHTS_NAME):
         path = os.path.join(output_dir, name)
         if os.path.isfile(path):
             os.remove(path)

@@ -112,17 +112,32 @@ def training_scheduler(scheduler, latent_size: int, flow_shift=None):
     return _copy_scheduler(scheduler, shift=float(mu if linear else math.exp(mu)), use_dynamic_shifting=False)
 
 
-def routing_scheduler(pipeline, resolution=None):
+def default_resolution(preset: bool) -> int:
+    """The training resolution without --resolution: 16 pixels for a preset, 512 for a checkpoint."""
+    return 16 if preset else 512
+
+
+def routing_scheduler(pipeline, resolution=None, flow_shift=None):
     """The scheduler whose training sigmas a router over ``pipeline``'s FLUX.1 transformer must map to training
-    indices: the training table at ``resolution`` (the run's ``--resolution``) for a dynamic-shift scheduler,
-    whose own table is unshifted while the run trained on the one shifted for its resolution; the pipeline's
-    scheduler itself otherwise. None where the shift depends on a resolution that is not known."""
+    indices: the run's static table with ``flow_shift`` (``--flow_shift``); else, for a dynamic-shift
+    scheduler (whose own table is unshifted while the run trained on the one shifted for its resolution), the
+    table at ``resolution`` (pixels); else the pipeline's scheduler itself. None where the shift depends on a
+    resolution that is not known."""
     scheduler = pipeline.scheduler
+    if flow_shift is not None:
+        return training_scheduler(scheduler, 0, flow_shift)  # (a static shift: the resolution plays no part)
     if not scheduler.config.get("use_dynamic_shifting", False):
         return scheduler
     if resolution is None:
         return None
     return training_scheduler(scheduler, int(resolution) // FluxAdapter.vae_scale_factor(pipeline.vae))
+
+
+def run_routing_settings(config: dict) -> dict:
+    """``{"resolution", "flow_shift"}`` a FLUX.1 run trained with, from its ``training_config.json`` (the
+    resolution it defaulted to where --resolution was not given): the arguments of `routing_scheduler`."""
+    resolution = config.get("resolution") or default_resolution(config.get("model_config_name_or_path") is not None)
+    return {"resolution": int(resolution), "flow_shift": config.get("flow_shift")}
 
 
 class FluxAdapter(ModelAdapter):
@@ -187,7 +202,7 @@ class FluxAdapter(ModelAdapter):
             preset = resolve_model_config(cls.model_type, model_config_name_or_path)
         vae = cls._load_vae(source, preset, 3, resolution)
         scale = cls.vae_scale_factor(vae)
-        resolution = resolution or (16 if preset is not None else 512)
+        resolution = resolution or default_resolution(preset is not None)
         # checked before the text encoders and the transformer load: a multiple of twice the VAE factor
         latent_size = packed_sample_size(resolution, scale, "Flux")
         tokenizer_one, text_encoder, tokenizer_two, text_encoder_2 = cls._load_text_parts_flux(source, preset)
