@@ -98,6 +98,11 @@ def test_a_run_given_in_epochs_resumes_under_a_cosine_schedule_exactly(tmp_path,
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_in_process([*common, "--output_dir", str(straight)])
     shutil.copytree(straight / "checkpoint-4", resumed / "checkpoint-4")
+    # another epoch count draws the cosine over another length: still refused, once the length is known
+    longer = [*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"]
+    longer[longer.index("--num_train_epochs") + 1] = "3"
+    with pytest.raises(ValueError, match=r"was 12 when .*checkpoint-4 was written and is 18 now, which changes the learning rate"):
+        train_in_process(longer)
     capsys.readouterr()
     train_in_process([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
     out = capsys.readouterr().out

@@ -285,11 +285,10 @@ def train(args) -> str:
     updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
-        if checkpoint is not None:  # the comparison left out before loading (`deferred`)
-            for change in check_resume_config(checkpoint_config(checkpoint), public_config(args), checkpoint,
-                                              accelerator.num_processes):
-                if change[2:].split(":")[0] in deferred:
-                    logger.info("resuming with a changed setting, %s", change)
+        if checkpoint is not None:  # the comparison left out before loading: the `deferred` flags alone
+            current = {key: value for key, value in public_config(args).items() if key in deferred}
+            for change in check_resume_config(checkpoint_config(checkpoint), current, checkpoint, accelerator.num_processes):
+                logger.info("resuming with a changed setting, %s", change)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
 
     weighting = None
