@@ -67,8 +67,6 @@ def training_routing_scheduler(pipeline, folders):
     """What `routing.denoiser_timestep_map` needs beside ``pipeline``'s scheduler: for a FLUX.1 pipeline, the
     training table of the run the first of ``folders`` with a ``training_config.json`` records (its resolution
     and --flow_shift: `models.flux.routing_scheduler`); None for every other pipeline (its own scheduler's)."""
-    if type(pipeline).__name__ != "FluxPipeline":
-        return None
     from ..models.flux import routing_scheduler, run_routing_settings
 
     for folder in folders:

@@ -82,8 +82,6 @@ def _training_routing(finetunes) -> dict:
 
 def routing_scheduler(pipeline, info: dict):
     """The scheduler whose table a router over the saved ensemble maps timesteps into (None: the pipeline's)."""
-    if type(pipeline).__name__ != "FluxPipeline":
-        return None
     from ..models.flux import routing_scheduler as flux_routing_scheduler
 
     return flux_routing_scheduler(pipeline, **(info.get("training_routing") or {}))

@@ -121,8 +121,11 @@ def routing_scheduler(pipeline, resolution=None, flow_shift=None):
     """The scheduler whose training sigmas a router over ``pipeline``'s FLUX.1 transformer must map to training
     indices: the run's static table with ``flow_shift`` (``--flow_shift``); else, for a dynamic-shift
     scheduler (whose own table is unshifted while the run trained on the one shifted for its resolution), the
-    table at ``resolution`` (pixels); else the pipeline's scheduler itself. None where the shift depends on a
-    resolution that is not known."""
+    table at ``resolution`` (pixels); else the pipeline's scheduler itself. None for a pipeline of another
+    family (its own scheduler's table is the trained one: Qwen-Image trains on the unshifted table), and where
+    the shift depends on a resolution that is not known."""
+    if type(pipeline).__name__ != "FluxPipeline":
+        return None
     scheduler = pipeline.scheduler
     if flow_shift is not None:
         return training_scheduler(scheduler, 0, flow_shift)  # (a static shift: the resolution plays no part)

@@ -24,10 +24,11 @@ As in ANT, alpha is re-solved every `update_every` = 25 steps and reused in betw
 `reuse_weights` instead. It also asks for a solve off that cadence when a present task was not
 covered by the last solve: with batches smaller than K (each cluster present with probability B / K)
 a cluster absent at the solve would otherwise take the alpha of an earlier solve over other tasks, or
-the initial 1, for the rest of the window. (The authors' tasks are present in every batch.) Only `weights_from_grads` / `weights_from_gram` / `reuse_weights`
-advance the step counter and alpha (one call per optimizer step); `needs_gradients_this_step`
-and `stored_weights` (the weights `reuse_weights` will return, for a step whose fp16 overflow is
-known only after its backward pass) only read it.
+the initial 1, for the rest of the window. (The authors' tasks are present in every batch.) Only
+`weights_from_grads` / `weights_from_gram` / `reuse_weights` advance the step counter and alpha
+(one call per optimizer step); `needs_gradients_this_step` and `stored_weights` (the weights
+`reuse_weights` will return, for a step whose fp16 overflow is known only after its backward pass)
+only read it.
 
 Subset mode (per-task gradients of a parameter subset, the engine's `subset=`): the authors form
 G from the shared parameters only and apply alpha as loss weights to every parameter; weights
