@@ -975,23 +975,18 @@ def batch_rows(batch: dict) -> int:
     return values.shape[0]
 
 
-# The records that make `load_pipeline` read a folder as a LoRA output, a ControlNet output or a class-mapped
-# DiT (before its model_index.json); each save writes again those that apply to it.
-OUTPUT_RECORD_NAMES = (LORA_INFO_NAME, CONTROLNET_INFO_NAME, CLASS_MAP_NAME)
-
-
 def remove_output_records(output_dir: str) -> None:
-    """Remove the records an earlier run left in ``output_dir`` that `load_pipeline` reads and attaches: the
-    output records (`OUTPUT_RECORD_NAMES`), DeMe's channel projections and ensemble record, and a ControlNet
-    LoRA's conditioning embedding. A full fine-tune saved where a LoRA run had saved was otherwise loaded as
-    the old LoRA on its base, and old projections sat on new weights. Each save (and
-    `deme.projection.save_adapter_output` after it) writes again those that apply to it."""
-    from ..deme.ensemble import ENSEMBLE_CONFIG_NAME
+    """Remove the records an earlier run left in ``output_dir`` that `load_pipeline` reads and attaches: a
+    LoRA, ControlNet or class-map record (read before ``model_index.json``), DeMe's channel projections and
+    ensemble record, and a ControlNet LoRA's conditioning embedding. A full fine-tune saved where a LoRA run
+    had saved was otherwise loaded as the old LoRA on its base, and old projections sat on new weights. Each
+    save (and `deme.projection.save_adapter_output` after it) writes again those that apply to it."""
+    from ..deme.ensemble import ENSEMBLE_CONFIG_NAME  # (imported here: deme imports this module)
     from ..deme.projection import PROJECTION_CONFIG_NAME, PROJECTION_WEIGHTS_NAME
     from .controlnet import COND_EMBEDDING_WEIGHTS_NAME
 
-    for name in (*OUTPUT_RECORD_NAMES, PROJECTION_CONFIG_NAME, PROJECTION_WEIGHTS_NAME, ENSEMBLE_CONFIG_NAME,
-                 COND_EMBEDDING_WEIGHTS_NAME):
+    for name in (LORA_INFO_NAME, CONTROLNET_INFO_NAME, CLASS_MAP_NAME, PROJECTION_CONFIG_NAME, PROJECTION_WEIGHTS_NAME,
+                 ENSEMBLE_CONFIG_NAME, COND_EMBEDDING_WEIGHTS_NAME):
         path = os.path.join(output_dir, name)
         if os.path.isfile(path):
             os.remove(path)
