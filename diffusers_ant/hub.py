@@ -449,7 +449,9 @@ def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipel
         code.lines.append(f"controlnet = ControlNetModel.from_pretrained({where.expr})")
         code.lines.append(f"pipe = StableDiffusionControlNetPipeline.from_pretrained({base.expr}, controlnet=controlnet)")
         unet_config = _read_json(base.local / "unet" / "config.json") if base.local is not None else None
-        return {"pipeline": "StableDiffusionControlNetPipeline", "config": unet_config, "unet_config": unet_config}
+        controlnet_config = _read_json(local / "config.json") if local is not None else None
+        return {"pipeline": "StableDiffusionControlNetPipeline", "config": unet_config, "unet_config": unet_config,
+                "controlnet_config": controlnet_config}
     class_name = index.get("_class_name") if index else None
     denoiser = _DENOISER.get(model_type, "unet") if model_type != "controlnet" else "unet"
     config = _read_json(local / denoiser / "config.json") if local is not None else None
@@ -519,9 +521,16 @@ def _call_code(code: _Snippet, model_type: str, facts: dict, prompt: str, resolu
         if resolution is None:
             unet = facts.get("unet_config") or {}
             resolution = int(unet["sample_size"]) * 8 if unet.get("sample_size") else 512
-        code.use("PIL", "Image")
-        code.lines.append(f'control_image = Image.new("RGB", ({resolution}, {resolution}))'
-                          "  # your conditioning image, e.g. diffusers.utils.load_image(...)")
+        channels = (facts.get("controlnet_config") or {}).get("conditioning_channels", 3)
+        if channels == 3:
+            code.use("PIL", "Image")
+            code.lines.append(f'control_image = Image.new("RGB", ({resolution}, {resolution}))'
+                              "  # your conditioning image, e.g. diffusers.utils.load_image(...)")
+        else:
+            # the pipeline converts a PIL condition to RGB; a tensor in [0, 1] keeps its channels
+            code.use("torch")
+            code.lines.append(f"control_image = torch.zeros(1, {channels}, {resolution}, {resolution})"
+                              f"  # your {channels}-channel conditioning image, values in [0, 1]")
         code.lines.append(f"image = pipe({_q(prompt)}, image=control_image, num_inference_steps=30).images[0]")
 
 

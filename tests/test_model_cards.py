@@ -230,3 +230,35 @@ def test_dit_card_samples_what_the_model_was_trained_on(tmp_path):
         make_output(case, out, lora=False)
         code = python_block(write_model_card(out, model_type=CASES[case][0], method_summary=summary("x", False)).read_text())
         assert expected in code, code
+
+
+@pytest.mark.slow
+def test_one_channel_controlnet_trains_samples_and_its_card_snippet_runs(tmp_path, snippet_runner):
+    """A ControlNet with `conditioning_channels=1` (a greyscale condition): the data loader reads the
+    conditions as L, validation samples through diffusers' pipeline (which converts a PIL condition to
+    RGB, so the adapter passes a 1-channel tensor), and the card's snippet builds a 1-channel condition."""
+    from diffusers import ControlNetModel
+
+    from trainer_utils import TINY_RUN, train_in_process
+
+    torch.manual_seed(0)
+    get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=RES).save(str(tmp_path / "sd-base"))
+    preset = get_model_adapter("controlnet").load(model_config_name_or_path="tiny", resolution=RES).model.config
+    base_unet = get_model_adapter("sd").load(pretrained_model_name_or_path=str(tmp_path / "sd-base")).model
+    ControlNetModel.from_unet(base_unet, conditioning_channels=1,
+                              conditioning_embedding_out_channels=preset.conditioning_embedding_out_channels
+                              ).save_pretrained(tmp_path / "cn-grey")
+    out = tmp_path / "out"
+    run = [a for a in TINY_RUN if a != "tiny"]
+    run.remove("--model_config_name_or_path")
+    train_in_process(["--model_type", "controlnet", "--dataset_name", "mnist5k_captions", "--output_dir", str(out),
+                      "--pretrained_model_name_or_path", str(tmp_path / "sd-base"),
+                      "--controlnet_model_name_or_path", str(tmp_path / "cn-grey"), "--max_train_steps", "1",
+                      "--validation_prompt", PROMPT, *run])
+    assert json.loads((out / "config.json").read_text())["conditioning_channels"] == 1
+    assert (out / "samples" / "step-1.png").is_file()  # validation sampled through the pipeline
+    code = python_block((out / "README.md").read_text())
+    assert "torch.zeros(1, 1," in code, code
+    code = re.sub(r"num_inference_steps=\d+", "num_inference_steps=2", code)
+    result = run_snippet(snippet_runner, code, tmp_path, checks_for("controlnet", lora=False))
+    assert result.returncode == 0 and "SNIPPET_OK" in result.stdout, f"{code}\n---\n{result.stderr[-3000:]}"

@@ -19,7 +19,7 @@ import torch
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 # channel count -> PIL mode
-_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 class ImageTransform:
@@ -36,7 +36,7 @@ class ImageTransform:
     ):
         if not isinstance(resolution, int) or resolution < 1:
             raise ValueError(f"--resolution must be a positive integer, got {resolution!r}")
-        if num_channels is not None and num_channels not in _MODES:
+        if num_channels is not None and num_channels not in CHANNEL_MODES:
             raise ValueError(f"num_channels must be 1 (greyscale), 3 (RGB) or 4 (RGBA), got {num_channels}")
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"unknown interpolation '{interpolation}': choose one of {', '.join(INTERPOLATIONS)}")
@@ -71,7 +71,7 @@ class ImageTransform:
                 scale = 1.0 if peak <= 1.0 and image.mode == "F" else (65535.0 if peak > 255 else 255.0)
             image = Image.fromarray(np.clip(array * (255.0 / scale), 0, 255).astype(np.uint8))  # 2-D uint8 -> mode "L"
         if self.num_channels is not None:
-            mode = _MODES[self.num_channels]
+            mode = CHANNEL_MODES[self.num_channels]
         elif image.mode in ("L", "RGB"):
             mode = image.mode
         elif image.mode in ("1", "LA"):

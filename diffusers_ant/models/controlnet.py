@@ -176,14 +176,26 @@ class ControlNetAdapter(StableDiffusionAdapter):
         """Whether the conditioning embedding is trained in full beside the LoRA weights."""
         return self._initial_cond_embedding is not None
 
+    @property
+    def conditioning_channels(self) -> int:
+        """Channels of the ControlNet's conditioning image (3 for diffusers' ControlNets; 1 for a greyscale one)."""
+        return self.model.config.conditioning_channels
+
+    def data_options(self) -> dict:
+        """As the base, plus conditioning images read in the ControlNet's channels (L for a 1-channel one)."""
+        return {**super().data_options(), "conditioning_channels": self.conditioning_channels}
+
     def conditioning(self, batch, generator=None, training=False):
         cond = super().conditioning(batch, generator=generator, training=training)
         image = batch.get("conditioning_pixel_values")
         if image is None:
             raise ValueError("ControlNet training needs conditioning images: set --conditioning_image_column")
-        expected = self.model.config.conditioning_channels
+        expected = self.conditioning_channels
         if image.shape[1] == 1 and expected == 3:
             image = image.expand(-1, 3, -1, -1)
+        elif image.shape[1] != expected:
+            raise ValueError(f"the ControlNet takes {expected}-channel conditioning images, the batch holds "
+                             f"{image.shape[1]}-channel ones: build the data loader with the adapter's data_options()")
         cond["controlnet_cond"] = image.float()
         return cond
 
@@ -217,9 +229,16 @@ class ControlNetAdapter(StableDiffusionAdapter):
         if hasattr(conditioning_images, "ndim") and conditioning_images.ndim == 4:
             conditioning_images = list(conditioning_images)
         kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+        images = repeat_to(conditioning_images, num_images)
+        if pipeline.controlnet.config.conditioning_channels != 3:
+            images = [pil_to_condition(image, pipeline.controlnet.config.conditioning_channels) for image in images]
+            if len({image.shape for image in images}) == 1:
+                import torch
+
+                images = torch.cat(images)  # (the pipeline warns of a list of 4-d tensors)
         return pipeline(
             **prompt_arguments(prompts, num_images),
-            image=repeat_to(conditioning_images, num_images),
+            image=images,
             num_inference_steps=num_inference_steps,
             generator=generator,
             output_type="pil",
@@ -292,3 +311,21 @@ class ControlNetAdapter(StableDiffusionAdapter):
         if os.path.isfile(embedding_file):
             pipeline.controlnet.controlnet_cond_embedding.load_state_dict(load_file(embedding_file))
         return pipeline
+
+
+def pil_to_condition(image, channels: int):
+    """A conditioning image for a ControlNet of `channels` (1 or 4) conditioning channels, as its pipeline
+    takes it: a (1, channels, H, W) float tensor in [0, 1]. A PIL image would not do: diffusers' ControlNet
+    pipelines convert every PIL condition to RGB (`VaeImageProcessor(do_convert_rgb=True)`), and pass a
+    tensor through unchanged but for the resize. A tensor is returned as it is."""
+    import numpy as np
+    import torch
+
+    from ..data.transforms import CHANNEL_MODES
+
+    if isinstance(image, torch.Tensor):
+        return image
+
+    array = np.asarray(image.convert(CHANNEL_MODES[channels]), dtype=np.float32) / 255.0
+    array = array[..., None] if array.ndim == 2 else array
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
