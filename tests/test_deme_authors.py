@@ -28,16 +28,20 @@ def test_deme_run_takes_the_authors_optimiser_and_projection_unless_flags_are_gi
     deme = ("--deme_interval", "1", "--num_clusters", "4")
     args = _parse(*deme, pretrained=str(tmp_path))
     assert (args.learning_rate, args.adam_beta1, args.adam_weight_decay) == (5e-5, 0.95, 1e-6)
-    assert args.use_ema and args.channel_projection
+    assert args.use_ema and args.channel_projection and args.deme_antithetic
     # what the user gives wins, abbreviated or with '=' too
     args = _parse(*deme, "--learn", "1e-3", "--adam_beta1=0.9", "--no-use_ema", "--no_channel_projection",
-                  pretrained=str(tmp_path))
+                  "--no-deme_antithetic", pretrained=str(tmp_path))
     assert (args.learning_rate, args.adam_beta1, args.adam_weight_decay) == (1e-3, 0.9, 1e-6)
-    assert not args.use_ema and not args.channel_projection
+    assert not args.use_ema and not args.channel_projection and args.deme_antithetic is False
+    # a coin per sample has no pairs to mirror: no antithetic draw by default there, and asking for one is refused
+    assert _parse(*deme, "--deme_sampling", "per_sample", pretrained=str(tmp_path)).deme_antithetic is False
+    with pytest.raises(ValueError, match="--deme_sampling per_batch"):
+        _parse(*deme, "--deme_sampling", "per_sample", "--deme_antithetic", pretrained=str(tmp_path))
     # without --deme_interval nothing changes
     args = _parse()
-    assert (args.learning_rate, args.adam_beta1, args.adam_weight_decay, args.use_ema, args.channel_projection) == (
-        1e-4, 0.9, 1e-2, False, False)
+    assert (args.learning_rate, args.adam_beta1, args.adam_weight_decay, args.use_ema, args.channel_projection,
+            args.deme_antithetic) == (1e-4, 0.9, 1e-2, False, False, False)
 
 
 def test_help_states_the_authors_settings():
@@ -45,7 +49,7 @@ def test_help_states_the_authors_settings():
 
     text = " ".join(build_parser().format_help().split())
     for needle in ("--learning_rate 5e-05", "--adam_beta1 0.95", "--adam_weight_decay 1e-06", "--no-use_ema",
-                   "--no_channel_projection", "no weight decay", "once per micro-batch", "lo + hi - t",
+                   "--no_channel_projection", "--no-deme_antithetic", "no weight decay", "once per micro-batch", "lo + hi - t",
                    "skip connections unprojected"):
         assert needle in text, needle
 

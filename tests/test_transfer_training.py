@@ -94,7 +94,9 @@ def test_the_retention_exponent_can_be_tied_to_the_data_exponent():
     common = ["--dataset_name", "mnist5k", "--pretrained_model_name_or_path", os.getcwd(), "--retention", "kd"]
     args = parse_args([*common, "--retention_exponent", "tied", "--reconsolidation_exponent", "2.5"])
     assert args.retention_exponent == 2.5 and args.reconsolidation_exponent == 2.5
-    assert parse_args([*common, "--reconsolidation_exponent", "2.5"]).retention_exponent == 1.0  # untied by default
+    # tied by default, as the authors' code; a number sets it apart
+    assert parse_args([*common, "--reconsolidation_exponent", "2.5"]).retention_exponent == 2.5
+    assert parse_args([*common, "--reconsolidation_exponent", "2.5", "--retention_exponent", "1"]).retention_exponent == 1.0
 
 
 def test_kd_teacher_encodes_with_the_pretrained_text_encoder(tmp_path):

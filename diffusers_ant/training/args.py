@@ -228,9 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "floor(B x fraction) rows, as the authors' int(0.2 * B).")
     g.add_argument("--bank_weight", type=float, default=0.1,
                    help="lambda: loss = mean over downstream samples + lambda x mean over retention samples.")
-    g.add_argument("--retention_exponent", type=_exponent_or_tied, default=1.0,
-                   help="a: retention timesteps drawn with probability (T - t)^a (low noise); 0 = uniform; `tied`: "
-                   "a = --reconsolidation_exponent, as the authors' code uses one exponent for both.")
+    g.add_argument("--retention_exponent", type=_exponent_or_tied, default="tied",
+                   help="a: retention timesteps drawn with probability (T - t)^a (low noise); 0 = uniform; `tied` "
+                   "(default): a = --reconsolidation_exponent, as the authors' code uses one exponent for both.")
     g.add_argument("--reconsolidation_exponent", type=float, default=1.0,
                    help="b: downstream timesteps drawn with probability (t + 1)^b (high noise); 0 = uniform.")
     g.add_argument("--bank_keep_prompts", action="store_true",
@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         "DeMe: decouple, then merge (Decouple-Then-Merge, CVPR 2025)",
         "With --deme_interval the run uses the authors' settings (MqLeet/DeMe) for every flag not given: "
         + ", ".join(f"--{k} {v}" for k, v in DEME_AUTHORS_DEFAULTS.items() if not isinstance(v, bool))
-        + ", --use_ema (turn it off with --no-use_ema), channel projection on (--no_channel_projection); the "
+        + ", --use_ema (turn it off with --no-use_ema), antithetic timestep pairs (--no-deme_antithetic), "
+        "channel projection on (--no_channel_projection); the "
         "projections and norms get no weight decay (decay pulls a projection toward zero, not the identity).")
     g.add_argument("--deme_interval", type=int, default=None,
                    help="Fine-tune the pretrained model on this interval (0 = lowest noise) of the run's --num_clusters "
@@ -263,9 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deme_sampling", default="per_batch", choices=["per_batch", "per_sample"],
                    help="Flip the global-range coin once per micro-batch of --train_batch_size rows (the authors, before "
                    "gradient accumulation) or once per sample.")
-    g.add_argument("--deme_antithetic", action="store_true",
+    g.add_argument("--deme_antithetic", action=argparse.BooleanOptionalAction, default=None,
                    help="The authors' antithetic draw: half of each micro-batch's timesteps t, the other half "
-                   "lo + hi - t in the same range (needs --deme_sampling per_batch).")
+                   "lo + hi - t in the same range. On by default with --deme_interval and --deme_sampling per_batch "
+                   "(it pairs draws under one coin); --no-deme_antithetic turns it off.")
     g.add_argument("--channel_projection", action="store_true",
                    help="A learnable channel mixing initialised to the identity after each block, on the main path (skip "
                    "connections unprojected), as DeMe. On by default with --deme_interval; this flag adds it elsewhere.")
@@ -661,6 +663,8 @@ def _validate_deme(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError("--deme_antithetic pairs DeMe's interval draws: it needs --deme_interval")
     if args.deme_antithetic and args.deme_sampling != "per_batch":
         raise UsageError("--deme_antithetic pairs draws under one coin: use --deme_sampling per_batch")
+    if args.deme_antithetic is None:  # the authors' draw wherever it applies (MqLeet/DeMe pairs every batch)
+        args.deme_antithetic = args.deme_interval is not None and args.deme_sampling == "per_batch"
     if args.deme_interval is None:
         if args.channel_projection and args.pretrained_model_name_or_path is None:
             raise UsageError("--channel_projection adapts a pretrained model: give --pretrained_model_name_or_path")
