@@ -202,3 +202,22 @@ if __name__ == "__main__":  # manual use: python tests/hub_server.py, then HF_EN
     with FakeHub(max_seconds=600) as hub:
         print(hub.endpoint, flush=True)
         time.sleep(600)
+
+
+def cache_snapshot(cache_dir, repo_id: str, folder, revision: str = "main") -> str:
+    """Put `folder` into a Hugging Face cache (`cache_dir`) as the snapshot of the model repo `repo_id`, in
+    huggingface_hub's own layout (`models--{org}--{name}/refs/{revision}` naming a commit, whose files are
+    under `snapshots/{commit}/`), so that the real client code resolves the Hub id offline
+    (`HF_HUB_OFFLINE=1`) from that cache: `from_pretrained(repo_id, cache_dir=cache_dir)` runs unchanged
+    and any other cache misses it. Returns the snapshot folder."""
+    import os
+    import shutil
+
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    repo = os.path.join(os.fspath(cache_dir), "models--" + repo_id.replace("/", "--"))
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", revision), "w") as f:
+        f.write(commit)
+    snapshot = os.path.join(repo, "snapshots", commit)
+    shutil.copytree(os.fspath(folder), snapshot)
+    return snapshot

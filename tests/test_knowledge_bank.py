@@ -428,20 +428,47 @@ def test_the_bank_is_checked_against_the_weights_it_was_sampled_from(unet_model,
         check_bank_source({**manifest, "model_fingerprint": None}, unet_model)
 
 
-def test_a_hub_id_is_cached_in_cache_dir(monkeypatch, tmp_path):
-    """`build_knowledge_bank.py --cache_dir` reached the datasets only; a Hub model id was downloaded into the
-    default cache. The pipeline of a Hub id is now asked for with it (checked at diffusers' loader: no Hub here)."""
-    import diffusers
+def _sd_with_a_safety_checker(folder):
+    """The tiny SD pipeline with a (tiny, random) safety checker and its feature extractor, as the SD 1.x
+    checkpoints on the Hub ship it; saved to `folder`."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(0)
+    get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16).save(str(folder / "plain"))
+    tower = dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1, projection_dim=8)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=tower, projection_dim=8,
+                                                      vision_config={**tower, "image_size": 32, "patch_size": 16}))
+    StableDiffusionPipeline.from_pretrained(str(folder / "plain"), safety_checker=checker,
+                                            feature_extractor=CLIPImageProcessor(crop_size=32, size=32)
+                                            ).save_pretrained(folder / "pipeline")
+    return folder / "pipeline"
+
+
+def test_a_hub_id_with_a_dataset_builds_from_the_cache_dir_without_the_safety_checker(tmp_path):
+    """A Hub id (resolved offline from a Hugging Face cache in --cache_dir, huggingface_hub's own layout):
+    its model type is read from its model_index.json, so --dataset_name gives the prompts (it was taken
+    for a ControlNet's conditions: "no conditioning image column", or conditions for an SD pipeline);
+    the pipeline and the bank's fingerprint check load it from --cache_dir (the default cache misses it);
+    and the safety checker is dropped (a flagged image comes back black and would be trained on)."""
+    from hub_server import cache_snapshot
 
     from diffusers_ant.diff_tuning.bank import _load_source
 
-    asked = {}
-
-    def from_pretrained(path, **kwargs):
-        asked.update(path=path, **kwargs)
-        raise OSError("offline")
-
-    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", from_pretrained)
+    cache = tmp_path / "cache"
+    cache_snapshot(cache, "someone/tiny-sd", _sd_with_a_safety_checker(tmp_path))
+    pipeline, local = _load_source("someone/tiny-sd", None, None, cache_dir=str(cache))
+    assert not local and pipeline.safety_checker is None and type(pipeline).__name__ == "StableDiffusionPipeline"
     with pytest.raises(ValueError, match="could not be loaded"):
-        _load_source("someone/some-model", None, None, cache_dir=str(tmp_path))
-    assert asked["path"] == "someone/some-model" and asked["cache_dir"] == str(tmp_path)
+        _load_source("someone/tiny-sd", None, None)  # not in the default cache: nothing reaches the network
+
+    main = load_script()
+    assert main(["--pretrained_model_name_or_path", "someone/tiny-sd", "--cache_dir", str(cache), "--dataset_name",
+                 "mnist5k_captions", "--num_images", "2", "--num_inference_steps", "2", "--device", "cpu",
+                 "--no_progress", "--output_dir", str(tmp_path / "bank")]) == 0
+    dataset, manifest = load_knowledge_bank(tmp_path / "bank")
+    assert manifest["model_type"] == "sd" and manifest["source_model"] == "someone/tiny-sd"
+    assert manifest["prompts"]["source"] == "dataset mnist5k_captions, captions" and len(dataset) == 2
+    check_bank_source(manifest, "someone/tiny-sd", cache_dir=str(cache))  # the same weights, from the same cache
+    check_bank_source(manifest, str(tmp_path / "plain"))  # the checker is no part of the fingerprint

@@ -65,7 +65,8 @@ def build_parser():
                         help="Images sampled per pipeline call, latent DiTs included (part of the bank's settings: "
                              "keep it when resuming).")
     parser.add_argument("--num_inference_steps", type=int, default=50,
-                        help="Sampling steps (the paper samples its banks with 250 DDPM steps).")
+                        help="Sampling steps (the paper gives no count; its ablation finds more steps better, "
+                             "with diminishing returns).")
     parser.add_argument("--scheduler", default=None,
                         help="Sampler: the pipeline's own (default), ddim, ddpm or a diffusers scheduler class name.")
     parser.add_argument("--guidance_scale", type=float, default=None,
@@ -102,18 +103,31 @@ def build_parser():
     return parser
 
 
+def _source_model_type(args):
+    """The model type of the pipeline to sample, read from its model_index.json (a local folder's, or a Hub
+    id's, which downloads that file alone); None where there is none (a ControlNet saved alone)."""
+    from diffusers_ant.models.families import model_type_of_folder, model_type_of_index
+
+    name = args.pretrained_model_name_or_path
+    if os.path.isdir(name):
+        return model_type_of_folder(name) if os.path.isfile(os.path.join(name, "model_index.json")) else None
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(name, revision=args.revision, cache_dir=args.cache_dir)
+    except (OSError, ValueError):
+        return None  # unreachable or not a pipeline: build_knowledge_bank's load says so in one line
+    return model_type_of_index(index)
+
+
 def build(args) -> None:
     from diffusers_ant.diff_tuning.bank import (ConditioningImages, build_knowledge_bank, read_dataset_captions,
                                                 read_prompts_file)
-    from diffusers_ant.models.families import model_type_of_folder
-
     if args.conditioning_dir is not None and args.dataset_name is not None:
         raise ValueError("give either --conditioning_dir or --dataset_name, not both")
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file is not None else None
     prompts_source = "prompts file"
-    source_type = args.model_type
-    if source_type is None and os.path.isfile(os.path.join(args.pretrained_model_name_or_path, "model_index.json")):
-        source_type = model_type_of_folder(args.pretrained_model_name_or_path)
+    source_type = args.model_type or _source_model_type(args)
     conditioning = None
     if args.dataset_name is not None and source_type not in (None, "controlnet"):
         # a text-to-image base (sd, sdxl, sd3, flux, qwenimage): the dataset's captions are the prompts

@@ -315,7 +315,8 @@ def _num_classes(adapter, model_type):
 # Components left out of the fingerprint: a ControlNet run fine-tunes the ControlNet (given by
 # --controlnet_model_name_or_path, or new from the UNet) on top of a frozen Stable Diffusion base; the
 # bank's knowledge is that base's, and the run names the base as --pretrained_model_name_or_path.
-FINGERPRINT_EXCLUDED = ("controlnet",)
+# The safety checker is no part of the model either (and `_load_source` drops it, below).
+FINGERPRINT_EXCLUDED = ("controlnet", "safety_checker")
 
 
 def _model_fingerprint(pipeline) -> str:
@@ -347,16 +348,23 @@ def _load_source(pretrained_model_name_or_path, revision, torch_dtype, cache_dir
     errors = (OSError,) if local else (OSError, ValueError)  # a Hub id's errors are long; a folder's are ours
     try:
         if local:
-            return load_pipeline(path, torch_dtype=torch_dtype), local
-        from diffusers import DiffusionPipeline
+            pipeline = load_pipeline(path, torch_dtype=torch_dtype)
+        else:
+            from diffusers import DiffusionPipeline
 
-        return DiffusionPipeline.from_pretrained(path, revision=revision, torch_dtype=torch_dtype,
-                                                 cache_dir=cache_dir), local
+            pipeline = DiffusionPipeline.from_pretrained(path, revision=revision, torch_dtype=torch_dtype,
+                                                         cache_dir=cache_dir)
     except errors as err:
         raise ValueError(
             f"pretrained model {path!r} could not be loaded ({type(err).__name__}): give a pipeline folder saved "
             "with save_pretrained, or a Hub id while online"
         ) from err
+    if getattr(pipeline, "safety_checker", None) is not None:
+        # A bank is training data: an image the checker flags comes back black, and would be trained on as
+        # the pretrained model's knowledge. (diffusers' training scripts sample their validation images with
+        # safety_checker=None too.) The pipeline's __call__ skips the check when it is None.
+        pipeline.safety_checker = None
+    return pipeline, local
 
 
 # ------------------------------------------------------------------------------ manifest
@@ -558,8 +566,8 @@ def build_knowledge_bank(
         batch_size: images sampled at once. Part of the settings: batches sit at fixed positions,
             so a resumed build redraws exactly the batches an uninterrupted one draws.
         num_inference_steps, scheduler: the sampler (``scheduler``: None for the pipeline's own, or
-            ``"ddim"``, ``"ddpm"`` or a diffusers scheduler class name; the paper samples its banks
-            with 250 DDPM steps).
+            ``"ddim"``, ``"ddpm"`` or a diffusers scheduler class name). The paper gives no step
+            count; its ablation finds more steps better, with diminishing returns.
         guidance_scale: classifier-free guidance (``dit``, ``sd``, ``controlnet``; None: the
             pipeline's default).
         class_labels: classes to cycle through (default: every class of a class-conditional model).
@@ -815,7 +823,8 @@ def check_bank_compatible(manifest: dict, model_type: str, resolution: int, chan
         )
 
 
-def check_bank_source(manifest: dict, pretrained_model_name_or_path: str, revision: str | None = None) -> None:
+def check_bank_source(manifest: dict, pretrained_model_name_or_path: str, revision: str | None = None,
+                      cache_dir: str | None = None) -> None:
     """Refuse a bank sampled from other weights than the model this run fine-tunes.
 
     The bank's manifest records ``model_fingerprint``, the sha256 of every weight of the pipeline it
@@ -830,7 +839,7 @@ def check_bank_source(manifest: dict, pretrained_model_name_or_path: str, revisi
         raise ValueError(f"the knowledge bank ({source}) records no model fingerprint: rebuild it with python {BUILD_COMMAND}")
     path = os.fspath(pretrained_model_name_or_path)
     dtype = getattr(torch, str(manifest.get("torch_dtype") or "float32"))
-    pipeline, _ = _load_source(path, None if os.path.isdir(path) else revision, dtype)
+    pipeline, _ = _load_source(path, None if os.path.isdir(path) else revision, dtype, cache_dir)
     found = _model_fingerprint(pipeline)
     del pipeline
     if found != recorded:

@@ -63,7 +63,8 @@ def knowledge_bank_dataloader(args, adapter, needs: dict, rows: int):
     bank, manifest = load_knowledge_bank(args.knowledge_bank)
     check_bank_compatible(manifest, model_type=args.model_type, resolution=pixel_resolution(adapter),
                           channels=adapter.num_channels)
-    check_bank_source(manifest, args.pretrained_model_name_or_path, getattr(args, "revision", None))
+    check_bank_source(manifest, args.pretrained_model_name_or_path, getattr(args, "revision", None),
+                      getattr(args, "cache_dir", None))
     recorded = manifest.get("columns") or {}
     columns = resolve_columns(bank, image_column=recorded.get("image_column"),
                               caption_column=recorded.get("caption_column"),
