@@ -117,15 +117,19 @@ def test_feature_extractor_names():
         (["--model", "MODEL"], 2, "--dataset_name"),
         (["--model", "MODEL", "--dataset_name", "digits", "--scheduler", "fastest", "--num_samples", "2"], 1,
          "unknown scheduler"),
+        # no classifier for the user's own images: refused as a usage error (2) before loading or sampling,
+        # not after every sample is drawn
+        (["--model", "MODEL", "--train_data_dir", "TMP"], 2, "no domain feature extractor for --train_data_dir"),
+        (["--model", "MODEL", "--dataset_name", "mnist5k_captions"], 2, "no domain feature extractor for mnist5k_captions"),
     ],
 )
-def test_bad_input_is_one_short_line(saved, extra, code, message, capsys):
+def test_bad_input_is_one_short_line(saved, extra, code, message, capsys, tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("evaluate_model", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    argv = [saved["model"] if a == "MODEL" else a for a in extra]
+    argv = [{"MODEL": saved["model"], "TMP": str(tmp_path)}.get(a, a) for a in extra]
     try:
         result = module.main(argv + ["--no_progress"])
     except SystemExit as exit_:
@@ -133,3 +137,18 @@ def test_bad_input_is_one_short_line(saved, extra, code, message, capsys):
     err = capsys.readouterr().err.strip()
     assert result == code
     assert len(err.splitlines()) == 1 and err.startswith("evaluate_model.py: error:") and message in err
+
+
+def test_prompts_from_caption_lists_are_their_first_caption(tmp_path):
+    """A dataset whose caption cells are lists (several captions per image, as COCO): the evaluation prompts
+    are each row's first caption, as training's validation prompts; `str` made them the text "['a', 'b']"."""
+    from PIL import Image
+
+    from diffusers_ant.analysis.evaluate import dataset_captions
+
+    rows = []
+    for i in range(3):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": [f"caption {i}", f"other {i}"]}))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    assert sorted(dataset_captions(train_data_dir=str(tmp_path), num_captions=3)) == ["caption 0", "caption 1", "caption 2"]

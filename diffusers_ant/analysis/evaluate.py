@@ -198,12 +198,12 @@ def _sample_text_to_image(pipeline, num_samples, denoiser, scheduler, num_infere
 def dataset_captions(dataset_name=None, num_captions=1000, seed=0, train_data_dir=None) -> list:
     """The captions of the rows `real_images` draws (`real_image_indices`), the prompts a text-to-image
     model is evaluated with, so its samples and the real images describe the same things."""
-    from ..data import load_training_dataset, resolve_columns
+    from ..data import first_caption, load_training_dataset, resolve_columns
 
     dataset = load_training_dataset(dataset_name=dataset_name, train_data_dir=train_data_dir)
     column = resolve_columns(dataset, need_captions=True)["caption_column"]
     captions = dataset[column]
-    return [str(captions[i]) for i in real_image_indices(len(captions), num_captions, seed)]
+    return [first_caption(captions[i]) for i in real_image_indices(len(captions), num_captions, seed)]
 
 
 def save_images(images: np.ndarray, folder: str, prefix: str = "sample") -> list:
@@ -458,3 +458,8 @@ def check_sampling_arguments(parser, args) -> None:
         parser.error(f"unknown --feature_extractor {args.feature_extractor!r}; valid: {', '.join(FEATURE_EXTRACTOR_NAMES)}")
     if args.feature_extractor == "inception" and not args.inception_weights:
         parser.error("--feature_extractor inception needs --inception_weights FILE.safetensors")
+    if args.feature_extractor == "domain" and (args.train_data_dir is not None or args.dataset_name not in DOMAIN_DATASETS):
+        # checked before any sampling: reference_for would raise it only once every sample is drawn
+        data = args.dataset_name if args.train_data_dir is None else f"--train_data_dir {args.train_data_dir}"
+        parser.error(f"no domain feature extractor for {data} (there are: {', '.join(DOMAIN_DATASETS)}): "
+                     "use --feature_extractor inception --inception_weights FILE.safetensors")

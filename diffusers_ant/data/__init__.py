@@ -15,7 +15,7 @@ See `dataloader.py` for the batch keys and what the loop must do to resume at an
 
 from .builtin import BUILTIN_DATASETS, NumpyArrayUnpickler, is_builtin_dataset, load_builtin_dataset, load_numpy_pickle
 from .dataloader import EpochRandomSampler, TrainingDataset, batches_per_process, make_train_dataloader
-from .loading import class_names, dataset_image_channels, load_training_dataset, resolve_columns
+from .loading import class_names, dataset_image_channels, first_caption, load_training_dataset, resolve_columns
 from .toy import edge_map, make_toy_caption_dataset
 from .transforms import ImageTransform, build_transforms
 
@@ -36,5 +36,6 @@ __all__ = [
     "make_toy_caption_dataset",
     "batches_per_process",
     "make_train_dataloader",
+    "first_caption",
     "resolve_columns",
 ]

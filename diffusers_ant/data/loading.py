@@ -230,6 +230,15 @@ def resolve_columns(
     }
 
 
+def first_caption(value) -> str:
+    """A prompt from a caption cell: the caption, or the first of a list of captions (training draws one
+    of them per sample; a list given to a pipeline would be read as a text pair, and `str` of it is the
+    text "['a', 'b']")."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else ""
+    return str(value)
+
+
 def class_names(dataset, class_column: str) -> list[str]:
     """The class names of `class_column`, in label-id order (the model's `num_class_embeds` is their count).
 

@@ -101,12 +101,13 @@ def default_validation_inputs(args, dataset, columns) -> dict:
     either is repeated for all); the pairs are cycled over `--num_validation_images`."""
     from PIL import Image
 
+    from ..data import first_caption
     from ..models.base import repeat_to
 
     n = args.num_validation_images
     inputs = {}
     if args.model_type in TEXT_TO_IMAGE_TYPES:
-        prompts = args.validation_prompt or [_first_caption(dataset[i % len(dataset)][columns["caption_column"]])
+        prompts = args.validation_prompt or [first_caption(dataset[i % len(dataset)][columns["caption_column"]])
                                              for i in range(n)]
         inputs["prompts"] = repeat_to(list(prompts), n)
     if args.model_type == "controlnet":
@@ -116,14 +117,6 @@ def default_validation_inputs(args, dataset, columns) -> dict:
             images = [dataset[i % len(dataset)][columns["conditioning_image_column"]].convert("RGB") for i in range(n)]
         inputs["conditioning_images"] = repeat_to(images, n)
     return inputs
-
-
-def _first_caption(value) -> str:
-    """A validation prompt from a caption cell: the caption, or the first of a list of captions (training
-    draws one of them per sample; a list given to the pipeline would be read as a text pair)."""
-    if isinstance(value, (list, tuple)):
-        value = value[0] if value else ""
-    return str(value)
 
 
 def windows(batches, size: int):
