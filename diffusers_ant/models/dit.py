@@ -22,7 +22,11 @@ project's ``PixelDiTPipeline``, with DDPM-family and flow-matching schedulers al
 (preset ``tiny-latent``, or a pretrained ``DiTPipeline`` folder) through diffusers' ``DiTPipeline``,
 which cannot step a flow-matching scheduler (``ModelAdapter.load`` refuses that combination). A DiT
 with learned variance (``out_channels = 2 * in_channels``, as DiT-XL-2) is trained on its first
-``in_channels`` outputs, the noise prediction.
+``in_channels`` outputs, the noise prediction. The DiT and Diff-Tuning reference code also keep the
+variational-bound (vb) term that trains the variance half; it is left out here because diffusers'
+samplers never read that half (``DiTPipeline`` splits it off and steps with the scheduler's fixed
+variance), so it would train outputs nothing downstream uses. A run that needs learned-variance
+sampling outside diffusers should keep the reference code's loss.
 """
 
 import torch

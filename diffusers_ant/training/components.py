@@ -102,6 +102,22 @@ def build_task_gradient_engine(adapter, params, task_gradients, task_gradient_su
     return engine
 
 
+def subset_heuristic_warning(mtl_method: str, task_gradients: str, task_gradient_subset) -> str | None:
+    """The start-up warning of PCGrad or CAGrad on a parameter subset's per-cluster gradients (`--task_gradients
+    last_layers` or `--task_gradient_subset`), or None: exact on the subset, a heuristic outside it (its
+    parameters get sum_i w_i g_i with the subset's weights, not their own projection). LibMTL refuses both
+    methods there (`rep_grad`); this trainer runs them, since the subset is what keeps a large model's cost
+    manageable, and says so once instead of silently."""
+    methods = [m for m in ("pcgrad", "cagrad") if m in str(mtl_method).split("+")]
+    if not methods or (task_gradient_subset is None and task_gradients != "last_layers"):
+        return None
+    where = ("--task_gradients last_layers" if task_gradient_subset is None
+             else f"--task_gradient_subset {task_gradient_subset}")
+    return (f"{' and '.join(methods)} on the per-cluster gradients of {where}: exact on those parameters, a heuristic "
+            "for the rest (they are updated with the subset's weights, not their own projection; LibMTL refuses this "
+            "combination). Drop the flag for the exact method on every parameter.")
+
+
 def parameter_subset(adapter, spec, task_gradients):
     """The task-gradient subset: `--task_gradient_subset` (None = all trainable, `lora`, or comma-separated
     module-name prefixes), or the output-side layers for `--task_gradients last_layers`.

@@ -42,6 +42,7 @@ from .components import (
     build_optimizer,
     build_sampler,
     build_task_gradient_engine,
+    subset_heuristic_warning,
     check_distributed_support,
     method_options,
     pixel_resolution,
@@ -362,6 +363,9 @@ def train(args) -> str:
         engine = build_task_gradient_engine(adapter, params, args.task_gradients, args.task_gradient_subset,
                                             lockstep=fsdp or zero3, write_update=DeepSpeedUpdate(model) if deepspeed else None,
                                             gradient_checkpointing=args.gradient_checkpointing)
+        heuristic = subset_heuristic_warning(args.mtl_method, args.task_gradients, args.task_gradient_subset)
+        if heuristic:
+            logger.warning(heuristic)
     # One generator draws every random number of a step (latents, label dropout, timesteps, noise);
     # each process has its own stream.
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 1000 + accelerator.process_index)

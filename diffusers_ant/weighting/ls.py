@@ -29,8 +29,8 @@ from .registry import register_weighting
 class LSConfig(WeightingConfig):
     reduction: str = dataclasses.field(
         default="mean",
-        metadata={"help": "'mean' over the present tasks (the scale of vanilla training's loss) or "
-                  "'sum' (the scale of ANT's reference code)."},
+        metadata={"help": "'mean' over the present tasks (the scale of vanilla training's loss, and of ANT's "
+                  "reference code, which divides each cluster loss by K) or 'sum' (LibMTL's EW)."},
     )
 
     def validate(self) -> None:
