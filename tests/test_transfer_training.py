@@ -314,6 +314,9 @@ BAD = [
     (["--retention", "kd", "--bank_weight", "-1"], "--bank_weight"),
     (["--retention", "kd", "--finetune", "difffit", "--rank", "4"], "--rank"),
     (["--deme_interval", "7", "--num_clusters", "4"], "--deme_interval"),
+    # a DiT's bank rows train its null class: their labels would go through the data set's class map
+    (["--knowledge_bank", "/no/such/bank", "--bank_keep_prompts"], "--bank_keep_prompts keeps a text-to-image bank's"),
+    (["--retention", "kd", "--bank_keep_prompts"], "--bank_keep_prompts keeps a text-to-image bank's"),
 ]
 
 
@@ -527,6 +530,28 @@ def test_a_teacher_target_in_another_parameterisation_is_refused(tmp_path, extra
     if "--deme_interval" in extra:
         train_in_process([*run, "--consistency_weight", "0"])
         assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("extra, what", [
+    (["--retention", "kd", "--bank_fraction", "0.5"], "Diff-Tuning's retention"),
+    (["--deme_interval", "0", "--num_clusters", "2"], "DeMe's consistency loss"),
+])
+def test_retention_through_a_new_class_embedding_is_refused(tmp_path, extra, what):
+    """A class-conditional run from an unconditional pretrained UNet (--class_column) gets a freshly
+    initialised class embedding: the pretrained model has no behaviour for those labels to retain or to be
+    consistent with, and a UNet2DModel has no null class to fall back on (the teacher would be the pretrained
+    weights under a random class embedding). Refused before anything is written; the plain fine-tune runs."""
+    from trainer_utils import save_lora_base
+
+    base = save_lora_base(tmp_path / "base")  # unconditional
+    run = ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN[2:], "--max_train_steps", "1",
+           "--pretrained_model_name_or_path", str(base), "--output_dir", str(tmp_path / "out"), "--class_column", "label"]
+    with pytest.raises(ValueError, match=rf"{what} anchors the run to the pretrained UNet, which has no class "
+                                         r"embedding, and this run's class embedding \(10 classes\) is new"):
+        train_in_process([*run, *extra])
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    train_in_process(run)  # fine-tuning alone may start the classes afresh
+    assert (tmp_path / "out" / "model_index.json").is_file()
 
 
 @pytest.mark.slow

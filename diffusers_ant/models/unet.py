@@ -17,9 +17,17 @@ class UNetAdapter(ModelAdapter):
     # projections everywhere (a UNet without attention blocks still gets LoRA)
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj")
 
+    def __init__(self, *args, new_class_embedding=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # (pretrained class count or None, the run's class count) when a pretrained UNet was given a freshly
+        # initialised class embedding (another class count, or classes for an unconditional UNet), else None
+        self.new_class_embedding = new_class_embedding
+
     @classmethod
     def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):
         from diffusers import UNet2DModel
+
+        new_class_embedding = None
 
         if preset is not None:
             channels = num_channels or 3
@@ -44,6 +52,7 @@ class UNetAdapter(ModelAdapter):
             model, from_pretrained = source.load(UNet2DModel, subfolder=subfolder), True
             if num_classes is not None and model.config.num_class_embeds != num_classes:
                 # a new class embedding (e.g. fine-tuning on a dataset with other classes): freshly initialised
+                new_class_embedding = (model.config.num_class_embeds, num_classes)
                 model = source.load(
                     UNet2DModel,
                     subfolder=subfolder,
@@ -65,6 +74,7 @@ class UNetAdapter(ModelAdapter):
             "num_channels": model.config.in_channels,
             "sample_size": sample_size,
             "model_from_pretrained": from_pretrained,
+            "new_class_embedding": new_class_embedding,
         }
 
     @property

@@ -619,6 +619,11 @@ def _validate_diff_tuning(args: argparse.Namespace) -> None:
     if args.retention is None and args.knowledge_bank is not None:
         args.retention = "bank"
     args.diff_tuning = args.retention is not None
+    if args.bank_keep_prompts and (args.retention != "bank" or args.model_type not in TEXT_TO_IMAGE_TYPES):
+        # a DiT's bank rows train its null class (their pretrained labels would go through the data set's
+        # class map, meant for the data's classes), a class-conditional UNet's keep their labels
+        raise UsageError("--bank_keep_prompts keeps a text-to-image bank's prompts: it applies to --knowledge_bank runs of "
+                         f"{', '.join(TEXT_TO_IMAGE_TYPES)}, drop it")
     if not args.diff_tuning:
         return
     if args.retention == "bank" and args.knowledge_bank is None:

@@ -548,6 +548,24 @@ def check_teacher_target(args, adapter) -> None:
                          f"and this run trains {trained} ({flags}): drop {flags.split(' ')[0]}{other}")
 
 
+def check_pretrained_classes(args, adapter) -> None:
+    """Diff-Tuning (a bank of the pretrained model's samples, or its predictions under --retention kd) and
+    DeMe's consistency loss anchor the run to the pretrained model's behaviour for each input. A UNet2DModel
+    whose class embedding is new in this run (another class count than the pretrained one, or classes for an
+    unconditional one) has no pretrained behaviour for its labels, and no null class to fall back on (a
+    DiT keeps its pretrained label table and trains retention on the null row): refused in one line."""
+    new = getattr(adapter, "new_class_embedding", None)
+    uses_pretrained = args.diff_tuning or (args.deme_interval is not None and args.consistency_weight)
+    if new is None or not uses_pretrained:
+        return
+    pretrained, run = new
+    had = "no class embedding" if pretrained is None else f"{pretrained} classes"
+    what = "Diff-Tuning's retention" if args.diff_tuning else "DeMe's consistency loss"
+    raise ValueError(f"{what} anchors the run to the pretrained UNet, which has {had}, and this run's class "
+                     f"embedding ({run} classes) is new, with no pretrained behaviour to retain: fine-tune on the "
+                     "pretrained classes, or train without --class_column")
+
+
 def check_lora_target(args, adapter) -> None:
     """A LoRA output is its adapters over the base pipeline, which `load_pipeline` (and the card's snippet)
     samples with the base's own scheduler: a LoRA trained on another target than the base predicts would be
@@ -577,6 +595,7 @@ def prepare_model(args, accelerator, adapter):
     needs_teacher = args.retention == "kd" or args.deme_interval is not None
     if needs_teacher:
         check_teacher_target(args, adapter)
+    check_pretrained_classes(args, adapter)
     check_lora_target(args, adapter)
     lora = args.rank is not None
     if needs_teacher and not lora:
