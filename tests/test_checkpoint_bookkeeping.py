@@ -76,6 +76,49 @@ def test_pruning_keeps_the_checkpoint_just_written_and_leaves_a_later_run_alone(
     assert not caplog.text  # resuming the latest: nothing later
 
 
+class _Killed(BaseException):
+    """What a kill is to the code under test: nothing after it runs (not an Exception: nothing catches it)."""
+
+
+@pytest.mark.parametrize("kill_at", ["deleting", "between_renames"])
+def test_a_kill_while_replacing_a_checkpoint_of_the_same_step_leaves_a_complete_one(tmp_path, accelerator_and_model,
+                                                                                    monkeypatch, kill_at):
+    """Saving checkpoint-4 where a checkpoint-4 already is (a run resumed from checkpoint-2, or started over
+    in the folder): the old one was deleted in place, so a kill part-way left a half-deleted checkpoint-4,
+    the highest step, which `latest` picked and could not load. Now the old one is renamed aside first: a
+    kill anywhere leaves a complete checkpoint-4 (the old or the new), once the next start has tidied up."""
+    import os
+
+    from diffusers_ant.training import checkpoint as ckpt
+
+    accelerator = accelerator_and_model
+    ckpt.save_checkpoint(accelerator, str(tmp_path), 4, {"global_step": 4, "marker": "old"})
+    real_rmtree, real_replace = shutil.rmtree, os.replace
+
+    def rmtree(path, *args, **kwargs):  # the kill comes once one file of the old checkpoint is gone
+        if kill_at == "deleting" and "checkpoint-4" in str(path) and not str(path).endswith(".tmp"):
+            first = sorted(os.listdir(path))[0]
+            os.remove(os.path.join(path, first))
+            raise _Killed
+        return real_rmtree(path, *args, **kwargs)
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if kill_at == "between_renames" and str(dst).endswith(".old"):
+            raise _Killed
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    with pytest.raises(_Killed):
+        ckpt.save_checkpoint(accelerator, str(tmp_path), 4, {"global_step": 4, "marker": "new"})
+    monkeypatch.undo()
+    ckpt.remove_stale_temporaries(str(tmp_path))  # what the next start does first
+    latest = ckpt.resolve_checkpoint(str(tmp_path), "latest")
+    assert _names(tmp_path) == ["checkpoint-4"] and latest.endswith("checkpoint-4")
+    state = ckpt.load_trainer_state(latest, 0)
+    assert state["marker"] == ("new" if kill_at == "deleting" else "old") and state["global_step"] == 4
+
+
 def test_a_checkpoint_copied_under_another_name_knows_its_step(tmp_path, accelerator_and_model):
     from diffusers_ant.training.checkpoint import checkpoint_step, save_checkpoint
 

@@ -68,6 +68,8 @@ def test_validation_prompts_and_images_are_paired_and_cycled(tmp_path):
     (["--lr_num_cycles", "0"], "--lr_num_cycles"),
     (["--loss_weighting", "p2", "--snr_gamma", "5"], "drop --snr_gamma (P2 takes --p2_k and --p2_gamma)"),
     (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be at least 1"),
+    # as diffusers' scripts: wandb uploads the command line, token included, with or without --push_to_hub
+    (["--report_to", "wandb", "--hub_token", "hf_abcdefghijkl"], "--hub_token"),
 ])
 def test_flags_that_need_a_package_or_a_model_type_fail_in_one_line(extra, needle, tmp_path, capsys, monkeypatch):
     from train_scripts_loader import load_train_main
@@ -338,3 +340,50 @@ def test_ema_over_low_precision_parameters_keeps_float32_shadow_weights(foreach)
     torch.testing.assert_close(ema.shadow_params[0], reference.shadow_params[0], rtol=0, atol=0)
     moved, lagging = float(ema.shadow_params[0][0]), float(in_bf16.shadow_params[0][0])
     assert moved > 2.0 and lagging < 0.8 * moved, (moved, lagging)
+
+
+def test_trackers_are_closed_when_training_fails_and_a_stale_weighting_record_goes(tmp_path, monkeypatch):
+    """`accelerator.end_training()` (the trackers' flush and close) ran only at the end of a successful run: an
+    error in validation, a failed push or Ctrl-C skipped it. And a run without a weighting in the folder of an
+    earlier UW run kept that run's weighting_config.json, describing a weighting the model never had."""
+    from accelerate import Accelerator
+
+    from diffusers_ant.training import loop
+
+    run = ["--model_type", "unet", "--dataset_name", "mnist5k", "--output_dir", str(tmp_path), *TINY_RUN,
+           "--max_train_steps", "1", "--num_validation_images", "1"]
+    train_in_process([*run, "--mtl_method", "uw"])
+    assert (tmp_path / "weighting_config.json").is_file()
+    ended = []
+    monkeypatch.setattr(Accelerator, "end_training", lambda self: ended.append(True))
+
+    def failing_finish(*args, **kwargs):
+        raise RuntimeError("validation ran out of memory")
+
+    monkeypatch.setattr(loop, "finish", failing_finish)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_in_process([*run, "--mtl_method", "none", "--output_dir", str(tmp_path / "again")])
+    assert ended == [True]
+    monkeypatch.undo()
+    train_in_process([*run, "--mtl_method", "none"])
+    assert not (tmp_path / "weighting_config.json").exists()
+
+
+def test_xformers_reaches_a_controlnet_and_its_frozen_unet(monkeypatch):
+    """As diffusers' train_controlnet.py: the frozen UNet's attention takes xformers too, not only the
+    ControlNet's (recorded at diffusers' own method: xformers is not installed here)."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.training import parse_args
+    from diffusers_ant.training.loop import prepare_model
+
+    enabled = []
+    monkeypatch.setattr(ModelMixin, "enable_xformers_memory_efficient_attention",
+                        lambda self, *a, **k: enabled.append(type(self).__name__))
+    args = parse_args(["--model_type", "controlnet", "--dataset_name", "mnist5k_captions", *TINY_RUN])
+    args.enable_xformers_memory_efficient_attention = True  # (parse_args refuses it without the package)
+    adapter = get_model_adapter("controlnet").load(model_config_name_or_path="tiny", resolution=16)
+    prepare_model(args, types.SimpleNamespace(device=torch.device("cpu"), mixed_precision="no", print=lambda *a: None,
+                                              autocast=None), adapter)
+    assert sorted(enabled) == ["ControlNetModel", "UNet2DConditionModel"]

@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conditioning_image_column", default=None)
     g.add_argument("--class_column", default=None)
     g.add_argument("--max_train_samples", type=int, default=None,
-                   help="Keep the first N training samples (never cuts a --knowledge_bank).")
+                   help="Keep N training samples, a seeded random choice as diffusers' scripts (shuffle(seed).select(range(N))); "
+                   "never cuts a --knowledge_bank.")
     g.add_argument("--resolution", type=int, default=None, help="Default: the model preset's size.")
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
@@ -591,13 +592,12 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         if not os.path.isdir(os.path.join(args.output_dir, args.resume_from_checkpoint)):
             raise UsageError(f"checkpoint {args.resume_from_checkpoint!r} not found (neither a folder nor in --output_dir); "
                              'use "latest" or a checkpoint-N folder')
-    if args.push_to_hub:
-        from ..hub import check_hub_token_safety
+    from ..hub import check_hub_token_safety
 
-        try:
-            check_hub_token_safety(args.report_to, args.hub_token)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
+    try:  # with or without --push_to_hub (as diffusers' scripts): the tracker uploads the command line either way
+        check_hub_token_safety(args.report_to, args.hub_token)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if args.model_type in TEXT_TO_IMAGE_TYPES and args.dataset_name in ("mnist5k", "animal_mnist", "digits"):
         raise UsageError(f"--model_type {args.model_type} needs captions: use --dataset_name mnist5k_captions or a captioned dataset")
 

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 _TMP_SUFFIX = ".tmp"
+_OLD_SUFFIX = ".old"  # an existing checkpoint-N moved aside while a new checkpoint-N takes its place
 # Test hook: crash (as a SIGKILL would) after the state is written but before the rename.
 CRASH_ENV = "DIFFUSERS_ANT_CRASH_DURING_CHECKPOINT"
 
@@ -138,8 +139,17 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: Dict
         if os.environ.get(CRASH_ENV) == str(step):
             os._exit(17)  # simulate a kill at the worst moment: everything written, nothing renamed
         if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            # a checkpoint of this step already there (a run resumed from an earlier one, or started over in
+            # this --output_dir): moved aside in one rename, so a kill never leaves a half-deleted checkpoint-N
+            # for `latest` to pick; the old copy is deleted once the new one is in place
+            aside = final + _OLD_SUFFIX
+            if os.path.isdir(aside):
+                shutil.rmtree(aside)
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside)
+        else:
+            os.replace(tmp, final)
         if total_limit is not None:
             # Prune only after the new checkpoint is complete, unlike diffusers' scripts which delete
             # first: a crash during the save must leave a usable checkpoint behind. Only older steps are
@@ -362,9 +372,18 @@ def register_trainable_state_hooks(accelerator, model) -> bool:
 
 
 def remove_stale_temporaries(output_dir: str) -> None:
-    """Delete half-written checkpoint folders left by a crash (they are never resumed from)."""
+    """Delete half-written checkpoint folders left by a crash (they are never resumed from). A complete
+    checkpoint moved aside for a new one of its step (`save_checkpoint`) goes back to its name if the crash
+    came before the new one took it, and is deleted otherwise."""
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
         if name.startswith(CHECKPOINT_PREFIX) and name.endswith(_TMP_SUFFIX):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith(CHECKPOINT_PREFIX) and name.endswith(_OLD_SUFFIX):
+            final = path[:-len(_OLD_SUFFIX)]
+            if os.path.isdir(final):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.replace(path, final)

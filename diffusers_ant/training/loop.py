@@ -135,15 +135,7 @@ def windows(batches, size: int):
 def train(args) -> str:
     """Train as `args` says; returns the output folder."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-
-    from ..data import (batches_per_process, class_names, dataset_image_channels, load_training_dataset,
-                        make_train_dataloader, resolve_columns)
-    from ..data.buckets import bucket_sizes
-    from ..models import get_model_adapter
-    from ..models.quantization import quantization_config
-    from ..schedule import num_train_timesteps
-    from ..weighting import get_weighting
+    from accelerate.utils import ProjectConfiguration
 
     # ---------------------------------------------------------------- set-up
     check_cpu_fsdp_launch()  # an FSDP launch Accelerate's plugin would refuse on a CPU: one line, not a traceback
@@ -166,6 +158,26 @@ def train(args) -> str:
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
+    try:
+        return _train_with(args, accelerator)
+    finally:
+        # On every way out, an error or Ctrl-C included: the trackers flush and close (TensorBoard's writer
+        # holds up to two minutes of scalars; Accelerate leaves a wandb run open otherwise).
+        accelerator.end_training()
+
+
+def _train_with(args, accelerator) -> str:
+    """`train`'s body, under its Accelerator."""
+    from accelerate.utils import set_seed
+
+    from ..data import (batches_per_process, class_names, dataset_image_channels, load_training_dataset,
+                        make_train_dataloader, resolve_columns)
+    from ..data.buckets import bucket_sizes
+    from ..models import get_model_adapter
+    from ..models.quantization import quantization_config
+    from ..schedule import num_train_timesteps
+    from ..weighting import get_weighting
+
     enable_fsdp_on_cpu(accelerator)  # `--use_fsdp` without a GPU: torch's FSDP2 with gloo (training/fsdp.py)
     check_fsdp_support(accelerator, args)
     check_task_gradient_launch(accelerator, args)  # a gradient method FSDP / DeepSpeed cannot run: before any loading
@@ -515,7 +527,6 @@ def train(args) -> str:
         finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs, objective,
                finetune, freed)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return args.output_dir
 
 
@@ -621,6 +632,8 @@ def prepare_model(args, accelerator, adapter):
         adapter.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         adapter.model.enable_xformers_memory_efficient_attention()
+        if adapter.unet is not None:  # a ControlNet's frozen UNet, as diffusers' train_controlnet.py
+            adapter.unet.enable_xformers_memory_efficient_attention()
     adapter.to(accelerator.device, weight_dtype)  # frozen parts (VAE, text encoder) in the low precision
     cast_frozen_parameters(adapter.model, weight_dtype)  # and a LoRA run's frozen base weights
     if needs_teacher and lora:
@@ -649,9 +662,12 @@ def write_run_records(args, accelerator, intervals, weighting) -> None:
     intervals.save(os.path.join(args.output_dir, "timestep_intervals.json"))
     with open(os.path.join(args.output_dir, "training_config.json"), "w") as f:
         json.dump(published, f, indent=2)
+    path = os.path.join(args.output_dir, "weighting_config.json")
     if weighting is not None:
-        with open(os.path.join(args.output_dir, "weighting_config.json"), "w") as f:
+        with open(path, "w") as f:
             json.dump({"name": args.mtl_method, **weighting.config.to_dict()}, f, indent=2)
+    elif os.path.isfile(path):
+        os.remove(path)  # an earlier run's in this --output_dir: it would describe a weighting this run never had
 
 
 def step_record(logs: dict, lr: float, skipped: bool, task_names) -> dict:
