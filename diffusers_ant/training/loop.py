@@ -635,7 +635,11 @@ def prepare_model(args, accelerator, adapter):
         if adapter.unet is not None:  # a ControlNet's frozen UNet, as diffusers' train_controlnet.py
             adapter.unet.enable_xformers_memory_efficient_attention()
     adapter.to(accelerator.device, weight_dtype)  # frozen parts (VAE, text encoder) in the low precision
-    cast_frozen_parameters(adapter.model, weight_dtype)  # and a LoRA run's frozen base weights
+    if lora:
+        # and a LoRA run's frozen base weights, which its output (the adapters) never holds. Not those of a
+        # BitFit / DiffFit run: its output is the whole model, and the weights it left alone would be saved
+        # rounded to the low precision (the final lift to float32 cannot restore the lost bits).
+        cast_frozen_parameters(adapter.model, weight_dtype)
     if needs_teacher and lora:
         from .. import teacher as teachers
 
