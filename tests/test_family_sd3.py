@@ -317,3 +317,25 @@ def test_sd3_flags_and_a_pipeline_of_another_family(tmp_path, capsys, sd3_folder
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "--model_type sd3" in err and "--model_type sd" in err and "StableDiffusionPipeline" in err, err
+
+
+def test_mixed_precision_keeps_the_vae_in_float32_and_caching_frees_all_three_encoders():
+    """As diffusers' train_dreambooth_lora_sd3.py, the VAE stays float32 under a low precision (the pipeline
+    never upcasts it); and once the text embeddings are cached, freeing the encoders really frees them: the
+    pipeline `encode_prompt` ran on kept all three (T5-XXL is about 9 GB), so they stayed in memory."""
+    import gc
+    import weakref
+
+    from diffusers_ant.models import get_model_adapter
+
+    adapter = get_model_adapter("sd3").load(model_config_name_or_path="tiny", resolution=16)
+    adapter.to("cpu", torch.bfloat16)
+    assert adapter.vae.dtype == torch.float32 and adapter.text_encoder_3.dtype == torch.bfloat16
+    adapter.to("cpu", torch.float32)
+    adapter.encode_prompt(["a digit 3"])
+    encoders = [weakref.ref(getattr(adapter, name)) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    freed = adapter.free_text_encoders()
+    assert set(freed) == {"text_encoder", "text_encoder_2", "text_encoder_3"}
+    del freed
+    gc.collect()
+    assert [ref() for ref in encoders] == [None, None, None]

@@ -321,3 +321,24 @@ def test_a_pipeline_of_the_other_family_is_one_line_naming_both_types(sdxl_base,
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1, err
         assert re.search(r"--model_type sd\b(?!xl)", err) and "--model_type sdxl" in err, err
+
+
+def test_latents_are_normalised_by_the_vaes_latents_mean_and_std_where_it_has_them(sdxl_base):
+    """An SDXL-class VAE whose config carries latents_mean / latents_std (Playground v2.5): the training
+    latents are (z - mean) * scaling_factor / std, as train_dreambooth_lora_sdxl.py encodes them and
+    StableDiffusionXLPipeline decodes them; without the two, z * scaling_factor as before."""
+    from diffusers_ant.models import get_model_adapter
+
+    adapter = get_model_adapter("sdxl").load(pretrained_model_name_or_path=str(sdxl_base))
+    moments = adapter.encode_moments(torch.rand(2, 3, 16, 16) * 2 - 1)
+    plain = adapter.latents_from_moments(moments, torch.Generator().manual_seed(0))
+    mean, std = [0.5, -0.25, 0.1, 0.0], [2.0, 0.5, 1.0, 4.0]
+    adapter.vae.register_to_config(latents_mean=mean, latents_std=std)
+    normalised = adapter.latents_from_moments(moments, torch.Generator().manual_seed(0))
+    sf = adapter.vae.config.scaling_factor
+    z = plain / sf
+    expected = (z - torch.tensor(mean).view(1, 4, 1, 1)) * sf / torch.tensor(std).view(1, 4, 1, 1)
+    torch.testing.assert_close(normalised, expected, rtol=1e-6, atol=1e-6)
+    # the pipeline's decode undoes it: latents * std / sf + mean is z again
+    torch.testing.assert_close(normalised * torch.tensor(std).view(1, 4, 1, 1) / sf + torch.tensor(mean).view(1, 4, 1, 1),
+                               z, rtol=1e-5, atol=1e-6)

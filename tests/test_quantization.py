@@ -87,6 +87,22 @@ def test_a_bitsandbytes_without_cpu_kernels_is_refused_in_one_line(tmp_path, cap
     assert len(err.splitlines()) == 1 and "bitsandbytes >= 0.46" in err and "0.45.5" in err, err
 
 
+def test_a_quantized_base_under_a_controlnet_is_refused_in_one_line(tmp_path, capsys):
+    """A ControlNet run trains the ControlNet, copied from its UNet's weights: with the UNet quantized the copy
+    failed (bitsandbytes' absmax / quant_map keys), and a given ControlNet's frozen UNet refused the cast to
+    the weight dtype, each as a traceback after loading."""
+    import os
+
+    from train_scripts_loader import load_train_main
+
+    with pytest.raises(SystemExit):
+        load_train_main()(["--model_type", "controlnet", "--dataset_name", "mnist5k_captions", "--output_dir",
+                           str(tmp_path), "--pretrained_model_name_or_path", os.getcwd(), "--quantize_base", "nf4",
+                           "--rank", "4"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a ControlNet run" in err and "drop --quantize_base" in err, err
+
+
 @pytest.mark.slow  # the tiny Flux pipeline is built and saved first
 def test_flux_own_load_takes_the_quantized_base(flux_folder):
     """Flux's adapter loads on its own (two schedulers): it passes --quantize_base on to the transformer

@@ -77,6 +77,20 @@ class SD3Adapter(ModelAdapter):
         # `tokenizer=None` for the trainer: batches then carry the raw captions, which three tokenizers read
         super().__init__(model, noise_scheduler, tokenizer=None, **kwargs)
 
+    def to(self, device, dtype=None):
+        """As the base class (frozen parts in the weight dtype), except the VAE, which stays float32, as diffusers'
+        ``train_dreambooth_lora_sd3.py`` keeps it (``vae.to(dtype=torch.float32)``): ``StableDiffusion3Pipeline``
+        never upcasts it, and a half-precision VAE risks overflow (NaN latents) in fp16."""
+        super().to(device, dtype)
+        self.vae.to(device=device, dtype=torch.float32)
+        return self
+
+    def free_text_encoders(self) -> dict:
+        """As the base class, and the pipeline `encode_prompt` kept, which holds all three encoders (T5-XXL
+        alone is about 9 GB): without this the encoders stayed in memory after --cache_text_embeddings."""
+        self._text_pipeline = None
+        return super().free_text_encoders()
+
     @classmethod
     def _pipeline_components(cls, components: dict) -> dict:
         return {"vae": components.get("vae"), "text_encoder": components.get("text_encoder"),

@@ -76,6 +76,20 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             self.vae.to(device=device, dtype=torch.float32)
         return self
 
+    @torch.no_grad()
+    def latents_from_moments(self, moments: torch.Tensor, generator=None) -> torch.Tensor:
+        """As the base class, then normalised by the VAE's ``latents_mean`` / ``latents_std`` where its config
+        has them (SDXL-class checkpoints such as Playground v2.5): ``(z - mean) * scaling_factor / std``, as
+        diffusers' ``train_dreambooth_lora_sdxl.py`` encodes and ``StableDiffusionXLPipeline`` decodes them."""
+        latents = super().latents_from_moments(moments, generator)  # z * scaling_factor
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is None or std is None:
+            return latents
+        mean = torch.tensor(mean, dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1)
+        std = torch.tensor(std, dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1)
+        return ((latents - mean * config.scaling_factor) / std).contiguous()
+
     # ------------------------------------------------------------------ building
 
     @staticmethod

@@ -542,6 +542,12 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    if args.quantize_base is not None and args.model_type == "controlnet":
+        # The ControlNet is the trained model (copied from the UNet's weights, which a quantized UNet no longer
+        # holds as tensors), and its frozen UNet, once quantized, refuses the cast to the weight dtype:
+        # diffusers' train_controlnet.py quantizes nothing either.
+        raise UsageError("--quantize_base quantizes a LoRA run's frozen denoiser; a ControlNet run trains the ControlNet "
+                         "beside a frozen UNet, which it cannot quantize: drop --quantize_base")
     if args.quantize_base is not None:
         from ..models.quantization import check_quantize_base
 
