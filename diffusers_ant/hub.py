@@ -840,6 +840,22 @@ def write_model_card(
 # ------------------------------------------------------------------------------------------- push
 
 
+def create_hub_repo(hub_model_id: str | None, output_dir: str | os.PathLike, token: str | None = None,
+                    private: bool | None = None) -> str:
+    """Create the run's Hub repo before training (if new) and return its full id, `namespace/name`.
+
+    As diffusers' scripts do at start-up (`create_repo(...).repo_id`): a bad login, a taken name or no network
+    then stops the run before it trains, not after; and a `--hub_model_id` without a namespace (or none: the
+    output folder's name) becomes the id the Hub gave it, under the token's user, so the model card's
+    snippet names the repo the weights are uploaded to."""
+    from huggingface_hub import constants, create_repo
+
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("--push_to_hub needs the network but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub")
+    name = hub_model_id or os.path.basename(os.path.abspath(os.fspath(output_dir)))
+    return create_repo(name, exist_ok=True, token=token, private=private).repo_id
+
+
 def push_to_hub(
     output_dir: str | os.PathLike,
     hub_model_id: str,

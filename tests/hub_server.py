@@ -5,7 +5,8 @@ Tests point `HF_ENDPOINT` at it so that the real huggingface_hub client code run
 huggingface_hub 2.x makes for a folder upload, found by reading `hf_api.py`, `_commit_api.py`
 and `_upload_pipeline.py`:
 
-- `POST /api/repos/create`                          -> `{"url": ...}`; 409 if it exists (create_repo)
+- `POST /api/repos/create`                          -> `{"url": ...}`; 409 if it exists (create_repo); a
+  name without a namespace is created under the token's user (`FakeHubState.user`), as the Hub does
 - `POST /api/validate-yaml`                         -> no errors (README.md metadata check)
 - `POST /api/{type}s/{repo}/preupload/{revision}`   -> every file in "regular" mode, so the
   content is sent inline, base64-encoded, in the commit request (no LFS / Xet negotiation)
@@ -46,6 +47,7 @@ class FakeHubState:
     repos: dict[str, dict] = field(default_factory=dict)  # repo_id -> create payload
     files: dict[str, dict[str, bytes]] = field(default_factory=dict)  # repo_id -> {path: content}
     commits: list[dict] = field(default_factory=list)  # {"repo_id", "revision", "header", "paths"}
+    user: str = "user"  # the namespace of a repo created without one (the token's user on the Hub)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -93,7 +95,8 @@ def _make_handler(state: FakeHubState, endpoint_ref: list[str]):
 
             if self.command == "POST" and path.split("?")[0] == "/api/repos/create":
                 payload = json.loads(body or b"{}")
-                repo_id = "/".join(p for p in (payload.get("organization"), payload.get("name")) if p)
+                # a name without a namespace goes to the token's user, as on the Hub (this fake's user: `user`)
+                repo_id = f"{payload.get('organization') or state.user}/{payload.get('name')}"
                 with state.lock:
                     exists = repo_id in state.repos
                     state.repos.setdefault(repo_id, payload)

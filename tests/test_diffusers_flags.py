@@ -70,6 +70,8 @@ def test_validation_prompts_and_images_are_paired_and_cycled(tmp_path):
     (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be at least 1"),
     # as diffusers' scripts: wandb uploads the command line, token included, with or without --push_to_hub
     (["--report_to", "wandb", "--hub_token", "hf_abcdefghijkl"], "--hub_token"),
+    # before training, not at the upload after it (this suite runs with HF_HUB_OFFLINE=1)
+    (["--push_to_hub"], "--push_to_hub needs the network but HF_HUB_OFFLINE is set"),
 ])
 def test_flags_that_need_a_package_or_a_model_type_fail_in_one_line(extra, needle, tmp_path, capsys, monkeypatch):
     from train_scripts_loader import load_train_main

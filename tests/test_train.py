@@ -232,25 +232,30 @@ def test_configuration_saved_without_token(tmp_path):
 @pytest.mark.slow
 def test_train_push_to_hub_reaches_the_loopback_hub_without_the_token(tmp_path):
     """`train_ant.py --push_to_hub` creates the repo and uploads the output folder (no checkpoints)
-    through the real huggingface_hub client; the token travels only in the Authorization header."""
+    through the real huggingface_hub client; the token travels only in the Authorization header.
+    Without --hub_model_id the repo is the output folder's name, which the Hub creates under the token's
+    user: the repo is created before training (as diffusers' scripts), and the card names the id it got
+    (it named the bare folder name, which does not load)."""
     import secrets
 
     from hub_server import FakeHub
 
     token = "hf_testtoken" + secrets.token_hex(16)
-    out = tmp_path / "pushed"
+    out = tmp_path / "ant-tiny"
     with FakeHub(max_seconds=240) as hub:
         env = offline_env(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"),
                           HF_HUB_DISABLE_TELEMETRY="1")
         result = run_script(["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_steps", "2",
                              "--checkpointing_steps", "1", "--mtl_method", "uw", "--output_dir", str(out),
-                             "--push_to_hub", "--hub_model_id", "me/ant-tiny", "--hub_token", token], env=env)
+                             "--push_to_hub", "--hub_token", token], env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         state = hub.state
     routes = [(r.method, r.path.split("?")[0]) for r in state.requests]
-    assert ("POST", "/api/repos/create") in routes
-    assert ("POST", "/api/models/me/ant-tiny/commit/main") in routes
-    uploaded = state.files["me/ant-tiny"]
+    assert routes.index(("POST", "/api/repos/create")) < routes.index(("POST", "/api/models/user/ant-tiny/commit/main"))
+    uploaded = state.files["user/ant-tiny"]
+    card = uploaded["README.md"].decode()
+    assert 'from_pretrained("user/ant-tiny")' in card and 'from_pretrained("ant-tiny")' not in card
+    assert json.loads(uploaded["training_config.json"])["hub_model_id"] == "user/ant-tiny"
     assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md",
             "training_config.json", "timestep_intervals.json"} <= set(uploaded)
     assert (out / "checkpoint-1").is_dir() and not any(p.startswith("checkpoint-") for p in uploaded)

@@ -598,6 +598,11 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         if not os.path.isdir(os.path.join(args.output_dir, args.resume_from_checkpoint)):
             raise UsageError(f"checkpoint {args.resume_from_checkpoint!r} not found (neither a folder nor in --output_dir); "
                              'use "latest" or a checkpoint-N folder')
+    if args.push_to_hub:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:  # before any training, not at the upload after it
+            raise UsageError("--push_to_hub needs the network but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub")
     from ..hub import check_hub_token_safety
 
     try:  # with or without --push_to_hub (as diffusers' scripts): the tracker uploads the command line either way

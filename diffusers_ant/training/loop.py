@@ -205,6 +205,11 @@ def _train_with(args, accelerator) -> str:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         remove_stale_temporaries(args.output_dir)
+        if args.push_to_hub:  # the repo first, as diffusers' scripts: its full id goes into the records and the card
+            from ..hub import create_hub_repo
+
+            args.hub_model_id = create_hub_repo(args.hub_model_id, args.output_dir, args.hub_token,
+                                                args.hub_private_repo)
 
     # Data first: a model trained from scratch takes its channel and class counts from it.
     dataset = load_training_dataset(dataset_name=args.dataset_name, train_data_dir=args.train_data_dir,
