@@ -203,7 +203,7 @@ def test_train_deme_refuses_a_search_grid_over_the_limit_before_training(capsys)
     train_deme = _script("train_deme")
     parser = train_deme.build_parser()
     flags = ["--pretrained_model_name_or_path", "p", "--output_dir", "o", "--search", "grid",
-             "--search_dataset_name", "held-out"]
+             "--search_dataset_name", "mnist5k"]
     with pytest.raises(SystemExit):
         train_deme.check(parser, parser.parse_args(flags), [])
     err = capsys.readouterr().err.strip().splitlines()
@@ -216,6 +216,7 @@ def _finished_run(train_deme, tmp_path, *flags):
     import json
 
     parser = train_deme.build_parser()
+    (tmp_path / "base").mkdir()
     args = parser.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "base"), "--output_dir",
                               str(tmp_path / "out"), "--num_intervals", "2", *flags])
     train_deme.check(parser, args, [])
@@ -231,12 +232,69 @@ def test_train_deme_searches_by_default(tmp_path, monkeypatch):
     train_deme = _script("train_deme")
     calls = []
     monkeypatch.setattr(merging, "merge_finetunes", lambda *a, **k: calls.append(k))
-    parser, args = _finished_run(train_deme, tmp_path, "--search_dataset_name", "held-out")
+    parser, args = _finished_run(train_deme, tmp_path, "--search_dataset_name", "mnist5k")
     train_deme.run(parser, args, [])
     (kwargs,) = calls
     assert kwargs["weights"] is None and kwargs["search"] == "coordinate"
     assert list(kwargs["search_values"]) == [0.0, 0.1, 0.2, 0.5, 1.0]
-    assert kwargs["evaluation"]["num_samples"] >= 1000 and kwargs["evaluation"]["dataset_name"] == "held-out"
+    assert kwargs["evaluation"]["num_samples"] >= 1000 and kwargs["evaluation"]["dataset_name"] == "mnist5k"
+    assert kwargs["evaluation"]["feature_extractor"] == "domain"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--search_dataset_name", "my/held-out"], "no domain feature extractor for my/held-out"),
+    (["--search_train_data_dir", "held-out"], "no domain feature extractor for --search_train_data_dir held-out"),
+    (["--search_train_data_dir", "held-out", "--search_feature_extractor", "inception"], "--search_inception_weights"),
+])
+def test_train_deme_refuses_a_search_it_cannot_score_before_training(flags, message, capsys):
+    """The search's domain FID has classifiers for the built-in sets only: a user's own held-out set failed in
+    the merge, after every interval had trained. Refused at the start; inception features pass through."""
+    train_deme = _script("train_deme")
+    parser = train_deme.build_parser()
+    with pytest.raises(SystemExit):
+        train_deme.check(parser, parser.parse_args(["--pretrained_model_name_or_path", "p", "--output_dir", "o", *flags]), [])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    args = parser.parse_args(["--pretrained_model_name_or_path", "p", "--output_dir", "o", "--search_train_data_dir",
+                              "held-out", "--search_feature_extractor", "inception", "--search_inception_weights", "w"])
+    train_deme.check(parser, args, [])
+    train_deme.check(parser, parser.parse_args(["--pretrained_model_name_or_path", "p", "--output_dir", "o",
+                                                "--search_dataset_name", "my/held-out", "--no_merge"]), [])
+
+
+def test_train_deme_trains_and_merges_a_hub_base_from_its_local_snapshot(tmp_path, monkeypatch):
+    """A Hub id as the base: every interval and the merge (which reads the base's weights from disk, and failed
+    on a Hub id after all the training) use its snapshot, fetched once with the trainer's --cache_dir
+    (resolved here offline from a Hugging Face cache in huggingface_hub's own layout)."""
+    from hub_server import cache_snapshot
+
+    from diffusers_ant.models import get_model_adapter
+
+    train_deme = _script("train_deme")
+    torch.manual_seed(0)
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1).save(
+        str(tmp_path / "base"))
+    snapshot = cache_snapshot(tmp_path / "cache", "someone/tiny-unet", tmp_path / "base")
+    assert train_deme.flag_value("--cache_dir", ["--cache_dir", "a", "--cache_dir=b"]) == "b"
+    assert train_deme.local_base("someone/tiny-unet", ["--cache_dir", str(tmp_path / "cache")]) == snapshot
+    assert train_deme.local_base(str(tmp_path / "base"), []) == str(tmp_path / "base")
+    with pytest.raises(ValueError, match="neither a folder nor a reachable Hub pipeline"):
+        train_deme.local_base("someone/tiny-unet", [])  # not in the default cache, and offline
+    # the whole command: each interval's trainer and the merge get the snapshot (trainer and merge recorded)
+    import diffusers_ant.deme.merging as merging
+
+    commands, merges = [], []
+    monkeypatch.setattr(train_deme.subprocess, "run", lambda command, **_: commands.append(command)
+                        or subprocess.CompletedProcess(command, 0))
+    monkeypatch.setattr(merging, "merge_finetunes", lambda base, *a, **k: merges.append(base))
+    parser = train_deme.build_parser()
+    args = parser.parse_args(["--pretrained_model_name_or_path", "someone/tiny-unet", "--output_dir",
+                              str(tmp_path / "out"), "--num_intervals", "2", "--weights", "0.5", "0.5"])
+    trainer = ["--cache_dir", str(tmp_path / "cache"), "--dataset_name", "mnist5k"]
+    train_deme.check(parser, args, trainer)
+    train_deme.run(parser, args, trainer)
+    assert len(commands) == 2 and merges == [snapshot]
+    assert all(c[c.index("--pretrained_model_name_or_path") + 1] == snapshot for c in commands)
 
 
 def test_a_search_that_returns_the_base_says_no_finetune_helped(tmp_path):
@@ -286,7 +344,8 @@ def test_parallel_workers_get_their_own_gpus_and_ports(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_deme.subprocess, "run", fake_run)
     parser = train_deme.build_parser()
-    args = parser.parse_args(["--pretrained_model_name_or_path", "p", "--output_dir", str(tmp_path / "out"),
+    (tmp_path / "base").mkdir()
+    args = parser.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "base"), "--output_dir", str(tmp_path / "out"),
                               "--num_intervals", "4", "--parallel", "2", "--no_merge",
                               "--launcher", "accelerate launch --num_processes 2", "--main_process_port", "29600"])
     train_deme.check(parser, args, [])

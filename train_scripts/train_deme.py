@@ -90,6 +90,11 @@ def build_parser():
     parser.add_argument("--max_evaluations", type=int, default=256,
                         help="Refuse a --search grid of more points than this (len(search_values) ** num_intervals; "
                              "default 256), before any interval is trained.")
+    parser.add_argument("--search_feature_extractor", default="domain",
+                        help="The search's FID features: `domain` (the classifier of a built-in held-out set: mnist5k, "
+                             "animal_mnist, digits) or `inception` (with --search_inception_weights).")
+    parser.add_argument("--search_inception_weights", default=None,
+                        help="FID Inception-v3 weights (a .safetensors file) for --search_feature_extractor inception.")
     parser.add_argument("--no_merge", action="store_true", help="Train the intervals only (merge later with merge_deme.py).")
     return parser
 
@@ -108,6 +113,36 @@ def given(flag: str, trainer_args) -> bool:
     return any(arg == flag or arg.startswith(flag + "=") for arg in trainer_args)
 
 
+def flag_value(flag: str, trainer_args):
+    """The value the trainer flags give ``flag`` (``--flag value`` or ``--flag=value``; the last wins), else None."""
+    value = None
+    for i, arg in enumerate(trainer_args):
+        if arg == flag and i + 1 < len(trainer_args):
+            value = trainer_args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return value
+
+
+def local_base(name: str, trainer_args) -> str:
+    """The pretrained pipeline as a local folder: ``name`` itself, or the Hub id's snapshot, downloaded once with
+    the trainer's --revision / --variant / --cache_dir (``DiffusionPipeline.download``: the files the pipeline
+    loads, as ``from_pretrained`` would fetch them). Every interval then trains from that folder, and the
+    merge, which reads the base's weights from disk, finds them (a Hub id failed there, after all the training)."""
+    if os.path.isdir(name):
+        return name
+    from diffusers import DiffusionPipeline
+
+    options = {key: flag_value(f"--{key}", trainer_args) for key in ("revision", "variant", "cache_dir")}
+    try:
+        folder = DiffusionPipeline.download(name, **{k: v for k, v in options.items() if v is not None})
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--pretrained_model_name_or_path {name!r} is neither a folder nor a reachable Hub pipeline "
+                         f"({type(err).__name__}): give a pipeline folder, or a Hub id while online") from None
+    print(f"base {name}: {folder}", flush=True)
+    return folder
+
+
 def check(parser, args, trainer_args) -> None:
     if args.num_intervals < 1:
         parser.error("--num_intervals must be at least 1")
@@ -124,6 +159,20 @@ def check(parser, args, trainer_args) -> None:
     if args.weights is None and not held_out and not args.no_merge:
         parser.error("the merge needs weights: give --search_dataset_name (a held-out set to search them on), "
                      "--weights (one per interval), or --no_merge")
+    searching = not args.no_merge and (args.search is not None or args.weights is None)
+    if searching:
+        # what the search scores with, checked now: merge_finetunes would find out after every interval trained
+        from diffusers_ant.metrics.features import DOMAIN_DATASETS
+
+        if args.search_feature_extractor == "inception" and not args.search_inception_weights:
+            parser.error("--search_feature_extractor inception needs --search_inception_weights FILE.safetensors")
+        if args.search_feature_extractor not in ("domain", "inception"):
+            parser.error(f"unknown --search_feature_extractor {args.search_feature_extractor!r}: domain or inception")
+        if args.search_feature_extractor == "domain" and (args.search_train_data_dir is not None
+                                                          or args.search_dataset_name not in DOMAIN_DATASETS):
+            held = args.search_dataset_name or f"--search_train_data_dir {args.search_train_data_dir}"
+            parser.error(f"no domain feature extractor for {held} (there are: {', '.join(DOMAIN_DATASETS)}): use "
+                         "--search_feature_extractor inception --search_inception_weights FILE.safetensors, or --weights")
     if args.weights is not None and args.search == "grid":
         parser.error("--search grid tries every combination: drop --weights (it only starts --search coordinate)")
     if args.search_num_samples < 1 or len(set(args.search_values)) != len(args.search_values) or args.max_evaluations < 1:
@@ -234,6 +283,7 @@ def train_interval(args, trainer_args, index: int, worker: int = 0, devices=()) 
 
 
 def run(parser, args, trainer_args) -> None:
+    args.pretrained_model_name_or_path = local_base(args.pretrained_model_name_or_path, trainer_args)
     os.makedirs(args.output_dir, exist_ok=True)
     progress = read_progress(args, trainer_args)
     pending = [i for i in range(args.num_intervals) if i not in progress["done"]]
@@ -275,7 +325,8 @@ def run(parser, args, trainer_args) -> None:
     evaluation = None
     if search is not None:
         evaluation = {"dataset_name": args.search_dataset_name, "train_data_dir": args.search_train_data_dir,
-                      "num_samples": args.search_num_samples}
+                      "num_samples": args.search_num_samples, "feature_extractor": args.search_feature_extractor,
+                      "inception_weights": args.search_inception_weights}
         print(f"searching the merge weights ({search}, values {' '.join(f'{v:g}' for v in args.search_values)}, "
               f"{args.search_num_samples} samples per point)", flush=True)
     merged = os.path.join(args.output_dir, "merged")
