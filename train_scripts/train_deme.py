@@ -2,7 +2,8 @@
 """DeMe in one command: fine-tune a pretrained model once per timestep interval, then merge the fine-tunes.
 
     python train_scripts/train_deme.py --pretrained_model_name_or_path pretrained --num_intervals 4 \\
-        --output_dir deme-out --search_dataset_name my/held-out -- --dataset_name my/data --max_train_steps 2000
+        --output_dir deme-out --search_dataset_name my/held-out --search_feature_extractor inception \\
+        --search_inception_weights inception.safetensors -- --dataset_name my/data --max_train_steps 2000
     # given weights instead of the search (the authors' LSUN Church weights, low to high t)
     python train_scripts/train_deme.py ... --weights 0.1 0.1 0.2 0.5 -- ...
     # one LoRA adapter per interval on the one base instead of N full copies: pass --rank to the trainer
@@ -19,7 +20,8 @@ p = 0.3 per micro-batch (`--deme_global_prob`), channel projection on the main p
 on projections and norms), EMA. Then `diffusers_ant.deme.merging.merge_finetunes` merges them into
 `OUT/merged/`: with `--weights` as given (low to high t), or else with weights searched by coordinate
 descent over the authors' values 0, 0.1, 0.2, 0.5, 1 (sums above 1 included) on the domain FID of
-1,000 samples per point against a held-out set (`--search_dataset_name` / `--search_train_data_dir`).
+1,000 samples per point against a held-out set (`--search_dataset_name` / `--search_train_data_dir`;
+Inception features, `--search_feature_extractor inception`, for a set without a domain classifier).
 Without either the command is refused: it never merges with weights nobody chose. A search that
 returns the base (all weights 0) says "no fine-tune helped". Everything after `--` goes to the
 trainer as it is.
