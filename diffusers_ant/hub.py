@@ -430,7 +430,8 @@ def _named_base(base_model: str | None) -> str:
 
 
 def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipeline_class: str | None,
-                        base_model: str | None = None, controlnet_alone: bool = False) -> dict:
+                        base_model: str | None = None, controlnet_alone: bool = False,
+                        revision: str | None = None) -> dict:
     """Lines that make `pipe` from the pipeline (or ControlNet output) at `where`; returns what was
     learnt of it: the pipeline class name and the denoiser's config (None when `where` is unknown here).
 
@@ -447,7 +448,10 @@ def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipel
             base = _Location(_q(_named_base(base_model)), None)
         code.use("diffusers", "ControlNetModel", "StableDiffusionControlNetPipeline")
         code.lines.append(f"controlnet = ControlNetModel.from_pretrained({where.expr})")
-        code.lines.append(f"pipe = StableDiffusionControlNetPipeline.from_pretrained({base.expr}, controlnet=controlnet)")
+        at = (controlnet_info or {}).get("revision")  # the Hub revision of the base it trained on
+        pinned = f", revision={_q(at)}" if at else ""
+        code.lines.append(f"pipe = StableDiffusionControlNetPipeline.from_pretrained({base.expr}, controlnet=controlnet"
+                          f"{pinned})")
         unet_config = _read_json(base.local / "unet" / "config.json") if base.local is not None else None
         controlnet_config = _read_json(local / "config.json") if local is not None else None
         return {"pipeline": "StableDiffusionControlNetPipeline", "config": unet_config, "unet_config": unet_config,
@@ -467,7 +471,8 @@ def _load_pipeline_code(code: _Snippet, model_type: str, where: _Location, pipel
     # an SD3 base saved without T5 loads as diffusers' docs load it: text_encoder_3=None, tokenizer_3=None
     no_t5 = model_type == "sd3" and index is not None and (index.get("text_encoder_3") or [None])[0] is None
     absent = ", text_encoder_3=None, tokenizer_3=None" if no_t5 else ""
-    code.lines.append(f"pipe = {pipeline}.from_pretrained({where.expr}{absent})")
+    pinned = f", revision={_q(revision)}" if revision else ""  # a LoRA's base at the revision it trained on
+    code.lines.append(f"pipe = {pipeline}.from_pretrained({where.expr}{absent}{pinned})")
     unet_config = config if denoiser == "unet" else None
     return {"pipeline": pipeline, "config": config, "unet_config": unet_config}
 
@@ -551,7 +556,8 @@ def _usage_snippet(output_dir: Path, model_type: str, ref: str, base_model: str 
         base = output.join(lora_info["base_model"])
     else:
         base = _Location(_q(_named_base(base_model)), None)
-    facts = _load_pipeline_code(code, model_type, base, pipeline_class)
+    facts = _load_pipeline_code(code, model_type, base, pipeline_class,
+                                revision=(lora_info or {}).get("revision"))
     if model_type in ("sd", "sdxl", "flux", "sd3", "qwenimage"):
         # diffusers-format LoRA (as train_text_to_image_lora.py / train_dreambooth_lora_sdxl.py / _flux.py /
         # _sd3.py / _qwen_image.py write it): the pipeline's own loader

@@ -158,3 +158,57 @@ def test_a_full_save_over_an_earlier_lora_output_loads_as_the_full_model(tmp_pat
     loaded = load_pipeline(str(out)).unet
     for name, value in full.model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
+
+
+_REVISION_SCRIPT = r"""
+import json, sys, torch
+from diffusers_ant.hub import write_model_card
+from diffusers_ant.models import get_model_adapter, load_pipeline
+from safetensors.torch import load_file
+
+out, v1_unet, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+adapter = get_model_adapter(kind).load(pretrained_model_name_or_path="someone/tiny-sd", revision="v1")
+if kind == "sd":
+    adapter.add_lora(2)
+adapter.save(out, lora=kind == "sd")
+record = json.load(open(f"{out}/{'ant_lora.json' if kind == 'sd' else 'ant_controlnet.json'}"))
+pipe = load_pipeline(out)
+want = load_file(v1_unet)
+have = {k: v for k, v in pipe.unet.state_dict().items() if "lora" not in k}
+have = {k.replace(".base_layer", ""): v for k, v in have.items()}
+same = all(torch.equal(have[k], v) for k, v in want.items())
+card = write_model_card(out, model_type=kind, lora=kind == "sd", method_summary={}).read_text()
+print(json.dumps({"revision": record.get("revision"), "same_as_v1": same, "card_pins": 'revision="v1"' in card}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["sd", "controlnet"])
+def test_an_output_over_a_hub_base_loads_the_revision_it_trained_on(tmp_path, kind):
+    """A LoRA (or a ControlNet) trained on a Hub base at --revision v1 names the base; it recorded the id alone,
+    so load_pipeline and the card's snippet loaded the repo's newest commit (`main`, other weights here). Now
+    the revision is recorded, loaded and written into the snippet. The Hub is a Hugging Face cache in
+    huggingface_hub's own layout with two revisions, read offline by a child process (HF_HUB_CACHE is read
+    at import)."""
+    import subprocess
+    import sys
+
+    from hub_server import cache_snapshot
+
+    from diffusers_ant.models import get_model_adapter
+    from trainer_utils import offline_env
+
+    torch.manual_seed(0)
+    adapter = get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16)
+    adapter.save(str(tmp_path / "v1"))
+    with torch.no_grad():
+        for p in adapter.model.parameters():
+            p.add_(0.5)
+    adapter.save(str(tmp_path / "main"))
+    for revision in ("v1", "main"):
+        cache_snapshot(tmp_path / "cache", "someone/tiny-sd", tmp_path / revision, revision=revision)
+    result = subprocess.run([sys.executable, "-c", _REVISION_SCRIPT, str(tmp_path / "out"),
+                             str(tmp_path / "v1" / "unet" / "diffusion_pytorch_model.safetensors"), kind],
+                            env=offline_env(HF_HUB_CACHE=str(tmp_path / "cache")), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"revision": "v1", "same_as_v1": True, "card_pins": True}

@@ -23,7 +23,7 @@ import json
 import os
 
 from .base import CONTROLNET_INFO_NAME, LORA_INFO_NAME, ModelAdapter, resolve_recorded_base
-from .controlnet import ControlNetAdapter, controlnet_output_base
+from .controlnet import ControlNetAdapter, controlnet_output_base, recorded_revision
 from .dit import DiTAdapter
 from .flux import FluxAdapter
 from .pipelines import ClassConditionalUNetPipeline, PixelDiTPipeline, UnconditionalUNetPipeline
@@ -63,7 +63,7 @@ def adapter_for_pipeline(pipeline, resolution=None):
     return None if cls is None else cls.from_pipeline(pipeline, resolution=resolution)
 
 
-def load_pipeline(folder: str, torch_dtype=None):
+def load_pipeline(folder: str, torch_dtype=None, revision=None):
     """Load what :meth:`ModelAdapter.save` wrote: a full pipeline folder, a ControlNet, or a LoRA folder.
 
     A LoRA folder (with ``ant_lora.json``) loads its base pipeline (``base_model/`` inside it, or the
@@ -95,7 +95,9 @@ def load_pipeline(folder: str, torch_dtype=None):
     if os.path.isfile(lora_info):
         with open(lora_info, encoding="utf-8") as f:
             info = json.load(f)
-        pipeline = load_pipeline(resolve_recorded_base(folder, info["base_model"]), torch_dtype=torch_dtype)
+        # at the Hub revision the run trained on, when it recorded one (a Hub id's newest commit may differ)
+        pipeline = load_pipeline(resolve_recorded_base(folder, info["base_model"]), torch_dtype=torch_dtype,
+                                 revision=info.get("revision"))
         if info.get("vae"):  # trained with --pretrained_vae_model_name_or_path: sample with that VAE too
             from diffusers import AutoencoderKL
 
@@ -108,8 +110,10 @@ def load_pipeline(folder: str, torch_dtype=None):
         from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
         controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch_dtype)
+        revision = recorded_revision(folder)
         pipeline = StableDiffusionControlNetPipeline.from_pretrained(controlnet_base, controlnet=controlnet,
-                                                                     torch_dtype=torch_dtype)
+                                                                     torch_dtype=torch_dtype,
+                                                                     **({"revision": revision} if revision else {}))
         return attach_saved_deme(pipeline, folder)
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
@@ -117,7 +121,7 @@ def load_pipeline(folder: str, torch_dtype=None):
             raise ValueError(
                 f"{folder!r} holds no pipeline: expected model_index.json, {LORA_INFO_NAME} or {CONTROLNET_INFO_NAME}"
             )
-        return DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype)  # a Hub id
+        return DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, revision=revision)  # a Hub id
     with open(index_path, encoding="utf-8") as f:
         class_name = json.load(f)["_class_name"]
     if isinstance(class_name, list) and class_name[-1] in _OWN_PIPELINES:

@@ -254,6 +254,8 @@ class ModelAdapter:
     # what the loaded pretrained model predicts (`resolve_prediction_type` of its own scheduler), before
     # --prediction_type / --noise_scheduler change what the run trains; None without a pretrained scheduler
     pretrained_target = None
+    # the Hub revision of a Hub-id base (`--revision`), None for a local folder or the repo's default branch
+    pretrained_revision = None
     # module-name suffixes given LoRA by default; filtered to those the model has
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     # The training schedulers the type's pipeline can sample (NOISE_SCHEDULERS), the first the default
@@ -403,6 +405,9 @@ class ModelAdapter:
             pretrained_model_name_or_path = os.path.abspath(pretrained_model_name_or_path)
         adapter = cls(noise_scheduler=scheduler, pretrained_model_name_or_path=pretrained_model_name_or_path, **parts)
         adapter.pretrained_target = pretrained_target
+        # the Hub revision the base came from: an output that names the base (a LoRA, a ControlNet) records it,
+        # so the base it is loaded onto is the one it trained on, not the repo's newest commit
+        adapter.pretrained_revision = revision if source is not None and not source.is_local else None
         if source is not None and source.has("scheduler"):
             adapter.sampling_scheduler = pretrained_sampling_scheduler(source, scheduler)
         if pretrained_vae_model_name_or_path is not None:  # a LoRA output names it beside its base (see `save`)
@@ -875,15 +880,18 @@ class ModelAdapter:
         if self.lora_config is None:
             raise ValueError("lora=True but no LoRA adapter was added: call add_lora(rank) first")
         self._save_lora_weights(output_dir, model)
+        revision = None
         if self.model_from_pretrained:
             # the folder may be pushed: a Hub id, or the base's path relative to the output folder
             base = portable_path(self.pretrained_model_name_or_path, output_dir)
+            revision = self.pretrained_revision
         else:
             self._save_base_copy(os.path.join(output_dir, BASE_MODEL_DIR), self._untrained_base(model))
             base = BASE_MODEL_DIR
         info = {
             "model_type": self.model_type,
             "base_model": base,
+            **({"revision": revision} if revision else {}),
             "rank": self.lora_config.r,
             "lora_alpha": self.lora_config.lora_alpha,
             "target_modules": sorted(self.lora_config.target_modules),

@@ -37,8 +37,8 @@ naming the Stable Diffusion base instead of copying it.
 import json
 import os
 
-from .base import (BASE_MODEL_DIR, CONTROLNET_INFO_NAME, PretrainedSource, prompt_arguments, remove_output_records,
-                   repeat_to, resolve_recorded_base)
+from .base import (BASE_MODEL_DIR, CONTROLNET_INFO_NAME, LORA_INFO_NAME, PretrainedSource, prompt_arguments,
+                   remove_output_records, repeat_to, resolve_recorded_base)
 from .lora import base_copy, has_lora
 from .sd import StableDiffusionAdapter
 
@@ -53,16 +53,30 @@ def controlnet_output_base(folder):
     with open(os.path.join(folder, CONTROLNET_INFO_NAME), encoding="utf-8") as f:
         return resolve_recorded_base(folder, json.load(f)["base_model"])
 
-def save_controlnet_output(controlnet, output_dir: str, base_pipeline: str) -> None:
+def save_controlnet_output(controlnet, output_dir: str, base_pipeline: str, revision: str | None = None) -> None:
     """A ControlNet output folder: the ControlNet at the root (``config.json`` and safetensors weights, as
     diffusers' ``train_controlnet.py`` writes it) and ``ant_controlnet.json`` naming its Stable Diffusion
-    base pipeline (a Hub id, or a path that is written relative to the folder)."""
+    base pipeline (a Hub id, at ``revision`` when given, or a path that is written relative to the folder)."""
     from ..hub import portable_path
 
     os.makedirs(output_dir, exist_ok=True)
     controlnet.save_pretrained(output_dir, safe_serialization=True)
+    record = {"model_type": "controlnet", "base_model": portable_path(base_pipeline, output_dir)}
+    if revision and not os.path.isdir(base_pipeline):
+        record["revision"] = revision
     with open(os.path.join(output_dir, CONTROLNET_INFO_NAME), "w", encoding="utf-8") as f:
-        json.dump({"model_type": "controlnet", "base_model": portable_path(base_pipeline, output_dir)}, f, indent=2)
+        json.dump(record, f, indent=2)
+
+
+def recorded_revision(folder) -> str | None:
+    """The Hub revision of the base a LoRA or ControlNet output folder names (its ``ant_lora.json`` /
+    ``ant_controlnet.json``), else None."""
+    for name in (LORA_INFO_NAME, CONTROLNET_INFO_NAME):
+        path = os.path.join(os.fspath(folder), name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f).get("revision")
+    return None
 
 
 # diffusers' default conditioning embedding for SD (4 blocks: downsampling by 8, as SD's VAE)
@@ -269,7 +283,7 @@ class ControlNetAdapter(StableDiffusionAdapter):
         from diffusers import StableDiffusionPipeline
 
         if self.base_pipeline is not None:
-            save_controlnet_output(model, output_dir, self.base_pipeline)
+            save_controlnet_output(model, output_dir, self.base_pipeline, revision=self.pretrained_revision)
             return
         # frozen parts built from a preset: nowhere else to find them, so they go into base_model/
         StableDiffusionPipeline(unet=self.unet, **self._pipeline_parts(None)).save_pretrained(
