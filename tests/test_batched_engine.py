@@ -292,10 +292,10 @@ def test_trainer_batched_equals_split(model_type, extra, tmp_path, request, capl
     """`train_ant.py --task_gradients batched` takes the split engine's steps: a UNet over windows of two
     micro-batches, and Stable Diffusion's UNet2DConditionModel (cross-attention, LayerNorm, GEGLU) with LoRA
     and `--task_gradient_subset lora`. Adam's epsilon is large so that the update is a smooth function of
-    the gradient (as in test_trainer_matrix's accumulation test; the update is then about lr * g): the 2e-6
+    the gradient (as in test_trainer_matrix's accumulation test; the update is then about lr * g): the
     bound is the float32 rounding of the task gradients above (2.5e-4 * max |g| at most, |g| < 1e-2
-    here), times the learning rate 1, over two steps, while a wrong gradient moves a weight by about
-    lr * |g|."""
+    here), times the learning rate 1, over two steps: 5e-6, while a wrong gradient moves a weight by
+    about lr * |g|."""
     from trainer_utils import TINY_RUN, assert_same_tensors, load_safetensors_dir, train_in_process
 
     dataset = {"unet": "mnist5k", "sd": "mnist5k_captions"}[model_type]
@@ -314,9 +314,10 @@ def test_trainer_batched_equals_split(model_type, extra, tmp_path, request, capl
         weights[engine] = {k: v for k, v in load_safetensors_dir(out).items()
                            if not k.startswith(("checkpoint-", "vae/", "text_encoder/")) and "samples" not in k}
     assert weights["split"]
-    assert_same_tensors(weights["batched"], weights["split"], atol=2e-6)
+    tolerance = 2 * 1.0 * 2.5e-4 * 1e-2  # steps x learning rate x relative rounding x max |g| (docstring)
+    assert_same_tensors(weights["batched"], weights["split"], atol=tolerance)
     if model_type == "sd":  # peft starts B at zero: what it holds now is the two steps' movement
-        assert max(float(v.abs().max()) for k, v in weights["split"].items() if "lora.up" in k) > 100 * 2e-6
+        assert max(float(v.abs().max()) for k, v in weights["split"].items() if "lora.up" in k) > 20 * tolerance
         # PCGrad on a subset is said to be a heuristic outside it, once per run (LibMTL refuses it)
         said = [r.getMessage() for r in caplog.records if "a heuristic for the rest" in r.getMessage()]
         assert len(said) == 2 and "pcgrad on the per-cluster gradients of --task_gradient_subset lora" in said[0]

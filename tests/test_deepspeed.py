@@ -60,6 +60,8 @@ def launch(engine_flags, output_dir, *extra, run=RUN):
                TRAIN_SCRIPT, *run, "--output_dir", str(output_dir), *extra]
     result = run_command(command, env=env, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # a resumed run says so (a run that ignored the flag would retrain from step 0 to the same seeded weights)
+    assert ("resuming from" in result.stdout) == ("--resume_from_checkpoint" in extra), result.stdout[-2000:]
     return result.stdout + result.stderr
 
 

@@ -262,10 +262,11 @@ def test_train_deme_refuses_a_search_it_cannot_score_before_training(flags, mess
                                                 "--search_dataset_name", "my/held-out", "--no_merge"]), [])
 
 
-def test_train_deme_trains_and_merges_a_hub_base_from_its_local_snapshot(tmp_path, monkeypatch):
-    """A Hub id as the base: every interval and the merge (which reads the base's weights from disk, and failed
-    on a Hub id after all the training) use its snapshot, fetched once with the trainer's --cache_dir
-    (resolved here offline from a Hugging Face cache in huggingface_hub's own layout)."""
+def test_train_deme_hands_every_interval_and_the_merge_a_hub_bases_local_snapshot(tmp_path, monkeypatch):
+    """A Hub id as the base: every interval's trainer command and the merge (which reads the base's weights from
+    disk, and failed on a Hub id after all the training) get its snapshot, fetched once with the trainer's
+    --cache_dir (resolved here offline from a Hugging Face cache in huggingface_hub's own layout). The trainer
+    and the merge themselves are recorded, not run: the snapshot they get is what is checked."""
     from hub_server import cache_snapshot
 
     from diffusers_ant.models import get_model_adapter

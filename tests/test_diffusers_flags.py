@@ -139,11 +139,22 @@ def test_offloaded_foreach_ema_equals_plain_ema_and_epochs_validate(tmp_path):
 
 
 @pytest.mark.slow
-def test_sd_with_caption_dropout_and_validation_guidance_trains(tmp_path):
+def test_sd_with_caption_dropout_and_validation_guidance_trains(tmp_path, monkeypatch):
+    """--proportion_empty_prompts 0.5: about half the captions the objective gets are the empty prompt."""
+    from diffusers_ant.models import tiny_clip_tokenizer
+    from trainer_utils import record_batches
+
+    seen = record_batches(monkeypatch, lambda objective, batch: batch["input_ids"].clone())
     out = tmp_path / "sd"
     train_in_process(_sd_args(out, "--max_train_steps", "2", "--proportion_empty_prompts", "0.5",
                               "--guidance_scale", "3.0", "--validation_prompt", "a handwritten digit 7"))
     assert (out / "samples" / "step-2.png").is_file()
+    tokenizer = tiny_clip_tokenizer()
+    empty = tokenizer("", max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                      return_tensors="pt").input_ids[0]
+    rows = torch.cat(seen)
+    dropped = int((rows == empty).all(dim=1).sum())
+    assert len(rows) == 16 and 2 <= dropped <= 14, dropped  # Binomial(16, 0.5): outside [2, 14] once in 2,000
 
 
 def test_validation_images_reach_every_tracker(tmp_path):

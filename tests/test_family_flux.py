@@ -111,7 +111,7 @@ def test_prompt_encoding_and_prediction_match_the_pipeline(adapter):
     assert torch.allclose(embeds, ref_embeds) and torch.allclose(pooled, ref_pooled)
     cond = adapter.conditioning({"captions": captions, "pixel_values": torch.zeros(2, 3, 16, 16)})
     assert cond["guidance"].tolist() == [1.0, 1.0]
-    x = torch.randn(2, 1, 8, 8)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([700.0, 30.0])
     with torch.no_grad():
         pred = adapter.predict(adapter.model, x, t, cond)

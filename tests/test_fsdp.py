@@ -162,6 +162,8 @@ def _launch(config, out, *extra):
     result = run_script(args, launcher=launcher, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert ("FSDP2 (fully_shard) on 2 processes: UNet2DModel sharded in" in result.stdout) == (config == "fsdp")
+    # a resumed run says so (a run that ignored the flag would retrain from step 0 to the same seeded weights)
+    assert ("resuming from" in result.stdout) == ("--resume_from_checkpoint" in extra), result.stdout[-2000:]
     return out
 
 
@@ -298,6 +300,7 @@ def lora_runs(tmp_path_factory):
                                       "2", "--main_process_port", "0"])
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert ("FSDP2 (fully_shard) on 2 processes" in result.stdout) == (config == "fsdp")
+        assert ("resuming from" in result.stdout) == (name == "resumed")
     return runs
 
 

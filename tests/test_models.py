@@ -247,7 +247,10 @@ def test_lora_step_save_load(case, tmp_path):
     assert any(not torch.equal(params[n], params_before[n]) for n in trainable)
     with torch.no_grad():
         lora_out = adapter.predict(adapter.model, x_t, t, cond)
-    assert not torch.allclose(lora_out, base_out)
+    # the LoRA moved the output by far more than the reload comparison below tolerates (atol 1e-5 + rtol 1e-4 of
+    # the output), so a reload that dropped the adapters cannot pass it
+    reload_tolerance = 1e-5 + 1e-4 * float(lora_out.abs().max())
+    assert float((lora_out - base_out).abs().max()) > 100 * reload_tolerance
 
     adapter.save(str(tmp_path), lora=True)
     info = json.loads((tmp_path / "ant_lora.json").read_text())

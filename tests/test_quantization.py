@@ -214,7 +214,7 @@ def _adam8_args(out, steps):
 
 
 @pytest.mark.slow
-def test_8bit_adam_keeps_8bit_states_and_resumes_exactly(tmp_path, monkeypatch):
+def test_8bit_adam_keeps_8bit_states_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     """--use_8bit_adam on the CPU: bitsandbytes' AdamW8bit steps a tiny UNet, its moments of the large
     tensors are uint8 (blockwise-quantized; bitsandbytes keeps tensors under 4,096 values in float32), and
     a run resumed from checkpoint-2 (Accelerate's save_state / load_state) ends with exactly the weights of
@@ -241,5 +241,8 @@ def test_8bit_adam_keeps_8bit_states_and_resumes_exactly(tmp_path, monkeypatch):
     # the checkpoint holds the 8-bit moments (bitsandbytes' state_dict nests them), loadable without pickle
     saved = torch.load(resumed / "checkpoint-2" / "optimizer.bin", weights_only=True)["state"].values()
     assert any(s["__bnb_optimizer_quant_state__"]["state1"].dtype == torch.uint8 for s in saved)
+    capsys.readouterr()
     train_in_process(_adam8_args(resumed, 4))  # continues from checkpoint-2
+    out = capsys.readouterr().out  # (a run that ignored it would retrain from step 0 to the same seeded weights)
+    assert "resuming from" in out and "checkpoint-2" in out
     assert_same_tensors(load_safetensors_dir(straight / "unet"), load_safetensors_dir(resumed / "unet"))

@@ -111,7 +111,7 @@ def test_two_process_training_completes(method, tmp_path):
         ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_samples", "72",
          "--max_train_steps", "9", "--mtl_method", method, "--output_dir", str(out), "--checkpointing_steps", "3"],
         launcher=["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                  "--dynamo_backend", "no"],
+                  "--dynamo_backend", "no", "--main_process_port", "0"],  # a free port: others may hold 29500
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model_index.json").is_file()
@@ -136,9 +136,12 @@ def test_a_finished_run_continues_exactly_to_more_steps_and_a_rerun_trains_nothi
     at_four = load_safetensors_dir(extended / "unet")
     capsys.readouterr()
     train_in_process([*common, "--output_dir", str(extended), "--max_train_steps", "4"])  # the same command again
-    assert "checkpoint-4" in capsys.readouterr().out
+    out = capsys.readouterr().out  # resumed (a fresh run would print "saved .../checkpoint-4" too)
+    assert "resuming from" in out and "checkpoint-4" in out and "saved" not in out
     assert_same_tensors(at_four, load_safetensors_dir(extended / "unet"))  # no fifth step was taken
     train_in_process([*common, "--output_dir", str(extended), "--max_train_steps", "6"])
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "checkpoint-4" in out
     continued = load_safetensors_dir(extended / "unet")
     assert_same_tensors(load_safetensors_dir(straight / "unet"), continued)
     moved = max((continued[k] - at_four[k]).abs().max().item() for k in at_four)

@@ -95,7 +95,11 @@ def test_fp16_with_a_real_grad_scaler_trains_like_fp32(method, tmp_path, cpu_fp1
               "--max_train_samples", "32", "--num_validation_images", "1"]
     train_in_process(_args("unet", tmp_path / "fp32", *common))
     train_in_process(_args("unet", tmp_path / "fp16", *common, "--mixed_precision", "fp16"))
-    assert cpu_fp16 and cpu_fp16[-1].get_scale() > 0, "the run must have used the GradScaler"
+    # the run used the GradScaler: its scale was set up by a scale() call (get_scale() alone answers the initial
+    # scale of a scaler never used) and its growth tracker counted the steps it let through (3, no overflow)
+    scaler = cpu_fp16[-1] if cpu_fp16 else None
+    assert scaler is not None and scaler._scale is not None and int(scaler._growth_tracker) == 3, \
+        "the run must have used the GradScaler"
     fp32, fp16 = _model_weights(tmp_path / "fp32" / "unet"), _model_weights(tmp_path / "fp16" / "unet")
     train_in_process(_args("unet", tmp_path / "start", *common, "--max_train_steps", "1", "--learning_rate", "1e-12"))
     start = _model_weights(tmp_path / "start" / "unet")
@@ -187,26 +191,42 @@ def test_twenty_steps_equal_ten_then_resume_mid_epoch_then_ten(case, tmp_path, t
 
         keys = list(load_file(checkpoint / "trainable_state.safetensors"))
         assert keys and all("lora_" in k for k in keys), keys[:5]
-    # the weighting's and EMA's state at step 10 are the same too
-    assert_same_tensors(load_safetensors_dir(straight / "checkpoint-10"), load_safetensors_dir(resumed / "checkpoint-10"))
+    # the weighting's, EMA's and the generator's state at the end are the same too (checkpoint-20, which the
+    # resumed run wrote after resuming; checkpoint-10 of both folders came from runs that never resumed)
+    assert_same_tensors(load_safetensors_dir(straight / "checkpoint-20"), load_safetensors_dir(resumed / "checkpoint-20"))
 
 
 # --------------------------------------------------------------------------- channels
 
 
 @pytest.mark.slow
-def test_greyscale_data_on_a_pretrained_rgb_model_is_converted(tmp_path, tiny_sd_folder):
-    """An SD LoRA on mnist5k_captions (greyscale) trains on the RGB pipeline: images become RGB."""
+def test_greyscale_data_on_a_pretrained_rgb_model_is_converted(tmp_path, tiny_sd_folder, monkeypatch):
+    """An SD LoRA on mnist5k_captions (greyscale) trains on the RGB pipeline: images become RGB, three equal
+    channels, before they reach the VAE."""
+    from trainer_utils import record_batches
+
+    seen = record_batches(monkeypatch, lambda objective, batch: batch["pixel_values"].clone())
     out = tmp_path / "lora"
     args = _args("sd", out, "--rank", "4", "--max_train_steps", "1")
     i = args.index("--model_config_name_or_path")
     del args[i:i + 2]
     train_in_process([*args, "--pretrained_model_name_or_path", str(tiny_sd_folder)])
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert seen and all(p.shape[1] == 3 and torch.equal(p[:, 0], p[:, 1]) and torch.equal(p[:, 1], p[:, 2])
+                        for p in seen)
 
 
 @pytest.mark.slow
-def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_trains(tmp_path, tiny_sd_folder):
+def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_trains(tmp_path, tiny_sd_folder, monkeypatch):
+    from trainer_utils import record_batches
+
+    def dtypes(objective, batch):  # the UNet's frozen base and LoRA weights while the run trains
+        named = dict(objective.adapter.model.named_parameters())
+        return ({named[n].dtype for n in named if "lora_" not in n and n.endswith("conv_in.base_layer.weight")
+                 or n.endswith("conv_in.weight")},
+                {p.dtype for n, p in named.items() if "lora_" in n})
+
+    seen = record_batches(monkeypatch, dtypes)
     out = tmp_path / "lora-bf16"
     args = _args("sd", out, "--rank", "4", "--max_train_steps", "2", "--mixed_precision", "bf16",
                  "--validation_steps", "1", "--checkpointing_steps", "1")
@@ -218,6 +238,9 @@ def test_bf16_lora_keeps_the_frozen_base_in_bf16_and_trains(tmp_path, tiny_sd_fo
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert lora and all(t.dtype == torch.float32 for t in lora.values())
     assert (out / "samples" / "step-1.png").is_file()
+    assert seen and all(base == {torch.bfloat16} and adapters == {torch.float32} for base, adapters in seen), seen[:1]
+    # it trained: peft starts each B (diffusers' lora.up) at zero, and two steps moved them
+    assert max(float(t.abs().max()) for k, t in lora.items() if "lora.up" in k or "lora_B" in k) > 0
 
 
 @pytest.mark.slow

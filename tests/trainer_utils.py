@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -139,10 +140,29 @@ def straight_and_resumed(root, make_args, common, resume_at=10):
     the end. The copied checkpoint is the same seeded run interrupted there, so one run is saved."""
     import shutil
 
+    from diffusers_ant.training import step as step_module
+
     straight, resumed = root / "straight", root / "resumed"
-    train_in_process(make_args(straight, *common))
-    shutil.copytree(straight / f"checkpoint-{resume_at}", resumed / f"checkpoint-{resume_at}")
-    train_in_process(make_args(resumed, *common, "--resume_from_checkpoint", f"checkpoint-{resume_at}"))
+    original, prepared = step_module.DiffusionObjective.prepare, []
+
+    def counting(self, *args, **kwargs):  # every micro-batch the trainer prepares, counted per run
+        prepared[-1] += 1
+        return original(self, *args, **kwargs)
+
+    step_module.DiffusionObjective.prepare = counting
+    try:
+        prepared.append(0)
+        train_in_process(make_args(straight, *common))
+        shutil.copytree(straight / f"checkpoint-{resume_at}", resumed / f"checkpoint-{resume_at}")
+        prepared.append(0)
+        train_in_process(make_args(resumed, *common, "--resume_from_checkpoint", f"checkpoint-{resume_at}"))
+    finally:
+        step_module.DiffusionObjective.prepare = original
+    # It resumed: the second run trained only the steps after the checkpoint. (A run that ignored the flag
+    # would train from step 0 and, seeded alike, end with the straight run's weights: the equality checks
+    # that follow would pass without any resume.)
+    total = int(json.loads((straight / "training_config.json").read_text())["max_train_steps"])
+    assert 0 < resume_at < total and prepared[1] * total == prepared[0] * (total - resume_at), (prepared, total)
     return straight, resumed
 
 
@@ -176,6 +196,23 @@ def record_prepared(monkeypatch, pick):
         return prepared
 
     monkeypatch.setattr(step_module.DiffusionObjective, "prepare", recording)
+    return seen
+
+
+def record_batches(monkeypatch, pick):
+    """`pick(objective, batch)` of every batch the trainer's objective prepares from now on (one per source of a
+    window: its micro-batches' rows as the data loader made them, joined; and the objective with its adapter),
+    in a list."""
+    from diffusers_ant.training import step as step_module
+
+    seen = []
+    original = step_module.DiffusionObjective._prepare_source
+
+    def recording(self, index, source, batch, *args, **kwargs):
+        seen.append(pick(self, batch))
+        return original(self, index, source, batch, *args, **kwargs)
+
+    monkeypatch.setattr(step_module.DiffusionObjective, "_prepare_source", recording)
     return seen
 
 
