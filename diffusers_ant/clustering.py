@@ -518,6 +518,16 @@ def load_affinity(path: Union[str, os.PathLike]) -> tuple:
     return data["affinity"], data.get("timesteps")
 
 
+def _check_affinity_file_length(path, num_timesteps: int) -> None:
+    """An affinity file records the T of the model it was measured on: another T (another scheduler) is refused
+    in one line, instead of being stretched (constant beyond the measured grid) or refused without the fix."""
+    with open(path, encoding="utf-8") as f:
+        recorded = json.load(f).get("num_timesteps")
+    if recorded is not None and int(recorded) != int(num_timesteps):
+        raise ValueError(f"the affinity file {os.fspath(path)!r} was measured on a model of {recorded} timesteps and "
+                         f"this scheduler has {num_timesteps}: re-run analyze.py affinity on this model")
+
+
 def resolve_affinity(affinity, affinity_timesteps, num_timesteps: int) -> np.ndarray:
     """The ``T x T`` affinity from a matrix or a JSON path, interpolated from its grid if any.
 
@@ -526,6 +536,7 @@ def resolve_affinity(affinity, affinity_timesteps, num_timesteps: int) -> np.nda
     T = int(num_timesteps)
     if isinstance(affinity, (str, os.PathLike)):
         matrix, file_grid = load_affinity(affinity)
+        _check_affinity_file_length(affinity, T)
         if affinity_timesteps is not None and file_grid is not None:
             raise ValueError("the affinity file already lists its timesteps: do not also pass affinity_timesteps.")
         affinity, affinity_timesteps = matrix, (affinity_timesteps if file_grid is None else file_grid)

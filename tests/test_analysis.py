@@ -311,6 +311,12 @@ def test_ntg_and_forgetting_commands(folders, tmp_path, capsys, monkeypatch):
         (["ntg", "--base", "a", "--interval_models", "b", "--dataset_name", "digits", "--feature_extractor", "clip",
           "--output", "x.json"], 2, "unknown --feature_extractor"),
         (["affinity", "--model", "a", "--output", "x.json"], 2, "--dataset_name"),
+        # 0 read as no projection: exact gradients, hundreds of GB for SD
+        (["affinity", "--model", "a", "--dataset_name", "digits", "--projection_dim", "0", "--output", "x.json"], 2,
+         "a dimension >= 1"),
+        # a negative count sliced the shuffled rows from the end, 0 fell back to --num_samples
+        (["ntg", "--base", "a", "--interval_models", "b", "--dataset_name", "digits", "--num_real", "0",
+          "--output", "x.json"], 2, "--num_real must be positive"),
     ],
 )
 def test_bad_input_is_one_short_line(argv, code, message, capsys):
@@ -321,7 +327,8 @@ def test_bad_input_is_one_short_line(argv, code, message, capsys):
         result = exit_.code
     err = capsys.readouterr().err.strip()
     assert result == code
-    assert len(err.splitlines()) == 1 and err.startswith("analyze.py: error:")
+    # (a subcommand's own parser names itself: "analyze.py affinity: error: ...")
+    assert len(err.splitlines()) == 1 and err.startswith("analyze.py") and ": error:" in err.split("\n")[0][:40]
     if message:
         assert message in err
 
@@ -403,3 +410,75 @@ def test_the_reference_of_a_text_to_image_pipeline_has_the_size_and_channels_of_
     assert np.isfinite(reference.score(samples)["fid"])
     with pytest.raises(ValueError, match="the samples are 8x8x3 .* and the reference images 16x16x3"):
         reference.score(samples[:, ::2, ::2])
+
+
+def test_a_latent_models_affinity_batches_are_reproducible_under_one_seed():
+    """The VAE's posterior sample took the global RNG, so an SD model's affinity changed from run to run under
+    one --seed; it now takes the seeded generator of the batches' noise."""
+    from diffusers_ant.models import get_model_adapter
+
+    adapter = get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16)
+    first, second = (_draw_batches(adapter, "mnist5k_captions", num_batches=1, batch_size=4, seed=3)[0][0]
+                     for _ in range(2))
+    assert torch.equal(first, second)
+
+
+def test_an_affinity_file_of_another_number_of_timesteps_is_refused(tmp_path):
+    """A T = 1000 measurement given to a T = 2000 scheduler was stretched (constant beyond its grid)."""
+    import json
+
+    from diffusers_ant.clustering import resolve_affinity
+
+    path = tmp_path / "affinity.json"
+    path.write_text(json.dumps({"timesteps": [0, 500, 999], "affinity": [[1, .5, .2], [.5, 1, .5], [.2, .5, 1]],
+                                "num_timesteps": 1000}))
+    assert resolve_affinity(str(path), None, 1000).shape == (1000, 1000)
+    with pytest.raises(ValueError, match="measured on a model of 1000 timesteps and this scheduler has 2000: re-run"):
+        resolve_affinity(str(path), None, 2000)
+
+
+def test_a_controlnet_output_is_refused_by_the_analyses_in_one_line(tmp_path):
+    """A ControlNet beside a frozen UNet: the analyses would route the UNet (a gap of exactly 0); refused, not
+    mislabelled 'holds no saved pipeline'."""
+    from diffusers_ant.analysis.common import check_model_folder
+
+    (tmp_path / "ant_controlnet.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a ControlNet output: the analyses .* not a ControlNet") as info:
+        check_model_folder(str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_an_ntg_bar_without_a_confidence_interval_is_gray():
+    from diffusers_ant.analysis.plots import gap_colors
+
+    rows = [{"gap": gap} for gap in ({"low": -3.0, "high": -1.0}, {"low": 1.0, "high": 2.0}, {"low": -1.0, "high": 1.0},
+                                     {"low": None, "high": None}, {"low": -2.0, "high": -2.0})]
+    assert gap_colors(rows) == ["tab:red", "tab:blue", "tab:gray", "tab:gray", "tab:gray"]
+
+
+def test_ntg_and_forgetting_prompt_a_text_to_image_model_with_the_captions(monkeypatch):
+    """They sampled an SD-family model with the empty prompt against a captioned reference, where
+    evaluate_model prompts with the captions: the two tools' FIDs did not agree."""
+    analyze = load_script("analyze")
+    from diffusers_ant.analysis.evaluate import dataset_captions
+    from diffusers_ant.models import get_model_adapter
+
+    args = analyze.build_parser().parse_args(["ntg", "--base", "a", "--interval_models", "b", "--dataset_name",
+                                              "mnist5k_captions", "--num_samples", "3", "--output", "x.json"])
+    sd = get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16).make_pipeline()
+    unet = get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1).make_pipeline()
+    assert analyze._prompts(args, sd) == dataset_captions("mnist5k_captions", 3, seed=0) and len(set(analyze._prompts(args, sd))) > 1
+    assert analyze._prompts(args, unet) is None
+    # and both analyses hand them to the sampler, for every model they sample (the sampler is recorded here)
+    import diffusers_ant.analysis.evaluate as evaluate
+    from diffusers_ant.analysis.forgetting import chain_of_forgetting
+    from diffusers_ant.analysis.ntg import negative_transfer_gap
+
+    asked = []
+    monkeypatch.setattr(evaluate, "sample_images", lambda pipeline, n, **kw: asked.append(kw["prompts"]) or np.zeros((n, 16, 16, 3)))
+    scores = type("Reference", (), {"score": lambda self, images: {"fid": 0.0}})()
+    prompts = analyze._prompts(args, sd)
+    negative_transfer_gap(sd, [sd.unet], [(0, 499)], scores, num_samples=3, prompts=prompts, progress=False)
+    chain_of_forgetting(sd, sd.unet, [0.0, 0.5], scores, num_samples=3, prompts=prompts, progress=False)
+    assert asked == [prompts] * 4

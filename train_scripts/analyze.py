@@ -37,9 +37,12 @@ def _projection(text):
     if text.strip().lower() in ("auto", "none"):
         return text.strip().lower()
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, 'auto' or 'none', got {text!r}") from None
+    if value < 1:  # 0 read as "no projection" further down: exact gradients, hundreds of GB for SD
+        raise argparse.ArgumentTypeError(f"expected a dimension >= 1 ('none' for exact gradients), got {value}")
+    return value
 
 
 def _add_common_flags(parser):
@@ -62,7 +65,7 @@ def build_parser():
                           "--checkpoints the affinity is averaged over these folders' weights.")
     aff.add_argument("--checkpoints", nargs="+", default=None,
                      help="checkpoint-N folders (or model folders) to average over, e.g. 'run/checkpoint-*'.")
-    aff.add_argument("--model_type", default=None, help="unet, dit, sd or controlnet (default: from training_config.json).")
+    aff.add_argument("--model_type", default=None, help="unet, dit, sd, sdxl, sd3, flux or qwenimage (default: from training_config.json).")
     aff.add_argument("--dataset_name", default=None, help="Training images to take the gradients on (e.g. mnist5k).")
     aff.add_argument("--train_data_dir", default=None, help="An image folder instead of --dataset_name.")
     aff.add_argument("--grid", type=int, default=20, help="Timestep grid points G spread over 0..T-1 (default 20).")
@@ -155,6 +158,16 @@ def run_affinity(args):
         print(f"wrote {args.plot}")
 
 
+def _prompts(args, pipeline):
+    """A text-to-image pipeline's prompts: the captions of the dataset rows the real images are drawn from, as
+    evaluate_model prompts (so the two tools' FIDs agree); None for the other types."""
+    from diffusers_ant.analysis.evaluate import dataset_captions, is_text_to_image
+
+    if not is_text_to_image(pipeline):
+        return None
+    return dataset_captions(args.dataset_name, args.num_samples, seed=args.seed, train_data_dir=args.train_data_dir)
+
+
 def run_ntg(args):
     from diffusers_ant.analysis.common import load_denoiser, training_routing_scheduler
     from diffusers_ant.routing import check_same_schedule
@@ -174,7 +187,8 @@ def run_ntg(args):
                                    scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
                                    batch_size=args.batch_size, seed=args.seed, names=args.interval_models,
                                    progress=not args.no_progress, interval_schedulers=schedulers,
-                                   training_scheduler=training_routing_scheduler(base_pipeline, args.interval_models))
+                                   training_scheduler=training_routing_scheduler(base_pipeline, args.interval_models),
+                                   prompts=_prompts(args, base_pipeline))
     result["base_model"] = args.base
     print(describe(result))
     _write_json(args.output, result)
@@ -200,7 +214,8 @@ def run_forgetting(args):
                                  scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
                                  batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
                                  pretrained_scheduler=pretrained_pipeline.scheduler,
-                                 training_scheduler=training_routing_scheduler(finetuned_pipeline, [args.finetuned]))
+                                 training_scheduler=training_routing_scheduler(finetuned_pipeline, [args.finetuned]),
+                                 prompts=_prompts(args, finetuned_pipeline))
     result.update(finetuned_model=args.finetuned, pretrained_model=args.pretrained)
     print(describe(result))
     _write_json(args.output, result)

@@ -237,7 +237,9 @@ def _draw_batches(adapter, dataset_name, num_batches, batch_size, seed, train_da
     generator = torch.Generator().manual_seed(int(seed) + 1)
     drawn = []
     for batch, _ in zip(loader, range(num_batches)):
-        x0, conditioning = adapter.encode_batch(batch)
+        # the VAE's posterior sample from the same seeded generator (it drew from the global RNG, so a latent
+        # model's affinity changed from run to run under one --seed)
+        x0, conditioning = adapter.encode_batch(batch, generator=generator)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         drawn.append((x0, conditioning, noise))
     return drawn

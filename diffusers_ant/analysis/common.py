@@ -22,6 +22,14 @@ def check_model_folder(folder: str, flag: str = "--model") -> str:
     """`folder` if it is a saved pipeline folder, else a short `ValueError` naming the flag."""
     if not os.path.isdir(folder):
         raise ValueError(f"{flag} {folder!r}: no such folder (give a folder written by train_ant.py)")
+    from ..models.base import CONTROLNET_INFO_NAME
+
+    if os.path.isfile(os.path.join(folder, CONTROLNET_INFO_NAME)):
+        # the analyses measure and route a pipeline's own denoiser; a ControlNet is a second network beside a
+        # frozen UNet, which they would route instead (a gap of exactly 0), so they refuse it rather than mislead
+        raise ValueError(f"{flag} {folder!r} is a ControlNet output: the analyses (affinity, NTG, forgetting, "
+                         "evaluation) take a pipeline's own denoiser (unet, dit, sd, sdxl, sd3, flux, qwenimage), "
+                         "not a ControlNet")
     if not (os.path.isfile(os.path.join(folder, "model_index.json")) or os.path.isfile(os.path.join(folder, LORA_INFO_NAME))):
         raise ValueError(f"{flag} {folder!r} holds no saved pipeline (no model_index.json); give a folder written by train_ant.py")
     return folder

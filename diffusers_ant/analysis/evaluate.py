@@ -454,6 +454,9 @@ def check_sampling_arguments(parser, args) -> None:
     for name in ("num_samples", "num_inference_steps", "batch_size", "kid_subsets"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive")
+    if getattr(args, "num_real", None) is not None and args.num_real < 1:
+        # (a negative count sliced the shuffled rows from the end; 0 fell back to --num_samples)
+        parser.error("--num_real must be positive (leave it out for --num_samples real images)")
     if args.feature_extractor not in FEATURE_EXTRACTOR_NAMES:
         parser.error(f"unknown --feature_extractor {args.feature_extractor!r}; valid: {', '.join(FEATURE_EXTRACTOR_NAMES)}")
     if args.feature_extractor == "inception" and not args.inception_weights:

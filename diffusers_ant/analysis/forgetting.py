@@ -51,7 +51,7 @@ def forgetting_router(finetuned, pretrained, fraction: float, num_timesteps: int
 
 def chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, num_samples=1000, scheduler="ddim",
                         num_inference_steps=50, batch_size=256, seed=0, progress=True, return_images=False,
-                        pretrained_scheduler=None, training_scheduler=None) -> dict:
+                        pretrained_scheduler=None, training_scheduler=None, prompts=None) -> dict:
     """The chain-of-forgetting curve: metrics of the fine-tuned domain for each fraction f.
 
     Args:
@@ -84,7 +84,7 @@ def chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, nu
         router = forgetting_router(finetuned, pretrained, f, T, timestep_map)
         samples = sample_images(finetuned_pipeline, num_samples, denoiser=router, scheduler=scheduler,
                                 num_inference_steps=num_inference_steps, batch_size=batch_size, seed=seed,
-                                progress=progress, desc=f"f={f:g}")
+                                progress=progress, desc=f"f={f:g}", prompts=prompts)  # text-to-image: the captions
         points.append({"fraction": f, "split_timestep": int(round(f * T)), **reference.score(samples)})
         if return_images:
             images.append(samples)

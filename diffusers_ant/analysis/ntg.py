@@ -84,7 +84,7 @@ def swap_in_router(base, specialist, interval, num_timesteps, timestep_map=None,
 
 def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, num_samples=1000, scheduler="ddim",
                           num_inference_steps=50, batch_size=256, seed=0, names=None, progress=True,
-                          interval_schedulers=None, training_scheduler=None) -> dict:
+                          interval_schedulers=None, training_scheduler=None, prompts=None) -> dict:
     """The negative transfer gap of each interval model.
 
     Args:
@@ -118,8 +118,10 @@ def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, 
     base = getattr(base_pipeline, denoiser_name(base_pipeline))
     # what the pipeline passes -> training indices (a FLUX.1 run's table: `training_scheduler`, see routing)
     timestep_map = denoiser_timestep_map(base_pipeline.scheduler, T, base, training_scheduler=training_scheduler)
+    # a text-to-image pipeline samples `prompts` (the captions of the real images, as evaluate_model), every
+    # model the same ones; None: the empty prompt
     common = {"scheduler": scheduler, "num_inference_steps": num_inference_steps, "batch_size": batch_size,
-              "seed": seed, "progress": progress}
+              "seed": seed, "progress": progress, "prompts": prompts}
 
     base_metrics = reference.score(sample_images(base_pipeline, num_samples, desc="base", **common))
     rows = []

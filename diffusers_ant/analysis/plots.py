@@ -112,6 +112,20 @@ def plot_forgetting(result: dict, path: str, title: str | None = None) -> None:
     plt.close(fig)
 
 
+def gap_colors(rows) -> list:
+    """The bar colour of each interval's gap: red / blue only where its confidence interval lies wholly below /
+    above 0; a gap without an interval (one seed, or no spread) is gray whatever its sign, since the plot's
+    "interval < 0" would not hold."""
+    colors = []
+    for r in rows:
+        low, high = r["gap"]["low"], r["gap"]["high"]
+        if low is None or high is None or not low < high:
+            colors.append("tab:gray")
+        else:
+            colors.append("tab:red" if high < 0 else "tab:blue" if low > 0 else "tab:gray")
+    return colors
+
+
 def plot_ntg_summary(summary: dict, path: str, title: str | None = None) -> None:
     """Bars of the mean NTG per interval over seeds with their confidence intervals, and each seed's gap
     as a dot. `summary`: {"intervals": [{"interval": [t1, t2], "gap": t_interval dict with
@@ -124,7 +138,7 @@ def plot_ntg_summary(summary: dict, path: str, title: str | None = None) -> None
     high = np.array([r["gap"]["high"] if r["gap"]["high"] is not None else r["gap"]["mean"] for r in rows], dtype=float)
     fig, ax = plt.subplots(figsize=(max(6.5, 1.2 * len(rows) + 2), 4))
     x = np.arange(len(rows))
-    colors = ["tab:red" if h < 0 else ("tab:blue" if lo > 0 else "tab:gray") for lo, h in zip(low, high)]
+    colors = gap_colors(rows)
     ax.bar(x, means, color=colors, alpha=0.75)
     ax.errorbar(x, means, yerr=[means - low, high - means], fmt="none", ecolor="black", capsize=4, linewidth=1)
     for i, r in enumerate(rows):
