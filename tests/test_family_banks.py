@@ -201,6 +201,18 @@ def test_a_flux_bank_takes_the_datasets_captions_and_its_resolution(saved_folder
     assert dataset["text"] == captions and manifest["prompts"]["source"] == "dataset mnist5k_captions, captions"
     assert manifest["model_type"] == "flux" and manifest["scheduler"] == "FlowMatchEulerDiscreteScheduler"
     assert manifest["resolution"] == 32 and all(im.size == (32, 32) for im in dataset["image"])
+    # without --resolution: the size the trainer takes for this base without one (512, diffusers' scripts'), so
+    # that a bank and a run both left at their defaults agree (the pipeline's own 1024 was refused at training)
+    from diffusers_ant.diff_tuning.bank import check_bank_compatible
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.training.components import pixel_resolution
+
+    assert main([*common[:3], "1", "--num_inference_steps", "1", *common[6:], "--output_dir", str(tmp_path / "b1"),
+                 "--prompts_file", str(_prompts_file(tmp_path))]) == 0
+    _, manifest = load_knowledge_bank(tmp_path / "b1")
+    trained = get_model_adapter("flux").load(pretrained_model_name_or_path=str(saved_folders["flux"]))
+    assert manifest["resolution"] == pixel_resolution(trained) == 512
+    check_bank_compatible(manifest, model_type="flux", resolution=pixel_resolution(trained), channels=trained.num_channels)
     capsys.readouterr()
     # --resolution is flux / qwenimage's: the sd3 base samples at its model's size
     assert main([*common[:1], str(saved_folders["sd3"]), *common[2:], "--output_dir", str(tmp_path / "b2"),
@@ -259,3 +271,9 @@ def test_a_bank_of_another_family_is_refused_in_one_line(sd3_bank, saved_folders
     with pytest.raises(ValueError, match="fingerprints differ") as err:
         check_bank_source(manifest, str(saved_folders["qwenimage"]))
     assert "\n" not in str(err.value)
+
+
+def _prompts_file(folder):
+    path = folder / "prompts.txt"
+    path.write_text("a handwritten digit 3\n")
+    return path

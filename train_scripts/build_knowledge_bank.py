@@ -58,7 +58,7 @@ def build_parser():
                         default=None, help="The pipeline's model type (default: read from the pipeline's class).")
     parser.add_argument("--resolution", type=int, default=None,
                         help="flux / qwenimage: the square size to sample at, the --resolution you train at "
-                             "(default: the pipeline's default, 1024). The other types sample at their model's size.")
+                             "(default 512, train_ant.py's default for them). The other types sample at their model's size.")
     parser.add_argument("--revision", default=None, help="Hub revision of a Hub model id.")
     parser.add_argument("--seed", type=int, default=0, help="Image i is drawn from a generator seeded with (seed, i).")
     parser.add_argument("--batch_size", type=int, default=8,

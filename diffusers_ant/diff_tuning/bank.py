@@ -586,7 +586,7 @@ def build_knowledge_bank(
         progress: show a tqdm progress bar.
         on_image_written: called with the index of every image written (after its rename).
         resolution: ``flux`` / ``qwenimage`` only: the square size to sample at (their transformers
-            have no sample size; default the pipeline's default, 1024 for the released checkpoints).
+            have no sample size; default 512, what train_ant.py trains them at without --resolution).
             Train at the same ``--resolution``: ``check_bank_compatible`` refuses another.
         prompts_source: where ``prompts`` came from, for the manifest (``"prompts file"``, or
             ``"dataset NAME, captions"`` from :func:`read_dataset_captions`).
@@ -621,6 +621,13 @@ def build_knowledge_bank(
     if resolution is not None and model_type not in FREE_RESOLUTION_TYPES:
         raise ValueError(f"a {model_type} pipeline samples at its model's own size: drop --resolution "
                          f"(it applies to {' and '.join(FREE_RESOLUTION_TYPES)})")
+    if resolution is None and model_type in FREE_RESOLUTION_TYPES:
+        # the size train_ant.py trains a checkpoint of these families at without --resolution (512, as diffusers'
+        # scripts), so that a bank and a run both left at their defaults agree (the pipeline's own 1024 did not,
+        # and the trainer refuses a bank of another size)
+        from ..models.flux import default_resolution
+
+        resolution = default_resolution(preset=False)
     adapter = adapter_for_pipeline(pipeline, model_type, resolution)
     class_labels = _validate_inputs(model_type, adapter, class_labels, prompts, conditioning, guidance_scale)
     pairing, extractor = _bank_condition_setting(model_type, bank_condition, condition_extractor)

@@ -100,8 +100,11 @@ class QwenImageAdapter(ModelAdapter):
                 raise ValueError(f"pretrained pipeline {source.path!r} has no transformer")
             model, from_pretrained = source.load(QwenImageTransformer2DModel, subfolder="transformer"), True
         # Qwen-Image's transformer has no sample size: diffusers' script's default --resolution (512) for a
-        # checkpoint; 2x2 packing needs latents of even size
-        resolution = resolution or (16 if preset is not None else 512)
+        # checkpoint, as FLUX.1's (one rule, which the knowledge bank's default follows too); 2x2 packing needs
+        # latents of even size
+        from .flux import default_resolution
+
+        resolution = resolution or default_resolution(preset is not None)
         return {
             "model": model,
             "vae": vae,
