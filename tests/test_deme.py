@@ -225,6 +225,30 @@ def test_merged_folder_is_base_at_zero_weights_and_a_finetune_at_one_hot(run, tm
     assert type(DiffusionPipeline.from_pretrained(str(tmp_path / "hot")).unet).__name__ == "UNet2DModel"
 
 
+def test_merges_and_ensembles_carry_the_finetunes_class_map(run, tmp_path):
+    """DiT fine-tunes on another class count trained the label rows their class_map.json names; the merged and
+    ensemble folders dropped it, so they (and the search's samples) cycled every row of the table. The map is
+    now carried over (load_pipeline gives pipeline.class_rows again), and fine-tunes with different maps are
+    refused. (The class map's rows, not a DiT's table, are what is checked: UNet fine-tunes carry it here.)"""
+    import shutil
+
+    record = {"class_names": ["cat", "dog"], "rows": [281, 207], "null_row": 1000, "num_model_classes": 1000}
+    folders = []
+    for i, folder in enumerate(run["finetunes"]):
+        copy = tmp_path / f"interval-{i}"
+        shutil.copytree(folder, copy)
+        (copy / "class_map.json").write_text(json.dumps(record))
+        folders.append(str(copy))
+    merge_finetunes(run["base"], folders, str(tmp_path / "merged"), weights=[0.5] * 4, log=lambda *_: None)
+    write_ensemble_folder(run["base"], folders, str(tmp_path / "ensemble"), log=lambda *_: None)
+    for out in ("merged", "ensemble"):
+        assert json.loads((tmp_path / out / "class_map.json").read_text()) == record
+        assert load_pipeline(str(tmp_path / out)).class_rows == [281, 207]
+    (tmp_path / "interval-2" / "class_map.json").write_text(json.dumps({**record, "rows": [1, 2]}))
+    with pytest.raises(ValueError, match="maps the data set's classes to other label rows"):
+        merge_finetunes(run["base"], folders, str(tmp_path / "other"), weights=[0.5] * 4, log=lambda *_: None)
+
+
 def test_given_weights_merge_by_task_arithmetic(run, tmp_path):
     weights = [0.1, 0.1, 0.2, 0.5]
     merge_finetunes(run["base"], run["finetunes"], str(tmp_path / "m"), weights=weights, log=lambda *_: None)

@@ -206,3 +206,21 @@ def test_a_class_map_naming_a_class_the_model_lacks_is_one_line(pretrained, thre
             load_train_main()(_args(pretrained, three_classes, tmp_path / "o", "--max_train_steps", "1", *extra))
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_a_fine_tuned_latent_dit_keeps_the_pretrained_label_names(tmp_path):
+    """A pretrained DiTPipeline's model_index.json names its labels (facebook/DiT-XL-2-256: ImageNet's
+    id2label), which DiTPipeline.get_label_ids reads. The saved fine-tune dropped them (DiTPipeline takes
+    id2label but does not record it), so get_label_ids failed on it in plain diffusers."""
+    from diffusers import DiffusionPipeline
+
+    torch.manual_seed(0)
+    get_model_adapter("dit").load(model_config_name_or_path="tiny-latent", resolution=16, num_channels=3,
+                                  num_classes=3).save(str(tmp_path / "pretrained"))
+    index = json.loads((tmp_path / "pretrained" / "model_index.json").read_text())
+    names = {"0": "tench, Tinca tinca", "1": "goldfish", "2": "great white shark"}
+    (tmp_path / "pretrained" / "model_index.json").write_text(json.dumps({**index, "id2label": names}))
+    adapter = get_model_adapter("dit").load(pretrained_model_name_or_path=str(tmp_path / "pretrained"))
+    adapter.save(str(tmp_path / "finetuned"))
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "finetuned"))
+    assert pipe.get_label_ids(["goldfish", "tench"]) == [1, 0]

@@ -189,6 +189,37 @@ def dense_denoiser(model):
     return dense.eval()
 
 
+def common_class_map(finetunes) -> dict | None:
+    """The ``class_map.json`` the fine-tunes share (DiT fine-tunes on another class count than the pretrained
+    table: which label row each data-set class trained), or None when none has one. Fine-tunes with different
+    maps (or some without) trained different rows for the same labels: one-line ``ValueError``."""
+    from ..models.base import CLASS_MAP_NAME
+
+    records = [_read_json(os.path.join(f.path, CLASS_MAP_NAME)) for f in finetunes]
+    if all(r is None for r in records):
+        return None
+    if any(r != records[0] for r in records):
+        odd = next(f for f, r in zip(finetunes, records) if r != records[0])
+        raise ValueError(f"fine-tune {odd.path!r} maps the data set's classes to other label rows ({CLASS_MAP_NAME}) "
+                         f"than {finetunes[0].path!r}: merge fine-tunes trained with one --class_map")
+    return records[0]
+
+
+def write_class_map(class_map: dict | None, output_dir: str, pipeline=None) -> None:
+    """Carry the fine-tunes' shared class map into a merged or ensemble folder (``load_pipeline`` then samples
+    the data set's rows) and onto ``pipeline`` for the search's samples; nothing without one."""
+    if class_map is None:
+        return
+    from ..models.base import CLASS_MAP_NAME
+
+    if pipeline is not None:
+        pipeline.class_rows = [int(row) for row in class_map["rows"]]
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, CLASS_MAP_NAME), "w", encoding="utf-8") as f:
+            json.dump(class_map, f, indent=2)
+
+
 def load_base_pipeline(base: str, torch_dtype=None):
     """The base pipeline (``diffusers_ant.models.load_pipeline``), its denoiser dense and in eval mode."""
     from ..models import load_pipeline

@@ -30,9 +30,11 @@ import torch
 from .finetunes import (
     align_channel_projections,
     check_same_base,
+    common_class_map,
     load_base_pipeline,
     load_finetune_denoiser,
     read_finetunes,
+    write_class_map,
 )
 from .merge import DEFAULT_DENSITY, merge_task_vectors
 from ..hub import portable_path
@@ -203,6 +205,7 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
     finetunes = read_finetunes(list(finetuned))
     if weights is not None:  # before loading any model: a wrong count is refused at once
         weights = _check_weights(weights, finetunes)
+    class_map = common_class_map(finetunes)  # DiT fine-tunes on a subset of the label table: the rows they trained
     lora_files = _lora_merge_files(base, finetunes, method, log)
     log(f"{len(finetunes)} fine-tunes of {base}, low to high t: "
         + ", ".join(f"{f.name} {list(f.bounds)}" for f in finetunes))
@@ -230,6 +233,7 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
     scorer = None
     if needs_pipeline:
         pipeline.to(device)
+        write_class_map(class_map, None, pipeline)  # the search samples the data set's classes, not every row
         scorer = _Scorer(pipeline, evaluation)
 
     result, scores = None, None
@@ -262,6 +266,7 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
     else:
         pipeline.to("cpu")
         save_pipeline(pipeline, output_dir, inputs.component, base=base)
+    write_class_map(class_map, output_dir)
     if result is not None:
         write_search_table(result, output_dir)
     shown_options = {k: v for k, v in (("density", density if density is not None else DEFAULT_DENSITY.get(method)),
@@ -363,6 +368,7 @@ def write_ensemble_folder(base: str, finetuned, output_dir: str, *, evaluation: 
         raise ValueError(f"--output_dir {output_dir!r} is not empty: give a new folder")
     evaluation = _evaluation_options(evaluation) if evaluation is not None else None
     finetunes = read_finetunes(list(finetuned))
+    class_map = common_class_map(finetunes)
     lora_files = _lora_merge_files(base, finetunes, "task_arithmetic", log)
     if lora_files is not None:
         # LoRA fine-tunes: one base denoiser, the interval LoRAs switched by timestep (lora_ensemble.py)
@@ -376,6 +382,7 @@ def write_ensemble_folder(base: str, finetuned, output_dir: str, *, evaluation: 
     else:
         inputs = load_merge_inputs(base, finetunes, merge=False)
         info = write_ensemble(inputs.pipeline, inputs.finetunes, inputs.models, output_dir, inputs.num_timesteps)
+    write_class_map(class_map, output_dir)  # load_pipeline below (and users) then sample the data set's classes
     scores = None
     if evaluation is not None:
         pipeline = load_pipeline(output_dir)

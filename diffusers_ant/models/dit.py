@@ -231,6 +231,9 @@ class DiTAdapter(ModelAdapter):
         channels = vae.config.in_channels if vae is not None else model.config.in_channels
         if num_channels is not None and num_channels != channels:
             raise ValueError(f"the pretrained DiT takes {channels} image channels, the data has {num_channels}")
+        # the label names of a pretrained DiTPipeline (ImageNet's, in facebook/DiT-XL-2-256's model_index.json),
+        # which DiTPipeline.get_label_ids reads; kept for the saved pipeline (its rows are still those labels)
+        id2label = (source.index or {}).get("id2label") if source is not None and vae is not None else None
         return {
             "model": model,
             "vae": vae,
@@ -238,10 +241,12 @@ class DiTAdapter(ModelAdapter):
             "sample_size": model.config.sample_size,
             "model_from_pretrained": from_pretrained,
             "class_rows": class_rows,
+            "id2label": id2label,
         }
 
-    def __init__(self, model, noise_scheduler, class_rows=None, **kwargs):
+    def __init__(self, model, noise_scheduler, class_rows=None, id2label=None, **kwargs):
         super().__init__(model, noise_scheduler, **kwargs)
+        self.id2label = id2label
         self.class_dropout_prob = take_over_label_dropout(model)
         # The label-table row of each data-set class (index = class id); None: the labels are the rows.
         self.class_rows = class_rows
@@ -325,7 +330,11 @@ class DiTAdapter(ModelAdapter):
         model = model if model is not None else self.model
         scheduler = _copy_scheduler(scheduler if scheduler is not None else self.noise_scheduler)
         if self.vae is not None:
-            pipeline = DiTPipeline(transformer=model, vae=self.vae, scheduler=scheduler)
+            pipeline = DiTPipeline(transformer=model, vae=self.vae, scheduler=scheduler, id2label=self.id2label)
+            if self.id2label:
+                # DiTPipeline takes id2label but does not record it: in its config it reaches model_index.json, so
+                # that from_pretrained passes it back (pipe.get_label_ids("golden retriever") then works)
+                pipeline.register_to_config(id2label=self.id2label)
         else:
             pipeline = PixelDiTPipeline(transformer=model, scheduler=scheduler)
         pipeline.set_progress_bar_config(disable=True)
