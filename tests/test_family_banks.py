@@ -212,6 +212,8 @@ def test_a_flux_bank_takes_the_datasets_captions_and_its_resolution(saved_folder
     _, manifest = load_knowledge_bank(tmp_path / "b1")
     trained = get_model_adapter("flux").load(pretrained_model_name_or_path=str(saved_folders["flux"]))
     assert manifest["resolution"] == pixel_resolution(trained) == 512
+    # and FluxPipeline's own distilled guidance (3.5 in diffusers), not the trainer's input value 1.0
+    assert manifest["guidance_scale"] == 3.5
     check_bank_compatible(manifest, model_type="flux", resolution=pixel_resolution(trained), channels=trained.num_channels)
     capsys.readouterr()
     # --resolution is flux / qwenimage's: the sd3 base samples at its model's size

@@ -70,7 +70,8 @@ def build_parser():
     parser.add_argument("--scheduler", default=None,
                         help="Sampler: the pipeline's own (default), ddim, ddpm or a diffusers scheduler class name.")
     parser.add_argument("--guidance_scale", type=float, default=None,
-                        help="Classifier-free guidance for dit / sd / controlnet (default: the pipeline's).")
+                        help="Classifier-free guidance (FLUX.1-dev: its distilled guidance; default: the pipeline's "
+                             "own, 3.5 for FLUX.1).")
     parser.add_argument("--class_labels", type=_class_labels, default=None,
                         help="Classes to cycle through, e.g. 0,1,2 (default: every class in turn).")
     parser.add_argument("--prompts_file", default=None, help="Text-to-image / ControlNet: one prompt per line.")

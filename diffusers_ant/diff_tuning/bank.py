@@ -568,8 +568,8 @@ def build_knowledge_bank(
         num_inference_steps, scheduler: the sampler (``scheduler``: None for the pipeline's own, or
             ``"ddim"``, ``"ddpm"`` or a diffusers scheduler class name). The paper gives no step
             count; its ablation finds more steps better, with diminishing returns.
-        guidance_scale: classifier-free guidance (``dit``, ``sd``, ``controlnet``; None: the
-            pipeline's default).
+        guidance_scale: classifier-free guidance (``dit``, ``sd``, ``controlnet``, ``sdxl``, ``sd3``, Qwen-Image's
+            true CFG) or FLUX.1-dev's distilled guidance; None: the pipeline's default (3.5 for FLUX.1).
         class_labels: classes to cycle through (default: every class of a class-conditional model).
         prompts: prompts to cycle through (``sd``, ``controlnet``; default: the conditioning
             dataset's captions, else the empty prompt).
@@ -629,6 +629,13 @@ def build_knowledge_bank(
 
         resolution = default_resolution(preset=False)
     adapter = adapter_for_pipeline(pipeline, model_type, resolution)
+    if guidance_scale is None and model_type == "flux":
+        # FLUX.1-dev's distilled guidance: the pipeline's own default (3.5), what the model is sampled with as
+        # released; the adapter's default is the training value (1.0), which would bank weaker samples.
+        # Recorded in the manifest as the value used.
+        import inspect
+
+        guidance_scale = inspect.signature(type(pipeline).__call__).parameters["guidance_scale"].default
     class_labels = _validate_inputs(model_type, adapter, class_labels, prompts, conditioning, guidance_scale)
     pairing, extractor = _bank_condition_setting(model_type, bank_condition, condition_extractor)
     resolution = adapter.sample_size * adapter.vae_scale_factor(adapter.vae)
