@@ -213,6 +213,12 @@ def test_variant_reaches_the_controlnet_folder(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         get_model_adapter("controlnet").load(pretrained_model_name_or_path=str(tmp_path / "sd"),
                                              controlnet_model_name_or_path=str(tmp_path / "cn"))
+    # a ControlNet without the base's variant (train_controlnet.py's outputs, most Hub ControlNets): its own
+    # weights, not "not found" (diffusers' script loads the ControlNet without the base's variant)
+    ControlNetModel.from_unet(base.model, conditioning_embedding_out_channels=(16, 64)).save_pretrained(tmp_path / "plain")
+    adapter = get_model_adapter("controlnet").load(pretrained_model_name_or_path=str(tmp_path / "sd"),
+                                                   controlnet_model_name_or_path=str(tmp_path / "plain"), variant="fp16")
+    assert list(adapter.model.config.conditioning_embedding_out_channels) == [16, 64]
 
 
 def test_uw_log_variances_keep_their_constant_learning_rate_under_the_schedule():

@@ -35,12 +35,15 @@ naming the Stable Diffusion base instead of copying it.
 """
 
 import json
+import logging
 import os
 
 from .base import (BASE_MODEL_DIR, CONTROLNET_INFO_NAME, LORA_INFO_NAME, PretrainedSource, prompt_arguments,
                    remove_output_records, repeat_to, resolve_recorded_base)
 from .lora import base_copy, has_lora
 from .sd import StableDiffusionAdapter
+
+logger = logging.getLogger(__name__)
 
 # the trained conditioning embedding of a LoRA run on a new ControlNet, beside the LoRA weights
 COND_EMBEDDING_WEIGHTS_NAME = "controlnet_cond_embedding.safetensors"
@@ -139,7 +142,18 @@ class ControlNetAdapter(StableDiffusionAdapter):
             # the same --revision / --variant / --cache_dir as the pretrained pipeline
             hub = (source.revision, source.variant, source.cache_dir) if source is not None else (None, None, None)
             cn_source = PretrainedSource(controlnet_model_name_or_path, *hub)
-            controlnet = cn_source.load(ControlNetModel, subfolder="controlnet" if cn_source.has("controlnet") else None)
+            subfolder = "controlnet" if cn_source.has("controlnet") else None
+            try:
+                controlnet = cn_source.load(ControlNetModel, subfolder=subfolder)
+            except (OSError, ValueError):
+                if cn_source.variant is None:
+                    raise
+                # --variant names the base's files (fp16 weights of an SD checkpoint); a ControlNet repo or folder
+                # without that variant (train_controlnet.py's outputs, most Hub ControlNets) loads its own weights
+                cn_source = PretrainedSource(controlnet_model_name_or_path, source.revision, None, source.cache_dir)
+                controlnet = cn_source.load(ControlNetModel, subfolder=subfolder)
+                logger.info("--controlnet_model_name_or_path %s has no %s variant: its own weights are loaded",
+                            controlnet_model_name_or_path, hub[1])
         elif source is not None and source.has("controlnet") and preset is None:
             controlnet, from_pretrained = source.load(ControlNetModel, subfolder="controlnet"), True
         elif "block_out_channels" in model_config:  # a full ControlNetModel config JSON
