@@ -482,3 +482,20 @@ def test_ntg_and_forgetting_prompt_a_text_to_image_model_with_the_captions(monke
     negative_transfer_gap(sd, [sd.unet], [(0, 499)], scores, num_samples=3, prompts=prompts, progress=False)
     chain_of_forgetting(sd, sd.unet, [0.0, 0.5], scores, num_samples=3, prompts=prompts, progress=False)
     assert asked == [prompts] * 4
+
+
+def test_affinity_loads_a_run_at_its_own_resolution_and_flow_shift(tmp_path):
+    """FLUX.1 and Qwen-Image transformers have no sample size: the affinity's adapter took the 512 px default,
+    and FLUX.1's shifted sigma table (which depends on the size, or on --flow_shift) put training index t at
+    another noise level than the run trained there. It now reads both from the run's training_config.json."""
+    from diffusers_ant.analysis.affinity import analysis_adapter
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.training.components import pixel_resolution
+
+    torch.manual_seed(0)
+    get_model_adapter("flux").load(model_config_name_or_path="tiny", resolution=16).save(str(tmp_path / "run"))
+    (tmp_path / "run" / "training_config.json").write_text(json.dumps({"model_type": "flux", "resolution": 32,
+                                                                       "flow_shift": 2.0}))
+    adapter = analysis_adapter(str(tmp_path / "run"), "flux")
+    assert pixel_resolution(adapter) == 32
+    assert adapter.noise_scheduler.config.shift == 2.0 and not adapter.noise_scheduler.config.use_dynamic_shifting

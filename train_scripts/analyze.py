@@ -52,6 +52,7 @@ def _add_common_flags(parser):
                         help="torch CPU threads (default: 1 on machines with <= 4 CPUs, where more threads contend; "
                              "else torch's).")
     parser.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
 
 
 def build_parser():
@@ -138,7 +139,7 @@ def run_affinity(args):
                                    param_subset=args.param_subset, projection_dim=projection, seed=args.seed,
                                    model_type=args.model_type, train_data_dir=args.train_data_dir,
                                    progress=not args.no_progress, estimator=args.affinity_estimator,
-                                   permutations=args.permutations)
+                                   permutations=args.permutations, device=_device(args))
     dim = "exact" if result["projection_dim"] is None else f"count sketch to {result['projection_dim']}"
     print(f"task affinity: {len(result['timesteps'])}-point grid over T = {result['num_timesteps']}, "
           f"{len(result['checkpoints'])} checkpoint(s) x {result['batches']} batches of {result['batch_size']}, "
@@ -158,6 +159,13 @@ def run_affinity(args):
         print(f"wrote {args.plot}")
 
 
+def _device(args) -> str:
+    """--device, default CUDA when available (as evaluate_model.py)."""
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _prompts(args, pipeline):
     """A text-to-image pipeline's prompts: the captions of the dataset rows the real images are drawn from, as
     evaluate_model prompts (so the two tools' FIDs agree); None for the other types."""
@@ -174,12 +182,13 @@ def run_ntg(args):
     from diffusers_ant.analysis.ntg import describe, interval_from_folder, load_intervals, negative_transfer_gap
 
     base_pipeline, _ = load_denoiser(args.base, "--base")
+    base_pipeline.to(_device(args))
     if args.intervals:
         intervals = load_intervals(args.intervals, len(args.interval_models))
     else:
         intervals = [interval_from_folder(folder) for folder in args.interval_models]
     loaded = [load_denoiser(folder, "--interval_models") for folder in args.interval_models]
-    models, schedulers = [denoiser for _, denoiser in loaded], [pipeline.scheduler for pipeline, _ in loaded]
+    models, schedulers = [denoiser.to(_device(args)) for _, denoiser in loaded], [pipeline.scheduler for pipeline, _ in loaded]
     # refuse models trained with another noise schedule before the (slow) reference and sampling
     check_same_schedule([base_pipeline.scheduler, *schedulers], [f"--base {args.base}", *args.interval_models])
     reference = _reference(args, base_pipeline)
@@ -207,6 +216,8 @@ def run_forgetting(args):
     fractions = parse_fractions(args.fractions)
     finetuned_pipeline, _ = load_denoiser(args.finetuned, "--finetuned")
     pretrained_pipeline, pretrained = load_denoiser(args.pretrained, "--pretrained")
+    finetuned_pipeline.to(_device(args))
+    pretrained = pretrained.to(_device(args))
     check_same_schedule([finetuned_pipeline.scheduler, pretrained_pipeline.scheduler],
                         [f"--finetuned {args.finetuned}", f"--pretrained {args.pretrained}"])
     reference = _reference(args, finetuned_pipeline)

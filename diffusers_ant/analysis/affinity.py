@@ -218,6 +218,19 @@ def _select_parameters(model, param_subset):
     return [p for _, p in chosen]
 
 
+def analysis_adapter(folder: str, model_type: str):
+    """The model adapter of a saved run for the affinity measurement, at the run's own --resolution and
+    --flow_shift (its training_config.json): FLUX.1 and Qwen-Image transformers have no sample size, and
+    FLUX.1's shifted sigma table depends on both, so training index t is the noise level the run trained at
+    t only with them (without, the adapters' 512 px defaults)."""
+    from ..models import get_model_adapter
+    from .common import training_config
+
+    config = training_config(folder)
+    options = {key: config[key] for key in ("resolution", "flow_shift") if config.get(key) is not None}
+    return get_model_adapter(model_type).load(pretrained_model_name_or_path=folder, **options)
+
+
 def _draw_batches(adapter, dataset_name, num_batches, batch_size, seed, train_data_dir=None):
     """`num_batches` fixed (x0, conditioning, noise) triples from a seeded shuffle of the dataset."""
     from ..data import load_training_dataset, make_train_dataloader, resolve_columns
@@ -353,8 +366,10 @@ def affinity_from_folders(
     progress: bool = True,
     estimator: str = "mean_gradient",
     permutations: int = MANTEL_PERMUTATIONS,
+    device=None,
 ) -> dict:
-    """Task affinity of a trained model, as the JSON-ready dict `analyze.py affinity` writes.
+    """Task affinity of a trained model, as the JSON-ready dict `analyze.py affinity` writes (on `device`:
+    default the CPU).
 
     Args:
         model: a saved model folder, or a list of them. The first gives the architecture, scheduler
@@ -374,7 +389,6 @@ def affinity_from_folders(
     `timesteps` / `affinity` are the form `cluster_timesteps(..., objective="gradient", affinity=path)`
     and `--clustering gradient --affinity_file` read.
     """
-    from ..models import get_model_adapter
     from ..schedule import num_train_timesteps, schedule_log_snr
     from .common import check_model_folder, expand_checkpoints, infer_model_type, load_state_dict
 
@@ -385,7 +399,9 @@ def affinity_from_folders(
         check_model_folder(folder)
     start = time.perf_counter()
     model_type = model_type or infer_model_type(folders[0])
-    adapter = get_model_adapter(model_type).load(pretrained_model_name_or_path=folders[0])
+    adapter = analysis_adapter(folders[0], model_type)
+    if device is not None:
+        adapter.to(device)
     sources = expand_checkpoints(checkpoints) if checkpoints else list(folders)
     states = [load_state_dict(path) for path in sources]
     T = num_train_timesteps(adapter.noise_scheduler)
