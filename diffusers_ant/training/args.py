@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image_interpolation_mode", default="bilinear", choices=["nearest", "bilinear", "bicubic", "lanczos"],
                    help="Resampling filter of the resize to --resolution.")
     g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
-                   help="Share of captions replaced by the empty prompt (sd, controlnet), so the model learns the "
+                   help="Share of captions replaced by the empty prompt (sd, sdxl, sd3, qwenimage, controlnet), so the model learns the "
                    "unconditional branch for classifier-free guidance (0 to 1).")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     # ---- caching and aspect-ratio buckets (issue 16; see training/caching.py, data/buckets.py)
@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation_epochs", type=int, default=None, help="Sample a grid every N epochs (and at the end).")
     g.add_argument("--num_validation_images", type=int, default=16)
     g.add_argument("--validation_prompt", nargs="+", default=None,
-                   help="Validation prompt(s) (sd, controlnet); with --validation_image, one per image or one for all.")
+                   help="Validation prompt(s) (text-to-image types); with --validation_image (controlnet), one per image or "
+                   "one for all.")
     g.add_argument("--validation_image", nargs="+", default=None,
                    help="Conditioning image(s) for ControlNet validation, paired with --validation_prompt.")
     g.add_argument("--guidance_scale", type=float, default=None,
