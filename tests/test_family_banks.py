@@ -216,11 +216,25 @@ def test_a_flux_bank_takes_the_datasets_captions_and_its_resolution(saved_folder
     assert manifest["guidance_scale"] == 3.5
     check_bank_compatible(manifest, model_type="flux", resolution=pixel_resolution(trained), channels=trained.num_channels)
     capsys.readouterr()
-    # --resolution is flux / qwenimage's: the sd3 base samples at its model's size
+    # an SD3 base sampled at another size than its own (SD3 at 512, diffusers' script default, from a 1024
+    # checkpoint): the bank has the size of a run trained at that --resolution, from the same weights (it was
+    # refused, so such a run could never use a bank)
+    from diffusers_ant.diff_tuning.bank import check_bank_source
+
+    own = get_model_adapter("sd3").load(pretrained_model_name_or_path=str(saved_folders["sd3"]))
+    assert pixel_resolution(own) != 32
     assert main([*common[:1], str(saved_folders["sd3"]), *common[2:], "--output_dir", str(tmp_path / "b2"),
-                 "--resolution", "32"]) == 1
+                 "--dataset_name", "mnist5k_captions", "--resolution", "32"]) == 0
+    dataset, manifest = load_knowledge_bank(tmp_path / "b2")
+    assert manifest["resolution"] == 32 and all(im.size == (32, 32) for im in dataset["image"])
+    run = get_model_adapter("sd3").load(pretrained_model_name_or_path=str(saved_folders["sd3"]), resolution=32)
+    check_bank_compatible(manifest, model_type="sd3", resolution=pixel_resolution(run), channels=run.num_channels)
+    check_bank_source(manifest, str(saved_folders["sd3"]))
+    capsys.readouterr()
+    assert main([*common[:1], str(saved_folders["sd3"]), *common[2:], "--output_dir", str(tmp_path / "b3"),
+                 "--resolution", "33"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "drop --resolution" in err
+    assert err.count("\n") == 1 and "must be a positive multiple of the VAE's factor" in err
 
 
 @pytest.mark.parametrize("model_type", ["sdxl", "qwenimage"])

@@ -57,8 +57,8 @@ def build_parser():
     parser.add_argument("--model_type", choices=("unet", "dit", "sd", "controlnet", "sdxl", "sd3", "flux", "qwenimage"),
                         default=None, help="The pipeline's model type (default: read from the pipeline's class).")
     parser.add_argument("--resolution", type=int, default=None,
-                        help="flux / qwenimage: the square size to sample at, the --resolution you train at "
-                             "(default 512, train_ant.py's default for them). The other types sample at their model's size.")
+                        help="The square size to sample at: the --resolution you train at (default: the model's own "
+                             "size; flux / qwenimage: 512, train_ant.py's default for them).")
     parser.add_argument("--revision", default=None, help="Hub revision of a Hub model id.")
     parser.add_argument("--seed", type=int, default=0, help="Image i is drawn from a generator seeded with (seed, i).")
     parser.add_argument("--batch_size", type=int, default=8,

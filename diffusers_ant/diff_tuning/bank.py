@@ -81,7 +81,7 @@ SETTING_FLAGS = {
 MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "sdxl", "sd3", "flux", "qwenimage")
 # the text-conditional types: their bank rows carry the prompt each image was sampled from (`text`)
 TEXT_MODEL_TYPES = ("sd", "controlnet", "sdxl", "sd3", "flux", "qwenimage")
-# the types whose denoiser has no sample size (packed latents): the bank is sampled at --resolution
+# the types whose denoiser has no sample size (packed latents): the bank is sampled at --resolution, default 512
 FREE_RESOLUTION_TYPES = ("flux", "qwenimage")
 BANK_CONDITIONS = ("extracted", "blank")
 
@@ -267,6 +267,25 @@ def model_type_of_pipeline(pipeline) -> str:
     from ..models.families import model_type_of_pipeline as _model_type
 
     return _model_type(pipeline)
+
+
+def _set_sample_size(pipeline, model_type: str, resolution: int) -> None:
+    """Sample the pipeline at ``resolution`` pixels square: what train_ant.py does to a pretrained model trained
+    at another --resolution (the denoiser's ``sample_size`` in its config, which the pipelines size their
+    latents by; SDXL's and SD3's pipelines also keep it as ``default_sample_size``). A bank then has the size
+    of a run at that resolution (SD3 at 512, diffusers' script default, from a 1024 checkpoint). The weights,
+    and so the fingerprint, are untouched."""
+    from ..models import get_model_adapter
+
+    vae = getattr(pipeline, "vae", None)
+    factor = get_model_adapter(model_type).vae_scale_factor(vae) if vae is not None else 1
+    if int(resolution) < 1 or int(resolution) % factor:
+        raise ValueError(f"--resolution {resolution} must be a positive multiple of the VAE's factor {factor}")
+    size = int(resolution) // factor
+    denoiser = pipeline.transformer if hasattr(pipeline, "transformer") else pipeline.unet
+    denoiser.register_to_config(sample_size=size)
+    if hasattr(pipeline, "default_sample_size"):
+        pipeline.default_sample_size = size
 
 
 def adapter_for_pipeline(pipeline, model_type: str, resolution: int | None = None):
@@ -585,9 +604,9 @@ def build_knowledge_bank(
             float32).
         progress: show a tqdm progress bar.
         on_image_written: called with the index of every image written (after its rename).
-        resolution: ``flux`` / ``qwenimage`` only: the square size to sample at (their transformers
-            have no sample size; default 512, what train_ant.py trains them at without --resolution).
-            Train at the same ``--resolution``: ``check_bank_compatible`` refuses another.
+        resolution: the square size to sample at, the ``--resolution`` the run trains at:
+            ``check_bank_compatible`` refuses another. Default: the denoiser's own size; for ``flux`` /
+            ``qwenimage``, whose transformers have none, 512, what train_ant.py trains them at without one.
         prompts_source: where ``prompts`` came from, for the manifest (``"prompts file"``, or
             ``"dataset NAME, captions"`` from :func:`read_dataset_captions`).
     """
@@ -619,8 +638,8 @@ def build_knowledge_bank(
                          f"drop --model_type or pass --model_type {found_type}")
     model_type = found_type
     if resolution is not None and model_type not in FREE_RESOLUTION_TYPES:
-        raise ValueError(f"a {model_type} pipeline samples at its model's own size: drop --resolution "
-                         f"(it applies to {' and '.join(FREE_RESOLUTION_TYPES)})")
+        _set_sample_size(pipeline, model_type, resolution)
+        resolution = None  # the denoiser's sample size now says it, as for a run trained at --resolution
     if resolution is None and model_type in FREE_RESOLUTION_TYPES:
         # the size train_ant.py trains a checkpoint of these families at without --resolution (512, as diffusers'
         # scripts), so that a bank and a run both left at their defaults agree (the pipeline's own 1024 did not,
