@@ -479,20 +479,26 @@ def test_controlnet_sudden_convergence_is_tracked_and_resumed(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_controlnet_diff_tuning_with_a_bank_of_its_own_samples(tmp_path):
+@pytest.mark.parametrize("base", ["controlnet-output", "sd-base"])
+def test_controlnet_diff_tuning_with_a_bank_of_its_own_samples(tmp_path, base):
     """A ControlNet bank (samples beside the outlines re-extracted from them) trains through
-    --knowledge_bank, and the card records the bank."""
+    --knowledge_bank, and the card records the bank. From a ControlNet output folder, or straight from the
+    Stable Diffusion base the run starts from (`--model_type controlnet` on an SD pipeline: a new ControlNet
+    copied from its UNet, which adds nothing, so the images are the base's; this was refused, and a bank
+    needed a ControlNet folder made beforehand)."""
     from diffusers_ant.diff_tuning import build_knowledge_bank
     from diffusers_ant.diff_tuning.bank import ConditioningImages
     from diffusers_ant.models import get_model_adapter
 
-    pretrained = tmp_path / "controlnet"
-    adapter = get_model_adapter("controlnet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1)
+    pretrained = tmp_path / base
+    kind = "controlnet" if base == "controlnet-output" else "sd"
+    adapter = get_model_adapter(kind).load(model_config_name_or_path="tiny", resolution=16, num_channels=1)
     adapter.save(str(pretrained))
     bank = tmp_path / "bank"
     conditions = ConditioningImages.from_dataset("mnist5k_captions", "conditioning_image", caption_column="text")
-    build_knowledge_bank(str(pretrained), str(bank), num_images=8, num_inference_steps=2, batch_size=4,
-                         conditioning=conditions, progress=False)
+    manifest = build_knowledge_bank(str(pretrained), str(bank), num_images=8, num_inference_steps=2, batch_size=4,
+                                    conditioning=conditions, progress=False, model_type="controlnet")
+    assert manifest["model_type"] == "controlnet" and manifest["bank_condition"]
     out = tmp_path / "transferred"
     args = ["--model_type", "controlnet", "--dataset_name", "mnist5k_captions", "--output_dir", str(out), *TINY_RUN,
             "--pretrained_model_name_or_path", str(pretrained), "--knowledge_bank", str(bank), "--max_train_steps", "2"]

@@ -269,6 +269,24 @@ def model_type_of_pipeline(pipeline) -> str:
     return _model_type(pipeline)
 
 
+def _new_controlnet_pipeline(pipeline):
+    """The bank of a ControlNet run that starts from a Stable Diffusion base (`--model_type controlnet` on an
+    SD pipeline): the base's ``StableDiffusionControlNetPipeline`` with a new ControlNet copied from its UNet,
+    as the run will make it (``models.controlnet.new_controlnet``). Its zero convolutions add nothing, so the
+    bank holds the base's own images, paired with conditions re-extracted from them; the fingerprint leaves
+    the ControlNet out, so the run's SD base passes the check. (Before, such a bank needed a ControlNet output
+    folder made beforehand.)"""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from ..models.controlnet import new_controlnet
+
+    parts = {name: pipeline.components.get(name) for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler",
+                                                                "feature_extractor", "image_encoder")}
+    controlnet = new_controlnet(pipeline.unet, pipeline.vae).to(pipeline.unet.device, pipeline.unet.dtype)
+    return StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, safety_checker=None,
+                                             requires_safety_checker=False)
+
+
 def _set_sample_size(pipeline, model_type: str, resolution: int) -> None:
     """Sample the pipeline at ``resolution`` pixels square: what train_ant.py does to a pretrained model trained
     at another --resolution (the denoiser's ``sample_size`` in its config, which the pipelines size their
@@ -633,6 +651,8 @@ def build_knowledge_bank(
         torch_dtype = getattr(torch, torch_dtype)
     pipeline, local = _load_source(pretrained_model_name_or_path, revision, torch_dtype, cache_dir)
     found_type = model_type_of_pipeline(pipeline)
+    if model_type == "controlnet" and found_type == "sd":
+        pipeline, found_type = _new_controlnet_pipeline(pipeline), "controlnet"
     if model_type is not None and model_type != found_type:
         raise ValueError(f"{pretrained_model_name_or_path!r} holds a {found_type} pipeline, not {model_type}: "
                          f"drop --model_type or pass --model_type {found_type}")

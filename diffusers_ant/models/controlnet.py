@@ -86,6 +86,18 @@ def recorded_revision(folder) -> str | None:
 _CONDITIONING_EMBEDDING = (16, 32, 96, 256)
 
 
+def new_controlnet(unet, vae, **config):
+    """A new ControlNet copied from ``unet`` (``ControlNetModel.from_unet``: its encoder's weights, zero
+    convolutions out, so it adds nothing until trained), with a conditioning embedding that downsamples by
+    the VAE's factor (diffusers' default embedding has SD's 4 blocks; a smaller VAE takes its first ones)."""
+    from diffusers import ControlNetModel
+
+    if "conditioning_embedding_out_channels" not in config:
+        blocks = StableDiffusionAdapter.vae_scale_factor(vae).bit_length()  # scale 2**(n-1) -> n blocks
+        config["conditioning_embedding_out_channels"] = _CONDITIONING_EMBEDDING[:blocks]
+    return ControlNetModel.from_unet(unet, **config)
+
+
 class ControlNetAdapter(StableDiffusionAdapter):
     """See the module docstring. Beside the base attributes:
 
@@ -159,9 +171,7 @@ class ControlNetAdapter(StableDiffusionAdapter):
         elif "block_out_channels" in model_config:  # a full ControlNetModel config JSON
             controlnet, is_new = ControlNetModel(**model_config), True
         else:
-            blocks = cls.vae_scale_factor(vae).bit_length()  # scale 2**(n-1) -> n blocks
-            model_config["conditioning_embedding_out_channels"] = _CONDITIONING_EMBEDDING[:blocks]
-            controlnet, is_new = ControlNetModel.from_unet(unet, **model_config), True
+            controlnet, is_new = new_controlnet(unet, vae, **model_config), True
         base_pipeline = None
         if use_pretrained_unet:
             base_pipeline = os.path.abspath(source.path) if source.is_local else source.path
