@@ -859,7 +859,14 @@ def create_hub_repo(hub_model_id: str | None, output_dir: str | os.PathLike, tok
     if constants.HF_HUB_OFFLINE:
         raise ValueError("--push_to_hub needs the network but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub")
     name = hub_model_id or os.path.basename(os.path.abspath(os.fspath(output_dir)))
-    return create_repo(name, exist_ok=True, token=token, private=private).repo_id
+    try:
+        return create_repo(name, exist_ok=True, token=token, private=private).repo_id
+    except Exception as err:  # noqa: BLE001 - HfHubHTTPError (a bad token, a name taken), the HTTP client's
+        # connection errors (not OSError subclasses): whatever stops the repo, one line before any training
+        # one line naming the fix; the first line of the Hub's answer, never the token
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--push_to_hub could not create the Hub repo {name!r} ({reason}): check the login "
+                         "(hf auth login, --hub_token) and --hub_model_id, or drop --push_to_hub") from None
 
 
 def push_to_hub(

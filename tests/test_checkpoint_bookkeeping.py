@@ -119,6 +119,22 @@ def test_a_kill_while_replacing_a_checkpoint_of_the_same_step_leaves_a_complete_
     assert state["marker"] == ("new" if kill_at == "deleting" else "old") and state["global_step"] == 4
 
 
+@pytest.mark.slow
+def test_a_checkpoint_moved_aside_by_a_crash_is_back_before_latest_is_chosen(tmp_path, capsys):
+    """A save killed between its two renames leaves checkpoint-4.old beside checkpoint-2: the start restores it
+    before `latest` is resolved (it restored it after, so the run resumed from checkpoint-2)."""
+    run = ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_samples", "16",
+           "--num_validation_images", "1", "--checkpointing_steps", "2", "--output_dir", str(tmp_path),
+           "--resume_from_checkpoint", "latest"]
+    train_in_process([*run, "--max_train_steps", "4"])
+    (tmp_path / "checkpoint-4").rename(tmp_path / "checkpoint-4.old")
+    capsys.readouterr()
+    train_in_process([*run, "--max_train_steps", "4"])
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "checkpoint-4" in out and "saved" not in out, out[-2000:]
+    assert (tmp_path / "checkpoint-4").is_dir() and not (tmp_path / "checkpoint-4.old").exists()
+
+
 def test_a_checkpoint_copied_under_another_name_knows_its_step(tmp_path, accelerator_and_model):
     from diffusers_ant.training.checkpoint import checkpoint_step, save_checkpoint
 

@@ -224,3 +224,9 @@ def test_a_fine_tuned_latent_dit_keeps_the_pretrained_label_names(tmp_path):
     adapter.save(str(tmp_path / "finetuned"))
     pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "finetuned"))
     assert pipe.get_label_ids(["goldfish", "tench"]) == [1, 0]
+    # a fine-tune on two classes trains rows 0 and 1 for them: those rows take the data set's names
+    mapped = get_model_adapter("dit").load(pretrained_model_name_or_path=str(tmp_path / "pretrained"), num_classes=2)
+    mapped.set_data_classes(["cat", "dog"])
+    mapped.save(str(tmp_path / "mapped"))
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "mapped"))
+    assert pipe.get_label_ids(["dog", "great white shark"]) == [1, 2] and "tench" not in pipe.labels

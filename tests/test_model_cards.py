@@ -262,3 +262,13 @@ def test_one_channel_controlnet_trains_samples_and_its_card_snippet_runs(tmp_pat
     code = re.sub(r"num_inference_steps=\d+", "num_inference_steps=2", code)
     result = run_snippet(snippet_runner, code, tmp_path, checks_for("controlnet", lora=False))
     assert result.returncode == 0 and "SNIPPET_OK" in result.stdout, f"{code}\n---\n{result.stderr[-3000:]}"
+
+
+def test_a_batch_of_one_channel_conditions_keeps_its_images_apart():
+    """Conditions given as one (N, 1, H, W) tensor are split into (1, H, W) images: each must come back as
+    (1, 1, H, W), not be joined into one image of N channels."""
+    from diffusers_ant.models.controlnet import pil_to_condition
+
+    batch = torch.rand(4, 1, 8, 8)
+    parts = [pil_to_condition(image, 1) for image in list(batch)]
+    assert all(p.shape == (1, 1, 8, 8) for p in parts) and torch.equal(torch.cat(parts), batch)

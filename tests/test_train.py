@@ -232,6 +232,20 @@ def test_configuration_saved_without_token(tmp_path):
     assert len(intervals["bounds"]) == 4
 
 
+def test_a_hub_repo_that_cannot_be_created_stops_the_run_in_one_line_before_training(tmp_path):
+    """--push_to_hub creates the repo first: a refused connection (or a bad token, a taken name) is one line
+    naming the fix, before anything trains (it was a traceback from the HTTP client)."""
+    out = tmp_path / "run"
+    env = offline_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"),
+                      HF_HUB_DISABLE_TELEMETRY="1")
+    result = run_script(["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_steps", "2",
+                         "--output_dir", str(out), "--push_to_hub", "--hub_token", "hf_abcdefghijklmnop"], env=env)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if "could not create the Hub repo" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr and "hf_abcdefghijklmnop" not in result.stderr
+    assert not list(out.glob("checkpoint-*")) and not (out / "model_index.json").exists()
+
+
 @pytest.mark.slow
 def test_train_push_to_hub_reaches_the_loopback_hub_without_the_token(tmp_path):
     """`train_ant.py --push_to_hub` creates the repo and uploads the output folder (no checkpoints)

@@ -231,6 +231,17 @@ def analysis_adapter(folder: str, model_type: str):
     return get_model_adapter(model_type).load(pretrained_model_name_or_path=folder, **options)
 
 
+def _to_device(value, device):
+    """Tensors inside tuples / lists / dicts moved to ``device`` (everything else as it is)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
 def _draw_batches(adapter, dataset_name, num_batches, batch_size, seed, train_data_dir=None):
     """`num_batches` fixed (x0, conditioning, noise) triples from a seeded shuffle of the dataset."""
     from ..data import load_training_dataset, make_train_dataloader, resolve_columns
@@ -254,7 +265,9 @@ def _draw_batches(adapter, dataset_name, num_batches, batch_size, seed, train_da
         # model's affinity changed from run to run under one --seed)
         x0, conditioning = adapter.encode_batch(batch, generator=generator)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        drawn.append((x0, conditioning, noise))
+        # on the model's device (--device): pixel models' x0 and class labels stay where the loader made them
+        device = next(adapter.model.parameters()).device
+        drawn.append(_to_device((x0, conditioning, noise), device))
     return drawn
 
 

@@ -362,7 +362,7 @@ def pil_to_condition(image, channels: int):
     from ..data.transforms import CHANNEL_MODES
 
     if isinstance(image, torch.Tensor):
-        return image
+        return image if image.dim() == 4 else image[None]  # one image of a (N, C, H, W) batch: (1, C, H, W)
 
     array = np.asarray(image.convert(CHANNEL_MODES[channels]), dtype=np.float32) / 255.0
     array = array[..., None] if array.ndim == 2 else array

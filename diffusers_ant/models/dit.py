@@ -232,7 +232,8 @@ class DiTAdapter(ModelAdapter):
         if num_channels is not None and num_channels != channels:
             raise ValueError(f"the pretrained DiT takes {channels} image channels, the data has {num_channels}")
         # the label names of a pretrained DiTPipeline (ImageNet's, in facebook/DiT-XL-2-256's model_index.json),
-        # which DiTPipeline.get_label_ids reads; kept for the saved pipeline (its rows are still those labels)
+        # which DiTPipeline.get_label_ids reads; kept for the saved pipeline, with the rows a data set's classes
+        # trained renamed after them (`saved_id2label`)
         id2label = (source.index or {}).get("id2label") if source is not None and vae is not None else None
         return {
             "model": model,
@@ -322,6 +323,19 @@ class DiTAdapter(ModelAdapter):
         out = model(x_t, timestep=timesteps, class_labels=conditioning["class_labels"]).sample
         return out[:, : x_t.shape[1]]  # drop the learned-variance half, if any
 
+    @property
+    def saved_id2label(self) -> dict | None:
+        """The label names the saved pipeline gets: the pretrained ones, except the rows the data set's classes
+        trained (`class_rows`), which take the data set's class names (a class-mapped fine-tune's row 0 is the
+        data set's class 0, no longer the pretrained 'tench'); None without pretrained names."""
+        if not self.id2label:
+            return None
+        names = dict(self.id2label)
+        if self.class_rows is not None and self.class_names:
+            for row, name in zip(self.class_rows, self.class_names):
+                names[str(row)] = str(name)
+        return names
+
     def make_pipeline(self, model=None, scheduler=None):
         from diffusers import DiTPipeline
 
@@ -330,11 +344,12 @@ class DiTAdapter(ModelAdapter):
         model = model if model is not None else self.model
         scheduler = _copy_scheduler(scheduler if scheduler is not None else self.noise_scheduler)
         if self.vae is not None:
-            pipeline = DiTPipeline(transformer=model, vae=self.vae, scheduler=scheduler, id2label=self.id2label)
-            if self.id2label:
+            id2label = self.saved_id2label
+            pipeline = DiTPipeline(transformer=model, vae=self.vae, scheduler=scheduler, id2label=id2label)
+            if id2label:
                 # DiTPipeline takes id2label but does not record it: in its config it reaches model_index.json, so
                 # that from_pretrained passes it back (pipe.get_label_ids("golden retriever") then works)
-                pipeline.register_to_config(id2label=self.id2label)
+                pipeline.register_to_config(id2label=id2label)
         else:
             pipeline = PixelDiTPipeline(transformer=model, scheduler=scheduler)
         pipeline.set_progress_bar_config(disable=True)

@@ -183,6 +183,10 @@ def _train_with(args, accelerator) -> str:
     check_task_gradient_launch(accelerator, args)  # a gradient method FSDP / DeepSpeed cannot run: before any loading
     fsdp = is_fsdp(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.is_main_process and os.path.isdir(args.output_dir):
+        # before the checkpoint is chosen: a checkpoint moved aside by a crashed save goes back to its name
+        remove_stale_temporaries(args.output_dir)
+    accelerator.wait_for_everyone()  # every process then lists the same checkpoints
     checkpoint = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     warn_of_later_checkpoints(args.output_dir, checkpoint, accelerator)
     if checkpoint is not None:
@@ -204,7 +208,6 @@ def _train_with(args, accelerator) -> str:
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        remove_stale_temporaries(args.output_dir)
         if args.push_to_hub:  # the repo first, as diffusers' scripts: its full id goes into the records and the card
             from ..hub import create_hub_repo
 
