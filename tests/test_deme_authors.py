@@ -262,40 +262,51 @@ def test_train_deme_refuses_a_search_it_cannot_score_before_training(flags, mess
                                                 "--search_dataset_name", "my/held-out", "--no_merge"]), [])
 
 
-def test_train_deme_hands_every_interval_and_the_merge_a_hub_bases_local_snapshot(tmp_path, monkeypatch):
-    """A Hub id as the base: every interval's trainer command and the merge (which reads the base's weights from
-    disk, and failed on a Hub id after all the training) get its snapshot, fetched once with the trainer's
-    --cache_dir (resolved here offline from a Hugging Face cache in huggingface_hub's own layout). The trainer
-    and the merge themselves are recorded, not run: the snapshot they get is what is checked."""
-    from hub_server import cache_snapshot
+def test_a_hub_base_trains_every_interval_by_its_id_and_merges_from_its_snapshot(tmp_path, monkeypatch):
+    """A Hub id as the base: each interval trains from the Hub id (so the fine-tunes, and the merged folder,
+    name it), and the merge reads the base's weights from its snapshot, fetched at the fine-tunes' recorded
+    revision into the trainer's --cache_dir (here a Hugging Face cache in huggingface_hub's own layout, read
+    offline). The merge failed on a Hub id ('no such folder') after every interval had trained. The interval
+    runs are recorded, not run: tiny fine-tunes recording the Hub id stand in for them; the merge is real."""
+    import json
 
-    from diffusers_ant.models import get_model_adapter
+    from hub_server import cache_snapshot
+    from test_deme import make_finetune
+
+    from diffusers_ant.deme.merging import merge_finetunes
+    from diffusers_ant.models import get_model_adapter, load_pipeline
 
     train_deme = _script("train_deme")
     torch.manual_seed(0)
     get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1).save(
         str(tmp_path / "base"))
-    snapshot = cache_snapshot(tmp_path / "cache", "someone/tiny-unet", tmp_path / "base")
+    cache_snapshot(tmp_path / "cache", "someone/tiny-unet", tmp_path / "base")
     assert train_deme.flag_value("--cache_dir", ["--cache_dir", "a", "--cache_dir=b"]) == "b"
-    assert train_deme.local_base("someone/tiny-unet", ["--cache_dir", str(tmp_path / "cache")]) == snapshot
-    assert train_deme.local_base(str(tmp_path / "base"), []) == str(tmp_path / "base")
-    with pytest.raises(ValueError, match="neither a folder nor a reachable Hub pipeline"):
-        train_deme.local_base("someone/tiny-unet", [])  # not in the default cache, and offline
-    # the whole command: each interval's trainer and the merge get the snapshot (trainer and merge recorded)
-    import diffusers_ant.deme.merging as merging
-
-    commands, merges = [], []
+    commands = []
     monkeypatch.setattr(train_deme.subprocess, "run", lambda command, **_: commands.append(command)
                         or subprocess.CompletedProcess(command, 0))
-    monkeypatch.setattr(merging, "merge_finetunes", lambda base, *a, **k: merges.append(base))
     parser = train_deme.build_parser()
-    args = parser.parse_args(["--pretrained_model_name_or_path", "someone/tiny-unet", "--output_dir",
-                              str(tmp_path / "out"), "--num_intervals", "2", "--weights", "0.5", "0.5"])
+    out = tmp_path / "out"
+    args = parser.parse_args(["--pretrained_model_name_or_path", "someone/tiny-unet", "--output_dir", str(out),
+                              "--num_intervals", "4", "--no_merge"])
     trainer = ["--cache_dir", str(tmp_path / "cache"), "--dataset_name", "mnist5k"]
     train_deme.check(parser, args, trainer)
     train_deme.run(parser, args, trainer)
-    assert len(commands) == 2 and merges == [snapshot]
-    assert all(c[c.index("--pretrained_model_name_or_path") + 1] == snapshot for c in commands)
+    assert len(commands) == 4
+    assert all(c[c.index("--pretrained_model_name_or_path") + 1] == "someone/tiny-unet" for c in commands)
+    # the fine-tunes as the trainer leaves them: trained from the base, recording the Hub id
+    folders = [make_finetune(tmp_path / f"interval-{i}", str(tmp_path / "base"), i, seed=i) for i in range(4)]
+    for folder in folders:
+        config = json.loads((tmp_path / folder / "training_config.json").read_text())
+        (tmp_path / folder / "training_config.json").write_text(
+            json.dumps({**config, "pretrained_model_name_or_path": "someone/tiny-unet"}))
+    record = merge_finetunes("someone/tiny-unet", folders, str(tmp_path / "merged"), weights=[0.25] * 4,
+                             cache_dir=str(tmp_path / "cache"), log=lambda *_: None)
+    assert record["base_model"] == "someone/tiny-unet"
+    assert load_pipeline(str(tmp_path / "merged")).unet is not None
+    with pytest.raises(ValueError, match="neither a folder nor a reachable Hub pipeline"):
+        merge_finetunes("someone/tiny-unet", folders, str(tmp_path / "other"), weights=[0.25] * 4,
+                        log=lambda *_: None)  # not in the default cache, and offline
 
 
 def test_a_search_that_returns_the_base_says_no_finetune_helped(tmp_path):

@@ -126,25 +126,6 @@ def flag_value(flag: str, trainer_args):
     return value
 
 
-def local_base(name: str, trainer_args) -> str:
-    """The pretrained pipeline as a local folder: ``name`` itself, or the Hub id's snapshot, downloaded once with
-    the trainer's --revision / --variant / --cache_dir (``DiffusionPipeline.download``: the files the pipeline
-    loads, as ``from_pretrained`` would fetch them). Every interval then trains from that folder, and the
-    merge, which reads the base's weights from disk, finds them (a Hub id failed there, after all the training)."""
-    if os.path.isdir(name):
-        return name
-    from diffusers import DiffusionPipeline
-
-    options = {key: flag_value(f"--{key}", trainer_args) for key in ("revision", "variant", "cache_dir")}
-    try:
-        folder = DiffusionPipeline.download(name, **{k: v for k, v in options.items() if v is not None})
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--pretrained_model_name_or_path {name!r} is neither a folder nor a reachable Hub pipeline "
-                         f"({type(err).__name__}): give a pipeline folder, or a Hub id while online") from None
-    print(f"base {name}: {folder}", flush=True)
-    return folder
-
-
 def check(parser, args, trainer_args) -> None:
     if args.num_intervals < 1:
         parser.error("--num_intervals must be at least 1")
@@ -285,7 +266,6 @@ def train_interval(args, trainer_args, index: int, worker: int = 0, devices=()) 
 
 
 def run(parser, args, trainer_args) -> None:
-    args.pretrained_model_name_or_path = local_base(args.pretrained_model_name_or_path, trainer_args)
     os.makedirs(args.output_dir, exist_ok=True)
     progress = read_progress(args, trainer_args)
     pending = [i for i in range(args.num_intervals) if i not in progress["done"]]
@@ -335,8 +315,11 @@ def run(parser, args, trainer_args) -> None:
     if os.path.isdir(merged) and os.listdir(merged):
         print(f"{merged} exists: merge_deme.py merges again into another folder", flush=True)
         return
+    # a Hub id as the base: the merge reads its snapshot (at the revision the intervals recorded, in the
+    # trainer's --cache_dir), and the merged folder names the Hub id as the intervals do
     merge_finetunes(args.pretrained_model_name_or_path, folders, merged, weights=args.weights, search=search,
-                    search_values=args.search_values, max_evaluations=args.max_evaluations, evaluation=evaluation)
+                    search_values=args.search_values, max_evaluations=args.max_evaluations, evaluation=evaluation,
+                    cache_dir=flag_value("--cache_dir", trainer_args))
 
 
 def main(argv=None) -> int:

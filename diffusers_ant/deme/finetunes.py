@@ -189,6 +189,36 @@ def dense_denoiser(model):
     return dense.eval()
 
 
+def recorded_base_revision(finetunes) -> str | None:
+    """The Hub revision of the base the fine-tunes trained from, as they record it (a LoRA's ``ant_lora.json``,
+    a full fine-tune's ``training_config.json``): the first one found, else None."""
+    from ..models.base import LORA_INFO_NAME
+
+    for finetune in finetunes:
+        for name, key in ((LORA_INFO_NAME, "revision"), ("training_config.json", "revision")):
+            value = (_read_json(os.path.join(finetune.path, name)) or {}).get(key)
+            if value:
+                return value
+    return None
+
+
+def base_files(base: str, finetunes=(), cache_dir=None) -> str:
+    """The local folder of the base's files: ``base`` itself, or a Hub id's snapshot at the revision the
+    fine-tunes record (``DiffusionPipeline.download``: the files the pipeline loads, into ``cache_dir``, default
+    the Hub's cache). The merge reads the base's weights and configs from disk; the fine-tunes' records and the
+    merged folder keep naming the Hub id."""
+    if os.path.isdir(base):
+        return base
+    from diffusers import DiffusionPipeline
+
+    revision = recorded_base_revision(finetunes)
+    try:
+        return DiffusionPipeline.download(base, revision=revision, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--base {base!r} is neither a folder nor a reachable Hub pipeline ({type(err).__name__}): "
+                         "give the pretrained pipeline folder the fine-tunes started from, or its Hub id while online") from None
+
+
 def common_class_map(finetunes) -> dict | None:
     """The ``class_map.json`` the fine-tunes share (DiT fine-tunes on another class count than the pretrained
     table: which label row each data-set class trained), or None when none has one. Fine-tunes with different

@@ -29,11 +29,13 @@ import torch
 
 from .finetunes import (
     align_channel_projections,
+    base_files,
     check_same_base,
     common_class_map,
     load_base_pipeline,
     load_finetune_denoiser,
     read_finetunes,
+    recorded_base_revision,
     write_class_map,
 )
 from .merge import DEFAULT_DENSITY, merge_task_vectors
@@ -76,7 +78,7 @@ class MergeInputs:
         return getattr(self.pipeline, self.component)
 
 
-def load_merge_inputs(base: str, finetuned, merge: bool = True) -> MergeInputs:
+def load_merge_inputs(base: str, finetuned, merge: bool = True, files: str | None = None) -> MergeInputs:
     """Read and check the fine-tunes (folders, or ``FineTune`` records from ``read_finetunes``):
     intervals, base, architecture, keys; load them and the base. ``merge=False`` (an ensemble) leaves
     the models as they are: no identity projections added, no state dicts taken.
@@ -89,7 +91,7 @@ def load_merge_inputs(base: str, finetuned, merge: bool = True) -> MergeInputs:
     finetuned = list(finetuned)
     finetunes = finetuned if finetuned and all(isinstance(f, FineTune) for f in finetuned) else read_finetunes(finetuned)
     check_same_base(finetunes, base)
-    pipeline = load_base_pipeline(base)
+    pipeline = load_base_pipeline(files or base_files(base, finetunes))  # (a Hub id's base: its snapshot)
     component = denoiser_component(pipeline)
     base_model = getattr(pipeline, component)
     num_timesteps = int(pipeline.scheduler.config.num_train_timesteps)
@@ -170,8 +172,10 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
                     search_values=DEFAULT_SEARCH_VALUES, search_rounds: int = 3, max_evaluations: int | None = 256,
                     method: str = "task_arithmetic", density: float | None = None, majority_sign_method: str = "total",
                     merge_seed: int = 0, evaluation: dict | None = None, score_fn=None, device=None,
-                    log=print) -> dict:
+                    log=print, cache_dir=None) -> dict:
     """Merge the fine-tunes ``finetuned`` of ``base`` into one pipeline folder ``output_dir``; return its record.
+    ``base`` is a folder or a Hub id (read from its snapshot at the fine-tunes' recorded revision, in
+    ``cache_dir``; the merged folder names the Hub id).
 
     Args:
         weights: one per fine-tune, low to high t (given weights), or the coordinate search's start.
@@ -206,7 +210,9 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
     if weights is not None:  # before loading any model: a wrong count is refused at once
         weights = _check_weights(weights, finetunes)
     class_map = common_class_map(finetunes)  # DiT fine-tunes on a subset of the label table: the rows they trained
-    lora_files = _lora_merge_files(base, finetunes, method, log)
+    check_same_base(finetunes, base)
+    files = base_files(base, finetunes, cache_dir)  # where the base's weights are on disk
+    lora_files = _lora_merge_files(base, finetunes, method, log, files)
     log(f"{len(finetunes)} fine-tunes of {base}, low to high t: "
         + ", ".join(f"{f.name} {list(f.bounds)}" for f in finetunes))
     merge_options = {"method": method, "density": density, "majority_sign_method": majority_sign_method, "seed": merge_seed}
@@ -216,14 +222,14 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
         # all LoRA, task arithmetic: merged as one LoRA of rank N*r, no dense weight formed
         from .lora_merge import LoraCandidates
 
-        candidates = LoraCandidates(base, lora_files) if needs_pipeline else None
+        candidates = LoraCandidates(files, lora_files) if needs_pipeline else None
         pipeline = candidates.pipeline if candidates is not None else None
-        denoiser_class = _base_denoiser_class(base)
-        num_timesteps = _lora_num_timesteps(base, finetunes)
+        denoiser_class = _base_denoiser_class(files)
+        num_timesteps = _lora_num_timesteps(files, finetunes)
         projection = any(read_projection_config(f.path) is not None for f in finetunes)
         set_weights = candidates.set if candidates is not None else None
     else:
-        inputs = load_merge_inputs(base, finetunes)
+        inputs = load_merge_inputs(base, finetunes, files=files)
         pipeline, denoiser_class = inputs.pipeline, type(inputs.denoiser).__name__
         num_timesteps, projection = inputs.num_timesteps, inputs.projection
 
@@ -265,7 +271,7 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
         lora_info = write_merged_lora(lora_files, weights, output_dir, portable_path(base, output_dir))
     else:
         pipeline.to("cpu")
-        save_pipeline(pipeline, output_dir, inputs.component, base=base)
+        save_pipeline(pipeline, output_dir, inputs.component, base=base, revision=recorded_base_revision(finetunes))
     write_class_map(class_map, output_dir)
     if result is not None:
         write_search_table(result, output_dir)
@@ -300,7 +306,7 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
     return record
 
 
-def _lora_merge_files(base: str, finetunes, method: str, log):
+def _lora_merge_files(base: str, finetunes, method: str, log, files: str | None = None):
     """The fine-tunes' ``LoraFile``s when they merge as one LoRA (all LoRA folders, task arithmetic,
     plain linear A / B pairs), checked against ``base``; else None (the dense path: TIES / DARE are
     not linear in B A, and a full fine-tune has no B A)."""
@@ -309,6 +315,7 @@ def _lora_merge_files(base: str, finetunes, method: str, log):
     from .lora_merge import check_lora_fits_base, lora_merge_blocker, read_lora_file
 
     check_same_base(finetunes, base)
+    base = files or base  # the base's files on disk (a Hub id's snapshot)
     if not os.path.isdir(base):
         raise ValueError(f"--base {base!r}: no such folder (give the pretrained pipeline folder the fine-tunes started from)")
     try:
@@ -357,7 +364,7 @@ def _lora_num_timesteps(base: str, finetunes) -> int | None:
 
 
 def write_ensemble_folder(base: str, finetuned, output_dir: str, *, evaluation: dict | None = None, device=None,
-                          log=print) -> dict:
+                          log=print, cache_dir=None) -> dict:
     """Write the ensemble folder (``ensemble.py``) of the fine-tunes of ``base``; with ``evaluation``
     score it (loaded back through ``load_pipeline``, as ``evaluate_model.py`` does). Returns its record."""
     from ..models import load_pipeline
@@ -369,18 +376,20 @@ def write_ensemble_folder(base: str, finetuned, output_dir: str, *, evaluation: 
     evaluation = _evaluation_options(evaluation) if evaluation is not None else None
     finetunes = read_finetunes(list(finetuned))
     class_map = common_class_map(finetunes)
-    lora_files = _lora_merge_files(base, finetunes, "task_arithmetic", log)
+    check_same_base(finetunes, base)
+    files = base_files(base, finetunes, cache_dir)  # where the base's weights are on disk (a Hub id's snapshot)
+    lora_files = _lora_merge_files(base, finetunes, "task_arithmetic", log, files)
     if lora_files is not None:
         # LoRA fine-tunes: one base denoiser, the interval LoRAs switched by timestep (lora_ensemble.py)
         from .ensemble import write_lora_ensemble
 
-        pipeline = load_base_pipeline(base)
-        num_timesteps = _lora_num_timesteps(base, finetunes) or int(pipeline.scheduler.config.num_train_timesteps)
+        pipeline = load_base_pipeline(files)
+        num_timesteps = _lora_num_timesteps(files, finetunes) or int(pipeline.scheduler.config.num_train_timesteps)
         info = write_lora_ensemble(pipeline, finetunes, output_dir, num_timesteps)
         inputs = MergeInputs(base, pipeline, denoiser_component(pipeline), finetunes, [], {}, [], num_timesteps,
                              any(read_projection_config(f.path) is not None for f in finetunes))
     else:
-        inputs = load_merge_inputs(base, finetunes, merge=False)
+        inputs = load_merge_inputs(base, finetunes, merge=False, files=files)
         info = write_ensemble(inputs.pipeline, inputs.finetunes, inputs.models, output_dir, inputs.num_timesteps)
     write_class_map(class_map, output_dir)  # load_pipeline below (and users) then sample the data set's classes
     scores = None

@@ -414,7 +414,8 @@ def attach_saved_channel_projection(pipeline, folder: str):
     return pipeline
 
 
-def save_pipeline(pipeline, folder: str, component: str | None = None, base: str | None = None) -> None:
+def save_pipeline(pipeline, folder: str, component: str | None = None, base: str | None = None,
+                  revision: str | None = None) -> None:
     """``pipeline.save_pretrained(folder)`` (safetensors) with the denoiser's projections written
     beside diffusers' files instead of inside them (module docstring).
 
@@ -427,8 +428,13 @@ def save_pipeline(pipeline, folder: str, component: str | None = None, base: str
         if component == "controlnet" and base is not None:
             from ..models.controlnet import controlnet_output_base, save_controlnet_output
 
+            from ..models.controlnet import recorded_revision
+
             sd_base = controlnet_output_base(base) or base
-            save_controlnet_output(model, folder, os.path.abspath(sd_base) if os.path.isdir(sd_base) else sd_base)
+            # the Hub revision of the SD base (the ControlNet output's record, else the fine-tunes')
+            revision = (recorded_revision(base) if os.path.isdir(base) else None) or revision
+            save_controlnet_output(model, folder, os.path.abspath(sd_base) if os.path.isdir(sd_base) else sd_base,
+                                   revision=revision)
         else:
             pipeline.save_pretrained(folder, safe_serialization=True)
     save_channel_projection(model, folder, component)
