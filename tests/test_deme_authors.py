@@ -402,3 +402,28 @@ def test_card_of_a_projected_merge_warns_first_and_follows_the_training_config(t
     assert "no consistency loss" in card and "consistency loss ||" not in card
     assert "with probability 0.3 (one coin per micro-batch)" in card and "learning rate 5e-05" in card
     assert "main path" in card and "CVPR" in card and "Ning, Xuefei" in card
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_under_an_old_default_resumes_with_it(tmp_path, caplog):
+    """DeMe fine-tunes now draw antithetic pairs by default; a checkpoint written before (off) resumed under
+    the new default was refused ('--deme_antithetic: False -> True'), and under train_deme.py adding the flag
+    changed its recorded trainer flags too. A flag left at its default now takes the checkpoint's value (and
+    says so); one given explicitly is still compared and refused."""
+    import json
+    import logging
+
+    from trainer_utils import TINY_RUN, save_lora_base, train_in_process
+
+    base = save_lora_base(tmp_path / "base")
+    run = ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN[2:], "--pretrained_model_name_or_path",
+           str(base), "--deme_interval", "0", "--num_clusters", "2", "--checkpointing_steps", "1",
+           "--output_dir", str(tmp_path / "out"), "--num_validation_images", "1"]
+    train_in_process([*run, "--max_train_steps", "1", "--no-deme_antithetic"])  # as the old default trained
+    with caplog.at_level(logging.INFO):
+        train_in_process([*run, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert "--deme_antithetic: False (the checkpoint's" in caplog.text
+    config = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state_0.json").read_text())["config"]
+    assert config["deme_antithetic"] is False
+    with pytest.raises(ValueError, match="deme_antithetic"):
+        train_in_process([*run, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--deme_antithetic"])

@@ -293,3 +293,44 @@ def _prompts_file(folder):
     path = folder / "prompts.txt"
     path.write_text("a handwritten digit 3\n")
     return path
+
+
+def test_an_unfinished_flux_bank_of_an_earlier_version_resumes_with_its_own_size_and_guidance(saved_folders, tmp_path):
+    """Banks begun before the FLUX.1 defaults changed (1024 px, guidance recorded as None and sampled at 1.0)
+    must resume as they began: left out, --resolution and --guidance_scale take the unfinished bank's values
+    (the new defaults, 512 px and 3.5, made every such bank refuse to resume)."""
+    import json
+
+    from diffusers_ant.diff_tuning import build_knowledge_bank
+    from diffusers_ant.diff_tuning.bank import load_knowledge_bank
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_one(index):
+        raise Interrupt
+
+    bank = tmp_path / "bank"
+    options = dict(num_images=2, batch_size=1, num_inference_steps=1, prompts=["a digit"], device="cpu", progress=False)
+    with pytest.raises(Interrupt):
+        build_knowledge_bank(str(saved_folders["flux"]), str(bank), resolution=32, guidance_scale=1.0,
+                             on_image_written=stop_after_one, **options)
+    manifest = json.loads((bank / "bank.json").read_text())
+    manifest.update(guidance_scale=None)  # as the earlier version recorded "the adapter's default"
+    manifest.pop("fingerprint_excludes", None)
+    (bank / "bank.json").write_text(json.dumps(manifest))
+    build_knowledge_bank(str(saved_folders["flux"]), str(bank), **options)  # no --resolution, no --guidance_scale
+    dataset, finished = load_knowledge_bank(bank)
+    assert finished["resolution"] == 32 and finished["guidance_scale"] is None and len(dataset) == 2
+
+
+def test_a_bank_fingerprinted_with_the_safety_checker_is_told_to_rebuild(saved_folders):
+    """An earlier version fingerprinted the safety checker too: such a bank cannot match, whatever the weights;
+    the refusal says so instead of 'sampled from other weights'."""
+    from diffusers_ant.diff_tuning.bank import check_bank_source
+
+    manifest = {"model_fingerprint": "0" * 64, "source_model": "old-bank", "torch_dtype": "float32"}
+    with pytest.raises(ValueError, match="earlier version whose fingerprint included the pipeline's safety checker"):
+        check_bank_source(manifest, str(saved_folders["sd3"]))
+    with pytest.raises(ValueError, match="sampled from other weights"):
+        check_bank_source({**manifest, "fingerprint_excludes": ["controlnet", "safety_checker"]}, str(saved_folders["sd3"]))

@@ -663,12 +663,14 @@ def build_knowledge_bank(
     if resolution is None and model_type in FREE_RESOLUTION_TYPES:
         # the size train_ant.py trains a checkpoint of these families at without --resolution (512, as diffusers'
         # scripts), so that a bank and a run both left at their defaults agree (the pipeline's own 1024 did not,
-        # and the trainer refuses a bank of another size)
+        # and the trainer refuses a bank of another size); a bank being resumed keeps its own
         from ..models.flux import default_resolution
 
-        resolution = default_resolution(preset=False)
+        resolution = existing["resolution"] if existing is not None else default_resolution(preset=False)
     adapter = adapter_for_pipeline(pipeline, model_type, resolution)
-    if guidance_scale is None and model_type == "flux":
+    if guidance_scale is None and model_type == "flux" and existing is not None:
+        guidance_scale = existing.get("guidance_scale")  # a bank being resumed keeps its own (None: sampled at 1.0)
+    elif guidance_scale is None and model_type == "flux":
         # FLUX.1-dev's distilled guidance: the pipeline's own default (3.5), what the model is sampled with as
         # released; the adapter's default is the training value (1.0), which would bank weaker samples.
         # Recorded in the manifest as the value used.
@@ -710,6 +712,7 @@ def build_knowledge_bank(
         "revision": revision,
         "model_type": model_type,
         "model_fingerprint": _model_fingerprint(pipeline),
+        "fingerprint_excludes": list(FINGERPRINT_EXCLUDED),
         "torch_dtype": str(torch_dtype or torch.float32).replace("torch.", ""),
         "scheduler": type(sampler).__name__,
         "num_inference_steps": num_inference_steps,
@@ -896,6 +899,13 @@ def check_bank_source(manifest: dict, pretrained_model_name_or_path: str, revisi
     found = _model_fingerprint(pipeline)
     del pipeline
     if found != recorded:
+        if "safety_checker" not in (manifest.get("fingerprint_excludes") or ()):
+            # banks built before the safety checker was dropped fingerprinted it too (and it may have blacked out
+            # some of their images): they cannot match, whatever the weights
+            raise ValueError(
+                f"the knowledge bank ({source}) was built by an earlier version whose fingerprint included the "
+                "pipeline's safety checker (which may also have blacked out some of its images): rebuild it with "
+                f"python {BUILD_COMMAND}")
         raise ValueError(
             f"the knowledge bank was sampled from other weights ({source}) than --pretrained_model_name_or_path "
             f"{path!r} (their fingerprints differ): fine-tune the model the bank came from, or rebuild the bank "

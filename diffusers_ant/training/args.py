@@ -356,8 +356,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(DEMO_ARGS if demo else argv)
     args.demo = demo
-    validate_args(args, given=given_options(parser, DEMO_ARGS if demo else argv))
+    given = given_options(parser, DEMO_ARGS if demo else argv)
+    validate_args(args, given=given)
+    # flags left at a default that changed (a run resumed from a checkpoint written under the old default keeps
+    # the checkpoint's value: training.loop.adopt_recorded_defaults); private, so never written to the records
+    args._defaulted = frozenset(name for name in DEFAULTS_CHANGED if name not in given)
     return args
+
+
+# Flags whose default changed after checkpoints had been written with the old one: the authors' antithetic draw
+# for DeMe fine-tunes (was off) and the retention exponent tied to the data's (was 1).
+DEFAULTS_CHANGED = ("deme_antithetic", "retention_exponent")
 
 
 def given_options(parser: argparse.ArgumentParser, argv) -> set:

@@ -82,7 +82,20 @@ def public_config(args) -> dict:
     (paths become relative to the output folder, see `hub.portable_config`)."""
     from ..hub import drop_secrets, portable_config
 
-    return dict(sorted(portable_config(drop_secrets(vars(args)), args.output_dir).items()))
+    public = {k: v for k, v in vars(args).items() if not k.startswith("_")}  # (private bookkeeping stays out)
+    return dict(sorted(portable_config(drop_secrets(public), args.output_dir).items()))
+
+
+def adopt_recorded_defaults(args, recorded: dict) -> list:
+    """A resumed run keeps the checkpoint's value of each flag the user left at a default that has changed since
+    (`args.DEFAULTS_CHANGED`): the run continues as it began, and the resume check does not refuse it. Returns
+    the '--flag: value' lines adopted."""
+    adopted = []
+    for name in sorted(getattr(args, "_defaulted", ())):
+        if name in recorded and recorded[name] != getattr(args, name):
+            setattr(args, name, recorded[name])
+            adopted.append(f"--{name}: {recorded[name]!r} (the checkpoint's; the default is now another)")
+    return adopted
 
 
 def data_needs(args) -> dict:
@@ -200,6 +213,8 @@ def _train_with(args, accelerator) -> str:
         # A run given in epochs has its length, and so its LR schedule, only once the data is loaded:
         # those flags are compared below, on the number of steps the checkpoint's run derived as well.
         deferred = SCHEDULE_LENGTH_FLAGS | LR_SCHEDULE_FLAGS if args.max_train_steps is None else frozenset()
+        for line in adopt_recorded_defaults(args, checkpoint_config(checkpoint)):
+            logger.info("resuming with %s", line)
         current = {key: value for key, value in public_config(args).items() if key not in deferred}
         for change in check_resume_config(checkpoint_config(checkpoint), current, checkpoint, accelerator.num_processes):
             logger.info("resuming with a changed setting, %s", change)
