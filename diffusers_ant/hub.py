@@ -61,6 +61,8 @@ MODEL_TYPES = {
         "tags": ("stable-diffusion", "stable-diffusion-diffusers", "text-to-image"),
         "pipeline_tag": "text-to-image",
         "description": "a Stable Diffusion UNet2DConditionModel",
+        # as diffusers' train_text_to_image.py writes it: SD 1.x derivatives carry the CreativeML OpenRAIL-M
+        "license": "creativeml-openrail-m",
     },
     # license and tags as diffusers' train_dreambooth_lora_sdxl.py writes them (`save_model_card`)
     "sdxl": {

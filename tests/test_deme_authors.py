@@ -427,3 +427,32 @@ def test_a_checkpoint_written_under_an_old_default_resumes_with_it(tmp_path, cap
     assert config["deme_antithetic"] is False
     with pytest.raises(ValueError, match="deme_antithetic"):
         train_in_process([*run, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--deme_antithetic"])
+
+
+def test_the_merge_card_claims_deme_settings_only_for_deme_runs_and_the_familys_licence(tmp_path):
+    """--timestep_range fine-tunes record the consistency and sampling flags' defaults without using them: the
+    card claimed 'consistency loss, weight 1' and 'probability 0.3' for them. And merges were always licensed
+    apache-2.0, a FLUX.1-dev merge too."""
+    import json
+    from types import SimpleNamespace
+
+    from diffusers_ant.deme.card import training_lines, write_deme_model_card
+
+    def finetune(name, **config):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "training_config.json").write_text(json.dumps({"consistency_weight": 1.0, "deme_global_prob": 0.3,
+                                                                  "learning_rate": 5e-5, **config}))
+        return SimpleNamespace(path=str(folder), name=name, bounds=(0, 499), lora=False)
+
+    plain = [finetune("a", timestep_range=[0, 499], deme_interval=None), finetune("b", deme_interval=None)]
+    lines = " ".join(training_lines(plain, projection=False))
+    assert "--timestep_range" in lines and "consistency loss ||" not in lines and "probability 0.3" not in lines
+    assert "learning rate 5e-05" in lines
+    deme = [finetune("c", deme_interval=0), finetune("d", deme_interval=1)]
+    lines = " ".join(training_lines(deme, projection=True))
+    assert "consistency loss ||" in lines and "probability 0.3" in lines and "--timestep_range" not in lines
+    card = write_deme_model_card(tmp_path / "merged", base_model="black-forest-labs/FLUX.1-dev", model_type="flux",
+                                 denoiser_class="FluxTransformer2DModel", finetunes=deme, num_timesteps=1000,
+                                 weights=[0.5, 0.5]).read_text()
+    assert "license: other" in card and "apache-2.0" not in card

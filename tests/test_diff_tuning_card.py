@@ -73,3 +73,23 @@ def test_minimal_kd_card():
     for absent in ("### Tasks", "### Knowledge bank", "### ControlNet sudden convergence", "### Results",
                    "## Samples", "DiffFit scales", "xie2023difffit", "benzaken2022bitfit"):
         assert absent not in text, absent
+
+
+def test_a_class_conditional_unets_bank_line_says_its_rows_keep_their_labels(tmp_path):
+    """A UNet2DModel has no null class: its bank rows train with the class labels they were sampled for
+    (`null_condition_batch` keeps them), and the card said 'training the unconditional branch'."""
+    from types import SimpleNamespace
+
+    from diffusers_ant.diff_tuning.card import card_values
+
+    def line(model_type, **extra):
+        args = SimpleNamespace(retention="bank", bank_keep_prompts=False, model_type=model_type, bank_fraction=0.25,
+                               train_batch_size=8, reconsolidation_exponent=1.0, retention_exponent=1.0,
+                               bank_weight=0.1, rank=None, knowledge_bank=None, condition_extractor="outline",
+                               convergence_distance="mse", convergence_threshold=0.05, convergence_steps=100, **extra)
+        finetune = SimpleNamespace(mode="full", description="full fine-tuning", difffit_merged=False)
+        return card_values(args, finetune, ["data", "bank"], str(tmp_path), {"num_images": 8})["retention_line"]
+
+    assert "class labels they were sampled for" in line("unet", num_classes=10, class_column="label")
+    assert "unconditional branch" in line("dit", num_classes=10, class_column="label")
+    assert "unconditional branch" in line("unet", num_classes=None, class_column=None)

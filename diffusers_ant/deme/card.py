@@ -69,7 +69,15 @@ def training_lines(finetunes, projection: bool) -> list:
     configs = training_configs(finetunes)
     if not any(configs):
         return ["The fine-tunes' training settings were not recorded (no `training_config.json`)."]
+    # DeMe's consistency loss and interval sampling were used only by --deme_interval runs; a --timestep_range
+    # fine-tune records the flags' defaults without having used them
+    all_configs = configs
+    deme = [c for c in configs if c and c.get("deme_interval") is not None]
     lines = []
+    if len(deme) < len([c for c in configs if c]):
+        lines.append(("some fine-tunes were" if deme else "the fine-tunes were") + " trained with `--timestep_range` "
+                     "(plain training on their interval: no consistency loss, no probabilistic sampling)")
+    configs = deme  # the DeMe settings below: of the --deme_interval runs only (none: no such line)
     consistency = _common(configs, "consistency_weight")
     if consistency == "varies":
         lines.append("consistency loss: its weight differs between the fine-tunes (see their `training_config.json`)")
@@ -85,6 +93,7 @@ def training_lines(finetunes, projection: bool) -> list:
                      if float(p) > 0 else "timesteps from the fine-tune's interval only (no probabilistic sampling)")
     lines.append("channel-wise projection after each block, on the main path (skip connections unprojected)" if projection
                  else "no channel-wise projection")
+    configs = all_configs  # the optimiser's settings: every fine-tune's
     optimiser = [f"{label} {_fmt(value)}" for key, label in (("learning_rate", "learning rate"), ("adam_beta1", "AdamW beta1"),
                                                              ("adam_weight_decay", "weight decay"))
                  if (value := _common(configs, key)) not in (None, "varies")]
@@ -109,7 +118,7 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
                           finetunes: Sequence, num_timesteps: int | None, weights: Sequence[float] | None = None,
                           merge_method: str = "task_arithmetic", merge_options: Mapping | None = None,
                           search: Any = None, scores: Mapping | None = None, ensemble: bool = False,
-                          projection: bool = False, repo_id: str | None = None, license: str = "apache-2.0",
+                          projection: bool = False, repo_id: str | None = None, license: str | None = None,
                           lora_rank: int | None = None, lora_ensemble: bool = False) -> Path:
     """Write ``output_dir/README.md`` for a merged (``ensemble=False``) or ensemble DeMe folder; return its path.
 
@@ -175,8 +184,8 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
     for index, finetune in enumerate(finetunes):
         interval_rows.append({
             "index": index, "start": finetune.bounds[0], "end": finetune.bounds[1],
-            "source": f"`{finetune.name}`" + ((" (LoRA)" if lora_rank is not None else " (LoRA, folded in)")
-                                              if finetune.lora else ""),
+            "source": f"`{finetune.name}`" + ((" (LoRA)" if lora_rank is not None or lora_ensemble
+                                               else " (LoRA, folded in)") if finetune.lora else ""),
             "weight": "its interval's steps" if ensemble else (_fmt(float(weights[index])) if weights is not None else ""),
         })
 
@@ -221,15 +230,22 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
     ref = repo_id or "path/to/this/folder"
     usage = ("from diffusers_ant.models import load_pipeline\n\n"
              f"pipe = load_pipeline({ref!r})"
-             + ("  # the base pipeline with a TimestepRouter as its denoiser" if ensemble else "")
+             + (("  # the base pipeline, its interval LoRAs switched by timestep" if lora_ensemble
+                 else "  # the base pipeline with a TimestepRouter as its denoiser") if ensemble else "")
              + ("  # re-attaches the channel projections" if projection and not ensemble else ""))
+    diffusers_lora = model_type in ("sd", "sdxl", "sd3", "flux", "qwenimage")  # pipelines with load_lora_weights
     if lora_rank is not None and not projection:
-        usage += ("  # the base named in ant_lora.json, with this LoRA"
-                  "\n# or plain diffusers: pipe = DiffusionPipeline.from_pretrained(BASE); pipe.load_lora_weights(...)")
+        usage += "  # the base named in ant_lora.json, with this LoRA"
+        if diffusers_lora:
+            usage += "\n# or plain diffusers: pipe = DiffusionPipeline.from_pretrained(BASE); pipe.load_lora_weights(...)"
     elif not ensemble and not projection:
-        usage += "\n# plain diffusers works too: DiffusionPipeline.from_pretrained(...)"
+        usage += ("\n# plain diffusers works too: controlnet = ControlNetModel.from_pretrained(...); "
+                  "StableDiffusionControlNetPipeline.from_pretrained(BASE, controlnet=controlnet)"
+                  if model_type == "controlnet" else "\n# plain diffusers works too: DiffusionPipeline.from_pretrained(...)")
 
     hub_base = base_model if is_hub_id(base_model) else None
+    # the base family's licence, as the ANT cards (a FLUX.1-dev or SDXL merge is no apache-2.0 model)
+    license = license or info.get("license", "apache-2.0")
     card_data = ModelCardData(license=license, base_model=hub_base, pipeline_tag=info.get("pipeline_tag"), inference=not ensemble)
     card = ModelCard.from_template(
         card_data,

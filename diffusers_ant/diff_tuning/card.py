@@ -28,6 +28,9 @@ def card_values(args, finetune_summary, task_names, output_dir: str, manifest: d
         images = (manifest or {}).get("num_images", "?")
         retention_line = f"a knowledge bank of {images} images sampled once from the pretrained model"
         retention_line += (", trained with their prompts" if args.bank_keep_prompts
+                           else ", trained with the class labels they were sampled for (a UNet2DModel has no null class)"
+                           if args.model_type == "unet" and getattr(args, "num_classes", None) not in (None, 1)
+                           or args.model_type == "unet" and getattr(args, "class_column", None)
                            else ", training the unconditional branch (null class / empty prompt)")
     from . import retention_share
 
