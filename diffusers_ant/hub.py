@@ -623,6 +623,8 @@ def training_summary(args: Any, intervals: Any, global_step: int, resolution: in
         bounds_i = bounds[args.deme_interval]
         summary.update(deme_interval=args.deme_interval, deme_timesteps=list(bounds_i),
                        consistency_weight=args.consistency_weight, deme_global_prob=args.deme_global_prob,
+                       deme_sampling=getattr(args, "deme_sampling", None),
+                       deme_antithetic=bool(getattr(args, "deme_antithetic", False)),
                        channel_projection=args.channel_projection)
     return summary
 
@@ -761,6 +763,18 @@ def write_model_card(
     method_line = METHOD_NAMES.get(method, method)
     if intervals and method != "none":
         method_line += f", balancing the {len(intervals)} timestep-cluster losses"
+    deme = summary.get("deme_interval") is not None
+    if deme:  # a DeMe interval fine-tune: how its timesteps were drawn and what its loss held, not ANT's weighting
+        start, end = summary.get("deme_timesteps") or ("?", "?")
+        p = summary.get("deme_global_prob")
+        coin = {"per_batch": "one coin per micro-batch", "per_sample": "one coin per sample"}.get(summary.get("deme_sampling"))
+        method_line = (f"DeMe fine-tune of interval {summary['deme_interval']} (timesteps {start} to {end}): timesteps "
+                       f"from the interval, or from the whole range with probability {_format_value(p)}"
+                       + (f" ({coin}" + (", antithetic pairs t, lo + hi - t" if summary.get("deme_antithetic") else "")
+                          + ")" if coin else "")
+                       + (f"; consistency loss against the frozen pretrained model, weight "
+                          f"{_format_value(summary.get('consistency_weight'))}" if summary.get("consistency_weight")
+                          else "; no consistency loss"))
     clustering = summary.get("clustering")
     clustering_line = f"clustering objective `{clustering}`" if clustering else "clustering objective not recorded"
     if summary.get("timestep_sampling"):
@@ -786,6 +800,16 @@ def write_model_card(
         f"A 🧨 diffusers {kind} ({pipeline}) trained with diffusers_ant {trained_as}: diffusion training "
         "treated as multi-task learning over timesteps (ANT, Go et al., NeurIPS 2023)."
     )
+    if deme:
+        summary_text = (f"A 🧨 diffusers {kind} ({pipeline}): one interval fine-tune of DeMe (Decouple-Then-Merge, "
+                        "Ma et al., CVPR 2025), trained with diffusers_ant, to be merged with the other intervals' "
+                        "fine-tunes (`merge_deme.py`).")
+    if (output_dir / "channel_projection.safetensors").is_file():
+        # DeMe's channel projections sit beside diffusers' files: plain from_pretrained (the snippet below)
+        # loads the model without them, a different model, and says nothing
+        summary_text += (" **Load it with `diffusers_ant.models.load_pipeline`**: it carries DeMe's channel "
+                         "projections (`channel_projection.safetensors`), which plain diffusers' `from_pretrained` "
+                         "(the snippet below) drops without an error, giving a different model.")
 
     config_rows = [(key, _format_value(value)) for key, value in summary.items() if key != "intervals"]
 

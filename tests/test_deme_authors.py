@@ -425,6 +425,12 @@ def test_a_checkpoint_written_under_an_old_default_resumes_with_it(tmp_path, cap
     assert "--deme_antithetic: False (the checkpoint's" in caplog.text
     config = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state_0.json").read_text())["config"]
     assert config["deme_antithetic"] is False
+    # the card describes the DeMe fine-tune it is (it described ANT's "plain diffusion training, one loss over
+    # all timesteps"), with the settings the run used, and warns that plain diffusers drops the projections
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "DeMe fine-tune of interval 0" in card and "probability 0.3 (one coin per micro-batch)" in card
+    assert "antithetic pairs" not in card and "consistency loss against the frozen pretrained model, weight 1" in card
+    assert "plain diffusion training" not in card and "Load it with `diffusers_ant.models.load_pipeline`" in card
     with pytest.raises(ValueError, match="deme_antithetic"):
         train_in_process([*run, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--deme_antithetic"])
 
