@@ -93,3 +93,15 @@ def test_a_class_conditional_unets_bank_line_says_its_rows_keep_their_labels(tmp
     assert "class labels they were sampled for" in line("unet", num_classes=10, class_column="label")
     assert "unconditional branch" in line("dit", num_classes=10, class_column="label")
     assert "unconditional branch" in line("unet", num_classes=None, class_column=None)
+
+
+def test_a_lora_card_says_what_the_folder_holds():
+    """The Diff-Tuning card said 'only the adapter weights are in this repository' for every LoRA, where a
+    ControlNet LoRA's folder also holds base_model/ (and a new ControlNet's conditioning embedding): it now takes
+    the LoRA and base lines the ANT card writes from the folder."""
+    text = render(retention="kd", retention_line="distillation", finetune_mode="lora", finetune_line="LoRA",
+                  method_line="none", convergence_step=None, lora_rank=4,
+                  lora_line="rank 4, alpha 4; this repository holds the adapter weights and `base_model/`",
+                  base_line="`base_model/` in this repository (built with the model, not published elsewhere)")
+    assert "**LoRA**: rank 4, alpha 4; this repository holds the adapter weights and `base_model/`." in text
+    assert "**Base pipeline**: `base_model/` in this repository" in text and "only the adapter weights" not in text
