@@ -619,6 +619,8 @@ def training_summary(args: Any, intervals: Any, global_step: int, resolution: in
         summary["validation_prompt"] = prompt[0] if isinstance(prompt, (list, tuple)) else prompt
     if getattr(args, "finetune", None) not in (None, "full", "lora"):
         summary["finetune"] = args.finetune
+    if getattr(args, "controlnet_model_name_or_path", None):  # the ControlNet the run started from
+        summary["controlnet_model_name_or_path"] = args.controlnet_model_name_or_path
     if getattr(args, "deme_interval", None) is not None:
         bounds_i = bounds[args.deme_interval]
         summary.update(deme_interval=args.deme_interval, deme_timesteps=list(bounds_i),
@@ -813,7 +815,12 @@ def write_model_card(
 
     config_rows = [(key, _format_value(value)) for key, value in summary.items() if key != "intervals"]
 
-    if recorded_base == _BASE_MODEL_DIR:
+    given_controlnet = summary.get("controlnet_model_name_or_path")  # a ControlNet the run started from
+    if recorded_base == _BASE_MODEL_DIR and model_type == "controlnet" and given_controlnet:
+        source = (f"[{given_controlnet}](https://huggingface.co/{given_controlnet})" if is_hub_id(given_controlnet)
+                  else f"`{Path(str(given_controlnet)).name}`")
+        base_line = f"`{_BASE_MODEL_DIR}/` in this repository: the ControlNet before training, from {source}"
+    elif recorded_base == _BASE_MODEL_DIR:
         base_line = f"`{_BASE_MODEL_DIR}/` in this repository (built with the model, not published elsewhere)"
     elif recorded_base is not None and is_hub_id(recorded_base):
         base_line = f"[{recorded_base}](https://huggingface.co/{recorded_base})"
@@ -833,7 +840,8 @@ def write_model_card(
         if "controlnet_cond_embedding" in (lora_info or {}).get("trained_in_full", ()):
             held.append("the ControlNet's conditioning embedding (trained in full: a new ControlNet's is zero-initialised)")
         if recorded_base == _BASE_MODEL_DIR:
-            held.append(f"the untrained ControlNet in `{_BASE_MODEL_DIR}/`" if model_type == "controlnet"
+            held.append((f"the ControlNet before training in `{_BASE_MODEL_DIR}/`" if given_controlnet
+                         else f"the untrained ControlNet in `{_BASE_MODEL_DIR}/`") if model_type == "controlnet"
                         else f"the base pipeline in `{_BASE_MODEL_DIR}/`")
         lora_line += "; this repository holds " + ", ".join(held[:-1]) + (" and " if len(held) > 1 else "") + held[-1]
 

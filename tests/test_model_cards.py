@@ -272,3 +272,23 @@ def test_a_batch_of_one_channel_conditions_keeps_its_images_apart():
     batch = torch.rand(4, 1, 8, 8)
     parts = [pil_to_condition(image, 1) for image in list(batch)]
     assert all(p.shape == (1, 1, 8, 8) for p in parts) and torch.equal(torch.cat(parts), batch)
+
+
+def test_a_lora_on_a_given_controlnet_names_it_in_its_card(tmp_path):
+    """A ControlNet LoRA on --controlnet_model_name_or_path: base_model/ holds a copy of that ControlNet before
+    training, and the card called it 'the untrained ControlNet ... not published elsewhere', never naming it."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(0)
+    sd = get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=RES)
+    sd.save(str(tmp_path / "sd"))
+    ControlNetModel.from_unet(sd.model, conditioning_embedding_out_channels=(16, 32)).save_pretrained(tmp_path / "my-cn")
+    adapter = get_model_adapter("controlnet").load(pretrained_model_name_or_path=str(tmp_path / "sd"),
+                                                   controlnet_model_name_or_path=str(tmp_path / "my-cn"))
+    adapter.add_lora(rank=2)
+    adapter.save(str(tmp_path / "out"), lora=True)
+    assert (tmp_path / "out" / "base_model").is_dir()
+    card = write_model_card(tmp_path / "out", model_type="controlnet", lora=True,
+                            method_summary={**summary("controlnet", True),
+                                            "controlnet_model_name_or_path": str(tmp_path / "my-cn")}).read_text()
+    assert "the ControlNet before training, from `my-cn`" in card and "untrained ControlNet" not in card
