@@ -619,8 +619,9 @@ def training_summary(args: Any, intervals: Any, global_step: int, resolution: in
         summary["validation_prompt"] = prompt[0] if isinstance(prompt, (list, tuple)) else prompt
     if getattr(args, "finetune", None) not in (None, "full", "lora"):
         summary["finetune"] = args.finetune
-    if getattr(args, "controlnet_model_name_or_path", None):  # the ControlNet the run started from
-        summary["controlnet_model_name_or_path"] = args.controlnet_model_name_or_path
+    if getattr(args, "controlnet_model_name_or_path", None):  # the ControlNet the run started from (a Hub id, or
+        # its path from the output folder: no absolute path of this machine in a card that may be pushed)
+        summary["controlnet_model_name_or_path"] = portable_path(args.controlnet_model_name_or_path, args.output_dir)
     if getattr(args, "deme_interval", None) is not None:
         bounds_i = bounds[args.deme_interval]
         summary.update(deme_interval=args.deme_interval, deme_timesteps=list(bounds_i),
