@@ -145,17 +145,16 @@ def check(parser, args, trainer_args) -> None:
     searching = not args.no_merge and (args.search is not None or args.weights is None)
     if searching:
         # what the search scores with, checked now: merge_finetunes would find out after every interval trained
-        from diffusers_ant.metrics.features import DOMAIN_DATASETS
+        from diffusers_ant.analysis.evaluate import FEATURE_EXTRACTOR_CHOICES, feature_extractor_problem
 
-        if args.search_feature_extractor == "inception" and not args.search_inception_weights:
-            parser.error("--search_feature_extractor inception needs --search_inception_weights FILE.safetensors")
-        if args.search_feature_extractor not in ("domain", "inception"):
-            parser.error(f"unknown --search_feature_extractor {args.search_feature_extractor!r}: domain or inception")
-        if args.search_feature_extractor == "domain" and (args.search_train_data_dir is not None
-                                                          or args.search_dataset_name not in DOMAIN_DATASETS):
-            held = args.search_dataset_name or f"--search_train_data_dir {args.search_train_data_dir}"
-            parser.error(f"no domain feature extractor for {held} (there are: {', '.join(DOMAIN_DATASETS)}): use "
-                         "--search_feature_extractor inception --search_inception_weights FILE.safetensors, or --weights")
+        if args.search_feature_extractor not in FEATURE_EXTRACTOR_CHOICES:
+            parser.error(f"unknown --search_feature_extractor {args.search_feature_extractor!r}: "
+                         f"{' or '.join(FEATURE_EXTRACTOR_CHOICES)}")
+        problem = feature_extractor_problem(args.search_feature_extractor, args.search_dataset_name,
+                                            args.search_train_data_dir, args.search_inception_weights,
+                                            prefix="search_", otherwise=", or --weights")
+        if problem:
+            parser.error(problem)
     if args.weights is not None and args.search == "grid":
         parser.error("--search grid tries every combination: drop --weights (it only starts --search coordinate)")
     if args.search_num_samples < 1 or len(set(args.search_values)) != len(args.search_values) or args.max_evaluations < 1:

@@ -36,6 +36,7 @@ __all__ = [
     "evaluate_pipeline",
     "format_results",
     "dataset_captions",
+    "feature_extractor_problem",
     "real_image_indices",
     "real_images",
     "resolve_feature_extractor",
@@ -459,10 +460,22 @@ def check_sampling_arguments(parser, args) -> None:
         parser.error("--num_real must be positive (leave it out for --num_samples real images)")
     if args.feature_extractor not in FEATURE_EXTRACTOR_NAMES:
         parser.error(f"unknown --feature_extractor {args.feature_extractor!r}; valid: {', '.join(FEATURE_EXTRACTOR_NAMES)}")
-    if args.feature_extractor == "inception" and not args.inception_weights:
-        parser.error("--feature_extractor inception needs --inception_weights FILE.safetensors")
-    if args.feature_extractor == "domain" and (args.train_data_dir is not None or args.dataset_name not in DOMAIN_DATASETS):
-        # checked before any sampling: reference_for would raise it only once every sample is drawn
-        data = args.dataset_name if args.train_data_dir is None else f"--train_data_dir {args.train_data_dir}"
-        parser.error(f"no domain feature extractor for {data} (there are: {', '.join(DOMAIN_DATASETS)}): "
-                     "use --feature_extractor inception --inception_weights FILE.safetensors")
+    problem = feature_extractor_problem(args.feature_extractor, args.dataset_name, args.train_data_dir,
+                                        args.inception_weights)
+    if problem:
+        parser.error(problem)
+
+
+def feature_extractor_problem(feature_extractor, dataset_name, train_data_dir, inception_weights, prefix: str = "",
+                              otherwise: str = "") -> str | None:
+    """Why `feature_extractor` cannot score against these real images, in one line naming the flags (spelt
+    `--{prefix}feature_extractor` ..., as `train_deme.py`'s `--search_` ones), or None. Checked before any
+    sampling: `resolve_feature_extractor` would raise it only once every sample is drawn. `otherwise` ends
+    the domain refusal with the caller's other way out."""
+    if feature_extractor == "inception" and not inception_weights:
+        return f"--{prefix}feature_extractor inception needs --{prefix}inception_weights FILE.safetensors"
+    if feature_extractor == "domain" and (train_data_dir is not None or dataset_name not in DOMAIN_DATASETS):
+        data = dataset_name if train_data_dir is None else f"--{prefix}train_data_dir {train_data_dir}"
+        return (f"no domain feature extractor for {data} (there are: {', '.join(DOMAIN_DATASETS)}): use "
+                f"--{prefix}feature_extractor inception --{prefix}inception_weights FILE.safetensors{otherwise}")
+    return None

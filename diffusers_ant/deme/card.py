@@ -70,30 +70,27 @@ def training_lines(finetunes, projection: bool) -> list:
     if not any(configs):
         return ["The fine-tunes' training settings were not recorded (no `training_config.json`)."]
     # DeMe's consistency loss and interval sampling were used only by --deme_interval runs; a --timestep_range
-    # fine-tune records the flags' defaults without having used them
-    all_configs = configs
+    # fine-tune records the flags' defaults without having used them (the optimiser lines below read every one)
     deme = [c for c in configs if c and c.get("deme_interval") is not None]
     lines = []
     if len(deme) < len([c for c in configs if c]):
         lines.append(("some fine-tunes were" if deme else "the fine-tunes were") + " trained with `--timestep_range` "
                      "(plain training on their interval: no consistency loss, no probabilistic sampling)")
-    configs = deme  # the DeMe settings below: of the --deme_interval runs only (none: no such line)
-    consistency = _common(configs, "consistency_weight")
+    consistency = _common(deme, "consistency_weight")
     if consistency == "varies":
         lines.append("consistency loss: its weight differs between the fine-tunes (see their `training_config.json`)")
     elif consistency is not None:
         lines.append(f"consistency loss ||eps_pre(x_t, t) - eps_i(x_t, t)||^2 against the frozen pretrained model, weight {_fmt(float(consistency))}"
                      if float(consistency) > 0 else "no consistency loss (weight 0)")
-    p, sampling = _common(configs, "deme_global_prob"), _common(configs, "deme_sampling")
+    p, sampling = _common(deme, "deme_global_prob"), _common(deme, "deme_sampling")
     if p not in (None, "varies"):
         where = {"per_batch": "per micro-batch", "per_sample": "per sample"}.get(sampling, "")
-        antithetic = _common(configs, "deme_antithetic") is True
+        antithetic = _common(deme, "deme_antithetic") is True
         lines.append((f"probabilistic sampling: timesteps from the whole range with probability {_fmt(float(p))}"
                       + (f" (one coin {where})" if where else "") + (", antithetic pairs t, lo + hi - t" if antithetic else ""))
                      if float(p) > 0 else "timesteps from the fine-tune's interval only (no probabilistic sampling)")
     lines.append("channel-wise projection after each block, on the main path (skip connections unprojected)" if projection
                  else "no channel-wise projection")
-    configs = all_configs  # the optimiser's settings: every fine-tune's
     optimiser = [f"{label} {_fmt(value)}" for key, label in (("learning_rate", "learning rate"), ("adam_beta1", "AdamW beta1"),
                                                              ("adam_weight_decay", "weight decay"))
                  if (value := _common(configs, key)) not in (None, "varies")]

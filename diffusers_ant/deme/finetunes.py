@@ -190,15 +190,15 @@ def dense_denoiser(model):
 
 
 def recorded_base_revision(finetunes) -> str | None:
-    """The Hub revision of the base the fine-tunes trained from, as they record it (a LoRA's ``ant_lora.json``,
-    a full fine-tune's ``training_config.json``): the first one found, else None."""
-    from ..models.base import LORA_INFO_NAME
+    """The Hub revision of the base the fine-tunes trained from, as they record it (a LoRA's or a ControlNet's
+    record, ``models.controlnet.recorded_revision``, else the run's ``training_config.json``): the first one
+    found, else None."""
+    from ..models.controlnet import recorded_revision
 
-    for finetune in finetunes:
-        for name, key in ((LORA_INFO_NAME, "revision"), ("training_config.json", "revision")):
-            value = (_read_json(os.path.join(finetune.path, name)) or {}).get(key)
-            if value:
-                return value
+    for finetune, config in zip(finetunes, training_configs(finetunes)):
+        value = recorded_revision(finetune.path) or config.get("revision")
+        if value:
+            return value
     return None
 
 

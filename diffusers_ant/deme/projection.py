@@ -426,9 +426,7 @@ def save_pipeline(pipeline, folder: str, component: str | None = None, base: str
     model = getattr(pipeline, component)
     with channel_projection_detached(model):
         if component == "controlnet" and base is not None:
-            from ..models.controlnet import controlnet_output_base, save_controlnet_output
-
-            from ..models.controlnet import recorded_revision
+            from ..models.controlnet import controlnet_output_base, recorded_revision, save_controlnet_output
 
             sd_base = controlnet_output_base(base) or base
             # the Hub revision of the SD base (the ControlNet output's record, else the fine-tunes')

@@ -27,11 +27,12 @@ def card_values(args, finetune_summary, task_names, output_dir: str, manifest: d
     else:
         images = (manifest or {}).get("num_images", "?")
         retention_line = f"a knowledge bank of {images} images sampled once from the pretrained model"
+        # a class-conditional UNet2DModel has no null class: its bank rows keep their labels (null_condition_batch)
+        labelled_unet = args.model_type == "unet" and (getattr(args, "num_classes", None) not in (None, 1)
+                                                       or bool(getattr(args, "class_column", None)))
         retention_line += (", trained with their prompts" if args.bank_keep_prompts
                            else ", trained with the class labels they were sampled for (a UNet2DModel has no null class)"
-                           if args.model_type == "unet" and getattr(args, "num_classes", None) not in (None, 1)
-                           or args.model_type == "unet" and getattr(args, "class_column", None)
-                           else ", training the unconditional branch (null class / empty prompt)")
+                           if labelled_unet else ", training the unconditional branch (null class / empty prompt)")
     from . import retention_share
 
     retained = retention_share(args.train_batch_size, args.bank_fraction)

@@ -213,10 +213,11 @@ def _train_with(args, accelerator) -> str:
         # A run given in epochs has its length, and so its LR schedule, only once the data is loaded:
         # those flags are compared below, on the number of steps the checkpoint's run derived as well.
         deferred = SCHEDULE_LENGTH_FLAGS | LR_SCHEDULE_FLAGS if args.max_train_steps is None else frozenset()
-        for line in adopt_recorded_defaults(args, checkpoint_config(checkpoint)):
+        recorded = checkpoint_config(checkpoint)
+        for line in adopt_recorded_defaults(args, recorded):
             logger.info("resuming with %s", line)
         current = {key: value for key, value in public_config(args).items() if key not in deferred}
-        for change in check_resume_config(checkpoint_config(checkpoint), current, checkpoint, accelerator.num_processes):
+        for change in check_resume_config(recorded, current, checkpoint, accelerator.num_processes):
             logger.info("resuming with a changed setting, %s", change)
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -316,7 +317,7 @@ def _train_with(args, accelerator) -> str:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
         if checkpoint is not None:  # the comparison left out before loading: the `deferred` flags alone
             current = {key: value for key, value in public_config(args).items() if key in deferred}
-            for change in check_resume_config(checkpoint_config(checkpoint), current, checkpoint, accelerator.num_processes):
+            for change in check_resume_config(recorded, current, checkpoint, accelerator.num_processes):
                 logger.info("resuming with a changed setting, %s", change)
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
 
