@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -214,6 +215,25 @@ def record_batches(monkeypatch, pick):
 
     monkeypatch.setattr(step_module.DiffusionObjective, "_prepare_source", recording)
     return seen
+
+
+@contextlib.contextmanager
+def largest_gradients():
+    """The largest |gradient entry| each optimizer step is handed (after clipping: what the step applies), in a
+    list that grows as the trainer runs: a test's rounding tolerance on the weights scales with it."""
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(max((float(g.abs().max()) for g in grads), default=0.0))
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def load_safetensors_dir(folder):

@@ -24,7 +24,8 @@ FSDP and DeepSpeed (`training/sharding.py`).
 Then process 0 repeats the run on ONE process over the concatenated global batch (engine and loss
 sync switched off), which is what the distributed run must equal. Each process writes
 `{method}_rank{r}.safetensors` (final and initial parameters, UW's log-variances, the step-0 task
-gradients, the number of DDP all-reduce calls); process 0 also writes `{method}_reference.safetensors`.
+gradients, each step's largest gradient entry, task loss and UW coefficient, the number of DDP all-reduce
+calls); process 0 also writes `{method}_reference.safetensors`.
 """
 
 import argparse
@@ -160,7 +161,10 @@ def train(method, args, accelerator=None, ranks=None):
         no_sync = lambda: accelerator.no_sync(model)  # noqa: E731
 
     first_task_grads = torch.zeros(0)
-    weights_log = []
+    # each step's largest gradient entry of the model, task loss and UW coefficient: the test's tolerances
+    # scale with them
+    weights_log, largest_grads, largest_losses, largest_coefficients = [], [], [], []
+    uw = getattr(weighting, "loss_weighting", weighting)  # a combined weighting's loss part
     for step in range(args.steps):
         parts = [shard(step, r, args.batch_size, scheduler) for r in ranks]
         noisy, timesteps, target, task_ids = (torch.cat(x) for x in zip(*parts))
@@ -170,6 +174,10 @@ def train(method, args, accelerator=None, ranks=None):
         if step == 0 and weighting.needs_task_gradients:
             first_task_grads = engine.task_grads.detach().clone()
         weights_log.append(stats["weights"].float())
+        largest_grads.append(max(float(p.grad.abs().max()) for p in unwrapped.parameters() if p.grad is not None))
+        largest_losses.append(float(stats["task_losses"].abs().max()))
+        if hasattr(uw, "log_vars"):  # UW's largest loss coefficient 0.5 exp(-s_i) this step
+            largest_coefficients.append(float(0.5 * torch.exp(-uw.log_vars.detach()).max()))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -178,12 +186,14 @@ def train(method, args, accelerator=None, ranks=None):
         "init_params": init,
         "task_grads_step0": first_task_grads.float().contiguous(),
         "weights": torch.stack(weights_log),
+        "largest_grads": torch.tensor(largest_grads),
+        "largest_losses": torch.tensor(largest_losses),
         "ddp_allreduce_calls": torch.tensor([hook_calls[0]]),
         "engine_passes": torch.tensor([engine.num_forward_calls, engine.num_task_backward_calls]),
     }
-    uw = getattr(weighting, "loss_weighting", weighting)  # a combined weighting's loss part
     if hasattr(uw, "log_vars"):
         out["log_vars"] = uw.log_vars.detach().clone()
+        out["largest_coefficients"] = torch.tensor(largest_coefficients)
     return out
 
 

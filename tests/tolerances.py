@@ -1,0 +1,105 @@
+"""Float tolerances derived from the computation a test compares, not from one machine's run.
+
+Two evaluations of the same function that differ only in how their floating-point operations are ordered
+or grouped (another kernel or batch composition, a LoRA folded into its weight, gradients summed per
+cluster or all at once, a gradient all-reduced in halves) differ by rounding alone. The bound used here:
+
+* A sum of n terms t_j computed in floating point, in any order, is within gamma_n * sum_j |t_j| of the
+  exact sum, gamma_n = n u / (1 - n u) (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed.,
+  eq. 4.4; u is the unit roundoff: 2^-24 for float32). Two orderings are then within 2 gamma_n sum |t_j|
+  of each other; `ROUNDING_MARGIN` covers the 1 / (1 - n u) factor (n u < 0.01 wherever it is used).
+* One layer of a network forms each output entry by one such sum, forward over its fan-in, backward
+  (the input gradient) over its fan-out. The rounding a layer adds is carried to the output by the
+  layers after it, each of which is a sum too. Taking the network's conditioning as one (its
+  normalisation layers rescale every activation, so a relative error is neither amplified nor damped by
+  orders of magnitude) and sum_j |t_j| as the magnitude of the result (no cancellation by orders of
+  magnitude in these random tiny models), the relative errors of the layers on a path add up:
+  |a - b| <= 2 u (sum over the path of each layer's reduction length) max |result|.
+* The layers of a path are bounded by all of the model's layers (`path_reduction_length`), so the bound
+  is loose: the differences the tests observe are 10 to 1000 times below it. The errors the tests are
+  for (a lost LoRA, a sample's gradient in another cluster's row, an unreduced gradient) are far above it,
+  and each test says by how much.
+
+Each helper returns an absolute tolerance for `|a - b|`; a test that compares a computation of another
+shape (a sum over steps, an optimizer's update) says in its docstring how it builds its own from these.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+ROUNDING_MARGIN = 1.01  # covers gamma_n's 1 / (1 - n u) for n u < 0.01
+
+
+def unit_roundoff(dtype: torch.dtype = torch.float32) -> float:
+    """u: half the distance from 1 to the next float (2^-24 for float32, 2^-53 for float64)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def sum_reordering_tolerance(length: int, magnitude: float, dtype: torch.dtype = torch.float32) -> float:
+    """How far two evaluations of a sum of `length` terms whose magnitudes add up to `magnitude` may differ
+    when only the order of the additions differs: 2 gamma_length * magnitude (Higham eq. 4.4)."""
+    return ROUNDING_MARGIN * 2 * length * unit_roundoff(dtype) * magnitude
+
+
+def layer_reduction_lengths(model: nn.Module) -> list[int]:
+    """Per Linear / convolution layer of `model`: the longest sum it forms for one entry, forward (fan-in:
+    in_channels / groups x kernel area) or backward (fan-out: out_channels x kernel area)."""
+    lengths = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and weight is not None:
+            kernel_area = weight[0, 0].numel() if weight.dim() > 2 else 1
+            lengths.append(max(weight[0].numel(), weight.shape[0] * kernel_area))
+    return lengths
+
+
+def path_reduction_length(models: nn.Module | Iterable[nn.Module]) -> int:
+    """An upper bound on the summed reduction lengths along any path through `models`: every layer counted
+    once (a path visits each layer at most once, forward; backward again, see `gradient_tolerance`)."""
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    return sum(sum(layer_reduction_lengths(m)) for m in models)
+
+
+def output_tolerance(models: nn.Module | Iterable[nn.Module], output: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> float:
+    """Two forward passes of the same function through `models` that differ only in rounding (a LoRA folded
+    into its base weight, W x + B (A x) against (W + B A) x; another batch size; peft's re-loaded scaling):
+    2 gamma_L max |output|, L the path's summed reduction lengths."""
+    return sum_reordering_tolerance(path_reduction_length(models), _magnitude(output), dtype)
+
+
+def gradient_tolerance(model: nn.Module, reference: torch.Tensor | float, summed_terms: int,
+                       dtype: torch.dtype = torch.float32) -> float:
+    """Two computations of one parameter gradient of `model` that differ only in rounding (per cluster or
+    all at once, sub-batches or one batch, a gradient all-reduced in halves): the forward and the backward
+    pass each add one path of layer reductions, and the weight gradient itself is a sum over `summed_terms`
+    products (samples x positions of the layer's output): L = summed_terms + 2 x the path; scaled by the
+    reference gradient's largest entry (a number: the relative tolerance, for a reference of magnitude 1)."""
+    length = summed_terms + 2 * path_reduction_length(model)
+    return sum_reordering_tolerance(length, _magnitude(reference), dtype)
+
+
+def _magnitude(reference: torch.Tensor | float) -> float:
+    return float(reference.detach().abs().max()) if isinstance(reference, torch.Tensor) else float(reference)
+
+
+def low_precision_norm_tolerance(models: nn.Module | Iterable[nn.Module], dtype: torch.dtype,
+                                 evaluations: int = 1, deviations: float = 4.0) -> float:
+    """The norm-wise relative error of a gradient computed under fp16 / bf16 autocast, against the exact one
+    (`evaluations=1`) or against another low-precision evaluation (`evaluations=2`).
+
+    Autocast rounds each layer's input, weight and output to `dtype` (the products accumulate in float32),
+    in the forward pass and again in the backward pass: 6 roundings per layer on a path, each a relative
+    error uniform in [-u, u] (variance u^2 / 3), independent of each other (the model of Higham and Mary,
+    "A new approach to probabilistic rounding error analysis", SIAM J. Sci. Comput. 41, 2019). With the
+    network's conditioning taken as one, the relative error of the result has a standard deviation of
+    sqrt(6 x layers x u^2 / 3) = sqrt(2 x layers) u per evaluation; the bound is `deviations` of them. The
+    worst case (every rounding in one direction) is useless here: 6 x layers x u is of the order of 0.1 in
+    fp16 for the tiny UNet, where a lost loss scale moves the gradient by tens of percent."""
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    layers = sum(len(layer_reduction_lengths(m)) for m in models)
+    return deviations * (2 * layers * evaluations) ** 0.5 * unit_roundoff(dtype)
