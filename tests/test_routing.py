@@ -9,6 +9,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from diffusers_ant import TimestepIntervals, TimestepRouter
 from diffusers_ant.schedule import model_timesteps
+from tolerances import output_tolerance
 
 BOUNDS = [(0, 299), (300, 699), (700, 999)]
 
@@ -71,7 +72,9 @@ def test_router_inside_ddim_pipeline_matches_hand_routed_loop():
             x = scheduler.step(eps, t, x, eta=0.0, generator=generator).prev_sample
     expected = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert images.shape == expected.shape
-    assert abs(images - expected).max() < 1e-6
+    # bit for bit: every step's timestep lies in one interval, so the router hands its model the whole batch,
+    # and the pipeline runs the loop's operations on the same values
+    assert (images == expected).all()
 
     # and it differs from letting one model do everything, so the routing mattered
     with torch.no_grad():
@@ -95,7 +98,9 @@ def test_mixed_per_sample_timesteps_split_the_batch():
 
     assert isinstance(out, UNet2DOutput)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
-    assert torch.allclose(out.sample, expected, atol=1e-5)
+    # the same function of each sample, in sub-batches of 2 against batches of 1: rounding alone, through one
+    # model's layers (tests/tolerances.py: 3.7e-4 here; measured 7e-7; another interval's model is 1.3 away)
+    assert (out.sample - expected).abs().max() <= output_tolerance(models[0], expected)
     assert torch.equal(as_tuple[0], out.sample)
     # each model got exactly its samples' timesteps (twice: the dict call and the tuple call, then one by one)
     assert sorted(seen[0]) == sorted([5, 10] * 2 + [5, 10])
