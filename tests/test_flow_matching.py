@@ -110,7 +110,8 @@ def test_flow_pipelines_integrate_the_velocity_to_the_data(kind, shift):
     # the noise levels asked for lie within the training ones (shifted sigma * T, from 1000 down)
     trained = model_timesteps(scheduler, torch.arange(1000))
     assert len(oracle.seen) == 7 and oracle.seen[0] == pytest.approx(float(trained.max()))
-    assert min(oracle.seen) >= float(trained.min()) - 1e-4
+    # (float32 timesteps sigma * T on both sides, the shifted sigma within 6u relative: 8u of T at most)
+    assert min(oracle.seen) >= float(trained.min()) - 8 * unit_roundoff() * 1000
     # the old validation sampler, DDIM built from the flow config, does not sample this model
     pipe.scheduler = DDIMScheduler.from_config(scheduler.config)
     wrong = pipe(**call, num_inference_steps=7, generator=torch.Generator().manual_seed(1), output_type="pt").images
