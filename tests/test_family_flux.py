@@ -167,16 +167,18 @@ def test_a_folder_of_another_family_is_one_line_naming_both_types(tmp_path, caps
 
 @pytest.fixture(scope="module")
 def vanilla_bf16(tmp_path_factory, flux_folder):
-    """Vanilla LoRA training in bf16, with validation from FluxPipeline at the end."""
+    """Vanilla LoRA training in bf16, with validation from FluxPipeline at the end; rank 8 with --lora_alpha left
+    to its FLUX.1 default (4, as diffusers' script: not the rank) and --lora_dropout."""
     out = tmp_path_factory.mktemp("flux-vanilla")
-    train_in_process(_args(out, "--rank", "4", "--max_train_steps", "2", "--mixed_precision", "bf16",
-                           "--validation_prompt", "a seven", pretrained=flux_folder))
+    train_in_process(_args(out, "--rank", "8", "--lora_dropout", "0.1", "--max_train_steps", "2", "--mixed_precision",
+                           "bf16", "--validation_prompt", "a seven", pretrained=flux_folder))
     return out
 
 
 @pytest.mark.slow
 def test_lora_output_loads_with_flux_pipeline_and_samples(vanilla_bf16, flux_folder):
     from diffusers import FluxPipeline
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from diffusers_ant.models import load_pipeline
@@ -189,6 +191,15 @@ def test_lora_output_loads_with_flux_pipeline_and_samples(vanilla_bf16, flux_fol
     assert any(".ff_context.net.2." in k for k in lora) and any("single_transformer_blocks.0.attn.to_q" in k for k in lora)
     info = json.loads((vanilla_bf16 / "ant_lora.json").read_text())
     assert info["model_type"] == "flux" and sorted(info["target_modules"]) == sorted(FLUX_LORA_TARGETS)
+    # diffusers' train_dreambooth_lora_flux.py defaults --lora_alpha to 4 whatever the rank: scale 4 / 8, recorded
+    # in the adapter metadata that load_lora_weights reads, with the dropout the run trained with
+    assert info["rank"] == 8 and info["lora_alpha"] == 4
+    with safe_open(vanilla_bf16 / "pytorch_lora_weights.safetensors", "pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert metadata["transformer.lora_alpha"] == 4
+    # trained with dropout, written without it: diffusers' loader leaves the dropout modules it creates in training
+    # mode in an eval-mode transformer, and the samples below would change from call to call
+    assert metadata["transformer.lora_dropout"] == 0.0
     assert (vanilla_bf16 / "samples" / "step-2.png").is_file()
 
     base = FluxPipeline.from_pretrained(flux_folder)
@@ -205,6 +216,38 @@ def test_lora_output_loads_with_flux_pipeline_and_samples(vanilla_bf16, flux_fol
                        max_sequence_length=32, generator=torch.Generator().manual_seed(0)).images
     # load_pipeline = FluxPipeline + load_lora_weights: the same weights and draws through the same kernels
     assert torch.equal(ours_images, after)
+
+
+@pytest.mark.slow
+def test_lora_alpha_defaults_to_the_flux_scripts_and_dropout_reaches_peft(tmp_path, flux_folder, monkeypatch):
+    """diffusers' train_dreambooth_lora_flux.py takes --lora_alpha 4 by default whatever the rank (the trainer gave
+    alpha = rank: a 2x larger update at rank 8); --lora_dropout reaches peft's layers. A checkpoint written under the
+    old default (recorded as None) resumes with alpha = rank; an explicit alpha is the user's."""
+    from diffusers_ant.models.base import ModelAdapter
+    from diffusers_ant.training import parse_args
+    from diffusers_ant.training.loop import adopt_recorded_defaults
+
+    seen = []
+    original = ModelAdapter.add_lora
+
+    def recording(self, *args, **kwargs):
+        config = original(self, *args, **kwargs)
+        seen.append((config.r, config.lora_alpha, {m.p for name, m in self.model.named_modules()
+                                                   if "lora_dropout" in name and isinstance(m, torch.nn.Dropout)}))
+        return config
+
+    monkeypatch.setattr(ModelAdapter, "add_lora", recording)
+    train_in_process(_args(tmp_path, "--rank", "8", "--lora_dropout", "0.1", "--max_train_steps", "1",
+                           pretrained=flux_folder))
+    assert seen == [(8, 4, {0.1})]
+
+    run = _args(tmp_path, "--rank", "8", pretrained=flux_folder)
+    old = parse_args(run)
+    assert old.lora_alpha == 4 and adopt_recorded_defaults(old, {"lora_alpha": None}) and old.lora_alpha is None
+    explicit = parse_args([*run, "--lora_alpha", "8"])
+    assert explicit.lora_alpha == 8 and not adopt_recorded_defaults(explicit, {"lora_alpha": None})
+    sd_like = parse_args([*run, "--model_type", "sd3"])
+    assert sd_like.lora_alpha is None  # SD, SDXL, SD3: alpha = rank, as their scripts
 
 
 @pytest.mark.slow

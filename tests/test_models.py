@@ -398,6 +398,21 @@ def _control_outputs(adapter, model, x_t, t, cond):
     return outputs
 
 
+def test_lora_layers_given_for_a_new_controlnet_keep_its_zero_convolutions():
+    """`--lora_layers to_q,...` on a new ControlNet: its zero convolutions (zero output, frozen) would keep every
+    gradient at exactly zero, so they take LoRA whatever the list names, as in the default targets."""
+    adapter = build("controlnet")
+    assert adapter.controlnet_is_new
+    adapter.add_lora(rank=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    targets = set(adapter.lora_config.target_modules)
+    assert {"to_q", "to_k", "to_v", "to_out.0", "controlnet_mid_block"} <= targets
+    assert any(t.startswith("controlnet_down_blocks.") for t in targets)
+    x0, cond = adapter.encode_batch(fake_batch(adapter))
+    x_t, noise, t = noisy(adapter, x0)
+    torch.nn.functional.mse_loss(adapter.predict(adapter.model, x_t, t, cond), noise).backward()
+    assert max(float(p.grad.abs().max()) for p in adapter.trainable_parameters() if p.grad is not None) > 0
+
+
 def test_lora_on_a_new_controlnet_learns_its_condition(tmp_path):
     """The conditioning embedding's zero-initialised conv_out is no LoRA target: frozen, it kept the control
     image out forever (white and black gave identical outputs). A new ControlNet trains the embedding in full."""

@@ -200,7 +200,12 @@ class ControlNetAdapter(StableDiffusionAdapter):
 
     def add_lora(self, rank: int, alpha=None, target_modules=None, dropout: float = 0.0):
         """LoRA as in :meth:`ModelAdapter.add_lora`; a new ControlNet also trains its conditioning
-        embedding in full (see the module docstring for why)."""
+        embedding in full, and its zero convolutions take LoRA whatever `target_modules` names (see the module
+        docstring for why: without them no gradient reaches any other layer, and nothing would be learned)."""
+        if target_modules and self.controlnet_is_new:
+            attention = set(super().lora_target_modules)
+            zero_convs = [name for name in self.lora_target_modules if name not in attention]
+            target_modules = [*target_modules, *(name for name in zero_convs if name not in target_modules)]
         config = super().add_lora(rank, alpha=alpha, target_modules=target_modules, dropout=dropout)
         if self.controlnet_is_new:
             embedding = self.model.controlnet_cond_embedding

@@ -42,6 +42,7 @@ import torch
 
 from .base import (ModelAdapter, PretrainedSource, _copy_scheduler, check_pipeline_family, check_quantized_source,
                    packed_sample_size, prompt_arguments, repeat_to)
+from .lora import inference_lora_config
 from .presets import resolve_model_config
 
 # The pipeline classes of the other model types, for a one-line error naming both model types when a folder
@@ -417,7 +418,7 @@ class FluxAdapter(ModelAdapter):
         FluxPipeline.save_lora_weights(
             output_dir,
             transformer_lora_layers=get_peft_model_state_dict(model),
-            transformer_lora_adapter_metadata=self.lora_config.to_dict(),
+            transformer_lora_adapter_metadata=inference_lora_config(self.lora_config).to_dict(),
             safe_serialization=True,
         )
 

@@ -73,14 +73,27 @@ def base_copy(module: torch.nn.Module, merge: bool) -> torch.nn.Module:
     return fresh.to(device=next(module.parameters()).device, dtype=next(module.parameters()).dtype)
 
 
+def inference_lora_config(lora_config):
+    """The LoRA config written beside the weights, for loading: the training config without its dropout.
+
+    Dropout is a training choice. A loader (diffusers' ``load_lora_weights``, peft's injection) creates the
+    dropout modules in training mode inside an eval-mode model, so a recorded ``lora_dropout`` would drop
+    activations at every inference: FluxPipeline's samples then changed from one call to the next."""
+    import copy
+
+    config = copy.deepcopy(lora_config)
+    config.lora_dropout = 0.0
+    return config
+
+
 def save_peft_lora(output_dir: str, module: torch.nn.Module, lora_config) -> None:
-    """Write ``pytorch_lora_weights.safetensors`` and peft's ``adapter_config.json``."""
+    """Write ``pytorch_lora_weights.safetensors`` and peft's ``adapter_config.json`` (without the dropout)."""
     from safetensors.torch import save_file
 
     os.makedirs(output_dir, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(module).items()}
     save_file(state, os.path.join(output_dir, LORA_WEIGHTS_NAME))
-    lora_config.save_pretrained(output_dir)
+    inference_lora_config(lora_config).save_pretrained(output_dir)
 
 
 def load_peft_lora(module: torch.nn.Module, folder: str, adapter_name: str = "default") -> torch.nn.Module:

@@ -27,6 +27,7 @@ LoRA is saved by ``QwenImagePipeline.save_lora_weights`` and loads with the pipe
 import torch
 
 from .base import ModelAdapter, _copy_scheduler, packed_sample_size, repeat_to
+from .lora import inference_lora_config
 
 # What other model types' pipelines are called, to name the right --model_type for a wrong folder (the one
 # table, shared with the bank's detection).
@@ -336,7 +337,7 @@ class QwenImageAdapter(ModelAdapter):
         QwenImagePipeline.save_lora_weights(
             output_dir,
             transformer_lora_layers=get_peft_model_state_dict(model),
-            transformer_lora_adapter_metadata=self.lora_config.to_dict(),  # keeps alpha != rank exact on load
+            transformer_lora_adapter_metadata=inference_lora_config(self.lora_config).to_dict(),  # alpha != rank exact on load
             safe_serialization=True,
         )
 

@@ -11,6 +11,7 @@ and read back by the pipeline's own ``load_lora_weights``.
 import torch
 
 from .base import ModelAdapter, _copy_scheduler, batch_rows, prompt_arguments
+from .lora import inference_lora_config
 
 
 class StableDiffusionAdapter(ModelAdapter):
@@ -197,7 +198,7 @@ class StableDiffusionAdapter(ModelAdapter):
         StableDiffusionPipeline.save_lora_weights(
             output_dir,
             unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(model)),
-            unet_lora_adapter_metadata=self.lora_config.to_dict(),  # keeps alpha != rank exact on load
+            unet_lora_adapter_metadata=inference_lora_config(self.lora_config).to_dict(),  # alpha != rank exact on load
             safe_serialization=True,
             **text_encoder,
         )

@@ -28,6 +28,7 @@ character-level CLIP tokenizers and a character-level T5 tokenizer made in memor
 import torch
 
 from .base import ModelAdapter, _copy_scheduler, repeat_to
+from .lora import inference_lora_config
 
 # diffusers' pipelines and the --model_type that trains each, to name both sides of a wrong-type error
 from .families import PIPELINE_MODEL_TYPES  # the one table, shared with the bank's detection
@@ -277,7 +278,7 @@ class SD3Adapter(ModelAdapter):
 
         StableDiffusion3Pipeline.save_lora_weights(
             output_dir, transformer_lora_layers=get_peft_model_state_dict(model),
-            transformer_lora_adapter_metadata=self.lora_config.to_dict(),  # keeps alpha != rank exact on load
+            transformer_lora_adapter_metadata=inference_lora_config(self.lora_config).to_dict(),  # alpha != rank exact on load
             safe_serialization=True)
 
     @classmethod

@@ -24,6 +24,7 @@ the empty prompt encoded by both encoders, as in diffusers' SDXL script.
 import torch
 
 from .base import _copy_scheduler
+from .lora import inference_lora_config
 from .sd import StableDiffusionAdapter
 
 # The order of SDXL's micro-conditioning (diffusers' `compute_time_ids`: original + crop + target).
@@ -330,7 +331,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         StableDiffusionXLPipeline.save_lora_weights(
             output_dir,
             unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(model)),
-            unet_lora_adapter_metadata=self.lora_config.to_dict(),  # keeps alpha != rank exact on load
+            unet_lora_adapter_metadata=inference_lora_config(self.lora_config).to_dict(),  # alpha != rank exact on load
             safe_serialization=True,
             **text_encoders,
         )

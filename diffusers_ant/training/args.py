@@ -103,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(\"207,360,387\"). Default: rows 0..K-1. Samples and the model card use the data set's classes "
                    "through it; the output folder records it in class_map.json.")
     g.add_argument("--rank", type=int, default=None, help="Train LoRA adapters of this rank instead of the full model.")
-    g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
+    g.add_argument("--lora_alpha", type=int, default=None,
+                   help="LoRA alpha; the update is scaled by alpha / rank. Default: the rank (scale 1, as diffusers' SD, "
+                   "SDXL and SD3 scripts), but 4 for flux and qwenimage, as diffusers' train_dreambooth_lora_flux.py and "
+                   "_qwen_image.py default it.")
+    g.add_argument("--lora_dropout", type=float, default=0.0,
+                   help="Dropout on the LoRA branch's input (peft's lora_dropout), as diffusers' LoRA scripts.")
     g.add_argument("--finetune", default=None, choices=["full", "lora", "bitfit", "difffit"],
                    help="What trains: the whole model, LoRA adapters (--rank), the bias terms (BitFit), or DiffFit's "
                    "biases, norms, label table and scales in the first half of the blocks (Xie et al. 2023, as the "
@@ -114,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_layers", default=None,
                    help="With --rank: the modules given LoRA (peft target_modules), comma-separated module names, as "
                    "diffusers' SDXL / SD3 / Flux scripts (e.g. \"to_k,to_q,to_v,to_out.0\"); default: the model type's "
-                   "own list (the targets of diffusers' LoRA script for that family).")
+                   "own list (the targets of diffusers' LoRA script for that family). A new ControlNet keeps its zero "
+                   "convolutions among them: without them no gradient reaches any other layer.")
     g.add_argument("--quantize_base", default=None, choices=["int8", "nf4"],
                    help="With --rank: load the frozen pretrained denoiser's Linear layers in 8 bits (about 1.0 byte "
                    "per parameter, half of bf16) or 4-bit NF4 (about 0.52, a quarter) through diffusers' "
@@ -365,8 +371,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # Flags whose default changed after checkpoints had been written with the old one: the authors' antithetic draw
-# for DeMe fine-tunes (was off) and the retention exponent tied to the data's (was 1).
-DEFAULTS_CHANGED = ("deme_antithetic", "retention_exponent")
+# for DeMe fine-tunes (was off), the retention exponent tied to the data's (was 1), and FLUX.1 / Qwen-Image's LoRA
+# alpha (was the rank, recorded as None).
+DEFAULTS_CHANGED = ("deme_antithetic", "retention_exponent", "lora_alpha")
+
+# --lora_alpha where the family's diffusers script does not default it to the rank: train_dreambooth_lora_flux.py
+# and train_dreambooth_lora_qwen_image.py take `--lora_alpha` with default 4 whatever the rank.
+LORA_ALPHA_DEFAULTS = {"flux": 4, "qwenimage": 4}
 
 
 def given_options(parser: argparse.ArgumentParser, argv) -> set:
@@ -587,6 +598,12 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
     if args.pretrained_vae_model_name_or_path and args.model_type not in VAE_REPLACEABLE_TYPES:
         raise UsageError(f"--pretrained_vae_model_name_or_path replaces the VAE of {', '.join(VAE_REPLACEABLE_TYPES)}; "
                          f"--model_type {args.model_type} takes none: drop it")
+    if args.rank is not None and args.lora_alpha is None and args.model_type in LORA_ALPHA_DEFAULTS:
+        args.lora_alpha = LORA_ALPHA_DEFAULTS[args.model_type]
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise UsageError(f"--lora_dropout {args.lora_dropout}: give a probability in [0, 1)")
+    if args.lora_dropout and args.rank is None:
+        raise UsageError("--lora_dropout applies to LoRA adapters: add --rank, or drop it")
     if args.lora_layers is not None and (args.rank is None or not [x for x in args.lora_layers.split(",") if x.strip()]):
         raise UsageError("--lora_layers names the modules given LoRA: add --rank and at least one module name")
     if args.rank is not None and args.pretrained_model_name_or_path is None:

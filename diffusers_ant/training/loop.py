@@ -643,7 +643,7 @@ def prepare_model(args, accelerator, adapter):
                                         cast_inputs=low_precision_without_autocast).to(accelerator.device)
     if lora:
         prepare_quantized_for_lora(adapter.model)  # --quantize_base: peft's k-bit preparation, as diffusers' scripts
-        adapter.add_lora(args.rank, alpha=args.lora_alpha, target_modules=_lora_layers(args))
+        adapter.add_lora(args.rank, alpha=args.lora_alpha, target_modules=_lora_layers(args), dropout=args.lora_dropout)
     if args.train_text_encoder:
         adapter.add_text_encoder_lora(args.rank, alpha=args.lora_alpha)
     finetune = apply_finetune_mode(adapter.model, args.finetune)  # BitFit / DiffFit choose what trains
