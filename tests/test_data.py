@@ -164,6 +164,47 @@ def test_imagefolder_loads_and_batches(tmp_path):
     assert len(by_name) == 6 and "image" in by_name.column_names
 
 
+def test_a_folder_is_one_split_whatever_its_file_names(tmp_path):
+    """--train_data_dir loads every file of the folder, as diffusers' text-to-image scripts
+    (data_files={"train": "<dir>/**"}): with data_dir, `datasets` guessed splits from names, so images named
+    train_*.png beside a metadata.jsonl lost their captions, and a test/ subfolder became the only split."""
+    import json
+
+    rng = np.random.default_rng(0)
+    named = tmp_path / "named"
+    named.mkdir()
+    with open(named / "metadata.jsonl", "w") as f:
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(named / f"train_{i:04d}.png")
+            f.write(json.dumps({"file_name": f"train_{i:04d}.png", "text": f"digit {i}"}) + "\n")
+    dataset = load_training_dataset(train_data_dir=named, cache_dir=str(tmp_path / "cache"))
+    assert len(dataset) == 3 and sorted(dataset["text"]) == ["digit 0", "digit 1", "digit 2"]
+    assert resolve_columns(dataset, need_captions=True)["caption_column"] == "text"
+
+    mixed = tmp_path / "mixed"
+    (mixed / "test").mkdir(parents=True)
+    for path in (mixed / "a.png", mixed / "b.png", mixed / "test" / "c.png"):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+    no_captions = load_training_dataset(train_data_dir=mixed, cache_dir=str(tmp_path / "cache"))
+    assert len(no_captions) == 3
+    with pytest.raises(ValueError, match="metadata.jsonl"):  # the fix, not a --caption_column it cannot take
+        resolve_columns(no_captions, need_captions=True)
+
+
+def test_the_image_column_is_never_taken_from_a_conditioning_name():
+    """A ControlNet set whose target column has no conventional name: the image fell back to the first Image
+    column, 'conditioning_image', and the conditioning to the target (trained swapped, silently)."""
+    import datasets
+
+    blank = Image.new("RGB", (4, 4))
+    dataset = datasets.Dataset.from_dict(
+        {"conditioning_image": [blank], "target_image": [blank], "text": ["a"]},
+        features=datasets.Features({"conditioning_image": datasets.Image(), "target_image": datasets.Image(),
+                                    "text": datasets.Value("string")}))
+    columns = resolve_columns(dataset, need_captions=True, need_conditioning=True)
+    assert columns["image_column"] == "target_image" and columns["conditioning_image_column"] == "conditioning_image"
+
+
 def test_unlabelled_folder_has_no_class_column_unless_required(tmp_path):
     """A flat image folder has no label column: a model with a null class (DiT) trains unconditionally on it."""
     rng = np.random.default_rng(0)

@@ -42,6 +42,36 @@ def test_proportion_empty_prompts_drops_that_share_of_captions_deterministically
         share(1.5)
 
 
+def test_resize_filter_defaults_to_the_scripts_of_each_type():
+    """diffusers' text-to-image scripts resize with lanczos by default, its unconditional and ControlNet scripts
+    with bilinear (the trainer used bilinear for every type); every filter name they accept is accepted, and a
+    checkpoint written under the old default resumes with it."""
+    from PIL import Image
+
+    from diffusers_ant.data.transforms import INTERPOLATIONS, ImageTransform
+    from diffusers_ant.training import parse_args
+    from diffusers_ant.training.args import IMAGE_INTERPOLATIONS
+    from diffusers_ant.training.loop import adopt_recorded_defaults
+
+    def mode(model_type, *extra):
+        dataset = "mnist5k_captions" if model_type in ("sd", "controlnet") else "mnist5k"
+        return parse_args(["--model_type", model_type, "--dataset_name", dataset, *extra])
+
+    assert mode("sd").image_interpolation_mode == "lanczos"
+    assert mode("unet").image_interpolation_mode == mode("controlnet").image_interpolation_mode == "bilinear"
+    assert mode("sd", "--image_interpolation_mode", "box").image_interpolation_mode == "box"
+    old = mode("sd")
+    assert adopt_recorded_defaults(old, {"image_interpolation_mode": "bilinear"}) and old.image_interpolation_mode == "bilinear"
+    assert not adopt_recorded_defaults(mode("sd", "--image_interpolation_mode", "lanczos"),
+                                       {"image_interpolation_mode": "bilinear"})
+    # the flag's choices are the transform's filters; nearest_exact is PIL's nearest, as torchvision maps it
+    assert tuple(IMAGE_INTERPOLATIONS) == INTERPOLATIONS
+    image = Image.effect_noise((23, 17), 60).convert("RGB")
+    resized = {name: ImageTransform(8, center_crop=True, interpolation=name)(image) for name in INTERPOLATIONS}
+    assert torch.equal(resized["nearest_exact"], resized["nearest"])
+    assert not torch.equal(resized["lanczos"], resized["bilinear"])
+
+
 def test_validation_prompts_and_images_are_paired_and_cycled(tmp_path):
     from PIL import Image
 

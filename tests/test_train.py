@@ -122,6 +122,22 @@ def test_two_process_training_completes(method, tmp_path):
 
 
 @pytest.mark.slow
+def test_fewer_batches_than_processes_is_one_line(tmp_path):
+    """8 rows at batch 8 on 2 processes: Accelerate's shards drop the one batch, so each process has none
+    (the loop divided by zero updates per epoch, a traceback on both processes)."""
+    result = run_script(
+        ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_samples", "8",
+         "--max_train_steps", "1", "--output_dir", str(tmp_path / "out")],
+        launcher=["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", "--main_process_port", "0"],
+    )
+    assert result.returncode != 0
+    # one line from each process (the launcher then reports the failed children, as for any failed run)
+    assert result.stderr.count("1 full batch of 8, fewer than the 2 processes: lower --train_batch_size") == 2
+    assert "ZeroDivisionError" not in result.stderr
+
+
+@pytest.mark.slow
 def test_a_finished_run_continues_exactly_to_more_steps_and_a_rerun_trains_nothing(tmp_path, capsys):
     """The last step is checkpointed when it falls on the period: rerunning the finished command with
     `--resume_from_checkpoint latest` trains no extra step, and a larger --max_train_steps continues it

@@ -308,6 +308,10 @@ def test_channels_from_the_image_modes_not_the_first_row():
     assert dataset_image_channels(mixed, "image") == 3
     only_grey = datasets.Dataset.from_dict({"image": grey}, features=datasets.Features({"image": datasets.Image()}))
     assert dataset_image_channels(only_grey, "image") == 1
+    # 16-bit greyscale in big-endian byte order (a TIFF's) is greyscale too (it built an RGB model)
+    big_endian = datasets.Dataset.from_dict({"image": [Image.new("I;16B", (4, 4), 3)]},
+                                            features=datasets.Features({"image": datasets.Image()}))
+    assert big_endian[0]["image"].mode == "I;16B" and dataset_image_channels(big_endian, "image") == 1
 
 
 # --------------------------------------------------------------------------- seeds and EMA

@@ -46,7 +46,10 @@ def load_training_dataset(
        `mnist5k_captions`): built in memory.
     2. any other `dataset_name`: `datasets.load_dataset(dataset_name, dataset_config_name,
        cache_dir=cache_dir, split=split)` (a Hub id, or a local dataset folder / script).
-    3. `train_data_dir`: `datasets.load_dataset("imagefolder", data_dir=train_data_dir)`; a
+    3. `train_data_dir`: `datasets.load_dataset("imagefolder", data_files={split: "<train_data_dir>/**"})`,
+       every file of the folder in the one split, as diffusers' text-to-image scripts load it (with
+       `data_dir` the builder guesses splits from file and folder names: files named `train_*` beside a
+       `metadata.jsonl` lost their captions, and a `test/` subfolder became the only split); a
        `metadata.jsonl` in the folder adds caption/label columns, as in diffusers' examples.
 
     Raises a short `ValueError` naming the fix when neither or both are given, the folder is missing
@@ -74,7 +77,8 @@ def load_training_dataset(
         raise ValueError(f"--train_data_dir '{folder}' contains no images (.png, .jpg, ...)")
     import datasets
 
-    return datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=cache_dir, split=split)
+    return datasets.load_dataset("imagefolder", data_files={split: str(folder / "**")}, cache_dir=cache_dir,
+                                 split=split)
 
 
 def _load_named(name: str, config: str | None, cache_dir: str | None, split: str):
@@ -187,7 +191,8 @@ def resolve_columns(
     if image_column is not None:
         image = _check(dataset, "--image_column", image_column)
     else:
-        image = _pick(columns, features, IMAGE_COLUMN_NAMES, _is_image)
+        # (never a conditioning image's conventional name: a ControlNet set's target would be swapped with it)
+        image = _pick(columns, features, IMAGE_COLUMN_NAMES, _is_image, exclude=CONDITIONING_COLUMN_NAMES)
         if image is None:
             if not columns:
                 raise ValueError("the dataset has no columns")
@@ -198,7 +203,11 @@ def resolve_columns(
     elif need_captions:
         caption = _pick(columns, features, CAPTION_COLUMN_NAMES, _is_string, exclude=(image,))
         if caption is None:
-            raise ValueError(missing.format(what="caption", flag="--caption_column"))
+            hint = ""
+            if not any(_is_string(features.get(c)) for c in columns):  # (an image folder without its metadata)
+                hint = ("; an image folder takes its captions from a metadata.jsonl beside the images "
+                        '({"file_name": "0001.png", "text": "..."} per line), as in diffusers\' examples')
+            raise ValueError(missing.format(what="caption", flag="--caption_column") + hint)
     else:
         caption = None
 
@@ -263,7 +272,8 @@ def class_names(dataset, class_column: str) -> list[str]:
 # Channels
 # --------------------------------------------------------------------------------------------------
 
-_GREYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+# PIL's one-band modes (and LA): "I;16B" / "I;16L" / "I;16N" are 16-bit greyscale in another byte order
+_GREYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def dataset_image_channels(dataset, image_column: str, max_rows: int = 1000) -> int:

@@ -16,7 +16,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+# The filters diffusers' scripts accept (torchvision's InterpolationMode names, the trainer's
+# --image_interpolation_mode choices), as PIL resamples a PIL image for them: torchvision maps nearest_exact to
+# PIL's nearest too.
+INTERPOLATIONS = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+_PIL_FILTERS = {"nearest_exact": "NEAREST"}
+
+
+def pil_filter(interpolation: str):
+    """PIL's resampling filter for an `INTERPOLATIONS` name."""
+    from PIL import Image
+
+    return getattr(Image.Resampling, _PIL_FILTERS.get(interpolation, interpolation.upper()))
 
 # channel count -> PIL mode
 CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -116,8 +127,7 @@ class ImageTransform:
             if short != self.resolution:
                 new_long = int(self.resolution * long / short)
                 new_size = (self.resolution, new_long) if width <= height else (new_long, self.resolution)
-                resample = getattr(Image.Resampling, self.interpolation.upper())
-                image = image.resize(new_size, resample=resample)
+                image = image.resize(new_size, resample=pil_filter(self.interpolation))
 
             # 2. Crop to a square: centred, or at a random offset (torchvision's CenterCrop / RandomCrop).
             width, height = image.size
@@ -162,7 +172,7 @@ class ImageTransform:
         scale = max(target_w / width, target_h / height)
         new = (max(target_w, int(round(width * scale))), max(target_h, int(round(height * scale))))
         if new != (width, height):
-            image = image.resize(new, resample=getattr(Image.Resampling, self.interpolation.upper()))
+            image = image.resize(new, resample=pil_filter(self.interpolation))
         left = int(round((new[0] - target_w) / 2.0))
         top = int(round((new[1] - target_h) / 2.0))
         return image.crop((left, top, left + target_w, top + target_h)), (top, left), new[0]
@@ -194,7 +204,8 @@ def build_transforms(
         random_flip: flip horizontally with probability 1/2 (`--random_flip`).
         num_channels: 1 converts to greyscale, 3 to RGB (the model's `in_channels` for pixel-space
             models; 3 for a VAE); None keeps greyscale/RGB images as they are.
-        interpolation: PIL resampling filter: "bilinear" (diffusers' default), "bicubic", ...
+        interpolation: the resampling filter: "bilinear" (diffusers' unconditional and ControlNet scripts),
+            "lanczos" (its text-to-image scripts' default), ... (`INTERPOLATIONS`)
         normalize: map to [-1, 1] (images); False keeps [0, 1] (ControlNet conditioning images, as in
             diffusers' ControlNet script).
 

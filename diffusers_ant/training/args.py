@@ -47,6 +47,11 @@ MODEL_TYPES = ("unet", "dit", "sd", "controlnet", "sdxl", "flux", "sd3", "qwenim
 VAE_REPLACEABLE_TYPES = ("sd", "sdxl", "controlnet")
 # the text-to-image types (captions needed, validation prompts) and those trained by flow matching only
 TEXT_TO_IMAGE_TYPES = ("sd", "sdxl", "controlnet", "flux", "sd3", "qwenimage")
+# --image_interpolation_mode: torchvision's InterpolationMode names that diffusers' scripts accept (data.transforms
+# resamples with PIL for each; kept here so that parsing the flags imports no data module), and the default per
+# type: lanczos in its text-to-image scripts, bilinear in its unconditional and ControlNet scripts.
+IMAGE_INTERPOLATIONS = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+LANCZOS_TYPES = ("sd", "sdxl", "sd3", "flux", "qwenimage")
 FLOW_MATCHING_TYPES = ("sd3", "flux", "qwenimage")
 CLUSTERING_OBJECTIVES = ("timestep", "snr", "gradient")
 TIMESTEP_SAMPLINGS = ("uniform", "stratified")
@@ -163,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resolution", type=int, default=None, help="Default: the model preset's size.")
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
-    g.add_argument("--image_interpolation_mode", default="bilinear", choices=["nearest", "bilinear", "bicubic", "lanczos"],
-                   help="Resampling filter of the resize to --resolution.")
+    g.add_argument("--image_interpolation_mode", default=None, choices=IMAGE_INTERPOLATIONS,
+                   help="Resampling filter of the resize to --resolution. Default: lanczos for the text-to-image types "
+                   "(sd, sdxl, sd3, flux, qwenimage), as diffusers' text-to-image scripts; bilinear for unet, dit and "
+                   "controlnet, as its unconditional and ControlNet scripts.")
     g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
                    help="Share of captions replaced by the empty prompt (sd, sdxl, sd3, qwenimage, controlnet), so the model learns the "
                    "unconditional branch for classifier-free guidance (0 to 1).")
@@ -371,9 +378,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # Flags whose default changed after checkpoints had been written with the old one: the authors' antithetic draw
-# for DeMe fine-tunes (was off), the retention exponent tied to the data's (was 1), and FLUX.1 / Qwen-Image's LoRA
-# alpha (was the rank, recorded as None).
-DEFAULTS_CHANGED = ("deme_antithetic", "retention_exponent", "lora_alpha")
+# for DeMe fine-tunes (was off), the retention exponent tied to the data's (was 1), FLUX.1 / Qwen-Image's LoRA
+# alpha (was the rank, recorded as None), and the text-to-image types' resize filter (was bilinear).
+DEFAULTS_CHANGED = ("deme_antithetic", "retention_exponent", "lora_alpha", "image_interpolation_mode")
 
 # --lora_alpha where the family's diffusers script does not default it to the rank: train_dreambooth_lora_flux.py
 # and train_dreambooth_lora_qwen_image.py take `--lora_alpha` with default 4 whatever the rank.
@@ -598,6 +605,8 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
     if args.pretrained_vae_model_name_or_path and args.model_type not in VAE_REPLACEABLE_TYPES:
         raise UsageError(f"--pretrained_vae_model_name_or_path replaces the VAE of {', '.join(VAE_REPLACEABLE_TYPES)}; "
                          f"--model_type {args.model_type} takes none: drop it")
+    if args.image_interpolation_mode is None:
+        args.image_interpolation_mode = "lanczos" if args.model_type in LANCZOS_TYPES else "bilinear"
     if args.rank is not None and args.lora_alpha is None and args.model_type in LORA_ALPHA_DEFAULTS:
         args.lora_alpha = LORA_ALPHA_DEFAULTS[args.model_type]
     if not 0.0 <= args.lora_dropout < 1.0:

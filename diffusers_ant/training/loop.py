@@ -312,6 +312,11 @@ def _train_with(args, accelerator) -> str:
     # Optimizer updates per epoch: the loader yields this process's share of the batches, grouped
     # into windows of --gradient_accumulation_steps micro-batches (the last window may be shorter).
     batches_per_epoch = batches_per_process(train_dataloader, accelerator)
+    if batches_per_epoch == 0:  # fewer full batches than processes: Accelerate's shards drop them all
+        full = len(train_dataloader)
+        raise ValueError(f"the dataset makes {full} full batch{'' if full == 1 else 'es'} of {args.train_batch_size}, "
+                         f"fewer than the {accelerator.num_processes} processes: lower --train_batch_size (or use more "
+                         "data)")
     updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
