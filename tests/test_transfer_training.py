@@ -444,6 +444,38 @@ def test_train_deme_interrupted_in_interval_two_continues_there_and_merges(pretr
     assert code != 0 and len(err.strip().splitlines()) == 1 and "num_intervals" in err
 
 
+@pytest.mark.slow
+def test_train_deme_stops_at_the_first_failed_interval_and_a_corrected_command_takes_over(pretrained, tmp_path,
+                                                                                          capsys, monkeypatch):
+    """An interval that fails stops the command before the next starts (leaving the thread pool waited for
+    every queued interval, each failing in turn); and re-running the corrected command in the same folder,
+    the advice printed, is not refused as 'another DeMe run' while no interval has finished."""
+    from train_scripts_loader import load_script
+
+    module = load_script("train_deme")
+    for key, value in offline_env().items():
+        monkeypatch.setenv(key, value)
+    trainer = [a for a in TINY_RUN]
+    for flag in ("--num_clusters", "--model_config_name_or_path"):
+        del trainer[trainer.index(flag):trainer.index(flag) + 2]
+
+    def deme_main(dataset, num_intervals):
+        argv = ["--pretrained_model_name_or_path", str(pretrained["unet"]), "--num_intervals", str(num_intervals),
+                "--output_dir", str(tmp_path / "deme"), "--no_merge", "--", "--dataset_name", dataset, *trainer,
+                "--max_train_steps", "1"]
+        try:
+            code = module.main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    code, stdout, err = deme_main("no-such-dataset", 3)
+    assert code != 0 and "interval 0 stopped" in err and "interval 1: training" not in stdout, stdout
+    code, stdout, err = deme_main("mnist5k", 1)
+    assert code == 0 and "interval 0: done" in stdout, err[-2000:]
+
+
 def test_train_deme_refuses_flags_it_sets_and_wrong_weights(tmp_path, capsys):
     import importlib.util
 
@@ -453,8 +485,14 @@ def test_train_deme_refuses_flags_it_sets_and_wrong_weights(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     base = ["--pretrained_model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--num_intervals", "4"]
+    search = ["--search_dataset_name", "mnist5k", "--search_feature_extractor", "inception"]
+    missing = base[:1] + [str(tmp_path / "nowhere")] + base[2:]
     for argv, needle in ((base + ["--", "--deme_interval", "1"], "--deme_interval"),
-                         (base + ["--weights", "0.5", "0.5"], "--weights has 2 values")):
+                         (base + ["--weights", "0.5", "0.5"], "--weights has 2 values"),
+                         # files the search needs after hours of training, checked before the first interval
+                         (base + search + ["--search_inception_weights", str(tmp_path / "no.safetensors")],
+                          "--search_inception_weights"),
+                         (missing + ["--weights", "0.25", "0.25", "0.25", "0.25"], "neither a folder nor a Hub id")):
         with pytest.raises(SystemExit):
             module.main(argv)
         err = capsys.readouterr().err.strip()

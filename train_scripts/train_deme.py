@@ -155,6 +155,14 @@ def check(parser, args, trainer_args) -> None:
                                             prefix="search_", otherwise=", or --weights")
         if problem:
             parser.error(problem)
+        # the search's files, checked before the intervals train for hours (the search would find out after)
+        for flag, path, exists in (("--search_inception_weights", args.search_inception_weights, os.path.isfile),
+                                   ("--search_train_data_dir", args.search_train_data_dir, os.path.isdir)):
+            if path is not None and not exists(path):
+                parser.error(f"{flag} {path!r} does not exist")
+    base = args.pretrained_model_name_or_path
+    if not os.path.isdir(base) and (os.path.exists(base) or base.count("/") != 1):
+        parser.error(f"--pretrained_model_name_or_path {base!r} is neither a folder nor a Hub id (owner/name)")
     if args.weights is not None and args.search == "grid":
         parser.error("--search grid tries every combination: drop --weights (it only starts --search coordinate)")
     if args.search_num_samples < 1 or len(set(args.search_values)) != len(args.search_values) or args.max_evaluations < 1:
@@ -227,6 +235,10 @@ def read_progress(args, trainer_args) -> dict:
         return {"settings": settings, "done": []}
     with open(path, encoding="utf-8") as f:
         progress = json.load(f)
+    if not progress["done"]:
+        # nothing finished under the recorded settings yet: a corrected command takes over (an interval's own
+        # checkpoints are then compared by the trainer, which refuses a changed flag in one line)
+        return {"settings": settings, "done": []}
     for key, value in settings.items():
         if progress["settings"].get(key) != value:
             raise ValueError(f"{args.output_dir!r} holds a DeMe run with another {key} ({progress['settings'].get(key)!r}, "
@@ -282,11 +294,19 @@ def run(parser, args, trainer_args) -> None:
     # one writer of the progress file at a time: two workers finishing together would otherwise share its
     # temporary file, and the second rename would find it gone (or record a stale "done" list)
     progress_lock = threading.Lock()
+    # set by the worker thread whose interval failed, before it takes the next queued one: leaving the pool
+    # waits for every queued interval, and each would start (and fail in turn) after the first failure
+    failed = threading.Event()
 
     def one(index):
+        if failed.is_set():
+            return
         worker = workers.get()
         try:
             train_interval(args, trainer_args, index, worker, devices)
+        except BaseException:
+            failed.set()
+            raise
         finally:
             workers.put(worker)
         with progress_lock:
@@ -295,7 +315,7 @@ def run(parser, args, trainer_args) -> None:
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         for future in [pool.submit(one, i) for i in pending]:
-            future.result()  # the first failure stops the command (the others finish their interval)
+            future.result()  # the first failure stops the command (`failed`: the queued intervals never start)
     if args.no_merge:
         return
     from diffusers_ant.deme.merging import merge_finetunes

@@ -116,7 +116,7 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
                           merge_method: str = "task_arithmetic", merge_options: Mapping | None = None,
                           search: Any = None, scores: Mapping | None = None, ensemble: bool = False,
                           projection: bool = False, repo_id: str | None = None, license: str | None = None,
-                          lora_rank: int | None = None, lora_ensemble: bool = False) -> Path:
+                          lora_rank: int | None = None, lora_ensemble: bool = False, name: str | None = None) -> Path:
     """Write ``output_dir/README.md`` for a merged (``ensemble=False``) or ensemble DeMe folder; return its path.
 
     Args:
@@ -136,6 +136,8 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
             (``lora_merge.py``); None for a merged pipeline.
         lora_ensemble: an ensemble of LoRA fine-tunes, switched by timestep on one base denoiser
             (``lora_ensemble.py``) rather than routed between denoisers.
+        name: the model's name in the card (default: the repo's, else the folder's; a folder written under
+            a temporary name gives its final one).
     """
     from diffusers.utils.hub_utils import populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
@@ -146,7 +148,7 @@ def write_deme_model_card(output_dir: str | os.PathLike, *, base_model: str, mod
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     info = MODEL_TYPES.get(model_type or "", {})
-    name = repo_id.split("/")[-1] if repo_id else output_dir.name
+    name = name or (repo_id.split("/")[-1] if repo_id else output_dir.name)
     kind = "ensemble" if ensemble else "merged model"
     title = f"{name}: a DeMe {kind}"
     n = len(finetunes)

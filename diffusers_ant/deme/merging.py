@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -265,10 +266,18 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
         set_weights(weights)
     if scores is None and scorer is not None:
         scores = scorer()
+    # Everything is written into a sibling folder, renamed into place at the end: a kill mid-write leaves
+    # `<output_dir>.partial`, never an output folder that loads as another model (the merged weights without
+    # their channel projections) or that train_deme.py would take for a finished merge. A sibling, so that
+    # every path written relative to the folder holds for the final one.
+    final_dir, output_dir = output_dir, os.path.normpath(output_dir) + ".partial"
+    if os.path.isdir(output_dir):
+        shutil.rmtree(output_dir)  # an earlier merge that was killed
+    os.makedirs(output_dir)
     if lora_files is not None:
         from .lora_merge import write_merged_lora
 
-        lora_info = write_merged_lora(lora_files, weights, output_dir, portable_path(base, output_dir))
+        lora_info = write_merged_lora(lora_files, weights, output_dir, portable_path(base, final_dir))
     else:
         pipeline.to("cpu")
         save_pipeline(pipeline, output_dir, inputs.component, base=base, revision=recorded_base_revision(finetunes))
@@ -279,9 +288,9 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
                                        ("majority_sign_method", majority_sign_method if method in ("ties", "dare_ties") else None),
                                        ("seed", merge_seed if method.startswith("dare") else None)) if v is not None}
     record = {  # paths relative to the output folder: nothing of this machine in a file that may be pushed
-        "base_model": portable_path(base, output_dir),
+        "base_model": portable_path(base, final_dir),
         "num_timesteps": num_timesteps,
-        "finetunes": [{"path": portable_path(f.path, output_dir), "interval": list(f.bounds), "lora": f.lora}
+        "finetunes": [{"path": portable_path(f.path, final_dir), "interval": list(f.bounds), "lora": f.lora}
                       for f in finetunes],
         "weights": list(weights),
         "merge_method": method,
@@ -301,8 +310,12 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
                           denoiser_class=denoiser_class, finetunes=finetunes, num_timesteps=num_timesteps,
                           weights=weights, merge_method=method, merge_options=shown_options, search=result,
                           scores=scores, projection=projection,
-                          lora_rank=lora_info["rank"] if lora_files is not None else None)
-    log(f"wrote the merged {'LoRA' if lora_files is not None else 'pipeline'} to {output_dir}")
+                          lora_rank=lora_info["rank"] if lora_files is not None else None,
+                          name=os.path.basename(os.path.normpath(final_dir)))
+    if os.path.isdir(final_dir):
+        os.rmdir(final_dir)  # empty (checked at the start): the rename needs its place
+    os.replace(output_dir, final_dir)
+    log(f"wrote the merged {'LoRA' if lora_files is not None else 'pipeline'} to {final_dir}")
     return record
 
 
