@@ -32,3 +32,26 @@ def report_bad_input(prog, fn, *args, errors=(ValueError, OSError)) -> int:
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def output_path_problem(path, folder: bool = False):
+    """Why ``path`` cannot take a result (None if it can), asked before the work that makes the result: a
+    file's path must not be a folder, a folder's not a file, and the nearest existing folder above it must be
+    writable (the scripts found out after the analysis or the sampling had run)."""
+    import os
+
+    if path is None:
+        return None
+    target = os.path.abspath(path)
+    if folder and os.path.isfile(target):
+        return f"{path!r} is a file, not a folder"
+    if not folder and os.path.isdir(target):
+        return f"{path!r} is a folder: give a file name"
+    existing = target if folder else os.path.dirname(target)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{path!r} cannot be created: {existing!r} is a file"
+    if not os.access(existing, os.W_OK):
+        return f"{path!r} cannot be written: {existing!r} is not writable"
+    return None

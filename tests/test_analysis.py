@@ -169,6 +169,18 @@ def test_affinity_averages_over_checkpoints(folders):
     assert all(torch.equal(before[k], v) for k, v in adapter.model.state_dict().items())
 
 
+def test_a_checkpoint_glob_leaves_out_what_a_killed_save_left(tmp_path):
+    """`--checkpoints 'run/checkpoint-*'` (the README's form) also matched checkpoint-N.tmp / .old, the folders a
+    killed checkpoint save leaves, and averaged them in; named explicitly, a folder is still taken."""
+    from diffusers_ant.analysis.common import expand_checkpoints
+
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-4.old"):
+        (tmp_path / name).mkdir()
+    found = expand_checkpoints([str(tmp_path / "checkpoint-*")])
+    assert [os.path.basename(p) for p in found] == ["checkpoint-2", "checkpoint-10"]
+    assert expand_checkpoints([str(tmp_path / "checkpoint-12.tmp")]) == [str(tmp_path / "checkpoint-12.tmp")]
+
+
 def test_affinity_command_writes_what_gradient_clustering_reads(folders, tmp_path, capsys):
     from diffusers import DDPMScheduler
 
@@ -326,6 +338,11 @@ def test_ntg_and_forgetting_commands(folders, tmp_path, capsys, monkeypatch):
         # a negative count sliced the shuffled rows from the end, 0 fell back to --num_samples
         (["ntg", "--base", "a", "--interval_models", "b", "--dataset_name", "digits", "--num_real", "0",
           "--output", "x.json"], 2, "--num_real must be positive"),
+        # where the result goes, checked before the analysis runs (it failed after it, with an OSError's text)
+        (["affinity", "--model", "a", "--dataset_name", "digits", "--output", __file__ + "/x.json"], 2,
+         "cannot be created"),
+        (["ntg", "--base", "a", "--interval_models", "b", "--dataset_name", "digits", "--output", "x.json",
+          "--plot", os.path.dirname(__file__)], 2, "--plot"),
     ],
 )
 def test_bad_input_is_one_short_line(argv, code, message, capsys):

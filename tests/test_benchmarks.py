@@ -305,6 +305,15 @@ def test_pretrain_base_cool_down_branches_off_the_constant_rate_search(tmp_path,
     assert len(err.splitlines()) == 1 and "changes the learning rate from step 3001" in err and "--decay_from" in err
 
 
+def test_pretrain_base_refuses_an_output_dir_that_is_a_file_in_one_line(tmp_path, capsys):
+    """(a FileExistsError traceback from os.makedirs before)"""
+    base = load_script("pretrain_base")
+    (tmp_path / "afile").write_text("")
+    assert base.main(["--output_dir", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--output_dir" in err and "is a file, not a folder" in err
+
+
 def test_the_committed_converged_base_is_the_plateau_of_its_committed_curve():
     """docs/benchmark_base/r8: the plateau rule, re-applied to the committed curve, finds the step the
     run reported, and the committed base pipeline is the 8x8 greyscale bench UNet of that step."""

@@ -97,7 +97,7 @@ def test_gradient_objective_with_affinity_file(script, tmp_path):
     [
         (["--scheduler", "NoSuchScheduler"], "neither a folder"),
         (["--scheduler", "FlowMatchEulerDiscreteScheduler", "--beta_schedule", "linear"], "drop --beta_schedule"),
-        (["--scheduler", "DDPMScheduler", "--objective", "gradient"], "affinity"),
+        (["--scheduler", "DDPMScheduler", "--objective", "gradient"], "needs --affinity FILE"),
         (["--scheduler", "DDPMScheduler", "--objective", "loss"], "invalid choice"),
         (["--scheduler", "DDPMScheduler", "--affinity", "a.json"], "only used by --objective gradient"),
         (["--scheduler", "DDPMScheduler", "--raw_snr", "--objective", "timestep"], "only used by --objective snr"),

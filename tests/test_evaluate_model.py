@@ -72,6 +72,21 @@ def test_evaluate_pipeline_is_seeded_and_reports_domain_fid(saved, monkeypatch):
     assert "FID (domain, digits)" in format_results(first)
 
 
+def test_real_images_and_the_extractor_are_ready_before_any_sample_is_drawn(saved, tmp_path, monkeypatch):
+    """A missing Inception weights file (or real-image set: `reference_for` builds both) failed after every
+    sample had been drawn and saved: 1,000 by default."""
+    from diffusers_ant.analysis import evaluate
+
+    monkeypatch.setenv("DIFFUSERS_ANT_CACHE", saved["cache"])
+    drawn = []
+    monkeypatch.setattr(evaluate, "sample_images", lambda *args, **kwargs: drawn.append(args))
+    pipeline = load_pipeline(saved["model"])
+    with pytest.raises(ValueError, match="Inception weights file not found"):
+        evaluate_pipeline(pipeline, "digits", feature_extractor="inception", num_samples=4,
+                          inception_weights=str(tmp_path / "none.safetensors"), save_samples=str(tmp_path / "samples"))
+    assert drawn == [] and not (tmp_path / "samples").exists()
+
+
 def test_sampling_batches_and_schedulers(saved):
     from diffusers import DDIMPipeline, DDPMPipeline
 
@@ -121,6 +136,10 @@ def test_feature_extractor_names():
         # not after every sample is drawn
         (["--model", "MODEL", "--train_data_dir", "TMP"], 2, "no domain feature extractor for --train_data_dir"),
         (["--model", "MODEL", "--dataset_name", "mnist5k_captions"], 2, "no domain feature extractor for mnist5k_captions"),
+        # where the results go, checked before the sampling (it failed after it)
+        (["--model", "MODEL", "--dataset_name", "digits", "--output", "MODEL"], 2, "is a folder: give a file name"),
+        (["--model", "MODEL", "--dataset_name", "digits", "--save_samples", "MODEL/model_index.json"], 2,
+         "is a file, not a folder"),
     ],
 )
 def test_bad_input_is_one_short_line(saved, extra, code, message, capsys, tmp_path):
@@ -129,7 +148,8 @@ def test_bad_input_is_one_short_line(saved, extra, code, message, capsys, tmp_pa
     spec = importlib.util.spec_from_file_location("evaluate_model", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    argv = [{"MODEL": saved["model"], "TMP": str(tmp_path)}.get(a, a) for a in extra]
+    argv = [a.replace("MODEL", saved["model"]) if a.startswith("MODEL") else {"TMP": str(tmp_path)}.get(a, a)
+            for a in extra]
     try:
         result = module.main(argv + ["--no_progress"])
     except SystemExit as exit_:

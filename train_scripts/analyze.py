@@ -26,7 +26,7 @@ import os
 import sys
 
 from diffusers_ant.analysis.evaluate import add_sampling_arguments, check_sampling_arguments
-from diffusers_ant.cli import OneLineErrorParser, report_bad_input
+from diffusers_ant.cli import OneLineErrorParser, output_path_problem, report_bad_input
 
 PROG = "analyze.py"
 
@@ -250,6 +250,10 @@ def main(argv=None) -> int:
                 parser.error(f"--{name} must be positive")
     else:
         check_sampling_arguments(parser, args)
+    for flag, path in (("--output", args.output), ("--plot", args.plot)):
+        problem = output_path_problem(path)
+        if problem:
+            parser.error(f"{flag} {problem}")
 
     from diffusers_ant.analysis.common import set_torch_threads
 

@@ -203,6 +203,8 @@ def main(argv=None) -> int:
         parser.error(f"num_clusters must be between 1 and the number of timesteps, got {args.num_clusters}.")
     if args.objective != "gradient" and args.affinity is not None:
         parser.error("--affinity is only used by --objective gradient.")
+    if args.objective == "gradient" and args.affinity is None:  # (the library's message names its keyword)
+        parser.error("--objective gradient needs --affinity FILE: the JSON of `analyze.py affinity` (run it first)")
     if args.raw_snr and args.objective != "snr":
         parser.error("--raw_snr is only used by --objective snr.")
 

@@ -21,7 +21,7 @@ import os
 import sys
 
 from diffusers_ant.analysis.evaluate import add_sampling_arguments, check_sampling_arguments
-from diffusers_ant.cli import OneLineErrorParser, report_bad_input
+from diffusers_ant.cli import OneLineErrorParser, output_path_problem, report_bad_input
 
 PROG = "evaluate_model.py"
 
@@ -80,6 +80,10 @@ def main(argv=None) -> int:
     if args.num_threads is not None and args.num_threads < 1:
         parser.error("--num_threads must be positive")
     check_sampling_arguments(parser, args)
+    for flag, path, folder in (("--output", args.output, False), ("--save_samples", args.save_samples, True)):
+        problem = output_path_problem(path, folder)
+        if problem:
+            parser.error(f"{flag} {problem}")
 
     from diffusers_ant.analysis.common import set_torch_threads
 

@@ -34,7 +34,6 @@ before training stops; the base is the model at the plateau step, not the last o
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -57,10 +56,11 @@ from diffusers_ant.analysis.benchmark import (  # noqa: E402
     schedule_flags,
     write_json,
 )
+from diffusers_ant.cli import OneLineErrorParser, output_path_problem  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p = OneLineErrorParser(description=__doc__.splitlines()[1])
     p.add_argument("--output_dir", default="bench-base")
     p.add_argument("--resolution", type=int, default=RESOLUTION,
                    help=f"image side (default {RESOLUTION}, the quality benchmark's). At 16 the bench UNet's FID "
@@ -140,6 +140,10 @@ def eval_settings(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    problem = output_path_problem(args.output_dir, folder=True)
+    if problem:
+        print(f"pretrain_base.py: error: --output_dir {problem}", file=sys.stderr)
+        return 2
     os.makedirs(args.output_dir, exist_ok=True)
     config_path = os.path.join(args.output_dir, "bench_unet.json")
     with open(config_path, "w") as f:
@@ -187,9 +191,14 @@ def main(argv=None) -> int:
                 status = run_logged(train_command(args, run_dir, config_path, step),
                                     os.path.join(args.output_dir, "logs", f"train-{step}.log"), [],
                                     f"training to step {step}")
-                # the run's folder holds the EMA pipeline at `step`: keep a copy, the next segment overwrites it
-                shutil.copytree(run_dir, saved, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "samples*"),
-                                dirs_exist_ok=True)
+                # the run's folder holds the EMA pipeline at `step`: keep a copy, the next segment overwrites it.
+                # Copied beside and renamed: a kill mid-copy left a model_index.json without all the weights,
+                # which the next start took for a finished step and failed to load every time
+                partial = saved + ".partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "samples*"))
+                shutil.rmtree(saved, ignore_errors=True)
+                os.replace(partial, saved)
                 print(f"trained to step {step} ({status}, {time.time() - started:.0f}s so far)", flush=True)
             if pending is not None:
                 found = record(pending[0], pending[1].result())

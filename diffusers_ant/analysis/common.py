@@ -93,6 +93,8 @@ def expand_checkpoints(paths) -> list:
     found = []
     for path in paths:
         matches = glob.glob(path) if any(ch in path for ch in "*?[") else [path]
+        # a glob leaves out what a killed checkpoint save leaves behind (checkpoint-N.tmp, checkpoint-N.old)
+        matches = [m for m in matches if m == path or not m.endswith((".tmp", ".old"))]
         if not matches:
             raise ValueError(f"--checkpoints {path!r} matches no folder")
 

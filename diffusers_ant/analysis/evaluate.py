@@ -318,21 +318,24 @@ class ReferenceSet:
 
 
 def reference_for(pipeline_or_images, dataset_name=None, num_real=1000, feature_extractor="domain",
-                  inception_weights=None, cache_dir=None, seed=0, train_data_dir=None, **options) -> ReferenceSet:
+                  inception_weights=None, cache_dir=None, seed=0, train_data_dir=None, resolution=None,
+                  **options) -> ReferenceSet:
     """A `ReferenceSet` of `num_real` dataset images at the resolution and channels of `pipeline_or_images`
-    (a pipeline, or sample images (N, H, W, C)): those of the images `sample_images` draws from the pipeline.
-    A text-to-image pipeline samples RGB images through its adapter at `pixel_resolution` (its denoiser's
-    `sample_size` and `in_channels` are the latents'; Flux's and Qwen-Image's record no size)."""
+    (a pipeline, or sample images (N, H, W, C)): those of the images `sample_images` draws from the pipeline
+    (at `resolution` when given, as `sample_images` takes it). A text-to-image pipeline samples RGB images
+    through its adapter at `pixel_resolution` (its denoiser's `sample_size` and `in_channels` are the
+    latents'; Flux's and Qwen-Image's record no size)."""
     if isinstance(pipeline_or_images, np.ndarray):
         resolution, channels = pipeline_or_images.shape[1], pipeline_or_images.shape[3]
     elif is_text_to_image(pipeline_or_images):
         from ..models import adapter_for_pipeline
         from ..training.components import pixel_resolution
 
-        resolution, channels = pixel_resolution(adapter_for_pipeline(pipeline_or_images)), 3
+        resolution, channels = resolution or pixel_resolution(adapter_for_pipeline(pipeline_or_images)), 3
     else:
         config = getattr(pipeline_or_images, denoiser_name(pipeline_or_images)).config
-        resolution, channels = config.sample_size, config.in_channels
+        size, channels = config.sample_size, config.in_channels
+        resolution = resolution or size
     extractor = resolve_feature_extractor(feature_extractor, dataset_name, inception_weights, cache_dir)
     real = real_images(dataset_name, num_real, resolution, channels, seed=seed, train_data_dir=train_data_dir)
     return ReferenceSet(real, extractor, seed=seed, **options)
@@ -375,6 +378,12 @@ def evaluate_pipeline(
 
     if prompts is None and is_text_to_image(pipeline):
         prompts = dataset_captions(dataset_name, num_samples, seed=seed, train_data_dir=train_data_dir)
+    if reference is None:
+        # before sampling: a data set that cannot be read or an extractor without its weights fails in
+        # seconds, not after every sample was drawn (and saved)
+        reference = reference_for(pipeline, dataset_name, num_real or num_samples, feature_extractor,
+                                  inception_weights, cache_dir, seed=seed, train_data_dir=train_data_dir,
+                                  resolution=resolution, batch_size=batch_size, kid_subsets=kid_subsets, k=k)
     start = time.perf_counter()
     images = sample_images(pipeline, num_samples, scheduler=scheduler, num_inference_steps=num_inference_steps,
                            batch_size=batch_size, seed=seed, progress=progress, prompts=prompts,
@@ -382,10 +391,6 @@ def evaluate_pipeline(
     sampling_seconds = time.perf_counter() - start
     if save_samples:
         save_images(images, save_samples)
-    if reference is None:
-        reference = reference_for(images, dataset_name, num_real or num_samples, feature_extractor, inception_weights,
-                                  cache_dir, seed=seed, train_data_dir=train_data_dir, batch_size=batch_size,
-                                  kid_subsets=kid_subsets, k=k)
     results = reference.score(images)
     scheduler_name = scheduler if isinstance(scheduler, str) or scheduler is None else type(scheduler).__name__
     results.update(
