@@ -167,7 +167,7 @@ def test_search_defaults_are_the_authors_values_on_1000_samples_and_sums_above_o
     result = search_merge_weights(lambda w: sum((x - y) ** 2 for x, y in zip(w, target)), 4, strategy="coordinate")
     assert tuple(result.best_weights) == target and sum(result.best_weights) > 1
     train_deme, merge_deme = _script("train_deme"), _script("merge_deme")
-    assert train_deme.build_parser().parse_args(["--pretrained_model_name_or_path", "p", "--output_dir", "o"]
+    assert train_deme.build_parser().parse_args(["--pretrained_model_name_or_path", "someone/base", "--output_dir", "o"]
                                                 ).search_num_samples >= 1000
     assert merge_deme.build_parser().parse_args(["--base", "b", "--finetuned", "f", "--output_dir", "o"]).num_samples >= 1000
 
@@ -175,7 +175,7 @@ def test_search_defaults_are_the_authors_values_on_1000_samples_and_sums_above_o
 def test_train_deme_refuses_to_merge_with_weights_nobody_chose(capsys):
     train_deme = _script("train_deme")
     parser = train_deme.build_parser()
-    args = parser.parse_args(["--pretrained_model_name_or_path", "p", "--output_dir", "o"])
+    args = parser.parse_args(["--pretrained_model_name_or_path", "someone/base", "--output_dir", "o"])
     with pytest.raises(SystemExit):
         train_deme.check(parser, args, [])
     err = capsys.readouterr().err.strip().splitlines()
@@ -187,7 +187,7 @@ def test_train_deme_reads_trainer_flags_given_with_an_equals_sign(tmp_path, caps
     (argparse keeps the last), and a reserved flag written `--output_dir=...` slipped past the check."""
     train_deme = _script("train_deme")
     parser = train_deme.build_parser()
-    args = parser.parse_args(["--pretrained_model_name_or_path", "p", "--output_dir", str(tmp_path), "--no_merge"])
+    args = parser.parse_args(["--pretrained_model_name_or_path", "someone/base", "--output_dir", str(tmp_path), "--no_merge"])
     command = train_deme.interval_command(args, ["--clustering=snr"], 0)
     assert "--clustering=snr" in command and "timestep" not in command
     assert "timestep" in train_deme.interval_command(args, [], 0)  # the paper's equal intervals by default
@@ -202,7 +202,7 @@ def test_train_deme_refuses_a_search_grid_over_the_limit_before_training(capsys)
     not after every interval has trained (where merge_finetunes refused it)."""
     train_deme = _script("train_deme")
     parser = train_deme.build_parser()
-    flags = ["--pretrained_model_name_or_path", "p", "--output_dir", "o", "--search", "grid",
+    flags = ["--pretrained_model_name_or_path", "someone/base", "--output_dir", "o", "--search", "grid",
              "--search_dataset_name", "mnist5k"]
     with pytest.raises(SystemExit):
         train_deme.check(parser, parser.parse_args(flags), [])
@@ -246,19 +246,23 @@ def test_train_deme_searches_by_default(tmp_path, monkeypatch):
     (["--search_train_data_dir", "held-out"], "no domain feature extractor for --search_train_data_dir held-out"),
     (["--search_train_data_dir", "held-out", "--search_feature_extractor", "inception"], "--search_inception_weights"),
 ])
-def test_train_deme_refuses_a_search_it_cannot_score_before_training(flags, message, capsys):
+def test_train_deme_refuses_a_search_it_cannot_score_before_training(flags, message, capsys, tmp_path, monkeypatch):
     """The search's domain FID has classifiers for the built-in sets only: a user's own held-out set failed in
     the merge, after every interval had trained. Refused at the start; inception features pass through."""
     train_deme = _script("train_deme")
     parser = train_deme.build_parser()
     with pytest.raises(SystemExit):
-        train_deme.check(parser, parser.parse_args(["--pretrained_model_name_or_path", "p", "--output_dir", "o", *flags]), [])
+        train_deme.check(parser, parser.parse_args(["--pretrained_model_name_or_path", "someone/base", "--output_dir", "o", *flags]), [])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
-    args = parser.parse_args(["--pretrained_model_name_or_path", "p", "--output_dir", "o", "--search_train_data_dir",
-                              "held-out", "--search_feature_extractor", "inception", "--search_inception_weights", "w"])
+    monkeypatch.chdir(tmp_path)  # where the held-out folder and the weights file exist (checked as well)
+    (tmp_path / "held-out").mkdir()
+    (tmp_path / "w").write_text("")
+    args = parser.parse_args(["--pretrained_model_name_or_path", "someone/base", "--output_dir", "o",
+                              "--search_train_data_dir", "held-out", "--search_feature_extractor", "inception",
+                              "--search_inception_weights", "w"])
     train_deme.check(parser, args, [])
-    train_deme.check(parser, parser.parse_args(["--pretrained_model_name_or_path", "p", "--output_dir", "o",
+    train_deme.check(parser, parser.parse_args(["--pretrained_model_name_or_path", "someone/base", "--output_dir", "o",
                                                 "--search_dataset_name", "my/held-out", "--no_merge"]), [])
 
 
