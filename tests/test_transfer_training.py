@@ -388,6 +388,24 @@ def test_a_bank_of_other_weights_is_refused_in_one_line(pretrained, bank, tmp_pa
 # --------------------------------------------------------------------------- train_deme.py
 
 
+def _interval_flags() -> list:
+    """TINY_RUN's trainer flags for train_deme's intervals: it sets --num_clusters, the base is pretrained."""
+    trainer = list(TINY_RUN)
+    for flag in ("--num_clusters", "--model_config_name_or_path"):
+        del trainer[trainer.index(flag):trainer.index(flag) + 2]
+    return trainer
+
+
+def _main_result(module, argv, capsys):
+    """A script's `main(argv)`: (exit code, stdout, stderr)."""
+    try:
+        code = module.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.mark.slow
 def test_train_deme_interrupted_in_interval_two_continues_there_and_merges(pretrained, tmp_path, capsys, monkeypatch):
     """train_deme.py's own process is this one (its `main`; it runs as a program in the DeMe benchmark's
@@ -403,20 +421,12 @@ def test_train_deme_interrupted_in_interval_two_continues_there_and_merges(pretr
         monkeypatch.setenv(key, value)
 
     out = tmp_path / "deme"
-    trainer = [a for a in TINY_RUN]
-    for flag in ("--num_clusters", "--model_config_name_or_path"):  # train_deme sets one, the base is pretrained
-        del trainer[trainer.index(flag):trainer.index(flag) + 2]
 
     def deme_main(num_intervals, *weights):
         argv = ["--pretrained_model_name_or_path", str(pretrained["unet"]), "--num_intervals", str(num_intervals),
                 "--output_dir", str(out), "--weights", *weights, "--",
-                "--dataset_name", "mnist5k", *trainer, "--max_train_steps", "6", "--checkpointing_steps", "2"]
-        try:
-            code = module.main(argv)
-        except SystemExit as exit_:
-            code = exit_.code
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+                "--dataset_name", "mnist5k", *_interval_flags(), "--max_train_steps", "6", "--checkpointing_steps", "2"]
+        return _main_result(module, argv, capsys)
 
     monkeypatch.setenv("DIFFUSERS_ANT_DEME_CRASH", "2:4")
     code, _, err = deme_main(3, "0.2", "0.3", "0.5")
@@ -455,20 +465,12 @@ def test_train_deme_stops_at_the_first_failed_interval_and_a_corrected_command_t
     module = load_script("train_deme")
     for key, value in offline_env().items():
         monkeypatch.setenv(key, value)
-    trainer = [a for a in TINY_RUN]
-    for flag in ("--num_clusters", "--model_config_name_or_path"):
-        del trainer[trainer.index(flag):trainer.index(flag) + 2]
 
     def deme_main(dataset, num_intervals):
         argv = ["--pretrained_model_name_or_path", str(pretrained["unet"]), "--num_intervals", str(num_intervals),
-                "--output_dir", str(tmp_path / "deme"), "--no_merge", "--", "--dataset_name", dataset, *trainer,
-                "--max_train_steps", "1"]
-        try:
-            code = module.main(argv)
-        except SystemExit as exit_:
-            code = exit_.code
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+                "--output_dir", str(tmp_path / "deme"), "--no_merge", "--", "--dataset_name", dataset,
+                *_interval_flags(), "--max_train_steps", "1"]
+        return _main_result(module, argv, capsys)
 
     code, stdout, err = deme_main("no-such-dataset", 3)
     assert code != 0 and "interval 0 stopped" in err and "interval 1: training" not in stdout, stdout
