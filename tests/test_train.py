@@ -179,6 +179,9 @@ BAD_INVOCATIONS = [
     (["--pretrained_model_name_or_path", "someone/missing-model"], "not found"),
     (["--image_column", "pixels"], "pixels"),
     (["--num_validation_images", "0"], "give 1 or more"),
+    # class labels on a text-to-image type were read, collated and never used (sd3 / qwenimage refused them)
+    (["--model_type", "sd", "--class_column", "label"], "conditioned on captions, not classes"),
+    (["--model_type", "flux", "--num_classes", "10"], "conditioned on captions, not classes"),
 ]
 
 

@@ -516,6 +516,10 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
         raise UsageError("--finetune lora needs the LoRA rank: add --rank (e.g. --rank 4)")
     if args.finetune in ("bitfit", "difffit") and args.pretrained_model_name_or_path is None:
         raise UsageError(f"--finetune {args.finetune} adapts a pretrained model: give --pretrained_model_name_or_path")
+    if args.model_type in TEXT_TO_IMAGE_TYPES and (args.num_classes is not None or args.class_column is not None):
+        # (read and collated, never used: the text-to-image types take captions, as sd3 and qwenimage said)
+        raise UsageError(f"--model_type {args.model_type} is conditioned on captions, not classes: drop --num_classes / "
+                         "--class_column (class labels train --model_type unet or dit)")
     if args.class_map is not None:
         if args.model_type != "dit" or args.pretrained_model_name_or_path is None:
             raise UsageError("--class_map maps data-set classes to a pretrained DiT's label rows: it needs "
