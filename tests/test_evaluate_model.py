@@ -87,6 +87,21 @@ def test_real_images_and_the_extractor_are_ready_before_any_sample_is_drawn(save
     assert drawn == [] and not (tmp_path / "samples").exists()
 
 
+@pytest.mark.parametrize("script", ["evaluate_model", "analyze", "merge_deme"])
+def test_a_bad_invocation_is_one_line_in_a_fresh_process(script):
+    """The scripts imported diffusers (through the evaluation module) before parsing: bitsandbytes' two
+    messages came first on stderr, even for --help, so no error of theirs was one line."""
+    argv = {"evaluate_model": ["--model", "m", "--dataset_name", "digits", "--feature_extractor", "clip"],
+            "analyze": ["ntg", "--base", "b", "--interval_models", "m", "--dataset_name", "digits",
+                        "--feature_extractor", "clip", "--output", "x.json"],
+            "merge_deme": ["--base", "b", "--finetuned", "m", "--output_dir", "o", "--search", "coordinate",
+                           "--dataset_name", "digits", "--feature_extractor", "clip"]}[script]
+    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(SCRIPT), f"{script}.py"), *argv],
+                          env=offline_env(), capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--feature_extractor" in lines[0], proc.stderr
+
+
 def test_sampling_batches_and_schedulers(saved):
     from diffusers import DDIMPipeline, DDPMPipeline
 

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 
-from diffusers_ant.analysis.evaluate import add_sampling_arguments, check_sampling_arguments
+from diffusers_ant.analysis.arguments import add_sampling_arguments, check_sampling_arguments
 from diffusers_ant.cli import OneLineErrorParser, output_path_problem, report_bad_input
 
 PROG = "evaluate_model.py"

@@ -29,7 +29,7 @@ from __future__ import annotations
 import glob
 import sys
 
-from diffusers_ant.analysis.evaluate import add_sampling_arguments, check_sampling_arguments
+from diffusers_ant.analysis.arguments import add_sampling_arguments, check_sampling_arguments
 from diffusers_ant.cli import OneLineErrorParser, report_bad_input
 from diffusers_ant.deme.merge import MERGE_METHODS
 from diffusers_ant.deme.search import DEFAULT_SEARCH_VALUES, SEARCH_STRATEGIES

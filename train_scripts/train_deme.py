@@ -145,7 +145,7 @@ def check(parser, args, trainer_args) -> None:
     searching = not args.no_merge and (args.search is not None or args.weights is None)
     if searching:
         # what the search scores with, checked now: merge_finetunes would find out after every interval trained
-        from diffusers_ant.analysis.evaluate import FEATURE_EXTRACTOR_CHOICES, feature_extractor_problem
+        from diffusers_ant.analysis.arguments import FEATURE_EXTRACTOR_CHOICES, feature_extractor_problem
 
         if args.search_feature_extractor not in FEATURE_EXTRACTOR_CHOICES:
             parser.error(f"unknown --search_feature_extractor {args.search_feature_extractor!r}: "
