@@ -99,6 +99,33 @@ def test_every_image_lands_in_its_nearest_ratio_bucket_and_is_cropped_to_it(nons
     assert (data[0]["pixel_values"] - expected).abs().max() <= 2 * 3 * unit_roundoff()
 
 
+def test_buckets_are_assigned_from_the_headers_as_decoding_would_turn_the_images(tmp_path, monkeypatch):
+    """assign_buckets decoded every image of the data set in the main process (its docstring said PIL read only
+    the header); it now reads sizes from the headers, turned by their EXIF orientation as datasets' decoding
+    turns the images, and equal to the decoded sizes."""
+    import datasets
+    from PIL import ImageFile
+
+    from diffusers_ant.data.buckets import assign_buckets, bucket_sizes, nearest_bucket
+
+    paths = []
+    for i, (size, orientation) in enumerate([((32, 16), None), ((32, 16), 6), ((16, 32), 8), ((24, 24), None)]):
+        exif = Image.Exif()
+        if orientation is not None:
+            exif[0x0112] = orientation
+        path = tmp_path / f"{i}.jpg"
+        Image.new("RGB", size, (i * 40, 0, 0)).save(path, exif=exif)
+        paths.append(str(path))
+    dataset = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image())
+    buckets = bucket_sizes(16, 2)
+    decoded = [nearest_bucket(*dataset[i]["image"].size, buckets) for i in range(len(dataset))]
+    assert [dataset[i]["image"].size for i in range(4)] == [(32, 16), (16, 32), (32, 16), (24, 24)]  # turned
+    loads = []
+    original = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1) or original(self))
+    assert assign_buckets(dataset, "image", buckets) == decoded and loads == []
+
+
 def test_bucket_batches_are_single_bucket_seeded_and_sharded_over_processes():
     from accelerate.data_loader import BatchSamplerShard
 

@@ -61,15 +61,54 @@ def nearest_bucket(width: int, height: int, buckets) -> int:
 
 
 def assign_buckets(dataset, image_column: str, buckets) -> list[int]:
-    """The bucket of every row of a `datasets.Dataset` (its image's size; PIL reads only the header)."""
+    """The bucket of every row of a `datasets.Dataset`, from its image's size.
+
+    An `Image` column is read undecoded and each size taken from the file's header (`datasets` decodes the
+    whole image, pixels and all: the whole data set, in the main process, before training started), turned
+    as `datasets`' decoding turns an image by its EXIF orientation; a column of decoded images is read as is."""
+    import datasets
+
     rows = dataset.select_columns([image_column])
+    feature = rows.features.get(image_column)
+    undecoded = isinstance(feature, datasets.Image) and feature.decode
+    if undecoded:
+        rows = rows.cast_column(image_column, datasets.Image(decode=False))
     assigned = []
     for row in rows:
         image = row[image_column]
-        if not hasattr(image, "size"):
+        if undecoded:
+            size = _header_size(image, feature)
+        elif hasattr(image, "size"):
+            size = image.size
+        else:
             raise ValueError(f"expected a PIL image in --image_column '{image_column}', got {type(image).__name__}")
-        assigned.append(nearest_bucket(*image.size, buckets))
+        assigned.append(nearest_bucket(*size, buckets))
     return assigned
+
+
+# EXIF orientations that `PIL.ImageOps.exif_transpose` (datasets' decoding) turns by 90 degrees
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def _header_size(value: dict, feature) -> tuple[int, int]:
+    """(width, height) of an undecoded `datasets` image ({"bytes", "path"}) as its decoding would give it, read
+    from the header alone; a remote file is decoded by the feature itself."""
+    import io
+    import os
+
+    from PIL import Image
+
+    if value.get("bytes") is not None:
+        source = io.BytesIO(value["bytes"])
+    elif value.get("path") and os.path.isfile(value["path"]):
+        source = value["path"]
+    else:
+        return feature.decode_example(value).size
+    with Image.open(source) as image:  # lazy: the header, not the pixels
+        width, height = image.size
+        if image.getexif().get(Image.ExifTags.Base.Orientation) in _QUARTER_TURNS:
+            width, height = height, width
+    return width, height
 
 
 def _mix_seed(*values: int) -> int:
