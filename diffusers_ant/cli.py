@@ -55,3 +55,11 @@ def output_path_problem(path, folder: bool = False):
     if not os.access(existing, os.W_OK):
         return f"{path!r} cannot be written: {existing!r} is not writable"
     return None
+
+
+def check_output_paths(parser, *outputs) -> None:
+    """``parser.error`` (one line) for the first ``(flag, path, is_folder)`` that cannot take its result."""
+    for flag, path, folder in outputs:
+        problem = output_path_problem(path, folder)
+        if problem:
+            parser.error(f"{flag} {problem}")

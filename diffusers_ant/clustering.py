@@ -506,6 +506,12 @@ def load_affinity(path: Union[str, os.PathLike]) -> tuple:
 
     Returns ``(affinity, timesteps)``; ``timesteps`` is ``None`` when the file has none.
     """
+    data = _read_affinity_file(path)
+    return data["affinity"], data.get("timesteps")
+
+
+def _read_affinity_file(path) -> dict:
+    """The affinity file's JSON object, checked to hold an "affinity" matrix (one short error otherwise)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -515,14 +521,13 @@ def load_affinity(path: Union[str, os.PathLike]) -> tuple:
         raise ValueError(f"the affinity file {os.fspath(path)!r} is not valid JSON ({err}).") from None
     if not isinstance(data, dict) or "affinity" not in data:
         raise ValueError(f'the affinity file {os.fspath(path)!r} must be a JSON object with an "affinity" matrix.')
-    return data["affinity"], data.get("timesteps")
+    return data
 
 
-def _check_affinity_file_length(path, num_timesteps: int) -> None:
+def _check_affinity_file_length(data: dict, path, num_timesteps: int) -> None:
     """An affinity file records the T of the model it was measured on: another T (another scheduler) is refused
     in one line, instead of being stretched (constant beyond the measured grid) or refused without the fix."""
-    with open(path, encoding="utf-8") as f:
-        recorded = json.load(f).get("num_timesteps")
+    recorded = data.get("num_timesteps")
     if recorded is not None and int(recorded) != int(num_timesteps):
         raise ValueError(f"the affinity file {os.fspath(path)!r} was measured on a model of {recorded} timesteps and "
                          f"this scheduler has {num_timesteps}: re-run analyze.py affinity on this model")
@@ -535,8 +540,9 @@ def resolve_affinity(affinity, affinity_timesteps, num_timesteps: int) -> np.nda
     """
     T = int(num_timesteps)
     if isinstance(affinity, (str, os.PathLike)):
-        matrix, file_grid = load_affinity(affinity)
-        _check_affinity_file_length(affinity, T)
+        data = _read_affinity_file(affinity)
+        _check_affinity_file_length(data, affinity, T)
+        matrix, file_grid = data["affinity"], data.get("timesteps")
         if affinity_timesteps is not None and file_grid is not None:
             raise ValueError("the affinity file already lists its timesteps: do not also pass affinity_timesteps.")
         affinity, affinity_timesteps = matrix, (affinity_timesteps if file_grid is None else file_grid)

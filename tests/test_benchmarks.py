@@ -309,7 +309,9 @@ def test_pretrain_base_refuses_an_output_dir_that_is_a_file_in_one_line(tmp_path
     """(a FileExistsError traceback from os.makedirs before)"""
     base = load_script("pretrain_base")
     (tmp_path / "afile").write_text("")
-    assert base.main(["--output_dir", str(tmp_path / "afile")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        base.main(["--output_dir", str(tmp_path / "afile")])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--output_dir" in err and "is a file, not a folder" in err
 

@@ -26,7 +26,7 @@ import os
 import sys
 
 from diffusers_ant.analysis.arguments import add_sampling_arguments, check_sampling_arguments
-from diffusers_ant.cli import OneLineErrorParser, output_path_problem, report_bad_input
+from diffusers_ant.cli import OneLineErrorParser, check_output_paths, report_bad_input
 
 PROG = "analyze.py"
 
@@ -132,6 +132,7 @@ def mantel_summary(p_value, permutations) -> str:
 
 def run_affinity(args):
     from diffusers_ant.analysis.affinity import affinity_from_folders
+    from diffusers_ant.analysis.common import resolve_device
 
     projection = {"auto": "auto", "none": None}.get(args.projection_dim, args.projection_dim)
     result = affinity_from_folders(args.model, checkpoints=args.checkpoints, dataset_name=args.dataset_name,
@@ -139,7 +140,7 @@ def run_affinity(args):
                                    param_subset=args.param_subset, projection_dim=projection, seed=args.seed,
                                    model_type=args.model_type, train_data_dir=args.train_data_dir,
                                    progress=not args.no_progress, estimator=args.affinity_estimator,
-                                   permutations=args.permutations, device=_device(args))
+                                   permutations=args.permutations, device=resolve_device(args.device))
     dim = "exact" if result["projection_dim"] is None else f"count sketch to {result['projection_dim']}"
     print(f"task affinity: {len(result['timesteps'])}-point grid over T = {result['num_timesteps']}, "
           f"{len(result['checkpoints'])} checkpoint(s) x {result['batches']} batches of {result['batch_size']}, "
@@ -159,13 +160,6 @@ def run_affinity(args):
         print(f"wrote {args.plot}")
 
 
-def _device(args) -> str:
-    """--device, default CUDA when available (as evaluate_model.py)."""
-    import torch
-
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _prompts(args, pipeline):
     """A text-to-image pipeline's prompts: the captions of the dataset rows the real images are drawn from, as
     evaluate_model prompts (so the two tools' FIDs agree); None for the other types."""
@@ -177,18 +171,18 @@ def _prompts(args, pipeline):
 
 
 def run_ntg(args):
-    from diffusers_ant.analysis.common import load_denoiser, training_routing_scheduler
+    from diffusers_ant.analysis.common import load_denoiser, resolve_device, training_routing_scheduler
     from diffusers_ant.routing import check_same_schedule
     from diffusers_ant.analysis.ntg import describe, interval_from_folder, load_intervals, negative_transfer_gap
 
     base_pipeline, _ = load_denoiser(args.base, "--base")
-    base_pipeline.to(_device(args))
+    base_pipeline.to(resolve_device(args.device))
     if args.intervals:
         intervals = load_intervals(args.intervals, len(args.interval_models))
     else:
         intervals = [interval_from_folder(folder) for folder in args.interval_models]
     loaded = [load_denoiser(folder, "--interval_models") for folder in args.interval_models]
-    models, schedulers = [denoiser.to(_device(args)) for _, denoiser in loaded], [pipeline.scheduler for pipeline, _ in loaded]
+    models, schedulers = [denoiser.to(resolve_device(args.device)) for _, denoiser in loaded], [pipeline.scheduler for pipeline, _ in loaded]
     # refuse models trained with another noise schedule before the (slow) reference and sampling
     check_same_schedule([base_pipeline.scheduler, *schedulers], [f"--base {args.base}", *args.interval_models])
     reference = _reference(args, base_pipeline)
@@ -209,15 +203,15 @@ def run_ntg(args):
 
 
 def run_forgetting(args):
-    from diffusers_ant.analysis.common import load_denoiser, training_routing_scheduler
+    from diffusers_ant.analysis.common import load_denoiser, resolve_device, training_routing_scheduler
     from diffusers_ant.routing import check_same_schedule
     from diffusers_ant.analysis.forgetting import chain_of_forgetting, describe, parse_fractions
 
     fractions = parse_fractions(args.fractions)
     finetuned_pipeline, _ = load_denoiser(args.finetuned, "--finetuned")
     pretrained_pipeline, pretrained = load_denoiser(args.pretrained, "--pretrained")
-    finetuned_pipeline.to(_device(args))
-    pretrained = pretrained.to(_device(args))
+    finetuned_pipeline.to(resolve_device(args.device))
+    pretrained = pretrained.to(resolve_device(args.device))
     check_same_schedule([finetuned_pipeline.scheduler, pretrained_pipeline.scheduler],
                         [f"--finetuned {args.finetuned}", f"--pretrained {args.pretrained}"])
     reference = _reference(args, finetuned_pipeline)
@@ -250,10 +244,7 @@ def main(argv=None) -> int:
                 parser.error(f"--{name} must be positive")
     else:
         check_sampling_arguments(parser, args)
-    for flag, path in (("--output", args.output), ("--plot", args.plot)):
-        problem = output_path_problem(path)
-        if problem:
-            parser.error(f"{flag} {problem}")
+    check_output_paths(parser, ("--output", args.output, False), ("--plot", args.plot, False))
 
     from diffusers_ant.analysis.common import set_torch_threads
 

@@ -21,7 +21,7 @@ import os
 import sys
 
 from diffusers_ant.analysis.arguments import add_sampling_arguments, check_sampling_arguments
-from diffusers_ant.cli import OneLineErrorParser, output_path_problem, report_bad_input
+from diffusers_ant.cli import OneLineErrorParser, check_output_paths, report_bad_input
 
 PROG = "evaluate_model.py"
 
@@ -48,13 +48,11 @@ def build_parser():
 
 def evaluate(args) -> None:
     """Sample the model, score it, print the table and write the JSON."""
-    import torch
-
-    from diffusers_ant.analysis.common import load_denoiser
+    from diffusers_ant.analysis.common import load_denoiser, resolve_device
     from diffusers_ant.analysis.evaluate import evaluate_pipeline, format_results
 
     pipeline, _ = load_denoiser(args.model)
-    pipeline.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipeline.to(resolve_device(args.device))
     results = evaluate_pipeline(
         pipeline, args.dataset_name, num_samples=args.num_samples,
         scheduler=None if args.scheduler == "pipeline" else args.scheduler,
@@ -80,10 +78,7 @@ def main(argv=None) -> int:
     if args.num_threads is not None and args.num_threads < 1:
         parser.error("--num_threads must be positive")
     check_sampling_arguments(parser, args)
-    for flag, path, folder in (("--output", args.output, False), ("--save_samples", args.save_samples, True)):
-        problem = output_path_problem(path, folder)
-        if problem:
-            parser.error(f"{flag} {problem}")
+    check_output_paths(parser, ("--output", args.output, False), ("--save_samples", args.save_samples, True))
 
     from diffusers_ant.analysis.common import set_torch_threads
 

@@ -56,7 +56,7 @@ from diffusers_ant.analysis.benchmark import (  # noqa: E402
     schedule_flags,
     write_json,
 )
-from diffusers_ant.cli import OneLineErrorParser, output_path_problem  # noqa: E402
+from diffusers_ant.cli import OneLineErrorParser, check_output_paths  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -100,6 +100,7 @@ def parse_args(argv=None):
     for name in ("segment_steps", "max_train_steps", "min_points", "eval_samples", "eval_batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
+    check_output_paths(p, ("--output_dir", args.output_dir, True))
     if args.resolution < 8 or args.resolution % 4:
         p.error("--resolution must be a multiple of 4 and at least 8 (the bench UNet halves it twice)")
     if not 0 < args.tolerance < 1:
@@ -140,10 +141,6 @@ def eval_settings(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    problem = output_path_problem(args.output_dir, folder=True)
-    if problem:
-        print(f"pretrain_base.py: error: --output_dir {problem}", file=sys.stderr)
-        return 2
     os.makedirs(args.output_dir, exist_ok=True)
     config_path = os.path.join(args.output_dir, "bench_unet.json")
     with open(config_path, "w") as f:

@@ -259,14 +259,14 @@ def _draw_batches(adapter, dataset_name, num_batches, batch_size, seed, train_da
     if len(loader) < num_batches:
         raise ValueError(f"the dataset gives {len(loader)} batches of {batch_size}, fewer than --batches {num_batches}")
     generator = torch.Generator().manual_seed(int(seed) + 1)
+    # on the model's device (--device): pixel models' x0 and class labels stay where the loader made them
+    device = next(adapter.model.parameters()).device
     drawn = []
     for batch, _ in zip(loader, range(num_batches)):
         # the VAE's posterior sample from the same seeded generator (it drew from the global RNG, so a latent
         # model's affinity changed from run to run under one --seed)
         x0, conditioning = adapter.encode_batch(batch, generator=generator)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        # on the model's device (--device): pixel models' x0 and class labels stay where the loader made them
-        device = next(adapter.model.parameters()).device
         drawn.append(_to_device((x0, conditioning, noise), device))
     return drawn
 

@@ -159,6 +159,13 @@ def checkpoint_ema_state_dict(folder: str, model):
     return weights
 
 
+def resolve_device(device=None) -> str:
+    """`device` (a --device flag), default CUDA when it is available, else the CPU."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def set_torch_threads(num_threads=None) -> int:
     """Set torch's CPU threads for an analysis run and return the number used.
 

@@ -28,7 +28,6 @@ import os
 import numpy as np
 import torch
 
-from ..metrics.features import DOMAIN_DATASETS
 # the scripts' flags live in a light module of their own (their --help imports no diffusers); re-exported here
 from .arguments import (  # noqa: F401
     DEFAULT_KID_SUBSETS,

@@ -26,8 +26,6 @@ import os
 import shutil
 from dataclasses import dataclass
 
-import torch
-
 from .finetunes import (
     align_channel_projections,
     base_files,
@@ -217,7 +215,9 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
     log(f"{len(finetunes)} fine-tunes of {base}, low to high t: "
         + ", ".join(f"{f.name} {list(f.bounds)}" for f in finetunes))
     merge_options = {"method": method, "density": density, "majority_sign_method": majority_sign_method, "seed": merge_seed}
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from ..analysis.common import resolve_device
+
+    device = resolve_device(device)
     needs_pipeline = evaluation is not None and score_fn is None
     if lora_files is not None:
         # all LoRA, task arithmetic: merged as one LoRA of rank N*r, no dense weight formed
@@ -408,7 +408,9 @@ def write_ensemble_folder(base: str, finetuned, output_dir: str, *, evaluation: 
     scores = None
     if evaluation is not None:
         pipeline = load_pipeline(output_dir)
-        pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from ..analysis.common import resolve_device
+
+        pipeline.to(resolve_device(device))
         scores = _Scorer(pipeline, evaluation)()
     record = {"base_model": portable_path(base, output_dir), "num_timesteps": inputs.num_timesteps,
               "ensemble": info["members"],
