@@ -121,3 +121,77 @@ def low_precision_norm_tolerance(models: nn.Module | Iterable[nn.Module], dtype:
     models = [models] if isinstance(models, nn.Module) else list(models)
     layers = sum(len(layer_reduction_lengths(m)) for m in models)
     return deviations * (2 * layers * evaluations) ** 0.5 * unit_roundoff(dtype)
+
+
+def clipping_tolerance(norm_terms: int, dtype: torch.dtype = torch.float32) -> float:
+    """The relative difference of the gradient two runs apply after clipping at a norm, when the runs compute
+    the norm in another order (DDP over whole tensors, FSDP2 over each process's shards, ZeRO over flat
+    partitions). The squared norm is a sum of positive terms, so it is within gamma_n of the exact one in any
+    order (Higham eq. 4.4, no cancellation), n = `norm_terms`, the most additions one squared entry passes
+    through (within its tensor or partition, then across tensors and processes, one more for its own
+    square); the square root halves that and adds u, adding torch's 1e-6 and dividing max_norm by it add u
+    each, and scaling an entry by the coefficient adds u: each run within gamma_n / 2 + 4u of the exact
+    clipped gradient, relative, the two within gamma_n + 8u. It holds whether or not the norm exceeded the
+    limit (below it torch multiplies by exactly 1)."""
+    return gamma(norm_terms, dtype) + 8 * unit_roundoff(dtype)
+
+
+def adam_tolerance(gradient_differences: Iterable[float], lr: float, eps: float, beta1: float = 0.9,
+                   beta2: float = 0.999) -> float:
+    """How far two runs of the same Adam(W) steps may end apart when the gradient entries of step i differ by
+    at most `gradient_differences[i]` between them (their rounding: `gradient_tolerance`, `clipping_tolerance`).
+
+    Step j moves a weight by lr m_j / (sqrt(v_j) + eps), m_j = sum_i w_ij g_i and v_j = sum_i w'_ij g_i^2 the
+    bias-corrected averages, w_ij = (1 - beta1) beta1^(j - i) / (1 - beta1^j) and w'_ij the same under beta2.
+    A change dg of step i's gradient changes m_j by w_ij dg and sqrt(v_j) by w'_ij g_i dg / sqrt(v_j), at
+    most sqrt(w'_ij) |dg| (w'_ij g_i^2 <= v_j). And |m_j| <= c_j sqrt(v_j), c_j^2 = sum_i w_ij^2 / w'_ij
+    (Cauchy-Schwarz), so |m_j| / (sqrt(v_j) + eps)^2 <= c_j / (4 eps). Step j's move therefore changes by at
+    most (lr / eps) (w_ij + c_j sqrt(w'_ij) / 4) |dg|, whatever the gradients' size, and the steps j >= i
+    whose averages carry step i's gradient add up. (A weight's own difference reaches later gradients through
+    the loss's curvature, lr times smaller at the tests' learning rates and neglected; the weights' own
+    rounding, one ulp per step and copy, is `adam_run_tolerance`'s.) With a large eps (the tests take eps = 1)
+    the update is a smooth function of the gradient, where Adam's usual scale invariance would hide a
+    gradient of the wrong size."""
+    differences = list(gradient_differences)
+    steps = len(differences)
+
+    def weight(beta, i, j):
+        return (1 - beta) * beta ** (j - i) / (1 - beta ** j)
+
+    c = {j: sum(weight(beta1, i, j) ** 2 / weight(beta2, i, j) for i in range(1, j + 1)) ** 0.5
+         for j in range(1, steps + 1)}
+    total = 0.0
+    for i, difference in enumerate(differences, start=1):
+        carried = sum(weight(beta1, i, j) + c[j] * weight(beta2, i, j) ** 0.5 / 4 for j in range(i, steps + 1))
+        total += lr / eps * carried * difference
+    return total
+
+
+def adam_run_tolerance(model: nn.Module, applied: list[float], summed_terms: int, lr: float, eps: float,
+                       largest_weight: float, clip_norm_terms: int | None = None, weight_roundings: int = 1) -> float:
+    """How far the weights of two runs of the same Adam(W) steps on `model` may end apart when they differ by
+    rounding alone (another engine: DDP against FSDP2 or ZeRO; another accumulation or gradient engine).
+    `applied[t]` is the largest |entry| of the gradient step t applied (recorded), `summed_terms` the samples x
+    positions its weight gradients sum. Step t's gradients differ by `gradient_tolerance` and, when both runs
+    clip at a norm, by `clipping_tolerance(clip_norm_terms)` of their entries; `adam_tolerance` carries that
+    through the steps; each step rounds every weight once per run and per copy (`weight_roundings`: 2 with an
+    EMA of the weights), 2u max|w| between two runs."""
+    differences = [gradient_tolerance(model, g, summed_terms)
+                   + (clipping_tolerance(clip_norm_terms) * g if clip_norm_terms else 0.0) for g in applied]
+    rounding = len(applied) * weight_roundings * 2 * unit_roundoff() * largest_weight
+    return adam_tolerance(differences, lr, eps) + rounding
+
+
+def uw_log_variance_tolerance(model: nn.Module, applied: list[float], summed_terms: int, lr: float, eps: float,
+                              largest_log_variance: float) -> float:
+    """The same for UW's log-variances s_i (weighting/uw.py), which step on dL/ds_i = 0.5 (1 - exp(-s_i) L_i).
+    That gradient's rounding is the task loss L_i's times 0.5 exp(-s_i) L_i / L_i, where 0.5 exp(-s_i) L_i =
+    0.5 - dL/ds_i is at most 0.5 plus the step's largest applied entry: L_i is one forward path of `model` and a
+    mean over `summed_terms` samples x positions, within 2 gamma_L of the other run's, relative
+    (`sum_reordering_tolerance`), and exp, the product and the difference add 4u. (The losses are also taken
+    at weights that differ between the runs by their earlier steps' rounding; like the curvature in
+    `adam_tolerance`, that feedback is neglected over these few steps.)"""
+    relative = sum_reordering_tolerance(path_reduction_length(model) + summed_terms, 1.0) + 4 * unit_roundoff()
+    differences = [(0.5 + g) * relative for g in applied]
+    rounding = len(applied) * 2 * unit_roundoff() * largest_log_variance
+    return adam_tolerance(differences, lr, eps) + rounding

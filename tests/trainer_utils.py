@@ -7,11 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(REPO, "train_scripts", "train_ant.py")
+# train_ant.py with a record of each optimizer step's applied gradient, for launched runs' tolerances
+RECORDING_SCRIPT = os.path.join(REPO, "tests", "scripts", "record_applied_gradients.py")
 
 # A run small enough for a CPU test: the tiny preset of each model type, a few steps.
 TINY_RUN = ["--model_config_name_or_path", "tiny", "--train_batch_size", "8", "--learning_rate", "1e-3",
@@ -45,6 +48,34 @@ def save_lora_base(folder):
     torch.manual_seed(0)
     get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=16, num_channels=1).save(str(folder))
     return folder
+
+
+def lora_run_tolerances(pretrained, runs, largest_weight: float, largest_log_variance: float) -> tuple[float, float]:
+    """How far two LORA_RUN runs under different engines (`runs`: their folders, launched through
+    RECORDING_SCRIPT) may end apart: (the LoRA weights, UW's log-variances at the last step). tests/tolerances.py's
+    `adam_run_tolerance` and `uw_log_variance_tolerance` over the UNet with its LoRA layers (their reductions are
+    on the path), scaled by the largest gradient entry either run applied per step: each weight gradient sums
+    the window's 2 processes x 2 micro-batches x 4 samples x positions, and the clipping norm (at 1) sums the
+    LoRA matrices' entries (in any grouping: per tensor under DDP and FSDP2, flat partitions under ZeRO), the
+    tensors and the two processes. lr = Adam's epsilon = 1; UW's own lr for its log-variances."""
+    from tolerances import adam_run_tolerance, uw_log_variance_tolerance
+
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.weighting.uw import UWConfig
+
+    flag = dict(zip(LORA_RUN[::2], LORA_RUN[1::2]))  # (every flag of LORA_RUN takes a value)
+    assert all(name.startswith("--") for name in flag), LORA_RUN
+    lr, eps, rank = float(flag["--learning_rate"]), float(flag["--adam_epsilon"]), int(flag["--rank"])
+    adapter = get_model_adapter("unet").load(pretrained_model_name_or_path=str(pretrained))
+    adapter.add_lora(rank)
+    model = adapter.model
+    applied = [max(per_run) for per_run in zip(*(applied_gradients(run, LORA_STEPS) for run in runs))]
+    terms = (2 * int(flag["--gradient_accumulation_steps"]) * int(flag["--train_batch_size"])
+             * model.config.sample_size ** 2)
+    lora = [p.numel() for p in model.parameters() if p.requires_grad]
+    weights = adam_run_tolerance(model, applied, terms, lr, eps, largest_weight, clip_norm_terms=sum(lora) + len(lora) + 2)
+    log_variances = uw_log_variance_tolerance(model, applied, terms, UWConfig().lr, eps, largest_log_variance)
+    return weights, log_variances
 
 
 def offline_env(**extra):
@@ -127,12 +158,26 @@ def _wait_until_gone(process, timeout) -> None:
         time.sleep(0.05)
 
 
-def run_script(args, env=None, timeout=600, launcher=None):
-    """Run train_ant.py as a subprocess (`launcher`: e.g. accelerate launch flags)."""
-    cmd = [sys.executable, TRAIN_SCRIPT, *args]
+def run_script(args, env=None, timeout=600, launcher=None, script=TRAIN_SCRIPT):
+    """Run train_ant.py (or `script`, such as RECORDING_SCRIPT) as a subprocess (`launcher`: e.g. accelerate
+    launch flags)."""
+    cmd = [sys.executable, script, *args]
     if launcher is not None:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, TRAIN_SCRIPT, *args]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, script, *args]
     return run_command(cmd, env=env, timeout=timeout)
+
+
+def applied_gradients(folder, steps: int) -> list[float]:
+    """Per optimizer step of a run launched through RECORDING_SCRIPT (tests/scripts/record_applied_gradients.py):
+    the largest |entry| of the gradients any optimizer of any process applied at that step."""
+    records = sorted(Path(folder).glob("applied_gradients_*.json"))
+    assert records, f"no applied_gradients_<rank>.json in {folder}: was the run launched through RECORDING_SCRIPT?"
+    largest = [0.0] * steps
+    for record in records:
+        for per_step in json.loads(record.read_text())["optimizers"]:
+            assert len(per_step) == steps, (record, per_step)
+            largest = [max(a, b) for a, b in zip(largest, per_step)]
+    return largest
 
 
 def straight_and_resumed(root, make_args, common, resume_at=10):
