@@ -159,7 +159,7 @@ def test_offloaded_foreach_ema_equals_plain_ema_and_epochs_validate(tmp_path):
               "--use_ema", "--max_train_samples", "16", "--num_validation_images", "1"]
     train_in_process([*common, "--output_dir", str(tmp_path / "plain")])
     train_in_process([*common, "--output_dir", str(tmp_path / "offload"), "--offload_ema", "--foreach_ema",
-                      "--validation_epochs", "1"])
+                      "--validation_epochs", "2"])
     a = load_safetensors_dir(tmp_path / "plain" / "unet")
     b = load_safetensors_dir(tmp_path / "offload" / "unet")
     # The same training (EMA does not feed back into it); the EMA updates differ in rounding alone: each side
@@ -171,7 +171,8 @@ def test_offloaded_foreach_ema_equals_plain_ema_and_epochs_validate(tmp_path):
     for key in a:
         largest = float(a[key].abs().max()) + 4 * lr
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=4 * 2 * 5 * unit_roundoff() * largest)
-    # 2 batches an epoch: epochs end at steps 2 and 4; step 4 is the end of training (final grid)
+    # 2 batches an epoch: epochs end at steps 2 and 4; step 4 is the end of training (final grid). Every 2
+    # epochs counts from the first, as in diffusers' scripts (`epoch % validation_epochs == 0`): a grid at step 2
     assert (tmp_path / "offload" / "samples" / "step-2.png").is_file()
     assert not (tmp_path / "plain" / "samples" / "step-2.png").exists()
 

@@ -343,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
     g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder or "latest".')
     g.add_argument("--validation_steps", type=int, default=None, help="Sample a grid every N steps (and at the end).")
-    g.add_argument("--validation_epochs", type=int, default=None, help="Sample a grid every N epochs (and at the end).")
+    g.add_argument("--validation_epochs", type=int, default=None,
+                   help="Sample a grid after the first epoch and every N epochs after it, as diffusers' scripts do "
+                   "(and at the end).")
     g.add_argument("--num_validation_images", type=int, default=16)
     g.add_argument("--validation_prompt", nargs="+", default=None,
                    help="Validation prompt(s) (text-to-image types); with --validation_image (controlnet), one per image or "

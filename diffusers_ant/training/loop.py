@@ -536,7 +536,9 @@ def _train_with(args, accelerator) -> str:
                 break
         if global_step >= args.max_train_steps:
             break
-        if args.validation_epochs and (epoch + 1) % args.validation_epochs == 0:
+        # after the first epoch and every N-th after it: diffusers' scripts' `epoch % validation_epochs == 0`
+        # (an early grid shows a broken run at once)
+        if args.validation_epochs and epoch % args.validation_epochs == 0:
             validate_whole(args, accelerator, adapter, model, skeleton, ema, params, global_step,
                            validation_inputs)
     progress.close()
