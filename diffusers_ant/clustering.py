@@ -205,8 +205,10 @@ class TimestepIntervals:
         return cls(data["bounds"], data.get("num_timesteps"), metadata)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json() + "\n")
+        """Write :meth:`to_json` to `path`, atomically (`files.write_text_atomically`)."""
+        from .files import write_text_atomically
+
+        write_text_atomically(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "TimestepIntervals":

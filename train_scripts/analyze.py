@@ -21,8 +21,6 @@ FIDs are domain FIDs by default (see evaluate_model.py). The logic lives in `dif
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 from diffusers_ant.analysis.arguments import add_sampling_arguments, check_sampling_arguments
@@ -107,9 +105,9 @@ def build_parser():
 
 
 def _write_json(path, data):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
+    from diffusers_ant.files import write_json_atomically
+
+    write_json_atomically(path, data)  # (a truncated affinity file would stop `train_ant.py --affinity_file`)
     print(f"wrote {path}")
 
 

@@ -16,8 +16,6 @@ are computed on the same features (not the VGG-16 of Kynkaanniemi et al.). The l
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 from diffusers_ant.analysis.arguments import add_sampling_arguments, check_sampling_arguments
@@ -66,9 +64,9 @@ def evaluate(args) -> None:
           f"vs {results['dataset_name']}")
     print(format_results(results))
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        from diffusers_ant.files import write_json_atomically
+
+        write_json_atomically(args.output, results)
         print(f"wrote {args.output}")
 
 

@@ -39,6 +39,8 @@ import subprocess
 import sys
 import time
 
+from ..files import write_json_atomically
+
 __all__ = [
     "ANT_LOG_SNR",
     "BENCH_UNET",
@@ -456,20 +458,10 @@ def command_line(argv=None, script: str = None) -> str:
 
 
 def write_json(path: str, data, default=None) -> str:
-    """Write ``data`` as indented JSON, atomically (a temporary file, then a rename): an interrupted
+    """Write ``data`` as indented JSON, atomically (``files.write_json_atomically``): an interrupted
     benchmark never leaves half a results file that a resumed one would trust. `default`: as
     `json.dump`'s (e.g. `str` for values JSON has no type for)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=default)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # the dump failed: no half-written temporary beside the results
-            os.remove(tmp)
-    return path
+    return write_json_atomically(path, data, default=default)
 
 
 def record_invocation(args, command, seconds, status="finished") -> float:

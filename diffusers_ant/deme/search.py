@@ -19,11 +19,12 @@ Ties keep the first point evaluated (the table's order).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
+
+from ..files import write_json_atomically, write_text_atomically
 
 __all__ = ["DEFAULT_SEARCH_SAMPLES", "DEFAULT_SEARCH_VALUES", "NO_FINETUNE_HELPED", "SEARCH_STRATEGIES", "returns_base", "SearchResult", "search_merge_weights", "write_search_table"]
 
@@ -146,13 +147,8 @@ def search_merge_weights(score: Callable[[tuple], float | Mapping], num_models: 
 def write_search_table(result: SearchResult, folder: str, name: str = SEARCH_TABLE_NAME) -> tuple:
     """Write the search as ``folder/<name>.json`` and ``folder/<name>.md`` (a table, best row marked);
     return the two paths."""
-    os.makedirs(folder, exist_ok=True)
-    json_path = os.path.join(folder, f"{name}.json")
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(result.to_dict(), f, indent=2)
-    md_path = os.path.join(folder, f"{name}.md")
-    with open(md_path, "w", encoding="utf-8") as f:
-        f.write(search_table_markdown(result))
+    json_path = write_json_atomically(os.path.join(folder, f"{name}.json"), result.to_dict())
+    md_path = write_text_atomically(os.path.join(folder, f"{name}.md"), search_table_markdown(result))
     return json_path, md_path
 
 
