@@ -1,16 +1,19 @@
-"""Writing a file so that an interrupted write never leaves half of it.
+"""Writing a file, or a whole output folder, so that an interrupted write never leaves half of it.
 
 The text goes to a temporary file beside the target, which `os.replace` then renames over it (atomic
 within one file system, on POSIX and Windows): a reader finds the old file or the new one, never a
 truncated one, which a later step (a resumed benchmark, `train_ant.py --affinity_file`, a DeMe merge
-reading the weight search's table) would fail on. The JSON is serialised before any file is opened,
+reading the weight search's table) would fail on. A folder is written as a sibling `<folder>.partial` and
+renamed into place the same way (`folder_written_atomically`). The JSON is serialised before any file is opened,
 so a value JSON cannot hold leaves the old file as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> str:
@@ -33,3 +36,21 @@ def write_json_atomically(path: str | os.PathLike, data, default=None) -> str:
     """`data` as indented JSON, written atomically (`write_text_atomically`). `default`: as `json.dump`'s
     (e.g. `str` for values JSON has no type for)."""
     return write_text_atomically(path, json.dumps(data, indent=2, default=default) + "\n")
+
+
+@contextlib.contextmanager
+def folder_written_atomically(folder: str | os.PathLike):
+    """Yield a sibling folder, `<folder>.partial`, to write a whole output folder into; renamed to `folder` when
+    the block ends without an error. A kill or an error mid-write leaves `<folder>.partial` (removed by the
+    next write), never a folder that loads as another model (merged weights without their channel
+    projections, an ensemble without its members) or passes for a finished one. A sibling, so that every path
+    written relative to the folder holds for the final one. `folder` must be absent or empty."""
+    folder = os.path.normpath(os.fspath(folder))
+    partial = folder + ".partial"
+    if os.path.isdir(partial):
+        shutil.rmtree(partial)  # an earlier write that was killed
+    os.makedirs(partial)
+    yield partial
+    if os.path.isdir(folder):
+        os.rmdir(folder)  # empty (the caller checked): the rename needs its place
+    os.replace(partial, folder)

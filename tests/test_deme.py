@@ -265,25 +265,33 @@ def test_given_weights_merge_by_task_arithmetic(run, tmp_path):
         torch.testing.assert_close(merged[key], expected, rtol=0, atol=tolerance)
 
 
-def test_a_merge_killed_while_writing_leaves_no_output_folder(run, tmp_path, monkeypatch):
-    """The merge writes beside its output folder and renames it into place: a kill after the weights but
-    before the rest left a folder that loaded as another model (without its projections) and that
-    train_deme.py took for a finished merge. The next merge replaces the leftover."""
+@pytest.mark.parametrize("kind", ["merge", "ensemble"])
+def test_a_merge_or_ensemble_killed_while_writing_leaves_no_output_folder(kind, run, tmp_path, monkeypatch):
+    """A merge or an ensemble is written beside its output folder and renamed into place: a kill after the
+    weights but before the rest left a folder that loaded as another model (a merge without its projections,
+    an ensemble without its record) and that train_deme.py took for a finished merge, and a new ensemble
+    refused the half-written folder as not empty. The next write replaces the leftover."""
     from diffusers_ant.deme import card
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
+    def write(out):
+        if kind == "merge":
+            merge_finetunes(run["base"], run["finetunes"], str(out), weights=[0.1, 0.1, 0.2, 0.5], log=lambda *_: None)
+        else:
+            write_ensemble_folder(run["base"], run["finetunes"], str(out), log=lambda *_: None)
+
     monkeypatch.setattr(card, "write_deme_model_card", killed)
     out = tmp_path / "m"
     with pytest.raises(KeyboardInterrupt):
-        merge_finetunes(run["base"], run["finetunes"], str(out), weights=[0.1, 0.1, 0.2, 0.5], log=lambda *_: None)
+        write(out)
     assert not out.exists() and (tmp_path / "m.partial" / "model_index.json").is_file()
     monkeypatch.undo()
-    merge_finetunes(run["base"], run["finetunes"], str(out), weights=[0.1, 0.1, 0.2, 0.5], log=lambda *_: None)
+    write(out)
     assert (out / "deme_merge.json").is_file() and not (tmp_path / "m.partial").exists()
     text = (out / "README.md").read_text()
-    assert "m: a DeMe merged model" in text and "m.partial" not in text  # the card names the final folder
+    assert f"m: a DeMe {'merged model' if kind == 'merge' else 'ensemble'}" in text and "m.partial" not in text
 
 
 def test_injected_search_metric_chooses_the_weights_and_is_recorded(run, tmp_path):

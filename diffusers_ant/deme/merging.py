@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 
 from .finetunes import (
@@ -38,6 +37,7 @@ from .finetunes import (
     write_class_map,
 )
 from .merge import DEFAULT_DENSITY, merge_task_vectors
+from ..files import folder_written_atomically
 from ..hub import portable_path
 from .projection import denoiser_component, has_channel_projection, read_projection_config, save_pipeline
 from .search import (
@@ -266,55 +266,49 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
         set_weights(weights)
     if scores is None and scorer is not None:
         scores = scorer()
-    # Everything is written into a sibling folder, renamed into place at the end: a kill mid-write leaves
-    # `<output_dir>.partial`, never an output folder that loads as another model (the merged weights without
-    # their channel projections) or that train_deme.py would take for a finished merge. A sibling, so that
-    # every path written relative to the folder holds for the final one.
-    final_dir, output_dir = output_dir, os.path.normpath(output_dir) + ".partial"
-    if os.path.isdir(output_dir):
-        shutil.rmtree(output_dir)  # an earlier merge that was killed
-    os.makedirs(output_dir)
-    if lora_files is not None:
-        from .lora_merge import write_merged_lora
+    # Everything is written into a sibling folder, renamed into place at the end (files.folder_written_atomically):
+    # a kill mid-write never leaves a folder that loads as another model or that train_deme.py would take
+    # for a finished merge.
+    final_dir = output_dir
+    with folder_written_atomically(final_dir) as output_dir:
+        if lora_files is not None:
+            from .lora_merge import write_merged_lora
 
-        lora_info = write_merged_lora(lora_files, weights, output_dir, portable_path(base, final_dir))
-    else:
-        pipeline.to("cpu")
-        save_pipeline(pipeline, output_dir, inputs.component, base=base, revision=recorded_base_revision(finetunes))
-    write_class_map(class_map, output_dir)
-    if result is not None:
-        write_search_table(result, output_dir)
-    shown_options = {k: v for k, v in (("density", density if density is not None else DEFAULT_DENSITY.get(method)),
-                                       ("majority_sign_method", majority_sign_method if method in ("ties", "dare_ties") else None),
-                                       ("seed", merge_seed if method.startswith("dare") else None)) if v is not None}
-    record = {  # paths relative to the output folder: nothing of this machine in a file that may be pushed
-        "base_model": portable_path(base, final_dir),
-        "num_timesteps": num_timesteps,
-        "finetunes": [{"path": portable_path(f.path, final_dir), "interval": list(f.bounds), "lora": f.lora}
-                      for f in finetunes],
-        "weights": list(weights),
-        "merge_method": method,
-        "merge_options": shown_options,
-        # "lora": one LoRA of rank N*r (B = [w_i s_i B_i], A = [A_i]); "dense": the merged weights
-        "merged_as": "lora" if lora_files is not None else "dense",
-        **({"lora_rank": lora_info["rank"]} if lora_files is not None else {}),
-        "channel_projection": projection,
-        "search": None if result is None else {"strategy": result.strategy, "metric": result.metric,
-                                               "evaluations": len(result.rows), "table": "deme_search.json",
-                                               "no_finetune_helped": returns_base(weights)},
-        "scores": scores,
-    }
-    with open(os.path.join(output_dir, MERGE_RECORD_NAME), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, default=str)
-    write_deme_model_card(output_dir, base_model=base, model_type=finetunes[0].model_type,
-                          denoiser_class=denoiser_class, finetunes=finetunes, num_timesteps=num_timesteps,
-                          weights=weights, merge_method=method, merge_options=shown_options, search=result,
-                          scores=scores, projection=projection,
-                          lora_rank=lora_info["rank"] if lora_files is not None else None,
-                          name=os.path.basename(os.path.normpath(final_dir)))
-    if os.path.isdir(final_dir):
-        os.rmdir(final_dir)  # empty (checked at the start): the rename needs its place
-    os.replace(output_dir, final_dir)
+            lora_info = write_merged_lora(lora_files, weights, output_dir, portable_path(base, final_dir))
+        else:
+            pipeline.to("cpu")
+            save_pipeline(pipeline, output_dir, inputs.component, base=base, revision=recorded_base_revision(finetunes))
+        write_class_map(class_map, output_dir)
+        if result is not None:
+            write_search_table(result, output_dir)
+        shown_options = {k: v for k, v in (("density", density if density is not None else DEFAULT_DENSITY.get(method)),
+                                           ("majority_sign_method", majority_sign_method if method in ("ties", "dare_ties") else None),
+                                           ("seed", merge_seed if method.startswith("dare") else None)) if v is not None}
+        record = {  # paths relative to the output folder: nothing of this machine in a file that may be pushed
+            "base_model": portable_path(base, final_dir),
+            "num_timesteps": num_timesteps,
+            "finetunes": [{"path": portable_path(f.path, final_dir), "interval": list(f.bounds), "lora": f.lora}
+                          for f in finetunes],
+            "weights": list(weights),
+            "merge_method": method,
+            "merge_options": shown_options,
+            # "lora": one LoRA of rank N*r (B = [w_i s_i B_i], A = [A_i]); "dense": the merged weights
+            "merged_as": "lora" if lora_files is not None else "dense",
+            **({"lora_rank": lora_info["rank"]} if lora_files is not None else {}),
+            "channel_projection": projection,
+            "search": None if result is None else {"strategy": result.strategy, "metric": result.metric,
+                                                   "evaluations": len(result.rows), "table": "deme_search.json",
+                                                   "no_finetune_helped": returns_base(weights)},
+            "scores": scores,
+        }
+        with open(os.path.join(output_dir, MERGE_RECORD_NAME), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2, default=str)
+        write_deme_model_card(output_dir, base_model=base, model_type=finetunes[0].model_type,
+                              denoiser_class=denoiser_class, finetunes=finetunes, num_timesteps=num_timesteps,
+                              weights=weights, merge_method=method, merge_options=shown_options, search=result,
+                              scores=scores, projection=projection,
+                              lora_rank=lora_info["rank"] if lora_files is not None else None,
+                              name=os.path.basename(os.path.normpath(final_dir)))
     log(f"wrote the merged {'LoRA' if lora_files is not None else 'pipeline'} to {final_dir}")
     return record
 
@@ -398,30 +392,34 @@ def write_ensemble_folder(base: str, finetuned, output_dir: str, *, evaluation: 
 
         pipeline = load_base_pipeline(files)
         num_timesteps = _lora_num_timesteps(files, finetunes) or int(pipeline.scheduler.config.num_train_timesteps)
-        info = write_lora_ensemble(pipeline, finetunes, output_dir, num_timesteps)
         inputs = MergeInputs(base, pipeline, denoiser_component(pipeline), finetunes, [], {}, [], num_timesteps,
                              any(read_projection_config(f.path) is not None for f in finetunes))
     else:
         inputs = load_merge_inputs(base, finetunes, merge=False, files=files)
-        info = write_ensemble(inputs.pipeline, inputs.finetunes, inputs.models, output_dir, inputs.num_timesteps)
-    write_class_map(class_map, output_dir)  # load_pipeline below (and users) then sample the data set's classes
-    scores = None
-    if evaluation is not None:
-        pipeline = load_pipeline(output_dir)
-        from ..analysis.common import resolve_device
+    final_dir = output_dir
+    with folder_written_atomically(final_dir) as output_dir:  # (as a merge: a kill leaves <folder>.partial)
+        if lora_files is not None:
+            info = write_lora_ensemble(inputs.pipeline, finetunes, output_dir, inputs.num_timesteps)
+        else:
+            info = write_ensemble(inputs.pipeline, inputs.finetunes, inputs.models, output_dir, inputs.num_timesteps)
+        write_class_map(class_map, output_dir)  # load_pipeline below (and users) then sample the data set's classes
+        scores = None
+        if evaluation is not None:
+            pipeline = load_pipeline(output_dir)
+            from ..analysis.common import resolve_device
 
-        pipeline.to(resolve_device(device))
-        scores = _Scorer(pipeline, evaluation)()
-    record = {"base_model": portable_path(base, output_dir), "num_timesteps": inputs.num_timesteps,
-              "ensemble": info["members"],
-              "finetunes": [{"path": portable_path(f.path, output_dir), "interval": list(f.bounds), "lora": f.lora}
-                            for f in inputs.finetunes],
-              "scores": scores}
-    with open(os.path.join(output_dir, MERGE_RECORD_NAME), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, default=str)
-    write_deme_model_card(output_dir, base_model=base, model_type=inputs.finetunes[0].model_type,
-                          denoiser_class=type(inputs.denoiser).__name__, finetunes=inputs.finetunes,
-                          num_timesteps=inputs.num_timesteps, scores=scores, ensemble=True, projection=inputs.projection,
-                          lora_ensemble=lora_files is not None)
-    log(f"wrote the ensemble pipeline to {output_dir}")
+            pipeline.to(resolve_device(device))
+            scores = _Scorer(pipeline, evaluation)()
+        record = {"base_model": portable_path(base, final_dir), "num_timesteps": inputs.num_timesteps,
+                  "ensemble": info["members"],
+                  "finetunes": [{"path": portable_path(f.path, final_dir), "interval": list(f.bounds), "lora": f.lora}
+                                for f in inputs.finetunes],
+                  "scores": scores}
+        with open(os.path.join(output_dir, MERGE_RECORD_NAME), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2, default=str)
+        write_deme_model_card(output_dir, base_model=base, model_type=inputs.finetunes[0].model_type,
+                              denoiser_class=type(inputs.denoiser).__name__, finetunes=inputs.finetunes,
+                              num_timesteps=inputs.num_timesteps, scores=scores, ensemble=True, projection=inputs.projection,
+                              lora_ensemble=lora_files is not None, name=os.path.basename(os.path.normpath(final_dir)))
+    log(f"wrote the ensemble pipeline to {final_dir}")
     return record
