@@ -287,8 +287,7 @@ def test_a_hub_base_trains_every_interval_by_its_id_and_merges_from_its_snapshot
     cache_snapshot(tmp_path / "cache", "someone/tiny-unet", tmp_path / "base")
     assert train_deme.flag_value("--cache_dir", ["--cache_dir", "a", "--cache_dir=b"]) == "b"
     commands = []
-    monkeypatch.setattr(train_deme.subprocess, "run", lambda command, **_: commands.append(command)
-                        or subprocess.CompletedProcess(command, 0))
+    monkeypatch.setattr(train_deme, "run_logged", lambda command, *_: commands.append(command) or 0)
     parser = train_deme.build_parser()
     out = tmp_path / "out"
     args = parser.parse_args(["--pretrained_model_name_or_path", "someone/tiny-unet", "--output_dir", str(out),
@@ -346,7 +345,7 @@ def test_parallel_workers_get_their_own_gpus_and_ports(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     active, seen, lock = {}, [], threading.Lock()
 
-    def fake_run(command, env, **_):
+    def fake_run(command, env, *_):
         port = command[command.index("--main_process_port") + 1]
         devices = env["CUDA_VISIBLE_DEVICES"]
         with lock:
@@ -356,9 +355,9 @@ def test_parallel_workers_get_their_own_gpus_and_ports(tmp_path, monkeypatch):
         time.sleep(0.2)
         with lock:
             del active[port]
-        return subprocess.CompletedProcess(command, 0)
+        return 0
 
-    monkeypatch.setattr(train_deme.subprocess, "run", fake_run)
+    monkeypatch.setattr(train_deme, "run_logged", fake_run)
     parser = train_deme.build_parser()
     (tmp_path / "base").mkdir()
     args = parser.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "base"), "--output_dir", str(tmp_path / "out"),

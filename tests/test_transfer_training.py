@@ -442,6 +442,8 @@ def test_train_deme_interrupted_in_interval_two_continues_there_and_merges(pretr
     code, stdout, err = deme_main(3, "0.2", "0.3", "0.5")
     assert code == 0, err[-2000:]
     assert "already trained; continuing with [2]" in stdout
+    # the console follows the interval's progress bar (in its log): from the checkpoint it resumed at to the end
+    assert "interval 2: step 2/6" in stdout and "interval 2: step 6/6" in stdout, stdout
     assert "resuming from" in (out / "interval-2" / "train.log").read_text()
     for i, mtime in finished.items():  # intervals 0 and 1 were not trained again
         assert (out / f"interval-{i}" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime

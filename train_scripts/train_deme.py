@@ -34,7 +34,8 @@ machine each worker gets an equal share of the threads.
 Resumable: the finished intervals are recorded in `OUT/deme_progress.json`; the same command run
 again skips them and resumes an interrupted interval from its latest checkpoint (so give the trainer
 `--checkpointing_steps`). The same command with other settings is refused. Each interval's output
-(stdout and stderr of its run) is in `OUT/interval-i/train.log`.
+(stdout and stderr of its run) is in `OUT/interval-i/train.log`; the console says how far each interval is
+(`interval i: step s/n`, at every tenth of its steps).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -55,6 +57,8 @@ TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_a
 PROGRESS_NAME = "deme_progress.json"
 # Test hook: "i:step" makes interval i's run die (as a kill would) while it saves checkpoint `step`.
 CRASH_ENV = "DIFFUSERS_ANT_DEME_CRASH"
+# The trainer's progress bar (tqdm, desc "steps") as it appears in the run's output: "steps:  40%|####  | 4/10 [...]"
+PROGRESS_BAR = re.compile(r"steps:\s*\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+)")
 # Flags train_deme.py sets for each interval run itself.
 RESERVED = ("--output_dir", "--deme_interval", "--num_clusters", "--pretrained_model_name_or_path",
             "--resume_from_checkpoint")
@@ -267,13 +271,46 @@ def train_interval(args, trainer_args, index: int, worker: int = 0, devices=()) 
         env["DIFFUSERS_ANT_CRASH_DURING_CHECKPOINT"] = crash.partition(":")[2]
     where = f" (worker {worker}, GPUs {env.get('CUDA_VISIBLE_DEVICES') or 'none'})" if args.parallel > 1 else ""
     print(f"interval {index}: training into {folder}{where}", flush=True)
-    with open(os.path.join(folder, "train.log"), "a", encoding="utf-8") as log:
-        result = subprocess.run(interval_command(args, trainer_args, index, worker), env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise ValueError(f"interval {index} stopped (exit code {result.returncode}; see {folder}/train.log): "
+    returncode = run_logged(interval_command(args, trainer_args, index, worker), env, os.path.join(folder, "train.log"),
+                            index)
+    if returncode != 0:
+        raise ValueError(f"interval {index} stopped (exit code {returncode}; see {folder}/train.log): "
                          f"fix the cause and run the same command again to resume it")
     print(f"interval {index}: done", flush=True)
+
+
+def run_logged(command: list, env: dict, log_path: str, index: int) -> int:
+    """Run interval `index`'s `command`, its output appended to `log_path` and its progress said on the console
+    (`copy_and_report`); returns its exit code."""
+    with open(log_path, "ab") as log, subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                                       stderr=subprocess.STDOUT) as process:
+        try:
+            copy_and_report(process, log, index)
+        except BaseException:  # (Ctrl-C, a failed write): the run stops with this command, as under subprocess.run
+            process.kill()
+            raise
+    return process.returncode
+
+
+def copy_and_report(process, log, index: int) -> None:
+    """Copy an interval run's output into its log as it comes, and say on the console how far the run is: a
+    line each time the trainer's progress bar passes another tenth of its steps (the bar itself, redrawn in
+    place many times a second, stays in the log)."""
+    reported, tail = -1, ""
+    while True:
+        chunk = process.stdout.read1(1 << 16)  # what the run has written so far, up to 64 KiB; b"" at its end
+        if not chunk:
+            return
+        log.write(chunk)
+        log.flush()
+        tail = (tail + chunk.decode("utf-8", errors="replace"))[-2048:]  # (a bar may arrive in two chunks)
+        bars = PROGRESS_BAR.findall(tail)
+        if bars:
+            step, total = map(int, bars[-1])
+            tenth = 10 * step // max(total, 1)
+            if tenth > reported:
+                reported = tenth
+                print(f"interval {index}: step {step}/{total}", flush=True)
 
 
 def run(parser, args, trainer_args) -> None:
