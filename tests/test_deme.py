@@ -316,6 +316,54 @@ def test_injected_search_metric_chooses_the_weights_and_is_recorded(run, tmp_pat
                                                               [_unet_state(f) for f in run["finetunes"]], TARGET))
 
 
+def test_a_search_stopped_part_way_continues_from_the_points_it_scored(run, tmp_path, monkeypatch):
+    """Each point the search scores (1,000 samples each: hours in all) is kept beside the output folder as it
+    is scored; the same merge run again after a kill scores only the rest and chooses what an unbroken search
+    chooses. The scorer stands in for the FID (a deterministic function of the merged weights it samples)."""
+    from diffusers_ant.deme import merging
+    from diffusers_ant.deme.search import ScoredPoints
+
+    class Scorer:
+        calls, stop_after = 0, None
+
+        def __init__(self, pipeline, evaluation):
+            self.unet = pipeline.unet
+
+        def __call__(self):
+            Scorer.calls += 1
+            if Scorer.stop_after is not None and Scorer.calls > Scorer.stop_after:
+                raise KeyboardInterrupt
+            total = float(self.unet.conv_in.weight.detach().double().sum())
+            return {"fid": (total - 1.0) ** 2, "num_fake": 8}
+
+    monkeypatch.setattr(merging, "_Scorer", Scorer)
+    evaluation = {"dataset_name": "mnist5k", "num_samples": 8}
+
+    def merge(out):
+        return merge_finetunes(run["base"], run["finetunes"], str(out), search="coordinate", search_values=(0.0, 0.5, 1.0),
+                               evaluation=evaluation, log=lambda *_: None)
+
+    straight = merge(tmp_path / "straight")
+    evaluations = Scorer.calls
+    assert evaluations > 3 and not (tmp_path / "straight.search.json").exists()  # removed once the merge is written
+
+    Scorer.calls, Scorer.stop_after = 0, 3
+    with pytest.raises(KeyboardInterrupt):
+        merge(tmp_path / "m")
+    kept = json.loads((tmp_path / "m.search.json").read_text())
+    assert len(kept["rows"]) == 3 and not (tmp_path / "m").exists()
+    # kept for these settings only: another evaluation scores every point again
+    assert ScoredPoints(str(tmp_path / "m.search.json"), {**kept["settings"], "evaluation": {"num_samples": 16}}).rows == []
+
+    Scorer.calls, Scorer.stop_after = 0, None
+    resumed = merge(tmp_path / "m")
+    assert Scorer.calls == evaluations - 3
+    assert resumed["weights"] == straight["weights"] and resumed["scores"] == straight["scores"]
+    assert (json.loads((tmp_path / "m" / "deme_search.json").read_text())["rows"]
+            == json.loads((tmp_path / "straight" / "deme_search.json").read_text())["rows"])
+    assert not (tmp_path / "m.search.json").exists()
+
+
 def test_ties_and_dare_options_run_on_folders(run, tmp_path):
     for method in ("ties", "dare_ties"):
         out = tmp_path / method

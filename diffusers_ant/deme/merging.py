@@ -44,6 +44,7 @@ from .search import (
     DEFAULT_SEARCH_SAMPLES,
     DEFAULT_SEARCH_VALUES,
     NO_FINETUNE_HELPED,
+    ScoredPoints,
     returns_base,
     search_merge_weights,
     write_search_table,
@@ -243,12 +244,21 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
         write_class_map(class_map, None, pipeline)  # the search samples the data set's classes, not every row
         scorer = _Scorer(pipeline, evaluation)
 
-    result, scores = None, None
+    result, scores, scored = None, None, None
     if search is not None:
         if score_fn is None:
             def score_fn(w):
                 set_weights(w)
                 return scorer()
+
+            # each point is kept beside the output folder as it is scored: a search stopped part way continues
+            # there when the same merge runs again (the scorer is seeded, so a kept score is the one it would give)
+            scored = ScoredPoints(os.path.normpath(output_dir) + ".search.json",
+                                  {"base": base, "finetunes": [os.path.abspath(f.path) for f in finetunes],
+                                   "merge": merge_options, "evaluation": evaluation})
+            if scored.rows:
+                log(f"reusing {len(scored.rows)} scored weights from {scored.path}")
+            score_fn = scored.remembering(score_fn)
 
         result = search_merge_weights(
             score_fn, len(finetunes), strategy=search, values=search_values, initial=weights,
@@ -309,6 +319,8 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
                               scores=scores, projection=projection,
                               lora_rank=lora_info["rank"] if lora_files is not None else None,
                               name=os.path.basename(os.path.normpath(final_dir)))
+    if scored is not None:
+        scored.remove()  # the search's table is in the folder now
     log(f"wrote the merged {'LoRA' if lora_files is not None else 'pipeline'} to {final_dir}")
     return record
 

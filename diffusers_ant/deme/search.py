@@ -19,6 +19,7 @@ Ties keep the first point evaluated (the table's order).
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Callable, Mapping, Sequence
 
 from ..files import write_json_atomically, write_text_atomically
 
-__all__ = ["DEFAULT_SEARCH_SAMPLES", "DEFAULT_SEARCH_VALUES", "NO_FINETUNE_HELPED", "SEARCH_STRATEGIES", "returns_base", "SearchResult", "search_merge_weights", "write_search_table"]
+__all__ = ["DEFAULT_SEARCH_SAMPLES", "DEFAULT_SEARCH_VALUES", "NO_FINETUNE_HELPED", "SEARCH_STRATEGIES", "returns_base", "SearchResult", "search_merge_weights", "ScoredPoints", "write_search_table"]
 
 SEARCH_STRATEGIES = ("grid", "coordinate")
 # The authors' values (PAPERS.md section 2, item 5: w = [0.1, 0.1, 0.2, 0.5] on LSUN Church): each weight
@@ -142,6 +143,47 @@ def search_merge_weights(score: Callable[[tuple], float | Mapping], num_models: 
 
     best = min(range(len(rows)), key=lambda r: (rows[r]["score"], r))
     return SearchResult(strategy, metric, rows[best]["weights"], rows[best]["score"], rows)
+
+
+class ScoredPoints:
+    """The points a weight search has scored, kept in a JSON file as each is scored, so that a search stopped
+    part way (each point samples and scores 1,000 images: hours in all) continues where it stopped: the same
+    merge run again reuses the points scored under the same `settings` (the base, the fine-tunes, the merge
+    and the evaluation, which fix a point's score: the evaluation is seeded) and scores only the rest. A file
+    written under other settings is not used, and is replaced."""
+
+    def __init__(self, path: str, settings: dict):
+        self.path = path
+        self.settings = json.loads(json.dumps(settings, default=str))  # as the file holds them
+        self.rows: list = []
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    saved = json.load(f)
+            except (OSError, ValueError):
+                saved = None  # (written atomically; unreadable only if changed by hand): score again
+            if isinstance(saved, dict) and saved.get("settings") == self.settings:
+                self.rows = list(saved.get("rows", []))
+        self._scores = {tuple(row["weights"]): row["result"] for row in self.rows}
+
+    def remembering(self, score: Callable[[tuple], float | Mapping]) -> Callable[[tuple], float | Mapping]:
+        """`score`, answered from the file for a point scored before, and recorded in it otherwise."""
+        def remembered(weights):
+            key = tuple(float(w) for w in weights)
+            if key not in self._scores:
+                # as the file holds it (numbers, names), so a search resumed from the file sees the same values
+                result = json.loads(json.dumps(score(weights), default=str))
+                self._scores[key] = result
+                self.rows.append({"weights": list(key), "result": result})
+                write_json_atomically(self.path, {"settings": self.settings, "rows": self.rows})
+            return self._scores[key]
+
+        return remembered
+
+    def remove(self) -> None:
+        """Forget the points (the search has finished and its table is in the output folder)."""
+        if os.path.isfile(self.path):
+            os.remove(self.path)
 
 
 def write_search_table(result: SearchResult, folder: str, name: str = SEARCH_TABLE_NAME) -> tuple:
