@@ -340,6 +340,20 @@ def test_a_schedule_change_on_resume_is_refused_unless_it_agrees_up_to_the_check
         check_resume_config(cosine, {**cosine, "max_train_steps": 300}, "out/checkpoint-50")
 
 
+def test_a_precision_change_on_resume_is_allowed_except_into_fp16():
+    """A bf16 checkpoint resumed in fp16 stopped in Accelerate's load_state on a missing scaler.pt, with a
+    traceback: it is refused in one line naming the value to resume with. Other changes go through."""
+    from diffusers_ant.training.checkpoint import check_resume_config
+
+    for old, new in (("bf16", "no"), ("no", "bf16"), ("fp16", "bf16")):
+        assert check_resume_config({"mixed_precision": old}, {"mixed_precision": new}, "out/checkpoint-5") == [
+            f"--mixed_precision: {old!r} -> {new!r}"]
+    for old in ("bf16", "no"):
+        with pytest.raises(ValueError) as refused:
+            check_resume_config({"mixed_precision": old}, {"mixed_precision": "fp16"}, "out/checkpoint-5")
+        assert "resume with --mixed_precision bf16 or no" in str(refused.value) and "\n" not in str(refused.value)
+
+
 def test_a_cool_down_branched_off_a_constant_rate_checkpoint_equals_the_schedule_run_from_scratch(tmp_path):
     """Resuming a constant_with_warmup run with a warmup_stable_decay schedule that agrees up to the
     checkpoint trains exactly the weights of that schedule run from the start (and not those of the

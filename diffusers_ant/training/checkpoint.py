@@ -268,6 +268,12 @@ def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], checkpoi
                              f"or one that agrees up to step {step}")
     if "task_gradients" in changed and {saved["task_gradients"], current["task_gradients"]} <= EXACT_TASK_GRADIENTS:
         safe = safe | {"task_gradients"}
+    if "mixed_precision" in changed and current["mixed_precision"] == "fp16":
+        # (out of fp16 the saved loss scale is left unread; into fp16 Accelerate's load_state looks for the
+        # GradScaler's state that a bf16 / fp32 run never wrote, and stops on a missing scaler.pt)
+        raise ValueError(f"--mixed_precision was {saved['mixed_precision']!r} when {checkpoint} was written and is "
+                         "'fp16' now: an fp16 run resumes its GradScaler's state, which only an fp16 checkpoint holds; "
+                         "resume with --mixed_precision bf16 or no")
     refused = [key for key in changed if key not in safe]
     if refused:
         key = refused[0]
