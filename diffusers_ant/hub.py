@@ -80,6 +80,8 @@ MODEL_TYPES = {
         "tags": ("stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "controlnet"),
         "pipeline_tag": "text-to-image",
         "description": "a ControlNet for Stable Diffusion (the UNet frozen)",
+        # as diffusers' train_controlnet.py writes it: a ControlNet starts as a copy of the SD UNet's encoder
+        "license": "creativeml-openrail-m",
     },
     # As diffusers' train_dreambooth_lora_sd3.py writes its cards: license "other" (Stability AI's
     # community license), "template:sd-lora", and "sd3" / "sd3.5" variant tags (see `_variant_tags`).

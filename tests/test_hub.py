@@ -90,6 +90,16 @@ def fake_hub():
 # ------------------------------------------------------------------------------------ model card
 
 
+@pytest.mark.parametrize("model_type, licence", [("unet", "apache-2.0"), ("sd", "creativeml-openrail-m"),
+                                                 ("controlnet", "creativeml-openrail-m")])
+def test_the_card_carries_the_licence_diffusers_script_for_the_type_writes(model_type, licence, tmp_path):
+    """diffusers' train_controlnet.py writes creativeml-openrail-m (the ControlNet is a copy of SD's encoder);
+    the ControlNet card here fell back to apache-2.0."""
+    data = ModelCard.load(write_model_card(tmp_path, repo_id="me/m", model_type=model_type,
+                                           method_summary=_summary())).data
+    assert data.license == licence
+
+
 def test_card_metadata_and_body_for_a_full_model(tmp_path):
     path = write_model_card(
         tmp_path, repo_id="me/ant-mnist", model_type="unet", method_summary=_summary(),
