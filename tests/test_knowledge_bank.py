@@ -154,7 +154,13 @@ def test_controlnet_bank_saves_conditioning_and_prompts(controlnet_model, tmp_pa
         Image.fromarray((rng.random((size, size)) > 0.5).astype(np.uint8) * 255).save(conditions / f"c{k}.png")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\nthe digit 7\n")
-    manifest = build(controlnet_model, tmp_path / "bank", num_images=4, batch_size=2,
+    # conditions of the user's own (a folder): the extractor that made them must be named
+    with pytest.raises(ValueError) as refused:
+        build(controlnet_model, tmp_path / "bank", num_images=4, batch_size=2,
+              conditioning=ConditioningImages.from_folder(str(conditions)), prompts=read_prompts_file(str(prompts)))
+    assert "give --condition_extractor" in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "bank").exists() or not any((tmp_path / "bank").iterdir())
+    manifest = build(controlnet_model, tmp_path / "bank", num_images=4, batch_size=2, condition_extractor="outline",
                      conditioning=ConditioningImages.from_folder(str(conditions)), prompts=read_prompts_file(str(prompts)))
     dataset, _ = load_knowledge_bank(tmp_path / "bank")
     assert sorted(dataset.column_names) == ["conditioning_image", "image", "text"]
@@ -174,7 +180,7 @@ def test_controlnet_bank_saves_conditioning_and_prompts(controlnet_model, tmp_pa
     # another conditioning set into the same folder is refused
     Image.new("L", (16, 16), 0).save(conditions / "c3.png")
     with pytest.raises(ValueError, match="holds a knowledge bank made with conditioning="):
-        build(controlnet_model, tmp_path / "bank", num_images=4, batch_size=2,
+        build(controlnet_model, tmp_path / "bank", num_images=4, batch_size=2, condition_extractor="outline",
               conditioning=ConditioningImages.from_folder(str(conditions)), prompts=read_prompts_file(str(prompts)))
 
 

@@ -16,8 +16,8 @@ sd3, flux, qwenimage; each sampled by its own pipeline and scheduler, FlowMatchE
 flow-matching ones) cycle through `--prompts_file` and store each image with its prompt; ControlNet models sample from `--conditioning_dir` or a dataset's
 conditioning column (with the row's caption as the prompt unless `--prompts_file` is given), or from a
 blank condition when neither is given. A ControlNet bank pairs each image with a condition that
-matches it: the condition re-extracted from the image (`--condition_extractor`, `outline` by default;
-the default `--bank_condition extracted`) or a blank one (`--bank_condition blank`), never the
+matches it: the condition re-extracted from the image (`--condition_extractor`, the function that made
+the training conditions, `outline` by default for `mnist5k_captions` only; the default `--bank_condition extracted`) or a blank one (`--bank_condition blank`), never the
 condition it was sampled from, which Diff-Tuning's untrained ControlNet ignores.
 
 The bank is an image folder (`metadata.jsonl` + `images/`) with a manifest `bank.json`: train on it
@@ -87,9 +87,10 @@ def build_parser():
                              "paired with an all-zero condition). Never the condition an image was sampled from: "
                              "the untrained ControlNet ignores it.")
     parser.add_argument("--condition_extractor", default=None,
-                        help="ControlNet, --bank_condition extracted: `outline` (default; the outline that made "
-                             "mnist5k_captions' conditions, as train_ant.py --track_convergence re-extracts) or "
-                             "module:function (a function PIL image -> condition image or array).")
+                        help="ControlNet, --bank_condition extracted: the function that made the training "
+                             "conditions, module:function or file.py:function (PIL image -> condition image or "
+                             "array), or `outline` (the outline that made mnist5k_captions' conditions, as "
+                             "train_ant.py --track_convergence re-extracts; the default for that data set only).")
     parser.add_argument("--dataset_config_name", default=None, help="The dataset's configuration name.")
     parser.add_argument("--conditioning_image_column", default=None,
                         help="Column of --dataset_name holding the conditioning images (default: found by name).")

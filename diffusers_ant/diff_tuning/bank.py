@@ -20,8 +20,9 @@ the sample was drawn for); ``text`` (``sd`` / ``controlnet``: its prompt, "" for
 
 ControlNet banks pair each image with a condition that matches it (``bank_condition``): the condition
 re-extracted from the generated image by the extractor that made the training conditions
-(``"extracted"``, the default; ``--condition_extractor``, the built-in ``outline`` by default, the same
-extractors ``convergence.py`` measures sudden convergence with), or a blank (all-zero) condition
+(``"extracted"``, the default; ``--condition_extractor``, needed unless the conditions are the built-in
+``mnist5k_captions``' whose ``outline`` is the default, the same extractors ``convergence.py`` measures
+sudden convergence with), or a blank (all-zero) condition
 (``"blank"``, generated from a blank condition too). Never the condition the image was generated from:
 Diff-Tuning starts a ControlNet untrained (zero convolutions), so the pipeline ignores that condition,
 and pairing the sample with it would teach the ControlNet to ignore its input (Zhong et al. release no
@@ -538,10 +539,17 @@ def _validate_inputs(model_type, adapter, class_labels, prompts, conditioning, g
     return class_labels
 
 
-def _bank_condition_setting(model_type, bank_condition, condition_extractor):
+# The built-in data set whose conditions the built-in `outline` extractor made: the only conditions for which a
+# ControlNet bank may leave --condition_extractor out
+OUTLINE_DATASET = "mnist5k_captions"
+
+
+def _bank_condition_setting(model_type, bank_condition, condition_extractor, conditioning=None):
     """``(manifest value, extractor or None)`` of ``--bank_condition`` / ``--condition_extractor``:
     ``None`` for a bank without conditions, ``{"mode": "extracted", "extractor": SPEC}`` or
-    ``{"mode": "blank"}`` for a ControlNet bank. One-line ``ValueError`` for a flag that does not apply."""
+    ``{"mode": "blank"}`` for a ControlNet bank. One-line ``ValueError`` for a flag that does not apply, and
+    for an extracted bank without an extractor, unless its conditions are `OUTLINE_DATASET`'s (the outline
+    paired with Canny edges or depth maps would teach the ControlNet another task, silently)."""
     if model_type != "controlnet":
         for flag, value in (("--bank_condition", bank_condition), ("--condition_extractor", condition_extractor)):
             if value is not None:
@@ -557,7 +565,14 @@ def _bank_condition_setting(model_type, bank_condition, condition_extractor):
         return {"mode": "blank"}, None
     from .convergence import load_condition_extractor
 
-    spec = "outline" if condition_extractor is None else condition_extractor
+    if condition_extractor is None:
+        if conditioning is None or not conditioning.source.startswith(f"dataset {OUTLINE_DATASET},"):
+            raise ValueError("a ControlNet bank pairs each image with the condition re-extracted from it: give "
+                             "--condition_extractor, the function that made your training conditions (module:function "
+                             "or file.py:function, e.g. your edge detector; the built-in outline made "
+                             f"{OUTLINE_DATASET}'s only), or --bank_condition blank")
+        condition_extractor = "outline"
+    spec = condition_extractor
     extractor = load_condition_extractor(spec)
     return {"mode": "extracted", "extractor": spec if isinstance(spec, str) else getattr(spec, "__name__", "callable")}, extractor
 
@@ -615,8 +630,9 @@ def build_knowledge_bank(
         bank_condition: ``ControlNet`` only: what each image is paired with in the bank,
             ``"extracted"`` (default: the condition re-extracted from the image by
             ``condition_extractor``) or ``"blank"`` (sampled from and paired with an all-zero condition).
-        condition_extractor: ``"extracted"`` only: a built-in name (default ``"outline"``, the outline
-            that made ``mnist5k_captions``' conditions), ``"module:function"`` or a callable, as
+        condition_extractor: ``"extracted"`` only: a built-in name (``"outline"``, the outline that made
+            ``mnist5k_captions``' conditions, the default for conditions from that data set, and only for
+            them: any other source needs the flag), ``"module:function"`` or a callable, as
             :func:`diffusers_ant.diff_tuning.convergence.load_condition_extractor` reads it.
         device, torch_dtype: where and in what precision to sample (default: CUDA when available,
             float32).
@@ -678,7 +694,7 @@ def build_knowledge_bank(
 
         guidance_scale = inspect.signature(type(pipeline).__call__).parameters["guidance_scale"].default
     class_labels = _validate_inputs(model_type, adapter, class_labels, prompts, conditioning, guidance_scale)
-    pairing, extractor = _bank_condition_setting(model_type, bank_condition, condition_extractor)
+    pairing, extractor = _bank_condition_setting(model_type, bank_condition, condition_extractor, conditioning)
     resolution = adapter.sample_size * adapter.vae_scale_factor(adapter.vae)
     channels = adapter.num_channels
 
