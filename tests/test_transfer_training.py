@@ -366,6 +366,25 @@ def test_the_bank_is_read_whole_whatever_max_train_samples(pretrained, bank, tmp
     adapter = get_model_adapter("dit").load(pretrained_model_name_or_path=str(pretrained["dit"]))
     loader = knowledge_bank_dataloader(args, adapter, data_needs(args), 4)
     assert len(loader) == 24 // 4  # all 24 bank images in batches of 4 (a cut bank would give 1 batch)
+    assert len(knowledge_bank_dataloader(args, adapter, data_needs(args), 4, num_processes=6)) == 6  # one each
+
+
+@pytest.mark.parametrize("rows, processes", [(25, 1), (4, 7)])
+def test_a_bank_too_small_for_a_batch_per_process_is_refused_in_one_line(rows, processes, pretrained, bank, tmp_path):
+    """24 bank images: fewer than a bank batch of 25 rows, or than 7 processes x 4 rows. Seven processes divided
+    by zero in the bank's stream; one process was told to lower --train_batch_size, the data set's knob."""
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.training import parse_args
+    from diffusers_ant.training.loop import data_needs
+    from diffusers_ant.training.sources import knowledge_bank_dataloader
+
+    args = parse_args(_run(pretrained, tmp_path / "o", "--knowledge_bank", str(bank)))
+    adapter = get_model_adapter("dit").load(pretrained_model_name_or_path=str(pretrained["dit"]))
+    with pytest.raises(ValueError) as refused:
+        knowledge_bank_dataloader(args, adapter, data_needs(args), rows, num_processes=processes)
+    message = str(refused.value)
+    assert message.startswith(f"the knowledge bank {bank} has 24 images, fewer than {rows} bank rows") and "\n" not in message
+    assert "--num_images" in message and "--bank_fraction" in message
 
 
 def test_a_bank_of_other_weights_is_refused_in_one_line(pretrained, bank, tmp_path, capsys):

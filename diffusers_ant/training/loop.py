@@ -307,7 +307,7 @@ def _train_with(args, accelerator) -> str:
         probe_cached_batch(args, adapter, train_dataloader.dataset)  # a type without the cache hooks: one line now
     bank_dataloader = None
     if args.retention == "bank":
-        bank_dataloader = knowledge_bank_dataloader(args, adapter, needs, bank_rows)
+        bank_dataloader = knowledge_bank_dataloader(args, adapter, needs, bank_rows, accelerator.num_processes)
 
     # Optimizer updates per epoch: the loader yields this process's share of the batches, grouped
     # into windows of --gradient_accumulation_steps micro-batches (the last window may be shorter).

@@ -52,11 +52,12 @@ def build_sources(args, intervals, num_timesteps, sampler):
     return [Source("data", sampler)]
 
 
-def knowledge_bank_dataloader(args, adapter, needs: dict, rows: int):
+def knowledge_bank_dataloader(args, adapter, needs: dict, rows: int, num_processes: int = 1):
     """The loader of Diff-Tuning's knowledge bank: `rows` bank images per micro-batch, read like the data
-    (same resolution and transforms), after checking the bank fits the model and was sampled from it
-    (its weights' fingerprint). `--max_train_samples` cuts the downstream data only: the bank is the
-    pretrained model's knowledge, retained whole as in the authors' code."""
+    (same resolution and transforms), after checking the bank fits the model, was sampled from it (its
+    weights' fingerprint) and gives each of the `num_processes` processes a batch. `--max_train_samples`
+    cuts the downstream data only: the bank is the pretrained model's knowledge, retained whole as in the
+    authors' code."""
     from ..data import make_train_dataloader, resolve_columns
     from ..diff_tuning.bank import check_bank_compatible, check_bank_source, load_knowledge_bank
 
@@ -65,6 +66,13 @@ def knowledge_bank_dataloader(args, adapter, needs: dict, rows: int):
                           channels=adapter.num_channels)
     check_bank_source(manifest, args.pretrained_model_name_or_path, getattr(args, "revision", None),
                       getattr(args, "cache_dir", None))
+    if len(bank) < rows * num_processes:
+        # (Accelerate's shards would hold no full batch, and the endless stream would divide by zero; the data
+        # loader's own check would name --train_batch_size, the data set's knob)
+        raise ValueError(f"the knowledge bank {args.knowledge_bank} has {len(bank)} images, fewer than {rows} bank rows "
+                         f"per micro-batch (--bank_fraction x --train_batch_size) x {num_processes} "
+                         f"process{'es' if num_processes > 1 else ''}: build a bigger bank "
+                         "(build_knowledge_bank.py --num_images) or lower --bank_fraction")
     recorded = manifest.get("columns") or {}
     columns = resolve_columns(bank, image_column=recorded.get("image_column"),
                               caption_column=recorded.get("caption_column"),
