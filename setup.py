@@ -23,7 +23,7 @@ setup(
         "diffusers>=0.35",  # QwenImagePipeline, AutoencoderKLQwenImage (0.35)
         "accelerate>=0.30",
         "transformers>=4.49",  # Qwen2_5_VLForConditionalGeneration (4.49)
-        "datasets>=2.18",
+        "datasets>=3.4",  # imagefolder metadata naming a second image column (`conditioning_image_file_name`: ControlNet banks)
         "peft>=0.12",
         "safetensors>=0.4",
         "evaluate>=0.4",
