@@ -4,6 +4,7 @@ step of a checkpoint folder, and resuming a run given in epochs under a schedule
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from types import SimpleNamespace
@@ -169,3 +170,38 @@ def test_a_run_given_in_epochs_resumes_under_a_cosine_schedule_exactly(tmp_path,
     assert _names(straight) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
     assert_same_tensors(load_safetensors_dir(straight / "unet"), load_safetensors_dir(resumed / "unet"))
 
+
+
+def test_a_checkpoint_resumed_in_another_output_folder_compares_its_paths_as_paths(tmp_path, caplog):
+    """The resume check compared the path flags in the form written into the output folder, relative to it:
+    the same --pretrained_model_name_or_path read '../../base' from the first run's folder and '../../../base'
+    from a deeper one holding a copy of its checkpoint, and the resume was refused ('resume with the same
+    value', which it was). It now compares absolute paths, which the checkpoint keeps; another base is still
+    refused, also when the two bases' written forms are alike (only the file system root in common: their
+    base names)."""
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.training.checkpoint import check_resume_config
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1).save(str(base))
+    run = ["--model_type", "unet", "--dataset_name", "mnist5k", "--pretrained_model_name_or_path", str(base),
+           *[a for a in TINY_RUN if a not in ("--model_config_name_or_path", "tiny")], "--max_train_samples", "16",
+           "--num_validation_images", "1", "--max_train_steps", "2", "--checkpointing_steps", "1"]
+    first, moved = tmp_path / "runs" / "a", tmp_path / "runs2" / "x" / "b"
+    train_in_process([*run, "--output_dir", str(first)])
+    shutil.copytree(first / "checkpoint-1", moved / "checkpoint-1")
+    with caplog.at_level(logging.INFO):
+        train_in_process([*run, "--output_dir", str(moved), "--resume_from_checkpoint", "checkpoint-1"])
+    assert (moved / "checkpoint-2").is_dir()
+    assert not any("pretrained_model_name_or_path" in r.getMessage() for r in caplog.records if "changed" in r.getMessage())
+
+    # the checkpoint names no path of this machine, only a fingerprint of each
+    state = (moved / "checkpoint-2" / "trainer_state_0.json").read_text()
+    assert str(tmp_path) not in state and len(json.loads(state)["local_paths"]["pretrained_model_name_or_path"]) == 16
+
+    written = {"pretrained_model_name_or_path": "imgs"}  # two bases under /data/v1 and /mnt/v2: the same written form
+    with pytest.raises(ValueError, match="--pretrained_model_name_or_path was 'imgs' .* is 'imgs [(]another path of "
+                                         "that name[)]' now"):
+        check_resume_config(written, written, "out/checkpoint-1", saved_paths={"pretrained_model_name_or_path": "a1"},
+                            current_paths={"pretrained_model_name_or_path": "b2"})

@@ -167,15 +167,39 @@ def load_checkpoint(accelerator, folder: str) -> Dict[str, Any]:
     return load_trainer_state(folder, accelerator.process_index)
 
 
-def checkpoint_config(folder: str) -> Dict[str, Any]:
-    """The run configuration saved in a checkpoint (`public_config` of the run that wrote it), read
-    from process 0's JSON skeleton without loading any tensor; {} if it has none."""
+def checkpoint_config(folder: str, key: str = "config") -> Dict[str, Any]:
+    """The run configuration saved in a checkpoint (`public_config` of the run that wrote it; with
+    ``key="local_paths"``, its `local_paths`), read from process 0's JSON skeleton without loading any
+    tensor; {} if it has none."""
     path = os.path.join(folder, "trainer_state_0.json")
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
-        config = json.load(f).get("config")
+        config = json.load(f).get(key)
     return config if isinstance(config, dict) else {}
+
+
+def local_paths(config: Dict[str, Any], output_dir: str) -> Dict[str, str]:
+    """The flags of `config` (the run's arguments) that name a local file or folder, each as a fingerprint of its
+    absolute path(s): what a resumed run compares them by. The configuration written into the output folder
+    names them relative to it (`hub.portable_path`), so the same data folder reads differently from another
+    output folder (a checkpoint copied elsewhere and resumed there), and two folders that share only the
+    file system root read alike (their base names). A fingerprint (SHA-256 of the absolute paths), not the
+    paths: an output folder, checkpoints included, is copied and shared whole and names no path of this
+    machine."""
+    import hashlib
+
+    from ..hub import portable_path
+
+    paths = {}
+    for key, value in config.items():
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not values or not all(isinstance(v, (str, os.PathLike)) for v in values):
+            continue
+        if any(portable_path(v, output_dir) != os.fspath(v) for v in values):  # (a Hub id or a word stays as it is)
+            absolute = "\n".join(os.path.abspath(os.path.expanduser(os.fspath(v))) for v in values)
+            paths[key] = hashlib.sha256(absolute.encode()).hexdigest()[:16]
+    return paths
 
 
 # Flags that may change between a run and its resumption: they steer how long the run goes, what it
@@ -244,15 +268,25 @@ LR_SCHEDULE_FLAGS = frozenset({"lr_scheduler", "lr_warmup_steps", "lr_num_cycles
 SCHEDULE_LENGTH_FLAGS = frozenset({"max_train_steps", "num_train_epochs"})
 
 
-def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: str, num_processes: int = 1) -> list:
-    """Compare the configuration a checkpoint was written with against the resuming run's.
+def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: str, num_processes: int = 1,
+                        saved_paths: Optional[Dict[str, Any]] = None,
+                        current_paths: Optional[Dict[str, Any]] = None) -> list:
+    """Compare the configuration a checkpoint was written with against the resuming run's. A flag that names a
+    local path on both sides (`saved_paths`, `current_paths`: their `local_paths`) is compared by its absolute
+    path, not by the form relative to each run's output folder.
 
     Raises a one-line ValueError naming the first changed flag that makes the state meaningless, with
     both values; returns the changed safe flags (`RESUME_SAFE_FLAGS`, and `LR_SCHEDULE_FLAGS` whose new
     schedule agrees with the old one up to the checkpoint's step) as "flag: old -> new" strings to log.
     A flag the checkpoint does not know (added to the trainer since) is not compared."""
     current = json.loads(json.dumps(current, default=str))  # tuples -> lists, as the saved JSON has them
-    changed = [key for key in sorted(set(saved) & set(current)) if saved[key] != current[key]]
+    both = set(saved_paths or {}) & set(current_paths or {}) & set(saved) & set(current)
+    moved = {key for key in both if saved_paths[key] != current_paths[key]}
+    changed = [key for key in sorted(set(saved) & set(current))
+               if key in moved or (key not in both and saved[key] != current[key])]
+    if any(saved[key] == current[key] for key in moved):  # the written forms alike: say that the paths are not
+        current = {**current, **{key: f"{current[key]} (another path of that name)" for key in moved
+                                 if saved[key] == current[key]}}
     safe = RESUME_SAFE_FLAGS - _trained_flags(current.get("model_type"))
     if any(key in LR_SCHEDULE_FLAGS | SCHEDULE_LENGTH_FLAGS for key in changed):
         step = checkpoint_step(checkpoint)

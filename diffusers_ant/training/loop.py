@@ -29,6 +29,7 @@ from .checkpoint import (
     checkpoint_config,
     engine_record,
     load_checkpoint,
+    local_paths,
     register_trainable_state_hooks,
     remove_stale_temporaries,
     resolve_checkpoint,
@@ -84,6 +85,14 @@ def public_config(args) -> dict:
 
     public = {k: v for k, v in vars(args).items() if not k.startswith("_")}  # (private bookkeeping stays out)
     return dict(sorted(portable_config(drop_secrets(public), args.output_dir).items()))
+
+
+def run_local_paths(args) -> dict:
+    """The run's flags that name local files or folders, as fingerprints of their absolute paths
+    (`checkpoint.local_paths`): the checkpoint keeps them for the resume check."""
+    from ..hub import drop_secrets
+
+    return local_paths(drop_secrets({k: v for k, v in vars(args).items() if not k.startswith("_")}), args.output_dir)
 
 
 def adopt_recorded_defaults(args, recorded: dict) -> list:
@@ -217,7 +226,9 @@ def _train_with(args, accelerator) -> str:
         for line in adopt_recorded_defaults(args, recorded):
             logger.info("resuming with %s", line)
         current = {key: value for key, value in public_config(args).items() if key not in deferred}
-        for change in check_resume_config(recorded, current, checkpoint, accelerator.num_processes):
+        for change in check_resume_config(recorded, current, checkpoint, accelerator.num_processes,
+                                          saved_paths=checkpoint_config(checkpoint, "local_paths"),
+                                          current_paths=run_local_paths(args)):
             logger.info("resuming with a changed setting, %s", change)
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -434,7 +445,8 @@ def _train_with(args, accelerator) -> str:
                 "weighting": weighting.state_dict() if weighting is not None else None,
                 "weighting_optimizer": outside_optimizer.state_dict() if outside_optimizer is not None else None,
                 "engine": engine_record(accelerator),
-                "config": public_config(args)}
+                "config": public_config(args),
+                "local_paths": run_local_paths(args)}
 
     global_step = 0
     if args.resume_from_checkpoint is not None and checkpoint is None:
