@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
 from trainer_utils import (
+    REPO,
     TINY_RUN,
     assert_same_tensors,
     load_safetensors_dir,
@@ -105,15 +107,20 @@ def test_resume_after_a_crash_during_checkpointing_equals_an_uninterrupted_run(t
 def test_two_process_training_completes(method, tmp_path):
     """72 rows at batch 8 are 9 batches, 4 per process (Accelerate drops the batch that would leave one
     process without a partner): 9 steps take three epochs and end at step 9. Counting 5 per process, the
-    trainer once planned two epochs and stopped at step 8."""
+    trainer once planned two epochs and stopped at step 8. Process 0's outputs are made 8 s slower
+    (tests/scripts/slow_finish.py): process 1 must not wait for them at a barrier, where a multi-GPU run's
+    waiting processes met NCCL's timeout during a long upload and aborted the launch."""
     out = tmp_path / method
+    slow = 8.0
     result = run_script(
         ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_samples", "72",
          "--max_train_steps", "9", "--mtl_method", method, "--output_dir", str(out), "--checkpointing_steps", "3"],
         launcher=["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                   "--dynamo_backend", "no", "--main_process_port", "0"],  # a free port: others may hold 29500
-    )
+        env=offline_env(SLOW_FINISH_SECONDS=slow), script=os.path.join(REPO, "tests", "scripts", "slow_finish.py"))
     assert result.returncode == 0, result.stderr[-3000:]
+    returned = [float((out / f"returned_{rank}").read_text()) for rank in (0, 1)]
+    assert returned[0] - returned[1] > slow / 2, returned  # process 1 was done while process 0 still wrote
     assert (out / "model_index.json").is_file()
     assert (out / "checkpoint-9").is_dir(), sorted(p.name for p in out.iterdir())
     # each process saved its own generator state

@@ -569,7 +569,9 @@ def _train_with(args, accelerator) -> str:
     if accelerator.is_main_process:
         finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs, objective,
                finetune, freed)
-    accelerator.wait_for_everyone()
+    # No barrier after the outputs, as in diffusers' scripts: the other processes would wait there, with the
+    # process group's timeout (10 minutes under NCCL), while process 0 saves, samples and pushes a model of
+    # many GB, then abort the launch, killing the upload. They end now; the launcher waits for process 0.
     return args.output_dir
 
 
