@@ -593,12 +593,15 @@ def _usage_snippet(output_dir: Path, model_type: str, ref: str, base_model: str 
     return code.render(), facts
 
 
-def training_summary(args: Any, intervals: Any, global_step: int, resolution: int | None = None) -> dict[str, Any]:
+def training_summary(args: Any, intervals: Any, global_step: int, resolution: int | None = None,
+                     num_processes: int = 1) -> dict[str, Any]:
     """The `method_summary` of `write_model_card` for a `train_ant.py` run (`args`: its parsed arguments).
 
     The method (weighting, clusters, timestep sampling), the timestep loss weighting with its own
-    settings (`snr_gamma` for min_snr, `p2_k` / `p2_gamma` for p2), the optimisation settings, LoRA,
-    the pixel `resolution` and the validation prompt (the snippet's prompt).
+    settings (`snr_gamma` for min_snr, `p2_k` / `p2_gamma` for p2), the optimisation settings (the batch of
+    an update over the accumulation window and the `num_processes` processes, and the learning rate the
+    updates used, scaled by that batch under `--scale_lr`), LoRA, the pixel `resolution` and the validation
+    prompt (the snippet's prompt).
     """
     bounds = getattr(intervals, "bounds", intervals)
     loss_weighting = getattr(args, "loss_weighting", "none")
@@ -611,10 +614,16 @@ def training_summary(args: Any, intervals: Any, global_step: int, resolution: in
         summary["snr_gamma"] = args.snr_gamma
     elif loss_weighting == "p2":
         summary.update(p2_k=args.p2_k, p2_gamma=args.p2_gamma)
+    accumulation = getattr(args, "gradient_accumulation_steps", 1) or 1
+    total_batch = args.train_batch_size * accumulation * num_processes
+    scaled = bool(getattr(args, "scale_lr", False))
     summary.update({
         "max_train_steps": global_step, "train_batch_size": args.train_batch_size,
-        "learning_rate": args.learning_rate, "lora_rank": args.rank, "use_ema": args.use_ema,
-        "resolution": resolution,
+        "gradient_accumulation_steps": accumulation, "num_processes": num_processes, "total_batch_size": total_batch,
+        # the rate the updates used (the trainer's optimizer: --learning_rate x the total batch under --scale_lr)
+        "learning_rate": args.learning_rate * total_batch if scaled else args.learning_rate,
+        **({"scale_lr": True} if scaled else {}),
+        "lora_rank": args.rank, "use_ema": args.use_ema, "resolution": resolution,
     })
     if args.rank is not None:
         summary["lora_alpha"] = args.lora_alpha if args.lora_alpha is not None else args.rank

@@ -292,3 +292,31 @@ def test_a_lora_on_a_given_controlnet_names_it_in_its_card(tmp_path):
                             method_summary={**summary("controlnet", True),
                                             "controlnet_model_name_or_path": str(tmp_path / "my-cn")}).read_text()
     assert "the ControlNet before training, from `my-cn`" in card and "untrained ControlNet" not in card
+
+
+def test_the_card_names_the_data_folder_and_the_batch_and_rate_of_an_update(tmp_path):
+    """A --train_data_dir run's card said 'Data: not recorded', gave the per-device batch alone and the
+    unscaled --learning_rate under --scale_lr. It now names the folder (its name only: no path of this
+    machine), the batch of an update (4 per device x 2 accumulated x 1 process) and the rate the optimizer
+    used (1e-3 x 8)."""
+    import numpy as np
+    from PIL import Image
+
+    from trainer_utils import TINY_RUN, train_in_process
+
+    data = tmp_path / "my-digits"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(data / f"{i:02d}.png")
+    out = tmp_path / "out"
+    train_in_process(["--model_type", "unet", "--train_data_dir", str(data), "--output_dir", str(out), *TINY_RUN,
+                      "--max_train_samples", "16", "--num_validation_images", "1", "--max_train_steps", "1",
+                      "--train_batch_size", "4", "--gradient_accumulation_steps", "2", "--scale_lr"])
+    card = (out / "README.md").read_text()
+    assert "`my-digits` (a local image folder)" in card and str(tmp_path) not in card
+    rows = dict(line.strip("|").split("|")[:2] for line in card.splitlines() if line.startswith("| ") and line.count("|") == 3)
+    rows = {k.strip().strip("`"): v.strip().strip("`") for k, v in rows.items()}
+    assert rows["train_batch_size"] == "4" and rows["gradient_accumulation_steps"] == "2", rows
+    assert rows["total_batch_size"] == "8" and rows["num_processes"] == "1" and rows["scale_lr"] == "True", rows
+    assert float(rows["learning_rate"]) == pytest.approx(8e-3, rel=1e-12), rows

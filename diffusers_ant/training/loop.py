@@ -821,7 +821,7 @@ def finish(args, accelerator, adapter, model, ema, params, intervals, global_ste
         else:
             save_output(args, adapter, unwrapped)
         images, _ = validate(args, accelerator, adapter, model, None, params, global_step, validation_inputs)
-    summary = training_summary(args, intervals, global_step, pixel_resolution(adapter))
+    summary = training_summary(args, intervals, global_step, pixel_resolution(adapter), accelerator.num_processes)
     card = {}
     if args.diff_tuning:
         from ..diff_tuning.card import TEMPLATE, card_values
@@ -834,7 +834,8 @@ def finish(args, accelerator, adapter, model, ema, params, intervals, global_ste
         card = dict(template=TEMPLATE, template_values=card_values(args, finetune, objective.task_names(),
                                                                    args.output_dir, manifest))
     write_model_card(args.output_dir, repo_id=args.hub_model_id, base_model=args.pretrained_model_name_or_path,
-                     model_type=args.model_type, method_summary=summary, dataset_name=args.dataset_name,
+                     model_type=args.model_type, method_summary=summary,
+                     dataset_name=args.dataset_name or args.train_data_dir,  # (a folder: its name only, in the card)
                      images=images, lora=args.rank is not None, **card)
     if args.push_to_hub:
         url = push_to_hub(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
