@@ -197,8 +197,9 @@ def test_a_flux_bank_takes_the_datasets_captions_and_its_resolution(saved_folder
     assert main([*common, "--output_dir", str(tmp_path / "bank"), "--dataset_name", "mnist5k_captions",
                  "--resolution", "32"]) == 0
     dataset, manifest = load_knowledge_bank(tmp_path / "bank")
-    captions = load_training_dataset("mnist5k_captions")["text"][:2]
-    assert dataset["text"] == captions and manifest["prompts"]["source"] == "dataset mnist5k_captions, captions"
+    captions = load_training_dataset("mnist5k_captions")["text"]  # 2 images: spread over all the captions
+    assert dataset["text"] == [captions[0], captions[len(captions) // 2]]
+    assert manifest["prompts"]["source"] == "dataset mnist5k_captions, captions"
     assert manifest["model_type"] == "flux" and manifest["scheduler"] == "FlowMatchEulerDiscreteScheduler"
     assert manifest["resolution"] == 32 and all(im.size == (32, 32) for im in dataset["image"])
     # without --resolution: the size the trainer takes for this base without one (512, diffusers' scripts'), so

@@ -184,6 +184,28 @@ def test_controlnet_bank_saves_conditioning_and_prompts(controlnet_model, tmp_pa
               conditioning=ConditioningImages.from_folder(str(conditions)), prompts=read_prompts_file(str(prompts)))
 
 
+def test_a_bank_smaller_than_its_prompts_spreads_over_them_and_an_older_bank_keeps_its_order(controlnet_model, tmp_path):
+    """4 images from 8 prompts (a data set's captions sorted by subject, say): prompts 0, 2, 4, 6, where the
+    bank took the first four (one subject) before. A bank begun under the old order (no "rows" in its
+    manifest) is finished in that order, so its rows stay those its images were drawn from."""
+    prompts = [f"prompt {k}" for k in range(8)]
+    build(controlnet_model, tmp_path / "bank", num_images=4, batch_size=2, bank_condition="blank", prompts=prompts)
+    dataset, manifest = load_knowledge_bank(tmp_path / "bank")
+    assert dataset["text"] == ["prompt 0", "prompt 2", "prompt 4", "prompt 6"] and manifest["rows"] == "spread"
+
+    written = []
+    with pytest.raises(Interrupt):
+        build(controlnet_model, tmp_path / "old", num_images=4, batch_size=2, bank_condition="blank", prompts=prompts,
+              on_image_written=stop_after(2, written))
+    path = tmp_path / "old" / "bank.json"
+    old = json.loads(path.read_text())
+    del old["rows"]  # as an earlier version wrote it
+    path.write_text(json.dumps(old))
+    build(controlnet_model, tmp_path / "old", num_images=4, batch_size=2, bank_condition="blank", prompts=prompts)
+    dataset, manifest = load_knowledge_bank(tmp_path / "old")
+    assert dataset["text"] == ["prompt 0", "prompt 1", "prompt 2", "prompt 3"] and manifest["rows"] == "cycled"
+
+
 def test_controlnet_bank_blank_conditions_and_custom_extractors(controlnet_model, tmp_path):
     """--bank_condition blank: sampled from and paired with an all-zero condition (no conditioning
     source needed); --condition_extractor module:function is the extractor the bank pairs with."""

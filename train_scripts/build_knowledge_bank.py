@@ -13,7 +13,8 @@
 
 Class-conditional models draw every class in turn (or `--class_labels`); text-to-image models (sd, sdxl,
 sd3, flux, qwenimage; each sampled by its own pipeline and scheduler, FlowMatchEuler for the
-flow-matching ones) cycle through `--prompts_file` and store each image with its prompt; ControlNet models sample from `--conditioning_dir` or a dataset's
+flow-matching ones) draw from `--prompts_file` (evenly over it when it holds more prompts than the bank
+images, in turn otherwise) and store each image with its prompt; ControlNet models sample from `--conditioning_dir` or a dataset's
 conditioning column (with the row's caption as the prompt unless `--prompts_file` is given), or from a
 blank condition when neither is given. A ControlNet bank pairs each image with a condition that
 matches it: the condition re-extracted from the image (`--condition_extractor`, the function that made

@@ -471,35 +471,55 @@ def _versions() -> dict:
 # ------------------------------------------------------------------------------ building
 
 
+# How a bank of N images takes its prompts and conditions from a list of M: "spread", evenly over the whole
+# list when N < M (row i * M // N: a data set sorted by class or subject gives the bank all of them), cycled
+# otherwise; "cycled", row i % M always, the first N rows when N < M (banks begun before "spread": a resumed
+# one keeps the order it was begun with).
+ROW_ORDERS = ("spread", "cycled")
+
+
 class _Plan:
-    """What sample i is drawn from: its class label, prompt and generating condition (all cycled).
+    """What sample i is drawn from: its class label (cycled), prompt and generating condition (`ROW_ORDERS`).
 
     ``paired``: a ControlNet bank (its rows carry a condition); ``blank``: generated from, and paired
     with, the blank condition."""
 
-    def __init__(self, class_labels, prompts, conditioning, resolution, paired=False, blank=False):
+    def __init__(self, class_labels, prompts, conditioning, resolution, paired=False, blank=False, num_images=None,
+                 rows="spread"):
         self.class_labels = class_labels
         self.prompts = prompts
         self.conditioning = conditioning
         self.resolution = resolution
         self.paired = paired
         self.blank = blank
+        self.num_images = num_images
+        self.rows = rows
+
+    def row(self, i: int, count: int) -> int:
+        """The row of a list of `count` prompts or conditions that sample i takes."""
+        if self.rows == "spread" and self.num_images is not None and self.num_images < count:
+            return i * count // self.num_images
+        return i % count
+
+    def condition_rows(self) -> list:
+        """The rows of the conditioning images the bank samples from, in order, each once."""
+        return sorted({self.row(i, len(self.conditioning)) for i in range(self.num_images)})
 
     def generating_condition(self, i):
         """The condition the ControlNet pipeline samples image i from (the untrained ControlNet of
         Diff-Tuning ignores it; a blank one when none is given or the bank pairs blanks)."""
         if self.conditioning is None or self.blank:
             return blank_condition(self.resolution)
-        return self.conditioning.image(i, self.resolution)
+        return self.conditioning.image(self.row(i, len(self.conditioning)), self.resolution)
 
     def label(self, i):
         return None if self.class_labels is None else int(self.class_labels[i % len(self.class_labels)])
 
     def prompt(self, i):
         if self.prompts is not None:
-            return self.prompts[i % len(self.prompts)]
+            return self.prompts[self.row(i, len(self.prompts))]
         if self.conditioning is not None and self.conditioning.captions is not None:
-            return self.conditioning.caption(i)
+            return self.conditioning.caption(self.row(i, len(self.conditioning)))
         return ""
 
     def metadata_row(self, i, model_type) -> dict:
@@ -623,9 +643,10 @@ def build_knowledge_bank(
         guidance_scale: classifier-free guidance (``dit``, ``sd``, ``controlnet``, ``sdxl``, ``sd3``, Qwen-Image's
             true CFG) or FLUX.1-dev's distilled guidance; None: the pipeline's default (3.5 for FLUX.1).
         class_labels: classes to cycle through (default: every class of a class-conditional model).
-        prompts: prompts to cycle through (``sd``, ``controlnet``; default: the conditioning
+        prompts: prompts to draw from (``sd``, ``controlnet``, ...; evenly spread over the list when it is longer
+            than the bank, cycled otherwise: `ROW_ORDERS`; default: the conditioning
             dataset's captions, else the empty prompt).
-        conditioning: ``ControlNet`` only: the conditions to sample from, cycled (their captions serve
+        conditioning: ``ControlNet`` only: the conditions to sample from, spread or cycled as the prompts (their captions serve
             as prompts); None samples from a blank condition. An untrained ControlNet ignores them.
         bank_condition: ``ControlNet`` only: what each image is paired with in the bank,
             ``"extracted"`` (default: the condition re-extracted from the image by
@@ -703,8 +724,9 @@ def build_knowledge_bank(
         from ..models.base import scheduler_by_name
 
         sampler = scheduler_by_name(scheduler, pipeline.scheduler)
+    rows = existing.get("rows", "cycled") if existing is not None else "spread"  # (a bank begun before "spread")
     plan = _Plan(class_labels, list(prompts) if prompts is not None else None, conditioning, resolution,
-                 paired=pairing is not None, blank=pairing == {"mode": "blank"})
+                 paired=pairing is not None, blank=pairing == {"mode": "blank"}, num_images=num_images, rows=rows)
 
     prompts_info = None
     if prompts is not None:
@@ -713,7 +735,7 @@ def build_knowledge_bank(
     conditioning_info = None
     if conditioning is not None:
         digest = hashlib.sha256(f"{len(conditioning)}:".encode())
-        for k in range(min(len(conditioning), num_images)):  # only the images the bank uses
+        for k in plan.condition_rows():  # only the images the bank uses
             _image_hash_update(digest, conditioning.image(k, resolution))
             digest.update(json.dumps(conditioning.caption(k)).encode())
         conditioning_info = {"source": conditioning.source, "count": len(conditioning), "sha256": digest.hexdigest()}
@@ -737,6 +759,7 @@ def build_knowledge_bank(
         "batch_size": batch_size,
         "num_images": num_images,
         "class_labels": class_labels,
+        "rows": rows,  # how the prompts and conditions were taken (ROW_ORDERS)
         "prompts": prompts_info,
         "conditioning": conditioning_info,
         "bank_condition": pairing,
