@@ -108,7 +108,7 @@ def test_two_process_training_completes(method, tmp_path):
     """72 rows at batch 8 are 9 batches, 4 per process (Accelerate drops the batch that would leave one
     process without a partner): 9 steps take three epochs and end at step 9. Counting 5 per process, the
     trainer once planned two epochs and stopped at step 8. Process 0's outputs are made 8 s slower
-    (tests/scripts/slow_finish.py): process 1 must not wait for them at a barrier, where a multi-GPU run's
+    (tests/scripts/instrumented_train.py): process 1 must not wait for them at a barrier, where a multi-GPU run's
     waiting processes met NCCL's timeout during a long upload and aborted the launch."""
     out = tmp_path / method
     slow = 8.0
@@ -117,7 +117,7 @@ def test_two_process_training_completes(method, tmp_path):
          "--max_train_steps", "9", "--mtl_method", method, "--output_dir", str(out), "--checkpointing_steps", "3"],
         launcher=["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                   "--dynamo_backend", "no", "--main_process_port", "0"],  # a free port: others may hold 29500
-        env=offline_env(SLOW_FINISH_SECONDS=slow), script=os.path.join(REPO, "tests", "scripts", "slow_finish.py"))
+        env=offline_env(SLOW_FINISH_SECONDS=slow), script=os.path.join(REPO, "tests", "scripts", "instrumented_train.py"))
     assert result.returncode == 0, result.stderr[-3000:]
     returned = [float((out / f"returned_{rank}").read_text()) for rank in (0, 1)]
     assert returned[0] - returned[1] > slow / 2, returned  # process 1 was done while process 0 still wrote

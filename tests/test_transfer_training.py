@@ -238,12 +238,17 @@ def test_transfer_runs_resume_exactly(variant, pretrained, bank, tmp_path, capsy
 def test_two_process_transfer_runs_keep_the_processes_identical(variant, pretrained, bank, tmp_path):
     extra = {"bank": ["--knowledge_bank", str(bank), "--mtl_method", "pcgrad"],
              "deme": ["--deme_interval", "1", "--num_clusters", "4", "--clustering", "timestep", "--mtl_method", "uw"]}
+    from trainer_utils import REPO
+
     out = tmp_path / variant
     result = run_script(_run(pretrained, out, *extra[variant], "--max_train_steps", "3", "--checkpointing_steps", "2"),
                         launcher=["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
                                   "no", "--dynamo_backend", "no", "--main_process_port", "0"],
-                        env=offline_env())
+                        env=offline_env(), script=os.path.join(REPO, "tests", "scripts", "instrumented_train.py"))
     assert result.returncode == 0, result.stderr[-3000:]
+    if variant == "bank":  # the bank's source was loaded (to fingerprint it) by process 0 alone, once
+        assert (out / "bank_source_loads_0").read_text().splitlines() == [str(pretrained["dit"])]
+        assert not (out / "bank_source_loads_1").exists()
     # Accelerate's checkpoint holds process 0's model; each process's own trainer state must agree on
     # everything that is shared (the step, the weighting's state, EMA)
     from safetensors.torch import load_file

@@ -59,13 +59,12 @@ def knowledge_bank_dataloader(args, adapter, needs: dict, rows: int, num_process
     cuts the downstream data only: the bank is the pretrained model's knowledge, retained whole as in the
     authors' code."""
     from ..data import make_train_dataloader, resolve_columns
-    from ..diff_tuning.bank import check_bank_compatible, check_bank_source, load_knowledge_bank
+    from ..diff_tuning.bank import check_bank_compatible, load_knowledge_bank
 
     bank, manifest = load_knowledge_bank(args.knowledge_bank)
     check_bank_compatible(manifest, model_type=args.model_type, resolution=pixel_resolution(adapter),
                           channels=adapter.num_channels)
-    check_bank_source(manifest, args.pretrained_model_name_or_path, getattr(args, "revision", None),
-                      getattr(args, "cache_dir", None))
+    check_bank_source_once(manifest, args)
     if len(bank) < rows * num_processes:
         # (Accelerate's shards would hold no full batch, and the endless stream would divide by zero; the data
         # loader's own check would name --train_batch_size, the data set's knob)
@@ -86,6 +85,30 @@ def knowledge_bank_dataloader(args, adapter, needs: dict, rows: int, num_process
         seed=args.seed + 1, num_workers=args.dataloader_num_workers, **adapter.data_options(),
         center_crop=args.center_crop, random_flip=args.random_flip, max_samples=None,
         interpolation=args.image_interpolation_mode)
+
+
+def check_bank_source_once(manifest: dict, args) -> None:
+    """`diff_tuning.bank.check_bank_source` on process 0 alone, its one-line verdict shared with the others. The
+    check loads the whole source pipeline (tens of GB for FLUX.1 or Qwen-Image) to fingerprint it: a copy in
+    every process would multiply a node's memory by its processes, beside the model each one trains."""
+    from accelerate import PartialState
+
+    from ..diff_tuning.bank import check_bank_source
+
+    state = PartialState()
+    problem = None
+    if state.is_main_process:
+        try:
+            check_bank_source(manifest, args.pretrained_model_name_or_path, getattr(args, "revision", None),
+                              getattr(args, "cache_dir", None))
+        except ValueError as error:
+            problem = str(error)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        problem = broadcast_object_list([problem])[0]  # (every process stops on a mismatch, with the same line)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def retention_rows(args) -> int:
