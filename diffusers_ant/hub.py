@@ -908,13 +908,27 @@ def create_hub_repo(hub_model_id: str | None, output_dir: str | os.PathLike, tok
         raise ValueError("--push_to_hub needs the network but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub")
     name = hub_model_id or os.path.basename(os.path.abspath(os.fspath(output_dir)))
     try:
-        return create_repo(name, exist_ok=True, token=token, private=private).repo_id
+        repo_id = create_repo(name, exist_ok=True, token=token, private=private).repo_id
+        role = _token_role(token)
     except Exception as err:  # noqa: BLE001 - HfHubHTTPError (a bad token, a name taken), the HTTP client's
         # connection errors (not OSError subclasses): whatever stops the repo, one line before any training
         # one line naming the fix; the first line of the Hub's answer, never the token
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"--push_to_hub could not create the Hub repo {name!r} ({reason}): check the login "
                          "(hf auth login, --hub_token) and --hub_model_id, or drop --push_to_hub") from None
+    if role == "read":
+        # create_repo(exist_ok=True) accepts an existing repo whatever the token may do; the upload after hours
+        # of training would then be refused
+        raise ValueError(f"--push_to_hub: the Hub token is read-only, and the upload to {repo_id!r} would be refused "
+                         "after training: log in with a write token (hf auth login, --hub_token), or drop --push_to_hub")
+    return repo_id
+
+
+def _token_role(token: str | None) -> str | None:
+    """What the Hub says the token may do ("read", "write", "fineGrained"; None when it does not say)."""
+    from huggingface_hub import whoami
+
+    return ((whoami(token=token) or {}).get("auth") or {}).get("accessToken", {}).get("role")
 
 
 def push_to_hub(

@@ -48,6 +48,8 @@ class FakeHubState:
     files: dict[str, dict[str, bytes]] = field(default_factory=dict)  # repo_id -> {path: content}
     commits: list[dict] = field(default_factory=list)  # {"repo_id", "revision", "header", "paths"}
     user: str = "user"  # the namespace of a repo created without one (the token's user on the Hub)
+    token_role: str = "write"  # what `whoami` says the token may do: "read", "write" or "fineGrained"
+    refuse_commits: bool = False  # answer every commit 403, as the Hub does for a repo the token may not write
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -106,6 +108,11 @@ def _make_handler(state: FakeHubState, endpoint_ref: list[str]):
                     return self._reply(409, {"error": "You already created this model repo", "url": url})
                 return self._reply(200, {"url": url, "name": repo_id, "id": repo_id})
 
+            if self.command == "GET" and path.split("?")[0] == "/api/whoami-v2":  # as the Hub answers for a user token
+                return self._reply(200, {"type": "user", "name": state.user,
+                                         "auth": {"type": "access_token",
+                                                  "accessToken": {"displayName": "test", "role": state.token_role}}})
+
             if self.command == "POST" and path.split("?")[0] == "/api/validate-yaml":
                 return self._reply(200, {"errors": [], "warnings": []})
 
@@ -125,6 +132,8 @@ def _make_handler(state: FakeHubState, endpoint_ref: list[str]):
                 )
 
             match = _COMMIT.match(path)
+            if self.command == "POST" and match and state.refuse_commits:
+                return self._reply(403, {"error": "You don't have the rights to create a commit in this repo"})
             if self.command == "POST" and match:
                 repo_id = match["repo"]
                 if repo_id not in state.repos:

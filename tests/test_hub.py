@@ -272,6 +272,37 @@ for private in (None, True):  # twice: the second create_repo meets an existing 
 """
 
 
+_CREATE_DRIVER = """
+import os, sys
+from diffusers_ant.hub import create_hub_repo
+try:
+    print(create_hub_repo(sys.argv[1], ".", token=os.environ.pop("ANT_TEST_TOKEN")))
+except ValueError as error:
+    print(error, file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("role", ["write", "read"])
+def test_a_read_only_token_is_refused_before_training(role, fake_hub, tmp_path):
+    """create_repo(exist_ok=True) accepts an existing repo whatever the token may do, so a read-only token
+    passed the start-up check and the upload failed after training. The token's role (the Hub's whoami) is
+    now checked with the repo, and a read-only one is one line naming the fix."""
+    fake_hub.state.token_role = role
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=fake_hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"),
+               HF_HUB_DISABLE_TELEMETRY="1", ANT_TEST_TOKEN="hf_" + "x" * 30,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", _CREATE_DRIVER, "me/ant-run"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    if role == "write":
+        assert result.returncode == 0 and result.stdout.split() == ["me/ant-run"], result.stderr[-2000:]
+    else:
+        assert result.returncode == 1 and result.stderr.strip().startswith("--push_to_hub: the Hub token is read-only")
+        assert len(result.stderr.strip().splitlines()) == 1 and "hf_xxx" not in result.stderr
+    assert ("GET", "/api/whoami-v2") in [(r.method, r.path.split("?")[0]) for r in fake_hub.state.requests]
+
+
 def _tree_files(root):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

@@ -272,6 +272,26 @@ def test_a_hub_repo_that_cannot_be_created_stops_the_run_in_one_line_before_trai
     assert not list(out.glob("checkpoint-*")) and not (out / "model_index.json").exists()
 
 
+def test_a_failed_upload_says_the_run_is_saved_and_how_to_push_it_again(tmp_path):
+    """The Hub refuses the commit at the end: one line (it was the client's traceback) that says the run is
+    saved and gives the call that pushes the folder again, never the token; the outputs are all there."""
+    from hub_server import FakeHub
+
+    out = tmp_path / "run"
+    with FakeHub(max_seconds=120) as hub:
+        hub.state.refuse_commits = True
+        env = offline_env(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"),
+                          HF_HUB_DISABLE_TELEMETRY="1")
+        result = run_script(["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_steps", "1",
+                             "--num_validation_images", "1", "--output_dir", str(out), "--push_to_hub",
+                             "--hub_model_id", "me/run", "--hub_token", "hf_abcdefghijklmnop"], env=env)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if "upload to 'me/run' failed" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr and "hf_abcdefghijklmnop" not in result.stderr
+    assert f"push_to_hub({str(out)!r}, 'me/run')" in lines[0] and "403" in lines[0], lines[0]
+    assert (out / "model_index.json").is_file() and (out / "README.md").is_file()
+
+
 @pytest.mark.slow
 def test_train_push_to_hub_reaches_the_loopback_hub_without_the_token(tmp_path):
     """`train_ant.py --push_to_hub` creates the repo and uploads the output folder (no checkpoints)

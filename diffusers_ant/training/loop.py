@@ -838,6 +838,14 @@ def finish(args, accelerator, adapter, model, ema, params, intervals, global_ste
                      dataset_name=args.dataset_name or args.train_data_dir,  # (a folder: its name only, in the card)
                      images=images, lora=args.rank is not None, **card)
     if args.push_to_hub:
-        url = push_to_hub(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                          token=args.hub_token, private=args.hub_private_repo)
+        repo = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+        try:
+            url = push_to_hub(args.output_dir, repo, token=args.hub_token, private=args.hub_private_repo)
+        except Exception as err:  # noqa: BLE001 - the Hub's HTTP errors, the client's connection errors
+            # the run is done and saved: one line with the call that pushes it again (the same ignore patterns:
+            # no checkpoint), the first line of the Hub's answer, never the token
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"the run is saved in {args.output_dir}, but its upload to {repo!r} failed ({reason}): "
+                             f"push it again with python -c \"from diffusers_ant.hub import push_to_hub; "
+                             f"push_to_hub({args.output_dir!r}, {repo!r})\"") from None
         accelerator.print(f"pushed to {url}")
