@@ -206,6 +206,28 @@ def test_a_bank_smaller_than_its_prompts_spreads_over_them_and_an_older_bank_kee
     assert dataset["text"] == ["prompt 0", "prompt 1", "prompt 2", "prompt 3"] and manifest["rows"] == "cycled"
 
 
+def test_a_second_build_into_the_same_folder_is_refused_while_the_first_runs(unet_model, tmp_path):
+    """Two builds into one folder shared its temporary names (one could rename the other's half-written image
+    into place) and each deleted the other's temporaries at start. The folder's lock, held here as a running
+    build holds it, refuses the second in one line; once free, the build (and a resumed one) goes through."""
+    import fcntl
+
+    from diffusers_ant.diff_tuning.bank import BUILD_LOCK
+
+    out = tmp_path / "bank"
+    out.mkdir()
+    with open(out / BUILD_LOCK, "a") as running:
+        fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError) as refused:
+            build(unet_model, out, num_images=2, batch_size=2)
+        fcntl.flock(running, fcntl.LOCK_UN)
+    assert str(refused.value).startswith(f"another build is writing the knowledge bank {str(out)!r}")
+    assert "\n" not in str(refused.value) and not (out / "images").exists()
+    build(unet_model, out, num_images=2, batch_size=2)  # (the lock file alone leaves the folder "empty")
+    dataset, _ = load_knowledge_bank(out)
+    assert len(dataset) == 2  # the lock file is not read as an image
+
+
 def test_controlnet_bank_blank_conditions_and_custom_extractors(controlnet_model, tmp_path):
     """--bank_condition blank: sampled from and paired with an all-zero condition (no conditioning
     source needed); --condition_extractor module:function is the extractor the bank pairs with."""

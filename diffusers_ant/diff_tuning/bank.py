@@ -41,6 +41,7 @@ is refused, naming the setting that differs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -110,17 +111,51 @@ def conditioning_file(index: int) -> str:
     return f"{CONDITIONING_DIR}/{index:06d}.png"
 
 
+# Written durably (fsync before the rename): a resumed build counts every image file present as done, and after a
+# power cut a renamed but unflushed file could be empty; sampling an image costs far more than its fsync.
 def _atomic_write_text(path: str, text: str) -> None:
     tmp = path + TMP_SUFFIX
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def _atomic_write_png(image, path: str) -> None:
     tmp = path + TMP_SUFFIX
-    image.save(tmp, format="PNG")
+    with open(tmp, "wb") as f:
+        image.save(f, format="PNG")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+BUILD_LOCK = ".build.lock"  # inside the bank folder (imagefolder skips hidden files)
+
+
+@contextlib.contextmanager
+def _one_build_at_a_time(output_dir: str):
+    """Hold the bank folder's lock while building: two builds into one folder (the same command started twice,
+    or under a multi-process launcher) share its temporary names, and one would rename the other's half-written
+    image into place or delete it. An OS lock (`fcntl.flock`), released whenever the process ends, a kill
+    included; where the OS has none (Windows), no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(os.path.join(output_dir, BUILD_LOCK), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another build is writing the knowledge bank {output_dir!r}: wait for it to end (then run "
+                             "the same command to finish the bank if it was stopped), or build into another "
+                             "--output_dir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _image_hash_update(digest, image) -> None:
@@ -677,7 +712,7 @@ def build_knowledge_bank(
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"--output_dir {output_dir!r} is a file: give a folder for the bank")
     existing = None
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
+    if os.path.isdir(output_dir) and set(os.listdir(output_dir)) - {BUILD_LOCK}:
         if not os.path.isfile(os.path.join(output_dir, BANK_MANIFEST)):
             raise ValueError(f"--output_dir {output_dir!r} is not empty and holds no knowledge bank: choose a new or empty folder")
         existing = read_bank_manifest(output_dir)
@@ -777,55 +812,57 @@ def build_knowledge_bank(
         _check_same_settings(existing, manifest, output_dir)
         manifest["versions"] = existing.get("versions", manifest["versions"])  # the build's first versions
 
-    os.makedirs(os.path.join(output_dir, IMAGES_DIR), exist_ok=True)
-    if pairing is not None:
-        os.makedirs(os.path.join(output_dir, CONDITIONING_DIR), exist_ok=True)
-    for sub in (IMAGES_DIR, CONDITIONING_DIR, "."):  # leftovers of a build killed mid-write
-        folder = os.path.join(output_dir, sub)
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
-                if name.endswith(TMP_SUFFIX):
-                    os.remove(os.path.join(folder, name))
-    if not _manifest_on_disk_equals(output_dir, manifest):
-        _atomic_write_text(os.path.join(output_dir, BANK_MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    os.makedirs(output_dir, exist_ok=True)
+    with _one_build_at_a_time(output_dir):
+        os.makedirs(os.path.join(output_dir, IMAGES_DIR), exist_ok=True)
+        if pairing is not None:
+            os.makedirs(os.path.join(output_dir, CONDITIONING_DIR), exist_ok=True)
+        for sub in (IMAGES_DIR, CONDITIONING_DIR, "."):  # leftovers of a build killed mid-write
+            folder = os.path.join(output_dir, sub)
+            if os.path.isdir(folder):
+                for name in os.listdir(folder):
+                    if name.endswith(TMP_SUFFIX):
+                        os.remove(os.path.join(folder, name))
+        if not _manifest_on_disk_equals(output_dir, manifest):
+            _atomic_write_text(os.path.join(output_dir, BANK_MANIFEST), json.dumps(manifest, indent=2) + "\n")
 
-    done = {i for i in range(num_images) if os.path.isfile(os.path.join(output_dir, image_file(i)))}
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if len(done) < num_images:
-        pipeline.to(device)
-    bar = tqdm(total=num_images, initial=len(done), unit="image", desc="knowledge bank", disable=not progress)
-    try:
-        for start in range(0, num_images, batch_size):
-            indices = list(range(start, min(start + batch_size, num_images)))
-            missing = [i for i in indices if i not in done]
-            if not missing:
-                continue
-            images = _sample(adapter, pipeline, indices, plan, seed, num_inference_steps, sampler, guidance_scale)
-            for i, image in zip(indices, images):
-                if i not in missing:
+        done = {i for i in range(num_images) if os.path.isfile(os.path.join(output_dir, image_file(i)))}
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if len(done) < num_images:
+            pipeline.to(device)
+        bar = tqdm(total=num_images, initial=len(done), unit="image", desc="knowledge bank", disable=not progress)
+        try:
+            for start in range(0, num_images, batch_size):
+                indices = list(range(start, min(start + batch_size, num_images)))
+                missing = [i for i in indices if i not in done]
+                if not missing:
                     continue
-                if image.size != (resolution, resolution) or len(image.getbands()) != channels:
-                    raise ValueError(f"the pipeline returned a {image.size} {image.mode} image, expected "
-                                     f"{resolution}x{resolution} with {channels} channels")
-                if pairing is not None:  # the condition that matches the image, never the generating one
-                    condition = (blank_condition(resolution) if extractor is None
-                                 else extracted_condition(extractor, image, resolution))
-                    _atomic_write_png(condition, os.path.join(output_dir, conditioning_file(i)))
-                _atomic_write_png(image, os.path.join(output_dir, image_file(i)))
-                done.add(i)
-                bar.update(1)
-                if on_image_written is not None:
-                    on_image_written(i)
-    finally:
-        bar.close()
+                images = _sample(adapter, pipeline, indices, plan, seed, num_inference_steps, sampler, guidance_scale)
+                for i, image in zip(indices, images):
+                    if i not in missing:
+                        continue
+                    if image.size != (resolution, resolution) or len(image.getbands()) != channels:
+                        raise ValueError(f"the pipeline returned a {image.size} {image.mode} image, expected "
+                                         f"{resolution}x{resolution} with {channels} channels")
+                    if pairing is not None:  # the condition that matches the image, never the generating one
+                        condition = (blank_condition(resolution) if extractor is None
+                                     else extracted_condition(extractor, image, resolution))
+                        _atomic_write_png(condition, os.path.join(output_dir, conditioning_file(i)))
+                    _atomic_write_png(image, os.path.join(output_dir, image_file(i)))
+                    done.add(i)
+                    bar.update(1)
+                    if on_image_written is not None:
+                        on_image_written(i)
+        finally:
+            bar.close()
 
-    rows = [json.dumps(plan.metadata_row(i, model_type), ensure_ascii=False) for i in range(num_images)]
-    _atomic_write_text(os.path.join(output_dir, METADATA_NAME), "\n".join(rows) + "\n")
-    manifest["complete"] = True
-    if not _manifest_on_disk_equals(output_dir, manifest):
-        _atomic_write_text(os.path.join(output_dir, BANK_MANIFEST), json.dumps(manifest, indent=2) + "\n")
-    return manifest
+        rows = [json.dumps(plan.metadata_row(i, model_type), ensure_ascii=False) for i in range(num_images)]
+        _atomic_write_text(os.path.join(output_dir, METADATA_NAME), "\n".join(rows) + "\n")
+        manifest["complete"] = True
+        if not _manifest_on_disk_equals(output_dir, manifest):
+            _atomic_write_text(os.path.join(output_dir, BANK_MANIFEST), json.dumps(manifest, indent=2) + "\n")
+        return manifest
 
 
 def _manifest_on_disk_equals(folder: str, manifest: dict) -> bool:
