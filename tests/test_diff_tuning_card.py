@@ -95,6 +95,30 @@ def test_a_class_conditional_unets_bank_line_says_its_rows_keep_their_labels(tmp
     assert "unconditional branch" in line("unet", num_classes=None, class_column=None)
 
 
+def test_the_bank_rows_name_the_source_folder_and_version_and_an_earlier_runs_convergence_is_left_out(tmp_path):
+    """The bank's source model was shown relative to the bank folder (meaningless beside this model), its
+    version row ('package_version') was never in a manifest, and a convergence.json an earlier run left in the
+    output folder went into the card of a run that tracked nothing."""
+    import json
+    from types import SimpleNamespace
+
+    from diffusers_ant.diff_tuning.card import card_values
+
+    args = SimpleNamespace(retention="bank", bank_keep_prompts=False, model_type="controlnet", bank_fraction=0.25,
+                           train_batch_size=8, reconsolidation_exponent=1.0, retention_exponent=1.0, bank_weight=0.1,
+                           rank=None, knowledge_bank="bank", condition_extractor="outline", convergence_distance="iou",
+                           convergence_threshold=0.5, convergence_steps=50, track_convergence=False)
+    finetune = SimpleNamespace(mode="full", description="full fine-tuning", difffit_merged=False)
+    manifest = {"source_model": "../../models/sd-base", "source_model_local": True, "num_images": 8,
+                "versions": {"diffusers_ant": "0.9.0", "diffusers": "0.35.0"}}
+    (tmp_path / "convergence.json").write_text(json.dumps({"converged_step": 150}))
+    values = card_values(args, finetune, ["data", "bank"], str(tmp_path), manifest)
+    assert dict(values["bank_rows"]) == {"source_model": "sd-base", "num_images": 8, "diffusers_ant": "0.9.0"}
+    assert "convergence_step" not in values
+    args.track_convergence = True
+    assert card_values(args, finetune, ["data", "bank"], str(tmp_path), manifest)["convergence_step"] == 150
+
+
 def test_a_lora_card_says_what_the_folder_holds():
     """The Diff-Tuning card said 'only the adapter weights are in this repository' for every LoRA, where a
     ControlNet LoRA's folder also holds base_model/ (and a new ControlNet's conditioning embedding): it now takes

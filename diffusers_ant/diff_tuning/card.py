@@ -16,7 +16,20 @@ from .convergence import CONVERGENCE_FILE
 TEMPLATE = "diff_tuning_template.md"
 # manifest entries shown in the card (paths in it are already relative or Hub ids)
 _BANK_KEYS = ("source_model", "revision", "model_type", "num_images", "resolution", "channels", "scheduler",
-              "num_inference_steps", "guidance_scale", "seed", "package_version")
+              "num_inference_steps", "guidance_scale", "seed")
+
+
+def _bank_rows(manifest) -> list:
+    """The knowledge bank's settings for the card: a local source model by its folder name (the manifest names it
+    relative to the bank, not to this model), and the diffusers_ant version that built the bank."""
+    if not manifest:
+        return []
+    rows = [(key, manifest[key]) for key in _BANK_KEYS if manifest.get(key) is not None]
+    if manifest.get("source_model_local"):
+        rows = [(key, os.path.basename(os.path.normpath(value)) if key == "source_model" else value)
+                for key, value in rows]
+    version = (manifest.get("versions") or {}).get("diffusers_ant")
+    return rows + ([("diffusers_ant", version)] if version else [])
 
 
 def card_values(args, finetune_summary, task_names, output_dir: str, manifest: dict | None = None) -> dict:
@@ -57,12 +70,12 @@ def card_values(args, finetune_summary, task_names, output_dir: str, manifest: d
         "lora_rank": args.rank,
         "difffit_merged": finetune_summary.mode == "difffit",
         "tasks": tasks,
-        "bank_rows": [(key, manifest[key]) for key in _BANK_KEYS if manifest and manifest.get(key) is not None],
+        "bank_rows": _bank_rows(manifest),
         "summary": ("A 🧨 diffusers model transferred to new data with Diff-Tuning (Zhong et al., NeurIPS 2024), "
                     "trained with diffusers_ant: knowledge retention at low noise, reconsolidation at high noise."),
     }
     convergence_file = os.path.join(output_dir, CONVERGENCE_FILE)
-    if os.path.isfile(convergence_file):
+    if getattr(args, "track_convergence", False) and os.path.isfile(convergence_file):  # (not an earlier run's)
         with open(convergence_file, encoding="utf-8") as f:
             record = json.load(f)
         values.update(convergence_step=record.get("converged_step"), convergence_extractor=args.condition_extractor,
