@@ -317,6 +317,22 @@ def test_lora_errors():
 # ---------------------------------------------------------------------------- pretrained folders
 
 
+@pytest.mark.parametrize("scheduler", ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"])
+def test_a_pipeline_whose_scheduler_has_no_betas_is_refused_in_one_line(scheduler, tmp_path):
+    """Playground v2.5's EDM sampler read as a DDPMScheduler gave DDPM's default linear betas (its config has
+    none), and the run trained that other noise schedule, silently."""
+    import diffusers
+    from diffusers import DDPMPipeline
+
+    source = build("unet")
+    pipeline = DDPMPipeline(unet=source.model, scheduler=getattr(diffusers, scheduler)())
+    pipeline.save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as refused:
+        get_model_adapter("unet").load(pretrained_model_name_or_path=str(tmp_path))
+    assert str(refused.value).startswith(f"the pipeline's scheduler, {scheduler}, has no schedule of betas")
+    assert "\n" not in str(refused.value)
+
+
 def test_load_unet_from_pretrained_folder_takes_its_scheduler(tmp_path):
     from diffusers import DDPMPipeline, DDPMScheduler
 

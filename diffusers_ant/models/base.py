@@ -191,12 +191,21 @@ def load_training_scheduler(source: PretrainedSource):
     """The training scheduler of a pretrained pipeline, as diffusers' example scripts build it.
 
     DDPM-family configs (PNDM, DDIM, ... folders) become a ``DDPMScheduler`` with the same betas;
-    flow-matching schedulers keep their own class, since their noising differs.
+    flow-matching schedulers keep their own class, since their noising differs. A scheduler without betas
+    (EDM, as Playground v2.5's; score-SDE) is refused: read as a ``DDPMScheduler`` it gives DDPM's default
+    linear betas, another noise schedule than the model's, and the run would train it silently (diffusers'
+    SDXL script switches to EDM-style training there, which is not offered here).
     """
+    import inspect
+
     from diffusers import DDPMScheduler
 
     cls = source.component_class("scheduler", DDPMScheduler)
     if "FlowMatch" not in cls.__name__:
+        if "beta_schedule" not in inspect.signature(cls.__init__).parameters:
+            raise ValueError(f"the pipeline's scheduler, {cls.__name__}, has no schedule of betas (an EDM or score-SDE "
+                             "sampler): trained as DDPM it would learn another noise schedule, and EDM-style training "
+                             "is not offered: start from a checkpoint with a DDPM-family or flow-matching scheduler")
         cls = DDPMScheduler
     return source.load(cls, subfolder="scheduler")
 
