@@ -913,15 +913,20 @@ def create_hub_repo(hub_model_id: str | None, output_dir: str | os.PathLike, tok
     except Exception as err:  # noqa: BLE001 - HfHubHTTPError (a bad token, a name taken), the HTTP client's
         # connection errors (not OSError subclasses): whatever stops the repo, one line before any training
         # one line naming the fix; the first line of the Hub's answer, never the token
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--push_to_hub could not create the Hub repo {name!r} ({reason}): check the login "
-                         "(hf auth login, --hub_token) and --hub_model_id, or drop --push_to_hub") from None
+        raise ValueError(f"--push_to_hub could not create the Hub repo {name!r} ({hub_error_reason(err)}): check the "
+                         "login (hf auth login, --hub_token) and --hub_model_id, or drop --push_to_hub") from None
     if role == "read":
         # create_repo(exist_ok=True) accepts an existing repo whatever the token may do; the upload after hours
         # of training would then be refused
         raise ValueError(f"--push_to_hub: the Hub token is read-only, and the upload to {repo_id!r} would be refused "
                          "after training: log in with a write token (hf auth login, --hub_token), or drop --push_to_hub")
     return repo_id
+
+
+def hub_error_reason(error: BaseException) -> str:
+    """The first line of a Hub or connection error, for a one-line message (the Hub's answer, never the token)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _token_role(token: str | None) -> str | None:

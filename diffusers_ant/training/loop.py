@@ -808,7 +808,7 @@ def save_output(args, adapter, model) -> None:
 def finish(args, accelerator, adapter, model, ema, params, intervals, global_step, validation_inputs, objective,
            finetune, freed=None):
     """Save the pipeline (or LoRA weights), samples, model card; push to the Hub if asked."""
-    from ..hub import push_to_hub, training_summary, write_model_card
+    from ..hub import hub_error_reason, push_to_hub, training_summary, write_model_card
 
     unwrapped = accelerator.unwrap_model(model)
     # The saved pipeline holds float32 frozen parts (and base weights), whatever precision training used.
@@ -844,8 +844,8 @@ def finish(args, accelerator, adapter, model, ema, params, intervals, global_ste
         except Exception as err:  # noqa: BLE001 - the Hub's HTTP errors, the client's connection errors
             # the run is done and saved: one line with the call that pushes it again (the same ignore patterns:
             # no checkpoint), the first line of the Hub's answer, never the token
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"the run is saved in {args.output_dir}, but its upload to {repo!r} failed ({reason}): "
+            raise ValueError(f"the run is saved in {args.output_dir}, but its upload to {repo!r} failed "
+                             f"({hub_error_reason(err)}): "
                              f"push it again with python -c \"from diffusers_ant.hub import push_to_hub; "
                              f"push_to_hub({args.output_dir!r}, {repo!r})\"") from None
         accelerator.print(f"pushed to {url}")
