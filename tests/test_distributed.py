@@ -168,3 +168,38 @@ def test_lockstep_runs_the_same_passes_on_every_process(two_process_run):
     assert torch.equal(rank0["engine_passes"], rank1["engine_passes"])
     free0, free1, _ = two_process_run["pcgrad+chunks"]
     assert not torch.equal(free0["engine_passes"], free1["engine_passes"])
+
+
+def _broadcast_nash_state(rank, init_file, out_dir):
+    """One of two gloo processes: its own Nash-MTL solved mask (process 0's left task 3 unsolved, process 1's
+    solve 'converged' on all four), then the engine's broadcast of the weighting's state."""
+    import json
+
+    import torch.distributed as dist
+
+    from diffusers_ant.weighting import get_weighting
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        nash = get_weighting("nash_mtl", 4)
+        nash.solved = torch.tensor([True, True, True, rank == 1])
+        nash.step = 1  # between two scheduled solves: the mask decides whether this step solves
+        distributed.broadcast_module_state_(nash)
+        present = torch.ones(4, dtype=torch.bool)
+        result = {"solved": nash.solved.tolist(), "solves": nash.needs_gradients_this_step(present)}
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nash_mtls_solved_mask_is_broadcast_with_its_alpha(tmp_path):
+    """The mask of tasks the last solve covered was Python state the engine's broadcast left out: a process whose
+    solve ended otherwise than process 0's kept its own, and at the next step the processes disagreed on whether
+    to solve, entering different collectives (a hang). After the broadcast both hold process 0's mask."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_broadcast_nash_state, args=(str(tmp_path / "init"), tmp_path), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert results[0] == results[1] == {"solved": [True, True, True, False], "solves": True}

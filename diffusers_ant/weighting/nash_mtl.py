@@ -214,11 +214,24 @@ class NashMTL(GradientWeighting):
         # The tasks the last solve gave an alpha (present, with a nonzero gradient). A task outside it has
         # a leftover alpha from another set of tasks, or the initial 1 (on no particular scale): when one
         # is present, the step solves again instead of reusing (batches smaller than K leave clusters out).
-        self.solved = torch.zeros(self.num_tasks, dtype=torch.bool)
+        # A buffer (uint8: every backend broadcasts it; not persistent: the extra state saves it), so that the
+        # engine's `broadcast_module_state_` sends process 0's mask with its alpha: a process whose solve failed
+        # where process 0's converged would keep another mask, decide otherwise whether the next step solves, and
+        # enter other collectives than the rest (a hang).
+        self.register_buffer("solved_mask", torch.zeros(self.num_tasks, dtype=torch.uint8), persistent=False)
         self.step = 0
         self.solver_failures = 0
         self.last_residual = float("nan")
         self.last_iterations = 0
+
+    @property
+    def solved(self) -> torch.Tensor:
+        """The tasks the last solve gave an alpha, as a boolean mask on the CPU (a copy: assign to change it)."""
+        return self.solved_mask.detach().cpu().bool()
+
+    @solved.setter
+    def solved(self, mask) -> None:
+        self.solved_mask.copy_(torch.as_tensor(mask).to(self.solved_mask.device, torch.uint8))
 
     def _weights_of(self, alpha: torch.Tensor) -> torch.Tensor:
         """The loss weights for a given alpha: alpha itself, or alpha / K in ANT's scale."""
@@ -278,8 +291,9 @@ class NashMTL(GradientWeighting):
         new[index[nonzero].to(new.device)] = (alpha / scale).to(new)
         new[index[~nonzero].to(new.device)] = 0.0
         self.alpha.copy_(new)
-        self.solved = torch.zeros_like(self.solved)
-        self.solved[index[nonzero]] = True
+        solved = torch.zeros(self.num_tasks, dtype=torch.bool)
+        solved[index[nonzero]] = True
+        self.solved = solved
 
     def _solve(self, matrix: torch.Tensor, init: torch.Tensor) -> Tuple[torch.Tensor, float, int, bool]:
         """(alpha, residual, Newton iterations, converged)."""
