@@ -145,3 +145,26 @@ def test_sample_images_samples_text_to_image_folders_through_their_adapter(sd_eu
     monkeypatch.setattr(evaluate, "reference_for", lambda *a, **kw: type("R", (), {"score": lambda self, x: {}})())
     evaluate.evaluate_pipeline(pipe, "mnist5k_captions", num_samples=3, seed=5, progress=False)
     assert seen["prompts"] == captions
+
+
+@pytest.mark.parametrize("model_type, subfolder, channels", [
+    ("sd", "unet", 9), ("sdxl", "unet", 9), ("sd3", "transformer", 32), ("flux", "transformer", 384),
+    ("qwenimage", "transformer", 128)])
+def test_an_inpainting_or_fill_checkpoint_is_refused_in_one_line(model_type, subfolder, channels, tmp_path):
+    """An SD / SDXL inpainting UNet (9 input channels: latents, mask, masked image) or FLUX.1 Fill's transformer
+    (384) passed the family check and failed at the first step on a shape error; it is now one line at load.
+    The tiny preset's own pipeline, with its denoiser rebuilt with that many input channels, stands in."""
+    from diffusers_ant.models import get_model_adapter
+
+    folder = tmp_path / model_type
+    pipeline = get_model_adapter(model_type).load(model_config_name_or_path="tiny", resolution=16).make_pipeline()
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    get_model_adapter(model_type).load(pretrained_model_name_or_path=str(folder))  # the text-to-image one loads
+    denoiser = getattr(pipeline, subfolder)
+    variant = type(denoiser).from_config({**denoiser.config, "in_channels": channels})
+    variant.save_pretrained(folder / subfolder, safe_serialization=True)
+    with pytest.raises(ValueError) as refused:
+        get_model_adapter(model_type).load(pretrained_model_name_or_path=str(folder))
+    message = str(refused.value)
+    assert f"takes {channels} input channels" in message and "text-to-image checkpoint" in message
+    assert "\n" not in message

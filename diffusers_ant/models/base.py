@@ -187,6 +187,18 @@ def default_scheduler(latent: bool, config: dict = None, kind: str = "ddpm", flo
     return DDPMScheduler(**config)
 
 
+def check_input_channels(model, expected: int, source, model_type: str) -> None:
+    """One line for a checkpoint whose denoiser takes other inputs than the noisy latents it would train on:
+    an inpainting or Fill variant (latents, mask and masked image stacked: 9 channels for SD / SDXL, 384 for
+    FLUX.1 Fill) or a control variant, which this trainer does not train. It loaded, and failed at the first
+    step on a shape error."""
+    found = model.config.in_channels
+    if found != expected:
+        raise ValueError(f"the denoiser of {source.path!r} takes {found} input channels where the latents "
+                         f"--model_type {model_type} trains it on have {expected}: an inpainting, Fill or other "
+                         "variant, which is not trained here: give a text-to-image checkpoint")
+
+
 def load_training_scheduler(source: PretrainedSource):
     """The training scheduler of a pretrained pipeline, as diffusers' example scripts build it.
 

@@ -40,8 +40,8 @@ import os
 
 import torch
 
-from .base import (ModelAdapter, PretrainedSource, _copy_scheduler, check_pipeline_family, check_quantized_source,
-                   packed_sample_size, prompt_arguments, repeat_to)
+from .base import (ModelAdapter, PretrainedSource, _copy_scheduler, check_input_channels, check_pipeline_family,
+                   check_quantized_source, packed_sample_size, prompt_arguments, repeat_to)
 from .lora import inference_lora_config
 from .presets import resolve_model_config
 
@@ -218,6 +218,7 @@ class FluxAdapter(ModelAdapter):
             model, from_pretrained = FluxTransformer2DModel(**config), False
         else:
             model, from_pretrained = source.load(FluxTransformer2DModel, subfolder="transformer"), True
+            check_input_channels(model, 4 * vae.config.latent_channels, source, "flux")  # (2x2 packed latents)
         if source is not None and source.has("scheduler"):
             scheduler = source.load(FlowMatchEulerDiscreteScheduler, subfolder="scheduler")
         else:

@@ -26,7 +26,7 @@ LoRA is saved by ``QwenImagePipeline.save_lora_weights`` and loads with the pipe
 
 import torch
 
-from .base import ModelAdapter, _copy_scheduler, packed_sample_size, repeat_to
+from .base import ModelAdapter, _copy_scheduler, check_input_channels, packed_sample_size, repeat_to
 from .lora import inference_lora_config
 
 # What other model types' pipelines are called, to name the right --model_type for a wrong folder (the one
@@ -100,6 +100,7 @@ class QwenImageAdapter(ModelAdapter):
             if not source.has("transformer"):
                 raise ValueError(f"pretrained pipeline {source.path!r} has no transformer")
             model, from_pretrained = source.load(QwenImageTransformer2DModel, subfolder="transformer"), True
+            check_input_channels(model, 4 * vae.config.z_dim, source, "qwenimage")  # (2x2 packed latents)
         # Qwen-Image's transformer has no sample size: diffusers' script's default --resolution (512) for a
         # checkpoint, as FLUX.1's (one rule, which the knowledge bank's default follows too); 2x2 packing needs
         # latents of even size

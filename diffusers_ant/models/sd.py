@@ -10,7 +10,7 @@ and read back by the pipeline's own ``load_lora_weights``.
 
 import torch
 
-from .base import ModelAdapter, _copy_scheduler, batch_rows, prompt_arguments
+from .base import ModelAdapter, _copy_scheduler, batch_rows, check_input_channels, prompt_arguments
 from .lora import inference_lora_config
 
 
@@ -78,6 +78,7 @@ class StableDiffusionAdapter(ModelAdapter):
         if not source.has("unet"):
             raise ValueError(f"pretrained pipeline {source.path!r} has no unet")
         unet = source.load(UNet2DConditionModel, subfolder="unet")
+        check_input_channels(unet, vae.config.latent_channels, source, "sd")
         if resolution is not None and resolution // scale != unet.config.sample_size:
             unet.register_to_config(sample_size=resolution // scale)  # pipelines sample at this size
         return unet, True

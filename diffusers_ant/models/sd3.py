@@ -27,7 +27,7 @@ character-level CLIP tokenizers and a character-level T5 tokenizer made in memor
 
 import torch
 
-from .base import ModelAdapter, _copy_scheduler, repeat_to
+from .base import ModelAdapter, _copy_scheduler, check_input_channels, repeat_to
 from .lora import inference_lora_config
 
 # diffusers' pipelines and the --model_type that trains each, to name both sides of a wrong-type error
@@ -140,6 +140,7 @@ class SD3Adapter(ModelAdapter):
             if not source.has("transformer"):
                 raise ValueError(f"pretrained pipeline {source.path!r} has no transformer")
             model, from_pretrained = source.load(SD3Transformer2DModel, subfolder="transformer"), True
+            check_input_channels(model, vae.config.latent_channels, source, "sd3")
             if resolution is not None and resolution // scale != model.config.sample_size:
                 model.register_to_config(sample_size=resolution // scale)  # pipelines sample at this size
         return {"model": model, "vae": vae, **text, "num_channels": vae.config.in_channels,

@@ -23,7 +23,7 @@ the empty prompt encoded by both encoders, as in diffusers' SDXL script.
 
 import torch
 
-from .base import _copy_scheduler
+from .base import _copy_scheduler, check_input_channels
 from .lora import inference_lora_config
 from .sd import StableDiffusionAdapter
 
@@ -159,6 +159,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             unet, from_pretrained = UNet2DConditionModel(**config), False
         else:
             unet, from_pretrained = source.load(UNet2DConditionModel, subfolder="unet"), True
+            check_input_channels(unet, vae.config.latent_channels, source, "sdxl")
             if unet.config.addition_embed_type != "text_time":
                 raise ValueError(f"the UNet of {source.path!r} has no SDXL text_time conditioning: train it with "
                                  "--model_type sd, not --model_type sdxl")
