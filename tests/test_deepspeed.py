@@ -25,8 +25,9 @@ import sys
 import pytest
 import torch
 
-from trainer_utils import (LORA_RUN, LORA_STEPS, RECORDING_SCRIPT, REPO, applied_gradients, largest_difference,
-                           load_safetensors_dir, lora_run_tolerances, offline_env, run_command, save_lora_base)
+from trainer_utils import (LORA_RUN, LORA_STEPS, RECORDING_SCRIPT, REPO, applied_gradients, flag_values,
+                           largest_difference, load_safetensors_dir, lora_run_tolerances, offline_env, run_command,
+                           save_lora_base)
 
 # `make test-deepspeed` installs DeepSpeed and runs this file; `make test` deselects it (marker `deepspeed`),
 # so the check that DeepSpeed is there runs only when a test does (a fixture, not at collection)
@@ -118,9 +119,9 @@ def run_tolerances(*runs):
     from tolerances import adam_run_tolerance, uw_log_variance_tolerance
 
     unet = UNet2DModel.from_pretrained(runs[0] / "unet")
-    flag = dict(zip(RUN[::2], RUN[1::2]))  # (every flag of RUN takes a value)
+    flag = flag_values(RUN)
     terms = 2 * int(flag["--gradient_accumulation_steps"]) * int(flag["--train_batch_size"]) * unet.config.sample_size ** 2
-    applied = [max(per_run) for per_run in zip(*(applied_gradients(run, STEPS) for run in runs))]
+    applied = applied_gradients(STEPS, *runs)
     largest_weight = max(float(v.abs().max()) for run in runs for v in weights(run / "unet").values())
     largest_log_variance = max(float(log_variances(run / f"checkpoint-{STEPS}").abs().max()) for run in runs)
     eps = float(flag["--adam_epsilon"])

@@ -63,13 +63,12 @@ def lora_run_tolerances(pretrained, runs, largest_weight: float, largest_log_var
     from diffusers_ant.models import get_model_adapter
     from diffusers_ant.weighting.uw import UWConfig
 
-    flag = dict(zip(LORA_RUN[::2], LORA_RUN[1::2]))  # (every flag of LORA_RUN takes a value)
-    assert all(name.startswith("--") for name in flag), LORA_RUN
+    flag = flag_values(LORA_RUN)
     lr, eps, rank = float(flag["--learning_rate"]), float(flag["--adam_epsilon"]), int(flag["--rank"])
     adapter = get_model_adapter("unet").load(pretrained_model_name_or_path=str(pretrained))
     adapter.add_lora(rank)
     model = adapter.model
-    applied = [max(per_run) for per_run in zip(*(applied_gradients(run, LORA_STEPS) for run in runs))]
+    applied = applied_gradients(LORA_STEPS, *runs)
     terms = (2 * int(flag["--gradient_accumulation_steps"]) * int(flag["--train_batch_size"])
              * model.config.sample_size ** 2)
     lora = [p.numel() for p in model.parameters() if p.requires_grad]
@@ -167,17 +166,25 @@ def run_script(args, env=None, timeout=600, launcher=None, script=TRAIN_SCRIPT):
     return run_command(cmd, env=env, timeout=timeout)
 
 
-def applied_gradients(folder, steps: int) -> list[float]:
-    """Per optimizer step of a run launched through RECORDING_SCRIPT (tests/scripts/record_applied_gradients.py):
-    the largest |entry| of the gradients any optimizer of any process applied at that step."""
-    records = sorted(Path(folder).glob("applied_gradients_*.json"))
-    assert records, f"no applied_gradients_<rank>.json in {folder}: was the run launched through RECORDING_SCRIPT?"
+def applied_gradients(steps: int, *folders) -> list[float]:
+    """Per optimizer step of runs launched through RECORDING_SCRIPT (tests/scripts/record_applied_gradients.py):
+    the largest |entry| of the gradients any optimizer of any process of any of the runs applied at that step."""
     largest = [0.0] * steps
-    for record in records:
-        for per_step in json.loads(record.read_text())["optimizers"]:
-            assert len(per_step) == steps, (record, per_step)
-            largest = [max(a, b) for a, b in zip(largest, per_step)]
+    for folder in folders:
+        records = sorted(Path(folder).glob("applied_gradients_*.json"))
+        assert records, f"no applied_gradients_<rank>.json in {folder}: was the run launched through RECORDING_SCRIPT?"
+        for record in records:
+            for per_step in json.loads(record.read_text())["optimizers"]:
+                assert len(per_step) == steps, (record, per_step)
+                largest = [max(a, b) for a, b in zip(largest, per_step)]
     return largest
+
+
+def flag_values(run: list) -> dict:
+    """A run's flags (a list like LORA_RUN, every flag followed by its value) as {flag: value}."""
+    values = dict(zip(run[::2], run[1::2]))
+    assert all(name.startswith("--") for name in values), run  # (a flag without a value would shift the pairs)
+    return values
 
 
 def straight_and_resumed(root, make_args, common, resume_at=10):
