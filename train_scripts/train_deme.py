@@ -51,6 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from diffusers_ant.cli import OneLineErrorParser, report_bad_input
 from diffusers_ant.deme.search import DEFAULT_SEARCH_SAMPLES, DEFAULT_SEARCH_VALUES, grid_size
+from diffusers_ant.files import write_json_atomically
 
 PROG = "train_deme.py"
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_ant.py")
@@ -251,10 +252,7 @@ def read_progress(args, trainer_args) -> dict:
 
 
 def write_progress(args, progress: dict) -> None:
-    path = os.path.join(args.output_dir, PROGRESS_NAME)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(progress, f, indent=2)
-    os.replace(path + ".tmp", path)  # never half-written
+    write_json_atomically(os.path.join(args.output_dir, PROGRESS_NAME), progress)  # never half-written
 
 
 def train_interval(args, trainer_args, index: int, worker: int = 0, devices=()) -> None:

@@ -49,13 +49,15 @@ import os
 import numpy as np
 import torch
 
+from ..files import write_atomically, write_json_atomically, write_text_atomically
+
 BANK_MANIFEST = "bank.json"
 METADATA_NAME = "metadata.jsonl"
 IMAGES_DIR = "images"
 CONDITIONING_DIR = "conditioning"
 BANK_FORMAT = "diffusers_ant.knowledge_bank"
 BANK_FORMAT_VERSION = 1
-TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = ".tmp"  # how the temporaries of `files.write_atomically` end: a build removes a killed one's
 BUILD_COMMAND = "train_scripts/build_knowledge_bank.py"
 
 # The settings that decide what the bank holds, with the flag that sets each: a re-run into an
@@ -111,24 +113,10 @@ def conditioning_file(index: int) -> str:
     return f"{CONDITIONING_DIR}/{index:06d}.png"
 
 
-# Written durably (fsync before the rename): a resumed build counts every image file present as done, and after a
-# power cut a renamed but unflushed file could be empty; sampling an image costs far more than its fsync.
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + TMP_SUFFIX
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_png(image, path: str) -> None:
-    tmp = path + TMP_SUFFIX
-    with open(tmp, "wb") as f:
-        image.save(f, format="PNG")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_png(image, path: str) -> None:
+    """An image file written atomically and durably (`files.write_atomically`: a resumed build counts every image
+    present as drawn)."""
+    write_atomically(path, lambda f: image.save(f, format="PNG"))
 
 
 BUILD_LOCK = ".build.lock"  # inside the bank folder (imagefolder skips hidden files)
@@ -824,7 +812,7 @@ def build_knowledge_bank(
                     if name.endswith(TMP_SUFFIX):
                         os.remove(os.path.join(folder, name))
         if not _manifest_on_disk_equals(output_dir, manifest):
-            _atomic_write_text(os.path.join(output_dir, BANK_MANIFEST), json.dumps(manifest, indent=2) + "\n")
+            write_json_atomically(os.path.join(output_dir, BANK_MANIFEST), manifest)
 
         done = {i for i in range(num_images) if os.path.isfile(os.path.join(output_dir, image_file(i)))}
         if device is None:
@@ -848,8 +836,8 @@ def build_knowledge_bank(
                     if pairing is not None:  # the condition that matches the image, never the generating one
                         condition = (blank_condition(resolution) if extractor is None
                                      else extracted_condition(extractor, image, resolution))
-                        _atomic_write_png(condition, os.path.join(output_dir, conditioning_file(i)))
-                    _atomic_write_png(image, os.path.join(output_dir, image_file(i)))
+                        _write_png(condition, os.path.join(output_dir, conditioning_file(i)))
+                    _write_png(image, os.path.join(output_dir, image_file(i)))
                     done.add(i)
                     bar.update(1)
                     if on_image_written is not None:
@@ -858,10 +846,10 @@ def build_knowledge_bank(
             bar.close()
 
         rows = [json.dumps(plan.metadata_row(i, model_type), ensure_ascii=False) for i in range(num_images)]
-        _atomic_write_text(os.path.join(output_dir, METADATA_NAME), "\n".join(rows) + "\n")
+        write_text_atomically(os.path.join(output_dir, METADATA_NAME), "\n".join(rows) + "\n")
         manifest["complete"] = True
         if not _manifest_on_disk_equals(output_dir, manifest):
-            _atomic_write_text(os.path.join(output_dir, BANK_MANIFEST), json.dumps(manifest, indent=2) + "\n")
+            write_json_atomically(os.path.join(output_dir, BANK_MANIFEST), manifest)
         return manifest
 
 

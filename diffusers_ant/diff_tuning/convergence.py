@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import math
 import os
 
 import numpy as np
+
+from ..files import write_json_atomically
 
 CONVERGENCE_FILE = "convergence.json"
 DISTANCES = ("mse", "mae", "iou")
@@ -271,14 +272,7 @@ class ConvergenceTracker:
         """Write ``output_dir/convergence.json`` (atomically); nothing without an ``output_dir``."""
         if self.output_dir is None:
             return None
-        os.makedirs(self.output_dir, exist_ok=True)
-        path = os.path.join(self.output_dir, self.file_name)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-        return path
+        return write_json_atomically(os.path.join(self.output_dir, self.file_name), self.to_dict())
 
     def state_dict(self) -> dict:
         """The history, for Accelerate's ``register_for_checkpointing`` (a resumed run continues it)."""
