@@ -88,6 +88,7 @@ from diffusers_ant.analysis.benchmark import (
 )
 from diffusers_ant.cli import OneLineErrorParser
 from diffusers_ant.deme.search import DEFAULT_SEARCH_SAMPLES, DEFAULT_SEARCH_VALUES, returns_base
+from diffusers_ant.files import folder_written_atomically
 from diffusers_ant.training.args import DEME_AUTHORS_DEFAULTS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -563,10 +564,9 @@ def probe_training(args, index) -> str:
         statuses.append(run_logged(probe_command(args, index, step), os.path.join(probe_dir(args, index), "logs",
                                    f"train-{step}.log"), [], f"probe interval {index} to step {step}"))
         # copied whole or not at all: a half copy with its model_index.json would pass for the point
-        partial = saved + ".partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "samples*"))
-        os.replace(partial, saved)
+        with folder_written_atomically(saved) as partial:
+            shutil.copytree(run_dir, partial, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("checkpoint-*", "logs", "samples*"))
     return ", ".join(statuses) or "kept"
 
 

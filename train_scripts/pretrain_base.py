@@ -57,6 +57,7 @@ from diffusers_ant.analysis.benchmark import (  # noqa: E402
     write_json,
 )
 from diffusers_ant.cli import OneLineErrorParser, check_output_paths  # noqa: E402
+from diffusers_ant.files import folder_written_atomically  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -191,11 +192,9 @@ def main(argv=None) -> int:
                 # the run's folder holds the EMA pipeline at `step`: keep a copy, the next segment overwrites it.
                 # Copied beside and renamed: a kill mid-copy left a model_index.json without all the weights,
                 # which the next start took for a finished step and failed to load every time
-                partial = saved + ".partial"
-                shutil.rmtree(partial, ignore_errors=True)
-                shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "samples*"))
-                shutil.rmtree(saved, ignore_errors=True)
-                os.replace(partial, saved)
+                with folder_written_atomically(saved, replace=True) as partial:
+                    shutil.copytree(run_dir, partial, dirs_exist_ok=True,
+                                    ignore=shutil.ignore_patterns("checkpoint-*", "logs", "samples*"))
                 print(f"trained to step {step} ({status}, {time.time() - started:.0f}s so far)", flush=True)
             if pending is not None:
                 found = record(pending[0], pending[1].result())

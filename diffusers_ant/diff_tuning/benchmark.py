@@ -20,9 +20,9 @@ which the condition re-extracted from samples is within the threshold of the inp
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
+
+from ..files import folder_written_atomically
 
 __all__ = [
     "converged_step",
@@ -36,13 +36,10 @@ __all__ = [
 
 
 def _save_atomically(adapter, folder: str) -> None:
-    """`adapter.save` into a sibling temporary folder, then rename: an interrupted save leaves no folder
-    that looks finished (paths the save records relative to the folder stay valid: same parent)."""
-    tmp = os.path.normpath(folder) + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    adapter.save(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    """`adapter.save` into a sibling folder, then renamed (`files.folder_written_atomically`): an interrupted save
+    leaves no folder that looks finished (paths the save records relative to the folder stay valid: same parent)."""
+    with folder_written_atomically(folder, replace=True) as partial:
+        adapter.save(partial)
 
 
 def make_sd_base(folder: str, dataset_name: str = "mnist5k", resolution: int = 16, vae_steps: int = 500,
