@@ -437,6 +437,8 @@ def _train_with(args, accelerator) -> str:
                                      extractor=args.condition_extractor, distance=args.convergence_distance,
                                      output_dir=args.output_dir)
 
+    path_fingerprints = run_local_paths(args)  # (the path flags stay as they are for the whole run)
+
     def trainer_state(step):
         return {"global_step": step, "generator": generator.get_state(),
                 "convergence": tracker.state_dict() if tracker is not None else None,
@@ -446,7 +448,7 @@ def _train_with(args, accelerator) -> str:
                 "weighting_optimizer": outside_optimizer.state_dict() if outside_optimizer is not None else None,
                 "engine": engine_record(accelerator),
                 "config": public_config(args),
-                "local_paths": run_local_paths(args)}
+                "local_paths": path_fingerprints}
 
     global_step = 0
     if args.resume_from_checkpoint is not None and checkpoint is None:
