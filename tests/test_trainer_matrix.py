@@ -589,6 +589,41 @@ def test_a_deepspeed_window_whose_task_gradients_overflow_is_a_skipped_update():
     assert update_skipped(types.SimpleNamespace(optimizer_step_was_skipped=True), {"found_inf": torch.tensor(False)}, plain)
 
 
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_non_finite_task_gradients_without_a_loss_scaler_skip_the_update(precision, tmp_path, monkeypatch, caplog):
+    """bf16 / fp32 have no GradScaler to skip a window whose per-cluster gradients are not finite: the loop
+    skips it (no optimizer step, a warning) instead of handing AdamW the engine's overflow marker, which made
+    every later weight NaN. The windows before and after still train."""
+    from diffusers_ant.training import step as step_module
+
+    original = step_module.DiffusionObjective.loss_fn
+    windows = []
+
+    def poisoned(self, model, prepared):
+        fn = original(self, model, prepared)
+        windows.append(None)
+        if len(windows) != 2:
+            return fn
+        return lambda idx=None: fn(idx) * float("inf")  # the second window: every task's loss and gradient
+
+    monkeypatch.setattr(step_module.DiffusionObjective, "loss_fn", poisoned)
+    out = tmp_path / "run"
+    with largest_gradients() as applied, caplog.at_level("WARNING", logger="diffusers_ant"):
+        train_in_process(_args("unet", out, "--mtl_method", "pcgrad", "--max_train_steps", "3",
+                               "--mixed_precision", precision, "--checkpointing_steps", "1"))
+    assert len(windows) == 3
+    assert len(applied) == 2, "the optimizer must not step on the non-finite window"
+    assert "step 2: the per-cluster gradients are not finite" in caplog.text
+    final = _model_weights(out / "unet")
+    assert all(bool(torch.isfinite(v).all()) for v in final.values())
+    # the skipped step left the weights as they were, and the steps around it moved them
+    first, second, third = ({k: v for k, v in load_safetensors_dir(out / f"checkpoint-{n}").items()
+                             if k.startswith("model.safetensors:")} for n in (1, 2, 3))
+    assert first and largest_difference(first, second) == 0.0
+    assert largest_difference(second, third) > 0.0
+    assert all(bool(torch.isfinite(v).all()) for v in third.values())
+
+
 def _fake_deepspeed(zero_stage=2, **config):
     """A DeepSpeed accelerator as `check_distributed_support` reads it: the plugin's stage and config."""
     plugin = types.SimpleNamespace(zero_stage=zero_stage, deepspeed_config={"zero_optimization": {"stage": zero_stage},

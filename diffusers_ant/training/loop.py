@@ -501,19 +501,25 @@ def _train_with(args, accelerator) -> str:
             scaler = accelerator.scaler
             # (DeepSpeed's fp16 has its own loss scaler, which skips overflowing steps the same way; a gradient
             # method under DeepSpeed skips a window whose task gradients overflow, `update_skipped`)
+            # (a gradient method's window may also be skipped without any loss scaler: `task_gradients_overflowed`)
             may_skip = (scaler is not None or (deepspeed and accelerator.mixed_precision == "fp16")
-                        or getattr(engine, "write_update", None) is not None)
+                        or (weighting is not None and weighting.needs_task_gradients))
             snapshot = weighting_snapshot(weighting) if may_skip and weighting is not None else None
             logs = training_step(accelerator, objective, model, window, generator, num_tasks, weighting=weighting,
                                  engine=engine, loss_scale=current_loss_scale(scaler, accelerator.device))
             if extra_params and not (weighting is not None and weighting.needs_task_gradients):
                 average_gradients_(extra_params)  # DDP averaged the model's gradients, not these
-            if args.max_grad_norm and fsdp:
+            overflowed = task_gradients_overflowed(accelerator, logs, engine)
+            if overflowed:
+                logger.warning("step %d: the per-cluster gradients are not finite (inf or NaN); the update is skipped",
+                               global_step + 1)
+            elif args.max_grad_norm and fsdp:
                 fsdp_clip_grad_norm_(accelerator, params, args.max_grad_norm)
             elif args.max_grad_norm and not deepspeed:  # DeepSpeed clips inside its step (configure_plugin)
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()  # under DeepSpeed a no-op: the engine stepped at the window's last chunk
-            skipped = update_skipped(accelerator, logs, engine)
+            if not overflowed:
+                optimizer.step()  # under DeepSpeed a no-op: the engine stepped at the window's last chunk
+            skipped = overflowed or update_skipped(accelerator, logs, engine)
             if not skipped:
                 # (Accelerate's scheduler also holds still after a GradScaler's skip; a window the engine handed
                 # DeepSpeed nothing for is a skip it cannot see, so the schedule is not asked to step at all)
@@ -747,6 +753,16 @@ def update_skipped(accelerator, logs: dict, engine) -> bool:
     if accelerator.optimizer_step_was_skipped:
         return True
     return getattr(engine, "write_update", None) is not None and bool(logs.get("found_inf", False))
+
+
+def task_gradients_overflowed(accelerator, logs: dict, engine) -> bool:
+    """Whether a gradient method's per-cluster gradients were not finite (`found_inf`) with no loss scaler to
+    skip the update (bf16, fp32). The engine then wrote no update; the loop skips the optimizer step as a
+    GradScaler would. Stepping it would hand AdamW the engine's overflow marker (an inf gradient entry, made
+    NaN by the clipping) and turn the model into NaNs for good. The task gradients are synced before the
+    check, so every process decides alike. With a GradScaler (fp16) the scaler sees the marker and decides
+    (`update_skipped`); DeepSpeed's engine was handed nothing (`write_update`)."""
+    return accelerator.scaler is None and bool(logs.get("found_inf", False))
 
 
 def weighting_snapshot(weighting) -> dict:

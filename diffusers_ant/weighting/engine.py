@@ -62,7 +62,9 @@ backpropagates the scaled task losses (unscaled fp16 task backward passes underf
 task gradients before the weights are chosen, and writes the SCALED update into `.grad`, where the
 scaler's `unscale_` / `step` expects it. A window whose task gradients are not finite (an fp16
 overflow) is not shown to the weighting (no state advances); the engine writes `inf` into `.grad`
-so that the scaler skips the optimizer step and lowers its scale, and reports `found_inf`.
+so that the scaler skips the optimizer step and lowers its scale, and reports `found_inf`. Without a
+scaler (bf16, fp32) the caller must skip the step on `found_inf` itself, as the trainer does
+(`training.loop.task_gradients_overflowed`).
 
 Data parallelism: all processes agree on the global task counts before any forward (one small
 all-reduce), per-task gradients are all-reduced as count-weighted means before the weights are
