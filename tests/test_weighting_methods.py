@@ -570,12 +570,24 @@ def test_nash_stored_weights_do_not_count_a_step():
 def test_nash_does_not_fail_silently():
     g = random_grads(1, p=6)[0]
     dependent = torch.stack([g, -2.0 * g, g + 0.1])  # a positive combination of g1, g2 is zero: no solution
-    nash = get_weighting("nash_mtl", 3, max_iter=30)
+    # after a solve, a failed one keeps the previous alpha, loudly
+    nash = get_weighting("nash_mtl", 3, max_iter=30, update_every=1)
+    solved = nash.weights_from_grads(random_grads(3, p=6))
     before = nash.alpha.clone()
-    with pytest.warns(RuntimeWarning, match="did not converge"):
-        nash.weights_from_grads(dependent)
+    with pytest.warns(RuntimeWarning, match="did not converge.*Keeping the previous alpha"):
+        weights = nash.weights_from_grads(dependent)
     assert nash.solver_failures == 1 and not nash.last_residual <= nash.config.tol
-    assert torch.equal(nash.alpha, before)  # the previous alpha is kept, loudly
+    assert torch.equal(nash.alpha, before) and torch.equal(weights, solved)
+    # a failed first solve has no previous alpha: equal weights at a solution's scale (update norm sqrt(K)),
+    # not the initial ones (whose update is the plain sum of the gradients)
+    first = get_weighting("nash_mtl", 3, max_iter=30)
+    with pytest.warns(RuntimeWarning, match="did not converge.*equal weights"):
+        weights = first.weights_from_grads(dependent)
+    assert first.solver_failures == 1
+    assert torch.allclose(weights, weights[0].expand(3)) and float(weights[0]) != 1.0
+    update_norm = (weights.double() @ dependent.double()).norm()
+    assert abs(float(update_norm) - 3 ** 0.5) <= 1e-6 * 3 ** 0.5
+    assert not first.needs_gradients_this_step(torch.ones(3, dtype=torch.bool))  # the window runs on them
     with pytest.raises(RuntimeError, match="did not converge"):
         get_weighting("nash_mtl", 3, max_iter=30, on_failure="raise").weights_from_grads(dependent)
 

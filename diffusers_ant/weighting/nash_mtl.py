@@ -43,7 +43,10 @@ Convergence is checked on the equation itself, max_i |a_i (M a)_i - 1| <= tol (t
 as max_i |alpha_i (G G^T alpha)_i - 1| up to rounding). When it is not reached (e.g. linearly
 dependent or zero gradients, where no finite solution exists) the failure is recorded in
 `solver_failures` / `last_residual`, and by default a RuntimeWarning is raised and the previous
-alpha reused (the authors' behaviour, made loud); `on_failure="raise"` stops training instead. A
+alpha reused (the authors' behaviour, made loud); `on_failure="raise"` stops training instead. Where
+no earlier solve gave a present task an alpha (a failed first solve), the window takes equal weights
+scaled so that the update's norm is sqrt(K), as a solution's, not the initial ones (their update's
+norm is that of the summed gradients, on no particular scale). A
 task whose gradient is exactly zero has no bargaining position and gets weight 0.
 
 `solver="cvxpy"` solves the same convex problem with cvxpy (`pip install cvxpy`); `"auto"` uses
@@ -274,19 +277,31 @@ class NashMTL(GradientWeighting):
         init = self.alpha.detach().cpu()[index[nonzero]] * scale
         alpha, residual, iterations, converged = self._solve(gram / scale**2, init)
         self.last_residual, self.last_iterations = residual, iterations
+        # A present task that no earlier solve gave an alpha (the first solve, or a cluster absent until now) has
+        # no previous alpha to fall back on, only the initial 1, on no particular scale.
+        unsolved = bool((present.cpu() & ~self.solved).any())
         if not converged:
             self.solver_failures += 1
+            fallback = ("Using equal weights for this window, scaled so that the update's norm is sqrt(K) as a "
+                        "solution's (no earlier solve gave these tasks an alpha)." if unsolved
+                        else "Keeping the previous alpha.")
             message = (f"nash_mtl: the solver did not converge (residual {residual:.2e} > tol "
                        f"{self.config.tol:.0e} after {iterations} iterations; failure "
-                       f"{self.solver_failures}); the task gradients are probably linearly dependent. "
-                       f"Keeping the previous alpha.")
+                       f"{self.solver_failures}); the task gradients are probably linearly dependent. {fallback}")
             if self.config.on_failure == "raise":
-                raise RuntimeError(message.replace("Keeping the previous alpha.",
-                                                   "Set on_failure='warn' to keep the previous alpha."))
+                raise RuntimeError(message.replace(fallback, "Set on_failure='warn' to train on: it keeps the "
+                                                             "previous alpha (equal weights before any solve)."))
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             logger.warning(message)
-            self.solved |= present.cpu()  # the window runs on the previous alpha, without a solve every step
-            return
+            if not unsolved:
+                self.solved |= present.cpu()  # the window runs on the previous alpha, without a solve every step
+                return
+            # Equal weights c * 1 at the bargaining solution's scale: ||c sum_i g_i||^2 = K, i.e. the minimiser of
+            # the Nash objective along the direction of ones (the Newton solver's own rescaled start). If the
+            # gradients sum to zero, any c gives the zero update: c = 1.
+            total = float(gram.sum())
+            alpha = torch.full((gram.shape[0],), (gram.shape[0] / total) ** 0.5 if total > 0 else 1.0,
+                               dtype=torch.float64) * scale
         new = self.alpha.detach().clone()
         new[index[nonzero].to(new.device)] = (alpha / scale).to(new)
         new[index[~nonzero].to(new.device)] = 0.0
