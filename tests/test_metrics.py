@@ -262,6 +262,9 @@ def test_inception_extractor_loads_a_safetensors_state_dict(tmp_path):
         InceptionFeatureExtractor(str(tmp_path / "broken.safetensors"))
     with pytest.raises(ValueError, match="not found"):
         InceptionFeatureExtractor(str(tmp_path / "absent.safetensors"))
+    (tmp_path / "renamed.safetensors").write_bytes(b"PK\x03\x04 a renamed .pth (a zip)")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        InceptionFeatureExtractor(str(tmp_path / "renamed.safetensors"))
 
 
 def test_module_extractor_and_image_conversion():
@@ -273,5 +276,15 @@ def test_module_extractor_and_image_conversion():
     assert torch.allclose(images_to_tensor(pil).mean(dim=(1, 2, 3)), torch.tensor([0.0, 0.2, 1.0]))
     with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
         images_to_tensor(torch.rand(2, 1, 4, 4) * 2 - 1)
+    # the other layout is refused, not read as images of H or W channels and averaged to grey
+    with pytest.raises(ValueError, match=r"arrays are read as \(N, H, W, C\)"):
+        images_to_tensor(np.random.rand(8, 1, 16, 16))  # a pipeline's output_type="pt" images, as numpy
+    with pytest.raises(ValueError, match=r"tensors are read as \(N, C, H, W\)"):
+        images_to_tensor(torch.rand(8, 16, 16, 1))
+    # a colour palette image keeps its colours
+    palette = Image.fromarray(np.array([[0, 1], [1, 0]], dtype=np.uint8), mode="P")
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    colour = images_to_tensor([palette])
+    assert colour.shape == (1, 3, 2, 2) and torch.equal(colour[0, :, 0, 0], torch.tensor([1.0, 0.0, 0.0]))
     with pytest.raises(ValueError, match="valid: mnist5k, animal_mnist, digits, inception_v3"):
         get_feature_extractor("lenet")

@@ -83,7 +83,8 @@ def images_to_tensor(images):
             raise ValueError(f"image tensors must be (N, C, H, W), got shape {tuple(x.shape)}")
     else:
         if isinstance(images, (list, tuple)) and len(images) and hasattr(images[0], "convert"):  # PIL
-            images = [np.asarray(im.convert("L") if im.mode in ("L", "1", "P", "I", "F") else im.convert("RGB")) for im in images]
+            # (a palette image may hold colours: it is read as RGB, and a grey palette gives three equal channels)
+            images = [np.asarray(im.convert("L") if im.mode in ("L", "1", "I", "F") else im.convert("RGB")) for im in images]
             if len({im.shape for im in images}) > 1:
                 raise ValueError("PIL images must all have the same size and mode; resize them first")
         arr = np.asarray(images)
@@ -92,6 +93,11 @@ def images_to_tensor(images):
         if arr.ndim != 4:
             raise ValueError(f"image arrays must be (N, H, W, C) or (N, H, W), got shape {arr.shape}")
         x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+    if x.shape[1] not in (1, 3, 4):
+        # (an array in the other layout would otherwise be read as images of H or W channels and averaged to grey)
+        layout = "tensors are read as (N, C, H, W)" if isinstance(images, torch.Tensor) else "arrays are read as (N, H, W, C)"
+        raise ValueError(f"images must have 1, 3 or 4 channels, got {x.shape[1]} (as (N, C, H, W): {tuple(x.shape)}): "
+                         f"{layout}; move the channels there (`.permute(0, 2, 3, 1)` / `.transpose(0, 2, 3, 1)` or back)")
     if x.dtype == torch.uint8:
         return x.float() / 255.0
     x = x.float()
@@ -436,7 +442,12 @@ class InceptionFeatureExtractor(FeatureExtractor):
             )
         if not str(weights_path).endswith(".safetensors"):
             raise ValueError("Inception weights must be a .safetensors file (nothing is unpickled from user paths)")
-        self.network = FIDInceptionV3().load_fid_state_dict(load_file(str(weights_path)))
+        try:
+            state = load_file(str(weights_path))
+        except Exception as error:  # (safetensors' own error type is no ValueError: say what the file is not)
+            raise ValueError(f"{weights_path}: not a readable safetensors file ({error}); convert pytorch-fid's .pth as "
+                             "diffusers_ant.metrics.inception shows (renaming it is not enough)") from error
+        self.network = FIDInceptionV3().load_fid_state_dict(state)
         self.network.eval().requires_grad_(False)
         self.feature_dim = FIDInceptionV3.feature_dim
         if device is not None:
