@@ -259,6 +259,21 @@ def test_negative_transfer_gap_routes_the_interval_model(folders, reference):
     assert result["num_timesteps"] == 1000 and {"precision", "recall", "kid_mean"} <= set(rows[1])
 
 
+def test_an_interval_out_of_range_is_refused_before_any_sampling(folders, reference, monkeypatch):
+    """Half-open bounds ([500, 1000] for T = 1000) failed only at that interval, after the base's and the earlier
+    intervals' samples were drawn and scored, and nothing was written."""
+    from diffusers_ant.analysis import evaluate
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before the intervals were checked")
+
+    monkeypatch.setattr(evaluate, "sample_images", no_sampling)
+    base_pipeline, base = load_denoiser(folders["a"])
+    with pytest.raises(ValueError, match=r"interval \[500, 1000\] must satisfy .*ends at 999"):
+        negative_transfer_gap(base_pipeline, [base, base], [(0, 499), (500, 1000)], reference, num_samples=8,
+                              num_inference_steps=4, batch_size=8, progress=False)
+
+
 def test_intervals_from_training_config_and_json(folders, tmp_path):
     from diffusers_ant.clustering import TimestepIntervals
 

@@ -57,13 +57,19 @@ def load_intervals(path: str, count: int) -> list:
     return [(int(a), int(b)) for a, b in bounds]
 
 
+def _check_interval(interval, num_timesteps: int) -> None:
+    t1, t2 = int(interval[0]), int(interval[1])
+    if not 0 <= t1 <= t2 < num_timesteps:
+        raise ValueError(f"interval [{t1}, {t2}] must satisfy 0 <= t1 <= t2 < {num_timesteps} "
+                         f"(inclusive bounds: the last interval ends at {num_timesteps - 1})")
+
+
 def swap_in_router(base, specialist, interval, num_timesteps, timestep_map=None, schedulers=None,
                    names=("the base model", "the interval model")) -> TimestepRouter:
     """A router calling `specialist` for training indices in `interval` (inclusive) and `base` elsewhere.
     `schedulers`: optionally `(base's, specialist's)` training schedulers, which must match."""
     t1, t2 = int(interval[0]), int(interval[1])
-    if not 0 <= t1 <= t2 < num_timesteps:
-        raise ValueError(f"interval [{t1}, {t2}] must satisfy 0 <= t1 <= t2 < {num_timesteps}")
+    _check_interval(interval, num_timesteps)
     bounds, models = [], []
     if t1 > 0:
         bounds.append((0, t1 - 1))
@@ -115,6 +121,8 @@ def negative_transfer_gap(base_pipeline, interval_models, intervals, reference, 
             raise ValueError(f"got {len(interval_schedulers)} schedulers for {len(interval_models)} interval models")
         check_same_schedule([base_pipeline.scheduler, *interval_schedulers], ["the base model", *names])
     T = num_train_timesteps(base_pipeline.scheduler)
+    for interval in intervals:  # before any sampling: a bad bound would otherwise end the run after the base's
+        _check_interval(interval, T)
     base = getattr(base_pipeline, denoiser_name(base_pipeline))
     # what the pipeline passes -> training indices (a FLUX.1 run's table: `training_scheduler`, see routing)
     timestep_map = denoiser_timestep_map(base_pipeline.scheduler, T, base, training_scheduler=training_scheduler)
