@@ -421,6 +421,31 @@ def _other_architecture(folder, base):
     return str(folder)
 
 
+def test_a_base_recorded_by_its_folder_name_alone_is_the_local_base_of_that_name(run, tmp_path):
+    """A base that shares only the file system root with the output (a base under /data, an output under
+    /scratch) is recorded by its folder name alone (`hub.portable_path`), which reads as a Hub id: the run's
+    own merge then refused its own base as another model. A local --base of that name is that base; another
+    name is still refused."""
+    import shutil
+
+    def recorded_as(name, folder):
+        copies = []
+        for i, finetune in enumerate(run["finetunes"]):
+            copy = folder / f"interval-{i}"
+            shutil.copytree(finetune, copy)
+            _write_records(str(copy), i, name)
+            copies.append(str(copy))
+        return copies
+
+    quiet = {"log": lambda *_: None}
+    merge_finetunes(run["base"], recorded_as("base", tmp_path / "bare"), str(tmp_path / "merged"),
+                    weights=[0, 0, 0, 1], **quiet)
+    assert _unet_state(tmp_path / "merged").keys() == _unet_state(run["base"]).keys()
+    with pytest.raises(ValueError, match="not from --base"):
+        merge_finetunes(run["base"], recorded_as("another-base", tmp_path / "other"), str(tmp_path / "refused"),
+                        weights=[0, 0, 0, 1], **quiet)
+
+
 def test_bad_inputs_are_refused_with_one_line(run, tmp_path):
     base, finetunes = run["base"], run["finetunes"]
     quiet = {"log": lambda *_: None}

@@ -156,11 +156,20 @@ def _resolved(path: str) -> str:
     return path.rstrip("/")
 
 
+def _same_base(recorded: str, base: str) -> bool:
+    """Whether a fine-tune's recorded base names ``base``. A base that shared nothing but the file system root with
+    the output folder is recorded by its folder name alone (``hub.portable_path``: its relative path would spell out
+    the absolute one), which reads as a Hub id: a local ``base`` of that name is taken as that base."""
+    if _resolved(recorded) == _resolved(base):
+        return True
+    bare = "/" not in recorded and os.sep not in recorded and not os.path.exists(recorded)
+    return bare and os.path.isdir(base) and os.path.basename(os.path.realpath(base)) == recorded
+
+
 def check_same_base(finetunes, base: str) -> None:
     """Refuse a fine-tune whose recorded base is another model than ``base`` (not recorded: accepted)."""
-    wanted = _resolved(base)
     for finetune in finetunes:
-        if finetune.base_model is not None and _resolved(finetune.base_model) != wanted:
+        if finetune.base_model is not None and not _same_base(finetune.base_model, base):
             raise ValueError(f"fine-tune {finetune.path!r} was trained from {finetune.base_model!r}, not from --base "
                              f"{base!r}: merge fine-tunes of the same base")
 
