@@ -649,3 +649,32 @@ def test_other_model_types_merge_lora_and_full_finetunes_and_ensemble(model_type
     call = {"class_labels": [0, 1]} if model_type == "dit" else {"prompt": ["a cat", "a dog"]}
     images = pipeline(num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0), **call).images
     assert images.shape[0] == 2 and images.shape[1:3] == (16, 16)
+
+
+def test_a_controlnet_lora_is_checked_against_the_bases_controlnet_not_its_unet(tmp_path):
+    """A ControlNet run's LoRA adapts the zero convolutions (`controlnet_down_blocks.*`), which a
+    StableDiffusionControlNetPipeline base's UNet does not have: it was checked against the UNet and every merge
+    of such fine-tunes was refused. It is checked against the base's ControlNet, where a layer it lacks is still
+    refused."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from diffusers_ant.deme.lora_merge import LoraFile, LoraModule, check_lora_fits_base
+
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, sample_size=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=32)
+    base = tmp_path / "sd-controlnet"
+    unet.save_config(base / "unet")
+    ControlNetModel.from_unet(unet).save_config(base / "controlnet")
+    (base / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionControlNetPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "controlnet": ["diffusers", "ControlNetModel"]}))
+
+    def controlnet_lora(stem):
+        module = LoraModule(stem, 0, torch.zeros(2, 32, 1, 1), torch.zeros(32, 2, 1, 1), 1.0)
+        return LoraFile(str(tmp_path / "interval-0"), "peft", {module.stem: module}, {"": {"r": 2}}, False,
+                        {"model_type": "controlnet"})
+
+    check_lora_fits_base([controlnet_lora("controlnet_down_blocks.0")], str(base))
+    with pytest.raises(ValueError, match=r"adapts no_such_layer, which --base .*its controlnet a ControlNetModel"):
+        check_lora_fits_base([controlnet_lora("no_such_layer")], str(base))

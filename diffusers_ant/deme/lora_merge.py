@@ -321,7 +321,8 @@ def check_lora_fits_base(files, base: str) -> None:
     """Refuse, in one line naming both, a LoRA whose denoiser layers the ``base`` pipeline does not have
     (a LoRA of another model type or family). The base's denoiser is built on the meta device from its
     config (accelerate's ``init_empty_weights``): no weight is read. Bases without ``model_index.json``
-    (a ControlNet output) are not checked here; ``check_same_base`` still compares the recorded base."""
+    (a ControlNet output), and ControlNet LoRAs on a base without a ControlNet, are not checked here;
+    ``check_same_base`` still compares the recorded base."""
     import importlib
 
     from accelerate import init_empty_weights
@@ -331,7 +332,12 @@ def check_lora_fits_base(files, base: str) -> None:
         return
     with open(index_path, encoding="utf-8") as f:
         index = json.load(f)
-    component = next((name for name in ("transformer", "unet") if isinstance(index.get(name), list)), None)
+    # A ControlNet run's LoRA adapts the ControlNet (its zero convolutions, which the UNet does not have): it is
+    # checked against the pipeline's ControlNet where the base has one, and not here where it has none (the
+    # ControlNet was then created from the UNet, and the folder carries it)
+    controlnet = any(lora.info.get("model_type") == "controlnet" for lora in files)
+    order = ("controlnet",) if controlnet else ("transformer", "unet")
+    component = next((name for name in order if isinstance(index.get(name), list)), None)
     if component is None:
         return
     library, class_name = index[component]
