@@ -278,3 +278,22 @@ def test_projection_is_on_the_main_path_only_the_skip_connections_stay_unproject
     expected = predict(adapter, model, x_t, t, cond)
     assert final["out"][1][-1] is final["out"][0]  # legacy: the skip connection gets the projected map
     torch.testing.assert_close(predict(adapter, legacy, x_t, t, cond), expected, rtol=0, atol=0)
+
+
+def test_training_from_a_folder_with_projections_is_refused_in_one_line(tmp_path):
+    """The trainer loads a pretrained denoiser without the projections saved beside it: a run from a merged
+    DeMe model started from another function than the model's and dropped its projections from the outputs."""
+    from diffusers_ant.training.args import UsageError
+    from trainer_utils import train_in_process
+
+    adapter = build("unet")
+    add_channel_projection(adapter.model)
+    perturb_projections(adapter.model)
+    merged = tmp_path / "merged"
+    save_adapter_output(adapter, str(merged))
+    assert (merged / "channel_projection.json").is_file()
+    with pytest.raises(UsageError, match="holds DeMe channel projections") as error:
+        train_in_process(["--model_type", "unet", "--dataset_name", "mnist5k", "--pretrained_model_name_or_path",
+                          str(merged), "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"])
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()

@@ -203,6 +203,7 @@ def _train_with(args, accelerator) -> str:
     enable_fsdp_on_cpu(accelerator)  # `--use_fsdp` without a GPU: torch's FSDP2 with gloo (training/fsdp.py)
     check_fsdp_support(accelerator, args)
     check_task_gradient_launch(accelerator, args)  # a gradient method FSDP / DeepSpeed cannot run: before any loading
+    check_base_without_projections(args)
     fsdp = is_fsdp(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if accelerator.is_main_process and os.path.isdir(args.output_dir):
@@ -610,6 +611,21 @@ def check_teacher_target(args, adapter) -> None:
                        ("DeMe's consistency loss", ", or pass --consistency_weight 0"))
         raise ValueError(f"{what} regresses on the pretrained model's own prediction ({adapter.pretrained_target}), "
                          f"and this run trains {trained} ({flags}): drop {flags.split(' ')[0]}{other}")
+
+
+def check_base_without_projections(args) -> None:
+    """Refuse, in one line, a pretrained folder that carries DeMe's channel projections (a merged DeMe model):
+    the denoiser is loaded without them, so the run would start from another function than the base's, its
+    outputs would drop them, and a DeMe merge of its fine-tunes would add the base's projections to updates made
+    from the identity. (Local folders: a Hub model's files are not listed before loading.)"""
+    from ..deme.projection import PROJECTION_CONFIG_NAME
+
+    for flag in ("pretrained_model_name_or_path", "controlnet_model_name_or_path"):
+        folder = getattr(args, flag, None)
+        if folder and os.path.isfile(os.path.join(os.path.expanduser(folder), PROJECTION_CONFIG_NAME)):
+            raise UsageError(f"--{flag} {folder} holds DeMe channel projections ({PROJECTION_CONFIG_NAME}): training "
+                             "from a merged DeMe model is not supported (its projections would be dropped); train from "
+                             "the model its DeMe run started from")
 
 
 def check_pretrained_classes(args, adapter) -> None:
