@@ -349,3 +349,30 @@ def test_latents_are_normalised_by_the_vaes_latents_mean_and_std_where_it_has_th
     # back by std / sf), the decode's 3 and z = plain / sf's one, each u M at most (measured: 0.8u M)
     torch.testing.assert_close(normalised * torch.tensor(std).view(1, 4, 1, 1) / sf + torch.tensor(mean).view(1, 4, 1, 1),
                                z, rtol=0, atol=7 * unit_roundoff() * M)
+
+
+def test_a_deme_merge_of_lora_fine_tunes_keeps_their_vae(vanilla_run, sdxl_base, fixed_vae, tmp_path):
+    """LoRA fine-tunes trained with --pretrained_vae_model_name_or_path record it relative to their folder; the
+    merged LoRA copied that spelling unchanged, so a merge written at another depth (or the search's temporary
+    folder) named a VAE that is not there. It is spelled for the merged folder, as its base is."""
+    import shutil
+
+    from diffusers_ant import TimestepIntervals
+    from diffusers_ant.deme.merging import merge_finetunes
+    from diffusers_ant.models import load_pipeline
+
+    intervals = TimestepIntervals.equal(1000, 2)
+    finetunes = []
+    for i in range(2):  # beside the run, as train_deme.py writes its intervals: the recorded paths still resolve
+        folder = vanilla_run.parent / f"{vanilla_run.name}-interval-{i}"
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(vanilla_run, folder, ignore=shutil.ignore_patterns("checkpoint-*", "samples"))
+        config = json.loads((folder / "training_config.json").read_text())
+        (folder / "training_config.json").write_text(json.dumps({**config, "deme_interval": i}))
+        intervals.save(str(folder / "timestep_intervals.json"))
+        finetunes.append(str(folder))
+    merged = tmp_path / "at" / "another" / "depth"
+    merge_finetunes(str(sdxl_base), finetunes, str(merged), weights=[0.5, 0.5], log=lambda *_: None)
+    recorded = json.loads((merged / "ant_lora.json").read_text())["vae"]
+    assert (merged / recorded).resolve() == fixed_vae.resolve()
+    assert _same_vae(load_pipeline(str(merged)).vae, fixed_vae)

@@ -245,10 +245,20 @@ def merged_b(parts, weights) -> torch.Tensor:
                      dim=1).contiguous()
 
 
-def write_merged_lora(files, weights, output_dir: str, base_model: str) -> dict:
+def recorded_vae(files) -> str | None:
+    """The VAE the fine-tunes were trained with (``--pretrained_vae_model_name_or_path``, recorded relative to
+    their folder, as ``base_model``) as a path from here (or a Hub id); None when they recorded none."""
+    from ..models.base import resolve_recorded_base
+
+    recorded = files[0].info.get("vae")
+    return resolve_recorded_base(files[0].folder, recorded) if recorded else None
+
+
+def write_merged_lora(files, weights, output_dir: str, base_model: str, vae: str | None = None) -> dict:
     """Write the merged LoRA folder: weights (same format and keys as the inputs, rank N*r),
     its config(s), ``ant_lora.json`` naming ``base_model`` (a path relative to ``output_dir`` or a
-    Hub id) with the merged rank, and the merged channel projections when any fine-tune has them.
+    Hub id) with the merged rank (and ``vae``, spelled as ``base_model``: ``recorded_vae``), and the merged
+    channel projections when any fine-tune has them.
     Returns the ``ant_lora.json`` it wrote."""
     from safetensors.torch import save_file
 
@@ -267,6 +277,8 @@ def write_merged_lora(files, weights, output_dir: str, base_model: str) -> dict:
     # scale 1: every fine-tune's alpha / r is folded into its block of B
     info = {**files[0].info, "base_model": base_model, "rank": rank, "lora_alpha": rank,
             "deme_lora_merge": {"weights": [float(w) for w in weights], "num_loras": len(files)}}
+    if vae is not None:  # (as `base_model`: the caller's spelling for where the folder lives, not the fine-tune's)
+        info["vae"] = vae
     with open(os.path.join(output_dir, LORA_INFO_NAME), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
     write_merged_projections([f.folder for f in files], weights, output_dir)
@@ -378,7 +390,9 @@ class LoraCandidates:
         with tempfile.TemporaryDirectory() as work:
             # the base as an absolute path (a Hub id as is): relative to a temporary folder under /tmp it is
             # only its last name when the two share nothing but /, which `load_pipeline` then takes for a Hub id
-            write_merged_lora(files, [1.0] * len(files), work, os.path.abspath(base) if os.path.isdir(base) else base)
+            vae = recorded_vae(files)
+            write_merged_lora(files, [1.0] * len(files), work, os.path.abspath(base) if os.path.isdir(base) else base,
+                              vae=os.path.abspath(vae) if vae is not None and os.path.isdir(vae) else vae)
             self.pipeline = load_pipeline(work)  # the LoRA and projection tensors are read into memory
         denoiser = denoiser_component(self.pipeline)
         self.targets = {}

@@ -282,9 +282,11 @@ def merge_finetunes(base: str, finetuned, output_dir: str, *, weights=None, sear
     final_dir = output_dir
     with folder_written_atomically(final_dir) as output_dir:
         if lora_files is not None:
-            from .lora_merge import write_merged_lora
+            from .lora_merge import recorded_vae, write_merged_lora
 
-            lora_info = write_merged_lora(lora_files, weights, output_dir, portable_path(base, final_dir))
+            vae = recorded_vae(lora_files)
+            lora_info = write_merged_lora(lora_files, weights, output_dir, portable_path(base, final_dir),
+                                          vae=portable_path(vae, final_dir) if vae is not None else None)
         else:
             pipeline.to("cpu")
             save_pipeline(pipeline, output_dir, inputs.component, base=base, revision=recorded_base_revision(finetunes))
