@@ -446,3 +446,35 @@ def test_lora_ensemble_switches_adapters_by_timestep_on_one_denoiser(deme_lora, 
                            base_unet(x, 700, encoder_hidden_states=hidden).sample)
     images = pipeline(["a cat"], num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 16, 16, 3)
+
+
+def test_a_lora_ensemble_runs_legacy_members_as_they_were_trained(deme_lora, tmp_path):
+    """Members whose projections are the legacy skip-projecting kind (channel_projection.json version 1) run so
+    in the LoRA ensemble, as the dense ensemble and the merges run them; a mix of both kinds is refused."""
+    from diffusers_ant.deme.merging import write_ensemble_folder
+    from diffusers_ant.deme.projection import channel_projections
+
+    base, folders = deme_lora["base"], deme_lora["finetunes"]
+    out = tmp_path / "ensemble"
+    write_ensemble_folder(base, folders, str(out), log=lambda *_: None)
+    import shutil
+
+    members = sorted((out / "members").iterdir())
+    with_projections = [m for m in members if (m / "channel_projection.json").is_file()]
+    assert len(members) == 2 and len(with_projections) == 1
+    for other in members:  # the other member's projections: a copy of the first's
+        if other not in with_projections:
+            for name in ("channel_projection.json", "channel_projection.safetensors"):
+                shutil.copy(with_projections[0] / name, other / name)
+    configs = [m / "channel_projection.json" for m in members]
+    assert not any(p.projects_skip for p in channel_projections(load_pipeline(str(out)).unet).values())
+
+    def set_version(path, version):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "version": version}))
+
+    set_version(configs[0], 1)
+    with pytest.raises(ValueError, match="mix legacy skip-projecting channel projections"):
+        load_pipeline(str(out))
+    set_version(configs[1], 1)
+    projections = channel_projections(load_pipeline(str(out)).unet).values()
+    assert projections and all(p.projects_skip for p in projections)

@@ -154,11 +154,11 @@ def attach_lora_ensemble(pipeline, folder: str, info: dict):
 
     from ..clustering import TimestepIntervals
     from ..models.lora import load_peft_lora
-    from .projection import add_channel_projection, read_projection_config
+    from .projection import add_channel_projection, read_projection_config, set_skip_mode
 
     component = info["component"]
     model = getattr(pipeline, component)
-    adapters, projection_states, any_projection = [], [], False
+    adapters, projection_states, any_projection, versions = [], [], False, set()
     for index, name in enumerate(info["members"]):
         if name == "base":
             adapters.append(None)
@@ -176,11 +176,17 @@ def attach_lora_ensemble(pipeline, folder: str, info: dict):
         config = read_projection_config(member)
         if config is not None:
             any_projection = True
+            versions.add(int(config.get("version", 1)))
             projection_states.append(load_file(os.path.join(member, config.get("weights", PROJECTION_WEIGHTS_NAME))))
         else:
             projection_states.append(None)
+    if len(versions) > 1:
+        raise ValueError(f"the members of the ensemble {folder!r} mix legacy skip-projecting channel projections "
+                         "(channel_projection.json version 1) with main-path ones: retrain the old fine-tunes")
     if any_projection:
         add_channel_projection(model)  # identity; the switch copies each member's weights in
+        # version 1 members were trained with the skip connections projected too: run them as trained
+        set_skip_mode(model, versions == {1})
     model.requires_grad_(False)
     intervals = TimestepIntervals(info["intervals"]["bounds"], info["intervals"]["num_timesteps"])
     from ..routing import denoiser_timestep_map
