@@ -514,6 +514,9 @@ def test_cli_merges_and_refuses_in_one_line(run, tmp_path, capsys):
         (["--search", "grid", "--weights", "1", "1", "1", "1"], "--weights only starts --search coordinate"),
         (["--search", "grid"], "pass --dataset_name or --train_data_dir"),
         (["--weights", "1", "1", "1", "1", "--density", "0.5"], "--density applies to"),
+        # before the loading and the search (it was found at the final rename, leaving a .partial folder)
+        (["--weights", "1", "1", "1", "1", "--output_dir", str(run["finetunes"][0] + "/training_config.json")],
+         "is a file, not a folder"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             script.main([*common, "--output_dir", str(tmp_path / "y"), *argv])

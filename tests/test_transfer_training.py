@@ -513,6 +513,7 @@ def test_train_deme_refuses_flags_it_sets_and_wrong_weights(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     base = ["--pretrained_model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--num_intervals", "4"]
+    (tmp_path / "a-file").write_text("")
     search = ["--search_dataset_name", "mnist5k", "--search_feature_extractor", "inception"]
     missing = base[:1] + [str(tmp_path / "nowhere")] + base[2:]
     for argv, needle in ((base + ["--", "--deme_interval", "1"], "--deme_interval"),
@@ -520,7 +521,8 @@ def test_train_deme_refuses_flags_it_sets_and_wrong_weights(tmp_path, capsys):
                          # files the search needs after hours of training, checked before the first interval
                          (base + search + ["--search_inception_weights", str(tmp_path / "no.safetensors")],
                           "--search_inception_weights"),
-                         (missing + ["--weights", "0.25", "0.25", "0.25", "0.25"], "neither a folder nor a Hub id")):
+                         (missing + ["--weights", "0.25", "0.25", "0.25", "0.25"], "neither a folder nor a Hub id"),
+                         (base + ["--output_dir", str(tmp_path / "a-file")], "is a file, not a folder")):
         with pytest.raises(SystemExit):
             module.main(argv)
         err = capsys.readouterr().err.strip()

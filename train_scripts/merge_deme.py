@@ -30,7 +30,7 @@ import glob
 import sys
 
 from diffusers_ant.analysis.arguments import add_sampling_arguments, check_sampling_arguments
-from diffusers_ant.cli import OneLineErrorParser, report_bad_input
+from diffusers_ant.cli import OneLineErrorParser, check_output_paths, report_bad_input
 from diffusers_ant.deme.merge import MERGE_METHODS
 from diffusers_ant.deme.search import DEFAULT_SEARCH_VALUES, SEARCH_STRATEGIES
 
@@ -125,6 +125,7 @@ def main(argv=None) -> int:
         check_sampling_arguments(parser, args)
     if args.num_threads is not None and args.num_threads < 1:
         parser.error("--num_threads must be positive")
+    check_output_paths(parser, ("--output_dir", args.output_dir, True))  # before the loading and any search
 
     from diffusers_ant.analysis.common import set_torch_threads
 

@@ -49,7 +49,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from diffusers_ant.cli import OneLineErrorParser, report_bad_input
+from diffusers_ant.cli import OneLineErrorParser, check_output_paths, report_bad_input
 from diffusers_ant.deme.search import DEFAULT_SEARCH_SAMPLES, DEFAULT_SEARCH_VALUES, grid_size
 from diffusers_ant.files import write_json_atomically
 
@@ -134,6 +134,7 @@ def flag_value(flag: str, trainer_args):
 def check(parser, args, trainer_args) -> None:
     if args.num_intervals < 1:
         parser.error("--num_intervals must be at least 1")
+    check_output_paths(parser, ("--output_dir", args.output_dir, True))  # before the intervals train
     if args.parallel < 1:
         parser.error("--parallel must be at least 1")
     for flag in RESERVED:
