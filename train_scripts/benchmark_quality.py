@@ -291,8 +291,7 @@ def evaluate_task(task) -> dict:
         metrics["curve_point"] = reference.score(images[: task["curve_samples"]])
     metrics.update(settings=settings, seed=task["seed"], weights=weights, sampling_seconds=round(sampled - start, 1),
                    scoring_seconds=round(time.time() - sampled, 1))
-    with open(task["path"], "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_json(task["path"], metrics)  # atomically: a kill mid-write leaves no file a rerun cannot read
     return metrics
 
 
@@ -437,7 +436,7 @@ def markdown(table, paired, curve_summaries, args, extractor_sha, pairs=None) ->
                       f"(the rule needs {PLATEAU_MIN_POINTS}, three of them in the last fifth; a smaller --curve_every)."]
         elif "vanilla" in curve_summaries:
             found = vanilla_plateau(curve_summaries, args.plateau_tolerance)
-            lines += ["", f"Vanilla's mean curve: " + (f"**plateau at step {found}** (under {args.plateau_tolerance:.0%} "
+            lines += ["", "Vanilla's mean curve: " + (f"**plateau at step {found}** (under {args.plateau_tolerance:.0%} "
                       "change over the last fifth, pretrain_base.py's rule): the rows are compared at convergence."
                       if found is not None else f"**no plateau by step {args.max_train_steps}** (the rule: under "
                       f"{args.plateau_tolerance:.0%} change over the last fifth): the rows are compared before vanilla "

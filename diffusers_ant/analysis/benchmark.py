@@ -334,9 +334,12 @@ def stored_metrics(path: str, settings: dict, extractor_sha: str):
     else None (evaluate again)."""
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        metrics = json.load(f)
-    if metrics.get("settings") != settings or metrics.get("feature_extractor_sha256") != extractor_sha:
+    try:
+        with open(path, encoding="utf-8") as f:
+            metrics = json.load(f)
+    except json.JSONDecodeError:  # (a file an older version half-wrote when it was killed)
+        return None
+    if not isinstance(metrics, dict) or metrics.get("settings") != settings or metrics.get("feature_extractor_sha256") != extractor_sha:
         return None
     return metrics
 
