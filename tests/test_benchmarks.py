@@ -437,3 +437,18 @@ def test_ntg_benchmark_from_a_pretrained_model_fine_tunes_every_model_from_it(tm
         with pytest.raises(SystemExit):
             ntg_bench.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_a_failed_run_of_the_ntg_benchmark_ends_in_one_line_that_says_how_to_resume(tmp_path, monkeypatch):
+    """A training or evaluation run that fails (its log says why) ended the benchmark in a traceback; it is one
+    line naming the log, as the quality benchmark's, and the same command resumes."""
+    from diffusers_ant.analysis.benchmark import RunFailed
+
+    def failed(cmd, run_dir, what):
+        raise RunFailed(f"{what} failed: see {run_dir}/train.log")
+
+    monkeypatch.setattr(ntg_bench.quality, "train_run", failed)
+    with pytest.raises(SystemExit) as stop:
+        ntg_bench.main(["--output_dir", str(tmp_path / "ntg"), "--quick", "--workers", "1"])
+    message = str(stop.value.code)
+    assert "\n" not in message and "train.log" in message and "run the same command again to resume" in message

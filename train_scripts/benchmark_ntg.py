@@ -52,6 +52,7 @@ sys.path.insert(0, HERE)
 
 import benchmark_quality as quality  # noqa: E402  (the training recipe and the planning figures)
 from diffusers_ant.analysis.benchmark import (  # noqa: E402
+    RunFailed,
     base_resolution,
     changed_benchmark_settings,
     check_benchmark_settings,
@@ -201,7 +202,7 @@ def evaluate_seed(args, seed, intervals, extractor_sha) -> dict:
     with open(log_path, "w") as log:
         result = subprocess.run(ntg_command(args, seed, folders, out), stdout=log, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"analyze.py ntg failed for seed {seed}: see {log_path}")
+        raise RunFailed(f"analyze.py ntg failed for seed {seed}: see {log_path}")
     with open(out) as f:
         data = json.load(f)
     data.update(benchmark_settings=settings, seconds=round(time.time() - start, 1))
@@ -256,6 +257,13 @@ def markdown(summary, args, extractor_sha) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        run(args, argv)
+    except RunFailed as err:  # a training or evaluation run failed: its log says why, and the finished ones are kept
+        raise SystemExit(f"benchmark_ntg.py: error: {err}; fix it and run the same command again to resume") from None
+
+
+def run(args, argv=None):
     started = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
     check_training_settings(args)
