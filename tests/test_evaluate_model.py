@@ -151,6 +151,8 @@ def test_feature_extractor_names():
         # not after every sample is drawn
         (["--model", "MODEL", "--train_data_dir", "TMP"], 2, "no domain feature extractor for --train_data_dir"),
         (["--model", "MODEL", "--dataset_name", "mnist5k_captions"], 2, "no domain feature extractor for mnist5k_captions"),
+        # naming the way out that works offline too: a built-in data set's classifier
+        (["--model", "MODEL", "--dataset_name", "mnist5k_captions"], 2, "--feature_extractor mnist5k|animal_mnist|digits"),
         # where the results go, checked before the sampling (it failed after it)
         (["--model", "MODEL", "--dataset_name", "digits", "--output", "MODEL"], 2, "is a folder: give a file name"),
         (["--model", "MODEL", "--dataset_name", "digits", "--save_samples", "MODEL/model_index.json"], 2,

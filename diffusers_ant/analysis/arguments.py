@@ -68,6 +68,8 @@ def feature_extractor_problem(feature_extractor, dataset_name, train_data_dir, i
         return f"--{prefix}feature_extractor inception needs --{prefix}inception_weights FILE.safetensors"
     if feature_extractor == "domain" and (train_data_dir is not None or dataset_name not in DOMAIN_DATASETS):
         data = dataset_name if train_data_dir is None else f"--{prefix}train_data_dir {train_data_dir}"
+        # (a built-in classifier works offline, where Inception's weights cannot be downloaded)
         return (f"no domain feature extractor for {data} (there are: {', '.join(DOMAIN_DATASETS)}): use "
+                f"--{prefix}feature_extractor {'|'.join(DOMAIN_DATASETS)} (that data set's classifier) or "
                 f"--{prefix}feature_extractor inception --{prefix}inception_weights FILE.safetensors{otherwise}")
     return None
