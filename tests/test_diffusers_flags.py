@@ -98,6 +98,11 @@ def test_validation_prompts_and_images_are_paired_and_cycled(tmp_path):
     (["--validation_epochs", "0"], "--validation_epochs"),
     (["--lr_num_cycles", "0"], "--lr_num_cycles"),
     (["--loss_weighting", "p2", "--snr_gamma", "5"], "drop --snr_gamma (P2 takes --p2_k and --p2_gamma)"),
+    # P2's flags alone trained plain MSE without a word; bad values failed only at the first step
+    (["--p2_gamma", "0.5"], "--p2_gamma is P2's, which --loss_weighting none does not use: add --loss_weighting p2"),
+    (["--snr_gamma", "5", "--p2_k", "2"], "--p2_k is P2's, which --loss_weighting min_snr does not use"),
+    (["--snr_gamma", "0"], "--snr_gamma must be > 0"),
+    (["--loss_weighting", "p2", "--p2_k", "0"], "P2 needs --p2_k > 0 and --p2_gamma >= 0"),
     (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be at least 1"),
     # as diffusers' scripts: wandb uploads the command line, token included, with or without --push_to_hub
     (["--report_to", "wandb", "--hub_token", "hf_abcdefghijkl"], "--hub_token"),

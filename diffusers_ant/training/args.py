@@ -449,6 +449,16 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
     if args.snr_gamma is not None and args.loss_weighting != "min_snr":
         raise UsageError(f"--snr_gamma is Min-SNR's gamma, which --loss_weighting {args.loss_weighting} does not use: drop "
                          "--snr_gamma" + (" (P2 takes --p2_k and --p2_gamma)" if args.loss_weighting == "p2" else ""))
+    p2_flags = sorted({"p2_k", "p2_gamma"} & (given or set()))
+    if p2_flags and args.loss_weighting != "p2":  # (they trained plain MSE, or Min-SNR, without a word)
+        raise UsageError(f"--{p2_flags[0]} is P2's, which --loss_weighting {args.loss_weighting} does not use: add "
+                         f"--loss_weighting p2, or drop --{' / --'.join(p2_flags)}")
+    # (checked again by the loss weight itself, at the first step: after the data, the model and any cache)
+    if args.loss_weighting == "min_snr" and args.snr_gamma <= 0:
+        raise UsageError(f"--snr_gamma must be > 0 (5 is recommended); got {args.snr_gamma:g}")
+    if args.loss_weighting == "p2" and (args.p2_k <= 0 or args.p2_gamma < 0):
+        raise UsageError(f"P2 needs --p2_k > 0 and --p2_gamma >= 0 (the paper: k 1, gamma 0.5 or 1); got {args.p2_k:g}, "
+                         f"{args.p2_gamma:g}")
     # ---- flow matching: --noise_scheduler, --flow_shift, --weighting_scheme (before the sampling default below)
     from ..timesteps import FLOW_DENSITY_SCHEMES, FlowMatchingDensitySampler
 
