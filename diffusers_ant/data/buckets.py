@@ -4,7 +4,8 @@ Instead of cropping every image to a `resolution` x `resolution` square, each im
 of the fixed list whose aspect ratio is nearest its own, is resized to cover the bucket and is
 centre-cropped to it; every batch holds images of one bucket only, so they stack. The list is the one
 kohya's sd-scripts (`make_bucket_resolutions`) and diffusers' research scripts derive from the
-resolution: for every width w that is a multiple of `multiple`, the largest height h (a multiple too)
+resolution: for every width w that is a multiple of the step (`--bucket_step`, 64 pixels by default as
+kohya's `--bucket_reso_steps`; a multiple of the pixels of one latent patch), the largest height h (a multiple too)
 with w * h <= resolution^2, kept with its transpose (h, w) when the aspect ratio lies within
 [1 / max_aspect, max_aspect]. So every bucket has about resolution^2 pixels, and its sides are multiples of the VAE factor times the
 denoiser's patch size (what the model can take).
@@ -27,6 +28,29 @@ from torch.utils.data import Sampler
 
 # kohya's and SDXL's bucket lists span aspect ratios 1:4 to 4:1
 DEFAULT_MAX_ASPECT = 4.0
+
+
+# kohya's `--bucket_reso_steps` default (SimpleTuner's too): a bucket per 64 pixels of side. A finer step (one
+# latent patch, 8 or 16 pixels) makes 129 buckets at 512 and 257 at 1024, so a data set of varied aspect ratios
+# spreads thin, and every bucket short of a full run of batches is never trained.
+DEFAULT_BUCKET_STEP = 64
+
+
+def default_bucket_step(resolution: int, multiple: int) -> int:
+    """The buckets' side step in pixels for `--bucket_step` not given: 64 (kohya's default), rounded up to a
+    multiple of `multiple`; at resolutions below 8 steps of that, resolution / 8 (at least `multiple`), so that
+    small images keep several buckets."""
+    step = math.lcm(DEFAULT_BUCKET_STEP, multiple)
+    if resolution >= 8 * step:
+        return step
+    return max(multiple, resolution // 8 // multiple * multiple)
+
+
+def check_bucket_step(step: int, multiple: int) -> None:
+    """A one-line ValueError unless `step` is a positive multiple of `multiple` (the pixels of one latent patch)."""
+    if step < 1 or step % multiple:
+        raise ValueError(f"--bucket_step {step} must be a positive multiple of {multiple} pixels (this model's VAE "
+                         f"factor x patch size), e.g. {math.lcm(DEFAULT_BUCKET_STEP, multiple)}")
 
 
 def bucket_sizes(resolution: int, multiple: int, max_aspect: float = DEFAULT_MAX_ASPECT) -> list[tuple[int, int]]:

@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Train each image at its own aspect ratio: buckets of about --resolution^2 pixels (sides "
                    "multiples of the VAE factor x patch size), nearest-ratio bucket, resized and centre-cropped; one "
                    "bucket per batch. Latent models only.")
+    g.add_argument("--bucket_step", type=int, default=None,
+                   help="With --aspect_ratio_buckets: the step of the buckets' sides in pixels, a multiple of the VAE "
+                   "factor x patch size. Default 64 (kohya's --bucket_reso_steps; resolution / 8 below 512): a finer "
+                   "step spreads the images over more buckets, and a bucket short of a batch per process is never trained.")
 
     g = p.add_argument_group("ANT: timestep clusters and multi-task weighting")
     g.add_argument("--num_clusters", type=int, default=5, help="k, the number of timestep intervals (1..T).")

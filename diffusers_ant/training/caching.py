@@ -58,6 +58,8 @@ def validate_caching_args(args) -> None:
     if caching and args.retention == "bank":
         raise UsageError(f"{caching[0]} caches the training data, but the knowledge bank is encoded every step: "
                          f"drop {caching[0]} or use --retention kd")
+    if args.bucket_step is not None and not args.aspect_ratio_buckets:
+        raise UsageError("--bucket_step is the aspect-ratio buckets' step: add --aspect_ratio_buckets, or drop it")
     if args.aspect_ratio_buckets and args.retention == "bank":
         raise UsageError("--aspect_ratio_buckets: the knowledge bank's square images cannot share a batch with "
                          "bucketed ones: drop --aspect_ratio_buckets or use --retention kd")

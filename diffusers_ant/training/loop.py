@@ -305,7 +305,7 @@ def _train_with(args, accelerator) -> str:
         max_samples=args.max_train_samples, interpolation=args.image_interpolation_mode,
         proportion_empty_prompts=args.proportion_empty_prompts,
         # --aspect_ratio_buckets: single-bucket batches at each image's own aspect ratio (data/buckets.py)
-        buckets=bucket_sizes(pixel_resolution(adapter), adapter.pixel_multiple) if args.aspect_ratio_buckets else None,
+        buckets=bucket_sizes(pixel_resolution(adapter), bucket_step(args, adapter)) if args.aspect_ratio_buckets else None,
         bucket_group_size=args.gradient_accumulation_steps * accelerator.num_processes)  # one bucket per update
     validation_inputs = default_validation_inputs(args, dataset, columns)
     freed = None
@@ -611,6 +611,16 @@ def check_teacher_target(args, adapter) -> None:
                        ("DeMe's consistency loss", ", or pass --consistency_weight 0"))
         raise ValueError(f"{what} regresses on the pretrained model's own prediction ({adapter.pretrained_target}), "
                          f"and this run trains {trained} ({flags}): drop {flags.split(' ')[0]}{other}")
+
+
+def bucket_step(args, adapter) -> int:
+    """`--bucket_step`, checked against the model's patch in pixels, or its default (data/buckets.py)."""
+    from ..data.buckets import check_bucket_step, default_bucket_step
+
+    if args.bucket_step is None:
+        return default_bucket_step(pixel_resolution(adapter), adapter.pixel_multiple)
+    check_bucket_step(args.bucket_step, adapter.pixel_multiple)
+    return args.bucket_step
 
 
 def check_base_without_projections(args) -> None:
