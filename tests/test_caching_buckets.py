@@ -440,3 +440,16 @@ def test_the_default_bucket_step_is_kohyas_64_pixels_so_varied_ratios_fill_their
         bucket_step(types.SimpleNamespace(bucket_step=24), adapter)
     with pytest.raises(UsageError, match="add --aspect_ratio_buckets"):
         parse_args(["--model_type", "sd", "--dataset_name", "mnist5k_captions", "--bucket_step", "64"])
+    # a bucketed checkpoint written before the flag existed resumes on its own buckets (one latent patch)
+    from diffusers_ant.training.loop import adopt_recorded_defaults
+
+    def bucketed(*extra):
+        return parse_args(["--model_type", "sd", "--dataset_name", "mnist5k_captions", "--aspect_ratio_buckets", *extra])
+
+    old = bucketed()
+    assert adopt_recorded_defaults(old, {"aspect_ratio_buckets": True}) and bucket_step(old, adapter) == 16
+    recorded = bucketed()
+    assert not adopt_recorded_defaults(recorded, {"aspect_ratio_buckets": True, "bucket_step": None})
+    assert bucket_step(recorded, adapter) == 64
+    given = bucketed("--bucket_step", "128")
+    assert not adopt_recorded_defaults(given, {"aspect_ratio_buckets": True}) and bucket_step(given, adapter) == 128

@@ -385,8 +385,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # Flags whose default changed after checkpoints had been written with the old one: the authors' antithetic draw
 # for DeMe fine-tunes (was off), the retention exponent tied to the data's (was 1), FLUX.1 / Qwen-Image's LoRA
-# alpha (was the rank, recorded as None), and the text-to-image types' resize filter (was bilinear).
-DEFAULTS_CHANGED = ("deme_antithetic", "retention_exponent", "lora_alpha", "image_interpolation_mode")
+# alpha (was the rank, recorded as None), the text-to-image types' resize filter (was bilinear), and the
+# aspect-ratio buckets' step (was one latent patch, before the flag existed: `loop.adopt_recorded_defaults`).
+DEFAULTS_CHANGED = ("deme_antithetic", "retention_exponent", "lora_alpha", "image_interpolation_mode", "bucket_step")
+
+# `args.bucket_step` of a run resumed from a bucketed checkpoint written before `--bucket_step` existed: its
+# buckets stepped by one latent patch of the model (`loop.bucket_step`)
+BUCKET_STEP_OF_ONE_PATCH = "patch"
 
 # --lora_alpha where the family's diffusers script does not default it to the rank: train_dreambooth_lora_flux.py
 # and train_dreambooth_lora_qwen_image.py take `--lora_alpha` with default 4 whatever the rank.

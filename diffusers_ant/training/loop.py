@@ -99,11 +99,18 @@ def adopt_recorded_defaults(args, recorded: dict) -> list:
     """A resumed run keeps the checkpoint's value of each flag the user left at a default that has changed since
     (`args.DEFAULTS_CHANGED`): the run continues as it began, and the resume check does not refuse it. Returns
     the '--flag: value' lines adopted."""
+    from .args import BUCKET_STEP_OF_ONE_PATCH
+
     adopted = []
-    for name in sorted(getattr(args, "_defaulted", ())):
+    defaulted = getattr(args, "_defaulted", ())
+    for name in sorted(defaulted):
         if name in recorded and recorded[name] != getattr(args, name):
             setattr(args, name, recorded[name])
             adopted.append(f"--{name}: {recorded[name]!r} (the checkpoint's; the default is now another)")
+    if "bucket_step" in defaulted and recorded.get("aspect_ratio_buckets") and "bucket_step" not in recorded:
+        # (written before the flag existed, when the buckets stepped by one latent patch)
+        args.bucket_step = BUCKET_STEP_OF_ONE_PATCH
+        adopted.append("--bucket_step: one latent patch (the checkpoint's buckets; the default is now 64 pixels)")
     return adopted
 
 
@@ -616,9 +623,12 @@ def check_teacher_target(args, adapter) -> None:
 def bucket_step(args, adapter) -> int:
     """`--bucket_step`, checked against the model's patch in pixels, or its default (data/buckets.py)."""
     from ..data.buckets import check_bucket_step, default_bucket_step
+    from .args import BUCKET_STEP_OF_ONE_PATCH
 
     if args.bucket_step is None:
         return default_bucket_step(pixel_resolution(adapter), adapter.pixel_multiple)
+    if args.bucket_step == BUCKET_STEP_OF_ONE_PATCH:  # a checkpoint's buckets from before the flag (adopt_recorded_defaults)
+        return adapter.pixel_multiple
     check_bucket_step(args.bucket_step, adapter.pixel_multiple)
     return args.bucket_step
 
