@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -400,6 +401,17 @@ def test_string_class_column_and_list_captions(toy):
         assert item["class_labels"].item() == int(names[data[i]["label"]]) % 2
         picked.add(item["captions"] == "x")
     assert picked == {True, False}  # one of several captions, chosen per sample
+
+
+@pytest.mark.parametrize("bad,shown", [(None, "None"), ([], "an empty list"), (["a cat", None], "['a cat', None]")])
+def test_a_row_without_a_caption_is_refused_at_once_naming_it(toy, bad, shown):
+    """A metadata row without its caption (read as None), an empty list or a list holding None failed only when
+    that row was drawn (hours in, and at the same step again after every exact resume), or as a traceback in
+    --cache_text_embeddings: refused in one line when the data set is built, naming the row."""
+    data = toy.map(lambda row, i: {"many": bad if i == 7 else [row["text"]]}, with_indices=True, keep_in_memory=True)
+    with pytest.raises(ValueError, match=f"row 7 of --caption_column 'many' is {re.escape(shown)}: every image needs") as error:
+        TrainingDataset(data, {"image_column": "image", "caption_column": "many"}, 8)
+    assert "\n" not in str(error.value)
 
 
 def _order(loader, epoch=0):

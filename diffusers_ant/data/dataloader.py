@@ -51,6 +51,23 @@ def _mix(*values: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(v) for v in values])
 
 
+def _is_caption(value) -> bool:
+    """A string, or a non-empty list of strings (one is drawn per epoch, as diffusers' `tokenize_captions`)."""
+    if isinstance(value, str):
+        return True
+    return (isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0
+            and all(isinstance(v, str) for v in value))
+
+
+def _check_captions(values, column: str) -> None:
+    """A one-line ValueError naming the first row whose caption is not a string or a non-empty list of strings."""
+    for row, value in enumerate(values):
+        if not _is_caption(value):
+            shown = "an empty list" if isinstance(value, (list, tuple)) and not value else repr(value)[:60]
+            raise ValueError(f"row {row} of --caption_column '{column}' is {shown}: every image needs a caption, a "
+                             "string or a list of strings (one is drawn per epoch); fill it (\"\" for none) or drop the row")
+
+
 class TrainingDataset(Dataset):
     """A map-style torch dataset over a `datasets.Dataset`: decodes and transforms one row at a time.
 
@@ -137,6 +154,10 @@ class TrainingDataset(Dataset):
                 dataset = dataset.shuffle(seed=seed).select(range(max_samples))
         # Decode only the columns in use (a dataset may carry other large image columns).
         self.dataset = dataset.select_columns(list(dict.fromkeys(used)))
+        if self.caption_column is not None:
+            # once, before training: a missing caption failed only when its row was drawn (hours in, and again at
+            # the same step after every exact resume), or as a traceback in --cache_text_embeddings
+            _check_captions(self.dataset.select_columns([self.caption_column])[self.caption_column], self.caption_column)
         self.buckets = [tuple(size) for size in buckets] if buckets else None
         self.row_buckets = None
         if self.buckets:
@@ -253,7 +274,7 @@ class TrainingDataset(Dataset):
             return ""
         if isinstance(value, str):
             return value
-        if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
+        if _is_caption(value):
             return value[int(self._rng(index, stream=1).integers(len(value)))]
         raise ValueError(
             f"--caption_column '{self.caption_column}' should contain strings or lists of strings, got {type(value).__name__}"
