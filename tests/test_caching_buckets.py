@@ -453,3 +453,30 @@ def test_the_default_bucket_step_is_kohyas_64_pixels_so_varied_ratios_fill_their
     assert bucket_step(recorded, adapter) == 64
     given = bucketed("--bucket_step", "128")
     assert not adopt_recorded_defaults(given, {"aspect_ratio_buckets": True}) and bucket_step(given, adapter) == 128
+
+
+def test_cached_text_is_kept_in_the_narrowest_dtype_that_holds_it_exactly():
+    """The families' encoders return float32 of what a bf16 / fp16 text encoder computed: kept in that half type
+    (half the memory: a FLUX.1 caption is 512 x 4096 values), returned as float32 with the same bits; values
+    that need float32 stay float32."""
+    from types import SimpleNamespace
+
+    from diffusers_ant.training.caching import TrainingCache, cache_text
+
+    g = torch.Generator().manual_seed(0)
+    from_bf16 = torch.randn(3, 4, 8, generator=g).to(torch.bfloat16).float()
+    full = torch.randn(3, 4, 8, generator=g, dtype=torch.float64).float()
+    captions = ["", "a cat", "seven"]
+    adapter = SimpleNamespace(encode_text=lambda batch: {
+        "prompt_embeds": from_bf16[[captions.index(c) for c in batch["captions"]]],
+        "pooled": full[[captions.index(c) for c in batch["captions"]]]})
+    dataset = SimpleNamespace(caption_variants=lambda: list(captions), text_fields=lambda c: {"captions": c})
+    text, dtypes = cache_text(adapter, dataset, batch_size=2, disable_progress=True)
+    assert {k: v.dtype for k, v in text["a cat"].items()} == {"prompt_embeds": torch.bfloat16, "pooled": torch.float32}
+    cache = TrainingCache(text=text, text_dtypes=dtypes)
+    for i, caption in enumerate(captions):
+        fields = cache.text_fields(caption)
+        assert torch.equal(fields["cached_text/prompt_embeds"], from_bf16[i])
+        assert fields["cached_text/prompt_embeds"].dtype == torch.float32
+        assert torch.equal(fields["cached_text/pooled"], full[i])
+    assert cache.nbytes() == 3 * (4 * 8 * 2 + 4 * 8 * 4)
