@@ -102,6 +102,11 @@ def test_validation_prompts_and_images_are_paired_and_cycled(tmp_path):
     (["--p2_gamma", "0.5"], "--p2_gamma is P2's, which --loss_weighting none does not use: add --loss_weighting p2"),
     (["--snr_gamma", "5", "--p2_k", "2"], "--p2_k is P2's, which --loss_weighting min_snr does not use"),
     (["--snr_gamma", "0"], "--snr_gamma must be > 0"),
+    # found after training (the end's samples, card and push lost), or never (a negative norm reverses every step)
+    (["--num_inference_steps", "0"], "--num_inference_steps 0: the validation samples need 1 or more"),
+    (["--max_grad_norm", "-1"], "give a positive norm, or 0 to turn clipping off"),
+    (["--use_ema", "--ema_inv_gamma", "0"], "--ema_inv_gamma must be > 0"),
+    (["--use_ema", "--ema_max_decay", "1.5"], "--ema_max_decay must be between 0 and 1"),
     (["--loss_weighting", "p2", "--p2_k", "0"], "P2 needs --p2_k > 0 and --p2_gamma >= 0"),
     (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be at least 1"),
     # as diffusers' scripts: wandb uploads the command line, token included, with or without --push_to_hub

@@ -420,6 +420,18 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
     if getattr(args, "num_validation_images", 1) < 1:  # the run samples at its end for samples/ and the card (0 crashed the pipeline)
         raise UsageError(f"--num_validation_images {args.num_validation_images}: the run samples validation images at "
                          "its end (samples/, the model card); give 1 or more")
+    # values whose error came after training (a traceback at the end's samples, losing them, the card and the push), or
+    # never (a negative clipping norm flips every gradient: torch scales by max_norm / norm)
+    if getattr(args, "num_inference_steps", 1) < 1:
+        raise UsageError(f"--num_inference_steps {args.num_inference_steps}: the validation samples need 1 or more")
+    if getattr(args, "max_grad_norm", 0) < 0:
+        raise UsageError(f"--max_grad_norm {args.max_grad_norm:g} is negative, which would reverse every gradient: give "
+                         "a positive norm, or 0 to turn clipping off")
+    if getattr(args, "use_ema", False):
+        if args.ema_inv_gamma <= 0:
+            raise UsageError(f"--ema_inv_gamma must be > 0 (EMA's warm-up divides the step by it); got {args.ema_inv_gamma:g}")
+        if not 0 <= args.ema_max_decay <= 1:
+            raise UsageError(f"--ema_max_decay must be between 0 and 1; got {args.ema_max_decay:g}")
     if args.pretrained_model_name_or_path and args.model_config_name_or_path and args.model_type != "controlnet":
         raise UsageError("give either --pretrained_model_name_or_path or --model_config_name_or_path, not both")
     if args.pretrained_model_name_or_path and not os.path.isdir(args.pretrained_model_name_or_path):

@@ -94,6 +94,10 @@ def check_fsdp_support(accelerator, args) -> None:
     for flag, why in refused.items():
         if getattr(args, flag, None):
             raise UsageError(f"under FSDP drop {why}, or use plain data parallelism (`accelerate launch --multi_gpu`)")
+    if getattr(args, "use_ema", False) and getattr(args, "foreach_ema", False):
+        # (EMA's steps pass; its weight swap for validation and the final save fails, after the whole run)
+        raise UsageError("under FSDP drop --foreach_ema: torch's foreach copy has no sharding rule for FSDP2's sharded "
+                         "parameters, so the EMA weights could not be swapped in for validation or the final save")
 
 
 def check_fsdp_wrapping(accelerator, model) -> None:
