@@ -315,7 +315,8 @@ def lora_runs(tmp_path_factory):
     # the FSDP run straight through, DDP's, and the FSDP run resumed from the straight one's checkpoint-1
     for name, config, extra in (("fsdp", "fsdp", []), ("ddp", "ddp", []),
                                 ("resumed", "fsdp", ["--resume_from_checkpoint", "checkpoint-1"]),
-                                ("fsdp-bf16", "fsdp", ["--mixed_precision", "bf16"]),
+                                # (with a grid at step 1: the gathered copy's bf16 base is sampled on the CPU too)
+                                ("fsdp-bf16", "fsdp", ["--mixed_precision", "bf16", "--validation_steps", "1"]),
                                 ("ddp-bf16", "ddp", ["--mixed_precision", "bf16"])):
         runs[name] = root / name
         if name == "resumed":
@@ -382,6 +383,9 @@ def test_a_gradient_method_on_the_lora_subset_trains_in_bf16_under_fsdp_as_close
     weights = {name: load_file(lora_runs[name] / "pytorch_lora_weights.safetensors")
                for name in ("fsdp-bf16", "ddp-bf16", "fsdp", "ddp")}
     assert all(v.dtype == torch.float32 for v in weights["fsdp-bf16"].values())  # the LoRA matrices stayed float32
+    # a validation grid in the middle of the bf16 LoRA run: the gathered copy, whose frozen base is bf16, is lifted
+    # for the CPU's sampling as the sharded model is (it met float32 latents with bf16 weights and stopped the run)
+    assert (lora_runs["fsdp-bf16"] / "samples" / "step-1.png").is_file()
 
     fsdp_bf16, ddp_bf16, fsdp_float32 = (largest_difference(weights[run], weights["ddp"])
                                          for run in ("fsdp-bf16", "ddp-bf16", "fsdp"))

@@ -830,6 +830,10 @@ def validate_whole(args, accelerator, adapter, model, skeleton, ema, params, ste
         return validate(args, accelerator, adapter, model, ema, params, step, inputs)
     with ema_weights(ema, params):
         whole = whole_model(accelerator, model, skeleton)
+    if whole is not None and accelerator.device.type == "cpu":
+        # `sampling_precision` lifts the trained module and the frozen parts for the CPU, not this copy, whose frozen
+        # base a LoRA run keeps in the low precision (`finish` lifts its copy the same way)
+        lift_to_float32([whole])
     return validate(args, accelerator, adapter, whole, None, params, step, inputs)
 
 
