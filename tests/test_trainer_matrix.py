@@ -824,3 +824,21 @@ def test_resume_refuses_a_changed_state_flag_in_one_line_and_allows_safe_ones(tm
     with caplog.at_level(logging.INFO, logger="diffusers_ant"):
         train_in_process([*args, "--resume_from_checkpoint", "latest"])
     assert "--max_train_steps: 3 -> 4" in caplog.text
+
+
+def test_several_processes_train_on_the_cpu_only_where_no_device_backend_is(monkeypatch):
+    """`Accelerator(cpu=True)` (gloo) is for machines without a device: an XPU / NPU / HPU machine's processes
+    were told so too, and trained on the CPU without a word."""
+    import accelerate.utils
+
+    from diffusers_ant.training.loop import device_backend_available
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("is_xpu_available", "is_npu_available", "is_mlu_available", "is_musa_available", "is_hpu_available",
+                 "is_sdaa_available"):
+        monkeypatch.setattr(accelerate.utils, name, lambda: False)
+    assert not device_backend_available()
+    for name in ("is_xpu_available", "is_npu_available", "is_hpu_available"):
+        with monkeypatch.context() as device:
+            device.setattr(accelerate.utils, name, lambda: True)
+            assert device_backend_available(), name

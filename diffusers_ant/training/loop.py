@@ -172,7 +172,7 @@ def train(args) -> str:
         # Without a GPU, `accelerate launch --multi_gpu` starts several processes but Accelerate only
         # forms the gloo process group (MULTI_CPU) when told to use the CPU; otherwise each process
         # would train alone.
-        "cpu": not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        "cpu": not device_backend_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         # Gradient accumulation is done by the training step itself, over a window of micro-batches
         # (`training.step`), so that weights are chosen once per optimizer update: Accelerate sees
         # one optimizer step per window.
@@ -631,6 +631,19 @@ def bucket_step(args, adapter) -> int:
         return adapter.pixel_multiple
     check_bucket_step(args.bucket_step, adapter.pixel_multiple)
     return args.bucket_step
+
+
+def device_backend_available() -> bool:
+    """Whether a device Accelerate forms a process group on is here: CUDA, or one of the other backends its
+    launcher takes (XPU, NPU, MLU, MUSA, HPU, SDAA). Without one, several processes train on the CPU over gloo
+    (`Accelerator(cpu=True)`); telling a machine with an XPU so would train it on the CPU, without a word."""
+    import accelerate.utils as accelerate_utils
+
+    if torch.cuda.is_available():
+        return True
+    checks = ("is_xpu_available", "is_npu_available", "is_mlu_available", "is_musa_available", "is_hpu_available",
+              "is_sdaa_available")
+    return any(getattr(accelerate_utils, name, lambda: False)() for name in checks)
 
 
 def check_base_without_projections(args) -> None:
