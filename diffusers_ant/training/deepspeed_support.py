@@ -135,8 +135,9 @@ def check_deepspeed_config(accelerator, args) -> None:
         # Both would touch the sharded parameters from one process (EMA's copy, the tracker's sampling).
         for flag in ("use_ema", "track_convergence"):
             if getattr(args, flag, False):
+                how = " (--no-use_ema: DeMe fine-tunes turn it on by default)" if flag == "use_ema" else ""
                 raise UsageError(f"--{flag} is not supported under ZeRO-3 (it reads the sharded weights on one "
-                                 "process): use --zero_stage 2, or drop the flag")
+                                 f"process): use --zero_stage 2, or drop the flag{how}")
     if "optimizer" in config or "scheduler" in config:
         raise UsageError("DeepSpeed: remove `optimizer` / `scheduler` from the DeepSpeed config (the trainer builds "
                          "AdamW and diffusers' LR schedule from its flags)")
