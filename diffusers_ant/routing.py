@@ -14,9 +14,10 @@ this module.
 
 Routing needs the *training index* of each timestep (0 .. T-1), which is what `intervals.assign`
 takes. DDPM-family pipelines pass integer training timesteps, so by default the router rounds and
-clamps. Flow-matching pipelines pass `sigma * 1000` floats: pass the training scheduler as
-`timestep_map` and each value is mapped to the training index with the nearest model timestep
-(`diffusers_ant.schedule.model_timesteps`). Any callable `tensor -> LongTensor` works too.
+clamps. Flow-matching pipelines pass `sigma * 1000` floats (FLUX.1 and Qwen-Image the sigma itself):
+pass the training scheduler as `timestep_map` (or the models' schedulers as `schedulers=`) and each value
+is mapped to the training index with the nearest model timestep (`diffusers_ant.schedule.model_timesteps`).
+Any callable `tensor -> LongTensor` works too.
 
 Models routed together must share the noise schedule they were trained with: a model trained with
 another beta schedule, shift, prediction type or number of timesteps reads x_t and t differently,
@@ -216,8 +217,18 @@ class TimestepRouter(nn.Module):
         self.intervals = intervals
         self.models = nn.ModuleList(models)
         self.num_timesteps = int(getattr(intervals, "num_timesteps", intervals.bounds[-1][1] + 1))
+        if timestep_map is None and schedulers is not None:
+            from .schedule import is_flow_matching
+
+            # flow matching: the pipeline passes sigma * 1000 (or sigma), not a training index; the models' own
+            # (checked alike) training scheduler maps it, as `timestep_map` would
+            timestep_map = next((s for s in schedulers if s is not None and is_flow_matching(s)), None)
         if timestep_map is not None and hasattr(timestep_map, "config") and hasattr(timestep_map, "step"):
-            timestep_map = _scheduler_timestep_map(timestep_map, self.num_timesteps)  # a diffusers scheduler
+            from .models.families import denoiser_takes_sigma
+
+            # a diffusers scheduler; FLUX.1 / Qwen-Image pipelines call their transformer with the sigma itself
+            timestep_map = _scheduler_timestep_map(timestep_map, self.num_timesteps,
+                                                   sigma_input=denoiser_takes_sigma(models[0]))
         elif timestep_map is not None and not callable(timestep_map):
             raise ValueError("timestep_map must be None, a diffusers training scheduler or a callable Tensor -> LongTensor")
         self.timestep_map = timestep_map

@@ -170,6 +170,30 @@ def test_flow_matching_timesteps_map_back_to_training_indices():
     assert TimestepRouter(TimestepIntervals(BOUNDS), [ToyConditional(1.0) for _ in BOUNDS]).route(values).tolist() != [0, 0, 0, 1, 1, 2, 2, 2]
 
 
+def test_a_flux_router_maps_the_sigmas_its_pipeline_passes_and_schedulers_alone_map_too():
+    """FLUX.1 / Qwen-Image pipelines call their transformer with the sigma itself (timestep / 1000): a scheduler
+    given as `timestep_map` read each sigma as sigma * 1000 and sent every step to the first interval. And the
+    models' flow-matching training schedulers given alone (`schedulers=`) now map the timesteps too: they were
+    checked, then the values were rounded as DDPM indices."""
+    from diffusers import FluxTransformer2DModel
+
+    def flux():
+        return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                      attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                      pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    intervals = TimestepIntervals(BOUNDS)
+    indices = torch.tensor([0, 299, 300, 699, 700, 999])
+    sigmas = model_timesteps(scheduler, indices) / 1000  # what FluxPipeline hands its transformer
+    router = TimestepRouter(intervals, [flux() for _ in BOUNDS], timestep_map=scheduler)
+    assert torch.equal(router.training_indices(sigmas), indices)
+    assert router.route(sigmas).tolist() == [0, 0, 1, 1, 2, 2]
+    toys = [ToyConditional(1.0) for _ in BOUNDS]
+    by_schedulers = TimestepRouter(intervals, toys, schedulers=[scheduler] * len(BOUNDS))
+    assert torch.equal(by_schedulers.training_indices(model_timesteps(scheduler, indices)), indices)
+
+
 def test_default_map_rounds_and_clamps():
     router = TimestepRouter(TimestepIntervals(BOUNDS), [ToyConditional(1.0) for _ in BOUNDS])
     assert router.training_indices(torch.tensor([299.4, 299.6, -3.0, 1000.0])).tolist() == [299, 300, 0, 999]
