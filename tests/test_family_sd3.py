@@ -362,3 +362,42 @@ def test_mixed_precision_keeps_the_vae_in_float32_and_caching_frees_all_three_en
     del freed
     gc.collect()
     assert [ref() for ref in encoders] == [None, None, None]
+
+
+def test_an_ensemble_routes_by_the_sigma_table_its_flow_shift_fine_tunes_trained(tmp_path):
+    """SD3 fine-tunes trained with --flow_shift 1 on a base whose scheduler shifts by 3 index the unshifted table:
+    the ensemble's router mapped each sigma through the base's table, so sigma 0.75 (trained at index 749) went
+    to index 499, another interval's model. The run's --flow_shift is recorded and routing follows it;
+    fine-tunes that disagree are refused."""
+    from types import SimpleNamespace
+
+    from diffusers_ant.deme.ensemble import _training_routing, routing_scheduler
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.models.base import _copy_scheduler
+    from diffusers_ant.routing import denoiser_timestep_map
+    from diffusers_ant.schedule import model_timesteps
+
+    pipeline = get_model_adapter("sd3").load(model_config_name_or_path="tiny", resolution=16).make_pipeline()
+    assert pipeline.scheduler.config.shift == 3.0
+    indices = torch.tensor([100, 300, 499, 500, 749, 900])
+    trained = _copy_scheduler(pipeline.scheduler, shift=1.0, use_dynamic_shifting=False)
+
+    def info_of(*shifts):
+        folders = []
+        for shift in shifts:
+            folder = tmp_path / str(len(list(tmp_path.iterdir())))
+            folder.mkdir()
+            (folder / "training_config.json").write_text(json.dumps({"model_type": "sd3", "flow_shift": shift}))
+            folders.append(SimpleNamespace(path=str(folder)))
+        return _training_routing(folders)
+
+    def routed(info):
+        timestep_map = denoiser_timestep_map(pipeline.scheduler, 1000, pipeline.transformer,
+                                             training_scheduler=routing_scheduler(pipeline, info))
+        return timestep_map(model_timesteps(trained, indices))  # what StableDiffusion3Pipeline passes
+
+    assert torch.equal(routed(info_of(1.0, 1.0)), indices)
+    assert int(routed({})[4]) < 600  # the base's table: index 749 read in another interval
+    assert info_of(None, None) == {}  # trained on the base's own table
+    with pytest.raises(ValueError, match="different --flow_shift"):
+        info_of(1.0, 2.0)

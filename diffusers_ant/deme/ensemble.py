@@ -67,24 +67,42 @@ def ensemble_intervals(finetunes, num_timesteps: int):
 
 
 def _training_routing(finetunes) -> dict:
-    """``{"training_routing": {"resolution", "flow_shift"}}`` when the fine-tunes record FLUX.1 runs that agree
-    on them (`models.flux.run_routing_settings`): the sigma table they trained depends on both, and routing
-    needs that table (`routing_scheduler`); {} for other runs or when they disagree."""
+    """``{"training_routing": {...}}``: what the fine-tunes' sigma table depends on besides the base pipeline's
+    scheduler, which routing needs (`routing_scheduler`). FLUX.1 runs: their resolution and ``--flow_shift``
+    (`models.flux.run_routing_settings`), {} when they disagree. Other flow-matching runs: the ``--flow_shift``
+    that replaced the scheduler's shift (their intervals index the shifted table; routing by the base's table
+    sent a sigma to another interval's model), refused when the fine-tunes disagree. {} for the rest."""
     from ..models.flux import run_routing_settings
     from .finetunes import training_configs
 
     configs = training_configs(finetunes)
-    if not configs or any(config.get("model_type") != "flux" for config in configs):
+    if not configs:
         return {}
-    settings = [run_routing_settings(config) for config in configs]
-    return {"training_routing": settings[0]} if all(s == settings[0] for s in settings) else {}
+    if all(config.get("model_type") == "flux" for config in configs):
+        settings = [run_routing_settings(config) for config in configs]
+        return {"training_routing": settings[0]} if all(s == settings[0] for s in settings) else {}
+    shifts = {config.get("flow_shift") for config in configs}
+    if len(shifts) > 1:
+        raise ValueError(f"the fine-tunes trained with different --flow_shift ({', '.join(map(str, shifts))}): their "
+                         "intervals index different sigma tables; ensemble fine-tunes of one DeMe run")
+    shift = shifts.pop()
+    return {} if shift is None else {"training_routing": {"flow_shift": float(shift)}}
 
 
 def routing_scheduler(pipeline, info: dict):
     """The scheduler whose table a router over the saved ensemble maps timesteps into (None: the pipeline's)."""
     from ..models.flux import routing_scheduler as flux_routing_scheduler
+    from ..schedule import is_flow_matching
 
-    return flux_routing_scheduler(pipeline, **(info.get("training_routing") or {}))
+    settings = info.get("training_routing") or {}
+    if type(pipeline).__name__ == "FluxPipeline":
+        return flux_routing_scheduler(pipeline, **settings)
+    if settings.get("flow_shift") is not None and is_flow_matching(pipeline.scheduler):
+        from ..models.base import _copy_scheduler
+
+        # as `ModelAdapter.load` built the run's training scheduler from the pipeline's (a static shift)
+        return _copy_scheduler(pipeline.scheduler, shift=settings["flow_shift"], use_dynamic_shifting=False)
+    return None
 
 
 def write_ensemble(base_pipeline, finetunes, models, output_dir: str, num_timesteps: int) -> dict:
