@@ -115,6 +115,16 @@ def test_flux_own_load_takes_the_quantized_base(flux_folder):
     kinds = _linear_kinds(flux.model)
     assert kinds["nf4"] > 0 and kinds["float"] == 0, kinds
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in flux.text_encoder_2.modules())  # the denoiser only
+    # DeMe's projections on it (on by default with --deme_interval): the first parameter is packed uint8, which
+    # the projections took their dtype from ("Only Tensors of floating point ... can require gradients")
+    from diffusers_ant.deme import add_channel_projection
+    from diffusers_ant.models.quantization import prepare_quantized_for_lora
+
+    assert not next(flux.model.parameters()).is_floating_point()
+    prepare_quantized_for_lora(flux.model)
+    flux.add_lora(2)
+    projections = add_channel_projection(flux.model)
+    assert projections and all(p.weight.dtype == torch.float32 and p.weight.requires_grad for p in projections)
     with pytest.raises(ValueError, match="--quantize_base quantizes a pretrained denoiser") as err:
         get_model_adapter("flux").load(model_config_name_or_path="tiny", quantization_config=config)
     assert "\n" not in str(err.value)

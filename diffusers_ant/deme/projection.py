@@ -251,7 +251,7 @@ def add_channel_projection(model) -> list:
     """Insert an identity channel projection after each block of ``model`` (module docstring); return them.
 
     The projections are trainable (``requires_grad=True``) and take the device and dtype of the
-    model's parameters. Idempotent: a model that already has them gets none added, and the
+    model's first floating-point parameter. Idempotent: a model that already has them gets none added, and the
     existing ones are returned. Under LoRA call it after ``add_lora``.
     """
     existing = channel_projections(model)
@@ -260,11 +260,15 @@ def add_channel_projection(model) -> list:
             if not _hook_registered(block):  # e.g. re-attached after channel_projection_detached
                 block.register_forward_hook(_project_block_output)
         return list(existing.values())
-    reference = next(model.parameters())
+    # the first floating-point parameter (a quantized base's first weights are packed uint8 / int8, which cannot
+    # take a gradient; float32 where none is floating point)
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = reference.device if reference is not None else next(model.parameters()).device
+    dtype = reference.dtype if reference is not None else torch.float32
     index = _main_path_index(model)
     added = []
     for _, block, channels, channel_dim in _blocks(model):
-        projection = ChannelProjection(channels, channel_dim, device=reference.device, dtype=reference.dtype)
+        projection = ChannelProjection(channels, channel_dim, device=device, dtype=dtype)
         projection.output_index = index
         block.add_module(ATTRIBUTE, projection)
         if not _hook_registered(block):
