@@ -225,7 +225,9 @@ def difffit_targets(model: nn.Module) -> list:
     """``[(name, layer, scale names)]``: the layers whose output DiffFit scales, and the scale
     parameters each gets (see the module docstring): in the first half of the blocks, every
     attention's ``to_q`` / ``to_k`` / ``to_v`` (one scale) and ``to_out.0`` (two), every
-    ``FeedForward``'s last ``Linear`` and every ResNet block's ``conv2`` (one)."""
+    ``FeedForward``'s last ``Linear`` and every ResNet block's ``conv2`` (one). An attention without an output
+    projection (FLUX.1's single-stream blocks, which have no feed-forward either) gets none: those blocks carry
+    no scale (said in the README; adding them now would change the parameters a running DiffFit run resumes)."""
     from diffusers.models.attention import FeedForward
     from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
 
