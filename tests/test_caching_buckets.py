@@ -440,6 +440,12 @@ def test_the_default_bucket_step_is_kohyas_64_pixels_so_varied_ratios_fill_their
         bucket_step(types.SimpleNamespace(bucket_step=24), adapter)
     with pytest.raises(UsageError, match="add --aspect_ratio_buckets"):
         parse_args(["--model_type", "sd", "--dataset_name", "mnist5k_captions", "--bucket_step", "64"])
+    # a step no model takes is refused with the arguments, before the model is loaded
+    for step, message in (("0", "must be a positive number of pixels"), ("-8", "must be a positive number of pixels"),
+                          ("1024", "larger than --resolution 512")):
+        with pytest.raises(UsageError, match=message):
+            parse_args(["--model_type", "sd", "--dataset_name", "mnist5k_captions", "--aspect_ratio_buckets",
+                        "--resolution", "512", "--bucket_step", step])
     # a bucketed checkpoint written before the flag existed resumes on its own buckets (one latent patch)
     from diffusers_ant.training.loop import adopt_recorded_defaults
 

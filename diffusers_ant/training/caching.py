@@ -60,6 +60,12 @@ def validate_caching_args(args) -> None:
                          f"drop {caching[0]} or use --retention kd")
     if args.bucket_step is not None and not args.aspect_ratio_buckets:
         raise UsageError("--bucket_step is the aspect-ratio buckets' step: add --aspect_ratio_buckets, or drop it")
+    # (whether the step is a multiple of the model's latent patch is known once the model is loaded: loop.bucket_step)
+    if args.bucket_step is not None and args.bucket_step < 1:
+        raise UsageError(f"--bucket_step {args.bucket_step}: the buckets' step must be a positive number of pixels, e.g. 64")
+    if args.bucket_step is not None and args.resolution is not None and args.bucket_step > args.resolution:
+        raise UsageError(f"--bucket_step {args.bucket_step} is larger than --resolution {args.resolution}: no bucket "
+                         "fits; use a step of at most resolution / 8 (64 at 512 pixels and above)")
     if args.aspect_ratio_buckets and args.retention == "bank":
         raise UsageError("--aspect_ratio_buckets: the knowledge bank's square images cannot share a batch with "
                          "bucketed ones: drop --aspect_ratio_buckets or use --retention kd")
