@@ -449,3 +449,12 @@ def test_routing_maps_a_flux_sigma_to_the_training_index_of_the_shifted_table(tm
     assert int(unshifted(model_timesteps(at_256, indices).double() / 1000)[2]) > 700  # the old map: index 499 read far off
     with pytest.raises(ValueError, match="trains on the sigmas its dynamic shift gives at its training resolution"):
         denoiser_timestep_map(pipeline.scheduler, 1000, pipeline.transformer)
+    # fine-tunes trained at different resolutions index different tables: refused (it routed by the unshifted one)
+    folders = []
+    for resolution in (256, 512):
+        folder = tmp_path / f"at_{resolution}"
+        folder.mkdir()
+        (folder / "training_config.json").write_text(json.dumps({"model_type": "flux", "resolution": resolution}))
+        folders.append(SimpleNamespace(path=str(folder)))
+    with pytest.raises(ValueError, match="--resolution 256.* and .*--resolution 512.*index different sigma tables"):
+        _training_routing(folders)

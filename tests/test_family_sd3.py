@@ -399,5 +399,42 @@ def test_an_ensemble_routes_by_the_sigma_table_its_flow_shift_fine_tunes_trained
     assert torch.equal(routed(info_of(1.0, 1.0)), indices)
     assert int(routed({})[4]) < 600  # the base's table: index 749 read in another interval
     assert info_of(None, None) == {}  # trained on the base's own table
-    with pytest.raises(ValueError, match="different --flow_shift"):
+    with pytest.raises(ValueError, match="--flow_shift 1.0 and .* with --flow_shift 2.0: their intervals index different"):
         info_of(1.0, 2.0)
+    with pytest.raises(ValueError, match="no --flow_shift"):
+        info_of(1.0, None)
+
+
+def test_ntg_and_forgetting_route_a_flow_shift_runs_sigmas_by_its_training_table(tmp_path):
+    """`analyze.py ntg` / `forgetting` map what the pipeline passes through `training_routing_scheduler`. A LoRA
+    output trained with --flow_shift loads its base's scheduler (shift 3 here), so its intervals (indices of the
+    shift-1 table) were read off the base's table: sigma 0.75, trained at index 749, went to about 499. The
+    runs' recorded --flow_shift now gives the table; runs of different shifts are refused in one line."""
+    from diffusers_ant.analysis.common import training_routing_scheduler
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.models.base import _copy_scheduler
+    from diffusers_ant.routing import denoiser_timestep_map
+    from diffusers_ant.schedule import model_timesteps
+
+    pipeline = get_model_adapter("sd3").load(model_config_name_or_path="tiny", resolution=16).make_pipeline()
+    indices = torch.tensor([100, 300, 499, 500, 749, 900])
+    trained = _copy_scheduler(pipeline.scheduler, shift=1.0, use_dynamic_shifting=False)
+
+    def run(name, **config):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "training_config.json").write_text(json.dumps({"model_type": "sd3", **config}))
+        return str(folder)
+
+    def routed(folders):
+        timestep_map = denoiser_timestep_map(pipeline.scheduler, 1000, pipeline.transformer,
+                                             training_scheduler=training_routing_scheduler(pipeline, folders))
+        return timestep_map(model_timesteps(trained, indices))
+
+    shifted = [run("a", flow_shift=1.0), run("b", flow_shift=1.0)]
+    assert torch.equal(routed(shifted), indices)
+    assert torch.equal(routed([shifted[0], str(tmp_path / "no_config")]), indices)  # a folder without a record
+    assert training_routing_scheduler(pipeline, [run("c")]) is None  # the pipeline's own table was trained
+    assert int(routed([run("d")])[4]) < 600
+    with pytest.raises(ValueError, match="with --flow_shift 1.0 and .*e with --flow_shift 2.0"):
+        training_routing_scheduler(pipeline, [shifted[0], run("e", flow_shift=2.0)])

@@ -183,12 +183,14 @@ def run_ntg(args):
     models, schedulers = [denoiser.to(resolve_device(args.device)) for _, denoiser in loaded], [pipeline.scheduler for pipeline, _ in loaded]
     # refuse models trained with another noise schedule before the (slow) reference and sampling
     check_same_schedule([base_pipeline.scheduler, *schedulers], [f"--base {args.base}", *args.interval_models])
+    # the table the intervals index (the runs' --flow_shift or FLUX.1 resolution), also before the reference
+    training_scheduler = training_routing_scheduler(base_pipeline, args.interval_models)
     reference = _reference(args, base_pipeline)
     result = negative_transfer_gap(base_pipeline, models, intervals, reference, num_samples=args.num_samples,
                                    scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
                                    batch_size=args.batch_size, seed=args.seed, names=args.interval_models,
                                    progress=not args.no_progress, interval_schedulers=schedulers,
-                                   training_scheduler=training_routing_scheduler(base_pipeline, args.interval_models),
+                                   training_scheduler=training_scheduler,
                                    prompts=_prompts(args, base_pipeline))
     result["base_model"] = args.base
     print(describe(result))
@@ -212,12 +214,13 @@ def run_forgetting(args):
     pretrained = pretrained.to(resolve_device(args.device))
     check_same_schedule([finetuned_pipeline.scheduler, pretrained_pipeline.scheduler],
                         [f"--finetuned {args.finetuned}", f"--pretrained {args.pretrained}"])
+    training_scheduler = training_routing_scheduler(finetuned_pipeline, [args.finetuned])
     reference = _reference(args, finetuned_pipeline)
     result = chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, num_samples=args.num_samples,
                                  scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
                                  batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
                                  pretrained_scheduler=pretrained_pipeline.scheduler,
-                                 training_scheduler=training_routing_scheduler(finetuned_pipeline, [args.finetuned]),
+                                 training_scheduler=training_scheduler,
                                  prompts=_prompts(args, finetuned_pipeline))
     result.update(finetuned_model=args.finetuned, pretrained_model=args.pretrained)
     print(describe(result))

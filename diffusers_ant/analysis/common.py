@@ -72,17 +72,16 @@ def load_denoiser(folder: str, flag: str = "--model"):
 
 
 def training_routing_scheduler(pipeline, folders):
-    """What `routing.denoiser_timestep_map` needs beside ``pipeline``'s scheduler: for a FLUX.1 pipeline, the
-    training table of the run the first of ``folders`` with a ``training_config.json`` records (its resolution
-    and --flow_shift: `models.flux.routing_scheduler`); None for every other pipeline (its own scheduler's)."""
-    from ..models.flux import routing_scheduler, run_routing_settings
+    """What `routing.denoiser_timestep_map` needs beside ``pipeline``'s scheduler: the training table of the runs
+    in ``folders`` as their ``training_config.json`` records it (`deme.ensemble.training_routing_settings`): for
+    a FLUX.1 pipeline, the table of the run's resolution or ``--flow_shift``; for another flow-matching
+    pipeline, the table of the run's ``--flow_shift`` (a LoRA output loads its base's unshifted scheduler);
+    None where the pipeline's own scheduler's table is the trained one. Runs trained on different tables are
+    refused in one line."""
+    from ..deme.ensemble import routing_scheduler, training_routing_settings
 
-    for folder in folders:
-        path = os.path.join(folder, "training_config.json")
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return routing_scheduler(pipeline, **run_routing_settings(json.load(f)))
-    return routing_scheduler(pipeline)
+    settings = training_routing_settings([training_config(folder) for folder in folders], list(folders))
+    return routing_scheduler(pipeline, {"training_routing": settings})
 
 
 def expand_checkpoints(paths) -> list:

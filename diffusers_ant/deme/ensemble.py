@@ -67,26 +67,40 @@ def ensemble_intervals(finetunes, num_timesteps: int):
 
 
 def _training_routing(finetunes) -> dict:
-    """``{"training_routing": {...}}``: what the fine-tunes' sigma table depends on besides the base pipeline's
-    scheduler, which routing needs (`routing_scheduler`). FLUX.1 runs: their resolution and ``--flow_shift``
-    (`models.flux.run_routing_settings`), {} when they disagree. Other flow-matching runs: the ``--flow_shift``
-    that replaced the scheduler's shift (their intervals index the shifted table; routing by the base's table
-    sent a sigma to another interval's model), refused when the fine-tunes disagree. {} for the rest."""
-    from ..models.flux import run_routing_settings
+    """``{"training_routing": {...}}`` of the fine-tunes' training configs (`training_routing_settings`), {}
+    where they record nothing that routing needs."""
     from .finetunes import training_configs
 
-    configs = training_configs(finetunes)
-    if not configs:
+    settings = training_routing_settings(training_configs(finetunes), [finetune.path for finetune in finetunes])
+    return {"training_routing": settings} if settings else {}
+
+
+def training_routing_settings(configs, names) -> dict:
+    """What runs' sigma table depends on besides the base pipeline's scheduler, which routing needs
+    (`routing_scheduler`), from their ``training_config.json`` dicts (empty ones, e.g. a Hub model's, are
+    skipped); ``names`` label them. FLUX.1 runs: their resolution and ``--flow_shift``
+    (`models.flux.run_routing_settings`). Other flow-matching runs: the ``--flow_shift`` that replaced the
+    scheduler's shift (their intervals index the shifted table; routing by the base's table sent a sigma to
+    another interval's model). {} for the rest. Runs that disagree are refused in one line: their intervals
+    index different tables, which no one router follows."""
+    from ..models.flux import run_routing_settings
+
+    recorded = [(name, config) for name, config in zip(names, configs) if config]
+    if not recorded:
         return {}
-    if all(config.get("model_type") == "flux" for config in configs):
-        settings = [run_routing_settings(config) for config in configs]
-        return {"training_routing": settings[0]} if all(s == settings[0] for s in settings) else {}
-    shifts = {config.get("flow_shift") for config in configs}
-    if len(shifts) > 1:
-        raise ValueError(f"the fine-tunes trained with different --flow_shift ({', '.join(map(str, shifts))}): their "
-                         "intervals index different sigma tables; ensemble fine-tunes of one DeMe run")
-    shift = shifts.pop()
-    return {} if shift is None else {"training_routing": {"flow_shift": float(shift)}}
+    if all(config.get("model_type") == "flux" for _, config in recorded):
+        settings = [(name, run_routing_settings(config)) for name, config in recorded]
+    else:
+        settings = [(name, {} if config.get("flow_shift") is None else {"flow_shift": float(config["flow_shift"])})
+                    for name, config in recorded]
+    first_name, first = settings[0]
+    for name, other in settings[1:]:
+        if other != first:
+            def describe(entry):
+                return ", ".join(f"--{key} {value}" for key, value in entry.items() if value is not None) or "no --flow_shift"
+            raise ValueError(f"{first_name} trained with {describe(first)} and {name} with {describe(other)}: their "
+                             "intervals index different sigma tables; compare or ensemble runs trained alike")
+    return first
 
 
 def routing_scheduler(pipeline, info: dict):
