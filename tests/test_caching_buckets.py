@@ -477,9 +477,8 @@ def test_cached_text_is_kept_in_the_narrowest_dtype_that_holds_it_exactly():
         "prompt_embeds": from_bf16[[captions.index(c) for c in batch["captions"]]],
         "pooled": full[[captions.index(c) for c in batch["captions"]]]})
     dataset = SimpleNamespace(caption_variants=lambda: list(captions), text_fields=lambda c: {"captions": c})
-    text, dtypes = cache_text(adapter, dataset, batch_size=2, disable_progress=True)
-    assert {k: v.dtype for k, v in text["a cat"].items()} == {"prompt_embeds": torch.bfloat16, "pooled": torch.float32}
-    cache = TrainingCache(text=text, text_dtypes=dtypes)
+    cache = TrainingCache(**cache_text(adapter, dataset, batch_size=2, disable_progress=True))
+    assert {k: v.dtype for k, v in cache.text["a cat"].items()} == {"prompt_embeds": torch.bfloat16, "pooled": torch.float32}
     for i, caption in enumerate(captions):
         fields = cache.text_fields(caption)
         assert torch.equal(fields["cached_text/prompt_embeds"], from_bf16[i])

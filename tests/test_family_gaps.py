@@ -50,8 +50,7 @@ def test_flux_cached_text_gives_the_uncached_conditioning_and_samples_with_both_
     assert uncached["encoder_hidden_states"].shape[:2] == (3, adapter.max_sequence_length)
 
     dataset = SimpleNamespace(caption_variants=lambda: sorted(captions), text_fields=lambda c: {"captions": c})
-    text, text_dtypes = cache_text(adapter, dataset, batch_size=2, disable_progress=True)
-    cache = TrainingCache(text=text, text_dtypes=text_dtypes)
+    cache = TrainingCache(**cache_text(adapter, dataset, batch_size=2, disable_progress=True))
     rows = [{"latent_moments": torch.zeros(4, 2, 2), **cache.text_fields(c)} for c in captions]
     cached_batch = default_collate(rows)
 

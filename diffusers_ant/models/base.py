@@ -636,6 +636,10 @@ class ModelAdapter:
 
     # The entries of a cached batch that hold text conditioning: ``cached_text/<key>``.
     CACHED_TEXT_PREFIX = "cached_text/"
+    # ``(mask key, length)`` where :meth:`encode_text` zero-pads each caption to ``length`` tokens (mask 0) only
+    # so that captions batch together: the text cache keeps each caption's own tokens and pads them back when a
+    # row is read (``training.caching.TrainingCache``). None: entries are cached whole.
+    padded_text = None
 
     def text_conditioning(self, batch: dict) -> dict:
         """The conditioning entries that the captions alone decide: the cached ones the batch carries

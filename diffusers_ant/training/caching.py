@@ -96,19 +96,26 @@ class TrainingCache:
     `crop_coords[row]`: the row's `(original_sizes, crop_top_lefts)` when the dataset records them (SDXL's
     micro-conditioning; deterministic, since caching refuses random crops and flips)."""
 
-    def __init__(self, latents=None, text=None, crop_coords=None, text_dtypes=None):
+    def __init__(self, latents=None, text=None, crop_coords=None, text_dtypes=None, text_lengths=None):
         self.latents = latents
         self.text = text
         self.crop_coords = crop_coords
         self.text_dtypes = text_dtypes or {}  # key -> the dtype the encoder returned, where stored narrower
+        self.text_lengths = text_lengths or {}  # key -> the length `encode_text` zero-padded it to, where stored cut
 
     def text_fields(self, caption: str) -> dict:
-        """A row's cached text entries for `caption` (keys `cached_text/<key>`), in the dtype the encoder returned."""
+        """A row's cached text entries for `caption` (keys `cached_text/<key>`), as the encoder returned them: in
+        its dtype, and zero-padded again to its length where the cache keeps the caption's own tokens only."""
         from ..models.base import ModelAdapter
 
-        entries = self.text[caption]
-        return {ModelAdapter.CACHED_TEXT_PREFIX + key: value.to(self.text_dtypes.get(key, value.dtype))
-                for key, value in entries.items()}
+        fields = {}
+        for key, value in self.text[caption].items():
+            value = value.to(self.text_dtypes.get(key, value.dtype))
+            length = self.text_lengths.get(key)
+            if length is not None and value.shape[0] < length:
+                value = torch.cat([value, value.new_zeros(length - value.shape[0], *value.shape[1:])])
+            fields[ModelAdapter.CACHED_TEXT_PREFIX + key] = value
+        return fields
 
     def nbytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in (self.latents or []))
@@ -159,31 +166,54 @@ def _narrowest_exact(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def _without_padding(entries: dict, mask_key: str, length: int) -> dict:
+    """One caption's entries cut to its own tokens where `encode_text` zero-padded them to `length` positions
+    (`ModelAdapter.padded_text`): the mask's leading ones, every padded position zero. Entries that do not have
+    that form are kept whole, so that reading them back (`TrainingCache.text_fields`) gives the same bits."""
+    mask = entries.get(mask_key)
+    if mask is None or mask.dim() != 1 or mask.shape[0] != length:
+        return entries
+    tokens = int(mask.count_nonzero())
+    padded = {key: value for key, value in entries.items() if value.dim() >= 1 and value.shape[0] == length}
+    if not bool((mask[:tokens] == 1).all()) or any(value[tokens:].count_nonzero() for value in padded.values()):
+        return entries
+    return {key: value[:tokens].clone() if key in padded else value for key, value in entries.items()}
+
+
 @torch.no_grad()
-def cache_text(adapter, dataset, batch_size: int, disable_progress: bool = False) -> tuple:
-    """`adapter.encode_text` of every caption variant of a `TrainingDataset` (`caption_variants`), CPU: the entries
-    per caption, each kept in the narrowest dtype that holds it exactly, and the dtypes to return them in."""
+def cache_text(adapter, dataset, batch_size: int, disable_progress: bool = False) -> dict:
+    """`adapter.encode_text` of every caption variant of a `TrainingDataset` (`caption_variants`), CPU, as
+    `TrainingCache`'s arguments: the entries per caption (`text`), each kept in the narrowest dtype that holds it
+    exactly and, for a type whose `encode_text` pads to a fixed length (`padded_text`: Qwen-Image's 512 tokens),
+    cut to the caption's own tokens; the dtypes (`text_dtypes`) and lengths (`text_lengths`) to return them in."""
     from torch.utils.data import default_collate
 
+    padding = getattr(adapter, "padded_text", None)  # (mask key, length) or None
     captions = dataset.caption_variants()
-    text, dtypes = {}, {}
+    text, dtypes, lengths = {}, {}, {}
     with tqdm(total=len(captions), desc="caching text embeddings", disable=disable_progress) as progress:
         for chunk in _chunks(captions, batch_size):
             encoded = adapter.encode_text(default_collate([dataset.text_fields(c) for c in chunk]))
             for key, value in encoded.items():
                 dtypes[key] = value.dtype
+                if padding is not None and value.dim() >= 2 and value.shape[1] == padding[1]:
+                    lengths[key] = padding[1]
             for i, caption in enumerate(chunk):
-                text[caption] = {key: _narrowest_exact(value[i].detach().cpu().clone()) for key, value in encoded.items()}
+                entries = {key: value[i].detach().cpu() for key, value in encoded.items()}
+                if padding is not None:
+                    entries = _without_padding(entries, *padding)
+                # (clone: a row of the batch would keep the whole batch's storage alive)
+                text[caption] = {key: _narrowest_exact(value.clone()) for key, value in entries.items()}
             progress.update(len(chunk))
-    return text, dtypes
+    return {"text": text, "text_dtypes": dtypes, "text_lengths": lengths}
 
 
 def build_training_cache(args, accelerator, adapter, dataset, batch_size: int) -> TrainingCache:
     """Encode what the flags ask for and attach it to `dataset` (rows then carry cached entries)."""
     disable = not accelerator.is_local_main_process
     latents, crop_coords = cache_latents(adapter, dataset, batch_size, disable) if args.cache_latents else (None, None)
-    text, text_dtypes = cache_text(adapter, dataset, batch_size, disable) if args.cache_text_embeddings else (None, None)
-    cache = TrainingCache(latents=latents, text=text, crop_coords=crop_coords, text_dtypes=text_dtypes)
+    text = cache_text(adapter, dataset, batch_size, disable) if args.cache_text_embeddings else {}
+    cache = TrainingCache(latents=latents, crop_coords=crop_coords, **text)
     dataset.cache = cache
     accelerator.print(f"cached {len(cache.latents or [])} latents and {len(cache.text or {})} captions "
                       f"({cache.nbytes() / 2**20:.1f} MiB on the CPU)")
