@@ -244,6 +244,53 @@ def test_validation_images_reach_every_tracker(tmp_path):
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
 
 
+def test_wandb_gets_each_validation_image_with_its_prompt_as_caption(monkeypatch):
+    """diffusers' scripts log `wandb.Image(image, caption=f"{i}: {prompt}")`; Accelerate's `log_images` wraps
+    the images without one, so a text-to-image run's grid on wandb said nothing of its prompts. (`wandb` is not
+    a dependency: a module standing in for it records what the tracker is given.)"""
+    from accelerate.tracking import GeneralTracker
+    from PIL import Image
+
+    from diffusers_ant.training.validation import log_images_to_trackers
+
+    class WandbImage:
+        def __init__(self, data, caption=None):
+            self.data, self.caption = data, caption
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Image=WandbImage))
+
+    class Wandb(GeneralTracker):
+        name = "wandb"
+        requires_logging_directory = False
+
+        def __init__(self):
+            super().__init__()
+            self.logged, self.images = [], []
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            pass
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((values, step))
+
+        def log_images(self, values, step=None, **kwargs):
+            self.images.append((values, step))
+
+    tracker = Wandb()
+    accelerator = types.SimpleNamespace(trackers=[tracker])
+    images = [Image.new("L", (8, 8), 10), Image.new("L", (8, 8), 200)]
+    log_images_to_trackers(accelerator, images, step=5, captions=["a cat", "a dog"])
+    [(values, step)] = tracker.logged
+    assert step == 5 and [(w.data, w.caption) for w in values["validation"]] == [(images[0], "0: a cat"),
+                                                                                  (images[1], "1: a dog")]
+    log_images_to_trackers(accelerator, images, step=6)  # class-conditional or unconditional: no captions
+    assert tracker.images == [({"validation": images}, 6)]
+
+
 def test_variant_reaches_the_controlnet_folder(tmp_path):
     """`--variant` (and --revision, --cache_dir) apply to --controlnet_model_name_or_path as to the base."""
     from diffusers import ControlNetModel

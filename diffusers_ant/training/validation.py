@@ -39,22 +39,28 @@ def log_and_save_samples(args, accelerator, adapter, model, step, inputs):
     os.makedirs(folder, exist_ok=True)
     grid_path = os.path.join(folder, f"step-{step}.png")
     grid.save(grid_path)
-    log_images_to_trackers(accelerator, images, step, captions=inputs.get("prompts"))
+    prompts = inputs.get("prompts")  # (a dict where --cache_text_embeddings encoded them: no caption text then)
+    log_images_to_trackers(accelerator, images, step, captions=prompts if isinstance(prompts, list) else None)
     return images, grid_path
 
 
 def log_images_to_trackers(accelerator, images, step, captions=None) -> None:
     """Send validation images to every configured tracker through Accelerate's `log_images`.
 
-    TensorBoard takes one NHWC array; wandb (and the others) take the PIL images, which Accelerate's
-    wandb tracker wraps in `wandb.Image`, as diffusers' scripts do. A tracker without image support is
-    told once in the log."""
+    TensorBoard takes one NHWC array; wandb gets `wandb.Image`s captioned `"i: prompt"` with `captions`
+    (one per image), as diffusers' scripts log them (Accelerate's `log_images` wraps them without a caption);
+    the others take the PIL images. A tracker without image support is told once in the log."""
     import logging
 
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             array = np.stack([np.asarray(img.convert("RGB")) for img in images])
             tracker.log_images({"validation": array}, step, dataformats="NHWC")
+        elif tracker.name == "wandb" and captions is not None:
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(image, caption=f"{i}: {caption}")
+                                        for i, (image, caption) in enumerate(zip(images, captions))]}, step=step)
         elif hasattr(tracker, "log_images"):
             tracker.log_images({"validation": list(images)}, step)
         else:
