@@ -354,6 +354,18 @@ def test_load_unet_from_pretrained_folder_takes_its_scheduler(tmp_path):
     )
     assert other.noise_scheduler.config.prediction_type == "epsilon"
     assert other.num_classes == 4 and not other.model_from_pretrained
+    # ... initialised as a new UNet2DModel's (N(0, 1)): diffusers leaves the resized table uninitialised memory
+    for classes in (4, 9):  # (the unconditional source gains a table; a 4-class one gets a larger table)
+        if classes == 9:
+            other.model.save_pretrained(tmp_path / "four")
+            other = get_model_adapter("unet").load(pretrained_model_name_or_path=str(tmp_path / "four"), num_classes=9)
+        table = other.model.class_embedding.weight.detach()
+        assert table.shape[0] == classes and torch.isfinite(table).all()
+        # the std of 4 x 32+ N(0, 1) draws: within [0.5, 2] but for odds far below 1e-9
+        assert 0.5 < float(table.std()) < 2.0 and float(table.abs().max()) < 10
+        out = other.predict(other.model, torch.randn(classes, 1, 16, 16), torch.full((classes,), 100),
+                            {"class_labels": torch.arange(classes)})
+        assert torch.isfinite(out).all()
     # a bare model folder (config.json only) works too, with a default scheduler
     source.model.save_pretrained(tmp_path / "bare")
     bare = get_model_adapter("unet").load(pretrained_model_name_or_path=str(tmp_path / "bare"))

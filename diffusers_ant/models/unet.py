@@ -60,6 +60,10 @@ class UNetAdapter(ModelAdapter):
                     ignore_mismatched_sizes=True,
                     low_cpu_mem_usage=False,
                 )
+                # diffusers leaves the new (or resized) table uninitialised memory, despite its "newly initialized"
+                # warning (up to 1.7e38 and NaN: some labels' outputs were not finite): nn.Embedding's own init,
+                # N(0, 1), as a UNet2DModel built with that class count has it
+                model.class_embedding.reset_parameters()
                 from_pretrained = False
             if num_channels is not None and num_channels != model.config.in_channels:
                 raise ValueError(
