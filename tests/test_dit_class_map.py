@@ -230,3 +230,26 @@ def test_a_fine_tuned_latent_dit_keeps_the_pretrained_label_names(tmp_path):
     mapped.save(str(tmp_path / "mapped"))
     pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "mapped"))
     assert pipe.get_label_ids(["dog", "great white shark"]) == [1, 2] and "tench" not in pipe.labels
+
+
+def test_a_dit_trained_at_another_resolution_saves_the_function_it_trained(pretrained, tmp_path):
+    """DiT at a new --resolution: the pretrained `PatchEmbed` recomputed its sin-cos table with the old grid as
+    base (positions scaled to 16 px), while the saved folder, rebuilt from its new sample_size, used the new grid:
+    the saved model computed another function. The table is now rebuilt for the new size when training starts."""
+    from diffusers_ant.models import load_pipeline
+
+    adapter = get_model_adapter("dit").load(pretrained_model_name_or_path=str(pretrained), resolution=32)
+    assert adapter.model.config.sample_size == 32 and adapter.model.pos_embed.base_size == 32 // 2  # (was 16 // 2)
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    timesteps, labels = torch.tensor([100, 700]), {"class_labels": torch.tensor([4, 7])}
+    with torch.no_grad():
+        trained = adapter.predict(adapter.model, x, timesteps, labels)
+    adapter.save(str(tmp_path / "out"))
+    saved = load_pipeline(str(tmp_path / "out")).transformer
+    with torch.no_grad():
+        reloaded = adapter.predict(saved, x, timesteps, labels)
+    # the same weights and the same position table: the same operations, so the same bits
+    assert torch.equal(reloaded, trained)
+    # and the patch projection is the pretrained one
+    source = get_model_adapter("dit").load(pretrained_model_name_or_path=str(pretrained))
+    assert torch.equal(saved.pos_embed.proj.weight, source.model.pos_embed.proj.weight)

@@ -77,6 +77,23 @@ def grow_label_tables(model, num_classes: int, generator=None) -> None:
     model.register_to_config(num_embeds_ada_norm=num_classes)
 
 
+def _rebuild_position_embedding(model) -> None:
+    """`model.pos_embed` as a `DiTTransformer2DModel` of the new `config.sample_size` builds it, with its trained
+    patch projection. At another input size, the pretrained `PatchEmbed` recomputes its sin-cos table with the old
+    grid as `base_size` (positions scaled to the old grid), while the saved model, rebuilt from its config, uses
+    the new grid as its base: the saved folder computed another function (a difference of 1.2 on outputs of mean
+    0.5). Rebuilt here, training and the saved model use the same table."""
+    old = model.pos_embed
+    size = model.config.sample_size
+    new = type(old)(height=size, width=size, patch_size=model.config.patch_size, in_channels=model.config.in_channels,
+                    embed_dim=model.inner_dim)
+    new.proj.load_state_dict(old.proj.state_dict())
+    model.pos_embed = new.to(old.proj.weight.device, old.proj.weight.dtype)
+    if old.pos_embed is not None:  # (the sin-cos table stays float32, as PatchEmbed builds it)
+        new.pos_embed = new.pos_embed.to(device=old.pos_embed.device, dtype=old.pos_embed.dtype)
+    model.height = model.width = size
+
+
 def saved_class_rows(folder) -> list | None:
     """The label rows of the data set's classes recorded in a saved folder's ``class_map.json`` (what
     :meth:`DiTAdapter.save` writes for a DiT trained on another class count), or None."""
@@ -226,8 +243,9 @@ class DiTAdapter(ModelAdapter):
                 grow_label_tables(model, num_classes)  # more classes: the pretrained rows and null row kept
                 from_pretrained = False  # the base is no longer the pretrained folder's (a LoRA output carries it)
             if resolution is not None and resolution // scale != model.config.sample_size:
-                # DiT recomputes its sin-cos position embedding for another size; pipelines read sample_size
+                # pipelines read sample_size; the position table is rebuilt for it as well
                 model.register_to_config(sample_size=resolution // scale)
+                _rebuild_position_embedding(model)
         channels = vae.config.in_channels if vae is not None else model.config.in_channels
         if num_channels is not None and num_channels != channels:
             raise ValueError(f"the pretrained DiT takes {channels} image channels, the data has {num_channels}")
