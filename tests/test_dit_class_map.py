@@ -7,6 +7,7 @@ the map."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -102,6 +103,26 @@ def test_more_classes_grow_the_table_around_the_pretrained_rows(pretrained):
         assert grown[10:12].std() < 0.05
     grown_rows = [t[10:12] for t in _tables(adapter.model)]
     assert all(torch.equal(rows, grown_rows[0]) for rows in grown_rows)  # equal copies stay equal
+    assert adapter.grown_label_table == (10, 12)
+
+
+def test_a_grown_table_is_refused_where_its_new_rows_would_not_train(pretrained, tmp_path):
+    """LoRA (on the attention) and BitFit (biases) leave a grown table's new rows at std 0.02: the new classes
+    would stay near-equal vectors. The trainer refuses them in one line before training; DiffFit trains the table."""
+    root = tmp_path / "eleven" / "train"
+    for k in range(11):
+        (root / f"c{k:02d}").mkdir(parents=True)
+        Image.fromarray(np.full((16, 16), 20 * k, dtype=np.uint8), mode="L").save(root / f"c{k:02d}" / "0.png")
+    for extra, how in ((("--rank", "2"), "LoRA \\(--rank\\)"), (("--finetune", "bitfit"), "--finetune bitfit")):
+        with pytest.raises(ValueError, match=f"has 10 classes and this run's 11 grow its label table, whose new rows "
+                                             f"{how} does not train"):
+            train_in_process(_args(pretrained, root, tmp_path / "out", *extra))
+        assert not (tmp_path / "out" / "checkpoint-1").exists()
+    from diffusers_ant.training.loop import check_new_label_rows
+
+    adapter = get_model_adapter("dit").load(pretrained_model_name_or_path=str(pretrained), num_classes=11)
+    for finetune in (None, "full", "difffit"):
+        check_new_label_rows(SimpleNamespace(finetune=finetune, rank=None), adapter)
 
 
 BAD_MAPS = [

@@ -208,7 +208,7 @@ class DiTAdapter(ModelAdapter):
     def _build(cls, source, preset, *, resolution, num_classes, num_channels, controlnet_model_name_or_path):
         from diffusers import DiTTransformer2DModel
 
-        class_rows = None
+        class_rows = grown_label_table = None
         vae = cls._load_vae(source, preset, num_channels, resolution)
         scale = cls.vae_scale_factor(vae)
         if preset is not None:
@@ -241,6 +241,7 @@ class DiTAdapter(ModelAdapter):
                 class_rows = list(range(num_classes))
             elif num_classes is not None and num_classes > pretrained_classes:
                 grow_label_tables(model, num_classes)  # more classes: the pretrained rows and null row kept
+                grown_label_table = (pretrained_classes, num_classes)
                 from_pretrained = False  # the base is no longer the pretrained folder's (a LoRA output carries it)
             if resolution is not None and resolution // scale != model.config.sample_size:
                 # pipelines read sample_size; the position table is rebuilt for it as well
@@ -261,11 +262,14 @@ class DiTAdapter(ModelAdapter):
             "model_from_pretrained": from_pretrained,
             "class_rows": class_rows,
             "id2label": id2label,
+            "grown_label_table": grown_label_table,
         }
 
-    def __init__(self, model, noise_scheduler, class_rows=None, id2label=None, **kwargs):
+    def __init__(self, model, noise_scheduler, class_rows=None, id2label=None, grown_label_table=None, **kwargs):
         super().__init__(model, noise_scheduler, **kwargs)
         self.id2label = id2label
+        # (pretrained class count, the run's) when the label table grew for this run's classes (`grow_label_tables`)
+        self.grown_label_table = grown_label_table
         self.class_dropout_prob = take_over_label_dropout(model)
         # The label-table row of each data-set class (index = class id); None: the labels are the rows.
         self.class_rows = class_rows

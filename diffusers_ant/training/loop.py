@@ -679,6 +679,20 @@ def check_pretrained_classes(args, adapter) -> None:
                      "pretrained classes, or train without --class_column")
 
 
+def check_new_label_rows(args, adapter) -> None:
+    """A DiT whose label table grew for this run's classes (`models.dit.grow_label_tables`: the new rows start at
+    std 0.02) needs those rows trained: LoRA (on the attention) and BitFit (biases) leave them at their start, so
+    the new classes, near-equal vectors, are barely told apart. Refused in one line, naming the modes that train it."""
+    grown = getattr(adapter, "grown_label_table", None)
+    if grown is None or args.finetune not in ("lora", "bitfit") and args.rank is None:
+        return
+    pretrained, run = grown
+    how = "--finetune bitfit" if args.finetune == "bitfit" else "LoRA (--rank)"
+    raise ValueError(f"the pretrained DiT has {pretrained} classes and this run's {run} grow its label table, whose new "
+                     f"rows {how} does not train: fine-tune in full or with --finetune difffit (both train the "
+                     "table)")
+
+
 def check_lora_target(args, adapter) -> None:
     """A LoRA output is its adapters over the base pipeline, which `load_pipeline` (and the card's snippet)
     samples with the base's own scheduler: a LoRA trained on another target than the base predicts would be
@@ -709,6 +723,7 @@ def prepare_model(args, accelerator, adapter):
     if needs_teacher:
         check_teacher_target(args, adapter)
     check_pretrained_classes(args, adapter)
+    check_new_label_rows(args, adapter)
     check_lora_target(args, adapter)
     lora = args.rank is not None
     if needs_teacher and not lora:
