@@ -16,6 +16,7 @@ import json
 import os
 
 import pytest
+import numpy as np
 import torch
 
 from diffusers_ant.models import (
@@ -541,3 +542,22 @@ def test_controlnet_output_loads_the_diffusers_way(tmp_path):
     info = json.loads((tmp_path / "lora" / "ant_lora.json").read_text())
     assert info["base_model"] == "../out" and "trained_in_full" not in info
     assert has_lora(load_pipeline(str(tmp_path / "lora")).controlnet)
+
+
+@pytest.mark.parametrize("name", ["PNDMScheduler", "UniPCMultistepScheduler", "DDPMScheduler"])
+@pytest.mark.parametrize("kind", ["unet-class", "dit"])
+def test_the_projects_pipelines_sample_with_schedulers_whose_step_takes_no_generator(kind, name):
+    """`sample(scheduler=<any diffusers class name>)` (the knowledge bank's and evaluation's --scheduler): PNDM,
+    UniPC, DEIS, Heun, LMS take no `generator` in `step`, and the project's pipelines passed one to every
+    scheduler (TypeError). Passed where the step takes it, as diffusers' pipelines do; DDPM's draws still follow it."""
+    adapter = build(kind)
+    pipeline = adapter.make_pipeline()
+
+    def images(seed):
+        return np.stack([np.asarray(image) for image in adapter.sample(
+            pipeline, 2, generator=torch.Generator().manual_seed(seed), num_inference_steps=6, scheduler=name)])  # (PNDM: 4 or more)
+
+    first = images(0)
+    assert np.isfinite(first).all() and first.shape[0] == 2
+    if name == "DDPMScheduler":  # its step draws noise from the generator: the same seed, the same images
+        assert np.array_equal(images(0), first)

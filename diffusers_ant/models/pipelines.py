@@ -32,6 +32,7 @@ copied into saved folders.
 """
 
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -89,11 +90,14 @@ class _ClassConditionalSampler(DiffusionPipeline):
         x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
         scale_model_input = getattr(self.scheduler, "scale_model_input", lambda sample, timestep: sample)
 
+        # the generator where the scheduler's step draws noise; PNDM, UniPC, DEIS, Heun, LMS, ... take none (as
+        # diffusers' pipelines' prepare_extra_step_kwargs pass it)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = scale_model_input(x, t)
             model_output = self._denoise(model_input, t, labels, guidance_scale)
-            x = self.scheduler.step(model_output, t, x, generator=generator).prev_sample
+            x = self.scheduler.step(model_output, t, x, **step_kwargs).prev_sample
 
         images = (x / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
