@@ -96,6 +96,29 @@ def test_a_full_fine_tune_keeps_the_pretrained_sampling_scheduler(sd_euler_base,
     assert saved["_class_name"] == type(preset.noise_scheduler).__name__
 
 
+def test_a_sampler_that_cannot_step_the_trained_target_is_not_saved(tmp_path):
+    """SD 1.5's PNDMScheduler steps epsilon and v only: a full fine-tune with --prediction_type sample saved it
+    with that target, and the saved pipeline failed at its first step. It is saved with the training scheduler
+    (DDPM, which steps it) instead; a target PNDM steps keeps PNDM."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from diffusers_ant.models import get_model_adapter, load_pipeline
+
+    torch.manual_seed(0)
+    adapter = get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=RES)
+    pndm = PNDMScheduler.from_config(adapter.noise_scheduler.config, skip_prk_steps=True, steps_offset=1)
+    adapter.make_pipeline(scheduler=pndm).save_pretrained(str(tmp_path / "sd15"), safe_serialization=True)
+    for target, sampler in (("sample", "DDPMScheduler"), ("v_prediction", "PNDMScheduler")):
+        trained = get_model_adapter("sd").load(pretrained_model_name_or_path=str(tmp_path / "sd15"), resolution=RES,
+                                               prediction_type=target)
+        trained.save(str(tmp_path / target))
+        pipeline = load_pipeline(str(tmp_path / target))
+        assert type(pipeline.scheduler).__name__ == sampler and pipeline.scheduler.config.prediction_type == target
+        assert isinstance(pipeline, StableDiffusionPipeline)
+        images = pipeline(prompt="a cat", num_inference_steps=4, height=RES, width=RES, output_type="np").images
+        assert np.isfinite(images).all()
+
+
 # --------------------------------------------------------------------------- 1: evaluating a text-to-image folder
 
 

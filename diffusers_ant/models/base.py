@@ -238,7 +238,22 @@ def pretrained_sampling_scheduler(source: PretrainedSource, training):
     target = training.config.get("prediction_type")
     if target is not None and "prediction_type" in own.config and own.config.prediction_type != target:
         own = _copy_scheduler(own, prediction_type=target)
+        if not _steps_with(own):
+            return None  # (PNDM, SD 1.5's sampler, steps epsilon and v only: the saved pipeline then samples with DDPM)
     return own
+
+
+def _steps_with(scheduler) -> bool:
+    """Whether `scheduler` takes a step with its `prediction_type` (some classes support only some targets and
+    raise at the first step): one step of a 4-step schedule on a 1-element sample, on a copy."""
+    probe = _copy_scheduler(scheduler)
+    try:
+        probe.set_timesteps(4)
+        sample = torch.zeros(1, 1, 1, 1)
+        probe.step(sample, probe.timesteps[0], sample)
+    except (ValueError, NotImplementedError):
+        return False
+    return True
 
 
 def _copy_scheduler(scheduler, **overrides):
