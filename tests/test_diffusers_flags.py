@@ -516,3 +516,28 @@ def test_xformers_reaches_a_controlnet_and_its_frozen_unet(monkeypatch):
     prepare_model(args, types.SimpleNamespace(device=torch.device("cpu"), mixed_precision="no", print=lambda *a: None,
                                               autocast=None), adapter)
     assert sorted(enabled) == ["ControlNetModel", "UNet2DConditionModel"]
+
+
+def test_a_controlnet_run_on_another_target_than_its_frozen_unet_is_refused(tmp_path):
+    """The ControlNet's residuals steer a frozen UNet whose output is the prediction: a v-prediction base (SD 2.1)
+    trained with --prediction_type epsilon pushed the ControlNet towards a target the pair cannot reach. One line,
+    before training; the base's own target trains."""
+    from diffusers_ant.models import get_model_adapter
+
+    base = get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16)
+    base.noise_scheduler.register_to_config(prediction_type="v_prediction")
+    base.save(str(tmp_path / "sd21"))
+    run = [a for a in TINY_RUN if a != "tiny"]
+    run.remove("--model_config_name_or_path")
+
+    def train(out, *extra):
+        train_in_process(["--model_type", "controlnet", "--dataset_name", "mnist5k_captions", "--output_dir",
+                          str(tmp_path / out), "--pretrained_model_name_or_path", str(tmp_path / "sd21"),
+                          "--max_train_steps", "1", "--num_validation_images", "0", *run, *extra])
+
+    with pytest.raises(ValueError, match="which predicts v_prediction, and this run trains epsilon "
+                                         "\\(--prediction_type epsilon\\): drop --prediction_type"):
+        train("eps", "--prediction_type", "epsilon")
+    assert not (tmp_path / "eps" / "checkpoint-1").exists()
+    train("v", "--prediction_type", "v_prediction")
+    assert (tmp_path / "v" / "config.json").is_file()

@@ -693,6 +693,18 @@ def check_new_label_rows(args, adapter) -> None:
                      "table)")
 
 
+def check_controlnet_target(args, adapter) -> None:
+    """A ControlNet adds residuals into the frozen UNet, whose output is the prediction: the pair keeps predicting
+    what that UNet predicts (v for SD 2.1), so a run that trains another target (--prediction_type,
+    --noise_scheduler) would push the ControlNet towards one it cannot reach, and the saved folder samples with
+    the base's scheduler. Refused in one line."""
+    changed = _changed_target(args, adapter) if args.model_type == "controlnet" else None
+    if changed is not None:
+        trained, flags = changed
+        raise ValueError(f"a ControlNet steers the frozen UNet, which predicts {adapter.pretrained_target}, and this run "
+                         f"trains {trained} ({flags}): drop {flags.split(' ')[0]}")
+
+
 def check_lora_target(args, adapter) -> None:
     """A LoRA output is its adapters over the base pipeline, which `load_pipeline` (and the card's snippet)
     samples with the base's own scheduler: a LoRA trained on another target than the base predicts would be
@@ -724,6 +736,7 @@ def prepare_model(args, accelerator, adapter):
         check_teacher_target(args, adapter)
     check_pretrained_classes(args, adapter)
     check_new_label_rows(args, adapter)
+    check_controlnet_target(args, adapter)
     check_lora_target(args, adapter)
     lora = args.rank is not None
     if needs_teacher and not lora:
