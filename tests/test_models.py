@@ -561,3 +561,20 @@ def test_the_projects_pipelines_sample_with_schedulers_whose_step_takes_no_gener
     assert np.isfinite(first).all() and first.shape[0] == 2
     if name == "DDPMScheduler":  # its step draws noise from the generator: the same seed, the same images
         assert np.array_equal(images(0), first)
+
+
+def test_a_latent_unet_pipeline_is_refused_by_the_pixel_unet_type(tmp_path):
+    """An LDMPipeline (CompVis/ldm-celebahq-256: a UNet2DModel over a VQ autoencoder's latents) loaded as a
+    pixel UNet: it trained on pixels and saved a DDPMPipeline without the VQ model. Refused in one line."""
+    from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
+
+    vq = VQModel(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+                 up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=3, num_vq_embeddings=16, norm_num_groups=32)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=[32, 64],
+                       down_block_types=["DownBlock2D"] * 2, up_block_types=["UpBlock2D"] * 2, norm_num_groups=32)
+    LDMPipeline(vqvae=vq, unet=unet, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "ldm")
+    with pytest.raises(ValueError) as refused:
+        get_model_adapter("unet").load(pretrained_model_name_or_path=str(tmp_path / "ldm"))
+    message = str(refused.value)
+    assert "is a latent pipeline (LDMPipeline): its UNet2DModel denoises the latents of its vqvae" in message
+    assert "\n" not in message

@@ -43,6 +43,14 @@ class UNetAdapter(ModelAdapter):
             if source.index is not None:
                 if not source.has("unet"):
                     raise ValueError(f"pretrained pipeline {source.path!r} has no unet")
+                autoencoder = next((name for name in ("vqvae", "vae") if source.has(name)), None)
+                if autoencoder is not None:  # e.g. CompVis/ldm-celebahq-256's LDMPipeline: a latent UNet
+                    class_name = source.index.get("_class_name")
+                    raise ValueError(
+                        f"{source.path!r} is a latent pipeline ({class_name[-1] if isinstance(class_name, list) else class_name}"
+                        f"): its UNet2DModel denoises the latents of its {autoencoder}, and --model_type unet trains "
+                        "on pixels; use a pixel-space UNet pipeline (DDPMPipeline), or a latent type (dit, sd)"
+                    )
                 if source.component_class("unet", UNet2DModel) is not UNet2DModel:
                     raise ValueError(
                         f"the unet of {source.path!r} is a {source.index['unet'][1]}, not a UNet2DModel: "
