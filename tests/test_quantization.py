@@ -74,6 +74,22 @@ def test_a_cpu_load_replaces_the_linear_layers_and_keeps_diffusers_gpu_check_els
         BnB4BitDiffusersQuantizer(BitsAndBytesConfig(load_in_4bit=True)).validate_environment()
 
 
+@pytest.mark.parametrize("model_type", ["dit", "unet"])
+def test_a_bare_model_folder_is_quantized_as_a_pipelines_denoiser_is(model_type, tmp_path):
+    """unet and dit take a bare model folder (config.json only): --quantize_base left it unquantized without a
+    word, as only the `unet` / `transformer` subfolders of a pipeline were quantized."""
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.models.quantization import quantization_config
+
+    preset = {"dit": dict(num_channels=3, num_classes=4), "unet": dict(num_channels=3)}[model_type]
+    get_model_adapter(model_type).load(model_config_name_or_path="tiny", resolution=16, **preset).model.save_pretrained(
+        tmp_path / "bare")
+    adapter = get_model_adapter(model_type).load(pretrained_model_name_or_path=str(tmp_path / "bare"),
+                                                 quantization_config=quantization_config("nf4", torch.float32))
+    kinds = _linear_kinds(adapter.model)
+    assert kinds["nf4"] > 0 and kinds["float"] == 0, kinds
+
+
 def test_a_bitsandbytes_without_cpu_kernels_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
     import os
 

@@ -114,15 +114,18 @@ class PretrainedSource:
             return getattr(importlib.import_module(entry[0]), entry[1], default)
         return default
 
-    def load(self, component_cls, subfolder=None, **kwargs):
-        """``component_cls.from_pretrained`` of a subfolder (None: the folder itself), errors made short."""
+    def load(self, component_cls, subfolder=None, denoiser=False, **kwargs):
+        """``component_cls.from_pretrained`` of a subfolder (None: the folder itself), errors made short.
+        ``--quantize_base`` quantizes the denoiser: a ``unet`` / ``transformer`` subfolder, or the folder itself
+        where ``denoiser`` says it is a bare model folder (``config.json`` only, as unet and dit take)."""
         hub = {"revision": self.revision, "cache_dir": self.cache_dir}
         if self.variant is not None and issubclass(component_cls, torch.nn.Module):  # weights only
             hub["variant"] = self.variant
         if subfolder is not None:
             hub["subfolder"] = subfolder
         loading = nullcontext()
-        if self.quantization_config is not None and subfolder in self.QUANTIZED_SUBFOLDERS:
+        if self.quantization_config is not None and (subfolder in self.QUANTIZED_SUBFOLDERS
+                                                     or denoiser and subfolder is None):
             from .quantization import cpu_quantized_load, keep_off_cpu_packing, quantized_load_kwargs
 
             hub.update(quantized_load_kwargs(self.quantization_config))  # models/quantization.py

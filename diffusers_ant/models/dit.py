@@ -229,7 +229,7 @@ class DiTAdapter(ModelAdapter):
                 if not source.has("transformer"):
                     raise ValueError(f"pretrained pipeline {source.path!r} has no transformer")
                 subfolder = "transformer"
-            model, from_pretrained = source.load(DiTTransformer2DModel, subfolder=subfolder), True
+            model, from_pretrained = source.load(DiTTransformer2DModel, subfolder=subfolder, denoiser=True), True
             pretrained_classes = model.config.num_embeds_ada_norm
             saved_rows = saved_class_rows(source.path) if os.path.isdir(os.fspath(source.path)) else None
             if num_classes is not None and saved_rows is not None and len(saved_rows) == num_classes:

@@ -57,13 +57,14 @@ class UNetAdapter(ModelAdapter):
                         "use model type 'sd' for text-conditional UNets"
                     )
                 subfolder = "unet"
-            model, from_pretrained = source.load(UNet2DModel, subfolder=subfolder), True
+            model, from_pretrained = source.load(UNet2DModel, subfolder=subfolder, denoiser=True), True
             if num_classes is not None and model.config.num_class_embeds != num_classes:
                 # a new class embedding (e.g. fine-tuning on a dataset with other classes): freshly initialised
                 new_class_embedding = (model.config.num_class_embeds, num_classes)
                 model = source.load(
                     UNet2DModel,
                     subfolder=subfolder,
+                    denoiser=True,
                     num_class_embeds=num_classes,
                     ignore_mismatched_sizes=True,
                     low_cpu_mem_usage=False,
