@@ -6,6 +6,7 @@ missing images drawn again); the bank loads as an imagefolder dataset with the r
 input is one line naming the fix.
 """
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -376,6 +377,18 @@ def test_command_line_builds_and_reports_bad_input_in_one_line(unet_model, tmp_p
     assert main(common + ["--num_images", "4", "--output_dir", str(tmp_path / "b4"), "--bank_condition", "blank"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--bank_condition" in err and "Traceback" not in err
+    # a dataset for a class-label model: the flag to drop is named (it said "drop --prompts_file", or asked for a
+    # caption column)
+    for dataset in ("mnist5k", "mnist5k_captions"):
+        assert main(common + ["--num_images", "4", "--output_dir", str(tmp_path / "b5"), "--dataset_name", dataset]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "a unet bank samples class labels" in err and "drop --dataset_name" in err
+    # an output folder that is a file: refused before the model loads and its weights are hashed
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as info:
+        main(common + ["--num_images", "4", "--output_dir", str(tmp_path / "a_file")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "--output_dir" in err and "is a file, not a folder" in err
 
 
 @pytest.mark.parametrize("case", ["dit", "dit-latent", "sd", "unet-unconditional"])
@@ -522,3 +535,48 @@ def test_a_hub_id_with_a_dataset_builds_from_the_cache_dir_without_the_safety_ch
     assert manifest["prompts"]["source"] == "dataset mnist5k_captions, captions" and len(dataset) == 2
     check_bank_source(manifest, "someone/tiny-sd", cache_dir=str(cache))  # the same weights, from the same cache
     check_bank_source(manifest, str(tmp_path / "plain"))  # the checker is no part of the fingerprint
+
+
+def test_a_lora_output_with_a_dataset_takes_its_captions_as_prompts(tmp_path):
+    """A LoRA output has no model_index.json: its type was read as None and --dataset_name was taken for a
+    ControlNet's conditions ("the dataset has no conditioning image column"). Its ant_lora.json records the
+    type, so the dataset's captions are the prompts, as for the pipeline it adapts."""
+    from diffusers_ant.models import get_model_adapter
+
+    torch.manual_seed(0)
+    adapter = get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16)
+    adapter.add_lora(rank=2)
+    adapter.save(str(tmp_path / "lora"), lora=True)
+    main = load_script()
+    assert main(["--pretrained_model_name_or_path", str(tmp_path / "lora"), "--dataset_name", "mnist5k_captions",
+                 "--num_images", "2", "--num_inference_steps", "2", "--device", "cpu", "--no_progress",
+                 "--output_dir", str(tmp_path / "bank")]) == 0
+    dataset, manifest = load_knowledge_bank(tmp_path / "bank")
+    assert manifest["model_type"] == "sd" and manifest["prompts"]["source"] == "dataset mnist5k_captions, captions"
+    assert len(dataset) == 2
+
+
+def test_a_bank_resolution_the_denoiser_cannot_take_is_one_line_and_a_dit_samples_its_training_table(unet_model, tmp_path):
+    """--resolution 7 on a UNet that halves its input (a factor of 2 here): a tensor-size traceback in the first
+    batch, after the bank folder had recorded resolution 7 (so the corrected command was refused). Now one line
+    before anything is written. A DiT sampled at another size rebuilds its position table as the trainer's
+    model does, so the bank holds what the run's starting model generates."""
+    from diffusers_ant.diff_tuning.bank import _set_sample_size
+    from diffusers_ant.models.dit import _rebuild_position_embedding
+
+    with pytest.raises(ValueError, match="--resolution 7 must be a multiple of 2 pixels for this UNet2DModel"):
+        build(unet_model, tmp_path / "bank", resolution=7)
+    assert not (tmp_path / "bank").exists()
+    assert build(unet_model, tmp_path / "bank", num_images=2, resolution=16)["resolution"] == 16
+
+    torch.manual_seed(0)
+    pipeline = get_model_adapter("dit").load(model_config_name_or_path="tiny", resolution=8, num_channels=1,
+                                             num_classes=3).make_pipeline()
+    trained = copy.deepcopy(pipeline.transformer)
+    trained.register_to_config(sample_size=16)
+    _rebuild_position_embedding(trained)  # what the trainer's DiT adapter does at --resolution 16
+    _set_sample_size(pipeline, "dit", 16)
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(pipeline.transformer(x, timestep=torch.tensor([10]), class_labels=torch.tensor([1])).sample,
+                           trained(x, timestep=torch.tensor([10]), class_labels=torch.tensor([1])).sample)

@@ -33,7 +33,7 @@ import argparse
 import os
 import sys
 
-from diffusers_ant.cli import OneLineErrorParser, report_bad_input
+from diffusers_ant.cli import OneLineErrorParser, check_output_paths, report_bad_input
 
 PROG = "build_knowledge_bank.py"
 
@@ -107,12 +107,19 @@ def build_parser():
 
 
 def _source_model_type(args):
-    """The model type of the pipeline to sample, read from its model_index.json (a local folder's, or a Hub
-    id's, which downloads that file alone); None where there is none (a ControlNet saved alone)."""
+    """The model type of the pipeline to sample: a LoRA output's recorded one (its ant_lora.json), else read from
+    its model_index.json (a local folder's, or a Hub id's, which downloads that file alone); None where there is
+    none (a ControlNet saved alone)."""
+    import json
+
+    from diffusers_ant.models.base import LORA_INFO_NAME
     from diffusers_ant.models.families import model_type_of_folder, model_type_of_index
 
     name = args.pretrained_model_name_or_path
     if os.path.isdir(name):
+        if os.path.isfile(os.path.join(name, LORA_INFO_NAME)):  # (a LoRA folder has no model_index.json)
+            with open(os.path.join(name, LORA_INFO_NAME), encoding="utf-8") as f:
+                return json.load(f).get("model_type")
         return model_type_of_folder(name) if os.path.isfile(os.path.join(name, "model_index.json")) else None
     from diffusers import DiffusionPipeline
 
@@ -131,6 +138,9 @@ def build(args) -> None:
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file is not None else None
     prompts_source = "prompts file"
     source_type = args.model_type or _source_model_type(args)
+    if args.dataset_name is not None and source_type in ("unet", "dit"):
+        raise ValueError(f"a {source_type} bank samples class labels (--class_labels) or nothing: it takes no prompts or "
+                         "conditions, drop --dataset_name")
     conditioning = None
     if args.dataset_name is not None and source_type not in (None, "controlnet"):
         # a text-to-image base (sd, sdxl, sd3, flux, qwenimage): the dataset's captions are the prompts
@@ -161,7 +171,10 @@ def build(args) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # before the model loads and its weights are hashed (minutes for FLUX.1), as the other scripts do
+    check_output_paths(parser, ("--output_dir", args.output_dir, True))
     if args.no_progress:
         from diffusers.utils import logging as diffusers_logging
 

@@ -325,7 +325,19 @@ def _set_sample_size(pipeline, model_type: str, resolution: int) -> None:
         raise ValueError(f"--resolution {resolution} must be a positive multiple of the VAE's factor {factor}")
     size = int(resolution) // factor
     denoiser = pipeline.transformer if hasattr(pipeline, "transformer") else pipeline.unet
+    # the denoiser's own step: a UNet halves the size at each but its last block, a DiT cuts it into patches
+    blocks = denoiser.config.get("block_out_channels")
+    step = 2 ** (len(blocks) - 1) if blocks else (denoiser.config.get("patch_size") or 1)
+    if size % step:
+        raise ValueError(f"--resolution {resolution} must be a multiple of {factor * step} pixels for this "
+                         f"{type(denoiser).__name__} (the VAE's factor {factor} x its own {step})")
+    if size == denoiser.config.get("sample_size"):
+        return
     denoiser.register_to_config(sample_size=size)
+    if model_type == "dit":  # as train_ant.py rebuilds its position table for the size (models/dit.py)
+        from ..models.dit import _rebuild_position_embedding
+
+        _rebuild_position_embedding(denoiser)
     if hasattr(pipeline, "default_sample_size"):
         pipeline.default_sample_size = size
 
