@@ -106,6 +106,10 @@ def test_gradient_objective_with_affinity_file(script, tmp_path):
         (["--scheduler", "DDPMScheduler", "--num_train_timesteps", "10", "--num_clusters", "11"],
          "num_clusters must be between 1 and the number of timesteps 10"),
         (["--num_clusters", "5"], "--scheduler"),
+        # a traceback before: diffusers' NotImplementedError, torch's RuntimeError, a misleading log-SNR message
+        (["--scheduler", "DDPMScheduler", "--beta_schedule", "foo"], "--beta_schedule foo is not a schedule DDPMScheduler implements"),
+        (["--scheduler", "DDPMScheduler", "--num_train_timesteps", "-5"], "--num_train_timesteps must be at least 1"),
+        (["--scheduler", "DDPMScheduler", "--num_train_timesteps", "0"], "--num_train_timesteps must be at least 1"),
     ],
 )
 def test_errors_are_one_line(script, tmp_path, capsys, argv, message):
@@ -120,3 +124,18 @@ def test_folder_without_scheduler_config(script, tmp_path, capsys):
     with pytest.raises(SystemExit):
         script.main(["--scheduler", str(tmp_path)])
     assert "no scheduler_config.json" in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_before_the_clustering_and_the_plot_is_written_where_asked(script, tmp_path, capsys):
+    """--output a folder was found after the clustering, named by its temporary file; --plot without an extension
+    wrote path + ".png" while printing the path."""
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--scheduler", "DDPMScheduler", "--output", str(tmp_path / "folder")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "--output" in err[0] and "is a folder: give a file" in err[0]
+    plot = tmp_path / "plot_without_extension"
+    assert script.main(["--scheduler", "DDPMScheduler", "--num_train_timesteps", "100", "--output",
+                        str(tmp_path / "i.json"), "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == PNG_MAGIC and f"wrote {plot}" in capsys.readouterr().out
+    assert not (tmp_path / "plot_without_extension.png").exists()

@@ -25,7 +25,7 @@ import os
 import sys
 import warnings
 
-from diffusers_ant.cli import OneLineErrorParser
+from diffusers_ant.cli import OneLineErrorParser, check_output_paths
 
 SCHEDULER_CONFIG = "scheduler_config.json"
 
@@ -192,7 +192,7 @@ def plot_intervals(intervals, log_snr, path, title: str, affinity=None) -> None:
         ax2.set_ylabel("t")
         ax2.set_title("task affinity (interpolated) and intervals")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # (without it, a path with no extension is written as path + ".png")
     plt.close(fig)
 
 
@@ -207,6 +207,10 @@ def main(argv=None) -> int:
         parser.error("--objective gradient needs --affinity FILE: the JSON of `analyze.py affinity` (run it first)")
     if args.raw_snr and args.objective != "snr":
         parser.error("--raw_snr is only used by --objective snr.")
+    if args.num_train_timesteps is not None and args.num_train_timesteps < 1:
+        parser.error(f"--num_train_timesteps must be at least 1, got {args.num_train_timesteps}.")
+    # before the clustering (the JSON is written through a temporary file, which an error would have named)
+    check_output_paths(parser, ("--output", args.output, False), ("--plot", args.plot, False))
 
     from diffusers_ant.clustering import cluster_timesteps, resolve_affinity
     from diffusers_ant.schedule import schedule_log_snr
@@ -222,6 +226,9 @@ def main(argv=None) -> int:
             max_size=args.max_size,
             log_snr=not args.raw_snr,
         )
+    except NotImplementedError:  # what diffusers' schedulers raise for a --beta_schedule they do not know
+        parser.error(f"--beta_schedule {args.beta_schedule} is not a schedule {args.scheduler} implements: use linear, "
+                     "scaled_linear or squaredcos_cap_v2.")
     except (ValueError, OSError) as err:
         parser.error(str(err).splitlines()[0] if str(err) else type(err).__name__)
 
