@@ -189,3 +189,17 @@ def test_prompts_from_caption_lists_are_their_first_caption(tmp_path):
         rows.append(json.dumps({"file_name": f"{i}.png", "text": [f"caption {i}", f"other {i}"]}))
     (tmp_path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     assert sorted(dataset_captions(train_data_dir=str(tmp_path), num_captions=3)) == ["caption 0", "caption 1", "caption 2"]
+
+
+def test_saved_samples_replace_an_earlier_set(tmp_path):
+    """`--save_samples` into a folder of an earlier, larger run left 5 stale images beside the 3 new ones, which
+    looked like one set; the earlier `sample_*.png` files are removed, other files kept."""
+    from diffusers_ant.analysis.evaluate import save_images
+
+    folder = tmp_path / "samples"
+    save_images(np.zeros((8, 4, 4, 3)), str(folder))
+    (folder / "notes.txt").write_text("mine")
+    paths = save_images(np.ones((3, 4, 4, 1)), str(folder))
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "sample_00000.png", "sample_00001.png",
+                                                        "sample_00002.png"]
+    assert [os.path.basename(p) for p in paths] == ["sample_00000.png", "sample_00001.png", "sample_00002.png"]

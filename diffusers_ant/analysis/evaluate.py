@@ -211,10 +211,17 @@ def dataset_captions(dataset_name=None, num_captions=1000, seed=0, train_data_di
 
 
 def save_images(images: np.ndarray, folder: str, prefix: str = "sample") -> list:
-    """Write (N, H, W, C) images in [0, 1] as PNG files `prefix_00000.png`, ...; returns the paths."""
+    """Write (N, H, W, C) images in [0, 1] as PNG files `prefix_00000.png`, ...; returns the paths. Files of that
+    pattern an earlier call left are removed first: a smaller set written over a larger one looked like one set."""
+    import re
+
     from PIL import Image
 
     os.makedirs(folder, exist_ok=True)
+    pattern = re.compile(re.escape(prefix) + r"_\d{5,}\.png")
+    for name in os.listdir(folder):
+        if pattern.fullmatch(name):
+            os.remove(os.path.join(folder, name))
     paths = []
     for i, image in enumerate(images):
         array = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
