@@ -305,6 +305,20 @@ def test_pretrain_base_cool_down_branches_off_the_constant_rate_search(tmp_path,
     assert len(err.splitlines()) == 1 and "changes the learning rate from step 3001" in err and "--decay_from" in err
 
 
+def test_pretrain_base_refuses_to_continue_a_folder_trained_with_other_settings(tmp_path, capsys):
+    """curve.json recorded the evaluation and the schedule only: a rerun with another --seed, --learning_rate or
+    batch size into a finished folder printed that folder's base as its own (exit 0, in seconds)."""
+    base = load_script("pretrain_base")
+    args = base.parse_args(["--output_dir", str(tmp_path), "--quick"])
+    with open(tmp_path / "curve.json", "w") as f:
+        json.dump({"settings": base.eval_settings(args), "schedule": base.schedule(args),
+                   "training": base.training_settings(args), "points": {"5": 9.0, "10": 8.0}}, f)
+    assert base.main(["--output_dir", str(tmp_path), "--quick", "--seed", "7", "--learning_rate", "1e-5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was trained with other settings" in err
+    assert f"--seed {args.seed} -> 7" in err and f"--learning_rate {args.learning_rate} -> 1e-05" in err
+
+
 def test_pretrain_base_refuses_an_output_dir_that_is_a_file_in_one_line(tmp_path, capsys):
     """(a FileExistsError traceback from os.makedirs before)"""
     base = load_script("pretrain_base")

@@ -140,6 +140,13 @@ def eval_settings(args) -> dict:
             "resolution": args.resolution, "num_channels": 1, "features": DATASET}
 
 
+def training_settings(args) -> dict:
+    """What the trained weights depend on besides the schedule (recorded in curve.json; a rerun with others is
+    refused: it reported the base of the earlier settings as this command's)."""
+    return {"seed": args.seed, "learning_rate": args.learning_rate, "train_batch_size": args.train_batch_size,
+            "segment_steps": args.segment_steps, "resolution": args.resolution}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -149,11 +156,18 @@ def main(argv=None) -> int:
     run_dir = os.path.join(args.output_dir, "run")
     models_dir = os.path.join(args.output_dir, "models")
     curve_path = os.path.join(args.output_dir, "curve.json")
-    settings, lr_schedule = eval_settings(args), schedule(args)
+    settings, lr_schedule, training = eval_settings(args), schedule(args), training_settings(args)
     curve = {}
     if os.path.isfile(curve_path):
         with open(curve_path) as f:
             saved = json.load(f)
+        recorded = saved.get("training", {})  # (a folder written before these were recorded: not checked)
+        changed = [f"--{key} {recorded[key]} -> {value}" for key, value in training.items()
+                   if key in recorded and recorded[key] != value]
+        if changed:
+            print(f"{args.output_dir} was trained with other settings ({', '.join(changed)}): give the same flags to "
+                  "continue it, or another --output_dir", file=sys.stderr)
+            return 2
         if saved.get("settings") == settings:  # the same evaluation: keep its points
             curve = {int(k): v for k, v in saved["points"].items()}
         # A folder written before the schedule was recorded trained at a constant rate after warm-up.
@@ -172,7 +186,8 @@ def main(argv=None) -> int:
     def record(step, metrics):
         curve[step] = metrics["fid"]
         found = plateau_step(curve, args.tolerance, args.min_points)
-        write_json(curve_path, {"settings": settings, "schedule": lr_schedule, "tolerance": args.tolerance, "min_points": args.min_points,
+        write_json(curve_path, {"settings": settings, "schedule": lr_schedule, "training": training,
+                                "tolerance": args.tolerance, "min_points": args.min_points,
                                 "segment_steps": args.segment_steps, "points": {str(k): curve[k] for k in sorted(curve)},
                                 "plateau_step": found, "command": " ".join(sys.argv)})
         print(f"step {step}: FID {metrics['fid']:.3f}" + (f" -> plateau at step {found}" if found else ""), flush=True)
@@ -213,7 +228,10 @@ def main(argv=None) -> int:
               f"and run again; the points so far are in {curve_path}", flush=True)
     else:
         base = os.path.join(args.output_dir, "base")
-        shutil.copytree(os.path.join(models_dir, f"step-{found}"), base, dirs_exist_ok=True)
+        # beside and renamed, replacing an older base whole (a kill mid-copy left a model_index.json over partial
+        # weights, and an older base's files stayed in it)
+        with folder_written_atomically(base, replace=True) as partial:
+            shutil.copytree(os.path.join(models_dir, f"step-{found}"), partial, dirs_exist_ok=True)
         print(f"base model: {base} (EMA weights at step {found}, FID {curve[found]:.3f})", flush=True)
     from diffusers_ant.analysis.plots import plot_fid_curve
 
