@@ -55,6 +55,53 @@ def test_bad_arguments_are_refused(capsys):
         demo.parse_args(["--finetune_batch_size", "4"])
 
 
+def test_a_work_folder_of_other_settings_and_an_output_that_is_a_file_are_refused_in_one_line(tmp_path, capsys):
+    """Each step counted as done when its output existed: a full run after a --quick one (same default
+    --work_dir) reported the 4-step models under the full run's settings. The work folder records its settings,
+    and another command's are refused before anything runs; --output_dir as a file is one line (a
+    FileExistsError traceback before)."""
+    work = tmp_path / "work"
+    from diffusers_ant.analysis.benchmark import write_json
+
+    write_json(work / "benchmark_settings.json", {name: getattr(demo.parse_args(["--quick"]), name)
+                                                  for name in demo.WORK_SETTINGS})
+    with pytest.raises(SystemExit) as refused:
+        demo.main(["--families", "sd3", "--output_dir", str(tmp_path / "out"), "--work_dir", str(work)])
+    message = str(refused.value)
+    assert "holds runs trained with other settings" in message and "pretrain_steps: 4 -> 400" in message
+    assert "\n" not in message and not (work / "sd3").exists()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        demo.parse_args(["--output_dir", str(tmp_path / "a_file")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "is a file, not a folder" in err[0]
+
+
+def test_cached_samples_are_written_atomically(tmp_path, monkeypatch):
+    """A kill in `np.save` left a truncated .npy, which every later run loaded and failed on; the file now
+    appears whole or not at all."""
+    import diffusers_ant.analysis.evaluate as evaluate
+    import diffusers_ant.models as models
+
+    monkeypatch.setattr(models, "load_pipeline", lambda folder: type("P", (), {"set_progress_bar_config": lambda *a, **k: None})())
+    monkeypatch.setattr(evaluate, "sample_images", lambda *a, **k: np.ones((2, 4, 4, 3), dtype=np.float32))
+
+    def killed(file, array, *args, **kwargs):
+        file.write(b"\x93NUMPY partial")
+        raise KeyboardInterrupt
+
+    args = demo.parse_args(["--quick"])
+    cache = tmp_path / "samples" / "base_mnist.npy"
+    monkeypatch.setattr(np, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        demo.samples_of("model", ["a"], args, 0, str(cache))
+    assert not cache.exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(models, "load_pipeline", lambda folder: type("P", (), {"set_progress_bar_config": lambda *a, **k: None})())
+    monkeypatch.setattr(evaluate, "sample_images", lambda *a, **k: np.ones((2, 4, 4, 3), dtype=np.float32))
+    assert np.array_equal(demo.samples_of("model", ["a"], args, 0, str(cache)), np.load(cache))
+
+
 @pytest.mark.slow
 @pytest.mark.benchmark
 def test_quick_run_writes_results_with_finite_fids_and_a_bank_trained_diff_tuning_run(tmp_path):

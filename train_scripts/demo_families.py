@@ -74,7 +74,9 @@ def animal_prompts() -> list:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from diffusers_ant.cli import OneLineErrorParser
+
+    p = OneLineErrorParser(prog="demo_families.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, from {', '.join(FAMILIES)}")
     p.add_argument("--output_dir", default="docs/benchmark_families/demo", help="results.json, results.md, the grids")
     p.add_argument("--work_dir", default="demo-families-work", help="models, banks, samples and logs")
@@ -118,15 +120,23 @@ def parse_args(argv=None):
         p.error("--finetune_batch_size must be at least 5 (a fifth of the Diff-Tuning run's batch is the bank)")
     if args.num_train_images + args.num_real > TARGET_ROWS:
         p.error(f"--num_train_images + --num_real must not exceed Animal-MNIST's {TARGET_ROWS} rows")
+    from diffusers_ant.cli import check_output_paths
+
+    check_output_paths(p, ("--output_dir", args.output_dir, True), ("--work_dir", args.work_dir, True))
     return args
+
+
+# What a work folder's models, banks and samples depend on: each step counts as done when its output exists, so
+# a folder of other settings (a --quick run's, in the default --work_dir) would be reported as this command's
+WORK_SETTINGS = ("vae_steps", "vae_images", "pretrain_steps", "pretrain_batch_size", "pretrain_learning_rate",
+                 "bank_images", "finetune_steps", "finetune_batch_size", "learning_rate", "rank", "num_train_images",
+                 "num_samples", "num_real", "num_inference_steps", "seed")
 
 
 def forwarded_args(args) -> list:
     """The settings a family job receives from the main process (everything but the family list)."""
     out = []
-    for name in ("output_dir", "work_dir", "vae_steps", "vae_images", "pretrain_steps", "pretrain_batch_size",
-                 "pretrain_learning_rate", "bank_images", "finetune_steps", "finetune_batch_size", "learning_rate",
-                 "rank", "num_train_images", "num_samples", "num_real", "num_inference_steps", "seed"):
+    for name in ("output_dir", "work_dir", *WORK_SETTINGS):
         out += [f"--{name}", str(getattr(args, name))]
     return out
 
@@ -309,8 +319,10 @@ def samples_of(folder, prompts, args, seed, cache_path):
     pipeline.set_progress_bar_config(disable=True)
     images = sample_images(pipeline, args.num_samples, scheduler="ddim", num_inference_steps=args.num_inference_steps,
                            batch_size=50, seed=seed, progress=False, prompts=prompts, resolution=RESOLUTION)
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    np.save(cache_path, images)
+    from diffusers_ant.files import write_atomically
+
+    # beside and renamed: a kill mid-write left a truncated file that every later run loaded and failed on
+    write_atomically(cache_path, lambda f: np.save(f, images))
     return images
 
 
@@ -475,11 +487,11 @@ def main(argv=None):
     if args.family_job:
         run_family(args.family_job, args)
         return None
-    from diffusers_ant.analysis.benchmark import (command_line, recorded_seconds, run_logged, run_parallel, time_path,
-                                                  write_image_folder, write_json)
+    from diffusers_ant.analysis.benchmark import (check_benchmark_settings, command_line, recorded_seconds, run_logged,
+                                                  run_parallel, time_path, write_image_folder, write_json)
 
     started = time.time()
-    os.makedirs(args.work_dir, exist_ok=True)
+    check_benchmark_settings(args.work_dir, {name: getattr(args, name) for name in WORK_SETTINGS}, "demo_families.py")
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.work_dir, "mnist_prompts.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(MNIST_PROMPTS) + "\n")
@@ -495,6 +507,7 @@ def main(argv=None):
     def job(family):
         log = os.path.join(args.work_dir, family, "family.log")
         cmd = [sys.executable, os.path.abspath(__file__), "--family_job", family, *forwarded_args(args)]
+        print(f"{family}: started; its steps are logged in {log}", flush=True)
         print(f"{family}: {run_logged(cmd, log, time_path(log), family)}", flush=True)
         with open(os.path.join(args.work_dir, family, "result.json"), encoding="utf-8") as f:
             return json.load(f)
