@@ -562,7 +562,8 @@ def resolve_affinity(affinity, affinity_timesteps, num_timesteps: int) -> np.nda
         if A.shape[0] != T:
             raise ValueError(
                 f"the affinity matrix is {A.shape[0]}x{A.shape[0]} but the scheduler has {T} timesteps: "
-                "pass affinity_timesteps (the grid it was measured on)."
+                "give the grid it was measured on (the JSON's \"timesteps\", as analyze.py affinity writes it; "
+                "affinity_timesteps= from Python)."
             )
         return A
     if isinstance(affinity_timesteps, torch.Tensor):

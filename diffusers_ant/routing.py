@@ -29,7 +29,7 @@ values; `analyze.py ntg` and `forgetting` always do.
 import torch
 from torch import nn
 
-__all__ = ["TimestepRouter", "check_same_schedule", "nearest_timestep_map", "schedule_signature"]
+__all__ = ["TimestepRouter", "check_interchangeable", "check_same_schedule", "nearest_timestep_map", "schedule_signature"]
 
 
 def nearest_timestep_map(model_timesteps):
@@ -90,6 +90,25 @@ def check_same_schedule(schedulers, names=None, rtol=1e-5, atol=1e-7) -> None:
                 f"and {float(b[t]):.6g} for {name} (another beta schedule or shift); only models trained with the "
                 "same scheduler can share a sampling loop"
             )
+
+
+def check_interchangeable(models, names) -> None:
+    """A one-line `ValueError` unless the denoisers can stand in for each other inside one sampling loop (a router
+    calls each with the same inputs): the same class, channels and kind of class conditioning (a UNet2DModel with
+    a class table against one without ended in diffusers' "class_labels should be provided")."""
+    def signature(model):
+        config = model.config
+        return {"class": type(model).__name__, "in_channels": config.get("in_channels"),
+                "out_channels": config.get("out_channels"),
+                "class-conditional": config.get("num_class_embeds") is not None or config.get("class_embed_type") is not None}
+
+    first = signature(models[0])
+    for model, name in zip(models[1:], names[1:]):
+        other = signature(model)
+        for key, value in first.items():
+            if other[key] != value:
+                raise ValueError(f"{names[0]} and {name} cannot share a sampling loop: {key} {value!r} against "
+                                 f"{other[key]!r}; compare models of one architecture and conditioning")
 
 
 def _scheduler_timestep_map(scheduler, num_timesteps, sigma_input: bool = False):

@@ -422,6 +422,26 @@ def test_ntg_and_forgetting_refuse_models_with_another_schedule(folders, referen
     assert not (tmp_path / "x.json").exists()
 
 
+def test_ntg_and_forgetting_refuse_models_that_cannot_stand_in_for_each_other(folders, tmp_path, capsys):
+    """A class-conditional UNet against an unconditional one ended, after the reference was built, in diffusers'
+    "class_labels should be provided"; one line now, before anything is sampled."""
+    torch.manual_seed(3)
+    get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1,
+                                   num_classes=3).save(str(tmp_path / "classes"))
+    analyze = load_script("analyze")
+    common = ["--dataset_name", "digits", "--num_samples", "4", "--output", str(tmp_path / "x.json"), "--no_progress"]
+    capsys.readouterr()
+    assert analyze.main(["forgetting", "--finetuned", str(tmp_path / "classes"), "--pretrained", folders["a"],
+                         "--fractions", "0.5", *common]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot share a sampling loop: class-conditional True against False" in err
+    (tmp_path / "intervals.json").write_text("[[0, 499]]")
+    assert analyze.main(["ntg", "--base", folders["a"], "--interval_models", str(tmp_path / "classes"),
+                         "--intervals", str(tmp_path / "intervals.json"), *common]) == 1
+    assert "class-conditional False against True" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
 @pytest.mark.parametrize("model_type", ["sd", "sd3", "flux", "qwenimage"])
 def test_affinity_batches_of_a_text_to_image_family_carry_their_captions(model_type):
     """The per-timestep gradients behind `--clustering gradient` are taken on the data's captions: batches of

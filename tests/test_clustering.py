@@ -388,7 +388,7 @@ def test_cluster_timesteps_errors(tmp_path):
         cluster_timesteps(scheduler, 101, "snr")
     with pytest.raises(ValueError, match="no training noise schedule"):
         cluster_timesteps(ScoreSdeVeScheduler(), 5, "snr")
-    with pytest.raises(ValueError, match="pass affinity_timesteps"):
+    with pytest.raises(ValueError, match="give the grid it was measured on"):
         cluster_timesteps(scheduler, 5, "gradient", affinity=np.eye(10))
     with pytest.raises(ValueError, match="square"):
         cluster_timesteps(scheduler, 5, "gradient", affinity=np.ones((100, 99)))

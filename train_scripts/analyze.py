@@ -169,8 +169,8 @@ def _prompts(args, pipeline):
 
 
 def run_ntg(args):
-    from diffusers_ant.analysis.common import load_denoiser, resolve_device, training_routing_scheduler
-    from diffusers_ant.routing import check_same_schedule
+    from diffusers_ant.analysis.common import denoiser_name, load_denoiser, resolve_device, training_routing_scheduler
+    from diffusers_ant.routing import check_interchangeable, check_same_schedule
     from diffusers_ant.analysis.ntg import describe, interval_from_folder, load_intervals, negative_transfer_gap
 
     base_pipeline, _ = load_denoiser(args.base, "--base")
@@ -183,6 +183,8 @@ def run_ntg(args):
     models, schedulers = [denoiser.to(resolve_device(args.device)) for _, denoiser in loaded], [pipeline.scheduler for pipeline, _ in loaded]
     # refuse models trained with another noise schedule before the (slow) reference and sampling
     check_same_schedule([base_pipeline.scheduler, *schedulers], [f"--base {args.base}", *args.interval_models])
+    check_interchangeable([getattr(base_pipeline, denoiser_name(base_pipeline)), *models],
+                          [f"--base {args.base}", *args.interval_models])
     # the table the intervals index (the runs' --flow_shift or FLUX.1 resolution), also before the reference
     training_scheduler = training_routing_scheduler(base_pipeline, args.interval_models)
     reference = _reference(args, base_pipeline)
@@ -203,8 +205,8 @@ def run_ntg(args):
 
 
 def run_forgetting(args):
-    from diffusers_ant.analysis.common import load_denoiser, resolve_device, training_routing_scheduler
-    from diffusers_ant.routing import check_same_schedule
+    from diffusers_ant.analysis.common import denoiser_name, load_denoiser, resolve_device, training_routing_scheduler
+    from diffusers_ant.routing import check_interchangeable, check_same_schedule
     from diffusers_ant.analysis.forgetting import chain_of_forgetting, describe, parse_fractions
 
     fractions = parse_fractions(args.fractions)
@@ -214,6 +216,8 @@ def run_forgetting(args):
     pretrained = pretrained.to(resolve_device(args.device))
     check_same_schedule([finetuned_pipeline.scheduler, pretrained_pipeline.scheduler],
                         [f"--finetuned {args.finetuned}", f"--pretrained {args.pretrained}"])
+    check_interchangeable([getattr(finetuned_pipeline, denoiser_name(finetuned_pipeline)), pretrained],
+                          [f"--finetuned {args.finetuned}", f"--pretrained {args.pretrained}"])
     training_scheduler = training_routing_scheduler(finetuned_pipeline, [args.finetuned])
     reference = _reference(args, finetuned_pipeline)
     result = chain_of_forgetting(finetuned_pipeline, pretrained, fractions, reference, num_samples=args.num_samples,

@@ -437,8 +437,8 @@ class InceptionFeatureExtractor(FeatureExtractor):
 
         if weights_path is None or not os.path.isfile(weights_path):
             raise ValueError(
-                f"Inception weights file not found: {weights_path!r}; pass weights_path= a safetensors file "
-                "(see diffusers_ant.metrics.inception for converting pytorch-fid's weights)"
+                f"Inception weights file not found: {weights_path!r}; give a safetensors file (--inception_weights, or "
+                "weights_path= from Python; diffusers_ant.metrics.inception converts pytorch-fid's weights)"
             )
         if not str(weights_path).endswith(".safetensors"):
             raise ValueError("Inception weights must be a .safetensors file (nothing is unpickled from user paths)")
