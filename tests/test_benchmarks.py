@@ -319,6 +319,18 @@ def test_pretrain_base_refuses_to_continue_a_folder_trained_with_other_settings(
     assert f"--seed {args.seed} -> 7" in err and f"--learning_rate {args.learning_rate} -> 1e-05" in err
 
 
+@pytest.mark.parametrize("flags, message", [(["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
+                                            (["--learning_rate", "-1"], "--learning_rate must be positive"),
+                                            (["--num_real", "6000"], "has 5,000 images, give at most 5000")])
+def test_pretrain_base_refuses_flags_its_runs_would_fail_on_in_one_line(flags, message, tmp_path, capsys):
+    """(a RunFailed traceback once the first segment's train_ant.py run failed; --num_real only at its scoring)"""
+    base = load_script("pretrain_base")
+    with pytest.raises(SystemExit) as exit_info:
+        base.parse_args(["--output_dir", str(tmp_path), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0]
+
+
 def test_pretrain_base_refuses_an_output_dir_that_is_a_file_in_one_line(tmp_path, capsys):
     """(a FileExistsError traceback from os.makedirs before)"""
     base = load_script("pretrain_base")

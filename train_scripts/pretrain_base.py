@@ -98,9 +98,14 @@ def parse_args(argv=None):
         args.segment_steps, args.max_train_steps, args.min_points = 5, 30, 3
         args.eval_samples, args.num_inference_steps, args.eval_batch_size, args.num_real = 64, 5, 64, 256
         args.lr_warmup_steps, args.tolerance = 2, 0.9  # a smoke run checks the machinery, not a plateau
-    for name in ("segment_steps", "max_train_steps", "min_points", "eval_samples", "eval_batch_size"):
+    for name in ("segment_steps", "max_train_steps", "min_points", "eval_samples", "eval_batch_size", "train_batch_size",
+                 "num_real"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
+    if not args.learning_rate > 0:  # (train_ant.py refuses it too, but only as the first segment's failed run)
+        p.error(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.num_real > 5000:  # the reference is drawn from MNIST-5k's rows: found by the first point's scoring before
+        p.error(f"--num_real {args.num_real}: {DATASET} has 5,000 images, give at most 5000")
     check_output_paths(p, ("--output_dir", args.output_dir, True))
     if args.resolution < 8 or args.resolution % 4:
         p.error("--resolution must be a multiple of 4 and at least 8 (the bench UNet halves it twice)")
