@@ -791,7 +791,7 @@ def markdown(args, table, paired, relative, rungs, searches, check, extractor_sh
                      f"| {_mean_sd(cells['kid_mean'], 4)} | {_mean_sd(cells['precision'], 3)} | {_mean_sd(cells['recall'], 3)} |")
     pretrained = (f"`{args.pretrained}`" if args.pretrained else
                   f"pretrained here for {args.pretrain_steps} steps (seed {args.pretrain_seed}, AdamW 2e-3, EMA 0.999)")
-    lines += ["", f"One pretrained 0.27M-parameter UNet ({pretrained}), fine-tuned on MNIST-5k at {args.resolution}x"
+    lines += ["", f"One pretrained 0.28M-parameter UNet ({pretrained}), fine-tuned on MNIST-5k at {args.resolution}x"
               f"{args.resolution} with batch "
               f"{args.train_batch_size}, AdamW {args.learning_rate:g} (beta1 {DEME_AUTHORS_DEFAULTS['adam_beta1']:g}, weight "
               f"decay {DEME_AUTHORS_DEFAULTS['adam_weight_decay']:g} for every row; {args.lr_scheduler}, {args.lr_warmup_steps} "

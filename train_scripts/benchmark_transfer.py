@@ -2,7 +2,7 @@
 """Diff-Tuning's transfer benchmark (issue 11, item 5): MNIST-5k -> Animal-MNIST at 16x16 (or at the
 `--pretrained` model's own resolution), and a ControlNet's sudden convergence.
 
-Transfer. One unconditional UNet (the 0.27M bench UNet of `benchmark_quality.py`) is pretrained on
+Transfer. One unconditional UNet (the 0.28M bench UNet of `benchmark_quality.py`) is pretrained on
 MNIST-5k digits at 16x16, or taken from `--pretrained` (e.g. `bench-quality/vanilla/seed-0`, or an 8x8
 base from `pretrain_base.py --resolution 8`), and fine-tuned on 500 Animal-MNIST silhouettes with every row of `METHODS`: full fine-tuning, Diff-Tuning (knowledge
 bank), Diff-Tuning KD (`--retention kd`), LoRA, LoRA + Diff-Tuning, DiffFit, DiffFit + Diff-Tuning,

@@ -3,7 +3,7 @@
 
 The three papers make their claims about converged models (ANT trains ADM for 1M iterations, DeMe and
 Diff-Tuning fine-tune converged pretrained models). This script trains the bench UNet
-(`diffusers_ant.analysis.benchmark.BENCH_UNET`, 0.27M parameters, 16x16 MNIST-5k, vanilla objective,
+(`diffusers_ant.analysis.benchmark.BENCH_UNET`, 0.28M parameters, 16x16 MNIST-5k, vanilla objective,
 the quality benchmark's recipe: batch 64, AdamW 2e-3 constant after warm-up, EMA 0.999) in segments
 of `--segment_steps` updates, scores the EMA model after each segment (domain FID of
 `--eval_samples` DDIM samples against all 5,000 real images, the same sampling noise at every

@@ -1,7 +1,7 @@
 """The machinery the benchmark scripts share (``benchmark_quality.py``, ``benchmark_ntg.py``,
 ``benchmark_transfer.py``, ``benchmark_deme.py``): what is not a benchmark's own rows or its reading.
 
-- the bench UNet (``BENCH_UNET``, a 0.27M-parameter attention UNet for 16x16 greyscale images) and
+- the bench UNet (``BENCH_UNET``, a 0.28M-parameter attention UNet for 16x16 greyscale images) and
   the planning figures of this project's 2-core CPU that turn a benchmark's settings into the time
   plan it prints before it starts;
 - the quality benchmark's recipe that other benchmarks reuse: ``DATASET`` (MNIST-5k), ``RESOLUTION``
@@ -83,7 +83,7 @@ __all__ = [
     "write_json",
 ]
 
-# A 0.27M-parameter UNet for 16x16 greyscale images (ENVIRONMENT.md: about 0.1 s per step at batch 64
+# A 0.28M-parameter UNet for 16x16 greyscale images (ENVIRONMENT.md: about 0.1 s per step at batch 64
 # on 2 cores): channels 16/32/32, attention at the lowest resolution.
 BENCH_UNET = {
     "block_out_channels": [16, 32, 32],
