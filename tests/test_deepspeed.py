@@ -25,9 +25,9 @@ import sys
 import pytest
 import torch
 
-from trainer_utils import (LORA_RUN, LORA_STEPS, RECORDING_SCRIPT, REPO, applied_gradients, flag_values,
-                           largest_difference, load_safetensors_dir, lora_run_tolerances, offline_env, run_command,
-                           save_lora_base)
+from trainer_utils import (LORA_RUN, LORA_STEPS, RECORDING_SCRIPT, REPO, applied_gradients, failure_output,
+                          flag_values, largest_difference, load_safetensors_dir, lora_run_tolerances,
+                          offline_env, run_command, save_lora_base)
 
 # `make test-deepspeed` installs DeepSpeed and runs this file; `make test` deselects it (marker `deepspeed`),
 # so the check that DeepSpeed is there runs only when a test does (a fixture, not at collection)
@@ -60,7 +60,7 @@ def launch(engine_flags, output_dir, *extra, run=RUN):
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *engine_flags,
                RECORDING_SCRIPT, *run, "--output_dir", str(output_dir), *extra]
     result = run_command(command, env=env, timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:] + failure_output(result.stderr)
     # a resumed run says so (a run that ignored the flag would retrain from step 0 to the same seeded weights)
     assert ("resuming from" in result.stdout) == ("--resume_from_checkpoint" in extra), result.stdout[-2000:]
     return result.stdout + result.stderr

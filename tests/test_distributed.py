@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 from test_engine import engine_tolerance, loss_tolerance, make_batch, tiny_unet
 from tolerances import unit_roundoff
-from trainer_utils import offline_env, run_command
+from trainer_utils import failure_output, offline_env, run_command
 
 from diffusers_ant.weighting import distributed
 
@@ -87,7 +87,7 @@ def two_process_run(tmp_path_factory):
         "--methods", ",".join(METHODS), "--steps", str(STEPS), "--output_dir", str(out),
     ]
     result = run_command(command, env=env, timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:] + failure_output(result.stderr)
     assert "on 2 processes (DistributedType.MULTI_CPU)" in result.stdout + result.stderr
     return {
         method: [load_file(out / f"{method}_{who}.safetensors") for who in ("rank0", "rank1", "reference")]

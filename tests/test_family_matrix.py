@@ -41,7 +41,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tolerances import output_tolerance, task_arithmetic_tolerance
-from trainer_utils import offline_env, run_command
+from trainer_utils import failure_output, offline_env, run_command
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: two threads contend on a shared 2-core machine
 
@@ -62,7 +62,7 @@ def two_process_families(bases, tmp_path_factory):
         "--bases", str(bases["sdxl"].parent),
     ]
     result = run_command(command, env=env, timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:] + failure_output(result.stderr)
     for family in FAMILIES:
         for rank in (0, 1):
             assert f"{family}: rank {rank} trained {DDP_STEPS} micro-batches on 2 processes" in result.stdout, family

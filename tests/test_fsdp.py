@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from diffusers_ant.training.args import UsageError
-from trainer_utils import LORA_RUN, LORA_STEPS, save_lora_base
+from trainer_utils import LORA_RUN, LORA_STEPS, failure_output, save_lora_base
 
 STEPS = 4
 # Adam's epsilon 1 (gradients below 1): a step is about lr times its gradient, so a gradient of the wrong
@@ -167,7 +167,7 @@ def _launch(config, out, *extra):
     launcher = ["--config_file", f"{REPO}/examples/accelerate/{config}.yaml", "--num_processes", "2",
                 "--main_process_port", "0"]  # a free port: other test runs may hold the default 29500
     result = run_script(args, launcher=launcher, timeout=300, script=RECORDING_SCRIPT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:] + failure_output(result.stderr)
     assert ("FSDP2 (fully_shard) on 2 processes: UNet2DModel sharded in" in result.stdout) == (config == "fsdp")
     # a resumed run says so (a run that ignored the flag would retrain from step 0 to the same seeded weights)
     assert ("resuming from" in result.stdout) == ("--resume_from_checkpoint" in extra), result.stdout[-2000:]
@@ -325,7 +325,7 @@ def lora_runs(tmp_path_factory):
                              "--output_dir", str(runs[name]), *extra], timeout=300, script=RECORDING_SCRIPT,
                             launcher=["--config_file", f"{REPO}/examples/accelerate/{config}.yaml", "--num_processes",
                                       "2", "--main_process_port", "0"])
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert result.returncode == 0, result.stdout[-3000:] + failure_output(result.stderr)
         assert ("FSDP2 (fully_shard) on 2 processes" in result.stdout) == (config == "fsdp")
         assert ("resuming from" in result.stdout) == (name == "resumed")
     return runs

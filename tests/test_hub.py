@@ -27,6 +27,7 @@ from diffusers_ant.hub import (
     write_model_card,
 )
 from hub_server import FakeHub
+from trainer_utils import failure_output
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INTERVALS = [[0, 11], [12, 30], [31, 55], [56, 99]]  # inclusive bounds over T = 100, deliberately uneven
@@ -344,7 +345,7 @@ def test_push_uploads_the_folder_without_checkpoints_and_never_leaks_the_token(
         [sys.executable, "-c", _PUSH_DRIVER, str(out), "me/ant-push"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_output(result.stderr)
     assert result.stdout.split() == [f"{fake_hub.endpoint}/me/ant-push"] * 2
 
     state = fake_hub.state

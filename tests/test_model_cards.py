@@ -24,6 +24,7 @@ import torch
 
 from diffusers_ant.hub import write_model_card
 from diffusers_ant.models import get_model_adapter
+from trainer_utils import failure_output
 
 RES = 16
 PROMPT = "a red fox"
@@ -201,7 +202,7 @@ def test_card_snippet_runs_as_written(case, lora, tmp_path, snippet_runner):
         assert "base_model" in code  # trained from a preset: the base travels in the folder
     cond_embedding = lora and model_type == "controlnet" and adapter.trains_cond_embedding
     result = run_snippet(snippet_runner, code, tmp_path, checks_for(model_type, lora, cond_embedding))
-    assert result.returncode == 0 and "SNIPPET_OK" in result.stdout, f"{code}\n---\n{result.stderr[-3000:]}"
+    assert result.returncode == 0 and "SNIPPET_OK" in result.stdout, f"{code}\n---\n{failure_output(result.stderr)}"
 
 
 @pytest.mark.slow
@@ -219,7 +220,7 @@ def test_card_snippet_with_a_local_base_beside_the_folder(model_type, tmp_path, 
     code = snippet_for(out, "me/ant-local-base", model_type, lora, base_model=str(tmp_path / "sd-base"))
     assert '"../sd-base"' in code
     result = run_snippet(snippet_runner, code, tmp_path, checks_for(model_type, lora))
-    assert result.returncode == 0 and "SNIPPET_OK" in result.stdout, f"{code}\n---\n{result.stderr[-3000:]}"
+    assert result.returncode == 0 and "SNIPPET_OK" in result.stdout, f"{code}\n---\n{failure_output(result.stderr)}"
 
 
 def test_dit_card_samples_what_the_model_was_trained_on(tmp_path):
@@ -261,7 +262,7 @@ def test_one_channel_controlnet_trains_samples_and_its_card_snippet_runs(tmp_pat
     assert "torch.zeros(1, 1," in code, code
     code = re.sub(r"num_inference_steps=\d+", "num_inference_steps=2", code)
     result = run_snippet(snippet_runner, code, tmp_path, checks_for("controlnet", lora=False))
-    assert result.returncode == 0 and "SNIPPET_OK" in result.stdout, f"{code}\n---\n{result.stderr[-3000:]}"
+    assert result.returncode == 0 and "SNIPPET_OK" in result.stdout, f"{code}\n---\n{failure_output(result.stderr)}"
 
 
 def test_a_batch_of_one_channel_conditions_keeps_its_images_apart():

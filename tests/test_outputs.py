@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer_utils import TINY_RUN, train_in_process
+from trainer_utils import TINY_RUN, failure_output, train_in_process
 
 
 def _image_folder(root, count=8, size=8):
@@ -210,5 +210,5 @@ def test_an_output_over_a_hub_base_loads_the_revision_it_trained_on(tmp_path, ki
                              str(tmp_path / "v1" / "unet" / "diffusion_pytorch_model.safetensors"), kind],
                             env=offline_env(HF_HUB_CACHE=str(tmp_path / "cache")), capture_output=True, text=True,
                             timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_output(result.stderr)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"revision": "v1", "same_as_v1": True, "card_pins": True}

@@ -43,3 +43,17 @@ def test_a_hung_launch_fails_with_every_process_stack_and_leaves_nothing_running
 def test_a_command_that_finishes_returns_its_output():
     result = run_command([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"])
     assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
+
+
+def test_failure_output_keeps_a_workers_fatal_error_ahead_of_the_launchers_tail():
+    """A worker that aborts prints "Fatal Python error" and its stacks, then its extension modules and the
+    launcher's traceback: a plain 3,000-character tail kept only the module list and the launcher's lines (a
+    two-process test failed so once, and why could not be read)."""
+    from trainer_utils import failure_output
+
+    stderr = ("start\n" + "Fatal Python error: Aborted\n\nThread 0x1 (most recent call first):\n  File \"loop.py\", "
+              "line 9 in finish\n" + "Extension modules: " + "m, " * 3000 + "\nChildFailedError: rank 1 failed\n")
+    summary = failure_output(stderr)
+    assert summary.startswith("Fatal Python error: Aborted") and 'line 9 in finish' in summary
+    assert summary.endswith("ChildFailedError: rank 1 failed\n")
+    assert failure_output("short and plain\n") == "short and plain\n"  # nothing to pull ahead

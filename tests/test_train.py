@@ -8,15 +8,8 @@ import os
 import pytest
 import torch
 
-from trainer_utils import (
-    REPO,
-    TINY_RUN,
-    assert_same_tensors,
-    load_safetensors_dir,
-    offline_env,
-    run_script,
-    train_in_process,
-)
+from trainer_utils import (REPO, TINY_RUN, assert_same_tensors, failure_output, load_safetensors_dir,
+                          offline_env, run_script, train_in_process)
 
 DATASETS = {"unet": "mnist5k", "dit": "mnist5k", "sd": "mnist5k_captions", "controlnet": "mnist5k_captions"}
 
@@ -85,7 +78,7 @@ def test_resume_after_a_crash_during_checkpointing_equals_an_uninterrupted_run(t
     crashed = tmp_path / "crashed"
     result = run_script([*common, "--output_dir", str(crashed)],
                         env=offline_env(DIFFUSERS_ANT_CRASH_DURING_CHECKPOINT="4"))
-    assert result.returncode == 17, result.stderr[-3000:]
+    assert result.returncode == 17, failure_output(result.stderr)
     assert (crashed / "checkpoint-2").is_dir() and not (crashed / "checkpoint-4").exists()
     assert (crashed / "checkpoint-4.tmp").is_dir(), "the crash happened mid-save"
 
@@ -118,7 +111,7 @@ def test_two_process_training_completes(method, tmp_path):
         launcher=["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                   "--dynamo_backend", "no", "--main_process_port", "0"],  # a free port: others may hold 29500
         env=offline_env(SLOW_FINISH_SECONDS=slow), script=os.path.join(REPO, "tests", "scripts", "instrumented_train.py"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_output(result.stderr)
     returned = [float((out / f"returned_{rank}").read_text()) for rank in (0, 1)]
     assert returned[0] - returned[1] > slow / 2, returned  # process 1 was done while process 0 still wrote
     assert (out / "model_index.json").is_file()
@@ -311,7 +304,7 @@ def test_train_push_to_hub_reaches_the_loopback_hub_without_the_token(tmp_path):
         result = run_script(["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_steps", "2",
                              "--checkpointing_steps", "1", "--mtl_method", "uw", "--output_dir", str(out),
                              "--push_to_hub", "--hub_token", token], env=env)
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.returncode == 0, failure_output(result.stderr)
         state = hub.state
     routes = [(r.method, r.path.split("?")[0]) for r in state.requests]
     assert routes.index(("POST", "/api/repos/create")) < routes.index(("POST", "/api/models/user/ant-tiny/commit/main"))

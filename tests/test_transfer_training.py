@@ -9,15 +9,8 @@ import os
 import pytest
 import torch
 
-from trainer_utils import (
-    TINY_RUN,
-    assert_same_tensors,
-    load_safetensors_dir,
-    offline_env,
-    record_prepared,
-    run_script,
-    train_in_process,
-)
+from trainer_utils import (TINY_RUN, assert_same_tensors, failure_output, load_safetensors_dir, offline_env,
+                          record_prepared, run_script, train_in_process)
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +238,7 @@ def test_two_process_transfer_runs_keep_the_processes_identical(variant, pretrai
                         launcher=["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
                                   "no", "--dynamo_backend", "no", "--main_process_port", "0"],
                         env=offline_env(), script=os.path.join(REPO, "tests", "scripts", "instrumented_train.py"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_output(result.stderr)
     if variant == "bank":  # the bank's source was loaded (to fingerprint it) by process 0 alone, once
         assert (out / "bank_source_loads_0").read_text().splitlines() == [str(pretrained["dit"])]
         assert not (out / "bank_source_loads_1").exists()

@@ -87,6 +87,15 @@ def offline_env(**extra):
     return env
 
 
+def failure_output(stderr: str, tail: int = 3000) -> str:
+    """What a failed launch's stderr says: the first fatal error's report (a worker that aborted prints "Fatal
+    Python error" and every thread's stack through PYTHONFAULTHANDLER, then a long list of extension modules and
+    the launcher's traceback, which a plain tail keeps alone), then the last `tail` characters."""
+    starts = [i for i in (stderr.find(marker) for marker in ("Fatal Python error", "terminate called")) if i >= 0]
+    head = stderr[min(starts):min(starts) + 4000] + "\n...\n" if starts and min(starts) < len(stderr) - tail else ""
+    return head + stderr[-tail:]
+
+
 def run_command(cmd, env=None, timeout=600, cwd=None) -> subprocess.CompletedProcess:
     """`subprocess.run(cmd, capture_output=True, text=True)` for a command that may hang, such as a
     two-process `accelerate launch`. On the timeout, every process of the command gets SIGABRT, one at a
