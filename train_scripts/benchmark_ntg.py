@@ -28,12 +28,14 @@ same seeds) instead of training them again.
 item 10: the converged base of `pretrain_base.py`, `docs/benchmark_base/r8/base`). Training a converged
 specialist from scratch per interval costs the base's own 55,000 steps five times over, so every model
 starts from the converged one instead: per seed, the base is it fine-tuned `--max_train_steps` on all
-timesteps and each interval model it fine-tuned as many steps on its interval only. Both had the same
-extra training, so a gap is specialisation, not more steps; the resolution is the pretrained model's:
+timesteps and each interval model it fine-tuned as many steps on its interval only. Both take the same
+number of extra steps, but a specialist spends them on a fifth of the timesteps (five times the updates
+per timestep), so part of a gap may be that extra training; the resolution is the pretrained model's:
 
     python train_scripts/benchmark_ntg.py --output_dir bench-ntg-converged \
-        --pretrained docs/benchmark_base/r8/base --learning_rate 1e-4 --lr_warmup_steps 20 Runs and evaluations are kept and skipped when the
-command is run again; an evaluation is redone when its settings or the feature extractor change.
+        --pretrained docs/benchmark_base/r8/base --learning_rate 1e-4 --lr_warmup_steps 20
+
+Runs and evaluations are kept and skipped when the command is run again; an evaluation is redone when its settings or the feature extractor change.
 Outputs: `results.json` (every seed's gaps, the summary, settings, hashes, times), `results.md`,
 `ntg_summary.png`, and per seed `seed-N/ntg.json` / `ntg.png` from `analyze.py ntg`.
 """
