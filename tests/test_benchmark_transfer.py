@@ -161,6 +161,9 @@ def test_a_folder_trained_with_other_settings_is_refused_before_any_stage(tmp_pa
     message = str(stop.value)
     assert "holds runs trained with other settings" in message and "\n" not in message
     assert "learning_rate: 0.0005 -> 0.0001" in message and "rank: " in message
+    # the ControlNet runs' convergence checks are settings of their commands too (--quick fixes them at 5, 4, 4)
+    assert (recorded["convergence_steps"], recorded["convergence_images"], recorded["convergence_inference_steps"]) \
+        == (5, 4, 4)
 
 
 def _tiny_pipeline(folder, resolution=8, channels=1):

@@ -393,6 +393,11 @@ def test_an_invocation_that_stops_early_is_recorded_once(script, stop, tmp_path,
     assert [entry["status"] for entry in history] == [status]
     # the command names this script, also when main() is called from another program
     assert history[0]["command"] == " ".join(["python", os.path.relpath(bench.__file__), "--quick", "--output_dir", out])
+    # and the code that ran: this checkout's commit (a kept run's results depend on it; its settings do not say)
+    import subprocess
+
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert history[0]["revision"].split("+")[0] == head and len(head) == 40
 
 
 def test_write_json_is_atomic_and_takes_a_default_for_other_types(tmp_path):

@@ -783,7 +783,9 @@ TRAINING_SETTINGS = ("pretrain_steps", "pretrain_learning_rate", "pretrain_seed"
                      "data_seed", "max_train_steps", "train_batch_size", "learning_rate", "peft_learning_rate",
                      "lr_warmup_steps", "rank", "bank_images", "bank_inference_steps", "resolution", "skip_controlnet",
                      "vae_steps", "sd_steps", "sd_batch_size", "sd_learning_rate", "controlnet_steps",
-                     "controlnet_batch_size", "controlnet_learning_rate", "controlnet_bank_images", "guidance_scale")
+                     "controlnet_batch_size", "controlnet_learning_rate", "controlnet_bank_images", "guidance_scale",
+                     # the ControlNet runs' convergence checks (--track_convergence's cadence goes into their commands)
+                     "convergence_steps", "convergence_images", "convergence_inference_steps")
 
 
 def training_settings(args) -> dict:

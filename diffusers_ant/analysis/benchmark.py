@@ -467,6 +467,24 @@ def write_json(path: str, data, default=None) -> str:
     return write_json_atomically(path, data, default=default)
 
 
+def code_revision():
+    """The git commit of this project's checkout, with ``+dirty`` when tracked files differ from it (None outside
+    a git checkout, e.g. an installed package): recorded with each benchmark invocation, since a kept run's
+    results depend on the code that ran it, which its settings do not say."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def record_invocation(args, command, seconds, status="finished") -> float:
     """Append this invocation to OUTPUT_DIR/invocations.json; return the wall seconds of all of them
     (a resumed benchmark's wall time is the sum of its invocations)."""
@@ -476,7 +494,7 @@ def record_invocation(args, command, seconds, status="finished") -> float:
         with open(path) as f:
             history = json.load(f)
     history.append({"command": command, "phase": args.phase, "status": status, "wall_seconds": round(seconds, 1),
-                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+                    "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "revision": code_revision()})
     write_json(path, history)  # atomically: it also runs when a benchmark is interrupted
     return sum(entry["wall_seconds"] for entry in history)
 
