@@ -483,3 +483,22 @@ def test_a_failed_run_of_the_ntg_benchmark_ends_in_one_line_that_says_how_to_res
         ntg_bench.main(["--output_dir", str(tmp_path / "ntg"), "--quick", "--workers", "1"])
     message = str(stop.value.code)
     assert "\n" not in message and "train.log" in message and "run the same command again to resume" in message
+
+
+def test_the_ntg_results_name_the_command_that_made_them(tmp_path, monkeypatch):
+    """results.md held the tables alone, and results.json a list for `command` when main was given argv: both
+    now carry the command line, as the other benchmarks' do."""
+    monkeypatch.setattr(ntg_bench.quality, "train_run", lambda cmd, run_dir, what: "kept")
+    monkeypatch.setattr(ntg_bench, "evaluate_seed", lambda args, seed, intervals, sha: {
+        "base": {"fid": 1.0 + seed}, "intervals": [{"ntg": -0.1 * (i + 1), "fid": 0.9} for i in range(len(intervals))]})
+    monkeypatch.setattr(ntg_bench.quality, "run_parallel", lambda fn, items, workers: [fn(item) for item in items])
+    import diffusers_ant.analysis.plots as plots
+
+    monkeypatch.setattr(plots, "plot_ntg_summary", lambda summary, path: None)
+    out = str(tmp_path / "ntg")
+    ntg_bench.main(["--output_dir", out, "--quick", "--workers", "1"])
+    command = f"python {os.path.relpath(ntg_bench.__file__)} --output_dir {out} --quick --workers 1"
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["command"] == command
+    with open(os.path.join(out, "results.md")) as f:
+        assert f.readline().strip() == f"Command: `{command}`"

@@ -55,6 +55,7 @@ sys.path.insert(0, HERE)
 import benchmark_quality as quality  # noqa: E402  (the training recipe and the planning figures)
 from diffusers_ant.analysis.benchmark import (  # noqa: E402
     RunFailed,
+    command_line,
     base_resolution,
     changed_benchmark_settings,
     check_benchmark_settings,
@@ -315,12 +316,13 @@ def run(args, argv=None):
     from diffusers_ant.analysis.plots import plot_ntg_summary
 
     plot_ntg_summary(summary, os.path.join(args.output_dir, "ntg_summary.png"))
-    record = {"command": argv if argv is not None else " ".join([os.path.basename(sys.executable), *sys.argv]),
+    command = command_line(argv, script=__file__)  # (a list was stored when main was given argv)
+    record = {"command": command,
               "args": vars(args), "intervals": [list(i) for i in intervals], "feature_extractor": f"domain_{quality.DATASET}",
               "feature_extractor_sha256": extractor_sha, "per_seed": per_seed, "summary": summary, "timing": timing}
     write_json(os.path.join(args.output_dir, "results.json"), record)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write(text + "\n")
+        f.write(f"Command: `{command}`\n\n{text}\n")
     print(f"wrote {os.path.join(args.output_dir, 'results.json')}, results.md and ntg_summary.png "
           f"({timing['wall_seconds'] / 60:.1f} min this invocation)")
 

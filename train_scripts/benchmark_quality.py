@@ -548,7 +548,7 @@ def run(args, invocation) -> None:
     }
     write_json(os.path.join(args.output_dir, "results.json"), record)  # atomically: --phase eval reads it back
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write(text + "\n")
+        f.write(f"Command: `{command}`\n\n{text}\n")  # (the tables alone did not say what produced them)
     print(f"wrote {os.path.join(args.output_dir, 'results.json')} and results.md "
           f"({timing['wall_seconds'] / 60:.1f} min this invocation)")
 
