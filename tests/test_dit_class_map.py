@@ -274,3 +274,19 @@ def test_a_dit_trained_at_another_resolution_saves_the_function_it_trained(pretr
     # and the patch projection is the pretrained one
     source = get_model_adapter("dit").load(pretrained_model_name_or_path=str(pretrained))
     assert torch.equal(saved.pos_embed.proj.weight, source.model.pos_embed.proj.weight)
+    assert saved.pos_embed.pos_embed.dtype == torch.float32  # the sin-cos table as PatchEmbed builds it
+
+    # a LoRA output: it named the pretrained folder as its base, which loads back at its own size and table
+    lora = get_model_adapter("dit").load(pretrained_model_name_or_path=str(pretrained), resolution=32)
+    assert not lora.model_from_pretrained  # so the output carries its base at this size
+    lora.add_lora(rank=2)
+    with torch.no_grad():
+        for name, param in lora.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        trained = lora.predict(lora.model, x, timesteps, labels)
+    lora.save(str(tmp_path / "lora"), lora=True)
+    with torch.no_grad():
+        reloaded = lora.predict(load_pipeline(str(tmp_path / "lora")).transformer, x, timesteps, labels)
+    # the same weights and table; peft's LoRA layers compute W x + B A x in the same order either way
+    assert torch.equal(reloaded, trained)

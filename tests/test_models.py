@@ -367,6 +367,12 @@ def test_load_unet_from_pretrained_folder_takes_its_scheduler(tmp_path):
         out = other.predict(other.model, torch.randn(classes, 1, 16, 16), torch.full((classes,), 100),
                             {"class_labels": torch.arange(classes)})
         assert torch.isfinite(out).all()
+    # a UNet that embeds its class input otherwise (class_embed_type) has no table to give the classes: one line
+    from diffusers import UNet2DModel
+
+    UNet2DModel(**{**dict(source.model.config), "class_embed_type": "timestep"}).save_pretrained(tmp_path / "timestep")
+    with pytest.raises(ValueError, match="embeds its class input by class_embed_type 'timestep', not by a table"):
+        get_model_adapter("unet").load(pretrained_model_name_or_path=str(tmp_path / "timestep"), num_classes=4)
     # a bare model folder (config.json only) works too, with a default scheduler
     source.model.save_pretrained(tmp_path / "bare")
     bare = get_model_adapter("unet").load(pretrained_model_name_or_path=str(tmp_path / "bare"))

@@ -88,6 +88,11 @@ def test_a_bare_model_folder_is_quantized_as_a_pipelines_denoiser_is(model_type,
                                                  quantization_config=quantization_config("nf4", torch.float32))
     kinds = _linear_kinds(adapter.model)
     assert kinds["nf4"] > 0 and kinds["float"] == 0, kinds
+    if model_type == "unet":  # a new class table on the quantized UNet (its reload with the table was refused)
+        classes = get_model_adapter("unet").load(pretrained_model_name_or_path=str(tmp_path / "bare"), num_classes=4,
+                                                 quantization_config=quantization_config("nf4", torch.float32))
+        assert classes.new_class_embedding == (None, 4) and _linear_kinds(classes.model)["nf4"] == kinds["nf4"]
+        assert classes.model.class_embedding.weight.shape[0] == 4 and classes.model.config.num_class_embeds == 4
 
 
 def test_a_bitsandbytes_without_cpu_kernels_is_refused_in_one_line(tmp_path, capsys, monkeypatch):

@@ -88,9 +88,11 @@ def _rebuild_position_embedding(model) -> None:
     new = type(old)(height=size, width=size, patch_size=model.config.patch_size, in_channels=model.config.in_channels,
                     embed_dim=model.inner_dim)
     new.proj.load_state_dict(old.proj.state_dict())
-    model.pos_embed = new.to(old.proj.weight.device, old.proj.weight.dtype)
-    if old.pos_embed is not None:  # (the sin-cos table stays float32, as PatchEmbed builds it)
-        new.pos_embed = new.pos_embed.to(device=old.pos_embed.device, dtype=old.pos_embed.dtype)
+    new.proj.to(old.proj.weight.device, old.proj.weight.dtype)
+    if new.pos_embed is not None:  # the sin-cos table in the old one's dtype (float32, as PatchEmbed builds it)
+        reference = old.pos_embed if old.pos_embed is not None else new.pos_embed
+        new.pos_embed = new.pos_embed.to(device=old.proj.weight.device, dtype=reference.dtype)
+    model.pos_embed = new
     model.height = model.width = size
 
 
@@ -247,6 +249,9 @@ class DiTAdapter(ModelAdapter):
                 # pipelines read sample_size; the position table is rebuilt for it as well
                 model.register_to_config(sample_size=resolution // scale)
                 _rebuild_position_embedding(model)
+                # a LoRA output then carries its base (`base_model/` at this size): the pretrained folder, loaded
+                # back, would compute with its own size's table
+                from_pretrained = False
         channels = vae.config.in_channels if vae is not None else model.config.in_channels
         if num_channels is not None and num_channels != channels:
             raise ValueError(f"the pretrained DiT takes {channels} image channels, the data has {num_channels}")

@@ -8,6 +8,8 @@ embedding, and every batch must carry ``class_labels``. Pipelines: ``DDPMPipelin
 sample flow matching and DDPM-family schedulers alike.
 """
 
+import torch
+
 from .base import ModelAdapter, _copy_scheduler, check_class_labels, repeat_to, scheduler_kind
 
 
@@ -59,20 +61,23 @@ class UNetAdapter(ModelAdapter):
                 subfolder = "unet"
             model, from_pretrained = source.load(UNet2DModel, subfolder=subfolder, denoiser=True), True
             if num_classes is not None and model.config.num_class_embeds != num_classes:
-                # a new class embedding (e.g. fine-tuning on a dataset with other classes): freshly initialised
+                if model.config.class_embed_type is not None:
+                    raise ValueError(
+                        f"the pretrained UNet embeds its class input by class_embed_type "
+                        f"{model.config.class_embed_type!r}, not by a table of classes, so the data set's "
+                        f"{num_classes} classes have no rows to train: train without class labels, or from a UNet "
+                        "with num_class_embeds")
+                # a new class table (e.g. fine-tuning on a data set with other classes), as UNet2DModel builds one
+                # for num_class_embeds: N(0, 1) rows of the time embedding's width. Made here rather than by
+                # reloading with num_class_embeds and ignore_mismatched_sizes: diffusers left that table
+                # uninitialised memory (1e31 to 1e38, NaN at times), and a quantized load refuses the reload's
+                # low_cpu_mem_usage=False
                 new_class_embedding = (model.config.num_class_embeds, num_classes)
-                model = source.load(
-                    UNet2DModel,
-                    subfolder=subfolder,
-                    denoiser=True,
-                    num_class_embeds=num_classes,
-                    ignore_mismatched_sizes=True,
-                    low_cpu_mem_usage=False,
-                )
-                # diffusers leaves the new (or resized) table uninitialised memory, despite its "newly initialized"
-                # warning (up to 1.7e38 and NaN: some labels' outputs were not finite): nn.Embedding's own init,
-                # N(0, 1), as a UNet2DModel built with that class count has it
-                model.class_embedding.reset_parameters()
+                width = model.time_embedding.linear_2.out_features
+                weight = model.time_embedding.linear_2.weight
+                dtype = weight.dtype if weight.is_floating_point() else torch.float32  # (a quantized layer: packed)
+                model.class_embedding = torch.nn.Embedding(num_classes, width, device=weight.device, dtype=dtype)
+                model.register_to_config(num_class_embeds=num_classes)
                 from_pretrained = False
             if num_channels is not None and num_channels != model.config.in_channels:
                 raise ValueError(
