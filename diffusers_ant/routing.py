@@ -97,6 +97,8 @@ def check_interchangeable(models, names) -> None:
     calls each with the same inputs): the same class, channels and kind of class conditioning (a UNet2DModel with
     a class table against one without ended in diffusers' "class_labels should be provided")."""
     def signature(model):
+        if isinstance(model, TimestepRouter):  # a DeMe ensemble loaded as the denoiser: its members' architecture
+            model = model.models[0]
         config = model.config
         return {"class": type(model).__name__, "in_channels": config.get("in_channels"),
                 "out_channels": config.get("out_channels"),

@@ -9,6 +9,7 @@ Runs share module-scoped fixtures: one run per configuration, several assertions
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -458,3 +459,17 @@ def test_routing_maps_a_flux_sigma_to_the_training_index_of_the_shifted_table(tm
         folders.append(SimpleNamespace(path=str(folder)))
     with pytest.raises(ValueError, match="--resolution 256.* and .*--resolution 512.*index different sigma tables"):
         _training_routing(folders)
+    # ... but the same --flow_shift makes the same static table at any resolution, and so does a scheduler
+    # without dynamic shifting (FLUX.1-schnell's): accepted
+    for folder, resolution in zip(folders, (256, 512)):
+        (Path(folder.path) / "training_config.json").write_text(
+            json.dumps({"model_type": "flux", "resolution": resolution, "flow_shift": 3.0}))
+    assert _training_routing(folders, pipeline)["training_routing"]["flow_shift"] == 3.0
+    for folder, resolution in zip(folders, (256, 512)):
+        (Path(folder.path) / "training_config.json").write_text(json.dumps({"model_type": "flux", "resolution": resolution}))
+    from diffusers_ant.models.base import _copy_scheduler
+
+    schnell = SimpleNamespace(scheduler=_copy_scheduler(pipeline.scheduler, use_dynamic_shifting=False))
+    assert _training_routing(folders, schnell)
+    with pytest.raises(ValueError, match="index different sigma tables"):
+        _training_routing(folders, pipeline)

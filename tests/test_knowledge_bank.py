@@ -568,6 +568,17 @@ def test_a_bank_resolution_the_denoiser_cannot_take_is_one_line_and_a_dit_sample
         build(unet_model, tmp_path / "bank", resolution=7)
     assert not (tmp_path / "bank").exists()
     assert build(unet_model, tmp_path / "bank", num_images=2, resolution=16)["resolution"] == 16
+    # a UNet2DConditionModel meets other sizes (its up-blocks take the sizes of the skips): the VAE's factor is the
+    # only step, as the trainer takes it (the tiny SD's VAE halves, its UNet has 2 blocks: 22 px is 11 latents, odd)
+    sd = get_model_adapter("sd").load(model_config_name_or_path="tiny", resolution=16).make_pipeline()
+    assert sd.vae_scale_factor == 2
+    _set_sample_size(sd, "sd", 22)
+    assert sd.unet.config.sample_size == 11
+    with torch.no_grad():  # and the UNet denoises that size (an SD pipeline's own check wants multiples of 8 px)
+        out = sd.unet(torch.zeros(1, 4, 11, 11), 10, encoder_hidden_states=torch.zeros(1, 4, 32)).sample
+    assert out.shape == (1, 4, 11, 11)
+    with pytest.raises(ValueError, match="--resolution 21 must be a positive multiple of the VAE's factor 2"):
+        _set_sample_size(sd, "sd", 21)
 
     torch.manual_seed(0)
     pipeline = get_model_adapter("dit").load(model_config_name_or_path="tiny", resolution=8, num_channels=1,

@@ -290,3 +290,24 @@ def test_router_runs_inside_the_sd3_pipeline():
     routed = pipeline(generator=torch.Generator().manual_seed(0), **kwargs).images
     torch.testing.assert_close(routed, alone, rtol=0, atol=0)
     assert len(seen) == 2 * calls == 6
+
+
+def test_models_that_cannot_share_a_sampling_loop_are_refused_and_an_ensemble_is_read_through():
+    """`check_interchangeable` (NTG, forgetting): a DeMe ensemble loaded as a pipeline's denoiser is a
+    TimestepRouter, which has no config of its own; its members' architecture is what a router stands in with."""
+    from diffusers_ant.clustering import TimestepIntervals
+    from diffusers_ant.models import get_model_adapter
+    from diffusers_ant.routing import TimestepRouter, check_interchangeable
+
+    def unet(**options):
+        return get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8, num_channels=1,
+                                              **options).model
+
+    plain = unet()
+    ensemble = TimestepRouter(TimestepIntervals([(0, 499), (500, 999)], 1000), [unet(), unet()])
+    check_interchangeable([ensemble, plain], ["--finetuned", "--pretrained"])
+    with pytest.raises(ValueError, match="--finetuned and --pretrained cannot share a sampling loop: class-conditional"):
+        check_interchangeable([ensemble, unet(num_classes=3)], ["--finetuned", "--pretrained"])
+    with pytest.raises(ValueError, match="in_channels 1 against 3"):
+        check_interchangeable([plain, get_model_adapter("unet").load(model_config_name_or_path="tiny", resolution=8,
+                                                                      num_channels=3).model], ["a", "b"])

@@ -80,7 +80,7 @@ def training_routing_scheduler(pipeline, folders):
     refused in one line."""
     from ..deme.ensemble import routing_scheduler, training_routing_settings
 
-    settings = training_routing_settings([training_config(folder) for folder in folders], list(folders))
+    settings = training_routing_settings([training_config(folder) for folder in folders], list(folders), pipeline)
     return routing_scheduler(pipeline, {"training_routing": settings})
 
 

@@ -66,36 +66,50 @@ def ensemble_intervals(finetunes, num_timesteps: int):
     return TimestepIntervals(bounds, num_timesteps, metadata={"deme": "ensemble"}), members
 
 
-def _training_routing(finetunes) -> dict:
+def _training_routing(finetunes, pipeline=None) -> dict:
     """``{"training_routing": {...}}`` of the fine-tunes' training configs (`training_routing_settings`), {}
     where they record nothing that routing needs."""
     from .finetunes import training_configs
 
-    settings = training_routing_settings(training_configs(finetunes), [finetune.path for finetune in finetunes])
+    settings = training_routing_settings(training_configs(finetunes), [finetune.path for finetune in finetunes],
+                                         pipeline)
     return {"training_routing": settings} if settings else {}
 
 
-def training_routing_settings(configs, names) -> dict:
+def _table_settings(settings: dict, pipeline) -> dict:
+    """The part of a FLUX.1 run's routing settings its sigma table depends on: with ``--flow_shift`` the shift
+    alone, and on a scheduler without dynamic shifting (FLUX.1-schnell's) nothing (`models.flux.routing_scheduler`
+    ignores the resolution then)."""
+    if settings.get("flow_shift") is not None:
+        return {"flow_shift": settings["flow_shift"]}
+    if pipeline is not None and not pipeline.scheduler.config.get("use_dynamic_shifting", False):
+        return {}
+    return settings
+
+
+def training_routing_settings(configs, names, pipeline=None) -> dict:
     """What runs' sigma table depends on besides the base pipeline's scheduler, which routing needs
     (`routing_scheduler`), from their ``training_config.json`` dicts (empty ones, e.g. a Hub model's, are
     skipped); ``names`` label them. FLUX.1 runs: their resolution and ``--flow_shift``
     (`models.flux.run_routing_settings`). Other flow-matching runs: the ``--flow_shift`` that replaced the
     scheduler's shift (their intervals index the shifted table; routing by the base's table sent a sigma to
     another interval's model). {} for the rest. Runs that disagree are refused in one line: their intervals
-    index different tables, which no one router follows."""
+    index different tables, which no one router follows. ``pipeline``: the base pipeline, where known (a FLUX.1
+    scheduler without dynamic shifting makes the resolution irrelevant)."""
     from ..models.flux import run_routing_settings
 
     recorded = [(name, config) for name, config in zip(names, configs) if config]
     if not recorded:
         return {}
-    if all(config.get("model_type") == "flux" for _, config in recorded):
+    flux = all(config.get("model_type") == "flux" for _, config in recorded)
+    if flux:
         settings = [(name, run_routing_settings(config)) for name, config in recorded]
     else:
         settings = [(name, {} if config.get("flow_shift") is None else {"flow_shift": float(config["flow_shift"])})
                     for name, config in recorded]
     first_name, first = settings[0]
     for name, other in settings[1:]:
-        if other != first:
+        if (_table_settings(other, pipeline) != _table_settings(first, pipeline)) if flux else other != first:
             def describe(entry):
                 return ", ".join(f"--{key} {value}" for key, value in entry.items() if value is not None) or "no --flow_shift"
             raise ValueError(f"{first_name} trained with {describe(first)} and {name} with {describe(other)}: their "
@@ -147,7 +161,7 @@ def write_ensemble(base_pipeline, finetunes, models, output_dir: str, num_timest
         "intervals": intervals.to_dict(),
         "members": names,
         "sources": [finetune.path for finetune in finetunes],
-        **_training_routing(finetunes),
+        **_training_routing(finetunes, base_pipeline),
     }
     with open(os.path.join(output_dir, ENSEMBLE_CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
@@ -174,7 +188,7 @@ def write_lora_ensemble(base_pipeline, finetunes, output_dir: str, num_timesteps
         "intervals": intervals.to_dict(),
         "members": [BASE_MEMBER if member is None else member_names[member] for member in members],
         "sources": [finetune.path for finetune in finetunes],
-        **_training_routing(finetunes),
+        **_training_routing(finetunes, base_pipeline),
     }
     with open(os.path.join(output_dir, ENSEMBLE_CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)

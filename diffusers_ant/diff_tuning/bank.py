@@ -325,8 +325,10 @@ def _set_sample_size(pipeline, model_type: str, resolution: int) -> None:
         raise ValueError(f"--resolution {resolution} must be a positive multiple of the VAE's factor {factor}")
     size = int(resolution) // factor
     denoiser = pipeline.transformer if hasattr(pipeline, "transformer") else pipeline.unet
-    # the denoiser's own step: a UNet halves the size at each but its last block, a DiT cuts it into patches
-    blocks = denoiser.config.get("block_out_channels")
+    # the denoiser's own step: a UNet2DModel halves the size at each but its last block (its skip connections fail
+    # on another size; a UNet2DConditionModel passes its up-blocks the sizes to meet, as SD does at 520 px), and a
+    # transformer cuts it into patches
+    blocks = denoiser.config.get("block_out_channels") if type(denoiser).__name__ == "UNet2DModel" else None
     step = 2 ** (len(blocks) - 1) if blocks else (denoiser.config.get("patch_size") or 1)
     if size % step:
         raise ValueError(f"--resolution {resolution} must be a multiple of {factor * step} pixels for this "
