@@ -502,3 +502,25 @@ def test_the_ntg_results_name_the_command_that_made_them(tmp_path, monkeypatch):
         assert json.load(f)["command"] == command
     with open(os.path.join(out, "results.md")) as f:
         assert f.readline().strip() == f"Command: `{command}`"
+
+
+def test_benchmarks_refuse_kept_runs_of_other_weights_under_the_same_pretrained_path(tmp_path):
+    """--pretrained was compared by path only: a base retrained into the same folder had the kept runs of the
+    old one reused and described as the new one's. Its safetensors are now hashed into the settings."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = tmp_path / "base"
+    shutil.copytree(os.path.join(root, "docs", "benchmark_base", "r8", "base"), base)
+    out = str(tmp_path / "ntg")
+    args = ntg_bench.parse_args(["--output_dir", out, "--pretrained", str(base), "--learning_rate", "1e-4"])
+    ntg_bench.check_training_settings(args)
+    ntg_bench.check_training_settings(args)  # the same weights: accepted
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["conv_in.bias"] = tensors["conv_in.bias"] + 1
+    save_file(tensors, weights)
+    with pytest.raises(SystemExit, match="pretrained_weights"):
+        ntg_bench.check_training_settings(args)

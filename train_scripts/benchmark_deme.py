@@ -62,6 +62,7 @@ from diffusers_ant.analysis.benchmark import (
     BENCH_UNET,
     DATASET,
     METHODS,
+    PLATEAU_MIN_POINTS,
     RESOLUTION,
     SECONDS_PER_IMAGE_STEP,
     SECONDS_PER_RUN,
@@ -71,10 +72,10 @@ from diffusers_ant.analysis.benchmark import (
     command_line,
     evaluate_in_pool,
     evaluate_saved_model,
+    folder_weights_sha256,
     format_difference as _difference,
     format_mean_sd,
     invocation_recorded,
-    PLATEAU_MIN_POINTS,
     plateau_judgeable,
     plateau_step,
     recorded_seconds,
@@ -499,6 +500,7 @@ def training_settings(args) -> dict:
     settings["probe_seed"] = args.seeds[0] if args.probe_points else None  # the probe's folders hold this seed's runs
     settings["pretrained"] = (os.path.abspath(args.pretrained) if args.pretrained else
                               {"pretrain_steps": args.pretrain_steps, "pretrain_seed": args.pretrain_seed})
+    settings["pretrained_weights"] = folder_weights_sha256(args.pretrained)  # (the same path, other weights: refused)
     return settings
 
 

@@ -56,6 +56,7 @@ import benchmark_quality as quality  # noqa: E402  (the training recipe and the 
 from diffusers_ant.analysis.benchmark import (  # noqa: E402
     RunFailed,
     command_line,
+    folder_weights_sha256,
     base_resolution,
     changed_benchmark_settings,
     check_benchmark_settings,
@@ -152,7 +153,8 @@ def plan(args) -> dict:
 def training_settings(args) -> dict:
     """The quality benchmark's recipe, and the model every run starts from (none: from scratch)."""
     pretrained = None if args.pretrained is None else os.path.abspath(args.pretrained)
-    return {**quality.training_settings(args), "pretrained": pretrained}
+    return {**quality.training_settings(args), "pretrained": pretrained,
+            "pretrained_weights": folder_weights_sha256(pretrained)}
 
 
 def train_command(args, seed, run_dir, config_path) -> list:

@@ -62,6 +62,7 @@ from diffusers_ant.analysis.benchmark import (
     command_line,
     evaluate_in_pool,
     evaluate_saved_model,
+    folder_weights_sha256,
     format_difference,
     format_mean_sd,
     invocation_recorded,
@@ -793,7 +794,8 @@ def training_settings(args) -> dict:
     pretrained = args.pretrained
     if pretrained is not None and os.path.isdir(pretrained):
         pretrained = os.path.abspath(pretrained)
-    return {"pretrained": pretrained, **{key: getattr(args, key) for key in TRAINING_SETTINGS}}
+    return {"pretrained": pretrained, "pretrained_weights": folder_weights_sha256(pretrained),
+            **{key: getattr(args, key) for key in TRAINING_SETTINGS}}
 
 
 def main(argv=None):

@@ -467,6 +467,27 @@ def write_json(path: str, data, default=None) -> str:
     return write_json_atomically(path, data, default=default)
 
 
+def folder_weights_sha256(folder):
+    """sha256 over the safetensors files under ``folder`` (their relative paths and bytes), None for no folder: a
+    benchmark's ``--pretrained`` is compared by it too, since a folder replaced under the same path (another base
+    trained into it) would have had its kept runs reused."""
+    import hashlib
+
+    if folder is None or not os.path.isdir(folder):
+        return None
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith(".safetensors"):
+                path = os.path.join(root, name)
+                digest.update(os.path.relpath(path, folder).encode() + b"\0")
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+    return digest.hexdigest()
+
+
 def code_revision():
     """The git commit of this project's checkout, with ``+dirty`` when tracked files differ from it (None outside
     a git checkout, e.g. an installed package): recorded with each benchmark invocation, since a kept run's
