@@ -15,8 +15,8 @@ import torch
 
 from diffusers import UNet2DModel
 from tolerances import adam_run_tolerance
-from trainer_utils import (TINY_RUN, assert_same_tensors, largest_difference, largest_gradients, load_safetensors_dir,
-                           train_in_process)
+from trainer_utils import (TINY_RUN, assert_same_tensors, failure_output, largest_difference, largest_gradients,
+                           load_safetensors_dir, offline_env, train_in_process)
 
 DATASETS = {"unet": "mnist5k", "dit": "mnist5k", "sd": "mnist5k_captions", "controlnet": "mnist5k_captions"}
 ALL_METHODS = ["ls", "uw", "dwa", "rlw", "pcgrad", "nash_mtl", "imtl", "mgda", "cagrad", "uw+pcgrad"]
@@ -101,6 +101,21 @@ def cpu_fp16(monkeypatch):
 
     monkeypatch.setattr(accelerate.Accelerator, "__init__", init)
     return scalers
+
+
+def test_fp16_where_accelerate_has_no_fp16_autocast_is_one_line(tmp_path, capsys):
+    """On the CPU Accelerate runs no fp16 autocast and no GradScaler: a LoRA run's fp16 base met float32 inputs and
+    ended at its first step in "mat1 and mat2 must have the same dtype" (a README command did, on this CPU). One
+    line before anything loads, run as a user runs it; bf16 trains."""
+    from trainer_utils import run_script
+
+    result = run_script(_args("unet", tmp_path / "fp16", "--max_train_steps", "1",
+                              "--mixed_precision", "fp16"), env=offline_env())
+    err = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr, failure_output(result.stderr)
+    assert err[-1] == ("train_ant.py: error: --mixed_precision fp16 on the CPU: Accelerate runs no fp16 autocast or "
+                       "loss scaling there; use --mixed_precision bf16 (or no) on a CPU, fp16 on a GPU"), err[-3:]
+    assert not (tmp_path / "fp16" / "checkpoint-1").exists()
 
 
 @pytest.mark.slow

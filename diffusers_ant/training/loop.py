@@ -210,6 +210,7 @@ def _train_with(args, accelerator) -> str:
     enable_fsdp_on_cpu(accelerator)  # `--use_fsdp` without a GPU: torch's FSDP2 with gloo (training/fsdp.py)
     check_fsdp_support(accelerator, args)
     check_task_gradient_launch(accelerator, args)  # a gradient method FSDP / DeepSpeed cannot run: before any loading
+    check_cpu_fp16(accelerator)
     check_base_without_projections(args)
     fsdp = is_fsdp(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -659,6 +660,17 @@ def check_base_without_projections(args) -> None:
             raise UsageError(f"--{flag} {folder} holds DeMe channel projections ({PROJECTION_CONFIG_NAME}): training "
                              "from a merged DeMe model is not supported (its projections would be dropped); train from "
                              "the model its DeMe run started from")
+
+
+def check_cpu_fp16(accelerator) -> None:
+    """`--mixed_precision fp16` where Accelerate has no fp16 autocast or GradScaler (`native_amp` False: the CPU):
+    a LoRA's base, cast to fp16 as diffusers' scripts cast it, then met float32 inputs (a dtype-mismatch traceback
+    at the first step), and a full fine-tune trained in float32 beside fp16 frozen parts. Refused in one line
+    (DeepSpeed runs its own fp16 and is left to its own checks)."""
+    if (accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu" and not accelerator.native_amp
+            and not deepspeed_launched()):
+        raise ValueError("--mixed_precision fp16 on the CPU: Accelerate runs no fp16 autocast or loss scaling there; "
+                         "use --mixed_precision bf16 (or no) on a CPU, fp16 on a GPU")
 
 
 def check_pretrained_classes(args, adapter) -> None:
