@@ -806,7 +806,10 @@ def write_model_card(
     steps_line = f"{steps}" if steps is not None else "not recorded"
 
     kind = "LoRA adapter" if lora else "model"
-    title = f"{repo_id.split('/')[-1] if repo_id else output_dir.name}: an ANT-trained diffusion {kind}"
+    # (no task weighting: plain diffusion training, which the title and the intervals' section must not call ANT)
+    weighted = method not in (None, "none")
+    title = (f"{repo_id.split('/')[-1] if repo_id else output_dir.name}: "
+             + (f"an ANT-trained diffusion {kind}" if weighted else f"a diffusion {kind} trained with diffusers_ant"))
     trained_as = (
         f"with {METHOD_NAMES.get(method, method).split(',')[0]} over {len(intervals)} timestep clusters"
         if method != "none" and intervals
@@ -879,6 +882,9 @@ def write_model_card(
         lora_line=lora_line,
         base_line=base_line,
         intervals=intervals,
+        intervals_line=(f"Training treated denoising as {len(intervals or [])} tasks, one per contiguous timestep "
+                        "interval" if weighted else "Training used one loss over all timesteps (no task weighting); "
+                        f"its loss was logged per timestep interval, {len(intervals or [])} of them"),
         clustering_line=clustering_line,
         config_rows=config_rows,
         usage_snippet=usage_snippet,

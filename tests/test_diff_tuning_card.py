@@ -129,3 +129,24 @@ def test_a_lora_card_says_what_the_folder_holds():
                   base_line="`base_model/` in this repository (built with the model, not published elsewhere)")
     assert "**LoRA**: rank 4, alpha 4; this repository holds the adapter weights and `base_model/`." in text
     assert "**Base pipeline**: `base_model/` in this repository" in text and "only the adapter weights" not in text
+
+
+def test_the_tasks_table_gives_each_cluster_its_interval_and_shares_the_rows_of_its_source(tmp_path):
+    """The table printed a source's whole count on every cluster's row ("13 per micro-batch" on data/0..4 and
+    "3" on bank/0..4: 80 rows for a batch of 16) and no bounds, so the five rows of a source read the same."""
+    from types import SimpleNamespace
+
+    from diffusers_ant.clustering import TimestepIntervals
+    from diffusers_ant.diff_tuning.card import card_values
+
+    args = SimpleNamespace(retention="bank", bank_keep_prompts=False, model_type="unet", bank_fraction=0.2,
+                           train_batch_size=16, reconsolidation_exponent=1.0, retention_exponent=1.0, bank_weight=0.1,
+                           rank=None, knowledge_bank="bank", track_convergence=False)
+    finetune = SimpleNamespace(mode="full", description="full fine-tuning", difffit_merged=False)
+    intervals = TimestepIntervals([(0, 399), (400, 999)], 1000)
+    names = ["data/0", "data/1", "bank/0", "bank/1"]
+    tasks = card_values(args, finetune, names, str(tmp_path), {"num_images": 8}, intervals)["tasks"]
+    assert [t["samples"] for t in tasks] == ["its share of the 13 data rows per micro-batch"] * 2 + \
+        ["its share of the 3 bank rows per micro-batch"] * 2
+    assert [t["timesteps"] for t in tasks] == ["[0, 399], drawn ∝ (t + 1)^1", "[400, 999], drawn ∝ (t + 1)^1",
+                                               "[0, 399], drawn ∝ (T - t)^1", "[400, 999], drawn ∝ (T - t)^1"]

@@ -321,3 +321,18 @@ def test_the_card_names_the_data_folder_and_the_batch_and_rate_of_an_update(tmp_
     assert rows["train_batch_size"] == "4" and rows["gradient_accumulation_steps"] == "2", rows
     assert rows["total_batch_size"] == "8" and rows["num_processes"] == "1" and rows["scale_lr"] == "True", rows
     assert float(rows["learning_rate"]) == pytest.approx(8e-3, rel=1e-12), rows
+
+
+def test_a_card_without_task_weighting_does_not_call_the_run_ant(tmp_path):
+    """`--mtl_method none` (plain diffusion training): the card was titled 'an ANT-trained diffusion model' and said
+    'Training treated denoising as 2 tasks' beside 'Task weighting: none: ... one loss over all timesteps'."""
+    from diffusers_ant.hub import write_model_card
+
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "ant").mkdir()
+    plain = write_model_card(tmp_path / "plain", model_type="unet",
+                             method_summary={**summary("unet", False), "mtl_method": "none"}).read_text()
+    assert "an ANT-trained" not in plain and "plain: a diffusion model trained with diffusers_ant" in plain
+    assert "treated denoising as" not in plain and "one loss over all timesteps (no task weighting)" in plain
+    weighted = write_model_card(tmp_path / "ant", model_type="unet", method_summary=summary("unet", False)).read_text()
+    assert "ant: an ANT-trained diffusion model" in weighted and "Training treated denoising as 2 tasks" in weighted

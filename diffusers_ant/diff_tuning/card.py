@@ -32,8 +32,10 @@ def _bank_rows(manifest) -> list:
     return rows + ([("diffusers_ant", version)] if version else [])
 
 
-def card_values(args, finetune_summary, task_names, output_dir: str, manifest: dict | None = None) -> dict:
-    """Template values for a Diff-Tuning run (`args`: the trainer's parsed arguments)."""
+def card_values(args, finetune_summary, task_names, output_dir: str, manifest: dict | None = None,
+                intervals=None) -> dict:
+    """Template values for a Diff-Tuning run (`args`: the trainer's parsed arguments; `intervals`: its timestep
+    clusters, whose bounds the tasks table gives)."""
     retention_kd = args.retention == "kd"
     if retention_kd:
         retention_line = "distillation: downstream images with the frozen pretrained model's prediction as target"
@@ -49,14 +51,21 @@ def card_values(args, finetune_summary, task_names, output_dir: str, manifest: d
     from . import retention_share
 
     retained = retention_share(args.train_batch_size, args.bank_fraction)
+    bounds = list(getattr(intervals, "bounds", intervals) or [])
     tasks = []
     for name in task_names:
-        source = name.split("/")[0]
+        source, _, cluster = name.partition("/")
         retention = source in ("bank", "retention")
+        rows = retained if retention else args.train_batch_size - retained
+        density = f"∝ (T - t)^{args.retention_exponent:g}" if retention else f"∝ (t + 1)^{args.reconsolidation_exponent:g}"
+        # a source's rows per micro-batch are shared by its clusters (each row falls in the one its timestep does):
+        # the count on every cluster's row read as that many per cluster (80 rows for a batch of 16)
+        where = (f"[{bounds[int(cluster)][0]}, {bounds[int(cluster)][1]}], " if cluster.isdigit() and int(cluster) < len(bounds)
+                 else "")
         tasks.append({
             "name": name,
-            "samples": f"{retained if retention else args.train_batch_size - retained} per micro-batch",
-            "timesteps": f"∝ (T - t)^{args.retention_exponent:g}" if retention else f"∝ (t + 1)^{args.reconsolidation_exponent:g}",
+            "samples": f"its share of the {rows} {source} rows per micro-batch" if cluster else f"{rows} per micro-batch",
+            "timesteps": f"{where}drawn {density}",
         })
     values = {
         "finetune_line": finetune_summary.description,

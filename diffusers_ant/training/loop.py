@@ -943,7 +943,7 @@ def finish(args, accelerator, adapter, model, ema, params, intervals, global_ste
 
             manifest = read_bank_manifest(args.knowledge_bank)
         card = dict(template=TEMPLATE, template_values=card_values(args, finetune, objective.task_names(),
-                                                                   args.output_dir, manifest))
+                                                                   args.output_dir, manifest, intervals))
     write_model_card(args.output_dir, repo_id=args.hub_model_id, base_model=args.pretrained_model_name_or_path,
                      model_type=args.model_type, method_summary=summary,
                      dataset_name=args.dataset_name or args.train_data_dir,  # (a folder: its name only, in the card)
