@@ -9,8 +9,18 @@ optional dependencies are only needed by the features that use them.
 """
 
 import importlib
+import logging
+import os
 
 __version__ = "0.1.0"
+
+# Offline (HF_HUB_OFFLINE), bitsandbytes' CPU backend tries to fetch an optional gemm kernel from the Hub when peft
+# or diffusers import it, and it and the `kernels` package log two warnings at the start of every command ("Failed
+# to load CPU gemm_4bit_forward ... pip install kernels"), which read as a broken install: bitsandbytes falls back
+# to its own kernel, and offline the fetch cannot succeed. Those two loggers alone are set to errors, offline only.
+if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(_name).setLevel(logging.ERROR)
 
 # public name -> module that defines it
 _EXPORTS = {

@@ -7,6 +7,7 @@ quantized model with its adapters off, and the saved LoRA loads into the unquant
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -277,3 +278,21 @@ def test_8bit_adam_keeps_8bit_states_and_resumes_exactly(tmp_path, monkeypatch, 
     out = capsys.readouterr().out  # (a run that ignored it would retrain from step 0 to the same seeded weights)
     assert "resuming from" in out and "checkpoint-2" in out
     assert_same_tensors(load_safetensors_dir(straight / "unet"), load_safetensors_dir(resumed / "unet"))
+
+
+def test_offline_commands_do_not_start_with_bitsandbytes_kernel_warnings():
+    """Offline, importing peft (every command does) made bitsandbytes and `kernels` warn "Failed to load CPU
+    gemm_4bit_forward from kernels-community ... pip install kernels" at the start of every command, which reads as
+    a broken install (bitsandbytes falls back to its own kernel). Those two loggers are quiet offline; not online."""
+    import subprocess
+
+    code = ("import logging, diffusers_ant, peft; print(logging.getLogger('bitsandbytes.backends.cpu.ops').level, "
+            "logging.getLogger('kernels._internals.hf_hub').level)")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    offline = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 0 and offline.stdout.split() == ["40", "40"], offline.stderr[-2000:]
+    assert "gemm_4bit_forward" not in offline.stderr and "publisher trust" not in offline.stderr
+    # online the loggers are untouched (a user who could fetch the kernel is told it failed); no peft import here,
+    # which would try the network
+    online = subprocess.run([sys.executable, "-c", code.replace(", peft", "")], capture_output=True, text=True, env=env)
+    assert online.stdout.split() == ["0", "0"], online.stderr[-2000:]
