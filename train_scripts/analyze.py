@@ -149,7 +149,7 @@ def run_affinity(args):
         print(f"O1: Spearman rank correlation of |t_i - t_j| and TAS(i, j) = {rho:.4f} "
               "(negative: affinity falls with timestep distance)")
         print(f"    {mantel_summary(result['o1_mantel_pvalue'], result['o1_mantel_permutations'])}; "
-              f"the pairwise Spearman p = {result['o1_spearman_pvalue']:.2g} assumes independent pairs and is too small")
+              f"the pairwise Spearman p = {result['o1_spearman_pvalue']:.2g} assumes independent pairs, which a matrix's entries are not (read the Mantel p)")
     _write_json(args.output, result)
     if args.plot:
         from diffusers_ant.analysis.plots import plot_affinity
