@@ -206,61 +206,12 @@ def test_sd_with_caption_dropout_and_validation_guidance_trains(tmp_path, monkey
     assert len(rows) == 16 and 2 <= dropped <= 14, dropped  # Binomial(16, 0.5): outside [2, 14] once in 2,000
 
 
-def test_validation_images_reach_every_tracker(tmp_path):
-    from accelerate.tracking import GeneralTracker, TensorBoardTracker
-    from PIL import Image
-
-    from diffusers_ant.training.validation import log_images_to_trackers
+def _recording_tracker(tracker_name: str):
+    """An Accelerate tracker named `tracker_name` that keeps what it is given (`logged`, `images`)."""
+    from accelerate.tracking import GeneralTracker
 
     class Recording(GeneralTracker):
-        name = "recording"
-        requires_logging_directory = False
-
-        def __init__(self):
-            super().__init__()
-            self.images = []
-
-        @property
-        def tracker(self):
-            return self
-
-        def store_init_configuration(self, values):
-            pass
-
-        def log(self, values, step=None, **kwargs):
-            pass
-
-        def log_images(self, values, step=None, **kwargs):
-            self.images.append((values, step))
-
-    recording = Recording()
-    board = TensorBoardTracker("run", str(tmp_path / "tb"))
-    board.start()  # what accelerator.init_trackers does
-    accelerator = types.SimpleNamespace(trackers=[board, recording])
-    images = [Image.new("L", (8, 8), 10), Image.new("L", (8, 8), 200)]
-    log_images_to_trackers(accelerator, images, step=3)
-    board.finish()
-    assert recording.images == [({"validation": images}, 3)]
-    assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
-
-
-def test_wandb_gets_each_validation_image_with_its_prompt_as_caption(monkeypatch):
-    """diffusers' scripts log `wandb.Image(image, caption=f"{i}: {prompt}")`; Accelerate's `log_images` wraps
-    the images without one, so a text-to-image run's grid on wandb said nothing of its prompts. (`wandb` is not
-    a dependency: a module standing in for it records what the tracker is given.)"""
-    from accelerate.tracking import GeneralTracker
-    from PIL import Image
-
-    from diffusers_ant.training.validation import log_images_to_trackers
-
-    class WandbImage:
-        def __init__(self, data, caption=None):
-            self.data, self.caption = data, caption
-
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Image=WandbImage))
-
-    class Wandb(GeneralTracker):
-        name = "wandb"
+        name = tracker_name
         requires_logging_directory = False
 
         def __init__(self):
@@ -280,7 +231,41 @@ def test_wandb_gets_each_validation_image_with_its_prompt_as_caption(monkeypatch
         def log_images(self, values, step=None, **kwargs):
             self.images.append((values, step))
 
-    tracker = Wandb()
+    return Recording()
+
+
+def test_validation_images_reach_every_tracker(tmp_path):
+    from accelerate.tracking import TensorBoardTracker
+    from PIL import Image
+
+    from diffusers_ant.training.validation import log_images_to_trackers
+
+    recording = _recording_tracker("recording")
+    board = TensorBoardTracker("run", str(tmp_path / "tb"))
+    board.start()  # what accelerator.init_trackers does
+    accelerator = types.SimpleNamespace(trackers=[board, recording])
+    images = [Image.new("L", (8, 8), 10), Image.new("L", (8, 8), 200)]
+    log_images_to_trackers(accelerator, images, step=3)
+    board.finish()
+    assert recording.images == [({"validation": images}, 3)]
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
+
+
+def test_wandb_gets_each_validation_image_with_its_prompt_as_caption(monkeypatch):
+    """diffusers' scripts log `wandb.Image(image, caption=f"{i}: {prompt}")`; Accelerate's `log_images` wraps
+    the images without one, so a text-to-image run's grid on wandb said nothing of its prompts. (`wandb` is not
+    a dependency: a module standing in for it records what the tracker is given.)"""
+    from PIL import Image
+
+    from diffusers_ant.training.validation import log_images_to_trackers
+
+    class WandbImage:
+        def __init__(self, data, caption=None):
+            self.data, self.caption = data, caption
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Image=WandbImage))
+
+    tracker = _recording_tracker("wandb")
     accelerator = types.SimpleNamespace(trackers=[tracker])
     images = [Image.new("L", (8, 8), 10), Image.new("L", (8, 8), 200)]
     log_images_to_trackers(accelerator, images, step=5, captions=["a cat", "a dog"])
