@@ -489,6 +489,12 @@ def test_the_bank_is_checked_against_the_weights_it_was_sampled_from(unet_model,
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="records no model fingerprint: rebuild it"):
         check_bank_source({**manifest, "model_fingerprint": None}, unet_model)
+    # the manifest names a local source relative to the bank; the message names it from here, as the trainer
+    # passes its --knowledge_bank (it said '../../unet_model0', a path from the bank folder)
+    assert manifest["source_model_local"] and not os.path.isabs(manifest["source_model"])
+    with pytest.raises(ValueError) as info:
+        check_bank_source(manifest, str(tmp_path / "other"), bank_folder=str(tmp_path / "bank"))
+    assert f"other weights ({os.path.relpath(unet_model)})" in str(info.value)
 
 
 def _sd_with_a_safety_checker(folder):

@@ -958,17 +958,20 @@ def check_bank_compatible(manifest: dict, model_type: str, resolution: int, chan
 
 
 def check_bank_source(manifest: dict, pretrained_model_name_or_path: str, revision: str | None = None,
-                      cache_dir: str | None = None) -> None:
+                      cache_dir: str | None = None, bank_folder: str | None = None) -> None:
     """Refuse a bank sampled from other weights than the model this run fine-tunes.
 
     The bank's manifest records ``model_fingerprint``, the sha256 of every weight of the pipeline it
     was sampled from, loaded in the bank's ``torch_dtype``; this loads ``pretrained_model_name_or_path``
     the same way (on the CPU, once, freed at once) and compares. Diff-Tuning's retention anchors the
     model it fine-tunes to that model's own samples (Zhong et al., Sec. 4.1): a bank of another model,
-    even of the same type and resolution, anchors it to something else. One-line ``ValueError``.
+    even of the same type and resolution, anchors it to something else. One-line ``ValueError``, naming a local
+    source by its path from here where ``bank_folder`` is given (the manifest records it relative to the bank).
     """
     recorded = manifest.get("model_fingerprint")
     source = manifest.get("source_model", "?")
+    if bank_folder is not None and manifest.get("source_model_local") and not os.path.isabs(source):
+        source = os.path.relpath(os.path.join(os.fspath(bank_folder), source))
     if not recorded:
         raise ValueError(f"the knowledge bank ({source}) records no model fingerprint: rebuild it with python {BUILD_COMMAND}")
     path = os.fspath(pretrained_model_name_or_path)

@@ -100,7 +100,7 @@ def check_bank_source_once(manifest: dict, args) -> None:
     if state.is_main_process:
         try:
             check_bank_source(manifest, args.pretrained_model_name_or_path, getattr(args, "revision", None),
-                              getattr(args, "cache_dir", None))
+                              getattr(args, "cache_dir", None), bank_folder=args.knowledge_bank)
         except ValueError as error:
             problem = str(error)
     if state.num_processes > 1:
