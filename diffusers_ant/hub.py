@@ -807,12 +807,12 @@ def write_model_card(
 
     kind = "LoRA adapter" if lora else "model"
     # (no task weighting: plain diffusion training, which the title and the intervals' section must not call ANT)
-    weighted = method not in (None, "none")
+    weighted = method != "none"
     title = (f"{repo_id.split('/')[-1] if repo_id else output_dir.name}: "
              + (f"an ANT-trained diffusion {kind}" if weighted else f"a diffusion {kind} trained with diffusers_ant"))
     trained_as = (
         f"with {METHOD_NAMES.get(method, method).split(',')[0]} over {len(intervals)} timestep clusters"
-        if method != "none" and intervals
+        if weighted and intervals
         else f"with task weighting `{method}`"
     )
     summary_text = (

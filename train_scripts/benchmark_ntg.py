@@ -55,11 +55,11 @@ sys.path.insert(0, HERE)
 import benchmark_quality as quality  # noqa: E402  (the training recipe and the planning figures)
 from diffusers_ant.analysis.benchmark import (  # noqa: E402
     RunFailed,
-    command_line,
-    folder_weights_sha256,
     base_resolution,
     changed_benchmark_settings,
     check_benchmark_settings,
+    command_line,
+    folder_weights_sha256,
     resolution_cost_factor,
     write_json,
 )

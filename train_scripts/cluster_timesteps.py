@@ -226,7 +226,9 @@ def main(argv=None) -> int:
             max_size=args.max_size,
             log_snr=not args.raw_snr,
         )
-    except NotImplementedError:  # what diffusers' schedulers raise for a --beta_schedule they do not know
+    except NotImplementedError as err:  # what diffusers' schedulers raise for a --beta_schedule they do not know
+        if args.beta_schedule is None:
+            parser.error(str(err).splitlines()[0] if str(err) else type(err).__name__)
         parser.error(f"--beta_schedule {args.beta_schedule} is not a schedule {args.scheduler} implements: use linear, "
                      "scaled_linear or squaredcos_cap_v2.")
     except (ValueError, OSError) as err:

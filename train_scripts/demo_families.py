@@ -74,7 +74,7 @@ def animal_prompts() -> list:
 
 
 def parse_args(argv=None):
-    from diffusers_ant.cli import OneLineErrorParser
+    from diffusers_ant.cli import OneLineErrorParser, check_output_paths
 
     p = OneLineErrorParser(prog="demo_families.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, from {', '.join(FAMILIES)}")
@@ -120,8 +120,6 @@ def parse_args(argv=None):
         p.error("--finetune_batch_size must be at least 5 (a fifth of the Diff-Tuning run's batch is the bank)")
     if args.num_train_images + args.num_real > TARGET_ROWS:
         p.error(f"--num_train_images + --num_real must not exceed Animal-MNIST's {TARGET_ROWS} rows")
-    from diffusers_ant.cli import check_output_paths
-
     check_output_paths(p, ("--output_dir", args.output_dir, True), ("--work_dir", args.work_dir, True))
     return args
 

@@ -970,8 +970,8 @@ def check_bank_source(manifest: dict, pretrained_model_name_or_path: str, revisi
     """
     recorded = manifest.get("model_fingerprint")
     source = manifest.get("source_model", "?")
-    if bank_folder is not None and manifest.get("source_model_local") and not os.path.isabs(source):
-        source = os.path.relpath(os.path.join(os.fspath(bank_folder), source))
+    if bank_folder is not None and manifest.get("source_model_local"):
+        source = os.path.relpath(bank_source_model(manifest, os.fspath(bank_folder)))
     if not recorded:
         raise ValueError(f"the knowledge bank ({source}) records no model fingerprint: rebuild it with python {BUILD_COMMAND}")
     path = os.fspath(pretrained_model_name_or_path)

@@ -177,7 +177,7 @@ def _without_padding(entries: dict, mask_key: str, length: int) -> dict:
     padded = {key: value for key, value in entries.items() if value.dim() >= 1 and value.shape[0] == length}
     if not bool((mask[:tokens] == 1).all()) or any(value[tokens:].count_nonzero() for value in padded.values()):
         return entries
-    return {key: value[:tokens].clone() if key in padded else value for key, value in entries.items()}
+    return {key: value[:tokens] if key in padded else value for key, value in entries.items()}  # (cache_text copies)
 
 
 @torch.no_grad()
