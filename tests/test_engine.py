@@ -71,6 +71,27 @@ def test_gram_matrix_fast_path_is_within_float32_rounding_of_the_exact_product()
     assert ((gram_matrix(half) - exact_half).abs() <= gram_error_bound(half)).all()
 
 
+def test_gram_matrix_sums_every_chunk_of_a_buffer_taken_in_several_batched_calls():
+    """Chunks are multiplied `chunks_per_call` at a time (one `bmm` each) plus a shorter last chunk: with
+    16-column chunks, 2,053 columns are two calls of 64 chunks and a tail of 5 columns, each counted once."""
+    torch.manual_seed(0)
+    grads = torch.randn(3, 2 * 64 * 16 + 5)
+    exact = grads.double() @ grads.double().T
+    a = grads.abs().double()
+    bound = 1.01 * 16 * 2.0 ** -24 * (a @ a.T)  # float32 dot products of at most 16 terms, summed in float64
+    gram = gram_matrix(grads, chunk_size=16)
+    assert ((gram - exact).abs() <= bound).all()
+    # dropping any one call's columns (or the tail's) moves an entry by far more than the bound
+    for lost in (grads[:, :1024], grads[:, 1024:2048], grads[:, 2048:]):
+        assert ((lost.double() @ lost.double().T).diagonal() > 1000 * bound.diagonal()).all()
+    # an absent task's NaN row, in every chunk, reaches no other entry
+    grads[1] = float("nan")
+    gram = gram_matrix(grads, present=torch.tensor([True, False, True]), chunk_size=16)
+    kept = [0, 2]
+    assert ((gram[kept][:, kept] - exact[kept][:, kept]).abs() <= bound[kept][:, kept]).all()
+    assert torch.equal(gram[1], torch.zeros(3, dtype=torch.float64)) and torch.equal(gram[:, 1], gram[1])
+
+
 def test_gram_matrix_falls_back_to_float64_where_float32_cannot_hold_the_products():
     # finite gradients whose squares overflow float32: a finite Gram matrix (not a false overflow)
     big = torch.tensor([[1e30, 2e30, 0.0], [1.0, 2.0, 3.0]])

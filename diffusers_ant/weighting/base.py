@@ -210,7 +210,7 @@ def gram_matrix(grads: torch.Tensor, present: Optional[torch.Tensor] = None, chu
     """G G^T of grads (K, P), returned in float64 (the small K x K algebra is done in float64 for stability).
 
     Fast path: each chunk of `chunk_size` columns is multiplied in float32 (low-precision gradients
-    are widened to float32 a chunk at a time) and the K x K products are summed in float64. Each
+    are widened to float32 a few chunks at a time) and the K x K products are summed in float64. Each
     entry is then float32's rounding of the exact sum, the precision of the gradients themselves,
     without a float64 copy of the (K, P) buffer (at K = 5 and 1.1M parameters that copy and the
     float64 product took a third of the batched engine's time over vanilla). Where float32 cannot
@@ -250,14 +250,31 @@ def _full_float32_matmul(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def _chunked_gram(grads: torch.Tensor, present: Optional[torch.Tensor], chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """sum over column chunks of (chunk @ chunk.T) formed in `dtype`, summed in float64."""
-    gram = torch.zeros(grads.shape[0], grads.shape[0], dtype=torch.float64, device=grads.device)
-    for chunk in torch.split(grads, chunk_size, dim=1):
-        chunk = chunk.to(dtype)
-        if present is not None:
-            chunk = torch.where(present[:, None], chunk, torch.zeros((), dtype=chunk.dtype, device=chunk.device))
-        gram += (chunk @ chunk.T).double()
+def _chunked_gram(grads: torch.Tensor, present: Optional[torch.Tensor], chunk_size: int, dtype: torch.dtype,
+                  chunks_per_call: int = 64) -> torch.Tensor:
+    """sum over column chunks of (chunk @ chunk.T) formed in `dtype`, summed in float64.
+
+    The chunks' products are taken `chunks_per_call` at a time by one batched product (`bmm` over a
+    (chunks, K, chunk_size) view of the buffer): the same float32 dot products as one `mm` per chunk, in
+    one call instead of one per chunk (68 chunks at 1.1M parameters: 2.8 ms a step as `mm`s on this CPU,
+    1.3 ms as one `bmm`; on a GPU, one kernel instead of 68 launches). A call converts at most
+    `chunks_per_call` chunks of a low-precision buffer at once (K x 2^20 floats), never the whole buffer.
+    Absent tasks' rows and columns are zeroed in the result: each entry of the product reads its own two
+    rows only, so a NaN in an absent row reaches nothing else."""
+    num_tasks, width = grads.shape
+    gram = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=grads.device)
+    whole = width - width % chunk_size  # columns in whole chunks; the rest is one shorter chunk
+    step = chunk_size * chunks_per_call
+    for start in range(0, whole, step):
+        block = grads[:, start:min(start + step, whole)].to(dtype)
+        block = block.unflatten(1, (-1, chunk_size)).transpose(0, 1)  # (chunks, K, chunk_size), a view
+        gram += torch.bmm(block, block.transpose(1, 2)).sum(0, dtype=torch.float64)
+    if whole < width:
+        tail = grads[:, whole:].to(dtype)
+        gram += (tail @ tail.T).double()
+    if present is not None:
+        both = present[:, None] & present[None, :]
+        gram = torch.where(both, gram, torch.zeros((), dtype=gram.dtype, device=gram.device))
     return gram
 
 
