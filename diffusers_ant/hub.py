@@ -39,9 +39,10 @@ BUILTIN_DATASETS = ("mnist5k", "animal_mnist", "digits", "mnist5k_captions", "an
 # while being written), anything under `checkpoints/`, temporary files and tracker logs' lock files.
 # Patterns are matched by huggingface_hub with fnmatch on folder-relative paths, where `*` also
 # matches `/`, so `checkpoint-*` covers every file inside a checkpoint folder.
-# (.freed_encoders: the text encoders `--cache_text_embeddings` set aside, GBs of T5 after a crashed run)
+# (.freed_encoders: the text encoders `--cache_text_embeddings` set aside, GBs of T5 after a crashed run;
+# .training_cache_<process>: the cached latents and embeddings themselves, left by a crashed run)
 DEFAULT_PUSH_IGNORE_PATTERNS = ("checkpoint-*", "checkpoints/*", "*.tmp", "*.tmp/*", "tmp-*", "*.lock",
-                                ".freed_encoders/*")
+                                ".freed_encoders/*", ".training_cache_*")
 
 # Per model type (`--model_type`): the diffusers pipeline that loads the output, the Hub tags that
 # diffusers' own training scripts put on such models, and the Hub `pipeline_tag`.

@@ -57,6 +57,8 @@ def test_caching_frees_the_encoders_and_lowers_the_peak(quick):
     assert not any(k.startswith("text_encoder") for k in cached["resident_bytes"])
     assert 0 < cached["resident_bytes"]["vae"] < uncached["resident_bytes"]["vae"]
     assert cached["cache_mb"] > 0 and uncached["cache_mb"] == 0
+    # the cache's files (on disk, as the trainer keeps them) are gone once measured
+    assert (quick[0] / "run").is_dir() and not list((quick[0] / "run").glob(".training_cache_*"))
     # the denoiser and its LoRA state are untouched by caching
     assert cached["resident_bytes"]["denoiser"] == uncached["resident_bytes"]["denoiser"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -283,6 +284,10 @@ class _Recorder:
 
         def build(*args, **kwargs):
             self.cache = original_build(*args, **kwargs)
+            # what the cache holds, read back from its files now (training ends by deleting them)
+            self.cached_latents = list(self.cache.latents or [])
+            self.cached_captions = {c: self.cache.text[c] for c in self.cache.text} if self.cache.text else {}
+            self.cache_files = sorted(p for store in self.cache.stores for p in os.listdir(store.directory))
             return self.cache
 
         monkeypatch.setattr(loop, "training_step", step)
@@ -362,12 +367,19 @@ def test_cached_run_has_the_losses_of_the_uncached_one_and_frees_the_encoders(ru
     # their weights were stashed (this run writes the whole pipeline) and the modules hold no memory
     assert sorted(cached.freed.text) == ["text_encoder"] and sorted(cached.freed.vae) == ["encoder", "quant_conv"]
     assert cached.freed_devices == {"meta"}
-    cache = cached.cache
-    assert len(cache.latents) == 12 and "" in cache.text and len(cache.text) == 13  # 12 captions + the empty one
-    assert {tuple(m.shape[1:]) for m in cache.latents} == {(8, 8), (5, 11), (11, 5)}
-    assert cache.latents[0].shape[0] == 2 * adapter.vae.config.latent_channels  # mean and log-variance
-    # the whole pipeline written at the end has its encoders back (stashed, restored while saving)
+    latents, captions = cached.cached_latents, cached.cached_captions
+    assert len(latents) == 12 and "" in captions and len(captions) == 13  # 12 captions + the empty one
+    assert {tuple(m.shape[1:]) for m in latents} == {(8, 8), (5, 11), (11, 5)}
+    assert latents[0].shape[0] == 2 * adapter.vae.config.latent_channels  # mean and log-variance
+    # kept on disk while training (one safetensors shard at this size), in no list or dict of tensors; the files
+    # are deleted when training ends
+    from diffusers_ant.training.caching import StoredCaptions, StoredRows
+
+    assert isinstance(cached.cache.latents, StoredRows) and isinstance(cached.cache.text, StoredCaptions)
+    assert cached.cache_files == ["shard-00000.safetensors"]
     saved = runs["root"] / "cached"
+    assert not list(saved.glob(".training_cache_*"))
+    # the whole pipeline written at the end has its encoders back (stashed, restored while saving)
     assert not (saved / ".freed_encoders").exists()
     assert_same_tensors({k: v for k, v in load_safetensors_dir(saved).items() if k.startswith(("vae/", "text_encoder/"))},
                         {k: v for k, v in load_safetensors_dir(runs["root"] / "straight").items()

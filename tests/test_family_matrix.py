@@ -66,13 +66,17 @@ def two_process_families(bases, tmp_path_factory):
     for family in FAMILIES:
         for rank in (0, 1):
             assert f"{family}: rank {rank} trained {DDP_STEPS} micro-batches on 2 processes" in result.stdout, family
+    # sdxl's cached text embeddings: each process wrote a store of its own and removed it when training ended
+    for rank in (0, 1):
+        assert f"sdxl: rank {rank} cached in sdxl/.training_cache_{rank}, removed at the end" in result.stdout
+    assert "cached in" not in result.stdout.replace("sdxl: rank 0 cached in", "").replace("sdxl: rank 1 cached in", "")
     return {family: [load_file(out / f"{family}_rank{rank}.safetensors") for rank in (0, 1)] for family in FAMILIES}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_processes_train_each_family_identically_on_their_own_shards(two_process_families, family):
-    """sdxl: UW; sd3: PCGrad on the LoRA subset; flux: Diff-Tuning kd; qwenimage: DeMe (LoRA and channel
+    """sdxl: UW (on cached text embeddings); sd3: PCGrad on the LoRA subset; flux: Diff-Tuning kd; qwenimage: DeMe (LoRA and channel
     projections). Both processes end with bit-identical trainable weights, which moved from the (shared)
     initial ones, after each trained on micro-batches of its own."""
     rank0, rank1 = two_process_families[family]

@@ -330,6 +330,9 @@ def test_push_uploads_the_folder_without_checkpoints_and_never_leaks_the_token(
     # the text encoder --cache_text_embeddings set aside, left by a run that crashed
     (out / ".freed_encoders" / "text_encoder_2").mkdir(parents=True)
     (out / ".freed_encoders" / "text_encoder_2" / "model.safetensors").write_bytes(b"t5 weights")
+    # and the cached embeddings such a run left (each process its own store)
+    (out / ".training_cache_1").mkdir()
+    (out / ".training_cache_1" / "shard-00000.safetensors").write_bytes(b"cached embeddings")
     hf_home = tmp_path / "hf_home"
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
@@ -361,8 +364,9 @@ def test_push_uploads_the_folder_without_checkpoints_and_never_leaks_the_token(
     assert "visibility" not in create_bodies[0] and create_bodies[1]["visibility"] == "private"
     assert state.commits[0]["header"]["summary"] == "End of training"
 
-    # The Hub received exactly the output folder, minus the checkpoints and the set-aside encoders.
-    expected = {p: b for p, b in _tree_files(out).items() if not p.startswith(("checkpoint-", ".freed_encoders/"))}
+    # The Hub received exactly the output folder, minus the checkpoints, the set-aside encoders and the cache.
+    expected = {p: b for p, b in _tree_files(out).items()
+                if not p.startswith(("checkpoint-", ".freed_encoders/", ".training_cache_"))}
     assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "unet/config.json",
             "scheduler/scheduler_config.json", "README.md", SAMPLE_GRID_NAME, "ant_config.json"} <= set(expected)
     assert state.files["me/ant-push"] == expected

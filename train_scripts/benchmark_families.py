@@ -22,7 +22,7 @@ loader (`mnist5k_captions`, centre-cropped), and one step is `benchmark_weightin
      storages counted once) plus the peak of the step's own allocations, read from `torch.profiler`'s
      memory events (`profile_memory=True`: every allocation and free of the step, in time order; their
      running sum's maximum). The `measure` field of the JSON says which.
-   The cache itself lives on the CPU (as in the trainer) and is reported apart (`cache_mb`), not in the peak.
+   The cache itself lives on disk (as in the trainer) and is reported apart (`cache_mb`), not in the peak.
 2. **Parameters** of each component (denoiser, LoRA, VAE, text encoders) at the tiny preset, and the
    measured bytes per denoiser parameter, scaled to the real checkpoints' denoiser sizes (the named
    constants below). This scaling is a rough estimate: at the tiny preset activations and encoders
@@ -220,7 +220,7 @@ class FamilyContext:
         optimizer = torch.optim.AdamW(self.params, lr=1e-4)
         self.model, self.optimizer = self.accelerator.prepare(self.adapter.model, optimizer)
         self.generator = torch.Generator(device=self.device).manual_seed(0)
-        self.cache_mb = 0.0
+        self.cache_mb, self.cache = 0.0, None
 
     def batches(self, count):
         """`count` batches of the trainer's loader (after caching they carry the cached entries)."""
@@ -239,7 +239,8 @@ class FamilyContext:
         from diffusers_ant.training.caching import build_training_cache
 
         args = trainer_args(self.family, self.opts, self.precision, cached=True, text_cache=self.text_cache)
-        cache = build_training_cache(args, self.accelerator, self.adapter, self.loader.dataset, args.train_batch_size)
+        cache = self.cache = build_training_cache(args, self.accelerator, self.adapter, self.loader.dataset,
+                                                  args.train_batch_size)
         self.cache_mb = cache.nbytes() / 2**20
         if self.text_cache:
             self.adapter.free_text_encoders()
@@ -402,6 +403,7 @@ def measure_family(family, opts) -> dict:
         result["memory"][name] = memory
         print(f"[{family} {name}] peak {memory['uncached']['peak_mb']:.2f} MiB, cached {memory['cached']['peak_mb']:.2f} MiB",
               file=sys.stderr)
+        context.cache.remove_files()  # (the trainer deletes its cache when training ends)
         del context, vanilla
         gc.collect()
     result["real_checkpoint"] = real_estimate(family, result)

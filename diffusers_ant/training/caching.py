@@ -6,7 +6,7 @@ once, then `del text_encoder_one, ...`), through the generic adapter interface s
 inherits it:
 
 * Latents: the VAE posterior of every training image (`ModelAdapter.encode_moments`: mean and
-  log-variance, deterministic) is computed once and kept on the CPU, one tensor per row (rows of
+  log-variance, deterministic) is computed once and kept on disk, one tensor per row (rows of
   different aspect-ratio buckets differ in shape). The latent *sample* is still drawn every step from
   the step's generator (`ModelAdapter.latents_from_moments`), in the same order as without the cache,
   so a cached run draws the same latents, timesteps and noise as an uncached one. The VAE's encoder
@@ -24,6 +24,10 @@ centre-crops). Under several processes every process caches every row: its shard
 every epoch (the seeded permutation), so each needs all of them; a resumed run rebuilds the same cache,
 and the data position is still (seed, epoch, batches seen), so resume stays exact.
 
+The trainer keeps both caches on disk, in `<output_dir>/.training_cache_<process>` (`training/cache_store.py`:
+safetensors shards, read back row by row, removed when training ends), not in CPU memory: a data set's FLUX.1
+embeddings are GBs. `cache_latents` / `cache_text` without a store keep them in memory (a list, a dict).
+
 Freed encoders are dropped (the adapter's reference becomes None). When the run writes a whole pipeline
 at the end (full fine-tuning, or a LoRA on a model trained from scratch, whose `base_model/` is written),
 their weights are first stashed as safetensors in the output folder and put back only while saving.
@@ -40,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 STASH_DIR = ".freed_encoders"
+CACHE_DIR_PREFIX = ".training_cache_"  # + the process index: each process caches every row (see above)
 
 
 def validate_caching_args(args) -> None:
@@ -91,8 +96,9 @@ def check_adapter_support(args, adapter) -> None:
 
 
 class TrainingCache:
-    """What was encoded: `latents[row]` (the VAE posterior's moments, CPU) and `text[caption]` (the
-    adapter's `encode_text` entries for one caption, CPU, without the batch axis); either may be None.
+    """What was encoded: `latents[row]` (the VAE posterior's moments) and `text[caption]` (the adapter's
+    `encode_text` entries for one caption, without the batch axis), on the CPU: a list and a dict, or
+    `StoredRows` and `StoredCaptions` over a `TensorStore` on disk (the trainer's); either may be None.
     `crop_coords[row]`: the row's `(original_sizes, crop_top_lefts)` when the dataset records them (SDXL's
     micro-conditioning; deterministic, since caching refuses random crops and flips)."""
 
@@ -118,10 +124,82 @@ class TrainingCache:
         return fields
 
     def nbytes(self) -> int:
-        total = sum(t.numel() * t.element_size() for t in (self.latents or []))
-        for entries in (self.text or {}).values():
-            total += sum(t.numel() * t.element_size() for t in entries.values())
+        """Bytes the cached tensors take (on disk for a stored cache)."""
+        stores = {id(part.store): part.store for part in (self.latents, self.text) if isinstance(part, _Stored)}
+        total = sum(store.nbytes for store in stores.values())
+        if self.latents is not None and not isinstance(self.latents, _Stored):
+            total += sum(t.numel() * t.element_size() for t in self.latents)
+        if self.text is not None and not isinstance(self.text, _Stored):
+            for entries in self.text.values():
+                total += sum(t.numel() * t.element_size() for t in entries.values())
         return total
+
+    @property
+    def stores(self) -> list:
+        """The `TensorStore`s the cache reads from (none for an in-memory cache)."""
+        return list({id(part.store): part.store for part in (self.latents, self.text) if isinstance(part, _Stored)}.values())
+
+    def remove_files(self) -> None:
+        """Delete the stores' files (training is over: nothing reads the cache again)."""
+        for store in self.stores:
+            store.remove()
+
+
+class _Stored:
+    """A cache part whose tensors are in a `TensorStore` (written as they are cached, read as rows need them)."""
+
+    def __init__(self, store):
+        self.store = store
+
+
+class StoredRows(_Stored):
+    """`latents[row]`, a list's indexing over the store's `latents/<row>` tensors."""
+
+    def __init__(self, store, length: int):
+        super().__init__(store)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __setitem__(self, row: int, value: torch.Tensor) -> None:
+        self.store.add(f"latents/{int(row)}", value)
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        if not 0 <= int(row) < self.length:
+            raise IndexError(f"row {row} of a cache of {self.length} rows")
+        return self.store.get(f"latents/{int(row)}")
+
+    def __iter__(self):
+        return (self[row] for row in range(self.length))
+
+
+class StoredCaptions(_Stored):
+    """`text[caption]`: a dict's indexing over the store's `text/<n>/<key>` tensors (the n-th caption cached);
+    the captions and their keys stay in memory."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self._entries = {}  # caption -> (n, its keys)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, caption) -> bool:
+        return caption in self._entries
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __setitem__(self, caption: str, entries: dict) -> None:
+        number = len(self._entries)
+        for key, value in entries.items():
+            self.store.add(f"text/{number}/{key}", value)
+        self._entries[caption] = (number, list(entries))
+
+    def __getitem__(self, caption: str) -> dict:
+        number, keys = self._entries[caption]
+        return {key: self.store.get(f"text/{number}/{key}") for key in keys}
 
 
 def _chunks(items, size):
@@ -130,14 +208,15 @@ def _chunks(items, size):
 
 
 @torch.no_grad()
-def cache_latents(adapter, dataset, batch_size: int, disable_progress: bool = False) -> tuple:
-    """The VAE posterior (`adapter.encode_moments`) of every row of a `TrainingDataset`, CPU, one tensor
-    per row, and each row's crop coordinates (None unless the dataset records them). Rows are encoded
-    `batch_size` at a time, grouped by shape (aspect-ratio buckets)."""
+def cache_latents(adapter, dataset, batch_size: int, disable_progress: bool = False, store=None) -> tuple:
+    """The VAE posterior (`adapter.encode_moments`) of every row of a `TrainingDataset`, one tensor per row
+    (a list in CPU memory, or `StoredRows` written into `store`, a `TensorStore`), and each row's crop
+    coordinates (None unless the dataset records them). Rows are encoded `batch_size` at a time, grouped by
+    shape (aspect-ratio buckets)."""
     by_size = {}
     for row in range(len(dataset)):
         by_size.setdefault(dataset.bucket_size(row), []).append(row)
-    latents = [None] * len(dataset)
+    latents = [None] * len(dataset) if store is None else StoredRows(store, len(dataset))
     crop_coords = [None] * len(dataset) if getattr(dataset, "crop_coords", False) else None
     with tqdm(total=len(dataset), desc="caching latents", disable=disable_progress) as progress:
         for rows in by_size.values():
@@ -181,16 +260,17 @@ def _without_padding(entries: dict, mask_key: str, length: int) -> dict:
 
 
 @torch.no_grad()
-def cache_text(adapter, dataset, batch_size: int, disable_progress: bool = False) -> dict:
-    """`adapter.encode_text` of every caption variant of a `TrainingDataset` (`caption_variants`), CPU, as
-    `TrainingCache`'s arguments: the entries per caption (`text`), each kept in the narrowest dtype that holds it
+def cache_text(adapter, dataset, batch_size: int, disable_progress: bool = False, store=None) -> dict:
+    """`adapter.encode_text` of every caption variant of a `TrainingDataset` (`caption_variants`), as
+    `TrainingCache`'s arguments: the entries per caption (`text`: a dict in CPU memory, or `StoredCaptions`
+    written into `store`, a `TensorStore`), each kept in the narrowest dtype that holds it
     exactly and, for a type whose `encode_text` pads to a fixed length (`padded_text`: Qwen-Image's 512 tokens),
     cut to the caption's own tokens; the dtypes (`text_dtypes`) and lengths (`text_lengths`) to return them in."""
     from torch.utils.data import default_collate
 
     padding = getattr(adapter, "padded_text", None)  # (mask key, length) or None
     captions = dataset.caption_variants()
-    text, dtypes, lengths = {}, {}, {}
+    text, dtypes, lengths = ({} if store is None else StoredCaptions(store)), {}, {}
     with tqdm(total=len(captions), desc="caching text embeddings", disable=disable_progress) as progress:
         for chunk in _chunks(captions, batch_size):
             encoded = adapter.encode_text(default_collate([dataset.text_fields(c) for c in chunk]))
@@ -209,14 +289,20 @@ def cache_text(adapter, dataset, batch_size: int, disable_progress: bool = False
 
 
 def build_training_cache(args, accelerator, adapter, dataset, batch_size: int) -> TrainingCache:
-    """Encode what the flags ask for and attach it to `dataset` (rows then carry cached entries)."""
+    """Encode what the flags ask for into this process's store on disk, `<output_dir>/.training_cache_<process>`,
+    and attach it to `dataset` (rows then carry cached entries). `TrainingCache.remove_files` deletes it."""
+    from .cache_store import TensorStore
+
     disable = not accelerator.is_local_main_process
-    latents, crop_coords = cache_latents(adapter, dataset, batch_size, disable) if args.cache_latents else (None, None)
-    text = cache_text(adapter, dataset, batch_size, disable) if args.cache_text_embeddings else {}
+    store = TensorStore(os.path.join(args.output_dir, f"{CACHE_DIR_PREFIX}{accelerator.process_index}"))
+    latents, crop_coords = (cache_latents(adapter, dataset, batch_size, disable, store) if args.cache_latents
+                            else (None, None))
+    text = cache_text(adapter, dataset, batch_size, disable, store) if args.cache_text_embeddings else {}
+    store.flush()
     cache = TrainingCache(latents=latents, crop_coords=crop_coords, **text)
     dataset.cache = cache
     accelerator.print(f"cached {len(cache.latents or [])} latents and {len(cache.text or {})} captions "
-                      f"({cache.nbytes() / 2**20:.1f} MiB on the CPU)")
+                      f"({cache.nbytes() / 2**20:.1f} MiB on disk in {store.directory}, read back as batches need them)")
     return cache
 
 

@@ -316,10 +316,10 @@ def _train_with(args, accelerator) -> str:
         buckets=bucket_sizes(pixel_resolution(adapter), bucket_step(args, adapter)) if args.aspect_ratio_buckets else None,
         bucket_group_size=args.gradient_accumulation_steps * accelerator.num_processes)  # one bucket per update
     validation_inputs = default_validation_inputs(args, dataset, columns)
-    freed = None
+    freed = training_cache = None
     if args.cache_latents or args.cache_text_embeddings:
         # encode once (training data, then the validation prompts), then free the encoders (training/caching.py)
-        build_training_cache(args, accelerator, adapter, train_dataloader.dataset, args.train_batch_size)
+        training_cache = build_training_cache(args, accelerator, adapter, train_dataloader.dataset, args.train_batch_size)
         if args.cache_text_embeddings and "prompts" in validation_inputs:
             validation_inputs["prompts"] = adapter.validation_prompt_kwargs(
                 adapter.make_pipeline(), validation_inputs["prompts"], args.guidance_scale)
@@ -571,6 +571,8 @@ def _train_with(args, accelerator) -> str:
             validate_whole(args, accelerator, adapter, model, skeleton, ema, params, global_step,
                            validation_inputs)
     progress.close()
+    if training_cache is not None:  # each process its own files (a crashed run's are rewritten by the next run)
+        training_cache.remove_files()
     if memory_probe is not None:
         kind = f"zero{zero_stage(accelerator)}" if deepspeed else "fsdp2" if fsdp else "ddp"
         memory_probe.write(args.output_dir, accelerator, kind, params)

@@ -8,7 +8,8 @@ so that torch, diffusers and transformers are imported once per process: every f
 the trainer's own `train()` (in-process, Accelerate's state reset between runs, the process group kept)
 on its tiny preset with LoRA and one method each:
 
-* sdxl: ANT with UW (loss-based: DDP averages the gradients);
+* sdxl: ANT with UW (loss-based: DDP averages the gradients), on cached text embeddings (each process its own
+  store on disk, `.training_cache_<rank>`);
 * sd3: ANT with PCGrad on the LoRA subset (the engine all-reduces the per-task gradients);
 * flux: Diff-Tuning's distillation (`--retention kd`, the teacher is the student with adapters off);
 * qwenimage: DeMe's interval 0 (LoRA and the channel projections, averaged outside DDP).
@@ -31,7 +32,7 @@ from trainer_utils import TINY_RUN  # noqa: E402
 RES = 16
 STEPS = 2
 FAMILIES = {
-    "sdxl": ["--mtl_method", "uw"],
+    "sdxl": ["--mtl_method", "uw", "--cache_text_embeddings"],
     "sd3": ["--mtl_method", "pcgrad", "--task_gradient_subset", "lora"],
     "flux": ["--retention", "kd", "--bank_fraction", "0.5"],
     "qwenimage": ["--deme_interval", "0", "--no-use_ema"],
@@ -61,6 +62,16 @@ def main():
 
     import diffusers_ant.training.loop as loop
     from diffusers_ant.training import parse_args, train
+    from diffusers_ant.training.cache_store import TensorStore
+
+    stores = []  # the training caches' folders this process opened
+    open_store = TensorStore.__init__
+
+    def recorded_store(self, directory, *args, **kwargs):
+        stores.append(directory)
+        open_store(self, directory, *args, **kwargs)
+
+    TensorStore.__init__ = recorded_store
 
     # `Accelerator.end_training` destroys the process group; keep it for the next family (one group, one port)
     destroy = PartialState.destroy_process_group
@@ -111,6 +122,10 @@ def main():
         save_file(tensors, os.path.join(options.output_dir, f"{family}_rank{rank}.safetensors"))
         print(f"{family}: rank {rank} trained {len(record['batches'])} micro-batches on "
               f"{torch.distributed.get_world_size()} processes", flush=True)
+        for directory in stores:
+            print(f"{family}: rank {rank} cached in {os.path.relpath(directory, options.output_dir)}, "
+                  f"{'left' if os.path.exists(directory) else 'removed'} at the end", flush=True)
+        stores.clear()
     PartialState.destroy_process_group = destroy
     PartialState().destroy_process_group()
 
