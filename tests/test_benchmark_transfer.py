@@ -166,6 +166,28 @@ def test_a_folder_trained_with_other_settings_is_refused_before_any_stage(tmp_pa
         == (5, 4, 4)
 
 
+def test_a_folder_from_before_a_setting_existed_keeps_its_file_and_says_what_is_unchecked(tmp_path, capsys):
+    """A settings file written before a setting existed (here the convergence checks') is not compared on that
+    setting, and is not rewritten with this command's value either: its kept runs were never checked against
+    it. The command says which settings it could not check."""
+    from diffusers_ant.analysis.benchmark import check_benchmark_settings
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    old = {"learning_rate": 5e-4, "rank": 4}
+    (out / "benchmark_settings.json").write_text(json.dumps(old))
+    check_benchmark_settings(str(out), {**old, "convergence_steps": 5, "convergence_images": 4}, "x.py")
+    assert json.loads((out / "benchmark_settings.json").read_text()) == old
+    warning = capsys.readouterr().err
+    assert "predates convergence_steps, convergence_images" in warning and warning.count("\n") == 1
+    # a value the file does record is still compared
+    with pytest.raises(SystemExit, match="rank: 4 -> 8"):
+        check_benchmark_settings(str(out), {**old, "rank": 8}, "x.py")
+    # a new folder records every setting
+    check_benchmark_settings(str(tmp_path / "new"), {**old, "convergence_steps": 5}, "x.py")
+    assert json.loads((tmp_path / "new" / "benchmark_settings.json").read_text())["convergence_steps"] == 5
+
+
 def _tiny_pipeline(folder, resolution=8, channels=1):
     """A saved unconditional UNet pipeline of the tiny preset (built from config, never downloaded)."""
     from diffusers_ant.models import get_model_adapter

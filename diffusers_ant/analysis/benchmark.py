@@ -614,25 +614,41 @@ def plateau_judgeable(steps, min_points: int) -> bool:
     return plateau_step({int(step): 1.0 for step in steps}, 0.5, min_points) is not None
 
 
+def _stored_benchmark_settings(output_dir: str):
+    """``output_dir``'s ``benchmark_settings.json`` as a dict, None without one."""
+    path = os.path.join(output_dir, "benchmark_settings.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def changed_benchmark_settings(output_dir: str, settings: dict) -> list:
     """`(key, stored value, given value)` for each of ``settings`` that ``output_dir``'s
     ``benchmark_settings.json`` records with another value (none without the file). A key the stored
     file lacks (written before the setting existed) is not compared."""
-    path = os.path.join(output_dir, "benchmark_settings.json")
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        stored = json.load(f)
+    stored = _stored_benchmark_settings(output_dir) or {}
     return [(k, stored[k], v) for k, v in settings.items() if k in stored and stored[k] != v]
 
 
 def check_benchmark_settings(output_dir: str, settings: dict, script: str) -> None:
     """Benchmarks reuse kept runs by folder: refuse ``output_dir`` when its ``benchmark_settings.json``
     records other values of ``settings`` (its runs would be scored, and described, as this command's),
-    in one line naming each changed setting; then record ``settings`` there."""
+    in one line naming each changed setting; then record ``settings`` there.
+
+    A folder whose file predates some of ``settings`` keeps its file as it was: its kept runs were trained
+    before those settings existed, so writing this command's values would claim for them what no one
+    checked. The settings it lacks are named in a warning instead (and stay unchecked by later commands)."""
+    stored = _stored_benchmark_settings(output_dir)
     changed = changed_benchmark_settings(output_dir, settings)
     if changed:
         raise SystemExit(f"{script}: error: {output_dir} holds runs trained with other settings "
                          f"({', '.join(f'{k}: {old!r} -> {new!r}' for k, old, new in changed)}): rerun with "
                          "its settings to resume it, or give another --output_dir")
+    if stored is not None:
+        unrecorded = [k for k in settings if k not in stored]
+        if unrecorded:
+            print(f"{script}: warning: {output_dir}'s settings file predates {', '.join(unrecorded)}: its kept runs "
+                  "are reused without checking them, and the file is left as it was", file=sys.stderr)
+        return
     write_json(os.path.join(output_dir, "benchmark_settings.json"), settings)  # (write_json makes the folder)
