@@ -83,6 +83,31 @@ def test_dataloader_workers_read_the_store_through_their_own_handles(tmp_path, c
     loader = DataLoader(_Rows(store, [f"row/{i}" for i in range(6)]), batch_size=2, num_workers=1,
                         multiprocessing_context=context)
     assert torch.equal(torch.cat(list(loader)), torch.stack(values))
+    del loader
+    import gc
+
+    gc.collect()  # the worker's copy ended with the worker: the files are the parent's, still there
+    assert torch.equal(store.get("row/3"), values[3]) and os.listdir(tmp_path / "store")
+
+
+def test_a_run_that_ends_in_an_error_leaves_no_cache_files(tmp_path):
+    """The files go with the interpreter when a run ends in an exception (or Ctrl-C), not only at the end of
+    training, and when the store is dropped."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "store"
+    code = ("import torch\nfrom diffusers_ant.training.cache_store import TensorStore\n"
+            f"store = TensorStore({str(folder)!r})\nstore.add('a', torch.ones(3))\nstore.flush()\n"
+            "import os\nassert os.listdir(store.directory)\nraise RuntimeError('a step failed')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "RuntimeError: a step failed" in result.stderr
+    assert not folder.exists()
+    dropped = TensorStore(str(tmp_path / "dropped"))
+    dropped.add("a", torch.ones(3))
+    dropped.flush()
+    del dropped
+    assert not (tmp_path / "dropped").exists()
 
 
 def test_stored_cache_parts_read_as_the_in_memory_ones(tmp_path):

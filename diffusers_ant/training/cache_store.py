@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import weakref
 from typing import Dict
 
 import torch
@@ -27,9 +28,18 @@ import torch
 SHARD_BYTES = 256 * 2**20
 
 
+def _remove_files(directory: str, owner_pid: int) -> None:
+    """Delete a store's folder, in the process that made it only: a forked DataLoader worker holds a copy of
+    the store, and that copy's end must not delete the files the training process still reads."""
+    if os.getpid() == owner_pid:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class TensorStore:
     """`add(name, tensor)` while caching, `get(name)` afterwards (a tensor added but not yet written is served
-    from memory). `directory` is emptied first: what a crashed run left there is written again."""
+    from memory). `directory` is emptied first: what a crashed run left there is written again. The files live
+    as long as the store: `remove()`, the store's garbage collection or the interpreter's exit (an exception
+    or Ctrl-C ending the run; not a killed process) deletes them."""
 
     def __init__(self, directory: str, shard_bytes: int = SHARD_BYTES):
         shutil.rmtree(directory, ignore_errors=True)
@@ -41,6 +51,7 @@ class TensorStore:
         self._shard_of: Dict[str, str] = {}  # name -> shard file
         self._handles: Dict[str, object] = {}
         self._pid = os.getpid()
+        self._finalizer = weakref.finalize(self, _remove_files, directory, self._pid)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._shard_of or name in self._pending:
@@ -82,9 +93,10 @@ class TensorStore:
     def remove(self) -> None:
         """Delete the files (the end of training); the store cannot be read afterwards."""
         self._handles, self._pending, self._shard_of = {}, {}, {}
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self._finalizer()
 
-    def __getstate__(self):  # (a spawned DataLoader worker gets the store without the parent's open handles)
-        state = dict(self.__dict__)
+    def __getstate__(self):  # (a spawned DataLoader worker gets the store without the parent's open handles,
+        state = dict(self.__dict__)  # and without its finalizer: the files are the training process's)
         state["_handles"] = {}
+        state.pop("_finalizer")
         return state
