@@ -33,7 +33,7 @@ def test_store_returns_every_tensor_bit_for_bit_in_shards_of_bounded_size(tmp_pa
     store.add("view", whole[2:4])  # a view of a larger tensor: stored alone (safetensors refuses shared memory)
     assert store.get("scalar").item() == 2.5  # not yet written: served from memory
     store.flush()
-    shards = sorted(os.listdir(tmp_path / "store"))
+    shards = sorted(set(os.listdir(tmp_path / "store")) - {"owner"})
     assert len(shards) >= 2 and all(name.endswith(".safetensors") for name in shards)
     # no shard holds much more than the bound (a shard closes once it reaches it; the largest tensor is 512 bytes)
     assert max(os.path.getsize(tmp_path / "store" / name) for name in shards) < 600 + 512 + 1024  # (+ the header)
@@ -52,7 +52,7 @@ def test_a_new_store_empties_what_a_crashed_run_left(tmp_path):
     (tmp_path / "store").mkdir()
     (tmp_path / "store" / "shard-00000.safetensors").write_bytes(b"half-written")
     store = TensorStore(str(tmp_path / "store"))
-    assert os.listdir(tmp_path / "store") == []
+    assert os.listdir(tmp_path / "store") == ["owner"]  # (the store's token, below)
     store.add("a", torch.ones(3))
     store.flush()
     assert torch.equal(store.get("a"), torch.ones(3))
@@ -108,6 +108,40 @@ def test_a_run_that_ends_in_an_error_leaves_no_cache_files(tmp_path):
     dropped.flush()
     del dropped
     assert not (tmp_path / "dropped").exists()
+
+
+def test_an_earlier_store_freed_late_leaves_a_later_store_of_the_same_folder_alone(tmp_path):
+    """A run started again in the same process (a notebook, a retry after an error whose traceback keeps the
+    first store alive) makes a new store in the same folder; freeing the first one afterwards must not delete
+    the second's files. A copy (a worker's) deletes nothing, and copies of copies pickle."""
+    import copy
+
+    first = TensorStore(str(tmp_path / "cache"))
+    first.add("a", torch.ones(3))
+    first.flush()
+    second = TensorStore(str(tmp_path / "cache"))
+    second.add("a", torch.full((3,), 2.0))
+    second.flush()
+    del first
+    import gc
+
+    gc.collect()
+    assert torch.equal(second.get("a"), torch.full((3,), 2.0))
+    twice = copy.deepcopy(copy.deepcopy(second))
+    twice.remove()
+    assert torch.equal(second.get("a"), torch.full((3,), 2.0))
+    second.remove()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cache_folders_of_processes_this_run_lacks_are_removed(tmp_path):
+    """A killed 8-process run resumed on 4 processes: nobody writes `.training_cache_4` .. `_7` again."""
+    from diffusers_ant.training.caching import remove_unused_caches
+
+    for name in (".training_cache_0", ".training_cache_3", ".training_cache_4", ".training_cache_7", "checkpoint-4"):
+        (tmp_path / name).mkdir()
+    remove_unused_caches(str(tmp_path), 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".training_cache_0", ".training_cache_3", "checkpoint-4"]
 
 
 def test_stored_cache_parts_read_as_the_in_memory_ones(tmp_path):

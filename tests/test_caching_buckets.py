@@ -376,7 +376,7 @@ def test_cached_run_has_the_losses_of_the_uncached_one_and_frees_the_encoders(ru
     from diffusers_ant.training.caching import StoredCaptions, StoredRows
 
     assert isinstance(cached.cache.latents, StoredRows) and isinstance(cached.cache.text, StoredCaptions)
-    assert cached.cache_files == ["shard-00000.safetensors"]
+    assert cached.cache_files == ["owner", "shard-00000.safetensors"]
     saved = runs["root"] / "cached"
     assert not list(saved.glob(".training_cache_*"))
     # the whole pipeline written at the end has its encoders back (stashed, restored while saving)

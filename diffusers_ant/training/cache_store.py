@@ -20,30 +20,46 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 import weakref
 from typing import Dict
 
 import torch
 
 SHARD_BYTES = 256 * 2**20
+OWNER_FILE = "owner"  # the store's own token: a later store in the same folder writes another
 
 
-def _remove_files(directory: str, owner_pid: int) -> None:
-    """Delete a store's folder, in the process that made it only: a forked DataLoader worker holds a copy of
-    the store, and that copy's end must not delete the files the training process still reads."""
-    if os.getpid() == owner_pid:
-        shutil.rmtree(directory, ignore_errors=True)
+def _remove_files(directory: str, owner_pid: int, token: str) -> None:
+    """Delete a store's folder, in the process that made it only (a forked DataLoader worker holds a copy of the
+    store, and that copy's end must not delete the files the training process still reads), and only while the
+    folder is still this store's: a run started again in the same process (a notebook, a retry after an error)
+    makes a new store in the same folder, and the old store, freed later by the garbage collector, must not
+    delete it."""
+    if os.getpid() != owner_pid:
+        return
+    try:
+        with open(os.path.join(directory, OWNER_FILE), encoding="utf-8") as f:
+            if f.read() != token:
+                return
+    except OSError:
+        return  # already gone
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 class TensorStore:
     """`add(name, tensor)` while caching, `get(name)` afterwards (a tensor added but not yet written is served
     from memory). `directory` is emptied first: what a crashed run left there is written again. The files live
     as long as the store: `remove()`, the store's garbage collection or the interpreter's exit (an exception
-    or Ctrl-C ending the run; not a killed process) deletes them."""
+    or Ctrl-C ending a single-process run) deletes them; not a process that is killed, or ended by a signal
+    (`accelerate launch` ends the other processes of a failed launch with SIGTERM)."""
 
     def __init__(self, directory: str, shard_bytes: int = SHARD_BYTES):
         shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory)
+        token = uuid.uuid4().hex
+        with open(os.path.join(directory, OWNER_FILE), "w", encoding="utf-8") as f:
+            f.write(token)
         self.directory, self.shard_bytes = directory, shard_bytes
         self.nbytes = 0
         self._pending: Dict[str, torch.Tensor] = {}
@@ -51,7 +67,7 @@ class TensorStore:
         self._shard_of: Dict[str, str] = {}  # name -> shard file
         self._handles: Dict[str, object] = {}
         self._pid = os.getpid()
-        self._finalizer = weakref.finalize(self, _remove_files, directory, self._pid)
+        self._finalizer = weakref.finalize(self, _remove_files, directory, self._pid, token)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._shard_of or name in self._pending:
@@ -93,10 +109,12 @@ class TensorStore:
     def remove(self) -> None:
         """Delete the files (the end of training); the store cannot be read afterwards."""
         self._handles, self._pending, self._shard_of = {}, {}, {}
-        self._finalizer()
+        finalizer = getattr(self, "_finalizer", None)  # (a copy, e.g. a worker's, has none: the files are not its)
+        if finalizer is not None:
+            finalizer()
 
     def __getstate__(self):  # (a spawned DataLoader worker gets the store without the parent's open handles,
         state = dict(self.__dict__)  # and without its finalizer: the files are the training process's)
         state["_handles"] = {}
-        state.pop("_finalizer")
+        state.pop("_finalizer", None)
         return state

@@ -294,6 +294,8 @@ def build_training_cache(args, accelerator, adapter, dataset, batch_size: int) -
     from .cache_store import TensorStore
 
     disable = not accelerator.is_local_main_process
+    if accelerator.is_main_process:
+        remove_unused_caches(args.output_dir, accelerator.num_processes)
     store = TensorStore(os.path.join(args.output_dir, f"{CACHE_DIR_PREFIX}{accelerator.process_index}"))
     latents, crop_coords = (cache_latents(adapter, dataset, batch_size, disable, store) if args.cache_latents
                             else (None, None))
@@ -304,6 +306,17 @@ def build_training_cache(args, accelerator, adapter, dataset, batch_size: int) -
     accelerator.print(f"cached {len(cache.latents or [])} latents and {len(cache.text or {})} captions "
                       f"({cache.nbytes() / 2**20:.1f} MiB on disk in {store.directory}, read back as batches need them)")
     return cache
+
+
+def remove_unused_caches(output_dir: str, num_processes: int) -> None:
+    """Delete the cache folders of process indexes this run does not have (`.training_cache_4` to `_7` of a
+    killed 8-process run resumed on 4): no process of this run would write them again."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        index = name[len(CACHE_DIR_PREFIX):]
+        if name.startswith(CACHE_DIR_PREFIX) and index.isdigit() and int(index) >= num_processes:
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 def probe_cached_batch(args, adapter, dataset) -> None:

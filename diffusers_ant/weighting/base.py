@@ -215,8 +215,9 @@ def gram_matrix(grads: torch.Tensor, present: Optional[torch.Tensor] = None, chu
     without a float64 copy of the (K, P) buffer (at K = 5 and 1.1M parameters that copy and the
     float64 product took a third of the batched engine's time over vanilla). Where float32 cannot
     give that (a square overflows, a square underflows, a NaN or infinity in a gradient) the Gram
-    matrix is recomputed in float64, chunk by chunk, so that an infinite diagonal still means an
-    infinite gradient (the engine's overflow check reads it) and tiny gradients keep their precision.
+    matrix is recomputed in float64, 64 chunks at a time (a K x 2^20 float64 copy), so that an infinite
+    diagonal still means an infinite gradient (the engine's overflow check reads it) and tiny gradients keep
+    their precision.
 
     Rows of absent tasks (`present` False) are zeroed so that NaNs in them cannot leak.
     """
