@@ -188,6 +188,23 @@ def test_a_folder_from_before_a_setting_existed_keeps_its_file_and_says_what_is_
     assert json.loads((tmp_path / "new" / "benchmark_settings.json").read_text())["convergence_steps"] == 5
 
 
+def test_pretrained_fingerprint_covers_the_weights_and_not_a_crashed_runs_cache(tmp_path):
+    """`--pretrained` is recorded with a sha256 of its safetensors: another weight changes it, the training cache a
+    killed run left in the folder (`.training_cache_<process>`) does not."""
+    from safetensors.torch import save_file
+
+    from diffusers_ant.analysis.benchmark import folder_weights_sha256
+
+    (tmp_path / "unet").mkdir()
+    save_file({"w": torch.ones(2)}, str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    before = folder_weights_sha256(str(tmp_path))
+    (tmp_path / ".training_cache_0").mkdir()
+    save_file({"latents/0": torch.zeros(2)}, str(tmp_path / ".training_cache_0" / "shard-00000.safetensors"))
+    assert folder_weights_sha256(str(tmp_path)) == before
+    save_file({"w": torch.full((2,), 2.0)}, str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert folder_weights_sha256(str(tmp_path)) != before
+
+
 def _tiny_pipeline(folder, resolution=8, channels=1):
     """A saved unconditional UNet pipeline of the tiny preset (built from config, never downloaded)."""
     from diffusers_ant.models import get_model_adapter

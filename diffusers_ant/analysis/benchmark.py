@@ -468,7 +468,8 @@ def write_json(path: str, data, default=None) -> str:
 
 
 def folder_weights_sha256(folder):
-    """sha256 over the safetensors files under ``folder`` (their relative paths and bytes), None for no folder: a
+    """sha256 over the safetensors files under ``folder`` outside its hidden folders (their relative paths and
+    bytes), None for no folder: a
     benchmark's ``--pretrained`` is compared by it too, since a folder replaced under the same path (another base
     trained into it) would have had its kept runs reused."""
     import hashlib
@@ -477,7 +478,8 @@ def folder_weights_sha256(folder):
         return None
     digest = hashlib.sha256()
     for root, dirs, files in os.walk(folder):
-        dirs.sort()
+        # (hidden folders hold no weights of the model: a crashed run's training cache or set-aside encoders)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.endswith(".safetensors"):
                 path = os.path.join(root, name)
