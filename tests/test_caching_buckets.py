@@ -183,6 +183,8 @@ def test_pixel_models_and_freezing_combinations_are_refused_in_one_line(tmp_path
         ("--model_type", "sd", "--cache_latents", "--random_flip", "--center_crop"): "drop --random_flip",
         ("--model_type", "sd", "--cache_latents"): "add --center_crop",
         ("--model_type", "dit", "--cache_text_embeddings"): "has no text encoder",
+        ("--model_type", "sd", "--training_cache_dir", "scratch"): "add one of them, or drop --training_cache_dir",
+        ("--model_type", "sd", "--cache_text_embeddings", "--training_cache_dir", __file__): "is a file: give a folder",
         ("--model_type", "sd", "--aspect_ratio_buckets", "--knowledge_bank", str(tmp_path),
          "--pretrained_model_name_or_path", str(tmp_path)): "use --retention kd",
     }
@@ -288,6 +290,7 @@ class _Recorder:
             self.cached_latents = list(self.cache.latents or [])
             self.cached_captions = {c: self.cache.text[c] for c in self.cache.text} if self.cache.text else {}
             self.cache_files = sorted(p for store in self.cache.stores for p in os.listdir(store.directory))
+            self.cache_folders = [store.directory for store in self.cache.stores]
             return self.cache
 
         monkeypatch.setattr(loop, "training_step", step)
@@ -314,7 +317,7 @@ def runs(nonsquare_folder, tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
         out["cached"] = _Recorder(monkeypatch)
         train_in_process(_run_args(nonsquare_folder, root / "cached", 4, "--cache_latents", "--cache_text_embeddings",
-                                   "--checkpointing_steps", "100"))
+                                   "--checkpointing_steps", "100", "--training_cache_dir", str(root / "scratch")))
     return out
 
 
@@ -377,8 +380,10 @@ def test_cached_run_has_the_losses_of_the_uncached_one_and_frees_the_encoders(ru
 
     assert isinstance(cached.cache.latents, StoredRows) and isinstance(cached.cache.text, StoredCaptions)
     assert cached.cache_files == ["owner", "shard-00000.safetensors"]
+    # in --training_cache_dir (this process's folder), not in the output folder; gone at the end
+    assert cached.cache_folders == [str(runs["root"] / "scratch" / ".training_cache_0")]
     saved = runs["root"] / "cached"
-    assert not list(saved.glob(".training_cache_*"))
+    assert not list(saved.glob(".training_cache_*")) and not list((runs["root"] / "scratch").glob(".training_cache_*"))
     # the whole pipeline written at the end has its encoders back (stashed, restored while saving)
     assert not (saved / ".freed_encoders").exists()
     assert_same_tensors({k: v for k, v in load_safetensors_dir(saved).items() if k.startswith(("vae/", "text_encoder/"))},

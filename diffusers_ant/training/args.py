@@ -178,12 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     # ---- caching and aspect-ratio buckets (issue 16; see training/caching.py, data/buckets.py)
     g.add_argument("--cache_latents", action="store_true",
-                   help="Encode every training image with the VAE once before training (its posterior, on the CPU), "
+                   help="Encode every training image with the VAE once before training (its posterior, kept on disk: "
+                   "--training_cache_dir), "
                    "then free the VAE encoder (the decoder stays for validation), as diffusers' SD3 / Flux scripts. "
                    "Needs deterministic images: --center_crop (or --aspect_ratio_buckets), no --random_flip.")
     g.add_argument("--cache_text_embeddings", action="store_true",
                    help="Encode every distinct caption (and the empty prompt, and the validation prompts) once, then "
                    "free the text encoders for the rest of the run. Not with --train_text_encoder.")
+    g.add_argument("--training_cache_dir", default=None,
+                   help="Where --cache_latents / --cache_text_embeddings keep the cache: one folder per process "
+                   "(.training_cache_<process>, safetensors read back row by row), deleted when training ends. Default: "
+                   "--output_dir; a fast local disk when --output_dir is on network storage.")
     g.add_argument("--aspect_ratio_buckets", action="store_true",
                    help="Train each image at its own aspect ratio: buckets of about --resolution^2 pixels (sides "
                    "multiples of the VAE factor x patch size), nearest-ratio bucket, resized and centre-cropped; one "

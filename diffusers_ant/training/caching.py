@@ -24,7 +24,8 @@ centre-crops). Under several processes every process caches every row: its shard
 every epoch (the seeded permutation), so each needs all of them; a resumed run rebuilds the same cache,
 and the data position is still (seed, epoch, batches seen), so resume stays exact.
 
-The trainer keeps both caches on disk, in `<output_dir>/.training_cache_<process>` (`training/cache_store.py`:
+The trainer keeps both caches on disk, in `.training_cache_<process>` under `--training_cache_dir` (default: the
+output folder; `training/cache_store.py`:
 safetensors shards, read back row by row, removed when training ends), not in CPU memory: a data set's FLUX.1
 embeddings are GBs. `cache_latents` / `cache_text` without a store keep them in memory (a list, a dict).
 
@@ -53,6 +54,11 @@ def validate_caching_args(args) -> None:
 
     caching = [flag for flag, on in (("--cache_latents", args.cache_latents),
                                      ("--cache_text_embeddings", args.cache_text_embeddings)) if on]
+    if getattr(args, "training_cache_dir", None) and not caching:
+        raise UsageError("--training_cache_dir is where --cache_latents / --cache_text_embeddings keep their cache: add "
+                         "one of them, or drop --training_cache_dir")
+    if getattr(args, "training_cache_dir", None) and os.path.isfile(args.training_cache_dir):
+        raise UsageError(f"--training_cache_dir {args.training_cache_dir} is a file: give a folder (it is created)")
     if args.cache_text_embeddings and args.train_text_encoder:
         raise UsageError("--cache_text_embeddings freezes the text encoder's outputs, --train_text_encoder trains it: "
                          "drop one of them")
@@ -289,14 +295,16 @@ def cache_text(adapter, dataset, batch_size: int, disable_progress: bool = False
 
 
 def build_training_cache(args, accelerator, adapter, dataset, batch_size: int) -> TrainingCache:
-    """Encode what the flags ask for into this process's store on disk, `<output_dir>/.training_cache_<process>`,
+    """Encode what the flags ask for into this process's store on disk, `.training_cache_<process>` in
+    `--training_cache_dir` (default: the output folder),
     and attach it to `dataset` (rows then carry cached entries). `TrainingCache.remove_files` deletes it."""
     from .cache_store import TensorStore
 
     disable = not accelerator.is_local_main_process
+    root = getattr(args, "training_cache_dir", None) or args.output_dir
     if accelerator.is_main_process:
-        remove_unused_caches(args.output_dir, accelerator.num_processes)
-    store = TensorStore(os.path.join(args.output_dir, f"{CACHE_DIR_PREFIX}{accelerator.process_index}"))
+        remove_unused_caches(root, accelerator.num_processes)
+    store = TensorStore(os.path.join(root, f"{CACHE_DIR_PREFIX}{accelerator.process_index}"))
     latents, crop_coords = (cache_latents(adapter, dataset, batch_size, disable, store) if args.cache_latents
                             else (None, None))
     text = cache_text(adapter, dataset, batch_size, disable, store) if args.cache_text_embeddings else {}
