@@ -285,7 +285,7 @@ def tiny_sd_folder(tmp_path_factory):
     ("unet", ["--gradient_accumulation_steps", "2", "--train_batch_size", "4"]),
     ("sd", ["--rank", "4", "--task_gradient_subset", "lora"]),
 ], ids=["unet-accumulation", "sd-lora-subset"])
-def test_trainer_batched_equals_split(model_type, extra, tmp_path, request, caplog):
+def test_trainer_batched_equals_split(model_type, extra, tmp_path, request, caplog, monkeypatch):
     """`train_ant.py --task_gradients batched` takes the split engine's steps: a UNet over windows of two
     micro-batches, and Stable Diffusion's UNet2DConditionModel (cross-attention, LayerNorm, GEGLU) with LoRA
     and `--task_gradient_subset lora`. Adam's epsilon is large so that the update is a smooth function of
@@ -302,8 +302,16 @@ def test_trainer_batched_equals_split(model_type, extra, tmp_path, request, capl
     dataset = {"unet": "mnist5k", "sd": "mnist5k_captions"}[model_type]
     if model_type == "sd":  # LoRA on a pretrained pipeline
         extra = [*extra, "--pretrained_model_name_or_path", str(request.getfixturevalue("tiny_sd_folder"))]
-    weights = {}
+    weights, modes = {}, []
+    backward = TaskGradientEngine.backward
+
+    def recorded(self, *args, **kwargs):  # which engine the trainer's flag gave (equal weights prove nothing else)
+        modes.append(self.mode)
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(TaskGradientEngine, "backward", recorded)
     for engine in ("split", "batched"):
+        modes.clear()
         out = tmp_path / engine
         run = ["--model_type", model_type, "--dataset_name", dataset, "--output_dir", str(out), *TINY_RUN]
         if model_type == "sd":
@@ -313,6 +321,7 @@ def test_trainer_batched_equals_split(model_type, extra, tmp_path, request, capl
             train_in_process([*run, "--mtl_method", "pcgrad", "--task_gradients", engine, "--max_train_steps", "2",
                               "--adam_epsilon", "1", "--learning_rate", "1", "--max_train_samples", "16",
                               "--num_validation_images", "1", *extra])
+        assert set(modes) == {engine} and len(modes) == 2, (engine, modes)
         if engine == "split":
             largest = applied
         weights[engine] = {k: v for k, v in load_safetensors_dir(out).items()

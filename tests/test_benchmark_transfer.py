@@ -154,6 +154,7 @@ def test_a_folder_trained_with_other_settings_is_refused_before_any_stage(tmp_pa
         transfer.main(["--output_dir", str(out), "--quick"])
     recorded = json.loads((out / "benchmark_settings.json").read_text())
     assert recorded["learning_rate"] == 5e-4 and recorded["pretrained"] is None
+    assert "pretrained_weights" in recorded and recorded["pretrained_weights"] is None  # (no --pretrained: no folder)
     with pytest.raises(Planned):  # the same settings: resumed
         transfer.main(["--output_dir", str(out), "--quick"])
     with pytest.raises(SystemExit) as stop:
@@ -202,7 +203,11 @@ def test_pretrained_fingerprint_covers_the_weights_and_not_a_crashed_runs_cache(
     save_file({"latents/0": torch.zeros(2)}, str(tmp_path / ".training_cache_0" / "shard-00000.safetensors"))
     assert folder_weights_sha256(str(tmp_path)) == before
     save_file({"w": torch.full((2,), 2.0)}, str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert folder_weights_sha256(str(tmp_path)) != before
+    changed = folder_weights_sha256(str(tmp_path))
+    assert changed != before
+    # the same bytes under another name are another folder
+    os.rename(tmp_path / "unet" / "diffusion_pytorch_model.safetensors", tmp_path / "unet" / "model.safetensors")
+    assert folder_weights_sha256(str(tmp_path)) != changed
 
 
 def _tiny_pipeline(folder, resolution=8, channels=1):

@@ -88,6 +88,18 @@ def test_dataloader_workers_read_the_store_through_their_own_handles(tmp_path, c
 
     gc.collect()  # the worker's copy ended with the worker: the files are the parent's, still there
     assert torch.equal(store.get("row/3"), values[3]) and os.listdir(tmp_path / "store")
+    if context == "fork":  # a forked copy that is removed or freed deletes nothing: the files are the parent's
+        pid = os.fork()
+        if pid == 0:
+            try:
+                store.remove()
+                del store
+                gc.collect()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert torch.equal(store.get("row/4"), values[4])
+        assert sorted(os.listdir(tmp_path / "store")) == ["owner"] + [f"shard-{i:05d}.safetensors" for i in range(6)]
 
 
 def test_a_run_that_ends_in_an_error_leaves_no_cache_files(tmp_path):

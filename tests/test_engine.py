@@ -92,6 +92,33 @@ def test_gram_matrix_sums_every_chunk_of_a_buffer_taken_in_several_batched_calls
     assert torch.equal(gram[1], torch.zeros(3, dtype=torch.float64)) and torch.equal(gram[:, 1], gram[1])
 
 
+def test_gram_matrix_sums_the_chunk_products_in_float64():
+    """One-column chunks whose products are exact in float32 (4096^2 = 2^24 and 1 x 1): summed in float64, the
+    entry is exactly 2^24 + 63; summed in float32 each 1 added to 2^24 rounds away (2^24 + 1 is not a float32)."""
+    grads = torch.tensor([[4096.0] + [1.0] * 63, [1.0] * 64])
+    gram = gram_matrix(grads, chunk_size=1)
+    assert gram[0, 0].item() == 2.0 ** 24 + 63 and gram[0, 1].item() == 4096 + 63 and gram[1, 1].item() == 64
+    assert float(torch.tensor(2.0 ** 24) + 1.0) == 2.0 ** 24  # what a float32 sum would have lost
+
+
+def test_gram_matrix_multiplies_without_tf32(monkeypatch):
+    """`gram_matrix` runs its float32 products inside `_full_float32_matmul` (tested above), for the buffer's device."""
+    import contextlib
+
+    from diffusers_ant.weighting import base
+
+    entered = []
+
+    @contextlib.contextmanager
+    def recording(device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(base, "_full_float32_matmul", recording)
+    gram_matrix(torch.randn(2, 8))
+    assert entered == [torch.device("cpu")]
+
+
 def test_gram_matrix_falls_back_to_float64_where_float32_cannot_hold_the_products():
     # finite gradients whose squares overflow float32: a finite Gram matrix (not a false overflow)
     big = torch.tensor([[1e30, 2e30, 0.0], [1.0, 2.0, 3.0]])

@@ -64,11 +64,11 @@ def main():
     from diffusers_ant.training import parse_args, train
     from diffusers_ant.training.cache_store import TensorStore
 
-    stores = []  # the training caches' folders this process opened
-    open_store = TensorStore.__init__
+    stores = []  # the training caches this process opened, kept alive here: a store's garbage collection deletes
+    open_store = TensorStore.__init__  # its files too, and what is checked is that training deleted them
 
     def recorded_store(self, directory, *args, **kwargs):
-        stores.append(directory)
+        stores.append(self)
         open_store(self, directory, *args, **kwargs)
 
     TensorStore.__init__ = recorded_store
@@ -122,9 +122,9 @@ def main():
         save_file(tensors, os.path.join(options.output_dir, f"{family}_rank{rank}.safetensors"))
         print(f"{family}: rank {rank} trained {len(record['batches'])} micro-batches on "
               f"{torch.distributed.get_world_size()} processes", flush=True)
-        for directory in stores:
-            print(f"{family}: rank {rank} cached in {os.path.relpath(directory, options.output_dir)}, "
-                  f"{'left' if os.path.exists(directory) else 'removed'} at the end", flush=True)
+        for store in stores:
+            print(f"{family}: rank {rank} cached in {os.path.relpath(store.directory, options.output_dir)}, "
+                  f"{'left' if os.path.exists(store.directory) else 'removed'} at the end", flush=True)
         stores.clear()
     PartialState.destroy_process_group = destroy
     PartialState().destroy_process_group()
