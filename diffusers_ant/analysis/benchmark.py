@@ -469,9 +469,8 @@ def write_json(path: str, data, default=None) -> str:
 
 def folder_weights_sha256(folder):
     """sha256 over the safetensors files under ``folder`` outside its hidden folders (their relative paths and
-    bytes), None for no folder: a
-    benchmark's ``--pretrained`` is compared by it too, since a folder replaced under the same path (another base
-    trained into it) would have had its kept runs reused."""
+    bytes), None for no folder: a benchmark's ``--pretrained`` is compared by it too, since a folder replaced
+    under the same path (another base trained into it) would have had its kept runs reused."""
     import hashlib
 
     if folder is None or not os.path.isdir(folder):

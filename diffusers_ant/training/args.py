@@ -179,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- caching and aspect-ratio buckets (issue 16; see training/caching.py, data/buckets.py)
     g.add_argument("--cache_latents", action="store_true",
                    help="Encode every training image with the VAE once before training (its posterior, kept on disk: "
-                   "--training_cache_dir), "
-                   "then free the VAE encoder (the decoder stays for validation), as diffusers' SD3 / Flux scripts. "
+                   "--training_cache_dir), then free the VAE encoder (the decoder stays for validation), as diffusers' "
+                   "SD3 / Flux scripts. "
                    "Needs deterministic images: --center_crop (or --aspect_ratio_buckets), no --random_flip.")
     g.add_argument("--cache_text_embeddings", action="store_true",
                    help="Encode every distinct caption (and the empty prompt, and the validation prompts) once, then "

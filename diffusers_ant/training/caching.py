@@ -24,10 +24,10 @@ centre-crops). Under several processes every process caches every row: its shard
 every epoch (the seeded permutation), so each needs all of them; a resumed run rebuilds the same cache,
 and the data position is still (seed, epoch, batches seen), so resume stays exact.
 
-The trainer keeps both caches on disk, in `.training_cache_<process>` under `--training_cache_dir` (default: the
-output folder; `training/cache_store.py`:
-safetensors shards, read back row by row, removed when training ends), not in CPU memory: a data set's FLUX.1
-embeddings are GBs. `cache_latents` / `cache_text` without a store keep them in memory (a list, a dict).
+The trainer keeps both caches on disk, in `.training_cache_<process>` under `--training_cache_dir` (default:
+the output folder), as safetensors shards read back row by row and removed when training ends
+(`training/cache_store.py`), not in CPU memory: a data set's FLUX.1 embeddings are GBs. `cache_latents` /
+`cache_text` without a store keep them in memory (a list, a dict).
 
 Freed encoders are dropped (the adapter's reference becomes None). When the run writes a whole pipeline
 at the end (full fine-tuning, or a LoRA on a model trained from scratch, whose `base_model/` is written),
@@ -296,8 +296,8 @@ def cache_text(adapter, dataset, batch_size: int, disable_progress: bool = False
 
 def build_training_cache(args, accelerator, adapter, dataset, batch_size: int) -> TrainingCache:
     """Encode what the flags ask for into this process's store on disk, `.training_cache_<process>` in
-    `--training_cache_dir` (default: the output folder),
-    and attach it to `dataset` (rows then carry cached entries). `TrainingCache.remove_files` deletes it."""
+    `--training_cache_dir` (default: the output folder), and attach it to `dataset` (rows then carry cached
+    entries). `TrainingCache.remove_files` deletes it."""
     from .cache_store import TensorStore
 
     disable = not accelerator.is_local_main_process

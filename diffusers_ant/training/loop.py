@@ -571,7 +571,7 @@ def _train_with(args, accelerator) -> str:
             validate_whole(args, accelerator, adapter, model, skeleton, ema, params, global_step,
                            validation_inputs)
     progress.close()
-    if training_cache is not None:  # each process its own files (a crashed run's are rewritten by the next run)
+    if training_cache is not None:  # each process its own files (training/caching.py)
         training_cache.remove_files()
     if memory_probe is not None:
         kind = f"zero{zero_stage(accelerator)}" if deepspeed else "fsdp2" if fsdp else "ddp"
