@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -316,8 +317,17 @@ def runs(nonsquare_folder, tmp_path_factory):
         train_in_process(_run_args(nonsquare_folder, root / "resumed", 4, "--resume_from_checkpoint", "checkpoint-2"))
     with pytest.MonkeyPatch.context() as monkeypatch:
         out["cached"] = _Recorder(monkeypatch)
-        # what a killed 4-process run left in the cache folder: no process of this 1-process run rewrites it
-        (root / "scratch" / ".training_cache_3").mkdir(parents=True)
+        # what a killed 4-process run of this output folder left in its cache folder: no process of this 1-process
+        # run rewrites it; and another run's cache in the same scratch folder, which this run must leave alone
+        from types import SimpleNamespace
+
+        from diffusers_ant.training.caching import training_cache_root
+
+        ours = training_cache_root(SimpleNamespace(output_dir=str(root / "cached"), training_cache_dir=str(root / "scratch")))
+        (Path(ours) / ".training_cache_3").mkdir(parents=True)
+        theirs = training_cache_root(SimpleNamespace(output_dir=str(root / "other"), training_cache_dir=str(root / "scratch")))
+        (Path(theirs) / ".training_cache_1").mkdir(parents=True)
+        out["cache_folder"], out["other_cache_folder"] = ours, theirs
         train_in_process(_run_args(nonsquare_folder, root / "cached", 4, "--cache_latents", "--cache_text_embeddings",
                                    "--checkpointing_steps", "100", "--training_cache_dir", str(root / "scratch")))
     return out
@@ -382,11 +392,15 @@ def test_cached_run_has_the_losses_of_the_uncached_one_and_frees_the_encoders(ru
 
     assert isinstance(cached.cache.latents, StoredRows) and isinstance(cached.cache.text, StoredCaptions)
     assert cached.cache_files == ["owner", "shard-00000.safetensors"]
-    # in --training_cache_dir (this process's folder), not in the output folder; gone at the end, with the folder
-    # of the process index this run lacks
-    assert cached.cache_folders == [str(runs["root"] / "scratch" / ".training_cache_0")]
+    # in this run's own folder under --training_cache_dir, not in the output folder; gone at the end, with the folder
+    # of the process index this run lacks and the run's folder itself; another run's cache there left alone
+    scratch = runs["root"] / "scratch"
+    assert cached.cache_folders == [os.path.join(runs["cache_folder"], ".training_cache_0")]
+    assert os.path.dirname(runs["cache_folder"]) == str(scratch) and os.path.basename(runs["cache_folder"]).startswith("cached-")
     saved = runs["root"] / "cached"
-    assert not list(saved.glob(".training_cache_*")) and not list((runs["root"] / "scratch").glob(".training_cache_*"))
+    assert not list(saved.glob(".training_cache_*")) and not os.path.exists(runs["cache_folder"])
+    assert [p.name for p in scratch.iterdir()] == [os.path.basename(runs["other_cache_folder"])]
+    assert (Path(runs["other_cache_folder"]) / ".training_cache_1").is_dir()
     # the whole pipeline written at the end has its encoders back (stashed, restored while saving)
     assert not (saved / ".freed_encoders").exists()
     assert_same_tensors({k: v for k, v in load_safetensors_dir(saved).items() if k.startswith(("vae/", "text_encoder/"))},

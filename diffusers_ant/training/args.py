@@ -186,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Encode every distinct caption (and the empty prompt, and the validation prompts) once, then "
                    "free the text encoders for the rest of the run. Not with --train_text_encoder.")
     g.add_argument("--training_cache_dir", default=None,
-                   help="Where --cache_latents / --cache_text_embeddings keep the cache: one folder per process "
-                   "(.training_cache_<process>, safetensors read back row by row), deleted when training ends. Default: "
-                   "--output_dir; a fast local disk when --output_dir is on network storage.")
+                   help="Where --cache_latents / --cache_text_embeddings keep the cache (safetensors read back row by "
+                   "row, deleted when training ends): a folder of this run's own in it, one .training_cache_<process> "
+                   "per process. Default: --output_dir itself; a fast local disk when --output_dir is on network storage.")
     g.add_argument("--aspect_ratio_buckets", action="store_true",
                    help="Train each image at its own aspect ratio: buckets of about --resolution^2 pixels (sides "
                    "multiples of the VAE factor x patch size), nearest-ratio bucket, resized and centre-cropped; one "

@@ -24,8 +24,8 @@ centre-crops). Under several processes every process caches every row: its shard
 every epoch (the seeded permutation), so each needs all of them; a resumed run rebuilds the same cache,
 and the data position is still (seed, epoch, batches seen), so resume stays exact.
 
-The trainer keeps both caches on disk, in `.training_cache_<process>` under `--training_cache_dir` (default:
-the output folder), as safetensors shards read back row by row and removed when training ends
+The trainer keeps both caches on disk, in `.training_cache_<process>` in the output folder or, with
+`--training_cache_dir`, in a folder of this run's own there (`training_cache_root`), as safetensors shards read back row by row and removed when training ends
 (`training/cache_store.py`), not in CPU memory: a data set's FLUX.1 embeddings are GBs. `cache_latents` /
 `cache_text` without a store keep them in memory (a list, a dict).
 
@@ -109,6 +109,7 @@ class TrainingCache:
     micro-conditioning; deterministic, since caching refuses random crops and flips)."""
 
     def __init__(self, latents=None, text=None, crop_coords=None, text_dtypes=None, text_lengths=None):
+        self.owns_parent = False  # the stores' parent folder is this run's own (`training_cache_root`)
         self.latents = latents
         self.text = text
         self.crop_coords = crop_coords
@@ -146,9 +147,15 @@ class TrainingCache:
         return list({id(part.store): part.store for part in (self.latents, self.text) if isinstance(part, _Stored)}.values())
 
     def remove_files(self) -> None:
-        """Delete the stores' files (training is over: nothing reads the cache again)."""
+        """Delete the stores' files (training is over: nothing reads the cache again), and their parent folder
+        once no process's cache is left in it, when it is this run's own folder under --training_cache_dir."""
         for store in self.stores:
             store.remove()
+            if self.owns_parent:
+                try:  # (fails while another process's cache is still there: the last one removes it)
+                    os.rmdir(os.path.dirname(store.directory))
+                except OSError:
+                    pass
 
 
 class _Stored:
@@ -296,12 +303,12 @@ def cache_text(adapter, dataset, batch_size: int, disable_progress: bool = False
 
 def build_training_cache(args, accelerator, adapter, dataset, batch_size: int) -> TrainingCache:
     """Encode what the flags ask for into this process's store on disk, `.training_cache_<process>` in
-    `--training_cache_dir` (default: the output folder), and attach it to `dataset` (rows then carry cached
-    entries). `TrainingCache.remove_files` deletes it."""
+    `training_cache_root(args)`, and attach it to `dataset` (rows then carry cached entries).
+    `TrainingCache.remove_files` deletes it."""
     from .cache_store import TensorStore
 
     disable = not accelerator.is_local_main_process
-    root = getattr(args, "training_cache_dir", None) or args.output_dir
+    root = training_cache_root(args)
     if accelerator.is_main_process:
         remove_unused_caches(root, accelerator.num_processes)
     store = TensorStore(os.path.join(root, f"{CACHE_DIR_PREFIX}{accelerator.process_index}"))
@@ -310,10 +317,24 @@ def build_training_cache(args, accelerator, adapter, dataset, batch_size: int) -
     text = cache_text(adapter, dataset, batch_size, disable, store) if args.cache_text_embeddings else {}
     store.flush()
     cache = TrainingCache(latents=latents, crop_coords=crop_coords, **text)
+    cache.owns_parent = root != args.output_dir
     dataset.cache = cache
     accelerator.print(f"cached {len(cache.latents or [])} latents and {len(cache.text or {})} captions "
                       f"({cache.nbytes() / 2**20:.1f} MiB on disk in {store.directory}, read back as batches need them)")
     return cache
+
+
+def training_cache_root(args) -> str:
+    """The folder that holds this run's `.training_cache_<process>` folders: the output folder, or under
+    `--training_cache_dir` a folder of this output folder's own (its name and a hash of its absolute path): one
+    scratch folder given to several runs at once must not let one run's caches replace or delete another's."""
+    if not getattr(args, "training_cache_dir", None):
+        return args.output_dir
+    import hashlib
+
+    output = os.path.abspath(args.output_dir)
+    key = hashlib.sha256(output.encode()).hexdigest()[:12]
+    return os.path.join(args.training_cache_dir, f"{os.path.basename(output.rstrip(os.sep)) or 'output'}-{key}")
 
 
 def remove_unused_caches(output_dir: str, num_processes: int) -> None:
