@@ -132,8 +132,7 @@ class TrainingCache:
 
     def nbytes(self) -> int:
         """Bytes the cached tensors take (on disk for a stored cache)."""
-        stores = {id(part.store): part.store for part in (self.latents, self.text) if isinstance(part, _Stored)}
-        total = sum(store.nbytes for store in stores.values())
+        total = sum(store.nbytes for store in self.stores)
         if self.latents is not None and not isinstance(self.latents, _Stored):
             total += sum(t.numel() * t.element_size() for t in self.latents)
         if self.text is not None and not isinstance(self.text, _Stored):
@@ -337,15 +336,15 @@ def training_cache_root(args) -> str:
     return os.path.join(args.training_cache_dir, f"{os.path.basename(output.rstrip(os.sep)) or 'output'}-{key}")
 
 
-def remove_unused_caches(output_dir: str, num_processes: int) -> None:
-    """Delete the cache folders of process indexes this run does not have (`.training_cache_4` to `_7` of a
-    killed 8-process run resumed on 4): no process of this run would write them again."""
-    if not os.path.isdir(output_dir):
+def remove_unused_caches(root: str, num_processes: int) -> None:
+    """Delete the cache folders in ``root`` (`training_cache_root`) of process indexes this run does not have
+    (`.training_cache_4` to `_7` of a killed 8-process run resumed on 4): no process of this run writes them again."""
+    if not os.path.isdir(root):
         return
-    for name in os.listdir(output_dir):
+    for name in os.listdir(root):
         index = name[len(CACHE_DIR_PREFIX):]
         if name.startswith(CACHE_DIR_PREFIX) and index.isdigit() and int(index) >= num_processes:
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def probe_cached_batch(args, adapter, dataset) -> None:
