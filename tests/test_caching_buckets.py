@@ -299,6 +299,39 @@ class _Recorder:
         monkeypatch.setattr(caching, "build_training_cache", build)
 
 
+def _encode_row_by_row(monkeypatch, family):
+    """Make the VAE and text encoders of model type `family` encode every row of a batch on its own (used by
+    this file's SD runs and the family matrix's bucket runs). A cached run encodes
+    its images and captions in batches of another composition than the training batches an uncached run
+    encodes (grouped by bucket, in dataset order), and a matrix product's rounding may depend on how many
+    rows it multiplies; row by row, the encodings are the same bits in both runs, so their losses must be
+    equal exactly, and any difference is the cache's own."""
+    from diffusers_ant.models import get_model_adapter
+
+    adapter_class = get_model_adapter(family)
+    encode_moments, encode_text = adapter_class.encode_moments, adapter_class.encode_text
+    batch_sizes = []  # of every call: returned, so that a test can see the patch was in the runs' way
+
+    def moments_row_by_row(self, pixel_values, chunk_size=None):
+        batch_sizes.append(pixel_values.shape[0])
+        rows = torch.cat([encode_moments(self, pixel_values[i:i + 1], chunk_size=chunk_size)
+                          for i in range(pixel_values.shape[0])])
+        # in the memory layout of the whole batch's moments (the VAE's CPU convolutions return channels-last
+        # ones for several images, contiguous ones for one): making the layouts of encoded and cached moments
+        # alike is `latents_from_moments`'s work, which this keeps under test
+        return torch.empty_like(encode_moments(self, pixel_values, chunk_size=chunk_size)).copy_(rows)
+
+    def text_row_by_row(self, batch):
+        size = len(next(iter(batch.values())))
+        batch_sizes.append(size)
+        rows = [encode_text(self, {key: value[i:i + 1] for key, value in batch.items()}) for i in range(size)]
+        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+
+    monkeypatch.setattr(adapter_class, "encode_moments", moments_row_by_row)
+    monkeypatch.setattr(adapter_class, "encode_text", text_row_by_row)
+    return batch_sizes
+
+
 @pytest.fixture(scope="module")
 def runs(nonsquare_folder, tmp_path_factory):
     """Three runs, with their records: uncached 4 steps (checkpoint at 2); its checkpoint-2 resumed to 4 in
@@ -308,28 +341,30 @@ def runs(nonsquare_folder, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("runs")
     out = {"root": root}
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        out["straight"] = _Recorder(monkeypatch)
-        train_in_process(_run_args(nonsquare_folder, root / "straight", 4))
-    shutil.copytree(root / "straight" / "checkpoint-2", root / "resumed" / "checkpoint-2")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        out["resumed"] = _Recorder(monkeypatch)
-        train_in_process(_run_args(nonsquare_folder, root / "resumed", 4, "--resume_from_checkpoint", "checkpoint-2"))
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        out["cached"] = _Recorder(monkeypatch)
-        # what a killed 4-process run of this output folder left in its cache folder: no process of this 1-process
-        # run rewrites it; and another run's cache in the same scratch folder, which this run must leave alone
-        from types import SimpleNamespace
+    with pytest.MonkeyPatch.context() as encoders:  # (both runs' encoders take one row at a time)
+        out["encoded_batch_sizes"] = _encode_row_by_row(encoders, "sd")
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            out["straight"] = _Recorder(monkeypatch)
+            train_in_process(_run_args(nonsquare_folder, root / "straight", 4))
+        shutil.copytree(root / "straight" / "checkpoint-2", root / "resumed" / "checkpoint-2")
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            out["resumed"] = _Recorder(monkeypatch)
+            train_in_process(_run_args(nonsquare_folder, root / "resumed", 4, "--resume_from_checkpoint", "checkpoint-2"))
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            out["cached"] = _Recorder(monkeypatch)
+            # what a killed 4-process run of this output folder left in its cache folder: no process of this 1-process
+            # run rewrites it; and another run's cache in the same scratch folder, which this run must leave alone
+            from types import SimpleNamespace
 
-        from diffusers_ant.training.caching import training_cache_root
+            from diffusers_ant.training.caching import training_cache_root
 
-        ours = training_cache_root(SimpleNamespace(output_dir=str(root / "cached"), training_cache_dir=str(root / "scratch")))
-        (Path(ours) / ".training_cache_3").mkdir(parents=True)
-        theirs = training_cache_root(SimpleNamespace(output_dir=str(root / "other"), training_cache_dir=str(root / "scratch")))
-        (Path(theirs) / ".training_cache_1").mkdir(parents=True)
-        out["cache_folder"], out["other_cache_folder"] = ours, theirs
-        train_in_process(_run_args(nonsquare_folder, root / "cached", 4, "--cache_latents", "--cache_text_embeddings",
-                                   "--checkpointing_steps", "100", "--training_cache_dir", str(root / "scratch")))
+            ours = training_cache_root(SimpleNamespace(output_dir=str(root / "cached"), training_cache_dir=str(root / "scratch")))
+            (Path(ours) / ".training_cache_3").mkdir(parents=True)
+            theirs = training_cache_root(SimpleNamespace(output_dir=str(root / "other"), training_cache_dir=str(root / "scratch")))
+            (Path(theirs) / ".training_cache_1").mkdir(parents=True)
+            out["cache_folder"], out["other_cache_folder"] = ours, theirs
+            train_in_process(_run_args(nonsquare_folder, root / "cached", 4, "--cache_latents", "--cache_text_embeddings",
+                                       "--checkpointing_steps", "100", "--training_cache_dir", str(root / "scratch")))
     return out
 
 
@@ -356,22 +391,20 @@ def test_cached_run_has_the_losses_of_the_uncached_one_and_frees_the_encoders(ru
     """Same seed: the same samples, captions (with dropout to the cached empty prompt), latent draws,
     timesteps and noise, and the same losses and weights to the bit.
 
-    Why equality and not a tolerance (worked out on this set-up, one thread): what the cache changes is
-    only how the encoders are batched. The cache encodes each bucket's rows in chunks of the batch size (2
-    here; every bucket holds 4 rows, so no chunk of 1) and the captions in chunks of 2 (the 13th alone),
-    where an uncached step encodes the step's own pair. Recorded per step, the VAE posterior moments and
-    the text embeddings the two runs feed the step are bit-identical (a row's result does not depend on
-    the row beside it here). What differed was their memory layout: the VAE's CPU convolutions return
-    channels-last moments for a batch of 2, the cached rows are collated NCHW, and the UNet's convolutions
-    then ran another kernel on equal values: outputs 1e-6..2e-5 apart from step 1 on. The step-1 losses
-    still rounded to the same float, and Adam's first update, lr * g / (|g| + eps), rounds to lr * sign(g)
-    unless an entry of g is within a few ulps of 0, so the weights after step 1 were equal too; later
-    updates, m / sqrt(v), keep the rounding (8% of the weights differed after step 2, 90% after step 4, by
-    up to 4e-4 = 0.4 lr; the step-2 losses were 3 ulps apart). `latents_from_moments` now returns NCHW
-    whatever the encoder's layout: from equal inputs every operation of the step is then the same
-    operation on the same bits, and any difference is a real one (another draw, caption or crop)."""
+    Why equality and not a tolerance: what the cache changes is only how the encoders are batched. The cache
+    encodes each bucket's rows in chunks of the batch size and the captions in chunks of 2, where an
+    uncached step encodes the step's own pair, and a matrix product's rounding may depend on the rows beside
+    a row (measured on one machine, it did not; nothing guarantees it). So both runs' encoders take one row
+    at a time (`_encode_row_by_row`), and the posterior moments and text embeddings the two runs feed a step
+    are the same bits by construction. What differed once was their memory layout: the VAE's CPU
+    convolutions return channels-last moments for a batch, the cached rows are collated NCHW, and the UNet's
+    convolutions then ran another kernel on equal values: outputs 1e-6..2e-5 apart from step 1 on, and 8%
+    of the weights different after step 2 (Adam's m / sqrt(v) keeps the rounding). `latents_from_moments`
+    now returns NCHW whatever the encoder's layout: from equal inputs every operation of the step is then
+    the same operation on the same bits, and any difference is a real one (another draw, caption or crop)."""
     straight, cached = runs["straight"], runs["cached"]
     assert len(cached.losses) == 4 and min(cached.losses) > 0
+    assert max(runs["encoded_batch_sizes"]) == 2  # batches of two reached the encoders, which took them row by row
     assert cached.losses == straight.losses
     assert_same_tensors(_unet(runs["root"] / "cached"), _unet(runs["root"] / "straight"))
     assert cached.shapes == straight.shapes

@@ -330,37 +330,9 @@ def test_deme_lora_ensemble_calls_each_intervals_lora_at_its_timesteps(family, b
 
 # --------------------------------------------------------------------------- buckets and caches, per family
 
-from test_caching_buckets import SHAPES, _Recorder, nonsquare_folder  # noqa: E402,F401 - the non-square folder fixture
+from test_caching_buckets import SHAPES, _encode_row_by_row, _Recorder, nonsquare_folder  # noqa: E402,F401 - the non-square folder fixture
 
 _BUCKET_RUNS = {}
-
-
-def _encode_row_by_row(monkeypatch, family):
-    """Make the family's VAE and text encoders encode every row of a batch on its own. A cached run encodes
-    its images and captions in batches of another composition than the training batches an uncached run
-    encodes (grouped by bucket, in dataset order), and a matrix product's rounding may depend on how many
-    rows it multiplies; row by row, the encodings are the same bits in both runs, so their losses must be
-    equal exactly, and any difference is the cache's own."""
-    from diffusers_ant.models import get_model_adapter
-
-    adapter_class = get_model_adapter(family)
-    encode_moments, encode_text = adapter_class.encode_moments, adapter_class.encode_text
-    batch_sizes = []  # of every call: returned, so that a test can see the patch was in the runs' way
-
-    def moments_row_by_row(self, pixel_values, chunk_size=None):
-        batch_sizes.append(pixel_values.shape[0])
-        return torch.cat([encode_moments(self, pixel_values[i:i + 1], chunk_size=chunk_size)
-                          for i in range(pixel_values.shape[0])])
-
-    def text_row_by_row(self, batch):
-        size = len(next(iter(batch.values())))
-        batch_sizes.append(size)
-        rows = [encode_text(self, {key: value[i:i + 1] for key, value in batch.items()}) for i in range(size)]
-        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
-
-    monkeypatch.setattr(adapter_class, "encode_moments", moments_row_by_row)
-    monkeypatch.setattr(adapter_class, "encode_text", text_row_by_row)
-    return batch_sizes
 
 
 def _bucket_runs(family, base, folder, root):
