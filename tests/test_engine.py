@@ -316,6 +316,23 @@ def test_empty_clusters_are_skipped(mode):
     assert torch.isfinite(flat_grad(params)).all() and torch.isfinite(stats["task_losses"]).all()
 
 
+@pytest.mark.parametrize("method", ["pcgrad", "nash_mtl", "uw+pcgrad"])
+def test_a_weighting_on_another_device_than_the_parameters_is_refused_in_one_line(method):
+    """Under NCCL a weighting left on the CPU beside GPU parameters fails in the broadcast of its state, and on one
+    GPU Nash-MTL's stored weights (CPU) meet the GPU counts: refused before any pass, naming the fix. The meta
+    device stands in for the other device on this CPU machine."""
+    model = tiny_unet()
+    params = list(model.parameters())
+    task_ids = torch.tensor([0, 1, 2, 3])
+    calls = []
+    weighting = get_weighting(method, K).to("meta")
+    with pytest.raises(ValueError, match=r"holds .* on meta and the parameters are on cpu: move it once before "
+                                         r"training, weighting.to\('cpu'\)") as error:
+        TaskGradientEngine(params).backward(weighting, loss_fn_for(model, make_batch(4, task_ids=task_ids), calls), task_ids,
+                                            K)
+    assert "\n" not in str(error.value) and calls == [] and all(p.grad is None for p in params)
+
+
 def test_accumulation_grad_scale_and_frozen_params():
     model = tiny_unet()
     frozen = list(model.conv_in.parameters())

@@ -81,6 +81,7 @@ instead of adding it to `.grad`. Neither changes the step.
 How the trainer calls it::
 
     engine = TaskGradientEngine([p for p in unet.parameters() if p.requires_grad])  # once
+    weighting = get_weighting("pcgrad", num_tasks).to(device)  # once: its state beside the parameters
 
     # each optimizer step: draw noise and timesteps for the WHOLE window first, then build the closure
     def per_sample_loss_fn(indices):           # indices: LongTensor into the window
@@ -159,6 +160,17 @@ def _unique_trainable(parameters: Iterable) -> List[nn.Parameter]:
 def _reads_gram_only(weighting) -> bool:
     """The method's weights depend on G only through G G^T (it keeps the base `weights_from_grads`)."""
     return type(weighting).weights_from_grads is GradientWeighting.weights_from_grads
+
+
+def _check_weighting_device(weighting: Weighting, device: torch.device) -> None:
+    """A gradient weighting's state (its weights, Nash-MTL's alpha, UW's log-variances) must live where the
+    parameters do: NCCL broadcasts only GPU tensors (gloo, on a CPU, takes both), and a GPU step mixes the
+    stored weights into its gradients. One line that names the fix, instead of either error."""
+    for name, tensor in list(weighting.named_parameters()) + list(weighting.named_buffers()):
+        if tensor.device != device:
+            raise ValueError(f"the weighting {weighting.name or type(weighting).__name__!r} holds {name} on "
+                             f"{tensor.device} and the parameters are on {device}: move it once before training, "
+                             f"weighting.to({str(device)!r}) (the trainer does)")
 
 
 def _check_task_ids(task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
@@ -465,6 +477,7 @@ class TaskGradientEngine:
         num_tasks = _check_num_tasks(weighting, num_tasks)
         chunk_size = _check_chunk_size(chunk_size)
         device = self.params[0].device
+        _check_weighting_device(weighting, device)
         task_ids = _check_task_ids(task_ids, num_tasks).to(device)
         local_counts, global_counts = global_task_counts(task_ids, num_tasks, self.sync)
         present = global_counts > 0
