@@ -105,6 +105,7 @@ def test_validation_prompts_and_images_are_paired_and_cycled(tmp_path):
     # found after training (the end's samples, card and push lost), or never (a negative norm reverses every step)
     (["--num_inference_steps", "0"], "--num_inference_steps 0: the validation samples need 1 or more"),
     (["--max_grad_norm", "-1"], "give a positive norm, or 0 to turn clipping off"),
+    (["--ddp_timeout", "0"], "--ddp_timeout 0: give the seconds a process may wait in a collective, 1 or more"),
     (["--use_ema", "--ema_inv_gamma", "0"], "--ema_inv_gamma must be > 0"),
     (["--use_ema", "--ema_max_decay", "1.5"], "--ema_max_decay must be between 0 and 1"),
     (["--loss_weighting", "p2", "--p2_k", "0"], "P2 needs --p2_k > 0 and --p2_gamma >= 0"),

@@ -339,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention in the trained model (pip install xformers).")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ddp_timeout", type=int, default=1800,
+                   help="Seconds a process waits in a collective before the launch is aborted (transformers' "
+                   "flag and default; NCCL's own is 600): process 0 alone writes checkpoints and validation samples "
+                   "while the others wait. Raise it for large full fine-tunes or many validation images.")
 
     g = p.add_argument_group("checkpoints, validation, outputs")
     g.add_argument("--output_dir", default="ant-output")
@@ -432,6 +436,9 @@ def validate_args(args: argparse.Namespace, given: set | None = None) -> None:
     if getattr(args, "max_grad_norm", 0) < 0:
         raise UsageError(f"--max_grad_norm {args.max_grad_norm:g} is negative, which would reverse every gradient: give "
                          "a positive norm, or 0 to turn clipping off")
+    if getattr(args, "ddp_timeout", 1) < 1:
+        raise UsageError(f"--ddp_timeout {args.ddp_timeout}: give the seconds a process may wait in a collective, 1 "
+                         "or more (default 1800)")
     if getattr(args, "use_ema", False):
         if args.ema_inv_gamma <= 0:
             raise UsageError(f"--ema_inv_gamma must be > 0 (EMA's warm-up divides the step by it); got {args.ema_inv_gamma:g}")

@@ -214,7 +214,7 @@ RESUME_SAFE_FLAGS = frozenset({
     "tracker_project_name", "push_to_hub", "hub_model_id", "hub_private_repo", "dataloader_num_workers", "allow_tf32",
     "mixed_precision", "gradient_checkpointing", "max_grad_norm", "cache_dir", "output_dir", "demo",
     "enable_xformers_memory_efficient_attention", "offload_ema", "foreach_ema", "track_convergence",
-    "convergence_steps", "convergence_threshold", "training_cache_dir",
+    "convergence_steps", "convergence_threshold", "training_cache_dir", "ddp_timeout",
 })
 
 

@@ -56,14 +56,13 @@ def is_deepspeed(accelerator) -> bool:
 
 
 def accelerator_options(gradient_accumulation_steps: int) -> dict:
-    """`Accelerator(...)` keywords of a DeepSpeed launch: on a machine without CUDA, gloo named as the
-    backend instead of `cpu=True` (module docstring), and the accumulation steps DeepSpeed's config takes
-    (Accelerate fills a config's `"auto"` with them)."""
-    from accelerate.utils import InitProcessGroupKwargs
-
-    options = {"cpu": False, "gradient_accumulation_steps": gradient_accumulation_steps}
+    """`Accelerator(...)` keywords of a DeepSpeed launch: the accumulation steps DeepSpeed's config takes
+    (Accelerate fills a config's `"auto"` with them), and under `"process_group"` the `InitProcessGroupKwargs`
+    fields the caller adds to its own (on a machine without CUDA, gloo named as the backend instead of
+    `cpu=True`: module docstring)."""
+    options = {"cpu": False, "gradient_accumulation_steps": gradient_accumulation_steps, "process_group": {}}
     if not torch.cuda.is_available():
-        options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        options["process_group"]["backend"] = "gloo"
     return options
 
 

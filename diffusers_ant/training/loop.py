@@ -163,8 +163,10 @@ def windows(batches, size: int):
 
 def train(args) -> str:
     """Train as `args` says; returns the output folder."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     # ---------------------------------------------------------------- set-up
     check_cpu_fsdp_launch()  # an FSDP launch Accelerate's plugin would refuse on a CPU: one line, not a traceback
@@ -180,8 +182,14 @@ def train(args) -> str:
     }
     if deepspeed_launched():  # gloo without cpu=True, DeepSpeed's accumulation (training/deepspeed_support.py)
         engine_options.update(accelerator_options(args.gradient_accumulation_steps))
+    # How long a process waits in a collective (NCCL's default: 10 minutes). Process 0 alone writes each
+    # checkpoint and draws the validation samples while the others wait in the next step's all-reduce, which
+    # for a full fine-tune of a large model, or many samples, can take longer than that.
+    process_group = InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout),
+                                           **engine_options.pop("process_group", {}))
     accelerator = Accelerator(
         **engine_options,
+        kwargs_handlers=[process_group],
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to in (None, "none") else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
