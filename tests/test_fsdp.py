@@ -140,18 +140,23 @@ def test_an_fsdp1_launch_on_a_cpu_is_refused_in_one_line(monkeypatch):
     check_cpu_fsdp_launch()
 
 
-def test_resuming_with_another_engine_or_process_count_is_refused(tmp_path):
+def test_resuming_with_another_engine_process_count_or_device_type_is_refused(tmp_path):
     from diffusers_ant.training.checkpoint import check_resume_engine
 
     (tmp_path / "trainer_state_0.json").write_text(json.dumps({"engine": {"distributed_type": "FSDP",
-                                                                          "num_processes": 2}}))
-    check_resume_engine(str(tmp_path), {"distributed_type": "FSDP", "num_processes": 2})
+                                                                          "num_processes": 2, "device_type": "cuda"}}))
+    check_resume_engine(str(tmp_path), {"distributed_type": "FSDP", "num_processes": 2, "device_type": "cuda"})
     with pytest.raises(ValueError, match="written by 2 processes and this run has 1: resume with `accelerate launch --num_processes 2`"):
-        check_resume_engine(str(tmp_path), {"distributed_type": "FSDP", "num_processes": 1})
+        check_resume_engine(str(tmp_path), {"distributed_type": "FSDP", "num_processes": 1, "device_type": "cuda"})
     with pytest.raises(ValueError, match="written under FSDP and this run is DDP: resume with an FSDP config"):
-        check_resume_engine(str(tmp_path), {"distributed_type": "DDP", "num_processes": 2})
+        check_resume_engine(str(tmp_path), {"distributed_type": "DDP", "num_processes": 2, "device_type": "cuda"})
+    # a CUDA generator's state (16 bytes) does not load into a CPU one (5,056 bytes): a traceback otherwise
+    with pytest.raises(ValueError, match="written on cuda and this run is on cpu: resume it on cuda"):
+        check_resume_engine(str(tmp_path), {"distributed_type": "FSDP", "num_processes": 2, "device_type": "cpu"})
+    with pytest.raises(RuntimeError, match="size 5056 but found the input RNG state size to be 16"):  # (the record spares it)
+        torch.Generator().set_state(torch.zeros(16, dtype=torch.uint8))
     (tmp_path / "trainer_state_0.json").write_text(json.dumps({"global_step": 2}))  # written before the record
-    check_resume_engine(str(tmp_path), {"distributed_type": "DDP", "num_processes": 1})
+    check_resume_engine(str(tmp_path), {"distributed_type": "DDP", "num_processes": 1, "device_type": "cpu"})
 
 
 # ---------------------------------------------------------------------------------------- two processes
@@ -215,7 +220,7 @@ def test_fsdp_really_shards(runs):
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
     assert not (runs["ddp"] / "checkpoint-2" / "pytorch_model_fsdp_0").exists()
     (state0, skeleton), (state1, _) = _state(checkpoint, 0), _state(checkpoint, 1)
-    assert skeleton["engine"] == {"distributed_type": "FSDP", "num_processes": 2}
+    assert skeleton["engine"] == {"distributed_type": "FSDP", "num_processes": 2, "device_type": "cpu"}
     shadow = sorted(k for k in state0 if ".ema.shadow_params." in k)
     full = sum(v.numel() for v in _weights(runs["fsdp"]).values())
     assert sum(state0[k].numel() for k in shadow) < full  # a shard, not a replica

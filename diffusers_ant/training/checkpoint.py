@@ -230,15 +230,17 @@ def engine_record(accelerator) -> Dict[str, Any]:
     Accelerate writes one RNG file per process, this trainer one trainer state per process, each process
     resumes at its own data position, and under FSDP and DeepSpeed the model and optimizer are sharded
     folders (`pytorch_model_fsdp_0` and `optimizer_0`; `pytorch_model`) that the other engines do not read.
-    Single process and plain data parallelism share one layout ("DDP")."""
+    Single process and plain data parallelism share one layout ("DDP"). The device type too: each process's
+    random-number generator is the device's own (a CPU generator's state is 5,056 bytes, a CUDA one's 16),
+    and neither can take the other's."""
     kind = engine_kind(accelerator)
     return {"distributed_type": kind if kind in ("FSDP", "DEEPSPEED") else "DDP",
-            "num_processes": int(accelerator.num_processes)}
+            "num_processes": int(accelerator.num_processes), "device_type": accelerator.device.type}
 
 
 def check_resume_engine(checkpoint: str, current: Dict[str, Any]) -> None:
-    """Refuse, in one line, to resume a checkpoint written by another engine or number of processes (a
-    checkpoint written before this was recorded is not checked)."""
+    """Refuse, in one line, to resume a checkpoint written by another engine, number of processes or device
+    type (a checkpoint written before these were recorded is not checked)."""
     path = os.path.join(checkpoint, "trainer_state_0.json")
     if not os.path.isfile(path):
         return
@@ -251,6 +253,10 @@ def check_resume_engine(checkpoint: str, current: Dict[str, Any]) -> None:
                "DEEPSPEED": "under DeepSpeed (--use_deepspeed)"}.get(saved.get("distributed_type"), "without FSDP")
         raise ValueError(f"{checkpoint} was written under {saved.get('distributed_type')} and this run is "
                          f"{current['distributed_type']}: resume {how}")
+    if saved.get("device_type", current["device_type"]) != current["device_type"]:  # (not recorded before: not checked)
+        raise ValueError(f"{checkpoint} was written on {saved['device_type']} and this run is on "
+                         f"{current['device_type']}: resume it on {saved['device_type']} (each process's "
+                         "random-number state is its device's own), or start a new run from its weights")
     if saved.get("num_processes") != current["num_processes"]:
         raise ValueError(f"{checkpoint} was written by {saved.get('num_processes')} processes and this run has "
                          f"{current['num_processes']}: resume with `accelerate launch --num_processes "
