@@ -55,6 +55,21 @@ def test_scaling_splits_each_part_into_a_whole_and_a_sharded_share():
         {"model_parameters": 4.0, "master_parameters": 0.5, "gradients": 0.5, "optimizer_state": 1.0, "total": 6.0})
 
 
+@pytest.mark.parametrize("script", ["benchmark_engines", "check_engine_families"])
+def test_a_machine_with_one_gpu_is_refused_in_one_line(script, monkeypatch, capsys):
+    """Both scripts launch two processes, one GPU each where there are GPUs: on one GPU process 1 failed on a
+    device ordinal it does not have, after the first launch had started. (The GPU count is what is patched.)"""
+    module = load_script(script)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit):
+        module.parse_args([])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "two processes, one GPU each, and this machine has 1: run on a machine with two, or on the CPU" in err, err
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert module.parse_args([]).output_dir
+
+
 def test_the_families_check_wraps_each_familys_blocks_and_refuses_unknown_names(capsys):
     """`check_engine_families.py`: FSDP2 wraps the blocks each family's denoiser is made of (a class the model
     lacks would be refused by the trainer), every family trains on captions, DDP (the reference) always runs

@@ -152,7 +152,8 @@ def scaled_per_parameter(engine_summary, ddp_summary, processes: int) -> dict:
 
 def markdown(report) -> str:
     lines = [f"Command: `{report['command']}`", "",
-             f"{report['device']}, torch {report['torch']}, two processes (gloo), fp32, {report['steps']} steps of "
+             f"{report['device']}, torch {report['torch']}, two processes "
+             f"({'gloo' if report['device'] == 'cpu' else 'nccl'}), fp32, {report['steps']} steps of "
              f"batch {report['batch_size']} per process, full fine-tuning of the denoiser.", ""]
     for model_type, result in report["models"].items():
         engines = result["engines"]
@@ -204,7 +205,18 @@ def parse_args(argv=None):
         parser.error(f"unknown model type or engine: {', '.join(bad) or '(none)'}")
     if args.quick:
         args.steps, args.batch_size = 2, 1
+    check_two_devices(parser)
     return args
+
+
+def check_two_devices(parser) -> None:
+    """The launches take two processes, one GPU each where there are GPUs: on a machine with one, process 1
+    would fail on a device it does not have. One line instead (also used by check_engine_families.py)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        parser.error(f"the launches take two processes, one GPU each, and this machine has "
+                     f"{torch.cuda.device_count()}: run on a machine with two, or on the CPU with CUDA_VISIBLE_DEVICES=")
 
 
 def main(argv=None):

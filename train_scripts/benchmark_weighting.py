@@ -250,8 +250,9 @@ def tap_breakdown(size, args, device, steps: int = 4) -> dict:
         entry = measured.setdefault(kind, {"calls": 0, "per_cluster": 0.0, "whole_batch": 0.0})
         # The reference first: whichever runs second finds x and dy in cache, and an ordinary backward pass
         # meets them as cold as the hooks do, so the per-cluster figure is, if anything, favoured here.
+        # (a GPU runs the kernels queued before the hook asynchronously: wait for them, or they count here)
+        sync(device)
         if kind not in _NO_REFERENCE:
-            sync(device)
             start = time.perf_counter()
             _whole_batch_weight_gradient(module, x, dy, conv_plan)
             sync(device)

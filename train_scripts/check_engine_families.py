@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
 
-from benchmark_engines import ENGINES, TRAIN_SCRIPT, available_engines, launch_env, launcher_flags  # noqa: E402
+from benchmark_engines import (ENGINES, TRAIN_SCRIPT, available_engines, check_two_devices, launch_env,  # noqa: E402
+                               launcher_flags)
 
 FAMILIES = ("sdxl", "sd3", "flux", "qwenimage")
 METHODS = {"uw": ["--mtl_method", "uw"],
@@ -167,6 +168,7 @@ def parse_args(argv=None):
             parser.error(f"--{name}: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(valid)}")
         setattr(args, name, chosen)
     args.engines = ["ddp"] + [e for e in args.engines if e != "ddp"]
+    check_two_devices(parser)
     return args
 
 
