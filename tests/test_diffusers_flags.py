@@ -164,6 +164,25 @@ def test_lr_cycles_and_power_reach_the_scheduler():
     assert two[5] > two[4] and one[5] < one[4]  # the second cycle starts again at the top
 
 
+def test_the_ema_state_of_a_checkpoint_is_read_after_the_device_has_finished(monkeypatch):
+    """--offload_ema queues each update's copy back to the CPU without waiting (as diffusers' scripts): a
+    checkpoint reads the shadow weights on the host only after the device is synchronised, and a CPU run
+    waits for nothing. (A GPU device object, and a recording synchronize, stand in for a GPU here.)"""
+    from types import SimpleNamespace
+
+    from diffusers.training_utils import EMAModel
+
+    from diffusers_ant.training.ema import ema_state
+
+    ema = EMAModel([torch.nn.Parameter(torch.ones(3))])
+    waited = []
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda device=None: waited.append(device))
+    assert ema_state(ema, SimpleNamespace(device=torch.device("cpu")))["shadow_params"][0].tolist() == [1.0] * 3
+    assert waited == []
+    state = ema_state(ema, SimpleNamespace(device=torch.device("cuda", 1)))
+    assert waited == [torch.device("cuda", 1)] and state["optimization_step"] == 0
+
+
 @pytest.mark.slow
 def test_offloaded_foreach_ema_equals_plain_ema_and_epochs_validate(tmp_path):
     common = ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_steps", "4",

@@ -37,6 +37,15 @@ def step_ema(args, accelerator, ema, params) -> None:
         ema.step(params)
 
 
+def ema_state(ema, accelerator) -> dict:
+    """EMA's state for a checkpoint, read on the host. With `--offload_ema` each update's copy back to the CPU
+    is queued without waiting (`non_blocking`, as in diffusers' scripts), so on a GPU the host could read the
+    pinned shadow weights before the copy lands: wait for the device first."""
+    if accelerator.device.type != "cpu":
+        torch.accelerator.synchronize(accelerator.device)
+    return ema.state_dict()
+
+
 def restore_ema(ema, state: dict, device) -> None:
     """Load EMA's state, THEN move it to `device`: the loaded shadow weights live where they were read
     (the CPU), so moving first would leave them there (diffusers' scripts load, then move)."""

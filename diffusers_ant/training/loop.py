@@ -58,7 +58,7 @@ from .deepspeed_support import (
     is_deepspeed,
     zero_init_disabled,
 )
-from .ema import ema_home, ema_weights, make_ema, restore_ema, step_ema
+from .ema import ema_home, ema_state, ema_weights, make_ema, restore_ema, step_ema
 from .fsdp import (
     check_cpu_fsdp_launch,
     check_fsdp_support,
@@ -460,7 +460,7 @@ def _train_with(args, accelerator) -> str:
         return {"global_step": step, "generator": generator.get_state(),
                 "convergence": tracker.state_dict() if tracker is not None else None,
                 "extra_trainable": adapter.extra_trainable_state(),
-                "ema": ema.state_dict() if ema is not None else None,
+                "ema": ema_state(ema, accelerator) if ema is not None else None,
                 "weighting": weighting.state_dict() if weighting is not None else None,
                 "weighting_optimizer": outside_optimizer.state_dict() if outside_optimizer is not None else None,
                 "engine": engine_record(accelerator),
