@@ -370,8 +370,17 @@ def test_parallel_workers_get_their_own_gpus_and_ports(tmp_path, monkeypatch):
     assert command[:4] == ["accelerate", "launch", "--main_process_port", "29601"]
     # more workers than GPUs: refused
     args.parallel = 8
-    with pytest.raises(ValueError, match="lower --parallel"):
+    with pytest.raises(ValueError, match="lower --parallel to at most 4"):
         train_deme.run(parser, args, [])
+    # more processes per interval than a worker's share of the GPUs (process 2 of 4 would find none): refused
+    args.parallel = 2
+    for launcher in ("accelerate launch --num_processes 4", "accelerate launch --num_processes=4",
+                     "torchrun --nproc_per_node 3"):
+        args.launcher = launcher
+        with pytest.raises(ValueError, match=r"starts [34] processes per interval and --parallel 2 gives each worker 2 "
+                                             r"of the 4 visible GPUs: launch at most 2"):
+            train_deme.run(parser, args, [])
+    assert train_deme.launcher_processes("accelerate launch --multi_gpu") is None
 
 
 def test_card_of_a_projected_merge_warns_first_and_follows_the_training_config(tmp_path):

@@ -221,6 +221,19 @@ def visible_devices() -> list:
         return []
 
 
+def launcher_processes(launcher: str | None) -> int | None:
+    """The process count a --launcher names (`accelerate launch --num_processes N`, `torchrun --nproc_per_node N`,
+    either as `flag N` or `flag=N`); None when it names none (a config file's count is not read here)."""
+    tokens = (launcher or "").split()
+    for i, token in enumerate(tokens):
+        for flag in ("--num_processes", "--nproc_per_node", "--nproc-per-node"):
+            value = token[len(flag) + 1:] if token.startswith(flag + "=") else (
+                tokens[i + 1] if token == flag and i + 1 < len(tokens) else None)
+            if value is not None and value.isdigit():
+                return int(value)
+    return None
+
+
 def worker_devices(devices: list, parallel: int, worker: int) -> list:
     """Worker ``worker``'s own GPUs: the ``worker``-th of ``parallel`` equal, disjoint groups of ``devices``."""
     share = len(devices) // parallel
@@ -324,6 +337,11 @@ def run(parser, args, trainer_args) -> None:
     if devices and len(devices) < args.parallel:
         raise ValueError(f"--parallel {args.parallel} gives each worker its own GPUs, and {len(devices)} are visible: "
                          f"lower --parallel to at most {len(devices)}")
+    share, processes = len(devices) // max(args.parallel, 1), launcher_processes(args.launcher)
+    if devices and processes is not None and processes > share:  # (a process past its worker's share finds no GPU)
+        raise ValueError(f"--launcher starts {processes} processes per interval and --parallel {args.parallel} gives each "
+                         f"worker {share} of the {len(devices)} visible GPUs: launch at most {share} processes per "
+                         "interval, or lower --parallel")
     workers = queue.Queue()  # free worker slots: a slot is a GPU group and a port, never two runs at once
     for worker in range(args.parallel):
         workers.put(worker)
