@@ -118,6 +118,21 @@ def test_fp16_where_accelerate_has_no_fp16_autocast_is_one_line(tmp_path, capsys
     assert not (tmp_path / "fp16" / "checkpoint-1").exists()
 
 
+def test_apples_mps_device_is_one_line_naming_the_cpu(tmp_path):
+    """MPS has no float64, which every step's per-cluster loss sums use: the first step failed allocating one.
+    Accelerate's own device override (ACCELERATE_TORCH_DEVICE, read by its state) puts this CPU run on "mps", as
+    a Mac's default would; refused before anything loads."""
+    from trainer_utils import run_script
+
+    result = run_script(_args("unet", tmp_path / "mps", "--max_train_steps", "1"),
+                        env=offline_env(ACCELERATE_TORCH_DEVICE="mps"))
+    err = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr, failure_output(result.stderr)
+    assert err[-1] == ("train_ant.py: error: Apple's MPS device has no float64, which the per-cluster loss statistics "
+                       "of every step use: train on the CPU (accelerate launch --cpu train_scripts/train_ant.py ...) "
+                       "or a CUDA GPU"), err[-3:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["pcgrad", "nash_mtl", "uw", "uw+pcgrad"])
 def test_fp16_with_a_real_grad_scaler_trains_like_fp32(method, tmp_path, cpu_fp16):

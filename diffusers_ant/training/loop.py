@@ -219,6 +219,7 @@ def _train_with(args, accelerator) -> str:
     check_fsdp_support(accelerator, args)
     check_task_gradient_launch(accelerator, args)  # a gradient method FSDP / DeepSpeed cannot run: before any loading
     check_cpu_fp16(accelerator)
+    check_device_float64(accelerator)
     check_base_without_projections(args)
     fsdp = is_fsdp(accelerator)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -670,6 +671,15 @@ def check_base_without_projections(args) -> None:
             raise UsageError(f"--{flag} {folder} holds DeMe channel projections ({PROJECTION_CONFIG_NAME}): training "
                              "from a merged DeMe model is not supported (its projections would be dropped); train from "
                              "the model its DeMe run started from")
+
+
+def check_device_float64(accelerator) -> None:
+    """Apple's MPS device has no float64, which every step's per-cluster loss sums and counts use (exact sums
+    over a window, `weighting/engine.py`): the first step failed in a tensor allocation. Refused in one line that
+    names the CPU, which trains the same run."""
+    if accelerator.device.type == "mps":
+        raise ValueError("Apple's MPS device has no float64, which the per-cluster loss statistics of every step use: "
+                         "train on the CPU (accelerate launch --cpu train_scripts/train_ant.py ...) or a CUDA GPU")
 
 
 def check_cpu_fp16(accelerator) -> None:
