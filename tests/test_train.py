@@ -136,8 +136,9 @@ def test_fewer_batches_than_processes_is_one_line(tmp_path):
                   "--dynamo_backend", "no", "--main_process_port", "0"],
     )
     assert result.returncode != 0
-    # one line from each process (the launcher then reports the failed children, as for any failed run)
-    assert result.stderr.count("1 full batch of 8, fewer than the 2 processes: lower --train_batch_size") == 2
+    # one line from each process that got there (the launcher then reports the failed children, as for any failed
+    # run; once one process has failed it stops the other, which a slow machine may not have let print yet)
+    assert result.stderr.count("1 full batch of 8, fewer than the 2 processes: lower --train_batch_size") in (1, 2)
     assert "ZeroDivisionError" not in result.stderr
 
 
@@ -275,7 +276,7 @@ def test_a_failed_upload_says_the_run_is_saved_and_how_to_push_it_again(tmp_path
     from hub_server import FakeHub
 
     out = tmp_path / "run"
-    with FakeHub(max_seconds=120) as hub:
+    with FakeHub(max_seconds=600) as hub:  # (as long as the run may take: the `with` stops it anyway)
         hub.state.refuse_commits = True
         env = offline_env(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"),
                           HF_HUB_DISABLE_TELEMETRY="1")
@@ -302,7 +303,7 @@ def test_train_push_to_hub_reaches_the_loopback_hub_without_the_token(tmp_path):
 
     token = "hf_testtoken" + secrets.token_hex(16)
     out = tmp_path / "ant-tiny"
-    with FakeHub(max_seconds=240) as hub:
+    with FakeHub(max_seconds=600) as hub:  # (as long as the run may take: the `with` stops it anyway)
         env = offline_env(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"),
                           HF_HUB_DISABLE_TELEMETRY="1")
         result = run_script(["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_steps", "2",
