@@ -427,6 +427,13 @@ def test_complete_caption_columns_are_checked_from_arrows_counts_and_a_selection
     table = datasets.Dataset.from_dict(cells)
     assert {column: _arrow_captions_complete(table, column) for column in cells} == {
         "text": True, "many": True, "empty": False, "none_in_list": False, "missing": False, "number": False}
+    # a complete column is never read row by row: the data set is built with the per-row check broken
+    import diffusers_ant.data.dataloader as dataloader
+
+    complete = toy.map(lambda row: {"many": [row["text"]]}, keep_in_memory=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dataloader, "_is_caption", lambda value: pytest.fail("a caption was read row by row"))
+        TrainingDataset(complete, {"image_column": "image", "caption_column": "many"}, 8)
     # row 7 without its caption: outside a selection the run goes on, inside it the row is named
     data = toy.map(lambda row, i: {"many": None if i == 7 else [row["text"]]}, with_indices=True, keep_in_memory=True)
     assert not _arrow_captions_complete(data, "many")

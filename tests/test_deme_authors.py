@@ -381,6 +381,9 @@ def test_parallel_workers_get_their_own_gpus_and_ports(tmp_path, monkeypatch):
                                              r"of the 4 visible GPUs: launch at most 2"):
             train_deme.run(parser, args, [])
     assert train_deme.launcher_processes("accelerate launch --multi_gpu") is None
+    assert train_deme.launcher_processes("accelerate launch --num-processes 4") == 4
+    assert train_deme.launcher_processes("accelerate launch --num_processes 8 --num_machines 4") == 2  # per machine
+    assert train_deme.launcher_processes("accelerate launch --cpu --num_processes 4") is None  # no GPU wanted
 
 
 def test_card_of_a_projected_merge_warns_first_and_follows_the_training_config(tmp_path):

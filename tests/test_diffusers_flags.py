@@ -176,7 +176,7 @@ def test_the_ema_state_of_a_checkpoint_is_read_after_the_device_has_finished(mon
 
     ema = EMAModel([torch.nn.Parameter(torch.ones(3))])
     waited = []
-    monkeypatch.setattr(torch.accelerator, "synchronize", lambda device=None: waited.append(device))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
     assert ema_state(ema, SimpleNamespace(device=torch.device("cpu")))["shadow_params"][0].tolist() == [1.0] * 3
     assert waited == []
     state = ema_state(ema, SimpleNamespace(device=torch.device("cuda", 1)))

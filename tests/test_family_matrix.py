@@ -374,10 +374,13 @@ def _bucket_runs(family, base, folder, root):
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         batch_sizes = _encode_row_by_row(monkeypatch, family)
-        runs = {"root": root, "straight": run("straight"), "encoded_batch_sizes": batch_sizes}
+        runs = {"root": root, "straight": run("straight")}
+        runs["straight"].encoded_batch_sizes = list(batch_sizes)
         shutil.copytree(root / "straight" / "checkpoint-2", root / "resumed" / "checkpoint-2")
         runs["resumed"] = run("resumed", "--resume_from_checkpoint", "checkpoint-2")
+        before = len(batch_sizes)
         runs["cached"] = run("cached", "--cache_latents", "--cache_text_embeddings", "--checkpointing_steps", "100")
+        runs["cached"].encoded_batch_sizes = batch_sizes[before:]
     _BUCKET_RUNS[family] = runs
     return runs
 
@@ -409,6 +412,7 @@ def test_buckets_hold_each_image_in_its_bucket_resume_exactly_and_cached_runs_ha
                         load_file(runs["root"] / "resumed" / "pytorch_lora_weights.safetensors"))
     # cached latents and text embeddings: the same draws, the losses of the uncached run
     assert len(cached.losses) == 4 and min(cached.losses) > 0 and cached.shapes == straight.shapes
-    assert max(runs["encoded_batch_sizes"]) == 2  # batches of two reached the encoders, which took them row by row
+    # in both runs batches of two reached the encoders, which took them row by row
+    assert max(straight.encoded_batch_sizes) == 2 and max(cached.encoded_batch_sizes) == 2
     assert cached.losses == straight.losses  # (bit for bit: both runs' encoders see one row at a time)
     assert getattr(cached, "freed", None) is not None and getattr(straight, "freed", None) is None

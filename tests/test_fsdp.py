@@ -150,11 +150,9 @@ def test_resuming_with_another_engine_process_count_or_device_type_is_refused(tm
         check_resume_engine(str(tmp_path), {"distributed_type": "FSDP", "num_processes": 1, "device_type": "cuda"})
     with pytest.raises(ValueError, match="written under FSDP and this run is DDP: resume with an FSDP config"):
         check_resume_engine(str(tmp_path), {"distributed_type": "DDP", "num_processes": 2, "device_type": "cuda"})
-    # a CUDA generator's state (16 bytes) does not load into a CPU one (5,056 bytes): a traceback otherwise
+    # a CUDA generator's state (16 bytes) does not load into a CPU one (5,056 bytes): a traceback at set_state otherwise
     with pytest.raises(ValueError, match="written on cuda and this run is on cpu: resume it on cuda"):
         check_resume_engine(str(tmp_path), {"distributed_type": "FSDP", "num_processes": 2, "device_type": "cpu"})
-    with pytest.raises(RuntimeError, match="size 5056 but found the input RNG state size to be 16"):  # (the record spares it)
-        torch.Generator().set_state(torch.zeros(16, dtype=torch.uint8))
     (tmp_path / "trainer_state_0.json").write_text(json.dumps({"global_step": 2}))  # written before the record
     check_resume_engine(str(tmp_path), {"distributed_type": "DDP", "num_processes": 1, "device_type": "cpu"})
 

@@ -70,8 +70,12 @@ def test_two_machines_train_the_weights_of_one_machine_with_two_processes(tmp_pa
     finally:  # (machine 1 would wait for a failed machine 0 until the rendezvous timed out)
         for machine in machines:
             if machine.poll() is None:
-                machine.kill()
-                machine.wait()
+                machine.terminate()  # (torchrun stops its workers on SIGTERM; SIGKILL would orphan them)
+                try:
+                    machine.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    machine.kill()
+                    machine.wait()
     # each "machine" ran one process of the two-process job, as its machine's first process
     for rank, out in enumerate(outputs):
         assert f"process {rank} of 2 (rank 0 on its machine)" in out, out[-2000:]

@@ -103,21 +103,22 @@ def test_two_process_training_completes(method, tmp_path):
     trainer once planned two epochs and stopped at step 8. Process 0's outputs are made 8 s slower
     (tests/scripts/instrumented_train.py): process 1 must not wait for them at a barrier, where a multi-GPU run's
     waiting processes met NCCL's timeout during a long upload and aborted the launch. `--ddp_timeout` reaches
-    both processes' process group (its default under NCCL, 10 minutes, can be shorter than process 0's
-    checkpoint writing or validation sampling while the others wait)."""
+    both processes' process group: 1234 s, and 600 s, the value Accelerate's handler drops as its own default
+    (gloo then waited torch's 1800 s)."""
     out = tmp_path / method
+    timeout = {"uw": 1234, "pcgrad": 600}[method]
     slow = 8.0
     result = run_script(
         ["--model_type", "unet", "--dataset_name", "mnist5k", *TINY_RUN, "--max_train_samples", "72",
          "--max_train_steps", "9", "--mtl_method", method, "--output_dir", str(out), "--checkpointing_steps", "3",
-         "--ddp_timeout", "1234"],
+         "--ddp_timeout", str(timeout)],
         launcher=["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                   "--dynamo_backend", "no", "--main_process_port", "0"],  # a free port: others may hold 29500
         env=offline_env(SLOW_FINISH_SECONDS=slow), script=os.path.join(REPO, "tests", "scripts", "instrumented_train.py"))
     assert result.returncode == 0, failure_output(result.stderr)
     returned = [float((out / f"returned_{rank}").read_text()) for rank in (0, 1)]
     assert returned[0] - returned[1] > slow / 2, returned  # process 1 was done while process 0 still wrote
-    assert [float((out / f"process_group_timeout_{rank}").read_text()) for rank in (0, 1)] == [1234.0, 1234.0]
+    assert [float((out / f"process_group_timeout_{rank}").read_text()) for rank in (0, 1)] == [timeout] * 2
     assert (out / "model_index.json").is_file()
     assert (out / "checkpoint-9").is_dir(), sorted(p.name for p in out.iterdir())
     # each process saved its own generator state

@@ -221,17 +221,32 @@ def visible_devices() -> list:
         return []
 
 
-def launcher_processes(launcher: str | None) -> int | None:
-    """The process count a --launcher names (`accelerate launch --num_processes N`, `torchrun --nproc_per_node N`,
-    either as `flag N` or `flag=N`); None when it names none (a config file's count is not read here)."""
-    tokens = (launcher or "").split()
+def _launcher_value(tokens: list, flags: tuple) -> str | None:
+    """The value of the first of `flags` in a launcher's tokens, given as `flag N` or `flag=N`."""
     for i, token in enumerate(tokens):
-        for flag in ("--num_processes", "--nproc_per_node", "--nproc-per-node"):
-            value = token[len(flag) + 1:] if token.startswith(flag + "=") else (
-                tokens[i + 1] if token == flag and i + 1 < len(tokens) else None)
-            if value is not None and value.isdigit():
-                return int(value)
+        for flag in flags:
+            if token.startswith(flag + "="):
+                return token[len(flag) + 1:]
+            if token == flag and i + 1 < len(tokens):
+                return tokens[i + 1]
     return None
+
+
+def launcher_processes(launcher: str | None) -> int | None:
+    """The processes a --launcher starts on one machine, each wanting a GPU: `accelerate launch --num_processes N`
+    (all machines together: divided by its `--num_machines`) or `torchrun --nproc_per_node N`, either spelling.
+    None when it names none (a config file's count is not read here) or trains on the CPU (`--cpu`)."""
+    tokens = (launcher or "").split()
+    if "--cpu" in tokens:
+        return None
+    per_machine = _launcher_value(tokens, ("--nproc_per_node", "--nproc-per-node"))
+    if per_machine is not None:
+        return int(per_machine) if per_machine.isdigit() else None
+    total = _launcher_value(tokens, ("--num_processes", "--num-processes"))
+    machines = _launcher_value(tokens, ("--num_machines", "--num-machines")) or "1"
+    if total is None or not total.isdigit() or not machines.isdigit() or int(machines) < 1:
+        return None
+    return -(-int(total) // int(machines))
 
 
 def worker_devices(devices: list, parallel: int, worker: int) -> list:

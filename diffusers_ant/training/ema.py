@@ -41,8 +41,9 @@ def ema_state(ema, accelerator) -> dict:
     """EMA's state for a checkpoint, read on the host. With `--offload_ema` each update's copy back to the CPU
     is queued without waiting (`non_blocking`, as in diffusers' scripts), so on a GPU the host could read the
     pinned shadow weights before the copy lands: wait for the device first."""
-    if accelerator.device.type != "cpu":
-        torch.accelerator.synchronize(accelerator.device)
+    backend = getattr(torch, accelerator.device.type, None)  # torch.cuda, torch.xpu, ... (torch.accelerator: 2.6+)
+    if accelerator.device.type != "cpu" and hasattr(backend, "synchronize"):
+        backend.synchronize(accelerator.device)
     return ema.state_dict()
 
 

@@ -182,11 +182,12 @@ def train(args) -> str:
     }
     if deepspeed_launched():  # gloo without cpu=True, DeepSpeed's accumulation (training/deepspeed_support.py)
         engine_options.update(accelerator_options(args.gradient_accumulation_steps))
-    # How long a process waits in a collective (NCCL's default: 10 minutes). Process 0 alone writes each
-    # checkpoint and draws the validation samples while the others wait in the next step's all-reduce, which
-    # for a full fine-tune of a large model, or many samples, can take longer than that.
-    process_group = InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout),
-                                           **engine_options.pop("process_group", {}))
+    # --ddp_timeout (args.py says why). Accelerate passes on only the fields that differ from the handler's
+    # defaults (`to_kwargs`), which would drop a timeout equal to the 600 s it fills in for NCCL and leave a gloo
+    # group at torch's 1800 s: this handler passes all of its fields.
+    group_options = {"timeout": timedelta(seconds=args.ddp_timeout), **engine_options.pop("process_group", {})}
+    process_group = InitProcessGroupKwargs(**group_options)
+    process_group.to_kwargs = lambda: dict(group_options)
     accelerator = Accelerator(
         **engine_options,
         kwargs_handlers=[process_group],
