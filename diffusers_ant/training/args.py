@@ -342,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ddp_timeout", type=int, default=1800,
                    help="Seconds a process waits in a collective before the launch is aborted (transformers' "
                    "flag and default; NCCL's own is 600): process 0 alone writes checkpoints and validation samples "
-                   "while the others wait. Raise it for large full fine-tunes or many validation images. Under DeepSpeed it "
-                   "takes the place of DEEPSPEED_TIMEOUT.")
+                   "while the others wait. Raise it for large full fine-tunes or many validation images. Under "
+                   "DeepSpeed it takes the place of DEEPSPEED_TIMEOUT.")
 
     g = p.add_argument_group("checkpoints, validation, outputs")
     g.add_argument("--output_dir", default="ant-output")
