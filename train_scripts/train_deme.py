@@ -352,7 +352,7 @@ def run(parser, args, trainer_args) -> None:
     if devices and len(devices) < args.parallel:
         raise ValueError(f"--parallel {args.parallel} gives each worker its own GPUs, and {len(devices)} are visible: "
                          f"lower --parallel to at most {len(devices)}")
-    share, processes = len(devices) // max(args.parallel, 1), launcher_processes(args.launcher)
+    share, processes = len(worker_devices(devices, args.parallel, 0)), launcher_processes(args.launcher)
     if devices and processes is not None and processes > share:  # (a process past its worker's share finds no GPU)
         raise ValueError(f"--launcher starts {processes} processes per interval and --parallel {args.parallel} gives each "
                          f"worker {share} of the {len(devices)} visible GPUs: launch at most {share} processes per "
